@@ -1,0 +1,402 @@
+"""Datasets: extxyz → labelled graphs, per-species reference energies, statistics, splits, batches.
+
+Labels are read either from ASE single-point results (``"calc"``, what ``ase.io.read`` returns for
+the standard extxyz keys ``energy``/``forces``/``stress``) or MACE-style from named entries in
+``atoms.info`` / ``atoms.arrays`` (``REF_energy``, ``REF_forces``, ``REF_stress``). Units: eV, Å,
+eV/Å, eV/Å³ (ASE stress sign convention: stress = (1/V) ∂E/∂ε). ``atoms.info["total_charge"]``
+(e, default 0) is carried into the graph.
+
+Typical use::
+
+    graphs = read_dataset("train.xyz", cutoff=5.0)
+    refs = fit_reference_energies(graphs, species=[1, 8, 11, 17])
+    stats = dataset_statistics(graphs, refs)
+    train_idx, valid_idx = split(graphs, valid_fraction=0.1, seed=0)
+    rng = np.random.default_rng(0)
+    for epoch in range(n_epochs):
+        for batch in batches([graphs[k] for k in train_idx], 8, shuffle=True, seed=rng):
+            ...
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .graph import Graph, atoms_to_graph, collate
+
+__all__ = [
+    "attach_labels",
+    "read_dataset",
+    "fit_reference_energies",
+    "dataset_statistics",
+    "split",
+    "batches",
+]
+
+LABELS = ("energy", "forces", "stress")
+
+
+# --------------------------------------------------------------------------------------------------
+# labels
+
+
+def _calc_results(atoms) -> dict:
+    """The results an attached calculator already holds ({} if none); never triggers a calculation.
+
+    Raises ValueError when the results belong to other positions/cell (the atoms were changed
+    after the calculation), rather than returning stale numbers.
+    """
+    calc = getattr(atoms, "calc", None)
+    results = dict(getattr(calc, "results", None) or {})
+    if results and getattr(calc, "atoms", None) is not None:
+        changes = calc.check_state(atoms)
+        if changes:
+            raise ValueError(
+                f"the attached calculator's results are stale (atoms changed since: {', '.join(changes)})"
+            )
+    return results
+
+
+def _describe_key(name: str, key: str) -> str:
+    if key == "calc":
+        return f"calculator results['{name}']"
+    where = "arrays" if name == "forces" else "info"
+    return f"atoms.{where}['{key}'] (or calculator results['{key}'])"
+
+
+def _lookup(atoms, name: str, key: Optional[str]):
+    """Raw value of label ``name`` under ``key`` ("calc" or an info/arrays name), or None if absent."""
+    if not key:
+        return None
+    if key == "calc":
+        return _calc_results(atoms).get(name)
+    store = atoms.arrays if name == "forces" else atoms.info
+    if key in store:
+        return store[key]
+    # ase.io.read moves the standard names (energy, forces, stress, free_energy) into the calculator
+    return _calc_results(atoms).get(key)
+
+
+def _as_stress(value) -> np.ndarray:
+    """6-Voigt (xx, yy, zz, yz, xz, xy), 9 or 3×3 → [3, 3]."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.size == 6:
+        xx, yy, zz, yz, xz, xy = arr.ravel()
+        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    if arr.size == 9:
+        return arr.reshape(3, 3)
+    raise ValueError(f"stress must have 6 (Voigt), 9 or 3×3 components, got shape {list(arr.shape)}")
+
+
+def attach_labels(graph: Graph, atoms, keys: Mapping[str, Optional[str]]) -> Graph:
+    """Return ``graph`` (one structure, B = 1) with reference labels read from ``atoms``.
+
+    keys: {"energy" | "forces" | "stress": "calc" | NAME | None}. "calc" reads the results the
+    attached ASE calculator already holds (single-point results from extxyz; no calculation is
+    run); NAME reads ``atoms.info[NAME]`` (energy, stress) or ``atoms.arrays[NAME]`` (forces),
+    falling back on calculator results under that name. Labels that are absent, not asked for, or
+    (stress) belong to a structure with no periodic direction are filled with zeros and flagged
+    False in the masks.
+
+    Sets energy [1] eV, forces [N, 3] eV/Å, stress [1, 3, 3] eV/Å³ (ASE sign convention; Voigt
+    6-vectors, 9-vectors and 3×3 matrices accepted) and has_energy/has_forces/has_stress [1] bool.
+    Raises ValueError for an unknown label name, a wrongly shaped label or a non-finite value.
+    """
+    unknown = set(keys) - set(LABELS)
+    if unknown:
+        raise ValueError(f"unknown label(s) {sorted(unknown)}; expected some of {list(LABELS)}")
+    n = int(graph.positions.shape[0])
+    if len(atoms) != n:
+        raise ValueError(f"graph has {n} atoms but the ase.Atoms has {len(atoms)}")
+    dtype = graph.positions.dtype
+
+    values = {name: _lookup(atoms, name, keys.get(name)) for name in LABELS}
+    if values["stress"] is not None and not bool(graph.pbc.any()):
+        values["stress"] = None  # the stress of an open structure is undefined (no volume): ignore it
+    empty = {"energy": np.zeros(1), "forces": np.zeros((n, 3)), "stress": np.zeros((1, 3, 3))}
+    out = {}
+    for name in LABELS:
+        value = values[name]
+        out[f"has_{name}"] = value is not None
+        if value is None:
+            out[name] = empty[name]
+            continue
+        where = f"{name} label {_describe_key(name, keys[name])}"
+        if name == "stress":
+            try:
+                arr = _as_stress(value)[None]
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+        else:
+            arr = np.asarray(value, dtype=np.float64)
+            if name == "energy" and arr.size == 1:
+                arr = arr.reshape(1)
+        if arr.shape != empty[name].shape:
+            raise ValueError(f"{where} has shape {list(arr.shape)}, expected {list(empty[name].shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{where} contains NaN or inf")
+        out[name] = arr
+    changes = {name: torch.tensor(out[name], dtype=dtype) for name in LABELS}
+    changes.update({f"has_{name}": torch.tensor([out[f"has_{name}"]]) for name in LABELS})
+    return graph.replace(**changes)
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+def _load_frames(path_or_atoms_list) -> tuple[str, list]:
+    """(name used in messages, list of ase.Atoms) from a file path, an Atoms or a list of Atoms."""
+    import ase
+    import ase.io
+
+    if isinstance(path_or_atoms_list, (str, os.PathLike)):
+        path = Path(path_or_atoms_list)
+        if not path.exists():
+            raise ValueError(f"dataset file {str(path)!r} does not exist")
+        if not path.is_file():
+            raise ValueError(f"dataset path {str(path)!r} is not a file")
+        if path.stat().st_size == 0 or not path.read_bytes()[:4096].strip():
+            raise ValueError(f"no structures in {str(path)!r} (the file is empty)")
+        fmt = "extxyz" if path.suffix.lower() in (".xyz", ".extxyz") else None
+        try:
+            frames = ase.io.read(str(path), index=":", format=fmt)
+        except Exception as err:  # ASE raises many types for malformed files
+            raise ValueError(f"could not read {str(path)!r}: {type(err).__name__}: {err}") from err
+        if isinstance(frames, ase.Atoms):
+            frames = [frames]
+        return str(path), list(frames)
+    if isinstance(path_or_atoms_list, ase.Atoms):
+        return "structures", [path_or_atoms_list]
+    frames = list(path_or_atoms_list)
+    for k, a in enumerate(frames):
+        if not isinstance(a, ase.Atoms):
+            raise ValueError(f"structures[{k}] is a {type(a).__name__}, expected ase.Atoms")
+    return "structures", frames
+
+
+def read_dataset(
+    path_or_atoms_list,
+    cutoff: float,
+    *,
+    energy_key: Optional[str] = "calc",
+    forces_key: Optional[str] = "calc",
+    stress_key: Optional[str] = "calc",
+    require: Sequence[str] = ("energy", "forces"),
+    dtype: torch.dtype = torch.float64,
+) -> list[Graph]:
+    """Read structures and their labels into one :class:`Graph` (B = 1) per structure.
+
+    path_or_atoms_list: an extxyz file (any ASE-readable file), an ``ase.Atoms`` or a list of them.
+    cutoff: neighbour-list cutoff in Å. energy_key / forces_key / stress_key: "calc" (ASE
+    single-point results), an ``atoms.info`` / ``atoms.arrays`` name such as "REF_energy", or None
+    to ignore that label (see :func:`attach_labels`). require: labels every structure must carry.
+    dtype: floating dtype of positions, cell and labels.
+
+    Raises ValueError, naming the file and frame index, for a missing file, an empty dataset, a
+    structure without a required label, NaN positions, overlapping atoms or a zero-volume cell.
+    """
+    keys = {"energy": energy_key, "forces": forces_key, "stress": stress_key}
+    require = tuple(require)
+    bad = [r for r in require if r not in LABELS]
+    if bad:
+        raise ValueError(f"require: unknown label(s) {bad}; expected some of {list(LABELS)}")
+    for r in require:
+        if not keys[r]:
+            raise ValueError(f"{r} is required but {r}_key is None")
+    if not (np.isfinite(cutoff) and cutoff > 0):
+        raise ValueError(f"cutoff must be a positive number of Å, got {cutoff}")
+
+    source, frames = _load_frames(path_or_atoms_list)
+    if not frames:
+        raise ValueError(f"no structures in {source!r}")
+
+    graphs = []
+    for k, atoms in enumerate(frames):
+        where = f"{source}, frame {k}"
+        g = atoms_to_graph(atoms, cutoff, keys=keys, dtype=dtype, label=where)
+        for name in require:
+            if not bool(getattr(g, f"has_{name}")[0]):
+                raise ValueError(_missing_label_message(frames, k, source, name, keys[name]))
+        graphs.append(g)
+    return graphs
+
+
+def _missing_label_message(frames, k: int, source: str, name: str, key: str) -> str:
+    atoms = frames[k]
+    missing = [m for m, a in enumerate(frames) if _lookup(a, name, key) is None or (name == "stress" and not a.pbc.any())]
+    if name == "stress" and not atoms.pbc.any():
+        reason = "the structure is not periodic, so it has no stress"
+    else:
+        reason = f"looked for {_describe_key(name, key)}"
+    results = sorted(_calc_results(atoms))
+    store = sorted(atoms.arrays) if name == "forces" else sorted(atoms.info)
+    return (
+        f"{source}, frame {k}: no '{name}' label ({reason}); {len(missing)} of {len(frames)} frames lack it "
+        f"(first: {missing[:5]}). This frame has calculator results {results} and "
+        f"atoms.{'arrays' if name == 'forces' else 'info'} keys {store}. "
+        f"Choose another {name}_key, or leave '{name}' out of require."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# reference energies and statistics
+
+
+def _composition(graphs: Sequence[Graph], species: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(counts [M, S], energies [M] eV, has_energy [M] bool) over all M structures of all graphs.
+
+    Raises ValueError if a structure contains an element that is not in ``species``.
+    """
+    species = [int(z) for z in species]
+    if len(set(species)) != len(species):
+        raise ValueError(f"species list has duplicates: {species}")
+    zmax = max(species + [int(g.species.max()) for g in graphs if g.species.numel()]) + 1
+    column = torch.full((zmax,), -1, dtype=torch.long)
+    column[torch.tensor(species, dtype=torch.long)] = torch.arange(len(species))
+    counts, energies, has = [], [], []
+    for g in graphs:
+        col = column[g.species]
+        if (col < 0).any():
+            from ase.data import chemical_symbols
+
+            extra = sorted(set(g.species[col < 0].tolist()))
+            names = ", ".join(f"{z} ({chemical_symbols[z] if z < len(chemical_symbols) else '?'})" for z in extra)
+            raise ValueError(f"dataset contains species {names} that are not in the species list {species}")
+        c = torch.zeros(g.num_graphs, len(species), dtype=torch.float64)
+        c.index_put_((g.batch, col), torch.ones_like(col, dtype=torch.float64), accumulate=True)
+        counts.append(c)
+        b = g.num_graphs
+        energies.append(g.energy.double() if g.energy is not None else torch.zeros(b, dtype=torch.float64))
+        has.append(g.has_energy if g.has_energy is not None else torch.zeros(b, dtype=torch.bool))
+    return torch.cat(counts).numpy(), torch.cat(energies).numpy(), torch.cat(has).numpy().astype(bool)
+
+
+def fit_reference_energies(graphs: Sequence[Graph], species: Sequence[int], *, ridge: float = 1e-8) -> dict[int, float]:
+    """Per-species reference energies E_Z (eV) from energy ≈ Σ_Z n_Z E_Z, by least squares.
+
+    graphs: labelled graphs (single structures or batches); only structures with an energy label
+    enter the fit. species: the atomic numbers the model knows; every element in the dataset must
+    be among them (ValueError naming the element otherwise). A tiny ridge (``ridge`` × the mean
+    diagonal of nᵀn) makes the fit well posed: species absent from the data get 0, and species
+    whose counts are collinear (e.g. O and H in a dataset of water clusters) share the energy as
+    the minimum-norm solution does. Returns {Z: E_Z} for every Z in ``species``; all zeros when no
+    structure has an energy.
+    """
+    species = [int(z) for z in species]
+    if not species:
+        raise ValueError("species list is empty")
+    counts, energies, has = _composition(graphs, species)
+    counts, energies = counts[has], energies[has]
+    if len(energies) == 0:
+        return {z: 0.0 for z in species}
+    gram_scale = float(np.mean(np.sum(counts**2, axis=0)))
+    lam = ridge * max(gram_scale, 1.0)
+    a = np.vstack([counts, np.sqrt(lam) * np.eye(len(species))])  # [M + S, S]
+    y = np.concatenate([energies, np.zeros(len(species))])
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    return {z: float(e) for z, e in zip(species, coef)}
+
+
+def dataset_statistics(graphs: Sequence[Graph], reference_energies: Optional[Mapping[int, float]] = None) -> dict:
+    """Summary numbers for normalising a model, as plain Python numbers.
+
+    Returns a dict with: n_structures, n_atoms; n_energy / n_forces / n_stress (structures with
+    that label); species_counts {Z: atoms}; avg_num_neighbors (edges per atom); forces_rms (eV/Å,
+    root mean square over all force components of structures with forces; 0 if none);
+    residual_energy_per_atom_mean / _std (eV/atom, of (E − Σ_Z n_Z E_Z) / N over structures with
+    energies, E_Z from ``reference_energies``, zeros if None; 0 if none).
+    """
+    if len(graphs) == 0:
+        raise ValueError("no graphs to compute statistics on")
+    refs = {int(z): float(e) for z, e in (reference_energies or {}).items()}
+    present = sorted({int(z) for g in graphs for z in torch.unique(g.species).tolist()})
+    species = sorted(set(present) | set(refs)) if reference_energies is not None else present
+    if reference_energies is not None:
+        missing = [z for z in present if z not in refs]
+        if missing:
+            raise ValueError(f"dataset contains species {missing} with no reference energy")
+    counts, energies, has = _composition(graphs, species)
+    ref_vec = np.array([refs.get(z, 0.0) for z in species])
+    n_atoms_per = counts.sum(axis=1)
+    residual = (energies - counts @ ref_vec)[has] / n_atoms_per[has]
+
+    n_edges = sum(int(g.edge_index.shape[1]) for g in graphs)
+    n_atoms = sum(int(g.positions.shape[0]) for g in graphs)
+    sq, nf = 0.0, 0
+    for g in graphs:
+        if g.forces is None or g.has_forces is None:
+            continue
+        mask = g.has_forces[g.batch]  # [N] atoms of structures with forces
+        f = g.forces[mask].double()
+        sq += float((f**2).sum())
+        nf += f.numel()
+    count = lambda name: sum(int(getattr(g, name).sum()) for g in graphs if getattr(g, name) is not None)
+    totals = counts.sum(axis=0)
+    return {
+        "n_structures": int(counts.shape[0]),
+        "n_atoms": n_atoms,
+        "n_energy": count("has_energy"),
+        "n_forces": count("has_forces"),
+        "n_stress": count("has_stress"),
+        "species_counts": {z: int(c) for z, c in zip(species, totals) if c > 0},
+        "avg_num_neighbors": n_edges / n_atoms,
+        "forces_rms": float(np.sqrt(sq / nf)) if nf else 0.0,
+        "residual_energy_per_atom_mean": float(residual.mean()) if len(residual) else 0.0,
+        "residual_energy_per_atom_std": float(residual.std()) if len(residual) else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# splitting and batching
+
+
+def split(graphs_or_len: Union[Sequence, int], valid_fraction: float = 0.1, seed: int = 0):
+    """Deterministic random split into (train_idx, valid_idx), sorted int64 numpy arrays.
+
+    graphs_or_len: a sequence (its length is used) or a number of structures. valid_fraction in
+    [0, 1): round(valid_fraction × n) structures go to validation, at least one when the
+    fraction is positive and n ≥ 2, never all of them. Same seed, same split.
+    """
+    n = int(graphs_or_len) if isinstance(graphs_or_len, (int, np.integer)) else len(graphs_or_len)
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    if n < 1:
+        raise ValueError("cannot split an empty dataset")
+    n_valid = int(round(valid_fraction * n))
+    if valid_fraction > 0 and n >= 2:
+        n_valid = min(max(n_valid, 1), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_valid:]).astype(np.int64), np.sort(perm[:n_valid]).astype(np.int64)
+
+
+def batches(
+    graphs: Sequence[Graph],
+    batch_size: int,
+    shuffle: bool = False,
+    seed: Union[None, int, np.random.Generator] = None,
+    *,
+    drop_last: bool = False,
+) -> Iterator[Graph]:
+    """Yield ``collate``d batches of ``batch_size`` graphs (the last one may be smaller).
+
+    shuffle: visit the graphs in a random order drawn from ``seed`` (an int, or a
+    ``numpy.random.Generator`` that you create once and pass every epoch so that epochs differ;
+    None draws fresh entropy). drop_last: skip a final incomplete batch.
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    batch_size = int(batch_size)
+    order = np.arange(len(graphs))
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(len(graphs))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        if drop_last and len(idx) < batch_size:
+            return
+        yield collate([graphs[int(k)] for k in idx])

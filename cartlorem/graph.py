@@ -1,0 +1,214 @@
+"""Atoms → graph: positions, species, cell, pbc, total charge and the edges i → j within the cutoff.
+
+One :class:`Graph` holds one structure or a batch of many (atoms concatenated, ``batch`` maps each
+atom to its structure). Edges are directed: ``edge_index[0]`` is the centre atom i that receives the
+message, ``edge_index[1]`` the neighbour j, and the edge vector is
+
+    r_ij = positions[j] − positions[i] + edge_shift[e] @ cell[batch[i]]
+
+with ``edge_shift`` the integer lattice image (n1, n2, n3) stored as floats. Neighbour lists come
+from vesin (a C++ cell list, checked against ``ase.neighborlist`` in the tests); it handles mixed
+boundary conditions, triclinic cells and cutoffs larger than the cell (several images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["Graph", "atoms_to_graph", "collate", "neighbour_list", "check_structure"]
+
+_MIN_DISTANCE = 0.1  # Å: two atoms (or an atom and an image) closer than this are a user error
+
+
+@dataclass
+class Graph:
+    """A batch of B structures with N atoms and E directed edges in total.
+
+    positions [N, 3] Å; species [N] atomic numbers (long); batch [N] structure index (long);
+    cell [B, 3, 3] Å, rows are lattice vectors (zeros for open structures); pbc [B, 3] bool;
+    total_charge [B] e; edge_index [2, E] (centre i, neighbour j); edge_shift [E, 3] integer
+    lattice images as floats. Optional reference labels: energy [B] eV, forces [N, 3] eV/Å,
+    stress [B, 3, 3] eV/Å³ (ASE sign convention), with has_* masks [B] telling which are present.
+    """
+
+    positions: torch.Tensor
+    species: torch.Tensor
+    batch: torch.Tensor
+    cell: torch.Tensor
+    pbc: torch.Tensor
+    total_charge: torch.Tensor
+    edge_index: torch.Tensor
+    edge_shift: torch.Tensor
+    energy: Optional[torch.Tensor] = None
+    forces: Optional[torch.Tensor] = None
+    stress: Optional[torch.Tensor] = None
+    has_energy: Optional[torch.Tensor] = None
+    has_forces: Optional[torch.Tensor] = None
+    has_stress: Optional[torch.Tensor] = None
+
+    @property
+    def num_graphs(self) -> int:
+        return int(self.cell.shape[0])
+
+    @property
+    def num_atoms(self) -> torch.Tensor:
+        """[B] number of atoms per structure."""
+        return torch.bincount(self.batch, minlength=self.num_graphs)
+
+    def to(self, device=None, dtype=None) -> "Graph":
+        """Move to a device and cast floating tensors to ``dtype`` (integer/bool tensors keep theirs)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                if v.is_floating_point() and dtype is not None:
+                    v = v.to(device=device, dtype=dtype)
+                else:
+                    v = v.to(device=device)
+            out[f.name] = v
+        return Graph(**out)
+
+    def replace(self, **changes) -> "Graph":
+        return replace(self, **changes)
+
+    def edge_vectors(self, positions: Optional[torch.Tensor] = None, cell: Optional[torch.Tensor] = None):
+        """r_ij [E, 3] for the given (possibly strained, grad-carrying) positions and cell."""
+        positions = self.positions if positions is None else positions
+        cell = self.cell if cell is None else cell
+        i, j = self.edge_index
+        shift = torch.einsum("ek,ekx->ex", self.edge_shift, cell[self.batch[i]])  # [E, 3]
+        return positions[j] - positions[i] + shift
+
+
+def check_structure(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, label: str = "structure") -> None:
+    """Raise ValueError for NaN/inf positions or cell, or a singular cell along periodic directions.
+
+    positions [N, 3] Å; cell [3, 3] Å (rows are lattice vectors); pbc [3] bool. Only the lattice
+    vectors of periodic directions must be linearly independent (a slab may have a zero third
+    row). Overlapping atoms are found by :func:`neighbour_list`, which sees every pair and image.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    if positions.ndim != 2 or positions.shape[1] != 3:
+        raise ValueError(f"{label}: positions must have shape [N, 3], got {list(positions.shape)}")
+    if positions.shape[0] == 0:
+        raise ValueError(f"{label}: structure has no atoms")
+    if not np.all(np.isfinite(positions)):
+        bad = np.argwhere(~np.isfinite(positions).all(axis=1)).ravel()
+        raise ValueError(f"{label}: positions contain NaN or inf (atoms {bad[:10].tolist()})")
+    if cell.shape != (3, 3) or pbc.shape != (3,):
+        raise ValueError(f"{label}: cell must be [3, 3] and pbc [3], got {list(cell.shape)} and {list(pbc.shape)}")
+    if not np.all(np.isfinite(cell)):
+        raise ValueError(f"{label}: cell contains NaN or inf")
+    if np.any(pbc):
+        # volume (area, length) spanned by the periodic lattice vectors: sqrt(det of their Gram matrix),
+        # compared with the product of their lengths, so the test is scale free
+        vecs = cell[pbc]  # [P, 3]
+        measure = float(np.sqrt(max(np.linalg.det(vecs @ vecs.T), 0.0)))
+        scale = float(np.prod(np.linalg.norm(vecs, axis=1)))
+        if not (scale > 0 and measure > 1e-6 * scale):
+            what = {1: "length", 2: "area", 3: "volume"}[len(vecs)]
+            raise ValueError(
+                f"{label}: periodic cell has zero {what} along the periodic directions "
+                f"(pbc = {pbc.tolist()}, cell = {cell.tolist()})"
+            )
+
+
+def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
+    """Full neighbour list of one structure: (i [E], j [E], shifts [E, 3] int), |r_ij| ≤ cutoff.
+
+    positions [N, 3] Å; cell [3, 3] Å (rows are lattice vectors; ignored when no direction is
+    periodic); pbc [3] bool; cutoff Å. r_ij = positions[j] − positions[i] + shifts @ cell. Cutoffs
+    larger than the cell give several images. Pairs are directed and both (i, j) and (j, i) appear; an atom is its own neighbour only
+    through a non-zero lattice image.
+    """
+    import vesin
+
+    if not (np.isfinite(cutoff) and cutoff > 0):
+        raise ValueError(f"cutoff must be a positive number of Å, got {cutoff}")
+    positions = np.ascontiguousarray(positions, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    box = np.array(cell, dtype=np.float64) if np.any(pbc) else np.zeros((3, 3))
+    # vesin wants an invertible box along periodic directions only; zero rows are fine when not periodic
+    nl = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
+    i, j, s, d = nl.compute(points=positions, box=box, periodic=pbc.tolist(), quantities="ijSd")
+    if len(d) and d.min() < _MIN_DISTANCE:
+        k = int(np.argmin(d))
+        raise ValueError(
+            f"atoms {int(i[k])} and {int(j[k])} are {float(d[k]):.2e} Å apart (overlapping atoms)"
+        )
+    return i.astype(np.int64), j.astype(np.int64), s.astype(np.int64)
+
+
+def atoms_to_graph(
+    atoms, cutoff: float, *, keys: Optional[dict] = None, dtype=torch.float64, label: Optional[str] = None
+) -> Graph:
+    """One ``ase.Atoms`` → :class:`Graph` (B = 1) with edges within ``cutoff`` Å.
+
+    ``keys`` selects reference labels to attach: a dict with entries "energy", "forces", "stress"
+    naming either ``"calc"`` (ASE single-point results) or an ``atoms.info``/``atoms.arrays`` key
+    (MACE-style ``REF_energy`` …). Missing labels are recorded in the ``has_*`` masks. ``label``
+    names the structure in error messages (default: its chemical formula).
+    """
+    positions = np.asarray(atoms.get_positions(), dtype=np.float64)
+    pbc = np.asarray(atoms.get_pbc(), dtype=bool)
+    cell = np.asarray(atoms.get_cell().array, dtype=np.float64)
+    if not np.any(pbc):
+        cell = np.zeros((3, 3))
+    label = label or atoms.get_chemical_formula() or "structure"
+    check_structure(positions, cell, pbc, label=label)
+    try:
+        i, j, s = neighbour_list(positions, cell, pbc, cutoff)
+    except ValueError as err:
+        raise ValueError(f"{label}: {err}") from None
+    n = len(atoms)
+    g = Graph(
+        positions=torch.tensor(positions, dtype=dtype),
+        species=torch.tensor(atoms.get_atomic_numbers(), dtype=torch.long),
+        batch=torch.zeros(n, dtype=torch.long),
+        cell=torch.tensor(cell, dtype=dtype)[None],
+        pbc=torch.tensor(pbc)[None],
+        total_charge=torch.tensor([float(atoms.info.get("total_charge", atoms.info.get("charge", 0.0)))], dtype=dtype),
+        edge_index=torch.tensor(np.stack([i, j]), dtype=torch.long),
+        edge_shift=torch.tensor(s, dtype=dtype),
+    )
+    if keys:
+        from .data import attach_labels  # labels are the data layer's business
+
+        try:
+            g = attach_labels(g, atoms, keys)
+        except ValueError as err:
+            raise ValueError(f"{label}: {err}") from None
+    return g
+
+
+def collate(graphs: Sequence[Graph]) -> Graph:
+    """Concatenate graphs into one batch (atom and structure indices offset)."""
+    if len(graphs) == 0:
+        raise ValueError("cannot collate an empty list of graphs")
+    if len(graphs) == 1:
+        return graphs[0]
+    offsets = np.cumsum([0] + [int(g.positions.shape[0]) for g in graphs[:-1]])
+    struct_off = np.cumsum([0] + [g.num_graphs for g in graphs[:-1]])
+    out = dict(
+        positions=torch.cat([g.positions for g in graphs]),
+        species=torch.cat([g.species for g in graphs]),
+        batch=torch.cat([g.batch + int(o) for g, o in zip(graphs, struct_off)]),
+        cell=torch.cat([g.cell for g in graphs]),
+        pbc=torch.cat([g.pbc for g in graphs]),
+        total_charge=torch.cat([g.total_charge for g in graphs]),
+        edge_index=torch.cat([g.edge_index + int(o) for g, o in zip(graphs, offsets)], dim=1),
+        edge_shift=torch.cat([g.edge_shift for g in graphs]),
+    )
+    for name in ("energy", "forces", "stress", "has_energy", "has_forces", "has_stress"):
+        vals = [getattr(g, name) for g in graphs]
+        if all(v is not None for v in vals):
+            out[name] = torch.cat(vals)
+        elif any(v is not None for v in vals):
+            raise ValueError(f"cannot collate graphs where only some carry '{name}'")
+    return Graph(**out)

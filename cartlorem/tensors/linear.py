@@ -1,0 +1,51 @@
+"""Equivariant channel mixing: a separate linear map over channels for each rank."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["EquivariantLinear", "mix_channels"]
+
+
+def mix_channels(x: torch.Tensor, weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """x [..., C_in] + (3,)*rank, weight [C_in, C_out] → [..., C_out] + (3,)*rank."""
+    if rank == 0:
+        return x @ weight
+    lead = x.shape[: x.dim() - rank - 1]
+    flat = x.reshape(-1, x.shape[-rank - 1], 3**rank)  # [M, C_in, 3^rank]
+    out = weight.transpose(0, 1) @ flat  # [M, C_out, 3^rank]
+    return out.reshape(*lead, weight.shape[1], *(3,) * rank)
+
+
+class EquivariantLinear(nn.Module):
+    """Mixes channels rank by rank; a bias only on rank 0 (any other bias would break equivariance).
+
+    forward(xs) with xs = [x0 [N, C_in], x1 [N, C_in, 3], x2 [N, C_in, 3, 3]] (None entries are
+    passed through as None) → the same ranks with C_out channels. Weights start as N(0, 1/C_in).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, ranks: Sequence[int] = (0, 1, 2), bias: bool = False):
+        super().__init__()
+        self.ranks = tuple(ranks)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(in_channels, out_channels) / math.sqrt(in_channels)) for _ in self.ranks]
+        )
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias and 0 in self.ranks else None
+
+    def forward(self, xs: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+        out: list[Optional[torch.Tensor]] = [None] * max(3, len(xs))
+        for k, rank in enumerate(self.ranks):
+            if rank < len(xs) and xs[rank] is not None:
+                y = mix_channels(xs[rank], self.weights[k], rank)
+                if rank == 0 and self.bias is not None:
+                    y = y + self.bias
+                out[rank] = y
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels} -> {self.out_channels}, ranks={self.ranks}, bias={self.bias is not None}"

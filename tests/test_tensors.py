@@ -1,0 +1,293 @@
+"""The irreducible Cartesian tensor core against DESIGN.md, O(3), e3nn and autograd."""
+
+import math
+
+import pytest
+import torch
+
+from cartlorem.tensors import (
+    EVEN_PATHS,
+    ODD_PATHS,
+    EquivariantLinear,
+    edge_paths,
+    from_spherical,
+    harmonics,
+    product,
+    stf,
+    to_spherical,
+    weighted_edge_product,
+)
+from cartlorem.testing import assert_equivariant, random_orthogonal, rotate
+
+DT = torch.float64
+
+
+def rand_irrep(shape, rank, gen, dtype=DT):
+    x = torch.randn(*shape, *(3,) * rank, generator=gen, dtype=torch.float64)
+    return (stf(x) if rank == 2 else x).to(dtype)
+
+
+# --- an independent element-wise reference, written out index by index from the DESIGN.md table ---
+LEVI = {(0, 1, 2): 1, (1, 2, 0): 1, (2, 0, 1): 1, (0, 2, 1): -1, (2, 1, 0): -1, (1, 0, 2): -1}
+
+
+def eps(i, j, k):
+    return LEVI.get((i, j, k), 0)
+
+
+def ref_stf(m):
+    s = [[0.5 * (m[i][j] + m[j][i]) for j in range(3)] for i in range(3)]
+    tr = s[0][0] + s[1][1] + s[2][2]
+    return [[s[i][j] - (tr / 3 if i == j else 0.0) for j in range(3)] for i in range(3)]
+
+
+def ref_product(a, l1, b, l2, l3):
+    """Scalars/lists of floats, one channel."""
+    r3 = range(3)
+    if l1 == 0 and l2 == 0:
+        return a * b
+    if l1 == 0:
+        return [a * x for x in b] if l2 == 1 else [[a * x for x in row] for row in b]
+    if l2 == 0:
+        return [b * x for x in a] if l1 == 1 else [[b * x for x in row] for row in a]
+    if (l1, l2, l3) == (1, 1, 0):
+        return sum(a[i] * b[i] for i in r3)
+    if (l1, l2, l3) == (1, 1, 2):
+        return [[1.5 * x for x in row] for row in ref_stf([[a[i] * b[j] for j in r3] for i in r3])]
+    if (l1, l2, l3) == (1, 2, 1):
+        return [sum(b[i][j] * a[j] for j in r3) for i in r3]
+    if (l1, l2, l3) == (2, 1, 1):
+        return [sum(a[i][j] * b[j] for j in r3) for i in r3]
+    if (l1, l2, l3) == (2, 2, 0):
+        return 2 / 3 * sum(a[i][j] * b[i][j] for i in r3 for j in r3)
+    if (l1, l2, l3) == (2, 2, 2):
+        ab = [[sum(a[i][k] * b[k][j] for k in r3) for j in r3] for i in r3]
+        return [[2 * x for x in row] for row in ref_stf(ab)]
+    if (l1, l2, l3) == (1, 1, 1):
+        return [sum(eps(i, j, k) * a[j] * b[k] for j in r3 for k in r3) for i in r3]
+    if (l1, l2, l3) == (1, 2, 2):
+        m = [[sum(eps(i, k, l) * a[k] * b[l][j] for k in r3 for l in r3) for j in r3] for i in r3]
+        return ref_stf(m)
+    if (l1, l2, l3) == (2, 1, 2):
+        m = [[sum(eps(i, k, l) * b[k] * a[l][j] for k in r3 for l in r3) for j in r3] for i in r3]
+        return ref_stf(m)
+    if (l1, l2, l3) == (2, 2, 1):
+        ab = [[sum(a[j][m] * b[m][k] for m in r3) for k in r3] for j in r3]
+        return [sum(eps(i, j, k) * ab[j][k] for j in r3 for k in r3) for i in r3]
+    raise KeyError((l1, l2, l3))
+
+
+@pytest.mark.parametrize("path", EVEN_PATHS + ODD_PATHS)
+def test_product_matches_table_elementwise(path):
+    l1, l2, l3 = path
+    g = torch.Generator().manual_seed(1)
+    a, b = rand_irrep((4,), l1, g), rand_irrep((4,), l2, g)
+    out = product(a, l1, b, l2, l3)
+    assert out.shape == (4,) + (3,) * l3
+    for c in range(4):
+        ref = torch.tensor(ref_product(a[c].tolist(), l1, b[c].tolist(), l2, l3), dtype=DT)
+        torch.testing.assert_close(out[c], ref, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("path", EVEN_PATHS + ODD_PATHS)
+def test_product_o3_equivariance_with_parity(path):
+    l1, l2, l3 = path
+    g = torch.Generator().manual_seed(2)
+    a, b = rand_irrep((5, 3), l1, g), rand_irrep((5, 3), l2, g)
+    parity = -1 if (l1 + l2 + l3) % 2 else 1
+    err = assert_equivariant(lambda x, y: product(x, l1, y, l2, l3), [a, b], [l1, l2], [l3],
+                             parity_out=[parity], rtol=1e-12)
+    assert err < 1e-12
+
+
+@pytest.mark.parametrize("path", ODD_PATHS)
+def test_pseudotensor_paths_flip_under_inversion(path):
+    l1, l2, l3 = path
+    g = torch.Generator().manual_seed(3)
+    a, b = rand_irrep((6,), l1, g), rand_irrep((6,), l2, g)
+    inv = -torch.eye(3, dtype=DT)
+    out = product(a, l1, b, l2, l3)
+    out_inv = product(rotate(a, inv, l1), l1, rotate(b, inv, l2), l2, l3)
+    # a true rank-l3 tensor would pick up (-1)^l3 under inversion; a pseudotensor the opposite sign
+    torch.testing.assert_close(out_inv, -((-1) ** l3) * out, rtol=0, atol=1e-14)
+    assert out.abs().max() > 1e-3  # not trivially zero
+
+
+@pytest.mark.parametrize("path", EVEN_PATHS)
+def test_even_products_of_harmonics_are_harmonics(path):
+    l1, l2, l3 = path
+    g = torch.Generator().manual_seed(4)
+    T = harmonics(torch.randn(20, 3, generator=g, dtype=DT))
+    torch.testing.assert_close(product(T[l1], l1, T[l2], l2, l3), T[l3], rtol=1e-13, atol=1e-13)
+
+
+def test_harmonics_legendre_normalisation_and_traceless():
+    g = torch.Generator().manual_seed(5)
+    v, m = torch.randn(30, 3, generator=g, dtype=DT) * 3, torch.randn(30, 3, generator=g, dtype=DT)
+    m = m / m.norm(dim=-1, keepdim=True)
+    T = harmonics(v)
+    c = ((v / v.norm(dim=-1, keepdim=True)) * m).sum(-1)
+    torch.testing.assert_close(torch.einsum("nij,ni,nj->n", T[2], m, m), 0.5 * (3 * c**2 - 1))
+    torch.testing.assert_close(torch.einsum("ni,ni->n", T[1], m), c)
+    torch.testing.assert_close(T[2].diagonal(dim1=-2, dim2=-1).sum(-1), torch.zeros(30, dtype=DT), atol=1e-14, rtol=0)
+    torch.testing.assert_close(T[2], T[2].transpose(-1, -2))
+    # invariant under scaling of the vector (directions only)
+    torch.testing.assert_close(harmonics(2.5 * v)[2], T[2])
+
+
+@pytest.mark.parametrize("path", [p for p in EVEN_PATHS + ODD_PATHS if p[2] == 2])
+def test_rank2_outputs_symmetric_traceless(path):
+    l1, l2, l3 = path
+    g = torch.Generator().manual_seed(6)
+    out = product(rand_irrep((7,), l1, g), l1, rand_irrep((7,), l2, g), l2, l3)
+    torch.testing.assert_close(out, out.transpose(-1, -2), rtol=0, atol=1e-14)
+    assert out.diagonal(dim1=-2, dim2=-1).sum(-1).abs().max() < 1e-14
+
+
+def test_invalid_paths_raise_value_error():
+    with pytest.raises(ValueError, match="no irreducible product path"):
+        product(torch.zeros(1, 3), 1, torch.zeros(1, 3, 3), 2, 3)
+    with pytest.raises(ValueError, match="no irreducible product path"):
+        product(torch.zeros(1), 0, torch.zeros(1, 3, 3), 2, 0)
+    with pytest.raises(ValueError, match="ranks above 2"):
+        product(torch.zeros(1, 3, 3, 3), 3, torch.zeros(1), 0, 3)
+    with pytest.raises(ValueError, match="must end in"):
+        product(torch.zeros(1, 4), 1, torch.zeros(1, 3), 1, 0)
+
+
+def test_broadcasting_over_leading_axes():
+    g = torch.Generator().manual_seed(7)
+    a = rand_irrep((5, 1, 4), 2, g)
+    b = rand_irrep((1, 6, 4), 1, g)
+    out = product(a, 2, b, 1, 1)
+    assert out.shape == (5, 6, 4, 3)
+    torch.testing.assert_close(out[2, 3], product(a[2, 0], 2, b[0, 3], 1, 1))
+
+
+# --- the fused edge kernel -------------------------------------------------------------------------
+
+
+def fused_reference(h, n, w, l_out=(0, 1, 2)):
+    """Path-by-path sum with the generic product and explicit harmonics."""
+    T = harmonics(n)
+    l_in = [l for l, x in enumerate(h) if x is not None]
+    out = [None, None, None]
+    for k, (l1, l2, l3) in enumerate(edge_paths(l_in, l_out)):
+        term = w[:, k].reshape(w.shape[0], w.shape[2], *(1,) * l3) * product(h[l1], l1, T[l2][:, None], l2, l3)
+        out[l3] = term if out[l3] is None else out[l3] + term
+    return out
+
+
+@pytest.mark.parametrize("l_in", [(0,), (0, 1), (0, 1, 2), (0, 2)])
+def test_fused_edge_product_equals_sum_of_paths(l_in):
+    g = torch.Generator().manual_seed(8)
+    E, C = 13, 5
+    h = [rand_irrep((E, C), l, g) if l in l_in else None for l in range(3)]
+    n = torch.randn(E, 3, generator=g, dtype=DT)
+    n = n / n.norm(dim=-1, keepdim=True)
+    P = len(edge_paths(l_in))
+    w = torch.randn(E, P, C, generator=g, dtype=DT)
+    got = weighted_edge_product(h, n, w)
+    ref = fused_reference(h, n, w)
+    for l in range(3):
+        torch.testing.assert_close(got[l], ref[l], rtol=1e-12, atol=1e-12)
+
+
+def test_fused_edge_product_equivariant_and_gradcheck():
+    g = torch.Generator().manual_seed(9)
+    E, C = 6, 3
+    h0, h1, h2 = (rand_irrep((E, C), l, g) for l in range(3))
+    n = torch.randn(E, 3, generator=g, dtype=DT)
+    n = n / n.norm(dim=-1, keepdim=True)
+    w = torch.randn(E, 11, C, generator=g, dtype=DT)
+
+    def fn(a0, a1, a2, nn_, ww):
+        return weighted_edge_product([a0, a1, a2], nn_, ww)
+
+    assert_equivariant(fn, [h0, h1, h2, n, w], [0, 1, 2, 1, None], [0, 1, 2], rtol=1e-12)
+    args = [x.clone().requires_grad_(True) for x in (h0, h1, h2, n, w)]
+    assert torch.autograd.gradcheck(lambda *a: tuple(fn(*a)), args)
+
+
+def test_gradcheck_harmonics_and_products():
+    g = torch.Generator().manual_seed(10)
+    v = torch.randn(4, 3, generator=g, dtype=DT).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: tuple(harmonics(x)), [v])
+    for l1, l2, l3 in EVEN_PATHS + ODD_PATHS:
+        a = rand_irrep((3, 2), l1, g).requires_grad_(True)
+        b = rand_irrep((3, 2), l2, g).requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda x, y: product(x, l1, y, l2, l3), [a, b])
+
+
+def test_float32_agrees_with_float64():
+    g = torch.Generator().manual_seed(11)
+    E, C = 50, 8
+    h = [rand_irrep((E, C), l, g) for l in range(3)]
+    n = torch.randn(E, 3, generator=g, dtype=DT)
+    w = torch.randn(E, 11, C, generator=g, dtype=DT)
+    nn_ = n / n.norm(dim=-1, keepdim=True)
+    r64 = weighted_edge_product(h, nn_, w)
+    r32 = weighted_edge_product([x.float() for x in h], nn_.float(), w.float())
+    for a, b in zip(r64, r32):
+        assert float((a - b.double()).norm() / a.norm()) < 1e-6
+    for l1, l2, l3 in EVEN_PATHS:
+        a, b = rand_irrep((9, C), l1, g), rand_irrep((9, C), l2, g)
+        p64, p32 = product(a, l1, b, l2, l3), product(a.float(), l1, b.float(), l2, l3)
+        assert float((p64 - p32.double()).norm() / p64.norm()) < 1e-6
+
+
+def test_equivariant_linear_mixes_channels_only():
+    torch.manual_seed(12)
+    lin = EquivariantLinear(4, 6, bias=True).double()
+    g = torch.Generator().manual_seed(12)
+    xs = [rand_irrep((5, 4), l, g) for l in range(3)]
+    assert_equivariant(lambda a, b, c: lin([a, b, c]), xs, [0, 1, 2], [0, 1, 2], rtol=1e-12)
+    out = lin(xs)
+    torch.testing.assert_close(out[2], torch.einsum("ncij,cd->ndij", xs[2], lin.weights[2]))
+    torch.testing.assert_close(out[0], xs[0] @ lin.weights[0] + lin.bias)
+
+
+# --- e3nn interop -----------------------------------------------------------------------------------
+
+e3nn_o3 = pytest.importorskip("e3nn.o3")
+
+
+def test_spherical_roundtrip_isometry_and_harmonics():
+    g = torch.Generator().manual_seed(13)
+    for rank in (0, 1, 2):
+        x = rand_irrep((8,), rank, g)
+        y = to_spherical(x, rank)
+        assert y.shape == (8, 2 * rank + 1)
+        torch.testing.assert_close(from_spherical(y, rank), x)
+        torch.testing.assert_close(y.norm(dim=-1), x.reshape(8, -1).norm(dim=-1))
+    n = torch.randn(10, 3, generator=g, dtype=DT)
+    T = harmonics(n)
+    for rank in (1, 2):
+        Y = e3nn_o3.spherical_harmonics(rank, n, normalize=True, normalization="component")
+        ratio = to_spherical(T[rank], rank) / Y
+        torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.flatten()[0])))
+
+
+def test_spherical_map_intertwines_wigner_d():
+    g = torch.Generator().manual_seed(14)
+    for det in (1.0, -1.0):
+        q = random_orthogonal(det, generator=g)
+        for rank in (1, 2):
+            D = e3nn_o3.Irrep(rank, (-1) ** rank).D_from_matrix(q)
+            x = rand_irrep((4,), rank, g)
+            # e3nn builds D from Euler angles in float32: ~1e-7 is its own round-off
+            torch.testing.assert_close(to_spherical(rotate(x, q, rank), rank), to_spherical(x, rank) @ D.T,
+                                       rtol=5e-6, atol=5e-6)
+
+
+@pytest.mark.parametrize("path", EVEN_PATHS + ODD_PATHS)
+def test_each_path_proportional_to_e3nn_clebsch_gordan(path):
+    l1, l2, l3 = path
+    w3j = e3nn_o3.wigner_3j(l1, l2, l3).to(DT)
+    g = torch.Generator().manual_seed(15)
+    a, b = rand_irrep((32,), l1, g), rand_irrep((32,), l2, g)
+    got = to_spherical(product(a, l1, b, l2, l3), l3)
+    ref = torch.einsum("ijk,ni,nj->nk", w3j, to_spherical(a, l1), to_spherical(b, l2))
+    c = float((got * ref).sum() / (ref * ref).sum())
+    assert abs(c) > 1e-3
+    torch.testing.assert_close(got, c * ref, rtol=1e-10, atol=1e-10)  # one constant for every input
