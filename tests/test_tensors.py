@@ -290,4 +290,5 @@ def test_each_path_proportional_to_e3nn_clebsch_gordan(path):
     ref = torch.einsum("ijk,ni,nj->nk", w3j, to_spherical(a, l1), to_spherical(b, l2))
     c = float((got * ref).sum() / (ref * ref).sum())
     assert abs(c) > 1e-3
-    torch.testing.assert_close(got, c * ref, rtol=1e-10, atol=1e-10)  # one constant for every input
+    # one constant for every input; e3nn stores its 3j symbols in float32, hence 1e-6 and not 1e-12
+    assert float((got - c * ref).norm() / got.norm()) < 1e-6
