@@ -1,0 +1,46 @@
+"""Energy → forces and stress by automatic differentiation (the energy model never mentions forces).
+
+Stress follows ASE: σ = (1/V) ∂E/∂ε for a homogeneous strain r → r (I + ε), cell → cell (I + ε),
+in eV/Å³. Structures without periodicity get a zero stress row.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .graph import Graph
+
+__all__ = ["with_derivatives"]
+
+
+def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], dict], graph: Graph, *,
+                     compute_forces: bool = True, compute_stress: bool = False, create_graph: bool = False) -> dict:
+    """Call ``energy_fn(graph, positions, cell)`` (→ dict with "energy" [B]) and add forces/stress.
+
+    positions [N, 3] and cell [B, 3, 3] passed to energy_fn carry the graph for the derivatives.
+    """
+    with torch.enable_grad():
+        positions = graph.positions.detach().requires_grad_(compute_forces)
+        cell = graph.cell.detach()
+        strain = None
+        if compute_stress:
+            strain = torch.zeros_like(cell).requires_grad_(True)  # [B, 3, 3]
+            positions_s = positions + torch.einsum("ni,nij->nj", positions, strain[graph.batch])
+            cell = cell + cell @ strain
+        else:
+            positions_s = positions
+        out = energy_fn(graph, positions_s, cell)
+        wrt = ([positions] if compute_forces else []) + ([strain] if compute_stress else [])
+        if wrt:
+            grads = torch.autograd.grad(out["energy"].sum(), wrt, create_graph=create_graph, allow_unused=True)
+            grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+            if compute_forces:
+                out["forces"] = -grads[0]
+            if compute_stress:
+                volume = torch.linalg.det(graph.cell).abs()  # [B]
+                periodic = graph.pbc.any(dim=1) & (volume > 0)
+                safe = torch.where(periodic, volume, torch.ones_like(volume))
+                out["stress"] = torch.where(periodic[:, None, None], grads[-1] / safe[:, None, None], 0.0)
+    return out

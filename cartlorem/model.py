@@ -1,0 +1,272 @@
+"""CartLorem: the Cartesian MACE-like potential with optional long-range multipole messages.
+
+Data flow (forward):
+  graph → edge geometry (r, Bessel basis × envelope, unit vectors) → species embedding
+  → interaction layers (ICTP messages → body-ordered products → mixing + species skip)
+  → per-layer scalar readouts → [long-range block: features → (q, μ, Θ) → Ewald → (φ, E, ∇E)
+  → invariants → energy] → per-atom energies + reference energies → total energy
+  → forces = −∂E/∂r, stress = (1/V) ∂E/∂ε (cartlorem.forces)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .forces import with_derivatives
+from .graph import Graph
+from .nn.blocks import BodyOrderProduct, Interaction, SpeciesLinear
+from .nn.radial import BesselBasis, PolynomialEnvelope
+from .tensors import EquivariantLinear
+
+__all__ = ["CartLorem", "save_model", "load_model"]
+
+LONG_RANGE_CHOICES = (None, "multipole", "lorem")
+
+
+def _symbol(z: int) -> str:
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
+
+
+class CartLorem(nn.Module):
+    """Machine-learning interatomic potential on irreducible Cartesian tensors (ranks 0–2).
+
+    Args:
+        species: atomic numbers the model knows.
+        cutoff: local cutoff r_c in Å (default 5).
+        long_range: "multipole" (default; learned q, μ, Θ with Ewald interaction tensors), "lorem"
+            (each Cartesian component of the equivariant charges with the scalar kernel) or None.
+        channels: features per rank (default 64).
+        num_layers: interaction layers (default 2).
+        correlation: body order of the products (default 3).
+        lmax: highest feature rank (0, 1 or 2; default 2).
+        num_basis, radial_hidden: Bessel functions (8) and radial MLP width (64).
+        envelope_p: polynomial envelope exponent (5).
+        readout_hidden: width of the last layer's readout MLP (16).
+        atomic_energies: {Z: E0 in eV} reference energies (default 0; set from data by training).
+        avg_num_neighbors: message normalisation (default 10; set from data by training).
+        scale, shift: per-atom energy scale and shift of the learned part (eV; default 1, 0).
+        long_range_options: dict for the long-range block (see cartlorem.nn.long_range).
+    """
+
+    def __init__(self, species: Sequence[int], cutoff: float = 5.0, long_range: Optional[str] = "multipole", *,
+                 channels: int = 64, num_layers: int = 2, correlation: int = 3, lmax: int = 2, num_basis: int = 8,
+                 radial_hidden: int = 64, envelope_p: int = 5, readout_hidden: int = 16,
+                 atomic_energies: Optional[dict] = None, avg_num_neighbors: float = 10.0, scale: float = 1.0,
+                 shift: float = 0.0, long_range_options: Optional[dict] = None):
+        super().__init__()
+        species = sorted({int(z) for z in species})
+        if not species or any(z < 1 or z > 118 for z in species):
+            raise ValueError(f"species must be atomic numbers 1..118, got {species}")
+        if long_range not in LONG_RANGE_CHOICES:
+            if isinstance(long_range, str) and long_range.lower() == "none":
+                long_range = None
+            else:
+                raise ValueError(f"long_range must be one of {LONG_RANGE_CHOICES}, got {long_range!r}")
+        if not cutoff > 0:
+            raise ValueError(f"cutoff must be positive, got {cutoff}")
+        if lmax not in (0, 1, 2):
+            raise ValueError(f"lmax must be 0, 1 or 2, got {lmax}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.config = dict(species=species, cutoff=float(cutoff), long_range=long_range, channels=channels,
+                           num_layers=num_layers, correlation=correlation, lmax=lmax, num_basis=num_basis,
+                           radial_hidden=radial_hidden, envelope_p=envelope_p, readout_hidden=readout_hidden,
+                           avg_num_neighbors=float(avg_num_neighbors), scale=float(scale), shift=float(shift),
+                           long_range_options=dict(long_range_options or {}))
+        self.cutoff = float(cutoff)
+        self.species = species
+        self.long_range = long_range
+        S = len(species)
+        z_to_index = torch.full((119,), -1, dtype=torch.long)
+        z_to_index[species] = torch.arange(S)
+        self.register_buffer("z_to_index", z_to_index, persistent=False)
+        e0 = torch.zeros(S)
+        for z, e in (atomic_energies or {}).items():
+            if int(z) in species:
+                e0[species.index(int(z))] = float(e)
+        self.register_buffer("atomic_energies", e0)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("shift", torch.tensor(float(shift)))
+
+        self.radial_basis = BesselBasis(cutoff, num_basis)
+        self.envelope = PolynomialEnvelope(cutoff, envelope_p)
+        self.embedding = nn.Parameter(torch.randn(S, channels))
+        ranks = tuple(range(lmax + 1))
+        keep_all = long_range is not None  # the long-range block needs rank 1 and 2 features at the end
+        self.layers = nn.ModuleList()
+        self.products = nn.ModuleList()
+        self.mixers = nn.ModuleList()
+        self.skips = nn.ModuleList()
+        self.readouts = nn.ModuleList()
+        l_in: tuple[int, ...] = (0,)
+        for t in range(num_layers):
+            last = t == num_layers - 1
+            l_out = ranks if (not last or keep_all) else (0,)
+            self.layers.append(Interaction(channels, l_in, ranks, num_basis, radial_hidden, avg_num_neighbors))
+            self.products.append(BodyOrderProduct(channels, S, correlation, ranks, l_out))
+            self.mixers.append(EquivariantLinear(channels, channels, l_out, bias=True))
+            skip_ranks = tuple(l for l in l_in if l in l_out)
+            self.skips.append(SpeciesLinear(channels, channels, S, skip_ranks))
+            if last:
+                self.readouts.append(nn.Sequential(nn.Linear(channels, readout_hidden), nn.SiLU(),
+                                                   nn.Linear(readout_hidden, 1)))
+            else:
+                self.readouts.append(nn.Linear(channels, 1, bias=False))
+            l_in = l_out
+        self.long_range_block = None
+        if long_range is not None:
+            from .nn.long_range import LongRangeBlock
+
+            self.long_range_block = LongRangeBlock(channels, kind=long_range, **self.config["long_range_options"])
+
+    # --- statistics set from data --------------------------------------------------------------
+    def set_statistics(self, *, atomic_energies: Optional[dict] = None, avg_num_neighbors: Optional[float] = None,
+                       scale: Optional[float] = None, shift: Optional[float] = None) -> None:
+        """Set reference energies {Z: eV}, message normalisation and energy scale/shift (from data)."""
+        if atomic_energies is not None:
+            for z, e in atomic_energies.items():
+                if int(z) not in self.species:
+                    raise ValueError(f"reference energy for {_symbol(int(z))} (Z={z}), a species the model does not know")
+                self.atomic_energies[self.species.index(int(z))] = float(e)
+        if avg_num_neighbors is not None:
+            if not avg_num_neighbors > 0:
+                raise ValueError(f"avg_num_neighbors must be positive, got {avg_num_neighbors}")
+            self.config["avg_num_neighbors"] = float(avg_num_neighbors)
+            for layer in self.layers:
+                layer.avg_num_neighbors = float(avg_num_neighbors)
+        if scale is not None:
+            self.scale.fill_(float(scale))
+            self.config["scale"] = float(scale)
+        if shift is not None:
+            self.shift.fill_(float(shift))
+            self.config["shift"] = float(shift)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.dtype
+
+    def species_index(self, numbers: torch.Tensor) -> torch.Tensor:
+        """Atomic numbers [N] → model species indices [N]; ValueError naming any unknown species."""
+        bad = (numbers < 1) | (numbers > 118)
+        idx = self.z_to_index[numbers.clamp(0, 118)]
+        bad = bad | (idx < 0)
+        if bool(bad.any()):
+            unknown = sorted({int(z) for z in numbers[bad].tolist()})
+            names = ", ".join(f"{_symbol(z)} (Z={z})" for z in unknown)
+            known = ", ".join(_symbol(z) for z in self.species)
+            raise ValueError(f"species not known to the model: {names}; the model knows {known}")
+        return idx
+
+    # --- the energy model ----------------------------------------------------------------------
+    def energy(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor) -> dict:
+        """Total energy [B] (eV) and per-atom energies [N] for the given positions and cell."""
+        species = self.species_index(graph.species)
+        i, j = graph.edge_index
+        shifts = torch.einsum("ek,ekx->ex", graph.edge_shift, cell[graph.batch[i]])
+        vec = positions[j] - positions[i] + shifts  # r_ij [E, 3]
+        r = torch.linalg.vector_norm(vec, dim=-1)  # [E]
+        unit = vec / r[:, None]
+        radial = self.radial_basis(r)  # [E, B]
+        envelope = self.envelope(r)  # [E]
+
+        h = [self.embedding[species], None, None]
+        node_energy = torch.zeros_like(positions[:, 0])
+        for layer, prod, mix, skip, readout in zip(self.layers, self.products, self.mixers, self.skips, self.readouts):
+            A = layer(h, graph.edge_index, unit, radial, envelope)
+            B = mix(prod(A, species))
+            sc = skip(h, species)
+            h = [b if s is None else (b + s if b is not None else None) for b, s in zip(B, sc)]
+            node_energy = node_energy + readout(h[0]).squeeze(-1)
+
+        out = {}
+        if self.long_range_block is not None:
+            lr = self.long_range_block(h, graph, positions, cell, species)
+            node_energy = node_energy + lr["node_energy"]
+            out.update({k: v for k, v in lr.items() if k != "node_energy"})
+        node_energy = self.scale * node_energy + self.shift + self.atomic_energies[species]
+        energy = torch.zeros(graph.num_graphs, dtype=node_energy.dtype, device=node_energy.device)
+        energy = energy.index_add(0, graph.batch, node_energy)
+        out.update(energy=energy, node_energy=node_energy)
+        if "node_energy_lr" in out:
+            e_lr = torch.zeros_like(energy).index_add(0, graph.batch, self.scale * out.pop("node_energy_lr"))
+            out["energy_lr"] = e_lr
+        return out
+
+    def forward(self, graph: Graph, compute_forces: bool = True, compute_stress: Optional[bool] = None,
+                create_graph: Optional[bool] = None) -> dict:
+        """Predict for a batch: "energy" [B], "node_energy" [N], "forces" [N, 3], "stress" [B, 3, 3]
+        (when any structure is periodic), and for long-range models "charges" [N], "dipoles" [N, 3],
+        "energy_lr" [B]. ``create_graph`` defaults to ``self.training`` (needed to train on forces).
+        """
+        if graph.positions.dtype != self.dtype or graph.positions.device != self.embedding.device:
+            graph = graph.to(device=self.embedding.device, dtype=self.dtype)
+        if not torch.isfinite(graph.positions).all():
+            raise ValueError("positions contain NaN or inf")
+        if compute_stress is None:
+            compute_stress = bool(graph.pbc.any())
+        create_graph = self.training if create_graph is None else create_graph
+        return with_derivatives(self.energy, graph, compute_forces=compute_forces, compute_stress=compute_stress,
+                                create_graph=create_graph)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"species={c['species']}, cutoff={c['cutoff']}, long_range={c['long_range']!r}, "
+                f"channels={c['channels']}, layers={c['num_layers']}, correlation={c['correlation']}, lmax={c['lmax']}")
+
+
+# --- persistence ---------------------------------------------------------------------------------
+_FORMAT = "cartlorem-model-v1"
+
+
+def _atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: CartLorem, path, **extra) -> None:
+    """Write hyperparameters and weights to ``path`` (atomically). ``extra`` entries are stored too."""
+    if not isinstance(model, CartLorem):
+        raise TypeError(f"save_model expects a CartLorem, got {type(model).__name__}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _atomic_save({"format": _FORMAT, "config": model.config, "state_dict": state,
+                  "dtype": str(model.dtype).replace("torch.", ""), **extra}, path)
+
+
+def load_model(path, map_location="cpu") -> CartLorem:
+    """Read a model written by :func:`save_model` (or a training checkpoint that holds one)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"cannot read model file {path} (corrupt or not a cartlorem model): {exc}") from exc
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a cartlorem model file (no '{_FORMAT}' header)")
+    model = CartLorem(**obj["config"])
+    model = model.to(getattr(torch, obj.get("dtype", "float32")))
+    model.load_state_dict(obj["state_dict"])
+    return model

@@ -1,0 +1,136 @@
+"""Interaction blocks of the local model: ICTP messages, body-ordered products, species-dependent skip.
+
+Shapes: features are lists ``[h0 [N, C], h1 [N, C, 3], h2 [N, C, 3, 3]]`` with None for absent ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..tensors import EquivariantLinear, edge_paths, mix_channels, paths_to, product, weighted_edge_product
+from .radial import RadialMLP
+
+__all__ = ["Interaction", "BodyOrderProduct", "SpeciesLinear"]
+
+Features = list  # [Optional[Tensor]] * 3
+
+
+def ranks_of(h: Sequence[Optional[torch.Tensor]]) -> tuple[int, ...]:
+    return tuple(l for l, x in enumerate(h) if x is not None)
+
+
+class Interaction(nn.Module):
+    """Message A_i = (1/avg_neighbours) Σ_j Σ_paths R_path(r_ij) · product(W h_j, T(r̂_ij)), then mixing.
+
+    l_in: ranks of the incoming node features; the message has ranks ``l_msg``.
+    """
+
+    def __init__(self, channels: int, l_in: Sequence[int], l_msg: Sequence[int], num_basis: int,
+                 radial_hidden: int, avg_num_neighbors: float):
+        super().__init__()
+        self.l_in, self.l_msg = tuple(l_in), tuple(l_msg)
+        self.channels = channels
+        self.paths = edge_paths(self.l_in, self.l_msg)
+        self.linear_up = EquivariantLinear(channels, channels, self.l_in)
+        self.radial = RadialMLP(num_basis, radial_hidden, len(self.paths) * channels)
+        self.linear_out = EquivariantLinear(channels, channels, self.l_msg)
+        self.avg_num_neighbors = float(avg_num_neighbors)
+
+    def forward(self, h: Features, edge_index: torch.Tensor, unit: torch.Tensor, radial: torch.Tensor,
+                envelope: torch.Tensor) -> Features:
+        i, j = edge_index
+        n_nodes = h[0].shape[0]
+        hu = self.linear_up(h)
+        hj = [x[j] if x is not None else None for x in hu]  # gathered neighbour features [E, C, ...]
+        w = (self.radial(radial) * envelope[:, None]).view(-1, len(self.paths), self.channels)
+        msg = weighted_edge_product(hj, unit, w, self.l_msg)
+        out: Features = [None, None, None]
+        for l in self.l_msg:
+            m = msg[l]
+            agg = torch.zeros((n_nodes,) + m.shape[1:], dtype=m.dtype, device=m.device)
+            out[l] = agg.index_add_(0, i, m) / self.avg_num_neighbors
+        return self.linear_out(out)
+
+
+class BodyOrderProduct(nn.Module):
+    """B = Σ_{ν ≤ correlation} Σ_paths w[Z, path, c] (A ⊗ … ⊗ A), evaluated Horner-style:
+
+        Y ← u_ν[Z] A;   then (correlation − 1) times:   Y ← Σ_paths w[Z, path, c] product(Y, A) + u[Z] A
+
+    which is a polynomial of degree ``correlation`` in A with every body order up to it, built only
+    from the Cartesian products (no CG tables). Weights depend on the species and the channel.
+    """
+
+    def __init__(self, channels: int, num_species: int, correlation: int, l_in: Sequence[int], l_out: Sequence[int]):
+        super().__init__()
+        if correlation < 1:
+            raise ValueError(f"correlation must be >= 1, got {correlation}")
+        self.l_in, self.l_out, self.correlation = tuple(l_in), tuple(l_out), int(correlation)
+        lmid = self.l_in  # intermediate Y keeps the ranks of A
+        self.stage_paths = []
+        self.path_weights = nn.ParameterList()
+        self.linear_weights = nn.ParameterList()
+        # first: Y = u A  (ranks of the first Y: those needed by later stages, or l_out if correlation == 1)
+        first_ranks = self.l_out if correlation == 1 else lmid
+        self.first_ranks = first_ranks
+        self.first = nn.Parameter(torch.ones(num_species, len(first_ranks), channels))
+        for stage in range(correlation - 1):
+            last = stage == correlation - 2
+            targets = self.l_out if last else lmid
+            paths = paths_to(lmid, self.l_in, targets, parity="even")
+            self.stage_paths.append(paths)
+            fan = {l3: sum(1 for p in paths if p[2] == l3) for l3 in targets}
+            init = torch.randn(num_species, len(paths), channels)
+            init = init / torch.tensor([math.sqrt(fan[p[2]]) for p in paths])[None, :, None]
+            self.path_weights.append(nn.Parameter(init))
+            self.linear_weights.append(nn.Parameter(torch.ones(num_species, len(targets), channels)))
+
+    def forward(self, A: Features, species: torch.Tensor) -> Features:
+        Y: Features = [None, None, None]
+        u = self.first[species]  # [N, R, C]
+        for k, l in enumerate(self.first_ranks):
+            Y[l] = u[:, k].reshape(u.shape[0], -1, *(1,) * l) * A[l]
+        for stage, paths in enumerate(self.stage_paths):
+            w = self.path_weights[stage][species]  # [N, P, C]
+            lin = self.linear_weights[stage][species]  # [N, R, C]
+            last = stage == len(self.stage_paths) - 1
+            targets = self.l_out if last else self.l_in
+            new: Features = [None, None, None]
+            for k, (l1, l2, l3) in enumerate(paths):
+                term = w[:, k].reshape(w.shape[0], -1, *(1,) * l3) * product(Y[l1], l1, A[l2], l2, l3)
+                new[l3] = term if new[l3] is None else new[l3] + term
+            for k, l in enumerate(targets):
+                term = lin[:, k].reshape(lin.shape[0], -1, *(1,) * l) * A[l]
+                new[l] = term if new[l] is None else new[l] + term
+            Y = new
+        return Y
+
+
+class SpeciesLinear(nn.Module):
+    """Channel mixing with a separate weight matrix for each species (the residual skip)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_species: int, ranks: Sequence[int]):
+        super().__init__()
+        self.ranks = tuple(ranks)
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(num_species, in_channels, out_channels) / math.sqrt(in_channels)) for _ in self.ranks]
+        )
+        self.out_channels = out_channels
+
+    def forward(self, h: Features, species: torch.Tensor) -> Features:
+        out: Features = [None, None, None]
+        present = torch.unique(species)
+        for k, l in enumerate(self.ranks):
+            x = h[l]
+            if x is None:
+                continue
+            y = x.new_zeros((x.shape[0], self.out_channels) + x.shape[2:])
+            for s in present:
+                mask = species == s
+                y[mask] = mix_channels(x[mask], self.weights[k][s], l)
+            out[l] = y
+        return out
