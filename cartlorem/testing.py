@@ -74,3 +74,73 @@ def assert_equivariant(
                 if not err <= rtol:
                     raise AssertionError(f"output {k} (rank {r}) not equivariant for det {det:+.0f}: rel err {err:.2e}")
     return worst
+
+
+# --- model-level checks (used by our test suite; usable on any CartLorem) ------------------------
+
+
+def _predict(model, atoms, cutoff=None, stress=None):
+    from .graph import atoms_to_graph
+
+    g = atoms_to_graph(atoms, model.cutoff if cutoff is None else cutoff, dtype=model.dtype)
+    return model(g, compute_stress=stress)
+
+
+def check_o3_invariance(model, atoms, *, seed: int = 0) -> float:
+    """Energy invariant, forces equivariant under random rotations, reflections and a translation.
+
+    Returns the worst relative error (energy and forces)."""
+    rng = torch.Generator().manual_seed(seed)
+    ref = _predict(model, atoms)
+    e0, f0 = ref["energy"].detach(), ref["forces"].detach()
+    worst = 0.0
+    for det in (1.0, -1.0):
+        q = random_orthogonal(det, generator=rng).numpy()
+        moved = atoms.copy()
+        moved.positions = atoms.positions @ q.T + torch.randn(3, generator=rng, dtype=torch.float64).numpy()
+        if atoms.pbc.any():
+            moved.set_cell(atoms.cell.array @ q.T, scale_atoms=False)
+        out = _predict(model, moved)
+        e_err = float((out["energy"].detach() - e0).abs().max() / e0.abs().clamp_min(1e-12).max())
+        f_ref = f0 @ torch.as_tensor(q, dtype=f0.dtype).T
+        f_err = float((out["forces"].detach() - f_ref).abs().max() / f0.abs().max().clamp_min(1e-12))
+        worst = max(worst, e_err, f_err)
+    return worst
+
+
+def check_forces_fd(model, atoms, *, h: float = 1e-4, n: int = 6, seed: int = 0) -> float:
+    """Forces against central finite differences of the energy; worst error relative to max |F|."""
+    rng = torch.Generator().manual_seed(seed)
+    f = _predict(model, atoms)["forces"].detach()
+    worst = 0.0
+    for _ in range(n):
+        i = int(torch.randint(len(atoms), (1,), generator=rng))
+        k = int(torch.randint(3, (1,), generator=rng))
+        es = []
+        for sgn in (1, -1):
+            a = atoms.copy()
+            a.positions[i, k] += sgn * h
+            es.append(float(_predict(model, a)["energy"].detach().sum()))
+        fd = -(es[0] - es[1]) / (2 * h)
+        worst = max(worst, abs(fd - float(f[i, k])) / float(f.abs().max().clamp_min(1e-12)))
+    return worst
+
+
+def check_stress_fd(model, atoms, *, h: float = 1e-4) -> float:
+    """Stress against finite strain cell → cell (I + ε); worst error relative to max |σ|."""
+    import numpy as np
+
+    s = _predict(model, atoms, stress=True)["stress"][0].detach()
+    vol = abs(float(np.linalg.det(atoms.cell.array)))
+    worst = 0.0
+    for x, y in [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]:
+        eps = np.zeros((3, 3))
+        eps[x, y] = eps[y, x] = h if x == y else h / 2
+        es = []
+        for sgn in (1, -1):
+            a = atoms.copy()
+            a.set_cell(atoms.cell.array @ (np.eye(3) + sgn * eps), scale_atoms=True)
+            es.append(float(_predict(model, a)["energy"].detach().sum()))
+        fd = (es[0] - es[1]) / (2 * h) / vol
+        worst = max(worst, abs(fd - float(s[x, y])) / float(s.abs().max().clamp_min(1e-12)))
+    return worst

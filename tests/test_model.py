@@ -1,0 +1,171 @@
+"""Model-level physics: invariances, finite differences, batching, periodic images, smoothness, I/O."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+
+import cartlorem
+from cartlorem.graph import atoms_to_graph, collate
+from cartlorem.testing import check_forces_fd, check_o3_invariance, check_stress_fd
+
+LONG_RANGE = [None, "multipole", "lorem"]
+
+
+def small_model(species, long_range=None, seed=0, **kw):
+    torch.manual_seed(seed)
+    opts = dict(channels=8, num_layers=2, correlation=3, radial_hidden=16, avg_num_neighbors=8.0)
+    opts.update(kw)
+    model = cartlorem.CartLorem(species, cutoff=4.0, long_range=long_range, **opts).double()
+    with torch.no_grad():  # break any symmetric initialisation
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def molecule_ch3oh():
+    a = molecule("CH3OH")
+    a.rattle(0.05, seed=1)
+    return a
+
+
+def nacl_cell():
+    a = bulk("NaCl", "rocksalt", a=5.64)  # primitive fcc cell: triclinic, cutoff > cell -> many images
+    a = a.repeat((2, 1, 1))
+    a.rattle(0.08, seed=2)
+    return a
+
+
+def predict(model, atoms, **kw):
+    return model(atoms_to_graph(atoms, model.cutoff), **kw)
+
+
+@pytest.fixture(params=LONG_RANGE, ids=lambda x: f"lr={x}")
+def long_range(request):
+    if request.param is not None:
+        pytest.importorskip("cartlorem.nn.long_range")
+    return request.param
+
+
+def test_o3_invariance_molecule(long_range):
+    model = small_model([1, 6, 8], long_range)
+    assert check_o3_invariance(model, molecule_ch3oh()) < 1e-10
+
+
+def test_o3_invariance_crystal(long_range):
+    model = small_model([11, 17], long_range)
+    assert check_o3_invariance(model, nacl_cell()) < 1e-9
+
+
+def test_forces_are_minus_gradient(long_range):
+    model = small_model([1, 6, 8], long_range)
+    assert check_forces_fd(model, molecule_ch3oh()) < 1e-6
+
+
+def test_forces_and_stress_periodic(long_range):
+    model = small_model([11, 17], long_range)
+    atoms = nacl_cell()
+    assert check_forces_fd(model, atoms, n=4) < 1e-6
+    assert check_stress_fd(model, atoms) < 1e-6
+
+
+def test_batch_equals_single_structures(long_range):
+    model = small_model([1, 6, 8, 11, 17], long_range)
+    structures = [molecule_ch3oh(), nacl_cell(), molecule("H2O")]
+    singles = [predict(model, a) for a in structures]
+    batch = model(collate([atoms_to_graph(a, model.cutoff) for a in structures]))
+    torch.testing.assert_close(batch["energy"].detach(), torch.cat([s["energy"].detach() for s in singles]),
+                               rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(batch["forces"].detach(), torch.cat([s["forces"].detach() for s in singles]),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(batch["stress"][1].detach(), singles[1]["stress"][0].detach(), rtol=1e-10, atol=1e-10)
+    assert torch.all(batch["stress"][[0, 2]] == 0)
+
+
+def test_supercell_and_rewrapping(long_range):
+    model = small_model([11, 17], long_range)
+    atoms = nacl_cell()
+    e1 = predict(model, atoms)
+    sup = atoms.repeat((1, 2, 1))
+    e2 = predict(model, sup)
+    torch.testing.assert_close(e2["energy"].detach(), 2 * e1["energy"].detach(), rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(e2["forces"][: len(atoms)].detach(), e1["forces"].detach(), rtol=1e-9, atol=1e-9)
+    wrapped = atoms.copy()
+    wrapped.positions[0] += atoms.cell[0] - 2 * atoms.cell[2]  # same crystal, atom moved by a lattice vector
+    e3 = predict(model, wrapped)
+    torch.testing.assert_close(e3["energy"].detach(), e1["energy"].detach(), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(e3["forces"].detach(), e1["forces"].detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_translation_invariance_open():
+    model = small_model([1, 6, 8])
+    a = molecule_ch3oh()
+    b = a.copy()
+    b.positions += np.array([10.0, -3.0, 7.5])
+    torch.testing.assert_close(predict(model, b)["energy"], predict(model, a)["energy"], rtol=1e-12, atol=1e-12)
+
+
+def test_energy_smooth_as_neighbour_crosses_cutoff():
+    model = small_model([1, 8], long_range=None)
+    rc = model.cutoff
+
+    def energy_and_force(d):
+        a = Atoms("OH", positions=[[0, 0, 0], [d, 0, 0]])
+        out = predict(model, a)
+        return float(out["energy"]), float(out["forces"][1, 0])
+
+    e_in, f_in = energy_and_force(rc - 1e-6)
+    e_out, f_out = energy_and_force(rc + 1e-6)
+    e_far, _ = energy_and_force(rc + 2.0)
+    assert abs(e_in - e_out) < 1e-9 and abs(e_out - e_far) < 1e-12
+    assert abs(f_in) < 1e-7 and f_out == 0.0
+    e_near, _ = energy_and_force(rc - 0.5)
+    assert abs(e_near - e_far) > 1e-6  # the interaction is really there inside the cutoff
+
+
+def test_float32_close_to_float64():
+    model = small_model([1, 6, 8])
+    a = molecule_ch3oh()
+    e64 = predict(model, a)
+    m32 = model.float()
+    e32 = m32(atoms_to_graph(a, model.cutoff, dtype=torch.float32))
+    assert abs(float(e32["energy"]) - float(e64["energy"])) < 1e-4 * max(1.0, abs(float(e64["energy"])))
+    assert float((e32["forces"].double() - e64["forces"]).abs().max()) < 1e-4
+
+
+def test_save_load_roundtrip_bit_identical(tmp_path, long_range):
+    model = small_model([1, 6, 8], long_range)
+    model.set_statistics(atomic_energies={1: -13.6, 6: -1030.0, 8: -2040.0}, avg_num_neighbors=7.5, scale=0.7,
+                         shift=0.1)
+    path = tmp_path / "m.pt"
+    cartlorem.save_model(model, path)
+    loaded = cartlorem.load_model(path)
+    assert loaded.config == model.config
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) and sd[k].dtype == sd2[k].dtype for k in sd)
+    # identical weights; predictions agree to round-off (vectorised reductions depend on memory alignment)
+    a = molecule_ch3oh()
+    p1, p2 = predict(loaded, a), predict(model, a)
+    torch.testing.assert_close(p1["energy"], p2["energy"], rtol=1e-14, atol=0)
+    torch.testing.assert_close(p1["forces"], p2["forces"], rtol=0, atol=1e-14 * float(p2["forces"].abs().max()))
+
+
+def test_bad_input_errors(tmp_path):
+    model = small_model([1, 6, 8])
+    u = molecule_ch3oh()
+    u.numbers[0] = 92
+    with pytest.raises(ValueError, match=r"U \(Z=92\)"):
+        predict(model, u)
+    nan = molecule_ch3oh()
+    nan.positions[2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        predict(model, nan)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        cartlorem.load_model(tmp_path / "missing.pt")
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="corrupt"):
+        cartlorem.load_model(bad)
+    with pytest.raises(ValueError, match="long_range"):
+        cartlorem.CartLorem([1], long_range="coulomb")
