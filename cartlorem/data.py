@@ -229,7 +229,14 @@ def read_dataset(
 
 def _missing_label_message(frames, k: int, source: str, name: str, key: str) -> str:
     atoms = frames[k]
-    missing = [m for m, a in enumerate(frames) if _lookup(a, name, key) is None or (name == "stress" and not a.pbc.any())]
+
+    def lacks(a) -> bool:
+        try:
+            return _lookup(a, name, key) is None or (name == "stress" and not a.pbc.any())
+        except ValueError:  # stale calculator results: not a usable label either
+            return True
+
+    missing = [m for m, a in enumerate(frames) if lacks(a)]
     if name == "stress" and not atoms.pbc.any():
         reason = "the structure is not periodic, so it has no stress"
     else:
@@ -248,7 +255,9 @@ def _missing_label_message(frames, k: int, source: str, name: str, key: str) -> 
 # reference energies and statistics
 
 
-def _composition(graphs: Sequence[Graph], species: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _composition(
+    graphs: Sequence[Graph], species: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(counts [M, S], energies [M] eV, has_energy [M] bool) over all M structures of all graphs.
 
     Raises ValueError if a structure contains an element that is not in ``species``.
@@ -266,7 +275,9 @@ def _composition(graphs: Sequence[Graph], species: Sequence[int]) -> tuple[np.nd
             from ase.data import chemical_symbols
 
             extra = sorted(set(g.species[col < 0].tolist()))
-            names = ", ".join(f"{z} ({chemical_symbols[z] if z < len(chemical_symbols) else '?'})" for z in extra)
+            names = ", ".join(
+                f"{z} ({chemical_symbols[z] if z < len(chemical_symbols) else '?'})" for z in extra
+            )
             raise ValueError(f"dataset contains species {names} that are not in the species list {species}")
         c = torch.zeros(g.num_graphs, len(species), dtype=torch.float64)
         c.index_put_((g.batch, col), torch.ones_like(col, dtype=torch.float64), accumulate=True)
@@ -277,33 +288,34 @@ def _composition(graphs: Sequence[Graph], species: Sequence[int]) -> tuple[np.nd
     return torch.cat(counts).numpy(), torch.cat(energies).numpy(), torch.cat(has).numpy().astype(bool)
 
 
-def fit_reference_energies(graphs: Sequence[Graph], species: Sequence[int], *, ridge: float = 1e-8) -> dict[int, float]:
+def fit_reference_energies(
+    graphs: Sequence[Graph], species: Sequence[int], *, rcond: float = 1e-10
+) -> dict[int, float]:
     """Per-species reference energies E_Z (eV) from energy ≈ Σ_Z n_Z E_Z, by least squares.
 
     graphs: labelled graphs (single structures or batches); only structures with an energy label
     enter the fit. species: the atomic numbers the model knows; every element in the dataset must
-    be among them (ValueError naming the element otherwise). A tiny ridge (``ridge`` × the mean
-    diagonal of nᵀn) makes the fit well posed: species absent from the data get 0, and species
-    whose counts are collinear (e.g. O and H in a dataset of water clusters) share the energy as
-    the minimum-norm solution does. Returns {Z: E_Z} for every Z in ``species``; all zeros when no
-    structure has an energy.
+    be among them (ValueError naming the element otherwise). The fit is the minimum-norm
+    least-squares solution (SVD, singular values below ``rcond`` × the largest treated as zero):
+    exact and unbiased when the compositions determine every E_Z, while species absent from the
+    data get 0 and species whose counts are collinear (e.g. O and H in a dataset of water
+    clusters) share the energy in the minimum-norm way, the λ → 0 limit of a ridge fit. Returns
+    {Z: E_Z} for every Z in ``species``; all zeros when no structure has an energy.
     """
     species = [int(z) for z in species]
     if not species:
         raise ValueError("species list is empty")
     counts, energies, has = _composition(graphs, species)
-    counts, energies = counts[has], energies[has]
+    counts, energies = counts[has], energies[has]  # [M, S], [M]
     if len(energies) == 0:
         return {z: 0.0 for z in species}
-    gram_scale = float(np.mean(np.sum(counts**2, axis=0)))
-    lam = ridge * max(gram_scale, 1.0)
-    a = np.vstack([counts, np.sqrt(lam) * np.eye(len(species))])  # [M + S, S]
-    y = np.concatenate([energies, np.zeros(len(species))])
-    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    coef, *_ = np.linalg.lstsq(counts, energies, rcond=rcond)
     return {z: float(e) for z, e in zip(species, coef)}
 
 
-def dataset_statistics(graphs: Sequence[Graph], reference_energies: Optional[Mapping[int, float]] = None) -> dict:
+def dataset_statistics(
+    graphs: Sequence[Graph], reference_energies: Optional[Mapping[int, float]] = None
+) -> dict:
     """Summary numbers for normalising a model, as plain Python numbers.
 
     Returns a dict with: n_structures, n_atoms; n_energy / n_forces / n_stress (structures with

@@ -84,7 +84,9 @@ class Graph:
         return positions[j] - positions[i] + shift
 
 
-def check_structure(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, label: str = "structure") -> None:
+def check_structure(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, label: str = "structure"
+) -> None:
     """Raise ValueError for NaN/inf positions or cell, or a singular cell along periodic directions.
 
     positions [N, 3] Å; cell [3, 3] Å (rows are lattice vectors); pbc [3] bool. Only the lattice
@@ -102,7 +104,9 @@ def check_structure(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, la
         bad = np.argwhere(~np.isfinite(positions).all(axis=1)).ravel()
         raise ValueError(f"{label}: positions contain NaN or inf (atoms {bad[:10].tolist()})")
     if cell.shape != (3, 3) or pbc.shape != (3,):
-        raise ValueError(f"{label}: cell must be [3, 3] and pbc [3], got {list(cell.shape)} and {list(pbc.shape)}")
+        raise ValueError(
+            f"{label}: cell must be [3, 3] and pbc [3], got {list(cell.shape)} and {list(pbc.shape)}"
+        )
     if not np.all(np.isfinite(cell)):
         raise ValueError(f"{label}: cell contains NaN or inf")
     if np.any(pbc):
@@ -124,8 +128,8 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
 
     positions [N, 3] Å; cell [3, 3] Å (rows are lattice vectors; ignored when no direction is
     periodic); pbc [3] bool; cutoff Å. r_ij = positions[j] − positions[i] + shifts @ cell. Cutoffs
-    larger than the cell give several images. Pairs are directed and both (i, j) and (j, i) appear; an atom is its own neighbour only
-    through a non-zero lattice image.
+    larger than the cell give several images. Pairs are directed and both (i, j) and (j, i)
+    appear; an atom is its own neighbour only through a non-zero lattice image.
     """
     import vesin
 
@@ -173,7 +177,9 @@ def atoms_to_graph(
         batch=torch.zeros(n, dtype=torch.long),
         cell=torch.tensor(cell, dtype=dtype)[None],
         pbc=torch.tensor(pbc)[None],
-        total_charge=torch.tensor([float(atoms.info.get("total_charge", atoms.info.get("charge", 0.0)))], dtype=dtype),
+        total_charge=torch.tensor(
+            [float(atoms.info.get("total_charge", atoms.info.get("charge", 0.0)))], dtype=dtype
+        ),
         edge_index=torch.tensor(np.stack([i, j]), dtype=torch.long),
         edge_shift=torch.tensor(s, dtype=dtype),
     )

@@ -1,0 +1,308 @@
+"""Data layer: reading labelled extxyz, reference energies, statistics, splits and batches."""
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.calculators.emt import EMT
+from ase.calculators.lj import LennardJones
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from cartlorem.data import (
+    attach_labels,
+    batches,
+    dataset_statistics,
+    fit_reference_energies,
+    read_dataset,
+    split,
+)
+from cartlorem.graph import atoms_to_graph
+
+
+def _emt_crystal(make_crystal, seed):
+    """Periodic Cu/Al structure labelled by EMT (energy, forces, stress) as single-point results."""
+    atoms = make_crystal(n_atoms=5, species=(13, 29), seed=seed, length=4.5, min_dist=2.0)
+    atoms.calc = EMT()
+    atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+    return atoms
+
+
+def _lj_molecule(make_molecule, seed, charge=0):
+    atoms = make_molecule(n_atoms=6, species=(1, 8), seed=seed, min_dist=1.0)
+    atoms.calc = LennardJones(sigma=1.0, epsilon=0.01, rc=4.0)
+    atoms.get_potential_energy(), atoms.get_forces()
+    atoms.info["total_charge"] = charge
+    return atoms
+
+
+@pytest.fixture
+def labelled(make_crystal, make_molecule):
+    """Two EMT crystals and two Lennard-Jones molecules (one with total charge −1)."""
+    return [
+        _emt_crystal(make_crystal, 0),
+        _lj_molecule(make_molecule, 1),
+        _emt_crystal(make_crystal, 2),
+        _lj_molecule(make_molecule, 3, charge=-1),
+    ]
+
+
+def test_read_calc_labels(tmp_path, labelled):
+    path = tmp_path / "train.xyz"
+    ase.io.write(path, labelled, format="extxyz")
+    graphs = read_dataset(path, 4.0)
+    assert len(graphs) == 4
+    for g, atoms in zip(graphs, labelled):
+        assert g.energy.shape == (1,) and g.forces.shape == (len(atoms), 3) and g.stress.shape == (1, 3, 3)
+        assert g.has_energy.tolist() == [True] and g.has_forces.tolist() == [True]
+        np.testing.assert_allclose(g.energy.item(), atoms.get_potential_energy(), rtol=1e-12)
+        np.testing.assert_allclose(g.forces.numpy(), atoms.get_forces(), atol=1e-7)
+        if atoms.pbc.all():
+            assert g.has_stress.tolist() == [True]
+            np.testing.assert_allclose(g.stress[0].numpy(), atoms.get_stress(voigt=False), atol=1e-9)
+        else:
+            assert g.has_stress.tolist() == [False] and g.stress.abs().sum() == 0
+    assert [g.total_charge.item() for g in graphs] == [0.0, 0.0, 0.0, -1.0]
+    # same result from the list of Atoms, in float32
+    direct = read_dataset(labelled, 4.0, dtype=torch.float32)
+    assert direct[0].forces.dtype == torch.float32
+    np.testing.assert_allclose(direct[2].energy.item(), graphs[2].energy.item(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("stress_form", ["voigt6", "flat9", "matrix"])
+def test_read_ref_keys(tmp_path, make_crystal, stress_form):
+    rng = np.random.default_rng(4)
+    atoms = make_crystal(n_atoms=4, seed=5)
+    forces = rng.normal(size=(4, 3))
+    sym = rng.normal(size=(3, 3))
+    stress = (sym + sym.T) * 1e-3
+    voigt = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # xx yy zz yz xz xy
+    atoms.info["REF_energy"] = -12.5
+    atoms.arrays["REF_forces"] = forces
+    atoms.info["REF_stress"] = {"voigt6": voigt, "flat9": stress.ravel(), "matrix": stress}[stress_form]
+    path = tmp_path / "ref.xyz"
+    ase.io.write(path, [atoms], format="extxyz")
+    kw = dict(energy_key="REF_energy", forces_key="REF_forces", stress_key="REF_stress")
+    (g,) = read_dataset(path, 4.0, require=("energy", "forces", "stress"), **kw)
+    assert g.energy.item() == pytest.approx(-12.5)
+    np.testing.assert_allclose(g.forces.numpy(), forces, atol=1e-7)
+    np.testing.assert_allclose(g.stress[0].numpy(), stress, atol=1e-9)
+    # the default keys find nothing in this file
+    with pytest.raises(ValueError, match=r"frame 0: no 'energy' label.*REF_energy"):
+        read_dataset(path, 4.0)
+
+
+def test_standard_names_as_keys_fall_back_on_calculator(tmp_path, labelled):
+    """energy_key="energy" works although ase.io.read moved 'energy' into the calculator."""
+    path = tmp_path / "d.xyz"
+    ase.io.write(path, labelled[:2], format="extxyz")
+    g = read_dataset(path, 4.0, energy_key="energy", forces_key="forces")[0]
+    assert g.energy.item() == pytest.approx(labelled[0].get_potential_energy())
+
+
+def test_missing_required_label_names_frame_and_label(tmp_path, labelled):
+    frames = [a.copy() for a in labelled]
+    for k, a in enumerate(labelled):
+        results = dict(a.calc.results)
+        if k == 2:
+            results.pop("forces")
+        frames[k].calc = SinglePointCalculator(frames[k], **results)
+    path = tmp_path / "missing.xyz"
+    ase.io.write(path, frames, format="extxyz")
+    with pytest.raises(ValueError, match=r"missing\.xyz, frame 2: no 'forces' label") as err:
+        read_dataset(path, 4.0)
+    assert "1 of 4 frames" in str(err.value)
+    # not required: read with a False mask and zeros
+    graphs = read_dataset(path, 4.0, require=("energy",))
+    assert graphs[2].has_forces.tolist() == [False] and graphs[2].forces.abs().sum() == 0
+    assert graphs[1].has_forces.tolist() == [True]
+    # stress required but open structures have none
+    with pytest.raises(ValueError, match=r"frame 1: no 'stress' label \(the structure is not periodic"):
+        read_dataset(path, 4.0, require=("stress",))
+
+
+def test_empty_and_missing_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        read_dataset(tmp_path / "nope.xyz", 4.0)
+    empty = tmp_path / "empty.xyz"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no structures in"):
+        read_dataset(empty, 4.0)
+    blank = tmp_path / "blank.xyz"
+    blank.write_text("\n\n  \n")
+    with pytest.raises(ValueError, match="no structures in"):
+        read_dataset(blank, 4.0)
+    with pytest.raises(ValueError, match="no structures in"):
+        read_dataset([], 4.0)
+    garbage = tmp_path / "garbage.xyz"
+    garbage.write_text("this is not\nan xyz file\n")
+    with pytest.raises(ValueError, match="could not read"):
+        read_dataset(garbage, 4.0)
+
+
+def test_bad_structures_name_file_and_frame(tmp_path, labelled):
+    def frames():
+        out = [a.copy() for a in labelled]
+        for f, a in zip(out, labelled):
+            f.calc = SinglePointCalculator(f, **a.calc.results)
+        return out
+
+    nan_frames = frames()
+    nan_frames[1].positions[0, 0] = np.nan
+    path = tmp_path / "nan.xyz"
+    ase.io.write(path, nan_frames, format="extxyz")
+    with pytest.raises(ValueError, match=r"nan\.xyz, frame 1: positions contain NaN"):
+        read_dataset(path, 4.0)
+
+    overlap = frames()
+    overlap[3].positions[2] = overlap[3].positions[4]
+    with pytest.raises(ValueError, match=r"structures, frame 3: .*overlapping"):
+        read_dataset(overlap, 4.0, require=())
+
+    flat = Atoms(
+        "Cu2", positions=[[0, 0, 0], [1.3, 1.3, 0]], cell=[[2.6, 0, 0], [0, 2.6, 0], [2.6, 2.6, 0]], pbc=True
+    )
+    with pytest.raises(ValueError, match=r"frame 0: periodic cell has zero volume"):
+        read_dataset([flat], 4.0, require=())
+
+
+def test_attach_labels_checks(labelled):
+    atoms = labelled[0].copy()
+    atoms.calc = EMT()
+    atoms.get_forces()
+    g = atoms_to_graph(atoms, 4.0)
+    assert attach_labels(g, atoms, {"energy": "calc"}).has_forces.tolist() == [False]
+    atoms.positions[0] += 0.1  # the calculator's results no longer describe these positions
+    with pytest.raises(ValueError, match="stale"):
+        attach_labels(atoms_to_graph(atoms, 4.0), atoms, {"energy": "calc"})
+    with pytest.raises(ValueError, match="unknown label"):
+        attach_labels(g, labelled[0], {"charges": "calc"})
+    bad = labelled[1].copy()
+    bad.info["REF_energy"] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        read_dataset([bad], 4.0, energy_key="REF_energy", require=())
+    bad.info["REF_stress"] = [1.0, 2.0]
+    bad.pbc = True
+    bad.cell = 10 * np.eye(3)
+    with pytest.raises(ValueError, match="stress"):
+        read_dataset([bad], 4.0, stress_key="REF_stress", require=())
+
+
+def _synthetic(make_molecule, refs, n=30, seed=0):
+    """Molecules of random composition with energy exactly Σ_Z n_Z E_Z and zero forces."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        a = make_molecule(n_atoms=int(rng.integers(2, 9)), species=tuple(refs), seed=1000 + k)
+        energy = float(sum(refs[int(z)] for z in a.numbers))
+        a.calc = SinglePointCalculator(a, energy=energy, forces=np.zeros((len(a), 3)))
+        out.append(a)
+    return out
+
+
+def test_reference_energies_recover_known_values(make_molecule):
+    refs = {1: -13.6, 6: -1029.5, 8: -2041.3, 29: -45000.25}
+    graphs = read_dataset(_synthetic(make_molecule, refs), 3.0)
+    fit = fit_reference_energies(graphs, species=[1, 6, 8, 29, 17])
+    for z, e in refs.items():
+        assert fit[z] == pytest.approx(e, rel=1e-7, abs=1e-6)
+    assert fit[17] == 0.0  # a known species that is absent from the data
+    # works on batches too, and ignores structures without energies
+    batch = next(batches(graphs, len(graphs)))
+    fit2 = fit_reference_energies([batch], species=[1, 6, 8, 29])
+    assert fit2[8] == pytest.approx(refs[8], rel=1e-7)
+    with pytest.raises(ValueError, match=r"species 29 \(Cu\)"):
+        fit_reference_energies(graphs, species=[1, 6, 8])
+
+
+def test_reference_energies_collinear_species():
+    """O and H always 1:2 (water clusters): the split is arbitrary but the totals are fitted."""
+    frames = []
+    for n in range(1, 5):
+        a = Atoms("OH2" * n, positions=np.arange(9 * n).reshape(-1, 3) * 1.1)
+        a.calc = SinglePointCalculator(a, energy=-14.2 * n + 0.01 * (n % 2))
+        frames.append(a)
+    graphs = read_dataset(frames, 2.0, require=("energy",))
+    fit = fit_reference_energies(graphs, species=[1, 8])
+    assert np.isfinite(list(fit.values())).all()
+    assert 2 * fit[1] + fit[8] == pytest.approx(-14.2, abs=2e-2)
+
+
+def test_split_deterministic_and_disjoint():
+    train, valid = split(100, valid_fraction=0.2, seed=3)
+    assert len(valid) == 20 and len(train) == 80
+    assert set(train).isdisjoint(valid) and set(train) | set(valid) == set(range(100))
+    t2, v2 = split(list(range(100)), valid_fraction=0.2, seed=3)
+    assert np.array_equal(train, t2) and np.array_equal(valid, v2)
+    assert not np.array_equal(valid, split(100, valid_fraction=0.2, seed=4)[1])
+    assert len(split(5, valid_fraction=0.01)[1]) == 1  # at least one validation structure
+    assert len(split(5, valid_fraction=0.0)[1]) == 0
+    with pytest.raises(ValueError, match="valid_fraction"):
+        split(10, valid_fraction=1.0)
+
+
+def test_statistics(labelled):
+    graphs = read_dataset(labelled, 4.0)
+    refs = fit_reference_energies(graphs, species=[1, 8, 13, 29])
+    stats = dataset_statistics(graphs, refs)
+    # brute-force neighbour count over lattice images −3..3 (enough for these ~4.5 Å cells)
+    n_edges = 0
+    for a in labelled:
+        rng3 = range(-3, 4) if a.pbc.any() else range(1)
+        for shift in np.array(np.meshgrid(rng3, rng3, rng3)).reshape(3, -1).T:
+            d = np.linalg.norm(a.positions[None] - a.positions[:, None] + shift @ a.cell.array, axis=-1)
+            n_edges += int(np.sum((d <= 4.0) & (d > 1e-8)))
+    n_atoms = sum(len(a) for a in labelled)
+    assert stats["avg_num_neighbors"] == pytest.approx(n_edges / n_atoms)
+    forces = np.concatenate([a.get_forces() for a in labelled])
+    assert stats["forces_rms"] == pytest.approx(np.sqrt(np.mean(forces**2)))
+    assert stats["n_structures"] == 4 and stats["n_atoms"] == n_atoms
+    assert stats["n_energy"] == 4 and stats["n_stress"] == 2
+    assert stats["species_counts"] == {
+        z: int(np.sum(np.concatenate([a.numbers for a in labelled]) == z))
+        for z in (1, 8, 13, 29)
+        if any(z in a.numbers for a in labelled)
+    }
+    e = np.array([a.get_potential_energy() for a in labelled])
+    resid = [(ei - sum(refs[int(z)] for z in a.numbers)) / len(a) for ei, a in zip(e, labelled)]
+    assert stats["residual_energy_per_atom_mean"] == pytest.approx(np.mean(resid), abs=1e-12)
+    assert stats["residual_energy_per_atom_std"] == pytest.approx(np.std(resid), abs=1e-12)
+    with pytest.raises(ValueError, match="no reference energy"):
+        dataset_statistics(graphs, {1: 0.0})
+
+
+def test_batches_cover_each_graph_once(make_molecule):
+    graphs = [atoms_to_graph(make_molecule(n_atoms=3 + k % 4, seed=k), 3.0) for k in range(10)]
+    sizes = [b.num_graphs for b in batches(graphs, 4)]
+    assert sizes == [4, 4, 2]
+    assert [b.num_graphs for b in batches(graphs, 4, drop_last=True)] == [4, 4]
+    first = torch.cat([b.positions for b in batches(graphs, 3)])
+    assert torch.equal(first, torch.cat([g.positions for g in graphs]))
+
+    def order(seed):
+        seen = []
+        for b in batches(graphs, 3, shuffle=True, seed=seed):
+            for k in range(b.num_graphs):
+                pos = b.positions[b.batch == k]
+                seen.append(next(n for n, g in enumerate(graphs) if torch.equal(g.positions, pos)))
+        return seen
+
+    assert sorted(order(0)) == list(range(10))
+    assert order(0) == order(0) and order(0) != order(1)
+    rng = np.random.default_rng(0)
+    assert order(rng) != order(rng)  # one generator, successive epochs differ
+    with pytest.raises(ValueError, match="batch_size"):
+        next(batches(graphs, 0))
+
+
+def test_bundled_demo_dataset():
+    from cartlorem.datasets import demo_path
+
+    path = demo_path()
+    assert path.stat().st_size < 1_000_000
+    graphs = read_dataset(path, 5.0)
+    assert len(graphs) == 500
+    assert {g.total_charge.item() for g in graphs} == {-1.0, 0.0, 1.0}
+    assert set(torch.cat([g.species for g in graphs]).unique().tolist()) == {1, 8, 11, 17}
+    stats = dataset_statistics(graphs, fit_reference_energies(graphs, species=[1, 8, 11, 17]))
+    assert 0.3 < stats["forces_rms"] < 3.0 and stats["residual_energy_per_atom_std"] < 0.1
