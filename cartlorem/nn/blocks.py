@@ -92,19 +92,19 @@ class BodyOrderProduct(nn.Module):
     def forward(self, A: Features, species: torch.Tensor) -> Features:
         Y: Features = [None, None, None]
         u = self.first[species]  # [N, R, C]
-        for k, l in enumerate(self.first_ranks):
-            Y[l] = u[:, k].reshape(u.shape[0], -1, *(1,) * l) * A[l]
+        for uk, l in zip(u.unbind(1), self.first_ranks):
+            Y[l] = uk.reshape(uk.shape[0], -1, *(1,) * l) * A[l]
         for stage, paths in enumerate(self.stage_paths):
             w = self.path_weights[stage][species]  # [N, P, C]
             lin = self.linear_weights[stage][species]  # [N, R, C]
             last = stage == len(self.stage_paths) - 1
             targets = self.l_out if last else self.l_in
             new: Features = [None, None, None]
-            for k, (l1, l2, l3) in enumerate(paths):
-                term = w[:, k].reshape(w.shape[0], -1, *(1,) * l3) * product(Y[l1], l1, A[l2], l2, l3)
+            for wk, (l1, l2, l3) in zip(w.unbind(1), paths):
+                term = wk.reshape(wk.shape[0], -1, *(1,) * l3) * product(Y[l1], l1, A[l2], l2, l3)
                 new[l3] = term if new[l3] is None else new[l3] + term
-            for k, l in enumerate(targets):
-                term = lin[:, k].reshape(lin.shape[0], -1, *(1,) * l) * A[l]
+            for lk, l in zip(lin.unbind(1), targets):
+                term = lk.reshape(lk.shape[0], -1, *(1,) * l) * A[l]
                 new[l] = term if new[l] is None else new[l] + term
             Y = new
         return Y

@@ -54,13 +54,17 @@ def weighted_edge_product(
     paths = edge_paths(l_in, l_out)
     if weights.shape[-2] != len(paths):
         raise ValueError(f"weights have {weights.shape[-2]} paths, expected {len(paths)} for {paths}")
-    w = {p: weights[:, k] for k, p in enumerate(paths)}  # each [E, C]
+    # unbind, not w[:, k]: each slice's backward would otherwise allocate a zero tensor of all weights
+    w = dict(zip(paths, weights.unbind(1)))  # each [E, C]
     h0 = h[0]
     h1 = h[1] if len(h) > 1 else None
     h2 = h[2] if len(h) > 2 else None
+    E = n.shape[0]
+    ncol = n[:, :, None]  # [E, 3, 1]
     nn = n[:, None, :]  # [E, 1, 3]
-    s1 = (h1 * nn).sum(-1) if h1 is not None else None  # [E, C]
-    v2 = (h2 * nn[..., None, :]).sum(-1) if h2 is not None else None  # [E, C, 3]
+    # contractions with n as batched matrix products: no [E, C, 3, 3] temporaries
+    s1 = torch.bmm(h1, ncol).squeeze(-1) if h1 is not None else None  # h1·n [E, C]
+    v2 = torch.bmm(h2.reshape(E, -1, 3), ncol).view(E, -1, 3) if h2 is not None else None  # h2 n [E, C, 3]
     out: list[Optional[torch.Tensor]] = [None, None, None]
 
     if 0 in l_out:
@@ -68,7 +72,7 @@ def weighted_edge_product(
         if s1 is not None:
             o0 = o0 + w[(1, 1, 0)] * s1
         if v2 is not None:
-            o0 = o0 + w[(2, 2, 0)] * (v2 * nn).sum(-1)
+            o0 = o0 + w[(2, 2, 0)] * torch.bmm(v2, ncol).squeeze(-1)  # nᵀ h2 n
         out[0] = o0
 
     if 1 in l_out:
@@ -77,9 +81,9 @@ def weighted_edge_product(
         if h1 is not None:
             along = along + 1.5 * w[(1, 2, 1)] * s1
             o1 = (w[(1, 0, 1)] - 0.5 * w[(1, 2, 1)])[..., None] * h1
-        o1 = along[..., None] * nn if o1 is None else o1 + along[..., None] * nn
+        o1 = along[..., None] * nn if o1 is None else torch.addcmul(o1, along[..., None], nn)
         if v2 is not None:
-            o1 = o1 + w[(2, 1, 1)][..., None] * v2
+            o1 = torch.addcmul(o1, w[(2, 1, 1)][..., None], v2)
         out[1] = o1
 
     if 2 in l_out:
@@ -93,12 +97,12 @@ def weighted_edge_product(
         q = (0.75 * a)[..., None] * nn  # [E, C, 3]
         diag = 0.5 * a
         if u is not None:
-            q = q + 0.5 * u
-            diag = diag + (u * nn).sum(-1) / 3.0
-        nq = nn[..., :, None] * q[..., None, :]  # [E, C, 3, 3]
+            q = torch.add(q, u, alpha=0.5)
+            diag = diag + torch.bmm(u, ncol).squeeze(-1) / 3.0
+        nq = n[:, None, :, None] * q[:, :, None, :]  # n qᵀ [E, C, 3, 3]
         o2 = nq + nq.transpose(-1, -2)
         o2 = o2 - diag[..., None, None] * torch.eye(3, dtype=n.dtype, device=n.device)
         if h2 is not None:
-            o2 = o2 + (w[(2, 0, 2)] - w[(2, 2, 2)])[..., None, None] * h2
+            o2 = torch.addcmul(o2, (w[(2, 0, 2)] - w[(2, 2, 2)])[..., None, None], h2)
         out[2] = o2
     return out
