@@ -193,6 +193,12 @@ def test_fused_edge_product_equals_sum_of_paths(l_in):
         torch.testing.assert_close(got[l], ref[l], rtol=1e-12, atol=1e-12)
 
 
+def test_fused_edge_product_without_edges():
+    h = [torch.zeros(0, 4, dtype=DT), torch.zeros(0, 4, 3, dtype=DT), torch.zeros(0, 4, 3, 3, dtype=DT)]
+    out = weighted_edge_product(h, torch.zeros(0, 3, dtype=DT), torch.zeros(0, 11, 4, dtype=DT))
+    assert [tuple(o.shape) for o in out] == [(0, 4), (0, 4, 3), (0, 4, 3, 3)]
+
+
 def test_fused_edge_product_equivariant_and_gradcheck():
     g = torch.Generator().manual_seed(9)
     E, C = 6, 3

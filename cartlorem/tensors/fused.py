@@ -64,7 +64,8 @@ def weighted_edge_product(
     nn = n[:, None, :]  # [E, 1, 3]
     # contractions with n as batched matrix products: no [E, C, 3, 3] temporaries
     s1 = torch.bmm(h1, ncol).squeeze(-1) if h1 is not None else None  # h1·n [E, C]
-    v2 = torch.bmm(h2.reshape(E, -1, 3), ncol).view(E, -1, 3) if h2 is not None else None  # h2 n [E, C, 3]
+    C = h0.shape[1]
+    v2 = torch.bmm(h2.reshape(E, 3 * C, 3), ncol).view(E, C, 3) if h2 is not None else None  # h2 n [E, C, 3]
     out: list[Optional[torch.Tensor]] = [None, None, None]
 
     if 0 in l_out:
