@@ -1,0 +1,142 @@
+"""Input checks for :mod:`cartlorem.ewald`: every problem is a ``ValueError`` that names it."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+
+class Inputs(NamedTuple):
+    """Checked inputs: multipoles of the ranks present, quadrupoles made exactly symmetric traceless."""
+
+    positions: torch.Tensor  # [N, 3]
+    multipoles: dict  # rank -> [N, C], [N, C, 3], [N, C, 3, 3]
+    cell: torch.Tensor | None  # [3, 3] when periodic
+    periodic: bool
+    smearing: float | None
+
+
+def quadrupole_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance on the asymmetry and trace of quadrupoles: 1e-8 (float64), ~1e-5 (float32)."""
+    return max(1e-8, 100.0 * torch.finfo(dtype).eps)
+
+
+def _finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ValueError(f"{name} contains NaN or inf (first at index {bad})")
+
+
+def _tensor(name: str, t, positions: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != positions.dtype or t.device != positions.device:
+        raise ValueError(
+            f"{name} has dtype {t.dtype} on {t.device}, positions have {positions.dtype} on "
+            f"{positions.device}; pass them with the same dtype and device"
+        )
+    return t
+
+
+def parse_pbc(pbc, cell) -> bool:
+    """True for a fully periodic system, False for open boundaries; ValueError for mixed pbc."""
+    if pbc is None:
+        return cell is not None
+    flags = pbc.detach().cpu() if isinstance(pbc, torch.Tensor) else pbc
+    flags = [bool(f) for f in np.asarray(flags).reshape(-1)]
+    if len(flags) == 1:
+        flags = flags * 3
+    if len(flags) != 3:
+        raise ValueError(f"pbc must be three booleans, got {pbc!r}")
+    if all(flags):
+        return True
+    if not any(flags):
+        return False
+    raise ValueError(
+        f"mixed periodic boundary conditions pbc={flags} are not supported (only all True or "
+        "all False); for a slab, use a periodic cell with vacuum or open boundaries"
+    )
+
+
+def check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, accuracy) -> Inputs:
+    if not isinstance(positions, torch.Tensor) or not positions.is_floating_point():
+        raise ValueError("positions must be a floating-point torch.Tensor of shape [N, 3]")
+    if positions.dim() != 2 or positions.shape[1] != 3 or positions.shape[0] == 0:
+        raise ValueError(f"positions must have shape [N, 3] with N >= 1, got {list(positions.shape)}")
+    _finite("positions", positions)
+    n_atoms = positions.shape[0]
+    given = {0: charges, 1: dipoles, 2: quadrupoles}
+    names = {0: "charges", 1: "dipoles", 2: "quadrupoles"}
+    trailing = {0: (), 1: (3,), 2: (3, 3)}
+    multipoles, channels = {}, None
+    for rank, t in given.items():
+        if t is None:
+            continue
+        t = _tensor(names[rank], t, positions)
+        expect = "[N, C" + "".join(f", {d}" for d in trailing[rank]) + "]"
+        if t.dim() != 2 + rank or tuple(t.shape[2:]) != trailing[rank]:
+            raise ValueError(f"{names[rank]} must have shape {expect}, got {list(t.shape)}")
+        if t.shape[0] != n_atoms:
+            raise ValueError(f"{names[rank]} has {t.shape[0]} rows but there are {n_atoms} positions")
+        if channels is None:
+            channels = (names[rank], t.shape[1])
+        elif t.shape[1] != channels[1]:
+            raise ValueError(f"{names[rank]} have {t.shape[1]} channels but {channels[0]} have {channels[1]}")
+        _finite(names[rank], t)
+        multipoles[rank] = t
+    if not multipoles:
+        raise ValueError("no multipoles given: pass at least one of charges, dipoles, quadrupoles")
+    if 2 in multipoles:
+        multipoles[2] = _traceless(multipoles[2])
+
+    periodic = parse_pbc(pbc, cell)
+    if periodic:
+        if cell is None:
+            raise ValueError("pbc is periodic but no cell was given")
+        cell = _tensor("cell", cell, positions)
+        if tuple(cell.shape) != (3, 3):
+            raise ValueError(
+                f"cell must have shape [3, 3] (rows are lattice vectors), got {list(cell.shape)}"
+            )
+        _finite("cell", cell)
+        volume = float(torch.abs(torch.linalg.det(cell.detach())))
+        scale = float(torch.linalg.norm(cell.detach(), dim=1).prod())
+        if not volume > 1e-10 * scale:
+            raise ValueError(
+                f"cell has zero volume (|det| = {volume:.3g} Å^3): a periodic cell needs three "
+                "linearly independent lattice vectors"
+            )
+    else:
+        cell = None
+    if smearing is not None:
+        smearing = float(smearing)
+        if not (math.isfinite(smearing) and smearing > 0.0):
+            raise ValueError(f"smearing must be a positive length in Å or None, got {smearing}")
+    if not (0.0 < float(accuracy) < 1.0):
+        raise ValueError(f"accuracy must be in (0, 1), got {accuracy}")
+    return Inputs(positions, multipoles, cell, periodic, smearing)
+
+
+def _traceless(theta: torch.Tensor) -> torch.Tensor:
+    """Check that quadrupoles are symmetric and traceless, then remove the residual (rounding) part."""
+    detached = theta.detach()
+    scale = detached.abs().amax(dim=(-2, -1))  # [N, C]
+    asym = (detached - detached.transpose(-1, -2)).abs().amax(dim=(-2, -1))
+    trace = detached.diagonal(dim1=-2, dim2=-1).sum(-1).abs()
+    tol = quadrupole_tolerance(theta.dtype)
+    limit = tol * scale + torch.finfo(theta.dtype).tiny
+    for what, err in (("symmetric", asym), ("traceless", trace)):
+        bad = err > limit
+        if bool(bad.any()):
+            n, c = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"quadrupoles must be symmetric and traceless (relative tolerance {tol:g}); "
+                f"quadrupoles[{n}, {c}] is not {what} (deviation {float(err[n, c]):.3g}, "
+                f"largest entry {float(scale[n, c]):.3g})"
+            )
+    sym = 0.5 * (theta + theta.transpose(-1, -2))
+    eye = torch.eye(3, dtype=theta.dtype, device=theta.device)
+    return sym - sym.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * eye / 3.0

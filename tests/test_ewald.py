@@ -1,0 +1,664 @@
+"""cartlorem.ewald against references: Madelung constants, brute-force sums written here (not using the
+library's kernels), point-charge Ewald written here, torch-pme, finite differences, symmetry."""
+
+import math
+
+import pytest
+import torch
+
+from cartlorem import ewald
+from cartlorem.ewald import direct
+from cartlorem.ewald.fields import compute_fields
+
+DT = torch.float64
+PBC = [True, True, True]
+TRICLINIC = torch.tensor([[6.3, 0.0, 0.0], [1.1, 5.9, 0.0], [-0.7, 0.9, 6.6]], dtype=DT)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def random_traceless(g, *shape):
+    a = torch.randn(*shape, 3, 3, generator=g, dtype=DT)
+    a = a + a.transpose(-1, -2)
+    return a - a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * torch.eye(3, dtype=DT) / 3
+
+
+def random_system(seed, n=5, c=2, cell=TRICLINIC, net_charge=True):
+    g = gen(seed)
+    pos = torch.rand(n, 3, generator=g, dtype=DT) @ cell
+    q = torch.randn(n, c, generator=g, dtype=DT)
+    if not net_charge:
+        q = q - q.mean(0)
+    mu = torch.randn(n, c, 3, generator=g, dtype=DT)
+    th = random_traceless(g, n, c)
+    return pos, q, mu, th
+
+
+def rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def fields_by_autograd(phi_fn, points):
+    """phi, E = -grad phi, G = grad E at every point, by autograd of a scalar potential phi_fn(r)."""
+    phis, Es, Gs = [], [], []
+    for p in points:
+        r = p.clone().requires_grad_(True)
+        phi = phi_fn(r)
+        (grad,) = torch.autograd.grad(phi, r, create_graph=True)
+        hess = torch.stack([torch.autograd.grad(grad[a], r, retain_graph=True)[0] for a in range(3)])
+        phis.append(phi.detach())
+        Es.append(-grad.detach())
+        Gs.append(-hess.detach())
+    return torch.stack(phis), torch.stack(Es), torch.stack(Gs)
+
+
+# ----------------------------------------------------------------------------- independent references
+
+
+def open_potential(r, pos, q, mu, th, kernel=lambda d: 1.0 / d):
+    """Potential at r of point (or kernel-smeared) multipoles: q f - mu.grad f + 1/2 Theta:grad grad f,
+    derivatives of the scalar kernel f(|R|) taken by autograd, R = r - pos_j."""
+    total = torch.zeros((), dtype=DT)
+    for j in range(pos.shape[0]):
+        R = (r - pos[j]).requires_grad_(True) if not r.requires_grad else r - pos[j]
+        f = kernel(R.norm())
+        (grad,) = torch.autograd.grad(f, R, create_graph=True)
+        hess = torch.stack([torch.autograd.grad(grad[a], R, create_graph=True)[0] for a in range(3)])
+        total = total + q[j] * f - mu[j] @ grad + 0.5 * (th[j] * hess).sum()
+    return total
+
+
+def ewald_charges_potential(r, pos, q, cell, alpha=0.9, n_real=3, k_max=14):
+    """Point-charge Ewald potential at r (tin-foil, neutralising background), plain loops over boxes."""
+    volume = torch.abs(torch.det(cell))
+    n = torch.arange(-n_real, n_real + 1, dtype=DT)
+    images = torch.stack(torch.meshgrid(n, n, n, indexing="ij"), -1).reshape(-1, 3) @ cell
+    d = (r[None, None, :] - pos[None, :, :] - images[:, None, :]).norm(dim=-1)
+    real = (q[None, :] * torch.erfc(alpha * d) / d).sum()
+    recip_cell = 2 * math.pi * torch.linalg.inv(cell).T
+    m = torch.arange(-k_max, k_max + 1, dtype=DT)
+    m = torch.stack(torch.meshgrid(m, m, m, indexing="ij"), -1).reshape(-1, 3)
+    k = m[(m != 0).any(-1)] @ recip_cell
+    k2 = (k * k).sum(-1)
+    k, k2 = k[k2 < (12 * alpha) ** 2], k2[k2 < (12 * alpha) ** 2]
+    phase = (r[None, :] - pos) @ k.T  # [N, K]
+    recip = (4 * math.pi / volume) * (
+        (torch.exp(-k2 / (4 * alpha**2)) / k2) * q[:, None] * torch.cos(phase)
+    ).sum()
+    return real + recip - math.pi * q.sum() / (volume * alpha**2)
+
+
+def multipoles_as_charges(pos, q, mu, th, d=1e-3):
+    """Each point multipole -> a small symmetric cluster of point charges with the same q, mu, Theta."""
+    P, Q = [], []
+    for i in range(pos.shape[0]):
+        size = float(mu[i].norm())
+        u = mu[i] / size
+        P += [pos[i] + 0.5 * d * u, pos[i] - 0.5 * d * u]
+        Q += [size / d, -size / d]
+        lam, vec = torch.linalg.eigh(th[i])
+        centre = q[i]
+        for k in range(3):  # +s at +-d e_k and -2s at the centre: Theta_k = 2 s d^2 along e_k, traceless sum
+            s = lam[k] / (2 * d * d)
+            P += [pos[i] + d * vec[:, k], pos[i] - d * vec[:, k]]
+            Q += [s, s]
+            centre = centre - 2 * s
+        P.append(pos[i])
+        Q.append(centre)
+    return torch.stack(P), torch.stack([torch.as_tensor(x, dtype=DT) for x in Q])
+
+
+def brute_neighbours(pos, cell, cutoff, n_img=3):
+    """Full neighbour list (i, j, R_j - R_i + shift) within cutoff, for torch-pme."""
+    n = torch.arange(-n_img, n_img + 1, dtype=DT)
+    shifts = torch.stack(torch.meshgrid(n, n, n, indexing="ij"), -1).reshape(-1, 3) @ cell
+    vec = pos[None, :, None, :] - pos[:, None, None, :] + shifts[None, None]  # [i, j, s, 3]
+    dist = vec.norm(dim=-1)
+    keep = (dist < cutoff) & (dist > 1e-12)
+    i, j, s = keep.nonzero().T
+    return torch.stack([i, j], 1), vec[i, j, s]
+
+
+# ----------------------------------------------------------------------------- Madelung constants
+
+
+def _madelung(structure, charges, factor, primitive):
+    from ase.build import bulk
+
+    kwargs = {
+        "NaCl": dict(name="NaCl", crystalstructure="rocksalt", a=2.0),
+        "CsCl": dict(name="CsCl", crystalstructure="cesiumchloride", a=2.0 / math.sqrt(3)),
+        "ZnS": dict(name="ZnS", crystalstructure="zincblende", a=4.0 / math.sqrt(3)),
+        "wurtzite": dict(
+            name="ZnS", crystalstructure="wurtzite", a=(8 / 3) / math.sqrt(8 / 3), c=8 / 3, u=3 / 8
+        ),
+        "CaF2": dict(name="CaF2", crystalstructure="fluorite", a=4.0 / math.sqrt(3)),
+    }[structure]
+    if structure == "wurtzite":  # hexagonal primitive cell, or an orthorhombic 8-atom cell
+        atoms = bulk(**kwargs, orthorhombic=not primitive)
+    else:
+        atoms = bulk(**kwargs, cubic=not primitive)
+    dist = atoms.get_all_distances(mic=True)
+    assert abs(dist[dist > 1e-9].min() - 1.0) < 1e-12  # every structure has nearest-neighbour distance 1
+    q = torch.tensor([float(charges[s]) for s in atoms.get_chemical_symbols()], dtype=DT)[:, None]
+    U = ewald.electrostatic_energy(
+        torch.tensor(atoms.positions, dtype=DT),
+        q,
+        cell=torch.tensor(atoms.cell.array, dtype=DT),
+        pbc=PBC,
+        accuracy=1e-10,
+    )
+    n_units = len(atoms) // len(set(atoms.get_chemical_symbols())) if structure != "CaF2" else len(atoms) // 3
+    return -float(U) / (n_units * factor)
+
+
+@pytest.mark.parametrize("primitive", [False, True])
+@pytest.mark.parametrize(
+    "structure, charges, factor, reference",
+    [
+        ("NaCl", {"Na": 1, "Cl": -1}, 1, 1.747565),
+        ("CsCl", {"Cs": 1, "Cl": -1}, 1, 1.762675),
+        ("ZnS", {"Zn": 1, "S": -1}, 1, 1.638055),
+        ("wurtzite", {"Zn": 1, "S": -1}, 1, 1.641322),
+        # fluorite: U per CaF2 unit = -M z+ |z-| / r0 with z+ = 2, z- = -1 (M = 2.519392, "5.03878 per unit")
+        ("CaF2", {"Ca": 2, "F": -1}, 2, 2.519392),
+    ],
+)
+def test_madelung_constants(structure, charges, factor, reference, primitive):
+    """U per formula unit = -M z+|z-| e^2 / r0 (r0 = nearest-neighbour distance = 1, prefactor 1).
+    Conventional (cubic / orthorhombic) cells and non-orthogonal primitive cells; wurtzite: ideal
+    c/a = sqrt(8/3), u = 3/8."""
+    M = _madelung(structure, charges, factor, primitive)
+    assert abs(M - reference) / reference < 1e-6
+
+
+def test_single_charge_in_neutralising_background():
+    """One charge per simple cubic cell plus uniform background: phi = -2.837297479 q / L (Wigner/Ewald
+    constant of the simple cubic lattice), U = phi q / 2; independent of the cell's orientation."""
+    L = 3.7
+    for cell in (torch.eye(3, dtype=DT) * L, torch.tensor([[L, 0, 0], [L, L, 0], [0, 2 * L, L]], dtype=DT)):
+        f = ewald.multipole_fields(
+            torch.zeros(1, 3, dtype=DT), torch.ones(1, 1, dtype=DT), cell=cell, pbc=PBC, accuracy=1e-12
+        )
+        assert abs(float(f.potential) + 2.837297479480620 / L) < 1e-10
+        U = ewald.electrostatic_energy(
+            torch.zeros(1, 3, dtype=DT), 2 * torch.ones(1, 1, dtype=DT), cell=cell, pbc=True, accuracy=1e-12
+        )
+        assert abs(float(U) + 2 * 2.837297479480620 / L) < 1e-10
+
+
+# ----------------------------------------------------------------------------- open boundaries
+
+
+@pytest.mark.parametrize("block_pairs", [1 << 15, 7])
+def test_open_boundaries_vs_brute_force(monkeypatch, block_pairs):
+    """Every atom's fields vs the explicit formula, E and G by autograd (incl. the Hessian of 1/R);
+    tiny blocks exercise the blocked, symmetric (I < J) summation."""
+    monkeypatch.setattr(direct, "BLOCK_PAIRS", block_pairs)
+    pos, q, mu, th = random_system(0, n=6, c=2, cell=torch.eye(3, dtype=DT) * 5)
+    got = ewald.multipole_fields(pos, q, mu, th)
+    for c in range(2):
+        for i in range(6):
+            others = [j for j in range(6) if j != i]
+            ref = fields_by_autograd(
+                lambda r: open_potential(r, pos[others], q[others, c], mu[others, c], th[others, c]),
+                pos[i : i + 1],
+            )
+            assert torch.allclose(got.potential[i, c], ref[0][0], rtol=1e-12, atol=1e-12)
+            assert torch.allclose(got.field[i, c], ref[1][0], rtol=1e-12, atol=1e-12)
+            assert torch.allclose(got.field_gradient[i, c], ref[2][0], rtol=1e-11, atol=1e-12)
+    # energy: U = 1/2 sum_i (q phi - mu.E - 1/2 Theta:G), with the reference fields
+    U = ewald.electrostatic_energy(pos, q, mu, th, prefactor=14.399645)
+    ref = 0.0
+    for c in range(2):
+        for i in range(6):
+            others = [j for j in range(6) if j != i]
+            phi, E, G = fields_by_autograd(
+                lambda r: open_potential(r, pos[others], q[others, c], mu[others, c], th[others, c]),
+                pos[i : i + 1],
+            )
+            ref += 0.5 * (q[i, c] * phi[0] - mu[i, c] @ E[0] - 0.5 * (th[i, c] * G[0]).sum())
+    assert abs(float(U) - 14.399645 * float(ref)) < 1e-12 * abs(float(U))
+
+
+def test_dipole_pair_signs():
+    """Two dipoles along the axis attract (U = -2 mu^2 / R^3); side by side they repel (+mu^2 / R^3)."""
+    pos = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 2.0]], dtype=DT)
+    head_to_tail = torch.tensor([[[0.0, 0.0, 1.0]], [[0.0, 0.0, 1.0]]], dtype=DT)
+    side = torch.tensor([[[1.0, 0.0, 0.0]], [[1.0, 0.0, 0.0]]], dtype=DT)
+    assert abs(float(ewald.electrostatic_energy(pos, dipoles=head_to_tail)) + 2 / 8) < 1e-14
+    assert abs(float(ewald.electrostatic_energy(pos, dipoles=side)) - 1 / 8) < 1e-14
+    # a charge +1 at z = 2 sees the field of a dipole at the origin: E = 2 mu / R^3 along z
+    f = ewald.multipole_fields(
+        pos, torch.zeros(2, 1, dtype=DT), head_to_tail * torch.tensor([1.0, 0.0])[:, None, None]
+    )
+    assert torch.allclose(f.field[1, 0], torch.tensor([0.0, 0.0, 2 / 8], dtype=DT), atol=1e-15)
+    assert abs(float(f.potential[1, 0]) - 1 / 4) < 1e-15
+
+
+def test_channels_are_independent():
+    pos, q, mu, th = random_system(1, n=4, c=3)
+    both = ewald.multipole_fields(pos, q, mu, th, cell=TRICLINIC, pbc=PBC, accuracy=1e-10)
+    for c in range(3):
+        one = ewald.multipole_fields(
+            pos, q[:, c : c + 1], mu[:, c : c + 1], th[:, c : c + 1], cell=TRICLINIC, pbc=PBC, accuracy=1e-10
+        )
+        assert torch.allclose(both.field_gradient[:, c : c + 1], one.field_gradient, rtol=1e-11, atol=1e-11)
+        assert torch.allclose(both.potential[:, c : c + 1], one.potential, rtol=1e-11, atol=1e-11)
+
+
+# ----------------------------------------------------------------------------- periodic
+
+
+def _probes(seed=11, n=4):
+    return torch.rand(n, 3, generator=gen(seed), dtype=DT) @ TRICLINIC
+
+
+def test_periodic_charges_vs_reference_ewald():
+    """Charged cell (background) at probe sites vs the plain Ewald sum written above; tr G = -4 pi Q / V."""
+    pos, q, _, _ = random_system(2, n=5, c=1)
+    probes = _probes()
+    all_pos = torch.cat([pos, probes])
+    charges = torch.cat([q, torch.zeros(len(probes), 1, dtype=DT)])
+    got = ewald.multipole_fields(all_pos, charges, cell=TRICLINIC, pbc=PBC, accuracy=1e-12)
+    ref = fields_by_autograd(lambda r: ewald_charges_potential(r, pos, q[:, 0], TRICLINIC), probes)
+    assert rel(got.potential[5:, 0], ref[0]) < 1e-11
+    assert rel(got.field[5:, 0], ref[1]) < 1e-11
+    assert rel(got.field_gradient[5:, 0], ref[2]) < 1e-10
+    volume = torch.det(TRICLINIC).abs()
+    trace = got.field_gradient[:, 0].diagonal(dim1=-2, dim2=-1).sum(-1)
+    assert torch.allclose(trace, -4 * math.pi * q.sum() / volume * torch.ones_like(trace), rtol=0, atol=1e-10)
+
+
+def test_trace_of_gradient_with_multipoles():
+    """Net charge Q with dipoles and quadrupoles everywhere: tr G = -4 pi Q / V at every point source."""
+    pos, q, mu, th = random_system(3, n=6, c=2)
+    G = ewald.multipole_fields(pos, q, mu, th, cell=TRICLINIC, pbc=PBC, accuracy=1e-12).field_gradient
+    expect = -4 * math.pi * q.sum(0) / torch.det(TRICLINIC).abs()  # [C]
+    assert torch.allclose(G.diagonal(dim1=-2, dim2=-1).sum(-1), expect.expand(6, 2), atol=1e-10, rtol=0)
+    assert torch.allclose(G, G.transpose(-1, -2), atol=1e-12)
+
+
+def test_periodic_multipoles_vs_charge_clusters():
+    """Dipoles and quadrupoles vs tiny clusters of point charges: through the reference Ewald above and
+    through the library's own charges-only path."""
+    pos, q, mu, th = random_system(4, n=3, c=1)
+    probes = _probes(n=3)
+    got = ewald.multipole_fields(
+        torch.cat([pos, probes]),
+        torch.cat([q, torch.zeros(3, 1, dtype=DT)]),
+        torch.cat([mu, torch.zeros(3, 1, 3, dtype=DT)]),
+        torch.cat([th, torch.zeros(3, 1, 3, 3, dtype=DT)]),
+        cell=TRICLINIC,
+        pbc=PBC,
+        accuracy=1e-12,
+    )
+    P, Q = multipoles_as_charges(pos, q[:, 0], mu[:, 0], th[:, 0])
+    ref = fields_by_autograd(lambda r: ewald_charges_potential(r, P, Q, TRICLINIC), probes)
+    own = ewald.multipole_fields(
+        torch.cat([P, probes]),
+        torch.cat([Q, torch.zeros(3, dtype=DT)])[:, None],
+        cell=TRICLINIC,
+        pbc=PBC,
+        accuracy=1e-14,
+    )
+    for k, (name, value) in enumerate(zip(("potential", "field", "field_gradient"), got)):
+        assert rel(value[3:, 0], ref[k]) < 1e-5, name
+        assert rel(getattr(own, name)[len(P) :, 0], ref[k]) < 1e-9, name
+
+
+def test_torchpme_multipole_clusters():
+    """Potential of neutral dipoles + quadrupoles at probe sites vs torch-pme's EwaldCalculator applied to
+    the equivalent tiny charge clusters."""
+    torchpme = pytest.importorskip("torchpme")
+    pos, q, mu, th = random_system(22, n=3, c=1, net_charge=False)
+    probes = _probes(23, n=3)
+    got = ewald.multipole_fields(
+        torch.cat([pos, probes]),
+        torch.cat([q, torch.zeros(3, 1, dtype=DT)]),
+        torch.cat([mu, torch.zeros(3, 1, 3, dtype=DT)]),
+        torch.cat([th, torch.zeros(3, 1, 3, 3, dtype=DT)]),
+        cell=TRICLINIC,
+        pbc=PBC,
+        accuracy=1e-12,
+    )
+    P, Q = multipoles_as_charges(pos, q[:, 0], mu[:, 0], th[:, 0])
+    P, Q = torch.cat([P, probes]), torch.cat([Q, torch.zeros(3, dtype=DT)])[:, None]
+    index, vectors = brute_neighbours(P, TRICLINIC, 7.0)
+    calc = torchpme.EwaldCalculator(
+        torchpme.CoulombPotential(smearing=0.7), lr_wavelength=0.3, full_neighbor_list=True
+    )
+    half_phi = calc(Q, TRICLINIC, P, index, vectors.norm(dim=1))
+    assert rel(got.potential[3:], 2 * half_phi[-3:]) < 1e-6
+
+
+def test_torchpme_charges_and_dipoles():
+    """Potential of neutral charges vs torch-pme's EwaldCalculator (its potential is phi / 2) and the
+    dipole-dipole energy vs CalculatorDipole (its output is -E / 2, energy = sum mu . output)."""
+    torchpme = pytest.importorskip("torchpme")
+    pos, q, mu, _ = random_system(5, n=6, c=1, net_charge=False)
+    smearing, cutoff = 0.7, 7.0
+    index, vectors = brute_neighbours(pos, TRICLINIC, cutoff)
+    # torch-pme converged to ~1e-15 with these settings (erfc(cutoff / (sqrt 2 smearing)) ~ 1e-23)
+    calc = torchpme.EwaldCalculator(
+        torchpme.CoulombPotential(smearing=smearing), lr_wavelength=0.3, full_neighbor_list=True
+    )
+    half_phi = calc(q, TRICLINIC, pos, index, vectors.norm(dim=1))
+    got = ewald.multipole_fields(pos, q, cell=TRICLINIC, pbc=PBC, accuracy=1e-13)
+    assert rel(got.potential, 2 * half_phi) < 1e-12
+    dcalc = torchpme.CalculatorDipole(
+        torchpme.PotentialDipole(smearing=smearing), full_neighbor_list=True, lr_wavelength=0.3
+    )
+    out = dcalc(mu[:, 0], TRICLINIC, pos, index, vectors)  # [N, 3]
+    fields = ewald.multipole_fields(pos, dipoles=mu, cell=TRICLINIC, pbc=PBC, accuracy=1e-13)
+    assert rel(fields.field[:, 0], -2 * out) < 1e-12
+    U = ewald.electrostatic_energy(pos, dipoles=mu, cell=TRICLINIC, pbc=PBC, accuracy=1e-13)
+    assert abs(float(U) - float((mu[:, 0] * out).sum())) < 1e-12 * abs(float(U))
+
+
+@pytest.mark.parametrize("smearing", [None, 0.6])
+def test_independent_of_splitting(smearing):
+    pos, q, mu, th = random_system(6, n=5, c=2)
+    results = [
+        compute_fields(pos, q, mu, th, TRICLINIC, PBC, smearing=smearing, accuracy=1e-12, alpha=a)
+        for a in (0.35, 0.6, 1.0)
+    ]
+    for other in results[1:]:
+        for rank in range(3):
+            assert rel(other[rank], results[0][rank]) < 1e-10
+    default = compute_fields(pos, q, mu, th, TRICLINIC, PBC, smearing=smearing, accuracy=1e-6)
+    for rank in range(3):
+        assert rel(default[rank], results[0][rank]) < 1e-6
+
+
+def test_supercell_and_images():
+    """A 2x2x2 supercell has 8x the energy and the same fields; a cutoff larger than the cell is fine."""
+    pos, q, mu, th = random_system(7, n=3, c=1, cell=TRICLINIC * 0.6)
+    cell = TRICLINIC * 0.6
+    U = ewald.electrostatic_energy(pos, q, mu, th, cell, PBC, accuracy=1e-11)
+    f = ewald.multipole_fields(pos, q, mu, th, cell, PBC, accuracy=1e-11)
+    n = torch.tensor([[a, b, c] for a in range(2) for b in range(2) for c in range(2)], dtype=DT)
+    big_pos = (pos[None] + (n @ cell)[:, None]).reshape(-1, 3)
+    rep = lambda t: t.repeat(8, *([1] * (t.dim() - 1)))  # noqa: E731
+    U8 = ewald.electrostatic_energy(big_pos, rep(q), rep(mu), rep(th), 2 * cell, PBC, accuracy=1e-11)
+    f8 = ewald.multipole_fields(big_pos, rep(q), rep(mu), rep(th), 2 * cell, PBC, accuracy=1e-11)
+    assert abs(float(U8) - 8 * float(U)) < 1e-9 * abs(8 * float(U))
+    for a, b in zip(f8, f):
+        assert rel(a, rep(b)) < 1e-9
+
+
+@pytest.mark.parametrize("det", [1.0, -1.0])
+@pytest.mark.parametrize("periodic", [False, True])
+def test_rotation_and_reflection(det, periodic):
+    pos, q, mu, th = random_system(8, n=5, c=2)
+    A = torch.linalg.qr(torch.randn(3, 3, generator=gen(9), dtype=DT))[0]
+    if torch.det(A) * det < 0:
+        A[:, 0] = -A[:, 0]
+    cell = TRICLINIC if periodic else None
+    kw = dict(pbc=PBC if periodic else None, accuracy=1e-11)
+    f = ewald.multipole_fields(pos, q, mu, th, cell, **kw)
+    g = ewald.multipole_fields(
+        pos @ A.T, q, mu @ A.T, A @ th @ A.T, None if cell is None else cell @ A.T, **kw
+    )
+    assert rel(g.potential, f.potential) < 1e-10
+    assert rel(g.field, f.field @ A.T) < 1e-10
+    assert rel(g.field_gradient, A @ f.field_gradient @ A.T) < 1e-10
+    U = ewald.electrostatic_energy(pos, q, mu, th, cell, **kw)
+    V = ewald.electrostatic_energy(
+        pos @ A.T, q, mu @ A.T, A @ th @ A.T, None if cell is None else cell @ A.T, **kw
+    )
+    assert abs(float(U - V)) < 1e-10 * abs(float(U))
+
+
+def test_forces_and_stress_by_finite_differences():
+    pos, q, mu, th = random_system(10, n=4, c=2)
+    cell = TRICLINIC
+
+    def energy(x, c):
+        return ewald.electrostatic_energy(x, q, mu, th, c, PBC, accuracy=1e-12)
+
+    x = pos.clone().requires_grad_(True)
+    eps = torch.zeros(3, 3, dtype=DT, requires_grad=True)
+    strain = torch.eye(3, dtype=DT) + eps
+    U = energy(x @ strain.T, cell @ strain.T)
+    forces, dU_deps = torch.autograd.grad(-U, (x, eps))
+    dU_deps = -dU_deps
+    h = 1e-5
+    fd = torch.zeros_like(pos)
+    for i in range(4):
+        for a in range(3):
+            dp = torch.zeros_like(pos)
+            dp[i, a] = h
+            fd[i, a] = -(energy(pos + dp, cell) - energy(pos - dp, cell)) / (2 * h)
+    assert rel(forces, fd) < 1e-7
+    fd_s = torch.zeros(3, 3, dtype=DT)
+    for a in range(3):
+        for b in range(3):
+            e = torch.zeros(3, 3, dtype=DT)
+            e[a, b] = h
+            up, down = torch.eye(3, dtype=DT) + e, torch.eye(3, dtype=DT) - e
+            fd_s[a, b] = (energy(pos @ up.T, cell @ up.T) - energy(pos @ down.T, cell @ down.T)) / (2 * h)
+    assert rel(dU_deps, fd_s) < 1e-7
+
+
+def test_gradients_of_multipoles_are_the_fields():
+    """dU/dq = phi, dU/dmu = -E, dU/dTheta = -1/2 G (traceless part), periodic and charged."""
+    pos, q, mu, th = random_system(12, n=4, c=2)
+    q, mu, th = (t.clone().requires_grad_(True) for t in (q, mu, th))
+    U = ewald.electrostatic_energy(pos, q, mu, th, TRICLINIC, PBC, accuracy=1e-12)
+    gq, gmu, gth = torch.autograd.grad(U, (q, mu, th))
+    f = ewald.multipole_fields(pos, q, mu, th, TRICLINIC, PBC, accuracy=1e-12)
+    G = f.field_gradient.detach()
+    G = G - G.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * torch.eye(3, dtype=DT) / 3
+    assert rel(gq, f.potential.detach()) < 1e-12
+    assert rel(gmu, -f.field.detach()) < 1e-12
+    assert rel(gth, -0.5 * G) < 1e-12
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_checkpointed_blocks_double_backward(monkeypatch, periodic):
+    """Forces inside a loss (double backward) agree with and without checkpointing of the real-space and
+    reciprocal blocks, and the second derivative matches finite differences."""
+    from cartlorem.ewald import ewald as ewald_method
+
+    pos, q, mu, th = random_system(13, n=5, c=1, cell=torch.eye(3, dtype=DT) * 4)
+    kw = dict(cell=TRICLINIC, pbc=PBC, accuracy=1e-8) if periodic else dict(smearing=0.5)
+
+    def forces_and_dq(charges):
+        qq = charges.clone().requires_grad_(True)
+        x = pos.clone().requires_grad_(True)
+        (F,) = torch.autograd.grad(-ewald.electrostatic_energy(x, qq, mu, th, **kw), x, create_graph=True)
+        (dq,) = torch.autograd.grad((F**2).sum(), qq)
+        return F.detach(), dq, float((F.detach() ** 2).sum())
+
+    monkeypatch.setattr(direct, "BLOCK_PAIRS", 4 if not periodic else 200)  # several blocks
+    monkeypatch.setattr(ewald_method, "K_BLOCK", 2000)
+    plain = forces_and_dq(q)
+    monkeypatch.setattr(direct, "CHECKPOINT_PAIRS", 0)
+    monkeypatch.setattr(ewald_method, "CHECKPOINT_TERMS", 0)
+    checked = forces_and_dq(q)
+    assert torch.allclose(plain[0], checked[0], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(plain[1], checked[1], rtol=1e-11, atol=1e-12)
+    h = 1e-5
+    up, down = q.clone(), q.clone()
+    up[2, 0] += h
+    down[2, 0] -= h
+    fd = (forces_and_dq(up)[2] - forces_and_dq(down)[2]) / (2 * h)
+    assert abs(fd - float(checked[1][2, 0])) < 1e-6 * abs(fd)
+
+
+# ----------------------------------------------------------------------------- smearing
+
+
+def test_smearing_open_vs_erf_kernel():
+    sigma = 0.8
+    pos, q, mu, th = random_system(14, n=4, c=1, cell=torch.eye(3, dtype=DT) * 4)
+    probes = _probes(15, 3) * 0.5
+    got = ewald.multipole_fields(
+        torch.cat([pos, probes]),
+        torch.cat([q, torch.zeros(3, 1, dtype=DT)]),
+        torch.cat([mu, torch.zeros(3, 1, 3, dtype=DT)]),
+        torch.cat([th, torch.zeros(3, 1, 3, 3, dtype=DT)]),
+        smearing=sigma,
+    )
+    kernel = lambda d: torch.erf(d / (math.sqrt(2) * sigma)) / d  # noqa: E731
+    ref = fields_by_autograd(lambda r: open_potential(r, pos, q[:, 0], mu[:, 0], th[:, 0], kernel), probes)
+    for k in range(3):
+        assert rel(got[k][4:, 0], ref[k]) < 1e-12
+
+
+def test_smearing_bounded_at_short_distance():
+    """Smeared fields are finite and continuous as two atoms approach and coincide; values at R = 0 are
+    the Gaussian's own: phi = 2 a q / sqrt(pi), E = -4 a^3 mu / (3 sqrt(pi)), a = 1 / (sqrt 2 sigma)."""
+    sigma = 0.5
+    a = 1 / (math.sqrt(2) * sigma)
+    g = gen(16)
+    q, mu, th = (
+        torch.randn(2, 1, generator=g, dtype=DT),
+        torch.randn(2, 1, 3, generator=g, dtype=DT),
+        random_traceless(g, 2, 1),
+    )
+    values = []
+    for d in (0.0, 1e-9, 1e-6, 1e-3, 0.3, 1.0):
+        pos = torch.tensor(
+            [[0.1, 0.2, 0.3], [0.1 + 0.6 * d, 0.2 + 0.8 * d, 0.3]], dtype=DT, requires_grad=True
+        )
+        f = ewald.multipole_fields(pos, q, mu, th, smearing=sigma)
+        U = ewald.electrostatic_energy(pos, q, mu, th, smearing=sigma)
+        (forces,) = torch.autograd.grad(-U, pos)
+        assert all(bool(torch.isfinite(t).all()) for t in (*f, forces))
+        values.append(f)
+    at_zero = values[0]
+    assert torch.allclose(at_zero.potential[0, 0], 2 * a * q[1, 0] / math.sqrt(math.pi), rtol=1e-14)
+    assert torch.allclose(at_zero.field[0, 0], -4 * a**3 * mu[1, 0] / (3 * math.sqrt(math.pi)), rtol=1e-13)
+    for near, tol in zip(values[1:4], (1e-8, 1e-5, 1e-2)):  # continuous approach to R = 0
+        for x, y in zip(near, at_zero):
+            assert rel(x, y) < tol
+    # on both sides of the switch between Taylor series and recursion (a^2 R^2 = 2): the erf kernel
+    # (autograd of erf(a R)/R itself loses digits at shorter R, so the reference stops at a R = 1)
+    kernel = lambda d: torch.erf(a * d) / d  # noqa: E731
+    for d in (math.sqrt(2) / a * (1 - 1e-9), math.sqrt(2) / a * (1 + 1e-9), 1.0 / a, 3.0 / a):
+        pos = torch.tensor([[0.0, 0.0, 0.0], [d * 0.6, d * 0.8, 0.0]], dtype=DT)
+        got = ewald.multipole_fields(pos, q, mu, th, smearing=sigma)
+        ref = fields_by_autograd(
+            lambda r: open_potential(r, pos[1:], q[1:, 0], mu[1:, 0], th[1:, 0], kernel), pos[:1]
+        )
+        for k in range(3):
+            assert rel(got[k][:1, 0], ref[k]) < 1e-13
+
+
+def smeared_fourier_potential(r, pos, q, mu, th, cell, sigma, k_max=12):
+    """Periodic potential of Gaussian multipoles (width sigma) plus neutralising background, as the plain
+    Fourier series (4 pi / V) sum_{k != 0} exp(-k^2 sigma^2 / 2) / k^2 Re[S(k) exp(i k.r)] (zero cell mean).
+    """
+    volume = torch.abs(torch.det(cell))
+    m = torch.arange(-k_max, k_max + 1, dtype=DT)
+    m = torch.stack(torch.meshgrid(m, m, m, indexing="ij"), -1).reshape(-1, 3)
+    k = m[(m != 0).any(-1)] @ (2 * math.pi * torch.linalg.inv(cell).T)
+    k2 = (k * k).sum(-1)
+    factor = q[None, :] - 1j * (k @ mu.T) - 0.5 * torch.einsum("ka,jab,kb->kj", k, th, k)  # [K, N]
+    S = (factor * torch.exp(-1j * (k @ pos.T))).sum(1)  # [K]
+    return (4 * math.pi / volume) * (
+        torch.exp(-k2 * sigma**2 / 2) / k2 * (S * torch.exp(1j * (k @ r))).real
+    ).sum()
+
+
+def test_smearing_periodic_vs_fourier_series():
+    """Charged cell of Gaussian multipoles at probe sites vs the pure Fourier series (which fixes the
+    background convention: zero cell average)."""
+    sigma = 0.9
+    pos, q, mu, th = random_system(17, n=3, c=1)
+    probes = _probes(18, 3)
+    got = ewald.multipole_fields(
+        torch.cat([pos, probes]),
+        torch.cat([q, torch.zeros(3, 1, dtype=DT)]),
+        torch.cat([mu, torch.zeros(3, 1, 3, dtype=DT)]),
+        torch.cat([th, torch.zeros(3, 1, 3, 3, dtype=DT)]),
+        cell=TRICLINIC,
+        pbc=PBC,
+        smearing=sigma,
+        accuracy=1e-12,
+    )
+    ref = fields_by_autograd(
+        lambda r: smeared_fourier_potential(r, pos, q[:, 0], mu[:, 0], th[:, 0], TRICLINIC, sigma), probes
+    )
+    for k in range(3):
+        assert rel(got[k][3:, 0], ref[k]) < 1e-10
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def test_batched_equals_single():
+    pos_a, q_a, mu_a, th_a = random_system(18, n=4, c=2)
+    pos_b, q_b, mu_b, th_b = random_system(19, n=3, c=2)
+    order = torch.tensor([0, 4, 1, 5, 2, 6, 3])  # interleave the two structures
+    cat = lambda a, b: torch.cat([a, b])[order]  # noqa: E731
+    batch = torch.tensor([0, 0, 0, 0, 1, 1, 1])[order]
+    cells = torch.stack([TRICLINIC, torch.eye(3, dtype=DT) * 3])
+    pbc = torch.tensor([[True] * 3, [False] * 3])
+    got = ewald.batched_multipole_fields(
+        cat(pos_a, pos_b), batch, cells, pbc, cat(q_a, q_b), cat(mu_a, mu_b), cat(th_a, th_b), accuracy=1e-10
+    )
+    a = ewald.multipole_fields(pos_a, q_a, mu_a, th_a, TRICLINIC, PBC, accuracy=1e-10)
+    b = ewald.multipole_fields(pos_b, q_b, mu_b, th_b)
+    for x, ya, yb in zip(got, a, b):
+        assert torch.allclose(x, cat(ya, yb), rtol=1e-13, atol=1e-13)
+
+
+def test_float32_matches_float64():
+    pos, q, mu, th = random_system(20, n=6, c=2)
+    f64 = ewald.multipole_fields(pos, q, mu, th, TRICLINIC, PBC, accuracy=1e-6)
+    f32 = ewald.multipole_fields(
+        pos.float(), q.float(), mu.float(), th.float(), TRICLINIC.float(), PBC, accuracy=1e-6
+    )
+    for a, b in zip(f32, f64):
+        assert a.dtype == torch.float32
+        assert rel(a.double(), b) < 1e-5
+
+
+def test_bad_input_is_rejected():
+    pos, q, mu, th = random_system(21, n=3, c=2)
+    cases = [
+        (
+            dict(
+                positions=pos.clone().index_put_(
+                    (torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan"), dtype=DT)
+                ),
+                charges=q,
+            ),
+            "positions contains NaN",
+        ),
+        (
+            dict(
+                positions=pos,
+                charges=q,
+                cell=torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 0]], dtype=DT),
+                pbc=PBC,
+            ),
+            "zero volume",
+        ),
+        (dict(positions=pos, charges=q[:2]), "charges has 2 rows"),
+        (dict(positions=pos, charges=q, dipoles=mu[:, :1]), "channels"),
+        (dict(positions=pos, dipoles=mu[..., :2]), r"dipoles must have shape \[N, C, 3\]"),
+        (dict(positions=pos[:, :2], charges=q), r"positions must have shape \[N, 3\]"),
+        (dict(positions=pos, quadrupoles=th + 0.1 * torch.eye(3, dtype=DT)), "not traceless"),
+        (
+            dict(positions=pos, quadrupoles=th + torch.tensor([[0, 0.1, 0], [0, 0, 0], [0, 0, 0]], dtype=DT)),
+            "not symmetric",
+        ),
+        (dict(positions=pos, charges=q, cell=TRICLINIC, pbc=[True, True, False]), r"mixed periodic.*False"),
+        (dict(positions=pos), "no multipoles"),
+        (dict(positions=pos, charges=q.float()), "dtype"),
+        (dict(positions=pos, charges=q, pbc=PBC), "no cell"),
+        (dict(positions=torch.cat([pos, pos[:1]]), charges=torch.cat([q, q[:1]])), "overlap"),
+        (dict(positions=pos, charges=q, smearing=-1.0), "smearing"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ewald.multipole_fields(**kwargs)
+    # the same overlap with smearing is fine
+    f = ewald.multipole_fields(torch.cat([pos, pos[:1]]), torch.cat([q, q[:1]]), smearing=0.5)
+    assert bool(torch.isfinite(f.potential).all())
