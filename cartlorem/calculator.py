@@ -52,6 +52,10 @@ class CartLoremCalculator(Calculator):
             device = "cpu"
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
+        if (dtype is not None and dtype != model.dtype) or torch.device(device) != model.embedding.device:
+            import copy
+
+            model = copy.deepcopy(model)  # never change the caller's model in place
         self.model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
         self.model.eval()
         self.device = device

@@ -24,7 +24,7 @@ from .nn.blocks import BodyOrderProduct, Interaction, SpeciesLinear
 from .nn.radial import BesselBasis, PolynomialEnvelope
 from .tensors import EquivariantLinear
 
-__all__ = ["CartLorem", "save_model", "load_model"]
+__all__ = ["CartLorem", "save_model", "load_model", "model_payload"]
 
 LONG_RANGE_CHOICES = (None, "multipole", "lorem")
 
@@ -244,13 +244,18 @@ def _atomic_save(obj, path: str) -> None:
         raise
 
 
+def model_payload(model: CartLorem) -> dict:
+    """What :func:`save_model` writes: format header, hyperparameters, weights (CPU copies), dtype."""
+    if not isinstance(model, CartLorem):
+        raise TypeError(f"expected a CartLorem, got {type(model).__name__}")
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {"format": _FORMAT, "config": dict(model.config), "state_dict": state,
+            "dtype": str(model.dtype).replace("torch.", "")}
+
+
 def save_model(model: CartLorem, path, **extra) -> None:
     """Write hyperparameters and weights to ``path`` (atomically). ``extra`` entries are stored too."""
-    if not isinstance(model, CartLorem):
-        raise TypeError(f"save_model expects a CartLorem, got {type(model).__name__}")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_save({"format": _FORMAT, "config": model.config, "state_dict": state,
-                  "dtype": str(model.dtype).replace("torch.", ""), **extra}, path)
+    _atomic_save({**model_payload(model), **extra}, path)
 
 
 def load_model(path, map_location="cpu") -> CartLorem:

@@ -1,0 +1,230 @@
+"""Accuracy of a model on labelled graphs: batched predictions, MAE/RMSE, parity plots.
+
+    preds = predict(model, graphs)            # per-structure energies, per-atom forces, stresses
+    m = metrics(preds)                        # JSON-ready dict (meV units)
+    m = evaluate(model, graphs)               # both in one call
+    print(format_table(m))
+
+Metric keys: ``energy_mae_mev_per_atom``, ``energy_rmse_mev_per_atom`` (errors of E/N over
+structures with an energy label), ``forces_mae_mev_per_a``, ``forces_rmse_mev_per_a`` (over all
+Cartesian components of atoms in structures with force labels), ``stress_mae_mev_per_a3``,
+``stress_rmse_mev_per_a3`` (over the 9 components of labelled stresses; only when some structure
+has one), ``n_structures``, ``n_atoms``, and the labelled counts ``n_energy``, ``n_forces``,
+``n_stress``. A metric with no labelled item is None.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .graph import Graph, collate
+
+__all__ = ["Predictions", "predict", "metrics", "evaluate", "format_table", "parity_plot"]
+
+
+@dataclass
+class Predictions:
+    """Reference and predicted values for M structures with N atoms in total (float64 numpy).
+
+    n_atoms [M]; energy_ref / energy_pred [M] eV; has_energy [M]; forces_ref / forces_pred [N, 3]
+    eV/Å; has_forces [N] (atom belongs to a structure with force labels); structure [N] index of
+    each atom's structure; species [N] atomic numbers; stress_ref / stress_pred [M, 3, 3] eV/Å³ (NaN where not predicted);
+    has_stress [M]. Missing references are NaN.
+    """
+
+    n_atoms: np.ndarray
+    energy_ref: np.ndarray
+    energy_pred: np.ndarray
+    has_energy: np.ndarray
+    forces_ref: np.ndarray
+    forces_pred: np.ndarray
+    has_forces: np.ndarray
+    structure: np.ndarray
+    species: np.ndarray
+    stress_ref: np.ndarray
+    stress_pred: np.ndarray
+    has_stress: np.ndarray
+
+    def save(self, path) -> None:
+        """Write all arrays to a ``.npz`` file."""
+        np.savez_compressed(path, **{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().to(torch.float64).numpy()
+
+
+def predict(
+    model,
+    graphs: Sequence[Graph],
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+    compute_stress: Optional[bool] = None,
+) -> Predictions:
+    """Run ``model`` on ``graphs`` in batches (eval mode, no graph kept) and collect predictions.
+
+    compute_stress: None predicts stresses only for batches that carry stress labels.
+    """
+    graphs = list(graphs)
+    if not graphs:
+        raise ValueError("no structures to evaluate")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    cols = {
+        k: []
+        for k in (
+            "n_atoms",
+            "energy_ref",
+            "energy_pred",
+            "has_energy",
+            "forces_ref",
+            "forces_pred",
+            "has_forces",
+            "structure",
+            "species",
+            "stress_ref",
+            "stress_pred",
+            "has_stress",
+        )
+    }
+    offset = 0
+    steps = range(0, len(graphs), batch_size)
+    if progress:
+        from .train import _progress
+
+        steps = _progress(steps, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True)
+    try:
+        for start in steps:
+            batch = collate(graphs[start : start + batch_size]).to(device=device)
+            B, N = batch.num_graphs, int(batch.positions.shape[0])
+            has_stress = (
+                batch.has_stress if batch.has_stress is not None else torch.zeros(B, dtype=torch.bool)
+            )
+            want_stress = bool(has_stress.any()) if compute_stress is None else compute_stress
+            out = model(batch, compute_forces=True, compute_stress=want_stress, create_graph=False)
+            nan = lambda *shape: np.full(shape, np.nan)
+            cols["n_atoms"].append(_numpy(batch.num_atoms).astype(np.int64))
+            cols["energy_pred"].append(_numpy(out["energy"]))
+            cols["forces_pred"].append(_numpy(out["forces"]))
+            cols["stress_pred"].append(_numpy(out["stress"]) if "stress" in out else nan(B, 3, 3))
+            cols["structure"].append(_numpy(batch.batch).astype(np.int64) + offset)
+            cols["species"].append(batch.species.cpu().numpy().astype(np.int64))
+            offset += B
+            for name, shape in (("energy", (B,)), ("forces", (N, 3)), ("stress", (B, 3, 3))):
+                ref, mask = getattr(batch, name), getattr(batch, f"has_{name}")
+                if ref is None or mask is None:
+                    ref, mask = nan(*shape), np.zeros(B, dtype=bool)
+                else:
+                    ref, mask = _numpy(ref), mask.cpu().numpy().astype(bool)
+                if name == "forces":
+                    mask = mask[batch.batch.cpu().numpy()]
+                cols[f"{name}_ref"].append(np.where(mask.reshape(-1, *(1,) * (len(shape) - 1)), ref, np.nan))
+                cols[f"has_{name}"].append(mask)
+    finally:
+        model.train(was_training)
+    return Predictions(**{k: np.concatenate(v) for k, v in cols.items()})
+
+
+def _mae_rmse(err: np.ndarray) -> tuple[Optional[float], Optional[float]]:
+    if err.size == 0:
+        return None, None
+    return float(np.mean(np.abs(err))), float(np.sqrt(np.mean(err**2)))
+
+
+def metrics(p: Predictions) -> dict:
+    """MAE and RMSE in meV/atom, meV/Å and meV/Å³ (see the module docstring for the keys)."""
+    e_err = ((p.energy_pred - p.energy_ref) / p.n_atoms)[p.has_energy] * 1000.0
+    f_err = (p.forces_pred - p.forces_ref)[p.has_forces].ravel() * 1000.0
+    s_err = (p.stress_pred - p.stress_ref)[p.has_stress].ravel() * 1000.0
+    out = {
+        "n_structures": int(len(p.n_atoms)),
+        "n_atoms": int(p.n_atoms.sum()),
+        "n_energy": int(p.has_energy.sum()),
+        "n_forces": int(len(np.unique(p.structure[p.has_forces]))),
+        "n_stress": int(p.has_stress.sum()),
+    }
+    out["energy_mae_mev_per_atom"], out["energy_rmse_mev_per_atom"] = _mae_rmse(e_err)
+    out["forces_mae_mev_per_a"], out["forces_rmse_mev_per_a"] = _mae_rmse(f_err)
+    if p.has_stress.any():
+        out["stress_mae_mev_per_a3"], out["stress_rmse_mev_per_a3"] = _mae_rmse(s_err)
+    return out
+
+
+def evaluate(model, graphs: Sequence[Graph], *, batch_size: int = 16, progress: bool = False) -> dict:
+    """``metrics(predict(model, graphs))``: accuracy of ``model`` on labelled graphs."""
+    return metrics(predict(model, graphs, batch_size=batch_size, progress=progress))
+
+
+def format_table(m: dict) -> str:
+    """A small text table of the metrics."""
+    rows = [
+        ("energy", "energy_mae_mev_per_atom", "energy_rmse_mev_per_atom", "meV/atom", "n_energy"),
+        ("forces", "forces_mae_mev_per_a", "forces_rmse_mev_per_a", "meV/Å", "n_forces"),
+        ("stress", "stress_mae_mev_per_a3", "stress_rmse_mev_per_a3", "meV/Å³", "n_stress"),
+    ]
+    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+    lines = [f"{'quantity':<10}{'MAE':>12}{'RMSE':>12}  {'unit':<10}{'labelled':>9}"]
+    for name, mae, rmse, unit, n in rows:
+        if mae not in m:
+            continue
+        lines.append(f"{name:<10}{fmt(m[mae]):>12}{fmt(m[rmse]):>12}  {unit:<10}{m.get(n, ''):>9}")
+    lines.append(f"{m['n_structures']} structures, {m['n_atoms']} atoms")
+    return "\n".join(lines)
+
+
+def _composition_fit(p: Predictions) -> np.ndarray:
+    """Per-structure E_fit [M] eV from a least-squares fit E_ref ≈ Σ_Z n_Z e_Z over labelled structures."""
+    zs = np.unique(p.species)
+    counts = np.zeros((len(p.n_atoms), len(zs)))
+    np.add.at(counts, (p.structure, np.searchsorted(zs, p.species)), 1.0)
+    if not p.has_energy.any():
+        return np.zeros(len(p.n_atoms))
+    coef, *_ = np.linalg.lstsq(counts[p.has_energy], p.energy_ref[p.has_energy], rcond=None)
+    return counts @ coef
+
+
+def parity_plot(p: Predictions, path) -> bool:
+    """Energy and force-component parity plots → PNG. False if matplotlib is missing.
+
+    Energies are shown per atom after subtracting a least-squares composition fit (the same for
+    reference and prediction), so that structures of different composition share one scale.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    fig = Figure(figsize=(8, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    fit = _composition_fit(p)
+    panels = [
+        (
+            "energy − composition fit (meV/atom)",
+            (1000 * (p.energy_ref - fit) / p.n_atoms)[p.has_energy],
+            (1000 * (p.energy_pred - fit) / p.n_atoms)[p.has_energy],
+        ),
+        ("force components (eV/Å)", p.forces_ref[p.has_forces].ravel(), p.forces_pred[p.has_forces].ravel()),
+    ]
+    for k, (title, ref, pred) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, k + 1)
+        if ref.size:
+            lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
+            ax.plot([lo, hi], [lo, hi], color="0.6", lw=1)
+            ax.scatter(ref, pred, s=4, alpha=0.5)
+        ax.set_xlabel("reference")
+        ax.set_ylabel("predicted")
+        ax.set_title(title)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+    return True

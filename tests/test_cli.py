@@ -1,0 +1,269 @@
+"""The command line through cli.main([...]): train → evaluate round trip, resume, demo, clear errors."""
+
+import json
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cartlorem import cli, load_model
+
+TINY_CONFIG = {
+    "channels": 8,
+    "num_layers": 2,
+    "correlation": 2,
+    "num_basis": 4,
+    "radial_hidden": 8,
+    "readout_hidden": 8,
+    "cutoff": 3.0,
+    "long_range": "none",
+    "epochs": 2,
+    "batch_size": 4,
+    "threads": 1,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_threads():
+    n = torch.get_num_threads()  # the CLI's --threads sets torch's thread count for the process
+    yield
+    torch.set_num_threads(n)
+
+
+def emt_frames(n, seed=0, periodic_every=3):
+    """n small Cu/Ag clusters and strained fcc crystals with EMT labels (see tests/test_train.py)."""
+    from ase import Atoms
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(seed)
+    lattice = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+    centre = int(np.argmin(np.linalg.norm(lattice.positions - 3.6, axis=1)))
+    d = np.linalg.norm(lattice.positions - lattice.positions[centre], axis=1)
+    shell = np.flatnonzero((d > 0) & (d < 2.6))
+    frames = []
+    for k in range(n):
+        if k % periodic_every == 0:
+            a = bulk("Cu", "fcc", a=3.6, cubic=True)
+            a.set_cell(a.cell * (1 + 0.03 * rng.standard_normal()), scale_atoms=True)
+        else:
+            pick = np.concatenate([[centre], rng.choice(shell, int(rng.integers(3, 6)), replace=False)])
+            a = Atoms("Cu" * len(pick), positions=lattice.positions[pick])
+        a.symbols[rng.random(len(a)) < 0.3] = "Ag"
+        a.positions += 0.1 * rng.standard_normal(a.positions.shape)
+        a.calc = EMT()
+        res = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
+        if a.pbc.any():
+            res["stress"] = a.get_stress()
+        a.calc = SinglePointCalculator(a, **res)
+        frames.append(a)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    ase.io.write(d / "train.xyz", emt_frames(12, seed=0))
+    ase.io.write(d / "test.xyz", emt_frames(5, seed=1))
+    (d / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    return d
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_evaluate_round_trip(files, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, err = run(
+        capsys,
+        "train",
+        "--train",
+        files / "train.xyz",
+        "--config",
+        files / "tiny.yaml",
+        "--out",
+        run_dir,
+        "--epochs",
+        1,
+        "--seed",
+        1,
+        "--no-progress",
+    )
+    assert code == 0, err
+    for name in ("model.pt", "checkpoint.pt", "config.yaml", "log.csv", "learning_curve.png"):
+        assert (run_dir / name).is_file(), name
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["epochs"] == 1  # the flag overrides the config file
+    assert written["channels"] == 8 and written["seed"] == 1
+    every = {o.name for o in cli._train_options()}
+    assert set(written) == every  # every option, defaults included
+    assert written["ema_decay"] == 0.99 and written["lmax"] == 2 and written["species"] == ["Cu", "Ag"]
+    assert len((run_dir / "log.csv").read_text().strip().splitlines()) == 2
+    model = load_model(run_dir / "model.pt")
+    assert model.config["channels"] == 8 and model.long_range is None
+
+    metrics_file = tmp_path / "m.json"
+    code, out, err = run(
+        capsys,
+        "evaluate",
+        "--model",
+        run_dir / "model.pt",
+        "--data",
+        files / "test.xyz",
+        "--json",
+        metrics_file,
+        "--no-progress",
+    )
+    assert code == 0, err
+    m = json.loads(metrics_file.read_text())
+    for key in (
+        "energy_mae_mev_per_atom",
+        "energy_rmse_mev_per_atom",
+        "forces_mae_mev_per_a",
+        "forces_rmse_mev_per_a",
+        "stress_mae_mev_per_a3",
+        "stress_rmse_mev_per_a3",
+        "n_structures",
+        "n_atoms",
+    ):
+        assert key in m, key
+    assert m["n_structures"] == 5
+    assert "meV/atom" in out and "forces" in out
+
+    # resume from the run folder alone: its config.yaml is read back; --device cuda falls back to the CPU
+    code, out, err = run(
+        capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, "--device", "cuda", "--no-progress"
+    )
+    assert code == 0, err
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in err
+    assert len((run_dir / "log.csv").read_text().strip().splitlines()) == 3
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 2
+
+    # a fresh run into the same folder needs --overwrite
+    code, out, err = run(
+        capsys,
+        "train",
+        "--train",
+        files / "train.xyz",
+        "--config",
+        files / "tiny.yaml",
+        "--out",
+        run_dir,
+        "--no-progress",
+    )
+    assert code == 2 and "--resume" in err and "--overwrite" in err
+
+
+def test_demo_runs_on_small_data(files, tmp_path, capsys):
+    code, out, err = run(
+        capsys,
+        "demo",
+        "--data",
+        files / "train.xyz",
+        "--out",
+        tmp_path / "demo",
+        "--epochs",
+        1,
+        "--md-steps",
+        10,
+        "--channels",
+        8,
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert "energy drift" in out and "meV/atom/ps" in out
+    assert (tmp_path / "demo" / "model.pt").is_file() and (tmp_path / "demo" / "md.csv").is_file()
+    assert len((tmp_path / "demo" / "md.csv").read_text().strip().splitlines()) == 12  # header + steps 0..10
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "demo"])
+def test_help(command, capsys):
+    code, out, err = run(capsys, command, "--help")
+    assert code == 0
+    assert f"usage: cartlorem {command}" in out
+    assert {"train": "--long-range", "evaluate": "--json", "demo": "--epochs"}[command] in out
+
+
+def _assert_user_error(code, err, *fragments):
+    assert code == 2
+    assert "error:" in err and "Traceback" not in err
+    for f in fragments:
+        assert f in err, (f, err)
+
+
+def test_missing_files(files, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--train", tmp_path / "nope.xyz", "--out", tmp_path / "r")
+    _assert_user_error(code, err, "nope.xyz", "does not exist")
+    code, _, err = run(capsys, "evaluate", "--model", tmp_path / "nope.pt", "--data", files / "test.xyz")
+    _assert_user_error(code, err, "nope.pt")
+    code, _, err = run(
+        capsys,
+        "train",
+        "--train",
+        files / "train.xyz",
+        "--config",
+        tmp_path / "no.yaml",
+        "--out",
+        tmp_path / "r",
+    )
+    _assert_user_error(code, err, "no.yaml")
+    code, _, err = run(capsys, "train", "--out", tmp_path / "r")
+    _assert_user_error(code, err, "--train")
+
+
+def test_empty_dataset(tmp_path, capsys):
+    (tmp_path / "empty.xyz").write_text("")
+    code, _, err = run(
+        capsys, "train", "--train", tmp_path / "empty.xyz", "--out", tmp_path / "r", "--long-range", "none"
+    )
+    _assert_user_error(code, err, "empty")
+
+
+def test_bad_config(files, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("chanels: 8\n")
+    code, _, err = run(
+        capsys, "train", "--train", files / "train.xyz", "--config", bad, "--out", tmp_path / "r"
+    )
+    _assert_user_error(code, err, "chanels", "did you mean 'channels'")
+    bad.write_text("epochs: many\n")
+    code, _, err = run(
+        capsys, "train", "--train", files / "train.xyz", "--config", bad, "--out", tmp_path / "r"
+    )
+    _assert_user_error(code, err, "epochs", "integer")
+    bad.write_text("- just\n- a list\n")
+    code, _, err = run(
+        capsys, "train", "--train", files / "train.xyz", "--config", bad, "--out", tmp_path / "r"
+    )
+    _assert_user_error(code, err, "key: value")
+
+
+def test_bad_flags(files, tmp_path, capsys):
+    code, _, err = run(
+        capsys, "train", "--train", files / "train.xyz", "--out", tmp_path / "r", "--epochs", "x"
+    )
+    assert code == 2 and "epochs" in err
+    code, _, err = run(
+        capsys, "train", "--train", files / "train.xyz", "--out", tmp_path / "r", "--long-range", "coulomb"
+    )
+    assert code == 2 and "long-range" in err
+    code, _, err = run(
+        capsys,
+        "train",
+        "--train",
+        files / "train.xyz",
+        "--out",
+        tmp_path / "r",
+        "--energy-key",
+        "REF_energy",
+        "--config",
+        files / "tiny.yaml",
+    )
+    _assert_user_error(code, err, "REF_energy")

@@ -1,0 +1,234 @@
+"""Training loop, checkpoints and metrics on tiny models and small EMT data made on the fly."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cartlorem import CartLorem, load_model
+from cartlorem.data import dataset_statistics, fit_reference_energies, read_dataset
+from cartlorem.evaluate import evaluate, metrics, predict
+from cartlorem.train import NonFiniteLossError, _validation_loss, train
+
+CUTOFF = 3.0
+TINY = dict(channels=8, num_layers=2, correlation=2, num_basis=4, radial_hidden=8, readout_hidden=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and timings do not depend on the machine's load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def emt_frames(n, seed=0, periodic_every=3):
+    """n small Cu/Ag structures with EMT energy/forces (stress for the periodic ones), seeded.
+
+    Clusters: an fcc atom and 3–5 of its nearest neighbours; crystals: a strained 4-atom cubic fcc
+    cell. Every structure is rattled by 0.1 Å.
+    """
+    from ase import Atoms
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(seed)
+    lattice = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+    centre = int(np.argmin(np.linalg.norm(lattice.positions - 3.6, axis=1)))
+    d = np.linalg.norm(lattice.positions - lattice.positions[centre], axis=1)
+    shell = np.flatnonzero((d > 0) & (d < 2.6))  # the 12 nearest neighbours
+    frames = []
+    for k in range(n):
+        if k % periodic_every == 0:
+            a = bulk("Cu", "fcc", a=3.6, cubic=True)
+            a.set_cell(a.cell * (1 + 0.03 * rng.standard_normal()), scale_atoms=True)
+        else:
+            pick = np.concatenate([[centre], rng.choice(shell, int(rng.integers(3, 6)), replace=False)])
+            a = Atoms("Cu" * len(pick), positions=lattice.positions[pick])
+        a.symbols[rng.random(len(a)) < 0.3] = "Ag"
+        a.positions += 0.1 * rng.standard_normal(a.positions.shape)
+        a.calc = EMT()
+        res = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
+        if a.pbc.any():
+            res["stress"] = a.get_stress()
+        a.calc = SinglePointCalculator(a, **res)
+        frames.append(a)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def data():
+    graphs = read_dataset(emt_frames(16, seed=0), CUTOFF)
+    return graphs[:12], graphs[12:]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return CartLorem([29, 47], cutoff=CUTOFF, long_range=None, **TINY).double()
+
+
+def loss_on(model, graphs, weights=None):
+    w = {"energy": 1.0, "forces": 10.0, "stress": 1.0, **(weights or {})}
+    return _validation_loss(metrics(predict(model, graphs)), w)
+
+
+SETTINGS = dict(batch_size=4, lr=1e-2, progress=False, seed=3)
+
+
+def test_statistics_and_training_lower_the_loss(data):
+    train_set, valid_set = data
+    model = tiny_model()
+    train(model, train_set, valid_set, epochs=0, **SETTINGS)  # sets the statistics only
+    refs = fit_reference_energies(train_set, [29, 47])
+    stats = dataset_statistics(train_set, refs)
+    assert torch.allclose(model.atomic_energies, torch.tensor([refs[29], refs[47]], dtype=torch.float64))
+    assert math.isclose(float(model.scale), stats["forces_rms"], rel_tol=1e-12)
+    assert math.isclose(model.config["avg_num_neighbors"], stats["avg_num_neighbors"], rel_tol=1e-12)
+
+    before = loss_on(model, train_set)
+    result = train(model, train_set, valid_set, epochs=6, statistics=False, **SETTINGS)
+    after = loss_on(model, train_set)
+    assert after < 0.7 * before
+    assert result.epochs_completed == 6 and len(result.history) == 6
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    # the returned model holds the best epoch's (EMA) weights
+    best = result.history[result.best_epoch - 1]
+    assert math.isclose(loss_on(model, valid_set), best["valid_loss"], rel_tol=1e-9)
+
+
+def test_outputs_and_best_model_file(data, tmp_path):
+    train_set, valid_set = data
+    model = tiny_model()
+    result = train(model, train_set, valid_set, epochs=2, out_dir=tmp_path, **SETTINGS)
+    for name in ("checkpoint.pt", "model.pt", "log.csv", "learning_curve.png"):
+        assert (tmp_path / name).is_file(), name
+    rows = (tmp_path / "log.csv").read_text().strip().splitlines()
+    assert rows[0].startswith(
+        "epoch,lr,train_loss,valid_loss,valid_energy_mae_mev_per_atom,valid_forces_mae_mev_per_a"
+    )
+    assert len(rows) == 3
+    best = load_model(tmp_path / "model.pt").double()
+    assert evaluate(best, valid_set) == pytest.approx(evaluate(model, valid_set), rel=1e-10)
+    assert result.model_path == str(tmp_path / "model.pt")
+    # the checkpoint's "model" entry is the current EMA model, readable by load_model
+    assert load_model(tmp_path / "checkpoint.pt").config == model.config
+    # a second fresh run into the same folder is refused unless asked for
+    with pytest.raises(FileExistsError, match="resume"):
+        train(tiny_model(), train_set, valid_set, epochs=1, out_dir=tmp_path, **SETTINGS)
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    train_set, valid_set = data
+    ref = train(tiny_model(), train_set, valid_set, epochs=3, out_dir=tmp_path / "a", **SETTINGS)
+
+    train(tiny_model(), train_set, valid_set, epochs=2, out_dir=tmp_path / "b", **SETTINGS)
+    first = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert first["epoch"] == 2
+    # a differently initialised model object: everything comes from the checkpoint
+    resumed = train(
+        tiny_model(seed=7), train_set, valid_set, epochs=3, out_dir=tmp_path / "b", resume=True, **SETTINGS
+    )
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert b["epoch"] == 3 and b["step"] == a["step"]
+    for k, v in a["train_state_dict"].items():
+        assert torch.allclose(v, b["train_state_dict"][k], rtol=1e-9, atol=1e-12), k
+    for x, y in zip(a["ema"]["shadow"], b["ema"]["shadow"]):
+        assert torch.allclose(x, y, rtol=1e-9, atol=1e-12)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    for ra, rb in zip(ref.history, resumed.history):
+        assert rb["valid_loss"] == pytest.approx(ra["valid_loss"], rel=1e-9)
+        assert rb["lr"] == ra["lr"]
+    assert len((tmp_path / "b" / "log.csv").read_text().strip().splitlines()) == 4  # header + 3 epochs
+
+
+def test_resume_refuses_another_model(data, tmp_path):
+    train_set, valid_set = data
+    train(tiny_model(), train_set, valid_set, epochs=1, out_dir=tmp_path, **SETTINGS)
+    other = CartLorem([29, 47], cutoff=CUTOFF, long_range=None, **{**TINY, "channels": 4}).double()
+    with pytest.raises(ValueError, match="different model.*channels"):
+        train(other, train_set, valid_set, epochs=2, out_dir=tmp_path, resume=True, **SETTINGS)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(
+            tiny_model(), train_set, valid_set, epochs=2, out_dir=tmp_path / "none", resume=True, **SETTINGS
+        )
+
+
+def test_nonfinite_loss_stops_and_keeps_the_best(data, tmp_path):
+    train_set, valid_set = data
+    train(tiny_model(), train_set, valid_set, epochs=1, out_dir=tmp_path, **SETTINGS)
+    best_bytes = (tmp_path / "model.pt").read_bytes()
+    ckpt_bytes = (tmp_path / "checkpoint.pt").read_bytes()
+
+    poisoned = list(train_set)
+    poisoned[5] = poisoned[5].replace(energy=torch.tensor([float("nan")], dtype=torch.float64))
+    with pytest.raises(NonFiniteLossError) as err:
+        train(tiny_model(), poisoned, valid_set, epochs=3, out_dir=tmp_path, resume=True, **SETTINGS)
+    message = str(err.value)
+    assert "non-finite loss" in message and "epoch 2, batch" in message
+    assert "5" in message.split("training structures")[1].split("]")[0]  # names the culprit
+    assert "epoch 1" in message and "model.pt" in message
+    assert (tmp_path / "model.pt").read_bytes() == best_bytes
+    assert (tmp_path / "checkpoint.pt").read_bytes() == ckpt_bytes
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+
+def test_checkpoint_write_is_atomic(data, tmp_path, monkeypatch):
+    train_set, valid_set = data
+    train(tiny_model(), train_set, valid_set, epochs=1, out_dir=tmp_path, **SETTINGS)
+    before = {n: (tmp_path / n).read_bytes() for n in ("checkpoint.pt", "model.pt")}
+
+    def crash(obj, f, *args, **kwargs):  # a crash half-way through writing
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny_model(), train_set, valid_set, epochs=2, out_dir=tmp_path, resume=True, **SETTINGS)
+    monkeypatch.undo()
+    for name, content in before.items():
+        assert (tmp_path / name).read_bytes() == content, name
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    load_model(tmp_path / "model.pt")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_max_time_stops_early(data):
+    train_set, valid_set = data
+    result = train(tiny_model(), train_set, valid_set, epochs=50, max_time=1e-3, **SETTINGS)
+    assert result.stop_reason == "max_time" and result.epochs_completed == 1
+
+
+def test_metrics_equal_hand_computed(data):
+    train_set, valid_set = data
+    graphs = train_set[:7]  # crystals (with stress) and clusters
+    model = tiny_model()
+    model.set_statistics(atomic_energies={29: -0.1, 47: 0.2}, scale=0.5)
+    m = evaluate(model, graphs, batch_size=3)
+
+    e_err, f_err, s_err = [], [], []
+    for g in graphs:
+        out = model(g, compute_stress=bool(g.pbc.any()))
+        n = g.positions.shape[0]
+        e_err.append(float(out["energy"][0].detach() - g.energy[0]) / n)
+        f_err.append((out["forces"] - g.forces).detach().numpy().ravel())
+        if bool(g.has_stress[0]):
+            s_err.append((out["stress"] - g.stress).detach().numpy().ravel())
+    e_err, f_err, s_err = np.array(e_err) * 1e3, np.concatenate(f_err) * 1e3, np.concatenate(s_err) * 1e3
+    expect = {
+        "energy_mae_mev_per_atom": np.abs(e_err).mean(),
+        "energy_rmse_mev_per_atom": np.sqrt((e_err**2).mean()),
+        "forces_mae_mev_per_a": np.abs(f_err).mean(),
+        "forces_rmse_mev_per_a": np.sqrt((f_err**2).mean()),
+        "stress_mae_mev_per_a3": np.abs(s_err).mean(),
+        "stress_rmse_mev_per_a3": np.sqrt((s_err**2).mean()),
+    }
+    for k, v in expect.items():
+        assert m[k] == pytest.approx(v, rel=1e-10), k
+    assert m["n_structures"] == 7 and m["n_atoms"] == sum(g.positions.shape[0] for g in graphs)
+
+    clusters = [g for g in graphs if not bool(g.pbc.any())]
+    assert "stress_mae_mev_per_a3" not in evaluate(model, clusters)
