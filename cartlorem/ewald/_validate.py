@@ -123,7 +123,10 @@ def check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, 
 def _traceless(theta: torch.Tensor) -> torch.Tensor:
     """Check that quadrupoles are symmetric and traceless, then remove the residual (rounding) part."""
     detached = theta.detach()
-    scale = detached.abs().amax(dim=(-2, -1))  # [N, C]
+    # round-off is judged against the largest quadrupole of each channel, not each site's own: a
+    # site whose Θ comes out small by cancellation (e.g. mixed from larger features) keeps the
+    # absolute rounding of its inputs
+    scale = detached.abs().amax(dim=(0, -2, -1), keepdim=True)[..., 0, 0].expand(detached.shape[:-2])  # [N, C]
     asym = (detached - detached.transpose(-1, -2)).abs().amax(dim=(-2, -1))
     trace = detached.diagonal(dim1=-2, dim2=-1).sum(-1).abs()
     tol = quadrupole_tolerance(theta.dtype)
