@@ -54,13 +54,16 @@ class CartLorem(nn.Module):
         avg_num_neighbors: message normalisation (default 10; set from data by training).
         scale, shift: per-atom energy scale and shift of the learned part (eV; default 1, 0).
         long_range_options: dict for the long-range block (see cartlorem.nn.long_range).
+        compile_kernels: run the message kernel through torch.compile when no double backward is
+            needed (inference: energy, forces, stress, MD). Training always uses the eager kernel.
+            First calls pay a compilation of ~10–60 s; falls back to eager if compilation fails.
     """
 
     def __init__(self, species: Sequence[int], cutoff: float = 5.0, long_range: Optional[str] = "multipole", *,
                  channels: int = 64, num_layers: int = 2, correlation: int = 3, lmax: int = 2, num_basis: int = 8,
                  radial_hidden: int = 64, envelope_p: int = 5, readout_hidden: int = 16,
                  atomic_energies: Optional[dict] = None, avg_num_neighbors: float = 10.0, scale: float = 1.0,
-                 shift: float = 0.0, long_range_options: Optional[dict] = None):
+                 shift: float = 0.0, long_range_options: Optional[dict] = None, compile_kernels: bool = False):
         super().__init__()
         species = sorted({int(z) for z in species})
         if not species or any(z < 1 or z > 118 for z in species):
@@ -80,7 +83,9 @@ class CartLorem(nn.Module):
                            num_layers=num_layers, correlation=correlation, lmax=lmax, num_basis=num_basis,
                            radial_hidden=radial_hidden, envelope_p=envelope_p, readout_hidden=readout_hidden,
                            avg_num_neighbors=float(avg_num_neighbors), scale=float(scale), shift=float(shift),
-                           long_range_options=dict(long_range_options or {}))
+                           long_range_options=dict(long_range_options or {}), compile_kernels=bool(compile_kernels))
+        self.compile_kernels = bool(compile_kernels)
+        self._compiled_now = False
         self.cutoff = float(cutoff)
         self.species = species
         self.long_range = long_range
@@ -180,7 +185,7 @@ class CartLorem(nn.Module):
         h = [self.embedding[species], None, None]
         node_energy = torch.zeros_like(positions[:, 0])
         for layer, prod, mix, skip, readout in zip(self.layers, self.products, self.mixers, self.skips, self.readouts):
-            A = layer(h, graph.edge_index, unit, radial, envelope)
+            A = layer(h, graph.edge_index, unit, radial, envelope, compiled=self._compiled_now)
             B = mix(prod(A, species))
             sc = skip(h, species)
             h = [b if s is None else (b + s if b is not None else None) for b, s in zip(B, sc)]
@@ -213,8 +218,12 @@ class CartLorem(nn.Module):
         if compute_stress is None:
             compute_stress = bool(graph.pbc.any())
         create_graph = self.training if create_graph is None else create_graph
-        return with_derivatives(self.energy, graph, compute_forces=compute_forces, compute_stress=compute_stress,
-                                create_graph=create_graph)
+        self._compiled_now = self.compile_kernels and not create_graph
+        try:
+            return with_derivatives(self.energy, graph, compute_forces=compute_forces,
+                                    compute_stress=compute_stress, create_graph=create_graph)
+        finally:
+            self._compiled_now = False
 
     def extra_repr(self) -> str:
         c = self.config

@@ -169,3 +169,17 @@ def test_bad_input_errors(tmp_path):
         cartlorem.load_model(bad)
     with pytest.raises(ValueError, match="long_range"):
         cartlorem.CartLorem([1], long_range="coulomb")
+
+
+def test_compiled_kernels_match_eager_and_training_stays_eager():
+    eager = small_model([1, 6, 8])
+    compiled = small_model([1, 6, 8], compile_kernels=True)
+    a = molecule_ch3oh()
+    e, c = predict(eager, a), predict(compiled, a)
+    torch.testing.assert_close(c["energy"], e["energy"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c["forces"], e["forces"], rtol=1e-10, atol=1e-10)
+    # training needs double backward: the compiled kernel must not be used there
+    g = atoms_to_graph(a, compiled.cutoff)
+    out = compiled(g, create_graph=True)
+    (out["forces"] ** 2).sum().backward()
+    assert all(p.grad is not None for p in compiled.layers[0].radial.parameters())

@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..tensors import EquivariantLinear, edge_paths, mix_channels, paths_to, product, weighted_edge_product
+from ..tensors import (EquivariantLinear, compiled_weighted_edge_product, edge_paths, mix_channels, paths_to, product,
+                       weighted_edge_product)
 from .radial import RadialMLP
 
 __all__ = ["Interaction", "BodyOrderProduct", "SpeciesLinear"]
@@ -41,13 +42,14 @@ class Interaction(nn.Module):
         self.avg_num_neighbors = float(avg_num_neighbors)
 
     def forward(self, h: Features, edge_index: torch.Tensor, unit: torch.Tensor, radial: torch.Tensor,
-                envelope: torch.Tensor) -> Features:
+                envelope: torch.Tensor, compiled: bool = False) -> Features:
         i, j = edge_index
         n_nodes = h[0].shape[0]
         hu = self.linear_up(h)
         hj = [x[j] if x is not None else None for x in hu]  # gathered neighbour features [E, C, ...]
         w = (self.radial(radial) * envelope[:, None]).view(-1, len(self.paths), self.channels)
-        msg = weighted_edge_product(hj, unit, w, self.l_msg)
+        kernel = compiled_weighted_edge_product if compiled else weighted_edge_product
+        msg = kernel(hj, unit, w, self.l_msg)
         out: Features = [None, None, None]
         for l in self.l_msg:
             m = msg[l]

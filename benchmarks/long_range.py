@@ -1,0 +1,181 @@
+"""Does long range help? Short-range vs "lorem" vs "multipole" on data with long-range physics.
+
+Same 5 Å cutoff, same architecture, same seed, same split and the same training budget (`--epochs`, the same for every variant; an optional
+wall-clock cap `--budget`) for the three variants.
+Energy and force MAE overall and by group:
+
+* dimers.xyz   by `classes` and by centre separation (< 5, 5–8, > 8 Å)
+* nacl.xyz     by `cluster` (Na8Cl8+ vs Na9Cl8+: same local environments, different far field)
+* sn2.xyz      by |xi| bins
+* nacl_pbc.xyz overall (periodic Ewald path, stress)
+
+    python benchmarks/long_range.py --sets dimers,nacl --epochs 12
+    python benchmarks/long_range.py --quick          # smoke test: tiny budget, few frames
+
+Writes benchmarks/results/long_range.json and .md (machine, versions and git commit stamped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine_info  # noqa: E402
+
+import cartlorem  # noqa: E402
+from cartlorem.data import read_dataset, split  # noqa: E402
+from cartlorem.evaluate import predict  # noqa: E402
+from cartlorem.train import train  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VARIANTS = [None, "lorem", "multipole"]
+
+
+def groups_for(name: str, frames) -> dict[str, np.ndarray]:
+    """Frame masks by group for the report."""
+    n = len(frames)
+    out = {"all": np.ones(n, bool)}
+    if name == "dimers":
+        cls = np.array([a.info["classes"] for a in frames])
+        sep = np.array([float(a.info["separation"]) for a in frames])
+        for c in sorted(set(cls)):
+            out[f"classes={c}"] = cls == c
+        out["sep<5"] = sep < 5
+        out["5<=sep<8"] = (sep >= 5) & (sep < 8)
+        out["sep>=8"] = sep >= 8
+    elif name == "nacl":
+        cl = np.array([a.info["cluster"] for a in frames])
+        for c in sorted(set(cl)):
+            out[f"cluster={c}"] = cl == c
+    elif name == "sn2":
+        xi = np.abs(np.array([float(a.info["xi"]) for a in frames]))
+        for lo, hi in [(0, 1), (1, 3), (3, 99)]:
+            out[f"{lo}<=|xi|<{hi}"] = (xi >= lo) & (xi < hi)
+    return out
+
+
+def group_errors(pred, masks) -> dict:
+    """MAE per group of structures: energy meV/atom, force components meV/Å."""
+    e_err = np.abs(pred.energy_pred - pred.energy_ref) / pred.n_atoms * 1000.0  # [M] meV/atom
+    f_err = np.abs(pred.forces_pred - pred.forces_ref) * 1000.0  # [N, 3] meV/Å
+    res = {}
+    for g, m in masks.items():
+        if m.sum() == 0:
+            continue
+        atoms_in = m[pred.structure]
+        res[g] = {"n": int(m.sum()), "energy_mae_mev_per_atom": float(e_err[m].mean()),
+                  "forces_mae_mev_per_a": float(f_err[atoms_in].mean())}
+    return res
+
+
+def run_set(name, args):
+    from ase.io import read
+
+    path = Path(args.data_dir) / f"{name}.xyz"
+    frames = read(path, ":")
+    if args.max_frames:
+        frames = frames[: args.max_frames]
+    graphs = read_dataset(frames, args.cutoff, require=("energy", "forces"))
+    species = sorted({int(z) for a in frames for z in a.numbers})
+    rest, test_idx = split(len(graphs), valid_fraction=args.test_fraction, seed=args.seed)
+    tr_local, va_local = split(len(rest), valid_fraction=0.1, seed=args.seed + 1)
+    train_idx, valid_idx = rest[tr_local], rest[va_local]
+    test_frames = [frames[k] for k in test_idx]
+    masks = groups_for(name, test_frames)
+    results = {}
+    for lr in VARIANTS:
+        torch.manual_seed(args.seed)
+        model = cartlorem.CartLorem(species, cutoff=args.cutoff, long_range=lr, channels=args.channels,
+                                    num_layers=2, correlation=args.correlation)
+        model = model.to(getattr(torch, args.dtype))
+        t0 = time.perf_counter()
+        res = train(model, [graphs[k] for k in train_idx], [graphs[k] for k in valid_idx], epochs=args.epochs,
+                    batch_size=args.batch_size, lr=args.lr, max_time=args.budget, patience=None,
+                    seed=args.seed, progress=False, weights={"energy": args.energy_weight, "forces": 1.0})
+        wall = time.perf_counter() - t0
+        pred = predict(model, [graphs[k] for k in test_idx], batch_size=16)
+        key = "none" if lr is None else lr
+        if args.save_models:
+            Path(args.save_models).mkdir(parents=True, exist_ok=True)
+            cartlorem.save_model(model, Path(args.save_models) / f"{name}_{key}.pt")
+        results[key] = {"epochs": int(res.epochs_completed), "train_seconds": wall,
+                        "n_parameters": sum(p.numel() for p in model.parameters()),
+                        "groups": group_errors(pred, masks)}
+        g = results[key]["groups"]["all"]
+        print(f"[{name}] {key:9s} epochs={results[key]['epochs']:4d} E MAE {g['energy_mae_mev_per_atom']:.2f} "
+              f"meV/atom  F MAE {g['forces_mae_mev_per_a']:.1f} meV/Å  ({wall:.0f} s)", flush=True)
+    return {"n_train": len(train_idx), "n_valid": len(valid_idx), "n_test": len(test_idx), "variants": results}
+
+
+def to_markdown(all_results, meta) -> str:
+    lines = [f"# Long range vs short range ({meta['date']}, commit {meta['git_commit'][:10]})", "",
+             f"Machine: {meta['cpu_model']} ({meta['torch_num_threads']} threads, load {meta['loadavg_1min']}). Budget "
+             f"{meta['epochs']} epochs per model (wall cap {meta['budget_s']} s), channels {meta['channels']}, cutoff {meta['cutoff']} Å, "
+             f"seed {meta['seed']}. Test-set MAE: energy meV/atom / forces meV/Å.", ""]
+    for name, r in all_results.items():
+        lines += [f"## {name} (train {r['n_train']}, valid {r['n_valid']}, test {r['n_test']})", "",
+                  "| group | n | " + " | ".join(r["variants"]) + " |",
+                  "|---|---|" + "---|" * len(r["variants"])]
+        groups = list(next(iter(r["variants"].values()))["groups"])
+        for g in groups:
+            cells = []
+            for v in r["variants"].values():
+                x = v["groups"][g]
+                cells.append(f"{x['energy_mae_mev_per_atom']:.2f} / {x['forces_mae_mev_per_a']:.1f}")
+            n = next(iter(r["variants"].values()))["groups"][g]["n"]
+            lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
+        lines.append("| epochs in budget | | " + " | ".join(str(v["epochs"]) for v in r["variants"].values()) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--sets", default="dimers,nacl,sn2,nacl_pbc")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs per model (the budget)")
+    p.add_argument("--budget", type=float, default=None, help="optional wall-clock cap in seconds per model")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--channels", type=int, default=16)
+    p.add_argument("--correlation", type=int, default=2)
+    p.add_argument("--cutoff", type=float, default=5.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--energy-weight", type=float, default=10.0)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--max-frames", type=int, default=0, help="use only the first N frames (0: all)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-models", default=str(Path(__file__).resolve().parent / "results" / "long_range_models"),
+                   help="folder for the trained models ('' to skip)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 20 s budget, 120 frames")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "long_range"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.epochs, args.max_frames, args.save_models = 1, 120, ""
+    torch.set_num_threads(args.threads)
+    if not Path(args.data_dir).is_dir():
+        p.error(f"data folder not found: {args.data_dir} (pass --data-dir)")
+    meta = {**machine_info(), "epochs": args.epochs, "budget_s": args.budget, "channels": args.channels, "cutoff": args.cutoff,
+            "seed": args.seed, "dtype": args.dtype, "correlation": args.correlation}
+    all_results = {}
+    for name in args.sets.split(","):
+        all_results[name] = run_set(name.strip(), args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump({"meta": meta, "results": all_results}, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(to_markdown(all_results, meta) + "\n")
+    print(to_markdown(all_results, meta))
+
+
+if __name__ == "__main__":
+    main()
