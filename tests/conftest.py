@@ -75,3 +75,50 @@ def make_crystal():
         return Atoms(numbers=numbers, positions=pos, cell=cell, pbc=pbc3)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and timings do not depend on the machine's load)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def emt_frames(n, seed=0, periodic_every=3):
+    """n small Cu/Ag structures with EMT energy/forces (stress for the periodic ones), seeded.
+
+    Clusters: an fcc atom and 3–5 of its nearest neighbours; crystals: a strained 4-atom cubic fcc
+    cell. Every structure is rattled by 0.1 Å.
+    """
+    from ase import Atoms
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(seed)
+    lattice = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+    centre = int(np.argmin(np.linalg.norm(lattice.positions - 3.6, axis=1)))
+    d = np.linalg.norm(lattice.positions - lattice.positions[centre], axis=1)
+    shell = np.flatnonzero((d > 0) & (d < 2.6))  # the 12 nearest neighbours
+    frames = []
+    for k in range(n):
+        if k % periodic_every == 0:
+            a = bulk("Cu", "fcc", a=3.6, cubic=True)
+            a.set_cell(a.cell * (1 + 0.03 * rng.standard_normal()), scale_atoms=True)
+        else:
+            pick = np.concatenate([[centre], rng.choice(shell, int(rng.integers(3, 6)), replace=False)])
+            a = Atoms("Cu" * len(pick), positions=lattice.positions[pick])
+        a.symbols[rng.random(len(a)) < 0.3] = "Ag"
+        a.positions += 0.1 * rng.standard_normal(a.positions.shape)
+        a.calc = EMT()
+        res = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
+        if a.pbc.any():
+            res["stress"] = a.get_stress()
+        a.calc = SinglePointCalculator(a, **res)
+        frames.append(a)
+    return frames
+

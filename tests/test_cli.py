@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from cartlorem import cli, load_model
+from conftest import emt_frames  # noqa: E402  (tests/ is on sys.path under pytest)
 
 TINY_CONFIG = {
     "channels": 8,
@@ -30,37 +31,6 @@ def restore_threads():
     n = torch.get_num_threads()  # the CLI's --threads sets torch's thread count for the process
     yield
     torch.set_num_threads(n)
-
-
-def emt_frames(n, seed=0, periodic_every=3):
-    """n small Cu/Ag clusters and strained fcc crystals with EMT labels (see tests/test_train.py)."""
-    from ase import Atoms
-    from ase.build import bulk
-    from ase.calculators.emt import EMT
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    rng = np.random.default_rng(seed)
-    lattice = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
-    centre = int(np.argmin(np.linalg.norm(lattice.positions - 3.6, axis=1)))
-    d = np.linalg.norm(lattice.positions - lattice.positions[centre], axis=1)
-    shell = np.flatnonzero((d > 0) & (d < 2.6))
-    frames = []
-    for k in range(n):
-        if k % periodic_every == 0:
-            a = bulk("Cu", "fcc", a=3.6, cubic=True)
-            a.set_cell(a.cell * (1 + 0.03 * rng.standard_normal()), scale_atoms=True)
-        else:
-            pick = np.concatenate([[centre], rng.choice(shell, int(rng.integers(3, 6)), replace=False)])
-            a = Atoms("Cu" * len(pick), positions=lattice.positions[pick])
-        a.symbols[rng.random(len(a)) < 0.3] = "Ag"
-        a.positions += 0.1 * rng.standard_normal(a.positions.shape)
-        a.calc = EMT()
-        res = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
-        if a.pbc.any():
-            res["stress"] = a.get_stress()
-        a.calc = SinglePointCalculator(a, **res)
-        frames.append(a)
-    return frames
 
 
 @pytest.fixture(scope="module")
