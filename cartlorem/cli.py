@@ -873,7 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--max-time",
         type=_float,
-        default=150.0,
+        default=110.0,
         metavar="SECONDS",
         help="training time budget (a safety net on slow machines)",
     )
