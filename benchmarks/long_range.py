@@ -58,7 +58,7 @@ def groups_for(name: str, frames) -> dict[str, np.ndarray]:
     elif name == "sn2":
         xi = np.abs(np.array([float(a.info["xi"]) for a in frames]))
         for lo, hi in [(0, 1), (1, 3), (3, 99)]:
-            out[f"{lo}<=|xi|<{hi}"] = (xi >= lo) & (xi < hi)
+            out[f"{lo}<=abs(xi)<{hi}"] = (xi >= lo) & (xi < hi)
     return out
 
 
@@ -76,7 +76,8 @@ def group_errors(pred, masks) -> dict:
     return res
 
 
-def run_set(name, args):
+def load_split(name, args):
+    """Frames, graphs, species and the fixed (train, valid, test) split of one data set."""
     from ase.io import read
 
     path = Path(args.data_dir) / f"{name}.xyz"
@@ -88,6 +89,28 @@ def run_set(name, args):
     rest, test_idx = split(len(graphs), valid_fraction=args.test_fraction, seed=args.seed)
     tr_local, va_local = split(len(rest), valid_fraction=0.1, seed=args.seed + 1)
     train_idx, valid_idx = rest[tr_local], rest[va_local]
+    return frames, graphs, species, train_idx, valid_idx, test_idx
+
+
+def evaluate_saved(name, args):
+    """Score the models saved by an earlier (possibly interrupted) run on the same test split."""
+    frames, graphs, species, train_idx, valid_idx, test_idx = load_split(name, args)
+    masks = groups_for(name, [frames[k] for k in test_idx])
+    results = {}
+    for key in ("none", "lorem", "multipole"):
+        path = Path(args.save_models) / f"{name}_{key}.pt"
+        if not path.exists():
+            continue
+        model = cartlorem.load_model(path)
+        pred = predict(model, [graphs[k] for k in test_idx], batch_size=16)
+        results[key] = {"epochs": args.epochs, "train_seconds": None,
+                        "n_parameters": sum(p.numel() for p in model.parameters()),
+                        "groups": group_errors(pred, masks)}
+    return {"n_train": len(train_idx), "n_valid": len(valid_idx), "n_test": len(test_idx), "variants": results}
+
+
+def run_set(name, args):
+    frames, graphs, species, train_idx, valid_idx, test_idx = load_split(name, args)
     test_frames = [frames[k] for k in test_idx]
     masks = groups_for(name, test_frames)
     results = {}
@@ -132,7 +155,10 @@ def to_markdown(all_results, meta) -> str:
                 cells.append(f"{x['energy_mae_mev_per_atom']:.2f} / {x['forces_mae_mev_per_a']:.1f}")
             n = next(iter(r["variants"].values()))["groups"][g]["n"]
             lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
-        lines.append("| epochs in budget | | " + " | ".join(str(v["epochs"]) for v in r["variants"].values()) + " |")
+        lines.append("| epochs | | " + " | ".join(str(v["epochs"]) for v in r["variants"].values()) + " |")
+        missing = [v for v in ("none", "lorem", "multipole") if v not in r["variants"]]
+        if missing:
+            lines.append(f"\nNot trained in this run (time): {', '.join(missing)}.")
         lines.append("")
     return "\n".join(lines)
 
@@ -158,7 +184,37 @@ def main(argv=None):
                    help="folder for the trained models ('' to skip)")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 s budget, 120 frames")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "long_range"))
+    p.add_argument("--report-only", action="store_true", help="rewrite the .md from the existing .json")
+    p.add_argument("--evaluate-saved", action="store_true",
+                   help="no training: score the models in --save-models on the same test split and merge "
+                        "the sets into the existing .json (for runs that were interrupted)")
     args = p.parse_args(argv)
+    if args.evaluate_saved:
+        torch.set_num_threads(args.threads)
+        saved = {"meta": {**machine_info(), "epochs": args.epochs, "budget_s": args.budget, "channels": args.channels,
+                          "cutoff": args.cutoff, "seed": args.seed, "dtype": args.dtype}, "results": {}}
+        if Path(args.out + ".json").exists():
+            with open(args.out + ".json") as f:
+                saved = json.load(f)
+        for name in args.sets.split(","):
+            saved["results"][name.strip()] = evaluate_saved(name.strip(), args)
+        with open(args.out + ".json", "w") as f:
+            json.dump(saved, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(to_markdown(saved["results"], saved["meta"]) + "\n")
+        print(to_markdown(saved["results"], saved["meta"]))
+        return
+    if args.report_only:
+        with open(args.out + ".json") as f:
+            saved = json.load(f)
+        for r in saved["results"].values():  # older runs labelled sn2 groups with '|', which breaks tables
+            for v in r["variants"].values():
+                v["groups"] = {k.replace("|xi|", "abs(xi)"): x for k, x in v["groups"].items()}
+        with open(args.out + ".json", "w") as f:
+            json.dump(saved, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(to_markdown(saved["results"], saved["meta"]) + "\n")
+        return
     if args.quick:
         args.epochs, args.max_frames, args.save_models = 1, 120, ""
     torch.set_num_threads(args.threads)
