@@ -606,6 +606,13 @@ def test_batched_equals_single():
     b = ewald.multipole_fields(pos_b, q_b, mu_b, th_b)
     for x, ya, yb in zip(got, a, b):
         assert torch.allclose(x, cat(ya, yb), rtol=1e-13, atol=1e-13)
+    only = ewald.batched_multipole_fields(
+        cat(pos_a, pos_b), batch, cells, pbc, cat(q_a, q_b), cat(mu_a, mu_b), cat(th_a, th_b), accuracy=1e-10,
+        ranks=(0,))
+    assert only.field is None and only.field_gradient is None
+    assert torch.allclose(only.potential, got.potential, rtol=1e-9, atol=1e-9)  # own Ewald parameters
+    with pytest.raises(ValueError, match="ranks"):
+        ewald.batched_multipole_fields(pos_a, torch.zeros(4, dtype=torch.long), cells[:1], pbc[:1], q_a, ranks=(3,))
 
 
 def test_float32_matches_float64():
@@ -664,10 +671,12 @@ def test_bad_input_is_rejected():
     assert bool(torch.isfinite(f.potential).all())
 
 
+@pytest.mark.parametrize("ranks", [(0, 1, 2), (0,), (1, 2)])
 @pytest.mark.parametrize("smearing", [None, 0.8])
 @pytest.mark.parametrize("given", [(0,), (1,), (2,), (0, 1, 2)])
-def test_batched_open_fast_path_equals_blocked_sum(smearing, given):
-    """Many open structures go through one vectorised pair sum; it must equal the per-structure sum."""
+def test_batched_open_fast_path_equals_blocked_sum(smearing, given, ranks):
+    """Many open structures go through one vectorised pair sum; it must equal the per-structure sum.
+    Fields not asked for come back as None."""
     systems = [random_system(30 + k, n=n, c=3) for k, n in enumerate((4, 1, 5, 3))]
     pos = torch.cat([s[0] for s in systems])
     batch = torch.cat([torch.full((s[0].shape[0],), k) for k, s in enumerate(systems)])
@@ -675,13 +684,14 @@ def test_batched_open_fast_path_equals_blocked_sum(smearing, given):
     srcs = [torch.cat([s[1 + r] for s in systems]) if r in given else None for r in range(3)]
     got = ewald.batched_multipole_fields(
         pos[perm], batch[perm], torch.zeros(4, 3, 3, dtype=DT), torch.zeros(4, 3, dtype=torch.bool),
-        *[None if x is None else x[perm] for x in srcs], smearing=smearing, prefactor=2.0)
+        *[None if x is None else x[perm] for x in srcs], smearing=smearing, prefactor=2.0, ranks=ranks)
+    assert [k for k in range(3) if got[k] is not None] == list(ranks)
     start = 0
     for s in systems:
         n = s[0].shape[0]
         ref = ewald.multipole_fields(s[0], *[None if r not in given else s[1 + r] for r in range(3)],
                                      smearing=smearing, prefactor=2.0)
         rows = [int((perm == k).nonzero()) for k in range(start, start + n)]
-        for x, y in zip(got, ref):
-            assert torch.allclose(x[rows], y, rtol=1e-12, atol=1e-12)
+        for k in ranks:
+            assert torch.allclose(got[k][rows], ref[k], rtol=1e-12, atol=1e-12)
         start += n

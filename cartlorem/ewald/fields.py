@@ -198,13 +198,19 @@ def batched_multipole_fields(
     smearing=None,
     accuracy=1e-6,
     prefactor=1.0,
+    ranks=(0, 1, 2),
 ) -> MultipoleFields:
     """:func:`multipole_fields` for a batch of structures, each with its own cell and boundary conditions.
 
     positions [N, 3] (Å); batch [N] long, structure index of every atom (0 .. B-1); cell [B, 3, 3] (Å);
     pbc [B, 3] bool; charges [N, C], dipoles [N, C, 3], quadrupoles [N, C, 3, 3] or None.
+    ranks: the field ranks to compute (0 potential, 1 field, 2 gradient); the others come back as None
+    and cost nothing (the LOREM block needs only the potential).
     Returns MultipoleFields for all N atoms, in the input order. Structures never interact.
     """
+    ranks = tuple(sorted(set(int(r) for r in ranks)))
+    if not ranks or any(r not in (0, 1, 2) for r in ranks):
+        raise ValueError(f"ranks must be a non-empty subset of (0, 1, 2), got {ranks}")
     if (
         not isinstance(batch, torch.Tensor)
         or batch.dim() != 1
@@ -236,7 +242,7 @@ def batched_multipole_fields(
         n_channels = next(t for t in sub if t is not None).shape[1]
         if n_pairs * n_channels <= _FAST_OPEN_LIMIT:
             parts.append(_open_batched(positions[open_atoms], batch[open_atoms], *sub, smearing=smearing,
-                                       accuracy=accuracy, prefactor=prefactor))
+                                       accuracy=accuracy, prefactor=prefactor, ranks=ranks))
             order.append(open_atoms)
             handled = open_struct
     for b in range(cell.shape[0]):
@@ -246,7 +252,7 @@ def batched_multipole_fields(
         if idx.numel() == 0:
             continue
         sub = [None if t is None else t[idx] for t in (charges, dipoles, quadrupoles)]
-        f = multipole_fields(
+        f = compute_fields(
             positions[idx],
             *sub,
             cell=cell[b],
@@ -254,18 +260,20 @@ def batched_multipole_fields(
             smearing=smearing,
             accuracy=accuracy,
             prefactor=prefactor,
+            ranks=ranks,
         )
-        parts.append(f)
+        parts.append(MultipoleFields(*(f.get(r) for r in (0, 1, 2))))
         order.append(idx)
     inverse = torch.argsort(torch.cat(order))
-    return MultipoleFields(*(torch.cat(list(x))[inverse] for x in zip(*parts)))
+    return MultipoleFields(*(None if x[0] is None else torch.cat(list(x))[inverse] for x in zip(*parts)))
 
 
 #: Above this many (pairs x channels) a batch of open structures goes through the blocked pair sum.
 _FAST_OPEN_LIMIT = 1 << 20
 
 
-def _open_batched(positions, batch, charges, dipoles, quadrupoles, *, smearing, accuracy, prefactor):
+def _open_batched(positions, batch, charges, dipoles, quadrupoles, *, smearing, accuracy, prefactor,
+                  ranks=(0, 1, 2)):
     """All open structures of a batch in one vectorised direct sum over intra-structure pairs.
 
     With R = r_i − r_j and the kernel's B_n (B_0 = f, B_n = −(1/R) dB_{n−1}/dR), a source (q, μ, Θ)
@@ -275,7 +283,7 @@ def _open_batched(positions, batch, charges, dipoles, quadrupoles, *, smearing, 
         G = a I + b R Rᵀ + (μ Rᵀ + R μᵀ) B2 + (ΘR Rᵀ + R (ΘR)ᵀ) B3 − Θ B2,
                                                    b = −(q B2 + (μ·R) B3 + ½ (RᵀΘR) B4)
     (φ differentiated with ∂B_n/∂R = −R B_{n+1}). Same results as the blocked pair sum, far fewer
-    kernel launches for many small molecules.
+    kernel launches for many small molecules. Only the field ranks in ``ranks`` are computed (None else).
     """
     inputs = check_inputs(positions, charges, dipoles, quadrupoles, None, None, smearing, accuracy)
     m = inputs.multipoles
@@ -294,9 +302,10 @@ def _open_batched(positions, batch, charges, dipoles, quadrupoles, *, smearing, 
         start += n
     ref = next(iter(m.values()))
     n_atoms, n_ch = pos.shape[0], ref.shape[1]
-    zeros = [pos.new_zeros(n_atoms, n_ch), pos.new_zeros(n_atoms, n_ch, 3), pos.new_zeros(n_atoms, n_ch, 3, 3)]
+    shapes = {0: (n_atoms, n_ch), 1: (n_atoms, n_ch, 3), 2: (n_atoms, n_ch, 3, 3)}
+    zeros = {r: pos.new_zeros(shapes[r]) for r in ranks}
     if not ii:
-        return MultipoleFields(*zeros)
+        return MultipoleFields(*(zeros.get(r) for r in (0, 1, 2)))
     # atoms are grouped by structure in the input order of ``batch`` only if sorted: sort to be safe
     order = torch.argsort(batch, stable=True)
     i = order[torch.cat(ii)]
@@ -311,50 +320,51 @@ def _open_batched(positions, batch, charges, dipoles, quadrupoles, *, smearing, 
         kernel = RadialKernel.coulomb()
     else:
         kernel = RadialKernel.smeared(float(smearing))
-    max_order = 2 + max(m)
-    B = kernel.derivatives(r2, torch.ones_like(r2, dtype=torch.bool), max_order)
+    B = kernel.derivatives(r2, torch.ones_like(r2, dtype=torch.bool), max(ranks) + max(m))
     B = [b[:, None] for b in B] + [None] * (5 - len(B))  # [P, 1]
     Rc = R[:, None, :]  # [P, 1, 3]
     q = m[0][j] if 0 in m else None  # [P, C]
     mu = m[1][j] if 1 in m else None  # [P, C, 3]
     th = m[2][j] if 2 in m else None  # [P, C, 3, 3]
-    phi = torch.zeros_like(r2)[:, None]
-    a = torch.zeros_like(phi)
-    b = torch.zeros_like(phi)
-    E_extra = None
-    G_extra = None
+    want_phi, want_E, want_G = 0 in ranks, 1 in ranks, 2 in ranks
+    want_a = want_E or want_G
+    phi = a = b = E_extra = G_extra = 0.0
     if q is not None:
-        phi = phi + q * B[0]
-        a = a + q * B[1]
-        b = b - q * B[2]
+        phi = q * B[0] if want_phi else 0.0
+        a = q * B[1] if want_a else 0.0
+        b = -q * B[2] if want_G else 0.0
     if mu is not None:
         muR = (mu * Rc).sum(-1)  # [P, C]
-        phi = phi + muR * B[1]
-        a = a + muR * B[2]
-        b = b - muR * B[3]
-        E_extra = -mu * B[1][..., None]
-        sym = mu[..., :, None] * Rc[..., None, :]
-        G_extra = (sym + sym.transpose(-1, -2)) * B[2][..., None, None]
+        if want_phi:
+            phi = phi + muR * B[1]
+        if want_a:
+            a = a + muR * B[2]
+        if want_G:
+            b = b - muR * B[3]
+            sym = mu[..., :, None] * Rc[..., None, :]
+            G_extra = (sym + sym.transpose(-1, -2)) * B[2][..., None, None]
+        if want_E:
+            E_extra = -mu * B[1][..., None]
     if th is not None:
         thR = (th * Rc[..., None, :]).sum(-1)  # Θ R [P, C, 3]
         RthR = (thR * Rc).sum(-1)  # [P, C]
-        phi = phi + 0.5 * RthR * B[2]
-        a = a + 0.5 * RthR * B[3]
-        b = b - 0.5 * RthR * B[4]
-        e = -thR * B[2][..., None]
-        E_extra = e if E_extra is None else E_extra + e
-        sym = thR[..., :, None] * Rc[..., None, :]
-        g = (sym + sym.transpose(-1, -2)) * B[3][..., None, None] - th * B[2][..., None, None]
-        G_extra = g if G_extra is None else G_extra + g
-    phi = phi.expand(-1, n_ch) if phi.shape[1] != n_ch else phi
-    a = a.expand(-1, n_ch) if a.shape[1] != n_ch else a
-    b = b.expand(-1, n_ch) if b.shape[1] != n_ch else b
-    E = a[..., None] * Rc
-    if E_extra is not None:
-        E = E + E_extra
-    eye = torch.eye(3, dtype=pos.dtype, device=pos.device)
-    G = a[..., None, None] * eye + b[..., None, None] * (Rc[..., :, None] * Rc[..., None, :])
-    if G_extra is not None:
-        G = G + G_extra
-    out = [z.index_add(0, i, x) for z, x in zip(zeros, (phi, E, G))]
-    return MultipoleFields(*(prefactor * x for x in out))
+        if want_phi:
+            phi = phi + 0.5 * RthR * B[2]
+        if want_a:
+            a = a + 0.5 * RthR * B[3]
+        if want_G:
+            b = b - 0.5 * RthR * B[4]
+            sym = thR[..., :, None] * Rc[..., None, :]
+            G_extra = G_extra + (sym + sym.transpose(-1, -2)) * B[3][..., None, None] - th * B[2][..., None, None]
+        if want_E:
+            E_extra = E_extra - thR * B[2][..., None]
+    pair = {}
+    if want_phi:
+        pair[0] = phi
+    if want_E:
+        pair[1] = a[..., None] * Rc + E_extra
+    if want_G:
+        eye = torch.eye(3, dtype=pos.dtype, device=pos.device)
+        pair[2] = a[..., None, None] * eye + b[..., None, None] * (Rc[..., :, None] * Rc[..., None, :]) + G_extra
+    out = {r: prefactor * zeros[r].index_add(0, i, pair[r]) for r in ranks}
+    return MultipoleFields(*(out.get(r) for r in (0, 1, 2)))

@@ -79,7 +79,7 @@ class LongRangeBlock(nn.Module):
             n, c = q.shape
             stacked = torch.cat([q, mu.reshape(n, 3 * c), theta.reshape(n, 9 * c)], dim=1)  # [N, 13 C]
             f = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=stacked,
-                                         smearing=self.smearing, accuracy=self.accuracy)
+                                         smearing=self.smearing, accuracy=self.accuracy, ranks=(0,))
             pot = f.potential
             phi, field, grad = pot[:, :c], pot[:, c:4 * c].reshape(n, c, 3), pot[:, 4 * c:].reshape(n, c, 3, 3)
             e_es = 0.5 * (q * phi + (mu * field).sum(-1) + (theta * grad).sum((-1, -2)))
