@@ -1,6 +1,8 @@
 """Accuracy at equal training budget: cartlorem (none, lorem, multipole) against MACE.
 
-Same data, same split, same loss and optimiser, same wall-clock budget per model:
+Same data, same split, same loss and optimiser, same budget per model: ``--epochs N`` (the same
+number of epochs for every model: the fair budget on a shared machine, used for the reported run) or
+``--budget S`` seconds of wall-clock training (the epochs that fit):
 
 * data: /work/shared/data/<set>.xyz (dimers, nacl, sn2, nacl_pbc), split exactly as
   benchmarks/long_range.py: ``split(len, 0.2, seed)`` for the test set, then
@@ -13,7 +15,7 @@ Same data, same split, same loss and optimiser, same wall-clock budget per model
 * training: cartlorem.train for cartlorem; for MACE a loop that mirrors it (the same
   ``weighted_loss``, AMSGrad, gradient clipping at 10, EMA 0.99 with the same warm-up, validation
   with the EMA weights, ReduceLROnPlateau 0.8/5, best-validation weights kept, the same
-  ``max_time`` rule), on the same batches of cartlorem Graphs converted to MACE's input dict;
+  ``max_time`` and epoch rules), on the same batches of cartlorem Graphs converted to MACE's input dict;
 * report: energy (meV/atom) and force (meV/Å) MAE and RMSE on the test set, overall and by group
   (``groups_for`` of long_range.py: dimers by class and by separation < 5, 5–8, ≥ 8 Å, ...), number of
   epochs that fit the budget, parity plots and learning curves.
@@ -22,7 +24,7 @@ MACE runs in benchmarks/.venv-peers (``bash benchmarks/setup_peers.sh``); withou
 says "not installed".
 
     python benchmarks/accuracy.py --quick                     # smoke test: 20 s per model, 120 frames
-    python benchmarks/accuracy.py --sets dimers --budget 240  # the study in benchmarks/README.md
+    python benchmarks/accuracy.py --sets dimers --epochs 10 --threads 1  # the study in benchmarks/README.md
 
 Writes benchmarks/results/accuracy.json and .md, accuracy.<set>.parity.png and
 accuracy.<set>.curves.png (machine, versions, load and git commit stamped).
@@ -82,7 +84,7 @@ def parity_arrays(pred) -> dict:
 
 def history_rows(history) -> list:
     keys = ("epoch", "train_loss", "valid_loss", "valid_energy_mae_mev_per_atom", "valid_forces_mae_mev_per_a",
-            "elapsed_s")
+            "epoch_time_s", "elapsed_s")
     return [{k: r.get(k) for k in keys} for r in history]
 
 
@@ -120,7 +122,7 @@ def mace_module():
     return MaceModel
 
 
-def train_mace(model, train_graphs, valid_graphs, *, batch_size, lr, weights, max_time, seed,
+def train_mace(model, train_graphs, valid_graphs, *, batch_size, lr, weights, max_time, seed, max_epochs=10**6,
                ema_decay=0.99, scheduler_factor=0.8, scheduler_patience=5, clip_grad=10.0, valid_batch_size=None):
     """The loop of cartlorem.train (fresh run, no files) for any model with cartlorem's interface."""
     import torch
@@ -145,7 +147,7 @@ def train_mace(model, train_graphs, valid_graphs, *, batch_size, lr, weights, ma
     t_call = time.perf_counter()
     n_batches = math.ceil(len(train_graphs) / batch_size)
     elapsed = 0.0
-    for epoch in range(1, 10**6):
+    for epoch in range(1, max_epochs + 1):
         if epoch_times and time.perf_counter() - t_call + float(np.mean(epoch_times)) > max_time:
             break
         t_epoch = time.perf_counter()
@@ -211,7 +213,8 @@ def run_variant(name: str, variant: str, args) -> dict:
     weights = {"energy": args.energy_weight, "forces": 1.0}
     relaxed = False
     torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    load0 = os.getloadavg()[0]
     if variant == "mace":
         refs = fit_reference_energies(train_g, species)
         stats = dataset_statistics(train_g, refs)
@@ -221,9 +224,10 @@ def run_variant(name: str, variant: str, args) -> dict:
                           scale=stats["forces_rms"] or stats["residual_energy_per_atom_std"] or 1.0,
                           shift=stats["residual_energy_per_atom_mean"], correlation=args.correlation)
         model = mace_module()(mace, species).to(dtype)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
+        load0 = os.getloadavg()[0]
         history = train_mace(model, train_g, valid_g, batch_size=args.batch_size, lr=args.lr, weights=weights,
-                             max_time=args.budget, seed=args.seed)
+                             max_time=args.budget, seed=args.seed, max_epochs=args.epochs or 10**6)
     else:
         import cartlorem
         from cartlorem.train import train
@@ -235,12 +239,16 @@ def run_variant(name: str, variant: str, args) -> dict:
         model = cartlorem.CartLorem(species, cutoff=args.cutoff, long_range=lr, channels=args.channels,
                                     num_layers=2, correlation=args.correlation, lmax=2, num_basis=8,
                                     radial_hidden=64, readout_hidden=16).to(dtype)
-        res = train(model, train_g, valid_g, epochs=10_000, batch_size=args.batch_size, lr=args.lr,
-                    max_time=args.budget, patience=None, seed=args.seed, progress=False, weights=weights)
+        res = train(model, train_g, valid_g, epochs=args.epochs or 10_000, batch_size=args.batch_size, lr=args.lr,
+                    max_time=None if math.isinf(args.budget) else args.budget, patience=None, seed=args.seed, progress=False, weights=weights)
         history = res.history
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    load1 = os.getloadavg()[0]
     pred = predict(model, test_g, batch_size=16)
-    return {"variant": variant, "epochs": len(history), "train_seconds": wall,
+    return {"variant": variant, "epochs": len(history), "train_seconds": wall, "train_cpu_seconds": cpu,
+            "loadavg_1min_start": round(load0, 2), "loadavg_1min_end": round(load1, 2),
+            "cpu_seconds_per_epoch": cpu / max(len(history), 1),
             "n_parameters": int(sum(p.numel() for p in model.parameters())),
             "test": metrics(pred), "groups": errors_by_group(pred, masks), "history": history_rows(history),
             "parity": parity_arrays(pred), "quadrupole_check_relaxed": relaxed,
@@ -257,7 +265,7 @@ def run_mace_subprocess(name: str, args) -> dict:
                                                                                              "args": spec})]
         env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.budget * 3 + 600)
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=None if math.isinf(args.budget) else args.budget * 3 + 600)
         except subprocess.TimeoutExpired:
             return {"variant": "mace", "status": "failed: timed out"}
         if r.returncode != 0 or not out.exists():
@@ -279,8 +287,10 @@ def to_markdown(all_results, meta) -> str:
              f"Load average (1 min) {m['loadavg_1min']} at start, {m.get('loadavg_1min_end')} at the end on "
              f"{m['cpu_count']} CPUs" + (" — shared machine: fewer epochs fit the budget than on an idle one."
                                          if (m.get('loadavg_1min_end') or 0) > (m['cpu_affinity'] or 1) else "."),
-             "", f"Budget **{m['budget']:g} s wall-clock training per model** (validation included; the epochs that "
-             f"fit are listed), {m['dtype']}, C = {m['channels']} channels (features up to rank / l = 2), correlation "
+             "", (f"Budget **{m['epochs']} epochs per model** (the same for every model; training wall and CPU "
+                  f"time are listed)" if m.get('epochs') else
+                  f"Budget **{m['budget']:g} s wall-clock training per model** (validation included; the epochs "
+                  f"that fit are listed)") + f", {m['dtype']}, C = {m['channels']} channels (features up to rank / l = 2), correlation "
              f"{m['correlation']}, 2 interactions, cutoff {m['cutoff']} Å, batch {m['batch_size']}, AMSGrad lr "
              f"{m['lr']:g}, loss weights energy {m['energy_weight']:g} / forces 1 / stress 1, EMA 0.99, seed "
              f"{m['seed']}. Split as long_range.py. Test-set errors: energy meV/atom, forces meV/Å, as MAE / RMSE.", ""]
@@ -308,6 +318,12 @@ def to_markdown(all_results, meta) -> str:
             lines.append(f"| {g} | {any_ok['groups'][g]['n']} | " + " | ".join(cells) + " |")
         lines.append("| epochs in budget | | " + " | ".join(f"{x.get('epochs', '—')} | " for x in r["variants"].values()) + "|")
         lines.append("| parameters | | " + " | ".join(f"{x.get('n_parameters', '—')} | " for x in r["variants"].values()) + "|")
+        lines.append("| training CPU s per epoch | | " + " | ".join(
+            f"{x['cpu_seconds_per_epoch']:.0f} | " if x.get("cpu_seconds_per_epoch") else "— | "
+            for x in r["variants"].values()) + "|")
+        lines.append("| load average during training (start–end) | | " + " | ".join(
+            f"{x['loadavg_1min_start']}–{x['loadavg_1min_end']} | " if "loadavg_1min_start" in x else "— | "
+            for x in r["variants"].values()) + "|")
         lines.append("")
         lines += [f"Parity plots: `accuracy.{name}.parity.png`; learning curves: `accuracy.{name}.curves.png`.", ""]
     t = meta.get("target")
@@ -366,7 +382,9 @@ def main(argv=None):
     p.add_argument("--sets", default="dimers")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of none, lorem, multipole, mace")
     p.add_argument("--skip-mace", action="store_true")
-    p.add_argument("--budget", type=float, default=240.0, help="training wall-clock seconds per model")
+    p.add_argument("--epochs", type=int, default=0, help="training epochs per model (0: as many as --budget allows)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="training wall-clock seconds per model (default: 240 without --epochs, none with it)")
     p.add_argument("--channels", type=int, default=16, help="C for both cartlorem and MACE")
     p.add_argument("--correlation", type=int, default=2, help="body order of the products, both models")
     p.add_argument("--cutoff", type=float, default=5.0)
@@ -399,8 +417,10 @@ def main(argv=None):
 
     from _common import machine_info
 
+    if args.budget is None:
+        args.budget = math.inf if args.epochs else 240.0
     if args.quick:
-        args.budget, args.max_frames = 20.0, 120
+        args.budget, args.max_frames, args.epochs = 20.0, 120, 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if not Path(args.data_dir).is_dir():
@@ -409,6 +429,8 @@ def main(argv=None):
     if args.skip_mace and "mace" in variants:
         variants.remove("mace")
     meta = {**machine_info(), **{k: v for k, v in vars(args).items() if k != "peer_worker"}}
+    if math.isinf(meta["budget"]):
+        meta["budget"] = None  # no wall-clock limit (strict JSON has no Infinity)
     if PEER_PYTHON.exists():
         r = subprocess.run([str(PEER_PYTHON), "-c", "from importlib.metadata import version as v; import e3nn; "
                             "print(v('mace-torch'), 'e3nn', e3nn.__version__)"], capture_output=True, text=True,
@@ -420,7 +442,8 @@ def main(argv=None):
     for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
         all_results[name] = {"variants": {}}
         for v in variants:
-            print(f"[{name}] training {LABEL[v]} for {args.budget:g} s ...", flush=True)
+            print(f"[{name}] training {LABEL[v]} for " + (f"{args.epochs} epochs" if args.epochs else f"{args.budget:g} s")
+                  + " ...", flush=True)
             if v == "mace":
                 res = run_mace_subprocess(name, args)
             else:

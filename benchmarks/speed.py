@@ -686,6 +686,9 @@ def write_outputs(rows, meta, summary, out):
         lines += ["Earlier measurements of re-measured points (kept in the JSON as `superseded_rows`): "
                   + "; ".join(f"{r['system']} N={r['n_atoms']} {MODEL_LABEL.get(r['model'], r['model'])}: "
                               f"{r['cpu_time_s']:.1f} s CPU / {r['time_s']:.1f} s wall" for r in sup) + ".", ""]
+    for x in m.get("log_only_measurements", []):
+        lines += [f"Also measured ({x['note']}): {x['system']} N={x['n_atoms']} CPU time "
+                  + ", ".join(f"{MODEL_LABEL.get(k, k)} {v:.1f} s" for k, v in x["cpu_time_s"].items()) + ".", ""]
     for u in m.get("updates", []):
         pts = "; ".join(f"{sys_} N={ATOMS_PER[sys_](size)} {mod} {dt}" for dev, dt, C, sys_, size, mod in u["points"])
         lines += [f"Re-measured {u['date']} (load {u['loadavg_1min_during']['min']}–{u['loadavg_1min_during']['max']}): "
