@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from long_range import DEFAULT_DATA, group_errors, groups_for, load_split  # noqa: E402
-from speed import MACE_MISSING, PEER_PYTHON, build_mace, mace_inputs, relax_quadrupole_check  # noqa: E402
+from speed import MACE_MISSING, PEER_PYTHON, build_mace, mace_inputs  # noqa: E402
 
 VARIANTS = ["none", "lorem", "multipole", "mace"]
 LABEL = {"none": "cartlorem none", "lorem": "cartlorem lorem", "multipole": "cartlorem multipole", "mace": "MACE"}
@@ -211,7 +211,6 @@ def run_variant(name: str, variant: str, args) -> dict:
     test_g = [graphs[k] for k in test_idx]
     dtype = getattr(torch, args.dtype)
     weights = {"energy": args.energy_weight, "forces": 1.0}
-    relaxed = False
     torch.manual_seed(args.seed)
     t0, c0 = time.perf_counter(), time.process_time()
     load0 = os.getloadavg()[0]
@@ -233,9 +232,6 @@ def run_variant(name: str, variant: str, args) -> dict:
         from cartlorem.train import train
 
         lr = None if variant == "none" else variant
-        if lr is not None and args.dtype == "float32" and not args.strict_quadrupole_check:
-            relax_quadrupole_check()
-            relaxed = True
         model = cartlorem.CartLorem(species, cutoff=args.cutoff, long_range=lr, channels=args.channels,
                                     num_layers=2, correlation=args.correlation, lmax=2, num_basis=8,
                                     radial_hidden=64, readout_hidden=16).to(dtype)
@@ -251,7 +247,7 @@ def run_variant(name: str, variant: str, args) -> dict:
             "cpu_seconds_per_epoch": cpu / max(len(history), 1),
             "n_parameters": int(sum(p.numel() for p in model.parameters())),
             "test": metrics(pred), "groups": errors_by_group(pred, masks), "history": history_rows(history),
-            "parity": parity_arrays(pred), "quadrupole_check_relaxed": relaxed,
+            "parity": parity_arrays(pred),
             "n_train": len(train_idx), "n_valid": len(valid_idx), "n_test": len(test_idx)}
 
 
@@ -294,9 +290,6 @@ def to_markdown(all_results, meta) -> str:
              f"{m['correlation']}, 2 interactions, cutoff {m['cutoff']} Å, batch {m['batch_size']}, AMSGrad lr "
              f"{m['lr']:g}, loss weights energy {m['energy_weight']:g} / forces 1 / stress 1, EMA 0.99, seed "
              f"{m['seed']}. Split as long_range.py. Test-set errors: energy meV/atom, forces meV/Å, as MAE / RMSE.", ""]
-    if m.get("quadrupole_check_relaxed"):
-        lines += ["Float32 long-range models ran with cartlorem's per-entry quadrupole check relaxed to a global "
-                  "scale (see speed.relax_quadrupole_check; a workaround for a float32 false alarm).", ""]
     for name, r in all_results.items():
         ok = {v: x for v, x in r["variants"].items() if "groups" in x}
         any_ok = next(iter(ok.values()), None)
@@ -396,8 +389,6 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strict-quadrupole-check", action="store_true",
-                   help="do not relax cartlorem's per-entry quadrupole check for float32 long-range models")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 s budget, 120 frames")
     p.add_argument("--out", default=str(HERE / "results" / "accuracy"))
     p.add_argument("--peer-worker", help=argparse.SUPPRESS)
@@ -458,8 +449,6 @@ def main(argv=None):
                       f"meV/atom  F MAE {t['forces_mae_mev_per_a']:.1f} meV/Å  ({res['train_seconds']:.0f} s)", flush=True)
             else:
                 print(f"[{name}] {LABEL[v]}: {res.get('status')}", flush=True)
-        meta["quadrupole_check_relaxed"] = any(x.get("quadrupole_check_relaxed") for r in all_results.values()
-                                               for x in r["variants"].values())
         meta["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
         d = all_results.get("dimers", {}).get("variants", {})
         if "multipole" in d and "mace" in d and "groups" in d["multipole"] and "groups" in d["mace"] \

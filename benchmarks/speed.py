@@ -173,35 +173,6 @@ def _rss_bytes():
     return None
 
 
-def relax_quadrupole_check() -> None:
-    """Workaround for float32 long-range models (reported to the lead): cartlorem.ewald checks that
-    every learned quadrupole is traceless relative to its *own* largest entry, so a quadrupole that
-    is small by cancellation (near-symmetric sites; an untrained model) fails on float32 rounding
-    noise (trace ~1e-9 against entries ~1e-4). Here the tolerance is taken relative to the largest
-    quadrupole entry of the whole call instead; the check still runs (same cost), and the residual
-    trace is projected out exactly as before. Used only where ``spec["relax_quadrupole_check"]``."""
-    import torch
-
-    from cartlorem.ewald import _validate
-
-    original = _validate._traceless
-
-    def _traceless(theta):
-        if theta.dtype == torch.float32 and theta.numel():
-            floor = theta.detach().abs().amax() * _validate.quadrupole_tolerance(theta.dtype)
-            sym = 0.5 * (theta.detach() + theta.detach().transpose(-1, -2))
-            trace = sym.diagonal(dim1=-2, dim2=-1).sum(-1).abs()
-            asym = (theta.detach() - theta.detach().transpose(-1, -2)).abs().amax(dim=(-2, -1))
-            if bool((trace > floor).any() or (asym > floor).any()):
-                return original(theta)  # a genuine violation: let the library raise its message
-            eye = torch.eye(3, dtype=theta.dtype, device=theta.device)
-            sym = 0.5 * (theta + theta.transpose(-1, -2))
-            return sym - sym.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * eye / 3.0
-        return original(theta)
-
-    _validate._traceless = _traceless
-
-
 def worker(spec: dict) -> dict:
     """Build the structure and model of ``spec``, time energy + forces, measure the call's peak memory."""
     import torch
@@ -211,8 +182,6 @@ def worker(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    if spec.get("relax_quadrupole_check"):
-        relax_quadrupole_check()
     device = resolve_device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
     sync = sync_fn(device)
@@ -400,8 +369,6 @@ def main(argv=None):
                    help="seconds per point (warm-up + repeats); larger points predicted to exceed it are skipped")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     p.add_argument("--cutoff", type=float, default=5.0)
-    p.add_argument("--strict-quadrupole-check", action="store_true",
-                   help="do not relax cartlorem's per-entry quadrupole check for float32 long-range models")
     p.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                    help="torch.profiler table of cartlorem short-range at ~1000 atoms (auto: when the speed target is missed)")
     p.add_argument("--out", default=str(HERE / "results" / "speed"))
@@ -532,14 +499,11 @@ def run_model_point(args, rows, loads, last, device, dtype, C, system, size, mod
     if "status" in row:
         print(f"{system:8s} N={n_atoms:5d} {model:9s} {row['status']}", flush=True)
         return row
-    relax = dtype == "float32" and model in ("multipole", "lorem") and not args.strict_quadrupole_check
     spec = {"model": model, "system": system, "size": size, "dtype": dtype, "device": device, "channels": C,
-            "cutoff": args.cutoff, "repeats": args.repeats, "budget_s": args.budget, "threads": args.threads,
-            "relax_quadrupole_check": relax}
+            "cutoff": args.cutoff, "repeats": args.repeats, "budget_s": args.budget, "threads": args.threads}
     python = mace_python if model == "mace" else sys.executable
     res = run_point(spec, python, timeout=args.budget * 1.5 + 120)
     row.update(res)
-    row["quadrupole_check_relaxed"] = relax
     loads.append(os.getloadavg()[0])
     if res["status"] == "ok":
         last[model] = (n_atoms, max(res["time_s"], res["first_call_s"] * 0.5), res.get("peak_mem_mb"))
@@ -643,7 +607,7 @@ def write_outputs(rows, meta, summary, out):
         ok = r.get("status") == "ok"
         table_rows.append({
             "system": r["system"], "N": r["n_atoms"],
-            "model": MODEL_LABEL.get(r["model"], r["model"]) + (" *" if r.get("quadrupole_check_relaxed") else ""),
+            "model": MODEL_LABEL.get(r["model"], r["model"]),
             "dt": r["dtype"], "dev": r["device"], "C": r["channels"],
             "params": r.get("n_parameters"),
             "ms": _fmt(r.get("time_s", 0) * 1e3, ".0f") if ok else r.get("status"),
@@ -674,9 +638,7 @@ def write_outputs(rows, meta, summary, out):
              "neighbour list excluded (own columns). Median of the repeats after one warm-up call, as wall time "
              "and as process CPU time; ratios (speed-up, long-range share) use the CPU time, which other jobs on "
              "a shared machine do not inflate (with one thread it is the wall time of an idle machine). "
-             "Diamond positions are rattled by 0.05 Å (seeded). Rows marked * ran float32 long-range models with "
-             "cartlorem's per-entry quadrupole check relaxed to a global scale (`relax_quadrupole_check` in this "
-             "script: without it the untrained float32 model fails the check on rounding noise; same cost). "
+             "Diamond positions are rattled by 0.05 Å (seeded). "
              "peak extra memory = peak RSS of the first call above the RSS before it (fresh process per point; "
              "CUDA: max_memory_allocated above the allocated memory before it). Matched settings: cutoff "
              f"{m['cutoff']} Å, ranks / l ≤ 2 with C channels, correlation 3, 2 interactions, 8 Bessel, "

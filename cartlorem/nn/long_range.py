@@ -70,6 +70,9 @@ class LongRangeBlock(nn.Module):
         if self.charge_correction:
             q = self._correct_charges(q, graph)
         if self.kind == "multipole":
+            # Θ comes from traceless features through a linear map: traceless up to the rounding of the
+            # (possibly much larger) features; project it so the Ewald input check sees exact Θ
+            theta = stf(theta)
             f = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=q, dipoles=mu,
                                          quadrupoles=theta, smearing=self.smearing, accuracy=self.accuracy)
             phi, field, grad = f.potential, f.field, f.field_gradient
