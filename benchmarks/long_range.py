@@ -115,6 +115,8 @@ def run_set(name, args):
     masks = groups_for(name, test_frames)
     results = {}
     for lr in VARIANTS:
+        if (lr or "none") not in args.variants:
+            continue
         torch.manual_seed(args.seed)
         model = cartlorem.CartLorem(species, cutoff=args.cutoff, long_range=lr, channels=args.channels,
                                     num_layers=2, correlation=args.correlation)
@@ -156,6 +158,11 @@ def to_markdown(all_results, meta) -> str:
             n = next(iter(r["variants"].values()))["groups"][g]["n"]
             lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
         lines.append("| epochs | | " + " | ".join(str(v["epochs"]) for v in r["variants"].values()) + " |")
+        stamps = sorted({(v.get("commit"), v.get("date")) for v in r["variants"].values() if v.get("commit")})
+        if len(stamps) > 1:
+            lines.append("\nTrained in separate runs: " + "; ".join(
+                f"{k} at commit {v['commit']} ({v['date'][:16]}, load {v.get('loadavg_1min')})"
+                for k, v in r["variants"].items() if v.get("commit")) + ".")
         missing = [v for v in ("none", "lorem", "multipole") if v not in r["variants"]]
         if missing:
             lines.append(f"\nNot trained in this run (time): {', '.join(missing)}.")
@@ -184,11 +191,18 @@ def main(argv=None):
                    help="folder for the trained models ('' to skip)")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 s budget, 120 frames")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "long_range"))
+    p.add_argument("--variants", default="none,lorem,multipole", help="comma list of none, lorem, multipole")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other sets and variants already in --out .json (same settings); replace only "
+                        "what this run trains")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md from the existing .json")
     p.add_argument("--evaluate-saved", action="store_true",
                    help="no training: score the models in --save-models on the same test split and merge "
                         "the sets into the existing .json (for runs that were interrupted)")
     args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not set(args.variants) <= {"none", "lorem", "multipole"} or not args.variants:
+        p.error(f"--variants: a comma list of none, lorem, multipole, got {args.variants}")
     if args.evaluate_saved:
         torch.set_num_threads(args.threads)
         saved = {"meta": {**machine_info(), "epochs": args.epochs, "budget_s": args.budget, "channels": args.channels,
@@ -223,8 +237,22 @@ def main(argv=None):
     meta = {**machine_info(), "epochs": args.epochs, "budget_s": args.budget, "channels": args.channels, "cutoff": args.cutoff,
             "seed": args.seed, "dtype": args.dtype, "correlation": args.correlation}
     all_results = {}
+    if args.merge and Path(args.out + ".json").exists():
+        with open(args.out + ".json") as f:
+            all_results = json.load(f)["results"]
+        meta["merged"] = sorted(set(meta.get("merged", [])) | {f"{s.strip()}:{v}" for s in args.sets.split(",")
+                                                               for v in args.variants})
     for name in args.sets.split(","):
-        all_results[name] = run_set(name.strip(), args)
+        name = name.strip()
+        new = run_set(name, args)
+        for v in new["variants"].values():
+            v.update(commit=(meta["git_commit"] or "?")[:10], date=meta["date"], loadavg_1min=meta["loadavg_1min"])
+        if name in all_results:
+            all_results[name]["variants"].update(new["variants"])
+            all_results[name]["variants"] = {k: all_results[name]["variants"][k]
+                                             for k in ("none", "lorem", "multipole") if k in all_results[name]["variants"]}
+        else:
+            all_results[name] = new
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out + ".json", "w") as f:
             json.dump({"meta": meta, "results": all_results}, f, indent=1)
