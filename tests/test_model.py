@@ -191,3 +191,32 @@ def test_compiled_kernels_match_eager_and_training_stays_eager():
     out = compiled(g, create_graph=True)
     (out["forces"] ** 2).sum().backward()
     assert all(p.grad is not None for p in compiled.layers[0].radial.parameters())
+
+
+@pytest.mark.parametrize("kind", ["multipole", "lorem"])
+@pytest.mark.parametrize("correction", ["uniform", "weighted"])
+def test_charges_sum_to_total_charge(kind, correction):
+    """Channel-0 charges of every structure in a batch add up to its total charge (here +1, 0, -2)."""
+    mol, crystal = molecule_ch3oh(), nacl_cell()
+    mol.info["total_charge"] = 1
+    anion = molecule_ch3oh()
+    anion.info["total_charge"] = -2
+    model = small_model([1, 6, 8, 11, 17], kind, long_range_options={"charge_correction": correction})
+    batch = collate([atoms_to_graph(a, model.cutoff) for a in (mol, crystal, anion)])
+    out = model(batch)
+    sums = torch.zeros(3, dtype=torch.float64).index_add(0, batch.batch, out["charges"].detach())
+    assert torch.allclose(sums, torch.tensor([1.0, 0.0, -2.0], dtype=torch.float64), atol=1e-12)
+    if correction == "weighted":
+        # constant weights reproduce the uniform shift; learned ones spread the excess differently
+        uniform = small_model([1, 6, 8, 11, 17], kind)
+        state = {k: v for k, v in model.state_dict().items() if "correction_weight" not in k}
+        uniform.load_state_dict(state)
+        with torch.no_grad():
+            model.long_range_block.correction_weight.weight.zero_()
+        assert torch.allclose(model(batch)["charges"], uniform(batch)["charges"], atol=1e-12)
+        assert not torch.allclose(out["charges"], uniform(batch)["charges"], atol=1e-4)
+
+
+def test_charge_correction_option_is_checked():
+    with pytest.raises(ValueError, match="charge_correction"):
+        small_model([1, 6, 8], "multipole", long_range_options={"charge_correction": "even"})
