@@ -158,11 +158,12 @@ def to_markdown(all_results, meta) -> str:
             n = next(iter(r["variants"].values()))["groups"][g]["n"]
             lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
         lines.append("| epochs | | " + " | ".join(str(v["epochs"]) for v in r["variants"].values()) + " |")
-        stamps = sorted({(v.get("commit"), v.get("date")) for v in r["variants"].values() if v.get("commit")})
+        stamps = {(v.get("commit"), v.get("date")) for v in r["variants"].values()}
         if len(stamps) > 1:
             lines.append("\nTrained in separate runs: " + "; ".join(
-                f"{k} at commit {v['commit']} ({v['date'][:16]}, load {v.get('loadavg_1min')})"
-                for k, v in r["variants"].items() if v.get("commit")) + ".")
+                f"{k} at commit {v['commit']} ({v['date'][:16]}, load {v.get('loadavg_1min')})" if v.get("commit")
+                else f"{k} in an earlier run (before per-variant stamps; its code path is unchanged since)"
+                for k, v in r["variants"].items()) + ".")
         missing = [v for v in ("none", "lorem", "multipole") if v not in r["variants"]]
         if missing:
             lines.append(f"\nNot trained in this run (time): {', '.join(missing)}.")
