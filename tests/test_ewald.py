@@ -695,3 +695,31 @@ def test_batched_open_fast_path_equals_blocked_sum(smearing, given, ranks):
         for k in ranks:
             assert torch.allclose(got[k][rows], ref[k], rtol=1e-12, atol=1e-12)
         start += n
+
+
+def test_parameter_choice_large_cell_smeared_and_point():
+    """Smeared sources in a large cell go all to reciprocal space (alpha = 1/(sqrt2 sigma): no dense
+    real-space pair sum, the O(N^2)-pairs regime that made the long-range block slow); point sources
+    keep a real-space part; alpha never exceeds 2 / mean spacing."""
+    from cartlorem.ewald.ewald import ALPHA_SPACING_MAX, choose_parameters
+    from cartlorem.ewald.kernels import smearing_beta
+
+    cell = torch.eye(3, dtype=DT).numpy() * 24.8  # ~1536 atoms of water
+    p = choose_parameters(cell, 1536, 1e-5, 4, smearing=1.0)
+    assert p.alpha == pytest.approx(smearing_beta(1.0))
+    point = choose_parameters(cell, 1536, 1e-5, 4)
+    assert point.real_cutoff < 24.8 / 2 + 1e-9 and point.alpha < ALPHA_SPACING_MAX / (24.8**3 / 1536) ** (1 / 3) + 1e-12
+    small = choose_parameters(TRICLINIC.numpy(), 5, 1e-6, 4)
+    spacing = (abs(float(torch.linalg.det(TRICLINIC))) / 5) ** (1 / 3)
+    assert small.alpha <= ALPHA_SPACING_MAX / spacing + 1e-12
+
+
+def test_reciprocal_only_sum_matches_split_sum():
+    """The reciprocal-only sum chosen for smeared sources equals a real + reciprocal split (alpha = 0.3)."""
+    cell = TRICLINIC * 1.6
+    pos, q, mu, th = random_system(40, n=24, c=2, cell=cell)
+    # any alpha above 1/(sqrt2 sigma) is clamped to it: the real-space kernel vanishes
+    auto = compute_fields(pos, q, mu, th, cell, PBC, smearing=0.9, accuracy=1e-9, alpha=10.0)
+    split_ = compute_fields(pos, q, mu, th, cell, PBC, smearing=0.9, accuracy=1e-11, alpha=0.3)
+    for rank in range(3):
+        assert rel(auto[rank], split_[rank]) < 1e-8
