@@ -55,10 +55,15 @@ def mem_available_bytes(device: Optional[torch.device] = None) -> Optional[int]:
     """Free memory on ``device``: MemAvailable from /proc/meminfo on CPU, free GPU memory on CUDA."""
     if device is not None and torch.device(device).type == "cuda":
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
+
+
+def proc_kib_field(path: str, key: str) -> Optional[int]:
+    """A ``key:  <n> kB`` line of a /proc file in bytes (None where /proc or the key is missing)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

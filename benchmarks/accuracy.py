@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from long_range import DEFAULT_DATA, group_errors, groups_for, load_split  # noqa: E402
+from long_range import DEFAULT_DATA, add_training_arguments, group_errors, groups_for, load_split  # noqa: E402
 from speed import MACE_MISSING, PEER_PYTHON, build_mace, mace_inputs  # noqa: E402
 
 VARIANTS = ["none", "lorem", "multipole", "mace"]
@@ -378,17 +378,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=0, help="training epochs per model (0: as many as --budget allows)")
     p.add_argument("--budget", type=float, default=None,
                    help="training wall-clock seconds per model (default: 240 without --epochs, none with it)")
-    p.add_argument("--channels", type=int, default=16, help="C for both cartlorem and MACE")
-    p.add_argument("--correlation", type=int, default=2, help="body order of the products, both models")
-    p.add_argument("--cutoff", type=float, default=5.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--energy-weight", type=float, default=10.0)
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--max-frames", type=int, default=0, help="use only the first N frames (0: all)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    add_training_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke test: 20 s budget, 120 frames")
     p.add_argument("--out", default=str(HERE / "results" / "accuracy"))
     p.add_argument("--peer-worker", help=argparse.SUPPRESS)

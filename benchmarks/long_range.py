@@ -76,6 +76,20 @@ def group_errors(pred, masks) -> dict:
     return res
 
 
+def add_training_arguments(p) -> None:
+    """Model, data and optimiser options shared by this study and accuracy.py (same defaults)."""
+    p.add_argument("--channels", type=int, default=16, help="C (for MACE too in accuracy.py)")
+    p.add_argument("--correlation", type=int, default=2, help="body order of the products")
+    p.add_argument("--cutoff", type=float, default=5.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--energy-weight", type=float, default=10.0)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--max-frames", type=int, default=0, help="use only the first N frames (0: all)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--seed", type=int, default=0)
+
+
 def load_split(name, args):
     """Frames, graphs, species and the fixed (train, valid, test) split of one data set."""
     from ase.io import read
@@ -178,16 +192,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=12, help="training epochs per model (the budget)")
     p.add_argument("--budget", type=float, default=None, help="optional wall-clock cap in seconds per model")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    p.add_argument("--channels", type=int, default=16)
-    p.add_argument("--correlation", type=int, default=2)
-    p.add_argument("--cutoff", type=float, default=5.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--energy-weight", type=float, default=10.0)
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--max-frames", type=int, default=0, help="use only the first N frames (0: all)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--seed", type=int, default=0)
+    add_training_arguments(p)
     p.add_argument("--save-models", default=str(Path(__file__).resolve().parent / "results" / "long_range_models"),
                    help="folder for the trained models ('' to skip)")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 s budget, 120 frames")

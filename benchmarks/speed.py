@@ -163,14 +163,9 @@ def n_parameters(model) -> int:
 # worker: one point in a fresh process
 
 def _rss_bytes():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from _common import proc_kib_field
+
+    return proc_kib_field("/proc/self/status", "VmRSS")
 
 
 def worker(spec: dict) -> dict:
