@@ -5,7 +5,7 @@ wall-clock cap `--budget`) for the three variants.
 Energy and force MAE overall and by group:
 
 * dimers.xyz   by `classes` and by centre separation (< 5, 5–8, > 8 Å)
-* nacl.xyz     by `cluster` (Na8Cl8+ vs Na9Cl8+: same local environments, different far field)
+* nacl.xyz     by `cluster` (Na8Cl8+ vs Na9Cl8+; the distinction itself is scored by nacl_profile.py)
 * sn2.xyz      by |xi| bins
 * nacl_pbc.xyz overall (periodic Ewald path, stress)
 
