@@ -9,11 +9,14 @@ from cartlorem.tensors import (
     EVEN_PATHS,
     ODD_PATHS,
     EquivariantLinear,
+    compact_edge_product,
+    compact_to_sym,
     edge_paths,
     from_spherical,
     harmonics,
     product,
     stf,
+    sym_to_compact,
     to_spherical,
     weighted_edge_product,
 )
@@ -213,6 +216,76 @@ def test_fused_edge_product_equivariant_and_gradcheck():
     assert_equivariant(fn, [h0, h1, h2, n, w], [0, 1, 2, 1, None], [0, 1, 2], rtol=1e-12)
     args = [x.clone().requires_grad_(True) for x in (h0, h1, h2, n, w)]
     assert torch.autograd.gradcheck(lambda *a: tuple(fn(*a)), args)
+
+
+def test_compact_layout_round_trip():
+    g = torch.Generator().manual_seed(12)
+    x = rand_irrep((4, 3), 2, g)
+    c = sym_to_compact(x)
+    assert c.shape == (4, 3, 6)
+    torch.testing.assert_close(c[..., 3], x[..., 0, 1], rtol=0, atol=0)  # xy
+    torch.testing.assert_close(c[..., 5], x[..., 1, 2], rtol=0, atol=0)  # yz
+    torch.testing.assert_close(compact_to_sym(c), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("l_in", [(0,), (0, 1), (0, 1, 2), (0, 2)])
+@pytest.mark.parametrize("l_out", [(0, 1, 2), (0,), (1, 2)])
+def test_compact_edge_product_equals_dense_kernel(l_in, l_out):
+    """The compact kernel (what the model runs) against the path-by-path reference: values, and the
+    gradients of a loss w.r.t. features, weights and the edge *direction* (n = v/|v|, as in the model)."""
+    g = torch.Generator().manual_seed(13)
+    E, C = 11, 4
+    h = [rand_irrep((E, C), l, g).requires_grad_(True) if l in l_in else None for l in range(3)]
+    v = torch.randn(E, 3, generator=g, dtype=DT).requires_grad_(True)
+    w = torch.randn(E, len(edge_paths(l_in, l_out)), C, generator=g, dtype=DT).requires_grad_(True)
+    probes = [torch.randn(E, C, *(3,) * l, generator=g, dtype=DT) for l in range(3)]
+    leaves = [x for x in h if x is not None] + [v, w]
+
+    def run(kernel, compact):
+        n = v / v.norm(dim=-1, keepdim=True)
+        hin = [sym_to_compact(x) if (compact and k == 2 and x is not None) else x for k, x in enumerate(h)]
+        out = kernel(hin, n, w, l_out)
+        if compact and out[2] is not None:
+            out[2] = compact_to_sym(out[2])
+        loss = sum((o * p).sum() for o, p in zip(out, probes) if o is not None)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        # rank 2 inputs are symmetric traceless: compare derivatives along such perturbations only
+        # (the compact layout reads the upper triangle, so its raw gradient sits there)
+        return out, [None if gr is None else (stf(gr) if gr.shape[-2:] == (3, 3) else gr) for gr in grads]
+
+    ref, ref_grads = run(lambda hh, n, ww, lo: fused_reference(hh, n, ww, lo), False)
+    got, got_grads = run(compact_edge_product, True)
+    for l in range(3):
+        if l in l_out:
+            torch.testing.assert_close(got[l], ref[l], rtol=1e-12, atol=1e-12)
+        else:
+            assert got[l] is None
+    for a, b in zip(got_grads, ref_grads):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    if 2 in l_out:  # symmetric and traceless, as a rank-2 irreducible tensor must be
+        torch.testing.assert_close(got[2], got[2].transpose(-1, -2), rtol=0, atol=0)
+        assert float(got[2].detach().diagonal(dim1=-2, dim2=-1).sum(-1).abs().max()) < 1e-12
+
+
+def test_compact_edge_product_equivariant_and_gradcheck():
+    g = torch.Generator().manual_seed(14)
+    E, C = 6, 3
+    h0, h1, h2 = (rand_irrep((E, C), l, g) for l in range(3))
+    n = torch.randn(E, 3, generator=g, dtype=DT)
+    n = n / n.norm(dim=-1, keepdim=True)
+    w = torch.randn(E, 11, C, generator=g, dtype=DT)
+
+    def fn(a0, a1, a2, nn_, ww):
+        o = compact_edge_product([a0, a1, sym_to_compact(a2)], nn_, ww)
+        return [o[0], o[1], compact_to_sym(o[2])]
+
+    assert_equivariant(fn, [h0, h1, h2, n, w], [0, 1, 2, 1, None], [0, 1, 2], rtol=1e-12)
+    args = [x.clone().requires_grad_(True) for x in (h0, h1, sym_to_compact(h2), n, w)]
+    assert torch.autograd.gradcheck(lambda a0, a1, c2, nn_, ww: tuple(compact_edge_product([a0, a1, c2], nn_, ww)),
+                                    args)
 
 
 def test_gradcheck_harmonics_and_products():

@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..tensors import (EquivariantLinear, compiled_weighted_edge_product, edge_paths, mix_channels, paths_to, product,
-                       weighted_edge_product)
+from ..tensors import (EquivariantLinear, compact_edge_product, compact_to_sym, compiled_compact_edge_product, edge_paths,
+                       mix_channels, paths_to, product, sym_to_compact)
 from .radial import RadialMLP
 
 __all__ = ["Interaction", "BodyOrderProduct", "SpeciesLinear"]
@@ -46,15 +46,18 @@ class Interaction(nn.Module):
         i, j = edge_index
         n_nodes = h[0].shape[0]
         hu = self.linear_up(h)
+        if hu[2] is not None:  # rank 2 travels over the edges as 6 components (tensors.fused)
+            hu = [hu[0], hu[1], sym_to_compact(hu[2])]
         hj = [x[j] if x is not None else None for x in hu]  # gathered neighbour features [E, C, ...]
-        w = (self.radial(radial) * envelope[:, None]).view(-1, len(self.paths), self.channels)
-        kernel = compiled_weighted_edge_product if compiled else weighted_edge_product
+        w = self.radial(radial, envelope).view(-1, len(self.paths), self.channels)
+        kernel = compiled_compact_edge_product if compiled else compact_edge_product
         msg = kernel(hj, unit, w, self.l_msg)
         out: Features = [None, None, None]
         for l in self.l_msg:
             m = msg[l]
             agg = torch.zeros((n_nodes,) + m.shape[1:], dtype=m.dtype, device=m.device)
-            out[l] = agg.index_add_(0, i, m) / self.avg_num_neighbors
+            agg = agg.index_add_(0, i, m) / self.avg_num_neighbors
+            out[l] = compact_to_sym(agg) if l == 2 else agg
         return self.linear_out(out)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -51,5 +52,9 @@ class RadialMLP(nn.Module):
         mods.append(nn.Linear(dims[-1], out, bias=False))
         self.net = nn.Sequential(*mods)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, envelope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [E, B] → [E, out]; with ``envelope`` [E], the output times the envelope, applied to the last
+        hidden layer (the output layer has no bias): E × hidden multiplies instead of E × out."""
+        if envelope is None:
+            return self.net(x)
+        return self.net[-1](self.net[:-1](x) * envelope[:, None])

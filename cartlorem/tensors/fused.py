@@ -29,7 +29,36 @@ import torch
 
 from .products import paths_to
 
-__all__ = ["edge_paths", "weighted_edge_product", "compiled_weighted_edge_product"]
+__all__ = ["edge_paths", "weighted_edge_product", "compact_edge_product", "compiled_compact_edge_product",
+           "compiled_weighted_edge_product", "sym_to_compact", "compact_to_sym"]
+
+# Symmetric 3×3 tensors on edges are carried as their 6 independent components (xx, yy, zz, xy, xz, yz):
+# the rank-2 edge work (gather, kernel, scatter and their backward) then moves 6 numbers instead of 9 and
+# never forms n qᵀ + q nᵀ as two dense outer products.
+_UPPER = (0, 4, 8, 1, 2, 5)  # flat 3×3 index of each compact component
+_FULL = (0, 3, 4, 3, 1, 5, 4, 5, 2)  # compact component of each flat 3×3 entry
+
+
+def sym_to_compact(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric [..., 3, 3] → [..., 6] (xx, yy, zz, xy, xz, yz); reads the upper triangle."""
+    return x.reshape(*x.shape[:-2], 9)[..., list(_UPPER)]
+
+
+def compact_to_sym(c: torch.Tensor) -> torch.Tensor:
+    """[..., 6] (xx, yy, zz, xy, xz, yz) → symmetric [..., 3, 3]."""
+    return c[..., list(_FULL)].reshape(*c.shape[:-1], 3, 3)
+
+
+def _edge_maps(n: torch.Tensor):
+    """Per-edge linear maps of the compact layout: M [E, 6, 3] with (H n)_a = Σ_k H_k M[k, a], and
+    P [E, 3, 6] with (n qᵀ + q nᵀ)_k = Σ_a q_a P[a, k]."""
+    x, y, z = n.unbind(-1)
+    o = torch.zeros_like(x)
+    M = torch.stack([x, o, o, o, y, o, o, o, z, y, x, o, z, o, x, o, z, y], -1).view(-1, 6, 3)
+    P = torch.stack([2 * x, o, o, y, z, o,
+                     o, 2 * y, o, x, o, z,
+                     o, o, 2 * z, o, x, y], -1).view(-1, 3, 6)
+    return M, P
 
 
 def edge_paths(l_in: Sequence[int] = (0, 1, 2), l_out: Sequence[int] = (0, 1, 2)):
@@ -109,7 +138,90 @@ def weighted_edge_product(
     return out
 
 
+def compact_edge_product(
+    h: Sequence[Optional[torch.Tensor]],
+    n: torch.Tensor,
+    weights: torch.Tensor,
+    l_out: Sequence[int] = (0, 1, 2),
+) -> list[Optional[torch.Tensor]]:
+    """:func:`weighted_edge_product` with rank 2 in the compact layout, in and out.
+
+    h: [h0 [E, C], h1 [E, C, 3] or None, h2 [E, C, 6] or None] (h2 = ``sym_to_compact`` of a symmetric
+    traceless tensor); returns [out0 [E, C], out1 [E, C, 3], out2 [E, C, 6]]. This is what the
+    interaction blocks use: the same closed form, with every rank-2 step a batched GEMM on 6 components
+    (measured in benchmarks/results/speed.md).
+    """
+    l_in = tuple(l for l, x in enumerate(h) if x is not None)
+    paths = edge_paths(l_in, l_out)
+    if weights.shape[-2] != len(paths):
+        raise ValueError(f"weights have {weights.shape[-2]} paths, expected {len(paths)} for {paths}")
+    w = dict(zip(paths, weights.unbind(1)))  # each [E, C]
+    h0 = h[0]
+    h1 = h[1] if len(h) > 1 else None
+    h2 = h[2] if len(h) > 2 else None
+    ncol = n[:, :, None]  # [E, 3, 1]
+    nn = n[:, None, :]  # [E, 1, 3]
+    M, P = _edge_maps(n) if (h2 is not None or 2 in l_out) else (None, None)
+    s1 = torch.bmm(h1, ncol).squeeze(-1) if h1 is not None else None  # h1·n [E, C]
+    v2 = torch.bmm(h2, M) if h2 is not None else None  # h2 n [E, C, 3]
+    out: list[Optional[torch.Tensor]] = [None, None, None]
+
+    if 0 in l_out:
+        o0 = w[(0, 0, 0)] * h0
+        if s1 is not None:
+            o0 = torch.addcmul(o0, w[(1, 1, 0)], s1)
+        if v2 is not None:
+            o0 = torch.addcmul(o0, w[(2, 2, 0)], torch.bmm(v2, ncol).squeeze(-1))  # nᵀ h2 n
+        out[0] = o0
+
+    if 1 in l_out:
+        along = w[(0, 1, 1)] * h0
+        o1 = None
+        if h1 is not None:
+            along = torch.addcmul(along, w[(1, 2, 1)], s1, value=1.5)
+            o1 = torch.add(w[(1, 0, 1)], w[(1, 2, 1)], alpha=-0.5)[..., None] * h1
+        o1 = along[..., None] * nn if o1 is None else torch.addcmul(o1, along[..., None], nn)
+        if v2 is not None:
+            o1 = torch.addcmul(o1, w[(2, 1, 1)][..., None], v2)
+        out[1] = o1
+
+    if 2 in l_out:
+        a = w[(0, 2, 2)] * h0  # [E, C]
+        # q = 3/4 a n + u/2 with u = 3/2 w112 h1 + 3 w222 v2;  diag = a/2 + u·n/3
+        q = (0.75 * a)[..., None] * nn
+        if h1 is not None:
+            q = torch.addcmul(q, (0.75 * w[(1, 1, 2)])[..., None], h1)
+        if v2 is not None:
+            q = torch.addcmul(q, (1.5 * w[(2, 2, 2)])[..., None], v2)
+        # u·n/3 = (2/3)(q·n − 3/4 a), so diag = (2/3) q·n (n is a unit vector)
+        diag = torch.bmm(q, ncol).squeeze(-1) * (2.0 / 3.0)
+        o2 = torch.bmm(q, P)  # n qᵀ + q nᵀ, compact [E, C, 6]
+        o2[..., :3] -= diag[..., None]  # in place: bmm's backward does not need its output
+        if h2 is not None:
+            o2 = torch.addcmul(o2, (w[(2, 0, 2)] - w[(2, 2, 2)])[..., None], h2)
+        out[2] = o2
+    return out
+
+
 _COMPILED = {}
+
+
+def _compiled(kernel, h, n, weights, l_out):
+    key = (kernel.__name__, tuple(x is not None for x in h), tuple(l_out))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = torch.compile(kernel, dynamic=True)
+        _COMPILED[key] = fn
+    if fn is kernel:
+        return fn(h, n, weights, l_out)
+    try:
+        return fn(h, n, weights, l_out)
+    except Exception as exc:  # compiler missing or failing: eager is always correct
+        import warnings
+
+        warnings.warn(f"torch.compile of the message kernel failed ({type(exc).__name__}: {exc}); using eager")
+        _COMPILED[key] = kernel
+        return kernel(h, n, weights, l_out)
 
 
 def compiled_weighted_edge_product(h, n, weights, l_out=(0, 1, 2)):
@@ -120,18 +232,9 @@ def compiled_weighted_edge_product(h, n, weights, l_out=(0, 1, 2)):
     needs. Falls back to the eager kernel, with one warning, where compilation is unavailable
     (no C++ compiler, unsupported platform).
     """
-    key = (tuple(x is not None for x in h), tuple(l_out))
-    fn = _COMPILED.get(key)
-    if fn is None:
-        fn = torch.compile(weighted_edge_product, dynamic=True)
-        _COMPILED[key] = fn
-    if fn is weighted_edge_product:
-        return fn(h, n, weights, l_out)
-    try:
-        return fn(h, n, weights, l_out)
-    except Exception as exc:  # compiler missing or failing: eager is always correct
-        import warnings
+    return _compiled(weighted_edge_product, h, n, weights, l_out)
 
-        warnings.warn(f"torch.compile of the message kernel failed ({type(exc).__name__}: {exc}); using eager")
-        _COMPILED[key] = weighted_edge_product
-        return weighted_edge_product(h, n, weights, l_out)
+
+def compiled_compact_edge_product(h, n, weights, l_out=(0, 1, 2)):
+    """:func:`compact_edge_product` through ``torch.compile``; inference only, eager fallback as above."""
+    return _compiled(compact_edge_product, h, n, weights, l_out)
