@@ -314,8 +314,15 @@ def peer_python() -> tuple[str | None, str | None]:
     return str(PEER_PYTHON), None
 
 
+#: ``--malloc tuned``: glibc keeps freed memory in its heap instead of returning every large tensor to
+#: the kernel (each fresh mmap costs a page fault per 4 KiB on the next call); the same for every model
+TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
 def run_point(spec: dict, python: str, timeout: float) -> dict:
     env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
+    if spec.get("malloc") == "tuned":
+        env.update(TUNED_MALLOC)
     cmd = [python, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -364,6 +371,9 @@ def main(argv=None):
                    help="seconds per point (warm-up + repeats); larger points predicted to exceed it are skipped")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     p.add_argument("--cutoff", type=float, default=5.0)
+    p.add_argument("--malloc", choices=["system", "tuned"], default="system",
+                   help="tuned: run every worker (cartlorem and MACE alike) with glibc's MALLOC_MMAP_MAX_=0 and a "
+                        "large MALLOC_TRIM_THRESHOLD_, so that freed tensors are reused instead of page-faulted in again")
     p.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                    help="torch.profiler table of cartlorem short-range at ~1000 atoms (auto: when the speed target is missed)")
     p.add_argument("--out", default=str(HERE / "results" / "speed"))
@@ -405,7 +415,8 @@ def main(argv=None):
     meta = {**machine_info(), "cutoff": args.cutoff, "repeats": args.repeats, "budget_s": args.budget,
             "quick": args.quick, "models": models, "mace": "ok" if mace_python else mace_reason,
             "mace_python": mace_python, "loadavg_1min_start": round(load_start, 2),
-            "worker_threads": args.threads or "torch default"}
+            "worker_threads": args.threads or "torch default", "malloc": args.malloc,
+            "malloc_env": TUNED_MALLOC if args.malloc == "tuned" else None}
     if mace_python:
         r = subprocess.run([mace_python, "-c", "from importlib.metadata import version as v; import e3nn; "
                             "print(v('mace-torch'), e3nn.__version__)"], capture_output=True, text=True,
@@ -454,7 +465,7 @@ def main(argv=None):
     if want_profile and "short" in models:
         spec = {"model": "short", "system": "diamond", "size": 5, "dtype": "float32", "device": devices[0],
                 "channels": channels[0], "cutoff": args.cutoff, "repeats": 1, "budget_s": args.budget,
-                "threads": args.threads, "profile": True}
+                "threads": args.threads, "profile": True, "malloc": args.malloc}
         res = run_point(spec, sys.executable, timeout=args.budget * 2 + 120)
         summary["profile"] = res.get("profile", {"status": res["status"]})
         if res.get("status") == "ok":
@@ -495,7 +506,8 @@ def run_model_point(args, rows, loads, last, device, dtype, C, system, size, mod
         print(f"{system:8s} N={n_atoms:5d} {model:9s} {row['status']}", flush=True)
         return row
     spec = {"model": model, "system": system, "size": size, "dtype": dtype, "device": device, "channels": C,
-            "cutoff": args.cutoff, "repeats": args.repeats, "budget_s": args.budget, "threads": args.threads}
+            "cutoff": args.cutoff, "repeats": args.repeats, "budget_s": args.budget, "threads": args.threads,
+            "malloc": args.malloc}
     python = mace_python if model == "mace" else sys.executable
     res = run_point(spec, python, timeout=args.budget * 1.5 + 120)
     row.update(res)
@@ -628,7 +640,12 @@ def write_outputs(rows, meta, summary, out):
              f"{' with e3nn ' + m['mace_e3nn'] if m.get('mace_e3nn') else ''}. "
              f"Load average (1 min) {m['loadavg_1min_start']} at start, {m['loadavg_1min_during']['min']}–"
              f"{m['loadavg_1min_during']['max']} during the run on {m['cpu_count']} CPUs"
-             + (" — the machine was shared, timings are pessimistic and noisy." if m['loadavg_1min_during']['max'] > (m['cpu_affinity'] or 1) else "."),
+             + (" — the machine was shared, timings are pessimistic and noisy." if m['loadavg_1min_during']['max'] > (m['cpu_affinity'] or 1) else ".")
+             + (" Allocator: glibc tuned for every model (`--malloc tuned`: "
+                + ", ".join(f"{k}={v}" for k, v in m["malloc_env"].items())
+                + "; freed tensors are reused instead of page-faulted in again)." if m.get("malloc") == "tuned"
+                else " Allocator: the system default (glibc returns large freed tensors to the kernel; their "
+                     "page faults are counted in the CPU time; see `--malloc tuned`)."),
              "", "Energy + forces of one periodic structure (forward + backward for forces, no stress, eval mode), "
              "neighbour list excluded (own columns). Median of the repeats after one warm-up call, as wall time "
              "and as process CPU time; ratios (speed-up, long-range share) use the CPU time, which other jobs on "
