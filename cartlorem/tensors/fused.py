@@ -17,8 +17,12 @@ which equals the table's normalised products path by path (checked against ``pro
 tests). Measured against the alternatives on this machine (benchmarks/tensor_products.py): a dense
 precomputed coupling tensor contracted with opt_einsum does ~13²× more multiply-adds per edge and
 channel, and a per-path loop over ``product`` launches ~30 kernels and materialises T2 per path;
-the closed form above launches ~15 elementwise kernels and never builds a coupling tensor, so it is
-what the model uses.
+the closed form above launches ~15 elementwise kernels and never builds a coupling tensor.
+
+The interaction blocks run :func:`compact_edge_product`: the same closed form with the symmetric
+traceless rank-2 tensors carried over the edges as their 6 independent components, so that h2 n and
+n qᵀ + q nᵀ are batched GEMMs with small per-edge maps and the gather, scatter and backward move 6
+numbers instead of 9 (1.6–2.1× less CPU time for the whole model in benchmarks/speed.py).
 """
 
 from __future__ import annotations
