@@ -20,6 +20,8 @@ Sources (the same test split as long_range.py / accuracy.py):
 * ``--models benchmarks/results/long_range_models``: the nacl_*.pt models saved by long_range.py.
 
     python benchmarks/nacl_profile.py     # writes benchmarks/results/nacl_profile.{md,json,png}
+    python benchmarks/nacl_profile.py --seed 1 --accuracy benchmarks/results/accuracy.sn2_nacl.seed1.json \
+        --models none --out benchmarks/results/nacl_profile.seed1     # a second split and initialisation
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ def main(argv=None):
                                                      str(HERE / "results" / "accuracy.nacl_lr0.02.json")])
     p.add_argument("--models", default=str(HERE / "results" / "long_range_models"))
     p.add_argument("--out", default=str(HERE / "results" / "nacl_profile"))
+    p.add_argument("--seed", type=int, default=0, help="the split seed of the runs being scored (accuracy.py --seed)")
     args = p.parse_args(argv)
-    split_args = argparse.Namespace(data_dir=args.data_dir, max_frames=0, cutoff=5.0, test_fraction=0.2, seed=0)
+    split_args = argparse.Namespace(data_dir=args.data_dir, max_frames=0, cutoff=5.0, test_fraction=0.2, seed=args.seed)
     frames, graphs, species, train_idx, valid_idx, test_idx = load_split("nacl", split_args)
     test = [frames[k] for k in test_idx]
     d = np.array([float(a.info["displacement"]) for a in test])
