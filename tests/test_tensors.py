@@ -202,20 +202,27 @@ def test_fused_edge_product_without_edges():
     assert [tuple(o.shape) for o in out] == [(0, 4), (0, 4, 3), (0, 4, 3, 3)]
 
 
-def test_fused_edge_product_equivariant_and_gradcheck():
-    g = torch.Generator().manual_seed(9)
+@pytest.mark.parametrize("layout, seed", [("dense", 9), ("compact", 14)])
+def test_fused_edge_product_equivariant_and_gradcheck(layout, seed):
+    """Both layouts of the kernel: O(3) equivariance (dense tensors in and out) and gradcheck."""
+    g = torch.Generator().manual_seed(seed)
     E, C = 6, 3
     h0, h1, h2 = (rand_irrep((E, C), l, g) for l in range(3))
     n = torch.randn(E, 3, generator=g, dtype=DT)
     n = n / n.norm(dim=-1, keepdim=True)
     w = torch.randn(E, 11, C, generator=g, dtype=DT)
+    compact = layout == "compact"
+    kernel = compact_edge_product if compact else weighted_edge_product
+    rank2_in = sym_to_compact if compact else (lambda x: x)
+    rank2_out = compact_to_sym if compact else (lambda x: x)
 
     def fn(a0, a1, a2, nn_, ww):
-        return weighted_edge_product([a0, a1, a2], nn_, ww)
+        o = kernel([a0, a1, rank2_in(a2)], nn_, ww)
+        return [o[0], o[1], rank2_out(o[2])]
 
     assert_equivariant(fn, [h0, h1, h2, n, w], [0, 1, 2, 1, None], [0, 1, 2], rtol=1e-12)
-    args = [x.clone().requires_grad_(True) for x in (h0, h1, h2, n, w)]
-    assert torch.autograd.gradcheck(lambda *a: tuple(fn(*a)), args)
+    args = [x.clone().requires_grad_(True) for x in (h0, h1, rank2_in(h2), n, w)]
+    assert torch.autograd.gradcheck(lambda a0, a1, a2, nn_, ww: tuple(kernel([a0, a1, a2], nn_, ww)), args)
 
 
 def test_compact_layout_round_trip():
@@ -268,24 +275,6 @@ def test_compact_edge_product_equals_dense_kernel(l_in, l_out):
     if 2 in l_out:  # symmetric and traceless, as a rank-2 irreducible tensor must be
         torch.testing.assert_close(got[2], got[2].transpose(-1, -2), rtol=0, atol=0)
         assert float(got[2].detach().diagonal(dim1=-2, dim2=-1).sum(-1).abs().max()) < 1e-12
-
-
-def test_compact_edge_product_equivariant_and_gradcheck():
-    g = torch.Generator().manual_seed(14)
-    E, C = 6, 3
-    h0, h1, h2 = (rand_irrep((E, C), l, g) for l in range(3))
-    n = torch.randn(E, 3, generator=g, dtype=DT)
-    n = n / n.norm(dim=-1, keepdim=True)
-    w = torch.randn(E, 11, C, generator=g, dtype=DT)
-
-    def fn(a0, a1, a2, nn_, ww):
-        o = compact_edge_product([a0, a1, sym_to_compact(a2)], nn_, ww)
-        return [o[0], o[1], compact_to_sym(o[2])]
-
-    assert_equivariant(fn, [h0, h1, h2, n, w], [0, 1, 2, 1, None], [0, 1, 2], rtol=1e-12)
-    args = [x.clone().requires_grad_(True) for x in (h0, h1, sym_to_compact(h2), n, w)]
-    assert torch.autograd.gradcheck(lambda a0, a1, c2, nn_, ww: tuple(compact_edge_product([a0, a1, c2], nn_, ww)),
-                                    args)
 
 
 def test_gradcheck_harmonics_and_products():

@@ -70,6 +70,42 @@ def edge_paths(l_in: Sequence[int] = (0, 1, 2), l_out: Sequence[int] = (0, 1, 2)
     return paths_to(tuple(l_in), (0, 1, 2), tuple(l_out), parity="even")
 
 
+def _unpack(h, weights, l_out):
+    """Shared preamble of the kernels: check the weights against the paths of the ranks present and
+    return ({path: w [E, C]}, h0, h1, h2)."""
+    l_in = tuple(l for l, x in enumerate(h) if x is not None)
+    paths = edge_paths(l_in, l_out)
+    if weights.shape[-2] != len(paths):
+        raise ValueError(f"weights have {weights.shape[-2]} paths, expected {len(paths)} for {paths}")
+    # unbind, not w[:, k]: each slice's backward would otherwise allocate a zero tensor of all weights
+    w = dict(zip(paths, weights.unbind(1)))
+    return w, h[0], (h[1] if len(h) > 1 else None), (h[2] if len(h) > 2 else None)
+
+
+def _ranks_0_1(w, h0, h1, s1, v2, n, want0: bool, want1: bool):
+    """(out0, out1) of the closed form, shared by both layouts (h2 enters only through v2 = h2 n).
+    The caller decides which ranks it wants: under torch.compile(dynamic=True), torch 2.13, an
+    ``l in l_out`` test inside this helper evaluated False (checked by the compiled-kernel test)."""
+    o0 = o1 = None
+    ncol, nn = n[:, :, None], n[:, None, :]
+    if want0:
+        o0 = w[(0, 0, 0)] * h0
+        if s1 is not None:
+            o0 = torch.addcmul(o0, w[(1, 1, 0)], s1)
+        if v2 is not None:
+            o0 = torch.addcmul(o0, w[(2, 2, 0)], torch.bmm(v2, ncol).squeeze(-1))  # nᵀ h2 n
+    if want1:
+        along = w[(0, 1, 1)] * h0
+        o1 = None
+        if h1 is not None:
+            along = torch.addcmul(along, w[(1, 2, 1)], s1, value=1.5)
+            o1 = torch.add(w[(1, 0, 1)], w[(1, 2, 1)], alpha=-0.5)[..., None] * h1
+        o1 = along[..., None] * nn if o1 is None else torch.addcmul(o1, along[..., None], nn)
+        if v2 is not None:
+            o1 = torch.addcmul(o1, w[(2, 1, 1)][..., None], v2)
+    return o0, o1
+
+
 def weighted_edge_product(
     h: Sequence[Optional[torch.Tensor]],
     n: torch.Tensor,
@@ -83,15 +119,7 @@ def weighted_edge_product(
     len(edge_paths(l_in, l_out)) for the ranks present in h, in that order.
     Returns [out0 [E, C], out1 [E, C, 3], out2 [E, C, 3, 3]] (None for ranks not in l_out).
     """
-    l_in = tuple(l for l, x in enumerate(h) if x is not None)
-    paths = edge_paths(l_in, l_out)
-    if weights.shape[-2] != len(paths):
-        raise ValueError(f"weights have {weights.shape[-2]} paths, expected {len(paths)} for {paths}")
-    # unbind, not w[:, k]: each slice's backward would otherwise allocate a zero tensor of all weights
-    w = dict(zip(paths, weights.unbind(1)))  # each [E, C]
-    h0 = h[0]
-    h1 = h[1] if len(h) > 1 else None
-    h2 = h[2] if len(h) > 2 else None
+    w, h0, h1, h2 = _unpack(h, weights, l_out)
     E = n.shape[0]
     ncol = n[:, :, None]  # [E, 3, 1]
     nn = n[:, None, :]  # [E, 1, 3]
@@ -99,26 +127,7 @@ def weighted_edge_product(
     s1 = torch.bmm(h1, ncol).squeeze(-1) if h1 is not None else None  # h1·n [E, C]
     C = h0.shape[1]
     v2 = torch.bmm(h2.reshape(E, 3 * C, 3), ncol).view(E, C, 3) if h2 is not None else None  # h2 n [E, C, 3]
-    out: list[Optional[torch.Tensor]] = [None, None, None]
-
-    if 0 in l_out:
-        o0 = w[(0, 0, 0)] * h0
-        if s1 is not None:
-            o0 = o0 + w[(1, 1, 0)] * s1
-        if v2 is not None:
-            o0 = o0 + w[(2, 2, 0)] * torch.bmm(v2, ncol).squeeze(-1)  # nᵀ h2 n
-        out[0] = o0
-
-    if 1 in l_out:
-        along = w[(0, 1, 1)] * h0
-        o1 = None
-        if h1 is not None:
-            along = along + 1.5 * w[(1, 2, 1)] * s1
-            o1 = (w[(1, 0, 1)] - 0.5 * w[(1, 2, 1)])[..., None] * h1
-        o1 = along[..., None] * nn if o1 is None else torch.addcmul(o1, along[..., None], nn)
-        if v2 is not None:
-            o1 = torch.addcmul(o1, w[(2, 1, 1)][..., None], v2)
-        out[1] = o1
+    out: list[Optional[torch.Tensor]] = [*_ranks_0_1(w, h0, h1, s1, v2, n, 0 in l_out, 1 in l_out), None]
 
     if 2 in l_out:
         a = w[(0, 2, 2)] * h0  # [E, C]
@@ -155,39 +164,13 @@ def compact_edge_product(
     interaction blocks use: the same closed form, with every rank-2 step a batched GEMM on 6 components
     (measured in benchmarks/results/speed.md).
     """
-    l_in = tuple(l for l, x in enumerate(h) if x is not None)
-    paths = edge_paths(l_in, l_out)
-    if weights.shape[-2] != len(paths):
-        raise ValueError(f"weights have {weights.shape[-2]} paths, expected {len(paths)} for {paths}")
-    w = dict(zip(paths, weights.unbind(1)))  # each [E, C]
-    h0 = h[0]
-    h1 = h[1] if len(h) > 1 else None
-    h2 = h[2] if len(h) > 2 else None
+    w, h0, h1, h2 = _unpack(h, weights, l_out)
     ncol = n[:, :, None]  # [E, 3, 1]
     nn = n[:, None, :]  # [E, 1, 3]
     M, P = _edge_maps(n) if (h2 is not None or 2 in l_out) else (None, None)
     s1 = torch.bmm(h1, ncol).squeeze(-1) if h1 is not None else None  # h1·n [E, C]
     v2 = torch.bmm(h2, M) if h2 is not None else None  # h2 n [E, C, 3]
-    out: list[Optional[torch.Tensor]] = [None, None, None]
-
-    if 0 in l_out:
-        o0 = w[(0, 0, 0)] * h0
-        if s1 is not None:
-            o0 = torch.addcmul(o0, w[(1, 1, 0)], s1)
-        if v2 is not None:
-            o0 = torch.addcmul(o0, w[(2, 2, 0)], torch.bmm(v2, ncol).squeeze(-1))  # nᵀ h2 n
-        out[0] = o0
-
-    if 1 in l_out:
-        along = w[(0, 1, 1)] * h0
-        o1 = None
-        if h1 is not None:
-            along = torch.addcmul(along, w[(1, 2, 1)], s1, value=1.5)
-            o1 = torch.add(w[(1, 0, 1)], w[(1, 2, 1)], alpha=-0.5)[..., None] * h1
-        o1 = along[..., None] * nn if o1 is None else torch.addcmul(o1, along[..., None], nn)
-        if v2 is not None:
-            o1 = torch.addcmul(o1, w[(2, 1, 1)][..., None], v2)
-        out[1] = o1
+    out: list[Optional[torch.Tensor]] = [*_ranks_0_1(w, h0, h1, s1, v2, n, 0 in l_out, 1 in l_out), None]
 
     if 2 in l_out:
         a = w[(0, 2, 2)] * h0  # [E, C]
