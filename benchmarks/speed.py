@@ -371,6 +371,9 @@ def main(argv=None):
                    help="seconds per point (warm-up + repeats); larger points predicted to exceed it are skipped")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     p.add_argument("--cutoff", type=float, default=5.0)
+    p.add_argument("--memory-fraction", type=float, default=0.7,
+                   help="skip a point whose memory, extrapolated linearly from the last size, exceeds this "
+                        "fraction of the available memory (a point that still runs out is reported as failed)")
     p.add_argument("--malloc", choices=["system", "tuned"], default="system",
                    help="tuned: run every worker (cartlorem and MACE alike) with glibc's MALLOC_MMAP_MAX_=0 and a "
                         "large MALLOC_TRIM_THRESHOLD_, so that freed tensors are reused instead of page-faulted in again")
@@ -498,7 +501,7 @@ def run_model_point(args, rows, loads, last, device, dtype, C, system, size, mod
         if predicted * (1 + args.repeats) > args.budget * 1.5:
             row["status"] = f"skipped (budget: predicted {predicted:.0f} s per call)"
             last[model] = (n_atoms, predicted, mem)
-        elif mem is not None and avail is not None and mem * 2**20 > 0.7 * avail:
+        elif mem is not None and avail is not None and mem * 2**20 > args.memory_fraction * avail:
             row["status"] = (f"skipped (memory: predicted {mem / 1024:.1f} GiB, "
                              f"{avail / 2**30:.1f} GiB available)")
             last[model] = (n_atoms, None, mem)

@@ -204,7 +204,7 @@ def test_fused_edge_product_without_edges():
 
 @pytest.mark.parametrize("layout, seed", [("dense", 9), ("compact", 14)])
 def test_fused_edge_product_equivariant_and_gradcheck(layout, seed):
-    """Both layouts of the kernel: O(3) equivariance (dense tensors in and out) and gradcheck."""
+    """Both layouts of the kernel: O(3) equivariance (dense tensors in and out), gradcheck and gradgradcheck."""
     g = torch.Generator().manual_seed(seed)
     E, C = 6, 3
     h0, h1, h2 = (rand_irrep((E, C), l, g) for l in range(3))
@@ -223,6 +223,8 @@ def test_fused_edge_product_equivariant_and_gradcheck(layout, seed):
     assert_equivariant(fn, [h0, h1, h2, n, w], [0, 1, 2, 1, None], [0, 1, 2], rtol=1e-12)
     args = [x.clone().requires_grad_(True) for x in (h0, h1, rank2_in(h2), n, w)]
     assert torch.autograd.gradcheck(lambda a0, a1, a2, nn_, ww: tuple(kernel([a0, a1, a2], nn_, ww)), args)
+    # training on forces differentiates the kernel's backward again (the rank-2 trace step has a hand-written one)
+    assert torch.autograd.gradgradcheck(lambda a0, a1, a2, nn_, ww: tuple(kernel([a0, a1, a2], nn_, ww)), args)
 
 
 def test_compact_layout_round_trip():

@@ -53,6 +53,31 @@ def compact_to_sym(c: torch.Tensor) -> torch.Tensor:
     return c[..., list(_FULL)].reshape(*c.shape[:-1], 3, 3)
 
 
+class _SubDiagonal(torch.autograd.Function):
+    """c[..., :3] -= d in place on a fresh compact tensor c, whose gradient passes through unchanged.
+
+    Autograd's own in-place-on-a-view handling (CopySlices) would clone the whole [E, C, 6] gradient
+    in the backward; this returns it as it is. The backward is made of differentiable operations, so
+    double backward (training on forces) works through it."""
+
+    @staticmethod
+    def forward(ctx, c, d):
+        c[..., :3].sub_(d)
+        ctx.mark_dirty(c)
+        return c
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, (-g[..., :3]).sum(-1, keepdim=True)
+
+
+def _sub_diagonal(c, d):
+    if torch.compiler.is_compiling():  # the compiled (inference) kernel: the compiler fuses it anyway
+        c[..., :3].sub_(d)
+        return c
+    return _SubDiagonal.apply(c, d)
+
+
 def _edge_maps(n: torch.Tensor):
     """Per-edge linear maps of the compact layout: M [E, 6, 3] with (H n)_a = Σ_k H_k M[k, a], and
     P [E, 3, 6] with (n qᵀ + q nᵀ)_k = Σ_a q_a P[a, k]."""
@@ -183,7 +208,7 @@ def compact_edge_product(
         # u·n/3 = (2/3)(q·n − 3/4 a), so diag = (2/3) q·n (n is a unit vector)
         diag = torch.bmm(q, ncol).squeeze(-1) * (2.0 / 3.0)
         o2 = torch.bmm(q, P)  # n qᵀ + q nᵀ, compact [E, C, 6]
-        o2[..., :3] -= diag[..., None]  # in place: bmm's backward does not need its output
+        o2 = _sub_diagonal(o2, diag[..., None])
         if h2 is not None:
             o2 = torch.addcmul(o2, (w[(2, 0, 2)] - w[(2, 2, 2)])[..., None], h2)
         out[2] = o2
