@@ -69,13 +69,30 @@ def main(argv=None):
     p.add_argument("--accuracy", default=str(HERE / "results" / "accuracy.json"))
     p.add_argument("--models", default=str(HERE / "results" / "long_range_models"))
     p.add_argument("--out", default=str(HERE / "results" / "intermolecular"))
+    p.add_argument("--models-seed", type=int, default=0,
+                   help="split seed the saved models were trained with (long_range.py --seed, default 0)")
     args = p.parse_args(argv)
-    split_args = argparse.Namespace(data_dir=args.data_dir, max_frames=0, cutoff=5.0, test_fraction=0.2, seed=0)
-    frames, graphs, species, train_idx, valid_idx, test_idx = load_split("dimers", split_args)
-    test_frames = [frames[k] for k in test_idx]
-    results = {}
+    splits = {}
+
+    def test_set(seed: int, test_fraction: float = 0.2):
+        """Test frames and graphs of the dimer split that accuracy.py / long_range.py used with this seed."""
+        key = (seed, test_fraction)
+        if key not in splits:
+            split_args = argparse.Namespace(data_dir=args.data_dir, max_frames=0, cutoff=5.0,
+                                            test_fraction=test_fraction, seed=seed)
+            frames, graphs, _, _, _, test_idx = load_split("dimers", split_args)
+            splits[key] = ([frames[k] for k in test_idx], [graphs[k] for k in test_idx])
+        return splits[key]
+
+    results, seeds = {}, set()
     if Path(args.accuracy).exists():
         acc = json.loads(Path(args.accuracy).read_text())
+        meta = acc.get("meta", {})
+        if int(meta.get("max_frames") or 0):
+            p.error(f"{args.accuracy} was run on a subset (--max-frames); its test frames are not the study's")
+        # the predictions are of the test frames of the split accuracy.py made with its own seed
+        seed, fraction = int(meta.get("seed", 0)), float(meta.get("test_fraction", 0.2))
+        test_frames, _ = test_set(seed, fraction)
         for v, x in acc.get("results", {}).get("dimers", {}).get("variants", {}).items():
             if "parity" not in x:
                 continue
@@ -83,25 +100,30 @@ def main(argv=None):
             fr = np.array(x["parity"]["forces_ref"]).reshape(-1, 3)
             label = f"accuracy.py: {'MACE' if v == 'mace' else 'cartlorem ' + v} ({x.get('epochs')} epochs)"
             results[label] = table_rows(test_frames, *net_force_errors(test_frames, fp, fr))
+            seeds.add(seed)
     if Path(args.models).is_dir():
         import cartlorem
         from cartlorem.evaluate import predict
 
+        test_frames, test_graphs = test_set(args.models_seed)
         for v in ("none", "lorem", "multipole"):
             path = Path(args.models) / f"dimers_{v}.pt"
             if path.exists():
                 model = cartlorem.load_model(path)
-                pred = predict(model, [graphs[k] for k in test_idx], batch_size=16)
+                pred = predict(model, test_graphs, batch_size=16)
                 label = f"long_range.py: cartlorem {v} (saved model)"
                 results[label] = table_rows(test_frames, *net_force_errors(test_frames, pred.forces_pred,
                                                                            pred.forces_ref))
+                seeds.add(args.models_seed)
     if not results:
         p.error("nothing to score: neither --accuracy nor --models has dimer results")
     groups = list(next(iter(results.values())))
+    command = " ".join(["python benchmarks/intermolecular.py", *(sys.argv[1:] if argv is None else argv)])
     lines = ["# Intermolecular force on the dimer test set", "",
              "MAE of the net force on monomer A (sum over its atoms = the force B exerts on A), per Cartesian "
              "component, meV/Å; in brackets the mean |reference| of that component (the signal). Test split of "
-             "long_range.py / accuracy.py (395 dimers). `python benchmarks/intermolecular.py`.", "",
+             f"long_range.py / accuracy.py, seed {', '.join(map(str, sorted(seeds)))} (395 dimers). "
+             f"`{command}`.", "",
              "| model | " + " | ".join(f"{g} (n={next(iter(results.values()))[g]['n']})" for g in groups) + " |",
              "|---|" + "---|" * len(groups)]
     for label, r in results.items():
