@@ -719,6 +719,7 @@ def plot(rows, summary, path) -> bool:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         return False
     systems = sorted({r["system"] for r in rows})
@@ -738,6 +739,7 @@ def plot(rows, summary, path) -> bool:
             ax.plot([r["n_atoms"] for r in pts], [_t(r) for r in pts], styles.get(model, "o-"), label=label, ms=4)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
         ax.set_xlabel("atoms N")
         ax.set_ylabel("energy + forces CPU time (s)")
         ax.set_title(f"{system} (periodic)")
@@ -751,6 +753,7 @@ def plot(rows, summary, path) -> bool:
     ax.axhline(100 * TARGET_LR_SHARE, color="0.5", ls=":", label="target 30 % (N ≈ 1000)")
     ax.axhline(0, color="0.3", lw=0.8)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("atoms N")
     ax.set_ylabel("long-range share of E+F time (%)")
     ax.set_title("time(long range)/time(short) − 1")
