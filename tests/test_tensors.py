@@ -222,9 +222,13 @@ def test_fused_edge_product_equivariant_and_gradcheck(layout, seed):
 
     assert_equivariant(fn, [h0, h1, h2, n, w], [0, 1, 2, 1, None], [0, 1, 2], rtol=1e-12)
     args = [x.clone().requires_grad_(True) for x in (h0, h1, rank2_in(h2), n, w)]
-    assert torch.autograd.gradcheck(lambda a0, a1, a2, nn_, ww: tuple(kernel([a0, a1, a2], nn_, ww)), args)
+
+    def flat(a0, a1, a2, nn_, ww):  # the kernel on its own layout, outputs as a tuple
+        return tuple(kernel([a0, a1, a2], nn_, ww))
+
+    assert torch.autograd.gradcheck(flat, args)
     # training on forces differentiates the kernel's backward again (the rank-2 trace step has a hand-written one)
-    assert torch.autograd.gradgradcheck(lambda a0, a1, a2, nn_, ww: tuple(kernel([a0, a1, a2], nn_, ww)), args)
+    assert torch.autograd.gradgradcheck(flat, args)
 
 
 def test_compact_layout_round_trip():

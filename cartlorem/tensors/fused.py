@@ -72,7 +72,9 @@ class _SubDiagonal(torch.autograd.Function):
 
 
 def _sub_diagonal(c, d):
-    if torch.compiler.is_compiling():  # the compiled (inference) kernel: the compiler fuses it anyway
+    # torch.compile (the inference-only kernel) cannot trace ctx.mark_dirty and would split the graph
+    # there (torch 2.13); it fuses the plain in-place form by itself
+    if torch.compiler.is_compiling():
         c[..., :3].sub_(d)
         return c
     return _SubDiagonal.apply(c, d)
