@@ -10,5 +10,3 @@
 Each engine is an optional dependency; importing an adapter without its engine raises an ImportError
 that names the package to install.
 """
-
-__all__ = ["common", "torchsim", "ipi", "lammps"]
