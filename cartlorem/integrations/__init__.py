@@ -7,6 +7,6 @@
 - :mod:`cartlorem.integrations.common`: arrays (batched or single structure) → :class:`cartlorem.graph.Graph`;
   needs none of the engines.
 
-Each engine is an optional dependency; importing an adapter without its engine raises an ImportError
-that names the package to install.
+Each engine is an optional dependency: the adapters import without it, and raise an ImportError that
+names the package to install when the engine itself is needed.
 """

@@ -89,6 +89,26 @@ def _atomic_numbers(elements: Sequence[Union[str, int]]) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
+def _prepare_model(model_or_path, numbers: np.ndarray, device: str, dtype):
+    """Load (or take) the model, check it knows every element in use, move it to device/dtype."""
+    import torch
+
+    from ..model import CartLorem, load_model
+
+    model = load_model(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    if not isinstance(model, CartLorem):
+        raise TypeError(f"model_or_path must be a CartLorem or a path, got {type(model).__name__}")
+    unknown = sorted(set(numbers.tolist()) - set(model.species))
+    if unknown:
+        raise ValueError(f"atom types map to elements {unknown} that the model does not know (it knows {model.species})")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or model.dtype)
+    if torch.device(device) != model.embedding.device or dtype != model.dtype:
+        import copy
+
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    return model.eval()
+
+
 class CartLoremFix:
     """Attach a CartLorem model to a LAMMPS instance through ``fix external pf/callback 1 1``.
 
@@ -126,24 +146,18 @@ class CartLoremFix:
         self.total_charge = float(total_charge)
         self.error: Optional[BaseException] = None
         self.model = None
-        if self.rank == 0:
-            import torch
-
-            from ..model import CartLorem, load_model
-
-            model = load_model(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
-            if not isinstance(model, CartLorem):
-                raise TypeError(f"model_or_path must be a CartLorem or a path, got {type(model).__name__}")
-            unknown = sorted(set(self.numbers[:ntypes].tolist()) - set(model.species))
-            if unknown:
-                raise ValueError(f"atom types map to elements {unknown} that the model does not know "
-                                 f"(it knows {model.species})")
-            dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or model.dtype)
-            if torch.device(device) != model.embedding.device or dtype != model.dtype:
-                import copy
-
-                model = copy.deepcopy(model).to(device=device, dtype=dtype)
-            self.model = model.eval()
+        failure = None
+        if self.rank == 0:  # only rank 0 holds the model; the others learn whether it could be set up
+            try:
+                self.model = _prepare_model(model_or_path, self.numbers[:ntypes], device, dtype)
+            except Exception as exc:  # noqa: BLE001 -- re-raised below, on every rank
+                failure = exc
+        if self.size > 1:
+            message = self.comm.bcast(None if failure is None else f"{type(failure).__name__}: {failure}", root=0)
+            if message is not None and failure is None:
+                raise RuntimeError(f"rank 0 could not set up the model: {message}")
+        if failure is not None:
+            raise failure
         if define:
             lmp.command(f"fix {self.fix_id} all external pf/callback 1 1")
         lmp.command(f"fix_modify {self.fix_id} energy yes virial yes")
