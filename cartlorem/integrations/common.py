@@ -1,0 +1,111 @@
+"""Plain arrays of one or many structures → one :class:`cartlorem.graph.Graph` (needs no MD engine).
+
+Engines hand over atoms as flat arrays: positions [N, 3], atomic numbers [N], a structure index
+[N] and per-structure cells and boundary conditions. This module builds the same graph that
+:func:`cartlorem.graph.atoms_to_graph` builds from ``ase.Atoms`` (the same neighbour list, the same
+edge convention r_ij = x_j − x_i + shift @ cell with cell rows = lattice vectors), for all
+structures at once, so the engine adapters only translate names and units.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..graph import Graph, check_structure, neighbour_list
+
+__all__ = ["structures_to_graph"]
+
+
+def _as_numpy(x, dtype) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cutoff: float,
+                        total_charge=None, dtype: Optional[torch.dtype] = None) -> Graph:
+    """B structures given as concatenated arrays → one :class:`Graph` with edges within ``cutoff``.
+
+    Args:
+        positions: [N, 3] Å (torch tensor or array). A tensor keeps its device; its values are
+            used as they are (atoms outside the cell are fine, the neighbour list wraps them).
+        numbers: [N] atomic numbers.
+        cells: [B, 3, 3] or [3, 3] (B = 1) Å, rows are lattice vectors (ASE / torch-sim
+            ``row_vector_cell`` convention). Ignored (set to zero) for a structure that is
+            periodic in no direction.
+        pbc: [3] (the same for every structure), [B, 3] bool, or one bool.
+        system_idx: [N] structure index of each atom, 0..B−1 (default: all atoms in structure 0).
+            Atoms of one structure need not be contiguous.
+        cutoff: neighbour cutoff in Å (the model's ``cutoff``).
+        total_charge: [B] e, or None for neutral structures.
+        dtype: floating dtype of the graph (default: that of ``positions`` if a tensor, else float64).
+
+    Returns:
+        Graph with positions [N, 3], species [N], batch [N], cell [B, 3, 3], pbc [B, 3],
+        total_charge [B], edge_index [2, E], edge_shift [E, 3], all on the device of ``positions``.
+    """
+    device = positions.device if isinstance(positions, torch.Tensor) else torch.device("cpu")
+    if dtype is None:
+        dtype = positions.dtype if isinstance(positions, torch.Tensor) and positions.is_floating_point() \
+            else torch.float64
+    pos_np = _as_numpy(positions, np.float64)
+    if pos_np.ndim != 2 or pos_np.shape[1] != 3:
+        raise ValueError(f"positions must have shape [N, 3], got {list(pos_np.shape)}")
+    n = pos_np.shape[0]
+    z = _as_numpy(numbers, np.int64).reshape(-1)
+    if z.shape[0] != n:
+        raise ValueError(f"numbers must have shape [{n}] like positions, got {list(z.shape)}")
+    cells_np = _as_numpy(cells, np.float64).copy()  # rows of open structures are zeroed below
+    if cells_np.shape == (3, 3):
+        cells_np = cells_np[None]
+    if cells_np.ndim != 3 or cells_np.shape[1:] != (3, 3):
+        raise ValueError(f"cells must have shape [B, 3, 3], got {list(cells_np.shape)}")
+    n_struct = cells_np.shape[0]
+    idx = np.zeros(n, dtype=np.int64) if system_idx is None else _as_numpy(system_idx, np.int64).reshape(-1)
+    if idx.shape[0] != n:
+        raise ValueError(f"system_idx must have shape [{n}] like positions, got {list(idx.shape)}")
+    if n and (idx.min() < 0 or idx.max() >= n_struct):
+        raise ValueError(f"system_idx must lie in 0..{n_struct - 1} (one entry per cell), "
+                         f"got values {int(idx.min())}..{int(idx.max())}")
+    pbc_np = np.asarray(_as_numpy(pbc, bool))
+    if pbc_np.ndim == 0:
+        pbc_np = np.full((n_struct, 3), bool(pbc_np))
+    elif pbc_np.shape == (3,):
+        pbc_np = np.broadcast_to(pbc_np, (n_struct, 3)).copy()
+    if pbc_np.shape != (n_struct, 3):
+        raise ValueError(f"pbc must be one bool, [3] or [{n_struct}, 3], got {list(pbc_np.shape)}")
+    charge = np.zeros(n_struct) if total_charge is None else _as_numpy(total_charge, np.float64).reshape(-1)
+    if charge.shape != (n_struct,):
+        raise ValueError(f"total_charge must have shape [{n_struct}], got {list(charge.shape)}")
+
+    edges, shifts = [], []
+    for b in range(n_struct):
+        atoms_b = np.flatnonzero(idx == b)  # global indices of structure b's atoms, in order
+        if len(atoms_b) == 0:
+            raise ValueError(f"structure {b} has no atoms")
+        if not pbc_np[b].any():
+            cells_np[b] = 0.0
+        label = f"structure {b}"
+        check_structure(pos_np[atoms_b], cells_np[b], pbc_np[b], label=label)
+        try:
+            i, j, s = neighbour_list(pos_np[atoms_b], cells_np[b], pbc_np[b], cutoff)
+        except ValueError as err:
+            raise ValueError(f"{label}: {err}") from None
+        edges.append(np.stack([atoms_b[i], atoms_b[j]]))
+        shifts.append(s)
+
+    as_float = dict(dtype=dtype, device=device)
+    pos_t = positions.to(**as_float) if isinstance(positions, torch.Tensor) else torch.tensor(pos_np, **as_float)
+    return Graph(
+        positions=pos_t,
+        species=torch.tensor(z, dtype=torch.long, device=device),
+        batch=torch.tensor(idx, dtype=torch.long, device=device),
+        cell=torch.tensor(cells_np, **as_float),
+        pbc=torch.tensor(pbc_np, dtype=torch.bool, device=device),
+        total_charge=torch.tensor(charge, **as_float),
+        edge_index=torch.tensor(np.concatenate(edges, axis=1), dtype=torch.long, device=device),
+        edge_shift=torch.tensor(np.concatenate(shifts, axis=0), **as_float),
+    )

@@ -1,0 +1,94 @@
+"""i-PI: serve a CartLorem model to an i-PI server (path integrals, advanced thermostats, ...).
+
+i-PI propagates the nuclei and asks a client for energy, forces and virial over its socket
+protocol; this module is that client: ASE's ``SocketClient`` around :class:`CartLoremCalculator`.
+i-PI sends only positions and the cell, so the client reads the species (in the same order) from a
+structure file, normally the one i-PI starts from. Two commands, in two shells::
+
+    i-pi input.xml          # <ffsocket name="cartlorem" mode="unix"><address>cartlorem</address></ffsocket>
+    python -m cartlorem.integrations.ipi --model model.pt --structure init.xyz --unix cartlorem
+
+(``--port 31415 [--host HOST]`` for an inet socket, e.g. a client on another machine). Several
+clients may connect to one server (one per bead, in parallel). ASE places unix sockets at
+``/tmp/ipi_<name>``, which is also i-PI's default. Needs ``pip install ipi`` for the server only.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+__all__ = ["serve", "main"]
+
+
+def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "localhost", port: Optional[int] = None,
+          device: str = "cpu", dtype=None, connect_timeout: float = 60.0, timeout: Optional[float] = None,
+          use_stress: Optional[bool] = None, log=None) -> None:
+    """Connect to a running i-PI server and answer its force requests until it sends EXIT.
+
+    Args:
+        model_or_path: a CartLorem model or a file written by ``save_model``.
+        atoms: ``ase.Atoms`` with the species in i-PI's atom order (positions and cell are
+            overwritten by what i-PI sends).
+        unix: name of a unix socket (ASE connects to ``/tmp/ipi_<unix>``); else ``host``/``port``
+            (inet, port default 31415).
+        device, dtype: passed to :class:`CartLoremCalculator`.
+        connect_timeout: seconds to keep retrying while the server is not listening yet.
+        timeout: seconds to wait for a message from the server before giving up (None: forever).
+        use_stress: send the virial (default: when the structure is periodic in all directions).
+        log: file object for ASE's protocol log.
+    """
+    from ase.calculators.socketio import SocketClient
+
+    from ..calculator import CartLoremCalculator
+
+    if unix is not None and port is not None:
+        raise ValueError("give either a unix socket name or an inet port, not both")
+    atoms = atoms.copy()
+    atoms.calc = CartLoremCalculator(model_or_path, device=device, dtype=dtype)
+    if use_stress is None:
+        use_stress = bool(atoms.pbc.all())
+    deadline = time.monotonic() + connect_timeout
+    while True:
+        try:
+            client = SocketClient(host=host, port=port, unixsocket=unix, timeout=timeout, log=log)
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as exc:  # the server is not listening yet
+            if time.monotonic() > deadline:
+                where = f"unix socket /tmp/ipi_{unix}" if unix is not None else f"{host}:{port or 31415}"
+                raise TimeoutError(f"no i-PI server at {where} after {connect_timeout:.0f} s") from exc
+            time.sleep(0.1)
+    try:
+        client.run(atoms, use_stress=use_stress)
+    finally:
+        client.close()
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    import ase.io
+
+    p = argparse.ArgumentParser(prog="python -m cartlorem.integrations.ipi",
+                                description="Serve a CartLorem model to an i-PI server.")
+    p.add_argument("--model", required=True, help="model file written by cartlorem (save_model / train)")
+    p.add_argument("--structure", required=True,
+                   help="structure file readable by ASE with the atoms in i-PI's order (e.g. i-PI's init file)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--unix", help="unix socket name (the <address> of i-PI's <ffsocket mode='unix'>)")
+    where.add_argument("--port", type=int, help="inet port of i-PI's <ffsocket mode='inet'>")
+    p.add_argument("--host", default="localhost")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "float64"])
+    p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the server to listen")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each server message")
+    args = p.parse_args(argv)
+    atoms = ase.io.read(args.structure)
+    serve(args.model, atoms, unix=args.unix, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+          connect_timeout=args.connect_timeout, timeout=args.timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

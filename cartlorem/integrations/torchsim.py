@@ -1,0 +1,124 @@
+"""torch-sim adapter: a CartLorem model as a torch-sim ``ModelInterface`` (batched MD, GPU).
+
+    import torch, torch_sim as ts
+    from cartlorem.integrations.torchsim import CartLoremModel
+
+    model = CartLoremModel("model.pt", device="cuda", dtype=torch.float64)
+    final = ts.integrate(system=[atoms_1, atoms_2], model=model, integrator=ts.Integrator.nvt_langevin,
+                         n_steps=1000, temperature=300.0, timestep=0.001)   # ps
+
+A batched ``SimState`` (positions [N, 3] Å, column-vector cells [B, 3, 3], ``system_idx`` [N],
+atomic numbers, pbc) becomes one cartlorem batch: the cells are transposed to rows
+(``state.row_vector_cell``), each structure gets its own neighbour list (vesin, on the CPU), and
+the model returns energy [B] eV, forces [N, 3] eV/Å and stress [B, 3, 3] eV/Å³ (ASE sign
+convention, which is torch-sim's). A per-system total charge is read from ``state.charge`` ([B] e,
+the SimState extra other charge-aware torch-sim models use) when present, else 0.
+
+Works with torch-sim 0.3 (Python 3.11) to 0.6 (Python >= 3.12): only the SimState attributes
+common to these versions are read. :func:`state_to_graph` needs no torch-sim at all.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+
+from ..graph import Graph
+from .common import structures_to_graph
+
+try:
+    from torch_sim.models.interface import ModelInterface as _Base
+
+    _MISSING: Optional[ImportError] = None
+except ImportError as exc:  # torch-sim is optional: state_to_graph still works without it
+    _Base, _MISSING = torch.nn.Module, exc
+
+__all__ = ["CartLoremModel", "state_to_graph"]
+
+
+def state_to_graph(state, cutoff: float, dtype: Optional[torch.dtype] = None) -> Graph:
+    """A torch-sim ``SimState`` (or any object with its attributes) → one :class:`Graph` batch.
+
+    Reads ``positions`` [N, 3] Å, ``atomic_numbers`` [N], ``system_idx`` [N], ``cell`` [B, 3, 3] Å
+    with lattice vectors as *columns* (torch-sim's convention; ``row_vector_cell`` is used when the
+    object has it), ``pbc`` (bool, [3] or [B, 3]) and, optionally, ``charge`` [B] e.
+    The graph's positions are the state's tensor (same device), cast to ``dtype``.
+    """
+    rows = getattr(state, "row_vector_cell", None)
+    if rows is None:
+        rows = state.cell.transpose(-1, -2)
+    system_idx = getattr(state, "system_idx", None)
+    if system_idx is None:  # torch-sim < 0.3 called it "batch"
+        system_idx = getattr(state, "batch", None)
+    return structures_to_graph(state.positions, state.atomic_numbers, rows, state.pbc, system_idx,
+                               cutoff=cutoff, total_charge=getattr(state, "charge", None), dtype=dtype)
+
+
+class CartLoremModel(_Base):
+    """A CartLorem model behind torch-sim's ``ModelInterface``.
+
+    Args:
+        model_or_path: a CartLorem model or the path of a file written by ``save_model``.
+        device: where to run (default: where the model is). The caller's model is never moved:
+            a copy is made when device or dtype change.
+        dtype: torch-sim runs in the model's dtype (default: the model's own); float64 for tests.
+        compute_forces, compute_stress: what ``forward`` returns besides the energy (both default
+            True; both may be switched later, as torch-sim's validation does).
+
+    ``forward(state)`` → {"energy": [B] eV, "forces": [N, 3] eV/Å, "stress": [B, 3, 3] eV/Å³},
+    detached (zeros as stress for structures that are periodic in no direction).
+    """
+
+    def __init__(self, model_or_path, *, device: Optional[Union[str, torch.device]] = None,
+                 dtype: Optional[torch.dtype] = None, compute_forces: bool = True, compute_stress: bool = True):
+        if _MISSING is not None:
+            raise ImportError("cartlorem.integrations.torchsim.CartLoremModel needs torch-sim: "
+                              "pip install torch-sim-atomistic") from _MISSING
+        super().__init__()
+        from ..model import CartLorem, load_model
+
+        if isinstance(model_or_path, (str, os.PathLike)):
+            model = load_model(model_or_path)
+        elif isinstance(model_or_path, CartLorem):
+            model = model_or_path
+        else:
+            raise TypeError(f"model_or_path must be a CartLorem or a path, got {type(model_or_path).__name__}")
+        device = torch.device(device) if device is not None else model.embedding.device
+        dtype = dtype if dtype is not None else model.dtype
+        if device != model.embedding.device or dtype != model.dtype:
+            import copy
+
+            model = copy.deepcopy(model).to(device=device, dtype=dtype)
+        self.model = model.eval()
+        self._device, self._dtype = device, dtype
+        self._compute_forces, self._compute_stress = bool(compute_forces), bool(compute_stress)
+
+    @property
+    def compute_forces(self) -> bool:
+        return self._compute_forces
+
+    @compute_forces.setter
+    def compute_forces(self, value: bool) -> None:
+        self._compute_forces = bool(value)
+
+    @property
+    def compute_stress(self) -> bool:
+        return self._compute_stress
+
+    @compute_stress.setter
+    def compute_stress(self, value: bool) -> None:
+        self._compute_stress = bool(value)
+
+    def forward(self, state, **kwargs) -> dict:
+        """Energy [B], forces [N, 3] and stress [B, 3, 3] of a batched SimState (see the class)."""
+        graph = state_to_graph(state, self.model.cutoff, dtype=self._dtype)
+        out = self.model(graph, compute_forces=self._compute_forces, compute_stress=self._compute_stress,
+                         create_graph=False)
+        result = {"energy": out["energy"].detach()}
+        if self._compute_forces:
+            result["forces"] = out["forces"].detach()
+        if self._compute_stress:
+            result["stress"] = out["stress"].detach()
+        return result

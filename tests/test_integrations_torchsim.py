@@ -1,0 +1,148 @@
+"""torch-sim adapter: a batched SimState becomes one cartlorem batch whose energies, forces and
+stresses equal the ASE calculator's, structure by structure; torch-sim's own model validation
+passes; a batched NVT run ends on a state whose energies and forces are the calculator's.
+
+The SimState → graph part needs no torch-sim (a plain object with SimState's attributes). The rest
+is skipped where torch-sim is missing: torch-sim >= 0.4 needs Python >= 3.12, 0.3 installs on 3.11
+(`pip install torch-sim-atomistic` picks the newest one the interpreter allows).
+"""
+
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk
+
+from cartlorem import CartLorem, CartLoremCalculator
+from cartlorem.graph import atoms_to_graph
+from cartlorem.integrations.torchsim import state_to_graph
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = 1e-10  # float64: only the summation order differs between the batch and the calculator
+SPECIES = [1, 6, 11, 12, 14, 17, 26]  # torch-sim's validation uses Si, Fe (0.3) and Si, Mg, Fe, C, H (0.6)
+
+
+def _skip_reason():
+    return (f"torch-sim is not installed on Python {sys.version_info.major}.{sys.version_info.minor} "
+            "(pip install torch-sim-atomistic; torch-sim >= 0.4 needs Python >= 3.12, 0.3 runs on 3.11)")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny untrained multipole model (random weights, seeded): non-trivial forces, long range on."""
+    torch.manual_seed(0)
+    m = CartLorem(SPECIES, cutoff=3.5, long_range="multipole", channels=8, num_layers=1, correlation=2,
+                  num_basis=4, radial_hidden=8, readout_hidden=8).double()
+    m.set_statistics(atomic_energies={11: -1.0, 17: -2.0}, avg_num_neighbors=8.0)
+    return m.eval()
+
+
+def nacl(repeat=(1, 1, 1), seed=0, strain=0.03):
+    rng = np.random.default_rng(seed)
+    a = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat(repeat)
+    a.set_cell(a.cell.array @ (np.eye(3) + strain * rng.standard_normal((3, 3))), scale_atoms=True)
+    a.positions += 0.1 * rng.standard_normal(a.positions.shape)
+    return a
+
+
+def plain_state(atoms_list, order=None):
+    """A SimState look-alike: concatenated atoms, column-vector cells (torch-sim's convention)."""
+    pos = np.concatenate([a.positions for a in atoms_list])
+    z = np.concatenate([a.numbers for a in atoms_list])
+    idx = np.concatenate([np.full(len(a), k) for k, a in enumerate(atoms_list)])
+    order = np.arange(len(pos)) if order is None else order
+    return SimpleNamespace(
+        positions=torch.tensor(pos[order]), atomic_numbers=torch.tensor(z[order]), system_idx=torch.tensor(idx[order]),
+        cell=torch.tensor(np.stack([a.cell.array.T for a in atoms_list])),
+        pbc=torch.tensor(np.stack([a.pbc for a in atoms_list])))
+
+
+def calculator_reference(model, atoms):
+    a = atoms.copy()
+    a.calc = CartLoremCalculator(model, skin=0.0)
+    stress = a.get_stress(voigt=False) if a.pbc.all() else np.zeros((3, 3))
+    return a.get_potential_energy(), a.get_forces(), stress
+
+
+def test_state_to_graph_equals_atoms_to_graph_and_calculator(model):
+    systems = [nacl(seed=1), nacl(repeat=(2, 1, 1), seed=2),
+               Atoms("NaCl2", positions=[[0, 0, 0], [2.4, 0.1, 0], [-2.3, 0.3, 0.2]])]
+    rng = np.random.default_rng(0)
+    n = sum(len(a) for a in systems)
+    for order in (None, rng.permutation(n)):  # atoms of a system need not be contiguous
+        state = plain_state(systems, order)
+        g = state_to_graph(state, model.cutoff)
+        assert g.num_graphs == 3 and g.positions.shape == (n, 3)
+        out = model(g, compute_stress=True)
+        order = np.arange(n) if order is None else order
+        inverse = np.argsort(order)  # position in the state of each concatenated atom
+        start = 0
+        for k, atoms in enumerate(systems):
+            rows = inverse[start:start + len(atoms)]
+            start += len(atoms)
+            # the same edges as the ASE path, as sets of (i, j, shift)
+            ref = atoms_to_graph(atoms, model.cutoff)
+            mine = g.edge_index[:, np.isin(g.edge_index[0].numpy(), rows)]
+            to_local = {int(r): i for i, r in enumerate(rows)}
+            shifts = g.edge_shift[np.isin(g.edge_index[0].numpy(), rows)]
+            got = sorted((to_local[int(i)], to_local[int(j)], *map(int, s)) for (i, j), s in zip(mine.T, shifts))
+            want = sorted((int(i), int(j), *map(int, s)) for (i, j), s in zip(ref.edge_index.T, ref.edge_shift))
+            assert got == want
+            e, f, s = calculator_reference(model, atoms)
+            assert float(out["energy"][k].detach()) == pytest.approx(e, rel=TOL, abs=TOL)
+            np.testing.assert_allclose(out["forces"][rows].detach().numpy(), f, rtol=0, atol=TOL)
+            np.testing.assert_allclose(out["stress"][k].detach().numpy(), s, rtol=0, atol=TOL)
+            assert np.abs(f).max() > 1e-2  # the forces checked are not trivially zero
+
+
+def test_state_to_graph_rejects_bad_states(model):
+    good = plain_state([nacl(), nacl(seed=3)])
+    with pytest.raises(ValueError, match="system_idx"):
+        state_to_graph(SimpleNamespace(**{**vars(good), "system_idx": good.system_idx + 1}), model.cutoff)
+    bad_pos = good.positions.clone()
+    bad_pos[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        state_to_graph(SimpleNamespace(**{**vars(good), "positions": bad_pos}), model.cutoff)
+    close = good.positions.clone()
+    close[1] = close[0] + 0.01
+    with pytest.raises(ValueError, match="overlapping"):
+        state_to_graph(SimpleNamespace(**{**vars(good), "positions": close}), model.cutoff)
+    with pytest.raises(ValueError, match="cells"):
+        state_to_graph(SimpleNamespace(**{**vars(good), "cell": good.cell[:, :2]}), model.cutoff)
+
+
+def test_torchsim_validate_model_outputs(model):
+    pytest.importorskip("torch_sim", reason=_skip_reason())
+    from torch_sim.models.interface import validate_model_outputs
+
+    from cartlorem.integrations.torchsim import CartLoremModel
+
+    validate_model_outputs(CartLoremModel(model), torch.device("cpu"), torch.float64)
+
+
+def test_torchsim_batched_nvt_matches_calculator(model):
+    ts = pytest.importorskip("torch_sim", reason=_skip_reason())
+    from cartlorem.integrations.torchsim import CartLoremModel
+
+    systems = [nacl(seed=4), nacl(repeat=(1, 1, 2), seed=5)]
+    integrator = ts.Integrator.nvt_langevin if hasattr(ts, "Integrator") else ts.nvt_langevin
+    ts_model = CartLoremModel(model)
+    assert ts_model.dtype == torch.float64
+    torch.manual_seed(0)  # Langevin noise
+    final = ts.integrate(system=systems, model=ts_model, integrator=integrator, n_steps=8,
+                         temperature=600.0, timestep=0.002)  # ps
+    final_atoms = ts.io.state_to_atoms(final)
+    assert len(final_atoms) == 2 and final.energy.shape == (2,)
+    start = 0
+    for k, (before, after) in enumerate(zip(systems, final_atoms)):
+        assert np.abs(after.positions - before.positions).max() > 1e-3  # the atoms moved
+        e, f, s = calculator_reference(model, after)
+        assert float(final.energy[k]) == pytest.approx(e, rel=TOL, abs=TOL)
+        np.testing.assert_allclose(final.forces[start:start + len(after)].numpy(), f, rtol=0, atol=TOL)
+        start += len(after)
+        stress = ts_model(ts.io.atoms_to_state([after], torch.device("cpu"), torch.float64))["stress"][0]
+        np.testing.assert_allclose(stress.numpy(), s, rtol=0, atol=TOL)
