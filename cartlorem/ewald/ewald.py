@@ -224,6 +224,22 @@ def reciprocal_sum(
     return out.reshape(n_atoms, len(rows), n_channels)
 
 
+def wrap_positions(positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """Positions moved into the cell (fractional coordinates in [0, 1)), differentiably.
+
+    ``r - n . cell`` with the integers ``n = floor(r . cell^-1)`` held constant: the same function of
+    (positions, cell) as the unwrapped one for every periodic quantity, so forces and stress do not
+    change (d wrapped / d r = identity). ``n`` and the subtraction are computed in float64 and the result
+    is cast back, so float32 inputs far from the origin (unwrapped MD trajectories) keep their
+    float32 resolution in every phase ``k . r`` and pair vector afterwards.
+    positions [N, 3] (Å); cell [3, 3] (Å, rows are lattice vectors) -> [N, 3] (Å), positions' dtype.
+    """
+    r64 = positions.double()
+    c64 = cell.double()
+    n = torch.floor(r64.detach() @ torch.linalg.inv(c64.detach()))  # [N, 3] integers, no gradient
+    return (r64 - n @ c64).to(positions.dtype)
+
+
 def ewald_sum(
     positions: torch.Tensor,
     v: torch.Tensor,
@@ -243,6 +259,8 @@ def ewald_sum(
     Returns [N, n_rows, C] without the output signs ``c_l`` (see :func:`.direct.pair_sum`).
     """
     tensors = InteractionTensors(rows, cols)
+    # every phase k.r and pair vector below sees wrapped positions: float32 keeps its resolution
+    positions = wrap_positions(positions, cell)
     cell_np = cell.detach().cpu().double().numpy()
     params = choose_parameters(cell_np, positions.shape[0], accuracy, tensors.max_order, smearing, alpha)
     kernel = RadialKernel.ewald_real(params.alpha, smearing)
