@@ -665,6 +665,36 @@ def test_float32_far_from_origin():
     assert float((f32_far.double() - f64).abs().max()) < 1e-5 * scale
 
 
+@pytest.mark.parametrize("height", [1e-5, 1e-9, 0.05])
+def test_thin_cells_are_refused(height):
+    """A cell with lattice planes closer than 0.1 Å passes the volume check but used to send the
+    splitting's cost model into GiB allocations (MemoryError): a ValueError naming the height instead."""
+    cell = torch.tensor([[10.0, 0, 0], [0, 10.0, 0], [0, 0, height]], dtype=DT)
+    pos, q, _, _ = random_system(60, n=3, c=1, cell=cell)
+    with pytest.raises(ValueError, match=rf"cell height h_2 = {height:.3g} Å .* below 0.1 Å"):
+        ewald.multipole_fields(pos, q, cell=cell, pbc=PBC)
+
+
+def test_skewed_cells_image_search():
+    """A skewed basis of the same lattice gives the same fields; one whose heights are tiny relative to
+    the real-space cutoff (0.1 Å planes, 1000 Å vectors, 4 atoms) is refused before any allocation."""
+    from cartlorem.ewald.ewald import _shift_counts, lattice_shifts
+
+    pos, q, mu, th = random_system(61, n=4, c=1)
+    skew = torch.tensor([[1, 0, 0], [0, 1, 0], [3, -2, 1]], dtype=DT) @ TRICLINIC  # same lattice
+    ref = ewald.multipole_fields(pos, q, mu, th, TRICLINIC, PBC, accuracy=1e-10)
+    got = ewald.multipole_fields(pos, q, mu, th, skew, PBC, accuracy=1e-10)
+    for a, b in zip(got, ref):
+        assert rel(a, b) < 1e-9
+    # the cost model's count of translations is the image search's own
+    cutoffs = torch.linspace(0.5, 30.0, 13, dtype=DT).numpy()
+    counts = _shift_counts(skew.numpy(), cutoffs)
+    assert [len(lattice_shifts(skew.numpy(), float(c))) for c in cutoffs] == counts.tolist()
+    thin = torch.tensor([[1000.0, 0, 0], [0, 1000.0, 0], [300.0, 200.0, 0.1]], dtype=DT)
+    with pytest.raises(ValueError, match=r"cell height h_2 = 0.1 Å is too small relative to the Ewald"):
+        ewald.multipole_fields(random_system(62, n=4, c=1, cell=thin)[0], q, cell=thin, pbc=PBC)
+
+
 def test_bad_input_is_rejected():
     pos, q, mu, th = random_system(21, n=3, c=2)
     cases = [

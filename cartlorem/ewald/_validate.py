@@ -61,6 +61,33 @@ def parse_pbc(pbc, cell) -> bool:
     )
 
 
+#: Smallest distance between lattice planes (Å) of a periodic cell: far below any interatomic distance.
+MIN_CELL_HEIGHT = 0.1
+
+
+def cell_heights(cell: torch.Tensor) -> list:
+    """Distances between lattice planes ``h_k = V / |a_l x a_m|`` (Å) of cell [3, 3] -> three floats."""
+    c = cell.detach().cpu().double()
+    volume = float(torch.abs(torch.linalg.det(c)))
+    return [volume / float(torch.linalg.norm(torch.linalg.cross(c[(k + 1) % 3], c[(k + 2) % 3]))) for k in range(3)]
+
+
+def check_cell_heights(cell: torch.Tensor, periodic=(True, True, True)) -> None:
+    """ValueError if the planes of a periodic lattice direction are closer than ``MIN_CELL_HEIGHT``.
+
+    The volume check alone lets through cells such as 10 x 10 x 1e-5 Å, for which the number of periodic
+    images the sums need grows like 1/height (GiBs, then MemoryError). No atomistic cell has lattice
+    planes 0.1 Å apart, unless it is extremely skewed (then reduce it, e.g. ase.geometry.minkowski_reduce).
+    """
+    for k, h in enumerate(cell_heights(cell)):
+        if periodic[k] and not h >= MIN_CELL_HEIGHT:
+            raise ValueError(
+                f"cell height h_{k} = {h:.3g} Å (distance between the lattice planes spanned by cell rows "
+                f"{(k + 1) % 3} and {(k + 2) % 3}) is below {MIN_CELL_HEIGHT} Å: not a physical periodic cell "
+                "(a very skewed cell can be reduced first, e.g. with ase.geometry.minkowski_reduce)"
+            )
+
+
 def check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, accuracy) -> Inputs:
     if not isinstance(positions, torch.Tensor) or not positions.is_floating_point():
         raise ValueError("positions must be a floating-point torch.Tensor of shape [N, 3]")
@@ -109,6 +136,7 @@ def check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, 
                 f"cell has zero volume (|det| = {volume:.3g} Å^3): a periodic cell needs three "
                 "linearly independent lattice vectors"
             )
+        check_cell_heights(cell)
     else:
         cell = None
     if smearing is not None:

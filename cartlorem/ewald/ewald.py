@@ -100,6 +100,28 @@ def lattice_shifts(cell: np.ndarray, cutoff: float) -> np.ndarray:
     return grid[np.argsort(np.abs(grid).sum(1), kind="stable")]
 
 
+#: Most integer translations the real-space image search may enumerate (a box, about 100 MB).
+MAX_IMAGE_BOX = 1 << 22
+
+
+def check_image_count(cell: np.ndarray, cutoff: float) -> None:
+    """ValueError if reaching ``cutoff`` (Å) needs more than ``MAX_IMAGE_BOX`` candidate translations.
+
+    That happens only for cells whose heights are tiny relative to the real-space cutoff (strongly
+    skewed cells, or a few atoms in a huge thin cell); the message names the thinnest height.
+    """
+    heights = _cell_heights(cell)
+    box = float(np.prod(2.0 * np.floor(cutoff / heights + 0.5) + 1.0))
+    if box > MAX_IMAGE_BOX:
+        k = int(np.argmin(heights))
+        raise ValueError(
+            f"cell height h_{k} = {heights[k]:.3g} Å is too small relative to the Ewald real-space cutoff "
+            f"{cutoff:.3g} Å: the image search would need {box:.3g} lattice translations "
+            f"(limit {MAX_IMAGE_BOX}); reduce the cell (e.g. ase.geometry.minkowski_reduce) or use "
+            "a larger, less skewed one"
+        )
+
+
 def kvector_indices(cell: np.ndarray, k_cutoff: float) -> np.ndarray:
     """Integer reciprocal-lattice indices m [K, 3], 0 < |k| < k_c, one of every pair k, -k."""
     recip = 2.0 * np.pi * np.linalg.inv(cell).T
@@ -123,15 +145,30 @@ def _cell_heights(cell: np.ndarray) -> np.ndarray:
 
 
 def _shift_counts(cell: np.ndarray, cutoffs: np.ndarray) -> np.ndarray:
-    """len(lattice_shifts(cell, r_c)) for every r_c in ``cutoffs``, in one pass."""
+    """len(lattice_shifts(cell, r_c)) for every r_c in ``cutoffs``, in one pass.
+
+    A translation n enters :func:`lattice_shifts` at ``r_c >= max(max_k (|n_k| - 1/2) h_k, |n . cell| - rho)``;
+    those thresholds are computed in blocks of about a million translations (memory stays bounded for
+    thin or elongated cells) and counted below every cutoff.
+    """
     heights = _cell_heights(cell)
     bound = np.floor(cutoffs.max() / heights + 0.5).astype(int)
     rho = 0.5 * max(np.linalg.norm(np.array(s) @ cell) for s in itertools.product((-1, 1), repeat=3))
-    grid = np.stack(np.meshgrid(*[np.arange(-b, b + 1) for b in bound], indexing="ij"), -1).reshape(-1, 3)
-    norm = np.linalg.norm(grid @ cell, axis=1)
-    per_axis = np.floor(cutoffs[:, None, None] / heights[None, None, :] + 0.5)  # [R, 1, 3]
-    inside = (np.abs(grid)[None] <= per_axis).all(-1) & (norm[None] <= cutoffs[:, None] + rho)
-    return inside.sum(1)
+    axis = int(np.argmax(bound))  # blocks along the axis with the most translations
+    others = [k for k in range(3) if k != axis]
+    plane = np.stack(
+        np.meshgrid(*[np.arange(-bound[k], bound[k] + 1) for k in others], indexing="ij"), -1
+    ).reshape(-1, 2)  # [M, 2]
+    step = max(1, (1 << 20) // len(plane))
+    thresholds = []
+    for n0 in range(-bound[axis], bound[axis] + 1, step):
+        values = np.arange(n0, min(n0 + step, bound[axis] + 1))
+        grid = np.empty((len(values) * len(plane), 3), dtype=np.int64)
+        grid[:, axis] = np.repeat(values, len(plane))
+        grid[:, others] = np.tile(plane, (len(values), 1))
+        t = np.maximum(((np.abs(grid) - 0.5) * heights).max(1), np.linalg.norm(grid @ cell, axis=1) - rho)
+        thresholds.append(t[t <= cutoffs.max()])
+    return np.searchsorted(np.sort(np.concatenate(thresholds)), cutoffs, side="right")
 
 
 @lru_cache(maxsize=256)
@@ -148,8 +185,18 @@ def _choose_alpha(cell_key: bytes, n_atoms: int, p: float, beta_max: float, orde
     # a splitting much sharper than the atomic spacing loses the rank-2 outputs to cancellation between
     # real and reciprocal parts (measured: errors 5-25x accuracy at alpha * spacing = 5): cap it
     alphas = np.minimum(p / cutoffs, min(beta_max, ALPHA_SPACING_MAX / (volume / n_atoms) ** (1.0 / 3.0)))
+    # splittings whose real-space image search is refused by check_image_count are not candidates
+    # (if every one is, the smallest cutoff is kept and refused later with a clear message)
+    box = np.prod(2.0 * np.floor((p / alphas)[:, None] / heights[None, :] + 0.5) + 1.0, axis=1)
+    keep = (box <= MAX_IMAGE_BOX) | (alphas >= beta_max)
+    if not keep.any():
+        return float(alphas.max())
+    alphas = alphas[keep]
     n_k = volume * (2.0 * p * alphas) ** 3 / (12.0 * np.pi**2)  # half-space k-vectors
-    real = np.where(alphas >= beta_max, 0.0, n_atoms * n_atoms * _shift_counts(cell, p / alphas))
+    needs_real = alphas < beta_max
+    real = np.zeros_like(alphas)
+    if needs_real.any():
+        real[needs_real] = n_atoms * n_atoms * _shift_counts(cell, p / alphas[needs_real])
     return float(alphas[np.argmin(REAL_COST[min(order, 4)] * real + n_atoms * n_k)])
 
 
@@ -264,6 +311,7 @@ def ewald_sum(
     cell_np = cell.detach().cpu().double().numpy()
     params = choose_parameters(cell_np, positions.shape[0], accuracy, tensors.max_order, smearing, alpha)
     kernel = RadialKernel.ewald_real(params.alpha, smearing)
+    check_image_count(cell_np, params.real_cutoff)
     shifts = torch.as_tensor(lattice_shifts(cell_np, params.real_cutoff), device=positions.device)
     out = pair_sum(positions, v, kernel, tensors, cell=cell, shifts=shifts, cutoff=params.real_cutoff)
     m = torch.as_tensor(kvector_indices(cell_np, params.k_cutoff), device=positions.device)
