@@ -36,15 +36,14 @@ Cell. Rows a, b span the plane; row c gives the normal direction and must be ort
 every atom must lie within ``0 <= r . n <= |c|`` (the vacuum-padded region), else ValueError. The
 length of c does not change the results (beyond ``accuracy``): the sum itself uses the height
 ``L = |c| + gap``, with a further vacuum gap ``(ln(1/accuracy) + 3) / k_min`` (rounded up to 1 Å;
-``k_min`` is the shortest in-plane reciprocal vector), after which the in-plane-varying field of the
-replica layers is below ``accuracy``.
+``k_min = 2 pi / max(|a|, |b|)`` bounds the shortest in-plane reciprocal vector from below), after
+which the in-plane-varying field of the replica layers is below ``accuracy``.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from .ewald import ewald_sum
@@ -57,15 +56,13 @@ GAP_MARGIN = 3.0
 def vacuum_gap(cell: torch.Tensor, accuracy: float) -> float:
     """Vacuum (Å) added along the normal: ``(ln(1/accuracy) + 3) / k_min``, rounded up to whole Å.
 
-    cell [3, 3] (Å); k_min (1/Å) is the shortest non-zero reciprocal vector of the in-plane lattice
-    (a, b). Whole Å keep the gap constant under small strains (exact stress, see ``ewald.snap_alpha``).
+    cell [3, 3] (Å). ``k_min = 2 pi / max(|a|, |b|)`` (1/Å) is a lower bound of the shortest non-zero
+    in-plane reciprocal vector, ``2 pi lambda_1 / A`` with lambda_1 the shortest lattice vector: every
+    lattice vector is at least as long as the smaller height ``A / max(|a|, |b|)``. Whole Å keep the gap
+    constant under small strains (exact stress, as ``ewald.snap_alpha`` does for the splitting).
     """
-    ab = cell.detach().cpu().double().numpy()[:2]  # [2, 3]
-    metric = ab @ ab.T
-    recip = 2.0 * math.pi * np.linalg.solve(metric, ab)  # rows b_k in the plane, a_i . b_k = 2 pi delta
-    m = np.stack(np.meshgrid(np.arange(-4, 5), np.arange(-4, 5), indexing="ij"), -1).reshape(-1, 2)
-    m = m[(m != 0).any(1)]
-    k_min = float(np.linalg.norm(m @ recip, axis=1).min())
+    longest = float(torch.linalg.norm(cell.detach()[:2].double(), dim=1).max())
+    k_min = 2.0 * math.pi / longest
     return float(math.ceil((math.log(1.0 / accuracy) + GAP_MARGIN) / k_min))
 
 
@@ -80,24 +77,17 @@ def slab_sum(
     smearing: float | None,
     accuracy: float,
     alpha: float | None = None,
-    height: float | None = None,
 ) -> torch.Tensor:
     """Slab sum: Ewald in the elongated cell plus the plane-averaged correction (module docstring).
 
     positions [N, 3] (Å), inside the slab region (checked by ``_validate.check_slab``); v [N, n_cols, C]
     packed sources; multipoles {rank: [N, C], [N, C, 3], [N, C, 3, 3]} the same sources unpacked;
-    cell [3, 3] (Å), rows a, b in-plane, c along the normal. ``height`` (Å, >= |c|) overrides the
-    height L of the elongated cell (tests: convergence with vacuum); ``alpha`` the Ewald splitting.
+    cell [3, 3] (Å), rows a, b in-plane, c along the normal; ``alpha`` (1/Å) overrides the Ewald splitting.
     Returns [N, n_rows, C] without the output signs ``c_l``, like :func:`.ewald.ewald_sum`.
     """
     c_len = torch.linalg.norm(cell[2])
     normal = cell[2] / c_len  # [3]
-    if height is None:
-        length = c_len + vacuum_gap(cell, accuracy)
-    else:
-        if not float(height) >= float(c_len.detach()):
-            raise ValueError(f"slab height {height} Å must be at least |c| = {float(c_len):.6g} Å")
-        length = torch.as_tensor(float(height), dtype=cell.dtype, device=cell.device)
+    length = c_len + vacuum_gap(cell, accuracy)  # L (Å)
     box = torch.stack([cell[0], cell[1], length * normal])  # [3, 3] elongated cell
     q, mu, th = multipoles.get(0), multipoles.get(1), multipoles.get(2)
     total = q.sum(0) if q is not None else None
