@@ -43,7 +43,7 @@ def _tensor(name: str, t, positions: torch.Tensor) -> torch.Tensor:
 
 
 def parse_boundary(pbc, cell) -> str:
-    """``"periodic"`` (pbc all True, or None with a cell), ``"open"`` or ``"slab"`` (pbc = [True, True, False]).
+    """``"periodic"`` (pbc all True, or None with a cell), ``"open"``, or ``"slab"`` (pbc = [T, T, F]).
 
     Every other pattern is a ValueError: a slab's vacuum direction must be the third cell row.
     """
@@ -121,7 +121,8 @@ def cell_heights(cell: torch.Tensor) -> list:
     """Distances between lattice planes ``h_k = V / |a_l x a_m|`` (Å) of cell [3, 3] -> three floats."""
     c = cell.detach().cpu().double()
     volume = float(torch.abs(torch.linalg.det(c)))
-    return [volume / float(torch.linalg.norm(torch.linalg.cross(c[(k + 1) % 3], c[(k + 2) % 3]))) for k in range(3)]
+    areas = [float(torch.linalg.norm(torch.linalg.cross(c[(k + 1) % 3], c[(k + 2) % 3]))) for k in range(3)]
+    return [volume / area for area in areas]
 
 
 def check_cell_heights(cell: torch.Tensor, periodic=(True, True, True)) -> None:

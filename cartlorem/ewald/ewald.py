@@ -3,12 +3,14 @@
     F = real space (screened kernel, pairs and images within r_c)
       + reciprocal space (structure factor, |k| < k_c) - self + background,
 
-with tin-foil boundary conditions. The long-range kernel is ``erf(alpha R)/R`` (Fourier transform
-``4 pi exp(-k^2/4 alpha^2) / k^2``); the short-range kernel is the rest, ``erfc(alpha R)/R`` for point
-sources and ``erfc(alpha R)/R - erfc(R/(sqrt 2 sigma))/R`` for Gaussian sources of width sigma. (This is
-the same as screening the Gaussians with ``alpha_s``, ``1/alpha^2 = 1/alpha_s^2 + 2 sigma^2``: the
-reciprocal factor ``exp(-k^2/4 alpha_s^2) exp(-k^2 sigma^2/2)``.) With smearing, alpha never exceeds
-``1/(sqrt 2 sigma)``; at that value the short-range kernel vanishes and only the reciprocal sum is left.
+with tin-foil boundary conditions, on positions first wrapped into the cell (:func:`wrap_positions`, in
+float64, so that float32 phases k.r keep their resolution far from the origin). The long-range kernel is
+``erf(alpha R)/R`` (Fourier transform ``4 pi exp(-k^2/4 alpha^2) / k^2``); the short-range kernel is the
+rest, ``erfc(alpha R)/R`` for point sources and ``erfc(alpha R)/R - erfc(R/(sqrt 2 sigma))/R`` for
+Gaussian sources of width sigma. (This is the same as screening the Gaussians with ``alpha_s``,
+``1/alpha^2 = 1/alpha_s^2 + 2 sigma^2``: the reciprocal factor ``exp(-k^2/4 alpha_s^2) exp(-k^2
+sigma^2/2)``.) With smearing, alpha never exceeds ``1/(sqrt 2 sigma)``; at that value the short-range
+kernel vanishes and only the reciprocal sum is left.
 
 Parameters (:func:`choose_parameters`): with ``p`` from :func:`tail_parameter`, ``r_c = p / alpha`` and
 ``k_c = 2 p alpha``; alpha minimises a cost model, ``N^2 S(r_c)`` pair evaluations (S = number of lattice

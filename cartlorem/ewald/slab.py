@@ -6,7 +6,10 @@ quadrupoles): the 3D Ewald sum (:func:`.ewald.ewald_sum`, tin foil, neutralising
 elongated along the normal, ``(a, b, L n)``, plus an exact correction for the plane-averaged part.
 
 Why the correction is exact. Seen from afar, a 2D-periodic layer is only its plane average, the
-1D density ``rho(z) = (1/A) sum_j [q_j delta(z - z_j) - mu_jz delta'(z - z_j) + 1/2 Theta_jzz delta''(z - z_j)]``
+1D density
+
+    rho(z) = (1/A) sum_j [q_j delta(z - z_j) - mu_jz delta'(z - z_j) + 1/2 Theta_jzz delta''(z - z_j)]
+
 (``z = r . n``, ``mu_z = mu . n``, ``Theta_zz = n^T Theta n``, A the in-plane area); the rest of each
 replica layer decays like ``exp(-|k| d)`` with the in-plane wave vector k. For a charge sheet the 3D
 sum with background and zero cell mean gives ``(2 pi q / A)(z^2/L + L/6 + sigma^2/L - g*|z|)`` for
