@@ -24,7 +24,7 @@ from .nn.blocks import BodyOrderProduct, Interaction, SpeciesLinear
 from .nn.radial import BesselBasis, PolynomialEnvelope
 from .tensors import EquivariantLinear
 
-__all__ = ["CartLorem", "save_model", "load_model", "model_payload"]
+__all__ = ["CartLorem", "save_model", "load_model", "model_payload", "upgrade_state_dict"]
 
 LONG_RANGE_CHOICES = (None, "multipole", "lorem")
 
@@ -46,13 +46,16 @@ class CartLorem(nn.Module):
         channels: features per rank (default 64).
         num_layers: interaction layers (default 2).
         correlation: body order of the products (default 3).
-        lmax: highest feature rank (0, 1 or 2; default 2).
+        lmax: highest feature rank (0, 1 or 2; default 2); with long range also the highest rank of the
+            learned multipoles (0: charges only, 1: charges and dipoles).
         num_basis, radial_hidden: Bessel functions (8) and radial MLP width (64).
         envelope_p: polynomial envelope exponent (5).
         readout_hidden: width of the last layer's readout MLP (16).
         atomic_energies: {Z: E0 in eV} reference energies (default 0; set from data by training).
         avg_num_neighbors: message normalisation (default 10; set from data by training).
-        scale, shift: per-atom energy scale and shift of the learned part (eV; default 1, 0).
+        scale, shift: per-atom energy scale and shift of the learned readouts (eV; default 1, 0). The
+            electrostatic energy of the learned multipoles is not scaled: it stays in eV, so the
+            reported charges and dipoles keep physical units whatever ``scale`` training sets.
         long_range_options: dict for the long-range block (see cartlorem.nn.long_range).
         compile_kernels: run the message kernel through torch.compile when no double backward is
             needed (inference: energy, forces, stress, MD). Training always uses the eager kernel.
@@ -130,7 +133,10 @@ class CartLorem(nn.Module):
         if long_range is not None:
             from .nn.long_range import LongRangeBlock
 
-            self.long_range_block = LongRangeBlock(channels, kind=long_range, **self.config["long_range_options"])
+            options = self.config["long_range_options"]
+            if "lmax" in options:
+                raise ValueError("long_range_options must not set 'lmax': the long-range block uses the model's lmax")
+            self.long_range_block = LongRangeBlock(channels, kind=long_range, lmax=lmax, **options)
 
     # --- statistics set from data --------------------------------------------------------------
     def set_statistics(self, *, atomic_energies: Optional[dict] = None, avg_num_neighbors: Optional[float] = None,
@@ -193,23 +199,29 @@ class CartLorem(nn.Module):
 
         out = {}
         if self.long_range_block is not None:
-            lr = self.long_range_block(h, graph, positions, cell, species)
-            node_energy = node_energy + lr["node_energy"]
-            out.update({k: v for k, v in lr.items() if k != "node_energy"})
+            out = self.long_range_block(h, graph, positions, cell)
+            lr_readout, e_es = out.pop("readout"), out.pop("electrostatic")  # [N] learned, [N] eV
+            node_energy = node_energy + lr_readout
+        # the scale multiplies the learned readouts only; the electrostatic energy is already in eV and
+        # stays the (coupling-weighted) Coulomb energy of the reported multipoles
         node_energy = self.scale * node_energy + self.shift + self.atomic_energies[species]
+        if self.long_range_block is not None:
+            node_energy = node_energy + e_es
         energy = torch.zeros(graph.num_graphs, dtype=node_energy.dtype, device=node_energy.device)
         energy = energy.index_add(0, graph.batch, node_energy)
         out.update(energy=energy, node_energy=node_energy)
-        if "node_energy_lr" in out:
-            e_lr = torch.zeros_like(energy).index_add(0, graph.batch, self.scale * out.pop("node_energy_lr"))
-            out["energy_lr"] = e_lr
+        if self.long_range_block is not None:
+            out["energy_lr"] = torch.zeros_like(energy).index_add(0, graph.batch, self.scale * lr_readout + e_es)
         return out
 
     def forward(self, graph: Graph, compute_forces: bool = True, compute_stress: Optional[bool] = None,
                 create_graph: Optional[bool] = None) -> dict:
         """Predict for a batch: "energy" [B], "node_energy" [N], "forces" [N, 3], "stress" [B, 3, 3]
-        (when any structure is periodic), and for long-range models "charges" [N], "dipoles" [N, 3],
-        "energy_lr" [B]. ``create_graph`` defaults to ``self.training`` (needed to train on forces).
+        (when any structure is periodic), and for long-range models channel 0 of the learned multipoles,
+        "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3] (e·Å², lmax 2),
+        and "energy_lr" [B] (eV): ``scale`` × the long-range readout + the electrostatic energy, which
+        is COULOMB × Σ_c coupling_c × U_c (U_c of :func:`cartlorem.ewald.electrostatic_energy` for the
+        learned multipoles of channel c with the block's smearing), independent of ``scale``. ``create_graph`` defaults to ``self.training`` (needed to train on forces).
         """
         if graph.positions.dtype != self.dtype or graph.positions.device != self.embedding.device:
             graph = graph.to(device=self.embedding.device, dtype=self.dtype)
@@ -232,7 +244,31 @@ class CartLorem(nn.Module):
 
 
 # --- persistence ---------------------------------------------------------------------------------
-_FORMAT = "cartlorem-model-v1"
+# Formats:
+#   cartlorem-model-v1 (cartlorem 0.1.0): the energy ``scale`` multiplied the electrostatic energy of the
+#       learned multipoles too, so the effective Coulomb coupling of channel c was scale × a_c.
+#   cartlorem-model-v2: ``scale`` multiplies the learned readouts only. A v1 file is read exactly: its
+#       couplings a_c become scale × a_c (:func:`upgrade_state_dict`), which gives the same energies,
+#       forces and charges as 0.1.0 (to rounding). Its charges keep the units they were trained in:
+#       scale × a_c × U(q) is the Coulomb energy of charges √(scale × a_c) q, not of q.
+_FORMAT = "cartlorem-model-v2"
+_FORMAT_V1 = "cartlorem-model-v1"
+_FORMATS = (_FORMAT_V1, _FORMAT)
+
+
+def upgrade_state_dict(state_dict: dict, config: dict, format: str) -> dict:
+    """A state dict written in ``format`` → the current format's (a new dict; tensors shared unless changed).
+
+    v1 → v2: the long-range couplings absorb the energy scale (see the notes above), so that the model
+    gives the numbers it gave in 0.1.0.
+    """
+    if format not in _FORMATS:
+        raise ValueError(f"unknown model format {format!r}; this cartlorem reads {', '.join(_FORMATS)}")
+    state = dict(state_dict)
+    key = "long_range_block.coupling"
+    if format == _FORMAT_V1 and config.get("long_range") is not None and key in state:
+        state[key] = state[key] * float(config.get("scale", 1.0))
+    return state
 
 
 def _atomic_save(obj, path: str) -> None:
@@ -268,7 +304,8 @@ def save_model(model: CartLorem, path, **extra) -> None:
 
 
 def load_model(path, map_location="cpu") -> CartLorem:
-    """Read a model written by :func:`save_model` (or a training checkpoint that holds one)."""
+    """Read a model written by :func:`save_model` (or a training checkpoint that holds one). Files written
+    by 0.1.0 predict what they predicted in 0.1.0 (see :func:`upgrade_state_dict`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
@@ -278,9 +315,10 @@ def load_model(path, map_location="cpu") -> CartLorem:
         raise ValueError(f"cannot read model file {path} (corrupt or not a cartlorem model): {exc}") from exc
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
-    if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
+    fmt = obj.get("format") if isinstance(obj, dict) else None
+    if fmt not in _FORMATS:
         raise ValueError(f"{path} is not a cartlorem model file (no '{_FORMAT}' header)")
     model = CartLorem(**obj["config"])
     model = model.to(getattr(torch, obj.get("dtype", "float32")))
-    model.load_state_dict(obj["state_dict"])
+    model.load_state_dict(upgrade_state_dict(obj["state_dict"], obj["config"], fmt))
     return model
