@@ -244,6 +244,10 @@ class CartLorem(nn.Module):
 
 
 # --- persistence ---------------------------------------------------------------------------------
+# A model file is a torch.save of plain data, {"format", "config", "state_dict", "dtype", extra entries},
+# read back with torch.load(weights_only=True): dicts, lists, tuples, strings, numbers, booleans, None and
+# tensors are rebuilt, anything else is refused, so opening a model file never runs pickled code.
+#
 # Formats:
 #   cartlorem-model-v1 (cartlorem 0.1.0): the energy ``scale`` multiplied the electrostatic energy of the
 #       learned multipoles too, so the effective Coulomb coupling of channel c was scale × a_c.
@@ -269,6 +273,29 @@ def upgrade_state_dict(state_dict: dict, config: dict, format: str) -> dict:
     if format == _FORMAT_V1 and config.get("long_range") is not None and key in state:
         state[key] = state[key] * float(config.get("scale", 1.0))
     return state
+
+
+_PLAIN_TYPES = (str, int, float, bool, type(None))
+
+
+def _check_plain(obj, where: str) -> None:
+    """ValueError naming the first entry of ``obj`` that torch.load(weights_only=True) would refuse."""
+    import collections
+
+    if type(obj) in (dict, collections.OrderedDict):
+        for key, value in obj.items():
+            if type(key) not in _PLAIN_TYPES:
+                raise ValueError(f"{where} has a key of type {type(key).__name__}; use strings or numbers")
+            _check_plain(value, f"{where}[{key!r}]")
+    elif type(obj) in (list, tuple):
+        for n, value in enumerate(obj):
+            _check_plain(value, f"{where}[{n}]")
+    elif not (type(obj) in _PLAIN_TYPES or type(obj) is torch.Tensor or isinstance(obj, torch.dtype)):
+        raise ValueError(
+            f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: model files hold plain data only "
+            "(dicts, lists, tuples, strings, int/float/bool/None, torch tensors), so that load_model can read "
+            "them without running pickled code; convert it (e.g. float(x), x.tolist(), torch.as_tensor(x))"
+        )
 
 
 def _atomic_save(obj, path: str) -> None:
@@ -299,26 +326,69 @@ def model_payload(model: CartLorem) -> dict:
 
 
 def save_model(model: CartLorem, path, **extra) -> None:
-    """Write hyperparameters and weights to ``path`` (atomically). ``extra`` entries are stored too."""
-    _atomic_save({**model_payload(model), **extra}, path)
+    """Write hyperparameters and weights to ``path`` (atomically). ``extra`` entries are stored too; they
+    must be plain data (dicts, lists, strings, numbers, tensors: ValueError naming the entry otherwise)."""
+    payload = {**model_payload(model), **extra}
+    _check_plain(payload, "the model file")
+    _atomic_save(payload, path)
 
 
-def load_model(path, map_location="cpu") -> CartLorem:
-    """Read a model written by :func:`save_model` (or a training checkpoint that holds one). Files written
-    by 0.1.0 predict what they predicted in 0.1.0 (see :func:`upgrade_state_dict`)."""
+def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartLorem:
+    """Read a model written by :func:`save_model` (or a training checkpoint that holds one).
+
+    The file is read with ``torch.load(weights_only=True)``: only plain data is rebuilt and no code
+    stored in the file runs. A file that holds other Python objects (a pickled function or class, a
+    numpy scalar) is refused with a ValueError naming the object, unless ``trust_pickle=True``: then
+    it is read with the full pickle machinery, which runs whatever code the file carries. Pass it only
+    for a file you wrote yourself or otherwise trust — e.g. one that cartlorem 0.1.0's
+    ``save_model(model, path, **extra)`` stored with such extra objects. Files written by 0.1.0
+    otherwise hold plain data and load without it; they predict what they predicted in 0.1.0 (their
+    long-range couplings are converted, see :func:`upgrade_state_dict`).
+
+    map_location: as in torch.load (default "cpu"). Returns the model in the dtype it was saved in.
+    """
+    import pickle
+    import re
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if refused is None:
+            reason = [line for line in str(exc).splitlines() if line.strip() and "documentation" not in line]
+            raise ValueError(f"cannot read model file {path} (corrupt or not a cartlorem model): "
+                             f"{reason[-1].strip() if reason else exc}") from None
+        if not trust_pickle:
+            raise ValueError(
+                f"refusing to load {path}: it holds a pickled Python object ({refused.group(1)}), and unpickling "
+                "it could run arbitrary code. cartlorem model files hold plain data only. If you wrote this "
+                "file yourself or trust its source (e.g. a cartlorem 0.1.0 file saved with extra objects), "
+                "load it with load_model(path, trust_pickle=True)") from None
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as err:
+            raise ValueError(f"cannot read model file {path} (corrupt or not a cartlorem model): {err}") from err
     except Exception as exc:
         raise ValueError(f"cannot read model file {path} (corrupt or not a cartlorem model): {exc}") from exc
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     fmt = obj.get("format") if isinstance(obj, dict) else None
     if fmt not in _FORMATS:
-        raise ValueError(f"{path} is not a cartlorem model file (no '{_FORMAT}' header)")
-    model = CartLorem(**obj["config"])
-    model = model.to(getattr(torch, obj.get("dtype", "float32")))
-    model.load_state_dict(upgrade_state_dict(obj["state_dict"], obj["config"], fmt))
+        raise ValueError(f"{path} is not a cartlorem model file (no '{_FORMAT}' header"
+                         + (f"; found {fmt!r})" if isinstance(fmt, str) else ")"))
+    config, state = obj.get("config"), obj.get("state_dict")
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise ValueError(f"{path}: a cartlorem model file needs a 'config' dict and a 'state_dict' dict")
+    try:
+        model = CartLorem(**config)
+    except TypeError as exc:
+        raise ValueError(f"{path}: the model options in the file are not those of this cartlorem: {exc}") from exc
+    dtype = obj.get("dtype", "float32")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"{path}: unsupported dtype {dtype!r} (float32 or float64)")
+    model = model.to(getattr(torch, dtype))
+    model.load_state_dict(upgrade_state_dict(state, config, fmt))
     return model
