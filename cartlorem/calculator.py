@@ -134,9 +134,9 @@ class CartLoremCalculator(Calculator):
                 reuse = False
             else:
                 return g
-        offset = np.zeros_like(positions)
-        if np.all(np.isfinite(positions)):  # else atoms_to_graph names the bad atoms
-            offset = self._offsets(positions, atoms.get_cell().array, atoms.get_pbc())
+        offset, cell = np.zeros_like(positions), atoms.get_cell().array
+        if np.all(np.isfinite(positions)) and np.all(np.isfinite(cell)):  # else atoms_to_graph says what is bad
+            offset = self._offsets(positions, cell, atoms.get_pbc())
         shifted = atoms.copy()
         shifted.arrays["positions"] = positions - offset
         g = atoms_to_graph(shifted, self.model.cutoff + self.skin, dtype=self.model.dtype,

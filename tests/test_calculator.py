@@ -361,3 +361,16 @@ def test_float32_far_from_the_origin_with_reused_neighbour_list(lr_model):
         assert far.get_potential_energy(moved) == pytest.approx(reference.get_potential_energy(atoms), rel=1e-6)
     assert fmax > 0.1
     assert len(builds) == 1  # the first step built the list; the five others reused it
+
+
+def test_bad_positions_or_cell_are_clear_errors(lr_model):
+    """The wrapping step must not turn bad input into a deep linear-algebra error."""
+    calc = CartLoremCalculator(lr_model)
+    atoms = nacl()
+    atoms.positions[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        calc.get_potential_energy(atoms)
+    atoms = nacl()
+    atoms.cell[0, 0] = np.nan
+    with pytest.raises(ValueError, match="cell contains NaN"):
+        calc.get_potential_energy(atoms)
