@@ -12,10 +12,10 @@ number of epochs for every model: the fair budget on a shared machine, used for 
   C channels, the same correlation, 2 interactions, max_ell 2, 8 Bessel, p = 5 envelope, radial MLP
   3 × 64, readout MLP 16; its reference energies, ⟨neighbours⟩, scale and shift from the training
   set exactly as cartlorem.train sets them);
-* training: cartlorem.train for cartlorem; for MACE a loop that mirrors it (the same
-  ``weighted_loss``, AMSGrad, gradient clipping at 10, EMA 0.99 with the same warm-up, validation
-  with the EMA weights, ReduceLROnPlateau 0.8/5, best-validation weights kept, the same
-  ``max_time`` and epoch rules), on the same batches of cartlorem Graphs converted to MACE's input dict;
+* training: one loop for every model, ``cartlorem.train.train`` (the same ``weighted_loss``, AMSGrad,
+  gradient clipping at 10, EMA 0.99, validation with the EMA weights, ReduceLROnPlateau 0.8/5,
+  best-validation weights kept, the same ``max_time`` and epoch rules); MACE enters it through a
+  wrapper with cartlorem's model contract, on the same batches converted to MACE's input dict;
 * report: energy (meV/atom) and force (meV/Å) MAE and RMSE on the test set, overall and by group
   (``groups_for`` of long_range.py: dimers by class and by separation < 5, 5–8, ≥ 8 Å, ...), number of
   epochs that fit the budget, parity plots and learning curves.
@@ -89,7 +89,7 @@ def history_rows(history) -> list:
 
 
 # --------------------------------------------------------------------------------------------------
-# MACE: a cartlorem-shaped wrapper and a training loop that mirrors cartlorem.train
+# MACE behind cartlorem's model contract (so that cartlorem.train trains it)
 
 def mace_module():
     import torch
@@ -122,79 +122,6 @@ def mace_module():
     return MaceModel
 
 
-def train_mace(model, train_graphs, valid_graphs, *, batch_size, lr, weights, max_time, seed, max_epochs=10**6,
-               ema_decay=0.99, scheduler_factor=0.8, scheduler_patience=5, clip_grad=10.0, valid_batch_size=None):
-    """The loop of cartlorem.train (fresh run, no files) for any model with cartlorem's interface."""
-    import torch
-
-    from cartlorem.evaluate import metrics, predict
-    from cartlorem.graph import collate
-    from cartlorem.train import DEFAULT_WEIGHTS, ExponentialMovingAverage, _validation_loss, weighted_loss
-
-    w = {**DEFAULT_WEIGHTS, **weights}
-    dtype = next(model.parameters()).dtype
-    train_graphs = [g.to(dtype=dtype) for g in train_graphs]
-    valid_graphs = [g.to(dtype=dtype) for g in valid_graphs]
-    valid_batch_size = valid_batch_size or 2 * batch_size
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, amsgrad=True)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=scheduler_factor,
-                                                       patience=scheduler_patience)
-    ema = ExponentialMovingAverage(params, ema_decay)
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    history, best, best_state, epoch_times = [], math.inf, None, []
-    t_call = time.perf_counter()
-    n_batches = math.ceil(len(train_graphs) / batch_size)
-    elapsed = 0.0
-    for epoch in range(1, max_epochs + 1):
-        if epoch_times and time.perf_counter() - t_call + float(np.mean(epoch_times)) > max_time:
-            break
-        t_epoch = time.perf_counter()
-        model.train()
-        order = rng.permutation(len(train_graphs))
-        sum_loss, n_seen, cut = 0.0, 0, False
-        for b in range(n_batches):
-            if b > 0 and time.perf_counter() - t_call > max_time:
-                cut = True
-                break
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            batch = collate([train_graphs[k] for k in idx])
-            want_stress = w["stress"] > 0 and batch.stress is not None and bool(batch.has_stress.any())
-            pred = model(batch, compute_forces=w["forces"] > 0, compute_stress=want_stress, create_graph=True)
-            loss, _ = weighted_loss(pred, batch, w)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite MACE loss at epoch {epoch}, batch {b + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            opt.step()
-            ema.update()
-            sum_loss += float(loss.detach()) * len(idx)
-            n_seen += len(idx)
-        with ema.applied():
-            m = metrics(predict(model, valid_graphs, batch_size=valid_batch_size))
-            valid_loss = _validation_loss(m, w)
-            if valid_loss < best:
-                best = valid_loss
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        lr_now = opt.param_groups[0]["lr"]
-        sched.step(valid_loss)
-        dt = time.perf_counter() - t_epoch
-        epoch_times.append(dt)
-        elapsed += dt
-        history.append({"epoch": epoch, "lr": lr_now, "train_loss": sum_loss / max(n_seen, 1), "valid_loss": valid_loss,
-                        "valid_energy_mae_mev_per_atom": m["energy_mae_mev_per_atom"],
-                        "valid_forces_mae_mev_per_a": m["forces_mae_mev_per_a"], "epoch_time_s": dt,
-                        "elapsed_s": elapsed})
-        if cut:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return history
-
-
 # --------------------------------------------------------------------------------------------------
 # one model on one set (MACE in the peers venv, through --peer-worker)
 
@@ -203,6 +130,7 @@ def run_variant(name: str, variant: str, args) -> dict:
 
     from cartlorem.data import dataset_statistics, fit_reference_energies
     from cartlorem.evaluate import metrics, predict
+    from cartlorem.train import train
 
     frames, graphs, species, train_idx, valid_idx, test_idx = load_set(name, args)
     masks = groups_for(name, [frames[k] for k in test_idx])
@@ -225,19 +153,18 @@ def run_variant(name: str, variant: str, args) -> dict:
         model = mace_module()(mace, species).to(dtype)
         t0, c0 = time.perf_counter(), time.process_time()
         load0 = os.getloadavg()[0]
-        history = train_mace(model, train_g, valid_g, batch_size=args.batch_size, lr=args.lr, weights=weights,
-                             max_time=args.budget, seed=args.seed, max_epochs=args.epochs or 10**6)
     else:
         import cartlorem
-        from cartlorem.train import train
 
         lr = None if variant == "none" else variant
         model = cartlorem.CartLorem(species, cutoff=args.cutoff, long_range=lr, channels=args.channels,
                                     num_layers=2, correlation=args.correlation, lmax=2, num_basis=8,
                                     radial_hidden=64, readout_hidden=16).to(dtype)
-        res = train(model, train_g, valid_g, epochs=args.epochs or 10_000, batch_size=args.batch_size, lr=args.lr,
-                    max_time=None if math.isinf(args.budget) else args.budget, patience=None, seed=args.seed, progress=False, weights=weights)
-        history = res.history
+    # one loop for every model; MACE's statistics were set when it was built (statistics=False)
+    res = train(model, train_g, valid_g, epochs=args.epochs or 10**6, batch_size=args.batch_size, lr=args.lr,
+                max_time=None if math.isinf(args.budget) else args.budget, patience=None, seed=args.seed,
+                progress=False, weights=weights, statistics=variant != "mace")
+    history = res.history
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
     load1 = os.getloadavg()[0]

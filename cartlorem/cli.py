@@ -387,11 +387,11 @@ def _write_yaml(path: Path, values: dict, header: str) -> None:
 
 
 def _print_summary(result, out: Optional[Path]) -> None:
-    from .train import _metric_str
+    from .train import metric_summary
 
     print(
         f"stopped after epoch {result.epochs_completed} ({result.stop_reason.replace('_', ' ')}); best epoch "
-        f"{result.best_epoch}: {_metric_str(result.best_metrics)} (validation)"
+        f"{result.best_epoch}: {metric_summary(result.best_metrics)} (validation)"
     )
     if out is not None:
         print(f"model: {out / 'model.pt'}   log: {out / 'log.csv'}")
@@ -621,7 +621,7 @@ def run_nve(
     from ase.md import velocitydistribution as vd
     from ase.md.verlet import VelocityVerlet
 
-    from .train import _progress
+    from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
     if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.29
@@ -642,9 +642,7 @@ def run_nve(
         rec["etot"].append(epot + ekin)
         rec["temperature"].append(atoms.get_temperature())
 
-    bar = _progress(
-        total=steps, desc="NVE MD", unit="step", enabled=progress, dynamic_ncols=True, leave=False
-    )
+    bar = tqdm(total=steps, desc="NVE MD", unit="step", disable=not progress, dynamic_ncols=True, leave=False)
     dyn.attach(record, interval=1)
     dyn.attach(lambda: bar.update(1) if dyn.nsteps > 0 else None, interval=1)
     error = None
