@@ -33,7 +33,6 @@ accuracy.<set>.curves.png (machine, versions, load and git commit stamped).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
