@@ -15,7 +15,10 @@ _LAZY = {
     "load_model": ("cartlorem.model", "load_model"),
     "CartLoremCalculator": ("cartlorem.calculator", "CartLoremCalculator"),
 }
-_SUBMODULES = {"tensors", "ewald", "units", "graph", "data", "testing", "nn", "model", "train", "calculator", "evaluate", "cli", "datasets"}
+_SUBMODULES = {
+    "tensors", "ewald", "units", "graph", "data", "testing", "nn", "model", "forces", "train", "training",
+    "config", "calculator", "evaluate", "md", "demo", "fileio", "cli", "datasets",
+}
 
 __all__ = ["tensors", "ewald", "units", "CartLorem", "CartLoremCalculator", "save_model", "load_model"]
 

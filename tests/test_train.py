@@ -260,3 +260,32 @@ def test_epochs_zero_writes_no_model(data, tmp_path):
     train_set, valid_set = data
     result = train(tiny_model(), train_set, valid_set, epochs=0, out_dir=tmp_path, **SETTINGS)
     assert result.model_path is None and not (tmp_path / "model.pt").exists()
+
+
+def test_epoch_batches_cover_each_graph_once(make_molecule):
+    """The trainer's batches (moved here from data.batches, which the DataLoader replaced)."""
+    from cartlorem.graph import atoms_to_graph
+    from cartlorem.training import epoch_loader
+
+    graphs = [atoms_to_graph(make_molecule(n_atoms=3 + k % 4, seed=k), 3.0) for k in range(10)]
+    chunks, loader = epoch_loader(graphs, 4, np.random.default_rng(0))
+    assert [b.num_graphs for b in loader] == [4, 4, 2] == [len(c) for c in chunks]
+
+    def order(rng, workers=0):
+        seen = []
+        chunks, loader = epoch_loader(graphs, 3, rng, workers)
+        for chunk, b in zip(chunks, loader):
+            assert torch.equal(b.positions, torch.cat([graphs[k].positions for k in chunk]))
+            for k in range(b.num_graphs):
+                pos = b.positions[b.batch == k]
+                seen.append(next(n for n, g in enumerate(graphs) if torch.equal(g.positions, pos)))
+        assert seen == [k for c in chunks for k in c]
+        return seen
+
+    assert sorted(order(np.random.default_rng(0))) == list(range(10))
+    assert order(np.random.default_rng(0)) == order(np.random.default_rng(0), workers=2)
+    assert order(np.random.default_rng(0)) != order(np.random.default_rng(1))
+    rng = np.random.default_rng(0)
+    assert order(rng) != order(rng)  # one generator, successive epochs differ
+    with pytest.raises(ValueError, match="batch_size"):
+        epoch_loader(graphs, 0, rng)

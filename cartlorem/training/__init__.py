@@ -17,13 +17,14 @@ Typical use::
 
 from .averaging import ExponentialMovingAverage
 from .log import metric_summary, plot_learning_curve
-from .loop import NonFiniteLossError, TrainResult, train
+from .loop import NonFiniteLossError, TrainResult, epoch_loader, train
 from .loss import DEFAULT_WEIGHTS, loss_weights, validation_loss, weighted_loss
 from .prepare import check_dataset, fit_statistics
 from .run_folder import BEST_MODEL, CHECKPOINT, RunFolder
 
 __all__ = [
     "train",
+    "epoch_loader",
     "TrainResult",
     "NonFiniteLossError",
     "ExponentialMovingAverage",

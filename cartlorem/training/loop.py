@@ -42,7 +42,7 @@ from .run_folder import (
     set_rng_state,
 )
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "epoch_loader"]
 
 log = logging.getLogger(__name__)
 _STATE_KEYS = ("epoch", "step", "bad_epochs", "elapsed_s", "best_state_dict")
@@ -67,6 +67,22 @@ class TrainResult:
     stop_reason: str = "epochs"
     model_path: Optional[str] = None
     checkpoint_path: Optional[str] = None
+
+
+def epoch_loader(graphs, batch_size: int, rng: np.random.Generator, workers: int = 0):
+    """One epoch's batches: (index lists [[k, …], …], a DataLoader yielding their ``collate``d Graphs).
+
+    The order is ``rng.permutation(len(graphs))`` cut into chunks of ``batch_size`` (the last one
+    may be smaller); pass the same generator every epoch so that epochs differ. ``workers``
+    processes collate ahead of the loop (0: in this process).
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    order = rng.permutation(len(graphs))
+    chunks = [order[b : b + batch_size].tolist() for b in range(0, len(order), int(batch_size))]
+    loader = DataLoader(graphs, batch_sampler=chunks, collate_fn=collate, num_workers=int(workers),
+                        generator=torch.Generator())  # a private generator: torch's global stream is untouched
+    return chunks, loader
 
 
 def _model_place(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -254,10 +270,7 @@ def train(
                     break
             t_epoch = time.perf_counter()
             model.train()
-            order = rng.permutation(n_train)
-            batch_indices = [order[b * batch_size : (b + 1) * batch_size].tolist() for b in range(n_batches)]
-            loader = DataLoader(train_graphs, batch_sampler=batch_indices, collate_fn=collate,
-                                num_workers=int(workers), generator=torch.Generator())
+            batch_indices, loader = epoch_loader(train_graphs, batch_size, rng, workers)
             sum_loss, n_seen = 0.0, 0
             inner = tqdm(total=n_batches, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
                          disable=not progress, dynamic_ncols=True)
