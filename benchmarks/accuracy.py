@@ -45,11 +45,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-from long_range import DEFAULT_DATA, add_training_arguments, group_errors, groups_for, load_split  # noqa: E402
-from speed import MACE_MISSING, PEER_PYTHON, build_mace, mace_inputs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
+from benchmarks.harness import (MACE_MISSING, PEER_PYTHON, MaceModel, add_data_argument,  # noqa: E402
+                                add_training_arguments, build_mace, group_errors, groups_for, load_split,
+                                machine_info)
 
 VARIANTS = ["none", "lorem", "multipole", "mace"]
 LABEL = {"none": "cartlorem none", "lorem": "cartlorem lorem", "multipole": "cartlorem multipole", "mace": "MACE"}
@@ -88,40 +87,6 @@ def history_rows(history) -> list:
 
 
 # --------------------------------------------------------------------------------------------------
-# MACE behind cartlorem's model contract (so that cartlorem.train trains it)
-
-def mace_module():
-    import torch
-
-    class MaceModel(torch.nn.Module):
-        """MACE behind cartlorem's model interface: forward(graph, compute_forces, compute_stress,
-        create_graph) → {"energy" [B], "forces" [N, 3], "stress" [B, 3, 3]}; works with
-        cartlorem.evaluate.predict and cartlorem.train.weighted_loss."""
-
-        def __init__(self, mace, species):
-            super().__init__()
-            self.mace, self.species = mace, sorted(species)
-
-        def forward(self, graph, compute_forces=True, compute_stress=None, create_graph=None):
-            p = next(self.parameters())
-            if compute_stress is None:
-                compute_stress = bool(graph.pbc.any())
-            create_graph = self.training if create_graph is None else create_graph
-            data = mace_inputs(graph, self.species, p.dtype, p.device)
-            with torch.enable_grad():
-                out = self.mace(data, training=create_graph, compute_force=compute_forces,
-                                compute_stress=compute_stress)
-            res = {"energy": out["energy"], "forces": out["forces"]}
-            if compute_stress and out.get("stress") is not None:
-                res["stress"] = out["stress"]
-            if not create_graph:
-                res = {k: v.detach() for k, v in res.items()}
-            return res
-
-    return MaceModel
-
-
-# --------------------------------------------------------------------------------------------------
 # one model on one set (MACE in the peers venv, through --peer-worker)
 
 def run_variant(name: str, variant: str, args) -> dict:
@@ -149,7 +114,7 @@ def run_variant(name: str, variant: str, args) -> dict:
                           avg_num_neighbors=stats["avg_num_neighbors"],
                           scale=stats["forces_rms"] or stats["residual_energy_per_atom_std"] or 1.0,
                           shift=stats["residual_energy_per_atom_mean"], correlation=args.correlation)
-        model = mace_module()(mace, species).to(dtype)
+        model = MaceModel(mace, species).to(dtype)
         t0, c0 = time.perf_counter(), time.process_time()
         load0 = os.getloadavg()[0]
     else:
@@ -297,7 +262,7 @@ def plots(name, r, stem) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    add_data_argument(p)
     p.add_argument("--sets", default="dimers")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of none, lorem, multipole, mace")
     p.add_argument("--skip-mace", action="store_true")
@@ -323,16 +288,12 @@ def main(argv=None):
 
     import torch
 
-    from _common import machine_info
-
     if args.budget is None:
         args.budget = math.inf if args.epochs else 240.0
     if args.quick:
         args.budget, args.max_frames, args.epochs = 20.0, 120, 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not Path(args.data_dir).is_dir():
-        p.error(f"data folder not found: {args.data_dir} (pass --data-dir)")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.skip_mace and "mace" in variants:
         variants.remove("mace")

@@ -1,6 +1,6 @@
 """cartlorem: interatomic potentials on irreducible Cartesian tensors with long-range equivariant messages.
 
-Public API (DESIGN.md): ``tensors``, ``ewald``, ``CartLorem``, ``CartLoremCalculator``,
+Public API (docs/DESIGN.md): ``tensors``, ``ewald``, ``CartLorem``, ``CartLoremCalculator``,
 ``save_model``, ``load_model``. Submodules are imported on first use so that ``import cartlorem``
 stays light.
 """

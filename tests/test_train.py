@@ -289,3 +289,19 @@ def test_epoch_batches_cover_each_graph_once(make_molecule):
     assert order(rng) != order(rng)  # one generator, successive epochs differ
     with pytest.raises(ValueError, match="batch_size"):
         epoch_loader(graphs, 0, rng)
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python example, as written, on the bundled data (budget cut to seconds)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = text.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "epochs=20" in code and "split(" in code and "graphs[:" not in code
+    code = code.replace("epochs=20", "epochs=1, max_time=5, progress=False")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "run" / "model.pt").is_file()
+    atoms = namespace["atoms"]
+    assert np.isfinite(atoms.get_potential_energy()) and atoms.calc.results["charges"].shape == (len(atoms),)
