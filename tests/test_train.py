@@ -305,3 +305,27 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "model.pt").is_file()
     atoms = namespace["atoms"]
     assert np.isfinite(atoms.get_potential_energy()) and atoms.calc.results["charges"].shape == (len(atoms),)
+
+
+def test_training_data_may_be_a_lazy_dataset(data):
+    """A map-style dataset that builds each graph when asked trains exactly like the list."""
+    train_set, valid_set = data
+
+    class Lazy(torch.utils.data.Dataset):
+        def __init__(self, graphs):
+            self.graphs, self.reads = graphs, 0
+
+        def __len__(self):
+            return len(self.graphs)
+
+        def __getitem__(self, k):
+            if not 0 <= k < len(self.graphs):
+                raise IndexError(k)
+            self.reads += 1
+            return self.graphs[k].replace()  # a fresh object every time
+
+    lazy = Lazy(train_set)
+    a = train(tiny_model(), train_set, valid_set, epochs=2, **SETTINGS)
+    b = train(tiny_model(), lazy, Lazy(valid_set), epochs=2, **SETTINGS)
+    assert lazy.reads > 2 * len(train_set)
+    assert [r["valid_loss"] for r in b.history] == [r["valid_loss"] for r in a.history]
