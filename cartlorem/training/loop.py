@@ -156,7 +156,6 @@ def train(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"train expects a torch.nn.Module, got {type(model).__name__}")
-    valid_graphs = valid_graphs if valid_graphs is not None else []
     if len(train_graphs) == 0:
         raise ValueError("the training set is empty")
     if int(epochs) < 0 or int(batch_size) < 1:
@@ -167,100 +166,34 @@ def train(
         raise ValueError(f"optimizer must be 'adam' or 'amsgrad', got {optimizer!r}")
     if int(workers) < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    w = loss_weights(weights)
-    valid_batch_size = int(valid_batch_size or 2 * batch_size)
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where checkpoint.pt is)")
     folder = RunFolder(out_dir) if out_dir is not None else None
     if folder is not None:
         folder.open(resume=resume, overwrite=overwrite)
-
-    device, dtype = _model_place(model)
+    valid_graphs = valid_graphs if valid_graphs is not None else []
     check_dataset(model, train_graphs, "training")
     check_dataset(model, valid_graphs, "validation")
     if len(valid_graphs) == 0:
         log.warning("no validation set; validating (and selecting the best model) on the training set")
         valid_graphs = train_graphs
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=optimizer.lower() == "amsgrad")
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="min", factor=scheduler_factor, patience=scheduler_patience
-    )
-    ema = ExponentialMovingAverage(params, ema_decay) if ema_decay else None
-    averaged = ema.applied if ema is not None else contextlib.nullcontext
-    rng = np.random.default_rng(seed)
-    result = TrainResult(checkpoint_path=str(folder.checkpoint) if folder else None)
-    state = {"epoch": 0, "step": 0, "bad_epochs": 0, "elapsed_s": 0.0, "best_state_dict": None}
-
+    run = _Run(model, folder, loss_weights(weights), int(valid_batch_size or 2 * batch_size), progress,
+               dict(batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                    ema_decay=ema_decay, scheduler_factor=scheduler_factor,
+                    scheduler_patience=scheduler_patience, clip_grad=clip_grad, patience=patience, seed=seed))
     if resume:
-        ckpt = folder.load_checkpoint()
-        restore_model_settings(model, ckpt["model"], folder.path)
-        model.load_state_dict(ckpt["train_state_dict"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if ema is not None:
-            if ckpt.get("ema") is None:
-                raise ValueError("the checkpoint has no EMA state but ema_decay is set")
-            ema.load_state_dict(ckpt["ema"])
-        set_rng_state(rng, ckpt["rng"])
-        state.update({k: ckpt[k] for k in _STATE_KEYS})
-        result.history = list(ckpt["history"])
-        result.best_epoch, result.best_valid_loss = ckpt["best"]["epoch"], ckpt["best"]["loss"]
-        result.best_metrics = dict(ckpt["best"]["metrics"])
-        if result.best_epoch and folder.best_model.is_file():
-            result.model_path = str(folder.best_model)
-        log.info("resuming %s after epoch %d (best epoch %d)", folder.path, state["epoch"], result.best_epoch)
+        run.resume()
     else:
         torch.manual_seed(seed)
         if statistics:
             fit_statistics(model, train_graphs)
 
-    settings = {
-        "batch_size": batch_size,
-        "lr": lr,
-        "weights": w,
-        "optimizer": optimizer,
-        "ema_decay": ema_decay,
-        "clip_grad": clip_grad,
-        "patience": patience,
-        "seed": seed,
-    }
-
-    def save_checkpoint():
-        with averaged():
-            payload = model_payload_of(model)
-        folder.save_checkpoint(
-            {
-                "model": payload,  # the EMA (evaluation) weights: load_model(checkpoint.pt) works
-                "train_state_dict": cpu_state_dict(model),
-                "ema": ema.state_dict() if ema is not None else None,
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng": rng_state(rng),
-                "best": {"epoch": result.best_epoch, "loss": result.best_valid_loss, "metrics": result.best_metrics},
-                "history": result.history,
-                "settings": settings,
-                **{k: state[k] for k in _STATE_KEYS},
-            }
-        )
-
-    def nonfinite(what, value, terms, epoch, b, n_batches, idx):
-        detail = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
-        return NonFiniteLossError(
-            f"non-finite {what} ({value}) at epoch {epoch}, batch {b}/{n_batches} (training structures "
-            f"{sorted(int(k) for k in idx)}; loss terms: {detail or 'none'}); training stopped. "
-            + kept_message(folder, result.best_epoch)
-            + " Check the labels of these structures, or lower the learning rate."
-        )
-
+    result, state = run.result, run.state
     t_call = time.perf_counter()
     epoch_times: list[float] = []
-    n_train = len(train_graphs)
-    n_batches = math.ceil(n_train / batch_size)
     bar = tqdm(total=max(int(epochs) - state["epoch"], 0), desc="training", unit="epoch",
                disable=not progress, dynamic_ncols=True)
-    result.stop_reason = "epochs"
     last_plot = time.perf_counter()
     try:
         for epoch in range(state["epoch"] + 1, int(epochs) + 1):
@@ -269,84 +202,14 @@ def train(
                     result.stop_reason = "max_time"
                     break
             t_epoch = time.perf_counter()
-            model.train()
-            batch_indices, loader = epoch_loader(train_graphs, batch_size, rng, workers)
-            sum_loss, n_seen = 0.0, 0
-            inner = tqdm(total=n_batches, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
-                         disable=not progress, dynamic_ncols=True)
-            for b, (idx, batch) in enumerate(zip(batch_indices, loader)):
-                if max_time is not None and b > 0 and time.perf_counter() - t_call > max_time:
-                    log.info("epoch %d cut short after %d/%d batches (max_time %g s)", epoch, b, n_batches, max_time)
-                    result.stop_reason = "max_time"
-                    break
-                batch = batch.to(device=device, dtype=dtype)
-                want_stress = w["stress"] > 0 and batch.stress is not None and bool(batch.has_stress.any())
-                pred = model(batch, compute_forces=w["forces"] > 0, compute_stress=want_stress, create_graph=True)
-                loss, terms = weighted_loss(pred, batch, w)
-                if not torch.isfinite(loss):
-                    raise nonfinite("loss", float(loss.detach()), terms, epoch, b + 1, n_batches, idx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip_grad:
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
-                else:
-                    gnorm = torch.linalg.vector_norm(
-                        torch.stack([p.grad.norm() for p in params if p.grad is not None])
-                    )
-                if not torch.isfinite(gnorm):
-                    raise nonfinite("gradient", float(gnorm), terms, epoch, b + 1, n_batches, idx)
-                opt.step()
-                if ema is not None:
-                    ema.update()
-                state["step"] += 1
-                sum_loss += float(loss.detach()) * len(idx)
-                n_seen += len(idx)
-                inner.update(1)
-                inner.set_postfix(loss=f"{sum_loss / n_seen:.4g}", refresh=False)
-            inner.close()
-            train_loss = sum_loss / max(n_seen, 1)
-
-            # validation with the averaged weights
-            with averaged():
-                m = compute_metrics(predict(model, valid_graphs, batch_size=valid_batch_size))
-                valid_loss = validation_loss(m, w)
-                if not math.isfinite(valid_loss):
-                    raise NonFiniteLossError(
-                        f"non-finite validation loss ({valid_loss}) at epoch {epoch}; "
-                        + kept_message(folder, result.best_epoch)
-                    )
-                improved = valid_loss < result.best_valid_loss
-                if improved:
-                    result.best_epoch, result.best_valid_loss, result.best_metrics = epoch, valid_loss, m
-                    state["best_state_dict"] = cpu_state_dict(model)
-                    if folder is not None:
-                        folder.save_best(
-                            model, training={"epoch": epoch, "valid_loss": valid_loss, "valid_metrics": m}
-                        )
-                        result.model_path = str(folder.best_model)
-            lr_now = opt.param_groups[0]["lr"]
-            sched.step(valid_loss)
-            state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+            deadline = None if max_time is None else t_call + max_time
+            train_loss = run.train_epoch(train_graphs, epoch, epochs, int(workers), deadline)
+            m, valid_loss, improved = run.validate(valid_graphs, epoch)
             dt = time.perf_counter() - t_epoch
             epoch_times.append(dt)
-            state["elapsed_s"] += dt
-            state["epoch"] = epoch
-            result.history.append(
-                {
-                    "epoch": epoch,
-                    "lr": lr_now,
-                    "train_loss": train_loss,
-                    "valid_loss": valid_loss,
-                    "valid_energy_mae_mev_per_atom": m["energy_mae_mev_per_atom"],
-                    "valid_forces_mae_mev_per_a": m["forces_mae_mev_per_a"],
-                    "valid_stress_mae_mev_per_a3": m.get("stress_mae_mev_per_a3"),
-                    "epoch_time_s": dt,
-                    "elapsed_s": state["elapsed_s"],
-                }
-            )
-            result.epochs_completed = epoch
+            row = run.end_epoch(epoch, train_loss, m, valid_loss, improved, dt)
             if folder is not None:
-                save_checkpoint()
+                run.save_checkpoint()
                 plot_now = time.perf_counter() - last_plot > 60
                 folder.write_log(result.history, plot=plot_now)
                 if plot_now:
@@ -355,7 +218,7 @@ def train(
             bar.set_postfix_str(metric_summary(m), refresh=True)
             log.info(
                 "epoch %4d  lr %.2e  train loss %.4g  valid loss %.4g  %s  %.1f s%s",
-                epoch, lr_now, train_loss, valid_loss, metric_summary(m), dt, "  *" if improved else "",
+                epoch, row["lr"], train_loss, valid_loss, metric_summary(m), dt, "  *" if improved else "",
             )
             if result.stop_reason == "max_time":
                 break
@@ -373,3 +236,165 @@ def train(
         model.load_state_dict(state["best_state_dict"])
     model.eval()
     return result
+
+
+class _Run:
+    """The state of one training run (model, optimiser, scheduler, EMA, batch-order generator,
+    history) and the steps of an epoch; :func:`train` drives it."""
+
+    def __init__(self, model, folder: Optional[RunFolder], weights: dict, valid_batch_size: int, progress: bool,
+                 settings: dict):
+        self.model, self.folder, self.w, self.progress = model, folder, weights, progress
+        self.valid_batch_size, self.settings = valid_batch_size, settings
+        self.batch_size, self.clip_grad = int(settings["batch_size"]), settings["clip_grad"]
+        self.device, self.dtype = _model_place(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=settings["lr"], weight_decay=settings["weight_decay"],
+                                    amsgrad=settings["optimizer"].lower() == "amsgrad")
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.opt, mode="min", factor=settings["scheduler_factor"], patience=settings["scheduler_patience"]
+        )
+        decay = settings["ema_decay"]
+        self.ema = ExponentialMovingAverage(self.params, decay) if decay else None
+        self.rng = np.random.default_rng(settings["seed"])
+        self.result = TrainResult(checkpoint_path=str(folder.checkpoint) if folder else None)
+        self.state = {"epoch": 0, "step": 0, "bad_epochs": 0, "elapsed_s": 0.0, "best_state_dict": None}
+
+    def averaged(self):
+        """Context in which the model holds the averaged (EMA) weights."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def resume(self) -> None:
+        """Everything from the checkpoint: weights, optimiser, scheduler, EMA, random states, history."""
+        folder, result = self.folder, self.result
+        ckpt = folder.load_checkpoint()
+        restore_model_settings(self.model, ckpt["model"], folder.path)
+        self.model.load_state_dict(ckpt["train_state_dict"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None:
+            if ckpt.get("ema") is None:
+                raise ValueError("the checkpoint has no EMA state but ema_decay is set")
+            self.ema.load_state_dict(ckpt["ema"])
+        set_rng_state(self.rng, ckpt["rng"])
+        self.state.update({k: ckpt[k] for k in _STATE_KEYS})
+        result.history = list(ckpt["history"])
+        result.best_epoch, result.best_valid_loss = ckpt["best"]["epoch"], ckpt["best"]["loss"]
+        result.best_metrics = dict(ckpt["best"]["metrics"])
+        if result.best_epoch and folder.best_model.is_file():
+            result.model_path = str(folder.best_model)
+        log.info("resuming %s after epoch %d (best epoch %d)", folder.path, self.state["epoch"], result.best_epoch)
+
+    def train_epoch(self, graphs, epoch: int, epochs: int, workers: int, deadline: Optional[float]) -> float:
+        """One pass over shuffled batches; returns the mean training loss. Past ``deadline``
+        (perf_counter seconds) the epoch is cut short and the stop reason set to "max_time"."""
+        model, w, params = self.model, self.w, self.params
+        model.train()
+        batch_indices, loader = epoch_loader(graphs, self.batch_size, self.rng, workers)
+        n_batches = len(batch_indices)
+        sum_loss, n_seen = 0.0, 0
+        inner = tqdm(total=n_batches, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+                     disable=not self.progress, dynamic_ncols=True)
+        for b, (idx, batch) in enumerate(zip(batch_indices, loader)):
+            if deadline is not None and b > 0 and time.perf_counter() > deadline:
+                log.info("epoch %d cut short after %d/%d batches (max_time)", epoch, b, n_batches)
+                self.result.stop_reason = "max_time"
+                break
+            batch = batch.to(device=self.device, dtype=self.dtype)
+            want_stress = w["stress"] > 0 and batch.stress is not None and bool(batch.has_stress.any())
+            pred = model(batch, compute_forces=w["forces"] > 0, compute_stress=want_stress, create_graph=True)
+            loss, terms = weighted_loss(pred, batch, w)
+            if not torch.isfinite(loss):
+                raise self._nonfinite("loss", float(loss.detach()), terms, epoch, b + 1, n_batches, idx)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip_grad:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+            else:
+                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            if not torch.isfinite(gnorm):
+                raise self._nonfinite("gradient", float(gnorm), terms, epoch, b + 1, n_batches, idx)
+            self.opt.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.state["step"] += 1
+            sum_loss += float(loss.detach()) * len(idx)
+            n_seen += len(idx)
+            inner.update(1)
+            inner.set_postfix(loss=f"{sum_loss / n_seen:.4g}", refresh=False)
+        inner.close()
+        return sum_loss / max(n_seen, 1)
+
+    def validate(self, graphs, epoch: int) -> tuple[dict, float, bool]:
+        """Metrics and loss of the averaged weights on ``graphs``; keeps (and writes) a new best."""
+        result = self.result
+        with self.averaged():
+            m = compute_metrics(predict(self.model, graphs, batch_size=self.valid_batch_size))
+            valid_loss = validation_loss(m, self.w)
+            if not math.isfinite(valid_loss):
+                raise NonFiniteLossError(
+                    f"non-finite validation loss ({valid_loss}) at epoch {epoch}; "
+                    + kept_message(self.folder, result.best_epoch)
+                )
+            improved = valid_loss < result.best_valid_loss
+            if improved:
+                result.best_epoch, result.best_valid_loss, result.best_metrics = epoch, valid_loss, m
+                self.state["best_state_dict"] = cpu_state_dict(self.model)
+                if self.folder is not None:
+                    self.folder.save_best(
+                        self.model, training={"epoch": epoch, "valid_loss": valid_loss, "valid_metrics": m}
+                    )
+                    result.model_path = str(self.folder.best_model)
+        return m, valid_loss, improved
+
+    def end_epoch(self, epoch, train_loss, m, valid_loss, improved, dt) -> dict:
+        """Scheduler and early-stopping bookkeeping; appends and returns the epoch's history row."""
+        state = self.state
+        lr_now = self.opt.param_groups[0]["lr"]
+        self.sched.step(valid_loss)
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        state["elapsed_s"] += dt
+        state["epoch"] = epoch
+        row = {
+            "epoch": epoch,
+            "lr": lr_now,
+            "train_loss": train_loss,
+            "valid_loss": valid_loss,
+            "valid_energy_mae_mev_per_atom": m["energy_mae_mev_per_atom"],
+            "valid_forces_mae_mev_per_a": m["forces_mae_mev_per_a"],
+            "valid_stress_mae_mev_per_a3": m.get("stress_mae_mev_per_a3"),
+            "epoch_time_s": dt,
+            "elapsed_s": state["elapsed_s"],
+        }
+        self.result.history.append(row)
+        self.result.epochs_completed = epoch
+        return row
+
+    def save_checkpoint(self) -> None:
+        result, settings = self.result, self.settings
+        with self.averaged():
+            payload = model_payload_of(self.model)
+        self.folder.save_checkpoint(
+            {
+                "model": payload,  # the EMA (evaluation) weights: load_model(checkpoint.pt) works
+                "train_state_dict": cpu_state_dict(self.model),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "rng": rng_state(self.rng),
+                "best": {"epoch": result.best_epoch, "loss": result.best_valid_loss, "metrics": result.best_metrics},
+                "history": result.history,
+                "settings": {k: settings[k] for k in ("batch_size", "lr", "optimizer", "ema_decay", "clip_grad",
+                                                      "patience", "seed")} | {"weights": self.w},
+                **{k: self.state[k] for k in _STATE_KEYS},
+            }
+        )
+
+    def _nonfinite(self, what, value, terms, epoch, b, n_batches, idx) -> NonFiniteLossError:
+        detail = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
+        return NonFiniteLossError(
+            f"non-finite {what} ({value}) at epoch {epoch}, batch {b}/{n_batches} (training structures "
+            f"{sorted(int(k) for k in idx)}; loss terms: {detail or 'none'}); training stopped. "
+            + kept_message(self.folder, self.result.best_epoch)
+            + " Check the labels of these structures, or lower the learning rate."
+        )
