@@ -4,11 +4,11 @@ Same data, same split, same loss and optimiser, same budget per model: ``--epoch
 number of epochs for every model: the fair budget on a shared machine, used for the reported run) or
 ``--budget S`` seconds of wall-clock training (the epochs that fit):
 
-* data: /work/shared/data/<set>.xyz (dimers, nacl, sn2, nacl_pbc), split exactly as
-  benchmarks/long_range.py: ``split(len, 0.2, seed)`` for the test set, then
+* data: <set>.xyz (dimers, nacl, sn2, nacl_pbc) from ``--data-dir`` (default ../shared/data), split as
+  every study (``harness.load_split``): ``split(len, 0.2, seed)`` for the test set, then
   ``split(len(rest), 0.1, seed + 1)`` of the rest for validation;
 * models: ``CartLorem(long_range=None | "lorem" | "multipole")`` and MACE (``ScaleShiftMACE``,
-  built by ``speed.build_mace`` at matched settings: 5 Å cutoff, features up to l = 2 with the same
+  built by ``harness.build_mace`` at matched settings: 5 Å cutoff, features up to l = 2 with the same
   C channels, the same correlation, 2 interactions, max_ell 2, 8 Bessel, p = 5 envelope, radial MLP
   3 × 64, readout MLP 16; its reference energies, ⟨neighbours⟩, scale and shift from the training
   set exactly as cartlorem.train sets them);
@@ -17,7 +17,7 @@ number of epochs for every model: the fair budget on a shared machine, used for 
   best-validation weights kept, the same ``max_time`` and epoch rules); MACE enters it through a
   wrapper with cartlorem's model contract, on the same batches converted to MACE's input dict;
 * report: energy (meV/atom) and force (meV/Å) MAE and RMSE on the test set, overall and by group
-  (``groups_for`` of long_range.py: dimers by class and by separation < 5, 5–8, ≥ 8 Å, ...), number of
+  (``harness.groups_for``: dimers by class and by separation < 5, 5–8, ≥ 8 Å, ...), number of
   epochs that fit the budget, parity plots and learning curves.
 
 MACE runs in benchmarks/.venv-peers (``bash benchmarks/setup_peers.sh``); without it its column
@@ -58,13 +58,8 @@ TARGET_RATIO = 2.0  # multipole force MAE on dimers beyond 8 Å at least 2× low
 # --------------------------------------------------------------------------------------------------
 # data and metrics
 
-def load_set(name: str, args):
-    """(frames, graphs, species, train_idx, valid_idx, test_idx): long_range.load_split, the same split."""
-    return load_split(name, args)
-
-
 def errors_by_group(pred, masks) -> dict:
-    """long_range.group_errors (MAE) plus the RMSE of the same groups."""
+    """harness.group_errors (MAE) plus the RMSE of the same groups."""
     res = group_errors(pred, masks)
     e_err = (pred.energy_pred - pred.energy_ref) / pred.n_atoms * 1000.0  # [M] meV/atom
     f_err = (pred.forces_pred - pred.forces_ref) * 1000.0  # [N, 3] meV/Å
@@ -96,7 +91,7 @@ def run_variant(name: str, variant: str, args) -> dict:
     from cartlorem.evaluate import metrics, predict
     from cartlorem.train import train
 
-    frames, graphs, species, train_idx, valid_idx, test_idx = load_set(name, args)
+    frames, graphs, species, train_idx, valid_idx, test_idx = load_split(name, args)
     masks = groups_for(name, [frames[k] for k in test_idx])
     train_g = [graphs[k] for k in train_idx]
     valid_g = [graphs[k] for k in valid_idx]
