@@ -2,7 +2,5 @@
 
 try:
     from .harness import *  # noqa: F401,F403
-    from .harness import proc_kib_field  # noqa: F401
 except ImportError:  # run as a script next to harness.py
     from harness import *  # noqa: F401,F403
-    from harness import proc_kib_field  # noqa: F401

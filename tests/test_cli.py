@@ -3,7 +3,6 @@
 import json
 
 import ase.io
-import numpy as np
 import pytest
 import torch
 import yaml
