@@ -186,6 +186,7 @@ _MODEL_HELP = {
     "long_range_options": "options of the long-range block (config only)",
 }
 _POSITIVE = (lambda v: v > 0, "> 0")
+_MODEL_CHECKS = {"cutoff": _POSITIVE, "channels": (lambda v: v >= 1, ">= 1")}
 
 
 def _model_options() -> list[Option]:
@@ -202,9 +203,8 @@ def _model_options() -> list[Option]:
             out.append(Option(name, nullable(parse_mapping), None, _MODEL_HELP[name], "model", flag=False))
         else:
             parse = {bool: parse_bool, int: parse_int, float: parse_float}[type(default)]
-            check = _POSITIVE if name in ("cutoff",) else ((lambda v: v >= 1, ">= 1") if name == "channels" else None)
             out.append(Option(name, parse, default, _MODEL_HELP.get(name, f"CartLorem argument {name}"), "model",
-                              check=check))
+                              check=_MODEL_CHECKS.get(name)))
     return out
 
 
