@@ -72,16 +72,21 @@ MESH_ERROR = {
     1: {4: (0.1337, 3.73), 6: (0.1405, 6.43), 8: (0.1294, 8.75), 10: (0.1306, 10.95)},
     2: {4: (0.2579, 2.55), 6: (0.0955, 4.85), 8: (0.0676, 7.19), 10: (0.0720, 9.55)},
 }
-#: Cost model (seconds per unit on one CPU thread, forward + backward, float64), measured with
-#: benchmarks/pme_cost.py: per real-space pair and (row x column x channel) entry; per atom, stencil
-#: point and channel (spreading + interpolation); per mesh point and channel (two FFTs, log factor aside).
-COST_PAIR = 4e-9
-COST_STENCIL = 3e-9
-COST_MESH = 2e-9
-#: Ewald cost model, same units: per real-space pair (dense blocks over minimum-image pairs and lattice
-#: shifts) and (row x column x channel) entry; per (atom, k-vector) term and (row + column) x channel.
-COST_EWALD_PAIR = 2e-9
-COST_EWALD_K = 2e-9
+#: Cost model of one call with gradients to the positions (seconds, one CPU thread, float64), fitted to
+#: process times of water boxes of 24-1536 atoms, C = 4 channels of q, mu, Theta, point and smeared
+#: (sigma = 1 Å) sources at accuracy 1e-6 (model within 0.8-1.2x of the measured times).
+#: PME: per real-space pair and (row x column x channel) entry; per atom, stencil point and
+#: (row + column) x channel (spreading + interpolation); per mesh point x log2(mesh points) x channel
+#: (two FFTs); a fixed overhead per call.
+COST_PAIR = 2.0e-8
+COST_STENCIL = 8e-9
+COST_MESH = 1e-8
+COST_PME_CALL = 0.026
+#: Ewald (:mod:`.ewald`): per real-space pair (dense blocks over minimum-image pairs x lattice shifts) and
+#: (row x column x channel) entry; per (atom, k-vector) term x (row + column) x channel; fixed overhead.
+COST_EWALD_PAIR = 8.7e-9
+COST_EWALD_K = 2.4e-9
+COST_EWALD_CALL = 0.014
 #: Edges per real-space chunk; atoms per spreading/interpolation chunk.
 EDGE_BLOCK = 1 << 15
 ATOM_BLOCK = 1 << 12
@@ -135,7 +140,7 @@ def pme_cost(n_atoms: int, volume: float, real_cutoff: float, mesh: tuple, splin
     """Modelled seconds of one PME evaluation with gradients (see the COST_* constants)."""
     pairs = 0.5 * n_atoms * n_atoms / volume * 4.0 / 3.0 * math.pi * real_cutoff**3 if real_space else 0.0
     n_mesh = float(np.prod(mesh))
-    return (COST_PAIR * pairs * n_rows * n_cols * n_channels
+    return (COST_PME_CALL + COST_PAIR * pairs * n_rows * n_cols * n_channels
             + COST_STENCIL * n_atoms * spline_order**3 * (n_rows + n_cols) * n_channels
             + COST_MESH * n_mesh * max(1.0, math.log2(n_mesh)) * n_channels)
 
@@ -147,26 +152,42 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
     volume = abs(np.linalg.det(cell))
     p = tail_parameter(accuracy, order)
     beta_max = math.inf if smearing is None else smearing_beta(smearing)
+    orders = [int(spline_order)] if spline_order is not None else [n for n in SPLINE_ORDERS if n >= derivatives + 4]
+    if mesh is not None:
+        mesh = tuple(int(k) for k in mesh)
+        coarsest = float(max(np.linalg.norm(cell, axis=1) / np.array(mesh)))  # largest spacing (Å)
     if alpha is not None:
         alphas = [min(float(alpha), beta_max)]
     elif real_cutoff is not None:
         alphas = [min(p / float(real_cutoff), beta_max)]
+    elif mesh is not None:  # the sharpest splitting the given mesh resolves to accuracy
+        alphas = sorted({min(beta_max, mesh_spacing(1.0, accuracy, n, derivatives) / coarsest) for n in orders})
     else:
         spacing = (volume / n_atoms) ** (1.0 / 3.0)
         alphas = set(np.geomspace(0.3 / spacing, 2.0 / spacing, 24))
         if math.isfinite(beta_max):
             alphas = {a for a in alphas if a < beta_max} | {beta_max}
         alphas = sorted(alphas)
-    orders = [int(spline_order)] if spline_order is not None else [n for n in SPLINE_ORDERS if n >= derivatives + 4]
     best = None
     for a in alphas:
         cutoff = float(real_cutoff) if real_cutoff is not None else float(p / a)
         for n in orders:
-            m = tuple(int(k) for k in mesh) if mesh is not None else mesh_for(
-                cell, mesh_spacing(a, accuracy, n, derivatives), n)
+            if mesh is None:
+                m = mesh_for(cell, mesh_spacing(a, accuracy, n, derivatives), n)
+            elif coarsest <= mesh_spacing(a, accuracy, n, derivatives) * (1.0 + 1e-9):
+                m = mesh
+            else:
+                continue
             cost = pme_cost(n_atoms, volume, cutoff, m, n, n_rows, n_cols, n_channels, real_space=a < beta_max)
             if best is None or cost < best[0]:
                 best = (cost, PMEParameters(float(a), cutoff, m, n))
+    if best is None:  # only with a given mesh
+        a = alphas[0]
+        need = mesh_for(cell, mesh_spacing(a, accuracy, max(orders), derivatives), max(orders))
+        raise ValueError(
+            f"PME mesh {list(mesh)} is too coarse for accuracy {accuracy:g} with alpha = {a:.4g} 1/Å and spline "
+            f"order {'/'.join(map(str, orders))}: it needs about {list(need)} points (or a smaller alpha, a larger "
+            "real_cutoff, a lower accuracy)")
     return best[1]
 
 
@@ -178,7 +199,7 @@ def ewald_cost(cell: np.ndarray, n_atoms: int, accuracy: float, order: int, smea
     beta_max = math.inf if smearing is None else smearing_beta(smearing)
     shifts = len(_ewald.lattice_shifts(cell, p.real_cutoff)) if p.alpha < beta_max else 0
     n_k = volume * p.k_cutoff**3 / (12.0 * math.pi**2)  # half-space k-vectors
-    return (COST_EWALD_PAIR * 0.5 * n_atoms * n_atoms * shifts * n_rows * n_cols * n_channels
+    return (COST_EWALD_CALL + COST_EWALD_PAIR * 0.5 * n_atoms * n_atoms * shifts * n_rows * n_cols * n_channels
             + COST_EWALD_K * n_atoms * n_k * (n_rows + n_cols) * n_channels)
 
 
@@ -189,9 +210,9 @@ def choose_method(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout,
     cell [3, 3] (Å, numpy). Both meet ``accuracy``; PME is only considered down to ``accuracy = 1e-8``
     (below, its meshes and spline orders grow without bound and Ewald is both exact and cheap enough).
     The models (:func:`ewald_cost`, :func:`pme_cost`) count real-space pair entries, k-vector terms,
-    spline stencil points and mesh points with constants measured by benchmarks/pme_cost.py on one CPU
-    thread; small systems go to Ewald, large ones to PME (about 300-1000 atoms for q, mu, Theta at
-    accuracy 1e-6, more with smearing).
+    spline stencil points and mesh points (constants: COST_*, measured on one CPU thread); small systems
+    go to Ewald, large ones to PME (for water-density boxes with C = 4 channels of q, mu, Theta at
+    accuracy 1e-6 the switch is near 200 atoms; benchmarks/pme_cost.py reports the choice).
     """
     if accuracy < 1e-8:
         return "ewald"
@@ -214,16 +235,16 @@ def choose_parameters(cell: np.ndarray, n_atoms: int, accuracy: float, order: in
     cell [3, 3] (Å, numpy); order: output rank + source rank (at most 4); derivatives: highest rank of
     the sources or outputs (the spline derivative used). The automatic spline order is at least
     ``derivatives + 4`` (and even), so that forces and their derivatives (training) are continuous.
-    Given values are kept (and checked: ValueError if a given mesh is smaller than the spline order).
+    Given values are kept and checked: ValueError if a given mesh is smaller than the spline order or too
+    coarse for ``accuracy`` at the given (or chosen) alpha. With a mesh but no alpha (or real_cutoff),
+    alpha is the largest the mesh resolves to ``accuracy``.
     """
-    if spline_order is not None and (int(spline_order) != spline_order or not 2 <= int(spline_order) <= 16):
-        raise ValueError(f"spline_order must be an integer between 2 and 16, got {spline_order}")
-    if spline_order is not None and int(spline_order) < derivatives + 2:
-        raise ValueError(f"spline_order {spline_order} is too low for rank-{derivatives} sources or outputs: "
-                         f"the splines must have {derivatives} continuous derivatives (order >= {derivatives + 2})")
+    if spline_order is not None and spline_order not in SPLINE_ORDERS:
+        raise ValueError(f"spline_order must be one of {SPLINE_ORDERS} (even orders with a measured error "
+                         f"model), got {spline_order}")
     if mesh is not None:
         mesh = tuple(int(k) for k in np.broadcast_to(np.asarray(mesh), (3,)))
-        n = int(spline_order) if spline_order is not None else 4
+        n = int(spline_order) if spline_order is not None else derivatives + 4
         if min(mesh) < n:
             raise ValueError(f"PME mesh {list(mesh)} is smaller than the spline order {n} along some axis: "
                              "use at least spline_order points per lattice vector")
