@@ -89,7 +89,7 @@ COST_EWALD_K = 2.4e-9
 COST_EWALD_CALL = 0.014
 #: Edges per real-space chunk; atoms per spreading/interpolation chunk.
 EDGE_BLOCK = 1 << 15
-ATOM_BLOCK = 1 << 12
+ATOM_BLOCK = 1 << 11
 #: Above this many edges (or stencil points x atoms), chunks are checkpointed when gradients are tracked.
 CHECKPOINT_EDGES = 1 << 18
 CHECKPOINT_STENCIL = 1 << 22
@@ -408,16 +408,17 @@ def reciprocal_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor,
     use_checkpoint = track and n_atoms * order**3 * len(_U_INDICES) > CHECKPOINT_STENCIL
 
     def spread(u_chunk, c_chunk):
-        base, st = _stencils(u_chunk, order, tuple(src_slots))  # [n, u, s, s, s]
-        weights = torch.einsum("nuxyz,nuc->cnxyz", st, c_chunk).reshape(n_channels, -1)
-        flat = _flat_indices(base, mesh, order).reshape(-1)
-        return weights.new_zeros(n_channels, n_mesh).index_add(1, flat, weights)
+        """Mesh weights of a chunk of atoms: [C, n * s^3]."""
+        _, st = _stencils(u_chunk, order, tuple(src_slots))  # [n, u, s, s, s]
+        return torch.einsum("nuxyz,nuc->cnxyz", st, c_chunk).reshape(n_channels, -1)
 
-    Q = None
+    # one mesh, accumulated in place (index_add_'s backward needs only the indices, not the weights)
+    Q = u.new_zeros(n_channels, n_mesh)
     for a0 in range(0, n_atoms, ATOM_BLOCK):
         args = (u[a0:a0 + ATOM_BLOCK], c_u[a0:a0 + ATOM_BLOCK])
-        part = checkpoint(spread, *args, use_reentrant=False) if use_checkpoint else spread(*args)
-        Q = part if Q is None else Q + part
+        weights = checkpoint(spread, *args, use_reentrant=False) if use_checkpoint else spread(*args)
+        flat = _flat_indices(torch.floor(args[0].detach()).long(), mesh, order).reshape(-1)
+        Q.index_add_(1, flat, weights)
     Q = Q.reshape(n_channels, *mesh)
     G = influence_function(cell, mesh, order, params.alpha)
     phi = torch.fft.irfftn(torch.fft.rfftn(Q, dim=(1, 2, 3)) * G, s=mesh, dim=(1, 2, 3))  # [C, K1, K2, K3]
