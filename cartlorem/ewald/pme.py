@@ -38,6 +38,7 @@ sources of rank d; constants measured against the exact k-space sum, :data:`MESH
 
 from __future__ import annotations
 
+import bisect
 import math
 from functools import lru_cache
 from typing import NamedTuple
@@ -107,17 +108,32 @@ class PMEParameters(NamedTuple):
 # ----------------------------------------------------------------------------- parameters
 
 
+def _smooth_numbers(limit: int) -> np.ndarray:
+    """Sorted integers <= limit whose prime factors are 2, 3 and 5."""
+    out = set()
+    a = 1
+    while a <= limit:
+        b = a
+        while b <= limit:
+            c = b
+            while c <= limit:
+                out.add(c)
+                c *= 5
+            b *= 3
+        a *= 2
+    return sorted(out)
+
+
+_SMOOTH = _smooth_numbers(1 << 20)
+
+
 def fft_size(n: int) -> int:
     """Smallest integer >= n whose prime factors are 2, 3 and 5."""
     n = max(1, int(n))
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
+    if n > _SMOOTH[-1]:
+        raise ValueError(f"PME mesh of {n} points per axis is beyond any sensible size (cell too large for "
+                         "the accuracy)")
+    return _SMOOTH[bisect.bisect_left(_SMOOTH, n)]
 
 
 def mesh_spacing(alpha: float, accuracy: float, spline_order: int, derivatives: int) -> float:
@@ -131,7 +147,7 @@ def mesh_spacing(alpha: float, accuracy: float, spline_order: int, derivatives: 
 
 def mesh_for(cell: np.ndarray, spacing: float, spline_order: int) -> tuple:
     """FFT-friendly mesh sizes ``K_d >= |a_d| / spacing`` (and >= 2 x spline order)."""
-    lengths = np.linalg.norm(cell, axis=1)
+    lengths = [math.sqrt(sum(x * x for x in row)) for row in np.asarray(cell).tolist()]
     return tuple(fft_size(max(2 * spline_order, math.ceil(length / spacing))) for length in lengths)
 
 
@@ -139,7 +155,7 @@ def pme_cost(n_atoms: int, volume: float, real_cutoff: float, mesh: tuple, splin
              n_rows: int, n_cols: int, n_channels: int, real_space: bool = True) -> float:
     """Modelled seconds of one PME evaluation with gradients (see the COST_* constants)."""
     pairs = 0.5 * n_atoms * n_atoms / volume * 4.0 / 3.0 * math.pi * real_cutoff**3 if real_space else 0.0
-    n_mesh = float(np.prod(mesh))
+    n_mesh = float(math.prod(mesh))
     return (COST_PME_CALL + COST_PAIR * pairs * n_rows * n_cols * n_channels
             + COST_STENCIL * n_atoms * spline_order**3 * (n_rows + n_cols) * n_channels
             + COST_MESH * n_mesh * max(1.0, math.log2(n_mesh)) * n_channels)
@@ -164,7 +180,7 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
         alphas = sorted({min(beta_max, mesh_spacing(1.0, accuracy, n, derivatives) / coarsest) for n in orders})
     else:
         spacing = (volume / n_atoms) ** (1.0 / 3.0)
-        alphas = set(np.geomspace(0.3 / spacing, 2.0 / spacing, 24))
+        alphas = set(np.geomspace(0.3 / spacing, 2.0 / spacing, 12))
         if math.isfinite(beta_max):
             alphas = {a for a in alphas if a < beta_max} | {beta_max}
         alphas = sorted(alphas)
@@ -197,7 +213,9 @@ def ewald_cost(cell: np.ndarray, n_atoms: int, accuracy: float, order: int, smea
     p = _ewald.choose_parameters(cell, n_atoms, accuracy, order, smearing)
     volume = abs(np.linalg.det(cell))
     beta_max = math.inf if smearing is None else smearing_beta(smearing)
-    shifts = len(_ewald.lattice_shifts(cell, p.real_cutoff)) if p.alpha < beta_max else 0
+    # lattice translations the dense real-space sum visits (the box of :func:`.ewald.lattice_shifts`)
+    heights = volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    shifts = float(np.prod(2 * np.floor(p.real_cutoff / heights + 0.5) + 1)) if p.alpha < beta_max else 0.0
     n_k = volume * p.k_cutoff**3 / (12.0 * math.pi**2)  # half-space k-vectors
     return (COST_EWALD_CALL + COST_EWALD_PAIR * 0.5 * n_atoms * n_atoms * shifts * n_rows * n_cols * n_channels
             + COST_EWALD_K * n_atoms * n_k * (n_rows + n_cols) * n_channels)
@@ -216,14 +234,28 @@ def choose_method(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout,
     """
     if accuracy < 1e-8:
         return "ewald"
+    return _choose_method(np.ascontiguousarray(cell, dtype=np.float64).tobytes(), int(n_atoms), float(accuracy),
+                          rows.ranks, cols.ranks, int(n_channels), smearing)
+
+
+@lru_cache(maxsize=1024)
+def _choose_method(cell_key: bytes, n_atoms: int, accuracy: float, row_ranks: tuple, col_ranks: tuple,
+                   n_channels: int, smearing) -> str:
+    cell = np.frombuffer(cell_key).reshape(3, 3)
+    rows, cols = Layout(row_ranks), Layout(col_ranks)
     order = max(rows.rank_of) + max(cols.rank_of)
+    derivatives = max(max(rows.ranks), max(cols.ranks))
     n_rows, n_cols = len(rows), len(cols)
+    t_ewald = ewald_cost(cell, n_atoms, accuracy, order, smearing, n_rows, n_cols, n_channels)
+    # no PME call is cheaper than its overhead plus the lowest-order stencils: skip the parameter search
+    n_min = min(n for n in SPLINE_ORDERS if n >= derivatives + 4)
+    if COST_PME_CALL + COST_STENCIL * n_atoms * n_min**3 * (n_rows + n_cols) * n_channels >= t_ewald:
+        return "ewald"
     params = choose_parameters(cell, n_atoms, accuracy, order, smearing, n_rows=n_rows, n_cols=n_cols,
-                               n_channels=n_channels, derivatives=max(max(rows.ranks), max(cols.ranks)))
+                               n_channels=n_channels, derivatives=derivatives)
     beta_max = math.inf if smearing is None else smearing_beta(smearing)
     t_pme = pme_cost(n_atoms, abs(np.linalg.det(cell)), params.real_cutoff, params.mesh, params.spline_order,
                      n_rows, n_cols, n_channels, real_space=params.alpha < beta_max)
-    t_ewald = ewald_cost(cell, n_atoms, accuracy, order, smearing, n_rows, n_cols, n_channels)
     return "pme" if t_pme < t_ewald else "ewald"
 
 
