@@ -179,8 +179,11 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
     elif mesh is not None:  # the sharpest splitting the given mesh resolves to accuracy
         alphas = sorted({min(beta_max, mesh_spacing(1.0, accuracy, n, derivatives) / coarsest) for n in orders})
     else:
+        # Candidates on the 2^(j/16) grid of .ewald.snap_alpha: alpha (and with it the real cutoff and the
+        # mesh) is then piecewise constant in the cell, so the stress is the exact strain derivative of
+        # the energy (as for the Ewald path), not only to about ``accuracy``.
         spacing = (volume / n_atoms) ** (1.0 / 3.0)
-        alphas = set(np.geomspace(0.3 / spacing, 2.0 / spacing, 12))
+        alphas = {_ewald.snap_alpha(a, beta_max) for a in np.geomspace(0.3 / spacing, 2.0 / spacing, 12)}
         if math.isfinite(beta_max):
             alphas = {a for a in alphas if a < beta_max} | {beta_max}
         alphas = sorted(alphas)
