@@ -123,7 +123,7 @@ def test_model_chunked_matches_unchunked_training_path(long_range, monkeypatch):
     assert n_edges > 10 * 61  # many chunks, and a ragged last one
     results = []
     for chunk in (0, 61):
-        monkeypatch.setattr(blocks, "EDGE_CHUNK", chunk)
+        monkeypatch.setattr(blocks, "EDGE_CHUNK_ELEMENTS", chunk * 8)  # C = 8: chunk edges
         model = _model([1, 6, 8], long_range)
         model.train()
         out = model(graph, compute_forces=True, compute_stress=True, create_graph=True)
@@ -139,7 +139,7 @@ def test_model_chunked_matches_unchunked_training_path(long_range, monkeypatch):
 
 
 def test_model_chunking_is_used_and_instance_setting_wins(monkeypatch):
-    """Above EDGE_CHUNK edges the layer goes through chunked_edge_sum; edge_chunk = 0 on a layer turns
+    """Above one chunk of edges the layer goes through chunked_edge_sum; edge_chunk = 0 on a layer turns
     it off for that layer only. Without this, the test above could pass with chunking never run."""
     graph = _structures()
     calls = []
@@ -150,7 +150,7 @@ def test_model_chunking_is_used_and_instance_setting_wins(monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(blocks, "chunked_edge_sum", spy)
-    monkeypatch.setattr(blocks, "EDGE_CHUNK", 200)
+    monkeypatch.setattr(blocks, "EDGE_CHUNK_ELEMENTS", 200 * 8)
     model = _model([1, 6, 8], None)
     model(graph)
     assert calls == [graph.edge_index.shape[1]] * 2

@@ -20,8 +20,11 @@ __all__ = ["Interaction", "BodyOrderProduct", "SpeciesLinear"]
 
 Features = list  # [Optional[Tensor]] * 3
 
-#: Edges per chunk of the message computation (see ``Interaction.forward``); 0 turns chunking off.
-EDGE_CHUNK = 4096
+#: Size of an edge chunk of the message computation (``Interaction.forward``), in edges × channels:
+#: 2048 edges at C = 64 on CPU (chosen in benchmarks/memory.py: ~0.27 MB per atom for energy + forces
+#: and faster than no chunking; smaller chunks cost time, larger ones memory). CUDA uses 16× larger
+#: chunks to keep kernel launches few (not measured: no GPU was available). 0 turns chunking off.
+EDGE_CHUNK_ELEMENTS = 2**17
 
 
 class Interaction(nn.Module):
@@ -40,7 +43,7 @@ class Interaction(nn.Module):
         self.radial = RadialMLP(num_basis, radial_hidden, len(self.paths) * channels)
         self.linear_out = EquivariantLinear(channels, channels, self.l_msg)
         self.avg_num_neighbors = float(avg_num_neighbors)
-        self.edge_chunk: Optional[int] = None  # None: the module default EDGE_CHUNK
+        self.edge_chunk: Optional[int] = None  # edges per chunk; None: from EDGE_CHUNK_ELEMENTS; 0: off
 
     def forward(self, h: Features, edge_index: torch.Tensor, unit: torch.Tensor, radial: torch.Tensor,
                 envelope: torch.Tensor, compiled: bool = False) -> Features:
@@ -48,15 +51,19 @@ class Interaction(nn.Module):
         (receiver i, sender j); unit [E, 3] r̂_ij; radial [E, num_basis]; envelope [E]. Returns the message
         features (ranks ``l_msg``) [N, C, ...].
 
-        Above ``edge_chunk`` edges (default :data:`EDGE_CHUNK`; 0 = never) the edges run in chunks that are
-        recomputed in the backward pass (:func:`cartlorem.tensors.chunked_edge_sum`): the same numbers
-        to rounding, with the per-edge intermediates of only one chunk alive instead of all of them."""
+        With more edges than one chunk (``self.edge_chunk`` edges, or :data:`EDGE_CHUNK_ELEMENTS` / C;
+        0 = never) the edges run in chunks that are recomputed in the backward pass
+        (:func:`cartlorem.tensors.chunked_edge_sum`): the same numbers to rounding, with the per-edge
+        intermediates of one chunk alive instead of those of all edges."""
         i, j = edge_index
         n_nodes = h[0].shape[0]
         hu = self.linear_up(h)
         if hu[2] is not None:  # rank 2 travels over the edges as 6 components (tensors.fused)
             hu = [hu[0], hu[1], sym_to_compact(hu[2])]
-        chunk = EDGE_CHUNK if self.edge_chunk is None else int(self.edge_chunk)
+        chunk = self.edge_chunk
+        if chunk is None:
+            chunk = EDGE_CHUNK_ELEMENTS * (16 if unit.device.type == "cuda" else 1) // self.channels
+            chunk = max(chunk, 1) if EDGE_CHUNK_ELEMENTS > 0 else 0
         if chunk > 0 and i.shape[0] > chunk:
             params = list(self.radial.parameters())
             msg = chunked_edge_sum(partial(self._edge_messages, compiled), n_nodes, i, (j, unit, radial, envelope),
