@@ -8,7 +8,7 @@ beforehand. Structures as in benchmarks/speed.py: diamond (n³ conventional cell
 cutoff: 89 edges per atom) and water boxes (m³ molecules at 1 g/cm³, 3 m³ atoms).
 
 Modes: ``chunked`` is the library's default (``cartlorem.nn.blocks.EDGE_CHUNK_ELEMENTS`` / C edges per
-chunk); ``unchunked`` sets ``EDGE_CHUNK_ELEMENTS = 0``, which runs exactly the code of the unchunked message path
+chunk); ``unchunked`` sets every layer's ``edge_chunk = 0``, which runs exactly the code of the unchunked message path
 (the one main had before chunking, op for op); ``--baseline PATH`` adds ``baseline``: the same worker
 with PYTHONPATH = PATH, another checkout (e.g. /work/main before the change).
 
@@ -81,17 +81,17 @@ def _setup(spec: dict):
     return atoms, graph, model, call
 
 
-def _set_mode(mode: str) -> None:
-    import cartlorem.nn.blocks as blocks
-
-    if mode == "unchunked":
-        blocks.EDGE_CHUNK_ELEMENTS = 0
+def _set_chunk(model, chunk) -> None:
+    """chunk None: the library's default; 0: the unchunked path (another checkout: left as it is)."""
+    for layer in model.layers:
+        if hasattr(layer, "edge_chunk"):
+            layer.edge_chunk = chunk
 
 
 def worker_memory(spec: dict) -> dict:
     """One call's peak memory above the resident size before it (fresh process)."""
-    _set_mode(spec["mode"])
     atoms, graph, model, call = _setup(spec)
+    _set_chunk(model, 0 if spec["mode"] == "unchunked" else None)
     base = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM (Linux >= 4.0)
         f.write("5")
@@ -105,6 +105,8 @@ def worker_memory(spec: dict) -> dict:
     return {"code": str(Path(cartlorem.__file__).parent.parent), "n_atoms": len(atoms), "n_edges": int(graph.edge_index.shape[1]), "rss_before_mb": base,
             "peak_mb": peak - base, "mb_per_atom": (peak - base) / len(atoms), "first_call_cpu_s": cpu,
             "first_call_wall_s": wall, "energy": float(energy.detach().sum()),
+            "edge_chunk": (model.layers[0].chunk_edges("cpu") if spec["mode"] == "chunked" else 0)
+            if hasattr(model.layers[0], "chunk_edges") else None,
             "edge_chunk_elements": getattr(blocks, "EDGE_CHUNK_ELEMENTS", None)}
 
 
@@ -113,26 +115,22 @@ def worker_time(spec: dict) -> dict:
     their energies and forces differ (float32 rounding)."""
     import torch
 
-    import cartlorem.nn.blocks as blocks
     from _common import time_fns
 
     atoms, graph, model, call = _setup(spec)
-    default = blocks.EDGE_CHUNK_ELEMENTS
 
-    def run(elements):
+    def run(chunk):
         def f():
-            blocks.EDGE_CHUNK_ELEMENTS = elements
-            try:
-                return call()
-            finally:
-                blocks.EDGE_CHUNK_ELEMENTS = default
+            _set_chunk(model, chunk)
+            return call()
         return f
 
-    fns = {"chunked": run(default), "unchunked": run(0)}
+    chunk = model.layers[0].chunk_edges("cpu")
+    fns = {"chunked": run(None), "unchunked": run(0)}
     (e_c, f_c), (e_u, f_u) = fns["chunked"](), fns["unchunked"]()
     res = time_fns(fns, warmup=1, repeats=int(spec["repeats"]))
     return {"n_atoms": len(atoms), "n_edges": int(graph.edge_index.shape[1]),
-            "edge_chunk": default // int(spec["channels"]),
+            "edge_chunk": chunk,
             "threads": torch.get_num_threads(),
             **{f"{k}_cpu_s": v["cpu_median"] for k, v in res.items()},
             **{f"{k}_wall_s": v["median"] for k, v in res.items()},

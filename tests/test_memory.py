@@ -115,7 +115,7 @@ def _structures():
 
 
 @pytest.mark.parametrize("long_range", [None, "multipole"])
-def test_model_chunked_matches_unchunked_training_path(long_range, monkeypatch):
+def test_model_chunked_matches_unchunked_training_path(long_range):
     """Energy, forces, stress and the parameter gradients of Σ E² + |F|² (create_graph, as training
     does), float64, a periodic crystal and a molecule in one batch: chunks of 61 edges vs none."""
     graph = _structures()
@@ -123,8 +123,9 @@ def test_model_chunked_matches_unchunked_training_path(long_range, monkeypatch):
     assert n_edges > 10 * 61  # many chunks, and a ragged last one
     results = []
     for chunk in (0, 61):
-        monkeypatch.setattr(blocks, "EDGE_CHUNK_ELEMENTS", chunk * 8)  # C = 8: chunk edges
         model = _model([1, 6, 8], long_range)
+        for layer in model.layers:
+            layer.edge_chunk = chunk
         model.train()
         out = model(graph, compute_forces=True, compute_stress=True, create_graph=True)
         loss = (out["energy"] ** 2).sum() + (out["forces"] ** 2).sum()
@@ -139,8 +140,8 @@ def test_model_chunked_matches_unchunked_training_path(long_range, monkeypatch):
 
 
 def test_model_chunking_is_used_and_instance_setting_wins(monkeypatch):
-    """Above one chunk of edges the layer goes through chunked_edge_sum; edge_chunk = 0 on a layer turns
-    it off for that layer only. Without this, the test above could pass with chunking never run."""
+    """The default chunk is EDGE_CHUNK_ELEMENTS / C edges, used above MIN_CHUNKS chunks; with edge_chunk
+    set, above one chunk of edges the layer goes through chunked_edge_sum; edge_chunk = 0 on a layer turns it off for that layer only. Without this, the test above could pass with chunking never run."""
     graph = _structures()
     calls = []
     real = blocks.chunked_edge_sum
@@ -150,8 +151,17 @@ def test_model_chunking_is_used_and_instance_setting_wins(monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(blocks, "chunked_edge_sum", spy)
-    monkeypatch.setattr(blocks, "EDGE_CHUNK_ELEMENTS", 200 * 8)
     model = _model([1, 6, 8], None)
+    assert [layer.chunk_edges("cpu") for layer in model.layers] == [blocks.EDGE_CHUNK_ELEMENTS // 8] * 2  # C = 8
+    assert model.layers[0].chunk_edges("cuda") == 16 * blocks.EDGE_CHUNK_ELEMENTS // 8
+    model(graph)  # fewer edges than MIN_CHUNKS default chunks: not chunked
+    assert calls == []
+    for layer in model.layers:
+        layer.edge_chunk = graph.edge_index.shape[1]  # explicit: chunked above one chunk only
+    model(graph)
+    assert calls == []
+    for layer in model.layers:
+        layer.edge_chunk = 200
     model(graph)
     assert calls == [graph.edge_index.shape[1]] * 2
     calls.clear()

@@ -23,8 +23,13 @@ Features = list  # [Optional[Tensor]] * 3
 #: Size of an edge chunk of the message computation (``Interaction.forward``), in edges × channels:
 #: 2048 edges at C = 64 on CPU (chosen in benchmarks/memory.py: ~0.27 MB per atom for energy + forces
 #: and faster than no chunking; smaller chunks cost time, larger ones memory). CUDA uses 16× larger
-#: chunks to keep kernel launches few (not measured: no GPU was available). 0 turns chunking off.
+#: chunks to keep kernel launches few (not measured: no GPU was available). A layer's ``edge_chunk``
+#: attribute overrides it (edges per chunk; 0 turns chunking off).
 EDGE_CHUNK_ELEMENTS = 2**17
+#: By default, chunking starts above this many chunks of edges (32768 edges at C = 64: ~370 atoms of
+#: diamond, ~600 of water): where the unchunked path's memory is small (< 1 GB) and its large-tensor
+#: page faults, which the chunked path avoids, do not yet pay for the recomputation.
+MIN_CHUNKS = 16
 
 
 class Interaction(nn.Module):
@@ -51,8 +56,8 @@ class Interaction(nn.Module):
         (receiver i, sender j); unit [E, 3] r̂_ij; radial [E, num_basis]; envelope [E]. Returns the message
         features (ranks ``l_msg``) [N, C, ...].
 
-        With more edges than one chunk (``self.edge_chunk`` edges, or :data:`EDGE_CHUNK_ELEMENTS` / C;
-        0 = never) the edges run in chunks that are recomputed in the backward pass
+        With more than :data:`MIN_CHUNKS` chunks of edges (:meth:`chunk_edges`; with ``edge_chunk`` set,
+        more than one chunk) the edges run in chunks that are recomputed in the backward pass
         (:func:`cartlorem.tensors.chunked_edge_sum`): the same numbers to rounding, with the per-edge
         intermediates of one chunk alive instead of those of all edges."""
         i, j = edge_index
@@ -60,11 +65,9 @@ class Interaction(nn.Module):
         hu = self.linear_up(h)
         if hu[2] is not None:  # rank 2 travels over the edges as 6 components (tensors.fused)
             hu = [hu[0], hu[1], sym_to_compact(hu[2])]
-        chunk = self.edge_chunk
-        if chunk is None:
-            chunk = EDGE_CHUNK_ELEMENTS * (16 if unit.device.type == "cuda" else 1) // self.channels
-            chunk = max(chunk, 1) if EDGE_CHUNK_ELEMENTS > 0 else 0
-        if chunk > 0 and i.shape[0] > chunk:
+        chunk = self.chunk_edges(unit.device)
+        threshold = chunk if self.edge_chunk is not None else MIN_CHUNKS * chunk
+        if chunk > 0 and i.shape[0] > threshold:
             params = list(self.radial.parameters())
             msg = chunked_edge_sum(partial(self._edge_messages, compiled), n_nodes, i, (j, unit, radial, envelope),
                                    hu, params, chunk)
@@ -79,6 +82,13 @@ class Interaction(nn.Module):
             agg = agg / self.avg_num_neighbors
             out[l] = compact_to_sym(agg) if l == 2 else agg
         return self.linear_out(out)
+
+    def chunk_edges(self, device: torch.device) -> int:
+        """Edges per chunk of the message computation: ``self.edge_chunk`` if set (0: no chunking), else
+        :data:`EDGE_CHUNK_ELEMENTS` / C (× 16 on CUDA)."""
+        if self.edge_chunk is not None:
+            return int(self.edge_chunk)
+        return max(EDGE_CHUNK_ELEMENTS * (16 if torch.device(device).type == "cuda" else 1) // self.channels, 1)
 
     def _edge_messages(self, compiled: bool, j: torch.Tensor, unit: torch.Tensor, radial: torch.Tensor,
                        envelope: torch.Tensor, hu0: torch.Tensor, hu1: Optional[torch.Tensor],
