@@ -267,14 +267,14 @@ def markdown(rows, timing, meta, summary) -> str:
                      f"{_f(r.get('first_call_cpu_s'), '.1f')} | {r.get('loadavg_1min', '—')} | {r['status']} |")
     lines += ["", "## Time, 1000-atom diamond (modes interleaved in one process, CPU-time medians)", ""]
     if timing.get("status") == "ok":
-        lines += ["| mode | CPU s (median) | wall s (median) | repeats (CPU... wall s) |", "|---|---|---|---|"]
+        lines += ["| mode | CPU s (median) | wall s (median) | wall s of each repeat |", "|---|---|---|---|"]
         for k in ("chunked", "unchunked"):
             lines.append(f"| {k} | {timing[f'{k}_cpu_s']:.3f} | {timing[f'{k}_wall_s']:.3f} | "
                          f"{', '.join(format(t, '.2f') for t in timing[f'{k}_times_s'])} |")
         lines += ["", f"Ratio chunked / unchunked (CPU): {timing['ratio_cpu']:.3f}; edges per chunk "
                       f"{timing['edge_chunk']}; load average after {timing['loadavg_1min']}. Agreement (float32): "
                       f"energy relative difference {timing['energy_rel_diff']:.1e}, largest force difference "
-                      f"{timing['force_max_abs_diff']:.1e} eV/Å (largest force {timing['force_max_abs']:.2f} eV/Å)."]
+                      f"{timing['force_max_abs_diff']:.1e} eV/Å (largest force {timing['force_max_abs']:.1e} eV/Å, untrained model)."]
     else:
         lines.append(f"timing point: {timing.get('status')}")
     return "\n".join(lines)
