@@ -221,7 +221,9 @@ class CartLorem(nn.Module):
         "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3] (e·Å², lmax 2),
         and "energy_lr" [B] (eV): ``scale`` × the long-range readout + the electrostatic energy, which
         is COULOMB × Σ_c coupling_c × U_c (U_c of :func:`cartlorem.ewald.electrostatic_energy` for the
-        learned multipoles of channel c with the block's smearing), independent of ``scale``. ``create_graph`` defaults to ``self.training`` (needed to train on forces).
+        learned multipoles of channel c with the block's smearing), independent of ``scale``; coupling_0
+        is fixed at 1, so the channel-0 term is the Coulomb energy (eV) of the reported multipoles.
+        ``create_graph`` defaults to ``self.training`` (needed to train on forces).
         """
         if graph.positions.dtype != self.dtype or graph.positions.device != self.embedding.device:
             graph = graph.to(device=self.embedding.device, dtype=self.dtype)
@@ -255,23 +257,35 @@ class CartLorem(nn.Module):
 #       couplings a_c become scale × a_c (:func:`upgrade_state_dict`), which gives the same energies,
 #       forces and charges as 0.1.0 (to rounding). Its charges keep the units they were trained in:
 #       scale × a_c × U(q) is the Coulomb energy of charges √(scale × a_c) q, not of q.
-_FORMAT = "cartlorem-model-v2"
+#   cartlorem-model-v3: the weight of channel 0 is fixed at a_0 = 1 (the buffer
+#       ``long_range_block.coupling_channel0``), the others are the parameter ``coupling_others``; v1 and
+#       v2 stored all of them as one parameter ``long_range_block.coupling`` [C_lr]. An older file is
+#       split into the two; its a_0 (scale × a_0 for v1) is kept, so it predicts exactly what it did.
+#       If that a_0 is not 1 (training moved it, or the v1 scale), the model's charges are in the old
+#       units described above: physical only up to √a_0.
+_FORMAT = "cartlorem-model-v3"
 _FORMAT_V1 = "cartlorem-model-v1"
-_FORMATS = (_FORMAT_V1, _FORMAT)
+_FORMAT_V2 = "cartlorem-model-v2"
+_FORMATS = (_FORMAT_V1, _FORMAT_V2, _FORMAT)
 
 
 def upgrade_state_dict(state_dict: dict, config: dict, format: str) -> dict:
     """A state dict written in ``format`` → the current format's (a new dict; tensors shared unless changed).
 
     v1 → v2: the long-range couplings absorb the energy scale (see the notes above), so that the model
-    gives the numbers it gave in 0.1.0.
+    gives the numbers it gave in 0.1.0. v2 → v3: the couplings [C_lr] split into ``coupling_channel0``
+    (a_0, kept as stored) and ``coupling_others`` [C_lr − 1].
     """
     if format not in _FORMATS:
         raise ValueError(f"unknown model format {format!r}; this cartlorem reads {', '.join(_FORMATS)}")
     state = dict(state_dict)
     key = "long_range_block.coupling"
-    if format == _FORMAT_V1 and config.get("long_range") is not None and key in state:
-        state[key] = state[key] * float(config.get("scale", 1.0))
+    if format in (_FORMAT_V1, _FORMAT_V2) and config.get("long_range") is not None and key in state:
+        coupling = state.pop(key)
+        if format == _FORMAT_V1:
+            coupling = coupling * float(config.get("scale", 1.0))
+        state["long_range_block.coupling_channel0"] = coupling[0].clone()
+        state["long_range_block.coupling_others"] = coupling[1:].clone()
     return state
 
 

@@ -18,10 +18,13 @@ updates the scalar channels. The long-range energy of each atom has two parts, r
 
 * a learned readout of the updated scalars (dimensionless: the model multiplies it by its energy
   ``scale``, like every other learned readout);
-* the electrostatic energy of the learned multipoles in eV, with a learned weight per channel,
+* the electrostatic energy of the learned multipoles in eV, with a weight per channel,
   COULOMB · ½ Σ_c a_c (q φ − μ·E − ½ Θ:G) (for "lorem", COULOMB · ½ Σ_c a_c (qφ + μ·ψ + Θ:Ψ)). It is
-  never rescaled, so that the reported multipoles keep physical units (e, e·Å, e·Å²): with a_c = 1
-  it is exactly the Coulomb energy of channel c, and it carries the exact 1/r, 1/r², 1/r³ tails.
+  never rescaled, so that the reported multipoles keep physical units (e, e·Å, e·Å²), and it carries
+  the exact 1/r, 1/r², 1/r³ tails. The weight of channel 0, the channel the model reports, is fixed
+  at a_0 = 1 (a buffer, not trained): its term is exactly the Coulomb energy of the reported charges,
+  dipoles and quadrupoles. Left free, training moved it (1 → 0.69 on the dimer set), and the reported
+  charges were then physical only up to √a_0. The other channels' weights a_c (c ≥ 1) are learned.
 
 With feature rank ``lmax`` < 2 the multipoles go only up to that rank (lmax 0: charges; lmax 1:
 charges and dipoles). The "multipole" kind still feeds back the field and field gradient of those
@@ -56,8 +59,9 @@ class LongRangeBlock(nn.Module):
             w_i = softplus(w · h0_i) (like the inverse hardness of charge equilibration), so that an
             ion far from a neutral molecule can keep its charge; "uniform" or True: the same shift on
             every atom of the structure; False / None: no correction.
-        coupling: initial weight a_c of the electrostatic energy of each learned channel (default 1:
-            the Coulomb energy of the learned charges, in eV). Starting at the physical scale matters:
+        coupling: initial weight a_c of the electrostatic energy of the learned channels c ≥ 1
+            (default 1: the Coulomb energy of the learned charges, in eV); channel 0 has a_0 = 1, fixed
+            (see the module docstring). Starting at the physical scale matters:
             with 0.1 the dimer models learned far too small charges (±0.04–0.15 e on ammonium
             formate against xTB's ±0.93 e) and half of the ion-pair force beyond 8 Å was missing
             (benchmarks/intermolecular.py). The model's energy ``scale`` does not multiply this term.
@@ -74,6 +78,8 @@ class LongRangeBlock(nn.Module):
             raise ValueError(f"smearing must be a positive width in Å, got {smearing}")
         if lmax not in (0, 1, 2):
             raise ValueError(f"lmax of the long-range block must be 0, 1 or 2, got {lmax!r}")
+        if int(lr_channels) != lr_channels or lr_channels < 1:
+            raise ValueError(f"lr_channels must be a positive integer, got {lr_channels!r}")
         self.kind, self.lr_channels, self.lmax = kind, int(lr_channels), int(lmax)
         self.smearing, self.accuracy = float(smearing), float(accuracy)
         if charge_correction is True:
@@ -93,13 +99,24 @@ class LongRangeBlock(nn.Module):
         n_inv = channels * (2 + sum(1 + (l <= self.lmax) for l in self.field_ranks if l > 0))
         self.update = nn.Sequential(nn.Linear(channels + n_inv, hidden), nn.SiLU(), nn.Linear(hidden, channels))
         self.readout = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-        self.coupling = nn.Parameter(torch.full((lr_channels,), float(coupling)))
+        # a_0 = 1 for the reported channel: a buffer, so no optimiser step (or weight decay) moves it. A
+        # model read from an older file (format v1 or v2, where a_0 was a parameter) keeps its stored
+        # a_0; when that is not 1, its charges are in the old units: a_0 × U(q) is the Coulomb energy
+        # of √a_0 q, not of q (cartlorem.model.upgrade_state_dict).
+        self.register_buffer("coupling_channel0", torch.tensor(1.0))
+        self.coupling_others = nn.Parameter(torch.full((self.lr_channels - 1,), float(coupling)))  # a_1 ...
+
+    @property
+    def coupling(self) -> torch.Tensor:
+        """[C_lr] weights a_c of the channels' electrostatic energies: a_0 (fixed, 1 for new models) then
+        the learned a_1 … (read-only: set ``coupling_channel0`` / ``coupling_others``)."""
+        return torch.cat([self.coupling_channel0.reshape(1), self.coupling_others])
 
     def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor) -> dict:
         """h = [h0 [N, C], h1 [N, C, 3] or None, h2 [N, C, 3, 3] or None]; positions [N, 3] Å; cell [B, 3, 3] Å.
 
         Returns "readout" [N] (learned, dimensionless: the caller scales it), "electrostatic" [N]
-        (eV, the coupling-weighted energy of the learned multipoles), and channel 0 of the learned
+        (eV, the coupling-weighted energy of the learned multipoles; channel 0 with weight a_0 = 1), and channel 0 of the learned
         multipoles: "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3]
         (e·Å², traceless, lmax 2).
         """
