@@ -11,6 +11,12 @@ fixed origin (open directions) to subtract; the list is built for those position
 it is reused. ASE's MD never wraps, and a float32 model fed raw positions 3e4 Å from the origin would
 see them only to 2e-3 Å. Energies, forces and stress do not change (lattice and global translations).
 
+Boundary conditions: open, fully periodic, and for long-range models also slabs (pbc = [True, True,
+False], vacuum along the third cell row; the model puts the atoms in the middle of that row's height,
+see :func:`cartlorem.nn.long_range.slab_frame`, so the shift above never takes them out of the region
+the slab sum needs). Local models accept any pattern. Stress is reported for fully periodic cells only:
+asking for it otherwise raises ASE's PropertyNotImplementedError.
+
 Results: ``results`` holds only properties ASE knows (energy, free_energy, energies, forces, stress,
 and for long-range models the per-atom ``charges``), so that every ASE path (``get_properties``,
 SinglePointCalculator copies, extxyz output, socket clients) accepts them. The model's other outputs
@@ -34,7 +40,7 @@ __all__ = ["CartLoremCalculator"]
 
 
 class CartLoremCalculator(Calculator):
-    """ASE calculator: energy, free_energy, energies, forces, stress (periodic); for long-range models
+    """ASE calculator: energy, free_energy, energies, forces, stress (fully periodic cells); for long-range models
     also per-atom ``charges`` (e). Per-atom dipoles, quadrupoles and the long-range energy are in
     ``extra_results`` (see the module docstring and :meth:`get_extra`).
 
@@ -147,8 +153,16 @@ class CartLoremCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         graph = self._graph(self.atoms).to(device=self.device, dtype=self.model.dtype)
-        want_stress = "stress" in properties and bool(np.all(self.atoms.get_pbc()))
-        out = self.model(graph, compute_forces=True, compute_stress=want_stress or None, create_graph=False)
+        periodic = bool(np.all(self.atoms.get_pbc()))
+        if "stress" in properties and not periodic:
+            from ase.calculators.calculator import PropertyNotImplementedError
+
+            raise PropertyNotImplementedError(
+                f"stress is computed for fully periodic cells only; these atoms have pbc = "
+                f"{self.atoms.get_pbc().tolist()} (for a slab or a molecule the cell volume, mostly vacuum, "
+                "gives the stress no meaning)")
+        out = self.model(graph, compute_forces=True, compute_stress=periodic and "stress" in properties or None,
+                         create_graph=False)
         energy = float(out["energy"].detach().sum())
         self.results = {
             "energy": energy,
@@ -156,7 +170,7 @@ class CartLoremCalculator(Calculator):
             "energies": out["node_energy"].detach().cpu().numpy().astype(np.float64),
             "forces": out["forces"].detach().cpu().numpy().astype(np.float64),
         }
-        if "stress" in out and bool(np.any(self.atoms.get_pbc())):
+        if "stress" in out and periodic:
             s = out["stress"][0].detach().cpu().numpy().astype(np.float64)
             self.results["stress"] = s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # Voigt xx yy zz yz xz xy
         if "charges" in out:

@@ -1,7 +1,9 @@
 """Energy → forces and stress by automatic differentiation (the energy model never mentions forces).
 
 Stress follows ASE: σ = (1/V) ∂E/∂ε for a homogeneous strain r → r (I + ε), cell → cell (I + ε),
-in eV/Å³. Structures without periodicity get a zero stress row.
+in eV/Å³, for fully periodic structures. Open structures and slabs (pbc = [True, True, False]) get a
+zero stress row: their volume is not defined by the atoms (a slab's cell volume is mostly the vacuum
+the user chose), so σ would be a number without meaning.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], di
                 out["forces"] = -grads[0]
             if compute_stress:
                 volume = torch.linalg.det(graph.cell).abs()  # [B]
-                periodic = graph.pbc.any(dim=1) & (volume > 0)
+                periodic = graph.pbc.all(dim=1) & (volume > 0)
                 safe = torch.where(periodic, volume, torch.ones_like(volume))
                 out["stress"] = torch.where(periodic[:, None, None], grads[-1] / safe[:, None, None], 0.0)
     return out

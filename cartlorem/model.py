@@ -60,6 +60,12 @@ class CartLorem(nn.Module):
         compile_kernels: run the message kernel through torch.compile when no double backward is
             needed (inference: energy, forces, stress, MD). Training always uses the eager kernel.
             First calls pay a compilation of ~10–60 s; falls back to eager if compilation fails.
+
+    Boundary conditions (per structure, ``pbc``): local models take any pattern (the neighbour list
+    handles it); long-range models take open (all False), fully periodic (all True) and slabs
+    (``[True, True, False]``, vacuum along the third cell row, which must have a height above the a-b
+    plane that spans the atoms; :func:`cartlorem.nn.long_range.slab_frame`), and refuse others with a
+    ValueError. Stress is computed for fully periodic structures only.
     """
 
     def __init__(self, species: Sequence[int], cutoff: float = 5.0, long_range: Optional[str] = "multipole", *,
@@ -217,7 +223,8 @@ class CartLorem(nn.Module):
     def forward(self, graph: Graph, compute_forces: bool = True, compute_stress: Optional[bool] = None,
                 create_graph: Optional[bool] = None) -> dict:
         """Predict for a batch: "energy" [B], "node_energy" [N], "forces" [N, 3], "stress" [B, 3, 3]
-        (when any structure is periodic), and for long-range models channel 0 of the learned multipoles,
+        (eV/Å³; computed by default when a structure is fully periodic; rows of open structures and
+        slabs are zero), and for long-range models channel 0 of the learned multipoles,
         "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3] (e·Å², lmax 2),
         and "energy_lr" [B] (eV): ``scale`` × the long-range readout + the electrostatic energy, which
         is COULOMB × Σ_c coupling_c × U_c (U_c of :func:`cartlorem.ewald.electrostatic_energy` for the
@@ -229,8 +236,12 @@ class CartLorem(nn.Module):
             graph = graph.to(device=self.embedding.device, dtype=self.dtype)
         if not torch.isfinite(graph.positions).all():
             raise ValueError("positions contain NaN or inf")
+        if self.long_range_block is not None:
+            from .nn.long_range import check_boundaries
+
+            check_boundaries(graph.pbc)  # before any work: open, periodic or [T, T, F] slabs
         if compute_stress is None:
-            compute_stress = bool(graph.pbc.any())
+            compute_stress = bool(graph.pbc.all(dim=1).any())
         create_graph = self.training if create_graph is None else create_graph
         self._compiled_now = self.compile_kernels and not create_graph
         try:

@@ -26,6 +26,15 @@ updates the scalar channels. The long-range energy of each atom has two parts, r
   dipoles and quadrupoles. Left free, training moved it (1 → 0.69 on the dimer set), and the reported
   charges were then physical only up to √a_0. The other channels' weights a_c (c ≥ 1) are learned.
 
+Boundary conditions, per structure: open (pbc all False), fully periodic, or a slab, pbc = [True, True,
+False] (periodic along cell rows a and b, vacuum along the third row). For a slab the block hands the
+Ewald layer its slab frame (:func:`slab_frame`): the third row becomes ``h n`` (n the unit normal of
+the a-b plane on the side of c, h = c·n the height of c above the plane) and the atoms are translated
+along n to the middle of [0, h]. Both are exact symmetries of the slab energy (the result depends on
+a, b, the normal and the relative positions only), so positions can come unwrapped and c need not be
+orthogonal to the plane; the atoms must span less than h along the normal. Other pbc patterns are
+refused (ValueError).
+
 With feature rank ``lmax`` < 2 the multipoles go only up to that rank (lmax 0: charges; lmax 1:
 charges and dipoles). The "multipole" kind still feeds back the field and field gradient of those
 sources (their norms are invariants); the "lorem" kind has potentials only up to rank ``lmax``.
@@ -41,7 +50,63 @@ from torch import nn
 from ..ewald import batched_multipole_fields
 from ..tensors import EquivariantLinear, product, stf
 
-__all__ = ["LongRangeBlock"]
+__all__ = ["LongRangeBlock", "slab_frame", "check_boundaries"]
+
+
+def check_boundaries(pbc: torch.Tensor) -> None:
+    """ValueError unless every row of pbc [B, 3] (bool) is all False, all True or [True, True, False]."""
+    pbc = pbc.detach().to("cpu", torch.bool)
+    ok = pbc.all(dim=1) | ~pbc.any(dim=1) | (pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2])
+    if not bool(ok.all()):
+        k = int((~ok).nonzero()[0])
+        raise ValueError(
+            f"structure {k} has pbc = {pbc[k].tolist()}: long-range models support open boundaries (all False), "
+            "fully periodic cells (all True) and slabs, pbc = [True, True, False] (vacuum along the third cell "
+            "row; reorder the cell rows so that the open direction comes last)")
+
+
+def slab_frame(positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor):
+    """The frame in which the Ewald layer takes slabs (pbc = [True, True, False]); others are unchanged.
+
+    positions [N, 3] Å, batch [N], cell [B, 3, 3] Å (rows a, b, c), pbc [B, 3] bool → (positions [N, 3],
+    cell [B, 3, 3]). For each slab, with n = ±(a × b)/|a × b| on the side of c and the height h = c·n > 0:
+    the third row becomes h n (orthogonal to a and b), and the atoms move along n by the constant
+    (not differentiated) t = h/2 − (z_min + z_max)/2, z = r·n, so that they lie in the middle of the
+    region 0 <= z <= h that :mod:`cartlorem.ewald.slab` needs. The slab energy does not depend on either
+    change (a rigid translation; c enters only through the vacuum it pads), so forces are unchanged.
+    ValueError if c has no height above the plane or the atoms span more than h along n.
+    """
+    slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]  # [B]
+    if not bool(slab.any()):
+        return positions, cell
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
+    basis = torch.where(slab[:, None, None], cell, eye)  # other structures: a harmless stand-in (no 0/0)
+    normal = torch.linalg.cross(basis[:, 0], basis[:, 1])  # [B, 3]
+    normal = normal / torch.linalg.vector_norm(normal, dim=-1, keepdim=True).clamp_min(1e-30)
+    height = (basis[:, 2] * normal).sum(-1)  # [B], signed
+    normal = torch.where(height[:, None] < 0, -normal, normal)
+    height = height.abs()
+    z = (positions.detach() * normal.detach()[batch]).sum(-1)  # [N]
+    n_struct = cell.shape[0]
+    z_min = torch.full((n_struct,), float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
+        0, batch, z, reduce="amin")
+    z_max = torch.full((n_struct,), -float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
+        0, batch, z, reduce="amax")
+    for k in slab.nonzero().flatten().tolist():
+        h, extent = float(height[k].detach()), float(z_max[k] - z_min[k])
+        if not h > 0.0:
+            raise ValueError(
+                f"structure {k} is a slab (pbc = [True, True, False]) but its third cell row has no height above "
+                "the plane of a and b: long-range models need it to span the atoms plus vacuum (e.g. "
+                "atoms.center(vacuum=10.0, axis=2), or ase.build.fcc111(..., vacuum=10.0))")
+        if extent > h * (1.0 + 1e-12):
+            raise ValueError(
+                f"structure {k} is a slab (pbc = [True, True, False]) whose atoms span {extent:.6g} Å along the "
+                f"normal, more than the height of the third cell row, {h:.6g} Å: make c longer (more vacuum)")
+    shift = torch.where(slab, 0.5 * height.detach() - 0.5 * (z_min + z_max), torch.zeros_like(height))  # [B]
+    positions = positions + shift[batch, None] * normal.detach()[batch]
+    third = torch.where(slab[:, None], height[:, None] * normal, cell[:, 2])  # [B, 3]
+    return positions, torch.cat([cell[:, :2], third[:, None]], dim=1)
 
 
 class LongRangeBlock(nn.Module):
@@ -122,6 +187,8 @@ class LongRangeBlock(nn.Module):
         """
         from ..units import COULOMB
 
+        check_boundaries(graph.pbc)
+        positions, cell = slab_frame(positions, graph.batch, cell, graph.pbc)
         q, mu, theta = self.to_multipoles(h[: self.lmax + 1])[:3]
         if self.charge_correction:
             q = self._correct_charges(q, graph, h[0])
