@@ -183,8 +183,15 @@ class CartLorem(nn.Module):
         return idx
 
     # --- the energy model ----------------------------------------------------------------------
-    def energy(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor) -> dict:
-        """Total energy [B] (eV) and per-atom energies [N] for the given positions and cell."""
+    def energy(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor, *, dipole: bool = False,
+               electric_field: Optional[torch.Tensor] = None) -> dict:
+        """Total energy [B] (eV) and per-atom energies [N] for the given positions and cell.
+
+        Long-range models also: with ``dipole`` (or a field), "dipole" [B, 3] (e·Å), P = Σ_i q_i r_i + μ_i
+        of channel 0 with r the positions as given; with ``electric_field`` [B, 3] (V/Å), the term −P·E
+        (eV): in the energy of open structures, and as "force_only_energy" [B] for periodic cells and
+        slabs, whose P is not defined: only its gradient, the force Z*ᵀE, is used (cartlorem.forces).
+        """
         species = self.species_index(graph.species)
         i, j = graph.edge_index
         shifts = torch.einsum("ek,ekx->ex", graph.edge_shift, cell[graph.batch[i]])
@@ -213,15 +220,27 @@ class CartLorem(nn.Module):
         node_energy = self.scale * node_energy + self.shift + self.atomic_energies[species]
         if self.long_range_block is not None:
             node_energy = node_energy + e_es
-        energy = torch.zeros(graph.num_graphs, dtype=node_energy.dtype, device=node_energy.device)
-        energy = energy.index_add(0, graph.batch, node_energy)
+        zeros = torch.zeros(graph.num_graphs, dtype=node_energy.dtype, device=node_energy.device)  # [B]
+        if dipole or electric_field is not None:
+            site = out["charges"][:, None] * positions  # [N, 3] e·Å: q_i r_i + μ_i of channel 0
+            if "dipoles" in out:
+                site = site + out["dipoles"]
+            out["dipole"] = torch.zeros_like(cell[:, 0]).index_add(0, graph.batch, site)  # [B, 3]
+            if electric_field is not None:
+                node_field = -(site * electric_field[graph.batch]).sum(-1)  # [N] eV (e·Å × V/Å)
+                molecule = ~graph.pbc.any(dim=1)[graph.batch]  # [N]
+                node_energy = node_energy + torch.where(molecule, node_field, torch.zeros_like(node_field))
+                out["force_only_energy"] = zeros.index_add(
+                    0, graph.batch, torch.where(molecule, torch.zeros_like(node_field), node_field))
+        energy = zeros.index_add(0, graph.batch, node_energy)
         out.update(energy=energy, node_energy=node_energy)
         if self.long_range_block is not None:
             out["energy_lr"] = torch.zeros_like(energy).index_add(0, graph.batch, self.scale * lr_readout + e_es)
         return out
 
     def forward(self, graph: Graph, compute_forces: bool = True, compute_stress: Optional[bool] = None,
-                create_graph: Optional[bool] = None) -> dict:
+                create_graph: Optional[bool] = None, *, compute_dipole: bool = False,
+                compute_born_charges: bool = False, electric_field=None) -> dict:
         """Predict for a batch: "energy" [B], "node_energy" [N], "forces" [N, 3], "stress" [B, 3, 3]
         (eV/Å³; computed by default when a structure is fully periodic; rows of open structures and
         slabs are zero), and for long-range models channel 0 of the learned multipoles,
@@ -231,6 +250,22 @@ class CartLorem(nn.Module):
         learned multipoles of channel c with the block's smearing), independent of ``scale``; coupling_0
         is fixed at 1, so the channel-0 term is the Coulomb energy (eV) of the reported multipoles.
         ``create_graph`` defaults to ``self.training`` (needed to train on forces).
+
+        Charge outputs of long-range models, computed when asked for (ValueError for a model without
+        long range):
+
+        * ``compute_dipole``: "dipole" [B, 3] (e·Å), P = Σ_i q_i r_i + μ_i over channel 0 of the learned
+          multipoles, about the origin of the positions given (for a charged molecule P depends on it).
+          Open structures only (ValueError for periodic cells and slabs, where P is not defined).
+        * ``compute_born_charges``: "born_charges" [N, 3, 3] (e), Z*_i,ab = ∂P_a/∂r_ib by autograd (three
+          more backward passes). Σ_i Z*_i = Q I, Q = Σ_i q_i (the total charge with charge correction).
+          For periodic cells and slabs: the same local derivative of Σ_i q_i r_i + μ_i with the positions
+          as given; its charge-transfer part Σ_j r_j ∂q_j/∂r_i depends on the periodic images the
+          positions hold when the charges of atoms in different home-cell images depend on each other.
+        * ``electric_field``: uniform external field E (V/Å), [3] or [B, 3]. Open structures: the energy
+          gets −P·E (eV) and the forces its gradient, Z*_iᵀE. Periodic cells and slabs: the forces get
+          F_i += Z*_iᵀE (the standard practice, P not being defined) and the energy and stress do not
+          change. A zero field gives the results without a field.
         """
         if graph.positions.dtype != self.dtype or graph.positions.device != self.embedding.device:
             graph = graph.to(device=self.embedding.device, dtype=self.dtype)
@@ -240,15 +275,49 @@ class CartLorem(nn.Module):
             from .nn.long_range import check_boundaries
 
             check_boundaries(graph.pbc)  # before any work: open, periodic or [T, T, F] slabs
+        asked = [name for name, on in (("compute_dipole", compute_dipole), ("compute_born_charges",
+                 compute_born_charges), ("electric_field", electric_field is not None)) if on]
+        if asked and self.long_range_block is None:
+            raise ValueError(f"{', '.join(asked)} need(s) learned charges: this model has no long range "
+                             "(long_range=None); use a 'multipole' or 'lorem' model")
+        if compute_dipole and bool(graph.pbc.any()):
+            k = int(graph.pbc.any(dim=1).nonzero()[0])
+            raise ValueError(f"the dipole is defined for open structures only; structure {k} has pbc = "
+                             f"{graph.pbc[k].tolist()} (born_charges and electric_field work for any cell)")
+        if electric_field is not None:
+            electric_field = self._field(electric_field, graph.num_graphs)
         if compute_stress is None:
             compute_stress = bool(graph.pbc.all(dim=1).any())
         create_graph = self.training if create_graph is None else create_graph
         self._compiled_now = self.compile_kernels and not create_graph
+        want_p = compute_dipole or compute_born_charges or electric_field is not None
+
+        def energy_fn(g, positions, cell):
+            return self.energy(g, positions, cell, dipole=want_p, electric_field=electric_field)
+
         try:
-            return with_derivatives(self.energy, graph, compute_forces=compute_forces,
-                                    compute_stress=compute_stress, create_graph=create_graph)
+            out = with_derivatives(energy_fn, graph, compute_forces=compute_forces, compute_stress=compute_stress,
+                                   create_graph=create_graph, compute_born_charges=compute_born_charges)
         finally:
             self._compiled_now = False
+        if not compute_dipole:
+            out.pop("dipole", None)
+        return out
+
+    def _field(self, field, n_struct: int) -> torch.Tensor:
+        """electric_field (V/Å) → [B, 3] tensor in the model's dtype; ValueError for a bad shape or value."""
+        try:
+            field = torch.as_tensor(field, dtype=self.dtype, device=self.embedding.device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"electric_field must be 3 numbers (V/Å) or one row per structure: {err}") from None
+        if field.shape == (3,):
+            field = field.expand(n_struct, 3)
+        if field.shape != (n_struct, 3):
+            raise ValueError(f"electric_field must have shape [3] or [B, 3] = [{n_struct}, 3] (V/Å), "
+                             f"got {list(field.shape)}")
+        if not bool(torch.isfinite(field).all()):
+            raise ValueError("electric_field contains NaN or inf")
+        return field
 
     def extra_repr(self) -> str:
         c = self.config
