@@ -10,14 +10,13 @@ Data flow (forward):
 
 from __future__ import annotations
 
-import math
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from .fileio import atomic_torch_save
 from .forces import with_derivatives
 from .graph import Graph
 from .nn.blocks import BodyOrderProduct, Interaction, SpeciesLinear
@@ -392,24 +391,6 @@ def _check_plain(obj, where: str) -> None:
         )
 
 
-def _atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def model_payload(model: CartLorem) -> dict:
     """What :func:`save_model` writes: format header, hyperparameters, weights (CPU copies), dtype."""
     if not isinstance(model, CartLorem):
@@ -424,7 +405,7 @@ def save_model(model: CartLorem, path, **extra) -> None:
     must be plain data (dicts, lists, strings, numbers, tensors: ValueError naming the entry otherwise)."""
     payload = {**model_payload(model), **extra}
     _check_plain(payload, "the model file")
-    _atomic_save(payload, path)
+    atomic_torch_save(payload, path)  # temp file + rename, mode 0644 like every other output
 
 
 def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartLorem:

@@ -1,7 +1,6 @@
 """Model files: plain data read with torch.load(weights_only=True); pickled code is refused unless the
 caller opts in (trust_pickle=True); files written by cartlorem 0.1.0 keep their predictions."""
 
-import os
 
 import numpy as np
 import pytest
@@ -74,6 +73,17 @@ def test_saved_file_is_plain_data(tmp_path):
     assert obj["format"] == "cartlorem-model-v3" and obj["training"]["curve"] == [1.0, 0.5]
     loaded = cartlorem.load_model(tmp_path / "m.pt")
     assert energy_forces(loaded, methanol())[0] == pytest.approx(energy_forces(model, methanol())[0], rel=1e-14)
+
+
+def test_saved_file_is_world_readable_like_every_other_output(tmp_path):
+    """save_model writes through the one atomic-write helper (cartlorem.fileio): mode 0666 & ~umask, not
+    the 0600 of a bare temporary file (failed before: 0o600)."""
+    import os
+
+    cartlorem.save_model(lr_model(), tmp_path / "m.pt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_save_refuses_objects_that_need_pickle(tmp_path):
@@ -182,14 +192,3 @@ def test_unreadable_files(tmp_path):
     torch.save(payload, tmp_path / "future.pt")
     with pytest.raises(ValueError, match="frobnicate"):
         cartlorem.load_model(tmp_path / "future.pt")
-
-
-@pytest.mark.parametrize("name", sorted(
-    f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "long_range_models"))
-    if f.endswith(".pt")) if os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
-                                                         "long_range_models")) else [])
-def test_checked_in_models_load(name):
-    """The models under benchmarks/results (format v1) load the way their scripts load them."""
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "long_range_models", name)
-    model = cartlorem.load_model(path)
-    assert isinstance(model, cartlorem.CartLorem)
