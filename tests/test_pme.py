@@ -388,3 +388,14 @@ def test_stress_by_finite_strain_with_automatic_parameters(smearing):
             up, down = torch.eye(3, dtype=DT) + e, torch.eye(3, dtype=DT) - e
             fd[a, b] = (energy(pos @ up.T, cell @ up.T) - energy(pos @ down.T, cell @ down.T)) / (2 * h)
     assert rel(dU, fd) < 2e-9
+
+
+def test_thin_skewed_cell_is_refused_like_ewald():
+    """A cell whose height is tiny relative to the real-space cutoff (0.1 Å planes, 1000 Å vectors) is
+    refused before the neighbour search (before: auto chose PME here and vesin's image search ran for
+    minutes)."""
+    thin = torch.tensor([[1000.0, 0, 0], [0, 1000.0, 0], [300.0, 200.0, 0.1]], dtype=DT)
+    pos, q, _, _ = random_system(62, n=4, c=1, cell=thin)
+    for method in ("auto", "pme"):
+        with pytest.raises(ValueError, match=r"cell height h_2 = 0.1 Å is too small"):
+            ewald.multipole_fields(pos, q, cell=thin, pbc=PBC, method=method)

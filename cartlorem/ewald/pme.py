@@ -560,6 +560,8 @@ def pme_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor, rows: 
                                mesh=mesh, spline_order=spline_order, real_cutoff=real_cutoff,
                                derivatives=max(max(rows.ranks), max(cols.ranks)))
     kernel = RadialKernel.ewald_real(params.alpha, smearing)
+    if not kernel.is_zero:  # the same bound as Ewald's image search: thin or strongly skewed cells refused
+        _ewald.check_image_count(cell_np, params.real_cutoff)
     out = real_space_sum(positions, v, cell, kernel, tensors, params.real_cutoff)
     out = out + reciprocal_sum(positions, v, cell, params, rows, cols)
     out = out - torch.einsum("ab,nbc->nac", self_matrix(tensors, params.alpha, v.dtype, v.device), v)
