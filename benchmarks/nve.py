@@ -412,6 +412,8 @@ def run_nve(atoms, model, dtype: str, timestep_fs: float, steps: int, temperatur
         "max_displacement_a": float(disp.max()),
         "fractional_range": [float(frac.min()), float(frac.max())],  # outside [0, 1): not wrapped
         "epot_mean_ev_per_atom": float(epot.mean() / n),
+        # resolution of the reported energy: one unit in the last place of E_pot in the model's dtype
+        "energy_ulp_mev_per_atom": 1000 * float(np.spacing(np.abs(epot[0]).astype(dtype))) / n,
         "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
     })
     stride = max(1, len(etot) // 500)
@@ -465,7 +467,9 @@ def render(payload: dict) -> str:
                      f"{_fmt(m.get('valid_energy_mae_mev_per_atom'))} meV/atom / {_fmt(m.get('valid_forces_mae_mev_per_a'))} "
                      f"meV/Å. Positions at the end span fractional coordinates {r['fractional_range'][0]:.3f} … "
                      f"{r['fractional_range'][1]:.3f} (never wrapped); largest displacement "
-                     f"{r['max_displacement_a']:.2f} Å; first call (neighbour list, set-up) {r['first_call_s']} s.")
+                     f"{r['max_displacement_a']:.2f} Å; first call (neighbour list, set-up) {r['first_call_s']} s; one unit in "
+                     f"the last place of the reported E_pot in {r['dtype']}: {_sig(r.get('energy_ulp_mev_per_atom'), 2)} "
+                     f"meV/atom.")
     lines += ["", "Machine: " + ", ".join(f"{k} {meta.get(k)}" for k in (
         "cpu_model", "cpu_count", "mem_total_gib", "torch", "ase", "e3nn", "numpy", "python", "git_commit",
         "git_dirty", "date") if k in meta) + f"; torch threads {meta.get('threads')}.",
