@@ -4,6 +4,19 @@ Neighbour lists are reused between MD steps: the list is built with cutoff + ski
 when an atom has moved more than skin/2, or when the number of atoms, the species, the cell or the
 boundary conditions change. Edges beyond the cutoff in a padded list are harmless: the envelope and
 the Bessel basis vanish there exactly, so results equal those of a fresh list.
+
+Positions reach the model wrapped, in float64, before any cast to the model's dtype: when a list is
+built every atom gets a fixed whole number of lattice vectors (periodic directions) and the structure a
+fixed origin (open directions) to subtract; the list is built for those positions and keeps them while
+it is reused. ASE's MD never wraps, and a float32 model fed raw positions 3e4 Å from the origin would
+see them only to 2e-3 Å. Energies, forces and stress do not change (lattice and global translations).
+
+Results: ``results`` holds only properties ASE knows (energy, free_energy, energies, forces, stress,
+and for long-range models the per-atom ``charges``), so that every ASE path (``get_properties``,
+SinglePointCalculator copies, extxyz output, socket clients) accepts them. The model's other outputs
+of the last calculation are in ``extra_results``: "dipoles" [N, 3] (e·Å, per atom), "quadrupoles"
+[N, 3, 3] (e·Å², per atom) and "energy_lr" (eV); :meth:`CartLoremCalculator.get_extra` computes them
+when needed.
 """
 
 from __future__ import annotations
@@ -22,25 +35,28 @@ __all__ = ["CartLoremCalculator"]
 
 class CartLoremCalculator(Calculator):
     """ASE calculator: energy, free_energy, energies, forces, stress (periodic); for long-range models
-    also per-atom ``charges``, ``dipoles`` (e·Å, per atom) and ``energy_lr``.
+    also per-atom ``charges`` (e). Per-atom dipoles, quadrupoles and the long-range energy are in
+    ``extra_results`` (see the module docstring and :meth:`get_extra`).
 
     Args:
         model_or_path: a CartLorem model or the path of a file written by ``save_model``.
         device: "cpu" or "cuda" (falls back to CPU with a warning when CUDA is absent).
         dtype: None keeps the model's dtype; "float32"/"float64" casts it.
         skin: neighbour-list skin in Å for reuse between MD steps (0 disables reuse).
+        trust_pickle: passed to :func:`cartlorem.load_model` for a path (default False: a file holding
+            pickled objects is refused).
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "charges", "dipoles",
-                              "energy_lr"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "charges"]
+    extra_properties = ("dipoles", "quadrupoles", "energy_lr")
 
     def __init__(self, model_or_path, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None,
-                 skin: float = 0.5, **kwargs):
+                 skin: float = 0.5, trust_pickle: bool = False, **kwargs):
         super().__init__(**kwargs)
         from .model import CartLorem, load_model
 
         if isinstance(model_or_path, (str, os.PathLike)):
-            model = load_model(model_or_path)
+            model = load_model(model_or_path, trust_pickle=trust_pickle)
         elif isinstance(model_or_path, CartLorem):
             model = model_or_path
         else:
@@ -60,9 +76,47 @@ class CartLoremCalculator(Calculator):
         self.model.eval()
         self.device = device
         self.skin = float(skin)
+        # an instance attribute: only long-range models have charges
+        self.implemented_properties = [p for p in type(self).implemented_properties
+                                       if p != "charges" or self.model.long_range is not None]
+        self.extra_results: dict = {}
         self._nl_key = None
         self._nl_graph: Optional[Graph] = None
         self._nl_positions: Optional[np.ndarray] = None
+        self._nl_offset: Optional[np.ndarray] = None
+
+    def reset(self):
+        super().reset()
+        self.extra_results = {}
+
+    def get_extra(self, name: str, atoms=None):
+        """A model output outside ASE's property list, computed for ``atoms`` (default: the last ones)
+        if needed: "dipoles" [N, 3] e·Å, "quadrupoles" [N, 3, 3] e·Å², "energy_lr" eV (long-range
+        models; dipoles need lmax ≥ 1, quadrupoles lmax 2)."""
+        from ase.calculators.calculator import PropertyNotImplementedError
+
+        if name not in self.extra_properties:
+            raise ValueError(f"unknown extra output {name!r}; choose from {', '.join(self.extra_properties)}")
+        if atoms is None and self.atoms is None:
+            raise ValueError("nothing calculated yet: pass the atoms")
+        self.get_property("energy", atoms)  # (re)computes when the structure changed
+        if name not in self.extra_results:
+            raise PropertyNotImplementedError(f"{name} is not an output of this model")
+        value = self.extra_results[name]
+        return value.copy() if isinstance(value, np.ndarray) else value
+
+    @staticmethod
+    def _offsets(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+        """[N, 3] Å to subtract from the positions: whole lattice vectors per atom along the periodic
+        directions (to the home cell) and, when a direction is open, the centroid (a global shift)."""
+        offset = np.zeros_like(positions)
+        if np.any(pbc):
+            lattice = cell[pbc]  # [P, 3] periodic lattice vectors
+            frac = positions @ np.linalg.pinv(lattice)  # [N, P]
+            offset = np.floor(frac) @ lattice
+        if not np.all(pbc):
+            offset = offset + (positions - offset).mean(axis=0)
+        return offset
 
     def _graph(self, atoms) -> Graph:
         positions = atoms.get_positions()
@@ -73,15 +127,21 @@ class CartLoremCalculator(Calculator):
                  and np.max(np.linalg.norm(positions - self._nl_positions, axis=1)) < 0.5 * self.skin)
         if reuse:
             g = self._nl_graph
-            g = g.replace(positions=torch.tensor(positions, dtype=g.positions.dtype))
+            g = g.replace(positions=torch.tensor(positions - self._nl_offset, dtype=g.positions.dtype))
             # overlapping atoms inside a reused list still need catching
             vec = g.edge_vectors()
             if len(vec) and float(vec.norm(dim=-1).min()) < 1e-3:
                 reuse = False
             else:
                 return g
-        g = atoms_to_graph(atoms, self.model.cutoff + self.skin, dtype=self.model.dtype)
-        self._nl_key, self._nl_graph, self._nl_positions = key, g, positions.copy()
+        offset, cell = np.zeros_like(positions), atoms.get_cell().array
+        if np.all(np.isfinite(positions)) and np.all(np.isfinite(cell)):  # else atoms_to_graph says what is bad
+            offset = self._offsets(positions, cell, atoms.get_pbc())
+        shifted = atoms.copy()
+        shifted.arrays["positions"] = positions - offset
+        g = atoms_to_graph(shifted, self.model.cutoff + self.skin, dtype=self.model.dtype,
+                           label=atoms.get_chemical_formula() or "structure")
+        self._nl_key, self._nl_graph, self._nl_positions, self._nl_offset = key, g, positions.copy(), offset
         return g
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -99,8 +159,9 @@ class CartLoremCalculator(Calculator):
         if "stress" in out and bool(np.any(self.atoms.get_pbc())):
             s = out["stress"][0].detach().cpu().numpy().astype(np.float64)
             self.results["stress"] = s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # Voigt xx yy zz yz xz xy
-        for key in ("charges", "dipoles"):
-            if key in out:
-                self.results[key] = out[key].detach().cpu().numpy().astype(np.float64)
+        if "charges" in out:
+            self.results["charges"] = out["charges"].detach().cpu().numpy().astype(np.float64)
+        self.extra_results = {key: out[key].detach().cpu().numpy().astype(np.float64)
+                              for key in ("dipoles", "quadrupoles") if key in out}
         if "energy_lr" in out:
-            self.results["energy_lr"] = float(out["energy_lr"].detach().sum())
+            self.extra_results["energy_lr"] = float(out["energy_lr"].detach().sum())

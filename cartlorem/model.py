@@ -24,7 +24,7 @@ from .nn.blocks import BodyOrderProduct, Interaction, SpeciesLinear
 from .nn.radial import BesselBasis, PolynomialEnvelope
 from .tensors import EquivariantLinear
 
-__all__ = ["CartLorem", "save_model", "load_model", "model_payload"]
+__all__ = ["CartLorem", "save_model", "load_model", "model_payload", "upgrade_state_dict"]
 
 LONG_RANGE_CHOICES = (None, "multipole", "lorem")
 
@@ -46,13 +46,16 @@ class CartLorem(nn.Module):
         channels: features per rank (default 64).
         num_layers: interaction layers (default 2).
         correlation: body order of the products (default 3).
-        lmax: highest feature rank (0, 1 or 2; default 2).
+        lmax: highest feature rank (0, 1 or 2; default 2); with long range also the highest rank of the
+            learned multipoles (0: charges only, 1: charges and dipoles).
         num_basis, radial_hidden: Bessel functions (8) and radial MLP width (64).
         envelope_p: polynomial envelope exponent (5).
         readout_hidden: width of the last layer's readout MLP (16).
         atomic_energies: {Z: E0 in eV} reference energies (default 0; set from data by training).
         avg_num_neighbors: message normalisation (default 10; set from data by training).
-        scale, shift: per-atom energy scale and shift of the learned part (eV; default 1, 0).
+        scale, shift: per-atom energy scale and shift of the learned readouts (eV; default 1, 0). The
+            electrostatic energy of the learned multipoles is not scaled: it stays in eV, so the
+            reported charges and dipoles keep physical units whatever ``scale`` training sets.
         long_range_options: dict for the long-range block (see cartlorem.nn.long_range).
         compile_kernels: run the message kernel through torch.compile when no double backward is
             needed (inference: energy, forces, stress, MD). Training always uses the eager kernel.
@@ -130,7 +133,10 @@ class CartLorem(nn.Module):
         if long_range is not None:
             from .nn.long_range import LongRangeBlock
 
-            self.long_range_block = LongRangeBlock(channels, kind=long_range, **self.config["long_range_options"])
+            options = self.config["long_range_options"]
+            if "lmax" in options:
+                raise ValueError("long_range_options must not set 'lmax': the long-range block uses the model's lmax")
+            self.long_range_block = LongRangeBlock(channels, kind=long_range, lmax=lmax, **options)
 
     # --- statistics set from data --------------------------------------------------------------
     def set_statistics(self, *, atomic_energies: Optional[dict] = None, avg_num_neighbors: Optional[float] = None,
@@ -193,23 +199,29 @@ class CartLorem(nn.Module):
 
         out = {}
         if self.long_range_block is not None:
-            lr = self.long_range_block(h, graph, positions, cell, species)
-            node_energy = node_energy + lr["node_energy"]
-            out.update({k: v for k, v in lr.items() if k != "node_energy"})
+            out = self.long_range_block(h, graph, positions, cell)
+            lr_readout, e_es = out.pop("readout"), out.pop("electrostatic")  # [N] learned, [N] eV
+            node_energy = node_energy + lr_readout
+        # the scale multiplies the learned readouts only; the electrostatic energy is already in eV and
+        # stays the (coupling-weighted) Coulomb energy of the reported multipoles
         node_energy = self.scale * node_energy + self.shift + self.atomic_energies[species]
+        if self.long_range_block is not None:
+            node_energy = node_energy + e_es
         energy = torch.zeros(graph.num_graphs, dtype=node_energy.dtype, device=node_energy.device)
         energy = energy.index_add(0, graph.batch, node_energy)
         out.update(energy=energy, node_energy=node_energy)
-        if "node_energy_lr" in out:
-            e_lr = torch.zeros_like(energy).index_add(0, graph.batch, self.scale * out.pop("node_energy_lr"))
-            out["energy_lr"] = e_lr
+        if self.long_range_block is not None:
+            out["energy_lr"] = torch.zeros_like(energy).index_add(0, graph.batch, self.scale * lr_readout + e_es)
         return out
 
     def forward(self, graph: Graph, compute_forces: bool = True, compute_stress: Optional[bool] = None,
                 create_graph: Optional[bool] = None) -> dict:
         """Predict for a batch: "energy" [B], "node_energy" [N], "forces" [N, 3], "stress" [B, 3, 3]
-        (when any structure is periodic), and for long-range models "charges" [N], "dipoles" [N, 3],
-        "energy_lr" [B]. ``create_graph`` defaults to ``self.training`` (needed to train on forces).
+        (when any structure is periodic), and for long-range models channel 0 of the learned multipoles,
+        "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3] (e·Å², lmax 2),
+        and "energy_lr" [B] (eV): ``scale`` × the long-range readout + the electrostatic energy, which
+        is COULOMB × Σ_c coupling_c × U_c (U_c of :func:`cartlorem.ewald.electrostatic_energy` for the
+        learned multipoles of channel c with the block's smearing), independent of ``scale``. ``create_graph`` defaults to ``self.training`` (needed to train on forces).
         """
         if graph.positions.dtype != self.dtype or graph.positions.device != self.embedding.device:
             graph = graph.to(device=self.embedding.device, dtype=self.dtype)
@@ -232,7 +244,58 @@ class CartLorem(nn.Module):
 
 
 # --- persistence ---------------------------------------------------------------------------------
-_FORMAT = "cartlorem-model-v1"
+# A model file is a torch.save of plain data, {"format", "config", "state_dict", "dtype", extra entries},
+# read back with torch.load(weights_only=True): dicts, lists, tuples, strings, numbers, booleans, None and
+# tensors are rebuilt, anything else is refused, so opening a model file never runs pickled code.
+#
+# Formats:
+#   cartlorem-model-v1 (cartlorem 0.1.0): the energy ``scale`` multiplied the electrostatic energy of the
+#       learned multipoles too, so the effective Coulomb coupling of channel c was scale × a_c.
+#   cartlorem-model-v2: ``scale`` multiplies the learned readouts only. A v1 file is read exactly: its
+#       couplings a_c become scale × a_c (:func:`upgrade_state_dict`), which gives the same energies,
+#       forces and charges as 0.1.0 (to rounding). Its charges keep the units they were trained in:
+#       scale × a_c × U(q) is the Coulomb energy of charges √(scale × a_c) q, not of q.
+_FORMAT = "cartlorem-model-v2"
+_FORMAT_V1 = "cartlorem-model-v1"
+_FORMATS = (_FORMAT_V1, _FORMAT)
+
+
+def upgrade_state_dict(state_dict: dict, config: dict, format: str) -> dict:
+    """A state dict written in ``format`` → the current format's (a new dict; tensors shared unless changed).
+
+    v1 → v2: the long-range couplings absorb the energy scale (see the notes above), so that the model
+    gives the numbers it gave in 0.1.0.
+    """
+    if format not in _FORMATS:
+        raise ValueError(f"unknown model format {format!r}; this cartlorem reads {', '.join(_FORMATS)}")
+    state = dict(state_dict)
+    key = "long_range_block.coupling"
+    if format == _FORMAT_V1 and config.get("long_range") is not None and key in state:
+        state[key] = state[key] * float(config.get("scale", 1.0))
+    return state
+
+
+_PLAIN_TYPES = (str, int, float, bool, type(None))
+
+
+def _check_plain(obj, where: str) -> None:
+    """ValueError naming the first entry of ``obj`` that torch.load(weights_only=True) would refuse."""
+    import collections
+
+    if type(obj) in (dict, collections.OrderedDict):
+        for key, value in obj.items():
+            if type(key) not in _PLAIN_TYPES:
+                raise ValueError(f"{where} has a key of type {type(key).__name__}; use strings or numbers")
+            _check_plain(value, f"{where}[{key!r}]")
+    elif type(obj) in (list, tuple):
+        for n, value in enumerate(obj):
+            _check_plain(value, f"{where}[{n}]")
+    elif not (type(obj) in _PLAIN_TYPES or type(obj) is torch.Tensor or isinstance(obj, torch.dtype)):
+        raise ValueError(
+            f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: model files hold plain data only "
+            "(dicts, lists, tuples, strings, int/float/bool/None, torch tensors), so that load_model can read "
+            "them without running pickled code; convert it (e.g. float(x), x.tolist(), torch.as_tensor(x))"
+        )
 
 
 def _atomic_save(obj, path: str) -> None:
@@ -263,24 +326,69 @@ def model_payload(model: CartLorem) -> dict:
 
 
 def save_model(model: CartLorem, path, **extra) -> None:
-    """Write hyperparameters and weights to ``path`` (atomically). ``extra`` entries are stored too."""
-    _atomic_save({**model_payload(model), **extra}, path)
+    """Write hyperparameters and weights to ``path`` (atomically). ``extra`` entries are stored too; they
+    must be plain data (dicts, lists, strings, numbers, tensors: ValueError naming the entry otherwise)."""
+    payload = {**model_payload(model), **extra}
+    _check_plain(payload, "the model file")
+    _atomic_save(payload, path)
 
 
-def load_model(path, map_location="cpu") -> CartLorem:
-    """Read a model written by :func:`save_model` (or a training checkpoint that holds one)."""
+def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartLorem:
+    """Read a model written by :func:`save_model` (or a training checkpoint that holds one).
+
+    The file is read with ``torch.load(weights_only=True)``: only plain data is rebuilt and no code
+    stored in the file runs. A file that holds other Python objects (a pickled function or class, a
+    numpy scalar) is refused with a ValueError naming the object, unless ``trust_pickle=True``: then
+    it is read with the full pickle machinery, which runs whatever code the file carries. Pass it only
+    for a file you wrote yourself or otherwise trust — e.g. one that cartlorem 0.1.0's
+    ``save_model(model, path, **extra)`` stored with such extra objects. Files written by 0.1.0
+    otherwise hold plain data and load without it; they predict what they predicted in 0.1.0 (their
+    long-range couplings are converted, see :func:`upgrade_state_dict`).
+
+    map_location: as in torch.load (default "cpu"). Returns the model in the dtype it was saved in.
+    """
+    import pickle
+    import re
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if refused is None:
+            reason = [line for line in str(exc).splitlines() if line.strip() and "documentation" not in line]
+            raise ValueError(f"cannot read model file {path} (corrupt or not a cartlorem model): "
+                             f"{reason[-1].strip() if reason else exc}") from None
+        if not trust_pickle:
+            raise ValueError(
+                f"refusing to load {path}: it holds a pickled Python object ({refused.group(1)}), and unpickling "
+                "it could run arbitrary code. cartlorem model files hold plain data only. If you wrote this "
+                "file yourself or trust its source (e.g. a cartlorem 0.1.0 file saved with extra objects), "
+                "load it with load_model(path, trust_pickle=True)") from None
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as err:
+            raise ValueError(f"cannot read model file {path} (corrupt or not a cartlorem model): {err}") from err
     except Exception as exc:
         raise ValueError(f"cannot read model file {path} (corrupt or not a cartlorem model): {exc}") from exc
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
-    if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a cartlorem model file (no '{_FORMAT}' header)")
-    model = CartLorem(**obj["config"])
-    model = model.to(getattr(torch, obj.get("dtype", "float32")))
-    model.load_state_dict(obj["state_dict"])
+    fmt = obj.get("format") if isinstance(obj, dict) else None
+    if fmt not in _FORMATS:
+        raise ValueError(f"{path} is not a cartlorem model file (no '{_FORMAT}' header"
+                         + (f"; found {fmt!r})" if isinstance(fmt, str) else ")"))
+    config, state = obj.get("config"), obj.get("state_dict")
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise ValueError(f"{path}: a cartlorem model file needs a 'config' dict and a 'state_dict' dict")
+    try:
+        model = CartLorem(**config)
+    except TypeError as exc:
+        raise ValueError(f"{path}: the model options in the file are not those of this cartlorem: {exc}") from exc
+    dtype = obj.get("dtype", "float32")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"{path}: unsupported dtype {dtype!r} (float32 or float64)")
+    model = model.to(getattr(torch, dtype))
+    model.load_state_dict(upgrade_state_dict(state, config, fmt))
     return model

@@ -171,3 +171,206 @@ def test_unknown_species_is_a_clear_error(model):
     atoms.calc = CartLoremCalculator(model)
     with pytest.raises(ValueError, match="not known to the model: Na"):
         atoms.get_potential_energy()
+
+
+# --- long-range models in every ASE code path ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lr_model():
+    torch.manual_seed(1)
+    m = CartLorem([11, 17], cutoff=CUTOFF, long_range="multipole", channels=8, num_layers=1, correlation=2,
+                  num_basis=4, radial_hidden=8, readout_hidden=8).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m.set_statistics(atomic_energies={11: -1.3, 17: -1.8}, avg_num_neighbors=6.0, scale=1.7, shift=0.05)
+    return m.eval()
+
+
+def nacl(seed=0, repeat=(1, 1, 1)):
+    a = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat(repeat)
+    a.rattle(0.1, seed=seed)
+    return a
+
+
+def test_long_range_results_are_ase_properties(lr_model):
+    """Calculator.get_properties (ASE's Atoms.get_properties → calculate_properties → Properties) failed
+    with KeyError 'dipoles' on main: every entry of results must be an ASE property."""
+    from ase.calculators.calculator import all_properties
+    from ase.outputs import Properties
+
+    atoms = nacl()
+    calc = CartLoremCalculator(lr_model)
+    atoms.calc = calc
+    props = atoms.get_properties(["energy", "forces", "stress", "charges", "energies"])
+    assert set(calc.results) <= set(all_properties)
+    Properties(calc.results)  # what ASE builds from results (raised KeyError on main)
+    g = atoms_to_graph(atoms, lr_model.cutoff)
+    out = lr_model(g, create_graph=False)
+    assert props["energy"] == pytest.approx(float(out["energy"].detach()), rel=1e-12)
+    assert np.allclose(props["forces"], out["forces"].detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert np.allclose(props["charges"], out["charges"].detach().numpy(), atol=1e-14)
+    assert np.allclose(atoms.get_charges(), out["charges"].detach().numpy(), atol=1e-14)
+    assert "charges" in calc.implemented_properties
+    assert "charges" not in CartLoremCalculator(lr_model.__class__([11, 17], cutoff=CUTOFF, long_range=None,
+                                                                   channels=4, num_layers=1)).implemented_properties
+    # the other model outputs stay accessible, and follow the structure
+    assert np.allclose(calc.extra_results["dipoles"], out["dipoles"].detach().numpy(), atol=1e-14)
+    assert np.allclose(calc.get_extra("quadrupoles"), out["quadrupoles"].detach().numpy(), atol=1e-14)
+    assert calc.get_extra("energy_lr") == pytest.approx(float(out["energy_lr"].detach()), rel=1e-12)
+    moved = atoms.copy()
+    moved.positions[0] += 0.2
+    out2 = lr_model(atoms_to_graph(moved, lr_model.cutoff), create_graph=False)
+    assert np.allclose(calc.get_extra("dipoles", moved), out2["dipoles"].detach().numpy(), atol=1e-14)
+    assert not np.allclose(out2["dipoles"].detach().numpy(), out["dipoles"].detach().numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown extra output"):
+        calc.get_extra("dipole_moment")
+
+
+def test_long_range_results_copy_and_write(lr_model, tmp_path):
+    """SinglePointCalculator copies and extxyz output with results (both refused 'dipoles' on main)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import read, write
+
+    frames = []
+    for seed in range(2):
+        atoms = nacl(seed=seed)
+        atoms.calc = CartLoremCalculator(lr_model)
+        atoms.get_stress()
+        energy, forces, charges = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_charges()
+        copy = atoms.copy()
+        copy.calc = SinglePointCalculator(copy, **atoms.calc.results)
+        assert copy.get_potential_energy() == energy and np.array_equal(copy.get_charges(), charges)
+        frames.append(atoms)
+    path = tmp_path / "results.xyz"
+    write(path, frames, format="extxyz")
+    back = read(path, index=":")
+    for atoms, b in zip(frames, back):
+        assert b.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
+        # extxyz writes per-atom arrays with 8 decimals
+        assert np.allclose(b.get_forces(), atoms.get_forces(), rtol=0, atol=1e-8)
+        assert np.allclose(b.get_stress(), atoms.get_stress(), rtol=1e-8, atol=1e-12)
+        assert np.allclose(b.get_charges(), atoms.get_charges(), rtol=0, atol=1e-8)
+
+
+_SOCKET_CLIENT = """
+import sys
+from ase.io import read
+from ase.calculators.socketio import SocketClient
+from cartlorem import CartLoremCalculator
+atoms = read(sys.argv[1])
+atoms.calc = CartLoremCalculator(sys.argv[2])
+SocketClient(unixsocket=sys.argv[3], timeout=60).run(atoms, use_stress=True)
+"""
+
+
+def test_socketio_md_with_a_long_range_model(lr_model, tmp_path):
+    """20 velocity-Verlet steps driven through ase.calculators.socketio: the server's MD gets its forces
+    from a SocketClient in another process running CartLoremCalculator on the saved model."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    from ase import units
+    from ase.calculators.socketio import SocketIOCalculator
+    from ase.io import write
+    from ase.md.verlet import VelocityVerlet
+
+    import cartlorem
+
+    model_path = tmp_path / "model.pt"
+    save_model(lr_model, model_path)
+    atoms = nacl(seed=3)
+    rng = np.random.default_rng(1)
+    atoms.set_momenta(rng.normal(size=(len(atoms), 3)) * np.sqrt(atoms.get_masses()[:, None] * units.kB * 600))
+    write(tmp_path / "start.xyz", atoms, format="extxyz")
+    (tmp_path / "client.py").write_text(_SOCKET_CLIENT)
+    socket_name = f"cartlorem-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # ASE puts it at /tmp/ipi_<name>
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(cartlorem.__file__))]
+                                          + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    procs = []
+
+    def launch(atoms_, properties, port=None, unixsocket=None):
+        proc = subprocess.Popen([sys.executable, str(tmp_path / "client.py"), str(tmp_path / "start.xyz"),
+                                 str(model_path), unixsocket], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    direct = CartLoremCalculator(lr_model)
+    try:
+        with SocketIOCalculator(unixsocket=socket_name, timeout=120, launch_client=launch) as calc:
+            atoms.calc = calc
+            dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+            energies = []
+            for _ in range(20):
+                dyn.run(1)
+                probe = atoms.copy()
+                probe.calc = direct
+                assert atoms.get_potential_energy() == pytest.approx(probe.get_potential_energy(), rel=1e-12)
+                assert np.allclose(atoms.get_forces(), probe.get_forces(), rtol=1e-10, atol=1e-10)
+                assert np.allclose(atoms.get_stress(), probe.get_stress(), rtol=1e-8, atol=1e-10)
+                energies.append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
+        assert dyn.nsteps == 20
+        assert np.ptp(energies) < 1e-3 * len(atoms)  # a sane trajectory (1 fs steps)
+        procs[0].wait(timeout=60)
+        assert procs[0].returncode == 0, procs[0].stdout.read().decode()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def test_float32_far_from_the_origin_with_reused_neighbour_list(lr_model):
+    """Issue 13 item 3, calculator level: a periodic long-range model in float32, the structure translated
+    by ~3e4 Å (ASE MD never wraps) and moved in small steps that reuse the neighbour list, gives the forces
+    of the untranslated structure to float32 accuracy."""
+    builds = []
+    original = calculator_module.atoms_to_graph
+
+    def counting(*args, **kwargs):
+        builds.append(1)
+        return original(*args, **kwargs)
+
+    atoms = nacl(seed=4, repeat=(2, 1, 1))
+    reference = CartLoremCalculator(lr_model)  # float64
+    near = CartLoremCalculator(lr_model, dtype="float32", skin=0.5)
+    far = CartLoremCalculator(lr_model, dtype="float32", skin=0.5)
+    translation = np.array([3.0e4, -2.1e4, 1.7e4])
+    rng = np.random.default_rng(2)
+    fmax = None
+    for step in range(6):
+        if step:
+            atoms.positions += 0.03 * rng.standard_normal(atoms.positions.shape)  # < skin/2 in total
+        moved = atoms.copy()
+        moved.positions += translation
+        f64 = reference.get_forces(atoms)
+        fmax = np.abs(f64).max()
+        err_near = np.abs(near.get_forces(atoms) - f64).max()
+        calculator_module.atoms_to_graph = counting
+        try:
+            f_far = far.get_forces(moved)
+        finally:
+            calculator_module.atoms_to_graph = original
+        err_far = np.abs(f_far - f64).max()
+        assert err_far <= max(3 * err_near, 1e-5 * fmax), (step, err_far, err_near, fmax)
+        assert far.get_potential_energy(moved) == pytest.approx(reference.get_potential_energy(atoms), rel=1e-6)
+    assert fmax > 0.1
+    assert len(builds) == 1  # the first step built the list; the five others reused it
+
+
+def test_bad_positions_or_cell_are_clear_errors(lr_model):
+    """The wrapping step must not turn bad input into a deep linear-algebra error."""
+    calc = CartLoremCalculator(lr_model)
+    atoms = nacl()
+    atoms.positions[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        calc.get_potential_energy(atoms)
+    atoms = nacl()
+    atoms.cell[0, 0] = np.nan
+    with pytest.raises(ValueError, match="cell contains NaN"):
+        calc.get_potential_energy(atoms)

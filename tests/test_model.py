@@ -220,3 +220,39 @@ def test_charges_sum_to_total_charge(kind, correction):
 def test_charge_correction_option_is_checked():
     with pytest.raises(ValueError, match="charge_correction"):
         small_model([1, 6, 8], "multipole", long_range_options={"charge_correction": "even"})
+
+
+@pytest.mark.parametrize("kind", ["multipole", "lorem"])
+@pytest.mark.parametrize("lmax", [0, 1])
+def test_long_range_with_lmax_below_2(kind, lmax):
+    """Features of rank ≤ lmax give multipoles up to that rank (lmax 0: charges, 1: + dipoles); the model
+    stays O(3)-invariant with forces = −∇E, and (readout off, one channel) its long-range energy is the
+    Coulomb energy of the reported multipoles (for "lorem" with lmax 0: of the charges)."""
+    from cartlorem.ewald import electrostatic_energy
+    from cartlorem.units import COULOMB
+
+    model = small_model([11, 17], kind, lmax=lmax, long_range_options={"lr_channels": 1})
+    atoms = nacl_cell()
+    out = predict(model, atoms)
+    assert out["charges"].shape == (len(atoms),) and "quadrupoles" not in out
+    assert ("dipoles" in out) == (lmax == 1)
+    assert check_o3_invariance(model, atoms) < 1e-9
+    assert check_forces_fd(model, atoms, n=3) < 1e-6
+    if kind == "lorem" and lmax == 1:
+        return  # LOREM's rank-1 term convolves dipole components with the scalar kernel: not Coulomb
+    block = model.long_range_block
+    with torch.no_grad():
+        block.readout[-1].weight.zero_()
+        block.readout[-1].bias.zero_()
+    g = atoms_to_graph(atoms, model.cutoff)
+    out = model(g, create_graph=False)
+    dipoles = out["dipoles"][:, None] if lmax == 1 else None
+    u = electrostatic_energy(g.positions, out["charges"][:, None], dipoles, cell=g.cell[0], pbc=atoms.pbc,
+                             smearing=block.smearing, accuracy=block.accuracy, prefactor=COULOMB)
+    assert abs(float(u)) > 1e-4
+    assert float(out["energy_lr"]) == pytest.approx(float(block.coupling[0]) * float(u), rel=1e-9)
+
+
+def test_long_range_options_cannot_set_lmax():
+    with pytest.raises(ValueError, match="lmax"):
+        small_model([1, 6, 8], "multipole", long_range_options={"lmax": 1})

@@ -14,9 +14,10 @@ class Inputs(NamedTuple):
 
     positions: torch.Tensor  # [N, 3]
     multipoles: dict  # rank -> [N, C], [N, C, 3], [N, C, 3, 3]
-    cell: torch.Tensor | None  # [3, 3] when periodic
-    periodic: bool
+    cell: torch.Tensor | None  # [3, 3] when periodic or a slab
+    periodic: bool  # all three directions periodic
     smearing: float | None
+    slab: bool = False  # pbc = [True, True, False]: periodic along a and b, vacuum along c
 
 
 def quadrupole_tolerance(dtype: torch.dtype) -> float:
@@ -41,10 +42,13 @@ def _tensor(name: str, t, positions: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def parse_pbc(pbc, cell) -> bool:
-    """True for a fully periodic system, False for open boundaries; ValueError for mixed pbc."""
+def parse_boundary(pbc, cell) -> str:
+    """``"periodic"`` (pbc all True, or None with a cell), ``"open"``, or ``"slab"`` (pbc = [T, T, F]).
+
+    Every other pattern is a ValueError: a slab's vacuum direction must be the third cell row.
+    """
     if pbc is None:
-        return cell is not None
+        return "open" if cell is None else "periodic"
     flags = pbc.detach().cpu() if isinstance(pbc, torch.Tensor) else pbc
     flags = [bool(f) for f in np.asarray(flags).reshape(-1)]
     if len(flags) == 1:
@@ -52,13 +56,89 @@ def parse_pbc(pbc, cell) -> bool:
     if len(flags) != 3:
         raise ValueError(f"pbc must be three booleans, got {pbc!r}")
     if all(flags):
-        return True
+        return "periodic"
     if not any(flags):
-        return False
+        return "open"
+    if flags == [True, True, False]:
+        return "slab"
     raise ValueError(
-        f"mixed periodic boundary conditions pbc={flags} are not supported (only all True or "
-        "all False); for a slab, use a periodic cell with vacuum or open boundaries"
+        f"mixed periodic boundary conditions pbc={flags} are not supported: use all True, all False, or "
+        "[True, True, False] for a slab (vacuum along the third cell row; reorder the cell rows so that "
+        "the open direction comes last)"
     )
+
+
+def parse_pbc(pbc, cell) -> bool:
+    """True for a fully periodic system, False for open boundaries; ValueError for mixed pbc (slabs too)."""
+    boundary = parse_boundary(pbc, cell)
+    if boundary == "slab":
+        raise ValueError("pbc=[True, True, False] (a slab) is not supported here; only all True or all False")
+    return boundary == "periodic"
+
+
+def check_slab(positions: torch.Tensor, cell: torch.Tensor) -> None:
+    """ValueError unless ``cell`` is a valid slab cell holding every atom (see :mod:`.slab`).
+
+    Rows a, b span the periodic plane (not parallel, heights >= ``MIN_CELL_HEIGHT``); row c, the normal,
+    must be non-zero and orthogonal to a and b; every atom must lie within ``0 <= r . c/|c| <= |c|``.
+    """
+    c = cell.detach().cpu().double()
+    lengths = torch.linalg.norm(c, dim=1)
+    if not float(lengths[2]) > 0.0:
+        raise ValueError("slab (pbc = [True, True, False]): cell row 2 (c, the normal direction) is zero")
+    area = float(torch.linalg.norm(torch.linalg.cross(c[0], c[1])))
+    if not area > 1e-10 * float(lengths[0] * lengths[1]):
+        raise ValueError(
+            f"slab (pbc = [True, True, False]): cell rows 0 and 1 (a, b) span no plane (area {area:.3g} Å^2)"
+        )
+    tol = max(1e-8, 100.0 * torch.finfo(positions.dtype).eps)
+    cosines = [float(c[k] @ c[2] / (lengths[k] * lengths[2])) for k in range(2)]
+    if max(abs(x) for x in cosines) > tol:
+        raise ValueError(
+            "slab (pbc = [True, True, False]): cell row 2 (c) must be orthogonal to rows 0 and 1 (a, b): "
+            f"it is the normal of the periodic plane; cos(a, c) = {cosines[0]:.3g}, cos(b, c) = "
+            f"{cosines[1]:.3g}. Use c = |c| (a x b)/|a x b|"
+        )
+    check_cell_heights(cell, periodic=(True, True, False))
+    z = positions.detach().cpu().double() @ (c[2] / lengths[2])  # [N]
+    slack = tol * float(lengths[2])
+    outside = (z < -slack) | (z > float(lengths[2]) + slack)
+    if bool(outside.any()):
+        i = int(outside.nonzero()[0])
+        raise ValueError(
+            f"slab (pbc = [True, True, False]): atom {i} lies at z = {float(z[i]):.6g} Å along the normal, "
+            f"outside the vacuum-padded region 0 <= z <= |c| = {float(lengths[2]):.6g} Å; every atom must "
+            "lie between the plane of a and b through the origin and its translate by c (add vacuum to c "
+            "or shift the atoms)"
+        )
+
+
+#: Smallest distance between lattice planes (Å) of a periodic cell: far below any interatomic distance.
+MIN_CELL_HEIGHT = 0.1
+
+
+def cell_heights(cell: torch.Tensor) -> list:
+    """Distances between lattice planes ``h_k = V / |a_l x a_m|`` (Å) of cell [3, 3] -> three floats."""
+    c = cell.detach().cpu().double()
+    volume = float(torch.abs(torch.linalg.det(c)))
+    areas = [float(torch.linalg.norm(torch.linalg.cross(c[(k + 1) % 3], c[(k + 2) % 3]))) for k in range(3)]
+    return [volume / area for area in areas]
+
+
+def check_cell_heights(cell: torch.Tensor, periodic=(True, True, True)) -> None:
+    """ValueError if the planes of a periodic lattice direction are closer than ``MIN_CELL_HEIGHT``.
+
+    The volume check alone lets through cells such as 10 x 10 x 1e-5 Å, for which the number of periodic
+    images the sums need grows like 1/height (GiBs, then MemoryError). No atomistic cell has lattice
+    planes 0.1 Å apart, unless it is extremely skewed (then reduce it, e.g. ase.geometry.minkowski_reduce).
+    """
+    for k, h in enumerate(cell_heights(cell)):
+        if periodic[k] and not h >= MIN_CELL_HEIGHT:
+            raise ValueError(
+                f"cell height h_{k} = {h:.3g} Å (distance between the lattice planes spanned by cell rows "
+                f"{(k + 1) % 3} and {(k + 2) % 3}) is below {MIN_CELL_HEIGHT} Å: not a physical periodic cell "
+                "(a very skewed cell can be reduced first, e.g. with ase.geometry.minkowski_reduce)"
+            )
 
 
 def check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, accuracy) -> Inputs:
@@ -92,23 +172,28 @@ def check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, 
     if 2 in multipoles:
         multipoles[2] = _traceless(multipoles[2])
 
-    periodic = parse_pbc(pbc, cell)
-    if periodic:
+    boundary = parse_boundary(pbc, cell)
+    periodic, slab = boundary == "periodic", boundary == "slab"
+    if periodic or slab:
         if cell is None:
-            raise ValueError("pbc is periodic but no cell was given")
+            raise ValueError(f"pbc is {'a slab' if slab else 'periodic'} but no cell was given")
         cell = _tensor("cell", cell, positions)
         if tuple(cell.shape) != (3, 3):
             raise ValueError(
                 f"cell must have shape [3, 3] (rows are lattice vectors), got {list(cell.shape)}"
             )
         _finite("cell", cell)
-        volume = float(torch.abs(torch.linalg.det(cell.detach())))
-        scale = float(torch.linalg.norm(cell.detach(), dim=1).prod())
-        if not volume > 1e-10 * scale:
-            raise ValueError(
-                f"cell has zero volume (|det| = {volume:.3g} Å^3): a periodic cell needs three "
-                "linearly independent lattice vectors"
-            )
+        if slab:
+            check_slab(positions, cell)
+        else:
+            volume = float(torch.abs(torch.linalg.det(cell.detach())))
+            scale = float(torch.linalg.norm(cell.detach(), dim=1).prod())
+            if not volume > 1e-10 * scale:
+                raise ValueError(
+                    f"cell has zero volume (|det| = {volume:.3g} Å^3): a periodic cell needs three "
+                    "linearly independent lattice vectors"
+                )
+            check_cell_heights(cell)
     else:
         cell = None
     if smearing is not None:
@@ -117,7 +202,7 @@ def check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, 
             raise ValueError(f"smearing must be a positive length in Å or None, got {smearing}")
     if not (0.0 < float(accuracy) < 1.0):
         raise ValueError(f"accuracy must be in (0, 1), got {accuracy}")
-    return Inputs(positions, multipoles, cell, periodic, smearing)
+    return Inputs(positions, multipoles, cell, periodic, smearing, slab)
 
 
 def _traceless(theta: torch.Tensor) -> torch.Tensor:

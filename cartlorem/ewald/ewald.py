@@ -3,17 +3,22 @@
     F = real space (screened kernel, pairs and images within r_c)
       + reciprocal space (structure factor, |k| < k_c) - self + background,
 
-with tin-foil boundary conditions. The long-range kernel is ``erf(alpha R)/R`` (Fourier transform
-``4 pi exp(-k^2/4 alpha^2) / k^2``); the short-range kernel is the rest, ``erfc(alpha R)/R`` for point
-sources and ``erfc(alpha R)/R - erfc(R/(sqrt 2 sigma))/R`` for Gaussian sources of width sigma. (This is
-the same as screening the Gaussians with ``alpha_s``, ``1/alpha^2 = 1/alpha_s^2 + 2 sigma^2``: the
-reciprocal factor ``exp(-k^2/4 alpha_s^2) exp(-k^2 sigma^2/2)``.) With smearing, alpha never exceeds
-``1/(sqrt 2 sigma)``; at that value the short-range kernel vanishes and only the reciprocal sum is left.
+with tin-foil boundary conditions, on positions first wrapped into the cell (:func:`wrap_positions`, in
+float64, so that float32 phases k.r keep their resolution far from the origin). The long-range kernel is
+``erf(alpha R)/R`` (Fourier transform ``4 pi exp(-k^2/4 alpha^2) / k^2``); the short-range kernel is the
+rest, ``erfc(alpha R)/R`` for point sources and ``erfc(alpha R)/R - erfc(R/(sqrt 2 sigma))/R`` for
+Gaussian sources of width sigma. (This is the same as screening the Gaussians with ``alpha_s``,
+``1/alpha^2 = 1/alpha_s^2 + 2 sigma^2``: the reciprocal factor ``exp(-k^2/4 alpha_s^2) exp(-k^2
+sigma^2/2)``.) With smearing, alpha never exceeds ``1/(sqrt 2 sigma)``; at that value the short-range
+kernel vanishes and only the reciprocal sum is left.
 
 Parameters (:func:`choose_parameters`): with ``p`` from :func:`tail_parameter`, ``r_c = p / alpha`` and
 ``k_c = 2 p alpha``; alpha minimises a cost model, ``N^2 S(r_c)`` pair evaluations (S = number of lattice
 translations, real space is summed in dense blocks over minimum-image pair vectors) against
 ``N K(k_c)`` atom-k-vector terms, which for large cells puts ``r_c`` at half the smallest cell height.
+The chosen alpha is rounded up to the grid ``2^(j/16)`` (:func:`snap_alpha`), so that it does not move
+under small strains: the stress (autograd, alpha held constant) is then the exact derivative of the
+energy (finite-strain agreement ~1e-10 at accuracy 1e-6), not just to ~accuracy.
 """
 
 from __future__ import annotations
@@ -100,6 +105,28 @@ def lattice_shifts(cell: np.ndarray, cutoff: float) -> np.ndarray:
     return grid[np.argsort(np.abs(grid).sum(1), kind="stable")]
 
 
+#: Most integer translations the real-space image search may enumerate (a box, about 100 MB).
+MAX_IMAGE_BOX = 1 << 22
+
+
+def check_image_count(cell: np.ndarray, cutoff: float) -> None:
+    """ValueError if reaching ``cutoff`` (Å) needs more than ``MAX_IMAGE_BOX`` candidate translations.
+
+    That happens only for cells whose heights are tiny relative to the real-space cutoff (strongly
+    skewed cells, or a few atoms in a huge thin cell); the message names the thinnest height.
+    """
+    heights = _cell_heights(cell)
+    box = float(np.prod(2.0 * np.floor(cutoff / heights + 0.5) + 1.0))
+    if box > MAX_IMAGE_BOX:
+        k = int(np.argmin(heights))
+        raise ValueError(
+            f"cell height h_{k} = {heights[k]:.3g} Å is too small relative to the Ewald real-space cutoff "
+            f"{cutoff:.3g} Å: the image search would need {box:.3g} lattice translations "
+            f"(limit {MAX_IMAGE_BOX}); reduce the cell (e.g. ase.geometry.minkowski_reduce) or use "
+            "a larger, less skewed one"
+        )
+
+
 def kvector_indices(cell: np.ndarray, k_cutoff: float) -> np.ndarray:
     """Integer reciprocal-lattice indices m [K, 3], 0 < |k| < k_c, one of every pair k, -k."""
     recip = 2.0 * np.pi * np.linalg.inv(cell).T
@@ -123,15 +150,30 @@ def _cell_heights(cell: np.ndarray) -> np.ndarray:
 
 
 def _shift_counts(cell: np.ndarray, cutoffs: np.ndarray) -> np.ndarray:
-    """len(lattice_shifts(cell, r_c)) for every r_c in ``cutoffs``, in one pass."""
+    """len(lattice_shifts(cell, r_c)) for every r_c in ``cutoffs``, in one pass.
+
+    A translation n enters :func:`lattice_shifts` at ``r_c >= max(max_k (|n_k| - 1/2) h_k, |n . cell| - rho)``;
+    those thresholds are computed in blocks of about a million translations (memory stays bounded for
+    thin or elongated cells) and counted below every cutoff.
+    """
     heights = _cell_heights(cell)
     bound = np.floor(cutoffs.max() / heights + 0.5).astype(int)
     rho = 0.5 * max(np.linalg.norm(np.array(s) @ cell) for s in itertools.product((-1, 1), repeat=3))
-    grid = np.stack(np.meshgrid(*[np.arange(-b, b + 1) for b in bound], indexing="ij"), -1).reshape(-1, 3)
-    norm = np.linalg.norm(grid @ cell, axis=1)
-    per_axis = np.floor(cutoffs[:, None, None] / heights[None, None, :] + 0.5)  # [R, 1, 3]
-    inside = (np.abs(grid)[None] <= per_axis).all(-1) & (norm[None] <= cutoffs[:, None] + rho)
-    return inside.sum(1)
+    axis = int(np.argmax(bound))  # blocks along the axis with the most translations
+    others = [k for k in range(3) if k != axis]
+    plane = np.stack(
+        np.meshgrid(*[np.arange(-bound[k], bound[k] + 1) for k in others], indexing="ij"), -1
+    ).reshape(-1, 2)  # [M, 2]
+    step = max(1, (1 << 20) // len(plane))
+    thresholds = []
+    for n0 in range(-bound[axis], bound[axis] + 1, step):
+        values = np.arange(n0, min(n0 + step, bound[axis] + 1))
+        grid = np.empty((len(values) * len(plane), 3), dtype=np.int64)
+        grid[:, axis] = np.repeat(values, len(plane))
+        grid[:, others] = np.tile(plane, (len(values), 1))
+        t = np.maximum(((np.abs(grid) - 0.5) * heights).max(1), np.linalg.norm(grid @ cell, axis=1) - rho)
+        thresholds.append(t[t <= cutoffs.max()])
+    return np.searchsorted(np.sort(np.concatenate(thresholds)), cutoffs, side="right")
 
 
 @lru_cache(maxsize=256)
@@ -148,10 +190,39 @@ def _choose_alpha(cell_key: bytes, n_atoms: int, p: float, beta_max: float, orde
     # a splitting much sharper than the atomic spacing loses the rank-2 outputs to cancellation between
     # real and reciprocal parts (measured: errors 5-25x accuracy at alpha * spacing = 5): cap it
     alphas = np.minimum(p / cutoffs, min(beta_max, ALPHA_SPACING_MAX / (volume / n_atoms) ** (1.0 / 3.0)))
+    # splittings whose real-space image search is refused by check_image_count are not candidates
+    # (if every one is, the smallest cutoff is kept and refused later with a clear message)
+    box = np.prod(2.0 * np.floor((p / alphas)[:, None] / heights[None, :] + 0.5) + 1.0, axis=1)
+    keep = (box <= MAX_IMAGE_BOX) | (alphas >= beta_max)
+    if not keep.any():
+        return float(alphas.max())
+    alphas = alphas[keep]
     n_k = volume * (2.0 * p * alphas) ** 3 / (12.0 * np.pi**2)  # half-space k-vectors
-    real = np.where(alphas >= beta_max, 0.0, n_atoms * n_atoms * _shift_counts(cell, p / alphas))
-    return float(alphas[np.argmin(REAL_COST[min(order, 4)] * real + n_atoms * n_k)])
+    needs_real = alphas < beta_max
+    real = np.zeros_like(alphas)
+    if needs_real.any():
+        real[needs_real] = n_atoms * n_atoms * _shift_counts(cell, p / alphas[needs_real])
+    return snap_alpha(float(alphas[np.argmin(REAL_COST[min(order, 4)] * real + n_atoms * n_k)]), beta_max)
 
+
+#: Chosen splittings are rounded up to the grid 2^(j / ALPHA_GRID) (1/Å), steps of 4.4%.
+ALPHA_GRID = 16
+
+
+def snap_alpha(alpha: float, beta_max: float = math.inf) -> float:
+    """``alpha`` rounded up to the grid ``2^(j/16)`` (1/Å), at most ``beta_max`` (reciprocal-only sums).
+
+    The cost model's optimum moves continuously with the cell, but autograd treats alpha as a constant,
+    so the stress would be the derivative of the energy only to about ``accuracy`` (measured 1e-7
+    relative for point and 1e-5 for smeared sources at accuracy 1e-6). On the grid alpha is piecewise
+    constant: the energy is then exactly differentiable in the cell except on the grid's boundaries
+    (and where a k-vector or image crosses its cutoff, an energy step far below ``accuracy``). Rounding
+    up keeps the real-space cutoff ``p / alpha`` below the image count the cost model chose; the k-space
+    cutoff grows by less than 4.4% (k-vectors by less than 14%).
+    """
+    if alpha >= beta_max:
+        return beta_max
+    return min(beta_max, 2.0 ** (math.ceil(ALPHA_GRID * math.log2(alpha) - 1e-9) / ALPHA_GRID))
 
 def choose_parameters(
     cell: np.ndarray,
@@ -224,6 +295,22 @@ def reciprocal_sum(
     return out.reshape(n_atoms, len(rows), n_channels)
 
 
+def wrap_positions(positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """Positions moved into the cell (fractional coordinates in [0, 1)), differentiably.
+
+    ``r - n . cell`` with the integers ``n = floor(r . cell^-1)`` held constant: the same function of
+    (positions, cell) as the unwrapped one for every periodic quantity, so forces and stress do not
+    change (d wrapped / d r = identity). ``n`` and the subtraction are computed in float64 and the result
+    is cast back, so float32 inputs far from the origin (unwrapped MD trajectories) keep their
+    float32 resolution in every phase ``k . r`` and pair vector afterwards.
+    positions [N, 3] (Å); cell [3, 3] (Å, rows are lattice vectors) -> [N, 3] (Å), positions' dtype.
+    """
+    r64 = positions.double()
+    c64 = cell.double()
+    n = torch.floor(r64.detach() @ torch.linalg.inv(c64.detach()))  # [N, 3] integers, no gradient
+    return (r64 - n @ c64).to(positions.dtype)
+
+
 def ewald_sum(
     positions: torch.Tensor,
     v: torch.Tensor,
@@ -243,9 +330,12 @@ def ewald_sum(
     Returns [N, n_rows, C] without the output signs ``c_l`` (see :func:`.direct.pair_sum`).
     """
     tensors = InteractionTensors(rows, cols)
+    # every phase k.r and pair vector below sees wrapped positions: float32 keeps its resolution
+    positions = wrap_positions(positions, cell)
     cell_np = cell.detach().cpu().double().numpy()
     params = choose_parameters(cell_np, positions.shape[0], accuracy, tensors.max_order, smearing, alpha)
     kernel = RadialKernel.ewald_real(params.alpha, smearing)
+    check_image_count(cell_np, params.real_cutoff)
     shifts = torch.as_tensor(lattice_shifts(cell_np, params.real_cutoff), device=positions.device)
     out = pair_sum(positions, v, kernel, tensors, cell=cell, shifts=shifts, cutoff=params.real_cutoff)
     m = torch.as_tensor(kvector_indices(cell_np, params.k_cutoff), device=positions.device)

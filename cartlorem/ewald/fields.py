@@ -10,6 +10,7 @@ from ._validate import check_inputs
 from .direct import OVERLAP_DISTANCE, pair_sum
 from .ewald import ewald_sum
 from .kernels import InteractionTensors, Layout, RadialKernel, pack_sources, unpack_rank
+from .slab import slab_sum
 
 _FIELDS_DOC = """
     Conventions (cartlorem DESIGN.md): ``T^(n)(R) = grad^n (1/R)``, ``R = r_i - r_j`` (+ lattice vector).
@@ -84,6 +85,12 @@ def compute_fields(
     cols, rows = Layout(inputs.multipoles), Layout(ranks)
     m = inputs.multipoles
     v = pack_sources(cols, m.get(0), m.get(1), m.get(2))  # [N, n_cols, C]
+    if inputs.slab:  # pbc = [True, True, False]: Ewald in an elongated cell + slab correction (.slab)
+        out = slab_sum(inputs.positions, v, m, inputs.cell, rows, cols, smearing=inputs.smearing,
+                       accuracy=float(accuracy), alpha=alpha)
+        out = out * (prefactor * rows.output_signs(out.dtype, out.device))[None, :, None]
+        fields = {rank: unpack_rank(rows, out, rank) for rank in rows.ranks}
+        return (fields, m) if return_sources else fields
     if inputs.periodic:
         total = m[0].sum(0) if 0 in m else None
         out = ewald_sum(

@@ -12,12 +12,20 @@ structure's total charge and the other channels to zero (``charge_correction``).
   treated as a scalar charge and convolved with the scalar kernel, giving a rank-0 potential from q,
   a rank-1 potential vector from the components of μ and a rank-2 potential tensor from Θ.
 
-The three field ranks are mixed to C channels, coupled with the node features through the
-Cartesian products into invariants (φ h0, E·h1, G:h2 and the field norms), and an MLP on
-[h0, invariants] updates the scalar channels. The long-range energy of each atom is a readout of
-the updated scalars plus the electrostatic energy of the learned multipoles with a learned weight
-per channel, ½ Σ_c a_c (q φ − μ·E − ½ Θ:G) (for "lorem", ½ Σ_c a_c (qφ + μ·ψ + Θ:Ψ)), which carries
-the exact 1/r, 1/r², 1/r³ tails.
+The field ranks are mixed to C channels, coupled with the node features through the Cartesian
+products into invariants (φ h0, E·h1, G:h2 and the field norms), and an MLP on [h0, invariants]
+updates the scalar channels. The long-range energy of each atom has two parts, returned apart:
+
+* a learned readout of the updated scalars (dimensionless: the model multiplies it by its energy
+  ``scale``, like every other learned readout);
+* the electrostatic energy of the learned multipoles in eV, with a learned weight per channel,
+  COULOMB · ½ Σ_c a_c (q φ − μ·E − ½ Θ:G) (for "lorem", COULOMB · ½ Σ_c a_c (qφ + μ·ψ + Θ:Ψ)). It is
+  never rescaled, so that the reported multipoles keep physical units (e, e·Å, e·Å²): with a_c = 1
+  it is exactly the Coulomb energy of channel c, and it carries the exact 1/r, 1/r², 1/r³ tails.
+
+With feature rank ``lmax`` < 2 the multipoles go only up to that rank (lmax 0: charges; lmax 1:
+charges and dipoles). The "multipole" kind still feeds back the field and field gradient of those
+sources (their norms are invariants); the "lorem" kind has potentials only up to rank ``lmax``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class LongRangeBlock(nn.Module):
     Args:
         channels: C, channels of the node features.
         kind: "multipole" or "lorem".
+        lmax: highest rank of the node features and of the learned multipoles (0, 1 or 2; default 2).
         lr_channels: C_lr, channels of learned multipoles (default 4).
         smearing: Gaussian width σ of the sources in Å (default 1.0; the local model owns short range).
         accuracy: Ewald accuracy (default 1e-5, relative).
@@ -51,19 +60,21 @@ class LongRangeBlock(nn.Module):
             the Coulomb energy of the learned charges, in eV). Starting at the physical scale matters:
             with 0.1 the dimer models learned far too small charges (±0.04–0.15 e on ammonium
             formate against xTB's ±0.93 e) and half of the ion-pair force beyond 8 Å was missing
-            (benchmarks/intermolecular.py).
+            (benchmarks/intermolecular.py). The model's energy ``scale`` does not multiply this term.
         hidden: width of the scalar-update MLP (default 32).
     """
 
     def __init__(self, channels: int, kind: str = "multipole", lr_channels: int = 4, smearing: float = 1.0,
                  accuracy: float = 1e-5, charge_correction="uniform", hidden: int = 32,
-                 coupling: float = 1.0):
+                 coupling: float = 1.0, lmax: int = 2):
         super().__init__()
         if kind not in ("multipole", "lorem"):
             raise ValueError(f"long-range kind must be 'multipole' or 'lorem', got {kind!r}")
         if not smearing > 0:
             raise ValueError(f"smearing must be a positive width in Å, got {smearing}")
-        self.kind, self.lr_channels = kind, int(lr_channels)
+        if lmax not in (0, 1, 2):
+            raise ValueError(f"lmax of the long-range block must be 0, 1 or 2, got {lmax!r}")
+        self.kind, self.lr_channels, self.lmax = kind, int(lr_channels), int(lmax)
         self.smearing, self.accuracy = float(smearing), float(accuracy)
         if charge_correction is True:
             charge_correction = "uniform"
@@ -72,48 +83,74 @@ class LongRangeBlock(nn.Module):
                              f"got {charge_correction!r}")
         self.charge_correction = charge_correction or None
         self.correction_weight = nn.Linear(channels, 1) if self.charge_correction == "weighted" else None
-        self.to_multipoles = EquivariantLinear(channels, lr_channels, (0, 1, 2))
-        self.from_fields = EquivariantLinear(lr_channels, channels, (0, 1, 2))
-        n_inv = 6 * channels
+        source_ranks = tuple(range(self.lmax + 1))
+        # "multipole": sources of any rank make a potential, field and field gradient;
+        # "lorem": the rank-l components of the charges give a rank-l potential only
+        self.field_ranks = (0, 1, 2) if kind == "multipole" else source_ranks
+        self.to_multipoles = EquivariantLinear(channels, lr_channels, source_ranks)
+        self.from_fields = EquivariantLinear(lr_channels, channels, self.field_ranks)
+        # invariants: F0 h0, F0, then per field rank l > 0: F_l·h_l (when the features have rank l), |F_l|²
+        n_inv = channels * (2 + sum(1 + (l <= self.lmax) for l in self.field_ranks if l > 0))
         self.update = nn.Sequential(nn.Linear(channels + n_inv, hidden), nn.SiLU(), nn.Linear(hidden, channels))
         self.readout = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         self.coupling = nn.Parameter(torch.full((lr_channels,), float(coupling)))
 
-    def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor, species: torch.Tensor) -> dict:
+    def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor) -> dict:
+        """h = [h0 [N, C], h1 [N, C, 3] or None, h2 [N, C, 3, 3] or None]; positions [N, 3] Å; cell [B, 3, 3] Å.
+
+        Returns "readout" [N] (learned, dimensionless: the caller scales it), "electrostatic" [N]
+        (eV, the coupling-weighted energy of the learned multipoles), and channel 0 of the learned
+        multipoles: "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3]
+        (e·Å², traceless, lmax 2).
+        """
         from ..units import COULOMB
 
-        q, mu, theta = self.to_multipoles(h)
+        q, mu, theta = self.to_multipoles(h[: self.lmax + 1])[:3]
         if self.charge_correction:
             q = self._correct_charges(q, graph, h[0])
+        ranks = self.field_ranks
         if self.kind == "multipole":
-            # Θ comes from traceless features through a linear map: traceless up to the rounding of the
-            # (possibly much larger) features; project it so the Ewald input check sees exact Θ
-            theta = stf(theta)
+            if theta is not None:
+                # Θ comes from traceless features through a linear map: traceless up to the rounding of
+                # the (possibly much larger) features; project it so the Ewald input check sees exact Θ
+                theta = stf(theta)
             f = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=q, dipoles=mu,
                                          quadrupoles=theta, smearing=self.smearing, accuracy=self.accuracy)
-            phi, field, grad = f.potential, f.field, f.field_gradient
-            e_es = 0.5 * (q * phi - (mu * field).sum(-1) - 0.5 * (theta * grad).sum((-1, -2)))
-            grad = stf(grad)  # a net-charge background adds −4πQ/(3V) I: not a rank-2 feature
+            fields = [f.potential, f.field, f.field_gradient]
+            e_es = q * fields[0]
+            if mu is not None:
+                e_es = e_es - (mu * fields[1]).sum(-1)
+            if theta is not None:
+                e_es = e_es - 0.5 * (theta * fields[2]).sum((-1, -2))
+            fields[2] = stf(fields[2])  # a net-charge background adds −4πQ/(3V) I: not a rank-2 feature
         else:
             n, c = q.shape
-            stacked = torch.cat([q, mu.reshape(n, 3 * c), theta.reshape(n, 9 * c)], dim=1)  # [N, 13 C]
-            f = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=stacked,
-                                         smearing=self.smearing, accuracy=self.accuracy, ranks=(0,))
-            pot = f.potential
-            phi, field, grad = pot[:, :c], pot[:, c:4 * c].reshape(n, c, 3), pot[:, 4 * c:].reshape(n, c, 3, 3)
-            e_es = 0.5 * (q * phi + (mu * field).sum(-1) + (theta * grad).sum((-1, -2)))
-        e_es = COULOMB * (e_es * self.coupling).sum(-1)  # [N] eV
+            sources = [q, mu, theta][: self.lmax + 1]
+            stacked = torch.cat([s.reshape(n, -1) for s in sources], dim=1)  # [N, (1 + 3 + 9) C] up to lmax
+            pot = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=stacked,
+                                           smearing=self.smearing, accuracy=self.accuracy, ranks=(0,)).potential
+            fields, start = [], 0
+            for s in sources:  # potential of every Cartesian component, in the shape of its source
+                size = s[0].numel()
+                fields.append(pot[:, start:start + size].reshape(s.shape))
+                start += size
+            e_es = sum((s * p).reshape(n, c, -1).sum(-1) for s, p in zip(sources, fields))
+        e_es = COULOMB * (0.5 * e_es * self.coupling).sum(-1)  # [N] eV
 
-        F0, F1, F2 = self.from_fields([phi, field, grad])
-        h0, h1, h2 = h[0], h[1], h[2]
-        invariants = [F0 * h0, F0,
-                      product(F1, 1, h1, 1, 0) if h1 is not None else torch.zeros_like(F0),
-                      (F1 * F1).sum(-1),
-                      product(F2, 2, h2, 2, 0) if h2 is not None else torch.zeros_like(F0),
-                      (F2 * F2).sum((-1, -2))]
+        F = self.from_fields(fields)
+        h0 = h[0]
+        invariants = [F[0] * h0, F[0]]
+        for l in ranks[1:]:
+            if l <= self.lmax:
+                invariants.append(product(F[l], l, h[l], l, 0))
+            invariants.append((F[l] * F[l]).flatten(2).sum(-1))
         h0_new = h0 + self.update(torch.cat([h0] + invariants, dim=-1))
-        node_lr = self.readout(h0_new).squeeze(-1) + e_es
-        return {"node_energy": node_lr, "node_energy_lr": node_lr, "charges": q[:, 0], "dipoles": mu[:, 0]}
+        out = {"readout": self.readout(h0_new).squeeze(-1), "electrostatic": e_es, "charges": q[:, 0]}
+        if mu is not None:
+            out["dipoles"] = mu[:, 0]
+        if theta is not None:
+            out["quadrupoles"] = theta[:, 0]
+        return out
 
     def _correct_charges(self, q: torch.Tensor, graph, h0: torch.Tensor) -> torch.Tensor:
         """Per structure, channel 0 sums to the total charge and the others to 0: the excess is
@@ -130,5 +167,5 @@ class LongRangeBlock(nn.Module):
         return q - w * ((sums - target) / totals)[graph.batch]
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind!r}, lr_channels={self.lr_channels}, smearing={self.smearing}, "
+        return (f"kind={self.kind!r}, lmax={self.lmax}, lr_channels={self.lr_channels}, smearing={self.smearing}, "
                 f"accuracy={self.accuracy}, charge_correction={self.charge_correction!r}")

@@ -1,0 +1,156 @@
+"""Model files: plain data read with torch.load(weights_only=True); pickled code is refused unless the
+caller opts in (trust_pickle=True); files written by cartlorem 0.1.0 keep their predictions."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+import cartlorem
+from cartlorem.graph import atoms_to_graph
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def lr_model(seed=0):
+    torch.manual_seed(seed)
+    model = cartlorem.CartLorem([1, 6, 8], cutoff=4.0, long_range="multipole", channels=8, num_layers=1,
+                                correlation=2, num_basis=4, radial_hidden=8, readout_hidden=8).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.set_statistics(atomic_energies={1: -13.6, 6: -1030.0, 8: -2040.0}, avg_num_neighbors=7.5, scale=2.5,
+                         shift=0.1)
+    return model.eval()
+
+
+def methanol():
+    a = molecule("CH3OH")
+    a.rattle(0.05, seed=1)
+    return a
+
+
+def energy_forces(model, atoms):
+    out = model(atoms_to_graph(atoms, model.cutoff), create_graph=False)
+    return float(out["energy"].detach()), out["forces"].detach().numpy()
+
+
+def save_like_0_1_0(model, path, **extra):
+    """What cartlorem 0.1.0's save_model wrote: torch.save of this dict (its full pickle was allowed)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": "cartlorem-model-v1", "config": model.config, "state_dict": state,
+                "dtype": str(model.dtype).replace("torch.", ""), **extra}, path)
+
+
+def _leave_mark(path):
+    with open(path, "w") as f:
+        f.write("pickled code ran")
+    return "payload"
+
+
+class _Callable:
+    """Unpickling this runs _leave_mark: stands for any code a model file could smuggle in."""
+
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (_leave_mark, (self.mark,))
+
+
+def test_saved_file_is_plain_data(tmp_path):
+    model = lr_model()
+    cartlorem.save_model(model, tmp_path / "m.pt", training={"epoch": 3, "loss": 0.25, "curve": [1.0, 0.5]})
+    obj = torch.load(tmp_path / "m.pt", weights_only=True)  # the strict reader accepts the whole file
+    assert obj["format"] == "cartlorem-model-v2" and obj["training"]["curve"] == [1.0, 0.5]
+    loaded = cartlorem.load_model(tmp_path / "m.pt")
+    assert energy_forces(loaded, methanol())[0] == pytest.approx(energy_forces(model, methanol())[0], rel=1e-14)
+
+
+def test_save_refuses_objects_that_need_pickle(tmp_path):
+    model = lr_model()
+    with pytest.raises(ValueError, match=r"\['training'\]\['loss'\] is a numpy.float64.*plain data"):
+        cartlorem.save_model(model, tmp_path / "m.pt", training={"loss": np.float64(0.25)})
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_pickled_callable_is_refused(tmp_path):
+    model = lr_model()
+    mark = tmp_path / "mark"
+    path = tmp_path / "evil.pt"
+    payload = cartlorem.model.model_payload(model)
+    payload["hook"] = _Callable(str(mark))
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=r"refusing to load .*pickled Python object .*_leave_mark.*trust_pickle=True"):
+        cartlorem.load_model(path)
+    assert not mark.exists()  # nothing in the file ran
+    # the calculator opens paths the same way
+    with pytest.raises(ValueError, match="refusing to load"):
+        cartlorem.CartLoremCalculator(str(path))
+    assert not mark.exists()
+
+
+def test_old_format_files_load_with_their_0_1_0_predictions(tmp_path):
+    """A 0.1.0 file (format v1: the energy scale also multiplied the electrostatic energy) predicts
+    what it predicted under 0.1.0: E_old(s) = s × learned + (shift + E0) + s × electrostatic."""
+    model = lr_model()
+    atoms = methanol()
+    save_like_0_1_0(model, tmp_path / "old.pt")
+    loaded = cartlorem.load_model(tmp_path / "old.pt")  # plain data: no opt-in needed
+
+    # the 0.1.0 numbers from today's model with the same weights, split by the scale dependence
+    s = float(model.scale)
+    e1, f1 = energy_forces(model, atoms)  # = s·A + B + e (A: learned readouts, B: shift + E0, e: electrostatic)
+    model.set_statistics(scale=0.0)
+    e0, f0 = energy_forces(model, atoms)  # = B + e
+    b = 0.1 * len(atoms) + float(model.atomic_energies[model.species_index(torch.tensor(atoms.numbers))].sum())
+    e_old = (e1 - e0) + b + s * (e0 - b)
+    f_old = (f1 - f0) + s * f0
+    assert abs(e0 - b) > 1e-3  # the electrostatic part is really there (else the test could not fail)
+    e, f = energy_forces(loaded, atoms)
+    # the couplings are converted in float64 from the stored weights: equal to rounding
+    assert e == pytest.approx(e_old, rel=1e-12)
+    assert np.allclose(f, f_old, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(loaded.long_range_block.coupling, s * model.long_range_block.coupling)
+
+
+def test_old_file_with_pickled_objects_needs_the_opt_in(tmp_path):
+    """0.1.0's save_model stored any extra object; such a file loads only with trust_pickle=True."""
+    model = lr_model()
+    plain, pickled = tmp_path / "plain.pt", tmp_path / "pickled.pt"
+    save_like_0_1_0(model, plain)
+    save_like_0_1_0(model, pickled, training={"valid_loss": np.float64(0.25), "curve": np.arange(3.0)})
+    with pytest.raises(ValueError, match=r"numpy.*trust_pickle=True"):
+        cartlorem.load_model(pickled)
+    loaded = cartlorem.load_model(pickled, trust_pickle=True)
+    reference = cartlorem.load_model(plain)
+    atoms = methanol()
+    assert energy_forces(loaded, atoms)[0] == energy_forces(reference, atoms)[0]
+
+
+def test_unreadable_files(tmp_path):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="corrupt or not a cartlorem model"):
+        cartlorem.load_model(bad)
+    torch.save({"format": "something-else", "weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a cartlorem model file"):
+        cartlorem.load_model(tmp_path / "other.pt")
+    payload = cartlorem.model.model_payload(lr_model())
+    payload["config"]["frobnicate"] = 3
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="frobnicate"):
+        cartlorem.load_model(tmp_path / "future.pt")
+
+
+@pytest.mark.parametrize("name", sorted(
+    f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "long_range_models"))
+    if f.endswith(".pt")) if os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                                                         "long_range_models")) else [])
+def test_checked_in_models_load(name):
+    """The models under benchmarks/results (format v1) load the way their scripts load them."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "long_range_models", name)
+    model = cartlorem.load_model(path)
+    assert isinstance(model, cartlorem.CartLorem)

@@ -1,0 +1,104 @@
+"""The long-range energy in physical units: the electrostatic term is the Coulomb energy (eV) of the
+reported multipoles (× the learned coupling) whatever the energy ``scale`` is; only the learned readout
+is scaled. References: cartlorem.ewald.electrostatic_energy (checked against brute force, Madelung
+constants and torch-pme in test_ewald.py) and Coulomb's law for two distant ions."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+
+import cartlorem
+from cartlorem.ewald import electrostatic_energy
+from cartlorem.graph import atoms_to_graph
+from cartlorem.units import COULOMB
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def lr_model(species, kind="multipole", seed=0, lr_channels=1, **kw):
+    torch.manual_seed(seed)
+    opts = dict(channels=8, num_layers=1, correlation=2, num_basis=4, radial_hidden=8, readout_hidden=8)
+    opts.update(kw)
+    model = cartlorem.CartLorem(species, cutoff=4.0, long_range=kind,
+                                long_range_options={"lr_channels": lr_channels}, **opts).double()
+    with torch.no_grad():  # off the initial symmetric values, and charges of a sizeable magnitude
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.long_range_block.coupling.copy_(0.5 + torch.rand_like(model.long_range_block.coupling))
+    return model.eval()
+
+
+def structures():
+    mol = molecule("CH3OH")
+    mol.rattle(0.05, seed=1)
+    crystal = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    crystal.rattle(0.1, seed=2)
+    return [("molecule", [1, 6, 8], mol), ("crystal", [11, 17], crystal)]
+
+
+def predict(model, atoms, scale):
+    model.set_statistics(scale=scale, shift=0.1)
+    g = atoms_to_graph(atoms, model.cutoff)
+    return g, model(g, create_graph=False)
+
+
+@pytest.mark.parametrize("name,species,atoms", structures(), ids=lambda x: x if isinstance(x, str) else "")
+def test_electrostatic_part_is_coulomb_energy_of_reported_multipoles(name, species, atoms):
+    """energy_lr(scale) = scale × readout + E_es: the part that does not move with the scale is the
+    coupling × Coulomb energy (eV) of the reported q, μ, Θ (one learned channel, so they are all of it)."""
+    model = lr_model(species)
+    block = model.long_range_block
+    g, out1 = predict(model, atoms, 1.0)
+    _, out2 = predict(model, atoms, 2.5)
+    readout = (out2["energy_lr"] - out1["energy_lr"]) / 1.5
+    e_es = float((out1["energy_lr"] - readout).detach())
+    pbc = atoms.pbc if atoms.pbc.any() else None
+    reference = float(block.coupling[0].detach()) * float(electrostatic_energy(
+        g.positions, out1["charges"][:, None], out1["dipoles"][:, None], out1["quadrupoles"][:, None],
+        cell=g.cell[0] if pbc is not None else None, pbc=pbc, smearing=block.smearing,
+        accuracy=block.accuracy, prefactor=COULOMB).detach())
+    assert abs(reference) > 1e-3 and abs(float(readout.detach())) > 1e-6  # both parts are really there
+    assert e_es == pytest.approx(reference, rel=1e-9, abs=1e-12)
+    # the reported multipoles themselves do not depend on the scale
+    _, out3 = predict(model, atoms, 7.0)
+    for key in ("charges", "dipoles", "quadrupoles"):
+        torch.testing.assert_close(out3[key], out1[key], rtol=1e-13, atol=1e-13)
+
+    # with the learned readout switched off, energy_lr is that Coulomb energy at any scale
+    with torch.no_grad():
+        block.readout[-1].weight.zero_()
+        block.readout[-1].bias.zero_()
+    for scale in (0.3, 2.5):
+        _, out = predict(model, atoms, scale)
+        assert float(out["energy_lr"].detach()) == pytest.approx(reference, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["multipole", "lorem"])
+def test_two_ions_reported_charges_give_the_coulomb_tail(kind):
+    """Na and Cl far beyond the cutoff, energy scale 2.5, coupling 1: the energy and force vary with the
+    distance as Coulomb's law for the reported charges, E(r) = const + COULOMB q_Na q_Cl / r (eV)."""
+    model = lr_model([11, 17], kind)
+    block = model.long_range_block
+    with torch.no_grad():
+        block.coupling.fill_(1.0)
+        block.readout[-1].weight.zero_()  # no learned long-range readout: what is left is electrostatics
+        block.readout[-1].bias.zero_()
+    model.set_statistics(scale=2.5)
+    distances = [10.0, 14.0, 25.0, 60.0]
+    energies, forces, charges = [], [], []
+    for r in distances:
+        out = model(atoms_to_graph(Atoms("NaCl", positions=[[0, 0, 0], [r, 0, 0]]), model.cutoff),
+                    create_graph=False)
+        energies.append(float(out["energy"]))
+        forces.append(float(out["forces"][1, 0]))
+        charges.append(out["charges"].detach().numpy())
+    q = charges[0]
+    assert abs(q[0]) > 0.05 and q[0] == pytest.approx(-q[1], abs=1e-14)  # neutral pair, charge correction
+    for c in charges[1:]:
+        assert np.allclose(c, q, atol=1e-14)  # no neighbours: the charges do not depend on r
+    qq = COULOMB * q[0] * q[1]
+    for k in range(1, len(distances)):  # Gaussian smearing 1 Å: erf(r/2) = 1 to 1e-12 beyond 10 Å
+        assert energies[k] - energies[0] == pytest.approx(qq * (1 / distances[k] - 1 / distances[0]), rel=1e-9)
+    assert np.allclose(forces, [qq / r**2 for r in distances], rtol=1e-8, atol=0)

@@ -1,0 +1,339 @@
+"""Slabs (pbc = [True, True, False]) against references written here: a 2D Ewald sum (Parry's formula,
+plain loops, multipoles by autograd of the unit-charge potential), a brute-force 2D lattice sum, the
+same slab with more vacuum, the closed-form energy correction, finite differences and symmetry."""
+
+import math
+
+import pytest
+import torch
+
+from cartlorem import ewald
+from cartlorem.ewald.fields import compute_fields, energy_from_fields
+
+DT = torch.float64
+SLAB = [True, True, False]
+# in-plane lattice a, b (oblique) and the normal c = 9 Å along z
+CELL = torch.tensor([[6.1, 0.0, 0.0], [1.7, 5.6, 0.0], [0.0, 0.0, 9.0]], dtype=DT)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def random_traceless(g, *shape):
+    a = torch.randn(*shape, 3, 3, generator=g, dtype=DT)
+    a = a + a.transpose(-1, -2)
+    return a - a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * torch.eye(3, dtype=DT) / 3
+
+
+def random_slab(seed, n=4, c=1, cell=CELL, zmin=2.5, zmax=6.5, net_charge=True):
+    """Atoms anywhere in the plane, at heights zmin..zmax (Å) inside the 9 Å c vector."""
+    g = gen(seed)
+    frac = torch.rand(n, 3, generator=g, dtype=DT)
+    pos = frac[:, :2] @ cell[:2]
+    pos = pos + (zmin + (zmax - zmin) * frac[:, 2:]) * cell[2] / cell[2].norm()
+    q = torch.randn(n, c, generator=g, dtype=DT)
+    if not net_charge:
+        q = q - q.mean(0)
+    mu = torch.randn(n, c, 3, generator=g, dtype=DT)
+    th = random_traceless(g, n, c)
+    return pos, q, mu, th
+
+
+def probes(seed, n=3, cell=CELL):
+    g = gen(seed)
+    frac = torch.rand(n, 3, generator=g, dtype=DT)
+    return frac[:, :2] @ cell[:2] + (1.0 + 7.0 * frac[:, 2:]) * cell[2] / cell[2].norm()
+
+
+def with_probes(pos, sources, pts):
+    """Append zero-multipole probe sites."""
+    out = [torch.cat([pos, pts])]
+    for s in sources:
+        out.append(None if s is None else torch.cat([s, torch.zeros(len(pts), *s.shape[1:], dtype=DT)]))
+    return out
+
+
+# ----------------------------------------------------------------------------- 2D Ewald reference
+
+
+def parry_unit_potential(r, s, cell, alpha=0.6, n_real=3, m_max=10, real=True):
+    """Potential at r of a unit point charge at s and its in-plane images (lattice rows a, b in the xy
+    plane), 2D Ewald (Parry 1975 / Heyes): erfc real space + k != 0 terms + the k = 0 sheet term
+    -(2 pi / A)(z erf(alpha z) + exp(-alpha^2 z^2)/(alpha sqrt pi)), so that a charged sheet has
+    -2 pi |z| / A far away. ``real=False`` drops the real-space part: that is the potential of a
+    Gaussian charge erf(alpha R)/R."""
+    a, b = cell[0, :2], cell[1, :2]
+    area = abs(float(a[0] * b[1] - a[1] * b[0]))
+    d = r - s
+    z = d[2]
+    total = torch.zeros((), dtype=DT)
+    if real:
+        n = torch.arange(-n_real, n_real + 1, dtype=DT)
+        nn = torch.stack(torch.meshgrid(n, n, indexing="ij"), -1).reshape(-1, 2)
+        shifts = nn @ cell[:2]  # [S, 3]
+        dist = (d[None, :] + shifts).norm(dim=-1)
+        total = total + (torch.erfc(alpha * dist) / dist).sum()
+    recip = 2 * math.pi * torch.linalg.inv(cell[:2, :2]).T  # rows b_k (2D)
+    m = torch.arange(-m_max, m_max + 1, dtype=DT)
+    mm = torch.stack(torch.meshgrid(m, m, indexing="ij"), -1).reshape(-1, 2)
+    mm = mm[(mm != 0).any(-1)]
+    k = mm @ recip  # [K, 2]
+    kn = k.norm(dim=-1)
+    keep = kn < 14 * alpha
+    k, kn = k[keep], kn[keep]
+    phase = k @ d[:2]
+    bracket = torch.exp(kn * z) * torch.erfc(kn / (2 * alpha) + alpha * z) + torch.exp(-kn * z) * torch.erfc(
+        kn / (2 * alpha) - alpha * z
+    )
+    total = total + (math.pi / area) * (torch.cos(phase) / kn * bracket).sum()
+    sheet = z * torch.erf(alpha * z) + torch.exp(-(alpha * z) ** 2) / (alpha * math.sqrt(math.pi))
+    return total - (2 * math.pi / area) * sheet
+
+
+def parry_potential(r, pos, q, mu, th, cell, **kw):
+    """Potential at r of point multipoles: q G + mu . grad_s G + 1/2 Theta : grad_s grad_s G, G the
+    unit-charge potential above, derivatives with respect to the source position s by autograd."""
+    total = torch.zeros((), dtype=DT)
+    for j in range(pos.shape[0]):
+        s = pos[j].clone().requires_grad_(True)
+        G = parry_unit_potential(r, s, cell, **kw)
+        (grad,) = torch.autograd.grad(G, s, create_graph=True)
+        hess = torch.stack([torch.autograd.grad(grad[a], s, create_graph=True)[0] for a in range(3)])
+        total = total + q[j] * G + mu[j] @ grad + 0.5 * (th[j] * hess).sum()
+    return total
+
+
+def fields_by_autograd(phi_fn, points):
+    """phi, E = -grad phi, G = grad E at every point, by autograd."""
+    phis, Es, Gs = [], [], []
+    for p in points:
+        r = p.clone().requires_grad_(True)
+        phi = phi_fn(r)
+        (grad,) = torch.autograd.grad(phi, r, create_graph=True)
+        hess = torch.stack([torch.autograd.grad(grad[a], r, retain_graph=True)[0] for a in range(3)])
+        phis.append(phi.detach())
+        Es.append(-grad.detach())
+        Gs.append(-hess.detach())
+    return torch.stack(phis), torch.stack(Es), torch.stack(Gs)
+
+
+@pytest.mark.parametrize("which", ["q", "mu", "theta", "all"])
+def test_slab_vs_2d_ewald(which):
+    """Point charges (net charge included), dipoles and quadrupoles of a slab at probe sites vs the 2D
+    Ewald reference written above."""
+    pos, q, mu, th = random_slab(1, n=3)
+    keep = {"q": (1, 0, 0), "mu": (0, 1, 0), "theta": (0, 0, 1), "all": (1, 1, 1)}[which]
+    q, mu, th = (x if k else None for x, k in zip((q, mu, th), keep))
+    pts = probes(2)
+    got = ewald.multipole_fields(*with_probes(pos, (q, mu, th), pts), cell=CELL, pbc=SLAB, accuracy=1e-10)
+    zero = [torch.zeros(3, dtype=DT), torch.zeros(3, 3, dtype=DT), torch.zeros(3, 3, 3, dtype=DT)]
+    srcs = [x[:, 0] if x is not None else z for x, z in zip((q, mu, th), zero)]
+    ref = fields_by_autograd(lambda r: parry_potential(r, pos, *srcs, CELL), pts)
+    for k, name in enumerate(("potential", "field", "field_gradient")):
+        assert rel(got[k][3:, 0], ref[k]) < 1e-8, name
+
+
+def fourier_unit_potential(r, s, cell, m_max=40):
+    """The same lattice sum by Poisson summation alone (no splitting), exact when r and s lie in
+    different planes: -2 pi |z| / A + (2 pi / A) sum_{k != 0} cos(k . rho) exp(-k |z|) / k."""
+    d = r - s
+    z = d[2]
+    area = abs(float(cell[0, 0] * cell[1, 1] - cell[0, 1] * cell[1, 0]))
+    recip = 2 * math.pi * torch.linalg.inv(cell[:2, :2]).T
+    m = torch.arange(-m_max, m_max + 1, dtype=DT)
+    mm = torch.stack(torch.meshgrid(m, m, indexing="ij"), -1).reshape(-1, 2)
+    k = mm[(mm != 0).any(-1)] @ recip
+    kn = k.norm(dim=-1)
+    zz = torch.sqrt(z * z)
+    return (2 * math.pi / area) * ((torch.cos(k @ d[:2]) * torch.exp(-kn * zz) / kn).sum() - zz)
+
+
+def test_slab_vs_fourier_series():
+    """Against the plain Fourier series of the 2D lattice sum (no Ewald splitting), with every probe at
+    least 1 Å above or below every source so that the series converges (terms exp(-k |z|))."""
+    pos, q, mu, th = random_slab(3, n=3, zmin=4.0, zmax=5.0)
+    pts = probes(4)
+    pts[:, 2] = torch.tensor([1.5, 7.0, 8.5], dtype=DT)
+    got = ewald.multipole_fields(*with_probes(pos, (q, mu, th), pts), cell=CELL, pbc=SLAB, accuracy=1e-10)
+
+    def phi(r):
+        total = torch.zeros((), dtype=DT)
+        for j in range(3):
+            s = pos[j].clone().requires_grad_(True)
+            G = fourier_unit_potential(r, s, CELL)
+            (grad,) = torch.autograd.grad(G, s, create_graph=True)
+            hess = torch.stack([torch.autograd.grad(grad[a], s, create_graph=True)[0] for a in range(3)])
+            total = total + q[j, 0] * G + mu[j, 0] @ grad + 0.5 * (th[j, 0] * hess).sum()
+        return total
+
+    ref = fields_by_autograd(phi, pts)
+    for k, name in enumerate(("potential", "field", "field_gradient")):
+        assert rel(got[k][3:, 0], ref[k]) < 1e-8, name
+
+
+def test_slab_vs_brute_force_lattice_sum():
+    """A neutral cell with zero total dipole (its far field is quadrupolar, so the plain sum over
+    in-plane images converges absolutely): direct sum over the images in a disc of 70 cells. The field
+    gradient's truncation error falls like R^-3 (field R^-2)."""
+    pos, q, mu, th = random_slab(5, n=4, net_charge=False)
+    mu[-1, 0] = mu[-1, 0] - ((q * pos).sum(0) + mu[:, 0].sum(0))  # total dipole zero
+    pts = probes(6)
+    got = ewald.multipole_fields(*with_probes(pos, (q, mu, th), pts), cell=CELL, pbc=SLAB, accuracy=1e-10)
+    n = torch.arange(-70, 71, dtype=DT)
+    nn = torch.stack(torch.meshgrid(n, n, indexing="ij"), -1).reshape(-1, 2)
+    shifts = nn @ CELL[:2]
+    shifts = shifts[shifts.norm(dim=-1) <= 70 * 5.6]  # a disc, radius 70 x the shortest height
+    src = (pos[None] + shifts[:, None]).reshape(-1, 3)  # [S * N, 3]
+    qq, mm, tt = (x[:, 0].repeat(len(shifts), *([1] * (x.dim() - 2))) for x in (q, mu, th))
+
+    def phi(r):
+        R = r[None] - src
+        d = R.norm(dim=-1)
+        return (qq / d + (mm * R).sum(-1) / d**3 + 1.5 * torch.einsum("na,nab,nb->n", R, tt, R) / d**5).sum()
+
+    ref = fields_by_autograd(phi, pts)
+    assert rel(got.field[4:, 0], ref[1]) < 2e-4
+    assert rel(got.field_gradient[4:, 0], ref[2]) < 2e-5
+
+
+def test_vacuum_convergence_and_length_of_c(monkeypatch):
+    """The elongated cell's extra vacuum: results converge (exponentially) as it grows, the default is
+    converged, and the length of c does not matter."""
+    import cartlorem.ewald.slab as slab
+
+    pos, q, mu, th = random_slab(7, n=4, c=2)
+    ref = ewald.multipole_fields(pos, q, mu, th, CELL, SLAB, accuracy=1e-10)
+    errors = []
+    for gap in (2.0, 4.0, 8.0, 16.0):
+        monkeypatch.setattr(slab, "vacuum_gap", lambda cell, accuracy, gap=gap: gap)
+        got = ewald.multipole_fields(pos, q, mu, th, CELL, SLAB, accuracy=1e-10)
+        errors.append(max(rel(a, b) for a, b in zip(got, ref)))
+    monkeypatch.undo()
+    assert errors[0] > 1e-4 and all(e2 < 0.2 * e1 for e1, e2 in zip(errors, errors[1:])) and errors[-1] < 1e-6
+    longer = CELL.clone()
+    longer[2, 2] = 23.0
+    for a, b in zip(ewald.multipole_fields(pos, q, mu, th, longer, SLAB, accuracy=1e-10), ref):
+        assert rel(a, b) < 1e-9
+
+
+def test_smeared_slab_vs_2d_ewald():
+    """Gaussian sources of width sigma: the reference is the 2D Ewald sum's long-range part alone with
+    alpha = 1/(sqrt 2 sigma) (erf(alpha R)/R is exactly the Gaussian's potential)."""
+    sigma = 0.9
+    pos, q, mu, th = random_slab(8, n=3)
+    pts = probes(9)
+    got = ewald.multipole_fields(*with_probes(pos, (q, mu, th), pts), cell=CELL, pbc=SLAB, smearing=sigma,
+                                 accuracy=1e-10)
+    beta = 1 / (math.sqrt(2) * sigma)
+    ref = fields_by_autograd(
+        lambda r: parry_potential(r, pos, q[:, 0], mu[:, 0], th[:, 0], CELL, alpha=beta, real=False), pts
+    )
+    for k, name in enumerate(("potential", "field", "field_gradient")):
+        assert rel(got[k][3:, 0], ref[k]) < 1e-8, name
+
+
+@pytest.mark.parametrize("smearing", [None, 0.8])
+def test_charged_slab_trace_and_energy_correction(smearing):
+    """No background in a slab: tr G = 0 at every point source even with a net charge. The energy is the
+    3D Ewald energy of the elongated cell plus (2 pi / V)(M^2 - Q S - Q^2 (L^2 / 12 + sigma^2 / 2))."""
+    from cartlorem.ewald.slab import vacuum_gap
+
+    pos, q, mu, th = random_slab(10, n=5, c=2)
+    assert float(q.sum(0).abs().min()) > 0.1
+    if smearing is None:
+        G = ewald.multipole_fields(pos, q, mu, th, CELL, SLAB, accuracy=1e-10).field_gradient
+        assert float(G.diagonal(dim1=-2, dim2=-1).sum(-1).abs().max()) < 1e-9
+    U = ewald.electrostatic_energy(pos, q, mu, th, CELL, SLAB, smearing=smearing, accuracy=1e-10)
+    L = 9.0 + vacuum_gap(CELL, 1e-10)
+    box = CELL.clone()
+    box[2, 2] = L
+    U3 = ewald.electrostatic_energy(pos, q, mu, th, box, [True] * 3, smearing=smearing, accuracy=1e-10)
+    V = float(torch.det(box))
+    z = pos[:, 2:]
+    Q = q.sum(0)
+    M = (q * z).sum(0) + mu[..., 2].sum(0)
+    S = (q * z * z).sum(0) + 2 * (mu[..., 2] * z).sum(0) + th[..., 2, 2].sum(0)
+    corr = (2 * math.pi / V) * (M * M - Q * S - Q * Q * (L * L / 12 + (smearing or 0.0) ** 2 / 2))
+    assert abs(float(U - U3 - corr.sum())) < 1e-9 * abs(float(U))
+
+
+def test_slab_forces_and_stress_by_finite_differences():
+    pos, q, mu, th = random_slab(11, n=4, c=2)
+
+    def energy(x, c):
+        return ewald.electrostatic_energy(x, q, mu, th, c, SLAB, smearing=0.8)
+
+    x = pos.clone().requires_grad_(True)
+    eps = torch.zeros(3, 3, dtype=DT, requires_grad=True)
+    strain = torch.eye(3, dtype=DT) + eps
+    U = energy(x @ strain.T, CELL @ strain.T)
+    grad_x, dU_deps = torch.autograd.grad(U, (x, eps))
+    h = 1e-5
+    fd = torch.zeros_like(pos)
+    for i in range(4):
+        for a in range(3):
+            dp = torch.zeros_like(pos)
+            dp[i, a] = h
+            fd[i, a] = (energy(pos + dp, CELL) - energy(pos - dp, CELL)) / (2 * h)
+    assert rel(grad_x, fd) < 1e-8
+    fd_s = torch.zeros(3, 3, dtype=DT)
+    for a, b in [(0, 0), (1, 1), (2, 2), (0, 1), (1, 0)]:  # strains that keep c normal to the plane
+        e = torch.zeros(3, 3, dtype=DT)
+        e[a, b] = h
+        up, down = torch.eye(3, dtype=DT) + e, torch.eye(3, dtype=DT) - e
+        fd_s[a, b] = (energy(pos @ up.T, CELL @ up.T) - energy(pos @ down.T, CELL @ down.T)) / (2 * h)
+        assert abs(float(dU_deps[a, b] - fd_s[a, b])) < 1e-8 * float(dU_deps.abs().max()), (a, b)
+
+
+@pytest.mark.parametrize("det", [1, -1])
+def test_slab_rotation_and_reflection(det):
+    """Rotating (or reflecting) positions, cell and multipoles rotates the fields; the plane need not be xy."""
+    g = gen(12)
+    Qm, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=DT))
+    if torch.det(Qm) * det < 0:
+        Qm = -Qm
+    pos, q, mu, th = random_slab(13, n=4, c=2)
+    f = ewald.multipole_fields(pos, q, mu, th, CELL, SLAB, accuracy=1e-10)
+    r = ewald.multipole_fields(pos @ Qm.T, q, mu @ Qm.T, Qm @ th @ Qm.T, CELL @ Qm.T, SLAB, accuracy=1e-10)
+    assert rel(r.potential, f.potential) < 1e-9
+    assert rel(r.field, f.field @ Qm.T) < 1e-9
+    assert rel(r.field_gradient, Qm @ f.field_gradient @ Qm.T) < 1e-9
+
+
+def test_batched_slab_equals_single():
+    pos, q, mu, th = random_slab(14, n=4, c=2)
+    pos2, q2, mu2, th2 = random_slab(15, n=3, c=2)
+    cells = torch.stack([CELL, CELL * 1.1])
+    pbc = torch.tensor([SLAB, [True, True, True]])
+    batch = torch.tensor([0] * 4 + [1] * 3)
+    got = ewald.batched_multipole_fields(torch.cat([pos, pos2]), batch, cells, pbc, torch.cat([q, q2]),
+                                         torch.cat([mu, mu2]), torch.cat([th, th2]))
+    one = ewald.multipole_fields(pos, q, mu, th, CELL, SLAB)
+    for a, b in zip(got, one):
+        assert torch.allclose(a[:4], b, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_slab_input_is_rejected():
+    pos, q, _, _ = random_slab(16, n=3)
+    tilted = CELL.clone()
+    tilted[2] = torch.tensor([1.0, 0.0, 9.0], dtype=DT)
+    cases = [
+        (dict(cell=tilted), r"cell row 2 \(c\) must be orthogonal"),
+        (dict(positions=pos + torch.tensor([0.0, 0.0, 5.0], dtype=DT)), r"atom \d lies at z = .* outside the vacuum-padded"),
+        (dict(positions=pos - torch.tensor([0.0, 0.0, 6.0], dtype=DT)), r"outside the vacuum-padded region"),
+        (dict(cell=CELL * torch.tensor([[1.0], [1.0], [0.0]], dtype=DT)), r"c, the normal direction\) is zero"),
+        (dict(cell=torch.stack([CELL[0], 2 * CELL[0], CELL[2]])), "span no plane"),
+        (dict(pbc=[True, False, True]), r"\[True, True, False\] for a slab"),
+        (dict(cell=None), "slab but no cell"),
+        (dict(cell=torch.tensor([[6.1, 0, 0], [0, 0.05, 0], [0, 0, 9.0]], dtype=DT)), "cell height h_1"),
+    ]
+    for change, message in cases:
+        kwargs = dict(positions=pos, charges=q, cell=CELL, pbc=SLAB)
+        kwargs.update(change)
+        with pytest.raises(ValueError, match=message):
+            ewald.multipole_fields(**kwargs)
