@@ -572,6 +572,8 @@ def parse_args(argv=None):
                    "repeated runs share them (never committed)")
     p.add_argument("--max-time", type=float, default=None, help="stop each run's MD after this many seconds "
                    "(the result reports the simulated time reached)")
+    p.add_argument("--deadline", default=None, help="HH:MM (UTC): stop each run's MD at this time of day "
+                   "(like --max-time; the next such time from now)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--merge", action="store_true", help="keep the other runs' rows already in the results file")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny training, 192-atom water box, 20 steps")
@@ -586,6 +588,16 @@ def parse_args(argv=None):
         v = getattr(args, name)
         if v is not None and not v > 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.deadline is not None:
+        try:
+            hh, mm = (int(x) for x in args.deadline.split(":"))
+            now = datetime.datetime.now(datetime.timezone.utc)
+            end = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+        except ValueError:
+            p.error(f"--deadline must be HH:MM (UTC), got {args.deadline!r}")
+        if end <= now:
+            end += datetime.timedelta(days=1)
+        args.deadline = end
     if args.steps is not None and args.steps < 3:
         p.error(f"--steps must be >= 3 (a drift needs 3 points), got {args.steps}")
     if args.threads < 1 or args.water_molecules < 2 or args.epochs < 0:
@@ -644,8 +656,14 @@ def main(argv=None) -> int:
                          f"{min_intermolecular_distance(atoms):.2f} Å), {d['temperature_k']:.0f} K Maxwell–Boltzmann start, no "
                          f"equilibration")
         log(f"[{run}] {len(atoms)} atoms, {steps} steps of {dt:g} fs; {structure}")
-        row = run_nve(atoms, model, dtype, dt, steps, d["temperature_k"], seed=args.seed, max_time=args.max_time,
+        max_time = args.max_time
+        if args.deadline is not None:
+            left = (args.deadline - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+            max_time = max(1.0, left) if max_time is None else max(1.0, min(max_time, left))
+        row = run_nve(atoms, model, dtype, dt, steps, d["temperature_k"], seed=args.seed, max_time=max_time,
                       log=log, label=run)
+        if args.deadline is not None and row["status"].startswith("stopped by --max-time"):
+            row["status"] = f"stopped by --deadline {args.deadline:%H:%M} UTC at step {row['steps_run']}"
         row.update({"run": run, "system": system, "structure": structure, "model": info, "command": command,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "git_commit": meta.get("git_commit"), "threads": args.threads,
