@@ -212,10 +212,17 @@ def min_intermolecular_distance(atoms, atoms_per_molecule: int = 3) -> float:
 
 
 def _machine_info() -> dict:
+    """The benchmark harness's machine stamp (``benchmarks.harness``, or ``_common`` where the harness
+    is absent) plus the ASE and cartlorem versions."""
+    sys.path.insert(0, str(REPO_ROOT))
     sys.path.insert(0, str(HERE))
     try:
-        from _common import machine_info
+        try:
+            from benchmarks.harness import machine_info
+        except ImportError:
+            from _common import machine_info
     finally:
+        sys.path.remove(str(REPO_ROOT))
         sys.path.remove(str(HERE))
     info = machine_info()
     import ase
@@ -294,8 +301,8 @@ def get_model(system: str, args, log) -> tuple:
         frames = [frames[k] for k in np.sort(idx)]
     settings = {"system": system, "source": source, "frames": len(frames), "epochs": args.epochs,
                 "train_time_s": args.train_time, "seed": args.seed, "model": MODEL_OPTIONS,
-                "train_dtype": args.train_dtype, "commit": _git_commit(),
-                "source_size": os.path.getsize(source), "quick": bool(args.quick)}
+                "train_dtype": args.train_dtype, "source_size": os.path.getsize(source), "quick": bool(args.quick),
+                "cartlorem": getattr(cartlorem, "__version__", None)}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     model_dir = Path(args.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -303,9 +310,14 @@ def get_model(system: str, args, log) -> tuple:
     info_path = path.with_suffix(".json")
     with _locked(path):
         if path.is_file() and info_path.is_file():
-            log(f"[{system}] loading the model trained earlier: {path}")
-            model = cartlorem.load_model(path)
-            return model, json.loads(info_path.read_text())
+            try:
+                model = cartlorem.load_model(path)
+            except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # written by an incompatible version
+                log(f"[{system}] cannot load {path} ({exc}); training a new model")
+            else:
+                info = json.loads(info_path.read_text())
+                log(f"[{system}] loading the model trained earlier (commit {str(info.get('trained_at_commit'))[:10]}): {path}")
+                return model, info
         species = sorted({int(z) for a in frames for z in a.numbers})
         model = cartlorem.CartLorem(species, **MODEL_OPTIONS)
         model = model.to(getattr(torch, args.train_dtype))
@@ -324,7 +336,8 @@ def get_model(system: str, args, log) -> tuple:
                 "valid_energy_mae_mev_per_atom": res.best_metrics.get("energy_mae_mev_per_atom"),
                 "valid_forces_mae_mev_per_a": res.best_metrics.get("forces_mae_mev_per_a"),
                 "scale": float(model.scale), "parameters": int(sum(p.numel() for p in model.parameters())),
-                "key": key}
+                "key": key, "trained_at_commit": _git_commit(),
+                "trained_on": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         log(f"[{system}] trained: {info}")
         cartlorem.save_model(model, path)
         info_path.write_text(json.dumps(info, indent=1))
@@ -568,8 +581,10 @@ def parse_args(argv=None):
     p.add_argument("--train-frames", type=int, default=None, help="train on a random subset of this many frames")
     p.add_argument("--train-dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "cartlorem_nve_models"),
-                   help="trained models are kept here, keyed by settings and git commit, so parallel or "
-                   "repeated runs share them (never committed)")
+                   help="trained models are kept here, keyed by the training settings, so that parallel or "
+                   "repeated runs share them (never committed; the results name the commit each was trained "
+                   "at; a file the current code cannot load is retrained; delete the folder to retrain)")
+    p.add_argument("--train-only", action="store_true", help="train (or find) the models of --runs and stop")
     p.add_argument("--max-time", type=float, default=None, help="stop each run's MD after this many seconds "
                    "(the result reports the simulated time reached)")
     p.add_argument("--deadline", default=None, help="HH:MM (UTC): stop each run's MD at this time of day "
@@ -642,6 +657,8 @@ def main(argv=None) -> int:
         if system not in models:
             models[system] = get_model(system, args, log)
         model, info = models[system]
+        if args.train_only:
+            continue
         if system == "nacl":
             from ase.io import read
 
