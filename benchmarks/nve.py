@@ -469,6 +469,8 @@ def render(payload: dict) -> str:
         lines.append(f"| {r['run']} | {r['atoms']} | {r['dtype']} | {r['timestep_fs']:g} | {sim} | {dtxt} | "
                      f"≤ {r['target_mev_per_atom_per_ps']} | {met} | {_sig(fl)} | {_sig(mx)} | {'—' if tm is None else f'{tm:.0f}'} | {ms} | "
                      f"{r['loadavg_start']:.1f}–{r['loadavg_end']:.1f} | {r['status']} |")
+    if meta.get("reading"):
+        lines += ["", meta["reading"]]
     lines += ["", "Per run: the start structure, the model and the command.", ""]
     for r in rows:
         m = r.get("model", {})
@@ -593,6 +595,8 @@ def parse_args(argv=None):
     p.add_argument("--merge", action="store_true", help="keep the other runs' rows already in the results file")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny training, 192-atom water box, 20 steps")
     p.add_argument("--render", action="store_true", help="only rewrite the .md / .png from the .json")
+    p.add_argument("--note", default=None, help="with --render: a paragraph (Markdown) stored in the results "
+                   "and printed under the table, e.g. why a target was missed")
     args = p.parse_args(argv)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = [r for r in runs if r not in RUNS]
@@ -631,6 +635,10 @@ def main(argv=None) -> int:
     if args.render:
         path = Path(args.out).with_suffix("") if Path(args.out).suffix == ".json" else Path(args.out)
         payload = json.loads(path.with_name(path.name + ".json").read_text())
+        if args.note is not None:
+            with _locked(path.with_name(path.name + ".json")):
+                payload["meta"]["reading"] = args.note
+                path.with_name(path.name + ".json").write_text(json.dumps(payload, indent=1) + "\n")
         path.with_name(path.name + ".md").write_text(render(payload) + "\n")
         plot(payload, path.with_name(path.name + ".png"))
         print(f"wrote {path}.md")
