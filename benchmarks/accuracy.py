@@ -4,20 +4,20 @@ Same data, same split, same loss and optimiser, same budget per model: ``--epoch
 number of epochs for every model: the fair budget on a shared machine, used for the reported run) or
 ``--budget S`` seconds of wall-clock training (the epochs that fit):
 
-* data: /work/shared/data/<set>.xyz (dimers, nacl, sn2, nacl_pbc), split exactly as
-  benchmarks/long_range.py: ``split(len, 0.2, seed)`` for the test set, then
+* data: <set>.xyz (dimers, nacl, sn2, nacl_pbc) from ``--data-dir`` (default ../shared/data), split as
+  every study (``harness.load_split``): ``split(len, 0.2, seed)`` for the test set, then
   ``split(len(rest), 0.1, seed + 1)`` of the rest for validation;
 * models: ``CartLorem(long_range=None | "lorem" | "multipole")`` and MACE (``ScaleShiftMACE``,
-  built by ``speed.build_mace`` at matched settings: 5 Å cutoff, features up to l = 2 with the same
+  built by ``harness.build_mace`` at matched settings: 5 Å cutoff, features up to l = 2 with the same
   C channels, the same correlation, 2 interactions, max_ell 2, 8 Bessel, p = 5 envelope, radial MLP
   3 × 64, readout MLP 16; its reference energies, ⟨neighbours⟩, scale and shift from the training
   set exactly as cartlorem.train sets them);
-* training: cartlorem.train for cartlorem; for MACE a loop that mirrors it (the same
-  ``weighted_loss``, AMSGrad, gradient clipping at 10, EMA 0.99 with the same warm-up, validation
-  with the EMA weights, ReduceLROnPlateau 0.8/5, best-validation weights kept, the same
-  ``max_time`` and epoch rules), on the same batches of cartlorem Graphs converted to MACE's input dict;
+* training: one loop for every model, ``cartlorem.train.train`` (the same ``weighted_loss``, AMSGrad,
+  gradient clipping at 10, EMA 0.99, validation with the EMA weights, ReduceLROnPlateau 0.8/5,
+  best-validation weights kept, the same ``max_time`` and epoch rules); MACE enters it through a
+  wrapper with cartlorem's model contract, on the same batches converted to MACE's input dict;
 * report: energy (meV/atom) and force (meV/Å) MAE and RMSE on the test set, overall and by group
-  (``groups_for`` of long_range.py: dimers by class and by separation < 5, 5–8, ≥ 8 Å, ...), number of
+  (``harness.groups_for``: dimers by class and by separation < 5, 5–8, ≥ 8 Å, ...), number of
   epochs that fit the budget, parity plots and learning curves.
 
 MACE runs in benchmarks/.venv-peers (``bash benchmarks/setup_peers.sh``); without it its column
@@ -33,7 +33,6 @@ accuracy.<set>.curves.png (machine, versions, load and git commit stamped).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -46,11 +45,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-from long_range import DEFAULT_DATA, add_training_arguments, group_errors, groups_for, load_split  # noqa: E402
-from speed import MACE_MISSING, PEER_PYTHON, build_mace, mace_inputs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
+from benchmarks.harness import (MACE_MISSING, PEER_PYTHON, MaceModel, add_data_argument,  # noqa: E402
+                                add_training_arguments, build_mace, group_errors, groups_for, load_split,
+                                machine_info)
 
 VARIANTS = ["none", "lorem", "multipole", "mace"]
 LABEL = {"none": "cartlorem none", "lorem": "cartlorem lorem", "multipole": "cartlorem multipole", "mace": "MACE"}
@@ -60,13 +58,8 @@ TARGET_RATIO = 2.0  # multipole force MAE on dimers beyond 8 Å at least 2× low
 # --------------------------------------------------------------------------------------------------
 # data and metrics
 
-def load_set(name: str, args):
-    """(frames, graphs, species, train_idx, valid_idx, test_idx): long_range.load_split, the same split."""
-    return load_split(name, args)
-
-
 def errors_by_group(pred, masks) -> dict:
-    """long_range.group_errors (MAE) plus the RMSE of the same groups."""
+    """harness.group_errors (MAE) plus the RMSE of the same groups."""
     res = group_errors(pred, masks)
     e_err = (pred.energy_pred - pred.energy_ref) / pred.n_atoms * 1000.0  # [M] meV/atom
     f_err = (pred.forces_pred - pred.forces_ref) * 1000.0  # [N, 3] meV/Å
@@ -89,113 +82,6 @@ def history_rows(history) -> list:
 
 
 # --------------------------------------------------------------------------------------------------
-# MACE: a cartlorem-shaped wrapper and a training loop that mirrors cartlorem.train
-
-def mace_module():
-    import torch
-
-    class MaceModel(torch.nn.Module):
-        """MACE behind cartlorem's model interface: forward(graph, compute_forces, compute_stress,
-        create_graph) → {"energy" [B], "forces" [N, 3], "stress" [B, 3, 3]}; works with
-        cartlorem.evaluate.predict and cartlorem.train.weighted_loss."""
-
-        def __init__(self, mace, species):
-            super().__init__()
-            self.mace, self.species = mace, sorted(species)
-
-        def forward(self, graph, compute_forces=True, compute_stress=None, create_graph=None):
-            p = next(self.parameters())
-            if compute_stress is None:
-                compute_stress = bool(graph.pbc.any())
-            create_graph = self.training if create_graph is None else create_graph
-            data = mace_inputs(graph, self.species, p.dtype, p.device)
-            with torch.enable_grad():
-                out = self.mace(data, training=create_graph, compute_force=compute_forces,
-                                compute_stress=compute_stress)
-            res = {"energy": out["energy"], "forces": out["forces"]}
-            if compute_stress and out.get("stress") is not None:
-                res["stress"] = out["stress"]
-            if not create_graph:
-                res = {k: v.detach() for k, v in res.items()}
-            return res
-
-    return MaceModel
-
-
-def train_mace(model, train_graphs, valid_graphs, *, batch_size, lr, weights, max_time, seed, max_epochs=10**6,
-               ema_decay=0.99, scheduler_factor=0.8, scheduler_patience=5, clip_grad=10.0, valid_batch_size=None):
-    """The loop of cartlorem.train (fresh run, no files) for any model with cartlorem's interface."""
-    import torch
-
-    from cartlorem.evaluate import metrics, predict
-    from cartlorem.graph import collate
-    from cartlorem.train import DEFAULT_WEIGHTS, ExponentialMovingAverage, _validation_loss, weighted_loss
-
-    w = {**DEFAULT_WEIGHTS, **weights}
-    dtype = next(model.parameters()).dtype
-    train_graphs = [g.to(dtype=dtype) for g in train_graphs]
-    valid_graphs = [g.to(dtype=dtype) for g in valid_graphs]
-    valid_batch_size = valid_batch_size or 2 * batch_size
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, amsgrad=True)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=scheduler_factor,
-                                                       patience=scheduler_patience)
-    ema = ExponentialMovingAverage(params, ema_decay)
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    history, best, best_state, epoch_times = [], math.inf, None, []
-    t_call = time.perf_counter()
-    n_batches = math.ceil(len(train_graphs) / batch_size)
-    elapsed = 0.0
-    for epoch in range(1, max_epochs + 1):
-        if epoch_times and time.perf_counter() - t_call + float(np.mean(epoch_times)) > max_time:
-            break
-        t_epoch = time.perf_counter()
-        model.train()
-        order = rng.permutation(len(train_graphs))
-        sum_loss, n_seen, cut = 0.0, 0, False
-        for b in range(n_batches):
-            if b > 0 and time.perf_counter() - t_call > max_time:
-                cut = True
-                break
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            batch = collate([train_graphs[k] for k in idx])
-            want_stress = w["stress"] > 0 and batch.stress is not None and bool(batch.has_stress.any())
-            pred = model(batch, compute_forces=w["forces"] > 0, compute_stress=want_stress, create_graph=True)
-            loss, _ = weighted_loss(pred, batch, w)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite MACE loss at epoch {epoch}, batch {b + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            opt.step()
-            ema.update()
-            sum_loss += float(loss.detach()) * len(idx)
-            n_seen += len(idx)
-        with ema.applied():
-            m = metrics(predict(model, valid_graphs, batch_size=valid_batch_size))
-            valid_loss = _validation_loss(m, w)
-            if valid_loss < best:
-                best = valid_loss
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        lr_now = opt.param_groups[0]["lr"]
-        sched.step(valid_loss)
-        dt = time.perf_counter() - t_epoch
-        epoch_times.append(dt)
-        elapsed += dt
-        history.append({"epoch": epoch, "lr": lr_now, "train_loss": sum_loss / max(n_seen, 1), "valid_loss": valid_loss,
-                        "valid_energy_mae_mev_per_atom": m["energy_mae_mev_per_atom"],
-                        "valid_forces_mae_mev_per_a": m["forces_mae_mev_per_a"], "epoch_time_s": dt,
-                        "elapsed_s": elapsed})
-        if cut:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return history
-
-
-# --------------------------------------------------------------------------------------------------
 # one model on one set (MACE in the peers venv, through --peer-worker)
 
 def run_variant(name: str, variant: str, args) -> dict:
@@ -203,8 +89,9 @@ def run_variant(name: str, variant: str, args) -> dict:
 
     from cartlorem.data import dataset_statistics, fit_reference_energies
     from cartlorem.evaluate import metrics, predict
+    from cartlorem.train import train
 
-    frames, graphs, species, train_idx, valid_idx, test_idx = load_set(name, args)
+    frames, graphs, species, train_idx, valid_idx, test_idx = load_split(name, args)
     masks = groups_for(name, [frames[k] for k in test_idx])
     train_g = [graphs[k] for k in train_idx]
     valid_g = [graphs[k] for k in valid_idx]
@@ -222,22 +109,21 @@ def run_variant(name: str, variant: str, args) -> dict:
                           avg_num_neighbors=stats["avg_num_neighbors"],
                           scale=stats["forces_rms"] or stats["residual_energy_per_atom_std"] or 1.0,
                           shift=stats["residual_energy_per_atom_mean"], correlation=args.correlation)
-        model = mace_module()(mace, species).to(dtype)
+        model = MaceModel(mace, species).to(dtype)
         t0, c0 = time.perf_counter(), time.process_time()
         load0 = os.getloadavg()[0]
-        history = train_mace(model, train_g, valid_g, batch_size=args.batch_size, lr=args.lr, weights=weights,
-                             max_time=args.budget, seed=args.seed, max_epochs=args.epochs or 10**6)
     else:
         import cartlorem
-        from cartlorem.train import train
 
         lr = None if variant == "none" else variant
         model = cartlorem.CartLorem(species, cutoff=args.cutoff, long_range=lr, channels=args.channels,
                                     num_layers=2, correlation=args.correlation, lmax=2, num_basis=8,
                                     radial_hidden=64, readout_hidden=16).to(dtype)
-        res = train(model, train_g, valid_g, epochs=args.epochs or 10_000, batch_size=args.batch_size, lr=args.lr,
-                    max_time=None if math.isinf(args.budget) else args.budget, patience=None, seed=args.seed, progress=False, weights=weights)
-        history = res.history
+    # one loop for every model; MACE's statistics were set when it was built (statistics=False)
+    res = train(model, train_g, valid_g, epochs=args.epochs or 10**6, batch_size=args.batch_size, lr=args.lr,
+                max_time=None if math.isinf(args.budget) else args.budget, patience=None, seed=args.seed,
+                progress=False, weights=weights, statistics=variant != "mace")
+    history = res.history
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
     load1 = os.getloadavg()[0]
@@ -371,7 +257,7 @@ def plots(name, r, stem) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    add_data_argument(p)
     p.add_argument("--sets", default="dimers")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of none, lorem, multipole, mace")
     p.add_argument("--skip-mace", action="store_true")
@@ -397,16 +283,12 @@ def main(argv=None):
 
     import torch
 
-    from _common import machine_info
-
     if args.budget is None:
         args.budget = math.inf if args.epochs else 240.0
     if args.quick:
         args.budget, args.max_frames, args.epochs = 20.0, 120, 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not Path(args.data_dir).is_dir():
-        p.error(f"data folder not found: {args.data_dir} (pass --data-dir)")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.skip_mace and "mace" in variants:
         variants.remove("mace")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,10 +24,9 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
 
-from _common import machine_info, markdown_table, write_results  # noqa: E402
-from speed import ATOMS_PER, make_structure  # noqa: E402
+from benchmarks.harness import ATOMS_PER, machine_info, make_structure, markdown_table, write_results  # noqa: E402
 
 
 def ewald_cpu_seconds(atoms, dtype, repeats: int, channels: int = 4) -> tuple[float, dict]:

@@ -9,7 +9,7 @@ Sources (the same test split as long_range.py / accuracy.py):
 
 * ``--accuracy benchmarks/results/accuracy.json``: the per-atom test predictions stored by
   accuracy.py for every model (cartlorem none / lorem / multipole and MACE);
-* ``--models benchmarks/results/long_range_models``: the dimers_*.pt models saved by long_range.py,
+* ``--models benchmarks/results/long_range_models``: the dimers_*.pt models saved by long_range.py (not committed: run long_range.py first to score them too),
   evaluated here.
 
     python benchmarks/intermolecular.py     # writes benchmarks/results/intermolecular.{md,json}
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
 
-from long_range import DEFAULT_DATA, load_split  # noqa: E402
+from benchmarks.harness import add_data_argument, load_split  # noqa: E402
 
 BINS = [(0.0, 5.0, "sep<5"), (5.0, 8.0, "5<=sep<8"), (8.0, np.inf, "sep>=8")]
 
@@ -65,7 +65,7 @@ def table_rows(frames, fp, fr) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    add_data_argument(p)
     p.add_argument("--accuracy", default=str(HERE / "results" / "accuracy.json"))
     p.add_argument("--models", default=str(HERE / "results" / "long_range_models"))
     p.add_argument("--out", default=str(HERE / "results" / "intermolecular"))

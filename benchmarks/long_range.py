@@ -19,91 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
 import cartlorem  # noqa: E402
-from cartlorem.data import read_dataset, split  # noqa: E402
+from benchmarks.harness import (add_data_argument, add_training_arguments, group_errors,  # noqa: E402
+                                groups_for, load_split, machine_info)
 from cartlorem.evaluate import predict  # noqa: E402
 from cartlorem.train import train  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VARIANTS = [None, "lorem", "multipole"]
-
-
-def groups_for(name: str, frames) -> dict[str, np.ndarray]:
-    """Frame masks by group for the report."""
-    n = len(frames)
-    out = {"all": np.ones(n, bool)}
-    if name == "dimers":
-        cls = np.array([a.info["classes"] for a in frames])
-        sep = np.array([float(a.info["separation"]) for a in frames])
-        for c in sorted(set(cls)):
-            out[f"classes={c}"] = cls == c
-        out["sep<5"] = sep < 5
-        out["5<=sep<8"] = (sep >= 5) & (sep < 8)
-        out["sep>=8"] = sep >= 8
-    elif name == "nacl":
-        cl = np.array([a.info["cluster"] for a in frames])
-        for c in sorted(set(cl)):
-            out[f"cluster={c}"] = cl == c
-    elif name == "sn2":
-        xi = np.abs(np.array([float(a.info["xi"]) for a in frames]))
-        for lo, hi in [(0, 1), (1, 3), (3, 99)]:
-            out[f"{lo}<=abs(xi)<{hi}"] = (xi >= lo) & (xi < hi)
-    return out
-
-
-def group_errors(pred, masks) -> dict:
-    """MAE per group of structures: energy meV/atom, force components meV/Å."""
-    e_err = np.abs(pred.energy_pred - pred.energy_ref) / pred.n_atoms * 1000.0  # [M] meV/atom
-    f_err = np.abs(pred.forces_pred - pred.forces_ref) * 1000.0  # [N, 3] meV/Å
-    res = {}
-    for g, m in masks.items():
-        if m.sum() == 0:
-            continue
-        atoms_in = m[pred.structure]
-        res[g] = {"n": int(m.sum()), "energy_mae_mev_per_atom": float(e_err[m].mean()),
-                  "forces_mae_mev_per_a": float(f_err[atoms_in].mean())}
-    return res
-
-
-def add_training_arguments(p) -> None:
-    """Model, data and optimiser options shared by this study and accuracy.py (same defaults)."""
-    p.add_argument("--channels", type=int, default=16, help="C (for MACE too in accuracy.py)")
-    p.add_argument("--correlation", type=int, default=2, help="body order of the products")
-    p.add_argument("--cutoff", type=float, default=5.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--energy-weight", type=float, default=10.0)
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--max-frames", type=int, default=0, help="use only the first N frames (0: all)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--seed", type=int, default=0)
-
-
-def load_split(name, args):
-    """Frames, graphs, species and the fixed (train, valid, test) split of one data set."""
-    from ase.io import read
-
-    path = Path(args.data_dir) / f"{name}.xyz"
-    frames = read(path, ":")
-    if args.max_frames:
-        frames = frames[: args.max_frames]
-    graphs = read_dataset(frames, args.cutoff, require=("energy", "forces"))
-    species = sorted({int(z) for a in frames for z in a.numbers})
-    rest, test_idx = split(len(graphs), valid_fraction=args.test_fraction, seed=args.seed)
-    tr_local, va_local = split(len(rest), valid_fraction=0.1, seed=args.seed + 1)
-    train_idx, valid_idx = rest[tr_local], rest[va_local]
-    return frames, graphs, species, train_idx, valid_idx, test_idx
 
 
 def evaluate_saved(name, args):
@@ -187,7 +116,7 @@ def to_markdown(all_results, meta) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    add_data_argument(p)
     p.add_argument("--sets", default="dimers,nacl,sn2,nacl_pbc")
     p.add_argument("--epochs", type=int, default=12, help="training epochs per model (the budget)")
     p.add_argument("--budget", type=float, default=None, help="optional wall-clock cap in seconds per model")
@@ -238,8 +167,6 @@ def main(argv=None):
     if args.quick:
         args.epochs, args.max_frames, args.save_models = 1, 120, ""
     torch.set_num_threads(args.threads)
-    if not Path(args.data_dir).is_dir():
-        p.error(f"data folder not found: {args.data_dir} (pass --data-dir)")
     meta = {**machine_info(), "epochs": args.epochs, "budget_s": args.budget, "channels": args.channels, "cutoff": args.cutoff,
             "seed": args.seed, "dtype": args.dtype, "correlation": args.correlation}
     all_results = {}

@@ -17,7 +17,7 @@ bootstrap resamples of the test frames.
 Sources (the same test split as long_range.py / accuracy.py):
 
 * ``--accuracy FILE.json ...``: the test predictions stored by accuracy.py (cartlorem and MACE);
-* ``--models benchmarks/results/long_range_models``: the nacl_*.pt models saved by long_range.py.
+* ``--models benchmarks/results/long_range_models``: the nacl_*.pt models saved by long_range.py (not committed: run long_range.py first to score them too).
 
     python benchmarks/nacl_profile.py     # writes benchmarks/results/nacl_profile.{md,json,png}
     python benchmarks/nacl_profile.py --seed 1 --accuracy benchmarks/results/accuracy.sn2_nacl.seed1.json \
@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
 
-from long_range import DEFAULT_DATA, load_split  # noqa: E402
+from benchmarks.harness import add_data_argument, load_split  # noqa: E402
 
 CLUSTERS = ("Na9Cl8+", "Na8Cl8+")
 GRID = np.linspace(-0.5, 2.4, 30)  # Å, inside the sampled -0.6 … 2.5
@@ -75,7 +75,7 @@ def score(d, cluster, e_pred, e_ref, seed=0) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    add_data_argument(p)
     p.add_argument("--accuracy", nargs="*", default=[str(HERE / "results" / "accuracy.sn2_nacl.json"),
                                                      str(HERE / "results" / "accuracy.nacl_lr0.02.json")])
     p.add_argument("--models", default=str(HERE / "results" / "long_range_models"))

@@ -48,122 +48,25 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
+from benchmarks.harness import (ATOMS_PER, build_mace, machine_info, mace_inputs, make_structure,  # noqa: E402
+                                markdown_table, mem_available_bytes, n_parameters, peak_memory_bytes,
+                                peer_python, proc_kib_field, reset_peak_memory, resolve_device, sync_fn,
+                                time_fn, write_results)
 
-PEER_PYTHON = HERE / ".venv-peers" / "bin" / "python"
-MACE_MISSING = "MACE: not installed — run benchmarks/setup_peers.sh"
 MODELS = ("short", "multipole", "mace")  # "lorem" may be asked for with --models
 MODEL_LABEL = {"short": "cartlorem short-range", "multipole": "cartlorem multipole", "lorem": "cartlorem lorem",
                "mace": "MACE"}
 DEFAULT_SIZES = {"diamond": [3, 5, 7, 9], "water": [3, 4, 6, 8, 10]}
 QUICK_SIZES = {"diamond": [2], "water": [3]}
-ATOMS_PER = {"diamond": lambda n: 8 * n**3, "water": lambda m: 3 * m**3}
 TARGET_SPEEDUP = 2.0  # cartlorem short-range vs MACE, CPU float32, 1000–6000 atoms
 TARGET_LR_SHARE = 0.30  # long-range block ≤ 30 % of the energy+forces time at N ≈ 1000, CPU
-
-
-# --------------------------------------------------------------------------------------------------
-# structures
-
-def diamond(n: int, rattle: float = 0.05, seed: int = 0):
-    """Periodic diamond carbon, a = 3.567 Å, n×n×n conventional cells (8 n³ atoms), positions
-    rattled by ``rattle`` Å (Gaussian, seeded) like a thermal snapshot; the neighbour count is that of
-    the perfect crystal."""
-    from ase.build import bulk
-
-    atoms = bulk("C", "diamond", a=3.567, cubic=True).repeat((n, n, n))
-    if rattle:
-        atoms.rattle(rattle, seed=seed)
-    return atoms
-
-
-def water_box(m: int, density: float = 1.0, seed: int = 0):
-    """Periodic box of m³ water molecules on a cubic grid at ``density`` g/cm³, random orientations."""
-    from ase import Atoms
-    from ase.units import _Nav
-
-    rng = np.random.default_rng(seed)
-    spacing = (18.015 / (density * _Nav) * 1e24) ** (1.0 / 3.0)  # Å per molecule (cube root of volume)
-    angle = math.radians(104.52)
-    local = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0],
-                      [0.9572 * math.cos(angle), 0.9572 * math.sin(angle), 0.0]])  # O, H, H
-    local -= local.mean(0)
-    positions = []
-    for idx in np.ndindex(m, m, m):
-        q = rng.normal(size=4)
-        q /= np.linalg.norm(q)
-        w, x, y, z = q  # uniform random rotation from a unit quaternion
-        rot = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
-        positions.append((np.array(idx) + 0.5) * spacing + local @ rot.T)
-    L = m * spacing
-    return Atoms("OH2" * m**3, positions=np.concatenate(positions), cell=np.eye(3) * L, pbc=True)
-
-
-def make_structure(system: str, size: int):
-    return diamond(size) if system == "diamond" else water_box(size)
-
-
-# --------------------------------------------------------------------------------------------------
-# MACE at matched settings (imported by accuracy.py as well; needs the peers venv)
-
-def build_mace(species, channels: int = 64, cutoff: float = 5.0, *, atomic_energies=None,
-               avg_num_neighbors: float = 10.0, scale: float = 1.0, shift: float = 0.0,
-               correlation: int = 3, num_interactions: int = 2):
-    """ScaleShiftMACE with the settings that match cartlorem's defaults (see the module docstring)."""
-    import torch
-    from e3nn import o3
-    from mace import modules
-
-    species = sorted(int(z) for z in species)
-    e0 = np.array([float((atomic_energies or {}).get(z, 0.0)) for z in species])
-    return modules.ScaleShiftMACE(
-        r_max=float(cutoff), num_bessel=8, num_polynomial_cutoff=5, max_ell=2,
-        interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
-        interaction_cls_first=modules.interaction_classes["RealAgnosticInteractionBlock"],
-        num_interactions=num_interactions, num_elements=len(species),
-        hidden_irreps=o3.Irreps(f"{channels}x0e+{channels}x1o+{channels}x2e"),
-        MLP_irreps=o3.Irreps("16x0e"), atomic_energies=e0, avg_num_neighbors=float(avg_num_neighbors),
-        atomic_numbers=species, correlation=correlation, gate=torch.nn.functional.silu,
-        radial_MLP=[64, 64, 64], use_reduced_cg=False,
-        atomic_inter_scale=float(scale), atomic_inter_shift=float(shift),
-    )
-
-
-def mace_inputs(graph, species, dtype=None, device=None) -> dict:
-    """cartlorem Graph → MACE's input dict (same edges: sender = centre i, receiver = neighbour j).
-
-    MACE's edge vector is positions[receiver] − positions[sender] + shifts, cartlorem's r_ij =
-    positions[j] − positions[i] + edge_shift @ cell: the same vector with edge_index unchanged. The
-    neighbour list is full (both directions), so every atom receives the messages of all neighbours.
-    """
-    import torch
-
-    g = graph.to(device=device, dtype=dtype)
-    species = sorted(int(z) for z in species)
-    index = torch.full((119,), -1, dtype=torch.long, device=g.species.device)
-    index[species] = torch.arange(len(species), device=g.species.device)
-    one_hot = torch.nn.functional.one_hot(index[g.species], len(species)).to(g.positions.dtype)
-    i = g.edge_index[0]
-    shifts = torch.einsum("ek,ekx->ex", g.edge_shift, g.cell[g.batch[i]])
-    counts = torch.bincount(g.batch, minlength=g.num_graphs)
-    ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    return {"positions": g.positions.clone(), "node_attrs": one_hot, "edge_index": g.edge_index,
-            "shifts": shifts, "unit_shifts": g.edge_shift, "cell": g.cell.reshape(-1, 3),
-            "batch": g.batch, "ptr": ptr, "pbc": g.pbc}
-
-
-def n_parameters(model) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
 
 
 # --------------------------------------------------------------------------------------------------
 # worker: one point in a fresh process
 
 def _rss_bytes():
-    from _common import proc_kib_field
 
     return proc_kib_field("/proc/self/status", "VmRSS")
 
@@ -172,7 +75,6 @@ def worker(spec: dict) -> dict:
     """Build the structure and model of ``spec``, time energy + forces, measure the call's peak memory."""
     import torch
 
-    from _common import peak_memory_bytes, reset_peak_memory, resolve_device, sync_fn, time_fn
     from cartlorem.graph import atoms_to_graph, neighbour_list
 
     if spec.get("threads"):
@@ -303,17 +205,6 @@ def profile_call(model, call, model_name: str, row_limit: int = 18) -> dict:
 # --------------------------------------------------------------------------------------------------
 # driver
 
-def peer_python() -> tuple[str | None, str | None]:
-    """(interpreter that can import mace, None) or (None, reason)."""
-    if not PEER_PYTHON.exists():
-        return None, MACE_MISSING
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
-    r = subprocess.run([str(PEER_PYTHON), "-c", "import mace.modules"], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        return None, f"{MACE_MISSING} (import failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})"
-    return str(PEER_PYTHON), None
-
-
 #: ``--malloc tuned``: glibc keeps freed memory in its heap instead of returning every large tensor to
 #: the kernel (each fresh mmap costs a page fault per 4 KiB on the next call); the same for every model
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
@@ -402,7 +293,6 @@ def main(argv=None):
         print(Path(args.out + ".md").read_text())
         return
 
-    from _common import machine_info
 
     if args.quick:
         args.repeats, args.budget = 1, min(args.budget, 60.0)
@@ -481,7 +371,6 @@ def main(argv=None):
 
 def run_model_point(args, rows, loads, last, device, dtype, C, system, size, model, mace_python, mace_reason):
     """One row: run the point in a fresh process, or say why it was skipped (budget, memory, no MACE)."""
-    from _common import mem_available_bytes
 
     n_atoms = ATOMS_PER[system](size)
     row = {"device": device, "dtype": dtype, "channels": C, "system": system, "size": size, "n_atoms": n_atoms,
@@ -610,7 +499,6 @@ def _fmt(x, spec):
 
 
 def write_outputs(rows, meta, summary, out):
-    from _common import markdown_table, write_results
 
     table_rows = []
     for r in rows:

@@ -52,9 +52,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import (  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project
+from benchmarks.harness import (  # noqa: E402
     machine_info, markdown_table, mem_available_bytes, peak_memory_bytes, reset_peak_memory,
     resolve_device, sync_fn, time_fns, write_results,
 )

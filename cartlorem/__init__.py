@@ -1,6 +1,6 @@
 """cartlorem: interatomic potentials on irreducible Cartesian tensors with long-range equivariant messages.
 
-Public API (DESIGN.md): ``tensors``, ``ewald``, ``CartLorem``, ``CartLoremCalculator``,
+Public API (docs/DESIGN.md): ``tensors``, ``ewald``, ``CartLorem``, ``CartLoremCalculator``,
 ``save_model``, ``load_model``. Submodules are imported on first use so that ``import cartlorem``
 stays light.
 """
@@ -15,7 +15,10 @@ _LAZY = {
     "load_model": ("cartlorem.model", "load_model"),
     "CartLoremCalculator": ("cartlorem.calculator", "CartLoremCalculator"),
 }
-_SUBMODULES = {"tensors", "ewald", "units", "graph", "data", "testing", "nn", "model", "train", "calculator", "evaluate", "cli", "datasets"}
+_SUBMODULES = {
+    "tensors", "ewald", "units", "graph", "data", "testing", "nn", "model", "forces", "train", "training",
+    "config", "calculator", "evaluate", "md", "demo", "fileio", "cli", "datasets",
+}
 
 __all__ = ["tensors", "ewald", "units", "CartLorem", "CartLoremCalculator", "save_model", "load_model"]
 

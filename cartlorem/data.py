@@ -1,4 +1,4 @@
-"""Datasets: extxyz → labelled graphs, per-species reference energies, statistics, splits, batches.
+"""Datasets: extxyz → labelled graphs, per-species reference energies, statistics, splits.
 
 Labels are read either from ASE single-point results (``"calc"``, what ``ase.io.read`` returns for
 the standard extxyz keys ``energy``/``forces``/``stress``) or MACE-style from named entries in
@@ -12,22 +12,20 @@ Typical use::
     refs = fit_reference_energies(graphs, species=[1, 8, 11, 17])
     stats = dataset_statistics(graphs, refs)
     train_idx, valid_idx = split(graphs, valid_fraction=0.1, seed=0)
-    rng = np.random.default_rng(0)
-    for epoch in range(n_epochs):
-        for batch in batches([graphs[k] for k in train_idx], 8, shuffle=True, seed=rng):
-            ...
+
+Batches for training are made by ``cartlorem.training`` (a DataLoader with ``graph.collate``).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .graph import Graph, atoms_to_graph, collate
+from .graph import Graph, atoms_to_graph
 
 __all__ = [
     "attach_labels",
@@ -35,7 +33,6 @@ __all__ = [
     "fit_reference_energies",
     "dataset_statistics",
     "split",
-    "batches",
 ]
 
 LABELS = ("energy", "forces", "stress")
@@ -219,7 +216,11 @@ def read_dataset(
     graphs = []
     for k, atoms in enumerate(frames):
         where = f"{source}, frame {k}"
-        g = atoms_to_graph(atoms, cutoff, keys=keys, dtype=dtype, label=where)
+        g = atoms_to_graph(atoms, cutoff, dtype=dtype, label=where)
+        try:
+            g = attach_labels(g, atoms, keys)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
         for name in require:
             if not bool(getattr(g, f"has_{name}")[0]):
                 raise ValueError(_missing_label_message(frames, k, source, name, keys[name]))
@@ -365,7 +366,7 @@ def dataset_statistics(
 
 
 # --------------------------------------------------------------------------------------------------
-# splitting and batching
+# splitting
 
 
 def split(graphs_or_len: Union[Sequence, int], valid_fraction: float = 0.1, seed: int = 0):
@@ -385,30 +386,3 @@ def split(graphs_or_len: Union[Sequence, int], valid_fraction: float = 0.1, seed
         n_valid = min(max(n_valid, 1), n - 1)
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_valid:]).astype(np.int64), np.sort(perm[:n_valid]).astype(np.int64)
-
-
-def batches(
-    graphs: Sequence[Graph],
-    batch_size: int,
-    shuffle: bool = False,
-    seed: Union[None, int, np.random.Generator] = None,
-    *,
-    drop_last: bool = False,
-) -> Iterator[Graph]:
-    """Yield ``collate``d batches of ``batch_size`` graphs (the last one may be smaller).
-
-    shuffle: visit the graphs in a random order drawn from ``seed`` (an int, or a
-    ``numpy.random.Generator`` that you create once and pass every epoch so that epochs differ;
-    None draws fresh entropy). drop_last: skip a final incomplete batch.
-    """
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    batch_size = int(batch_size)
-    order = np.arange(len(graphs))
-    if shuffle:
-        order = np.random.default_rng(seed).permutation(len(graphs))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        if drop_last and len(idx) < batch_size:
-            return
-        yield collate([graphs[int(k)] for k in idx])

@@ -16,13 +16,14 @@ has one), ``n_structures``, ``n_atoms``, and the labelled counts ``n_energy``, `
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from .fileio import atomic_write
 from .graph import Graph, collate
 
 __all__ = ["Predictions", "predict", "metrics", "evaluate", "format_table", "parity_plot"]
@@ -70,14 +71,15 @@ def predict(
 ) -> Predictions:
     """Run ``model`` on ``graphs`` in batches (eval mode, no graph kept) and collect predictions.
 
-    compute_stress: None predicts stresses only for batches that carry stress labels.
+    graphs: a list (or any map-style dataset) of graphs; each batch is cast to the dtype and
+    device of the model's parameters. compute_stress: None predicts stresses only for batches that carry stress labels.
     """
-    graphs = list(graphs)
-    if not graphs:
+    if len(graphs) == 0:
         raise ValueError("no structures to evaluate")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    device = next(model.parameters()).device
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    device, dtype = (floats[0].device, floats[0].dtype) if floats else (torch.device("cpu"), None)
     was_training = model.training
     model.eval()
     cols = {
@@ -98,14 +100,12 @@ def predict(
         )
     }
     offset = 0
-    steps = range(0, len(graphs), batch_size)
-    if progress:
-        from .train import _progress
-
-        steps = _progress(steps, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True)
+    steps = tqdm(range(0, len(graphs), batch_size), desc="evaluating", unit="batch", leave=False,
+                 dynamic_ncols=True, disable=not progress)
     try:
         for start in steps:
-            batch = collate(graphs[start : start + batch_size]).to(device=device)
+            chunk = [graphs[k] for k in range(start, min(start + batch_size, len(graphs)))]
+            batch = collate(chunk).to(device=device, dtype=dtype)
             B, N = batch.num_graphs, int(batch.positions.shape[0])
             has_stress = (
                 batch.has_stress if batch.has_stress is not None else torch.zeros(B, dtype=torch.bool)
@@ -224,7 +224,5 @@ def parity_plot(p: Predictions, path) -> bool:
         ax.set_xlabel("reference")
         ax.set_ylabel("predicted")
         ax.set_title(title)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     return True

@@ -149,15 +149,10 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     return i.astype(np.int64), j.astype(np.int64), s.astype(np.int64)
 
 
-def atoms_to_graph(
-    atoms, cutoff: float, *, keys: Optional[dict] = None, dtype=torch.float64, label: Optional[str] = None
-) -> Graph:
-    """One ``ase.Atoms`` → :class:`Graph` (B = 1) with edges within ``cutoff`` Å.
-
-    ``keys`` selects reference labels to attach: a dict with entries "energy", "forces", "stress"
-    naming either ``"calc"`` (ASE single-point results) or an ``atoms.info``/``atoms.arrays`` key
-    (MACE-style ``REF_energy`` …). Missing labels are recorded in the ``has_*`` masks. ``label``
-    names the structure in error messages (default: its chemical formula).
+def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional[str] = None) -> Graph:
+    """One ``ase.Atoms`` → :class:`Graph` (B = 1) with edges within ``cutoff`` Å, without labels
+    (``cartlorem.data.read_dataset`` attaches those). ``label`` names the structure in error
+    messages (default: its chemical formula).
     """
     positions = np.asarray(atoms.get_positions(), dtype=np.float64)
     pbc = np.asarray(atoms.get_pbc(), dtype=bool)
@@ -171,7 +166,7 @@ def atoms_to_graph(
     except ValueError as err:
         raise ValueError(f"{label}: {err}") from None
     n = len(atoms)
-    g = Graph(
+    return Graph(
         positions=torch.tensor(positions, dtype=dtype),
         species=torch.tensor(atoms.get_atomic_numbers(), dtype=torch.long),
         batch=torch.zeros(n, dtype=torch.long),
@@ -183,14 +178,6 @@ def atoms_to_graph(
         edge_index=torch.tensor(np.stack([i, j]), dtype=torch.long),
         edge_shift=torch.tensor(s, dtype=dtype),
     )
-    if keys:
-        from .data import attach_labels  # labels are the data layer's business
-
-        try:
-            g = attach_labels(g, atoms, keys)
-        except ValueError as err:
-            raise ValueError(f"{label}: {err}") from None
-    return g
 
 
 def collate(graphs: Sequence[Graph]) -> Graph:

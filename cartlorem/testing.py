@@ -1,4 +1,19 @@
-"""Checks shipped for users and for our own tests: equivariance under O(3), finite differences."""
+"""Checks shipped for users and for our own tests: run them on your own model variant.
+
+Tensor level: :func:`assert_equivariant` (any function of Cartesian tensors, rotations and
+reflections). Model level, for any module with the output contract of ``cartlorem.training``
+(``model(graph, compute_stress=...)`` → "energy" [B] eV, "forces" [N, 3] eV/Å, "stress"
+[B, 3, 3] eV/Å³) and a ``cutoff`` attribute in Å (or pass ``cutoff=``):
+
+* :func:`check_o3_invariance`      energy invariant, forces equivariant under O(3) and translations
+* :func:`check_forces_fd`          forces = −∂E/∂r against central finite differences
+* :func:`check_stress_fd`          stress = (1/V) ∂E/∂ε against finite strains
+* :func:`check_batch_equals_single` a batch of structures = each structure alone
+* :func:`check_cutoff_smoothness`  energy and force of a dimer continuous as it crosses the cutoff
+
+Each returns the worst error (relative unless stated); compare it with a tolerance, e.g.
+``assert check_forces_fd(model, atoms) < 1e-6`` in float64.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +21,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["random_orthogonal", "rotate", "assert_equivariant"]
+__all__ = [
+    "random_orthogonal",
+    "rotate",
+    "assert_equivariant",
+    "check_o3_invariance",
+    "check_forces_fd",
+    "check_stress_fd",
+    "check_batch_equals_single",
+    "check_cutoff_smoothness",
+]
 
 
 def random_orthogonal(det: float = 1.0, *, dtype=torch.float64, generator: Optional[torch.Generator] = None):
@@ -76,14 +100,21 @@ def assert_equivariant(
     return worst
 
 
-# --- model-level checks (used by our test suite; usable on any CartLorem) ------------------------
+# --- model-level checks (used by our test suite; usable on any model with the output contract) ----
+
+
+def _graph(model, atoms, cutoff=None):
+    from .graph import atoms_to_graph
+
+    cutoff = getattr(model, "cutoff", None) if cutoff is None else cutoff
+    if cutoff is None:
+        raise ValueError("the model has no 'cutoff' attribute: pass cutoff= (Å)")
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    return atoms_to_graph(atoms, cutoff, dtype=dtype)
 
 
 def _predict(model, atoms, cutoff=None, stress=None):
-    from .graph import atoms_to_graph
-
-    g = atoms_to_graph(atoms, model.cutoff if cutoff is None else cutoff, dtype=model.dtype)
-    return model(g, compute_stress=stress)
+    return model(_graph(model, atoms, cutoff), compute_stress=stress)
 
 
 def check_o3_invariance(model, atoms, *, seed: int = 0) -> float:
@@ -144,3 +175,63 @@ def check_stress_fd(model, atoms, *, h: float = 1e-4) -> float:
         fd = (es[0] - es[1]) / (2 * h) / vol
         worst = max(worst, abs(fd - float(s[x, y])) / float(s.abs().max().clamp_min(1e-12)))
     return worst
+
+
+def check_batch_equals_single(model, structures, *, cutoff: Optional[float] = None) -> float:
+    """Predict ``structures`` (a list of ase.Atoms) one by one and as one collated batch.
+
+    Returns the worst absolute difference of energies (eV), forces (eV/Å) and, for periodic
+    structures, stresses (eV/Å³), relative to the largest |value| of that quantity (1 if zero).
+    Non-periodic structures in the batch must get a zero stress row.
+    """
+    from .graph import collate
+
+    graphs = [_graph(model, a, cutoff) for a in structures]
+    singles = [model(g, compute_stress=True) for g in graphs]
+    batch = model(collate(graphs), compute_stress=True)
+    worst = 0.0
+    for key in ("energy", "forces", "stress"):
+        if key not in batch:
+            continue
+        ref = torch.cat([s[key].detach() for s in singles])
+        scale = float(ref.abs().max()) or 1.0
+        worst = max(worst, float((batch[key].detach() - ref).abs().max()) / scale)
+    if "stress" in batch:
+        for k, a in enumerate(structures):
+            if not a.pbc.any() and bool(batch["stress"][k].abs().max() > 0):
+                raise AssertionError(f"structure {k} is not periodic but has a non-zero stress in the batch")
+    return worst
+
+
+def check_cutoff_smoothness(model, symbols: str = "OH", *, h: float = 1e-6,
+                            cutoff: Optional[float] = None) -> dict:
+    """A dimer ``symbols`` at separations r_c − h and r_c + h across the cutoff r_c (Å).
+
+    Returns absolute values: "energy_jump" |E(r_c − h) − E(r_c + h)| (eV), "force_inside" |F| at
+    r_c − h and "force_jump" |F(r_c − h) − F(r_c + h)| (eV/Å) on the second atom, and
+    "energy_range" |E(r_c − 0.5) − E(r_c + h)| (eV), which must be far from zero for the check to
+    mean anything (the pair does interact inside the cutoff). For a short-range model the jumps
+    and the force inside go to zero with h; a long-range term adds a smooth part (its force is
+    not zero at r_c, but it does not jump).
+    """
+    from ase import Atoms
+
+    rc = getattr(model, "cutoff", None) if cutoff is None else cutoff
+    if rc is None:
+        raise ValueError("the model has no 'cutoff' attribute: pass cutoff= (Å)")
+    if len(Atoms(symbols)) != 2:
+        raise ValueError(f"symbols must name two atoms, got {symbols!r}")
+
+    def energy_force(d):
+        out = _predict(model, Atoms(symbols, positions=[[0, 0, 0], [d, 0, 0]]), cutoff=rc)
+        return float(out["energy"].detach().sum()), out["forces"][1].detach()
+
+    e_in, f_in = energy_force(rc - h)
+    e_out, f_out = energy_force(rc + h)
+    e_near, _ = energy_force(rc - 0.5)
+    return {
+        "energy_jump": abs(e_in - e_out),
+        "force_inside": float(f_in.norm()),
+        "force_jump": float((f_in - f_out).norm()),
+        "energy_range": abs(e_near - e_out),
+    }

@@ -5,7 +5,7 @@
 Without ``--model`` the model of a previous ``cartlorem demo`` run (./cartlorem_demo_run/model.pt)
 is used if there is one; otherwise a small model is first trained for ~30 s on the bundled demo
 data (a rough potential; ``cartlorem demo`` or ``cartlorem train`` make better ones).
-Velocity Verlet at 0.5 fs from a Maxwell–Boltzmann distribution at 300 K; a good potential and
+Velocity Verlet at 0.5 fs from a Maxwell–Boltzmann distribution at 300 K (cartlorem.md.run_nve); a good potential and
 integrator conserve the total energy, so its drift measures the smoothness of the model.
 """
 
@@ -13,14 +13,11 @@ import argparse
 import os
 
 import ase.io
-import numpy as np
 import torch
-from ase import units
-from ase.md import velocitydistribution as vd
-from ase.md.verlet import VelocityVerlet
 
 import cartlorem
 from cartlorem.datasets import demo_path
+from cartlorem.md import run_nve
 
 DEMO_MODEL = os.path.join("cartlorem_demo_run", "model.pt")
 
@@ -77,30 +74,17 @@ def main():
     atoms = ase.io.read(data, index=0)
     atoms.calc = cartlorem.CartLoremCalculator(model, dtype="float64", skin=0.5)
 
-    rng = np.random.default_rng(0)
-    if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.29
-        vd.thermalize_momenta(atoms, args.temperature, rng=rng)
-    else:
-        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
-    vd.Stationary(atoms)
-    vd.ZeroRotation(atoms)
-
-    dyn = VelocityVerlet(atoms, timestep=args.timestep * units.fs)
-    times, etot = [], []
-
-    def record():
-        times.append(dyn.nsteps * args.timestep / 1000.0)  # ps
-        etot.append(atoms.get_total_energy())
-
-    dyn.attach(record, interval=1)
-    dyn.run(args.steps)
-    t, e = np.array(times), np.array(etot) / len(atoms)  # ps, eV/atom
-    drift = np.polyfit(t, e, 1)[0] * 1000.0
+    md = run_nve(atoms, steps=args.steps, timestep_fs=args.timestep, temperature_K=args.temperature, seed=0)
+    if md["error"]:
+        print(md["error"])
     print(
-        f"{atoms.get_chemical_formula()}: {args.steps} steps of {args.timestep} fs, final T "
-        f"{atoms.get_temperature():.0f} K"
+        f"{atoms.get_chemical_formula()}: {md['steps_done']} steps of {args.timestep} fs from "
+        f"{md['temperature'][0]:.0f} K, final T {md['temperature'][-1]:.0f} K"
     )
-    print(f"energy drift {drift:+.3f} meV/atom/ps; max |ΔE| {np.abs(e - e[0]).max() * 1000:.3f} meV/atom")
+    print(
+        f"energy drift {md['drift_mev_per_atom_per_ps']:+.3f} meV/atom/ps; "
+        f"max |ΔE| {md['max_abs_de_mev_per_atom']:.3f} meV/atom"
+    )
 
 
 if __name__ == "__main__":

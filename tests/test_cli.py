@@ -3,12 +3,12 @@
 import json
 
 import ase.io
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from cartlorem import cli, load_model
+from cartlorem.config import option_names
 from conftest import emt_frames  # noqa: E402  (tests/ is on sys.path under pytest)
 
 TINY_CONFIG = {
@@ -71,7 +71,7 @@ def test_train_evaluate_round_trip(files, tmp_path, capsys):
     written = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert written["epochs"] == 1  # the flag overrides the config file
     assert written["channels"] == 8 and written["seed"] == 1
-    every = {o.name for o in cli._train_options()}
+    every = set(option_names())
     assert set(written) == every  # every option, defaults included
     assert written["ema_decay"] == 0.99 and written["lmax"] == 2 and written["species"] == ["Cu", "Ag"]
     assert len((run_dir / "log.csv").read_text().strip().splitlines()) == 2
@@ -149,6 +149,10 @@ def test_demo_runs_on_small_data(files, tmp_path, capsys):
     )
     assert code == 0, err
     assert "energy drift" in out and "meV/atom/ps" in out
+    # the MD starts at the temperature it announces
+    announced = float(out.split(" fs at ")[1].split(" K")[0])
+    started = float(out.split("; T ")[1].split(" K at the start")[0])
+    assert started == pytest.approx(announced, abs=0.5)
     assert (tmp_path / "demo" / "model.pt").is_file() and (tmp_path / "demo" / "md.csv").is_file()
     assert len((tmp_path / "demo" / "md.csv").read_text().strip().splitlines()) == 12  # header + steps 0..10
 
@@ -237,3 +241,44 @@ def test_bad_flags(files, tmp_path, capsys):
         files / "tiny.yaml",
     )
     _assert_user_error(code, err, "REF_energy")
+
+
+def test_epochs_zero_names_no_model_file(files, tmp_path, capsys):
+    code, out, err = run(
+        capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml", "--out", tmp_path / "r",
+        "--epochs", 0,
+    )
+    assert code == 0, err
+    assert not (tmp_path / "r" / "model.pt").exists()
+    assert "model.pt" not in out and "no model file was written" in out
+    # the statistics line prints the shift as a number a reader can use (no 2.4e-14)
+    line = next(ln for ln in err.splitlines() if ln.startswith("statistics from"))
+    assert "e-" not in line.split("shift")[1]
+
+
+def test_help_texts_say_what_flags_do(capsys):
+    for command in ("train", "evaluate", "demo"):
+        code, out, _ = run(capsys, command, "--help")
+        text = " ".join(out.split())
+        assert "--no-progress turn off" in text, command
+        assert "(default: None)" not in text, command
+        for option in text.split(" --"):  # one default per option's help
+            assert option.count("(default:") <= 1, (command, option)
+
+
+def test_config_python_yaml_and_flags_agree(files, tmp_path):
+    from cartlorem.config import Config
+
+    cfg = Config.from_yaml(files / "tiny.yaml")
+    assert cfg == Config(**{k: v for k, v in yaml.safe_load((files / "tiny.yaml").read_text()).items()})
+    assert cfg.model_kwargs()["channels"] == 8 and cfg.model_kwargs()["long_range"] is None
+    assert cfg.train_kwargs()["batch_size"] == 4 and cfg.train_kwargs()["weights"]["forces"] == 10.0
+    cfg.replace(species=[29, 47]).to_yaml(tmp_path / "c.yaml")
+    back = Config.from_yaml(tmp_path / "c.yaml")
+    assert back == cfg.replace(species=[29, 47])
+    model = cfg.build_model([29, 47])
+    assert {k: model.config[k] for k in cfg.model_kwargs()} == {**cfg.model_kwargs(), "long_range_options": {}}
+    with pytest.raises(ValueError, match="did you mean 'batch_size'"):
+        Config.from_dict({"batch_sise": 3})
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        Config(lr=0)

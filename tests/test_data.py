@@ -1,4 +1,4 @@
-"""Data layer: reading labelled extxyz, reference energies, statistics, splits and batches."""
+"""Data layer: reading labelled extxyz, reference energies, statistics, splits."""
 
 import ase.io
 import numpy as np
@@ -11,13 +11,12 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from cartlorem.data import (
     attach_labels,
-    batches,
     dataset_statistics,
     fit_reference_energies,
     read_dataset,
     split,
 )
-from cartlorem.graph import atoms_to_graph
+from cartlorem.graph import atoms_to_graph, collate
 
 
 def _emt_crystal(make_crystal, seed):
@@ -208,7 +207,7 @@ def test_reference_energies_recover_known_values(make_molecule):
         assert fit[z] == pytest.approx(e, rel=1e-7, abs=1e-6)
     assert fit[17] == 0.0  # a known species that is absent from the data
     # works on batches too, and ignores structures without energies
-    batch = next(batches(graphs, len(graphs)))
+    batch = collate(graphs)
     fit2 = fit_reference_energies([batch], species=[1, 6, 8, 29])
     assert fit2[8] == pytest.approx(refs[8], rel=1e-7)
     with pytest.raises(ValueError, match=r"species 29 \(Cu\)"):
@@ -269,30 +268,6 @@ def test_statistics(labelled):
     assert stats["residual_energy_per_atom_std"] == pytest.approx(np.std(resid), abs=1e-12)
     with pytest.raises(ValueError, match="no reference energy"):
         dataset_statistics(graphs, {1: 0.0})
-
-
-def test_batches_cover_each_graph_once(make_molecule):
-    graphs = [atoms_to_graph(make_molecule(n_atoms=3 + k % 4, seed=k), 3.0) for k in range(10)]
-    sizes = [b.num_graphs for b in batches(graphs, 4)]
-    assert sizes == [4, 4, 2]
-    assert [b.num_graphs for b in batches(graphs, 4, drop_last=True)] == [4, 4]
-    first = torch.cat([b.positions for b in batches(graphs, 3)])
-    assert torch.equal(first, torch.cat([g.positions for g in graphs]))
-
-    def order(seed):
-        seen = []
-        for b in batches(graphs, 3, shuffle=True, seed=seed):
-            for k in range(b.num_graphs):
-                pos = b.positions[b.batch == k]
-                seen.append(next(n for n, g in enumerate(graphs) if torch.equal(g.positions, pos)))
-        return seen
-
-    assert sorted(order(0)) == list(range(10))
-    assert order(0) == order(0) and order(0) != order(1)
-    rng = np.random.default_rng(0)
-    assert order(rng) != order(rng)  # one generator, successive epochs differ
-    with pytest.raises(ValueError, match="batch_size"):
-        next(batches(graphs, 0))
 
 
 def test_bundled_demo_dataset():

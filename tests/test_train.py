@@ -9,7 +9,7 @@ import torch
 from cartlorem import CartLorem, load_model
 from cartlorem.data import dataset_statistics, fit_reference_energies, read_dataset
 from cartlorem.evaluate import evaluate, metrics, predict
-from cartlorem.train import NonFiniteLossError, _validation_loss, train
+from cartlorem.train import NonFiniteLossError, train, validation_loss
 from conftest import emt_frames  # noqa: E402  (tests/ is on sys.path under pytest)
 
 CUTOFF = 3.0
@@ -32,7 +32,7 @@ def tiny_model(seed=0):
 
 def loss_on(model, graphs, weights=None):
     w = {"energy": 1.0, "forces": 10.0, "stress": 1.0, **(weights or {})}
-    return _validation_loss(metrics(predict(model, graphs)), w)
+    return validation_loss(metrics(predict(model, graphs)), w)
 
 
 SETTINGS = dict(batch_size=4, lr=1e-2, progress=False, seed=3)
@@ -192,3 +192,140 @@ def test_metrics_equal_hand_computed(data):
 
     clusters = [g for g in graphs if not bool(g.pbc.any())]
     assert "stress_mae_mev_per_a3" not in evaluate(model, clusters)
+
+
+class PairModel(torch.nn.Module):
+    """Not a CartLorem: E = Σ_Z e_Z n_Z + Σ_edges a exp(−b r); forces and stress by autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.e0 = torch.nn.Parameter(torch.zeros(119, dtype=torch.float64))
+        self.a = torch.nn.Parameter(torch.tensor(0.1, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def energy(self, graph, positions, cell):
+        r = graph.edge_vectors(positions, cell).norm(dim=-1)
+        node = self.e0[graph.species].index_add(0, graph.edge_index[0], 0.5 * self.a * torch.exp(-self.b * r))
+        return {"energy": torch.zeros(graph.num_graphs, dtype=node.dtype).index_add(0, graph.batch, node)}
+
+    def forward(self, graph, compute_forces=True, compute_stress=False, create_graph=False):
+        from cartlorem.forces import with_derivatives
+
+        return with_derivatives(self.energy, graph, compute_forces=compute_forces,
+                                compute_stress=bool(compute_stress), create_graph=create_graph)
+
+
+def test_trains_any_module_with_the_output_contract(data, tmp_path):
+    train_set, valid_set = data
+    model, energy_only = PairModel(), {"energy": 1.0, "forces": 0.0, "stress": 0.0}
+    before = loss_on(model, train_set, energy_only)
+    with pytest.raises(TypeError, match="statistics=False"):
+        train(model, train_set, valid_set, epochs=1, **SETTINGS)
+    settings = {**SETTINGS, "lr": 0.1}
+    result = train(model, train_set, valid_set, epochs=4, weights=energy_only, statistics=False,
+                   out_dir=tmp_path, **settings)
+    assert loss_on(model, train_set, energy_only) < 0.7 * before
+    assert result.epochs_completed == 4
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved["class"] == "PairModel"
+    assert torch.equal(saved["state_dict"]["a"], model.a.detach())
+    # resume restores the same module class; another module's checkpoint is refused
+    train(PairModel(), train_set, valid_set, epochs=5, weights=energy_only, statistics=False, out_dir=tmp_path,
+          resume=True, **settings)
+    with pytest.raises(ValueError, match="different model"):
+        train(tiny_model(), train_set, valid_set, epochs=6, out_dir=tmp_path, resume=True, **SETTINGS)
+
+
+def test_checkpoint_is_weights_only_and_files_are_world_readable(data, tmp_path):
+    import os
+
+    train_set, valid_set = data
+    train(tiny_model(), train_set, valid_set, epochs=1, out_dir=tmp_path, **SETTINGS)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain tensors and containers
+    assert ckpt["epoch"] == 1 and ckpt["model"]["config"]["channels"] == TINY["channels"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("checkpoint.pt", "model.pt", "log.csv", "learning_curve.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_dataloader_workers_give_the_same_run(data):
+    train_set, valid_set = data
+    a = train(tiny_model(), train_set, valid_set, epochs=2, **SETTINGS)
+    b = train(tiny_model(), train_set, valid_set, epochs=2, workers=2, **SETTINGS)
+    assert [r["valid_loss"] for r in a.history] == pytest.approx([r["valid_loss"] for r in b.history], rel=1e-12)
+
+
+def test_epochs_zero_writes_no_model(data, tmp_path):
+    train_set, valid_set = data
+    result = train(tiny_model(), train_set, valid_set, epochs=0, out_dir=tmp_path, **SETTINGS)
+    assert result.model_path is None and not (tmp_path / "model.pt").exists()
+
+
+def test_epoch_batches_cover_each_graph_once(make_molecule):
+    """The trainer's batches (moved here from data.batches, which the DataLoader replaced)."""
+    from cartlorem.graph import atoms_to_graph
+    from cartlorem.training import epoch_loader
+
+    graphs = [atoms_to_graph(make_molecule(n_atoms=3 + k % 4, seed=k), 3.0) for k in range(10)]
+    chunks, loader = epoch_loader(graphs, 4, np.random.default_rng(0))
+    assert [b.num_graphs for b in loader] == [4, 4, 2] == [len(c) for c in chunks]
+
+    def order(rng, workers=0):
+        seen = []
+        chunks, loader = epoch_loader(graphs, 3, rng, workers)
+        for chunk, b in zip(chunks, loader):
+            assert torch.equal(b.positions, torch.cat([graphs[k].positions for k in chunk]))
+            for k in range(b.num_graphs):
+                pos = b.positions[b.batch == k]
+                seen.append(next(n for n, g in enumerate(graphs) if torch.equal(g.positions, pos)))
+        assert seen == [k for c in chunks for k in c]
+        return seen
+
+    assert sorted(order(np.random.default_rng(0))) == list(range(10))
+    assert order(np.random.default_rng(0)) == order(np.random.default_rng(0), workers=2)
+    assert order(np.random.default_rng(0)) != order(np.random.default_rng(1))
+    rng = np.random.default_rng(0)
+    assert order(rng) != order(rng)  # one generator, successive epochs differ
+    with pytest.raises(ValueError, match="batch_size"):
+        epoch_loader(graphs, 0, rng)
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python example, as written, on the bundled data (budget cut to seconds)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = text.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "epochs=20" in code and "split(" in code and "graphs[:" not in code
+    code = code.replace("epochs=20", "epochs=1, max_time=5, progress=False")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "run" / "model.pt").is_file()
+    atoms = namespace["atoms"]
+    assert np.isfinite(atoms.get_potential_energy()) and atoms.calc.results["charges"].shape == (len(atoms),)
+
+
+def test_training_data_may_be_a_lazy_dataset(data):
+    """A map-style dataset that builds each graph when asked trains exactly like the list."""
+    train_set, valid_set = data
+
+    class Lazy(torch.utils.data.Dataset):
+        def __init__(self, graphs):
+            self.graphs, self.reads = graphs, 0
+
+        def __len__(self):
+            return len(self.graphs)
+
+        def __getitem__(self, k):
+            if not 0 <= k < len(self.graphs):
+                raise IndexError(k)
+            self.reads += 1
+            return self.graphs[k].replace()  # a fresh object every time
+
+    lazy = Lazy(train_set)
+    a = train(tiny_model(), train_set, valid_set, epochs=2, **SETTINGS)
+    b = train(tiny_model(), lazy, Lazy(valid_set), epochs=2, **SETTINGS)
+    assert lazy.reads > 2 * len(train_set)
+    assert [r["valid_loss"] for r in b.history] == [r["valid_loss"] for r in a.history]

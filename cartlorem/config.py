@@ -1,0 +1,412 @@
+"""The options of a training run, declared once: the Python API, the YAML file and the flags are views.
+
+    cfg = Config(train="train.xyz", out="run", channels=32, epochs=50)   # Python
+    cfg = Config.from_yaml("run.yaml")                                    # YAML (same keys)
+    cartlorem train --train train.xyz --out run --channels 32             # flags (dashes)
+
+:data:`OPTIONS` is the one table: name (config key; the flag is ``--name-with-dashes``), value
+parser, default, help text and group. The model group is read from ``CartLorem.__init__`` (every
+hyperparameter except those set from data and the inference switch), the training defaults from
+``cartlorem.training.train``, so a new model argument or a new default appears everywhere at
+once. :class:`Config` is a dataclass generated from the table; every value goes through its
+option's parser, and unknown keys get a "did you mean" error.
+
+A dataclass rather than jsonargparse: the table is ~60 lines, needs no new dependency, and keeps
+the value parsers (elements such as "H,O", "none" for optional numbers) and the error wording the
+tests pin down; jsonargparse would generate the flags from signatures too, but not the data-
+and run-level options, and it would add a required package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import inspect
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+__all__ = ["Option", "OPTIONS", "Config", "option_names", "add_flags"]
+
+
+# --------------------------------------------------------------------------------------------------
+# value parsers (flags and config values alike); they raise argparse.ArgumentTypeError
+
+
+def _named(name: str):
+    def deco(fn):
+        fn.__name__ = name  # argparse names the parser in "invalid <name> value"
+        return fn
+
+    return deco
+
+
+@_named("float")
+def parse_float(v) -> float:
+    if isinstance(v, bool):
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {v!r}")
+    return x
+
+
+@_named("int")
+def parse_int(v) -> int:
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}")
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
+
+
+@_named("bool")
+def parse_bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("true", "yes", "on", "1"):
+        return True
+    if s in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+@_named("text")
+def parse_text(v) -> str:
+    if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+        raise argparse.ArgumentTypeError(f"expected text, got {v!r}")
+    return str(v)
+
+
+@_named("path")
+def parse_path(v) -> str:
+    return str(Path(parse_text(v)).expanduser())
+
+
+@_named("species")
+def parse_species(v) -> list[int]:
+    """"H,O,Na" or ["H", 8, "11"] → sorted atomic numbers."""
+    from ase.data import atomic_numbers
+
+    items = v.replace(",", " ").split() if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or not items:
+        raise argparse.ArgumentTypeError(f"expected elements such as H,O,Na,Cl, got {v!r}")
+    out = set()
+    for s in items:
+        if isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 118:
+            out.add(s)
+        elif isinstance(s, str) and s.strip() in atomic_numbers:
+            out.add(atomic_numbers[s.strip()])
+        elif isinstance(s, str) and s.strip().isdigit() and 1 <= int(s) <= 118:
+            out.add(int(s))
+        else:
+            raise argparse.ArgumentTypeError(f"unknown element {s!r}")
+    return sorted(out)
+
+
+@_named("mapping")
+def parse_mapping(v) -> dict:
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping (key: value entries), got {v!r}")
+    return dict(v)
+
+
+def nullable(parse: Callable) -> Callable:
+    """``parse``, with None / "none" / "null" / "" meaning None."""
+
+    def fn(v):
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "null", "")):
+            return None
+        return parse(v)
+
+    fn.__name__ = parse.__name__
+    return fn
+
+
+def choice(*choices: str) -> Callable:
+    def fn(v):
+        s = "none" if v is None else parse_text(v).lower()
+        if s not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {v!r}")
+        return s
+
+    fn.__name__ = "choice"
+    fn.choices = choices
+    return fn
+
+
+@_named("key")
+def parse_label_key(v) -> Optional[str]:
+    s = parse_text(v) if v is not None else "none"
+    return None if s.lower() == "none" else s
+
+
+# --------------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option: config key ``name`` (flag ``--name-with-dashes``), value parser, default, help,
+    group ("data", "model", "training", "run"); ``flag=False``: config file only; ``check``: a
+    (predicate, "what it must be") pair for the value."""
+
+    name: str
+    parse: Callable
+    default: Any
+    help: str
+    group: str
+    flag: bool = True
+    check: Optional[tuple] = None
+
+
+def _defaults(fn) -> dict:
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
+# CartLorem arguments the data decide (species, statistics) or that only inference uses
+_MODEL_FROM_DATA = ("species", "atomic_energies", "avg_num_neighbors", "scale", "shift", "compile_kernels")
+_MODEL_HELP = {
+    "cutoff": "local cutoff in Å",
+    "long_range": "long-range block",
+    "channels": "features per rank",
+    "num_layers": "interaction layers",
+    "correlation": "body order of the products",
+    "lmax": "highest feature rank (0, 1 or 2)",
+    "num_basis": "Bessel radial basis functions",
+    "radial_hidden": "width of the radial MLP",
+    "envelope_p": "polynomial envelope exponent",
+    "readout_hidden": "width of the last readout MLP",
+    "long_range_options": "options of the long-range block (config only)",
+}
+_POSITIVE = (lambda v: v > 0, "> 0")
+_MODEL_CHECKS = {"cutoff": _POSITIVE, "channels": (lambda v: v >= 1, ">= 1")}
+
+
+def _model_options() -> list[Option]:
+    from .model import LONG_RANGE_CHOICES, CartLorem
+
+    out = []
+    for name, default in _defaults(CartLorem.__init__).items():
+        if name in _MODEL_FROM_DATA:
+            continue
+        if name == "long_range":
+            names = tuple("none" if c is None else c for c in LONG_RANGE_CHOICES)
+            out.append(Option(name, choice(*names), "none" if default is None else default, _MODEL_HELP[name], "model"))
+        elif name == "long_range_options":
+            out.append(Option(name, nullable(parse_mapping), None, _MODEL_HELP[name], "model", flag=False))
+        else:
+            parse = {bool: parse_bool, int: parse_int, float: parse_float}[type(default)]
+            out.append(Option(name, parse, default, _MODEL_HELP.get(name, f"CartLorem argument {name}"), "model",
+                              check=_MODEL_CHECKS.get(name)))
+    return out
+
+
+def _options() -> list[Option]:
+    from .training import DEFAULT_WEIGHTS, train
+
+    T = _defaults(train)
+    key_help = "'calc' (ASE single-point results), an atoms.info/arrays key such as REF_{0}, or 'none' to ignore"
+    data = [
+        Option("train", nullable(parse_path), None, "training set (extxyz or any ASE-readable file) [required]", "data"),
+        Option("valid", nullable(parse_path), None, "validation set (default: --valid-fraction of the training set)",
+               "data"),
+        Option("valid_fraction", parse_float, 0.1, "fraction of the training set held out when --valid is not given",
+               "data", check=(lambda v: 0 <= v < 1, "in [0, 1)")),
+        Option("energy_key", parse_label_key, "calc", key_help.format("energy"), "data"),
+        Option("forces_key", parse_label_key, "calc", key_help.format("forces"), "data"),
+        Option("stress_key", parse_label_key, "calc", key_help.format("stress") + " (used where present)", "data"),
+        Option("species", nullable(parse_species), None,
+               "elements the model knows, e.g. H,O,Na,Cl (default: all in the data)", "data"),
+    ]
+    t = "training"
+    training = [
+        Option("epochs", parse_int, T["epochs"], "total number of epochs", t, check=(lambda v: v >= 0, ">= 0")),
+        Option("batch_size", parse_int, T["batch_size"], "structures per training batch", t,
+               check=(lambda v: v >= 1, ">= 1")),
+        Option("valid_batch_size", nullable(parse_int), T["valid_batch_size"],
+               "structures per validation batch (default: 2 × batch size)", t),
+        Option("lr", parse_float, T["lr"], "initial learning rate", t, check=_POSITIVE),
+        Option("energy_weight", parse_float, DEFAULT_WEIGHTS["energy"], "loss weight of the energy per atom", t),
+        Option("forces_weight", parse_float, DEFAULT_WEIGHTS["forces"], "loss weight of the forces", t),
+        Option("stress_weight", parse_float, DEFAULT_WEIGHTS["stress"], "loss weight of the stress", t),
+        Option("optimizer", choice("adam", "amsgrad"), T["optimizer"], "optimiser", t),
+        Option("weight_decay", parse_float, T["weight_decay"], "weight decay", t),
+        Option("ema_decay", nullable(parse_float), T["ema_decay"], "decay of the weight average (0 or none: off)", t),
+        Option("scheduler_factor", parse_float, T["scheduler_factor"], "learning-rate factor on a plateau", t),
+        Option("scheduler_patience", parse_int, T["scheduler_patience"],
+               "epochs without improvement before the learning rate drops", t),
+        Option("clip_grad", nullable(parse_float), T["clip_grad"], "maximum gradient norm (none: no clipping)", t),
+        Option("patience", nullable(parse_int), T["patience"],
+               "early stopping after this many epochs without a better validation loss (none: never)", t),
+        Option("max_time", nullable(parse_float), T["max_time"], "wall-clock budget of the training in seconds", t,
+               check=(lambda v: v is None or v > 0, "> 0")),
+        Option("seed", parse_int, T["seed"], "random seed (initial weights, split, batch order)", t),
+        Option("workers", parse_int, T["workers"], "DataLoader worker processes for training batches", t,
+               check=(lambda v: v >= 0, ">= 0")),
+    ]
+    r = "run"
+    run = [
+        Option("out", nullable(parse_path), None,
+               "output folder (model.pt, checkpoint.pt, config.yaml, log.csv) [required]", r),
+        Option("device", parse_text, "cpu", "cpu or cuda (falls back to the CPU when CUDA is absent)", r),
+        Option("threads", nullable(parse_int), None,
+               "CPU threads for torch (default: torch's choice; 1 is often fastest for small models)", r,
+               check=(lambda v: v is None or v >= 1, ">= 1")),
+        Option("dtype", choice("float32", "float64"), "float64", "floating-point precision", r),
+        Option("resume", parse_bool, T["resume"], "continue the run in --out from its checkpoint", r),
+        Option("overwrite", parse_bool, T["overwrite"], "start afresh even if --out holds a run", r),
+        Option("progress", parse_bool, T["progress"], "progress bars and one line per epoch", r),
+    ]
+    return data + _model_options() + training + run
+
+
+OPTIONS: list[Option] = _options()
+_BY_NAME = {o.name: o for o in OPTIONS}
+MODEL_OPTIONS = tuple(o.name for o in OPTIONS if o.group == "model")
+# train() keywords that are options of the same name (weights and out_dir are assembled)
+_TRAIN_KEYS = tuple(
+    o.name for o in OPTIONS if o.group == "training" and not o.name.endswith("_weight")
+) + ("resume", "overwrite", "progress")
+
+
+def option_names() -> list[str]:
+    """Every config key, in table order."""
+    return [o.name for o in OPTIONS]
+
+
+def parse_value(name: str, value, where: str = "") -> Any:
+    """``value`` through the parser and check of option ``name``; ValueError naming ``where`` and the key."""
+    o = _BY_NAME[name]
+    prefix = f"{where}: " if where else ""
+    try:
+        v = o.parse(value)
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"{prefix}key {name!r}: {err}") from None
+    if o.check is not None and not o.check[0](v):
+        raise ValueError(f"{prefix}{name} must be {o.check[1]}, got {v}")
+    return v
+
+
+class _ConfigMethods:
+    """Methods of :class:`Config` (the fields come from :data:`OPTIONS`)."""
+
+    def __post_init__(self):
+        for o in OPTIONS:
+            object.__setattr__(self, o.name, parse_value(o.name, getattr(self, o.name)))
+
+    @classmethod
+    def from_dict(cls, values: Mapping, where: str = "config") -> "Config":
+        """A Config from ``values`` (dashes in keys become underscores); ValueError for an unknown key,
+        with the closest valid key as a hint."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{where} must hold 'key: value' entries, got a {type(values).__name__}")
+        out = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in _BY_NAME:
+                close = difflib.get_close_matches(name, list(_BY_NAME), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(_BY_NAME)}")
+            out[name] = parse_value(name, value, where)
+        return cls(**out)
+
+    @classmethod
+    def from_yaml(cls, path) -> "Config":
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        return cls.from_dict(raw, where=f"config file {str(path)!r}")
+
+    def as_dict(self) -> dict:
+        return {o.name: getattr(self, o.name) for o in OPTIONS}
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_yaml(self, path, header: str = "") -> None:
+        """Write every value (defaults included) so that :meth:`from_yaml` reads the same Config."""
+        import yaml
+
+        from .fileio import atomic_write_text
+
+        values = self.as_dict()
+        if values["species"] is not None:  # element symbols read better than atomic numbers
+            from ase.data import chemical_symbols
+
+            values["species"] = [chemical_symbols[z] for z in values["species"]]
+        atomic_write_text(path, header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of ``CartLorem`` (besides species)."""
+        kw = {name: getattr(self, name) for name in MODEL_OPTIONS}
+        kw["long_range"] = None if kw["long_range"] == "none" else kw["long_range"]
+        return kw
+
+    def build_model(self, species):
+        """``CartLorem(species, **model_kwargs())``."""
+        from .model import CartLorem
+
+        return CartLorem(species, **self.model_kwargs())
+
+    def train_kwargs(self) -> dict:
+        """Keyword arguments of ``cartlorem.training.train`` (without out_dir)."""
+        kw = {name: getattr(self, name) for name in _TRAIN_KEYS}
+        kw["weights"] = {n: getattr(self, f"{n}_weight") for n in ("energy", "forces", "stress")}
+        return kw
+
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(o.name, Any, dataclasses.field(default=o.default)) for o in OPTIONS],
+    bases=(_ConfigMethods,),
+    frozen=True,
+)
+Config.__module__ = __name__
+Config.__doc__ = (
+    "Every option of a training run (see :data:`OPTIONS` for names, defaults and help). "
+    "Build it in Python (``Config(channels=32)``), from YAML (:meth:`from_yaml`) or from a mapping "
+    "(:meth:`from_dict`); ``build_model(species)`` and ``train_kwargs()`` feed the model and the loop."
+)
+
+
+_GROUPS = ("data", "model", "training", "run")
+_METAVARS = {"path": "FILE", "int": "N", "float": "X", "species": "ELEMENTS", "key": "KEY"}
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option (``--batch-size`` for ``batch_size``; ``--no-NAME`` for options that
+    default to true), in argument groups, plus ``--config``. Parse with
+    ``argument_default=argparse.SUPPRESS`` so that only the flags given appear in the namespace."""
+    groups = {g: parser.add_argument_group(g) for g in _GROUPS}
+    groups["run"].add_argument("--config", type=parse_path, metavar="CONFIG.yaml",
+                               help="YAML file whose keys are the options below (flags override it)")
+    for o in OPTIONS:
+        if not o.flag:
+            continue
+        flag, g = "--" + o.name.replace("_", "-"), groups[o.group]
+        if o.parse is parse_bool:
+            if o.default:
+                g.add_argument("--no-" + flag[2:], dest=o.name, action="store_false", help=f"turn off {o.help}")
+            else:
+                g.add_argument(flag, dest=o.name, action="store_true", help=o.help)
+            continue
+        shown = "none" if o.default is None else o.default
+        text = o.help if ("[required]" in o.help or "(default" in o.help) else f"{o.help} (default: {shown})"
+        kwargs = dict(dest=o.name, type=o.parse, help=text, metavar="RUN_DIR" if o.name == "out" else
+                      _METAVARS.get(o.parse.__name__, o.name.upper()))
+        if hasattr(o.parse, "choices"):
+            kwargs.update(choices=list(o.parse.choices), metavar=None)
+        g.add_argument(flag, **kwargs)

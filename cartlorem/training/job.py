@@ -1,0 +1,117 @@
+"""The ``cartlorem train`` job: a :class:`~cartlorem.config.Config` → data → CartLorem → train().
+
+    model, result = run(Config(train="train.xyz", out="run", epochs=50))
+
+Reads the training (and validation) set with the configured label keys, splits off a validation
+set when none is given, builds the model for the elements present (or the configured ones),
+writes every value used to ``out/config.yaml`` (which ``Config.from_yaml`` reads back) and trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data import read_dataset, split
+from .loop import train
+from .run_folder import CHECKPOINT
+
+__all__ = ["run", "select_device"]
+
+log = logging.getLogger(__name__)
+
+
+def select_device(name: str) -> str:
+    """"cpu" or "cuda[:k]"; CUDA falls back to the CPU (with a warning) where it is absent."""
+    name = name.strip().lower()
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            log.warning("CUDA is not available on this machine; running on the CPU")
+            return "cpu"
+        return name
+    if name != "cpu":
+        raise ValueError(f"device must be cpu or cuda, got {name!r}")
+    return name
+
+
+def _symbols(species) -> list[str]:
+    from ase.data import chemical_symbols
+
+    return [chemical_symbols[int(z)] for z in species]
+
+
+def _read(path, cfg: Config, require, dtype):
+    keys = {"energy_key": cfg.energy_key, "forces_key": cfg.forces_key, "stress_key": cfg.stress_key}
+    try:
+        return read_dataset(path, cfg.cutoff, **keys, require=require, dtype=dtype)
+    except ValueError as err:
+        if "label" in str(err) and "require" in str(err):
+            raise ValueError(
+                f"{err} (on the command line: --energy-key / --forces-key KEY, or 'none' to train without "
+                "that label)"
+            ) from None
+        raise
+
+
+def run(cfg: Config):
+    """Train a CartLorem as ``cfg`` says; returns (model, TrainResult). ValueError for bad settings."""
+    for name in ("train", "out"):
+        if not getattr(cfg, name):
+            what = "training set" if name == "train" else "output folder"
+            raise ValueError(f"no {what}: pass --{name} or set '{name}' in the config")
+    out = Path(cfg.out)
+    for name in ("train", "valid"):
+        if getattr(cfg, name) is not None and not Path(getattr(cfg, name)).is_file():
+            raise ValueError(f"{name} file {getattr(cfg, name)!r} does not exist")
+    if not cfg.resume and (out / CHECKPOINT).exists() and not cfg.overwrite:
+        raise FileExistsError(
+            f"{out} already holds a training run; pass --resume to continue it or --overwrite to start afresh"
+        )
+    if cfg.resume and not (out / CHECKPOINT).exists():
+        raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {out}")
+    device = select_device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    dtype = getattr(torch, cfg.dtype)
+    require = tuple(n for n in ("energy", "forces") if getattr(cfg, f"{n}_key"))
+    if not require:
+        raise ValueError("energy_key and forces_key are both 'none': there is nothing to train on")
+
+    t0 = time.perf_counter()
+    graphs = _read(cfg.train, cfg, require, dtype)
+    if cfg.valid is not None:
+        train_graphs, valid_graphs = graphs, _read(cfg.valid, cfg, require, dtype)
+    elif cfg.valid_fraction > 0 and len(graphs) >= 2:
+        tr, va = split(graphs, cfg.valid_fraction, seed=cfg.seed)
+        train_graphs, valid_graphs = [graphs[k] for k in tr], [graphs[k] for k in va]
+    else:
+        train_graphs, valid_graphs = graphs, []
+    present = sorted({int(z) for g in train_graphs + valid_graphs for z in g.species.unique().tolist()})
+    species = cfg.species or present
+    missing = sorted(set(present) - set(species))
+    if missing:
+        raise ValueError(
+            f"the data contain {', '.join(_symbols(missing))}, which are not in species {', '.join(_symbols(species))}"
+        )
+    log.info(
+        "data: %d training and %d validation structures (%s), read in %.1f s",
+        len(train_graphs), len(valid_graphs), ", ".join(_symbols(species)), time.perf_counter() - t0,
+    )
+
+    torch.manual_seed(cfg.seed)
+    try:
+        model = cfg.build_model(species).to(device=device, dtype=dtype)
+    except ImportError as err:
+        raise ValueError(f"long_range={cfg.long_range!r} is not available in this installation ({err})") from None
+
+    # the file records settings, not this call's actions; absolute paths work from any folder
+    absolute = {n: str(Path(getattr(cfg, n)).resolve()) for n in ("train", "valid", "out") if getattr(cfg, n)}
+    cfg.replace(species=species, resume=False, overwrite=False, **absolute).to_yaml(
+        out / "config.yaml", "# cartlorem train: every option of this run (defaults included); reuse with --config\n"
+    )
+    result = train(model, train_graphs, valid_graphs, out_dir=out, **cfg.train_kwargs())
+    return model, result

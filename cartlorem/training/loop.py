@@ -1,0 +1,400 @@
+"""The training loop: any ``torch.nn.Module`` that maps a batch to energies and forces.
+
+The model contract: ``model(batch, compute_forces=bool, compute_stress=bool, create_graph=bool)``
+returns a dict with "energy" [B] eV, "forces" [N, 3] eV/Å and, when asked for, "stress"
+[B, 3, 3] eV/Å³ (other entries are ignored); ``batch`` is a collated :class:`~cartlorem.graph.Graph`.
+CartLorem satisfies it, and so does any wrapper (benchmarks/harness.py wraps MACE).
+
+Per epoch: shuffled mini-batches (a ``DataLoader`` with ``collate``) → loss → gradient clipping →
+Adam/AMSGrad step → EMA update; then the averaged weights are validated, the plateau scheduler
+and early stopping see the validation loss, and the run folder (optional) receives the
+checkpoint, the best model, log.csv and the learning curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..evaluate import metrics as compute_metrics
+from ..evaluate import predict
+from ..graph import Graph, collate
+from .averaging import ExponentialMovingAverage
+from .log import metric_summary
+from .loss import loss_weights, validation_loss, weighted_loss
+from .prepare import check_dataset, fit_statistics
+from .run_folder import (
+    RunFolder,
+    cpu_state_dict,
+    kept_message,
+    model_payload_of,
+    restore_model_settings,
+    rng_state,
+    set_rng_state,
+)
+
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "epoch_loader"]
+
+log = logging.getLogger(__name__)
+_STATE_KEYS = ("epoch", "step", "bad_epochs", "elapsed_s", "best_state_dict")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient) became NaN or inf; training stopped, the best model is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: one ``history`` row per epoch (the columns of log.csv), the best
+    epoch and its validation metrics, why it stopped ("epochs", "early_stopping", "max_time") and
+    where the files are (``model_path`` None until a best model has been written; both None
+    without ``out_dir``)."""
+
+    history: list = field(default_factory=list)
+    best_epoch: int = 0
+    best_valid_loss: float = math.inf
+    best_metrics: dict = field(default_factory=dict)
+    epochs_completed: int = 0
+    stop_reason: str = "epochs"
+    model_path: Optional[str] = None
+    checkpoint_path: Optional[str] = None
+
+
+def epoch_loader(graphs, batch_size: int, rng: np.random.Generator, workers: int = 0):
+    """One epoch's batches: (index lists [[k, …], …], a DataLoader yielding their ``collate``d Graphs).
+
+    The order is ``rng.permutation(len(graphs))`` cut into chunks of ``batch_size`` (the last one
+    may be smaller); pass the same generator every epoch so that epochs differ. ``workers``
+    processes collate ahead of the loop (0: in this process).
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    order = rng.permutation(len(graphs))
+    chunks = [order[b : b + batch_size].tolist() for b in range(0, len(order), int(batch_size))]
+    loader = DataLoader(graphs, batch_sampler=chunks, collate_fn=collate, num_workers=int(workers),
+                        generator=torch.Generator())  # a private generator: torch's global stream is untouched
+    return chunks, loader
+
+
+def _model_place(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    if not floats:
+        raise ValueError(f"{type(model).__name__} has no floating-point parameters to train")
+    return floats[0].device, floats[0].dtype
+
+
+def train(
+    model: torch.nn.Module,
+    train_graphs: Sequence[Graph],
+    valid_graphs: Optional[Sequence[Graph]] = None,
+    *,
+    epochs: int = 100,
+    batch_size: int = 8,
+    lr: float = 5e-3,
+    weights: Optional[Mapping[str, float]] = None,
+    optimizer: str = "amsgrad",
+    weight_decay: float = 0.0,
+    ema_decay: Optional[float] = 0.99,
+    scheduler_factor: float = 0.8,
+    scheduler_patience: int = 5,
+    clip_grad: Optional[float] = 10.0,
+    patience: Optional[int] = 30,
+    valid_batch_size: Optional[int] = None,
+    out_dir=None,
+    resume: bool = False,
+    overwrite: bool = False,
+    statistics: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    max_time: Optional[float] = None,
+    workers: int = 0,
+) -> TrainResult:
+    """Train ``model`` in place; on return it holds the best EMA weights (by validation loss).
+
+    Args:
+        model: a CartLorem, or any module with the contract of the module docstring, on the
+            device to train on (the dtype of its parameters is used for the data).
+        train_graphs, valid_graphs: labelled graphs (``cartlorem.data.read_dataset``, built with the
+            model's cutoff): a list, or any map-style dataset (``len`` and ``[k]``) so that the data
+            need not all be in memory. Without a validation set the training set is validated.
+        epochs: total number of epochs (counting those done before a resume).
+        batch_size: structures per training batch; valid_batch_size (default 2 × batch_size).
+        lr: initial learning rate. optimizer: "adam" or "amsgrad"; weight_decay: L2 (Adam style).
+        weights: loss weights {"energy": per-atom energy, "forces", "stress"}; missing entries take
+            ``DEFAULT_WEIGHTS`` (1, 10, 1).
+        ema_decay: decay of the weight average used for validation and the saved model (None or 0: off).
+        scheduler_factor, scheduler_patience: ReduceLROnPlateau on the validation loss.
+        clip_grad: maximum gradient norm (None: no clipping).
+        patience: stop after this many epochs without a better validation loss (None: never).
+        out_dir: folder for checkpoint.pt, model.pt, log.csv, learning_curve.png (None: nothing written).
+        resume: continue from ``out_dir/checkpoint.pt`` exactly where it stopped (weights, EMA,
+            optimiser, scheduler, random states, history). Statistics are not recomputed.
+        overwrite: allow a fresh run in an ``out_dir`` that already holds a checkpoint.
+        statistics: on a fresh run, set a CartLorem's reference energies, average neighbour count,
+            scale and shift from the training set (``cartlorem.training.prepare.fit_statistics``);
+            pass False for other models (TypeError otherwise) or to keep the model's own.
+        seed: seeds the batch order and torch's random generator (fresh runs).
+        progress: show progress bars on stderr. Per-epoch lines go to the ``cartlorem.training``
+            logger (level INFO); the command line prints them.
+        max_time: wall-clock budget in seconds for this call: no epoch is started that is expected
+            to end after it, and an epoch still running at the limit is cut short.
+        workers: DataLoader worker processes that collate training batches (0: in this process).
+
+    Raises:
+        NonFiniteLossError: NaN/inf loss or gradient (the message names epoch, batch and
+            structures; model.pt and checkpoint.pt keep the last good state).
+        ValueError / FileNotFoundError / FileExistsError: bad settings, data or out_dir.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"train expects a torch.nn.Module, got {type(model).__name__}")
+    if len(train_graphs) == 0:
+        raise ValueError("the training set is empty")
+    if int(epochs) < 0 or int(batch_size) < 1:
+        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if optimizer.lower() not in ("adam", "amsgrad"):
+        raise ValueError(f"optimizer must be 'adam' or 'amsgrad', got {optimizer!r}")
+    if int(workers) < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir (where checkpoint.pt is)")
+    folder = RunFolder(out_dir) if out_dir is not None else None
+    if folder is not None:
+        folder.open(resume=resume, overwrite=overwrite)
+    valid_graphs = valid_graphs if valid_graphs is not None else []
+    check_dataset(model, train_graphs, "training")
+    check_dataset(model, valid_graphs, "validation")
+    if len(valid_graphs) == 0:
+        log.warning("no validation set; validating (and selecting the best model) on the training set")
+        valid_graphs = train_graphs
+
+    run = _Run(model, folder, loss_weights(weights), int(valid_batch_size or 2 * batch_size), progress,
+               dict(batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                    ema_decay=ema_decay, scheduler_factor=scheduler_factor,
+                    scheduler_patience=scheduler_patience, clip_grad=clip_grad, patience=patience, seed=seed))
+    if resume:
+        run.resume()
+    else:
+        torch.manual_seed(seed)
+        if statistics:
+            fit_statistics(model, train_graphs)
+
+    result, state = run.result, run.state
+    t_call = time.perf_counter()
+    epoch_times: list[float] = []
+    bar = tqdm(total=max(int(epochs) - state["epoch"], 0), desc="training", unit="epoch",
+               disable=not progress, dynamic_ncols=True)
+    last_plot = time.perf_counter()
+    try:
+        for epoch in range(state["epoch"] + 1, int(epochs) + 1):
+            if max_time is not None and epoch_times:
+                if time.perf_counter() - t_call + float(np.mean(epoch_times)) > max_time:
+                    result.stop_reason = "max_time"
+                    break
+            t_epoch = time.perf_counter()
+            deadline = None if max_time is None else t_call + max_time
+            train_loss = run.train_epoch(train_graphs, epoch, epochs, int(workers), deadline)
+            m, valid_loss, improved = run.validate(valid_graphs, epoch)
+            dt = time.perf_counter() - t_epoch
+            epoch_times.append(dt)
+            row = run.end_epoch(epoch, train_loss, m, valid_loss, improved, dt)
+            if folder is not None:
+                run.save_checkpoint()
+                plot_now = time.perf_counter() - last_plot > 60
+                folder.write_log(result.history, plot=plot_now)
+                if plot_now:
+                    last_plot = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix_str(metric_summary(m), refresh=True)
+            log.info(
+                "epoch %4d  lr %.2e  train loss %.4g  valid loss %.4g  %s  %.1f s%s",
+                epoch, row["lr"], train_loss, valid_loss, metric_summary(m), dt, "  *" if improved else "",
+            )
+            if result.stop_reason == "max_time":
+                break
+            if patience is not None and state["bad_epochs"] >= patience:
+                result.stop_reason = "early_stopping"
+                log.info("early stopping: no better validation loss for %d epochs", patience)
+                break
+    finally:
+        bar.close()
+        if folder is not None and result.history and not folder.plot(result.history):
+            log.warning("matplotlib is not installed; %s not written", folder.curve_png.name)
+
+    result.epochs_completed = state["epoch"]
+    if state["best_state_dict"] is not None:
+        model.load_state_dict(state["best_state_dict"])
+    model.eval()
+    return result
+
+
+class _Run:
+    """The state of one training run (model, optimiser, scheduler, EMA, batch-order generator,
+    history) and the steps of an epoch; :func:`train` drives it."""
+
+    def __init__(self, model, folder: Optional[RunFolder], weights: dict, valid_batch_size: int, progress: bool,
+                 settings: dict):
+        self.model, self.folder, self.w, self.progress = model, folder, weights, progress
+        self.valid_batch_size, self.settings = valid_batch_size, settings
+        self.batch_size, self.clip_grad = int(settings["batch_size"]), settings["clip_grad"]
+        self.device, self.dtype = _model_place(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=settings["lr"], weight_decay=settings["weight_decay"],
+                                    amsgrad=settings["optimizer"].lower() == "amsgrad")
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.opt, mode="min", factor=settings["scheduler_factor"], patience=settings["scheduler_patience"]
+        )
+        decay = settings["ema_decay"]
+        self.ema = ExponentialMovingAverage(self.params, decay) if decay else None
+        self.rng = np.random.default_rng(settings["seed"])
+        self.result = TrainResult(checkpoint_path=str(folder.checkpoint) if folder else None)
+        self.state = {"epoch": 0, "step": 0, "bad_epochs": 0, "elapsed_s": 0.0, "best_state_dict": None}
+
+    def averaged(self):
+        """Context in which the model holds the averaged (EMA) weights."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def resume(self) -> None:
+        """Everything from the checkpoint: weights, optimiser, scheduler, EMA, random states, history."""
+        folder, result = self.folder, self.result
+        ckpt = folder.load_checkpoint()
+        restore_model_settings(self.model, ckpt["model"], folder.path)
+        self.model.load_state_dict(ckpt["train_state_dict"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None:
+            if ckpt.get("ema") is None:
+                raise ValueError("the checkpoint has no EMA state but ema_decay is set")
+            self.ema.load_state_dict(ckpt["ema"])
+        set_rng_state(self.rng, ckpt["rng"])
+        self.state.update({k: ckpt[k] for k in _STATE_KEYS})
+        result.history = list(ckpt["history"])
+        result.best_epoch, result.best_valid_loss = ckpt["best"]["epoch"], ckpt["best"]["loss"]
+        result.best_metrics = dict(ckpt["best"]["metrics"])
+        if result.best_epoch and folder.best_model.is_file():
+            result.model_path = str(folder.best_model)
+        log.info("resuming %s after epoch %d (best epoch %d)", folder.path, self.state["epoch"], result.best_epoch)
+
+    def train_epoch(self, graphs, epoch: int, epochs: int, workers: int, deadline: Optional[float]) -> float:
+        """One pass over shuffled batches; returns the mean training loss. Past ``deadline``
+        (perf_counter seconds) the epoch is cut short and the stop reason set to "max_time"."""
+        model, w, params = self.model, self.w, self.params
+        model.train()
+        batch_indices, loader = epoch_loader(graphs, self.batch_size, self.rng, workers)
+        n_batches = len(batch_indices)
+        sum_loss, n_seen = 0.0, 0
+        inner = tqdm(total=n_batches, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+                     disable=not self.progress, dynamic_ncols=True)
+        for b, (idx, batch) in enumerate(zip(batch_indices, loader)):
+            if deadline is not None and b > 0 and time.perf_counter() > deadline:
+                log.info("epoch %d cut short after %d/%d batches (max_time)", epoch, b, n_batches)
+                self.result.stop_reason = "max_time"
+                break
+            batch = batch.to(device=self.device, dtype=self.dtype)
+            want_stress = w["stress"] > 0 and batch.stress is not None and bool(batch.has_stress.any())
+            pred = model(batch, compute_forces=w["forces"] > 0, compute_stress=want_stress, create_graph=True)
+            loss, terms = weighted_loss(pred, batch, w)
+            if not torch.isfinite(loss):
+                raise self._nonfinite("loss", float(loss.detach()), terms, epoch, b + 1, n_batches, idx)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip_grad:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+            else:
+                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            if not torch.isfinite(gnorm):
+                raise self._nonfinite("gradient", float(gnorm), terms, epoch, b + 1, n_batches, idx)
+            self.opt.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.state["step"] += 1
+            sum_loss += float(loss.detach()) * len(idx)
+            n_seen += len(idx)
+            inner.update(1)
+            inner.set_postfix(loss=f"{sum_loss / n_seen:.4g}", refresh=False)
+        inner.close()
+        return sum_loss / max(n_seen, 1)
+
+    def validate(self, graphs, epoch: int) -> tuple[dict, float, bool]:
+        """Metrics and loss of the averaged weights on ``graphs``; keeps (and writes) a new best."""
+        result = self.result
+        with self.averaged():
+            m = compute_metrics(predict(self.model, graphs, batch_size=self.valid_batch_size))
+            valid_loss = validation_loss(m, self.w)
+            if not math.isfinite(valid_loss):
+                raise NonFiniteLossError(
+                    f"non-finite validation loss ({valid_loss}) at epoch {epoch}; "
+                    + kept_message(self.folder, result.best_epoch)
+                )
+            improved = valid_loss < result.best_valid_loss
+            if improved:
+                result.best_epoch, result.best_valid_loss, result.best_metrics = epoch, valid_loss, m
+                self.state["best_state_dict"] = cpu_state_dict(self.model)
+                if self.folder is not None:
+                    self.folder.save_best(
+                        self.model, training={"epoch": epoch, "valid_loss": valid_loss, "valid_metrics": m}
+                    )
+                    result.model_path = str(self.folder.best_model)
+        return m, valid_loss, improved
+
+    def end_epoch(self, epoch, train_loss, m, valid_loss, improved, dt) -> dict:
+        """Scheduler and early-stopping bookkeeping; appends and returns the epoch's history row."""
+        state = self.state
+        lr_now = self.opt.param_groups[0]["lr"]
+        self.sched.step(valid_loss)
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        state["elapsed_s"] += dt
+        state["epoch"] = epoch
+        row = {
+            "epoch": epoch,
+            "lr": lr_now,
+            "train_loss": train_loss,
+            "valid_loss": valid_loss,
+            "valid_energy_mae_mev_per_atom": m["energy_mae_mev_per_atom"],
+            "valid_forces_mae_mev_per_a": m["forces_mae_mev_per_a"],
+            "valid_stress_mae_mev_per_a3": m.get("stress_mae_mev_per_a3"),
+            "epoch_time_s": dt,
+            "elapsed_s": state["elapsed_s"],
+        }
+        self.result.history.append(row)
+        self.result.epochs_completed = epoch
+        return row
+
+    def save_checkpoint(self) -> None:
+        result, settings = self.result, self.settings
+        with self.averaged():
+            payload = model_payload_of(self.model)
+        self.folder.save_checkpoint(
+            {
+                "model": payload,  # the EMA (evaluation) weights: load_model(checkpoint.pt) works
+                "train_state_dict": cpu_state_dict(self.model),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "rng": rng_state(self.rng),
+                "best": {"epoch": result.best_epoch, "loss": result.best_valid_loss, "metrics": result.best_metrics},
+                "history": result.history,
+                "settings": {k: settings[k] for k in ("batch_size", "lr", "optimizer", "ema_decay", "clip_grad",
+                                                      "patience", "seed")} | {"weights": self.w},
+                **{k: self.state[k] for k in _STATE_KEYS},
+            }
+        )
+
+    def _nonfinite(self, what, value, terms, epoch, b, n_batches, idx) -> NonFiniteLossError:
+        detail = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
+        return NonFiniteLossError(
+            f"non-finite {what} ({value}) at epoch {epoch}, batch {b}/{n_batches} (training structures "
+            f"{sorted(int(k) for k in idx)}; loss terms: {detail or 'none'}); training stopped. "
+            + kept_message(self.folder, self.result.best_epoch)
+            + " Check the labels of these structures, or lower the learning rate."
+        )

@@ -1,0 +1,85 @@
+"""Before the loop: check the data against the model, and set CartLorem's statistics from data.
+
+The loop itself (``cartlorem.training.loop.train``) never looks inside the model; this module is
+the one place that knows CartLorem's normalisation: per-species reference energies (least
+squares), the average neighbour count, ``scale`` (force RMS) and ``shift`` (mean residual energy
+per atom).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from ..graph import Graph
+
+__all__ = ["check_dataset", "fit_statistics"]
+
+log = logging.getLogger(__name__)
+
+
+def check_dataset(model, graphs: Sequence[Graph], what: str) -> None:
+    """Every structure labelled; species and edge lengths within what ``model`` declares.
+
+    The species check runs when the model has a ``species`` attribute (atomic numbers) and the
+    edge-length check when it has a ``cutoff`` (Å); other modules are checked for labels only.
+    """
+    known = set(getattr(model, "species", None) or ())
+    cutoff = getattr(model, "cutoff", None)
+    for k in range(len(graphs)):
+        g = graphs[k]
+        if g.energy is None and g.forces is None:
+            raise ValueError(
+                f"{what} structure {k} carries no labels (read it with cartlorem.data.read_dataset)"
+            )
+        unknown = sorted(set(g.species.tolist()) - known) if known else []
+        if unknown:
+            from ase.data import chemical_symbols
+
+            names = ", ".join(chemical_symbols[z] for z in unknown)
+            raise ValueError(f"{what} structure {k} contains species the model does not know: {names}")
+        if cutoff is not None and g.edge_index.shape[1]:
+            longest = float(g.edge_vectors().norm(dim=-1).max())
+            if longest > cutoff * (1 + 1e-6) + 1e-9:
+                raise ValueError(
+                    f"{what} structure {k} has edges up to {longest:.3f} Å, longer than the model cutoff "
+                    f"{cutoff} Å: read the data with cutoff=model.cutoff"
+                )
+
+
+def fit_statistics(model, graphs: Sequence[Graph]) -> dict:
+    """Set a CartLorem's reference energies, ⟨neighbours⟩, scale and shift from ``graphs``.
+
+    Returns ``cartlorem.data.dataset_statistics`` plus "reference_energies" {Z: eV}. scale is the
+    force RMS (eV/Å; the residual-energy spread when there are no forces, else 1), shift the mean
+    residual energy per atom after the reference energies (eV/atom; ≈ 0 when every structure has
+    an energy, since the least-squares fit absorbs it).
+    """
+    from ..data import dataset_statistics, fit_reference_energies
+    from ..model import CartLorem
+
+    if not isinstance(model, CartLorem):
+        raise TypeError(
+            f"statistics from data are set for CartLorem models, not {type(model).__name__}: set your "
+            "model's normalisation before training and pass statistics=False"
+        )
+    graphs = [graphs[k].to(dtype=model.dtype) for k in range(len(graphs))]  # labels as the model sees them
+    refs = fit_reference_energies(graphs, model.species)
+    stats = dataset_statistics(graphs, refs)
+    scale = stats["forces_rms"] or stats["residual_energy_per_atom_std"] or 1.0
+    model.set_statistics(
+        atomic_energies=refs,
+        avg_num_neighbors=stats["avg_num_neighbors"],
+        scale=scale,
+        shift=stats["residual_energy_per_atom_mean"],
+    )
+    stats["reference_energies"] = refs
+    log.info(
+        "statistics from %d training structures: ⟨neighbours⟩ %.2f, scale (force RMS) %.4g eV/Å, "
+        "shift %.4f eV/atom",
+        stats["n_structures"],
+        stats["avg_num_neighbors"],
+        float(model.scale),
+        round(float(model.shift), 4) + 0.0,  # no "-0.0000" for a shift of -1e-15
+    )
+    return stats

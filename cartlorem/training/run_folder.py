@@ -1,0 +1,145 @@
+"""The run folder: checkpoint.pt (everything to resume), model.pt (best model), log.csv, plot.
+
+Files are written atomically (``cartlorem.fileio``) with ordinary permissions. The checkpoint
+holds only tensors, numbers, strings, lists and dicts, so ``torch.load(path, weights_only=True)``
+reads it; its "model" entry is a model file of its own (``load_model("checkpoint.pt")`` returns the
+averaged model of the last epoch).
+
+How a model is written and restored is the only model-specific part: a CartLorem is written as
+``cartlorem.model.model_payload`` (hyperparameters + weights; ``load_model`` reads it) and on
+resume its hyperparameters are compared and its data statistics restored; any other module is
+written as its ``state_dict`` and compared by parameter names and shapes.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..fileio import atomic_torch_save
+from .log import plot_learning_curve, write_csv
+
+__all__ = ["RunFolder", "model_payload_of", "CHECKPOINT", "BEST_MODEL", "LOG_CSV", "CURVE_PNG"]
+
+CHECKPOINT = "checkpoint.pt"
+BEST_MODEL = "model.pt"
+LOG_CSV = "log.csv"
+CURVE_PNG = "learning_curve.png"
+CHECKPOINT_FORMAT = "cartlorem-checkpoint-v1"
+STATE_DICT_FORMAT = "torch-state-dict-v1"
+# CartLorem config entries that training statistics change; everything else must match to resume
+STATISTICS_KEYS = ("avg_num_neighbors", "scale", "shift")
+
+
+def cpu_state_dict(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _is_cartlorem(model) -> bool:
+    from ..model import CartLorem
+
+    return isinstance(model, CartLorem)
+
+
+def model_payload_of(model: torch.nn.Module) -> dict:
+    """What a model file holds: ``model_payload`` for a CartLorem, else format + class + state_dict."""
+    if _is_cartlorem(model):
+        from ..model import model_payload
+
+        return model_payload(model)
+    return {"format": STATE_DICT_FORMAT, "class": type(model).__qualname__, "state_dict": cpu_state_dict(model)}
+
+
+def restore_model_settings(model: torch.nn.Module, saved: dict, where) -> None:
+    """Check that the checkpoint's model ``saved`` is the same model as ``model`` and restore what
+    the state_dict does not hold (a CartLorem's data statistics). ValueError on a mismatch."""
+    if _is_cartlorem(model):
+        config = saved.get("config", {})
+        mismatch = {
+            k: (config.get(k), v) for k, v in model.config.items() if k not in STATISTICS_KEYS and config.get(k) != v
+        }
+        if mismatch:
+            detail = "; ".join(f"{k}: checkpoint {a!r}, model {b!r}" for k, (a, b) in mismatch.items())
+            raise ValueError(f"the checkpoint in {where} was written for a different model ({detail})")
+        model.set_statistics(
+            avg_num_neighbors=config["avg_num_neighbors"], scale=config["scale"], shift=config["shift"]
+        )
+        return
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in saved.get("state_dict", {}).items()}
+    if ours != theirs:
+        diff = sorted(set(ours.items()) ^ set(theirs.items()))[:5]
+        raise ValueError(f"the checkpoint in {where} was written for a different model (parameters {diff} differ)")
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(rng: np.random.Generator, state: dict) -> None:
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunFolder:
+    """The files of one training run in ``path`` (see the module docstring)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.checkpoint = self.path / CHECKPOINT
+        self.best_model = self.path / BEST_MODEL
+        self.log_csv = self.path / LOG_CSV
+        self.curve_png = self.path / CURVE_PNG
+
+    def open(self, *, resume: bool, overwrite: bool) -> None:
+        """Create the folder; refuse to resume without a checkpoint or to start over one silently."""
+        if resume and not self.checkpoint.is_file():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {self.checkpoint}")
+        if not resume and self.checkpoint.exists() and not overwrite:
+            raise FileExistsError(
+                f"{self.path} already holds a training run ({CHECKPOINT}); resume it, pass overwrite=True, "
+                f"or choose another output folder"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def load_checkpoint(self) -> dict:
+        ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.checkpoint} is not a cartlorem training checkpoint")
+        return ckpt
+
+    def save_checkpoint(self, state: dict) -> None:
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, self.checkpoint)
+
+    def save_best(self, model: torch.nn.Module, **extra) -> None:
+        atomic_torch_save({**model_payload_of(model), **extra}, self.best_model)
+
+    def write_log(self, history: list, plot: bool) -> None:
+        write_csv(self.log_csv, history)
+        if plot:
+            self.plot(history)
+
+    def plot(self, history: list) -> bool:
+        return plot_learning_curve(history, self.curve_png)
+
+    def kept_message(self, best_epoch: int) -> str:
+        if best_epoch:
+            return (
+                f"the best model (epoch {best_epoch}) is kept in {self.best_model} and the last good "
+                f"state in {self.checkpoint}."
+            )
+        return "no epoch had completed, so no model was saved."
+
+
+def kept_message(folder: Optional[RunFolder], best_epoch: int) -> str:
+    return "no files were written (out_dir=None)." if folder is None else folder.kept_message(best_epoch)
