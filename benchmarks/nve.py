@@ -61,10 +61,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
-DEFAULT_OUT = HERE / "results" / "nve"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
+from benchmarks.harness import REPO_ROOT, RESULTS_DIR, add_data_argument, data_file, machine_info  # noqa: E402
+
+DEFAULT_OUT = RESULTS_DIR / "nve"
 
 RUNS = ("nacl-float64", "nacl-float32", "water-float32")
 TARGETS = {"float64": 0.01, "float32": 0.05}  # |drift| in meV/atom/ps
@@ -212,18 +212,7 @@ def min_intermolecular_distance(atoms, atoms_per_molecule: int = 3) -> float:
 
 
 def _machine_info() -> dict:
-    """The benchmark harness's machine stamp (``benchmarks.harness``, or ``_common`` where the harness
-    is absent) plus the ASE and cartlorem versions."""
-    sys.path.insert(0, str(REPO_ROOT))
-    sys.path.insert(0, str(HERE))
-    try:
-        try:
-            from benchmarks.harness import machine_info
-        except ImportError:
-            from _common import machine_info
-    finally:
-        sys.path.remove(str(REPO_ROOT))
-        sys.path.remove(str(HERE))
+    """The harness's machine stamp plus the ASE and cartlorem versions."""
     info = machine_info()
     import ase
 
@@ -268,13 +257,7 @@ def _training_frames(system: str, data_dir: Path, quick: bool):
     from ase.io import read
 
     if system == "nacl":
-        path = Path(data_dir) / "nacl_pbc.xyz"
-        if not Path(data_dir).is_dir():
-            raise FileNotFoundError(
-                f"--data-dir {data_dir} does not exist; the NaCl runs need nacl_pbc.xyz (periodic NaCl, xTB), "
-                f"made by shared/data/generate.py. Pass --data-dir DIR, or run only --runs water-float32")
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; the NaCl runs need it (pass --data-dir DIR)")
+        path = data_file(data_dir, "nacl_pbc")  # SystemExit with a clear message when missing
         frames = read(path, ":")
     else:
         from cartlorem.datasets import demo_path
@@ -570,8 +553,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
     p.add_argument("--out", default=None, help="results path stem (default benchmarks/results/nve; "
                    "--quick: a temp folder)")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="folder with nacl_pbc.xyz (default "
-                   "../shared/data relative to the repository root)")
+    add_data_argument(p)  # --data-dir: the folder with nacl_pbc.xyz (default ../shared/data next to the project)
     p.add_argument("--ps", type=float, default=None, help="simulated ps per run (default: NaCl 10, water 2)")
     p.add_argument("--steps", type=int, default=None, help="MD steps per run (overrides --ps)")
     p.add_argument("--timestep-fs", type=float, default=None, help="timestep (default: NaCl 1 fs, water 0.5 fs)")
@@ -643,9 +625,8 @@ def main(argv=None) -> int:
         plot(payload, path.with_name(path.name + ".png"))
         print(f"wrote {path}.md")
         return 0
-    if any(r.startswith("nacl") for r in args.runs) and not Path(args.data_dir).is_dir():
-        raise SystemExit(f"error: --data-dir {args.data_dir} does not exist; the NaCl runs need nacl_pbc.xyz "
-                         f"(periodic NaCl, xTB). Pass --data-dir DIR or choose --runs water-float32.")
+    if any(r.startswith("nacl") for r in args.runs):
+        data_file(args.data_dir, "nacl_pbc")  # fail now, with a clear message, not after training
     import torch
 
     torch.set_num_threads(args.threads)
@@ -670,7 +651,7 @@ def main(argv=None) -> int:
         if system == "nacl":
             from ase.io import read
 
-            a = lattice_constant_from(read(Path(args.data_dir) / "nacl_pbc.xyz", ":"))
+            a = lattice_constant_from(read(data_file(args.data_dir, "nacl_pbc"), ":"))
             atoms = nacl_crystal(a)
             structure = (f"rocksalt NaCl 2×2×2 conventional cells, a = {a:.4f} Å (median of the training cells), "
                          f"{d['temperature_k']:.0f} K Maxwell–Boltzmann start")
