@@ -361,7 +361,7 @@ def run_nve(atoms, model, dtype: str, timestep_fs: float, steps: int, temperatur
     dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
     status, t_md = "completed", time.perf_counter()
     e0 = epot[0] + ekin[0]
-    report_every = max(1, steps // 20)
+    report_every, last_report = max(1, steps // 20), time.perf_counter()
     for k in range(1, steps + 1):
         c0, w0 = time.process_time(), time.perf_counter()
         try:
@@ -379,7 +379,8 @@ def run_nve(atoms, model, dtype: str, timestep_fs: float, steps: int, temperatur
             status = f"unstable at step {k}: |E - E0| = {abs(e - e0) / n:.3g} eV/atom"
             epot.pop(), ekin.pop()
             break
-        if k % report_every == 0:
+        if k % report_every == 0 or time.perf_counter() - last_report > 120:  # at least every 2 min
+            last_report = time.perf_counter()
             log(f"[{label}] step {k}/{steps} ({k * timestep_fs / 1000:.3f} ps), E-E0 {1000 * (e - e0) / n:+.4f} "
                 f"meV/atom, T {atoms.get_temperature():.0f} K, {1000 * np.median(wall):.0f} ms/step, "
                 f"load {os.getloadavg()[0]:.1f}")
