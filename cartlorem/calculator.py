@@ -11,12 +11,24 @@ fixed origin (open directions) to subtract; the list is built for those position
 it is reused. ASE's MD never wraps, and a float32 model fed raw positions 3e4 Å from the origin would
 see them only to 2e-3 Å. Energies, forces and stress do not change (lattice and global translations).
 
+Boundary conditions: open, fully periodic, and for long-range models also slabs (pbc = [True, True,
+False], vacuum along the third cell row; the model puts the atoms in the middle of that row's height,
+see :func:`cartlorem.nn.long_range.slab_frame`, so the shift above never takes them out of the region
+the slab sum needs). Local models accept any pattern. Stress is reported for fully periodic cells only:
+asking for it otherwise raises ASE's PropertyNotImplementedError.
+
 Results: ``results`` holds only properties ASE knows (energy, free_energy, energies, forces, stress,
-and for long-range models the per-atom ``charges``), so that every ASE path (``get_properties``,
+and for long-range models the per-atom ``charges`` and, for molecules, the ``dipole`` moment when
+asked for, e.g. by ``atoms.get_dipole_moment()``), so that every ASE path (``get_properties``,
 SinglePointCalculator copies, extxyz output, socket clients) accepts them. The model's other outputs
 of the last calculation are in ``extra_results``: "dipoles" [N, 3] (e·Å, per atom), "quadrupoles"
-[N, 3, 3] (e·Å², per atom) and "energy_lr" (eV); :meth:`CartLoremCalculator.get_extra` computes them
-when needed.
+[N, 3, 3] (e·Å², per atom), "energy_lr" (eV) and, once asked for, "born_charges" [N, 3, 3] (e);
+:meth:`CartLoremCalculator.get_extra` computes them when needed.
+
+Electric field: ``CartLoremCalculator(model, electric_field=[Ex, Ey, Ez])`` (V/Å) applies a uniform
+field (long-range models): molecules get −P·E in the energy and its gradient in the forces; periodic
+cells and slabs get the forces F_i += Z*_iᵀE and no energy term (see :meth:`cartlorem.CartLorem.forward`).
+Dipoles and field energies are those of the positions ASE holds (the float64 shift is undone).
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ __all__ = ["CartLoremCalculator"]
 
 
 class CartLoremCalculator(Calculator):
-    """ASE calculator: energy, free_energy, energies, forces, stress (periodic); for long-range models
+    """ASE calculator: energy, free_energy, energies, forces, stress (fully periodic cells); for long-range models
     also per-atom ``charges`` (e). Per-atom dipoles, quadrupoles and the long-range energy are in
     ``extra_results`` (see the module docstring and :meth:`get_extra`).
 
@@ -45,13 +57,14 @@ class CartLoremCalculator(Calculator):
         skin: neighbour-list skin in Å for reuse between MD steps (0 disables reuse).
         trust_pickle: passed to :func:`cartlorem.load_model` for a path (default False: a file holding
             pickled objects is refused).
+        electric_field: uniform external field [Ex, Ey, Ez] in V/Å (long-range models; default None).
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "charges"]
-    extra_properties = ("dipoles", "quadrupoles", "energy_lr")
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "charges", "dipole"]
+    extra_properties = ("dipoles", "quadrupoles", "energy_lr", "born_charges")
 
     def __init__(self, model_or_path, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None,
-                 skin: float = 0.5, trust_pickle: bool = False, **kwargs):
+                 skin: float = 0.5, trust_pickle: bool = False, electric_field=None, **kwargs):
         super().__init__(**kwargs)
         from .model import CartLorem, load_model
 
@@ -76,9 +89,18 @@ class CartLoremCalculator(Calculator):
         self.model.eval()
         self.device = device
         self.skin = float(skin)
-        # an instance attribute: only long-range models have charges
+        # an instance attribute: only long-range models have charges and a dipole
         self.implemented_properties = [p for p in type(self).implemented_properties
-                                       if p != "charges" or self.model.long_range is not None]
+                                       if p not in ("charges", "dipole") or self.model.long_range is not None]
+        self.electric_field = None
+        if electric_field is not None:
+            if self.model.long_range is None:
+                raise ValueError("electric_field needs learned charges: this model has no long range "
+                                 "(long_range=None); use a 'multipole' or 'lorem' model")
+            field = np.asarray(electric_field, dtype=np.float64)
+            if field.shape != (3,) or not np.all(np.isfinite(field)):
+                raise ValueError(f"electric_field must be 3 finite numbers (V/Å), got {electric_field!r}")
+            self.electric_field = field
         self.extra_results: dict = {}
         self._nl_key = None
         self._nl_graph: Optional[Graph] = None
@@ -91,8 +113,9 @@ class CartLoremCalculator(Calculator):
 
     def get_extra(self, name: str, atoms=None):
         """A model output outside ASE's property list, computed for ``atoms`` (default: the last ones)
-        if needed: "dipoles" [N, 3] e·Å, "quadrupoles" [N, 3, 3] e·Å², "energy_lr" eV (long-range
-        models; dipoles need lmax ≥ 1, quadrupoles lmax 2)."""
+        if needed: "dipoles" [N, 3] e·Å, "quadrupoles" [N, 3, 3] e·Å², "energy_lr" eV, "born_charges"
+        [N, 3, 3] e (Z*_i,ab = ∂P_a/∂r_ib; three more backward passes, computed only when asked for)
+        (long-range models; dipoles need lmax ≥ 1, quadrupoles lmax 2)."""
         from ase.calculators.calculator import PropertyNotImplementedError
 
         if name not in self.extra_properties:
@@ -100,6 +123,10 @@ class CartLoremCalculator(Calculator):
         if atoms is None and self.atoms is None:
             raise ValueError("nothing calculated yet: pass the atoms")
         self.get_property("energy", atoms)  # (re)computes when the structure changed
+        if name == "born_charges" and self.model.long_range is None:
+            raise ValueError("born_charges need learned charges: this model has no long range (long_range=None)")
+        if name == "born_charges" and name not in self.extra_results:
+            self.calculate(self.atoms, ["energy", "forces", "born_charges"], [])
         if name not in self.extra_results:
             raise PropertyNotImplementedError(f"{name} is not an output of this model")
         value = self.extra_results[name]
@@ -147,16 +174,44 @@ class CartLoremCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         graph = self._graph(self.atoms).to(device=self.device, dtype=self.model.dtype)
-        want_stress = "stress" in properties and bool(np.all(self.atoms.get_pbc()))
-        out = self.model(graph, compute_forces=True, compute_stress=want_stress or None, create_graph=False)
+        periodic = bool(np.all(self.atoms.get_pbc()))
+        if "stress" in properties and not periodic:
+            from ase.calculators.calculator import PropertyNotImplementedError
+
+            raise PropertyNotImplementedError(
+                f"stress is computed for fully periodic cells only; these atoms have pbc = "
+                f"{self.atoms.get_pbc().tolist()} (for a slab or a molecule the cell volume, mostly vacuum, "
+                "gives the stress no meaning)")
+        molecule = not bool(np.any(self.atoms.get_pbc()))
+        if "dipole" in properties and not molecule:
+            from ase.calculators.calculator import PropertyNotImplementedError
+
+            raise PropertyNotImplementedError(
+                f"the dipole moment is defined for molecules (pbc all False); these atoms have pbc = "
+                f"{self.atoms.get_pbc().tolist()} (get_extra('born_charges') works for any cell)")
+        field = self.electric_field
+        out = self.model(graph, compute_forces=True, compute_stress=periodic and "stress" in properties or None,
+                         create_graph=False, compute_dipole="dipole" in properties,
+                         compute_born_charges="born_charges" in properties, electric_field=field)
+        energies = out["node_energy"].detach().cpu().numpy().astype(np.float64)
+        origin = self._nl_offset[0] if molecule else None  # open: the model saw r − origin (one global shift)
+        if field is not None and molecule:
+            # −P·E about the positions ASE holds: the model's P is about ``origin``, P = P_model + Q origin
+            q = out["charges"].detach().cpu().numpy().astype(np.float64)
+            energies = energies - q * float(origin @ field)
         energy = float(out["energy"].detach().sum())
+        if field is not None and molecule:
+            energy = energy - float(out["charges"].detach().double().sum()) * float(origin @ field)
         self.results = {
             "energy": energy,
             "free_energy": energy,
-            "energies": out["node_energy"].detach().cpu().numpy().astype(np.float64),
+            "energies": energies,
             "forces": out["forces"].detach().cpu().numpy().astype(np.float64),
         }
-        if "stress" in out and bool(np.any(self.atoms.get_pbc())):
+        if "dipole" in out:
+            q_total = float(out["charges"].detach().double().sum())
+            self.results["dipole"] = out["dipole"][0].detach().cpu().numpy().astype(np.float64) + q_total * origin
+        if "stress" in out and periodic:
             s = out["stress"][0].detach().cpu().numpy().astype(np.float64)
             self.results["stress"] = s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # Voigt xx yy zz yz xz xy
         if "charges" in out:
@@ -165,3 +220,5 @@ class CartLoremCalculator(Calculator):
                               for key in ("dipoles", "quadrupoles") if key in out}
         if "energy_lr" in out:
             self.extra_results["energy_lr"] = float(out["energy_lr"].detach().sum())
+        if "born_charges" in out:
+            self.extra_results["born_charges"] = out["born_charges"].detach().cpu().numpy().astype(np.float64)

@@ -113,8 +113,8 @@ def attach_labels(graph: Graph, atoms, keys: Mapping[str, Optional[str]]) -> Gra
     dtype = graph.positions.dtype
 
     values = {name: _lookup(atoms, name, keys.get(name)) for name in LABELS}
-    if values["stress"] is not None and not bool(graph.pbc.any()):
-        values["stress"] = None  # the stress of an open structure is undefined (no volume): ignore it
+    if values["stress"] is not None and not bool(graph.pbc.all()):
+        values["stress"] = None  # open structures and slabs have no volume, so no stress: ignore it
     empty = {"energy": np.zeros(1), "forces": np.zeros((n, 3)), "stress": np.zeros((1, 3, 3))}
     out = {}
     for name in LABELS:
@@ -233,13 +233,13 @@ def _missing_label_message(frames, k: int, source: str, name: str, key: str) -> 
 
     def lacks(a) -> bool:
         try:
-            return _lookup(a, name, key) is None or (name == "stress" and not a.pbc.any())
+            return _lookup(a, name, key) is None or (name == "stress" and not a.pbc.all())
         except ValueError:  # stale calculator results: not a usable label either
             return True
 
     missing = [m for m, a in enumerate(frames) if lacks(a)]
-    if name == "stress" and not atoms.pbc.any():
-        reason = "the structure is not periodic, so it has no stress"
+    if name == "stress" and not atoms.pbc.all():
+        reason = "the structure is not periodic in all three directions, so it has no stress"
     else:
         reason = f"looked for {_describe_key(name, key)}"
     results = sorted(_calc_results(atoms))

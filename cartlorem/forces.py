@@ -1,7 +1,9 @@
 """Energy → forces and stress by automatic differentiation (the energy model never mentions forces).
 
 Stress follows ASE: σ = (1/V) ∂E/∂ε for a homogeneous strain r → r (I + ε), cell → cell (I + ε),
-in eV/Å³. Structures without periodicity get a zero stress row.
+in eV/Å³, for fully periodic structures. Open structures and slabs (pbc = [True, True, False]) get a
+zero stress row: their volume is not defined by the atoms (a slab's cell volume is mostly the vacuum
+the user chose), so σ would be a number without meaning.
 """
 
 from __future__ import annotations
@@ -16,13 +18,20 @@ __all__ = ["with_derivatives"]
 
 
 def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], dict], graph: Graph, *,
-                     compute_forces: bool = True, compute_stress: bool = False, create_graph: bool = False) -> dict:
+                     compute_forces: bool = True, compute_stress: bool = False, create_graph: bool = False,
+                     compute_born_charges: bool = False) -> dict:
     """Call ``energy_fn(graph, positions, cell)`` (→ dict with "energy" [B]) and add forces/stress.
 
     positions [N, 3] and cell [B, 3, 3] passed to energy_fn carry the graph for the derivatives.
+    Optional entries of energy_fn's dict that this function reads:
+
+    * "force_only_energy" [B] (eV): a term whose −∂/∂r is added to the forces but which is neither part
+      of "energy" nor of the stress (the field force Z*ᵀE of a periodic cell); removed from the result.
+    * "dipole" [B, 3] (e·Å): with ``compute_born_charges``, "born_charges" [N, 3, 3] (e),
+      Z*_i,ab = ∂P_a/∂r_ib (one backward pass per component a).
     """
     with torch.enable_grad():
-        positions = graph.positions.detach().requires_grad_(compute_forces)
+        positions = graph.positions.detach().requires_grad_(compute_forces or compute_born_charges)
         cell = graph.cell.detach()
         strain = None
         if compute_stress:
@@ -32,15 +41,32 @@ def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], di
         else:
             positions_s = positions
         out = energy_fn(graph, positions_s, cell)
+        extra = out.pop("force_only_energy", None)
+        if compute_born_charges and "dipole" not in out:
+            raise ValueError("born charges need a model that returns a dipole (a long-range model)")
         wrt = ([positions] if compute_forces else []) + ([strain] if compute_stress else [])
+        later = compute_born_charges or (extra is not None and compute_forces)  # more backward passes follow
         if wrt:
-            grads = torch.autograd.grad(out["energy"].sum(), wrt, create_graph=create_graph, allow_unused=True)
+            grads = torch.autograd.grad(out["energy"].sum(), wrt, create_graph=create_graph, allow_unused=True,
+                                        retain_graph=True if later else None)
             grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
             if compute_forces:
                 out["forces"] = -grads[0]
+                if extra is not None:
+                    (g,) = torch.autograd.grad(extra.sum(), positions, create_graph=create_graph,
+                                               allow_unused=True, retain_graph=True if compute_born_charges else None)
+                    if g is not None:
+                        out["forces"] = out["forces"] - g
             if compute_stress:
                 volume = torch.linalg.det(graph.cell).abs()  # [B]
-                periodic = graph.pbc.any(dim=1) & (volume > 0)
+                periodic = graph.pbc.all(dim=1) & (volume > 0)
                 safe = torch.where(periodic, volume, torch.ones_like(volume))
                 out["stress"] = torch.where(periodic[:, None, None], grads[-1] / safe[:, None, None], 0.0)
+        if compute_born_charges:
+            rows = []
+            for a in range(3):  # Z*[:, a, :] = ∂P_a/∂r (P_a summed over structures: each atom is in one)
+                (g,) = torch.autograd.grad(out["dipole"][:, a].sum(), positions, create_graph=create_graph,
+                                           allow_unused=True, retain_graph=True if (a < 2 or create_graph) else None)
+                rows.append(torch.zeros_like(positions) if g is None else g)
+            out["born_charges"] = torch.stack(rows, dim=1)  # [N, 3, 3]
     return out

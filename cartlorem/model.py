@@ -10,14 +10,13 @@ Data flow (forward):
 
 from __future__ import annotations
 
-import math
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from .fileio import atomic_torch_save
 from .forces import with_derivatives
 from .graph import Graph
 from .nn.blocks import BodyOrderProduct, Interaction, SpeciesLinear
@@ -60,6 +59,12 @@ class CartLorem(nn.Module):
         compile_kernels: run the message kernel through torch.compile when no double backward is
             needed (inference: energy, forces, stress, MD). Training always uses the eager kernel.
             First calls pay a compilation of ~10–60 s; falls back to eager if compilation fails.
+
+    Boundary conditions (per structure, ``pbc``): local models take any pattern (the neighbour list
+    handles it); long-range models take open (all False), fully periodic (all True) and slabs
+    (``[True, True, False]``, vacuum along the third cell row, which must have a height above the a-b
+    plane that spans the atoms; :func:`cartlorem.nn.long_range.slab_frame`), and refuse others with a
+    ValueError. Stress is computed for fully periodic structures only.
     """
 
     def __init__(self, species: Sequence[int], cutoff: float = 5.0, long_range: Optional[str] = "multipole", *,
@@ -177,8 +182,15 @@ class CartLorem(nn.Module):
         return idx
 
     # --- the energy model ----------------------------------------------------------------------
-    def energy(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor) -> dict:
-        """Total energy [B] (eV) and per-atom energies [N] for the given positions and cell."""
+    def energy(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor, *, dipole: bool = False,
+               electric_field: Optional[torch.Tensor] = None) -> dict:
+        """Total energy [B] (eV) and per-atom energies [N] for the given positions and cell.
+
+        Long-range models also: with ``dipole`` (or a field), "dipole" [B, 3] (e·Å), P = Σ_i q_i r_i + μ_i
+        of channel 0 with r the positions as given; with ``electric_field`` [B, 3] (V/Å), the term −P·E
+        (eV): in the energy of open structures, and as "force_only_energy" [B] for periodic cells and
+        slabs, whose P is not defined: only its gradient, the force Z*ᵀE, is used (cartlorem.forces).
+        """
         species = self.species_index(graph.species)
         i, j = graph.edge_index
         shifts = torch.einsum("ek,ekx->ex", graph.edge_shift, cell[graph.batch[i]])
@@ -207,35 +219,104 @@ class CartLorem(nn.Module):
         node_energy = self.scale * node_energy + self.shift + self.atomic_energies[species]
         if self.long_range_block is not None:
             node_energy = node_energy + e_es
-        energy = torch.zeros(graph.num_graphs, dtype=node_energy.dtype, device=node_energy.device)
-        energy = energy.index_add(0, graph.batch, node_energy)
+        zeros = torch.zeros(graph.num_graphs, dtype=node_energy.dtype, device=node_energy.device)  # [B]
+        if dipole or electric_field is not None:
+            site = out["charges"][:, None] * positions  # [N, 3] e·Å: q_i r_i + μ_i of channel 0
+            if "dipoles" in out:
+                site = site + out["dipoles"]
+            out["dipole"] = torch.zeros_like(cell[:, 0]).index_add(0, graph.batch, site)  # [B, 3]
+            if electric_field is not None:
+                node_field = -(site * electric_field[graph.batch]).sum(-1)  # [N] eV (e·Å × V/Å)
+                molecule = ~graph.pbc.any(dim=1)[graph.batch]  # [N]
+                node_energy = node_energy + torch.where(molecule, node_field, torch.zeros_like(node_field))
+                out["force_only_energy"] = zeros.index_add(
+                    0, graph.batch, torch.where(molecule, torch.zeros_like(node_field), node_field))
+        energy = zeros.index_add(0, graph.batch, node_energy)
         out.update(energy=energy, node_energy=node_energy)
         if self.long_range_block is not None:
             out["energy_lr"] = torch.zeros_like(energy).index_add(0, graph.batch, self.scale * lr_readout + e_es)
         return out
 
     def forward(self, graph: Graph, compute_forces: bool = True, compute_stress: Optional[bool] = None,
-                create_graph: Optional[bool] = None) -> dict:
+                create_graph: Optional[bool] = None, *, compute_dipole: bool = False,
+                compute_born_charges: bool = False, electric_field=None) -> dict:
         """Predict for a batch: "energy" [B], "node_energy" [N], "forces" [N, 3], "stress" [B, 3, 3]
-        (when any structure is periodic), and for long-range models channel 0 of the learned multipoles,
+        (eV/Å³; computed by default when a structure is fully periodic; rows of open structures and
+        slabs are zero), and for long-range models channel 0 of the learned multipoles,
         "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3] (e·Å², lmax 2),
         and "energy_lr" [B] (eV): ``scale`` × the long-range readout + the electrostatic energy, which
         is COULOMB × Σ_c coupling_c × U_c (U_c of :func:`cartlorem.ewald.electrostatic_energy` for the
-        learned multipoles of channel c with the block's smearing), independent of ``scale``. ``create_graph`` defaults to ``self.training`` (needed to train on forces).
+        learned multipoles of channel c with the block's smearing), independent of ``scale``; coupling_0
+        is fixed at 1, so the channel-0 term is the Coulomb energy (eV) of the reported multipoles.
+        ``create_graph`` defaults to ``self.training`` (needed to train on forces).
+
+        Charge outputs of long-range models, computed when asked for (ValueError for a model without
+        long range):
+
+        * ``compute_dipole``: "dipole" [B, 3] (e·Å), P = Σ_i q_i r_i + μ_i over channel 0 of the learned
+          multipoles, about the origin of the positions given (for a charged molecule P depends on it).
+          Open structures only (ValueError for periodic cells and slabs, where P is not defined).
+        * ``compute_born_charges``: "born_charges" [N, 3, 3] (e), Z*_i,ab = ∂P_a/∂r_ib by autograd (three
+          more backward passes). Σ_i Z*_i = Q I, Q = Σ_i q_i (the total charge with charge correction).
+          For periodic cells and slabs: the same local derivative of Σ_i q_i r_i + μ_i with the positions
+          as given; its charge-transfer part Σ_j r_j ∂q_j/∂r_i depends on the periodic images the
+          positions hold when the charges of atoms in different home-cell images depend on each other.
+        * ``electric_field``: uniform external field E (V/Å), [3] or [B, 3]. Open structures: the energy
+          gets −P·E (eV) and the forces its gradient, Z*_iᵀE. Periodic cells and slabs: the forces get
+          F_i += Z*_iᵀE (the standard practice, P not being defined) and the energy and stress do not
+          change. A zero field gives the results without a field.
         """
         if graph.positions.dtype != self.dtype or graph.positions.device != self.embedding.device:
             graph = graph.to(device=self.embedding.device, dtype=self.dtype)
         if not torch.isfinite(graph.positions).all():
             raise ValueError("positions contain NaN or inf")
+        if self.long_range_block is not None:
+            from .nn.long_range import check_boundaries
+
+            check_boundaries(graph.pbc)  # before any work: open, periodic or [T, T, F] slabs
+        asked = [name for name, on in (("compute_dipole", compute_dipole), ("compute_born_charges",
+                 compute_born_charges), ("electric_field", electric_field is not None)) if on]
+        if asked and self.long_range_block is None:
+            raise ValueError(f"{', '.join(asked)} need(s) learned charges: this model has no long range "
+                             "(long_range=None); use a 'multipole' or 'lorem' model")
+        if compute_dipole and bool(graph.pbc.any()):
+            k = int(graph.pbc.any(dim=1).nonzero()[0])
+            raise ValueError(f"the dipole is defined for open structures only; structure {k} has pbc = "
+                             f"{graph.pbc[k].tolist()} (born_charges and electric_field work for any cell)")
+        if electric_field is not None:
+            electric_field = self._field(electric_field, graph.num_graphs)
         if compute_stress is None:
-            compute_stress = bool(graph.pbc.any())
+            compute_stress = bool(graph.pbc.all(dim=1).any())
         create_graph = self.training if create_graph is None else create_graph
         self._compiled_now = self.compile_kernels and not create_graph
+        want_p = compute_dipole or compute_born_charges or electric_field is not None
+
+        def energy_fn(g, positions, cell):
+            return self.energy(g, positions, cell, dipole=want_p, electric_field=electric_field)
+
         try:
-            return with_derivatives(self.energy, graph, compute_forces=compute_forces,
-                                    compute_stress=compute_stress, create_graph=create_graph)
+            out = with_derivatives(energy_fn, graph, compute_forces=compute_forces, compute_stress=compute_stress,
+                                   create_graph=create_graph, compute_born_charges=compute_born_charges)
         finally:
             self._compiled_now = False
+        if not compute_dipole:
+            out.pop("dipole", None)
+        return out
+
+    def _field(self, field, n_struct: int) -> torch.Tensor:
+        """electric_field (V/Å) → [B, 3] tensor in the model's dtype; ValueError for a bad shape or value."""
+        try:
+            field = torch.as_tensor(field, dtype=self.dtype, device=self.embedding.device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"electric_field must be 3 numbers (V/Å) or one row per structure: {err}") from None
+        if field.shape == (3,):
+            field = field.expand(n_struct, 3)
+        if field.shape != (n_struct, 3):
+            raise ValueError(f"electric_field must have shape [3] or [B, 3] = [{n_struct}, 3] (V/Å), "
+                             f"got {list(field.shape)}")
+        if not bool(torch.isfinite(field).all()):
+            raise ValueError("electric_field contains NaN or inf")
+        return field
 
     def extra_repr(self) -> str:
         c = self.config
@@ -255,23 +336,35 @@ class CartLorem(nn.Module):
 #       couplings a_c become scale × a_c (:func:`upgrade_state_dict`), which gives the same energies,
 #       forces and charges as 0.1.0 (to rounding). Its charges keep the units they were trained in:
 #       scale × a_c × U(q) is the Coulomb energy of charges √(scale × a_c) q, not of q.
-_FORMAT = "cartlorem-model-v2"
+#   cartlorem-model-v3: the weight of channel 0 is fixed at a_0 = 1 (the buffer
+#       ``long_range_block.coupling_channel0``), the others are the parameter ``coupling_others``; v1 and
+#       v2 stored all of them as one parameter ``long_range_block.coupling`` [C_lr]. An older file is
+#       split into the two; its a_0 (scale × a_0 for v1) is kept, so it predicts exactly what it did.
+#       If that a_0 is not 1 (training moved it, or the v1 scale), the model's charges are in the old
+#       units described above: physical only up to √a_0.
+_FORMAT = "cartlorem-model-v3"
 _FORMAT_V1 = "cartlorem-model-v1"
-_FORMATS = (_FORMAT_V1, _FORMAT)
+_FORMAT_V2 = "cartlorem-model-v2"
+_FORMATS = (_FORMAT_V1, _FORMAT_V2, _FORMAT)
 
 
 def upgrade_state_dict(state_dict: dict, config: dict, format: str) -> dict:
     """A state dict written in ``format`` → the current format's (a new dict; tensors shared unless changed).
 
     v1 → v2: the long-range couplings absorb the energy scale (see the notes above), so that the model
-    gives the numbers it gave in 0.1.0.
+    gives the numbers it gave in 0.1.0. v2 → v3: the couplings [C_lr] split into ``coupling_channel0``
+    (a_0, kept as stored) and ``coupling_others`` [C_lr − 1].
     """
     if format not in _FORMATS:
         raise ValueError(f"unknown model format {format!r}; this cartlorem reads {', '.join(_FORMATS)}")
     state = dict(state_dict)
     key = "long_range_block.coupling"
-    if format == _FORMAT_V1 and config.get("long_range") is not None and key in state:
-        state[key] = state[key] * float(config.get("scale", 1.0))
+    if format in (_FORMAT_V1, _FORMAT_V2) and config.get("long_range") is not None and key in state:
+        coupling = state.pop(key)
+        if format == _FORMAT_V1:
+            coupling = coupling * float(config.get("scale", 1.0))
+        state["long_range_block.coupling_channel0"] = coupling[0].clone()
+        state["long_range_block.coupling_others"] = coupling[1:].clone()
     return state
 
 
@@ -298,24 +391,6 @@ def _check_plain(obj, where: str) -> None:
         )
 
 
-def _atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def model_payload(model: CartLorem) -> dict:
     """What :func:`save_model` writes: format header, hyperparameters, weights (CPU copies), dtype."""
     if not isinstance(model, CartLorem):
@@ -330,7 +405,7 @@ def save_model(model: CartLorem, path, **extra) -> None:
     must be plain data (dicts, lists, strings, numbers, tensors: ValueError naming the entry otherwise)."""
     payload = {**model_payload(model), **extra}
     _check_plain(payload, "the model file")
-    _atomic_save(payload, path)
+    atomic_torch_save(payload, path)  # temp file + rename, mode 0644 like every other output
 
 
 def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartLorem:

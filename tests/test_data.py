@@ -281,3 +281,18 @@ def test_bundled_demo_dataset():
     assert set(torch.cat([g.species for g in graphs]).unique().tolist()) == {1, 8, 11, 17}
     stats = dataset_statistics(graphs, fit_reference_energies(graphs, species=[1, 8, 11, 17]))
     assert 0.3 < stats["forces_rms"] < 3.0 and stats["residual_energy_per_atom_std"] < 0.1
+
+
+def test_slab_stress_labels_are_ignored():
+    """A slab (pbc [T, T, F]) has no volume, so a stress label on it is not trained against (the model
+    gives slabs no stress); before, only structures periodic in no direction were excluded."""
+    from ase.build import fcc111
+    from ase.calculators.emt import EMT
+
+    slab = fcc111("Cu", (2, 2, 2), vacuum=6.0)
+    slab.calc = EMT()
+    slab.get_potential_energy(), slab.get_forces(), slab.get_stress()
+    (g,) = read_dataset([slab], 4.0)
+    assert g.has_stress.tolist() == [False] and g.stress.abs().sum() == 0
+    with pytest.raises(ValueError, match="not periodic in all three directions"):
+        read_dataset([slab], 4.0, require=("stress",))

@@ -1,7 +1,6 @@
 """Model files: plain data read with torch.load(weights_only=True); pickled code is refused unless the
 caller opts in (trust_pickle=True); files written by cartlorem 0.1.0 keep their predictions."""
 
-import os
 
 import numpy as np
 import pytest
@@ -37,10 +36,17 @@ def energy_forces(model, atoms):
     return float(out["energy"].detach()), out["forces"].detach().numpy()
 
 
-def save_like_0_1_0(model, path, **extra):
+def old_layout_state(model):
+    """The state dict in the v1/v2 layout: all couplings in one parameter "long_range_block.coupling" [C]."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    a0 = state.pop("long_range_block.coupling_channel0")
+    state["long_range_block.coupling"] = torch.cat([a0.reshape(1), state.pop("long_range_block.coupling_others")])
+    return state
+
+
+def save_like_0_1_0(model, path, format="cartlorem-model-v1", **extra):
     """What cartlorem 0.1.0's save_model wrote: torch.save of this dict (its full pickle was allowed)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": "cartlorem-model-v1", "config": model.config, "state_dict": state,
+    torch.save({"format": format, "config": model.config, "state_dict": old_layout_state(model),
                 "dtype": str(model.dtype).replace("torch.", ""), **extra}, path)
 
 
@@ -64,9 +70,20 @@ def test_saved_file_is_plain_data(tmp_path):
     model = lr_model()
     cartlorem.save_model(model, tmp_path / "m.pt", training={"epoch": 3, "loss": 0.25, "curve": [1.0, 0.5]})
     obj = torch.load(tmp_path / "m.pt", weights_only=True)  # the strict reader accepts the whole file
-    assert obj["format"] == "cartlorem-model-v2" and obj["training"]["curve"] == [1.0, 0.5]
+    assert obj["format"] == "cartlorem-model-v3" and obj["training"]["curve"] == [1.0, 0.5]
     loaded = cartlorem.load_model(tmp_path / "m.pt")
     assert energy_forces(loaded, methanol())[0] == pytest.approx(energy_forces(model, methanol())[0], rel=1e-14)
+
+
+def test_saved_file_is_world_readable_like_every_other_output(tmp_path):
+    """save_model writes through the one atomic-write helper (cartlorem.fileio): mode 0666 & ~umask, not
+    the 0600 of a bare temporary file (failed before: 0o600)."""
+    import os
+
+    cartlorem.save_model(lr_model(), tmp_path / "m.pt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_save_refuses_objects_that_need_pickle(tmp_path):
@@ -114,6 +131,38 @@ def test_old_format_files_load_with_their_0_1_0_predictions(tmp_path):
     assert e == pytest.approx(e_old, rel=1e-12)
     assert np.allclose(f, f_old, rtol=1e-10, atol=1e-10)
     assert torch.allclose(loaded.long_range_block.coupling, s * model.long_range_block.coupling)
+    assert float(loaded.long_range_block.coupling_channel0) == s  # kept: this model's charges are in old units
+
+
+def test_v2_file_with_a_trained_channel_zero_coupling_keeps_it(tmp_path):
+    """A v2 file (one coupling parameter, a_0 trained away from 1) loads with that a_0 and predicts exactly
+    what the same weights predict; the fixed a_0 = 1 of new models does not overwrite it."""
+    torch.manual_seed(1)
+    model = cartlorem.CartLorem([1, 6, 8], cutoff=4.0, long_range="multipole", channels=8, num_layers=1,
+                                correlation=2, num_basis=4, radial_hidden=8, readout_hidden=8,
+                                long_range_options={"lr_channels": 3}).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.long_range_block.coupling_channel0.fill_(0.69)  # as measured after training (charge_units.py)
+    model.set_statistics(scale=2.5, shift=0.1)
+    model.eval()
+    save_like_0_1_0(model, tmp_path / "v2.pt", format="cartlorem-model-v2")
+    loaded = cartlorem.load_model(tmp_path / "v2.pt")
+    assert float(loaded.long_range_block.coupling_channel0) == 0.69
+    torch.testing.assert_close(loaded.long_range_block.coupling, model.long_range_block.coupling, rtol=0, atol=0)
+    atoms = methanol()
+    e, f = energy_forces(loaded, atoms)
+    e_ref, f_ref = energy_forces(model, atoms)
+    assert e == pytest.approx(e_ref, rel=1e-14) and np.allclose(f, f_ref, rtol=1e-12, atol=1e-13)
+    # the same weights with a_0 = 1 predict something else: the test sees the stored a_0
+    with torch.no_grad():
+        model.long_range_block.coupling_channel0.fill_(1.0)
+    assert abs(energy_forces(model, atoms)[0] - e) > 1e-4
+    # and a newly saved model is v3 and round-trips a_0
+    cartlorem.save_model(loaded, tmp_path / "v3.pt")
+    again = cartlorem.load_model(tmp_path / "v3.pt")
+    assert float(again.long_range_block.coupling_channel0) == 0.69 and energy_forces(again, atoms)[0] == e
 
 
 def test_old_file_with_pickled_objects_needs_the_opt_in(tmp_path):
@@ -143,14 +192,3 @@ def test_unreadable_files(tmp_path):
     torch.save(payload, tmp_path / "future.pt")
     with pytest.raises(ValueError, match="frobnicate"):
         cartlorem.load_model(tmp_path / "future.pt")
-
-
-@pytest.mark.parametrize("name", sorted(
-    f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "long_range_models"))
-    if f.endswith(".pt")) if os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
-                                                         "long_range_models")) else [])
-def test_checked_in_models_load(name):
-    """The models under benchmarks/results (format v1) load the way their scripts load them."""
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "long_range_models", name)
-    model = cartlorem.load_model(path)
-    assert isinstance(model, cartlorem.CartLorem)

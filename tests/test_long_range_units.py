@@ -26,7 +26,8 @@ def lr_model(species, kind="multipole", seed=0, lr_channels=1, **kw):
     with torch.no_grad():  # off the initial symmetric values, and charges of a sizeable magnitude
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        model.long_range_block.coupling.copy_(0.5 + torch.rand_like(model.long_range_block.coupling))
+        others = model.long_range_block.coupling_others  # a_0 = 1 is fixed
+        others.copy_(0.5 + torch.rand_like(others))
     return model.eval()
 
 
@@ -82,7 +83,7 @@ def test_two_ions_reported_charges_give_the_coulomb_tail(kind):
     model = lr_model([11, 17], kind)
     block = model.long_range_block
     with torch.no_grad():
-        block.coupling.fill_(1.0)
+        block.coupling_others.fill_(1.0)
         block.readout[-1].weight.zero_()  # no learned long-range readout: what is left is electrostatics
         block.readout[-1].bias.zero_()
     model.set_statistics(scale=2.5)
@@ -102,3 +103,71 @@ def test_two_ions_reported_charges_give_the_coulomb_tail(kind):
     for k in range(1, len(distances)):  # Gaussian smearing 1 Å: erf(r/2) = 1 to 1e-12 beyond 10 Å
         assert energies[k] - energies[0] == pytest.approx(qq * (1 / distances[k] - 1 / distances[0]), rel=1e-9)
     assert np.allclose(forces, [qq / r**2 for r in distances], rtol=1e-8, atol=0)
+
+
+def _capture_all_channels(block):
+    """Record every channel's multipoles as the block uses them: (q [N, C], μ [N, C, 3], Θ [N, C, 3, 3])."""
+    seen = {}
+    correct = block._correct_charges
+
+    def record_charges(q, graph, h0):
+        seen["q"] = correct(q, graph, h0)
+        return seen["q"]
+
+    block._correct_charges = record_charges
+    handle = block.to_multipoles.register_forward_hook(lambda mod, inp, out: seen.update(mu=out[1], theta=out[2]))
+    return seen, handle
+
+
+@pytest.mark.parametrize("name,species,atoms", structures(), ids=lambda x: x if isinstance(x, str) else "")
+def test_channel_zero_is_the_coulomb_energy_and_the_others_are_weighted(name, species, atoms):
+    """Three learned channels: energy_lr − scale × readout = COULOMB × U(reported q, μ, Θ) (weight exactly
+    1) + Σ_{c ≥ 1} a_c COULOMB U_c, with U of cartlorem.ewald.electrostatic_energy."""
+    model = lr_model(species, lr_channels=3)
+    block = model.long_range_block
+    assert float(block.coupling[0]) == 1.0 and "coupling_channel0" not in dict(block.named_parameters())
+    seen, handle = _capture_all_channels(block)
+    g, out1 = predict(model, atoms, 1.0)
+    handle.remove()
+    _, out2 = predict(model, atoms, 2.5)
+    e_es = float((out1["energy_lr"] - (out2["energy_lr"] - out1["energy_lr"]) / 1.5).detach())
+    torch.testing.assert_close(seen["q"][:, 0], out1["charges"], rtol=0, atol=0)
+    periodic = bool(atoms.pbc.any())
+    kw = dict(cell=g.cell[0] if periodic else None, pbc=atoms.pbc if periodic else None, smearing=block.smearing,
+              accuracy=block.accuracy, prefactor=COULOMB)
+    u0 = float(electrostatic_energy(g.positions, out1["charges"][:, None], out1["dipoles"][:, None],
+                                    out1["quadrupoles"][:, None], **kw).detach())
+    others = [float(electrostatic_energy(g.positions, seen["q"][:, c:c + 1], seen["mu"][:, c:c + 1],
+                                         seen["theta"][:, c:c + 1], **kw).detach()) for c in (1, 2)]
+    a = block.coupling_others.detach().tolist()
+    assert min(abs(u0), *map(abs, others)) > 1e-4 and min(abs(x - 1.0) for x in a) > 0.01
+    assert e_es == pytest.approx(u0 + a[0] * others[0] + a[1] * others[1], rel=1e-9, abs=1e-12)
+
+
+def test_training_steps_leave_channel_zero_coupling_at_one():
+    """Adam with weight decay on energy + forces: the other couplings move, a_0 stays exactly 1."""
+    from ase.build import bulk
+
+    model = lr_model([11, 17], lr_channels=2)
+    block = model.long_range_block
+    before = block.coupling_others.detach().clone()
+    crystal = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    crystal.rattle(0.1, seed=3)
+    g = atoms_to_graph(crystal, model.cutoff)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        out = model(g)
+        loss = (out["energy"] - 1.0).pow(2).sum() + out["forces"].pow(2).mean()
+        loss.backward()
+        assert block.coupling_others.grad is not None and float(block.coupling_others.grad.abs().max()) > 0
+        opt.step()
+    assert float(block.coupling_channel0) == 1.0 and float(block.coupling[0]) == 1.0
+    assert float((block.coupling_others.detach() - before).abs().max()) > 1e-4
+    assert all(p is not block.coupling_channel0 for p in model.parameters())
+
+
+def test_lr_channels_must_be_positive():
+    with pytest.raises(ValueError, match="lr_channels"):
+        cartlorem.CartLorem([1], long_range="multipole", channels=4, long_range_options={"lr_channels": 0})

@@ -43,8 +43,6 @@ def predict(model, atoms, **kw):
 
 @pytest.fixture(params=LONG_RANGE, ids=lambda x: f"lr={x}")
 def long_range(request):
-    if request.param is not None:
-        pytest.importorskip("cartlorem.nn.long_range")
     return request.param
 
 

@@ -1,11 +1,13 @@
 """Cartesian multipole electrostatics (no learnable parameters).
 
 Point or Gaussian-smeared charges, dipoles and traceless quadrupoles per channel -> potential, field and
-field gradient at every atom (open boundaries: exact direct sum; periodic: Ewald), and their energy.
+field gradient at every atom (open boundaries: exact direct sum; periodic: Ewald or particle-mesh
+Ewald, chosen by ``method="auto"``), and their energy.
 Layout: :mod:`.kernels` says what is summed (radial kernels, interaction tensors, reciprocal kernel,
-self and background terms); :mod:`.direct` and :mod:`.ewald` say how.
+self and background terms); :mod:`.direct`, :mod:`.ewald` and :mod:`.pme` say how.
 """
 
 from .fields import MultipoleFields, batched_multipole_fields, electrostatic_energy, multipole_fields
+from .pme import METHODS
 
-__all__ = ["MultipoleFields", "multipole_fields", "electrostatic_energy", "batched_multipole_fields"]
+__all__ = ["MultipoleFields", "multipole_fields", "electrostatic_energy", "batched_multipole_fields", "METHODS"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ._validate import check_inputs
 from .direct import OVERLAP_DISTANCE, pair_sum
 from .ewald import ewald_sum
 from .kernels import InteractionTensors, Layout, RadialKernel, pack_sources, unpack_rank
+from .pme import METHODS, choose_method, pme_sum
 from .slab import slab_sum
 
 _FIELDS_DOC = """
@@ -20,10 +22,15 @@ _FIELDS_DOC = """
     e/Å; ``cartlorem.units.COULOMB`` = 14.399645 for eV, e, Å).
 
     Boundary conditions: ``cell is None`` or ``pbc`` all False: exact direct sum over all pairs.
-    ``pbc`` all True (``pbc=None`` with a cell means periodic): Ewald summation with tin-foil boundary
-    conditions; a net charge Q per channel gets a uniform neutralising background (potential
+    ``pbc`` all True (``pbc=None`` with a cell means periodic): Ewald summation (or its particle-mesh
+    form, PME) with tin-foil boundary conditions; a net charge Q per channel gets a uniform
+    neutralising background (potential
     ``-pi Q / V (1/alpha^2 - 2 sigma^2)``, so that the potential has zero cell average; for point
-    multipoles the trace of G at every atom is then ``-4 pi Q / V``). Mixed pbc raises ValueError.
+    multipoles the trace of G at every atom is then ``-4 pi Q / V``). ``pbc = [True, True, False]``: a
+    slab, periodic along a and b with vacuum along c (:mod:`.slab`: c orthogonal to a and b, atoms within
+    ``0 <= r.n <= |c|``; summed by Ewald in an elongated cell plus the slab correction). Other mixed pbc
+    raise ValueError. ``method``: "auto" (default) sums open boundaries directly and picks Ewald or PME
+    (:mod:`.pme`) for periodic cells from measured cost models; "direct", "ewald", "pme" force one.
 
     Excluded self terms: the target's own source (same atom, same cell image) never contributes;
     its periodic images do. With ``smearing = sigma`` every source is a Gaussian of width sigma seen by
@@ -47,6 +54,13 @@ _FIELDS_DOC = """
         and cutoffs follow from it; measured errors are 0.01-1x accuracy); ignored in open boundaries,
         which are exact
     prefactor : float, multiplies every output
+    method : "auto" (default), "direct", "ewald" or "pme". "direct": exact pair sum, open boundaries
+        only. "ewald": Ewald sum (O(N^2) for smeared sources, exact k-space sum). "pme": smooth
+        particle-mesh Ewald (O(N log N), :mod:`cartlorem.ewald.pme`), periodic only. "auto": "direct" in
+        open boundaries; in a periodic cell the cheaper of "ewald" and "pme" for this N, cell,
+        smearing and accuracy by a measured cost model (:func:`cartlorem.ewald.pme.choose_method`).
+        Both periodic methods meet ``accuracy``. A method that does not fit the boundary conditions
+        raises ValueError.
 
     Differentiable with respect to positions, cell and multipoles (forces, stress, training).
 """
@@ -74,24 +88,44 @@ def compute_fields(
     ranks=(0, 1, 2),
     alpha=None,
     return_sources=False,
+    method="auto",
+    pme_options=None,
 ):
     """The fields of ``ranks`` only: {0: potential [N, C], 1: field [N, C, 3], 2: gradient [N, C, 3, 3]}.
 
     ``alpha`` (1/Å) overrides the Ewald splitting parameter (for tests; results must not depend on it).
     With ``return_sources`` also the checked multipoles {rank: tensor} (quadrupoles made exactly
-    symmetric and traceless).
+    symmetric and traceless). ``pme_options``: dict of :func:`.pme.pme_sum` overrides (``alpha``,
+    ``mesh``, ``spline_order``, ``real_cutoff``) for method "pme".
     """
+    method = _check_method(method, pbc)
     inputs = check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, accuracy)
     cols, rows = Layout(inputs.multipoles), Layout(ranks)
     m = inputs.multipoles
     v = pack_sources(cols, m.get(0), m.get(1), m.get(2))  # [N, n_cols, C]
+    if inputs.slab and method not in ("auto", "ewald"):
+        raise ValueError(f"method={method!r} does not sum slabs (pbc = [True, True, False]); use 'auto' or 'ewald' "
+                         "(Ewald in an elongated cell with the slab correction)")
     if inputs.slab:  # pbc = [True, True, False]: Ewald in an elongated cell + slab correction (.slab)
         out = slab_sum(inputs.positions, v, m, inputs.cell, rows, cols, smearing=inputs.smearing,
                        accuracy=float(accuracy), alpha=alpha)
         out = out * (prefactor * rows.output_signs(out.dtype, out.device))[None, :, None]
         fields = {rank: unpack_rank(rows, out, rank) for rank in rows.ranks}
         return (fields, m) if return_sources else fields
-    if inputs.periodic:
+    if inputs.periodic and method == "direct":
+        raise ValueError("method='direct' sums open boundaries only; a periodic cell (pbc all True) needs "
+                         "method='ewald', 'pme' or 'auto'")
+    if not inputs.periodic and method in ("ewald", "pme"):
+        raise ValueError(f"method={method!r} needs a periodic cell (pbc all True and a cell); open boundaries "
+                         "are summed exactly with method='direct' or 'auto'")
+    if inputs.periodic and method == "auto":
+        method = choose_method(inputs.cell.detach().cpu().double().numpy(), inputs.positions.shape[0],
+                               float(accuracy), rows, cols, v.shape[2], inputs.smearing)
+    if inputs.periodic and method == "pme":
+        total = m[0].sum(0) if 0 in m else None
+        out = pme_sum(inputs.positions, v, inputs.cell, rows, cols, smearing=inputs.smearing,
+                      accuracy=float(accuracy), total_charge=total, **(pme_options or {}))
+    elif inputs.periodic:
         total = m[0].sum(0) if 0 in m else None
         out = ewald_sum(
             inputs.positions,
@@ -112,6 +146,18 @@ def compute_fields(
     return (fields, m) if return_sources else fields
 
 
+def _check_method(method, pbc) -> str:
+    """``method`` checked against :data:`.pme.METHODS`; PME refuses every pbc but all True by name."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}")
+    if method == "pme" and pbc is not None:
+        flags = np.asarray(pbc.detach().cpu() if isinstance(pbc, torch.Tensor) else pbc).reshape(-1)
+        flags = [bool(f) for f in flags]
+        if len(flags) == 3 and any(flags) and not all(flags):
+            raise ValueError(f"method='pme' supports fully periodic cells only (pbc all True), got pbc={flags}")
+    return method
+
+
 def multipole_fields(
     positions,
     charges=None,
@@ -123,6 +169,7 @@ def multipole_fields(
     smearing=None,
     accuracy=1e-6,
     prefactor=1.0,
+    method="auto",
 ) -> MultipoleFields:
     """Potential [N, C], field [N, C, 3] and field gradient [N, C, 3, 3] at every atom (see below)."""
     f = compute_fields(
@@ -135,6 +182,7 @@ def multipole_fields(
         smearing=smearing,
         accuracy=accuracy,
         prefactor=prefactor,
+        method=method,
     )
     return MultipoleFields(f[0], f[1], f[2])
 
@@ -154,6 +202,7 @@ def electrostatic_energy(
     smearing=None,
     accuracy=1e-6,
     prefactor=1.0,
+    method="auto",
 ) -> torch.Tensor:
     """Electrostatic energy ``U = 1/2 sum_i (q_i phi_i - mu_i.E_i - 1/2 Theta_i : G_i)``.
 
@@ -173,6 +222,7 @@ def electrostatic_energy(
         prefactor=prefactor,
         ranks=ranks or (0,),
         return_sources=True,
+        method=method,
     )
     return energy_from_fields(f, m.get(0), m.get(1), m.get(2))
 
@@ -206,6 +256,7 @@ def batched_multipole_fields(
     accuracy=1e-6,
     prefactor=1.0,
     ranks=(0, 1, 2),
+    method="auto",
 ) -> MultipoleFields:
     """:func:`multipole_fields` for a batch of structures, each with its own cell and boundary conditions.
 
@@ -213,8 +264,10 @@ def batched_multipole_fields(
     pbc [B, 3] bool; charges [N, C], dipoles [N, C, 3], quadrupoles [N, C, 3, 3] or None.
     ranks: the field ranks to compute (0 potential, 1 field, 2 gradient); the others come back as None
     and cost nothing (the LOREM block needs only the potential).
+    method: as in :func:`multipole_fields`, for every structure ("auto" chooses per structure).
     Returns MultipoleFields for all N atoms, in the input order. Structures never interact.
     """
+    method = _check_method(method, None)
     ranks = tuple(sorted(set(int(r) for r in ranks)))
     if not ranks or any(r not in (0, 1, 2) for r in ranks):
         raise ValueError(f"ranks must be a non-empty subset of (0, 1, 2), got {ranks}")
@@ -243,7 +296,7 @@ def batched_multipole_fields(
     handled = torch.zeros_like(open_struct)
     parts, order = [], []
     open_atoms = open_struct[batch].nonzero().flatten()
-    if open_atoms.numel():
+    if open_atoms.numel() and method in ("auto", "direct"):
         sub = [None if t is None else t[open_atoms] for t in (charges, dipoles, quadrupoles)]
         n_pairs = int((torch.bincount(batch[open_atoms]) ** 2).sum())
         n_channels = next(t for t in sub if t is not None).shape[1]
@@ -268,6 +321,7 @@ def batched_multipole_fields(
             accuracy=accuracy,
             prefactor=prefactor,
             ranks=ranks,
+            method=method,
         )
         parts.append(MultipoleFields(*(f.get(r) for r in (0, 1, 2))))
         order.append(idx)

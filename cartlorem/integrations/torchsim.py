@@ -68,7 +68,7 @@ class CartLoremModel(_Base):
             True; both may be switched later, as torch-sim's validation does).
 
     ``forward(state)`` → {"energy": [B] eV, "forces": [N, 3] eV/Å, "stress": [B, 3, 3] eV/Å³},
-    detached (zeros as stress for structures that are periodic in no direction).
+    detached (zeros as stress for structures that are not fully periodic: open structures and slabs).
     """
 
     def __init__(self, model_or_path, *, device: Optional[Union[str, torch.device]] = None,

@@ -6,12 +6,13 @@ Shapes: features are lists ``[h0 [N, C], h1 [N, C, 3], h2 [N, C, 3, 3]]`` with N
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..tensors import (EquivariantLinear, compact_edge_product, compact_to_sym, compiled_compact_edge_product, edge_paths,
+from ..tensors import (EquivariantLinear, chunked_edge_sum, compact_edge_product, compact_to_sym, compiled_compact_edge_product, edge_paths,
                        mix_channels, paths_to, product, sym_to_compact)
 from .radial import RadialMLP
 
@@ -19,9 +20,16 @@ __all__ = ["Interaction", "BodyOrderProduct", "SpeciesLinear"]
 
 Features = list  # [Optional[Tensor]] * 3
 
-
-def ranks_of(h: Sequence[Optional[torch.Tensor]]) -> tuple[int, ...]:
-    return tuple(l for l, x in enumerate(h) if x is not None)
+#: Size of an edge chunk of the message computation (``Interaction.forward``), in edges × channels:
+#: 2048 edges at C = 64 on CPU (chosen in benchmarks/memory.py: ~0.27 MB per atom for energy + forces
+#: and faster than no chunking; smaller chunks cost time, larger ones memory). CUDA uses 16× larger
+#: chunks to keep kernel launches few (not measured: no GPU was available). A layer's ``edge_chunk``
+#: attribute overrides it (edges per chunk; 0 turns chunking off).
+EDGE_CHUNK_ELEMENTS = 2**17
+#: By default, chunking starts above this many chunks of edges (32768 edges at C = 64: ~370 atoms of
+#: diamond, ~600 of water): where the unchunked path's memory is small (< 1 GB) and its large-tensor
+#: page faults, which the chunked path avoids, do not yet pay for the recomputation.
+MIN_CHUNKS = 16
 
 
 class Interaction(nn.Module):
@@ -40,25 +48,57 @@ class Interaction(nn.Module):
         self.radial = RadialMLP(num_basis, radial_hidden, len(self.paths) * channels)
         self.linear_out = EquivariantLinear(channels, channels, self.l_msg)
         self.avg_num_neighbors = float(avg_num_neighbors)
+        self.edge_chunk: Optional[int] = None  # edges per chunk; None: from EDGE_CHUNK_ELEMENTS; 0: off
 
     def forward(self, h: Features, edge_index: torch.Tensor, unit: torch.Tensor, radial: torch.Tensor,
                 envelope: torch.Tensor, compiled: bool = False) -> Features:
+        """h: node features [h0 [N, C], h1 [N, C, 3] or None, h2 [N, C, 3, 3] or None]; edge_index [2, E]
+        (receiver i, sender j); unit [E, 3] r̂_ij; radial [E, num_basis]; envelope [E]. Returns the message
+        features (ranks ``l_msg``) [N, C, ...].
+
+        With more than :data:`MIN_CHUNKS` chunks of edges (:meth:`chunk_edges`; with ``edge_chunk`` set,
+        more than one chunk) the edges run in chunks that are recomputed in the backward pass
+        (:func:`cartlorem.tensors.chunked_edge_sum`): the same numbers to rounding, with the per-edge
+        intermediates of one chunk alive instead of those of all edges."""
         i, j = edge_index
         n_nodes = h[0].shape[0]
         hu = self.linear_up(h)
         if hu[2] is not None:  # rank 2 travels over the edges as 6 components (tensors.fused)
             hu = [hu[0], hu[1], sym_to_compact(hu[2])]
-        hj = [x[j] if x is not None else None for x in hu]  # gathered neighbour features [E, C, ...]
+        chunk = self.chunk_edges(unit.device)
+        threshold = chunk if self.edge_chunk is not None else MIN_CHUNKS * chunk
+        if chunk > 0 and i.shape[0] > threshold:
+            params = list(self.radial.parameters())
+            msg = chunked_edge_sum(partial(self._edge_messages, compiled), n_nodes, i, (j, unit, radial, envelope),
+                                   hu, params, chunk)
+        else:
+            edge_msg = self._edge_messages(compiled, j, unit, radial, envelope, *hu)
+            msg = []
+            for m in edge_msg:
+                agg = torch.zeros((n_nodes,) + m.shape[1:], dtype=m.dtype, device=m.device)
+                msg.append(agg.index_add_(0, i, m))
+        out: Features = [None, None, None]
+        for l, agg in zip(self.l_msg, msg):
+            agg = agg / self.avg_num_neighbors
+            out[l] = compact_to_sym(agg) if l == 2 else agg
+        return self.linear_out(out)
+
+    def chunk_edges(self, device: torch.device) -> int:
+        """Edges per chunk of the message computation: ``self.edge_chunk`` if set (0: no chunking), else
+        :data:`EDGE_CHUNK_ELEMENTS` / C (× 16 on CUDA)."""
+        if self.edge_chunk is not None:
+            return int(self.edge_chunk)
+        return max(EDGE_CHUNK_ELEMENTS * (16 if torch.device(device).type == "cuda" else 1) // self.channels, 1)
+
+    def _edge_messages(self, compiled: bool, j: torch.Tensor, unit: torch.Tensor, radial: torch.Tensor,
+                       envelope: torch.Tensor, hu0: torch.Tensor, hu1: Optional[torch.Tensor],
+                       hu2: Optional[torch.Tensor]) -> list:
+        """Per-edge messages [E, C, ...] of ranks ``l_msg`` (rank 2 compact) from the mixed node features."""
+        hj = [x[j] if x is not None else None for x in (hu0, hu1, hu2)]  # gathered neighbour features [E, C, ...]
         w = self.radial(radial, envelope).view(-1, len(self.paths), self.channels)
         kernel = compiled_compact_edge_product if compiled else compact_edge_product
         msg = kernel(hj, unit, w, self.l_msg)
-        out: Features = [None, None, None]
-        for l in self.l_msg:
-            m = msg[l]
-            agg = torch.zeros((n_nodes,) + m.shape[1:], dtype=m.dtype, device=m.device)
-            agg = agg.index_add_(0, i, m) / self.avg_num_neighbors
-            out[l] = compact_to_sym(agg) if l == 2 else agg
-        return self.linear_out(out)
+        return [msg[l] for l in self.l_msg]
 
 
 class BodyOrderProduct(nn.Module):

@@ -18,10 +18,22 @@ updates the scalar channels. The long-range energy of each atom has two parts, r
 
 * a learned readout of the updated scalars (dimensionless: the model multiplies it by its energy
   ``scale``, like every other learned readout);
-* the electrostatic energy of the learned multipoles in eV, with a learned weight per channel,
+* the electrostatic energy of the learned multipoles in eV, with a weight per channel,
   COULOMB · ½ Σ_c a_c (q φ − μ·E − ½ Θ:G) (for "lorem", COULOMB · ½ Σ_c a_c (qφ + μ·ψ + Θ:Ψ)). It is
-  never rescaled, so that the reported multipoles keep physical units (e, e·Å, e·Å²): with a_c = 1
-  it is exactly the Coulomb energy of channel c, and it carries the exact 1/r, 1/r², 1/r³ tails.
+  never rescaled, so that the reported multipoles keep physical units (e, e·Å, e·Å²), and it carries
+  the exact 1/r, 1/r², 1/r³ tails. The weight of channel 0, the channel the model reports, is fixed
+  at a_0 = 1 (a buffer, not trained): its term is exactly the Coulomb energy of the reported charges,
+  dipoles and quadrupoles. Left free, training moved it (1 → 0.69 on the dimer set), and the reported
+  charges were then physical only up to √a_0. The other channels' weights a_c (c ≥ 1) are learned.
+
+Boundary conditions, per structure: open (pbc all False), fully periodic, or a slab, pbc = [True, True,
+False] (periodic along cell rows a and b, vacuum along the third row). For a slab the block hands the
+Ewald layer its slab frame (:func:`slab_frame`): the third row becomes ``h n`` (n the unit normal of
+the a-b plane on the side of c, h = c·n the height of c above the plane) and the atoms are translated
+along n to the middle of [0, h]. Both are exact symmetries of the slab energy (the result depends on
+a, b, the normal and the relative positions only), so positions can come unwrapped and c need not be
+orthogonal to the plane; the atoms must span less than h along the normal. Other pbc patterns are
+refused (ValueError).
 
 With feature rank ``lmax`` < 2 the multipoles go only up to that rank (lmax 0: charges; lmax 1:
 charges and dipoles). The "multipole" kind still feeds back the field and field gradient of those
@@ -38,7 +50,63 @@ from torch import nn
 from ..ewald import batched_multipole_fields
 from ..tensors import EquivariantLinear, product, stf
 
-__all__ = ["LongRangeBlock"]
+__all__ = ["LongRangeBlock", "slab_frame", "check_boundaries"]
+
+
+def check_boundaries(pbc: torch.Tensor) -> None:
+    """ValueError unless every row of pbc [B, 3] (bool) is all False, all True or [True, True, False]."""
+    pbc = pbc.detach().to("cpu", torch.bool)
+    ok = pbc.all(dim=1) | ~pbc.any(dim=1) | (pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2])
+    if not bool(ok.all()):
+        k = int((~ok).nonzero()[0])
+        raise ValueError(
+            f"structure {k} has pbc = {pbc[k].tolist()}: long-range models support open boundaries (all False), "
+            "fully periodic cells (all True) and slabs, pbc = [True, True, False] (vacuum along the third cell "
+            "row; reorder the cell rows so that the open direction comes last)")
+
+
+def slab_frame(positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor):
+    """The frame in which the Ewald layer takes slabs (pbc = [True, True, False]); others are unchanged.
+
+    positions [N, 3] Å, batch [N], cell [B, 3, 3] Å (rows a, b, c), pbc [B, 3] bool → (positions [N, 3],
+    cell [B, 3, 3]). For each slab, with n = ±(a × b)/|a × b| on the side of c and the height h = c·n > 0:
+    the third row becomes h n (orthogonal to a and b), and the atoms move along n by the constant
+    (not differentiated) t = h/2 − (z_min + z_max)/2, z = r·n, so that they lie in the middle of the
+    region 0 <= z <= h that :mod:`cartlorem.ewald.slab` needs. The slab energy does not depend on either
+    change (a rigid translation; c enters only through the vacuum it pads), so forces are unchanged.
+    ValueError if c has no height above the plane or the atoms span more than h along n.
+    """
+    slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]  # [B]
+    if not bool(slab.any()):
+        return positions, cell
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
+    basis = torch.where(slab[:, None, None], cell, eye)  # other structures: a harmless stand-in (no 0/0)
+    normal = torch.linalg.cross(basis[:, 0], basis[:, 1])  # [B, 3]
+    normal = normal / torch.linalg.vector_norm(normal, dim=-1, keepdim=True).clamp_min(1e-30)
+    height = (basis[:, 2] * normal).sum(-1)  # [B], signed
+    normal = torch.where(height[:, None] < 0, -normal, normal)
+    height = height.abs()
+    z = (positions.detach() * normal.detach()[batch]).sum(-1)  # [N]
+    n_struct = cell.shape[0]
+    z_min = torch.full((n_struct,), float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
+        0, batch, z, reduce="amin")
+    z_max = torch.full((n_struct,), -float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
+        0, batch, z, reduce="amax")
+    for k in slab.nonzero().flatten().tolist():
+        h, extent = float(height[k].detach()), float(z_max[k] - z_min[k])
+        if not h > 0.0:
+            raise ValueError(
+                f"structure {k} is a slab (pbc = [True, True, False]) but its third cell row has no height above "
+                "the plane of a and b: long-range models need it to span the atoms plus vacuum (e.g. "
+                "atoms.center(vacuum=10.0, axis=2), or ase.build.fcc111(..., vacuum=10.0))")
+        if extent > h * (1.0 + 1e-12):
+            raise ValueError(
+                f"structure {k} is a slab (pbc = [True, True, False]) whose atoms span {extent:.6g} Å along the "
+                f"normal, more than the height of the third cell row, {h:.6g} Å: make c longer (more vacuum)")
+    shift = torch.where(slab, 0.5 * height.detach() - 0.5 * (z_min + z_max), torch.zeros_like(height))  # [B]
+    positions = positions + shift[batch, None] * normal.detach()[batch]
+    third = torch.where(slab[:, None], height[:, None] * normal, cell[:, 2])  # [B, 3]
+    return positions, torch.cat([cell[:, :2], third[:, None]], dim=1)
 
 
 class LongRangeBlock(nn.Module):
@@ -56,8 +124,9 @@ class LongRangeBlock(nn.Module):
             w_i = softplus(w · h0_i) (like the inverse hardness of charge equilibration), so that an
             ion far from a neutral molecule can keep its charge; "uniform" or True: the same shift on
             every atom of the structure; False / None: no correction.
-        coupling: initial weight a_c of the electrostatic energy of each learned channel (default 1:
-            the Coulomb energy of the learned charges, in eV). Starting at the physical scale matters:
+        coupling: initial weight a_c of the electrostatic energy of the learned channels c ≥ 1
+            (default 1: the Coulomb energy of the learned charges, in eV); channel 0 has a_0 = 1, fixed
+            (see the module docstring). Starting at the physical scale matters:
             with 0.1 the dimer models learned far too small charges (±0.04–0.15 e on ammonium
             formate against xTB's ±0.93 e) and half of the ion-pair force beyond 8 Å was missing
             (benchmarks/intermolecular.py). The model's energy ``scale`` does not multiply this term.
@@ -74,6 +143,8 @@ class LongRangeBlock(nn.Module):
             raise ValueError(f"smearing must be a positive width in Å, got {smearing}")
         if lmax not in (0, 1, 2):
             raise ValueError(f"lmax of the long-range block must be 0, 1 or 2, got {lmax!r}")
+        if int(lr_channels) != lr_channels or lr_channels < 1:
+            raise ValueError(f"lr_channels must be a positive integer, got {lr_channels!r}")
         self.kind, self.lr_channels, self.lmax = kind, int(lr_channels), int(lmax)
         self.smearing, self.accuracy = float(smearing), float(accuracy)
         if charge_correction is True:
@@ -93,18 +164,31 @@ class LongRangeBlock(nn.Module):
         n_inv = channels * (2 + sum(1 + (l <= self.lmax) for l in self.field_ranks if l > 0))
         self.update = nn.Sequential(nn.Linear(channels + n_inv, hidden), nn.SiLU(), nn.Linear(hidden, channels))
         self.readout = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-        self.coupling = nn.Parameter(torch.full((lr_channels,), float(coupling)))
+        # a_0 = 1 for the reported channel: a buffer, so no optimiser step (or weight decay) moves it. A
+        # model read from an older file (format v1 or v2, where a_0 was a parameter) keeps its stored
+        # a_0; when that is not 1, its charges are in the old units: a_0 × U(q) is the Coulomb energy
+        # of √a_0 q, not of q (cartlorem.model.upgrade_state_dict).
+        self.register_buffer("coupling_channel0", torch.tensor(1.0))
+        self.coupling_others = nn.Parameter(torch.full((self.lr_channels - 1,), float(coupling)))  # a_1 ...
+
+    @property
+    def coupling(self) -> torch.Tensor:
+        """[C_lr] weights a_c of the channels' electrostatic energies: a_0 (fixed, 1 for new models) then
+        the learned a_1 … (read-only: set ``coupling_channel0`` / ``coupling_others``)."""
+        return torch.cat([self.coupling_channel0.reshape(1), self.coupling_others])
 
     def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor) -> dict:
         """h = [h0 [N, C], h1 [N, C, 3] or None, h2 [N, C, 3, 3] or None]; positions [N, 3] Å; cell [B, 3, 3] Å.
 
         Returns "readout" [N] (learned, dimensionless: the caller scales it), "electrostatic" [N]
-        (eV, the coupling-weighted energy of the learned multipoles), and channel 0 of the learned
+        (eV, the coupling-weighted energy of the learned multipoles; channel 0 with weight a_0 = 1), and channel 0 of the learned
         multipoles: "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3]
         (e·Å², traceless, lmax 2).
         """
         from ..units import COULOMB
 
+        check_boundaries(graph.pbc)
+        positions, cell = slab_frame(positions, graph.batch, cell, graph.pbc)
         q, mu, theta = self.to_multipoles(h[: self.lmax + 1])[:3]
         if self.charge_correction:
             q = self._correct_charges(q, graph, h[0])

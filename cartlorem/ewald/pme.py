@@ -1,0 +1,572 @@
+"""Smooth particle-mesh Ewald for Cartesian multipoles (Sagui, Pedersen & Darden, JCP 120, 73 (2004)).
+
+The same splitting as :mod:`.ewald` (real space + reciprocal space - self + background, tin-foil
+boundary conditions); only the reciprocal step differs. There, ``exp(-i k.r_j)`` of every source is
+replaced by its cardinal B-spline interpolation on a mesh of ``K_1 x K_2 x K_3`` points along the lattice
+vectors (fractional coordinates ``u = K s``, ``s = r cell^-1`` wrapped into [0, 1)):
+
+    exp(-i k.r) ~ b(k) sum_m Theta(u - m) exp(-2 pi i k~.m / K),   Theta(u) = M_n(u_1) M_n(u_2) M_n(u_3)
+
+(M_n: cardinal B-spline of order n, |b(k)|^2 = 1 / |sum_t M_n(t) exp(2 pi i k~_d t / K_d)|^2 per axis).
+A multipole's Fourier factor ``(i k)^b`` is a derivative ``(-d/dr_j)^b`` of that phase, so every
+channel's charges, dipoles and quadrupoles are spread onto ONE mesh with the spline weights and their
+first and second derivatives:
+
+    Q(m) = sum_j sum_b v_jb (-d/dr_j)^b Theta(u_j - m)                  (packed sources v, see .kernels)
+
+One forward FFT, a product with the influence function ``(4 pi / V) exp(-k^2/4 alpha^2) / k^2 |b(k)|^2``
+(the smearing of Gaussian sources is inside alpha, exactly as in :mod:`.ewald`: ``alpha <= 1/(sqrt 2
+sigma)``), one inverse FFT give the reciprocal potential on the mesh, ``phi(m)``; the potential and its
+first and second derivatives at every atom come back through the same weights:
+
+    d^a phi_rec(r_i) = sum_m (d/dr_i)^a Theta(u_i - m) phi(m)
+
+Two FFTs per channel whatever the ranks. Everything is plain torch (rfftn, index_add, gather) and
+differentiable to any order in positions, cell and multipoles (the splines are polynomials inside each
+mesh interval, order n >= 4 keeps them C^(n-2)).
+
+The real-space part, ``erfc``-screened interaction tensors within ``r_c`` over a neighbour list
+(vesin, each pair once), reuses the kernels of :mod:`.kernels`; the self and background terms are those
+of :mod:`.ewald`.
+
+Parameters (:func:`choose_parameters`): ``r_c = p / alpha`` and the spline truncation follow the
+Ewald rule (:func:`.ewald.tail_parameter`); the mesh spacing along each lattice vector is
+``h alpha = (accuracy / 2c)^(1/e)`` (the spline error falls as ``c (h alpha)^e``, ``e ~ n - d`` for outputs or
+sources of rank d; constants measured against the exact k-space sum, :data:`MESH_ERROR`), rounded up to an FFT-friendly size
+(a product of 2, 3 and 5); alpha minimises a measured cost model (:func:`pme_cost`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from . import ewald as _ewald
+from .ewald import tail_parameter
+from .kernels import (
+    InteractionTensors,
+    Layout,
+    RadialKernel,
+    background_potential,
+    self_matrix,
+    smearing_beta,
+)
+
+#: Summation methods of :func:`cartlorem.ewald.multipole_fields`.
+METHODS = ("auto", "direct", "ewald", "pme")
+#: Spline orders the automatic choice considers (even orders: |b(k)|^2 never vanishes).
+SPLINE_ORDERS = (4, 6, 8, 10)
+#: Spline error model: the relative error of the reciprocal part (worst output, point q, mu, Theta, cubic
+#: and triclinic cells) is below ``c (h alpha)^e`` for mesh spacing h along each lattice vector; (c, e) per
+#: highest source/output rank d and spline order n (the error of rank-d outputs falls as about
+#: ``(h alpha)^(n - d)``: the spline's own representation of an atom's self-interaction). Measured against
+#: the exact Ewald k-space sum for 0.09 <= h alpha <= 0.75 (upper envelope of the data); the mesh rule keeps
+#: half of ``accuracy`` for this error.
+MESH_ERROR = {
+    0: {4: (0.0487, 4.21), 6: (0.0191, 6.51), 8: (0.0116, 8.76), 10: (0.0221, 11.47)},
+    1: {4: (0.1337, 3.73), 6: (0.1405, 6.43), 8: (0.1294, 8.75), 10: (0.1306, 10.95)},
+    2: {4: (0.2579, 2.55), 6: (0.0955, 4.85), 8: (0.0676, 7.19), 10: (0.0720, 9.55)},
+}
+#: Cost model of one call with gradients to the positions (seconds, one CPU thread, float64), fitted to
+#: process times of water boxes of 24-1536 atoms, C = 4 channels of q, mu, Theta, point and smeared
+#: (sigma = 1 Å) sources at accuracy 1e-6 (model within 0.8-1.2x of the measured times).
+#: PME: per real-space pair and (row x column x channel) entry; per atom, stencil point and
+#: (row + column) x channel (spreading + interpolation); per mesh point x log2(mesh points) x channel
+#: (two FFTs); a fixed overhead per call.
+COST_PAIR = 2.0e-8
+COST_STENCIL = 8e-9
+COST_MESH = 1e-8
+COST_PME_CALL = 0.026
+#: Ewald (:mod:`.ewald`): per real-space pair (dense blocks over minimum-image pairs x lattice shifts) and
+#: (row x column x channel) entry; per (atom, k-vector) term x (row + column) x channel; fixed overhead.
+COST_EWALD_PAIR = 8.7e-9
+COST_EWALD_K = 2.4e-9
+COST_EWALD_CALL = 0.014
+#: Edges per real-space chunk; atoms per spreading/interpolation chunk.
+EDGE_BLOCK = 1 << 15
+ATOM_BLOCK = 1 << 11
+#: Above this many edges (or stencil points x atoms), chunks are checkpointed when gradients are tracked.
+CHECKPOINT_EDGES = 1 << 18
+CHECKPOINT_STENCIL = 1 << 22
+
+
+class PMEParameters(NamedTuple):
+    """Splitting ``alpha`` (1/Å), real-space cutoff (Å), mesh points per lattice vector, spline order."""
+
+    alpha: float
+    real_cutoff: float
+    mesh: tuple
+    spline_order: int
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _smooth_numbers(limit: int) -> np.ndarray:
+    """Sorted integers <= limit whose prime factors are 2, 3 and 5."""
+    out = set()
+    a = 1
+    while a <= limit:
+        b = a
+        while b <= limit:
+            c = b
+            while c <= limit:
+                out.add(c)
+                c *= 5
+            b *= 3
+        a *= 2
+    return sorted(out)
+
+
+_SMOOTH = _smooth_numbers(1 << 20)
+
+
+def fft_size(n: int) -> int:
+    """Smallest integer >= n whose prime factors are 2, 3 and 5."""
+    n = max(1, int(n))
+    if n > _SMOOTH[-1]:
+        raise ValueError(f"PME mesh of {n} points per axis is beyond any sensible size (cell too large for "
+                         "the accuracy)")
+    return _SMOOTH[bisect.bisect_left(_SMOOTH, n)]
+
+
+def mesh_spacing(alpha: float, accuracy: float, spline_order: int, derivatives: int) -> float:
+    """Largest mesh spacing (Å) along a lattice vector that keeps the spline error below ``accuracy / 2``.
+
+    derivatives: highest rank of the sources or outputs (0, 1, 2); spline_order among SPLINE_ORDERS.
+    """
+    c, e = MESH_ERROR[derivatives][spline_order]
+    return min(0.75, (0.5 * accuracy / c) ** (1.0 / e)) / alpha
+
+
+def mesh_for(cell: np.ndarray, spacing: float, spline_order: int) -> tuple:
+    """FFT-friendly mesh sizes ``K_d >= |a_d| / spacing`` (and >= 2 x spline order)."""
+    lengths = [math.sqrt(sum(x * x for x in row)) for row in np.asarray(cell).tolist()]
+    return tuple(fft_size(max(2 * spline_order, math.ceil(length / spacing))) for length in lengths)
+
+
+def pme_cost(n_atoms: int, volume: float, real_cutoff: float, mesh: tuple, spline_order: int,
+             n_rows: int, n_cols: int, n_channels: int, real_space: bool = True) -> float:
+    """Modelled seconds of one PME evaluation with gradients (see the COST_* constants)."""
+    pairs = 0.5 * n_atoms * n_atoms / volume * 4.0 / 3.0 * math.pi * real_cutoff**3 if real_space else 0.0
+    n_mesh = float(math.prod(mesh))
+    return (COST_PME_CALL + COST_PAIR * pairs * n_rows * n_cols * n_channels
+            + COST_STENCIL * n_atoms * spline_order**3 * (n_rows + n_cols) * n_channels
+            + COST_MESH * n_mesh * max(1.0, math.log2(n_mesh)) * n_channels)
+
+
+@lru_cache(maxsize=256)
+def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing, n_rows: int, n_cols: int,
+            n_channels: int, alpha, spline_order, mesh, real_cutoff, derivatives):
+    cell = np.frombuffer(cell_key).reshape(3, 3)
+    volume = abs(np.linalg.det(cell))
+    p = tail_parameter(accuracy, order)
+    beta_max = math.inf if smearing is None else smearing_beta(smearing)
+    orders = [int(spline_order)] if spline_order is not None else [n for n in SPLINE_ORDERS if n >= derivatives + 4]
+    if mesh is not None:
+        mesh = tuple(int(k) for k in mesh)
+        coarsest = float(max(np.linalg.norm(cell, axis=1) / np.array(mesh)))  # largest spacing (Å)
+    if alpha is not None:
+        alphas = [min(float(alpha), beta_max)]
+    elif real_cutoff is not None:
+        alphas = [min(p / float(real_cutoff), beta_max)]
+    elif mesh is not None:  # the sharpest splitting the given mesh resolves to accuracy
+        alphas = sorted({min(beta_max, mesh_spacing(1.0, accuracy, n, derivatives) / coarsest) for n in orders})
+    else:
+        # Candidates on the 2^(j/16) grid of .ewald.snap_alpha: alpha (and with it the real cutoff and the
+        # mesh) is then piecewise constant in the cell, so the stress is the exact strain derivative of
+        # the energy (as for the Ewald path), not only to about ``accuracy``.
+        spacing = (volume / n_atoms) ** (1.0 / 3.0)
+        alphas = {_ewald.snap_alpha(a, beta_max) for a in np.geomspace(0.3 / spacing, 2.0 / spacing, 12)}
+        if math.isfinite(beta_max):
+            alphas = {a for a in alphas if a < beta_max} | {beta_max}
+        alphas = sorted(alphas)
+    best = None
+    for a in alphas:
+        cutoff = float(real_cutoff) if real_cutoff is not None else float(p / a)
+        for n in orders:
+            if mesh is None:
+                m = mesh_for(cell, mesh_spacing(a, accuracy, n, derivatives), n)
+            elif coarsest <= mesh_spacing(a, accuracy, n, derivatives) * (1.0 + 1e-9):
+                m = mesh
+            else:
+                continue
+            cost = pme_cost(n_atoms, volume, cutoff, m, n, n_rows, n_cols, n_channels, real_space=a < beta_max)
+            if best is None or cost < best[0]:
+                best = (cost, PMEParameters(float(a), cutoff, m, n))
+    if best is None:  # only with a given mesh
+        a = alphas[0]
+        need = mesh_for(cell, mesh_spacing(a, accuracy, max(orders), derivatives), max(orders))
+        raise ValueError(
+            f"PME mesh {list(mesh)} is too coarse for accuracy {accuracy:g} with alpha = {a:.4g} 1/Å and spline "
+            f"order {'/'.join(map(str, orders))}: it needs about {list(need)} points (or a smaller alpha, a larger "
+            "real_cutoff, a lower accuracy)")
+    return best[1]
+
+
+def ewald_cost(cell: np.ndarray, n_atoms: int, accuracy: float, order: int, smearing, n_rows: int,
+               n_cols: int, n_channels: int) -> float:
+    """Modelled seconds of one Ewald evaluation (:mod:`.ewald`) with gradients (COST_EWALD_*)."""
+    p = _ewald.choose_parameters(cell, n_atoms, accuracy, order, smearing)
+    volume = abs(np.linalg.det(cell))
+    beta_max = math.inf if smearing is None else smearing_beta(smearing)
+    # lattice translations the dense real-space sum visits (the box of :func:`.ewald.lattice_shifts`)
+    heights = volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    shifts = float(np.prod(2 * np.floor(p.real_cutoff / heights + 0.5) + 1)) if p.alpha < beta_max else 0.0
+    n_k = volume * p.k_cutoff**3 / (12.0 * math.pi**2)  # half-space k-vectors
+    return (COST_EWALD_CALL + COST_EWALD_PAIR * 0.5 * n_atoms * n_atoms * shifts * n_rows * n_cols * n_channels
+            + COST_EWALD_K * n_atoms * n_k * (n_rows + n_cols) * n_channels)
+
+
+def choose_method(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout, cols: Layout,
+                  n_channels: int, smearing=None) -> str:
+    """"ewald" or "pme", whichever the measured cost models say is cheaper for this periodic system.
+
+    cell [3, 3] (Å, numpy). Both meet ``accuracy``; PME is only considered down to ``accuracy = 1e-8``
+    (below, its meshes and spline orders grow without bound and Ewald is both exact and cheap enough).
+    The models (:func:`ewald_cost`, :func:`pme_cost`) count real-space pair entries, k-vector terms,
+    spline stencil points and mesh points (constants: COST_*, measured on one CPU thread); small systems
+    go to Ewald, large ones to PME (for water-density boxes with C = 4 channels of q, mu, Theta at
+    accuracy 1e-6 the switch is near 200 atoms; benchmarks/pme_cost.py reports the choice).
+    """
+    if accuracy < 1e-8:
+        return "ewald"
+    return _choose_method(np.ascontiguousarray(cell, dtype=np.float64).tobytes(), int(n_atoms), float(accuracy),
+                          rows.ranks, cols.ranks, int(n_channels), smearing)
+
+
+@lru_cache(maxsize=1024)
+def _choose_method(cell_key: bytes, n_atoms: int, accuracy: float, row_ranks: tuple, col_ranks: tuple,
+                   n_channels: int, smearing) -> str:
+    cell = np.frombuffer(cell_key).reshape(3, 3)
+    rows, cols = Layout(row_ranks), Layout(col_ranks)
+    order = max(rows.rank_of) + max(cols.rank_of)
+    derivatives = max(max(rows.ranks), max(cols.ranks))
+    n_rows, n_cols = len(rows), len(cols)
+    t_ewald = ewald_cost(cell, n_atoms, accuracy, order, smearing, n_rows, n_cols, n_channels)
+    # no PME call is cheaper than its overhead plus the lowest-order stencils: skip the parameter search
+    n_min = min(n for n in SPLINE_ORDERS if n >= derivatives + 4)
+    if COST_PME_CALL + COST_STENCIL * n_atoms * n_min**3 * (n_rows + n_cols) * n_channels >= t_ewald:
+        return "ewald"
+    params = choose_parameters(cell, n_atoms, accuracy, order, smearing, n_rows=n_rows, n_cols=n_cols,
+                               n_channels=n_channels, derivatives=derivatives)
+    beta_max = math.inf if smearing is None else smearing_beta(smearing)
+    t_pme = pme_cost(n_atoms, abs(np.linalg.det(cell)), params.real_cutoff, params.mesh, params.spline_order,
+                     n_rows, n_cols, n_channels, real_space=params.alpha < beta_max)
+    return "pme" if t_pme < t_ewald else "ewald"
+
+
+def choose_parameters(cell: np.ndarray, n_atoms: int, accuracy: float, order: int, smearing=None, *,
+                      n_rows: int = 10, n_cols: int = 10, n_channels: int = 1, alpha=None, mesh=None,
+                      spline_order=None, real_cutoff=None, derivatives: int = 2) -> PMEParameters:
+    """Splitting, cutoff, mesh and spline order for a requested relative ``accuracy`` (module docstring).
+
+    cell [3, 3] (Å, numpy); order: output rank + source rank (at most 4); derivatives: highest rank of
+    the sources or outputs (the spline derivative used). The automatic spline order is at least
+    ``derivatives + 4`` (and even), so that forces and their derivatives (training) are continuous.
+    Given values are kept and checked: ValueError if a given mesh is smaller than the spline order or too
+    coarse for ``accuracy`` at the given (or chosen) alpha. With a mesh but no alpha (or real_cutoff),
+    alpha is the largest the mesh resolves to ``accuracy``.
+    """
+    if spline_order is not None and spline_order not in SPLINE_ORDERS:
+        raise ValueError(f"spline_order must be one of {SPLINE_ORDERS} (even orders with a measured error "
+                         f"model), got {spline_order}")
+    if mesh is not None:
+        mesh = tuple(int(k) for k in np.broadcast_to(np.asarray(mesh), (3,)))
+        n = int(spline_order) if spline_order is not None else derivatives + 4
+        if min(mesh) < n:
+            raise ValueError(f"PME mesh {list(mesh)} is smaller than the spline order {n} along some axis: "
+                             "use at least spline_order points per lattice vector")
+    if alpha is not None and not (math.isfinite(float(alpha)) and float(alpha) > 0):
+        raise ValueError(f"alpha must be a positive number (1/Å), got {alpha}")
+    if real_cutoff is not None and not (math.isfinite(float(real_cutoff)) and float(real_cutoff) > 0):
+        raise ValueError(f"real_cutoff must be a positive length in Å, got {real_cutoff}")
+    params = _choose(np.ascontiguousarray(cell, dtype=np.float64).tobytes(), int(n_atoms), float(accuracy),
+                     int(order), smearing, n_rows, n_cols, n_channels, alpha, spline_order, mesh, real_cutoff,
+                     int(derivatives))
+    if mesh is not None and min(mesh) < params.spline_order:
+        raise ValueError(f"PME mesh {list(mesh)} is smaller than the spline order {params.spline_order}")
+    return params
+
+
+# ----------------------------------------------------------------------------- B-splines
+
+
+def bspline(w: torch.Tensor, order: int, derivatives: int) -> list:
+    """Cardinal B-spline ``M_n`` and derivatives at ``w + t``, t = 0 .. n-1.
+
+    w [...] in [0, 1) -> list of ``derivatives + 1`` tensors [..., n]: ``d^k M_n / dx^k (w + t)``.
+    Recursion ``M_n(x) = [x M_{n-1}(x) + (n - x) M_{n-1}(x - 1)] / (n - 1)``,
+    ``M_n' (x) = M_{n-1}(x) - M_{n-1}(x - 1)``.
+    """
+    x = w[..., None]
+    levels = {1: torch.ones_like(x)}  # M_1(w + 0) = 1 on [0, 1)
+    for n in range(2, order + 1):
+        prev = levels[n - 1]  # [..., n-1]: M_{n-1}(w + t), t = 0 .. n-2
+        zero = torch.zeros_like(x)
+        here = torch.cat([prev, zero], -1)  # M_{n-1}(w + t), t = 0 .. n-1
+        below = torch.cat([zero, prev], -1)  # M_{n-1}(w + t - 1)
+        t = torch.arange(n, dtype=w.dtype, device=w.device)
+        xt = x + t
+        levels[n] = (xt * here + (n - xt) * below) / (n - 1)
+    out = [levels[order]]
+    for k in range(1, derivatives + 1):
+        diff = levels[order - k]  # [..., n-k]
+        for _ in range(k):  # finite difference of order k: f(t) - f(t-1), widened by one each time
+            z = torch.zeros_like(diff[..., :1])
+            diff = torch.cat([diff, z], -1) - torch.cat([z, diff], -1)
+        out.append(diff)
+    return out
+
+
+def bspline_moduli(size: int, order: int) -> np.ndarray:
+    """``|b(k~)|^2 = 1 / |sum_t M_n(t) exp(2 pi i k~ t / K)|^2`` for k~ = 0 .. K-1 (float64 [K])."""
+    values = bspline(torch.zeros((), dtype=torch.float64), order, 0)[0].numpy()  # M_n(t), t = 0 .. n-1
+    t = np.arange(order)
+    k = np.arange(size)
+    denom = np.abs(np.exp(2j * np.pi * np.outer(k, t) / size) @ values) ** 2
+    return 1.0 / denom
+
+
+#: u-space derivative multi-indices of Theta used (index = per-axis derivative counts), order <= 2.
+_U_INDICES = ((0, 0, 0),
+              (1, 0, 0), (0, 1, 0), (0, 0, 1),
+              (2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0), (1, 0, 1), (0, 1, 1))
+_U_SLOT = {idx: s for s, idx in enumerate(_U_INDICES)}
+
+
+def _u_index(axes: tuple) -> int:
+    """Slot of the u-derivative along the (unordered) lattice axes ``axes``."""
+    return _U_SLOT[tuple(axes.count(d) for d in range(3))]
+
+
+def cartesian_to_u(layout: Layout, A: torch.Tensor) -> torch.Tensor:
+    """Matrix [n_layout, 10]: ``(d/dr)^idx = sum_u M[idx, u] (d/du)^u`` for every component of ``layout``.
+
+    A [3, 3] = du_d / dr_alpha (``A[alpha, d] = K_d (cell^-1)[alpha, d]``), differentiable in the cell.
+    """
+    rows = []
+    zero = A.new_zeros(len(_U_INDICES))
+    for idx in layout.indices:
+        row = zero
+        if len(idx) == 0:
+            row = row.index_add(0, torch.tensor([0], device=A.device), A.new_ones(1))
+        elif len(idx) == 1:
+            row = row.index_add(0, torch.tensor([_u_index((d,)) for d in range(3)], device=A.device),
+                                A[idx[0]])
+        else:
+            a, b = idx
+            slots = torch.tensor([_u_index((d, e)) for d in range(3) for e in range(3)], device=A.device)
+            row = row.index_add(0, slots, (A[a][:, None] * A[b][None, :]).reshape(9))
+        rows.append(row)
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------- reciprocal part
+
+
+def _stencils(u: torch.Tensor, order: int, need: tuple) -> tuple:
+    """Grid indices and u-derivative stencils of Theta at the atoms.
+
+    u [N, 3] fractional mesh coordinates in [0, K); need: slots of _U_INDICES wanted.
+    Returns (base [N, 3] long, stencils [N, len(need), n, n, n]) with grid points
+    ``m_d = base_d - t_d`` (mod K_d) for stencil position t.
+    """
+    base = torch.floor(u.detach())
+    w = u - base  # [N, 3] in [0, 1), differentiable
+    max_d = max(sum(_U_INDICES[s]) for s in need)
+    per_axis = bspline(w, order, max_d)  # list over derivative counts of [N, 3, n]
+    out = []
+    for s in need:
+        cx, cy, cz = _U_INDICES[s]
+        out.append(per_axis[cx][:, 0, :, None, None] * per_axis[cy][:, 1, None, :, None]
+                   * per_axis[cz][:, 2, None, None, :])
+    return base.long(), torch.stack(out, 1)
+
+
+def _flat_indices(base: torch.Tensor, mesh: tuple, order: int) -> torch.Tensor:
+    """Flat mesh index of every stencil point: base [N, 3] -> [N, n^3]."""
+    t = torch.arange(order, device=base.device)
+    m = [torch.remainder(base[:, d, None] - t, mesh[d]) for d in range(3)]  # 3 x [N, n]
+    flat = (m[0][:, :, None, None] * mesh[1] + m[1][:, None, :, None]) * mesh[2] + m[2][:, None, None, :]
+    return flat.reshape(base.shape[0], -1)
+
+
+def influence_function(cell: torch.Tensor, mesh: tuple, order: int, alpha: float) -> torch.Tensor:
+    """``(K_1 K_2 K_3 / V) 4 pi exp(-k^2/4 alpha^2)/k^2 |b(k)|^2`` on the rfftn grid [K1, K2, K3//2+1], 0 at k=0."""
+    dtype, device = cell.dtype, cell.device
+    recip = 2.0 * math.pi * torch.linalg.inv(cell).transpose(0, 1)  # rows b_d (1/Å)
+    freqs = [torch.fft.fftfreq(mesh[0], 1.0 / mesh[0]), torch.fft.fftfreq(mesh[1], 1.0 / mesh[1]),
+             torch.fft.rfftfreq(mesh[2], 1.0 / mesh[2])]
+    grid = torch.stack(torch.meshgrid(*freqs, indexing="ij"), -1).to(dtype=dtype, device=device)  # [.., 3]
+    k = grid @ recip
+    k2 = (k * k).sum(-1)
+    safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
+    kernel = torch.where(k2 > 0, 4.0 * math.pi * torch.exp(-safe / (4.0 * alpha * alpha)) / safe,
+                         torch.zeros_like(k2))
+    moduli = [torch.as_tensor(bspline_moduli(size, order), dtype=dtype, device=device) for size in mesh]
+    b2 = moduli[0][:, None, None] * moduli[1][None, :, None] * moduli[2][None, None, : mesh[2] // 2 + 1]
+    volume = torch.abs(torch.linalg.det(cell))
+    return kernel * b2 * (float(np.prod(mesh)) / volume)
+
+
+def reciprocal_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor, params: PMEParameters,
+                   rows: Layout, cols: Layout) -> torch.Tensor:
+    """Reciprocal part by PME: positions [N, 3] (Å), v [N, n_cols, C] packed sources, cell [3, 3].
+
+    Returns ``d^a phi_rec`` at every atom, [N, n_rows, C] (no output signs, as :func:`.ewald.reciprocal_sum`).
+    """
+    n_atoms, _, n_channels = v.shape
+    mesh, order = params.mesh, params.spline_order
+    inv_cell = torch.linalg.inv(cell)
+    frac = positions @ inv_cell  # [N, 3]
+    frac = frac - torch.floor(frac.detach())  # wrapped into [0, 1): the integer shift carries no gradient
+    K = torch.tensor(mesh, dtype=positions.dtype, device=positions.device)
+    u = frac * K
+    A = inv_cell * K  # [3 (alpha), 3 (d)]: du_d / dr_alpha
+    # sources: Q(m) = sum_b v_b (-d/dr)^b Theta = sum_u c_u (d/du)^u Theta
+    col_sign = torch.tensor([(-1.0) ** len(idx) for idx in cols.indices], dtype=v.dtype, device=v.device)
+    to_u_cols = cartesian_to_u(cols, A) * col_sign[:, None]  # [b, 10]
+    to_u_rows = cartesian_to_u(rows, A)  # [a, 10]
+    # derivative slots by their order only (a zero entry of A for a cubic cell still has a cell gradient)
+    src_slots = [s for s, idx in enumerate(_U_INDICES) if sum(idx) <= max(cols.rank_of)]
+    out_slots = [s for s, idx in enumerate(_U_INDICES) if sum(idx) <= max(rows.rank_of)]
+    c_u = torch.einsum("bu,nbc->nuc", to_u_cols[:, src_slots], v)  # [N, u, C]
+    n_mesh = int(np.prod(mesh))
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, v, cell))
+    use_checkpoint = track and n_atoms * order**3 * len(_U_INDICES) > CHECKPOINT_STENCIL
+
+    def spread(u_chunk, c_chunk):
+        """Mesh weights of a chunk of atoms: [C, n * s^3]."""
+        _, st = _stencils(u_chunk, order, tuple(src_slots))  # [n, u, s, s, s]
+        return torch.einsum("nuxyz,nuc->cnxyz", st, c_chunk).reshape(n_channels, -1)
+
+    # one mesh, accumulated in place (index_add_'s backward needs only the indices, not the weights)
+    Q = u.new_zeros(n_channels, n_mesh)
+    for a0 in range(0, n_atoms, ATOM_BLOCK):
+        args = (u[a0:a0 + ATOM_BLOCK], c_u[a0:a0 + ATOM_BLOCK])
+        weights = checkpoint(spread, *args, use_reentrant=False) if use_checkpoint else spread(*args)
+        flat = _flat_indices(torch.floor(args[0].detach()).long(), mesh, order).reshape(-1)
+        Q.index_add_(1, flat, weights)
+    Q = Q.reshape(n_channels, *mesh)
+    G = influence_function(cell, mesh, order, params.alpha)
+    phi = torch.fft.irfftn(torch.fft.rfftn(Q, dim=(1, 2, 3)) * G, s=mesh, dim=(1, 2, 3))  # [C, K1, K2, K3]
+    phi = phi.reshape(n_channels, n_mesh)
+
+    def interpolate(u_chunk, phi):
+        base, st = _stencils(u_chunk, order, tuple(out_slots))  # [n, u, s, s, s]
+        flat = _flat_indices(base, mesh, order)  # [n, s^3]
+        values = phi[:, flat]  # [C, n, s^3]
+        return torch.einsum("nup,cnp->nuc", st.reshape(st.shape[0], st.shape[1], -1), values)  # [n, u, C]
+
+    parts = []
+    for a0 in range(0, n_atoms, ATOM_BLOCK):
+        args = (u[a0:a0 + ATOM_BLOCK], phi)
+        parts.append(checkpoint(interpolate, *args, use_reentrant=False) if use_checkpoint
+                     else interpolate(*args))
+    d_u = torch.cat(parts)  # [N, u, C]
+    return torch.einsum("au,nuc->nac", to_u_rows[:, out_slots], d_u)
+
+
+# ----------------------------------------------------------------------------- real-space part
+
+
+def half_neighbour_list(positions: torch.Tensor, cell: torch.Tensor, cutoff: float):
+    """Every pair (and periodic image) within ``cutoff`` once: i [E], j [E], shifts [E, 3] (long, device).
+
+    ``r_j - r_i + shifts @ cell`` is the pair vector (vesin's convention); an atom pairs with its own
+    images (i = j, non-zero shift), one of each +-shift.
+    """
+    import vesin
+
+    pos = positions.detach().cpu().double().numpy()
+    box = cell.detach().cpu().double().numpy()
+    nl = vesin.NeighborList(cutoff=float(cutoff), full_list=False)
+    i, j, s = nl.compute(points=pos, box=box, periodic=True, quantities="ijS")
+    device = positions.device
+    return (torch.as_tensor(i.astype(np.int64), device=device), torch.as_tensor(j.astype(np.int64), device=device),
+            torch.as_tensor(s.astype(np.int64), device=device))
+
+
+def real_space_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor, kernel: RadialKernel,
+                   tensors: InteractionTensors, cutoff: float) -> torch.Tensor:
+    """``sum_j T^(l_a+k_b)(R_ij) v_jb`` over pairs and images with ``R < cutoff`` (no self pair).
+
+    positions [N, 3] (Å), v [N, n_cols, C], cell [3, 3] -> [N, n_rows, C] (no output signs). Each pair is
+    evaluated once: ``T(-R)[a, b] = (-1)^(l_a + k_b) T(R)[a, b]`` gives the other direction.
+    """
+    n_atoms, _, n_channels = v.shape
+    n_rows = len(tensors.rows)
+    out = positions.new_zeros(n_atoms, n_rows, n_channels)
+    if kernel.is_zero:
+        return out
+    i, j, shifts = half_neighbour_list(positions, cell, cutoff)
+    if i.numel() == 0:
+        return out
+    coef = torch.tensor(tensors.coef, dtype=v.dtype, device=v.device)  # [f, a, b]
+    parity = torch.tensor([[(-1.0) ** (len(ia) + len(ib)) for ib in tensors.cols.indices]
+                           for ia in tensors.rows.indices], dtype=v.dtype, device=v.device)  # [a, b]
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, v, cell))
+    use_checkpoint = track and i.numel() > CHECKPOINT_EDGES
+
+    def chunk(i_c, j_c, s_c, positions, v, cell):
+        R = positions[i_c] - positions[j_c] - s_c.to(positions.dtype) @ cell  # target i, source j  [E, 3]
+        r2 = (R * R).sum(-1)
+        valid = r2 < cutoff * cutoff
+        if kernel.singular:
+            bad = valid & (r2.detach() < 1e-16)
+            if bool(bad.any()):
+                e = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"atoms {int(i_c[e])} and {int(j_c[e])} overlap (distance {float(r2[e].detach()) ** 0.5:.3g} Å): "
+                    "point multipoles at the same position have an infinite interaction; use smearing or "
+                    "separate the atoms")
+        B = kernel.derivatives(r2, valid, tensors.max_order)
+        feats = torch.stack(tensors.features_of(B, [R[:, 0], R[:, 1], R[:, 2]]), 1)  # [E, f]
+        T = torch.einsum("ef,fab->eab", feats, coef)  # [E, a, b]
+        to_i = torch.einsum("eab,ebc->eac", T, v[j_c])
+        to_j = torch.einsum("eab,ebc->eac", T * parity, v[i_c])
+        return v.new_zeros(n_atoms, n_rows, n_channels).index_add(0, i_c, to_i).index_add(0, j_c, to_j)
+
+    for e0 in range(0, i.numel(), EDGE_BLOCK):
+        args = (i[e0:e0 + EDGE_BLOCK], j[e0:e0 + EDGE_BLOCK], shifts[e0:e0 + EDGE_BLOCK], positions, v, cell)
+        out = out + (checkpoint(chunk, *args, use_reentrant=False) if use_checkpoint else chunk(*args))
+    return out
+
+
+# ----------------------------------------------------------------------------- the whole sum
+
+
+def pme_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor, rows: Layout, cols: Layout, *,
+            smearing: float | None, accuracy: float, total_charge: torch.Tensor | None = None,
+            alpha=None, mesh=None, spline_order=None, real_cutoff=None) -> torch.Tensor:
+    """Periodic multipole sum by PME: real + reciprocal (mesh) - self + background.
+
+    Same inputs and output as :func:`.ewald.ewald_sum`: positions [N, 3] (Å); v [N, n_cols, C] packed
+    sources; cell [3, 3] (rows are lattice vectors); total_charge [C] (e) or None.
+    Returns [N, n_rows, C] without the output signs ``c_l``. ``alpha``, ``mesh`` (three sizes or one),
+    ``spline_order`` and ``real_cutoff`` override the automatic choice.
+    """
+    tensors = InteractionTensors(rows, cols)
+    cell_np = cell.detach().cpu().double().numpy()
+    params = choose_parameters(cell_np, positions.shape[0], accuracy, tensors.max_order, smearing,
+                               n_rows=len(rows), n_cols=len(cols), n_channels=v.shape[2], alpha=alpha,
+                               mesh=mesh, spline_order=spline_order, real_cutoff=real_cutoff,
+                               derivatives=max(max(rows.ranks), max(cols.ranks)))
+    kernel = RadialKernel.ewald_real(params.alpha, smearing)
+    out = real_space_sum(positions, v, cell, kernel, tensors, params.real_cutoff)
+    out = out + reciprocal_sum(positions, v, cell, params, rows, cols)
+    out = out - torch.einsum("ab,nbc->nac", self_matrix(tensors, params.alpha, v.dtype, v.device), v)
+    if total_charge is not None and 0 in rows.ranks:
+        volume = torch.abs(torch.linalg.det(cell))
+        phi = background_potential(total_charge, volume, params.alpha, smearing)  # [C]
+        bg = torch.zeros_like(out[0])
+        bg = bg.index_put((torch.tensor(rows.offset(0), device=bg.device),), phi)
+        out = out + bg[None]
+    return out

@@ -1,0 +1,260 @@
+"""Dipole, Born effective charges and a uniform electric field from long-range models (float64).
+
+References: finite differences of P and of the energy, the acoustic sum rule Σ_i Z*_i = Q I, O(3)
+acting on positions (and cell), and a toy configuration whose charges cannot depend on the positions
+(Z* = q I exactly).
+"""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+
+import cartlorem
+from cartlorem.graph import atoms_to_graph
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KINDS = ["multipole", "lorem"]
+
+
+def lr_model(kind="multipole", species=(1, 6, 8), seed=0, lr_channels=2, long_range_options=None, **kw):
+    torch.manual_seed(seed)
+    options = {"lr_channels": lr_channels, **(long_range_options or {})}
+    model = cartlorem.CartLorem(list(species), cutoff=4.0, long_range=kind, channels=8, num_layers=1,
+                                correlation=2, num_basis=4, radial_hidden=8, readout_hidden=8,
+                                long_range_options=options, **kw).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def methanol(charge=0.0):
+    a = molecule("CH3OH")
+    a.rattle(0.05, seed=1)
+    a.positions += [0.3, -0.2, 0.5]  # off the origin: P of a charged molecule depends on it
+    a.info["total_charge"] = charge
+    return a
+
+
+def nacl_crystal():
+    a = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    a.rattle(0.1, seed=2)
+    return a
+
+
+def nacl_slab():
+    a = nacl_crystal()
+    a.center(vacuum=6.0, axis=2)
+    a.pbc = [True, True, False]
+    return a
+
+
+def run(model, atoms, **kw):
+    return model(atoms_to_graph(atoms, model.cutoff), create_graph=False, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("charge", [0.0, 1.0])
+def test_born_charges_are_the_derivative_of_the_dipole(kind, charge):
+    model = lr_model(kind)
+    atoms = methanol(charge)
+    out = run(model, atoms, compute_dipole=True, compute_born_charges=True)
+    z = out["born_charges"].detach().numpy()
+    p = out["dipole"].detach().numpy()[0]
+    site = out["charges"].detach().numpy()[:, None] * atoms.positions + out["dipoles"].detach().numpy()
+    assert np.allclose(p, site.sum(0), rtol=1e-12, atol=1e-14)  # P = Σ q r + μ of channel 0
+    assert np.abs(z - out["charges"].detach().numpy()[:, None, None] * np.eye(3)).max() > 1e-3  # not just q I
+    h = 1e-5
+    for i, b in [(0, 0), (1, 2), (4, 1), (5, 2)]:
+        ps = []
+        for sign in (1, -1):
+            moved = atoms.copy()
+            moved.positions[i, b] += sign * h
+            ps.append(run(model, moved, compute_dipole=True)["dipole"].detach().numpy()[0])
+        assert np.allclose((ps[0] - ps[1]) / (2 * h), z[i, :, b], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name,make,charge", [("molecule", methanol, 0.0), ("cation", methanol, 1.0),
+                                              ("crystal", nacl_crystal, 0.0), ("slab", nacl_slab, 0.0)])
+def test_acoustic_sum_rule(kind, name, make, charge):
+    species = (1, 6, 8) if make is methanol else (11, 17)
+    model = lr_model(kind, species)
+    atoms = make(charge) if make is methanol else make()
+    out = run(model, atoms, compute_born_charges=True)
+    z = out["born_charges"].detach().numpy()
+    assert "dipole" not in out and np.abs(z).max() > 0.05
+    total = float(out["charges"].detach().sum())
+    assert total == pytest.approx(charge, abs=1e-12)  # charge correction
+    assert np.allclose(z.sum(0), total * np.eye(3), rtol=0, atol=1e-12 * max(1.0, np.abs(z).max()))
+
+
+def _orthogonal(seed, det):
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) * det > 0 else q @ np.diag([1.0, 1.0, -1.0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("det", [1.0, -1.0])
+def test_dipole_and_born_charges_rotate(kind, det):
+    """P' = R P and Z*' = R Z* Rᵀ under rotations and reflections of a (charged) molecule and a crystal."""
+    rot = _orthogonal(5, det)
+    model = lr_model(kind)
+    atoms = methanol(1.0)
+    out0 = run(model, atoms, compute_dipole=True, compute_born_charges=True)
+    turned = atoms.copy()
+    turned.positions = atoms.positions @ rot.T
+    out1 = run(model, turned, compute_dipole=True, compute_born_charges=True)
+    p0, p1 = out0["dipole"].detach().numpy()[0], out1["dipole"].detach().numpy()[0]
+    z0, z1 = out0["born_charges"].detach().numpy(), out1["born_charges"].detach().numpy()
+    assert np.allclose(p1, rot @ p0, atol=1e-11)
+    assert np.allclose(z1, rot @ z0 @ rot.T, atol=1e-11)
+
+    crystal_model = lr_model(kind, (11, 17))
+    crystal = nacl_crystal()
+    z0 = run(crystal_model, crystal, compute_born_charges=True)["born_charges"].detach().numpy()
+    turned = crystal.copy()
+    turned.set_cell(crystal.cell.array @ rot.T, scale_atoms=False)
+    turned.positions = crystal.positions @ rot.T
+    z1 = run(crystal_model, turned, compute_born_charges=True)["born_charges"].detach().numpy()
+    assert np.abs(z0).max() > 0.05 and np.allclose(z1, rot @ z0 @ rot.T, atol=1e-10)
+
+
+def test_fixed_charges_give_born_charges_q_times_identity():
+    """Ions farther apart than the cutoff: the features, hence q (and μ = 0), depend on the species only,
+    so Z*_i = q_i I exactly, and the charges sum to the total charge (+1)."""
+    model = lr_model("multipole", (11, 17))
+    atoms = Atoms("NaClNaClNa", positions=[[0, 0, 0], [6.0, 0, 0], [0, 6.5, 0], [0, 0, 7.0], [6.0, 6.0, 6.0]])
+    atoms.info["total_charge"] = 1.0
+    out = run(model, atoms, compute_born_charges=True, compute_dipole=True)
+    q = out["charges"].detach().numpy()
+    assert np.abs(q).min() > 1e-3 and float(q.sum()) == pytest.approx(1.0, abs=1e-13)
+    assert np.allclose(out["born_charges"].detach().numpy(), q[:, None, None] * np.eye(3), rtol=0, atol=1e-14)
+    assert np.allclose(out["dipole"].detach().numpy()[0], q @ atoms.positions, atol=1e-13)
+
+
+@pytest.mark.parametrize("make", [methanol, nacl_crystal, nacl_slab])
+def test_zero_field_is_no_field_bit_for_bit(make):
+    species = (1, 6, 8) if make is methanol else (11, 17)
+    model = lr_model("multipole", species)
+    atoms = make()
+    periodic = bool(atoms.pbc.all())
+    ref = run(model, atoms, compute_stress=periodic)
+    out = run(model, atoms, compute_stress=periodic, electric_field=[0.0, 0.0, 0.0])
+    for key in ("energy", "node_energy", "forces") + (("stress",) if periodic else ()):
+        assert torch.equal(out[key], ref[key]), key
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_field_on_a_molecule_is_minus_p_dot_e(kind):
+    """Energy gets −P·E; forces are −∂/∂r of that energy (finite differences), i.e. F(E) − F(0) = Z*ᵀE."""
+    field = np.array([0.3, -0.2, 0.5])  # V/Å
+    model = lr_model(kind)
+    atoms = methanol(1.0)
+    ref = run(model, atoms, compute_dipole=True, compute_born_charges=True)
+    out = run(model, atoms, electric_field=field)
+    p = ref["dipole"].detach().numpy()[0]
+    assert float(out["energy"].detach()) == pytest.approx(float(ref["energy"].detach()) - p @ field, rel=1e-12)
+    assert float(out["node_energy"].detach().sum()) == pytest.approx(float(out["energy"].detach()), rel=1e-12)
+    df = out["forces"].detach().numpy() - ref["forces"].detach().numpy()
+    assert np.abs(df).max() > 1e-3
+    assert np.allclose(df, np.einsum("iab,a->ib", ref["born_charges"].detach().numpy(), field), atol=1e-11)
+    h = 1e-5
+    forces = out["forces"].detach().numpy()
+    for i, b in [(0, 1), (2, 2), (5, 0)]:
+        es = []
+        for sign in (1, -1):
+            moved = atoms.copy()
+            moved.positions[i, b] += sign * h
+            es.append(float(run(model, moved, electric_field=field)["energy"].detach()))
+        assert -(es[0] - es[1]) / (2 * h) == pytest.approx(forces[i, b], rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("make", [nacl_crystal, nacl_slab])
+def test_field_on_a_periodic_cell_is_the_born_force(make):
+    """Periodic cells and slabs: F_i += Z*_iᵀE; energy and stress do not change."""
+    field = torch.tensor([[0.2, 0.1, -0.4]], dtype=torch.float64)
+    model = lr_model("multipole", (11, 17))
+    atoms = make()
+    periodic = bool(atoms.pbc.all())
+    ref = run(model, atoms, compute_born_charges=True, compute_stress=periodic)
+    out = run(model, atoms, electric_field=field, compute_stress=periodic)
+    assert torch.equal(out["energy"], ref["energy"])
+    if periodic:
+        assert torch.equal(out["stress"], ref["stress"])
+    df = (out["forces"] - ref["forces"]).detach().numpy()
+    assert np.abs(df).max() > 1e-3
+    assert np.allclose(df, np.einsum("iab,a->ib", ref["born_charges"].detach().numpy(), field[0].numpy()),
+                       atol=1e-11)
+
+
+def test_bad_requests_are_clear_errors():
+    local = cartlorem.CartLorem([1, 6, 8], cutoff=4.0, long_range=None, channels=8, num_layers=1,
+                                correlation=2, num_basis=4, radial_hidden=8, readout_hidden=8).double()
+    atoms = methanol()
+    for kw in (dict(compute_born_charges=True), dict(compute_dipole=True), dict(electric_field=[0, 0, 0.1])):
+        with pytest.raises(ValueError, match="no long range"):
+            run(local, atoms, **kw)
+    with pytest.raises(ValueError, match="no long range"):
+        cartlorem.CartLoremCalculator(local, electric_field=[0, 0, 0.1])
+    model = lr_model("multipole", (11, 17))
+    with pytest.raises(ValueError, match="dipole is defined for open structures only"):
+        run(model, nacl_crystal(), compute_dipole=True)
+    with pytest.raises(ValueError, match=r"shape \[3\] or \[B, 3\]"):
+        run(model, nacl_crystal(), electric_field=[0.1, 0.2])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        run(model, nacl_crystal(), electric_field=[0.1, float("nan"), 0.0])
+    with pytest.raises(ValueError, match="3 finite numbers"):
+        cartlorem.CartLoremCalculator(model, electric_field=[1.0, 2.0])
+
+
+def test_calculator_dipole_born_charges_and_field():
+    """The calculator shifts positions in float64; its dipole and field energy are those of the positions
+    ASE holds (a cation far from the origin, where the shift matters), equal to the model's."""
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    field = np.array([0.05, -0.1, 0.2])
+    model = lr_model("multipole")
+    atoms = methanol(1.0)
+    atoms.positions += [120.0, -40.0, 75.0]
+    atoms.calc = cartlorem.CartLoremCalculator(model)
+    ref = run(model, atoms, compute_dipole=True, compute_born_charges=True)
+    assert np.allclose(atoms.get_dipole_moment(), ref["dipole"].detach().numpy()[0], rtol=1e-10, atol=1e-9)
+    z = atoms.calc.get_extra("born_charges")
+    assert np.allclose(z, ref["born_charges"].detach().numpy(), atol=1e-10)
+
+    atoms.calc = cartlorem.CartLoremCalculator(model, electric_field=field)
+    out = run(model, atoms, electric_field=field)
+    assert atoms.get_potential_energy() == pytest.approx(float(out["energy"].detach()), rel=1e-12)
+    assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
+    assert np.allclose(atoms.get_forces(), out["forces"].detach().numpy(), atol=1e-9)
+
+    crystal = nacl_crystal()
+    crystal.calc = cartlorem.CartLoremCalculator(lr_model("multipole", (11, 17)))
+    with pytest.raises(PropertyNotImplementedError, match="molecules"):
+        crystal.get_dipole_moment()
+    assert crystal.calc.get_extra("born_charges").shape == (8, 3, 3)
+
+
+def test_ion_pair_aligns_with_the_field_in_md():
+    """Example: a free Na-Cl pair (charges of opposite sign) in a field along z turns so that its
+    dipole points along the field (ASE velocity Verlet through the calculator)."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    model = lr_model("multipole", (11, 17), lr_channels=1)
+    swing = {}
+    for ez in (1.0, 0.0):  # V/Å; without the field the pair keeps its orientation (the control)
+        atoms = Atoms("NaCl", positions=[[0, 0, 0], [2.6, 0.0, 0.4]])
+        atoms.calc = cartlorem.CartLoremCalculator(model, electric_field=[0.0, 0.0, ez])
+        assert abs(atoms.get_dipole_moment()[0]) > 0.05  # a sizeable dipole along x at the start
+        cosines = []
+        dyn = VelocityVerlet(atoms, timestep=2.0 * units.fs)
+        dyn.attach(lambda: cosines.append(atoms.get_dipole_moment()[2] / np.linalg.norm(atoms.get_dipole_moment())))
+        dyn.run(150)
+        swing[ez] = max(cosines) - cosines[0]
+    assert swing[1.0] > 0.5 and swing[0.0] < 0.35  # the dipole turns towards +z in the field only
