@@ -69,8 +69,8 @@ def test_bad_input_is_refused(args, match):
 
 
 def test_start_structures():
-    w = nve.water_box(4, seed=0)  # 64 molecules at 1 g/cm³
-    assert len(w) == 192 and w.get_chemical_formula() == "H128O64"
+    w = nve.water_box(3, seed=0)  # 27 molecules at 1 g/cm³
+    assert len(w) == 81 and w.get_chemical_formula() == "H54O27"
     density = w.get_masses().sum() / w.get_volume() * 1.66054  # amu/Å³ → g/cm³
     assert density == pytest.approx(1.0, rel=2e-3)
     d = w.get_all_distances(mic=True)
