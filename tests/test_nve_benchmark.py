@@ -1,0 +1,81 @@
+"""benchmarks/nve.py: the drift / fluctuation metric on synthetic energy series with a known answer,
+and the start structures (no training, no MD)."""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: benchmarks is a package
+from benchmarks import nve  # noqa: E402
+
+
+def series(n_atoms=64, drift=0.02, amplitude=0.3, period_ps=0.05, duration_ps=2.0, dt_ps=0.001, e0=-4074.8):
+    """Total energy (eV) of ``n_atoms`` with a linear drift (meV/atom/ps) and a cosine oscillation of
+    ``amplitude`` meV/atom, symmetric about the middle of the run so that it cannot tilt the fit."""
+    t = np.arange(int(round(duration_ps / dt_ps)) + 1) * dt_ps
+    mid = 0.5 * (t[0] + t[-1])
+    e_per_atom_mev = drift * t + amplitude * np.cos(2 * np.pi * (t - mid) / period_ps)
+    return t, e0 + e_per_atom_mev * n_atoms / 1000.0
+
+
+def test_drift_and_fluctuation_of_a_known_series():
+    t, e = series()  # 2 ps = 40 whole periods of the oscillation
+    m = nve.conservation_metrics(t, e, 64)
+    assert m["drift_mev_per_atom_per_ps"] == pytest.approx(0.02, abs=1e-9)
+    # RMS of a cosine over whole periods (sampled 50 times per period) about its mean: A / sqrt(2)
+    assert m["rms_fluctuation_mev_per_atom"] == pytest.approx(0.3 / math.sqrt(2), rel=1e-3)
+    assert m["duration_ps"] == pytest.approx(2.0)
+    assert m["points"] == len(t)
+    # the standard error of the fit is small against a drift of 0.02 over 40 periods ...
+    assert m["drift_stderr_mev_per_atom_per_ps"] < 0.02
+    # ... and the drift adds to the spread about the mean, not to the fluctuation about the line
+    assert m["std_mev_per_atom"] == pytest.approx(math.sqrt(0.3**2 / 2 + (0.02 * 2.0) ** 2 / 12), rel=2e-3)
+
+
+def test_units_and_normalisation():
+    # E(t) = E0 + 0.5 eV/ps · t for 1000 atoms: 0.5 meV/atom/ps, no fluctuation; max |E - E0| at 3 ps
+    t = np.linspace(0.0, 3.0, 301)
+    m = nve.conservation_metrics(t, -1.0e5 + 0.5 * t, 1000)
+    assert m["drift_mev_per_atom_per_ps"] == pytest.approx(0.5, rel=1e-9)
+    assert m["rms_fluctuation_mev_per_atom"] < 1e-9
+    assert m["max_deviation_mev_per_atom"] == pytest.approx(1.5, rel=1e-9)
+    # the same series for twice the atoms is half the per-atom drift
+    assert nve.conservation_metrics(t, 0.5 * t, 2000)["drift_mev_per_atom_per_ps"] == pytest.approx(0.25, rel=1e-9)
+
+
+def test_float32_sized_noise_does_not_look_like_drift():
+    # white noise of the size of float32 rounding of a -4000 eV energy (0.004 meV/atom), no drift
+    rng = np.random.default_rng(0)
+    t = np.arange(10001) * 0.001
+    e = -4074.8 + rng.normal(0.0, 0.004e-3 * 64, t.size)
+    m = nve.conservation_metrics(t, e, 64)
+    assert abs(m["drift_mev_per_atom_per_ps"]) < 4 * m["drift_stderr_mev_per_atom_per_ps"] < 1e-4
+    assert m["rms_fluctuation_mev_per_atom"] == pytest.approx(0.004, rel=0.05)
+
+
+@pytest.mark.parametrize("args, match", [
+    (([0.0, 1.0], [1.0, 2.0], 8), "at least 3"),
+    (([0.0, 1.0, 2.0], [1.0, 2.0], 8), "same length"),
+    (([0.0, 1.0, 2.0], [1.0, float("nan"), 2.0], 8), "finite"),
+    (([1.0, 1.0, 1.0], [1.0, 2.0, 3.0], 8), "span"),
+    (([0.0, 1.0, 2.0], [1.0, 2.0, 3.0], 0), "n_atoms"),
+])
+def test_bad_input_is_refused(args, match):
+    with pytest.raises(ValueError, match=match):
+        nve.conservation_metrics(*args)
+
+
+def test_start_structures():
+    w = nve.water_box(3, seed=0)  # 27 molecules at 1 g/cm³
+    assert len(w) == 81 and w.get_chemical_formula() == "H54O27"
+    density = w.get_masses().sum() / w.get_volume() * 1.66054  # amu/Å³ → g/cm³
+    assert density == pytest.approx(1.0, rel=2e-3)
+    d = w.get_all_distances(mic=True)
+    assert np.allclose(d[0, 1:3], nve.WATER_OH) and nve.min_intermolecular_distance(w) > 1.5
+    nacl = nve.nacl_crystal(5.64)
+    assert len(nacl) == 64 and nacl.get_chemical_formula() == "Cl32Na32" and nacl.pbc.all()
+    assert nacl.get_volume() == pytest.approx(8 * 5.64**3)
+    assert nve.lattice_constant_from([nacl]) == pytest.approx(5.64)
