@@ -100,15 +100,14 @@ def _summary(model, result, folder=None) -> dict:
     return out
 
 
-def scenarios(rank: int, tmp: Path, ranks) -> dict:
+def scenarios(data, tmp: Path, ranks) -> dict:
     """Everything both the one-process and the two-process runs do (``tmp``: a folder per run)."""
-    train_set, valid_set = _dataset()
+    train_set, valid_set = data
     out = {}
     for name, make in MODELS.items():
         out[f"grad_{name}"] = _grad_of_global_batch(make, train_set, ranks)
     model = local_model()
-    out["local"] = _summary(model, train(model, train_set, valid_set, epochs=2, out_dir=tmp / "local", **SETTINGS),
-                            tmp / "local")
+    out["local"] = _summary(model, train(model, train_set, valid_set, epochs=2, **SETTINGS))
     model = multipole_model()
     out["multipole"] = _summary(model, train(model, train_set[:5], valid_set[:3], epochs=2, **SETTINGS))
     train(local_model(), train_set, valid_set, epochs=1, out_dir=tmp / "resumed", **SETTINGS)
@@ -126,7 +125,7 @@ def _forbid_writes(monkeypatch_target):
         setattr(monkeypatch_target, name, refuse)
 
 
-def _worker(rank: int, port: int, tmp: Path) -> None:
+def _worker(rank: int, port: int, tmp: Path, data) -> None:
     try:
         torch.set_num_threads(1)
         torch.distributed.init_process_group(
@@ -137,7 +136,7 @@ def _worker(rank: int, port: int, tmp: Path) -> None:
         assert (ranks.rank, ranks.size) == (rank, SIZE)
         if rank != 0:
             _forbid_writes(run_folder)  # this forked process only
-        torch.save(scenarios(rank, tmp / "runs", ranks), tmp / f"rank{rank}.pt")
+        torch.save(scenarios(data, tmp / "runs", ranks), tmp / f"rank{rank}.pt")
         torch.distributed.destroy_process_group()
     except BaseException:
         (tmp / f"error{rank}.txt").write_text(traceback.format_exc())
@@ -160,7 +159,8 @@ def runs(tmp_path_factory):
     try:
         ctx = multiprocessing.get_context("fork")
         port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(rank, port, tmp)) for rank in range(SIZE)]
+        data = _dataset()  # the forked processes inherit it
+        procs = [ctx.Process(target=_worker, args=(rank, port, tmp, data)) for rank in range(SIZE)]
         for p in procs:
             p.start()
         for p in procs:
@@ -172,7 +172,7 @@ def runs(tmp_path_factory):
         assert not errors, "\n".join(errors)
         assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
         out = {r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(SIZE)}
-        out["one"] = scenarios(0, tmp / "single", distributed.SINGLE)
+        out["one"] = scenarios(data, tmp / "single", distributed.SINGLE)
         out["tmp"] = tmp
     finally:
         torch.set_num_threads(threads)
@@ -184,6 +184,17 @@ def _close(a, b, tol=TOL) -> float:
     err = float(((a - b).abs() / (1 + b.abs())).max())
     assert err <= tol, err
     return err
+
+
+def test_largest_difference_is_rounding(runs):
+    """The weights differ by rounding only (printed with -s; measured 5e-16), far inside TOL."""
+    err = max(
+        float(((runs[0][name]["params"][k] - v).abs() / (1 + v.abs())).max())
+        for name in ("local", "multipole", "resumed")
+        for k, v in runs["one"][name]["params"].items()
+    )
+    print(f"largest relative weight difference, 2 processes vs 1: {err:.2e}")
+    assert err < 1e-10
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -218,7 +229,7 @@ def test_training_on_two_processes_equals_one(runs, name):
     untimed = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # noqa: E731
     assert untimed(two["history"]) == untimed(other["history"])
     assert two["best_metrics"]["n_structures"] == one["best_metrics"]["n_structures"]
-    if "ema" in one:  # the EMA (written by process 0) and the training weights
+    if "ema" in one:  # the EMA and the training weights in process 0's checkpoint
         for a, b in zip(two["ema"], one["ema"]):
             _close(a, b)
         for k, v in one["train_state_dict"].items():
@@ -297,7 +308,7 @@ def test_label_counts_follow_the_loss_masks():
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_command_line_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node 2 -m cartlorem.cli train`: one summary, a loadable model, a
-    two-epoch log, and the same run continued with --resume."""
+    two-epoch log, the config (the resume under two processes is tested above, through ``train``)."""
     import ase.io
 
     ase.io.write(tmp_path / "train.xyz", emt_frames(8, seed=2))
@@ -307,13 +318,10 @@ def test_command_line_under_torchrun(tmp_path):
             "--train", str(tmp_path / "train.xyz"), "--out", str(tmp_path / "run"), "--cutoff", "3",
             "--channels", "4", "--num-layers", "1", "--long-range", "none", "--batch-size", "4",
             "--no-progress", "--threads", "1"]
-    done = subprocess.run(base + ["--epochs", "1"], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(base + ["--epochs", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("stopped after epoch 1") == 1, done.stdout
-    done = subprocess.run(base + ["--epochs", "2", "--resume"], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("stopped after epoch 2") == 1, done.stdout
+    assert done.stdout.count("stopped after epoch 2") == 1, done.stdout  # process 0 alone prints
+    assert (tmp_path / "run" / "config.yaml").is_file()
     log = (tmp_path / "run" / "log.csv").read_text().strip().splitlines()
     assert len(log) == 3
     model = load_model(tmp_path / "run" / "model.pt")
