@@ -135,8 +135,7 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
     # the file records settings, not this call's actions; absolute paths work from any folder
     absolute = {n: str(Path(getattr(cfg, n)).resolve()) for n in ("train", "valid", "out") if getattr(cfg, n)}
     if main:
-        cfg.replace(species=species, resume=False, overwrite=False, **absolute).to_yaml(
-            out / "config.yaml", "# cartlorem train: every option of this run (defaults included); reuse with --config\n"
-        )
+        header = "# cartlorem train: every option of this run (defaults included); reuse with --config\n"
+        cfg.replace(species=species, resume=False, overwrite=False, **absolute).to_yaml(out / "config.yaml", header)
     result = train(model, train_graphs, valid_graphs, out_dir=out, **cfg.train_kwargs())
     return model, result

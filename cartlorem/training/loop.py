@@ -337,7 +337,7 @@ class _Run:
     def train_epoch(self, graphs, epoch: int, epochs: int, workers: int, deadline: Optional[float]) -> float:
         """One pass over shuffled batches; returns the mean training loss. Past ``deadline``
         (perf_counter seconds) the epoch is cut short and the stop reason set to "max_time"."""
-        model, w, params = self.model, self.w, self.params
+        model, w = self.model, self.w
         model.train()
         batch_indices, loader = epoch_loader(graphs, self.batch_size, self.rng, workers, self.ranks)
         n_batches = len(batch_indices)
