@@ -13,7 +13,7 @@ evaluates its contiguous part of it (``batch_size`` is the global batch; a proce
   global batch (one small all-reduce of the counts). The shares add up to the one-process loss,
   so their summed gradients are the one-process gradient, also when the parts hold different
   numbers of atoms or labels.
-* **gradients**: summed over processes by hand after ``loss.backward()`` (one all-reduce of one
+* **gradients**: summed over processes by hand after ``loss.backward()`` (an all-reduce of one
   flat buffer per dtype), not by ``DistributedDataParallel``. The loss differentiates the forces,
   which the model itself obtains with ``torch.autograd.grad(..., create_graph=True)`` inside its
   forward: DDP's reducer is driven by hooks on the parameters' gradient accumulation and PyTorch
@@ -127,8 +127,9 @@ class Ranks:
 
     @torch.no_grad()
     def sum_gradients(self, params, loss_value: float) -> float:
-        """Sum ``p.grad`` over processes in place (one all-reduce per dtype) and return the summed
-        ``loss_value``. A gradient that is None here but not elsewhere is summed as zeros; one that
+        """Sum ``p.grad`` over processes in place and return the summed ``loss_value`` (two
+        all-reduces: the loss with one "has a gradient" flag per parameter, then the gradients, one
+        flat buffer per dtype). A gradient that is None here but not elsewhere is summed as zeros; one that
         is None on every process stays None (as with one process, the optimiser skips it)."""
         if not self.many:
             return loss_value
