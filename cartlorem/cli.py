@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -74,7 +75,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     values = Config.from_yaml(config).as_dict() if config is not None else {}
     cfg = Config.from_dict({**values, **given}, where="options")
     model, result = run(cfg)
-    _print_summary(result)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 alone prints the summary
+        _print_summary(result)
     return 0
 
 

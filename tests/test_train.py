@@ -329,3 +329,39 @@ def test_training_data_may_be_a_lazy_dataset(data):
     b = train(tiny_model(), lazy, Lazy(valid_set), epochs=2, **SETTINGS)
     assert lazy.reads > 2 * len(train_set)
     assert [r["valid_loss"] for r in b.history] == [r["valid_loss"] for r in a.history]
+
+
+def test_epoch_batches_shared_out_over_processes(make_molecule):
+    """Several processes draw the same global batches; their parts tile each batch in rank order
+    (a part may be empty: the loader yields None for it)."""
+    from cartlorem.graph import atoms_to_graph
+    from cartlorem.training import epoch_loader
+    from cartlorem.training.distributed import Ranks
+
+    graphs = [atoms_to_graph(make_molecule(n_atoms=3 + k % 3, seed=k), 3.0) for k in range(7)]
+    whole, _ = epoch_loader(graphs, 3, np.random.default_rng(5))
+    parts = []
+    for rank in range(3):
+        chunks, loader = epoch_loader(graphs, 3, np.random.default_rng(5), ranks=Ranks(rank, 3))
+        for chunk, b in zip(chunks, loader):
+            if chunk:
+                assert torch.equal(b.positions, torch.cat([graphs[k].positions for k in chunk]))
+            else:
+                assert b is None
+        parts.append(chunks)
+    assert [sum((p[s] for p in parts), []) for s in range(len(whole))] == whole
+    assert [len(p[-1]) for p in parts] == [0, 0, 1]  # the last global batch holds one structure
+
+
+def test_run_folder_of_other_processes_writes_nothing(data, tmp_path):
+    """RunFolder(write=False): the checks and reads of process 0's folder, and no file written."""
+    from cartlorem.training import RunFolder
+
+    folder = RunFolder(tmp_path / "run", write=False)
+    folder.open(resume=False, overwrite=False)
+    folder.save_checkpoint({"epoch": 1})
+    folder.save_best(tiny_model())
+    folder.write_log([{"epoch": 1, "lr": 0.1}], plot=True)
+    assert folder.plot([{"epoch": 1}]) and list((tmp_path / "run").iterdir()) == []
+    RunFolder(tmp_path / "run").save_checkpoint({"epoch": 1})
+    assert RunFolder(tmp_path / "run", write=False).load_checkpoint()["epoch"] == 1

@@ -5,10 +5,16 @@
 Reads the training (and validation) set with the configured label keys, splits off a validation
 set when none is given, builds the model for the elements present (or the configured ones),
 writes every value used to ``out/config.yaml`` (which ``Config.from_yaml`` reads back) and trains.
+
+Under ``torchrun --nproc_per_node N`` every process runs this job: the process group comes from
+torchrun's environment (gloo for ``device="cpu"``, nccl with one GPU per process for "cuda"),
+every process reads the data, and process 0 alone logs and writes files
+(``cartlorem.training.distributed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -17,6 +23,7 @@ import torch
 
 from ..config import Config
 from ..data import read_dataset, split
+from .distributed import process_group
 from .loop import train
 from .run_folder import CHECKPOINT
 
@@ -73,7 +80,24 @@ def run(cfg: Config):
         )
     if cfg.resume and not (out / CHECKPOINT).exists():
         raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {out}")
-    device = select_device(cfg.device)
+    with process_group(cfg.device) as (ranks, device), _only_main_logs(ranks.is_main):
+        return _run(cfg, out, select_device(device), ranks.is_main)
+
+
+@contextlib.contextmanager
+def _only_main_logs(main: bool):
+    """On processes other than 0 the library logs errors only (process 0 says everything once)."""
+    logger = logging.getLogger("cartlorem")
+    level = logger.level
+    if not main:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _run(cfg: Config, out: Path, device: str, main: bool):
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     dtype = getattr(torch, cfg.dtype)
@@ -110,8 +134,8 @@ def run(cfg: Config):
 
     # the file records settings, not this call's actions; absolute paths work from any folder
     absolute = {n: str(Path(getattr(cfg, n)).resolve()) for n in ("train", "valid", "out") if getattr(cfg, n)}
-    cfg.replace(species=species, resume=False, overwrite=False, **absolute).to_yaml(
-        out / "config.yaml", "# cartlorem train: every option of this run (defaults included); reuse with --config\n"
-    )
+    if main:
+        header = "# cartlorem train: every option of this run (defaults included); reuse with --config\n"
+        cfg.replace(species=species, resume=False, overwrite=False, **absolute).to_yaml(out / "config.yaml", header)
     result = train(model, train_graphs, valid_graphs, out_dir=out, **cfg.train_kwargs())
     return model, result

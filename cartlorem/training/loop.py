@@ -9,6 +9,10 @@ Per epoch: shuffled mini-batches (a ``DataLoader`` with ``collate``) → loss �
 Adam/AMSGrad step → EMA update; then the averaged weights are validated, the plateau scheduler
 and early stopping see the validation loss, and the run folder (optional) receives the
 checkpoint, the best model, log.csv and the learning curve.
+
+Under torchrun (or any initialised default process group) the same loop trains on several
+processes: ``batch_size`` is then the global batch, shared out over the processes, and one
+process alone writes files (``cartlorem.training.distributed`` says how and why).
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..evaluate import metrics as compute_metrics
 from ..evaluate import predict
 from ..graph import Graph, collate
 from .averaging import ExponentialMovingAverage
+from .distributed import SINGLE, Ranks, gather_predictions, loss_share
+from .distributed import current as current_ranks
 from .log import metric_summary
 from .loss import loss_weights, validation_loss, weighted_loss
 from .prepare import check_dataset, fit_statistics
@@ -69,20 +75,29 @@ class TrainResult:
     checkpoint_path: Optional[str] = None
 
 
-def epoch_loader(graphs, batch_size: int, rng: np.random.Generator, workers: int = 0):
+def epoch_loader(graphs, batch_size: int, rng: np.random.Generator, workers: int = 0, ranks: Ranks = SINGLE):
     """One epoch's batches: (index lists [[k, …], …], a DataLoader yielding their ``collate``d Graphs).
 
     The order is ``rng.permutation(len(graphs))`` cut into chunks of ``batch_size`` (the last one
     may be smaller); pass the same generator every epoch so that epochs differ. ``workers``
-    processes collate ahead of the loop (0: in this process).
+    processes collate ahead of the loop (0: in this process). With several processes (``ranks``)
+    every process draws the same chunks (the global batches) and keeps its contiguous part of
+    each (``ranks.part``); a part may be empty (a short last batch), and the loader yields None
+    for it.
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     order = rng.permutation(len(graphs))
     chunks = [order[b : b + batch_size].tolist() for b in range(0, len(order), int(batch_size))]
-    loader = DataLoader(graphs, batch_sampler=chunks, collate_fn=collate, num_workers=int(workers),
+    if ranks.many:
+        chunks = [[c[k] for k in ranks.part(len(c))] for c in chunks]
+    loader = DataLoader(graphs, batch_sampler=chunks, collate_fn=_collate_or_none, num_workers=int(workers),
                         generator=torch.Generator())  # a private generator: torch's global stream is untouched
     return chunks, loader
+
+
+def _collate_or_none(graphs):
+    return collate(graphs) if len(graphs) else None
 
 
 def _model_place(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -127,7 +142,10 @@ def train(
             model's cutoff): a list, or any map-style dataset (``len`` and ``[k]``) so that the data
             need not all be in memory. Without a validation set the training set is validated.
         epochs: total number of epochs (counting those done before a resume).
-        batch_size: structures per training batch; valid_batch_size (default 2 × batch_size).
+        batch_size: structures per training batch (per optimiser step); with several processes the
+            global batch, shared out so that each process takes about batch_size / N of it (the same
+            steps as one process with this batch_size). valid_batch_size: structures per validation
+            batch on each process (default 2 × the per-process training batch).
         lr: initial learning rate. optimizer: "adam" or "amsgrad"; weight_decay: L2 (Adam style).
         weights: loss weights {"energy": per-atom energy, "forces", "stress"}; missing entries take
             ``DEFAULT_WEIGHTS`` (1, 10, 1).
@@ -149,6 +167,12 @@ def train(
             to end after it, and an epoch still running at the limit is cut short.
         workers: DataLoader worker processes that collate training batches (0: in this process).
 
+    Several processes: when a default process group is initialised (``torchrun``, or
+    ``torch.distributed.init_process_group`` in your script), every process calls ``train`` with
+    the same arguments and data; process 0's initial weights and statistics are sent to the
+    others, gradients and validation results are summed over processes, and process 0 alone
+    writes ``out_dir`` and logs (see ``cartlorem.training.distributed``).
+
     Raises:
         NonFiniteLossError: NaN/inf loss or gradient (the message names epoch, batch and
             structures; model.pt and checkpoint.pt keep the last good state).
@@ -168,26 +192,37 @@ def train(
         raise ValueError(f"workers must be >= 0, got {workers}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where checkpoint.pt is)")
-    folder = RunFolder(out_dir) if out_dir is not None else None
+    ranks = current_ranks(_model_place(model)[0])
+    if int(batch_size) < ranks.size:
+        raise ValueError(
+            f"batch_size {batch_size} is the global batch, shared out over {ranks.size} processes: it must be at "
+            f"least {ranks.size}"
+        )
+    say = log if ranks.is_main else _QUIET
+    progress = progress and ranks.is_main
+    folder = RunFolder(out_dir, write=ranks.is_main) if out_dir is not None else None
     if folder is not None:
         folder.open(resume=resume, overwrite=overwrite)
     valid_graphs = valid_graphs if valid_graphs is not None else []
     check_dataset(model, train_graphs, "training")
     check_dataset(model, valid_graphs, "validation")
     if len(valid_graphs) == 0:
-        log.warning("no validation set; validating (and selecting the best model) on the training set")
+        say.warning("no validation set; validating (and selecting the best model) on the training set")
         valid_graphs = train_graphs
 
-    run = _Run(model, folder, loss_weights(weights), int(valid_batch_size or 2 * batch_size), progress,
+    ranks.broadcast_module(model)  # every process starts from process 0's weights (a resume replaces them)
+    run = _Run(model, folder, loss_weights(weights), int(valid_batch_size or 2 * -(-batch_size // ranks.size)),
+               progress,
                dict(batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                     ema_decay=ema_decay, scheduler_factor=scheduler_factor,
-                    scheduler_patience=scheduler_patience, clip_grad=clip_grad, patience=patience, seed=seed))
+                    scheduler_patience=scheduler_patience, clip_grad=clip_grad, patience=patience, seed=seed),
+               ranks)
     if resume:
         run.resume()
     else:
         torch.manual_seed(seed)
         if statistics:
-            fit_statistics(model, train_graphs)
+            fit_statistics(model, train_graphs, ranks=ranks)
 
     result, state = run.result, run.state
     t_call = time.perf_counter()
@@ -198,7 +233,7 @@ def train(
     try:
         for epoch in range(state["epoch"] + 1, int(epochs) + 1):
             if max_time is not None and epoch_times:
-                if time.perf_counter() - t_call + float(np.mean(epoch_times)) > max_time:
+                if ranks.any(time.perf_counter() - t_call + float(np.mean(epoch_times)) > max_time):
                     result.stop_reason = "max_time"
                     break
             t_epoch = time.perf_counter()
@@ -216,7 +251,7 @@ def train(
                     last_plot = time.perf_counter()
             bar.update(1)
             bar.set_postfix_str(metric_summary(m), refresh=True)
-            log.info(
+            say.info(
                 "epoch %4d  lr %.2e  train loss %.4g  valid loss %.4g  %s  %.1f s%s",
                 epoch, row["lr"], train_loss, valid_loss, metric_summary(m), dt, "  *" if improved else "",
             )
@@ -224,12 +259,13 @@ def train(
                 break
             if patience is not None and state["bad_epochs"] >= patience:
                 result.stop_reason = "early_stopping"
-                log.info("early stopping: no better validation loss for %d epochs", patience)
+                say.info("early stopping: no better validation loss for %d epochs", patience)
                 break
     finally:
         bar.close()
         if folder is not None and result.history and not folder.plot(result.history):
-            log.warning("matplotlib is not installed; %s not written", folder.curve_png.name)
+            say.warning("matplotlib is not installed; %s not written", folder.curve_png.name)
+    ranks.barrier()  # process 0's files are complete when train returns on any process
 
     result.epochs_completed = state["epoch"]
     if state["best_state_dict"] is not None:
@@ -238,12 +274,25 @@ def train(
     return result
 
 
+class _Quiet:
+    """The logger of processes other than 0, which log nothing."""
+
+    def info(self, *args, **kwargs) -> None:
+        pass
+
+    warning = info
+
+
+_QUIET = _Quiet()
+
+
 class _Run:
     """The state of one training run (model, optimiser, scheduler, EMA, batch-order generator,
     history) and the steps of an epoch; :func:`train` drives it."""
 
     def __init__(self, model, folder: Optional[RunFolder], weights: dict, valid_batch_size: int, progress: bool,
-                 settings: dict):
+                 settings: dict, ranks: Ranks = SINGLE):
+        self.ranks, self.say = ranks, (log if ranks.is_main else _QUIET)
         self.model, self.folder, self.w, self.progress = model, folder, weights, progress
         self.valid_batch_size, self.settings = valid_batch_size, settings
         self.batch_size, self.clip_grad = int(settings["batch_size"]), settings["clip_grad"]
@@ -283,53 +332,75 @@ class _Run:
         result.best_metrics = dict(ckpt["best"]["metrics"])
         if result.best_epoch and folder.best_model.is_file():
             result.model_path = str(folder.best_model)
-        log.info("resuming %s after epoch %d (best epoch %d)", folder.path, self.state["epoch"], result.best_epoch)
+        self.say.info("resuming %s after epoch %d (best epoch %d)", folder.path, self.state["epoch"], result.best_epoch)
 
     def train_epoch(self, graphs, epoch: int, epochs: int, workers: int, deadline: Optional[float]) -> float:
         """One pass over shuffled batches; returns the mean training loss. Past ``deadline``
         (perf_counter seconds) the epoch is cut short and the stop reason set to "max_time"."""
-        model, w, params = self.model, self.w, self.params
+        model, w = self.model, self.w
         model.train()
-        batch_indices, loader = epoch_loader(graphs, self.batch_size, self.rng, workers)
+        batch_indices, loader = epoch_loader(graphs, self.batch_size, self.rng, workers, self.ranks)
         n_batches = len(batch_indices)
         sum_loss, n_seen = 0.0, 0
         inner = tqdm(total=n_batches, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
                      disable=not self.progress, dynamic_ncols=True)
         for b, (idx, batch) in enumerate(zip(batch_indices, loader)):
-            if deadline is not None and b > 0 and time.perf_counter() > deadline:
-                log.info("epoch %d cut short after %d/%d batches (max_time)", epoch, b, n_batches)
+            if deadline is not None and b > 0 and self.ranks.any(time.perf_counter() > deadline):
+                self.say.info("epoch %d cut short after %d/%d batches (max_time)", epoch, b, n_batches)
                 self.result.stop_reason = "max_time"
                 break
+            n_global = min(self.batch_size, len(graphs) - b * self.batch_size)  # structures in this step
+            if batch is None:  # this process's part of a short last batch is empty: it joins the sums only
+                loss_value = self._step(loss_share(None, None, w, self.ranks), {}, epoch, b, n_batches, idx)
+                sum_loss, n_seen = sum_loss + loss_value * n_global, n_seen + n_global
+                inner.update(1)
+                continue
             batch = batch.to(device=self.device, dtype=self.dtype)
             want_stress = w["stress"] > 0 and batch.stress is not None and bool(batch.has_stress.any())
             pred = model(batch, compute_forces=w["forces"] > 0, compute_stress=want_stress, create_graph=True)
             loss, terms = weighted_loss(pred, batch, w)
-            if not torch.isfinite(loss):
-                raise self._nonfinite("loss", float(loss.detach()), terms, epoch, b + 1, n_batches, idx)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.clip_grad:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
-            else:
-                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            if not torch.isfinite(gnorm):
-                raise self._nonfinite("gradient", float(gnorm), terms, epoch, b + 1, n_batches, idx)
-            self.opt.step()
-            if self.ema is not None:
-                self.ema.update()
-            self.state["step"] += 1
-            sum_loss += float(loss.detach()) * len(idx)
-            n_seen += len(idx)
+
+            if self.ranks.many:  # this process's share of the global batch's loss
+                loss = loss_share(pred, batch, w, self.ranks)
+            loss_value = self._step(loss, terms, epoch, b, n_batches, idx)
+            sum_loss, n_seen = sum_loss + loss_value * n_global, n_seen + n_global
             inner.update(1)
             inner.set_postfix(loss=f"{sum_loss / n_seen:.4g}", refresh=False)
         inner.close()
         return sum_loss / max(n_seen, 1)
 
+    def _step(self, loss: Optional[torch.Tensor], terms: dict, epoch: int, b: int, n_batches: int, idx) -> float:
+        """backward → (gradients summed over processes) → clipping → optimiser step → EMA update.
+        ``loss``: this batch's loss (with several processes this process's share; None for an empty
+        part). Returns the batch's loss (the global batch's with several processes)."""
+        params = self.params
+        if not self.ranks.many and not torch.isfinite(loss):
+            raise self._nonfinite("loss", float(loss.detach()), terms, epoch, b + 1, n_batches, idx)
+        self.opt.zero_grad(set_to_none=True)
+        if loss is not None:
+            loss.backward()
+        loss_value = 0.0 if loss is None else float(loss.detach())
+        if self.ranks.many:
+            loss_value = self.ranks.sum_gradients(params, loss_value)  # the same on every process
+            if not math.isfinite(loss_value):
+                raise self._nonfinite("loss", loss_value, terms, epoch, b + 1, n_batches, idx)
+        if self.clip_grad:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+        else:
+            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        if not torch.isfinite(gnorm):
+            raise self._nonfinite("gradient", float(gnorm), terms, epoch, b + 1, n_batches, idx)
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update()
+        self.state["step"] += 1
+        return loss_value
+
     def validate(self, graphs, epoch: int) -> tuple[dict, float, bool]:
         """Metrics and loss of the averaged weights on ``graphs``; keeps (and writes) a new best."""
         result = self.result
         with self.averaged():
-            m = compute_metrics(predict(self.model, graphs, batch_size=self.valid_batch_size))
+            m = self._metrics(graphs)
             valid_loss = validation_loss(m, self.w)
             if not math.isfinite(valid_loss):
                 raise NonFiniteLossError(
@@ -346,6 +417,17 @@ class _Run:
                     )
                     result.model_path = str(self.folder.best_model)
         return m, valid_loss, improved
+
+    def _metrics(self, graphs) -> dict:
+        """``cartlorem.evaluate.metrics`` of the model on ``graphs``; with several processes each
+        predicts its contiguous share, process 0 computes the metrics of all the predictions and
+        sends them to the others (the numbers of one process, not an average of averages)."""
+        if not self.ranks.many:
+            return compute_metrics(predict(self.model, graphs, batch_size=self.valid_batch_size))
+        part = self.ranks.part(len(graphs))
+        mine = predict(self.model, Subset(graphs, part), batch_size=self.valid_batch_size) if len(part) else None
+        parts = self.ranks.gather(mine)
+        return self.ranks.broadcast(compute_metrics(gather_predictions(parts)) if self.ranks.is_main else None)
 
     def end_epoch(self, epoch, train_loss, m, valid_loss, improved, dt) -> dict:
         """Scheduler and early-stopping bookkeeping; appends and returns the epoch's history row."""

@@ -47,13 +47,17 @@ def check_dataset(model, graphs: Sequence[Graph], what: str) -> None:
                 )
 
 
-def fit_statistics(model, graphs: Sequence[Graph]) -> dict:
+def fit_statistics(model, graphs: Sequence[Graph], *, ranks=None) -> dict:
     """Set a CartLorem's reference energies, ⟨neighbours⟩, scale and shift from ``graphs``.
 
     Returns ``cartlorem.data.dataset_statistics`` plus "reference_energies" {Z: eV}. scale is the
     force RMS (eV/Å; the residual-energy spread when there are no forces, else 1), shift the mean
     residual energy per atom after the reference energies (eV/atom; ≈ 0 when every structure has
     an energy, since the least-squares fit absorbs it).
+
+    ranks: a ``cartlorem.training.distributed.Ranks`` of several processes (each holding the same
+    ``graphs``): process 0 computes the statistics and sends them to the others, so every process
+    sets exactly the same numbers (and only process 0 logs them).
     """
     from ..data import dataset_statistics, fit_reference_energies
     from ..model import CartLorem
@@ -63,9 +67,16 @@ def fit_statistics(model, graphs: Sequence[Graph]) -> dict:
             f"statistics from data are set for CartLorem models, not {type(model).__name__}: set your "
             "model's normalisation before training and pass statistics=False"
         )
-    graphs = [graphs[k].to(dtype=model.dtype) for k in range(len(graphs))]  # labels as the model sees them
-    refs = fit_reference_energies(graphs, model.species)
-    stats = dataset_statistics(graphs, refs)
+    main = ranks is None or ranks.is_main
+    stats = None
+    if main:
+        graphs = [graphs[k].to(dtype=model.dtype) for k in range(len(graphs))]  # labels as the model sees them
+        refs = fit_reference_energies(graphs, model.species)
+        stats = dataset_statistics(graphs, refs)
+        stats["reference_energies"] = refs
+    if ranks is not None:
+        stats = ranks.broadcast(stats)
+    refs = stats["reference_energies"]
     scale = stats["forces_rms"] or stats["residual_energy_per_atom_std"] or 1.0
     model.set_statistics(
         atomic_energies=refs,
@@ -73,7 +84,8 @@ def fit_statistics(model, graphs: Sequence[Graph]) -> dict:
         scale=scale,
         shift=stats["residual_energy_per_atom_mean"],
     )
-    stats["reference_energies"] = refs
+    if not main:
+        return stats
     log.info(
         "statistics from %d training structures: ⟨neighbours⟩ %.2f, scale (force RMS) %.4g eV/Å, "
         "shift %.4f eV/atom",

@@ -92,10 +92,14 @@ def set_rng_state(rng: np.random.Generator, state: dict) -> None:
 
 
 class RunFolder:
-    """The files of one training run in ``path`` (see the module docstring)."""
+    """The files of one training run in ``path`` (see the module docstring).
 
-    def __init__(self, path):
-        self.path = Path(path)
+    ``write=False`` (the processes other than 0 of a multi-process run): reading works (``open``'s
+    checks, ``load_checkpoint``) and every write is skipped, since process 0 writes the same files.
+    """
+
+    def __init__(self, path, write: bool = True):
+        self.path, self.write = Path(path), bool(write)
         self.checkpoint = self.path / CHECKPOINT
         self.best_model = self.path / BEST_MODEL
         self.log_csv = self.path / LOG_CSV
@@ -119,18 +123,23 @@ class RunFolder:
         return ckpt
 
     def save_checkpoint(self, state: dict) -> None:
-        atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, self.checkpoint)
+        if self.write:
+            atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, self.checkpoint)
 
     def save_best(self, model: torch.nn.Module, **extra) -> None:
-        atomic_torch_save({**model_payload_of(model), **extra}, self.best_model)
+        if self.write:
+            atomic_torch_save({**model_payload_of(model), **extra}, self.best_model)
 
     def write_log(self, history: list, plot: bool) -> None:
+        if not self.write:
+            return
         write_csv(self.log_csv, history)
         if plot:
             self.plot(history)
 
     def plot(self, history: list) -> bool:
-        return plot_learning_curve(history, self.curve_png)
+        """Write the learning curve; False when matplotlib is missing (True when not writing)."""
+        return plot_learning_curve(history, self.curve_png) if self.write else True
 
     def kept_message(self, best_epoch: int) -> str:
         if best_epoch:
