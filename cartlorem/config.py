@@ -228,10 +228,11 @@ def _options() -> list[Option]:
     t = "training"
     training = [
         Option("epochs", parse_int, T["epochs"], "total number of epochs", t, check=(lambda v: v >= 0, ">= 0")),
-        Option("batch_size", parse_int, T["batch_size"], "structures per training batch", t,
+        Option("batch_size", parse_int, T["batch_size"],
+               "structures per optimiser step (under torchrun: the global batch over all processes)", t,
                check=(lambda v: v >= 1, ">= 1")),
         Option("valid_batch_size", nullable(parse_int), T["valid_batch_size"],
-               "structures per validation batch (default: 2 × batch size)", t),
+               "structures per validation batch on each process (default: 2 × the per-process training batch)", t),
         Option("lr", parse_float, T["lr"], "initial learning rate", t, check=_POSITIVE),
         Option("energy_weight", parse_float, DEFAULT_WEIGHTS["energy"], "loss weight of the energy per atom", t),
         Option("forces_weight", parse_float, DEFAULT_WEIGHTS["forces"], "loss weight of the forces", t),

@@ -5,6 +5,7 @@
     prepare.py     data checks and CartLorem's statistics from data (the model-specific set-up)
     run_folder.py  checkpoint.pt (atomic, resumable), model.pt, log.csv, learning curve
     log.py         history rows → CSV, plot, one-line metric summaries
+    distributed.py torchrun: process group, each process's share of a global batch, reductions
     loop.py        ``train``: batches (DataLoader + collate) → loss → step → EMA → validate → save
 
 Typical use::
