@@ -214,11 +214,19 @@ def test_bad_multiplicity_in_a_file_and_in_the_calculator(tmp_path):
     ase.io.write(tmp_path / "bad.xyz", frames, format="extxyz")
     with pytest.raises(ValueError, match=r"bad\.xyz, frame 1 \(H2O\): multiplicity 1.*2 of 4 frames.*\[1, 3\]"):
         read_dataset(tmp_path / "bad.xyz", 4.0, require=())
-    calc = cartlorem.CartLoremCalculator(small_model(None))
+    model = small_model(None)
     atoms = charged(molecule("H2O"), 1, 1)
-    atoms.calc = calc
+    atoms.calc = cartlorem.CartLoremCalculator(model)
     with pytest.raises(ValueError, match=r"H2O: multiplicity 1 does not match"):
         atoms.get_potential_energy()
+    # the calculator passes the charge state on: a conditioned model tells the cation from the neutral
+    energies = []
+    for a in (molecule("H2O"), charged(molecule("H2O"), 1, 2)):
+        a.calc = cartlorem.CartLoremCalculator(model)
+        energies.append(a.get_potential_energy())
+    assert energies[0] == pytest.approx(float(predict(model, molecule("H2O"))[0]), abs=1e-10)
+    assert energies[1] == pytest.approx(float(predict(model, charged(molecule("H2O"), 1, 2))[0]), abs=1e-10)
+    assert abs(energies[1] - energies[0]) > 1e-3
 
 
 def test_good_charge_states_are_accepted():
