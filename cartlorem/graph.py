@@ -33,7 +33,6 @@ class Graph:
     total_charge [B] e; edge_index [2, E] (centre i, neighbour j); edge_shift [E, 3] integer
     lattice images as floats. Optional reference labels: energy [B] eV, forces [N, 3] eV/Å,
     stress [B, 3, 3] eV/Å³ (ASE sign convention), with has_* masks [B] telling which are present.
-    multiplicity [B]: spin multiplicity 2s + 1 (None: all singlets).
     """
 
     positions: torch.Tensor
