@@ -184,6 +184,8 @@ _MODEL_HELP = {
     "envelope_p": "polynomial envelope exponent",
     "readout_hidden": "width of the last readout MLP",
     "long_range_options": "options of the long-range block (config only)",
+    "charge_state": "condition the features on each structure's total charge and spin multiplicity "
+                    "(atoms.info total_charge, multiplicity)",
 }
 _POSITIVE = (lambda v: v > 0, "> 0")
 _MODEL_CHECKS = {"cutoff": _POSITIVE, "channels": (lambda v: v >= 1, ">= 1")}

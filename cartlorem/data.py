@@ -4,7 +4,8 @@ Labels are read either from ASE single-point results (``"calc"``, what ``ase.io.
 the standard extxyz keys ``energy``/``forces``/``stress``) or MACE-style from named entries in
 ``atoms.info`` / ``atoms.arrays`` (``REF_energy``, ``REF_forces``, ``REF_stress``). Units: eV, Å,
 eV/Å, eV/Å³ (ASE stress sign convention: stress = (1/V) ∂E/∂ε). ``atoms.info["total_charge"]``
-(e, default 0) is carried into the graph.
+(e, default 0) and ``atoms.info["multiplicity"]`` (2s + 1, default 1; checked against the electron
+count where given, :func:`check_charge_states`) are carried into the graph.
 
 Typical use::
 
@@ -25,10 +26,11 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .graph import Graph, atoms_to_graph
+from .graph import Graph, atoms_to_graph, check_charge_state
 
 __all__ = [
     "attach_labels",
+    "check_charge_states",
     "read_dataset",
     "fit_reference_energies",
     "dataset_statistics",
@@ -212,6 +214,7 @@ def read_dataset(
     source, frames = _load_frames(path_or_atoms_list)
     if not frames:
         raise ValueError(f"no structures in {source!r}")
+    check_charge_states(frames, source)
 
     graphs = []
     for k, atoms in enumerate(frames):
@@ -226,6 +229,36 @@ def read_dataset(
                 raise ValueError(_missing_label_message(frames, k, source, name, keys[name]))
         graphs.append(g)
     return graphs
+
+
+def check_charge_states(frames, source: str = "structures") -> None:
+    """Raise one ValueError if any frame's ``info["multiplicity"]`` cannot be its spin state.
+
+    frames: ase.Atoms. A given multiplicity must be an integer ≥ 1 whose parity matches the electron
+    count Σ Z − Q (Q = ``info["total_charge"]``, checked when integer-valued; see
+    :func:`cartlorem.graph.check_charge_state`). The message names the first bad frame of ``source``
+    and counts the others. Frames without a multiplicity are not checked (they are taken as singlets).
+    """
+    bad = []
+    for k, atoms in enumerate(frames):
+        if "multiplicity" not in atoms.info:
+            continue
+        try:
+            charge = float(atoms.info.get("total_charge", atoms.info.get("charge", 0.0)))
+            multiplicity = float(atoms.info["multiplicity"])
+        except (TypeError, ValueError):
+            bad.append((k, f"{source}, frame {k}: total_charge {atoms.info.get('total_charge')!r} and multiplicity "
+                           f"{atoms.info['multiplicity']!r} must be numbers"))
+            continue
+        try:
+            check_charge_state(atoms.get_atomic_numbers(), charge, multiplicity,
+                               label=f"{source}, frame {k} ({atoms.get_chemical_formula()})")
+        except ValueError as err:
+            bad.append((k, str(err)))
+    if bad:
+        others = f" ({len(bad)} of {len(frames)} frames have a bad charge/spin state: {[k for k, _ in bad][:10]})" \
+            if len(bad) > 1 else ""
+        raise ValueError(bad[0][1] + others)
 
 
 def _missing_label_message(frames, k: int, source: str, name: str, key: str) -> str:

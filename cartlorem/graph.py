@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Graph", "atoms_to_graph", "collate", "neighbour_list", "check_structure"]
+__all__ = ["Graph", "atoms_to_graph", "collate", "neighbour_list", "check_structure", "check_charge_state"]
 
 _MIN_DISTANCE = 0.1  # Å: two atoms (or an atom and an image) closer than this are a user error
 
@@ -49,6 +49,9 @@ class Graph:
     has_energy: Optional[torch.Tensor] = None
     has_forces: Optional[torch.Tensor] = None
     has_stress: Optional[torch.Tensor] = None
+    # charge and spin state: multiplicity [B] = 2s + 1 (float; None: every structure a singlet), read from
+    # atoms.info["multiplicity"] (default 1); with total_charge the input of charge-state conditioning
+    multiplicity: Optional[torch.Tensor] = None
 
     @property
     def num_graphs(self) -> int:
@@ -123,6 +126,34 @@ def check_structure(
             )
 
 
+def check_charge_state(numbers, total_charge: float, multiplicity: float, label: str = "structure") -> None:
+    """Raise ValueError unless the charge and spin state can be that of the atoms ``numbers`` [N].
+
+    total_charge Q (e) must be finite; multiplicity 2s + 1 an integer ≥ 1. When Q is an integer, the
+    electron count n = Σ Z − Q must be ≥ 0, hold at least multiplicity − 1 unpaired electrons and
+    have the parity of multiplicity − 1 (an even count pairs into singlets, triplets, …; an odd one
+    into doublets, quartets, …). A fractional Q (a model charge) skips the electron-count checks.
+    """
+    q, m = float(total_charge), float(multiplicity)
+    if not np.isfinite(q):
+        raise ValueError(f"{label}: total_charge must be a finite number of e, got {total_charge!r}")
+    if not (np.isfinite(m) and m >= 1 and m == round(m)):
+        raise ValueError(f"{label}: multiplicity (2S+1) must be an integer >= 1, got {multiplicity!r}")
+    if abs(q - round(q)) > 1e-6:
+        return
+    electrons = int(np.sum(np.asarray(numbers, dtype=np.int64))) - int(round(q))
+    unpaired = int(round(m)) - 1
+    if electrons < 0:
+        raise ValueError(f"{label}: total_charge {q:g} exceeds the nuclear charge {electrons + int(round(q))}")
+    if unpaired > electrons or (electrons - unpaired) % 2:
+        parity = "even" if electrons % 2 == 0 else "odd"
+        allowed = "1, 3, 5, …" if electrons % 2 == 0 else "2, 4, 6, …"
+        raise ValueError(
+            f"{label}: multiplicity {int(round(m))} does not match the electron count: Σ Z − Q = "
+            f"{electrons + int(round(q))} − ({q:g}) = {electrons} electrons ({parity}) allow multiplicity {allowed} "
+            f"(up to {electrons + 1}); check atoms.info['multiplicity'] and atoms.info['total_charge']")
+
+
 def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
     """Full neighbour list of one structure: (i [E], j [E], shifts [E, 3] int), |r_ij| ≤ cutoff.
 
@@ -153,6 +184,10 @@ def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional
     """One ``ase.Atoms`` → :class:`Graph` (B = 1) with edges within ``cutoff`` Å, without labels
     (``cartlorem.data.read_dataset`` attaches those). ``label`` names the structure in error
     messages (default: its chemical formula).
+
+    Charge and spin state: ``atoms.info["total_charge"]`` (or ``"charge"``; e, default 0) and
+    ``atoms.info["multiplicity"]`` (2s + 1, default 1). A multiplicity that is given must match the
+    electron count (:func:`check_charge_state`; ValueError naming the structure otherwise).
     """
     positions = np.asarray(atoms.get_positions(), dtype=np.float64)
     pbc = np.asarray(atoms.get_pbc(), dtype=bool)
@@ -161,6 +196,15 @@ def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional
         cell = np.zeros((3, 3))
     label = label or atoms.get_chemical_formula() or "structure"
     check_structure(positions, cell, pbc, label=label)
+    charge = atoms.info.get("total_charge", atoms.info.get("charge", 0.0))
+    multiplicity = atoms.info.get("multiplicity", None)  # absent: 1, not checked against the electrons
+    try:
+        charge, multiplicity = float(charge), (None if multiplicity is None else float(multiplicity))
+    except (TypeError, ValueError):
+        raise ValueError(f"{label}: total_charge and multiplicity must be numbers, got "
+                         f"{charge!r} and {multiplicity!r}") from None
+    if multiplicity is not None:
+        check_charge_state(atoms.get_atomic_numbers(), charge, multiplicity, label=label)
     try:
         i, j, s = neighbour_list(positions, cell, pbc, cutoff)
     except ValueError as err:
@@ -172,11 +216,10 @@ def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional
         batch=torch.zeros(n, dtype=torch.long),
         cell=torch.tensor(cell, dtype=dtype)[None],
         pbc=torch.tensor(pbc)[None],
-        total_charge=torch.tensor(
-            [float(atoms.info.get("total_charge", atoms.info.get("charge", 0.0)))], dtype=dtype
-        ),
+        total_charge=torch.tensor([charge], dtype=dtype),
         edge_index=torch.tensor(np.stack([i, j]), dtype=torch.long),
         edge_shift=torch.tensor(s, dtype=dtype),
+        multiplicity=torch.tensor([1.0 if multiplicity is None else multiplicity], dtype=dtype),
     )
 
 
@@ -204,4 +247,7 @@ def collate(graphs: Sequence[Graph]) -> Graph:
             out[name] = torch.cat(vals)
         elif any(v is not None for v in vals):
             raise ValueError(f"cannot collate graphs where only some carry '{name}'")
+    if any(g.multiplicity is not None for g in graphs):  # None: singlets
+        out["multiplicity"] = torch.cat([g.total_charge.new_ones(g.num_graphs) if g.multiplicity is None
+                                         else g.multiplicity.to(g.total_charge) for g in graphs])
     return Graph(**out)

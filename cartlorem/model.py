@@ -20,6 +20,7 @@ from .fileio import atomic_torch_save
 from .forces import with_derivatives
 from .graph import Graph
 from .nn.blocks import BodyOrderProduct, Interaction, SpeciesLinear
+from .nn.conditioning import ChargeStateConditioning
 from .nn.radial import BesselBasis, PolynomialEnvelope
 from .tensors import EquivariantLinear
 
@@ -59,6 +60,10 @@ class CartLorem(nn.Module):
         compile_kernels: run the message kernel through torch.compile when no double backward is
             needed (inference: energy, forces, stress, MD). Training always uses the eager kernel.
             First calls pay a compilation of ~10–60 s; falls back to eager if compilation fails.
+        charge_state: condition the rank-0 features after the embedding on each structure's total charge
+            (``graph.total_charge``) and spin multiplicity (``graph.multiplicity``) by a FiLM modulation
+            (cartlorem.nn.conditioning), so that one geometry in two charge states gets two energies, for
+            local models too. Exactly the unconditioned model for neutral singlets. Default False.
 
     Boundary conditions (per structure, ``pbc``): local models take any pattern (the neighbour list
     handles it); long-range models take open (all False), fully periodic (all True) and slabs
@@ -71,7 +76,8 @@ class CartLorem(nn.Module):
                  channels: int = 64, num_layers: int = 2, correlation: int = 3, lmax: int = 2, num_basis: int = 8,
                  radial_hidden: int = 64, envelope_p: int = 5, readout_hidden: int = 16,
                  atomic_energies: Optional[dict] = None, avg_num_neighbors: float = 10.0, scale: float = 1.0,
-                 shift: float = 0.0, long_range_options: Optional[dict] = None, compile_kernels: bool = False):
+                 shift: float = 0.0, long_range_options: Optional[dict] = None, compile_kernels: bool = False,
+                 charge_state: bool = False):
         super().__init__()
         species = sorted({int(z) for z in species})
         if not species or any(z < 1 or z > 118 for z in species):
@@ -91,7 +97,8 @@ class CartLorem(nn.Module):
                            num_layers=num_layers, correlation=correlation, lmax=lmax, num_basis=num_basis,
                            radial_hidden=radial_hidden, envelope_p=envelope_p, readout_hidden=readout_hidden,
                            avg_num_neighbors=float(avg_num_neighbors), scale=float(scale), shift=float(shift),
-                           long_range_options=dict(long_range_options or {}), compile_kernels=bool(compile_kernels))
+                           long_range_options=dict(long_range_options or {}), compile_kernels=bool(compile_kernels),
+                           charge_state=bool(charge_state))
         self.compile_kernels = bool(compile_kernels)
         self._compiled_now = False
         self.cutoff = float(cutoff)
@@ -142,6 +149,8 @@ class CartLorem(nn.Module):
             if "lmax" in options:
                 raise ValueError("long_range_options must not set 'lmax': the long-range block uses the model's lmax")
             self.long_range_block = LongRangeBlock(channels, kind=long_range, lmax=lmax, **options)
+        # made last, so that the other weights draw the same random numbers with and without it
+        self.conditioning = ChargeStateConditioning(channels, S) if charge_state else None
 
     # --- statistics set from data --------------------------------------------------------------
     def set_statistics(self, *, atomic_energies: Optional[dict] = None, avg_num_neighbors: Optional[float] = None,
@@ -201,6 +210,8 @@ class CartLorem(nn.Module):
         envelope = self.envelope(r)  # [E]
 
         h = [self.embedding[species], None, None]
+        if self.conditioning is not None:  # total charge and spin state → rank-0 features
+            h[0] = self.conditioning(h[0], species, graph.batch, graph.total_charge, graph.multiplicity)
         node_energy = torch.zeros_like(positions[:, 0])
         for layer, prod, mix, skip, readout in zip(self.layers, self.products, self.mixers, self.skips, self.readouts):
             A = layer(h, graph.edge_index, unit, radial, envelope, compiled=self._compiled_now)

@@ -1,0 +1,239 @@
+"""Charge- and spin-state conditioning (``CartLorem(charge_state=True)``) and charge/spin input checks."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+
+import cartlorem
+from cartlorem.data import read_dataset
+from cartlorem.graph import atoms_to_graph, collate
+from cartlorem.nn.conditioning import ChargeStateConditioning
+from cartlorem.testing import check_batch_equals_single, check_forces_fd, check_o3_invariance
+
+
+def small_model(long_range=None, charge_state=True, seed=0, species=(1, 6, 8, 11, 17), **kw):
+    torch.manual_seed(seed)
+    opts = dict(channels=8, num_layers=2, correlation=2, radial_hidden=16, avg_num_neighbors=6.0)
+    opts.update(kw)
+    model = cartlorem.CartLorem(species, cutoff=4.0, long_range=long_range, charge_state=charge_state, **opts)
+    return model.double().eval()
+
+
+def charged(atoms, charge, multiplicity=None):
+    a = atoms.copy()
+    a.info["total_charge"] = charge
+    if multiplicity is not None:
+        a.info["multiplicity"] = multiplicity
+    return a
+
+
+def methanol():
+    a = molecule("CH3OH")
+    a.rattle(0.05, seed=1)
+    return a
+
+
+def predict(model, atoms):
+    out = model(atoms_to_graph(atoms, model.cutoff))
+    return out["energy"].detach(), out["forces"].detach()
+
+
+# --- the identity at neutral singlets ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("long_range", [None, "multipole"])
+def test_neutral_singlet_is_the_unconditioned_model_bit_for_bit(long_range, one_thread):
+    off = small_model(long_range, charge_state=False)
+    on = small_model(long_range, charge_state=True)  # same seed: the conditioning is made last
+    assert on.conditioning is not None and off.conditioning is None
+    with torch.no_grad():  # a conditioning far from zero, so that the identity is not an accident
+        for p in on.conditioning.parameters():
+            p.normal_(0.0, 1.0)
+    structures = [methanol(), charged(methanol(), 0, 1), charged(molecule("H2O"), 0.0, 1)]
+    for a in structures:
+        e_off, f_off = predict(off, a)
+        e_on, f_on = predict(on, a)
+        assert torch.equal(e_on, e_off) and torch.equal(f_on, f_off)
+    batch = collate([atoms_to_graph(a, 4.0, dtype=torch.float64) for a in structures])
+    assert torch.equal(on(batch)["energy"].detach(), off(batch)["energy"].detach())
+    # and it does act on other charge states
+    e_off, _ = predict(off, charged(methanol(), 1, 2))
+    e_on, _ = predict(on, charged(methanol(), 1, 2))
+    e_trip, _ = predict(on, charged(methanol(), 0, 3))
+    if long_range is None:  # (long-range models see Q through the charge correction)
+        assert torch.equal(e_off, predict(off, methanol())[0])  # without conditioning Q changes nothing locally
+    assert float((e_on - e_off).abs()) > 1e-3 and float((e_trip - predict(off, methanol())[0]).abs()) > 1e-3
+
+
+def test_conditioning_output_is_exactly_zero_at_neutral_singlets_and_scriptable():
+    torch.manual_seed(0)
+    film = ChargeStateConditioning(channels=5, num_species=3).double()
+    h0 = torch.randn(7, 5, dtype=torch.float64)
+    species = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    batch = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    out = film(h0, species, batch, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    assert torch.equal(out, h0)
+    q = torch.tensor([0.0, -1.0, 0.0], dtype=torch.float64)
+    mult = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    out = film(h0, species, batch, q, mult)
+    assert torch.equal(out[:3], h0[:3]) and not torch.allclose(out[3:], h0[3:])
+    scripted = torch.jit.script(film)
+    assert torch.equal(scripted(h0, species, batch, q, mult), out)
+    assert torch.equal(scripted(h0, species, batch, q, None), film(h0, species, batch, q, None))
+
+
+# --- physics: invariance, forces, batching -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("long_range", [None, "multipole"])
+def test_conditioned_model_is_o3_invariant_float64(long_range, one_thread):
+    model = small_model(long_range)
+    for a in (charged(methanol(), 1, 2), charged(methanol(), -2, 1)):
+        assert check_o3_invariance(model, a, seed=3) < 1e-11
+    assert check_forces_fd(model, charged(methanol(), 1, 2), h=1e-5, n=4) < 1e-6
+
+
+def test_batch_equals_single_with_mixed_charge_states(one_thread):
+    model = small_model(None)
+    structures = [charged(methanol(), 1, 2), molecule("H2O"), charged(molecule("H2O"), -1, 2),
+                  charged(methanol(), 0, 3)]
+    assert check_batch_equals_single(model, structures) < 1e-12
+    # a graph without multiplicity (integrations) collates with others as singlets
+    g = atoms_to_graph(molecule("H2O"), 4.0).replace(multiplicity=None)
+    both = collate([g, atoms_to_graph(charged(molecule("H2O"), 0, 3), 4.0)])
+    assert both.multiplicity.tolist() == [1.0, 3.0]
+
+
+# --- learning: energies that depend on the charge state only -----------------------------------------------
+
+
+def _charge_only_set():
+    """Two fixed geometries, each with Q ∈ {−1, 0, +1, +2}; the energy depends on Q only (eV)."""
+    frames, energies = [], []
+    for geometry in (molecule("H2O"), molecule("CH3OH")):
+        for q in (-1, 0, 1, 2):
+            mult = 1 if (int(geometry.numbers.sum()) - q) % 2 == 0 else 2
+            frames.append(charged(geometry, q, mult))
+            energies.append(1.5 * q * q - 2.0 * q)  # 3.5, 0, -0.5, 2 eV
+    return frames, torch.tensor(energies, dtype=torch.float64)
+
+
+def _fit(charge_state: bool, steps: int = 120):
+    frames, target = _charge_only_set()
+    torch.manual_seed(0)
+    model = cartlorem.CartLorem([1, 6, 8], cutoff=4.0, long_range=None, channels=8, num_layers=1,
+                                correlation=2, radial_hidden=8, avg_num_neighbors=4.0,
+                                charge_state=charge_state).double()
+    batch = collate([atoms_to_graph(a, 4.0) for a in frames])
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((model(batch, compute_forces=False)["energy"] - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = model(batch, compute_forces=False)["energy"].detach()
+    return float((pred - target).abs().mean()), target
+
+
+def test_local_model_needs_the_conditioning_to_fit_charge_only_energies(one_thread):
+    mae_off, target = _fit(False)
+    mae_on, _ = _fit(True)
+    # per geometry, the best Q-independent prediction is the median: MAE = mean |E − median| = 1.5 eV
+    best_constant = float((target.view(2, 4) - target.view(2, 4).median(dim=1, keepdim=True).values)
+                          .abs().mean())
+    assert best_constant == pytest.approx(1.5)
+    assert mae_off > 0.95 * best_constant  # it cannot tell the charge states apart
+    assert mae_on < 0.03 * best_constant, (mae_on, mae_off)
+
+
+# --- model files and options --------------------------------------------------------------------------------
+
+
+def test_save_load_keeps_the_conditioning_and_old_files_load_without_it(tmp_path):
+    model = small_model(None)
+    a = charged(methanol(), 1, 2)
+    cartlorem.save_model(model, tmp_path / "m.pt")
+    loaded = cartlorem.load_model(tmp_path / "m.pt")
+    assert loaded.config["charge_state"] is True
+    assert torch.equal(predict(loaded, a)[0], predict(model, a)[0])
+    # a file written before the option existed: no 'charge_state' in its config
+    off = small_model(None, charge_state=False)
+    payload = cartlorem.model.model_payload(off)
+    del payload["config"]["charge_state"]
+    torch.save(payload, tmp_path / "old.pt")
+    old = cartlorem.load_model(tmp_path / "old.pt")
+    assert old.conditioning is None and old.config["charge_state"] is False
+    assert torch.equal(predict(old, a)[0], predict(off, a)[0])
+
+
+def test_charge_state_option_in_config_yaml_and_flags(tmp_path):
+    from cartlorem.cli import build_parser
+    from cartlorem.config import Config
+
+    assert Config().charge_state is False
+    cfg = Config(charge_state=True)
+    assert cfg.build_model([1, 8]).conditioning is not None
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert Config.from_yaml(tmp_path / "c.yaml").charge_state is True
+    args = build_parser().parse_args(["train", "--train", "x.xyz", "--out", "r", "--charge-state"])
+    assert args.charge_state is True
+    with pytest.raises(ValueError, match="charge_state"):
+        Config.from_dict({"charge_state": "maybe"})
+
+
+# --- bad charge/spin input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("charge, mult, match", [
+    (0, 2, r"multiplicity 2 does not match the electron count.*10 electrons \(even\)"),  # H2O: 10 e
+    (1, 1, r"multiplicity 1 does not match.*9 electrons \(odd\)"),
+    (0, 13, r"up to 11"),  # more unpaired electrons than electrons
+    (0, 0, r"integer >= 1"),
+    (0, 1.5, r"integer >= 1"),
+    (0, "two", r"must be numbers"),
+    (11, 1, r"exceeds the nuclear charge"),
+    (float("nan"), 1, r"finite"),
+])
+def test_bad_multiplicity_is_a_clear_error(charge, mult, match, tmp_path):
+    bad = charged(molecule("H2O"), charge, mult)
+    with pytest.raises(ValueError, match=match):
+        atoms_to_graph(bad, 4.0)
+    frames = [molecule("H2O"), charged(molecule("H2O"), 1, 2), bad]
+    with pytest.raises(ValueError, match=r"frame 2") as err:
+        read_dataset(frames, 4.0, require=())
+    assert "frame 0" not in str(err.value) and "frame 1 " not in str(err.value)
+
+
+def test_bad_multiplicity_in_a_file_and_in_the_calculator(tmp_path):
+    import ase.io
+
+    frames = [charged(molecule("H2O"), q, m) for q, m in ((0, 1), (1, 1), (-1, 2), (1, 3))]
+    ase.io.write(tmp_path / "bad.xyz", frames, format="extxyz")
+    with pytest.raises(ValueError, match=r"bad\.xyz, frame 1 \(H2O\): multiplicity 1.*2 of 4 frames.*\[1, 3\]"):
+        read_dataset(tmp_path / "bad.xyz", 4.0, require=())
+    model = small_model(None)
+    atoms = charged(molecule("H2O"), 1, 1)
+    atoms.calc = cartlorem.CartLoremCalculator(model)
+    with pytest.raises(ValueError, match=r"H2O: multiplicity 1 does not match"):
+        atoms.get_potential_energy()
+    # the calculator passes the charge state on: a conditioned model tells the cation from the neutral
+    energies = []
+    for a in (molecule("H2O"), charged(molecule("H2O"), 1, 2)):
+        a.calc = cartlorem.CartLoremCalculator(model)
+        energies.append(a.get_potential_energy())
+    assert energies[0] == pytest.approx(float(predict(model, molecule("H2O"))[0]), abs=1e-10)
+    assert energies[1] == pytest.approx(float(predict(model, charged(molecule("H2O"), 1, 2))[0]), abs=1e-10)
+    assert abs(energies[1] - energies[0]) > 1e-3
+
+
+def test_good_charge_states_are_accepted():
+    # doublet radicals, a triplet O2, fractional model charges (parity not checked), no multiplicity (singlet)
+    ok = [charged(molecule("H2O"), 1, 2), charged(molecule("O2"), 0, 3), charged(molecule("H2O"), 0.5, 1),
+          charged(molecule("H2O"), 1), Atoms("Na", positions=[[0, 0, 0]], info={"total_charge": 1, "multiplicity": 1})]
+    graphs = read_dataset(ok, 4.0, require=())
+    assert [float(g.multiplicity) for g in graphs] == [2.0, 3.0, 1.0, 1.0, 1.0]
+    assert [float(g.total_charge) for g in graphs] == [1.0, 0.0, 0.5, 1.0, 1.0]
+    assert np.allclose(atoms_to_graph(ok[1], 4.0, dtype=torch.float32).multiplicity.numpy(), [3.0])
