@@ -148,7 +148,8 @@ class CartLoremCalculator(Calculator):
     def _graph(self, atoms) -> Graph:
         positions = atoms.get_positions()
         key = (len(atoms), tuple(atoms.get_atomic_numbers()), tuple(np.round(atoms.get_cell().array, 12).ravel()),
-               tuple(atoms.get_pbc()), float(atoms.info.get("total_charge", atoms.info.get("charge", 0.0))))
+               tuple(atoms.get_pbc()), float(atoms.info.get("total_charge", atoms.info.get("charge", 0.0))),
+               repr(atoms.info.get("multiplicity", 1)))  # repr: a bad value is reported by atoms_to_graph
         reuse = (self.skin > 0 and self._nl_key == key and self._nl_positions is not None
                  and np.all(np.isfinite(positions))
                  and np.max(np.linalg.norm(positions - self._nl_positions, axis=1)) < 0.5 * self.skin)

@@ -237,3 +237,19 @@ def test_good_charge_states_are_accepted():
     assert [float(g.multiplicity) for g in graphs] == [2.0, 3.0, 1.0, 1.0, 1.0]
     assert [float(g.total_charge) for g in graphs] == [1.0, 0.0, 0.5, 1.0, 1.0]
     assert np.allclose(atoms_to_graph(ok[1], 4.0, dtype=torch.float32).multiplicity.numpy(), [3.0])
+
+
+def test_calculator_follows_a_changed_multiplicity_with_a_reused_neighbour_list():
+    # the calculator reuses its neighbour list (and the graph's charge state) while the key matches;
+    # a changed multiplicity must not be served from the old graph
+    model = small_model(None)
+    calc = cartlorem.CartLoremCalculator(model, skin=0.5)
+    atoms = charged(molecule("O2"), 0, 1)
+    calc.calculate(atoms, ["energy"])
+    singlet = calc.results["energy"]
+    atoms.info["multiplicity"] = 3
+    calc.calculate(atoms, ["energy"])
+    triplet = calc.results["energy"]
+    expected = float(predict(model, charged(molecule("O2"), 0, 3))[0])
+    assert triplet == pytest.approx(expected, abs=1e-10)
+    assert abs(triplet - singlet) > 1e-6
