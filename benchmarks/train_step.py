@@ -44,7 +44,22 @@ KINDS = ("none", "multipole", "lorem")
 #: "" this branch; "@ref": kernel derivatives op by op (RadialKernel.derivatives_autograd, the code before
 #: issue 12); "+pairs": open molecules through cartlorem.ewald.direct.open_molecules_fields (the proposed
 #: call-site switch in cartlorem/ewald/fields.py, applied here by patching fields._open_batched).
-VARIANTS = ("", "@ref", "+pairs")
+#: "/zero-fields": the long-range sum replaced by zero fields that still depend on the charges and positions
+#: (the rest of the block, its backward and double backward unchanged): step(kind) − step(kind/zero-fields) is
+#: the cost of the Ewald/direct sum, step(kind/zero-fields) − step(none) the cost of the rest of the block.
+VARIANTS = ("", "@ref", "+pairs", "/zero-fields")
+
+
+def _zero_fields(positions, batch, cell, pbc, charges=None, dipoles=None, quadrupoles=None, *, ranks=(0, 1, 2),
+                 **_):
+    """Stand-in for batched_multipole_fields: zeros of the right shapes, attached to the graph."""
+    from cartlorem.ewald.fields import MultipoleFields
+
+    z = charges * 0.0  # [N, C]
+    return MultipoleFields(z if 0 in ranks else None,
+                           z[..., None] * positions[:, None, :] if 1 in ranks else None,
+                           z[..., None, None] * positions[:, None, :, None] * positions[:, None, None, :]
+                           if 2 in ranks else None)
 
 
 @contextlib.contextmanager
@@ -54,7 +69,11 @@ def variant(name):
     from cartlorem.ewald.direct import open_molecules_fields
     from cartlorem.ewald.kernels import RadialKernel
 
-    saved = (RadialKernel.derivatives, fields._open_batched)
+    import cartlorem.nn.long_range as long_range
+
+    saved = (RadialKernel.derivatives, fields._open_batched, long_range.batched_multipole_fields)
+    if name.endswith("/zero-fields"):
+        long_range.batched_multipole_fields = _zero_fields
     if name.endswith("@ref"):
         RadialKernel.derivatives = RadialKernel.derivatives_autograd
     if name.endswith("+pairs"):
@@ -62,7 +81,7 @@ def variant(name):
     try:
         yield
     finally:
-        RadialKernel.derivatives, fields._open_batched = saved
+        RadialKernel.derivatives, fields._open_batched, long_range.batched_multipole_fields = saved
 
 
 def make_batches(name, args, species_out=None):
@@ -193,7 +212,7 @@ def main(argv=None):
     p.add_argument("--n-batches", type=int, default=6, help="distinct batches cycled through")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                    help="long-range code paths to time ('' this branch, '@ref' op-by-op kernels, '+pairs' "
-                        "pair-list sum for open molecules)")
+                        "pair-list sum for open molecules, '/zero-fields' zero fields: cost of the rest of the block)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=12, help="timed steps per model (interleaved)")
@@ -214,7 +233,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     for name in args.sets:
         batches, species, stats_graphs = make_batches(name, args)
-        atoms = sum(int(b.positions.shape[0]) for b in batches) / len(batches)
+        atoms = round(sum(int(b.positions.shape[0]) for b in batches) / len(batches), 1)
         for channels in args.channels:
             models = {k: build_model(k, species, channels, args, stats_graphs) for k in args.kinds}
             steps = {}
@@ -265,8 +284,9 @@ def _markdown(rows, meta):
     cols = [("set", "set"), ("C", "channels"), ("model", "model"), ("atoms/batch", "atoms_per_batch"),
             ("step median (s)", "median_s"), ("IQR (s)", "iqr_s"), ("÷ none", "ratio_to_none"),
             ("CPU median (s)", "cpu_median_s"), ("CPU ÷ none", "cpu_ratio_to_none"),
-            ("÷ MACE", "ratio_to_mace"), ("LR fields fwd (s)", "lr_fwd")]
-    table = [{**r, "lr_fwd": r.get("profile", {}).get("lr_fields_fwd_s")} for r in rows]
+            ("÷ MACE", "ratio_to_mace"), ("CPU ÷ MACE", "cpu_ratio_to_mace"), ("LR fields fwd (s)", "lr_fwd")]
+    table = [{**r, "lr_fwd": r.get("profile", {}).get("lr_fields_fwd_s"), "atoms_per_batch": round(r["atoms_per_batch"], 1)}
+             for r in rows]
     lines = ["# One training step (energy + forces + loss backward) per long-range kind", "",
              f"Command: `{meta['command']}`", "",
              f"Commit {meta['git_commit']} (dirty: {meta['git_dirty']}), {meta['date']}, {meta['cpu_model']}, "
@@ -275,6 +295,24 @@ def _markdown(rows, meta):
              f"Load average {meta['loadavg_1min']} at start, {meta['loadavg_end']} at end "
              f"({meta['cpu_count']} cores, shared with other jobs: absolute times are pessimistic, the "
              "interleaved ratios hold).", "", harness.markdown_table(table, cols), ""]
+    by = {(r["set"], r["channels"], r["model"]): r for r in rows if "cpu_median_s" in r}
+    notes = []
+    for (name, c, model), r in by.items():
+        base = by.get((name, c, "none"))
+        if model in ("none", "mace") or base is None or not model.isalpha():
+            continue
+        over = r["cpu_median_s"] - base["cpu_median_s"]
+        line = f"- {name}, C = {c}, {model}: long-range CPU overhead {over * 1e3:.0f} ms per step"
+        ref = by.get((name, c, model + "@ref"))
+        if ref is not None:
+            line += f" (op-by-op kernels: {(ref['cpu_median_s'] - base['cpu_median_s']) * 1e3:.0f} ms)"
+        nof = by.get((name, c, model + "/zero-fields"))
+        if nof is not None:
+            line += (f"; the field sum {(r['cpu_median_s'] - nof['cpu_median_s']) * 1e3:.0f} ms, the rest of the "
+                     f"block (multipole maps, products, MLPs) {(nof['cpu_median_s'] - base['cpu_median_s']) * 1e3:.0f} ms")
+        notes.append(line + f"; the local model (none) {base['cpu_median_s'] * 1e3:.0f} ms.")
+    if notes:
+        lines += ["## Where the long-range time goes (process CPU time, medians)", ""] + notes + [""]
     for r in rows:
         if "profile" not in r:
             continue

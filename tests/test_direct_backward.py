@@ -191,3 +191,23 @@ def test_pair_list_fields_equivariant_under_reflection_and_rotation():
     torch.testing.assert_close(b[0], a[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b[1], a[1] @ Q.T, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b[2], Q @ a[2] @ Q.T, rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_derivatives_third_order_equal_autograd():
+    """Beyond the cached orders (forward, backward, double backward) the Function re-evaluates: still exact."""
+    kernel = KERNELS["smeared"]
+    r2 = _r2(4, 25)
+    valid = torch.ones_like(r2, dtype=torch.bool)
+
+    def derivatives(path):
+        x = r2.clone().requires_grad_(True)
+        e = sum((b * torch.cos(x)).sum() for b in path(x))
+        (g,) = torch.autograd.grad(e, x, create_graph=True)
+        (h,) = torch.autograd.grad((g**2).sum(), x, create_graph=True)
+        (t,) = torch.autograd.grad((h * torch.sin(x)).sum(), x)
+        return g.detach(), h.detach(), t
+
+    ref = derivatives(lambda x: kernel.derivatives_autograd(x, valid, 3))
+    got = derivatives(lambda x: kernel.derivatives(x, valid, 3))
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)

@@ -385,31 +385,41 @@ class KernelDerivatives(torch.autograd.Function):
     Every radial kernel obeys ``dB_n/dR = -R B_(n+1)``, i.e. ``dB_n / d(R^2) = -B_(n+1) / 2``; the backward
     applies this with B_(n+1) from this same Function one order up, so it is itself differentiable (the
     double backward of force training, and any higher order). The forward evaluates the ``B_n`` without
-    recording a graph. Masked pairs (``valid`` False) are 0 with zero derivative, as in
-    :meth:`RadialKernel.derivatives_autograd`. Not scriptable: TorchScript uses the op-by-op path.
+    recording a graph, :data:`AHEAD` orders beyond ``hi``, and hands those to the backward's call, so that
+    the forward, backward and double backward of a training step evaluate the kernel once. Masked pairs
+    (``valid`` False) are 0 with zero derivative, as in :meth:`RadialKernel.derivatives_autograd`. Not
+    scriptable: TorchScript uses the op-by-op path.
 
-    apply(r2 [...] (Å²), valid [...] bool, kernel, lo, hi) -> tuple of ``hi - lo + 1`` tensors [...].
+    apply(r2 [...] (Å²), valid [...] bool, kernel, lo, hi, ahead=None) -> tuple of ``hi - lo + 1`` tensors
+    [...]; ``ahead`` (internal): already evaluated ``B_lo .. B_(hi + k)``, a tuple of tensors.
     """
 
+    AHEAD = 2
+
     @staticmethod
-    def forward(ctx, r2, valid, kernel, lo: int, hi: int):
-        B = kernel.derivatives_autograd(r2, valid, hi)[lo:]
-        ctx.save_for_backward(r2, valid)
+    def forward(ctx, r2, valid, kernel, lo: int, hi: int, ahead=None):
+        n_out = hi - lo + 1
+        if ahead is not None and len(ahead) >= n_out:
+            B = [b.detach() for b in ahead]  # new tensor objects: the cached ones keep their own graph
+        else:
+            B = kernel.derivatives_autograd(r2, valid, hi + KernelDerivatives.AHEAD)[lo:]
+        ctx.save_for_backward(r2, valid, *B)
         ctx.kernel, ctx.lo, ctx.hi = kernel, lo, hi
-        return tuple(B)
+        return tuple(B[:n_out])
 
     @staticmethod
     def backward(ctx, *grads):
-        r2, valid = ctx.saved_tensors
+        r2, valid, *B = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        up = KernelDerivatives.apply(r2, valid, ctx.kernel, ctx.lo + 1, ctx.hi + 1)
+            return None, None, None, None, None, None
+        ahead = tuple(B[1:]) if len(B) - 1 >= ctx.hi - ctx.lo + 1 else None  # B_(lo+1) .. already known
+        up = KernelDerivatives.apply(r2, valid, ctx.kernel, ctx.lo + 1, ctx.hi + 1, ahead)
         grad = None
         for g, b in zip(grads, up):
             if g is None:
                 continue
             grad = g * b if grad is None else torch.addcmul(grad, g, b)
-        return (None if grad is None else -0.5 * grad), None, None, None, None
+        return (None if grad is None else -0.5 * grad), None, None, None, None, None
 
 
 def smearing_beta(smearing: float) -> float:
