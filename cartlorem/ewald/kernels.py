@@ -318,7 +318,20 @@ class RadialKernel:
         return abs(total) > 1e-12 * max((abs(w) for w, _ in self.terms), default=1.0)
 
     def derivatives(self, r2: torch.Tensor, valid: torch.Tensor, max_order: int) -> list:
-        """``B_0 .. B_max_order`` at r2 [...] (Å²); zero where ``valid`` [...] is False."""
+        """``B_0 .. B_max_order`` at r2 [...] (Å²); zero where ``valid`` [...] is False.
+
+        When r2 needs a gradient, the ``B_n`` come from :class:`KernelDerivatives`, whose backward is the
+        closed form ``dB_n / d(R^2) = -B_(n+1) / 2`` (differentiable again to any order, so force training's
+        double backward records a handful of nodes instead of every step of the Taylor series and the
+        Smith recursion). Under TorchScript, or without gradients, the direct evaluation
+        (:meth:`derivatives_autograd`) runs.
+        """
+        if not torch.jit.is_scripting() and r2.requires_grad and torch.is_grad_enabled():
+            return list(KernelDerivatives.apply(r2, valid, self, 0, max_order))
+        return self.derivatives_autograd(r2, valid, max_order)
+
+    def derivatives_autograd(self, r2: torch.Tensor, valid: torch.Tensor, max_order: int) -> list:
+        """:meth:`derivatives` evaluated op by op (autograd records every step); the reference path."""
         zero = torch.zeros((), dtype=r2.dtype, device=r2.device)
         if self.singular:
             far = valid
@@ -339,12 +352,74 @@ class RadialKernel:
             # f = -sum_t w_t erf(beta_t R) / R because the weights sum to zero
             r2_near = r2[near]
             series = [torch.zeros_like(r2_near) for _ in range(max_order + 1)]
+            erf_series = erf_kernel_derivatives if torch.is_grad_enabled() else _erf_series_no_grad
             for weight, beta in self.terms:
                 if beta > 0.0:
-                    for n, b in enumerate(erf_kernel_derivatives(beta, r2_near, max_order)):
+                    for n, b in enumerate(erf_series(beta, r2_near, max_order)):
                         series[n] = series[n] - weight * b
             B = [b.index_put((near,), s) for b, s in zip(B, series)]
         return B
+
+
+def _erf_series_no_grad(beta: float, r2: torch.Tensor, max_order: int) -> list:
+    """:func:`erf_kernel_derivatives` as one product table and one matmul (same series, same terms).
+
+    The terms ``(-x)^j / j!`` are a cumulative product; the sums over j for every order are a matmul with
+    the table ``1 / (2n + 2j + 1)``. A few ops instead of ``4 x 28`` per order: the form used when no
+    autograd graph is recorded (inside :class:`KernelDerivatives`).
+    """
+    x = (beta * beta) * r2.reshape(-1, 1)  # [M, 1]
+    steps = torch.arange(1, _SERIES_TERMS, dtype=r2.dtype, device=r2.device)  # j = 1 .. J-1
+    terms = torch.cat([torch.ones_like(x), torch.cumprod(-x / steps, dim=1)], dim=1)  # [M, J]
+    j = torch.arange(_SERIES_TERMS, dtype=torch.float64, device=r2.device)[:, None]
+    n = torch.arange(max_order + 1, dtype=torch.float64, device=r2.device)[None, :]
+    scale = 2.0 * beta / _SQRT_PI * (2.0 * beta * beta) ** n  # [1, n]
+    table = (scale / (2 * n + 2 * j + 1)).to(r2.dtype)  # [J, n]
+    out = terms @ table  # [M, n]
+    return [out[:, k].reshape(r2.shape) for k in range(max_order + 1)]
+
+
+class KernelDerivatives(torch.autograd.Function):
+    """``(B_lo, ..., B_hi)`` of a :class:`RadialKernel` at r2 with the closed-form derivative.
+
+    Every radial kernel obeys ``dB_n/dR = -R B_(n+1)``, i.e. ``dB_n / d(R^2) = -B_(n+1) / 2``; the backward
+    applies this with B_(n+1) from this same Function one order up, so it is itself differentiable (the
+    double backward of force training, and any higher order). The forward evaluates the ``B_n`` without
+    recording a graph, :data:`AHEAD` orders beyond ``hi``, and hands those to the backward's call, so that
+    the forward, backward and double backward of a training step evaluate the kernel once. Masked pairs
+    (``valid`` False) are 0 with zero derivative, as in :meth:`RadialKernel.derivatives_autograd`. Not
+    scriptable: TorchScript uses the op-by-op path.
+
+    apply(r2 [...] (Å²), valid [...] bool, kernel, lo, hi, ahead=None) -> tuple of ``hi - lo + 1`` tensors
+    [...]; ``ahead`` (internal): already evaluated ``B_lo .. B_(hi + k)``, a tuple of tensors.
+    """
+
+    AHEAD = 2
+
+    @staticmethod
+    def forward(ctx, r2, valid, kernel, lo: int, hi: int, ahead=None):
+        n_out = hi - lo + 1
+        if ahead is not None and len(ahead) >= n_out:
+            B = [b.detach() for b in ahead]  # new tensor objects: the cached ones keep their own graph
+        else:
+            B = kernel.derivatives_autograd(r2, valid, hi + KernelDerivatives.AHEAD)[lo:]
+        ctx.save_for_backward(r2, valid, *B)
+        ctx.kernel, ctx.lo, ctx.hi = kernel, lo, hi
+        return tuple(B[:n_out])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        r2, valid, *B = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        ahead = tuple(B[1:]) if len(B) - 1 >= ctx.hi - ctx.lo + 1 else None  # B_(lo+1) .. already known
+        up = KernelDerivatives.apply(r2, valid, ctx.kernel, ctx.lo + 1, ctx.hi + 1, ahead)
+        grad = None
+        for g, b in zip(grads, up):
+            if g is None:
+                continue
+            grad = g * b if grad is None else torch.addcmul(grad, g, b)
+        return (None if grad is None else -0.5 * grad), None, None, None, None, None
 
 
 def smearing_beta(smearing: float) -> float:
