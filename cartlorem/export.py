@@ -27,10 +27,10 @@ What the exported model computes, against the Python model:
   (same numbers to rounding); where it picks particle-mesh Ewald (large cells) the two agree to
   ``accuracy``. The cost is O(N × number of k-vectors), i.e. O(N × V): for cells of up to a few
   hundred atoms; larger periodic systems belong to the Python model (PME).
-* refused at export: long-range models with point multipoles (``smearing`` None; the trained models
-  are smeared). Refused at call time with a ValueError naming the structure: slabs
-  (pbc = [True, True, False]) and other mixed boundary conditions for long-range models, unknown
-  species. Not exported: electric fields, dipole and Born-charge outputs, ``compile_kernels``.
+* refused at call time with an error naming the structure or the atomic numbers: slabs
+  (pbc = [True, True, False]) and other mixed boundary conditions for long-range models (local models
+  take any pbc), unknown species. Not exported: electric fields, dipole and Born-charge outputs
+  (the Python model has them), ``compile_kernels`` (torch.compile; the script runs the eager kernel).
 """
 
 from __future__ import annotations
@@ -334,8 +334,6 @@ class ExportedCartLorem(nn.Module):
         if not isinstance(model, CartLorem):
             raise TypeError(f"expected a CartLorem, got {type(model).__name__}")
         block = model.long_range_block
-        if block is not None and block.smearing is None:
-            raise ValueError("the exported model supports long-range blocks with Gaussian sources (smearing > 0) only")
         self.species: List[int] = list(model.species)
         self.cutoff: float = float(model.cutoff)
         self.long_range: Optional[str] = model.long_range
