@@ -176,7 +176,8 @@ class _ExportedLongRange(nn.Module):
         E: Optional[torch.Tensor] = None
         G: Optional[torch.Tensor] = None
         if want_E:
-            ku, kv = (k[:, None, :] * u[:, :, None]).reshape(-1, C * 3), (k[:, None, :] * v[:, :, None]).reshape(-1, C * 3)
+            ku = (k[:, None, :] * u[:, :, None]).reshape(-1, C * 3)  # [K, C·3]
+            kv = (k[:, None, :] * v[:, :, None]).reshape(-1, C * 3)
             E = (sin.transpose(0, 1) @ ku + cos.transpose(0, 1) @ kv).view(n, C, 3)
             if mu is not None:
                 E = E + (4.0 * alpha**3 / (3.0 * root_pi)) * mu

@@ -7,7 +7,8 @@ import torch
 from ase.build import bulk, molecule
 
 pytest.importorskip("metatomic.torch", reason="metatomic-torch is not installed (pip install metatomic-torch)")
-metatomic_ase = pytest.importorskip("metatomic_ase", reason="metatomic-ase is not installed (pip install metatomic-ase)")
+metatomic_ase = pytest.importorskip("metatomic_ase",
+                                    reason="metatomic-ase is not installed (pip install metatomic-ase)")
 
 from cartlorem import CartLorem, CartLoremCalculator, cli, save_model  # noqa: E402
 from cartlorem.integrations.metatomic import save_metatomic  # noqa: E402
