@@ -80,7 +80,7 @@ class _ExportedLongRange(nn.Module):
         self.update = block.update
         self.readout = block.readout
         self.correction_weight = block.correction_weight if self.weighted_correction else None
-        self.coupling_channel0 = block.coupling_channel0
+        self.register_buffer("coupling_channel0", block.coupling_channel0)  # a buffer: moves with .to()
         self.coupling_others = block.coupling_others
         # the Ewald parameters of cartlorem.ewald.ewald for α = β (no real-space part): k_c = 2 p β
         self.beta: float = smearing_beta(self.smearing)
@@ -338,10 +338,11 @@ class ExportedCartLorem(nn.Module):
         self.species: List[int] = list(model.species)
         self.cutoff: float = float(model.cutoff)
         self.long_range: Optional[str] = model.long_range
-        self.z_to_index = model.z_to_index
-        self.atomic_energies = model.atomic_energies
-        self.scale = model.scale
-        self.shift = model.shift
+        # buffers (not plain attributes), so that .to(device / dtype) of the exported module moves them
+        self.register_buffer("z_to_index", model.z_to_index)
+        self.register_buffer("atomic_energies", model.atomic_energies)
+        self.register_buffer("scale", model.scale)
+        self.register_buffer("shift", model.shift)
         self.radial_basis = model.radial_basis
         self.envelope = model.envelope
         self.embedding = model.embedding

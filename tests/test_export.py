@@ -170,6 +170,12 @@ def test_float32_model_exports():
     assert out["energy"].dtype == torch.float32
     for key in ("energy", "forces", "stress"):
         torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
+    # a float64 export converted afterwards (what engines do with .to(dtype, device)): every tensor follows
+    converted = export_model(_model("multipole")).float()
+    out = converted(*_inputs(graph))
+    assert all(v.dtype == torch.float32 for v in out.values())
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
 
 
 def test_unsupported_inputs_are_named():
