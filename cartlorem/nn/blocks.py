@@ -54,7 +54,9 @@ class Interaction(nn.Module):
         self.radial = RadialMLP(num_basis, radial_hidden, len(self.paths) * channels)
         self.linear_out = EquivariantLinear(channels, channels, self.l_msg)
         self.avg_num_neighbors = float(avg_num_neighbors)
-        self.edge_chunk: Optional[int] = None  # edges per chunk; None: from EDGE_CHUNK_ELEMENTS; 0: off
+        # Optional[int]: edges per chunk; None: from EDGE_CHUNK_ELEMENTS; 0: off (not annotated: TorchScript
+        # warns about an annotated None attribute; the scripted forward never chunks)
+        self.edge_chunk = None
 
     def forward(self, h: Features, edge_index: torch.Tensor, unit: torch.Tensor, radial: torch.Tensor,
                 envelope: torch.Tensor, compiled: bool = False) -> Features:
