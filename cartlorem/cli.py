@@ -1,9 +1,10 @@
-"""Command line: ``cartlorem train | evaluate | demo`` — parse the arguments and dispatch.
+"""Command line: ``cartlorem train | evaluate | demo | export`` — parse the arguments and dispatch.
 
     cartlorem train --train TRAIN.xyz [--valid VALID.xyz] [--config CONFIG.yaml] --out RUN_DIR
                     [--epochs N] [--device cpu|cuda] [--long-range multipole|lorem|none] [--seed S] ...
     cartlorem evaluate --model RUN_DIR/model.pt --data TEST.xyz [--json METRICS.json]
     cartlorem demo [--out DIR] [--epochs N]
+    cartlorem export MODEL OUT [--metatomic] [--dtype float32|float64]
 
 The ``train`` options are :data:`cartlorem.config.OPTIONS` (``--batch-size`` ↔ ``batch_size`` in
 the YAML config); flags override the config, and every value used is written to
@@ -151,6 +152,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import load_model
+
+    if not Path(args.model).is_file():
+        raise ValueError(f"model file {args.model!r} does not exist")
+    model = load_model(args.model)
+    if args.dtype is not None:
+        model = model.to(getattr(torch, args.dtype))
+    if args.metatomic:
+        try:
+            from .integrations.metatomic import save_metatomic
+
+            save_metatomic(model, args.out)
+        except ImportError as err:
+            raise ValueError(f"--metatomic: {err}") from None
+        print(f"metatomic model ({model.dtype}): {args.out}   (metatomic_ase.MetatomicCalculator({args.out!r}))")
+    else:
+        from .export import save_exported
+
+        save_exported(model, args.out)
+        print(f"TorchScript model ({model.dtype}): {args.out}   (torch.jit.load; inputs and outputs: "
+              "cartlorem.export.ExportedCartLorem)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # parser and entry point
 
@@ -164,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Interatomic potentials on irreducible Cartesian tensors: train, evaluate, or run the demo.",
     )
     p.add_argument("--version", action="version", version=f"cartlorem {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{train,evaluate,demo}")
+    sub = p.add_subparsers(dest="command", metavar="{train,evaluate,demo,export}")
 
     t = sub.add_parser(
         "train",
@@ -224,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", dest="progress", action="store_false",
                    help="turn off progress bars and per-epoch lines")
     d.set_defaults(func=_cmd_demo)
+
+    x = sub.add_parser(
+        "export",
+        help="write a model that engines load: TorchScript, or a metatomic model",
+        formatter_class=_HelpFormatter,
+        description="Compile a model file with torch.jit.script (cartlorem.export.ExportedCartLorem: tensor inputs, "
+        "energy, forces and stress) or, with --metatomic, save it as a metatomic AtomisticModel (metatomic's ASE "
+        "calculator, LAMMPS, i-PI, ...; needs pip install metatomic-torch).",
+    )
+    x.add_argument("model", metavar="MODEL", help="model file (save_model / cartlorem train)")
+    x.add_argument("out", metavar="OUT", help="file to write")
+    x.add_argument("--metatomic", action="store_true", help="write a metatomic model instead of plain TorchScript")
+    x.add_argument("--dtype", choices=["float32", "float64"], default=None, help="precision (default: the model's)")
+    x.set_defaults(func=_cmd_export)
     return p
 
 

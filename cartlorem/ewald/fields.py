@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -349,28 +349,13 @@ def _open_batched(positions, batch, charges, dipoles, quadrupoles, *, smearing, 
     inputs = check_inputs(positions, charges, dipoles, quadrupoles, None, None, smearing, accuracy)
     m = inputs.multipoles
     pos = inputs.positions
-    # intra-structure directed pairs i != j (index bookkeeping only: no autograd here)
-    counts = torch.bincount(batch).tolist()
-    ii, jj, start = [], [], 0
-    for n in counts:
-        if n > 1:
-            a = torch.arange(start, start + n, device=pos.device)
-            i = a.repeat_interleave(n)
-            j = a.repeat(n)
-            keep = i != j
-            ii.append(i[keep])
-            jj.append(j[keep])
-        start += n
+    i, j = intra_pairs(batch)
     ref = next(iter(m.values()))
     n_atoms, n_ch = pos.shape[0], ref.shape[1]
     shapes = {0: (n_atoms, n_ch), 1: (n_atoms, n_ch, 3), 2: (n_atoms, n_ch, 3, 3)}
     zeros = {r: pos.new_zeros(shapes[r]) for r in ranks}
-    if not ii:
+    if i.numel() == 0:
         return MultipoleFields(*(zeros.get(r) for r in (0, 1, 2)))
-    # atoms are grouped by structure in the input order of ``batch`` only if sorted: sort to be safe
-    order = torch.argsort(batch, stable=True)
-    i = order[torch.cat(ii)]
-    j = order[torch.cat(jj)]
     R = pos[i] - pos[j]  # [P, 3]
     r2 = (R * R).sum(-1)  # [P]
     if smearing is None:
@@ -382,50 +367,107 @@ def _open_batched(positions, batch, charges, dipoles, quadrupoles, *, smearing, 
     else:
         kernel = RadialKernel.smeared(float(smearing))
     B = kernel.derivatives(r2, torch.ones_like(r2, dtype=torch.bool), max(ranks) + max(m))
-    B = [b[:, None] for b in B] + [None] * (5 - len(B))  # [P, 1]
+    phi, E, G = pair_fields(R, i, n_atoms, m[0][j] if 0 in m else None, m[1][j] if 1 in m else None,
+                            m[2][j] if 2 in m else None, B, 0 in ranks, 1 in ranks, 2 in ranks)
+    out = {r: prefactor * x for r, x in zip((0, 1, 2), (phi, E, G)) if x is not None}
+    return MultipoleFields(*(out.get(r) for r in (0, 1, 2)))
+
+
+def intra_pairs(batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All directed pairs (i, j), i != j, of atoms in the same structure: (i [P], j [P]) long.
+
+    batch [N] structure index of every atom (any order). Index bookkeeping only (no autograd);
+    TorchScript-compatible.
+    """
+    counts: List[int] = torch.bincount(batch).tolist()
+    ii: List[torch.Tensor] = []
+    jj: List[torch.Tensor] = []
+    start = 0
+    for n in counts:
+        if n > 1:
+            a = torch.arange(start, start + n, device=batch.device)
+            i = a.repeat_interleave(n)
+            j = a.repeat(n)
+            keep = i != j
+            ii.append(i[keep])
+            jj.append(j[keep])
+        start += n
+    if len(ii) == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=batch.device)
+        return empty, empty
+    # atoms are grouped by structure in the input order of ``batch`` only if sorted: sort to be safe
+    order = torch.argsort(batch, stable=True)
+    return order[torch.cat(ii)], order[torch.cat(jj)]
+
+
+def pair_fields(R: torch.Tensor, i: torch.Tensor, n_atoms: int, q: Optional[torch.Tensor], mu: Optional[torch.Tensor],
+                th: Optional[torch.Tensor], B: List[torch.Tensor], want_phi: bool, want_E: bool, want_G: bool
+                ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Fields at the targets i of sources across pairs, summed per target (the formulas of :func:`_open_batched`).
+
+    R [P, 3] (Å) pair vectors r_i − r_j; i [P] target atoms (0 .. n_atoms − 1); the sources at j of every pair:
+    q [P, C], mu [P, C, 3], th [P, C, 3, 3] (traceless) or None; B: ``B_0 .. B_n`` [P] of the radial kernel
+    (n ≥ the highest field rank + the highest source rank). Returns (φ [N, C], E [N, C, 3], G [N, C, 3, 3]),
+    None where not wanted, without a prefactor. TorchScript-compatible (:mod:`cartlorem.export` uses it).
+    """
+    ref = q if q is not None else (mu[..., 0] if mu is not None else _present(th)[..., 0, 0])
+    P, C = ref.shape[0], ref.shape[1]
+    Bc = [b[:, None] for b in B]  # [P, 1]
+    while len(Bc) < 5:
+        Bc.append(torch.zeros_like(Bc[0]))
     Rc = R[:, None, :]  # [P, 1, 3]
-    q = m[0][j] if 0 in m else None  # [P, C]
-    mu = m[1][j] if 1 in m else None  # [P, C, 3]
-    th = m[2][j] if 2 in m else None  # [P, C, 3, 3]
-    want_phi, want_E, want_G = 0 in ranks, 1 in ranks, 2 in ranks
     want_a = want_E or want_G
-    phi = a = b = E_extra = G_extra = 0.0
+    phi = torch.zeros_like(ref)  # [P, C]
+    a = torch.zeros_like(ref)
+    b = torch.zeros_like(ref)
+    E_extra = ref.new_zeros(P, C, 3)
+    G_extra = ref.new_zeros(P, C, 3, 3)
     if q is not None:
-        phi = q * B[0] if want_phi else 0.0
-        a = q * B[1] if want_a else 0.0
-        b = -q * B[2] if want_G else 0.0
+        if want_phi:
+            phi = phi + q * Bc[0]
+        if want_a:
+            a = a + q * Bc[1]
+        if want_G:
+            b = b - q * Bc[2]
     if mu is not None:
         muR = (mu * Rc).sum(-1)  # [P, C]
         if want_phi:
-            phi = phi + muR * B[1]
+            phi = phi + muR * Bc[1]
         if want_a:
-            a = a + muR * B[2]
+            a = a + muR * Bc[2]
         if want_G:
-            b = b - muR * B[3]
+            b = b - muR * Bc[3]
             sym = mu[..., :, None] * Rc[..., None, :]
-            G_extra = (sym + sym.transpose(-1, -2)) * B[2][..., None, None]
+            G_extra = G_extra + (sym + sym.transpose(-1, -2)) * Bc[2][..., None, None]
         if want_E:
-            E_extra = -mu * B[1][..., None]
+            E_extra = E_extra - mu * Bc[1][..., None]
     if th is not None:
         thR = (th * Rc[..., None, :]).sum(-1)  # Θ R [P, C, 3]
         RthR = (thR * Rc).sum(-1)  # [P, C]
         if want_phi:
-            phi = phi + 0.5 * RthR * B[2]
+            phi = phi + 0.5 * RthR * Bc[2]
         if want_a:
-            a = a + 0.5 * RthR * B[3]
+            a = a + 0.5 * RthR * Bc[3]
         if want_G:
-            b = b - 0.5 * RthR * B[4]
+            b = b - 0.5 * RthR * Bc[4]
             sym = thR[..., :, None] * Rc[..., None, :]
-            G_extra = G_extra + (sym + sym.transpose(-1, -2)) * B[3][..., None, None] - th * B[2][..., None, None]
+            G_extra = G_extra + (sym + sym.transpose(-1, -2)) * Bc[3][..., None, None] - th * Bc[2][..., None, None]
         if want_E:
-            E_extra = E_extra - thR * B[2][..., None]
-    pair = {}
+            E_extra = E_extra - thR * Bc[2][..., None]
+    out_phi: Optional[torch.Tensor] = None
+    out_E: Optional[torch.Tensor] = None
+    out_G: Optional[torch.Tensor] = None
     if want_phi:
-        pair[0] = phi
+        out_phi = ref.new_zeros(n_atoms, C).index_add(0, i, phi)
     if want_E:
-        pair[1] = a[..., None] * Rc + E_extra
+        out_E = ref.new_zeros(n_atoms, C, 3).index_add(0, i, a[..., None] * Rc + E_extra)
     if want_G:
-        eye = torch.eye(3, dtype=pos.dtype, device=pos.device)
-        pair[2] = a[..., None, None] * eye + b[..., None, None] * (Rc[..., :, None] * Rc[..., None, :]) + G_extra
-    out = {r: prefactor * zeros[r].index_add(0, i, pair[r]) for r in ranks}
-    return MultipoleFields(*(out.get(r) for r in (0, 1, 2)))
+        eye = torch.eye(3, dtype=R.dtype, device=R.device)
+        pair = a[..., None, None] * eye + b[..., None, None] * (Rc[..., :, None] * Rc[..., None, :]) + G_extra
+        out_G = ref.new_zeros(n_atoms, C, 3, 3).index_add(0, i, pair)
+    return out_phi, out_E, out_G
+
+
+def _present(x: Optional[torch.Tensor]) -> torch.Tensor:
+    assert x is not None
+    return x

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +18,13 @@ from .radial import RadialMLP
 
 __all__ = ["Interaction", "BodyOrderProduct", "SpeciesLinear"]
 
-Features = list  # [Optional[Tensor]] * 3
+Features = List[Optional[torch.Tensor]]  # [h0, h1, h2], None for absent ranks
+
+
+def _present(x: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x``, which the caller knows is not None (a type refinement for TorchScript)."""
+    assert x is not None
+    return x
 
 #: Size of an edge chunk of the message computation (``Interaction.forward``), in edges × channels:
 #: 2048 edges at C = 64 on CPU (chosen in benchmarks/memory.py: ~0.27 MB per atom for energy + forces
@@ -41,14 +47,16 @@ class Interaction(nn.Module):
     def __init__(self, channels: int, l_in: Sequence[int], l_msg: Sequence[int], num_basis: int,
                  radial_hidden: int, avg_num_neighbors: float):
         super().__init__()
-        self.l_in, self.l_msg = tuple(l_in), tuple(l_msg)
+        self.l_in, self.l_msg = list(l_in), list(l_msg)  # lists: TorchScript passes them on as List[int]
         self.channels = channels
         self.paths = edge_paths(self.l_in, self.l_msg)
         self.linear_up = EquivariantLinear(channels, channels, self.l_in)
         self.radial = RadialMLP(num_basis, radial_hidden, len(self.paths) * channels)
         self.linear_out = EquivariantLinear(channels, channels, self.l_msg)
         self.avg_num_neighbors = float(avg_num_neighbors)
-        self.edge_chunk: Optional[int] = None  # edges per chunk; None: from EDGE_CHUNK_ELEMENTS; 0: off
+        # Optional[int]: edges per chunk; None: from EDGE_CHUNK_ELEMENTS; 0: off (not annotated: TorchScript
+        # warns about an annotated None attribute; the scripted forward never chunks)
+        self.edge_chunk = None
 
     def forward(self, h: Features, edge_index: torch.Tensor, unit: torch.Tensor, radial: torch.Tensor,
                 envelope: torch.Tensor, compiled: bool = False) -> Features:
@@ -60,22 +68,20 @@ class Interaction(nn.Module):
         more than one chunk) the edges run in chunks that are recomputed in the backward pass
         (:func:`cartlorem.tensors.chunked_edge_sum`): the same numbers to rounding, with the per-edge
         intermediates of one chunk alive instead of those of all edges."""
-        i, j = edge_index
-        n_nodes = h[0].shape[0]
+        i, j = edge_index[0], edge_index[1]
+        n_nodes = _present(h[0]).shape[0]
         hu = self.linear_up(h)
-        if hu[2] is not None:  # rank 2 travels over the edges as 6 components (tensors.fused)
-            hu = [hu[0], hu[1], sym_to_compact(hu[2])]
-        chunk = self.chunk_edges(unit.device)
-        threshold = chunk if self.edge_chunk is not None else MIN_CHUNKS * chunk
-        if chunk > 0 and i.shape[0] > threshold:
-            params = list(self.radial.parameters())
-            msg = chunked_edge_sum(partial(self._edge_messages, compiled), n_nodes, i, (j, unit, radial, envelope),
-                                   hu, params, chunk)
-        else:
-            edge_msg = self._edge_messages(compiled, j, unit, radial, envelope, *hu)
+        hu2 = hu[2]
+        if hu2 is not None:  # rank 2 travels over the edges as 6 components (tensors.fused)
+            hu = [hu[0], hu[1], sym_to_compact(hu2)]
+        msg: Optional[List[torch.Tensor]] = None
+        if not torch.jit.is_scripting():  # TorchScript cannot compile the chunked sum (an autograd.Function)
+            msg = self._chunked_messages(compiled, n_nodes, i, j, unit, radial, envelope, hu)  # None: not chunked
+        if msg is None:
+            edge_msg = self._edge_messages(compiled, j, unit, radial, envelope, _present(hu[0]), hu[1], hu[2])
             msg = []
             for m in edge_msg:
-                agg = torch.zeros((n_nodes,) + m.shape[1:], dtype=m.dtype, device=m.device)
+                agg = torch.zeros([n_nodes] + list(m.shape[1:]), dtype=m.dtype, device=m.device)
                 msg.append(agg.index_add_(0, i, m))
         out: Features = [None, None, None]
         for l, agg in zip(self.l_msg, msg):
@@ -83,6 +89,19 @@ class Interaction(nn.Module):
             out[l] = compact_to_sym(agg) if l == 2 else agg
         return self.linear_out(out)
 
+    @torch.jit.unused
+    def _chunked_messages(self, compiled, n_nodes, i, j, unit, radial, envelope, hu):
+        """The summed messages by :func:`chunked_edge_sum` when there are enough edges (see :meth:`forward`),
+        else None."""
+        chunk = self.chunk_edges(unit.device)
+        threshold = chunk if self.edge_chunk is not None else MIN_CHUNKS * chunk
+        if not (chunk > 0 and i.shape[0] > threshold):
+            return None
+        params = list(self.radial.parameters())
+        return chunked_edge_sum(partial(self._edge_messages, compiled), n_nodes, i, (j, unit, radial, envelope),
+                                hu, params, chunk)
+
+    @torch.jit.unused
     def chunk_edges(self, device: torch.device) -> int:
         """Edges per chunk of the message computation: ``self.edge_chunk`` if set (0: no chunking), else
         :data:`EDGE_CHUNK_ELEMENTS` / C (× 16 on CUDA)."""
@@ -92,13 +111,17 @@ class Interaction(nn.Module):
 
     def _edge_messages(self, compiled: bool, j: torch.Tensor, unit: torch.Tensor, radial: torch.Tensor,
                        envelope: torch.Tensor, hu0: torch.Tensor, hu1: Optional[torch.Tensor],
-                       hu2: Optional[torch.Tensor]) -> list:
+                       hu2: Optional[torch.Tensor]) -> List[torch.Tensor]:
         """Per-edge messages [E, C, ...] of ranks ``l_msg`` (rank 2 compact) from the mixed node features."""
-        hj = [x[j] if x is not None else None for x in (hu0, hu1, hu2)]  # gathered neighbour features [E, C, ...]
+        hj: Features = [hu0[j], None if hu1 is None else hu1[j], None if hu2 is None else hu2[j]]  # [E, C, ...]
         w = self.radial(radial, envelope).view(-1, len(self.paths), self.channels)
-        kernel = compiled_compact_edge_product if compiled else compact_edge_product
-        msg = kernel(hj, unit, w, self.l_msg)
-        return [msg[l] for l in self.l_msg]
+        msg: Optional[Features] = None
+        if not torch.jit.is_scripting():  # torch.compile: eager inference only
+            if compiled:
+                msg = compiled_compact_edge_product(hj, unit, w, self.l_msg)
+        if msg is None:
+            msg = compact_edge_product(hj, unit, w, self.l_msg)
+        return [_present(msg[l]) for l in self.l_msg]
 
 
 class BodyOrderProduct(nn.Module):
@@ -114,20 +137,20 @@ class BodyOrderProduct(nn.Module):
         super().__init__()
         if correlation < 1:
             raise ValueError(f"correlation must be >= 1, got {correlation}")
-        self.l_in, self.l_out, self.correlation = tuple(l_in), tuple(l_out), int(correlation)
+        self.l_in, self.l_out, self.correlation = list(l_in), list(l_out), int(correlation)
         lmid = self.l_in  # intermediate Y keeps the ranks of A
         self.stage_paths = []
         self.path_weights = nn.ParameterList()
         self.linear_weights = nn.ParameterList()
         # first: Y = u A  (ranks of the first Y: those needed by later stages, or l_out if correlation == 1)
         first_ranks = self.l_out if correlation == 1 else lmid
-        self.first_ranks = first_ranks
+        self.first_ranks = list(first_ranks)
         self.first = nn.Parameter(torch.ones(num_species, len(first_ranks), channels))
         for stage in range(correlation - 1):
             last = stage == correlation - 2
             targets = self.l_out if last else lmid
             paths = paths_to(lmid, self.l_in, targets, parity="even")
-            self.stage_paths.append(paths)
+            self.stage_paths.append(list(paths))
             fan = {l3: sum(1 for p in paths if p[2] == l3) for l3 in targets}
             init = torch.randn(num_species, len(paths), channels)
             init = init / torch.tensor([math.sqrt(fan[p[2]]) for p in paths])[None, :, None]
@@ -138,20 +161,26 @@ class BodyOrderProduct(nn.Module):
         Y: Features = [None, None, None]
         u = self.first[species]  # [N, R, C]
         for uk, l in zip(u.unbind(1), self.first_ranks):
-            Y[l] = uk.reshape(uk.shape[0], -1, *(1,) * l) * A[l]
-        for stage, paths in enumerate(self.stage_paths):
-            w = self.path_weights[stage][species]  # [N, P, C]
-            lin = self.linear_weights[stage][species]  # [N, R, C]
+            Y[l] = uk.reshape([uk.shape[0], -1] + [1] * l) * _present(A[l])
+        stage = 0
+        for path_weights, linear_weights in zip(self.path_weights, self.linear_weights):
+            paths = self.stage_paths[stage]
+            w = path_weights[species]  # [N, P, C]
+            lin = linear_weights[species]  # [N, R, C]
             last = stage == len(self.stage_paths) - 1
             targets = self.l_out if last else self.l_in
             new: Features = [None, None, None]
-            for wk, (l1, l2, l3) in zip(w.unbind(1), paths):
-                term = wk.reshape(wk.shape[0], -1, *(1,) * l3) * product(Y[l1], l1, A[l2], l2, l3)
-                new[l3] = term if new[l3] is None else new[l3] + term
+            for wk, path in zip(w.unbind(1), paths):
+                l1, l2, l3 = path
+                term = wk.reshape([wk.shape[0], -1] + [1] * l3) * product(_present(Y[l1]), l1, _present(A[l2]), l2, l3)
+                acc = new[l3]
+                new[l3] = term if acc is None else acc + term
             for lk, l in zip(lin.unbind(1), targets):
-                term = lk.reshape(lk.shape[0], -1, *(1,) * l) * A[l]
-                new[l] = term if new[l] is None else new[l] + term
+                term = lk.reshape([lk.shape[0], -1] + [1] * l) * _present(A[l])
+                acc = new[l]
+                new[l] = term if acc is None else acc + term
             Y = new
+            stage += 1
         return Y
 
 
@@ -160,7 +189,7 @@ class SpeciesLinear(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, num_species: int, ranks: Sequence[int]):
         super().__init__()
-        self.ranks = tuple(ranks)
+        self.ranks = list(ranks)
         self.weights = nn.ParameterList(
             [nn.Parameter(torch.randn(num_species, in_channels, out_channels) / math.sqrt(in_channels)) for _ in self.ranks]
         )
@@ -169,13 +198,13 @@ class SpeciesLinear(nn.Module):
     def forward(self, h: Features, species: torch.Tensor) -> Features:
         out: Features = [None, None, None]
         present = torch.unique(species)
-        for k, l in enumerate(self.ranks):
+        for k, weight in enumerate(self.weights):  # TorchScript: ParameterList entries by iteration only
+            l = self.ranks[k]
             x = h[l]
-            if x is None:
-                continue
-            y = x.new_zeros((x.shape[0], self.out_channels) + x.shape[2:])
-            for s in present:
-                mask = species == s
-                y[mask] = mix_channels(x[mask], self.weights[k][s], l)
-            out[l] = y
+            if x is not None:
+                y = x.new_zeros([x.shape[0], self.out_channels] + list(x.shape[2:]))
+                for s in present:
+                    mask = species == s
+                    y[mask] = mix_channels(x[mask], weight[s], l)
+                out[l] = y
         return out

@@ -55,6 +55,9 @@ class RadialMLP(nn.Module):
     def forward(self, x: torch.Tensor, envelope: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [E, B] → [E, out]; with ``envelope`` [E], the output times the envelope, applied to the last
         hidden layer (the output layer has no bias): E × hidden multiplies instead of E × out."""
-        if envelope is None:
-            return self.net(x)
-        return self.net[-1](self.net[:-1](x) * envelope[:, None])
+        last = len(self.net) - 1
+        for k, layer in enumerate(self.net):  # TorchScript: a Sequential cannot be sliced
+            if k == last and envelope is not None:
+                x = x * envelope[:, None]
+            x = layer(x)
+        return x

@@ -27,7 +27,7 @@ numbers instead of 9 (1.6–2.1× less CPU time for the whole model in benchmark
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -39,18 +39,16 @@ __all__ = ["edge_paths", "weighted_edge_product", "compact_edge_product", "compi
 # Symmetric 3×3 tensors on edges are carried as their 6 independent components (xx, yy, zz, xy, xz, yz):
 # the rank-2 edge work (gather, kernel, scatter and their backward) then moves 6 numbers instead of 9 and
 # never forms n qᵀ + q nᵀ as two dense outer products.
-_UPPER = (0, 4, 8, 1, 2, 5)  # flat 3×3 index of each compact component
-_FULL = (0, 3, 4, 3, 1, 5, 4, 5, 2)  # compact component of each flat 3×3 entry
-
-
 def sym_to_compact(x: torch.Tensor) -> torch.Tensor:
     """Symmetric [..., 3, 3] → [..., 6] (xx, yy, zz, xy, xz, yz); reads the upper triangle."""
-    return x.reshape(*x.shape[:-2], 9)[..., list(_UPPER)]
+    upper = torch.tensor([0, 4, 8, 1, 2, 5], device=x.device)  # flat 3×3 index of each compact component
+    return x.flatten(-2).index_select(-1, upper)
 
 
 def compact_to_sym(c: torch.Tensor) -> torch.Tensor:
     """[..., 6] (xx, yy, zz, xy, xz, yz) → symmetric [..., 3, 3]."""
-    return c[..., list(_FULL)].reshape(*c.shape[:-1], 3, 3)
+    full = torch.tensor([0, 3, 4, 3, 1, 5, 4, 5, 2], device=c.device)  # compact component of each 3×3 entry
+    return c.index_select(-1, full).unflatten(-1, [3, 3])
 
 
 class _SubDiagonal(torch.autograd.Function):
@@ -71,10 +69,10 @@ class _SubDiagonal(torch.autograd.Function):
         return g, (-g[..., :3]).sum(-1, keepdim=True)
 
 
-def _sub_diagonal(c, d):
+def _sub_diagonal(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     # torch.compile (the inference-only kernel) cannot trace ctx.mark_dirty and would split the graph
-    # there (torch 2.13); it fuses the plain in-place form by itself
-    if torch.compiler.is_compiling():
+    # there (torch 2.13); it fuses the plain in-place form by itself. TorchScript has no autograd.Function.
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
         c[..., :3].sub_(d)
         return c
     return _SubDiagonal.apply(c, d)
@@ -97,39 +95,52 @@ def edge_paths(l_in: Sequence[int] = (0, 1, 2), l_out: Sequence[int] = (0, 1, 2)
     return paths_to(tuple(l_in), (0, 1, 2), tuple(l_out), parity="even")
 
 
-def _unpack(h, weights, l_out):
+def _unpack(h: List[Optional[torch.Tensor]], weights: torch.Tensor, l_out: List[int]):
     """Shared preamble of the kernels: check the weights against the paths of the ranks present and
-    return ({path: w [E, C]}, h0, h1, h2)."""
-    l_in = tuple(l for l, x in enumerate(h) if x is not None)
-    paths = edge_paths(l_in, l_out)
+    return ({path "l1l2l3": w [E, C]}, h0, h1, h2)."""
+    present = [l < len(h) and h[l] is not None for l in range(3)]
+    # edge_paths(ranks present, l_out) as strings "l1l2l3" (TorchScript has neither tuple dict keys nor
+    # iteration over a global table): the even paths are the (l1, l2, l3) with |l1 − l2| <= l3 <= l1 + l2
+    # and l1 + l2 + l3 even, and EVEN_PATHS lists them in this lexicographic order
+    paths: List[str] = []
+    for l1 in range(3):
+        for l2 in range(3):
+            for l3 in range(3):
+                if present[l1] and l3 in l_out and abs(l1 - l2) <= l3 <= l1 + l2 and (l1 + l2 + l3) % 2 == 0:
+                    paths.append(f"{l1}{l2}{l3}")
     if weights.shape[-2] != len(paths):
         raise ValueError(f"weights have {weights.shape[-2]} paths, expected {len(paths)} for {paths}")
     # unbind, not w[:, k]: each slice's backward would otherwise allocate a zero tensor of all weights
-    w = dict(zip(paths, weights.unbind(1)))
-    return w, h[0], (h[1] if len(h) > 1 else None), (h[2] if len(h) > 2 else None)
+    w: Dict[str, torch.Tensor] = {}
+    for key, wk in zip(paths, weights.unbind(1)):
+        w[key] = wk
+    h0 = h[0]
+    assert h0 is not None, "rank-0 features are required"
+    return w, h0, (h[1] if len(h) > 1 else None), (h[2] if len(h) > 2 else None)
 
 
-def _ranks_0_1(w, h0, h1, s1, v2, n, want0: bool, want1: bool):
+def _ranks_0_1(w: Dict[str, torch.Tensor], h0: torch.Tensor, h1: Optional[torch.Tensor], s1: Optional[torch.Tensor],
+               v2: Optional[torch.Tensor], n: torch.Tensor, want0: bool, want1: bool):
     """(out0, out1) of the closed form, shared by both layouts (h2 enters only through v2 = h2 n).
     The caller decides which ranks it wants: under torch.compile(dynamic=True), torch 2.13, an
     ``l in l_out`` test inside this helper evaluated False (checked by the compiled-kernel test)."""
-    o0 = o1 = None
+    o0: Optional[torch.Tensor] = None
+    o1: Optional[torch.Tensor] = None
     ncol, nn = n[:, :, None], n[:, None, :]
     if want0:
-        o0 = w[(0, 0, 0)] * h0
+        o0 = w["000"] * h0
         if s1 is not None:
-            o0 = torch.addcmul(o0, w[(1, 1, 0)], s1)
+            o0 = torch.addcmul(o0, w["110"], s1)
         if v2 is not None:
-            o0 = torch.addcmul(o0, w[(2, 2, 0)], torch.bmm(v2, ncol).squeeze(-1))  # nᵀ h2 n
+            o0 = torch.addcmul(o0, w["220"], torch.bmm(v2, ncol).squeeze(-1))  # nᵀ h2 n
     if want1:
-        along = w[(0, 1, 1)] * h0
-        o1 = None
-        if h1 is not None:
-            along = torch.addcmul(along, w[(1, 2, 1)], s1, value=1.5)
-            o1 = torch.add(w[(1, 0, 1)], w[(1, 2, 1)], alpha=-0.5)[..., None] * h1
+        along = w["011"] * h0
+        if h1 is not None and s1 is not None:
+            along = torch.addcmul(along, w["121"], s1, value=1.5)
+            o1 = torch.add(w["101"], w["121"], alpha=-0.5)[..., None] * h1
         o1 = along[..., None] * nn if o1 is None else torch.addcmul(o1, along[..., None], nn)
         if v2 is not None:
-            o1 = torch.addcmul(o1, w[(2, 1, 1)][..., None], v2)
+            o1 = torch.addcmul(o1, w["211"][..., None], v2)
     return o0, o1
 
 
@@ -157,12 +168,12 @@ def weighted_edge_product(
     out: list[Optional[torch.Tensor]] = [*_ranks_0_1(w, h0, h1, s1, v2, n, 0 in l_out, 1 in l_out), None]
 
     if 2 in l_out:
-        a = w[(0, 2, 2)] * h0  # [E, C]
+        a = w["022"] * h0  # [E, C]
         u = None
         if h1 is not None:
-            u = (1.5 * w[(1, 1, 2)])[..., None] * h1
+            u = (1.5 * w["112"])[..., None] * h1
         if v2 is not None:
-            u3 = (3.0 * w[(2, 2, 2)])[..., None] * v2
+            u3 = (3.0 * w["222"])[..., None] * v2
             u = u3 if u is None else u + u3
         q = (0.75 * a)[..., None] * nn  # [E, C, 3]
         diag = 0.5 * a
@@ -173,46 +184,49 @@ def weighted_edge_product(
         o2 = nq + nq.transpose(-1, -2)
         o2 = o2 - diag[..., None, None] * torch.eye(3, dtype=n.dtype, device=n.device)
         if h2 is not None:
-            o2 = torch.addcmul(o2, (w[(2, 0, 2)] - w[(2, 2, 2)])[..., None, None], h2)
+            o2 = torch.addcmul(o2, (w["202"] - w["222"])[..., None, None], h2)
         out[2] = o2
     return out
 
 
 def compact_edge_product(
-    h: Sequence[Optional[torch.Tensor]],
+    h: List[Optional[torch.Tensor]],
     n: torch.Tensor,
     weights: torch.Tensor,
-    l_out: Sequence[int] = (0, 1, 2),
-) -> list[Optional[torch.Tensor]]:
+    l_out: Optional[List[int]] = None,
+) -> List[Optional[torch.Tensor]]:
     """:func:`weighted_edge_product` with rank 2 in the compact layout, in and out.
 
     h: [h0 [E, C], h1 [E, C, 3] or None, h2 [E, C, 6] or None] (h2 = ``sym_to_compact`` of a symmetric
     traceless tensor); returns [out0 [E, C], out1 [E, C, 3], out2 [E, C, 6]]. This is what the
     interaction blocks use: the same closed form, with every rank-2 step a batched GEMM on 6 components
-    (measured in benchmarks/results/speed.md).
+    (measured in benchmarks/results/speed.md). ``l_out`` defaults to all ranks (0, 1, 2).
     """
+    if l_out is None:
+        l_out = [0, 1, 2]
     w, h0, h1, h2 = _unpack(h, weights, l_out)
     ncol = n[:, :, None]  # [E, 3, 1]
     nn = n[:, None, :]  # [E, 1, 3]
-    M, P = _edge_maps(n) if (h2 is not None or 2 in l_out) else (None, None)
+    M, P = _edge_maps(n)  # [E, 6, 3], [E, 3, 6]: used below when h2 is present or rank 2 is wanted
     s1 = torch.bmm(h1, ncol).squeeze(-1) if h1 is not None else None  # h1·n [E, C]
     v2 = torch.bmm(h2, M) if h2 is not None else None  # h2 n [E, C, 3]
-    out: list[Optional[torch.Tensor]] = [*_ranks_0_1(w, h0, h1, s1, v2, n, 0 in l_out, 1 in l_out), None]
+    o0, o1 = _ranks_0_1(w, h0, h1, s1, v2, n, 0 in l_out, 1 in l_out)
+    out: List[Optional[torch.Tensor]] = [o0, o1, None]
 
     if 2 in l_out:
-        a = w[(0, 2, 2)] * h0  # [E, C]
+        a = w["022"] * h0  # [E, C]
         # q = 3/4 a n + u/2 with u = 3/2 w112 h1 + 3 w222 v2;  diag = a/2 + u·n/3
         q = (0.75 * a)[..., None] * nn
         if h1 is not None:
-            q = torch.addcmul(q, (0.75 * w[(1, 1, 2)])[..., None], h1)
+            q = torch.addcmul(q, (0.75 * w["112"])[..., None], h1)
         if v2 is not None:
-            q = torch.addcmul(q, (1.5 * w[(2, 2, 2)])[..., None], v2)
+            q = torch.addcmul(q, (1.5 * w["222"])[..., None], v2)
         # u·n/3 = (2/3)(q·n − 3/4 a), so diag = (2/3) q·n (n is a unit vector)
         diag = torch.bmm(q, ncol).squeeze(-1) * (2.0 / 3.0)
         o2 = torch.bmm(q, P)  # n qᵀ + q nᵀ, compact [E, C, 6]
         o2 = _sub_diagonal(o2, diag[..., None])
         if h2 is not None:
-            o2 = torch.addcmul(o2, (w[(2, 0, 2)] - w[(2, 2, 2)])[..., None], h2)
+            o2 = torch.addcmul(o2, (w["202"] - w["222"])[..., None], h2)
         out[2] = o2
     return out
 

@@ -17,8 +17,8 @@ def stf(x: torch.Tensor) -> torch.Tensor:
 
     x [..., 3, 3] → [..., 3, 3].
     """
-    if x.shape[-2:] != (3, 3):
-        raise ValueError(f"stf expects [..., 3, 3], got shape {tuple(x.shape)}")
+    if x.dim() < 2 or list(x.shape[-2:]) != [3, 3]:
+        raise ValueError(f"stf expects [..., 3, 3], got shape {list(x.shape)}")
     s = 0.5 * (x + x.transpose(-1, -2))
     tr = s.diagonal(dim1=-2, dim2=-1).sum(-1)
     return s - (tr / 3.0)[..., None, None] * identity_like(x)

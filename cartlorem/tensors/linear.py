@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -16,9 +16,9 @@ def mix_channels(x: torch.Tensor, weight: torch.Tensor, rank: int) -> torch.Tens
     if rank == 0:
         return x @ weight
     lead = x.shape[: x.dim() - rank - 1]
-    flat = x.reshape(-1, x.shape[-rank - 1], 3**rank)  # [M, C_in, 3^rank]
+    flat = x.reshape(-1, x.shape[-rank - 1], int(3**rank))  # [M, C_in, 3^rank]
     out = weight.transpose(0, 1) @ flat  # [M, C_out, 3^rank]
-    return out.reshape(*lead, weight.shape[1], *(3,) * rank)
+    return out.reshape(list(lead) + [weight.shape[1]] + [3] * rank)
 
 
 class EquivariantLinear(nn.Module):
@@ -37,11 +37,15 @@ class EquivariantLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias and 0 in self.ranks else None
 
-    def forward(self, xs: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
-        out: list[Optional[torch.Tensor]] = [None] * max(3, len(xs))
-        for k, rank in enumerate(self.ranks):
-            if rank < len(xs) and xs[rank] is not None:
-                y = mix_channels(xs[rank], self.weights[k], rank)
+    def forward(self, xs: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+        out: List[Optional[torch.Tensor]] = [None, None, None]
+        while len(out) < len(xs):
+            out.append(None)
+        for k, weight in enumerate(self.weights):  # TorchScript: ParameterList entries by iteration only
+            rank = self.ranks[k]
+            x = xs[rank] if rank < len(xs) else None
+            if x is not None:
+                y = mix_channels(x, weight, rank)
                 if rank == 0 and self.bias is not None:
                     y = y + self.bias
                 out[rank] = y

@@ -52,10 +52,10 @@ def paths_to(l1s, l2s, l3s, parity: str = "even") -> tuple[tuple[int, int, int],
 
 
 def _check(x: torch.Tensor, rank: int, name: str) -> None:
-    if rank not in (0, 1, 2):
+    if rank < 0 or rank > 2:
         raise ValueError(f"ranks above 2 are not supported: {name} has rank {rank}")
-    if rank and tuple(x.shape[-rank:]) != (3,) * rank:
-        raise ValueError(f"{name} of rank {rank} must end in {(3,) * rank}, got shape {tuple(x.shape)}")
+    if rank > 0 and (x.dim() < rank or list(x.shape[-rank:]) != [3] * rank):
+        raise ValueError(f"{name} of rank {rank} must end in {[3] * rank}, got shape {list(x.shape)}")
 
 
 def _levi_civita(x: torch.Tensor) -> torch.Tensor:
@@ -74,17 +74,18 @@ def product(a: torch.Tensor, l1: int, b: torch.Tensor, l2: int, l_out: int) -> t
     """
     _check(a, l1, "a")
     _check(b, l2, "b")
-    if l_out not in (0, 1, 2) or not abs(l1 - l2) <= l_out <= l1 + l2:
+    if l_out < 0 or l_out > 2 or not abs(l1 - l2) <= l_out <= l1 + l2:
         raise ValueError(f"no irreducible product path ({l1}, {l2}) -> {l_out} for ranks <= 2")
     key = (l1, l2, l_out)
     if l1 == 0:
-        return a.reshape(a.shape + (1,) * l2) * b
+        return a.reshape(list(a.shape) + [1] * l2) * b
     if l2 == 0:
-        return a * b.reshape(b.shape + (1,) * l1)
+        return a * b.reshape(list(b.shape) + [1] * l1)
     if key == (1, 1, 0):
         return (a * b).sum(-1)
     if key == (1, 1, 1):
-        return torch.linalg.cross(*torch.broadcast_tensors(a, b), dim=-1)
+        a, b = torch.broadcast_tensors(a, b)
+        return torch.linalg.cross(a, b, dim=-1)
     if key == (1, 1, 2):
         return 1.5 * stf(a[..., :, None] * b[..., None, :])
     if key == (1, 2, 1):

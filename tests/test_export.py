@@ -1,0 +1,218 @@
+"""The TorchScript export (cartlorem.export, ``cartlorem export``): the file that torch.jit.load reads
+back gives the Python model's energy, forces, stress and charges (float64, 1e-10), for local models,
+long-range models on molecules and on periodic cells, in batches; what it does not support fails
+with an error naming it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+
+from cartlorem import CartLorem, cli, save_model
+from cartlorem.export import ExportedCartLorem, export_model, save_exported
+from cartlorem.graph import atoms_to_graph, collate
+
+SPECIES = [1, 6, 8, 11, 17]
+CUTOFF = 4.0
+
+
+def _model(long_range, seed=0, **options):
+    torch.manual_seed(seed)
+    model = CartLorem(SPECIES, cutoff=CUTOFF, long_range=long_range, channels=8, radial_hidden=8,
+                      readout_hidden=8, **options).double().eval()
+    with torch.no_grad():  # non-trivial references and statistics
+        model.set_statistics(atomic_energies={1: -13.6, 6: -1020.0, 8: -2040.0, 11: -4400.0, 17: -12500.0},
+                             avg_num_neighbors=6.0, scale=0.7, shift=0.1)
+    return model
+
+
+def _structures():
+    ethanol = molecule("CH3CH2OH")
+    ethanol.info["total_charge"] = 1.0
+    salt = bulk("NaCl", "rocksalt", a=5.64, cubic=True)  # a periodic cell; charged: a background
+    salt.info["total_charge"] = -1.0
+    water = molecule("H2O")
+    for k, atoms in enumerate((ethanol, salt, water)):
+        atoms.rattle(0.05, seed=k)
+    return ethanol, salt, water
+
+
+def _inputs(graph):
+    return (graph.positions, graph.species, graph.cell, graph.pbc, graph.edge_index, graph.edge_shift, graph.batch,
+            graph.total_charge)
+
+
+def _graph(*atoms):
+    return collate([atoms_to_graph(a, CUTOFF) for a in atoms]).to(dtype=torch.float64)
+
+
+def _compare(ref, out, keys, tol=1e-10):
+    for key in keys:
+        assert key in out, key
+        scale = max(1.0, float(ref[key].detach().abs().max()))
+        err = float((ref[key].detach() - out[key]).abs().max())
+        assert err <= tol * scale, f"{key}: max |eager − exported| = {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.fixture(autouse=True)
+def _unoptimized_jit():
+    """TorchScript's optimising executor spends its first calls profiling and re-compiling (seconds per call);
+    the numbers are the same, so these tests run the plain interpreter, except where they say otherwise."""
+    with torch.jit.optimized_execution(False):
+        yield
+
+
+@pytest.fixture
+def loaded(tmp_path):
+    """model → ``cartlorem export`` on its file → torch.jit.load."""
+
+    def load(model):
+        src, out = tmp_path / "model.pt", tmp_path / "exported.pt"
+        save_model(model, src)
+        assert cli.main(["export", str(src), str(out)]) == 0
+        return torch.jit.load(str(out))
+
+    return load
+
+
+def test_local_model_exported_file_reproduces_energy_forces_stress(loaded):
+    model = _model(None)
+    ethanol, salt, water = _structures()
+    wire = water.copy()  # a local model takes mixed pbc: a periodic wire of water
+    wire.cell = [[4.0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    wire.pbc = [True, False, False]
+    graph = _graph(ethanol, salt, water, wire)
+    scripted = loaded(model)
+    with torch.jit.optimized_execution(True):  # what engines run: the optimising executor, warmed up
+        for _ in range(3):
+            out = scripted(*_inputs(graph))
+    ref = model(graph, compute_stress=True)
+    _compare(ref, out, ("energy", "node_energy", "forces", "stress"))
+    assert float(ref["stress"][1].abs().max()) > 1e-6  # the cell's stress is not trivially zero
+    assert float(out["stress"][0].abs().max()) == 0.0  # open structures: zero rows, as the Python model
+
+
+@pytest.mark.parametrize("kind", ["multipole", "lorem"])
+def test_long_range_model_on_molecules(loaded, kind):
+    model = _model(kind, long_range_options=dict(charge_correction="weighted"))
+    ethanol, _, water = _structures()
+    graph = _graph(ethanol, water)
+    out = loaded(model)(*_inputs(graph))
+    ref = model(graph)
+    keys = ["energy", "node_energy", "energy_lr", "forces", "charges", "dipoles", "quadrupoles"]
+    _compare(ref, out, keys)
+    assert abs(float(out["charges"][: len(ethanol)].sum()) - 1.0) < 1e-10  # the total charge is kept
+
+
+@pytest.mark.parametrize("kind", ["multipole", "lorem"])
+def test_long_range_model_on_periodic_cells(loaded, kind):
+    """A batch of a charged periodic cell (Ewald with a background) and molecules: the exported Ewald
+    (reciprocal space at α = β) is the Python model's, which picks that splitting for these cells."""
+    from cartlorem.ewald.ewald import choose_parameters
+    from cartlorem.ewald.kernels import smearing_beta
+
+    model = _model(kind)
+    ethanol, salt, water = _structures()
+    params = choose_parameters(salt.cell.array, len(salt), model.long_range_block.accuracy, 4,
+                               model.long_range_block.smearing)
+    assert params.alpha == smearing_beta(model.long_range_block.smearing)  # what the claim above rests on
+    graph = _graph(ethanol, salt, water)
+    out = loaded(model)(*_inputs(graph))
+    ref = model(graph, compute_stress=True)
+    _compare(ref, out, ("energy", "node_energy", "energy_lr", "forces", "stress", "charges"))
+    assert float(ref["stress"][1].abs().max()) > 1e-4
+
+
+def test_exported_periodic_sum_converges_with_its_k_cutoff():
+    """The k-space cutoff matters (a smaller one changes the energy) and the model's is converged
+    (a larger one changes nothing at the model's accuracy): the comparison above is not vacuous."""
+    model = _model("multipole")
+    _, salt, _ = _structures()
+    graph = _graph(salt)
+    scripted = torch.jit.script(ExportedCartLorem(model))
+    ref = float(scripted(*_inputs(graph), compute_forces=False, compute_stress=False)["energy"])
+    k_c = scripted.long_range_block.k_cutoff
+    energies = {}
+    for factor in (0.6, 1.5):
+        scripted.long_range_block.k_cutoff = factor * k_c
+        energies[factor] = float(scripted(*_inputs(graph), compute_forces=False, compute_stress=False)["energy"])
+    assert abs(energies[0.6] - ref) > 1e-4
+    assert abs(energies[1.5] - ref) < 1e-5 * abs(float(model(graph)["energy_lr"]))
+
+
+def test_smeared_kernel_matches_the_ewald_module():
+    """B_n of erf(βR)/R in the exported block against cartlorem.ewald.kernels (series near 0, recursion far)."""
+    from cartlorem.ewald.kernels import RadialKernel
+
+    block = torch.jit.script(ExportedCartLorem(_model("multipole"))).long_range_block
+    beta = block.beta
+    r = torch.tensor([0.0, 1e-6, 0.3, 1.9 / beta, 2.1 / beta, 3.0, 7.5, 20.0], dtype=torch.float64)
+    r2 = r * r
+    ours = block._kernel(r2, 4)
+    ref = RadialKernel.smeared(1.0 / (math.sqrt(2.0) * beta)).derivatives(r2, torch.ones_like(r2, dtype=torch.bool), 4)
+    for n, (a, b) in enumerate(zip(ours, ref)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-300, msg=f"B_{n}")
+    # gradients are finite at R = 0 (coinciding Gaussian sources)
+    r2 = r2.clone().requires_grad_(True)
+    sum(block._kernel(r2, 4)).sum().backward()
+    assert bool(torch.isfinite(r2.grad).all())
+
+
+def test_float32_model_exports():
+    model = _model("multipole").float()
+    ethanol, salt, _ = _structures()
+    graph = collate([atoms_to_graph(a, CUTOFF) for a in (ethanol, salt)]).to(dtype=torch.float32)
+    out = export_model(model)(*_inputs(graph))
+    ref = model(graph, compute_stress=True)
+    assert out["energy"].dtype == torch.float32
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
+    # a float64 export converted afterwards (what engines do with .to(dtype, device)): every tensor follows
+    converted = export_model(_model("multipole")).float()
+    out = converted(*_inputs(graph))
+    assert all(v.dtype == torch.float32 for v in out.values())
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_inputs_are_named():
+    ethanol, salt, _ = _structures()
+    scripted = export_model(_model("multipole"))
+    slab = salt.copy()
+    slab.pbc = [True, True, False]
+    slab.cell[2] = [0, 0, 20.0]
+    with pytest.raises(Exception, match=r"structure 1 has pbc = \[True, True, False\].*slabs"):
+        scripted(*_inputs(_graph(ethanol, slab)))
+    iron = Atoms("FeO", positions=[[0, 0, 0], [0, 0, 1.6]])
+    graph = atoms_to_graph(iron, CUTOFF).to(dtype=torch.float64)
+    with pytest.raises(Exception, match=r"atomic numbers not known to the model: \[26\]"):
+        scripted(*_inputs(graph))
+
+
+def test_export_shares_no_state_with_the_model(tmp_path):
+    """export_model copies: training the Python model on afterwards does not change the exported one."""
+    model = _model(None)
+    ethanol, *_ = _structures()
+    graph = _graph(ethanol)
+    scripted = export_model(model)
+    before = scripted(*_inputs(graph))["energy"].clone()
+    with torch.no_grad():
+        model.embedding.add_(1.0)
+    assert torch.equal(scripted(*_inputs(graph))["energy"], before)
+    save_exported(model, tmp_path / "x.pt")
+    assert float((torch.jit.load(str(tmp_path / "x.pt"))(*_inputs(graph))["energy"] - before).abs()) > 1e-6
+
+
+def test_cli_export_errors(tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path / "missing.pt"), str(tmp_path / "out.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    model = _model(None)
+    save_model(model, tmp_path / "m.pt")
+    assert cli.main(["export", str(tmp_path / "m.pt"), str(tmp_path / "out32.pt"), "--dtype", "float32"]) == 0
+    scripted = torch.jit.load(str(tmp_path / "out32.pt"))
+    graph = atoms_to_graph(molecule("H2O"), CUTOFF).to(dtype=torch.float32)
+    assert scripted(*_inputs(graph))["energy"].dtype == torch.float32
+    assert np.isfinite(float(scripted(*_inputs(graph))["energy"]))
