@@ -352,6 +352,7 @@ class ExportedCartLorem(nn.Module):
         self.skips = model.skips
         self.readouts = model.readouts
         self.long_range_block = None if block is None else _ExportedLongRange(block)
+        self.conditioning = model.conditioning  # charge/spin-state FiLM (cartlorem.nn.conditioning) or None
 
     def species_index(self, numbers: torch.Tensor) -> torch.Tensor:
         """Atomic numbers [N] → model species indices [N]; ValueError naming unknown atomic numbers."""
@@ -365,10 +366,11 @@ class ExportedCartLorem(nn.Module):
     @torch.jit.export
     def energy(self, positions: torch.Tensor, species: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
                edge_index: torch.Tensor, edge_shift: torch.Tensor, batch: torch.Tensor,
-               total_charge: torch.Tensor) -> Dict[str, torch.Tensor]:
+               total_charge: torch.Tensor, multiplicity: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """"energy" [B] (eV), "node_energy" [N] (eV); long-range models also "energy_lr" [B] and channel 0 of
         the learned multipoles, "charges" [N] (e), "dipoles" [N, 3], "quadrupoles" [N, 3, 3]. Differentiable
-        in positions and cell (as CartLorem.energy)."""
+        in positions and cell (as CartLorem.energy). ``multiplicity`` [B] (2s + 1, None: singlets) is used by
+        models with charge-state conditioning only."""
         z = self.species_index(species)
         i, j = edge_index[0], edge_index[1]
         shifts = torch.einsum("ek,ekx->ex", edge_shift.to(positions.dtype), cell[batch[i]])
@@ -380,6 +382,9 @@ class ExportedCartLorem(nn.Module):
         n_struct = cell.shape[0]
 
         h: List[Optional[torch.Tensor]] = [self.embedding[z], None, None]
+        conditioning = self.conditioning
+        if conditioning is not None:  # total charge and spin state → rank-0 features, as CartLorem.energy
+            h[0] = conditioning(self.embedding[z], z, batch, total_charge, multiplicity)
         node_energy = torch.zeros_like(positions[:, 0])
         for layer, prod, mix, skip, readout in zip(self.layers, self.products, self.mixers, self.skips, self.readouts):
             A = layer(h, edge_index, unit, radial, envelope)
@@ -412,7 +417,8 @@ class ExportedCartLorem(nn.Module):
 
     def forward(self, positions: torch.Tensor, species: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
                 edge_index: torch.Tensor, edge_shift: torch.Tensor, batch: torch.Tensor, total_charge: torch.Tensor,
-                compute_forces: bool = True, compute_stress: bool = True) -> Dict[str, torch.Tensor]:
+                compute_forces: bool = True, compute_stress: bool = True,
+                multiplicity: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """:meth:`energy` plus "forces" [N, 3] (eV/Å) = −∂E/∂r and "stress" [B, 3, 3] (eV/Å³) = (1/V) ∂E/∂ε
         for fully periodic structures (zero rows for the others), as :mod:`cartlorem.forces`."""
         positions = positions.detach().requires_grad_(compute_forces)
@@ -423,7 +429,7 @@ class ExportedCartLorem(nn.Module):
             cell_s = cell + cell @ strain
         else:
             positions_s, cell_s = positions, cell
-        out = self.energy(positions_s, species, cell_s, pbc, edge_index, edge_shift, batch, total_charge)
+        out = self.energy(positions_s, species, cell_s, pbc, edge_index, edge_shift, batch, total_charge, multiplicity)
         wrt: List[torch.Tensor] = []
         if compute_forces:
             wrt.append(positions)

@@ -107,6 +107,25 @@ def test_long_range_model_on_molecules(loaded, kind):
     assert abs(float(out["charges"][: len(ethanol)].sum()) - 1.0) < 1e-10  # the total charge is kept
 
 
+@pytest.mark.parametrize("kind", [None, "multipole"])
+def test_charge_state_conditioned_model_exports(loaded, kind):
+    """A model with charge_state=True: the export applies the same FiLM conditioning after the embedding
+    (total charge and multiplicity as inputs), so a charged doublet gets the Python model's numbers."""
+    model = _model(kind, charge_state=True)
+    with torch.no_grad():  # conditioning weights large enough to matter
+        for p in model.conditioning.parameters():
+            p.normal_()
+    ethanol, _, water = _structures()
+    ethanol.info["multiplicity"] = 2  # C2H6O+: 25 electrons
+    graph = _graph(ethanol, water)
+    scripted = loaded(model)
+    out = scripted(*_inputs(graph), multiplicity=graph.multiplicity)
+    ref = model(graph)
+    _compare(ref, out, ("energy", "node_energy", "forces"))
+    singlet_inputs = scripted(*_inputs(graph))  # no multiplicity given: singlets, so a different energy
+    assert abs(float(singlet_inputs["energy"][0] - out["energy"][0])) > 1e-6
+
+
 @pytest.mark.parametrize("kind", ["multipole", "lorem"])
 def test_long_range_model_on_periodic_cells(loaded, kind):
     """A batch of a charged periodic cell (Ewald with a background) and molecules: the exported Ewald
