@@ -33,6 +33,8 @@ class Graph:
     total_charge [B] e; edge_index [2, E] (centre i, neighbour j); edge_shift [E, 3] integer
     lattice images as floats. Optional reference labels: energy [B] eV, forces [N, 3] eV/Å,
     stress [B, 3, 3] eV/Å³ (ASE sign convention), with has_* masks [B] telling which are present.
+    Charge labels (open structures only for the dipole): dipole [B, 3] e·Å (about the coordinate
+    origin), born_charges [N, 3, 3] e (Z*_i,ab = ∂P_a/∂r_ib), masks has_dipole / has_born_charges [B].
     """
 
     positions: torch.Tensor
@@ -49,6 +51,11 @@ class Graph:
     has_energy: Optional[torch.Tensor] = None
     has_forces: Optional[torch.Tensor] = None
     has_stress: Optional[torch.Tensor] = None
+    # charge labels (cartlorem.data.attach_charge_labels)
+    dipole: Optional[torch.Tensor] = None
+    born_charges: Optional[torch.Tensor] = None
+    has_dipole: Optional[torch.Tensor] = None
+    has_born_charges: Optional[torch.Tensor] = None
 
     @property
     def num_graphs(self) -> int:
@@ -204,4 +211,10 @@ def collate(graphs: Sequence[Graph]) -> Graph:
             out[name] = torch.cat(vals)
         elif any(v is not None for v in vals):
             raise ValueError(f"cannot collate graphs where only some carry '{name}'")
+    for name in ("dipole", "born_charges", "has_dipole", "has_born_charges"):  # charge labels
+        vals = [getattr(g, name) for g in graphs]
+        if all(v is not None for v in vals):
+            out[name] = torch.cat(vals)
+        elif any(v is not None for v in vals):
+            raise ValueError(f"cannot collate graphs where only some carry '{name}' (read them with the same keys)")
     return Graph(**out)
