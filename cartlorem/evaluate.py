@@ -88,8 +88,9 @@ def predict(
     graphs: a list (or any map-style dataset) of graphs; each batch is cast to the dtype and
     device of the model's parameters. compute_stress: None predicts stresses only for batches that carry stress labels.
     compute_dipole / compute_born_charges: None predicts them for batches that carry such labels when
-    the model has long range (``model.long_range`` not None); True asks every batch (the model's error
-    if it cannot). Dipoles are predicted for open structures only (NaN for periodic ones).
+    the model has long range (``model.long_range`` not None); True asks every batch (a model without
+    long range raises its ValueError). Dipoles are predicted for open structures only (NaN rows for
+    periodic cells and slabs; a batch that mixes both gets a second model call for its molecules).
     """
     if len(graphs) == 0:
         raise ValueError("no structures to evaluate")
