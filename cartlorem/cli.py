@@ -114,7 +114,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else model.dtype
     model = model.to(device=device, dtype=dtype)
-    keys = dict(energy_key=args.energy_key, forces_key=args.forces_key, stress_key=args.stress_key)
+    keys = dict(energy_key=args.energy_key, forces_key=args.forces_key, stress_key=args.stress_key,
+                dipole_key=args.dipole_key, born_charges_key=args.born_charges_key)
     graphs = read_dataset(args.data, model.cutoff, **keys, require=(), dtype=dtype)
     preds = predict(model, graphs, batch_size=args.batch_size, progress=args.progress)
     m = metrics(preds)
@@ -123,6 +124,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not (m["n_energy"] or m["n_forces"]):
         logging.getLogger(__name__).warning(
             "the data carry no energy or force labels (check --energy-key / --forces-key)"
+        )
+    unscored = [name for name, n in (("dipole", "n_dipole"), ("Born-charge", "n_born_charges"))
+                if n in m and not m[n]]
+    if unscored:
+        logging.getLogger(__name__).warning(
+            f"the data carry {' and '.join(unscored)} labels but this model has no long range (no learned "
+            "charges), so they are not scored"
         )
     if args.json:
         atomic_write_text(args.json, json.dumps(m, indent=2) + "\n")
@@ -209,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="accuracy of a model on a labelled dataset",
         formatter_class=_HelpFormatter,
-        description="Energy (meV/atom), force (meV/Å) and, where labelled, stress (meV/Å³) MAE and RMSE of a "
-        "model on a dataset.",
+        description="Energy (meV/atom), force (meV/Å) and, where labelled, stress (meV/Å³), dipole (e·Å) and Born "
+        "effective charge (e) MAE and RMSE of a model on a dataset.",
     )
     e.add_argument("--model", required=True, metavar="MODEL.pt", help="model file (save_model / cartlorem train)")
     e.add_argument("--data", required=True, metavar="TEST.xyz", help="labelled structures (extxyz)")
@@ -221,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, where in (("energy", "an info key"), ("forces", "an arrays key"), ("stress", "an info key")):
         e.add_argument(f"--{name}-key", type=parse_label_key, default="calc", metavar="KEY",
                        help=f"{name} label: 'calc' (ASE results), {where} or 'none'")
+    e.add_argument("--dipole-key", type=parse_label_key, default="dipole", metavar="KEY",
+                   help="molecular dipole label (e·Å): an info key, 'calc' (ASE results) or 'none'")
+    e.add_argument("--born-charges-key", type=parse_label_key, default="born_charges", metavar="KEY",
+                   help="Born effective charge label ([N, 9], e): an arrays key or 'none'")
     e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.add_argument("--dtype", choices=["float32", "float64"], default=None, help="precision (default: the model's)")
     e.add_argument("--threads", type=parse_int, default=None, metavar="N",

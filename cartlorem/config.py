@@ -224,6 +224,12 @@ def _options() -> list[Option]:
         Option("energy_key", parse_label_key, "calc", key_help.format("energy"), "data"),
         Option("forces_key", parse_label_key, "calc", key_help.format("forces"), "data"),
         Option("stress_key", parse_label_key, "calc", key_help.format("stress") + " (used where present)", "data"),
+        Option("dipole_key", parse_label_key, "dipole",
+               "atoms.info key of the molecular dipole label (e·Å; open structures only), 'calc' for the "
+               "calculator's dipole, or 'none' to ignore (used where present)", "data"),
+        Option("born_charges_key", parse_label_key, "born_charges",
+               "atoms.arrays key of the Born effective charge labels ([N, 9] row-major dP_a/dr_ib, e), or 'none' "
+               "(used where present)", "data"),
         Option("species", nullable(parse_species), None,
                "elements the model knows, e.g. H,O,Na,Cl (default: all in the data)", "data"),
     ]
@@ -239,6 +245,10 @@ def _options() -> list[Option]:
         Option("energy_weight", parse_float, DEFAULT_WEIGHTS["energy"], "loss weight of the energy per atom", t),
         Option("forces_weight", parse_float, DEFAULT_WEIGHTS["forces"], "loss weight of the forces", t),
         Option("stress_weight", parse_float, DEFAULT_WEIGHTS["stress"], "loss weight of the stress", t),
+        Option("dipole_weight", parse_float, DEFAULT_WEIGHTS["dipole"],
+               "loss weight of the molecular dipole (e·Å; needs long range and dipole labels)", t),
+        Option("born_charges_weight", parse_float, DEFAULT_WEIGHTS["born_charges"],
+               "loss weight of the Born effective charges (e; needs long range and labels)", t),
         Option("optimizer", choice("adam", "amsgrad"), T["optimizer"], "optimiser", t),
         Option("weight_decay", parse_float, T["weight_decay"], "weight decay", t),
         Option("ema_decay", nullable(parse_float), T["ema_decay"], "decay of the weight average (0 or none: off)", t),
@@ -367,8 +377,14 @@ class _ConfigMethods:
     def train_kwargs(self) -> dict:
         """Keyword arguments of ``cartlorem.training.train`` (without out_dir)."""
         kw = {name: getattr(self, name) for name in _TRAIN_KEYS}
-        kw["weights"] = {n: getattr(self, f"{n}_weight") for n in ("energy", "forces", "stress")}
+        kw["weights"] = {n: getattr(self, f"{n}_weight") for n in ("energy", "forces", "stress", "dipole",
+                                                                   "born_charges")}
         return kw
+
+    def label_keys(self) -> dict:
+        """Label-key keyword arguments of ``cartlorem.data.read_dataset`` (energy, forces, stress, dipole,
+        Born charges)."""
+        return {f"{n}_key": getattr(self, f"{n}_key") for n in ("energy", "forces", "stress", "dipole", "born_charges")}
 
 
 Config = dataclasses.make_dataclass(

@@ -5,7 +5,10 @@ the standard extxyz keys ``energy``/``forces``/``stress``) or MACE-style from na
 ``atoms.info`` / ``atoms.arrays`` (``REF_energy``, ``REF_forces``, ``REF_stress``). Units: eV, Å,
 eV/Å, eV/Å³ (ASE stress sign convention: stress = (1/V) ∂E/∂ε). ``atoms.info["total_charge"]``
 (e, default 0) and ``atoms.info["multiplicity"]`` (2s + 1, default 1; checked against the electron
-count where given, :func:`check_charge_states`) are carried into the graph.
+count where given, :func:`check_charge_states`) are carried into the graph. Charge labels
+(:func:`attach_charge_labels`): a molecular dipole (e·Å, ``atoms.info["dipole"]`` or the calculator's
+dipole; open structures only) and Born effective charges (e, ``atoms.arrays["born_charges"]`` [N, 9],
+row-major Z*_i,ab = ∂P_a/∂r_ib).
 
 Typical use::
 
@@ -31,6 +34,7 @@ from .graph import Graph, atoms_to_graph, check_charge_state
 __all__ = [
     "attach_labels",
     "check_charge_states",
+    "attach_charge_labels",
     "read_dataset",
     "fit_reference_energies",
     "dataset_statistics",
@@ -38,6 +42,7 @@ __all__ = [
 ]
 
 LABELS = ("energy", "forces", "stress")
+CHARGE_LABELS = ("dipole", "born_charges")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,6 +150,71 @@ def attach_labels(graph: Graph, atoms, keys: Mapping[str, Optional[str]]) -> Gra
     return graph.replace(**changes)
 
 
+def _charge_label_value(atoms, name: str, key: str):
+    """Raw dipole / Born-charge label under ``key`` ("calc": the calculator's ``name``; else
+    ``atoms.info[key]`` for the dipole, ``atoms.arrays[key]`` for Born charges, falling back on the
+    calculator's results under ``key``), or None if absent."""
+    if key == "calc":
+        return _calc_results(atoms).get(name)
+    store = atoms.info if name == "dipole" else atoms.arrays
+    if key in store:
+        return store[key]
+    return _calc_results(atoms).get(key)
+
+
+def attach_charge_labels(graph: Graph, atoms, dipole_key: Optional[str] = "dipole",
+                         born_charges_key: Optional[str] = "born_charges") -> Graph:
+    """Return ``graph`` (one structure, B = 1) with the dipole and Born-charge labels of ``atoms``.
+
+    dipole_key: ``atoms.info`` name of the molecular dipole P (3 numbers, e·Å, about the origin of the
+    coordinates as given; ``ase.io.read`` puts an extxyz ``dipole`` among the calculator results,
+    which are looked at too), "calc" for the calculator's dipole, or None to ignore it.
+    born_charges_key: ``atoms.arrays`` name of the Born effective charges, [N, 9] row-major
+    Z*_i,ab = ∂P_a/∂r_ib (a the row; [N, 3, 3] accepted), e; or None.
+
+    Sets dipole [1, 3], born_charges [N, 3, 3] and has_dipole / has_born_charges [1] (zeros and False
+    where absent). Raises ValueError for a dipole label on a periodic structure or slab (P is not
+    defined there), a wrongly shaped label or a non-finite value.
+    """
+    n = int(graph.positions.shape[0])
+    if len(atoms) != n:
+        raise ValueError(f"graph has {n} atoms but the ase.Atoms has {len(atoms)}")
+    dtype = graph.positions.dtype
+    dipole = _charge_label_value(atoms, "dipole", dipole_key) if dipole_key else None
+    bec = _charge_label_value(atoms, "born_charges", born_charges_key) if born_charges_key else None
+    where = lambda name, key: (f"{name} label " + (f"calculator results['{name}']" if key == "calc" else
+                               f"atoms.{'info' if name == 'dipole' else 'arrays'}['{key}']"))
+    if dipole is not None:
+        if bool(graph.pbc.any()):
+            raise ValueError(
+                f"{where('dipole', dipole_key)} on a structure with pbc = {graph.pbc[0].tolist()}: the dipole is "
+                "defined for open structures only (a periodic cell or slab has no unique P); remove it, or read "
+                "the data with dipole_key=None (--dipole-key none)"
+            )
+        dipole = np.asarray(dipole, dtype=np.float64)
+        if dipole.size != 3:
+            raise ValueError(f"{where('dipole', dipole_key)} has shape {list(dipole.shape)}, expected 3 numbers (e·Å)")
+        dipole = dipole.reshape(1, 3)
+        if not np.all(np.isfinite(dipole)):
+            raise ValueError(f"{where('dipole', dipole_key)} contains NaN or inf")
+    if bec is not None:
+        bec = np.asarray(bec, dtype=np.float64)
+        if bec.shape not in ((n, 9), (n, 3, 3)):
+            raise ValueError(
+                f"{where('born_charges', born_charges_key)} has shape {list(bec.shape)}, expected [{n}, 9] "
+                "(row-major Z*_i,ab = dP_a/dr_ib, e) or [N, 3, 3]"
+            )
+        bec = bec.reshape(n, 3, 3)
+        if not np.all(np.isfinite(bec)):
+            raise ValueError(f"{where('born_charges', born_charges_key)} contains NaN or inf")
+    return graph.replace(
+        dipole=torch.tensor(np.zeros((1, 3)) if dipole is None else dipole, dtype=dtype),
+        born_charges=torch.tensor(np.zeros((n, 3, 3)) if bec is None else bec, dtype=dtype),
+        has_dipole=torch.tensor([dipole is not None]),
+        has_born_charges=torch.tensor([bec is not None]),
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # reading
 
@@ -188,6 +258,8 @@ def read_dataset(
     stress_key: Optional[str] = "calc",
     require: Sequence[str] = ("energy", "forces"),
     dtype: torch.dtype = torch.float64,
+    dipole_key: Optional[str] = "dipole",
+    born_charges_key: Optional[str] = "born_charges",
 ) -> list[Graph]:
     """Read structures and their labels into one :class:`Graph` (B = 1) per structure.
 
@@ -195,10 +267,13 @@ def read_dataset(
     cutoff: neighbour-list cutoff in Å. energy_key / forces_key / stress_key: "calc" (ASE
     single-point results), an ``atoms.info`` / ``atoms.arrays`` name such as "REF_energy", or None
     to ignore that label (see :func:`attach_labels`). require: labels every structure must carry.
-    dtype: floating dtype of positions, cell and labels.
+    dtype: floating dtype of positions, cell and labels. dipole_key / born_charges_key: where the
+    molecular dipole (e·Å) and the Born effective charges (e, [N, 9]) are, or None (see
+    :func:`attach_charge_labels`); structures without them are flagged in has_dipole / has_born_charges.
 
     Raises ValueError, naming the file and frame index, for a missing file, an empty dataset, a
-    structure without a required label, NaN positions, overlapping atoms or a zero-volume cell.
+    structure without a required label, NaN positions, overlapping atoms, a zero-volume cell or a
+    dipole label on a periodic structure.
     """
     keys = {"energy": energy_key, "forces": forces_key, "stress": stress_key}
     require = tuple(require)
@@ -222,6 +297,7 @@ def read_dataset(
         g = atoms_to_graph(atoms, cutoff, dtype=dtype, label=where)
         try:
             g = attach_labels(g, atoms, keys)
+            g = attach_charge_labels(g, atoms, dipole_key, born_charges_key)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         for name in require:

@@ -9,8 +9,12 @@ Metric keys: ``energy_mae_mev_per_atom``, ``energy_rmse_mev_per_atom`` (errors o
 structures with an energy label), ``forces_mae_mev_per_a``, ``forces_rmse_mev_per_a`` (over all
 Cartesian components of atoms in structures with force labels), ``stress_mae_mev_per_a3``,
 ``stress_rmse_mev_per_a3`` (over the 9 components of labelled stresses; only when some structure
-has one), ``n_structures``, ``n_atoms``, and the labelled counts ``n_energy``, ``n_forces``,
-``n_stress``. A metric with no labelled item is None.
+has one), ``dipole_mae_e_a``, ``dipole_rmse_e_a`` (e·Å, over the 3 components of labelled molecular
+dipoles) and ``born_charges_mae_e``, ``born_charges_rmse_e`` (e, over the 9 components of the Born
+effective charges of atoms in labelled structures) when some structure has such a label,
+``n_structures``, ``n_atoms``, and the labelled counts ``n_energy``, ``n_forces``, ``n_stress``
+(``n_dipole``, ``n_born_charges``: labelled and predicted). A metric with no labelled item is None;
+so are the dipole and Born-charge metrics of a model that cannot predict them (no long range).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ class Predictions:
     n_atoms [M]; energy_ref / energy_pred [M] eV; has_energy [M]; forces_ref / forces_pred [N, 3]
     eV/Å; has_forces [N] (atom belongs to a structure with force labels); structure [N] index of
     each atom's structure; species [N] atomic numbers; stress_ref / stress_pred [M, 3, 3] eV/Å³ (NaN where not predicted);
-    has_stress [M]. Missing references are NaN.
+    has_stress [M]; dipole_ref / dipole_pred [M, 3] e·Å, has_dipole [M]; born_charges_ref /
+    born_charges_pred [N, 3, 3] e, has_born_charges [N] (atom of a structure with Born-charge labels).
+    Missing references and predictions not made are NaN.
     """
 
     n_atoms: np.ndarray
@@ -51,6 +57,12 @@ class Predictions:
     stress_ref: np.ndarray
     stress_pred: np.ndarray
     has_stress: np.ndarray
+    dipole_ref: np.ndarray
+    dipole_pred: np.ndarray
+    has_dipole: np.ndarray
+    born_charges_ref: np.ndarray
+    born_charges_pred: np.ndarray
+    has_born_charges: np.ndarray
 
     def save(self, path) -> None:
         """Write all arrays to a ``.npz`` file."""
@@ -68,11 +80,17 @@ def predict(
     batch_size: int = 16,
     progress: bool = False,
     compute_stress: Optional[bool] = None,
+    compute_dipole: Optional[bool] = None,
+    compute_born_charges: Optional[bool] = None,
 ) -> Predictions:
     """Run ``model`` on ``graphs`` in batches (eval mode, no graph kept) and collect predictions.
 
     graphs: a list (or any map-style dataset) of graphs; each batch is cast to the dtype and
     device of the model's parameters. compute_stress: None predicts stresses only for batches that carry stress labels.
+    compute_dipole / compute_born_charges: None predicts them for batches that carry such labels when
+    the model has long range (``model.long_range`` not None); True asks every batch (a model without
+    long range raises its ValueError). Dipoles are predicted for open structures only (NaN rows for
+    periodic cells and slabs; a batch that mixes both gets a second model call for its molecules).
     """
     if len(graphs) == 0:
         raise ValueError("no structures to evaluate")
@@ -97,8 +115,15 @@ def predict(
             "stress_ref",
             "stress_pred",
             "has_stress",
+            "dipole_ref",
+            "dipole_pred",
+            "has_dipole",
+            "born_charges_ref",
+            "born_charges_pred",
+            "has_born_charges",
         )
     }
+    charged = getattr(model, "long_range", None) is not None
     offset = 0
     steps = tqdm(range(0, len(graphs), batch_size), desc="evaluating", unit="batch", leave=False,
                  dynamic_ncols=True, disable=not progress)
@@ -111,8 +136,20 @@ def predict(
                 batch.has_stress if batch.has_stress is not None else torch.zeros(B, dtype=torch.bool)
             )
             want_stress = bool(has_stress.any()) if compute_stress is None else compute_stress
-            out = model(batch, compute_forces=True, compute_stress=want_stress, create_graph=False)
+            labelled = lambda name: getattr(batch, f"has_{name}") is not None and bool(getattr(batch, f"has_{name}").any())
+            want_p = (charged and labelled("dipole")) if compute_dipole is None else compute_dipole
+            want_z = (charged and labelled("born_charges")) if compute_born_charges is None else compute_born_charges
+            is_open = ~batch.pbc.any(dim=1)  # [B]
+            extra = {"compute_born_charges": True} if want_z else {}
+            if want_p and bool(is_open.all()):
+                extra["compute_dipole"] = True
+            out = model(batch, compute_forces=True, compute_stress=want_stress, create_graph=False, **extra)
             nan = lambda *shape: np.full(shape, np.nan)
+            dipole_pred = _numpy(out["dipole"]) if "dipole" in out else nan(B, 3)
+            if want_p and not bool(is_open.all()) and bool(is_open.any()):
+                dipole_pred = _open_dipoles(model, chunk, dipole_pred, device, dtype)
+            cols["dipole_pred"].append(dipole_pred)
+            cols["born_charges_pred"].append(_numpy(out["born_charges"]) if "born_charges" in out else nan(N, 3, 3))
             cols["n_atoms"].append(_numpy(batch.num_atoms).astype(np.int64))
             cols["energy_pred"].append(_numpy(out["energy"]))
             cols["forces_pred"].append(_numpy(out["forces"]))
@@ -120,19 +157,37 @@ def predict(
             cols["structure"].append(_numpy(batch.batch).astype(np.int64) + offset)
             cols["species"].append(batch.species.cpu().numpy().astype(np.int64))
             offset += B
-            for name, shape in (("energy", (B,)), ("forces", (N, 3)), ("stress", (B, 3, 3))):
+            for name, shape in (("energy", (B,)), ("forces", (N, 3)), ("stress", (B, 3, 3)), ("dipole", (B, 3)),
+                                ("born_charges", (N, 3, 3))):
                 ref, mask = getattr(batch, name), getattr(batch, f"has_{name}")
                 if ref is None or mask is None:
                     ref, mask = nan(*shape), np.zeros(B, dtype=bool)
                 else:
                     ref, mask = _numpy(ref), mask.cpu().numpy().astype(bool)
-                if name == "forces":
+                if name in ("forces", "born_charges"):  # per-atom labels: the mask of each atom's structure
                     mask = mask[batch.batch.cpu().numpy()]
                 cols[f"{name}_ref"].append(np.where(mask.reshape(-1, *(1,) * (len(shape) - 1)), ref, np.nan))
                 cols[f"has_{name}"].append(mask)
     finally:
         model.train(was_training)
     return Predictions(**{k: np.concatenate(v) for k, v in cols.items()})
+
+
+def _open_dipoles(model, chunk, dipole_pred: np.ndarray, device, dtype) -> np.ndarray:
+    """``dipole_pred`` [B, 3] with the rows of the open structures of ``chunk`` (a list of graphs, B
+    structures in all) filled by a second model call on those alone (the dipole of a periodic
+    structure is not defined, so a batch that mixes both cannot ask for it)."""
+    starts = np.cumsum([0] + [g.num_graphs for g in chunk])
+    keep = [k for k, g in enumerate(chunk) if not bool(g.pbc.any())]
+    if not keep:
+        return dipole_pred
+    sub = collate([chunk[k] for k in keep]).to(device=device, dtype=dtype)
+    p = _numpy(model(sub, compute_forces=False, compute_stress=False, create_graph=False,
+                     compute_dipole=True)["dipole"])
+    rows = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in keep])
+    dipole_pred = dipole_pred.copy()
+    dipole_pred[rows] = p
+    return dipole_pred
 
 
 def _mae_rmse(err: np.ndarray) -> tuple[Optional[float], Optional[float]]:
@@ -157,6 +212,15 @@ def metrics(p: Predictions) -> dict:
     out["forces_mae_mev_per_a"], out["forces_rmse_mev_per_a"] = _mae_rmse(f_err)
     if p.has_stress.any():
         out["stress_mae_mev_per_a3"], out["stress_rmse_mev_per_a3"] = _mae_rmse(s_err)
+    if p.has_dipole.any():  # e·Å, structures with a label and a prediction
+        done = p.has_dipole & np.isfinite(p.dipole_pred).all(axis=1)
+        out["n_dipole"] = int(done.sum())
+        out["dipole_mae_e_a"], out["dipole_rmse_e_a"] = _mae_rmse((p.dipole_pred - p.dipole_ref)[done].ravel())
+    if p.has_born_charges.any():  # e, atoms of structures with labels and predictions
+        done = p.has_born_charges & np.isfinite(p.born_charges_pred).all(axis=(1, 2))
+        out["n_born_charges"] = int(len(np.unique(p.structure[done])))
+        out["born_charges_mae_e"], out["born_charges_rmse_e"] = _mae_rmse(
+            (p.born_charges_pred - p.born_charges_ref)[done].ravel())
     return out
 
 
@@ -171,6 +235,8 @@ def format_table(m: dict) -> str:
         ("energy", "energy_mae_mev_per_atom", "energy_rmse_mev_per_atom", "meV/atom", "n_energy"),
         ("forces", "forces_mae_mev_per_a", "forces_rmse_mev_per_a", "meV/Å", "n_forces"),
         ("stress", "stress_mae_mev_per_a3", "stress_rmse_mev_per_a3", "meV/Å³", "n_stress"),
+        ("dipole", "dipole_mae_e_a", "dipole_rmse_e_a", "e·Å", "n_dipole"),
+        ("Born Z*", "born_charges_mae_e", "born_charges_rmse_e", "e", "n_born_charges"),
     ]
     fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
     lines = [f"{'quantity':<10}{'MAE':>12}{'RMSE':>12}  {'unit':<10}{'labelled':>9}"]

@@ -33,6 +33,8 @@ class Graph:
     total_charge [B] e; edge_index [2, E] (centre i, neighbour j); edge_shift [E, 3] integer
     lattice images as floats. Optional reference labels: energy [B] eV, forces [N, 3] eV/Å,
     stress [B, 3, 3] eV/Å³ (ASE sign convention), with has_* masks [B] telling which are present.
+    Charge labels (open structures only for the dipole): dipole [B, 3] e·Å (about the coordinate
+    origin), born_charges [N, 3, 3] e (Z*_i,ab = ∂P_a/∂r_ib), masks has_dipole / has_born_charges [B].
     """
 
     positions: torch.Tensor
@@ -52,6 +54,11 @@ class Graph:
     # charge and spin state: multiplicity [B] = 2s + 1 (float; None: every structure a singlet), read from
     # atoms.info["multiplicity"] (default 1); with total_charge the input of charge-state conditioning
     multiplicity: Optional[torch.Tensor] = None
+    # charge labels (cartlorem.data.attach_charge_labels)
+    dipole: Optional[torch.Tensor] = None
+    born_charges: Optional[torch.Tensor] = None
+    has_dipole: Optional[torch.Tensor] = None
+    has_born_charges: Optional[torch.Tensor] = None
 
     @property
     def num_graphs(self) -> int:
@@ -250,4 +257,10 @@ def collate(graphs: Sequence[Graph]) -> Graph:
     if any(g.multiplicity is not None for g in graphs):  # None: singlets
         out["multiplicity"] = torch.cat([g.total_charge.new_ones(g.num_graphs) if g.multiplicity is None
                                          else g.multiplicity.to(g.total_charge) for g in graphs])
+    for name in ("dipole", "born_charges", "has_dipole", "has_born_charges"):  # charge labels
+        vals = [getattr(g, name) for g in graphs]
+        if all(v is not None for v in vals):
+            out[name] = torch.cat(vals)
+        elif any(v is not None for v in vals):
+            raise ValueError(f"cannot collate graphs where only some carry '{name}' (read them with the same keys)")
     return Graph(**out)

@@ -52,9 +52,8 @@ def _symbols(species) -> list[str]:
 
 
 def _read(path, cfg: Config, require, dtype):
-    keys = {"energy_key": cfg.energy_key, "forces_key": cfg.forces_key, "stress_key": cfg.stress_key}
     try:
-        return read_dataset(path, cfg.cutoff, **keys, require=require, dtype=dtype)
+        return read_dataset(path, cfg.cutoff, **cfg.label_keys(), require=require, dtype=dtype)
     except ValueError as err:
         if "label" in str(err) and "require" in str(err):
             raise ValueError(

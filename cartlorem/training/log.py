@@ -18,6 +18,8 @@ LOG_COLUMNS = (
     "valid_energy_mae_mev_per_atom",
     "valid_forces_mae_mev_per_a",
     "valid_stress_mae_mev_per_a3",
+    "valid_dipole_mae_e_a",
+    "valid_born_charges_mae_e",
     "epoch_time_s",
     "elapsed_s",
 )
@@ -81,4 +83,8 @@ def metric_summary(m: dict) -> str:
         parts.append(f"F MAE {m['forces_mae_mev_per_a']:.1f} meV/Å")
     if m.get("stress_mae_mev_per_a3") is not None:
         parts.append(f"S MAE {m['stress_mae_mev_per_a3']:.2f} meV/Å³")
+    if m.get("dipole_mae_e_a") is not None:
+        parts.append(f"P MAE {m['dipole_mae_e_a']:.3f} e·Å")
+    if m.get("born_charges_mae_e") is not None:
+        parts.append(f"Z* MAE {m['born_charges_mae_e']:.3f} e")
     return ", ".join(parts)

@@ -36,7 +36,7 @@ from .averaging import ExponentialMovingAverage
 from .distributed import SINGLE, Ranks, gather_predictions, loss_share
 from .distributed import current as current_ranks
 from .log import metric_summary
-from .loss import loss_weights, validation_loss, weighted_loss
+from .loss import charge_outputs, check_loss_labels, loss_weights, validation_loss, weighted_loss
 from .prepare import check_dataset, fit_statistics
 from .run_folder import (
     RunFolder,
@@ -147,8 +147,9 @@ def train(
             steps as one process with this batch_size). valid_batch_size: structures per validation
             batch on each process (default 2 × the per-process training batch).
         lr: initial learning rate. optimizer: "adam" or "amsgrad"; weight_decay: L2 (Adam style).
-        weights: loss weights {"energy": per-atom energy, "forces", "stress"}; missing entries take
-            ``DEFAULT_WEIGHTS`` (1, 10, 1).
+        weights: loss weights {"energy": per-atom energy, "forces", "stress", "dipole", "born_charges"};
+            missing entries take ``DEFAULT_WEIGHTS`` (1, 10, 1, 0, 0). A dipole / Born-charge weight > 0
+            calls the model with compute_dipole / compute_born_charges on labelled batches.
         ema_decay: decay of the weight average used for validation and the saved model (None or 0: off).
         scheduler_factor, scheduler_patience: ReduceLROnPlateau on the validation loss.
         clip_grad: maximum gradient norm (None: no clipping).
@@ -206,6 +207,7 @@ def train(
     valid_graphs = valid_graphs if valid_graphs is not None else []
     check_dataset(model, train_graphs, "training")
     check_dataset(model, valid_graphs, "validation")
+    check_loss_labels(model, train_graphs, loss_weights(weights))
     if len(valid_graphs) == 0:
         say.warning("no validation set; validating (and selecting the best model) on the training set")
         valid_graphs = train_graphs
@@ -357,7 +359,8 @@ class _Run:
                 continue
             batch = batch.to(device=self.device, dtype=self.dtype)
             want_stress = w["stress"] > 0 and batch.stress is not None and bool(batch.has_stress.any())
-            pred = model(batch, compute_forces=w["forces"] > 0, compute_stress=want_stress, create_graph=True)
+            pred = model(batch, compute_forces=w["forces"] > 0, compute_stress=want_stress, create_graph=True,
+                         **charge_outputs(w, batch))  # dipole / Born charges when their weights are > 0
             loss, terms = weighted_loss(pred, batch, w)
 
             if self.ranks.many:  # this process's share of the global batch's loss
@@ -445,6 +448,8 @@ class _Run:
             "valid_energy_mae_mev_per_atom": m["energy_mae_mev_per_atom"],
             "valid_forces_mae_mev_per_a": m["forces_mae_mev_per_a"],
             "valid_stress_mae_mev_per_a3": m.get("stress_mae_mev_per_a3"),
+            "valid_dipole_mae_e_a": m.get("dipole_mae_e_a"),
+            "valid_born_charges_mae_e": m.get("born_charges_mae_e"),
             "epoch_time_s": dt,
             "elapsed_s": state["elapsed_s"],
         }

@@ -1,10 +1,14 @@
-"""Loss terms: weighted squared errors of energy per atom, forces and stress against the labels.
+"""Loss terms: weighted squared errors of energy per atom, forces, stress, dipole and Born charges.
 
     L = w_E · mean_s ((E_s − E_s^ref) / N_s)²  +  w_F · mean_{i,α} (F_iα − F_iα^ref)²
-      + w_S · mean_{s,αβ} (σ_sαβ − σ_sαβ^ref)²
+      + w_S · mean_{s,αβ} (σ_sαβ − σ_sαβ^ref)²  +  w_P · mean_{s,α} (P_sα − P_sα^ref)²
+      + w_Z · mean_{i,αβ} (Z*_iαβ − Z*_iαβ^ref)²
 
-in eV/atom, eV/Å and eV/Å³; every mean runs only over labelled items (the ``has_*`` masks of the
-batch). :func:`validation_loss` is the same expression over a whole set, from its RMSEs.
+in eV/atom, eV/Å, eV/Å³, e·Å and e; every mean runs only over labelled items (the ``has_*`` masks
+of the batch). The dipole and Born-charge weights default to 0; with a weight > 0 the trainer asks
+the model for those outputs (:func:`charge_outputs`), which needs a long-range model and labelled
+data (:func:`check_loss_labels`). :func:`validation_loss` is the same expression over a whole set,
+from its RMSEs.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import torch
 
 from ..graph import Graph
 
-__all__ = ["DEFAULT_WEIGHTS", "loss_weights", "weighted_loss", "validation_loss"]
+__all__ = ["DEFAULT_WEIGHTS", "loss_weights", "weighted_loss", "validation_loss", "charge_outputs",
+           "check_loss_labels"]
 
-DEFAULT_WEIGHTS = {"energy": 1.0, "forces": 10.0, "stress": 1.0}
+DEFAULT_WEIGHTS = {"energy": 1.0, "forces": 10.0, "stress": 1.0, "dipole": 0.0, "born_charges": 0.0}
+_CHARGE_TERMS = {"dipole": ("compute_dipole", "dipole_key", "--dipole-key", "atoms.info"),
+                 "born_charges": ("compute_born_charges", "born_charges_key", "--born-charges-key", "atoms.arrays")}
 
 
 def loss_weights(weights: Optional[Mapping[str, float]] = None) -> dict:
@@ -36,11 +43,13 @@ def loss_weights(weights: Optional[Mapping[str, float]] = None) -> dict:
 def weighted_loss(out: dict, batch: Graph, weights: Mapping[str, float]) -> tuple[torch.Tensor, dict]:
     """Weighted squared-error loss of predictions ``out`` against the labels of ``batch``.
 
-    out: model output with "energy" [B] eV, "forces" [N, 3] eV/Å and (when stress is trained)
-    "stress" [B, 3, 3] eV/Å³. batch: a labelled :class:`Graph` (energy/forces/stress + has_* masks).
-    weights: {"energy", "forces", "stress"} → weight. Returns (scalar loss, {term: float}) where the
-    terms are the unweighted mean squared errors (eV²/atom², eV²/Å², eV²/Å⁶) of labelled items only;
-    a term with no labelled item in the batch is 0.
+    out: model output with "energy" [B] eV, "forces" [N, 3] eV/Å and (when those terms are trained)
+    "stress" [B, 3, 3] eV/Å³, "dipole" [B, 3] e·Å, "born_charges" [N, 3, 3] e. batch: a labelled
+    :class:`Graph` (labels + has_* masks). weights: {"energy", "forces", "stress", "dipole",
+    "born_charges"} → weight. Returns (scalar loss, {term: float}) where the terms are the unweighted
+    mean squared errors (eV²/atom², eV²/Å², eV²/Å⁶, e²Å², e²) of labelled items only; a term with no
+    labelled item in the batch is absent. ValueError when a dipole / Born-charge term has a weight > 0
+    and labels in the batch but ``out`` lacks the prediction (ask the model with :func:`charge_outputs`).
     """
     loss = out["energy"].new_zeros(())
     terms = {}
@@ -63,7 +72,69 @@ def weighted_loss(out: dict, batch: Graph, weights: Mapping[str, float]) -> tupl
             mse = ((out["stress"] - batch.stress)[mask] ** 2).mean()
             loss = loss + weights["stress"] * mse
             terms["stress"] = float(mse.detach())
+    for name in _CHARGE_TERMS:  # dipole [B, 3] per structure, born_charges [N, 3, 3] per atom
+        ref, has = getattr(batch, name, None), getattr(batch, f"has_{name}", None)
+        if ref is None or has is None or not weights.get(name, 0.0) > 0 or not bool(has.any()):
+            continue
+        if name not in out:
+            raise ValueError(f"the {name} loss weight is > 0 and the batch has {name} labels, but the model output "
+                             f"has no {name!r} (call the model with {_CHARGE_TERMS[name][0]}=True)")
+        mask = has if name == "dipole" else has[batch.batch]
+        mse = ((out[name] - ref)[mask] ** 2).mean()
+        loss = loss + weights[name] * mse
+        terms[name] = float(mse.detach())
     return loss, terms
+
+
+def charge_outputs(weights: Mapping[str, float], batch: Graph) -> dict:
+    """Keyword arguments of the model call that ask for the charge outputs the loss needs on ``batch``:
+    ``compute_dipole=True`` / ``compute_born_charges=True`` when that weight is > 0 and some structure of
+    the batch has the label; {} otherwise (so models without these options are called as before)."""
+    kw = {}
+    for name, (flag, *_) in _CHARGE_TERMS.items():
+        has = getattr(batch, f"has_{name}", None)
+        if weights.get(name, 0.0) > 0 and has is not None and bool(has.any()):
+            kw[flag] = True
+    return kw
+
+
+def check_loss_labels(model, graphs, weights: Mapping[str, float], what: str = "training") -> None:
+    """ValueError when a dipole / Born-charge weight is > 0 but cannot be trained.
+
+    That is: the model has no long range (``model.long_range`` is None; modules without that attribute
+    are not checked), no structure of ``graphs`` carries the label, or (dipole) dipole-labelled molecules
+    share the set with periodic structures or slabs, for which the model's dipole is not defined.
+    """
+    wanted = [name for name in _CHARGE_TERMS if weights.get(name, 0.0) > 0]
+    if not wanted:
+        return
+    if hasattr(model, "long_range") and getattr(model, "long_range") is None:
+        raise ValueError(
+            f"the {' and '.join(wanted)} loss weight(s) are > 0, but this model has no long range "
+            "(long_range=None) and so no learned charges to give a dipole or Born charges; use long_range="
+            "'multipole' or 'lorem', or set the weight(s) to 0"
+        )
+    counts = dict.fromkeys(wanted, 0)
+    periodic = 0
+    for k in range(len(graphs)):
+        g = graphs[k]
+        periodic += int(g.pbc.any(dim=1).sum())
+        for name in wanted:
+            has = getattr(g, f"has_{name}", None)
+            counts[name] += 0 if has is None else int(has.sum())
+    for name in wanted:
+        if counts[name] == 0:
+            _, key, flag, store = _CHARGE_TERMS[name]
+            raise ValueError(
+                f"the {name} loss weight is {weights[name]} but none of the {len(graphs)} {what} structures carries "
+                f"a {name} label: name the {store} key that holds it ({key}, {flag} on the command line), or set "
+                "the weight to 0"
+            )
+    if "dipole" in wanted and periodic:
+        raise ValueError(
+            f"the dipole loss weight is > 0 but {periodic} of the {what} structures are periodic or slabs, whose "
+            "dipole the model does not define; train the dipole on a set of molecules only"
+        )
 
 
 def validation_loss(m: dict, weights: Mapping[str, float]) -> float:
@@ -77,4 +148,7 @@ def validation_loss(m: dict, weights: Mapping[str, float]) -> float:
     ):
         if weights.get(name, 0.0) > 0 and m.get(key) is not None:
             total += weights[name] * (m[key] / 1000.0) ** 2
+    for name, key in (("dipole", "dipole_rmse_e_a"), ("born_charges", "born_charges_rmse_e")):  # e·Å, e
+        if weights.get(name, 0.0) > 0 and m.get(key) is not None:
+            total += weights[name] * m[key] ** 2
     return total
