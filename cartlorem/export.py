@@ -258,7 +258,7 @@ class _ExportedLongRange(nn.Module):
         fields: List[Optional[torch.Tensor]] = []  # potential-like features of rank 0, 1, 2
         if self.kind == "multipole":
             if theta is not None:
-                theta = stf(theta)
+                theta = stf(stf(theta))  # twice: see LongRangeBlock.forward
             phi, E, G = self._fields(positions, batch, cell, periodic, q, mu, theta, True, True)
             E, G = _present(E), _present(G)
             e_es = q * phi

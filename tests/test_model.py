@@ -254,3 +254,17 @@ def test_long_range_with_lmax_below_2(kind, lmax):
 def test_long_range_options_cannot_set_lmax():
     with pytest.raises(ValueError, match="lmax"):
         small_model([1, 6, 8], "multipole", long_range_options={"lmax": 1})
+
+
+@pytest.mark.parametrize("kind", ["multipole", "lorem"])
+def test_perfect_crystal_batched_with_a_molecule(kind):
+    """A perfect rocksalt cell, where the learned quadrupoles vanish by symmetry, batched with a molecule
+    (a ValueError 'quadrupoles must be symmetric and traceless' came from the rounding noise of Θ)."""
+    model = small_model([1, 8, 11, 17], long_range=kind).double()
+    crystal = bulk("NaCl", "rocksalt", a=5.64)
+    water = molecule("H2O")
+    graphs = [atoms_to_graph(a, model.cutoff, dtype=torch.float64) for a in (water, crystal)]
+    out = model(collate(graphs))
+    for k, g in enumerate(graphs):
+        alone = model(g)
+        assert torch.allclose(out["energy"][k], alone["energy"][0], rtol=1e-12, atol=1e-12)

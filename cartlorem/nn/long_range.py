@@ -196,8 +196,11 @@ class LongRangeBlock(nn.Module):
         if self.kind == "multipole":
             if theta is not None:
                 # Θ comes from traceless features through a linear map: traceless up to the rounding of
-                # the (possibly much larger) features; project it so the Ewald input check sees exact Θ
-                theta = stf(theta)
+                # the (possibly much larger) features; project it so the Ewald input check sees exact Θ.
+                # Twice: where Θ vanishes by symmetry (a perfect rocksalt cell) the features' rounding can
+                # leave Θ ≈ a·I, which one projection turns into noise of size eps·a whose trace is as
+                # large as its entries; the second projection leaves noise eps² a, traceless to eps.
+                theta = stf(stf(theta))
             f = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=q, dipoles=mu,
                                          quadrupoles=theta, smearing=self.smearing, accuracy=self.accuracy)
             fields = [f.potential, f.field, f.field_gradient]
