@@ -18,7 +18,7 @@ Runs (``--runs``):
   lattice constant from the training data), Maxwell–Boltzmann start at 300 K, 10 ps at 1 fs.
 * ``water-float32``: a periodic box of 7³ = 343 water molecules (1029 atoms) at 1 g/cm³ on a cubic
   grid with random orientations (each the farthest from its neighbours out of 60 tries; 1.93 Å
-  closest intermolecular distance), Maxwell–Boltzmann start at 300 K, then 0.1 ps of Langevin MD
+  closest intermolecular distance), Maxwell–Boltzmann start at 300 K, then 0.05 ps of Langevin MD
   with the model at 300 K (``--equilibrate-ps``, ``--friction``; same dtype and timestep, positions
   not wrapped either) to melt the grid, then 2 ps of NVE at 1 fs from where it ended, velocities
   kept. The row reports whether every molecule is still whole at the end (largest intramolecular
@@ -77,7 +77,7 @@ RUNS = ("nacl-float64", "nacl-float32", "water-float32")
 TARGETS = {"float64": 0.01, "float32": 0.05}  # |drift| in meV/atom/ps
 DEFAULTS = {  # per system: simulated ps, timestep fs, start temperature K, thermostatted equilibration ps
     "nacl": {"ps": 10.0, "timestep_fs": 1.0, "temperature_k": 300.0, "equilibrate_ps": 0.0},
-    "water": {"ps": 2.0, "timestep_fs": 1.0, "temperature_k": 300.0, "equilibrate_ps": 0.1},
+    "water": {"ps": 2.0, "timestep_fs": 1.0, "temperature_k": 300.0, "equilibrate_ps": 0.05},
 }
 WATER_DATA = Path(__file__).resolve().parent / "data" / "water_pbc.xyz"  # made by benchmarks/water_data.py
 MODEL_OPTIONS = {"long_range": "multipole", "channels": 16, "correlation": 2}
@@ -344,7 +344,7 @@ def get_model(system: str, args, log) -> tuple:
 
 def run_nve(atoms, model, dtype: str, timestep_fs: float, steps: int, temperature_k: float, *, seed: int = 0,
             max_time: Optional[float] = None, log=print, label: str = "", equilibrate_steps: int = 0,
-            friction_per_fs: float = 0.02, molecule_size: Optional[int] = None) -> dict:
+            friction_per_fs: float = 0.05, molecule_size: Optional[int] = None) -> dict:
     """Velocity Verlet from a Maxwell–Boltzmann start (zero total momentum); positions never wrapped.
 
     atoms: the start structure (copied). model: a CartLorem. dtype: "float32" or "float64".
@@ -642,8 +642,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4, help="training batch size of the water model (default 4)")
     p.add_argument("--lr", type=float, default=5e-3, help="initial learning rate of the water model (default 5e-3)")
     p.add_argument("--equilibrate-ps", type=float, default=None, help="thermostatted (Langevin) equilibration "
-                   "with the model before the NVE run, ps (default: NaCl 0, water 0.1)")
-    p.add_argument("--friction", type=float, default=0.02, help="Langevin friction of the equilibration, 1/fs")
+                   "with the model before the NVE run, ps (default: NaCl 0, water 0.05)")
+    p.add_argument("--friction", type=float, default=0.05, help="Langevin friction of the equilibration, 1/fs "
+                   "(default 0.05: a 20 fs time constant)")
     p.add_argument("--temperature", type=float, default=None, help="start (and thermostat) temperature, K "
                    "(default 300)")
     p.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "cartlorem_nve_models"),
@@ -718,6 +719,13 @@ def main(argv=None) -> int:
 
     def log(msg):
         print(f"{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S} {msg}", flush=True)
+
+    import logging
+
+    handler = logging.StreamHandler(sys.stdout)  # the training's per-epoch lines
+    handler.setFormatter(logging.Formatter("%(asctime)s [train] %(message)s", "%H:%M:%S"))
+    logging.getLogger("cartlorem.training").addHandler(handler)
+    logging.getLogger("cartlorem.training").setLevel(logging.INFO)
 
     meta = {**_machine_info(), "threads": args.threads,
             "notes": "Commands and per-run stamps are in each row; `--merge` combines rows of separate processes."}
