@@ -540,7 +540,7 @@ def render(payload: dict) -> str:
                      f"{r['fractional_range'][1]:.3f} (never wrapped); largest displacement "
                      f"{r['max_displacement_a']:.2f} Å; first call (neighbour list, set-up) {r['first_call_s']} s; one unit in "
                      f"the last place of the reported E_pot in {r['dtype']}: {_sig(r.get('energy_ulp_mev_per_atom'), 2)} "
-                     f"meV/atom.")
+                     f"meV/atom." + _extras(r))
     lines += ["", "Machine: " + ", ".join(f"{k} {meta.get(k)}" for k in (
         "cpu_model", "cpu_count", "mem_total_gib", "torch", "ase", "e3nn", "numpy", "python", "git_commit",
         "git_dirty", "date") if k in meta) + f"; torch threads {meta.get('threads')}.",
@@ -550,6 +550,25 @@ def render(payload: dict) -> str:
     if meta.get("notes"):
         lines += [meta["notes"], ""]
     return "\n".join(lines)
+
+
+def _extras(r: dict) -> str:
+    """The equilibration and molecule-check sentences of a row (empty when it has neither)."""
+    out = ""
+    eq = r.get("equilibration")
+    if eq:
+        trace = eq.get("temperature_trace_k") or []
+        out += (f" Equilibration: {eq['steps']} steps ({eq['ps']:g} ps) of {eq['thermostat']} at {eq['temperature_k']:.0f} K, "
+                f"friction {eq['friction_per_fs']:g}/fs, {eq['wall_s']} s wall ({eq['status']}); temperature "
+                f"{' → '.join(f'{t:.0f}' for t in trace[:: max(1, len(trace) // 6)])} K, {eq['temperature_end_k']:.0f} K at the end.")
+    tr = (r.get("trace") or {}).get("temperature_k")
+    if tr:
+        out += (f" NVE temperature: start {tr[0]:.0f} K, min {min(tr):.0f} K, max {max(tr):.0f} K, end {tr[-1]:.0f} K.")
+    m = r.get("molecules_end")
+    if m:
+        out += (f" Molecules at the end: largest intramolecular distance {m['max_intramolecular_a']:.2f} Å, smallest "
+                f"intermolecular {m['min_intermolecular_a']:.2f} Å ({'every molecule whole' if m['max_intramolecular_a'] < 2.0 else 'some molecule broken'}).")
+    return out
 
 
 def _fmt(x) -> str:
