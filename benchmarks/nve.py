@@ -18,28 +18,35 @@ Runs (``--runs``):
   lattice constant from the training data), Maxwell–Boltzmann start at 300 K, 10 ps at 1 fs.
 * ``water-float32``: a periodic box of 7³ = 343 water molecules (1029 atoms) at 1 g/cm³ on a cubic
   grid with random orientations (each the farthest from its neighbours out of 60 tries; 1.93 Å
-  closest intermolecular distance), started
-  at 100 K from that lattice (no equilibration: the model was trained on small clusters, not bulk
-  water, and a cold start keeps it in the region it knows), 2 ps at 0.5 fs.
+  closest intermolecular distance), Maxwell–Boltzmann start at 300 K, then 0.05 ps of Langevin MD
+  with the model at 300 K (``--equilibrate-ps``, ``--friction``; same dtype and timestep, positions
+  not wrapped either) to melt the grid, then 2 ps of NVE at 1 fs from where it ended, velocities
+  kept. The row reports whether every molecule is still whole at the end (largest intramolecular
+  and smallest intermolecular distance).
 
 Models (trained here, nothing committed): ``long_range="multipole"``, 16 channels, correlation 2,
-otherwise the defaults (2 layers, rank ≤ 2, 5 Å, 4 long-range channels, smearing 1 Å). NaCl: trained
-on ``nacl_pbc.xyz`` (64-atom periodic NaCl, GFN1-xTB, with stress) from ``--data-dir``; water: trained
-on the bundled ``cartlorem/datasets/demo.xyz`` (NaCl(H2O)4, Na+(H2O)4, Cl−(H2O)4 at GFN2-xTB: every
-frame holds water). A few epochs only: the benchmark measures conservation — whether the forces are
-the exact negative gradient of the energy the model reports, the integrator's error and float32
-rounding — not accuracy, so the training quality matters only in so far as the dynamics must stay
-stable. The float32 runs cast the same trained model to float32 (``CartLoremCalculator(dtype=...)``).
+otherwise the defaults (2 layers, rank ≤ 2, 5 Å, 4 long-range channels, smearing 1 Å), trained in
+float32. NaCl: trained on ``nacl_pbc.xyz`` (64-atom periodic NaCl, GFN1-xTB, with stress) from
+``--data-dir``; water: trained on the periodic bulk-water set ``benchmarks/data/water_pbc.xyz``
+(``--water-data``; 27-molecule boxes at 1 g/cm³, GFN1-xTB Langevin MD from the grid into the
+liquid plus rattled and strained frames, with stress; made by ``benchmarks/water_data.py``), with
+``--batch-size`` and ``--lr``. (A model trained on the 4-water clusters of the bundled demo set was
+unstable in bulk water: it heated to 2500 K and two atoms collided within 0.17 ps.) Few epochs
+only: the benchmark measures conservation — whether the forces are the exact negative gradient of
+the energy the model reports, the integrator's error and float32 rounding — not accuracy, so the
+training quality matters only in so far as the dynamics must stay stable. The float32 runs cast
+the same trained model to float32 (``CartLoremCalculator(dtype=...)``).
 
     python benchmarks/nve.py --quick                                    # smoke test (~2 min)
     python benchmarks/nve.py                                            # all three runs, full length
-    python benchmarks/nve.py --runs water-float32 --ps 0.5 --timestep-fs 1 --merge
+    python benchmarks/nve.py --runs water-float32 --epochs 12 --merge --deadline 06:05   # one run, stopped in time
     python benchmarks/nve.py --render                                   # rewrite nve.md from nve.json
 
 ``--merge`` keeps the rows of other runs already in the results file (several processes can run
 different ``--runs`` in parallel: writes are serialised by a lock, and ``--model-dir`` lets them
 share one trained model). ``--max-time`` stops a run's MD after that many seconds of wall time and
-reports the simulated time it reached (flagged in the table). Writes ``benchmarks/results/nve.json``,
+reports the simulated time it reached (flagged in the table); ``--deadline HH:MM`` (UTC) does the
+same at a time of day, so that a run cut short still writes its row. Writes ``benchmarks/results/nve.json``,
 ``nve.md`` and ``nve.png`` (energy traces; needs matplotlib), stamped with the git commit, machine,
 load average and library versions.
 """
@@ -68,10 +75,11 @@ DEFAULT_OUT = RESULTS_DIR / "nve"
 
 RUNS = ("nacl-float64", "nacl-float32", "water-float32")
 TARGETS = {"float64": 0.01, "float32": 0.05}  # |drift| in meV/atom/ps
-DEFAULTS = {  # per system: simulated ps, timestep fs, start temperature K
-    "nacl": {"ps": 10.0, "timestep_fs": 1.0, "temperature_k": 300.0},
-    "water": {"ps": 2.0, "timestep_fs": 0.5, "temperature_k": 100.0},
+DEFAULTS = {  # per system: simulated ps, timestep fs, start temperature K, thermostatted equilibration ps
+    "nacl": {"ps": 10.0, "timestep_fs": 1.0, "temperature_k": 300.0, "equilibrate_ps": 0.0},
+    "water": {"ps": 2.0, "timestep_fs": 1.0, "temperature_k": 300.0, "equilibrate_ps": 0.05},
 }
+WATER_DATA = Path(__file__).resolve().parent / "data" / "water_pbc.xyz"  # made by benchmarks/water_data.py
 MODEL_OPTIONS = {"long_range": "multipole", "channels": 16, "correlation": 2}
 UNSTABLE_EV_PER_ATOM = 1.0  # |E(t) − E(0)| per atom beyond which a run is called unstable and stopped
 WATER_OH, WATER_HOH = 0.9572, 104.52  # Å, degrees (the geometry of the grid's molecules)
@@ -252,7 +260,7 @@ def _git_commit() -> Optional[str]:
 # training (or loading the model trained by a parallel run)
 
 
-def _training_frames(system: str, data_dir: Path, quick: bool):
+def _training_frames(system: str, data_dir: Path, quick: bool, water_data=WATER_DATA):
     """(frames, where they came from) for ``system``."""
     from ase.io import read
 
@@ -260,11 +268,11 @@ def _training_frames(system: str, data_dir: Path, quick: bool):
         path = data_file(data_dir, "nacl_pbc")  # SystemExit with a clear message when missing
         frames = read(path, ":")
     else:
-        from cartlorem.datasets import demo_path
-
-        path = demo_path()
+        path = Path(water_data)
+        if not path.is_file():
+            raise SystemExit(f"error: no water training set at {path}: make it with "
+                             f"`python benchmarks/water_data.py {path}` or pass --water-data FILE")
         frames = read(path, ":")
-        frames = [a for a in frames if {"H", "O"} <= set(a.get_chemical_symbols())]  # every frame holds water
     if quick:
         frames = frames[: (24 if system == "nacl" else 60)]
     return frames, str(path)
@@ -278,7 +286,7 @@ def get_model(system: str, args, log) -> tuple:
     from cartlorem.data import read_dataset, split
     from cartlorem.train import train
 
-    frames, source = _training_frames(system, args.data_dir, args.quick)
+    frames, source = _training_frames(system, args.data_dir, args.quick, args.water_data)
     if args.train_frames and len(frames) > args.train_frames:
         idx = np.random.default_rng(args.seed).permutation(len(frames))[: args.train_frames]
         frames = [frames[k] for k in np.sort(idx)]
@@ -286,6 +294,8 @@ def get_model(system: str, args, log) -> tuple:
                 "train_time_s": args.train_time, "seed": args.seed, "model": MODEL_OPTIONS,
                 "train_dtype": args.train_dtype, "source_size": os.path.getsize(source), "quick": bool(args.quick),
                 "cartlorem": getattr(cartlorem, "__version__", None)}
+    if system == "water":  # the NaCl key stays as it was, so that its trained model is found again
+        settings.update({"batch_size": args.batch_size, "lr": args.lr})
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     model_dir = Path(args.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -310,15 +320,16 @@ def get_model(system: str, args, log) -> tuple:
             f"at most {args.epochs} epochs / {args.train_time:.0f} s, {args.train_dtype}")
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as run_dir:
+            extra = {"batch_size": args.batch_size, "lr": args.lr} if system == "water" else {}
             res = train(model, [graphs[k] for k in tr], [graphs[k] for k in va], epochs=args.epochs,
-                        out_dir=run_dir, progress=False, seed=args.seed, max_time=args.train_time)
+                        out_dir=run_dir, progress=False, seed=args.seed, max_time=args.train_time, **extra)
         info = {"source": source, "train_structures": int(len(tr)), "valid_structures": int(len(va)),
                 "species": species, "options": MODEL_OPTIONS, "train_dtype": args.train_dtype,
                 "epochs_run": res.epochs_completed, "stopped_by": res.stop_reason,
                 "train_wall_s": round(time.perf_counter() - t0, 1),
                 "valid_energy_mae_mev_per_atom": res.best_metrics.get("energy_mae_mev_per_atom"),
                 "valid_forces_mae_mev_per_a": res.best_metrics.get("forces_mae_mev_per_a"),
-                "scale": float(model.scale), "parameters": int(sum(p.numel() for p in model.parameters())),
+                "scale": float(model.scale), **({"batch_size": args.batch_size, "lr": args.lr} if system == "water" else {}), "parameters": int(sum(p.numel() for p in model.parameters())),
                 "key": key, "trained_at_commit": _git_commit(),
                 "trained_on": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         log(f"[{system}] trained: {info}")
@@ -332,13 +343,20 @@ def get_model(system: str, args, log) -> tuple:
 
 
 def run_nve(atoms, model, dtype: str, timestep_fs: float, steps: int, temperature_k: float, *, seed: int = 0,
-            max_time: Optional[float] = None, log=print, label: str = "") -> dict:
+            max_time: Optional[float] = None, log=print, label: str = "", equilibrate_steps: int = 0,
+            friction_per_fs: float = 0.05, molecule_size: Optional[int] = None) -> dict:
     """Velocity Verlet from a Maxwell–Boltzmann start (zero total momentum); positions never wrapped.
 
     atoms: the start structure (copied). model: a CartLorem. dtype: "float32" or "float64".
-    timestep_fs: fs. steps: MD steps. temperature_k: K of the initial velocities. max_time: stop the
-    MD after this many seconds of wall time (the result says so). Returns the metrics of
-    :func:`conservation_metrics`, timings and a thinned energy trace.
+    timestep_fs: fs. steps: MD steps. temperature_k: K of the initial velocities (and of the
+    thermostat). equilibrate_steps: first run this many Langevin steps (ASE ``Langevin`` at
+    temperature_k, friction ``friction_per_fs`` 1/fs, same timestep, same model and dtype, positions
+    not wrapped either), then start the NVE run from where it ended, velocities kept.
+    molecule_size: atoms per molecule (consecutive blocks, e.g. 3 for water): the row then reports
+    the largest intramolecular and smallest intermolecular distance at the end (is every molecule
+    still whole?). max_time: stop after this many seconds of wall time, equilibration included (the
+    result says so). Returns the metrics of :func:`conservation_metrics`, timings and thinned
+    energy and temperature traces.
     """
     from ase import units
     from ase.md.verlet import VelocityVerlet
@@ -353,6 +371,13 @@ def run_nve(atoms, model, dtype: str, timestep_fs: float, steps: int, temperatur
     atoms.set_momenta(momenta - masses * (momenta.sum(0) / masses.sum()))  # Maxwell–Boltzmann, zero total momentum
     start_positions = atoms.get_positions().copy()
     load_start = os.getloadavg()[0]
+    t_run = time.perf_counter()
+    equilibration = None
+    if equilibrate_steps > 0:
+        equilibration = _equilibrate(atoms, timestep_fs, int(equilibrate_steps), temperature_k, friction_per_fs,
+                                     seed, max_time, log, label)
+        if max_time is not None:
+            max_time = max(1.0, max_time - (time.perf_counter() - t_run))
     t_first = time.perf_counter()
     epot = [atoms.get_potential_energy()]  # the first call builds the neighbour list
     first_call_s = time.perf_counter() - t_first
@@ -360,8 +385,10 @@ def run_nve(atoms, model, dtype: str, timestep_fs: float, steps: int, temperatur
     wall, cpu = [], []
     dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
     status, t_md = "completed", time.perf_counter()
+    if equilibration is not None and equilibration["status"] != "completed":  # no NVE run from a failed start
+        status, steps = f"equilibration {equilibration['status']}", 0
     e0 = epot[0] + ekin[0]
-    report_every, last_report = max(1, steps // 20), time.perf_counter()
+    report_every, last_report = max(1, steps // 40), time.perf_counter()
     for k in range(1, steps + 1):
         c0, w0 = time.process_time(), time.perf_counter()
         try:
@@ -379,7 +406,7 @@ def run_nve(atoms, model, dtype: str, timestep_fs: float, steps: int, temperatur
             status = f"unstable at step {k}: |E - E0| = {abs(e - e0) / n:.3g} eV/atom"
             epot.pop(), ekin.pop()
             break
-        if k % report_every == 0 or time.perf_counter() - last_report > 120:  # at least every 2 min
+        if k % report_every == 0 or time.perf_counter() - last_report > 60:  # at least every minute
             last_report = time.perf_counter()
             log(f"[{label}] step {k}/{steps} ({k * timestep_fs / 1000:.3f} ps), E-E0 {1000 * (e - e0) / n:+.4f} "
                 f"meV/atom, T {atoms.get_temperature():.0f} K, {1000 * np.median(wall):.0f} ms/step, "
@@ -412,16 +439,61 @@ def run_nve(atoms, model, dtype: str, timestep_fs: float, steps: int, temperatur
         # resolution of the reported energy: one unit in the last place of E_pot in the model's dtype
         "energy_ulp_mev_per_atom": 1000 * float(np.spacing(np.abs(epot[0]).astype(dtype))) / n,
         "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
+        "equilibration": equilibration,
     })
+    if molecule_size:
+        row["molecules_end"] = molecule_check(atoms, molecule_size)
     stride = max(1, len(etot) // 500)
     row["trace"] = {"time_ps": t[::stride].round(6).tolist(),
                     "etot_minus_e0_mev_per_atom": (1000 * (etot[::stride] - etot[0]) / n).round(6).tolist(),
-                    "epot_minus_e0_mev_per_atom": (1000 * (epot[::stride] - epot[0]) / n).round(4).tolist()}
+                    "epot_minus_e0_mev_per_atom": (1000 * (epot[::stride] - epot[0]) / n).round(4).tolist(),
+                    "temperature_k": temps[::stride].round(1).tolist()}
     target = TARGETS.get(dtype)
     row["target_mev_per_atom_per_ps"] = target
     drift = row.get("drift_mev_per_atom_per_ps")
     row["target_met"] = None if drift is None or status.startswith("unstable") else bool(abs(drift) <= target)
     return row
+
+
+def _equilibrate(atoms, timestep_fs: float, steps: int, temperature_k: float, friction_per_fs: float, seed: int,
+                 max_time: Optional[float], log, label: str) -> dict:
+    """Langevin MD of ``atoms`` in place (its calculator, never wrapped). Returns a summary with a
+    temperature trace; status "completed", "unstable at step k: ..." or "stopped by --max-time ..."."""
+    from ase import units
+    from ase.md.langevin import Langevin
+
+    dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature_k, friction=friction_per_fs / units.fs,
+                   rng=np.random.default_rng(seed + 1))
+    t0, temps, status = time.perf_counter(), [float(atoms.get_temperature())], "completed"
+    every = max(1, steps // 20)
+    for k in range(1, steps + 1):
+        try:
+            dyn.run(1)
+        except ValueError as exc:
+            status = f"unstable at step {k}: {exc}"
+            break
+        temps.append(float(atoms.get_temperature()))
+        if k % every == 0:
+            log(f"[{label}] equilibration step {k}/{steps}: T {temps[-1]:.0f} K, E_pot "
+                f"{atoms.get_potential_energy() / len(atoms):.4f} eV/atom, "
+                f"{(time.perf_counter() - t0) / k:.2f} s/step, load {os.getloadavg()[0]:.1f}")
+        if max_time is not None and time.perf_counter() - t0 > max_time:
+            status = f"stopped by --max-time {max_time:.0f} s at step {k}"
+            break
+    return {"thermostat": "ASE Langevin", "temperature_k": temperature_k, "friction_per_fs": friction_per_fs,
+            "timestep_fs": timestep_fs, "steps": len(temps) - 1, "ps": (len(temps) - 1) * timestep_fs / 1000.0,
+            "status": status, "wall_s": round(time.perf_counter() - t0, 1),
+            "temperature_end_k": temps[-1], "temperature_trace_k": [round(x, 1) for x in temps[:: max(1, len(temps) // 50)]]}
+
+
+def molecule_check(atoms, size: int) -> dict:
+    """Largest distance (Å, minimum image) between atoms of one molecule and smallest between atoms of
+    different molecules, molecules being consecutive blocks of ``size`` atoms."""
+    d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
+    mol = np.arange(len(atoms)) // size
+    same = mol[:, None] == mol[None, :]
+    return {"atoms_per_molecule": size, "max_intramolecular_a": float(d[same].max()),
+            "min_intermolecular_a": float(d[~same].min())}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,7 +540,7 @@ def render(payload: dict) -> str:
                      f"{r['fractional_range'][1]:.3f} (never wrapped); largest displacement "
                      f"{r['max_displacement_a']:.2f} Å; first call (neighbour list, set-up) {r['first_call_s']} s; one unit in "
                      f"the last place of the reported E_pot in {r['dtype']}: {_sig(r.get('energy_ulp_mev_per_atom'), 2)} "
-                     f"meV/atom.")
+                     f"meV/atom." + _extras(r))
     lines += ["", "Machine: " + ", ".join(f"{k} {meta.get(k)}" for k in (
         "cpu_model", "cpu_count", "mem_total_gib", "torch", "ase", "e3nn", "numpy", "python", "git_commit",
         "git_dirty", "date") if k in meta) + f"; torch threads {meta.get('threads')}.",
@@ -478,6 +550,25 @@ def render(payload: dict) -> str:
     if meta.get("notes"):
         lines += [meta["notes"], ""]
     return "\n".join(lines)
+
+
+def _extras(r: dict) -> str:
+    """The equilibration and molecule-check sentences of a row (empty when it has neither)."""
+    out = ""
+    eq = r.get("equilibration")
+    if eq:
+        trace = eq.get("temperature_trace_k") or []
+        out += (f" Equilibration: {eq['steps']} steps ({eq['ps']:g} ps) of {eq['thermostat']} at {eq['temperature_k']:.0f} K, "
+                f"friction {eq['friction_per_fs']:g}/fs, {eq['wall_s']} s wall ({eq['status']}); temperature "
+                f"{' → '.join(f'{t:.0f}' for t in trace[:: max(1, len(trace) // 6)])} K, {eq['temperature_end_k']:.0f} K at the end.")
+    tr = (r.get("trace") or {}).get("temperature_k")
+    if tr:
+        out += (f" NVE temperature: start {tr[0]:.0f} K, min {min(tr):.0f} K, max {max(tr):.0f} K, end {tr[-1]:.0f} K.")
+    m = r.get("molecules_end")
+    if m:
+        out += (f" Molecules at the end: largest intramolecular distance {m['max_intramolecular_a']:.2f} Å, smallest "
+                f"intermolecular {m['min_intermolecular_a']:.2f} Å ({'every molecule whole' if m['max_intramolecular_a'] < 2.0 else 'some molecule broken'}).")
+    return out
 
 
 def _fmt(x) -> str:
@@ -565,6 +656,16 @@ def parse_args(argv=None):
     p.add_argument("--train-time", type=float, default=600.0, help="training wall-clock cap per model, s")
     p.add_argument("--train-frames", type=int, default=None, help="train on a random subset of this many frames")
     p.add_argument("--train-dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--water-data", default=str(WATER_DATA), help="the bulk-water training set (extended XYZ with "
+                   "energy, forces, stress; default benchmarks/data/water_pbc.xyz, made by benchmarks/water_data.py)")
+    p.add_argument("--batch-size", type=int, default=4, help="training batch size of the water model (default 4)")
+    p.add_argument("--lr", type=float, default=5e-3, help="initial learning rate of the water model (default 5e-3)")
+    p.add_argument("--equilibrate-ps", type=float, default=None, help="thermostatted (Langevin) equilibration "
+                   "with the model before the NVE run, ps (default: NaCl 0, water 0.05)")
+    p.add_argument("--friction", type=float, default=0.05, help="Langevin friction of the equilibration, 1/fs "
+                   "(default 0.05: a 20 fs time constant)")
+    p.add_argument("--temperature", type=float, default=None, help="start (and thermostat) temperature, K "
+                   "(default 300)")
     p.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "cartlorem_nve_models"),
                    help="trained models are kept here, keyed by the training settings, so that parallel or "
                    "repeated runs share them (never committed; the results name the commit each was trained "
@@ -586,7 +687,7 @@ def parse_args(argv=None):
     if bad or not runs:
         p.error(f"--runs: unknown {bad}; choose from {', '.join(RUNS)}")
     args.runs = runs
-    for name in ("ps", "timestep_fs", "max_time", "train_time"):
+    for name in ("ps", "timestep_fs", "max_time", "train_time", "lr", "friction", "temperature"):
         v = getattr(args, name)
         if v is not None and not v > 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -602,12 +703,15 @@ def parse_args(argv=None):
         args.deadline = end
     if args.steps is not None and args.steps < 3:
         p.error(f"--steps must be >= 3 (a drift needs 3 points), got {args.steps}")
-    if args.threads < 1 or args.water_molecules < 2 or args.epochs < 0:
-        p.error("--threads must be >= 1, --water-molecules >= 2 and --epochs >= 0")
+    if args.threads < 1 or args.water_molecules < 2 or args.epochs < 0 or args.batch_size < 1:
+        p.error("--threads must be >= 1, --water-molecules >= 2, --epochs >= 0 and --batch-size >= 1")
+    if args.equilibrate_ps is not None and args.equilibrate_ps < 0:
+        p.error(f"--equilibrate-ps must be >= 0, got {args.equilibrate_ps}")
     if args.quick:
         args.water_molecules = min(args.water_molecules, 4)
         args.epochs = min(args.epochs, 1)
         args.steps = args.steps or 20
+        args.equilibrate_ps = 0.005 if args.equilibrate_ps is None else args.equilibrate_ps
     if args.out is None:
         args.out = str(Path(tempfile.gettempdir()) / "cartlorem_nve_quick" / "nve") if args.quick else str(DEFAULT_OUT)
     return args
@@ -635,6 +739,13 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S} {msg}", flush=True)
 
+    import logging
+
+    handler = logging.StreamHandler(sys.stdout)  # the training's per-epoch lines
+    handler.setFormatter(logging.Formatter("%(asctime)s [train] %(message)s", "%H:%M:%S"))
+    logging.getLogger("cartlorem.training").addHandler(handler)
+    logging.getLogger("cartlorem.training").setLevel(logging.INFO)
+
     meta = {**_machine_info(), "threads": args.threads,
             "notes": "Commands and per-run stamps are in each row; `--merge` combines rows of separate processes."}
     command = "python benchmarks/nve.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -643,6 +754,9 @@ def main(argv=None) -> int:
         system, dtype = run.split("-")
         d = DEFAULTS[system]
         dt = args.timestep_fs or d["timestep_fs"]
+        temperature = args.temperature or d["temperature_k"]
+        eq_ps = d["equilibrate_ps"] if args.equilibrate_ps is None else args.equilibrate_ps
+        eq_steps = int(round(eq_ps * 1000.0 / dt))
         steps = args.steps or int(round((args.ps or d["ps"]) * 1000.0 / dt))
         if system not in models:
             models[system] = get_model(system, args, log)
@@ -655,20 +769,25 @@ def main(argv=None) -> int:
             a = lattice_constant_from(read(data_file(args.data_dir, "nacl_pbc"), ":"))
             atoms = nacl_crystal(a)
             structure = (f"rocksalt NaCl 2×2×2 conventional cells, a = {a:.4f} Å (median of the training cells), "
-                         f"{d['temperature_k']:.0f} K Maxwell–Boltzmann start")
+                         f"{temperature:.0f} K Maxwell–Boltzmann start")
         else:
             atoms = water_box(args.water_molecules, seed=args.seed)
             structure = (f"{args.water_molecules}³ water molecules on a grid at 1 g/cm³ (box "
                          f"{atoms.cell[0, 0]:.2f} Å), random orientations (closest intermolecular start distance "
-                         f"{min_intermolecular_distance(atoms):.2f} Å), {d['temperature_k']:.0f} K Maxwell–Boltzmann start, no "
-                         f"equilibration")
+                         f"{min_intermolecular_distance(atoms):.2f} Å), {temperature:.0f} K Maxwell–Boltzmann start")
+        if eq_steps:
+            structure += (f", then {eq_steps} steps ({eq_steps * dt / 1000:g} ps) of Langevin MD with the model at "
+                          f"{temperature:.0f} K (friction {args.friction:g}/fs, same dtype and timestep) before the NVE run")
+        else:
+            structure += ", no equilibration"
         log(f"[{run}] {len(atoms)} atoms, {steps} steps of {dt:g} fs; {structure}")
         max_time = args.max_time
         if args.deadline is not None:
             left = (args.deadline - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
             max_time = max(1.0, left) if max_time is None else max(1.0, min(max_time, left))
-        row = run_nve(atoms, model, dtype, dt, steps, d["temperature_k"], seed=args.seed, max_time=max_time,
-                      log=log, label=run)
+        row = run_nve(atoms, model, dtype, dt, steps, temperature, seed=args.seed, max_time=max_time,
+                      log=log, label=run, equilibrate_steps=eq_steps, friction_per_fs=args.friction,
+                      molecule_size=3 if system == "water" else None)
         if args.deadline is not None and row["status"].startswith("stopped by --max-time"):
             row["status"] = f"stopped by --deadline {args.deadline:%H:%M} UTC at step {row['steps_run']}"
         row.update({"run": run, "system": system, "structure": structure, "model": info, "command": command,

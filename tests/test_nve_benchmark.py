@@ -79,3 +79,45 @@ def test_start_structures():
     assert len(nacl) == 64 and nacl.get_chemical_formula() == "Cl32Na32" and nacl.pbc.all()
     assert nacl.get_volume() == pytest.approx(8 * 5.64**3)
     assert nve.lattice_constant_from([nacl]) == pytest.approx(5.64)
+
+
+def test_molecule_check_of_whole_and_broken_water():
+    w = nve.water_box(3, seed=0)
+    hh = 2 * nve.WATER_OH * math.sin(math.radians(nve.WATER_HOH) / 2)  # the H–H distance, the longest in-molecule
+    m = nve.molecule_check(w, 3)
+    assert m["max_intramolecular_a"] == pytest.approx(hh, abs=1e-9)
+    assert m["min_intermolecular_a"] == pytest.approx(nve.min_intermolecular_distance(w), abs=1e-12)
+    w.positions[4] += [0.0, 0.0, 2.0]  # pull one H of the second molecule 2 Å away: the molecule is broken
+    assert nve.molecule_check(w, 3)["max_intramolecular_a"] > 2.0
+
+
+def test_missing_water_training_set_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="water_data.py"):
+        nve._training_frames("water", tmp_path, False, tmp_path / "nope.xyz")
+
+
+def test_water_data_frames_carry_the_labels_of_their_own_positions(tmp_path):
+    """The bulk-water generator keeps MD frames with the energy, forces and stress of the stored
+    positions (not those of a neighbouring step) and labels rattled / strained frames afresh."""
+    pytest.importorskip("tblite")
+    from ase.io import read
+    from tblite.ase import TBLite
+
+    from benchmarks import water_data
+
+    out = tmp_path / "w.xyz"
+    assert water_data.main([str(out), "--molecules-per-side", "2", "--trajectories", "1", "--steps", "2",
+                            "--every", "2", "--rattled", "1", "--workers", "1"]) == 0
+    frames = read(out, ":")
+    assert [f.info["kind"] for f in frames] == ["md", "md", "rattled"]
+    assert [int(f.info["step"]) for f in frames[:2]] == [0, 2]
+    assert not list(tmp_path.glob("w.xyz.part*"))
+    for f in frames:
+        ref = f.copy()
+        ref.calc = TBLite(method="GFN1-xTB", verbosity=0, accuracy=1.0, max_iterations=300)
+        assert f.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-5)
+        np.testing.assert_allclose(f.get_forces(), ref.get_forces(), atol=1e-4)
+        np.testing.assert_allclose(f.get_stress(), ref.get_stress(), atol=1e-6)
+    assert abs(frames[2].get_volume() / frames[0].get_volume() - 1) <= 3 * 0.03 + 1e-9
+    with pytest.raises(SystemExit):
+        water_data.main([str(out), "--every", "0"])
