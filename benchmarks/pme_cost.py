@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _common import machine_info, markdown_table, time_fns, write_results  # noqa: E402
-from speed import water_box  # noqa: E402
+from harness import water_box  # noqa: E402
 
 
 def random_multipoles(n: int, channels: int, dtype, seed: int = 0):
