@@ -32,7 +32,8 @@ of :mod:`.ewald`.
 Parameters (:func:`choose_parameters`): ``r_c = p / alpha`` and the spline truncation follow the
 Ewald rule (:func:`.ewald.tail_parameter`); the mesh spacing along each lattice vector is
 ``h alpha = (accuracy / 2c)^(1/e)`` (the spline error falls as ``c (h alpha)^e``, ``e ~ n - d`` for outputs or
-sources of rank d; constants measured against the exact k-space sum, :data:`MESH_ERROR`), rounded up to an FFT-friendly size
+sources of rank d; constants measured against the exact k-space sum, :data:`MESH_ERROR` for point multipoles,
+:data:`MESH_ERROR_SMEARED` for Gaussian sources, whose fields are mostly or wholly reciprocal), rounded up to an FFT-friendly size
 (a product of 2, 3 and 5); alpha minimises a measured cost model (:func:`pme_cost`).
 """
 
@@ -73,6 +74,14 @@ MESH_ERROR = {
     1: {4: (0.1337, 3.73), 6: (0.1405, 6.43), 8: (0.1294, 8.75), 10: (0.1306, 10.95)},
     2: {4: (0.2579, 2.55), 6: (0.0955, 4.85), 8: (0.0676, 7.19), 10: (0.0720, 9.55)},
 }
+#: Spline error model for Gaussian sources (smearing given), (c, e) per spline order, any rank d <= 2:
+#: measured with alpha = 1/(sqrt 2 sigma), where the reciprocal sum is the whole field (no real-space part
+#: to dilute the mesh error): worst relative error per channel and output rank over q, mu, Theta alone and
+#: together, cubic, triclinic and skewed 16-60-atom cells, 0.12 <= h alpha <= 0.5 (upper envelope; Theta
+#: alone is the worst case). The constants are ~40x those of :data:`MESH_ERROR` at the same exponents: the
+#: point-multipole constants, applied to the model's smeared sources, gave errors up to 1.3x the requested
+#: accuracy (water box, q + mu + Theta, accuracy 1e-4; tests/test_pme.py::test_model_settings_water_box).
+MESH_ERROR_SMEARED = {4: (3.0, 2.06), 6: (1.78, 4.45), 8: (3.64, 7.20), 10: (10.2, 9.86)}
 #: Cost model of one call with gradients to the positions (seconds, one CPU thread, float64), fitted to
 #: process times of water boxes of 24-1536 atoms, C = 4 channels of q, mu, Theta, point and smeared
 #: (sigma = 1 Å) sources at accuracy 1e-6 (model within 0.8-1.2x of the measured times).
@@ -136,12 +145,13 @@ def fft_size(n: int) -> int:
     return _SMOOTH[bisect.bisect_left(_SMOOTH, n)]
 
 
-def mesh_spacing(alpha: float, accuracy: float, spline_order: int, derivatives: int) -> float:
+def mesh_spacing(alpha: float, accuracy: float, spline_order: int, derivatives: int, smeared: bool = False) -> float:
     """Largest mesh spacing (Å) along a lattice vector that keeps the spline error below ``accuracy / 2``.
 
-    derivatives: highest rank of the sources or outputs (0, 1, 2); spline_order among SPLINE_ORDERS.
+    derivatives: highest rank of the sources or outputs (0, 1, 2); spline_order among SPLINE_ORDERS;
+    smeared: Gaussian sources (:data:`MESH_ERROR_SMEARED`, whatever alpha) instead of point multipoles.
     """
-    c, e = MESH_ERROR[derivatives][spline_order]
+    c, e = MESH_ERROR_SMEARED[spline_order] if smeared else MESH_ERROR[derivatives][spline_order]
     return min(0.75, (0.5 * accuracy / c) ** (1.0 / e)) / alpha
 
 
@@ -168,6 +178,7 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
     volume = abs(np.linalg.det(cell))
     p = tail_parameter(accuracy, order)
     beta_max = math.inf if smearing is None else smearing_beta(smearing)
+    smeared = smearing is not None
     orders = [int(spline_order)] if spline_order is not None else [n for n in SPLINE_ORDERS if n >= derivatives + 4]
     if mesh is not None:
         mesh = tuple(int(k) for k in mesh)
@@ -177,7 +188,7 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
     elif real_cutoff is not None:
         alphas = [min(p / float(real_cutoff), beta_max)]
     elif mesh is not None:  # the sharpest splitting the given mesh resolves to accuracy
-        alphas = sorted({min(beta_max, mesh_spacing(1.0, accuracy, n, derivatives) / coarsest) for n in orders})
+        alphas = sorted({min(beta_max, mesh_spacing(1.0, accuracy, n, derivatives, smeared) / coarsest) for n in orders})
     else:
         # Candidates on the 2^(j/16) grid of .ewald.snap_alpha: alpha (and with it the real cutoff and the
         # mesh) is then piecewise constant in the cell, so the stress is the exact strain derivative of
@@ -192,8 +203,8 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
         cutoff = float(real_cutoff) if real_cutoff is not None else float(p / a)
         for n in orders:
             if mesh is None:
-                m = mesh_for(cell, mesh_spacing(a, accuracy, n, derivatives), n)
-            elif coarsest <= mesh_spacing(a, accuracy, n, derivatives) * (1.0 + 1e-9):
+                m = mesh_for(cell, mesh_spacing(a, accuracy, n, derivatives, smeared), n)
+            elif coarsest <= mesh_spacing(a, accuracy, n, derivatives, smeared) * (1.0 + 1e-9):
                 m = mesh
             else:
                 continue
@@ -202,7 +213,7 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
                 best = (cost, PMEParameters(float(a), cutoff, m, n))
     if best is None:  # only with a given mesh
         a = alphas[0]
-        need = mesh_for(cell, mesh_spacing(a, accuracy, max(orders), derivatives), max(orders))
+        need = mesh_for(cell, mesh_spacing(a, accuracy, max(orders), derivatives, smeared), max(orders))
         raise ValueError(
             f"PME mesh {list(mesh)} is too coarse for accuracy {accuracy:g} with alpha = {a:.4g} 1/Å and spline "
             f"order {'/'.join(map(str, orders))}: it needs about {list(need)} points (or a smaller alpha, a larger "
