@@ -280,7 +280,9 @@ def markdown(rows, meta, summary) -> str:
              f"{meta['cpu_model']}, {meta['cpu_count']} cores, {meta['mem_total_gib']} GiB, torch {meta['torch']}; "
              f"load average {meta['loadavg_1min']} at the start (the machine was shared with other jobs: wall "
              "times are pessimistic, CPU times are given next to them; the load at each point is in the table).",
-             "", f"Command: `{meta['command']}`.", "",
+             "", f"Command(s): `{meta['command']}`" + (" (runs made in parallel, combined with `--combine`; commits "
+             + ", ".join(sorted({c['commit'][:10] for c in meta['combined_from']})) + ")" if meta.get("combined_from") else "")
+             + ".", "",
              "Model: `CartLorem(species, long_range=\"multipole\")`, C = 64, 2 layers, correlation 3, lmax 2, "
              "r_c = 5 Å, long-range block with 4 channels of q, μ, Θ, σ = 1 Å, accuracy 1e-5, `method=\"auto\"`; "
              "float32, CPU, random weights (`torch.manual_seed(0)`), one energy + forces call (no stress). "
@@ -331,12 +333,28 @@ def main(argv=None):
                    help="run points whose predicted memory exceeds 90%% of the available memory")
     p.add_argument("--merge", action="store_true", help="add to / replace rows of an existing results file")
     p.add_argument("--out", default=str(HERE / "results" / "scale"))
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="write --out from the rows of earlier result files (runs made in parallel), nothing timed")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     from harness import machine_info, mem_available_bytes, write_results
+
+    if args.combine:
+        parts = [json.loads(Path(f).read_text()) for f in args.combine]
+        meta = dict(parts[0]["meta"])
+        meta["command"] = "; ".join(part["meta"]["command"] for part in parts)
+        meta["loadavg_1min"] = "/".join(str(part["meta"]["loadavg_1min"]) for part in parts)
+        meta["combined_from"] = [dict(date=part["meta"]["date"], commit=part["meta"]["git_commit"],
+                                      command=part["meta"]["command"]) for part in parts]
+        rows = [r for part in parts for r in part["rows"]]
+        rows.sort(key=lambda r: (r["system"] != "water", r["system"], r["N"], r["threads"], bool(r.get("lr_only"))))
+        meta["summary"] = summarise(rows)
+        write_results("scale", rows, meta, markdown(rows, meta, meta["summary"]), out=args.out)
+        print(json.dumps(meta["summary"], indent=1))
+        return
 
     meta = machine_info()
     meta["command"] = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
