@@ -18,6 +18,8 @@ Per (system, size, threads), in a fresh process:
   positions, cell captured by a forward pre-hook): its forward (learned multipoles, PME fields, energy
   terms, feature update) + the backward to positions and features (what the forces need), timed the
   same way. The share is long-range / full (wall-time medians); local = full - long-range;
+* ``--lr-only``: the long-range block alone (no full call, for the largest sizes), on random node
+  features of the model's shapes (seeded; the block's cost does not depend on their values);
 * ``local`` (N <= ``--local-max``): the same model without long range (``long_range=None``), as a check
   of local = full - long-range;
 * peak memory: the process's resident set size is read after the model and graph are built, its peak
@@ -129,9 +131,14 @@ def worker(spec: dict) -> dict:
         out = model(graph, compute_forces=True, compute_stress=False, create_graph=False)
         return out["energy"], out["forces"]
 
-    if spec.get("lr_only"):  # the long-range block alone: capture its inputs with a forward without forces
-        with torch.no_grad():
-            model(graph, compute_forces=False, compute_stress=False, create_graph=False)
+    if spec.get("lr_only"):  # the long-range block alone on random node features of the model's shapes
+        gen = torch.Generator().manual_seed(1)
+        c = 64
+        h2 = torch.randn(n, c, 3, 3, generator=gen)
+        h2 = 0.5 * (h2 + h2.transpose(-1, -2))
+        h2 = h2 - torch.diagonal(h2, dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(3)
+        h = [torch.randn(n, c, generator=gen), torch.randn(n, c, 3, generator=gen), h2]
+        captured["args"] = (h, graph, graph.positions, graph.cell)
         return {"N": n, "edges": n_edges, "threads": threads, "setup_s": setup_s, "lr_only": True,
                 **_time_long_range(model, captured, int(spec["repeats"]), n >= int(spec["single_call"])),
                 **_lr_parameters(atoms)}
