@@ -511,14 +511,16 @@ def reciprocal_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor,
         flat = _flat_indices(base, mesh, order).reshape(-1, order, 1, order * order)  # [n, x, 1, y z]
         return (flat + channel_offset).reshape(-1)
 
-    # one mesh per channel, flat [C * points], accumulated in place (index_add_'s backward needs only the
-    # indices); flat indices make the scatter and the gather one-dimensional loops
+    # one mesh per channel [C, points], accumulated in place: index_add_'s backward keeps only the indices,
+    # one per (atom, stencil point) shared by the channels (int32 where the mesh allows: 4 bytes per entry)
     channel_offset = (torch.arange(n_channels, device=u.device) * n_mesh)[:, None]  # [C, 1]
-    Q = u.new_zeros(n_channels * n_mesh)
+    index_dtype = torch.int32 if n_mesh < 2**31 else torch.long
+    Q = u.new_zeros(n_channels, n_mesh)
     for a0 in range(0, n_atoms, ATOM_BLOCK):
         args = (u[a0:a0 + ATOM_BLOCK], c_u[a0:a0 + ATOM_BLOCK])
         weights = checkpoint(spread, *args, use_reentrant=False) if use_checkpoint else spread(*args)
-        Q.index_add_(0, mesh_index(torch.floor(args[0].detach()).long()), weights.reshape(-1))
+        flat = _flat_indices(torch.floor(args[0].detach()).long(), mesh, order).reshape(-1).to(index_dtype)
+        Q.index_add_(1, flat, weights.permute(2, 0, 1, 3, 4).reshape(n_channels, -1))  # [C, n x y z]
     Q = Q.reshape(n_channels, *mesh)
     G = influence_function(cell, mesh, order, params.alpha)
     phi = torch.fft.irfftn(torch.fft.rfftn(Q, dim=(1, 2, 3)) * G, s=mesh, dim=(1, 2, 3))  # [C, K1, K2, K3]
