@@ -305,15 +305,16 @@ def markdown(rows, meta, summary) -> str:
              f"- 100,000-atom water energy + forces within {TARGET_MEMORY_GIB:.0f} GiB: {verdict(s['memory_target_met'])} "
              f"(peak {_f(s['water_1e5_peak_gib'], '.1f')} GiB)", "",
              "## Time and memory per call", "",
-             "| system | N | threads | full wall s | full CPU s | long-range wall s | long-range CPU s | share | "
-             "local wall s (full − LR) | local wall s (measured) | peak GiB | call MB/atom | PME mesh, order | load | status |",
+             "| system | N | threads | full wall s | full CPU s | long-range wall s | long-range CPU s | share (wall / CPU) | "
+             "local CPU s (full − LR) | local CPU s (measured) | peak GiB | call MB/atom | PME mesh, order | load | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mesh = f"{r['pme_mesh']}, {r['pme_spline_order']}" if r.get("pme_mesh") else r.get("lr_method", "—")
         lines.append(
             f"| {r['system']}{' (long range only)' if r.get('lr_only') else ''} | {r.get('N', '—')} | {r['threads']} | {_f(r.get('full_wall_s'), '.2f')} | "
             f"{_f(r.get('full_cpu_s'), '.2f')} | {_f(r.get('lr_wall_s'), '.2f')} | {_f(r.get('lr_cpu_s'), '.2f')} | "
-            f"{_f(r.get('lr_share'), '.1%')} | {_f(r.get('local_est_wall_s'), '.2f')} | {_f(r.get('local_wall_s'), '.2f')} | "
+            f"{_f(r.get('lr_share'), '.1%')} / {_f(r.get('lr_share_cpu'), '.1%')} | {_f(r.get('local_est_cpu_s'), '.2f')} | "
+            f"{_f(r.get('local_cpu_s'), '.2f')} | "
             f"{_f(r.get('peak_rss_mb') and r['peak_rss_mb'] / 1024, '.2f')} | "
             f"{_f(r.get('call_peak_mb') and r['call_peak_mb'] / r['N'], '.3f')} | {mesh} | {r.get('loadavg_1min', '—')} | "
             f"{r['status']} |")
