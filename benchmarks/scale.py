@@ -258,7 +258,7 @@ def summarise(rows) -> dict:
     lr_exp = [v for k, v in fits.items() if " lr_" in k and "N>=1e4" in k]
     shares = [r["lr_share"] for r in ok if "lr_share" in r]
     shares_cpu = [r["lr_share_cpu"] for r in ok if "lr_share_cpu" in r]
-    big_water = [r for r in ok if r["system"] == "water" and r["N"] >= 90_000]
+    big_water = [r for r in ok if r["system"] == "water" and r["N"] >= 90_000 and "peak_rss_mb" in r]
     return {
         "fits": fits,
         "lr_exponent_max_N>=1e4": max(lr_exp) if lr_exp else None,
