@@ -141,7 +141,7 @@ def worker(spec: dict) -> dict:
         captured["args"] = (h, graph, graph.positions, graph.cell)
         return {"N": n, "edges": n_edges, "threads": threads, "setup_s": setup_s, "lr_only": True,
                 **_time_long_range(model, captured, int(spec["repeats"]), n >= int(spec["single_call"])),
-                **_lr_parameters(atoms)}
+                **_lr_parameters(atoms), "lr_process_peak_mb": _status_mb("VmHWM")}
 
     # the first call: peak memory (and the warm-up)
     base = _status_mb("VmRSS")
