@@ -252,7 +252,9 @@ def summarise(rows) -> dict:
                          key=lambda r: bool(r.get("lr_only")))
             for key in ("full_wall_s", "full_cpu_s", "lr_wall_s", "lr_cpu_s", "local_est_cpu_s"):
                 for label, n_min in (("N>=1e4", 10_000), ("all", 0)):
-                    k = slope(sel, key, n_min)
+                    # long-range fits from one series where there is one (the long-range-only run)
+                    rows_k = sorted(sel, key=lambda r: not r.get("lr_only")) if key.startswith("lr_") else sel
+                    k = slope(rows_k, key, n_min)
                     if k is not None:
                         fits[f"{system} {threads}t {key[:-2]} {label}"] = round(k, 3)
     lr_exp = [v for k, v in fits.items() if " lr_" in k and "N>=1e4" in k]
