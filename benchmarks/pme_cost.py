@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _common import machine_info, markdown_table, time_fns, write_results  # noqa: E402
-from speed import water_box  # noqa: E402
+from harness import water_box  # noqa: E402
 
 
 def random_multipoles(n: int, channels: int, dtype, seed: int = 0):
@@ -160,18 +160,19 @@ def main(argv=None):
             t = time_fns(fns, warmup=1, repeats=args.repeats)
             row = {"N": n, "dtype": dt, "alpha": round(params.alpha, 4), "real_cutoff": round(params.real_cutoff, 3),
                    "mesh": "x".join(map(str, params.mesh)), "spline_order": params.spline_order, "auto": auto,
-                   "pme_s": round(t["pme"]["median"], 4),
+                   "pme_s": round(t["pme"]["median"], 4), "pme_cpu_s": round(t["pme"]["cpu_median"], 4),
                    "ewald_s": round(t["ewald"]["median"], 4) if "ewald" in t else None,
+                   "ewald_cpu_s": round(t["ewald"]["cpu_median"], 4) if "ewald" in t else None,
                    "nvalchemiops_s": round(t["nvalchemiops"]["median"], 4) if "nvalchemiops" in t else None}
             rows.append(row)
             print(row, flush=True)
     slopes = []
     for dt in args.dtype.split(","):
-        for key in ("pme_s", "ewald_s", "nvalchemiops_s"):
+        for key in ("pme_s", "pme_cpu_s", "ewald_s", "ewald_cpu_s", "nvalchemiops_s"):
             sel = [r for r in rows if r["dtype"] == dt and r[key] is not None and r["N"] >= 1000]
             if len(sel) >= 2:
                 k = np.polyfit(np.log([r["N"] for r in sel]), np.log([r[key] for r in sel]), 1)[0]
-                slopes.append(f"{key[:-2]} {dt}: {k:.2f}")
+                slopes.append(f"{key[:-2].replace('_', ' ')} {dt}: {k:.2f}")
     meta = machine_info()
     sm = "point multipoles" if smearing is None else f"Gaussian sources σ = {smearing} Å"
     md = [f"# Ewald against particle-mesh Ewald: fields + forces ({meta['date']}, commit "
@@ -181,11 +182,13 @@ def main(argv=None):
           "the methods were interleaved so their ratios hold). Water boxes, "
           f"{args.channels} channels of random q, μ, Θ on every atom, {sm}, accuracy {args.accuracy:g}; "
           "`multipole_fields` (potential, field, gradient) + energy + forces, wall time, median of "
-          f"{args.repeats} after a warm-up. `auto`: the method `method=\"auto\"` picks. "
+          f"{args.repeats} after a warm-up (process CPU time next to it: robust to the load). `auto`: the method "
+          "`method=\"auto\"` picks. Code: `" + str(Path(pme.__file__).resolve().parent.parent.parent) + "`. "
           f"Command: `python benchmarks/pme_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}`.", "",
           markdown_table(rows, [("N", "N"), ("dtype", "dtype"), ("PME α (1/Å)", "alpha"), ("r_c (Å)", "real_cutoff"),
                                 ("mesh", "mesh"), ("spline", "spline_order"), ("auto", "auto"),
-                                ("PME s", "pme_s"), ("Ewald s", "ewald_s"), ("nvalchemiops s", "nvalchemiops_s")]),
+                                ("PME s", "pme_s"), ("PME CPU s", "pme_cpu_s"), ("Ewald s", "ewald_s"),
+                                ("Ewald CPU s", "ewald_cpu_s"), ("nvalchemiops s", "nvalchemiops_s")]),
           "", "Fitted log–log slopes (N ≥ 1000): " + ("; ".join(slopes) or "too few sizes") + ".", "",
           f"nvalchemiops: {nval_note or 'not tried (--no-nvalchemi)'}."]
     write_results("pme_cost", rows, {**meta, **vars(args)}, "\n".join(md), out=args.out)

@@ -32,7 +32,8 @@ of :mod:`.ewald`.
 Parameters (:func:`choose_parameters`): ``r_c = p / alpha`` and the spline truncation follow the
 Ewald rule (:func:`.ewald.tail_parameter`); the mesh spacing along each lattice vector is
 ``h alpha = (accuracy / 2c)^(1/e)`` (the spline error falls as ``c (h alpha)^e``, ``e ~ n - d`` for outputs or
-sources of rank d; constants measured against the exact k-space sum, :data:`MESH_ERROR`), rounded up to an FFT-friendly size
+sources of rank d; constants measured against the exact k-space sum, :data:`MESH_ERROR` for point multipoles,
+:data:`MESH_ERROR_SMEARED` for Gaussian sources, whose fields are mostly or wholly reciprocal), rounded up to an FFT-friendly size
 (a product of 2, 3 and 5); alpha minimises a measured cost model (:func:`pme_cost`).
 """
 
@@ -73,6 +74,14 @@ MESH_ERROR = {
     1: {4: (0.1337, 3.73), 6: (0.1405, 6.43), 8: (0.1294, 8.75), 10: (0.1306, 10.95)},
     2: {4: (0.2579, 2.55), 6: (0.0955, 4.85), 8: (0.0676, 7.19), 10: (0.0720, 9.55)},
 }
+#: Spline error model for Gaussian sources (smearing given), (c, e) per spline order, any rank d <= 2:
+#: measured with alpha = 1/(sqrt 2 sigma), where the reciprocal sum is the whole field (no real-space part
+#: to dilute the mesh error): worst relative error per channel and output rank over q, mu, Theta alone and
+#: together, cubic, triclinic and skewed 16-60-atom cells, 0.12 <= h alpha <= 0.5 (upper envelope; Theta
+#: alone is the worst case). The constants are ~40x those of :data:`MESH_ERROR` at the same exponents: the
+#: point-multipole constants, applied to the model's smeared sources, gave errors up to 1.3x the requested
+#: accuracy (water box, q + mu + Theta, accuracy 1e-4; tests/test_pme.py::test_model_settings_water_box).
+MESH_ERROR_SMEARED = {4: (3.0, 2.06), 6: (1.78, 4.45), 8: (3.64, 7.20), 10: (10.2, 9.86)}
 #: Cost model of one call with gradients to the positions (seconds, one CPU thread, float64), fitted to
 #: process times of water boxes of 24-1536 atoms, C = 4 channels of q, mu, Theta, point and smeared
 #: (sigma = 1 Å) sources at accuracy 1e-6 (model within 0.8-1.2x of the measured times).
@@ -136,12 +145,13 @@ def fft_size(n: int) -> int:
     return _SMOOTH[bisect.bisect_left(_SMOOTH, n)]
 
 
-def mesh_spacing(alpha: float, accuracy: float, spline_order: int, derivatives: int) -> float:
+def mesh_spacing(alpha: float, accuracy: float, spline_order: int, derivatives: int, smeared: bool = False) -> float:
     """Largest mesh spacing (Å) along a lattice vector that keeps the spline error below ``accuracy / 2``.
 
-    derivatives: highest rank of the sources or outputs (0, 1, 2); spline_order among SPLINE_ORDERS.
+    derivatives: highest rank of the sources or outputs (0, 1, 2); spline_order among SPLINE_ORDERS;
+    smeared: Gaussian sources (:data:`MESH_ERROR_SMEARED`, whatever alpha) instead of point multipoles.
     """
-    c, e = MESH_ERROR[derivatives][spline_order]
+    c, e = MESH_ERROR_SMEARED[spline_order] if smeared else MESH_ERROR[derivatives][spline_order]
     return min(0.75, (0.5 * accuracy / c) ** (1.0 / e)) / alpha
 
 
@@ -168,6 +178,7 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
     volume = abs(np.linalg.det(cell))
     p = tail_parameter(accuracy, order)
     beta_max = math.inf if smearing is None else smearing_beta(smearing)
+    smeared = smearing is not None
     orders = [int(spline_order)] if spline_order is not None else [n for n in SPLINE_ORDERS if n >= derivatives + 4]
     if mesh is not None:
         mesh = tuple(int(k) for k in mesh)
@@ -177,7 +188,7 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
     elif real_cutoff is not None:
         alphas = [min(p / float(real_cutoff), beta_max)]
     elif mesh is not None:  # the sharpest splitting the given mesh resolves to accuracy
-        alphas = sorted({min(beta_max, mesh_spacing(1.0, accuracy, n, derivatives) / coarsest) for n in orders})
+        alphas = sorted({min(beta_max, mesh_spacing(1.0, accuracy, n, derivatives, smeared) / coarsest) for n in orders})
     else:
         # Candidates on the 2^(j/16) grid of .ewald.snap_alpha: alpha (and with it the real cutoff and the
         # mesh) is then piecewise constant in the cell, so the stress is the exact strain derivative of
@@ -192,8 +203,8 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
         cutoff = float(real_cutoff) if real_cutoff is not None else float(p / a)
         for n in orders:
             if mesh is None:
-                m = mesh_for(cell, mesh_spacing(a, accuracy, n, derivatives), n)
-            elif coarsest <= mesh_spacing(a, accuracy, n, derivatives) * (1.0 + 1e-9):
+                m = mesh_for(cell, mesh_spacing(a, accuracy, n, derivatives, smeared), n)
+            elif coarsest <= mesh_spacing(a, accuracy, n, derivatives, smeared) * (1.0 + 1e-9):
                 m = mesh
             else:
                 continue
@@ -202,7 +213,7 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
                 best = (cost, PMEParameters(float(a), cutoff, m, n))
     if best is None:  # only with a given mesh
         a = alphas[0]
-        need = mesh_for(cell, mesh_spacing(a, accuracy, max(orders), derivatives), max(orders))
+        need = mesh_for(cell, mesh_spacing(a, accuracy, max(orders), derivatives, smeared), max(orders))
         raise ValueError(
             f"PME mesh {list(mesh)} is too coarse for accuracy {accuracy:g} with alpha = {a:.4g} 1/Å and spline "
             f"order {'/'.join(map(str, orders))}: it needs about {list(need)} points (or a smaller alpha, a larger "
@@ -371,23 +382,68 @@ def cartesian_to_u(layout: Layout, A: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- reciprocal part
 
 
-def _stencils(u: torch.Tensor, order: int, need: tuple) -> tuple:
-    """Grid indices and u-derivative stencils of Theta at the atoms.
+def _axis_weights(u: torch.Tensor, order: int, max_d: int) -> tuple:
+    """Per-axis spline weights of Theta at the atoms (Theta is a product of one B-spline per axis).
 
-    u [N, 3] fractional mesh coordinates in [0, K); need: slots of _U_INDICES wanted.
-    Returns (base [N, 3] long, stencils [N, len(need), n, n, n]) with grid points
-    ``m_d = base_d - t_d`` (mod K_d) for stencil position t.
+    u [N, 3] fractional mesh coordinates in [0, K); max_d: highest derivative order wanted.
+    Returns (base [N, 3] long, W) with ``W[k][d]`` [N, n] = ``d^k M_n / du_d^k`` at stencil position t,
+    grid points ``m_d = base_d - t_d`` (mod K_d).
     """
     base = torch.floor(u.detach())
     w = u - base  # [N, 3] in [0, 1), differentiable
-    max_d = max(sum(_U_INDICES[s]) for s in need)
     per_axis = bspline(w, order, max_d)  # list over derivative counts of [N, 3, n]
-    out = []
-    for s in need:
-        cx, cy, cz = _U_INDICES[s]
-        out.append(per_axis[cx][:, 0, :, None, None] * per_axis[cy][:, 1, None, :, None]
-                   * per_axis[cz][:, 2, None, None, :])
-    return base.long(), torch.stack(out, 1)
+    return base.long(), [[p[:, d] for d in range(3)] for p in per_axis]
+
+
+def _groups(slots: tuple) -> tuple:
+    """Factorisation of a set of u-derivative slots axis by axis (separable spreading / interpolation).
+
+    Returns (pairs, xs): ``pairs`` the (dx, dy) prefixes that occur, each with its (dz, slot) list; ``xs``
+    the dx values that occur, each with its (dy, pair index) list.
+    """
+    pairs = {}
+    for s in slots:
+        dx, dy, dz = _U_INDICES[s]
+        pairs.setdefault((dx, dy), []).append((dz, s))
+    keys = sorted(pairs)
+    xs = {}
+    for p, (dx, dy) in enumerate(keys):
+        xs.setdefault(dx, []).append((dy, p))
+    return [(k, pairs[k]) for k in keys], sorted(xs.items())
+
+
+def _spread_weights(W: list, c_u: torch.Tensor, slots: tuple) -> torch.Tensor:
+    """Mesh weights ``sum_u c_u (d/du)^u Theta`` of a chunk of atoms, axis by axis.
+
+    W: per-axis weights (:func:`_axis_weights`), c_u [n, len(slots), C] -> [n, s (x), C, s (y), s (z)].
+    z and y first (small), then one batched product over the x-derivative orders: the cost per atom is
+    ~ (number of x-derivative orders) x s^3 x C instead of len(slots) x s^3 x (C + 2) for full stencils.
+    """
+    pairs, xs = _groups(slots)
+    col = {s: i for i, s in enumerate(slots)}
+    # z: P[(dx, dy)] [n, C, z] = sum_dz c_u[n, (dx, dy, dz), C] W_z^(dz)[n, z]
+    P = [sum(c_u[:, col[s], :, None] * W[dz][2][:, None, :] for dz, s in group) for _, group in pairs]
+    # y: R[dx] [n, C, y, z] = sum_dy W_y^(dy)[n, y] P[(dx, dy)][n, C, z]
+    R = torch.stack([sum(W[dy][1][:, None, :, None] * P[p][:, :, None, :] for dy, p in ys) for _, ys in xs], 1)
+    Wx = torch.stack([W[dx][0] for dx, _ in xs], -1)  # [n, x, dx]
+    n, s = Wx.shape[0], Wx.shape[1]
+    return torch.bmm(Wx, R.reshape(n, len(xs), -1)).reshape(n, s, -1, s, s)  # x: [n, x, C, y, z]
+
+
+def _interpolate_values(W: list, values: torch.Tensor, slots: tuple) -> torch.Tensor:
+    """``sum_m (d/du)^u Theta(u - m) phi(m)`` for every slot: W per-axis weights, values [n, s (x), C, s, s]
+    (phi at the stencil points) -> [n, len(slots), C]; contracted axis by axis (x, then y, then z)."""
+    pairs, xs = _groups(slots)
+    n, s, c = values.shape[0], values.shape[1], values.shape[2]
+    Wx = torch.stack([W[dx][0] for dx, _ in xs], 1)  # [n, dx, x]
+    A = torch.bmm(Wx, values.reshape(n, s, -1)).reshape(n, len(xs), c, s, s)  # [n, dx, C, y, z]
+    row = {dx: k for k, (dx, _) in enumerate(xs)}
+    out = {}
+    for (dx, dy), group in pairs:
+        B = (W[dy][1][:, None, :, None] * A[:, row[dx]]).sum(2)  # [n, C, z]
+        for dz, slot in group:
+            out[slot] = (W[dz][2][:, None, :] * B).sum(-1)  # [n, C]
+    return torch.stack([out[s] for s in slots], 1)
 
 
 def _flat_indices(base: torch.Tensor, mesh: tuple, order: int) -> torch.Tensor:
@@ -442,28 +498,38 @@ def reciprocal_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor,
     track = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, v, cell))
     use_checkpoint = track and n_atoms * order**3 * len(_U_INDICES) > CHECKPOINT_STENCIL
 
-    def spread(u_chunk, c_chunk):
-        """Mesh weights of a chunk of atoms: [C, n * s^3]."""
-        _, st = _stencils(u_chunk, order, tuple(src_slots))  # [n, u, s, s, s]
-        return torch.einsum("nuxyz,nuc->cnxyz", st, c_chunk).reshape(n_channels, -1)
+    src_max = max(sum(_U_INDICES[s]) for s in src_slots)
+    out_max = max(sum(_U_INDICES[s]) for s in out_slots)
 
-    # one mesh, accumulated in place (index_add_'s backward needs only the indices, not the weights)
+    def spread(u_chunk, c_chunk):
+        """Mesh weights of a chunk of atoms: [n, s, C, s, s] (separable, :func:`_spread_weights`)."""
+        _, W = _axis_weights(u_chunk, order, src_max)
+        return _spread_weights(W, c_chunk, tuple(src_slots))
+
+    def mesh_index(base):
+        """Index into the flat [C * points] mesh of every (atom, x, channel, y, z) stencil entry: [n s^3 C]."""
+        flat = _flat_indices(base, mesh, order).reshape(-1, order, 1, order * order)  # [n, x, 1, y z]
+        return (flat + channel_offset).reshape(-1)
+
+    # one mesh per channel [C, points], accumulated in place: index_add_'s backward keeps only the indices,
+    # one per (atom, stencil point) shared by the channels (int32 where the mesh allows: 4 bytes per entry)
+    channel_offset = (torch.arange(n_channels, device=u.device) * n_mesh)[:, None]  # [C, 1]
+    index_dtype = torch.int32 if n_mesh < 2**31 else torch.long
     Q = u.new_zeros(n_channels, n_mesh)
     for a0 in range(0, n_atoms, ATOM_BLOCK):
         args = (u[a0:a0 + ATOM_BLOCK], c_u[a0:a0 + ATOM_BLOCK])
         weights = checkpoint(spread, *args, use_reentrant=False) if use_checkpoint else spread(*args)
-        flat = _flat_indices(torch.floor(args[0].detach()).long(), mesh, order).reshape(-1)
-        Q.index_add_(1, flat, weights)
+        flat = _flat_indices(torch.floor(args[0].detach()).long(), mesh, order).reshape(-1).to(index_dtype)
+        Q.index_add_(1, flat, weights.permute(2, 0, 1, 3, 4).reshape(n_channels, -1))  # [C, n x y z]
     Q = Q.reshape(n_channels, *mesh)
     G = influence_function(cell, mesh, order, params.alpha)
     phi = torch.fft.irfftn(torch.fft.rfftn(Q, dim=(1, 2, 3)) * G, s=mesh, dim=(1, 2, 3))  # [C, K1, K2, K3]
-    phi = phi.reshape(n_channels, n_mesh)
+    phi = phi.reshape(-1)
 
     def interpolate(u_chunk, phi):
-        base, st = _stencils(u_chunk, order, tuple(out_slots))  # [n, u, s, s, s]
-        flat = _flat_indices(base, mesh, order)  # [n, s^3]
-        values = phi[:, flat]  # [C, n, s^3]
-        return torch.einsum("nup,cnp->nuc", st.reshape(st.shape[0], st.shape[1], -1), values)  # [n, u, C]
+        base, W = _axis_weights(u_chunk, order, out_max)
+        values = phi.index_select(0, mesh_index(base)).reshape(base.shape[0], order, n_channels, order, order)
+        return _interpolate_values(W, values, tuple(out_slots))  # [n, u, C]
 
     parts = []
     for a0 in range(0, n_atoms, ATOM_BLOCK):
