@@ -28,6 +28,7 @@ Cost here (shared 2-core machine): about 2–5 s per 81-atom single point.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import time
@@ -153,8 +154,11 @@ def main(argv=None) -> int:
                      "steps": args.steps, "every": args.every, "rattled": args.rattled, "rattle": args.rattle,
                      "strain": args.strain, "temperature": args.temperature, "timestep_fs": args.timestep_fs,
                      "friction": args.friction, "accuracy": args.accuracy, "rattle_from": args.rattle_from})
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        counts = list(pool.map(trajectory, jobs))
+    if args.workers == 1:  # in this process: no fork of a process whose OpenMP pool already runs
+        counts = [trajectory(job) for job in jobs]
+    else:  # spawn, not fork: a forked child of a process that has used OpenMP (torch) can hang in tblite
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            counts = list(pool.map(trajectory, jobs))
     with open(out, "w") as f:
         for job in jobs:
             f.write(Path(job["part"]).read_text())
