@@ -20,7 +20,6 @@ Writes benchmarks/results/bec_study.json and .md (command, date, commit, machine
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -37,6 +36,7 @@ from benchmarks.charge_units import stamp  # noqa: E402
 from cartlorem.data import read_dataset, split  # noqa: E402
 from cartlorem.evaluate import metrics, predict  # noqa: E402
 from cartlorem.train import train  # noqa: E402
+from benchmarks.harness import write_json_md  # noqa: E402
 
 DATA = HERE.parent / "cartlorem" / "datasets" / "bec_water.xyz"
 VARIANTS = ("ef", "ef_bec")
@@ -159,11 +159,7 @@ def main(argv=None):
     md = to_markdown(res)
     print(md)
     if not args.quick:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out + ".json", "w") as f:
-            json.dump(res, f, indent=1)
-        with open(args.out + ".md", "w") as f:
-            f.write(md)
+        write_json_md(args.out, res, md)
 
 
 if __name__ == "__main__":

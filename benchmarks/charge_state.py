@@ -27,10 +27,7 @@ Writes benchmarks/results/charge_state.json and .md (command, date, commit, mach
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +39,9 @@ import cartlorem
 from cartlorem.data import read_dataset, split
 from cartlorem.graph import collate
 from cartlorem.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
+from benchmarks.harness import machine_info, write_json_md  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "data"
@@ -117,17 +117,10 @@ def score(frames, e_pred, f_mae):
 
 
 def stamp() -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"command": "PYTHONPATH=$PWD python3 benchmarks/charge_state.py " + " ".join(sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "-uno")),
-            "torch": torch.__version__, "cartlorem": cartlorem.__version__, "cpu_count": os.cpu_count(),
-            "torch_num_threads": torch.get_num_threads(), "loadavg_1min_start": os.getloadavg()[0]}
+    """harness.machine_info plus the cartlorem version; the load is the one at the start of the run."""
+    info = {**machine_info(), "cartlorem": cartlorem.__version__}
+    info["loadavg_1min_start"] = info.pop("loadavg_1min")
+    return info
 
 
 def fmt(x, digits=1):
@@ -235,11 +228,7 @@ def main(argv=None):
         res["meta"]["loadavg_1min_end"] = os.getloadavg()[0]
         md = to_markdown(res)
         if not args.quick:  # after every variant, so that a cut run keeps what it finished
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out + ".json", "w") as f:
-                json.dump(res, f, indent=1)
-            with open(args.out + ".md", "w") as f:
-                f.write(md)
+            write_json_md(args.out, res, md)
     print(md)
 
 

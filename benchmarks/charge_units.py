@@ -24,10 +24,7 @@ folder defaults to ../shared/data next to the project (``--data-dir`` otherwise)
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +35,9 @@ import cartlorem
 from cartlorem.data import read_dataset, split
 from cartlorem.graph import collate
 from cartlorem.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
+from benchmarks.harness import machine_info, write_json_md  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "data"
@@ -116,16 +116,8 @@ def score(monomers, per_frame_charges, scale_factor):
 
 
 def stamp() -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-            "torch": torch.__version__, "cartlorem": cartlorem.__version__, "cpu_count": os.cpu_count(),
-            "torch_num_threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0]}
+    """harness.machine_info plus the cartlorem version."""
+    return {**machine_info(), "cartlorem": cartlorem.__version__}
 
 
 def to_markdown(res) -> str:
@@ -231,11 +223,7 @@ def main(argv=None):
     md = to_markdown(res)
     print(md)
     if not args.quick:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out + ".json", "w") as f:
-            json.dump(res, f, indent=1)
-        with open(args.out + ".md", "w") as f:
-            f.write(md)
+        write_json_md(args.out, res, md)
 
 
 if __name__ == "__main__":

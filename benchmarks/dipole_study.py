@@ -20,7 +20,6 @@ Writes benchmarks/results/dipole_study.json and .md (command, date, commit, mach
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -37,6 +36,7 @@ from benchmarks.charge_units import DEFAULT_DATA, monomer_table, predict_charges
 from cartlorem.data import read_dataset, split  # noqa: E402
 from cartlorem.evaluate import evaluate  # noqa: E402
 from cartlorem.train import train  # noqa: E402
+from benchmarks.harness import write_json_md  # noqa: E402
 
 VARIANTS = ("ef", "ef_dipole")
 ROWS = [("dipole MAE (e·Å)", "dipole_mae_e_a"), ("dipole RMSE (e·Å)", "dipole_rmse_e_a"),
@@ -158,11 +158,7 @@ def main(argv=None):
     md = to_markdown(res)
     print(md)
     if not args.quick:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out + ".json", "w") as f:
-            json.dump(res, f, indent=1)
-        with open(args.out + ".md", "w") as f:
-            f.write(md)
+        write_json_md(args.out, res, md)
 
 
 if __name__ == "__main__":

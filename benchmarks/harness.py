@@ -247,12 +247,21 @@ def write_results(name: str, rows: Sequence[dict], meta: dict, markdown: Optiona
     Returns the JSON path.
     """
     stem = Path(out) if out is not None else RESULTS_DIR / name
+    return write_json_md(stem, {"name": name, "meta": meta, "rows": list(rows)}, markdown)
+
+
+def write_json_md(stem, data, markdown: Optional[str] = None) -> Path:
+    """Write ``data`` to ``<stem>.json`` and ``markdown`` (if given) to ``<stem>.md``; returns the JSON path.
+
+    ``stem`` is a path without extension (a ``.json`` / ``.md`` suffix is dropped); folders are created.
+    """
+    stem = Path(stem)
     if stem.suffix in (".json", ".md"):
         stem = stem.with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
     path = stem.with_name(stem.name + ".json")
     with open(path, "w") as f:
-        json.dump({"name": name, "meta": meta, "rows": list(rows)}, f, indent=1)
+        json.dump(data, f, indent=1)
         f.write("\n")
     if markdown is not None:
         with open(stem.with_name(stem.name + ".md"), "w") as f:
