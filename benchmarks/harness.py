@@ -250,6 +250,25 @@ def write_results(name: str, rows: Sequence[dict], meta: dict, markdown: Optiona
     return write_json_md(stem, {"name": name, "meta": meta, "rows": list(rows)}, markdown)
 
 
+def run_json_worker(cmd: Sequence[str], env: dict, timeout: float, *, skip_note: str = "",
+                    tail_chars: int = 200) -> dict:
+    """Run one benchmark point in a fresh process; its result is the last stdout line that starts with '{'.
+
+    Returns {"status": "ok", **result}, or {"status": "skipped (...)"} past ``timeout`` seconds, or
+    {"status": "failed (...)"} with the last stderr line (an exit by SIGKILL reads as out of memory).
+    """
+    try:
+        r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": f"skipped ({skip_note}no result within {timeout:.0f} s)"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        if r.returncode in (-9, 137):
+            return {"status": "failed (killed: out of memory?)"}
+        return {"status": f"failed: {((r.stderr.strip().splitlines() or ['?'])[-1])[:tail_chars]}"}
+    return {"status": "ok", **json.loads(lines[-1])}
+
+
 def write_json_md(stem, data, markdown: Optional[str] = None) -> Path:
     """Write ``data`` to ``<stem>.json`` and ``markdown`` (if given) to ``<stem>.md``; returns the JSON path.
 

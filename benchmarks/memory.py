@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -144,16 +143,9 @@ def run_worker(kind: str, spec: dict, timeout: float, pythonpath: str | None = N
     if pythonpath:
         env["MEMORY_BENCH_CODE"] = pythonpath
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--worker-{kind}", json.dumps(spec)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": f"skipped (no result within {timeout:.0f} s)"}
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode != 0 or not lines:
-        if r.returncode in (-9, 137):
-            return {"status": "failed (killed: out of memory?)"}
-        return {"status": f"failed: {((r.stderr.strip().splitlines() or ['?'])[-1])[:200]}"}
-    return {"status": "ok", **json.loads(lines[-1])}
+    from harness import run_json_worker
+
+    return run_json_worker(cmd, env, timeout)
 
 
 def main(argv=None):

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -213,16 +212,9 @@ def _lr_parameters(atoms) -> dict:
 def run_worker(spec: dict, timeout: float) -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(spec["threads"]))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": f"skipped (no result within {timeout:.0f} s)"}
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode != 0 or not lines:
-        if r.returncode in (-9, 137):
-            return {"status": "failed (killed: out of memory?)"}
-        return {"status": f"failed: {((r.stderr.strip().splitlines() or ['?'])[-1])[:300]}"}
-    return {"status": "ok", **json.loads(lines[-1])}
+    from harness import run_json_worker
+
+    return run_json_worker(cmd, env, timeout, tail_chars=300)
 
 
 def slope(rows, key, n_min=0):

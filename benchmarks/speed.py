@@ -51,8 +51,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
 from benchmarks.harness import (ATOMS_PER, build_mace, machine_info, mace_inputs, make_structure,  # noqa: E402
                                 markdown_table, mem_available_bytes, n_parameters, peak_memory_bytes,
-                                peer_python, proc_kib_field, reset_peak_memory, resolve_device, sync_fn,
-                                time_fn, write_results)
+                                peer_python, proc_kib_field, reset_peak_memory, resolve_device, run_json_worker,
+                                sync_fn, time_fn, write_results)
 
 MODELS = ("short", "multipole", "mace")  # "lorem" may be asked for with --models
 MODEL_LABEL = {"short": "cartlorem short-range", "multipole": "cartlorem multipole", "lorem": "cartlorem lorem",
@@ -215,17 +215,7 @@ def run_point(spec: dict, python: str, timeout: float) -> dict:
     if spec.get("malloc") == "tuned":
         env.update(TUNED_MALLOC)
     cmd = [python, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": f"skipped (budget: no result within {timeout:.0f} s)"}
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode != 0 or not lines:
-        tail = (r.stderr.strip().splitlines() or ["?"])[-1]
-        if r.returncode in (-9, 137):
-            return {"status": "failed (killed: out of memory?)"}
-        return {"status": f"failed: {tail[:200]}"}
-    return {"status": "ok", **json.loads(lines[-1])}
+    return run_json_worker(cmd, env, timeout, skip_note="budget: ")
 
 
 def fit_slope(ns, ts):
