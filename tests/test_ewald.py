@@ -9,20 +9,11 @@ import torch
 from cartlorem import ewald
 from cartlorem.ewald import direct
 from cartlorem.ewald.fields import compute_fields
+from ewald_helpers import fields_by_autograd, gen, random_traceless, rel
 
 DT = torch.float64
 PBC = [True, True, True]
 TRICLINIC = torch.tensor([[6.3, 0.0, 0.0], [1.1, 5.9, 0.0], [-0.7, 0.9, 6.6]], dtype=DT)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def random_traceless(g, *shape):
-    a = torch.randn(*shape, 3, 3, generator=g, dtype=DT)
-    a = a + a.transpose(-1, -2)
-    return a - a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * torch.eye(3, dtype=DT) / 3
 
 
 def random_system(seed, n=5, c=2, cell=TRICLINIC, net_charge=True):
@@ -34,24 +25,6 @@ def random_system(seed, n=5, c=2, cell=TRICLINIC, net_charge=True):
     mu = torch.randn(n, c, 3, generator=g, dtype=DT)
     th = random_traceless(g, n, c)
     return pos, q, mu, th
-
-
-def rel(a, b):
-    return float((a - b).detach().norm() / b.detach().norm())
-
-
-def fields_by_autograd(phi_fn, points):
-    """phi, E = -grad phi, G = grad E at every point, by autograd of a scalar potential phi_fn(r)."""
-    phis, Es, Gs = [], [], []
-    for p in points:
-        r = p.clone().requires_grad_(True)
-        phi = phi_fn(r)
-        (grad,) = torch.autograd.grad(phi, r, create_graph=True)
-        hess = torch.stack([torch.autograd.grad(grad[a], r, retain_graph=True)[0] for a in range(3)])
-        phis.append(phi.detach())
-        Es.append(-grad.detach())
-        Gs.append(-hess.detach())
-    return torch.stack(phis), torch.stack(Es), torch.stack(Gs)
 
 
 # ----------------------------------------------------------------------------- independent references

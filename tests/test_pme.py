@@ -11,6 +11,7 @@ from cartlorem import ewald
 from cartlorem.ewald import pme
 from cartlorem.ewald.fields import compute_fields, energy_from_fields
 from cartlorem.ewald.kernels import Layout
+from ewald_helpers import gen, random_traceless, rel
 
 DT = torch.float64
 PBC = [True, True, True]
@@ -20,16 +21,6 @@ CELLS = {
     # strongly sheared: 60-degree angles and unequal lengths
     "skewed": torch.tensor([[10.0, 0.0, 0.0], [5.0, 8.66, 0.0], [5.0, 2.9, 8.2]], dtype=DT),
 }
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def random_traceless(g, *shape):
-    a = torch.randn(*shape, 3, 3, generator=g, dtype=DT)
-    a = a + a.transpose(-1, -2)
-    return a - a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * torch.eye(3, dtype=DT) / 3
 
 
 def random_system(seed, n, c, cell, min_distance=0.9):
@@ -51,10 +42,6 @@ def random_system(seed, n, c, cell, min_distance=0.9):
     mu = 0.5 * torch.randn(n, c, 3, generator=g, dtype=DT)
     th = 0.3 * random_traceless(g, n, c)
     return pos, q, mu, th
-
-
-def rel(a, b):
-    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def channel_errors(got, ref):

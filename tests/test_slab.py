@@ -8,26 +8,12 @@ import pytest
 import torch
 
 from cartlorem import ewald
-from cartlorem.ewald.fields import compute_fields, energy_from_fields
+from ewald_helpers import fields_by_autograd, gen, random_traceless, rel
 
 DT = torch.float64
 SLAB = [True, True, False]
 # in-plane lattice a, b (oblique) and the normal c = 9 Å along z
 CELL = torch.tensor([[6.1, 0.0, 0.0], [1.7, 5.6, 0.0], [0.0, 0.0, 9.0]], dtype=DT)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def rel(a, b):
-    return float((a - b).detach().norm() / b.detach().norm())
-
-
-def random_traceless(g, *shape):
-    a = torch.randn(*shape, 3, 3, generator=g, dtype=DT)
-    a = a + a.transpose(-1, -2)
-    return a - a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * torch.eye(3, dtype=DT) / 3
 
 
 def random_slab(seed, n=4, c=1, cell=CELL, zmin=2.5, zmax=6.5, net_charge=True):
@@ -106,20 +92,6 @@ def parry_potential(r, pos, q, mu, th, cell, **kw):
         hess = torch.stack([torch.autograd.grad(grad[a], s, create_graph=True)[0] for a in range(3)])
         total = total + q[j] * G + mu[j] @ grad + 0.5 * (th[j] * hess).sum()
     return total
-
-
-def fields_by_autograd(phi_fn, points):
-    """phi, E = -grad phi, G = grad E at every point, by autograd."""
-    phis, Es, Gs = [], [], []
-    for p in points:
-        r = p.clone().requires_grad_(True)
-        phi = phi_fn(r)
-        (grad,) = torch.autograd.grad(phi, r, create_graph=True)
-        hess = torch.stack([torch.autograd.grad(grad[a], r, retain_graph=True)[0] for a in range(3)])
-        phis.append(phi.detach())
-        Es.append(-grad.detach())
-        Gs.append(-hess.detach())
-    return torch.stack(phis), torch.stack(Es), torch.stack(Gs)
 
 
 @pytest.mark.parametrize("which", ["q", "mu", "theta", "all"])
