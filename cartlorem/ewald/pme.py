@@ -454,6 +454,51 @@ def _flat_indices(base: torch.Tensor, mesh: tuple, order: int) -> torch.Tensor:
     return flat.reshape(base.shape[0], -1)
 
 
+class _MeshAdd(torch.autograd.Function):
+    """``Q.index_add_(1, index, src)`` in place, saving only ``index`` for the backward.
+
+    torch's own ``index_add_`` keeps ``src`` alive until the backward (its formula expands the gradient to
+    ``src``'s shape): for a mesh spread that is C x n^3 values per atom, 16 kB per atom at order 10 and
+    four channels. Q [C, M] (a mesh, modified and returned), index [S] (int32 or int64), src [C, S].
+    Differentiable to any order: the backward is :class:`_MeshGather`, whose backward is this.
+    """
+
+    @staticmethod
+    def forward(ctx, Q, index, src):
+        ctx.mark_dirty(Q)
+        ctx.save_for_backward(index)
+        return Q.index_add_(1, index, src)
+
+    @staticmethod
+    def backward(ctx, grad_q):
+        (index,) = ctx.saved_tensors
+        return grad_q, None, _MeshGather.apply(grad_q, index)
+
+
+class _MeshGather(torch.autograd.Function):
+    """``mesh.index_select(1, index)`` [C, S] from mesh [C, M], saving only ``index`` (the adjoint of
+    :class:`_MeshAdd`)."""
+
+    @staticmethod
+    def forward(ctx, mesh, index):
+        ctx.save_for_backward(index)
+        ctx.size = mesh.shape[1]
+        return mesh.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return _MeshAdd.apply(grad.new_zeros(grad.shape[0], ctx.size), index, grad), None
+
+
+def _convolve(Q: torch.Tensor, G: torch.Tensor, mesh: tuple) -> torch.Tensor:
+    """phi = IFFT(FFT(Q) G) channel by channel: Q [C, K1, K2, K3], G [K1, K2, K3//2+1] -> [C, K1, K2, K3].
+
+    One channel at a time keeps a single complex mesh (and its gradient) alive instead of C of them.
+    """
+    return torch.stack([torch.fft.irfftn(torch.fft.rfftn(q) * G, s=mesh) for q in Q.unbind(0)])
+
+
 def influence_function(cell: torch.Tensor, mesh: tuple, order: int, alpha: float) -> torch.Tensor:
     """``(K_1 K_2 K_3 / V) 4 pi exp(-k^2/4 alpha^2)/k^2 |b(k)|^2`` on the rfftn grid [K1, K2, K3//2+1], 0 at k=0."""
     dtype, device = cell.dtype, cell.device
@@ -507,29 +552,26 @@ def reciprocal_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor,
         return _spread_weights(W, c_chunk, tuple(src_slots))
 
     def mesh_index(base):
-        """Index into the flat [C * points] mesh of every (atom, x, channel, y, z) stencil entry: [n s^3 C]."""
-        flat = _flat_indices(base, mesh, order).reshape(-1, order, 1, order * order)  # [n, x, 1, y z]
-        return (flat + channel_offset).reshape(-1)
+        """Flat index into one channel's mesh of every (atom, x, y, z) stencil point: [n s^3] (int32 where
+        the mesh allows: 4 bytes per entry; the index is shared by the channels)."""
+        return _flat_indices(base, mesh, order).reshape(-1).to(index_dtype)
 
-    # one mesh per channel [C, points], accumulated in place: index_add_'s backward keeps only the indices,
-    # one per (atom, stencil point) shared by the channels (int32 where the mesh allows: 4 bytes per entry)
-    channel_offset = (torch.arange(n_channels, device=u.device) * n_mesh)[:, None]  # [C, 1]
+    # one mesh per channel [C, points], accumulated in place; the backward keeps only the indices (_MeshAdd)
     index_dtype = torch.int32 if n_mesh < 2**31 else torch.long
     Q = u.new_zeros(n_channels, n_mesh)
     for a0 in range(0, n_atoms, ATOM_BLOCK):
         args = (u[a0:a0 + ATOM_BLOCK], c_u[a0:a0 + ATOM_BLOCK])
         weights = checkpoint(spread, *args, use_reentrant=False) if use_checkpoint else spread(*args)
-        flat = _flat_indices(torch.floor(args[0].detach()).long(), mesh, order).reshape(-1).to(index_dtype)
-        Q.index_add_(1, flat, weights.permute(2, 0, 1, 3, 4).reshape(n_channels, -1))  # [C, n x y z]
-    Q = Q.reshape(n_channels, *mesh)
+        flat = mesh_index(torch.floor(args[0].detach()).long())
+        Q = _MeshAdd.apply(Q, flat, weights.permute(2, 0, 1, 3, 4).reshape(n_channels, -1))  # [C, n x y z]
     G = influence_function(cell, mesh, order, params.alpha)
-    phi = torch.fft.irfftn(torch.fft.rfftn(Q, dim=(1, 2, 3)) * G, s=mesh, dim=(1, 2, 3))  # [C, K1, K2, K3]
-    phi = phi.reshape(-1)
+    phi = _convolve(Q.reshape(n_channels, *mesh), G, mesh).reshape(n_channels, n_mesh)  # [C, K1 K2 K3]
 
     def interpolate(u_chunk, phi):
         base, W = _axis_weights(u_chunk, order, out_max)
-        values = phi.index_select(0, mesh_index(base)).reshape(base.shape[0], order, n_channels, order, order)
-        return _interpolate_values(W, values, tuple(out_slots))  # [n, u, C]
+        n = base.shape[0]
+        values = _MeshGather.apply(phi, mesh_index(base)).reshape(n_channels, n, order, order, order)
+        return _interpolate_values(W, values.permute(1, 2, 0, 3, 4), tuple(out_slots))  # [n, u, C]
 
     parts = []
     for a0 in range(0, n_atoms, ATOM_BLOCK):
