@@ -78,16 +78,30 @@ def _sub_diagonal(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return _SubDiagonal.apply(c, d)
 
 
+# _edge_maps as one gather of n and one constant mask: entry k of the flat M [6, 3] (P [3, 6]) is
+# n[_M_INDEX[k]] * _M_SCALE[k] (a scale 0 marks a structural zero). Two ops per map, and two in their
+# backward, instead of an 18-way stack of edge columns and zeros (whose backward splits it again).
+_M_INDEX = [0, 0, 0, 0, 1, 0, 0, 0, 2, 1, 0, 0, 2, 0, 0, 0, 2, 1]
+_M_SCALE = [1., 0., 0., 0., 1., 0., 0., 0., 1., 1., 1., 0., 1., 0., 1., 0., 1., 1.]
+_P_INDEX = [0, 0, 0, 1, 2, 0, 0, 1, 0, 0, 0, 2, 0, 0, 2, 0, 0, 1]
+_P_SCALE = [2., 0., 0., 1., 1., 0., 0., 2., 0., 1., 0., 1., 0., 0., 2., 0., 1., 1.]
+
+
 def _edge_maps(n: torch.Tensor):
     """Per-edge linear maps of the compact layout: M [E, 6, 3] with (H n)_a = Σ_k H_k M[k, a], and
     P [E, 3, 6] with (n qᵀ + q nᵀ)_k = Σ_a q_a P[a, k]."""
-    x, y, z = n.unbind(-1)
-    o = torch.zeros_like(x)
-    M = torch.stack([x, o, o, o, y, o, o, o, z, y, x, o, z, o, x, o, z, y], -1).view(-1, 6, 3)
-    P = torch.stack([2 * x, o, o, y, z, o,
-                     o, 2 * y, o, x, o, z,
-                     o, o, 2 * z, o, x, y], -1).view(-1, 3, 6)
-    return M, P
+    index = torch.tensor(_M_INDEX + _P_INDEX, device=n.device)
+    scale = torch.tensor(_M_SCALE + _P_SCALE, dtype=n.dtype, device=n.device)
+    maps = n.index_select(1, index) * scale  # [E, 36]
+    return maps[:, :18].view(-1, 6, 3), maps[:, 18:].view(-1, 3, 6)
+
+
+def harmonic2_compact(n: torch.Tensor) -> torch.Tensor:
+    """T2(n) = 3/2 n nᵀ − I/2 of unit vectors n [E, 3] in the compact layout [E, 6] (xx, yy, zz, xy, xz, yz)."""
+    a = torch.tensor([0, 1, 2, 0, 0, 1], device=n.device)
+    b = torch.tensor([0, 1, 2, 1, 2, 2], device=n.device)
+    half = torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 0.0], dtype=n.dtype, device=n.device)
+    return 1.5 * n.index_select(1, a) * n.index_select(1, b) - half
 
 
 def edge_paths(l_in: Sequence[int] = (0, 1, 2), l_out: Sequence[int] = (0, 1, 2)):
@@ -120,8 +134,10 @@ def _unpack(h: List[Optional[torch.Tensor]], weights: torch.Tensor, l_out: List[
 
 
 def _ranks_0_1(w: Dict[str, torch.Tensor], h0: torch.Tensor, h1: Optional[torch.Tensor], s1: Optional[torch.Tensor],
-               v2: Optional[torch.Tensor], n: torch.Tensor, want0: bool, want1: bool):
-    """(out0, out1) of the closed form, shared by both layouts (h2 enters only through v2 = h2 n).
+               v2: Optional[torch.Tensor], n: torch.Tensor, want0: bool, want1: bool,
+               sn: Optional[torch.Tensor] = None):
+    """(out0, out1) of the closed form, shared by both layouts (h2 enters only through v2 = h2 n and
+    sn = nᵀ h2 n, which is computed here if not given).
     The caller decides which ranks it wants: under torch.compile(dynamic=True), torch 2.13, an
     ``l in l_out`` test inside this helper evaluated False (checked by the compiled-kernel test)."""
     o0: Optional[torch.Tensor] = None
@@ -132,7 +148,9 @@ def _ranks_0_1(w: Dict[str, torch.Tensor], h0: torch.Tensor, h1: Optional[torch.
         if s1 is not None:
             o0 = torch.addcmul(o0, w["110"], s1)
         if v2 is not None:
-            o0 = torch.addcmul(o0, w["220"], torch.bmm(v2, ncol).squeeze(-1))  # nᵀ h2 n
+            if sn is None:
+                sn = torch.bmm(v2, ncol).squeeze(-1)  # nᵀ h2 n
+            o0 = torch.addcmul(o0, w["220"], sn)
     if want1:
         along = w["011"] * h0
         if h1 is not None and s1 is not None:
@@ -205,12 +223,16 @@ def compact_edge_product(
     if l_out is None:
         l_out = [0, 1, 2]
     w, h0, h1, h2 = _unpack(h, weights, l_out)
+    if h1 is None and h2 is None:
+        # rank-0 input (the first layer): out_l = w_0ll h0 T_l(n), three products with the harmonics
+        return _scalar_input_product(w, h0, n, l_out)
     ncol = n[:, :, None]  # [E, 3, 1]
     nn = n[:, None, :]  # [E, 1, 3]
     M, P = _edge_maps(n)  # [E, 6, 3], [E, 3, 6]: used below when h2 is present or rank 2 is wanted
     s1 = torch.bmm(h1, ncol).squeeze(-1) if h1 is not None else None  # h1·n [E, C]
     v2 = torch.bmm(h2, M) if h2 is not None else None  # h2 n [E, C, 3]
-    o0, o1 = _ranks_0_1(w, h0, h1, s1, v2, n, 0 in l_out, 1 in l_out)
+    sn = torch.bmm(v2, ncol).squeeze(-1) if v2 is not None else None  # nᵀ h2 n [E, C]
+    o0, o1 = _ranks_0_1(w, h0, h1, s1, v2, n, 0 in l_out, 1 in l_out, sn)
     out: List[Optional[torch.Tensor]] = [o0, o1, None]
 
     if 2 in l_out:
@@ -221,13 +243,32 @@ def compact_edge_product(
             q = torch.addcmul(q, (0.75 * w["112"])[..., None], h1)
         if v2 is not None:
             q = torch.addcmul(q, (1.5 * w["222"])[..., None], v2)
-        # u·n/3 = (2/3)(q·n − 3/4 a), so diag = (2/3) q·n (n is a unit vector)
-        diag = torch.bmm(q, ncol).squeeze(-1) * (2.0 / 3.0)
+        # diag = a/2 + u·n/3 = a/2 + w112 s1/2 + w222 nᵀh2n: [E, C] multiply-adds on the contractions
+        # already made, where (2/3) q·n (n a unit vector) would be one more batched GEMM and its derivatives
+        diag = 0.5 * a
+        if s1 is not None:
+            diag = torch.addcmul(diag, w["112"], s1, value=0.5)
+        if sn is not None:
+            diag = torch.addcmul(diag, w["222"], sn)
         o2 = torch.bmm(q, P)  # n qᵀ + q nᵀ, compact [E, C, 6]
         o2 = _sub_diagonal(o2, diag[..., None])
         if h2 is not None:
             o2 = torch.addcmul(o2, (w["202"] - w["222"])[..., None], h2)
         out[2] = o2
+    return out
+
+
+def _scalar_input_product(w: Dict[str, torch.Tensor], h0: torch.Tensor, n: torch.Tensor,
+                          l_out: List[int]) -> List[Optional[torch.Tensor]]:
+    """The kernel for rank-0 input only: out_l [E, C, ...] = w_0ll h0 T_l(n) (rank 2 compact); the closed
+    form of :func:`compact_edge_product` reduces to this (q = 3/4 a n, diag = a/2)."""
+    out: List[Optional[torch.Tensor]] = [None, None, None]
+    if 0 in l_out:
+        out[0] = w["000"] * h0
+    if 1 in l_out:
+        out[1] = (w["011"] * h0)[..., None] * n[:, None, :]
+    if 2 in l_out:
+        out[2] = (w["022"] * h0)[..., None] * harmonic2_compact(n)[:, None, :]
     return out
 
 
