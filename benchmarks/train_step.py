@@ -180,6 +180,9 @@ def local_breakdown(model, batches, dtype, n_steps=6, warmup=3, blocks=None):
         label(model.skips[t], "forward", "species skip")
         label(model.readouts[t], "forward", "readouts")
     label(blocks, "compact_edge_product", "message kernel")
+    if hasattr(blocks, "component_major_edge_product"):
+        label(blocks, "component_major_edge_product", "message kernel")
+        label(blocks, "compiled_component_major_edge_product", "message kernel")
     label(blocks, "sym_to_compact", "compact <-> 3x3")
     label(blocks, "compact_to_sym", "compact <-> 3x3")
     label(model.radial_basis, "forward", "edge geometry (basis, envelope)")
