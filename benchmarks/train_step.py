@@ -21,6 +21,13 @@ batches and reported as another row.
 Example (what benchmarks/results/train_step.md was made with)::
 
     PYTHONPATH=$PWD python3 benchmarks/train_step.py --channels 16 32 --threads 1 --repeats 15
+
+``--compare-ref REV`` times the local model's step with this tree's code against the code of git revision
+REV (fused.py, chunked.py, blocks.py, model.py swapped in; same models, one process, interleaved) and
+breaks both down by component and phase (:func:`local_breakdown`: forward, first backward, double
+backward, optimiser; each backward operation charged to the forward part it differentiates)::
+
+    PYTHONPATH=$PWD python3 benchmarks/train_step.py --sets dimers --channels 16 32 --compare-ref 17f29ed
 """
 
 from __future__ import annotations

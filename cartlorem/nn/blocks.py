@@ -118,7 +118,9 @@ class Interaction(nn.Module):
     @torch.jit.unused
     def _edge_messages_component_major(self, compiled, j, unit, radial, envelope, hu0, hu1, hu2):
         """Per-edge messages of ranks ``l_msg``: [E, C], [E, 3, C], compact [E, 6, C]."""
-        hj = [hu0[j], None if hu1 is None else hu1[j], None if hu2 is None else hu2[j]]
+        # index_select, not hu[j]: its backward is an index_add (advanced indexing's is an accumulating index_put)
+        hj = [hu0.index_select(0, j), None if hu1 is None else hu1.index_select(0, j),
+              None if hu2 is None else hu2.index_select(0, j)]
         w = self.radial(radial, envelope).view(-1, len(self.paths), self.channels)
         kernel = compiled_component_major_edge_product if compiled else component_major_edge_product
         msg = kernel(hj, unit, w, self.l_msg)
@@ -248,14 +250,14 @@ class BodyOrderProduct(nn.Module):
         the operations of the path-by-path form, and of its first and second derivatives; equal to it to
         rounding (tests/test_fast_training_kernel.py)."""
         Y: Features = [None, None, None]
-        u = self.first[species]  # [N, R, C]
+        u = self.first.index_select(0, species)  # [N, R, C]
         for uk, l in zip(u.unbind(1), self.first_ranks):
             Y[l] = uk.reshape([uk.shape[0], -1] + [1] * l) * _present(A[l])
         for stage, (path_weights, linear_weights) in enumerate(zip(self.path_weights, self.linear_weights)):
             last = stage == len(self.stage_paths) - 1
             targets = self.l_out if last else self.l_in
-            w = dict(zip(self.stage_paths[stage], path_weights[species].unbind(1)))  # (l1, l2, l3) → [N, C]
-            v = dict(zip(targets, linear_weights[species].unbind(1)))  # rank → [N, C]
+            w = dict(zip(self.stage_paths[stage], path_weights.index_select(0, species).unbind(1)))  # (l1, l2, l3) → [N, C]
+            v = dict(zip(targets, linear_weights.index_select(0, species).unbind(1)))  # rank → [N, C]
             Y = _grouped_stage(Y, A, w, v, targets)
         return Y
 

@@ -22,7 +22,12 @@ the closed form above launches ~15 elementwise kernels and never builds a coupli
 The interaction blocks run :func:`compact_edge_product`: the same closed form with the symmetric
 traceless rank-2 tensors carried over the edges as their 6 independent components, so that h2 n and
 n qᵀ + q nᵀ are batched GEMMs with small per-edge maps and the gather, scatter and backward move 6
-numbers instead of 9 (1.6–2.1× less CPU time for the whole model in benchmarks/speed.py).
+numbers instead of 9 (1.6–2.1× less CPU time for the whole model in benchmarks/speed.py). Outside
+TorchScript they run :func:`component_major_edge_product`, the same closed form with the Cartesian
+components before the channels ([E, 3, C], [E, 6, C]): every step is then elementwise along contiguous
+channels, which makes the training step (forward, forces, double backward) of the kernel 1.4–1.7× cheaper
+on small molecular batches (issue 12; benchmarks/results/train_step.local.md). With rank-0 input only (the
+first layer) both reduce to out_l = w_0ll h0 T_l(n), three products with the harmonics.
 """
 
 from __future__ import annotations
