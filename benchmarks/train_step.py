@@ -192,6 +192,9 @@ def local_breakdown(model, batches, dtype, n_steps=6, warmup=3, blocks=None):
         label(blocks, "compiled_component_major_edge_product", "message kernel")
     label(blocks, "sym_to_compact", "compact <-> 3x3")
     label(blocks, "compact_to_sym", "compact <-> 3x3")
+    import cartlorem.model as model_mod
+    if hasattr(model_mod, "mix_node_features"):  # the mixers, called without their forward
+        label(model_mod, "mix_node_features", "linear layers")
     label(model.radial_basis, "forward", "edge geometry (basis, envelope)")
     label(model.envelope, "forward", "edge geometry (basis, envelope)")
 

@@ -2,7 +2,7 @@
 
 Outside TorchScript the interaction blocks run the component-major message kernel
 (``component_major_edge_product``), the body-order product with its paths grouped, and the species skip
-with all species at once; TorchScript (the export) still runs the path-by-path code, the reference here.
+with all species at once, and the model mixes channels with ``mix_node_features``; TorchScript (the export) still runs the path-by-path code, the reference here.
 Every check compares values AND the first and second derivatives that training on forces takes.
 """
 
@@ -15,8 +15,8 @@ from ase.build import bulk, molecule
 import cartlorem
 import cartlorem.nn.blocks as blocks
 from cartlorem.graph import atoms_to_graph, collate
-from cartlorem.nn.blocks import BodyOrderProduct, SpeciesLinear
-from cartlorem.tensors import compact_edge_product, edge_paths, stf, sym_to_compact
+from cartlorem.nn.blocks import BodyOrderProduct, SpeciesLinear, mix_node_features
+from cartlorem.tensors import EquivariantLinear, compact_edge_product, edge_paths, stf, sym_to_compact
 from cartlorem.tensors.fused import component_major_edge_product, harmonic2_compact
 from cartlorem.testing import check_o3_invariance
 
@@ -162,6 +162,28 @@ def test_species_linear_all_species_equals_masked():
     (ref, ref1, ref2), (got, got1, got2) = results
     for a, b in zip(got + list(got1) + list(got2), ref + list(ref1) + list(ref2)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ranks, bias", [((0, 1, 2), True), ((0,), True), ((1, 2), False)])
+def test_mix_node_features_equals_equivariant_linear(ranks, bias):
+    g = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    lin = EquivariantLinear(5, 4, ranks, bias=bias).double()
+    if lin.bias is not None:
+        with torch.no_grad():
+            lin.bias.copy_(torch.randn(4, generator=g, dtype=DT))
+    x = [_irrep((7, 5), l, g) for l in range(3)]
+    results = []
+    for fn in (lin, lambda xs: mix_node_features(lin, xs)):
+        leaves = [t.clone().requires_grad_(True) for t in x]
+        out = [o for o in fn(leaves) if o is not None]
+        assert len(out) == len(ranks)
+        results.append((out, *_second_order(out, leaves + list(lin.parameters()), torch.Generator().manual_seed(1))))
+    (ref, ref1, ref2), (got, got1, got2) = results
+    for a, b in zip(got + list(got1) + list(got2), ref + list(ref1) + list(ref2)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def _model(seed=0, **kw):
