@@ -69,7 +69,10 @@ class Interaction(nn.Module):
         With more than :data:`MIN_CHUNKS` chunks of edges (:meth:`chunk_edges`; with ``edge_chunk`` set,
         more than one chunk) the edges run in chunks that are recomputed in the backward pass
         (:func:`cartlorem.tensors.chunked_edge_sum`): the same numbers to rounding, with the per-edge
-        intermediates of one chunk alive instead of those of all edges."""
+        intermediates of one chunk alive instead of those of all edges.
+
+        Outside TorchScript this runs :meth:`_forward_component_major` (faster, equal to rounding); the
+        code below is what TorchScript compiles (the export), never chunked."""
         if not torch.jit.is_scripting():  # eager (training, inference): the component-major path
             return self._forward_component_major(h, edge_index, unit, radial, envelope, compiled)
         i, j = edge_index[0], edge_index[1]
@@ -78,13 +81,11 @@ class Interaction(nn.Module):
         hu2 = hu[2]
         if hu2 is not None:  # rank 2 travels over the edges as 6 components (tensors.fused)
             hu = [hu[0], hu[1], sym_to_compact(hu2)]
-        msg: Optional[List[torch.Tensor]] = None
-        if msg is None:
-            edge_msg = self._edge_messages(compiled, j, unit, radial, envelope, _present(hu[0]), hu[1], hu[2])
-            msg = []
-            for m in edge_msg:
-                agg = torch.zeros([n_nodes] + list(m.shape[1:]), dtype=m.dtype, device=m.device)
-                msg.append(agg.index_add_(0, i, m))
+        edge_msg = self._edge_messages(compiled, j, unit, radial, envelope, _present(hu[0]), hu[1], hu[2])
+        msg: List[torch.Tensor] = []
+        for m in edge_msg:
+            agg = torch.zeros([n_nodes] + list(m.shape[1:]), dtype=m.dtype, device=m.device)
+            msg.append(agg.index_add_(0, i, m))
         out: Features = [None, None, None]
         for l, agg in zip(self.l_msg, msg):
             agg = agg / self.avg_num_neighbors
@@ -253,7 +254,6 @@ class BodyOrderProduct(nn.Module):
             Y = new
             stage += 1
         return Y
-
 
     @torch.jit.unused
     def _forward_grouped(self, A: Features, species: torch.Tensor) -> Features:
