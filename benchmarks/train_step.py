@@ -21,6 +21,13 @@ batches and reported as another row.
 Example (what benchmarks/results/train_step.md was made with)::
 
     PYTHONPATH=$PWD python3 benchmarks/train_step.py --channels 16 32 --threads 1 --repeats 15
+
+``--compare-ref REV`` times the local model's step with this tree's code against the code of git revision
+REV (fused.py, chunked.py, blocks.py, model.py swapped in; same models, one process, interleaved) and
+breaks both down by component and phase (:func:`local_breakdown`: forward, first backward, double
+backward, optimiser; each backward operation charged to the forward part it differentiates)::
+
+    PYTHONPATH=$PWD python3 benchmarks/train_step.py --sets dimers --channels 16 32 --compare-ref 17f29ed
 """
 
 from __future__ import annotations
@@ -82,6 +89,211 @@ def variant(name):
         yield
     finally:
         RadialKernel.derivatives, fields._open_batched, long_range.batched_multipole_fields = saved
+
+
+#: The files of the local training step whose code a reference run swaps in (module, classes and functions
+#: whose attributes are replaced for the duration of a step): ``--compare-ref REF`` times this tree's step
+#: against the same models running the code of git revision REF, in one process, steps interleaved.
+LOCAL_FILES = (("cartlorem/tensors/fused.py", "cartlorem.tensors.fused", ()),
+               ("cartlorem/tensors/chunked.py", "cartlorem.tensors.chunked", ()),
+               ("cartlorem/nn/blocks.py", "cartlorem.nn.blocks", ("Interaction", "BodyOrderProduct", "SpeciesLinear")),
+               ("cartlorem/model.py", "cartlorem.model", ("CartLorem",)))
+
+
+def load_reference(ref):
+    """The local-step modules of git revision ``ref``, executed as sibling modules of today's package
+    (their relative imports resolve to today's package; the names they take from the swapped modules are
+    rebound to the reference versions). Returns [(today's module, reference module, class names)]."""
+    import importlib
+    import types
+
+    loaded, out = {}, []
+    for path, name, classes in LOCAL_FILES:
+        src = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=harness.REPO_ROOT, capture_output=True,
+                             text=True, check=True).stdout
+        pkg = name.rsplit(".", 1)[0]
+        mod = types.ModuleType(f"{pkg}._ref_{name.rsplit('.', 1)[1]}")
+        mod.__package__ = pkg
+        exec(compile(src, f"{ref}:{path}", "exec"), mod.__dict__)
+        loaded[name] = mod
+        out.append((importlib.import_module(name), mod, classes))
+    for _, mod, _ in out:  # names imported from another swapped module → that module's reference version
+        for key, value in list(vars(mod).items()):
+            src_mod = getattr(value, "__module__", None)
+            if src_mod in loaded and key in vars(loaded[src_mod]) and not isinstance(value, types.ModuleType):
+                setattr(mod, key, vars(loaded[src_mod])[key])
+    return out
+
+
+@contextlib.contextmanager
+def reference_code(modules):
+    """Run the methods of the swapped classes (and the functions of the swapped modules the blocks call)
+    from the reference modules of :func:`load_reference`; restores today's code on exit."""
+    import types
+
+    saved = []
+    for today, ref, classes in modules:
+        for cls_name in classes:
+            cls, ref_cls = getattr(today, cls_name), getattr(ref, cls_name)
+            for key, value in vars(ref_cls).items():
+                if isinstance(value, (types.FunctionType, staticmethod, classmethod, property)):
+                    saved.append((cls, key, vars(cls).get(key)))
+                    setattr(cls, key, value)
+    try:
+        yield
+    finally:
+        for cls, key, value in reversed(saved):
+            if value is None:
+                delattr(cls, key)
+            else:
+                setattr(cls, key, value)
+
+
+def local_breakdown(model, batches, dtype, n_steps=6, warmup=3, blocks=None):
+    """Self CPU time of one training step of a local model by component and phase (torch.profiler).
+
+    Forward ops are labelled with ``record_function`` around the model's parts (the message kernel, the
+    radial MLP, ...); every backward op is charged to the forward op whose autograd node ran it (the
+    profiler's sequence numbers), recursively, so the first backward (forces, ``create_graph=True``)
+    and the second (``loss.backward()``, the double backward) are attributed to the part of the
+    forward they differentiate. Phases: forward, first backward (``torch.autograd.grad`` in
+    cartlorem.forces), second backward, optimiser (clipping + Adam). Returns rows
+    {component, phase ms...} and per-phase op counts."""
+    import collections
+
+    import cartlorem.forces as forces_mod
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    if blocks is None:  # the module whose globals the Interaction methods read (a reference run: its copy)
+        import cartlorem.nn.blocks as blocks
+    patched = []
+
+    def label(owner, attr, name):
+        f = getattr(owner, attr)
+
+        def g(*a, **k):
+            with record_function("L:" + name):
+                return f(*a, **k)
+        patched.append((owner, attr, f, attr in vars(owner)))
+        setattr(owner, attr, g)
+
+    for t, layer in enumerate(model.layers):
+        label(layer, "forward", "interaction: gather, scatter, rest")
+        label(layer.linear_up, "forward", "linear layers")
+        label(layer.linear_out, "forward", "linear layers")
+        label(layer.radial, "forward", "radial MLP")
+        label(model.products[t], "forward", "body-order product")
+        label(model.mixers[t], "forward", "linear layers")
+        label(model.skips[t], "forward", "species skip")
+        label(model.readouts[t], "forward", "readouts")
+    label(blocks, "compact_edge_product", "message kernel")
+    if hasattr(blocks, "component_major_edge_product"):
+        label(blocks, "component_major_edge_product", "message kernel")
+        label(blocks, "compiled_component_major_edge_product", "message kernel")
+    label(blocks, "sym_to_compact", "compact <-> 3x3")
+    label(blocks, "compact_to_sym", "compact <-> 3x3")
+    import cartlorem.model as model_mod
+    if hasattr(model_mod, "mix_node_features"):  # the mixers, called without their forward
+        label(model_mod, "mix_node_features", "linear layers")
+    label(model.radial_basis, "forward", "edge geometry (basis, envelope)")
+    label(model.envelope, "forward", "edge geometry (basis, envelope)")
+
+    class _Grad:  # torch.autograd.grad as cartlorem.forces calls it, inside a phase label
+        def __getattr__(self, key):
+            return getattr(torch.autograd, key)
+
+        @staticmethod
+        def grad(*a, **k):
+            with record_function("P:first backward"):
+                return torch.autograd.grad(*a, **k)
+
+    class _Torch:
+        autograd = _Grad()
+
+        def __getattr__(self, key):
+            return getattr(torch, key)
+
+    saved_torch = forces_mod.torch
+    forces_mod.torch = _Torch()
+    from cartlorem.training.loss import weighted_loss
+
+    weights = {"energy": 10.0, "forces": 1.0, "stress": 0.0}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True)
+    bs = [b.to(dtype=dtype) for b in batches]
+    state = {"k": 0}
+    model.train()
+
+    def step():
+        batch = bs[state["k"] % len(bs)]
+        state["k"] += 1
+        with record_function("P:forward"):
+            pred = model(batch, compute_forces=True, compute_stress=False, create_graph=True)
+            loss, _ = weighted_loss(pred, batch, weights)
+        opt.zero_grad(set_to_none=True)
+        with record_function("P:second backward"):
+            loss.backward()
+        with record_function("P:optimiser"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+
+    try:
+        for _ in range(warmup):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(n_steps):
+                step()
+    finally:
+        forces_mod.torch = saved_torch
+        for owner, attr, f, own in reversed(patched):
+            if own:
+                setattr(owner, attr, f)
+            else:
+                delattr(owner, attr)
+
+    def chain(e):
+        while e is not None:
+            yield e
+            e = e.cpu_parent
+
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    backward = "autograd::engine::evaluate_function"
+
+    def component(e, seq_label):
+        for a in chain(e):
+            if a.name.startswith(backward):
+                return seq_label.get(a.sequence_nr)
+            if a.name.startswith("L:"):
+                return a.name[2:]
+        return None
+
+    seq_label = {}
+    for e in events:  # in time order: a backward node runs after the op that created it
+        if e.name.startswith(backward) or e.name.startswith(("L:", "P:")):
+            continue
+        lab = component(e, seq_label)
+        if lab is not None and e.sequence_nr >= 0 and e.sequence_nr not in seq_label:
+            seq_label[e.sequence_nr] = lab
+    phases = ("forward", "first backward", "second backward", "optimiser")
+    table = collections.defaultdict(float)
+    ops = collections.Counter()
+    for e in events:
+        if e.name.startswith(("L:", "P:")):
+            continue
+        phase = next((a.name[2:] for a in chain(e) if a.name.startswith("P:")), "other")
+        lab = component(e, seq_label) or ("optimiser" if phase == "optimiser" else
+                                          "other (loss, forces, geometry, autograd)")
+        table[(lab, phase)] += e.self_cpu_time_total / 1e3 / n_steps
+        ops[phase] += 1
+    total = sum(table.values())
+    rows = []
+    for lab in sorted({k[0] for k in table}, key=lambda l: -sum(v for k, v in table.items() if k[0] == l)):
+        row = {"component": lab, **{p: round(table.get((lab, p), 0.0), 2) for p in phases}}
+        row["total_ms"] = round(sum(table.get((lab, p), 0.0) for p in phases + ("other",)), 2)
+        row["share"] = round(row["total_ms"] / total, 3)
+        rows.append(row)
+    totals = {p: round(sum(v for k, v in table.items() if k[1] == p), 2) for p in phases}
+    return {"rows": rows, "phase_ms": totals, "ops_per_step": {p: ops[p] // n_steps for p in phases},
+            "profiled_ms_per_step": round(total, 2)}
 
 
 def make_batches(name, args, species_out=None):
@@ -221,11 +433,17 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mace", action="store_true", help="also time MACE in the peers venv")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/train_step)")
+    p.add_argument("--compare-ref", default=None, metavar="REV",
+                   help="local model only: time this tree's training step against git revision REV's code "
+                        "(fused.py, chunked.py, blocks.py, model.py swapped in), same models, interleaved, "
+                        "with a profiler breakdown of both (writes <out>, default train_step.local)")
     p.add_argument("--mace-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.test_fraction, args.max_frames = 0.2, 0
     if args.mace_child:
         return run_mace_child(args)
+    if args.compare_ref:
+        return compare_local(args)
     torch.set_num_threads(args.threads)
     _label_lr_fields()
     dtype = getattr(torch, args.dtype)
@@ -278,6 +496,108 @@ def main(argv=None):
                 settings={k: v for k, v in vars(args).items() if k != "mace_child"})
     meta["settings"]["data_dir"] = str(meta["settings"]["data_dir"])
     harness.write_results("train_step", rows, meta, markdown=_markdown(rows, meta), out=args.out)
+
+
+def _max_difference(model, batches, modules):
+    """max |Δ| of energy and forces between today's and the reference code on the first batch, and of the
+    loss gradients (float64 copies of the model)."""
+    import copy
+
+    from cartlorem.training.loss import weighted_loss
+
+    m = copy.deepcopy(model).double()
+    batch = batches[0].to(dtype=torch.float64)
+    res = []
+    for ctx in (contextlib.nullcontext(), reference_code(modules)):
+        with ctx:
+            pred = m(batch, compute_forces=True, compute_stress=False, create_graph=True)
+            loss, _ = weighted_loss(pred, batch, {"energy": 10.0, "forces": 1.0, "stress": 0.0})
+            grads = torch.autograd.grad(loss, [q for q in m.parameters() if q.requires_grad], allow_unused=True)
+        res.append((pred["energy"].detach(), pred["forces"].detach(),
+                    torch.cat([g.flatten() for g in grads if g is not None])))
+    (e0, f0, g0), (e1, f1, g1) = res
+    return {"energy_eV": float((e0 - e1).abs().max()), "forces_eV_per_A": float((f0 - f1).abs().max()),
+            "loss_grad_rel": float((g0 - g1).abs().max() / g1.abs().max())}
+
+
+def compare_local(args):
+    """This tree's local training step against revision ``args.compare_ref`` (see --compare-ref)."""
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    modules = load_reference(args.compare_ref)
+    ref_rev = subprocess.run(["git", "rev-parse", "--short", args.compare_ref], cwd=harness.REPO_ROOT,
+                             capture_output=True, text=True).stdout.strip()
+    rows, breakdowns = [], []
+    t_start = time.perf_counter()
+    for name in args.sets:
+        batches, species, stats_graphs = make_batches(name, args)
+        atoms = round(sum(int(b.positions.shape[0]) for b in batches) / len(batches), 1)
+        edges = round(sum(int(b.edge_index.shape[1]) for b in batches) / len(batches), 1)
+        for channels in args.channels:
+            model_ref = build_model("none", species, channels, args, stats_graphs)
+            model_new = build_model("none", species, channels, args, stats_graphs)
+            diff = _max_difference(model_new, batches, modules)
+            step_ref, step_new = step_fn(model_ref, batches, dtype), step_fn(model_new, batches, dtype)
+
+            def ref_step(step=step_ref):
+                with reference_code(modules):
+                    step()
+
+            times = harness.time_fns({"ref": ref_step, "new": step_new}, warmup=args.warmup, repeats=args.repeats)
+            row = {"set": name, "channels": channels, "atoms_per_batch": atoms, "edges_per_batch": edges,
+                   "ref_cpu_median_s": round(times["ref"]["cpu_median"], 5),
+                   "new_cpu_median_s": round(times["new"]["cpu_median"], 5),
+                   "speedup_cpu": round(times["ref"]["cpu_median"] / times["new"]["cpu_median"], 3),
+                   "ref_wall_median_s": round(times["ref"]["median"], 5),
+                   "new_wall_median_s": round(times["new"]["median"], 5),
+                   "max_diff_float64": diff}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.profile_steps:
+                ref_blocks = next(mod for today, mod, _ in modules if today.__name__ == "cartlorem.nn.blocks")
+                with reference_code(modules):
+                    b_ref = local_breakdown(model_ref, batches, dtype, args.profile_steps, blocks=ref_blocks)
+                b_new = local_breakdown(model_new, batches, dtype, args.profile_steps)
+                breakdowns.append({"set": name, "channels": channels, "ref": b_ref, "new": b_new})
+    meta = harness.machine_info()
+    meta.update(command="PYTHONPATH=$PWD python3 " + " ".join([sys.argv[0]] + sys.argv[1:]), reference=ref_rev,
+                loadavg_end=round(os.getloadavg()[0], 2), wall_s=round(time.perf_counter() - t_start, 1),
+                settings={k: v for k, v in vars(args).items() if k != "mace_child"}, breakdowns=breakdowns)
+    meta["settings"]["data_dir"] = str(meta["settings"]["data_dir"])
+    harness.write_results("train_step.local", rows, meta, markdown=_local_markdown(rows, meta),
+                          out=args.out)
+
+
+def _local_markdown(rows, meta):
+    lines = ["# The local (short-range) training step: this tree against " + f"{meta['reference']}", "",
+             f"Command: `{meta['command']}`", "",
+             f"Commit {meta['git_commit']} (dirty: {meta['git_dirty']}), {meta['date']}, {meta['cpu_model']}, "
+             f"torch {meta['torch']}, {meta['settings']['threads']} thread(s), {meta['settings']['dtype']}, "
+             f"batch {meta['settings']['batch_size']} structures, correlation {meta['settings']['correlation']}, "
+             f"model `none`. Load average {meta['loadavg_1min']} at start, {meta['loadavg_end']} at end "
+             f"({meta['cpu_count']} cores, shared with other jobs). Both steps run in one process on identical "
+             "models, interleaved; 'ref' runs the code of the reference revision (fused.py, chunked.py, blocks.py, "
+             "model.py swapped in). Process CPU time medians.", "",
+             harness.markdown_table([{**r, "dE": f"{r['max_diff_float64']['energy_eV']:.1e}",
+                                      "dF": f"{r['max_diff_float64']['forces_eV_per_A']:.1e}",
+                                      "dg": f"{r['max_diff_float64']['loss_grad_rel']:.1e}"} for r in rows],
+                                    [("set", "set"), ("C", "channels"), ("atoms/batch", "atoms_per_batch"),
+                                     ("edges/batch", "edges_per_batch"), ("ref CPU (s)", "ref_cpu_median_s"),
+                                     ("new CPU (s)", "new_cpu_median_s"), ("speed-up", "speedup_cpu"),
+                                     ("ref wall (s)", "ref_wall_median_s"), ("new wall (s)", "new_wall_median_s"),
+                                     ("max |ΔE| f64 (eV)", "dE"), ("max |ΔF| f64 (eV/Å)", "dF"),
+                                     ("loss-grad rel. Δ f64", "dg")]), ""]
+    phases = ("forward", "first backward", "second backward", "optimiser")
+    for b in meta["breakdowns"]:
+        for which in ("ref", "new"):
+            d = b[which]
+            lines += [f"## {b['set']}, C = {b['channels']}, {which}: self CPU ms per step by component and phase "
+                      f"(torch.profiler, {d['profiled_ms_per_step']} ms profiled; ops per step {d['ops_per_step']})", "",
+                      harness.markdown_table(d["rows"] + [{"component": "total", **d["phase_ms"],
+                                                           "total_ms": d["profiled_ms_per_step"], "share": 1.0}],
+                                             [("component", "component")] + [(p, p) for p in phases]
+                                             + [("total", "total_ms"), ("share", "share")]), ""]
+    return "\n".join(lines)
 
 
 def _markdown(rows, meta):

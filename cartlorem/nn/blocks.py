@@ -14,9 +14,11 @@ from torch import nn
 
 from ..tensors import (EquivariantLinear, chunked_edge_sum, compact_edge_product, compact_to_sym, compiled_compact_edge_product, edge_paths,
                        mix_channels, paths_to, product, sym_to_compact)
+from ..tensors.fused import compiled_component_major_edge_product, component_major_edge_product
+from ..tensors.harmonics import stf
 from .radial import RadialMLP
 
-__all__ = ["Interaction", "BodyOrderProduct", "SpeciesLinear"]
+__all__ = ["Interaction", "BodyOrderProduct", "SpeciesLinear", "mix_node_features"]
 
 Features = List[Optional[torch.Tensor]]  # [h0, h1, h2], None for absent ranks
 
@@ -67,22 +69,23 @@ class Interaction(nn.Module):
         With more than :data:`MIN_CHUNKS` chunks of edges (:meth:`chunk_edges`; with ``edge_chunk`` set,
         more than one chunk) the edges run in chunks that are recomputed in the backward pass
         (:func:`cartlorem.tensors.chunked_edge_sum`): the same numbers to rounding, with the per-edge
-        intermediates of one chunk alive instead of those of all edges."""
+        intermediates of one chunk alive instead of those of all edges.
+
+        Outside TorchScript this runs :meth:`_forward_component_major` (faster, equal to rounding); the
+        code below is what TorchScript compiles (the export), never chunked."""
+        if not torch.jit.is_scripting():  # eager (training, inference): the component-major path
+            return self._forward_component_major(h, edge_index, unit, radial, envelope, compiled)
         i, j = edge_index[0], edge_index[1]
         n_nodes = _present(h[0]).shape[0]
         hu = self.linear_up(h)
         hu2 = hu[2]
         if hu2 is not None:  # rank 2 travels over the edges as 6 components (tensors.fused)
             hu = [hu[0], hu[1], sym_to_compact(hu2)]
-        msg: Optional[List[torch.Tensor]] = None
-        if not torch.jit.is_scripting():  # TorchScript cannot compile the chunked sum (an autograd.Function)
-            msg = self._chunked_messages(compiled, n_nodes, i, j, unit, radial, envelope, hu)  # None: not chunked
-        if msg is None:
-            edge_msg = self._edge_messages(compiled, j, unit, radial, envelope, _present(hu[0]), hu[1], hu[2])
-            msg = []
-            for m in edge_msg:
-                agg = torch.zeros([n_nodes] + list(m.shape[1:]), dtype=m.dtype, device=m.device)
-                msg.append(agg.index_add_(0, i, m))
+        edge_msg = self._edge_messages(compiled, j, unit, radial, envelope, _present(hu[0]), hu[1], hu[2])
+        msg: List[torch.Tensor] = []
+        for m in edge_msg:
+            agg = torch.zeros([n_nodes] + list(m.shape[1:]), dtype=m.dtype, device=m.device)
+            msg.append(agg.index_add_(0, i, m))
         out: Features = [None, None, None]
         for l, agg in zip(self.l_msg, msg):
             agg = agg / self.avg_num_neighbors
@@ -90,16 +93,50 @@ class Interaction(nn.Module):
         return self.linear_out(out)
 
     @torch.jit.unused
-    def _chunked_messages(self, compiled, n_nodes, i, j, unit, radial, envelope, hu):
-        """The summed messages by :func:`chunked_edge_sum` when there are enough edges (see :meth:`forward`),
-        else None."""
+    def _forward_component_major(self, h, edge_index, unit, radial, envelope, compiled):
+        """:meth:`forward` outside TorchScript: the same message with the Cartesian components before the
+        channels on the edges ([E, 3, C], compact [E, 6, C]; :func:`component_major_edge_product`), so that
+        the edge work is elementwise along contiguous channels and the channel mixings are single GEMMs.
+        Equal to the scripted path to rounding (tests/test_fast_training_kernel.py)."""
+        i, j = edge_index[0], edge_index[1]
+        n_nodes = _present(h[0]).shape[0]
+        h1, h2 = h[1] if len(h) > 1 else None, h[2] if len(h) > 2 else None
+        hu = _mix_component_major(self.linear_up, [h[0], None if h1 is None else h1.transpose(1, 2),
+                                                   None if h2 is None else sym_to_compact(h2).transpose(1, 2)])
+        fn = partial(self._edge_messages_component_major, compiled)
+        msg = self._chunked_messages(fn, n_nodes, i, j, unit, radial, envelope, hu)  # None: not chunked
+        if msg is None:
+            msg = [m.new_zeros((n_nodes,) + m.shape[1:]).index_add_(0, i, m)
+                   for m in fn(j, unit, radial, envelope, *hu)]
+        agg: Features = [None, None, None]
+        for l, m in zip(self.l_msg, msg):
+            agg[l] = m / self.avg_num_neighbors
+        out = _mix_component_major(self.linear_out, agg)  # [N, C], [N, 3, C], [N, 6, C]
+        o1, o2 = out[1], out[2]
+        return [out[0], None if o1 is None else o1.transpose(1, 2),
+                None if o2 is None else compact_to_sym(o2.transpose(1, 2))]
+
+    @torch.jit.unused
+    def _edge_messages_component_major(self, compiled, j, unit, radial, envelope, hu0, hu1, hu2):
+        """Per-edge messages of ranks ``l_msg``: [E, C], [E, 3, C], compact [E, 6, C]."""
+        # index_select, not hu[j]: its backward is an index_add (advanced indexing's is an accumulating index_put)
+        hj = [hu0.index_select(0, j), None if hu1 is None else hu1.index_select(0, j),
+              None if hu2 is None else hu2.index_select(0, j)]
+        w = self.radial(radial, envelope).view(-1, len(self.paths), self.channels)
+        kernel = compiled_component_major_edge_product if compiled else component_major_edge_product
+        msg = kernel(hj, unit, w, self.l_msg)
+        return [msg[l] for l in self.l_msg]
+
+    @torch.jit.unused
+    def _chunked_messages(self, fn, n_nodes, i, j, unit, radial, envelope, hu):
+        """The summed messages of the per-edge function ``fn`` by :func:`chunked_edge_sum` when there are
+        enough edges (see :meth:`forward`), else None."""
         chunk = self.chunk_edges(unit.device)
         threshold = chunk if self.edge_chunk is not None else MIN_CHUNKS * chunk
         if not (chunk > 0 and i.shape[0] > threshold):
             return None
         params = list(self.radial.parameters())
-        return chunked_edge_sum(partial(self._edge_messages, compiled), n_nodes, i, (j, unit, radial, envelope),
-                                hu, params, chunk)
+        return chunked_edge_sum(fn, n_nodes, i, (j, unit, radial, envelope), hu, params, chunk)
 
     @torch.jit.unused
     def chunk_edges(self, device: torch.device) -> int:
@@ -122,6 +159,39 @@ class Interaction(nn.Module):
         if msg is None:
             msg = compact_edge_product(hj, unit, w, self.l_msg)
         return [_present(msg[l]) for l in self.l_msg]
+
+
+def _mix_component_major(linear: EquivariantLinear, xs: Features) -> Features:
+    """``linear`` (an :class:`EquivariantLinear`) applied to component-major features [x0 [N, C],
+    x1 [N, 3, C], x2 [N, k, C]] (any number k of components): one GEMM x @ W per rank."""
+    out: Features = [None, None, None]
+    for k, weight in enumerate(linear.weights):
+        rank = linear.ranks[k]
+        x = xs[rank]
+        if x is not None:
+            y = x @ weight
+            if rank == 0 and linear.bias is not None:
+                y = y + linear.bias
+            out[rank] = y
+    return out
+
+
+def mix_node_features(linear: EquivariantLinear, xs: Features) -> Features:
+    """``linear(xs)`` for features [x0 [N, C], x1 [N, C, 3], x2 [N, C, 3, 3]], computed as one GEMM
+    [N·3^l, C] @ [C, C'] per rank on the components-first view (``EquivariantLinear`` broadcasts
+    Wᵀ over N small [C, 3^l] blocks, a batched GEMM of N tiny products, and so does its backward).
+    Equal to ``linear(xs)`` to rounding."""
+    cm: Features = [None, None, None]
+    for l in range(3):
+        x = xs[l] if l < len(xs) else None
+        if x is not None:
+            cm[l] = x if l == 0 else x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+    out = _mix_component_major(linear, cm)
+    for l in (1, 2):
+        y = out[l]
+        if y is not None:
+            out[l] = y.transpose(1, 2).reshape([y.shape[0], y.shape[2]] + [3] * l)
+    return out
 
 
 class BodyOrderProduct(nn.Module):
@@ -158,6 +228,8 @@ class BodyOrderProduct(nn.Module):
             self.linear_weights.append(nn.Parameter(torch.ones(num_species, len(targets), channels)))
 
     def forward(self, A: Features, species: torch.Tensor) -> Features:
+        if not torch.jit.is_scripting():
+            return self._forward_grouped(A, species)
         Y: Features = [None, None, None]
         u = self.first[species]  # [N, R, C]
         for uk, l in zip(u.unbind(1), self.first_ranks):
@@ -183,6 +255,76 @@ class BodyOrderProduct(nn.Module):
             stage += 1
         return Y
 
+    @torch.jit.unused
+    def _forward_grouped(self, A: Features, species: torch.Tensor) -> Features:
+        """:meth:`forward` outside TorchScript: each stage with the paths grouped by what they share
+        (module docstring of cartlorem.tensors.products for the normalisations):
+
+            new0 = A0 (w000 Y0 + v0) + w110 Y1·A1 + (2/3) w220 Y2:A2
+            new1 = A1 (w011 Y0 + v1) + w101 A0 Y1 + Σ_b (w121 A2 Y1ᵀ + w211 Y2 A1ᵀ)_ab
+            new2 = A2 (w022 Y0 + v2) + w202 A0 Y2 + STF(3/2 w112 Y1 A1ᵀ + 2 w222 Y2 A2)
+
+        (v the linear weights; STF is linear, so the two rank-2 paths share one projection). About half
+        the operations of the path-by-path form, and of its first and second derivatives; equal to it to
+        rounding (tests/test_fast_training_kernel.py)."""
+        Y: Features = [None, None, None]
+        u = self.first.index_select(0, species)  # [N, R, C]
+        for uk, l in zip(u.unbind(1), self.first_ranks):
+            Y[l] = uk.reshape([uk.shape[0], -1] + [1] * l) * _present(A[l])
+        for stage, (path_weights, linear_weights) in enumerate(zip(self.path_weights, self.linear_weights)):
+            last = stage == len(self.stage_paths) - 1
+            targets = self.l_out if last else self.l_in
+            w = dict(zip(self.stage_paths[stage], path_weights.index_select(0, species).unbind(1)))  # (l1, l2, l3) → [N, C]
+            v = dict(zip(targets, linear_weights.index_select(0, species).unbind(1)))  # rank → [N, C]
+            Y = _grouped_stage(Y, A, w, v, targets)
+        return Y
+
+
+def _grouped_stage(Y: Features, A: Features, w: dict, v: dict, targets) -> Features:
+    """One Horner stage Σ_paths w_path product(Y_l1, A_l2) + v_l A_l with the paths grouped (see
+    :meth:`BodyOrderProduct._forward_grouped`). w: {(l1, l2, l3): [N, C]}, v: {l: [N, C]}; features
+    [N, C], [N, C, 3], [N, C, 3, 3]."""
+    def wt(key, rank):  # the weight of a path broadcast against rank-``rank`` features, or None
+        x = w.get(key)
+        return None if x is None else x.reshape(list(x.shape) + [1] * rank)
+
+    def add(acc, term):
+        return term if acc is None else acc + term
+
+    new: Features = [None, None, None]
+    for l in targets:
+        # A_l (w_{0ll} Y0 + v_l): the (0, l, l) path and the linear term share A_l
+        coef = v[l]
+        w0 = w.get((0, l, l))
+        if w0 is not None and Y[0] is not None:
+            coef = torch.addcmul(coef, w0, Y[0])
+        acc = coef.reshape(list(coef.shape) + [1] * l) * A[l]
+        if l > 0 and (l, 0, l) in w and Y[l] is not None:  # w_{l0l} A0 Y_l
+            acc = acc + (w[(l, 0, l)] * A[0]).reshape(list(coef.shape) + [1] * l) * Y[l]
+        if l == 0:
+            if (1, 1, 0) in w and Y[1] is not None:
+                acc = torch.addcmul(acc, w[(1, 1, 0)], (Y[1] * A[1]).sum(-1))
+            if (2, 2, 0) in w and Y[2] is not None:
+                acc = torch.addcmul(acc, w[(2, 2, 0)], (Y[2] * A[2]).sum((-1, -2)), value=2.0 / 3.0)
+        elif l == 1:
+            x = None  # [N, C, 3, 3] whose row sums are A2 Y1 (w121) + Y2 A1 (w211)
+            if (1, 2, 1) in w and Y[1] is not None:
+                x = wt((1, 2, 1), 2) * A[2] * Y[1][..., None, :]
+            if (2, 1, 1) in w and Y[2] is not None:
+                x = add(x, wt((2, 1, 1), 2) * Y[2] * A[1][..., None, :])
+            if x is not None:
+                acc = acc + x.sum(-1)
+        else:
+            x = None  # STF(3/2 w112 Y1 A1ᵀ + 2 w222 Y2 A2)
+            if (1, 1, 2) in w and Y[1] is not None:
+                x = (1.5 * wt((1, 1, 2), 2)) * (Y[1][..., :, None] * A[1][..., None, :])
+            if (2, 2, 2) in w and Y[2] is not None:
+                x = add(x, (2.0 * wt((2, 2, 2), 2)) * (Y[2][..., :, :, None] * A[2][..., None, :, :]).sum(-2))
+            if x is not None:
+                acc = acc + stf(x)
+        new[l] = acc
+    return new
+
 
 class SpeciesLinear(nn.Module):
     """Channel mixing with a separate weight matrix for each species (the residual skip)."""
@@ -196,6 +338,8 @@ class SpeciesLinear(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, h: Features, species: torch.Tensor) -> Features:
+        if not torch.jit.is_scripting():
+            return self._forward_all_species(h, species)
         out: Features = [None, None, None]
         present = torch.unique(species)
         for k, weight in enumerate(self.weights):  # TorchScript: ParameterList entries by iteration only
@@ -207,4 +351,26 @@ class SpeciesLinear(nn.Module):
                     mask = species == s
                     y[mask] = mix_channels(x[mask], weight[s], l)
                 out[l] = y
+        return out
+
+    @torch.jit.unused
+    def _forward_all_species(self, h: Features, species: torch.Tensor) -> Features:
+        """:meth:`forward` outside TorchScript: every node through the weights of every species (one
+        batched GEMM [S, N·3^l, C_in] @ [S, C_in, C_out] per rank), then each node's own species picked by
+        a one-hot sum — no masks, no data-dependent shapes, three operations per rank instead of five per
+        species present. S× the multiply-adds of the masked form; S is the number of species (a few)."""
+        S = self.weights[0].shape[0] if len(self.weights) else 0
+        onehot = (species[None, :] == torch.arange(S, device=species.device)[:, None])  # [S, N]
+        out: Features = [None, None, None]
+        for k, weight in enumerate(self.weights):
+            l = self.ranks[k]
+            x = h[l]
+            if x is None:
+                continue
+            N, C = x.shape[0], x.shape[1]
+            xm = x.reshape(N, C, -1).transpose(1, 2).reshape(1, -1, C)  # [1, N·3^l, C_in], components before channels
+            y = torch.matmul(xm, weight)  # [S, N·3^l, C_out]
+            y = y.view(S, N, -1, self.out_channels)
+            y = (y * onehot.to(y.dtype)[:, :, None, None]).sum(0)  # [N, 3^l, C_out]: each node's own species
+            out[l] = y.transpose(1, 2).reshape([N, self.out_channels] + list(x.shape[2:]))
         return out
