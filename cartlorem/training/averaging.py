@@ -37,8 +37,7 @@ class ExponentialMovingAverage:
     def update(self) -> None:
         self.num_updates += 1
         d = min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
-        for s, p in zip(self.shadow, self.parameters):
-            s.lerp_(p.detach(), 1.0 - d)
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.parameters], 1.0 - d)  # one fused update
 
     @contextlib.contextmanager
     def applied(self):

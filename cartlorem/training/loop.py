@@ -300,8 +300,10 @@ class _Run:
         self.batch_size, self.clip_grad = int(settings["batch_size"]), settings["clip_grad"]
         self.device, self.dtype = _model_place(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # foreach: one fused update over all parameters (torch picks it on CUDA only; measured 4% of a
+        # CPU training step on the dimer set, benchmarks/results/train_step.local.md)
         self.opt = torch.optim.Adam(self.params, lr=settings["lr"], weight_decay=settings["weight_decay"],
-                                    amsgrad=settings["optimizer"].lower() == "amsgrad")
+                                    amsgrad=settings["optimizer"].lower() == "amsgrad", foreach=True)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.opt, mode="min", factor=settings["scheduler_factor"], patience=settings["scheduler_patience"]
         )
@@ -388,7 +390,7 @@ class _Run:
             if not math.isfinite(loss_value):
                 raise self._nonfinite("loss", loss_value, terms, epoch, b + 1, n_batches, idx)
         if self.clip_grad:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad, foreach=True)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         if not torch.isfinite(gnorm):
