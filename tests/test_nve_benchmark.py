@@ -180,9 +180,6 @@ def test_pushed_pairs_are_at_the_drawn_distance_and_nothing_else_collides(kinds,
     for i, j, _ in pushed:
         inter[i, j] = inter[j, i] = np.inf
     assert inter.min() >= 1.0
-    # the MD never went below 2.34 Å O–O; the pushed frames do, by construction
-    if key == "OO":
-        assert min(t for _, _, t in pushed) < 2.3
 
 
 def test_close_contact_frames_carry_their_own_labels(tmp_path):
