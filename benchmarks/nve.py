@@ -602,7 +602,7 @@ def render(payload: dict) -> str:
         lines.append(f"- **{r['run']}** (`{r.get('command', '')}`; {r.get('date', '')}, commit "
                      f"{str(r.get('git_commit'))[:10]}): {r.get('structure', '')}. Model: {m.get('options')}, "
                      f"{m.get('parameters')} parameters, trained in {m.get('train_dtype')} on "
-                     f"{m.get('train_structures')} structures of `{Path(str(m.get('source'))).name}` for "
+                     f"{m.get('train_structures')} structures of {' + '.join(f'`{Path(x).name}`' for x in str(m.get('source')).split(','))} for "
                      f"{m.get('epochs_run')} epochs ({m.get('train_wall_s')} s wall), validation MAE "
                      f"{_fmt(m.get('valid_energy_mae_mev_per_atom'))} meV/atom / {_fmt(m.get('valid_forces_mae_mev_per_a'))} "
                      f"meV/Å. Positions at the end span fractional coordinates {r['fractional_range'][0]:.3f} … "
