@@ -27,10 +27,16 @@ Runs (``--runs``):
 Models (trained here, nothing committed): ``long_range="multipole"``, 16 channels, correlation 2,
 otherwise the defaults (2 layers, rank ≤ 2, 5 Å, 4 long-range channels, smearing 1 Å), trained in
 float32. NaCl: trained on ``nacl_pbc.xyz`` (64-atom periodic NaCl, GFN1-xTB, with stress) from
-``--data-dir``; water: trained on the periodic bulk-water set ``benchmarks/data/water_pbc.xyz``
-(``--water-data``; 27-molecule boxes at 1 g/cm³, GFN1-xTB Langevin MD from the grid into the
-liquid plus rattled and strained frames, with stress; made by ``benchmarks/water_data.py``), with
-``--batch-size`` and ``--lr``. (A model trained on the 4-water clusters of the bundled demo set was
+``--data-dir``; water: trained on the periodic bulk-water sets ``benchmarks/data/water_pbc.xyz`` and
+``benchmarks/data/water_contacts.xyz`` (``--water-data``; 27-molecule boxes, GFN1-xTB, with stress:
+Langevin MD from the grid into the liquid, rattled and strained frames, and close contacts —
+boxes compressed to 1.2–1.6 g/cm³, intermolecular O–O pairs pushed to 1.8–2.3 Å, O–H and H–H
+pairs to 1.1–1.6 Å, a 600 K MD; made by ``benchmarks/water_data.py``: without the close contacts
+the model had no repulsive wall below 2.34 Å O–O and two oxygen atoms fell together within
+0.1 ps), with ``--batch-size``, ``--lr``, ``--water-channels`` and ``--water-cutoff`` (the
+committed row: 8 channels, 4 Å, a cheaper model: this measures conservation, not accuracy).
+``--check M:STEPS:T,...`` only trains (or loads) the water model and runs short Langevin
+stability checks on boxes of M³ molecules, reporting the smallest intermolecular O–O distance. (A model trained on the 4-water clusters of the bundled demo set was
 unstable in bulk water: it heated to 2500 K and two atoms collided within 0.17 ps.) Few epochs
 only: the benchmark measures conservation — whether the forces are the exact negative gradient of
 the energy the model reports, the integrator's error and float32 rounding — not accuracy, so the
@@ -41,6 +47,7 @@ the same trained model to float32 (``CartLoremCalculator(dtype=...)``).
     python benchmarks/nve.py                                            # all three runs, full length
     python benchmarks/nve.py --runs water-float32 --epochs 12 --merge --deadline 06:05   # one run, stopped in time
     python benchmarks/nve.py --render                                   # rewrite nve.md from nve.json
+    python benchmarks/nve.py --runs water-float32 --water-channels 8 --water-cutoff 4 --check 4:300:400,7:100:300
 
 ``--merge`` keeps the rows of other runs already in the results file (several processes can run
 different ``--runs`` in parallel: writes are serialised by a lock, and ``--model-dir`` lets them
@@ -79,8 +86,9 @@ DEFAULTS = {  # per system: simulated ps, timestep fs, start temperature K, ther
     "nacl": {"ps": 10.0, "timestep_fs": 1.0, "temperature_k": 300.0, "equilibrate_ps": 0.0},
     "water": {"ps": 2.0, "timestep_fs": 1.0, "temperature_k": 300.0, "equilibrate_ps": 0.05},
 }
-WATER_DATA = Path(__file__).resolve().parent / "data" / "water_pbc.xyz"  # made by benchmarks/water_data.py
-MODEL_OPTIONS = {"long_range": "multipole", "channels": 16, "correlation": 2}
+_DATA = Path(__file__).resolve().parent / "data"
+WATER_DATA = (_DATA / "water_pbc.xyz", _DATA / "water_contacts.xyz")  # made by benchmarks/water_data.py
+MODEL_OPTIONS = {"long_range": "multipole", "channels": 16, "correlation": 2}  # NaCl; water: --water-channels, --water-cutoff
 UNSTABLE_EV_PER_ATOM = 1.0  # |E(t) − E(0)| per atom beyond which a run is called unstable and stopped
 WATER_OH, WATER_HOH = 0.9572, 104.52  # Å, degrees (the geometry of the grid's molecules)
 
@@ -261,21 +269,26 @@ def _git_commit() -> Optional[str]:
 
 
 def _training_frames(system: str, data_dir: Path, quick: bool, water_data=WATER_DATA):
-    """(frames, where they came from) for ``system``."""
+    """(frames, where they came from) for ``system``; ``water_data``: one path or several (their
+    frames joined, in order; the ``source`` is the paths joined by commas)."""
     from ase.io import read
 
     if system == "nacl":
         path = data_file(data_dir, "nacl_pbc")  # SystemExit with a clear message when missing
         frames = read(path, ":")
+        source = str(path)
     else:
-        path = Path(water_data)
-        if not path.is_file():
-            raise SystemExit(f"error: no water training set at {path}: make it with "
-                             f"`python benchmarks/water_data.py {path}` or pass --water-data FILE")
-        frames = read(path, ":")
+        paths = [Path(water_data)] if isinstance(water_data, (str, Path)) else [Path(x) for x in water_data]
+        frames = []
+        for path in paths:
+            if not path.is_file():
+                raise SystemExit(f"error: no water training set at {path}: make it with "
+                                 f"`python benchmarks/water_data.py {path}` (see its docstring) or pass --water-data FILE[,FILE]")
+            frames += read(path, ":")
+        source = ",".join(str(x) for x in paths)
     if quick:
         frames = frames[: (24 if system == "nacl" else 60)]
-    return frames, str(path)
+    return frames, source
 
 
 def get_model(system: str, args, log) -> tuple:
@@ -287,12 +300,14 @@ def get_model(system: str, args, log) -> tuple:
     from cartlorem.train import train
 
     frames, source = _training_frames(system, args.data_dir, args.quick, args.water_data)
+    options = water_model_options(args) if system == "water" else MODEL_OPTIONS
     if args.train_frames and len(frames) > args.train_frames:
         idx = np.random.default_rng(args.seed).permutation(len(frames))[: args.train_frames]
         frames = [frames[k] for k in np.sort(idx)]
     settings = {"system": system, "source": source, "frames": len(frames), "epochs": args.epochs,
-                "train_time_s": args.train_time, "seed": args.seed, "model": MODEL_OPTIONS,
-                "train_dtype": args.train_dtype, "source_size": os.path.getsize(source), "quick": bool(args.quick),
+                "train_time_s": args.train_time, "seed": args.seed, "model": options,
+                "train_dtype": args.train_dtype, "source_size": sum(os.path.getsize(x) for x in source.split(",")),
+                "quick": bool(args.quick),
                 "cartlorem": getattr(cartlorem, "__version__", None)}
     if system == "water":  # the NaCl key stays as it was, so that its trained model is found again
         settings.update({"batch_size": args.batch_size, "lr": args.lr})
@@ -312,11 +327,11 @@ def get_model(system: str, args, log) -> tuple:
                 log(f"[{system}] loading the model trained earlier (commit {str(info.get('trained_at_commit'))[:10]}): {path}")
                 return model, info
         species = sorted({int(z) for a in frames for z in a.numbers})
-        model = cartlorem.CartLorem(species, **MODEL_OPTIONS)
+        model = cartlorem.CartLorem(species, **options)
         model = model.to(getattr(torch, args.train_dtype))
         graphs = read_dataset(frames, cutoff=model.cutoff, dtype=getattr(torch, args.train_dtype))
         tr, va = split(graphs, 0.1, seed=args.seed)
-        log(f"[{system}] training {MODEL_OPTIONS} on {len(tr)} structures ({len(va)} validation) of {source}, "
+        log(f"[{system}] training {options} on {len(tr)} structures ({len(va)} validation) of {source}, "
             f"at most {args.epochs} epochs / {args.train_time:.0f} s, {args.train_dtype}")
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as run_dir:
@@ -324,7 +339,7 @@ def get_model(system: str, args, log) -> tuple:
             res = train(model, [graphs[k] for k in tr], [graphs[k] for k in va], epochs=args.epochs,
                         out_dir=run_dir, progress=False, seed=args.seed, max_time=args.train_time, **extra)
         info = {"source": source, "train_structures": int(len(tr)), "valid_structures": int(len(va)),
-                "species": species, "options": MODEL_OPTIONS, "train_dtype": args.train_dtype,
+                "species": species, "options": options, "train_dtype": args.train_dtype,
                 "epochs_run": res.epochs_completed, "stopped_by": res.stop_reason,
                 "train_wall_s": round(time.perf_counter() - t0, 1),
                 "valid_energy_mae_mev_per_atom": res.best_metrics.get("energy_mae_mev_per_atom"),
@@ -336,6 +351,15 @@ def get_model(system: str, args, log) -> tuple:
         cartlorem.save_model(model, path)
         info_path.write_text(json.dumps(info, indent=1))
         return model, info
+
+
+def water_model_options(args) -> dict:
+    """The water model's constructor options: ``MODEL_OPTIONS`` with ``--water-channels`` and
+    ``--water-cutoff`` (Å); the defaults (16, 5 Å) give exactly ``MODEL_OPTIONS``."""
+    opts = dict(MODEL_OPTIONS, channels=int(args.water_channels))
+    if args.water_cutoff != 5.0:
+        opts["cutoff"] = float(args.water_cutoff)
+    return opts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,6 +510,51 @@ def _equilibrate(atoms, timestep_fs: float, steps: int, temperature_k: float, fr
             "temperature_end_k": temps[-1], "temperature_trace_k": [round(x, 1) for x in temps[:: max(1, len(temps) // 50)]]}
 
 
+def stability_check(atoms, model, dtype: str, steps: int, temperature_k: float, *, timestep_fs: float = 1.0,
+                    friction_per_fs: float = 0.01, seed: int = 0, every: int = 10, log=print) -> dict:
+    """A cheap look at whether a water model holds bulk water together: ASE Langevin MD of ``atoms``
+    (copied; molecules = consecutive O, H, H) at ``temperature_k`` K for ``steps`` steps, recording
+    every ``every`` steps the smallest intermolecular O–O distance (Å, minimum image), the smallest
+    intermolecular distance of any pair, the largest intramolecular distance and the temperature.
+    Returns those traces, their extremes and a status ("completed" or "unstable at step k: ...")."""
+    from ase import units
+    from ase.md.langevin import Langevin
+
+    import cartlorem
+
+    atoms = atoms.copy()
+    atoms.calc = cartlorem.CartLoremCalculator(model, dtype=dtype)
+    masses = atoms.get_masses()[:, None]
+    p = np.random.default_rng(seed).standard_normal((len(atoms), 3)) * np.sqrt(masses * units.kB * temperature_k)
+    atoms.set_momenta(p - masses * (p.sum(0) / masses.sum()))
+    dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature_k, friction=friction_per_fs / units.fs,
+                   rng=np.random.default_rng(seed + 1))
+    oxygen = np.flatnonzero(atoms.numbers == 8)
+    trace = {"step": [], "min_oo_a": [], "min_inter_a": [], "max_intra_a": [], "temperature_k": []}
+    status, t0 = "completed", time.perf_counter()
+    for k in range(steps + 1):
+        if k:
+            try:
+                dyn.run(1)
+            except ValueError as exc:
+                status = f"unstable at step {k}: {exc}"
+                break
+        if k % every == 0 or k == steps:
+            m = molecule_check(atoms, 3)
+            oo = atoms.get_all_distances(mic=True)[np.ix_(oxygen, oxygen)]
+            np.fill_diagonal(oo, np.inf)
+            for key, v in (("step", k), ("min_oo_a", float(oo.min())), ("min_inter_a", m["min_intermolecular_a"]),
+                           ("max_intra_a", m["max_intramolecular_a"]), ("temperature_k", float(atoms.get_temperature()))):
+                trace[key].append(round(v, 4) if isinstance(v, float) else v)
+            log(f"[check {len(atoms)} atoms, {temperature_k:.0f} K] step {k}: min O-O {trace['min_oo_a'][-1]:.3f} A, "
+                f"min intermolecular {trace['min_inter_a'][-1]:.3f} A, max intramolecular {trace['max_intra_a'][-1]:.3f} A, "
+                f"T {trace['temperature_k'][-1]:.0f} K, {(time.perf_counter() - t0) / max(k, 1):.2f} s/step")
+    return {"atoms": len(atoms), "steps": trace["step"][-1] if trace["step"] else 0, "temperature_k": temperature_k,
+            "friction_per_fs": friction_per_fs, "dtype": dtype, "status": status,
+            "min_oo_a": min(trace["min_oo_a"]), "min_intermolecular_a": min(trace["min_inter_a"]),
+            "max_intramolecular_a": max(trace["max_intra_a"]), "wall_s": round(time.perf_counter() - t0, 1), "trace": trace}
+
+
 def molecule_check(atoms, size: int) -> dict:
     """Largest distance (Å, minimum image) between atoms of one molecule and smallest between atoms of
     different molecules, molecules being consecutive blocks of ``size`` atoms."""
@@ -533,7 +602,7 @@ def render(payload: dict) -> str:
         lines.append(f"- **{r['run']}** (`{r.get('command', '')}`; {r.get('date', '')}, commit "
                      f"{str(r.get('git_commit'))[:10]}): {r.get('structure', '')}. Model: {m.get('options')}, "
                      f"{m.get('parameters')} parameters, trained in {m.get('train_dtype')} on "
-                     f"{m.get('train_structures')} structures of `{Path(str(m.get('source'))).name}` for "
+                     f"{m.get('train_structures')} structures of {' + '.join(f'`{Path(x).name}`' for x in str(m.get('source')).split(','))} for "
                      f"{m.get('epochs_run')} epochs ({m.get('train_wall_s')} s wall), validation MAE "
                      f"{_fmt(m.get('valid_energy_mae_mev_per_atom'))} meV/atom / {_fmt(m.get('valid_forces_mae_mev_per_a'))} "
                      f"meV/Å. Positions at the end span fractional coordinates {r['fractional_range'][0]:.3f} … "
@@ -656,8 +725,15 @@ def parse_args(argv=None):
     p.add_argument("--train-time", type=float, default=600.0, help="training wall-clock cap per model, s")
     p.add_argument("--train-frames", type=int, default=None, help="train on a random subset of this many frames")
     p.add_argument("--train-dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--water-data", default=str(WATER_DATA), help="the bulk-water training set (extended XYZ with "
-                   "energy, forces, stress; default benchmarks/data/water_pbc.xyz, made by benchmarks/water_data.py)")
+    p.add_argument("--water-data", default=",".join(str(x) for x in WATER_DATA), help="the bulk-water training "
+                   "set, comma-separated files (extended XYZ with energy, forces, stress; default "
+                   "benchmarks/data/water_pbc.xyz,benchmarks/data/water_contacts.xyz, made by benchmarks/water_data.py)")
+    p.add_argument("--water-channels", type=int, default=16, help="channels of the water model (default 16)")
+    p.add_argument("--water-cutoff", type=float, default=5.0, help="cutoff of the water model, Å (default 5)")
+    p.add_argument("--check", default=None, metavar="M:STEPS:T[,...]", help="no NVE run: train (or load) the "
+                   "water model and run Langevin stability checks (friction --friction) on boxes of M³ molecules, "
+                   "STEPS steps at T K each; prints the smallest intermolecular O–O distance and writes "
+                   "OUT_check.json")
     p.add_argument("--batch-size", type=int, default=4, help="training batch size of the water model (default 4)")
     p.add_argument("--lr", type=float, default=5e-3, help="initial learning rate of the water model (default 5e-3)")
     p.add_argument("--equilibrate-ps", type=float, default=None, help="thermostatted (Langevin) equilibration "
@@ -687,6 +763,15 @@ def parse_args(argv=None):
     if bad or not runs:
         p.error(f"--runs: unknown {bad}; choose from {', '.join(RUNS)}")
     args.runs = runs
+    args.water_data = [x.strip() for x in str(args.water_data).split(",") if x.strip()]
+    if args.water_channels < 1 or not args.water_cutoff > 0:
+        p.error("--water-channels must be >= 1 and --water-cutoff > 0")
+    if args.check is not None:
+        try:
+            args.check = [tuple(t(x) for t, x in zip((int, int, float), c.split(":"), strict=True))
+                          for c in args.check.split(",")]
+        except ValueError:
+            p.error(f"--check must be M:STEPS:T[,M:STEPS:T...], got {args.check!r}")
     for name in ("ps", "timestep_fs", "max_time", "train_time", "lr", "friction", "temperature"):
         v = getattr(args, name)
         if v is not None and not v > 0:
@@ -750,6 +835,20 @@ def main(argv=None) -> int:
             "notes": "Commands and per-run stamps are in each row; `--merge` combines rows of separate processes."}
     command = "python benchmarks/nve.py " + " ".join(sys.argv[1:] if argv is None else argv)
     models = {}
+    if args.check:
+        model, info = get_model("water", args, log)
+        checks = []
+        for m, steps, temp in args.check:
+            atoms = water_box(m, seed=args.seed)
+            res = stability_check(atoms, model, "float32", steps, temp, timestep_fs=args.timestep_fs or 1.0,
+                                  friction_per_fs=args.friction, seed=args.seed, log=log)
+            checks.append({"molecules_per_side": m, **res})
+            log(f"[check] {m}^3 molecules, {temp:.0f} K: {res['status']}, min O-O {res['min_oo_a']:.3f} A, "
+                f"min intermolecular {res['min_intermolecular_a']:.3f} A, max intramolecular {res['max_intramolecular_a']:.3f} A")
+        out = Path(str(args.out) + "_check.json")
+        out.write_text(json.dumps({"model": info, "command": command, "checks": checks}, indent=1) + "\n")
+        log(f"wrote {out}")
+        return 0
     for run in args.runs:
         system, dtype = run.split("-")
         d = DEFAULTS[system]
