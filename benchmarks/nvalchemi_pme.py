@@ -76,11 +76,10 @@ COLD_CACHE_NOTE = (
 
 def _reexec_in_venv(argv) -> None:
     """Run this script again with a python that has nvalchemiops, or exit with how to get one."""
-    try:
-        import nvalchemiops  # noqa: F401
+    import importlib.util
+
+    if importlib.util.find_spec("nvalchemiops") is not None:
         return
-    except ImportError:
-        pass
     candidates = [os.environ.get("NVALCHEMI_PYTHON"), str(VENV_PYTHON)]
     for py in candidates:
         if py and Path(py).exists() and Path(py).resolve() != Path(sys.executable).resolve():
