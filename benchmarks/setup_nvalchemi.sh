@@ -76,4 +76,4 @@ if [ "${WARM:-0}" = "1" ]; then
     echo "# compiling warp's CPU kernels (once; cached in ~/.cache/warp) ..."
     (cd "$HERE/.." && PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$VPY" benchmarks/nvalchemi_pme.py --warm-only)
 fi
-echo "# run: $VPY benchmarks/nvalchemi_pme.py   (or plain python3 benchmarks/nvalchemi_pme.py: it finds this venv)"
+echo "# run: $VPY benchmarks/nvalchemi_pme.py   (or NVALCHEMI_PYTHON=$VPY python3 benchmarks/nvalchemi_pme.py; the default venv is found without it)"
