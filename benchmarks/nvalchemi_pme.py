@@ -82,8 +82,10 @@ def _reexec_in_venv(argv) -> None:
         return
     candidates = [os.environ.get("NVALCHEMI_PYTHON"), str(VENV_PYTHON)]
     for py in candidates:
-        if py and Path(py).exists() and Path(py).resolve() != Path(sys.executable).resolve():
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        # a venv's python is a symlink to the base interpreter: compare the paths, not their targets; the
+        # marker stops a second re-run if that python cannot import nvalchemiops either
+        if py and Path(py).exists() and not os.environ.get("_NVALCHEMI_PME_REEXEC"):
+            env = dict(os.environ, _NVALCHEMI_PME_REEXEC="1", PYTHONPATH=os.pathsep.join(
                 [str(HERE.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
             print(f"# nvalchemiops not importable here; running with {py}", flush=True)
             sys.exit(subprocess.call([py, str(Path(__file__).resolve()), *argv], env=env))
