@@ -374,6 +374,18 @@ CATEGORIES = [("FFT", ("fft",)), ("spreading scatter (index_add)", ("index_add",
               ("elementwise mul / add / sum", ("mul", "add", "sum", "sub", "div"))]
 
 
+def by_category(events) -> dict:
+    """Self CPU seconds of profiler ``key_averages()`` events summed per entry of :data:`CATEGORIES`
+    (the first whose needle occurs in the op name), the rest under "other"; rounded to 0.1 ms."""
+    cats = {name: 0.0 for name, _ in CATEGORIES}
+    cats["other"] = 0.0
+    for e in events:
+        key = e.key.lower()
+        name = next((name for name, needles in CATEGORIES if any(n in key for n in needles)), "other")
+        cats[name] += e.self_cpu_time_total / 1e6
+    return {k: round(v, 4) for k, v in cats.items()}
+
+
 def part_profile(args) -> dict:
     """Components of cartlorem's PME call at the largest size (point, first accuracy) and the top ops."""
     from harness import water_box
@@ -400,17 +412,7 @@ def part_profile(args) -> dict:
     out["profiler_self_cpu_total_s"] = total
     out["top_ops"] = [{"op": e.key, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 4), "calls": e.count}
                       for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:15]]
-    cats = {name: 0.0 for name, _ in CATEGORIES}
-    cats["other"] = 0.0
-    for e in ka:
-        key = e.key.lower()
-        for name, needles in CATEGORIES:
-            if any(n in key for n in needles):
-                cats[name] += e.self_cpu_time_total / 1e6
-                break
-        else:
-            cats["other"] += e.self_cpu_time_total / 1e6
-    out["op_categories_self_cpu_s"] = {k: round(v, 4) for k, v in cats.items()}
+    out["op_categories_self_cpu_s"] = by_category(ka)
     # components through the module's own pieces (same parameters as the call), forward and backward apart
     try:
         rows_l, cols_l = Layout((0, 1, 2)), Layout((0, 1, 2))
@@ -443,17 +445,7 @@ def part_profile(args) -> dict:
             x = pos.clone().requires_grad_(True)
             y = P.reciprocal_sum(x, v0, cell, params, rows_l, cols_l)
             torch.autograd.grad(y.sum(), [x])
-        rc = {name: 0.0 for name, _ in CATEGORIES}
-        rc["other"] = 0.0
-        for e in prof2.key_averages():
-            key = e.key.lower()
-            for name, needles in CATEGORIES:
-                if any(n in key for n in needles):
-                    rc[name] += e.self_cpu_time_total / 1e6
-                    break
-            else:
-                rc["other"] += e.self_cpu_time_total / 1e6
-        out["reciprocal_op_categories_self_cpu_s"] = {k: round(v, 4) for k, v in rc.items()}
+        out["reciprocal_op_categories_self_cpu_s"] = by_category(prof2.key_averages())
     except Exception as exc:  # noqa: BLE001 -- pme.py internals may move; the op table above still stands
         out["components_error"] = f"{type(exc).__name__}: {exc}"[:300]
     print(f"# profile at N = {len(atoms)}: {out.get('components', out.get('components_error'))}", flush=True)
