@@ -24,39 +24,11 @@ PYTHON="${PYTHON:-python3}"
 NVALCHEMI_SPEC="${NVALCHEMI_SPEC:-nvalchemi-toolkit-ops==0.5.0}"
 WARP_SPEC="${WARP_SPEC:-warp-lang==1.19.0}"
 
-if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-    echo "error: $PYTHON has no torch; run this with the interpreter that has cartlorem installed (PYTHON=...)" >&2
-    exit 1
-fi
-SYS_TORCH="$("$PYTHON" -c 'import torch; print(torch.__version__)')"
-echo "# system torch $SYS_TORCH ($("$PYTHON" -c 'import sys; print(sys.executable)'))"
+source "$HERE/_venv.sh"
+venv_with_system_torch
 
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "# creating $VENV (--system-site-packages)"
-    "$PYTHON" -m venv --system-site-packages "$VENV"
-fi
-# keep the venv out of git wherever it lives (Python >= 3.13 writes this file itself)
-[ -f "$VENV/.gitignore" ] || echo "*" > "$VENV/.gitignore"
-VPY="$VENV/bin/python"
-
-# 1. dry run: what would pip install? torch must not be among it.
-REPORT="$(mktemp)"
-trap 'rm -f "$REPORT"' EXIT
-"$VPY" -m pip install --dry-run --quiet --report "$REPORT" "$NVALCHEMI_SPEC" "$WARP_SPEC"
-TO_INSTALL="$("$VPY" -c "
-import json, sys
-r = json.load(open(sys.argv[1]))
-print(' '.join(f\"{i['metadata']['name']}=={i['metadata']['version']}\" for i in r.get('install', [])))
-" "$REPORT")"
-echo "# pip would install: ${TO_INSTALL:-nothing (already installed)}"
-case " ${TO_INSTALL,,} " in
-    *" torch=="*|*" nvidia-"*|*" triton=="*)
-        echo "error: pip wants to install torch/CUDA packages into the venv; aborting (install by hand with --no-deps)" >&2
-        exit 1 ;;
-esac
-
-# 2. install for real
-"$VPY" -m pip install --quiet "$NVALCHEMI_SPEC" "$WARP_SPEC"
+# 1. what would pip install? torch/CUDA wheels must not be among it; 2. install for real
+pip_install_without_torch "$NVALCHEMI_SPEC" "$WARP_SPEC"
 
 # 3. check: the venv uses the system torch; nvalchemiops, warp (CPU device) and cartlorem import
 "$VPY" - <<EOF

@@ -20,37 +20,11 @@ VENV="${VENV:-$HERE/.venv-peers}"
 PYTHON="${PYTHON:-python3}"
 MACE_SPEC="${MACE_SPEC:-mace-torch==0.3.16}"
 
-if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-    echo "error: $PYTHON has no torch; run this with the interpreter that has cartlorem installed (PYTHON=...)" >&2
-    exit 1
-fi
-SYS_TORCH="$("$PYTHON" -c 'import torch; print(torch.__version__)')"
-echo "# system torch $SYS_TORCH ($("$PYTHON" -c 'import sys; print(sys.executable)'))"
+source "$HERE/_venv.sh"
+venv_with_system_torch
 
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "# creating $VENV (--system-site-packages)"
-    "$PYTHON" -m venv --system-site-packages "$VENV"
-fi
-VPY="$VENV/bin/python"
-
-# 1. dry run: what would pip install? torch must not be among it.
-REPORT="$(mktemp)"
-trap 'rm -f "$REPORT"' EXIT
-"$VPY" -m pip install --dry-run --quiet --report "$REPORT" "$MACE_SPEC"
-TO_INSTALL="$("$VPY" -c "
-import json, sys
-r = json.load(open(sys.argv[1]))
-print(' '.join(f\"{i['metadata']['name']}=={i['metadata']['version']}\" for i in r.get('install', [])))
-" "$REPORT")"
-echo "# pip would install: $TO_INSTALL"
-case " ${TO_INSTALL,,} " in
-    *" torch=="*|*" nvidia-"*|*" triton=="*)
-        echo "error: pip wants to install torch/CUDA packages into the venv; aborting (install by hand with --no-deps)" >&2
-        exit 1 ;;
-esac
-
-# 2. install for real
-"$VPY" -m pip install --quiet "$MACE_SPEC"
+# 1. what would pip install? torch/CUDA wheels must not be among it; 2. install for real
+pip_install_without_torch "$MACE_SPEC"
 
 # 3. check: the venv uses the system torch, e3nn 0.4.4, MACE imports, cartlorem imports
 "$VPY" - <<EOF
