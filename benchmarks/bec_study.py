@@ -36,7 +36,7 @@ from benchmarks.charge_units import stamp  # noqa: E402
 from cartlorem.data import read_dataset, split  # noqa: E402
 from cartlorem.evaluate import metrics, predict  # noqa: E402
 from cartlorem.train import train  # noqa: E402
-from benchmarks.harness import write_json_md  # noqa: E402
+from benchmarks.harness import add_study_arguments, study_variants, write_json_md  # noqa: E402
 
 DATA = HERE.parent / "cartlorem" / "datasets" / "bec_water.xyz"
 VARIANTS = ("ef", "ef_bec")
@@ -92,28 +92,14 @@ def to_markdown(res) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DATA), help="extxyz with born_charges labels (default: the bundled set)")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--budget", type=float, default=None, help="wall-clock cap per model in seconds")
-    p.add_argument("--channels", type=int, default=16)
-    p.add_argument("--cutoff", type=float, default=5.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--energy-weight", type=float, default=10.0)
     p.add_argument("--forces-weight", type=float, default=1.0)
     p.add_argument("--bec-weight", type=float, default=1.0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, results not written")
-    p.add_argument("--out", default=str(HERE / "results" / "bec_study"))
+    add_study_arguments(p, variants=VARIANTS, out=str(HERE / "results" / "bec_study"), epochs=40,
+                        quick_help="smoke test: 2 epochs, results not written")
     args = p.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not variants or not set(variants) <= set(VARIANTS):
-        p.error(f"--variants: a comma list of {', '.join(VARIANTS)}")
+    variants = study_variants(p, args, VARIANTS)
     if args.quick:
         args.epochs = 2
-    torch.set_num_threads(args.threads)
     command = "PYTHONPATH=$PWD python3 benchmarks/bec_study.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 

@@ -41,7 +41,7 @@ from cartlorem.graph import collate
 from cartlorem.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
-from benchmarks.harness import machine_info, write_json_md  # noqa: E402
+from benchmarks.harness import add_study_arguments, machine_info, study_variants, write_json_md  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "data"
@@ -165,29 +165,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with nacl.xyz (default ../shared/data)")
     p.add_argument("--extra", default=str(EXTRA), help="the other charge states (default: the shipped set)")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--budget", type=float, default=600.0, help="wall-clock cap per model in seconds")
-    p.add_argument("--channels", type=int, default=16)
-    p.add_argument("--cutoff", type=float, default=5.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--energy-weight", type=float, default=10.0)
     p.add_argument("--max-geometries", type=int, default=0, help="first N geometries only (0: all)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--variants", default="local,local_cs,multipole_cs,multipole", help=f"comma list of {', '.join(VARIANTS)}")
-    p.add_argument("--quick", action="store_true", help="smoke test: 1 epoch on 20 geometries, results not written")
-    p.add_argument("--out", default=str(HERE / "results" / "charge_state"))
+    add_study_arguments(p, variants=VARIANTS, out=str(HERE / "results" / "charge_state"), epochs=40, budget=600.0,
+                        default_variants=("local", "local_cs", "multipole_cs", "multipole"),
+                        quick_help="smoke test: 1 epoch on 20 geometries, results not written")
     args = p.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not variants or not set(variants) <= set(VARIANTS):
-        p.error(f"--variants: a comma list of {', '.join(VARIANTS)}")
+    variants = study_variants(p, args, VARIANTS)
     if not (Path(args.data_dir) / "nacl.xyz").is_file():
         p.error(f"{Path(args.data_dir) / 'nacl.xyz'} not found: pass --data-dir, the folder that holds nacl.xyz")
     if args.quick:
         args.epochs, args.max_geometries, args.budget = 1, 20, 60.0
-    torch.set_num_threads(args.threads)
 
     frames, geometries = load_frames(Path(args.data_dir), Path(args.extra), args.max_geometries)
     dtype = getattr(torch, args.dtype)

@@ -36,7 +36,7 @@ from benchmarks.charge_units import DEFAULT_DATA, monomer_table, predict_charges
 from cartlorem.data import read_dataset, split  # noqa: E402
 from cartlorem.evaluate import evaluate  # noqa: E402
 from cartlorem.train import train  # noqa: E402
-from benchmarks.harness import write_json_md  # noqa: E402
+from benchmarks.harness import add_study_arguments, study_variants, write_json_md  # noqa: E402
 
 VARIANTS = ("ef", "ef_dipole")
 ROWS = [("dipole MAE (e·Å)", "dipole_mae_e_a"), ("dipole RMSE (e·Å)", "dipole_rmse_e_a"),
@@ -80,32 +80,18 @@ def to_markdown(res) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with dimers.xyz (default ../shared/data)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--budget", type=float, default=900.0, help="wall-clock cap per model in seconds")
-    p.add_argument("--channels", type=int, default=16)
-    p.add_argument("--cutoff", type=float, default=5.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--energy-weight", type=float, default=10.0)
     p.add_argument("--forces-weight", type=float, default=1.0)
     p.add_argument("--dipole-weight", type=float, default=1.0)
     p.add_argument("--max-frames", type=int, default=0, help="first N frames only (0: all)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--quick", action="store_true", help="smoke test: 1 epoch on 200 frames, results not written")
-    p.add_argument("--out", default=str(HERE / "results" / "dipole_study"))
+    add_study_arguments(p, variants=VARIANTS, out=str(HERE / "results" / "dipole_study"), epochs=4, budget=900.0,
+                        quick_help="smoke test: 1 epoch on 200 frames, results not written")
     args = p.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not variants or not set(variants) <= set(VARIANTS):
-        p.error(f"--variants: a comma list of {', '.join(VARIANTS)}")
+    variants = study_variants(p, args, VARIANTS)
     path = Path(args.data_dir) / "dimers.xyz"
     if not path.is_file():
         p.error(f"{path} not found: pass --data-dir, the folder that holds dimers.xyz")
     if args.quick:
         args.epochs, args.max_frames = 1, 200
-    torch.set_num_threads(args.threads)
     command = "PYTHONPATH=$PWD python3 benchmarks/dipole_study.py " + " ".join(shlex.quote(a) for a in
                                                                              (argv if argv is not None else sys.argv[1:]))
 

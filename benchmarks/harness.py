@@ -348,18 +348,48 @@ def group_errors(pred, masks) -> dict:
     return res
 
 
-def add_training_arguments(p) -> None:
-    """Model, data and optimiser options shared by long_range.py and accuracy.py (same defaults)."""
-    p.add_argument("--channels", type=int, default=16, help="C (for MACE too in accuracy.py)")
-    p.add_argument("--correlation", type=int, default=2, help="body order of the products")
+def _add_model_arguments(p, channels_help: Optional[str] = None) -> None:
+    """--channels, --cutoff, --batch-size, --lr, --energy-weight, --dtype, --seed (every training study)."""
+    p.add_argument("--channels", type=int, default=16, help=channels_help)
     p.add_argument("--cutoff", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--energy-weight", type=float, default=10.0)
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--max-frames", type=int, default=0, help="use only the first N frames (0: all)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_training_arguments(p) -> None:
+    """Model, data and optimiser options shared by long_range.py and accuracy.py (same defaults)."""
+    _add_model_arguments(p, channels_help="C (for MACE too in accuracy.py)")
+    p.add_argument("--correlation", type=int, default=2, help="body order of the products")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--max-frames", type=int, default=0, help="use only the first N frames (0: all)")
+
+
+def add_study_arguments(p, *, variants: Sequence[str], out: str, epochs: int, budget: Optional[float] = None,
+                        default_variants: Optional[Sequence[str]] = None, quick_help: str = "") -> None:
+    """The options of the variant studies (charge_units, dipole_study, bec_study, charge_state): the model
+    and optimiser options above plus --epochs, --budget (wall-clock cap per model, s), --threads,
+    --variants (a comma list of ``variants``), --quick and --out. Check them with :func:`study_variants`."""
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--budget", type=float, default=budget, help="wall-clock cap per model in seconds")
+    _add_model_arguments(p)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variants", default=",".join(default_variants or variants),
+                   help=f"comma list of {', '.join(variants)}")
+    p.add_argument("--quick", action="store_true", help=quick_help or "smoke test, results not written")
+    p.add_argument("--out", default=out)
+
+
+def study_variants(p, args, variants: Sequence[str]) -> list:
+    """The --variants of a study as a list (p.error unless a non-empty subset of ``variants``); sets
+    torch's thread count from --threads."""
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not chosen or not set(chosen) <= set(variants):
+        p.error(f"--variants: a comma list of {', '.join(variants)}")
+    torch.set_num_threads(args.threads)
+    return chosen
 
 
 def load_split(name, args):
