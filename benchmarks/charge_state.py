@@ -117,8 +117,9 @@ def score(frames, e_pred, f_mae):
 
 
 def stamp() -> dict:
-    """harness.machine_info plus the cartlorem version; the load is the one at the start of the run."""
-    info = {**machine_info(), "cartlorem": cartlorem.__version__}
+    """harness.machine_info plus the cartlorem version and the command; the load is the one at the start of the run."""
+    info = {**machine_info(), "cartlorem": cartlorem.__version__,
+            "command": "PYTHONPATH=$PWD python3 benchmarks/charge_state.py " + " ".join(sys.argv[1:])}
     info["loadavg_1min_start"] = info.pop("loadavg_1min")
     return info
 
