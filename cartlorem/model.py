@@ -19,7 +19,7 @@ from torch import nn
 from .fileio import atomic_torch_save
 from .forces import with_derivatives
 from .graph import Graph
-from .nn.blocks import BodyOrderProduct, Interaction, SpeciesLinear, mix_node_features
+from .nn.blocks import BodyOrderProduct, Interaction, SpeciesLinear
 from .nn.conditioning import ChargeStateConditioning
 from .nn.radial import BesselBasis, PolynomialEnvelope
 from .tensors import EquivariantLinear
@@ -218,7 +218,7 @@ class CartLorem(nn.Module):
         node_energy = torch.zeros_like(positions[:, 0])
         for layer, prod, mix, skip, readout in zip(self.layers, self.products, self.mixers, self.skips, self.readouts):
             A = layer(h, graph.edge_index, unit, radial, envelope, compiled=self._compiled_now)
-            B = mix_node_features(mix, prod(A, species))  # = mix(...), one GEMM per rank
+            B = mix(prod(A, species))
             sc = skip(h, species)
             h = [b if s is None else (b + s if b is not None else None) for b, s in zip(B, sc)]
             node_energy = node_energy + readout(h[0]).squeeze(-1)

@@ -2,7 +2,7 @@
 
 Outside TorchScript the interaction blocks run the component-major message kernel
 (``component_major_edge_product``), the body-order product with its paths grouped, and the species skip
-with all species at once, and the model mixes channels with ``mix_node_features``; TorchScript (the export) still runs the path-by-path code, the reference here.
+with all species at once, and ``EquivariantLinear`` mixes channels with one GEMM per rank; TorchScript (the export) still runs the path-by-path code, the reference here.
 Every check compares values AND the first and second derivatives that training on forces takes.
 """
 
@@ -15,7 +15,7 @@ from ase.build import bulk, molecule
 import cartlorem
 import cartlorem.nn.blocks as blocks
 from cartlorem.graph import atoms_to_graph, collate
-from cartlorem.nn.blocks import BodyOrderProduct, SpeciesLinear, mix_node_features
+from cartlorem.nn.blocks import BodyOrderProduct, SpeciesLinear
 from cartlorem.tensors import EquivariantLinear, compact_edge_product, edge_paths, stf, sym_to_compact
 from cartlorem.tensors.fused import component_major_edge_product, harmonic2_compact
 from cartlorem.testing import check_o3_invariance
@@ -164,8 +164,17 @@ def test_species_linear_all_species_equals_masked():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def _linear_by_einsum(lin, xs):
+    """EquivariantLinear's definition written out: out_l[n, d, ...] = sum_c x_l[n, c, ...] W_l[c, d] (+ bias, rank 0)."""
+    out = [None, None, None]
+    for rank, weight in zip(lin.ranks, lin.weights):
+        y = torch.einsum("nc...,cd->nd...", xs[rank], weight)
+        out[rank] = y + lin.bias if rank == 0 and lin.bias is not None else y
+    return out
+
+
 @pytest.mark.parametrize("ranks, bias", [((0, 1, 2), True), ((0,), True), ((1, 2), False)])
-def test_mix_node_features_equals_equivariant_linear(ranks, bias):
+def test_equivariant_linear_one_gemm_equals_its_definition(ranks, bias):
     g = torch.Generator().manual_seed(11)
     torch.manual_seed(11)
     lin = EquivariantLinear(5, 4, ranks, bias=bias).double()
@@ -174,7 +183,7 @@ def test_mix_node_features_equals_equivariant_linear(ranks, bias):
             lin.bias.copy_(torch.randn(4, generator=g, dtype=DT))
     x = [_irrep((7, 5), l, g) for l in range(3)]
     results = []
-    for fn in (lin, lambda xs: mix_node_features(lin, xs)):
+    for fn in (lambda xs: _linear_by_einsum(lin, xs), lin):
         leaves = [t.clone().requires_grad_(True) for t in x]
         out = [o for o in fn(leaves) if o is not None]
         assert len(out) == len(ranks)

@@ -18,7 +18,7 @@ from ..tensors.fused import compiled_component_major_edge_product, component_maj
 from ..tensors.harmonics import stf
 from .radial import RadialMLP
 
-__all__ = ["Interaction", "BodyOrderProduct", "SpeciesLinear", "mix_node_features"]
+__all__ = ["Interaction", "BodyOrderProduct", "SpeciesLinear"]
 
 Features = List[Optional[torch.Tensor]]  # [h0, h1, h2], None for absent ranks
 
@@ -173,24 +173,6 @@ def _mix_component_major(linear: EquivariantLinear, xs: Features) -> Features:
             if rank == 0 and linear.bias is not None:
                 y = y + linear.bias
             out[rank] = y
-    return out
-
-
-def mix_node_features(linear: EquivariantLinear, xs: Features) -> Features:
-    """``linear(xs)`` for features [x0 [N, C], x1 [N, C, 3], x2 [N, C, 3, 3]], computed as one GEMM
-    [N·3^l, C] @ [C, C'] per rank on the components-first view (``EquivariantLinear`` broadcasts
-    Wᵀ over N small [C, 3^l] blocks, a batched GEMM of N tiny products, and so does its backward).
-    Equal to ``linear(xs)`` to rounding."""
-    cm: Features = [None, None, None]
-    for l in range(3):
-        x = xs[l] if l < len(xs) else None
-        if x is not None:
-            cm[l] = x if l == 0 else x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
-    out = _mix_component_major(linear, cm)
-    for l in (1, 2):
-        y = out[l]
-        if y is not None:
-            out[l] = y.transpose(1, 2).reshape([y.shape[0], y.shape[2]] + [3] * l)
     return out
 
 
