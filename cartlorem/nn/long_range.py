@@ -2,8 +2,10 @@
 
 From the last layer's features h = [h0, h1, h2] (C channels), equivariant linear maps give C_lr
 channels of Cartesian multipoles per atom: charges q [N, C_lr], dipoles μ [N, C_lr, 3] and
-traceless quadrupoles Θ [N, C_lr, 3, 3]. Charges may be corrected so that channel 0 sums to the
-structure's total charge and the other channels to zero (``charge_correction``). Then
+traceless quadrupoles Θ [N, C_lr, 3, 3]. With ``charge_channels`` = k < C_lr only channels 0 … k−1
+carry charges; the charges of the others are identically zero (those channels carry μ and Θ only).
+Charges may be corrected so that channel 0 sums to the structure's total charge and the other channels
+to zero (``charge_correction``). Then
 
 * ``kind="multipole"``: the multipoles are contracted with the (Gaussian-smeared) Cartesian Ewald
   interaction tensors, giving at every atom a potential φ (rank 0), field E (rank 1) and field
@@ -42,6 +44,7 @@ sources (their norms are invariants); the "lorem" kind has potentials only up to
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -131,11 +134,18 @@ class LongRangeBlock(nn.Module):
             formate against xTB's ±0.93 e) and half of the ion-pair force beyond 8 Å was missing
             (benchmarks/intermolecular.py). The model's energy ``scale`` does not multiply this term.
         hidden: width of the scalar-update MLP (default 32).
+        charge_channels: how many channels, from channel 0 on, carry charges (1 … C_lr; default None:
+            all C_lr). With 1, channels c ≥ 1 carry dipoles and quadrupoles only and their charges are
+            identically zero, so the monopole (1/r) energy between distant fragments is that of channel
+            0 alone and channel 0's charges are fixed by it (benchmarks/charge_units.py). With charges
+            in several channels, their 1/r tails add up to a_0 Q_0² + Σ a_c Q_c² and channel 0's share
+            is not determined by energies and forces (on the dimer set, charged monomers got |Q_0| ≈
+            0.89 e instead of 1). Models saved without this key keep the old behaviour (all channels).
     """
 
     def __init__(self, channels: int, kind: str = "multipole", lr_channels: int = 4, smearing: float = 1.0,
                  accuracy: float = 1e-5, charge_correction="uniform", hidden: int = 32,
-                 coupling: float = 1.0, lmax: int = 2):
+                 coupling: float = 1.0, lmax: int = 2, charge_channels: Optional[int] = None):
         super().__init__()
         if kind not in ("multipole", "lorem"):
             raise ValueError(f"long-range kind must be 'multipole' or 'lorem', got {kind!r}")
@@ -146,6 +156,13 @@ class LongRangeBlock(nn.Module):
         if int(lr_channels) != lr_channels or lr_channels < 1:
             raise ValueError(f"lr_channels must be a positive integer, got {lr_channels!r}")
         self.kind, self.lr_channels, self.lmax = kind, int(lr_channels), int(lmax)
+        if charge_channels is None:
+            charge_channels = self.lr_channels
+        if (isinstance(charge_channels, bool) or not isinstance(charge_channels, numbers.Integral)
+                or not 1 <= charge_channels <= self.lr_channels):
+            raise ValueError(f"charge_channels must be an integer from 1 to lr_channels = {self.lr_channels} (how "
+                             f"many channels, from channel 0 on, carry charges) or None (all), got {charge_channels!r}")
+        self.charge_channels = int(charge_channels)
         self.smearing, self.accuracy = float(smearing), float(accuracy)
         if charge_correction is True:
             charge_correction = "uniform"
@@ -190,8 +207,13 @@ class LongRangeBlock(nn.Module):
         check_boundaries(graph.pbc)
         positions, cell = slab_frame(positions, graph.batch, cell, graph.pbc)
         q, mu, theta = self.to_multipoles(h[: self.lmax + 1])[:3]
+        if self.charge_channels < self.lr_channels:
+            # channels ≥ charge_channels carry no charge: exact zeros (no gradient reaches their weights)
+            q = q[:, : self.charge_channels]
         if self.charge_correction:
             q = self._correct_charges(q, graph, h[0])
+        if q.shape[1] < self.lr_channels:
+            q = torch.cat([q, q.new_zeros(q.shape[0], self.lr_channels - q.shape[1])], dim=1)
         ranks = self.field_ranks
         if self.kind == "multipole":
             if theta is not None:
@@ -254,5 +276,6 @@ class LongRangeBlock(nn.Module):
         return q - w * ((sums - target) / totals)[graph.batch]
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind!r}, lmax={self.lmax}, lr_channels={self.lr_channels}, smearing={self.smearing}, "
+        return (f"kind={self.kind!r}, lmax={self.lmax}, lr_channels={self.lr_channels}, "
+                f"charge_channels={self.charge_channels}, smearing={self.smearing}, "
                 f"accuracy={self.accuracy}, charge_correction={self.charge_correction!r}")
