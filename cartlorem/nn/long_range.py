@@ -176,6 +176,12 @@ class LongRangeBlock(nn.Module):
         # "lorem": the rank-l components of the charges give a rank-l potential only
         self.field_ranks = (0, 1, 2) if kind == "multipole" else source_ranks
         self.to_multipoles = EquivariantLinear(channels, lr_channels, source_ranks)
+        if self.charge_channels < self.lr_channels:
+            # the charge weights of the uncharged channels are zero and stay zero (forward never uses
+            # them, so no gradient or decay moves them; loading a state dict zeroes them again), so that
+            # anything that runs to_multipoles itself (cartlorem.export) gets the same zero charges
+            self._zero_unused_charge_weights()
+            self.register_load_state_dict_post_hook(lambda module, keys: module._zero_unused_charge_weights())
         self.from_fields = EquivariantLinear(lr_channels, channels, self.field_ranks)
         # invariants: F0 h0, F0, then per field rank l > 0: F_l·h_l (when the features have rank l), |F_l|²
         n_inv = channels * (2 + sum(1 + (l <= self.lmax) for l in self.field_ranks if l > 0))
@@ -260,6 +266,11 @@ class LongRangeBlock(nn.Module):
         if theta is not None:
             out["quadrupoles"] = theta[:, 0]
         return out
+
+    def _zero_unused_charge_weights(self) -> None:
+        """Zero the rank-0 weights of to_multipoles that would give channels ≥ charge_channels a charge."""
+        with torch.no_grad():
+            self.to_multipoles.weights[0][:, self.charge_channels:] = 0.0
 
     def _correct_charges(self, q: torch.Tensor, graph, h0: torch.Tensor) -> torch.Tensor:
         """Per structure, channel 0 sums to the total charge and the others to 0: the excess is
