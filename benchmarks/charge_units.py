@@ -163,7 +163,10 @@ def merge_earlier(res, path) -> list:
 def _measured(v) -> str:
     """'commit (date, load start → end)' of one column."""
     m = v.get("measured", {})
-    load = f"{m.get('loadavg_1min')}" + (f" → {m['loadavg_1min_end']}" if m.get("loadavg_1min_end") is not None else "")
+    def fmt(x):
+        return f"{x:.2f}" if isinstance(x, (int, float)) else str(x)
+
+    load = fmt(m.get("loadavg_1min")) + (f" → {fmt(m['loadavg_1min_end'])}" if "loadavg_1min_end" in m else "")
     return f"{str(m.get('git_commit'))[:10]} ({m.get('date')}, load {load})"
 
 
