@@ -3,13 +3,15 @@
 Trains the "multipole" model on the dimer set in up to three variants, with the same seed, split and
 budget:
 
-* ``current``: the energy ``scale`` multiplies the learned readouts only; the electrostatic energy is
-  coupling × the Coulomb energy of the learned multipoles, in eV;
-* ``scaled_es``: the 0.1.0 behaviour, where the scale (force RMS of the training set, ~2 eV/Å here)
-  multiplied the electrostatic energy too (emulated with a forward hook on the long-range block);
-* ``one_charge_channel``: as ``current``, with ``long_range_options={"charge_channels": 1}``: only
-  channel 0 carries charges, the other long-range channels dipoles and quadrupoles only, so that the
-  1/r energy between the monomers belongs to channel 0 alone.
+* ``current``: all four long-range channels carry charges (``charge_channels=None``, the model's
+  default); the energy ``scale`` multiplies the learned readouts only, and the electrostatic
+  energy is coupling × the Coulomb energy of the learned multipoles, in eV;
+* ``scaled_es``: as ``current``, with the 0.1.0 behaviour, where the scale (force RMS of the training
+  set, ~2 eV/Å here) multiplied the electrostatic energy too (emulated with a forward hook on the
+  long-range block);
+* ``one_charge_channel``: ``charge_channels=1``: only channel 0 carries charges, the
+  other long-range channels dipoles and quadrupoles only, so that the 1/r energy between the monomers
+  belongs to channel 0 alone.
 
 and scores, on the test split, the predicted charge of every monomer (the sum of the channel-0 charges
 over its atoms) against its formal charge (acetate, formate, chloride −1; ammonium, methylammonium +1;
@@ -54,8 +56,10 @@ DEFAULT_DATA = HERE.parents[1] / "shared" / "data"
 FORMAL = {"acetate": -1, "formate": -1, "chloride": -1, "ammonium": 1, "methylammonium": 1, "water": 0,
           "methanol": 0, "acetamide": 0, "acetonitrile": 0, "methane": 0, "ethane": 0}
 VARIANTS = ("current", "scaled_es", "one_charge_channel")
-LABELS = {"current": "current", "scaled_es": "scaled_es (0.1.0)", "one_charge_channel": "charge_channels=1"}
-LONG_RANGE_OPTIONS = {"one_charge_channel": {"charge_channels": 1}}
+LABELS = {"current": "current (all 4 channels charged)", "scaled_es": "scaled_es (0.1.0)",
+          "one_charge_channel": "charge_channels=1 (channel 0 only)"}
+LONG_RANGE_OPTIONS = {"current": {"charge_channels": None}, "scaled_es": {"charge_channels": None},
+                      "one_charge_channel": {"charge_channels": 1}}
 # settings that must agree before the columns of an earlier results file are kept
 SAME_SETTINGS = ("epochs", "budget_s", "channels", "cutoff", "seed", "dtype")
 

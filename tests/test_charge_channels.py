@@ -24,7 +24,7 @@ LR_CHANNELS = 4
 def make_model(species, charge_channels=1, kind="multipole", seed=0, correction="uniform", lr_channels=LR_CHANNELS):
     torch.manual_seed(seed)
     options = {"lr_channels": lr_channels, "charge_correction": correction}
-    if charge_channels != "absent":
+    if charge_channels != "default":
         options["charge_channels"] = charge_channels
     model = cartlorem.CartLorem(species, cutoff=4.0, long_range=kind, channels=8, num_layers=1, correlation=2,
                                 num_basis=4, radial_hidden=8, readout_hidden=8,
@@ -77,14 +77,15 @@ def test_other_channels_have_no_charge_and_channel_zero_the_total(monkeypatch, k
     sizes = [len(a) for a in frames]
     totals = [a.info.get("total_charge", 0.0) for a in frames]
 
-    # control: with the default (all channels charged) channels ≥ 1 do carry charges, which the model
-    # corrects to sum to zero per structure
-    model = make_model(species, charge_channels="absent", kind=kind, seed=seed, correction=correction)
+    # control: with charge_channels=None (all channels charged, as before the option) channels ≥ 1 do
+    # carry charges, which the model corrects to sum to zero per structure
+    model = make_model(species, charge_channels=None, kind=kind, seed=seed, correction=correction)
     model(batch, create_graph=False)
     q_all = channel_charges(seen, kind).detach()
     assert float(q_all[:, 1:].abs().max()) > 1e-3
 
     model = make_model(species, charge_channels=1, kind=kind, seed=seed, correction=correction)
+    assert model.config["long_range_options"]["charge_channels"] == 1
     out = model(batch, create_graph=False)
     q = channel_charges(seen, kind).detach()
     assert q.shape == (sum(sizes), LR_CHANNELS)
@@ -146,8 +147,8 @@ def test_equivariant_under_rotation_and_reflection(monkeypatch, periodic):
 
 
 def test_save_load_round_trip(tmp_path, monkeypatch):
-    """The option is stored in the model file and read back; a file without it (saved before the option
-    existed, or with the default) loads with charges in every channel, as before."""
+    """The option in use is stored in the model file and read back; a file without it (written before the
+    option existed) loads with charges in every channel, as it was trained."""
     frames, species = charged_batch()
     batch = collate([atoms_to_graph(a, 4.0) for a in frames])
     seen = capture_sources(monkeypatch)
@@ -163,18 +164,22 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
     for key in ("energy", "forces", "charges", "dipoles", "quadrupoles"):
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0)
 
-    old = make_model(species, charge_channels="absent")
-    assert "charge_channels" not in old.config["long_range_options"]
+    old = make_model(species, charge_channels="default")  # every channel charged, as before the option
+    assert old.config["long_range_options"]["charge_channels"] == LR_CHANNELS  # stored resolved
     ref = old(batch, create_graph=False)
-    cartlorem.save_model(old, tmp_path / "old.pt")
-    payload = torch.load(tmp_path / "old.pt", weights_only=True)
-    assert "charge_channels" not in payload["config"]["long_range_options"]
+    cartlorem.save_model(old, tmp_path / "all.pt")
+    assert cartlorem.load_model(tmp_path / "all.pt").long_range_block.charge_channels == LR_CHANNELS
+    payload = torch.load(tmp_path / "all.pt", weights_only=True)
+    del payload["config"]["long_range_options"]["charge_channels"]  # as written before the option
+    torch.save(payload, tmp_path / "old.pt")
     loaded = cartlorem.load_model(tmp_path / "old.pt")
     assert loaded.long_range_block.charge_channels == LR_CHANNELS
     got = loaded(batch, create_graph=False)
     assert float(seen["charges"][:, 1:].abs().max()) > 1e-3
     for key in ("energy", "forces", "charges"):
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0)
+    cartlorem.save_model(loaded, tmp_path / "again.pt")  # and it stays that way when saved again
+    assert cartlorem.load_model(tmp_path / "again.pt").long_range_block.charge_channels == LR_CHANNELS
 
 
 @pytest.mark.parametrize("bad", [0, -1, LR_CHANNELS + 1, 1.5, True, "1"])
@@ -186,7 +191,8 @@ def test_bad_charge_channels_is_refused(bad):
 @pytest.mark.parametrize("kind", ["multipole", "lorem"])
 def test_exported_model_keeps_the_other_channels_uncharged(kind):
     """cartlorem.export runs the block's to_multipoles itself: its charges, energies and forces must be
-    the Python model's, also after training steps and a state-dict load."""
+    the Python model's, also after training steps and with nonzero weights in the unused charge columns
+    (a state dict from elsewhere, in-place initialisation)."""
     from cartlorem.export import export_model
 
     frames, species = charged_batch()
@@ -201,7 +207,7 @@ def test_exported_model_keeps_the_other_channels_uncharged(kind):
         ((out["energy"] - 1.0).pow(2).sum() + out["forces"].pow(2).mean()).backward()
         opt.step()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["long_range_block.to_multipoles.weights.0"][:, 1:] = 1.0  # a tampered file: zeroed again
+    state["long_range_block.to_multipoles.weights.0"][:, 1:] = 1.0  # weights that would charge channels ≥ 1
     model.load_state_dict(state)
     model.eval()
     ref = model(batch, create_graph=False)
@@ -210,4 +216,3 @@ def test_exported_model_keeps_the_other_channels_uncharged(kind):
     for key in ("energy", "forces", "charges", "dipoles"):
         err = float((got[key] - ref[key].detach()).abs().max())
         assert err <= 1e-10 * max(1.0, float(ref[key].detach().abs().max())), f"{key}: {err:.3g}"
-    assert bool((model.long_range_block.to_multipoles.weights[0][:, 1:] == 0).all())

@@ -17,13 +17,12 @@ from cartlorem.units import COULOMB
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def lr_model(species, kind="multipole", seed=0, lr_channels=1, charge_channels=None, **kw):
+def lr_model(species, kind="multipole", seed=0, lr_channels=1, charge_channels=1, **kw):
+    """charge_channels: 1 (channel 0 alone) or None (every channel charged, the model's default)."""
     torch.manual_seed(seed)
     opts = dict(channels=8, num_layers=1, correlation=2, num_basis=4, radial_hidden=8, readout_hidden=8)
     opts.update(kw)
-    lr_options = {"lr_channels": lr_channels}
-    if charge_channels is not None:
-        lr_options["charge_channels"] = charge_channels
+    lr_options = {"lr_channels": lr_channels, "charge_channels": charge_channels}
     model = cartlorem.CartLorem(species, cutoff=4.0, long_range=kind, long_range_options=lr_options,
                                 **opts).double()
     with torch.no_grad():  # off the initial symmetric values, and charges of a sizeable magnitude
