@@ -3,13 +3,13 @@
 Trains the "multipole" model on the dimer set in up to three variants, with the same seed, split and
 budget:
 
-* ``current``: all four long-range channels carry charges (``charge_channels=None``, the model's
-  default); the energy ``scale`` multiplies the learned readouts only, and the electrostatic
+* ``current``: all four long-range channels carry charges (``charge_channels=None``, the default until
+  the option came); the energy ``scale`` multiplies the learned readouts only, and the electrostatic
   energy is coupling × the Coulomb energy of the learned multipoles, in eV;
 * ``scaled_es``: as ``current``, with the 0.1.0 behaviour, where the scale (force RMS of the training
   set, ~2 eV/Å here) multiplied the electrostatic energy too (emulated with a forward hook on the
   long-range block);
-* ``one_charge_channel``: ``charge_channels=1``: only channel 0 carries charges, the
+* ``one_charge_channel``: ``charge_channels=1`` (the default now): only channel 0 carries charges, the
   other long-range channels dipoles and quadrupoles only, so that the 1/r energy between the monomers
   belongs to channel 0 alone.
 

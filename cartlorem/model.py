@@ -57,9 +57,9 @@ class CartLorem(nn.Module):
             electrostatic energy of the learned multipoles is not scaled: it stays in eV, so the
             reported charges and dipoles keep physical units whatever ``scale`` training sets.
         long_range_options: dict for the long-range block (see cartlorem.nn.long_range), e.g.
-            ``lr_channels`` (4), ``charge_correction`` ("uniform"), ``charge_channels`` (None, the
-            default: charges in every channel; 1: in channel 0 only). The config stores the
-            ``charge_channels`` in use, so that a saved model reloads with it whatever the default.
+            ``lr_channels`` (4), ``charge_correction`` ("uniform"), ``charge_channels`` (1: charges in
+            channel 0 only; None: in every channel, the behaviour before the option). The config stores
+            the ``charge_channels`` in use, so that a saved model reloads with it.
         compile_kernels: run the message kernel through torch.compile when no double backward is
             needed (inference: energy, forces, stress, MD). Training always uses the eager kernel.
             First calls pay a compilation of ~10–60 s; falls back to eager if compilation fails.

@@ -84,8 +84,8 @@ def test_other_channels_have_no_charge_and_channel_zero_the_total(monkeypatch, k
     q_all = channel_charges(seen, kind).detach()
     assert float(q_all[:, 1:].abs().max()) > 1e-3
 
-    model = make_model(species, charge_channels=1, kind=kind, seed=seed, correction=correction)
-    assert model.config["long_range_options"]["charge_channels"] == 1
+    model = make_model(species, charge_channels="default", kind=kind, seed=seed, correction=correction)
+    assert model.long_range_block.charge_channels == 1 and model.config["long_range_options"]["charge_channels"] == 1
     out = model(batch, create_graph=False)
     q = channel_charges(seen, kind).detach()
     assert q.shape == (sum(sizes), LR_CHANNELS)
@@ -153,7 +153,7 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
     batch = collate([atoms_to_graph(a, 4.0) for a in frames])
     seen = capture_sources(monkeypatch)
 
-    model = make_model(species, charge_channels=1)
+    model = make_model(species, charge_channels="default")
     ref = model(batch, create_graph=False)
     cartlorem.save_model(model, tmp_path / "one.pt")
     loaded = cartlorem.load_model(tmp_path / "one.pt")
@@ -164,7 +164,7 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
     for key in ("energy", "forces", "charges", "dipoles", "quadrupoles"):
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0)
 
-    old = make_model(species, charge_channels="default")  # every channel charged, as before the option
+    old = make_model(species, charge_channels=None)  # every channel charged, as before the option
     assert old.config["long_range_options"]["charge_channels"] == LR_CHANNELS  # stored resolved
     ref = old(batch, create_graph=False)
     cartlorem.save_model(old, tmp_path / "all.pt")

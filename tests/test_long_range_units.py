@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lr_model(species, kind="multipole", seed=0, lr_channels=1, charge_channels=1, **kw):
-    """charge_channels: 1 (channel 0 alone) or None (every channel charged, the model's default)."""
+    """charge_channels: 1 (the default) or None (every channel charged, as before the option)."""
     torch.manual_seed(seed)
     opts = dict(channels=8, num_layers=1, correlation=2, num_basis=4, radial_hidden=8, readout_hidden=8)
     opts.update(kw)

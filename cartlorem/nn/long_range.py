@@ -3,8 +3,8 @@
 From the last layer's features h = [h0, h1, h2] (C channels), equivariant linear maps give C_lr
 channels of Cartesian multipoles per atom: charges q [N, C_lr], dipoles μ [N, C_lr, 3] and
 traceless quadrupoles Θ [N, C_lr, 3, 3]. Only channels 0 … k−1 carry charges (``charge_channels`` =
-k; default all C_lr; 1: channel 0 alone); the charges of the others are identically zero (those
-channels carry μ and Θ only).
+k; default 1, channel 0 alone); the charges of the others are identically zero (those channels carry μ
+and Θ only).
 Charges may be corrected so that channel 0 sums to the structure's total charge and the other channels
 to zero (``charge_correction``). Then
 
@@ -163,7 +163,7 @@ class LongRangeBlock(nn.Module):
             (benchmarks/intermolecular.py). The model's energy ``scale`` does not multiply this term.
         hidden: width of the scalar-update MLP (default 32).
         charge_channels: how many channels, from channel 0 on, carry charges (1 … C_lr, or None: all
-            C_lr, the default). With 1, channels c ≥ 1 carry dipoles and quadrupoles only and their charges
+            C_lr; default 1). With 1, channels c ≥ 1 carry dipoles and quadrupoles only and their charges
             are identically zero, so the monopole (1/r) energy between distant fragments is that of
             channel 0 alone and channel 0's charges are fixed by it. With charges in several channels,
             their 1/r tails add up to a_0 Q_0² + Σ a_c Q_c² and channel 0's share is not determined by
@@ -176,7 +176,7 @@ class LongRangeBlock(nn.Module):
 
     def __init__(self, channels: int, kind: str = "multipole", lr_channels: int = 4, smearing: float = 1.0,
                  accuracy: float = 1e-5, charge_correction="uniform", hidden: int = 32,
-                 coupling: float = 1.0, lmax: int = 2, charge_channels: Optional[int] = None):
+                 coupling: float = 1.0, lmax: int = 2, charge_channels: Optional[int] = 1):
         super().__init__()
         if kind not in ("multipole", "lorem"):
             raise ValueError(f"long-range kind must be 'multipole' or 'lorem', got {kind!r}")
