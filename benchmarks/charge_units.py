@@ -1,11 +1,17 @@
 """Are the learned charges in physical units? (issue 13 item 1)
 
-Trains the "multipole" model on the dimer set twice, with the same seed, split and budget:
+Trains the "multipole" model on the dimer set in up to three variants, with the same seed, split and
+budget:
 
-* ``current``: the energy ``scale`` multiplies the learned readouts only; the electrostatic energy is
-  coupling × the Coulomb energy of the learned multipoles, in eV;
-* ``scaled_es``: the 0.1.0 behaviour, where the scale (force RMS of the training set, ~2 eV/Å here)
-  multiplied the electrostatic energy too (emulated with a forward hook on the long-range block).
+* ``current``: all four long-range channels carry charges (``charge_channels=None``, the default until
+  the option came); the energy ``scale`` multiplies the learned readouts only, and the electrostatic
+  energy is coupling × the Coulomb energy of the learned multipoles, in eV;
+* ``scaled_es``: as ``current``, with the 0.1.0 behaviour, where the scale (force RMS of the training
+  set, ~2 eV/Å here) multiplied the electrostatic energy too (emulated with a forward hook on the
+  long-range block);
+* ``one_charge_channel``: ``charge_channels=1`` (the default now): only channel 0 carries charges, the
+  other long-range channels dipoles and quadrupoles only, so that the 1/r energy between the monomers
+  belongs to channel 0 alone.
 
 and scores, on the test split, the predicted charge of every monomer (the sum of the channel-0 charges
 over its atoms) against its formal charge (acetate, formate, chloride −1; ammonium, methylammonium +1;
@@ -14,16 +20,22 @@ the others 0) and against the sum of the xTB charges stored in the data (``xtb_c
 Coulomb energy, so the table also gives a_0 (times the scale for ``scaled_es``) and the charges
 √(effective a_0) × Q that reproduce the learned channel-0 energy with coupling 1.
 
-    PYTHONPATH=$PWD python3 benchmarks/charge_units.py --epochs 12 --threads 1
+    PYTHONPATH=$PWD python3 benchmarks/charge_units.py --epochs 12 --budget 1800 --threads 1
+    PYTHONPATH=$PWD python3 benchmarks/charge_units.py --epochs 12 --budget 1800 --threads 1 \
+        --variants one_charge_channel                                # one column; the others are kept
     PYTHONPATH=$PWD python3 benchmarks/charge_units.py --quick      # smoke test: 1 epoch, 200 frames
 
-Writes benchmarks/results/charge_units.json and .md (date, commit, machine load stamped). The data
-folder defaults to ../shared/data next to the project (``--data-dir`` otherwise).
+Writes benchmarks/results/charge_units.json and .md (date, commit, machine load stamped, per column).
+Columns of an earlier results file that this run does not retrain are kept, with the commit and load
+they were measured with, when that file used the same settings (epochs, budget, channels, cutoff, seed,
+dtype, split); ``--replace`` drops them. The data folder defaults to ../shared/data next to the project
+(``--data-dir`` otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,7 +55,13 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "data"
 FORMAL = {"acetate": -1, "formate": -1, "chloride": -1, "ammonium": 1, "methylammonium": 1, "water": 0,
           "methanol": 0, "acetamide": 0, "acetonitrile": 0, "methane": 0, "ethane": 0}
-VARIANTS = ("current", "scaled_es")
+VARIANTS = ("current", "scaled_es", "one_charge_channel")
+LABELS = {"current": "current (all 4 channels charged)", "scaled_es": "scaled_es (0.1.0)",
+          "one_charge_channel": "charge_channels=1 (channel 0 only)"}
+LONG_RANGE_OPTIONS = {"current": {"charge_channels": None}, "scaled_es": {"charge_channels": None},
+                      "one_charge_channel": {"charge_channels": 1}}
+# settings that must agree before the columns of an earlier results file are kept
+SAME_SETTINGS = ("epochs", "budget_s", "channels", "cutoff", "seed", "dtype")
 
 
 def monomer_table(frames) -> dict:
@@ -120,14 +138,52 @@ def stamp() -> dict:
     return {**machine_info(), "cartlorem": cartlorem.__version__}
 
 
+def merge_earlier(res, path) -> list:
+    """Copy into ``res`` the variants of the results file ``path`` that ``res`` lacks, when that file used
+    the same settings and split; each keeps (or gets, from the file's meta) the commit, date and load it
+    was measured with. Returns the names copied."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    m, om = res["meta"], old.get("meta", {})
+    same = all(om.get(k) == m[k] for k in SAME_SETTINGS) and all(
+        old.get(k) == res[k] for k in ("n_train", "n_valid", "n_test"))
+    if not same:
+        print(f"{path}: other settings than this run; its columns are not kept", flush=True)
+        return []
+    copied = []
+    for name, v in old.get("variants", {}).items():
+        if name in VARIANTS and name not in res["variants"]:
+            v = dict(v)
+            v.setdefault("measured", {"git_commit": om.get("git_commit"), "date": om.get("date"),
+                                      "loadavg_1min": om.get("loadavg_1min")})
+            res["variants"][name] = v
+            copied.append(name)
+    res.setdefault("scale", old.get("scale"))
+    return copied
+
+
+def _measured(v) -> str:
+    """'commit (date, load start → end)' of one column."""
+    m = v.get("measured", {})
+    def fmt(x):
+        return f"{x:.2f}" if isinstance(x, (int, float)) else str(x)
+
+    load = fmt(m.get("loadavg_1min")) + (f" → {fmt(m['loadavg_1min_end'])}" if "loadavg_1min_end" in m else "")
+    return f"{str(m.get('git_commit'))[:10]} ({m.get('date')}, load {load})"
+
+
 def to_markdown(res) -> str:
     m = res["meta"]
+    shown = [v for v in VARIANTS if v in res["variants"]]
     lines = [f"# Learned charges in physical units ({m['date']}, commit {m['git_commit'][:10]})", "",
              f"`multipole` on dimers.xyz: train {res['n_train']}, valid {res['n_valid']}, test {res['n_test']} frames; "
              f"{m['epochs']} epochs (wall cap {m['budget_s']} s), channels {m['channels']}, seed {m['seed']}, "
-             f"{m['dtype']}; load {m['loadavg_1min']:.1f} on {m['cpu_count']} CPUs (shared machine). "
+             f"{m['dtype']}; {m['cpu_count']} CPUs (shared machine). "
              "Monomer charge = sum of channel-0 charges over its atoms (e). Target: charged MAE vs formal ≤ 0.1 e.",
-             "", "| | current | scaled_es (0.1.0) |", "|---|---|---|"]
+             "", "Columns: " + "; ".join(f"{LABELS[v]} measured on {_measured(res['variants'][v])}" for v in shown) + ".",
+             "", "| | " + " | ".join(LABELS[v] for v in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     rows = [("charged monomers: MAE vs formal ±1 (e)", "charged_mae_vs_formal_e"),
             ("… at separation ≥ 8 Å", "charged_far_mae_vs_formal_e"),
             ("charged: MAE vs xTB monomer charge (e)", "charged_mae_vs_xtb_e"),
@@ -139,8 +195,8 @@ def to_markdown(res) -> str:
             ("epochs", "epochs"), ("training wall time (s)", "train_seconds")]
     for label, key in rows:
         cells = []
-        for v in VARIANTS:
-            x = res["variants"].get(v, {}).get(key)
+        for v in shown:
+            x = res["variants"][v].get(key)
             cells.append("–" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     xtb = next(iter(res["variants"].values()))["xtb_charged_mae_vs_formal_e"]
@@ -153,6 +209,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with dimers.xyz (default ../shared/data)")
     p.add_argument("--max-frames", type=int, default=0, help="first N frames only (0: all)")
+    p.add_argument("--replace", action="store_true",
+                   help="write only this run's columns (default: keep the other columns of an earlier results "
+                        "file with the same settings)")
     add_study_arguments(p, variants=VARIANTS, out=str(HERE / "results" / "charge_units"), epochs=12,
                         quick_help="smoke test: 1 epoch on 200 frames, results not written")
     args = p.parse_args(argv)
@@ -181,9 +240,13 @@ def main(argv=None):
                     "cutoff": args.cutoff, "seed": args.seed, "dtype": args.dtype},
            "n_train": len(train_idx), "n_valid": len(valid_idx), "n_test": len(test_idx), "variants": {}}
     for variant in variants:
+        now = machine_info()
+        measured = {"git_commit": now["git_commit"], "git_dirty": now.get("git_dirty"), "date": now["date"],
+                    "loadavg_1min": now["loadavg_1min"]}
         torch.manual_seed(args.seed)
         model = cartlorem.CartLorem(species, cutoff=args.cutoff, long_range="multipole", channels=args.channels,
-                                    num_layers=2, correlation=2).to(dtype)
+                                    num_layers=2, correlation=2,
+                                    long_range_options=LONG_RANGE_OPTIONS.get(variant)).to(dtype)
         hook = scaled_electrostatics(model) if variant == "scaled_es" else None
         t0 = time.perf_counter()
         result = train(model, [graphs[k] for k in train_idx], [graphs[k] for k in valid_idx], epochs=args.epochs,
@@ -198,7 +261,8 @@ def main(argv=None):
         out = score(monomers, per_frame, a0 * (scale if hook is not None else 1.0))
         out.update(energy_mae_mev_per_atom=e_mae, forces_mae_mev_per_a=f_mae, coupling=
                    model.long_range_block.coupling.detach().tolist(), epochs=int(result.epochs_completed),
-                   train_seconds=round(wall, 1))
+                   train_seconds=round(wall, 1), measured=measured)
+        measured["loadavg_1min_end"] = machine_info()["loadavg_1min"]
         res["variants"][variant] = out
         res["scale"] = scale
         print(f"{variant:10s} charged MAE vs formal {out['charged_mae_vs_formal_e']:.3f} e "
@@ -206,6 +270,10 @@ def main(argv=None):
               f"E {e_mae:.2f} meV/atom, F {f_mae:.1f} meV/A, {wall:.0f} s", flush=True)
         if hook is not None:
             hook.remove()
+    if not args.quick and not args.replace:
+        kept = merge_earlier(res, Path(args.out).with_suffix(".json"))
+        if kept:
+            print(f"kept the columns {', '.join(kept)} of {Path(args.out).with_suffix('.json')}", flush=True)
     md = to_markdown(res)
     print(md)
     if not args.quick:

@@ -56,7 +56,10 @@ class CartLorem(nn.Module):
         scale, shift: per-atom energy scale and shift of the learned readouts (eV; default 1, 0). The
             electrostatic energy of the learned multipoles is not scaled: it stays in eV, so the
             reported charges and dipoles keep physical units whatever ``scale`` training sets.
-        long_range_options: dict for the long-range block (see cartlorem.nn.long_range).
+        long_range_options: dict for the long-range block (see cartlorem.nn.long_range), e.g.
+            ``lr_channels`` (4), ``charge_correction`` ("uniform"), ``charge_channels`` (1: charges in
+            channel 0 only; None: in every channel, the behaviour before the option). The config stores
+            the ``charge_channels`` in use, so that a saved model reloads with it.
         compile_kernels: run the message kernel through torch.compile when no double backward is
             needed (inference: energy, forces, stress, MD). Training always uses the eager kernel.
             First calls pay a compilation of ~10–60 s; falls back to eager if compilation fails.
@@ -149,6 +152,8 @@ class CartLorem(nn.Module):
             if "lmax" in options:
                 raise ValueError("long_range_options must not set 'lmax': the long-range block uses the model's lmax")
             self.long_range_block = LongRangeBlock(channels, kind=long_range, lmax=lmax, **options)
+            # stored resolved: a file without the key was written before the option (see load_model)
+            options["charge_channels"] = self.long_range_block.charge_channels
         # made last, so that the other weights draw the same random numbers with and without it
         self.conditioning = ChargeStateConditioning(channels, S) if charge_state else None
 
@@ -471,6 +476,10 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     config, state = obj.get("config"), obj.get("state_dict")
     if not isinstance(config, dict) or not isinstance(state, dict):
         raise ValueError(f"{path}: a cartlorem model file needs a 'config' dict and a 'state_dict' dict")
+    if config.get("long_range") is not None and "charge_channels" not in (config.get("long_range_options") or {}):
+        # written before long_range_options["charge_channels"] existed: charges in every channel, as then
+        config = {**config, "long_range_options": {**(config.get("long_range_options") or {}),
+                                                   "charge_channels": None}}
     try:
         model = CartLorem(**config)
     except TypeError as exc:

@@ -17,12 +17,14 @@ from cartlorem.units import COULOMB
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def lr_model(species, kind="multipole", seed=0, lr_channels=1, **kw):
+def lr_model(species, kind="multipole", seed=0, lr_channels=1, charge_channels=1, **kw):
+    """charge_channels: 1 (the default) or None (every channel charged, as before the option)."""
     torch.manual_seed(seed)
     opts = dict(channels=8, num_layers=1, correlation=2, num_basis=4, radial_hidden=8, readout_hidden=8)
     opts.update(kw)
-    model = cartlorem.CartLorem(species, cutoff=4.0, long_range=kind,
-                                long_range_options={"lr_channels": lr_channels}, **opts).double()
+    lr_options = {"lr_channels": lr_channels, "charge_channels": charge_channels}
+    model = cartlorem.CartLorem(species, cutoff=4.0, long_range=kind, long_range_options=lr_options,
+                                **opts).double()
     with torch.no_grad():  # off the initial symmetric values, and charges of a sizeable magnitude
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -105,40 +107,52 @@ def test_two_ions_reported_charges_give_the_coulomb_tail(kind):
     assert np.allclose(forces, [qq / r**2 for r in distances], rtol=1e-8, atol=0)
 
 
-def _capture_all_channels(block):
-    """Record every channel's multipoles as the block uses them: (q [N, C], μ [N, C, 3], Θ [N, C, 3, 3])."""
+def _capture_all_channels(monkeypatch):
+    """Record every channel's multipoles as the Ewald layer receives them: q [N, C], μ [N, C, 3], Θ [N, C, 3, 3]."""
+    import cartlorem.nn.long_range as long_range
+
     seen = {}
-    correct = block._correct_charges
+    original = long_range.batched_multipole_fields
 
-    def record_charges(q, graph, h0):
-        seen["q"] = correct(q, graph, h0)
-        return seen["q"]
+    def recording(*args, **kw):
+        seen.update(q=kw["charges"], mu=kw["dipoles"], theta=kw["quadrupoles"])
+        return original(*args, **kw)
 
-    block._correct_charges = record_charges
-    handle = block.to_multipoles.register_forward_hook(lambda mod, inp, out: seen.update(mu=out[1], theta=out[2]))
-    return seen, handle
+    monkeypatch.setattr(long_range, "batched_multipole_fields", recording)
+    return seen
 
 
+@pytest.mark.parametrize("charge_channels", [None, 1], ids=["all_charged", "one_charge_channel"])
 @pytest.mark.parametrize("name,species,atoms", structures(), ids=lambda x: x if isinstance(x, str) else "")
-def test_channel_zero_is_the_coulomb_energy_and_the_others_are_weighted(name, species, atoms):
+def test_channel_zero_is_the_coulomb_energy_and_the_others_are_weighted(monkeypatch, name, species, atoms,
+                                                                         charge_channels):
     """Three learned channels: energy_lr − scale × readout = COULOMB × U(reported q, μ, Θ) (weight exactly
-    1) + Σ_{c ≥ 1} a_c COULOMB U_c, with U of cartlorem.ewald.electrostatic_energy."""
-    model = lr_model(species, lr_channels=3)
+    1) + Σ_{c ≥ 1} a_c COULOMB U_c, with U of cartlorem.ewald.electrostatic_energy. With
+    charge_channels = 1 the channels c ≥ 1 enter with their dipoles and quadrupoles only (zero charges)."""
+    model = lr_model(species, lr_channels=3, charge_channels=charge_channels)
     block = model.long_range_block
     assert float(block.coupling[0]) == 1.0 and "coupling_channel0" not in dict(block.named_parameters())
-    seen, handle = _capture_all_channels(block)
+    with torch.no_grad():  # larger μ, Θ in channels ≥ 1: without charges, their energy in the rattled
+        for w in block.to_multipoles.weights[1:]:  # rocksalt cell is otherwise ~1e-5 eV
+            w[:, 1:] *= 10.0
+    seen = _capture_all_channels(monkeypatch)
     g, out1 = predict(model, atoms, 1.0)
-    handle.remove()
+    q, mu, theta = (seen[k].detach() for k in ("q", "mu", "theta"))
     _, out2 = predict(model, atoms, 2.5)
     e_es = float((out1["energy_lr"] - (out2["energy_lr"] - out1["energy_lr"]) / 1.5).detach())
-    torch.testing.assert_close(seen["q"][:, 0], out1["charges"], rtol=0, atol=0)
+    torch.testing.assert_close(q[:, 0], out1["charges"].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(theta[:, 0], out1["quadrupoles"].detach(), rtol=0, atol=0)
+    if charge_channels == 1:
+        assert bool((q[:, 1:] == 0).all())
+    else:
+        assert float(q[:, 1:].abs().max()) > 1e-3
     periodic = bool(atoms.pbc.any())
     kw = dict(cell=g.cell[0] if periodic else None, pbc=atoms.pbc if periodic else None, smearing=block.smearing,
               accuracy=block.accuracy, prefactor=COULOMB)
     u0 = float(electrostatic_energy(g.positions, out1["charges"][:, None], out1["dipoles"][:, None],
                                     out1["quadrupoles"][:, None], **kw).detach())
-    others = [float(electrostatic_energy(g.positions, seen["q"][:, c:c + 1], seen["mu"][:, c:c + 1],
-                                         seen["theta"][:, c:c + 1], **kw).detach()) for c in (1, 2)]
+    others = [float(electrostatic_energy(g.positions, q[:, c:c + 1], mu[:, c:c + 1], theta[:, c:c + 1], **kw))
+              for c in (1, 2)]
     a = block.coupling_others.detach().tolist()
     assert min(abs(u0), *map(abs, others)) > 1e-4 and min(abs(x - 1.0) for x in a) > 0.01
     assert e_es == pytest.approx(u0 + a[0] * others[0] + a[1] * others[1], rel=1e-9, abs=1e-12)

@@ -2,8 +2,11 @@
 
 From the last layer's features h = [h0, h1, h2] (C channels), equivariant linear maps give C_lr
 channels of Cartesian multipoles per atom: charges q [N, C_lr], dipoles μ [N, C_lr, 3] and
-traceless quadrupoles Θ [N, C_lr, 3, 3]. Charges may be corrected so that channel 0 sums to the
-structure's total charge and the other channels to zero (``charge_correction``). Then
+traceless quadrupoles Θ [N, C_lr, 3, 3]. Only channels 0 … k−1 carry charges (``charge_channels`` =
+k; default 1, channel 0 alone); the charges of the others are identically zero (those channels carry μ
+and Θ only).
+Charges may be corrected so that channel 0 sums to the structure's total charge and the other channels
+to zero (``charge_correction``). Then
 
 * ``kind="multipole"``: the multipoles are contracted with the (Gaussian-smeared) Cartesian Ewald
   interaction tensors, giving at every atom a potential φ (rank 0), field E (rank 1) and field
@@ -42,15 +45,16 @@ sources (their norms are invariants); the "lorem" kind has potentials only up to
 
 from __future__ import annotations
 
-from typing import Optional
+import numbers
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from ..ewald import batched_multipole_fields
-from ..tensors import EquivariantLinear, product, stf
+from ..tensors import EquivariantLinear, mix_channels, product, stf
 
-__all__ = ["LongRangeBlock", "slab_frame", "check_boundaries"]
+__all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries"]
 
 
 def check_boundaries(pbc: torch.Tensor) -> None:
@@ -109,6 +113,33 @@ def slab_frame(positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor,
     return positions, torch.cat([cell[:, :2], third[:, None]], dim=1)
 
 
+class MultipoleMap(EquivariantLinear):
+    """Node features → C_lr channels of (q, μ, Θ): an :class:`EquivariantLinear` (same weights, same state
+    dict keys) whose charges (rank 0) in channels ≥ ``charge_channels`` are exact zeros, whatever its
+    weights hold. The mask lives in this module, so anything that runs it (the long-range block, the
+    TorchScript export) gets the same zeros; those channels' charge weights get no gradient."""
+
+    def __init__(self, in_channels: int, out_channels: int, ranks, charge_channels: int):
+        super().__init__(in_channels, out_channels, ranks)
+        mask = torch.zeros(out_channels)
+        mask[:charge_channels] = 1.0
+        self.register_buffer("charge_mask", mask, persistent=False)  # [C_lr]; not in model files
+
+    def forward(self, xs: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+        out: List[Optional[torch.Tensor]] = [None, None, None]
+        while len(out) < len(xs):
+            out.append(None)
+        for k, weight in enumerate(self.weights):  # as EquivariantLinear.forward (TorchScript: no super())
+            rank = self.ranks[k]
+            x = xs[rank] if rank < len(xs) else None
+            if x is not None:
+                y = mix_channels(x, weight, rank)
+                if rank == 0:
+                    y = y * self.charge_mask.to(y.dtype)  # exact zeros: 0 × finite
+                out[rank] = y
+        return out
+
+
 class LongRangeBlock(nn.Module):
     """Equivariant long-range messages (see module docstring).
 
@@ -131,11 +162,21 @@ class LongRangeBlock(nn.Module):
             formate against xTB's ±0.93 e) and half of the ion-pair force beyond 8 Å was missing
             (benchmarks/intermolecular.py). The model's energy ``scale`` does not multiply this term.
         hidden: width of the scalar-update MLP (default 32).
+        charge_channels: how many channels, from channel 0 on, carry charges (1 … C_lr, or None: all
+            C_lr; default 1). With 1, channels c ≥ 1 carry dipoles and quadrupoles only and their charges
+            are identically zero, so the monopole (1/r) energy between distant fragments is that of
+            channel 0 alone and channel 0's charges are fixed by it. With charges in several channels,
+            their 1/r tails add up to a_0 Q_0² + Σ a_c Q_c² and channel 0's share is not determined by
+            energies and forces. On the dimer set (benchmarks/charge_units.py, 12 epochs, one seed) the
+            charged monomers' channel-0 charges are 0.100 e from their formal ±1 with all four channels
+            charged and 0.087 e with channel 0 alone, with lower energy and force errors too (7.1 against
+            8.0 meV/atom, 71 against 76 meV/Å). Model files written before this option (no key) load
+            with None, as they were trained; the model stores the value in use in its config.
     """
 
     def __init__(self, channels: int, kind: str = "multipole", lr_channels: int = 4, smearing: float = 1.0,
                  accuracy: float = 1e-5, charge_correction="uniform", hidden: int = 32,
-                 coupling: float = 1.0, lmax: int = 2):
+                 coupling: float = 1.0, lmax: int = 2, charge_channels: Optional[int] = 1):
         super().__init__()
         if kind not in ("multipole", "lorem"):
             raise ValueError(f"long-range kind must be 'multipole' or 'lorem', got {kind!r}")
@@ -146,6 +187,13 @@ class LongRangeBlock(nn.Module):
         if int(lr_channels) != lr_channels or lr_channels < 1:
             raise ValueError(f"lr_channels must be a positive integer, got {lr_channels!r}")
         self.kind, self.lr_channels, self.lmax = kind, int(lr_channels), int(lmax)
+        if charge_channels is None:
+            charge_channels = self.lr_channels
+        if (isinstance(charge_channels, bool) or not isinstance(charge_channels, numbers.Integral)
+                or not 1 <= charge_channels <= self.lr_channels):
+            raise ValueError(f"charge_channels must be an integer from 1 to lr_channels = {self.lr_channels} (how "
+                             f"many channels, from channel 0 on, carry charges) or None (all), got {charge_channels!r}")
+        self.charge_channels = int(charge_channels)
         self.smearing, self.accuracy = float(smearing), float(accuracy)
         if charge_correction is True:
             charge_correction = "uniform"
@@ -158,7 +206,7 @@ class LongRangeBlock(nn.Module):
         # "multipole": sources of any rank make a potential, field and field gradient;
         # "lorem": the rank-l components of the charges give a rank-l potential only
         self.field_ranks = (0, 1, 2) if kind == "multipole" else source_ranks
-        self.to_multipoles = EquivariantLinear(channels, lr_channels, source_ranks)
+        self.to_multipoles = MultipoleMap(channels, lr_channels, source_ranks, self.charge_channels)
         self.from_fields = EquivariantLinear(lr_channels, channels, self.field_ranks)
         # invariants: F0 h0, F0, then per field rank l > 0: F_l·h_l (when the features have rank l), |F_l|²
         n_inv = channels * (2 + sum(1 + (l <= self.lmax) for l in self.field_ranks if l > 0))
@@ -189,8 +237,8 @@ class LongRangeBlock(nn.Module):
 
         check_boundaries(graph.pbc)
         positions, cell = slab_frame(positions, graph.batch, cell, graph.pbc)
-        q, mu, theta = self.to_multipoles(h[: self.lmax + 1])[:3]
-        if self.charge_correction:
+        q, mu, theta = self.to_multipoles(h[: self.lmax + 1])[:3]  # q: zero from channel charge_channels on
+        if self.charge_correction:  # leaves those zeros exact: their sums and targets are 0
             q = self._correct_charges(q, graph, h[0])
         ranks = self.field_ranks
         if self.kind == "multipole":
@@ -254,5 +302,6 @@ class LongRangeBlock(nn.Module):
         return q - w * ((sums - target) / totals)[graph.batch]
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind!r}, lmax={self.lmax}, lr_channels={self.lr_channels}, smearing={self.smearing}, "
+        return (f"kind={self.kind!r}, lmax={self.lmax}, lr_channels={self.lr_channels}, "
+                f"charge_channels={self.charge_channels}, smearing={self.smearing}, "
                 f"accuracy={self.accuracy}, charge_correction={self.charge_correction!r}")
