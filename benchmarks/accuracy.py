@@ -2,9 +2,14 @@
 
 Same data, same split, same loss and optimiser, same budget per model: ``--epochs N`` (the same
 number of epochs for every model: the fair budget on a shared machine, used for the reported run) or
-``--budget S`` seconds of wall-clock training (the epochs that fit):
+``--budget S`` seconds of wall-clock training (the epochs that fit). Towards convergence:
+``--patience P --budget S`` trains every model until its validation loss has not improved for P epochs
+(early stopping, the best-validation weights kept) or until S seconds of wall clock, whichever comes
+first (epochs unlimited unless ``--epochs`` is given); each model's stop reason, best-validation
+epoch, wall and CPU time and learning curve are recorded, with a rough extrapolation of the epochs
+its curve still needed (``convergence``):
 
-* data: <set>.xyz (dimers, nacl, sn2, nacl_pbc) from ``--data-dir`` (default ../shared/data), split as
+* data: <set>.xyz (dimers, nacl, sn2, nacl_pbc, cumulene) from ``--data-dir`` (default ../shared/data), split as
   every study (``harness.load_split``): ``split(len, 0.2, seed)`` for the test set, then
   ``split(len(rest), 0.1, seed + 1)`` of the rest for validation;
 * models: ``CartLorem(long_range=None | "lorem" | "multipole")`` and MACE (``ScaleShiftMACE``,
@@ -17,14 +22,18 @@ number of epochs for every model: the fair budget on a shared machine, used for 
   best-validation weights kept, the same ``max_time`` and epoch rules); MACE enters it through a
   wrapper with cartlorem's model contract, on the same batches converted to MACE's input dict;
 * report: energy (meV/atom) and force (meV/Å) MAE and RMSE on the test set, overall and by group
-  (``harness.groups_for``: dimers by class and by separation < 5, 5–8, ≥ 8 Å, ...), number of
-  epochs that fit the budget, parity plots and learning curves.
+  (``harness.groups_for``: dimers by class and by separation < 5, 5–8, ≥ 8 Å, cumulene by torsion
+  angle, ...), on dimers also the intermolecular force (the net force on each monomer, i.e. on its
+  centre of mass: the sum of the forces on its atoms) by group, number of epochs that fit the budget,
+  parity plots and learning curves.
 
 MACE runs in benchmarks/.venv-peers (``bash benchmarks/setup_peers.sh``); without it its column
 says "not installed".
 
     python benchmarks/accuracy.py --quick                     # smoke test: 20 s per model, 120 frames
     python benchmarks/accuracy.py --sets dimers --epochs 10 --threads 1  # the study in benchmarks/README.md
+    python benchmarks/accuracy.py --channels 32 --patience 20 --budget 900 --threads 1 \
+        --out benchmarks/results/converged                    # early stopping, 15 min wall cap per model
 
 Writes benchmarks/results/accuracy.json and .md, accuracy.<set>.parity.png and
 accuracy.<set>.curves.png (machine, versions, load and git commit stamped).
@@ -41,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -53,6 +63,8 @@ from benchmarks.harness import (MACE_MISSING, PEER_PYTHON, MaceModel, add_data_a
 VARIANTS = ["none", "lorem", "multipole", "mace"]
 LABEL = {"none": "cartlorem none", "lorem": "cartlorem lorem", "multipole": "cartlorem multipole", "mace": "MACE"}
 TARGET_RATIO = 2.0  # multipole force MAE on dimers beyond 8 Å at least 2× lower than MACE's
+TARGET_CUMULENE_MEV = 5.0  # multipole energy MAE on cumulene at most 5 meV/atom
+PLATEAU_WINDOW, PLATEAU_GAIN = 20, 0.01  # "converged": PLATEAU_WINDOW more epochs lower the loss < 1 %
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,13 +82,79 @@ def errors_by_group(pred, masks) -> dict:
     return res
 
 
+def intermolecular_errors(pred, frames, masks) -> dict:
+    """Dimers: MAE (meV/Å, per Cartesian component) of the net force on each monomer by group.
+
+    The net force on a monomer (the sum of the forces on its atoms: the force on its centre of mass)
+    is the force the other monomer exerts on it; the intramolecular forces cancel in the sum. Monomer
+    A is the first ``info["monomer_a_atoms"]`` atoms of each frame, B the rest; both enter the mean.
+    Returns {group: {"n": frames, "intermolecular_force_mae_mev_per_a": …,
+    "intermolecular_force_ref_mean_abs_mev_per_a": …}}.
+    """
+    counts = np.bincount(pred.structure, minlength=len(frames))
+    if len(counts) != len(frames) or any(int(c) != len(a) for c, a in zip(counts, frames)):
+        raise ValueError(f"predictions cover {len(pred.structure)} atoms in {len(counts)} structures, the frames "
+                         f"{sum(len(a) for a in frames)} atoms in {len(frames)}")
+    na = np.array([int(a.info["monomer_a_atoms"]) for a in frames])  # [M]
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [M] first atom of each frame
+    in_a = (np.arange(len(pred.structure)) - start[pred.structure]) < na[pred.structure]  # [N]
+    net = {}
+    for key, f in (("pred", pred.forces_pred), ("ref", pred.forces_ref)):
+        out = np.zeros((len(frames), 2, 3))  # [M, monomer A/B, xyz] eV/Å
+        np.add.at(out, (pred.structure, (~in_a).astype(int)), f)
+        net[key] = out
+    err = np.abs(net["pred"] - net["ref"]) * 1000.0  # [M, 2, 3] meV/Å
+    return {g: {"n": int(m.sum()), "intermolecular_force_mae_mev_per_a": float(err[m].mean()),
+                "intermolecular_force_ref_mean_abs_mev_per_a": float(np.abs(net["ref"][m]).mean() * 1000.0)}
+            for g, m in masks.items() if m.any()}
+
+
+def convergence(history, cpu_seconds: float) -> dict:
+    """Was the validation loss still improving when training stopped, and how far from a plateau?
+
+    From (at least 4) per-epoch validation losses: the best epoch and the epochs run after it; the relative
+    gain of the best loss over the last quarter of the run (at least 5 epochs); and a power law
+    fitted to the running best loss over the second half of the run (best ∝ epoch^slope), from
+    which ``plateau_epochs`` is the epoch where PLATEAU_WINDOW more epochs would lower the loss by
+    less than PLATEAU_GAIN (1 %), and ``plateau_cpu_s`` its CPU time at this run's CPU s per epoch.
+    A rough extrapolation (learning-rate steps and noise bend real curves); None where it cannot
+    be made (too few epochs, or no decrease over the second half).
+    """
+    losses = np.array([h["valid_loss"] for h in history], float)
+    n = len(losses)
+    if n < 4 or not np.isfinite(losses).any():  # too short a curve to say anything
+        return {"epochs": n}
+    best = np.minimum.accumulate(np.where(np.isfinite(losses), losses, np.inf))
+    best_epoch = int(np.argmax(best == best[-1]) + 1)  # the first epoch that reached the final best
+    window = max(5, n // 4)
+    before = best[n - window - 1] if n > window else best[0]
+    res = {"epochs": n, "best_epoch": best_epoch, "epochs_after_best": n - best_epoch,
+           "window_epochs": min(window, n - 1), "gain_over_window": float(1.0 - best[-1] / before),
+           "slope": None, "plateau_epochs": None, "plateau_cpu_s": None}
+    lo = n // 2
+    if n - lo >= 4:
+        x, y = np.log(np.arange(lo + 1, n + 1)), np.log(best[lo:])
+        slope = float(np.polyfit(x, y, 1)[0])
+        res["slope"] = slope
+        if slope < 0:
+            plateau = PLATEAU_WINDOW / (_plateau_factor(slope) - 1.0)
+            res["plateau_epochs"] = int(max(math.ceil(plateau), n))
+            res["plateau_cpu_s"] = float(res["plateau_epochs"] * cpu_seconds / n)
+    return res
+
+
+def _plateau_factor(slope: float) -> float:
+    """(1 + W / E) at which (1 + W / E)^slope = 1 − PLATEAU_GAIN: the plateau criterion of ``convergence``."""
+    return (1.0 - PLATEAU_GAIN) ** (1.0 / slope)
+
+
 def parity_arrays(pred) -> dict:
     return {"energy_ref": (pred.energy_ref / pred.n_atoms).tolist(), "energy_pred": (pred.energy_pred / pred.n_atoms).tolist(),
             "forces_ref": pred.forces_ref.ravel().tolist(), "forces_pred": pred.forces_pred.ravel().tolist()}
 
 
 def history_rows(history) -> list:
-    keys = ("epoch", "train_loss", "valid_loss", "valid_energy_mae_mev_per_atom", "valid_forces_mae_mev_per_a",
+    keys = ("epoch", "lr", "train_loss", "valid_loss", "valid_energy_mae_mev_per_atom", "valid_forces_mae_mev_per_a",
             "epoch_time_s", "elapsed_s")
     return [{k: r.get(k) for k in keys} for r in history]
 
@@ -92,7 +170,8 @@ def run_variant(name: str, variant: str, args) -> dict:
     from cartlorem.train import train
 
     frames, graphs, species, train_idx, valid_idx, test_idx = load_split(name, args)
-    masks = groups_for(name, [frames[k] for k in test_idx])
+    test_frames = [frames[k] for k in test_idx]
+    masks = groups_for(name, test_frames)
     train_g = [graphs[k] for k in train_idx]
     valid_g = [graphs[k] for k in valid_idx]
     test_g = [graphs[k] for k in test_idx]
@@ -120,21 +199,26 @@ def run_variant(name: str, variant: str, args) -> dict:
                                     num_layers=2, correlation=args.correlation, lmax=2, num_basis=8,
                                     radial_hidden=64, readout_hidden=16).to(dtype)
     # one loop for every model; MACE's statistics were set when it was built (statistics=False)
+    patience = getattr(args, "patience", None)
     res = train(model, train_g, valid_g, epochs=args.epochs or 10**6, batch_size=args.batch_size, lr=args.lr,
-                max_time=None if math.isinf(args.budget) else args.budget, patience=None, seed=args.seed,
+                max_time=None if math.isinf(args.budget) else args.budget, patience=patience, seed=args.seed,
                 progress=False, weights=weights, statistics=variant != "mace")
     history = res.history
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
     load1 = os.getloadavg()[0]
     pred = predict(model, test_g, batch_size=16)
-    return {"variant": variant, "epochs": len(history), "train_seconds": wall, "train_cpu_seconds": cpu,
-            "loadavg_1min_start": round(load0, 2), "loadavg_1min_end": round(load1, 2),
-            "cpu_seconds_per_epoch": cpu / max(len(history), 1),
-            "n_parameters": int(sum(p.numel() for p in model.parameters())),
-            "test": metrics(pred), "groups": errors_by_group(pred, masks), "history": history_rows(history),
-            "parity": parity_arrays(pred),
-            "n_train": len(train_idx), "n_valid": len(valid_idx), "n_test": len(test_idx)}
+    out = {"variant": variant, "epochs": len(history), "train_seconds": wall, "train_cpu_seconds": cpu,
+           "stop_reason": res.stop_reason, "best_epoch": res.best_epoch, "best_valid_loss": res.best_valid_loss,
+           "patience": patience, "loadavg_1min_start": round(load0, 2), "loadavg_1min_end": round(load1, 2),
+           "cpu_seconds_per_epoch": cpu / max(len(history), 1),
+           "n_parameters": int(sum(p.numel() for p in model.parameters())),
+           "test": metrics(pred), "groups": errors_by_group(pred, masks), "history": history_rows(history),
+           "convergence": convergence(history, cpu), "parity": parity_arrays(pred),
+           "n_train": len(train_idx), "n_valid": len(valid_idx), "n_test": len(test_idx)}
+    if name == "dimers":
+        out["intermolecular"] = intermolecular_errors(pred, test_frames, masks)
+    return out
 
 
 def run_mace_subprocess(name: str, args) -> dict:
@@ -161,18 +245,65 @@ def run_mace_subprocess(name: str, args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # report
 
+def _budget_text(m) -> str:
+    if m.get("patience"):
+        cap = f"a wall-clock cap of **{m['budget']:g} s per model**" if m.get("budget") else "no wall-clock cap"
+        return (f"Early stopping: **patience {m['patience']} epochs** on the validation loss (the best-validation "
+                f"weights kept), " + (f"at most {m['epochs']} epochs" if m.get("epochs") else "epochs unlimited")
+                + f", {cap} (training and validation; an epoch running at the cap is cut short)")
+    if m.get("epochs"):
+        return (f"Budget **{m['epochs']} epochs per model** (the same for every model; training wall and CPU "
+                f"time are listed)")
+    return (f"Budget **{m['budget']:g} s wall-clock training per model** (validation included; the epochs "
+            f"that fit are listed)")
+
+
+def _row(label, variants, cell) -> str:
+    return f"| {label} | | " + " | ".join(f"{cell(x) if 'groups' in x else '—'} | " for x in variants.values()) + "|"
+
+
+def _convergence_rows(variants) -> list:
+    def gain(x):
+        c = x.get("convergence", {})
+        return f"{100 * c['gain_over_window']:.1f} % ({c['window_epochs']} ep.)" if "gain_over_window" in c else "—"
+
+    def plateau(x):
+        c = x.get("convergence", {})
+        if x.get("stop_reason") == "early_stopping":
+            return f"reached: stopped early after {x['epochs']} ep."
+        if c.get("plateau_epochs") is None:
+            return "—"
+        return f"~{c['plateau_epochs']} ep. / {c['plateau_cpu_s'] / 3600:.1f} CPU h"
+
+    return [_row("stop reason", variants, lambda x: x.get("stop_reason", "—")),
+            _row("best-validation epoch (epochs after it)", variants,
+                 lambda x: f"{x.get('best_epoch', '—')} ({x['epochs'] - x['best_epoch']})" if "best_epoch" in x else "—"),
+            _row("training wall s / CPU s", variants,
+                 lambda x: f"{x['train_seconds']:.0f} / {x['train_cpu_seconds']:.0f}"),
+            _row("valid-loss gain of the best over the last quarter", variants, gain),
+            _row("epochs to plateau (power-law extrapolation)", variants, plateau)]
+
+
+def still_improving(x) -> Optional[bool]:
+    """At the stop: False after early stopping (no better validation loss for ``patience`` epochs), else
+    True when the best validation loss fell by ≥ PLATEAU_GAIN over the run's last quarter."""
+    c = x.get("convergence", {})
+    if "gain_over_window" not in c:
+        return None
+    return x.get("stop_reason") != "early_stopping" and c["gain_over_window"] >= PLATEAU_GAIN
+
+
 def to_markdown(all_results, meta) -> str:
     m = meta
-    lines = [f"# Accuracy at equal budget: cartlorem vs MACE ({m['date']}, commit {(m['git_commit'] or '?')[:10]}"
+    title = "Accuracy towards convergence (early stopping)" if m.get("patience") else "Accuracy at equal budget"
+    lines = [f"# {title}: cartlorem vs MACE ({m['date']}, commit {(m['git_commit'] or '?')[:10]}"
              f"{', dirty tree' if m.get('git_dirty') else ''})", "",
+             *([f"Command: `{m['command']}`", ""] if m.get("command") else []),
              f"Machine: {m['cpu_model']}, {m['cpu_affinity']} cores, torch {m['torch']}, MACE {m.get('mace', '?')}. "
              f"Load average (1 min) {m['loadavg_1min']} at start, {m.get('loadavg_1min_end')} at the end on "
              f"{m['cpu_count']} CPUs" + (" — shared machine: fewer epochs fit the budget than on an idle one."
                                          if (m.get('loadavg_1min_end') or 0) > (m['cpu_affinity'] or 1) else "."),
-             "", (f"Budget **{m['epochs']} epochs per model** (the same for every model; training wall and CPU "
-                  f"time are listed)" if m.get('epochs') else
-                  f"Budget **{m['budget']:g} s wall-clock training per model** (validation included; the epochs "
-                  f"that fit are listed)") + f", {m['dtype']}, C = {m['channels']} channels (features up to rank / l = 2), correlation "
+             "", _budget_text(m) + f", {m['dtype']}, C = {m['channels']} channels (features up to rank / l = 2), correlation "
              f"{m['correlation']}, 2 interactions, cutoff {m['cutoff']} Å, batch {m['batch_size']}, AMSGrad lr "
              f"{m['lr']:g}, loss weights energy {m['energy_weight']:g} / forces 1 / stress 1, EMA 0.99, seed "
              f"{m['seed']}. Split as long_range.py. Test-set errors: energy meV/atom, forces meV/Å, as MAE / RMSE.", ""]
@@ -196,6 +327,7 @@ def to_markdown(all_results, meta) -> str:
                           f"{e['forces_mae_mev_per_a']:.1f} / {e['forces_rmse_mev_per_a']:.1f}"]
             lines.append(f"| {g} | {any_ok['groups'][g]['n']} | " + " | ".join(cells) + " |")
         lines.append("| epochs in budget | | " + " | ".join(f"{x.get('epochs', '—')} | " for x in r["variants"].values()) + "|")
+        lines += _convergence_rows(r["variants"])
         lines.append("| parameters | | " + " | ".join(f"{x.get('n_parameters', '—')} | " for x in r["variants"].values()) + "|")
         lines.append("| training CPU s per epoch | | " + " | ".join(
             f"{x['cpu_seconds_per_epoch']:.0f} | " if x.get("cpu_seconds_per_epoch") else "— | "
@@ -204,12 +336,39 @@ def to_markdown(all_results, meta) -> str:
             f"{x['loadavg_1min_start']}–{x['loadavg_1min_end']} | " if "loadavg_1min_start" in x else "— | "
             for x in r["variants"].values()) + "|")
         lines.append("")
-        lines += [f"Parity plots: `accuracy.{name}.parity.png`; learning curves: `accuracy.{name}.curves.png`.", ""]
+        stem = Path(m.get("out") or "accuracy").name
+        lines += [f"Parity plots: `{stem}.{name}.parity.png`; learning curves: `{stem}.{name}.curves.png`.", ""]
+        verdicts = [f"{LABEL[v]} {'still improving' if still_improving(x) else 'not improving'} "
+                    f"({100 * x['convergence']['gain_over_window']:.1f} % over its last "
+                    f"{x['convergence']['window_epochs']} epochs, stop: {x['stop_reason']})"
+                    for v, x in ok.items() if still_improving(x) is not None]
+        if verdicts:
+            lines += ["Validation loss at the stop (best loss over the last quarter of the run vs before it; "
+                      f"'still improving' = gain ≥ {100 * PLATEAU_GAIN:g} % and not stopped early): " + "; ".join(verdicts) + ". The "
+                      f"plateau estimate fits best ∝ epoch^slope to the second half of the run and asks when "
+                      f"{PLATEAU_WINDOW} more epochs would gain < {100 * PLATEAU_GAIN:g} %: a rough extrapolation.", ""]
+        inter = {v: x for v, x in ok.items() if "intermolecular" in x}
+        if inter:
+            first = next(iter(inter.values()))["intermolecular"]
+            lines += [f"Intermolecular force on {name} (net force on each monomer = force on its centre of mass, the "
+                      "sum over its atoms; MAE per component, meV/Å; reference mean |F|):", "",
+                      "| group | n | ref mean abs | " + " | ".join(LABEL[v] for v in inter) + " |",
+                      "|---|---|---|" + "---|" * len(inter)]
+            for g, e in first.items():
+                lines.append(f"| {g} | {e['n']} | {e['intermolecular_force_ref_mean_abs_mev_per_a']:.1f} | " + " | ".join(
+                    f"{x['intermolecular'][g]['intermolecular_force_mae_mev_per_a']:.1f}" for x in inter.values()) + " |")
+            lines.append("")
     t = meta.get("target")
     if t:
         verdict = {True: "**met**", False: "**missed**", None: "not measured"}[t["met"]]
         lines += ["## Target", "", f"- {t['target']}: {verdict}" + (f" — multipole {t['multipole']:.1f} meV/Å vs MACE "
-                  f"{t['mace']:.1f} meV/Å, ratio {t['ratio']:.2f}×" if t.get("ratio") else ""), ""]
+                  f"{t['mace']:.1f} meV/Å, ratio {t['ratio']:.2f}×" if t.get("ratio") else "")]
+        t = meta.get("target_cumulene")
+        if t:
+            verdict = {True: "**met**", False: "**missed**", None: "not measured"}[t["met"]]
+            lines.append(f"- {t['target']}: {verdict}" + (f" — multipole {t['multipole']:.2f} meV/atom" if t.get("multipole") is not None
+                                                         else ""))
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -255,6 +414,43 @@ def plots(name, r, stem) -> None:
     fig.savefig(f"{stem}.{name}.curves.png", dpi=100)
 
 
+def write_report(all_results, meta, args, name) -> None:
+    """Targets, then <out>.json / .md and the plots of set ``name``: after every model, so that a long
+    run keeps what it has measured if it is stopped."""
+    meta["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
+    d = all_results.get("dimers", {}).get("variants", {})
+    if "multipole" in d and "mace" in d and "groups" in d["multipole"] and "groups" in d["mace"] \
+            and "sep>=8" in d["mace"]["groups"]:
+        a, b = d["multipole"]["groups"]["sep>=8"]["forces_mae_mev_per_a"], d["mace"]["groups"]["sep>=8"]["forces_mae_mev_per_a"]
+        meta["target"] = {"target": "multipole force MAE on dimers beyond 8 Å at least 2x lower than MACE's",
+                          "multipole": a, "mace": b, "ratio": b / a, "met": b / a >= TARGET_RATIO}
+    else:
+        meta["target"] = {"target": "multipole force MAE on dimers beyond 8 Å at least 2x lower than MACE's",
+                          "met": None}
+    c = all_results.get("cumulene", {}).get("variants", {}).get("multipole", {})
+    if "cumulene" in all_results:
+        e = c["test"]["energy_mae_mev_per_atom"] if "test" in c else None
+        meta["target_cumulene"] = {"target": f"multipole energy MAE on cumulene at most {TARGET_CUMULENE_MEV:g} "
+                                             "meV/atom", "multipole": e,
+                                   "met": None if e is None else e <= TARGET_CUMULENE_MEV}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"name": "accuracy", "meta": meta, "results": all_results}, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(to_markdown(all_results, meta) + "\n")
+    plots(name, all_results[name], args.out)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number of epochs, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number of epochs, got {value}")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_argument(p)
@@ -264,6 +460,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=0, help="training epochs per model (0: as many as --budget allows)")
     p.add_argument("--budget", type=float, default=None,
                    help="training wall-clock seconds per model (default: 240 without --epochs, none with it)")
+    p.add_argument("--patience", type=_positive_int, default=None, metavar="P",
+                   help="early stopping: stop a model after P epochs without a better validation loss "
+                        "(default: off); with --epochs 0 (the default) epochs are unlimited up to --budget")
     add_training_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 s budget, 120 frames")
@@ -292,7 +491,9 @@ def main(argv=None):
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.skip_mace and "mace" in variants:
         variants.remove("mace")
-    meta = {**machine_info(), **{k: v for k, v in vars(args).items() if k != "peer_worker"}}
+    meta = {**machine_info(), **{k: v for k, v in vars(args).items() if k != "peer_worker"},
+            "command": " ".join(["PYTHONPATH=$PWD python3 benchmarks/accuracy.py",
+                                 *(sys.argv[1:] if argv is None else list(argv))])}
     if math.isinf(meta["budget"]):
         meta["budget"] = None  # no wall-clock limit (strict JSON has no Infinity)
     if PEER_PYTHON.exists():
@@ -307,7 +508,7 @@ def main(argv=None):
         all_results[name] = {"variants": {}}
         for v in variants:
             print(f"[{name}] training {LABEL[v]} for " + (f"{args.epochs} epochs" if args.epochs else f"{args.budget:g} s")
-                  + " ...", flush=True)
+                  + (f" (patience {args.patience})" if args.patience else "") + " ...", flush=True)
             if v == "mace":
                 res = run_mace_subprocess(name, args)
             else:
@@ -319,25 +520,11 @@ def main(argv=None):
             if "test" in res:
                 t = res["test"]
                 print(f"[{name}] {LABEL[v]:20s} epochs={res['epochs']:4d}  E MAE {t['energy_mae_mev_per_atom']:.2f} "
-                      f"meV/atom  F MAE {t['forces_mae_mev_per_a']:.1f} meV/Å  ({res['train_seconds']:.0f} s)", flush=True)
+                      f"meV/atom  F MAE {t['forces_mae_mev_per_a']:.1f} meV/Å  ({res['train_seconds']:.0f} s, "
+                      f"stop: {res.get('stop_reason')}, best epoch {res.get('best_epoch')})", flush=True)
             else:
                 print(f"[{name}] {LABEL[v]}: {res.get('status')}", flush=True)
-        meta["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
-        d = all_results.get("dimers", {}).get("variants", {})
-        if "multipole" in d and "mace" in d and "groups" in d["multipole"] and "groups" in d["mace"] \
-                and "sep>=8" in d["mace"]["groups"]:
-            a, b = d["multipole"]["groups"]["sep>=8"]["forces_mae_mev_per_a"], d["mace"]["groups"]["sep>=8"]["forces_mae_mev_per_a"]
-            meta["target"] = {"target": "multipole force MAE on dimers beyond 8 Å at least 2x lower than MACE's",
-                              "multipole": a, "mace": b, "ratio": b / a, "met": b / a >= TARGET_RATIO}
-        else:
-            meta["target"] = {"target": "multipole force MAE on dimers beyond 8 Å at least 2x lower than MACE's",
-                              "met": None}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out + ".json", "w") as f:
-            json.dump({"name": "accuracy", "meta": meta, "results": all_results}, f, indent=1)
-        with open(args.out + ".md", "w") as f:
-            f.write(to_markdown(all_results, meta) + "\n")
-        plots(name, all_results[name], args.out)
+            write_report(all_results, meta, args, name)
     print(to_markdown(all_results, meta))
 
 

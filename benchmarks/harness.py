@@ -312,7 +312,8 @@ def data_file(data_dir, name: str) -> Path:
 
 
 def groups_for(name: str, frames) -> dict[str, np.ndarray]:
-    """Frame masks by group for the report."""
+    """Frame masks by group for the report: dimers by class and separation (< 5, 5–8, ≥ 8 Å), nacl by
+    cluster, sn2 by |xi|, cumulene by torsion angle theta (0–30, 30–60, 60–90°); "all" for every set."""
     n = len(frames)
     out = {"all": np.ones(n, bool)}
     if name == "dimers":
@@ -331,7 +332,15 @@ def groups_for(name: str, frames) -> dict[str, np.ndarray]:
         xi = np.abs(np.array([float(a.info["xi"]) for a in frames]))
         for lo, hi in [(0, 1), (1, 3), (3, 99)]:
             out[f"{lo}<=abs(xi)<{hi}"] = (xi >= lo) & (xi < hi)
+    elif name == "cumulene":  # torsion ``theta`` (degrees, 0–90) between the two CH2 ends, ~9 Å apart
+        theta = np.array([float(a.info["theta"]) for a in frames])
+        for lo, hi, label in CUMULENE_THETA_BINS:
+            out[label] = (theta >= lo) & (theta < hi)
     return out
+
+
+#: torsion bins of the cumulene groups: (from, below, label), degrees
+CUMULENE_THETA_BINS = [(0.0, 30.0, "theta<30"), (30.0, 60.0, "30<=theta<60"), (60.0, math.inf, "theta>=60")]
 
 
 def group_errors(pred, masks) -> dict:

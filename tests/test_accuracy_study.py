@@ -1,0 +1,121 @@
+"""benchmarks/accuracy.py towards convergence: --patience, the stop record and learning curves, the
+intermolecular force of the dimers, the cumulene torsion groups, the plateau extrapolation.
+
+The data are made here (a few Lennard-Jones "dimers"), not read from ../shared/data."""
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import accuracy, harness  # noqa: E402
+
+
+def write_dimers(path, n=24, seed=0):
+    """n two-monomer frames (H2 + OH, 2 atoms each) with Lennard-Jones energies and forces, tagged like
+    ../shared/data/dimers.xyz (classes, separation, monomer_a_atoms)."""
+    from ase import Atoms
+    from ase.calculators.lj import LennardJones
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(n):
+        d = 3.5 + 8.0 * k / (n - 1)  # 3.5 … 11.5 Å: every separation bin
+        pos = np.array([[0, 0, 0], [1.12, 0, 0], [d, 0, 0], [d + 1.12, 0, 0]]) + rng.normal(0, 0.05, (4, 3))
+        a = Atoms("H2OH", positions=pos)
+        a.calc = LennardJones(sigma=1.0, epsilon=0.05, rc=12.0)
+        e, f = a.get_potential_energy(), a.get_forces()
+        a.calc = SinglePointCalculator(a, energy=e, forces=f)
+        a.info.update(classes="polar-polar" if k % 2 else "apolar-apolar", separation=d, monomer_a_atoms=2)
+        frames.append(a)
+    write(path, frames, format="extxyz")
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "two"])
+def test_patience_must_be_a_positive_whole_number(bad, capsys):
+    with pytest.raises(SystemExit):
+        accuracy.main(["--patience", bad, "--skip-mace"])
+    assert "--patience" in capsys.readouterr().err
+
+
+def test_tiny_run_records_stop_reason_epochs_and_curves(tmp_path):
+    write_dimers(tmp_path / "dimers.xyz")
+    out = tmp_path / "converged"
+    accuracy.main(["--data-dir", str(tmp_path), "--sets", "dimers", "--variants", "none,mace", "--skip-mace",
+                   "--channels", "4", "--batch-size", "4", "--budget", "4", "--patience", "2", "--threads", "1",
+                   "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["meta"]["patience"] == 2 and data["meta"]["budget"] == 4.0
+    assert data["meta"]["command"].endswith("--out " + str(out))
+    r = data["results"]["dimers"]["variants"]["none"]
+    assert r["stop_reason"] in ("early_stopping", "max_time")
+    assert r["epochs"] == len(r["history"]) >= 1
+    assert 1 <= r["best_epoch"] <= r["epochs"]
+    losses = [h["valid_loss"] for h in r["history"]]
+    assert r["best_valid_loss"] == pytest.approx(min(losses))
+    assert [h["epoch"] for h in r["history"]] == list(range(1, r["epochs"] + 1))
+    assert all(h["valid_forces_mae_mev_per_a"] > 0 and h["lr"] > 0 for h in r["history"])
+    if r["stop_reason"] == "early_stopping":
+        assert r["epochs"] - r["best_epoch"] == 2
+    assert r["convergence"].get("best_epoch", r["best_epoch"]) == r["best_epoch"]
+    assert r["train_cpu_seconds"] > 0 and r["train_seconds"] > 0
+    assert set(r["intermolecular"]) == set(r["groups"])  # every group, intermolecular force too
+    md = out.with_suffix(".md").read_text()
+    assert "patience 2 epochs" in md and "stop reason" in md and "Intermolecular force" in md
+
+
+def test_intermolecular_force_is_the_net_force_on_each_monomer():
+    """Two frames (3 + 2 atoms, 1 + 1 atoms); the error is that of the summed forces of each monomer."""
+    frames = [_Frame(3, 2), _Frame(2, 1)]
+    ref = np.array([[1.0, 0, 0], [0, 1, 0], [-1, -1, 0], [0, 0, 2], [0, 0, -2]])  # net A: (1,1,0) | (0,0,2)
+    pred = ref.copy()
+    pred[0] += [0.003, 0, 0]  # frame 0, monomer A: +3 meV/Å in x
+    pred[1] += [-0.003, 0, 0]  # ... cancelled: the intramolecular part does not count
+    pred[4] += [0, 0.006, 0]  # frame 1, monomer B: +6 meV/Å in y
+    p = SimpleNamespace(structure=np.array([0, 0, 0, 1, 1]), forces_pred=pred, forces_ref=ref)
+    masks = {"all": np.array([True, True]), "second": np.array([False, True])}
+    res = accuracy.intermolecular_errors(p, frames, masks)
+    assert res["all"]["intermolecular_force_mae_mev_per_a"] == pytest.approx(6.0 / 12)  # 2 frames × 2 × 3
+    assert res["second"]["intermolecular_force_mae_mev_per_a"] == pytest.approx(6.0 / 6)
+    # mean |net F| over frame 1's two monomers: (0,0,2) and (0,0,-2) eV/Å
+    assert res["second"]["intermolecular_force_ref_mean_abs_mev_per_a"] == pytest.approx(4000.0 / 6)
+    with pytest.raises(ValueError, match="predictions cover 5 atoms"):
+        accuracy.intermolecular_errors(p, [_Frame(3, 2), _Frame(3, 1)], masks)
+
+
+class _Frame:
+    def __init__(self, n, na):
+        self.n, self.info = n, {"monomer_a_atoms": na}
+
+    def __len__(self):
+        return self.n
+
+
+def test_convergence_of_a_power_law_curve():
+    """best ∝ epoch^-0.5: slope -0.5; 20 more epochs gain < 1 % once (1 + 20/E)^0.5 > 1/0.99 …"""
+    history = [{"valid_loss": e ** -0.5} for e in range(1, 41)]
+    c = accuracy.convergence(history, cpu_seconds=400.0)
+    assert c["slope"] == pytest.approx(-0.5)
+    plateau = 20 / (0.99 ** -2 - 1)  # ≈ 985 epochs
+    assert c["plateau_epochs"] == int(np.ceil(plateau))
+    assert c["plateau_cpu_s"] == pytest.approx(c["plateau_epochs"] * 10.0)
+    assert c["best_epoch"] == 40 and c["epochs_after_best"] == 0 and c["gain_over_window"] > 0.01
+    flat = accuracy.convergence([{"valid_loss": v} for v in [3, 2, 1, 1, 1, 1, 1, 1, 1, 1]], 10.0)
+    assert flat["best_epoch"] == 3 and flat["gain_over_window"] == 0.0 and flat["plateau_epochs"] is None
+
+
+def test_cumulene_groups_by_torsion():
+    frames = [SimpleNamespace(info={"theta": t}) for t in (0.1, 29.9, 30.0, 59.0, 60.0, 89.98, 90.0)]
+    g = harness.groups_for("cumulene", frames)
+    assert g["all"].all()
+    assert g["theta<30"].tolist() == [1, 1, 0, 0, 0, 0, 0]
+    assert g["30<=theta<60"].tolist() == [0, 0, 1, 1, 0, 0, 0]
+    assert g["theta>=60"].tolist() == [0, 0, 0, 0, 1, 1, 1]
