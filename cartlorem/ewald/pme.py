@@ -82,16 +82,17 @@ MESH_ERROR = {
 #: point-multipole constants, applied to the model's smeared sources, gave errors up to 1.3x the requested
 #: accuracy (water box, q + mu + Theta, accuracy 1e-4; tests/test_pme.py::test_model_settings_water_box).
 MESH_ERROR_SMEARED = {4: (3.0, 2.06), 6: (1.78, 4.45), 8: (3.64, 7.20), 10: (10.2, 9.86)}
-#: Cost model of one call with gradients to the positions (seconds, one CPU thread, float64), fitted to
-#: process times of water boxes of 24-1536 atoms, C = 4 channels of q, mu, Theta, point and smeared
-#: (sigma = 1 Å) sources at accuracy 1e-6 (model within 0.8-1.2x of the measured times).
+#: Cost model of one call with gradients to the positions (seconds, one CPU thread, float64), fitted by
+#: benchmarks/pme_cost_fit.py (non-negative least squares on relative errors) to process times of water
+#: boxes of 81-3000 atoms, C = 4 channels of point q, mu, Theta, r_c 4-8 Å, spline orders 6-10, two mesh
+#: spacings (model within 0.74-1.26x of the measured times, median 0.97; results/pme_cost_fit.md).
 #: PME: per real-space pair and (row x column x channel) entry; per atom, stencil point and
 #: (row + column) x channel (spreading + interpolation); per mesh point x log2(mesh points) x channel
 #: (two FFTs); a fixed overhead per call.
-COST_PAIR = 2.0e-8
-COST_STENCIL = 8e-9
-COST_MESH = 1e-8
-COST_PME_CALL = 0.026
+COST_PAIR = 2.4e-8
+COST_STENCIL = 6e-9
+COST_MESH = 1.15e-8
+COST_PME_CALL = 0.022
 #: Ewald (:mod:`.ewald`): per real-space pair (dense blocks over minimum-image pairs x lattice shifts) and
 #: (row x column x channel) entry; per (atom, k-vector) term x (row + column) x channel; fixed overhead.
 COST_EWALD_PAIR = 8.7e-9
