@@ -91,18 +91,9 @@ def intermolecular_errors(pred, frames, masks) -> dict:
     Returns {group: {"n": frames, "intermolecular_force_mae_mev_per_a": …,
     "intermolecular_force_ref_mean_abs_mev_per_a": …}}.
     """
-    counts = np.bincount(pred.structure, minlength=len(frames))
-    if len(counts) != len(frames) or any(int(c) != len(a) for c, a in zip(counts, frames)):
-        raise ValueError(f"predictions cover {len(pred.structure)} atoms in {len(counts)} structures, the frames "
-                         f"{sum(len(a) for a in frames)} atoms in {len(frames)}")
-    na = np.array([int(a.info["monomer_a_atoms"]) for a in frames])  # [M]
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [M] first atom of each frame
-    in_a = (np.arange(len(pred.structure)) - start[pred.structure]) < na[pred.structure]  # [N]
-    net = {}
-    for key, f in (("pred", pred.forces_pred), ("ref", pred.forces_ref)):
-        out = np.zeros((len(frames), 2, 3))  # [M, monomer A/B, xyz] eV/Å
-        np.add.at(out, (pred.structure, (~in_a).astype(int)), f)
-        net[key] = out
+    from benchmarks.intermolecular import monomer_net_forces
+
+    net = {key: monomer_net_forces(frames, f) for key, f in (("pred", pred.forces_pred), ("ref", pred.forces_ref))}
     err = np.abs(net["pred"] - net["ref"]) * 1000.0  # [M, 2, 3] meV/Å
     return {g: {"n": int(m.sum()), "intermolecular_force_mae_mev_per_a": float(err[m].mean()),
                 "intermolecular_force_ref_mean_abs_mev_per_a": float(np.abs(net["ref"][m]).mean() * 1000.0)}

@@ -32,17 +32,23 @@ from benchmarks.harness import add_data_argument, load_split  # noqa: E402
 BINS = [(0.0, 5.0, "sep<5"), (5.0, 8.0, "5<=sep<8"), (8.0, np.inf, "sep>=8")]
 
 
+def monomer_net_forces(frames, forces) -> np.ndarray:
+    """Net force on each monomer per frame, [M, 2 (A, B), 3] (eV/Å): A is the first
+    ``info["monomer_a_atoms"]`` atoms of a frame, B the rest; forces [N, 3] listed frame after frame."""
+    out, start = np.zeros((len(frames), 2, 3)), 0
+    for k, a in enumerate(frames):
+        n, na = len(a), int(a.info["monomer_a_atoms"])
+        out[k, 0] = forces[start:start + na].sum(0)
+        out[k, 1] = forces[start + na:start + n].sum(0)
+        start += n
+    if start != len(forces):
+        raise ValueError(f"predictions cover {len(forces)} atoms, the test frames {start}")
+    return out
+
+
 def net_force_errors(frames, forces_pred, forces_ref):
     """Per frame: net force on monomer A, predicted and reference ([M, 3] each, eV/Å)."""
-    out_p, out_r, start = [], [], 0
-    for a in frames:
-        n, na = len(a), int(a.info["monomer_a_atoms"])
-        out_p.append(forces_pred[start:start + na].sum(0))
-        out_r.append(forces_ref[start:start + na].sum(0))
-        start += n
-    if start != len(forces_pred):
-        raise ValueError(f"predictions cover {len(forces_pred)} atoms, the test frames {start}")
-    return np.array(out_p), np.array(out_r)
+    return monomer_net_forces(frames, forces_pred)[:, 0], monomer_net_forces(frames, forces_ref)[:, 0]
 
 
 #: class-resolved groups beyond 8 Å, where only long range sees the partner
