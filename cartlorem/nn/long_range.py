@@ -46,13 +46,13 @@ sources (their norms are invariants); the "lorem" kind has potentials only up to
 from __future__ import annotations
 
 import numbers
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..ewald import batched_multipole_fields
-from ..tensors import EquivariantLinear, mix_channels, product, stf
+from ..tensors import EquivariantLinear, product, stf
 
 __all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries"]
 
@@ -125,19 +125,10 @@ class MultipoleMap(EquivariantLinear):
         mask[:charge_channels] = 1.0
         self.register_buffer("charge_mask", mask, persistent=False)  # [C_lr]; not in model files
 
-    def forward(self, xs: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
-        out: List[Optional[torch.Tensor]] = [None, None, None]
-        while len(out) < len(xs):
-            out.append(None)
-        for k, weight in enumerate(self.weights):  # as EquivariantLinear.forward (TorchScript: no super())
-            rank = self.ranks[k]
-            x = xs[rank] if rank < len(xs) else None
-            if x is not None:
-                y = mix_channels(x, weight, rank)
-                if rank == 0:
-                    y = y * self.charge_mask.to(y.dtype)  # exact zeros: 0 × finite
-                out[rank] = y
-        return out
+    def _output(self, y: torch.Tensor, rank: int) -> torch.Tensor:
+        if rank == 0:
+            return y * self.charge_mask.to(y.dtype)  # exact zeros: 0 × finite
+        return y
 
 
 class LongRangeBlock(nn.Module):

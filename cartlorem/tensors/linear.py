@@ -53,8 +53,12 @@ class EquivariantLinear(nn.Module):
                 y = mix_channels(x, weight, rank)
                 if rank == 0 and self.bias is not None:
                     y = y + self.bias
-                out[rank] = y
+                out[rank] = self._output(y, rank)
         return out
+
+    def _output(self, y: torch.Tensor, rank: int) -> torch.Tensor:
+        """The mixed rank-``rank`` features, as returned (a subclass may transform them, e.g. mask channels)."""
+        return y
 
     def extra_repr(self) -> str:
         return f"{self.in_channels} -> {self.out_channels}, ranks={self.ranks}, bias={self.bias is not None}"
