@@ -250,6 +250,12 @@ def write_results(name: str, rows: Sequence[dict], meta: dict, markdown: Optiona
     return write_json_md(stem, {"name": name, "meta": meta, "rows": list(rows)}, markdown)
 
 
+#: ``--malloc tuned`` of the benchmarks: glibc keeps freed memory in its heap instead of returning every large
+#: tensor to the kernel (each fresh mmap costs a page fault per 4 KiB when it is next written). The same
+#: setting the README recommends for long runs; applied to every model of a comparison alike.
+TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
 def run_json_worker(cmd: Sequence[str], env: dict, timeout: float, *, skip_note: str = "",
                     tail_chars: int = 200) -> dict:
     """Run one benchmark point in a fresh process; its result is the last stdout line that starts with '{'.

@@ -210,9 +210,12 @@ def _lr_parameters(atoms) -> dict:
 
 
 def run_worker(spec: dict, timeout: float) -> dict:
+    from harness import TUNED_MALLOC, run_json_worker
+
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(spec["threads"]))
+    if spec.get("malloc") == "tuned":
+        env.update(TUNED_MALLOC)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    from harness import run_json_worker
 
     return run_json_worker(cmd, env, timeout, tail_chars=300)
 
@@ -291,6 +294,9 @@ def markdown(rows, meta, summary) -> str:
              "positions and features); local = full − long range (checked against a model without long range "
              "where `local` is given). Peak = the process's peak resident set size during the first call "
              "(VmHWM after a reset), `call` = peak − resident size before the call.", "",
+             "glibc allocator: " + ("tuned (`MALLOC_MMAP_MAX_=0`, `MALLOC_TRIM_THRESHOLD_=1099511627776`: freed tensors "
+                                    "stay in the heap, `--malloc tuned`)" if meta.get("malloc") == "tuned" else
+                                    "default (every tensor above the mmap threshold is page-faulted in afresh)") + ".", "",
              "## Targets", "",
              f"- long-range exponent ≤ {TARGET_LR_EXPONENT} over 10^4 - 10^5 atoms: {verdict(s['lr_exponent_target_met'])} "
              f"(largest fitted {_f(s['lr_exponent_max_N>=1e4'], '.2f')})",
@@ -327,6 +333,9 @@ def main(argv=None):
     p.add_argument("--threads", default="1,2")
     p.add_argument("--lr-only", action="store_true",
                    help="time the long-range block alone (its inputs from a forward without forces): no full call")
+    p.add_argument("--malloc", choices=("default", "tuned"), default="default",
+                   help="tuned: run the workers with glibc's MALLOC_MMAP_MAX_=0 and a 1 TiB MALLOC_TRIM_THRESHOLD_ (freed "
+                        "tensors reused instead of page-faulted in again; the README's advice for long runs)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after the first (below --single-call)")
     p.add_argument("--single-call", type=int, default=50_000, help="from this N on, one call per point")
     p.add_argument("--local-max", type=int, default=11_000, help="largest N timed without long range too")
@@ -361,6 +370,7 @@ def main(argv=None):
     meta = machine_info()
     meta["command"] = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta["long_range_options"] = LR_OPTIONS
+    meta["malloc"] = args.malloc
     sizes = {"water": [int(x) for x in args.water.split(",") if x.strip()],
              "electrolyte": [int(x) for x in args.electrolyte.split(",") if x.strip()]}
     out_json = Path(args.out + ".json")
@@ -370,7 +380,7 @@ def main(argv=None):
         for size in vals:
             for threads in [int(t) for t in args.threads.split(",")]:
                 spec = {"system": system, "size": size, "threads": threads, "repeats": args.repeats,
-                        "single_call": args.single_call, "local_max": args.local_max, "lr_only": args.lr_only}
+                        "single_call": args.single_call, "local_max": args.local_max, "lr_only": args.lr_only, "malloc": args.malloc}
                 n_guess = 3 * size**3
                 avail = mem_available_bytes() or 0
                 t0 = time.time()

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: car
 from benchmarks.harness import (ATOMS_PER, build_mace, machine_info, mace_inputs, make_structure,  # noqa: E402
                                 markdown_table, mem_available_bytes, n_parameters, peak_memory_bytes,
                                 peer_python, proc_kib_field, reset_peak_memory, resolve_device, run_json_worker,
-                                sync_fn, time_fn, write_results)
+                                sync_fn, time_fn, write_results, TUNED_MALLOC)
 
 MODELS = ("short", "multipole", "mace")  # "lorem" may be asked for with --models
 MODEL_LABEL = {"short": "cartlorem short-range", "multipole": "cartlorem multipole", "lorem": "cartlorem lorem",
@@ -204,11 +204,6 @@ def profile_call(model, call, model_name: str, row_limit: int = 18) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # driver
-
-#: ``--malloc tuned``: glibc keeps freed memory in its heap instead of returning every large tensor to
-#: the kernel (each fresh mmap costs a page fault per 4 KiB on the next call); the same for every model
-TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
-
 
 def run_point(spec: dict, python: str, timeout: float) -> dict:
     env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
