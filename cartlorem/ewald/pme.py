@@ -417,35 +417,38 @@ def _groups(slots: tuple) -> tuple:
 def _spread_weights(W: list, c_u: torch.Tensor, slots: tuple) -> torch.Tensor:
     """Mesh weights ``sum_u c_u (d/du)^u Theta`` of a chunk of atoms, axis by axis.
 
-    W: per-axis weights (:func:`_axis_weights`), c_u [n, len(slots), C] -> [n, s (x), C, s (y), s (z)].
+    W: per-axis weights (:func:`_axis_weights`), c_u [n, len(slots), C] -> [C, n, s (x), s (y), s (z)], the
+    layout of the [C, mesh] scatter (no permuted copy of the chunk's C x n x s^3 weights).
     z and y first (small), then one batched product over the x-derivative orders: the cost per atom is
     ~ (number of x-derivative orders) x s^3 x C instead of len(slots) x s^3 x (C + 2) for full stencils.
     """
     pairs, xs = _groups(slots)
     col = {s: i for i, s in enumerate(slots)}
-    # z: P[(dx, dy)] [n, C, z] = sum_dz c_u[n, (dx, dy, dz), C] W_z^(dz)[n, z]
-    P = [sum(c_u[:, col[s], :, None] * W[dz][2][:, None, :] for dz, s in group) for _, group in pairs]
-    # y: R[dx] [n, C, y, z] = sum_dy W_y^(dy)[n, y] P[(dx, dy)][n, C, z]
-    R = torch.stack([sum(W[dy][1][:, None, :, None] * P[p][:, :, None, :] for dy, p in ys) for _, ys in xs], 1)
+    c_t = c_u.permute(2, 1, 0)  # [C, slots, n]
+    # z: P[(dx, dy)] [C, n, z] = sum_dz c_u[n, (dx, dy, dz), C] W_z^(dz)[n, z]
+    P = [sum(c_t[:, col[s], :, None] * W[dz][2] for dz, s in group) for _, group in pairs]
+    # y: R[dx] [C, n, y, z] = sum_dy W_y^(dy)[n, y] P[(dx, dy)][C, n, z]
+    R = torch.stack([sum(W[dy][1][:, :, None] * P[p][:, :, None, :] for dy, p in ys) for _, ys in xs], 2)
     Wx = torch.stack([W[dx][0] for dx, _ in xs], -1)  # [n, x, dx]
-    n, s = Wx.shape[0], Wx.shape[1]
-    return torch.bmm(Wx, R.reshape(n, len(xs), -1)).reshape(n, s, -1, s, s)  # x: [n, x, C, y, z]
+    c, n, s = R.shape[0], Wx.shape[0], Wx.shape[1]
+    return torch.matmul(Wx, R.reshape(c, n, len(xs), s * s)).reshape(c, n, s, s, s)  # x: [C, n, x, y, z]
 
 
 def _interpolate_values(W: list, values: torch.Tensor, slots: tuple) -> torch.Tensor:
-    """``sum_m (d/du)^u Theta(u - m) phi(m)`` for every slot: W per-axis weights, values [n, s (x), C, s, s]
-    (phi at the stencil points) -> [n, len(slots), C]; contracted axis by axis (x, then y, then z)."""
+    """``sum_m (d/du)^u Theta(u - m) phi(m)`` for every slot: W per-axis weights, values [C, n, s (x), s, s]
+    (phi at the stencil points, the layout of the [C, mesh] gather) -> [n, len(slots), C]; contracted axis by
+    axis (x, then y, then z)."""
     pairs, xs = _groups(slots)
-    n, s, c = values.shape[0], values.shape[1], values.shape[2]
+    c, n, s = values.shape[0], values.shape[1], values.shape[2]
     Wx = torch.stack([W[dx][0] for dx, _ in xs], 1)  # [n, dx, x]
-    A = torch.bmm(Wx, values.reshape(n, s, -1)).reshape(n, len(xs), c, s, s)  # [n, dx, C, y, z]
+    A = torch.matmul(Wx, values.reshape(c, n, s, s * s)).reshape(c, n, len(xs), s, s)  # [C, n, dx, y, z]
     row = {dx: k for k, (dx, _) in enumerate(xs)}
     out = {}
     for (dx, dy), group in pairs:
-        B = (W[dy][1][:, None, :, None] * A[:, row[dx]]).sum(2)  # [n, C, z]
+        B = (W[dy][1][:, :, None] * A[:, :, row[dx]]).sum(2)  # [C, n, z]
         for dz, slot in group:
-            out[slot] = (W[dz][2][:, None, :] * B).sum(-1)  # [n, C]
-    return torch.stack([out[s] for s in slots], 1)
+            out[slot] = (W[dz][2] * B).sum(-1)  # [C, n]
+    return torch.stack([out[s] for s in slots], -1).permute(1, 2, 0)
 
 
 def _flat_indices(base: torch.Tensor, mesh: tuple, order: int) -> torch.Tensor:
@@ -537,9 +540,11 @@ def influence_function(cell: torch.Tensor, mesh: tuple, order: int, alpha: float
     recip = 2.0 * math.pi * torch.linalg.inv(cell).transpose(0, 1)  # rows b_d (1/Å)
     freqs = [torch.fft.fftfreq(mesh[0], 1.0 / mesh[0]), torch.fft.fftfreq(mesh[1], 1.0 / mesh[1]),
              torch.fft.rfftfreq(mesh[2], 1.0 / mesh[2])]
-    grid = torch.stack(torch.meshgrid(*freqs, indexing="ij"), -1).to(dtype=dtype, device=device)  # [.., 3]
-    k = grid @ recip
-    k2 = (k * k).sum(-1)
+    m = [f.to(dtype=dtype, device=device).reshape([-1 if d == a else 1 for d in range(3)]) for a, f in enumerate(freqs)]
+    # k^2 = sum_ab m_a m_b (b_a . b_b), by broadcasting: no [K1, K2, K3/2, 3] grid of k-vectors
+    metric = recip @ recip.transpose(0, 1)
+    k2 = (m[0] * (metric[0, 0] * m[0] + 2.0 * metric[0, 1] * m[1] + 2.0 * metric[0, 2] * m[2])
+          + m[1] * (metric[1, 1] * m[1] + 2.0 * metric[1, 2] * m[2]) + metric[2, 2] * m[2] * m[2])
     safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
     kernel = torch.where(k2 > 0, 4.0 * math.pi * torch.exp(-safe / (4.0 * alpha * alpha)) / safe,
                          torch.zeros_like(k2))
@@ -585,7 +590,7 @@ def reciprocal_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor,
     out_max = max(sum(_U_INDICES[s]) for s in out_slots)
 
     def spread(u_chunk, c_chunk):
-        """Mesh weights of a chunk of atoms: [n, s, C, s, s] (separable, :func:`_spread_weights`)."""
+        """Mesh weights of a chunk of atoms: [C, n, s, s, s] (separable, :func:`_spread_weights`)."""
         _, W = _axis_weights(u_chunk, order, src_max)
         return _spread_weights(W, c_chunk, tuple(src_slots))
 
@@ -601,7 +606,7 @@ def reciprocal_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor,
         args = (u[a0:a0 + ATOM_BLOCK], c_u[a0:a0 + ATOM_BLOCK])
         weights = checkpoint(spread, *args, use_reentrant=False) if use_checkpoint else spread(*args)
         flat = mesh_index(torch.floor(args[0].detach()).long())
-        Q = _MeshAdd.apply(Q, flat, weights.permute(2, 0, 1, 3, 4).reshape(n_channels, -1))  # [C, n x y z]
+        Q = _MeshAdd.apply(Q, flat, weights.reshape(n_channels, -1))  # [C, n x y z]
     G = influence_function(cell, mesh, order, params.alpha)
     phi = _convolve(Q.reshape(n_channels, *mesh), G, mesh).reshape(n_channels, n_mesh)  # [C, K1 K2 K3]
 
@@ -610,8 +615,7 @@ def reciprocal_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor,
         base, W = _axis_weights(u_chunk, order, out_max)
         n = base.shape[0]
         values, phi = _MeshGatherChain.apply(phi, mesh_index(base))
-        values = values.reshape(n_channels, n, order, order, order).permute(1, 2, 0, 3, 4)
-        return _interpolate_values(W, values, tuple(out_slots)), phi
+        return _interpolate_values(W, values.reshape(n_channels, n, order, order, order), tuple(out_slots)), phi
 
     parts = []
     for a0 in range(0, n_atoms, ATOM_BLOCK):
