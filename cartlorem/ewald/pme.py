@@ -98,8 +98,8 @@ COST_PME_CALL = 0.022
 COST_EWALD_PAIR = 8.7e-9
 COST_EWALD_K = 2.4e-9
 COST_EWALD_CALL = 0.014
-#: Edges per real-space chunk; atoms per spreading/interpolation chunk (a chunk's stencil values, 4 bytes x C x
-#: n^3 per atom, stay below glibc's 32-MB mmap threshold at C = 4, n = 10: no page faults for them).
+#: Edges per real-space chunk; atoms per spreading/interpolation chunk (a chunk's stencil values: 4 bytes x C x
+#: n^3 per atom in float32, 33 MB at C = 4, n = 10).
 EDGE_BLOCK = 1 << 15
 ATOM_BLOCK = 1 << 11
 #: Above this many edges (or stencil points x atoms), chunks are checkpointed when gradients are tracked.
@@ -540,7 +540,8 @@ def influence_function(cell: torch.Tensor, mesh: tuple, order: int, alpha: float
     recip = 2.0 * math.pi * torch.linalg.inv(cell).transpose(0, 1)  # rows b_d (1/Å)
     freqs = [torch.fft.fftfreq(mesh[0], 1.0 / mesh[0]), torch.fft.fftfreq(mesh[1], 1.0 / mesh[1]),
              torch.fft.rfftfreq(mesh[2], 1.0 / mesh[2])]
-    m = [f.to(dtype=dtype, device=device).reshape([-1 if d == a else 1 for d in range(3)]) for a, f in enumerate(freqs)]
+    m = [f.to(dtype=dtype, device=device).reshape([-1 if d == a else 1 for d in range(3)])
+         for a, f in enumerate(freqs)]  # m_a along axis a
     # k^2 = sum_ab m_a m_b (b_a . b_b), by broadcasting: no [K1, K2, K3/2, 3] grid of k-vectors
     metric = recip @ recip.transpose(0, 1)
     k2 = (m[0] * (metric[0, 0] * m[0] + 2.0 * metric[0, 1] * m[1] + 2.0 * metric[0, 2] * m[2])
