@@ -186,9 +186,11 @@ def run_variant(name: str, variant: str, args) -> dict:
         import cartlorem
 
         lr = None if variant == "none" else variant
+        placement = getattr(args, "placement", None)
+        options = {"placement": placement} if lr is not None and placement else None
         model = cartlorem.CartLorem(species, cutoff=args.cutoff, long_range=lr, channels=args.channels,
                                     num_layers=2, correlation=args.correlation, lmax=2, num_basis=8,
-                                    radial_hidden=64, readout_hidden=16).to(dtype)
+                                    radial_hidden=64, readout_hidden=16, long_range_options=options).to(dtype)
     # one loop for every model; MACE's statistics were set when it was built (statistics=False)
     patience = getattr(args, "patience", None)
     res = train(model, train_g, valid_g, epochs=args.epochs or 10**6, batch_size=args.batch_size, lr=args.lr,
@@ -297,7 +299,8 @@ def to_markdown(all_results, meta) -> str:
              "", _budget_text(m) + f", {m['dtype']}, C = {m['channels']} channels (features up to rank / l = 2), correlation "
              f"{m['correlation']}, 2 interactions, cutoff {m['cutoff']} Å, batch {m['batch_size']}, AMSGrad lr "
              f"{m['lr']:g}, loss weights energy {m['energy_weight']:g} / forces 1 / stress 1, EMA 0.99, seed "
-             f"{m['seed']}. Split as long_range.py. Test-set errors: energy meV/atom, forces meV/Å, as MAE / RMSE.", ""]
+             f"{m['seed']}" + (f", long-range block placement {m['placement']}" if m.get("placement") else "")
+             + ". Split as long_range.py. Test-set errors: energy meV/atom, forces meV/Å, as MAE / RMSE.", ""]
     for name, r in all_results.items():
         ok = {v: x for v, x in r["variants"].items() if "groups" in x}
         any_ok = next(iter(ok.values()), None)
@@ -456,6 +459,9 @@ def main(argv=None):
                         "(default: off); with --epochs 0 (the default) epochs are unlimited up to --budget")
     add_training_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--placement", choices=["before_last", "end"], default=None,
+                   help="where the long-range models run their block (long_range_options placement; default: the "
+                        "model's default, before_last)")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 s budget, 120 frames")
     p.add_argument("--out", default=str(HERE / "results" / "accuracy"))
     p.add_argument("--peer-worker", help=argparse.SUPPRESS)

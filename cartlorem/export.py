@@ -299,7 +299,8 @@ class _ExportedLongRange(nn.Module):
                     invariants.append(product(Fl, l, _present(h[l]), l, 0))
                 invariants.append((Fl * Fl).flatten(2).sum(-1))
         h0_new = h0 + self.update(torch.cat([h0] + invariants, dim=-1))
-        out = {"readout": self.readout(h0_new).squeeze(-1), "electrostatic": e_es, "charges": q[:, 0]}
+        out = {"readout": self.readout(h0_new).squeeze(-1), "electrostatic": e_es, "scalars": h0_new,
+               "charges": q[:, 0]}
         if mu is not None:
             out["dipoles"] = mu[:, 0]
         if theta is not None:
@@ -338,6 +339,7 @@ class ExportedCartLorem(nn.Module):
         self.species: List[int] = list(model.species)
         self.cutoff: float = float(model.cutoff)
         self.long_range: Optional[str] = model.long_range
+        self.lr_before_last: bool = model.placement == "before_last"  # where the block runs (CartLorem.energy)
         # buffers (not plain attributes), so that .to(device / dtype) of the exported module moves them
         self.register_buffer("z_to_index", model.z_to_index)
         self.register_buffer("atomic_energies", model.atomic_energies)
@@ -386,7 +388,15 @@ class ExportedCartLorem(nn.Module):
         if conditioning is not None:  # total charge and spin state → rank-0 features, as CartLorem.energy
             h[0] = conditioning(self.embedding[z], z, batch, total_charge, multiplicity)
         node_energy = torch.zeros_like(positions[:, 0])
+        out: Dict[str, torch.Tensor] = {}
+        lr = self.long_range_block
+        last = len(self.layers) - 1
+        t = 0
         for layer, prod, mix, skip, readout in zip(self.layers, self.products, self.mixers, self.skips, self.readouts):
+            if lr is not None and self.lr_before_last and t == last:  # as CartLorem.energy
+                out = lr(h, positions, cell, pbc, batch, total_charge)
+                h = [out["scalars"], h[1], h[2]]
+            t += 1
             A = layer(h, edge_index, unit, radial, envelope)
             B = mix(prod(A, z))
             sc = skip(h, z)
@@ -397,12 +407,12 @@ class ExportedCartLorem(nn.Module):
             h = new
             node_energy = node_energy + readout(_present(h[0])).squeeze(-1)
 
-        out: Dict[str, torch.Tensor] = {}
-        lr = self.long_range_block
         lr_readout = torch.zeros_like(node_energy)
         e_es = torch.zeros_like(node_energy)
         if lr is not None:
-            out = lr(h, positions, cell, pbc, batch, total_charge)
+            if not self.lr_before_last:
+                out = lr(h, positions, cell, pbc, batch, total_charge)
+            out.pop("scalars")
             lr_readout, e_es = out.pop("readout"), out.pop("electrostatic")
             node_energy = node_energy + lr_readout
         node_energy = self.scale * node_energy + self.shift + self.atomic_energies[z]

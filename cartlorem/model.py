@@ -4,7 +4,8 @@ Data flow (forward):
   graph → edge geometry (r, Bessel basis × envelope, unit vectors) → species embedding
   → interaction layers (ICTP messages → body-ordered products → mixing + species skip)
   → per-layer scalar readouts → [long-range block: features → (q, μ, Θ) → Ewald → (φ, E, ∇E)
-  → invariants → energy] → per-atom energies + reference energies → total energy
+  → invariants → scalar update → energy; by default run between the last two layers, so the last
+  layer's messages carry the update] → per-atom energies + reference energies → total energy
   → forces = −∂E/∂r, stress = (1/V) ∂E/∂ε (cartlorem.forces)
 """
 
@@ -58,8 +59,13 @@ class CartLorem(nn.Module):
             reported charges and dipoles keep physical units whatever ``scale`` training sets.
         long_range_options: dict for the long-range block (see cartlorem.nn.long_range), e.g.
             ``lr_channels`` (4), ``charge_correction`` ("uniform"), ``charge_channels`` (1: charges in
-            channel 0 only; None: in every channel, the behaviour before the option). The config stores
-            the ``charge_channels`` in use, so that a saved model reloads with it.
+            channel 0 only; None: in every channel, the behaviour before the option), ``placement``
+            ("before_last": the block runs between the last two interaction layers, on the features of
+            the layer before the last, and its scalar update is the last layer's input; "end": after
+            the last layer, on its features, the update feeding the block's readout only; default
+            "before_last" with two or more layers, "end" with one). The config stores the
+            ``charge_channels`` and ``placement`` in use, so that a saved model reloads with them; files
+            written before an option load with the behaviour of then (all channels charged, "end").
         compile_kernels: run the message kernel through torch.compile when no double backward is
             needed (inference: energy, forces, stress, MD). Training always uses the eager kernel.
             First calls pay a compilation of ~10–60 s; falls back to eager if compilation fails.
@@ -123,7 +129,21 @@ class CartLorem(nn.Module):
         self.envelope = PolynomialEnvelope(cutoff, envelope_p)
         self.embedding = nn.Parameter(torch.randn(S, channels))
         ranks = tuple(range(lmax + 1))
-        keep_all = long_range is not None  # the long-range block needs rank 1 and 2 features at the end
+        placement = None
+        if long_range is not None:
+            from .nn.long_range import check_placement
+
+            placement = self.config["long_range_options"].get("placement")
+            if placement is None:  # the default: before the last layer, with one layer at the end
+                placement = "before_last" if num_layers >= 2 else "end"
+            check_placement(placement)
+            if placement == "before_last" and num_layers < 2:
+                raise ValueError("long_range_options['placement'] = 'before_last' runs the long-range block between the "
+                                 "last two interaction layers and needs num_layers >= 2; use placement 'end' with one "
+                                 "layer")
+        self.placement = placement
+        # with the block at the end, the last layer outputs rank 1 and 2 features for it; else scalars only
+        keep_all = placement == "end"
         self.layers = nn.ModuleList()
         self.products = nn.ModuleList()
         self.mixers = nn.ModuleList()
@@ -154,6 +174,7 @@ class CartLorem(nn.Module):
             self.long_range_block = LongRangeBlock(channels, kind=long_range, lmax=lmax, **options)
             # stored resolved: a file without the key was written before the option (see load_model)
             options["charge_channels"] = self.long_range_block.charge_channels
+            options["placement"] = placement
         # made last, so that the other weights draw the same random numbers with and without it
         self.conditioning = ChargeStateConditioning(channels, S) if charge_state else None
 
@@ -221,16 +242,23 @@ class CartLorem(nn.Module):
         if self.conditioning is not None:  # total charge and spin state → rank-0 features
             h[0] = self.conditioning(h[0], species, graph.batch, graph.total_charge, graph.multiplicity)
         node_energy = torch.zeros_like(positions[:, 0])
-        for layer, prod, mix, skip, readout in zip(self.layers, self.products, self.mixers, self.skips, self.readouts):
+        out = {}
+        last = len(self.layers) - 1
+        for t, (layer, prod, mix, skip, readout) in enumerate(
+                zip(self.layers, self.products, self.mixers, self.skips, self.readouts)):
+            if t == last and self.placement == "before_last":  # the fields update the last layer's input scalars
+                out = self.long_range_block(h, graph, positions, cell)
+                h = [out["scalars"]] + h[1:]
             A = layer(h, graph.edge_index, unit, radial, envelope, compiled=self._compiled_now)
             B = mix(prod(A, species))
             sc = skip(h, species)
             h = [b if s is None else (b + s if b is not None else None) for b, s in zip(B, sc)]
             node_energy = node_energy + readout(h[0]).squeeze(-1)
 
-        out = {}
-        if self.long_range_block is not None:
+        if self.placement == "end":
             out = self.long_range_block(h, graph, positions, cell)
+        if self.long_range_block is not None:
+            out.pop("scalars")
             lr_readout, e_es = out.pop("readout"), out.pop("electrostatic")  # [N] learned, [N] eV
             node_energy = node_energy + lr_readout
         # the scale multiplies the learned readouts only; the electrostatic energy is already in eV and
@@ -476,10 +504,11 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     config, state = obj.get("config"), obj.get("state_dict")
     if not isinstance(config, dict) or not isinstance(state, dict):
         raise ValueError(f"{path}: a cartlorem model file needs a 'config' dict and a 'state_dict' dict")
-    if config.get("long_range") is not None and "charge_channels" not in (config.get("long_range_options") or {}):
-        # written before long_range_options["charge_channels"] existed: charges in every channel, as then
-        config = {**config, "long_range_options": {**(config.get("long_range_options") or {}),
-                                                   "charge_channels": None}}
+    if config.get("long_range") is not None:
+        # written before an option existed: the behaviour of then (charges in every channel, the block at the end)
+        options = config.get("long_range_options") or {}
+        old = {"charge_channels": None, "placement": "end"}
+        config = {**config, "long_range_options": {**{k: v for k, v in old.items() if k not in options}, **options}}
     try:
         model = CartLorem(**config)
     except TypeError as exc:

@@ -95,9 +95,10 @@ def test_local_model_exported_file_reproduces_energy_forces_stress(loaded):
     assert float(out["stress"][0].abs().max()) == 0.0  # open structures: zero rows, as the Python model
 
 
+@pytest.mark.parametrize("placement", ["before_last", "end"])
 @pytest.mark.parametrize("kind", ["multipole", "lorem"])
-def test_long_range_model_on_molecules(loaded, kind):
-    model = _model(kind, long_range_options=dict(charge_correction="weighted"))
+def test_long_range_model_on_molecules(loaded, kind, placement):
+    model = _model(kind, long_range_options=dict(charge_correction="weighted", placement=placement))
     ethanol, _, water = _structures()
     graph = _graph(ethanol, water)
     out = loaded(model)(*_inputs(graph))
@@ -126,14 +127,15 @@ def test_charge_state_conditioned_model_exports(loaded, kind):
     assert abs(float(singlet_inputs["energy"][0] - out["energy"][0])) > 1e-6
 
 
+@pytest.mark.parametrize("placement", ["before_last", "end"])
 @pytest.mark.parametrize("kind", ["multipole", "lorem"])
-def test_long_range_model_on_periodic_cells(loaded, kind):
+def test_long_range_model_on_periodic_cells(loaded, kind, placement):
     """A batch of a charged periodic cell (Ewald with a background) and molecules: the exported Ewald
     (reciprocal space at α = β) is the Python model's, which picks that splitting for these cells."""
     from cartlorem.ewald.ewald import choose_parameters
     from cartlorem.ewald.kernels import smearing_beta
 
-    model = _model(kind)
+    model = _model(kind, long_range_options=dict(placement=placement))
     ethanol, salt, water = _structures()
     params = choose_parameters(salt.cell.array, len(salt), model.long_range_block.accuracy, 4,
                                model.long_range_block.smearing)

@@ -10,13 +10,17 @@ import cartlorem
 from cartlorem.graph import atoms_to_graph, collate
 from cartlorem.testing import check_forces_fd, check_o3_invariance, check_stress_fd
 
-LONG_RANGE = [None, "multipole", "lorem"]
+#: long-range kinds; "kind@end" puts the block after the last layer (long_range_options placement "end")
+LONG_RANGE = [None, "multipole", "lorem", "multipole@end", "lorem@end"]
 
 
 def small_model(species, long_range=None, seed=0, **kw):
     torch.manual_seed(seed)
     opts = dict(channels=8, num_layers=2, correlation=3, radial_hidden=16, avg_num_neighbors=8.0)
     opts.update(kw)
+    if long_range is not None and long_range.endswith("@end"):
+        long_range = long_range[: -len("@end")]
+        opts["long_range_options"] = {**opts.get("long_range_options", {}), "placement": "end"}
     model = cartlorem.CartLorem(species, cutoff=4.0, long_range=long_range, **opts).double()
     with torch.no_grad():  # break any symmetric initialisation
         for p in model.parameters():

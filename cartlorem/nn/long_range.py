@@ -1,6 +1,7 @@
 """The long-range block: learned equivariant charges → Ewald fields → back into the node features.
 
-From the last layer's features h = [h0, h1, h2] (C channels), equivariant linear maps give C_lr
+From node features h = [h0, h1, h2] (C channels; those of the layer before the last, or of the last
+layer, by the model's ``placement``), equivariant linear maps give C_lr
 channels of Cartesian multipoles per atom: charges q [N, C_lr], dipoles μ [N, C_lr, 3] and
 traceless quadrupoles Θ [N, C_lr, 3, 3]. Only channels 0 … k−1 carry charges (``charge_channels`` =
 k; default 1, channel 0 alone); the charges of the others are identically zero (those channels carry μ
@@ -54,7 +55,18 @@ from torch import nn
 from ..ewald import batched_multipole_fields
 from ..tensors import EquivariantLinear, product, stf
 
-__all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries"]
+__all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries", "PLACEMENTS", "check_placement"]
+
+#: Where a model runs its long-range block (``long_range_options["placement"]``; :class:`LongRangeBlock`).
+PLACEMENTS = ("before_last", "end")
+
+
+def check_placement(placement) -> None:
+    """ValueError unless ``placement`` is one of :data:`PLACEMENTS`."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"long_range_options['placement'] must be one of {', '.join(map(repr, PLACEMENTS))} (where the "
+                         f"long-range block runs: between the last two interaction layers, or after the last), "
+                         f"got {placement!r}")
 
 
 def check_boundaries(pbc: torch.Tensor) -> None:
@@ -163,12 +175,23 @@ class LongRangeBlock(nn.Module):
             charged and 0.087 e with channel 0 alone, with lower energy and force errors too (7.1 against
             8.0 meV/atom, 71 against 76 meV/Å). Model files written before this option (no key) load
             with None, as they were trained; the model stores the value in use in its config.
+        placement: where the model runs the block (:data:`PLACEMENTS`; the block itself does not depend on
+            it). "before_last" (the model's default with two or more layers): between the last two
+            interaction layers, on the features of the layer before the last; the scalars it updates are
+            what the last layer's messages carry, so the fields reach the neighbours' energies too. "end"
+            (the default with one layer): after the last layer, on its features; its update feeds its own
+            readout only, and the last layer must then output rank-1 and rank-2 features for the block,
+            whose backward and double backward cost a training step ~15% (benchmarks/train_step.py). Model
+            files written before the option load with "end", as they were trained.
     """
 
     def __init__(self, channels: int, kind: str = "multipole", lr_channels: int = 4, smearing: float = 1.0,
                  accuracy: float = 1e-5, charge_correction="uniform", hidden: int = 32,
-                 coupling: float = 1.0, lmax: int = 2, charge_channels: Optional[int] = 1):
+                 coupling: float = 1.0, lmax: int = 2, charge_channels: Optional[int] = 1,
+                 placement: str = "end"):
         super().__init__()
+        check_placement(placement)
+        self.placement = placement
         if kind not in ("multipole", "lorem"):
             raise ValueError(f"long-range kind must be 'multipole' or 'lorem', got {kind!r}")
         if not smearing > 0:
@@ -220,7 +243,8 @@ class LongRangeBlock(nn.Module):
         """h = [h0 [N, C], h1 [N, C, 3] or None, h2 [N, C, 3, 3] or None]; positions [N, 3] Å; cell [B, 3, 3] Å.
 
         Returns "readout" [N] (learned, dimensionless: the caller scales it), "electrostatic" [N]
-        (eV, the coupling-weighted energy of the learned multipoles; channel 0 with weight a_0 = 1), and channel 0 of the learned
+        (eV, the coupling-weighted energy of the learned multipoles; channel 0 with weight a_0 = 1), "scalars"
+        [N, C] (h0 updated by the field invariants: the next layer's input with placement "before_last"), and channel 0 of the learned
         multipoles: "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3]
         (e·Å², traceless, lmax 2).
         """
@@ -271,7 +295,8 @@ class LongRangeBlock(nn.Module):
                 invariants.append(product(F[l], l, h[l], l, 0))
             invariants.append((F[l] * F[l]).flatten(2).sum(-1))
         h0_new = h0 + self.update(torch.cat([h0] + invariants, dim=-1))
-        out = {"readout": self.readout(h0_new).squeeze(-1), "electrostatic": e_es, "charges": q[:, 0]}
+        out = {"readout": self.readout(h0_new).squeeze(-1), "electrostatic": e_es, "scalars": h0_new,
+               "charges": q[:, 0]}
         if mu is not None:
             out["dipoles"] = mu[:, 0]
         if theta is not None:
@@ -294,5 +319,5 @@ class LongRangeBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, lmax={self.lmax}, lr_channels={self.lr_channels}, "
-                f"charge_channels={self.charge_channels}, smearing={self.smearing}, "
+                f"charge_channels={self.charge_channels}, placement={self.placement!r}, smearing={self.smearing}, "
                 f"accuracy={self.accuracy}, charge_correction={self.charge_correction!r}")
