@@ -54,11 +54,12 @@ KINDS = ("none", "multipole", "lorem")
 #: "/zero-fields": the long-range sum replaced by zero fields that still depend on the charges and positions
 #: (the rest of the block, its backward and double backward unchanged): step(kind) − step(kind/zero-fields) is
 #: the cost of the Ewald/direct sum, step(kind/zero-fields) − step(none) the cost of the rest of the block.
-#: "/zero-fields-detached": zero fields, and the block's input features detached from the local model, so no
-#: gradient flows back from the block into the last interaction layer: step(kind/zero-fields) −
-#: step(kind/zero-fields-detached) is what the block costs the local model (the backward and double backward
-#: of the last layer's rank-1 and rank-2 outputs, which a short-range model does not compute: its last layer
-#: outputs scalars only), step(kind/zero-fields-detached) − step(none) the block's own operations.
+#: "/zero-fields-detached": zero fields, and the block's input features detached from the local model (its
+#: scalar output keeps the residual h0 attached), so no gradient flows from the block's maps into the local
+#: model: step(kind/zero-fields) − step(kind/zero-fields-detached) is what the block costs the local model
+#: (with placement "end", the backward and double backward of the last layer's rank-1 and rank-2 outputs,
+#: which a short-range model does not compute: its last layer outputs scalars only),
+#: step(kind/zero-fields-detached) − step(none) the block's own operations.
 VARIANTS = ("", "@ref", "+pairs", "/zero-fields", "/zero-fields-detached")
 
 
@@ -89,8 +90,14 @@ def variant(name):
         long_range.batched_multipole_fields = _zero_fields
     if name.endswith("/zero-fields-detached"):
         forward = saved[3]
-        long_range.LongRangeBlock.forward = lambda self, h, *a, **k: forward(
-            self, [None if x is None else x.detach() for x in h], *a, **k)
+
+        def detached(self, h, *a, **k):
+            hd = [None if x is None else x.detach() for x in h]
+            out = forward(self, hd, *a, **k)
+            out["scalars"] = out["scalars"] - hd[0] + h[0]  # the residual h0 → next layer stays attached
+            return out
+
+        long_range.LongRangeBlock.forward = detached
     if name.endswith("@ref"):
         RadialKernel.derivatives = RadialKernel.derivatives_autograd
     if name.endswith("+pairs"):
@@ -323,12 +330,16 @@ def make_batches(name, args, species_out=None):
 
 
 def build_model(kind, species, channels, args, stats_graphs):
+    """kind: "none", "multipole" or "lorem", optionally with a placement of the long-range block in brackets,
+    e.g. "multipole[end]" (long_range_options placement; none: the model's default)."""
     from cartlorem import CartLorem
     from cartlorem.training.prepare import fit_statistics
 
+    kind, _, placement = kind.partition("[")
+    options = {"placement": placement.rstrip("]")} if placement else None
     torch.manual_seed(args.seed)
     model = CartLorem(species, cutoff=args.cutoff, long_range=None if kind == "none" else kind,
-                      channels=channels, correlation=args.correlation)
+                      channels=channels, correlation=args.correlation, long_range_options=options)
     fit_statistics(model, stats_graphs)
     return model.to(getattr(torch, args.dtype))
 
@@ -428,6 +439,9 @@ def main(argv=None):
     harness.add_data_argument(p)
     p.add_argument("--sets", nargs="+", default=["dimers", "cumulene"])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--placements", nargs="+", default=[""], choices=["", "before_last", "end"],
+                   help="placements of the long-range block to time ('' the model's default, before_last); a "
+                        "placement other than the default is reported as e.g. multipole[end]")
     p.add_argument("--channels", nargs="+", type=int, default=[16, 32])
     p.add_argument("--correlation", type=int, default=2)
     p.add_argument("--cutoff", type=float, default=5.0)
@@ -465,9 +479,11 @@ def main(argv=None):
         batches, species, stats_graphs = make_batches(name, args)
         atoms = round(sum(int(b.positions.shape[0]) for b in batches) / len(batches), 1)
         for channels in args.channels:
-            models = {k: build_model(k, species, channels, args, stats_graphs) for k in args.kinds}
+            kinds = [k if k == "none" or not pl else f"{k}[{pl}]" for k in args.kinds for pl in args.placements]
+            kinds = list(dict.fromkeys(kinds))
+            models = {k: build_model(k, species, channels, args, stats_graphs) for k in kinds}
             steps = {}
-            for k in args.kinds:
+            for k in kinds:
                 for v in ([""] if k == "none" else args.variants):
                     steps[k + v] = step_fn(models[k], batches, dtype, v)
             times = harness.time_fns(steps, warmup=args.warmup, repeats=args.repeats)
@@ -481,7 +497,7 @@ def main(argv=None):
                     row["ratio_to_none"] = round(t["median"] / base["median"], 3)
                     row["cpu_ratio_to_none"] = round(t["cpu_median"] / base["cpu_median"], 3)
                     row["lr_overhead_s"] = round(t["median"] - base["median"], 5)
-                if args.profile_steps and (kind in args.kinds):
+                if args.profile_steps and (kind in kinds):
                     row["profile"] = profile_step(steps[kind], args.profile_steps)
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
@@ -631,7 +647,7 @@ def _markdown(rows, meta):
     notes = []
     for (name, c, model), r in by.items():
         base = by.get((name, c, "none"))
-        if model in ("none", "mace") or base is None or not model.isalpha():
+        if model in ("none", "mace") or base is None or any(c in model for c in "@+/"):
             continue
         over = r["cpu_median_s"] - base["cpu_median_s"]
         line = f"- {name}, C = {c}, {model}: long-range CPU overhead {over * 1e3:.0f} ms per step"
@@ -646,7 +662,8 @@ def _markdown(rows, meta):
                 line += (f", the rest of the block (multipole maps, products, MLPs) "
                          f"{(nof['cpu_median_s'] - base['cpu_median_s']) * 1e3:.0f} ms")
             else:
-                line += (f", the last layer's rank-1/2 outputs (their backward and double backward) "
+                line += (f", the block's gradient into the local features (with placement end: the backward and "
+                         f"double backward of the last layer's rank-1/2 outputs) "
                          f"{(nof['cpu_median_s'] - det['cpu_median_s']) * 1e3:.0f} ms, the block's own operations "
                          f"(multipole maps, products, MLPs) {(det['cpu_median_s'] - base['cpu_median_s']) * 1e3:.0f} ms")
         notes.append(line + f"; the local model (none) {base['cpu_median_s'] * 1e3:.0f} ms.")
