@@ -171,7 +171,8 @@ class CartLorem(nn.Module):
             options = self.config["long_range_options"]
             if "lmax" in options:
                 raise ValueError("long_range_options must not set 'lmax': the long-range block uses the model's lmax")
-            self.long_range_block = LongRangeBlock(channels, kind=long_range, lmax=lmax, **options)
+            self.long_range_block = LongRangeBlock(channels, kind=long_range, lmax=lmax,
+                                                   **{k: v for k, v in options.items() if k != "placement"})
             # stored resolved: a file without the key was written before the option (see load_model)
             options["charge_channels"] = self.long_range_block.charge_channels
             options["placement"] = placement
@@ -367,7 +368,8 @@ class CartLorem(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"species={c['species']}, cutoff={c['cutoff']}, long_range={c['long_range']!r}, "
+        placement = "" if self.placement is None else f" (placement {self.placement!r})"
+        return (f"species={c['species']}, cutoff={c['cutoff']}, long_range={c['long_range']!r}{placement}, "
                 f"channels={c['channels']}, layers={c['num_layers']}, correlation={c['correlation']}, lmax={c['lmax']}")
 
 

@@ -57,7 +57,13 @@ from ..tensors import EquivariantLinear, product, stf
 
 __all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries", "PLACEMENTS", "check_placement"]
 
-#: Where a model runs its long-range block (``long_range_options["placement"]``; :class:`LongRangeBlock`).
+#: Where a model runs its long-range block (``long_range_options["placement"]``, an option of the model, not of
+#: the block): "before_last", between the last two interaction layers, on the features of the layer before the
+#: last, its scalar update being the last layer's input (so the fields reach the neighbours' energies too, and
+#: the last layer outputs scalars only, as a short-range model's); "end", after the last layer, on its
+#: features, its update feeding the block's readout only (the last layer then outputs rank-1 and rank-2
+#: features for the block, whose backward and double backward make a training step dearer;
+#: benchmarks/train_step.py).
 PLACEMENTS = ("before_last", "end")
 
 
@@ -175,23 +181,12 @@ class LongRangeBlock(nn.Module):
             charged and 0.087 e with channel 0 alone, with lower energy and force errors too (7.1 against
             8.0 meV/atom, 71 against 76 meV/Å). Model files written before this option (no key) load
             with None, as they were trained; the model stores the value in use in its config.
-        placement: where the model runs the block (:data:`PLACEMENTS`; the block itself does not depend on
-            it). "before_last" (the model's default with two or more layers): between the last two
-            interaction layers, on the features of the layer before the last; the scalars it updates are
-            what the last layer's messages carry, so the fields reach the neighbours' energies too. "end"
-            (the default with one layer): after the last layer, on its features; its update feeds its own
-            readout only, and the last layer must then output rank-1 and rank-2 features for the block,
-            whose backward and double backward cost a training step ~15% (benchmarks/train_step.py). Model
-            files written before the option load with "end", as they were trained.
     """
 
     def __init__(self, channels: int, kind: str = "multipole", lr_channels: int = 4, smearing: float = 1.0,
                  accuracy: float = 1e-5, charge_correction="uniform", hidden: int = 32,
-                 coupling: float = 1.0, lmax: int = 2, charge_channels: Optional[int] = 1,
-                 placement: str = "end"):
+                 coupling: float = 1.0, lmax: int = 2, charge_channels: Optional[int] = 1):
         super().__init__()
-        check_placement(placement)
-        self.placement = placement
         if kind not in ("multipole", "lorem"):
             raise ValueError(f"long-range kind must be 'multipole' or 'lorem', got {kind!r}")
         if not smearing > 0:
@@ -319,5 +314,5 @@ class LongRangeBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, lmax={self.lmax}, lr_channels={self.lr_channels}, "
-                f"charge_channels={self.charge_channels}, placement={self.placement!r}, smearing={self.smearing}, "
+                f"charge_channels={self.charge_channels}, smearing={self.smearing}, "
                 f"accuracy={self.accuracy}, charge_correction={self.charge_correction!r}")
