@@ -278,7 +278,7 @@ def test_impossible_dipole_or_born_charge_training_is_a_clear_error():
 
 def test_config_and_flags_carry_the_weights_and_keys(tmp_path):
     cfg = Config(dipole_weight=0.5, born_charges_weight=2.0, dipole_key="xtb_dipole", born_charges_key="none")
-    assert cfg.train_kwargs()["weights"] == {"energy": 1.0, "forces": 10.0, "stress": 1.0, "dipole": 0.5,
+    assert cfg.train_kwargs()["weights"] == {"energy": 10.0, "forces": 1.0, "stress": 1.0, "dipole": 0.5,
                                              "born_charges": 2.0}
     assert cfg.label_keys() == {"energy_key": "calc", "forces_key": "calc", "stress_key": "calc",
                                 "dipole_key": "xtb_dipole", "born_charges_key": None}

@@ -148,7 +148,7 @@ def train(
             batch on each process (default 2 × the per-process training batch).
         lr: initial learning rate. optimizer: "adam" or "amsgrad"; weight_decay: L2 (Adam style).
         weights: loss weights {"energy": per-atom energy, "forces", "stress", "dipole", "born_charges"};
-            missing entries take ``DEFAULT_WEIGHTS`` (1, 10, 1, 0, 0). A dipole / Born-charge weight > 0
+            missing entries take ``DEFAULT_WEIGHTS`` (10, 1, 1, 0, 0). A dipole / Born-charge weight > 0
             calls the model with compute_dipole / compute_born_charges on labelled batches.
         ema_decay: decay of the weight average used for validation and the saved model (None or 0: off).
         scheduler_factor, scheduler_patience: ReduceLROnPlateau on the validation loss.
