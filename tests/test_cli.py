@@ -272,7 +272,8 @@ def test_config_python_yaml_and_flags_agree(files, tmp_path):
     cfg = Config.from_yaml(files / "tiny.yaml")
     assert cfg == Config(**{k: v for k, v in yaml.safe_load((files / "tiny.yaml").read_text()).items()})
     assert cfg.model_kwargs()["channels"] == 8 and cfg.model_kwargs()["long_range"] is None
-    assert cfg.train_kwargs()["batch_size"] == 4 and cfg.train_kwargs()["weights"]["forces"] == 10.0
+    weights = cfg.train_kwargs()["weights"]
+    assert cfg.train_kwargs()["batch_size"] == 4 and (weights["energy"], weights["forces"]) == (10.0, 1.0)
     cfg.replace(species=[29, 47]).to_yaml(tmp_path / "c.yaml")
     back = Config.from_yaml(tmp_path / "c.yaml")
     assert back == cfg.replace(species=[29, 47])

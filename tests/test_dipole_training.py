@@ -174,7 +174,7 @@ def test_loss_terms_against_hand_computed_values():
         weighted_loss({"energy": out["energy"], "dipole": out["dipole"]}, batch, w)
     # the whole-set expression: Σ w · RMSE²
     m = {"dipole_rmse_e_a": 0.2, "born_charges_rmse_e": 0.1, "energy_rmse_mev_per_atom": 3.0}
-    assert validation_loss(m, w) == pytest.approx(1.0 * 0.003**2 + 2.0 * 0.04 + 3.0 * 0.01, rel=1e-14)
+    assert validation_loss(m, w) == pytest.approx(w["energy"] * 0.003**2 + 2.0 * 0.04 + 3.0 * 0.01, rel=1e-14)
     # what the trainer asks the model for
     assert charge_outputs(loss_weights(), batch) == {}
     assert charge_outputs(w, batch) == {"compute_dipole": True, "compute_born_charges": True}

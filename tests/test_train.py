@@ -10,6 +10,7 @@ from cartlorem import CartLorem, load_model
 from cartlorem.data import dataset_statistics, fit_reference_energies, read_dataset
 from cartlorem.evaluate import evaluate, metrics, predict
 from cartlorem.train import NonFiniteLossError, train, validation_loss
+from cartlorem.training import DEFAULT_WEIGHTS
 from conftest import emt_frames  # noqa: E402  (tests/ is on sys.path under pytest)
 
 CUTOFF = 3.0
@@ -31,7 +32,7 @@ def tiny_model(seed=0):
 
 
 def loss_on(model, graphs, weights=None):
-    w = {"energy": 1.0, "forces": 10.0, "stress": 1.0, **(weights or {})}
+    w = {**DEFAULT_WEIGHTS, **(weights or {})}  # what train() optimises unless told otherwise
     return validation_loss(metrics(predict(model, graphs)), w)
 
 
