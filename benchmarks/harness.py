@@ -305,8 +305,13 @@ def add_data_argument(p: argparse.ArgumentParser) -> None:
 
 
 def data_file(data_dir, name: str) -> Path:
-    """``data_dir/<name>.xyz``; SystemExit with a clear message when the folder or the file is missing."""
+    """``data_dir/<name>.xyz``; SystemExit with a clear message when the folder or the file is missing. The
+    name "demo" is the bundled demo set (cartlorem/datasets/demo.xyz) unless data_dir has its own."""
     folder = Path(data_dir)
+    if name == "demo" and not (folder / "demo.xyz").is_file():
+        from cartlorem.datasets import demo_path
+
+        return Path(demo_path())
     if not folder.is_dir():
         raise SystemExit(f"error: data folder {folder} not found: pass --data-dir DIR (the folder holding "
                          f"{name}.xyz; by default ../shared/data next to the project)")
