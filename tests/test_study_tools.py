@@ -1,0 +1,75 @@
+"""The study helpers of issue 12: the settings grid and score (benchmarks/settings.py), the seed-paired
+comparison of accuracy.py runs (benchmarks/compare_runs.py) and the placement names of train_step.py."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchmarks import compare_runs, settings  # noqa: E402
+
+
+def test_settings_grid_is_one_factor_at_a_time_without_repeats():
+    grid = settings.settings_grid([0.002, 0.005, 0.01], [0.1, 1.0, 10.0], 0.005, 10.0)
+    assert grid[0] == (0.005, 10.0)  # the base first
+    assert len(grid) == len(set(grid)) == 5
+    assert set(grid) == {(0.005, 10.0), (0.002, 10.0), (0.01, 10.0), (0.005, 0.1), (0.005, 1.0)}
+
+
+def test_settings_score_is_relative_to_the_best_per_set():
+    rows = {"a": {"x": (1.0, 2.0), "y": (3.0, 4.0)},  # best at everything
+            "b": {"x": (2.0, 2.0), "y": (3.0, 16.0)}}  # 2× energy on x; 4× forces on y
+    score = settings.scores(rows)
+    assert score["a"] == pytest.approx(1.0)
+    assert score["b"] == pytest.approx(0.5 * (math.sqrt(2.0) + 2.0))
+
+
+def _accuracy_json(path, seed, energy, forces, far, inter):
+    result = {"test": {"energy_mae_mev_per_atom": energy, "forces_mae_mev_per_a": forces},
+              "groups": {"sep>=8": {"forces_mae_mev_per_a": far}},
+              "intermolecular": {"sep>=8": {"intermolecular_force_mae_mev_per_a": inter}},
+              "cpu_seconds_per_epoch": 9.0}
+    meta = {"seed": seed, "git_commit": "abc", "cpu_model": "test", "epochs": 12, "channels": 16, "dtype": "float32"}
+    path.write_text(json.dumps({"meta": meta, "results": {"dimers": {"variants": {"multipole": result}}}}))
+
+
+def test_compare_runs_pairs_seeds_and_summarises(tmp_path):
+    for seed, (a, b) in enumerate([(1.0, 3.0), (3.0, 5.0)]):
+        _accuracy_json(tmp_path / f"a_s{seed}.json", seed, a, 10 * a, 20 * a, a / 10)
+        _accuracy_json(tmp_path / f"b_s{seed}.json", seed, b, 10 * b, 20 * b, b / 10)
+    _accuracy_json(tmp_path / "b_s7.json", 7, 100.0, 1.0, 1.0, 1.0)  # no partner in "a": left out
+    out = tmp_path / "cmp"
+    compare_runs.main(["--runs", f"a={tmp_path}/a_s*.json", f"b={tmp_path}/b_s*.json", "--out", str(out)])
+    summary = json.loads(Path(str(out) + ".json").read_text())
+    assert summary["seeds"] == [0, 1]
+    energy = summary["summary"]["b"]["energy MAE (meV/atom)"]
+    assert energy["per_seed"] == [3.0, 5.0] and energy["mean"] == pytest.approx(4.0)
+    assert energy["std"] == pytest.approx(math.sqrt(2.0))
+    assert "| energy MAE (meV/atom) | 2.00 ± 1.41 (1.00, 3.00) | 4.00 ± 1.41 (3.00, 5.00) |" in \
+        Path(str(out) + ".md").read_text()
+
+
+def test_train_step_model_names_carry_the_placement():
+    import argparse
+
+    import numpy as np
+    from ase.build import molecule
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    import train_step
+    from cartlorem.data import read_dataset
+
+    water = molecule("H2O")
+    water.calc = SinglePointCalculator(water, energy=-14.0, forces=np.zeros((3, 3)))
+    stats = read_dataset([water], 4.0)
+    args = argparse.Namespace(seed=0, cutoff=4.0, correlation=2, dtype="float64")
+    end = train_step.build_model("multipole[end]", [1, 8], 4, args, stats)
+    default = train_step.build_model("lorem", [1, 8], 4, args, stats)
+    assert (end.placement, end.long_range) == ("end", "multipole")
+    assert (default.placement, default.long_range) == ("before_last", "lorem")
