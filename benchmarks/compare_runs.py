@@ -15,14 +15,17 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 METRICS = (("energy MAE (meV/atom)", lambda r: r["test"]["energy_mae_mev_per_atom"]),
            ("force MAE (meV/Å)", lambda r: r["test"]["forces_mae_mev_per_a"]),
            ("force MAE beyond 8 Å", lambda r: r["groups"]["sep>=8"]["forces_mae_mev_per_a"]),
            ("intermolecular force beyond 8 Å", lambda r: r["intermolecular"]["sep>=8"]["intermolecular_force_mae_mev_per_a"]),
-           ("training CPU s per epoch", lambda r: r["cpu_seconds_per_epoch"]))
+           ("training CPU s per epoch", lambda r: r["cpu_seconds_per_epoch"]),
+           ("epochs trained", lambda r: float(r["epochs"])))
 
 
 def load(pattern, set_name, variant):
@@ -58,10 +61,10 @@ def main(argv=None):
     summary, lines = {}, []
     first = next(iter(runs.values()))[seeds[0]][1]
     lines += [f"# {args.set}, `{args.variant}`: " + " vs ".join(runs), "",
-              "Command: `python benchmarks/compare_runs.py " + " ".join(argv if argv is not None else
-                                                                          __import__("sys").argv[1:]) + "`", "",
+              "Command: `python benchmarks/compare_runs.py " + shlex.join(sys.argv[1:] if argv is None else argv) + "`", "",
               f"accuracy.py runs on commit {first.get('git_commit')} ({first.get('cpu_model')}), "
-              f"{first.get('epochs')} epochs, C = {first.get('channels')}, {first.get('dtype')}, seeds "
+              + (f"{first.get('epochs')} epochs" if first.get("epochs") else f"{first.get('budget'):g} s of training "
+                 "wall clock each") + f", C = {first.get('channels')}, {first.get('dtype')}, seeds "
               f"{', '.join(map(str, seeds))}; each seed has its own split and initial weights, paired across settings. "
               "Test-set MAE, mean ± standard deviation over seeds (per seed in brackets).", "",
               "| metric | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]

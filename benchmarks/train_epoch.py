@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def main(argv=None):
                              "epoch_s": [round(t, 3) for t in times[m]],
                              "ratio_to_none": None if base is None else round(med / base, 3)})
     meta.update(settings=vars(args), loadavg_end=round(os.getloadavg()[0], 2),
-                command="PYTHONPATH=$PWD python3 benchmarks/train_epoch.py " + " ".join(
+                command="PYTHONPATH=$PWD python3 benchmarks/train_epoch.py " + shlex.join(
                     sys.argv[1:] if argv is None else argv))
     lines = ["# `cartlorem train` epoch time per long-range model", "", f"Command: `{meta['command']}`", "",
              f"Commit {meta['git_commit']} (dirty: {meta['git_dirty']}), {meta['date']}, {meta['cpu_model']}, torch "
