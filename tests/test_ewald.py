@@ -778,6 +778,29 @@ def test_batched_open_fast_path_equals_blocked_sum(smearing, given, ranks):
         start += n
 
 
+@pytest.mark.parametrize("smearing", [None, 0.8])
+def test_batched_open_fast_path_gradcheck_and_gradgradcheck(smearing):
+    """First and second derivatives of the vectorised open-structure sum (the path of force training:
+    forces, then the loss's double backward) in positions, charges, dipoles and quadrupoles, against
+    finite differences; the quadrupoles as the STF part of free 3x3 matrices, so every probe stays valid."""
+    from cartlorem.tensors import stf
+
+    g = gen(11)
+    batch = torch.tensor([0, 0, 0, 1, 1])
+    pos = (torch.rand(5, 3, generator=g, dtype=DT) * 3.0).requires_grad_()
+    q = torch.randn(5, 2, generator=g, dtype=DT, requires_grad=True)
+    mu = torch.randn(5, 2, 3, generator=g, dtype=DT, requires_grad=True)
+    A = torch.randn(5, 2, 3, 3, generator=g, dtype=DT, requires_grad=True)
+    cell, pbc = torch.zeros(2, 3, 3, dtype=DT), torch.zeros(2, 3, dtype=torch.bool)
+
+    def fields(pos, q, mu, A):
+        f = ewald.batched_multipole_fields(pos, batch, cell, pbc, q, mu, stf(A), smearing=smearing)
+        return f.potential, f.field, f.field_gradient
+
+    assert torch.autograd.gradcheck(fields, (pos, q, mu, A))
+    assert torch.autograd.gradgradcheck(fields, (pos, q, mu, A))
+
+
 def test_parameter_choice_large_cell_smeared_and_point():
     """Smeared sources in a large cell go all to reciprocal space (alpha = 1/(sqrt2 sigma): no dense
     real-space pair sum, the O(N^2)-pairs regime that made the long-range block slow); point sources

@@ -420,8 +420,8 @@ def pair_fields(R: torch.Tensor, i: torch.Tensor, n_atoms: int, q: Optional[torc
     phi = torch.zeros_like(ref)  # [P, C]
     a = torch.zeros_like(ref)
     b = torch.zeros_like(ref)
-    E_extra = ref.new_zeros(P, C, 3)
-    G_extra = ref.new_zeros(P, C, 3, 3)
+    E_extra = ref.new_zeros(P, C, 3)  # −μ B1 − (ΘR) B2
+    w = ref.new_zeros(P, C, 3)  # μ B2 + (ΘR) B3 (+ b R / 2 below): G = a I + w Rᵀ + R wᵀ − Θ B2
     if q is not None:
         if want_phi:
             phi = phi + q * Bc[0]
@@ -437,10 +437,10 @@ def pair_fields(R: torch.Tensor, i: torch.Tensor, n_atoms: int, q: Optional[torc
             a = a + muR * Bc[2]
         if want_G:
             b = b - muR * Bc[3]
-            sym = mu[..., :, None] * Rc[..., None, :]
-            G_extra = G_extra + (sym + sym.transpose(-1, -2)) * Bc[2][..., None, None]
+            w = w + mu * Bc[2][..., None]
         if want_E:
             E_extra = E_extra - mu * Bc[1][..., None]
+    pair_G: Optional[torch.Tensor] = None  # [P, C, 3, 3] whose symmetric part is what a pair adds to G − a I
     if th is not None:
         thR = (th * Rc[..., None, :]).sum(-1)  # Θ R [P, C, 3]
         RthR = (thR * Rc).sum(-1)  # [P, C]
@@ -450,8 +450,8 @@ def pair_fields(R: torch.Tensor, i: torch.Tensor, n_atoms: int, q: Optional[torc
             a = a + 0.5 * RthR * Bc[3]
         if want_G:
             b = b - 0.5 * RthR * Bc[4]
-            sym = thR[..., :, None] * Rc[..., None, :]
-            G_extra = G_extra + (sym + sym.transpose(-1, -2)) * Bc[3][..., None, None] - th * Bc[2][..., None, None]
+            w = w + thR * Bc[3][..., None]
+            pair_G = th * (-0.5 * Bc[2])[..., None, None]  # −Θ B2 / 2: symmetrised below to −Θ B2
         if want_E:
             E_extra = E_extra - thR * Bc[2][..., None]
     out_phi: Optional[torch.Tensor] = None
@@ -462,9 +462,16 @@ def pair_fields(R: torch.Tensor, i: torch.Tensor, n_atoms: int, q: Optional[torc
     if want_E:
         out_E = ref.new_zeros(n_atoms, C, 3).index_add(0, i, a[..., None] * Rc + E_extra)
     if want_G:
+        # G = a I + b R Rᵀ + B2 (μ Rᵀ + R μᵀ) + B3 (ΘR Rᵀ + R (ΘR)ᵀ) − B2 Θ = a I + S + Sᵀ with
+        # S = w Rᵀ − Θ B2 / 2, w = B2 μ + B3 ΘR + b R / 2 (Θ symmetric): one rank-2 tensor per pair,
+        # summed per target before it is symmetrised and the trace part added
+        w = w + 0.5 * b[..., None] * Rc
+        outer = w[..., :, None] * Rc[..., None, :]  # w_a R_b [P, C, 3, 3]
+        pair_G = outer if pair_G is None else outer + pair_G
+        S = ref.new_zeros(n_atoms, C, 3, 3).index_add(0, i, pair_G)
+        trace_part = ref.new_zeros(n_atoms, C).index_add(0, i, a)
         eye = torch.eye(3, dtype=R.dtype, device=R.device)
-        pair = a[..., None, None] * eye + b[..., None, None] * (Rc[..., :, None] * Rc[..., None, :]) + G_extra
-        out_G = ref.new_zeros(n_atoms, C, 3, 3).index_add(0, i, pair)
+        out_G = S + S.transpose(-1, -2) + trace_part[..., None, None] * eye
     return out_phi, out_E, out_G
 
 
