@@ -56,7 +56,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
-from benchmarks.harness import (MACE_MISSING, PEER_PYTHON, MaceModel, add_data_argument,  # noqa: E402
+from benchmarks.harness import (MACE_MISSING, PEER_PYTHON, MaceModel, add_data_argument, command_line,  # noqa: E402
                                 add_training_arguments, build_mace, group_errors, groups_for, load_split,
                                 machine_info)
 
@@ -489,8 +489,7 @@ def main(argv=None):
     if args.skip_mace and "mace" in variants:
         variants.remove("mace")
     meta = {**machine_info(), **{k: v for k, v in vars(args).items() if k != "peer_worker"},
-            "command": " ".join(["PYTHONPATH=$PWD python3 benchmarks/accuracy.py",
-                                 *(sys.argv[1:] if argv is None else list(argv))])}
+            "command": command_line("accuracy.py", argv)}
     if math.isinf(meta["budget"]):
         meta["budget"] = None  # no wall-clock limit (strict JSON has no Infinity)
     if PEER_PYTHON.exists():

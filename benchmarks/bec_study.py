@@ -20,7 +20,6 @@ Writes benchmarks/results/bec_study.json and .md (command, date, commit, machine
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from benchmarks.charge_units import stamp  # noqa: E402
 from cartlorem.data import read_dataset, split  # noqa: E402
 from cartlorem.evaluate import metrics, predict  # noqa: E402
 from cartlorem.train import train  # noqa: E402
-from benchmarks.harness import add_study_arguments, study_variants, write_json_md  # noqa: E402
+from benchmarks.harness import add_study_arguments, command_line, study_variants, write_json_md  # noqa: E402
 
 DATA = HERE.parent / "cartlorem" / "datasets" / "bec_water.xyz"
 VARIANTS = ("ef", "ef_bec")
@@ -100,8 +99,7 @@ def main(argv=None):
     variants = study_variants(p, args, VARIANTS)
     if args.quick:
         args.epochs = 2
-    command = "PYTHONPATH=$PWD python3 benchmarks/bec_study.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("bec_study.py", argv)
 
     dtype = getattr(torch, args.dtype)
     graphs = read_dataset(args.data, args.cutoff, require=("energy", "forces"), dtype=dtype)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 METRICS = (("energy MAE (meV/atom)", lambda r: r["test"]["energy_mae_mev_per_atom"]),
            ("force MAE (meV/Å)", lambda r: r["test"]["forces_mae_mev_per_a"]),
@@ -61,7 +63,7 @@ def main(argv=None):
     summary, lines = {}, []
     first = next(iter(runs.values()))[seeds[0]][1]
     lines += [f"# {args.set}, `{args.variant}`: " + " vs ".join(runs), "",
-              "Command: `python benchmarks/compare_runs.py " + shlex.join(sys.argv[1:] if argv is None else argv) + "`", "",
+              f"Command: `{harness.command_line('compare_runs.py', argv, prefix='python')}`", "",
               f"accuracy.py runs on commit {first.get('git_commit')} ({first.get('cpu_model')}), "
               + (f"{first.get('epochs')} epochs" if first.get("epochs") else f"{first.get('budget'):g} s of training "
                  "wall clock each") + f", C = {first.get('channels')}, {first.get('dtype')}, seeds "

@@ -20,7 +20,6 @@ Writes benchmarks/results/dipole_study.json and .md (command, date, commit, mach
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from benchmarks.charge_units import DEFAULT_DATA, monomer_table, predict_charges
 from cartlorem.data import read_dataset, split  # noqa: E402
 from cartlorem.evaluate import evaluate  # noqa: E402
 from cartlorem.train import train  # noqa: E402
-from benchmarks.harness import add_study_arguments, study_variants, write_json_md  # noqa: E402
+from benchmarks.harness import add_study_arguments, command_line, study_variants, write_json_md  # noqa: E402
 
 VARIANTS = ("ef", "ef_dipole")
 ROWS = [("dipole MAE (e·Å)", "dipole_mae_e_a"), ("dipole RMSE (e·Å)", "dipole_rmse_e_a"),
@@ -92,8 +91,7 @@ def main(argv=None):
         p.error(f"{path} not found: pass --data-dir, the folder that holds dimers.xyz")
     if args.quick:
         args.epochs, args.max_frames = 1, 200
-    command = "PYTHONPATH=$PWD python3 benchmarks/dipole_study.py " + " ".join(shlex.quote(a) for a in
-                                                                             (argv if argv is not None else sys.argv[1:]))
+    command = command_line("dipole_study.py", argv)
 
     from ase.io import read
 

@@ -22,8 +22,10 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -76,6 +78,14 @@ def proc_kib_field(path: str, key: str) -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+def command_line(script: str, argv: Optional[Sequence[str]] = None, *, prefix: str = "PYTHONPATH=$PWD python3") -> str:
+    """The command that reruns a benchmark, for its results file: ``prefix benchmarks/<script> <argv>`` with
+    the arguments shell-quoted (argv None: this process's), so that empty ones ('' of --placements) and ones
+    with spaces or globs survive a copy into a shell."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return f"{prefix} benchmarks/{script}" + ("" if not args else " " + shlex.join(args))
 
 
 def machine_info(device: Optional[torch.device] = None) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +95,7 @@ def main(argv=None):
     score = scores(rows)
     meta = harness.machine_info()
     meta.update(vars(args))
-    meta["command"] = "PYTHONPATH=$PWD python3 benchmarks/settings.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    meta["command"] = harness.command_line("settings.py", argv)
     summary = {s: {"score": score[s], **{n: {"energy_mae": e, "forces_mae": f,
                                               "epochs": results[s][n]["epochs"],
                                               "cpu_s": results[s][n]["train_cpu_seconds"]}

@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -86,8 +85,7 @@ def main(argv=None):
                              "epoch_s": [round(t, 3) for t in times[m]],
                              "ratio_to_none": None if base is None else round(med / base, 3)})
     meta.update(settings=vars(args), loadavg_end=round(os.getloadavg()[0], 2),
-                command="PYTHONPATH=$PWD python3 benchmarks/train_epoch.py " + shlex.join(
-                    sys.argv[1:] if argv is None else argv))
+                command=harness.command_line("train_epoch.py", argv))
     lines = ["# `cartlorem train` epoch time per long-range model", "", f"Command: `{meta['command']}`", "",
              f"Commit {meta['git_commit']} (dirty: {meta['git_dirty']}), {meta['date']}, {meta['cpu_model']}, torch "
              f"{meta['torch']}, 1 thread, {args.dtype}, C = {args.channels}, correlation {args.correlation}, batch 8, "

@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -520,7 +519,7 @@ def main(argv=None):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     meta = harness.machine_info()
-    meta.update(command="PYTHONPATH=$PWD python3 " + shlex.join([sys.argv[0]] + sys.argv[1:]),  # shlex: '' stays ''
+    meta.update(command=harness.command_line("train_step.py"),
                 loadavg_end=round(os.getloadavg()[0], 2), wall_s=round(time.perf_counter() - t_start, 1),
                 settings={k: v for k, v in vars(args).items() if k != "mace_child"})
     meta["settings"]["data_dir"] = str(meta["settings"]["data_dir"])
@@ -589,7 +588,7 @@ def compare_local(args):
                 b_new = local_breakdown(model_new, batches, dtype, args.profile_steps)
                 breakdowns.append({"set": name, "channels": channels, "ref": b_ref, "new": b_new})
     meta = harness.machine_info()
-    meta.update(command="PYTHONPATH=$PWD python3 " + shlex.join([sys.argv[0]] + sys.argv[1:]), reference=ref_rev,
+    meta.update(command=harness.command_line("train_step.py"), reference=ref_rev,
                 loadavg_end=round(os.getloadavg()[0], 2), wall_s=round(time.perf_counter() - t_start, 1),
                 settings={k: v for k, v in vars(args).items() if k != "mace_child"}, breakdowns=breakdowns)
     meta["settings"]["data_dir"] = str(meta["settings"]["data_dir"])

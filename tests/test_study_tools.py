@@ -73,3 +73,16 @@ def test_train_step_model_names_carry_the_placement():
     default = train_step.build_model("lorem", [1, 8], 4, args, stats)
     assert (end.placement, end.long_range) == ("end", "multipole")
     assert (default.placement, default.long_range) == ("before_last", "lorem")
+
+
+def test_results_files_carry_a_command_that_a_shell_reruns():
+    """Empty arguments (the default placement '' of train_step.py) and ones with spaces or globs are quoted;
+    a plain " ".join dropped the '' and the stamped command ran something else."""
+    import shlex
+
+    from benchmarks import harness
+
+    argv = ["--placements", "", "end", "--runs", "a=x/acc_*.json", "two words"]
+    line = harness.command_line("train_step.py", argv)
+    assert line.startswith("PYTHONPATH=$PWD python3 benchmarks/train_step.py ")
+    assert shlex.split(line)[3:] == argv
