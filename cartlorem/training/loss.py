@@ -23,9 +23,9 @@ from ..graph import Graph
 __all__ = ["DEFAULT_WEIGHTS", "loss_weights", "weighted_loss", "validation_loss", "charge_outputs",
            "check_loss_labels"]
 
-#: Energy 10 : forces 1 won benchmarks/settings.py (results/settings.md; dimers and cumulene, 20 epochs,
-#: multipole, C = 16): on the dimers energy MAE 5.4 meV/atom against 17.4 at 1 : 1 and 65.5 at 0.1 : 1 (the
-#: earlier default 1 : 10), forces as good (51.9 against 53.3 and 53.9 meV/Å).
+#: Energy 10 : forces 1 won benchmarks/settings.py (results/settings.md; dimers, cumulene and the demo set,
+#: 20 epochs, multipole, C = 16): on the dimers energy MAE 6.3 meV/atom against 21.6 at 1 : 1 and 62.6 at
+#: 0.1 : 1 (the earlier default 1 : 10), forces as good (55.0 against 54.0 and 53.5 meV/Å).
 DEFAULT_WEIGHTS = {"energy": 10.0, "forces": 1.0, "stress": 1.0, "dipole": 0.0, "born_charges": 0.0}
 _CHARGE_TERMS = {"dipole": ("compute_dipole", "dipole_key", "--dipole-key", "atoms.info"),
                  "born_charges": ("compute_born_charges", "born_charges_key", "--born-charges-key", "atoms.arrays")}
