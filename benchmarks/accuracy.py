@@ -34,6 +34,8 @@ says "not installed".
     python benchmarks/accuracy.py --sets dimers --epochs 10 --threads 1  # the study in benchmarks/README.md
     python benchmarks/accuracy.py --channels 32 --patience 20 --budget 900 --threads 1 \
         --out benchmarks/results/converged                    # early stopping, 15 min wall cap per model
+    python benchmarks/accuracy.py --combine a.json b.json --out benchmarks/results/converged
+                                                              # runs made in parallel, side by side
 
 Writes benchmarks/results/accuracy.json and .md, accuracy.<set>.parity.png and
 accuracy.<set>.curves.png (machine, versions, load and git commit stamped).
@@ -435,6 +437,30 @@ def write_report(all_results, meta, args, name) -> None:
     plots(name, all_results[name], args.out)
 
 
+def combine(files, args) -> None:
+    """One report from the result files of runs made in parallel: the models of each set side by side (in
+    the order of VARIANTS), the first run's settings, every run's command, commit and load."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    meta = dict(parts[0]["meta"])
+    meta["command"] = "; ".join(part["meta"]["command"] for part in parts)
+    meta["combined_from"] = [{k: part["meta"].get(k) for k in ("date", "git_commit", "git_dirty", "command",
+                                                               "loadavg_1min", "loadavg_1min_end")}
+                             for part in parts]
+    for key in ("loadavg_1min", "loadavg_1min_end"):  # the worst of the runs
+        meta[key] = max((part["meta"].get(key) or 0) for part in parts)
+    commits = {part["meta"].get("git_commit") for part in parts}
+    if len(commits) > 1:
+        raise SystemExit(f"--combine: the runs were made on different commits ({', '.join(sorted(map(str, commits)))})")
+    merged = {}
+    for part in parts:
+        for name, res in part["results"].items():
+            merged.setdefault(name, {}).update(res["variants"])
+    all_results = {name: {"variants": {v: d[v] for v in VARIANTS if v in d}} for name, d in merged.items()}
+    for name in all_results:
+        write_report(all_results, meta, args, name)
+    print(to_markdown(all_results, meta))
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -464,8 +490,14 @@ def main(argv=None):
                         "model's default, before_last)")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 s budget, 120 frames")
     p.add_argument("--out", default=str(HERE / "results" / "accuracy"))
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="write --out from the results of runs made in parallel (e.g. one model each on its own "
+                        "core), side by side; nothing is trained")
     p.add_argument("--peer-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.combine:
+        combine(args.combine, args)
+        return
 
     if args.peer_worker:  # inside the peers venv: train MACE on one set, write the result JSON
         job = json.loads(args.peer_worker)

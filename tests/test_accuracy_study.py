@@ -119,3 +119,29 @@ def test_cumulene_groups_by_torsion():
     assert g["theta<30"].tolist() == [1, 1, 0, 0, 0, 0, 0]
     assert g["30<=theta<60"].tolist() == [0, 0, 1, 1, 0, 0, 0]
     assert g["theta>=60"].tolist() == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_combine_puts_runs_made_in_parallel_side_by_side(tmp_path):
+    """--combine: one report from runs made one model each (in parallel), models in the order of VARIANTS,
+    every run's command kept; runs of different commits are refused rather than silently mixed."""
+    write_dimers(tmp_path / "dimers.xyz")
+    run = tmp_path / "run_none"
+    accuracy.main(["--data-dir", str(tmp_path), "--sets", "dimers", "--variants", "none", "--channels", "4",
+                   "--batch-size", "4", "--budget", "2", "--threads", "1", "--out", str(run)])
+    data = json.loads(run.with_suffix(".json").read_text())
+    other = json.loads(json.dumps(data))  # the same run standing in for a second model's
+    other["results"]["dimers"]["variants"] = {"multipole": other["results"]["dimers"]["variants"]["none"]}
+    other["meta"]["command"] = "second run"
+    (tmp_path / "run_multipole.json").write_text(json.dumps(other))
+    out = tmp_path / "both"
+    files = [str(tmp_path / "run_multipole.json"), str(run.with_suffix(".json"))]
+    accuracy.main(["--combine", *files, "--out", str(out)])
+    both = json.loads(out.with_suffix(".json").read_text())
+    assert list(both["results"]["dimers"]["variants"]) == ["none", "multipole"]
+    assert both["meta"]["command"].startswith("second run; ") and len(both["meta"]["combined_from"]) == 2
+    header = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| group")][0]
+    assert header.index("cartlorem none") < header.index("cartlorem multipole")
+    other["meta"]["git_commit"] = "0" * 40
+    (tmp_path / "run_multipole.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different commits"):
+        accuracy.main(["--combine", *files, "--out", str(out)])
