@@ -29,22 +29,37 @@ def _problem(seed=0, n_nodes=5, n_edges=11, C=2, n_basis=4, dtype=torch.float64)
     mlp = RadialMLP(n_basis, 5, len(paths) * C, layers=2).to(dtype)
 
     def messages(j, vec, basis, h0, h1, h2):
+        return gathered(vec, basis, h0[j], h1[j], h2[j])
+
+    def gathered(vec, basis, hj0, hj1, hj2):  # the same from the senders' rows (chunked_edge_sum(senders=j))
         unit = vec / torch.linalg.vector_norm(vec, dim=-1, keepdim=True)
         w = mlp(basis).view(-1, len(paths), C)
-        return compact_edge_product([h0[j], h1[j], h2[j]], unit, w)
+        return compact_edge_product([hj0, hj1, hj2], unit, w)
 
+    messages.gathered = gathered
     return i, j, [vec, basis], [h0, h1, h2], mlp, messages
+
+
+def _chunked(fn, n_nodes, i, j, edge, nodes, params, chunk, mode):
+    """chunked_edge_sum with the whole node tensors passed to every chunk, or their senders' rows."""
+    if mode == "whole":
+        return chunked_edge_sum(fn, n_nodes, i, [j, *edge], nodes, params, chunk=chunk)
+    return chunked_edge_sum(fn.gathered, n_nodes, i, edge, nodes, params, chunk=chunk, senders=j)
+
+
+MODES = ["whole", "gathered"]
 
 
 def _unchunked(fn, n_nodes, i, j, edge, nodes):
     return [torch.zeros((n_nodes,) + m.shape[1:], dtype=m.dtype).index_add(0, i, m) for m in fn(j, *edge, *nodes)]
 
 
-def test_chunked_sum_equals_unchunked_bitwise():
+@pytest.mark.parametrize("mode", MODES)
+def test_chunked_sum_equals_unchunked_bitwise(mode):
     i, j, edge, nodes, mlp, fn = _problem(n_edges=23)
     ref = _unchunked(fn, 5, i, j, edge, nodes)
     for chunk in (1, 4, 7, 23, 100):
-        out = chunked_edge_sum(fn, 5, i, [j, *edge], nodes, list(mlp.parameters()), chunk=chunk)
+        out = _chunked(fn, 5, i, j, edge, nodes, list(mlp.parameters()), chunk, mode)
         assert len(out) == 3
         for a, b in zip(out, ref):
             # the edges reach index_add_ in the same order: identical sums; the MLP's GEMM on a subset
@@ -52,21 +67,23 @@ def test_chunked_sum_equals_unchunked_bitwise():
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
-def test_chunked_sum_gradcheck_and_gradgradcheck():
+@pytest.mark.parametrize("mode", MODES)
+def test_chunked_sum_gradcheck_and_gradgradcheck(mode):
     """Finite differences of the chunked sum and of its backward (3 chunks, the last one ragged); small,
     because gradgradcheck's cost grows with inputs × outputs."""
     i, j, edge, nodes, mlp, fn = _problem(n_nodes=3, n_edges=5, C=1, n_basis=2)
     params = list(mlp.parameters())
 
     def g(vec, basis, h0, h1, h2):
-        return tuple(chunked_edge_sum(fn, 3, i, [j, vec, basis], [h0, h1, h2], params, chunk=2))
+        return tuple(_chunked(fn, 3, i, j, [vec, basis], [h0, h1, h2], params, 2, mode))
 
     x = [t.clone().requires_grad_() for t in edge + nodes]
     assert torch.autograd.gradcheck(g, x, eps=1e-6, atol=1e-6)
     assert torch.autograd.gradgradcheck(g, x, eps=1e-6, atol=1e-6)
 
 
-def test_chunked_sum_parameter_gradients_match_unchunked():
+@pytest.mark.parametrize("mode", MODES)
+def test_chunked_sum_parameter_gradients_match_unchunked(mode):
     """Parameter gradients, first and second order (the training path), against plain autograd."""
     i, j, edge, nodes, mlp, fn = _problem(n_edges=17, seed=3)
     params = list(mlp.parameters())
@@ -76,13 +93,53 @@ def test_chunked_sum_parameter_gradients_match_unchunked():
         if chunk is None:
             out = _unchunked(fn, 5, i, j, x[:2], x[2:])
         else:
-            out = chunked_edge_sum(fn, 5, i, [j, *x[:2]], x[2:], params, chunk=chunk)
+            out = _chunked(fn, 5, i, j, x[:2], x[2:], params, chunk, mode)
         loss = sum((o.sin() * torch.arange(o.numel(), dtype=o.dtype).view_as(o)).sum() for o in out)
         gx = torch.autograd.grad(loss, x, create_graph=True)  # "forces"
         second = sum((g**2).sum() for g in gx) + loss**2
         results.append([*gx, *torch.autograd.grad(second, params + x)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chunked_sum_first_order_gradients_match_unchunked(mode):
+    """The inference path (forces: one backward, no create_graph): input and parameter gradients against
+    plain autograd, with a node input that receives no gradient."""
+    i, j, edge, nodes, mlp, fn = _problem(n_edges=19, seed=4)
+    params = list(mlp.parameters())
+    results = []
+    for chunk in (None, 4):
+        x = [t.clone().requires_grad_(k != 2) for k, t in enumerate(edge + nodes)]  # h0: no gradient
+        if chunk is None:
+            out = _unchunked(fn, 5, i, j, x[:2], x[2:])
+        else:
+            out = _chunked(fn, 5, i, j, x[:2], x[2:], params, chunk, mode)
+        loss = sum((o.cos() * torch.arange(o.numel(), dtype=o.dtype).view_as(o)).sum() for o in out[:2])
+        wrt = [t for t in x if t.requires_grad] + params
+        results.append(torch.autograd.grad(loss, wrt, allow_unused=True))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_gathered_chunks_see_only_their_senders_rows():
+    """With senders, the message function gets each chunk's rows of the node features, in the forward and
+    in the backward's recomputation (so the backward's node gradients are chunk-sized, not node-sized:
+    whole node tensors per chunk made the backward of a 10^5-atom call cost chunks x atoms)."""
+    i, j, edge, nodes, mlp, fn = _problem(n_nodes=40, n_edges=30, seed=5)
+    rows = []
+
+    def spy(vec, basis, hj0, hj1, hj2):
+        rows.append((vec.shape[0], hj0.shape[0], hj1.shape[0], hj2.shape[0]))
+        return fn.gathered(vec, basis, hj0, hj1, hj2)
+
+    x = [t.clone().requires_grad_() for t in edge + nodes]
+    out = chunked_edge_sum(spy, 40, i, x[:2], x[2:], list(mlp.parameters()), chunk=8, senders=j)
+    torch.autograd.grad(sum(o.sum() for o in out), x)
+    assert len(rows) == 2 * 4  # 4 chunks, forward and recomputation
+    assert all(r == (r[0],) * 4 and r[0] <= 8 for r in rows)
+    with pytest.raises(ValueError, match="senders"):
+        chunked_edge_sum(spy, 40, i, x[:2], x[2:], chunk=8, senders=j[:5])
 
 
 def test_chunked_sum_without_edges_and_bad_chunk():
@@ -138,6 +195,24 @@ def test_model_chunked_matches_unchunked_training_path(long_range):
     assert any(float(g.abs().max()) > 0 for g in ref[3:])
     for a, b in zip(new, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("long_range", [None, "multipole"])
+def test_model_chunked_matches_unchunked_inference_path(long_range):
+    """Energy, forces and stress without create_graph (MD, evaluation), parameters frozen and not:
+    chunks of 61 edges against none, float64."""
+    graph = _structures()
+    for frozen in (False, True):
+        results = []
+        for chunk in (0, 61):
+            model = _model([1, 6, 8], long_range).eval()
+            model.requires_grad_(not frozen)
+            for layer in model.layers:
+                layer.edge_chunk = chunk
+            out = model(graph, compute_forces=True, compute_stress=True)
+            results.append([out["energy"], out["forces"], out["stress"]])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_model_chunking_is_used_and_instance_setting_wins(monkeypatch):

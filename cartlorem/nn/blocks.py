@@ -104,7 +104,7 @@ class Interaction(nn.Module):
         hu = _mix_component_major(self.linear_up, [h[0], None if h1 is None else h1.transpose(1, 2),
                                                    None if h2 is None else sym_to_compact(h2).transpose(1, 2)])
         fn = partial(self._edge_messages_component_major, compiled)
-        msg = self._chunked_messages(fn, n_nodes, i, j, unit, radial, envelope, hu)  # None: not chunked
+        msg = self._chunked_messages(compiled, n_nodes, i, j, unit, radial, envelope, hu)  # None: not chunked
         if msg is None:
             msg = [m.new_zeros((n_nodes,) + m.shape[1:]).index_add_(0, i, m)
                    for m in fn(j, unit, radial, envelope, *hu)]
@@ -120,15 +120,20 @@ class Interaction(nn.Module):
     def _edge_messages_component_major(self, compiled, j, unit, radial, envelope, hu0, hu1, hu2):
         """Per-edge messages of ranks ``l_msg``: [E, C], [E, 3, C], compact [E, 6, C]."""
         # index_select, not hu[j]: its backward is an index_add (advanced indexing's is an accumulating index_put)
-        hj = [hu0.index_select(0, j), None if hu1 is None else hu1.index_select(0, j),
-              None if hu2 is None else hu2.index_select(0, j)]
+        return self._gathered_messages(compiled, unit, radial, envelope, hu0.index_select(0, j),
+                                       None if hu1 is None else hu1.index_select(0, j),
+                                       None if hu2 is None else hu2.index_select(0, j))
+
+    @torch.jit.unused
+    def _gathered_messages(self, compiled, unit, radial, envelope, hj0, hj1, hj2):
+        """:meth:`_edge_messages_component_major` from the senders' features hj (already gathered)."""
         w = self.radial(radial, envelope).view(-1, len(self.paths), self.channels)
         kernel = compiled_component_major_edge_product if compiled else component_major_edge_product
-        msg = kernel(hj, unit, w, self.l_msg)
+        msg = kernel([hj0, hj1, hj2], unit, w, self.l_msg)
         return [msg[l] for l in self.l_msg]
 
     @torch.jit.unused
-    def _chunked_messages(self, fn, n_nodes, i, j, unit, radial, envelope, hu):
+    def _chunked_messages(self, compiled, n_nodes, i, j, unit, radial, envelope, hu):
         """The summed messages of the per-edge function ``fn`` by :func:`chunked_edge_sum` when there are
         enough edges (see :meth:`forward`), else None."""
         chunk = self.chunk_edges(unit.device)
@@ -136,7 +141,8 @@ class Interaction(nn.Module):
         if not (chunk > 0 and i.shape[0] > threshold):
             return None
         params = list(self.radial.parameters())
-        return chunked_edge_sum(fn, n_nodes, i, (j, unit, radial, envelope), hu, params, chunk)
+        return chunked_edge_sum(partial(self._gathered_messages, compiled), n_nodes, i, (unit, radial, envelope),
+                                hu, params, chunk, senders=j)
 
     @torch.jit.unused
     def chunk_edges(self, device: torch.device) -> int:
