@@ -28,7 +28,11 @@ Per (system, size, threads), in a fresh process:
   process took from the kernel (torch's allocations included; tracemalloc cannot see those).
 
 The log-log slopes of time against N are fitted per system and thread count over N >= 10^4 (the issue's
-range for the long-range exponent) and over all sizes. Targets (issue 11): long-range exponent <= 1.1
+range for the long-range exponent; a fit there needs points spanning 5x in N) and over all sizes. The long
+range is fitted as two series that are never mixed: inside the energy + forces calls (``lr_*``: the process
+has run the local model, so the allocator's heap is warm, as in any simulation) and the block alone in a
+fresh process (``lr_alone_*``, ``--lr-only``: with glibc's default allocator its large buffers are
+page-faulted in afresh on every call). The target reads the calls' series where it spans 10^4 - 10^5. Targets (issue 11): long-range exponent <= 1.1
 over 10^4 - 10^5 atoms; long-range share <= 15 % of the call at every size; a 100,000-atom water energy +
 forces call within the machine's 24 GiB.
 
@@ -222,11 +226,12 @@ def run_worker(spec: dict, timeout: float) -> dict:
 
 def slope(rows, key, n_min=0):
     by_n = {}
-    for r in rows:  # one point per N (a full call's row before a long-range-only row)
+    for r in rows:  # one point per N
         if r.get(key) and r["N"] >= n_min:
             by_n.setdefault(r["N"], r)
     sel = list(by_n.values())
-    if len(sel) < 2 or max(r["N"] for r in sel) < 1.5 * min(r["N"] for r in sel):
+    span = 5.0 if n_min else 1.5  # a fit over 10^4 - 10^5 needs points across that range
+    if len(sel) < 2 or max(r["N"] for r in sel) < span * min(r["N"] for r in sel):
         return None
     return float(np.polyfit(np.log([r["N"] for r in sel]), np.log([r[key] for r in sel]), 1)[0])
 
@@ -243,16 +248,24 @@ def summarise(rows) -> dict:
     fits = {}
     for system in sorted({r["system"] for r in ok}):
         for threads in sorted({r["threads"] for r in ok}):
-            sel = sorted((r for r in ok if r["system"] == system and r["threads"] == threads),
-                         key=lambda r: bool(r.get("lr_only")))
-            for key in ("full_wall_s", "full_cpu_s", "lr_wall_s", "lr_cpu_s", "local_est_cpu_s"):
+            sel = [r for r in ok if r["system"] == system and r["threads"] == threads]
+            in_call = [r for r in sel if not r.get("lr_only")]
+            alone = [r for r in sel if r.get("lr_only")]
+            # the long range as part of energy + forces calls (the process has run the local model: its heap
+            # is warm) and the block alone in a fresh process (--lr-only: its buffers page-faulted in afresh
+            # with glibc's default allocator), fitted as two series, never mixed
+            for key, series, name in (("full_wall_s", in_call, "full_wall"), ("full_cpu_s", in_call, "full_cpu"),
+                                      ("lr_wall_s", in_call, "lr_wall"), ("lr_cpu_s", in_call, "lr_cpu"),
+                                      ("local_est_cpu_s", in_call, "local_est_cpu"),
+                                      ("lr_wall_s", alone, "lr_alone_wall"), ("lr_cpu_s", alone, "lr_alone_cpu")):
                 for label, n_min in (("N>=1e4", 10_000), ("all", 0)):
-                    # long-range fits from one series where there is one (the long-range-only run)
-                    rows_k = sorted(sel, key=lambda r: not r.get("lr_only")) if key.startswith("lr_") else sel
-                    k = slope(rows_k, key, n_min)
+                    k = slope(series, key, n_min)
                     if k is not None:
-                        fits[f"{system} {threads}t {key[:-2]} {label}"] = round(k, 3)
-    lr_exp = [v for k, v in fits.items() if " lr_" in k and "N>=1e4" in k]
+                        fits[f"{system} {threads}t {name} {label}"] = round(k, 3)
+    # the target: the long range of the calls where they span 10^4 - 10^5 (otherwise the block alone)
+    in_calls = [v for k, v in fits.items() if " lr_" in k and " lr_alone_" not in k and "N>=1e4" in k]
+    alone = [v for k, v in fits.items() if " lr_alone_" in k and "N>=1e4" in k]
+    lr_exp = in_calls or alone
     shares = [r["lr_share"] for r in ok if "lr_share" in r]
     shares_cpu = [r["lr_share_cpu"] for r in ok if "lr_share_cpu" in r]
     big_water = [r for r in ok if r["system"] == "water" and r["N"] >= 90_000 and "peak_rss_mb" in r]
@@ -260,6 +273,8 @@ def summarise(rows) -> dict:
         "fits": fits,
         "lr_exponent_max_N>=1e4": max(lr_exp) if lr_exp else None,
         "lr_exponent_target_met": (max(lr_exp) <= TARGET_LR_EXPONENT) if lr_exp else None,
+        "lr_exponent_from": "the calls" if in_calls else ("the block alone" if alone else None),
+        "lr_alone_exponent_max_N>=1e4": max(alone) if alone else None,
         "lr_share_max": max(shares) if shares else None,
         "lr_share_target_met": (max(shares) <= TARGET_LR_SHARE) if shares else None,
         "lr_share_cpu_max": max(shares_cpu) if shares_cpu else None,
@@ -299,7 +314,8 @@ def markdown(rows, meta, summary) -> str:
                                     "default (every tensor above the mmap threshold is page-faulted in afresh)") + ".", "",
              "## Targets", "",
              f"- long-range exponent ≤ {TARGET_LR_EXPONENT} over 10^4 - 10^5 atoms: {verdict(s['lr_exponent_target_met'])} "
-             f"(largest fitted {_f(s['lr_exponent_max_N>=1e4'], '.2f')})",
+             f"(largest fitted {_f(s['lr_exponent_max_N>=1e4'], '.2f')}, from {s.get('lr_exponent_from')}; the "
+             f"block alone in fresh processes: {_f(s.get('lr_alone_exponent_max_N>=1e4'), '.2f')})",
              f"- long-range share ≤ {TARGET_LR_SHARE:.0%} of the call at every size: {verdict(s['lr_share_target_met'])} "
              f"(largest {_f(s['lr_share_max'], '.1%')} of the wall time, {_f(s['lr_share_cpu_max'], '.1%')} of the CPU time)",
              f"- 100,000-atom water energy + forces within {TARGET_MEMORY_GIB:.0f} GiB: {verdict(s['memory_target_met'])} "
