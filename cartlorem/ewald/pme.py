@@ -529,9 +529,42 @@ class _MeshGatherChain(torch.autograd.Function):
 def _convolve(Q: torch.Tensor, G: torch.Tensor, mesh: tuple) -> torch.Tensor:
     """phi = IFFT(FFT(Q) G) channel by channel: Q [C, K1, K2, K3], G [K1, K2, K3//2+1] -> [C, K1, K2, K3].
 
-    One channel at a time keeps a single complex mesh (and its gradient) alive instead of C of them.
+    One channel at a time keeps a single complex mesh alive instead of C of them. Differentiable to any
+    order through :class:`_MeshConvolution`.
     """
-    return torch.stack([torch.fft.irfftn(torch.fft.rfftn(q) * G, s=mesh) for q in Q.unbind(0)])
+    return _MeshConvolution.apply(Q, G, mesh)
+
+
+class _MeshConvolution(torch.autograd.Function):
+    """:func:`_convolve` with its adjoint written out. G is real and even (G(k) = G(-k): it depends on k
+    through k^2 and |b(k)|^2), so the convolution is self-adjoint and the gradient of the mesh is the same
+    convolution of the incoming gradient: one real-to-complex and one complex-to-real FFT per channel.
+    Autograd's own backward of ``rfftn`` runs a full complex-to-complex FFT of the padded spectrum
+    instead, which at 98,304 atoms (320^3 mesh) cost 2.9 of the long range's 25 s and grew as N^1.7.
+    The gradient of G (cell, stress) by Parseval: ``(w / M) Re[FFT(Q) conj(FFT(g))]`` summed over the
+    channels, w = 2 for the k3 columns that stand for k and -k, 1 for k3 = 0 and K3 / 2.
+    """
+
+    @staticmethod
+    def forward(ctx, Q, G, mesh):
+        ctx.mesh = mesh
+        ctx.save_for_backward(Q if ctx.needs_input_grad[1] else None, G)
+        return torch.stack([torch.fft.irfftn(torch.fft.rfftn(q) * G, s=mesh) for q in Q.unbind(0)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        Q, G = ctx.saved_tensors
+        grad_q = _MeshConvolution.apply(grad, G, ctx.mesh) if ctx.needs_input_grad[0] else None
+        grad_g = None
+        if ctx.needs_input_grad[1]:
+            k3 = ctx.mesh[2]
+            w = torch.full((k3 // 2 + 1,), 2.0, dtype=G.dtype, device=G.device)
+            w[0] = 1.0
+            if k3 % 2 == 0:
+                w[-1] = 1.0
+            grad_g = sum((torch.fft.rfftn(q) * torch.fft.rfftn(g).conj()).real for q, g in zip(Q.unbind(0), grad.unbind(0)))
+            grad_g = grad_g * (w / float(np.prod(ctx.mesh)))
+        return grad_q, grad_g, None
 
 
 def influence_function(cell: torch.Tensor, mesh: tuple, order: int, alpha: float) -> torch.Tensor:
