@@ -103,11 +103,10 @@ class Interaction(nn.Module):
         h1, h2 = h[1] if len(h) > 1 else None, h[2] if len(h) > 2 else None
         hu = _mix_component_major(self.linear_up, [h[0], None if h1 is None else h1.transpose(1, 2),
                                                    None if h2 is None else sym_to_compact(h2).transpose(1, 2)])
-        fn = partial(self._edge_messages_component_major, compiled)
         msg = self._chunked_messages(compiled, n_nodes, i, j, unit, radial, envelope, hu)  # None: not chunked
         if msg is None:
             msg = [m.new_zeros((n_nodes,) + m.shape[1:]).index_add_(0, i, m)
-                   for m in fn(j, unit, radial, envelope, *hu)]
+                   for m in self._edge_messages_component_major(compiled, j, unit, radial, envelope, *hu)]
         agg: Features = [None, None, None]
         for l, m in zip(self.l_msg, msg):
             agg[l] = m / self.avg_num_neighbors
@@ -134,8 +133,8 @@ class Interaction(nn.Module):
 
     @torch.jit.unused
     def _chunked_messages(self, compiled, n_nodes, i, j, unit, radial, envelope, hu):
-        """The summed messages of the per-edge function ``fn`` by :func:`chunked_edge_sum` when there are
-        enough edges (see :meth:`forward`), else None."""
+        """The summed messages of :meth:`_gathered_messages` by :func:`chunked_edge_sum` (each chunk gets its
+        senders' rows of ``hu``) when there are enough edges (see :meth:`forward`), else None."""
         chunk = self.chunk_edges(unit.device)
         threshold = chunk if self.edge_chunk is not None else MIN_CHUNKS * chunk
         if not (chunk > 0 and i.shape[0] > threshold):
