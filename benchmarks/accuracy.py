@@ -450,7 +450,8 @@ def combine(files, args) -> None:
         meta[key] = max((part["meta"].get(key) or 0) for part in parts)
     commits = {part["meta"].get("git_commit") for part in parts}
     if len(commits) > 1:
-        raise SystemExit(f"--combine: the runs were made on different commits ({', '.join(sorted(map(str, commits)))})")
+        raise SystemExit("--combine: the runs were made on different commits "
+                         f"({', '.join(sorted(map(str, commits)))})")
     merged = {}
     for part in parts:
         for name, res in part["results"].items():

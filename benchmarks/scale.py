@@ -29,12 +29,12 @@ Per (system, size, threads), in a fresh process:
 
 The log-log slopes of time against N are fitted per system and thread count over N >= 10^4 (the issue's
 range for the long-range exponent; a fit there needs points spanning 5x in N) and over all sizes. The long
-range is fitted as two series that are never mixed: inside the energy + forces calls (``lr_*``: the process
-has run the local model, so the allocator's heap is warm, as in any simulation) and the block alone in a
-fresh process (``lr_alone_*``, ``--lr-only``: with glibc's default allocator its large buffers are
-page-faulted in afresh on every call). The target reads the calls' series where it spans 10^4 - 10^5. Targets (issue 11): long-range exponent <= 1.1
-over 10^4 - 10^5 atoms; long-range share <= 15 % of the call at every size; a 100,000-atom water energy +
-forces call within the machine's 24 GiB.
+range is fitted as two series that are never mixed: inside the energy + forces calls (``lr_*``: the
+process has run the local model, so the allocator's heap is warm, as in any simulation) and the block
+alone in a fresh process (``lr_alone_*``, ``--lr-only``: with glibc's default allocator its large buffers
+are page-faulted in afresh on every call). The target reads the calls' series where it spans 10^4 - 10^5.
+Targets (issue 11): long-range exponent <= 1.1 over 10^4 - 10^5 atoms; long-range share <= 15 % of the
+call at every size; a 100,000-atom water energy + forces call within the machine's 24 GiB.
 
     python benchmarks/scale.py                              # everything (long: ~1-2 h on 2 shared cores)
     python benchmarks/scale.py --water 7,10 --electrolyte 7 --threads 1   # quick look

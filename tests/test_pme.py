@@ -490,6 +490,7 @@ def test_mesh_convolution_adjoint_matches_autograd(mesh):
     first = [torch.autograd.grad((out * g).sum(), [Q, cell], create_graph=True) for out in (ref, new)]
     for a, b in zip(*first):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
-    second = [torch.autograd.grad((d[0] ** 2).sum() + (d[1] ** 2).sum(), [Q, cell], retain_graph=True) for d in first]
+    second = [torch.autograd.grad((d[0] ** 2).sum() + (d[1] ** 2).sum(), [Q, cell], retain_graph=True)
+              for d in first]
     for a, b in zip(*second):
         torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11)

@@ -562,8 +562,8 @@ class _MeshConvolution(torch.autograd.Function):
             w[0] = 1.0
             if k3 % 2 == 0:
                 w[-1] = 1.0
-            grad_g = sum((torch.fft.rfftn(q) * torch.fft.rfftn(g).conj()).real for q, g in zip(Q.unbind(0), grad.unbind(0)))
-            grad_g = grad_g * (w / float(np.prod(ctx.mesh)))
+            grad_g = sum((torch.fft.rfftn(q) * torch.fft.rfftn(g).conj()).real
+                         for q, g in zip(Q.unbind(0), grad.unbind(0))) * (w / float(np.prod(ctx.mesh)))
         return grad_q, grad_g, None
 
 

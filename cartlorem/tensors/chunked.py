@@ -86,9 +86,8 @@ class _ChunkedEdgeSum(torch.autograd.Function):
             wrt_p = [k for k, w in enumerate(need_par) if w]
             with torch.enable_grad():
                 if ctx.gathered:  # the chunk's rows of the node inputs: their gradients are chunk-sized
-                    s = senders[a:b]
-                    nodes = [None if x is None else (x.index_select(0, s) if create else leaf(x.index_select(0, s), w))
-                             for x, w in zip(node_in, need_node)]
+                    rows = _gather(node_in, senders[a:b])
+                    nodes = rows if create else [leaf(x, w) for x, w in zip(rows, need_node)]
                 else:  # whole node inputs: every chunk's gradient is node-sized
                     nodes = node_leaves
                 wrt_n = [k for k, (x, w) in enumerate(zip(nodes, need_node)) if w and x is not None]
@@ -158,7 +157,8 @@ def chunked_edge_sum(fn: Callable[..., Sequence[torch.Tensor]], n_nodes: int, re
         if x is not None and x.shape[0] != E:
             raise ValueError(f"edge input with leading dimension {x.shape[0]}, expected E = {E} (receivers)")
     if senders is not None and senders.shape != receivers.shape:
-        raise ValueError(f"senders of shape {tuple(senders.shape)}, expected {tuple(receivers.shape)} (receivers)")
+        raise ValueError(f"senders of shape {tuple(senders.shape)}, expected {tuple(receivers.shape)} "
+                         "(receivers)")
     edge_inputs, node_inputs, params = list(edge_inputs), list(node_inputs), list(params)
     return list(_ChunkedEdgeSum.apply(fn, int(n_nodes), receivers, senders, int(chunk), len(edge_inputs),
                                       len(node_inputs), *edge_inputs, *node_inputs, *params))
