@@ -137,8 +137,10 @@ def convergence(history, cpu_seconds: float) -> dict:
 
 
 def _plateau_factor(slope: float) -> float:
-    """(1 + W / E) at which (1 + W / E)^slope = 1 − PLATEAU_GAIN: the plateau criterion of ``convergence``."""
-    return (1.0 - PLATEAU_GAIN) ** (1.0 / slope)
+    """(1 + W / E) at which (1 + W / E)^slope = 1 − PLATEAU_GAIN: the plateau criterion of ``convergence``;
+    inf for a curve so flat that the factor overflows (the plateau is then already reached)."""
+    log_factor = math.log1p(-PLATEAU_GAIN) / slope
+    return math.exp(log_factor) if log_factor < 700.0 else math.inf
 
 
 def parity_arrays(pred) -> dict:
@@ -195,12 +197,20 @@ def run_variant(name: str, variant: str, args) -> dict:
                                     radial_hidden=64, readout_hidden=16, long_range_options=options).to(dtype)
     # one loop for every model; MACE's statistics were set when it was built (statistics=False)
     patience = getattr(args, "patience", None)
+    folder = Path(args.run_dir) / name / variant if getattr(args, "run_dir", None) else None
+    sessions = _load_sessions(folder, args)
     res = train(model, train_g, valid_g, epochs=args.epochs or 10**6, batch_size=args.batch_size, lr=args.lr,
                 max_time=None if math.isinf(args.budget) else args.budget, patience=patience, seed=args.seed,
-                progress=False, weights=weights, statistics=variant != "mace")
+                progress=False, weights=weights, statistics=variant != "mace", out_dir=folder,
+                resume=bool(sessions))
     history = res.history
-    wall = time.perf_counter() - t0
-    cpu = time.process_time() - c0
+    sessions.append({"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": getattr(args, "commit", None),
+                     "epochs_before": sessions[-1]["epochs_after"] if sessions else 0, "epochs_after": len(history),
+                     "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0})
+    if folder is not None:
+        (folder / "sessions.json").write_text(json.dumps({"settings": _study_settings(args), "sessions": sessions},
+                                                         indent=1))
+    wall, cpu = sum(x["wall_s"] for x in sessions), sum(x["cpu_s"] for x in sessions)
     load1 = os.getloadavg()[0]
     pred = predict(model, test_g, batch_size=16)
     out = {"variant": variant, "epochs": len(history), "train_seconds": wall, "train_cpu_seconds": cpu,
@@ -210,10 +220,38 @@ def run_variant(name: str, variant: str, args) -> dict:
            "n_parameters": int(sum(p.numel() for p in model.parameters())),
            "test": metrics(pred), "groups": errors_by_group(pred, masks), "history": history_rows(history),
            "convergence": convergence(history, cpu), "parity": parity_arrays(pred),
-           "n_train": len(train_idx), "n_valid": len(valid_idx), "n_test": len(test_idx)}
+           "n_train": len(train_idx), "n_valid": len(valid_idx), "n_test": len(test_idx), "sessions": sessions}
     if name == "dimers":
         out["intermolecular"] = intermolecular_errors(pred, test_frames, masks)
     return out
+
+
+#: the arguments a study continued with --run-dir must keep (the data, split, model and training rules)
+STUDY_SETTINGS = ("data_dir", "channels", "correlation", "cutoff", "batch_size", "lr", "energy_weight", "dtype",
+                  "seed", "patience", "epochs", "placement", "test_fraction", "max_frames")
+
+
+def _study_settings(args) -> dict:
+    return {k: str(getattr(args, k, None)) for k in STUDY_SETTINGS}
+
+
+def _load_sessions(folder, args) -> list:
+    """The earlier sessions of a model trained in ``folder`` (--run-dir), [] for a new one; refuses to continue
+    a run whose checkpoint is missing or whose settings differ."""
+    if folder is None or not (folder / "sessions.json").exists():
+        if folder is not None and (folder / "checkpoint.pt").exists():
+            raise SystemExit(f"--run-dir: {folder} has a checkpoint but no sessions.json; remove it or use another "
+                             "--run-dir")
+        return []
+    saved = json.loads((folder / "sessions.json").read_text())
+    changed = {k: (v, saved["settings"].get(k)) for k, v in _study_settings(args).items()
+               if saved["settings"].get(k) != v}
+    if changed:
+        detail = "; ".join(f"{k}: {b} before, {a} now" for k, (a, b) in changed.items())
+        raise SystemExit(f"--run-dir: {folder} was trained with other settings ({detail})")
+    if not (folder / "checkpoint.pt").exists():
+        raise SystemExit(f"--run-dir: {folder}/checkpoint.pt is missing; the earlier sessions cannot be continued")
+    return list(saved["sessions"])
 
 
 def run_mace_subprocess(name: str, args) -> dict:
@@ -243,6 +281,9 @@ def run_mace_subprocess(name: str, args) -> dict:
 def _budget_text(m) -> str:
     if m.get("patience"):
         cap = f"a wall-clock cap of **{m['budget']:g} s per model**" if m.get("budget") else "no wall-clock cap"
+        if m.get("run_dir") and m.get("budget"):  # a study spread over sessions (--run-dir)
+            cap = (f"a wall-clock cap of **{m['budget']:g} s per model and session** (the models continue from "
+                   "their checkpoints in later sessions; the times below add the sessions up)")
         return (f"Early stopping: **patience {m['patience']} epochs** on the validation loss (the best-validation "
                 f"weights kept), " + (f"at most {m['epochs']} epochs" if m.get("epochs") else "epochs unlimited")
                 + f", {cap} (training and validation; an epoch running at the cap is cut short)")
@@ -275,6 +316,9 @@ def _convergence_rows(variants) -> list:
                  lambda x: f"{x.get('best_epoch', '—')} ({x['epochs'] - x['best_epoch']})" if "best_epoch" in x else "—"),
             _row("training wall s / CPU s", variants,
                  lambda x: f"{x['train_seconds']:.0f} / {x['train_cpu_seconds']:.0f}"),
+            _row("sessions (epochs at the end of each)", variants,
+                 lambda x: f"{len(x.get('sessions', [])) or 1} ("
+                           + ", ".join(str(y["epochs_after"]) for y in x.get("sessions", [])) + ")"),
             _row("valid-loss gain of the best over the last quarter", variants, gain),
             _row("epochs to plateau (power-law extrapolation)", variants, plateau)]
 
@@ -489,6 +533,10 @@ def main(argv=None):
     p.add_argument("--placement", choices=["before_last", "end"], default=None,
                    help="where the long-range models run their block (long_range_options placement; default: the "
                         "model's default, before_last)")
+    p.add_argument("--run-dir", default=None,
+                   help="train each model in RUN_DIR/<set>/<variant> and continue it from its checkpoint there if an "
+                        "earlier run left one (a study spread over sessions: --budget is per session, the report "
+                        "adds the sessions up; the settings must not change)")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 s budget, 120 frames")
     p.add_argument("--out", default=str(HERE / "results" / "accuracy"))
     p.add_argument("--combine", nargs="+", metavar="JSON",
@@ -523,6 +571,7 @@ def main(argv=None):
         variants.remove("mace")
     meta = {**machine_info(), **{k: v for k, v in vars(args).items() if k != "peer_worker"},
             "command": command_line("accuracy.py", argv)}
+    args.commit = meta.get("git_commit")
     if math.isinf(meta["budget"]):
         meta["budget"] = None  # no wall-clock limit (strict JSON has no Infinity)
     if PEER_PYTHON.exists():

@@ -145,3 +145,35 @@ def test_combine_puts_runs_made_in_parallel_side_by_side(tmp_path):
     (tmp_path / "run_multipole.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="different commits"):
         accuracy.main(["--combine", *files, "--out", str(out)])
+
+
+def test_run_dir_continues_a_model_across_sessions(tmp_path):
+    """--run-dir: a second session resumes the first one's checkpoint (history, epochs and time add up, the
+    sessions are recorded); other settings, or a checkpoint without its record, are refused."""
+    write_dimers(tmp_path / "dimers.xyz")
+    common = ["--data-dir", str(tmp_path), "--sets", "dimers", "--variants", "none", "--channels", "4",
+              "--batch-size", "4", "--budget", "2", "--patience", "50", "--threads", "1",
+              "--run-dir", str(tmp_path / "runs")]
+    accuracy.main(common + ["--out", str(tmp_path / "first")])
+    first = json.loads((tmp_path / "first.json").read_text())["results"]["dimers"]["variants"]["none"]
+    accuracy.main(common + ["--out", str(tmp_path / "second")])
+    second = json.loads((tmp_path / "second.json").read_text())["results"]["dimers"]["variants"]["none"]
+    assert len(second["sessions"]) == 2 and second["sessions"][1]["epochs_before"] == first["epochs"]
+    assert second["epochs"] > first["epochs"]
+    assert [h["epoch"] for h in second["history"]] == list(range(1, second["epochs"] + 1))
+    assert second["history"][: first["epochs"]] == first["history"]
+    assert second["train_cpu_seconds"] == pytest.approx(sum(x["cpu_s"] for x in second["sessions"]))
+    with pytest.raises(SystemExit, match="other settings"):
+        other = list(common)
+        other[other.index("--channels") + 1] = "6"
+        accuracy.main(other + ["--out", str(tmp_path / "third")])
+    (tmp_path / "runs" / "dimers" / "none" / "sessions.json").unlink()
+    with pytest.raises(SystemExit, match="no sessions.json"):
+        accuracy.main(common + ["--out", str(tmp_path / "fourth")])
+
+
+def test_convergence_of_an_almost_flat_curve():
+    """A validation loss that falls by 1e-9 per epoch: the plateau is reached now (the power-law factor
+    (0.99)^(1/slope) overflowed a float before, and the whole model's result was lost to an OverflowError)."""
+    c = accuracy.convergence([{"valid_loss": 1.0 - 1e-9 * k} for k in range(12)], cpu_seconds=12.0)
+    assert c["slope"] < 0 and c["plateau_epochs"] == 12
