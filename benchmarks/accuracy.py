@@ -487,6 +487,7 @@ def combine(files, args) -> None:
     parts = [json.loads(Path(f).read_text()) for f in files]
     meta = dict(parts[0]["meta"])
     meta["command"] = "; ".join(part["meta"]["command"] for part in parts)
+    meta["out"] = args.out  # the plots' names
     meta["combined_from"] = [{k: part["meta"].get(k) for k in ("date", "git_commit", "git_dirty", "command",
                                                                "loadavg_1min", "loadavg_1min_end")}
                              for part in parts]
