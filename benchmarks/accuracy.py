@@ -238,18 +238,21 @@ def _study_settings(args) -> dict:
 def _load_sessions(folder, args) -> list:
     """The earlier sessions of a model trained in ``folder`` (--run-dir), [] for a new one; refuses to continue
     a run whose checkpoint is missing or whose settings differ."""
-    if folder is None or not (folder / "sessions.json").exists():
-        if folder is not None and (folder / "checkpoint.pt").exists():
+    if folder is None:
+        return []
+    record, checkpoint = folder / "sessions.json", folder / "checkpoint.pt"
+    if not record.exists():
+        if checkpoint.exists():
             raise SystemExit(f"--run-dir: {folder} has a checkpoint but no sessions.json; remove it or use another "
                              "--run-dir")
         return []
-    saved = json.loads((folder / "sessions.json").read_text())
+    saved = json.loads(record.read_text())
     changed = {k: (v, saved["settings"].get(k)) for k, v in _study_settings(args).items()
                if saved["settings"].get(k) != v}
     if changed:
         detail = "; ".join(f"{k}: {b} before, {a} now" for k, (a, b) in changed.items())
         raise SystemExit(f"--run-dir: {folder} was trained with other settings ({detail})")
-    if not (folder / "checkpoint.pt").exists():
+    if not checkpoint.exists():
         raise SystemExit(f"--run-dir: {folder}/checkpoint.pt is missing; the earlier sessions cannot be continued")
     return list(saved["sessions"])
 
