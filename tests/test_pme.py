@@ -474,11 +474,14 @@ def test_spreading_keeps_no_per_stencil_values_for_the_backward(monkeypatch):
     assert torch.isfinite(h).all() and h.abs().max() > 0
 
 
+@pytest.mark.parametrize("block_bytes", [pme.FFT_BLOCK_BYTES, 200])
 @pytest.mark.parametrize("mesh", [(6, 5, 8), (5, 7, 9)])
-def test_mesh_convolution_adjoint_matches_autograd(mesh):
+def test_mesh_convolution_adjoint_matches_autograd(mesh, block_bytes, monkeypatch):
     """The convolution's hand-written adjoint (self-adjoint for the even influence function, Parseval for
     the cell gradient) against autograd through rfftn / irfftn: values, first and second derivatives to the
-    mesh and the cell (stress), even and odd last axes (the half spectrum's k3 = K3/2 column)."""
+    mesh and the cell (stress), even and odd last axes (the half spectrum's k3 = K3/2 column); the CPU
+    transforms in one block and in slabs / column blocks of one or two planes (block_bytes = 200)."""
+    monkeypatch.setattr(pme, "FFT_BLOCK_BYTES", block_bytes)
     torch.manual_seed(0)
     cell = (torch.eye(3, dtype=torch.float64) * 5 + 0.3 * torch.rand(3, 3, dtype=torch.float64)).requires_grad_()
     Q = torch.randn(3, *mesh, dtype=torch.float64, requires_grad=True)
@@ -490,7 +493,25 @@ def test_mesh_convolution_adjoint_matches_autograd(mesh):
     first = [torch.autograd.grad((out * g).sum(), [Q, cell], create_graph=True) for out in (ref, new)]
     for a, b in zip(*first):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    # without create_graph (forces and stress of an MD step): the in-place Parseval sum
+    plain = torch.autograd.grad((pme._convolve(Q, G, mesh) * g).sum(), [Q, cell], retain_graph=True)
+    for a, b in zip(first[0], plain):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     second = [torch.autograd.grad((d[0] ** 2).sum() + (d[1] ** 2).sum(), [Q, cell], retain_graph=True)
               for d in first]
     for a, b in zip(*second):
         torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("cell", [torch.eye(3) * 9.3, torch.tensor([[8.0, 0, 0], [1.3, 7.5, 0], [-0.7, 2.1, 9.2]])])
+@pytest.mark.parametrize("mesh", [(12, 15, 16), (9, 10, 11)])
+def test_influence_function_in_place_path_matches_differentiable_one(cell, mesh):
+    """Without a cell gradient the influence function is built in place; it is the differentiable
+    expression's, zero at k = 0 (cubic and triclinic cells, even and odd meshes)."""
+    cell = cell.to(torch.float64)
+    fast = pme.influence_function(cell, mesh, 6, 0.8)
+    ref = pme.influence_function(cell.clone().requires_grad_(), mesh, 6, 0.8)
+    assert not fast.requires_grad and ref.requires_grad
+    torch.testing.assert_close(fast, ref.detach(), rtol=1e-13, atol=0)
+    assert fast[0, 0, 0] == 0
+
