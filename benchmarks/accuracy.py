@@ -58,9 +58,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
-from benchmarks.harness import (MACE_MISSING, PEER_PYTHON, MaceModel, add_data_argument, command_line,  # noqa: E402
-                                add_training_arguments, build_mace, group_errors, groups_for, load_split,
-                                machine_info)
+from benchmarks.harness import (MACE_MISSING, PEER_PYTHON, add_data_argument, command_line,  # noqa: E402
+                                add_training_arguments, group_errors, groups_for, load_split, machine_info,
+                                mace_for_training_set)
 
 VARIANTS = ["none", "lorem", "multipole", "mace"]
 LABEL = {"none": "cartlorem none", "lorem": "cartlorem lorem", "multipole": "cartlorem multipole", "mace": "MACE"}
@@ -160,7 +160,6 @@ def history_rows(history) -> list:
 def run_variant(name: str, variant: str, args) -> dict:
     import torch
 
-    from cartlorem.data import dataset_statistics, fit_reference_energies
     from cartlorem.evaluate import metrics, predict
     from cartlorem.train import train
 
@@ -176,14 +175,7 @@ def run_variant(name: str, variant: str, args) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     load0 = os.getloadavg()[0]
     if variant == "mace":
-        refs = fit_reference_energies(train_g, species)
-        stats = dataset_statistics(train_g, refs)
-        torch.set_default_dtype(dtype)
-        mace = build_mace(species, args.channels, args.cutoff, atomic_energies=refs,
-                          avg_num_neighbors=stats["avg_num_neighbors"],
-                          scale=stats["forces_rms"] or stats["residual_energy_per_atom_std"] or 1.0,
-                          shift=stats["residual_energy_per_atom_mean"], correlation=args.correlation)
-        model = MaceModel(mace, species).to(dtype)
+        model = mace_for_training_set(species, train_g, args.channels, args.cutoff, args.correlation, dtype)
         t0, c0 = time.perf_counter(), time.process_time()
         load0 = os.getloadavg()[0]
     else:

@@ -513,6 +513,21 @@ def build_mace(species, channels: int = 64, cutoff: float = 5.0, *, atomic_energ
     )
 
 
+def mace_for_training_set(species, train_graphs, channels: int, cutoff: float, correlation: int, dtype):
+    """:func:`build_mace` as the accuracy studies train it: reference energies and scale / shift from the
+    training graphs (cartlorem's own statistics), behind :class:`MaceModel`, in ``dtype`` (also made the
+    default dtype, as MACE builds some of its buffers in it)."""
+    from cartlorem.data import dataset_statistics, fit_reference_energies
+
+    refs = fit_reference_energies(train_graphs, species)
+    stats = dataset_statistics(train_graphs, refs)
+    torch.set_default_dtype(dtype)
+    mace = build_mace(species, channels, cutoff, atomic_energies=refs, avg_num_neighbors=stats["avg_num_neighbors"],
+                      scale=stats["forces_rms"] or stats["residual_energy_per_atom_std"] or 1.0,
+                      shift=stats["residual_energy_per_atom_mean"], correlation=correlation)
+    return MaceModel(mace, species).to(dtype)
+
+
 def mace_inputs(graph, species, dtype=None, device=None) -> dict:
     """cartlorem Graph → MACE's input dict (same edges: sender = centre i, receiver = neighbour j).
 
