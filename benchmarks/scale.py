@@ -299,7 +299,7 @@ def markdown(rows, meta, summary) -> str:
              f"{meta['cpu_model']}, {meta['cpu_count']} cores, {meta['mem_total_gib']} GiB, torch {meta['torch']}; "
              f"load average {meta['loadavg_1min']} at the start (the machine was shared with other jobs: wall "
              "times are pessimistic, CPU times are given next to them; the load at each point is in the table).",
-             "", f"Command(s): `{meta['command']}`" + (" (runs made in parallel, combined with `--combine`; commits "
+             "", f"Command(s): `{meta['command']}`" + (" (separate runs, one after the other or in parallel, combined with `--combine`; commits "
              + ", ".join(sorted({c['commit'][:10] for c in meta['combined_from']})) + ")" if meta.get("combined_from") else "")
              + ".", "",
              "Model: `CartLorem(species, long_range=\"multipole\")`, C = 64, 2 layers, correlation 3, lmax 2, "
