@@ -2,6 +2,7 @@
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -43,3 +44,32 @@ def test_too_few_frames_of_a_cluster_is_an_error():
     cluster = np.array(["Na9Cl8+"] * 8 + ["Na8Cl8+"] * 2)
     with pytest.raises(ValueError, match="too few"):
         nacl_profile.profile_difference(d, cluster, d)
+
+
+def test_force_error_decomposition_is_exact_and_orthogonal():
+    """force_decomposition.decompose: per monomer, the uniform part is the net force error spread evenly
+    (it sums to the net error), the internal part sums to zero, and the two are orthogonal (MSEs add up)."""
+    from ase import Atoms
+
+    from benchmarks.force_decomposition import decompose
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for n, na in ((5, 2), (7, 4), (3, 1)):
+        a = Atoms("H" * n, positions=rng.normal(size=(n, 3)))
+        a.info["monomer_a_atoms"] = na
+        frames.append(a)
+    n_atoms = sum(len(a) for a in frames)
+    ref, pred = rng.normal(size=(n_atoms, 3)), rng.normal(size=(n_atoms, 3))
+    err, uniform, internal = decompose(frames, SimpleNamespace(forces_pred=pred, forces_ref=ref))
+    np.testing.assert_allclose(err, 1000.0 * (pred - ref))
+    np.testing.assert_allclose(uniform + internal, err)
+    start = 0
+    for a in frames:
+        for lo, hi in ((0, a.info["monomer_a_atoms"]), (a.info["monomer_a_atoms"], len(a))):
+            block = slice(start + lo, start + hi)
+            np.testing.assert_allclose(uniform[block].sum(0), err[block].sum(0))  # the net error
+            np.testing.assert_allclose(uniform[block], uniform[block][:1].repeat(hi - lo, 0))  # even
+            np.testing.assert_allclose(internal[block].sum(0), 0.0, atol=1e-9)
+        start += len(a)
+    np.testing.assert_allclose((err ** 2).sum(), (uniform ** 2).sum() + (internal ** 2).sum())
