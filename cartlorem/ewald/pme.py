@@ -654,19 +654,17 @@ def influence_function(cell: torch.Tensor, mesh: tuple, order: int, alpha: float
     metric = recip @ recip.transpose(0, 1)
     moduli = [torch.as_tensor(bspline_moduli(size, order), dtype=dtype, device=device) for size in mesh]
     scale = float(np.prod(mesh)) / torch.abs(torch.linalg.det(cell))
-    if not (cell.requires_grad and torch.is_grad_enabled()):
-        # pairwise products are planes, only their sum is a full mesh; then exp, / k^2 and the factors in place
-        k2 = (2.0 * metric[0, 1]) * (m[0] * m[1]) + (2.0 * metric[0, 2]) * (m[0] * m[2])
-        k2.add_((2.0 * metric[1, 2]) * (m[1] * m[2])).add_(metric[0, 0] * m[0] * m[0])
-        k2.add_(metric[1, 1] * m[1] * m[1]).add_(metric[2, 2] * m[2] * m[2])
+    # pairwise products are planes, only their sum is a full mesh (accumulated in place)
+    k2 = (2.0 * metric[0, 1]) * (m[0] * m[1]) + (2.0 * metric[0, 2]) * (m[0] * m[2])
+    k2.add_((2.0 * metric[1, 2]) * (m[1] * m[2])).add_(metric[0, 0] * m[0] * m[0])
+    k2.add_(metric[1, 1] * m[1] * m[1]).add_(metric[2, 2] * m[2] * m[2])
+    if not (cell.requires_grad and torch.is_grad_enabled()):  # exp, / k^2 and the factors in place
         k2.view(-1)[0] = 1.0  # k = 0 (the only k with k^2 = 0), zeroed below
         G = torch.exp(k2 * (-0.25 / (alpha * alpha)))
         G.div_(k2).mul_(moduli[0][:, None, None] * (4.0 * math.pi * scale)).mul_(moduli[1][None, :, None])
         G.mul_(moduli[2][None, None, : mesh[2] // 2 + 1])
         G.view(-1)[0] = 0.0
         return G
-    k2 = (m[0] * (metric[0, 0] * m[0] + 2.0 * metric[0, 1] * m[1] + 2.0 * metric[0, 2] * m[2])
-          + m[1] * (metric[1, 1] * m[1] + 2.0 * metric[1, 2] * m[2]) + metric[2, 2] * m[2] * m[2])
     safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
     kernel = torch.where(k2 > 0, 4.0 * math.pi * torch.exp(-safe / (4.0 * alpha * alpha)) / safe,
                          torch.zeros_like(k2))
