@@ -49,8 +49,9 @@ import harness  # noqa: E402
 KINDS = ("none", "multipole", "lorem")
 #: Variants of the long-range sum, timed in the same run (the model is the same, only the code path differs):
 #: "" this branch; "@ref": kernel derivatives op by op (RadialKernel.derivatives_autograd, the code before
-#: issue 12); "+pairs": open molecules through cartlorem.ewald.direct.open_molecules_fields (the proposed
-#: call-site switch in cartlorem/ewald/fields.py, applied here by patching fields._open_batched).
+#: issue 12); "@pair_fields": open molecules through the per-pair formulas of cartlorem.ewald.fields.pair_fields
+#: op by op (the eager path before the fused coupling matrices of cartlorem.ewald.direct.PairCoupling; still
+#: the TorchScript path), applied by patching fields.open_molecules_fields.
 #: "/zero-fields": the long-range sum replaced by zero fields that still depend on the charges and positions
 #: (the rest of the block, its backward and double backward unchanged): step(kind) − step(kind/zero-fields) is
 #: the cost of the Ewald/direct sum, step(kind/zero-fields) − step(none) the cost of the rest of the block.
@@ -60,7 +61,7 @@ KINDS = ("none", "multipole", "lorem")
 #: (with placement "end", the backward and double backward of the last layer's rank-1 and rank-2 outputs,
 #: which a short-range model does not compute: its last layer outputs scalars only),
 #: step(kind/zero-fields-detached) − step(none) the block's own operations.
-VARIANTS = ("", "@ref", "+pairs", "/zero-fields", "/zero-fields-detached")
+VARIANTS = ("", "@ref", "@pair_fields", "/zero-fields", "/zero-fields-detached")
 
 
 def _zero_fields(positions, batch, cell, pbc, charges=None, dipoles=None, quadrupoles=None, *, ranks=(0, 1, 2),
@@ -75,16 +76,31 @@ def _zero_fields(positions, batch, cell, pbc, charges=None, dipoles=None, quadru
                            if 2 in ranks else None)
 
 
+def _open_molecules_per_pair(positions, batch, charges, dipoles, quadrupoles, *, smearing, accuracy, prefactor,
+                             ranks=(0, 1, 2)):
+    """The open-molecule sum by :func:`cartlorem.ewald.fields.pair_fields` (variant "@pair_fields")."""
+    from cartlorem.ewald.fields import intra_pairs, pair_fields
+    from cartlorem.ewald.kernels import RadialKernel
+
+    i, j = intra_pairs(batch)
+    R = positions[i] - positions[j]
+    kernel = RadialKernel.coulomb() if smearing is None else RadialKernel.smeared(float(smearing))
+    m = {r: t for r, t in enumerate((charges, dipoles, quadrupoles)) if t is not None}
+    B = kernel.derivatives((R * R).sum(-1), torch.ones_like(R[:, 0], dtype=torch.bool), max(ranks) + max(m))
+    out = pair_fields(R, i, positions.shape[0], *(None if t is None else t[j] for t in (charges, dipoles, quadrupoles)),
+                      B, 0 in ranks, 1 in ranks, 2 in ranks)
+    return tuple(None if x is None else prefactor * x for x in out)
+
+
 @contextlib.contextmanager
 def variant(name):
     """Apply a long-range code-path variant (see VARIANTS) for the duration of one step."""
     import cartlorem.ewald.fields as fields
-    from cartlorem.ewald.direct import open_molecules_fields
     from cartlorem.ewald.kernels import RadialKernel
 
     import cartlorem.nn.long_range as long_range
 
-    saved = (RadialKernel.derivatives, fields._open_batched, long_range.batched_multipole_fields,
+    saved = (RadialKernel.derivatives, fields.open_molecules_fields, long_range.batched_multipole_fields,
              long_range.LongRangeBlock.forward)
     if name.endswith("/zero-fields") or name.endswith("/zero-fields-detached"):
         long_range.batched_multipole_fields = _zero_fields
@@ -100,12 +116,12 @@ def variant(name):
         long_range.LongRangeBlock.forward = detached
     if name.endswith("@ref"):
         RadialKernel.derivatives = RadialKernel.derivatives_autograd
-    if name.endswith("+pairs"):
-        fields._open_batched = lambda *a, **k: fields.MultipoleFields(*open_molecules_fields(*a, **k))
+    if name.endswith("@pair_fields"):
+        fields.open_molecules_fields = _open_molecules_per_pair
     try:
         yield
     finally:
-        (RadialKernel.derivatives, fields._open_batched, long_range.batched_multipole_fields,
+        (RadialKernel.derivatives, fields.open_molecules_fields, long_range.batched_multipole_fields,
          long_range.LongRangeBlock.forward) = saved
 
 
@@ -237,6 +253,7 @@ def local_breakdown(model, batches, dtype, n_steps=6, warmup=3, blocks=None):
 
     weights = {"energy": 10.0, "forces": 1.0, "stress": 0.0}
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True)
+    params = [p for p in model.parameters() if p.requires_grad]
     bs = [b.to(dtype=dtype) for b in batches]
     state = {"k": 0}
     model.train()
@@ -249,7 +266,7 @@ def local_breakdown(model, batches, dtype, n_steps=6, warmup=3, blocks=None):
             loss, _ = weighted_loss(pred, batch, weights)
         opt.zero_grad(set_to_none=True)
         with record_function("P:second backward"):
-            loss.backward()
+            torch.autograd.backward(loss, inputs=params)
         with record_function("P:optimiser"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
@@ -362,7 +379,7 @@ def step_fn(model, batches, dtype, path=""):
             pred = model(batch, compute_forces=True, compute_stress=False, create_graph=True)
             loss, _ = weighted_loss(pred, batch, weights)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss, inputs=params)  # as cartlorem.training.loop
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         opt.step()
 
@@ -448,8 +465,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--n-batches", type=int, default=6, help="distinct batches cycled through")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
-                   help="long-range code paths to time ('' this branch, '@ref' op-by-op kernels, '+pairs' "
-                        "pair-list sum for open molecules, '/zero-fields' zero fields: cost of the rest of the block, "
+                   help="long-range code paths to time ('' this branch, '@ref' op-by-op kernels, '@pair_fields' "
+                        "per-pair formulas op by op (the earlier open-molecule sum), '/zero-fields' zero fields: cost of the rest of the block, "
                         "'/zero-fields-detached' also no gradient into the local model: the block's own operations)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3)

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -211,3 +213,75 @@ def test_kernel_derivatives_third_order_equal_autograd():
     got = derivatives(lambda x: kernel.derivatives(x, valid, 3))
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+def _training_loss(pos, theta, fields_of):
+    """A force-training-like loss: multipoles depend on parameters theta (and positions), E on the fields."""
+    p = pos.clone().requires_grad_(True)
+    batch, _, q, mu, th = _molecules(7)
+    q = q * theta[0] + torch.tanh(p[:, :1]) * theta[1]
+    out = fields_of(p, batch, q * 1.0, mu * theta[2], th * theta[3])
+    energy = (out[0] ** 2).sum() + (out[1] * torch.sin(out[1])).sum() + (out[2] ** 3).sum()
+    (forces,) = torch.autograd.grad(energy, p, create_graph=True)
+    return (forces**2).sum() + energy
+
+
+def test_pair_coupling_parameter_gradient_of_force_loss_without_second_position_derivative(monkeypatch):
+    """Force training's double backward, taken for the parameters only (as the training loop does), runs the
+    closed-form backward of the backward and gives autograd's gradient; the positions' second derivative
+    (the op-by-op reference) runs only when the positions are differentiated again."""
+    import cartlorem.ewald.direct as direct
+
+    _, pos, *_ = _molecules(7)
+    theta = torch.tensor([0.7, -1.3, 0.4, 1.1], dtype=torch.float64, requires_grad=True)
+    closed_form = direct.PairCoupling.apply
+
+    def fields_of(coupling):
+        def f(p, batch, q, mu, th):
+            monkeypatch.setattr(direct.PairCoupling, "apply", coupling)
+            return direct.open_molecules_fields(p, batch, q, mu, th, smearing=0.8)
+        return f
+
+    reference = fields_of(lambda R, kernel, t: direct._coupling_reference(R, kernel, t))
+    (want,) = torch.autograd.grad(_training_loss(pos, theta, reference), theta)
+
+    fused = fields_of(closed_form)
+    calls = []
+    second_order = direct._second_order_reference
+    monkeypatch.setattr(direct, "_second_order_reference", lambda *a: calls.append(1) or second_order(*a))
+    theta.grad = None
+    torch.autograd.backward(_training_loss(pos, theta, fused), inputs=[theta])
+    torch.testing.assert_close(theta.grad, want, rtol=1e-12, atol=1e-12)
+    assert not calls  # closed form only
+    theta.grad = None
+    _training_loss(pos, theta, fused).backward()  # the positions (a leaf) get their second derivative too
+    torch.testing.assert_close(theta.grad, want, rtol=1e-12, atol=1e-12)
+    assert calls
+
+
+def test_training_step_differentiates_parameters_only(make_molecule, monkeypatch):
+    """cartlorem.train's backward asks for the parameters' gradients only: no second derivative in the
+    positions is ever taken (fails with a plain ``loss.backward()``, which fills ``positions.grad`` too)."""
+    import cartlorem.ewald.direct as direct
+    from cartlorem import CartLorem
+    from cartlorem.data import read_dataset
+    from cartlorem.train import train
+
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for k in range(6):
+        a = make_molecule(n_atoms=5, seed=k)
+        a.calc = SinglePointCalculator(a, energy=float(k), forces=np.random.default_rng(k).normal(size=(5, 3)))
+        frames.append(a)
+    graphs = read_dataset(frames, 3.0)
+
+    def forbidden(*a):
+        raise AssertionError("second derivative in the positions taken during training")
+
+    monkeypatch.setattr(direct, "_second_order_reference", forbidden)
+    torch.manual_seed(0)
+    model = CartLorem([1, 6, 8], cutoff=3.0, long_range="multipole", channels=4, num_layers=2, correlation=2,
+                      num_basis=4, radial_hidden=8, readout_hidden=8).double()
+    result = train(model, graphs[:4], graphs[4:], epochs=1, batch_size=2, progress=False, seed=0)
+    assert result.epochs_completed == 1

@@ -169,6 +169,20 @@ def _check_overlap(r2: torch.Tensor, valid: torch.Tensor, i0: int, j0: int, shif
 _FULL_INDICES = {0: ((),), 1: ((0,), (1,), (2,)), 2: tuple((a, b) for a in range(3) for b in range(3))}
 
 
+def _monomial_column(powers: tuple) -> int:
+    """Column of ``Rx^px Ry^py Rz^pz`` in the row ``[1, R (3), R R (9), R R R (27), ...]`` of full products."""
+    idx = (0,) * powers[0] + (1,) * powers[1] + (2,) * powers[2]
+    flat = 0
+    for axis in idx:
+        flat = 3 * flat + axis
+    return (3 ** len(idx) - 1) // 2 + flat
+
+
+#: Exponents (px, py, pz) of every column of that row up to degree 5.
+_MONOMIAL_POWERS = {_monomial_column(p): p for p in
+                    ((a, b, d - a - b) for d in range(6) for a in range(d + 1) for b in range(d + 1 - a))}
+
+
 @functools.lru_cache(maxsize=None)
 def _pair_table(ranks: tuple, source_ranks: tuple):
     """Features and coefficients of the per-pair coupling matrix of the given field and source ranks.
@@ -181,15 +195,6 @@ def _pair_table(ranks: tuple, source_ranks: tuple):
     """
     rows = [idx for r in ranks for idx in _FULL_INDICES[r]]
     cols = [idx for r in source_ranks for idx in _FULL_INDICES[r]]
-    offset = {0: 0, 1: 1, 2: 4, 3: 13, 4: 40}  # start of each degree in the monomial row
-
-    def column(powers):
-        idx = (0,) * powers[0] + (1,) * powers[1] + (2,) * powers[2]
-        flat = 0
-        for axis in idx:
-            flat = 3 * flat + axis
-        return offset[len(idx)] + flat
-
     features, coef = {}, {}
     for a, ia in enumerate(rows):
         sign = 1.0 if not ia else -1.0
@@ -203,8 +208,144 @@ def _pair_table(ranks: tuple, source_ranks: tuple):
         table[f][ab] = c
     keys = sorted(features, key=features.get)
     orders = [order for order, _ in keys]
-    columns = [column(powers) for _, powers in keys]
+    columns = [_monomial_column(powers) for _, powers in keys]
     return orders, columns, table, len(rows), len(cols), max(orders)
+
+
+#: Floats a pair list may hold per call (coupling matrices, what their backward keeps, per-pair fields);
+#: beyond it a batch of open structures is summed structure by structure in blocks (:func:`pair_sum`).
+PAIR_LIST_FLOATS = 1 << 24
+
+
+def pair_list_fits(n_pairs: int, ranks, source_ranks, n_channels: int) -> bool:
+    """Whether :func:`pair_list_fields` over ``n_pairs`` pairs stays within :data:`PAIR_LIST_FLOATS`."""
+    orders, _, _, n_rows, n_cols, _ = _pair_table(tuple(sorted(ranks)), tuple(sorted(source_ranks)))
+    n_features = len(orders)
+    return n_pairs * (n_rows * n_cols + 5 * n_features + 2 * n_rows * n_channels) <= PAIR_LIST_FLOATS
+
+
+class _CouplingTable:
+    """Constant tables of the coupling matrix ``K`` of :func:`_pair_table`, on one dtype and device.
+
+    orders, columns [F] long (``B_n`` order and monomial column of each feature); coef [F, A * Bc];
+    up [F] long (``n + 1``); dcol [F, 3] long and dpow [F, 3] (column and exponent of
+    ``d R^p / d R_x = p_x R^(p - e_x)``); degree: the highest monomial degree.
+    """
+
+    def __init__(self, ranks, source_ranks, dtype, device):
+        orders, columns, table, self.n_rows, self.n_cols, self.max_order = _pair_table(ranks, source_ranks)
+        powers = [_MONOMIAL_POWERS[c] for c in columns]
+        self.degree = max(sum(p) for p in powers)
+        self.orders = torch.tensor(orders, device=device)
+        self.up = self.orders + 1
+        self.columns = torch.tensor(columns, device=device)
+        self.coef = torch.tensor(table, dtype=dtype, device=device)
+        lower = [[_monomial_column(tuple(q - (a == x) for a, q in enumerate(p))) if p[x] else 0 for x in range(3)]
+                 for p in powers]
+        self.dcol = torch.tensor(lower, device=device)
+        self.dpow = torch.tensor([list(p) for p in powers], dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _coupling_table(ranks: tuple, source_ranks: tuple, dtype, device) -> _CouplingTable:
+    return _CouplingTable(ranks, source_ranks, dtype, device)
+
+
+def _monomials(R: torch.Tensor, degree: int) -> torch.Tensor:
+    """Row ``[1, R (3), R R (9), ...]`` of full outer products up to ``degree``: [P, 1 + 3 + ... + 3^degree]."""
+    mono = [torch.ones_like(R[:, :1]), R]
+    while len(mono) <= degree:
+        mono.append((mono[-1][:, :, None] * R[:, None, :]).reshape(R.shape[0], -1))
+    return torch.cat(mono[: degree + 1], dim=1)
+
+
+def _coupling_reference(R: torch.Tensor, kernel: RadialKernel, t: _CouplingTable) -> torch.Tensor:
+    """``K`` [P, A, Bc] op by op (autograd records every step): the path of Hessians and higher orders."""
+    r2 = (R * R).sum(-1)
+    B = torch.stack(kernel.derivatives(r2, torch.ones_like(r2, dtype=torch.bool), t.max_order), dim=1)
+    features = B.index_select(1, t.orders) * _monomials(R, t.degree).index_select(1, t.columns)  # [P, F]
+    return (features @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols)
+
+
+class PairCoupling(torch.autograd.Function):
+    """Coupling matrices ``K(R)`` [P, A, Bc] of a pair list (:func:`_pair_table`) with a closed-form backward.
+
+    ``K = features @ coef`` with features ``B_n(R) R^p``; ``dB_n/dR = -R B_(n+1)``, so the gradient is
+    ``g_R = -R sum_f w_f B_(n_f + 1) R^p_f + sum_f w_f B_(n_f) d R^p_f / dR`` with ``w = g_K coef^T``: one
+    matmul and a few products over [P, F], evaluated by :class:`PairCouplingGrad`, whose own backward (the
+    double backward of force training) is again one matmul. Force training builds three nodes here where
+    autograd through the features records dozens. Orders beyond the second in R (Hessians of the fields,
+    or a second derivative taken with a graph) go through :func:`_coupling_reference` and autograd.
+
+    apply(R [P, 3] (Å), kernel, table) -> K [P, A, Bc].
+    """
+
+    @staticmethod
+    def forward(ctx, R, kernel, t):
+        with torch.no_grad():
+            r2 = (R * R).sum(-1)
+            B = torch.stack(kernel.derivatives_autograd(r2, torch.ones_like(r2, dtype=torch.bool),
+                                                        t.max_order + 1), dim=1)  # [P, max_order + 2]
+            mono = _monomials(R, t.degree)
+            Bn = B.index_select(1, t.orders)  # [P, F]
+            mono_f = mono.index_select(1, t.columns)
+            K = ((Bn * mono_f) @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols)
+            if ctx.needs_input_grad[0]:
+                up = B.index_select(1, t.up) * mono_f  # B_(n+1) R^p  [P, F]
+                dmono = mono[:, t.dcol] * t.dpow  # d R^p / d R_x  [P, F, 3]
+                ctx.save_for_backward(R, Bn, up, dmono)
+        ctx.kernel, ctx.table = kernel, t
+        return K
+
+    @staticmethod
+    def backward(ctx, gK):
+        R, Bn, up, dmono = ctx.saved_tensors
+        return PairCouplingGrad.apply(gK, R, Bn, up, dmono, ctx.kernel, ctx.table), None, None
+
+
+class PairCouplingGrad(torch.autograd.Function):
+    """``g_R`` of :class:`PairCoupling` from ``g_K``; linear in ``g_K``, whose gradient is the closed form."""
+
+    @staticmethod
+    def forward(ctx, gK, R, Bn, up, dmono, kernel, t):
+        w = gK.reshape(gK.shape[0], -1) @ t.coef.T  # [P, F]
+        gR = torch.bmm((w * Bn)[:, None, :], dmono)[:, 0] - R * (w * up).sum(-1, keepdim=True)
+        ctx.save_for_backward(gK, R, Bn, up, dmono)
+        ctx.kernel, ctx.table = kernel, t
+        return gR
+
+    @staticmethod
+    def backward(ctx, g_gR):
+        gK, R, Bn, up, dmono = ctx.saved_tensors
+        if torch.is_grad_enabled() or (ctx.needs_input_grad[1] and _engine_needs(R)):
+            return _second_order_reference(gK, R, g_gR, ctx) + (None,) * 5
+        g_w = Bn * torch.bmm(dmono, g_gR[:, :, None])[..., 0] - up * (g_gR * R).sum(-1, keepdim=True)
+        return (g_w @ ctx.table.coef).reshape(gK.shape), None, None, None, None, None, None
+
+
+def _engine_needs(t: torch.Tensor) -> bool:
+    """Whether the running backward pass will propagate into ``t`` (True when that cannot be told).
+
+    ``loss.backward(inputs=parameters)`` in force training never needs the second derivative in the
+    positions; ``_will_engine_execute_node`` says so during a backward pass.
+    """
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if t.grad_fn is None or will_execute is None:
+        return True
+    return bool(will_execute(t.grad_fn))
+
+
+def _second_order_reference(gK, R, g_gR, ctx):
+    """(g_gK, g_R) of :class:`PairCouplingGrad` by autograd through :func:`_coupling_reference`."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        Rr = R if create_graph and R.requires_grad else R.detach().requires_grad_(True)
+        gKr = gK if create_graph and gK.requires_grad else gK.detach().requires_grad_(True)
+        K = _coupling_reference(Rr, ctx.kernel, ctx.table)
+        (gR,) = torch.autograd.grad(K, Rr, gKr, create_graph=True)
+        wanted = [x for x, need in zip((gKr, Rr), ctx.needs_input_grad[:2]) if need]
+        grads = iter(torch.autograd.grad(gR, wanted, g_gR, create_graph=create_graph, allow_unused=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:2])
 
 
 def pair_list_fields(
@@ -224,40 +365,27 @@ def pair_list_fields(
     [N, C, 3] (e Å), quadrupoles [N, C, 3, 3] (e Å², symmetric traceless). kernel: the radial kernel
     (``RadialKernel.coulomb()`` or ``.smeared(sigma)``). ranks: field ranks to return.
     Returns {rank: potential [N, C] / field [N, C, 3] / gradient [N, C, 3, 3]} times ``prefactor``,
-    the same numbers as the blocked :func:`pair_sum` restricted to these pairs. Differentiable (twice
-    and more) with respect to positions and multipoles; plain autograd ops (scriptable building blocks).
+    the same numbers as the blocked :func:`pair_sum` restricted to these pairs. Differentiable to any
+    order with respect to positions and multipoles (:class:`PairCoupling`).
     """
     ranks = tuple(sorted(set(int(r) for r in ranks)))
     source_ranks = tuple(sorted(multipoles))
-    orders, columns, table, n_rows, n_cols, max_order = _pair_table(ranks, source_ranks)
+    t = _coupling_table(ranks, source_ranks, positions.dtype, positions.device)
     ref = multipoles[source_ranks[0]]
     n_atoms, n_ch = positions.shape[0], ref.shape[1]
-    dtype, device = positions.dtype, positions.device
     # sources as full components [N, Bc, C]: q, mu_x..z, Theta_xx..zz
     parts = []
     for r in source_ranks:
-        t = multipoles[r]
-        parts.append(t[:, None, :] if r == 0 else t.reshape(n_atoms, n_ch, 3**r).transpose(1, 2))
+        x = multipoles[r]
+        parts.append(x[:, None, :] if r == 0 else x.reshape(n_atoms, n_ch, 3**r).transpose(1, 2))
     v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     R = positions[i] - positions[j]  # [P, 3]
-    r2 = (R * R).sum(-1)  # [P]
-    B = kernel.derivatives(r2, torch.ones_like(r2, dtype=torch.bool), max_order)
-    B = torch.stack(B, dim=1)  # [P, max_order + 1]
-    n_pairs = R.shape[0]
-    mono = [torch.ones_like(R[:, :1]), R]  # degrees 0 and 1; then up to max_order (<= 4)
-    while len(mono) <= max_order:
-        mono.append((mono[-1][:, :, None] * R[:, None, :]).reshape(n_pairs, -1))  # [P, 3^d]
-    mono = torch.cat(mono, dim=1)  # [P, 1 + 3 + 9 + ...]
-    order_index = torch.tensor(orders, device=device)
-    column_index = torch.tensor(columns, device=device)
-    features = B.index_select(1, order_index) * mono.index_select(1, column_index)  # [P, F]
-    coef = torch.tensor(table, dtype=dtype, device=device)  # [F, A * Bc]
-    K = (features @ coef).reshape(n_pairs, n_rows, n_cols)  # [P, A, Bc]
-    vj = v.index_select(0, j)  # [P, Bc, C]
-    per_pair = K * vj if n_rows * n_cols == 1 else torch.bmm(K, vj)  # [P, A, C]
-    out = positions.new_zeros(n_atoms, n_rows, n_ch).index_add(0, i, per_pair)  # [N, A, C]
+    K = PairCoupling.apply(R, kernel, t)  # [P, A, Bc]
     if prefactor != 1.0:
-        out = out * prefactor
+        v = v * prefactor
+    vj = v.index_select(0, j)  # [P, Bc, C]
+    per_pair = K * vj if t.n_rows * t.n_cols == 1 else torch.bmm(K, vj)  # [P, A, C]
+    out = positions.new_zeros(n_atoms, t.n_rows, n_ch).index_add(0, i, per_pair)  # [N, A, C]
     fields, start = {}, 0
     for r in ranks:
         block = out[:, start : start + 3**r]  # [N, 3^r, C]
@@ -292,9 +420,9 @@ def open_molecules_fields(positions, batch, charges=None, dipoles=None, quadrupo
                           accuracy=1e-6, prefactor=1.0, ranks=(0, 1, 2)) -> tuple:
     """Every open structure of a batch in one sum over its intra-structure pairs (:func:`pair_list_fields`).
 
-    The arguments of ``cartlorem.ewald.fields._open_batched`` (positions [N, 3] Å, batch [N] long,
-    charges [N, C], dipoles [N, C, 3], quadrupoles [N, C, 3, 3] or None; smearing σ in Å or None) and
-    the same numbers, with a fraction of its autograd nodes. Returns (potential [N, C], field [N, C, 3],
+    positions [N, 3] Å, batch [N] long, charges [N, C], dipoles [N, C, 3], quadrupoles [N, C, 3, 3] or
+    None; smearing σ in Å or None (what :func:`.fields.batched_multipole_fields` uses for the open
+    structures of a batch when :func:`pair_list_fits`). Returns (potential [N, C], field [N, C, 3],
     gradient [N, C, 3, 3]), None for a rank not in ``ranks``. Point multipoles closer than
     :data:`OVERLAP_DISTANCE` raise ValueError.
     """

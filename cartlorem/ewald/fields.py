@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ._validate import check_inputs
-from .direct import OVERLAP_DISTANCE, pair_sum
+from .direct import OVERLAP_DISTANCE, open_molecules_fields, pair_list_fits, pair_sum
 from .ewald import ewald_sum
 from .kernels import InteractionTensors, Layout, RadialKernel, pack_sources, unpack_rank
 from .pme import METHODS, choose_method, pme_sum
@@ -300,9 +300,11 @@ def batched_multipole_fields(
         sub = [None if t is None else t[open_atoms] for t in (charges, dipoles, quadrupoles)]
         n_pairs = int((torch.bincount(batch[open_atoms]) ** 2).sum())
         n_channels = next(t for t in sub if t is not None).shape[1]
-        if n_pairs * n_channels <= _FAST_OPEN_LIMIT:
-            parts.append(_open_batched(positions[open_atoms], batch[open_atoms], *sub, smearing=smearing,
-                                       accuracy=accuracy, prefactor=prefactor, ranks=ranks))
+        source_ranks = tuple(r for r, t in enumerate(sub) if t is not None)
+        if pair_list_fits(n_pairs, ranks, source_ranks, n_channels):
+            out = open_molecules_fields(positions[open_atoms], batch[open_atoms], *sub, smearing=smearing,
+                                        accuracy=accuracy, prefactor=prefactor, ranks=ranks)
+            parts.append(MultipoleFields(*out))
             order.append(open_atoms)
             handled = open_struct
     for b in range(cell.shape[0]):
@@ -327,50 +329,6 @@ def batched_multipole_fields(
         order.append(idx)
     inverse = torch.argsort(torch.cat(order))
     return MultipoleFields(*(None if x[0] is None else torch.cat(list(x))[inverse] for x in zip(*parts)))
-
-
-#: Above this many (pairs x channels) a batch of open structures goes through the blocked pair sum.
-_FAST_OPEN_LIMIT = 1 << 20
-
-
-def _open_batched(positions, batch, charges, dipoles, quadrupoles, *, smearing, accuracy, prefactor,
-                  ranks=(0, 1, 2)):
-    """All open structures of a batch in one vectorised direct sum over intra-structure pairs.
-
-    With R = r_i − r_j and the kernel's B_n (B_0 = f, B_n = −(1/R) dB_{n−1}/dR), a source (q, μ, Θ)
-    at j gives at i, Θ traceless:
-        φ = q B0 + (μ·R) B1 + ½ (RᵀΘR) B2
-        E = a R − μ B1 − (ΘR) B2,                  a = q B1 + (μ·R) B2 + ½ (RᵀΘR) B3
-        G = a I + b R Rᵀ + (μ Rᵀ + R μᵀ) B2 + (ΘR Rᵀ + R (ΘR)ᵀ) B3 − Θ B2,
-                                                   b = −(q B2 + (μ·R) B3 + ½ (RᵀΘR) B4)
-    (φ differentiated with ∂B_n/∂R = −R B_{n+1}). Same results as the blocked pair sum, far fewer
-    kernel launches for many small molecules. Only the field ranks in ``ranks`` are computed (None else).
-    """
-    inputs = check_inputs(positions, charges, dipoles, quadrupoles, None, None, smearing, accuracy)
-    m = inputs.multipoles
-    pos = inputs.positions
-    i, j = intra_pairs(batch)
-    ref = next(iter(m.values()))
-    n_atoms, n_ch = pos.shape[0], ref.shape[1]
-    shapes = {0: (n_atoms, n_ch), 1: (n_atoms, n_ch, 3), 2: (n_atoms, n_ch, 3, 3)}
-    zeros = {r: pos.new_zeros(shapes[r]) for r in ranks}
-    if i.numel() == 0:
-        return MultipoleFields(*(zeros.get(r) for r in (0, 1, 2)))
-    R = pos[i] - pos[j]  # [P, 3]
-    r2 = (R * R).sum(-1)  # [P]
-    if smearing is None:
-        if bool((r2.detach() < OVERLAP_DISTANCE**2).any()):
-            k = int(torch.argmin(r2.detach()))
-            raise ValueError(f"point multipoles at atoms {int(i[k])} and {int(j[k])} overlap "
-                             f"(distance {float(r2[k].detach().sqrt()):.2e} Å)")
-        kernel = RadialKernel.coulomb()
-    else:
-        kernel = RadialKernel.smeared(float(smearing))
-    B = kernel.derivatives(r2, torch.ones_like(r2, dtype=torch.bool), max(ranks) + max(m))
-    phi, E, G = pair_fields(R, i, n_atoms, m[0][j] if 0 in m else None, m[1][j] if 1 in m else None,
-                            m[2][j] if 2 in m else None, B, 0 in ranks, 1 in ranks, 2 in ranks)
-    out = {r: prefactor * x for r, x in zip((0, 1, 2), (phi, E, G)) if x is not None}
-    return MultipoleFields(*(out.get(r) for r in (0, 1, 2)))
 
 
 def intra_pairs(batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -403,7 +361,17 @@ def intra_pairs(batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def pair_fields(R: torch.Tensor, i: torch.Tensor, n_atoms: int, q: Optional[torch.Tensor], mu: Optional[torch.Tensor],
                 th: Optional[torch.Tensor], B: List[torch.Tensor], want_phi: bool, want_E: bool, want_G: bool
                 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Fields at the targets i of sources across pairs, summed per target (the formulas of :func:`_open_batched`).
+    """Fields at the targets i of sources across pairs, summed per target, op by op (TorchScript-compatible).
+
+    With R = r_i − r_j and the kernel's B_n (B_0 = f, B_n = −(1/R) dB_{n−1}/dR), a source (q, μ, Θ)
+    at j gives at i, Θ traceless:
+        φ = q B0 + (μ·R) B1 + ½ (RᵀΘR) B2
+        E = a R − μ B1 − (ΘR) B2,                  a = q B1 + (μ·R) B2 + ½ (RᵀΘR) B3
+        G = a I + b R Rᵀ + (μ Rᵀ + R μᵀ) B2 + (ΘR Rᵀ + R (ΘR)ᵀ) B3 − Θ B2,
+                                                   b = −(q B2 + (μ·R) B3 + ½ (RᵀΘR) B4)
+    (φ differentiated with ∂B_n/∂R = −R B_{n+1}). The same numbers as
+    :func:`.direct.pair_list_fields`, which eager code uses (fewer autograd nodes); this form is
+    what :mod:`cartlorem.export` scripts.
 
     R [P, 3] (Å) pair vectors r_i − r_j; i [P] target atoms (0 .. n_atoms − 1); the sources at j of every pair:
     q [P, C], mu [P, C, 3], th [P, C, 3, 3] (traceless) or None; B: ``B_0 .. B_n`` [P] of the radial kernel

@@ -383,7 +383,9 @@ class _Run:
             raise self._nonfinite("loss", float(loss.detach()), terms, epoch, b + 1, n_batches, idx)
         self.opt.zero_grad(set_to_none=True)
         if loss is not None:
-            loss.backward()
+            # only the parameters' gradients: the positions (a leaf when forces are computed) would otherwise
+            # get one too, i.e. the second derivative of every geometric term of the model, never used
+            torch.autograd.backward(loss, inputs=params)
         loss_value = 0.0 if loss is None else float(loss.detach())
         if self.ranks.many:
             loss_value = self.ranks.sum_gradients(params, loss_value)  # the same on every process
