@@ -226,7 +226,7 @@ def _training_loss(pos, theta, fields_of):
     return (forces**2).sum() + energy
 
 
-def test_pair_coupling_parameter_gradient_of_force_loss_without_second_position_derivative(monkeypatch):
+def test_pair_list_sum_parameter_gradient_of_force_loss_without_second_position_derivative(monkeypatch):
     """Force training's double backward, taken for the parameters only (as the training loop does), runs the
     closed-form backward of the backward and gives autograd's gradient; the positions' second derivative
     (the op-by-op reference) runs only when the positions are differentiated again."""
@@ -234,15 +234,15 @@ def test_pair_coupling_parameter_gradient_of_force_loss_without_second_position_
 
     _, pos, *_ = _molecules(7)
     theta = torch.tensor([0.7, -1.3, 0.4, 1.1], dtype=torch.float64, requires_grad=True)
-    closed_form = direct.PairCoupling.apply
+    closed_form = direct.PairListSum.apply
 
-    def fields_of(coupling):
+    def fields_of(pair_sum):
         def f(p, batch, q, mu, th):
-            monkeypatch.setattr(direct.PairCoupling, "apply", coupling)
-            return direct.open_molecules_fields(p, batch, q, mu, th, smearing=0.8)
+            monkeypatch.setattr(direct.PairListSum, "apply", pair_sum)
+            return direct.open_molecules_fields(p, batch, q, mu, th, smearing=0.8, prefactor=1.7)
         return f
 
-    reference = fields_of(lambda R, kernel, t: direct._coupling_reference(R, kernel, t))
+    reference = fields_of(lambda *a: direct._field_sum_reference(*a))
     (want,) = torch.autograd.grad(_training_loss(pos, theta, reference), theta)
 
     fused = fields_of(closed_form)
@@ -285,3 +285,22 @@ def test_training_step_differentiates_parameters_only(make_molecule, monkeypatch
                       num_basis=4, radial_hidden=8, readout_hidden=8).double()
     result = train(model, graphs[:4], graphs[4:], epochs=1, batch_size=2, progress=False, seed=0)
     assert result.epochs_completed == 1
+
+
+@pytest.mark.parametrize("ranks", [(0,), (1, 2)])
+def test_pair_list_fields_of_charges_gradcheck_and_gradgradcheck(ranks):
+    """Charges alone (the ``lorem`` block's potential: 1 x 1 coupling, products instead of matmuls)."""
+    from cartlorem.ewald.direct import molecule_pairs, pair_list_fields
+
+    batch = torch.tensor([0, 1, 0, 1, 0])
+    _, pos, q, _, _ = _molecules(3, channels=3)
+    pos, q = pos[:5].clone(), q[:5]
+    i, j = molecule_pairs(batch)
+
+    def f(p, q_):
+        out = pair_list_fields(p, i, j, {0: q_}, RadialKernel.smeared(0.7), ranks, prefactor=0.9)
+        return tuple(out[r] for r in ranks)
+
+    args = tuple(t.clone().requires_grad_(True) for t in (pos, q))
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)

@@ -227,23 +227,50 @@ def pair_list_fits(n_pairs: int, ranks, source_ranks, n_channels: int) -> bool:
 class _CouplingTable:
     """Constant tables of the coupling matrix ``K`` of :func:`_pair_table`, on one dtype and device.
 
-    orders, columns [F] long (``B_n`` order and monomial column of each feature); coef [F, A * Bc];
-    up [F] long (``n + 1``); dcol [F, 3] long and dpow [F, 3] (column and exponent of
-    ``d R^p / d R_x = p_x R^(p - e_x)``); degree: the highest monomial degree.
+    The features ``B_n R^p`` and, for the gradient, the rows ``B_n dR^p/dR_x`` (x = 0, 1, 2) and
+    ``-B_(n+1) R^p`` are products of one column of the ``B_n`` and one monomial of a compact list
+    (every monomial they use, each built from a lower one times one component of R):
+
+    orders, columns [F] long; coef [F, A * Bc]; grad_orders, grad_columns [4 F] long and grad_coef [4, F]
+    (exponent p_x, or -1); steps: per degree (lower monomial indices, axes) [long]; max_order, degree.
     """
 
     def __init__(self, ranks, source_ranks, dtype, device):
         orders, columns, table, self.n_rows, self.n_cols, self.max_order = _pair_table(ranks, source_ranks)
         powers = [_MONOMIAL_POWERS[c] for c in columns]
-        self.degree = max(sum(p) for p in powers)
+        lowered = [[tuple(q - (a == x) for a, q in enumerate(p)) if p[x] else (0, 0, 0) for p in powers]
+                   for x in range(3)]
+        needed = set(powers) | {q for row in lowered for q in row} | {(0, 0, 0)}
+        for p in sorted(needed, key=sum, reverse=True):  # close under lowering the first non-zero exponent
+            while sum(p):
+                axis = next(a for a in range(3) if p[a])
+                p = tuple(q - (a == axis) for a, q in enumerate(p))
+                needed.add(p)
+        compact = sorted(needed, key=lambda p: (sum(p), p))  # degree by degree, (0, 0, 0) first
+        index = {p: k for k, p in enumerate(compact)}
+        self.degree = max(sum(p) for p in compact)
+        self.steps = []
+        for d in range(1, self.degree + 1):
+            block = [p for p in compact if sum(p) == d]
+            axes = [next(a for a in range(3) if p[a]) for p in block]
+            lower = [index[tuple(q - (a == x) for a, q in enumerate(p))] for p, x in zip(block, axes)]
+            self.steps.append((torch.tensor(lower, device=device), torch.tensor(axes, device=device)))
         self.orders = torch.tensor(orders, device=device)
-        self.up = self.orders + 1
-        self.columns = torch.tensor(columns, device=device)
+        self.columns = torch.tensor([index[p] for p in powers], device=device)
         self.coef = torch.tensor(table, dtype=dtype, device=device)
-        lower = [[_monomial_column(tuple(q - (a == x) for a, q in enumerate(p))) if p[x] else 0 for x in range(3)]
-                 for p in powers]
-        self.dcol = torch.tensor(lower, device=device)
-        self.dpow = torch.tensor([list(p) for p in powers], dtype=dtype, device=device)
+        self.grad_orders = torch.tensor(orders * 3 + [n + 1 for n in orders], device=device)
+        self.grad_columns = torch.tensor([index[q] for row in lowered for q in row] + [index[p] for p in powers],
+                                         device=device)
+        self.grad_coef = torch.tensor([[float(p[x]) for p in powers] for x in range(3)] + [[-1.0] * len(powers)],
+                                      dtype=dtype, device=device)
+
+    def monomials(self, R: torch.Tensor) -> torch.Tensor:
+        """The compact monomials of R [P, 3]: [P, M]."""
+        blocks = [torch.ones_like(R[:, :1])]
+        for lower, axes in self.steps:
+            below = blocks[-1] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+            blocks = [below, below.index_select(1, lower) * R.index_select(1, axes)]
+        return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
 
 
 @functools.lru_cache(maxsize=64)
@@ -251,101 +278,149 @@ def _coupling_table(ranks: tuple, source_ranks: tuple, dtype, device) -> _Coupli
     return _CouplingTable(ranks, source_ranks, dtype, device)
 
 
-def _monomials(R: torch.Tensor, degree: int) -> torch.Tensor:
-    """Row ``[1, R (3), R R (9), ...]`` of full outer products up to ``degree``: [P, 1 + 3 + ... + 3^degree]."""
-    mono = [torch.ones_like(R[:, :1]), R]
-    while len(mono) <= degree:
-        mono.append((mono[-1][:, :, None] * R[:, None, :]).reshape(R.shape[0], -1))
-    return torch.cat(mono[: degree + 1], dim=1)
-
-
 def _coupling_reference(R: torch.Tensor, kernel: RadialKernel, t: _CouplingTable) -> torch.Tensor:
     """``K`` [P, A, Bc] op by op (autograd records every step): the path of Hessians and higher orders."""
     r2 = (R * R).sum(-1)
     B = torch.stack(kernel.derivatives(r2, torch.ones_like(r2, dtype=torch.bool), t.max_order), dim=1)
-    features = B.index_select(1, t.orders) * _monomials(R, t.degree).index_select(1, t.columns)  # [P, F]
+    features = B.index_select(1, t.orders) * t.monomials(R).index_select(1, t.columns)  # [P, F]
     return (features @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols)
 
 
-class PairCoupling(torch.autograd.Function):
-    """Coupling matrices ``K(R)`` [P, A, Bc] of a pair list (:func:`_pair_table`) with a closed-form backward.
+def _field_sum_reference(pos, v, i, j, kernel, t, prefactor):
+    """The sum of :class:`PairListSum` op by op (autograd records every step): out [N, A, C]."""
+    K = _coupling_reference(pos[i] - pos[j], kernel, t) * prefactor
+    return pos.new_zeros(pos.shape[0], t.n_rows, v.shape[2]).index_add(0, i, _times(K, v.index_select(0, j)))
 
-    ``K = features @ coef`` with features ``B_n(R) R^p``; ``dB_n/dR = -R B_(n+1)``, so the gradient is
-    ``g_R = -R sum_f w_f B_(n_f + 1) R^p_f + sum_f w_f B_(n_f) d R^p_f / dR`` with ``w = g_K coef^T``: one
-    matmul and a few products over [P, F], evaluated by :class:`PairCouplingGrad`, whose own backward (the
-    double backward of force training) is again one matmul. Force training builds three nodes here where
-    autograd through the features records dozens. Orders beyond the second in R (Hessians of the fields,
-    or a second derivative taken with a graph) go through :func:`_coupling_reference` and autograd.
 
-    apply(R [P, 3] (Å), kernel, table) -> K [P, A, Bc].
+def _times(K: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per pair ``K @ x``: K [P, A, B], x [P, B, C] -> [P, A, C] (a broadcast product when A = B = 1)."""
+    return K * x if K.shape[1] * K.shape[2] == 1 else torch.bmm(K, x)
+
+
+def _outer(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per pair ``g @ x^T``: g [P, A, C], x [P, B, C] -> [P, A, B]."""
+    if g.shape[1] * x.shape[1] == 1:
+        return (g * x).sum(-1, keepdim=True)
+    return torch.bmm(g, x.transpose(1, 2))
+
+
+class PairListSum(torch.autograd.Function):
+    """Fields of the sources v at the targets of a pair list, with closed-form backward passes.
+
+    ``out[i] += K(r_i - r_j) v[j]`` over the pairs (i, j), with the coupling matrices ``K = features @ coef``
+    of :func:`_pair_table` (features ``B_n(R) R^p``) times ``prefactor``. Their gradient needs only
+    ``dB_n/dR = -R B_(n+1)``: ``g_R = sum_f w_f (B_(n_f) dR^p_f/dR - R B_(n_f + 1) R^p_f)`` with
+    ``w = g_K coef^T`` and ``g_K = g_out[i] v[j]^T``. The backward is :class:`PairListSumGrad`, whose own
+    backward (the double backward of force training, taken for the parameters) is closed form too, so a
+    training step records one node per pass here, whatever the number of pairs and ranks. The second
+    derivative in the positions (Hessians; any third order) goes through :func:`_field_sum_reference`
+    and autograd.
+
+    apply(pos [N, 3] (Å), v [N, Bc, C] (sources as full components), i, j [P] long, kernel, table,
+    prefactor) -> out [N, A, C].
     """
 
     @staticmethod
-    def forward(ctx, R, kernel, t):
+    def forward(ctx, pos, v, i, j, kernel, t, prefactor):
         with torch.no_grad():
+            R = pos[i] - pos[j]  # [P, 3]
             r2 = (R * R).sum(-1)
             B = torch.stack(kernel.derivatives_autograd(r2, torch.ones_like(r2, dtype=torch.bool),
                                                         t.max_order + 1), dim=1)  # [P, max_order + 2]
-            mono = _monomials(R, t.degree)
-            Bn = B.index_select(1, t.orders)  # [P, F]
-            mono_f = mono.index_select(1, t.columns)
-            K = ((Bn * mono_f) @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols)
-            if ctx.needs_input_grad[0]:
-                up = B.index_select(1, t.up) * mono_f  # B_(n+1) R^p  [P, F]
-                dmono = mono[:, t.dcol] * t.dpow  # d R^p / d R_x  [P, F, 3]
-                ctx.save_for_backward(R, Bn, up, dmono)
-        ctx.kernel, ctx.table = kernel, t
-        return K
+            mono = t.monomials(R)
+            features = B.index_select(1, t.orders) * mono.index_select(1, t.columns)  # [P, F]
+            K = (features @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols) * prefactor  # [P, A, Bc]
+            vj = v[j]
+            out = pos.new_zeros(pos.shape[0], t.n_rows, v.shape[2]).index_add_(0, i, _times(K, vj))
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                n = R.shape[0]
+                # rows B_n dR^p/dR_x (x = 0, 1, 2) and -B_(n+1) R^p of every feature  [P, 4, F]
+                G = (B.index_select(1, t.grad_orders) * mono.index_select(1, t.grad_columns)).view(n, 4, -1)
+                ctx.save_for_backward(pos, v, i, j, R, K, vj, G * t.grad_coef)
+        ctx.kernel, ctx.table, ctx.prefactor = kernel, t, prefactor
+        return out
 
     @staticmethod
-    def backward(ctx, gK):
-        R, Bn, up, dmono = ctx.saved_tensors
-        return PairCouplingGrad.apply(gK, R, Bn, up, dmono, ctx.kernel, ctx.table), None, None
+    def backward(ctx, g_out):
+        grads = PairListSumGrad.apply(g_out, *ctx.saved_tensors, ctx.kernel, ctx.table, ctx.prefactor)
+        return grads + (None,) * 5
 
 
-class PairCouplingGrad(torch.autograd.Function):
-    """``g_R`` of :class:`PairCoupling` from ``g_K``; linear in ``g_K``, whose gradient is the closed form."""
+class PairListSumGrad(torch.autograd.Function):
+    """(g_pos, g_v) of :class:`PairListSum` from g_out; its backward is closed form for g_out and v.
 
-    @staticmethod
-    def forward(ctx, gK, R, Bn, up, dmono, kernel, t):
-        w = gK.reshape(gK.shape[0], -1) @ t.coef.T  # [P, F]
-        gR = torch.bmm((w * Bn)[:, None, :], dmono)[:, 0] - R * (w * up).sum(-1, keepdim=True)
-        ctx.save_for_backward(gK, R, Bn, up, dmono)
-        ctx.kernel, ctx.table = kernel, t
-        return gR
+    With ``w = g_K coef^T`` [P, F] and the rows G [P, 4, F] of the forward, ``(G w)`` [P, 4] holds
+    ``sum_f w_f B_n dR^p/dR`` and ``-sum_f w_f B_(n+1) R^p``: ``g_R = (G w)[:3] + R (G w)[3]``.
+    """
 
     @staticmethod
-    def backward(ctx, g_gR):
-        gK, R, Bn, up, dmono = ctx.saved_tensors
-        if torch.is_grad_enabled() or (ctx.needs_input_grad[1] and _engine_needs(R)):
-            return _second_order_reference(gK, R, g_gR, ctx) + (None,) * 5
-        g_w = Bn * torch.bmm(dmono, g_gR[:, :, None])[..., 0] - up * (g_gR * R).sum(-1, keepdim=True)
-        return (g_w @ ctx.table.coef).reshape(gK.shape), None, None, None, None, None, None
+    def forward(ctx, g_out, pos, v, i, j, R, K, vj, G, kernel, t, prefactor):
+        go = g_out[i]  # [P, A, C]
+        g_v = torch.zeros_like(v).index_add_(0, j, _times(K.transpose(1, 2), go))
+        w = (_outer(go, vj).reshape(go.shape[0], -1) @ t.coef.T) * prefactor  # [P, F]
+        s = torch.bmm(G, w[:, :, None])[..., 0]  # [P, 4]
+        gR = torch.addcmul(s[:, :3], R, s[:, 3:])
+        g_pos = torch.zeros_like(pos).index_add_(0, i, gR).index_add_(0, j, -gR)
+        ctx.save_for_backward(g_out, pos, v, i, j, R, K, vj, G, go)
+        ctx.kernel, ctx.table, ctx.prefactor = kernel, t, prefactor
+        return g_pos, g_v
+
+    @staticmethod
+    def backward(ctx, gg_pos, gg_v):
+        g_out, pos, v, i, j, R, K, vj, G, go = ctx.saved_tensors
+        need_out, need_pos, need_v = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled() or (need_pos and _engine_needs(pos)):
+            return _second_order_reference(ctx, gg_pos, gg_v) + (None,) * 9
+        t = ctx.table
+        g_gout = torch.zeros_like(g_out) if need_out else None
+        g_v = None
+        if need_out and gg_v is not None:  # g_v = sum_i K^T g_out[i]
+            g_gout.index_add_(0, i, _times(K, gg_v[j]))
+        if gg_pos is not None:  # g_pos through g_K = g_out[i] v[j]^T
+            gg_R = gg_pos[i] - gg_pos[j]  # [P, 3]
+            c = torch.cat([gg_R, (gg_R * R).sum(-1, keepdim=True)], dim=1)  # [P, 4]
+            g_w = torch.bmm(c[:, None, :], G)[:, 0]  # [P, F]
+            g_gK = ((g_w @ t.coef) * ctx.prefactor).reshape(K.shape)  # [P, A, Bc]
+            if need_out:
+                g_gout.index_add_(0, i, _times(g_gK, vj))
+            if need_v:
+                g_v = torch.zeros_like(v).index_add_(0, j, _times(g_gK.transpose(1, 2), go))
+        return (g_gout, None, g_v) + (None,) * 9
 
 
 def _engine_needs(t: torch.Tensor) -> bool:
     """Whether the running backward pass will propagate into ``t`` (True when that cannot be told).
 
     ``loss.backward(inputs=parameters)`` in force training never needs the second derivative in the
-    positions; ``_will_engine_execute_node`` says so during a backward pass.
+    positions; ``_will_engine_execute_node`` says so during a backward pass (for a leaf, of its
+    gradient accumulator).
     """
     will_execute = getattr(torch._C, "_will_engine_execute_node", None)
-    if t.grad_fn is None or will_execute is None:
+    if will_execute is None:
         return True
-    return bool(will_execute(t.grad_fn))
+    node = t.grad_fn
+    if node is None:
+        with torch.enable_grad():
+            node = t.view_as(t).grad_fn.next_functions[0][0]  # the leaf's AccumulateGrad
+    try:
+        return bool(will_execute(node))
+    except RuntimeError:  # a leaf during torch.autograd.grad: not answered
+        return True
 
 
-def _second_order_reference(gK, R, g_gR, ctx):
-    """(g_gK, g_R) of :class:`PairCouplingGrad` by autograd through :func:`_coupling_reference`."""
+def _second_order_reference(ctx, gg_pos, gg_v):
+    """(g_g_out, g_pos, g_v) of :class:`PairListSumGrad` by autograd through :func:`_field_sum_reference`."""
+    g_out, pos, v, i, j = ctx.saved_tensors[:5]
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        Rr = R if create_graph and R.requires_grad else R.detach().requires_grad_(True)
-        gKr = gK if create_graph and gK.requires_grad else gK.detach().requires_grad_(True)
-        K = _coupling_reference(Rr, ctx.kernel, ctx.table)
-        (gR,) = torch.autograd.grad(K, Rr, gKr, create_graph=True)
-        wanted = [x for x, need in zip((gKr, Rr), ctx.needs_input_grad[:2]) if need]
-        grads = iter(torch.autograd.grad(gR, wanted, g_gR, create_graph=create_graph, allow_unused=True))
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:2])
+        leaves = [x if create_graph and x.requires_grad else x.detach().requires_grad_(True) for x in (g_out, pos, v)]
+        out = _field_sum_reference(leaves[1], leaves[2], i, j, ctx.kernel, ctx.table, ctx.prefactor)
+        first = torch.autograd.grad(out, leaves[1:], leaves[0], create_graph=True)
+        pairs = [(f, g) for f, g in zip(first, (gg_pos, gg_v)) if g is not None]
+        wanted = [x for x, need in zip(leaves, ctx.needs_input_grad[:3]) if need]
+        grads = iter(torch.autograd.grad([f for f, _ in pairs], wanted, [g for _, g in pairs],
+                                         create_graph=create_graph, allow_unused=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
 
 
 def pair_list_fields(
@@ -366,7 +441,7 @@ def pair_list_fields(
     (``RadialKernel.coulomb()`` or ``.smeared(sigma)``). ranks: field ranks to return.
     Returns {rank: potential [N, C] / field [N, C, 3] / gradient [N, C, 3, 3]} times ``prefactor``,
     the same numbers as the blocked :func:`pair_sum` restricted to these pairs. Differentiable to any
-    order with respect to positions and multipoles (:class:`PairCoupling`).
+    order with respect to positions and multipoles (:class:`PairListSum`).
     """
     ranks = tuple(sorted(set(int(r) for r in ranks)))
     source_ranks = tuple(sorted(multipoles))
@@ -379,13 +454,10 @@ def pair_list_fields(
         x = multipoles[r]
         parts.append(x[:, None, :] if r == 0 else x.reshape(n_atoms, n_ch, 3**r).transpose(1, 2))
     v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    R = positions[i] - positions[j]  # [P, 3]
-    K = PairCoupling.apply(R, kernel, t)  # [P, A, Bc]
-    if prefactor != 1.0:
-        v = v * prefactor
-    vj = v.index_select(0, j)  # [P, Bc, C]
-    per_pair = K * vj if t.n_rows * t.n_cols == 1 else torch.bmm(K, vj)  # [P, A, C]
-    out = positions.new_zeros(n_atoms, t.n_rows, n_ch).index_add(0, i, per_pair)  # [N, A, C]
+    if i.numel():
+        out = PairListSum.apply(positions, v, i, j, kernel, t, float(prefactor))  # [N, A, C]
+    else:
+        out = positions.new_zeros(n_atoms, t.n_rows, n_ch) + 0.0 * v.sum()
     fields, start = {}, 0
     for r in ranks:
         block = out[:, start : start + 3**r]  # [N, 3^r, C]

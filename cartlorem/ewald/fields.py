@@ -295,15 +295,20 @@ def batched_multipole_fields(
     open_struct = ~pbc.any(dim=1)  # [B]; mixed pbc is refused by multipole_fields below
     handled = torch.zeros_like(open_struct)
     parts, order = [], []
+    all_open = bool(open_struct.all())
     open_atoms = open_struct[batch].nonzero().flatten()
     if open_atoms.numel() and method in ("auto", "direct"):
-        sub = [None if t is None else t[open_atoms] for t in (charges, dipoles, quadrupoles)]
-        n_pairs = int((torch.bincount(batch[open_atoms]) ** 2).sum())
+        # the atoms of the open structures (all of them, in place, when every structure is open)
+        pick = (lambda t: t) if all_open else (lambda t: t[open_atoms])
+        sub = [None if t is None else pick(t) for t in (charges, dipoles, quadrupoles)]
+        n_pairs = int((torch.bincount(pick(batch)) ** 2).sum())
         n_channels = next(t for t in sub if t is not None).shape[1]
         source_ranks = tuple(r for r, t in enumerate(sub) if t is not None)
         if pair_list_fits(n_pairs, ranks, source_ranks, n_channels):
-            out = open_molecules_fields(positions[open_atoms], batch[open_atoms], *sub, smearing=smearing,
+            out = open_molecules_fields(pick(positions), pick(batch), *sub, smearing=smearing,
                                         accuracy=accuracy, prefactor=prefactor, ranks=ranks)
+            if all_open:
+                return MultipoleFields(*out)
             parts.append(MultipoleFields(*out))
             order.append(open_atoms)
             handled = open_struct
