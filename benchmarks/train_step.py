@@ -183,7 +183,7 @@ def reference_code(modules):
                 setattr(cls, key, value)
 
 
-def local_breakdown(model, batches, dtype, n_steps=6, warmup=3, blocks=None):
+def local_breakdown(model, batches, dtype, n_steps=6, warmup=3, blocks=None, reference_loop=False):
     """Self CPU time of one training step of a local model by component and phase (torch.profiler).
 
     Forward ops are labelled with ``record_function`` around the model's parts (the message kernel, the
@@ -252,8 +252,11 @@ def local_breakdown(model, batches, dtype, n_steps=6, warmup=3, blocks=None):
     from cartlorem.training.loss import weighted_loss
 
     weights = {"energy": 10.0, "forces": 1.0, "stress": 0.0}
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True)
+    from cartlorem.training.loop import make_optimizer
+
     params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.Adam(params, lr=1e-4, amsgrad=True) if reference_loop
+           else make_optimizer(params, 1e-4, 0.0, True))  # as step_fn
     bs = [b.to(dtype=dtype) for b in batches]
     state = {"k": 0}
     model.train()
@@ -266,9 +269,9 @@ def local_breakdown(model, batches, dtype, n_steps=6, warmup=3, blocks=None):
             loss, _ = weighted_loss(pred, batch, weights)
         opt.zero_grad(set_to_none=True)
         with record_function("P:second backward"):
-            torch.autograd.backward(loss, inputs=params)
+            torch.autograd.backward(loss, inputs=None if reference_loop else params)
         with record_function("P:optimiser"):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            torch.nn.utils.clip_grad_norm_(params, 10.0, foreach=None if reference_loop else True)
             opt.step()
 
     try:
@@ -361,13 +364,21 @@ def build_model(kind, species, channels, args, stats_graphs):
     return model.to(getattr(torch, args.dtype))
 
 
-def step_fn(model, batches, dtype, path=""):
-    """A closure doing one training step on the next batch (cycling), as the training loop does."""
+def step_fn(model, batches, dtype, path="", reference_loop=False):
+    """A closure doing one training step on the next batch (cycling), as ``cartlorem.training.loop`` does: the
+    loss backward for the parameters only, its optimiser (:func:`~cartlorem.training.loop.make_optimizer`),
+    foreach clipping. reference_loop: the step as the loop of 17f29ed (the ``--compare-ref`` reference) took
+    it instead: a plain ``loss.backward()`` (into the positions too), torch's default Adam and clipping."""
     from cartlorem.training.loss import weighted_loss
 
+    from cartlorem.training.loop import make_optimizer
+
     weights = {"energy": 10.0, "forces": 1.0, "stress": 0.0}
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True)
     params = [p for p in model.parameters() if p.requires_grad]
+    # the trainer's optimiser and clipping; the --compare-ref reference (17f29ed's loop): torch's defaults
+    opt = (torch.optim.Adam(params, lr=1e-4, amsgrad=True) if reference_loop
+           else make_optimizer(params, 1e-4, 0.0, True))
+    foreach = None if reference_loop else True
     batches = [b.to(dtype=dtype) for b in batches]
     state = {"k": 0}
     model.train()
@@ -379,8 +390,11 @@ def step_fn(model, batches, dtype, path=""):
             pred = model(batch, compute_forces=True, compute_stress=False, create_graph=True)
             loss, _ = weighted_loss(pred, batch, weights)
             opt.zero_grad(set_to_none=True)
-            torch.autograd.backward(loss, inputs=params)  # as cartlorem.training.loop
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
+            if reference_loop:
+                loss.backward()
+            else:
+                torch.autograd.backward(loss, inputs=params)  # as cartlorem.training.loop
+        torch.nn.utils.clip_grad_norm_(params, 10.0, foreach=foreach)
         opt.step()
 
     return step
@@ -582,7 +596,8 @@ def compare_local(args):
             model_ref = build_model("none", species, channels, args, stats_graphs)
             model_new = build_model("none", species, channels, args, stats_graphs)
             diff = _max_difference(model_new, batches, modules)
-            step_ref, step_new = step_fn(model_ref, batches, dtype), step_fn(model_new, batches, dtype)
+            step_ref = step_fn(model_ref, batches, dtype, reference_loop=True)
+            step_new = step_fn(model_new, batches, dtype)
 
             def ref_step(step=step_ref):
                 with reference_code(modules):
@@ -601,7 +616,8 @@ def compare_local(args):
             if args.profile_steps:
                 ref_blocks = next(mod for today, mod, _ in modules if today.__name__ == "cartlorem.nn.blocks")
                 with reference_code(modules):
-                    b_ref = local_breakdown(model_ref, batches, dtype, args.profile_steps, blocks=ref_blocks)
+                    b_ref = local_breakdown(model_ref, batches, dtype, args.profile_steps, blocks=ref_blocks,
+                                            reference_loop=True)
                 b_new = local_breakdown(model_new, batches, dtype, args.profile_steps)
                 breakdowns.append({"set": name, "channels": channels, "ref": b_ref, "new": b_new})
     meta = harness.machine_info()
