@@ -366,3 +366,23 @@ def test_run_folder_of_other_processes_writes_nothing(data, tmp_path):
     assert folder.plot([{"epoch": 1}]) and list((tmp_path / "run").iterdir()) == []
     RunFolder(tmp_path / "run").save_checkpoint({"epoch": 1})
     assert RunFolder(tmp_path / "run", write=False).load_checkpoint()["epoch"] == 1
+
+
+def test_trainer_optimizer_is_fused_adam_and_matches_the_foreach_one():
+    """make_optimizer picks torch's fused Adam on CPU; its steps equal the foreach implementation's."""
+    from cartlorem.training.loop import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    opt = make_optimizer(params, 1e-2, 1e-3, amsgrad=True)
+    assert opt.defaults["fused"]
+    ref = torch.optim.Adam(twins, lr=1e-2, weight_decay=1e-3, amsgrad=True, foreach=True)
+    for _ in range(4):
+        grads = [torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in params]
+        for p, t, gr in zip(params, twins, grads):
+            p.grad, t.grad = gr.clone(), gr.clone()
+        opt.step()
+        ref.step()
+    for p, t in zip(params, twins):
+        torch.testing.assert_close(p, t, rtol=1e-12, atol=1e-14)
