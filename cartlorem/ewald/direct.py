@@ -162,8 +162,9 @@ def _check_overlap(r2: torch.Tensor, valid: torch.Tensor, i0: int, j0: int, shif
 # backward and the double backward each replay the graph op by op. :func:`pair_list_fields` therefore
 # builds, per pair, the whole coupling matrix K[a, b] (outputs a = phi, E, G components; sources
 # b = q, mu, Theta components) from one small feature matrix (features B_n R^p, as in
-# :class:`.kernels.InteractionTensors`) times a constant coefficient table, and applies it with one
-# batched matmul: about a dozen tensor ops in all, each differentiable twice by autograd.
+# :class:`.kernels.InteractionTensors`) times a constant coefficient table, applies it with one batched
+# matmul, and writes out the backward and the backward of the backward (:class:`PairListSum`): one
+# autograd node per pass.
 
 #: Full (not symmetry-reduced) Cartesian components of ranks 0, 1, 2, in row-major order.
 _FULL_INDICES = {0: ((),), 1: ((0,), (1,), (2,)), 2: tuple((a, b) for a in range(3) for b in range(3))}
@@ -265,12 +266,11 @@ class _CouplingTable:
                                       dtype=dtype, device=device)
 
     def monomials(self, R: torch.Tensor) -> torch.Tensor:
-        """The compact monomials of R [P, 3]: [P, M]."""
-        blocks = [torch.ones_like(R[:, :1])]
+        """The compact monomials of R [P, 3]: [P, M], one degree at a time."""
+        mono = torch.ones_like(R[:, :1])
         for lower, axes in self.steps:
-            below = blocks[-1] if len(blocks) == 1 else torch.cat(blocks, dim=1)
-            blocks = [below, below.index_select(1, lower) * R.index_select(1, axes)]
-        return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+            mono = torch.cat([mono, mono.index_select(1, lower) * R.index_select(1, axes)], dim=1)
+        return mono
 
 
 @functools.lru_cache(maxsize=64)
@@ -278,17 +278,14 @@ def _coupling_table(ranks: tuple, source_ranks: tuple, dtype, device) -> _Coupli
     return _CouplingTable(ranks, source_ranks, dtype, device)
 
 
-def _coupling_reference(R: torch.Tensor, kernel: RadialKernel, t: _CouplingTable) -> torch.Tensor:
-    """``K`` [P, A, Bc] op by op (autograd records every step): the path of Hessians and higher orders."""
+def _field_sum_reference(pos, v, i, j, kernel, t, prefactor):
+    """The sum of :class:`PairListSum` op by op (autograd records every step; the path of Hessians and
+    higher orders): out [N, A, C]."""
+    R = pos[i] - pos[j]
     r2 = (R * R).sum(-1)
     B = torch.stack(kernel.derivatives(r2, torch.ones_like(r2, dtype=torch.bool), t.max_order), dim=1)
     features = B.index_select(1, t.orders) * t.monomials(R).index_select(1, t.columns)  # [P, F]
-    return (features @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols)
-
-
-def _field_sum_reference(pos, v, i, j, kernel, t, prefactor):
-    """The sum of :class:`PairListSum` op by op (autograd records every step): out [N, A, C]."""
-    K = _coupling_reference(pos[i] - pos[j], kernel, t) * prefactor
+    K = (features @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols) * prefactor
     return pos.new_zeros(pos.shape[0], t.n_rows, v.shape[2]).index_add(0, i, _times(K, v.index_select(0, j)))
 
 
