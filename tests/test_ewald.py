@@ -778,6 +778,25 @@ def test_batched_open_fast_path_equals_blocked_sum(smearing, given, ranks):
         start += n
 
 
+def test_batched_open_structures_beyond_the_pair_list_budget_are_summed_one_by_one(monkeypatch):
+    """Above PAIR_LIST_FLOATS the open structures go through the blocked per-structure sum: same fields."""
+    import cartlorem.ewald.fields as fields
+
+    systems = [random_system(40 + k, n=n, c=2) for k, n in enumerate((4, 3, 5))]
+    pos = torch.cat([s[0] for s in systems])
+    batch = torch.cat([torch.full((s[0].shape[0],), k) for k, s in enumerate(systems)])
+    args = (pos, batch, torch.zeros(3, 3, 3, dtype=DT), torch.zeros(3, 3, dtype=torch.bool),
+            *[torch.cat([s[1 + r] for s in systems]) for r in range(3)])
+    fast = ewald.batched_multipole_fields(*args, smearing=0.8)
+    calls = []
+    monkeypatch.setattr(direct, "PAIR_LIST_FLOATS", 1)
+    monkeypatch.setattr(fields, "open_molecules_fields", lambda *a, **k: calls.append(1))
+    blocked = ewald.batched_multipole_fields(*args, smearing=0.8)
+    assert not calls
+    for k in range(3):
+        torch.testing.assert_close(blocked[k], fast[k], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("smearing", [None, 0.8])
 def test_batched_open_fast_path_gradcheck_and_gradgradcheck(smearing):
     """First and second derivatives of the vectorised open-structure sum (the path of force training:
