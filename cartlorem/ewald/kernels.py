@@ -350,14 +350,16 @@ class RadialKernel:
         B = [torch.where(far, b, zero) for b in B]
         if not self.singular and bool(near.any()):
             # f = -sum_t w_t erf(beta_t R) / R because the weights sum to zero
-            r2_near = r2[near]
+            flat = r2.reshape(-1)
+            where = near.reshape(-1).nonzero().flatten()  # one nonzero, not one per order
+            r2_near = flat.index_select(0, where)
             series = [torch.zeros_like(r2_near) for _ in range(max_order + 1)]
             erf_series = erf_kernel_derivatives if torch.is_grad_enabled() else _erf_series_no_grad
             for weight, beta in self.terms:
                 if beta > 0.0:
                     for n, b in enumerate(erf_series(beta, r2_near, max_order)):
                         series[n] = series[n] - weight * b
-            B = [b.index_put((near,), s) for b, s in zip(B, series)]
+            B = [b.reshape(-1).index_put((where,), s).reshape(r2.shape) for b, s in zip(B, series)]
         return B
 
 
