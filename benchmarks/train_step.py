@@ -50,7 +50,7 @@ KINDS = ("none", "multipole", "lorem")
 #: Variants of the long-range sum, timed in the same run (the model is the same, only the code path differs):
 #: "" this branch; "@ref": kernel derivatives op by op (RadialKernel.derivatives_autograd, the code before
 #: issue 12); "@pair_fields": open molecules through the per-pair formulas of cartlorem.ewald.fields.pair_fields
-#: op by op (the eager path before the fused coupling matrices of cartlorem.ewald.direct.PairCoupling; still
+#: op by op (the eager path before cartlorem.ewald.direct.PairListSum; still
 #: the TorchScript path), applied by patching fields.open_molecules_fields.
 #: "/zero-fields": the long-range sum replaced by zero fields that still depend on the charges and positions
 #: (the rest of the block, its backward and double backward unchanged): step(kind) − step(kind/zero-fields) is
@@ -252,11 +252,8 @@ def local_breakdown(model, batches, dtype, n_steps=6, warmup=3, blocks=None, ref
     from cartlorem.training.loss import weighted_loss
 
     weights = {"energy": 10.0, "forces": 1.0, "stress": 0.0}
-    from cartlorem.training.loop import make_optimizer
-
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.Adam(params, lr=1e-4, amsgrad=True) if reference_loop
-           else make_optimizer(params, 1e-4, 0.0, True))  # as step_fn
+    opt, backward, clip = _loop_parts(params, reference_loop)
     bs = [b.to(dtype=dtype) for b in batches]
     state = {"k": 0}
     model.train()
@@ -269,9 +266,9 @@ def local_breakdown(model, batches, dtype, n_steps=6, warmup=3, blocks=None, ref
             loss, _ = weighted_loss(pred, batch, weights)
         opt.zero_grad(set_to_none=True)
         with record_function("P:second backward"):
-            torch.autograd.backward(loss, inputs=None if reference_loop else params)
+            backward(loss)
         with record_function("P:optimiser"):
-            torch.nn.utils.clip_grad_norm_(params, 10.0, foreach=None if reference_loop else True)
+            clip()
             opt.step()
 
     try:
@@ -364,21 +361,28 @@ def build_model(kind, species, channels, args, stats_graphs):
     return model.to(getattr(torch, args.dtype))
 
 
-def step_fn(model, batches, dtype, path="", reference_loop=False):
-    """A closure doing one training step on the next batch (cycling), as ``cartlorem.training.loop`` does: the
-    loss backward for the parameters only, its optimiser (:func:`~cartlorem.training.loop.make_optimizer`),
-    foreach clipping. reference_loop: the step as the loop of 17f29ed (the ``--compare-ref`` reference) took
-    it instead: a plain ``loss.backward()`` (into the positions too), torch's default Adam and clipping."""
-    from cartlorem.training.loss import weighted_loss
-
+def _loop_parts(params, reference_loop=False):
+    """(optimiser, backward(loss), clip()) as ``cartlorem.training.loop`` has them: the loss backward for the
+    parameters only, :func:`~cartlorem.training.loop.make_optimizer`, foreach clipping; with ``reference_loop``
+    as 17f29ed's loop had them (the ``--compare-ref`` reference): a plain ``loss.backward()`` (into the
+    positions too), torch's default Adam and clipping."""
     from cartlorem.training.loop import make_optimizer
+
+    if reference_loop:
+        return (torch.optim.Adam(params, lr=1e-4, amsgrad=True), lambda loss: loss.backward(),
+                lambda: torch.nn.utils.clip_grad_norm_(params, 10.0))
+    return (make_optimizer(params, 1e-4, 0.0, True), lambda loss: torch.autograd.backward(loss, inputs=params),
+            lambda: torch.nn.utils.clip_grad_norm_(params, 10.0, foreach=True))
+
+
+def step_fn(model, batches, dtype, path="", reference_loop=False):
+    """A closure doing one training step on the next batch (cycling), as the training loop does
+    (:func:`_loop_parts`; ``reference_loop``: as 17f29ed's loop did)."""
+    from cartlorem.training.loss import weighted_loss
 
     weights = {"energy": 10.0, "forces": 1.0, "stress": 0.0}
     params = [p for p in model.parameters() if p.requires_grad]
-    # the trainer's optimiser and clipping; the --compare-ref reference (17f29ed's loop): torch's defaults
-    opt = (torch.optim.Adam(params, lr=1e-4, amsgrad=True) if reference_loop
-           else make_optimizer(params, 1e-4, 0.0, True))
-    foreach = None if reference_loop else True
+    opt, backward, clip = _loop_parts(params, reference_loop)
     batches = [b.to(dtype=dtype) for b in batches]
     state = {"k": 0}
     model.train()
@@ -390,11 +394,8 @@ def step_fn(model, batches, dtype, path="", reference_loop=False):
             pred = model(batch, compute_forces=True, compute_stress=False, create_graph=True)
             loss, _ = weighted_loss(pred, batch, weights)
             opt.zero_grad(set_to_none=True)
-            if reference_loop:
-                loss.backward()
-            else:
-                torch.autograd.backward(loss, inputs=params)  # as cartlorem.training.loop
-        torch.nn.utils.clip_grad_norm_(params, 10.0, foreach=foreach)
+            backward(loss)
+        clip()
         opt.step()
 
     return step
