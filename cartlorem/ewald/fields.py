@@ -296,8 +296,8 @@ def batched_multipole_fields(
     handled = torch.zeros_like(open_struct)
     parts, order = [], []
     all_open = bool(open_struct.all())
-    open_atoms = open_struct[batch].nonzero().flatten()
-    if open_atoms.numel() and method in ("auto", "direct"):
+    open_atoms = None if all_open else open_struct[batch].nonzero().flatten()
+    if (all_open or open_atoms.numel()) and method in ("auto", "direct"):
         # the atoms of the open structures (all of them, in place, when every structure is open)
         pick = (lambda t: t) if all_open else (lambda t: t[open_atoms])
         sub = [None if t is None else pick(t) for t in (charges, dipoles, quadrupoles)]

@@ -54,19 +54,16 @@ log = logging.getLogger(__name__)
 _STATE_KEYS = ("epoch", "step", "bad_epochs", "elapsed_s", "best_state_dict")
 
 
-
 def make_optimizer(params, lr: float, weight_decay: float, amsgrad: bool) -> torch.optim.Adam:
     """Adam (or AMSGrad) over ``params`` as the trainer uses it: the fused implementation (one kernel for every
     parameter: 0.25 ms against 0.81 ms for the foreach one and 1.37 ms for the per-tensor loop, 59 tensors of
     a C = 16 model on one CPU thread) where torch has it for the parameters' device and dtype, else foreach."""
     params = list(params)
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    if fused:
-        try:
-            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad, fused=True)
-        except (RuntimeError, ValueError):  # a torch without fused Adam for this device or dtype
-            pass
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad, foreach=True)
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad, fused=True)
+    except (RuntimeError, ValueError):  # no fused Adam for this device or dtype
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad, foreach=True)
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient) became NaN or inf; training stopped, the best model is kept."""
