@@ -182,8 +182,12 @@ def run_variant(name: str, variant: str, args) -> dict:
         import cartlorem
 
         lr = None if variant == "none" else variant
-        placement = getattr(args, "placement", None)
-        options = {"placement": placement} if lr is not None and placement else None
+        options = {}
+        if getattr(args, "placement", None):
+            options["placement"] = args.placement
+        if getattr(args, "charge_channels", None):
+            options["charge_channels"] = None if args.charge_channels == "all" else int(args.charge_channels)
+        options = options if lr is not None and options else None
         model = cartlorem.CartLorem(species, cutoff=args.cutoff, long_range=lr, channels=args.channels,
                                     num_layers=2, correlation=args.correlation, lmax=2, num_basis=8,
                                     radial_hidden=64, readout_hidden=16, long_range_options=options).to(dtype)
@@ -212,15 +216,24 @@ def run_variant(name: str, variant: str, args) -> dict:
            "n_parameters": int(sum(p.numel() for p in model.parameters())),
            "test": metrics(pred), "groups": errors_by_group(pred, masks), "history": history_rows(history),
            "convergence": convergence(history, cpu), "parity": parity_arrays(pred),
+           "long_range_options": _block_options(model),
            "n_train": len(train_idx), "n_valid": len(valid_idx), "n_test": len(test_idx), "sessions": sessions}
     if name == "dimers":
         out["intermolecular"] = intermolecular_errors(pred, test_frames, masks)
     return out
 
 
+def _block_options(model) -> dict:
+    """The long-range block's placement and charge channels the model ran with (empty without a block)."""
+    block = getattr(model, "long_range_block", None)
+    if block is None:
+        return {}
+    return {"placement": model.placement, "charge_channels": block.charge_channels, "lr_channels": block.lr_channels}
+
+
 #: the arguments a study continued with --run-dir must keep (the data, split, model and training rules)
 STUDY_SETTINGS = ("data_dir", "channels", "correlation", "cutoff", "batch_size", "lr", "energy_weight", "dtype",
-                  "seed", "patience", "epochs", "placement", "test_fraction", "max_frames")
+                  "seed", "patience", "epochs", "placement", "charge_channels", "test_fraction", "max_frames")
 
 
 def _study_settings(args) -> dict:
@@ -239,8 +252,8 @@ def _load_sessions(folder, args) -> list:
                              "--run-dir")
         return []
     saved = json.loads(record.read_text())
-    changed = {k: (v, saved["settings"].get(k)) for k, v in _study_settings(args).items()
-               if saved["settings"].get(k) != v}
+    before = {k: saved["settings"].get(k, "None") for k in STUDY_SETTINGS}  # a key added later: its default
+    changed = {k: (v, before[k]) for k, v in _study_settings(args).items() if before[k] != v}
     if changed:
         detail = "; ".join(f"{k}: {b} before, {a} now" for k, (a, b) in changed.items())
         raise SystemExit(f"--run-dir: {folder} was trained with other settings ({detail})")
@@ -341,6 +354,7 @@ def to_markdown(all_results, meta) -> str:
              f"{m['correlation']}, 2 interactions, cutoff {m['cutoff']} Å, batch {m['batch_size']}, AMSGrad lr "
              f"{m['lr']:g}, loss weights energy {m['energy_weight']:g} / forces 1 / stress 1, EMA 0.99, seed "
              f"{m['seed']}" + (f", long-range block placement {m['placement']}" if m.get("placement") else "")
+             + (f", charge channels {m['charge_channels']}" if m.get("charge_channels") else "")
              + ". Split as long_range.py. Test-set errors: energy meV/atom, forces meV/Å, as MAE / RMSE.", ""]
     for name, r in all_results.items():
         ok = {v: x for v, x in r["variants"].items() if "groups" in x}
@@ -529,6 +543,9 @@ def main(argv=None):
     p.add_argument("--placement", choices=["before_last", "end"], default=None,
                    help="where the long-range models run their block (long_range_options placement; default: the "
                         "model's default, before_last)")
+    p.add_argument("--charge-channels", default=None, metavar="K",
+                   help="how many of the long-range block's channels carry charges (long_range_options "
+                        "charge_channels: an integer, or 'all'; default: the model's default)")
     p.add_argument("--run-dir", default=None,
                    help="train each model in RUN_DIR/<set>/<variant> and continue it from its checkpoint there if an "
                         "earlier run left one (a study spread over sessions: --budget is per session, the report "
