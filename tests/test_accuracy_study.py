@@ -177,3 +177,26 @@ def test_convergence_of_an_almost_flat_curve():
     (0.99)^(1/slope) overflowed a float before, and the whole model's result was lost to an OverflowError)."""
     c = accuracy.convergence([{"valid_loss": 1.0 - 1e-9 * k} for k in range(12)], cpu_seconds=12.0)
     assert c["slope"] < 0 and c["plateau_epochs"] == 12
+
+
+def test_charge_channels_reach_the_block_and_a_continued_study_keeps_them(tmp_path):
+    """--charge-channels K|all sets long_range_options charge_channels (recorded per model); a --run-dir study
+    written before the option existed (no key: the model's default) continues without it and refuses a change."""
+    write_dimers(tmp_path / "dimers.xyz")
+    common = ["--data-dir", str(tmp_path), "--sets", "dimers", "--variants", "multipole", "--skip-mace",
+              "--channels", "4", "--batch-size", "4", "--budget", "1", "--threads", "1"]
+    for flag, expected in (("all", 4), ("2", 2)):
+        accuracy.main(common + ["--charge-channels", flag, "--placement", "end", "--out", str(tmp_path / flag)])
+        r = json.loads((tmp_path / f"{flag}.json").read_text())["results"]["dimers"]["variants"]["multipole"]
+        assert r["long_range_options"] == {"placement": "end", "charge_channels": expected, "lr_channels": 4}
+    runs = common + ["--patience", "50", "--run-dir", str(tmp_path / "runs")]
+    accuracy.main(runs + ["--out", str(tmp_path / "first")])
+    record = tmp_path / "runs" / "dimers" / "multipole" / "sessions.json"
+    saved = json.loads(record.read_text())
+    assert saved["settings"].pop("charge_channels") == "None"
+    record.write_text(json.dumps(saved))  # as an older study wrote it
+    accuracy.main(runs + ["--out", str(tmp_path / "second")])
+    second = json.loads((tmp_path / "second.json").read_text())["results"]["dimers"]["variants"]["multipole"]
+    assert len(second["sessions"]) == 2 and second["long_range_options"]["charge_channels"] == 1
+    with pytest.raises(SystemExit, match="charge_channels"):
+        accuracy.main(runs + ["--charge-channels", "all", "--out", str(tmp_path / "third")])

@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +87,20 @@ def test_results_files_carry_a_command_that_a_shell_reruns():
     line = harness.command_line("train_step.py", argv)
     assert line.startswith("PYTHONPATH=$PWD python3 benchmarks/train_step.py ")
     assert shlex.split(line)[3:] == argv
+
+
+def test_torsion_signal_falls_off_as_the_multipole_order_says():
+    """benchmarks/torsion_signal.py: the quadrupole-quadrupole reading of the `multipole` kind falls off as r⁻⁵,
+    the component-wise potential of the `lorem` kind as r⁻¹ (far beyond the 1 Å smearing), and both depend on
+    the torsion as cos 2θ (the 45° reading halfway between 0° and 90°)."""
+    from benchmarks.torsion_signal import signals
+
+    def reading(r):
+        out = signals(np.array([[0.0, 0.0, 0.0], [0.0, 0.0, r]]), ["C", "C"], smearing=1.0)
+        return {kind: [row[kind] for row in out["rows"]] for kind in ("multipole", "lorem")}
+
+    near, far = reading(9.0), reading(18.0)
+    for kind, power in (("multipole", 5), ("lorem", 1)):
+        amp_near, amp_far = near[kind][0] - near[kind][2], far[kind][0] - far[kind][2]
+        assert amp_near / amp_far == pytest.approx(2.0 ** power, rel=1e-3)
+        assert near[kind][1] == pytest.approx(0.5 * (near[kind][0] + near[kind][2]), rel=1e-6, abs=1e-12)
