@@ -104,3 +104,31 @@ def test_torsion_signal_falls_off_as_the_multipole_order_says():
         amp_near, amp_far = near[kind][0] - near[kind][2], far[kind][0] - far[kind][2]
         assert amp_near / amp_far == pytest.approx(2.0 ** power, rel=1e-3)
         assert near[kind][1] == pytest.approx(0.5 * (near[kind][0] + near[kind][2]), rel=1e-6, abs=1e-12)
+
+
+def test_torsion_paths_pair_energies_add_up_to_the_block(tmp_path):
+    """torsion_signal.torsion_paths splits the block's electrostatic energy into atom-pair energies (all channels,
+    with their couplings and the uniform charge correction): they must add up to what the model computed."""
+    import torch
+    from ase import Atoms
+
+    import cartlorem
+    from benchmarks.torsion_signal import torsion_paths
+    from cartlorem.model import save_model
+
+    torch.manual_seed(0)
+    model = cartlorem.CartLorem([1, 6], cutoff=3.0, long_range="multipole", channels=4,
+                                long_range_options={"placement": "end", "charge_channels": None}).double()
+    with torch.no_grad():
+        model.long_range_block.coupling_others.copy_(torch.tensor([0.5, 2.0, 0.7]))
+    save_model(model, tmp_path / "model.pt")
+    rng = np.random.default_rng(0)
+    frames = []
+    for k in range(3):
+        a = Atoms("CCHH", positions=[[0, 0, 0], [0, 0, 4.0], [0.9, 0, -0.6], [0, 0.9, 4.6]] + rng.normal(0, 0.1, (4, 3)))
+        a.info["theta"] = 30.0 * k
+        frames.append(a)
+    r = torsion_paths(str(tmp_path / "model.pt"), frames)
+    assert r["placement"] == "end" and r["charge_channels"] == 4
+    assert r["pairs_minus_block_max_eV"] < 1e-10
+    assert sum(r["slope"][k] for k in ("electrostatic", "readout", "rest")) == pytest.approx(r["slope"]["total"])
