@@ -472,7 +472,7 @@ def main(argv=None):
     p.add_argument("--sets", nargs="+", default=["dimers", "cumulene"])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--placements", nargs="+", default=[""], choices=["", "before_last", "end"],
-                   help="placements of the long-range block to time ('' the model's default, before_last); a "
+                   help="placements of the long-range block to time ('' the model's default, end); a "
                         "placement other than the default is reported as e.g. multipole[end]")
     p.add_argument("--channels", nargs="+", type=int, default=[16, 32])
     p.add_argument("--correlation", type=int, default=2)

@@ -58,12 +58,15 @@ class CartLorem(nn.Module):
             electrostatic energy of the learned multipoles is not scaled: it stays in eV, so the
             reported charges and dipoles keep physical units whatever ``scale`` training sets.
         long_range_options: dict for the long-range block (see cartlorem.nn.long_range), e.g.
-            ``lr_channels`` (4), ``charge_correction`` ("uniform"), ``charge_channels`` (1: charges in
-            channel 0 only; None: in every channel, the behaviour before the option), ``placement``
-            ("before_last": the block runs between the last two interaction layers, on the features of
-            the layer before the last, and its scalar update is the last layer's input; "end": after
-            the last layer, on its features, the update feeding the block's readout only; default
-            "before_last" with two or more layers, "end" with one). The config stores the
+            ``lr_channels`` (4), ``charge_correction`` ("uniform"), ``charge_channels`` (None, the
+            default: charges in every channel; 1: in channel 0 only, whose charges are then the only
+            1/r sources and so identifiable as physical charges), ``placement``
+            ("end", the default: after the last layer, on its features, the update feeding the block's
+            readout only; "before_last": between the last two interaction layers, on the features of
+            the layer before the last, its scalar update the last layer's input, so the last layer
+            outputs scalars only and a training step is cheaper, but the block then works on features
+            with the reach of one layer; on the cumulene set it stayed on the short-range floor, see
+            benchmarks/results/torsion_signal.md and cumulene_defaults.md). The config stores the
             ``charge_channels`` and ``placement`` in use, so that a saved model reloads with them; files
             written before an option load with the behaviour of then (all channels charged, "end").
         compile_kernels: run the message kernel through torch.compile when no double backward is
@@ -133,9 +136,7 @@ class CartLorem(nn.Module):
         if long_range is not None:
             from .nn.long_range import check_placement
 
-            placement = self.config["long_range_options"].get("placement")
-            if placement is None:  # the default: before the last layer, with one layer at the end
-                placement = "before_last" if num_layers >= 2 else "end"
+            placement = self.config["long_range_options"].get("placement") or "end"
             check_placement(placement)
             if placement == "before_last" and num_layers < 2:
                 raise ValueError("long_range_options['placement'] = 'before_last' runs the long-range block between the "

@@ -77,14 +77,16 @@ def test_other_channels_have_no_charge_and_channel_zero_the_total(monkeypatch, k
     sizes = [len(a) for a in frames]
     totals = [a.info.get("total_charge", 0.0) for a in frames]
 
-    # control: with charge_channels=None (all channels charged, as before the option) channels ≥ 1 do
-    # carry charges, which the model corrects to sum to zero per structure
-    model = make_model(species, charge_channels=None, kind=kind, seed=seed, correction=correction)
+    # control: with charge_channels=None (all channels charged, the default) channels ≥ 1 do carry charges,
+    # which the model corrects to sum to zero per structure
+    model = make_model(species, charge_channels="default", kind=kind, seed=seed, correction=correction)
     model(batch, create_graph=False)
     q_all = channel_charges(seen, kind).detach()
     assert float(q_all[:, 1:].abs().max()) > 1e-3
+    for part in torch.split(q_all[:, 1:], sizes):
+        torch.testing.assert_close(part.sum(0), torch.zeros_like(part[0]), rtol=0, atol=1e-12)
 
-    model = make_model(species, charge_channels="default", kind=kind, seed=seed, correction=correction)
+    model = make_model(species, charge_channels=1, kind=kind, seed=seed, correction=correction)
     assert model.long_range_block.charge_channels == 1 and model.config["long_range_options"]["charge_channels"] == 1
     out = model(batch, create_graph=False)
     q = channel_charges(seen, kind).detach()
@@ -148,12 +150,15 @@ def test_equivariant_under_rotation_and_reflection(monkeypatch, periodic):
 
 def test_save_load_round_trip(tmp_path, monkeypatch):
     """The option in use is stored in the model file and read back; a file without it (written before the
-    option existed) loads with charges in every channel, as it was trained."""
+    option existed) loads with charges in every channel, as it was trained, which is also the default."""
     frames, species = charged_batch()
     batch = collate([atoms_to_graph(a, 4.0) for a in frames])
     seen = capture_sources(monkeypatch)
+    default = make_model(species, charge_channels="default")
+    assert default.long_range_block.charge_channels == LR_CHANNELS
+    assert default.config["long_range_options"]["charge_channels"] == LR_CHANNELS
 
-    model = make_model(species, charge_channels="default")
+    model = make_model(species, charge_channels=1)
     ref = model(batch, create_graph=False)
     cartlorem.save_model(model, tmp_path / "one.pt")
     loaded = cartlorem.load_model(tmp_path / "one.pt")

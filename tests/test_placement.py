@@ -1,6 +1,6 @@
-"""Where the long-range block runs (long_range_options["placement"]): between the last two interaction
-layers ("before_last", the default with two or more layers) or after the last ("end", the model before
-the option, and what model files without the key load as)."""
+"""Where the long-range block runs (long_range_options["placement"]): after the last interaction layer ("end",
+the default, the model before the option, and what model files without the key load as) or between the last
+two ("before_last")."""
 
 import pytest
 import torch
@@ -28,11 +28,23 @@ def _graph():
     return collate([atoms_to_graph(x, 4.0, dtype=torch.float64) for x in (a, b)])
 
 
-def test_default_is_before_last_with_two_layers_and_end_with_one():
-    assert _model().placement == "before_last"
-    assert _model().config["long_range_options"]["placement"] == "before_last"  # stored resolved
+def test_default_is_end():
+    assert _model().placement == "end"
+    assert _model().config["long_range_options"]["placement"] == "end"  # stored resolved
     assert _model(num_layers=1).placement == "end"
     assert cartlorem.CartLorem([1, 8], long_range=None, channels=4).placement is None
+
+
+def test_file_keeps_its_placement(tmp_path):
+    """A model saved with the block before the last layer reloads with it (the config stores the placement in
+    use), not with today's default."""
+    model = _model("before_last")
+    path = tmp_path / "before_last.pt"
+    cartlorem.save_model(model, path)
+    loaded = cartlorem.load_model(path)
+    assert loaded.placement == "before_last"
+    graph = _graph()
+    torch.testing.assert_close(loaded(graph)["energy"], model(graph)["energy"], rtol=1e-13, atol=0)
 
 
 def test_before_last_keeps_the_last_layer_scalar_only():
@@ -62,8 +74,8 @@ def test_the_fields_reach_the_last_layer(kind):
 
 
 def test_file_without_placement_loads_as_end(tmp_path):
-    """A model file written before the option (no "placement" key) is the model it was: the block at the end.
-    Without the upgrade in load_model it would load as "before_last" and give other energies."""
+    """A model file written before the option (no "placement" key) is the model it was: the block at the end
+    (today's default too; the upgrade in load_model keeps it so if the default changes)."""
     model = _model("end")
     path = tmp_path / "old.pt"
     cartlorem.save_model(model, path)

@@ -70,10 +70,10 @@ def test_train_step_model_names_carry_the_placement():
     water.calc = SinglePointCalculator(water, energy=-14.0, forces=np.zeros((3, 3)))
     stats = read_dataset([water], 4.0)
     args = argparse.Namespace(seed=0, cutoff=4.0, correlation=2, dtype="float64")
-    end = train_step.build_model("multipole[end]", [1, 8], 4, args, stats)
+    before = train_step.build_model("multipole[before_last]", [1, 8], 4, args, stats)
     default = train_step.build_model("lorem", [1, 8], 4, args, stats)
-    assert (end.placement, end.long_range) == ("end", "multipole")
-    assert (default.placement, default.long_range) == ("before_last", "lorem")
+    assert (before.placement, before.long_range) == ("before_last", "multipole")
+    assert (default.placement, default.long_range) == ("end", "lorem")
 
 
 def test_results_files_carry_a_command_that_a_shell_reruns():

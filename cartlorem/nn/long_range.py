@@ -3,9 +3,8 @@
 From node features h = [h0, h1, h2] (C channels; those of the layer before the last, or of the last
 layer, by the model's ``placement``), equivariant linear maps give C_lr
 channels of Cartesian multipoles per atom: charges q [N, C_lr], dipoles μ [N, C_lr, 3] and
-traceless quadrupoles Θ [N, C_lr, 3, 3]. Only channels 0 … k−1 carry charges (``charge_channels`` =
-k; default 1, channel 0 alone); the charges of the others are identically zero (those channels carry μ
-and Θ only).
+traceless quadrupoles Θ [N, C_lr, 3, 3]. Channels 0 … k−1 carry charges (``charge_channels`` = k;
+default: all of them); the charges of the others are identically zero (those channels carry μ and Θ only).
 Charges may be corrected so that channel 0 sums to the structure's total charge and the other channels
 to zero (``charge_correction``). Then
 
@@ -172,20 +171,26 @@ class LongRangeBlock(nn.Module):
             (benchmarks/intermolecular.py). The model's energy ``scale`` does not multiply this term.
         hidden: width of the scalar-update MLP (default 32).
         charge_channels: how many channels, from channel 0 on, carry charges (1 … C_lr, or None: all
-            C_lr; default 1). With 1, channels c ≥ 1 carry dipoles and quadrupoles only and their charges
+            C_lr, the default). With 1, channels c ≥ 1 carry dipoles and quadrupoles only and their charges
             are identically zero, so the monopole (1/r) energy between distant fragments is that of
             channel 0 alone and channel 0's charges are fixed by it. With charges in several channels,
             their 1/r tails add up to a_0 Q_0² + Σ a_c Q_c² and channel 0's share is not determined by
             energies and forces. On the dimer set (benchmarks/charge_units.py, 12 epochs, one seed) the
             charged monomers' channel-0 charges are 0.100 e from their formal ±1 with all four channels
-            charged and 0.087 e with channel 0 alone, with lower energy and force errors too (7.1 against
-            8.0 meV/atom, 71 against 76 meV/Å). Model files written before this option (no key) load
-            with None, as they were trained; the model stores the value in use in its config.
+            charged and 0.087 e with channel 0 alone. All channels are the default because one charge
+            channel trained worse: on the cumulene set, with the block after the last layer, models with
+            all channels charged left the short-range energy floor in all three runs and those with one
+            channel in neither of two (benchmarks/results/cumulene_defaults.md); on the dimers the model
+            trained to convergence with both defaults of today (block at the end, all channels charged)
+            has lower errors than the one with the earlier defaults (before the last layer, one channel;
+            benchmarks/results/converged.end_all.md).
+            Model files written before this option (no key) load with None, as they were trained; the
+            model stores the value in use in its config.
     """
 
     def __init__(self, channels: int, kind: str = "multipole", lr_channels: int = 4, smearing: float = 1.0,
                  accuracy: float = 1e-5, charge_correction="uniform", hidden: int = 32,
-                 coupling: float = 1.0, lmax: int = 2, charge_channels: Optional[int] = 1):
+                 coupling: float = 1.0, lmax: int = 2, charge_channels: Optional[int] = None):
         super().__init__()
         if kind not in ("multipole", "lorem"):
             raise ValueError(f"long-range kind must be 'multipole' or 'lorem', got {kind!r}")
