@@ -194,7 +194,7 @@ def run_variant(name: str, variant: str, args) -> dict:
     # one loop for every model; MACE's statistics were set when it was built (statistics=False)
     patience = getattr(args, "patience", None)
     folder = Path(args.run_dir) / name / variant if getattr(args, "run_dir", None) else None
-    sessions = _load_sessions(folder, args)
+    sessions = _load_sessions(folder, args, _block_options(model))
     res = train(model, train_g, valid_g, epochs=args.epochs or 10**6, batch_size=args.batch_size, lr=args.lr,
                 max_time=None if math.isinf(args.budget) else args.budget, patience=patience, seed=args.seed,
                 progress=False, weights=weights, statistics=variant != "mace", out_dir=folder,
@@ -204,7 +204,8 @@ def run_variant(name: str, variant: str, args) -> dict:
                      "epochs_before": sessions[-1]["epochs_after"] if sessions else 0, "epochs_after": len(history),
                      "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0})
     if folder is not None:
-        (folder / "sessions.json").write_text(json.dumps({"settings": _study_settings(args), "sessions": sessions},
+        (folder / "sessions.json").write_text(json.dumps({"settings": _study_settings(args), "sessions": sessions,
+                                                          "long_range_options": _block_options(model)},
                                                          indent=1))
     wall, cpu = sum(x["wall_s"] for x in sessions), sum(x["cpu_s"] for x in sessions)
     load1 = os.getloadavg()[0]
@@ -240,9 +241,11 @@ def _study_settings(args) -> dict:
     return {k: str(getattr(args, k, None)) for k in STUDY_SETTINGS}
 
 
-def _load_sessions(folder, args) -> list:
+def _load_sessions(folder, args, block_options=None) -> list:
     """The earlier sessions of a model trained in ``folder`` (--run-dir), [] for a new one; refuses to continue
-    a run whose checkpoint is missing or whose settings differ."""
+    a run whose checkpoint is missing or whose settings differ, the long-range block's placement and charge
+    channels as the model resolved them included (a study left to the model's defaults must not continue
+    under other defaults)."""
     if folder is None:
         return []
     record, checkpoint = folder / "sessions.json", folder / "checkpoint.pt"
@@ -254,6 +257,8 @@ def _load_sessions(folder, args) -> list:
     saved = json.loads(record.read_text())
     before = {k: saved["settings"].get(k, "None") for k in STUDY_SETTINGS}  # a key added later: its default
     changed = {k: (v, before[k]) for k, v in _study_settings(args).items() if before[k] != v}
+    if "long_range_options" in saved and block_options is not None and saved["long_range_options"] != block_options:
+        changed["long_range_options"] = (block_options, saved["long_range_options"])
     if changed:
         detail = "; ".join(f"{k}: {b} before, {a} now" for k, (a, b) in changed.items())
         raise SystemExit(f"--run-dir: {folder} was trained with other settings ({detail})")
@@ -542,7 +547,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--placement", choices=["before_last", "end"], default=None,
                    help="where the long-range models run their block (long_range_options placement; default: the "
-                        "model's default, before_last)")
+                        "model's default, end)")
     p.add_argument("--charge-channels", default=None, metavar="K",
                    help="how many of the long-range block's channels carry charges (long_range_options "
                         "charge_channels: an integer, or 'all'; default: the model's default)")

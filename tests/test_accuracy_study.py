@@ -181,7 +181,8 @@ def test_convergence_of_an_almost_flat_curve():
 
 def test_charge_channels_reach_the_block_and_a_continued_study_keeps_them(tmp_path):
     """--charge-channels K|all sets long_range_options charge_channels (recorded per model); a --run-dir study
-    written before the option existed (no key: the model's default) continues without it and refuses a change."""
+    written before the option existed (no key: the model's default) continues without it and refuses a change,
+    and a study left to the model's defaults refuses to continue when the defaults resolve otherwise."""
     write_dimers(tmp_path / "dimers.xyz")
     common = ["--data-dir", str(tmp_path), "--sets", "dimers", "--variants", "multipole", "--skip-mace",
               "--channels", "4", "--batch-size", "4", "--budget", "1", "--threads", "1"]
@@ -193,10 +194,16 @@ def test_charge_channels_reach_the_block_and_a_continued_study_keeps_them(tmp_pa
     accuracy.main(runs + ["--out", str(tmp_path / "first")])
     record = tmp_path / "runs" / "dimers" / "multipole" / "sessions.json"
     saved = json.loads(record.read_text())
+    assert saved["long_range_options"]["charge_channels"] == 4  # the default, resolved
     assert saved["settings"].pop("charge_channels") == "None"
     record.write_text(json.dumps(saved))  # as an older study wrote it
     accuracy.main(runs + ["--out", str(tmp_path / "second")])
     second = json.loads((tmp_path / "second.json").read_text())["results"]["dimers"]["variants"]["multipole"]
-    assert len(second["sessions"]) == 2 and second["long_range_options"]["charge_channels"] == 1
+    assert len(second["sessions"]) == 2 and second["long_range_options"]["charge_channels"] == 4
     with pytest.raises(SystemExit, match="charge_channels"):
-        accuracy.main(runs + ["--charge-channels", "all", "--out", str(tmp_path / "third")])
+        accuracy.main(runs + ["--charge-channels", "1", "--out", str(tmp_path / "third")])
+    saved = json.loads(record.read_text())
+    saved["long_range_options"]["placement"] = "before_last"  # the defaults of the session that started it
+    record.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="long_range_options"):
+        accuracy.main(runs + ["--out", str(tmp_path / "fourth")])
