@@ -124,8 +124,10 @@ def torsion_paths(path: str, frames) -> dict:
                     u = COULOMB * float(electrostatic_energy(pos[[i, j]], *(t[[i, j]] for t in src),
                                                              smearing=block.smearing))
                     pairs[next(k for k, (lo, hi) in enumerate(PAIR_BINS) if lo <= dist[i, j] < hi)] += u
+            alone = [COULOMB * float(electrostatic_energy(pos, *(t if k == r else None for k, t in enumerate(src)),
+                                                          smearing=block.smearing)) for r in range(3)]
             out = seen["block"]
-            rows.append({"total": total, "electrostatic": float(out["electrostatic"].detach().sum()),
+            rows.append({"alone": alone, "total": total, "electrostatic": float(out["electrostatic"].detach().sum()),
                          "readout": float((model.scale * out["readout"]).detach().sum()), "pairs": pairs})
     finally:
         for h in hooks:
@@ -138,6 +140,7 @@ def torsion_paths(path: str, frames) -> dict:
             "slope": {"total": _slope(cos2, total), "electrostatic": _slope(cos2, es),
                       "readout": _slope(cos2, readout), "rest": _slope(cos2, total - es - readout)},
             "pair_slopes": [_slope(cos2, [r["pairs"][k] for r in rows]) for k in range(len(PAIR_BINS))],
+            "rank_slopes": {name: _slope(cos2, [r["alone"][k] for r in rows]) for k, name in enumerate(("q", "mu", "theta"))},
             "pairs_minus_block_max_eV": float(np.abs(pair_sum - es).max())}
 
 
@@ -199,16 +202,19 @@ def main(argv=None):
         lines += [f"## Where trained `multipole` models take the torsion energy from ({len(chosen)} frames)", "",
                   f"Slope of each energy on cos 2θ (eV; the reference's is {ref:+.3f}). The electrostatic energy is "
                   "split into atom pairs by distance (every channel, with its coupling; the pairs add up to the "
-                  "block's electrostatic energy within the largest difference listed).", "",
+                  "block's electrostatic energy within the largest difference listed), and computed from the "
+                  "charges, dipoles or quadrupoles alone (the rest is their cross terms).", "",
                   "| model | placement, charge channels | total | electrostatic | block readout | rest (local) | "
                   + " | ".join(f"pairs {lo:g}–{hi:g} Å" if math.isfinite(hi) else f"pairs ≥ {lo:g} Å"
-                               for lo, hi in PAIR_BINS) + " | pairs − block (eV) |",
-                  "|---|---|---|---|---|---|" + "---|" * len(PAIR_BINS) + "---|"]
+                               for lo, hi in PAIR_BINS) + " | q alone | μ alone | Θ alone | pairs − block (eV) |",
+                  "|---|---|---|---|---|---|" + "---|" * len(PAIR_BINS) + "---|---|---|---|"]
         for label, r in models.items():
             sl = r["slope"]
             lines.append(f"| {label} | {r['placement']}, {r['charge_channels']} | {sl['total']:+.3f} | "
                          f"{sl['electrostatic']:+.3f} | {sl['readout']:+.3f} | {sl['rest']:+.3f} | "
-                         + " | ".join(f"{x:+.3f}" for x in r["pair_slopes"]) + f" | {r['pairs_minus_block_max_eV']:.1e} |")
+                         + " | ".join(f"{x:+.3f}" for x in r["pair_slopes"]) + " | "
+                         + " | ".join(f"{r['rank_slopes'][k]:+.3f}" for k in ("q", "mu", "theta"))
+                         + f" | {r['pairs_minus_block_max_eV']:.1e} |")
         lines += ["", "Reading: a model whose electrostatic slope sits in the pairs closer than 4 Å does not use the "
                   "end-to-end term above. In C8H4 no atom is within 5 Å of both terminal carbons (the central carbons "
                   "are 3.8 Å from one and 5.1 Å from the other), so after two 5 Å layers each central carbon knows "
