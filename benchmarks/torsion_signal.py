@@ -1,8 +1,10 @@
 """How much of the C8H4 end-to-end torsion the two kinds of long-range block can carry across the chain.
 
 The cumulene set's energy depends on the torsion θ between the two terminal CH2 planes, whose terminal carbons are
-~9 Å apart: beyond a 5 Å local model (two layers do not connect the far hydrogens). A long-range block sees θ only
-through the orientation of one end's learned multipoles read at the other end. The orientation of a CH2 plane is
+~9 Å apart. Two 5 Å layers do connect the two ends' hydrogens (through the central carbons' neighbours), but only
+through messages damped by the cutoff envelope, and the short-range models sit on a ~20 meV/atom floor for many
+epochs. One way for a long-range block to see θ is the orientation of one end's learned multipoles read at the
+other end. The orientation of a CH2 plane is
 rank 2 (a line in the plane normal to the chain axis), so take a unit traceless quadrupole Θ_A on one terminal
 carbon, oriented along that line, and read it at the other terminal carbon with a unit quadrupole Θ_B turned by θ:
 
@@ -216,15 +218,15 @@ def main(argv=None):
                          + " | ".join(f"{r['rank_slopes'][k]:+.3f}" for k in ("q", "mu", "theta"))
                          + f" | {r['pairs_minus_block_max_eV']:.1e} |")
         lines += ["", "Reading: a model whose electrostatic slope sits in the pairs closer than 4 Å does not use the "
-                  "end-to-end term above. In C8H4 no atom is within 5 Å of both terminal carbons (the central carbons "
-                  "are 3.8 Å from one and 5.1 Å from the other), so after two 5 Å layers each central carbon knows "
-                  "one end's CH2 orientation and a sum of per-atom energies cannot form the product of the two (the "
-                  "short-range floor). The electrostatic energy of a bonded pair of such atoms, Θ_i : T(r_ij) : Θ_j, is "
-                  "that product, formed from last-layer features when the block runs after the last layer. Before it, "
-                  "the block's sources have the reach of one layer, in which a central carbon sees the far "
-                  "hydrogens at 4.4–4.5 Å, where the cutoff envelope is 0.02–0.03 (against 0.21 at the 3.8 Å of "
-                  "the terminal carbon that carries them after two layers): the same product, weighted some ten "
-                  "times less.", ""]
+                  "end-to-end term above; it forms the product of the two ends' orientations between neighbouring "
+                  "atoms, Θ_i : T(r_ij) : Θ_j, from features that each know one end well. After the last layer the "
+                  "bonded central carbons are such a pair (each hears of its own end's hydrogens through neighbours "
+                  "that see them at 2–3 Å). A local model can represent the same product inside one atom's "
+                  "second-layer features, from messages that the cutoff envelope damps, and learns it late if at all "
+                  "(see converged.end_all.cumulene.md: the floor is a plateau of training, not a limit of the "
+                  "receptive field). With the block before the last layer its sources have first-layer features, "
+                  "in which the atoms that see one end's hydrogens within 3.3 Å are 3.9 Å or more from those that "
+                  "see the other's, where the quadrupole coupling is far weaker than across a bond.", ""]
     data = {"meta": meta, "models": models, "fit": {"a": float(a0), "b": float(b), "span_eV": span, "residual_std_eV": float(resid.std())},
             "distance": dist, "angles": list(ANGLES), "mean": mean, "amplitude": amp, "quadrupole_needed": need,
             "frames": [int(k) for k in picks]}
