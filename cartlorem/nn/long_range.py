@@ -179,11 +179,11 @@ class LongRangeBlock(nn.Module):
             charged monomers' channel-0 charges are 0.100 e from their formal ±1 with all four channels
             charged and 0.087 e with channel 0 alone. All channels are the default because one charge
             channel trained worse: on the cumulene set, with the block after the last layer, models with
-            all channels charged left the short-range energy floor in all three runs and those with one
-            channel in neither of two (benchmarks/results/cumulene_defaults.md); on the dimers the model
+            all channels charged left the short-range energy floor in all four runs and those with one
+            channel in neither of two (benchmarks/results/cumulene_defaults.md, benchmarks/README.md); on the dimers the model
             trained to convergence with both defaults of today (block at the end, all channels charged)
             has lower errors than the one with the earlier defaults (before the last layer, one channel;
-            benchmarks/results/converged.end_all.md).
+            benchmarks/results/converged.end_all.dimers.md).
             Model files written before this option (no key) load with None, as they were trained; the
             model stores the value in use in its config.
     """
