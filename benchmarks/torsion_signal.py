@@ -20,8 +20,8 @@ its electrostatic term alone to carry the 0 → 90° energy difference 2|b| (COU
 With ``--models LABEL=model.pt ...`` it also asks trained `multipole` models where their torsion energy comes from:
 over the frames, the slope on cos 2θ of the predicted energy, split into the block's electrostatic energy, its learned
 readout and the rest (the local model), and the electrostatic slope split by the distance of the atom pairs that carry
-it (the pair energies of the learned multipoles of all channels, with their couplings; they add up to the block's
-electrostatic energy, checked per frame).
+it (the pair energies of the learned multipoles of all channels as the Ewald layer receives them, with their
+couplings; they add up to the block's electrostatic energy, checked per frame).
 
     PYTHONPATH=$PWD python3 benchmarks/torsion_signal.py --out benchmarks/results/torsion_signal
 """
@@ -98,12 +98,17 @@ def torsion_paths(path: str, frames) -> dict:
     block = model.long_range_block
     if block is None or block.kind != "multipole":
         raise SystemExit(f"--models: {path} has no multipole long-range block")
-    if block.charge_correction not in (None, "uniform"):
-        raise SystemExit(f"--models: {path} uses charge_correction {block.charge_correction!r}; the pair split "
-                         "reproduces the uniform correction only")
+    import cartlorem.nn.long_range as long_range
+
     seen = {}
-    hooks = [block.to_multipoles.register_forward_hook(lambda m, i, o: seen.__setitem__("sources", o)),
-             block.register_forward_hook(lambda m, i, o: seen.__setitem__("block", dict(o)))]
+    ewald_input = long_range.batched_multipole_fields
+
+    def recording(*args, **kw):  # the multipoles as the Ewald layer receives them (charges corrected, Θ traceless)
+        seen["sources"] = [kw["charges"], kw["dipoles"], kw["quadrupoles"]]
+        return ewald_input(*args, **kw)
+
+    long_range.batched_multipole_fields = recording
+    hooks = [block.register_forward_hook(lambda m, i, o: seen.__setitem__("block", dict(o)))]
     calc = CartLoremCalculator(model)
     weights = block.coupling.detach().sqrt()  # a_c U(x) = U(sqrt(a_c) x): the pair energies carry the couplings
     rows = []
@@ -112,11 +117,7 @@ def torsion_paths(path: str, frames) -> dict:
             atoms = atoms.copy()
             atoms.calc = calc
             total = atoms.get_potential_energy()
-            q, mu, theta = (None if t is None else t.detach() for t in seen["sources"][:3])
-            if block.charge_correction:  # per structure: channel 0 sums to the total charge, the others to 0
-                target = torch.zeros_like(q[0])
-                target[0] = float(atoms.info.get("total_charge", 0.0))
-                q = q - (q.sum(0) - target) / len(atoms)
+            q, mu, theta = (t.detach() for t in seen["sources"])
             src = [q * weights, mu * weights[:, None], theta * weights[:, None, None]]
             pos = torch.tensor(atoms.positions, dtype=torch.float64)
             dist = atoms.get_all_distances()
@@ -132,6 +133,7 @@ def torsion_paths(path: str, frames) -> dict:
             rows.append({"alone": alone, "total": total, "electrostatic": float(out["electrostatic"].detach().sum()),
                          "readout": float((model.scale * out["readout"]).detach().sum()), "pairs": pairs})
     finally:
+        long_range.batched_multipole_fields = ewald_input
         for h in hooks:
             h.remove()
     cos2 = np.cos(2 * np.radians([f.info["theta"] for f in frames]))
