@@ -401,6 +401,44 @@ def step_fn(model, batches, dtype, path="", reference_loop=False):
     return step
 
 
+def compiled_step_fn(model, batches, dtype):
+    """:func:`step_fn` with the loss gradient of :class:`cartlorem.training.compiled.CompiledLossGradient` (what
+    ``train(compile=True)`` runs). Returns (step, compile_s, diff): the first call compiles (its wall time is
+    compile_s), diff compares its gradient on the first batch with the eager step's (same model, same dtype)."""
+    from cartlorem.training.compiled import CompiledLossGradient
+    from cartlorem.training.loss import weighted_loss
+
+    weights = {"energy": 10.0, "forces": 1.0, "stress": 0.0}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, _, clip = _loop_parts(params)
+    batches = [b.to(dtype=dtype) for b in batches]
+    model.train()
+    grad = CompiledLossGradient(model, weights)
+    t0 = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    loss_c, _ = grad(batches[0])
+    compile_s = time.perf_counter() - t0
+    g_c = [None if p.grad is None else p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    pred = model(batches[0], compute_forces=True, compute_stress=False, create_graph=True)
+    loss_e, _ = weighted_loss(pred, batches[0], weights)
+    g_e = torch.autograd.grad(loss_e, params, allow_unused=True)
+    scale = max(float(g.abs().max()) for g in g_e if g is not None)
+    diff = {"loss_rel": float(abs(loss_c - loss_e.detach()) / abs(loss_e.detach())),
+            "grad_rel": max(float((a - b).abs().max()) / scale for a, b in zip(g_c, g_e) if a is not None and b is not None),
+            "same_none": all((a is None) == (b is None) for a, b in zip(g_c, g_e))}
+    state = {"k": 0}
+
+    def step():
+        batch = batches[state["k"] % len(batches)]
+        state["k"] += 1
+        grad(batch)
+        clip()
+        opt.step()
+
+    return step, compile_s, diff
+
+
 def profile_step(step, n_steps=4, top=12):
     """torch.profiler over ``n_steps`` steps: top ops by self CPU time, and the forward time in the
     long-range field sum (``record_function`` around ``batched_multipole_fields``)."""
@@ -495,6 +533,9 @@ def main(argv=None):
                    help="local model only: time this tree's training step against git revision REV's code "
                         "(fused.py, chunked.py, blocks.py, model.py swapped in), same models, interleaved, "
                         "with a profiler breakdown of both (writes <out>, default train_step.local)")
+    p.add_argument("--compiled", action="store_true",
+                   help="with --compare-ref: also time the compiled training step (train(compile=True); the first "
+                        "step compiles, minutes on a CPU)")
     p.add_argument("--mace-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.test_fraction, args.max_frames = 0.2, 0
@@ -599,12 +640,16 @@ def compare_local(args):
             diff = _max_difference(model_new, batches, modules)
             step_ref = step_fn(model_ref, batches, dtype, reference_loop=True)
             step_new = step_fn(model_new, batches, dtype)
+            fns = {"new": step_new}
+            if args.compiled:
+                model_c = build_model("none", species, channels, args, stats_graphs)
+                fns["compiled"], compile_s, diff_c = compiled_step_fn(model_c, batches, dtype)
 
             def ref_step(step=step_ref):
                 with reference_code(modules):
                     step()
 
-            times = harness.time_fns({"ref": ref_step, "new": step_new}, warmup=args.warmup, repeats=args.repeats)
+            times = harness.time_fns({"ref": ref_step, **fns}, warmup=args.warmup, repeats=args.repeats)
             row = {"set": name, "channels": channels, "atoms_per_batch": atoms, "edges_per_batch": edges,
                    "ref_cpu_median_s": round(times["ref"]["cpu_median"], 5),
                    "new_cpu_median_s": round(times["new"]["cpu_median"], 5),
@@ -612,6 +657,12 @@ def compare_local(args):
                    "ref_wall_median_s": round(times["ref"]["median"], 5),
                    "new_wall_median_s": round(times["new"]["median"], 5),
                    "max_diff_float64": diff}
+            if args.compiled:
+                row.update(compiled_cpu_median_s=round(times["compiled"]["cpu_median"], 5),
+                           compiled_wall_median_s=round(times["compiled"]["median"], 5),
+                           speedup_compiled_cpu=round(times["ref"]["cpu_median"] / times["compiled"]["cpu_median"], 3),
+                           compiled_over_new_cpu=round(times["new"]["cpu_median"] / times["compiled"]["cpu_median"], 3),
+                           compile_s=round(compile_s, 1), compiled_vs_eager=diff_c)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.profile_steps:
@@ -649,6 +700,18 @@ def _local_markdown(rows, meta):
                                      ("ref wall (s)", "ref_wall_median_s"), ("new wall (s)", "new_wall_median_s"),
                                      ("max |ΔE| f64 (eV)", "dE"), ("max |ΔF| f64 (eV/Å)", "dF"),
                                      ("loss-grad rel. Δ f64", "dg")]), ""]
+    compiled = [r for r in rows if "compiled_cpu_median_s" in r]
+    if compiled:
+        lines += ["The compiled step (`train(compile=True)`, cartlorem.training.compiled), timed in the same "
+                  "interleaved run; its gradient is compared with the eager step's on the first batch in the run's "
+                  "dtype (relative to the largest gradient element). Compile: wall time of the first call.", "",
+                  harness.markdown_table(
+                      [{**r, "dl": f"{r['compiled_vs_eager']['loss_rel']:.1e}",
+                        "dgc": f"{r['compiled_vs_eager']['grad_rel']:.1e}"} for r in compiled],
+                      [("set", "set"), ("C", "channels"), ("ref CPU (s)", "ref_cpu_median_s"),
+                       ("eager CPU (s)", "new_cpu_median_s"), ("compiled CPU (s)", "compiled_cpu_median_s"),
+                       ("compiled ÷ ref speed-up", "speedup_compiled_cpu"), ("compiled ÷ eager", "compiled_over_new_cpu"),
+                       ("compile (s)", "compile_s"), ("loss rel. Δ", "dl"), ("grad rel. Δ", "dgc")]), ""]
     phases = ("forward", "first backward", "second backward", "optimiser")
     for b in meta["breakdowns"]:
         for which in ("ref", "new"):

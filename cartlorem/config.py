@@ -263,6 +263,9 @@ def _options() -> list[Option]:
         Option("seed", parse_int, T["seed"], "random seed (initial weights, split, batch order)", t),
         Option("workers", parse_int, T["workers"], "DataLoader worker processes for training batches", t,
                check=(lambda v: v >= 0, ">= 0")),
+        Option("compile", parse_bool, T["compile"],
+               "compile the training step with torch.compile: the first step compiles (minutes on a CPU), the "
+               "later ones run several times faster (local models; others train eagerly)", t),
     ]
     r = "run"
     run = [

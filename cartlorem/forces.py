@@ -14,7 +14,7 @@ import torch
 
 from .graph import Graph
 
-__all__ = ["with_derivatives"]
+__all__ = ["with_derivatives", "stress_from_strain_gradient"]
 
 
 def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], dict], graph: Graph, *,
@@ -58,10 +58,7 @@ def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], di
                     if g is not None:
                         out["forces"] = out["forces"] - g
             if compute_stress:
-                volume = torch.linalg.det(graph.cell).abs()  # [B]
-                periodic = graph.pbc.all(dim=1) & (volume > 0)
-                safe = torch.where(periodic, volume, torch.ones_like(volume))
-                out["stress"] = torch.where(periodic[:, None, None], grads[-1] / safe[:, None, None], 0.0)
+                out["stress"] = stress_from_strain_gradient(graph, grads[-1])
         if compute_born_charges:
             rows = []
             for a in range(3):  # Z*[:, a, :] = ∂P_a/∂r (P_a summed over structures: each atom is in one)
@@ -70,3 +67,11 @@ def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], di
                 rows.append(torch.zeros_like(positions) if g is None else g)
             out["born_charges"] = torch.stack(rows, dim=1)  # [N, 3, 3]
     return out
+
+
+def stress_from_strain_gradient(graph: Graph, grad: torch.Tensor) -> torch.Tensor:
+    """σ = (1/V) ∂E/∂ε [B, 3, 3] (eV/Å³) from ``grad`` = ∂E/∂ε [B, 3, 3]; zero rows for open structures and slabs."""
+    volume = torch.linalg.det(graph.cell).abs()  # [B]
+    periodic = graph.pbc.all(dim=1) & (volume > 0)
+    safe = torch.where(periodic, volume, torch.ones_like(volume))
+    return torch.where(periodic[:, None, None], grad / safe[:, None, None], 0.0)

@@ -62,7 +62,7 @@ class Graph:
 
     @property
     def num_graphs(self) -> int:
-        return int(self.cell.shape[0])
+        return self.cell.shape[0]  # not int(...): under torch.compile a symbolic size, not a constant
 
     @property
     def num_atoms(self) -> torch.Tensor:

@@ -220,15 +220,19 @@ class CartLorem(nn.Module):
 
     # --- the energy model ----------------------------------------------------------------------
     def energy(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor, *, dipole: bool = False,
-               electric_field: Optional[torch.Tensor] = None) -> dict:
+               electric_field: Optional[torch.Tensor] = None, species: Optional[torch.Tensor] = None) -> dict:
         """Total energy [B] (eV) and per-atom energies [N] for the given positions and cell.
 
         Long-range models also: with ``dipole`` (or a field), "dipole" [B, 3] (e·Å), P = Σ_i q_i r_i + μ_i
         of channel 0 with r the positions as given; with ``electric_field`` [B, 3] (V/Å), the term −P·E
         (eV): in the energy of open structures, and as "force_only_energy" [B] for periodic cells and
         slabs, whose P is not defined: only its gradient, the force Z*ᵀE, is used (cartlorem.forces).
+
+        ``species``: the model's species indices of the atoms, ``self.species_index(graph.species)``, when the
+        caller has them (checked) already; then nothing here depends on tensor values, and ``torch.compile``
+        traces the energy whole (:mod:`cartlorem.training.compiled`).
         """
-        species = self.species_index(graph.species)
+        species = self.species_index(graph.species) if species is None else species
         i, j = graph.edge_index
         # index_select rather than x[idx]: the backward (and that of the force backward) is an index_add,
         # where advanced indexing's is an accumulating index_put; the shift as 3 multiply-adds per edge, where

@@ -143,6 +143,7 @@ def train(
     progress: bool = True,
     max_time: Optional[float] = None,
     workers: int = 0,
+    compile: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place; on return it holds the best EMA weights (by validation loss).
 
@@ -178,6 +179,11 @@ def train(
         max_time: wall-clock budget in seconds for this call: no epoch is started that is expected
             to end after it, and an epoch still running at the limit is cut short.
         workers: DataLoader worker processes that collate training batches (0: in this process).
+        compile: compute the loss gradient of each training step as one ``torch.compile``'d function
+            (:mod:`cartlorem.training.compiled`): the same numbers, several times faster per step once
+            compiled, but the first step compiles (minutes on a CPU). Batches it does not cover (long-range
+            models, dipole / Born-charge terms, several processes) and a failed compilation run eagerly, with
+            a warning that says why.
 
     Several processes: when a default process group is initialised (``torchrun``, or
     ``torch.distributed.init_process_group`` in your script), every process calls ``train`` with
@@ -228,7 +234,8 @@ def train(
                progress,
                dict(batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                     ema_decay=ema_decay, scheduler_factor=scheduler_factor,
-                    scheduler_patience=scheduler_patience, clip_grad=clip_grad, patience=patience, seed=seed),
+                    scheduler_patience=scheduler_patience, clip_grad=clip_grad, patience=patience, seed=seed,
+                    compile=bool(compile)),
                ranks)
     if resume:
         run.resume()
@@ -321,6 +328,14 @@ class _Run:
         self.rng = np.random.default_rng(settings["seed"])
         self.result = TrainResult(checkpoint_path=str(folder.checkpoint) if folder else None)
         self.state = {"epoch": 0, "step": 0, "bad_epochs": 0, "elapsed_s": 0.0, "best_state_dict": None}
+        self.compiled, self._eager_reasons, self._compile_announced = None, set(), False
+        if settings.get("compile"):
+            if ranks.many:
+                self.say.warning("compile: not with several processes yet; training eagerly")
+            else:
+                from .compiled import CompiledLossGradient
+
+                self.compiled = CompiledLossGradient(model, weights)
 
     def averaged(self):
         """Context in which the model holds the averaged (EMA) weights."""
@@ -369,6 +384,13 @@ class _Run:
                 inner.update(1)
                 continue
             batch = batch.to(device=self.device, dtype=self.dtype)
+            compiled = self._compiled_loss(batch)
+            if compiled is not None:  # the loss gradient is in p.grad already
+                loss_value = self._step(compiled[0], compiled[1], epoch, b, n_batches, idx, grads_ready=True)
+                sum_loss, n_seen = sum_loss + loss_value * n_global, n_seen + n_global
+                inner.update(1)
+                inner.set_postfix(loss=f"{sum_loss / n_seen:.4g}", refresh=False)
+                continue
             want_stress = w["stress"] > 0 and batch.stress is not None and bool(batch.has_stress.any())
             pred = model(batch, compute_forces=w["forces"] > 0, compute_stress=want_stress, create_graph=True,
                          **charge_outputs(w, batch))  # dipole / Born charges when their weights are > 0
@@ -383,15 +405,43 @@ class _Run:
         inner.close()
         return sum_loss / max(n_seen, 1)
 
-    def _step(self, loss: Optional[torch.Tensor], terms: dict, epoch: int, b: int, n_batches: int, idx) -> float:
+    def _compiled_loss(self, batch: Graph) -> Optional[tuple[torch.Tensor, dict]]:
+        """(loss, terms) of ``batch`` with the parameters' gradients filled by the compiled step, or None where
+        there is none or it does not cover the batch (each reason is logged once)."""
+        if self.compiled is None:
+            return None
+        why = self.compiled.unsupported(batch)
+        if why is not None:
+            if why not in self._eager_reasons:
+                self._eager_reasons.add(why)
+                self.say.warning("compile: %s; such batches run eagerly", why)
+            return None
+        if not self._compile_announced:
+            self._compile_announced = True
+            self.say.info("compile: compiling the training step (the first step takes minutes on a CPU)")
+        try:
+            return self.compiled(batch)
+        except (ValueError, TypeError):  # the batch's own problem (e.g. a species the model does not know)
+            raise
+        except Exception as err:  # noqa: BLE001 - no compiler, an unsupported operation, ...: train eagerly
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            self.say.warning("compile: the compiled step failed (%s: %s); training continues eagerly",
+                             type(err).__name__, first[:300])
+            self.compiled = None
+            return None
+
+    def _step(self, loss: Optional[torch.Tensor], terms: dict, epoch: int, b: int, n_batches: int, idx,
+              grads_ready: bool = False) -> float:
         """backward → (gradients summed over processes) → clipping → optimiser step → EMA update.
         ``loss``: this batch's loss (with several processes this process's share; None for an empty
-        part). Returns the batch's loss (the global batch's with several processes)."""
+        part); ``grads_ready``: the parameters' ``.grad`` hold its gradient already (the compiled step).
+        Returns the batch's loss (the global batch's with several processes)."""
         params = self.params
         if not self.ranks.many and not torch.isfinite(loss):
             raise self._nonfinite("loss", float(loss.detach()), terms, epoch, b + 1, n_batches, idx)
-        self.opt.zero_grad(set_to_none=True)
-        if loss is not None:
+        if not grads_ready:
+            self.opt.zero_grad(set_to_none=True)
+        if loss is not None and not grads_ready:
             # only the parameters' gradients: the positions (a leaf when forces are computed) would otherwise
             # get one too, i.e. the second derivative of every geometric term of the model, never used
             torch.autograd.backward(loss, inputs=params)

@@ -20,7 +20,7 @@ import torch
 
 from ..graph import Graph
 
-__all__ = ["DEFAULT_WEIGHTS", "loss_weights", "weighted_loss", "validation_loss", "charge_outputs",
+__all__ = ["DEFAULT_WEIGHTS", "loss_weights", "weighted_loss", "loss_terms", "validation_loss", "charge_outputs",
            "check_loss_labels"]
 
 #: Energy 10 : forces 1 won benchmarks/settings.py (results/settings.md; dimers, cumulene and the demo set,
@@ -54,39 +54,46 @@ def weighted_loss(out: dict, batch: Graph, weights: Mapping[str, float]) -> tupl
     labelled item in the batch is absent. ValueError when a dipole / Born-charge term has a weight > 0
     and labels in the batch but ``out`` lacks the prediction (ask the model with :func:`charge_outputs`).
     """
-    loss = out["energy"].new_zeros(())
-    terms = {}
-    if batch.energy is not None and weights.get("energy", 0.0) > 0:
-        mask = batch.has_energy
-        if bool(mask.any()):
-            err = (out["energy"] - batch.energy)[mask] / batch.num_atoms[mask].to(out["energy"].dtype)
-            mse = (err**2).mean()
-            loss = loss + weights["energy"] * mse
-            terms["energy"] = float(mse.detach())
-    if batch.forces is not None and weights.get("forces", 0.0) > 0 and "forces" in out:
-        mask = batch.has_forces[batch.batch]  # [N] atoms of structures with force labels
-        if bool(mask.any()):
-            mse = ((out["forces"] - batch.forces)[mask] ** 2).mean()
-            loss = loss + weights["forces"] * mse
-            terms["forces"] = float(mse.detach())
-    if batch.stress is not None and weights.get("stress", 0.0) > 0 and "stress" in out:
-        mask = batch.has_stress
-        if bool(mask.any()):
-            mse = ((out["stress"] - batch.stress)[mask] ** 2).mean()
-            loss = loss + weights["stress"] * mse
-            terms["stress"] = float(mse.detach())
-    for name in _CHARGE_TERMS:  # dipole [B, 3] per structure, born_charges [N, 3, 3] per atom
-        ref, has = getattr(batch, name, None), getattr(batch, f"has_{name}", None)
-        if ref is None or has is None or not weights.get(name, 0.0) > 0 or not bool(has.any()):
-            continue
-        if name not in out:
+    for name in _CHARGE_TERMS:  # a charge term asked for by the weights and the labels needs the model's output
+        has = getattr(batch, f"has_{name}", None)
+        if (name not in out and getattr(batch, name, None) is not None and has is not None
+                and weights.get(name, 0.0) > 0 and bool(has.any())):
             raise ValueError(f"the {name} loss weight is > 0 and the batch has {name} labels, but the model output "
                              f"has no {name!r} (call the model with {_CHARGE_TERMS[name][0]}=True)")
-        mask = has if name == "dipole" else has[batch.batch]
-        mse = ((out[name] - ref)[mask] ** 2).mean()
-        loss = loss + weights[name] * mse
-        terms[name] = float(mse.detach())
+    loss = out["energy"].new_zeros(())
+    terms = {}
+    for name, (mse, count) in loss_terms(out, batch, weights).items():
+        if int(count) > 0:  # a term with no labelled item in the batch is absent
+            loss = loss + weights[name] * mse
+            terms[name] = float(mse.detach())
     return loss, terms
+
+
+def loss_terms(out: dict, batch: Graph, weights: Mapping[str, float]) -> dict:
+    """{term: (mean squared error, number of labelled items)} of :func:`weighted_loss`, as tensors, for every
+    term that has a weight > 0, labels in ``batch`` and a prediction in ``out`` (0 and 0 when no item of the
+    batch is labelled). Branches on which labels and outputs exist, never on values, so that
+    ``torch.compile`` traces it whole (:mod:`cartlorem.training.compiled`)."""
+    def masked_mse(diff, mask):  # mean of diff² over every element of the labelled rows (mask [rows])
+        err = torch.where(mask.reshape(mask.shape + (1,) * (diff.dim() - 1)), diff, torch.zeros_like(diff))
+        items = mask.sum() * (diff[0].numel() if diff.dim() > 1 else 1)
+        return (err**2).sum() / items.clamp(min=1).to(diff.dtype), items
+
+    terms = {}
+    if batch.energy is not None and weights.get("energy", 0.0) > 0:
+        e = out["energy"]  # atoms per structure by index_add, not bincount (whose size depends on the values)
+        atoms = torch.zeros_like(e).index_add(0, batch.batch, torch.ones_like(batch.batch, dtype=e.dtype))
+        terms["energy"] = masked_mse((e - batch.energy) / atoms, batch.has_energy)
+    if batch.forces is not None and weights.get("forces", 0.0) > 0 and "forces" in out:
+        terms["forces"] = masked_mse(out["forces"] - batch.forces, batch.has_forces[batch.batch])
+    if batch.stress is not None and weights.get("stress", 0.0) > 0 and "stress" in out:
+        terms["stress"] = masked_mse(out["stress"] - batch.stress, batch.has_stress)
+    for name in _CHARGE_TERMS:  # dipole [B, 3] per structure, born_charges [N, 3, 3] per atom
+        ref, has = getattr(batch, name, None), getattr(batch, f"has_{name}", None)
+        if ref is None or has is None or not weights.get(name, 0.0) > 0 or name not in out:
+            continue
+        terms[name] = masked_mse(out[name] - ref, has if name == "dipole" else has[batch.batch])
+    return terms
 
 
 def charge_outputs(weights: Mapping[str, float], batch: Graph) -> dict:

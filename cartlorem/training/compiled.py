@@ -1,0 +1,130 @@
+"""The gradient of the training loss as one compiled function (``train(..., compile=True)``, ``--compile``).
+
+Training on forces differentiates the model twice: forces = −∂E/∂r (a backward pass that is recorded),
+then the loss gradient through it (the double backward). Autograd runs that op by op; for the local model
+at C = 16 on a batch of eight dimers that is ~8500 small operations per step of ~3 µs each on one CPU
+thread, so the step is mostly per-operation overhead. ``torch.compile`` cannot trace a recorded backward
+pass (``create_graph=True``), but it traces torch.func transforms: written as
+
+    grads = torch.func.grad(loss)(params),  loss(params) = L(E(params, r), −vjp_r E(params, r))
+
+(the stress: a vjp in a zero strain too) the whole gradient is one function of the parameters and the
+batch, which dynamo captures in one graph and Inductor turns into fused C++ (CUDA: Triton) kernels,
+with dynamic shapes: one compilation serves batches of any size. The numbers are those of the eager
+step to float rounding (tests/test_compiled_training.py).
+
+The first call compiles (minutes on a small CPU; torch caches the result on disk for later runs of the
+same model shape). :meth:`CompiledLossGradient.unsupported` names what it does not cover; the trainer runs
+those batches eagerly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional
+
+import torch
+from torch.func import functional_call
+
+from ..graph import Graph
+from ..forces import stress_from_strain_gradient
+from .loss import _CHARGE_TERMS, loss_terms
+
+__all__ = ["CompiledLossGradient"]
+
+#: torch.compile backend of the training step ("aot_eager" traces the same graph without generating kernels:
+#: what the tests use, in seconds instead of minutes)
+BACKEND = "inductor"
+
+
+class _Energy(torch.nn.Module):
+    """``model.energy(graph, positions, cell, species=...)["energy"]`` as a module, for functional_call."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor, species: torch.Tensor):
+        return self.model.energy(graph, positions, cell, species=species)["energy"]
+
+
+class CompiledLossGradient:
+    """``weighted_loss`` of ``model(batch, compute_forces=True, create_graph=True)`` and its gradient in the
+    model's trainable parameters, compiled by ``torch.compile`` (one graph, dynamic shapes).
+
+    Calling it on a batch (on the model's device and dtype) fills ``p.grad`` of every trainable parameter
+    and returns (loss tensor, {term: unweighted MSE}) as :func:`~cartlorem.training.loss.weighted_loss`
+    does. ``unsupported(batch)`` says why a batch must go the eager way (None: it need not).
+    """
+
+    def __init__(self, model: torch.nn.Module, weights: Mapping[str, float], backend: Optional[str] = None):
+        self.model, self.weights = model, dict(weights)
+        self._energy = _Energy(model)
+        named = list(self._energy.named_parameters())
+        self.trainable = [(n, p) for n, p in named if p.requires_grad]
+        # fullgraph: a graph break would leave most of the step eager; it raises instead, and the trainer says so
+        self._fn = torch.compile(self._loss_and_grad, dynamic=False, fullgraph=True, backend=backend or BACKEND)
+
+    def unsupported(self, batch: Graph) -> Optional[str]:
+        """Why ``batch`` cannot take the compiled step with this model, or None."""
+        from ..model import CartLorem
+
+        if not isinstance(self.model, CartLorem):
+            return f"the compiled step knows CartLorem models, not {type(self.model).__name__}"
+        if self.model.long_range_block is not None:
+            return "the long-range block is not traced yet (its field sums are hand-written autograd Functions)"
+        for name in _CHARGE_TERMS:
+            has = getattr(batch, f"has_{name}", None)
+            if self.weights.get(name, 0.0) > 0 and has is not None and bool(has.any()):
+                return f"the {name} loss term is not in the compiled step"
+        return None
+
+    def __call__(self, batch: Graph) -> tuple[torch.Tensor, dict]:
+        species = self.model.species_index(batch.species)  # checked here: the compiled code does no checks
+        stress = bool(self.weights.get("stress", 0.0) > 0 and batch.stress is not None and batch.has_stress.any())
+        frozen = {n: t.detach() for n, t in self._energy.named_buffers()}
+        frozen.update((n, p.detach()) for n, p in self._energy.named_parameters() if not p.requires_grad)
+        params = {n: p.detach() for n, p in self.trainable}
+        # the sizes of the batch (atoms, edges, structures) vary, the parameters' do not: only the former are
+        # symbolic in the compiled graph (all-dynamic shapes would also equate an atom count with a parameter
+        # size that happens to be equal, and compile again when they differ)
+        for f in dataclasses.fields(batch):
+            t = getattr(batch, f.name)
+            if isinstance(t, torch.Tensor) and t.dim():
+                torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if f.name == "edge_index" else 0)
+        torch._dynamo.maybe_mark_dynamic(species, 0)
+        grads, (loss, terms) = self._fn(params, frozen, batch, species, stress)
+        # a parameter the loss does not depend on gets None from autograd and a zero tensor from torch.func;
+        # None, as in the eager step, so that Adam skips it (a zero gradient would still move it by its momentum)
+        norms = torch.stack(torch._foreach_norm([grads[n] for n, _ in self.trainable])).tolist()
+        for (n, p), norm in zip(self.trainable, norms):
+            g = grads[n]
+            if g.stride() != p.stride():  # e.g. a transposed GEMM result: the fused Adam walks grad and param
+                g = torch.empty_like(p).copy_(g)  # memory in step, so they must share the layout
+            p.grad = g if norm != 0.0 else None
+        return loss, {k: float(mse) for k, (mse, count) in terms.items() if int(count) > 0}
+
+    def _loss_and_grad(self, params: dict, frozen: dict, graph: Graph, species: torch.Tensor, stress: bool):
+        """(∂loss/∂params, (loss, {term: (mse, count)})): what is compiled."""
+
+        def loss(p):
+            def energy(positions, *strain):
+                cell = graph.cell
+                if strain:  # r → r (I + ε), cell → cell (I + ε) (cartlorem.forces)
+                    positions = positions + torch.einsum("ni,nij->nj", positions, strain[0].index_select(0, graph.batch))
+                    cell = cell + cell @ strain[0]
+                return functional_call(self._energy, (p, frozen), (graph, positions, cell, species))
+
+            primals = (graph.positions,) + ((torch.zeros_like(graph.cell),) if stress else ())
+            e, vjp = torch.func.vjp(energy, *primals)
+            grads = vjp(torch.ones_like(e))
+            out = {"energy": e, "forces": -grads[0]}
+            if stress:
+                out["stress"] = stress_from_strain_gradient(graph, grads[1])
+            terms = loss_terms(out, graph, self.weights)
+            total = e.new_zeros(())
+            for name, (mse, _) in terms.items():
+                total = total + self.weights[name] * mse
+            return total, (total.detach(), {k: (m.detach(), c) for k, (m, c) in terms.items()})
+
+        return torch.func.grad(loss, has_aux=True)(params)

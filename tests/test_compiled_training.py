@@ -1,0 +1,202 @@
+"""The compiled training step (cartlorem.training.compiled, ``train(compile=True)``) against the eager one.
+
+The functional loss gradient (torch.func: forces and stress as vjps, the loss of ``loss_terms``) is checked
+against autograd's ``weighted_loss(model(batch, create_graph=True)).backward()`` in float64 without
+compiling (fast), and once compiled through ``train`` (one compilation: about a minute on two cores).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from cartlorem import CartLorem
+from cartlorem.data import read_dataset
+from cartlorem.graph import collate
+from cartlorem.training import compiled as compiled_mod
+from cartlorem.training import train
+from cartlorem.training.compiled import CompiledLossGradient
+from cartlorem.training.loss import loss_terms, loss_weights, weighted_loss
+
+
+def _labelled(rng, atoms, stress=True, energy=True, forces=True):
+    atoms = atoms.copy()
+    atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+    results = {}
+    if energy:
+        results["energy"] = float(rng.normal()) * len(atoms)
+    if forces:
+        results["forces"] = rng.normal(size=(len(atoms), 3))
+    if stress and atoms.pbc.all():
+        results["stress"] = rng.normal(scale=0.01, size=6)
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    return atoms
+
+
+def _structures(seed=0):
+    rng = np.random.default_rng(seed)
+    water, nh3 = molecule("H2O"), molecule("NH3")
+    cell = bulk("Si", "diamond", a=5.43, cubic=False)
+    cell.symbols = ["Si", "O"]
+    return [_labelled(rng, water), _labelled(rng, nh3), _labelled(rng, cell), _labelled(rng, water, energy=False),
+            _labelled(rng, nh3, forces=False)]
+
+
+def _model(structures, long_range=None, **kw):
+    species = sorted({int(z) for a in structures for z in a.numbers})
+    torch.manual_seed(0)
+    model = CartLorem(species, cutoff=3.5, channels=4, long_range=long_range, **kw).double()
+    with torch.no_grad():  # nonzero everywhere, so that every path carries gradient
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _eager_gradient(model, batch, weights):
+    model.zero_grad(set_to_none=True)
+    pred = model(batch, compute_forces=True, compute_stress=True, create_graph=True)
+    loss, terms = weighted_loss(pred, batch, weights)
+    loss.backward()
+    return loss.detach(), terms, {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("weights", [{}, {"stress": 0.0}, {"energy": 0.0, "stress": 5.0}])
+def test_functional_gradient_equals_autograd(weights):
+    """The function that is compiled, run eagerly: loss, terms and every parameter gradient as autograd's, with
+    partly labelled structures (a molecule without energy, one without forces) and a periodic cell's stress."""
+    structures = _structures()
+    graphs = read_dataset(structures, cutoff=3.5, require=())
+    batch = collate(graphs)
+    assert not bool(batch.has_energy.all()) and not bool(batch.has_forces.all()) and bool(batch.has_stress.any())
+    model = _model(structures).train()
+    w = loss_weights(weights)
+    loss_ref, terms_ref, grads_ref = _eager_gradient(model, batch, w)
+
+    step = CompiledLossGradient(model, w)
+    step._fn = step._loss_and_grad  # eager: the same function without torch.compile
+    assert step.unsupported(batch) is None
+    model.zero_grad(set_to_none=True)
+    loss, terms = step(batch)
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-12)
+    assert terms.keys() == terms_ref.keys()
+    for k in terms:
+        assert terms[k] == pytest.approx(terms_ref[k], rel=1e-12)
+    for n, p in model.named_parameters():
+        assert (p.grad is None) == (grads_ref[n] is None), n  # no gradient where autograd gives none
+        if p.grad is None:
+            continue
+        scale = float(grads_ref[n].abs().max()) + 1e-300
+        assert float((p.grad - grads_ref[n]).abs().max()) <= 1e-10 * scale, n
+
+
+def test_loss_terms_count_labelled_items_only():
+    """loss_terms' masked means are the means over labelled rows (reference: boolean indexing)."""
+    structures = _structures(1)
+    batch = collate(read_dataset(structures, cutoff=3.5, require=()))
+    model = _model(structures).eval()
+    out = model(batch, compute_stress=True)
+    terms = loss_terms(out, batch, loss_weights())
+    n = batch.num_atoms.double()
+    e_ref = (((out["energy"] - batch.energy) / n)[batch.has_energy] ** 2).mean()
+    f_ref = ((out["forces"] - batch.forces)[batch.has_forces[batch.batch]] ** 2).mean()
+    s_ref = ((out["stress"] - batch.stress)[batch.has_stress] ** 2).mean()
+    for name, ref, count in (("energy", e_ref, int(batch.has_energy.sum())),
+                             ("forces", f_ref, 3 * int(batch.has_forces[batch.batch].sum())),
+                             ("stress", s_ref, 9 * int(batch.has_stress.sum()))):
+        mse, items = terms[name]
+        assert float(mse.detach()) == pytest.approx(float(ref.detach()), rel=1e-13), name
+        assert int(items) == count, name
+
+
+def test_unsupported_batches_run_eagerly(caplog):
+    """A long-range model under compile=True trains as without it (each batch eagerly), and says why."""
+    structures = _structures()[:2] * 2
+    graphs = read_dataset(structures, cutoff=3.5)
+    losses = []
+    for flag in (False, True):
+        model = _model(structures, long_range="multipole")
+        with caplog.at_level(logging.WARNING, logger="cartlorem.training"):
+            result = train(model, graphs, epochs=1, batch_size=2, progress=False, compile=flag)
+        losses.append(result.history[-1]["train_loss"])
+    assert losses[0] == losses[1]
+    assert "long-range block is not traced" in caplog.text
+
+
+def test_train_with_the_functional_gradient_equals_eager(monkeypatch):
+    """train() fed by the functional gradient (run eagerly: seconds) takes the eager run's steps, the stress
+    included: the gradients the compiled step hands to the optimiser (some of them transposed in memory, which
+    the fused Adam must not see) move the weights as autograd's do."""
+    monkeypatch.setattr(compiled_mod.CompiledLossGradient, "__init__", _eager_init)
+    structures = _structures(2) * 2
+    graphs = read_dataset(structures, cutoff=3.5, require=())
+    runs = []
+    for flag in (False, True):
+        model = _model(structures)
+        result = train(model, graphs, epochs=2, batch_size=4, progress=False, compile=flag)
+        runs.append(([row["train_loss"] for row in result.history], model.state_dict()))
+    (loss_e, state_e), (loss_c, state_c) = runs
+    np.testing.assert_allclose(loss_c, loss_e, rtol=1e-12)
+    for k in state_e:
+        if state_e[k].is_floating_point():
+            torch.testing.assert_close(state_c[k], state_e[k], rtol=1e-10, atol=1e-12)
+
+
+_real_init = CompiledLossGradient.__init__
+
+
+def _eager_init(self, *args, **kwargs):
+    _real_init(self, *args, **kwargs)
+    self._fn = self._loss_and_grad
+
+
+def test_failed_compilation_falls_back(monkeypatch, caplog):
+    """A compiler that fails (no C++ compiler, an unsupported operation) leaves the training eager, with a
+    warning, and the same numbers."""
+    structures = _structures()[:2] * 2
+    graphs = read_dataset(structures, cutoff=3.5)
+
+    def broken(self, batch):
+        raise RuntimeError("InductorError: no working C++ compiler found")
+
+    losses = []
+    for flag in (False, True):
+        model = _model(structures)
+        with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="cartlorem.training"):
+            m.setattr(compiled_mod.CompiledLossGradient, "__call__", broken)
+            result = train(model, graphs, epochs=2, batch_size=2, progress=False, compile=flag)
+        losses.append([row["train_loss"] for row in result.history])
+    assert losses[0] == losses[1]
+    assert "no working C++ compiler" in caplog.text and "training continues eagerly" in caplog.text
+
+
+def test_compiled_training_equals_eager(monkeypatch):
+    """train(compile=True) gives the eager run's losses and weights to float64 rounding. The step is compiled
+    with fullgraph=True (a graph break fails) by the "aot_eager" backend: the same traced graph as Inductor's
+    input, without generating kernels (Inductor's kernels are compared with the eager step by
+    benchmarks/train_step.py --compiled, minutes per compilation). Batch sizes vary (4, 4, 2 structures): one
+    compilation serves them all."""
+    monkeypatch.setattr(compiled_mod, "BACKEND", "aot_eager")
+    structures = _structures(2) * 2
+    graphs = read_dataset(structures, cutoff=3.5, require=())
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    runs = []
+    for flag in (False, True):
+        model = _model(structures)
+        result = train(model, graphs, epochs=2, batch_size=4, progress=False, compile=flag, ema_decay=None,
+                       weights={"stress": 0.0})
+        runs.append(([row["train_loss"] for row in result.history], model.state_dict()))
+    compiled = counters["stats"]["unique_graphs"] - graphs_before
+    assert compiled == 1, f"compiled {compiled} times"
+    (loss_e, state_e), (loss_c, state_c) = runs
+    np.testing.assert_allclose(loss_c, loss_e, rtol=1e-12)
+    for k in state_e:
+        if state_e[k].is_floating_point():
+            torch.testing.assert_close(state_c[k], state_e[k], rtol=1e-10, atol=1e-12)
