@@ -28,18 +28,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 
+def code_of(rev, workdir):
+    """A folder holding the ``cartlorem`` package of git revision ``rev`` (to put first on PYTHONPATH)."""
+    folder = Path(workdir) / f"code_{rev}"
+    if not folder.is_dir():
+        folder.mkdir()
+        archive = subprocess.run(["git", "archive", rev, "cartlorem"], cwd=harness.REPO_ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
 def run_cli(data, model, args, workdir):
-    """Train ``model`` ("none", "multipole", "lorem", optionally "[placement]") on ``data``; epoch times (s)."""
-    kind, _, placement = model.partition("[")
-    out = Path(workdir) / model.replace("[", "_").replace("]", "")
-    cmd = ["cartlorem", "train", "--train", str(data), "--long-range", kind, "--channels", str(args.channels),
+    """Train ``model`` on ``data``; epoch times (s). ``model``: "none", "multipole" or "lorem", optionally
+    "[placement]", "+compile" (``--compile``) and "@REV" (the code of git revision REV)."""
+    spec, _, rev = model.partition("@")
+    spec, plus, _ = spec.partition("+compile")
+    kind, _, placement = spec.partition("[")
+    out = Path(workdir) / model.replace("[", "_").replace("]", "").replace("+", "_").replace("@", "_")
+    code = code_of(rev, workdir) if rev else Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code)] + [x for x in [os.environ.get("PYTHONPATH")] if x])}
+    cmd = [sys.executable, "-m", "cartlorem.cli", "train", "--train", str(data), "--long-range", kind,
+           "--channels", str(args.channels),
            "--correlation", str(args.correlation), "--epochs", str(args.epochs), "--dtype", args.dtype,
            "--threads", "1", "--seed", "0", "--out", str(out), "--overwrite", "--no-progress"]
     if placement:
         config = Path(workdir) / f"{out.name}.yaml"
         config.write_text(f"long_range_options:\n  placement: {placement.rstrip(']')}\n")
         cmd += ["--config", str(config)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if plus:
+        cmd.append("--compile")
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=workdir)
     with open(out / "log.csv") as f:
         return [float(row["epoch_time_s"]) for row in csv.DictReader(f)]
 
@@ -73,16 +92,19 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as workdir:
         for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
             data, n_frames = subset(name, args, workdir)
-            times = {m: [] for m in models}
+            times, firsts = {m: [] for m in models}, {m: [] for m in models}
             for r in range(args.rounds):
                 for m in (models if r % 2 == 0 else models[::-1]):
-                    times[m] += run_cli(data, m, args, workdir)[1:]  # the first epoch of a run is warm-up
+                    epochs = run_cli(data, m, args, workdir)
+                    firsts[m].append(epochs[0])
+                    times[m] += epochs[1:]  # the first epoch of a run is warm-up (and, with +compile, compiles)
                     print(name, m, times[m], flush=True)
             base = statistics.median(times["none"]) if "none" in times else None
             for m in models:
                 med = statistics.median(times[m])
                 rows.append({"set": name, "frames": n_frames, "model": m, "epoch_s_median": round(med, 3),
                              "epoch_s": [round(t, 3) for t in times[m]],
+                             "first_epoch_s": [round(t, 1) for t in firsts[m]],
                              "ratio_to_none": None if base is None else round(med / base, 3)})
     meta.update(settings=vars(args), loadavg_end=round(os.getloadavg()[0], 2),
                 command=harness.command_line("train_epoch.py", argv))
@@ -92,10 +114,12 @@ def main(argv=None):
              f"{args.frames} frames per set (90% train, 10% validation), {args.epochs} epochs per run × {args.rounds} "
              f"rounds, first epoch of each run dropped. Load average {meta['loadavg_1min']} at start, "
              f"{meta['loadavg_end']} at end (2 cores).", "",
-             "| set | model | epoch median (s) | ÷ none | epochs timed |", "|---|---|---|---|---|"]
+             "Models: `+compile` trains with `--compile` (its first epoch compiles: the first-epoch column); "
+             "`@REV` runs the code of git revision REV.", "",
+             "| set | model | epoch median (s) | ÷ none | epochs timed | first epochs (s) |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['set']} | {r['model']} | {r['epoch_s_median']:.3f} | {r['ratio_to_none']} | "
-                     f"{len(r['epoch_s'])} |")
+                     f"{len(r['epoch_s'])} | {', '.join(str(t) for t in r['first_epoch_s'])} |")
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
