@@ -62,6 +62,10 @@ KINDS = ("none", "multipole", "lorem")
 #: which a short-range model does not compute: its last layer outputs scalars only),
 #: step(kind/zero-fields-detached) − step(none) the block's own operations.
 VARIANTS = ("", "@ref", "@pair_fields", "/zero-fields", "/zero-fields-detached")
+#: "+compile": the compiled step of train(compile=True) (cartlorem.training.compiled), for every model kind
+#: including none; its ratios ("÷ none") are to none+compile. Not in the default variants (minutes of
+#: compilation per model).
+ALL_VARIANTS = VARIANTS + ("+compile",)
 
 
 def _zero_fields(positions, batch, cell, pbc, charges=None, dipoles=None, quadrupoles=None, *, ranks=(0, 1, 2),
@@ -517,7 +521,7 @@ def main(argv=None):
     p.add_argument("--cutoff", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--n-batches", type=int, default=6, help="distinct batches cycled through")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS,
                    help="long-range code paths to time ('' this branch, '@ref' op-by-op kernels, '@pair_fields' "
                         "per-pair formulas op by op (the earlier open-molecule sum), '/zero-fields' zero fields: cost of the rest of the block, "
                         "'/zero-fields-detached' also no gradient into the local model: the block's own operations)")
@@ -555,13 +559,18 @@ def main(argv=None):
             kinds = [k if k == "none" or not pl else f"{k}[{pl}]" for k in args.kinds for pl in args.placements]
             kinds = list(dict.fromkeys(kinds))
             models = {k: build_model(k, species, channels, args, stats_graphs) for k in kinds}
-            steps = {}
+            steps, compile_info = {}, {}
             for k in kinds:
-                for v in ([""] if k == "none" else args.variants):
-                    steps[k + v] = step_fn(models[k], batches, dtype, v)
+                for v in ([v for v in ("", "+compile") if v in args.variants] if k == "none" else args.variants):
+                    if v == "+compile":
+                        steps[k + v], compile_s, diff = compiled_step_fn(models[k], batches, dtype)
+                        compile_info[k + v] = {"compile_s": round(compile_s, 1), "compiled_vs_eager": diff}
+                        print(k + v, compile_info[k + v], flush=True)
+                    else:
+                        steps[k + v] = step_fn(models[k], batches, dtype, v)
             times = harness.time_fns(steps, warmup=args.warmup, repeats=args.repeats)
-            base = times["none"] if "none" in times else None
             for kind in steps:
+                base = times.get("none+compile" if kind.endswith("+compile") else "none")
                 t = times[kind]
                 row = {"set": name, "channels": channels, "model": kind, "atoms_per_batch": atoms,
                        "median_s": round(t["median"], 5), "iqr_s": round(t["iqr"], 5),
@@ -570,6 +579,7 @@ def main(argv=None):
                     row["ratio_to_none"] = round(t["median"] / base["median"], 3)
                     row["cpu_ratio_to_none"] = round(t["cpu_median"] / base["cpu_median"], 3)
                     row["lr_overhead_s"] = round(t["median"] - base["median"], 5)
+                row.update(compile_info.get(kind, {}))
                 if args.profile_steps and (kind in kinds):
                     row["profile"] = profile_step(steps[kind], args.profile_steps)
                 rows.append(row)

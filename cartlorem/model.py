@@ -220,7 +220,8 @@ class CartLorem(nn.Module):
 
     # --- the energy model ----------------------------------------------------------------------
     def energy(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor, *, dipole: bool = False,
-               electric_field: Optional[torch.Tensor] = None, species: Optional[torch.Tensor] = None) -> dict:
+               electric_field: Optional[torch.Tensor] = None, species: Optional[torch.Tensor] = None,
+               pairs: Optional[tuple] = None) -> dict:
         """Total energy [B] (eV) and per-atom energies [N] for the given positions and cell.
 
         Long-range models also: with ``dipole`` (or a field), "dipole" [B, 3] (e·Å), P = Σ_i q_i r_i + μ_i
@@ -229,8 +230,10 @@ class CartLorem(nn.Module):
         slabs, whose P is not defined: only its gradient, the force Z*ᵀE, is used (cartlorem.forces).
 
         ``species``: the model's species indices of the atoms, ``self.species_index(graph.species)``, when the
-        caller has them (checked) already; then nothing here depends on tensor values, and ``torch.compile``
-        traces the energy whole (:mod:`cartlorem.training.compiled`).
+        caller has them (checked) already; ``pairs``: for a long-range model on a batch of open structures only,
+        the intra-structure pairs (i, j) of :func:`cartlorem.ewald.direct.molecule_pairs`, the batch checked
+        (:meth:`LongRangeBlock.forward`). With both, nothing here depends on tensor values, and
+        ``torch.compile`` traces the energy whole (:mod:`cartlorem.training.compiled`).
         """
         species = self.species_index(graph.species) if species is None else species
         i, j = graph.edge_index
@@ -253,7 +256,7 @@ class CartLorem(nn.Module):
         for t, (layer, prod, mix, skip, readout) in enumerate(
                 zip(self.layers, self.products, self.mixers, self.skips, self.readouts)):
             if t == last and self.placement == "before_last":  # the fields update the last layer's input scalars
-                out = self.long_range_block(h, graph, positions, cell)
+                out = self.long_range_block(h, graph, positions, cell, pairs=pairs)
                 h = [out["scalars"]] + h[1:]
             A = layer(h, graph.edge_index, unit, radial, envelope, compiled=self._compiled_now)
             B = mix(prod(A, species))
@@ -262,7 +265,7 @@ class CartLorem(nn.Module):
             node_energy = node_energy + readout(h[0]).squeeze(-1)
 
         if self.placement == "end":
-            out = self.long_range_block(h, graph, positions, cell)
+            out = self.long_range_block(h, graph, positions, cell, pairs=pairs)
         if self.long_range_block is not None:
             out.pop("scalars")
             lr_readout, e_es = out.pop("readout"), out.pop("electrostatic")  # [N] learned, [N] eV

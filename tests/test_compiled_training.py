@@ -66,15 +66,20 @@ def _eager_gradient(model, batch, weights):
     return loss.detach(), terms, {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("weights", [{}, {"stress": 0.0}, {"energy": 0.0, "stress": 5.0}])
-def test_functional_gradient_equals_autograd(weights):
+@pytest.mark.parametrize("kind, weights", [(None, {}), (None, {"stress": 0.0}), (None, {"energy": 0.0, "stress": 5.0}),
+                                           ("multipole", {}), ("lorem", {}), ("multipole", {"energy": 0.0})])
+def test_functional_gradient_equals_autograd(kind, weights):
     """The function that is compiled, run eagerly: loss, terms and every parameter gradient as autograd's, with
-    partly labelled structures (a molecule without energy, one without forces) and a periodic cell's stress."""
+    partly labelled structures (a molecule without energy, one without forces) and a periodic cell's stress
+    (local models; long-range ones on the molecules: their field sum op by op over the given pairs)."""
     structures = _structures()
+    if kind is not None:
+        structures = [a for a in structures if not a.pbc.any()]
     graphs = read_dataset(structures, cutoff=3.5, require=())
     batch = collate(graphs)
-    assert not bool(batch.has_energy.all()) and not bool(batch.has_forces.all()) and bool(batch.has_stress.any())
-    model = _model(structures).train()
+    assert not bool(batch.has_energy.all()) and not bool(batch.has_forces.all())
+    assert bool(batch.has_stress.any()) == (kind is None)
+    model = _model(structures, long_range=kind).train()
     w = loss_weights(weights)
     loss_ref, terms_ref, grads_ref = _eager_gradient(model, batch, w)
 
@@ -115,8 +120,9 @@ def test_loss_terms_count_labelled_items_only():
 
 
 def test_unsupported_batches_run_eagerly(caplog):
-    """A long-range model under compile=True trains as without it (each batch eagerly), and says why."""
-    structures = _structures()[:2] * 2
+    """A long-range model on a periodic cell under compile=True trains as without it (that batch eagerly), and
+    says why."""
+    structures = _structures()[2:3] * 3
     graphs = read_dataset(structures, cutoff=3.5)
     losses = []
     for flag in (False, True):
@@ -125,7 +131,7 @@ def test_unsupported_batches_run_eagerly(caplog):
             result = train(model, graphs, epochs=1, batch_size=2, progress=False, compile=flag)
         losses.append(result.history[-1]["train_loss"])
     assert losses[0] == losses[1]
-    assert "long-range block is not traced" in caplog.text
+    assert "periodic cells and slabs are not in the compiled step" in caplog.text
 
 
 def test_train_with_the_functional_gradient_equals_eager(monkeypatch):

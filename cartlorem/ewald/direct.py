@@ -278,12 +278,17 @@ def _coupling_table(ranks: tuple, source_ranks: tuple, dtype, device) -> _Coupli
     return _CouplingTable(ranks, source_ranks, dtype, device)
 
 
-def _field_sum_reference(pos, v, i, j, kernel, t, prefactor):
+def _field_sum_reference(pos, v, i, j, kernel, t, prefactor, traced: bool = False):
     """The sum of :class:`PairListSum` op by op (autograd records every step; the path of Hessians and
-    higher orders): out [N, A, C]."""
+    higher orders): out [N, A, C]. ``traced``: the kernel op by op too (torch.func and torch.compile, which
+    cannot differentiate the autograd Function of :meth:`RadialKernel.derivatives`)."""
     R = pos[i] - pos[j]
     r2 = (R * R).sum(-1)
-    B = torch.stack(kernel.derivatives(r2, torch.ones_like(r2, dtype=torch.bool), t.max_order), dim=1)
+    valid = torch.ones_like(r2, dtype=torch.bool)
+    if traced:
+        B = torch.stack(kernel.derivatives_autograd(r2, valid, t.max_order, dense=True), dim=1)
+    else:
+        B = torch.stack(kernel.derivatives(r2, valid, t.max_order), dim=1)
     features = B.index_select(1, t.orders) * t.monomials(R).index_select(1, t.columns)  # [P, F]
     K = (features @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols) * prefactor
     return pos.new_zeros(pos.shape[0], t.n_rows, v.shape[2]).index_add(0, i, _times(K, v.index_select(0, j)))
@@ -428,6 +433,7 @@ def pair_list_fields(
     kernel: RadialKernel,
     ranks=(0, 1, 2),
     prefactor: float = 1.0,
+    traced: bool = False,
 ) -> dict:
     """Fields at the targets of an explicit list of directed pairs (open boundaries, no images).
 
@@ -438,7 +444,9 @@ def pair_list_fields(
     (``RadialKernel.coulomb()`` or ``.smeared(sigma)``). ranks: field ranks to return.
     Returns {rank: potential [N, C] / field [N, C, 3] / gradient [N, C, 3, 3]} times ``prefactor``,
     the same numbers as the blocked :func:`pair_sum` restricted to these pairs. Differentiable to any
-    order with respect to positions and multipoles (:class:`PairListSum`).
+    order with respect to positions and multipoles (:class:`PairListSum`). ``traced``: op by op, for
+    torch.func transforms and torch.compile (the compiled training step), which cannot differentiate the
+    hand-written autograd Functions.
     """
     ranks = tuple(sorted(set(int(r) for r in ranks)))
     source_ranks = tuple(sorted(multipoles))
@@ -451,7 +459,9 @@ def pair_list_fields(
         x = multipoles[r]
         parts.append(x[:, None, :] if r == 0 else x.reshape(n_atoms, n_ch, 3**r).transpose(1, 2))
     v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    if i.numel():
+    if traced:
+        out = _field_sum_reference(positions, v, i, j, kernel, t, float(prefactor), traced=True)
+    elif i.numel():
         out = PairListSum.apply(positions, v, i, j, kernel, t, float(prefactor))  # [N, A, C]
     else:
         out = positions.new_zeros(n_atoms, t.n_rows, n_ch) + 0.0 * v.sum()
@@ -512,4 +522,17 @@ def open_molecules_fields(positions, batch, charges=None, dipoles=None, quadrupo
     else:
         kernel = RadialKernel.smeared(float(smearing))
     out = pair_list_fields(pos, i, j, m, kernel, ranks, prefactor)
+    return tuple(out.get(r) for r in (0, 1, 2))
+
+
+def traced_pair_fields(positions, pairs, charges=None, dipoles=None, quadrupoles=None, *, smearing=None,
+                       prefactor=1.0, ranks=(0, 1, 2)) -> tuple:
+    """:func:`open_molecules_fields` for the compiled training step (:mod:`cartlorem.training.compiled`):
+    the intra-structure pairs ``pairs`` = (i, j) of :func:`molecule_pairs` given, no input checks (the
+    caller has made them where it built the pairs: every structure open, no overlapping point multipoles),
+    every step op by op, so that torch.func differentiates it and torch.compile traces it whole."""
+    i, j = pairs
+    m = {r: x for r, x in enumerate((charges, dipoles, quadrupoles)) if x is not None}
+    kernel = RadialKernel.coulomb() if smearing is None else RadialKernel.smeared(float(smearing))
+    out = pair_list_fields(positions, i, j, m, kernel, ranks, prefactor, traced=True)
     return tuple(out.get(r) for r in (0, 1, 2))

@@ -315,7 +315,7 @@ class RadialKernel:
     def singular(self) -> bool:
         """True if the kernel diverges like 1/R at R = 0."""
         total = sum(w for w, _ in self.terms)
-        return abs(total) > 1e-12 * max((abs(w) for w, _ in self.terms), default=1.0)
+        return abs(total) > 1e-12 * max([abs(w) for w, _ in self.terms] or [1.0])  # a list: torch.compile traces it
 
     def derivatives(self, r2: torch.Tensor, valid: torch.Tensor, max_order: int) -> list:
         """``B_0 .. B_max_order`` at r2 [...] (Å²); zero where ``valid`` [...] is False.
@@ -330,8 +330,12 @@ class RadialKernel:
             return list(KernelDerivatives.apply(r2, valid, self, 0, max_order))
         return self.derivatives_autograd(r2, valid, max_order)
 
-    def derivatives_autograd(self, r2: torch.Tensor, valid: torch.Tensor, max_order: int) -> list:
-        """:meth:`derivatives` evaluated op by op (autograd records every step); the reference path."""
+    def derivatives_autograd(self, r2: torch.Tensor, valid: torch.Tensor, max_order: int, dense: bool = False) -> list:
+        """:meth:`derivatives` evaluated op by op (autograd records every step); the reference path.
+
+        ``dense``: the short-distance series of a smooth kernel evaluated at every pair (at r2 = 0 where it
+        is not used) and selected, instead of gathered for the pairs that need it: no step depends on
+        values, so that torch.compile traces it (the compiled training step)."""
         zero = torch.zeros((), dtype=r2.dtype, device=r2.device)
         if self.singular:
             far = valid
@@ -348,7 +352,13 @@ class RadialKernel:
             else:
                 B = [torch.add(b, t, alpha=weight) for b, t in zip(B, terms)]
         B = [torch.where(far, b, zero) for b in B]
-        if not self.singular and bool(near.any()):
+        if dense and not self.singular:
+            r2_near = torch.where(near, r2, torch.zeros_like(r2))  # finite series (and gradients) elsewhere
+            for weight, beta in self.terms:
+                if beta > 0.0:
+                    for n, b in enumerate(erf_kernel_derivatives(beta, r2_near, max_order)):
+                        B[n] = torch.where(near, B[n] - weight * b, B[n])
+        elif not self.singular and bool(near.any()):
             # f = -sum_t w_t erf(beta_t R) / R because the weights sum to zero
             flat = r2.reshape(-1)
             where = near.reshape(-1).nonzero().flatten()  # one nonzero, not one per order

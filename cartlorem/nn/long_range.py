@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ..ewald import batched_multipole_fields
+from ..ewald.direct import traced_pair_fields
 from ..tensors import EquivariantLinear, product, stf
 
 __all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries", "PLACEMENTS", "check_placement"]
@@ -239,7 +240,7 @@ class LongRangeBlock(nn.Module):
         the learned a_1 … (read-only: set ``coupling_channel0`` / ``coupling_others``)."""
         return torch.cat([self.coupling_channel0.reshape(1), self.coupling_others])
 
-    def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor) -> dict:
+    def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor, pairs=None) -> dict:
         """h = [h0 [N, C], h1 [N, C, 3] or None, h2 [N, C, 3, 3] or None]; positions [N, 3] Å; cell [B, 3, 3] Å.
 
         Returns "readout" [N] (learned, dimensionless: the caller scales it), "electrostatic" [N]
@@ -247,11 +248,27 @@ class LongRangeBlock(nn.Module):
         [N, C] (h0 updated by the field invariants: the next layer's input with placement "before_last"), and channel 0 of the learned
         multipoles: "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3]
         (e·Å², traceless, lmax 2).
+
+        ``pairs``: the intra-structure pairs (i, j) of :func:`cartlorem.ewald.direct.molecule_pairs` when every
+        structure is open and the caller has checked the batch (the compiled training step,
+        :mod:`cartlorem.training.compiled`): the field sum then runs op by op over them with no
+        value-dependent step (:func:`cartlorem.ewald.direct.traced_pair_fields`).
         """
         from ..units import COULOMB
 
-        check_boundaries(graph.pbc)
-        positions, cell = slab_frame(positions, graph.batch, cell, graph.pbc)
+        if pairs is None:
+            check_boundaries(graph.pbc)
+            positions, cell = slab_frame(positions, graph.batch, cell, graph.pbc)
+
+        def fields_of(charges, dipoles=None, quadrupoles=None, ranks=(0, 1, 2)):
+            if pairs is not None:
+                return traced_pair_fields(positions, pairs, charges, dipoles, quadrupoles, smearing=self.smearing,
+                                          ranks=ranks)
+            f = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=charges, dipoles=dipoles,
+                                         quadrupoles=quadrupoles, smearing=self.smearing, accuracy=self.accuracy,
+                                         ranks=ranks)
+            return f.potential, f.field, f.field_gradient
+
         q, mu, theta = self.to_multipoles(h[: self.lmax + 1])[:3]  # q: zero from channel charge_channels on
         if self.charge_correction:  # leaves those zeros exact: their sums and targets are 0
             q = self._correct_charges(q, graph, h[0])
@@ -264,9 +281,7 @@ class LongRangeBlock(nn.Module):
                 # leave Θ ≈ a·I, which one projection turns into noise of size eps·a whose trace is as
                 # large as its entries; the second projection leaves noise eps² a, traceless to eps.
                 theta = stf(stf(theta))
-            f = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=q, dipoles=mu,
-                                         quadrupoles=theta, smearing=self.smearing, accuracy=self.accuracy)
-            fields = [f.potential, f.field, f.field_gradient]
+            fields = list(fields_of(q, mu, theta))
             e_es = q * fields[0]
             if mu is not None:
                 e_es = e_es - (mu * fields[1]).sum(-1)
@@ -277,8 +292,7 @@ class LongRangeBlock(nn.Module):
             n, c = q.shape
             sources = [q, mu, theta][: self.lmax + 1]
             stacked = torch.cat([s.reshape(n, -1) for s in sources], dim=1)  # [N, (1 + 3 + 9) C] up to lmax
-            pot = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=stacked,
-                                           smearing=self.smearing, accuracy=self.accuracy, ranks=(0,)).potential
+            pot = fields_of(stacked, ranks=(0,))[0]
             fields, start = [], 0
             for s in sources:  # potential of every Cartesian component, in the shape of its source
                 size = s[0].numel()

@@ -26,6 +26,7 @@ from typing import Mapping, Optional
 import torch
 from torch.func import functional_call
 
+from ..ewald.direct import OVERLAP_DISTANCE, molecule_pairs, pair_list_fits
 from ..graph import Graph
 from ..forces import stress_from_strain_gradient
 from .loss import _CHARGE_TERMS, loss_terms
@@ -44,8 +45,8 @@ class _Energy(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor, species: torch.Tensor):
-        return self.model.energy(graph, positions, cell, species=species)["energy"]
+    def forward(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor, species: torch.Tensor, pairs):
+        return self.model.energy(graph, positions, cell, species=species, pairs=pairs)["energy"]
 
 
 class CompiledLossGradient:
@@ -71,8 +72,17 @@ class CompiledLossGradient:
 
         if not isinstance(self.model, CartLorem):
             return f"the compiled step knows CartLorem models, not {type(self.model).__name__}"
-        if self.model.long_range_block is not None:
-            return "the long-range block is not traced yet (its field sums are hand-written autograd Functions)"
+        block = self.model.long_range_block
+        if block is not None:
+            if bool(batch.pbc.any()):
+                return "long-range models on periodic cells and slabs are not in the compiled step (Ewald, PME)"
+            n_pairs = int((torch.bincount(batch.batch) ** 2).sum())
+            if block.kind == "multipole":
+                fits = pair_list_fits(n_pairs, block.field_ranks, tuple(range(block.lmax + 1)), block.lr_channels)
+            else:
+                fits = pair_list_fits(n_pairs, (0,), (0,), block.lr_channels * sum(3**l for l in range(block.lmax + 1)))
+            if not fits:
+                return "a batch of molecules too large for one pair list (cartlorem.ewald.direct.pair_list_fits)"
         for name in _CHARGE_TERMS:
             has = getattr(batch, f"has_{name}", None)
             if self.weights.get(name, 0.0) > 0 and has is not None and bool(has.any()):
@@ -81,6 +91,16 @@ class CompiledLossGradient:
 
     def __call__(self, batch: Graph) -> tuple[torch.Tensor, dict]:
         species = self.model.species_index(batch.species)  # checked here: the compiled code does no checks
+        pairs = None
+        block = getattr(self.model, "long_range_block", None)
+        if block is not None:  # open structures (unsupported()): every intra-structure pair
+            pairs = molecule_pairs(batch.batch)
+            if block.smearing is None and pairs[0].numel():  # point multipoles must not overlap
+                d2 = ((batch.positions[pairs[0]] - batch.positions[pairs[1]]) ** 2).sum(-1)
+                if bool((d2 < OVERLAP_DISTANCE**2).any()):
+                    raise ValueError(f"point multipoles closer than {OVERLAP_DISTANCE} Å in the batch")
+            for t in pairs:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         stress = bool(self.weights.get("stress", 0.0) > 0 and batch.stress is not None and batch.has_stress.any())
         frozen = {n: t.detach() for n, t in self._energy.named_buffers()}
         frozen.update((n, p.detach()) for n, p in self._energy.named_parameters() if not p.requires_grad)
@@ -93,7 +113,7 @@ class CompiledLossGradient:
             if isinstance(t, torch.Tensor) and t.dim():
                 torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if f.name == "edge_index" else 0)
         torch._dynamo.maybe_mark_dynamic(species, 0)
-        grads, (loss, terms) = self._fn(params, frozen, batch, species, stress)
+        grads, (loss, terms) = self._fn(params, frozen, batch, species, pairs, stress)
         # a parameter the loss does not depend on gets None from autograd and a zero tensor from torch.func;
         # None, as in the eager step, so that Adam skips it (a zero gradient would still move it by its momentum)
         norms = torch.stack(torch._foreach_norm([grads[n] for n, _ in self.trainable])).tolist()
@@ -104,7 +124,7 @@ class CompiledLossGradient:
             p.grad = g if norm != 0.0 else None
         return loss, {k: float(mse) for k, (mse, count) in terms.items() if int(count) > 0}
 
-    def _loss_and_grad(self, params: dict, frozen: dict, graph: Graph, species: torch.Tensor, stress: bool):
+    def _loss_and_grad(self, params: dict, frozen: dict, graph: Graph, species: torch.Tensor, pairs, stress: bool):
         """(∂loss/∂params, (loss, {term: (mse, count)})): what is compiled."""
 
         def loss(p):
@@ -113,7 +133,7 @@ class CompiledLossGradient:
                 if strain:  # r → r (I + ε), cell → cell (I + ε) (cartlorem.forces)
                     positions = positions + torch.einsum("ni,nij->nj", positions, strain[0].index_select(0, graph.batch))
                     cell = cell + cell @ strain[0]
-                return functional_call(self._energy, (p, frozen), (graph, positions, cell, species))
+                return functional_call(self._energy, (p, frozen), (graph, positions, cell, species, pairs))
 
             primals = (graph.positions,) + ((torch.zeros_like(graph.cell),) if stress else ())
             e, vjp = torch.func.vjp(energy, *primals)
