@@ -321,3 +321,54 @@ def test_pair_list_fields_of_charges_gradcheck_and_gradgradcheck(ranks):
     args = tuple(t.clone().requires_grad_(True) for t in (pos, q))
     assert torch.autograd.gradcheck(f, args)
     assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_dense_kernel_derivatives_equal_the_gathered_ones(name):
+    """derivatives_autograd(dense=True) (the series at every pair, selected; the compiled training step's form)
+    gives the values, first and second derivatives of the gathered series, finite everywhere."""
+    kernel = KERNELS[name]
+    r2 = _r2(3).requires_grad_(True)
+    valid = torch.ones_like(r2, dtype=torch.bool)
+    valid[5] = False
+    ref = kernel.derivatives_autograd(r2, valid, 3)
+    dense = kernel.derivatives_autograd(r2, valid, 3, dense=True)
+    w = torch.linspace(0.5, 1.5, len(r2), dtype=torch.float64)
+    for a, b in zip(ref, dense):
+        torch.testing.assert_close(b, a, rtol=1e-13, atol=0.0)
+        (ga,) = torch.autograd.grad((a * w).sum(), r2, create_graph=True)
+        (gb,) = torch.autograd.grad((b * w).sum(), r2, create_graph=True)
+        torch.testing.assert_close(gb, ga, rtol=1e-12, atol=0.0)
+        (hb,) = torch.autograd.grad(gb.sum(), r2, retain_graph=True)
+        (ha,) = torch.autograd.grad(ga.sum(), r2, retain_graph=True)
+        assert torch.isfinite(hb).all()
+        torch.testing.assert_close(hb, ha, rtol=1e-11, atol=0.0)
+
+
+@pytest.mark.parametrize("smearing", [None, 0.8])
+def test_traced_pair_fields_equal_open_molecules_fields_under_torch_func(smearing):
+    """traced_pair_fields (the compiled training step's field sum) gives open_molecules_fields' fields, and under
+    torch.func (grad of a force loss in the sources) the gradients autograd gives through the autograd Functions."""
+    from cartlorem.ewald.direct import molecule_pairs, open_molecules_fields, traced_pair_fields
+
+    batch, pos, q, mu, th = _molecules()
+    pairs = molecule_pairs(batch)
+    ref = open_molecules_fields(pos, batch, q, mu, th, smearing=smearing)
+    got = traced_pair_fields(pos, pairs, q, mu, th, smearing=smearing)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+    def force_loss(fn, qq, positions):
+        def energy(x):
+            f = fn(x, qq)
+            return (qq * f[0]).sum() - (mu * f[1]).sum() - 0.5 * (th * f[2]).sum()
+        return (torch.func.grad(energy)(positions) ** 2).sum()
+
+    traced = lambda x, qq: traced_pair_fields(x, pairs, qq, mu, th, smearing=smearing)  # noqa: E731
+    g_func = torch.func.grad(lambda qq: force_loss(traced, qq, pos))(q)
+    qa, xa = q.clone().requires_grad_(True), pos.clone().requires_grad_(True)
+    f = open_molecules_fields(xa, batch, qa, mu, th, smearing=smearing)
+    e = (qa * f[0]).sum() - (mu * f[1]).sum() - 0.5 * (th * f[2]).sum()
+    (gx,) = torch.autograd.grad(e, xa, create_graph=True)
+    (g_ref,) = torch.autograd.grad((gx**2).sum(), qa)
+    torch.testing.assert_close(g_func, g_ref, rtol=1e-10, atol=1e-12)
