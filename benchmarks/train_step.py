@@ -585,6 +585,7 @@ def main(argv=None):
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
             if args.mace:
+                base = times.get("none")  # MACE against the eager short-range step
                 m, why = mace_step_time(name, channels, args)
                 row = {"set": name, "channels": channels, "model": "mace", "atoms_per_batch": atoms}
                 if m is None:
