@@ -207,3 +207,30 @@ def test_charge_channels_reach_the_block_and_a_continued_study_keeps_them(tmp_pa
     record.write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match="long_range_options"):
         accuracy.main(runs + ["--out", str(tmp_path / "fourth")])
+
+
+def test_compile_flag_trains_cartlorem_models_compiled_and_is_recorded(tmp_path, monkeypatch):
+    """--compile: the cartlorem models train through the compiled step (its function run eagerly here: compiling
+    takes minutes) and each session records it; a session without the flag continues the same run."""
+    from cartlorem.training import compiled as compiled_mod
+
+    calls = []
+    real_init = compiled_mod.CompiledLossGradient.__init__
+
+    def eager_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        fn = self._loss_and_grad
+        self._fn = lambda *a: calls.append(1) or fn(*a)
+
+    monkeypatch.setattr(compiled_mod.CompiledLossGradient, "__init__", eager_init)
+    write_dimers(tmp_path / "dimers.xyz")
+    common = ["--data-dir", str(tmp_path), "--sets", "dimers", "--variants", "none", "--channels", "4",
+              "--batch-size", "4", "--budget", "2", "--patience", "50", "--threads", "1",
+              "--run-dir", str(tmp_path / "runs")]
+    accuracy.main(common + ["--compile", "--out", str(tmp_path / "first")])
+    assert calls, "the compiled step was not used"
+    n = len(calls)
+    accuracy.main(common + ["--out", str(tmp_path / "second")])
+    assert len(calls) == n  # no --compile: eager
+    second = json.loads((tmp_path / "second.json").read_text())["results"]["dimers"]["variants"]["none"]
+    assert [s["compile"] for s in second["sessions"]] == [True, False]
