@@ -122,3 +122,22 @@ def emt_frames(n, seed=0, periodic_every=3):
         frames.append(a)
     return frames
 
+
+
+@pytest.fixture
+def eager_compiled_step(monkeypatch):
+    """The compiled training step (cartlorem.training.compiled) with its function run eagerly instead of
+    compiled (compiling takes minutes): the trainer's path through it in seconds. Returns a list that gets
+    one entry per step taken that way."""
+    from cartlorem.training import compiled as compiled_mod
+
+    calls = []
+    real_init = compiled_mod.CompiledLossGradient.__init__
+
+    def eager_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        fn = self._loss_and_grad
+        self._fn = lambda *a: calls.append(1) or fn(*a)
+
+    monkeypatch.setattr(compiled_mod.CompiledLossGradient, "__init__", eager_init)
+    return calls

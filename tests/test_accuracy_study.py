@@ -209,20 +209,10 @@ def test_charge_channels_reach_the_block_and_a_continued_study_keeps_them(tmp_pa
         accuracy.main(runs + ["--out", str(tmp_path / "fourth")])
 
 
-def test_compile_flag_trains_cartlorem_models_compiled_and_is_recorded(tmp_path, monkeypatch):
+def test_compile_flag_trains_cartlorem_models_compiled_and_is_recorded(tmp_path, eager_compiled_step):
     """--compile: the cartlorem models train through the compiled step (its function run eagerly here: compiling
     takes minutes) and each session records it; a session without the flag continues the same run."""
-    from cartlorem.training import compiled as compiled_mod
-
-    calls = []
-    real_init = compiled_mod.CompiledLossGradient.__init__
-
-    def eager_init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        fn = self._loss_and_grad
-        self._fn = lambda *a: calls.append(1) or fn(*a)
-
-    monkeypatch.setattr(compiled_mod.CompiledLossGradient, "__init__", eager_init)
+    calls = eager_compiled_step
     write_dimers(tmp_path / "dimers.xyz")
     common = ["--data-dir", str(tmp_path), "--sets", "dimers", "--variants", "none", "--channels", "4",
               "--batch-size", "4", "--budget", "2", "--patience", "50", "--threads", "1",

@@ -285,22 +285,12 @@ def test_config_python_yaml_and_flags_agree(files, tmp_path):
         Config(lr=0)
 
 
-def test_train_compile_flag_reaches_the_trainer(files, tmp_path, capsys, monkeypatch, caplog):
+def test_train_compile_flag_reaches_the_trainer(files, tmp_path, capsys, caplog, eager_compiled_step):
     """--compile trains through the compiled step (here its function run eagerly: compiling takes minutes;
     tests/test_compiled_training.py compiles it) and is recorded in config.yaml."""
     import logging
 
-    from cartlorem.training import compiled as compiled_mod
-
-    calls = []
-    real_init = compiled_mod.CompiledLossGradient.__init__
-
-    def eager_init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        fn = self._loss_and_grad
-        self._fn = lambda *a: calls.append(1) or fn(*a)
-
-    monkeypatch.setattr(compiled_mod.CompiledLossGradient, "__init__", eager_init)
+    calls = eager_compiled_step
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="cartlorem.training"):
         code, out, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
