@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from ..ewald import batched_multipole_fields
-from ..ewald.direct import traced_pair_fields
+from ..ewald.direct import pair_list_fits, traced_pair_fields
 from ..tensors import EquivariantLinear, product, stf
 
 __all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries", "PLACEMENTS", "check_placement"]
@@ -239,6 +239,15 @@ class LongRangeBlock(nn.Module):
         """[C_lr] weights a_c of the channels' electrostatic energies: a_0 (fixed, 1 for new models) then
         the learned a_1 … (read-only: set ``coupling_channel0`` / ``coupling_others``)."""
         return torch.cat([self.coupling_channel0.reshape(1), self.coupling_others])
+
+    def pair_list_fits(self, n_pairs: int) -> bool:
+        """Whether this block's field sum over ``n_pairs`` intra-structure pairs (i = j counted) fits one pair list
+        (:func:`cartlorem.ewald.direct.pair_list_fits`) with the sources :meth:`forward` sends: q, μ, Θ for the
+        potential, field and gradient ("multipole"), or every Cartesian component as a charge for its
+        potential ("lorem")."""
+        if self.kind == "multipole":
+            return pair_list_fits(n_pairs, self.field_ranks, tuple(range(self.lmax + 1)), self.lr_channels)
+        return pair_list_fits(n_pairs, (0,), (0,), self.lr_channels * sum(3**l for l in range(self.lmax + 1)))
 
     def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor, pairs=None) -> dict:
         """h = [h0 [N, C], h1 [N, C, 3] or None, h2 [N, C, 3, 3] or None]; positions [N, 3] Å; cell [B, 3, 3] Å.

@@ -33,7 +33,7 @@ from typing import Mapping, Optional
 import torch
 from torch.func import functional_call
 
-from ..ewald.direct import OVERLAP_DISTANCE, molecule_pairs, pair_list_fits
+from ..ewald.direct import OVERLAP_DISTANCE, molecule_pairs
 from ..graph import Graph
 from ..forces import stress_from_strain_gradient
 from .loss import _CHARGE_TERMS, loss_terms
@@ -83,12 +83,7 @@ class CompiledLossGradient:
         if block is not None:
             if bool(batch.pbc.any()):
                 return "long-range models on periodic cells and slabs are not in the compiled step (Ewald, PME)"
-            n_pairs = int((torch.bincount(batch.batch) ** 2).sum())
-            if block.kind == "multipole":
-                fits = pair_list_fits(n_pairs, block.field_ranks, tuple(range(block.lmax + 1)), block.lr_channels)
-            else:
-                fits = pair_list_fits(n_pairs, (0,), (0,), block.lr_channels * sum(3**l for l in range(block.lmax + 1)))
-            if not fits:
+            if not block.pair_list_fits(int((torch.bincount(batch.batch) ** 2).sum())):
                 return "a batch of molecules too large for one pair list (cartlorem.ewald.direct.pair_list_fits)"
         for name in _CHARGE_TERMS:
             has = getattr(batch, f"has_{name}", None)

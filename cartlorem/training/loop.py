@@ -441,10 +441,10 @@ class _Run:
             raise self._nonfinite("loss", float(loss.detach()), terms, epoch, b + 1, n_batches, idx)
         if not grads_ready:
             self.opt.zero_grad(set_to_none=True)
-        if loss is not None and not grads_ready:
-            # only the parameters' gradients: the positions (a leaf when forces are computed) would otherwise
-            # get one too, i.e. the second derivative of every geometric term of the model, never used
-            torch.autograd.backward(loss, inputs=params)
+            if loss is not None:
+                # only the parameters' gradients: the positions (a leaf when forces are computed) would otherwise
+                # get one too, i.e. the second derivative of every geometric term of the model, never used
+                torch.autograd.backward(loss, inputs=params)
         loss_value = 0.0 if loss is None else float(loss.detach())
         if self.ranks.many:
             loss_value = self.ranks.sum_gradients(params, loss_value)  # the same on every process
