@@ -106,7 +106,8 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
         "mem_total_gib": None,
         "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
-        "git_commit": _git("rev-parse", "HEAD"),
+        # a copy of the tree without its git folder (a GPU machine's) names its commit in CARTLOREM_GIT_COMMIT
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("CARTLOREM_GIT_COMMIT"),
         "git_dirty": None,
         "device": str(device) if device is not None else "cpu",
     }
@@ -580,11 +581,16 @@ class MaceModel(torch.nn.Module):
 
 
 def peer_python() -> tuple[str | None, str | None]:
-    """(interpreter that can import mace, None) or (None, reason)."""
-    if not PEER_PYTHON.exists():
+    """(interpreter that can import mace, None) or (None, reason).
+
+    The peers venv (``setup_peers.sh``), or the interpreter named by the environment variable
+    ``CARTLOREM_PEER_PYTHON`` (a machine whose own Python has mace-torch and e3nn 0.4.4 installed, such as
+    a GPU machine set up by ``benchmarks/gpu.sh``)."""
+    python = os.environ.get("CARTLOREM_PEER_PYTHON") or str(PEER_PYTHON)
+    if not Path(python).exists():
         return None, MACE_MISSING
     env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
-    r = subprocess.run([str(PEER_PYTHON), "-c", "import mace.modules"], capture_output=True, text=True, env=env)
+    r = subprocess.run([python, "-c", "import mace.modules"], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return None, f"{MACE_MISSING} (import failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})"
-    return str(PEER_PYTHON), None
+    return python, None

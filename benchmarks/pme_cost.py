@@ -16,6 +16,11 @@ timing) is timed as an outside reference.
 
     python benchmarks/pme_cost.py                       # results/pme_cost.{json,md}
     python benchmarks/pme_cost.py --sizes 4,6 --dtype float64 --repeats 1   # quick look
+    python benchmarks/pme_cost.py --device cuda --sizes 32,48,70 --dtype float32 --ewald-max 0 --no-nvalchemi
+                                                        # GPU, 10^5 - 10^6 atoms (peak GPU memory reported)
+
+On CUDA the clocks are read after a synchronisation, and the peak memory of one PME call
+(``torch.cuda.max_memory_allocated`` above the memory allocated before it) is reported.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _common import machine_info, markdown_table, time_fns, write_results  # noqa: E402
-from harness import water_box  # noqa: E402
+from harness import resolve_device, sync_fn, water_box  # noqa: E402
 
 
 def random_multipoles(n: int, channels: int, dtype, seed: int = 0):
@@ -44,12 +49,12 @@ def random_multipoles(n: int, channels: int, dtype, seed: int = 0):
     return q, mu, th
 
 
-def cartlorem_call(atoms, dtype, method: str, smearing, accuracy: float, channels: int):
+def cartlorem_call(atoms, dtype, method: str, smearing, accuracy: float, channels: int, device="cpu"):
     from cartlorem.ewald import multipole_fields
 
-    pos = torch.tensor(atoms.positions, dtype=dtype, requires_grad=True)
-    cell = torch.tensor(atoms.cell.array, dtype=dtype)
-    q, mu, th = random_multipoles(len(atoms), channels, dtype)
+    pos = torch.tensor(atoms.positions, dtype=dtype, device=device, requires_grad=True)
+    cell = torch.tensor(atoms.cell.array, dtype=dtype, device=device)
+    q, mu, th = (t.to(device) for t in random_multipoles(len(atoms), channels, dtype))
 
     def call():
         f = multipole_fields(pos, q, mu, th, cell, [True] * 3, smearing=smearing, accuracy=accuracy, method=method)
@@ -130,9 +135,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-nvalchemi", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (falls back to CPU with a message)")
     p.add_argument("--out", default=str(HERE / "results" / "pme_cost"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    args.device = str(device)
+    sync = sync_fn(device)
     smearing = None if args.smearing.lower() == "none" else float(args.smearing)
     from cartlorem.ewald import pme
     from cartlorem.ewald.kernels import Layout
@@ -147,9 +156,25 @@ def main(argv=None):
             layout = Layout((0, 1, 2))
             params = pme.choose_parameters(cell, n, args.accuracy, 4, smearing, n_channels=args.channels)
             auto = pme.choose_method(cell, n, args.accuracy, layout, layout, args.channels, smearing)
-            fns = {"pme": cartlorem_call(atoms, dtype, "pme", smearing, args.accuracy, args.channels)}
+            fns = {"pme": cartlorem_call(atoms, dtype, "pme", smearing, args.accuracy, args.channels, device)}
+            peak_mb = None
+            if device.type == "cuda":  # one PME call's peak above what its inputs already hold
+                torch.cuda.synchronize(device)
+                before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    fns["pme"]()
+                except torch.cuda.OutOfMemoryError:
+                    del fns
+                    torch.cuda.empty_cache()
+                    row = {"N": n, "dtype": dt, "device": args.device, "note": "out of GPU memory"}
+                    rows.append(row)
+                    print(row, flush=True)
+                    continue
+                torch.cuda.synchronize(device)
+                peak_mb = round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
             if n <= args.ewald_max:
-                fns["ewald"] = cartlorem_call(atoms, dtype, "ewald", smearing, args.accuracy, args.channels)
+                fns["ewald"] = cartlorem_call(atoms, dtype, "ewald", smearing, args.accuracy, args.channels, device)
             if not args.no_nvalchemi:
                 call, info = nvalchemi_call(atoms, dtype, smearing, args.accuracy, args.channels)
                 if call is None:
@@ -157,27 +182,30 @@ def main(argv=None):
                 else:
                     fns["nvalchemiops"] = call
                     nval_note = "measured"
-            t = time_fns(fns, warmup=1, repeats=args.repeats)
+            t = time_fns(fns, warmup=1, repeats=args.repeats, sync=sync)
             row = {"N": n, "dtype": dt, "alpha": round(params.alpha, 4), "real_cutoff": round(params.real_cutoff, 3),
                    "mesh": "x".join(map(str, params.mesh)), "spline_order": params.spline_order, "auto": auto,
                    "pme_s": round(t["pme"]["median"], 4), "pme_cpu_s": round(t["pme"]["cpu_median"], 4),
                    "ewald_s": round(t["ewald"]["median"], 4) if "ewald" in t else None,
                    "ewald_cpu_s": round(t["ewald"]["cpu_median"], 4) if "ewald" in t else None,
-                   "nvalchemiops_s": round(t["nvalchemiops"]["median"], 4) if "nvalchemiops" in t else None}
+                   "nvalchemiops_s": round(t["nvalchemiops"]["median"], 4) if "nvalchemiops" in t else None,
+                   "device": args.device, "pme_peak_mb": peak_mb}
             rows.append(row)
             print(row, flush=True)
     slopes = []
     for dt in args.dtype.split(","):
         for key in ("pme_s", "pme_cpu_s", "ewald_s", "ewald_cpu_s", "nvalchemiops_s"):
-            sel = [r for r in rows if r["dtype"] == dt and r[key] is not None and r["N"] >= 1000]
+            sel = [r for r in rows if r["dtype"] == dt and r.get(key) is not None and r["N"] >= 1000]
             if len(sel) >= 2:
                 k = np.polyfit(np.log([r["N"] for r in sel]), np.log([r[key] for r in sel]), 1)[0]
                 slopes.append(f"{key[:-2].replace('_', ' ')} {dt}: {k:.2f}")
-    meta = machine_info()
+    meta = machine_info(device)
     sm = "point multipoles" if smearing is None else f"Gaussian sources σ = {smearing} Å"
     md = [f"# Ewald against particle-mesh Ewald: fields + forces ({meta['date']}, commit "
           f"{(meta.get('git_commit') or '?')[:10]}{' (dirty tree)' if meta.get('git_dirty') else ''})", "",
-          f"Machine: {meta['cpu_model']}, {args.threads} thread(s), load average {meta['loadavg_1min']} when "
+          f"Machine: {meta['cpu_model']}, {args.threads} thread(s)"
+          + (f", GPU {meta['gpu']} (CUDA {meta['cuda']}; synchronised before each clock read; PME peak: one call's "
+             "peak GPU memory above its inputs)" if meta.get("gpu") else "") + f", load average {meta['loadavg_1min']} when "
           "the table was written (the machine was shared with other jobs: absolute times are pessimistic, "
           "the methods were interleaved so their ratios hold). Water boxes, "
           f"{args.channels} channels of random q, μ, Θ on every atom, {sm}, accuracy {args.accuracy:g}; "
@@ -188,7 +216,9 @@ def main(argv=None):
           markdown_table(rows, [("N", "N"), ("dtype", "dtype"), ("PME α (1/Å)", "alpha"), ("r_c (Å)", "real_cutoff"),
                                 ("mesh", "mesh"), ("spline", "spline_order"), ("auto", "auto"),
                                 ("PME s", "pme_s"), ("PME CPU s", "pme_cpu_s"), ("Ewald s", "ewald_s"),
-                                ("Ewald CPU s", "ewald_cpu_s"), ("nvalchemiops s", "nvalchemiops_s")]),
+                                ("Ewald CPU s", "ewald_cpu_s"), ("nvalchemiops s", "nvalchemiops_s")]
+                                + ([("PME peak (MB)", "pme_peak_mb")] if device.type == "cuda" else [])
+                                + ([("note", "note")] if any("note" in r for r in rows) else [])),
           "", "Fitted log–log slopes (N ≥ 1000): " + ("; ".join(slopes) or "too few sizes") + ".", "",
           f"nvalchemiops: {nval_note or 'not tried (--no-nvalchemi)'}."]
     write_results("pme_cost", rows, {**meta, **vars(args)}, "\n".join(md), out=args.out)

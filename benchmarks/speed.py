@@ -286,7 +286,7 @@ def main(argv=None):
     if args.skip_mace and "mace" in models:
         models.remove("mace")
     mace_python, mace_reason = peer_python() if "mace" in models else (None, None)
-    devices = [d.strip() for d in args.device.split(",")]
+    devices = list(dict.fromkeys(str(resolve_device(d.strip())) for d in args.device.split(",")))  # cuda → cpu without CUDA
     dtypes = [d.strip() for d in args.dtype.split(",")]
     channels = [int(c) for c in args.channels.split(",")]
     load_start = os.getloadavg()[0]

@@ -362,7 +362,7 @@ def build_model(kind, species, channels, args, stats_graphs):
     model = CartLorem(species, cutoff=args.cutoff, long_range=None if kind == "none" else kind,
                       channels=channels, correlation=args.correlation, long_range_options=options)
     fit_statistics(model, stats_graphs)
-    return model.to(getattr(torch, args.dtype))
+    return model.to(device=torch.device(getattr(args, "device", "cpu")), dtype=getattr(torch, args.dtype))
 
 
 def _loop_parts(params, reference_loop=False):
@@ -387,7 +387,8 @@ def step_fn(model, batches, dtype, path="", reference_loop=False):
     weights = {"energy": 10.0, "forces": 1.0, "stress": 0.0}
     params = [p for p in model.parameters() if p.requires_grad]
     opt, backward, clip = _loop_parts(params, reference_loop)
-    batches = [b.to(dtype=dtype) for b in batches]
+    device = next(model.parameters()).device
+    batches = [b.to(device=device, dtype=dtype) for b in batches]
     state = {"k": 0}
     model.train()
 
@@ -415,12 +416,15 @@ def compiled_step_fn(model, batches, dtype):
     weights = {"energy": 10.0, "forces": 1.0, "stress": 0.0}
     params = [p for p in model.parameters() if p.requires_grad]
     opt, _, clip = _loop_parts(params)
-    batches = [b.to(dtype=dtype) for b in batches]
+    device = next(model.parameters()).device
+    sync = harness.sync_fn(device) or (lambda: None)
+    batches = [b.to(device=device, dtype=dtype) for b in batches]
     model.train()
     grad = CompiledLossGradient(model, weights)
     t0 = time.perf_counter()
     model.zero_grad(set_to_none=True)
     loss_c, _ = grad(batches[0])
+    sync()
     compile_s = time.perf_counter() - t0
     g_c = [None if p.grad is None else p.grad.clone() for p in params]
     model.zero_grad(set_to_none=True)
@@ -482,7 +486,8 @@ def mace_step_time(name, channels, args):
     if python is None:
         return None, why
     cmd = [python, __file__, "--mace-child", name, "--channels", str(channels)] + _common_flags(args)
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONPATH=str(harness.REPO_ROOT))
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(harness.REPO_ROOT), os.environ.get("PYTHONPATH")])))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return None, f"MACE child failed: {r.stderr.strip()[-400:]}"
@@ -490,7 +495,7 @@ def mace_step_time(name, channels, args):
 
 
 def _common_flags(args):
-    return ["--data-dir", str(args.data_dir), "--correlation", str(args.correlation), "--batch-size",
+    return ["--data-dir", str(args.data_dir), "--device", args.device, "--correlation", str(args.correlation), "--batch-size",
             str(args.batch_size), "--n-batches", str(args.n_batches), "--threads", str(args.threads),
             "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--dtype", args.dtype,
             "--seed", str(args.seed)]
@@ -502,9 +507,10 @@ def run_mace_child(args):
     name, channels = args.mace_child, args.channels[0]
     batches, species, stats_graphs = make_batches(name, args)
     mace = harness.build_mace(species, channels=channels, cutoff=args.cutoff, correlation=args.correlation)
-    model = harness.MaceModel(mace, species).to(getattr(torch, args.dtype))
+    device = torch.device(args.device)
+    model = harness.MaceModel(mace, species).to(device=device, dtype=getattr(torch, args.dtype))
     t = harness.time_fn(step_fn(model, batches, getattr(torch, args.dtype)), warmup=args.warmup,
-                        repeats=args.repeats)
+                        repeats=args.repeats, sync=harness.sync_fn(device))
     print(json.dumps({"median_s": t["median"], "iqr_s": t["iqr"], "cpu_median_s": t["cpu_median"]}))
 
 
@@ -530,6 +536,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=12, help="timed steps per model (interleaved)")
     p.add_argument("--profile-steps", type=int, default=4, help="steps under torch.profiler (0: none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda (timed with synchronisation; the ratios then use the wall-time medians, the "
+                        "CPU columns count only the host's share); falls back to CPU with a message without CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mace", action="store_true", help="also time MACE in the peers venv")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/train_step)")
@@ -543,6 +552,9 @@ def main(argv=None):
     p.add_argument("--mace-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.test_fraction, args.max_frames = 0.2, 0
+    args.device = str(harness.resolve_device(args.device))
+    if args.device != "cpu" and args.compare_ref:
+        p.error("--compare-ref times CPU steps only")
     if args.mace_child:
         return run_mace_child(args)
     if args.compare_ref:
@@ -568,7 +580,8 @@ def main(argv=None):
                         print(k + v, compile_info[k + v], flush=True)
                     else:
                         steps[k + v] = step_fn(models[k], batches, dtype, v)
-            times = harness.time_fns(steps, warmup=args.warmup, repeats=args.repeats)
+            times = harness.time_fns(steps, warmup=args.warmup, repeats=args.repeats,
+                                     sync=harness.sync_fn(torch.device(args.device)))
             for kind in steps:
                 base = times.get("none+compile" if kind.endswith("+compile") else "none")
                 t = times[kind]
@@ -580,7 +593,7 @@ def main(argv=None):
                     row["cpu_ratio_to_none"] = round(t["cpu_median"] / base["cpu_median"], 3)
                     row["lr_overhead_s"] = round(t["median"] - base["median"], 5)
                 row.update(compile_info.get(kind, {}))
-                if args.profile_steps and (kind in kinds):
+                if args.profile_steps and (kind in kinds) and args.device == "cpu":
                     row["profile"] = profile_step(steps[kind], args.profile_steps)
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
@@ -602,7 +615,7 @@ def main(argv=None):
                             r["cpu_ratio_to_mace"] = round(r["cpu_median_s"] / m["cpu_median_s"], 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    meta = harness.machine_info()
+    meta = harness.machine_info(torch.device(args.device))
     meta.update(command=harness.command_line("train_step.py"),
                 loadavg_end=round(os.getloadavg()[0], 2), wall_s=round(time.perf_counter() - t_start, 1),
                 settings={k: v for k, v in vars(args).items() if k != "mace_child"})
@@ -750,7 +763,12 @@ def _markdown(rows, meta):
              f"batch {meta['settings']['batch_size']} structures, correlation {meta['settings']['correlation']}. "
              f"Load average {meta['loadavg_1min']} at start, {meta['loadavg_end']} at end "
              f"({meta['cpu_count']} cores, shared with other jobs: absolute times are pessimistic, the "
-             "interleaved ratios hold).", "", harness.markdown_table(table, cols), ""]
+             "interleaved ratios hold).", ""]
+    if meta.get("gpu"):
+        lines += [f"Device: {meta['gpu']} (CUDA {meta['cuda']}), synchronised before each clock read. On a GPU the "
+                  "wall-time columns are the measure (the ÷ columns); the CPU columns count only the host's share "
+                  "of the step.", ""]
+    lines += [harness.markdown_table(table, cols), ""]
     by = {(r["set"], r["channels"], r["model"]): r for r in rows if "cpu_median_s" in r}
     notes = []
     for (name, c, model), r in by.items():
