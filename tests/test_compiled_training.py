@@ -171,6 +171,25 @@ def test_failed_compilation_falls_back(monkeypatch, caplog):
         losses.append([row["train_loss"] for row in result.history])
     assert losses[0] == losses[1]
     assert "no working C++ compiler" in caplog.text and "training continues eagerly" in caplog.text
+    assert "tested with torch" not in caplog.text  # this torch is a tested one
+
+
+def test_failed_compilation_names_the_tested_torch(monkeypatch, caplog):
+    """On a torch older than the tested one (2.11 fails inside dynamo), the fallback warning says which release
+    the compiled step is tested with."""
+    structures = _structures()[:2]
+    graphs = read_dataset(structures, cutoff=3.5)
+
+    def broken(self, batch):
+        raise RuntimeError("isIntList() INTERNAL ASSERT FAILED")
+
+    monkeypatch.setattr(compiled_mod.CompiledLossGradient, "__call__", broken)
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    with caplog.at_level(logging.WARNING, logger="cartlorem.training"):
+        train(_model(structures), graphs, epochs=1, batch_size=2, progress=False, compile=True)
+    assert "tested with torch 2.13 or newer, this is torch 2.11.0+cu130" in caplog.text
+    assert compiled_mod.version_note("2.13.0+cpu") == "" and compiled_mod.version_note("2.14.1") == ""
+    assert compiled_mod.version_note("2.9.1").startswith("the compiled step is tested with torch 2.13")
 
 
 @pytest.mark.parametrize("kind", [None, "multipole"])

@@ -44,6 +44,24 @@ __all__ = ["CompiledLossGradient"]
 #: what the tests use, in seconds instead of minutes)
 BACKEND = "inductor"
 
+#: The torch release the compiled step is tested with (CPU, Inductor). torch 2.11 fails while dynamo traces the
+#: force vjp inside ``torch.func.grad`` ("isIntList() INTERNAL ASSERT FAILED ... Expected IntList but got
+#: GenericList", on CPU and CUDA alike; benchmarks/results/gpu.md), and the trainer then runs eagerly.
+TESTED_TORCH = (2, 13)
+
+
+def version_note(version: Optional[str] = None) -> str:
+    """'' with a tested torch release or newer, else a sentence saying which release the step is tested with."""
+    version = torch.__version__ if version is None else version
+    try:
+        release = tuple(int(x) for x in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return ""
+    if release >= TESTED_TORCH:
+        return ""
+    return (f"the compiled step is tested with torch {'.'.join(map(str, TESTED_TORCH))} or newer, this is torch "
+            f"{version}")
+
 
 class _Energy(torch.nn.Module):
     """``model.energy(graph, positions, cell, species=...)["energy"]`` as a module, for functional_call."""

@@ -424,9 +424,12 @@ class _Run:
         except (ValueError, TypeError):  # the batch's own problem (e.g. a species the model does not know)
             raise
         except Exception as err:  # noqa: BLE001 - no compiler, an unsupported operation, ...: train eagerly
+            from .compiled import version_note
+
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            self.say.warning("compile: the compiled step failed (%s: %s); training continues eagerly",
-                             type(err).__name__, first[:300])
+            note = version_note()
+            self.say.warning("compile: the compiled step failed (%s: %s)%s; training continues eagerly",
+                             type(err).__name__, first[:300], f" ({note})" if note else "")
             self.compiled = None
             return None
 
