@@ -84,7 +84,7 @@ def main(argv=None):
         out = model(graph, compute_forces=True, compute_stress=False, create_graph=False)
         return out["energy"], out["forces"]
 
-    rows = []
+    rows, first = [], None
     for setting in args.chunks.split(","):
         chunk = set_chunks(model, setting)
         row = {"chunks": setting, "edges_per_chunk": chunk if chunk is not None else
@@ -95,10 +95,15 @@ def main(argv=None):
                 before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            call()
+            energy, forces = call()
             if sync is not None:
                 sync()
             row["first_call_s"] = round(time.perf_counter() - t0, 4)
+            if first is None:  # the same numbers whatever the chunks (to float32 rounding)
+                first = (energy.detach().clone(), forces.detach().clone())
+            row["max_dF_vs_first"] = float((forces - first[1]).abs().max())
+            row["dE_vs_first"] = float((energy - first[0]).abs().max())
+            del energy, forces
             if device.type == "cuda":
                 row["peak_mb"] = round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
             t = time_fn(call, warmup=1, repeats=args.repeats, sync=sync)
@@ -143,8 +148,10 @@ def main(argv=None):
           "above what was allocated before the call):", "",
           markdown_table(rows, [("chunks", "chunks"), ("edges/chunk", "edges_per_chunk"), ("first call (s)", "first_call_s"),
                                 ("median (ms)", "median_ms"), ("IQR (ms)", "iqr_ms"), ("host CPU (ms)", "cpu_ms"),
-                                ("peak (MB)", "peak_mb"), ("note", "note")]), "",
-          f"One profiled call (default chunks): GPU time {meta['gpu_total_ms']} ms in kernels, host time "
+                                ("peak (MB)", "peak_mb"), ("max |ΔF| vs first (eV/Å)", "max_dF_vs_first"),
+                                ("|ΔE| vs first (eV)", "dE_vs_first"), ("note", "note")]), "",
+          f"One profiled call (default chunks): GPU time {meta['gpu_total_ms']} ms summed over the rows below (an "
+          "operator's row and its kernels' rows count the same time twice), host time "
           f"{meta['cpu_total_ms']} ms in operators.", "", "Top operators and kernels by GPU time:", "",
           markdown_table(by_dev, [("op", "op"), ("GPU ms", "gpu_ms"), ("share", "gpu_share"), ("calls", "calls")]), "",
           "Top operators by host time:", "",

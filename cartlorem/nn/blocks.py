@@ -28,16 +28,33 @@ def _present(x: Optional[torch.Tensor]) -> torch.Tensor:
     assert x is not None
     return x
 
-#: Size of an edge chunk of the message computation (``Interaction.forward``), in edges × channels:
-#: 2048 edges at C = 64 on CPU (chosen in benchmarks/memory.py: ~0.27 MB per atom for energy + forces
-#: and faster than no chunking; smaller chunks cost time, larger ones memory). CUDA uses 16× larger
-#: chunks to keep kernel launches few (not measured: no GPU was available). A layer's ``edge_chunk``
-#: attribute overrides it (edges per chunk; 0 turns chunking off).
+#: Size of an edge chunk of the message computation (``Interaction.forward``) on the CPU, in edges × channels:
+#: 2048 edges at C = 64 (chosen in benchmarks/memory.py: ~0.27 MB per atom for energy + forces
+#: and faster than no chunking; smaller chunks cost time, larger ones memory). On CUDA chunks are sized by
+#: the free GPU memory instead (:data:`CUDA_MEMORY_FRACTION`). A layer's ``edge_chunk`` attribute overrides
+#: both (edges per chunk; 0 turns chunking off).
 EDGE_CHUNK_ELEMENTS = 2**17
+#: On CUDA the edges of one chunk may take this fraction of the GPU memory free to the process (the driver's
+#: free memory plus what torch's caching allocator holds unused), at :data:`CUDA_BYTES_PER_EDGE_CHANNEL` per
+#: edge and channel; edges beyond one chunk are chunked, and a chunk is never smaller than 16 ×
+#: EDGE_CHUNK_ELEMENTS / C edges. On an H200 (benchmarks/results/gpu.md), energy + forces of 17576 atoms of
+#: diamond (1.57 M edges, C = 64) took 452 ms in chunks of 32768 edges (2.3 GB), 291 ms in chunks of 131072
+#: (5.3 GB) and 205 ms unchunked (44 GB): GPU throughput wants the largest chunk that fits.
+CUDA_MEMORY_FRACTION = 0.25
+#: Peak bytes per edge and channel of an unchunked energy + forces call (44.4 GB for 1.57 M edges at C = 64 on
+#: the H200 above).
+CUDA_BYTES_PER_EDGE_CHANNEL = 450
 #: By default, chunking starts above this many chunks of edges (32768 edges at C = 64: ~370 atoms of
 #: diamond, ~600 of water): where the unchunked path's memory is small (< 1 GB) and its large-tensor
 #: page faults, which the chunked path avoids, do not yet pay for the recomputation.
 MIN_CHUNKS = 16
+
+
+def _cuda_free_bytes(device: torch.device) -> int:
+    """GPU memory this process can still use on ``device``: the driver's free memory plus the memory torch's
+    caching allocator holds without using it."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free) + int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device))
 
 
 class Interaction(nn.Module):
@@ -136,7 +153,8 @@ class Interaction(nn.Module):
         """The summed messages of :meth:`_gathered_messages` by :func:`chunked_edge_sum` (each chunk gets its
         senders' rows of ``hu``) when there are enough edges (see :meth:`forward`), else None."""
         chunk = self.chunk_edges(unit.device)
-        threshold = chunk if self.edge_chunk is not None else MIN_CHUNKS * chunk
+        # CPU default: chunked only above MIN_CHUNKS chunks (see there); CUDA or a set edge_chunk: above one chunk
+        threshold = chunk if self.edge_chunk is not None or unit.device.type == "cuda" else MIN_CHUNKS * chunk
         if not (chunk > 0 and i.shape[0] > threshold):
             return None
         params = list(self.radial.parameters())
@@ -146,10 +164,15 @@ class Interaction(nn.Module):
     @torch.jit.unused
     def chunk_edges(self, device: torch.device) -> int:
         """Edges per chunk of the message computation: ``self.edge_chunk`` if set (0: no chunking), else
-        :data:`EDGE_CHUNK_ELEMENTS` / C (× 16 on CUDA)."""
+        :data:`EDGE_CHUNK_ELEMENTS` / C on the CPU, and on CUDA the edges that fit in
+        :data:`CUDA_MEMORY_FRACTION` of the free GPU memory (at least 16 × EDGE_CHUNK_ELEMENTS / C)."""
         if self.edge_chunk is not None:
             return int(self.edge_chunk)
-        return max(EDGE_CHUNK_ELEMENTS * (16 if torch.device(device).type == "cuda" else 1) // self.channels, 1)
+        device = torch.device(device)
+        if device.type == "cuda":
+            fits = int(CUDA_MEMORY_FRACTION * _cuda_free_bytes(device)) // (CUDA_BYTES_PER_EDGE_CHANNEL * self.channels)
+            return max(fits, 16 * EDGE_CHUNK_ELEMENTS // self.channels, 1)
+        return max(EDGE_CHUNK_ELEMENTS // self.channels, 1)
 
     def _edge_messages(self, compiled: bool, j: torch.Tensor, unit: torch.Tensor, radial: torch.Tensor,
                        envelope: torch.Tensor, hu0: torch.Tensor, hu1: Optional[torch.Tensor],
