@@ -106,8 +106,8 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
         "mem_total_gib": None,
         "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
-        # a copy of the tree without its git folder (a GPU machine's) names its commit in CARTLOREM_GIT_COMMIT
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("CARTLOREM_GIT_COMMIT"),
+        # a copy of the tree whose git folder is not its own (a GPU machine's) names its commit in CARTLOREM_GIT_COMMIT
+        "git_commit": os.environ.get("CARTLOREM_GIT_COMMIT") or _git("rev-parse", "HEAD"),
         "git_dirty": None,
         "device": str(device) if device is not None else "cpu",
     }
@@ -116,7 +116,7 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
             info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
     except (OSError, ValueError, IndexError):
         pass
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = None if os.environ.get("CARTLOREM_GIT_COMMIT") else _git("status", "--porcelain", "--untracked-files=no")
     info["git_dirty"] = None if status is None else bool(status)
     for name in ("e3nn", "opt_einsum", "numpy"):
         try:

@@ -234,6 +234,8 @@ def parse_sizes(text: str | None, quick: bool) -> dict:
 
 
 def main(argv=None):
+    import torch
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test: smallest sizes, 1 repeat, small budget")
     p.add_argument("--sizes", help='per system, e.g. "diamond:3,5,7,9;water:4,6,8,10" (cells / molecules per edge)')
@@ -286,11 +288,13 @@ def main(argv=None):
     if args.skip_mace and "mace" in models:
         models.remove("mace")
     mace_python, mace_reason = peer_python() if "mace" in models else (None, None)
-    devices = list(dict.fromkeys(str(resolve_device(d.strip())) for d in args.device.split(",")))  # cuda → cpu without CUDA
+
     dtypes = [d.strip() for d in args.dtype.split(",")]
     channels = [int(c) for c in args.channels.split(",")]
     load_start = os.getloadavg()[0]
-    meta = {**machine_info(), "cutoff": args.cutoff, "repeats": args.repeats, "budget_s": args.budget,
+    devices = list(dict.fromkeys(str(resolve_device(d.strip())) for d in args.device.split(",")))  # cuda → cpu without CUDA
+    cuda = next((torch.device(d) for d in devices if d.startswith("cuda")), None)
+    meta = {**machine_info(cuda), "cutoff": args.cutoff, "repeats": args.repeats, "budget_s": args.budget,
             "quick": args.quick, "models": models, "mace": "ok" if mace_python else mace_reason,
             "mace_python": mace_python, "loadavg_1min_start": round(load_start, 2),
             "worker_threads": args.threads or "torch default", "malloc": args.malloc,

@@ -46,7 +46,7 @@ BACKEND = "inductor"
 
 #: The torch release the compiled step is tested with (CPU, Inductor). torch 2.11 fails while dynamo traces the
 #: force vjp inside ``torch.func.grad`` ("isIntList() INTERNAL ASSERT FAILED ... Expected IntList but got
-#: GenericList", on CPU and CUDA alike; benchmarks/results/gpu.md), and the trainer then runs eagerly.
+#: GenericList", on CPU and CUDA alike; benchmarks/results/gpu.log), and the trainer then runs eagerly.
 TESTED_TORCH = (2, 13)
 
 
