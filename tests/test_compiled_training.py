@@ -159,7 +159,7 @@ def test_failed_compilation_falls_back(monkeypatch, caplog):
     structures = _structures()[:2] * 2
     graphs = read_dataset(structures, cutoff=3.5)
 
-    def broken(self, batch):
+    def broken(self, batch, *rest):
         raise RuntimeError("InductorError: no working C++ compiler found")
 
     losses = []
@@ -180,7 +180,7 @@ def test_failed_compilation_names_the_tested_torch(monkeypatch, caplog):
     structures = _structures()[:2]
     graphs = read_dataset(structures, cutoff=3.5)
 
-    def broken(self, batch):
+    def broken(self, batch, *rest):
         raise RuntimeError("isIntList() INTERNAL ASSERT FAILED")
 
     monkeypatch.setattr(compiled_mod.CompiledLossGradient, "__call__", broken)

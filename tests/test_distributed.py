@@ -107,6 +107,7 @@ def scenarios(data, tmp: Path, ranks) -> dict:
         out[f"grad_{name}"] = _grad_of_global_batch(make, train_set, ranks)
     model = local_model()
     out["local"] = _summary(model, train(model, train_set, valid_set, epochs=2, **SETTINGS))
+    out["local_compiled"], out["compiled_calls"] = _compiled_run(train_set, valid_set)
     model = multipole_model()
     out["multipole"] = _summary(model, train(model, train_set[:5], valid_set[:3], epochs=2, **SETTINGS))
     train(local_model(), train_set, valid_set, epochs=1, out_dir=tmp / "resumed", **SETTINGS)
@@ -114,6 +115,27 @@ def scenarios(data, tmp: Path, ranks) -> dict:
     result = train(model, train_set, valid_set, epochs=2, out_dir=tmp / "resumed", resume=True, **SETTINGS)
     out["resumed"] = _summary(model, result, tmp / "resumed")
     return out
+
+
+def _compiled_run(train_set, valid_set):
+    """The local run of :func:`scenarios` with ``compile=True``: the compiled step (traced whole by the
+    "aot_eager" backend, as in test_compiled_training.py) on every process; and how many steps took it."""
+    from cartlorem.training import compiled as compiled_mod
+
+    calls = []
+    saved = compiled_mod.BACKEND, compiled_mod.CompiledLossGradient.__call__
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return saved[1](self, *a, **k)
+
+    compiled_mod.BACKEND, compiled_mod.CompiledLossGradient.__call__ = "aot_eager", counted
+    try:
+        model = local_model()
+        summary = _summary(model, train(model, train_set, valid_set, epochs=2, compile=True, **SETTINGS))
+    finally:
+        compiled_mod.BACKEND, compiled_mod.CompiledLossGradient.__call__ = saved
+    return summary, len(calls)
 
 
 def _forbid_writes(monkeypatch_target):
@@ -233,6 +255,21 @@ def test_training_on_two_processes_equals_one(runs, name):
             _close(a, b)
         for k, v in one["train_state_dict"].items():
             _close(two["train_state_dict"][k], v)
+
+
+def test_compiled_training_on_two_processes_equals_eager_on_one(runs):
+    """train(compile=True) under two processes: each process's compiled step computes its share of the global
+    batch (share_scales), the gradients are summed, and the weights are the one-process eager run's. Process 0
+    has an empty part in the last step of each epoch (it takes the eager way there and joins the sums)."""
+    one, two, other = runs["one"]["local"], runs[0]["local_compiled"], runs[1]["local_compiled"]
+    for k, v in one["params"].items():
+        _close(two["params"][k], v)
+        assert torch.equal(two["params"][k], other["params"][k]), k
+    for r1, r2 in zip(one["history"], two["history"]):
+        assert math.isclose(r2["train_loss"], r1["train_loss"], rel_tol=1e-9)
+        assert math.isclose(r2["valid_loss"], r1["valid_loss"], rel_tol=1e-6)
+    # the compiled step ran: process 0 on 2 of the 3 steps per epoch (an empty part in the third), process 1 on 3
+    assert (runs[0]["compiled_calls"], runs[1]["compiled_calls"], runs["one"]["compiled_calls"]) == (4, 6, 6)
 
 
 def test_steps_take_uneven_parts_and_an_empty_one(runs):

@@ -19,7 +19,8 @@ the species indices, and for long-range models the intra-molecular pair list, so
 sum runs op by op over it (:func:`cartlorem.ewald.direct.traced_pair_fields`; the hand-written autograd
 Functions of the eager sum are beyond torch.func). Long-range models on periodic cells and slabs (Ewald,
 PME) and the dipole / Born-charge loss terms are not covered: :meth:`CompiledLossGradient.unsupported`
-says so and the trainer runs those batches eagerly.
+says so and the trainer runs those batches eagerly. With several processes (torchrun) each compiles its own
+step and computes its share of the global batch's loss (``scales``); the trainer sums the gradients.
 
 The first call compiles (1.5-4 minutes for C = 16 on a 2-core CPU; torch caches the result on disk, so a
 later run of the same model compiles in seconds).
@@ -80,7 +81,10 @@ class CompiledLossGradient:
 
     Calling it on a batch (on the model's device and dtype) fills ``p.grad`` of every trainable parameter
     and returns (loss tensor, {term: unweighted MSE}) as :func:`~cartlorem.training.loss.weighted_loss`
-    does. ``unsupported(batch)`` says why a batch must go the eager way (None: it need not).
+    does. With ``scales`` ({term: factor}, :func:`cartlorem.training.distributed.share_scales`) each term's
+    mean is multiplied by its factor: the loss and gradient are then this process's share of a global batch
+    shared by several processes (:func:`~cartlorem.training.distributed.loss_share`). ``unsupported(batch)``
+    says why a batch must go the eager way (None: it need not).
     """
 
     def __init__(self, model: torch.nn.Module, weights: Mapping[str, float], backend: Optional[str] = None):
@@ -109,7 +113,7 @@ class CompiledLossGradient:
                 return f"the {name} loss term is not in the compiled step"
         return None
 
-    def __call__(self, batch: Graph) -> tuple[torch.Tensor, dict]:
+    def __call__(self, batch: Graph, scales: Optional[Mapping[str, float]] = None) -> tuple[torch.Tensor, dict]:
         species = self.model.species_index(batch.species)  # checked here: the compiled code does no checks
         pairs = None
         block = getattr(self.model, "long_range_block", None)
@@ -133,7 +137,10 @@ class CompiledLossGradient:
             if isinstance(t, torch.Tensor) and t.dim():
                 torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if f.name == "edge_index" else 0)
         torch._dynamo.maybe_mark_dynamic(species, 0)
-        grads, (loss, terms) = self._fn(params, frozen, batch, species, pairs, stress)
+        if scales is not None:  # tensors, not Python floats: a float would be a constant of the graph
+            scales = {k: torch.tensor(float(v), dtype=batch.positions.dtype, device=batch.positions.device)
+                      for k, v in scales.items()}
+        grads, (loss, terms) = self._fn(params, frozen, batch, species, pairs, stress, scales)
         # a parameter the loss does not depend on gets None from autograd and a zero tensor from torch.func;
         # None, as in the eager step, so that Adam skips it (a zero gradient would still move it by its momentum)
         norms = torch.stack(torch._foreach_norm([grads[n] for n, _ in self.trainable])).tolist()
@@ -144,7 +151,8 @@ class CompiledLossGradient:
             p.grad = g if norm != 0.0 else None
         return loss, {k: float(mse) for k, (mse, count) in terms.items() if int(count) > 0}
 
-    def _loss_and_grad(self, params: dict, frozen: dict, graph: Graph, species: torch.Tensor, pairs, stress: bool):
+    def _loss_and_grad(self, params: dict, frozen: dict, graph: Graph, species: torch.Tensor, pairs, stress: bool,
+                       scales: Optional[dict] = None):
         """(∂loss/∂params, (loss, {term: (mse, count)})): what is compiled."""
 
         def loss(p):
@@ -164,6 +172,8 @@ class CompiledLossGradient:
             terms = loss_terms(out, graph, self.weights)
             total = e.new_zeros(())
             for name, (mse, _) in terms.items():
+                if scales is not None:  # this process's share of the global batch's mean
+                    mse = mse * scales[name]
                 total = total + self.weights[name] * mse
             return total, (total.detach(), {k: (m.detach(), c) for k, (m, c) in terms.items()})
 

@@ -54,7 +54,8 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
-__all__ = ["Ranks", "SINGLE", "current", "process_group", "loss_share", "label_counts", "gather_predictions"]
+__all__ = ["Ranks", "SINGLE", "current", "process_group", "loss_share", "share_scales", "label_counts",
+           "gather_predictions"]
 
 
 @dataclass(frozen=True)
@@ -273,27 +274,38 @@ def label_counts(batch, names) -> list[int]:
     return out
 
 
-def loss_share(pred: Optional[dict], batch, weights: Mapping[str, float], ranks: Ranks):
-    """This process's share of the global batch's loss (a scalar tensor, or None for an empty part).
-
-    share = Σ_k w_k · (Σ over this part's labelled items of the squared error of term k) / n_k,
-    with n_k the labelled items of term k in the whole global batch (summed over processes, so
-    every process must call this once per step, also with ``pred = batch = None``). Summed over
-    processes, the shares are ``weighted_loss`` of the global batch; so are their gradients.
-    """
-    from .loss import weighted_loss
-
+def share_scales(batch, weights: Mapping[str, float], ranks: Ranks) -> dict:
+    """{term k: n_k here / n_k in the whole global batch} for every term with a weight > 0 (0 where this part
+    has none of its labels): the factor that turns this part's mean of term k into its share of the global
+    batch's mean. One all-reduce, so every process calls it once per step, also with ``batch = None``."""
     names = [k for k, w in weights.items() if w > 0]
     local = label_counts(batch, names)
     total = ranks.sum_(torch.tensor(local, dtype=torch.float64, device=ranks.device)).tolist()
+    return {k: (n_here / n_all if n_here else 0.0) for k, n_here, n_all in zip(names, local, total)}
+
+
+def loss_share(pred: Optional[dict], batch, weights: Mapping[str, float], ranks: Ranks,
+               scales: Optional[dict] = None):
+    """This process's share of the global batch's loss (a scalar tensor, or None for an empty part).
+
+    share = Σ_k w_k · (Σ over this part's labelled items of the squared error of term k) / n_k,
+    with n_k the labelled items of term k in the whole global batch (summed over processes by
+    :func:`share_scales`, so every process must call this once per step, also with ``pred = batch = None``,
+    unless it passes the ``scales`` of its own call of share_scales for this step). Summed over processes, the
+    shares are ``weighted_loss`` of the global batch; so are their gradients.
+    """
+    from .loss import weighted_loss
+
+    if scales is None:
+        scales = share_scales(batch, weights, ranks)
     if batch is None:
         return None
     share = None
-    for k, n_here, n_all in zip(names, local, total):
-        if n_here == 0:
+    for k, scale in scales.items():
+        if scale == 0.0:
             continue
         term, _ = weighted_loss(pred, batch, {k: weights[k]})  # w_k · mean over this part
-        term = term * (n_here / n_all)
+        term = term * scale
         share = term if share is None else share + term
     return share if share is not None else pred["energy"].sum() * 0.0
 

@@ -33,7 +33,7 @@ from ..evaluate import metrics as compute_metrics
 from ..evaluate import predict
 from ..graph import Graph, collate
 from .averaging import ExponentialMovingAverage
-from .distributed import SINGLE, Ranks, gather_predictions, loss_share
+from .distributed import SINGLE, Ranks, gather_predictions, loss_share, share_scales
 from .distributed import current as current_ranks
 from .log import metric_summary
 from .loss import charge_outputs, check_loss_labels, loss_weights, validation_loss, weighted_loss
@@ -330,12 +330,9 @@ class _Run:
         self.state = {"epoch": 0, "step": 0, "bad_epochs": 0, "elapsed_s": 0.0, "best_state_dict": None}
         self.compiled, self._eager_reasons, self._compile_announced = None, set(), False
         if settings.get("compile"):
-            if ranks.many:
-                self.say.warning("compile: not with several processes yet; training eagerly")
-            else:
-                from .compiled import CompiledLossGradient
+            from .compiled import CompiledLossGradient
 
-                self.compiled = CompiledLossGradient(model, weights)
+            self.compiled = CompiledLossGradient(model, weights)
 
     def averaged(self):
         """Context in which the model holds the averaged (EMA) weights."""
@@ -384,7 +381,10 @@ class _Run:
                 inner.update(1)
                 continue
             batch = batch.to(device=self.device, dtype=self.dtype)
-            compiled = self._compiled_loss(batch)
+            # several processes: each term's share of the global batch, counted once per step whichever way the
+            # step then goes (the all-reduce must pair up across processes)
+            scales = share_scales(batch, w, self.ranks) if self.ranks.many else None
+            compiled = self._compiled_loss(batch, scales)
             if compiled is not None:  # the loss gradient is in p.grad already
                 loss_value = self._step(compiled[0], compiled[1], epoch, b, n_batches, idx, grads_ready=True)
                 sum_loss, n_seen = sum_loss + loss_value * n_global, n_seen + n_global
@@ -397,7 +397,7 @@ class _Run:
             loss, terms = weighted_loss(pred, batch, w)
 
             if self.ranks.many:  # this process's share of the global batch's loss
-                loss = loss_share(pred, batch, w, self.ranks)
+                loss = loss_share(pred, batch, w, self.ranks, scales=scales)
             loss_value = self._step(loss, terms, epoch, b, n_batches, idx)
             sum_loss, n_seen = sum_loss + loss_value * n_global, n_seen + n_global
             inner.update(1)
@@ -405,9 +405,10 @@ class _Run:
         inner.close()
         return sum_loss / max(n_seen, 1)
 
-    def _compiled_loss(self, batch: Graph) -> Optional[tuple[torch.Tensor, dict]]:
+    def _compiled_loss(self, batch: Graph, scales=None) -> Optional[tuple[torch.Tensor, dict]]:
         """(loss, terms) of ``batch`` with the parameters' gradients filled by the compiled step, or None where
-        there is none or it does not cover the batch (each reason is logged once)."""
+        there is none or it does not cover the batch (each reason is logged once). ``scales``: this process's
+        share of each term (several processes; :func:`~cartlorem.training.distributed.share_scales`)."""
         if self.compiled is None:
             return None
         why = self.compiled.unsupported(batch)
@@ -420,7 +421,7 @@ class _Run:
             self._compile_announced = True
             self.say.info("compile: compiling the training step (the first step takes minutes on a CPU)")
         try:
-            return self.compiled(batch)
+            return self.compiled(batch, scales)
         except (ValueError, TypeError):  # the batch's own problem (e.g. a species the model does not know)
             raise
         except Exception as err:  # noqa: BLE001 - no compiler, an unsupported operation, ...: train eagerly
