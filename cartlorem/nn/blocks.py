@@ -37,9 +37,9 @@ EDGE_CHUNK_ELEMENTS = 2**17
 #: On CUDA the edges of one chunk may take this fraction of the GPU memory free to the process (the driver's
 #: free memory plus what torch's caching allocator holds unused), at :data:`CUDA_BYTES_PER_EDGE_CHANNEL` per
 #: edge and channel; edges beyond one chunk are chunked, and a chunk is never smaller than 16 ×
-#: EDGE_CHUNK_ELEMENTS / C edges. On an H200 (benchmarks/results/gpu.md), energy + forces of 17576 atoms of
-#: diamond (1.57 M edges, C = 64) took 452 ms in chunks of 32768 edges (2.3 GB), 291 ms in chunks of 131072
-#: (5.3 GB) and 205 ms unchunked (44 GB): GPU throughput wants the largest chunk that fits.
+#: EDGE_CHUNK_ELEMENTS / C edges. On an H200 (benchmarks/results/gpu.profile.short_diamond17576*.md), energy
+#: + forces of 17576 atoms of diamond (1.57 M edges, C = 64) took 452 ms in chunks of 32768 edges (2.3 GB), 291
+#: ms in chunks of 131072 (5.3 GB) and 205 ms unchunked (44 GB), and 272 ms (34.5 GB) by this rule (two chunks).
 CUDA_MEMORY_FRACTION = 0.25
 #: Peak bytes per edge and channel of an unchunked energy + forces call (44.4 GB for 1.57 M edges at C = 64 on
 #: the H200 above).
