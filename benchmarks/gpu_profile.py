@@ -26,11 +26,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import machine_info, make_structure, markdown_table, resolve_device, sync_fn, time_fn, write_results  # noqa: E402
+from harness import (build_matched_cartlorem, machine_info, make_structure, markdown_table, peak_memory_bytes,  # noqa: E402
+                     reset_peak_memory, resolve_device, sync_fn, time_fn, write_results)
 
 
 def build(system, size, model_name, channels, cutoff, device, dtype):
-    import cartlorem
     from cartlorem.graph import atoms_to_graph
 
     atoms = make_structure(system, size)
@@ -39,9 +39,7 @@ def build(system, size, model_name, channels, cutoff, device, dtype):
     n_edges = int(graph.edge_index.shape[1])
     torch.manual_seed(0)
     lr = {"short": None}.get(model_name, model_name)
-    model = cartlorem.CartLorem(species, cutoff=cutoff, long_range=lr, channels=channels, num_layers=2,
-                                correlation=3, lmax=2, num_basis=8, radial_hidden=64, readout_hidden=16,
-                                avg_num_neighbors=n_edges / len(atoms))
+    model = build_matched_cartlorem(species, channels, cutoff, lr, avg_num_neighbors=n_edges / len(atoms))
     return model.to(device=device, dtype=dtype).eval(), graph, len(atoms), n_edges
 
 
@@ -93,7 +91,7 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 before = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
+                reset_peak_memory(device)
             t0 = time.perf_counter()
             energy, forces = call()
             if sync is not None:
@@ -105,7 +103,7 @@ def main(argv=None):
             row["dE_vs_first"] = float((energy - first[0]).abs().max())
             del energy, forces
             if device.type == "cuda":
-                row["peak_mb"] = round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
+                row["peak_mb"] = round((peak_memory_bytes(device) - before) / 2**20, 1)
             t = time_fn(call, warmup=1, repeats=args.repeats, sync=sync)
             row.update(median_ms=round(t["median"] * 1e3, 2), iqr_ms=round(t["iqr"] * 1e3, 2),
                        cpu_ms=round(t["cpu_median"] * 1e3, 2))

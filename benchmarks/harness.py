@@ -489,6 +489,23 @@ ATOMS_PER = {"diamond": lambda n: 8 * n**3, "water": lambda m: 3 * m**3}
 # --------------------------------------------------------------------------------------------------
 # MACE at matched settings (needs the peers venv)
 
+def build_matched_cartlorem(species, channels: int, cutoff: float, long_range=None,
+                            avg_num_neighbors: Optional[float] = None):
+    """cartlorem at the settings matched to :func:`build_mace` (speed.py, gpu_profile.py): two layers,
+    correlation 3, lmax 2, 8 Bessel functions, radial MLP 3 × 64, readout MLP 16."""
+    import cartlorem
+
+    return cartlorem.CartLorem(species, cutoff=cutoff, long_range=long_range, channels=channels, num_layers=2,
+                               correlation=3, lmax=2, num_basis=8, radial_hidden=64, readout_hidden=16,
+                               avg_num_neighbors=avg_num_neighbors)
+
+
+def resolve_devices(text: str) -> list[str]:
+    """A comma list of devices resolved by :func:`resolve_device` (CUDA → CPU without CUDA), duplicates
+    dropped: the devices a benchmark really runs on, and labels its rows with."""
+    return list(dict.fromkeys(str(resolve_device(d.strip())) for d in text.split(",") if d.strip()))
+
+
 def build_mace(species, channels: int = 64, cutoff: float = 5.0, *, atomic_energies=None,
                avg_num_neighbors: float = 10.0, scale: float = 1.0, shift: float = 0.0,
                correlation: int = 3, num_interactions: int = 2):

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _common import machine_info, markdown_table, time_fns, write_results  # noqa: E402
-from harness import resolve_device, sync_fn, water_box  # noqa: E402
+from harness import peak_memory_bytes, reset_peak_memory, resolve_device, sync_fn, water_box  # noqa: E402
 
 
 def random_multipoles(n: int, channels: int, dtype, seed: int = 0):
@@ -161,7 +161,7 @@ def main(argv=None):
             if device.type == "cuda":  # one PME call's peak above what its inputs already hold
                 torch.cuda.synchronize(device)
                 before = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
+                reset_peak_memory(device)
                 try:
                     fns["pme"]()
                 except torch.cuda.OutOfMemoryError:
@@ -172,7 +172,7 @@ def main(argv=None):
                     print(row, flush=True)
                     continue
                 torch.cuda.synchronize(device)
-                peak_mb = round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
+                peak_mb = round((peak_memory_bytes(device) - before) / 2**20, 1)
             if n <= args.ewald_max:
                 fns["ewald"] = cartlorem_call(atoms, dtype, "ewald", smearing, args.accuracy, args.channels, device)
             if not args.no_nvalchemi:

@@ -49,9 +49,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
-from benchmarks.harness import (ATOMS_PER, build_mace, machine_info, mace_inputs, make_structure,  # noqa: E402
+from benchmarks.harness import (ATOMS_PER, build_mace, build_matched_cartlorem, machine_info, mace_inputs, make_structure,  # noqa: E402
                                 markdown_table, mem_available_bytes, n_parameters, peak_memory_bytes,
-                                peer_python, proc_kib_field, reset_peak_memory, resolve_device, run_json_worker,
+                                peer_python, proc_kib_field, reset_peak_memory, resolve_device, resolve_devices, run_json_worker,
                                 sync_fn, time_fn, write_results, TUNED_MALLOC)
 
 MODELS = ("short", "multipole", "mace")  # "lorem" may be asked for with --models
@@ -107,12 +107,8 @@ def worker(spec: dict) -> dict:
             out = model(data, training=False, compute_force=True)
             return out["energy"], out["forces"]
     else:
-        import cartlorem
-
         lr = {"short": None}.get(model_name, model_name)
-        model = cartlorem.CartLorem(species, cutoff=cutoff, long_range=lr, channels=spec["channels"],
-                                    num_layers=2, correlation=3, lmax=2, num_basis=8, radial_hidden=64,
-                                    readout_hidden=16, avg_num_neighbors=n_edges / len(atoms))
+        model = build_matched_cartlorem(species, spec["channels"], cutoff, lr, avg_num_neighbors=n_edges / len(atoms))
         model = model.to(device=device, dtype=dtype).eval()
 
         def call():
@@ -292,7 +288,7 @@ def main(argv=None):
     dtypes = [d.strip() for d in args.dtype.split(",")]
     channels = [int(c) for c in args.channels.split(",")]
     load_start = os.getloadavg()[0]
-    devices = list(dict.fromkeys(str(resolve_device(d.strip())) for d in args.device.split(",")))  # cuda → cpu without CUDA
+    devices = resolve_devices(args.device)  # cuda → cpu without CUDA
     cuda = next((torch.device(d) for d in devices if d.startswith("cuda")), None)
     meta = {**machine_info(cuda), "cutoff": args.cutoff, "repeats": args.repeats, "budget_s": args.budget,
             "quick": args.quick, "models": models, "mace": "ok" if mace_python else mace_reason,

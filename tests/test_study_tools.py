@@ -132,3 +132,17 @@ def test_torsion_paths_pair_energies_add_up_to_the_block(tmp_path):
     assert r["placement"] == "end" and r["charge_channels"] == 4
     assert r["pairs_minus_block_max_eV"] < 1e-10
     assert sum(r["slope"][k] for k in ("electrostatic", "readout", "rest")) == pytest.approx(r["slope"]["total"])
+
+
+def test_benchmark_rows_name_the_device_they_ran_on(monkeypatch):
+    """A CUDA request on a machine without CUDA runs on the CPU, and its rows say cpu (speed.py labelled them
+    cuda before: a CPU timing filed as a GPU column)."""
+    import torch
+
+    from benchmarks import harness
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert harness.resolve_devices("cuda") == ["cpu"]
+    assert harness.resolve_devices("cpu, cuda,") == ["cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert harness.resolve_devices("cpu,cuda") == ["cpu", "cuda"]
