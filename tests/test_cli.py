@@ -283,6 +283,13 @@ def test_config_python_yaml_and_flags_agree(files, tmp_path):
         Config.from_dict({"batch_sise": 3})
     with pytest.raises(ValueError, match="lr must be > 0"):
         Config(lr=0)
+    for setting, value, rule in [("clip_grad", 0.0, "> 0"), ("scheduler_factor", 1.0, "in \\(0, 1\\)"),
+                                 ("scheduler_patience", -1, ">= 0"), ("patience", 0, ">= 1"),
+                                 ("valid_batch_size", 0, ">= 1"), ("weight_decay", -0.1, ">= 0"),
+                                 ("ema_decay", 1.0, "in \\[0, 1\\)")]:
+        with pytest.raises(ValueError, match=f"{setting} must be {rule}"):
+            Config(**{setting: value})
+    assert Config(clip_grad=None, patience=None, ema_decay=None, valid_batch_size=None).clip_grad is None
 
 
 def test_train_compile_flag_reaches_the_trainer(files, tmp_path, capsys, caplog, eager_compiled_step):

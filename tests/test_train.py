@@ -292,6 +292,27 @@ def test_epoch_batches_cover_each_graph_once(make_molecule):
         epoch_loader(graphs, 0, rng)
 
 
+@pytest.mark.parametrize("setting, value", [
+    ("clip_grad", -1.0),  # trained before, with every clipped gradient turned round
+    ("clip_grad", 0.0),
+    ("scheduler_factor", 0.0),  # trained before: the first plateau set the rate to 0
+    ("scheduler_factor", 1.5),
+    ("scheduler_patience", -1),
+    ("patience", 0),  # stopped after one epoch before
+    ("valid_batch_size", 0),  # taken as "the default" before
+    ("weight_decay", -1.0),
+    ("ema_decay", 1.0),
+])
+def test_bad_optimiser_settings_are_refused_up_front(data, tmp_path, setting, value):
+    """A ValueError naming the setting before anything is trained or written, not a deep torch error or a run
+    that trains silently wrong."""
+    train_set, valid_set = data
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=f"^{setting} must be|; {setting} must be"):
+        train(tiny_model(), train_set, valid_set, epochs=1, out_dir=out, **{**SETTINGS, setting: value})
+    assert not out.exists()
+
+
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     """The README's Python example, as written, on the bundled data (budget cut to seconds)."""
     from pathlib import Path

@@ -206,6 +206,9 @@ def train(
         raise ValueError(f"lr must be positive, got {lr}")
     if optimizer.lower() not in ("adam", "amsgrad"):
         raise ValueError(f"optimizer must be 'adam' or 'amsgrad', got {optimizer!r}")
+    _check_optimiser_settings(weight_decay=weight_decay, ema_decay=ema_decay, scheduler_factor=scheduler_factor,
+                              scheduler_patience=scheduler_patience, clip_grad=clip_grad, patience=patience,
+                              valid_batch_size=valid_batch_size)
     if int(workers) < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     if resume and out_dir is None:
@@ -292,6 +295,29 @@ def train(
         model.load_state_dict(state["best_state_dict"])
     model.eval()
     return result
+
+
+def _check_optimiser_settings(*, weight_decay, ema_decay, scheduler_factor, scheduler_patience, clip_grad, patience,
+                              valid_batch_size) -> None:
+    """ValueError naming the setting for values that would otherwise fail deep inside torch or train silently
+    wrong (a clip_grad <= 0 flips or zeroes every gradient, a scheduler_factor of 0 sets the rate to 0)."""
+    problems = []
+    if not weight_decay >= 0:
+        problems.append(f"weight_decay must be >= 0, got {weight_decay}")
+    if ema_decay is not None and not 0 <= ema_decay < 1:
+        problems.append(f"ema_decay must be in [0, 1) (0 or None: off), got {ema_decay}")
+    if not 0 < scheduler_factor < 1:
+        problems.append(f"scheduler_factor must be in (0, 1), got {scheduler_factor}")
+    if int(scheduler_patience) != scheduler_patience or scheduler_patience < 0:
+        problems.append(f"scheduler_patience must be an integer >= 0, got {scheduler_patience}")
+    if clip_grad is not None and not clip_grad > 0:
+        problems.append(f"clip_grad must be > 0 (None: no clipping), got {clip_grad}")
+    if patience is not None and (int(patience) != patience or patience < 1):
+        problems.append(f"patience must be an integer >= 1 (None: no early stopping), got {patience}")
+    if valid_batch_size is not None and (int(valid_batch_size) != valid_batch_size or valid_batch_size < 1):
+        problems.append(f"valid_batch_size must be an integer >= 1 (None: the default), got {valid_batch_size}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 class _Quiet:
