@@ -195,10 +195,12 @@ def run_variant(name: str, variant: str, args) -> dict:
     patience = getattr(args, "patience", None)
     folder = Path(args.run_dir) / name / variant if getattr(args, "run_dir", None) else None
     sessions = _load_sessions(folder, args, _block_options(model))
+    scheduler = {k: getattr(args, k) for k in ("scheduler_patience", "scheduler_factor")
+                 if getattr(args, k, None) is not None}
     res = train(model, train_g, valid_g, epochs=args.epochs or 10**6, batch_size=args.batch_size, lr=args.lr,
                 max_time=None if math.isinf(args.budget) else args.budget, patience=patience, seed=args.seed,
                 progress=False, weights=weights, statistics=variant != "mace", out_dir=folder,
-                resume=bool(sessions), compile=bool(getattr(args, "compile", False)) and variant != "mace")
+                resume=bool(sessions), compile=bool(getattr(args, "compile", False)) and variant != "mace", **scheduler)
     history = res.history
     sessions.append({"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": getattr(args, "commit", None),
                      "epochs_before": sessions[-1]["epochs_after"] if sessions else 0, "epochs_after": len(history),
@@ -235,7 +237,8 @@ def _block_options(model) -> dict:
 
 #: the arguments a study continued with --run-dir must keep (the data, split, model and training rules)
 STUDY_SETTINGS = ("data_dir", "channels", "correlation", "cutoff", "batch_size", "lr", "energy_weight", "dtype",
-                  "seed", "patience", "epochs", "placement", "charge_channels", "test_fraction", "max_frames")
+                  "seed", "patience", "epochs", "placement", "charge_channels", "test_fraction", "max_frames",
+                  "scheduler_patience", "scheduler_factor")
 
 
 def _study_settings(args) -> dict:
@@ -544,6 +547,11 @@ def main(argv=None):
     p.add_argument("--patience", type=_positive_int, default=None, metavar="P",
                    help="early stopping: stop a model after P epochs without a better validation loss "
                         "(default: off); with --epochs 0 (the default) epochs are unlimited up to --budget")
+    p.add_argument("--scheduler-patience", type=_positive_int, default=None, metavar="P",
+                   help="ReduceLROnPlateau: cut the learning rate after P epochs without a better validation loss "
+                        "(default: train()'s, as cartlorem train; for every model, MACE included)")
+    p.add_argument("--scheduler-factor", type=float, default=None, metavar="F",
+                   help="ReduceLROnPlateau: multiply the learning rate by F on a plateau (default: train()'s)")
     add_training_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--placement", choices=["before_last", "end"], default=None,
