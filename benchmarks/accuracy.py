@@ -18,7 +18,8 @@ its curve still needed (``convergence``):
   3 × 64, readout MLP 16; its reference energies, ⟨neighbours⟩, scale and shift from the training
   set exactly as cartlorem.train sets them);
 * training: one loop for every model, ``cartlorem.train.train`` (the same ``weighted_loss``, AMSGrad,
-  gradient clipping at 10, EMA 0.99, validation with the EMA weights, ReduceLROnPlateau 0.8/5,
+  gradient clipping at 10, EMA 0.99, validation with the EMA weights, ReduceLROnPlateau (train()'s factor and
+  patience unless --scheduler-factor / --scheduler-patience),
   best-validation weights kept, the same ``max_time`` and epoch rules); MACE enters it through a
   wrapper with cartlorem's model contract, on the same batches converted to MACE's input dict;
 * report: energy (meV/atom) and force (meV/Å) MAE and RMSE on the test set, overall and by group
@@ -361,7 +362,9 @@ def to_markdown(all_results, meta) -> str:
                                          if (m.get('loadavg_1min_end') or 0) > (m['cpu_affinity'] or 1) else "."),
              "", _budget_text(m) + f", {m['dtype']}, C = {m['channels']} channels (features up to rank / l = 2), correlation "
              f"{m['correlation']}, 2 interactions, cutoff {m['cutoff']} Å, batch {m['batch_size']}, AMSGrad lr "
-             f"{m['lr']:g}, loss weights energy {m['energy_weight']:g} / forces 1 / stress 1, EMA 0.99, seed "
+             f"{m['lr']:g}, ReduceLROnPlateau factor {m.get('scheduler_factor', 0.8):g} after "
+             f"{m.get('scheduler_patience', 5)} epochs without a better validation loss, loss weights energy "
+             f"{m['energy_weight']:g} / forces 1 / stress 1, EMA 0.99, seed "
              f"{m['seed']}" + (f", long-range block placement {m['placement']}" if m.get("placement") else "")
              + (f", charge channels {m['charge_channels']}" if m.get("charge_channels") else "")
              + ". Split as long_range.py. Test-set errors: energy meV/atom, forces meV/Å, as MAE / RMSE.", ""]
@@ -535,6 +538,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _resolve_scheduler_defaults(args) -> None:
+    """--scheduler-patience / --scheduler-factor left out: train()'s defaults, written into args so that the
+    report and sessions.json carry the values used (and a --run-dir is not continued under changed defaults)."""
+    import inspect
+
+    from cartlorem.training.loop import train  # the function itself (cartlorem.train re-exports it)
+
+    defaults = inspect.signature(train).parameters
+    for k in ("scheduler_patience", "scheduler_factor"):
+        if getattr(args, k, None) is None:
+            setattr(args, k, defaults[k].default)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_argument(p)
@@ -575,6 +591,7 @@ def main(argv=None):
                         "core), side by side; nothing is trained")
     p.add_argument("--peer-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    _resolve_scheduler_defaults(args)
     if args.combine:
         combine(args.combine, args)
         return

@@ -72,6 +72,34 @@ def test_tiny_run_records_stop_reason_epochs_and_curves(tmp_path):
     assert "patience 2 epochs" in md and "stop reason" in md and "Intermolecular force" in md
 
 
+def test_scheduler_settings_reach_train_and_the_report(tmp_path, monkeypatch):
+    """--scheduler-patience / --scheduler-factor are passed to train() and written to the report; left out,
+    the report carries train()'s defaults (the values used), not "None"."""
+    import inspect
+
+    import cartlorem.train as cartlorem_train
+    from cartlorem.training.loop import train as real
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("scheduler_patience", "scheduler_factor")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cartlorem_train, "train", spy)
+    write_dimers(tmp_path / "dimers.xyz")
+    common = ["--data-dir", str(tmp_path), "--sets", "dimers", "--variants", "none", "--skip-mace", "--channels",
+              "4", "--batch-size", "4", "--epochs", "1", "--threads", "1"]
+    accuracy.main(common + ["--scheduler-patience", "7", "--scheduler-factor", "0.5", "--out", str(tmp_path / "a")])
+    assert seen[-1] == {"scheduler_patience": 7, "scheduler_factor": 0.5}
+    assert "ReduceLROnPlateau factor 0.5 after 7 epochs" in (tmp_path / "a.md").read_text()
+    accuracy.main(common + ["--out", str(tmp_path / "b")])
+    defaults = inspect.signature(real).parameters
+    assert seen[-1] == {k: defaults[k].default for k in ("scheduler_patience", "scheduler_factor")}
+    meta = json.loads((tmp_path / "b.json").read_text())["meta"]
+    assert meta["scheduler_patience"] == defaults["scheduler_patience"].default
+
+
 def test_intermolecular_force_is_the_net_force_on_each_monomer():
     """Two frames (3 + 2 atoms, 1 + 1 atoms); the error is that of the summed forces of each monomer."""
     frames = [_Frame(3, 2), _Frame(2, 1)]
