@@ -362,8 +362,8 @@ def to_markdown(all_results, meta) -> str:
                                          if (m.get('loadavg_1min_end') or 0) > (m['cpu_affinity'] or 1) else "."),
              "", _budget_text(m) + f", {m['dtype']}, C = {m['channels']} channels (features up to rank / l = 2), correlation "
              f"{m['correlation']}, 2 interactions, cutoff {m['cutoff']} Å, batch {m['batch_size']}, AMSGrad lr "
-             f"{m['lr']:g}, ReduceLROnPlateau factor {m.get('scheduler_factor', 0.8):g} after "
-             f"{m.get('scheduler_patience', 5)} epochs without a better validation loss, loss weights energy "
+             f"{m['lr']:g}, ReduceLROnPlateau factor {_or(m.get('scheduler_factor'), 0.8):g} after "
+             f"{_or(m.get('scheduler_patience'), 5)} epochs without a better validation loss, loss weights energy "
              f"{m['energy_weight']:g} / forces 1 / stress 1, EMA 0.99, seed "
              f"{m['seed']}" + (f", long-range block placement {m['placement']}" if m.get("placement") else "")
              + (f", charge channels {m['charge_channels']}" if m.get("charge_channels") else "")
@@ -536,6 +536,11 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number of epochs, got {value}")
     return value
+
+
+def _or(value, before):
+    """A setting of an older result file: ``before`` (train()'s default then) where it was not recorded."""
+    return before if value is None else value
 
 
 def _resolve_scheduler_defaults(args) -> None:
