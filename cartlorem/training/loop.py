@@ -166,7 +166,7 @@ def train(
         ema_decay: decay of the weight average used for validation and the saved model (None or 0: off).
         scheduler_factor, scheduler_patience: ReduceLROnPlateau on the validation loss: the rate is
             multiplied by the factor after ``scheduler_patience`` epochs without a better loss. The
-            defaults (0.8 after 20, early stopping after 50) won the learning-rate study of
+            defaults (0.8 after 20, early stopping after 50) come from the learning-rate study of
             benchmarks/README.md: long-range models can sit on a plateau for hundreds of epochs
             while the loss creeps down (cumulene: ~300 epochs near 5 meV/atom); with a patience of 5 the
             rate had been cut tenfold on it and early stopping ended the run there.
