@@ -236,7 +236,8 @@ def _options() -> list[Option]:
     t = "training"
     training = [
         Option("epochs", parse_int, T["epochs"],
-               "at most this many epochs in all (early stopping or max_time usually ends the run first)", t, check=(lambda v: v >= 0, ">= 0")),
+               "at most this many epochs in all (early stopping or max_time usually ends the run first)", t,
+               check=(lambda v: v >= 0, ">= 0")),
         Option("batch_size", parse_int, T["batch_size"],
                "structures per optimiser step (under torchrun: the global batch over all processes)", t,
                check=(lambda v: v >= 1, ">= 1")),
