@@ -546,14 +546,12 @@ def _or(value, before):
 def _resolve_scheduler_defaults(args) -> None:
     """--scheduler-patience / --scheduler-factor left out: train()'s defaults, written into args so that the
     report and sessions.json carry the values used (and a --run-dir is not continued under changed defaults)."""
-    import inspect
+    from cartlorem.config import Config  # its defaults are train()'s
 
-    from cartlorem.training.loop import train  # the function itself (cartlorem.train re-exports it)
-
-    defaults = inspect.signature(train).parameters
+    defaults = Config()
     for k in ("scheduler_patience", "scheduler_factor"):
         if getattr(args, k, None) is None:
-            setattr(args, k, defaults[k].default)
+            setattr(args, k, getattr(defaults, k))
 
 
 def main(argv=None):

@@ -55,15 +55,6 @@ def scores(rows):
     return out
 
 
-def _train_default(name):
-    """A default of cartlorem's train(), which the accuracy.py runs of this study use."""
-    import inspect
-
-    from cartlorem.training.loop import train
-
-    return inspect.signature(train).parameters[name].default
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, metavar="DIR")
@@ -111,13 +102,16 @@ def main(argv=None):
                                           for n, (e, f) in rows[s].items()}}
                for s in sorted(score, key=score.get)}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "settings": summary}, indent=1))
+    from cartlorem.config import Config  # train()'s defaults, which the accuracy.py runs of this study use
+
+    defaults = Config()
     lines = [f"# Learning rate and loss weights for `cartlorem train` ({args.variant}, C = {args.channels}, "
              f"{args.epochs} epochs)", "",
              f"Command: `{meta['command']}`", "",
              f"Commit {meta.get('git_commit')} (dirty: {meta.get('git_dirty')}), {meta.get('cpu_model')}, "
              f"torch {meta.get('torch')}, {args.threads} thread(s), float32, seed {args.seed}. Forces weight 1; "
              "the other training rules as accuracy.py (AMSGrad, EMA 0.99, learning rate times "
-             f"{_train_default('scheduler_factor'):g} after {_train_default('scheduler_patience')} epochs on a "
+             f"{defaults.scheduler_factor:g} after {defaults.scheduler_patience} epochs on a "
              "plateau, clipping 10, batch 8).", "",
              "Score: per set, the geometric mean of energy MAE and force MAE relative to the best setting's (1 = "
              "best at both), averaged over the sets; lower is better.", "",
