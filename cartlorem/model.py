@@ -231,7 +231,8 @@ class CartLorem(nn.Module):
 
         ``species``: the model's species indices of the atoms, ``self.species_index(graph.species)``, when the
         caller has them (checked) already; ``pairs``: for a long-range model on a batch of open structures only,
-        the intra-structure pairs (i, j) of :func:`cartlorem.ewald.direct.molecule_pairs`, the batch checked
+        the intra-structure pairs (i, j), each once, of ``cartlorem.ewald.direct.molecule_pairs(batch,
+        unordered=True)``, the batch checked
         (:meth:`LongRangeBlock.forward`). With both, nothing here depends on tensor values, and
         ``torch.compile`` traces the energy whole (:mod:`cartlorem.training.compiled`).
         """

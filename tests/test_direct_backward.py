@@ -118,6 +118,9 @@ def test_molecule_pairs_are_all_ordered_intra_pairs():
     got = sorted(zip(i.tolist(), j.tolist()))
     want = sorted((a, b) for a in range(6) for b in range(6) if a != b and batch[a] == batch[b])
     assert got == want
+    i, j = molecule_pairs(batch, unordered=True)  # each pair once
+    got = sorted(tuple(sorted(p)) for p in zip(i.tolist(), j.tolist()))
+    assert got == sorted((a, b) for a, b in want if a < b)
 
 
 @pytest.mark.parametrize("smearing", [None, 0.8])
@@ -178,24 +181,63 @@ def test_open_molecules_fields_overlap_is_a_clear_error():
     open_molecules_fields(pos, batch, q, smearing=0.5)  # smeared sources may coincide
 
 
-def test_pair_list_fields_gradcheck_and_gradgradcheck():
+@pytest.mark.parametrize("unordered,traceless", [(False, False), (True, False), (True, True)])
+def test_pair_list_fields_gradcheck_and_gradgradcheck(unordered, traceless):
     """Derivatives w.r.t. positions and all multipoles, first and second order, against finite differences."""
     from cartlorem.ewald.direct import molecule_pairs, pair_list_fields
 
-    batch = torch.tensor([0, 0, 1, 1])
+    batch = torch.tensor([0, 0, 1, 1, 0])
     _, pos, q, mu, th = _molecules(2, channels=1)
-    pos, q, mu, th = pos[:4].clone(), q[:4], mu[:4], th[:4]
-    i, j = molecule_pairs(batch)
+    pos, q, mu, th = pos[:5].clone(), q[:5], mu[:5], th[:5]
+    i, j = molecule_pairs(batch, unordered=unordered)
     kernel = RadialKernel.smeared(0.9)
 
     def f(p, q_, mu_, th_):
         th_ = 0.5 * (th_ + th_.transpose(-1, -2))
-        out = pair_list_fields(p, i, j, {0: q_, 1: mu_, 2: th_}, kernel)
+        out = pair_list_fields(p, i, j, {0: q_, 1: mu_, 2: th_}, kernel, unordered=unordered,
+                               traceless_gradient=traceless)
         return out[0], out[1], out[2]
 
     args = tuple(t.clone().requires_grad_(True) for t in (pos, q, mu, th))
     assert torch.autograd.gradcheck(f, args)
     assert torch.autograd.gradgradcheck(f, args, fast_mode=True)  # random projections of the full check
+
+
+@pytest.mark.parametrize("smearing", [None, 0.8])
+def test_unordered_and_traceless_pair_lists_give_the_full_sum(smearing):
+    """Each pair once (its matrix applied in both directions with the parity signs) and rank 2 in five
+    symmetric traceless components give the fields of the ordered full-component sum (the gradient's
+    symmetric traceless part), and the same force-training gradients through the closed-form backward passes."""
+    from cartlorem.ewald.direct import molecule_pairs, pair_list_fields
+    from cartlorem.tensors import stf
+
+    batch, pos, q, mu, th = _molecules()
+    kernel = RadialKernel.coulomb() if smearing is None else RadialKernel.smeared(smearing)
+    m = {0: q, 1: mu, 2: th}
+    ref = pair_list_fields(pos, *molecule_pairs(batch), m, kernel, prefactor=1.3)
+    assert float((ref[2] - stf(ref[2])).abs().max()) > 1e-3 or smearing is None  # smeared overlap: a trace
+    for unordered, traceless in ((True, False), (False, True), (True, True)):
+        i, j = molecule_pairs(batch, unordered=unordered)
+        assert i.numel() == molecule_pairs(batch)[0].numel() // (2 if unordered else 1)
+        got = pair_list_fields(pos, i, j, m, kernel, prefactor=1.3, unordered=unordered, traceless_gradient=traceless)
+        for r in (0, 1, 2):
+            want = stf(ref[r]) if r == 2 and traceless else ref[r]
+            torch.testing.assert_close(got[r], want, rtol=1e-12, atol=1e-12)
+
+        def loss(p, theta, options):
+            x = p.clone().requires_grad_(True)
+            src = {0: q * theta[0] + torch.tanh(x[:, :1]) * theta[1], 1: mu * theta[2], 2: th * theta[3]}
+            ii, jj = molecule_pairs(batch, unordered=options[0])
+            out = pair_list_fields(x, ii, jj, src, kernel, unordered=options[0], traceless_gradient=options[1])
+            grad = stf(out[2]) if traceless else out[2]
+            energy = (out[0] ** 2).sum() + (out[1] * torch.sin(out[1])).sum() + (grad**3).sum()
+            (forces,) = torch.autograd.grad(energy, x, create_graph=True)
+            return (forces**2).sum() + energy
+
+        theta = torch.tensor([0.7, -1.3, 0.4, 1.1], dtype=torch.float64, requires_grad=True)
+        (want,) = torch.autograd.grad(loss(pos, theta, (False, False)), theta)
+        (got_g,) = torch.autograd.grad(loss(pos, theta, (unordered, traceless)), theta)
+        torch.testing.assert_close(got_g, want, rtol=1e-10, atol=1e-10)
 
 
 def test_pair_list_fields_equivariant_under_reflection_and_rotation():
@@ -259,7 +301,7 @@ def test_pair_list_sum_parameter_gradient_of_force_loss_without_second_position_
             return direct.open_molecules_fields(p, batch, q, mu, th, smearing=0.8, prefactor=1.7)
         return f
 
-    reference = fields_of(lambda *a: direct._field_sum_reference(*a))
+    reference = fields_of(lambda *a: direct._field_sum_reference(*a[:7], unordered=a[7]))
     (want,) = torch.autograd.grad(_training_loss(pos, theta, reference), theta)
 
     fused = fields_of(closed_form)
@@ -312,10 +354,11 @@ def test_pair_list_fields_of_charges_gradcheck_and_gradgradcheck(ranks):
     batch = torch.tensor([0, 1, 0, 1, 0])
     _, pos, q, _, _ = _molecules(3, channels=3)
     pos, q = pos[:5].clone(), q[:5]
-    i, j = molecule_pairs(batch)
+    i, j = molecule_pairs(batch, unordered=True)
 
     def f(p, q_):
-        out = pair_list_fields(p, i, j, {0: q_}, RadialKernel.smeared(0.7), ranks, prefactor=0.9)
+        out = pair_list_fields(p, i, j, {0: q_}, RadialKernel.smeared(0.7), ranks, prefactor=0.9, unordered=True,
+                               traceless_gradient=True)
         return tuple(out[r] for r in ranks)
 
     args = tuple(t.clone().requires_grad_(True) for t in (pos, q))
@@ -352,7 +395,7 @@ def test_traced_pair_fields_equal_open_molecules_fields_under_torch_func(smearin
     from cartlorem.ewald.direct import molecule_pairs, open_molecules_fields, traced_pair_fields
 
     batch, pos, q, mu, th = _molecules()
-    pairs = molecule_pairs(batch)
+    pairs = molecule_pairs(batch, unordered=True)
     ref = open_molecules_fields(pos, batch, q, mu, th, smearing=smearing)
     got = traced_pair_fields(pos, pairs, q, mu, th, smearing=smearing)
     for a, b in zip(ref, got):

@@ -635,6 +635,28 @@ def test_batched_equals_single():
         ewald.batched_multipole_fields(pos_a, torch.zeros(4, dtype=torch.long), cells[:1], pbc[:1], q_a, ranks=(3,))
 
 
+@pytest.mark.parametrize("smearing", [None, 0.8])
+def test_batched_traceless_gradient_is_the_symmetric_traceless_part(smearing):
+    """traceless_gradient=True (what the long-range block asks for): the potential and field unchanged, the
+    gradient's symmetric traceless part, for an open structure (five-component pair sum) and a charged
+    periodic cell (whose background adds -4 pi Q / (3 V) I to the full gradient) alike."""
+    from cartlorem.tensors import stf
+
+    pos_a, q_a, mu_a, th_a = random_system(18, n=4, c=2)  # net charge: a trace in the periodic gradient
+    pos_b, q_b, mu_b, th_b = random_system(19, n=5, c=2)
+    batch = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    cells = torch.stack([TRICLINIC, torch.eye(3, dtype=DT) * 3])
+    pbc = torch.tensor([[True] * 3, [False] * 3])
+    args = (torch.cat([pos_a, pos_b]), batch, cells, pbc, torch.cat([q_a, q_b]), torch.cat([mu_a, mu_b]),
+            torch.cat([th_a, th_b]))
+    full = ewald.batched_multipole_fields(*args, smearing=smearing, accuracy=1e-10)
+    got = ewald.batched_multipole_fields(*args, smearing=smearing, accuracy=1e-10, traceless_gradient=True)
+    assert float((full.field_gradient - stf(full.field_gradient))[:4].abs().max()) > 1e-6
+    torch.testing.assert_close(got.potential, full.potential, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.field, full.field, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.field_gradient, stf(full.field_gradient), rtol=1e-12, atol=1e-12)
+
+
 def test_float32_matches_float64():
     pos, q, mu, th = random_system(20, n=6, c=2)
     f64 = ewald.multipole_fields(pos, q, mu, th, TRICLINIC, PBC, accuracy=1e-6)

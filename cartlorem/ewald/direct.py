@@ -184,15 +184,64 @@ _MONOMIAL_POWERS = {_monomial_column(p): p for p in
                     ((a, b, d - a - b) for d in range(6) for a in range(d + 1) for b in range(d + 1 - a))}
 
 
+#: An orthonormal basis of the symmetric traceless 3 x 3 tensors (Frobenius inner product), as five rows
+#: of nine row-major components: (xx - yy)/sqrt 2, (2 zz - xx - yy)/sqrt 6, (xy + yx)/sqrt 2, (xz + zx)/sqrt 2,
+#: (yz + zy)/sqrt 2. For a symmetric traceless M, ``m = STF_BASIS @ M.flatten()`` and ``M = STF_BASIS.T @ m``;
+#: for any 3 x 3 A, ``STF_BASIS.T @ STF_BASIS @ A.flatten()`` is A's symmetric traceless part.
+_S2, _S6 = 1.0 / math.sqrt(2.0), 1.0 / math.sqrt(6.0)
+STF_BASIS = (
+    (_S2, 0.0, 0.0, 0.0, -_S2, 0.0, 0.0, 0.0, 0.0),
+    (-_S6, 0.0, 0.0, 0.0, -_S6, 0.0, 0.0, 0.0, 2.0 * _S6),
+    (0.0, _S2, 0.0, _S2, 0.0, 0.0, 0.0, 0.0, 0.0),
+    (0.0, 0.0, _S2, 0.0, 0.0, 0.0, _S2, 0.0, 0.0),
+    (0.0, 0.0, 0.0, 0.0, 0.0, _S2, 0.0, _S2, 0.0),
+)
+
+
+def _rank_width(rank: int, stf: bool) -> int:
+    """Components of a rank in a pair list's rows or columns: 1, 3, and 9 (full) or 5 (``stf``)."""
+    return 5 if stf and rank == 2 else 3**rank
+
+
+def _stf_project(table: list, ranks: tuple, source_ranks: tuple) -> list:
+    """The coefficients of :func:`_pair_table` with rank-2 rows and columns in the basis :data:`STF_BASIS`.
+
+    Rows: the gradient's symmetric traceless part, ``g = STF_BASIS @ G``. Columns: quadrupoles given as
+    ``STF_BASIS @ Theta`` (exact for symmetric traceless Theta). So ``K_stf = P_rows K P_cols^T``.
+    """
+    def expand(rank_list):  # [reduced, full] transform as nested lists
+        width = sum(3**r for r in rank_list)
+        rows, start = [], 0
+        for r in rank_list:
+            if r == 2:
+                rows += [[0.0] * start + list(b) + [0.0] * (width - start - 9) for b in STF_BASIS]
+            else:
+                rows += [[float(k == start + a) for k in range(width)] for a in range(3**r)]
+            start += 3**r
+        return rows
+
+    p_rows, p_cols = expand(ranks), expand(source_ranks)
+    n_full_rows, n_full_cols = len(p_rows[0]), len(p_cols[0])
+    out = []
+    for coef in table:
+        K = [coef[a * n_full_cols:(a + 1) * n_full_cols] for a in range(n_full_rows)]
+        KP = [[sum(row[b] * pc[b] for b in range(n_full_cols) if row[b] and pc[b]) for pc in p_cols] for row in K]
+        out.append([sum(pr[a] * KP[a][c] for a in range(n_full_rows) if pr[a]) for pr in p_rows
+                    for c in range(len(p_cols))])
+    return out
+
+
 @functools.lru_cache(maxsize=None)
-def _pair_table(ranks: tuple, source_ranks: tuple):
+def _pair_table(ranks: tuple, source_ranks: tuple, stf: bool = False):
     """Features and coefficients of the per-pair coupling matrix of the given field and source ranks.
 
     Returns (orders [F], monomial columns [F], coefficients [F][A * Bc] as nested lists, A, Bc, max order)
     with ``K[a, b] = sum_f coef[f, a * Bc + b] B_(orders[f]) mono[columns[f]]``; ``mono`` is the row
     ``[1, R (3), R R (9), R R R (27), R R R R (81)]`` of full outer products. K already holds the source
     weights ``(-1)^k / k!`` (full components, so no multiplicities) and the output signs (+1 potential,
-    -1 field and gradient): ``out_a = sum_b K[a, b] M_b``.
+    -1 field and gradient): ``out_a = sum_b K[a, b] M_b``. ``stf``: rank-2 rows and columns in the five
+    components of :data:`STF_BASIS` (:func:`_stf_project`; A and Bc shrink, K from 13 x 13 to 9 x 9 for all
+    ranks), and the features that then no longer contribute (those of the gradient's trace) dropped.
     """
     rows = [idx for r in ranks for idx in _FULL_INDICES[r]]
     cols = [idx for r in source_ranks for idx in _FULL_INDICES[r]]
@@ -208,9 +257,16 @@ def _pair_table(ranks: tuple, source_ranks: tuple):
     for (f, ab), c in coef.items():
         table[f][ab] = c
     keys = sorted(features, key=features.get)
+    n_rows, n_cols = len(rows), len(cols)
+    if stf:
+        table = _stf_project(table, ranks, source_ranks)
+        n_rows = sum(_rank_width(r, True) for r in ranks)
+        n_cols = sum(_rank_width(r, True) for r in source_ranks)
+        kept = [f for f, row in enumerate(table) if max(abs(c) for c in row) > 1e-12]
+        keys, table = [keys[f] for f in kept], [table[f] for f in kept]
     orders = [order for order, _ in keys]
     columns = [_monomial_column(powers) for _, powers in keys]
-    return orders, columns, table, len(rows), len(cols), max(orders)
+    return orders, columns, table, n_rows, n_cols, max(orders)
 
 
 #: Floats a pair list may hold per call (coupling matrices, what their backward keeps, per-pair fields);
@@ -218,9 +274,10 @@ def _pair_table(ranks: tuple, source_ranks: tuple):
 PAIR_LIST_FLOATS = 1 << 24
 
 
-def pair_list_fits(n_pairs: int, ranks, source_ranks, n_channels: int) -> bool:
-    """Whether :func:`pair_list_fields` over ``n_pairs`` pairs stays within :data:`PAIR_LIST_FLOATS`."""
-    orders, _, _, n_rows, n_cols, _ = _pair_table(tuple(sorted(ranks)), tuple(sorted(source_ranks)))
+def pair_list_fits(n_pairs: int, ranks, source_ranks, n_channels: int, stf: bool = False) -> bool:
+    """Whether :func:`pair_list_fields` over ``n_pairs`` pairs (with ``stf`` as given to it) stays within
+    :data:`PAIR_LIST_FLOATS`."""
+    orders, _, _, n_rows, n_cols, _ = _pair_table(tuple(sorted(ranks)), tuple(sorted(source_ranks)), bool(stf))
     n_features = len(orders)
     return n_pairs * (n_rows * n_cols + 5 * n_features + 2 * n_rows * n_channels) <= PAIR_LIST_FLOATS
 
@@ -233,11 +290,17 @@ class _CouplingTable:
     (every monomial they use, each built from a lower one times one component of R):
 
     orders, columns [F] long; coef [F, A * Bc]; grad_orders, grad_columns [4 F] long and grad_coef [4, F]
-    (exponent p_x, or -1); steps: per degree (lower monomial indices, axes) [long]; max_order, degree.
+    (exponent p_x, or -1); steps: per degree (lower monomial indices, axes) [long]; max_order, degree;
+    row_parity [A, 1] and col_parity [Bc, 1], (-1)^rank of every row and column: the pair seen from the
+    other end (R -> -R) has the coupling matrix ``row_parity * K * col_parity.T``, every entry of a rank
+    (l_a + l_b) tensor.
     """
 
-    def __init__(self, ranks, source_ranks, dtype, device):
-        orders, columns, table, self.n_rows, self.n_cols, self.max_order = _pair_table(ranks, source_ranks)
+    def __init__(self, ranks, source_ranks, dtype, device, stf=False):
+        orders, columns, table, self.n_rows, self.n_cols, self.max_order = _pair_table(ranks, source_ranks, stf)
+        self.row_parity, self.col_parity = (
+            torch.tensor([(-1.0) ** r for r in rs for _ in range(_rank_width(r, stf))], dtype=dtype,
+                         device=device)[:, None] for rs in (ranks, source_ranks))
         powers = [_MONOMIAL_POWERS[c] for c in columns]
         lowered = [[tuple(q - (a == x) for a, q in enumerate(p)) if p[x] else (0, 0, 0) for p in powers]
                    for x in range(3)]
@@ -274,14 +337,17 @@ class _CouplingTable:
 
 
 @functools.lru_cache(maxsize=64)
-def _coupling_table(ranks: tuple, source_ranks: tuple, dtype, device) -> _CouplingTable:
-    return _CouplingTable(ranks, source_ranks, dtype, device)
+def _coupling_table(ranks: tuple, source_ranks: tuple, dtype, device, stf: bool = False) -> _CouplingTable:
+    return _CouplingTable(ranks, source_ranks, dtype, device, stf)
 
 
-def _field_sum_reference(pos, v, i, j, kernel, t, prefactor, traced: bool = False):
+def _field_sum_reference(pos, v, i, j, kernel, t, prefactor, traced: bool = False, unordered: bool = False):
     """The sum of :class:`PairListSum` op by op (autograd records every step; the path of Hessians and
     higher orders): out [N, A, C]. ``traced``: the kernel op by op too (torch.func and torch.compile, which
-    cannot differentiate the autograd Function of :meth:`RadialKernel.derivatives`)."""
+    cannot differentiate the autograd Function of :meth:`RadialKernel.derivatives`). ``unordered``: every
+    pair (i, j) stands for both directions; the coupling matrix of j <- i is that of i <- j with the signs
+    (-1)^(l_a + l_b) (:class:`_CouplingTable`), so each matrix is built once and applied to both sources in
+    one product."""
     R = pos[i] - pos[j]
     r2 = (R * R).sum(-1)
     valid = torch.ones_like(r2, dtype=torch.bool)
@@ -291,12 +357,45 @@ def _field_sum_reference(pos, v, i, j, kernel, t, prefactor, traced: bool = Fals
         B = torch.stack(kernel.derivatives(r2, valid, t.max_order), dim=1)
     features = B.index_select(1, t.orders) * t.monomials(R).index_select(1, t.columns)  # [P, F]
     K = (features @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols) * prefactor
-    return pos.new_zeros(pos.shape[0], t.n_rows, v.shape[2]).index_add(0, i, _times(K, v.index_select(0, j)))
+    return _to_targets(_times(K, _at_sources(v, i, j, t, unordered)), pos.shape[0], i, j, t, unordered)
 
 
 def _times(K: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per pair ``K @ x``: K [P, A, B], x [P, B, C] -> [P, A, C] (a broadcast product when A = B = 1)."""
     return K * x if K.shape[1] * K.shape[2] == 1 else torch.bmm(K, x)
+
+
+def _at_sources(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, t, unordered: bool) -> torch.Tensor:
+    """Per pair, the source-side rows of x [N, Bc, C]: x[j] [P, Bc, C]; for an unordered pair list also those
+    of the other direction, (-1)^l_b x[i], beside them: [P, Bc, 2C]."""
+    if not unordered:
+        return x.index_select(0, j)
+    return torch.cat([x.index_select(0, j), x.index_select(0, i) * t.col_parity], dim=2)
+
+
+def _at_targets(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, t, unordered: bool) -> torch.Tensor:
+    """Per pair, the target-side rows of x [N, A, C]: x[i], and (-1)^l_a x[j] beside them when unordered."""
+    if not unordered:
+        return x.index_select(0, i)
+    return torch.cat([x.index_select(0, i), x.index_select(0, j) * t.row_parity], dim=2)
+
+
+def _to_targets(y: torch.Tensor, n: int, i: torch.Tensor, j: torch.Tensor, t, unordered: bool) -> torch.Tensor:
+    """Sum per-pair target-side rows y [P, A, C] (or [P, A, 2C], unordered) into [N, A, C]: the transpose
+    of :func:`_at_targets`."""
+    if not unordered:
+        return y.new_zeros(n, y.shape[1], y.shape[2]).index_add(0, i, y)
+    c = y.shape[2] // 2
+    return y.new_zeros(n, y.shape[1], c).index_add(0, i, y[..., :c]).index_add(0, j, y[..., c:] * t.row_parity)
+
+
+def _to_sources(y: torch.Tensor, n: int, i: torch.Tensor, j: torch.Tensor, t, unordered: bool) -> torch.Tensor:
+    """Sum per-pair source-side rows y [P, Bc, C] (or [P, Bc, 2C]) into [N, Bc, C]: the transpose of
+    :func:`_at_sources`."""
+    if not unordered:
+        return y.new_zeros(n, y.shape[1], y.shape[2]).index_add(0, j, y)
+    c = y.shape[2] // 2
+    return y.new_zeros(n, y.shape[1], c).index_add(0, j, y[..., :c]).index_add(0, i, y[..., c:] * t.col_parity)
 
 
 def _outer(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -319,11 +418,13 @@ class PairListSum(torch.autograd.Function):
     and autograd.
 
     apply(pos [N, 3] (Å), v [N, Bc, C] (sources as full components), i, j [P] long, kernel, table,
-    prefactor) -> out [N, A, C].
+    prefactor, unordered) -> out [N, A, C]. ``unordered``: each pair stands for both directions (the
+    matrix of the other, ``row_parity * K * col_parity.T``, applied in the same product: the per-pair
+    sources and target gradients are [P, ., 2C], :func:`_at_sources` and :func:`_at_targets`).
     """
 
     @staticmethod
-    def forward(ctx, pos, v, i, j, kernel, t, prefactor):
+    def forward(ctx, pos, v, i, j, kernel, t, prefactor, unordered=False):
         with torch.no_grad():
             R = pos[i] - pos[j]  # [P, 3]
             r2 = (R * R).sum(-1)
@@ -332,20 +433,20 @@ class PairListSum(torch.autograd.Function):
             mono = t.monomials(R)
             features = B.index_select(1, t.orders) * mono.index_select(1, t.columns)  # [P, F]
             K = (features @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols) * prefactor  # [P, A, Bc]
-            vj = v[j]
-            out = pos.new_zeros(pos.shape[0], t.n_rows, v.shape[2]).index_add_(0, i, _times(K, vj))
+            vj = _at_sources(v, i, j, t, unordered)
+            out = _to_targets(_times(K, vj), pos.shape[0], i, j, t, unordered)
             if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
                 n = R.shape[0]
                 # rows B_n dR^p/dR_x (x = 0, 1, 2) and -B_(n+1) R^p of every feature  [P, 4, F]
                 G = (B.index_select(1, t.grad_orders) * mono.index_select(1, t.grad_columns)).view(n, 4, -1)
                 ctx.save_for_backward(pos, v, i, j, R, K, vj, G * t.grad_coef)
-        ctx.kernel, ctx.table, ctx.prefactor = kernel, t, prefactor
+        ctx.kernel, ctx.table, ctx.prefactor, ctx.unordered = kernel, t, prefactor, unordered
         return out
 
     @staticmethod
     def backward(ctx, g_out):
-        grads = PairListSumGrad.apply(g_out, *ctx.saved_tensors, ctx.kernel, ctx.table, ctx.prefactor)
-        return grads + (None,) * 5
+        grads = PairListSumGrad.apply(g_out, *ctx.saved_tensors, ctx.kernel, ctx.table, ctx.prefactor, ctx.unordered)
+        return grads + (None,) * 6
 
 
 class PairListSumGrad(torch.autograd.Function):
@@ -356,15 +457,15 @@ class PairListSumGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g_out, pos, v, i, j, R, K, vj, G, kernel, t, prefactor):
-        go = g_out[i]  # [P, A, C]
-        g_v = torch.zeros_like(v).index_add_(0, j, _times(K.transpose(1, 2), go))
+    def forward(ctx, g_out, pos, v, i, j, R, K, vj, G, kernel, t, prefactor, unordered):
+        go = _at_targets(g_out, i, j, t, unordered)  # [P, A, C] ([P, A, 2C] unordered)
+        g_v = _to_sources(_times(K.transpose(1, 2), go), v.shape[0], i, j, t, unordered)
         w = (_outer(go, vj).reshape(go.shape[0], -1) @ t.coef.T) * prefactor  # [P, F]
         s = torch.bmm(G, w[:, :, None])[..., 0]  # [P, 4]
         gR = torch.addcmul(s[:, :3], R, s[:, 3:])
         g_pos = torch.zeros_like(pos).index_add_(0, i, gR).index_add_(0, j, -gR)
         ctx.save_for_backward(g_out, pos, v, i, j, R, K, vj, G, go)
-        ctx.kernel, ctx.table, ctx.prefactor = kernel, t, prefactor
+        ctx.kernel, ctx.table, ctx.prefactor, ctx.unordered = kernel, t, prefactor, unordered
         return g_pos, g_v
 
     @staticmethod
@@ -372,22 +473,25 @@ class PairListSumGrad(torch.autograd.Function):
         g_out, pos, v, i, j, R, K, vj, G, go = ctx.saved_tensors
         need_out, need_pos, need_v = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled() or (need_pos and _engine_needs(pos)):
-            return _second_order_reference(ctx, gg_pos, gg_v) + (None,) * 9
-        t = ctx.table
-        g_gout = torch.zeros_like(g_out) if need_out else None
-        g_v = None
-        if need_out and gg_v is not None:  # g_v = sum_i K^T g_out[i]
-            g_gout.index_add_(0, i, _times(K, gg_v[j]))
-        if gg_pos is not None:  # g_pos through g_K = g_out[i] v[j]^T
+            return _second_order_reference(ctx, gg_pos, gg_v) + (None,) * 10
+        t, u, n = ctx.table, ctx.unordered, pos.shape[0]
+        g_gout, g_v = None, None
+        per_pair = None  # d/d(go): target-side rows [P, A, C or 2C]
+        if need_out and gg_v is not None:  # g_v = sum over pairs of K^T go
+            per_pair = _times(K, _at_sources(gg_v, i, j, t, u))
+        if gg_pos is not None:  # g_pos through g_K = go vj^T
             gg_R = gg_pos[i] - gg_pos[j]  # [P, 3]
             c = torch.cat([gg_R, (gg_R * R).sum(-1, keepdim=True)], dim=1)  # [P, 4]
             g_w = torch.bmm(c[:, None, :], G)[:, 0]  # [P, F]
             g_gK = ((g_w @ t.coef) * ctx.prefactor).reshape(K.shape)  # [P, A, Bc]
             if need_out:
-                g_gout.index_add_(0, i, _times(g_gK, vj))
+                y = _times(g_gK, vj)
+                per_pair = y if per_pair is None else per_pair + y
             if need_v:
-                g_v = torch.zeros_like(v).index_add_(0, j, _times(g_gK.transpose(1, 2), go))
-        return (g_gout, None, g_v) + (None,) * 9
+                g_v = _to_sources(_times(g_gK.transpose(1, 2), go), n, i, j, t, u)
+        if need_out:
+            g_gout = torch.zeros_like(g_out) if per_pair is None else _to_targets(per_pair, n, i, j, t, u)
+        return (g_gout, None, g_v) + (None,) * 10
 
 
 def _engine_needs(t: torch.Tensor) -> bool:
@@ -416,7 +520,8 @@ def _second_order_reference(ctx, gg_pos, gg_v):
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         leaves = [x if create_graph and x.requires_grad else x.detach().requires_grad_(True) for x in (g_out, pos, v)]
-        out = _field_sum_reference(leaves[1], leaves[2], i, j, ctx.kernel, ctx.table, ctx.prefactor)
+        out = _field_sum_reference(leaves[1], leaves[2], i, j, ctx.kernel, ctx.table, ctx.prefactor,
+                                   unordered=ctx.unordered)
         first = torch.autograd.grad(out, leaves[1:], leaves[0], create_graph=True)
         pairs = [(f, g) for f, g in zip(first, (gg_pos, gg_v)) if g is not None]
         wanted = [x for x, need in zip(leaves, ctx.needs_input_grad[:3]) if need]
@@ -434,6 +539,8 @@ def pair_list_fields(
     ranks=(0, 1, 2),
     prefactor: float = 1.0,
     traced: bool = False,
+    traceless_gradient: bool = False,
+    unordered: bool = False,
 ) -> dict:
     """Fields at the targets of an explicit list of directed pairs (open boundaries, no images).
 
@@ -446,35 +553,51 @@ def pair_list_fields(
     the same numbers as the blocked :func:`pair_sum` restricted to these pairs. Differentiable to any
     order with respect to positions and multipoles (:class:`PairListSum`). ``traced``: op by op, for
     torch.func transforms and torch.compile (the compiled training step), which cannot differentiate the
-    hand-written autograd Functions.
+    hand-written autograd Functions. ``traceless_gradient``: return the gradient's symmetric traceless part
+    only (what couples to traceless quadrupoles; the trace that smeared sources leave where they overlap is
+    dropped), with the quadrupoles taken as symmetric traceless (their other parts are ignored): rank 2 then
+    travels in five components instead of nine, so the coupling matrices are 9 x 9 instead of 13 x 13.
+    ``unordered``: every pair (i, j) of the list stands for both directions, i <- j and j <- i (a list of
+    :func:`molecule_pairs` with ``unordered=True``): each coupling matrix is built once for the two.
     """
     ranks = tuple(sorted(set(int(r) for r in ranks)))
     source_ranks = tuple(sorted(multipoles))
-    t = _coupling_table(ranks, source_ranks, positions.dtype, positions.device)
+    stf = bool(traceless_gradient)
+    t = _coupling_table(ranks, source_ranks, positions.dtype, positions.device, stf)
     ref = multipoles[source_ranks[0]]
     n_atoms, n_ch = positions.shape[0], ref.shape[1]
-    # sources as full components [N, Bc, C]: q, mu_x..z, Theta_xx..zz
+    basis = torch.tensor(STF_BASIS, dtype=positions.dtype, device=positions.device) if stf else None  # [5, 9]
+    # sources [N, Bc, C]: q, mu_x..z, Theta_xx..zz (or its five STF_BASIS components)
     parts = []
     for r in source_ranks:
         x = multipoles[r]
-        parts.append(x[:, None, :] if r == 0 else x.reshape(n_atoms, n_ch, 3**r).transpose(1, 2))
+        if r == 0:
+            parts.append(x[:, None, :])
+        elif r == 2 and stf:
+            parts.append(basis @ x.reshape(n_atoms, n_ch, 9).transpose(1, 2))  # [N, 5, C]
+        else:
+            parts.append(x.reshape(n_atoms, n_ch, 3**r).transpose(1, 2))
     v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     if traced:
-        out = _field_sum_reference(positions, v, i, j, kernel, t, float(prefactor), traced=True)
+        out = _field_sum_reference(positions, v, i, j, kernel, t, float(prefactor), traced=True, unordered=unordered)
     elif i.numel():
-        out = PairListSum.apply(positions, v, i, j, kernel, t, float(prefactor))  # [N, A, C]
+        out = PairListSum.apply(positions, v, i, j, kernel, t, float(prefactor), bool(unordered))  # [N, A, C]
     else:
         out = positions.new_zeros(n_atoms, t.n_rows, n_ch) + 0.0 * v.sum()
     fields, start = {}, 0
     for r in ranks:
-        block = out[:, start : start + 3**r]  # [N, 3^r, C]
-        start += 3**r
+        width = _rank_width(r, stf)
+        block = out[:, start : start + width]  # [N, 3^r or 5, C]
+        start += width
+        if r == 2 and stf:
+            block = basis.T @ block  # [N, 9, C]
         fields[r] = block[:, 0] if r == 0 else block.transpose(1, 2).reshape((n_atoms, n_ch) + (3,) * r)
     return fields
 
 
-def molecule_pairs(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every ordered pair (i, j), i != j, of atoms in the same structure: (i [P], j [P]) long.
+def molecule_pairs(batch: torch.Tensor, unordered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordered pair (i, j), i != j, of atoms in the same structure: (i [P], j [P]) long; with
+    ``unordered``, every pair once (half as many; which atom comes first is unspecified).
 
     batch [N] long, structure index of every atom (any order). Index bookkeeping only.
     """
@@ -491,26 +614,26 @@ def molecule_pairs(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first = starts.repeat_interleave(sizes)
     local = torch.arange(i.shape[0], device=batch.device) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
     j = first + local
-    keep = i != j
+    keep = i < j if unordered else i != j
     return order[i[keep]], order[j[keep]]
 
 
 def open_molecules_fields(positions, batch, charges=None, dipoles=None, quadrupoles=None, *, smearing=None,
-                          accuracy=1e-6, prefactor=1.0, ranks=(0, 1, 2)) -> tuple:
+                          accuracy=1e-6, prefactor=1.0, ranks=(0, 1, 2), traceless_gradient=False) -> tuple:
     """Every open structure of a batch in one sum over its intra-structure pairs (:func:`pair_list_fields`).
 
     positions [N, 3] Å, batch [N] long, charges [N, C], dipoles [N, C, 3], quadrupoles [N, C, 3, 3] or
     None; smearing σ in Å or None (what :func:`.fields.batched_multipole_fields` uses for the open
     structures of a batch when :func:`pair_list_fits`). Returns (potential [N, C], field [N, C, 3],
-    gradient [N, C, 3, 3]), None for a rank not in ``ranks``. Point multipoles closer than
-    :data:`OVERLAP_DISTANCE` raise ValueError.
+    gradient [N, C, 3, 3]; its symmetric traceless part with ``traceless_gradient``), None for a rank not in
+    ``ranks``. Point multipoles closer than :data:`OVERLAP_DISTANCE` raise ValueError.
     """
     from ._validate import check_inputs
 
     inputs = check_inputs(positions, charges, dipoles, quadrupoles, None, None, smearing, accuracy)
     pos, m = inputs.positions, inputs.multipoles
     ranks = tuple(sorted(set(int(r) for r in ranks)))
-    i, j = molecule_pairs(batch)
+    i, j = molecule_pairs(batch, unordered=True)
     if smearing is None:
         if i.numel():
             d2 = ((pos[i].detach() - pos[j].detach()) ** 2).sum(-1)
@@ -521,18 +644,21 @@ def open_molecules_fields(positions, batch, charges=None, dipoles=None, quadrupo
         kernel = RadialKernel.coulomb()
     else:
         kernel = RadialKernel.smeared(float(smearing))
-    out = pair_list_fields(pos, i, j, m, kernel, ranks, prefactor)
+    out = pair_list_fields(pos, i, j, m, kernel, ranks, prefactor, traceless_gradient=traceless_gradient,
+                           unordered=True)
     return tuple(out.get(r) for r in (0, 1, 2))
 
 
 def traced_pair_fields(positions, pairs, charges=None, dipoles=None, quadrupoles=None, *, smearing=None,
-                       prefactor=1.0, ranks=(0, 1, 2)) -> tuple:
+                       prefactor=1.0, ranks=(0, 1, 2), traceless_gradient=False) -> tuple:
     """:func:`open_molecules_fields` for the compiled training step (:mod:`cartlorem.training.compiled`):
-    the intra-structure pairs ``pairs`` = (i, j) of :func:`molecule_pairs` given, no input checks (the
+    the intra-structure pairs ``pairs`` = (i, j) of ``molecule_pairs(batch, unordered=True)`` given (each
+    pair once), no input checks (the
     caller has made them where it built the pairs: every structure open, no overlapping point multipoles),
     every step op by op, so that torch.func differentiates it and torch.compile traces it whole."""
     i, j = pairs
     m = {r: x for r, x in enumerate((charges, dipoles, quadrupoles)) if x is not None}
     kernel = RadialKernel.coulomb() if smearing is None else RadialKernel.smeared(float(smearing))
-    out = pair_list_fields(positions, i, j, m, kernel, ranks, prefactor, traced=True)
+    out = pair_list_fields(positions, i, j, m, kernel, ranks, prefactor, traced=True,
+                           traceless_gradient=traceless_gradient, unordered=True)
     return tuple(out.get(r) for r in (0, 1, 2))

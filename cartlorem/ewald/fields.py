@@ -7,6 +7,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
+from ..tensors.harmonics import stf
 from ._validate import check_inputs
 from .direct import OVERLAP_DISTANCE, open_molecules_fields, pair_list_fits, pair_sum
 from .ewald import ewald_sum
@@ -257,6 +258,7 @@ def batched_multipole_fields(
     prefactor=1.0,
     ranks=(0, 1, 2),
     method="auto",
+    traceless_gradient=False,
 ) -> MultipoleFields:
     """:func:`multipole_fields` for a batch of structures, each with its own cell and boundary conditions.
 
@@ -265,6 +267,10 @@ def batched_multipole_fields(
     ranks: the field ranks to compute (0 potential, 1 field, 2 gradient); the others come back as None
     and cost nothing (the LOREM block needs only the potential).
     method: as in :func:`multipole_fields`, for every structure ("auto" chooses per structure).
+    traceless_gradient: return only the symmetric traceless part of the field gradient, all that couples to
+    (traceless) quadrupoles; it drops the trace that smeared sources leave where they overlap and the
+    −4πQ/(3V) I of a charged cell's background. The open structures' pair sum then carries rank 2 in five
+    components instead of nine (:func:`.direct.pair_list_fields`), which is what the long-range block uses.
     Returns MultipoleFields for all N atoms, in the input order. Structures never interact.
     """
     method = _check_method(method, None)
@@ -304,9 +310,10 @@ def batched_multipole_fields(
         n_pairs = int((torch.bincount(pick(batch)) ** 2).sum())
         n_channels = next(t for t in sub if t is not None).shape[1]
         source_ranks = tuple(r for r, t in enumerate(sub) if t is not None)
-        if pair_list_fits(n_pairs, ranks, source_ranks, n_channels):
+        if pair_list_fits(n_pairs, ranks, source_ranks, n_channels, traceless_gradient):
             out = open_molecules_fields(pick(positions), pick(batch), *sub, smearing=smearing,
-                                        accuracy=accuracy, prefactor=prefactor, ranks=ranks)
+                                        accuracy=accuracy, prefactor=prefactor, ranks=ranks,
+                                        traceless_gradient=traceless_gradient)
             if all_open:
                 return MultipoleFields(*out)
             parts.append(MultipoleFields(*out))
@@ -330,7 +337,10 @@ def batched_multipole_fields(
             ranks=ranks,
             method=method,
         )
-        parts.append(MultipoleFields(*(f.get(r) for r in (0, 1, 2))))
+        gradient = f.get(2)
+        if traceless_gradient and gradient is not None:
+            gradient = stf(gradient)
+        parts.append(MultipoleFields(f.get(0), f.get(1), gradient))
         order.append(idx)
     inverse = torch.argsort(torch.cat(order))
     return MultipoleFields(*(None if x[0] is None else torch.cat(list(x))[inverse] for x in zip(*parts)))

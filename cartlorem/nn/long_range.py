@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from ..ewald import batched_multipole_fields
-from ..ewald.direct import pair_list_fits, traced_pair_fields
+from ..ewald.direct import STF_BASIS, pair_list_fits, traced_pair_fields
 from ..tensors import EquivariantLinear, product, stf
 
 __all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries", "PLACEMENTS", "check_placement"]
@@ -246,8 +246,8 @@ class LongRangeBlock(nn.Module):
         potential, field and gradient ("multipole"), or every Cartesian component as a charge for its
         potential ("lorem")."""
         if self.kind == "multipole":
-            return pair_list_fits(n_pairs, self.field_ranks, tuple(range(self.lmax + 1)), self.lr_channels)
-        return pair_list_fits(n_pairs, (0,), (0,), self.lr_channels * sum(3**l for l in range(self.lmax + 1)))
+            return pair_list_fits(n_pairs, self.field_ranks, tuple(range(self.lmax + 1)), self.lr_channels, stf=True)
+        return pair_list_fits(n_pairs, (0,), (0,), self.lr_channels * (1, 4, 9)[self.lmax])
 
     def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor, pairs=None) -> dict:
         """h = [h0 [N, C], h1 [N, C, 3] or None, h2 [N, C, 3, 3] or None]; positions [N, 3] Å; cell [B, 3, 3] Å.
@@ -258,7 +258,8 @@ class LongRangeBlock(nn.Module):
         multipoles: "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3]
         (e·Å², traceless, lmax 2).
 
-        ``pairs``: the intra-structure pairs (i, j) of :func:`cartlorem.ewald.direct.molecule_pairs` when every
+        ``pairs``: the intra-structure pairs (i, j), each once, of ``cartlorem.ewald.direct.molecule_pairs(batch,
+        unordered=True)`` when every
         structure is open and the caller has checked the batch (the compiled training step,
         :mod:`cartlorem.training.compiled`): the field sum then runs op by op over them with no
         value-dependent step (:func:`cartlorem.ewald.direct.traced_pair_fields`).
@@ -269,13 +270,15 @@ class LongRangeBlock(nn.Module):
             check_boundaries(graph.pbc)
             positions, cell = slab_frame(positions, graph.batch, cell, graph.pbc)
 
+        # the field gradient's symmetric traceless part is all the block uses (Θ : G with Θ traceless, and the
+        # rank-2 features): the open structures' pair sum then carries rank 2 in five components, not nine
         def fields_of(charges, dipoles=None, quadrupoles=None, ranks=(0, 1, 2)):
             if pairs is not None:
                 return traced_pair_fields(positions, pairs, charges, dipoles, quadrupoles, smearing=self.smearing,
-                                          ranks=ranks)
+                                          ranks=ranks, traceless_gradient=True)
             f = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=charges, dipoles=dipoles,
                                          quadrupoles=quadrupoles, smearing=self.smearing, accuracy=self.accuracy,
-                                         ranks=ranks)
+                                         ranks=ranks, traceless_gradient=True)
             return f.potential, f.field, f.field_gradient
 
         q, mu, theta = self.to_multipoles(h[: self.lmax + 1])[:3]  # q: zero from channel charge_channels on
@@ -296,18 +299,23 @@ class LongRangeBlock(nn.Module):
                 e_es = e_es - (mu * fields[1]).sum(-1)
             if theta is not None:
                 e_es = e_es - 0.5 * (theta * fields[2]).sum((-1, -2))
-            fields[2] = stf(fields[2])  # a net-charge background adds −4πQ/(3V) I: not a rank-2 feature
         else:
             n, c = q.shape
             sources = [q, mu, theta][: self.lmax + 1]
-            stacked = torch.cat([s.reshape(n, -1) for s in sources], dim=1)  # [N, (1 + 3 + 9) C] up to lmax
+            if theta is not None:  # Θ by its five symmetric traceless components (STF_BASIS): the potential
+                # of each is that component of Ψ, which is symmetric traceless too (the kernel is linear)
+                basis = torch.tensor(STF_BASIS, dtype=theta.dtype, device=theta.device)  # [5, 9]
+                sources[2] = theta.reshape(n, c, 9) @ basis.T  # [N, C, 5]
+            stacked = torch.cat([s.reshape(n, -1) for s in sources], dim=1)  # [N, (1 + 3 + 5) C] up to lmax
             pot = fields_of(stacked, ranks=(0,))[0]
             fields, start = [], 0
-            for s in sources:  # potential of every Cartesian component, in the shape of its source
+            for s in sources:  # potential of every component, in the shape of its source
                 size = s[0].numel()
                 fields.append(pot[:, start:start + size].reshape(s.shape))
                 start += size
             e_es = sum((s * p).reshape(n, c, -1).sum(-1) for s, p in zip(sources, fields))
+            if theta is not None:
+                fields[2] = (fields[2] @ basis).reshape(n, c, 3, 3)  # Ψ [N, C, 3, 3]
         e_es = COULOMB * (0.5 * e_es * self.coupling).sum(-1)  # [N] eV
 
         F = self.from_fields(fields)

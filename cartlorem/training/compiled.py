@@ -118,7 +118,7 @@ class CompiledLossGradient:
         pairs = None
         block = getattr(self.model, "long_range_block", None)
         if block is not None:  # open structures (unsupported()): every intra-structure pair
-            pairs = molecule_pairs(batch.batch)
+            pairs = molecule_pairs(batch.batch, unordered=True)  # each pair once
             if block.smearing is None and pairs[0].numel():  # point multipoles must not overlap
                 d2 = ((batch.positions[pairs[0]] - batch.positions[pairs[1]]) ** 2).sum(-1)
                 if bool((d2 < OVERLAP_DISTANCE**2).any()):
