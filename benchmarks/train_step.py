@@ -64,8 +64,9 @@ KINDS = ("none", "multipole", "lorem")
 VARIANTS = ("", "@ref", "@pair_fields", "/zero-fields", "/zero-fields-detached")
 #: "+compile": the compiled step of train(compile=True) (cartlorem.training.compiled), for every model kind
 #: including none; its ratios ("÷ none") are to none+compile. Not in the default variants (minutes of
-#: compilation per model).
-ALL_VARIANTS = VARIANTS + ("+compile",)
+#: compilation per model). "+compile/zero-fields" and "+compile/zero-fields-detached": the compiled step with
+#: the variant's zero fields (the split above, for the compiled step; each compiles anew).
+ALL_VARIANTS = VARIANTS + ("+compile", "+compile/zero-fields", "+compile/zero-fields-detached")
 
 
 def _zero_fields(positions, batch, cell, pbc, charges=None, dipoles=None, quadrupoles=None, *, ranks=(0, 1, 2),
@@ -78,6 +79,11 @@ def _zero_fields(positions, batch, cell, pbc, charges=None, dipoles=None, quadru
                            z[..., None] * positions[:, None, :] if 1 in ranks else None,
                            z[..., None, None] * positions[:, None, :, None] * positions[:, None, None, :]
                            if 2 in ranks else None)
+
+
+def _zero_traced_fields(positions, pairs, charges=None, dipoles=None, quadrupoles=None, *, ranks=(0, 1, 2), **_):
+    """Stand-in for traced_pair_fields (the compiled step's field sum): :func:`_zero_fields`' zeros."""
+    return tuple(_zero_fields(positions, None, None, None, charges, ranks=ranks))
 
 
 def _open_molecules_per_pair(positions, batch, charges, dipoles, quadrupoles, *, smearing, accuracy, prefactor,
@@ -105,9 +111,10 @@ def variant(name):
     import cartlorem.nn.long_range as long_range
 
     saved = (RadialKernel.derivatives, fields.open_molecules_fields, long_range.batched_multipole_fields,
-             long_range.LongRangeBlock.forward)
+             long_range.LongRangeBlock.forward, long_range.traced_pair_fields)
     if name.endswith("/zero-fields") or name.endswith("/zero-fields-detached"):
         long_range.batched_multipole_fields = _zero_fields
+        long_range.traced_pair_fields = _zero_traced_fields
     if name.endswith("/zero-fields-detached"):
         forward = saved[3]
 
@@ -126,7 +133,7 @@ def variant(name):
         yield
     finally:
         (RadialKernel.derivatives, fields.open_molecules_fields, long_range.batched_multipole_fields,
-         long_range.LongRangeBlock.forward) = saved
+         long_range.LongRangeBlock.forward, long_range.traced_pair_fields) = saved
 
 
 #: The files of the local training step whose code a reference run swaps in (module, classes and functions
@@ -406,10 +413,11 @@ def step_fn(model, batches, dtype, path="", reference_loop=False):
     return step
 
 
-def compiled_step_fn(model, batches, dtype):
+def compiled_step_fn(model, batches, dtype, path=""):
     """:func:`step_fn` with the loss gradient of :class:`cartlorem.training.compiled.CompiledLossGradient` (what
     ``train(compile=True)`` runs). Returns (step, compile_s, diff): the first call compiles (its wall time is
-    compile_s), diff compares its gradient on the first batch with the eager step's (same model, same dtype)."""
+    compile_s), diff compares its gradient on the first batch with the eager step's (same model, same dtype).
+    ``path``: a variant ("/zero-fields" ...) active in every call (so that the compiled graph's guards hold)."""
     from cartlorem.training.compiled import CompiledLossGradient
     from cartlorem.training.loss import weighted_loss
 
@@ -420,7 +428,12 @@ def compiled_step_fn(model, batches, dtype):
     sync = harness.sync_fn(device) or (lambda: None)
     batches = [b.to(device=device, dtype=dtype) for b in batches]
     model.train()
-    grad = CompiledLossGradient(model, weights)
+    compiled = CompiledLossGradient(model, weights)
+
+    def grad(batch):
+        with variant(path):
+            return compiled(batch)
+
     t0 = time.perf_counter()
     model.zero_grad(set_to_none=True)
     loss_c, _ = grad(batches[0])
@@ -428,9 +441,10 @@ def compiled_step_fn(model, batches, dtype):
     compile_s = time.perf_counter() - t0
     g_c = [None if p.grad is None else p.grad.clone() for p in params]
     model.zero_grad(set_to_none=True)
-    pred = model(batches[0], compute_forces=True, compute_stress=False, create_graph=True)
-    loss_e, _ = weighted_loss(pred, batches[0], weights)
-    g_e = torch.autograd.grad(loss_e, params, allow_unused=True)
+    with variant(path):
+        pred = model(batches[0], compute_forces=True, compute_stress=False, create_graph=True)
+        loss_e, _ = weighted_loss(pred, batches[0], weights)
+        g_e = torch.autograd.grad(loss_e, params, allow_unused=True)
     scale = max(float(g.abs().max()) for g in g_e if g is not None)
     diff = {"loss_rel": float(abs(loss_c - loss_e.detach()) / abs(loss_e.detach())),
             "grad_rel": max(float((a - b).abs().max()) / scale for a, b in zip(g_c, g_e) if a is not None and b is not None),
@@ -574,8 +588,9 @@ def main(argv=None):
             steps, compile_info = {}, {}
             for k in kinds:
                 for v in ([v for v in ("", "+compile") if v in args.variants] if k == "none" else args.variants):
-                    if v == "+compile":
-                        steps[k + v], compile_s, diff = compiled_step_fn(models[k], batches, dtype)
+                    if v.startswith("+compile"):
+                        steps[k + v], compile_s, diff = compiled_step_fn(models[k], batches, dtype,
+                                                                         v[len("+compile"):])
                         compile_info[k + v] = {"compile_s": round(compile_s, 1), "compiled_vs_eager": diff}
                         print(k + v, compile_info[k + v], flush=True)
                     else:
@@ -583,7 +598,7 @@ def main(argv=None):
             times = harness.time_fns(steps, warmup=args.warmup, repeats=args.repeats,
                                      sync=harness.sync_fn(torch.device(args.device)))
             for kind in steps:
-                base = times.get("none+compile" if kind.endswith("+compile") else "none")
+                base = times.get("none+compile" if "+compile" in kind else "none")
                 t = times[kind]
                 row = {"set": name, "channels": channels, "model": kind, "atoms_per_batch": atoms,
                        "median_s": round(t["median"], 5), "iqr_s": round(t["iqr"], 5),
@@ -772,27 +787,29 @@ def _markdown(rows, meta):
     by = {(r["set"], r["channels"], r["model"]): r for r in rows if "cpu_median_s" in r}
     notes = []
     for (name, c, model), r in by.items():
-        base = by.get((name, c, "none"))
-        if model in ("none", "mace") or base is None or any(c in model for c in "@+/"):
+        compiled = model.endswith("+compile")
+        base = by.get((name, c, "none+compile" if compiled else "none"))
+        plain = model[: -len("+compile")] if compiled else model
+        if plain in ("none", "mace") or base is None or any(c in plain for c in "@+/"):
             continue
         over = r["cpu_median_s"] - base["cpu_median_s"]
-        line = f"- {name}, C = {c}, {model}: long-range CPU overhead {over * 1e3:.0f} ms per step"
+        line = f"- {name}, C = {c}, {model}: long-range CPU overhead {over * 1e3:.1f} ms per step"
         ref = by.get((name, c, model + "@ref"))
         if ref is not None:
-            line += f" (op-by-op kernels: {(ref['cpu_median_s'] - base['cpu_median_s']) * 1e3:.0f} ms)"
+            line += f" (op-by-op kernels: {(ref['cpu_median_s'] - base['cpu_median_s']) * 1e3:.1f} ms)"
         nof = by.get((name, c, model + "/zero-fields"))
         det = by.get((name, c, model + "/zero-fields-detached"))
         if nof is not None:
-            line += f"; the field sum {(r['cpu_median_s'] - nof['cpu_median_s']) * 1e3:.0f} ms"
+            line += f"; the field sum {(r['cpu_median_s'] - nof['cpu_median_s']) * 1e3:.1f} ms"
             if det is None:
                 line += (f", the rest of the block (multipole maps, products, MLPs) "
-                         f"{(nof['cpu_median_s'] - base['cpu_median_s']) * 1e3:.0f} ms")
+                         f"{(nof['cpu_median_s'] - base['cpu_median_s']) * 1e3:.1f} ms")
             else:
                 line += (f", the block's gradient into the local features (with placement end: the backward and "
                          f"double backward of the last layer's rank-1/2 outputs) "
-                         f"{(nof['cpu_median_s'] - det['cpu_median_s']) * 1e3:.0f} ms, the block's own operations "
-                         f"(multipole maps, products, MLPs) {(det['cpu_median_s'] - base['cpu_median_s']) * 1e3:.0f} ms")
-        notes.append(line + f"; the local model (none) {base['cpu_median_s'] * 1e3:.0f} ms.")
+                         f"{(nof['cpu_median_s'] - det['cpu_median_s']) * 1e3:.1f} ms, the block's own operations "
+                         f"(multipole maps, products, MLPs) {(det['cpu_median_s'] - base['cpu_median_s']) * 1e3:.1f} ms")
+        notes.append(line + f"; the local model ({base['model']}) {base['cpu_median_s'] * 1e3:.1f} ms.")
     if notes:
         lines += ["## Where the long-range time goes (process CPU time, medians)", ""] + notes + [""]
     for r in rows:

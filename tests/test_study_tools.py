@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,6 +75,26 @@ def test_train_step_model_names_carry_the_placement():
     default = train_step.build_model("lorem", [1, 8], 4, args, stats)
     assert (before.placement, before.long_range) == ("before_last", "multipole")
     assert (default.placement, default.long_range) == ("end", "lorem")
+
+
+def test_train_step_zero_fields_variant_reaches_the_compiled_field_sum():
+    """'/zero-fields' replaces the compiled step's field sum (traced_pair_fields) too, by zeros of its shapes that
+    stay attached to the multipoles and positions, and restores it afterwards."""
+    import train_step
+    import cartlorem.nn.long_range as long_range
+    from cartlorem.ewald.direct import molecule_pairs, traced_pair_fields
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(5, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    pairs = molecule_pairs(torch.tensor([0, 0, 1, 1, 1]), unordered=True)
+    real = traced_pair_fields(pos, pairs, q, smearing=1.0)
+    with train_step.variant("multipole/zero-fields"):
+        assert long_range.traced_pair_fields is not traced_pair_fields
+        zero = long_range.traced_pair_fields(pos, pairs, q, smearing=1.0)
+    assert long_range.traced_pair_fields is traced_pair_fields
+    for a, b in zip(zero, real):
+        assert a.shape == b.shape and not a.any() and a.requires_grad
 
 
 def test_results_files_carry_a_command_that_a_shell_reruns():
