@@ -357,7 +357,14 @@ def _field_sum_reference(pos, v, i, j, kernel, t, prefactor, traced: bool = Fals
         B = torch.stack(kernel.derivatives(r2, valid, t.max_order), dim=1)
     features = B.index_select(1, t.orders) * t.monomials(R).index_select(1, t.columns)  # [P, F]
     K = (features @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols) * prefactor
-    return _to_targets(_times(K, _at_sources(v, i, j, t, unordered)), pos.shape[0], i, j, t, unordered)
+    x = _at_sources(v, i, j, t, unordered)
+    if traced and K.shape[1] * K.shape[2] > 1:
+        # a broadcast product and sum, which Inductor fuses into one loop (9% faster than its batched matmul of
+        # 9 x 9 matrices in the compiled step's field sum; eagerly it would be 4x slower)
+        y = (K[..., None] * x[:, None]).sum(2)
+    else:
+        y = _times(K, x)
+    return _to_targets(y, pos.shape[0], i, j, t, unordered)
 
 
 def _times(K: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
