@@ -199,21 +199,37 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
     with fullgraph=True (a graph break fails) by the "aot_eager" backend: the same traced graph as Inductor's
     input, without generating kernels (Inductor's kernels are compared with the eager step by
     benchmarks/train_step.py --compiled, minutes per compilation). Batch sizes vary (4, 4, 2 structures): one
-    compilation serves them all."""
+    compilation serves them all. The field sum's constant tables are built before dynamo traces the step
+    (LongRangeBlock.prepare_compiled), once: dynamo ignores an lru_cache and would trace their construction
+    (~30 s of symbolic Python per compilation)."""
+    from cartlorem.ewald import direct
+
     monkeypatch.setattr(compiled_mod, "BACKEND", "aot_eager")
     structures = [a for a in _structures(2) if kind is None or not a.pbc.any()] * 2
     graphs = read_dataset(structures, cutoff=3.5, require=())
     from torch._dynamo.utils import counters
 
+    built, table = [], direct._CouplingTable
+
+    def recording(*args):
+        built.append(torch.compiler.is_compiling())
+        return table(*args)
+
+    monkeypatch.setattr(direct, "_CouplingTable", recording)
+    monkeypatch.setattr(direct, "_TABLES", {})
     graphs_before = counters["stats"]["unique_graphs"]
     runs = []
     for flag in (False, True):
+        if flag:  # the compiled run builds its own tables
+            direct._TABLES.clear()
+            built.clear()
         model = _model(structures, long_range=kind)
         result = train(model, graphs, epochs=2, batch_size=4, progress=False, compile=flag, ema_decay=None,
                        weights={"stress": 0.0})
         runs.append(([row["train_loss"] for row in result.history], model.state_dict()))
     compiled = counters["stats"]["unique_graphs"] - graphs_before
     assert compiled == 1, f"compiled {compiled} times"
+    assert built == ([] if kind is None else [False])  # outside the trace
     (loss_e, state_e), (loss_c, state_c) = runs
     np.testing.assert_allclose(loss_c, loss_e, rtol=1e-12)
     for k in state_e:

@@ -336,9 +336,26 @@ class _CouplingTable:
         return mono
 
 
-@functools.lru_cache(maxsize=64)
+#: The tables built so far, by (ranks, source ranks, dtype, device, stf). A plain dict rather than lru_cache:
+#: torch.compile (dynamo) ignores an lru_cache wrapper and traces the construction inside it, ~30 s of symbolic
+#: Python per compilation, while a table it finds in this dict costs nothing (:func:`prepare_pair_table`).
+_TABLES: dict = {}
+
+
 def _coupling_table(ranks: tuple, source_ranks: tuple, dtype, device, stf: bool = False) -> _CouplingTable:
-    return _CouplingTable(ranks, source_ranks, dtype, device, stf)
+    key = (ranks, source_ranks, dtype, device, stf)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = _CouplingTable(ranks, source_ranks, dtype, device, stf)
+    return table
+
+
+def prepare_pair_table(ranks, source_ranks, dtype, device, traceless_gradient: bool = False) -> None:
+    """Build the table that :func:`pair_list_fields` uses for these field and source ranks, before torch.compile
+    traces a call (:meth:`cartlorem.nn.long_range.LongRangeBlock.prepare_compiled`): the trace then only looks
+    it up."""
+    _coupling_table(tuple(sorted(set(int(r) for r in ranks))), tuple(sorted(set(int(r) for r in source_ranks))),
+                    dtype, torch.device(device), bool(traceless_gradient))
 
 
 def _field_sum_reference(pos, v, i, j, kernel, t, prefactor, traced: bool = False, unordered: bool = False):

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from ..ewald import batched_multipole_fields
-from ..ewald.direct import STF_BASIS, pair_list_fits, traced_pair_fields
+from ..ewald.direct import STF_BASIS, pair_list_fits, prepare_pair_table, traced_pair_fields
 from ..tensors import EquivariantLinear, product, stf
 
 __all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries", "PLACEMENTS", "check_placement"]
@@ -248,6 +248,15 @@ class LongRangeBlock(nn.Module):
         if self.kind == "multipole":
             return pair_list_fits(n_pairs, self.field_ranks, tuple(range(self.lmax + 1)), self.lr_channels, stf=True)
         return pair_list_fits(n_pairs, (0,), (0,), self.lr_channels * (1, 4, 9)[self.lmax])
+
+    def prepare_compiled(self, dtype: torch.dtype, device) -> None:
+        """Build the constant tables of the field sum that :meth:`forward` runs with ``pairs`` (dtype and device of
+        the positions) before torch.compile traces it, so that the trace finds them
+        (:func:`cartlorem.ewald.direct.prepare_pair_table`)."""
+        if self.kind == "multipole":
+            prepare_pair_table(self.field_ranks, range(self.lmax + 1), dtype, device, traceless_gradient=True)
+        else:
+            prepare_pair_table((0,), (0,), dtype, device, traceless_gradient=True)
 
     def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor, pairs=None) -> dict:
         """h = [h0 [N, C], h1 [N, C, 3] or None, h2 [N, C, 3, 3] or None]; positions [N, 3] Å; cell [B, 3, 3] Å.

@@ -125,6 +125,7 @@ class CompiledLossGradient:
                     raise ValueError(f"point multipoles closer than {OVERLAP_DISTANCE} Å in the batch")
             for t in pairs:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
+            block.prepare_compiled(batch.positions.dtype, batch.positions.device)  # the trace finds its tables
         stress = bool(self.weights.get("stress", 0.0) > 0 and batch.stress is not None and batch.has_stress.any())
         frozen = {n: t.detach() for n, t in self._energy.named_buffers()}
         frozen.update((n, p.detach()) for n, p in self._energy.named_parameters() if not p.requires_grad)
