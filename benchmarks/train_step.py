@@ -574,6 +574,9 @@ def main(argv=None):
     if args.compare_ref:
         return compare_local(args)
     torch.set_num_threads(args.threads)
+    # every compiled step is a graph of the same function (CompiledLossGradient._loss_and_grad); dynamo's default
+    # limit of 8 per function ended a run of two sets x five compiled variants with FailOnRecompileLimitHit
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     _label_lr_fields()
     dtype = getattr(torch, args.dtype)
     rows = []
