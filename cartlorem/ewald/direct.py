@@ -20,6 +20,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..tensors.harmonics import stf as symmetric_traceless
+from ..tensors.spherical import to_spherical
 from .kernels import InteractionTensors, RadialKernel, tensor_terms
 
 #: Pair evaluations per block (targets x images x sources).
@@ -184,18 +186,12 @@ _MONOMIAL_POWERS = {_monomial_column(p): p for p in
                     ((a, b, d - a - b) for d in range(6) for a in range(d + 1) for b in range(d + 1 - a))}
 
 
-#: An orthonormal basis of the symmetric traceless 3 x 3 tensors (Frobenius inner product), as five rows
-#: of nine row-major components: (xx - yy)/sqrt 2, (2 zz - xx - yy)/sqrt 6, (xy + yx)/sqrt 2, (xz + zx)/sqrt 2,
-#: (yz + zy)/sqrt 2. For a symmetric traceless M, ``m = STF_BASIS @ M.flatten()`` and ``M = STF_BASIS.T @ m``;
-#: for any 3 x 3 A, ``STF_BASIS.T @ STF_BASIS @ A.flatten()`` is A's symmetric traceless part.
-_S2, _S6 = 1.0 / math.sqrt(2.0), 1.0 / math.sqrt(6.0)
-STF_BASIS = (
-    (_S2, 0.0, 0.0, 0.0, -_S2, 0.0, 0.0, 0.0, 0.0),
-    (-_S6, 0.0, 0.0, 0.0, -_S6, 0.0, 0.0, 0.0, 2.0 * _S6),
-    (0.0, _S2, 0.0, _S2, 0.0, 0.0, 0.0, 0.0, 0.0),
-    (0.0, 0.0, _S2, 0.0, 0.0, 0.0, _S2, 0.0, 0.0),
-    (0.0, 0.0, 0.0, 0.0, 0.0, _S2, 0.0, _S2, 0.0),
-)
+#: [5, 9] float64: the five real spherical components of a 3 x 3 tensor's symmetric traceless part
+#: (:func:`cartlorem.tensors.to_spherical` of its ``stf``), as rows acting on the nine row-major components. The rows
+#: are orthonormal and span the symmetric traceless tensors (``to_spherical`` is an isometry there): for a symmetric
+#: traceless M, ``m = STF_BASIS @ M.flatten()`` and ``M = STF_BASIS.T @ m``; for any A, ``STF_BASIS.T @ STF_BASIS @
+#: A.flatten()`` is ``stf(A)``.
+STF_BASIS = to_spherical(symmetric_traceless(torch.eye(9, dtype=torch.float64).reshape(9, 3, 3)), 2).T.contiguous()
 
 
 def _rank_width(rank: int, stf: bool) -> int:
@@ -209,26 +205,12 @@ def _stf_project(table: list, ranks: tuple, source_ranks: tuple) -> list:
     Rows: the gradient's symmetric traceless part, ``g = STF_BASIS @ G``. Columns: quadrupoles given as
     ``STF_BASIS @ Theta`` (exact for symmetric traceless Theta). So ``K_stf = P_rows K P_cols^T``.
     """
-    def expand(rank_list):  # [reduced, full] transform as nested lists
-        width = sum(3**r for r in rank_list)
-        rows, start = [], 0
-        for r in rank_list:
-            if r == 2:
-                rows += [[0.0] * start + list(b) + [0.0] * (width - start - 9) for b in STF_BASIS]
-            else:
-                rows += [[float(k == start + a) for k in range(width)] for a in range(3**r)]
-            start += 3**r
-        return rows
+    def transform(rank_list):  # [reduced, full]
+        return torch.block_diag(*[STF_BASIS if r == 2 else torch.eye(3**r, dtype=torch.float64) for r in rank_list])
 
-    p_rows, p_cols = expand(ranks), expand(source_ranks)
-    n_full_rows, n_full_cols = len(p_rows[0]), len(p_cols[0])
-    out = []
-    for coef in table:
-        K = [coef[a * n_full_cols:(a + 1) * n_full_cols] for a in range(n_full_rows)]
-        KP = [[sum(row[b] * pc[b] for b in range(n_full_cols) if row[b] and pc[b]) for pc in p_cols] for row in K]
-        out.append([sum(pr[a] * KP[a][c] for a in range(n_full_rows) if pr[a]) for pr in p_rows
-                    for c in range(len(p_cols))])
-    return out
+    p_rows, p_cols = transform(ranks), transform(source_ranks)
+    k = torch.tensor(table, dtype=torch.float64).reshape(len(table), p_rows.shape[1], p_cols.shape[1])
+    return (p_rows @ k @ p_cols.T).reshape(len(table), -1).tolist()
 
 
 @functools.lru_cache(maxsize=None)
@@ -374,14 +356,14 @@ def _field_sum_reference(pos, v, i, j, kernel, t, prefactor, traced: bool = Fals
         B = torch.stack(kernel.derivatives(r2, valid, t.max_order), dim=1)
     features = B.index_select(1, t.orders) * t.monomials(R).index_select(1, t.columns)  # [P, F]
     K = (features @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols) * prefactor
-    x = _at_sources(v, i, j, t, unordered)
+    x = _gather(v, j, i, t.col_parity, unordered)
     if traced and K.shape[1] * K.shape[2] > 1:
         # a broadcast product and sum, which Inductor fuses into one loop (9% faster than its batched matmul of
         # 9 x 9 matrices in the compiled step's field sum; eagerly it would be 4x slower)
         y = (K[..., None] * x[:, None]).sum(2)
     else:
         y = _times(K, x)
-    return _to_targets(y, pos.shape[0], i, j, t, unordered)
+    return _scatter(y, pos.shape[0], i, j, t.row_parity, unordered)
 
 
 def _times(K: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -389,37 +371,22 @@ def _times(K: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return K * x if K.shape[1] * K.shape[2] == 1 else torch.bmm(K, x)
 
 
-def _at_sources(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, t, unordered: bool) -> torch.Tensor:
-    """Per pair, the source-side rows of x [N, Bc, C]: x[j] [P, Bc, C]; for an unordered pair list also those
-    of the other direction, (-1)^l_b x[i], beside them: [P, Bc, 2C]."""
+def _gather(x: torch.Tensor, near: torch.Tensor, far: torch.Tensor, parity: torch.Tensor, unordered: bool):
+    """Per pair, the rows of x [N, ., C] at one end of the pair: x[near] [P, ., C]; for an unordered pair list
+    also those of the other direction, ``parity * x[far]``, beside them: [P, ., 2C]. Sources: near = j, far = i,
+    the column parity; targets (and their gradients): near = i, far = j, the row parity."""
     if not unordered:
-        return x.index_select(0, j)
-    return torch.cat([x.index_select(0, j), x.index_select(0, i) * t.col_parity], dim=2)
+        return x.index_select(0, near)
+    return torch.cat([x.index_select(0, near), x.index_select(0, far) * parity], dim=2)
 
 
-def _at_targets(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, t, unordered: bool) -> torch.Tensor:
-    """Per pair, the target-side rows of x [N, A, C]: x[i], and (-1)^l_a x[j] beside them when unordered."""
+def _scatter(y: torch.Tensor, n: int, near: torch.Tensor, far: torch.Tensor, parity: torch.Tensor,
+             unordered: bool) -> torch.Tensor:
+    """Sum per-pair rows y [P, ., C] (or [P, ., 2C], unordered) into [N, ., C]: the transpose of :func:`_gather`."""
     if not unordered:
-        return x.index_select(0, i)
-    return torch.cat([x.index_select(0, i), x.index_select(0, j) * t.row_parity], dim=2)
-
-
-def _to_targets(y: torch.Tensor, n: int, i: torch.Tensor, j: torch.Tensor, t, unordered: bool) -> torch.Tensor:
-    """Sum per-pair target-side rows y [P, A, C] (or [P, A, 2C], unordered) into [N, A, C]: the transpose
-    of :func:`_at_targets`."""
-    if not unordered:
-        return y.new_zeros(n, y.shape[1], y.shape[2]).index_add(0, i, y)
+        return y.new_zeros(n, y.shape[1], y.shape[2]).index_add(0, near, y)
     c = y.shape[2] // 2
-    return y.new_zeros(n, y.shape[1], c).index_add(0, i, y[..., :c]).index_add(0, j, y[..., c:] * t.row_parity)
-
-
-def _to_sources(y: torch.Tensor, n: int, i: torch.Tensor, j: torch.Tensor, t, unordered: bool) -> torch.Tensor:
-    """Sum per-pair source-side rows y [P, Bc, C] (or [P, Bc, 2C]) into [N, Bc, C]: the transpose of
-    :func:`_at_sources`."""
-    if not unordered:
-        return y.new_zeros(n, y.shape[1], y.shape[2]).index_add(0, j, y)
-    c = y.shape[2] // 2
-    return y.new_zeros(n, y.shape[1], c).index_add(0, j, y[..., :c]).index_add(0, i, y[..., c:] * t.col_parity)
+    return y.new_zeros(n, y.shape[1], c).index_add(0, near, y[..., :c]).index_add(0, far, y[..., c:] * parity)
 
 
 def _outer(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -444,7 +411,7 @@ class PairListSum(torch.autograd.Function):
     apply(pos [N, 3] (Å), v [N, Bc, C] (sources as full components), i, j [P] long, kernel, table,
     prefactor, unordered) -> out [N, A, C]. ``unordered``: each pair stands for both directions (the
     matrix of the other, ``row_parity * K * col_parity.T``, applied in the same product: the per-pair
-    sources and target gradients are [P, ., 2C], :func:`_at_sources` and :func:`_at_targets`).
+    sources and target gradients are [P, ., 2C], :func:`_gather`).
     """
 
     @staticmethod
@@ -457,8 +424,8 @@ class PairListSum(torch.autograd.Function):
             mono = t.monomials(R)
             features = B.index_select(1, t.orders) * mono.index_select(1, t.columns)  # [P, F]
             K = (features @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols) * prefactor  # [P, A, Bc]
-            vj = _at_sources(v, i, j, t, unordered)
-            out = _to_targets(_times(K, vj), pos.shape[0], i, j, t, unordered)
+            vj = _gather(v, j, i, t.col_parity, unordered)
+            out = _scatter(_times(K, vj), pos.shape[0], i, j, t.row_parity, unordered)
             if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
                 n = R.shape[0]
                 # rows B_n dR^p/dR_x (x = 0, 1, 2) and -B_(n+1) R^p of every feature  [P, 4, F]
@@ -482,8 +449,8 @@ class PairListSumGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g_out, pos, v, i, j, R, K, vj, G, kernel, t, prefactor, unordered):
-        go = _at_targets(g_out, i, j, t, unordered)  # [P, A, C] ([P, A, 2C] unordered)
-        g_v = _to_sources(_times(K.transpose(1, 2), go), v.shape[0], i, j, t, unordered)
+        go = _gather(g_out, i, j, t.row_parity, unordered)  # [P, A, C] ([P, A, 2C] unordered)
+        g_v = _scatter(_times(K.transpose(1, 2), go), v.shape[0], j, i, t.col_parity, unordered)
         w = (_outer(go, vj).reshape(go.shape[0], -1) @ t.coef.T) * prefactor  # [P, F]
         s = torch.bmm(G, w[:, :, None])[..., 0]  # [P, 4]
         gR = torch.addcmul(s[:, :3], R, s[:, 3:])
@@ -502,7 +469,7 @@ class PairListSumGrad(torch.autograd.Function):
         g_gout, g_v = None, None
         per_pair = None  # d/d(go): target-side rows [P, A, C or 2C]
         if need_out and gg_v is not None:  # g_v = sum over pairs of K^T go
-            per_pair = _times(K, _at_sources(gg_v, i, j, t, u))
+            per_pair = _times(K, _gather(gg_v, j, i, t.col_parity, u))
         if gg_pos is not None:  # g_pos through g_K = go vj^T
             gg_R = gg_pos[i] - gg_pos[j]  # [P, 3]
             c = torch.cat([gg_R, (gg_R * R).sum(-1, keepdim=True)], dim=1)  # [P, 4]
@@ -512,9 +479,9 @@ class PairListSumGrad(torch.autograd.Function):
                 y = _times(g_gK, vj)
                 per_pair = y if per_pair is None else per_pair + y
             if need_v:
-                g_v = _to_sources(_times(g_gK.transpose(1, 2), go), n, i, j, t, u)
+                g_v = _scatter(_times(g_gK.transpose(1, 2), go), n, j, i, t.col_parity, u)
         if need_out:
-            g_gout = torch.zeros_like(g_out) if per_pair is None else _to_targets(per_pair, n, i, j, t, u)
+            g_gout = torch.zeros_like(g_out) if per_pair is None else _scatter(per_pair, n, i, j, t.row_parity, u)
         return (g_gout, None, g_v) + (None,) * 10
 
 
@@ -590,7 +557,7 @@ def pair_list_fields(
     t = _coupling_table(ranks, source_ranks, positions.dtype, positions.device, stf)
     ref = multipoles[source_ranks[0]]
     n_atoms, n_ch = positions.shape[0], ref.shape[1]
-    basis = torch.tensor(STF_BASIS, dtype=positions.dtype, device=positions.device) if stf else None  # [5, 9]
+    basis = STF_BASIS.to(positions.dtype).to(positions.device) if stf else None  # [5, 9]
     # sources [N, Bc, C]: q, mu_x..z, Theta_xx..zz (or its five STF_BASIS components)
     parts = []
     for r in source_ranks:
