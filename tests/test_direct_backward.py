@@ -388,6 +388,27 @@ def test_dense_kernel_derivatives_equal_the_gathered_ones(name):
         torch.testing.assert_close(hb, ha, rtol=1e-11, atol=0.0)
 
 
+def test_traced_pair_fields_first_called_inside_torch_func(monkeypatch):
+    """The coupling table that traced_pair_fields builds on its first call is a constant kept for later calls: built
+    inside a torch.func transform it used to belong to that transform's level, and the next call failed with
+    functorch's internal assertion ("escaped?")."""
+    import cartlorem.ewald.direct as direct
+
+    monkeypatch.setattr(direct, "_TABLES", {})  # no table yet: the first call below builds it
+    batch, pos, q, mu, th = _molecules()
+    pairs = direct.molecule_pairs(batch, unordered=True)
+
+    def loss(qq, x):
+        def energy(y):
+            f = direct.traced_pair_fields(y, pairs, qq, mu, th, smearing=1.0)
+            return (qq * f[0]).sum() - (mu * f[1]).sum() - 0.5 * (th * f[2]).sum()
+        return (torch.func.grad(energy)(x) ** 2).sum()
+
+    first = torch.func.grad(loss)(q, pos)
+    second = torch.func.grad(loss)(q, pos)
+    torch.testing.assert_close(second, first, rtol=0.0, atol=0.0)
+
+
 @pytest.mark.parametrize("smearing", [None, 0.8])
 def test_traced_pair_fields_equal_open_molecules_fields_under_torch_func(smearing):
     """traced_pair_fields (the compiled training step's field sum) gives open_molecules_fields' fields, and under

@@ -328,7 +328,10 @@ def _coupling_table(ranks: tuple, source_ranks: tuple, dtype, device, stf: bool 
     key = (ranks, source_ranks, dtype, device, stf)
     table = _TABLES.get(key)
     if table is None:
-        table = _TABLES[key] = _CouplingTable(ranks, source_ranks, dtype, device, stf)
+        # constants, kept across calls: built outside any torch.func transform that may be running (a tensor
+        # made inside one belongs to its level and is invalid once that has ended)
+        with torch._C._DisableFuncTorch():
+            table = _TABLES[key] = _CouplingTable(ranks, source_ranks, dtype, device, stf)
     return table
 
 
