@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -461,9 +462,43 @@ def compiled_step_fn(model, batches, dtype, path=""):
     return step, compile_s, diff
 
 
+#: Kinds of work in a profiled step (:func:`step_breakdown`), in the order reported.
+WORK_KINDS = ("guard checks", "graph wrapper", "fused kernels", "GEMMs", "optimiser and clipping", "other ops")
+
+
+def work_kind(op: str) -> str:
+    """The kind of work (:data:`WORK_KINDS`) of a profiler event: dynamo's guard checks before a compiled call, the
+    Python wrapper of the compiled graph (its self time: launching kernels, allocating buffers; with Inductor's kernel
+    profile off it also holds the fused kernels), the fused C++ kernels Inductor generated (``graph_N_cpp_fused_*``,
+    visible with ``--kernel-profile``), the GEMMs it calls out to (mm, addmm, bmm), the optimiser step and gradient
+    clipping, and every other op."""
+    if op == "TorchDynamo Cache Lookup":
+        return "guard checks"
+    if op.startswith("## Call CompiledFxGraph"):
+        return "graph wrapper"
+    if op.startswith("graph_") and "_cpp_fused_" in op:
+        return "fused kernels"
+    if op in ("aten::mm", "aten::addmm", "aten::bmm"):
+        return "GEMMs"
+    if op.startswith("Optimizer.") or op in ("aten::_fused_adam_", "aten::_foreach_norm", "aten::_foreach_mul_",
+                                             "aten::_foreach_add_"):
+        return "optimiser and clipping"
+    return "other ops"
+
+
+def step_breakdown(events, n_steps: int) -> dict:
+    """{kind of work: self CPU ms per step} over profiler events (objects with ``key`` and ``self_cpu_time_total``
+    in µs), by :func:`work_kind`."""
+    out = dict.fromkeys(WORK_KINDS, 0.0)
+    for e in events:
+        out[work_kind(e.key)] += e.self_cpu_time_total / 1e3 / n_steps
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def profile_step(step, n_steps=4, top=12):
-    """torch.profiler over ``n_steps`` steps: top ops by self CPU time, and the forward time in the
-    long-range field sum (``record_function`` around ``batched_multipole_fields``)."""
+    """torch.profiler over ``n_steps`` steps: top ops by self CPU time, the step by kind of work
+    (:func:`step_breakdown`), and the forward time in the long-range field sum (``record_function`` around
+    ``batched_multipole_fields``, eager steps)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -477,8 +512,54 @@ def profile_step(step, n_steps=4, top=12):
            for e in rows]
     lr = [e for e in events if e.key == "lr_fields_fwd"]
     lr_fwd = lr[0].cpu_time_total / 1e6 / n_steps if lr else 0.0
-    return {"top_ops": ops, "lr_fields_fwd_s": round(lr_fwd, 5),
+    return {"top_ops": ops, "breakdown_ms": step_breakdown(events, n_steps), "lr_fields_fwd_s": round(lr_fwd, 5),
             "profiled_total_s": round(total / 1e6 / n_steps, 5)}
+
+
+def field_sum_times(batch, dtype, channels=4, smearing=1.0, repeats=30, warmup=5, compile=True):
+    """The compiled training step's open-molecule field sum alone (:func:`cartlorem.ewald.direct.traced_pair_fields`,
+    as the ``multipole`` block calls it: C_lr = ``channels`` seeded random q, μ, Θ on the atoms of ``batch``, each
+    intra-structure pair once, the gradient's traceless part) in the shape of a training step: the electrostatic
+    energy, its force (a vjp in the positions), and the gradient in the multipoles of energy + Σ force²
+    (``torch.func.grad`` of that). Medians of process CPU time (ms) eager and, with ``compile``, compiled by
+    Inductor (first call: compile seconds)."""
+    from cartlorem.ewald.direct import molecule_pairs, traced_pair_fields
+    from cartlorem.tensors import stf
+
+    g = torch.Generator().manual_seed(0)
+    pos = batch.positions.to(dtype)
+    n = pos.shape[0]
+    src = (torch.randn(n, channels, generator=g).to(dtype), torch.randn(n, channels, 3, generator=g).to(dtype),
+           stf(torch.randn(n, channels, 3, 3, generator=g).to(dtype)))
+    pairs = molecule_pairs(batch.batch, unordered=True)
+
+    def loss(sources, x):
+        q, mu, th = sources
+
+        def energy(y):
+            f = traced_pair_fields(y, pairs, q, mu, th, smearing=smearing, traceless_gradient=True)
+            return (q * f[0]).sum() - (mu * f[1]).sum() - 0.5 * (th * f[2]).sum()
+
+        force, e = torch.func.grad_and_value(energy)(x)
+        return e + (force ** 2).sum()
+
+    fn = torch.func.grad(loss)
+    out = {"pairs": int(pairs[0].numel()), "atoms": n, "channels": channels}
+    for mode in ("eager", "compiled") if compile else ("eager",):
+        f = fn if mode == "eager" else torch.compile(fn, fullgraph=True, dynamic=False)
+        t0 = time.perf_counter()
+        f(src, pos)
+        if mode == "compiled":
+            out["compile_s"] = round(time.perf_counter() - t0, 1)
+        for _ in range(warmup):
+            f(src, pos)
+        times = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            f(src, pos)
+            times.append(time.process_time() - t0)
+        out[f"{mode}_ms"] = round(statistics.median(times) * 1e3, 3)
+    return out
 
 
 def _label_lr_fields():
@@ -549,6 +630,13 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=12, help="timed steps per model (interleaved)")
     p.add_argument("--profile-steps", type=int, default=4, help="steps under torch.profiler (0: none)")
+    p.add_argument("--kernel-profile", action="store_true",
+                   help="compile with Inductor's kernel profile (torch._inductor.config.cpp.enable_kernel_profile), so "
+                        "that the profile of a compiled step (--profile-steps) shows its fused kernels; the timed "
+                        "steps then run that build too (a record per kernel, checked and skipped when no profiler runs)")
+    p.add_argument("--field-sum", action="store_true",
+                   help="also time the compiled step's open-molecule field sum alone on each set's first batch "
+                        "(field_sum_times: eager and compiled, C_lr = 4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda (timed with synchronisation; the ratios then use the wall-time medians, the "
@@ -578,12 +666,19 @@ def main(argv=None):
     # limit of 8 per function ended a run of two sets x five compiled variants with FailOnRecompileLimitHit
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     _label_lr_fields()
+    if args.kernel_profile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     dtype = getattr(torch, args.dtype)
-    rows = []
+    rows, field_sums = [], []
     t_start = time.perf_counter()
     for name in args.sets:
         batches, species, stats_graphs = make_batches(name, args)
         atoms = round(sum(int(b.positions.shape[0]) for b in batches) / len(batches), 1)
+        if args.field_sum and not bool(batches[0].pbc.any()):
+            field_sums.append({"set": name, **field_sum_times(batches[0], dtype)})
+            print(json.dumps(field_sums[-1]), flush=True)
         for channels in args.channels:
             kinds = [k if k == "none" or not pl else f"{k}[{pl}]" for k in args.kinds for pl in args.placements]
             kinds = list(dict.fromkeys(kinds))
@@ -611,7 +706,7 @@ def main(argv=None):
                     row["cpu_ratio_to_none"] = round(t["cpu_median"] / base["cpu_median"], 3)
                     row["lr_overhead_s"] = round(t["median"] - base["median"], 5)
                 row.update(compile_info.get(kind, {}))
-                if args.profile_steps and (kind in kinds) and args.device == "cpu":
+                if args.profile_steps and (kind in kinds or kind.endswith("+compile")) and args.device == "cpu":
                     row["profile"] = profile_step(steps[kind], args.profile_steps)
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
@@ -637,6 +732,8 @@ def main(argv=None):
     meta.update(command=harness.command_line("train_step.py"),
                 loadavg_end=round(os.getloadavg()[0], 2), wall_s=round(time.perf_counter() - t_start, 1),
                 settings={k: v for k, v in vars(args).items() if k != "mace_child"})
+    if field_sums:
+        meta["field_sum"] = field_sums
     meta["settings"]["data_dir"] = str(meta["settings"]["data_dir"])
     harness.write_results("train_step", rows, meta, markdown=_markdown(rows, meta), out=args.out)
 
@@ -803,9 +900,12 @@ def _markdown(rows, meta):
         nof = by.get((name, c, model + "/zero-fields"))
         det = by.get((name, c, model + "/zero-fields-detached"))
         if nof is not None:
-            line += f"; the field sum {(r['cpu_median_s'] - nof['cpu_median_s']) * 1e3:.1f} ms"
+            # zero fields (charges x 0) leave the block's other operations and their gradients in place, but their
+            # backward passes then carry zeros that the compiled graph still computes: the difference is what the
+            # field sum costs in the step, not the field sum alone (--field-sum times that)
+            line += f"; zero fields in place of the field sum save {(r['cpu_median_s'] - nof['cpu_median_s']) * 1e3:.1f} ms"
             if det is None:
-                line += (f", the rest of the block (multipole maps, products, MLPs) "
+                line += (f", the block with zero fields (multipole maps, products, MLPs) costs "
                          f"{(nof['cpu_median_s'] - base['cpu_median_s']) * 1e3:.1f} ms")
             else:
                 line += (f", the block's gradient into the local features (with placement end: the backward and "
@@ -815,6 +915,33 @@ def _markdown(rows, meta):
         notes.append(line + f"; the local model ({base['model']}) {base['cpu_median_s'] * 1e3:.1f} ms.")
     if notes:
         lines += ["## Where the long-range time goes (process CPU time, medians)", ""] + notes + [""]
+    if meta.get("field_sum"):
+        lines += ["## The compiled step's field sum alone (`field_sum_times`: electrostatic energy, its force, the "
+                  "gradient of energy + Σ force² in the multipoles; first batch of each set, C_lr = 4)", "",
+                  harness.markdown_table(meta["field_sum"], [("set", "set"), ("atoms", "atoms"), ("pairs", "pairs"),
+                                                             ("eager (ms)", "eager_ms"), ("compiled (ms)", "compiled_ms"),
+                                                             ("compile (s)", "compile_s")]), ""]
+    profiled = [r for r in rows if r.get("profile", {}).get("breakdown_ms")]
+    if profiled:
+        table = []
+        for r in profiled:
+            b = r["profile"]["breakdown_ms"]
+            base = by.get((r["set"], r["channels"], "none+compile" if r["model"].endswith("+compile") else "none"))
+            base_b = (base or {}).get("profile", {}).get("breakdown_ms")
+            row = {"set": r["set"], "C": r["channels"], "model": r["model"], **b,
+                   "total": round(sum(b.values()), 3)}
+            if base_b and base is not r:
+                row["over"] = round(sum(b.values()) - sum(base_b.values()), 3)
+            table.append(row)
+        lines += ["## The profiled step by kind of work (self CPU ms per step under torch.profiler, "
+                  f"{meta['settings']['profile_steps']} steps; `benchmarks/train_step.py: work_kind`)", "",
+                  "Profiled times are inflated by the profiler's own cost per op; compare rows, not with the table "
+                  "above." + (" Inductor's kernel profile was on (`--kernel-profile`): the fused kernels are their own "
+                              "column." if meta["settings"].get("kernel_profile") else " Without `--kernel-profile` the "
+                              "fused kernels of a compiled step are inside the graph wrapper's time."), "",
+                  harness.markdown_table(table, [("set", "set"), ("C", "C"), ("model", "model")]
+                                         + [(k, k) for k in WORK_KINDS]
+                                         + [("total", "total"), ("over the local step", "over")]), ""]
     for r in rows:
         if "profile" not in r:
             continue

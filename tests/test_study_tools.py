@@ -97,6 +97,37 @@ def test_train_step_zero_fields_variant_reaches_the_compiled_field_sum():
         assert a.shape == b.shape and not a.any() and a.requires_grad
 
 
+def test_train_step_breakdown_sorts_profiler_events_by_kind_of_work():
+    """The compiled step's profile splits into guard checks, the graph's Python wrapper, Inductor's fused kernels,
+    GEMMs, the optimiser and the rest; every event counts once, per step."""
+    from types import SimpleNamespace
+
+    import train_step
+
+    events = [("TorchDynamo Cache Lookup", 400.0), ("## Call CompiledFxGraph f3st3gise57 ##", 800.0),
+              ("graph_1_cpp_fused_add_mul_sum_57", 300.0), ("graph_0_cpp_fused_silu_4", 100.0),
+              ("aten::mm", 1000.0), ("aten::addmm", 200.0), ("aten::bmm", 100.0),
+              ("Optimizer.step#Adam.step", 150.0), ("aten::_fused_adam_", 50.0), ("aten::_foreach_norm", 40.0),
+              ("aten::copy_", 60.0), ("aten::index_add", 20.0)]
+    out = train_step.step_breakdown([SimpleNamespace(key=k, self_cpu_time_total=t) for k, t in events], n_steps=2)
+    assert list(out) == list(train_step.WORK_KINDS)
+    assert out == {"guard checks": 0.2, "graph wrapper": 0.4, "fused kernels": 0.2, "GEMMs": 0.65,
+                   "optimiser and clipping": 0.12, "other ops": 0.04}
+    assert sum(out.values()) == pytest.approx(sum(t for _, t in events) / 2e3)
+
+
+def test_train_step_field_sum_alone_runs_the_traced_sum():
+    """--field-sum times the compiled step's field sum on a batch's geometry: every intra-structure pair once."""
+    import train_step
+
+    g = torch.Generator().manual_seed(0)
+    batch = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    pos = torch.randn(7, 3, generator=g) * 1.5 + batch[:, None] * 20.0
+    graph = type("Batch", (), {"positions": pos, "batch": batch})()
+    out = train_step.field_sum_times(graph, torch.float32, repeats=2, warmup=0, compile=False)
+    assert out["pairs"] == 3 + 6 and out["atoms"] == 7 and out["eager_ms"] > 0 and "compiled_ms" not in out
+
+
 def test_results_files_carry_a_command_that_a_shell_reruns():
     """Empty arguments (the default placement '' of train_step.py) and ones with spaces or globs are quoted;
     a plain " ".join dropped the '' and the stamped command ran something else."""
