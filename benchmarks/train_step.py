@@ -512,7 +512,7 @@ def profile_step(step, n_steps=4, top=12):
            for e in rows]
     lr = [e for e in events if e.key == "lr_fields_fwd"]
     lr_fwd = lr[0].cpu_time_total / 1e6 / n_steps if lr else 0.0
-    return {"top_ops": ops, "breakdown_ms": step_breakdown(events, n_steps), "lr_fields_fwd_s": round(lr_fwd, 5),
+    return {"top_ops": ops, "breakdown_ms": step_breakdown(events, n_steps), "lr_fields_fwd_s": round(lr_fwd, 5) if lr else None,
             "profiled_total_s": round(total / 1e6 / n_steps, 5)}
 
 
