@@ -14,6 +14,7 @@ is recomputed in the backward pass (activation checkpointing, which supports dou
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -329,8 +330,10 @@ def _coupling_table(ranks: tuple, source_ranks: tuple, dtype, device, stf: bool 
     table = _TABLES.get(key)
     if table is None:
         # constants, kept across calls: built outside any torch.func transform that may be running (a tensor
-        # made inside one belongs to its level and is invalid once that has ended)
-        with torch._C._DisableFuncTorch():
+        # made inside one belongs to its level and is invalid once that has ended); dynamo, which cannot trace
+        # that switch, traces the construction instead (prepare_pair_table spares it that)
+        outside = contextlib.nullcontext() if torch.compiler.is_compiling() else torch._C._DisableFuncTorch()
+        with outside:
             table = _TABLES[key] = _CouplingTable(ranks, source_ranks, dtype, device, stf)
     return table
 
