@@ -195,6 +195,11 @@ _MONOMIAL_POWERS = {_monomial_column(p): p for p in
 STF_BASIS = to_spherical(symmetric_traceless(torch.eye(9, dtype=torch.float64).reshape(9, 3, 3)), 2).T.contiguous()
 
 
+def _rank_set(ranks) -> tuple:
+    """Ranks as the sorted tuple of distinct ints that keys the coupling tables."""
+    return tuple(sorted(set(int(r) for r in ranks)))
+
+
 def _rank_width(rank: int, stf: bool) -> int:
     """Components of a rank in a pair list's rows or columns: 1, 3, and 9 (full) or 5 (``stf``)."""
     return 5 if stf and rank == 2 else 3**rank
@@ -342,8 +347,7 @@ def prepare_pair_table(ranks, source_ranks, dtype, device, traceless_gradient: b
     """Build the table that :func:`pair_list_fields` uses for these field and source ranks, before torch.compile
     traces a call (:meth:`cartlorem.nn.long_range.LongRangeBlock.prepare_compiled`): the trace then only looks
     it up."""
-    _coupling_table(tuple(sorted(set(int(r) for r in ranks))), tuple(sorted(set(int(r) for r in source_ranks))),
-                    dtype, torch.device(device), bool(traceless_gradient))
+    _coupling_table(_rank_set(ranks), _rank_set(source_ranks), dtype, torch.device(device), bool(traceless_gradient))
 
 
 def _field_sum_reference(pos, v, i, j, kernel, t, prefactor, traced: bool = False, unordered: bool = False):
@@ -557,13 +561,13 @@ def pair_list_fields(
     ``unordered``: every pair (i, j) of the list stands for both directions, i <- j and j <- i (a list of
     :func:`molecule_pairs` with ``unordered=True``): each coupling matrix is built once for the two.
     """
-    ranks = tuple(sorted(set(int(r) for r in ranks)))
+    ranks = _rank_set(ranks)
     source_ranks = tuple(sorted(multipoles))
     stf = bool(traceless_gradient)
     t = _coupling_table(ranks, source_ranks, positions.dtype, positions.device, stf)
     ref = multipoles[source_ranks[0]]
     n_atoms, n_ch = positions.shape[0], ref.shape[1]
-    basis = STF_BASIS.to(positions.dtype).to(positions.device) if stf else None  # [5, 9]
+    basis = STF_BASIS.to(device=positions.device, dtype=positions.dtype) if stf else None  # [5, 9]
     # sources [N, Bc, C]: q, mu_x..z, Theta_xx..zz (or its five STF_BASIS components)
     parts = []
     for r in source_ranks:
@@ -629,7 +633,6 @@ def open_molecules_fields(positions, batch, charges=None, dipoles=None, quadrupo
 
     inputs = check_inputs(positions, charges, dipoles, quadrupoles, None, None, smearing, accuracy)
     pos, m = inputs.positions, inputs.multipoles
-    ranks = tuple(sorted(set(int(r) for r in ranks)))
     i, j = molecule_pairs(batch, unordered=True)
     if smearing is None:
         if i.numel():

@@ -313,7 +313,7 @@ class LongRangeBlock(nn.Module):
             sources = [q, mu, theta][: self.lmax + 1]
             if theta is not None:  # Θ by its five symmetric traceless components (STF_BASIS): the potential
                 # of each is that component of Ψ, which is symmetric traceless too (the kernel is linear)
-                basis = STF_BASIS.to(theta.dtype).to(theta.device)  # [5, 9]
+                basis = STF_BASIS.to(device=theta.device, dtype=theta.dtype)  # [5, 9]
                 sources[2] = theta.reshape(n, c, 9) @ basis.T  # [N, C, 5]
             stacked = torch.cat([s.reshape(n, -1) for s in sources], dim=1)  # [N, (1 + 3 + 5) C] up to lmax
             pot = fields_of(stacked, ranks=(0,))[0]
