@@ -407,8 +407,15 @@ def test_traced_pair_fields_first_called_inside_torch_func(monkeypatch):
     first = torch.func.grad(loss)(q, pos)
     second = torch.func.grad(loss)(q, pos)
     torch.testing.assert_close(second, first, rtol=0.0, atol=0.0)
+    # both are the gradient autograd gives through the eager sum (its autograd Functions, checked against the
+    # brute-force pair sum above)
+    qa, xa = q.clone().requires_grad_(True), pos.clone().requires_grad_(True)
+    f = direct.open_molecules_fields(xa, batch, qa, mu, th, smearing=1.0)
+    (gx,) = torch.autograd.grad((qa * f[0]).sum() - (mu * f[1]).sum() - 0.5 * (th * f[2]).sum(), xa, create_graph=True)
+    (g_ref,) = torch.autograd.grad((gx**2).sum(), qa)
+    torch.testing.assert_close(first, g_ref, rtol=1e-10, atol=1e-12)
     # and under torch.compile, which cannot trace the switch out of the transforms, with no table prepared: one graph
-    expected = direct.traced_pair_fields(pos, pairs, q, mu, th, smearing=1.0)
+    expected = direct.open_molecules_fields(pos, batch, q, mu, th, smearing=1.0)
     monkeypatch.setattr(direct, "_TABLES", {})
     compiled = torch.compile(lambda x: direct.traced_pair_fields(x, pairs, q, mu, th, smearing=1.0), fullgraph=True,
                              backend="aot_eager")
