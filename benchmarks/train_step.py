@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -551,14 +550,8 @@ def field_sum_times(batch, dtype, channels=4, smearing=1.0, repeats=30, warmup=5
         f(src, pos)
         if mode == "compiled":
             out["compile_s"] = round(time.perf_counter() - t0, 1)
-        for _ in range(warmup):
-            f(src, pos)
-        times = []
-        for _ in range(repeats):
-            t0 = time.process_time()
-            f(src, pos)
-            times.append(time.process_time() - t0)
-        out[f"{mode}_ms"] = round(statistics.median(times) * 1e3, 3)
+        t = harness.time_fn(lambda: f(src, pos), warmup=warmup, repeats=repeats)
+        out[f"{mode}_ms"] = round(t["cpu_median"] * 1e3, 3)
     return out
 
 
