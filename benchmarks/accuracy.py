@@ -188,6 +188,8 @@ def run_variant(name: str, variant: str, args) -> dict:
             options["placement"] = args.placement
         if getattr(args, "charge_channels", None):
             options["charge_channels"] = None if args.charge_channels == "all" else int(args.charge_channels)
+        if getattr(args, "end_features", None):
+            options["end_features"] = args.end_features
         options = options if lr is not None and options else None
         model = cartlorem.CartLorem(species, cutoff=args.cutoff, long_range=lr, channels=args.channels,
                                     num_layers=2, correlation=args.correlation, lmax=2, num_basis=8,
@@ -233,12 +235,13 @@ def _block_options(model) -> dict:
     block = getattr(model, "long_range_block", None)
     if block is None:
         return {}
-    return {"placement": model.placement, "charge_channels": block.charge_channels, "lr_channels": block.lr_channels}
+    return {"placement": model.placement, "charge_channels": block.charge_channels, "lr_channels": block.lr_channels,
+            "end_features": model.config["long_range_options"].get("end_features", "full")}
 
 
 #: the arguments a study continued with --run-dir must keep (the data, split, model and training rules)
 STUDY_SETTINGS = ("data_dir", "channels", "correlation", "cutoff", "batch_size", "lr", "energy_weight", "dtype",
-                  "seed", "patience", "epochs", "placement", "charge_channels", "test_fraction", "max_frames",
+                  "seed", "patience", "epochs", "placement", "charge_channels", "end_features", "test_fraction", "max_frames",
                   "scheduler_patience", "scheduler_factor")
 
 
@@ -262,8 +265,11 @@ def _load_sessions(folder, args, block_options=None) -> list:
     saved = json.loads(record.read_text())
     before = {k: saved["settings"].get(k, "None") for k in STUDY_SETTINGS}  # a key added later: its default
     changed = {k: (v, before[k]) for k, v in _study_settings(args).items() if before[k] != v}
-    if "long_range_options" in saved and block_options is not None and saved["long_range_options"] != block_options:
-        changed["long_range_options"] = (block_options, saved["long_range_options"])
+    saved_options = dict(saved.get("long_range_options") or {})
+    if saved_options and "end_features" not in saved_options:  # recorded before the option: the full features
+        saved_options["end_features"] = "full"
+    if "long_range_options" in saved and block_options is not None and saved_options != block_options:
+        changed["long_range_options"] = (block_options, saved_options)
     if changed:
         detail = "; ".join(f"{k}: {b} before, {a} now" for k, (a, b) in changed.items())
         raise SystemExit(f"--run-dir: {folder} was trained with other settings ({detail})")
@@ -367,6 +373,7 @@ def to_markdown(all_results, meta) -> str:
              f"{m['energy_weight']:g} / forces 1 / stress 1, EMA 0.99, seed "
              f"{m['seed']}" + (f", long-range block placement {m['placement']}" if m.get("placement") else "")
              + (f", charge channels {m['charge_channels']}" if m.get("charge_channels") else "")
+             + (f", end_features {m['end_features']}" if m.get("end_features") else "")
              + ". Split as long_range.py. Test-set errors: energy meV/atom, forces meV/Å, as MAE / RMSE.", ""]
     for name, r in all_results.items():
         ok = {v: x for v, x in r["variants"].items() if "groups" in x}
@@ -579,6 +586,10 @@ def main(argv=None):
     p.add_argument("--charge-channels", default=None, metavar="K",
                    help="how many of the long-range block's channels carry charges (long_range_options "
                         "charge_channels: an integer, or 'all'; default: the model's default)")
+    p.add_argument("--end-features", choices=["full", "light"], default=None,
+                   help="with the block at the end, how the last layer makes its rank-1/2 features (long_range_options "
+                        "end_features: full, as every layer; light, its message and a skip shared by the species; "
+                        "default: the model's, full)")
     p.add_argument("--compile", action="store_true",
                    help="train the cartlorem models with train(compile=True) (cartlorem train --compile: the same "
                         "numbers to rounding, 2.5-3.3x less CPU per step after minutes of compilation; MACE trains "

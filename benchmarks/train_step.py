@@ -359,12 +359,16 @@ def make_batches(name, args, species_out=None):
 
 def build_model(kind, species, channels, args, stats_graphs):
     """kind: "none", "multipole" or "lorem", optionally with a placement of the long-range block in brackets,
-    e.g. "multipole[end]" (long_range_options placement; none: the model's default)."""
+    e.g. "multipole[end]" (long_range_options placement; none: the model's default), and after a slash the
+    option end_features, e.g. "multipole[end/light]"."""
     from cartlorem import CartLorem
     from cartlorem.training.prepare import fit_statistics
 
     kind, _, placement = kind.partition("[")
-    options = {"placement": placement.rstrip("]")} if placement else None
+    placement, _, end_features = placement.rstrip("]").partition("/")
+    options = {"placement": placement} if placement else None
+    if end_features:
+        options["end_features"] = end_features
     torch.manual_seed(args.seed)
     model = CartLorem(species, cutoff=args.cutoff, long_range=None if kind == "none" else kind,
                       channels=channels, correlation=args.correlation, long_range_options=options)
@@ -607,9 +611,10 @@ def main(argv=None):
     harness.add_data_argument(p)
     p.add_argument("--sets", nargs="+", default=["dimers", "cumulene"])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    p.add_argument("--placements", nargs="+", default=[""], choices=["", "before_last", "end"],
-                   help="placements of the long-range block to time ('' the model's default, end); a "
-                        "placement other than the default is reported as e.g. multipole[end]")
+    p.add_argument("--placements", nargs="+", default=[""], choices=["", "before_last", "end", "end/light"],
+                   help="placements of the long-range block to time ('' the model's default, end; end/light: at "
+                        "the end with long_range_options end_features 'light'); a placement other than the "
+                        "default is reported as e.g. multipole[end]")
     p.add_argument("--channels", nargs="+", type=int, default=[16, 32])
     p.add_argument("--correlation", type=int, default=2)
     p.add_argument("--cutoff", type=float, default=5.0)

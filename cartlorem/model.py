@@ -66,9 +66,14 @@ class CartLorem(nn.Module):
             the layer before the last, its scalar update the last layer's input, so the last layer
             outputs scalars only and a training step is cheaper, but the block then works on features
             with the reach of one layer; on the cumulene set it stayed on the short-range floor, see
-            benchmarks/results/torsion_signal.md and cumulene_defaults.md). The config stores the
-            ``charge_channels`` and ``placement`` in use, so that a saved model reloads with them; files
-            written before an option load with the behaviour of then (all channels charged, "end").
+            benchmarks/results/torsion_signal.md and cumulene_defaults.md), ``end_features`` ("full", the
+            default: with the block at the end, the last layer makes its rank-1/2 features as every layer
+            does; "light": its body-order product makes the scalars only, ranks 1 and 2 being its message
+            weighted per species and channel, and their skip has one weight matrix for all species, which
+            makes a training step cheaper; cartlorem.nn.long_range.END_FEATURES). The config stores the
+            ``charge_channels``, ``placement`` and ``end_features`` in use, so that a saved model reloads
+            with them; files written before an option load with the behaviour of then (all channels
+            charged, "end", "full").
         compile_kernels: run the message kernel through torch.compile when no double backward is
             needed (inference: energy, forces, stress, MD). Training always uses the eager kernel.
             First calls pay a compilation of ~10–60 s; falls back to eager if compilation fails.
@@ -145,6 +150,17 @@ class CartLorem(nn.Module):
         self.placement = placement
         # with the block at the end, the last layer outputs rank 1 and 2 features for it; else scalars only
         keep_all = placement == "end"
+        end_features = None
+        if long_range is not None:
+            from .nn.long_range import check_end_features
+
+            end_features = self.config["long_range_options"].get("end_features") or "full"
+            check_end_features(end_features)
+            if end_features != "full" and placement != "end":
+                raise ValueError(f"long_range_options['end_features'] = {end_features!r} chooses how the last layer "
+                                 f"makes the rank-1/2 features of a block placed at the end; with placement "
+                                 f"{placement!r} the last layer outputs scalars only: leave it 'full'")
+        light = end_features == "light"
         self.layers = nn.ModuleList()
         self.products = nn.ModuleList()
         self.mixers = nn.ModuleList()
@@ -155,10 +171,13 @@ class CartLorem(nn.Module):
             last = t == num_layers - 1
             l_out = ranks if (not last or keep_all) else (0,)
             self.layers.append(Interaction(channels, l_in, ranks, num_basis, radial_hidden, avg_num_neighbors))
-            self.products.append(BodyOrderProduct(channels, S, correlation, ranks, l_out))
+            light_last = last and light  # ranks 1, 2: the message, no products; a skip shared by the species
+            self.products.append(BodyOrderProduct(channels, S, correlation, ranks, l_out,
+                                                  product_ranks=(0,) if light_last else None))
             self.mixers.append(EquivariantLinear(channels, channels, l_out, bias=True))
             skip_ranks = tuple(l for l in l_in if l in l_out)
-            self.skips.append(SpeciesLinear(channels, channels, S, skip_ranks))
+            self.skips.append(SpeciesLinear(channels, channels, S, skip_ranks,
+                                            shared_ranks=tuple(l for l in skip_ranks if l > 0) if light_last else ()))
             if last:
                 self.readouts.append(nn.Sequential(nn.Linear(channels, readout_hidden), nn.SiLU(),
                                                    nn.Linear(readout_hidden, 1)))
@@ -173,10 +192,12 @@ class CartLorem(nn.Module):
             if "lmax" in options:
                 raise ValueError("long_range_options must not set 'lmax': the long-range block uses the model's lmax")
             self.long_range_block = LongRangeBlock(channels, kind=long_range, lmax=lmax,
-                                                   **{k: v for k, v in options.items() if k != "placement"})
+                                                   **{k: v for k, v in options.items()
+                                                      if k not in ("placement", "end_features")})
             # stored resolved: a file without the key was written before the option (see load_model)
             options["charge_channels"] = self.long_range_block.charge_channels
             options["placement"] = placement
+            options["end_features"] = end_features
         # made last, so that the other weights draw the same random numbers with and without it
         self.conditioning = ChargeStateConditioning(channels, S) if charge_state else None
 
@@ -518,7 +539,7 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     if config.get("long_range") is not None:
         # written before an option existed: the behaviour of then (charges in every channel, the block at the end)
         options = config.get("long_range_options") or {}
-        old = {"charge_channels": None, "placement": "end"}
+        old = {"charge_channels": None, "placement": "end", "end_features": "full"}
         config = {**config, "long_range_options": {**{k: v for k, v in old.items() if k not in options}, **options}}
     try:
         model = CartLorem(**config)

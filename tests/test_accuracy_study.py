@@ -208,8 +208,8 @@ def test_convergence_of_an_almost_flat_curve():
 
 
 def test_charge_channels_reach_the_block_and_a_continued_study_keeps_them(tmp_path):
-    """--charge-channels K|all sets long_range_options charge_channels (recorded per model); a --run-dir study
-    written before the option existed (no key: the model's default) continues without it and refuses a change,
+    """--charge-channels K|all and --end-features set long_range_options charge_channels and end_features
+    (recorded per model); a --run-dir study written before the options existed (no key: the model's default) continues without it and refuses a change,
     and a study left to the model's defaults refuses to continue when the defaults resolve otherwise."""
     write_dimers(tmp_path / "dimers.xyz")
     common = ["--data-dir", str(tmp_path), "--sets", "dimers", "--variants", "multipole", "--skip-mace",
@@ -217,19 +217,27 @@ def test_charge_channels_reach_the_block_and_a_continued_study_keeps_them(tmp_pa
     for flag, expected in (("all", 4), ("2", 2)):
         accuracy.main(common + ["--charge-channels", flag, "--placement", "end", "--out", str(tmp_path / flag)])
         r = json.loads((tmp_path / f"{flag}.json").read_text())["results"]["dimers"]["variants"]["multipole"]
-        assert r["long_range_options"] == {"placement": "end", "charge_channels": expected, "lr_channels": 4}
+        assert r["long_range_options"] == {"placement": "end", "charge_channels": expected, "lr_channels": 4,
+                                           "end_features": "full"}
+    accuracy.main(common + ["--end-features", "light", "--out", str(tmp_path / "scalars")])
+    r = json.loads((tmp_path / "scalars.json").read_text())["results"]["dimers"]["variants"]["multipole"]
+    assert r["long_range_options"]["end_features"] == "light"
     runs = common + ["--patience", "50", "--run-dir", str(tmp_path / "runs")]
     accuracy.main(runs + ["--out", str(tmp_path / "first")])
     record = tmp_path / "runs" / "dimers" / "multipole" / "sessions.json"
     saved = json.loads(record.read_text())
     assert saved["long_range_options"]["charge_channels"] == 4  # the default, resolved
     assert saved["settings"].pop("charge_channels") == "None"
+    assert saved["settings"].pop("end_features") == "None"
+    assert saved["long_range_options"].pop("end_features") == "full"
     record.write_text(json.dumps(saved))  # as an older study wrote it
     accuracy.main(runs + ["--out", str(tmp_path / "second")])
     second = json.loads((tmp_path / "second.json").read_text())["results"]["dimers"]["variants"]["multipole"]
     assert len(second["sessions"]) == 2 and second["long_range_options"]["charge_channels"] == 4
     with pytest.raises(SystemExit, match="charge_channels"):
         accuracy.main(runs + ["--charge-channels", "1", "--out", str(tmp_path / "third")])
+    with pytest.raises(SystemExit, match="end_features"):
+        accuracy.main(runs + ["--end-features", "light", "--out", str(tmp_path / "third")])
     saved = json.loads(record.read_text())
     saved["long_range_options"]["placement"] = "before_last"  # the defaults of the session that started it
     record.write_text(json.dumps(saved))

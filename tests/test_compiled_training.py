@@ -192,7 +192,7 @@ def test_failed_compilation_names_the_tested_torch(monkeypatch, caplog):
     assert compiled_mod.version_note("2.9.1").startswith("the compiled step is tested with torch 2.13")
 
 
-@pytest.mark.parametrize("kind", [None, "multipole"])
+@pytest.mark.parametrize("kind", [None, "multipole", "multipole/light"])
 def test_compiled_training_equals_eager(monkeypatch, kind):
     """train(compile=True) gives the eager run's losses and weights to float64 rounding (a local model; a
     long-range one on molecules, its field sum traced over the pairs the step gives it). The step is compiled
@@ -201,8 +201,12 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
     benchmarks/train_step.py --compiled, minutes per compilation). Batch sizes vary (4, 4, 2 structures): one
     compilation serves them all. The field sum's constant tables are built before dynamo traces the step
     (LongRangeBlock.prepare_compiled), once: dynamo ignores an lru_cache and would trace their construction
-    (~30 s of symbolic Python per compilation)."""
+    (~30 s of symbolic Python per compilation). "multipole/light": long_range_options end_features "light" (its
+    skip shared by the species on ranks 1, 2 traced too)."""
     from cartlorem.ewald import direct
+
+    kind, _, end_features = (kind or "").partition("/")
+    kind, options = kind or None, ({"end_features": end_features} if end_features else None)
 
     monkeypatch.setattr(compiled_mod, "BACKEND", "aot_eager")
     structures = [a for a in _structures(2) if kind is None or not a.pbc.any()] * 2
@@ -223,7 +227,7 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
         if flag:  # the compiled run builds its own tables
             direct._TABLES.clear()
             built.clear()
-        model = _model(structures, long_range=kind)
+        model = _model(structures, long_range=kind, long_range_options=options)
         result = train(model, graphs, epochs=2, batch_size=4, progress=False, compile=flag, ema_decay=None,
                        weights={"stress": 0.0})
         runs.append(([row["train_loss"] for row in result.history], model.state_dict()))

@@ -213,11 +213,17 @@ class BodyOrderProduct(nn.Module):
     from the Cartesian products (no CG tables). Weights depend on the species and the channel.
     """
 
-    def __init__(self, channels: int, num_species: int, correlation: int, l_in: Sequence[int], l_out: Sequence[int]):
+    def __init__(self, channels: int, num_species: int, correlation: int, l_in: Sequence[int], l_out: Sequence[int],
+                 product_ranks: Optional[Sequence[int]] = None):
+        """``product_ranks``: the ranks of ``l_out`` that the last stage's products reach (None: all); the
+        others are the linear term of that stage only, v[Z] A_l, so that the block outputs them at the body
+        order of the message, without the products' cost (their paths, backward and double backward)."""
         super().__init__()
         if correlation < 1:
             raise ValueError(f"correlation must be >= 1, got {correlation}")
         self.l_in, self.l_out, self.correlation = list(l_in), list(l_out), int(correlation)
+        product_ranks = self.l_out if product_ranks is None else [l for l in self.l_out if l in product_ranks]
+        self.product_ranks = list(product_ranks)
         lmid = self.l_in  # intermediate Y keeps the ranks of A
         self.stage_paths = []
         self.path_weights = nn.ParameterList()
@@ -229,7 +235,7 @@ class BodyOrderProduct(nn.Module):
         for stage in range(correlation - 1):
             last = stage == correlation - 2
             targets = self.l_out if last else lmid
-            paths = paths_to(lmid, self.l_in, targets, parity="even")
+            paths = paths_to(lmid, self.l_in, self.product_ranks if last else targets, parity="even")
             self.stage_paths.append(list(paths))
             fan = {l3: sum(1 for p in paths if p[2] == l3) for l3 in targets}
             init = torch.randn(num_species, len(paths), channels)
@@ -337,15 +343,20 @@ def _grouped_stage(Y: Features, A: Features, w: dict, v: dict, targets) -> Featu
 
 
 class SpeciesLinear(nn.Module):
-    """Channel mixing with a separate weight matrix for each species (the residual skip)."""
+    """Channel mixing with a separate weight matrix for each species (the residual skip); the ranks in
+    ``shared_ranks`` have one matrix for all species (weight [1, C_in, C_out]: a plain GEMM, not one per species)."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_species: int, ranks: Sequence[int]):
+    def __init__(self, in_channels: int, out_channels: int, num_species: int, ranks: Sequence[int],
+                 shared_ranks: Sequence[int] = ()):
         super().__init__()
         self.ranks = list(ranks)
+        self.shared_ranks = [l for l in self.ranks if l in shared_ranks]
         self.weights = nn.ParameterList(
-            [nn.Parameter(torch.randn(num_species, in_channels, out_channels) / math.sqrt(in_channels)) for _ in self.ranks]
+            [nn.Parameter(torch.randn(1 if l in self.shared_ranks else num_species, in_channels, out_channels)
+                          / math.sqrt(in_channels)) for l in self.ranks]
         )
         self.out_channels = out_channels
+        self.num_species = int(num_species)
 
     def forward(self, h: Features, species: torch.Tensor) -> Features:
         if not torch.jit.is_scripting():
@@ -356,11 +367,14 @@ class SpeciesLinear(nn.Module):
             l = self.ranks[k]
             x = h[l]
             if x is not None:
-                y = x.new_zeros([x.shape[0], self.out_channels] + list(x.shape[2:]))
-                for s in present:
-                    mask = species == s
-                    y[mask] = mix_channels(x[mask], weight[s], l)
-                out[l] = y
+                if weight.shape[0] == 1:  # shared by the species
+                    out[l] = mix_channels(x, weight[0], l)
+                else:
+                    y = x.new_zeros([x.shape[0], self.out_channels] + list(x.shape[2:]))
+                    for s in present:
+                        mask = species == s
+                        y[mask] = mix_channels(x[mask], weight[s], l)
+                    out[l] = y
         return out
 
     @torch.jit.unused
@@ -369,13 +383,16 @@ class SpeciesLinear(nn.Module):
         batched GEMM [S, N·3^l, C_in] @ [S, C_in, C_out] per rank), then each node's own species picked by
         a one-hot sum — no masks, no data-dependent shapes, three operations per rank instead of five per
         species present. S× the multiply-adds of the masked form; S is the number of species (a few)."""
-        S = self.weights[0].shape[0] if len(self.weights) else 0
+        S = self.num_species
         onehot = (species[None, :] == torch.arange(S, device=species.device)[:, None])  # [S, N]
         out: Features = [None, None, None]
         for k, weight in enumerate(self.weights):
             l = self.ranks[k]
             x = h[l]
             if x is None:
+                continue
+            if weight.shape[0] == 1 and l in self.shared_ranks:
+                out[l] = mix_channels(x, weight[0], l)
                 continue
             N, C = x.shape[0], x.shape[1]
             xm = x.reshape(N, C, -1).transpose(1, 2).reshape(1, -1, C)  # [1, N·3^l, C_in], components before channels

@@ -55,7 +55,8 @@ from ..ewald import batched_multipole_fields
 from ..ewald.direct import STF_BASIS, pair_list_fits, prepare_pair_table, traced_pair_fields
 from ..tensors import EquivariantLinear, product, stf
 
-__all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries", "PLACEMENTS", "check_placement"]
+__all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries", "PLACEMENTS", "check_placement",
+           "END_FEATURES", "check_end_features"]
 
 #: Where a model runs its long-range block (``long_range_options["placement"]``, an option of the model, not of
 #: the block): "before_last", between the last two interaction layers, on the features of the layer before the
@@ -73,6 +74,25 @@ def check_placement(placement) -> None:
         raise ValueError(f"long_range_options['placement'] must be one of {', '.join(map(repr, PLACEMENTS))} (where the "
                          f"long-range block runs: between the last two interaction layers, or after the last), "
                          f"got {placement!r}")
+
+
+#: How the last layer makes the rank-1 and rank-2 features that a block placed at the end reads
+#: (``long_range_options["end_features"]``, an option of the model): "full", as every other layer (its body-order
+#: product into every rank, a skip with a weight matrix per species); "light", its product into the scalars only,
+#: ranks 1 and 2 being the layer's message A_l times a learned weight per species and channel (body order of the
+#: message; the block's sources keep the last layer's reach), mixed, plus a skip of the previous layer's ranks 1
+#: and 2 with one weight matrix for all species. "light" saves the rank-1/2 product paths and the per-species
+#: rank-1/2 skip (S× the multiply-adds of one GEMM: SpeciesLinear), with their backward and double backward in training
+#: (benchmarks/train_step.py); the rank-0 path is the same in both.
+END_FEATURES = ("full", "light")
+
+
+def check_end_features(end_features) -> None:
+    """ValueError unless ``end_features`` is one of :data:`END_FEATURES`."""
+    if end_features not in END_FEATURES:
+        raise ValueError(f"long_range_options['end_features'] must be one of "
+                         f"{', '.join(map(repr, END_FEATURES))} (how the last layer makes the rank-1/2 features of "
+                         f"a block at the end), got {end_features!r}")
 
 
 def check_boundaries(pbc: torch.Tensor) -> None:
