@@ -68,12 +68,17 @@ __all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries", "
 PLACEMENTS = ("before_last", "end")
 
 
+def _check_choice(key: str, value, choices, meaning: str) -> None:
+    """ValueError unless ``value`` of long_range_options[``key``] is one of ``choices`` (``meaning``: what it sets)."""
+    if value not in choices:
+        raise ValueError(f"long_range_options[{key!r}] must be one of {', '.join(map(repr, choices))} ({meaning}), "
+                         f"got {value!r}")
+
+
 def check_placement(placement) -> None:
     """ValueError unless ``placement`` is one of :data:`PLACEMENTS`."""
-    if placement not in PLACEMENTS:
-        raise ValueError(f"long_range_options['placement'] must be one of {', '.join(map(repr, PLACEMENTS))} (where the "
-                         f"long-range block runs: between the last two interaction layers, or after the last), "
-                         f"got {placement!r}")
+    _check_choice("placement", placement, PLACEMENTS,
+                  "where the long-range block runs: between the last two interaction layers, or after the last")
 
 
 #: How the last layer makes the rank-1 and rank-2 features that a block placed at the end reads
@@ -89,10 +94,8 @@ END_FEATURES = ("full", "light")
 
 def check_end_features(end_features) -> None:
     """ValueError unless ``end_features`` is one of :data:`END_FEATURES`."""
-    if end_features not in END_FEATURES:
-        raise ValueError(f"long_range_options['end_features'] must be one of "
-                         f"{', '.join(map(repr, END_FEATURES))} (how the last layer makes the rank-1/2 features of "
-                         f"a block at the end), got {end_features!r}")
+    _check_choice("end_features", end_features, END_FEATURES,
+                  "how the last layer makes the rank-1/2 features of a block at the end")
 
 
 def check_boundaries(pbc: torch.Tensor) -> None:
