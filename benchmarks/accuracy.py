@@ -241,8 +241,8 @@ def _block_options(model) -> dict:
 
 #: the arguments a study continued with --run-dir must keep (the data, split, model and training rules)
 STUDY_SETTINGS = ("data_dir", "channels", "correlation", "cutoff", "batch_size", "lr", "energy_weight", "dtype",
-                  "seed", "patience", "epochs", "placement", "charge_channels", "end_features", "test_fraction", "max_frames",
-                  "scheduler_patience", "scheduler_factor")
+                  "seed", "patience", "epochs", "placement", "charge_channels", "end_features", "test_fraction",
+                  "max_frames", "scheduler_patience", "scheduler_factor")
 
 
 def _study_settings(args) -> dict:
