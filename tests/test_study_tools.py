@@ -57,6 +57,38 @@ def test_compare_runs_pairs_seeds_and_summarises(tmp_path):
         Path(str(out) + ".md").read_text()
 
 
+def test_compare_runs_at_equal_epochs_and_first_epoch_below(tmp_path):
+    """Learning curves compared at equal epochs (a run that stopped earlier has none past its end) and the first
+    epoch below an energy threshold; ratios are geometric means over the seeds that reached the epoch."""
+    curves = {("a", 0): [(1, 20.0, 100.0), (2, 8.0, 40.0), (3, 1.0, 10.0)],
+              ("b", 0): [(1, 20.0, 100.0), (2, 16.0, 20.0), (3, 4.0, 40.0), (4, 1.5, 9.0)],
+              ("a", 1): [(1, 30.0, 90.0), (2, 10.0, 30.0), (3, 5.0, 20.0)],
+              ("b", 1): [(1, 30.0, 90.0), (2, 5.0, 60.0)]}
+    for (label, seed), rows in curves.items():
+        path = tmp_path / f"{label}_s{seed}.json"
+        _accuracy_json(path, seed, 1.0, 1.0, 1.0, 1.0)
+        d = json.loads(path.read_text())
+        d["results"]["dimers"]["variants"]["multipole"]["history"] = [
+            {"epoch": e, "valid_energy_mae_mev_per_atom": en, "valid_forces_mae_mev_per_a": f} for e, en, f in rows]
+        if seed == 1:
+            d["meta"].update(git_commit="def", git_dirty=True)
+        path.write_text(json.dumps(d))
+    out = tmp_path / "cmp"
+    compare_runs.main(["--runs", f"a={tmp_path}/a_s*.json", f"b={tmp_path}/b_s*.json", "--epochs", "2", "3", "9",
+                       "--below", "9", "0.5", "--out", str(out)])
+    summary = json.loads(Path(str(out) + ".json").read_text())["summary"]
+    assert summary["a"]["first epoch below 9"] == [2, 3] and summary["b"]["first epoch below 9"] == [3, 2]
+    assert summary["b"]["first epoch below 0.5"] == [None, None]
+    assert summary["b"]["valid at epoch"]["3"] == [[4.0, 40.0], None]
+    md = Path(str(out) + ".md").read_text()
+    # epoch 2: energy ratios 16/8 and 5/10, geometric mean 1; forces 20/40 and 60/30, also 1
+    assert "| 2 | 8.00 / 40.0 | 10.00 / 30.0 | 16.00 / 20.0 | 5.00 / 60.0 | 1.00 / 1.00 (2) |" in md
+    assert "| 3 | 1.00 / 10.0 | 5.00 / 20.0 | 4.00 / 40.0 | — | 4.00 / 4.00 (1) |" in md
+    assert "| 9 | — | — | — | — | — |" in md
+    assert "runs on commits abc (seeds 0), def, dirty tree (seeds 1)" in md
+    assert "| first epoch with validation energy below 0.5 meV/atom (per seed) | never, never | never, never |" in md
+
+
 def test_train_step_model_names_carry_the_placement():
     import argparse
 
