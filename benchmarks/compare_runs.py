@@ -162,7 +162,8 @@ def main(argv=None):
     if args.epochs:
         lines += equal_epoch_lines(runs, seeds, args.epochs, summary)
     Path(args.out + ".json").write_text(json.dumps({"seeds": seeds, "runs": list(runs), "summary": summary,
-                                                    "commit": first.get("git_commit")}, indent=1))
+                                                    "commit": first.get("git_commit"), "commits": commits(runs, seeds)},
+                                                   indent=1))
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -86,6 +86,7 @@ def test_compare_runs_at_equal_epochs_and_first_epoch_below(tmp_path):
     assert "| 3 | 1.00 / 10.0 | 5.00 / 20.0 | 4.00 / 40.0 | — | 4.00 / 4.00 (1) |" in md
     assert "| 9 | — | — | — | — | — |" in md
     assert "runs on commits abc (seeds 0), def, dirty tree (seeds 1)" in md
+    assert json.loads(Path(str(out) + ".json").read_text())["commits"] == "commits abc (seeds 0), def, dirty tree (seeds 1)"
     assert "| first epoch with validation energy below 0.5 meV/atom (per seed) | never, never | never, never |" in md
 
 
