@@ -131,9 +131,10 @@ def main(argv=None):
     seeds = sorted(set.intersection(*(set(r) for r in runs.values())))
     summary, lines = {}, []
     first = next(iter(runs.values()))[seeds[0]][1]
+    made_on = commits(runs, seeds)
     lines += [f"# {args.set}, `{args.variant}`: " + " vs ".join(runs), "",
               f"Command: `{harness.command_line('compare_runs.py', argv, prefix='python')}`", "",
-              f"accuracy.py runs on {commits(runs, seeds)} ({first.get('cpu_model')}), "
+              f"accuracy.py runs on {made_on} ({first.get('cpu_model')}), "
               + (f"{first.get('epochs')} epochs" if first.get("epochs") else f"{first.get('budget'):g} s of training "
                  "wall clock each") + f", C = {first.get('channels')}, {first.get('dtype')}, seeds "
               f"{', '.join(map(str, seeds))}; each seed has its own split and initial weights, paired across settings. "
@@ -162,8 +163,7 @@ def main(argv=None):
     if args.epochs:
         lines += equal_epoch_lines(runs, seeds, args.epochs, summary)
     Path(args.out + ".json").write_text(json.dumps({"seeds": seeds, "runs": list(runs), "summary": summary,
-                                                    "commit": first.get("git_commit"), "commits": commits(runs, seeds)},
-                                                   indent=1))
+                                                    "commit": first.get("git_commit"), "commits": made_on}, indent=1))
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -210,7 +210,8 @@ def test_convergence_of_an_almost_flat_curve():
 def test_charge_channels_reach_the_block_and_a_continued_study_keeps_them(tmp_path):
     """--charge-channels K|all and --end-features set long_range_options charge_channels and end_features
     (recorded per model); a --run-dir study written before the options existed (no key: the model's default)
-    continues without them and refuses a change, and a study left to the model's defaults refuses to continue when the defaults resolve otherwise."""
+    continues without them and refuses a change, and a study left to the model's defaults refuses to continue when
+    the defaults resolve otherwise."""
     write_dimers(tmp_path / "dimers.xyz")
     common = ["--data-dir", str(tmp_path), "--sets", "dimers", "--variants", "multipole", "--skip-mace",
               "--channels", "4", "--batch-size", "4", "--budget", "1", "--threads", "1"]

@@ -76,7 +76,8 @@ def test_compare_runs_at_equal_epochs_and_first_epoch_below(tmp_path):
     out = tmp_path / "cmp"
     compare_runs.main(["--runs", f"a={tmp_path}/a_s*.json", f"b={tmp_path}/b_s*.json", "--epochs", "2", "3", "9",
                        "--below", "9", "0.5", "--out", str(out)])
-    summary = json.loads(Path(str(out) + ".json").read_text())["summary"]
+    saved = json.loads(Path(str(out) + ".json").read_text())
+    summary = saved["summary"]
     assert summary["a"]["first epoch below 9"] == [2, 3] and summary["b"]["first epoch below 9"] == [3, 2]
     assert summary["b"]["first epoch below 0.5"] == [None, None]
     assert summary["b"]["valid at epoch"]["3"] == [[4.0, 40.0], None]
@@ -86,7 +87,7 @@ def test_compare_runs_at_equal_epochs_and_first_epoch_below(tmp_path):
     assert "| 3 | 1.00 / 10.0 | 5.00 / 20.0 | 4.00 / 40.0 | — | 4.00 / 4.00 (1) |" in md
     assert "| 9 | — | — | — | — | — |" in md
     assert "runs on commits abc (seeds 0), def, dirty tree (seeds 1)" in md
-    assert json.loads(Path(str(out) + ".json").read_text())["commits"] == "commits abc (seeds 0), def, dirty tree (seeds 1)"
+    assert saved["commits"] == "commits abc (seeds 0), def, dirty tree (seeds 1)"
     assert "| first epoch with validation energy below 0.5 meV/atom (per seed) | never, never | never, never |" in md
 
 
