@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .ewald.fields import intra_pairs, pair_fields
+from .ewald.kernels import erf_series_downward
 from .tensors import stf
 from .tensors.products import product
 from .units import COULOMB
@@ -67,7 +68,8 @@ class _ExportedLongRange(nn.Module):
     def __init__(self, block):
         super().__init__()
         from .ewald.ewald import tail_parameter
-        from .ewald.kernels import _SERIES_TERMS, _SERIES_X, InteractionTensors, Layout, smearing_beta
+        from .ewald.kernels import (_SERIES_TERMS, _SERIES_TERMS_FLOAT32, _SERIES_X, InteractionTensors, Layout,
+                                    smearing_beta)
 
         self.kind: str = block.kind
         self.lmax: int = block.lmax
@@ -89,13 +91,15 @@ class _ExportedLongRange(nn.Module):
         order = InteractionTensors(Layout(field_ranks), Layout(source_ranks)).max_order
         self.k_cutoff: float = 2.0 * tail_parameter(float(block.accuracy), order) * self.beta
         self.series_x: float = float(_SERIES_X)
-        self.series_terms: int = int(_SERIES_TERMS)
+        self.series_terms: int = int(_SERIES_TERMS)  # float64; float32 (and lower) sum fewer terms
+        self.series_terms_float32: int = int(_SERIES_TERMS_FLOAT32)
         self.coulomb: float = COULOMB  # eV Å / e² (TorchScript reads no global floats)
 
     # --- radial kernel of Gaussian sources: B_n of erf(βR)/R (as cartlorem.ewald.kernels) ------------
     def _kernel(self, r2: torch.Tensor, max_order: int) -> List[torch.Tensor]:
         """``B_0 .. B_max_order`` [P] of ``erf(βR)/R`` at r2 [P] (Å²): 1/R − erfc(βR)/R by Smith's
-        recursion, and its Taylor series where β²R² < 2 (as ``RadialKernel.smeared(σ).derivatives``)."""
+        recursion, and where β²R² < 2 its Taylor series (:func:`~cartlorem.ewald.kernels.erf_series_downward`, as
+        ``RadialKernel.smeared(σ).derivatives``)."""
         beta = self.beta
         near = beta * beta * r2 < self.series_x
         far_r2 = torch.where(near, torch.ones_like(r2), r2)
@@ -107,16 +111,11 @@ class _ExportedLongRange(nn.Module):
         for n in range(1, max_order + 1):
             coulomb.append((2 * n - 1) * coulomb[-1] * inv_r2)
             screened.append(((2 * n - 1) * screened[-1] + (2.0 * beta * beta) ** n * gauss) * inv_r2)
-        x = beta * beta * torch.where(near, r2, torch.zeros_like(r2))
+        terms = self.series_terms if r2.dtype == torch.float64 else self.series_terms_float32
+        series = erf_series_downward(beta, torch.where(near, r2, torch.zeros_like(r2)), max_order, terms)
         out: List[torch.Tensor] = []
         for n in range(max_order + 1):
-            scale = 2.0 * beta / math.sqrt(math.pi) * (2.0 * beta * beta) ** n
-            term = torch.ones_like(x)  # (-x)^j / j!
-            total = term / (2 * n + 1)
-            for j in range(1, self.series_terms):
-                term = term * (-x / j)
-                total = total + term / (2 * n + 2 * j + 1)
-            out.append(torch.where(near, scale * total, torch.add(coulomb[n], screened[n], alpha=-1.0)))
+            out.append(torch.where(near, series[n], torch.add(coulomb[n], screened[n], alpha=-1.0)))
         return out
 
     # --- fields ---------------------------------------------------------------------------------

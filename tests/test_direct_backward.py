@@ -72,13 +72,39 @@ def test_kernel_derivatives_second_order_equal_autograd(name):
 
 
 def test_erf_series_table_matches_loop():
-    """The matmul form of the erf series (no-grad path) equals the term-by-term series."""
+    """The matmul form of the erf series (no-grad path: every order's series) equals the form autograd records (the
+    top order's series, then the downward recursion)."""
     from cartlorem.ewald.kernels import _erf_series_no_grad
 
     beta = 1.0 / (math.sqrt(2.0) * 0.7)
     r2 = torch.linspace(0.0, 2.0 / beta**2, 50, dtype=torch.float64)
     for a, b in zip(erf_kernel_derivatives(beta, r2, 4), _erf_series_no_grad(beta, r2, 4)):
         torch.testing.assert_close(b, a, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 2e-15), (torch.float32, 1e-6)])
+def test_erf_kernel_derivatives_equal_the_closed_form_in_high_precision(dtype, rtol):
+    """The short-range form of B_n of erf(beta R)/R (the top order's series, then the downward recursion) against
+    B_0 = erf(beta R)/R and Smith's upward recursion evaluated with 50 digits (no series: an independent form),
+    and B_n(0) = 2^(n+1) beta^(2n+1) / ((2n+1) sqrt(pi)), over the whole range where it is used (beta^2 R^2 < 2)."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    for sigma in (0.4, 1.0, 2.5):
+        beta = 1.0 / (math.sqrt(2.0) * sigma)
+        r2 = torch.linspace(0.0, 2.0 / beta**2, 61, dtype=torch.float64).to(dtype)
+        got = erf_kernel_derivatives(beta, r2, 5)
+        b = mpmath.mpf(beta)
+        for k, x in enumerate(r2.tolist()):  # the reference at the very inputs (float32 rounded)
+            if x == 0.0:
+                ref = [2 ** (n + 1) * b ** (2 * n + 1) / ((2 * n + 1) * mpmath.sqrt(mpmath.pi)) for n in range(6)]
+            else:
+                r = mpmath.sqrt(mpmath.mpf(x))
+                gauss = mpmath.exp(-b * b * r * r) / (b * mpmath.sqrt(mpmath.pi))
+                ref = [mpmath.erf(b * r) / r]
+                for n in range(1, 6):
+                    ref.append(((2 * n - 1) * ref[-1] - (2 * b * b) ** n * gauss) / (r * r))
+            for n in range(6):
+                assert abs(float(got[n][k]) - float(ref[n])) <= rtol * abs(float(ref[n])), (sigma, x, n)
 
 
 def test_derivative_is_minus_half_next_order():

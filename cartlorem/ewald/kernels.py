@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import List
 
 import torch
 
@@ -234,24 +235,42 @@ class InteractionTensors:
 
 _SERIES_X = 2.0  # below beta^2 R^2 < 2 a smooth kernel is evaluated by its Taylor series
 _SERIES_TERMS = 28  # 2^27 / 27! < 1e-19
+_SERIES_TERMS_FLOAT32 = 16  # 2^15 / (15! 31) < 1e-9: the top order's series to float32 rounding
 
 
 def erf_kernel_derivatives(beta: float, r2: torch.Tensor, max_order: int) -> list:
     """``B_n`` of ``erf(beta R)/R`` from its Taylor series (accurate for ``beta^2 R^2 < 2``).
 
     ``B_n = 2 beta / sqrt(pi) (2 beta^2)^n sum_j (-beta^2 R^2)^j / (j! (2n + 2j + 1))``; finite at R = 0.
-    r2 [...] (Å²) -> list of ``max_order + 1`` tensors [...].
+    The series is summed for the highest order only (:func:`erf_series_downward`: :data:`_SERIES_TERMS` terms,
+    fewer in float32) and the lower orders follow from a recursion. r2 [...] (Å²) -> list of ``max_order + 1``
+    tensors [...].
     """
+    low = r2.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return erf_series_downward(beta, r2, int(max_order), _SERIES_TERMS_FLOAT32 if low else _SERIES_TERMS)
+
+
+def erf_series_downward(beta: float, r2: torch.Tensor, max_order: int, terms: int) -> List[torch.Tensor]:
+    """``B_0 .. B_max_order`` of ``erf(beta R)/R`` for ``beta^2 R^2 < 2``: the top order's Taylor series, ``terms``
+    terms by Horner's scheme, then the downward recursion ``B_(n-1) = (R^2 B_n + (2 beta^2)^n exp(-beta^2 R^2) /
+    (beta sqrt(pi))) / (2n - 1)`` (that of :func:`_erfc_derivatives` read backwards, for 1/R - erfc), whose two terms
+    are positive, so no digits cancel. A few dozen ops instead of ``terms`` x 4 per order: autograd records them
+    (the compiled training step evaluates them at every pair and differentiates them twice; the TorchScript
+    export, :mod:`cartlorem.export`, once for the forces). TorchScript-compatible."""
+    sqrt_pi = math.sqrt(math.pi)
     x = beta * beta * r2
-    out = []
-    for n in range(max_order + 1):
-        scale = 2.0 * beta / _SQRT_PI * (2.0 * beta * beta) ** n
-        term = torch.ones_like(x)  # (-x)^j / j!
-        total = term / (2 * n + 1)
-        for j in range(1, _SERIES_TERMS):
-            term = term * (-x / j)
-            total = total + term / (2 * n + 2 * j + 1)
-        out.append(scale * total)
+    minus_x = -x
+    coef: List[float] = []
+    for j in range(terms):
+        coef.append(1.0 / (math.factorial(j) * (2 * max_order + 2 * j + 1)))
+    total = torch.full_like(x, coef[terms - 1])
+    for j in range(terms - 2, -1, -1):
+        total = total * minus_x + coef[j]
+    out: List[torch.Tensor] = [total * (2.0 * beta / sqrt_pi * (2.0 * beta * beta) ** max_order)]
+    if max_order > 0:
+        gauss = torch.exp(minus_x) * (1.0 / (beta * sqrt_pi))
+        for n in range(max_order, 0, -1):
+            out.insert(0, (r2 * out[0] + (2.0 * beta * beta) ** n * gauss) * (1.0 / (2 * n - 1)))
     return out
 
 
@@ -374,11 +393,12 @@ class RadialKernel:
 
 
 def _erf_series_no_grad(beta: float, r2: torch.Tensor, max_order: int) -> list:
-    """:func:`erf_kernel_derivatives` as one product table and one matmul (same series, same terms).
+    """The ``B_n`` of :func:`erf_kernel_derivatives`, every order from its own series (:data:`_SERIES_TERMS`
+    terms), as one product table and one matmul.
 
     The terms ``(-x)^j / j!`` are a cumulative product; the sums over j for every order are a matmul with
-    the table ``1 / (2n + 2j + 1)``. A few ops instead of ``4 x 28`` per order: the form used when no
-    autograd graph is recorded (inside :class:`KernelDerivatives`).
+    the table ``1 / (2n + 2j + 1)``: a few large ops, the form used when no autograd graph is recorded
+    (inside :class:`KernelDerivatives`).
     """
     x = (beta * beta) * r2.reshape(-1, 1)  # [M, 1]
     steps = torch.arange(1, _SERIES_TERMS, dtype=r2.dtype, device=r2.device)  # j = 1 .. J-1
