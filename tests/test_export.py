@@ -108,6 +108,22 @@ def test_long_range_model_on_molecules(loaded, kind, placement):
     assert abs(float(out["charges"][: len(ethanol)].sum()) - 1.0) < 1e-10  # the total charge is kept
 
 
+@pytest.mark.parametrize("kind", ["multipole", "lorem"])
+def test_exported_open_field_sum_in_chunks_equals_the_model(kind):
+    """The exported open-structure sum over its pairs in chunks (PAIR_CHUNK; here 5 pairs per chunk, so that a
+    chunk ends inside a molecule and a batch spans many) gives the model's numbers; so do lone atoms (no pairs)."""
+    model = _model(kind)
+    ethanol, _, water = _structures()
+    ion = Atoms("Na", positions=[[0.0, 0.0, 0.0]])
+    ion.info["total_charge"] = 1.0
+    scripted = export_model(model)
+    scripted.long_range_block.pair_chunk = 5
+    assert scripted.long_range_block.pair_chunk == 5
+    keys = ["energy", "node_energy", "energy_lr", "forces", "charges"]
+    for graph in (_graph(ethanol, ion, water), _graph(ion), _graph(ion, ion.copy())):
+        _compare(model(graph), scripted(*_inputs(graph)), keys)
+
+
 @pytest.mark.parametrize("kind", [None, "multipole"])
 def test_charge_state_conditioned_model_exports(loaded, kind):
     """A model with charge_state=True: the export applies the same FiLM conditioning after the embedding
