@@ -22,7 +22,7 @@ PME) and the dipole / Born-charge loss terms are not covered: :meth:`CompiledLos
 says so and the trainer runs those batches eagerly. With several processes (torchrun) each compiles its own
 step and computes its share of the global batch's loss (``scales``); the trainer sums the gradients.
 
-The first call compiles (1.5-4 minutes for C = 16 on a 2-core CPU; torch caches the result on disk, so a
+The first call compiles (1.5-3 minutes for C = 16 on a 2-core CPU; torch caches the result on disk, so a
 later run of the same model compiles in seconds).
 """
 
