@@ -129,8 +129,8 @@ class _ExportedLongRange(nn.Module):
     def _open_fields(self, positions: torch.Tensor, batch: torch.Tensor, q: torch.Tensor, mu: Optional[torch.Tensor],
                      th: Optional[torch.Tensor], want_E: bool, want_G: bool
                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Direct sum over all pairs within each structure (open boundaries), :attr:`PAIR_CHUNK` pairs at a time:
-        the per-pair [P, C, 3, 3] terms of a large cluster then stay in cache (benchmarks/export_cluster.py)."""
+        """Direct sum over all pairs within each structure (open boundaries), :data:`PAIR_CHUNK` pairs at a time, so
+        that the per-pair [P, C, 3, 3] terms of a large cluster do not grow with N² (benchmarks/export_cluster.py)."""
         i_all, j_all = intra_pairs(batch)
         order = (2 if want_G else (1 if want_E else 0)) + (2 if th is not None else (1 if mu is not None else 0))
         n = positions.shape[0]
