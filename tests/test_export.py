@@ -186,7 +186,9 @@ def test_smeared_kernel_matches_the_ewald_module():
 
     block = torch.jit.script(ExportedCartLorem(_model("multipole"))).long_range_block
     beta = block.beta
-    r = torch.tensor([0.0, 1e-6, 0.3, 1.9 / beta, 2.1 / beta, 3.0, 7.5, 20.0], dtype=torch.float64)
+    # β²R² of 1, 1.5 and 1.99: the series' last terms matter there (its coefficients 1/j! up to j = 27)
+    r = torch.tensor([0.0, 1e-6, 0.3, 1.0 / beta, 1.5**0.5 / beta, 1.99**0.5 / beta, 1.9 / beta, 2.1 / beta, 3.0, 7.5,
+                      20.0], dtype=torch.float64)
     r2 = r * r
     ours = block._kernel(r2, 4)
     ref = RadialKernel.smeared(1.0 / (math.sqrt(2.0) * beta)).derivatives(r2, torch.ones_like(r2, dtype=torch.bool), 4)

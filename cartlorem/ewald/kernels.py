@@ -261,8 +261,11 @@ def erf_series_downward(beta: float, r2: torch.Tensor, max_order: int, terms: in
     x = beta * beta * r2
     minus_x = -x
     coef: List[float] = []
+    factorial = 1.0  # j!, a float: TorchScript's integers are 64-bit, and 21! is not
     for j in range(terms):
-        coef.append(1.0 / (math.factorial(j) * (2 * max_order + 2 * j + 1)))
+        if j > 0:
+            factorial = factorial * j
+        coef.append(1.0 / (factorial * (2 * max_order + 2 * j + 1)))
     total = torch.full_like(x, coef[terms - 1])
     for j in range(terms - 2, -1, -1):
         total = total * minus_x + coef[j]
