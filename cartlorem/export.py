@@ -133,10 +133,10 @@ class _ExportedLongRange(nn.Module):
         that the per-pair [P, C, 3, 3] terms of a large cluster do not grow with N² (benchmarks/export_cluster.py)."""
         i_all, j_all = intra_pairs(batch)
         order = (2 if want_G else (1 if want_E else 0)) + (2 if th is not None else (1 if mu is not None else 0))
-        n = positions.shape[0]
+        n, c = q.shape[0], q.shape[1]
         phi = torch.zeros_like(q)
-        E: Optional[torch.Tensor] = None
-        G: Optional[torch.Tensor] = None
+        E = q.new_zeros(n, c, 3)  # summed over the chunks, returned when wanted
+        G = q.new_zeros(n, c, 3, 3)
         for start in range(0, i_all.shape[0], self.pair_chunk):
             i = i_all[start:start + self.pair_chunk]
             j = j_all[start:start + self.pair_chunk]
@@ -146,20 +146,10 @@ class _ExportedLongRange(nn.Module):
                                           None if th is None else th[j], B, True, want_E, want_G)
             phi = phi + _present(phi_c)
             if E_c is not None:
-                if E is None:
-                    E = E_c
-                else:
-                    E = E + E_c
+                E = E + E_c
             if G_c is not None:
-                if G is None:
-                    G = G_c
-                else:
-                    G = G + G_c
-        if want_E and E is None:  # no pairs (single atoms)
-            E = positions.new_zeros(n, q.shape[1], 3)
-        if want_G and G is None:
-            G = positions.new_zeros(n, q.shape[1], 3, 3)
-        return phi, E, G
+                G = G + G_c
+        return phi, E if want_E else None, G if want_G else None
 
     def _ewald_fields(self, positions: torch.Tensor, cell: torch.Tensor, q: torch.Tensor, mu: Optional[torch.Tensor],
                       th: Optional[torch.Tensor], want_E: bool, want_G: bool
