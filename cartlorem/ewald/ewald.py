@@ -272,20 +272,21 @@ def reciprocal_sum(
         k = m_chunk.to(positions.dtype) @ recip  # [K, 3] (1/Å), differentiable in the cell
         weight = 2.0 * reciprocal_kernel((k * k).sum(-1), alpha) / volume  # [K], x2: both half spaces
         theta = k @ positions.transpose(0, 1)  # [K, N]
-        cos, sin = torch.cos(theta), torch.sin(theta)
-        a = (cos @ flat).reshape(-1, n_cols, n_channels)  # [K, b, C]  sum_j cos(k.r_j) v_jb
-        b = (sin @ flat).reshape(-1, n_cols, n_channels)  # [K, b, C]  sum_j sin(k.r_j) v_jb
-        col_re, col_im = cols.monomials(k)  # [K, b]: (i k)^b
-        # S = sum_b (i k)^b (a_b - i b_b)
-        s_re = torch.einsum("kb,kbc->kc", col_re, a) + torch.einsum("kb,kbc->kc", col_im, b)  # [K, C]
-        s_im = torch.einsum("kb,kbc->kc", col_im, a) - torch.einsum("kb,kbc->kc", col_re, b)
+        n_k = theta.shape[0]
+        phase = torch.cat([torch.cos(theta), torch.sin(theta)])  # [2K, N]: one GEMM each way, not two
+        ab = (phase @ flat).reshape(2, n_k, n_cols, n_channels)
+        a, b = ab[0], ab[1]  # [K, b, C]  sum_j cos(k.r_j) v_jb, sum_j sin(k.r_j) v_jb
+        col_re, col_im = (x[:, :, None] for x in cols.monomials(k))  # [K, b, 1]: (i k)^b
+        # S = sum_b (i k)^b (a_b - i b_b), as products and sums over b (a K-batched matmul of [1, b] rows is slow)
+        s_re = (col_re * a + col_im * b).sum(1)  # [K, C]
+        s_im = (col_im * a - col_re * b).sum(1)
         row_re, row_im = rows.monomials(k)  # [K, a]
         row_re, row_im = row_re * weight[:, None], row_im * weight[:, None]
         # Z_a = w (i k)^a S
         z_re = row_re[:, :, None] * s_re[:, None, :] - row_im[:, :, None] * s_im[:, None, :]  # [K, a, C]
         z_im = row_re[:, :, None] * s_im[:, None, :] + row_im[:, :, None] * s_re[:, None, :]
-        # sum_k Re[Z exp(i k.r)]: [N, K] @ [K, a * C]
-        return cos.T @ z_re.reshape(len(k), -1) - sin.T @ z_im.reshape(len(k), -1)
+        # sum_k Re[Z exp(i k.r)] = sum_k cos(k.r) Z_re - sin(k.r) Z_im: [N, 2K] @ [2K, a * C]
+        return phase.T @ torch.cat([z_re, -z_im]).reshape(2 * n_k, -1)
 
     out = positions.new_zeros(n_atoms, len(rows) * n_channels)
     k_size = max(1, K_BLOCK // n_atoms)
