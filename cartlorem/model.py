@@ -253,8 +253,8 @@ class CartLorem(nn.Module):
         ``species``: the model's species indices of the atoms, ``self.species_index(graph.species)``, when the
         caller has them (checked) already; ``pairs``: for a long-range model on a batch of open structures only,
         the intra-structure pairs (i, j), each once, of ``cartlorem.ewald.direct.molecule_pairs(batch,
-        unordered=True)``, the batch checked
-        (:meth:`LongRangeBlock.forward`). With both, nothing here depends on tensor values, and
+        unordered=True)``, the batch checked; on a batch of periodic cells only, the block's
+        :meth:`~cartlorem.nn.long_range.LongRangeBlock.periodic_plan` (:meth:`LongRangeBlock.forward`). With both, nothing here depends on tensor values, and
         ``torch.compile`` traces the energy whole (:mod:`cartlorem.training.compiled`).
         """
         species = self.species_index(graph.species) if species is None else species

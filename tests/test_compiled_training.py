@@ -48,6 +48,18 @@ def _structures(seed=0):
             _labelled(rng, nh3, forces=False)]
 
 
+def _cells(seed=0):
+    """Periodic cells of different sizes and shapes, one of them charged (labels: energy, forces, stress)."""
+    rng = np.random.default_rng(seed)
+    small = bulk("Si", "diamond", a=5.43, cubic=False)
+    small.symbols = ["Si", "O"]
+    cubic = bulk("Si", "diamond", a=5.43, cubic=True)
+    cubic.symbols = ["Si", "O"] * 4
+    charged = small.copy()
+    charged.info["total_charge"] = 1.0
+    return [_labelled(rng, small), _labelled(rng, cubic), _labelled(rng, charged)]
+
+
 def _model(structures, long_range=None, **kw):
     species = sorted({int(z) for a in structures for z in a.numbers})
     torch.manual_seed(0)
@@ -67,18 +79,29 @@ def _eager_gradient(model, batch, weights):
 
 
 @pytest.mark.parametrize("kind, weights", [(None, {}), (None, {"stress": 0.0}), (None, {"energy": 0.0, "stress": 5.0}),
-                                           ("multipole", {}), ("lorem", {}), ("multipole", {"energy": 0.0})])
+                                           ("multipole", {}), ("lorem", {}), ("multipole", {"energy": 0.0}),
+                                           ("multipole/cells", {}), ("lorem/cells", {}),
+                                           ("multipole/cells", {"energy": 0.0, "forces": 0.0, "stress": 5.0})])
 def test_functional_gradient_equals_autograd(kind, weights):
     """The function that is compiled, run eagerly: loss, terms and every parameter gradient as autograd's, with
     partly labelled structures (a molecule without energy, one without forces) and a periodic cell's stress
-    (local models; long-range ones on the molecules: their field sum op by op over the given pairs)."""
-    structures = _structures()
-    if kind is not None:
-        structures = [a for a in structures if not a.pbc.any()]
+    (local models; long-range ones on the molecules: their field sum op by op over the given pairs). "/cells":
+    a long-range model on a batch of periodic cells (two sizes, one charged) with stress, its Ewald sum
+    traced for all cells at once (cartlorem.ewald.cells) against the eager per-cell sum, which chooses the same
+    splitting for these small cells, so the two agree to rounding."""
+    kind, _, cells = (kind or "").partition("/")
+    kind = kind or None
+    if cells:
+        structures = _cells()
+    else:
+        structures = _structures()
+        if kind is not None:
+            structures = [a for a in structures if not a.pbc.any()]
     graphs = read_dataset(structures, cutoff=3.5, require=())
     batch = collate(graphs)
-    assert not bool(batch.has_energy.all()) and not bool(batch.has_forces.all())
-    assert bool(batch.has_stress.any()) == (kind is None)
+    if not cells:
+        assert not bool(batch.has_energy.all()) and not bool(batch.has_forces.all())
+    assert bool(batch.has_stress.any()) == (kind is None or bool(cells))
     model = _model(structures, long_range=kind).train()
     w = loss_weights(weights)
     loss_ref, terms_ref, grads_ref = _eager_gradient(model, batch, w)
@@ -120,9 +143,12 @@ def test_loss_terms_count_labelled_items_only():
 
 
 def test_unsupported_batches_run_eagerly(caplog):
-    """A long-range model on a periodic cell under compile=True trains as without it (that batch eagerly), and
-    says why."""
-    structures = _structures()[2:3] * 3
+    """A long-range model on a slab under compile=True trains as without it (that batch eagerly), and says why."""
+    slab = bulk("Si", "diamond", a=5.43, cubic=True)
+    slab.symbols = ["Si", "O"] * 4
+    slab.center(vacuum=5.0, axis=2)
+    slab.pbc = [True, True, False]
+    structures = [_labelled(np.random.default_rng(0), slab)] * 3
     graphs = read_dataset(structures, cutoff=3.5)
     losses = []
     for flag in (False, True):
@@ -131,7 +157,7 @@ def test_unsupported_batches_run_eagerly(caplog):
             result = train(model, graphs, epochs=1, batch_size=2, progress=False, compile=flag)
         losses.append(result.history[-1]["train_loss"])
     assert losses[0] == losses[1]
-    assert "periodic cells and slabs are not in the compiled step" in caplog.text
+    assert "long-range models on slabs" in caplog.text and "not in the compiled step" in caplog.text
 
 
 def test_train_with_the_functional_gradient_equals_eager(eager_compiled_step):
@@ -192,7 +218,7 @@ def test_failed_compilation_names_the_tested_torch(monkeypatch, caplog):
     assert compiled_mod.version_note("2.9.1").startswith("the compiled step is tested with torch 2.13")
 
 
-@pytest.mark.parametrize("kind", [None, "multipole", "multipole/light"])
+@pytest.mark.parametrize("kind", [None, "multipole", "multipole/light", "multipole/cells"])
 def test_compiled_training_equals_eager(monkeypatch, kind):
     """train(compile=True) gives the eager run's losses and weights to float64 rounding (a local model; a
     long-range one on molecules, its field sum traced over the pairs the step gives it). The step is compiled
@@ -202,38 +228,49 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
     compilation serves them all. The field sum's constant tables are built before dynamo traces the step
     (LongRangeBlock.prepare_compiled), once: dynamo ignores an lru_cache and would trace their construction
     (~30 s of symbolic Python per compilation). "multipole/light": long_range_options end_features "light" (its
-    skip shared by the species on ranks 1, 2 traced too)."""
+    skip shared by the species on ranks 1, 2 traced too). "multipole/cells": periodic cells of 2 and 8 atoms, one
+    charged, with stress; every batch's Ewald sum traced for all its cells at once (cartlorem.ewald.cells), atom
+    slots and k-vectors padded to the batch's largest cell."""
+    from cartlorem.ewald import cells as cells_mod
     from cartlorem.ewald import direct
 
-    kind, _, end_features = (kind or "").partition("/")
-    kind, options = kind or None, ({"end_features": end_features} if end_features else None)
+    kind, _, variant = (kind or "").partition("/")
+    kind, options = kind or None, ({"end_features": variant} if variant == "light" else None)
 
     monkeypatch.setattr(compiled_mod, "BACKEND", "aot_eager")
-    structures = [a for a in _structures(2) if kind is None or not a.pbc.any()] * 2
+    if variant == "cells":
+        structures, weights = _cells(2) * 2, {}
+    else:
+        structures, weights = [a for a in _structures(2) if kind is None or not a.pbc.any()] * 2, {"stress": 0.0}
     graphs = read_dataset(structures, cutoff=3.5, require=())
     from torch._dynamo.utils import counters
 
-    built, table = [], direct._CouplingTable
+    built = []
 
-    def recording(*args):
-        built.append(torch.compiler.is_compiling())
-        return table(*args)
+    def recording(table):
+        def build(*args):
+            built.append(torch.compiler.is_compiling())
+            return table(*args)
+        return build
 
-    monkeypatch.setattr(direct, "_CouplingTable", recording)
+    monkeypatch.setattr(direct, "_CouplingTable", recording(direct._CouplingTable))
     monkeypatch.setattr(direct, "_TABLES", {})
+    monkeypatch.setattr(cells_mod, "_PeriodicTable", recording(cells_mod._PeriodicTable))
+    monkeypatch.setattr(cells_mod, "_TABLES", {})
     graphs_before = counters["stats"]["unique_graphs"]
     runs = []
     for flag in (False, True):
         if flag:  # the compiled run builds its own tables
             direct._TABLES.clear()
+            cells_mod._TABLES.clear()
             built.clear()
         model = _model(structures, long_range=kind, long_range_options=options)
         result = train(model, graphs, epochs=2, batch_size=4, progress=False, compile=flag, ema_decay=None,
-                       weights={"stress": 0.0})
+                       weights=weights)
         runs.append(([row["train_loss"] for row in result.history], model.state_dict()))
     compiled = counters["stats"]["unique_graphs"] - graphs_before
     assert compiled == 1, f"compiled {compiled} times"
-    assert built == ([] if kind is None else [False])  # outside the trace
+    assert built == ([] if kind is None else [False, False])  # both tables, outside the trace
     (loss_e, state_e), (loss_c, state_c) = runs
     np.testing.assert_allclose(loss_c, loss_e, rtol=1e-12)
     for k in state_e:

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ..ewald import batched_multipole_fields
+from ..ewald.cells import PeriodicPlan, periodic_plan, plan_fits, prepare_periodic_table, traced_ewald_fields
 from ..ewald.direct import STF_BASIS, pair_list_fits, prepare_pair_table, traced_pair_fields
 from ..tensors import EquivariantLinear, product, stf
 
@@ -280,6 +281,22 @@ class LongRangeBlock(nn.Module):
             prepare_pair_table(self.field_ranks, range(self.lmax + 1), dtype, device, traceless_gradient=True)
         else:
             prepare_pair_table((0,), (0,), dtype, device, traceless_gradient=True)
+        prepare_periodic_table(*self._sum_ranks(), self.smearing, dtype, device)
+
+    def _sum_ranks(self) -> tuple:
+        """(field ranks, source ranks) of the sum :meth:`forward` runs."""
+        return (self.field_ranks, tuple(range(self.lmax + 1))) if self.kind == "multipole" else ((0,), (0,))
+
+    def periodic_plan(self, graph) -> Optional[PeriodicPlan]:
+        """The plan of :func:`cartlorem.ewald.cells.traced_ewald_fields` for a batch of fully periodic cells (what
+        the compiled training step passes to :meth:`forward` as ``pairs``), or None where that sum does not take
+        the batch: a slab or open structure in it, or more terms than :func:`cartlorem.ewald.cells.plan_fits`
+        admits (the eager sum then chooses real space or PME for the large cells)."""
+        if graph.pbc.numel() == 0 or not bool(graph.pbc.all()):
+            return None
+        plan = periodic_plan(graph.batch, graph.cell, smearing=self.smearing, accuracy=self.accuracy,
+                             ranks=self._sum_ranks()[0], source_ranks=self._sum_ranks()[1])
+        return plan if plan_fits(plan) else None
 
     def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor, pairs=None) -> dict:
         """h = [h0 [N, C], h1 [N, C, 3] or None, h2 [N, C, 3, 3] or None]; positions [N, 3] Å; cell [B, 3, 3] Å.
@@ -294,7 +311,9 @@ class LongRangeBlock(nn.Module):
         unordered=True)`` when every
         structure is open and the caller has checked the batch (the compiled training step,
         :mod:`cartlorem.training.compiled`): the field sum then runs op by op over them with no
-        value-dependent step (:func:`cartlorem.ewald.direct.traced_pair_fields`).
+        value-dependent step (:func:`cartlorem.ewald.direct.traced_pair_fields`). Or, when every structure is a
+        periodic cell, :meth:`periodic_plan`'s plan: one Ewald sum over all the cells, again with no
+        value-dependent step (:func:`cartlorem.ewald.cells.traced_ewald_fields`).
         """
         from ..units import COULOMB
 
@@ -305,6 +324,9 @@ class LongRangeBlock(nn.Module):
         # the field gradient's symmetric traceless part is all the block uses (Θ : G with Θ traceless, and the
         # rank-2 features): the open structures' pair sum then carries rank 2 in five components, not nine
         def fields_of(charges, dipoles=None, quadrupoles=None, ranks=(0, 1, 2)):
+            if isinstance(pairs, PeriodicPlan):
+                return traced_ewald_fields(positions, graph.batch, cell, pairs, charges, dipoles, quadrupoles,
+                                           smearing=self.smearing, ranks=ranks, traceless_gradient=True)
             if pairs is not None:
                 return traced_pair_fields(positions, pairs, charges, dipoles, quadrupoles, smearing=self.smearing,
                                           ranks=ranks, traceless_gradient=True)

@@ -17,9 +17,12 @@ the eager step to float rounding (tests/test_compiled_training.py).
 What the eager model decides from tensor values is decided here before the call, where the checks run:
 the species indices, and for long-range models the intra-molecular pair list, so that the block's field
 sum runs op by op over it (:func:`cartlorem.ewald.direct.traced_pair_fields`; the hand-written autograd
-Functions of the eager sum are beyond torch.func). Long-range models on periodic cells and slabs (Ewald,
-PME) and the dipole / Born-charge loss terms are not covered: :meth:`CompiledLossGradient.unsupported`
-says so and the trainer runs those batches eagerly. With several processes (torchrun) each compiles its own
+Functions of the eager sum are beyond torch.func), or, for a batch of periodic cells, the padded atom slots
+and k-vectors of one reciprocal-space Ewald sum over all its cells (:mod:`cartlorem.ewald.cells`; the eager
+model sums one cell at a time and chooses Ewald or PME per cell). Slabs, batches that mix open structures
+with periodic cells, periodic batches beyond :func:`cartlorem.ewald.cells.plan_fits` and the dipole /
+Born-charge loss terms are not covered: :meth:`CompiledLossGradient.unsupported` says so and the trainer
+runs those batches eagerly. With several processes (torchrun) each compiles its own
 step and computes its share of the global batch's loss (``scales``); the trainer sums the gradients.
 
 The first call compiles (1.5-3 minutes for C = 16 on a 2-core CPU; torch caches the result on disk, so a
@@ -90,6 +93,7 @@ class CompiledLossGradient:
     def __init__(self, model: torch.nn.Module, weights: Mapping[str, float], backend: Optional[str] = None):
         self.model, self.weights = model, dict(weights)
         self._energy = _Energy(model)
+        self._plan = None  # (batch, its periodic plan): unsupported() builds it, __call__ uses it
         named = list(self._energy.named_parameters())
         self.trainable = [(n, p) for n, p in named if p.requires_grad]
         # fullgraph: a graph break would leave most of the step eager; it raises instead, and the trainer says so
@@ -104,8 +108,13 @@ class CompiledLossGradient:
         block = self.model.long_range_block
         if block is not None:
             if bool(batch.pbc.any()):
-                return "long-range models on periodic cells and slabs are not in the compiled step (Ewald, PME)"
-            if not block.pair_list_fits(int((torch.bincount(batch.batch) ** 2).sum())):
+                if not bool(batch.pbc.all()):
+                    return ("long-range models on slabs, and on batches that mix open structures with periodic "
+                            "cells, are not in the compiled step")
+                if self._plan_of(batch) is None:
+                    return ("a batch of periodic cells too large for one reciprocal sum "
+                            "(cartlorem.ewald.cells.plan_fits)")
+            elif not block.pair_list_fits(int((torch.bincount(batch.batch) ** 2).sum())):
                 return "a batch of molecules too large for one pair list (cartlorem.ewald.direct.pair_list_fits)"
         for name in _CHARGE_TERMS:
             has = getattr(batch, f"has_{name}", None)
@@ -113,11 +122,25 @@ class CompiledLossGradient:
                 return f"the {name} loss term is not in the compiled step"
         return None
 
+    def _plan_of(self, batch: Graph):
+        """The long-range block's :meth:`~cartlorem.nn.long_range.LongRangeBlock.periodic_plan` of a batch of
+        periodic cells (None: the traced sum does not take it), kept for the batch last asked about."""
+        if self._plan is None or self._plan[0] is not batch:
+            self._plan = (batch, self.model.long_range_block.periodic_plan(batch))
+        return self._plan[1]
+
     def __call__(self, batch: Graph, scales: Optional[Mapping[str, float]] = None) -> tuple[torch.Tensor, dict]:
         species = self.model.species_index(batch.species)  # checked here: the compiled code does no checks
         pairs = None
         block = getattr(self.model, "long_range_block", None)
-        if block is not None:  # open structures (unsupported()): every intra-structure pair
+        if block is not None and bool(batch.pbc.any()):  # periodic cells only (unsupported())
+            pairs = self._plan_of(batch)
+            for t in pairs:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                if t.dim() > 1:
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
+            block.prepare_compiled(batch.positions.dtype, batch.positions.device)
+        elif block is not None:  # open structures (unsupported()): every intra-structure pair
             pairs = molecule_pairs(batch.batch, unordered=True)  # each pair once
             if block.smearing is None and pairs[0].numel():  # point multipoles must not overlap
                 d2 = ((batch.positions[pairs[0]] - batch.positions[pairs[1]]) ** 2).sum(-1)

@@ -1,0 +1,238 @@
+"""The Ewald sum of a batch of periodic cells in one traced function (the compiled training step).
+
+The eager field sum (:func:`.fields.batched_multipole_fields`) goes over a batch's cells one at a time and
+decides from tensor values how: Ewald or PME, the splitting alpha from a cost model, the k-vectors and
+images of each cell. None of that can be traced. For the compiled training step
+(:mod:`cartlorem.training.compiled`) the decisions are taken before the call (:func:`periodic_plan`), and
+the sum of every cell of the batch runs as one set of batched operations (:func:`traced_ewald_fields`):
+
+* smeared sources only (the long-range block's): alpha is the largest the smearing allows,
+  ``beta = 1/(sqrt 2 sigma)``, where the real-space kernel ``erfc(alpha R)/R - erfc(beta R)/R`` vanishes and
+  the reciprocal sum is the whole periodic sum. This is what the eager cost model chooses for the small
+  cells of training sets (64-atom NaCl: 2001 k-vectors at accuracy 1e-5); for larger cells it would put part
+  of the sum in real space or on a PME mesh, and :func:`plan_fits` sends such batches the eager way;
+* every cell's atoms padded to the batch's largest cell (``slots``) and its k-vectors, those of
+  :func:`.ewald.kvector_indices` with the cutoff ``k_c = 2 p beta`` of :func:`.ewald.choose_parameters`,
+  padded to the largest count with masked rows: phases ``[B, 2K, M]``, structure factors by one batched
+  GEMM, the fields at the atoms by another;
+* the self term as in :func:`.ewald.ewald_sum` (the uniform background of a charged cell has no potential at
+  alpha = beta); positions wrapped into their cells in float64 first (:func:`.ewald.wrap_positions`), so
+  float32 phases keep their resolution.
+
+With alpha = beta in the eager sum too (the cells above) the two agree to rounding; otherwise to the
+requested accuracy. The cell enters differentiably (k-vectors, volume), so the stress is the strain
+derivative as in the eager path. Slabs and open structures are not summed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ..tensors.harmonics import stf
+from .ewald import kvector_indices, tail_parameter
+from .kernels import (
+    InteractionTensors,
+    Layout,
+    erf_kernel_at_origin,
+    pack_sources,
+    reciprocal_kernel,
+    smearing_beta,
+    unpack_rank,
+)
+
+__all__ = ["PeriodicPlan", "periodic_plan", "plan_fits", "prepare_periodic_table", "traced_ewald_fields"]
+
+#: Largest (cell, k-vector, atom slot) count B K M of a batch that :func:`plan_fits` admits: the phases
+#: [B, 2K, M] and their products are held for the backward passes (about ten such arrays in the training step).
+MAX_TERMS = 1 << 23
+
+
+class PeriodicPlan(NamedTuple):
+    """What :func:`traced_ewald_fields` takes from tensor values, decided before the trace (:func:`periodic_plan`).
+
+    slots [B, M] long: the atom in each cell's padded row (N, a zero row, where the cell has fewer than M atoms);
+    atom_slot [N] long: the flat slot b M + s of every atom; m [B, K, 3]: every cell's integer k-vector indices
+    (one of each pair k, -k), zero rows where a cell has fewer than K; k_mask [B, K] bool: the real rows.
+    """
+
+    slots: torch.Tensor
+    atom_slot: torch.Tensor
+    m: torch.Tensor
+    k_mask: torch.Tensor
+
+
+def _order(ranks, source_ranks) -> int:
+    return max(ranks) + max(source_ranks)
+
+
+def k_cutoff(smearing: float, accuracy: float, order: int) -> float:
+    """The eager Ewald sum's k-space cutoff ``2 p alpha`` at alpha = beta (:func:`.ewald.choose_parameters`)."""
+    return 2.0 * tail_parameter(accuracy, order) * smearing_beta(smearing)
+
+
+def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, accuracy: float, ranks=(0, 1, 2),
+                  source_ranks=(0, 1, 2)) -> PeriodicPlan:
+    """The padded atom slots and k-vectors of a batch of periodic cells (index bookkeeping, no gradient).
+
+    batch [N] long, the cell index of every atom; cell [B, 3, 3] (Å, rows are lattice vectors). ``ranks`` and
+    ``source_ranks`` (the field and source ranks of the sum) set the k-space cutoff as in the eager sum.
+    """
+    n = batch.shape[0]
+    n_cells = cell.shape[0]
+    device = batch.device
+    counts = torch.bincount(batch, minlength=n_cells)
+    width = max(1, int(counts.max())) if n else 1
+    order = torch.argsort(batch, stable=True)
+    sorted_cells = batch[order]
+    starts = torch.cumsum(counts, 0) - counts
+    local = torch.arange(n, device=device) - starts[sorted_cells]
+    slots = torch.full((n_cells, width), n, dtype=torch.long, device=device)
+    slots[sorted_cells, local] = order
+    atom_slot = torch.empty(n, dtype=torch.long, device=device)
+    atom_slot[order] = sorted_cells * width + local
+    cutoff = k_cutoff(smearing, accuracy, _order(ranks, source_ranks))
+    cells = cell.detach().cpu().double().numpy()
+    per_cell = [kvector_indices(c, cutoff) for c in cells]
+    n_k = max(1, max(len(x) for x in per_cell))
+    m = np.zeros((n_cells, n_k, 3), dtype=np.int64)
+    mask = np.zeros((n_cells, n_k), dtype=bool)
+    for b, x in enumerate(per_cell):
+        m[b, : len(x)] = x
+        mask[b, : len(x)] = True
+    return PeriodicPlan(slots, atom_slot, torch.as_tensor(m, device=device), torch.as_tensor(mask, device=device))
+
+
+def plan_fits(plan: PeriodicPlan) -> bool:
+    """Whether the batch's traced sum stays within :data:`MAX_TERMS` (cell, k-vector, atom slot) terms."""
+    return plan.slots.shape[0] * plan.slots.shape[1] * plan.m.shape[1] <= MAX_TERMS
+
+
+class _PeriodicTable:
+    """The constants of one traced sum: layouts, the (i k)^idx signs, the self matrix, the output signs."""
+
+    def __init__(self, ranks: tuple, source_ranks: tuple, smearing: float, dtype, device):
+        self.rows, self.cols = Layout(ranks), Layout(source_ranks)
+        self.alpha = smearing_beta(smearing)
+        tensors = InteractionTensors(self.rows, self.cols)
+        B = [torch.tensor(b, dtype=dtype, device=device) for b in erf_kernel_at_origin(self.alpha, tensors.max_order)]
+        self.self_matrix = tensors.matrix_at_origin(B)  # [rows, cols]
+        self.output_signs = self.rows.output_signs(dtype, device)
+        #: the weights of :func:`.kernels.pack_sources`: (-1)^k / k! times the component's multiplicity
+        self.pack_weights = pack_sources(self.cols, *[torch.ones((1, 1) + (3,) * r, dtype=dtype, device=device)
+                                                      if r in self.cols.ranks else None for r in range(3)])[0, :, 0]
+
+        def signs(layout, part):
+            return torch.tensor([((1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0))[len(i) % 4][part]
+                                 for i in layout.indices], dtype=dtype, device=device)
+
+        self.row_signs = (signs(self.rows, 0), signs(self.rows, 1))
+        self.col_signs = (signs(self.cols, 0), signs(self.cols, 1))
+
+
+#: Tables built so far, by (ranks, source ranks, smearing, dtype, device); a plain dict, as
+#: :data:`.direct._TABLES`, so that a trace finds a prepared table instead of tracing its construction.
+_TABLES: dict = {}
+
+
+def _table(ranks: tuple, source_ranks: tuple, smearing: float, dtype, device) -> _PeriodicTable:
+    key = (ranks, source_ranks, float(smearing), dtype, device)
+    table = _TABLES.get(key)
+    if table is None:
+        outside = contextlib.nullcontext() if torch.compiler.is_compiling() else torch._C._DisableFuncTorch()
+        with outside:
+            table = _TABLES[key] = _PeriodicTable(ranks, source_ranks, float(smearing), dtype, device)
+    return table
+
+
+def _ranks(ranks) -> tuple:
+    return tuple(sorted(set(int(r) for r in ranks)))
+
+
+def prepare_periodic_table(ranks, source_ranks, smearing: float, dtype, device) -> None:
+    """Build the constants :func:`traced_ewald_fields` uses, before torch.compile traces a call."""
+    _table(_ranks(ranks), _ranks(source_ranks), smearing, dtype, torch.device(device))
+
+
+def _monomials(layout: Layout, k: torch.Tensor) -> torch.Tensor:
+    """k^idx of every component of ``layout``: k [..., 3] -> [..., n]."""
+    ones = torch.ones_like(k[..., 0])
+    cols = []
+    for idx in layout.indices:
+        mono = ones
+        for axis in idx:
+            mono = mono * k[..., axis]
+        cols.append(mono)
+    return torch.stack(cols, dim=-1)
+
+
+def traced_ewald_fields(positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor, plan: PeriodicPlan,
+                        charges=None, dipoles=None, quadrupoles=None, *, smearing: float, prefactor: float = 1.0,
+                        ranks=(0, 1, 2), traceless_gradient: bool = False) -> tuple:
+    """Potential, field and field gradient at every atom of a batch of periodic cells, each cell on its own.
+
+    positions [N, 3] Å; batch [N] long; cell [B, 3, 3] Å; plan from :func:`periodic_plan` (same batch, cells,
+    smearing, accuracy and ranks); charges [N, C], dipoles [N, C, 3], quadrupoles [N, C, 3, 3] (symmetric
+    traceless) or None; Gaussian sources of width ``smearing`` (Å). No input checks: the caller has made them.
+    Returns (potential [N, C], field [N, C, 3], gradient [N, C, 3, 3] or its symmetric traceless part with
+    ``traceless_gradient``), None for a rank not in ``ranks``: :func:`.fields.multipole_fields` per cell.
+    """
+    sources = {r: x for r, x in enumerate((charges, dipoles, quadrupoles)) if x is not None}
+    t = _table(_ranks(ranks), tuple(sources), smearing, positions.dtype, positions.device)
+    rows, cols = t.rows, t.cols
+    n_atoms, n_channels = positions.shape[0], next(iter(sources.values())).shape[1]
+    n_cells, width = plan.slots.shape
+    n_k = plan.m.shape[1]
+    n_rows, n_cols = len(rows), len(cols)
+
+    # packed sources (.kernels.pack_sources): v [N, n_cols, C]
+    v = torch.stack([sources[len(idx)][(Ellipsis, *idx)] for idx in cols.indices], dim=1) * t.pack_weights[:, None]
+
+    # positions wrapped into their cells in float64 (.ewald.wrap_positions), then padded per cell
+    r64, c64 = positions.double(), cell.double()
+    shift = torch.floor(torch.einsum("ni,nij->nj", r64.detach(), torch.linalg.inv(c64.detach())[batch]))
+    wrapped = (r64 - torch.einsum("ni,nij->nj", shift, c64[batch])).to(positions.dtype)
+
+    def pad(x):  # [N, ...] -> [B, M, ...], zeros in the empty slots
+        return torch.cat([x, x.new_zeros((1,) + x.shape[1:])])[plan.slots]
+
+    r = pad(wrapped)  # [B, M, 3]
+    flat = pad(v.reshape(n_atoms, n_cols * n_channels))  # [B, M, n_cols C]
+
+    recip = 2.0 * math.pi * torch.linalg.inv(cell).transpose(1, 2)  # [B, 3, 3], rows b_k
+    volume = torch.abs(torch.linalg.det(cell))  # [B]
+    k = plan.m.to(positions.dtype) @ recip  # [B, K, 3]
+    k2 = (k * k).sum(-1)
+    k2 = torch.where(plan.k_mask, k2, torch.ones_like(k2))
+    weight = torch.where(plan.k_mask, 2.0 * reciprocal_kernel(k2, t.alpha), torch.zeros_like(k2))
+    weight = weight / volume[:, None]  # [B, K], x2: both half spaces
+
+    theta = k @ r.transpose(1, 2)  # [B, K, M]
+    phase = torch.cat([torch.cos(theta), torch.sin(theta)], dim=1)  # [B, 2K, M]
+    ab = (phase @ flat).reshape(n_cells, 2, n_k, n_cols, n_channels)
+    a, b = ab[:, 0], ab[:, 1]  # [B, K, n_cols, C]: sum_j cos(k.r_j) v_j, sum_j sin(k.r_j) v_j
+    col = _monomials(cols, k)[..., None]  # [B, K, n_cols, 1]
+    col_re, col_im = col * t.col_signs[0][:, None], col * t.col_signs[1][:, None]
+    s_re = (col_re * a + col_im * b).sum(2)  # [B, K, C]: S = sum_b (i k)^b (a_b - i b_b)
+    s_im = (col_im * a - col_re * b).sum(2)
+    row = _monomials(rows, k) * weight[..., None]  # [B, K, n_rows]
+    row_re, row_im = (row * t.row_signs[0])[..., None], (row * t.row_signs[1])[..., None]
+    s_re, s_im = s_re[:, :, None], s_im[:, :, None]
+    z_re = row_re * s_re - row_im * s_im  # [B, K, n_rows, C]: Z = w (i k)^a S
+    z_im = row_re * s_im + row_im * s_re
+    z = torch.cat([z_re, -z_im], dim=1).reshape(n_cells, 2 * n_k, n_rows * n_channels)
+    out = (phase.transpose(1, 2) @ z).reshape(n_cells * width, n_rows, n_channels)  # sum_k Re[Z exp(i k.r)]
+    out = out[plan.atom_slot]  # [N, n_rows, C]
+
+    # the self term; a charged cell's uniform background adds nothing here: its potential
+    # -pi Q (1/alpha^2 - 2 sigma^2) / V (.kernels.background_potential) vanishes at alpha = beta
+    out = out - torch.einsum("ab,nbc->nac", t.self_matrix, v)
+    out = out * (prefactor * t.output_signs)[None, :, None]
+    fields = {rank: unpack_rank(rows, out, rank) for rank in rows.ranks}
+    if traceless_gradient and 2 in fields:
+        fields[2] = stf(fields[2])
+    return tuple(fields.get(r) for r in (0, 1, 2))

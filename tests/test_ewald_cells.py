@@ -1,0 +1,152 @@
+"""The Ewald sum of a batch of periodic cells in one traced function (cartlorem.ewald.cells), float64.
+
+References: the eager per-cell Ewald sum (cartlorem.ewald.fields.compute_fields) at the same splitting, where the
+two are the same sum and must agree to rounding, and at its own choice (to the requested accuracy); the
+Madelung constant of rock salt; autograd's forces and strain derivative of the eager sum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ase.build import bulk
+
+from cartlorem.ewald.cells import MAX_TERMS, PeriodicPlan, periodic_plan, plan_fits, traced_ewald_fields
+from cartlorem.ewald.fields import compute_fields
+from cartlorem.ewald.kernels import smearing_beta
+from cartlorem.tensors.harmonics import stf
+
+DT = torch.float64
+PBC = torch.ones(3, dtype=torch.bool)
+
+
+def _batch(seed=0, channels=2):
+    """Three cells (triclinic, cubic, hexagonal-like) of 5, 9 and 3 atoms, the atoms shuffled across cells; random
+    charges (cells not neutral), dipoles and traceless quadrupoles."""
+    g = torch.Generator().manual_seed(seed)
+    cells = [torch.tensor([[8.0, 0.3, -0.2], [0.5, 9.0, 0.1], [-0.4, 0.6, 7.5]], dtype=DT),
+             torch.eye(3, dtype=DT) * 10.0,
+             torch.tensor([[7.0, 0.0, 0.0], [3.5, 6.0, 0.0], [0.0, 0.0, 9.0]], dtype=DT)]
+    counts = [5, 9, 3]
+    # positions partly outside their cells: the sum wraps them
+    pos = torch.cat([torch.rand(n, 3, generator=g, dtype=DT) @ c * 1.3 - 1.0 for n, c in zip(counts, cells)])
+    batch = torch.cat([torch.full((n,), i) for i, n in enumerate(counts)])
+    perm = torch.randperm(len(batch), generator=g)
+    pos, batch = pos[perm], batch[perm]
+    n = len(batch)
+    q = torch.randn(n, channels, generator=g, dtype=DT)
+    mu = torch.randn(n, channels, 3, generator=g, dtype=DT)
+    theta = stf(torch.randn(n, channels, 3, 3, generator=g, dtype=DT))
+    return pos, batch, torch.stack(cells), q, mu, theta
+
+
+def _sources(q, mu, theta, which):
+    return tuple(x if r in which else None for r, x in enumerate((q, mu, theta)))
+
+
+@pytest.mark.parametrize("ranks, which", [((0, 1, 2), (0, 1, 2)), ((0,), (0,)), ((0, 1), (0, 1, 2)), ((0, 1, 2), (1,))])
+def test_batched_cells_equal_the_per_cell_ewald_sum(ranks, which):
+    """Every cell's fields as the eager Ewald sum of that cell alone at alpha = 1/(sqrt 2 sigma), to rounding
+    (the same sum, batched and padded), and as its default choice to the requested accuracy."""
+    pos, batch, cell, q, mu, theta = _batch()
+    src = _sources(q, mu, theta, which)
+    accuracy = 1e-6
+    plan = periodic_plan(batch, cell, smearing=1.0, accuracy=accuracy, ranks=ranks, source_ranks=which)
+    assert tuple(plan.slots.shape) == (3, 9) and bool(plan.k_mask.sum(1).min() < plan.m.shape[1])  # padded
+    got = traced_ewald_fields(pos, batch, cell, plan, *src, smearing=1.0, ranks=ranks)
+    for b in range(3):
+        idx = (batch == b).nonzero().flatten()
+        sub = [None if x is None else x[idx] for x in src]
+        same = compute_fields(pos[idx], *sub, cell[b], PBC, smearing=1.0, accuracy=accuracy, ranks=ranks,
+                              alpha=smearing_beta(1.0), method="ewald")
+        auto = compute_fields(pos[idx], *sub, cell[b], PBC, smearing=1.0, accuracy=accuracy, ranks=ranks)
+        for r in range(3):
+            if r not in ranks:
+                assert got[r] is None
+                continue
+            scale = float(same[r].abs().max())
+            assert float((got[r][idx] - same[r]).abs().max()) <= 1e-13 * scale, (b, r)
+            assert float((got[r][idx] - auto[r]).abs().max()) <= 10 * accuracy * scale, (b, r)
+
+
+def test_traceless_gradient_is_the_symmetric_traceless_part():
+    pos, batch, cell, q, mu, theta = _batch(1)
+    plan = periodic_plan(batch, cell, smearing=1.0, accuracy=1e-6)
+    full = traced_ewald_fields(pos, batch, cell, plan, q, mu, theta, smearing=1.0)
+    part = traced_ewald_fields(pos, batch, cell, plan, q, mu, theta, smearing=1.0, traceless_gradient=True)
+    torch.testing.assert_close(part[2], stf(full[2]), rtol=0, atol=1e-14)
+    assert float(full[2].diagonal(dim1=-2, dim2=-1).sum(-1).abs().max()) > 1e-3  # smeared sources: a trace to drop
+
+
+def test_madelung_constant_of_rock_salt():
+    """Narrow Gaussians (sigma = 0.1 Å against 2.82 Å to the nearest ion) in the conventional NaCl cell: the
+    potential at every ion is -+ M / r0 with M = 1.747564594633 (the sum over the other ions; each Gaussian's own
+    potential is the self term)."""
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    pos = torch.tensor(atoms.positions, dtype=DT)
+    cell = torch.tensor(atoms.cell.array, dtype=DT)[None]
+    q = torch.tensor([1.0 if z == 11 else -1.0 for z in atoms.numbers], dtype=DT)[:, None]
+    batch = torch.zeros(len(atoms), dtype=torch.long)
+    plan = periodic_plan(batch, cell, smearing=0.1, accuracy=1e-10, ranks=(0,), source_ranks=(0,))
+    phi = traced_ewald_fields(pos, batch, cell, plan, q, smearing=0.1, ranks=(0,))[0][:, 0]
+    r0 = 5.64 / 2
+    torch.testing.assert_close(phi * r0, -q[:, 0] * 1.747564594633, rtol=1e-9, atol=0)
+
+
+def test_forces_and_strain_derivative_equal_the_eager_sum():
+    """The energy's gradient in the positions and in a homogeneous strain of positions and cells (the stress),
+    through the batched sum, equals autograd through the eager per-cell sum."""
+    pos, batch, cell, q, mu, theta = _batch(2)
+    plan = periodic_plan(batch, cell, smearing=1.0, accuracy=1e-6)
+
+    def energy(fn, positions, strain):
+        c = cell + cell @ strain
+        r = positions + torch.einsum("ni,nij->nj", positions, strain[batch])
+        phi, field, grad = fn(r, c)
+        return 0.5 * ((q * phi).sum() - (mu * field).sum() - 0.5 * (theta * grad).sum())
+
+    def batched(r, c):
+        return traced_ewald_fields(r, batch, c, plan, q, mu, theta, smearing=1.0)
+
+    def eager(r, c):
+        out = [torch.zeros_like(q), torch.zeros_like(mu), torch.zeros_like(theta)]
+        for b in range(3):
+            idx = (batch == b).nonzero().flatten()
+            f = compute_fields(r[idx], q[idx], mu[idx], theta[idx], c[b], PBC, smearing=1.0, accuracy=1e-6,
+                               alpha=smearing_beta(1.0), method="ewald")
+            out = [o.index_copy(0, idx, f[k]) for k, o in enumerate(out)]
+        return out
+
+    grads = []
+    for fn in (batched, eager):
+        r = pos.clone().requires_grad_()
+        strain = torch.zeros(3, 3, 3, dtype=DT, requires_grad=True)
+        grads.append(torch.autograd.grad(energy(fn, r, strain), (r, strain)))
+    for got, ref in zip(*grads):
+        assert float(ref.abs().max()) > 1e-3
+        torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-12)
+
+
+def test_plan_slots_and_limits():
+    """Every atom's slot holds that atom; cells with fewer atoms or k-vectors are padded (the zero row N, masked
+    k-vectors); plan_fits refuses more than MAX_TERMS (cell, k-vector, slot) terms."""
+    pos, batch, cell, *_ = _batch()
+    plan = periodic_plan(batch, cell, smearing=1.0, accuracy=1e-5)
+    n, width = len(batch), plan.slots.shape[1]
+    assert torch.equal(plan.slots.flatten()[plan.atom_slot], torch.arange(n))
+    assert torch.equal(plan.atom_slot // width, batch)
+    assert int((plan.slots == n).sum()) == 3 * width - n
+    assert torch.equal(plan.k_mask.sum(1) > 0, torch.ones(3, dtype=torch.bool))
+    assert bool((plan.m[~plan.k_mask] == 0).all()) and not bool((plan.m[plan.k_mask] == 0).all(-1).any())
+    assert plan_fits(plan)
+    big = PeriodicPlan(torch.zeros(8, 1024, dtype=torch.long), plan.atom_slot,
+                       torch.zeros(8, MAX_TERMS // (8 * 1024) + 1, 3, dtype=torch.long), plan.k_mask)
+    assert not plan_fits(big)
+    # the k-space cutoff is the eager sum's at alpha = beta: 2 p beta, p the tail parameter of the order
+    from cartlorem.ewald.ewald import choose_parameters
+
+    params = choose_parameters(cell[0].numpy(), 5, 1e-5, 4, 1.0, alpha=smearing_beta(1.0))
+    k = plan.m[0][plan.k_mask[0]].to(DT) @ (2 * math.pi * torch.linalg.inv(cell[0]).T)
+    assert float(k.norm(dim=1).max()) < params.k_cutoff
