@@ -9,8 +9,10 @@ the sum of every cell of the batch runs as one set of batched operations (:func:
 * smeared sources only (the long-range block's): alpha is the largest the smearing allows,
   ``beta = 1/(sqrt 2 sigma)``, where the real-space kernel ``erfc(alpha R)/R - erfc(beta R)/R`` vanishes and
   the reciprocal sum is the whole periodic sum. This is what the eager cost model chooses for the small
-  cells of training sets (64-atom NaCl: 2001 k-vectors at accuracy 1e-5); for larger cells it would put part
-  of the sum in real space or on a PME mesh, and :func:`plan_fits` sends such batches the eager way;
+  cells of training sets (64-atom NaCl: 2001 k-vectors at accuracy 1e-5). For larger cells the eager sum
+  puts part of it in real space or on a PME mesh; the traced sum stays in reciprocal space (the same fields
+  to the requested accuracy, at a cost that grows as atoms × volume) up to the size :func:`plan_fits` admits,
+  and larger batches go the eager way;
 * every cell's atoms padded to the batch's largest cell (``slots``) and its k-vectors, those of
   :func:`.ewald.kvector_indices` with the cutoff ``k_c = 2 p beta`` of :func:`.ewald.choose_parameters`,
   padded to the largest count with masked rows: phases ``[B, 2K, M]``, structure factors by one batched
@@ -36,6 +38,7 @@ import torch
 from ..tensors.harmonics import stf
 from .ewald import kvector_indices, tail_parameter
 from .kernels import (
+    _I_POWER,
     InteractionTensors,
     Layout,
     erf_kernel_at_origin,
@@ -127,8 +130,7 @@ class _PeriodicTable:
                                                       if r in self.cols.ranks else None for r in range(3)])[0, :, 0]
 
         def signs(layout, part):
-            return torch.tensor([((1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0))[len(i) % 4][part]
-                                 for i in layout.indices], dtype=dtype, device=device)
+            return torch.tensor([_I_POWER[len(i) % 4][part] for i in layout.indices], dtype=dtype, device=device)
 
         self.row_signs = (signs(self.rows, 0), signs(self.rows, 1))
         self.col_signs = (signs(self.cols, 0), signs(self.cols, 1))
