@@ -150,3 +150,48 @@ def test_plan_slots_and_limits():
     params = choose_parameters(cell[0].numpy(), 5, 1e-5, 4, 1.0, alpha=smearing_beta(1.0))
     k = plan.m[0][plan.k_mask[0]].to(DT) @ (2 * math.pi * torch.linalg.inv(cell[0]).T)
     assert float(k.norm(dim=1).max()) < params.k_cutoff
+
+
+def _dense_cells(seed=5, channels=2):
+    """Rock salt (8 atoms), diamond (2 and 8), rattled: cells for which the eager cost model puts the whole sum of
+    sigma = 1 Å sources in reciprocal space (alpha = beta)."""
+    rng = torch.Generator().manual_seed(seed)
+    structures = [bulk("NaCl", "rocksalt", a=5.64, cubic=True), bulk("Si", "diamond", a=5.43),
+                  bulk("Si", "diamond", a=5.43, cubic=True)]
+    pos = torch.cat([torch.tensor(a.positions, dtype=DT) + 0.1 * torch.randn(len(a), 3, generator=rng, dtype=DT)
+                     for a in structures])
+    batch = torch.cat([torch.full((len(a),), i) for i, a in enumerate(structures)])
+    cell = torch.stack([torch.tensor(a.cell.array, dtype=DT) for a in structures])
+    n = len(batch)
+    return (pos, batch, cell, torch.randn(n, channels, generator=rng, dtype=DT),
+            torch.randn(n, channels, 3, generator=rng, dtype=DT),
+            stf(torch.randn(n, channels, 3, 3, generator=rng, dtype=DT)))
+
+
+@pytest.mark.parametrize("traceless", [False, True])
+def test_eager_batched_fields_sum_all_cells_at_once(monkeypatch, traceless):
+    """batched_multipole_fields on a batch of periodic cells with smeared sources: one batched sum when every
+    cell's own choice is Ewald at alpha = beta (dense cells), each cell as multipole_fields alone to rounding; a
+    batch whose cells get another splitting (sparse cells: part of the sum in real space) goes cell by cell."""
+    from cartlorem.ewald import cells as cells_mod
+    from cartlorem.ewald import fields as fields_mod
+    from cartlorem.ewald.fields import batched_multipole_fields
+
+    calls = []
+    monkeypatch.setattr(fields_mod, "traced_ewald_fields",
+                        lambda *a, **k: calls.append(1) or cells_mod.traced_ewald_fields(*a, **k))
+    for name, (p, bt, c, *src) in {"dense": _dense_cells(), "sparse": _batch(3)}.items():
+        calls.clear()
+        pbc = torch.ones(c.shape[0], 3, dtype=torch.bool)
+        got = batched_multipole_fields(p, bt, c, pbc, *src, smearing=1.0, accuracy=1e-6, prefactor=2.0,
+                                       traceless_gradient=traceless)
+        assert len(calls) == (name == "dense"), name
+        for b in range(c.shape[0]):
+            idx = (bt == b).nonzero().flatten()
+            ref = compute_fields(p[idx], *[x[idx] for x in src], c[b], PBC, smearing=1.0, accuracy=1e-6,
+                                 prefactor=2.0)
+            if traceless:
+                ref[2] = stf(ref[2])
+            for r, x in enumerate(got):
+                torch.testing.assert_close(x[idx], ref[r], rtol=1e-12, atol=1e-12 * float(ref[r].abs().max()))
+

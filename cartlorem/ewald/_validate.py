@@ -141,6 +141,18 @@ def check_cell_heights(cell: torch.Tensor, periodic=(True, True, True)) -> None:
             )
 
 
+def check_periodic_cell(cell: torch.Tensor) -> None:
+    """ValueError for a periodic cell [3, 3] (finite) of zero volume or with lattice planes too close."""
+    volume = float(torch.abs(torch.linalg.det(cell.detach())))
+    scale = float(torch.linalg.norm(cell.detach(), dim=1).prod())
+    if not volume > 1e-10 * scale:
+        raise ValueError(
+            f"cell has zero volume (|det| = {volume:.3g} Å^3): a periodic cell needs three "
+            "linearly independent lattice vectors"
+        )
+    check_cell_heights(cell)
+
+
 def check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, accuracy) -> Inputs:
     if not isinstance(positions, torch.Tensor) or not positions.is_floating_point():
         raise ValueError("positions must be a floating-point torch.Tensor of shape [N, 3]")
@@ -186,14 +198,7 @@ def check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, 
         if slab:
             check_slab(positions, cell)
         else:
-            volume = float(torch.abs(torch.linalg.det(cell.detach())))
-            scale = float(torch.linalg.norm(cell.detach(), dim=1).prod())
-            if not volume > 1e-10 * scale:
-                raise ValueError(
-                    f"cell has zero volume (|det| = {volume:.3g} Å^3): a periodic cell needs three "
-                    "linearly independent lattice vectors"
-                )
-            check_cell_heights(cell)
+            check_periodic_cell(cell)
     else:
         cell = None
     if smearing is not None:

@@ -22,8 +22,9 @@ the sum of every cell of the batch runs as one set of batched operations (:func:
   float32 phases keep their resolution.
 
 With alpha = beta in the eager sum too (the cells above) the two agree to rounding; otherwise to the
-requested accuracy. The cell enters differentiably (k-vectors, volume), so the stress is the strain
-derivative as in the eager path. Slabs and open structures are not summed here.
+requested accuracy. The eager :func:`.fields.batched_multipole_fields` uses this sum too, for batches of
+periodic cells that all get alpha = beta there (no pass per cell). The cell enters differentiably (k-vectors,
+volume), so the stress is the strain derivative as in the eager path. Slabs and open structures are not summed here.
 """
 
 from __future__ import annotations

@@ -8,10 +8,12 @@ import numpy as np
 import torch
 
 from ..tensors.harmonics import stf
-from ._validate import check_inputs
+from ._validate import _finite, _tensor, check_inputs, check_periodic_cell
+from .cells import periodic_plan, plan_fits, traced_ewald_fields
 from .direct import OVERLAP_DISTANCE, open_molecules_fields, pair_list_fits, pair_sum
+from .ewald import choose_parameters as choose_ewald_parameters
 from .ewald import ewald_sum
-from .kernels import InteractionTensors, Layout, RadialKernel, pack_sources, unpack_rank
+from .kernels import InteractionTensors, Layout, RadialKernel, pack_sources, smearing_beta, unpack_rank
 from .pme import METHODS, choose_method, pme_sum
 from .slab import slab_sum
 
@@ -272,6 +274,9 @@ def batched_multipole_fields(
     −4πQ/(3V) I of a charged cell's background. The open structures' pair sum then carries rank 2 in five
     components instead of nine (:func:`.direct.pair_list_fields`), which is what the long-range block uses.
     Returns MultipoleFields for all N atoms, in the input order. Structures never interact.
+    A batch of periodic cells with smeared sources whose every cell would get Ewald at alpha = 1/(sqrt 2 sigma) (the
+    cost models' choice for dense training-size cells) is summed in one batched pass over all cells
+    (:func:`.cells.traced_ewald_fields`, the same sum to rounding); otherwise structure by structure.
     """
     method = _check_method(method, None)
     ranks = tuple(sorted(set(int(r) for r in ranks)))
@@ -298,6 +303,12 @@ def batched_multipole_fields(
         raise ValueError(f"pbc must have shape [B, 3] = [{cell.shape[0]}, 3], got {list(pbc.shape)}")
     if batch.numel() and (int(batch.min()) < 0 or int(batch.max()) >= cell.shape[0]):
         raise ValueError(f"batch indices must lie in [0, {cell.shape[0] - 1}]")
+    if smearing is not None and method in ("auto", "ewald") and cell.shape[0] and bool(pbc.all()):
+        out = _cells_in_one_sum(positions, batch, cell, charges, dipoles, quadrupoles, smearing=smearing,
+                                accuracy=accuracy, prefactor=prefactor, ranks=ranks, method=method,
+                                traceless_gradient=traceless_gradient)
+        if out is not None:
+            return out
     open_struct = ~pbc.any(dim=1)  # [B]; mixed pbc is refused by multipole_fields below
     handled = torch.zeros_like(open_struct)
     parts, order = [], []
@@ -344,6 +355,41 @@ def batched_multipole_fields(
         order.append(idx)
     inverse = torch.argsort(torch.cat(order))
     return MultipoleFields(*(None if x[0] is None else torch.cat(list(x))[inverse] for x in zip(*parts)))
+
+
+def _cells_in_one_sum(positions, batch, cell, charges, dipoles, quadrupoles, *, smearing, accuracy, prefactor, ranks,
+                      method, traceless_gradient) -> Optional[MultipoleFields]:
+    """The fields of a batch of periodic cells (smeared sources) by one batched Ewald sum over all of them
+    (:func:`.cells.traced_ewald_fields`), when every cell on its own would get Ewald at alpha = 1/(sqrt 2 sigma),
+    reciprocal space only (what the cost models choose for training-size cells): the same sum, to rounding,
+    without a pass per cell. None when some cell would get another splitting or PME, or the batch exceeds
+    :func:`.cells.plan_fits`: the caller then sums cell by cell. Checks the inputs as :func:`compute_fields` does."""
+    inputs = check_inputs(positions, charges, dipoles, quadrupoles, None, None, smearing, accuracy)
+    m = inputs.multipoles
+    cols, rows = Layout(m), Layout(ranks)
+    order = max(rows.ranks) + max(cols.ranks)
+    n_channels = next(iter(m.values())).shape[1]
+    beta = smearing_beta(float(smearing))
+    counts = torch.bincount(batch, minlength=cell.shape[0]).tolist()
+    for b in range(cell.shape[0]):
+        c = _tensor("cell", cell[b], positions)
+        _finite("cell", c)
+        check_periodic_cell(c)
+        if counts[b] == 0:
+            continue
+        c_np = c.detach().cpu().double().numpy()
+        if method == "auto" and choose_method(c_np, counts[b], float(accuracy), rows, cols, n_channels,
+                                              inputs.smearing) != "ewald":
+            return None
+        if choose_ewald_parameters(c_np, counts[b], float(accuracy), order, inputs.smearing).alpha != beta:
+            return None
+    plan = periodic_plan(batch, cell, smearing=inputs.smearing, accuracy=float(accuracy), ranks=rows.ranks,
+                         source_ranks=cols.ranks)
+    if not plan_fits(plan):
+        return None
+    return MultipoleFields(*traced_ewald_fields(inputs.positions, batch, cell, plan, m.get(0), m.get(1), m.get(2),
+                                                smearing=inputs.smearing, prefactor=prefactor, ranks=rows.ranks,
+                                                traceless_gradient=traceless_gradient))
 
 
 def intra_pairs(batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
