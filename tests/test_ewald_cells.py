@@ -13,7 +13,8 @@ import pytest
 import torch
 from ase.build import bulk
 
-from cartlorem.ewald.cells import MAX_TERMS, PeriodicPlan, periodic_plan, plan_fits, traced_ewald_fields
+from cartlorem.ewald.cells import (MAX_TERMS, PeriodicPlan, periodic_plan, plan_fits, prepare_periodic_table,
+                                   traced_ewald_fields)
 from cartlorem.ewald.fields import compute_fields
 from cartlorem.ewald.kernels import smearing_beta
 from cartlorem.tensors.harmonics import stf
@@ -195,3 +196,30 @@ def test_eager_batched_fields_sum_all_cells_at_once(monkeypatch, traceless):
             for r, x in enumerate(got):
                 torch.testing.assert_close(x[idx], ref[r], rtol=1e-12, atol=1e-12 * float(ref[r].abs().max()))
 
+
+def test_traced_sum_has_no_effectful_ops():
+    """The traced sum, differentiated as the training step does, lowers to a graph without effectful operations:
+    torch.linalg.inv adds an error check (_linalg_check_errors) that AOT autograd wraps in with_effects, and
+    Inductor then bypasses its on-disk graph cache, so that every new process compiled the periodic step from
+    scratch (minutes). The cells are checked before the call; the sum uses inv_ex."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    pos, batch, cell, q, mu, theta = _batch(4)
+    plan = periodic_plan(batch, cell, smearing=1.0, accuracy=1e-4)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def energy(r):
+        phi, field, grad = traced_ewald_fields(r, batch, cell, plan, q, mu, theta, smearing=1.0)
+        return (q * phi).sum() - (mu * field).sum() - 0.5 * (theta * grad).sum()
+
+    prepare_periodic_table((0, 1, 2), (0, 1, 2), 1.0, DT, "cpu")  # as LongRangeBlock.prepare_compiled does
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.func.grad(energy), backend=aot_autograd(fw_compiler=capture), fullgraph=True)
+    torch.testing.assert_close(compiled(pos), torch.func.grad(energy)(pos), rtol=1e-12, atol=1e-12)
+    assert graphs
+    targets = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert not [t for t in targets if "with_effects" in t or "check_errors" in t], sorted(targets)
