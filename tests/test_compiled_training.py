@@ -276,3 +276,18 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
     for k in state_e:
         if state_e[k].is_floating_point():
             torch.testing.assert_close(state_c[k], state_e[k], rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_step_names_an_unsupported_periodic_batch():
+    """Called on a batch of periodic cells it cannot take (a slab among them), the step says why instead of failing
+    inside the trace."""
+    cells = _cells()
+    slab = cells[1].copy()
+    slab.center(vacuum=5.0, axis=2)
+    slab.pbc = [True, True, False]
+    structures = [cells[0], slab]
+    batch = collate(read_dataset(structures, cutoff=3.5, require=()))
+    step = CompiledLossGradient(_model(structures, long_range="multipole"), loss_weights({}))
+    assert "slabs" in step.unsupported(batch)
+    with pytest.raises(ValueError, match="cannot take the compiled step: long-range models on slabs"):
+        step(batch)

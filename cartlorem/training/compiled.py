@@ -135,6 +135,8 @@ class CompiledLossGradient:
         block = getattr(self.model, "long_range_block", None)
         if block is not None and bool(batch.pbc.any()):  # periodic cells only (unsupported())
             pairs = self._plan_of(batch)
+            if pairs is None:
+                raise ValueError(f"this batch cannot take the compiled step: {self.unsupported(batch)}")
             for t in pairs:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
                 if t.dim() > 1:
