@@ -37,9 +37,8 @@ import numpy as np
 import torch
 
 from ..tensors.harmonics import stf
-from .ewald import kvector_indices, tail_parameter
+from .ewald import kvector_indices, phase_sum, tail_parameter, wrap_positions
 from .kernels import (
-    _I_POWER,
     InteractionTensors,
     Layout,
     erf_kernel_at_origin,
@@ -117,7 +116,7 @@ def plan_fits(plan: PeriodicPlan) -> bool:
 
 
 class _PeriodicTable:
-    """The constants of one traced sum: layouts, the (i k)^idx signs, the self matrix, the output signs."""
+    """The constants of one traced sum: layouts, the self matrix, the output signs."""
 
     def __init__(self, ranks: tuple, source_ranks: tuple, smearing: float, dtype, device):
         self.rows, self.cols = Layout(ranks), Layout(source_ranks)
@@ -126,15 +125,6 @@ class _PeriodicTable:
         B = [torch.tensor(b, dtype=dtype, device=device) for b in erf_kernel_at_origin(self.alpha, tensors.max_order)]
         self.self_matrix = tensors.matrix_at_origin(B)  # [rows, cols]
         self.output_signs = self.rows.output_signs(dtype, device)
-        #: the weights of :func:`.kernels.pack_sources`: (-1)^k / k! times the component's multiplicity
-        self.pack_weights = pack_sources(self.cols, *[torch.ones((1, 1) + (3,) * r, dtype=dtype, device=device)
-                                                      if r in self.cols.ranks else None for r in range(3)])[0, :, 0]
-
-        def signs(layout, part):
-            return torch.tensor([_I_POWER[len(i) % 4][part] for i in layout.indices], dtype=dtype, device=device)
-
-        self.row_signs = (signs(self.rows, 0), signs(self.rows, 1))
-        self.col_signs = (signs(self.cols, 0), signs(self.cols, 1))
 
 
 #: Tables built so far, by (ranks, source ranks, smearing, dtype, device); a plain dict, as
@@ -161,18 +151,6 @@ def prepare_periodic_table(ranks, source_ranks, smearing: float, dtype, device) 
     _table(_ranks(ranks), _ranks(source_ranks), smearing, dtype, torch.device(device))
 
 
-def _monomials(layout: Layout, k: torch.Tensor) -> torch.Tensor:
-    """k^idx of every component of ``layout``: k [..., 3] -> [..., n]."""
-    ones = torch.ones_like(k[..., 0])
-    cols = []
-    for idx in layout.indices:
-        mono = ones
-        for axis in idx:
-            mono = mono * k[..., axis]
-        cols.append(mono)
-    return torch.stack(cols, dim=-1)
-
-
 def traced_ewald_fields(positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor, plan: PeriodicPlan,
                         charges=None, dipoles=None, quadrupoles=None, *, smearing: float, prefactor: float = 1.0,
                         ranks=(0, 1, 2), traceless_gradient: bool = False) -> tuple:
@@ -189,22 +167,15 @@ def traced_ewald_fields(positions: torch.Tensor, batch: torch.Tensor, cell: torc
     rows, cols = t.rows, t.cols
     n_atoms, n_channels = positions.shape[0], next(iter(sources.values())).shape[1]
     n_cells, width = plan.slots.shape
-    n_k = plan.m.shape[1]
     n_rows, n_cols = len(rows), len(cols)
+    v = pack_sources(cols, charges, dipoles, quadrupoles)  # [N, n_cols, C]
 
-    # packed sources (.kernels.pack_sources): v [N, n_cols, C]
-    v = torch.stack([sources[len(idx)][(Ellipsis, *idx)] for idx in cols.indices], dim=1) * t.pack_weights[:, None]
-
-    # positions wrapped into their cells in float64 (.ewald.wrap_positions), then padded per cell
-    r64, c64 = positions.double(), cell.double()
-    inverse = torch.linalg.inv_ex(c64.detach()).inverse
-    shift = torch.floor(torch.einsum("ni,nij->nj", r64.detach(), inverse[batch]))
-    wrapped = (r64 - torch.einsum("ni,nij->nj", shift, c64[batch])).to(positions.dtype)
+    wrapped = wrap_positions(positions, cell[batch])  # each atom into its cell, in float64
 
     def pad(x):  # [N, ...] -> [B, M, ...], zeros in the empty slots
         return torch.cat([x, x.new_zeros((1,) + x.shape[1:])])[plan.slots]
 
-    r = pad(wrapped)  # [B, M, 3]
+    r = pad(wrapped)  # [B, M, 3], then padded per cell
     flat = pad(v.reshape(n_atoms, n_cols * n_channels))  # [B, M, n_cols C]
 
     # inv_ex: inv's error check is an effectful op, which keeps Inductor from caching the compiled step on disk
@@ -218,19 +189,7 @@ def traced_ewald_fields(positions: torch.Tensor, batch: torch.Tensor, cell: torc
 
     theta = k @ r.transpose(1, 2)  # [B, K, M]
     phase = torch.cat([torch.cos(theta), torch.sin(theta)], dim=1)  # [B, 2K, M]
-    ab = (phase @ flat).reshape(n_cells, 2, n_k, n_cols, n_channels)
-    a, b = ab[:, 0], ab[:, 1]  # [B, K, n_cols, C]: sum_j cos(k.r_j) v_j, sum_j sin(k.r_j) v_j
-    col = _monomials(cols, k)[..., None]  # [B, K, n_cols, 1]
-    col_re, col_im = col * t.col_signs[0][:, None], col * t.col_signs[1][:, None]
-    s_re = (col_re * a + col_im * b).sum(2)  # [B, K, C]: S = sum_b (i k)^b (a_b - i b_b)
-    s_im = (col_im * a - col_re * b).sum(2)
-    row = _monomials(rows, k) * weight[..., None]  # [B, K, n_rows]
-    row_re, row_im = (row * t.row_signs[0])[..., None], (row * t.row_signs[1])[..., None]
-    s_re, s_im = s_re[:, :, None], s_im[:, :, None]
-    z_re = row_re * s_re - row_im * s_im  # [B, K, n_rows, C]: Z = w (i k)^a S
-    z_im = row_re * s_im + row_im * s_re
-    z = torch.cat([z_re, -z_im], dim=1).reshape(n_cells, 2 * n_k, n_rows * n_channels)
-    out = (phase.transpose(1, 2) @ z).reshape(n_cells * width, n_rows, n_channels)  # sum_k Re[Z exp(i k.r)]
+    out = phase_sum(phase, flat, k, weight, rows, cols, n_channels).reshape(n_cells * width, n_rows, n_channels)
     out = out[plan.atom_slot]  # [N, n_rows, C]
 
     # the self term; a charged cell's uniform background adds nothing here: its potential

@@ -272,21 +272,8 @@ def reciprocal_sum(
         k = m_chunk.to(positions.dtype) @ recip  # [K, 3] (1/Å), differentiable in the cell
         weight = 2.0 * reciprocal_kernel((k * k).sum(-1), alpha) / volume  # [K], x2: both half spaces
         theta = k @ positions.transpose(0, 1)  # [K, N]
-        n_k = theta.shape[0]
-        phase = torch.cat([torch.cos(theta), torch.sin(theta)])  # [2K, N]: one GEMM each way, not two
-        ab = (phase @ flat).reshape(2, n_k, n_cols, n_channels)
-        a, b = ab[0], ab[1]  # [K, b, C]  sum_j cos(k.r_j) v_jb, sum_j sin(k.r_j) v_jb
-        col_re, col_im = (x[:, :, None] for x in cols.monomials(k))  # [K, b, 1]: (i k)^b
-        # S = sum_b (i k)^b (a_b - i b_b), as products and sums over b (a K-batched matmul of [1, b] rows is slow)
-        s_re = (col_re * a + col_im * b).sum(1)  # [K, C]
-        s_im = (col_im * a - col_re * b).sum(1)
-        row_re, row_im = rows.monomials(k)  # [K, a]
-        row_re, row_im = row_re * weight[:, None], row_im * weight[:, None]
-        # Z_a = w (i k)^a S
-        z_re = row_re[:, :, None] * s_re[:, None, :] - row_im[:, :, None] * s_im[:, None, :]  # [K, a, C]
-        z_im = row_re[:, :, None] * s_im[:, None, :] + row_im[:, :, None] * s_re[:, None, :]
-        # sum_k Re[Z exp(i k.r)] = sum_k cos(k.r) Z_re - sin(k.r) Z_im: [N, 2K] @ [2K, a * C]
-        return phase.T @ torch.cat([z_re, -z_im]).reshape(2 * n_k, -1)
+        phase = torch.cat([torch.cos(theta), torch.sin(theta)])  # [2K, N]
+        return phase_sum(phase, flat, k, weight, rows, cols, n_channels)
 
     out = positions.new_zeros(n_atoms, len(rows) * n_channels)
     k_size = max(1, K_BLOCK // n_atoms)
@@ -294,6 +281,28 @@ def reciprocal_sum(
         args = (m[k0 : k0 + k_size], positions, flat, recip, volume)
         out = out + (checkpoint(chunk, *args, use_reentrant=False) if use_checkpoint else chunk(*args))
     return out.reshape(n_atoms, len(rows), n_channels)
+
+
+def phase_sum(phase: torch.Tensor, flat: torch.Tensor, k: torch.Tensor, weight: torch.Tensor, rows: Layout,
+              cols: Layout, n_channels: int) -> torch.Tensor:
+    """``out_a(r_i) = sum_k w(k) Re[(i k)^a S(k) exp(i k.r_i)]``, ``S(k) = sum_j sum_b (i k)^b v_jb exp(-i k.r_j)``,
+    from the phases; any leading (batch) dimensions.
+
+    phase [..., 2K, N]: cos(k.r_j) over sin(k.r_j); flat [..., N, n_cols C] packed sources; k [..., K, 3];
+    weight [..., K] -> [..., N, n_rows C]. One GEMM into the structure factors, one back to the atoms.
+    """
+    n_k = k.shape[-2]
+    ab = (phase @ flat).unflatten(-1, (len(cols), n_channels))  # [..., 2K, b, C]
+    a, b = ab[..., :n_k, :, :], ab[..., n_k:, :, :]  # sum_j cos(k.r_j) v_jb, sum_j sin(k.r_j) v_jb
+    col_re, col_im = (x[..., None] for x in cols.monomials(k))  # [..., K, b, 1]: (i k)^b
+    # S = sum_b (i k)^b (a_b - i b_b), as products and sums over b (a K-batched matmul of [1, b] rows is slow)
+    s_re = (col_re * a + col_im * b).sum(-2)[..., None, :]  # [..., K, 1, C]
+    s_im = (col_im * a - col_re * b).sum(-2)[..., None, :]
+    row_re, row_im = (x[..., None] * weight[..., None, None] for x in rows.monomials(k))  # [..., K, a, 1]
+    z_re = row_re * s_re - row_im * s_im  # [..., K, a, C]: Z_a = w (i k)^a S
+    z_im = row_re * s_im + row_im * s_re
+    # sum_k Re[Z exp(i k.r)] = sum_k cos(k.r) Z_re - sin(k.r) Z_im: [..., N, 2K] @ [..., 2K, a C]
+    return phase.transpose(-1, -2) @ torch.cat([z_re, -z_im], dim=-3).flatten(-2)
 
 
 def wrap_positions(positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
@@ -304,12 +313,14 @@ def wrap_positions(positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
     change (d wrapped / d r = identity). ``n`` and the subtraction are computed in float64 and the result
     is cast back, so float32 inputs far from the origin (unwrapped MD trajectories) keep their
     float32 resolution in every phase ``k . r`` and pair vector afterwards.
-    positions [N, 3] (Å); cell [3, 3] (Å, rows are lattice vectors) -> [N, 3] (Å), positions' dtype.
+    positions [N, 3] (Å); cell [3, 3], or [N, 3, 3] each atom's own (Å, rows are lattice vectors) -> [N, 3] (Å),
+    positions' dtype. (``inv_ex``: no error check, which would be an effectful op in a compiled graph and keep
+    Inductor from caching it; the cells are checked before.)
     """
-    r64 = positions.double()
+    r64 = positions.double()[:, None, :]  # [N, 1, 3]
     c64 = cell.double()
-    n = torch.floor(r64.detach() @ torch.linalg.inv(c64.detach()))  # [N, 3] integers, no gradient
-    return (r64 - n @ c64).to(positions.dtype)
+    n = torch.floor(r64.detach() @ torch.linalg.inv_ex(c64.detach()).inverse)  # [N, 1, 3] integers, no gradient
+    return (r64 - n @ c64)[:, 0].to(positions.dtype)
 
 
 def ewald_sum(

@@ -370,10 +370,9 @@ def _cells_in_one_sum(positions, batch, cell, charges, dipoles, quadrupoles, *, 
     order = max(rows.ranks) + max(cols.ranks)
     n_channels = next(iter(m.values())).shape[1]
     beta = smearing_beta(float(smearing))
+    _finite("cell", _tensor("cell", cell, positions))
     counts = torch.bincount(batch, minlength=cell.shape[0]).tolist()
-    for b in range(cell.shape[0]):
-        c = _tensor("cell", cell[b], positions)
-        _finite("cell", c)
+    for b, c in enumerate(cell):
         check_periodic_cell(c)
         if counts[b] == 0:
             continue

@@ -76,19 +76,19 @@ class Layout:
     def monomials(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fourier factors (i k)^idx of every component, split as real and imaginary parts.
 
-        k [K, 3] (1/Å) -> (re [K, n], im [K, n]).
+        k [..., 3] (1/Å) -> (re [..., n], im [..., n]).
         """
         cols, re_sign, im_sign = [], [], []
-        ones = torch.ones_like(k[:, 0])
+        ones = torch.ones_like(k[..., 0])
         for idx in self.indices:
             mono = ones
             for axis in idx:
-                mono = mono * k[:, axis]
+                mono = mono * k[..., axis]
             cols.append(mono)
             re, im = _I_POWER[len(idx) % 4]
             re_sign.append(re)
             im_sign.append(im)
-        mono = torch.stack(cols, dim=1)  # [K, n]
+        mono = torch.stack(cols, dim=-1)  # [..., n]
         re_sign = torch.tensor(re_sign, dtype=k.dtype, device=k.device)
         im_sign = torch.tensor(im_sign, dtype=k.dtype, device=k.device)
         return mono * re_sign, mono * im_sign

@@ -294,8 +294,9 @@ class LongRangeBlock(nn.Module):
         admits (the eager sum then chooses real space or PME for the large cells)."""
         if graph.pbc.numel() == 0 or not bool(graph.pbc.all()):
             return None
-        plan = periodic_plan(graph.batch, graph.cell, smearing=self.smearing, accuracy=self.accuracy,
-                             ranks=self._sum_ranks()[0], source_ranks=self._sum_ranks()[1])
+        ranks, source_ranks = self._sum_ranks()
+        plan = periodic_plan(graph.batch, graph.cell, smearing=self.smearing, accuracy=self.accuracy, ranks=ranks,
+                             source_ranks=source_ranks)
         return plan if plan_fits(plan) else None
 
     def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor, pairs=None) -> dict:

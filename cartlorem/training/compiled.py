@@ -133,23 +133,20 @@ class CompiledLossGradient:
         species = self.model.species_index(batch.species)  # checked here: the compiled code does no checks
         pairs = None
         block = getattr(self.model, "long_range_block", None)
-        if block is not None and bool(batch.pbc.any()):  # periodic cells only (unsupported())
-            pairs = self._plan_of(batch)
-            if pairs is None:
-                raise ValueError(f"this batch cannot take the compiled step: {self.unsupported(batch)}")
-            for t in pairs:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-                if t.dim() > 1:
-                    torch._dynamo.maybe_mark_dynamic(t, 1)
-            block.prepare_compiled(batch.positions.dtype, batch.positions.device)
-        elif block is not None:  # open structures (unsupported()): every intra-structure pair
-            pairs = molecule_pairs(batch.batch, unordered=True)  # each pair once
-            if block.smearing is None and pairs[0].numel():  # point multipoles must not overlap
-                d2 = ((batch.positions[pairs[0]] - batch.positions[pairs[1]]) ** 2).sum(-1)
-                if bool((d2 < OVERLAP_DISTANCE**2).any()):
-                    raise ValueError(f"point multipoles closer than {OVERLAP_DISTANCE} Å in the batch")
-            for t in pairs:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
+        if block is not None:
+            if bool(batch.pbc.any()):  # periodic cells only (unsupported()): one Ewald sum over them all
+                pairs = self._plan_of(batch)
+                if pairs is None:
+                    raise ValueError(f"this batch cannot take the compiled step: {self.unsupported(batch)}")
+            else:  # open structures (unsupported()): every intra-structure pair
+                pairs = molecule_pairs(batch.batch, unordered=True)  # each pair once
+                if block.smearing is None and pairs[0].numel():  # point multipoles must not overlap
+                    d2 = ((batch.positions[pairs[0]] - batch.positions[pairs[1]]) ** 2).sum(-1)
+                    if bool((d2 < OVERLAP_DISTANCE**2).any()):
+                        raise ValueError(f"point multipoles closer than {OVERLAP_DISTANCE} Å in the batch")
+            for t in pairs:  # pairs; or cells, k-vectors and atom slots: their counts vary from batch to batch
+                for dim in range(min(t.dim(), 2)):
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
             block.prepare_compiled(batch.positions.dtype, batch.positions.device)  # the trace finds its tables
         stress = bool(self.weights.get("stress", 0.0) > 0 and batch.stress is not None and batch.has_stress.any())
         frozen = {n: t.detach() for n, t in self._energy.named_buffers()}
