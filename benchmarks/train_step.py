@@ -65,8 +65,10 @@ VARIANTS = ("", "@ref", "@pair_fields", "/zero-fields", "/zero-fields-detached")
 #: "+compile": the compiled step of train(compile=True) (cartlorem.training.compiled), for every model kind
 #: including none; its ratios ("÷ none") are to none+compile. Not in the default variants (minutes of
 #: compilation per model). "+compile/zero-fields" and "+compile/zero-fields-detached": the compiled step with
-#: the variant's zero fields (the split above, for the compiled step; each compiles anew).
-ALL_VARIANTS = VARIANTS + ("+compile", "+compile/zero-fields", "+compile/zero-fields-detached")
+#: the variant's zero fields (the split above, for the compiled step; each compiles anew). "+compile/unlinearized":
+#: the compiled step with the open-molecule pair sum differentiated through the kernel (traced_pair_fields with
+#: linearized=False, the form before session 25) instead of its first-order expansion.
+ALL_VARIANTS = VARIANTS + ("+compile", "+compile/zero-fields", "+compile/zero-fields-detached", "+compile/unlinearized")
 
 
 def _zero_fields(positions, batch, cell, pbc, charges=None, dipoles=None, quadrupoles=None, *, ranks=(0, 1, 2),
@@ -125,6 +127,13 @@ def variant(name):
             return out
 
         long_range.LongRangeBlock.forward = detached
+    if name.endswith("/unlinearized"):
+        exact = saved[4]
+
+        def unlinearized(*a, **k):
+            return exact(*a, **{**k, "linearized": False})
+
+        long_range.traced_pair_fields = unlinearized
     if name.endswith("@ref"):
         RadialKernel.derivatives = RadialKernel.derivatives_autograd
     if name.endswith("@pair_fields"):
@@ -704,7 +713,7 @@ def main(argv=None):
                     row["cpu_ratio_to_none"] = round(t["cpu_median"] / base["cpu_median"], 3)
                     row["lr_overhead_s"] = round(t["median"] - base["median"], 5)
                 row.update(compile_info.get(kind, {}))
-                if args.profile_steps and (kind in kinds or kind.endswith("+compile")) and args.device == "cpu":
+                if args.profile_steps and (kind in kinds or "+compile" in kind) and args.device == "cpu":
                     row["profile"] = profile_step(steps[kind], args.profile_steps)
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)

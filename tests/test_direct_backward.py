@@ -449,18 +449,27 @@ def test_traced_pair_fields_first_called_inside_torch_func(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("linearized", [False, True])
 @pytest.mark.parametrize("smearing", [None, 0.8])
-def test_traced_pair_fields_equal_open_molecules_fields_under_torch_func(smearing):
-    """traced_pair_fields (the compiled training step's field sum) gives open_molecules_fields' fields, and under
-    torch.func (grad of a force loss in the sources) the gradients autograd gives through the autograd Functions."""
+def test_traced_pair_fields_equal_open_molecules_fields_under_torch_func(smearing, linearized):
+    """traced_pair_fields (the compiled training step's field sum) gives open_molecules_fields' fields, their
+    derivatives in the positions, and under torch.func (grad of a force loss in the sources) the gradients autograd
+    gives through the autograd Functions; ``linearized`` too (the pair features expanded to first order about
+    the positions: what training needs is exact)."""
     from cartlorem.ewald.direct import molecule_pairs, open_molecules_fields, traced_pair_fields
 
     batch, pos, q, mu, th = _molecules()
     pairs = molecule_pairs(batch, unordered=True)
     ref = open_molecules_fields(pos, batch, q, mu, th, smearing=smearing)
-    got = traced_pair_fields(pos, pairs, q, mu, th, smearing=smearing)
+    got = traced_pair_fields(pos, pairs, q, mu, th, smearing=smearing, linearized=linearized)
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    weights = [torch.randn_like(a, generator=torch.Generator().manual_seed(k)) for k, a in enumerate(ref)]
+    (f_ref,) = torch.autograd.functional.vjp(lambda x: open_molecules_fields(x, batch, q, mu, th, smearing=smearing),
+                                             pos, tuple(weights))[1:]
+    (f_got,) = torch.func.vjp(lambda x: traced_pair_fields(x, pairs, q, mu, th, smearing=smearing,
+                                                           linearized=linearized), pos)[1](tuple(weights))
+    torch.testing.assert_close(f_got, f_ref, rtol=1e-11, atol=1e-12)
 
     def force_loss(fn, qq, positions):
         def energy(x):
@@ -468,7 +477,7 @@ def test_traced_pair_fields_equal_open_molecules_fields_under_torch_func(smearin
             return (qq * f[0]).sum() - (mu * f[1]).sum() - 0.5 * (th * f[2]).sum()
         return (torch.func.grad(energy)(positions) ** 2).sum()
 
-    traced = lambda x, qq: traced_pair_fields(x, pairs, qq, mu, th, smearing=smearing)  # noqa: E731
+    traced = lambda x, qq: traced_pair_fields(x, pairs, qq, mu, th, smearing=smearing, linearized=linearized)  # noqa: E731
     g_func = torch.func.grad(lambda qq: force_loss(traced, qq, pos))(q)
     qa, xa = q.clone().requires_grad_(True), pos.clone().requires_grad_(True)
     f = open_molecules_fields(xa, batch, qa, mu, th, smearing=smearing)

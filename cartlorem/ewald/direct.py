@@ -350,7 +350,25 @@ def prepare_pair_table(ranks, source_ranks, dtype, device, traceless_gradient: b
     _coupling_table(_rank_set(ranks), _rank_set(source_ranks), dtype, torch.device(device), bool(traceless_gradient))
 
 
-def _field_sum_reference(pos, v, i, j, kernel, t, prefactor, traced: bool = False, unordered: bool = False):
+def _linearized_features(R: torch.Tensor, kernel, t) -> torch.Tensor:
+    """The pair features ``B_n(R) R^p`` [P, F] of :func:`_field_sum_reference` as their first-order expansion about
+    the pair vectors' own values: ``f(R0) + (R - R0) . df/dR(R0)`` with R0 = R.detach(), the kernel and its slope
+    evaluated once, without gradient. The value and the first derivative in R are exact (R - R0 is zero), and the
+    result is linear in R, so its second derivative in R is zero instead of the kernel's curvature. The slope is
+    the rows of :class:`PairListSum`'s backward: ``dR^p/dR_x B_n - R_x B_(n+1) R^p``."""
+    R0 = R.detach()
+    r2 = (R0 * R0).sum(-1)
+    B = torch.stack(kernel.derivatives_autograd(r2, torch.ones_like(r2, dtype=torch.bool), t.max_order + 1,
+                                                dense=True), dim=1)  # [P, max_order + 2]
+    mono = t.monomials(R0)
+    features = B.index_select(1, t.orders) * mono.index_select(1, t.columns)  # [P, F]
+    G = (B.index_select(1, t.grad_orders) * mono.index_select(1, t.grad_columns)).view(R.shape[0], 4, -1) * t.grad_coef
+    slope = G[:, :3] + R0[:, :, None] * G[:, 3:]  # [P, 3, F]: d features / dR
+    return features + ((R - R0)[:, :, None] * slope).sum(1)
+
+
+def _field_sum_reference(pos, v, i, j, kernel, t, prefactor, traced: bool = False, unordered: bool = False,
+                         linearized: bool = False):
     """The sum of :class:`PairListSum` op by op (autograd records every step; the path of Hessians and
     higher orders): out [N, A, C]. ``traced``: the kernel op by op too (torch.func and torch.compile, which
     cannot differentiate the autograd Function of :meth:`RadialKernel.derivatives`). ``unordered``: every
@@ -358,13 +376,16 @@ def _field_sum_reference(pos, v, i, j, kernel, t, prefactor, traced: bool = Fals
     (-1)^(l_a + l_b) (:class:`_CouplingTable`), so each matrix is built once and applied to both sources in
     one product."""
     R = pos[i] - pos[j]
-    r2 = (R * R).sum(-1)
-    valid = torch.ones_like(r2, dtype=torch.bool)
-    if traced:
-        B = torch.stack(kernel.derivatives_autograd(r2, valid, t.max_order, dense=True), dim=1)
+    if linearized:
+        features = _linearized_features(R, kernel, t)
     else:
-        B = torch.stack(kernel.derivatives(r2, valid, t.max_order), dim=1)
-    features = B.index_select(1, t.orders) * t.monomials(R).index_select(1, t.columns)  # [P, F]
+        r2 = (R * R).sum(-1)
+        valid = torch.ones_like(r2, dtype=torch.bool)
+        if traced:
+            B = torch.stack(kernel.derivatives_autograd(r2, valid, t.max_order, dense=True), dim=1)
+        else:
+            B = torch.stack(kernel.derivatives(r2, valid, t.max_order), dim=1)
+        features = B.index_select(1, t.orders) * t.monomials(R).index_select(1, t.columns)  # [P, F]
     K = (features @ t.coef).reshape(R.shape[0], t.n_rows, t.n_cols) * prefactor
     x = _gather(v, j, i, t.col_parity, unordered)
     if traced and K.shape[1] * K.shape[2] > 1:
@@ -542,6 +563,7 @@ def pair_list_fields(
     traced: bool = False,
     traceless_gradient: bool = False,
     unordered: bool = False,
+    linearized: bool = False,
 ) -> dict:
     """Fields at the targets of an explicit list of directed pairs (open boundaries, no images).
 
@@ -580,7 +602,8 @@ def pair_list_fields(
             parts.append(x.reshape(n_atoms, n_ch, 3**r).transpose(1, 2))
     v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     if traced:
-        out = _field_sum_reference(positions, v, i, j, kernel, t, float(prefactor), traced=True, unordered=unordered)
+        out = _field_sum_reference(positions, v, i, j, kernel, t, float(prefactor), traced=True, unordered=unordered,
+                                   linearized=linearized)
     elif i.numel():
         out = PairListSum.apply(positions, v, i, j, kernel, t, float(prefactor), bool(unordered))  # [N, A, C]
     else:
@@ -650,15 +673,22 @@ def open_molecules_fields(positions, batch, charges=None, dipoles=None, quadrupo
 
 
 def traced_pair_fields(positions, pairs, charges=None, dipoles=None, quadrupoles=None, *, smearing=None,
-                       prefactor=1.0, ranks=(0, 1, 2), traceless_gradient=False) -> tuple:
+                       prefactor=1.0, ranks=(0, 1, 2), traceless_gradient=False, linearized=False) -> tuple:
     """:func:`open_molecules_fields` for the compiled training step (:mod:`cartlorem.training.compiled`):
     the intra-structure pairs ``pairs`` = (i, j) of ``molecule_pairs(batch, unordered=True)`` given (each
     pair once), no input checks (the
     caller has made them where it built the pairs: every structure open, no overlapping point multipoles),
-    every step op by op, so that torch.func differentiates it and torch.compile traces it whole."""
+    every step op by op, so that torch.func differentiates it and torch.compile traces it whole.
+
+    ``linearized``: the pair features ``B_n(R) R^p`` to first order about the positions' values
+    (:func:`_linearized_features`). The fields, their first derivatives in the positions and all their derivatives
+    in the sources are unchanged; the second derivative in the positions loses the kernel's curvature. A force
+    loss's gradient in the parameters needs no more than that, and the compiled training step (the long-range
+    block with ``pairs``) then evaluates the kernel and its slope once, without gradient, instead of
+    differentiating them twice (benchmarks/README.md, "The compiled step's pair sum, linearised")."""
     i, j = pairs
     m = {r: x for r, x in enumerate((charges, dipoles, quadrupoles)) if x is not None}
     kernel = RadialKernel.coulomb() if smearing is None else RadialKernel.smeared(float(smearing))
     out = pair_list_fields(positions, i, j, m, kernel, ranks, prefactor, traced=True,
-                           traceless_gradient=traceless_gradient, unordered=True)
+                           traceless_gradient=traceless_gradient, unordered=True, linearized=linearized)
     return tuple(out.get(r) for r in (0, 1, 2))

@@ -312,7 +312,10 @@ class LongRangeBlock(nn.Module):
         unordered=True)`` when every
         structure is open and the caller has checked the batch (the compiled training step,
         :mod:`cartlorem.training.compiled`): the field sum then runs op by op over them with no
-        value-dependent step (:func:`cartlorem.ewald.direct.traced_pair_fields`). Or, when every structure is a
+        value-dependent step (:func:`cartlorem.ewald.direct.traced_pair_fields`), its pair features linearised
+        about the positions: exact values, first derivatives in the positions and every derivative in the
+        parameters (what the training loss's gradient takes), but no curvature of the kernel in a second
+        derivative in the positions (a Hessian: leave ``pairs`` None). Or, when every structure is a
         periodic cell, :meth:`periodic_plan`'s plan: one Ewald sum over all the cells, again with no
         value-dependent step (:func:`cartlorem.ewald.cells.traced_ewald_fields`).
         """
@@ -330,7 +333,7 @@ class LongRangeBlock(nn.Module):
                                            smearing=self.smearing, ranks=ranks, traceless_gradient=True)
             if pairs is not None:
                 return traced_pair_fields(positions, pairs, charges, dipoles, quadrupoles, smearing=self.smearing,
-                                          ranks=ranks, traceless_gradient=True)
+                                          ranks=ranks, traceless_gradient=True, linearized=True)
             f = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=charges, dipoles=dipoles,
                                          quadrupoles=quadrupoles, smearing=self.smearing, accuracy=self.accuracy,
                                          ranks=ranks, traceless_gradient=True)
