@@ -8,6 +8,7 @@ compiling (fast), and once compiled through ``train`` (one compilation: about a 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -60,6 +61,31 @@ def _cells(seed=0):
     return [_labelled(rng, small), _labelled(rng, cubic), _labelled(rng, charged)]
 
 
+def _slabs(seed=0, with_cell=False):
+    """Slabs (pbc = [True, True, False]) of different sizes and shapes: one with its third cell row tilted off the
+    normal and atoms outside the cell, the same charged; with ``with_cell`` also a periodic cell (a mixed batch)."""
+    rng = np.random.default_rng(seed)
+    flat = bulk("Si", "diamond", a=5.43, cubic=True)
+    flat.symbols = ["Si", "O"] * 4
+    flat.center(vacuum=4.0, axis=2)
+    flat.pbc = [True, True, False]
+    tilted = bulk("Si", "diamond", a=5.43, cubic=False)
+    tilted.symbols = ["Si", "O"]
+    tilted = tilted.repeat((1, 1, 2))
+    tilted.pbc = [True, True, False]
+    cell = tilted.cell.array.copy()
+    normal = np.cross(cell[0], cell[1])
+    normal /= np.linalg.norm(normal)
+    tilted.set_cell([cell[0], cell[1], cell[2] + 12.0 * normal], scale_atoms=False)
+    tilted.positions += 0.7 * cell[0] - 1.5 * normal  # unwrapped, below the plane
+    charged = tilted.copy()  # a charged slab's energy depends on its place in the frame's cell: the shift matters
+    charged.info["total_charge"] = -1.0
+    out = [_labelled(rng, flat), _labelled(rng, tilted), _labelled(rng, charged)]
+    if with_cell:
+        out += _cells(seed)[:1]
+    return out
+
+
 def _model(structures, long_range=None, **kw):
     species = sorted({int(z) for a in structures for z in a.numbers})
     torch.manual_seed(0)
@@ -81,18 +107,22 @@ def _eager_gradient(model, batch, weights):
 @pytest.mark.parametrize("kind, weights", [(None, {}), (None, {"stress": 0.0}), (None, {"energy": 0.0, "stress": 5.0}),
                                            ("multipole", {}), ("lorem", {}), ("multipole", {"energy": 0.0}),
                                            ("multipole/cells", {}), ("lorem/cells", {}),
-                                           ("multipole/cells", {"energy": 0.0, "forces": 0.0, "stress": 5.0})])
-def test_functional_gradient_equals_autograd(kind, weights):
+                                           ("multipole/cells", {"energy": 0.0, "forces": 0.0, "stress": 5.0}),
+                                           ("multipole/slabs", {}), ("lorem/slabs", {})])
+def test_functional_gradient_equals_autograd(monkeypatch, kind, weights):
     """The function that is compiled, run eagerly: loss, terms and every parameter gradient as autograd's, with
     partly labelled structures (a molecule without energy, one without forces) and a periodic cell's stress
     (local models; long-range ones on the molecules: their field sum op by op over the given pairs). "/cells":
     a long-range model on a batch of periodic cells (two sizes, one charged) with stress, its Ewald sum
     traced for all cells at once (cartlorem.ewald.cells) against the eager per-cell sum, which chooses the same
-    splitting for these small cells, so the two agree to rounding."""
+    splitting for these small cells, so the two agree to rounding. "/slabs": three slabs (one tilted and unwrapped,
+    one charged) and a periodic cell in one batch: the slabs' frames, elongated cells and slab corrections
+    traced with the cell's sum; the eager sum (slab_sum per slab) held to the same splitting, alpha = beta (it
+    would put part of these sparse cells' sums in real space: the same fields to the accuracy only)."""
     kind, _, cells = (kind or "").partition("/")
     kind = kind or None
     if cells:
-        structures = _cells()
+        structures = _cells() if cells == "cells" else _slabs(with_cell=True)
     else:
         structures = _structures()
         if kind is not None:
@@ -104,7 +134,14 @@ def test_functional_gradient_equals_autograd(kind, weights):
     assert bool(batch.has_stress.any()) == (kind is None or bool(cells))
     model = _model(structures, long_range=kind).train()
     w = loss_weights(weights)
+    if cells == "slabs":
+        from cartlorem.ewald import ewald
+
+        monkeypatch.setattr(ewald, "_choose_alpha", lambda *args: math.inf)  # capped at beta
     loss_ref, terms_ref, grads_ref = _eager_gradient(model, batch, w)
+    monkeypatch.undo()
+    assert not cells or isinstance(model.long_range_block.periodic_plan(batch).slab, torch.Tensor) == (
+        cells == "slabs")
 
     step = CompiledLossGradient(model, w)
     step._fn = step._loss_and_grad  # eager: the same function without torch.compile
@@ -142,22 +179,25 @@ def test_loss_terms_count_labelled_items_only():
         assert int(items) == count, name
 
 
+def _open_and_periodic():
+    """A molecule and a periodic cell: a batch of both is not in the compiled step of long-range models."""
+    rng = np.random.default_rng(0)
+    return [_labelled(rng, molecule("H2O"), stress=False), _cells()[0]]
+
+
 def test_unsupported_batches_run_eagerly(caplog):
-    """A long-range model on a slab under compile=True trains as without it (that batch eagerly), and says why."""
-    slab = bulk("Si", "diamond", a=5.43, cubic=True)
-    slab.symbols = ["Si", "O"] * 4
-    slab.center(vacuum=5.0, axis=2)
-    slab.pbc = [True, True, False]
-    structures = [_labelled(np.random.default_rng(0), slab)] * 3
-    graphs = read_dataset(structures, cutoff=3.5)
+    """A long-range model on a batch that mixes a molecule with a periodic cell trains under compile=True as
+    without it (that batch eagerly), and says why."""
+    structures = _open_and_periodic()
+    graphs = read_dataset(structures, cutoff=3.5, require=())
     losses = []
     for flag in (False, True):
         model = _model(structures, long_range="multipole")
         with caplog.at_level(logging.WARNING, logger="cartlorem.training"):
-            result = train(model, graphs, epochs=1, batch_size=2, progress=False, compile=flag)
+            result = train(model, graphs, epochs=1, batch_size=2, progress=False, compile=flag, weights={"stress": 0.0})
         losses.append(result.history[-1]["train_loss"])
     assert losses[0] == losses[1]
-    assert "long-range models on slabs" in caplog.text and "not in the compiled step" in caplog.text
+    assert "mix open structures with periodic cells" in caplog.text and "not in the compiled step" in caplog.text
 
 
 def test_train_with_the_functional_gradient_equals_eager(eager_compiled_step):
@@ -218,7 +258,7 @@ def test_failed_compilation_names_the_tested_torch(monkeypatch, caplog):
     assert compiled_mod.version_note("2.9.1").startswith("the compiled step is tested with torch 2.13")
 
 
-@pytest.mark.parametrize("kind", [None, "multipole", "multipole/light", "multipole/cells"])
+@pytest.mark.parametrize("kind", [None, "multipole", "multipole/light", "multipole/cells", "multipole/slabs"])
 def test_compiled_training_equals_eager(monkeypatch, kind):
     """train(compile=True) gives the eager run's losses and weights to float64 rounding (a local model; a
     long-range one on molecules, its field sum traced over the pairs the step gives it). The step is compiled
@@ -230,7 +270,8 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
     (~30 s of symbolic Python per compilation). "multipole/light": long_range_options end_features "light" (its
     skip shared by the species on ranks 1, 2 traced too). "multipole/cells": periodic cells of 2 and 8 atoms, one
     charged, with stress; every batch's Ewald sum traced for all its cells at once (cartlorem.ewald.cells), atom
-    slots and k-vectors padded to the batch's largest cell."""
+    slots and k-vectors padded to the batch's largest cell. "multipole/slabs": slabs (one tilted and unwrapped,
+    one charged), their frames, elongated cells and corrections traced too."""
     from cartlorem.ewald import cells as cells_mod
     from cartlorem.ewald import direct
 
@@ -240,6 +281,11 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
     monkeypatch.setattr(compiled_mod, "BACKEND", "aot_eager")
     if variant == "cells":
         structures, weights = _cells(2) * 2, {}
+    elif variant == "slabs":
+        structures, weights = _slabs(2) * 2, {}
+        from cartlorem.ewald import ewald
+
+        monkeypatch.setattr(ewald, "_choose_alpha", lambda *args: math.inf)  # the eager sum at the traced splitting
     else:
         structures, weights = [a for a in _structures(2) if kind is None or not a.pbc.any()] * 2, {"stress": 0.0}
     graphs = read_dataset(structures, cutoff=3.5, require=())
@@ -279,15 +325,16 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
 
 
 def test_compiled_step_names_an_unsupported_periodic_batch():
-    """Called on a batch of periodic cells it cannot take (a slab among them), the step says why instead of failing
-    inside the trace."""
-    cells = _cells()
-    slab = cells[1].copy()
-    slab.center(vacuum=5.0, axis=2)
-    slab.pbc = [True, True, False]
-    structures = [cells[0], slab]
+    """Called on a batch it cannot take (a molecule beside a periodic cell), the step says why instead of failing
+    inside the trace; a pbc pattern that no long-range model takes gets the eager model's error."""
+    structures = _open_and_periodic()
     batch = collate(read_dataset(structures, cutoff=3.5, require=()))
     step = CompiledLossGradient(_model(structures, long_range="multipole"), loss_weights({}))
-    assert "slabs" in step.unsupported(batch)
-    with pytest.raises(ValueError, match="cannot take the compiled step: long-range models on slabs"):
+    assert "mix open structures" in step.unsupported(batch)
+    with pytest.raises(ValueError, match="cannot take the compiled step: batches that mix open structures"):
         step(batch)
+    wire = _cells()[0].copy()
+    wire.pbc = [True, False, False]
+    batch = collate(read_dataset([wire], cutoff=3.5, require=()))
+    with pytest.raises(ValueError, match=r"pbc = \[True, False, False\]"):
+        step.unsupported(batch)

@@ -24,20 +24,26 @@ the sum of every cell of the batch runs as one set of batched operations (:func:
 With alpha = beta in the eager sum too (the cells above) the two agree to rounding; otherwise to the
 requested accuracy. The eager :func:`.fields.batched_multipole_fields` uses this sum too, for batches of
 periodic cells that all get alpha = beta there (no pass per cell). The cell enters differentiably (k-vectors,
-volume), so the stress is the strain derivative as in the eager path. Slabs and open structures are not summed here.
+volume), so the stress is the strain derivative as in the eager path.
+
+Slabs (pbc = [True, True, False]) take part as in :func:`.slab.slab_sum`: given in its frame (the third row
+orthogonal to the plane, the atoms inside; the long-range block's :func:`~cartlorem.nn.long_range.slab_frame`),
+a slab's cell is elongated along the normal by :func:`.slab.vacuum_gap` (its k-vectors are that cell's), and
+the plane-averaged correction of every slab is added from per-cell sums. Open structures are not summed here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from ..tensors.harmonics import stf
 from .ewald import kvector_indices, phase_sum, tail_parameter, wrap_positions
+from .slab import vacuum_gap
 from .kernels import (
     InteractionTensors,
     Layout,
@@ -61,12 +67,27 @@ class PeriodicPlan(NamedTuple):
     slots [B, M] long: the atom in each cell's padded row (N, a zero row, where the cell has fewer than M atoms);
     atom_slot [N] long: the flat slot b M + s of every atom; m [B, K, 3]: every cell's integer k-vector indices
     (one of each pair k, -k), zero rows where a cell has fewer than K; k_mask [B, K] bool: the real rows.
+    With slabs in the batch (else None): slab [B] bool, which cells are slabs; gap [B] float64, the vacuum (Å)
+    each slab's sum adds along its normal (:func:`.slab.vacuum_gap`; 0 for the others); shift [N, 3], the
+    caller's constant translation of every atom into its slab's frame (the long-range block's; zero rows
+    elsewhere).
     """
 
     slots: torch.Tensor
     atom_slot: torch.Tensor
     m: torch.Tensor
     k_mask: torch.Tensor
+    slab: Optional[torch.Tensor] = None
+    gap: Optional[torch.Tensor] = None
+    shift: Optional[torch.Tensor] = None
+
+    def sized_dims(self) -> list:
+        """(tensor, dim) of every size that changes from batch to batch: cells, slots, k-vectors, atoms."""
+        dims = [(self.slots, 0), (self.slots, 1), (self.atom_slot, 0), (self.m, 0), (self.m, 1), (self.k_mask, 0),
+                (self.k_mask, 1)]
+        if self.slab is not None:
+            dims += [(self.slab, 0), (self.gap, 0), (self.shift, 0)]
+        return dims
 
 
 def _order(ranks, source_ranks) -> int:
@@ -79,11 +100,15 @@ def k_cutoff(smearing: float, accuracy: float, order: int) -> float:
 
 
 def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, accuracy: float, ranks=(0, 1, 2),
-                  source_ranks=(0, 1, 2)) -> PeriodicPlan:
+                  source_ranks=(0, 1, 2), slab: Optional[torch.Tensor] = None,
+                  shift: Optional[torch.Tensor] = None) -> PeriodicPlan:
     """The padded atom slots and k-vectors of a batch of periodic cells (index bookkeeping, no gradient).
 
     batch [N] long, the cell index of every atom; cell [B, 3, 3] (Å, rows are lattice vectors). ``ranks`` and
     ``source_ranks`` (the field and source ranks of the sum) set the k-space cutoff as in the eager sum.
+    ``slab`` [B] bool: the cells that are slabs, pbc = [True, True, False], given in the frame of
+    :mod:`.slab` (third row orthogonal to the first two; the caller's ``shift`` [N, 3] moves each atom there):
+    their k-vectors are those of the cell elongated along the normal by :func:`.slab.vacuum_gap`.
     """
     n = batch.shape[0]
     n_cells = cell.shape[0]
@@ -99,15 +124,27 @@ def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, a
     atom_slot = torch.empty(n, dtype=torch.long, device=device)
     atom_slot[order] = sorted_cells * width + local
     cutoff = k_cutoff(smearing, accuracy, _order(ranks, source_ranks))
-    cells = cell.detach().cpu().double().numpy()
-    per_cell = [kvector_indices(c, cutoff) for c in cells]
+    cells = cell.detach().cpu().double()
+    gap = None
+    if slab is not None and bool(slab.any()):
+        gap = torch.tensor([vacuum_gap(c, accuracy) if bool(s) else 0.0 for c, s in zip(cells, slab)],
+                           dtype=torch.float64)
+        third = cells[:, 2]
+        cells = torch.cat([cells[:, :2], (third * (1.0 + gap / third.norm(dim=1))[:, None])[:, None]], dim=1)
+        shift = torch.zeros(n, 3, dtype=cell.dtype, device=device) if shift is None else shift.detach()
+    else:
+        slab = shift = None
+    per_cell = [kvector_indices(c, cutoff) for c in cells.numpy()]
     n_k = max(1, max(len(x) for x in per_cell))
     m = np.zeros((n_cells, n_k, 3), dtype=np.int64)
     mask = np.zeros((n_cells, n_k), dtype=bool)
     for b, x in enumerate(per_cell):
         m[b, : len(x)] = x
         mask[b, : len(x)] = True
-    return PeriodicPlan(slots, atom_slot, torch.as_tensor(m, device=device), torch.as_tensor(mask, device=device))
+    plan = PeriodicPlan(slots, atom_slot, torch.as_tensor(m, device=device), torch.as_tensor(mask, device=device))
+    if slab is not None:
+        plan = plan._replace(slab=slab.to(device=device, dtype=torch.bool), gap=gap.to(device), shift=shift)
+    return plan
 
 
 def plan_fits(plan: PeriodicPlan) -> bool:
@@ -170,6 +207,12 @@ def traced_ewald_fields(positions: torch.Tensor, batch: torch.Tensor, cell: torc
     n_rows, n_cols = len(rows), len(cols)
     v = pack_sources(cols, charges, dipoles, quadrupoles)  # [N, n_cols, C]
 
+    if plan.slab is not None:  # a slab's sum runs in its cell elongated along the normal (.slab)
+        third = cell[:, 2]
+        length = torch.linalg.vector_norm(third, dim=-1)  # the height h of the slab frame
+        normal = third / length[:, None]
+        length = length + plan.gap.to(positions.dtype)
+        cell = torch.cat([cell[:, :2], torch.where(plan.slab[:, None], length[:, None] * normal, third)[:, None]], dim=1)
     wrapped = wrap_positions(positions, cell[batch])  # each atom into its cell, in float64
 
     def pad(x):  # [N, ...] -> [B, M, ...], zeros in the empty slots
@@ -195,8 +238,51 @@ def traced_ewald_fields(positions: torch.Tensor, batch: torch.Tensor, cell: torc
     # the self term; a charged cell's uniform background adds nothing here: its potential
     # -pi Q (1/alpha^2 - 2 sigma^2) / V (.kernels.background_potential) vanishes at alpha = beta
     out = out - torch.einsum("ab,nbc->nac", t.self_matrix, v)
+    if plan.slab is not None:
+        out = out + _slab_correction(positions, batch, cell, normal, length, plan.slab, rows, charges, dipoles,
+                                     quadrupoles, smearing, n_channels)
     out = out * (prefactor * t.output_signs)[None, :, None]
     fields = {rank: unpack_rank(rows, out, rank) for rank in rows.ranks}
     if traceless_gradient and 2 in fields:
         fields[2] = stf(fields[2])
     return tuple(fields.get(r) for r in (0, 1, 2))
+
+
+def _slab_correction(positions, batch, box, normal, length, slab, rows, charges, dipoles, quadrupoles, smearing,
+                     n_channels) -> torch.Tensor:
+    """The plane-averaged correction of :func:`.slab.slab_sum` for every slab of the batch at once, in the packed
+    rows of ``rows`` without output signs: [N, n_rows, C], zero at the atoms of the other cells.
+
+    box [B, 3, 3]: the elongated cells; normal [B, 3]; length [B], their heights L; slab [B] bool."""
+    n_cells = box.shape[0]
+    volume = torch.abs(torch.linalg.det(box))  # [B]
+    n_at = normal[batch]  # [N, 3]
+    z = (positions * n_at).sum(-1)[:, None]  # [N, 1]
+    zero = positions.new_zeros(positions.shape[0], n_channels)
+    per_atom_q = charges if charges is not None else zero
+    per_atom_m, per_atom_s = per_atom_q * z, per_atom_q * z * z
+    if dipoles is not None:
+        mu_z = (dipoles * n_at[:, None, :]).sum(-1)  # [N, C]
+        per_atom_m = per_atom_m + mu_z
+        per_atom_s = per_atom_s + 2.0 * mu_z * z
+    if quadrupoles is not None:
+        # n^T Θ n by products and sums: a three-operand einsum goes through opt_einsum's path search, which
+        # makes the atom count a constant of the compiled graph
+        per_atom_s = per_atom_s + (quadrupoles * (n_at[:, :, None] * n_at[:, None, :])[:, None]).sum((-1, -2))
+    sums = positions.new_zeros(n_cells, 3 * n_channels).index_add(
+        0, batch, torch.cat([per_atom_q, per_atom_m, per_atom_s], dim=1))
+    Q, M, S = (x[batch] for x in sums.split(n_channels, dim=1))  # [N, C] each: the atom's cell's sums
+    spread = (length * length / 6.0 + float(smearing) ** 2)[batch, None]  # [N, 1]
+    scale = torch.where(slab, 2.0 * math.pi / volume, torch.zeros_like(volume))[batch, None]  # [N, 1]
+    phi = -scale * (Q * z * z - 2.0 * M * z + S + Q * spread)  # [N, C]
+    e_n = 2.0 * scale * (Q * z - M)  # E = e_n n
+    g_nn = 2.0 * scale * Q  # G = g_nn n n^T
+    parts = []
+    for idx in rows.indices:  # the packed rows carry phi, -E_a, -G_ab
+        if len(idx) == 0:
+            parts.append(phi)
+        elif len(idx) == 1:
+            parts.append(-e_n * n_at[:, idx[0], None])
+        else:
+            parts.append(-g_nn * (n_at[:, idx[0]] * n_at[:, idx[1]])[:, None])
+    return torch.stack(parts, dim=1)

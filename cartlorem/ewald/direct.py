@@ -684,8 +684,8 @@ def traced_pair_fields(positions, pairs, charges=None, dipoles=None, quadrupoles
     (:func:`_linearized_features`). The fields, their first derivatives in the positions and all their derivatives
     in the sources are unchanged; the second derivative in the positions loses the kernel's curvature. A force
     loss's gradient in the parameters needs no more than that, and the compiled training step (the long-range
-    block with ``pairs``) then evaluates the kernel and its slope once, without gradient, instead of
-    differentiating them twice (benchmarks/README.md, "The compiled step's pair sum, linearised")."""
+    block of kind "multipole" with ``pairs``) then evaluates the kernel and its slope once, without gradient,
+    instead of differentiating them twice (benchmarks/README.md, "The compiled step's pair sum, linearised")."""
     i, j = pairs
     m = {r: x for r, x in enumerate((charges, dipoles, quadrupoles)) if x is not None}
     kernel = RadialKernel.coulomb() if smearing is None else RadialKernel.smeared(float(smearing))

@@ -125,13 +125,7 @@ def slab_frame(positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor,
     slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]  # [B]
     if not bool(slab.any()):
         return positions, cell
-    eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
-    basis = torch.where(slab[:, None, None], cell, eye)  # other structures: a harmless stand-in (no 0/0)
-    normal = torch.linalg.cross(basis[:, 0], basis[:, 1])  # [B, 3]
-    normal = normal / torch.linalg.vector_norm(normal, dim=-1, keepdim=True).clamp_min(1e-30)
-    height = (basis[:, 2] * normal).sum(-1)  # [B], signed
-    normal = torch.where(height[:, None] < 0, -normal, normal)
-    height = height.abs()
+    frame_cell, normal, height = _slab_cell(cell, slab)
     z = (positions.detach() * normal.detach()[batch]).sum(-1)  # [N]
     n_struct = cell.shape[0]
     z_min = torch.full((n_struct,), float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
@@ -150,9 +144,23 @@ def slab_frame(positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor,
                 f"structure {k} is a slab (pbc = [True, True, False]) whose atoms span {extent:.6g} Å along the "
                 f"normal, more than the height of the third cell row, {h:.6g} Å: make c longer (more vacuum)")
     shift = torch.where(slab, 0.5 * height.detach() - 0.5 * (z_min + z_max), torch.zeros_like(height))  # [B]
-    positions = positions + shift[batch, None] * normal.detach()[batch]
+    return positions + shift[batch, None] * normal.detach()[batch], frame_cell
+
+
+def _slab_cell(cell: torch.Tensor, slab: torch.Tensor):
+    """The cells of :func:`slab_frame` (no value-dependent step: what the compiled training step traces).
+
+    cell [B, 3, 3], slab [B] bool → (cell [B, 3, 3] with the slabs' third row h n, normal n [B, 3], height h [B]);
+    the other cells unchanged (their n and h are of no use)."""
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
+    basis = torch.where(slab[:, None, None], cell, eye)  # other structures: a harmless stand-in (no 0/0)
+    normal = torch.linalg.cross(basis[:, 0], basis[:, 1])  # [B, 3]
+    normal = normal / torch.linalg.vector_norm(normal, dim=-1, keepdim=True).clamp_min(1e-30)
+    height = (basis[:, 2] * normal).sum(-1)  # [B], signed
+    normal = torch.where(height[:, None] < 0, -normal, normal)
+    height = height.abs()
     third = torch.where(slab[:, None], height[:, None] * normal, cell[:, 2])  # [B, 3]
-    return positions, torch.cat([cell[:, :2], third[:, None]], dim=1)
+    return torch.cat([cell[:, :2], third[:, None]], dim=1), normal, height
 
 
 class MultipoleMap(EquivariantLinear):
@@ -288,15 +296,23 @@ class LongRangeBlock(nn.Module):
         return (self.field_ranks, tuple(range(self.lmax + 1))) if self.kind == "multipole" else ((0,), (0,))
 
     def periodic_plan(self, graph) -> Optional[PeriodicPlan]:
-        """The plan of :func:`cartlorem.ewald.cells.traced_ewald_fields` for a batch of fully periodic cells (what
-        the compiled training step passes to :meth:`forward` as ``pairs``), or None where that sum does not take
-        the batch: a slab or open structure in it, or more terms than :func:`cartlorem.ewald.cells.plan_fits`
-        admits (the eager sum then chooses real space or PME for the large cells)."""
-        if graph.pbc.numel() == 0 or not bool(graph.pbc.all()):
+        """The plan of :func:`cartlorem.ewald.cells.traced_ewald_fields` for a batch of periodic cells and slabs
+        (what the compiled training step passes to :meth:`forward` as ``pairs``; with the slabs' frames of
+        :func:`slab_frame`, checked here), or None where that sum does not take the batch: an open structure
+        or another pbc pattern in it, or more terms than :func:`cartlorem.ewald.cells.plan_fits` admits (the
+        eager sum then chooses real space or PME for the large cells)."""
+        pbc = graph.pbc
+        slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2] if pbc.numel() else pbc
+        if pbc.numel() == 0 or not bool((pbc.all(dim=1) | slab).all()):
             return None
+        cell, shift = graph.cell.detach(), None
+        if bool(slab.any()):
+            positions = graph.positions.detach()
+            framed, cell = slab_frame(positions, graph.batch, cell, pbc)  # ValueError for a slab it cannot take
+            shift = framed - positions
         ranks, source_ranks = self._sum_ranks()
-        plan = periodic_plan(graph.batch, graph.cell, smearing=self.smearing, accuracy=self.accuracy, ranks=ranks,
-                             source_ranks=source_ranks)
+        plan = periodic_plan(graph.batch, cell, smearing=self.smearing, accuracy=self.accuracy, ranks=ranks,
+                             source_ranks=source_ranks, slab=slab, shift=shift)
         return plan if plan_fits(plan) else None
 
     def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor, pairs=None) -> dict:
@@ -312,11 +328,11 @@ class LongRangeBlock(nn.Module):
         unordered=True)`` when every
         structure is open and the caller has checked the batch (the compiled training step,
         :mod:`cartlorem.training.compiled`): the field sum then runs op by op over them with no
-        value-dependent step (:func:`cartlorem.ewald.direct.traced_pair_fields`), its pair features linearised
-        about the positions: exact values, first derivatives in the positions and every derivative in the
-        parameters (what the training loss's gradient takes), but no curvature of the kernel in a second
-        derivative in the positions (a Hessian: leave ``pairs`` None). Or, when every structure is a
-        periodic cell, :meth:`periodic_plan`'s plan: one Ewald sum over all the cells, again with no
+        value-dependent step (:func:`cartlorem.ewald.direct.traced_pair_fields`); for "multipole" its pair
+        features linearised about the positions: exact values, first derivatives in the positions and every
+        derivative in the parameters (what the training loss's gradient takes), but no curvature of the kernel
+        in a second derivative in the positions (a Hessian: leave ``pairs`` None). Or, when every structure is a
+        periodic cell or a slab, :meth:`periodic_plan`'s plan: one Ewald sum over all the cells, again with no
         value-dependent step (:func:`cartlorem.ewald.cells.traced_ewald_fields`).
         """
         from ..units import COULOMB
@@ -324,6 +340,9 @@ class LongRangeBlock(nn.Module):
         if pairs is None:
             check_boundaries(graph.pbc)
             positions, cell = slab_frame(positions, graph.batch, cell, graph.pbc)
+        elif isinstance(pairs, PeriodicPlan) and pairs.slab is not None:  # the frame of slab_frame, as planned
+            positions = positions + pairs.shift
+            cell = _slab_cell(cell, pairs.slab)[0]
 
         # the field gradient's symmetric traceless part is all the block uses (Θ : G with Θ traceless, and the
         # rank-2 features): the open structures' pair sum then carries rank 2 in five components, not nine
@@ -332,8 +351,10 @@ class LongRangeBlock(nn.Module):
                 return traced_ewald_fields(positions, graph.batch, cell, pairs, charges, dipoles, quadrupoles,
                                            smearing=self.smearing, ranks=ranks, traceless_gradient=True)
             if pairs is not None:
+                # linearised for the multipole kernels (2-3% off the compiled step); the scalar kernel of "lorem"
+                # is cheaper differentiated (3% slower linearised; benchmarks/README.md)
                 return traced_pair_fields(positions, pairs, charges, dipoles, quadrupoles, smearing=self.smearing,
-                                          ranks=ranks, traceless_gradient=True, linearized=True)
+                                          ranks=ranks, traceless_gradient=True, linearized=self.kind == "multipole")
             f = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=charges, dipoles=dipoles,
                                          quadrupoles=quadrupoles, smearing=self.smearing, accuracy=self.accuracy,
                                          ranks=ranks, traceless_gradient=True)

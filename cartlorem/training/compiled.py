@@ -19,8 +19,9 @@ the species indices, and for long-range models the intra-molecular pair list, so
 sum runs op by op over it (:func:`cartlorem.ewald.direct.traced_pair_fields`; the hand-written autograd
 Functions of the eager sum are beyond torch.func), or, for a batch of periodic cells, the padded atom slots
 and k-vectors of one reciprocal-space Ewald sum over all its cells (:mod:`cartlorem.ewald.cells`; the eager
-model sums one cell at a time and chooses Ewald or PME per cell). Slabs, batches that mix open structures
-with periodic cells, periodic batches beyond :func:`cartlorem.ewald.cells.plan_fits` and the dipole /
+model sums one cell at a time and chooses Ewald or PME per cell); slabs (pbc = [True, True, False]) join that
+sum in their elongated cells, with the slab correction. Batches that mix open structures
+with periodic cells or slabs, periodic batches beyond :func:`cartlorem.ewald.cells.plan_fits` and the dipole /
 Born-charge loss terms are not covered: :meth:`CompiledLossGradient.unsupported` says so and the trainer
 runs those batches eagerly. With several processes (torchrun) each compiles its own
 step and computes its share of the global batch's loss (``scales``); the trainer sums the gradients.
@@ -39,6 +40,7 @@ from torch.func import functional_call
 
 from ..ewald.direct import OVERLAP_DISTANCE, molecule_pairs
 from ..graph import Graph
+from ..nn.long_range import check_boundaries
 from ..forces import stress_from_strain_gradient
 from .loss import _CHARGE_TERMS, loss_terms
 
@@ -108,11 +110,11 @@ class CompiledLossGradient:
         block = self.model.long_range_block
         if block is not None:
             if bool(batch.pbc.any()):
-                if not bool(batch.pbc.all()):
-                    return ("long-range models on slabs, and on batches that mix open structures with periodic "
-                            "cells, are not in the compiled step")
+                if not bool(batch.pbc.any(dim=1).all()):
+                    return "batches that mix open structures with periodic cells or slabs are not in the compiled step"
+                check_boundaries(batch.pbc)  # another pbc pattern: the eager model's error, not a fallback
                 if self._plan_of(batch) is None:
-                    return ("a batch of periodic cells too large for one reciprocal sum "
+                    return ("a batch of periodic cells or slabs too large for one reciprocal sum "
                             "(cartlorem.ewald.cells.plan_fits)")
             elif not block.pair_list_fits(int((torch.bincount(batch.batch) ** 2).sum())):
                 return "a batch of molecules too large for one pair list (cartlorem.ewald.direct.pair_list_fits)"
@@ -134,19 +136,20 @@ class CompiledLossGradient:
         pairs = None
         block = getattr(self.model, "long_range_block", None)
         if block is not None:
-            if bool(batch.pbc.any()):  # periodic cells only (unsupported()): one Ewald sum over them all
+            if bool(batch.pbc.any()):  # periodic cells and slabs only (unsupported()): one Ewald sum over them all
                 pairs = self._plan_of(batch)
                 if pairs is None:
                     raise ValueError(f"this batch cannot take the compiled step: {self.unsupported(batch)}")
+                sized = pairs.sized_dims()  # cells, k-vectors and atom slots: their counts vary from batch to batch
             else:  # open structures (unsupported()): every intra-structure pair
                 pairs = molecule_pairs(batch.batch, unordered=True)  # each pair once
                 if block.smearing is None and pairs[0].numel():  # point multipoles must not overlap
                     d2 = ((batch.positions[pairs[0]] - batch.positions[pairs[1]]) ** 2).sum(-1)
                     if bool((d2 < OVERLAP_DISTANCE**2).any()):
                         raise ValueError(f"point multipoles closer than {OVERLAP_DISTANCE} Å in the batch")
-            for t in pairs:  # pairs; or cells, k-vectors and atom slots: their counts vary from batch to batch
-                for dim in range(min(t.dim(), 2)):
-                    torch._dynamo.maybe_mark_dynamic(t, dim)
+                sized = [(t, 0) for t in pairs]
+            for t, dim in sized:
+                torch._dynamo.maybe_mark_dynamic(t, dim)
             block.prepare_compiled(batch.positions.dtype, batch.positions.device)  # the trace finds its tables
         stress = bool(self.weights.get("stress", 0.0) > 0 and batch.stress is not None and batch.has_stress.any())
         frozen = {n: t.detach() for n, t in self._energy.named_buffers()}
