@@ -351,8 +351,8 @@ class LongRangeBlock(nn.Module):
                 return traced_ewald_fields(positions, graph.batch, cell, pairs, charges, dipoles, quadrupoles,
                                            smearing=self.smearing, ranks=ranks, traceless_gradient=True)
             if pairs is not None:
-                # linearised for the multipole kernels (2-3% off the compiled step); the scalar kernel of "lorem"
-                # is cheaper differentiated (3% slower linearised; benchmarks/README.md)
+                # linearised for the multipole kernels (2-5% off the compiled step); for the scalar kernel of
+                # "lorem" no gain was measured (benchmarks/README.md, session 25)
                 return traced_pair_fields(positions, pairs, charges, dipoles, quadrupoles, smearing=self.smearing,
                                           ranks=ranks, traceless_gradient=True, linearized=self.kind == "multipole")
             f = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=charges, dipoles=dipoles,
