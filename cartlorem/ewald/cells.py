@@ -43,7 +43,7 @@ import torch
 
 from ..tensors.harmonics import stf
 from .ewald import kvector_indices, phase_sum, tail_parameter, wrap_positions
-from .slab import vacuum_gap
+from .slab import slab_correction, vacuum_gap
 from .kernels import (
     InteractionTensors,
     Layout,
@@ -239,50 +239,11 @@ def traced_ewald_fields(positions: torch.Tensor, batch: torch.Tensor, cell: torc
     # -pi Q (1/alpha^2 - 2 sigma^2) / V (.kernels.background_potential) vanishes at alpha = beta
     out = out - torch.einsum("ab,nbc->nac", t.self_matrix, v)
     if plan.slab is not None:
-        out = out + _slab_correction(positions, batch, cell, normal, length, plan.slab, rows, charges, dipoles,
-                                     quadrupoles, smearing, n_channels)
+        out = out + slab_correction(positions, batch, cell, normal, length, plan.slab, rows, charges, dipoles,
+                                    quadrupoles, smearing=smearing)
     out = out * (prefactor * t.output_signs)[None, :, None]
     fields = {rank: unpack_rank(rows, out, rank) for rank in rows.ranks}
     if traceless_gradient and 2 in fields:
         fields[2] = stf(fields[2])
     return tuple(fields.get(r) for r in (0, 1, 2))
 
-
-def _slab_correction(positions, batch, box, normal, length, slab, rows, charges, dipoles, quadrupoles, smearing,
-                     n_channels) -> torch.Tensor:
-    """The plane-averaged correction of :func:`.slab.slab_sum` for every slab of the batch at once, in the packed
-    rows of ``rows`` without output signs: [N, n_rows, C], zero at the atoms of the other cells.
-
-    box [B, 3, 3]: the elongated cells; normal [B, 3]; length [B], their heights L; slab [B] bool."""
-    n_cells = box.shape[0]
-    volume = torch.abs(torch.linalg.det(box))  # [B]
-    n_at = normal[batch]  # [N, 3]
-    z = (positions * n_at).sum(-1)[:, None]  # [N, 1]
-    zero = positions.new_zeros(positions.shape[0], n_channels)
-    per_atom_q = charges if charges is not None else zero
-    per_atom_m, per_atom_s = per_atom_q * z, per_atom_q * z * z
-    if dipoles is not None:
-        mu_z = (dipoles * n_at[:, None, :]).sum(-1)  # [N, C]
-        per_atom_m = per_atom_m + mu_z
-        per_atom_s = per_atom_s + 2.0 * mu_z * z
-    if quadrupoles is not None:
-        # n^T Θ n by products and sums: a three-operand einsum goes through opt_einsum's path search, which
-        # makes the atom count a constant of the compiled graph
-        per_atom_s = per_atom_s + (quadrupoles * (n_at[:, :, None] * n_at[:, None, :])[:, None]).sum((-1, -2))
-    sums = positions.new_zeros(n_cells, 3 * n_channels).index_add(
-        0, batch, torch.cat([per_atom_q, per_atom_m, per_atom_s], dim=1))
-    Q, M, S = (x[batch] for x in sums.split(n_channels, dim=1))  # [N, C] each: the atom's cell's sums
-    spread = (length * length / 6.0 + float(smearing) ** 2)[batch, None]  # [N, 1]
-    scale = torch.where(slab, 2.0 * math.pi / volume, torch.zeros_like(volume))[batch, None]  # [N, 1]
-    phi = -scale * (Q * z * z - 2.0 * M * z + S + Q * spread)  # [N, C]
-    e_n = 2.0 * scale * (Q * z - M)  # E = e_n n
-    g_nn = 2.0 * scale * Q  # G = g_nn n n^T
-    parts = []
-    for idx in rows.indices:  # the packed rows carry phi, -E_a, -G_ab
-        if len(idx) == 0:
-            parts.append(phi)
-        elif len(idx) == 1:
-            parts.append(-e_n * n_at[:, idx[0], None])
-        else:
-            parts.append(-g_nn * (n_at[:, idx[0]] * n_at[:, idx[1]])[:, None])
-    return torch.stack(parts, dim=1)

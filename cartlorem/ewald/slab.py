@@ -97,31 +97,49 @@ def slab_sum(
     out = ewald_sum(positions, v, box, rows, cols, smearing=smearing, accuracy=accuracy, alpha=alpha,
                     total_charge=total)
 
-    volume = torch.abs(torch.linalg.det(box))
-    z = positions @ normal  # [N] (Å)
-    zero = positions.new_zeros(v.shape[2])  # [C]
-    Q = total if total is not None else zero
-    M, S = zero, zero
-    if q is not None:
-        M = M + (q * z[:, None]).sum(0)
-        S = S + (q * (z * z)[:, None]).sum(0)
-    if mu is not None:
-        mu_z = mu @ normal  # [N, C]
-        M = M + mu_z.sum(0)
-        S = S + 2.0 * (mu_z * z[:, None]).sum(0)
-    if th is not None:
-        S = S + torch.einsum("a,ncab,b->c", normal, th, normal)
-    zc = z[:, None]  # [N, 1]
-    spread = length * length / 6.0 + (0.0 if smearing is None else smearing * smearing)
-    phi = -(2.0 * math.pi / volume) * (Q * zc * zc - 2.0 * M * zc + S + Q * spread)  # [N, C]
-    e_n = (4.0 * math.pi / volume) * (Q * zc - M)  # [N, C], E = e_n n
-    g_nn = (4.0 * math.pi / volume) * Q  # [C], G = g_nn n n^T
+    zeros = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
+    return out + slab_correction(positions, zeros, box[None], normal[None], length.reshape(1),
+                                 torch.ones(1, dtype=torch.bool, device=positions.device), rows, q, mu, th,
+                                 smearing=smearing)
+
+
+def slab_correction(positions, batch, box, normal, length, slab, rows: Layout, charges=None, dipoles=None,
+                    quadrupoles=None, *, smearing: float | None) -> torch.Tensor:
+    """The plane-averaged correction (module docstring) of every slab in a batch of cells, at once.
+
+    positions [N, 3] (Å, in the slabs' frames); batch [N] long, each atom's cell; box [B, 3, 3], the elongated cells;
+    normal [B, 3]; length [B], their heights L (Å); slab [B] bool, which cells are slabs; charges [N, C],
+    dipoles [N, C, 3], quadrupoles [N, C, 3, 3] or None. Returns [N, n_rows, C] in the packed rows of ``rows``
+    without the output signs, zero at the atoms of the other cells.
+    """
+    sources = [x for x in (charges, dipoles, quadrupoles) if x is not None]
+    n_channels = sources[0].shape[1]
+    volume = torch.abs(torch.linalg.det(box))  # [B]
+    n_at = normal[batch]  # [N, 3]
+    z = (positions * n_at).sum(-1)[:, None]  # [N, 1] (Å)
+    q = charges if charges is not None else positions.new_zeros(positions.shape[0], n_channels)
+    per_m, per_s = q * z, q * z * z
+    if dipoles is not None:
+        mu_z = (dipoles * n_at[:, None, :]).sum(-1)  # [N, C]
+        per_m = per_m + mu_z
+        per_s = per_s + 2.0 * mu_z * z
+    if quadrupoles is not None:
+        # n^T Theta n by products and sums (a three-operand einsum goes through opt_einsum's path search, which
+        # would make the atom count a constant of a compiled graph)
+        per_s = per_s + (quadrupoles * (n_at[:, :, None] * n_at[:, None, :])[:, None]).sum((-1, -2))
+    sums = positions.new_zeros(box.shape[0], 3 * n_channels).index_add(0, batch, torch.cat([q, per_m, per_s], dim=1))
+    Q, M, S = (x[batch] for x in sums.split(n_channels, dim=1))  # [N, C] each: the sums Q, M, S of the atom's cell
+    spread = (length * length / 6.0 + (0.0 if smearing is None else float(smearing) ** 2))[batch, None]  # [N, 1]
+    scale = torch.where(slab, 2.0 * math.pi / volume, torch.zeros_like(volume))[batch, None]  # [N, 1]: 2 pi / V
+    phi = -scale * (Q * z * z - 2.0 * M * z + S + Q * spread)  # [N, C]
+    e_n = 2.0 * scale * (Q * z - M)  # [N, C], E = e_n n
+    g_nn = 2.0 * scale * Q  # [N, C], G = g_nn n n^T
     parts = []
     for idx in rows.indices:  # packed rows carry phi, -E_a, -G_ab (output signs are applied later)
         if len(idx) == 0:
             parts.append(phi)
         elif len(idx) == 1:
-            parts.append(-e_n * normal[idx[0]])
+            parts.append(-e_n * n_at[:, idx[0], None])
         else:
-            parts.append((-g_nn * normal[idx[0]] * normal[idx[1]]).expand_as(phi))
-    return out + torch.stack(parts, dim=1)
+            parts.append(-g_nn * (n_at[:, idx[0]] * n_at[:, idx[1]])[:, None])
+    return torch.stack(parts, dim=1)
