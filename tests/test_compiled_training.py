@@ -108,7 +108,8 @@ def _eager_gradient(model, batch, weights):
                                            ("multipole", {}), ("lorem", {}), ("multipole", {"energy": 0.0}),
                                            ("multipole/cells", {}), ("lorem/cells", {}),
                                            ("multipole/cells", {"energy": 0.0, "forces": 0.0, "stress": 5.0}),
-                                           ("multipole/slabs", {}), ("lorem/slabs", {})])
+                                           ("multipole/slabs", {}), ("lorem/slabs", {}), ("multipole/mixed", {}),
+                                           ("lorem/mixed", {})])
 def test_functional_gradient_equals_autograd(monkeypatch, kind, weights):
     """The function that is compiled, run eagerly: loss, terms and every parameter gradient as autograd's, with
     partly labelled structures (a molecule without energy, one without forces) and a periodic cell's stress
@@ -118,11 +119,14 @@ def test_functional_gradient_equals_autograd(monkeypatch, kind, weights):
     splitting for these small cells, so the two agree to rounding. "/slabs": three slabs (one tilted and unwrapped,
     one charged) and a periodic cell in one batch: the slabs' frames, elongated cells and slab corrections
     traced with the cell's sum; the eager sum (slab_sum per slab) held to the same splitting, alpha = beta (it
-    would put part of these sparse cells' sums in real space: the same fields to the accuracy only)."""
+    would put part of these sparse cells' sums in real space: the same fields to the accuracy only). "/mixed":
+    the same with two molecules in the batch (their pair sum beside the Ewald sum)."""
     kind, _, cells = (kind or "").partition("/")
     kind = kind or None
     if cells:
         structures = _cells() if cells == "cells" else _slabs(with_cell=True)
+        if cells == "mixed":
+            structures += _molecules()
     else:
         structures = _structures()
         if kind is not None:
@@ -134,14 +138,16 @@ def test_functional_gradient_equals_autograd(monkeypatch, kind, weights):
     assert bool(batch.has_stress.any()) == (kind is None or bool(cells))
     model = _model(structures, long_range=kind).train()
     w = loss_weights(weights)
-    if cells == "slabs":
+    if cells in ("slabs", "mixed"):
         from cartlorem.ewald import ewald
 
         monkeypatch.setattr(ewald, "_choose_alpha", lambda *args: math.inf)  # capped at beta
     loss_ref, terms_ref, grads_ref = _eager_gradient(model, batch, w)
     monkeypatch.undo()
-    assert not cells or isinstance(model.long_range_block.periodic_plan(batch).slab, torch.Tensor) == (
-        cells == "slabs")
+    if cells:
+        plan = model.long_range_block.periodic_plan(batch)
+        assert isinstance(plan.slab, torch.Tensor) == (cells != "cells")
+        assert isinstance(plan.open, torch.Tensor) == (cells == "mixed")
 
     step = CompiledLossGradient(model, w)
     step._fn = step._loss_and_grad  # eager: the same function without torch.compile
@@ -179,25 +185,28 @@ def test_loss_terms_count_labelled_items_only():
         assert int(items) == count, name
 
 
-def _open_and_periodic():
-    """A molecule and a periodic cell: a batch of both is not in the compiled step of long-range models."""
-    rng = np.random.default_rng(0)
-    return [_labelled(rng, molecule("H2O"), stress=False), _cells()[0]]
+def _molecules(seed=3):
+    """Two molecules (labels: energy, forces)."""
+    rng = np.random.default_rng(seed)
+    return [_labelled(rng, molecule("H2O")), _labelled(rng, molecule("NH3"))]
 
 
-def test_unsupported_batches_run_eagerly(caplog):
-    """A long-range model on a batch that mixes a molecule with a periodic cell trains under compile=True as
-    without it (that batch eagerly), and says why."""
-    structures = _open_and_periodic()
+def test_unsupported_batches_run_eagerly(monkeypatch, caplog):
+    """A long-range model on periodic cells too large for the traced sum (here: any, with its limit at zero terms)
+    trains under compile=True as without it (those batches eagerly), and says why."""
+    from cartlorem.ewald import cells as cells_mod
+
+    monkeypatch.setattr(cells_mod, "MAX_TERMS", 0)
+    structures = _cells()
     graphs = read_dataset(structures, cutoff=3.5, require=())
     losses = []
     for flag in (False, True):
         model = _model(structures, long_range="multipole")
         with caplog.at_level(logging.WARNING, logger="cartlorem.training"):
-            result = train(model, graphs, epochs=1, batch_size=2, progress=False, compile=flag, weights={"stress": 0.0})
+            result = train(model, graphs, epochs=1, batch_size=2, progress=False, compile=flag)
         losses.append(result.history[-1]["train_loss"])
     assert losses[0] == losses[1]
-    assert "mix open structures with periodic cells" in caplog.text and "not in the compiled step" in caplog.text
+    assert "too large for one reciprocal sum" in caplog.text and "run eagerly" in caplog.text
 
 
 def test_train_with_the_functional_gradient_equals_eager(eager_compiled_step):
@@ -258,7 +267,8 @@ def test_failed_compilation_names_the_tested_torch(monkeypatch, caplog):
     assert compiled_mod.version_note("2.9.1").startswith("the compiled step is tested with torch 2.13")
 
 
-@pytest.mark.parametrize("kind", [None, "multipole", "multipole/light", "multipole/cells", "multipole/slabs"])
+@pytest.mark.parametrize("kind", [None, "multipole", "multipole/light", "multipole/cells", "multipole/slabs",
+                                  "multipole/mixed"])
 def test_compiled_training_equals_eager(monkeypatch, kind):
     """train(compile=True) gives the eager run's losses and weights to float64 rounding (a local model; a
     long-range one on molecules, its field sum traced over the pairs the step gives it). The step is compiled
@@ -271,7 +281,8 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
     skip shared by the species on ranks 1, 2 traced too). "multipole/cells": periodic cells of 2 and 8 atoms, one
     charged, with stress; every batch's Ewald sum traced for all its cells at once (cartlorem.ewald.cells), atom
     slots and k-vectors padded to the batch's largest cell. "multipole/slabs": slabs (one tilted and unwrapped,
-    one charged), their frames, elongated cells and corrections traced too."""
+    one charged), their frames, elongated cells and corrections traced too. "multipole/mixed": molecules, slabs
+    and a periodic cell in one batch (one batch per epoch, so that every step sees all three)."""
     from cartlorem.ewald import cells as cells_mod
     from cartlorem.ewald import direct
 
@@ -281,8 +292,8 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
     monkeypatch.setattr(compiled_mod, "BACKEND", "aot_eager")
     if variant == "cells":
         structures, weights = _cells(2) * 2, {}
-    elif variant == "slabs":
-        structures, weights = _slabs(2) * 2, {}
+    elif variant in ("slabs", "mixed"):
+        structures, weights = (_slabs(2) * 2, {}) if variant == "slabs" else (_slabs(2, with_cell=True) + _molecules(), {})
         from cartlorem.ewald import ewald
 
         monkeypatch.setattr(ewald, "_choose_alpha", lambda *args: math.inf)  # the eager sum at the traced splitting
@@ -311,8 +322,8 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
             cells_mod._TABLES.clear()
             built.clear()
         model = _model(structures, long_range=kind, long_range_options=options)
-        result = train(model, graphs, epochs=2, batch_size=4, progress=False, compile=flag, ema_decay=None,
-                       weights=weights)
+        result = train(model, graphs, epochs=2, batch_size=len(graphs) if variant == "mixed" else 4, progress=False,
+                       compile=flag, ema_decay=None, weights=weights)
         runs.append(([row["train_loss"] for row in result.history], model.state_dict()))
     compiled = counters["stats"]["unique_graphs"] - graphs_before
     assert compiled == 1, f"compiled {compiled} times"
@@ -324,14 +335,19 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
             torch.testing.assert_close(state_c[k], state_e[k], rtol=1e-10, atol=1e-12)
 
 
-def test_compiled_step_names_an_unsupported_periodic_batch():
-    """Called on a batch it cannot take (a molecule beside a periodic cell), the step says why instead of failing
-    inside the trace; a pbc pattern that no long-range model takes gets the eager model's error."""
-    structures = _open_and_periodic()
+def test_compiled_step_names_an_unsupported_periodic_batch(monkeypatch):
+    """Called on a batch it cannot take (periodic cells beyond the traced sum's limit), the step says why instead of
+    failing inside the trace; a pbc pattern that no long-range model takes gets the eager model's error."""
+    from cartlorem.ewald import cells as cells_mod
+
+    structures = _cells()
     batch = collate(read_dataset(structures, cutoff=3.5, require=()))
     step = CompiledLossGradient(_model(structures, long_range="multipole"), loss_weights({}))
-    assert "mix open structures" in step.unsupported(batch)
-    with pytest.raises(ValueError, match="cannot take the compiled step: batches that mix open structures"):
+    assert step.unsupported(batch) is None
+    monkeypatch.setattr(cells_mod, "MAX_TERMS", 0)
+    step = CompiledLossGradient(step.model, loss_weights({}))
+    assert "too large" in step.unsupported(batch)
+    with pytest.raises(ValueError, match="cannot take the compiled step: a batch of periodic cells or slabs too large"):
         step(batch)
     wire = _cells()[0].copy()
     wire.pbc = [True, False, False]

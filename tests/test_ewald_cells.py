@@ -296,3 +296,31 @@ def test_slab_forces_equal_the_eager_sum():
     for got, ref in zip(*grads):
         assert float(ref.abs().max()) > 1e-3
         torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-12)
+
+
+def test_open_structures_are_left_out():
+    """Open structures in the plan (a molecule beside cells, its cell all zeros): zero fields at their atoms, the
+    cells' fields as without them, and finite gradients (no division by the zero cell), zero for that cell."""
+    pos, batch, cell, q, mu, theta = _batch(8)
+    g = torch.Generator().manual_seed(8)
+    n_mol = 4
+    pos_all = torch.cat([pos, torch.randn(n_mol, 3, generator=g, dtype=DT)])
+    batch_all = torch.cat([batch, torch.full((n_mol,), 3)])
+    cell_all = torch.cat([cell, torch.zeros(1, 3, 3, dtype=DT)])
+    src_all = [torch.cat([x, torch.randn((n_mol,) + x.shape[1:], generator=g, dtype=DT)]) for x in (q, mu, theta)]
+    src_all[2] = stf(src_all[2])
+    open_ = torch.tensor([False, False, False, True])
+    plan = periodic_plan(batch_all, cell_all, smearing=1.0, accuracy=1e-6, open=open_)
+    assert torch.equal(plan.open, open_) and not bool(plan.k_mask[3].any())
+    ref = traced_ewald_fields(pos, batch, cell, periodic_plan(batch, cell, smearing=1.0, accuracy=1e-6), q, mu, theta,
+                              smearing=1.0)
+    r, c = pos_all.clone().requires_grad_(), cell_all.clone().requires_grad_()
+    got = traced_ewald_fields(r, batch_all, c, plan, *src_all, smearing=1.0)
+    n = len(batch)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a[:n], b, rtol=1e-13, atol=1e-13)
+        assert float(a[n:].abs().max()) == 0.0
+    energy = sum((x * f).sum() for x, f in zip(src_all, got))
+    g_r, g_c = torch.autograd.grad(energy, (r, c))
+    assert bool(torch.isfinite(g_r).all()) and bool(torch.isfinite(g_c).all())
+    assert float(g_c[3].abs().max()) == 0.0 and float(g_r[n:].abs().max()) == 0.0

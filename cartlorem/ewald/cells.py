@@ -70,7 +70,9 @@ class PeriodicPlan(NamedTuple):
     With slabs in the batch (else None): slab [B] bool, which cells are slabs; gap [B] float64, the vacuum (Å)
     each slab's sum adds along its normal (:func:`.slab.vacuum_gap`; 0 for the others); shift [N, 3], the
     caller's constant translation of every atom into its slab's frame (the long-range block's; zero rows
-    elsewhere).
+    elsewhere). With open structures in the batch (else None): open [B] bool, the structures this sum leaves out
+    (zero fields at their atoms), and open_pairs (i [P], j [P]), their intra-structure pairs, each once, for the
+    caller's pair sum.
     """
 
     slots: torch.Tensor
@@ -80,13 +82,17 @@ class PeriodicPlan(NamedTuple):
     slab: Optional[torch.Tensor] = None
     gap: Optional[torch.Tensor] = None
     shift: Optional[torch.Tensor] = None
+    open: Optional[torch.Tensor] = None
+    open_pairs: Optional[tuple] = None
 
     def sized_dims(self) -> list:
-        """(tensor, dim) of every size that changes from batch to batch: cells, slots, k-vectors, atoms."""
+        """(tensor, dim) of every size that changes from batch to batch: cells, slots, k-vectors, atoms, pairs."""
         dims = [(self.slots, 0), (self.slots, 1), (self.atom_slot, 0), (self.m, 0), (self.m, 1), (self.k_mask, 0),
                 (self.k_mask, 1)]
         if self.slab is not None:
             dims += [(self.slab, 0), (self.gap, 0), (self.shift, 0)]
+        if self.open is not None:
+            dims += [(self.open, 0)] + [(t, 0) for t in self.open_pairs or ()]
         return dims
 
 
@@ -101,14 +107,15 @@ def k_cutoff(smearing: float, accuracy: float, order: int) -> float:
 
 def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, accuracy: float, ranks=(0, 1, 2),
                   source_ranks=(0, 1, 2), slab: Optional[torch.Tensor] = None,
-                  shift: Optional[torch.Tensor] = None) -> PeriodicPlan:
+                  shift: Optional[torch.Tensor] = None, open: Optional[torch.Tensor] = None) -> PeriodicPlan:
     """The padded atom slots and k-vectors of a batch of periodic cells (index bookkeeping, no gradient).
 
     batch [N] long, the cell index of every atom; cell [B, 3, 3] (Å, rows are lattice vectors). ``ranks`` and
     ``source_ranks`` (the field and source ranks of the sum) set the k-space cutoff as in the eager sum.
     ``slab`` [B] bool: the cells that are slabs, pbc = [True, True, False], given in the frame of
     :mod:`.slab` (third row orthogonal to the first two; the caller's ``shift`` [N, 3] moves each atom there):
-    their k-vectors are those of the cell elongated along the normal by :func:`.slab.vacuum_gap`.
+    their k-vectors are those of the cell elongated along the normal by :func:`.slab.vacuum_gap`. ``open`` [B]
+    bool: structures with open boundaries, left out of the sum (no k-vectors; their cells are not read).
     """
     n = batch.shape[0]
     n_cells = cell.shape[0]
@@ -134,7 +141,10 @@ def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, a
         shift = torch.zeros(n, 3, dtype=cell.dtype, device=device) if shift is None else shift.detach()
     else:
         slab = shift = None
-    per_cell = [kvector_indices(c, cutoff) for c in cells.numpy()]
+    if open is not None and not bool(open.any()):
+        open = None
+    per_cell = [np.zeros((0, 3), dtype=np.int64) if open is not None and bool(open[b]) else kvector_indices(c, cutoff)
+                for b, c in enumerate(cells.numpy())]
     n_k = max(1, max(len(x) for x in per_cell))
     m = np.zeros((n_cells, n_k, 3), dtype=np.int64)
     mask = np.zeros((n_cells, n_k), dtype=bool)
@@ -144,6 +154,8 @@ def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, a
     plan = PeriodicPlan(slots, atom_slot, torch.as_tensor(m, device=device), torch.as_tensor(mask, device=device))
     if slab is not None:
         plan = plan._replace(slab=slab.to(device=device, dtype=torch.bool), gap=gap.to(device), shift=shift)
+    if open is not None:
+        plan = plan._replace(open=open.to(device=device, dtype=torch.bool))
     return plan
 
 
@@ -207,6 +219,9 @@ def traced_ewald_fields(positions: torch.Tensor, batch: torch.Tensor, cell: torc
     n_rows, n_cols = len(rows), len(cols)
     v = pack_sources(cols, charges, dipoles, quadrupoles)  # [N, n_cols, C]
 
+    if plan.open is not None:  # open structures: a stand-in cell, so that nothing divides by zero (their terms
+        # are masked below, and no gradient reaches their cells)
+        cell = torch.where(plan.open[:, None, None], torch.eye(3, dtype=cell.dtype, device=cell.device), cell)
     if plan.slab is not None:  # a slab's sum runs in its cell elongated along the normal (.slab)
         third = cell[:, 2]
         length = torch.linalg.vector_norm(third, dim=-1)  # the height h of the slab frame
@@ -237,7 +252,8 @@ def traced_ewald_fields(positions: torch.Tensor, batch: torch.Tensor, cell: torc
 
     # the self term; a charged cell's uniform background adds nothing here: its potential
     # -pi Q (1/alpha^2 - 2 sigma^2) / V (.kernels.background_potential) vanishes at alpha = beta
-    out = out - torch.einsum("ab,nbc->nac", t.self_matrix, v)
+    own = torch.einsum("ab,nbc->nac", t.self_matrix, v)
+    out = out - (own if plan.open is None else own * (~plan.open[batch]).to(own.dtype)[:, None, None])
     if plan.slab is not None:
         out = out + slab_correction(positions, batch, cell, normal, length, plan.slab, rows, charges, dipoles,
                                     quadrupoles, smearing=smearing)

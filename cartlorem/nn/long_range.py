@@ -53,7 +53,7 @@ from torch import nn
 
 from ..ewald import batched_multipole_fields
 from ..ewald.cells import PeriodicPlan, periodic_plan, plan_fits, prepare_periodic_table, traced_ewald_fields
-from ..ewald.direct import STF_BASIS, pair_list_fits, prepare_pair_table, traced_pair_fields
+from ..ewald.direct import STF_BASIS, molecule_pairs, pair_list_fits, prepare_pair_table, traced_pair_fields
 from ..tensors import EquivariantLinear, product, stf
 
 __all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries", "PLACEMENTS", "check_placement",
@@ -296,14 +296,18 @@ class LongRangeBlock(nn.Module):
         return (self.field_ranks, tuple(range(self.lmax + 1))) if self.kind == "multipole" else ((0,), (0,))
 
     def periodic_plan(self, graph) -> Optional[PeriodicPlan]:
-        """The plan of :func:`cartlorem.ewald.cells.traced_ewald_fields` for a batch of periodic cells and slabs
-        (what the compiled training step passes to :meth:`forward` as ``pairs``; with the slabs' frames of
-        :func:`slab_frame`, checked here), or None where that sum does not take the batch: an open structure
-        or another pbc pattern in it, or more terms than :func:`cartlorem.ewald.cells.plan_fits` admits (the
-        eager sum then chooses real space or PME for the large cells)."""
+        """The plan of :func:`cartlorem.ewald.cells.traced_ewald_fields` for a batch of periodic cells and slabs,
+        possibly with open structures beside them (what the compiled training step passes to :meth:`forward` as
+        ``pairs``; with the slabs' frames of :func:`slab_frame`, checked here, and the open structures' pairs), or
+        None where that sum does not take the batch: no periodic structure, another pbc pattern, or more terms
+        than :func:`cartlorem.ewald.cells.plan_fits` or :meth:`pair_list_fits` admit (the eager sum then
+        chooses real space or PME for the large cells)."""
         pbc = graph.pbc
-        slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2] if pbc.numel() else pbc
-        if pbc.numel() == 0 or not bool((pbc.all(dim=1) | slab).all()):
+        if pbc.numel() == 0 or not bool(pbc.any()):
+            return None
+        slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
+        open_ = ~pbc.any(dim=1)
+        if not bool((pbc.all(dim=1) | slab | open_).all()):
             return None
         cell, shift = graph.cell.detach(), None
         if bool(slab.any()):
@@ -312,7 +316,14 @@ class LongRangeBlock(nn.Module):
             shift = framed - positions
         ranks, source_ranks = self._sum_ranks()
         plan = periodic_plan(graph.batch, cell, smearing=self.smearing, accuracy=self.accuracy, ranks=ranks,
-                             source_ranks=source_ranks, slab=slab, shift=shift)
+                             source_ranks=source_ranks, slab=slab, shift=shift, open=open_)
+        if plan.open is not None:  # the open structures' fields: their pair sum
+            i, j = molecule_pairs(graph.batch, unordered=True)
+            keep = open_[graph.batch[i]]
+            plan = plan._replace(open_pairs=(i[keep], j[keep]))
+            n_open = torch.bincount(graph.batch, minlength=open_.shape[0])[open_]
+            if not self.pair_list_fits(int((n_open**2).sum())):
+                return None
         return plan if plan_fits(plan) else None
 
     def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor, pairs=None) -> dict:
@@ -333,7 +344,8 @@ class LongRangeBlock(nn.Module):
         derivative in the parameters (what the training loss's gradient takes), but no curvature of the kernel
         in a second derivative in the positions (a Hessian: leave ``pairs`` None). Or, when every structure is a
         periodic cell or a slab, :meth:`periodic_plan`'s plan: one Ewald sum over all the cells, again with no
-        value-dependent step (:func:`cartlorem.ewald.cells.traced_ewald_fields`).
+        value-dependent step (:func:`cartlorem.ewald.cells.traced_ewald_fields`); open structures in such a batch
+        get the pair sum over the plan's ``open_pairs``.
         """
         from ..units import COULOMB
 
@@ -346,15 +358,24 @@ class LongRangeBlock(nn.Module):
 
         # the field gradient's symmetric traceless part is all the block uses (Θ : G with Θ traceless, and the
         # rank-2 features): the open structures' pair sum then carries rank 2 in five components, not nine
+        def pair_fields(pair_list, charges, dipoles, quadrupoles, ranks):
+            # linearised for the multipole kernels (2-5% off the compiled step); for the scalar kernel of
+            # "lorem" no gain was measured (benchmarks/README.md, session 25)
+            return traced_pair_fields(positions, pair_list, charges, dipoles, quadrupoles, smearing=self.smearing,
+                                      ranks=ranks, traceless_gradient=True, linearized=self.kind == "multipole")
+
         def fields_of(charges, dipoles=None, quadrupoles=None, ranks=(0, 1, 2)):
             if isinstance(pairs, PeriodicPlan):
-                return traced_ewald_fields(positions, graph.batch, cell, pairs, charges, dipoles, quadrupoles,
-                                           smearing=self.smearing, ranks=ranks, traceless_gradient=True)
+                f = traced_ewald_fields(positions, graph.batch, cell, pairs, charges, dipoles, quadrupoles,
+                                        smearing=self.smearing, ranks=ranks, traceless_gradient=True)
+                if pairs.open_pairs is None:
+                    return f
+                # open structures beside the cells: their pair sum (zero at the cells' atoms, as the Ewald sum is at
+                # theirs)
+                g = pair_fields(pairs.open_pairs, charges, dipoles, quadrupoles, ranks)
+                return tuple(None if a is None else a + b for a, b in zip(f, g))
             if pairs is not None:
-                # linearised for the multipole kernels (2-5% off the compiled step); for the scalar kernel of
-                # "lorem" no gain was measured (benchmarks/README.md, session 25)
-                return traced_pair_fields(positions, pairs, charges, dipoles, quadrupoles, smearing=self.smearing,
-                                          ranks=ranks, traceless_gradient=True, linearized=self.kind == "multipole")
+                return pair_fields(pairs, charges, dipoles, quadrupoles, ranks)
             f = batched_multipole_fields(positions, graph.batch, cell, graph.pbc, charges=charges, dipoles=dipoles,
                                          quadrupoles=quadrupoles, smearing=self.smearing, accuracy=self.accuracy,
                                          ranks=ranks, traceless_gradient=True)

@@ -20,8 +20,8 @@ sum runs op by op over it (:func:`cartlorem.ewald.direct.traced_pair_fields`; th
 Functions of the eager sum are beyond torch.func), or, for a batch of periodic cells, the padded atom slots
 and k-vectors of one reciprocal-space Ewald sum over all its cells (:mod:`cartlorem.ewald.cells`; the eager
 model sums one cell at a time and chooses Ewald or PME per cell); slabs (pbc = [True, True, False]) join that
-sum in their elongated cells, with the slab correction. Batches that mix open structures
-with periodic cells or slabs, periodic batches beyond :func:`cartlorem.ewald.cells.plan_fits` and the dipole /
+sum in their elongated cells, with the slab correction, and open structures in such a batch get the pair sum
+over their own pairs. Periodic batches beyond :func:`cartlorem.ewald.cells.plan_fits` and the dipole /
 Born-charge loss terms are not covered: :meth:`CompiledLossGradient.unsupported` says so and the trainer
 runs those batches eagerly. With several processes (torchrun) each compiles its own
 step and computes its share of the global batch's loss (``scales``); the trainer sums the gradients.
@@ -110,12 +110,10 @@ class CompiledLossGradient:
         block = self.model.long_range_block
         if block is not None:
             if bool(batch.pbc.any()):
-                if not bool(batch.pbc.any(dim=1).all()):
-                    return "batches that mix open structures with periodic cells or slabs are not in the compiled step"
                 check_boundaries(batch.pbc)  # another pbc pattern: the eager model's error, not a fallback
                 if self._plan_of(batch) is None:
                     return ("a batch of periodic cells or slabs too large for one reciprocal sum "
-                            "(cartlorem.ewald.cells.plan_fits)")
+                            "(cartlorem.ewald.cells.plan_fits), or with too many pairs in its open structures")
             elif not block.pair_list_fits(int((torch.bincount(batch.batch) ** 2).sum())):
                 return "a batch of molecules too large for one pair list (cartlorem.ewald.direct.pair_list_fits)"
         for name in _CHARGE_TERMS:
@@ -136,7 +134,7 @@ class CompiledLossGradient:
         pairs = None
         block = getattr(self.model, "long_range_block", None)
         if block is not None:
-            if bool(batch.pbc.any()):  # periodic cells and slabs only (unsupported()): one Ewald sum over them all
+            if bool(batch.pbc.any()):  # periodic cells and slabs (and open structures): one Ewald sum over them all
                 pairs = self._plan_of(batch)
                 if pairs is None:
                     raise ValueError(f"this batch cannot take the compiled step: {self.unsupported(batch)}")

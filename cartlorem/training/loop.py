@@ -188,7 +188,7 @@ def train(
         compile: compute the loss gradient of each training step as one ``torch.compile``'d function
             (:mod:`cartlorem.training.compiled`): the same numbers, several times faster per step once
             compiled, but the first step compiles (minutes on a CPU). Batches it does not cover (long-range
-            models on batches that mix open structures with periodic cells or slabs, periodic batches beyond
+            models on periodic batches beyond
             :func:`cartlorem.ewald.cells.plan_fits`, dipole / Born-charge terms) and a failed
             compilation run eagerly, with a warning that says why.
 
