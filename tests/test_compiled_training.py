@@ -354,3 +354,26 @@ def test_compiled_step_names_an_unsupported_periodic_batch(monkeypatch):
     batch = collate(read_dataset([wire], cutoff=3.5, require=()))
     with pytest.raises(ValueError, match=r"pbc = \[True, False, False\]"):
         step.unsupported(batch)
+
+
+def test_many_compiled_steps_in_one_process(monkeypatch):
+    """Dynamo keeps compiled graphs on the code object of the compiled function, and with fullgraph=True it fails
+    once that holds recompile_limit graphs: models of other sizes trained one after the other in one process (a
+    sweep) fell back to eager from the ninth on. Each step now has a code object of its own. (Here the limit is 2
+    and three models of different widths: the third failed with FailOnRecompileLimitHit before.)"""
+    monkeypatch.setattr(compiled_mod, "BACKEND", "aot_eager")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    structures = [a for a in _structures(4) if not a.pbc.any()]
+    batch = collate(read_dataset(structures, cutoff=3.5, require=()))
+    species = sorted({int(z) for a in structures for z in a.numbers})
+    for channels in (2, 3, 4):
+        torch.manual_seed(channels)
+        model = CartLorem(species, cutoff=3.5, channels=channels, num_layers=1).double()
+        loss_ref, _, grads_ref = _eager_gradient(model, batch, loss_weights({"stress": 0.0}))
+        step = CompiledLossGradient(model, loss_weights({"stress": 0.0}))
+        model.zero_grad(set_to_none=True)
+        loss, _ = step(batch)
+        assert float(loss) == pytest.approx(float(loss_ref), rel=1e-12)
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, grads_ref[n], rtol=1e-10, atol=1e-12)

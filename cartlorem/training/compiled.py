@@ -33,6 +33,7 @@ later run of the same model compiles in seconds).
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Mapping, Optional
 
 import torch
@@ -69,6 +70,13 @@ def version_note(version: Optional[str] = None) -> str:
             f"{version}")
 
 
+def _own_code(fn):
+    """``fn`` as a new function with a copy of its code object (same behaviour, a cache of dynamo's of its own)."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__, own.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return own
+
+
 class _Energy(torch.nn.Module):
     """``model.energy(graph, positions, cell, species=...)["energy"]`` as a module, for functional_call."""
 
@@ -98,8 +106,14 @@ class CompiledLossGradient:
         self._plan = None  # (batch, its periodic plan): unsupported() builds it, __call__ uses it
         named = list(self._energy.named_parameters())
         self.trainable = [(n, p) for n, p in named if p.requires_grad]
-        # fullgraph: a graph break would leave most of the step eager; it raises instead, and the trainer says so
-        self._fn = torch.compile(self._loss_and_grad, dynamic=False, fullgraph=True, backend=backend or BACKEND)
+        # fullgraph: a graph break would leave most of the step eager; it raises instead, and the trainer says so.
+        # Dynamo keeps its compiled graphs on the function's code object, shared by every instance of this class,
+        # and with fullgraph it fails once that holds torch._dynamo.config.recompile_limit (8) graphs: the ninth
+        # model of another size trained in one process (a sweep in a notebook) ran eagerly. A copy of the code
+        # object per instance keeps each step's graphs, and that limit, its own.
+        own = _own_code(type(self)._loss_and_grad)
+        self._fn = torch.compile(types.MethodType(own, self), dynamic=False, fullgraph=True,
+                                 backend=backend or BACKEND)
 
     def unsupported(self, batch: Graph) -> Optional[str]:
         """Why ``batch`` cannot take the compiled step with this model, or None."""
