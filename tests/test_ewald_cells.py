@@ -248,13 +248,15 @@ def _slab_batch(seed=6, channels=2):
 
 def test_slabs_equal_the_per_slab_sum():
     """Slabs beside a periodic cell: every structure's fields as the eager sum of that structure alone (slab_sum:
-    Ewald in the elongated cell plus the plane-averaged correction, charged slabs included) at alpha = beta, to
-    rounding, and at its own splitting to the requested accuracy."""
+    Ewald in the elongated cell plus the plane-averaged correction, charged slabs included, and the replica
+    layers' in-plane part removed) at alpha = beta, to rounding, and at its own splitting to the requested
+    accuracy."""
     pos, batch, cell, pbc, shift, src = _slab_batch()
     accuracy = 1e-6
     slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
     plan = periodic_plan(batch, cell, smearing=1.0, accuracy=accuracy, slab=slab, shift=shift)
     assert torch.equal(plan.slab, slab) and float(plan.gap[1]) == 0.0 and bool((plan.gap[slab] >= 1.0).all())
+    assert bool(plan.replica_mask[slab].any(1).all()) and not bool(plan.replica_mask[~slab].any())
     got = traced_ewald_fields(pos, batch, cell, plan, *src, smearing=1.0)
     for b in range(3):
         idx = (batch == b).nonzero().flatten()

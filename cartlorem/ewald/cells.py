@@ -28,8 +28,9 @@ volume), so the stress is the strain derivative as in the eager path.
 
 Slabs (pbc = [True, True, False]) take part as in :func:`.slab.slab_sum`: given in its frame (the third row
 orthogonal to the plane, the atoms inside; the long-range block's :func:`~cartlorem.nn.long_range.slab_frame`),
-a slab's cell is elongated along the normal by :func:`.slab.vacuum_gap` (its k-vectors are that cell's), and
-the plane-averaged correction of every slab is added from per-cell sums. Open structures are not summed here.
+a slab's cell is elongated along the normal by :func:`.slab.vacuum_gap` (its k-vectors are that cell's), the
+plane-averaged correction of every slab is added from per-cell sums, and the replica layers' in-plane part is
+taken out by :func:`.slab.replica_correction` over the padded slots. Open structures are not summed here.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch
 
 from ..tensors.harmonics import stf
 from .ewald import kvector_indices, phase_sum, tail_parameter, wrap_positions
-from .slab import slab_correction, vacuum_gap
+from .slab import plane_kvector_indices, replica_correction, replica_k_cutoff, slab_correction, vacuum_gap
 from .kernels import (
     InteractionTensors,
     Layout,
@@ -70,7 +71,9 @@ class PeriodicPlan(NamedTuple):
     With slabs in the batch (else None): slab [B] bool, which cells are slabs; gap [B] float64, the vacuum (Å)
     each slab's sum adds along its normal (:func:`.slab.vacuum_gap`; 0 for the others); shift [N, 3], the
     caller's constant translation of every atom into its slab's frame (the long-range block's; zero rows
-    elsewhere). With open structures in the batch (else None): open [B] bool, the structures this sum leaves out
+    elsewhere); replica_m [B, K', 2], the in-plane indices of :func:`.slab.replica_correction`'s wave vectors
+    (:func:`.slab.plane_kvector_indices` of the elongated cell), zero rows past a cell's own, and replica_mask
+    [B, K'] bool, the real rows. With open structures in the batch (else None): open [B] bool, the structures this sum leaves out
     (zero fields at their atoms), and open_pairs (i [P], j [P]), their intra-structure pairs, each once, for the
     caller's pair sum.
     """
@@ -82,6 +85,8 @@ class PeriodicPlan(NamedTuple):
     slab: Optional[torch.Tensor] = None
     gap: Optional[torch.Tensor] = None
     shift: Optional[torch.Tensor] = None
+    replica_m: Optional[torch.Tensor] = None
+    replica_mask: Optional[torch.Tensor] = None
     open: Optional[torch.Tensor] = None
     open_pairs: Optional[tuple] = None
 
@@ -90,7 +95,8 @@ class PeriodicPlan(NamedTuple):
         dims = [(self.slots, 0), (self.slots, 1), (self.atom_slot, 0), (self.m, 0), (self.m, 1), (self.k_mask, 0),
                 (self.k_mask, 1)]
         if self.slab is not None:
-            dims += [(self.slab, 0), (self.gap, 0), (self.shift, 0)]
+            dims += [(self.slab, 0), (self.gap, 0), (self.shift, 0), (self.replica_m, 0), (self.replica_m, 1),
+                     (self.replica_mask, 0), (self.replica_mask, 1)]
         if self.open is not None:
             dims += [(self.open, 0)] + [(t, 0) for t in self.open_pairs or ()]
         return dims
@@ -134,8 +140,7 @@ def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, a
     cells = cell.detach().cpu().double()
     gap = None
     if slab is not None and bool(slab.any()):
-        gap = torch.tensor([vacuum_gap(c, accuracy) if bool(s) else 0.0 for c, s in zip(cells, slab)],
-                           dtype=torch.float64)
+        gap = torch.tensor([vacuum_gap(accuracy, smearing) if bool(s) else 0.0 for s in slab], dtype=torch.float64)
         third = cells[:, 2]
         cells = torch.cat([cells[:, :2], (third * (1.0 + gap / third.norm(dim=1))[:, None])[:, None]], dim=1)
         shift = torch.zeros(n, 3, dtype=cell.dtype, device=device) if shift is None else shift.detach()
@@ -153,7 +158,18 @@ def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, a
         mask[b, : len(x)] = True
     plan = PeriodicPlan(slots, atom_slot, torch.as_tensor(m, device=device), torch.as_tensor(mask, device=device))
     if slab is not None:
-        plan = plan._replace(slab=slab.to(device=device, dtype=torch.bool), gap=gap.to(device), shift=shift)
+        order = _order(ranks, source_ranks)
+        planes = [plane_kvector_indices(c, replica_k_cutoff(float(g), accuracy, order)) if bool(s)
+                  else np.zeros((0, 2), dtype=np.int64) for c, g, s in zip(cells.numpy(), gap, slab)]
+        n_r = max(1, max(len(x) for x in planes))
+        rm = np.zeros((n_cells, n_r, 2), dtype=np.int64)
+        r_mask = np.zeros((n_cells, n_r), dtype=bool)
+        for b, x in enumerate(planes):
+            rm[b, : len(x)] = x
+            r_mask[b, : len(x)] = True
+        plan = plan._replace(slab=slab.to(device=device, dtype=torch.bool), gap=gap.to(device), shift=shift,
+                             replica_m=torch.as_tensor(rm, device=device),
+                             replica_mask=torch.as_tensor(r_mask, device=device))
     if open is not None:
         plan = plan._replace(open=open.to(device=device, dtype=torch.bool))
     return plan
@@ -247,8 +263,11 @@ def traced_ewald_fields(positions: torch.Tensor, batch: torch.Tensor, cell: torc
 
     theta = k @ r.transpose(1, 2)  # [B, K, M]
     phase = torch.cat([torch.cos(theta), torch.sin(theta)], dim=1)  # [B, 2K, M]
-    out = phase_sum(phase, flat, k, weight, rows, cols, n_channels).reshape(n_cells * width, n_rows, n_channels)
-    out = out[plan.atom_slot]  # [N, n_rows, C]
+    out = phase_sum(phase, flat, k, weight, rows, cols, n_channels)  # [B, M, n_rows C]
+    if plan.slab is not None:  # the replica layers' in-plane part out of the slabs' sums
+        out = out + replica_correction(r, flat, plan.replica_m, plan.replica_mask, cell, normal, length, plan.slab,
+                                       rows, cols, n_channels)
+    out = out.reshape(n_cells * width, n_rows, n_channels)[plan.atom_slot]  # [N, n_rows, C]
 
     # the self term; a charged cell's uniform background adds nothing here: its potential
     # -pi Q (1/alpha^2 - 2 sigma^2) / V (.kernels.background_potential) vanishes at alpha = beta

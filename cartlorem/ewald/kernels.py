@@ -93,6 +93,22 @@ class Layout:
         im_sign = torch.tensor(im_sign, dtype=k.dtype, device=k.device)
         return mono * re_sign, mono * im_sign
 
+    def complex_monomials(self, re: torch.Tensor, im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Products over each component's axes of complex per-axis factors ``re + i im``: the derivatives of a
+        plane wave exp(i kappa . r) with a complex wave vector, (i kappa)^idx (``monomials`` is the case re = 0).
+
+        re, im [..., 3] -> (re [..., n], im [..., n]).
+        """
+        out_re, out_im = [], []
+        one, zero = torch.ones_like(re[..., 0]), torch.zeros_like(re[..., 0])
+        for idx in self.indices:
+            a, b = one, zero
+            for axis in idx:
+                a, b = a * re[..., axis] - b * im[..., axis], a * im[..., axis] + b * re[..., axis]
+            out_re.append(a)
+            out_im.append(b)
+        return torch.stack(out_re, dim=-1), torch.stack(out_im, dim=-1)
+
 
 def pack_sources(layout: Layout, charges, dipoles, quadrupoles) -> torch.Tensor:
     """Multipoles -> packed source components ``v`` of ``layout``.

@@ -1,9 +1,11 @@
 """Slabs, ``pbc = [True, True, False]``: multipoles periodic along a and b, open (vacuum) along c.
 
 Method (Yeh & Berkowitz, J. Chem. Phys. 111, 3155 (1999), with the terms for net-charged slabs of
-Ballenegger, Arnold & Cerda, J. Chem. Phys. 131, 094107 (2009), here for charges, dipoles and
-quadrupoles): the 3D Ewald sum (:func:`.ewald.ewald_sum`, tin foil, neutralising background) in a cell
-elongated along the normal, ``(a, b, L n)``, plus an exact correction for the plane-averaged part.
+Ballenegger, Arnold & Cerda, J. Chem. Phys. 131, 094107 (2009), and the layer correction of Arnold,
+de Joannis & Holm, J. Chem. Phys. 117, 2496 (2002), here for charges, dipoles and quadrupoles): the 3D Ewald
+sum (:func:`.ewald.ewald_sum`, tin foil, neutralising background) in a cell elongated along the normal,
+``(a, b, L n)``, plus two exact corrections: one for the plane-averaged part, one that removes the in-plane
+varying part of the replica layers. With both, the vacuum added to the cell can be small.
 
 Why the correction is exact. Seen from afar, a 2D-periodic layer is only its plane average, the
 1D density
@@ -35,38 +37,127 @@ Conventions. For a net charge Q the in-plane-averaged potential of every charge 
 2D Ewald sums); fields and field gradients have no such freedom. Self terms are excluded as in 3D.
 There is no neutralising background: ``tr G = 0`` at point sources whatever the net charge.
 
+The replica layers. The 3D sum also holds every layer's copies at ``n L n``, n != 0. Their plane average is
+part of the correction above; what is left of them varies in the plane, and for one in-plane wave vector
+k != 0 a point source's copies add ``(2 pi / (A k)) cos(k . rho) sum_{n != 0} exp(-k |z - n L|)``, which for
+``|z| < L`` is ``(2 pi / (A k)) cos(k . rho) (exp(-k (L - z)) + exp(-k (L + z))) / (1 - exp(-k L))``.
+:func:`replica_correction` subtracts that, summed over k: each term is a product of one factor per atom,
+``exp(i k . r +- k z)``, a plane wave with a complex wave vector, so it is summed as the reciprocal sum is
+(structure factors by one GEMM, fields by another) with the derivative factors ``i k +- k n`` for the
+multipoles, the fields and their gradients, and the i = j copies included (a source's own copies are
+not part of the slab). The terms fall like ``exp(-k d)`` with ``d >= gap`` between a layer and its copies,
+so the cutoff is ``~ ln(1/accuracy) / gap`` (:func:`replica_k_cutoff`), a few hundred in-plane vectors at
+most: far cheaper than the 3D sum's k-vectors, which grow with L. Gaussian sources act on a copy one gap
+away as points do, to within ``erfc(gap / (sqrt 2 sigma))``, which sets the gap.
+
 Cell. Rows a, b span the plane; row c gives the normal direction and must be orthogonal to a and b;
 every atom must lie within ``0 <= r . n <= |c|`` (the vacuum-padded region), else ValueError. The
 length of c does not change the results (beyond ``accuracy``): the sum itself uses the height
-``L = |c| + gap``, with a further vacuum gap ``(ln(1/accuracy) + 3) / k_min`` (rounded up to 1 Å;
-``k_min = 2 pi / max(|a|, |b|)`` bounds the shortest in-plane reciprocal vector from below), after
-which the in-plane-varying field of the replica layers is below ``accuracy``.
+``L = |c| + gap``, with the vacuum gap of :func:`vacuum_gap` (5 Å, or 6 Å for the long-range block's
+sigma = 1 Å at accuracy 1e-5; before the replica correction it was ``(ln(1/accuracy) + 3) / k_min``,
+27 Å for a 11 Å cell, and the 3D sum's k-vectors grew with it).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from .ewald import ewald_sum
+from .ewald import ewald_sum, wrap_positions
 from .kernels import Layout
 
-#: Extra e-foldings of the replica layers' field beyond ln(1/accuracy) in the vacuum gap.
+#: Extra e-foldings beyond ln(1/accuracy) in the cutoff of the replica correction.
 GAP_MARGIN = 3.0
+#: Smallest vacuum gap (Å) added along the normal.
+GAP_FLOOR = 5.0
 
 
-def vacuum_gap(cell: torch.Tensor, accuracy: float) -> float:
-    """Vacuum (Å) added along the normal: ``(ln(1/accuracy) + 3) / k_min``, rounded up to whole Å.
+def _erfc_inverse(y: float) -> float:
+    """x with erfc(x) = y, 0 < y < 1 (bisection; float64 resolution)."""
+    lo, hi = 0.0, 30.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if math.erfc(mid) > y else (lo, mid)
+    return 0.5 * (lo + hi)
 
-    cell [3, 3] (Å). ``k_min = 2 pi / max(|a|, |b|)`` (1/Å) is a lower bound of the shortest non-zero
-    in-plane reciprocal vector, ``2 pi lambda_1 / A`` with lambda_1 the shortest lattice vector: every
-    lattice vector is at least as long as the smaller height ``A / max(|a|, |b|)``. Whole Å keep the gap
-    constant under small strains (exact stress, as ``ewald.snap_alpha`` does for the splitting).
+
+def vacuum_gap(accuracy: float, smearing: float | None = None) -> float:
+    """Vacuum (Å) added along the normal, whole Å: at least :data:`GAP_FLOOR`, and for Gaussian sources of
+    width sigma at least ``sqrt(2) sigma erfcinv(accuracy) + sigma``, where a replica's Gaussian acts on the
+    slab as a point source does to within ``accuracy`` (what the replica correction assumes). Whole Å, and no
+    dependence on the cell: the gap stays constant under strain (exact stress, as ``ewald.snap_alpha`` does
+    for the splitting).
     """
-    longest = float(torch.linalg.norm(cell.detach()[:2].double(), dim=1).max())
-    k_min = 2.0 * math.pi / longest
-    return float(math.ceil((math.log(1.0 / accuracy) + GAP_MARGIN) / k_min))
+    gap = GAP_FLOOR
+    if smearing is not None and smearing > 0:
+        gap = max(gap, math.sqrt(2.0) * smearing * _erfc_inverse(accuracy) + smearing)
+    return float(math.ceil(gap))
+
+
+def replica_k_cutoff(gap: float, accuracy: float, order: int) -> float:
+    """In-plane cutoff (1/Å) of :func:`replica_correction`: the terms fall like ``(k d)^n exp(-k d)`` over
+    the fields at distance ``d >= gap`` (n = ``order``, the rank of field plus source), so ``k_r = x / gap``
+    with ``x = ln(1/accuracy) + GAP_MARGIN + n ln x``."""
+    base = math.log(1.0 / accuracy) + GAP_MARGIN
+    x = base
+    for _ in range(100):
+        x = base + order * math.log(max(x, 1.0))
+    return x / gap
+
+
+def plane_kvector_indices(cell: np.ndarray, k_cutoff: float) -> np.ndarray:
+    """Integer in-plane indices m [K, 2] of the wave vectors k = m_0 b_0 + m_1 b_1 (b the reciprocal rows of
+    ``cell`` [3, 3], rows a, b in the plane), 0 < |k| < k_cutoff, one of every pair k, -k."""
+    recip = 2.0 * np.pi * np.linalg.inv(cell).T
+    bound = np.floor(k_cutoff * np.linalg.norm(cell[:2], axis=1) / (2.0 * np.pi)).astype(int)
+    grid = np.stack(np.meshgrid(*[np.arange(-b, b + 1) for b in bound], indexing="ij"), -1).reshape(-1, 2)
+    grid = grid[(grid[:, 0] > 0) | ((grid[:, 0] == 0) & (grid[:, 1] > 0))]
+    return grid[np.linalg.norm(grid @ recip[:2], axis=1) < k_cutoff]
+
+
+def replica_correction(r: torch.Tensor, flat: torch.Tensor, k_index: torch.Tensor, k_mask: torch.Tensor,
+                       box: torch.Tensor, normal: torch.Tensor, length: torch.Tensor, slab: torch.Tensor,
+                       rows: Layout, cols: Layout, n_channels: int) -> torch.Tensor:
+    """Minus the in-plane-varying (k != 0) part of what the replica layers at ``n L``, n != 0, add to the 3D sum
+    (module docstring), for a batch of cells.
+
+    r [B, M, 3] positions (Å, in the slabs' frames, ``0 <= r . n <= L``; padded slots anywhere); flat
+    [B, M, n_cols C] packed sources (zero in padded slots); k_index [B, K, 2] in-plane indices of
+    :func:`plane_kvector_indices` (the elongated cell's), k_mask [B, K] the real ones; box [B, 3, 3] the elongated
+    cells; normal [B, 3]; length [B] their heights L; slab [B] bool (other cells get zero). Returns [B, M,
+    n_rows C] in the packed rows of ``rows`` without the output signs, like :func:`.ewald.phase_sum`.
+    """
+    recip = 2.0 * math.pi * torch.linalg.inv_ex(box).inverse.transpose(1, 2)  # [B, 3, 3]
+    k = k_index.to(r.dtype) @ recip[:, :2]  # [B, K, 3], in the plane
+    kn = torch.where(k_mask, torch.linalg.vector_norm(k, dim=-1), torch.ones_like(k[..., 0]))  # [B, K]
+    area = torch.linalg.vector_norm(torch.linalg.cross(box[:, 0], box[:, 1]), dim=-1)  # [B]
+    L = length[:, None]
+    # both half planes (x2), minus the replicas: -(2 pi / (A k)) sum_{n != 0} exp(-k |dz - n L|) per pair
+    weight = -4.0 * math.pi / (area[:, None] * kn * -torch.expm1(-kn * L))
+    weight = torch.where(k_mask & slab[:, None], weight, torch.zeros_like(weight))  # [B, K]
+    sign = torch.cat([torch.ones_like(kn), -torch.ones_like(kn)], dim=1)  # [B, 2K]: exp(+-k dz)
+    kk, kw, w2 = torch.cat([k, k], dim=1), torch.cat([kn, kn], dim=1), torch.cat([weight, weight], dim=1)
+    z = (r * normal[:, None, :]).sum(-1)[:, None, :] - 0.5 * L[:, :, None]  # [B, 1, M], |z| <= L / 2
+    decay = -0.5 * (kw * L)[:, :, None]  # [B, 2K, 1]: exp(-k L) split between the two ends, each factor <= 1
+    grow = (sign * kw)[:, :, None] * z  # [B, 2K, M]
+    theta = kk @ r.transpose(1, 2)  # [B, 2K, M]
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    src = torch.exp(decay - grow)  # exp(-i k.r_j - s k z_j) without the phase
+    ab = (torch.cat([cos * src, sin * src], dim=1) @ flat).unflatten(-1, (len(cols), n_channels))  # [B, 4K, b, C]
+    n_w = kk.shape[1]
+    a, b = ab[:, :n_w], ab[:, n_w:]
+    # derivative factors of exp(i k.r + s k z): i k + s k n, per axis
+    f_re, f_im = (sign * kw)[..., None] * normal[:, None, :], kk  # [B, 2K, 3]
+    col_re, col_im = (x[..., None] for x in cols.complex_monomials(f_re, f_im))  # [B, 2K, b, 1]
+    s_re = (col_re * a + col_im * b).sum(-2)[:, :, None, :]  # [B, 2K, 1, C]
+    s_im = (col_im * a - col_re * b).sum(-2)[:, :, None, :]
+    row_re, row_im = (x[..., None] * w2[..., None, None] for x in rows.complex_monomials(f_re, f_im))
+    z_re = row_re * s_re - row_im * s_im  # [B, 2K, a, C]
+    z_im = row_re * s_im + row_im * s_re
+    fld = torch.exp(decay + grow)
+    return torch.cat([cos * fld, sin * fld], dim=1).transpose(1, 2) @ torch.cat([z_re, -z_im], dim=1).flatten(-2)
 
 
 def slab_sum(
@@ -90,12 +181,22 @@ def slab_sum(
     """
     c_len = torch.linalg.norm(cell[2])
     normal = cell[2] / c_len  # [3]
-    length = c_len + vacuum_gap(cell, accuracy)  # L (Å)
+    gap = vacuum_gap(accuracy, smearing)
+    length = c_len + gap  # L (Å)
     box = torch.stack([cell[0], cell[1], length * normal])  # [3, 3] elongated cell
     q, mu, th = multipoles.get(0), multipoles.get(1), multipoles.get(2)
     total = q.sum(0) if q is not None else None
     out = ewald_sum(positions, v, box, rows, cols, smearing=smearing, accuracy=accuracy, alpha=alpha,
                     total_charge=total)
+    order = max(rows.rank_of) + max(cols.rank_of)
+    m = plane_kvector_indices(box.detach().cpu().double().numpy(), replica_k_cutoff(gap, accuracy, order))
+    if len(m):
+        n, n_channels = v.shape[0], v.shape[2]
+        one = torch.ones(1, dtype=torch.bool, device=positions.device)
+        out = out + replica_correction(
+            wrap_positions(positions, box)[None], v.reshape(1, n, -1), torch.as_tensor(m, device=positions.device)[None],
+            one[:, None].expand(1, len(m)), box[None], normal[None], length.reshape(1), one, rows, cols,
+            n_channels).reshape(n, len(rows), n_channels)
 
     zeros = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
     return out + slab_correction(positions, zeros, box[None], normal[None], length.reshape(1),
