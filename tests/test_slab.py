@@ -316,3 +316,28 @@ def test_bad_slab_input_is_rejected():
         kwargs.update(change)
         with pytest.raises(ValueError, match=message):
             ewald.multipole_fields(**kwargs)
+
+
+def test_replica_correction_is_zero_off_the_slabs():
+    """In a batch, the cells that are not slabs get exactly zero, finite even in float32 with their atoms far along
+    their third row (the factors exp(+-k z) of rows that are not summed must not overflow against a zero weight),
+    and a slab's rows are those of the slab alone."""
+    from cartlorem.ewald.kernels import Layout, pack_sources
+    from cartlorem.ewald.slab import plane_kvector_indices, replica_correction, replica_k_cutoff
+
+    rows = cols = Layout((0, 1, 2))
+    pos, q, mu, th = random_slab(11, n=4, c=2)
+    box = CELL.clone()
+    box[2, 2] = 15.0
+    m = torch.as_tensor(plane_kvector_indices(box.numpy(), replica_k_cutoff(6.0, 1e-6, 4)))
+    flat = pack_sources(cols, q, mu, th).reshape(4, -1)
+    normal = torch.tensor([0.0, 0.0, 1.0], dtype=DT)
+    alone = replica_correction(pos[None], flat[None], m[None], torch.ones(1, len(m), dtype=torch.bool), box[None],
+                               normal[None], torch.tensor([15.0], dtype=DT), torch.tensor([True]), rows, cols, 2)
+    far = pos + torch.tensor([0.0, 0.0, 200.0], dtype=DT)  # a periodic cell's atoms, 200 Å up its c
+    both = replica_correction(torch.stack([pos, far]).float(), torch.stack([flat, flat]).float(),
+                              torch.stack([m, m]), torch.ones(2, len(m), dtype=torch.bool), torch.stack([box, box]).float(),
+                              torch.stack([normal, normal]).float(), torch.tensor([15.0, 15.0]),
+                              torch.tensor([True, False]), rows, cols, 2)
+    assert bool(torch.isfinite(both).all()) and bool((both[1] == 0).all())
+    assert rel(both[0].double(), alone[0]) < 1e-5

@@ -123,7 +123,7 @@ def replica_correction(r: torch.Tensor, flat: torch.Tensor, k_index: torch.Tenso
     """Minus the in-plane-varying (k != 0) part of what the replica layers at ``n L``, n != 0, add to the 3D sum
     (module docstring), for a batch of cells.
 
-    r [B, M, 3] positions (Å, in the slabs' frames, ``0 <= r . n <= L``; padded slots anywhere); flat
+    r [B, M, 3] positions (Å, in the slabs' frames, ``0 <= r . n <= L``, padded slots too: e.g. at the origin); flat
     [B, M, n_cols C] packed sources (zero in padded slots); k_index [B, K, 2] in-plane indices of
     :func:`plane_kvector_indices` (the elongated cell's), k_mask [B, K] the real ones; box [B, 3, 3] the elongated
     cells; normal [B, 3]; length [B] their heights L; slab [B] bool (other cells get zero). Returns [B, M,
@@ -131,12 +131,16 @@ def replica_correction(r: torch.Tensor, flat: torch.Tensor, k_index: torch.Tenso
     """
     recip = 2.0 * math.pi * torch.linalg.inv_ex(box).inverse.transpose(1, 2)  # [B, 3, 3]
     k = k_index.to(r.dtype) @ recip[:, :2]  # [B, K, 3], in the plane
-    kn = torch.where(k_mask, torch.linalg.vector_norm(k, dim=-1), torch.ones_like(k[..., 0]))  # [B, K]
+    real = k_mask & slab[:, None]  # [B, K]
+    # |k|, and 0 in the rows that are not summed: their factors exp(+-|k| z) are then 1 wherever the atoms are
+    # (the cells that are not slabs, open structures in their stand-in cells), never an overflow times a zero weight
+    kn = torch.where(real, torch.linalg.vector_norm(k, dim=-1), torch.zeros_like(k[..., 0]))  # [B, K]
+    safe = torch.where(real, kn, torch.ones_like(kn))
     area = torch.linalg.vector_norm(torch.linalg.cross(box[:, 0], box[:, 1]), dim=-1)  # [B]
     L = length[:, None]
     # both half planes (x2), minus the replicas: -(2 pi / (A k)) sum_{n != 0} exp(-k |dz - n L|) per pair
-    weight = -4.0 * math.pi / (area[:, None] * kn * -torch.expm1(-kn * L))
-    weight = torch.where(k_mask & slab[:, None], weight, torch.zeros_like(weight))  # [B, K]
+    weight = -4.0 * math.pi / (area[:, None] * safe * -torch.expm1(-safe * L))
+    weight = torch.where(real, weight, torch.zeros_like(weight))  # [B, K]
     sign = torch.cat([torch.ones_like(kn), -torch.ones_like(kn)], dim=1)  # [B, 2K]: exp(+-k dz)
     kk, kw, w2 = torch.cat([k, k], dim=1), torch.cat([kn, kn], dim=1), torch.cat([weight, weight], dim=1)
     z = (r * normal[:, None, :]).sum(-1)[:, None, :] - 0.5 * L[:, :, None]  # [B, 1, M], |z| <= L / 2
