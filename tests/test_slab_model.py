@@ -216,3 +216,60 @@ def test_calculator_md_on_a_slab(kind):
     assert np.ptp(total) < 2e-3
     with pytest.raises(PropertyNotImplementedError, match="fully periodic"):
         atoms.get_stress()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compact_slab_cells(kind):
+    """The trainer's compact_slab_cells: a slab with 20 Å of vacuum in c gets the height ceil(extent) + 1 Å along its
+    normal, the periodic cell and the molecule beside it keep theirs exactly, and the model's energies and forces
+    stay those of the original cells to the Ewald accuracy."""
+    from ase.build import molecule
+
+    from cartlorem.graph import collate
+    from cartlorem.nn.long_range import compact_slab_cells
+
+    model = lr_model(kind)
+    slab = nacl_slab(20.0)
+    cell_atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    cell_atoms.rattle(0.05, seed=3)
+    mol = molecule("NaCl")
+    batch = collate([atoms_to_graph(a, model.cutoff) for a in (slab, cell_atoms, mol)])
+    compact = compact_slab_cells(batch)
+    extent = np.ptp(slab.positions[:, 2])
+    assert float(compact.cell[0, 2, 2]) == np.ceil(extent) + 1.0 < slab.cell[2, 2]
+    assert torch.equal(compact.cell[0, :2], batch.cell[0, :2]) and torch.equal(compact.cell[1:], batch.cell[1:])
+    a, b = model(batch, create_graph=False), model(compact, create_graph=False)
+    e_lr = abs(float(a["energy_lr"][0].detach()))
+    assert e_lr > 0.1
+    assert torch.allclose(a["energy"], b["energy"], rtol=0, atol=1e-5 * max(1.0, e_lr))
+    assert torch.allclose(a["forces"], b["forces"], rtol=0, atol=1e-5)
+    no_slab = collate([atoms_to_graph(cell_atoms, model.cutoff), atoms_to_graph(mol, model.cutoff)])
+    assert compact_slab_cells(no_slab) is no_slab
+
+
+def test_training_batches_take_compact_slab_cells(monkeypatch):
+    """train() hands the model each slab in its compact cell (fewer k-vectors for the same fields)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from cartlorem.data import read_dataset
+    from cartlorem.nn.long_range import LongRangeBlock
+    from cartlorem.training import train
+
+    structures = []
+    for seed in range(4):
+        s = nacl_slab(20.0, seed=seed)
+        s.calc = SinglePointCalculator(s, energy=-float(seed), forces=np.zeros((len(s), 3)))
+        structures.append(s)
+    heights = []
+    forward = LongRangeBlock.forward
+
+    def spy(self, h, graph, positions, cell, pairs=None):
+        if self.training:  # the training steps (validation predicts on the cells as given)
+            heights.extend(float(c[2].norm()) for c in cell.detach())
+        return forward(self, h, graph, positions, cell, pairs)
+
+    monkeypatch.setattr(LongRangeBlock, "forward", spy)
+    model = lr_model("multipole").train()
+    train(model, read_dataset(structures, cutoff=model.cutoff, require=()), epochs=1, batch_size=2, progress=False)
+    extent = max(np.ptp(s.positions[:, 2]) for s in structures)
+    assert heights and max(heights) <= np.ceil(extent) + 1.0 < 20.0

@@ -56,7 +56,7 @@ from ..ewald.cells import PeriodicPlan, periodic_plan, plan_fits, prepare_period
 from ..ewald.direct import STF_BASIS, molecule_pairs, pair_list_fits, prepare_pair_table, traced_pair_fields
 from ..tensors import EquivariantLinear, product, stf
 
-__all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "check_boundaries", "PLACEMENTS", "check_placement",
+__all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "compact_slab_cells", "check_boundaries", "PLACEMENTS", "check_placement",
            "END_FEATURES", "check_end_features"]
 
 #: Where a model runs its long-range block (``long_range_options["placement"]``, an option of the model, not of
@@ -145,6 +145,40 @@ def slab_frame(positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor,
                 f"normal, more than the height of the third cell row, {h:.6g} Å: make c longer (more vacuum)")
     shift = torch.where(slab, 0.5 * height.detach() - 0.5 * (z_min + z_max), torch.zeros_like(height))  # [B]
     return positions + shift[batch, None] * normal.detach()[batch], frame_cell
+
+
+def compact_slab_cells(graph, margin: float = 1.0):
+    """``graph`` with every slab's third cell row shortened to ``h' n``, ``h' = ceil(extent) + margin`` (Å, the atoms'
+    extent along the normal n), where that is below its height; other structures and slabs with less vacuum unchanged.
+
+    A slab's fields do not depend on the vacuum in its cell (:mod:`cartlorem.ewald.slab`), but its Ewald sum runs over
+    the cell's height plus the sum's own gap, and its k-vectors grow with that height: 10 Å of vacuum in c nearly
+    doubles them for a 9 Å slab. The trainer shortens the cells of its batches (the same for the eager and the
+    compiled step); the result changes within the sum's ``accuracy``. The local model does not see c (no
+    images along it). Not for MD: the height would change with the positions, and with it the k-vectors.
+    """
+    import dataclasses
+
+    pbc = graph.pbc
+    if pbc.numel() == 0:
+        return graph
+    slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
+    if not bool(slab.any()):
+        return graph
+    cell = graph.cell
+    _, normal, height = _slab_cell(cell.detach(), slab)
+    z = (graph.positions.detach() * normal[graph.batch]).sum(-1)
+    n_struct = cell.shape[0]
+    z_min = torch.full((n_struct,), float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
+        0, graph.batch, z, reduce="amin")
+    z_max = torch.full((n_struct,), -float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
+        0, graph.batch, z, reduce="amax")
+    tight = torch.ceil(z_max - z_min) + margin
+    shorten = slab & (tight < height)
+    if not bool(shorten.any()):
+        return graph
+    third = torch.where(shorten[:, None], (tight[:, None] * normal).to(cell.dtype), cell[:, 2])
+    return dataclasses.replace(graph, cell=torch.cat([cell[:, :2], third[:, None]], dim=1))
 
 
 def _slab_cell(cell: torch.Tensor, slab: torch.Tensor):
