@@ -150,29 +150,28 @@ def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, a
         open = None
     per_cell = [np.zeros((0, 3), dtype=np.int64) if open is not None and bool(open[b]) else kvector_indices(c, cutoff)
                 for b, c in enumerate(cells.numpy())]
-    n_k = max(1, max(len(x) for x in per_cell))
-    m = np.zeros((n_cells, n_k, 3), dtype=np.int64)
-    mask = np.zeros((n_cells, n_k), dtype=bool)
-    for b, x in enumerate(per_cell):
-        m[b, : len(x)] = x
-        mask[b, : len(x)] = True
-    plan = PeriodicPlan(slots, atom_slot, torch.as_tensor(m, device=device), torch.as_tensor(mask, device=device))
+    plan = PeriodicPlan(slots, atom_slot, *_padded(per_cell, 3, device))
     if slab is not None:
         order = _order(ranks, source_ranks)
         planes = [plane_kvector_indices(c, replica_k_cutoff(float(g), accuracy, order)) if bool(s)
                   else np.zeros((0, 2), dtype=np.int64) for c, g, s in zip(cells.numpy(), gap, slab)]
-        n_r = max(1, max(len(x) for x in planes))
-        rm = np.zeros((n_cells, n_r, 2), dtype=np.int64)
-        r_mask = np.zeros((n_cells, n_r), dtype=bool)
-        for b, x in enumerate(planes):
-            rm[b, : len(x)] = x
-            r_mask[b, : len(x)] = True
+        replica_m, replica_mask = _padded(planes, 2, device)
         plan = plan._replace(slab=slab.to(device=device, dtype=torch.bool), gap=gap.to(device), shift=shift,
-                             replica_m=torch.as_tensor(rm, device=device),
-                             replica_mask=torch.as_tensor(r_mask, device=device))
+                             replica_m=replica_m, replica_mask=replica_mask)
     if open is not None:
         plan = plan._replace(open=open.to(device=device, dtype=torch.bool))
     return plan
+
+
+def _padded(per_cell: list, dims: int, device) -> tuple:
+    """Every cell's integer index rows [K_b, dims] padded to the largest count: (m [B, K, dims] long, mask [B, K])."""
+    n_k = max(1, max(len(x) for x in per_cell))
+    m = np.zeros((len(per_cell), n_k, dims), dtype=np.int64)
+    mask = np.zeros((len(per_cell), n_k), dtype=bool)
+    for b, x in enumerate(per_cell):
+        m[b, : len(x)] = x
+        mask[b, : len(x)] = True
+    return torch.as_tensor(m, device=device), torch.as_tensor(mask, device=device)
 
 
 def plan_fits(plan: PeriodicPlan) -> bool:
