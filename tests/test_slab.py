@@ -336,8 +336,8 @@ def test_replica_correction_is_zero_off_the_slabs():
                                normal[None], torch.tensor([15.0], dtype=DT), torch.tensor([True]), rows, cols, 2)
     far = pos + torch.tensor([0.0, 0.0, 200.0], dtype=DT)  # a periodic cell's atoms, 200 Å up its c
     both = replica_correction(torch.stack([pos, far]).float(), torch.stack([flat, flat]).float(),
-                              torch.stack([m, m]), torch.ones(2, len(m), dtype=torch.bool), torch.stack([box, box]).float(),
-                              torch.stack([normal, normal]).float(), torch.tensor([15.0, 15.0]),
-                              torch.tensor([True, False]), rows, cols, 2)
+                              torch.stack([m, m]), torch.ones(2, len(m), dtype=torch.bool),
+                              torch.stack([box, box]).float(), torch.stack([normal, normal]).float(),
+                              torch.tensor([15.0, 15.0]), torch.tensor([True, False]), rows, cols, 2)
     assert bool(torch.isfinite(both).all()) and bool((both[1] == 0).all())
     assert rel(both[0].double(), alone[0]) < 1e-5

@@ -73,9 +73,9 @@ class PeriodicPlan(NamedTuple):
     caller's constant translation of every atom into its slab's frame (the long-range block's; zero rows
     elsewhere); replica_m [B, K', 2], the in-plane indices of :func:`.slab.replica_correction`'s wave vectors
     (:func:`.slab.plane_kvector_indices` of the elongated cell), zero rows past a cell's own, and replica_mask
-    [B, K'] bool, the real rows. With open structures in the batch (else None): open [B] bool, the structures this sum leaves out
-    (zero fields at their atoms), and open_pairs (i [P], j [P]), their intra-structure pairs, each once, for the
-    caller's pair sum.
+    [B, K'] bool, the real rows. With open structures in the batch (else None): open [B] bool, the structures this
+    sum leaves out (zero fields at their atoms), and open_pairs (i [P], j [P]), their intra-structure pairs, each
+    once, for the caller's pair sum.
     """
 
     slots: torch.Tensor

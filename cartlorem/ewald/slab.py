@@ -197,10 +197,10 @@ def slab_sum(
     if len(m):
         n, n_channels = v.shape[0], v.shape[2]
         one = torch.ones(1, dtype=torch.bool, device=positions.device)
+        k_index = torch.as_tensor(m, device=positions.device)[None]
         out = out + replica_correction(
-            wrap_positions(positions, box)[None], v.reshape(1, n, -1), torch.as_tensor(m, device=positions.device)[None],
-            one[:, None].expand(1, len(m)), box[None], normal[None], length.reshape(1), one, rows, cols,
-            n_channels).reshape(n, len(rows), n_channels)
+            wrap_positions(positions, box)[None], v.reshape(1, n, -1), k_index, one[:, None].expand(1, len(m)),
+            box[None], normal[None], length.reshape(1), one, rows, cols, n_channels).reshape(n, len(rows), n_channels)
 
     zeros = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
     return out + slab_correction(positions, zeros, box[None], normal[None], length.reshape(1),

@@ -45,6 +45,7 @@ sources (their norms are invariants); the "lorem" kind has potentials only up to
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Optional
 
@@ -56,8 +57,8 @@ from ..ewald.cells import PeriodicPlan, periodic_plan, plan_fits, prepare_period
 from ..ewald.direct import STF_BASIS, molecule_pairs, pair_list_fits, prepare_pair_table, traced_pair_fields
 from ..tensors import EquivariantLinear, product, stf
 
-__all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "compact_slab_cells", "check_boundaries", "PLACEMENTS", "check_placement",
-           "END_FEATURES", "check_end_features"]
+__all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "compact_slab_cells", "check_boundaries", "PLACEMENTS",
+           "check_placement", "END_FEATURES", "check_end_features"]
 
 #: Where a model runs its long-range block (``long_range_options["placement"]``, an option of the model, not of
 #: the block): "before_last", between the last two interaction layers, on the features of the layer before the
@@ -126,12 +127,7 @@ def slab_frame(positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor,
     if not bool(slab.any()):
         return positions, cell
     frame_cell, normal, height = _slab_cell(cell, slab)
-    z = (positions.detach() * normal.detach()[batch]).sum(-1)  # [N]
-    n_struct = cell.shape[0]
-    z_min = torch.full((n_struct,), float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
-        0, batch, z, reduce="amin")
-    z_max = torch.full((n_struct,), -float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
-        0, batch, z, reduce="amax")
+    z_min, z_max = _span(positions, batch, normal)
     for k in slab.nonzero().flatten().tolist():
         h, extent = float(height[k].detach()), float(z_max[k] - z_min[k])
         if not h > 0.0:
@@ -157,8 +153,6 @@ def compact_slab_cells(graph, margin: float = 1.0):
     compiled step); the result changes within the sum's ``accuracy``. The local model does not see c (no
     images along it). Not for MD: the height would change with the positions, and with it the k-vectors.
     """
-    import dataclasses
-
     pbc = graph.pbc
     if pbc.numel() == 0:
         return graph
@@ -167,18 +161,25 @@ def compact_slab_cells(graph, margin: float = 1.0):
         return graph
     cell = graph.cell
     _, normal, height = _slab_cell(cell.detach(), slab)
-    z = (graph.positions.detach() * normal[graph.batch]).sum(-1)
-    n_struct = cell.shape[0]
-    z_min = torch.full((n_struct,), float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
-        0, graph.batch, z, reduce="amin")
-    z_max = torch.full((n_struct,), -float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
-        0, graph.batch, z, reduce="amax")
+    z_min, z_max = _span(graph.positions, graph.batch, normal)
     tight = torch.ceil(z_max - z_min) + margin
     shorten = slab & (tight < height)
     if not bool(shorten.any()):
         return graph
     third = torch.where(shorten[:, None], (tight[:, None] * normal).to(cell.dtype), cell[:, 2])
     return dataclasses.replace(graph, cell=torch.cat([cell[:, :2], third[:, None]], dim=1))
+
+
+def _span(positions: torch.Tensor, batch: torch.Tensor, normal: torch.Tensor):
+    """(lowest, highest) z = r·n of every structure's atoms (no gradient): positions [N, 3], batch [N], normal [B, 3]
+    → ([B], [B]); ±inf for a structure without atoms."""
+    z = (positions.detach() * normal.detach()[batch]).sum(-1)  # [N]
+    n_struct = normal.shape[0]
+    z_min = torch.full((n_struct,), float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
+        0, batch, z, reduce="amin")
+    z_max = torch.full((n_struct,), -float("inf"), dtype=z.dtype, device=z.device).scatter_reduce(
+        0, batch, z, reduce="amax")
+    return z_min, z_max
 
 
 def _slab_cell(cell: torch.Tensor, slab: torch.Tensor):
