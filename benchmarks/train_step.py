@@ -352,15 +352,22 @@ def local_breakdown(model, batches, dtype, n_steps=6, warmup=3, blocks=None, ref
 
 
 def make_batches(name, args, species_out=None):
-    """The first ``n_batches`` training batches of the fixed split (seeded order), collated."""
+    """The first ``n_batches`` training batches of the fixed split (seeded order), collated, with slabs in compact
+    cells as the trainer gives them (``cartlorem.nn.long_range.compact_slab_cells``; where that exists)."""
     import numpy as np
 
     from cartlorem.graph import collate
 
+    try:
+        from cartlorem.nn.long_range import compact_slab_cells
+    except ImportError:  # code before session 26
+        def compact_slab_cells(graph):
+            return graph
+
     frames, graphs, species, train_idx, _, _ = harness.load_split(name, args)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(train_idx)
-    batches = [collate([graphs[k] for k in order[b * args.batch_size:(b + 1) * args.batch_size]])
+    batches = [compact_slab_cells(collate([graphs[k] for k in order[b * args.batch_size:(b + 1) * args.batch_size]]))
                for b in range(args.n_batches)]
     stats_graphs = [graphs[k] for k in train_idx[:200]]
     return batches, species, stats_graphs
