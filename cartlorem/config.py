@@ -273,8 +273,8 @@ def _options() -> list[Option]:
                check=(lambda v: v >= 0, ">= 0")),
         Option("compile", parse_bool, T["compile"],
                "compile the training step with torch.compile: the first step compiles (minutes on a CPU), the "
-               "later ones run 3-4x faster (local models, and long-range models on molecules; long-range models on "
-               "periodic cells train eagerly)", t),
+               "later ones run 2-4x faster (local and long-range models, on molecules, periodic cells and slabs; "
+               "periodic batches too large for one reciprocal sum and the dipole / Born-charge terms train eagerly)", t),
     ]
     r = "run"
     run = [
