@@ -187,6 +187,7 @@ def test_vacuum_gap_and_length_of_c_do_not_matter(monkeypatch):
             got = ewald.multipole_fields(pos, q, mu, th, CELL, SLAB, smearing=smearing, accuracy=1e-10)
             assert max(rel(a, b) for a, b in zip(got, ref)) < 1e-9, (smearing, gap)
         monkeypatch.undo()
+    ref = ewald.multipole_fields(pos, q, mu, th, CELL, SLAB, accuracy=1e-10)  # point sources, default gap
     monkeypatch.setattr(slab, "vacuum_gap", lambda accuracy, smearing=None: 2.0)
     monkeypatch.setattr(slab, "replica_correction", lambda r, flat, *args: flat.new_zeros(
         flat.shape[:2] + (len(args[-3]) * args[-1],)))
@@ -195,8 +196,7 @@ def test_vacuum_gap_and_length_of_c_do_not_matter(monkeypatch):
     monkeypatch.undo()
     longer = CELL.clone()
     longer[2, 2] = 23.0
-    for a, b in zip(ewald.multipole_fields(pos, q, mu, th, longer, SLAB, accuracy=1e-10),
-                    ewald.multipole_fields(pos, q, mu, th, CELL, SLAB, accuracy=1e-10)):
+    for a, b in zip(ewald.multipole_fields(pos, q, mu, th, longer, SLAB, accuracy=1e-10), ref):
         assert rel(a, b) < 1e-9
 
 
