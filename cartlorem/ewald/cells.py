@@ -140,7 +140,7 @@ def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, a
     cells = cell.detach().cpu().double()
     gap = None
     if slab is not None and bool(slab.any()):
-        gap = torch.tensor([vacuum_gap(accuracy, smearing) if bool(s) else 0.0 for s in slab], dtype=torch.float64)
+        gap = slab.cpu().double() * vacuum_gap(accuracy, smearing)  # [B]: the same gap for every slab, 0 elsewhere
         third = cells[:, 2]
         cells = torch.cat([cells[:, :2], (third * (1.0 + gap / third.norm(dim=1))[:, None])[:, None]], dim=1)
         shift = torch.zeros(n, 3, dtype=cell.dtype, device=device) if shift is None else shift.detach()

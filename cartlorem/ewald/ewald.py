@@ -284,25 +284,33 @@ def reciprocal_sum(
 
 
 def phase_sum(phase: torch.Tensor, flat: torch.Tensor, k: torch.Tensor, weight: torch.Tensor, rows: Layout,
-              cols: Layout, n_channels: int) -> torch.Tensor:
+              cols: Layout, n_channels: int, *, factors=None, field_phase=None) -> torch.Tensor:
     """``out_a(r_i) = sum_k w(k) Re[(i k)^a S(k) exp(i k.r_i)]``, ``S(k) = sum_j sum_b (i k)^b v_jb exp(-i k.r_j)``,
     from the phases; any leading (batch) dimensions.
 
     phase [..., 2K, N]: cos(k.r_j) over sin(k.r_j); flat [..., N, n_cols C] packed sources; k [..., K, 3];
     weight [..., K] -> [..., N, n_rows C]. One GEMM into the structure factors, one back to the atoms.
+    For plane waves with a complex wave vector (the slab's replica correction, :mod:`.slab`): ``factors``
+    (re [..., K, 3], im [..., K, 3]), the per-axis derivative factors in place of i k, and ``field_phase`` the
+    phases at the field points where they differ from the sources' (real amplitudes times cos and sin).
     """
     n_k = k.shape[-2]
     ab = (phase @ flat).unflatten(-1, (len(cols), n_channels))  # [..., 2K, b, C]
     a, b = ab[..., :n_k, :, :], ab[..., n_k:, :, :]  # sum_j cos(k.r_j) v_jb, sum_j sin(k.r_j) v_jb
-    col_re, col_im = (x[..., None] for x in cols.monomials(k))  # [..., K, b, 1]: (i k)^b
+
+    def monomials(layout):
+        return layout.monomials(k) if factors is None else layout.complex_monomials(*factors)
+
+    col_re, col_im = (x[..., None] for x in monomials(cols))  # [..., K, b, 1]: (i k)^b
     # S = sum_b (i k)^b (a_b - i b_b), as products and sums over b (a K-batched matmul of [1, b] rows is slow)
     s_re = (col_re * a + col_im * b).sum(-2)[..., None, :]  # [..., K, 1, C]
     s_im = (col_im * a - col_re * b).sum(-2)[..., None, :]
-    row_re, row_im = (x[..., None] * weight[..., None, None] for x in rows.monomials(k))  # [..., K, a, 1]
+    row_re, row_im = (x[..., None] * weight[..., None, None] for x in monomials(rows))  # [..., K, a, 1]
     z_re = row_re * s_re - row_im * s_im  # [..., K, a, C]: Z_a = w (i k)^a S
     z_im = row_re * s_im + row_im * s_re
     # sum_k Re[Z exp(i k.r)] = sum_k cos(k.r) Z_re - sin(k.r) Z_im: [..., N, 2K] @ [..., 2K, a C]
-    return phase.transpose(-1, -2) @ torch.cat([z_re, -z_im], dim=-3).flatten(-2)
+    out_phase = phase if field_phase is None else field_phase
+    return out_phase.transpose(-1, -2) @ torch.cat([z_re, -z_im], dim=-3).flatten(-2)
 
 
 def wrap_positions(positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:

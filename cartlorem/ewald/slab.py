@@ -65,7 +65,7 @@ import math
 import numpy as np
 import torch
 
-from .ewald import ewald_sum, wrap_positions
+from .ewald import ewald_sum, phase_sum, wrap_positions
 from .kernels import Layout
 
 #: Extra e-foldings beyond ln(1/accuracy) in the cutoff of the replica correction.
@@ -148,20 +148,11 @@ def replica_correction(r: torch.Tensor, flat: torch.Tensor, k_index: torch.Tenso
     grow = (sign * kw)[:, :, None] * z  # [B, 2K, M]
     theta = kk @ r.transpose(1, 2)  # [B, 2K, M]
     cos, sin = torch.cos(theta), torch.sin(theta)
-    src = torch.exp(decay - grow)  # exp(-i k.r_j - s k z_j) without the phase
-    ab = (torch.cat([cos * src, sin * src], dim=1) @ flat).unflatten(-1, (len(cols), n_channels))  # [B, 4K, b, C]
-    n_w = kk.shape[1]
-    a, b = ab[:, :n_w], ab[:, n_w:]
+    src, fld = torch.exp(decay - grow), torch.exp(decay + grow)  # exp(-+ s k z) at sources / field points
     # derivative factors of exp(i k.r + s k z): i k + s k n, per axis
-    f_re, f_im = (sign * kw)[..., None] * normal[:, None, :], kk  # [B, 2K, 3]
-    col_re, col_im = (x[..., None] for x in cols.complex_monomials(f_re, f_im))  # [B, 2K, b, 1]
-    s_re = (col_re * a + col_im * b).sum(-2)[:, :, None, :]  # [B, 2K, 1, C]
-    s_im = (col_im * a - col_re * b).sum(-2)[:, :, None, :]
-    row_re, row_im = (x[..., None] * w2[..., None, None] for x in rows.complex_monomials(f_re, f_im))
-    z_re = row_re * s_re - row_im * s_im  # [B, 2K, a, C]
-    z_im = row_re * s_im + row_im * s_re
-    fld = torch.exp(decay + grow)
-    return torch.cat([cos * fld, sin * fld], dim=1).transpose(1, 2) @ torch.cat([z_re, -z_im], dim=1).flatten(-2)
+    factors = ((sign * kw)[..., None] * normal[:, None, :], kk)  # [B, 2K, 3]
+    return phase_sum(torch.cat([cos * src, sin * src], dim=1), flat, kk, w2, rows, cols, n_channels,
+                     factors=factors, field_phase=torch.cat([cos * fld, sin * fld], dim=1))
 
 
 def slab_sum(

@@ -352,13 +352,13 @@ class LongRangeBlock(nn.Module):
         ranks, source_ranks = self._sum_ranks()
         plan = periodic_plan(graph.batch, cell, smearing=self.smearing, accuracy=self.accuracy, ranks=ranks,
                              source_ranks=source_ranks, slab=slab, shift=shift, open=open_)
-        if plan.open is not None:  # the open structures' fields: their pair sum
-            i, j = molecule_pairs(graph.batch, unordered=True)
-            keep = open_[graph.batch[i]]
-            plan = plan._replace(open_pairs=(i[keep], j[keep]))
+        if plan.open is not None:  # the open structures' fields: their pair sum, over their own atoms only
             n_open = torch.bincount(graph.batch, minlength=open_.shape[0])[open_]
             if not self.pair_list_fits(int((n_open**2).sum())):
                 return None
+            atoms = open_[graph.batch].nonzero().flatten()
+            i, j = molecule_pairs(graph.batch[atoms], unordered=True)
+            plan = plan._replace(open_pairs=(atoms[i], atoms[j]))
         return plan if plan_fits(plan) else None
 
     def forward(self, h, graph, positions: torch.Tensor, cell: torch.Tensor, pairs=None) -> dict:
