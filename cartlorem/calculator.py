@@ -74,21 +74,37 @@ class CartLoremCalculator(Calculator):
             model = model_or_path
         else:
             raise TypeError(f"model_or_path must be a CartLorem or a path, got {type(model_or_path).__name__}")
+        device = str(device)
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}") from None
         if device.startswith("cuda") and not torch.cuda.is_available():
             import warnings
 
             warnings.warn("CUDA is not available; CartLoremCalculator runs on the CPU")
             device = "cpu"
         if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+            dtype = getattr(torch, dtype, dtype)
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be None (the model's), 'float32' or 'float64', got {dtype!r}")
+        try:
+            skin = float(skin)
+        except (TypeError, ValueError):
+            skin = float("nan")
+        if not (np.isfinite(skin) and skin >= 0.0):
+            raise ValueError(f"skin must be a finite distance >= 0 Å (0: a new neighbour list at every call), "
+                             f"got {skin!r}")
+        own = model is not model_or_path  # read from a file: the calculator's alone
         if (dtype is not None and dtype != model.dtype) or torch.device(device) != model.embedding.device:
             import copy
 
-            model = copy.deepcopy(model)  # never change the caller's model in place
+            model, own = copy.deepcopy(model), True  # never change the caller's model in place
         self.model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-        self.model.eval()
+        if own:  # the calculator asks for no graph of its results (create_graph=False), in any mode; the
+            self.model.eval()  # caller's model keeps its mode (a model in training keeps training on forces)
         self.device = device
-        self.skin = float(skin)
+        self.skin = skin
         # an instance attribute: only long-range models have charges and a dipole
         self.implemented_properties = [p for p in type(self).implemented_properties
                                        if p not in ("charges", "dipole") or self.model.long_range is not None]
@@ -110,6 +126,18 @@ class CartLoremCalculator(Calculator):
     def reset(self):
         super().reset()
         self.extra_results = {}
+
+    #: ``atoms.info`` keys the model reads (the structure's total charge and spin multiplicity)
+    INFO_KEYS = ("charge", "total_charge", "multiplicity")
+
+    def check_state(self, atoms, tol=1e-15):
+        """ASE's changes (positions, numbers, cell, pbc, ...), and "info" when the total charge or multiplicity in
+        ``atoms.info`` changed: ASE does not compare ``info``, so the results of the old charge state were kept."""
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None and not changes:
+            if any(repr(self.atoms.info.get(k)) != repr(atoms.info.get(k)) for k in self.INFO_KEYS):
+                changes.append("info")
+        return changes
 
     def get_extra(self, name: str, atoms=None):
         """A model output outside ASE's property list, computed for ``atoms`` (default: the last ones)
@@ -148,7 +176,7 @@ class CartLoremCalculator(Calculator):
     def _graph(self, atoms) -> Graph:
         positions = atoms.get_positions()
         key = (len(atoms), tuple(atoms.get_atomic_numbers()), tuple(np.round(atoms.get_cell().array, 12).ravel()),
-               tuple(atoms.get_pbc()), float(atoms.info.get("total_charge", atoms.info.get("charge", 0.0))),
+               tuple(atoms.get_pbc()), repr(atoms.info.get("total_charge", atoms.info.get("charge", 0.0))),
                repr(atoms.info.get("multiplicity", 1)))  # repr: a bad value is reported by atoms_to_graph
         reuse = (self.skin > 0 and self._nl_key == key and self._nl_positions is not None
                  and np.all(np.isfinite(positions))

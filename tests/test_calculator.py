@@ -382,3 +382,62 @@ def test_bad_positions_or_cell_are_clear_errors(lr_model):
     atoms.cell[0, 0] = np.nan
     with pytest.raises(ValueError, match="cell contains NaN"):
         calc.get_potential_energy(atoms)
+
+
+def test_a_new_total_charge_is_a_new_calculation(lr_model):
+    """ASE's check_state does not compare atoms.info: the same Atoms with another total charge or multiplicity
+    returned the cached results of the old charge state (the charges summed to the old total)."""
+    calc = CartLoremCalculator(lr_model, skin=0.0)
+    atoms = nacl()
+    atoms.calc = calc
+    neutral = atoms.get_potential_energy()
+    assert abs(atoms.get_charges().sum()) < 1e-10
+    for key in ("charge", "total_charge"):
+        atoms.info.pop("charge", None)
+        atoms.info[key] = 1.0
+        charged = atoms.get_potential_energy()
+        fresh = CartLoremCalculator(lr_model).get_potential_energy(atoms)
+        assert charged == pytest.approx(fresh, abs=1e-10) and abs(charged - neutral) > 1e-6
+        assert atoms.get_charges().sum() == pytest.approx(1.0, abs=1e-10)
+        atoms.info.pop(key)
+    assert atoms.get_potential_energy() == pytest.approx(neutral, abs=1e-12)
+
+
+def test_the_callers_model_keeps_its_mode(model):
+    """The calculator used to switch the model it was given to eval mode: a model being trained then no longer
+    recorded the force graph (create_graph defaults to model.training), and force training stopped silently."""
+    model.train()
+    try:
+        calc = CartLoremCalculator(model)
+        assert model.training and calc.model is model
+        calc.get_potential_energy(cluster())
+        assert model.training
+        out = model(atoms_to_graph(cluster(), CUTOFF, dtype=torch.float64), compute_forces=True)
+        assert out["forces"].requires_grad  # the force loss still reaches the parameters
+    finally:
+        model.eval()
+    assert CartLoremCalculator(model, dtype="float32").model.training is False  # its own copy: eval mode
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"skin": -1.0}, "skin must be a finite distance"),
+    ({"skin": float("nan")}, "skin must be a finite distance"),
+    ({"skin": "wide"}, "skin must be a finite distance"),
+    ({"dtype": "foo"}, "dtype must be None"),
+    ({"dtype": "int64"}, "dtype must be None"),
+    ({"dtype": torch.float16}, "dtype must be None"),
+    ({"device": "gpu"}, "device must be 'cpu' or 'cuda'"),
+])
+def test_bad_calculator_arguments_are_clear_errors(model, kwargs, message):
+    """A negative skin shortened the neighbour list below the cutoff (a silently wrong energy); bad dtypes and
+    devices failed inside torch."""
+    with pytest.raises(ValueError, match=message):
+        CartLoremCalculator(model, **kwargs)
+
+
+def test_a_bad_total_charge_is_a_clear_error(lr_model):
+    """The neighbour-list key converted info["charge"] with float() before atoms_to_graph could check it."""
+    atoms = nacl()
+    atoms.info["charge"] = "abc"
+    with pytest.raises(ValueError, match="charge"):
+        CartLoremCalculator(lr_model).get_potential_energy(atoms)
