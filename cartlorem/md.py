@@ -71,10 +71,14 @@ def run_nve(atoms, *, steps: int, timestep_fs: float, temperature_K: float, seed
     dyn.attach(lambda: bar.update(1) if dyn.nsteps > 0 else None, interval=1)
     error = None
     try:
-        record()  # the initial state (ASE may call observers at step 0 too; duplicates are dropped below)
-        dyn.run(steps)
-    except ValueError as err:  # e.g. atoms that came too close for an untrained model
-        error = f"MD stopped at step {dyn.nsteps}: {err}"
+        # the initial state (ASE may call observers at step 0 too; duplicates are dropped below). Outside the
+        # early stop below: a structure the calculator refuses (an unknown species, a bad cell) is the caller's
+        # error, and the run has nothing to report
+        record()
+        try:
+            dyn.run(steps)
+        except ValueError as err:  # e.g. atoms that came too close for an untrained model
+            error = f"MD stopped at step {dyn.nsteps}: {err}"
     finally:
         bar.close()
     rec = {k: np.asarray(v) for k, v in rec.items()}

@@ -441,3 +441,14 @@ def test_a_bad_total_charge_is_a_clear_error(lr_model):
     atoms.info["charge"] = "abc"
     with pytest.raises(ValueError, match="charge"):
         CartLoremCalculator(lr_model).get_potential_energy(atoms)
+
+
+def test_md_that_cannot_start_names_the_problem(model):
+    """A structure the calculator refuses at step 0 ended in an IndexError of run_nve's statistics (its error was
+    caught as an early stop, and the record was empty)."""
+    from cartlorem.md import run_nve
+
+    atoms = Atoms("NH3", positions=[[0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    atoms.calc = CartLoremCalculator(model)
+    with pytest.raises(ValueError, match="not known to the model: N"):
+        run_nve(atoms, steps=3, timestep_fs=0.5, temperature_K=300.0)
