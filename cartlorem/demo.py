@@ -62,6 +62,8 @@ def run_demo(
 
     if epochs < 1 or md_steps < 1 or not max_time > 0:
         raise ValueError("--epochs, --md-steps and --max-time must be positive")
+    if not timestep > 0 or not temperature >= 0:  # checked before the training, not after it
+        raise ValueError(f"--timestep must be > 0 fs and --temperature >= 0 K, got {timestep!r} and {temperature!r}")
     long_range = None if long_range in (None, "none") else long_range
     t_start = time.perf_counter()
     path, out, cutoff = demo_data(data), Path(out), 5.0

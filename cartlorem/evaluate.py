@@ -65,8 +65,12 @@ class Predictions:
     has_born_charges: np.ndarray
 
     def save(self, path) -> None:
-        """Write all arrays to a ``.npz`` file."""
-        np.savez_compressed(path, **{f.name: getattr(self, f.name) for f in fields(self)})
+        """Write all arrays to ``path`` in NumPy's ``.npz`` format (``numpy.load`` reads it), under that name as
+        given (numpy's own writer would add ``.npz`` to a name without it), atomically."""
+        from .fileio import atomic_write
+
+        arrays = {f.name: getattr(self, f.name) for f in fields(self)}
+        atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:

@@ -493,9 +493,11 @@ def export_model(model) -> torch.jit.ScriptModule:
 
 def save_exported(model, path) -> torch.jit.ScriptModule:
     """Script ``model`` (a CartLorem or a model file path) and write it to ``path`` (``torch.jit.load``s it)."""
-    scripted = export_model(model)
+    from .fileio import atomic_write
+
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    scripted.save(tmp)
-    os.replace(tmp, path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: give the exported model a file name (e.g. {os.path.join(path, 'model.pt')})")
+    scripted = export_model(model)
+    atomic_write(path, lambda f: torch.jit.save(scripted, f))  # the folder is made; nothing left behind on failure
     return scripted

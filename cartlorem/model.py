@@ -11,6 +11,8 @@ Data flow (forward):
 
 from __future__ import annotations
 
+import numbers
+
 import os
 from typing import Optional, Sequence
 
@@ -108,8 +110,13 @@ class CartLorem(nn.Module):
             raise ValueError(f"cutoff must be positive, got {cutoff}")
         if lmax not in (0, 1, 2):
             raise ValueError(f"lmax must be 0, 1 or 2, got {lmax}")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        for name, value in (("channels", channels), ("num_layers", num_layers), ("correlation", correlation),
+                            ("num_basis", num_basis), ("radial_hidden", radial_hidden), ("envelope_p", envelope_p),
+                            ("readout_hidden", readout_hidden)):
+            # 0 would build a model that runs and sees no geometry (envelope_p 0: an envelope of 0 everywhere;
+            # a hidden width 0: forces exactly 0) or fails deep inside (channels 0: a division by zero)
+            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and value == int(value) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.config = dict(species=species, cutoff=float(cutoff), long_range=long_range, channels=channels,
                            num_layers=num_layers, correlation=correlation, lmax=lmax, num_basis=num_basis,
                            radial_hidden=radial_hidden, envelope_p=envelope_p, readout_hidden=readout_hidden,

@@ -306,3 +306,57 @@ def test_train_compile_flag_reaches_the_trainer(files, tmp_path, capsys, caplog,
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["compile"] is True
     assert len(calls) >= 2  # every training batch
     assert "compiling the training step" in caplog.text + err + out
+
+
+def test_demo_checks_its_arguments_before_training(files, tmp_path, capsys):
+    """--channels 0 failed deep inside the first training step (a division by zero); --timestep 0 and a negative
+    --temperature were refused only after the whole training and evaluation had run."""
+    args = ("demo", "--data", files / "train.xyz", "--epochs", 1, "--md-steps", 2, "--no-progress")
+    code, _, err = run(capsys, *args, "--out", tmp_path / "d0", "--channels", 0)
+    _assert_user_error(code, err, "channels must be an integer >= 1")
+    for flag, value in (("--timestep", 0), ("--temperature", -5)):
+        out = tmp_path / f"d{flag}"
+        code, _, err = run(capsys, *args, "--out", out, "--channels", 8, flag, value)
+        _assert_user_error(code, err, flag)
+        assert not (out / "model.pt").exists()  # refused before the training
+
+
+def _untrained_model_file(tmp_path):
+    from cartlorem import CartLorem, save_model
+
+    torch.manual_seed(0)
+    model = CartLorem([29, 47], cutoff=3.0, long_range=None, channels=4, num_layers=1, correlation=2, num_basis=4,
+                      radial_hidden=8, readout_hidden=8)
+    save_model(model, tmp_path / "model.pt")
+    return tmp_path / "model.pt"
+
+
+def test_evaluate_writes_predictions_where_it_says(files, tmp_path, capsys):
+    """numpy's writer added .npz to a name without it, while the command reported the name as given."""
+    import numpy as np
+
+    model = _untrained_model_file(tmp_path)
+    target = tmp_path / "predictions.out"
+    code, out, err = run(capsys, "evaluate", "--model", model, "--data", files / "test.xyz", "--predictions", target,
+                         "--no-progress")
+    assert code == 0, err
+    assert f"predictions written to {target}" in out
+    assert target.is_file() and not (tmp_path / "predictions.out.npz").exists()
+    with np.load(target) as saved:
+        assert saved["energy_pred"].shape == (5,) and np.all(np.isfinite(saved["forces_pred"]))
+
+
+def test_export_to_a_folder_or_a_new_folder(tmp_path, capsys):
+    """A folder as the target left a temporary file beside it and said only "[Errno 21]"; a file in a folder
+    that does not exist yet failed with a traceback (save_model makes the folder)."""
+    model = _untrained_model_file(tmp_path)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    code, _, err = run(capsys, "export", model, folder)
+    _assert_user_error(code, err, "is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "out"] and not any(folder.iterdir())
+    nested = tmp_path / "new" / "sub" / "exported.pt"
+    code, _, err = run(capsys, "export", model, nested)
+    assert code == 0, err
+    assert [p.name for p in nested.parent.iterdir()] == ["exported.pt"]
+    assert torch.jit.load(str(nested)) is not None

@@ -181,6 +181,16 @@ def test_bad_input_errors(tmp_path):
         cartlorem.CartLorem([1], long_range="coulomb")
 
 
+@pytest.mark.parametrize("size", ["channels", "num_layers", "correlation", "num_basis", "radial_hidden", "envelope_p",
+                                  "readout_hidden"])
+def test_degenerate_sizes_are_refused(size):
+    """0 built a model that saw no geometry (envelope_p 0: the envelope is 0 everywhere; a hidden width 0: the
+    forces are exactly 0), or one that failed inside its first call (channels 0: a division by zero)."""
+    for value in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"{size} must be an integer >= 1"):
+            cartlorem.CartLorem([1, 8], long_range=None, **{size: value})
+
+
 def test_compiled_kernels_match_eager_and_training_stays_eager():
     eager = small_model([1, 6, 8])
     compiled = small_model([1, 6, 8], compile_kernels=True)
