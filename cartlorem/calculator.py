@@ -191,7 +191,8 @@ class CartLoremCalculator(Calculator):
             else:
                 return g
         offset, cell = np.zeros_like(positions), atoms.get_cell().array
-        if np.all(np.isfinite(positions)) and np.all(np.isfinite(cell)):  # else atoms_to_graph says what is bad
+        # otherwise atoms_to_graph says what is bad (no atoms, NaN)
+        if len(positions) and np.all(np.isfinite(positions)) and np.all(np.isfinite(cell)):
             offset = self._offsets(positions, cell, atoms.get_pbc())
         shifted = atoms.copy()
         shifted.arrays["positions"] = positions - offset

@@ -452,3 +452,13 @@ def test_md_that_cannot_start_names_the_problem(model):
     atoms.calc = CartLoremCalculator(model)
     with pytest.raises(ValueError, match="not known to the model: N"):
         run_nve(atoms, steps=3, timestep_fs=0.5, temperature_K=300.0)
+
+
+def test_no_atoms_is_a_clear_error_without_warnings(model):
+    """Empty Atoms reached the ValueError only after numpy's "Mean of empty slice" warnings from the wrapping step."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="no atoms"):
+            CartLoremCalculator(model).get_potential_energy(Atoms())
