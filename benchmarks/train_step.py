@@ -575,6 +575,31 @@ def field_sum_times(batch, dtype, channels=4, smearing=1.0, repeats=30, warmup=5
     return out
 
 
+def set_inductor_option(option: str) -> None:
+    """``KEY=VALUE`` (``--inductor``) set on ``torch._inductor.config``: KEY an option, dotted for a section
+    (``cpp.simdlen``), VALUE a Python literal (``True``, ``8``, ``'CPP,ATEN'``) or else taken as a string."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    key, sep, value = option.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--inductor takes KEY=VALUE, got {option!r}")
+    *path, name = key.split(".")
+    owner = inductor_config
+    for part in path:
+        owner = getattr(owner, part, None)
+        if owner is None:
+            raise SystemExit(f"--inductor {option!r}: torch._inductor.config has no section {part!r}")
+    if not hasattr(owner, name):
+        raise SystemExit(f"--inductor {option!r}: torch._inductor.config has no option {key!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    setattr(owner, name, parsed)
+
+
 def _label_lr_fields():
     """Wrap the long-range block's field call in a profiler label (benchmark-only, no behaviour change)."""
     import cartlorem.nn.long_range as lr
@@ -648,6 +673,9 @@ def main(argv=None):
                    help="compile with Inductor's kernel profile (torch._inductor.config.cpp.enable_kernel_profile), so "
                         "that the profile of a compiled step (--profile-steps) shows its fused kernels; the timed "
                         "steps then run that build too (a record per kernel, checked and skipped when no profiler runs)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set an Inductor option for every compiled step of the run, e.g. max_autotune=True or "
+                        "cpp.simdlen=8 (torch._inductor.config; the value read as a Python literal; repeatable)")
     p.add_argument("--field-sum", action="store_true",
                    help="also time the compiled step's open-molecule field sum alone on each set's first batch "
                         "(field_sum_times: eager and compiled, C_lr = 4)")
@@ -684,6 +712,8 @@ def main(argv=None):
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True
+    for option in args.inductor:
+        set_inductor_option(option)
     dtype = getattr(torch, args.dtype)
     rows, field_sums = [], []
     t_start = time.perf_counter()
