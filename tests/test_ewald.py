@@ -2,7 +2,9 @@
 library's kernels), point-charge Ewald written here, torch-pme, finite differences, symmetry."""
 
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -772,6 +774,67 @@ def test_bad_input_is_rejected():
     # the same overlap with smearing is fine
     f = ewald.multipole_fields(torch.cat([pos, pos[:1]]), torch.cat([q, q[:1]]), smearing=0.5)
     assert bool(torch.isfinite(f.potential).all())
+
+
+@pytest.mark.parametrize("method", ["auto", "pme"])
+@pytest.mark.parametrize(
+    "pbc, refused",
+    [(True, False), (1, False), ([1, 1, 1], False), (np.ones(3, dtype=bool), False),
+     (torch.ones(3, dtype=torch.bool), False), ("FFF", True), ("TTT", True), (["T", "T", "T"], True),
+     ([2, 2, 2], True)],
+)
+def test_pbc_takes_booleans(pbc, refused, method):
+    """pbc: one boolean or three (or 0/1); a string is refused, not read as periodic (bool("FFF") is True)."""
+    pos, q, _, _ = random_system(22, n=3, c=1)
+    if refused:
+        with pytest.raises(ValueError, match="pbc takes booleans"):
+            ewald.multipole_fields(pos, q, cell=TRICLINIC, pbc=pbc, method=method)
+    else:
+        got = ewald.multipole_fields(pos, q, cell=TRICLINIC, pbc=pbc, method=method)
+        ref = ewald.multipole_fields(pos, q, cell=TRICLINIC, pbc=PBC, method=method)
+        assert torch.equal(got.potential, ref.potential)
+
+
+@pytest.mark.parametrize("boundary", ["mixed", "periodic", "open"])
+@pytest.mark.parametrize("case", ["more rows", "fewer rows", "charges [N]", "no multipoles", "no atoms",
+                                  "positions [N, 2]"])
+def test_batched_bad_input_is_rejected_up_front(case, boundary):
+    """batched_multipole_fields checks the whole batch's shapes before it splits it into structures, with
+    multipole_fields' messages: the open structures' subset used to hide positions and multipoles of the wrong
+    size (more rows: fields for the first atoms, no error; fewer: an IndexError), as did the per-cell path."""
+    pos, q, _, _ = random_system(23, n=3, c=1)
+    batch = torch.tensor([0, 0, 1])
+    cells = torch.stack([TRICLINIC, torch.zeros(3, 3, dtype=DT)])
+    pbc = torch.tensor([[True] * 3, [False] * 3])
+    if boundary != "mixed":
+        k = 0 if boundary == "periodic" else 1
+        batch, cells, pbc = batch * 0, cells[k:k + 1], pbc[k:k + 1]
+    sources = {"more rows": (torch.cat([q, q[:2]]),), "fewer rows": (q[:2],), "charges [N]": (q[:, 0],),
+               "no multipoles": (), "no atoms": (q[:0],), "positions [N, 2]": (q,)}[case]
+    if case == "no atoms":
+        pos, batch = pos[:0], batch[:0]
+    elif case == "positions [N, 2]":
+        pos = pos[:, :2]
+    with pytest.raises(ValueError) as single:
+        ewald.multipole_fields(pos, *sources)
+    with pytest.raises(ValueError, match=re.escape(str(single.value))):
+        ewald.batched_multipole_fields(pos, batch, cells, pbc, *sources)
+
+
+@pytest.mark.parametrize("boundary", ["open", "ewald", "pme", "slab"])
+def test_no_channels_give_empty_fields(boundary):
+    """C = 0 channels: fields [N, 0], [N, 0, 3], [N, 0, 3, 3] and a zero energy with zero forces for every
+    method (PME and slabs used to fail on reshapes and splits of the empty channel dimension)."""
+    cell = TRICLINIC if boundary != "slab" else torch.diag(torch.tensor([6.0, 6.0, 8.0], dtype=DT))
+    pos, q, mu, th = (t[:, :0] if k else t for k, t in enumerate(random_system(24, n=4, c=1, cell=cell)))
+    kwargs = {"open": dict(), "ewald": dict(cell=cell, pbc=PBC, method="ewald"),
+              "pme": dict(cell=cell, pbc=PBC, method="pme"), "slab": dict(cell=cell, pbc=[True, True, False])}
+    f = ewald.multipole_fields(pos, q, mu, th, **kwargs[boundary])
+    assert [tuple(x.shape) for x in f] == [(4, 0), (4, 0, 3), (4, 0, 3, 3)]
+    x = pos.clone().requires_grad_(True)
+    energy = ewald.electrostatic_energy(x, q, mu, th, **kwargs[boundary])
+    (force,) = torch.autograd.grad(energy, x, allow_unused=True)
+    assert float(energy.detach()) == 0.0 and (force is None or not bool(force.any()))
 
 
 @pytest.mark.parametrize("ranks", [(0, 1, 2), (0,), (1, 2)])

@@ -9,6 +9,10 @@ import numpy as np
 import torch
 
 
+#: Argument names of the multipoles by rank.
+MULTIPOLE_NAMES = {0: "charges", 1: "dipoles", 2: "quadrupoles"}
+
+
 class Inputs(NamedTuple):
     """Checked inputs: multipoles of the ranks present, quadrupoles made exactly symmetric traceless."""
 
@@ -42,6 +46,23 @@ def _tensor(name: str, t, positions: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def pbc_flags(pbc) -> list:
+    """``pbc`` as three Python bools: one bool (or 0/1) for all directions or three (sequence, array, tensor).
+
+    Anything else is a ValueError, strings included: ``bool("FFF")`` is True, so a string such as ``"FFF"``
+    would otherwise read as periodic.
+    """
+    flags = np.asarray(pbc.detach().cpu() if isinstance(pbc, torch.Tensor) else pbc)
+    if flags.dtype.kind not in "biu" or not np.isin(flags, (0, 1)).all():
+        raise ValueError(f"pbc takes booleans (one, or three: one per cell row), got {pbc!r}")
+    flags = [bool(f) for f in flags.reshape(-1)]
+    if len(flags) == 1:
+        flags = flags * 3
+    if len(flags) != 3:
+        raise ValueError(f"pbc must be three booleans, got {pbc!r}")
+    return flags
+
+
 def parse_boundary(pbc, cell) -> str:
     """``"periodic"`` (pbc all True, or None with a cell), ``"open"``, or ``"slab"`` (pbc = [T, T, F]).
 
@@ -49,12 +70,7 @@ def parse_boundary(pbc, cell) -> str:
     """
     if pbc is None:
         return "open" if cell is None else "periodic"
-    flags = pbc.detach().cpu() if isinstance(pbc, torch.Tensor) else pbc
-    flags = [bool(f) for f in np.asarray(flags).reshape(-1)]
-    if len(flags) == 1:
-        flags = flags * 3
-    if len(flags) != 3:
-        raise ValueError(f"pbc must be three booleans, got {pbc!r}")
+    flags = pbc_flags(pbc)
     if all(flags):
         return "periodic"
     if not any(flags):
@@ -153,34 +169,50 @@ def check_periodic_cell(cell: torch.Tensor) -> None:
     check_cell_heights(cell)
 
 
-def check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, accuracy) -> Inputs:
+def check_shapes(positions, charges, dipoles, quadrupoles) -> dict:
+    """ValueError unless positions are [N, 3] (N >= 1) and at least one multipole is given, every given one a
+    tensor of their dtype and device with N rows, its rank's shape and the same channels as the others.
+
+    Shapes only (no values, no device synchronisation): {rank: tensor} of the given multipoles. What
+    :func:`check_inputs` checks first; :func:`.fields.batched_multipole_fields` checks a whole batch with it
+    before it splits the batch into structures.
+    """
     if not isinstance(positions, torch.Tensor) or not positions.is_floating_point():
         raise ValueError("positions must be a floating-point torch.Tensor of shape [N, 3]")
     if positions.dim() != 2 or positions.shape[1] != 3 or positions.shape[0] == 0:
         raise ValueError(f"positions must have shape [N, 3] with N >= 1, got {list(positions.shape)}")
-    _finite("positions", positions)
     n_atoms = positions.shape[0]
     given = {0: charges, 1: dipoles, 2: quadrupoles}
-    names = {0: "charges", 1: "dipoles", 2: "quadrupoles"}
     trailing = {0: (), 1: (3,), 2: (3, 3)}
     multipoles, channels = {}, None
     for rank, t in given.items():
         if t is None:
             continue
-        t = _tensor(names[rank], t, positions)
+        t = _tensor(MULTIPOLE_NAMES[rank], t, positions)
         expect = "[N, C" + "".join(f", {d}" for d in trailing[rank]) + "]"
         if t.dim() != 2 + rank or tuple(t.shape[2:]) != trailing[rank]:
-            raise ValueError(f"{names[rank]} must have shape {expect}, got {list(t.shape)}")
+            raise ValueError(f"{MULTIPOLE_NAMES[rank]} must have shape {expect}, got {list(t.shape)}")
         if t.shape[0] != n_atoms:
-            raise ValueError(f"{names[rank]} has {t.shape[0]} rows but there are {n_atoms} positions")
+            raise ValueError(
+                f"{MULTIPOLE_NAMES[rank]} has {t.shape[0]} rows but there are {n_atoms} positions"
+            )
         if channels is None:
-            channels = (names[rank], t.shape[1])
+            channels = (MULTIPOLE_NAMES[rank], t.shape[1])
         elif t.shape[1] != channels[1]:
-            raise ValueError(f"{names[rank]} have {t.shape[1]} channels but {channels[0]} have {channels[1]}")
-        _finite(names[rank], t)
+            raise ValueError(
+                f"{MULTIPOLE_NAMES[rank]} have {t.shape[1]} channels but {channels[0]} have {channels[1]}"
+            )
         multipoles[rank] = t
     if not multipoles:
         raise ValueError("no multipoles given: pass at least one of charges, dipoles, quadrupoles")
+    return multipoles
+
+
+def check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, accuracy) -> Inputs:
+    multipoles = check_shapes(positions, charges, dipoles, quadrupoles)
+    _finite("positions", positions)
+    for rank, t in multipoles.items():
+        _finite(MULTIPOLE_NAMES[rank], t)
     if 2 in multipoles:
         multipoles[2] = _traceless(multipoles[2])
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Tuple
 
-import numpy as np
 import torch
 
 from ..tensors.harmonics import stf
-from ._validate import _finite, _tensor, check_inputs, check_periodic_cell
+from ._validate import _finite, _tensor, check_inputs, check_periodic_cell, check_shapes, pbc_flags
 from .cells import periodic_plan, plan_fits, traced_ewald_fields
 from .direct import OVERLAP_DISTANCE, open_molecules_fields, pair_list_fits, pair_sum
 from .ewald import choose_parameters as choose_ewald_parameters
@@ -154,9 +153,8 @@ def _check_method(method, pbc) -> str:
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}")
     if method == "pme" and pbc is not None:
-        flags = np.asarray(pbc.detach().cpu() if isinstance(pbc, torch.Tensor) else pbc).reshape(-1)
-        flags = [bool(f) for f in flags]
-        if len(flags) == 3 and any(flags) and not all(flags):
+        flags = pbc_flags(pbc)
+        if any(flags) and not all(flags):
             raise ValueError(f"method='pme' supports fully periodic cells only (pbc all True), got pbc={flags}")
     return method
 
@@ -282,6 +280,8 @@ def batched_multipole_fields(
     ranks = tuple(sorted(set(int(r) for r in ranks)))
     if not ranks or any(r not in (0, 1, 2) for r in ranks):
         raise ValueError(f"ranks must be a non-empty subset of (0, 1, 2), got {ranks}")
+    # the whole batch's shapes, before it is split into structures: the same messages as for one structure
+    check_shapes(positions, charges, dipoles, quadrupoles)
     if (
         not isinstance(batch, torch.Tensor)
         or batch.dim() != 1
@@ -290,11 +290,7 @@ def batched_multipole_fields(
         raise ValueError(
             "batch must be an integer tensor of shape [N] with the structure index of every atom"
         )
-    if (
-        not isinstance(positions, torch.Tensor)
-        or positions.dim() != 2
-        or batch.shape[0] != positions.shape[0]
-    ):
+    if batch.shape[0] != positions.shape[0]:
         raise ValueError(f"batch has {batch.shape[0]} entries, positions shape is {list(positions.shape)}")
     if not isinstance(cell, torch.Tensor) or cell.dim() != 3 or tuple(cell.shape[1:]) != (3, 3):
         raise ValueError("cell must be a tensor of shape [B, 3, 3]")

@@ -724,7 +724,7 @@ def reciprocal_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor,
         args = (u[a0:a0 + ATOM_BLOCK], c_u[a0:a0 + ATOM_BLOCK])
         weights = checkpoint(spread, *args, use_reentrant=False) if use_checkpoint else spread(*args)
         flat = mesh_index(base[a0:a0 + ATOM_BLOCK])
-        Q = _MeshAdd.apply(Q, flat, weights.reshape(n_channels, -1))  # [C, n x y z]
+        Q = _MeshAdd.apply(Q, flat, weights.flatten(1))  # [C, n x y z]
     G = influence_function(cell, mesh, order, params.alpha)
     phi = _convolve(Q.reshape(n_channels, *mesh), G, mesh).reshape(n_channels, n_mesh)  # [C, K1 K2 K3]
 

@@ -190,7 +190,7 @@ def slab_sum(
         one = torch.ones(1, dtype=torch.bool, device=positions.device)
         k_index = torch.as_tensor(m, device=positions.device)[None]
         out = out + replica_correction(
-            wrap_positions(positions, box)[None], v.reshape(1, n, -1), k_index, one[:, None].expand(1, len(m)),
+            wrap_positions(positions, box)[None], v.flatten(1)[None], k_index, one[:, None].expand(1, len(m)),
             box[None], normal[None], length.reshape(1), one, rows, cols, n_channels).reshape(n, len(rows), n_channels)
 
     zeros = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
@@ -224,7 +224,8 @@ def slab_correction(positions, batch, box, normal, length, slab, rows: Layout, c
         # would make the atom count a constant of a compiled graph)
         per_s = per_s + (quadrupoles * (n_at[:, :, None] * n_at[:, None, :])[:, None]).sum((-1, -2))
     sums = positions.new_zeros(box.shape[0], 3 * n_channels).index_add(0, batch, torch.cat([q, per_m, per_s], dim=1))
-    Q, M, S = (x[batch] for x in sums.split(n_channels, dim=1))  # [N, C] each: the sums Q, M, S of the atom's cell
+    # [N, C] each: the sums Q, M, S of the atom's cell (unflattened, not split: C may be 0)
+    Q, M, S = (x[batch] for x in sums.unflatten(1, (3, n_channels)).unbind(1))
     spread = (length * length / 6.0 + (0.0 if smearing is None else float(smearing) ** 2))[batch, None]  # [N, 1]
     scale = torch.where(slab, 2.0 * math.pi / volume, torch.zeros_like(volume))[batch, None]  # [N, 1]: 2 pi / V
     phi = -scale * (Q * z * z - 2.0 * M * z + S + Q * spread)  # [N, C]
