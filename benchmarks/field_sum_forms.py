@@ -18,7 +18,8 @@ energy, its force by a vjp in the positions, and the gradient of energy + Σ for
 Every form is checked against ``pairs`` (largest difference of the gradients, relative to their largest element).
 Medians of process CPU time after warm-up, the forms interleaved, one thread::
 
-    PYTHONPATH=$PWD python3 benchmarks/field_sum_forms.py --sets cumulene dimers --out benchmarks/results/field_sum_forms
+    PYTHONPATH=$PWD python3 benchmarks/field_sum_forms.py --data-dir /work/shared/data --sets cumulene dimers \
+        --out benchmarks/results/field_sum_forms
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def pairs_last(pos, pairs, q, mu, th, kernel):
     x = torch.cat([v.index_select(2, j), v.index_select(2, i) * t.col_parity[..., None]], dim=1)  # [9, 2C, P]
     y = (K * x[None]).sum(1)  # [9, 2C, P]
     c = y.shape[1] // 2
-    out = y.new_zeros(t.n_rows, c, pos.shape[0]).index_add(2, i, y[:, :c]).index_add(2, j, y[:, c:] * t.row_parity[..., None])
+    out = y.new_zeros(t.n_rows, c, pos.shape[0]).index_add(2, i, y[:, :c])
+    out = out.index_add(2, j, y[:, c:] * t.row_parity[..., None])
     return _unpacked(out.permute(2, 0, 1))
 
 

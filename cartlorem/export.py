@@ -497,7 +497,8 @@ def save_exported(model, path) -> torch.jit.ScriptModule:
 
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder: give the exported model a file name (e.g. {os.path.join(path, 'model.pt')})")
+        example = os.path.join(path, "model.pt")
+        raise ValueError(f"{path} is a folder: give the exported model a file name (e.g. {example})")
     scripted = export_model(model)
     atomic_write(path, lambda f: torch.jit.save(scripted, f))  # the folder is made; nothing left behind on failure
     return scripted
