@@ -114,18 +114,15 @@ def dense_layout(batch):
 
 def dense(pos, layout, q, mu, th, kernel):
     """The sum per structure in a padded block: features of every ordered pair, one batched GEMM."""
+    from cartlorem.ewald.direct import _linearized_features
+
     t, (slots, mask, slot) = _table(pos.dtype), layout
     n_struct, n = slots.shape
     p = pos.index_select(0, slots.flatten()).view(n_struct, n, 3)
     valid = (mask[:, :, None] & mask[:, None] & ~torch.eye(n, dtype=torch.bool)).reshape(-1)
     R = (p[:, :, None] - p[:, None]).reshape(-1, 3)
-    R0 = R.detach()
-    r2 = (R0 * R0).sum(-1)
-    B = torch.stack(kernel.derivatives_autograd(r2, valid, t.max_order + 1, dense=True), dim=1)  # zero off valid
-    mono = t.monomials(R0)
-    feat = B.index_select(1, t.orders) * mono.index_select(1, t.columns)
-    G = (B.index_select(1, t.grad_orders) * mono.index_select(1, t.grad_columns)).view(R.shape[0], 4, -1) * t.grad_coef
-    feat = feat + ((R - R0)[:, :, None] * (G[:, :3] + R0[:, :, None] * G[:, 3:])).sum(1)
+    # the library's linearised pair features; the kernel is finite at R = 0 (i = j, padding), masked here
+    feat = _linearized_features(R, kernel, t) * valid[:, None]
     F, A, c = feat.shape[1], t.n_rows, q.shape[1]
     Z = t.coef.view(F, A, t.n_cols).reshape(F * A, t.n_cols) @ _packed(q, mu, th)  # [N, F A, C]
     Z = Z.index_select(0, slots.flatten()).view(n_struct, n * F, A * c)
