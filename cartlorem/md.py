@@ -8,6 +8,9 @@ summary, and the trajectory as CSV.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -52,8 +55,12 @@ def run_nve(atoms, *, steps: int, timestep_fs: float, temperature_K: float, seed
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
-    if int(steps) < 1 or not timestep_fs > 0:
-        raise ValueError(f"steps must be >= 1 and timestep_fs > 0, got {steps} and {timestep_fs}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    for name, value, low in (("timestep_fs", timestep_fs, "> 0"), ("temperature_K", temperature_K, ">= 0")):
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or not (value > 0 if low == "> 0" else value >= 0)):
+            raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
     initial_velocities(atoms, temperature_K, seed)
     dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
     rec = {"time_fs": [], "epot": [], "ekin": [], "etot": [], "temperature": []}

@@ -454,6 +454,23 @@ def test_md_that_cannot_start_names_the_problem(model):
         run_nve(atoms, steps=3, timestep_fs=0.5, temperature_K=300.0)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=2.7), "steps must be a whole number"), (dict(steps=True), "steps must be a whole number"),
+    (dict(steps="3"), "steps must be a whole number"), (dict(steps=0), "steps must be a whole number"),
+    (dict(timestep_fs=float("inf")), "timestep_fs must be a finite"), (dict(timestep_fs="0.5"), "timestep_fs must"),
+    (dict(temperature_K="300"), "temperature_K must"), (dict(temperature_K=float("inf")), "temperature_K must")])
+def test_md_settings_are_checked(model, kwargs, message):
+    """run_nve(steps=2.7) ran 3 steps without a word; an infinite time step was reported as an early stop at step 0
+    (NaN positions), and strings failed in a comparison inside (TypeError)."""
+    from cartlorem.md import run_nve
+
+    atoms = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    atoms.calc = CartLoremCalculator(model)
+    settings = dict(steps=3, timestep_fs=0.5, temperature_K=300.0) | kwargs
+    with pytest.raises(ValueError, match=message):
+        run_nve(atoms, **settings)
+
+
 def test_no_atoms_is_a_clear_error_without_warnings(model):
     """Empty Atoms reached the ValueError only after numpy's "Mean of empty slice" warnings from the wrapping step."""
     import warnings

@@ -821,6 +821,67 @@ def test_batched_bad_input_is_rejected_up_front(case, boundary):
         ewald.batched_multipole_fields(pos, batch, cells, pbc, *sources)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("boundary", ["open", "periodic", "batched"])
+def test_half_precision_is_refused(dtype, boundary):
+    """bfloat16 / float16 inputs: a periodic cell failed inside torch's LU ("lu_cpu" not implemented) and an open
+    structure was summed with three significant digits, silently; both are now refused up front."""
+    pos, q, _, _ = (None if t is None else t.to(dtype) for t in random_system(25, n=3, c=1))
+    cell = TRICLINIC.to(dtype)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        if boundary == "batched":
+            ewald.batched_multipole_fields(pos, torch.zeros(3, dtype=torch.long), cell[None],
+                                           torch.ones(1, 3, dtype=torch.bool), q)
+        elif boundary == "periodic":
+            ewald.multipole_fields(pos, q, cell=cell, pbc=PBC)
+        else:
+            ewald.multipole_fields(pos, q)
+
+
+@pytest.mark.parametrize("prefactor", ["x", None, float("nan"), float("inf"), torch.ones(2), True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_bad_prefactor_is_refused(prefactor, batched):
+    """prefactor "x" failed with torch's "only integer tensors ... can be converted to an index" (or, batched,
+    numpy's float conversion), and NaN / inf gave fields of NaN / inf without a word."""
+    pos, q, _, _ = random_system(26, n=3, c=1)
+    with pytest.raises(ValueError, match="prefactor must be a finite real number"):
+        if batched:
+            ewald.batched_multipole_fields(pos, torch.zeros(3, dtype=torch.long), TRICLINIC[None],
+                                           torch.ones(1, 3, dtype=torch.bool), q, prefactor=prefactor)
+        else:
+            ewald.multipole_fields(pos, q, cell=TRICLINIC, pbc=PBC, prefactor=prefactor)
+
+
+def test_prefactor_scales_the_fields():
+    """A number or a one-element tensor (e.g. a learned scale, whose gradient flows) multiplies every field."""
+    pos, q, mu, _ = random_system(27, n=3, c=1)
+    ref = ewald.multipole_fields(pos, q, mu, cell=TRICLINIC, pbc=PBC)
+    scale = torch.tensor(2.5, dtype=DT, requires_grad=True)
+    for prefactor in (2.5, 5 // 2 + 0.5, np.float64(2.5), scale):
+        got = ewald.multipole_fields(pos, q, mu, cell=TRICLINIC, pbc=PBC, prefactor=prefactor)
+        assert torch.allclose(got.field, 2.5 * ref.field, rtol=1e-12, atol=0)
+    got.potential.sum().backward()
+    assert torch.allclose(scale.grad, ref.potential.sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("pbc, refused", [("FFF", True), (["FFF"], True), ([["T", "T", "T"]], True),
+                                          ([[2, 2, 2]], True), ([[1, 1, 1]], False),
+                                          (np.ones((1, 3), dtype=bool), False),
+                                          (torch.ones(1, 3, dtype=torch.int64), False)])
+def test_batched_pbc_takes_booleans(pbc, refused):
+    """batched_multipole_fields' pbc [B, 3]: strings failed in torch.as_tensor with "new(): invalid data type 'str'"
+    or "too many dimensions 'str'", and 2 was read as True; now a message like multipole_fields'."""
+    pos, q, _, _ = random_system(28, n=3, c=1)
+    batch = torch.zeros(3, dtype=torch.long)
+    if refused:
+        with pytest.raises(ValueError, match="pbc takes booleans"):
+            ewald.batched_multipole_fields(pos, batch, TRICLINIC[None], pbc, q)
+    else:
+        got = ewald.batched_multipole_fields(pos, batch, TRICLINIC[None], pbc, q)
+        ref = ewald.multipole_fields(pos, q, cell=TRICLINIC, pbc=PBC)
+        assert torch.allclose(got.potential, ref.potential, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("boundary", ["open", "ewald", "pme", "slab"])
 def test_no_channels_give_empty_fields(boundary):
     """C = 0 channels: fields [N, 0], [N, 0, 3], [N, 0, 3, 3] and a zero energy with zero forces for every

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -61,6 +62,39 @@ def pbc_flags(pbc) -> list:
     if len(flags) != 3:
         raise ValueError(f"pbc must be three booleans, got {pbc!r}")
     return flags
+
+
+def pbc_rows(pbc, n_struct: int) -> torch.Tensor:
+    """``pbc`` of a batch, [B, 3] booleans (or 0/1; tensor, array or nested sequence), as a bool tensor.
+
+    ValueError for anything else, strings included (as :func:`pbc_flags`), and for another shape.
+    """
+    try:
+        flags = pbc.detach() if isinstance(pbc, torch.Tensor) else torch.as_tensor(np.asarray(pbc))
+    except (TypeError, ValueError):  # ragged nesting; np.asarray of strings gives a str array, refused below
+        flags = None
+    if (flags is None or flags.is_floating_point() or flags.is_complex()
+            or not bool(((flags == 0) | (flags == 1)).all())):
+        raise ValueError(f"pbc takes booleans (three per structure: [B, 3]), got {pbc!r}")
+    if tuple(flags.shape) != (n_struct, 3):
+        raise ValueError(f"pbc must have shape [B, 3] = [{n_struct}, 3], got {list(flags.shape)}")
+    return flags.to(torch.bool)
+
+
+def check_prefactor(prefactor):
+    """``prefactor`` (a real number, or a one-element floating tensor whose gradient flows, as a 0-d tensor) if it
+    is finite; ValueError otherwise."""
+    if isinstance(prefactor, torch.Tensor):
+        ok = (prefactor.numel() == 1 and prefactor.is_floating_point()
+              and bool(torch.isfinite(prefactor.detach()).all()))
+        if ok:
+            prefactor = prefactor.reshape(())
+    else:
+        ok = isinstance(prefactor, numbers.Real) and not isinstance(prefactor, bool) and math.isfinite(prefactor)
+    if not ok:
+        raise ValueError("prefactor must be a finite real number (or a one-element floating tensor), "
+                         f"got {prefactor!r}")
+    return prefactor
 
 
 def parse_boundary(pbc, cell) -> str:
@@ -179,6 +213,10 @@ def check_shapes(positions, charges, dipoles, quadrupoles) -> dict:
     """
     if not isinstance(positions, torch.Tensor) or not positions.is_floating_point():
         raise ValueError("positions must be a floating-point torch.Tensor of shape [N, 3]")
+    if positions.dtype not in (torch.float32, torch.float64):
+        # half precision: three significant digits (bfloat16), and torch has no LU of a cell in it
+        raise ValueError(f"positions have dtype {positions.dtype}: the multipole sums run in float32 or float64 "
+                         "(convert positions, multipoles and cell with .float() or .double())")
     if positions.dim() != 2 or positions.shape[1] != 3 or positions.shape[0] == 0:
         raise ValueError(f"positions must have shape [N, 3] with N >= 1, got {list(positions.shape)}")
     n_atoms = positions.shape[0]

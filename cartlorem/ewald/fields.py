@@ -7,7 +7,8 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from ..tensors.harmonics import stf
-from ._validate import _finite, _tensor, check_inputs, check_periodic_cell, check_shapes, pbc_flags
+from ._validate import (_finite, _tensor, check_inputs, check_periodic_cell, check_prefactor, check_shapes, pbc_flags,
+                        pbc_rows)
 from .cells import periodic_plan, plan_fits, traced_ewald_fields
 from .direct import OVERLAP_DISTANCE, open_molecules_fields, pair_list_fits, pair_sum
 from .ewald import choose_parameters as choose_ewald_parameters
@@ -101,6 +102,7 @@ def compute_fields(
     ``mesh``, ``spline_order``, ``real_cutoff``) for method "pme".
     """
     method = _check_method(method, pbc)
+    prefactor = check_prefactor(prefactor)
     inputs = check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, accuracy)
     cols, rows = Layout(inputs.multipoles), Layout(ranks)
     m = inputs.multipoles
@@ -277,6 +279,7 @@ def batched_multipole_fields(
     (:func:`.cells.traced_ewald_fields`, the same sum to rounding); otherwise structure by structure.
     """
     method = _check_method(method, None)
+    prefactor = check_prefactor(prefactor)
     ranks = tuple(sorted(set(int(r) for r in ranks)))
     if not ranks or any(r not in (0, 1, 2) for r in ranks):
         raise ValueError(f"ranks must be a non-empty subset of (0, 1, 2), got {ranks}")
@@ -294,9 +297,7 @@ def batched_multipole_fields(
         raise ValueError(f"batch has {batch.shape[0]} entries, positions shape is {list(positions.shape)}")
     if not isinstance(cell, torch.Tensor) or cell.dim() != 3 or tuple(cell.shape[1:]) != (3, 3):
         raise ValueError("cell must be a tensor of shape [B, 3, 3]")
-    pbc = torch.as_tensor(pbc, dtype=torch.bool)
-    if tuple(pbc.shape) != (cell.shape[0], 3):
-        raise ValueError(f"pbc must have shape [B, 3] = [{cell.shape[0]}, 3], got {list(pbc.shape)}")
+    pbc = pbc_rows(pbc, cell.shape[0])
     if batch.numel() and (int(batch.min()) < 0 or int(batch.max()) >= cell.shape[0]):
         raise ValueError(f"batch indices must lie in [0, {cell.shape[0] - 1}]")
     if smearing is not None and method in ("auto", "ewald") and cell.shape[0] and bool(pbc.all()):
