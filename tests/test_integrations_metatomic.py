@@ -68,3 +68,36 @@ def test_cli_writes_a_metatomic_model(tmp_path):
     assert capabilities.interaction_range == pytest.approx(4.0 * len(model.layers))
     water = molecule("H2O")
     _check(model, out, water)
+
+
+def test_save_metatomic_is_atomic_and_names_a_folder_target(tmp_path, monkeypatch):
+    """save_metatomic wrote straight into the target: a failure while writing (a full disk, a crash) left a
+    truncated file where the previous model was; a folder as the target failed inside torch ("enforce fail at
+    inline_container.cc ... Is a directory") and a file in a folder not made yet with "Parent directory ... does
+    not exist" (save_exported, the plain export, handles all three)."""
+    from metatomic.torch import load_atomistic_model
+
+    model = _model(None)
+    target = tmp_path / "model-mta.pt"
+    save_metatomic(model, target)
+    before = target.read_bytes()
+    real_save = torch.jit.save
+
+    def failing_save(module, f, *args, **kwargs):  # writes part of the file, then the disk is full
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a model")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.jit, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_metatomic(model, target)
+    monkeypatch.setattr(torch.jit, "save", real_save)
+    assert target.read_bytes() == before  # the previous model is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-mta.pt"]  # and nothing else left behind
+
+    with pytest.raises(ValueError, match="is a folder: give the metatomic model a file name"):
+        save_metatomic(model, tmp_path)
+    nested = tmp_path / "new" / "sub" / "model-mta.pt"
+    save_metatomic(model, nested)
+    assert [p.name for p in nested.parent.iterdir()] == ["model-mta.pt"]
+    assert list(load_atomistic_model(str(nested)).capabilities().atomic_types) == SPECIES

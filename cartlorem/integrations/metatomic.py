@@ -133,5 +133,25 @@ def metatomic_model(model, *, name: str = "cartlorem model", description: str = 
 
 
 def save_metatomic(model, path, **kwargs) -> None:
-    """Write ``model`` (a CartLorem or a model file path) as a metatomic model file (``AtomisticModel.save``)."""
-    metatomic_model(model, **kwargs).save(os.fspath(path))
+    """Write ``model`` (a CartLorem or a model file path) as a metatomic model file (``AtomisticModel.save``).
+
+    As :func:`cartlorem.export.save_exported`: the file is written atomically (a failure leaves a file already at
+    ``path`` as it was), its folder is made when missing, and a folder as ``path`` is refused.
+    """
+    import shutil
+    import tempfile
+
+    from ..fileio import atomic_write
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        example = os.path.join(path, "model-mta.pt")
+        raise ValueError(f"{path} is a folder: give the metatomic model a file name (e.g. {example})")
+    atomistic = metatomic_model(model, **kwargs)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=folder) as staging:
+        staged = os.path.join(staging, "model.pt")
+        atomistic.save(staged)  # metatomic writes to a path only: stage it there, then copy it into place atomically
+        with open(staged, "rb") as src:
+            atomic_write(path, lambda f: shutil.copyfileobj(src, f))
