@@ -247,17 +247,23 @@ def write_data(path, atoms, elements: Sequence[Union[str, int]], comm=None) -> N
 
     ``elements`` fixes the type order (type k = elements[k − 1]). Safe under MPI, where
     ``ase.io.write`` becomes collective once mpi4py is loaded; ``comm`` (mpi4py) gets a barrier.
+    The file is written atomically: a failure leaves a file already at ``path`` as it was.
     """
+    import io
+
     from ase.data import chemical_symbols
     from ase.io.lammpsdata import write_lammps_data
+
+    from ..fileio import atomic_write_text
 
     symbols = [chemical_symbols[z] for z in _atomic_numbers(elements)]
     missing = sorted(set(atoms.get_chemical_symbols()) - set(symbols))
     if missing:
         raise ValueError(f"atoms contain {missing}, which elements {symbols} does not list")
     if comm is None or comm.Get_rank() == 0:
-        with open(path, "w") as fh:
-            write_lammps_data(fh, atoms, specorder=symbols, masses=True, units="metal", atom_style="atomic")
+        text = io.StringIO()
+        write_lammps_data(text, atoms, specorder=symbols, masses=True, units="metal", atom_style="atomic")
+        atomic_write_text(path, text.getvalue())
     if comm is not None:
         comm.Barrier()
 
