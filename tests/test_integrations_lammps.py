@@ -243,3 +243,31 @@ def test_triclinic_box_forces_energy_and_virial(runs):
     stress = a.get_stress(voigt=False)
     want = -stress[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]] * NKTV2P
     np.testing.assert_allclose(res["virial_pressure"], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_write_data_failure_on_rank_0_reaches_every_rank(tmp_path):
+    """Under MPI only rank 0 writes; the others waited for it at a barrier that rank 0 never reached when its
+    write failed (here: a folder that is a file), so a 2-rank job hung forever instead of raising."""
+    (tmp_path / "blocker").write_text("a file where the folder should be\n")
+    script = textwrap.dedent("""\
+        from mpi4py import MPI
+        from ase.build import bulk
+        from cartlorem.integrations.lammps import write_data
+        comm = MPI.COMM_WORLD
+        try:
+            write_data("blocker/nacl.data", bulk("NaCl", "rocksalt", a=5.64), ["Na", "Cl"], comm=comm)
+        except Exception as err:
+            print(f"rank {comm.Get_rank()} raised {type(err).__name__}: {err}", flush=True)
+        """)
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.fail("mpiexec not found: 'lammps[mpi]' installs MPICH, whose mpiexec sits beside python")
+    try:
+        res = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", script], cwd=tmp_path, env=env(),
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"a failed write_data on rank 0 left the other rank waiting (60 s):\n{exc.stdout}\n{exc.stderr}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "rank 0 raised FileExistsError" in res.stdout, res.stdout + res.stderr
+    assert "rank 1 raised RuntimeError: rank 0 could not write the LAMMPS data file blocker/nacl.data: " \
+           "FileExistsError" in res.stdout, res.stdout + res.stderr

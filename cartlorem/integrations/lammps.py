@@ -246,8 +246,9 @@ def write_data(path, atoms, elements: Sequence[Union[str, int]], comm=None) -> N
     """Write ``atoms`` as a LAMMPS data file (atom_style atomic, with masses) from rank 0 only.
 
     ``elements`` fixes the type order (type k = elements[k − 1]). Safe under MPI, where
-    ``ase.io.write`` becomes collective once mpi4py is loaded; ``comm`` (mpi4py) gets a barrier.
-    The file is written atomically: a failure leaves a file already at ``path`` as it was.
+    ``ase.io.write`` becomes collective once mpi4py is loaded; with ``comm`` (mpi4py) every rank returns once
+    the file is written, or raises when rank 0 could not write it. The file is written atomically: a failure
+    leaves a file already at ``path`` as it was.
     """
     import io
 
@@ -260,12 +261,20 @@ def write_data(path, atoms, elements: Sequence[Union[str, int]], comm=None) -> N
     missing = sorted(set(atoms.get_chemical_symbols()) - set(symbols))
     if missing:
         raise ValueError(f"atoms contain {missing}, which elements {symbols} does not list")
+    failure = None
     if comm is None or comm.Get_rank() == 0:
-        text = io.StringIO()
-        write_lammps_data(text, atoms, specorder=symbols, masses=True, units="metal", atom_style="atomic")
-        atomic_write_text(path, text.getvalue())
+        try:
+            text = io.StringIO()
+            write_lammps_data(text, atoms, specorder=symbols, masses=True, units="metal", atom_style="atomic")
+            atomic_write_text(path, text.getvalue())
+        except Exception as exc:  # noqa: BLE001 -- re-raised below, on every rank (the others would wait forever)
+            failure = exc
     if comm is not None:
-        comm.Barrier()
+        message = comm.bcast(None if failure is None else f"{type(failure).__name__}: {failure}", root=0)
+        if message is not None and failure is None:
+            raise RuntimeError(f"rank 0 could not write the LAMMPS data file {os.fspath(path)}: {message}")
+    if failure is not None:
+        raise failure
 
 
 _FIX_EXTERNAL = re.compile(r"^\s*fix\s+(\S+)\s+\S+\s+external\b")
