@@ -43,3 +43,29 @@ def test_write_data_is_atomic(tmp_path, monkeypatch):
         lammps_adapter.write_data(path, _salt(), ["Na", "Cl"])
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["nacl.data"]
+
+
+class _RecordingLammps:
+    """Stands in for a ``lammps`` instance: records the commands it is given."""
+
+    def __init__(self):
+        self.commands = []
+
+    def commands_string(self, text):
+        self.commands.append(text)
+
+
+@pytest.mark.parametrize("fix", ["fix cartlorem all external pf/callback 2 1",
+                                 "fix cartlorem all external pf/callback 1 5  # every 5th step",
+                                 "fix cartlorem all external pf/array 1"])
+def test_run_input_refuses_a_fix_that_does_not_call_the_model_every_step(tmp_path, fix):
+    """run_input took any 'fix ID GROUP external ...' line. LAMMPS calls a 'pf/callback N M' fix every N steps
+    and adds its stored forces every M steps (with N = 2 the forces of step 0 drove step 1 too), and never calls
+    a 'pf/array' fix, whose callback it accepts without a word: MD on stale, missing or zero model forces."""
+    path = tmp_path / "in.lmp"
+    path.write_text(f"units metal\nread_data nacl.data\n{fix}\nfix nve all nve\nrun 10\n")
+    lmp = _RecordingLammps()
+    with pytest.raises(ValueError, match=r"line 3: the model's fix must be 'fix cartlorem all external "
+                                         r"pf/callback 1 1'"):
+        lammps_adapter.run_input(lmp, path, "model.pt", ["Na", "Cl"])
+    assert lmp.commands == []  # refused before LAMMPS ran anything

@@ -284,7 +284,9 @@ def run_input(lmp, path, model_or_path, elements, **fix_options) -> CartLoremFix
     """Run a LAMMPS input file whose ``fix ID all external pf/callback 1 1`` line gets the model.
 
     The file runs in two pieces, up to and including that line, then the rest, with the callback
-    attached in between (so commands are run as given; ``jump`` loops are not supported).
+    attached in between (so commands are run as given; ``jump`` loops are not supported). Another mode
+    of the fix is refused before LAMMPS runs anything: ``pf/callback N M`` calls the model every N steps
+    and applies its forces every M steps (stale or missing forces in between), ``pf/array`` never calls it.
     """
     with open(path) as fh:
         lines = fh.read().splitlines()
@@ -294,6 +296,12 @@ def run_input(lmp, path, model_or_path, elements, **fix_options) -> CartLoremFix
                          f"model, found {len(hits)}")
     k = hits[0]
     fix_id = _FIX_EXTERNAL.match(lines[k]).group(1)
+    words = lines[k].split("#")[0].split()
+    if words[4:] != ["pf/callback", "1", "1"]:
+        raise ValueError(f"{path}, line {k + 1}: the model's fix must be 'fix {fix_id} {words[2]} external "
+                         f"pf/callback 1 1' (the model evaluated and its forces applied at every step), got "
+                         f"{lines[k].strip()!r}: 'pf/callback N M' calls it every N steps and applies its forces "
+                         f"every M steps, 'pf/array' never calls it")
     lmp.commands_string("\n".join(lines[: k + 1]))
     fix = CartLoremFix(lmp, model_or_path, elements, fix_id=fix_id, define=False, **fix_options)
     try:
