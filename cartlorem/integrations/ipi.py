@@ -2,8 +2,10 @@
 
 i-PI propagates the nuclei and asks a client for energy, forces and virial over its socket
 protocol; this module is that client: ASE's ``SocketClient`` around :class:`CartLoremCalculator`.
-i-PI sends only positions and the cell, so the client reads the species (in the same order) from a
-structure file, normally the one i-PI starts from. Two commands, in two shells::
+i-PI sends only positions and the cell, so the client reads the species (in the same order) and the
+boundary conditions from a structure file, normally the one i-PI starts from, written by ASE (extxyz, read
+by i-PI with ``<file mode="ase">``); a file in i-PI's own xyz format is refused, as ASE reads no cell and no
+pbc from it. Two commands, in two shells::
 
     i-pi input.xml          # <ffsocket name="cartlorem" mode="unix"><address>cartlorem</address></ffsocket>
     python -m cartlorem.integrations.ipi --model model.pt --structure init.xyz --unix cartlorem
@@ -15,6 +17,7 @@ clients may connect to one server (one per bead, in parallel). ASE places unix s
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Optional
@@ -29,8 +32,8 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "loca
 
     Args:
         model_or_path: a CartLorem model or a file written by ``save_model``.
-        atoms: ``ase.Atoms`` with the species in i-PI's atom order (positions and cell are
-            overwritten by what i-PI sends).
+        atoms: ``ase.Atoms`` with the species in i-PI's atom order and the boundary conditions (pbc) of
+            the simulation (positions and cell are overwritten by what i-PI sends).
         unix: name of a unix socket (ASE connects to ``/tmp/ipi_<unix>``); else ``host``/``port``
             (inet, port default 31415).
         device, dtype: passed to :class:`CartLoremCalculator`.
@@ -65,16 +68,36 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "loca
         client.close()
 
 
+_IPI_XYZ_CELL = re.compile(r"CELL[\(\[\{](abcABC|H|GENH)[\)\]\}]:")  # i-PI's xyz comment line (i-PI's io_xyz)
+
+
+def _read_structure(path):
+    """The structure file of :func:`main`, read with ASE; ValueError for a file in i-PI's own xyz format.
+
+    ASE reads i-PI's xyz comment line (``# CELL(abcABC): ...``) as a plain comment: the atoms come back with no
+    cell and pbc all False, and the client would compute an open cluster while i-PI runs a periodic box.
+    """
+    import ase.io
+
+    with open(path, errors="replace") as fh:
+        head = [fh.readline(), fh.readline()]
+    if head[0].strip().isdigit() and _IPI_XYZ_CELL.search(head[1]):
+        raise ValueError(
+            f"{path} is in i-PI's xyz format, whose cell and boundary conditions ASE does not read (the client "
+            "would compute an open cluster in a periodic i-PI box): give --structure a file that states them, "
+            "e.g. extxyz written by ase.io.write with pbc=True (i-PI reads it with <file mode='ase'>)")
+    return ase.io.read(path)
+
+
 def main(argv=None) -> int:
     import argparse
-
-    import ase.io
 
     p = argparse.ArgumentParser(prog="python -m cartlorem.integrations.ipi",
                                 description="Serve a CartLorem model to an i-PI server.")
     p.add_argument("--model", required=True, help="model file written by cartlorem (save_model / train)")
     p.add_argument("--structure", required=True,
-                   help="structure file readable by ASE with the atoms in i-PI's order (e.g. i-PI's init file)")
+                   help="structure file readable by ASE with the atoms in i-PI's order and its boundary conditions "
+                   "(e.g. the extxyz file i-PI starts from with <file mode='ase'>)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--unix", help="unix socket name (the <address> of i-PI's <ffsocket mode='unix'>)")
     where.add_argument("--port", type=int, help="inet port of i-PI's <ffsocket mode='inet'>")
@@ -84,7 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the server to listen")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each server message")
     args = p.parse_args(argv)
-    atoms = ase.io.read(args.structure)
+    atoms = _read_structure(args.structure)
     serve(args.model, atoms, unix=args.unix, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
           connect_timeout=args.connect_timeout, timeout=args.timeout)
     return 0
