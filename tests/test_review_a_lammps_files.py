@@ -69,3 +69,16 @@ def test_run_input_refuses_a_fix_that_does_not_call_the_model_every_step(tmp_pat
                                          r"pf/callback 1 1'"):
         lammps_adapter.run_input(lmp, path, "model.pt", ["Na", "Cl"])
     assert lmp.commands == []  # refused before LAMMPS ran anything
+
+
+def test_elements_as_atomic_numbers_from_the_command_line(tmp_path):
+    """Elements may be symbols or atomic numbers (CartLoremFix, write_data); from the command line
+    (--elements 11 17) they arrive as strings, and "11" was refused with "must be chemical symbols or atomic
+    numbers ..., got '11'"."""
+    np.testing.assert_array_equal(lammps_adapter._atomic_numbers(["11", "17"]), [11, 17])
+    np.testing.assert_array_equal(lammps_adapter._atomic_numbers(["Na", 17, np.int64(1)]), [11, 17, 1])
+    for bad in ("0", "119", "Xx", "-1", 2.5):
+        with pytest.raises(ValueError, match="elements must be chemical symbols or atomic numbers"):
+            lammps_adapter._atomic_numbers(["Na", bad])
+    lammps_adapter.write_data(tmp_path / "nacl.data", _salt(), ["11", "17"])
+    assert "Masses" in (tmp_path / "nacl.data").read_text()

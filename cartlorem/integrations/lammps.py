@@ -79,6 +79,8 @@ def _atomic_numbers(elements: Sequence[Union[str, int]]) -> np.ndarray:
 
     out = []
     for e in elements:
+        if isinstance(e, str) and e.strip().isdigit():  # "11" from the command line (--elements 11 17)
+            e = int(e)
         if isinstance(e, (int, np.integer)) and 1 <= int(e) <= 118:
             out.append(int(e))
         elif isinstance(e, str) and e in atomic_numbers and atomic_numbers[e] > 0:
@@ -320,7 +322,8 @@ def main(argv=None) -> int:
                                 description="Run a LAMMPS input with a CartLorem model on its 'fix external'.")
     p.add_argument("input", help="LAMMPS input file (units metal; defines 'fix ID all external pf/callback 1 1')")
     p.add_argument("--model", required=True, help="model file written by cartlorem (save_model / train)")
-    p.add_argument("--elements", nargs="+", required=True, help="element of each atom type, in type order")
+    p.add_argument("--elements", nargs="+", required=True,
+                   help="element of each atom type, in type order (chemical symbols or atomic numbers)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--total-charge", type=float, default=0.0)
     p.add_argument("--log", default="log.lammps", help="LAMMPS log file ('none' for no log)")
