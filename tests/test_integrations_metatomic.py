@@ -101,3 +101,39 @@ def test_save_metatomic_is_atomic_and_names_a_folder_target(tmp_path, monkeypatc
     save_metatomic(model, nested)
     assert [p.name for p in nested.parent.iterdir()] == ["model-mta.pt"]
     assert list(load_atomistic_model(str(nested)).capabilities().atomic_types) == SPECIES
+
+
+@pytest.mark.parametrize("long_range", [None, "multipole"])
+def test_selected_atoms_naming_every_atom(tmp_path, long_range):
+    """LAMMPS' metatomic pair style passes selected_atoms at every step, naming the atoms of its domain: on one
+    MPI rank, every atom. The model refused any selected_atoms, so it could not run in LAMMPS at all (the module
+    docstring lists LAMMPS). A selection of every atom (in any order) now gives the energies without one; a part
+    of the atoms is still refused, with an error that says so."""
+    from metatensor.torch import Labels
+    from metatomic.torch import ModelOutput
+
+    model = _model(long_range)
+    path = tmp_path / "model-mta.pt"
+    save_metatomic(model, path)
+    calc = metatomic_ase.MetatomicCalculator(str(path))
+    salt = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    salt.rattle(0.05, seed=3)
+    water = molecule("H2O")
+    systems = [salt, water]
+    every = torch.tensor([[k, a] for k, atoms in enumerate(systems) for a in range(len(atoms))], dtype=torch.int32)
+    shuffled = every[torch.randperm(len(every), generator=torch.Generator().manual_seed(0))]
+    for per_atom in (False, True):
+        outputs = {"energy": ModelOutput(unit="eV", per_atom=per_atom)}
+        want = calc.run_model(systems, outputs)["energy"].block()
+        got = calc.run_model(systems, outputs, selected_atoms=Labels(["system", "atom"], shuffled))["energy"].block()
+        assert got.samples == want.samples
+        torch.testing.assert_close(got.values, want.values, rtol=1e-12, atol=1e-12)
+    ours = salt.copy()
+    ours.calc = CartLoremCalculator(model)
+    e = calc.run_model(salt, {"energy": ModelOutput(unit="eV", per_atom=False)},
+                       selected_atoms=Labels(["system", "atom"], every[: len(salt)]))["energy"].block().values
+    assert float(e) == pytest.approx(ours.get_potential_energy(), rel=1e-12, abs=1e-10)
+    with pytest.raises(Exception, match=r"selected_atoms names 5 of the 11 atoms: cartlorem models compute every "
+                                        r"atom of each system"):
+        calc.run_model(systems, {"energy": ModelOutput(unit="eV", per_atom=False)},
+                       selected_atoms=Labels(["system", "atom"], every[3:8]))

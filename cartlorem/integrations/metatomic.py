@@ -16,7 +16,8 @@ returns the "energy" output (eV; per structure, or per atom when the engine asks
 stress are the engine's gradients of that energy with respect to positions and cell (the pair vectors
 are built from them). Units: Å, eV. metatomic systems carry no net charge, so every structure is
 neutral here (a long-range model's charges sum to 0); charged structures need
-:class:`cartlorem.CartLoremCalculator`. ``selected_atoms`` (domain decomposition) is refused: the
+:class:`cartlorem.CartLoremCalculator`. ``selected_atoms`` must name every atom of every system (LAMMPS
+passes it at every step, on one MPI rank too); a part of them (domain decomposition) is refused: the
 long-range sums need every atom, and a local model would need ghost-atom handling.
 """
 
@@ -64,13 +65,20 @@ class MetatomicCartLorem(torch.nn.Module):
 
     def forward(self, systems: List[System], outputs: Dict[str, ModelOutput],
                 selected_atoms: Optional[Labels] = None) -> Dict[str, TensorMap]:
-        if selected_atoms is not None:
-            raise ValueError("cartlorem models do not support selected_atoms (domain decomposition): "
-                             "give the model every atom of each system")
+        device = systems[0].positions.device
+        if selected_atoms is not None:  # engines pass it even when it names every atom (LAMMPS does, on one rank)
+            sizes = torch.tensor([s.positions.shape[0] for s in systems], dtype=torch.long, device=device)
+            starts = torch.cumsum(sizes, 0) - sizes
+            flat = starts[selected_atoms.column("system").long()] + selected_atoms.column("atom").long()
+            named = torch.zeros(int(sizes.sum()), dtype=torch.bool, device=device).index_fill(0, flat, True)
+            if not bool(named.all()):
+                raise ValueError(
+                    f"selected_atoms names {int(named.sum())} of the {named.shape[0]} atoms: cartlorem models compute "
+                    "every atom of each system (no domain decomposition: the long-range sums need every atom, and a "
+                    "local model would need ghost-atom handling); select them all, or run on one MPI rank")
         results: Dict[str, TensorMap] = {}
         if "energy" not in outputs:
             return results
-        device = systems[0].positions.device
         positions, types, cells, pbcs, batch, edges, shifts = [], [], [], [], [], [], []
         offset = 0
         for k, system in enumerate(systems):
