@@ -54,3 +54,71 @@ def test_structure_written_by_ase_reaches_the_connection(tmp_path, model_file):
     assert ase.io.read(tmp_path / "init.xyz").pbc.all()
     with pytest.raises(TimeoutError, match="no i-PI server"):
         _client(model_file, tmp_path / "init.xyz")
+
+
+def _serve_to_ase_server(model, client_atoms, server_atoms):
+    """Run :func:`ipi.serve` in a thread against ASE's i-PI server (SocketIOCalculator), which asks for the energy
+    and forces of ``server_atoms``; returns (energy, forces) or the exception of each side."""
+    import threading
+
+    from ase.calculators.socketio import SocketIOCalculator
+
+    name = f"cartlorem-test-{os.getpid()}-{secrets.token_hex(4)}"
+    client_errors = []
+
+    def client():
+        try:
+            ipi.serve(model, client_atoms, unix=name, connect_timeout=30, timeout=30)
+        except Exception as err:  # noqa: BLE001 -- reported to the test
+            client_errors.append(err)
+
+    try:
+        with SocketIOCalculator(unixsocket=name, timeout=30) as calc:
+            thread = threading.Thread(target=client, daemon=True)
+            thread.start()
+            atoms = server_atoms.copy()
+            atoms.calc = calc
+            try:
+                result = (atoms.get_potential_energy(), atoms.get_forces())
+            except Exception as err:  # noqa: BLE001 -- the client hung up
+                result = err
+        thread.join(30)
+    finally:
+        if os.path.exists(f"/tmp/ipi_{name}"):
+            os.unlink(f"/tmp/ipi_{name}")
+    return result, client_errors
+
+
+def _tiny_salt_model():
+    torch.manual_seed(0)
+    model = CartLorem([11, 17], cutoff=3.0, long_range=None, channels=4, num_layers=1, correlation=2, num_basis=4,
+                      radial_hidden=8, readout_hidden=8).double()
+    model.set_statistics(atomic_energies={11: -1.0, 17: -2.0}, avg_num_neighbors=6.0, scale=3.0)
+    return model.eval()
+
+
+def test_client_answers_an_ipi_server_with_the_calculators_numbers():
+    from cartlorem import CartLoremCalculator
+
+    model = _tiny_salt_model()
+    salt = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    moved = salt.copy()
+    moved.rattle(0.1, seed=0)  # the server's positions replace the client's
+    result, client_errors = _serve_to_ase_server(model, salt, moved)
+    assert not client_errors and not isinstance(result, Exception), (result, client_errors)
+    reference = moved.copy()
+    reference.calc = CartLoremCalculator(model)
+    assert result[0] == pytest.approx(reference.get_potential_energy(), rel=1e-9)
+    assert np.abs(reference.get_forces()).max() > 1e-3
+    np.testing.assert_allclose(result[1], reference.get_forces(), rtol=0, atol=1e-8)
+
+
+def test_client_names_an_atom_count_that_differs_from_the_servers():
+    """A structure file with other atoms than i-PI's system failed inside ASE's socket loop with "could not
+    broadcast input array from shape (16,3) into shape (8,3)"."""
+    salt = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    result, client_errors = _serve_to_ase_server(_tiny_salt_model(), salt, salt.repeat((2, 1, 1)))
+    assert isinstance(result, Exception)  # the client hung up
+    assert len(client_errors) == 1
+    assert str(client_errors[0]).startswith("i-PI sent the positions of 16 atoms, but the structure given to the "
+                                            "client has 8")

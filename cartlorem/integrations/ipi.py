@@ -62,6 +62,19 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "loca
                 where = f"unix socket /tmp/ipi_{unix}" if unix is not None else f"{host}:{port or 31415}"
                 raise TimeoutError(f"no i-PI server at {where} after {connect_timeout:.0f} s") from exc
             time.sleep(0.1)
+    protocol = getattr(client, "protocol", None)
+    if protocol is not None and hasattr(protocol, "recvposdata"):  # ASE's IPIProtocol: check each frame's size
+        receive = protocol.recvposdata
+
+        def recvposdata():
+            cell, icell, positions = receive()
+            if len(positions) != len(atoms):
+                raise ValueError(f"i-PI sent the positions of {len(positions)} atoms, but the structure given to the "
+                                 f"client has {len(atoms)}: give it the structure i-PI simulates, atoms in i-PI's "
+                                 "order")
+            return cell, icell, positions
+
+        protocol.recvposdata = recvposdata
     try:
         client.run(atoms, use_stress=use_stress)
     finally:
