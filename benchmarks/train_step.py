@@ -538,7 +538,8 @@ def profile_step(step, n_steps=4, top=12):
 def field_sum_times(batch, dtype, channels=4, smearing=1.0, repeats=30, warmup=5, compile=True):
     """The compiled training step's open-molecule field sum alone (:func:`cartlorem.ewald.direct.traced_pair_fields`,
     as the ``multipole`` block calls it: C_lr = ``channels`` seeded random q, μ, Θ on the atoms of ``batch``, each
-    intra-structure pair once, the gradient's traceless part) in the shape of a training step: the electrostatic
+    intra-structure pair once, the gradient's traceless part, the pair features linearised; before session 28 the
+    sum was timed without ``linearized``) in the shape of a training step: the electrostatic
     energy, its force (a vjp in the positions), and the gradient in the multipoles of energy + Σ force²
     (``torch.func.grad`` of that). Medians of process CPU time (ms) eager and, with ``compile``, compiled by
     Inductor (first call: compile seconds)."""
@@ -556,7 +557,7 @@ def field_sum_times(batch, dtype, channels=4, smearing=1.0, repeats=30, warmup=5
         q, mu, th = sources
 
         def energy(y):
-            f = traced_pair_fields(y, pairs, q, mu, th, smearing=smearing, traceless_gradient=True)
+            f = traced_pair_fields(y, pairs, q, mu, th, smearing=smearing, traceless_gradient=True, linearized=True)
             return (q * f[0]).sum() - (mu * f[1]).sum() - 0.5 * (th * f[2]).sum()
 
         force, e = torch.func.grad_and_value(energy)(x)
