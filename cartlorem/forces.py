@@ -3,7 +3,10 @@
 Stress follows ASE: σ = (1/V) ∂E/∂ε for a homogeneous strain r → r (I + ε), cell → cell (I + ε),
 in eV/Å³, for fully periodic structures. Open structures and slabs (pbc = [True, True, False]) get a
 zero stress row: their volume is not defined by the atoms (a slab's cell volume is mostly the vacuum
-the user chose), so σ would be a number without meaning.
+the user chose), so σ would be a number without meaning. The virial W = −∂E/∂ε (eV), which needs no
+volume, comes with the stress for every structure: W = −V σ for a periodic cell, and for a slab or an
+open structure what an MD engine divides by its own box volume for the pressure (a slab's lateral
+pressure under a barostat in x and y).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], di
                         out["forces"] = out["forces"] - g
             if compute_stress:
                 out["stress"] = stress_from_strain_gradient(graph, grads[-1])
+                out["virial"] = -grads[-1]  # [B, 3, 3] eV, every structure
         if compute_born_charges:
             rows = []
             for a in range(3):  # Z*[:, a, :] = ∂P_a/∂r (P_a summed over structures: each atom is in one)

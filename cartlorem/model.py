@@ -327,7 +327,8 @@ class CartLorem(nn.Module):
                 compute_born_charges: bool = False, electric_field=None) -> dict:
         """Predict for a batch: "energy" [B], "node_energy" [N], "forces" [N, 3], "stress" [B, 3, 3]
         (eV/Å³; computed by default when a structure is fully periodic; rows of open structures and
-        slabs are zero), and for long-range models channel 0 of the learned multipoles,
+        slabs are zero) with the virial "virial" [B, 3, 3] (eV, −∂E/∂ε, −V σ for a periodic cell; defined for
+        slabs and open structures too: cartlorem.forces), and for long-range models channel 0 of the learned multipoles,
         "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3] (e·Å², lmax 2),
         and "energy_lr" [B] (eV): ``scale`` × the long-range readout + the electrostatic energy, which
         is COULOMB × Σ_c coupling_c × U_c (U_c of :func:`cartlorem.ewald.electrostatic_energy` for the

@@ -271,3 +271,66 @@ def test_write_data_failure_on_rank_0_reaches_every_rank(tmp_path):
     assert "rank 0 raised FileExistsError" in res.stdout, res.stdout + res.stderr
     assert "rank 1 raised RuntimeError: rank 0 could not write the LAMMPS data file blocker/nacl.data: " \
            "FileExistsError" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("boundary", ["p p f", "f f f"])
+def test_virial_of_a_slab_and_an_open_box(tmp_path, boundary):
+    """A slab (p p f) and an open box (f f f): LAMMPS' virial is −∂E/∂ε of the model (central finite differences of
+    the calculator's energy under strain), which a barostat in x and y divides by the box volume for a slab's
+    lateral pressure. It was zero for every box not periodic in all three directions, silently."""
+    import json
+
+    from ase import Atoms
+
+    from cartlorem.integrations.lammps import write_data
+
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    atoms.rattle(0.1, seed=2)
+    atoms.center(vacuum=6.0, axis=2 if boundary == "p p f" else (0, 1, 2))  # LAMMPS' f walls hold every atom
+    atoms.pbc = [True, True, False] if boundary == "p p f" else False
+
+    save_model(nacl_model(), tmp_path / "model.pt")
+    write_data(tmp_path / "slab.data", atoms, ["Na", "Cl"])
+    script = textwrap.dedent(f"""\
+        import json
+        import numpy as np
+        from lammps import LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
+        from cartlorem.integrations.lammps import load_lammps, CartLoremFix
+        lmp = load_lammps()(cmdargs=["-log", "none", "-screen", "none"])
+        lmp.commands_string("units metal\\natom_style atomic\\nboundary {boundary}\\nread_data slab.data")
+        CartLoremFix(lmp, "model.pt", ["Na", "Cl"])
+        lmp.commands_string("compute vir all pressure NULL virial\\nthermo_style custom step pe c_vir[1]\\nrun 0")
+        order = np.argsort(lmp.numpy.extract_atom("id"))
+        lo, hi, xy, yz, xz, _, _ = lmp.extract_box()
+        json.dump({{"cell": [[hi[0] - lo[0], 0, 0], [xy, hi[1] - lo[1], 0], [xz, yz, hi[2] - lo[2]]],
+                   "positions": lmp.numpy.extract_atom("x")[order].tolist(),
+                   "types": lmp.numpy.extract_atom("type")[order].tolist(), "pe": lmp.get_thermo("pe"),
+                   "virial_pressure": lmp.numpy.extract_compute("vir", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR).tolist()}},
+                  open("virial.json", "w"))
+        lmp.close()
+        """)
+    res = run([sys.executable, "-c", script], tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got = json.loads((tmp_path / "virial.json").read_text())
+    cell = np.array(got["cell"])
+    a = Atoms(numbers=np.where(np.array(got["types"]) == 1, 11, 17), positions=got["positions"], cell=cell,
+              pbc=atoms.pbc)
+    model = nacl_model()
+
+    def energy(eps):
+        b = a.copy()
+        b.positions = a.positions @ (np.eye(3) + eps)
+        b.cell = cell @ (np.eye(3) + eps)
+        b.calc = CartLoremCalculator(model, skin=0.0)
+        return b.get_potential_energy()
+
+    assert got["pe"] == pytest.approx(energy(np.zeros((3, 3))), rel=1e-12)
+    h, want = 1e-5, []
+    for i, j in [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]:  # LAMMPS order: xx yy zz xy xz yz
+        eps = np.zeros((3, 3))
+        eps[i, j] = eps[j, i] = 0.5 * h if i != j else h  # symmetric strain: dE = h W_ij for the symmetric virial
+        want.append(-(energy(eps) - energy(-eps)) / (2 * h))
+    want = np.array(want)
+    assert np.abs(want).max() > 0.05  # a sizeable virial
+    virial = np.array(got["virial_pressure"]) * abs(np.linalg.det(cell)) / NKTV2P  # bar Å³ → eV
+    np.testing.assert_allclose(virial, want, rtol=1e-5, atol=1e-6)

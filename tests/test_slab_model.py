@@ -156,6 +156,49 @@ def test_no_stress_for_slabs():
     assert torch.equal(out["stress"], torch.zeros_like(out["stress"]))  # documented zero row
 
 
+def strained(atoms, eps):
+    """atoms under the homogeneous strain r → r (I + ε), cell → cell (I + ε)."""
+    out = atoms.copy()
+    out.positions = atoms.positions @ (np.eye(3) + eps)
+    out.cell = atoms.cell.array @ (np.eye(3) + eps)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS + [None])
+@pytest.mark.parametrize("boundary", ["slab", "open", "periodic"])
+def test_virial_is_minus_the_strain_derivative(kind, boundary):
+    """"virial" = −∂E/∂ε (eV) by central finite differences of the energy under strain, all nine components, for
+    slabs and open structures too (no volume needed; the stress rows there stay zero), and −V σ for a cell. What
+    an MD engine's barostat divides by its box volume (cartlorem.integrations.lammps; before, LAMMPS got a zero
+    virial for a slab)."""
+    if kind is None:  # a local model: any boundary, and its own strain derivative
+        torch.manual_seed(0)
+        model = cartlorem.CartLorem([11, 17], cutoff=4.0, long_range=None, channels=8, num_layers=1, correlation=2,
+                                    num_basis=4, radial_hidden=8, readout_hidden=8).double().eval()
+    else:
+        model = lr_model(kind)
+    atoms = nacl_slab()
+    if boundary == "open":
+        atoms.pbc = False
+    elif boundary == "periodic":
+        atoms.pbc = True
+    _, _, out = predict(model, atoms, compute_stress=True)
+    virial = out["virial"][0].detach().numpy()
+    assert np.abs(virial).max() > 1e-3
+    h = 1e-5
+    for a in range(3):
+        for b in range(3):
+            eps = np.zeros((3, 3))
+            eps[a, b] = h
+            up, down = predict(model, strained(atoms, eps))[0], predict(model, strained(atoms, -eps))[0]
+            assert virial[a, b] == pytest.approx(-(up - down) / (2 * h), rel=1e-5, abs=1e-6)
+    stress = out["stress"][0].detach().numpy()
+    if boundary == "periodic":
+        np.testing.assert_allclose(virial, -atoms.get_volume() * stress, rtol=1e-12, atol=1e-12)
+    else:
+        assert not stress.any()
+
+
 @pytest.mark.parametrize("pbc", [[True, False, True], [False, True, True], [True, False, False],
                                  [False, False, True]])
 def test_unsupported_boundaries_are_clear_errors(pbc):

@@ -125,9 +125,9 @@ class CartLoremFix:
             model's own).
         total_charge: net charge of the system in e (default 0).
 
-    The fix contributes the model's energy to ``pe`` and its virial (−V σ, eV) to the pressure
-    (``fix_modify energy yes virial yes``); the virial is zero for a box that is not periodic in
-    all three directions. After a run, ``error`` holds the exception raised inside a callback
+    The fix contributes the model's energy to ``pe`` and its virial (−∂E/∂ε, eV: −V σ for a periodic box) to
+    the pressure (``fix_modify energy yes virial yes``), for every boundary: a slab (``p p f``), whose lateral
+    pressure a barostat in x and y needs, and an open box too. After a run, ``error`` holds the exception raised inside a callback
     (LAMMPS cannot receive Python exceptions; see :meth:`check`), ``None`` when all went well.
     """
 
@@ -221,21 +221,19 @@ class CartLoremFix:
         lx, ly, lz = (hi - lo for lo, hi in zip(boxlo, boxhi))
         cell = np.array([[lx, 0.0, 0.0], [xy, ly, 0.0], [xz, yz, lz]])  # rows: LAMMPS' restricted triclinic a, b, c
         pbc = np.array(periodicity, dtype=bool)
-        periodic = bool(pbc.all())
         graph = structures_to_graph(torch.tensor(x[order]), numbers, cell, pbc, cutoff=self.model.cutoff,
                                     total_charge=[self.total_charge], dtype=self.model.dtype)
-        out = self.model(graph, compute_forces=True, compute_stress=periodic, create_graph=False)
+        # the virial −∂E/∂ε for every boundary: LAMMPS divides it by its box volume for the pressure, also for a
+        # slab (p p f, where a barostat in x and y needs the lateral virial) and an open box
+        out = self.model(graph, compute_forces=True, compute_stress=True, create_graph=False)
         forces_sorted = out["forces"].detach().cpu().double().numpy()
         forces = np.empty_like(forces_sorted)
         forces[order] = forces_sorted  # back to the gathered order
         bounds = np.cumsum([0] + [len(p[0]) for p in parts])
         chunks = [forces[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         energy = float(out["energy"].detach().sum())
-        virial = np.zeros(6)
-        if periodic:
-            volume = abs(float(np.linalg.det(cell)))
-            w = -volume * out["stress"][0].detach().cpu().double().numpy()  # eV
-            virial = w[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]  # LAMMPS order: xx yy zz xy xz yz
+        w = out["virial"][0].detach().cpu().double().numpy()  # eV; −V σ for a periodic box
+        virial = w[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]  # LAMMPS order: xx yy zz xy xz yz
         return chunks, energy, virial
 
     def check(self) -> None:
