@@ -127,8 +127,8 @@ class CartLoremFix:
 
     The fix contributes the model's energy to ``pe`` and its virial (−∂E/∂ε, eV: −V σ for a periodic box) to
     the pressure (``fix_modify energy yes virial yes``), for every boundary: a slab (``p p f``), whose lateral
-    pressure a barostat in x and y needs, and an open box too. After a run, ``error`` holds the exception raised inside a callback
-    (LAMMPS cannot receive Python exceptions; see :meth:`check`), ``None`` when all went well.
+    pressure a barostat in x and y needs, and an open box too. After a run, ``error`` holds the exception raised
+    inside a callback (LAMMPS cannot receive Python exceptions; see :meth:`check`), ``None`` when all went well.
     """
 
     def __init__(self, lmp, model_or_path, elements: Sequence[Union[str, int]], *, fix_id: str = "cartlorem",
