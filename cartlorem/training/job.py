@@ -25,7 +25,7 @@ from ..config import Config
 from ..data import read_dataset, split
 from .distributed import process_group
 from .loop import train
-from .run_folder import CHECKPOINT
+from .run_folder import CHECKPOINT, RunFolder, restore_model_settings
 
 __all__ = ["run", "select_device"]
 
@@ -130,6 +130,10 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         model = cfg.build_model(species).to(device=device, dtype=dtype)
     except ImportError as err:
         raise ValueError(f"long_range={cfg.long_range!r} is not available in this installation ({err})") from None
+
+    if cfg.resume:  # a resume refused for a model that does not match must leave the run's config.yaml as it was
+        folder = RunFolder(out, write=False)
+        restore_model_settings(model, folder.load_checkpoint()["model"], folder.path)
 
     # the file records settings, not this call's actions; absolute paths work from any folder
     absolute = {n: str(Path(getattr(cfg, n)).resolve()) for n in ("train", "valid", "out") if getattr(cfg, n)}

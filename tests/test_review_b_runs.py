@@ -1,0 +1,50 @@
+"""The run folder of `cartlorem train` after a failed or restarted run: what is on disk must stay usable."""
+
+import ase.io
+import pytest
+import torch
+import yaml
+
+from cartlorem import cli, load_model
+from conftest import emt_frames  # noqa: E402  (tests/ is on sys.path under pytest)
+
+TINY = {"channels": 4, "num_layers": 1, "correlation": 1, "num_basis": 4, "radial_hidden": 4, "readout_hidden": 4,
+        "cutoff": 3.0, "long_range": "none", "epochs": 1, "batch_size": 4, "threads": 1}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_threads():
+    n = torch.get_num_threads()  # the CLI's --threads sets torch's thread count for the process
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    ase.io.write(d / "train.xyz", emt_frames(8, seed=0))
+    (d / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    return d
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_failed_resume_leaves_the_run_config_as_it_was(files, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", run_dir, "--no-progress")
+    assert code == 0, err
+    before = (run_dir / "config.yaml").read_text()
+    # a model flag that does not match the checkpoint: the resume is refused ...
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, "--channels", 6, "--no-progress")
+    assert code == 2 and "different model" in err and "Traceback" not in err
+    # ... and the run's config.yaml still describes the run, so a plain --resume continues it
+    assert (run_dir / "config.yaml").read_text() == before
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, "--no-progress")
+    assert code == 0, err
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"] == 2
+    assert load_model(run_dir / "checkpoint.pt").config["channels"] == 4
