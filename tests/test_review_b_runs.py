@@ -48,3 +48,22 @@ def test_failed_resume_leaves_the_run_config_as_it_was(files, tmp_path, capsys):
     assert code == 0, err
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"] == 2
     assert load_model(run_dir / "checkpoint.pt").config["channels"] == 4
+
+
+def test_overwrite_removes_the_previous_runs_files(files, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", run_dir, "--no-progress")
+    assert code == 0, err
+    assert (run_dir / "model.pt").is_file() and (run_dir / "checkpoint.pt").is_file()
+    # a new run over the old one that ends before its first epoch: no file of the old run may pass for its own
+    code, out, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                         "--out", run_dir, "--overwrite", "--epochs", 0, "--channels", 6, "--no-progress")
+    assert code == 0, err
+    assert "no model file was written" in out
+    for name in ("model.pt", "checkpoint.pt", "log.csv", "learning_curve.png"):
+        assert not (run_dir / name).exists(), name
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["channels"] == 6
+    # and --resume does not continue the old run under the new config
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--no-progress")
+    assert code == 2 and "no checkpoint.pt" in err

@@ -106,7 +106,11 @@ class RunFolder:
         self.curve_png = self.path / CURVE_PNG
 
     def open(self, *, resume: bool, overwrite: bool) -> None:
-        """Create the folder; refuse to resume without a checkpoint or to start over one silently."""
+        """Create the folder; refuse to resume without a checkpoint or to start over one silently.
+
+        A fresh run removes the files an earlier run left (checkpoint first, then model.pt, log.csv and the
+        plot), so that none of them passes for this run's: neither an old model.pt after a crash in the
+        first epoch nor an old checkpoint that a resume would continue under the new settings."""
         if resume and not self.checkpoint.is_file():
             raise FileNotFoundError(f"cannot resume: no checkpoint at {self.checkpoint}")
         if not resume and self.checkpoint.exists() and not overwrite:
@@ -115,6 +119,9 @@ class RunFolder:
                 f"or choose another output folder"
             )
         self.path.mkdir(parents=True, exist_ok=True)
+        if not resume and self.write:
+            for old in (self.checkpoint, self.best_model, self.log_csv, self.curve_png):
+                old.unlink(missing_ok=True)
 
     def load_checkpoint(self) -> dict:
         ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
