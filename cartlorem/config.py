@@ -117,6 +117,24 @@ def parse_mapping(v) -> dict:
     return dict(v)
 
 
+@_named("mapping")
+def parse_long_range_options(v) -> dict:
+    """A mapping whose keys are options of ``cartlorem.nn.long_range.LongRangeBlock`` (besides those the
+    model sets: channels, kind, lmax) or CartLorem's ``placement`` / ``end_features``."""
+    from .nn.long_range import LongRangeBlock
+
+    options = parse_mapping(v)
+    known = [k for k in inspect.signature(LongRangeBlock.__init__).parameters if k not in ("self", "channels",
+                                                                                          "kind", "lmax")]
+    known += ["placement", "end_features"]
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise argparse.ArgumentTypeError(f"unknown long-range option {key!r}{hint}; valid: {', '.join(known)}")
+    return options
+
+
 def nullable(parse: Callable) -> Callable:
     """``parse``, with None / "none" / "null" / "" meaning None."""
 
@@ -202,7 +220,8 @@ def _model_options() -> list[Option]:
             names = tuple("none" if c is None else c for c in LONG_RANGE_CHOICES)
             out.append(Option(name, choice(*names), "none" if default is None else default, _MODEL_HELP[name], "model"))
         elif name == "long_range_options":
-            out.append(Option(name, nullable(parse_mapping), None, _MODEL_HELP[name], "model", flag=False))
+            out.append(Option(name, nullable(parse_long_range_options), None, _MODEL_HELP[name], "model",
+                              flag=False))
         else:
             parse = {bool: parse_bool, int: parse_int, float: parse_float}[type(default)]
             out.append(Option(name, parse, default, _MODEL_HELP.get(name, f"CartLorem argument {name}"), "model",

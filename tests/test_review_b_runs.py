@@ -67,3 +67,18 @@ def test_overwrite_removes_the_previous_runs_files(files, tmp_path, capsys):
     # and --resume does not continue the old run under the new config
     code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--no-progress")
     assert code == 2 and "no checkpoint.pt" in err
+
+
+def test_unknown_long_range_option_is_a_clear_config_error(files, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "long_range": "multipole", "long_range_options": {"lr_chanels": 2}}))
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", bad, "--out", tmp_path / "r",
+                       "--no-progress")
+    assert code == 2 and "Traceback" not in err, err
+    assert "long_range_options" in err and "lr_chanels" in err and "did you mean 'lr_channels'" in err
+    assert not (tmp_path / "r").exists()  # refused before anything is read or written
+    # the options the block takes are accepted, as are placement and end_features (CartLorem's own)
+    from cartlorem.config import Config
+
+    options = {"lr_channels": 2, "smearing": 1.5, "placement": "end", "end_features": "full"}
+    assert Config(long_range_options=options).long_range_options == options
