@@ -82,3 +82,17 @@ def test_unknown_long_range_option_is_a_clear_config_error(files, tmp_path, caps
 
     options = {"lr_channels": 2, "smearing": 1.5, "placement": "end", "end_features": "full"}
     assert Config(long_range_options=options).long_range_options == options
+
+
+def test_output_folder_that_is_a_file(files, tmp_path, capsys):
+    taken = tmp_path / "run"
+    taken.write_text("not a folder\n")
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", taken, "--no-progress")
+    assert code == 2 and "Traceback" not in err
+    assert str(taken) in err and "is a file, not a folder" in err, err
+    from cartlorem.training import RunFolder
+
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        RunFolder(taken).open(resume=False, overwrite=False)
+    assert taken.read_text() == "not a folder\n"

@@ -70,6 +70,8 @@ def run(cfg: Config):
             what = "training set" if name == "train" else "output folder"
             raise ValueError(f"no {what}: pass --{name} or set '{name}' in the config")
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {cfg.out!r} is a file, not a folder: pass another --out")
     for name in ("train", "valid"):
         if getattr(cfg, name) is not None and not Path(getattr(cfg, name)).is_file():
             raise ValueError(f"{name} file {getattr(cfg, name)!r} does not exist")

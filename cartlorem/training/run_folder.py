@@ -111,6 +111,8 @@ class RunFolder:
         A fresh run removes the files an earlier run left (checkpoint first, then model.pt, log.csv and the
         plot), so that none of them passes for this run's: neither an old model.pt after a crash in the
         first epoch nor an old checkpoint that a resume would continue under the new settings."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"output folder {str(self.path)!r} is a file, not a folder; choose another output folder")
         if resume and not self.checkpoint.is_file():
             raise FileNotFoundError(f"cannot resume: no checkpoint at {self.checkpoint}")
         if not resume and self.checkpoint.exists() and not overwrite:
