@@ -86,9 +86,19 @@ def _lookup(atoms, name: str, key: Optional[str]):
     return _calc_results(atoms).get(key)
 
 
+def _numbers(value) -> np.ndarray:
+    """``value`` as float64; ValueError for anything but integers and reals (True is not 1 eV, text is not a
+    number: extxyz reads ``energy=T`` as a boolean and ``energy=abc`` as text)."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iuf":
+        shown = repr(value) if arr.size <= 9 else f"an array of {arr.dtype}"
+        raise ValueError(f"is {shown}, not a number")
+    return arr.astype(np.float64)
+
+
 def _as_stress(value) -> np.ndarray:
     """6-Voigt (xx, yy, zz, yz, xz, xy), 9 or 3×3 → [3, 3]."""
-    arr = np.asarray(value, dtype=np.float64)
+    arr = _numbers(value)
     if arr.size == 6:
         xx, yy, zz, yz, xz, xy = arr.ravel()
         return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
@@ -131,15 +141,12 @@ def attach_labels(graph: Graph, atoms, keys: Mapping[str, Optional[str]]) -> Gra
             out[name] = empty[name]
             continue
         where = f"{name} label {_describe_key(name, keys[name])}"
-        if name == "stress":
-            try:
-                arr = _as_stress(value)[None]
-            except ValueError as err:
-                raise ValueError(f"{where}: {err}") from None
-        else:
-            arr = np.asarray(value, dtype=np.float64)
-            if name == "energy" and arr.size == 1:
-                arr = arr.reshape(1)
+        try:
+            arr = _as_stress(value)[None] if name == "stress" else _numbers(value)
+        except ValueError as err:
+            raise ValueError(f"{where}{'' if str(err).startswith('is ') else ':'} {err}") from None
+        if name == "energy" and arr.size == 1:
+            arr = arr.reshape(1)
         if arr.shape != empty[name].shape:
             raise ValueError(f"{where} has shape {list(arr.shape)}, expected {list(empty[name].shape)}")
         if not np.all(np.isfinite(arr)):
@@ -191,14 +198,20 @@ def attach_charge_labels(graph: Graph, atoms, dipole_key: Optional[str] = "dipol
                 "defined for open structures only (a periodic cell or slab has no unique P); remove it, or read "
                 "the data with dipole_key=None (--dipole-key none)"
             )
-        dipole = np.asarray(dipole, dtype=np.float64)
+        try:
+            dipole = _numbers(dipole)
+        except ValueError as err:
+            raise ValueError(f"{where('dipole', dipole_key)} {err} (e·Å)") from None
         if dipole.size != 3:
             raise ValueError(f"{where('dipole', dipole_key)} has shape {list(dipole.shape)}, expected 3 numbers (e·Å)")
         dipole = dipole.reshape(1, 3)
         if not np.all(np.isfinite(dipole)):
             raise ValueError(f"{where('dipole', dipole_key)} contains NaN or inf")
     if bec is not None:
-        bec = np.asarray(bec, dtype=np.float64)
+        try:
+            bec = _numbers(bec)
+        except ValueError as err:
+            raise ValueError(f"{where('born_charges', born_charges_key)} {err} (e)") from None
         if bec.shape not in ((n, 9), (n, 3, 3)):
             raise ValueError(
                 f"{where('born_charges', born_charges_key)} has shape {list(bec.shape)}, expected [{n}, 9] "
