@@ -16,13 +16,16 @@ from ..graph import Graph
 __all__ = ["check_dataset", "fit_statistics"]
 
 log = logging.getLogger(__name__)
+_CUTOFF_CHECKS = 16  # structures of a set whose edges are compared with a fresh neighbour list
 
 
 def check_dataset(model, graphs: Sequence[Graph], what: str) -> None:
     """Every structure labelled; species and edge lengths within what ``model`` declares.
 
     The species check runs when the model has a ``species`` attribute (atomic numbers) and the
-    edge-length check when it has a ``cutoff`` (Å); other modules are checked for labels only.
+    edge checks when it has a ``cutoff`` (Å): no edge longer than the cutoff and, in the first
+    ``_CUTOFF_CHECKS`` structures, no pair within it missing (graphs read with a smaller cutoff would
+    train on truncated neighbourhoods without a word); other modules are checked for labels only.
     """
     known = set(getattr(model, "species", None) or ())
     cutoff = getattr(model, "cutoff", None)
@@ -45,6 +48,23 @@ def check_dataset(model, graphs: Sequence[Graph], what: str) -> None:
                     f"{what} structure {k} has edges up to {longest:.3f} Å, longer than the model cutoff "
                     f"{cutoff} Å: read the data with cutoff=model.cutoff"
                 )
+        if cutoff is not None and k < _CUTOFF_CHECKS and g.num_graphs == 1:
+            _check_no_missing_edges(g, float(cutoff), f"{what} structure {k}")
+
+
+def _check_no_missing_edges(g: Graph, cutoff: float, label: str) -> None:
+    """ValueError when the one structure of ``g`` has fewer edges than atom pairs within ``cutoff`` Å (a
+    neighbour list recomputed 1e-4 × cutoff inside it, so float32 rounding at the boundary does not count)."""
+    from ..graph import neighbour_list
+
+    i, _, _ = neighbour_list(g.positions.detach().cpu().double().numpy(), g.cell[0].detach().cpu().double().numpy(),
+                             g.pbc[0].cpu().numpy(), cutoff * (1 - 1e-4))
+    have = int(g.edge_index.shape[1])
+    if have < len(i):
+        raise ValueError(
+            f"{label} has {have} edges but {len(i)} directed atom pairs lie within the model cutoff {cutoff} Å: "
+            "its graph was built with a smaller cutoff; read the data with cutoff=model.cutoff"
+        )
 
 
 def fit_statistics(model, graphs: Sequence[Graph], *, ranks=None) -> dict:
