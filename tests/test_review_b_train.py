@@ -25,3 +25,10 @@ def test_graphs_read_with_a_smaller_cutoff_are_refused(dtype):
     with pytest.raises(ValueError, match=r"validation structure 0 .* smaller cutoff"):
         train(model, read_dataset(frames, 3.0, dtype=dtype), short, epochs=1, progress=False)
     check_dataset(model, read_dataset(frames, 3.0, dtype=dtype), "training")  # the model's own cutoff passes
+
+
+def test_training_set_without_edges_names_the_cutoff():
+    model = tiny_model(0.5)  # a cutoff in nm by mistake: no two atoms are this close
+    graphs = read_dataset(emt_frames(4, seed=0), 0.5)
+    with pytest.raises(ValueError, match=r"no two atoms .* within the cutoff 0\.5 Å"):
+        train(model, graphs, epochs=1, progress=False)

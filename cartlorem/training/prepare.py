@@ -96,6 +96,11 @@ def fit_statistics(model, graphs: Sequence[Graph], *, ranks=None) -> dict:
         stats["reference_energies"] = refs
     if ranks is not None:
         stats = ranks.broadcast(stats)
+    if not stats["avg_num_neighbors"] > 0:
+        raise ValueError(
+            f"no two atoms of the {stats['n_structures']} training structures are within the cutoff {model.cutoff} Å "
+            "(no edges, so the model would see isolated atoms only): check the cutoff (in Å) and the positions"
+        )
     refs = stats["reference_energies"]
     scale = stats["forces_rms"] or stats["residual_energy_per_atom_std"] or 1.0
     model.set_statistics(
