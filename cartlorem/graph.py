@@ -206,10 +206,14 @@ def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional
     charge = atoms.info.get("total_charge", atoms.info.get("charge", 0.0))
     multiplicity = atoms.info.get("multiplicity", None)  # absent: 1, not checked against the electrons
     try:
+        if isinstance(charge, (bool, np.bool_)) or isinstance(multiplicity, (bool, np.bool_)):
+            raise TypeError  # extxyz reads T / F as booleans: not 1 e or a multiplicity of 1
         charge, multiplicity = float(charge), (None if multiplicity is None else float(multiplicity))
     except (TypeError, ValueError):
         raise ValueError(f"{label}: total_charge and multiplicity must be numbers, got "
                          f"{charge!r} and {multiplicity!r}") from None
+    if not np.isfinite(charge):  # checked here too, since check_charge_state runs only with a multiplicity
+        raise ValueError(f"{label}: total_charge must be a finite number of e, got {charge!r}")
     if multiplicity is not None:
         check_charge_state(atoms.get_atomic_numbers(), charge, multiplicity, label=label)
     try:
