@@ -15,3 +15,34 @@ def test_total_charge_must_be_a_finite_number(charge):
     a.info["total_charge"] = charge  # no multiplicity: the charge-state check of the electrons does not run
     with pytest.raises(ValueError, match=r"H2: total_charge (must be a finite number|and multiplicity must be numbers)"):
         atoms_to_graph(a, 3.0)
+
+
+def _brute_force_pairs(pos, cell, pbc, cutoff):
+    """Every (i, j, n1, n2, n3) with 0 < |r_j − r_i + n·cell| < cutoff, over enough images."""
+    ranges = []
+    for d in range(3):
+        if pbc[d]:
+            height = 1.0 / np.linalg.norm(np.linalg.inv(cell)[:, d])  # distance between lattice planes
+            n = int(np.ceil(cutoff / height)) + 2  # positions may lie up to half a cell outside it
+            ranges.append(range(-n, n + 1))
+        else:
+            ranges.append([0])
+    out = set()
+    for s in itertools.product(*ranges):
+        d = pos[None, :, :] - pos[:, None, :] + np.array(s) @ cell  # [i, j, 3]
+        for i, j in zip(*np.nonzero((np.linalg.norm(d, axis=-1) < cutoff) & (np.linalg.norm(d, axis=-1) > 1e-9))):
+            out.add((int(i), int(j)) + s)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_neighbour_list_matches_brute_force_in_small_skewed_cells(seed):
+    """Small triclinic cells, mixed pbc, atoms outside the cell, cutoffs up to several cell heights."""
+    rng = np.random.default_rng(seed)
+    cell = np.eye(3) * rng.uniform(1.5, 3.5) + rng.normal(size=(3, 3)) * 0.6
+    pbc = rng.random(3) < 0.7
+    pos = rng.uniform(-0.5, 1.5, size=(int(rng.integers(1, 5)), 3)) @ cell
+    cutoff = float(rng.uniform(1.0, 5.0))
+    i, j, s = neighbour_list(pos, cell, pbc, cutoff)
+    got = {(int(a), int(b)) + tuple(int(x) for x in c) for a, b, c in zip(i, j, s)}
+    assert got == _brute_force_pairs(pos, cell if pbc.any() else np.zeros((3, 3)), pbc, cutoff)
