@@ -96,3 +96,16 @@ def test_output_folder_that_is_a_file(files, tmp_path, capsys):
     with pytest.raises(ValueError, match="is a file, not a folder"):
         RunFolder(taken).open(resume=False, overwrite=False)
     assert taken.read_text() == "not a folder\n"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text"])
+def test_damaged_checkpoint_is_a_clear_error_on_resume(files, tmp_path, capsys, damage):
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", run_dir, "--no-progress")
+    assert code == 0, err
+    ckpt = run_dir / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000] if damage == "truncated" else b"garbage\n")
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, "--no-progress")
+    assert code == 2 and "Traceback" not in err, err
+    assert "cannot read" in err and str(ckpt) in err and "--overwrite" in err

@@ -126,7 +126,16 @@ class RunFolder:
                 old.unlink(missing_ok=True)
 
     def load_checkpoint(self) -> dict:
-        ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, ... for a damaged file
+            first = str(err).strip().split(". ")[0][:200]
+            # torch's advice for a refused pickle (weights_only=False) would run the file's code: not repeated here
+            detail = type(err).__name__ + (f": {first}" if first and "weights_only" not in first else "")
+            raise ValueError(
+                f"cannot read {self.checkpoint} ({detail}): the file is damaged or not a cartlorem checkpoint; "
+                "start the run afresh (overwrite=True, --overwrite) or restore the file"
+            ) from None
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{self.checkpoint} is not a cartlorem training checkpoint")
         return ckpt
