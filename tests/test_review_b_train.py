@@ -32,3 +32,24 @@ def test_training_set_without_edges_names_the_cutoff():
     graphs = read_dataset(emt_frames(4, seed=0), 0.5)
     with pytest.raises(ValueError, match=r"no two atoms .* within the cutoff 0\.5 Å"):
         train(model, graphs, epochs=1, progress=False)
+
+
+def test_batches_without_a_weighted_label_are_skipped():
+    """Stress is the only trained term (energy weight 0, no force labels): batches of molecules carry
+    nothing to fit and must not end the run with an autograd error."""
+    graphs = read_dataset(emt_frames(6, seed=0), 3.0, forces_key=None, require=("energy",))
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    result = train(model, graphs, epochs=1, batch_size=1, weights={"energy": 0.0}, ema_decay=None, progress=False)
+    assert result.epochs_completed == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the stress batches trained
+    train(tiny_model(), graphs, epochs=1, batch_size=1, weights={"energy": 0.0}, clip_grad=None, progress=False)
+
+
+def test_nothing_to_train_is_refused_up_front():
+    graphs = read_dataset(emt_frames(4, seed=0), 3.0)
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        train(tiny_model(), graphs, epochs=1, weights={"energy": 0, "forces": 0, "stress": 0}, progress=False)
+    energy_only = read_dataset(emt_frames(4, seed=0), 3.0, forces_key=None, stress_key=None, require=("energy",))
+    with pytest.raises(ValueError, match=r"none of the 4 training structures carries a label .*forces"):
+        train(tiny_model(), energy_only, epochs=1, weights={"energy": 0}, progress=False)

@@ -480,7 +480,7 @@ class _Run:
             raise self._nonfinite("loss", float(loss.detach()), terms, epoch, b + 1, n_batches, idx)
         if not grads_ready:
             self.opt.zero_grad(set_to_none=True)
-            if loss is not None:
+            if loss is not None and loss.requires_grad:  # no labelled item of a weighted term in the batch: no step
                 # only the parameters' gradients: the positions (a leaf when forces are computed) would otherwise
                 # get one too, i.e. the second derivative of every geometric term of the model, never used
                 torch.autograd.backward(loss, inputs=params)
@@ -492,7 +492,8 @@ class _Run:
         if self.clip_grad:
             gnorm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad, foreach=True)
         else:
-            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            norms = [p.grad.norm() for p in params if p.grad is not None]
+            gnorm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         if not torch.isfinite(gnorm):
             raise self._nonfinite("gradient", float(gnorm), terms, epoch, b + 1, n_batches, idx)
         self.opt.step()

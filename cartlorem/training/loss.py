@@ -109,15 +109,30 @@ def charge_outputs(weights: Mapping[str, float], batch: Graph) -> dict:
 
 
 def check_loss_labels(model, graphs, weights: Mapping[str, float], what: str = "training") -> None:
-    """ValueError when a dipole / Born-charge weight is > 0 but cannot be trained.
+    """ValueError when the weights leave nothing to train or a dipole / Born-charge weight > 0 cannot be trained.
 
-    That is: the model has no long range (``model.long_range`` is None; modules without that attribute
-    are not checked), no structure of ``graphs`` carries the label, or (dipole) dipole-labelled molecules
-    share the set with periodic structures or slabs, for which the model's dipole is not defined.
+    That is: every weight is 0; no structure of ``graphs`` carries a label of a term with a weight > 0;
+    or, for a dipole / Born-charge weight > 0, the model has no long range (``model.long_range`` is None;
+    modules without that attribute are not checked), no structure carries the label, or (dipole)
+    dipole-labelled molecules share the set with periodic structures or slabs, for which the model's
+    dipole is not defined.
     """
+    positive = [name for name in DEFAULT_WEIGHTS if weights.get(name, 0.0) > 0]
+    if not positive:
+        raise ValueError(f"every loss weight is 0 ({', '.join(DEFAULT_WEIGHTS)}): there is nothing to train; give "
+                         "a labelled term a weight > 0")
     wanted = [name for name in _CHARGE_TERMS if weights.get(name, 0.0) > 0]
-    if not wanted:
-        return
+    if not wanted:  # (the charge terms get their own messages below)
+        for k in range(len(graphs)):
+            g = graphs[k]
+            if any(getattr(g, f"has_{name}", None) is not None and bool(getattr(g, f"has_{name}").any())
+                   for name in positive):
+                return
+        raise ValueError(
+            f"none of the {len(graphs)} {what} structures carries a label of a loss term with a weight > 0 ("
+            + ", ".join(f"{name} {weights[name]:g}" for name in positive) + "): there is nothing to train; read "
+            "the labels (energy_key, forces_key, stress_key) or give a labelled term a weight > 0"
+        )
     if hasattr(model, "long_range") and getattr(model, "long_range") is None:
         raise ValueError(
             f"the {' and '.join(wanted)} loss weight(s) are > 0, but this model has no long range "
