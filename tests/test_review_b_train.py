@@ -53,3 +53,14 @@ def test_nothing_to_train_is_refused_up_front():
     energy_only = read_dataset(emt_frames(4, seed=0), 3.0, forces_key=None, stress_key=None, require=("energy",))
     with pytest.raises(ValueError, match=r"none of the 4 training structures carries a label .*forces"):
         train(tiny_model(), energy_only, epochs=1, weights={"energy": 0}, progress=False)
+
+
+def test_validation_set_without_the_trained_labels_is_refused():
+    """A validation set read with the wrong keys has no labels: its loss would be 0 every epoch, the first
+    epoch 'best' and early stopping would end the run there."""
+    frames = emt_frames(6, seed=0)
+    graphs = read_dataset(frames, 3.0)
+    unlabelled = read_dataset(frames[:2], 3.0, energy_key="REF_energy", forces_key="REF_forces", stress_key="REF_stress",
+                              require=())
+    with pytest.raises(ValueError, match=r"none of the 2 validation structures carries a label"):
+        train(tiny_model(), graphs, unlabelled, epochs=3, patience=1, progress=False)

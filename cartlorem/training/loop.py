@@ -37,7 +37,7 @@ from .averaging import ExponentialMovingAverage
 from .distributed import SINGLE, Ranks, gather_predictions, loss_share, share_scales
 from .distributed import current as current_ranks
 from .log import metric_summary
-from .loss import charge_outputs, check_loss_labels, loss_weights, validation_loss, weighted_loss
+from .loss import charge_outputs, check_labels_to_fit, check_loss_labels, loss_weights, validation_loss, weighted_loss
 from .prepare import check_dataset, fit_statistics
 from .run_folder import (
     RunFolder,
@@ -236,6 +236,8 @@ def train(
     check_dataset(model, train_graphs, "training")
     check_dataset(model, valid_graphs, "validation")
     check_loss_labels(model, train_graphs, loss_weights(weights))
+    if len(valid_graphs):
+        check_labels_to_fit(valid_graphs, loss_weights(weights), "validation")
     if len(valid_graphs) == 0:
         say.warning("no validation set; validating (and selecting the best model) on the training set")
         valid_graphs = train_graphs

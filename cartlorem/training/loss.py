@@ -21,7 +21,7 @@ import torch
 from ..graph import Graph
 
 __all__ = ["DEFAULT_WEIGHTS", "loss_weights", "weighted_loss", "loss_terms", "validation_loss", "charge_outputs",
-           "check_loss_labels"]
+           "check_loss_labels", "check_labels_to_fit"]
 
 #: Energy 10 : forces 1 won benchmarks/settings.py (results/settings.md; dimers, cumulene and the demo set,
 #: 20 epochs, multipole, C = 16): on the dimers energy MAE 6.3 meV/atom against 21.6 at 1 : 1 and 62.6 at
@@ -117,22 +117,13 @@ def check_loss_labels(model, graphs, weights: Mapping[str, float], what: str = "
     dipole-labelled molecules share the set with periodic structures or slabs, for which the model's
     dipole is not defined.
     """
-    positive = [name for name in DEFAULT_WEIGHTS if weights.get(name, 0.0) > 0]
-    if not positive:
+    if not any(weights.get(name, 0.0) > 0 for name in DEFAULT_WEIGHTS):
         raise ValueError(f"every loss weight is 0 ({', '.join(DEFAULT_WEIGHTS)}): there is nothing to train; give "
                          "a labelled term a weight > 0")
     wanted = [name for name in _CHARGE_TERMS if weights.get(name, 0.0) > 0]
     if not wanted:  # (the charge terms get their own messages below)
-        for k in range(len(graphs)):
-            g = graphs[k]
-            if any(getattr(g, f"has_{name}", None) is not None and bool(getattr(g, f"has_{name}").any())
-                   for name in positive):
-                return
-        raise ValueError(
-            f"none of the {len(graphs)} {what} structures carries a label of a loss term with a weight > 0 ("
-            + ", ".join(f"{name} {weights[name]:g}" for name in positive) + "): there is nothing to train; read "
-            "the labels (energy_key, forces_key, stress_key) or give a labelled term a weight > 0"
-        )
+        check_labels_to_fit(graphs, weights, what)
+        return
     if hasattr(model, "long_range") and getattr(model, "long_range") is None:
         raise ValueError(
             f"the {' and '.join(wanted)} loss weight(s) are > 0, but this model has no long range "
@@ -160,6 +151,24 @@ def check_loss_labels(model, graphs, weights: Mapping[str, float], what: str = "
             f"the dipole loss weight is > 0 but {periodic} of the {what} structures are periodic or slabs, whose "
             "dipole the model does not define; train the dipole on a set of molecules only"
         )
+
+
+def check_labels_to_fit(graphs, weights: Mapping[str, float], what: str = "validation") -> None:
+    """ValueError when no structure of ``graphs`` carries a label of a term with a weight > 0: such a training
+    set has nothing to fit, and such a validation set a loss of 0 every epoch (so the first epoch would be kept
+    as the best and early stopping would end the run there)."""
+    positive = [name for name in DEFAULT_WEIGHTS if weights.get(name, 0.0) > 0]
+    for k in range(len(graphs)):
+        g = graphs[k]
+        if any(getattr(g, f"has_{name}", None) is not None and bool(getattr(g, f"has_{name}").any())
+               for name in positive):
+            return
+    raise ValueError(
+        f"none of the {len(graphs)} {what} structures carries a label of a loss term with a weight > 0 ("
+        + ", ".join(f"{name} {weights[name]:g}" for name in positive) + "): there is "
+        + ("nothing to train" if what == "training" else "no loss to select the best model by")
+        + "; read the labels (energy_key, forces_key, stress_key) or give a labelled term a weight > 0"
+    )
 
 
 def validation_loss(m: dict, weights: Mapping[str, float]) -> float:
