@@ -503,6 +503,8 @@ def split(graphs_or_len: Union[Sequence, int], valid_fraction: float = 0.1, seed
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     if n < 1:
         raise ValueError("cannot split an empty dataset")
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed}")
     n_valid = int(round(valid_fraction * n))
     if valid_fraction > 0 and n >= 2:
         n_valid = min(max(n_valid, 1), n - 1)

@@ -109,3 +109,21 @@ def test_damaged_checkpoint_is_a_clear_error_on_resume(files, tmp_path, capsys, 
     code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, "--no-progress")
     assert code == 2 and "Traceback" not in err, err
     assert "cannot read" in err and str(ckpt) in err and "--overwrite" in err
+
+
+def test_negative_seed_is_refused_naming_the_seed(files, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", tmp_path / "r", "--seed", -1, "--no-progress")
+    assert code == 2 and "seed" in err and ">= 0" in err, err
+    from cartlorem import CartLorem
+    from cartlorem.data import read_dataset
+    from cartlorem.training import train
+
+    graphs = read_dataset(emt_frames(3, seed=0), 3.0)
+    model = CartLorem([29, 47], cutoff=3.0, long_range=None, channels=4, num_layers=1).double()
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0"):
+        train(model, graphs, epochs=1, seed=-1, progress=False)
+    from cartlorem.data import split
+
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0"):
+        split(10, 0.2, seed=-1)

@@ -219,6 +219,8 @@ def train(
                               valid_batch_size=valid_batch_size)
     if int(workers) < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    if int(seed) != seed or seed < 0:  # numpy's generator takes no negative seed
+        raise ValueError(f"seed must be an integer >= 0, got {seed}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where checkpoint.pt is)")
     ranks = current_ranks(_model_place(model)[0])
