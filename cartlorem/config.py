@@ -124,14 +124,22 @@ def parse_long_range_options(v) -> dict:
     from .nn.long_range import LongRangeBlock
 
     options = parse_mapping(v)
-    known = [k for k in inspect.signature(LongRangeBlock.__init__).parameters if k not in ("self", "channels",
-                                                                                          "kind", "lmax")]
-    known += ["placement", "end_features"]
+    params = {k: p for k, p in inspect.signature(LongRangeBlock.__init__).parameters.items()
+              if k not in ("self", "channels", "kind", "lmax")}
+    known = list(params) + ["placement", "end_features"]
     for key in options:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise argparse.ArgumentTypeError(f"unknown long-range option {key!r}{hint}; valid: {', '.join(known)}")
+        # numbers by the type of the block's default (the block checks the ranges; other options it checks whole)
+        default = params[key].default if key in params else None
+        parse = {int: parse_int, float: parse_float}.get(type(default))
+        if parse is not None:
+            try:
+                options[key] = parse(options[key])
+            except argparse.ArgumentTypeError as err:
+                raise argparse.ArgumentTypeError(f"{key}: {err}") from None
     return options
 
 

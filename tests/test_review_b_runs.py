@@ -127,3 +127,14 @@ def test_negative_seed_is_refused_naming_the_seed(files, tmp_path, capsys):
 
     with pytest.raises(ValueError, match=r"seed must be an integer >= 0"):
         split(10, 0.2, seed=-1)
+
+
+@pytest.mark.parametrize("key, value, expected", [("smearing", "x", "a number"), ("hidden", "x", "an integer"),
+                                                  ("lr_channels", 2.5, "an integer"), ("accuracy", "x", "a number")])
+def test_long_range_option_values_of_the_wrong_type_name_the_option(key, value, expected):
+    from cartlorem.config import Config
+
+    with pytest.raises(ValueError, match=rf"long_range_options.*{key}: expected {expected}"):
+        Config.from_dict({"long_range": "multipole", "long_range_options": {key: value}})
+    assert Config(long_range_options={"smearing": 2, "hidden": 16}).long_range_options == {"smearing": 2.0,
+                                                                                            "hidden": 16}
