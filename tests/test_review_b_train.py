@@ -60,7 +60,7 @@ def test_validation_set_without_the_trained_labels_is_refused():
     epoch 'best' and early stopping would end the run there."""
     frames = emt_frames(6, seed=0)
     graphs = read_dataset(frames, 3.0)
-    unlabelled = read_dataset(frames[:2], 3.0, energy_key="REF_energy", forces_key="REF_forces", stress_key="REF_stress",
-                              require=())
+    unlabelled = read_dataset(frames[:2], 3.0, energy_key="REF_energy", forces_key="REF_forces",
+                              stress_key="REF_stress", require=())
     with pytest.raises(ValueError, match=r"none of the 2 validation structures carries a label"):
         train(tiny_model(), graphs, unlabelled, epochs=3, patience=1, progress=False)
