@@ -106,7 +106,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     for what, path in (("model", args.model), ("data", args.data)):
         if not Path(path).is_file():
-            raise ValueError(f"{what} file {path!r} does not exist")
+            problem = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+            raise ValueError(f"{what} file {path!r} {problem}")
     if args.batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {args.batch_size}")
     model = load_model(args.model)

@@ -138,3 +138,10 @@ def test_long_range_option_values_of_the_wrong_type_name_the_option(key, value, 
         Config.from_dict({"long_range": "multipole", "long_range_options": {key: value}})
     assert Config(long_range_options={"smearing": 2, "hidden": 16}).long_range_options == {"smearing": 2.0,
                                                                                             "hidden": 16}
+
+
+def test_a_folder_given_as_a_data_or_model_file_is_called_a_folder(files, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--train", files, "--out", tmp_path / "r", "--no-progress")
+    assert code == 2 and "is a folder, not a file" in err and "does not exist" not in err, err
+    code, _, err = run(capsys, "evaluate", "--model", tmp_path, "--data", files / "train.xyz")
+    assert code == 2 and "is a folder, not a file" in err and "does not exist" not in err, err

@@ -74,7 +74,8 @@ def run(cfg: Config):
         raise ValueError(f"output folder {cfg.out!r} is a file, not a folder: pass another --out")
     for name in ("train", "valid"):
         if getattr(cfg, name) is not None and not Path(getattr(cfg, name)).is_file():
-            raise ValueError(f"{name} file {getattr(cfg, name)!r} does not exist")
+            what = "is a folder, not a file" if Path(getattr(cfg, name)).is_dir() else "does not exist"
+            raise ValueError(f"{name} file {getattr(cfg, name)!r} {what}")
     if not cfg.resume and (out / CHECKPOINT).exists() and not cfg.overwrite:
         raise FileExistsError(
             f"{out} already holds a training run; pass --resume to continue it or --overwrite to start afresh"
