@@ -64,3 +64,25 @@ def test_validation_set_without_the_trained_labels_is_refused():
                               stress_key="REF_stress", require=())
     with pytest.raises(ValueError, match=r"none of the 2 validation structures carries a label"):
         train(tiny_model(), graphs, unlabelled, epochs=3, patience=1, progress=False)
+
+
+def test_resume_with_new_loss_weights_compares_losses_of_the_same_weights(tmp_path):
+    """A second stage with a much larger force weight: its validation losses are on another scale than the
+    first stage's best, which must be re-expressed with the new weights, else no epoch of the second stage
+    is ever 'better' and early stopping keeps the first stage's model."""
+    from cartlorem.training import validation_loss
+    from cartlorem.training.loss import loss_weights
+
+    frames = emt_frames(10, seed=0)
+    graphs, valid = read_dataset(frames[:7], 3.0), read_dataset(frames[7:], 3.0)
+    first = train(tiny_model(), graphs, valid, epochs=2, out_dir=tmp_path, lr=1e-2, progress=False)
+    heavy = {"forces": 100.0}
+    second = train(tiny_model(), graphs, valid, epochs=4, out_dir=tmp_path, resume=True, lr=1e-2, patience=2,
+                   weights=heavy, progress=False)
+    best_first = validation_loss(first.best_metrics, loss_weights(heavy))  # stage 1's best, in stage 2's terms
+    new_losses = [row["valid_loss"] for row in second.history[2:]]
+    assert second.best_valid_loss == pytest.approx(validation_loss(second.best_metrics, loss_weights(heavy)))
+    if min(new_losses) < best_first:  # stage 2 improved on it: its best epoch must be kept
+        assert second.best_epoch > 2 and second.best_valid_loss == pytest.approx(min(new_losses))
+    else:
+        assert second.best_epoch == first.best_epoch and second.best_valid_loss == pytest.approx(best_first)

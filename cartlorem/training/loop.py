@@ -393,6 +393,14 @@ class _Run:
         result.history = list(ckpt["history"])
         result.best_epoch, result.best_valid_loss = ckpt["best"]["epoch"], ckpt["best"]["loss"]
         result.best_metrics = dict(ckpt["best"]["metrics"])
+        saved_w = (ckpt.get("settings") or {}).get("weights")
+        if result.best_epoch and saved_w is not None and loss_weights(saved_w) != self.w:
+            # another stage with other loss weights: the best loss (and the scheduler's) in the new weights' terms,
+            # from the best epoch's metrics, so that the new epochs' losses are compared with a loss of the same kind
+            result.best_valid_loss = validation_loss(result.best_metrics, self.w)
+            self.sched.best = result.best_valid_loss
+            self.say.info("loss weights changed since the checkpoint (%s → %s): best validation loss %.4g in the "
+                          "new weights", saved_w, self.w, result.best_valid_loss)
         if result.best_epoch and folder.best_model.is_file():
             result.model_path = str(folder.best_model)
         self.say.info("resuming %s after epoch %d (best epoch %d)", folder.path, self.state["epoch"], result.best_epoch)
