@@ -86,3 +86,20 @@ def test_resume_with_new_loss_weights_compares_losses_of_the_same_weights(tmp_pa
         assert second.best_epoch > 2 and second.best_valid_loss == pytest.approx(min(new_losses))
     else:
         assert second.best_epoch == first.best_epoch and second.best_valid_loss == pytest.approx(best_first)
+
+
+@pytest.mark.parametrize("first, then", [("amsgrad", "adam"), ("adam", "amsgrad")])
+def test_resume_applies_the_settings_it_is_given(tmp_path, first, then):
+    """The checkpoint gives the state (moments, current rate, counters); the settings of the resuming call
+    (scheduler factor and patience, EMA decay, weight decay, optimiser) apply from then on, as the run's
+    config.yaml says."""
+    graphs = read_dataset(emt_frames(6, seed=0), 3.0)
+    train(tiny_model(), graphs, epochs=1, out_dir=tmp_path, optimizer=first, progress=False)
+    train(tiny_model(), graphs, epochs=2, out_dir=tmp_path, resume=True, progress=False, scheduler_patience=3,
+          scheduler_factor=0.5, ema_decay=0.9, weight_decay=1e-4, optimizer=then)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert (ckpt["scheduler"]["patience"], ckpt["scheduler"]["factor"]) == (3, 0.5)
+    assert ckpt["ema"]["decay"] == 0.9
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 1e-4 and group["amsgrad"] == (then == "amsgrad")
+    assert group["lr"] == ckpt["history"][0]["lr"]  # the rate is state: the checkpoint's

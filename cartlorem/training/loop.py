@@ -388,6 +388,7 @@ class _Run:
             if ckpt.get("ema") is None:
                 raise ValueError("the checkpoint has no EMA state but ema_decay is set")
             self.ema.load_state_dict(ckpt["ema"])
+        self._apply_settings()
         set_rng_state(self.rng, ckpt["rng"])
         self.state.update({k: ckpt[k] for k in _STATE_KEYS})
         result.history = list(ckpt["history"])
@@ -404,6 +405,22 @@ class _Run:
         if result.best_epoch and folder.best_model.is_file():
             result.model_path = str(folder.best_model)
         self.say.info("resuming %s after epoch %d (best epoch %d)", folder.path, self.state["epoch"], result.best_epoch)
+
+    def _apply_settings(self) -> None:
+        """After loading a checkpoint: the settings of this call apply from here on (the load_state_dicts bring
+        back the old scheduler factor and patience, EMA decay, weight decay and Adam / AMSGrad along with the
+        state); the state itself stays: moments, current learning rate, counters."""
+        settings = self.settings
+        amsgrad = settings["optimizer"].lower() == "amsgrad"
+        for group in self.opt.param_groups:
+            group["weight_decay"], group["amsgrad"] = settings["weight_decay"], amsgrad
+            for p in group["params"]:
+                state = self.opt.state.get(p, {})
+                if amsgrad and "exp_avg_sq" in state and "max_exp_avg_sq" not in state:  # Adam → AMSGrad
+                    state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()  # the running maximum starts here
+        self.sched.factor, self.sched.patience = settings["scheduler_factor"], int(settings["scheduler_patience"])
+        if self.ema is not None:
+            self.ema.decay = float(settings["ema_decay"])
 
     def train_epoch(self, graphs, epoch: int, epochs: int, workers: int, deadline: Optional[float]) -> float:
         """One pass over shuffled batches; returns the mean training loss. Past ``deadline``
