@@ -175,7 +175,10 @@ def train(
         patience: stop after this many epochs without a better validation loss (None: never).
         out_dir: folder for checkpoint.pt, model.pt, log.csv, learning_curve.png (None: nothing written).
         resume: continue from ``out_dir/checkpoint.pt`` exactly where it stopped (weights, EMA,
-            optimiser, scheduler, random states, history). Statistics are not recomputed.
+            optimiser, scheduler, random states, history). Statistics are not recomputed. The settings of
+            this call apply from then on (scheduler factor and patience, EMA decay, weight decay, optimiser,
+            loss weights: the best validation loss is re-expressed in new weights); the learning rate
+            continues from the checkpoint's.
         overwrite: allow a fresh run in an ``out_dir`` that already holds a checkpoint.
         statistics: on a fresh run, set a CartLorem's reference energies, average neighbour count,
             scale and shift from the training set (``cartlorem.training.prepare.fit_statistics``);
