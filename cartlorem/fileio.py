@@ -3,7 +3,7 @@
 Every writer goes through :func:`atomic_write`: the content goes to a temporary file in the target's
 folder, is flushed to disk, gets the permissions an ordinary ``open(path, "w")`` would give it
 (0o666 minus the umask, usually 0644; ``tempfile.mkstemp`` alone gives 0600) and is renamed over
-the target in one step.
+the target in one step; the folder is then synced too, so that the rename survives a power cut.
 
     atomic_write(path, lambda f: f.write(b"..."))
     atomic_torch_save({"state_dict": ...}, "model.pt")
@@ -47,6 +47,22 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _sync_folder(folder)
+
+
+def _sync_folder(folder: str) -> None:
+    """fsync the folder, so that the rename itself survives a power cut (POSIX); a no-op where folders
+    cannot be opened or synced (Windows, some network file systems)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_torch_save(obj, path) -> None:
