@@ -309,7 +309,14 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; a training run continues with --resume", file=sys.stderr)
+        out = getattr(args, "out", None) if args.command == "train" else None
+        if out is not None and (Path(out) / "checkpoint.pt").is_file():
+            print(f"\ninterrupted; the training run in {out} continues with --resume", file=sys.stderr)
+        elif out is not None:
+            print(f"\ninterrupted before the first epoch ended: no checkpoint in {out} to resume from",
+                  file=sys.stderr)
+        else:
+            print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
         logger.removeHandler(handler)

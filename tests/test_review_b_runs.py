@@ -145,3 +145,18 @@ def test_a_folder_given_as_a_data_or_model_file_is_called_a_folder(files, tmp_pa
     assert code == 2 and "is a folder, not a file" in err and "does not exist" not in err, err
     code, _, err = run(capsys, "evaluate", "--model", tmp_path, "--data", files / "train.xyz")
     assert code == 2 and "is a folder, not a file" in err and "does not exist" not in err, err
+
+
+def test_interrupt_before_the_first_checkpoint_does_not_offer_a_resume(files, tmp_path, capsys, monkeypatch):
+    import cartlorem.training.job as job
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "run", interrupted)
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--out", tmp_path / "r", "--no-progress")
+    assert code == 130 and "--resume" not in err and "no checkpoint" in err, err
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"")
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--out", tmp_path / "r", "--no-progress")
+    assert code == 130 and "--resume" in err, err
