@@ -25,6 +25,8 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
+_LOGGER = "cartlorem.cli"  # not __name__, which is "__main__" under python -m / torchrun -m (outside "cartlorem")
+
 
 class _TerminalHandler(logging.Handler):
     """Log records as plain lines on the current sys.stderr, without breaking tqdm progress bars."""
@@ -123,13 +125,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"model {args.model} on {args.data}")
     print(format_table(m))
     if not (m["n_energy"] or m["n_forces"]):
-        logging.getLogger(__name__).warning(
+        logging.getLogger(_LOGGER).warning(
             "the data carry no energy or force labels (check --energy-key / --forces-key)"
         )
     unscored = [name for name, n in (("dipole", "n_dipole"), ("Born-charge", "n_born_charges"))
                 if n in m and not m[n]]
     if unscored:
-        logging.getLogger(__name__).warning(
+        logging.getLogger(_LOGGER).warning(
             f"the data carry {' and '.join(unscored)} labels but this model has no long range (no learned "
             "charges), so they are not scored"
         )
@@ -143,7 +145,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if parity_plot(preds, args.parity):
             print(f"parity plot written to {args.parity}")
         else:
-            logging.getLogger(__name__).warning("matplotlib is not installed; no parity plot")
+            logging.getLogger(_LOGGER).warning("matplotlib is not installed; no parity plot")
     return 0
 
 

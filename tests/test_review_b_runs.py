@@ -160,3 +160,24 @@ def test_interrupt_before_the_first_checkpoint_does_not_offer_a_resume(files, tm
     (tmp_path / "r" / "checkpoint.pt").write_bytes(b"")
     code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--out", tmp_path / "r", "--no-progress")
     assert code == 130 and "--resume" in err, err
+
+
+def test_evaluate_notes_reach_the_terminal_handler_under_python_m(files, tmp_path):
+    """`python -m cartlorem.cli` (and torchrun -m cartlorem.cli) runs the module as __main__: its warnings
+    must still go through the 'cartlorem' logger (the 'note:' lines), not Python's last-resort handler."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = cli.main(["train", "--train", str(files / "train.xyz"), "--config", str(files / "tiny.yaml"),
+                         "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 0
+    (tmp_path / "bare.xyz").write_text("2\nplain\nCu 0 0 0\nAg 2.5 0 0\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "cartlorem.cli", "evaluate", "--model", str(tmp_path / "run" /
+                           "model.pt"), "--data", str(tmp_path / "bare.xyz"), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "note: the data carry no energy or force labels" in done.stderr, done.stderr
