@@ -69,6 +69,18 @@ def test_overwrite_removes_the_previous_runs_files(files, tmp_path, capsys):
     assert code == 2 and "no checkpoint.pt" in err
 
 
+def test_a_model_file_without_a_checkpoint_is_not_removed_without_overwrite(files, tmp_path, capsys):
+    """A fresh run deleted a model.pt it found in its folder (one the user put there, or of a run whose checkpoint
+    was removed) even without --overwrite; it is now refused like a checkpoint, and kept."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model.pt").write_bytes(b"a model the user keeps here")
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", run_dir, "--no-progress")
+    assert code != 0 and "model.pt" in err and "--overwrite" in err, err
+    assert (run_dir / "model.pt").read_bytes() == b"a model the user keeps here"
+
+
 def test_unknown_long_range_option_is_a_clear_config_error(files, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**TINY, "long_range": "multipole", "long_range_options": {"lr_chanels": 2}}))

@@ -108,9 +108,10 @@ class RunFolder:
     def open(self, *, resume: bool, overwrite: bool) -> None:
         """Create the folder; refuse to resume without a checkpoint or to start over one silently.
 
-        A fresh run removes the files an earlier run left (checkpoint first, then model.pt, log.csv and the
-        plot), so that none of them passes for this run's: neither an old model.pt after a crash in the
-        first epoch nor an old checkpoint that a resume would continue under the new settings."""
+        A fresh run over an earlier one (``overwrite``) removes the files it left (checkpoint first, then model.pt,
+        log.csv and the plot), so that none of them passes for this run's: neither an old model.pt after a crash in
+        the first epoch nor an old checkpoint that a resume would continue under the new settings. Without
+        ``overwrite`` a model.pt there is refused like a checkpoint: the new run would replace it."""
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"output folder {str(self.path)!r} is a file, not a folder; choose another output folder")
         if resume and not self.checkpoint.is_file():
@@ -120,8 +121,13 @@ class RunFolder:
                 f"{self.path} already holds a training run ({CHECKPOINT}); resume it, pass overwrite=True, "
                 f"or choose another output folder"
             )
+        if not resume and self.best_model.exists() and not overwrite:
+            raise FileExistsError(
+                f"{self.path} already holds a model ({self.best_model.name}) that this run would replace; pass "
+                f"overwrite=True (--overwrite) or choose another output folder"
+            )
         self.path.mkdir(parents=True, exist_ok=True)
-        if not resume and self.write:
+        if not resume and overwrite and self.write:
             for old in (self.checkpoint, self.best_model, self.log_csv, self.curve_png):
                 old.unlink(missing_ok=True)
 
