@@ -121,19 +121,17 @@ def parse_mapping(v) -> dict:
 def parse_long_range_options(v) -> dict:
     """A mapping whose keys are options of ``cartlorem.nn.long_range.LongRangeBlock`` (besides those the
     model sets: channels, kind, lmax) or CartLorem's ``placement`` / ``end_features``."""
-    from .nn.long_range import LongRangeBlock
+    from .nn.long_range import check_long_range_keys, long_range_option_defaults
 
     options = parse_mapping(v)
-    params = {k: p for k, p in inspect.signature(LongRangeBlock.__init__).parameters.items()
-              if k not in ("self", "channels", "kind", "lmax")}
-    known = list(params) + ["placement", "end_features"]
+    try:
+        check_long_range_keys(options)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    defaults = long_range_option_defaults()
     for key in options:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise argparse.ArgumentTypeError(f"unknown long-range option {key!r}{hint}; valid: {', '.join(known)}")
         # numbers by the type of the block's default (the block checks the ranges; other options it checks whole)
-        default = params[key].default if key in params else None
+        default = defaults[key]
         parse = {int: parse_int, float: parse_float}.get(type(default))
         if parse is not None:
             try:

@@ -193,11 +193,10 @@ class CartLorem(nn.Module):
             l_in = l_out
         self.long_range_block = None
         if long_range is not None:
-            from .nn.long_range import LongRangeBlock
+            from .nn.long_range import LongRangeBlock, check_long_range_keys
 
             options = self.config["long_range_options"]
-            if "lmax" in options:
-                raise ValueError("long_range_options must not set 'lmax': the long-range block uses the model's lmax")
+            check_long_range_keys(options)  # a mistyped key: its name, not a TypeError of the block's constructor
             self.long_range_block = LongRangeBlock(channels, kind=long_range, lmax=lmax,
                                                    **{k: v for k, v in options.items()
                                                       if k not in ("placement", "end_features")})

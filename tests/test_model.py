@@ -270,6 +270,15 @@ def test_long_range_options_cannot_set_lmax():
         small_model([1, 6, 8], "multipole", long_range_options={"lmax": 1})
 
 
+def test_unknown_long_range_option_names_the_key():
+    """CartLorem(long_range_options={"lr_chanels": 2}) failed with the block constructor's TypeError ("unexpected
+    keyword argument"); now a ValueError naming the key and the closest option (what the config file says too)."""
+    with pytest.raises(ValueError, match=r"unknown long-range option 'lr_chanels' \(did you mean 'lr_channels'\?\)"):
+        small_model([1, 6, 8], "multipole", long_range_options={"lr_chanels": 2})
+    model = small_model([1, 6, 8], "multipole", long_range_options={"lr_channels": 2, "placement": "end"})
+    assert model.long_range_block.lr_channels == 2
+
+
 @pytest.mark.parametrize("kind", ["multipole", "lorem"])
 def test_perfect_crystal_batched_with_a_molecule(kind):
     """A perfect rocksalt cell, where the learned quadrupoles vanish by symmetry, batched with a molecule

@@ -46,6 +46,8 @@ sources (their norms are invariants); the "lorem" kind has potentials only up to
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import numbers
 from typing import Optional
 
@@ -58,7 +60,8 @@ from ..ewald.direct import STF_BASIS, molecule_pairs, pair_list_fits, prepare_pa
 from ..tensors import EquivariantLinear, product, stf
 
 __all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "compact_slab_cells", "check_boundaries", "PLACEMENTS",
-           "check_placement", "END_FEATURES", "check_end_features"]
+           "check_placement", "END_FEATURES", "check_end_features", "long_range_option_defaults",
+           "check_long_range_keys"]
 
 #: Where a model runs its long-range block (``long_range_options["placement"]``, an option of the model, not of
 #: the block): "before_last", between the last two interaction layers, on the features of the layer before the
@@ -98,6 +101,28 @@ def check_end_features(end_features) -> None:
     """ValueError unless ``end_features`` is one of :data:`END_FEATURES`."""
     _check_choice("end_features", end_features, END_FEATURES,
                   "how the last layer makes the rank-1/2 features of a block at the end")
+
+
+def long_range_option_defaults() -> dict:
+    """The keys a model's ``long_range_options`` take, with their defaults: the arguments of :class:`LongRangeBlock`
+    but those the model sets (channels, kind, lmax), and the model's own ``placement`` and ``end_features``
+    (None: the model's default)."""
+    params = inspect.signature(LongRangeBlock.__init__).parameters
+    out = {k: p.default for k, p in params.items() if k not in ("self", "channels", "kind", "lmax")}
+    out.update(placement=None, end_features=None)
+    return out
+
+
+def check_long_range_keys(options) -> None:
+    """ValueError naming a key of ``long_range_options`` that no option has (with the closest one, if any)."""
+    known = list(long_range_option_defaults())
+    for key in options:
+        if key == "lmax":
+            raise ValueError("long_range_options must not set 'lmax': the long-range block uses the model's lmax")
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown long-range option {key!r}{hint}; valid: {', '.join(known)}")
 
 
 def check_boundaries(pbc: torch.Tensor) -> None:
