@@ -193,3 +193,17 @@ def test_evaluate_notes_reach_the_terminal_handler_under_python_m(files, tmp_pat
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "note: the data carry no energy or force labels" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", 5), ("--valid-fraction", 0.25)])
+def test_resume_refuses_another_split(files, tmp_path, capsys, flag, value):
+    """A resume with another --seed or --valid-fraction split --train anew: structures the run had validated on were
+    trained on from then on, and the best model's loss compared with losses on another set, silently."""
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", run_dir, "--no-progress")
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, flag, value, "--no-progress")
+    assert code == 2 and "another split of the data" in err and flag.lstrip("-").replace("-", "_") in err, err
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, "--no-progress")
+    assert code == 0, err  # the run's own values resume as before

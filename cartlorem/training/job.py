@@ -99,6 +99,29 @@ def _only_main_logs(main: bool):
         logger.setLevel(level)
 
 
+def _check_same_split(cfg: Config, out: Path) -> None:
+    """ValueError when a resume would split the data otherwise than the run did (its config.yaml): another
+    training or validation file, validation fraction or, for a split of --train, seed. Validation structures
+    would then have been trained on, and the best model's loss would be on another set."""
+    previous = out / "config.yaml"
+    if not previous.is_file():
+        return
+    old = Config.from_yaml(previous)
+
+    def path(p):
+        return None if p is None else str(Path(p).resolve())
+
+    changed = [name for name in ("train", "valid") if path(getattr(cfg, name)) != path(getattr(old, name))]
+    if cfg.valid is None and old.valid is None:
+        changed += [name for name in ("valid_fraction", "seed") if getattr(cfg, name) != getattr(old, name)]
+    if changed:
+        detail = ", ".join(f"{name} {getattr(old, name)!r} → {getattr(cfg, name)!r}" for name in changed)
+        raise ValueError(
+            f"resuming {out} with another split of the data ({detail}): structures the run validated on would be "
+            "trained on, and its best model was chosen on another set; resume with the run's values, or start a new "
+            "run (--overwrite or another --out)")
+
+
 def _run(cfg: Config, out: Path, device: str, main: bool):
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -107,6 +130,8 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
     if not require:
         raise ValueError("energy_key and forces_key are both 'none': there is nothing to train on")
 
+    if cfg.resume:
+        _check_same_split(cfg, out)
     t0 = time.perf_counter()
     graphs = _read(cfg.train, cfg, require, dtype)
     if cfg.valid is not None:
