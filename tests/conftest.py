@@ -141,3 +141,22 @@ def eager_compiled_step(monkeypatch):
 
     monkeypatch.setattr(compiled_mod.CompiledLossGradient, "__init__", eager_init)
     return calls
+
+
+@pytest.fixture(scope="module")
+def restore_torch_threads():
+    """The CLI's --threads sets torch's thread count for the whole process: put it back after the module."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(capsys, *argv):
+    """``cartlorem ARGV`` in this process: (exit code, stdout, stderr)."""
+    from cartlorem import cli
+
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

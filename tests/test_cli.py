@@ -7,9 +7,11 @@ import pytest
 import torch
 import yaml
 
-from cartlorem import cli, load_model
+from cartlorem import load_model
 from cartlorem.config import option_names
-from conftest import emt_frames  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import emt_frames, run_cli as run  # noqa: E402  (tests/ is on sys.path under pytest)
+
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 TINY_CONFIG = {
     "channels": 8,
@@ -26,13 +28,6 @@ TINY_CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_threads():
-    n = torch.get_num_threads()  # the CLI's --threads sets torch's thread count for the process
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
@@ -40,12 +35,6 @@ def files(tmp_path_factory):
     ase.io.write(d / "test.xyz", emt_frames(5, seed=1))
     (d / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
     return d
-
-
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_train_evaluate_round_trip(files, tmp_path, capsys):

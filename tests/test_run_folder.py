@@ -2,21 +2,15 @@
 
 import ase.io
 import pytest
-import torch
 import yaml
 
 from cartlorem import cli, load_model
-from conftest import emt_frames  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import emt_frames, run_cli as run  # noqa: E402  (tests/ is on sys.path under pytest)
+
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 TINY = {"channels": 4, "num_layers": 1, "correlation": 1, "num_basis": 4, "radial_hidden": 4, "readout_hidden": 4,
         "cutoff": 3.0, "long_range": "none", "epochs": 1, "batch_size": 4, "threads": 1}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def restore_threads():
-    n = torch.get_num_threads()  # the CLI's --threads sets torch's thread count for the process
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +19,6 @@ def files(tmp_path_factory):
     ase.io.write(d / "train.xyz", emt_frames(8, seed=0))
     (d / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     return d
-
-
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_failed_resume_leaves_the_run_config_as_it_was(files, tmp_path, capsys):
