@@ -2,10 +2,11 @@
 
 Every step LAMMPS calls back on every MPI rank with that rank's atoms. The positions, types and
 atom IDs of all ranks are gathered on rank 0 (where a GPU would sit), the model is evaluated once
-on the whole periodic system (so long-range Ewald terms are exact at any number of ranks), and the
-forces are scattered back by atom ID; energy and virial are global values that every rank passes to
-the fix (it takes the energy as is and divides the virial by the number of ranks before summing). This scales the MD bookkeeping with ranks, not the
-model: see docs/multirank_long_range.md for the plan of a distributed model.
+on the whole system (so long-range Ewald terms are exact at any number of ranks), and the forces are
+scattered back by atom ID; energy and virial are global values that every rank passes to the fix (it
+takes the energy as is and divides the virial by the number of ranks before summing). This scales the
+MD bookkeeping with ranks, not the model: see docs/multirank_long_range.md for the plan of a
+distributed model.
 
 In Python (serial or under ``mpiexec -n N python script.py``)::
 
@@ -102,7 +103,8 @@ def _prepare_model(model_or_path, numbers: np.ndarray, device: str, dtype):
         raise TypeError(f"model_or_path must be a CartLorem or a path, got {type(model).__name__}")
     unknown = sorted(set(numbers.tolist()) - set(model.species))
     if unknown:
-        raise ValueError(f"atom types map to elements {unknown} that the model does not know (it knows {model.species})")
+        raise ValueError(f"atom types map to elements {unknown} that the model does not know "
+                         f"(it knows {model.species})")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or model.dtype)
     if torch.device(device) != model.embedding.device or dtype != model.dtype:
         import copy
