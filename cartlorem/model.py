@@ -11,6 +11,7 @@ Data flow (forward):
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import os
@@ -36,6 +37,26 @@ def _symbol(z: int) -> str:
     from ase.data import chemical_symbols
 
     return chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
+
+
+def _check_statistics(avg_num_neighbors=None, scale=None, shift=None, atomic_energies=None) -> None:
+    """ValueError for a message normalisation that is not a finite positive number, or a non-finite energy scale,
+    shift or reference energy (each would make every energy NaN, inf or of the wrong sign, silently)."""
+    def number(value):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return float("nan")
+
+    if avg_num_neighbors is not None and not 0 < number(avg_num_neighbors) < math.inf:
+        raise ValueError(f"avg_num_neighbors must be a finite positive number (the messages are divided by it), "
+                         f"got {avg_num_neighbors!r}")
+    for name, value in (("scale", scale), ("shift", shift)):
+        if value is not None and not math.isfinite(number(value)):
+            raise ValueError(f"{name} must be a finite number of eV, got {value!r}")
+    for z, e in (atomic_energies or {}).items():
+        if not math.isfinite(number(e)):
+            raise ValueError(f"the reference energy of Z={z} must be a finite number of eV, got {e!r}")
 
 
 class CartLorem(nn.Module):
@@ -117,6 +138,7 @@ class CartLorem(nn.Module):
             # a hidden width 0: forces exactly 0) or fails deep inside (channels 0: a division by zero)
             if isinstance(value, bool) or not (isinstance(value, numbers.Real) and value == int(value) and value >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        _check_statistics(avg_num_neighbors, scale, shift, atomic_energies)
         self.config = dict(species=species, cutoff=float(cutoff), long_range=long_range, channels=channels,
                            num_layers=num_layers, correlation=correlation, lmax=lmax, num_basis=num_basis,
                            radial_hidden=radial_hidden, envelope_p=envelope_p, readout_hidden=readout_hidden,
@@ -211,14 +233,13 @@ class CartLorem(nn.Module):
     def set_statistics(self, *, atomic_energies: Optional[dict] = None, avg_num_neighbors: Optional[float] = None,
                        scale: Optional[float] = None, shift: Optional[float] = None) -> None:
         """Set reference energies {Z: eV}, message normalisation and energy scale/shift (from data)."""
+        _check_statistics(avg_num_neighbors, scale, shift, atomic_energies)
         if atomic_energies is not None:
             for z, e in atomic_energies.items():
                 if int(z) not in self.species:
                     raise ValueError(f"reference energy for {_symbol(int(z))} (Z={z}), a species the model does not know")
                 self.atomic_energies[self.species.index(int(z))] = float(e)
         if avg_num_neighbors is not None:
-            if not avg_num_neighbors > 0:
-                raise ValueError(f"avg_num_neighbors must be positive, got {avg_num_neighbors}")
             self.config["avg_num_neighbors"] = float(avg_num_neighbors)
             for layer in self.layers:
                 layer.avg_num_neighbors = float(avg_num_neighbors)
