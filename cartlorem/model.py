@@ -374,8 +374,7 @@ class CartLorem(nn.Module):
         """
         if graph.positions.dtype != self.dtype or graph.positions.device != self.embedding.device:
             graph = graph.to(device=self.embedding.device, dtype=self.dtype)
-        if not torch.isfinite(graph.positions).all():
-            raise ValueError("positions contain NaN or inf")
+        self._check_values(graph)
         if self.long_range_block is not None:
             from .nn.long_range import check_boundaries
 
@@ -408,6 +407,29 @@ class CartLorem(nn.Module):
         if not compute_dipole:
             out.pop("dipole", None)
         return out
+
+    def _check_values(self, graph: Graph) -> None:
+        """ValueError for NaN or inf in the positions, cells or total charges of ``graph`` (each of them makes every
+        energy NaN: the cell enters every edge vector as shift @ cell), or, for a charge-state model, a multiplicity
+        that is not a finite number >= 1. One device synchronisation when all is well."""
+        ok = torch.isfinite(graph.positions).all() & torch.isfinite(graph.cell).all()
+        ok = ok & torch.isfinite(graph.total_charge).all()
+        multiplicity = graph.multiplicity if self.conditioning is not None else None
+        if multiplicity is not None:
+            ok = ok & (torch.isfinite(multiplicity) & (multiplicity >= 1)).all()
+        if bool(ok):
+            return
+        if not bool(torch.isfinite(graph.positions).all()):
+            raise ValueError("positions contain NaN or inf")
+        for name, values in (("cell", graph.cell.flatten(1)), ("total_charge", graph.total_charge[:, None])):
+            bad = ~torch.isfinite(values).all(dim=1)
+            if bool(bad.any()):
+                k = int(bad.nonzero()[0])
+                raise ValueError(f"the {name} of structure {k} contains NaN or inf: {values[k].tolist()}")
+        assert multiplicity is not None
+        k = int((~(torch.isfinite(multiplicity) & (multiplicity >= 1))).nonzero()[0])
+        raise ValueError(f"the multiplicity (2S + 1) of structure {k} must be a finite number >= 1, "
+                         f"got {float(multiplicity[k])}")
 
     def _field(self, field, n_struct: int) -> torch.Tensor:
         """electric_field (V/Å) → [B, 3] tensor in the model's dtype; ValueError for a bad shape or value."""

@@ -46,3 +46,44 @@ def test_non_finite_reference_energy_is_refused():
         _model(atomic_energies={1: -13.6, 8: math.nan})
     with pytest.raises(ValueError, match="reference energy of Z=1"):
         _model().set_statistics(atomic_energies={1: math.inf})
+
+
+def _water():
+    return atoms_to_graph(molecule("H2O"), 3.0)
+
+
+def _periodic_water():
+    a = molecule("H2O")
+    a.cell, a.pbc = [6.0, 6.5, 7.0], True
+    return atoms_to_graph(a, 3.0)
+
+
+@pytest.mark.parametrize("long_range", [None, "multipole"])
+def test_non_finite_cell_is_refused(long_range):
+    """A NaN in a periodic cell gave a local model a NaN energy and a zero stress (the volume NaN counted as no cell),
+    and a long-range model the error 'charges contains NaN or inf', about learned charges, not the cell."""
+    model = _model(long_range=long_range)
+    graph = _periodic_water()
+    cell = graph.cell.clone()
+    cell[0, 1, 2] = math.nan
+    with pytest.raises(ValueError, match=r"the cell of structure 0 contains NaN or inf"):
+        model(graph.replace(cell=cell), compute_stress=True)
+
+
+@pytest.mark.parametrize("long_range", [None, "multipole"])
+def test_non_finite_total_charge_is_refused(long_range):
+    """A Graph with a NaN total charge (made by hand or by an engine's interface) gave a charge-state model a NaN
+    energy without a word, and a long-range model an error about its learned charges."""
+    model = _model(long_range=long_range, charge_state=True)
+    graph = _water()
+    with pytest.raises(ValueError, match="the total_charge of structure 0 contains NaN or inf"):
+        model(graph.replace(total_charge=torch.tensor([math.nan], dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("value", [math.nan, 0.0, -1.0])
+def test_bad_multiplicity_is_refused_by_a_charge_state_model(value):
+    model = _model(charge_state=True)
+    graph = _water()
+    with pytest.raises(ValueError, match=r"multiplicity \(2S \+ 1\) of structure 0 must be a finite number >= 1"):
+        model(graph.replace(multiplicity=torch.tensor([value], dtype=torch.float64)))
+    assert bool(torch.isfinite(model(graph)["energy"]).all())  # the graph's own multiplicity (1) is fine
