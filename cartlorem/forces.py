@@ -33,6 +33,14 @@ def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], di
     * "dipole" [B, 3] (e·Å): with ``compute_born_charges``, "born_charges" [N, 3, 3] (e),
       Z*_i,ab = ∂P_a/∂r_ib (one backward pass per component a).
     """
+    if (compute_forces or compute_stress or compute_born_charges) and torch.is_inference_mode_enabled():
+        # enable_grad cannot lift inference mode: autograd would fail deep inside with "element 0 of tensors does
+        # not require grad"
+        asked = [name for name, on in (("forces", compute_forces), ("stress", compute_stress),
+                                       ("born_charges", compute_born_charges)) if on]
+        raise RuntimeError(f"{', '.join(asked)} are derivatives of the energy by autograd, which torch.inference_mode() "
+                           "switches off: call the model under torch.no_grad() instead (the derivatives are still "
+                           "taken), or ask for the energy only (compute_forces=False, compute_stress=False)")
     with torch.enable_grad():
         positions = graph.positions.detach().requires_grad_(compute_forces or compute_born_charges)
         cell = graph.cell.detach()

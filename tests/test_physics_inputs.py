@@ -87,3 +87,20 @@ def test_bad_multiplicity_is_refused_by_a_charge_state_model(value):
     with pytest.raises(ValueError, match=r"multiplicity \(2S \+ 1\) of structure 0 must be a finite number >= 1"):
         model(graph.replace(multiplicity=torch.tensor([value], dtype=torch.float64)))
     assert bool(torch.isfinite(model(graph)["energy"]).all())  # the graph's own multiplicity (1) is fine
+
+
+def test_derivatives_under_inference_mode_are_a_clear_error():
+    """Forces under torch.inference_mode() failed inside autograd with 'element 0 of tensors does not require grad
+    and does not have a grad_fn'; the energy alone works there, and torch.no_grad() gives the forces."""
+    model = _model(long_range="multipole")
+    graph = _water()
+    ref = model(graph)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"forces are derivatives .* torch.inference_mode\(\)"):
+            model(graph)
+        with pytest.raises(RuntimeError, match=r"born_charges are derivatives"):
+            model(graph, compute_forces=False, compute_born_charges=True)
+        energy = model(graph, compute_forces=False)["energy"]
+    assert float(energy) == float(ref["energy"].detach())
+    with torch.no_grad():
+        torch.testing.assert_close(model(graph)["forces"], ref["forces"], rtol=0, atol=0)
