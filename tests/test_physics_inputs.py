@@ -104,3 +104,24 @@ def test_derivatives_under_inference_mode_are_a_clear_error():
     assert float(energy) == float(ref["energy"].detach())
     with torch.no_grad():
         torch.testing.assert_close(model(graph)["forces"], ref["forces"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("hidden", 0, "hidden must be a positive integer"),  # built a model whose scalar update was a constant
+    ("hidden", 2.5, "hidden must be a positive integer"),  # TypeError of nn.Linear
+    ("coupling", math.nan, "coupling must be a finite number"),  # NaN energies
+    ("smearing", math.inf, "smearing must be a finite positive width"),  # refused only at the first call
+    ("smearing", None, "smearing must be a finite positive width"),  # TypeError: '>' between None and int
+    ("accuracy", 0.0, r"accuracy must be a number in \(0, 1\)"),  # refused only at the first call
+    ("accuracy", 2.0, r"accuracy must be a number in \(0, 1\)"),
+    ("lr_channels", True, "lr_channels must be a positive integer"),  # TypeError of torch.zeros
+])
+def test_bad_long_range_options_are_refused_when_the_model_is_built(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        _model(long_range="multipole", long_range_options={key: value})
+
+
+def test_long_range_options_that_are_numbers_in_another_type_still_work():
+    model = _model(long_range="multipole", long_range_options={"hidden": 3.0, "accuracy": "1e-4", "lr_channels": 2})
+    assert model.long_range_block.update[0].out_features == 3
+    assert bool(torch.isfinite(model(_water())["energy"]).all())

@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import numbers
 from typing import Optional
 
@@ -223,6 +224,21 @@ def _slab_cell(cell: torch.Tensor, slab: torch.Tensor):
     return torch.cat([cell[:, :2], third[:, None]], dim=1), normal, height
 
 
+def _real(value) -> bool:
+    """Whether ``value`` is a real number (a bool is not one here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _number(value) -> float:
+    """``float(value)``, or NaN where that fails or ``value`` is a bool (NaN fails every range check)."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 class MultipoleMap(EquivariantLinear):
     """Node features → C_lr channels of (q, μ, Θ): an :class:`EquivariantLinear` (same weights, same state
     dict keys) whose charges (rank 0) in channels ≥ ``charge_channels`` are exact zeros, whatever its
@@ -287,12 +303,19 @@ class LongRangeBlock(nn.Module):
         super().__init__()
         if kind not in ("multipole", "lorem"):
             raise ValueError(f"long-range kind must be 'multipole' or 'lorem', got {kind!r}")
-        if not smearing > 0:
-            raise ValueError(f"smearing must be a positive width in Å, got {smearing}")
+        # checked here, not at the first call (the Ewald layer's checks) or never (a NaN coupling: NaN energies)
+        if not 0 < _number(smearing) < math.inf:
+            raise ValueError(f"smearing must be a finite positive width in Å (the model's sources are Gaussians), "
+                             f"got {smearing!r}")
+        if not 0 < _number(accuracy) < 1:
+            raise ValueError(f"accuracy must be a number in (0, 1) (relative Ewald accuracy), got {accuracy!r}")
+        if not math.isfinite(_number(coupling)):
+            raise ValueError(f"coupling must be a finite number, got {coupling!r}")
         if lmax not in (0, 1, 2):
             raise ValueError(f"lmax of the long-range block must be 0, 1 or 2, got {lmax!r}")
-        if int(lr_channels) != lr_channels or lr_channels < 1:
-            raise ValueError(f"lr_channels must be a positive integer, got {lr_channels!r}")
+        for name, value in (("lr_channels", lr_channels), ("hidden", hidden)):
+            if not (_real(value) and value == int(value) and value >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.kind, self.lr_channels, self.lmax = kind, int(lr_channels), int(lmax)
         if charge_channels is None:
             charge_channels = self.lr_channels
@@ -317,6 +340,7 @@ class LongRangeBlock(nn.Module):
         self.from_fields = EquivariantLinear(lr_channels, channels, self.field_ranks)
         # invariants: F0 h0, F0, then per field rank l > 0: F_l·h_l (when the features have rank l), |F_l|²
         n_inv = channels * (2 + sum(1 + (l <= self.lmax) for l in self.field_ranks if l > 0))
+        hidden = int(hidden)
         self.update = nn.Sequential(nn.Linear(channels + n_inv, hidden), nn.SiLU(), nn.Linear(hidden, channels))
         self.readout = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         # a_0 = 1 for the reported channel: a buffer, so no optimiser step (or weight decay) moves it. A
