@@ -411,14 +411,25 @@ class CartLorem(nn.Module):
     def _check_values(self, graph: Graph) -> None:
         """ValueError for NaN or inf in the positions, cells or total charges of ``graph`` (each of them makes every
         energy NaN: the cell enters every edge vector as shift @ cell), or, for a charge-state model, a multiplicity
-        that is not a finite number >= 1. One device synchronisation when all is well."""
+        that is not a finite number >= 1; before that, for tensors of the wrong shape or type, or edges and atoms that
+        point past the atoms and structures there are (otherwise an IndexError deep inside, or a wrong result). One
+        device synchronisation when all is well."""
+        self._check_layout(graph)
         ok = torch.isfinite(graph.positions).all() & torch.isfinite(graph.cell).all()
         ok = ok & torch.isfinite(graph.total_charge).all()
         multiplicity = graph.multiplicity if self.conditioning is not None else None
         if multiplicity is not None:
             ok = ok & (torch.isfinite(multiplicity) & (multiplicity >= 1)).all()
+        n_atoms, n_struct = graph.positions.shape[0], graph.cell.shape[0]
+        ok = ok & (graph.batch.min() >= 0) & (graph.batch.max() < n_struct)
+        if graph.edge_index.numel():
+            ok = ok & (graph.edge_index.min() >= 0) & (graph.edge_index.max() < n_atoms)
         if bool(ok):
             return
+        for name, index, size in (("batch", graph.batch, n_struct), ("edge_index", graph.edge_index, n_atoms)):
+            if index.numel() and not (0 <= int(index.min()) and int(index.max()) < size):
+                raise ValueError(f"graph.{name} holds indices from {int(index.min())} to {int(index.max())}, outside "
+                                 f"0..{size - 1} ({'structures' if name == 'batch' else 'atoms'} in the graph)")
         if not bool(torch.isfinite(graph.positions).all()):
             raise ValueError("positions contain NaN or inf")
         for name, values in (("cell", graph.cell.flatten(1)), ("total_charge", graph.total_charge[:, None])):
@@ -430,6 +441,33 @@ class CartLorem(nn.Module):
         k = int((~(torch.isfinite(multiplicity) & (multiplicity >= 1))).nonzero()[0])
         raise ValueError(f"the multiplicity (2S + 1) of structure {k} must be a finite number >= 1, "
                          f"got {float(multiplicity[k])}")
+
+    @staticmethod
+    def _check_layout(graph: Graph) -> None:
+        """ValueError naming the first tensor of ``graph`` whose shape or dtype is not that of :class:`Graph`."""
+        n = graph.positions.shape[0] if graph.positions.dim() == 2 else -1
+        b = graph.cell.shape[0] if graph.cell.dim() == 3 else -1
+        e = graph.edge_index.shape[1] if graph.edge_index.dim() == 2 else -1
+        expect = [("positions", graph.positions, [n, 3], True), ("species", graph.species, [n], False),
+                  ("batch", graph.batch, [n], False), ("cell", graph.cell, [b, 3, 3], True),
+                  ("pbc", graph.pbc, [b, 3], None), ("total_charge", graph.total_charge, [b], True),
+                  ("edge_index", graph.edge_index, [2, e], False), ("edge_shift", graph.edge_shift, [e, 3], True)]
+        if graph.multiplicity is not None:
+            expect.append(("multiplicity", graph.multiplicity, [b], True))
+        for name, t, shape, floating in expect:
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"graph.{name} must be a tensor, got {type(t).__name__}")
+            if list(t.shape) != shape or -1 in shape:
+                sizes = {"positions": "[N, 3]", "species": "[N]", "batch": "[N]", "cell": "[B, 3, 3]", "pbc": "[B, 3]",
+                         "total_charge": "[B]", "edge_index": "[2, E]", "edge_shift": "[E, 3]", "multiplicity": "[B]"}
+                raise ValueError(f"graph.{name} must have shape {sizes[name]} (N = {n} atoms, B = {b} structures, "
+                                 f"E = {e} edges), got {list(t.shape)}")
+            kind = t.dtype.is_floating_point
+            wrong = (floating is True and not kind) or (floating is False and (kind or t.dtype == torch.bool)) or (
+                floating is None and t.dtype != torch.bool)
+            if wrong:
+                want = {True: "a floating-point", False: "an integer", None: "a bool"}[floating]
+                raise ValueError(f"graph.{name} must be {want} tensor, got {t.dtype}")
 
     def _field(self, field, n_struct: int) -> torch.Tensor:
         """electric_field (V/Å) → [B, 3] tensor in the model's dtype; ValueError for a bad shape or value."""

@@ -125,3 +125,19 @@ def test_long_range_options_that_are_numbers_in_another_type_still_work():
     model = _model(long_range="multipole", long_range_options={"hidden": 3.0, "accuracy": "1e-4", "lr_channels": 2})
     assert model.long_range_block.update[0].out_features == 3
     assert bool(torch.isfinite(model(_water())["energy"]).all())
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda g: g.replace(species=g.species.double()), "graph.species must be an integer tensor"),
+    (lambda g: g.replace(edge_index=g.edge_index.index_fill(1, torch.tensor([0]), 7)),
+     r"graph.edge_index holds indices from 0 to 7, outside 0..2"),
+    (lambda g: g.replace(batch=torch.tensor([0, 0, 1])), r"graph.batch holds indices from 0 to 1, outside 0..0"),
+    (lambda g: g.replace(positions=g.positions[:2]), r"graph.species must have shape \[N\] \(N = 2 atoms"),
+    (lambda g: g.replace(total_charge=torch.zeros(2, dtype=torch.float64)), r"graph.total_charge must have shape \[B\]"),
+    (lambda g: g.replace(pbc=g.pbc.long()), "graph.pbc must be a bool tensor"),
+])
+def test_malformed_graph_is_a_clear_error(change, match):
+    """A hand-made graph whose edges or atoms point past the atoms or structures there are, or whose tensors have the
+    wrong shape or type, stopped with an IndexError or a shape error deep inside the model."""
+    with pytest.raises(ValueError, match=match):
+        _model(long_range="multipole")(change(_water()))
