@@ -57,6 +57,12 @@ BACKEND = "inductor"
 TESTED_TORCH = (2, 13)
 
 
+#: Names (prefixes, as ``_Energy.named_parameters`` gives them) of the parameters that the energy always depends on
+#: even where their gradient is exactly zero: the FiLM conditioning has no biases, so on a batch of neutral singlets
+#: its input, and with it its gradient, is 0 (cartlorem.nn.conditioning)
+_ALWAYS_USED = ("model.conditioning.",)
+
+
 def version_note(version: Optional[str] = None) -> str:
     """'' with a tested torch release or newer, else a sentence saying which release the step is tested with."""
     version = torch.__version__ if version is None else version
@@ -180,13 +186,16 @@ class CompiledLossGradient:
                       for k, v in scales.items()}
         grads, (loss, terms) = self._fn(params, frozen, batch, species, pairs, stress, scales)
         # a parameter the loss does not depend on gets None from autograd and a zero tensor from torch.func;
-        # None, as in the eager step, so that Adam skips it (a zero gradient would still move it by its momentum)
+        # None, as in the eager step, so that Adam skips it (a zero gradient would still move it by its momentum).
+        # Those are the parameters whose gradient is exactly zero, but for the charge-state conditioning, which
+        # the energy always depends on and whose gradient is exactly zero on a batch of neutral singlets (its
+        # input is 0 there): autograd gives it zeros, and Adam moves it by its momentum, in the eager step too
         norms = torch.stack(torch._foreach_norm([grads[n] for n, _ in self.trainable])).tolist()
         for (n, p), norm in zip(self.trainable, norms):
             g = grads[n]
             if g.stride() != p.stride():  # e.g. a transposed GEMM result: the fused Adam walks grad and param
                 g = torch.empty_like(p).copy_(g)  # memory in step, so they must share the layout
-            p.grad = g if norm != 0.0 else None
+            p.grad = g if norm != 0.0 or n.startswith(_ALWAYS_USED) else None
         return loss, {k: float(mse) for k, (mse, count) in terms.items() if int(count) > 0}
 
     def _loss_and_grad(self, params: dict, frozen: dict, graph: Graph, species: torch.Tensor, pairs, stress: bool,
