@@ -421,7 +421,8 @@ class CartLorem(nn.Module):
         if multiplicity is not None:
             ok = ok & (torch.isfinite(multiplicity) & (multiplicity >= 1)).all()
         n_atoms, n_struct = graph.positions.shape[0], graph.cell.shape[0]
-        ok = ok & (graph.batch.min() >= 0) & (graph.batch.max() < n_struct)
+        if graph.batch.numel():
+            ok = ok & (graph.batch.min() >= 0) & (graph.batch.max() < n_struct)
         if graph.edge_index.numel():
             ok = ok & (graph.edge_index.min() >= 0) & (graph.edge_index.max() < n_atoms)
         if bool(ok):
@@ -468,6 +469,8 @@ class CartLorem(nn.Module):
             if wrong:
                 want = {True: "a floating-point", False: "an integer", None: "a bool"}[floating]
                 raise ValueError(f"graph.{name} must be {want} tensor, got {t.dtype}")
+        if n == 0:
+            raise ValueError("the graph has no atoms")
 
     def _field(self, field, n_struct: int) -> torch.Tensor:
         """electric_field (V/Å) → [B, 3] tensor in the model's dtype; ValueError for a bad shape or value."""

@@ -135,6 +135,8 @@ def test_long_range_options_that_are_numbers_in_another_type_still_work():
     (lambda g: g.replace(positions=g.positions[:2]), r"graph.species must have shape \[N\] \(N = 2 atoms"),
     (lambda g: g.replace(total_charge=torch.zeros(2, dtype=torch.float64)), r"graph.total_charge must have shape \[B\]"),
     (lambda g: g.replace(pbc=g.pbc.long()), "graph.pbc must be a bool tensor"),
+    (lambda g: g.replace(positions=g.positions[:0], species=g.species[:0], batch=g.batch[:0],
+                         edge_index=g.edge_index[:, :0], edge_shift=g.edge_shift[:0]), "the graph has no atoms"),
 ])
 def test_malformed_graph_is_a_clear_error(change, match):
     """A hand-made graph whose edges or atoms point past the atoms or structures there are, or whose tensors have the
