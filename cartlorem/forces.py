@@ -38,9 +38,10 @@ def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], di
         # not require grad"
         asked = [name for name, on in (("forces", compute_forces), ("stress", compute_stress),
                                        ("born_charges", compute_born_charges)) if on]
-        raise RuntimeError(f"{', '.join(asked)} are derivatives of the energy by autograd, which torch.inference_mode() "
-                           "switches off: call the model under torch.no_grad() instead (the derivatives are still "
-                           "taken), or ask for the energy only (compute_forces=False, compute_stress=False)")
+        raise RuntimeError(f"{', '.join(asked)} are derivatives of the energy by autograd, which "
+                           "torch.inference_mode() switches off: call the model under torch.no_grad() instead (the "
+                           "derivatives are still taken), or ask for the energy only (compute_forces=False, "
+                           "compute_stress=False)")
     with torch.enable_grad():
         positions = graph.positions.detach().requires_grad_(compute_forces or compute_born_charges)
         cell = graph.cell.detach()
