@@ -351,9 +351,11 @@ class CartLorem(nn.Module):
         slabs and open structures too: cartlorem.forces), and for long-range models channel 0 of the learned multipoles,
         "charges" [N] (e), "dipoles" [N, 3] (e·Å, lmax ≥ 1), "quadrupoles" [N, 3, 3] (e·Å², lmax 2),
         and "energy_lr" [B] (eV): ``scale`` × the long-range readout + the electrostatic energy, which
-        is COULOMB × Σ_c coupling_c × U_c (U_c of :func:`cartlorem.ewald.electrostatic_energy` for the
-        learned multipoles of channel c with the block's smearing), independent of ``scale``; coupling_0
-        is fixed at 1, so the channel-0 term is the Coulomb energy (eV) of the reported multipoles.
+        is COULOMB × Σ_c coupling_c × U_c, independent of ``scale``; coupling_0 is fixed at 1. For "multipole"
+        U_c is :func:`cartlorem.ewald.electrostatic_energy` of the learned multipoles of channel c with the
+        block's smearing, so the channel-0 term is the Coulomb energy (eV) of the reported multipoles; for
+        "lorem" it is ½ Σ (qφ + μ·ψ + Θ:Ψ), every Cartesian component convolved with the scalar kernel as a
+        charge (the LOREM paper's form; :mod:`cartlorem.nn.long_range`).
         ``create_graph`` defaults to ``self.training`` (needed to train on forces).
 
         Charge outputs of long-range models, computed when asked for (ValueError for a model without
