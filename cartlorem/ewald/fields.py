@@ -55,7 +55,9 @@ _FIELDS_DOC = """
     smearing : Gaussian width sigma (Å) or None for point multipoles
     accuracy : target relative error of the periodic potential, field and gradient (Ewald splitting
         and cutoffs follow from it; measured errors are 0.01-1x accuracy); ignored in open boundaries,
-        which are exact
+        which are exact. Known limit: in cells only a few smearing widths across (e.g. sigma = 1 Å in a 3-6 Å
+        cell, tight groups of sources) the k-space cutoff, set from an integral over k, can leave the field
+        gradient 8-30x and the field ~2x above ``accuracy`` (review of session 28; not fixed yet)
     prefactor : float, multiplies every output
     method : "auto" (default), "direct", "ewald" or "pme". "direct": exact pair sum, open boundaries
         only. "ewald": Ewald sum (O(N^2) for smeared sources, exact k-space sum). "pme": smooth
