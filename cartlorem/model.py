@@ -127,8 +127,8 @@ class CartLorem(nn.Module):
                 long_range = None
             else:
                 raise ValueError(f"long_range must be one of {LONG_RANGE_CHOICES}, got {long_range!r}")
-        if not cutoff > 0:
-            raise ValueError(f"cutoff must be positive, got {cutoff}")
+        if not 0 < cutoff < math.inf:  # inf: a Bessel basis of zeros, a model blind to geometry
+            raise ValueError(f"cutoff must be a finite positive length in Å, got {cutoff}")
         if lmax not in (0, 1, 2):
             raise ValueError(f"lmax must be 0, 1 or 2, got {lmax}")
         for name, value in (("channels", channels), ("num_layers", num_layers), ("correlation", correlation),

@@ -270,6 +270,13 @@ def test_long_range_options_cannot_set_lmax():
         small_model([1, 6, 8], "multipole", long_range_options={"lmax": 1})
 
 
+@pytest.mark.parametrize("cutoff", [float("inf"), 0.0, -1.0, float("nan")])
+def test_cutoff_must_be_finite_and_positive(cutoff):
+    """cutoff=inf built a model whose radial basis is zero at every distance (blind to geometry), silently."""
+    with pytest.raises(ValueError, match="cutoff must be a finite positive length"):
+        cartlorem.CartLorem([1, 6, 8], cutoff=cutoff, long_range=None, channels=4, num_layers=1)
+
+
 def test_unknown_long_range_option_names_the_key():
     """CartLorem(long_range_options={"lr_chanels": 2}) failed with the block constructor's TypeError ("unexpected
     keyword argument"); now a ValueError naming the key and the closest option (what the config file says too)."""
