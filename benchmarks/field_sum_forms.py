@@ -11,6 +11,9 @@ energy, its force by a vjp in the positions, and the gradient of energy + Σ for
 * ``pairs_bmm``: the same with ``torch.bmm`` for K @ x;
 * ``pairs_last``: every per-pair tensor with the pairs as the last (vectorised) dimension: features [F, P],
   K [81, P], sources gathered as [9, 2C, P];
+* ``pairs_padded``: the library's form with the gathered sources' 2C channels zero-padded to the width of the CPU's
+  float vectors (16 with AVX-512), so that Inductor vectorises the channel loop it otherwise runs as scalar code
+  (2C = 8 at C_lr = 4); the padding is sliced off before the scatter;
 * ``dense``: no pair list: each structure's atoms in a padded [B, n] block, the features of every ordered pair
   [B, n, n, F] and the sum as one batched GEMM per structure, ``y = feat [B, n, n F] @ Z [B, n F, 9 C]`` with
   ``Z = coef @ sources`` per atom (no scatters; padding and i = j masked).
@@ -34,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-FORMS = ("pairs", "pairs_bmm", "pairs_last", "dense")
+FORMS = ("pairs", "pairs_bmm", "pairs_last", "pairs_padded", "dense")
 
 
 def _table(dtype):
@@ -69,6 +72,29 @@ def pairs_bmm(pos, pairs, q, mu, th, kernel):
     features = _linearized_features(pos[i] - pos[j], kernel, t)
     K = (features @ t.coef).reshape(-1, t.n_rows, t.n_cols)
     y = torch.bmm(K, _gather(_packed(q, mu, th), j, i, t.col_parity, True))
+    return _unpacked(_scatter(y, pos.shape[0], i, j, t.row_parity, True))
+
+
+def _vector_width(dtype) -> int:
+    """Lanes of the CPU's vectors for ``dtype`` as Inductor picks them (16 floats with AVX-512; 1 without vectors)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = pick_vec_isa()
+    return int(isa.nelements(dtype)) if isa else 1
+
+
+def pairs_padded(pos, pairs, q, mu, th, kernel, lanes=16):
+    """The library's sum with the gathered sources' channels zero-padded to a multiple of ``lanes`` (the CPU's float
+    vector width, :func:`_vector_width`, found outside the traced function)."""
+    from cartlorem.ewald.direct import _gather, _linearized_features, _scatter
+
+    t, (i, j) = _table(pos.dtype), pairs
+    K = (_linearized_features(pos[i] - pos[j], kernel, t) @ t.coef).reshape(-1, t.n_rows, t.n_cols)
+    x = _gather(_packed(q, mu, th), j, i, t.col_parity, True)  # [P, 9, 2C]
+    width = x.shape[2]
+    pad = -width % lanes
+    x = torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], pad)], dim=2)
+    y = (K[..., None] * x[:, None]).sum(2)[..., :width]
     return _unpacked(_scatter(y, pos.shape[0], i, j, t.row_parity, True))
 
 
@@ -137,6 +163,7 @@ def step_shape(form, pos, batch, sources, smearing=1.0):
 
     kernel = RadialKernel.smeared(smearing)
     pairs = molecule_pairs(batch, unordered=True)
+    lanes = _vector_width(pos.dtype) if form == "pairs_padded" else 1
     layout = dense_layout(batch)
 
     def fields(y, q, mu, th):
@@ -144,6 +171,8 @@ def step_shape(form, pos, batch, sources, smearing=1.0):
             return traced_pair_fields(y, pairs, q, mu, th, smearing=smearing, traceless_gradient=True, linearized=True)
         if form == "dense":
             return dense(y, layout, q, mu, th, kernel)
+        if form == "pairs_padded":
+            return pairs_padded(y, pairs, q, mu, th, kernel, lanes)
         return {"pairs_bmm": pairs_bmm, "pairs_last": pairs_last}[form](y, pairs, q, mu, th, kernel)
 
     def loss(src, x):
@@ -202,12 +231,19 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="structures in the batch (the trainer's first)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="an Inductor option for every form, as train_step.py --inductor (repeatable)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    import train_step
+
+    for option in args.inductor:
+        train_step.set_inductor_option(option)
     if args.forms[0] != "pairs":
         args.forms = ["pairs"] + [f for f in args.forms if f != "pairs"]
-    # what train_step.make_batches reads: the first training batch of 8 structures of the fixed split
-    args.cutoff, args.batch_size, args.n_batches, args.max_frames, args.test_fraction = 5.0, 8, 1, 0, 0.2
+    # what train_step.make_batches reads: the first training batch of the fixed split
+    args.cutoff, args.n_batches, args.max_frames, args.test_fraction = 5.0, 1, 0, 0.2
     torch.set_num_threads(1)
     rows = []
     for name in args.sets:
