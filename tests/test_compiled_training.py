@@ -209,6 +209,40 @@ def test_unsupported_batches_run_eagerly(monkeypatch, caplog):
     assert "too large for one reciprocal sum" in caplog.text and "run eagerly" in caplog.text
 
 
+def test_batches_the_layers_would_chunk_run_eagerly(eager_compiled_step, caplog):
+    """A batch with more edges than the interaction layers compute at once (they run it in chunks through an
+    autograd.Function, which torch.func and so the compiled step cannot take) runs eagerly, and says why; the other
+    batches keep the compiled step. Was: the compiled step failed inside torch.func on the first such batch and the
+    rest of the run trained eagerly ("the compiled step failed ... training continues eagerly")."""
+    water, nh3 = molecule("H2O"), molecule("NH3")
+    rng = np.random.default_rng(0)
+    structures = [_labelled(rng, water), _labelled(rng, nh3)] * 2
+    graphs = read_dataset(structures, cutoff=3.5, require=())
+    assert [g.edge_index.shape[1] for g in graphs[:2]] == [6, 12]
+    runs = []
+    for flag in (False, True):
+        model = _model(structures)
+        for layer in model.layers:
+            layer.edge_chunk = 8  # the ammonia batches (12 edges) run in chunks, the water ones (6) not
+        with caplog.at_level(logging.WARNING, logger="cartlorem.training"):
+            result = train(model, graphs, epochs=2, batch_size=1, progress=False, compile=flag, ema_decay=None)
+        runs.append(([row["train_loss"] for row in result.history], model.state_dict()))
+    assert "edges than the interaction layers compute at once" in caplog.text and "run eagerly" in caplog.text
+    assert "the compiled step failed" not in caplog.text
+    assert len(eager_compiled_step) == 4  # every water batch of both epochs took the compiled step
+    (loss_e, state_e), (loss_c, state_c) = runs
+    np.testing.assert_allclose(loss_c, loss_e, rtol=1e-12)
+    for k in state_e:
+        if state_e[k].is_floating_point():
+            torch.testing.assert_close(state_c[k], state_e[k], rtol=1e-10, atol=1e-12)
+    step = CompiledLossGradient(model, loss_weights({}))
+    batch = collate(graphs[:2])
+    assert "edges" in step.unsupported(batch)
+    for layer in model.layers:
+        layer.edge_chunk = 0  # chunking off
+    assert step.unsupported(batch) is None
+
+
 def test_train_with_the_functional_gradient_equals_eager(eager_compiled_step):
     """train() fed by the functional gradient (run eagerly: seconds) takes the eager run's steps, the stress
     included: the gradients the compiled step hands to the optimiser (some of them transposed in memory, which

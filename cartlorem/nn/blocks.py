@@ -152,14 +152,26 @@ class Interaction(nn.Module):
     def _chunked_messages(self, compiled, n_nodes, i, j, unit, radial, envelope, hu):
         """The summed messages of :meth:`_gathered_messages` by :func:`chunked_edge_sum` (each chunk gets its
         senders' rows of ``hu``) when there are enough edges (see :meth:`forward`), else None."""
-        chunk = self.chunk_edges(unit.device)
-        # CPU default: chunked only above MIN_CHUNKS chunks (see there); CUDA or a set edge_chunk: above one chunk
-        threshold = chunk if self.edge_chunk is not None or unit.device.type == "cuda" else MIN_CHUNKS * chunk
-        if not (chunk > 0 and i.shape[0] > threshold):
+        chunk = self._chunk_for(i.shape[0], unit.device)
+        if not chunk:
             return None
         params = list(self.radial.parameters())
         return chunked_edge_sum(partial(self._gathered_messages, compiled), n_nodes, i, (unit, radial, envelope),
                                 hu, params, chunk, senders=j)
+
+    @torch.jit.unused
+    def _chunk_for(self, n_edges: int, device: torch.device) -> int:
+        """Edges per chunk with which :meth:`forward` runs ``n_edges`` edges, or 0 where it does not chunk them: on
+        the CPU by default above :data:`MIN_CHUNKS` chunks (see there), on CUDA or with ``edge_chunk`` set above one."""
+        chunk = self.chunk_edges(device)
+        threshold = chunk if self.edge_chunk is not None or torch.device(device).type == "cuda" else MIN_CHUNKS * chunk
+        return chunk if chunk > 0 and n_edges > threshold else 0
+
+    @torch.jit.unused
+    def chunks(self, n_edges: int, device: torch.device) -> bool:
+        """Whether :meth:`forward` runs ``n_edges`` edges in chunks (:func:`cartlorem.tensors.chunked_edge_sum`, an
+        autograd.Function that torch.func transforms, and so the compiled training step, cannot take)."""
+        return self._chunk_for(int(n_edges), device) > 0
 
     @torch.jit.unused
     def chunk_edges(self, device: torch.device) -> int:

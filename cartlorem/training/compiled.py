@@ -21,7 +21,8 @@ Functions of the eager sum are beyond torch.func), or, for a batch of periodic c
 and k-vectors of one reciprocal-space Ewald sum over all its cells (:mod:`cartlorem.ewald.cells`; the eager
 model sums one cell at a time and chooses Ewald or PME per cell); slabs (pbc = [True, True, False]) join that
 sum in their elongated cells, with the slab correction, and open structures in such a batch get the pair sum
-over their own pairs. Periodic batches beyond :func:`cartlorem.ewald.cells.plan_fits` and the dipole /
+over their own pairs. Periodic batches beyond :func:`cartlorem.ewald.cells.plan_fits`, batches with more edges than
+the interaction layers compute at once (:meth:`cartlorem.nn.blocks.Interaction.chunks`) and the dipole /
 Born-charge loss terms are not covered: :meth:`CompiledLossGradient.unsupported` says so and the trainer
 runs those batches eagerly. With several processes (torchrun) each compiles its own
 step and computes its share of the global batch's loss (``scales``); the trainer sums the gradients.
@@ -136,6 +137,10 @@ class CompiledLossGradient:
                             "(cartlorem.ewald.cells.plan_fits), or with too many pairs in its open structures")
             elif not block.pair_list_fits(int((torch.bincount(batch.batch) ** 2).sum())):
                 return "a batch of molecules too large for one pair list (cartlorem.ewald.direct.pair_list_fits)"
+        n_edges = int(batch.edge_index.shape[1])
+        if any(layer.chunks(n_edges, batch.positions.device) for layer in self.model.layers):
+            return ("a batch with more edges than the interaction layers compute at once (they run it in chunks, "
+                    "which the compiled step cannot trace; cartlorem.nn.blocks.EDGE_CHUNK_ELEMENTS, MIN_CHUNKS)")
         for name in _CHARGE_TERMS:
             has = getattr(batch, f"has_{name}", None)
             if self.weights.get(name, 0.0) > 0 and has is not None and bool(has.any()):
