@@ -139,8 +139,9 @@ class CompiledLossGradient:
                 return "a batch of molecules too large for one pair list (cartlorem.ewald.direct.pair_list_fits)"
         n_edges = int(batch.edge_index.shape[1])
         if any(layer.chunks(n_edges, batch.positions.device) for layer in self.model.layers):
-            return ("a batch with more edges than the interaction layers compute at once (they run it in chunks, "
-                    "which the compiled step cannot trace; cartlorem.nn.blocks.EDGE_CHUNK_ELEMENTS, MIN_CHUNKS)")
+            return ("a batch with more edges than the interaction layers compute at once (they would run it in "
+                    "chunks, which the compiled step cannot trace; smaller batches avoid it, and a layer's edge_chunk = 0 "
+                    "turns chunking off at the cost of memory)")
         for name in _CHARGE_TERMS:
             has = getattr(batch, f"has_{name}", None)
             if self.weights.get(name, 0.0) > 0 and has is not None and bool(has.any()):
