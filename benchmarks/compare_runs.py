@@ -9,7 +9,8 @@ Runs capped by wall-clock time reach different epochs, so their test errors at t
 with how well they learn. ``--epochs`` adds the validation errors at equal epochs (from each run's learning
 curve), seed by seed, with each setting's ratio to the first one (geometric mean over the seeds that reached the
 epoch); ``--below`` adds the first epoch at which the validation energy MAE fell below each given value (meV/atom:
-e.g. when a cumulene model left the short-range floor of ~20 meV/atom).
+e.g. when a cumulene model left the short-range floor of ~20 meV/atom). ``LABEL=GLOB@VARIANT`` compares another model
+variant (``lorem`` against ``multipole``, say) than ``--variant``.
 
     python benchmarks/compare_runs.py --set dimers --variant multipole \\
         --runs before_last='benchmarks/results/placement/acc_before_last_s*.json' \\
@@ -45,7 +46,10 @@ def load(pattern, set_name, variant):
     out = {}
     for path in sorted(glob.glob(pattern)):
         d = json.loads(Path(path).read_text())
-        out[d["meta"]["seed"]] = (d["results"][set_name]["variants"][variant], d["meta"])
+        found = d["results"][set_name]["variants"]
+        if variant not in found:
+            raise SystemExit(f"{path} has no {variant!r} results on {set_name} (it has {', '.join(found)})")
+        out[d["meta"]["seed"]] = (found[variant], d["meta"])
     if not out:
         raise SystemExit(f"no accuracy.py results match {pattern!r}")
     return out
@@ -117,22 +121,30 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", default="dimers")
     p.add_argument("--variant", default="multipole")
-    p.add_argument("--runs", nargs="+", required=True, metavar="LABEL=GLOB")
+    p.add_argument("--runs", nargs="+", required=True, metavar="LABEL=GLOB[@VARIANT]",
+                   help="a setting's result files; @VARIANT: that setting's model variant, if not --variant")
     p.add_argument("--epochs", nargs="*", type=int, default=[],
                    help="also compare the validation errors at these epochs (equal epochs, seed by seed)")
     p.add_argument("--below", nargs="*", type=float, default=[],
                    help="also report the first epoch with a validation energy MAE below each value (meV/atom)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    runs = {}
+    runs, variants = {}, {}
     for item in args.runs:
         label, _, pattern = item.partition("=")
-        runs[label] = load(pattern, args.set, args.variant)
+        head, at, tail = pattern.rpartition("@")
+        if at and tail and "/" not in tail:  # GLOB@VARIANT (an "@" inside a path is left to the glob)
+            pattern = head
+        variants[label] = tail if at and tail and "/" not in tail else args.variant
+        runs[label] = load(pattern, args.set, variants[label])
     seeds = sorted(set.intersection(*(set(r) for r in runs.values())))
     summary, lines = {}, []
     first = next(iter(runs.values()))[seeds[0]][1]
     made_on = commits(runs, seeds)
-    lines += [f"# {args.set}, `{args.variant}`: " + " vs ".join(runs), "",
+    kinds = sorted(set(variants.values()))
+    title = f"`{kinds[0]}`: " + " vs ".join(runs) if len(kinds) == 1 else " vs ".join(
+        f"{label} (`{variants[label]}`)" for label in runs)
+    lines += [f"# {args.set}, {title}", "",
               f"Command: `{harness.command_line('compare_runs.py', argv, prefix='python')}`", "",
               f"accuracy.py runs on {made_on} ({first.get('cpu_model')}), "
               + (f"{first.get('epochs')} epochs" if first.get("epochs") else f"{first.get('budget'):g} s of training "
@@ -162,7 +174,8 @@ def main(argv=None):
                      + " | ".join(cells) + " |")
     if args.epochs:
         lines += equal_epoch_lines(runs, seeds, args.epochs, summary)
-    Path(args.out + ".json").write_text(json.dumps({"seeds": seeds, "runs": list(runs), "summary": summary,
+    Path(args.out + ".json").write_text(json.dumps({"seeds": seeds, "runs": list(runs), "variants": variants,
+                                                    "summary": summary,
                                                     "commit": first.get("git_commit"), "commits": made_on}, indent=1))
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -15,7 +15,8 @@ AVX-512 code runs the channel loop as scalar code. This script answers two quest
    ``probes`` tries the two ways torch offers to give an opaque op a hand-written backward, on a toy op
    ``y = k x`` whose backward calls the op again (so that it is differentiable twice): a ``torch.library``
    custom op with ``register_autograd``, and a ``torch.autograd.Function`` with ``setup_context`` around a
-   custom op. Each is run eagerly and compiled, and the gradient compared with plain ops.
+   custom op. Each is run eagerly and compiled, at first order (the energy's gradient) and at second order (the
+   step's shape), and the gradient compared with plain ops.
 
 Usage::
 
@@ -71,6 +72,12 @@ static void pair_sum(const float* K, const float* x, const int64_t* I, const int
 torch::Tensor forward(torch::Tensor K, torch::Tensor x, torch::Tensor I, torch::Tensor J, torch::Tensor rp,
                       torch::Tensor cp) {
   TORCH_CHECK(x.size(2) == 4, "this prototype is built for C = 4 channels");
+  TORCH_CHECK(K.is_contiguous() && x.is_contiguous() && I.is_contiguous() && J.is_contiguous() && rp.is_contiguous()
+              && cp.is_contiguous(), "contiguous inputs only");
+  TORCH_CHECK(K.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat && I.scalar_type() == torch::kLong
+              && J.scalar_type() == torch::kLong, "float32 sums, int64 pair indices");
+  TORCH_CHECK(K.size(1) == 9 && K.size(2) == 9 && x.size(1) == 9 && rp.numel() == 9 && cp.numel() == 9,
+              "rank 0-2 sources and fields: 9 x 9 coupling matrices");
   auto out = torch::zeros_like(x);
   pair_sum<4>(K.data_ptr<float>(), x.data_ptr<float>(), I.data_ptr<int64_t>(), J.data_ptr<int64_t>(),
               rp.data_ptr<float>(), cp.data_ptr<float>(), out.data_ptr<float>(), K.size(0));
@@ -174,11 +181,16 @@ class _Mul(torch.autograd.Function):
 
 
 def probes() -> list:
-    """The toy op through torch.func.grad of a vjp, eagerly and compiled: each way's error or gradient difference."""
+    """The toy op under torch.func.grad, eagerly and compiled, at first order (the gradient of the energy) and at
+    second order (the gradient of energy + Σ force², the force a vjp in the positions: the training step's shape):
+    each way's error or largest gradient difference from plain ops."""
     ways = {"plain ops": lambda k, x: k * x, "custom op, register_autograd": _mul_with_grad,
             "autograd.Function, setup_context": _Mul.apply}
 
-    def loss_of(op):
+    def first_order(op):
+        return lambda p, r: op(p * r, r.sin()).sum()
+
+    def second_order(op):
         def loss(p, r):
             e, vjp = torch.func.vjp(lambda y: op(p * y, y.sin()).sum(), r)
             force = vjp(torch.ones_like(e))[0]
@@ -187,19 +199,21 @@ def probes() -> list:
 
     g = torch.Generator().manual_seed(0)
     p, r = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
-    reference = torch.func.grad(loss_of(ways["plain ops"]))(p, r)
     rows = []
     for name, op in ways.items():
         row = {"way": name}
-        for mode in ("eager", "compiled"):
-            fn = torch.func.grad(loss_of(op))
-            if mode == "compiled":
-                torch._dynamo.reset()
-                fn = torch.compile(fn, fullgraph=True)
-            try:
-                row[mode] = f"gradient off by {float((fn(p, r) - reference).abs().max()):.3g}"
-            except Exception as exc:  # what happens is the result: recorded, not raised
-                row[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        for order, make in (("first", first_order), ("second", second_order)):
+            reference = torch.func.grad(make(ways["plain ops"]))(p, r)
+            for mode in ("eager", "compiled"):
+                fn = torch.func.grad(make(op))
+                if mode == "compiled":
+                    torch._dynamo.reset()
+                    fn = torch.compile(fn, fullgraph=True)
+                try:
+                    row[f"{order}_{mode}"] = f"gradient off by {float((fn(p, r) - reference).abs().max()):.3g}"
+                except Exception as exc:  # what happens is the result: recorded, not raised
+                    lines = [x for x in str(exc).splitlines() if x.strip()] or [type(exc).__name__]
+                    row[f"{order}_{mode}"] = f"{type(exc).__name__}: {' / '.join(lines[:2])[:200]}"
         rows.append(row)
     return rows
 
@@ -230,8 +244,9 @@ def main(argv=None):
     md = (f"# A hand-written field-sum kernel\n\n{meta}\n\n## The sum's forward alone (process CPU ms per call, "
           "medians, interleaved)\n\n" + harness.markdown_table([row], columns)
           + f"\n\n{row.get('cpp_note', '')}\n\n## Hand-written derivatives inside the compiled step's transforms "
-          "(toy op y = k x; gradient of e + Σ force² against plain ops)\n\n"
-          + harness.markdown_table(ways, [("way", "way"), ("eager", "eager"), ("compiled", "compiled")]) + "\n")
+          "(toy op y = k x; first order: the gradient of the energy; second order: of e + Σ force²; against plain ops)\n\n"
+          + harness.markdown_table(ways, [("way", "way")] + [(f"{o} order, {m}", f"{o}_{m}") for o in ("first", "second")
+                                                             for m in ("eager", "compiled")]) + "\n")
     harness.write_results("hand_kernel", [row] + ways, meta, md, args.out)
 
 
