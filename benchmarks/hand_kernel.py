@@ -129,26 +129,20 @@ def time_forward(args) -> dict:
     return row
 
 
-@custom_op("cartlorem_probe::mul", mutates_args=())
-def _mul(k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The toy op, no autograd of its own (inside :class:`_Mul`)."""
-    return k * x
+def _toy_op(name: str):
+    """The toy op ``y = k x`` as a torch.library custom op ``cartlorem_probe::<name>``, with its fake (shape) rule."""
+    def mul(k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return k * x
+
+    op = custom_op(f"cartlorem_probe::{name}", mul, mutates_args=())
+    op.register_fake(lambda k, x: torch.empty_like(x))
+    return op
 
 
-@_mul.register_fake
-def _(k, x):
-    return torch.empty_like(x)
-
-
-@custom_op("cartlorem_probe::mul_with_grad", mutates_args=())
-def _mul_with_grad(k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The toy op with a backward registered by ``register_autograd`` (which calls the op again)."""
-    return k * x
-
-
-@_mul_with_grad.register_fake
-def _(k, x):
-    return torch.empty_like(x)
+#: no autograd of its own (inside :class:`_Mul`)
+_mul = _toy_op("mul")
+#: with a backward registered by ``register_autograd`` (which calls the op again), below
+_mul_with_grad = _toy_op("mul_with_grad")
 
 
 def _setup(ctx, inputs, output):
