@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..tensors.harmonics import stf
-from .ewald import kvector_indices, phase_sum, tail_parameter, wrap_positions
+from .ewald import discrete_k_cutoff, kvector_indices, phase_sum, tail_parameter, wrap_positions
 from .slab import plane_kvector_indices, replica_correction, replica_k_cutoff, slab_correction, vacuum_gap
 from .kernels import (
     InteractionTensors,
@@ -107,7 +107,8 @@ def _order(ranks, source_ranks) -> int:
 
 
 def k_cutoff(smearing: float, accuracy: float, order: int) -> float:
-    """The eager Ewald sum's k-space cutoff ``2 p alpha`` at alpha = beta (:func:`.ewald.choose_parameters`)."""
+    """The eager Ewald sum's k-space cutoff ``2 p alpha`` at alpha = beta (:func:`.ewald.choose_parameters`), before
+    :func:`.ewald.discrete_k_cutoff` raises it for each cell whose reciprocal lattice is coarse."""
     return 2.0 * tail_parameter(accuracy, order) * smearing_beta(smearing)
 
 
@@ -148,7 +149,9 @@ def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, a
         slab = shift = None
     if open is not None and not bool(open.any()):
         open = None
-    per_cell = [np.zeros((0, 3), dtype=np.int64) if open is not None and bool(open[b]) else kvector_indices(c, cutoff)
+    beta, order = smearing_beta(smearing), _order(ranks, source_ranks)
+    per_cell = [np.zeros((0, 3), dtype=np.int64) if open is not None and bool(open[b])
+                else kvector_indices(c, discrete_k_cutoff(c, beta, cutoff, order, accuracy))
                 for b, c in enumerate(cells.numpy())]
     plan = PeriodicPlan(slots, atom_slot, *_padded(per_cell, 3, device))
     if slab is not None:
