@@ -731,6 +731,23 @@ def test_skewed_cells_image_search():
         ewald.multipole_fields(random_system(62, n=4, c=1, cell=thin)[0], q, cell=thin, pbc=PBC)
 
 
+@pytest.mark.parametrize("smearing", [30.0, 1e3, 1e6])
+def test_sources_far_wider_than_the_cell(smearing):
+    """Gaussian sources far wider than a 4 Å cell: the neutral cell's charge and polarisation densities are then
+    uniform to within exp(-k²σ²/2) at the shortest k-vector (zero in double precision), so all that is left at each
+    atom is minus what its own Gaussian gives at its centre: potential -q √(2/π) / σ, field +μ √(2/π) / (3σ³) (a
+    Gaussian dipole's field at its centre is -(4π/3) g(0) μ). Was, from σ = 1000 Å on: a ValueError blaming the
+    cell ("too small relative to the Ewald real-space cutoff") for an image search that the split at the sources'
+    own width (a real-space kernel of zero) never needed."""
+    cell = torch.eye(3, dtype=DT) * 4.0
+    pos = torch.tensor([[0.3, 0.1, 0.0], [2.0, 1.9, 2.2]], dtype=DT)
+    q = torch.tensor([[1.0], [-1.0]], dtype=DT)
+    mu = torch.tensor([[[0.2, -0.1, 0.3]], [[0.0, 0.4, -0.2]]], dtype=DT)
+    phi, field, _ = ewald.multipole_fields(pos, q, mu, None, cell, PBC, smearing=smearing, accuracy=1e-8)
+    torch.testing.assert_close(phi, -q * math.sqrt(2.0 / math.pi) / smearing, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(field, mu * math.sqrt(2.0 / math.pi) / (3.0 * smearing**3), rtol=1e-12, atol=0.0)
+
+
 def test_bad_input_is_rejected():
     pos, q, mu, th = random_system(21, n=3, c=2)
     cases = [
