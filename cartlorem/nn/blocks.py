@@ -152,8 +152,8 @@ class Interaction(nn.Module):
     def _chunked_messages(self, compiled, n_nodes, i, j, unit, radial, envelope, hu):
         """The summed messages of :meth:`_gathered_messages` by :func:`chunked_edge_sum` (each chunk gets its
         senders' rows of ``hu``) when there are enough edges (see :meth:`forward`), else None."""
-        if torch.compiler.is_compiling():  # a traced graph runs unchunked (the compiled training step has checked the
-            return None                    # batch's size: cartlorem.training.compiled, Interaction.chunks)
+        if torch.compiler.is_compiling():  # a traced graph runs unchunked (the compiled training step decides which
+            return None                    # batches it takes: cartlorem.training.compiled)
         chunk = self._chunk_for(i.shape[0], unit.device)
         if not chunk:
             return None

@@ -21,8 +21,11 @@ Functions of the eager sum are beyond torch.func), or, for a batch of periodic c
 and k-vectors of one reciprocal-space Ewald sum over all its cells (:mod:`cartlorem.ewald.cells`; the eager
 model sums one cell at a time and chooses Ewald or PME per cell); slabs (pbc = [True, True, False]) join that
 sum in their elongated cells, with the slab correction, and open structures in such a batch get the pair sum
-over their own pairs. Periodic batches beyond :func:`cartlorem.ewald.cells.plan_fits`, batches with more edges than
-the interaction layers compute at once (:meth:`cartlorem.nn.blocks.Interaction.chunks`) and the dipole /
+over their own pairs. The traced forward never runs the interaction layers' edges in chunks (the chunked sum is an
+autograd.Function that torch.func cannot take): on the CPU the compiled step takes the batches the eager layers would
+chunk, since its unchunked step needs less memory than the eager chunked one (benchmarks/compiled_memory.py), but on
+CUDA (where the chunk size follows the free memory) or with a layer's ``edge_chunk`` set it leaves them to the
+eager step. Those batches, periodic batches beyond :func:`cartlorem.ewald.cells.plan_fits` and the dipole /
 Born-charge loss terms are not covered: :meth:`CompiledLossGradient.unsupported` says so and the trainer
 runs those batches eagerly. With several processes (torchrun) each compiles its own
 step and computes its share of the global batch's loss (``scales``); the trainer sums the gradients.
@@ -84,6 +87,18 @@ def _own_code(fn):
     return own
 
 
+def _leaves_chunks_to_eager(layer, n_edges: int, device: torch.device) -> bool:
+    """Whether the compiled step leaves a batch of ``n_edges`` edges to the eager step because interaction ``layer``
+    would run them in chunks (:meth:`cartlorem.nn.blocks.Interaction.chunks`; its traced forward never chunks). On
+    the CPU with the layer's default chunks it does not: there the compiled step, unchunked, needs 0.47× the memory
+    of the eager chunked step and 0.33-0.38× its time (512- and 1000-atom diamond, C = 64:
+    benchmarks/compiled_memory.py). On CUDA the chunk size follows the free memory (the unchunked batch might not
+    fit), and a layer's ``edge_chunk`` is the user's choice: those batches go the eager way."""
+    if torch.device(device).type == "cpu" and layer.edge_chunk is None:
+        return False
+    return layer.chunks(n_edges, device)
+
+
 class _Energy(torch.nn.Module):
     """``model.energy(graph, positions, cell, species=...)["energy"]`` as a module, for functional_call."""
 
@@ -138,7 +153,7 @@ class CompiledLossGradient:
             elif not block.pair_list_fits(int((torch.bincount(batch.batch) ** 2).sum())):
                 return "a batch of molecules too large for one pair list (cartlorem.ewald.direct.pair_list_fits)"
         n_edges = int(batch.edge_index.shape[1])
-        if any(layer.chunks(n_edges, batch.positions.device) for layer in self.model.layers):
+        if any(_leaves_chunks_to_eager(layer, n_edges, batch.positions.device) for layer in self.model.layers):
             return ("a batch with more edges than the interaction layers compute at once (they would run it in "
                     "chunks, which the compiled step cannot trace; smaller batches avoid it, and a layer's edge_chunk = 0 "
                     "turns chunking off at the cost of memory)")
