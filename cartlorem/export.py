@@ -90,7 +90,8 @@ class _ExportedLongRange(nn.Module):
         self.correction_weight = block.correction_weight if self.weighted_correction else None
         self.register_buffer("coupling_channel0", block.coupling_channel0)  # a buffer: moves with .to()
         self.coupling_others = block.coupling_others
-        # the Ewald parameters of cartlorem.ewald.ewald for α = β (no real-space part): k_c = 2 p β
+        # the Ewald parameters of cartlorem.ewald.ewald for α = β (no real-space part): k_c = 2 p β, raised per cell
+        # where the reciprocal lattice is coarse (_k_cutoff)
         self.beta: float = smearing_beta(self.smearing)
         source_ranks = tuple(range(self.lmax + 1)) if self.kind == "multipole" else (0,)
         field_ranks = (0, 1, 2) if self.kind == "multipole" else (0,)
@@ -237,7 +238,9 @@ class _ExportedLongRange(nn.Module):
         x = k_c / (2.0 * alpha)
         k_max = 2.0 * alpha * math.sqrt(x * x + 10.0)
         volume = float(torch.abs(torch.linalg.det(cell)))
-        if volume * k_max**3 / (6.0 * math.pi**2) > self.discrete_k_max:
+        cross = torch.linalg.cross(cell[[1, 2, 0]], cell[[2, 0, 1]])  # a_l x a_m for each k: heights V / |a_l x a_m|
+        height = volume / float(torch.linalg.vector_norm(cross, dim=1).max())
+        if (height * k_max) ** 3 / (6.0 * math.pi**2) > self.discrete_k_max:
             return k_c
         _, norms = self._half_space(cell, k_max)
         terms = 2.0 * norms ** (2 * n - 2) * torch.exp(-norms * norms / (4.0 * alpha * alpha)) / volume

@@ -14,7 +14,8 @@ the sum of every cell of the batch runs as one set of batched operations (:func:
   to the requested accuracy, at a cost that grows as atoms × volume) up to the size :func:`plan_fits` admits,
   and larger batches go the eager way;
 * every cell's atoms padded to the batch's largest cell (``slots``) and its k-vectors, those of
-  :func:`.ewald.kvector_indices` with the cutoff ``k_c = 2 p beta`` of :func:`.ewald.choose_parameters`,
+  :func:`.ewald.kvector_indices` with the cutoff of :func:`.ewald.choose_parameters` (``k_c = 2 p beta``, raised
+  where the reciprocal lattice is coarse: :func:`.ewald.discrete_k_cutoff`),
   padded to the largest count with masked rows: phases ``[B, 2K, M]``, structure factors by one batched
   GEMM, the fields at the atoms by another;
 * the self term as in :func:`.ewald.ewald_sum` (the uniform background of a charged cell has no potential at
@@ -149,14 +150,13 @@ def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, a
         slab = shift = None
     if open is not None and not bool(open.any()):
         open = None
-    beta, order = smearing_beta(smearing), _order(ranks, source_ranks)
+    beta, sum_order = smearing_beta(smearing), _order(ranks, source_ranks)
     per_cell = [np.zeros((0, 3), dtype=np.int64) if open is not None and bool(open[b])
-                else kvector_indices(c, discrete_k_cutoff(c, beta, cutoff, order, accuracy))
+                else kvector_indices(c, discrete_k_cutoff(c, beta, cutoff, sum_order, accuracy))
                 for b, c in enumerate(cells.numpy())]
     plan = PeriodicPlan(slots, atom_slot, *_padded(per_cell, 3, device))
     if slab is not None:
-        order = _order(ranks, source_ranks)
-        planes = [plane_kvector_indices(c, replica_k_cutoff(float(g), accuracy, order)) if bool(s)
+        planes = [plane_kvector_indices(c, replica_k_cutoff(float(g), accuracy, sum_order)) if bool(s)
                   else np.zeros((0, 2), dtype=np.int64) for c, g, s in zip(cells.numpy(), gap, slab)]
         replica_m, replica_mask = _padded(planes, 2, device)
         plan = plan._replace(slab=slab.to(device=device, dtype=torch.bool), gap=gap.to(device), shift=shift,

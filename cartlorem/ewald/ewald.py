@@ -13,7 +13,7 @@ sigma^2/2)``.) With smearing, alpha never exceeds ``1/(sqrt 2 sigma)``; at that 
 kernel vanishes and only the reciprocal sum is left.
 
 Parameters (:func:`choose_parameters`): with ``p`` from :func:`tail_parameter`, ``r_c = p / alpha`` and
-``k_c = 2 p alpha``; alpha minimises a cost model, ``N^2 S(r_c)`` pair evaluations (S = number of lattice
+``k_c = 2 p alpha`` (raised where the reciprocal lattice is coarse: :func:`discrete_k_cutoff`); alpha minimises a cost model, ``N^2 S(r_c)`` pair evaluations (S = number of lattice
 translations, real space is summed in dense blocks over minimum-image pair vectors) against
 ``N K(k_c)`` atom-k-vector terms, which for large cells puts ``r_c`` at half the smallest cell height.
 The chosen alpha is rounded up to the grid ``2^(j/16)`` (:func:`snap_alpha`), so that it does not move
@@ -144,10 +144,12 @@ def kvector_indices(cell: np.ndarray, k_cutoff: float) -> np.ndarray:
     return grid[np.linalg.norm(grid @ recip, axis=1) < k_cutoff]
 
 
-#: Above this many candidate k-vectors (the sphere of :func:`discrete_k_cutoff`'s ``k_max``) the lattice is fine
-#: enough for the integral tail estimate (no search). A scale-free bound (it counts k_max in reciprocal spacings):
-#: the fields missed ``accuracy`` only below ~1,500 (sigma = 1 Å: cubes up to 6 Å) and met it by 0.5-0.8x from
-#: ~2,200 on (7 Å; 64-atom cells, ~9,000).
+#: Above this many candidate k-vectors (the sphere of :func:`discrete_k_cutoff`'s ``k_max``) in a cube of the cell's
+#: smallest height the lattice is fine enough for the integral tail estimate (no search). A scale-free bound (it
+#: counts k_max in reciprocal spacings): in cubes the fields missed ``accuracy`` only below ~1,500 (sigma = 1 Å:
+#: cubes up to 6 Å) and met it by 0.5-0.8x from ~2,200 on (7 Å; 64-atom cells, ~9,000). The smallest height, not
+#: the volume: a long thin cell (3 x 3 x 120 Å) is as coarse across as its short sides (1.9x accuracy when its
+#: volume decided, 0.3x searched).
 DISCRETE_K_MAX = 1 << 12
 #: Relative distance of |k| below which k-vectors count as one shell (:func:`discrete_k_cutoff`).
 SHELL_GAP = 1e-4
@@ -171,9 +173,10 @@ def discrete_k_cutoff(cell: np.ndarray, alpha: float, k_cutoff: float, order: in
     sum ``sum_k f`` has a larger relative tail, and the fields missed ``accuracy`` by up to 6x (measured). Here
     the tail and the total are the lattice sums (the total at most the integral), with ``n = 2`` from order 3 on
     (the k^3 of a dipole's field gradient near its source makes the integrand grow like the quadrupole's); the
-    cutoff returned lies halfway between the last shell kept and the next. A lattice with more than
-    :data:`DISCRETE_K_MAX` candidate vectors keeps ``k_cutoff`` without a search (training-size cells: 64 atoms
-    at σ = 1 Å); below that the half-accuracy target may also raise ``k_c`` of lattices that met ``accuracy``.
+    cutoff returned lies halfway between the last shell kept and the next. A lattice whose cube of its smallest
+    height holds more than :data:`DISCRETE_K_MAX` candidate vectors keeps ``k_cutoff`` without a search
+    (training-size cells: 64 atoms at σ = 1 Å); below that the half-accuracy target may also raise ``k_c`` of
+    lattices that met ``accuracy``.
     """
     return _discrete_k_cutoff(np.ascontiguousarray(cell, dtype=np.float64).tobytes(), float(alpha), float(k_cutoff),
                               int(order), float(accuracy))
@@ -186,7 +189,7 @@ def _discrete_k_cutoff(cell_key: bytes, alpha: float, k_cutoff: float, order: in
     x = k_cutoff / (2.0 * alpha)
     k_max = 2.0 * alpha * math.sqrt(x * x + 10.0)  # the tail beyond it is about exp(-10) of the one at k_cutoff
     volume = abs(np.linalg.det(cell))
-    if volume * k_max**3 / (6.0 * math.pi**2) > DISCRETE_K_MAX:
+    if (_cell_heights(cell).min() * k_max) ** 3 / (6.0 * math.pi**2) > DISCRETE_K_MAX:
         return k_cutoff
     norms = np.linalg.norm(kvector_indices(cell, k_max) @ (2.0 * np.pi * np.linalg.inv(cell).T), axis=1)
     terms = 2.0 * norms ** (2 * n - 2) * np.exp(-norms * norms / (4.0 * alpha * alpha)) / volume  # both half spaces

@@ -55,9 +55,10 @@ _FIELDS_DOC = """
     smearing : Gaussian width sigma (Å) or None for point multipoles
     accuracy : target relative error of the periodic potential, field and gradient (Ewald splitting
         and cutoffs follow from it; measured errors are 0.01-1x accuracy); ignored in open boundaries,
-        which are exact. Known limit: in cells only a few smearing widths across (e.g. sigma = 1 Å in a 3-6 Å
-        cell, tight groups of sources) the k-space cutoff, set from an integral over k, can leave the field
-        gradient 8-30x and the field ~2x above ``accuracy`` (review of session 28; not fixed yet)
+        which are exact. In cells only a few smearing widths across (e.g. sigma = 1 Å in a 3-6 Å cell) the
+        k-space cutoff is raised until the lattice's own tail meets ``accuracy``
+        (:func:`cartlorem.ewald.ewald.discrete_k_cutoff`); quadrupole-only sources in such cells were measured
+        up to 1.5x ``accuracy``
     prefactor : float, multiplies every output
     method : "auto" (default), "direct", "ewald" or "pme". "direct": exact pair sum, open boundaries
         only. "ewald": Ewald sum (O(N^2) for smeared sources, exact k-space sum). "pme": smooth
