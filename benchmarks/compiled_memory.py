@@ -2,9 +2,10 @@
 eager unchunked, and the compiled step unchunked (issue 12, item 2).
 
 On the CPU the interaction layers run their messages in chunks above ``MIN_CHUNKS × EDGE_CHUNK_ELEMENTS / C`` edges
-(32768 at C = 64, 65536 at C = 32; :mod:`cartlorem.nn.blocks`), and the compiled training step cannot trace the
-chunked path, so such batches train eagerly (:meth:`cartlorem.training.compiled.CompiledLossGradient.unsupported`).
-This measures what compiling them unchunked would cost in memory and gain in time.
+(32768 at C = 64, 65536 at C = 32; :mod:`cartlorem.nn.blocks`). The compiled training step cannot trace the chunked
+path; until session 30 it left such batches to the eager step. This measured what its traced forward, unchunked,
+costs in memory and gains in time on them; on the CPU it now takes them
+(:meth:`cartlorem.training.compiled.CompiledLossGradient.unsupported`).
 
 What is measured: cartlorem short-range at speed.py's settings (C channels, two layers, correlation 3, lmax 2,
 radial MLP 3 × 64), float32, CPU, one thread, one training step on one periodic structure with energy and force
@@ -139,8 +140,10 @@ def main(argv=None):
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
+    import torch
     from harness import machine_info, mem_available_bytes, markdown_table, run_json_worker, write_results
 
+    torch.set_num_threads(args.threads)  # what the workers run with (and what machine_info reports)
     meta = machine_info()
     meta.update(channels=args.channels, threads=args.threads, dtype="float32", model="cartlorem short-range",
                 command="PYTHONPATH=$PWD python3 benchmarks/compiled_memory.py " + " ".join(

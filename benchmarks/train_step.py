@@ -717,7 +717,7 @@ def main(argv=None):
         set_inductor_option(option)
     dtype = getattr(torch, args.dtype)
     rows, field_sums = [], []
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), round(os.getloadavg()[0], 2)
     for name in args.sets:
         batches, species, stats_graphs = make_batches(name, args)
         atoms = round(sum(int(b.positions.shape[0]) for b in batches) / len(batches), 1)
@@ -773,8 +773,8 @@ def main(argv=None):
                             r["cpu_ratio_to_mace"] = round(r["cpu_median_s"] / m["cpu_median_s"], 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    meta = harness.machine_info(torch.device(args.device))
-    meta.update(command=harness.command_line("train_step.py"),
+    meta = harness.machine_info(torch.device(args.device))  # read at the end: its date and load too
+    meta.update(command=harness.command_line("train_step.py"), loadavg_start=load_start,
                 loadavg_end=round(os.getloadavg()[0], 2), wall_s=round(time.perf_counter() - t_start, 1),
                 settings={k: v for k, v in vars(args).items() if k != "mace_child"})
     if field_sums:
@@ -813,7 +813,7 @@ def compare_local(args):
     ref_rev = subprocess.run(["git", "rev-parse", "--short", args.compare_ref], cwd=harness.REPO_ROOT,
                              capture_output=True, text=True).stdout.strip()
     rows, breakdowns = [], []
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), round(os.getloadavg()[0], 2)
     for name in args.sets:
         batches, species, stats_graphs = make_batches(name, args)
         atoms = round(sum(int(b.positions.shape[0]) for b in batches) / len(batches), 1)
@@ -856,13 +856,21 @@ def compare_local(args):
                                             reference_loop=True)
                 b_new = local_breakdown(model_new, batches, dtype, args.profile_steps)
                 breakdowns.append({"set": name, "channels": channels, "ref": b_ref, "new": b_new})
-    meta = harness.machine_info()
-    meta.update(command=harness.command_line("train_step.py"), reference=ref_rev,
+    meta = harness.machine_info()  # read at the end: its date and load too
+    meta.update(command=harness.command_line("train_step.py"), reference=ref_rev, loadavg_start=load_start,
                 loadavg_end=round(os.getloadavg()[0], 2), wall_s=round(time.perf_counter() - t_start, 1),
                 settings={k: v for k, v in vars(args).items() if k != "mace_child"}, breakdowns=breakdowns)
     meta["settings"]["data_dir"] = str(meta["settings"]["data_dir"])
     harness.write_results("train_step.local", rows, meta, markdown=_local_markdown(rows, meta),
                           out=args.out)
+
+
+def _load_start(meta) -> str:
+    """The load average at the start of a run, as its results file has it (files before session 30 read it at the
+    end, with the rest of the machine's description)."""
+    if "loadavg_start" in meta:
+        return f"{meta['loadavg_start']} at start"
+    return f"{meta['loadavg_1min']} (read at the end)"
 
 
 def _local_markdown(rows, meta):
@@ -871,7 +879,7 @@ def _local_markdown(rows, meta):
              f"Commit {meta['git_commit']} (dirty: {meta['git_dirty']}), {meta['date']}, {meta['cpu_model']}, "
              f"torch {meta['torch']}, {meta['settings']['threads']} thread(s), {meta['settings']['dtype']}, "
              f"batch {meta['settings']['batch_size']} structures, correlation {meta['settings']['correlation']}, "
-             f"model `none`. Load average {meta['loadavg_1min']} at start, {meta['loadavg_end']} at end "
+             f"model `none`. Load average {_load_start(meta)}, {meta['loadavg_end']} at end "
              f"({meta['cpu_count']} cores, shared with other jobs). Both steps run in one process on identical "
              "models, interleaved; 'ref' runs the code of the reference revision (fused.py, chunked.py, blocks.py, "
              "model.py swapped in). Process CPU time medians.", "",
@@ -921,7 +929,7 @@ def _markdown(rows, meta):
              f"Commit {meta['git_commit']} (dirty: {meta['git_dirty']}), {meta['date']}, {meta['cpu_model']}, "
              f"torch {meta['torch']}, {meta['settings']['threads']} thread(s), {meta['settings']['dtype']}, "
              f"batch {meta['settings']['batch_size']} structures, correlation {meta['settings']['correlation']}. "
-             f"Load average {meta['loadavg_1min']} at start, {meta['loadavg_end']} at end "
+             f"Load average {_load_start(meta)}, {meta['loadavg_end']} at end "
              f"({meta['cpu_count']} cores, shared with other jobs: absolute times are pessimistic, the "
              "interleaved ratios hold).", ""]
     if meta.get("gpu"):

@@ -13,7 +13,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from ase import Atoms
 from ase.build import bulk, molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -94,6 +93,16 @@ def _model(structures, long_range=None, **kw):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def _assert_same_runs(runs):
+    """runs = [(losses, state_dict) eager, (losses, state_dict) compiled]: the same losses and weights to float64
+    rounding."""
+    (loss_e, state_e), (loss_c, state_c) = runs
+    np.testing.assert_allclose(loss_c, loss_e, rtol=1e-12)
+    for k in state_e:
+        if state_e[k].is_floating_point():
+            torch.testing.assert_close(state_c[k], state_e[k], rtol=1e-10, atol=1e-12)
 
 
 def _eager_gradient(model, batch, weights):
@@ -230,11 +239,7 @@ def test_batches_the_layers_would_chunk_run_eagerly(eager_compiled_step, caplog)
     assert "edges than the interaction layers compute at once" in caplog.text and "run eagerly" in caplog.text
     assert "the compiled step failed" not in caplog.text
     assert len(eager_compiled_step) == 4  # every water batch of both epochs took the compiled step
-    (loss_e, state_e), (loss_c, state_c) = runs
-    np.testing.assert_allclose(loss_c, loss_e, rtol=1e-12)
-    for k in state_e:
-        if state_e[k].is_floating_point():
-            torch.testing.assert_close(state_c[k], state_e[k], rtol=1e-10, atol=1e-12)
+    _assert_same_runs(runs)
     step = CompiledLossGradient(model, loss_weights({}))
     batch = collate(graphs[:2])
     assert "edges" in step.unsupported(batch)
@@ -245,7 +250,7 @@ def test_batches_the_layers_would_chunk_run_eagerly(eager_compiled_step, caplog)
 
 def test_compiled_step_takes_the_batches_the_layers_would_chunk_on_the_cpu(monkeypatch, caplog):
     """On the CPU, with the layers' default chunk size, a batch that the eager layers run in chunks takes the
-    compiled step (its traced forward unchunked: benchmarks/compiled_memory.py measured 0.47× the memory and
+    compiled step (its traced forward unchunked: benchmarks/compiled_memory.py measured 0.47× the step's memory and
     0.33-0.38× the time of the eager chunked step), and trains as the eager run does. Was: such batches ran eagerly ("edges
     than the interaction layers compute at once"). A layer's own ``edge_chunk`` still sends them the eager way."""
     from torch._dynamo.utils import counters
@@ -275,11 +280,7 @@ def test_compiled_step_takes_the_batches_the_layers_would_chunk_on_the_cpu(monke
     assert chunked_calls == [8, 4]
     assert "edges than the interaction layers" not in caplog.text and "compiled step failed" not in caplog.text
     assert counters["stats"]["unique_graphs"] - graphs_before == 1
-    (loss_e, state_e), (loss_c, state_c) = runs
-    np.testing.assert_allclose(loss_c, loss_e, rtol=1e-12)
-    for k in state_e:
-        if state_e[k].is_floating_point():
-            torch.testing.assert_close(state_c[k], state_e[k], rtol=1e-10, atol=1e-12)
+    _assert_same_runs(runs)
     step = CompiledLossGradient(model, loss_weights({}))
     batch = collate(graphs)
     assert model.layers[0].chunks(36, batch.positions.device) and step.unsupported(batch) is None
@@ -300,11 +301,7 @@ def test_train_with_the_functional_gradient_equals_eager(eager_compiled_step):
         result = train(model, graphs, epochs=2, batch_size=4, progress=False, compile=flag)
         runs.append(([row["train_loss"] for row in result.history], model.state_dict()))
     assert eager_compiled_step  # the compiled step's function took the steps
-    (loss_e, state_e), (loss_c, state_c) = runs
-    np.testing.assert_allclose(loss_c, loss_e, rtol=1e-12)
-    for k in state_e:
-        if state_e[k].is_floating_point():
-            torch.testing.assert_close(state_c[k], state_e[k], rtol=1e-10, atol=1e-12)
+    _assert_same_runs(runs)
 
 
 def test_failed_compilation_falls_back(monkeypatch, caplog):
@@ -407,11 +404,7 @@ def test_compiled_training_equals_eager(monkeypatch, kind):
     compiled = counters["stats"]["unique_graphs"] - graphs_before
     assert compiled == 1, f"compiled {compiled} times"
     assert built == ([] if kind is None else [False, False])  # both tables, outside the trace
-    (loss_e, state_e), (loss_c, state_c) = runs
-    np.testing.assert_allclose(loss_c, loss_e, rtol=1e-12)
-    for k in state_e:
-        if state_e[k].is_floating_point():
-            torch.testing.assert_close(state_c[k], state_e[k], rtol=1e-10, atol=1e-12)
+    _assert_same_runs(runs)
 
 
 def test_compiled_step_names_an_unsupported_periodic_batch(monkeypatch):

@@ -91,7 +91,8 @@ def _leaves_chunks_to_eager(layer, n_edges: int, device: torch.device) -> bool:
     """Whether the compiled step leaves a batch of ``n_edges`` edges to the eager step because interaction ``layer``
     would run them in chunks (:meth:`cartlorem.nn.blocks.Interaction.chunks`; its traced forward never chunks). On
     the CPU with the layer's default chunks it does not: there the compiled step, unchunked, needs 0.47× the memory
-    of the eager chunked step and 0.33-0.38× its time (512- and 1000-atom diamond, C = 64:
+    of the eager chunked step (its peak above the memory held before it; 0.55× for the whole process) and 0.33-0.38×
+    its time (512- and 1000-atom diamond, C = 64:
     benchmarks/compiled_memory.py). On CUDA the chunk size follows the free memory (the unchunked batch might not
     fit), and a layer's ``edge_chunk`` is the user's choice: those batches go the eager way."""
     if torch.device(device).type == "cpu" and layer.edge_chunk is None:
@@ -155,8 +156,9 @@ class CompiledLossGradient:
         n_edges = int(batch.edge_index.shape[1])
         if any(_leaves_chunks_to_eager(layer, n_edges, batch.positions.device) for layer in self.model.layers):
             return ("a batch with more edges than the interaction layers compute at once (they would run it in "
-                    "chunks, which the compiled step cannot trace; smaller batches avoid it, and a layer's edge_chunk = 0 "
-                    "turns chunking off at the cost of memory)")
+                    "chunks, which the compiled step cannot trace; the chunk size is the layers' edge_chunk where set, "
+                    "else on CUDA what fits in the free GPU memory; smaller batches avoid it, and edge_chunk unset on "
+                    "a CPU or 0 lets the compiled step take it unchunked)")
         for name in _CHARGE_TERMS:
             has = getattr(batch, f"has_{name}", None)
             if self.weights.get(name, 0.0) > 0 and has is not None and bool(has.any()):
