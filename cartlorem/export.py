@@ -97,7 +97,7 @@ class _ExportedLongRange(nn.Module):
         field_ranks = (0, 1, 2) if self.kind == "multipole" else (0,)
         order = InteractionTensors(Layout(field_ranks), Layout(source_ranks)).max_order
         self.k_cutoff: float = 2.0 * tail_parameter(float(block.accuracy), order) * self.beta
-        # raised per cell where the reciprocal lattice is coarse, as cartlorem.ewald.ewald.discrete_k_cutoff
+        # (the constants of cartlorem.ewald.ewald.discrete_k_cutoff)
         self.accuracy: float = float(block.accuracy)
         self.tail_power: int = 2 if order >= 3 else 1
         self.tail_integral: float = 4.0 * math.pi * (2.0 * self.beta) ** (2 * self.tail_power + 1) * _tail_integral(

@@ -251,8 +251,9 @@ def test_batches_the_layers_would_chunk_run_eagerly(eager_compiled_step, caplog)
 def test_compiled_step_takes_the_batches_the_layers_would_chunk_on_the_cpu(monkeypatch, caplog):
     """On the CPU, with the layers' default chunk size, a batch that the eager layers run in chunks takes the
     compiled step (its traced forward unchunked: benchmarks/compiled_memory.py measured 0.47× the step's memory and
-    0.33-0.38× the time of the eager chunked step), and trains as the eager run does. Was: such batches ran eagerly ("edges
-    than the interaction layers compute at once"). A layer's own ``edge_chunk`` still sends them the eager way."""
+    0.33-0.38× the time of the eager chunked step), and trains as the eager run does. Was: such batches ran eagerly
+    ("edges than the interaction layers compute at once"). A layer's own ``edge_chunk`` still sends them the eager
+    way."""
     from torch._dynamo.utils import counters
 
     from cartlorem.nn import blocks

@@ -13,8 +13,9 @@ sigma^2/2)``.) With smearing, alpha never exceeds ``1/(sqrt 2 sigma)``; at that 
 kernel vanishes and only the reciprocal sum is left.
 
 Parameters (:func:`choose_parameters`): with ``p`` from :func:`tail_parameter`, ``r_c = p / alpha`` and
-``k_c = 2 p alpha`` (raised where the reciprocal lattice is coarse: :func:`discrete_k_cutoff`); alpha minimises a cost model, ``N^2 S(r_c)`` pair evaluations (S = number of lattice
-translations, real space is summed in dense blocks over minimum-image pair vectors) against
+``k_c = 2 p alpha`` (raised where the reciprocal lattice is coarse: :func:`discrete_k_cutoff`); alpha
+minimises a cost model, ``N^2 S(r_c)`` pair evaluations (S = number of lattice translations, real space is
+summed in dense blocks over minimum-image pair vectors) against
 ``N K(k_c)`` atom-k-vector terms, which for large cells puts ``r_c`` at half the smallest cell height.
 The chosen alpha is rounded up to the grid ``2^(j/16)`` (:func:`snap_alpha`), so that it does not move
 under small strains: the stress (autograd, alpha held constant) is then the exact derivative of the
