@@ -51,7 +51,8 @@ def run_cli(data, model, args, workdir):
     cmd = [sys.executable, "-m", "cartlorem.cli", "train", "--train", str(data), "--long-range", kind,
            "--channels", str(args.channels),
            "--correlation", str(args.correlation), "--epochs", str(args.epochs), "--dtype", args.dtype,
-           "--threads", "1", "--seed", "0", "--out", str(out), "--overwrite", "--no-progress"]
+           "--threads", "1", "--seed", "0", "--out", str(out), "--overwrite", "--no-progress",
+           "--batch-size", str(args.batch_size)]
     if placement:
         config = Path(workdir) / f"{out.name}.yaml"
         config.write_text(f"long_range_options:\n  placement: {placement.rstrip(']')}\n")
@@ -82,6 +83,7 @@ def main(argv=None):
     p.add_argument("--correlation", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--frames", type=int, default=400, help="frames of each set (10%% of them validate)")
+    p.add_argument("--batch-size", type=int, default=8, help="structures per training batch (the CLI's default: 8)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train_epoch"))
@@ -110,7 +112,8 @@ def main(argv=None):
                 command=harness.command_line("train_epoch.py", argv))
     lines = ["# `cartlorem train` epoch time per long-range model", "", f"Command: `{meta['command']}`", "",
              f"Commit {meta['git_commit']} (dirty: {meta['git_dirty']}), {meta['date']}, {meta['cpu_model']}, torch "
-             f"{meta['torch']}, 1 thread, {args.dtype}, C = {args.channels}, correlation {args.correlation}, batch 8, "
+             f"{meta['torch']}, 1 thread, {args.dtype}, C = {args.channels}, correlation {args.correlation}, batch "
+             f"{args.batch_size}, "
              f"{args.frames} frames per set (90% train, 10% validation), {args.epochs} epochs per run × {args.rounds} "
              f"rounds, first epoch of each run dropped. Load average {meta['loadavg_1min']} at start, "
              f"{meta['loadavg_end']} at end (2 cores).", "",
