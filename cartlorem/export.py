@@ -73,7 +73,7 @@ class _ExportedLongRange(nn.Module):
 
     def __init__(self, block):
         super().__init__()
-        from .ewald.ewald import DISCRETE_K_MAX, SHELL_GAP, _tail_integral, tail_parameter
+        from .ewald.ewald import tail_parameter
         from .ewald.kernels import (_SERIES_TERMS, _SERIES_TERMS_FLOAT32, _SERIES_X, InteractionTensors, Layout,
                                     smearing_beta)
 
@@ -90,20 +90,12 @@ class _ExportedLongRange(nn.Module):
         self.correction_weight = block.correction_weight if self.weighted_correction else None
         self.register_buffer("coupling_channel0", block.coupling_channel0)  # a buffer: moves with .to()
         self.coupling_others = block.coupling_others
-        # the Ewald parameters of cartlorem.ewald.ewald for α = β (no real-space part): k_c = 2 p β, raised per cell
-        # where the reciprocal lattice is coarse (_k_cutoff)
+        # the Ewald parameters of cartlorem.ewald.ewald for α = β (no real-space part): k_c = 2 p β
         self.beta: float = smearing_beta(self.smearing)
         source_ranks = tuple(range(self.lmax + 1)) if self.kind == "multipole" else (0,)
         field_ranks = (0, 1, 2) if self.kind == "multipole" else (0,)
         order = InteractionTensors(Layout(field_ranks), Layout(source_ranks)).max_order
         self.k_cutoff: float = 2.0 * tail_parameter(float(block.accuracy), order) * self.beta
-        # (the constants of cartlorem.ewald.ewald.discrete_k_cutoff)
-        self.accuracy: float = float(block.accuracy)
-        self.tail_power: int = 2 if order >= 3 else 1
-        self.tail_integral: float = 4.0 * math.pi * (2.0 * self.beta) ** (2 * self.tail_power + 1) * _tail_integral(
-            0.0, 2 * self.tail_power) / (8.0 * math.pi**3)
-        self.discrete_k_max: int = DISCRETE_K_MAX
-        self.shell_gap: float = SHELL_GAP
         self.series_x: float = float(_SERIES_X)
         self.series_terms: int = int(_SERIES_TERMS)  # float64; float32 (and lower) sum fewer terms
         self.series_terms_float32: int = int(_SERIES_TERMS_FLOAT32)
@@ -218,9 +210,10 @@ class _ExportedLongRange(nn.Module):
                 G = G + (8.0 * alpha**5 / (5.0 * root_pi)) * th
         return phi, E, G
 
-    def _half_space(self, cell: torch.Tensor, k_c: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Integer indices m [K, 3] of the half space of k-vectors with 0 < |k| < k_c and their |k| [K]
-        (cell [3, 3] float64), as :func:`cartlorem.ewald.ewald.kvector_indices`."""
+    def _kvector_indices(self, cell: torch.Tensor) -> torch.Tensor:
+        """Integer indices m [K, 3] of the half space of k-vectors with 0 < |k| < k_c (cell [3, 3] float64),
+        as :func:`cartlorem.ewald.ewald.kvector_indices`."""
+        k_c = self.k_cutoff
         recip = 2.0 * math.pi * torch.linalg.inv(cell).transpose(0, 1)
         bound: List[int] = torch.floor(k_c * torch.linalg.vector_norm(cell, dim=1) / (2.0 * math.pi)).long().tolist()
         axes = [torch.arange(-b, b + 1, device=cell.device) for b in bound]
@@ -228,43 +221,7 @@ class _ExportedLongRange(nn.Module):
         half = (grid[:, 0] > 0) | ((grid[:, 0] == 0) & (grid[:, 1] > 0)) | (
             (grid[:, 0] == 0) & (grid[:, 1] == 0) & (grid[:, 2] > 0))
         grid = grid[half]
-        norms = torch.linalg.vector_norm(grid.double() @ recip, dim=1)
-        keep = norms < k_c
-        return grid[keep], norms[keep]
-
-    def _k_cutoff(self, cell: torch.Tensor) -> float:
-        """The k-space cutoff of this cell: :func:`cartlorem.ewald.ewald.discrete_k_cutoff` at α = β."""
-        k_c, alpha, n = self.k_cutoff, self.beta, self.tail_power
-        x = k_c / (2.0 * alpha)
-        k_max = 2.0 * alpha * math.sqrt(x * x + 10.0)
-        volume = float(torch.abs(torch.linalg.det(cell)))
-        cross = torch.linalg.cross(cell[[1, 2, 0]], cell[[2, 0, 1]])  # a_l x a_m for each k: heights V / |a_l x a_m|
-        height = volume / float(torch.linalg.vector_norm(cross, dim=1).max())
-        if (height * k_max) ** 3 / (6.0 * math.pi**2) > self.discrete_k_max:
-            return k_c
-        _, norms = self._half_space(cell, k_max)
-        terms = 2.0 * norms ** (2 * n - 2) * torch.exp(-norms * norms / (4.0 * alpha * alpha)) / volume
-        target = 0.5 * self.accuracy * min(float(terms.sum()), self.tail_integral)
-        norms, order = torch.sort(norms)
-        terms = terms[order]
-        tails = torch.cat([torch.flip(torch.cumsum(torch.flip(terms, [0]), 0), [0]), terms.new_zeros(1)])
-        j = int((norms < k_c).sum())  # tails[j]: the tail with norms[:j] kept
-        if float(tails[j]) <= target:
-            return k_c
-        size = int(norms.shape[0])
-        gap = torch.cat([norms[1:] - norms[:-1] > self.shell_gap * norms[1:],
-                         torch.ones(1, dtype=torch.bool, device=norms.device)])
-        cut = (gap[j:] & (tails[j + 1:] <= target)).nonzero().flatten()
-        if cut.numel() == 0 or j + int(cut[0]) + 1 >= size:
-            return k_max
-        i = j + int(cut[0])
-        return 0.5 * float(norms[i] + norms[i + 1])
-
-    def _kvector_indices(self, cell: torch.Tensor) -> torch.Tensor:
-        """Integer indices m [K, 3] of the half space of k-vectors with 0 < |k| < k_c (cell [3, 3] float64),
-        as :func:`cartlorem.ewald.ewald.kvector_indices`, k_c as :func:`cartlorem.ewald.ewald.choose_parameters`."""
-        m, _ = self._half_space(cell, self._k_cutoff(cell))
-        return m
+        return grid[torch.linalg.vector_norm(grid.double() @ recip, dim=1) < k_c]
 
     def _fields(self, positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor, periodic: torch.Tensor,
                 q: torch.Tensor, mu: Optional[torch.Tensor], th: Optional[torch.Tensor], want_E: bool, want_G: bool

@@ -14,8 +14,7 @@ the sum of every cell of the batch runs as one set of batched operations (:func:
   to the requested accuracy, at a cost that grows as atoms × volume) up to the size :func:`plan_fits` admits,
   and larger batches go the eager way;
 * every cell's atoms padded to the batch's largest cell (``slots``) and its k-vectors, those of
-  :func:`.ewald.kvector_indices` with the cutoff of :func:`.ewald.choose_parameters` (``k_c = 2 p beta``, raised
-  where the reciprocal lattice is coarse: :func:`.ewald.discrete_k_cutoff`),
+  :func:`.ewald.kvector_indices` with the cutoff ``k_c = 2 p beta`` of :func:`.ewald.choose_parameters`,
   padded to the largest count with masked rows: phases ``[B, 2K, M]``, structure factors by one batched
   GEMM, the fields at the atoms by another;
 * the self term as in :func:`.ewald.ewald_sum` (the uniform background of a charged cell has no potential at
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 
 from ..tensors.harmonics import stf
-from .ewald import discrete_k_cutoff, kvector_indices, phase_sum, tail_parameter, wrap_positions
+from .ewald import kvector_indices, phase_sum, tail_parameter, wrap_positions
 from .slab import plane_kvector_indices, replica_correction, replica_k_cutoff, slab_correction, vacuum_gap
 from .kernels import (
     InteractionTensors,
@@ -108,8 +107,7 @@ def _order(ranks, source_ranks) -> int:
 
 
 def k_cutoff(smearing: float, accuracy: float, order: int) -> float:
-    """The eager Ewald sum's k-space cutoff ``2 p alpha`` at alpha = beta (:func:`.ewald.choose_parameters`), before
-    :func:`.ewald.discrete_k_cutoff` raises it for each cell whose reciprocal lattice is coarse."""
+    """The eager Ewald sum's k-space cutoff ``2 p alpha`` at alpha = beta (:func:`.ewald.choose_parameters`)."""
     return 2.0 * tail_parameter(accuracy, order) * smearing_beta(smearing)
 
 
@@ -150,13 +148,12 @@ def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, a
         slab = shift = None
     if open is not None and not bool(open.any()):
         open = None
-    beta, sum_order = smearing_beta(smearing), _order(ranks, source_ranks)
-    per_cell = [np.zeros((0, 3), dtype=np.int64) if open is not None and bool(open[b])
-                else kvector_indices(c, discrete_k_cutoff(c, beta, cutoff, sum_order, accuracy))
+    per_cell = [np.zeros((0, 3), dtype=np.int64) if open is not None and bool(open[b]) else kvector_indices(c, cutoff)
                 for b, c in enumerate(cells.numpy())]
     plan = PeriodicPlan(slots, atom_slot, *_padded(per_cell, 3, device))
     if slab is not None:
-        planes = [plane_kvector_indices(c, replica_k_cutoff(float(g), accuracy, sum_order)) if bool(s)
+        order = _order(ranks, source_ranks)
+        planes = [plane_kvector_indices(c, replica_k_cutoff(float(g), accuracy, order)) if bool(s)
                   else np.zeros((0, 2), dtype=np.int64) for c, g, s in zip(cells.numpy(), gap, slab)]
         replica_m, replica_mask = _padded(planes, 2, device)
         plan = plan._replace(slab=slab.to(device=device, dtype=torch.bool), gap=gap.to(device), shift=shift,

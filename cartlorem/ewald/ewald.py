@@ -13,9 +13,8 @@ sigma^2/2)``.) With smearing, alpha never exceeds ``1/(sqrt 2 sigma)``; at that 
 kernel vanishes and only the reciprocal sum is left.
 
 Parameters (:func:`choose_parameters`): with ``p`` from :func:`tail_parameter`, ``r_c = p / alpha`` and
-``k_c = 2 p alpha`` (raised where the reciprocal lattice is coarse: :func:`discrete_k_cutoff`); alpha
-minimises a cost model, ``N^2 S(r_c)`` pair evaluations (S = number of lattice translations, real space is
-summed in dense blocks over minimum-image pair vectors) against
+``k_c = 2 p alpha``; alpha minimises a cost model, ``N^2 S(r_c)`` pair evaluations (S = number of lattice
+translations, real space is summed in dense blocks over minimum-image pair vectors) against
 ``N K(k_c)`` atom-k-vector terms, which for large cells puts ``r_c`` at half the smallest cell height.
 The chosen alpha is rounded up to the grid ``2^(j/16)`` (:func:`snap_alpha`), so that it does not move
 under small strains: the stress (autograd, alpha held constant) is then the exact derivative of the
@@ -145,73 +144,6 @@ def kvector_indices(cell: np.ndarray, k_cutoff: float) -> np.ndarray:
     return grid[np.linalg.norm(grid @ recip, axis=1) < k_cutoff]
 
 
-#: Above this many candidate k-vectors (the sphere of :func:`discrete_k_cutoff`'s ``k_max``) in a cube of the cell's
-#: smallest height the lattice is fine enough for the integral tail estimate (no search). A scale-free bound (it
-#: counts k_max in reciprocal spacings): in cubes the fields missed ``accuracy`` only below ~1,500 (sigma = 1 Å:
-#: cubes up to 6 Å) and met it by 0.5-0.8x from ~2,200 on (7 Å; 64-atom cells, ~9,000). The smallest height, not
-#: the volume: a long thin cell (3 x 3 x 120 Å) is as coarse across as its short sides (1.9x accuracy when its
-#: volume decided, 0.3x searched).
-DISCRETE_K_MAX = 1 << 12
-#: Relative distance of |k| below which k-vectors count as one shell (:func:`discrete_k_cutoff`).
-SHELL_GAP = 1e-4
-
-
-def _tail_integral(x: float, power: int) -> float:
-    """``int_x^inf t^power exp(-t^2) dt`` for an even ``power`` >= 0 (recursion from the erfc)."""
-    value = 0.5 * math.sqrt(math.pi) * math.erfc(x)
-    for m in range(2, power + 1, 2):
-        value = 0.5 * x ** (m - 1) * math.exp(-x * x) + 0.5 * (m - 1) * value
-    return value
-
-
-def discrete_k_cutoff(cell: np.ndarray, alpha: float, k_cutoff: float, order: int, accuracy: float) -> float:
-    """The k-space cutoff ``k_cutoff`` raised (never lowered) until the reciprocal sum over the cell's own
-    lattice has a relative tail of at most ``accuracy / 2``.
-
-    :func:`tail_parameter` sets ``k_c`` from integrals over k: the relative tail of
-    ``int f d^3k``, ``f = k^(2n-2) exp(-k^2/4 alpha^2)``. When ``k_c`` spans only a few reciprocal-lattice
-    spacings (smearing comparable to the cell: a 1 Å Gaussian in a 3 Å cell; reciprocal-only sums) the lattice
-    sum ``sum_k f`` has a larger relative tail, and the fields missed ``accuracy`` by up to 6x (measured). Here
-    the tail and the total are the lattice sums (the total at most the integral), with ``n = 2`` from order 3 on
-    (the k^3 of a dipole's field gradient near its source makes the integrand grow like the quadrupole's); the
-    cutoff returned lies halfway between the last shell kept and the next. A lattice whose cube of its smallest
-    height holds more than :data:`DISCRETE_K_MAX` candidate vectors keeps ``k_cutoff`` without a search
-    (training-size cells: 64 atoms at σ = 1 Å); below that the half-accuracy target may also raise ``k_c`` of
-    lattices that met ``accuracy``.
-    """
-    return _discrete_k_cutoff(np.ascontiguousarray(cell, dtype=np.float64).tobytes(), float(alpha), float(k_cutoff),
-                              int(order), float(accuracy))
-
-
-@lru_cache(maxsize=256)
-def _discrete_k_cutoff(cell_key: bytes, alpha: float, k_cutoff: float, order: int, accuracy: float) -> float:
-    cell = np.frombuffer(cell_key).reshape(3, 3)
-    n = 2 if order >= 3 else 1
-    x = k_cutoff / (2.0 * alpha)
-    k_max = 2.0 * alpha * math.sqrt(x * x + 10.0)  # the tail beyond it is about exp(-10) of the one at k_cutoff
-    volume = abs(np.linalg.det(cell))
-    if (_cell_heights(cell).min() * k_max) ** 3 / (6.0 * math.pi**2) > DISCRETE_K_MAX:
-        return k_cutoff
-    norms = np.linalg.norm(kvector_indices(cell, k_max) @ (2.0 * np.pi * np.linalg.inv(cell).T), axis=1)
-    terms = 2.0 * norms ** (2 * n - 2) * np.exp(-norms * norms / (4.0 * alpha * alpha)) / volume  # both half spaces
-    integral = 4.0 * math.pi * (2.0 * alpha) ** (2 * n + 1) * _tail_integral(0.0, 2 * n) / (8.0 * math.pi**3)
-    target = 0.5 * accuracy * min(float(terms.sum()), integral)
-    order_k = np.argsort(norms)
-    norms, terms = norms[order_k], terms[order_k]
-    tails = np.concatenate([np.cumsum(terms[::-1])[::-1], [0.0]])  # tails[j]: the tail with norms[:j] kept
-    j = int(np.searchsorted(norms, k_cutoff))  # the vectors kvector_indices(k_cutoff) keeps
-    if tails[j] <= target:
-        return k_cutoff
-    # cut only between shells (norms apart by more than SHELL_GAP relative, so that a strain does not split one)
-    # and halfway between them: the same vectors on both sides of a small strain
-    gap = np.concatenate([np.diff(norms) > SHELL_GAP * norms[1:], [True]])  # gap[i]: a cut may follow norms[i]
-    cut = np.nonzero(gap[j:] & (tails[j + 1:] <= target))[0]
-    if len(cut) == 0 or j + int(cut[0]) + 1 >= len(norms):
-        return k_max
-    i = j + int(cut[0])
-    return 0.5 * float(norms[i] + norms[i + 1])
-
-
 def _cell_heights(cell: np.ndarray) -> np.ndarray:
     """Distances between lattice planes, h_k = V / |a_l x a_m| (Å)."""
     volume = abs(np.linalg.det(cell))
@@ -312,8 +244,7 @@ def choose_parameters(
     if alpha is None:
         alpha = _choose_alpha(np.ascontiguousarray(cell, dtype=np.float64).tobytes(), n_atoms, p, beta_max, order)
     alpha = min(float(alpha), beta_max)
-    k_cutoff = discrete_k_cutoff(np.asarray(cell, dtype=np.float64), alpha, 2.0 * p * alpha, order, accuracy)
-    return EwaldParameters(alpha, p / alpha, k_cutoff)
+    return EwaldParameters(alpha, p / alpha, 2.0 * p * alpha)
 
 
 def reciprocal_sum(
