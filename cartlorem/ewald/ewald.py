@@ -358,12 +358,11 @@ def ewald_sum(
     cell_np = cell.detach().cpu().double().numpy()
     params = choose_parameters(cell_np, positions.shape[0], accuracy, tensors.max_order, smearing, alpha)
     kernel = RadialKernel.ewald_real(params.alpha, smearing)
-    if kernel.is_zero:  # smeared sources split at alpha = beta: reciprocal space only, no real-space images to search
-        out = torch.zeros(v.shape[0], len(rows), v.shape[2], dtype=v.dtype, device=v.device)
-    else:
+    shifts = None
+    if not kernel.is_zero:  # smeared sources split at alpha = beta (a zero kernel: pair_sum's zeros) need no images
         check_image_count(cell_np, params.real_cutoff)
         shifts = torch.as_tensor(lattice_shifts(cell_np, params.real_cutoff), device=positions.device)
-        out = pair_sum(positions, v, kernel, tensors, cell=cell, shifts=shifts, cutoff=params.real_cutoff)
+    out = pair_sum(positions, v, kernel, tensors, cell=cell, shifts=shifts, cutoff=params.real_cutoff)
     m = torch.as_tensor(kvector_indices(cell_np, params.k_cutoff), device=positions.device)
     out = out + reciprocal_sum(positions, v, cell, m, params.alpha, rows, cols)
     out = out - torch.einsum("ab,nbc->nac", self_matrix(tensors, params.alpha, v.dtype, v.device), v)
