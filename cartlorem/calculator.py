@@ -28,7 +28,12 @@ of the last calculation are in ``extra_results``: "dipoles" [N, 3] (e·Å, per a
 Electric field: ``CartLoremCalculator(model, electric_field=[Ex, Ey, Ez])`` (V/Å) applies a uniform
 field (long-range models): molecules get −P·E in the energy and its gradient in the forces; periodic
 cells and slabs get the forces F_i += Z*_iᵀE and no energy term (see :meth:`cartlorem.CartLorem.forward`).
-Dipoles and field energies are those of the positions ASE holds (the float64 shift is undone).
+``calc.set(electric_field=...)`` or ``calc.electric_field = ...`` changes it (None: no field) and drops the
+results. Dipoles, Born charges, field energies and forces are those of the positions ASE holds: the model
+takes P about ASE's origin (``dipole_origin``), whatever the float64 shift. For periodic cells and slabs the
+charge-transfer part of Z* depends on the lattice image each atom's position is taken in (the home cell,
+as ASE's ``wrap`` puts it); with a field, or when Born charges are asked for, a reused list is rebuilt when an
+atom crosses into another cell, so that results stay those of a fresh list.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from .graph import Graph, atoms_to_graph
+from .graph import _MIN_DISTANCE, Graph, atoms_to_graph
 
 __all__ = ["CartLoremCalculator"]
 
@@ -58,6 +63,7 @@ class CartLoremCalculator(Calculator):
         trust_pickle: passed to :func:`cartlorem.load_model` for a path (default False: a file holding
             pickled objects is refused).
         electric_field: uniform external field [Ex, Ey, Ez] in V/Å (long-range models; default None).
+        **kwargs: ASE's own calculator arguments (``label``, ``directory``, ``atoms``, ...); any other is an error.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "charges", "dipole"]
@@ -65,8 +71,14 @@ class CartLoremCalculator(Calculator):
 
     def __init__(self, model_or_path, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None,
                  skin: float = 0.5, trust_pickle: bool = False, electric_field=None, **kwargs):
-        super().__init__(**kwargs)
         from .model import CartLorem, load_model
+
+        unknown = sorted(set(kwargs) - self._ASE_ARGUMENTS)
+        if unknown:  # ASE would keep them as "parameters" and do nothing with them (a misspelled electric_field)
+            raise TypeError(f"CartLoremCalculator got unknown argument(s) {', '.join(unknown)}; it takes model_or_path, "
+                            "device, dtype, skin, trust_pickle, electric_field and ASE's "
+                            f"{', '.join(sorted(self._ASE_ARGUMENTS))}")
+        super().__init__(**kwargs)
 
         if isinstance(model_or_path, (str, os.PathLike)):
             model = load_model(model_or_path, trust_pickle=trust_pickle)
@@ -108,20 +120,55 @@ class CartLoremCalculator(Calculator):
         # an instance attribute: only long-range models have charges and a dipole
         self.implemented_properties = [p for p in type(self).implemented_properties
                                        if p not in ("charges", "dipole") or self.model.long_range is not None]
-        self.electric_field = None
-        if electric_field is not None:
-            if self.model.long_range is None:
-                raise ValueError("electric_field needs learned charges: this model has no long range "
-                                 "(long_range=None); use a 'multipole' or 'lorem' model")
-            field = np.asarray(electric_field, dtype=np.float64)
-            if field.shape != (3,) or not np.all(np.isfinite(field)):
-                raise ValueError(f"electric_field must be 3 finite numbers (V/Å), got {electric_field!r}")
-            self.electric_field = field
+        self._field: Optional[np.ndarray] = None
+        self.electric_field = electric_field
         self.extra_results: dict = {}
         self._nl_key = None
         self._nl_graph: Optional[Graph] = None
         self._nl_positions: Optional[np.ndarray] = None
-        self._nl_offset: Optional[np.ndarray] = None
+        self._nl_lattice: Optional[np.ndarray] = None  # [N, 3] whole lattice vectors subtracted per atom
+        self._nl_shift: Optional[np.ndarray] = None  # [3] the global shift subtracted (open directions)
+
+    #: the arguments of ase.calculators.calculator.Calculator.__init__
+    _ASE_ARGUMENTS = frozenset({"restart", "ignore_bad_restart_file", "label", "atoms", "directory"})
+
+    @property
+    def electric_field(self) -> Optional[np.ndarray]:
+        """The uniform external field [Ex, Ey, Ez] (V/Å), or None. Setting it checks it and drops the results."""
+        return None if self._field is None else self._field.copy()
+
+    @electric_field.setter
+    def electric_field(self, value) -> None:
+        field = None
+        if value is not None:
+            if self.model.long_range is None:
+                raise ValueError("electric_field needs learned charges: this model has no long range "
+                                 "(long_range=None); use a 'multipole' or 'lorem' model")
+            try:
+                field = np.array(value, dtype=np.float64)
+            except (TypeError, ValueError):
+                field = np.full(0, np.nan)
+            if field.shape != (3,) or not np.all(np.isfinite(field)):
+                raise ValueError(f"electric_field must be 3 finite numbers (V/Å), got {value!r}")
+        same = (field is None and self._field is None) or (
+            field is not None and self._field is not None and np.array_equal(field, self._field))
+        self._field = field
+        if not same:
+            self.reset()
+
+    def set(self, **kwargs):
+        """ASE's ``set``: ``electric_field`` (V/Å, or None) is the one parameter; it drops the results when it
+        changes. Returns {name: new value} of what changed."""
+        unknown = sorted(set(kwargs) - {"electric_field"})
+        if unknown:
+            raise TypeError(f"CartLoremCalculator.set takes electric_field only, got {', '.join(unknown)}")
+        if "electric_field" not in kwargs:
+            return {}
+        before = self._field
+        self.electric_field = kwargs["electric_field"]
+        if (before is None) == (self._field is None) and (before is None or np.array_equal(before, self._field)):
+            return {}
+        return {"electric_field": self.electric_field}
 
     def reset(self):
         super().reset()
@@ -161,19 +208,22 @@ class CartLoremCalculator(Calculator):
         return value.copy() if isinstance(value, np.ndarray) else value
 
     @staticmethod
-    def _offsets(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-        """[N, 3] Å to subtract from the positions: whole lattice vectors per atom along the periodic
-        directions (to the home cell) and, when a direction is open, the centroid (a global shift)."""
-        offset = np.zeros_like(positions)
+    def _offsets(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What to subtract from the positions: ([N, 3] Å, whole lattice vectors per atom along the periodic
+        directions, to the home cell; [3] Å, when a direction is open the centroid of the rest, a global shift)."""
+        lattice_part, shift = np.zeros_like(positions), np.zeros(3)
         if np.any(pbc):
             lattice = cell[pbc]  # [P, 3] periodic lattice vectors
             frac = positions @ np.linalg.pinv(lattice)  # [N, P]
-            offset = np.floor(frac) @ lattice
+            lattice_part = np.floor(frac) @ lattice
         if not np.all(pbc):
-            offset = offset + (positions - offset).mean(axis=0)
-        return offset
+            shift = (positions - lattice_part).mean(axis=0)
+        return lattice_part, shift
 
-    def _graph(self, atoms) -> Graph:
+    def _graph(self, atoms, same_images: bool = False) -> Graph:
+        """The graph of ``atoms``, from the reused list where it holds. ``same_images``: rebuild it also when an
+        atom's home cell is no longer the one it had when the list was built (results that depend on the lattice
+        image of the positions are then those of a fresh list)."""
         positions = atoms.get_positions()
         key = (len(atoms), tuple(atoms.get_atomic_numbers()), tuple(np.round(atoms.get_cell().array, 12).ravel()),
                tuple(atoms.get_pbc()), repr(atoms.info.get("total_charge", atoms.info.get("charge", 0.0))),
@@ -181,29 +231,41 @@ class CartLoremCalculator(Calculator):
         reuse = (self.skin > 0 and self._nl_key == key and self._nl_positions is not None
                  and np.all(np.isfinite(positions))
                  and np.max(np.linalg.norm(positions - self._nl_positions, axis=1)) < 0.5 * self.skin)
+        if reuse and same_images and np.any(atoms.get_pbc()):
+            lattice_part, _ = self._offsets(positions, atoms.get_cell().array, atoms.get_pbc())
+            reuse = np.array_equal(lattice_part, self._nl_lattice)
         if reuse:
             g = self._nl_graph
-            g = g.replace(positions=torch.tensor(positions - self._nl_offset, dtype=g.positions.dtype))
-            # overlapping atoms inside a reused list still need catching
+            g = g.replace(positions=torch.tensor(positions - self._nl_lattice - self._nl_shift,
+                                                 dtype=g.positions.dtype))
+            # overlapping atoms inside a reused list still need catching: the same limit and message as a new list
             vec = g.edge_vectors()
-            if len(vec) and float(vec.norm(dim=-1).min()) < 1e-3:
-                reuse = False
-            else:
-                return g
-        offset, cell = np.zeros_like(positions), atoms.get_cell().array
+            if len(vec):
+                d = vec.norm(dim=-1)
+                k = int(d.argmin())
+                if float(d[k]) < _MIN_DISTANCE:
+                    i, j = (int(x) for x in g.edge_index[:, k])
+                    raise ValueError(f"{atoms.get_chemical_formula() or 'structure'}: atoms {i} and {j} are "
+                                     f"{float(d[k]):.2e} Å apart (overlapping atoms)")
+            return g
+        lattice_part, shift, cell = np.zeros_like(positions), np.zeros(3), atoms.get_cell().array
         # otherwise atoms_to_graph says what is bad (no atoms, NaN)
         if len(positions) and np.all(np.isfinite(positions)) and np.all(np.isfinite(cell)):
-            offset = self._offsets(positions, cell, atoms.get_pbc())
+            lattice_part, shift = self._offsets(positions, cell, atoms.get_pbc())
         shifted = atoms.copy()
-        shifted.arrays["positions"] = positions - offset
+        shifted.arrays["positions"] = positions - lattice_part - shift
         g = atoms_to_graph(shifted, self.model.cutoff + self.skin, dtype=self.model.dtype,
                            label=atoms.get_chemical_formula() or "structure")
-        self._nl_key, self._nl_graph, self._nl_positions, self._nl_offset = key, g, positions.copy(), offset
+        self._nl_key, self._nl_graph, self._nl_positions = key, g, positions.copy()
+        self._nl_lattice, self._nl_shift = lattice_part, shift
         return g
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        graph = self._graph(self.atoms).to(device=self.device, dtype=self.model.dtype)
+        field = self._field
+        charge_outputs = field is not None or "dipole" in properties or "born_charges" in properties
+        graph = self._graph(self.atoms, same_images=field is not None or "born_charges" in properties)
+        graph = graph.to(device=self.device, dtype=self.model.dtype)
         periodic = bool(np.all(self.atoms.get_pbc()))
         if "stress" in properties and not periodic:
             from ase.calculators.calculator import PropertyNotImplementedError
@@ -219,19 +281,14 @@ class CartLoremCalculator(Calculator):
             raise PropertyNotImplementedError(
                 f"the dipole moment is defined for molecules (pbc all False); these atoms have pbc = "
                 f"{self.atoms.get_pbc().tolist()} (get_extra('born_charges') works for any cell)")
-        field = self.electric_field
+        # the model saw r − shift (and whole lattice vectors): P and the field's potential about ASE's origin
+        origin = -self._nl_shift if charge_outputs and np.any(self._nl_shift) else None
         out = self.model(graph, compute_forces=True, compute_stress=periodic and "stress" in properties or None,
                          create_graph=False, compute_dipole="dipole" in properties,
-                         compute_born_charges="born_charges" in properties, electric_field=field)
+                         compute_born_charges="born_charges" in properties, electric_field=field,
+                         dipole_origin=origin)
         energies = out["node_energy"].detach().cpu().numpy().astype(np.float64)
-        origin = self._nl_offset[0] if molecule else None  # open: the model saw r − origin (one global shift)
-        if field is not None and molecule:
-            # −P·E about the positions ASE holds: the model's P is about ``origin``, P = P_model + Q origin
-            q = out["charges"].detach().cpu().numpy().astype(np.float64)
-            energies = energies - q * float(origin @ field)
         energy = float(out["energy"].detach().sum())
-        if field is not None and molecule:
-            energy = energy - float(out["charges"].detach().double().sum()) * float(origin @ field)
         self.results = {
             "energy": energy,
             "free_energy": energy,
@@ -239,8 +296,7 @@ class CartLoremCalculator(Calculator):
             "forces": out["forces"].detach().cpu().numpy().astype(np.float64),
         }
         if "dipole" in out:
-            q_total = float(out["charges"].detach().double().sum())
-            self.results["dipole"] = out["dipole"][0].detach().cpu().numpy().astype(np.float64) + q_total * origin
+            self.results["dipole"] = out["dipole"][0].detach().cpu().numpy().astype(np.float64)
         if "stress" in out and periodic:
             s = out["stress"][0].detach().cpu().numpy().astype(np.float64)
             self.results["stress"] = s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # Voigt xx yy zz yz xz xy

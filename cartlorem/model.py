@@ -269,11 +269,12 @@ class CartLorem(nn.Module):
     # --- the energy model ----------------------------------------------------------------------
     def energy(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor, *, dipole: bool = False,
                electric_field: Optional[torch.Tensor] = None, species: Optional[torch.Tensor] = None,
-               pairs: Optional[tuple] = None) -> dict:
+               pairs: Optional[tuple] = None, dipole_origin: Optional[torch.Tensor] = None) -> dict:
         """Total energy [B] (eV) and per-atom energies [N] for the given positions and cell.
 
-        Long-range models also: with ``dipole`` (or a field), "dipole" [B, 3] (e·Å), P = Σ_i q_i r_i + μ_i
-        of channel 0 with r the positions as given; with ``electric_field`` [B, 3] (V/Å), the term −P·E
+        Long-range models also: with ``dipole`` (or a field), "dipole" [B, 3] (e·Å), P = Σ_i q_i (r_i − o) + μ_i
+        of channel 0 with r the positions as given and o ``dipole_origin`` [B, 3] (Å; default 0, the origin of
+        the positions); with ``electric_field`` [B, 3] (V/Å), the term −P·E
         (eV): in the energy of open structures, and as "force_only_energy" [B] for periodic cells and
         slabs, whose P is not defined: only its gradient, the force Z*ᵀE, is used (cartlorem.forces).
 
@@ -326,7 +327,8 @@ class CartLorem(nn.Module):
             node_energy = node_energy + e_es
         zeros = torch.zeros(graph.num_graphs, dtype=node_energy.dtype, device=node_energy.device)  # [B]
         if dipole or electric_field is not None:
-            site = out["charges"][:, None] * positions  # [N, 3] e·Å: q_i r_i + μ_i of channel 0
+            arm = positions if dipole_origin is None else positions - dipole_origin.index_select(0, graph.batch)
+            site = out["charges"][:, None] * arm  # [N, 3] e·Å: q_i (r_i − o) + μ_i of channel 0
             if "dipoles" in out:
                 site = site + out["dipoles"]
             out["dipole"] = torch.zeros_like(cell[:, 0]).index_add(0, graph.batch, site)  # [B, 3]
@@ -344,7 +346,7 @@ class CartLorem(nn.Module):
 
     def forward(self, graph: Graph, compute_forces: bool = True, compute_stress: Optional[bool] = None,
                 create_graph: Optional[bool] = None, *, compute_dipole: bool = False,
-                compute_born_charges: bool = False, electric_field=None) -> dict:
+                compute_born_charges: bool = False, electric_field=None, dipole_origin=None) -> dict:
         """Predict for a batch: "energy" [B], "node_energy" [N], "forces" [N, 3], "stress" [B, 3, 3]
         (eV/Å³; computed by default when a structure is fully periodic; rows of open structures and
         slabs are zero) with the virial "virial" [B, 3, 3] (eV, −∂E/∂ε, −V σ for a periodic cell; defined for
@@ -373,6 +375,11 @@ class CartLorem(nn.Module):
           gets −P·E (eV) and the forces its gradient, Z*_iᵀE. Periodic cells and slabs: the forces get
           F_i += Z*_iᵀE (the standard practice, P not being defined) and the energy and stress do not
           change. A zero field gives the results without a field.
+        * ``dipole_origin``: the point o (Å), [3] or [B, 3], in the frame of the positions given, about which P is
+          taken, P = Σ_i q_i (r_i − o) + μ_i, and where the potential of the field is zero (default: the origin).
+          It matters where the total charge Q can differ from zero: P, the field energy −P·E and, for a model
+          whose Q depends on the positions (no charge correction), the forces and Born charges, by Q o and its
+          derivatives. (The ASE calculator passes the origin of the positions ASE holds, since it shifts them.)
         """
         if graph.positions.dtype != self.dtype or graph.positions.device != self.embedding.device:
             graph = graph.to(device=self.embedding.device, dtype=self.dtype)
@@ -392,6 +399,11 @@ class CartLorem(nn.Module):
                              f"{graph.pbc[k].tolist()} (born_charges and electric_field work for any cell)")
         if electric_field is not None:
             electric_field = self._field(electric_field, graph.num_graphs)
+        if dipole_origin is not None:
+            if not asked:
+                raise ValueError("dipole_origin is the origin of the dipole P and of the field's potential: it needs "
+                                 "compute_dipole, compute_born_charges or electric_field")
+            dipole_origin = self._field(dipole_origin, graph.num_graphs, "dipole_origin", "Å")
         if compute_stress is None:
             compute_stress = bool(graph.pbc.all(dim=1).any())
         create_graph = self.training if create_graph is None else create_graph
@@ -399,7 +411,8 @@ class CartLorem(nn.Module):
         want_p = compute_dipole or compute_born_charges or electric_field is not None
 
         def energy_fn(g, positions, cell):
-            return self.energy(g, positions, cell, dipole=want_p, electric_field=electric_field)
+            return self.energy(g, positions, cell, dipole=want_p, electric_field=electric_field,
+                               dipole_origin=dipole_origin)
 
         try:
             out = with_derivatives(energy_fn, graph, compute_forces=compute_forces, compute_stress=compute_stress,
@@ -474,19 +487,20 @@ class CartLorem(nn.Module):
         if n == 0:
             raise ValueError("the graph has no atoms")
 
-    def _field(self, field, n_struct: int) -> torch.Tensor:
-        """electric_field (V/Å) → [B, 3] tensor in the model's dtype; ValueError for a bad shape or value."""
+    def _field(self, field, n_struct: int, name: str = "electric_field", unit: str = "V/Å") -> torch.Tensor:
+        """electric_field (or another vector per structure, ``name``) → [B, 3] tensor in the model's dtype;
+        ValueError for a bad shape or value."""
         try:
             field = torch.as_tensor(field, dtype=self.dtype, device=self.embedding.device)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"electric_field must be 3 numbers (V/Å) or one row per structure: {err}") from None
+            raise ValueError(f"{name} must be 3 numbers ({unit}) or one row per structure: {err}") from None
         if field.shape == (3,):
             field = field.expand(n_struct, 3)
         if field.shape != (n_struct, 3):
-            raise ValueError(f"electric_field must have shape [3] or [B, 3] = [{n_struct}, 3] (V/Å), "
+            raise ValueError(f"{name} must have shape [3] or [B, 3] = [{n_struct}, 3] ({unit}), "
                              f"got {list(field.shape)}")
         if not bool(torch.isfinite(field).all()):
-            raise ValueError("electric_field contains NaN or inf")
+            raise ValueError(f"{name} contains NaN or inf")
         return field
 
     def extra_repr(self) -> str:

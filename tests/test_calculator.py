@@ -479,3 +479,17 @@ def test_no_atoms_is_a_clear_error_without_warnings(model):
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="no atoms"):
             CartLoremCalculator(model).get_potential_energy(Atoms())
+
+
+def test_overlapping_atoms_in_a_reused_list_are_the_error_of_a_new_list(model):
+    """A reused neighbour list caught overlapping atoms only below 1e-3 Å, where a new list refuses them below
+    0.1 Å: two atoms 0.05 Å apart got an energy when the list was reused, and an error from a new calculator."""
+    atoms = Atoms("CuAg", positions=[[0.0, 0.0, 0.0], [0.25, 0.0, 0.0]])
+    atoms.calc = CartLoremCalculator(model)
+    atoms.get_potential_energy()
+    atoms.positions[1, 0] = 0.05  # 0.2 Å: within half the skin, so the list is reused
+    with pytest.raises(ValueError, match="AgCu: atoms 0 and 1 are 5.00e-02 Å apart"):
+        atoms.get_potential_energy()
+    with pytest.raises(ValueError, match="AgCu: atoms 0 and 1 are 5.00e-02 Å apart"):
+        CartLoremCalculator(model).get_potential_energy(atoms.copy())
+

@@ -212,13 +212,15 @@ def test_bad_requests_are_clear_errors():
         cartlorem.CartLoremCalculator(model, electric_field=[1.0, 2.0])
 
 
-def test_calculator_dipole_born_charges_and_field():
-    """The calculator shifts positions in float64; its dipole and field energy are those of the positions
-    ASE holds (a cation far from the origin, where the shift matters), equal to the model's."""
+@pytest.mark.parametrize("correction", ["uniform", None])
+def test_calculator_dipole_born_charges_and_field(correction):
+    """The calculator shifts positions in float64; its dipole, Born charges, field energy and forces are those of
+    the positions ASE holds (a cation far from the origin, where the shift matters), equal to the model's. Without
+    charge correction Q depends on the positions, and so do the terms Q o that the shift o brings into P."""
     from ase.calculators.calculator import PropertyNotImplementedError
 
     field = np.array([0.05, -0.1, 0.2])
-    model = lr_model("multipole")
+    model = lr_model("multipole", long_range_options={"charge_correction": correction})
     atoms = methanol(1.0)
     atoms.positions += [120.0, -40.0, 75.0]
     atoms.calc = cartlorem.CartLoremCalculator(model)
@@ -233,6 +235,16 @@ def test_calculator_dipole_born_charges_and_field():
     assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
     assert np.allclose(atoms.get_forces(), out["forces"].detach().numpy(), atol=1e-9)
 
+    if correction is None:  # the forces are those of the energy ASE reports (central differences)
+        calc, h = cartlorem.CartLoremCalculator(model, electric_field=field, skin=0.0), 1e-4
+        for i, k in ((0, 0), (3, 2)):
+            e = []
+            for step in (h, -h):
+                moved = atoms.copy()
+                moved.positions[i, k] += step
+                e.append(calc.get_potential_energy(moved))
+            assert atoms.get_forces()[i, k] == pytest.approx(-(e[0] - e[1]) / (2 * h), abs=1e-6)
+
     crystal = nacl_crystal()
     crystal.calc = cartlorem.CartLoremCalculator(lr_model("multipole", (11, 17)))
     with pytest.raises(PropertyNotImplementedError, match="molecules"):
@@ -240,16 +252,93 @@ def test_calculator_dipole_born_charges_and_field():
     assert crystal.calc.get_extra("born_charges").shape == (8, 3, 3)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_dipole_origin(kind):
+    """P about a point o is P − Q o; the field energy of a charged molecule about o is −(P − Q o)·E, and its forces
+    and Born charges follow (Q depending on the positions without charge correction)."""
+    model = lr_model(kind, long_range_options={"charge_correction": None})
+    atoms = methanol(1.0)
+    o = np.array([3.0, -7.0, 2.0])
+    field = np.array([0.1, 0.05, -0.2])
+    ref = run(model, atoms, compute_dipole=True)
+    q = float(ref["charges"].detach().sum())
+    out = run(model, atoms, compute_dipole=True, compute_born_charges=True, electric_field=field, dipole_origin=o)
+    assert np.allclose(out["dipole"].detach().numpy()[0], ref["dipole"].detach().numpy()[0] - q * o, atol=1e-12)
+    # the same as the positions moved by −o with the default origin: a translation of the whole molecule
+    moved = atoms.copy()
+    moved.positions -= o
+    there = run(model, moved, compute_dipole=True, compute_born_charges=True, electric_field=field)
+    for key in ("energy", "forces", "dipole", "born_charges"):
+        assert np.allclose(out[key].detach().numpy(), there[key].detach().numpy(), atol=1e-10), key
+    assert not np.allclose(out["forces"].detach().numpy(),
+                           run(model, atoms, electric_field=field)["forces"].detach().numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="dipole_origin .*needs"):
+        run(model, atoms, dipole_origin=o)
+    with pytest.raises(ValueError, match=r"dipole_origin must have shape \[3\]"):
+        run(model, atoms, compute_dipole=True, dipole_origin=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("ask", ["field", "born_charges"])
+def test_calculator_images_of_a_reused_list_are_those_of_a_new_one(ask):
+    """In a periodic cell the field force Z*ᵀE and Z* have a charge-transfer part that depends on the lattice image
+    each position is taken in; an atom that crossed into the next cell within the skin gives what a new
+    calculator (a new list, every atom in its home cell) gives, not what the list's old image gave."""
+    field = [0.2, 0.0, 0.0] if ask == "field" else None
+    model = lr_model("multipole", (11, 17), long_range_options={"charge_correction": None})
+    atoms = nacl_crystal()
+    atoms.wrap()
+    atoms.positions[0] = atoms.cell.array[0] * 0.999 + [0.0, 1.0, 1.0]
+    calc = cartlorem.CartLoremCalculator(model, electric_field=field, skin=0.5)
+
+    def result(a, c):
+        return c.get_forces(a) if ask == "field" else c.get_extra("born_charges", a)
+
+    result(atoms, calc)
+    atoms.positions[0] += atoms.cell.array[0] * 0.002  # 0.01 Å: into the next cell, well within the skin
+    fresh = result(atoms.copy(), cartlorem.CartLoremCalculator(model, electric_field=field, skin=0.5))
+    assert np.allclose(result(atoms, calc), fresh, atol=1e-10)
+
+
+def test_calculator_field_is_a_parameter():
+    """``calc.set(electric_field=...)`` and assigning ``calc.electric_field`` change the field and drop the old
+    results; an unknown argument (a misspelled electric_field) is an error, not an ASE parameter left unused."""
+    model = lr_model("multipole")
+    atoms = methanol(0.0)
+    field = [0.5, 0.0, 0.0]
+    with_field = cartlorem.CartLoremCalculator(model, electric_field=field).get_potential_energy(atoms)
+    without = cartlorem.CartLoremCalculator(model).get_potential_energy(atoms)
+    assert abs(with_field - without) > 1e-3
+    calc = cartlorem.CartLoremCalculator(model)
+    atoms.calc = calc
+    assert atoms.get_potential_energy() == pytest.approx(without, rel=1e-12)
+    assert "electric_field" in calc.set(electric_field=field)
+    assert atoms.get_potential_energy() == pytest.approx(with_field, rel=1e-12)
+    assert calc.set(electric_field=field) == {}
+    calc.electric_field = None
+    assert atoms.get_potential_energy() == pytest.approx(without, rel=1e-12)
+    calc.electric_field = np.array(field)
+    assert atoms.get_potential_energy() == pytest.approx(with_field, rel=1e-12)
+    with pytest.raises(TypeError, match="electric_feild"):
+        cartlorem.CartLoremCalculator(model, electric_feild=field)
+    with pytest.raises(TypeError, match="electric_field only"):
+        calc.set(xc="PBE")
+    with pytest.raises(ValueError, match="3 finite numbers"):
+        calc.set(electric_field=[1.0, "a", 0.0])
+
+
 def test_ion_pair_aligns_with_the_field_in_md():
     """Example: a free Na-Cl pair (charges of opposite sign) in a field along z turns so that its
-    dipole points along the field (ASE velocity Verlet through the calculator)."""
+    dipole points along the field (ASE velocity Verlet through the calculator). The bond length is held
+    (FixBondLength): the untrained model pulls the pair together, which the calculator refuses below 0.1 Å."""
     from ase import units
+    from ase.constraints import FixBondLength
     from ase.md.verlet import VelocityVerlet
 
     model = lr_model("multipole", (11, 17), lr_channels=1)
     swing = {}
     for ez in (1.0, 0.0):  # V/Å; without the field the pair keeps its orientation (the control)
         atoms = Atoms("NaCl", positions=[[0, 0, 0], [2.6, 0.0, 0.4]])
+        atoms.set_constraint(FixBondLength(0, 1))
         atoms.calc = cartlorem.CartLoremCalculator(model, electric_field=[0.0, 0.0, ez])
         assert abs(atoms.get_dipole_moment()[0]) > 0.05  # a sizeable dipole along x at the start
         cosines = []
