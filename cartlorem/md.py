@@ -35,9 +35,11 @@ def initial_velocities(atoms, temperature_K: float, seed: int = 0) -> None:
         vd.thermalize_momenta(atoms, temperature_K, rng=rng)
     else:
         vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
-    vd.Stationary(atoms)
+    # preserve_temperature=False: ASE's default rescales to the temperature before, dividing by the zero kinetic
+    # energy left when nothing but the removed motion was drawn (one atom: NaN momenta); the rescaling is below
+    vd.Stationary(atoms, preserve_temperature=False)
     if not atoms.pbc.any():
-        vd.ZeroRotation(atoms)
+        vd.ZeroRotation(atoms, preserve_temperature=False)
     now = atoms.get_temperature()
     if now > 0 and temperature_K > 0:
         atoms.set_momenta(atoms.get_momenta() * np.sqrt(temperature_K / now))

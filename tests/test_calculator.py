@@ -493,3 +493,14 @@ def test_overlapping_atoms_in_a_reused_list_are_the_error_of_a_new_list(model):
     with pytest.raises(ValueError, match="AgCu: atoms 0 and 1 are 5.00e-02 Å apart"):
         CartLoremCalculator(model).get_potential_energy(atoms.copy())
 
+
+def test_md_of_one_atom(model):
+    """One atom in a periodic cell has no motion left once the centre of mass is at rest: ASE's Stationary,
+    asked to keep the temperature, divided by that zero, and the run stopped at once on NaN positions."""
+    from cartlorem.md import run_nve
+
+    atoms = Atoms("Cu", positions=[[0.0, 0.0, 0.0]], cell=np.eye(3) * 2.6, pbc=True)
+    atoms.calc = CartLoremCalculator(model)
+    md = run_nve(atoms, steps=3, timestep_fs=0.5, temperature_K=300.0)
+    assert md["error"] is None and md["steps_done"] == 3
+    assert np.all(atoms.get_momenta() == 0.0) and np.all(np.isfinite(md["etot"]))
