@@ -82,3 +82,38 @@ def test_elements_as_atomic_numbers_from_the_command_line(tmp_path):
             lammps_adapter._atomic_numbers(["Na", bad])
     lammps_adapter.write_data(tmp_path / "nacl.data", _salt(), ["11", "17"])
     assert "Masses" in (tmp_path / "nacl.data").read_text()
+
+
+def test_float32_model_in_a_box_far_from_the_origin():
+    """The callback cast LAMMPS' raw coordinates to the model's dtype: a float32 model in a box whose corner is
+    4000 Å from the origin saw positions to 2.4e-4 Å (forces off by 3.8e-4 eV/Å against 2e-6 through the ASE
+    calculator). LAMMPS is not needed: the callback's evaluation runs on a stand-in for its box."""
+    import copy
+    import types
+
+    import torch
+
+    from cartlorem import CartLorem, CartLoremCalculator
+
+    torch.manual_seed(0)
+    model = CartLorem([11, 17], cutoff=3.0, long_range="multipole", channels=8, num_layers=1, correlation=2,
+                      num_basis=4, radial_hidden=8, readout_hidden=8).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    atoms = _salt().repeat((2, 1, 1))
+    atoms.wrap()
+    reference = atoms.copy()
+    reference.calc = CartLoremCalculator(model)  # float64
+    forces, e = reference.get_forces(), reference.get_potential_energy()
+    lo = np.full(3, 4000.0)
+    lengths = atoms.cell.lengths()
+    fix = types.SimpleNamespace(model=copy.deepcopy(model).float(), numbers=np.array([11, 17]), total_charge=0.0,
+                                lmp=types.SimpleNamespace(extract_box=lambda: (list(lo), list(lo + lengths),
+                                                                               0.0, 0.0, 0.0, [1, 1, 1], 0)))
+    kinds = np.where(atoms.numbers == 11, 1, 2)
+    chunks, energy, _ = lammps_adapter.CartLoremFix._evaluate(
+        fix, [(np.arange(1, len(atoms) + 1), kinds, atoms.positions + lo)])
+    assert np.abs(chunks[0] - forces).max() < 2e-5
+    assert energy == pytest.approx(e, abs=1e-4)
