@@ -243,7 +243,11 @@ def traced_ewald_fields(positions: torch.Tensor, batch: torch.Tensor, cell: torc
         normal = third / length[:, None]
         length = length + plan.gap.to(positions.dtype)
         cell = torch.cat([cell[:, :2], torch.where(plan.slab[:, None], length[:, None] * normal, third)[:, None]], dim=1)
-    wrapped = wrap_positions(positions, cell[batch])  # each atom into its cell, in float64
+    # each atom into its cell, in float64; a slab's in its plane only (.slab.IN_PLANE: the replica correction
+    # needs the heights along the normal as they are)
+    periodic = None if plan.slab is None else torch.stack(
+        [torch.ones_like(plan.slab), torch.ones_like(plan.slab), ~plan.slab], dim=1)[batch]  # [N, 3]
+    wrapped = wrap_positions(positions, cell[batch], periodic)
 
     def pad(x):  # [N, ...] -> [B, M, ...], zeros in the empty slots
         return torch.cat([x, x.new_zeros((1,) + x.shape[1:])])[plan.slots]

@@ -316,7 +316,7 @@ def phase_sum(phase: torch.Tensor, flat: torch.Tensor, k: torch.Tensor, weight: 
     return out_phase.transpose(-1, -2) @ torch.cat([z_re, -z_im], dim=-3).flatten(-2)
 
 
-def wrap_positions(positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+def wrap_positions(positions: torch.Tensor, cell: torch.Tensor, periodic=None) -> torch.Tensor:
     """Positions moved into the cell (fractional coordinates in [0, 1)), differentiably.
 
     ``r - n . cell`` with the integers ``n = floor(r . cell^-1)`` held constant: the same function of
@@ -326,11 +326,15 @@ def wrap_positions(positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
     float32 resolution in every phase ``k . r`` and pair vector afterwards.
     positions [N, 3] (Å); cell [3, 3], or [N, 3, 3] each atom's own (Å, rows are lattice vectors) -> [N, 3] (Å),
     positions' dtype. (``inv_ex``: no error check, which would be an effectful op in a compiled graph and keep
-    Inductor from caching it; the cells are checked before.)
+    Inductor from caching it; the cells are checked before.) ``periodic``: bool [3] or [N, 3], the cell rows to
+    wrap along (default all); a slab is wrapped in its plane only, so that ``r . n`` keeps the atoms' heights
+    (:mod:`.slab`: the replica correction needs every pair's height difference, not one modulo the period).
     """
     r64 = positions.double()[:, None, :]  # [N, 1, 3]
     c64 = cell.double()
     n = torch.floor(r64.detach() @ torch.linalg.inv_ex(c64.detach()).inverse)  # [N, 1, 3] integers, no gradient
+    if periodic is not None:
+        n = n * torch.as_tensor(periodic, device=n.device).to(n.dtype).reshape(-1, 1, 3)
     return (r64 - n @ c64)[:, 0].to(positions.dtype)
 
 

@@ -72,6 +72,11 @@ from .kernels import Layout
 GAP_MARGIN = 3.0
 #: Smallest vacuum gap (Å) added along the normal.
 GAP_FLOOR = 5.0
+#: The cell rows along which a slab's positions are wrapped (:func:`.ewald.wrap_positions`): a and b, not c. The
+#: replica correction's formula holds for height differences |z_i - z_j| < L; an atom a rounding error below the
+#: plane z = 0 (which the input check accepts) wrapped along c would sit near z = L, and its pairs would count
+#: as replicas.
+IN_PLANE = (True, True, False)
 
 
 def _erfc_inverse(y: float) -> float:
@@ -123,7 +128,8 @@ def replica_correction(r: torch.Tensor, flat: torch.Tensor, k_index: torch.Tenso
     """Minus the in-plane-varying (k != 0) part of what the replica layers at ``n L``, n != 0, add to the 3D sum
     (module docstring), for a batch of cells.
 
-    r [B, M, 3] positions (Å, in the slabs' frames, ``0 <= r . n <= L``, padded slots too: e.g. at the origin); flat
+    r [B, M, 3] positions (Å, in the slabs' frames, ``0 <= r . n <= L``, padded slots too: e.g. at the origin; not
+    wrapped along the normal, see :data:`IN_PLANE`: the formula needs every pair's ``|z_i - z_j| < L``); flat
     [B, M, n_cols C] packed sources (zero in padded slots); k_index [B, K, 2] in-plane indices of
     :func:`plane_kvector_indices` (the elongated cell's), k_mask [B, K] the real ones; box [B, 3, 3] the elongated
     cells; normal [B, 3]; length [B] their heights L; slab [B] bool (other cells get zero). Returns [B, M,
@@ -190,7 +196,7 @@ def slab_sum(
         one = torch.ones(1, dtype=torch.bool, device=positions.device)
         k_index = torch.as_tensor(m, device=positions.device)[None]
         out = out + replica_correction(
-            wrap_positions(positions, box)[None], v.flatten(1)[None], k_index, one[:, None].expand(1, len(m)),
+            wrap_positions(positions, box, IN_PLANE)[None], v.flatten(1)[None], k_index, one[:, None].expand(1, len(m)),
             box[None], normal[None], length.reshape(1), one, rows, cols, n_channels).reshape(n, len(rows), n_channels)
 
     zeros = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
