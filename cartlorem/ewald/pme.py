@@ -827,6 +827,9 @@ def pme_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor, rows: 
     ``spline_order`` and ``real_cutoff`` override the automatic choice.
     """
     tensors = InteractionTensors(rows, cols)
+    # the mesh coordinates and pair vectors below see wrapped positions: float32 keeps its resolution far from the
+    # origin (unwrapped MD), as in .ewald.ewald_sum
+    positions = _ewald.wrap_positions(positions, cell)
     cell_np = cell.detach().cpu().double().numpy()
     params = choose_parameters(cell_np, positions.shape[0], accuracy, tensors.max_order, smearing,
                                n_rows=len(rows), n_cols=len(cols), n_channels=v.shape[2], alpha=alpha,
