@@ -881,6 +881,45 @@ def test_prefactor_scales_the_fields():
     assert torch.allclose(scale.grad, ref.potential.sum(), rtol=1e-12)
 
 
+@pytest.mark.parametrize("smearing", [None, 1.0])
+@pytest.mark.parametrize("periodic", [False, True])
+def test_batched_prefactor_gradient(smearing, periodic):
+    """A one-element tensor prefactor's gradient through batched_multipole_fields equals that through
+    multipole_fields structure by structure: open structures (two molecules, the pair-list path) and, with
+    ``periodic``, a periodic cell beside them. The pair-list path took float(prefactor), and the gradient was None."""
+    g = gen(29)
+    counts = [3, 4] + ([5] if periodic else [])
+    pos = torch.cat([torch.rand(n, 3, generator=g, dtype=DT) * 4.0 for n in counts])
+    batch = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
+    q = torch.randn(len(batch), 2, generator=g, dtype=DT)
+    mu = torch.randn(len(batch), 2, 3, generator=g, dtype=DT)
+    th = random_traceless(g, len(batch), 2)
+    cells = torch.zeros(len(counts), 3, 3, dtype=DT)
+    pbc = torch.zeros(len(counts), 3, dtype=torch.bool)
+    if periodic:
+        cells[2], pbc[2] = TRICLINIC, True
+    weights = [torch.randn(len(batch), 2, *(3,) * r, generator=g, dtype=DT) for r in range(3)]
+
+    def loss(fields, rows=slice(None)):
+        return sum((f * w[rows]).sum() for f, w in zip(fields, weights))
+
+    scale = torch.tensor(2.5, dtype=DT, requires_grad=True)
+    got = ewald.batched_multipole_fields(pos, batch, cells, pbc, q, mu, th, smearing=smearing, prefactor=scale)
+    (grad,) = torch.autograd.grad(loss(got), scale)
+    ref = torch.tensor(2.5, dtype=DT, requires_grad=True)
+    total = 0.0
+    for b in range(len(counts)):
+        idx = (batch == b).nonzero().flatten()
+        one = ewald.multipole_fields(pos[idx], q[idx], mu[idx], th[idx], cells[b], pbc[b], smearing=smearing,
+                                     prefactor=ref)
+        for a, c in zip(got, one):
+            assert torch.allclose(a[idx], c, rtol=1e-10, atol=1e-12)
+        total = total + loss(one, idx)
+    (expected,) = torch.autograd.grad(total, ref)
+    assert abs(float(expected)) > 1e-2
+    assert torch.allclose(grad, expected, rtol=1e-10)
+
+
 @pytest.mark.parametrize("pbc, refused", [("FFF", True), (["FFF"], True), ([["T", "T", "T"]], True),
                                           ([[2, 2, 2]], True), ([[1, 1, 1]], False),
                                           (np.ones((1, 3), dtype=bool), False),

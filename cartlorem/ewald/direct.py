@@ -559,7 +559,7 @@ def pair_list_fields(
     multipoles: dict,
     kernel: RadialKernel,
     ranks=(0, 1, 2),
-    prefactor: float = 1.0,
+    prefactor=1.0,
     traced: bool = False,
     traceless_gradient: bool = False,
     unordered: bool = False,
@@ -572,16 +572,16 @@ def pair_list_fields(
     molecule of a batch). multipoles: {rank: tensor} of the ranks present, charges [N, C] (e), dipoles
     [N, C, 3] (e Å), quadrupoles [N, C, 3, 3] (e Å², symmetric traceless). kernel: the radial kernel
     (``RadialKernel.coulomb()`` or ``.smeared(sigma)``). ranks: field ranks to return.
-    Returns {rank: potential [N, C] / field [N, C, 3] / gradient [N, C, 3, 3]} times ``prefactor``,
-    the same numbers as the blocked :func:`pair_sum` restricted to these pairs. Differentiable to any
-    order with respect to positions and multipoles (:class:`PairListSum`). ``traced``: op by op, for
-    torch.func transforms and torch.compile (the compiled training step), which cannot differentiate the
-    hand-written autograd Functions. ``traceless_gradient``: return the gradient's symmetric traceless part
-    only (what couples to traceless quadrupoles; the trace that smeared sources leave where they overlap is
-    dropped), with the quadrupoles taken as symmetric traceless (their other parts are ignored): rank 2 then
-    travels in five components instead of nine, so the coupling matrices are 9 x 9 instead of 13 x 13.
-    ``unordered``: every pair (i, j) of the list stands for both directions, i <- j and j <- i (a list of
-    :func:`molecule_pairs` with ``unordered=True``): each coupling matrix is built once for the two.
+    Returns {rank: potential [N, C] / field [N, C, 3] / gradient [N, C, 3, 3]} times ``prefactor`` (a number, or a
+    one-element tensor whose gradient flows), the same numbers as the blocked :func:`pair_sum` restricted to these
+    pairs. Differentiable to any order with respect to positions and multipoles (:class:`PairListSum`). ``traced``:
+    op by op, for torch.func transforms and torch.compile (the compiled training step), which cannot differentiate
+    the hand-written autograd Functions. ``traceless_gradient``: return the gradient's symmetric traceless part only
+    (what couples to traceless quadrupoles; the trace that smeared sources leave where they overlap is dropped),
+    with the quadrupoles taken as symmetric traceless (their other parts are ignored): rank 2 then travels in five
+    components instead of nine, so the coupling matrices are 9 x 9 instead of 13 x 13. ``unordered``: every pair
+    (i, j) of the list stands for both directions, i <- j and j <- i (a list of :func:`molecule_pairs` with
+    ``unordered=True``): each coupling matrix is built once for the two.
     """
     ranks = _rank_set(ranks)
     source_ranks = tuple(sorted(multipoles))
@@ -601,11 +601,14 @@ def pair_list_fields(
         else:
             parts.append(x.reshape(n_atoms, n_ch, 3**r).transpose(1, 2))
     v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    # a tensor prefactor (one element, check_prefactor) multiplies the result, so that its gradient flows; a number
+    # goes into the sums, as a constant of their hand-written backward passes
+    scale = 1.0 if isinstance(prefactor, torch.Tensor) else float(prefactor)
     if traced:
-        out = _field_sum_reference(positions, v, i, j, kernel, t, float(prefactor), traced=True, unordered=unordered,
+        out = _field_sum_reference(positions, v, i, j, kernel, t, scale, traced=True, unordered=unordered,
                                    linearized=linearized)
     elif i.numel():
-        out = PairListSum.apply(positions, v, i, j, kernel, t, float(prefactor), bool(unordered))  # [N, A, C]
+        out = PairListSum.apply(positions, v, i, j, kernel, t, scale, bool(unordered))  # [N, A, C]
     else:
         out = positions.new_zeros(n_atoms, t.n_rows, n_ch) + 0.0 * v.sum()
     fields, start = {}, 0
@@ -616,6 +619,8 @@ def pair_list_fields(
         if r == 2 and stf:
             block = basis.T @ block  # [N, 9, C]
         fields[r] = block[:, 0] if r == 0 else block.transpose(1, 2).reshape((n_atoms, n_ch) + (3,) * r)
+        if isinstance(prefactor, torch.Tensor):
+            fields[r] = fields[r] * prefactor.reshape(())
     return fields
 
 
