@@ -869,6 +869,50 @@ def test_bad_prefactor_is_refused(prefactor, batched):
             ewald.multipole_fields(pos, q, cell=TRICLINIC, pbc=PBC, prefactor=prefactor)
 
 
+BAD_SCALARS = [
+    (dict(accuracy=None), r"accuracy must be a number in \(0, 1\), got None"),  # TypeError from float()
+    (dict(accuracy="x"), r"accuracy must be a number in \(0, 1\), got 'x'"),  # "could not convert string to float"
+    (dict(accuracy=True), r"accuracy must be a number in \(0, 1\), got True"),
+    (dict(accuracy=1.5), r"accuracy must be a number in \(0, 1\), got 1.5"),
+    (dict(smearing="x"), r"smearing must be a positive length in Å \(a number\) or None, got 'x'"),
+    (dict(smearing=True), r"smearing must be a positive length .* got True"),  # was taken as 1 Å
+    (dict(smearing=-1.0), r"smearing must be a positive length .* got -1.0"),
+    (dict(smearing=float("nan")), r"smearing must be a positive length .* got nan"),
+    (dict(smearing=torch.ones(2, dtype=DT)), r"smearing must be a positive length .* got tensor"),
+    # its gradient was lost with only torch's "Converting a tensor with requires_grad=True to a scalar" warning
+    (dict(smearing=torch.tensor(1.0, dtype=DT, requires_grad=True)),
+     "smearing is a tensor that requires grad, but the multipole sums are not differentiable with respect to smearing"),
+]
+
+
+@pytest.mark.parametrize("boundary", ["open", "periodic", "batched open", "batched periodic"])
+@pytest.mark.parametrize("kwargs, message", BAD_SCALARS)
+def test_bad_smearing_and_accuracy_are_refused(kwargs, message, boundary):
+    """accuracy None / "x" and smearing "x" failed with messages that did not name the argument, smearing=True was
+    taken as 1 Å, and a smearing tensor that requires grad silently lost its gradient: each a ValueError naming the
+    argument, in every path (multipole_fields, batched_multipole_fields for open and periodic structures)."""
+    pos, q, _, _ = random_system(26, n=3, c=1)
+    periodic = "periodic" in boundary
+    with pytest.raises(ValueError, match=message):
+        if boundary.startswith("batched"):
+            ewald.batched_multipole_fields(pos, torch.zeros(3, dtype=torch.long), TRICLINIC[None],
+                                           torch.full((1, 3), periodic), q, **kwargs)
+        else:
+            ewald.multipole_fields(pos, q, cell=TRICLINIC if periodic else None, pbc=PBC if periodic else None,
+                                   **kwargs)
+
+
+def test_good_smearing_and_accuracy_forms():
+    """Numbers of any real type, and one-element tensors and arrays without gradient, are taken as they were."""
+    pos, q, _, _ = random_system(26, n=3, c=1)
+    ref = ewald.multipole_fields(pos, q, cell=TRICLINIC, pbc=PBC, smearing=1.0, accuracy=1e-6)
+    forms = ((1, 1e-6), (np.float32(1.0), np.float64(1e-6)), (torch.tensor(1.0), torch.tensor(1e-6, dtype=DT)),
+             (np.array([1.0]), 1e-6))
+    for smearing, accuracy in forms:
+        got = ewald.multipole_fields(pos, q, cell=TRICLINIC, pbc=PBC, smearing=smearing, accuracy=accuracy)
+        assert torch.equal(got.potential, ref.potential)
+
+
 def test_prefactor_scales_the_fields():
     """A number or a one-element tensor (e.g. a learned scale, whose gradient flows) multiplies every field."""
     pos, q, mu, _ = random_system(27, n=3, c=1)

@@ -271,13 +271,48 @@ def check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, 
             check_periodic_cell(cell)
     else:
         cell = None
-    if smearing is not None:
-        smearing = float(smearing)
-        if not (math.isfinite(smearing) and smearing > 0.0):
-            raise ValueError(f"smearing must be a positive length in Å or None, got {smearing}")
-    if not (0.0 < float(accuracy) < 1.0):
-        raise ValueError(f"accuracy must be in (0, 1), got {accuracy}")
+    smearing = check_smearing(smearing)
+    check_accuracy(accuracy)
     return Inputs(positions, multipoles, cell, periodic, smearing, slab)
+
+
+def _real_scalar(value):
+    """``value`` as a float if it is a real number (not a bool) or a one-element real tensor or array, else None."""
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+        return float(value.detach().item()) if ok else None
+    if isinstance(value, np.ndarray):
+        return float(value.item()) if value.size == 1 and value.dtype.kind in "fiu" else None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def check_smearing(smearing):
+    """``smearing`` (the Gaussian width σ of the sources, Å) as a float, or None; ValueError naming it otherwise.
+
+    A bool (``True`` would read as 1 Å), a string or a non-positive or non-finite number is refused, and so is a
+    tensor that requires grad: the sums take σ as a constant (kernels, splitting, cutoffs), so its gradient would
+    be silently lost.
+    """
+    if smearing is None:
+        return None
+    if isinstance(smearing, torch.Tensor) and smearing.requires_grad:
+        raise ValueError("smearing is a tensor that requires grad, but the multipole sums are not differentiable "
+                         "with respect to smearing (a constant of their kernels and cutoffs); pass a number, e.g. "
+                         "float(smearing)")
+    value = _real_scalar(smearing)
+    if value is None or not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"smearing must be a positive length in Å (a number) or None, got {smearing!r}")
+    return value
+
+
+def check_accuracy(accuracy) -> float:
+    """``accuracy`` as a float in (0, 1); ValueError naming it otherwise (None, a bool, a string, out of range)."""
+    value = _real_scalar(accuracy)
+    if value is None or not (0.0 < value < 1.0):
+        raise ValueError(f"accuracy must be a number in (0, 1), got {accuracy!r}")
+    return value
 
 
 def _traceless(theta: torch.Tensor) -> torch.Tensor:
