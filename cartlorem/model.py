@@ -4,8 +4,9 @@ Data flow (forward):
   graph → edge geometry (r, Bessel basis × envelope, unit vectors) → species embedding
   → interaction layers (ICTP messages → body-ordered products → mixing + species skip)
   → per-layer scalar readouts → [long-range block: features → (q, μ, Θ) → Ewald → (φ, E, ∇E)
-  → invariants → scalar update → energy; by default run between the last two layers, so the last
-  layer's messages carry the update] → per-atom energies + reference energies → total energy
+  → invariants → scalar update → energy; by default run after the last layer, on its features (placement
+  "end"), or between the last two layers, so that the last layer's messages carry the update ("before_last")]
+  → per-atom energies + reference energies → total energy
   → forces = −∂E/∂r, stress = (1/V) ∂E/∂ε (cartlorem.forces)
 """
 

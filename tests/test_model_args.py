@@ -1,0 +1,32 @@
+"""CartLorem's arguments and inputs: a wrong value is a ValueError naming it when the model is built or called, never
+a value the model silently drops, truncates or reads as something else, nor a TypeError from deep inside."""
+
+import pytest
+import torch
+from ase.build import molecule
+
+import cartlorem
+from cartlorem.graph import atoms_to_graph
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(species=(1, 6, 8), **kw):
+    torch.manual_seed(0)
+    opts = dict(cutoff=3.0, channels=4, num_layers=1, correlation=2, num_basis=4, radial_hidden=8, readout_hidden=8,
+                long_range=None)
+    opts.update(kw)
+    return cartlorem.CartLorem(species, **opts).double().eval()
+
+
+def _methanol():
+    return atoms_to_graph(molecule("CH3OH"), 3.0)
+
+
+# --- documentation ----------------------------------------------------------------------------------------------
+
+def test_module_docstring_names_the_default_placement():
+    """It said the block runs 'by default between the last two layers'; the default placement is 'end'."""
+    assert _model(long_range="multipole").placement == "end"
+    text = " ".join(cartlorem.model.__doc__.split())
+    assert "by default run after the last layer" in text and "by default run between" not in text
