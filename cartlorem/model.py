@@ -425,14 +425,14 @@ class CartLorem(nn.Module):
         return out
 
     def _check_values(self, graph: Graph) -> None:
-        """ValueError for NaN or inf in the positions, cells or total charges of ``graph`` (each of them makes every
-        energy NaN: the cell enters every edge vector as shift @ cell), or, for a charge-state model, a multiplicity
-        that is not a finite number >= 1; before that, for tensors of the wrong shape or type, or edges and atoms that
-        point past the atoms and structures there are (otherwise an IndexError deep inside, or a wrong result). One
-        device synchronisation when all is well."""
+        """ValueError for NaN or inf in the positions, cells, edge shifts or total charges of ``graph`` (each of them
+        makes every energy NaN: the cell enters every edge vector as shift @ cell), or, for a charge-state model, a
+        multiplicity that is not a finite number >= 1; before that, for tensors of the wrong shape or type, or edges
+        and atoms that point past the atoms and structures there are (otherwise an IndexError deep inside, or a wrong
+        result). One device synchronisation when all is well."""
         self._check_layout(graph)
         ok = torch.isfinite(graph.positions).all() & torch.isfinite(graph.cell).all()
-        ok = ok & torch.isfinite(graph.total_charge).all()
+        ok = ok & torch.isfinite(graph.total_charge).all() & torch.isfinite(graph.edge_shift).all()
         multiplicity = graph.multiplicity if self.conditioning is not None else None
         if multiplicity is not None:
             ok = ok & (torch.isfinite(multiplicity) & (multiplicity >= 1)).all()
@@ -454,6 +454,11 @@ class CartLorem(nn.Module):
             if bool(bad.any()):
                 k = int(bad.nonzero()[0])
                 raise ValueError(f"the {name} of structure {k} contains NaN or inf: {values[k].tolist()}")
+        bad = ~torch.isfinite(graph.edge_shift).all(dim=1)
+        if bool(bad.any()):  # it multiplies the cell in every edge vector: a NaN energy, or an error far from here
+            k = int(bad.nonzero()[0])
+            raise ValueError(f"graph.edge_shift contains NaN or inf ({int(bad.sum())} of {bad.numel()} edges; "
+                             f"edge {k}, atoms {graph.edge_index[:, k].tolist()}: {graph.edge_shift[k].tolist()})")
         assert multiplicity is not None
         k = int((~(torch.isfinite(multiplicity) & (multiplicity >= 1))).nonzero()[0])
         raise ValueError(f"the multiplicity (2S + 1) of structure {k} must be a finite number >= 1, "

@@ -1,6 +1,8 @@
 """CartLorem's arguments and inputs: a wrong value is a ValueError naming it when the model is built or called, never
 a value the model silently drops, truncates or reads as something else, nor a TypeError from deep inside."""
 
+import math
+
 import pytest
 import torch
 from ase.build import molecule
@@ -30,3 +32,18 @@ def test_module_docstring_names_the_default_placement():
     assert _model(long_range="multipole").placement == "end"
     text = " ".join(cartlorem.model.__doc__.split())
     assert "by default run after the last layer" in text and "by default run between" not in text
+
+
+# --- graph inputs ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("long_range", [None, "multipole"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_edge_shift_is_refused(long_range, value):
+    """A NaN shift gave a local model a NaN energy without a word, and a long-range model the error 'charges contains
+    NaN or inf', about its learned charges."""
+    model = _model(long_range=long_range)
+    graph = _methanol()
+    shift = graph.edge_shift.clone()
+    shift[3, 1] = value
+    with pytest.raises(ValueError, match=r"graph.edge_shift contains NaN or inf \(1 of \d+ edges; edge 3, atoms"):
+        model(graph.replace(edge_shift=shift))
