@@ -257,6 +257,8 @@ class CartLorem(nn.Module):
 
     def species_index(self, numbers: torch.Tensor) -> torch.Tensor:
         """Atomic numbers [N] → model species indices [N]; ValueError naming any unknown species."""
+        if numbers.dtype not in (torch.int32, torch.int64):  # int8/int16/uint8 cannot index the lookup table
+            numbers = numbers.long()
         bad = (numbers < 1) | (numbers > 118)
         idx = self.z_to_index[numbers.clamp(0, 118)]
         bad = bad | (idx < 0)
@@ -384,6 +386,7 @@ class CartLorem(nn.Module):
         """
         if graph.positions.dtype != self.dtype or graph.positions.device != self.embedding.device:
             graph = graph.to(device=self.embedding.device, dtype=self.dtype)
+        graph = self._index_dtypes(graph)
         self._check_values(graph)
         if self.long_range_block is not None:
             from .nn.long_range import check_boundaries
@@ -423,6 +426,19 @@ class CartLorem(nn.Module):
         if not compute_dipole:
             out.pop("dipole", None)
         return out
+
+    @staticmethod
+    def _index_dtypes(graph: Graph) -> Graph:
+        """``graph`` with species, batch and edge_index of a small integer type (int8, int16, uint8, ...) as int64:
+        they index tensors, which takes int32 or int64 (an IndexError or RuntimeError deep inside otherwise).
+        Floating-point and bool tensors are left for :meth:`_check_layout` to refuse."""
+        small = {}
+        for name in ("species", "batch", "edge_index"):
+            t = getattr(graph, name)
+            if isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex()) and t.dtype not in (
+                    torch.bool, torch.int32, torch.int64):
+                small[name] = t.long()
+        return graph.replace(**small) if small else graph
 
     def _check_values(self, graph: Graph) -> None:
         """ValueError for NaN or inf in the positions, cells, edge shifts or total charges of ``graph`` (each of them

@@ -47,3 +47,16 @@ def test_non_finite_edge_shift_is_refused(long_range, value):
     shift[3, 1] = value
     with pytest.raises(ValueError, match=r"graph.edge_shift contains NaN or inf \(1 of \d+ edges; edge 3, atoms"):
         model(graph.replace(edge_shift=shift))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])
+def test_small_integer_index_tensors_work(dtype):
+    """int8/int16/uint8 species, batch and edge_index passed the layout check, then failed inside with an IndexError
+    ("tensors used as indices must be long, int, byte or bool") or index_select's RuntimeError."""
+    model = _model(long_range="multipole")
+    graph = _methanol()
+    ref = model(graph, create_graph=False)
+    for name in ("species", "batch", "edge_index"):
+        out = model(graph.replace(**{name: getattr(graph, name).to(dtype)}), create_graph=False)
+        assert float(out["energy"]) == float(ref["energy"])
+        torch.testing.assert_close(out["forces"], ref["forces"], rtol=0, atol=0)
