@@ -608,9 +608,19 @@ def model_payload(model: CartLorem) -> dict:
             "dtype": str(model.dtype).replace("torch.", "")}
 
 
+#: the entries of a model file that load_model reads (an extra "model" cannot be passed: it is the first argument)
+_RESERVED = ("format", "config", "state_dict", "dtype")
+
+
 def save_model(model: CartLorem, path, **extra) -> None:
     """Write hyperparameters and weights to ``path`` (atomically). ``extra`` entries are stored too; they
-    must be plain data (dicts, lists, strings, numbers, tensors: ValueError naming the entry otherwise)."""
+    must be plain data (dicts, lists, strings, numbers, tensors: ValueError naming the entry otherwise) and
+    must not be named like the file's own entries, format, config, state_dict or dtype (ValueError)."""
+    clash = [key for key in _RESERVED if key in extra]
+    if clash:  # they replaced the model's own: a file load_model refuses, or reads back as another model
+        raise ValueError(f"save_model: extra entries named {', '.join(map(repr, clash))} would replace the model "
+                         f"file's own ({', '.join(_RESERVED)} are what load_model reads); store them under "
+                         "another name, e.g. notes=...")
     payload = {**model_payload(model), **extra}
     _check_plain(payload, "the model file")
     atomic_torch_save(payload, path)  # temp file + rename, mode 0644 like every other output

@@ -60,3 +60,17 @@ def test_small_integer_index_tensors_work(dtype):
         out = model(graph.replace(**{name: getattr(graph, name).to(dtype)}), create_graph=False)
         assert float(out["energy"]) == float(ref["energy"])
         torch.testing.assert_close(out["forces"], ref["forces"], rtol=0, atol=0)
+
+
+# --- save_model extras -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value", [("config", {"note": "my run"}), ("dtype", "float32"), ("format", "mine"),
+                                        ("state_dict", {})])
+def test_save_model_refuses_extras_named_like_the_files_own_entries(tmp_path, key, value):
+    """They replaced the payload's own: config= wrote a file load_model refused, dtype="float32" read a float64
+    model back as float32."""
+    with pytest.raises(ValueError, match=rf"extra entries named '{key}' would replace the model file's own"):
+        cartlorem.save_model(_model(), tmp_path / "m.pt", **{key: value})
+    assert not (tmp_path / "m.pt").exists()
+    cartlorem.save_model(_model(), tmp_path / "m.pt", notes={key: value})  # under another name: fine
+    assert cartlorem.load_model(tmp_path / "m.pt").dtype == torch.float64
