@@ -16,8 +16,10 @@ import math
 import numbers
 
 import os
+from collections.abc import Iterable, Mapping
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +40,57 @@ def _symbol(z: int) -> str:
     from ase.data import chemical_symbols
 
     return chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
+
+
+def _atomic_number(z, what: str) -> int:
+    """An atomic number 1..118 from an integer (Python, numpy or a 0-d integer tensor), an element symbol ("O") or
+    the digits of a number ("8"); ValueError naming ``what`` for anything else (1.7 is not truncated to 1)."""
+    if isinstance(z, torch.Tensor) and z.dim() == 0 and not (z.is_floating_point() or z.dtype == torch.bool):
+        z = int(z)
+    if isinstance(z, str):
+        from ase.data import atomic_numbers
+
+        s = z.strip()
+        if atomic_numbers.get(s, 0) > 0:  # "X", the dummy element, is 0
+            return atomic_numbers[s]
+        if s.isdigit():
+            z = int(s)
+        else:
+            raise ValueError(f"{what}: unknown element {z!r} (atomic numbers 1..118 or element symbols such as 'O')")
+    if isinstance(z, bool) or not isinstance(z, numbers.Integral) or not 1 <= z <= 118:
+        raise ValueError(f"{what} must be atomic numbers 1..118 or element symbols, got {z!r}")
+    return int(z)
+
+
+def _species_list(species) -> list:
+    """The sorted atomic numbers of ``species`` (a sequence of atomic numbers or element symbols, or an integer
+    array); ValueError for anything else."""
+    if isinstance(species, (torch.Tensor, np.ndarray)):
+        species = species.tolist()
+    if isinstance(species, (str, bytes)) or not isinstance(species, Iterable):
+        raise ValueError(f"species must be a list of atomic numbers 1..118 or element symbols, got {species!r}")
+    out = sorted({_atomic_number(z, "species") for z in species})
+    if not out:
+        raise ValueError("species must name at least one element, got none")
+    return out
+
+
+def _reference_energies(atomic_energies: dict, species: list) -> dict:
+    """{Z: E0} → {index of Z in ``species``: float(E0)}; ValueError for a species the model does not know (a
+    mistyped key would otherwise leave that element's reference energy at 0, silently) or one given twice."""
+    if not isinstance(atomic_energies, Mapping):
+        raise ValueError(f"atomic_energies must be a mapping {{Z: E0 in eV}}, got {type(atomic_energies).__name__}")
+    out = {}
+    for key, e in atomic_energies.items():
+        z = _atomic_number(key, "the keys of atomic_energies")
+        if z not in species:
+            known = ", ".join(_symbol(s) for s in species)
+            raise ValueError(f"reference energy for {_symbol(z)} (Z={z}), a species the model does not know "
+                             f"(it knows {known})")
+        if species.index(z) in out:
+            raise ValueError(f"atomic_energies gives the reference energy of {_symbol(z)} (Z={z}) twice")
+        out[species.index(z)] = float(e)
+    return out
 
 
 def _check_statistics(avg_num_neighbors=None, scale=None, shift=None, atomic_energies=None) -> None:
@@ -120,25 +173,33 @@ class CartLorem(nn.Module):
                  shift: float = 0.0, long_range_options: Optional[dict] = None, compile_kernels: bool = False,
                  charge_state: bool = False):
         super().__init__()
-        species = sorted({int(z) for z in species})
-        if not species or any(z < 1 or z > 118 for z in species):
-            raise ValueError(f"species must be atomic numbers 1..118, got {species}")
+        species = _species_list(species)
         if long_range not in LONG_RANGE_CHOICES:
             if isinstance(long_range, str) and long_range.lower() == "none":
                 long_range = None
             else:
                 raise ValueError(f"long_range must be one of {LONG_RANGE_CHOICES}, got {long_range!r}")
-        if not 0 < cutoff < math.inf:  # inf: a Bessel basis of zeros, a model blind to geometry
-            raise ValueError(f"cutoff must be a finite positive length in Å, got {cutoff}")
-        if lmax not in (0, 1, 2):
-            raise ValueError(f"lmax must be 0, 1 or 2, got {lmax}")
-        for name, value in (("channels", channels), ("num_layers", num_layers), ("correlation", correlation),
-                            ("num_basis", num_basis), ("radial_hidden", radial_hidden), ("envelope_p", envelope_p),
-                            ("readout_hidden", readout_hidden)):
+        # a number, not a string ("5": a TypeError of the comparison) or a bool; inf: a Bessel basis of zeros, a
+        # model blind to geometry
+        if isinstance(cutoff, bool) or not isinstance(cutoff, numbers.Real) or not 0 < cutoff < math.inf:
+            raise ValueError(f"cutoff must be a finite positive length in Å (a number), got {cutoff!r}")
+        if isinstance(lmax, bool) or not isinstance(lmax, numbers.Integral) or lmax not in (0, 1, 2):
+            raise ValueError(f"lmax must be 0, 1 or 2 (an integer), got {lmax!r}")  # 2.0: a TypeError of range()
+        sizes = dict(channels=channels, num_layers=num_layers, correlation=correlation, num_basis=num_basis,
+                     radial_hidden=radial_hidden, envelope_p=envelope_p, readout_hidden=readout_hidden)
+        for name, value in sizes.items():
             # 0 would build a model that runs and sees no geometry (envelope_p 0: an envelope of 0 everywhere;
-            # a hidden width 0: forces exactly 0) or fails deep inside (channels 0: a division by zero)
-            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and value == int(value) and value >= 1):
+            # a hidden width 0: forces exactly 0) or fails deep inside (channels 0: a division by zero); 4.0 a
+            # TypeError of the tensor constructors
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        channels, num_layers, correlation, num_basis, radial_hidden, envelope_p, readout_hidden = (
+            int(v) for v in sizes.values())  # numpy integers → int: the config is saved as plain data
+        lmax = int(lmax)
+        for name, value in (("compile_kernels", compile_kernels), ("charge_state", charge_state)):
+            if not isinstance(value, (bool, np.bool_)):  # bool("no") is True: the feature would be on
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        e0_given = _reference_energies(atomic_energies or {}, species)
         _check_statistics(avg_num_neighbors, scale, shift, atomic_energies)
         self.config = dict(species=species, cutoff=float(cutoff), long_range=long_range, channels=channels,
                            num_layers=num_layers, correlation=correlation, lmax=lmax, num_basis=num_basis,
@@ -156,9 +217,8 @@ class CartLorem(nn.Module):
         z_to_index[species] = torch.arange(S)
         self.register_buffer("z_to_index", z_to_index, persistent=False)
         e0 = torch.zeros(S)
-        for z, e in (atomic_energies or {}).items():
-            if int(z) in species:
-                e0[species.index(int(z))] = float(e)
+        for k, e in e0_given.items():
+            e0[k] = e
         self.register_buffer("atomic_energies", e0)
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("shift", torch.tensor(float(shift)))
@@ -234,12 +294,10 @@ class CartLorem(nn.Module):
     def set_statistics(self, *, atomic_energies: Optional[dict] = None, avg_num_neighbors: Optional[float] = None,
                        scale: Optional[float] = None, shift: Optional[float] = None) -> None:
         """Set reference energies {Z: eV}, message normalisation and energy scale/shift (from data)."""
+        e0 = None if atomic_energies is None else _reference_energies(atomic_energies, self.species)
         _check_statistics(avg_num_neighbors, scale, shift, atomic_energies)
-        if atomic_energies is not None:
-            for z, e in atomic_energies.items():
-                if int(z) not in self.species:
-                    raise ValueError(f"reference energy for {_symbol(int(z))} (Z={z}), a species the model does not know")
-                self.atomic_energies[self.species.index(int(z))] = float(e)
+        for k, e in (e0 or {}).items():  # all checked first: a bad key changes none of them
+            self.atomic_energies[k] = e
         if avg_num_neighbors is not None:
             self.config["avg_num_neighbors"] = float(avg_num_neighbors)
             for layer in self.layers:

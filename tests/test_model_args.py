@@ -3,6 +3,7 @@ a value the model silently drops, truncates or reads as something else, nor a Ty
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from ase.build import molecule
@@ -74,3 +75,64 @@ def test_save_model_refuses_extras_named_like_the_files_own_entries(tmp_path, ke
     assert not (tmp_path / "m.pt").exists()
     cartlorem.save_model(_model(), tmp_path / "m.pt", notes={key: value})  # under another name: fine
     assert cartlorem.load_model(tmp_path / "m.pt").dtype == torch.float64
+
+
+# --- reference energies ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("energies, unknown", [({1: -13.6, 92: -5.0}, r"U \(Z=92\)"),
+                                               ({1: -13.6, 7: -1500.0}, r"N \(Z=7\)")])  # a typo of 8
+def test_reference_energy_of_an_unknown_species_is_refused_by_the_constructor(energies, unknown):
+    """The constructor dropped such an entry without a word (an O reference mistyped as N left O at 0 eV), where
+    set_statistics refused it; now both say so."""
+    with pytest.raises(ValueError, match=rf"reference energy for {unknown}, a species the model does not know"):
+        _model([1, 8], atomic_energies=energies)
+    model = _model([1, 8])
+    with pytest.raises(ValueError, match=rf"reference energy for {unknown}, a species the model does not know"):
+        model.set_statistics(atomic_energies=energies)
+    assert model.atomic_energies.tolist() == [0.0, 0.0]  # all keys checked before any is set
+
+
+def test_reference_energies_by_element_symbol():
+    model = _model([1, 8], atomic_energies={"H": -13.5, 8: -2040.0})
+    assert model.atomic_energies.tolist() == [-13.5, -2040.0]
+    model.set_statistics(atomic_energies={"O": -2041.0})
+    assert model.atomic_energies.tolist() == [-13.5, -2041.0]
+    with pytest.raises(ValueError, match=r"reference energy of H \(Z=1\) twice"):
+        _model([1, 8], atomic_energies={"H": -13.5, 1: -13.6})
+
+
+# --- constructor arguments -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lmax=2.0), r"lmax must be 0, 1 or 2 \(an integer\), got 2.0"),  # TypeError of range() deep inside
+    (dict(lmax=True), r"lmax must be 0, 1 or 2 \(an integer\), got True"),
+    (dict(channels=4.0), "channels must be an integer >= 1, got 4.0"),  # TypeError of torch.randn
+    (dict(num_layers=1.0), "num_layers must be an integer >= 1, got 1.0"),
+    (dict(charge_state="no"), "charge_state must be True or False, got 'no'"),  # bool("no"): conditioning on
+    (dict(compile_kernels="false"), "compile_kernels must be True or False, got 'false'"),  # compiled kernels on
+    (dict(charge_state=1), "charge_state must be True or False, got 1"),
+    (dict(cutoff="5"), r"cutoff must be a finite positive length in Å \(a number\), got '5'"),  # TypeError of <
+    (dict(cutoff=True), r"cutoff must be a finite positive length in Å \(a number\), got True"),
+    (dict(species=[1.7, 8]), "species must be atomic numbers 1..118 or element symbols, got 1.7"),  # read as 1
+    (dict(species=[True, 8]), "species must be atomic numbers 1..118 or element symbols, got True"),
+    (dict(species=["H", "Xx"]), "species: unknown element 'Xx'"),
+    (dict(species=8), "species must be a list of atomic numbers"),
+    (dict(species=[]), "species must name at least one element"),
+])
+def test_constructor_arguments_of_the_wrong_type_are_refused(kw, match):
+    kw = dict(kw)
+    species = kw.pop("species", [1, 8])
+    with pytest.raises(ValueError, match=match):
+        _model(species, **kw)
+
+
+def test_species_by_element_symbol_and_numpy_numbers(tmp_path):
+    """Element symbols gave "invalid literal for int()"; numpy integers are read as the numbers they are, and the
+    config keeps Python ints, which the model file stores as plain data."""
+    model = _model(["O", "H", "C"], channels=np.int64(4), lmax=np.int64(1), cutoff=np.float64(3.0),
+                   charge_state=np.bool_(False))
+    assert model.species == [1, 6, 8] and type(model.config["channels"]) is int and model.config["lmax"] == 1
+    assert model.conditioning is None
+    cartlorem.save_model(model, tmp_path / "m.pt")
+    assert cartlorem.load_model(tmp_path / "m.pt").species == [1, 6, 8]
+    assert _model(np.array([8, 1])).species == [1, 8] and _model(torch.tensor([8, 1])).species == [1, 8]
