@@ -351,6 +351,10 @@ class _ConfigMethods:
     def __post_init__(self):
         for o in OPTIONS:
             object.__setattr__(self, o.name, parse_value(o.name, getattr(self, o.name)))
+        if self.long_range == "none" and self.long_range_options:  # the model would refuse them, after the data
+            raise ValueError(f"long_range_options {self.long_range_options!r} are options of the long-range block, "
+                             "and long_range is 'none' (no block): drop them, or set long_range to 'multipole' "
+                             "or 'lorem'")
 
     @classmethod
     def from_dict(cls, values: Mapping, where: str = "config") -> "Config":

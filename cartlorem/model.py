@@ -201,6 +201,12 @@ class CartLorem(nn.Module):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         e0_given = _reference_energies(atomic_energies or {}, species)
         _check_statistics(avg_num_neighbors, scale, shift, atomic_energies)
+        if long_range_options is not None and not isinstance(long_range_options, Mapping):
+            raise ValueError(f"long_range_options must be a mapping {{option: value}}, got {long_range_options!r}")
+        if long_range is None and long_range_options:  # neither checked nor used: a typo or a misplaced option
+            raise ValueError(f"long_range_options {dict(long_range_options)!r} are options of the long-range block, "
+                             "and this model has none (long_range=None): drop them, or choose long_range "
+                             "'multipole' or 'lorem'")
         self.config = dict(species=species, cutoff=float(cutoff), long_range=long_range, channels=channels,
                            num_layers=num_layers, correlation=correlation, lmax=lmax, num_basis=num_basis,
                            radial_hidden=radial_hidden, envelope_p=envelope_p, readout_hidden=readout_hidden,
@@ -733,6 +739,9 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     config, state = obj.get("config"), obj.get("state_dict")
     if not isinstance(config, dict) or not isinstance(state, dict):
         raise ValueError(f"{path}: a cartlorem model file needs a 'config' dict and a 'state_dict' dict")
+    if config.get("long_range") is None and config.get("long_range_options"):
+        # a short-range model that an older cartlorem let store (and ignore) options of a block it has not
+        config = {**config, "long_range_options": {}}
     if config.get("long_range") is not None:
         # written before an option existed: the behaviour of then (charges in every channel, the block at the end)
         options = config.get("long_range_options") or {}

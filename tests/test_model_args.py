@@ -9,6 +9,7 @@ import torch
 from ase.build import molecule
 
 import cartlorem
+from cartlorem.config import Config
 from cartlorem.graph import atoms_to_graph
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,3 +137,31 @@ def test_species_by_element_symbol_and_numpy_numbers(tmp_path):
     cartlorem.save_model(model, tmp_path / "m.pt")
     assert cartlorem.load_model(tmp_path / "m.pt").species == [1, 6, 8]
     assert _model(np.array([8, 1])).species == [1, 8] and _model(torch.tensor([8, 1])).species == [1, 8]
+
+
+# --- long_range_options of a model without long range ----------------------------------------------------------
+
+@pytest.mark.parametrize("options", [{"lr_chanels": 2}, {"placement": "nowhere"}, {"placement": "end"}])
+def test_long_range_options_without_long_range_are_refused(options):
+    """They were neither checked nor used with long_range=None, but stored in the config and the model file."""
+    with pytest.raises(ValueError, match=r"long_range_options .* options of the long-range block.*long_range=None"):
+        _model(long_range_options=options)
+    with pytest.raises(ValueError, match="long_range_options"):  # a misspelled key: the config's parser says so
+        Config(train="t.xyz", out="o", long_range="none", long_range_options=options)
+    with pytest.raises(ValueError, match=r"long_range_options \{'lr_channels': 3\} .* long_range is 'none'"):
+        Config(train="t.xyz", out="o", long_range="none", long_range_options={"lr_channels": 3})
+    for empty in (None, {}):  # no options: fine
+        assert _model(long_range_options=empty).config["long_range_options"] == {}
+        assert Config(long_range="none", long_range_options=empty).build_model([1, 8]).long_range is None
+
+
+def test_stored_long_range_options_of_a_short_range_file_are_dropped_on_load(tmp_path):
+    """A file an older cartlorem wrote with options it ignored still loads, and predicts what it did."""
+    model = _model()
+    payload = cartlorem.model.model_payload(model)
+    payload["config"]["long_range_options"] = {"placement": "end", "lr_channels": 3}
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = cartlorem.load_model(tmp_path / "old.pt")
+    assert loaded.config["long_range_options"] == {}
+    graph = _methanol()
+    assert float(loaded(graph)["energy"].detach()) == float(model(graph)["energy"].detach())
