@@ -117,7 +117,7 @@ class CartLorem(nn.Module):
     """Machine-learning interatomic potential on irreducible Cartesian tensors (ranks 0–2).
 
     Args:
-        species: atomic numbers the model knows.
+        species: atomic numbers the model knows (integers 1..118, or element symbols such as "O").
         cutoff: local cutoff r_c in Å (default 5).
         long_range: "multipole" (default; learned q, μ, Θ with Ewald interaction tensors), "lorem"
             (each Cartesian component of the equivariant charges with the scalar kernel) or None.
@@ -129,12 +129,14 @@ class CartLorem(nn.Module):
         num_basis, radial_hidden: Bessel functions (8) and radial MLP width (64).
         envelope_p: polynomial envelope exponent (5).
         readout_hidden: width of the last layer's readout MLP (16).
-        atomic_energies: {Z: E0 in eV} reference energies (default 0; set from data by training).
+        atomic_energies: {Z: E0 in eV} reference energies (default 0; set from data by training); Z an atomic
+            number or an element symbol of ``species`` (another species is a ValueError).
         avg_num_neighbors: message normalisation (default 10; set from data by training).
         scale, shift: per-atom energy scale and shift of the learned readouts (eV; default 1, 0). The
             electrostatic energy of the learned multipoles is not scaled: it stays in eV, so the
             reported charges and dipoles keep physical units whatever ``scale`` training sets.
-        long_range_options: dict for the long-range block (see cartlorem.nn.long_range), e.g.
+        long_range_options: dict for the long-range block (see cartlorem.nn.long_range; none with
+            ``long_range=None``, which has no block: ValueError), e.g.
             ``lr_channels`` (4), ``charge_correction`` ("uniform"), ``charge_channels`` (None, the
             default: charges in every channel; 1: in channel 0 only, whose charges are then the only
             1/r sources and so identifiable as physical charges), ``placement``
