@@ -59,9 +59,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
-from benchmarks.harness import (MACE_MISSING, PEER_PYTHON, add_data_argument, command_line,  # noqa: E402
+from benchmarks.harness import (MACE_MISSING, add_data_argument, command_line,  # noqa: E402
                                 add_training_arguments, group_errors, groups_for, load_split, machine_info,
-                                mace_for_training_set)
+                                mace_for_training_set, peer_python)
 
 VARIANTS = ["none", "lorem", "multipole", "mace"]
 LABEL = {"none": "cartlorem none", "lorem": "cartlorem lorem", "multipole": "cartlorem multipole", "mace": "MACE"}
@@ -279,12 +279,13 @@ def _load_sessions(folder, args, block_options=None) -> list:
 
 
 def run_mace_subprocess(name: str, args) -> dict:
-    if not PEER_PYTHON.exists():
-        return {"variant": "mace", "status": MACE_MISSING}
+    python, missing = peer_python()  # the peers venv, or $CARTLOREM_PEER_PYTHON
+    if python is None:
+        return {"variant": "mace", "status": missing}
     spec = {k: v for k, v in vars(args).items() if k not in ("peer_worker",)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "mace.json"
-        cmd = [str(PEER_PYTHON), str(Path(__file__).resolve()), "--peer-worker", json.dumps({"set": name, "out": str(out),
+        cmd = [python, str(Path(__file__).resolve()), "--peer-worker", json.dumps({"set": name, "out": str(out),
                                                                                              "args": spec})]
         env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
         try:
@@ -629,6 +630,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or not set(variants) <= set(VARIANTS):
+        p.error(f"--variants: a comma list of {', '.join(VARIANTS)} (got {args.variants!r})")
     if args.skip_mace and "mace" in variants:
         variants.remove("mace")
     meta = {**machine_info(), **{k: v for k, v in vars(args).items() if k != "peer_worker"},
@@ -636,13 +639,14 @@ def main(argv=None):
     args.commit = meta.get("git_commit")
     if math.isinf(meta["budget"]):
         meta["budget"] = None  # no wall-clock limit (strict JSON has no Infinity)
-    if PEER_PYTHON.exists():
-        r = subprocess.run([str(PEER_PYTHON), "-c", "from importlib.metadata import version as v; import e3nn; "
+    python, missing = peer_python()
+    if python is not None:
+        r = subprocess.run([python, "-c", "from importlib.metadata import version as v; import e3nn; "
                             "print(v('mace-torch'), 'e3nn', e3nn.__version__)"], capture_output=True, text=True,
                            env=dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"))
         meta["mace"] = r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else MACE_MISSING
     else:
-        meta["mace"] = MACE_MISSING
+        meta["mace"] = missing
     all_results = {}
     for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
         all_results[name] = {"variants": {}}

@@ -261,3 +261,30 @@ def test_compile_flag_trains_cartlorem_models_compiled_and_is_recorded(tmp_path,
     assert len(calls) == n  # no --compile: eager
     second = json.loads((tmp_path / "second.json").read_text())["results"]["dimers"]["variants"]["none"]
     assert [s["compile"] for s in second["sessions"]] == [True, False]
+
+
+@pytest.mark.parametrize("bad", ["multipol", "", "none,mace2"])
+def test_unknown_variants_are_refused_before_training(bad, tmp_path, capsys):
+    """A typo in --variants: a usage error naming the choices, not a KeyError (LABEL[v]) once training starts."""
+    with pytest.raises((SystemExit, KeyError, FileNotFoundError)) as err:  # before: KeyError or no data, here
+        accuracy.main(["--variants", bad, "--skip-mace", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert err.type is SystemExit
+    assert "--variants: a comma list of none, lorem, multipole, mace" in capsys.readouterr().err
+
+
+def test_mace_runs_with_the_peer_python_of_the_environment(tmp_path, monkeypatch):
+    """run_mace_subprocess uses harness.peer_python(): CARTLOREM_PEER_PYTHON is honoured, not only the venv."""
+    import subprocess
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return SimpleNamespace(returncode=1, stderr="boom\n", stdout="")
+
+    monkeypatch.setattr(accuracy, "peer_python", lambda: ("/opt/peer/bin/python", None))
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    res = accuracy.run_mace_subprocess("dimers", SimpleNamespace(budget=1.0))
+    assert calls and calls[0][0] == "/opt/peer/bin/python" and res["status"] == "failed: boom"
+    monkeypatch.setattr(accuracy, "peer_python", lambda: (None, "not installed (why)"))
+    assert accuracy.run_mace_subprocess("dimers", SimpleNamespace(budget=1.0))["status"] == "not installed (why)"
