@@ -49,7 +49,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
-from benchmarks.harness import (ATOMS_PER, build_mace, build_matched_cartlorem, machine_info, mace_inputs, make_structure,  # noqa: E402
+from benchmarks.harness import (ATOMS_PER, build_mace, build_matched_cartlorem, command_line, machine_info, mace_inputs, make_structure,  # noqa: E402
                                 markdown_table, mem_available_bytes, n_parameters, peak_memory_bytes,
                                 peer_python, proc_kib_field, reset_peak_memory, resolve_device, resolve_devices, run_json_worker,
                                 sync_fn, time_fn, write_results, TUNED_MALLOC)
@@ -290,7 +290,7 @@ def main(argv=None):
     load_start = os.getloadavg()[0]
     devices = resolve_devices(args.device)  # cuda → cpu without CUDA
     cuda = next((torch.device(d) for d in devices if d.startswith("cuda")), None)
-    meta = {**machine_info(cuda), "cutoff": args.cutoff, "repeats": args.repeats, "budget_s": args.budget,
+    meta = {**machine_info(cuda), "command": command_line("speed.py", argv), "cutoff": args.cutoff, "repeats": args.repeats, "budget_s": args.budget,
             "quick": args.quick, "models": models, "mace": "ok" if mace_python else mace_reason,
             "mace_python": mace_python, "loadavg_1min_start": round(load_start, 2),
             "worker_threads": args.threads or "torch default", "malloc": args.malloc,
@@ -335,7 +335,8 @@ def main(argv=None):
         old_profile = old["meta"].get("summary", {}).get("profile")
         prev["superseded_rows"] = prev.get("superseded_rows", []) + replaced  # earlier measurements, kept
         meta = {**prev, "updates": prev.get("updates", []) + [
-            {k: meta[k] for k in ("date", "git_commit", "git_dirty", "loadavg_1min_start", "loadavg_1min_during")}
+            {k: meta[k] for k in ("date", "git_commit", "git_dirty", "command", "loadavg_1min_start",
+                                  "loadavg_1min_during")}
             | {"points": [list(k) for k in sorted(new_keys)]}]}
         meta["models"] = sorted({r["model"] for r in rows}, key=lambda m: list(MODEL_LABEL).index(m))
     summary = summarise(rows, meta.get("superseded_rows", []))
@@ -511,6 +512,7 @@ def write_outputs(rows, meta, summary, out):
     m = meta
     lines = [f"# Inference speed: cartlorem vs MACE ({m['date']}, commit {(m['git_commit'] or '?')[:10]}"
              f"{', dirty tree' if m.get('git_dirty') else ''})", "",
+             *([f"Command: `{m['command']}`", ""] if m.get("command") else []),
              f"Machine: {m['cpu_model']}, {m['cpu_affinity']} cores usable, torch {m['torch']} "
              f"(workers: {m['worker_threads']} threads), MACE: {m.get('mace_torch', m['mace'])}"
              f"{' with e3nn ' + m['mace_e3nn'] if m.get('mace_e3nn') else ''}. "
@@ -541,8 +543,10 @@ def write_outputs(rows, meta, summary, out):
                   + ", ".join(f"{MODEL_LABEL.get(k, k)} {v:.1f} s" for k, v in x["cpu_time_s"].items()) + ".", ""]
     for u in m.get("updates", []):
         pts = "; ".join(f"{sys_} N={ATOMS_PER[sys_](size)} {mod} {dt}" for dev, dt, C, sys_, size, mod in u["points"])
-        lines += [f"Re-measured {u['date']} (load {u['loadavg_1min_during']['min']}–{u['loadavg_1min_during']['max']}): "
-                  f"{pts}.", ""]
+        lines += [f"Re-measured {u['date']} on commit {(u.get('git_commit') or '?')[:10]}"
+                  f"{', dirty tree' if u.get('git_dirty') else ''}"
+                  + (f" (`{u['command']}`)" if u.get("command") else "")
+                  + f", load {u['loadavg_1min_during']['min']}–{u['loadavg_1min_during']['max']}: {pts}.", ""]
     st, lt = summary["speed_target"], summary["long_range_target"]
     verdict = {True: "**met**", False: "**missed**", None: "not measured"}
     lines += ["## Targets", "",

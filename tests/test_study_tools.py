@@ -232,3 +232,33 @@ def test_benchmark_rows_name_the_device_they_ran_on(monkeypatch):
     assert harness.resolve_devices("cpu, cuda,") == ["cpu"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert harness.resolve_devices("cpu,cuda") == ["cpu", "cuda"]
+
+
+def test_speed_results_carry_the_command_and_each_update_its_commit(tmp_path, monkeypatch):
+    """speed.py stamps the command; --update records (and the .md prints) the commit, dirty flag and command
+    of the re-measured points (they had kept the first run's header only)."""
+    from benchmarks import harness, speed
+
+    def fake_point(args, rows, loads, last, device, dtype, C, system, size, model, *rest):
+        return {"device": device, "dtype": dtype, "channels": C, "system": system, "size": size, "model": model,
+                "n_atoms": harness.ATOMS_PER[system](size), "status": "ok", "time_s": 0.1, "cpu_time_s": 0.1,
+                "peak_mem_mb": 1.0}
+
+    monkeypatch.setattr(speed, "run_model_point", fake_point)
+    monkeypatch.setattr(speed, "plot", lambda *a, **k: None)
+    out = str(tmp_path / "speed")
+    base = ["--models", "short", "--sizes", "diamond:1", "--profile", "never", "--out", out]
+    monkeypatch.setattr(speed, "machine_info", lambda *a: {**harness.machine_info(), "git_commit": "a" * 40,
+                                                           "git_dirty": False})
+    speed.main(base)
+    first = json.loads(Path(out + ".json").read_text())["meta"]
+    assert first["command"] == harness.command_line("speed.py", base)
+    monkeypatch.setattr(speed, "machine_info", lambda *a: {**harness.machine_info(), "git_commit": "b" * 40,
+                                                           "git_dirty": True})
+    speed.main(base + ["--dtype", "float64", "--update"])
+    meta = json.loads(Path(out + ".json").read_text())["meta"]
+    assert meta["git_commit"] == "a" * 40 and meta["updates"][0]["git_commit"] == "b" * 40
+    assert meta["updates"][0]["command"].endswith("--dtype float64 --update")
+    md = Path(out + ".md").read_text()
+    assert f"Command: `{first['command']}`" in md
+    assert "on commit bbbbbbbbbb, dirty tree (`" in md
