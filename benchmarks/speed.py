@@ -49,7 +49,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
-from benchmarks.harness import (ATOMS_PER, build_mace, build_matched_cartlorem, command_line, machine_info, mace_inputs, make_structure,  # noqa: E402
+from benchmarks.harness import (ATOMS_PER, build_mace, build_matched_cartlorem, command_line,  # noqa: E402
+                                machine_info, mace_inputs, make_structure,
                                 markdown_table, mem_available_bytes, n_parameters, peak_memory_bytes,
                                 peer_python, proc_kib_field, reset_peak_memory, resolve_device, resolve_devices, run_json_worker,
                                 sync_fn, time_fn, write_results, TUNED_MALLOC)
@@ -290,7 +291,8 @@ def main(argv=None):
     load_start = os.getloadavg()[0]
     devices = resolve_devices(args.device)  # cuda → cpu without CUDA
     cuda = next((torch.device(d) for d in devices if d.startswith("cuda")), None)
-    meta = {**machine_info(cuda), "command": command_line("speed.py", argv), "cutoff": args.cutoff, "repeats": args.repeats, "budget_s": args.budget,
+    meta = {**machine_info(cuda), "command": command_line("speed.py", argv),
+            "cutoff": args.cutoff, "repeats": args.repeats, "budget_s": args.budget,
             "quick": args.quick, "models": models, "mace": "ok" if mace_python else mace_reason,
             "mace_python": mace_python, "loadavg_1min_start": round(load_start, 2),
             "worker_threads": args.threads or "torch default", "malloc": args.malloc,
