@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
 import cartlorem  # noqa: E402
-from benchmarks.harness import (add_data_argument, add_training_arguments, group_errors,  # noqa: E402
-                                groups_for, load_split, machine_info)
+from benchmarks.harness import (add_data_argument, add_training_arguments, command_line,  # noqa: E402
+                                group_errors, groups_for, load_split, machine_info)
 from cartlorem.evaluate import predict  # noqa: E402
 from cartlorem.train import train  # noqa: E402
 
@@ -84,7 +84,9 @@ def run_set(name, args):
 
 
 def to_markdown(all_results, meta) -> str:
-    lines = [f"# Long range vs short range ({meta['date']}, commit {meta['git_commit'][:10]})", "",
+    lines = [f"# Long range vs short range ({meta['date']}, commit {(meta.get('git_commit') or '?')[:10]}"
+             f"{', dirty tree' if meta.get('git_dirty') else ''})", "",
+             *([f"Command: `{meta['command']}`", ""] if meta.get("command") else []),
              f"Machine: {meta['cpu_model']} ({meta['torch_num_threads']} threads, load {meta['loadavg_1min']}). Budget "
              f"{meta['epochs']} epochs per model (wall cap {meta['budget_s']} s), channels {meta['channels']}, cutoff {meta['cutoff']} Å, "
              f"seed {meta['seed']}. Test-set MAE: energy meV/atom / forces meV/Å.", ""]
@@ -112,6 +114,17 @@ def to_markdown(all_results, meta) -> str:
             lines.append(f"\nNot trained in this run (time): {', '.join(missing)}.")
         lines.append("")
     return "\n".join(lines)
+
+
+#: the settings a --merge must share with the results it joins (meta keys; budget_s is --budget)
+SETTINGS = ("epochs", "budget_s", "channels", "cutoff", "seed", "dtype", "correlation", "batch_size", "lr",
+            "energy_weight", "test_fraction", "max_frames", "data_dir")
+
+
+def merge_mismatch(before: dict, now: dict) -> str:
+    """The settings of ``now`` that differ from those recorded in ``before`` ('' if none), as text."""
+    return "; ".join(f"{k}: {before[k]!r} before, {now[k]!r} now" for k in SETTINGS
+                     if k in before and before[k] != now.get(k))
 
 
 def main(argv=None):
@@ -167,19 +180,25 @@ def main(argv=None):
     if args.quick:
         args.epochs, args.max_frames, args.save_models = 1, 120, ""
     torch.set_num_threads(args.threads)
-    meta = {**machine_info(), "epochs": args.epochs, "budget_s": args.budget, "channels": args.channels, "cutoff": args.cutoff,
-            "seed": args.seed, "dtype": args.dtype, "correlation": args.correlation}
+    meta = {**machine_info(), "command": command_line("long_range.py", argv), "budget_s": args.budget,
+            **{k: getattr(args, k) for k in SETTINGS if k != "budget_s"}}
     all_results = {}
     if args.merge and Path(args.out + ".json").exists():
         with open(args.out + ".json") as f:
-            all_results = json.load(f)["results"]
-        meta["merged"] = sorted(set(meta.get("merged", [])) | {f"{s.strip()}:{v}" for s in args.sets.split(",")
-                                                               for v in args.variants})
+            before = json.load(f)
+        mismatch = merge_mismatch(before["meta"], meta)
+        if mismatch:
+            raise SystemExit(f"--merge: {args.out}.json was made with other settings ({mismatch}); use the same "
+                             "settings or another --out")
+        all_results = before["results"]
+        meta["merged"] = sorted(set(before["meta"].get("merged", []))
+                                | {f"{s.strip()}:{v}" for s in args.sets.split(",") for v in args.variants})
     for name in args.sets.split(","):
         name = name.strip()
         new = run_set(name, args)
         for v in new["variants"].values():
-            v.update(commit=(meta["git_commit"] or "?")[:10], date=meta["date"], loadavg_1min=meta["loadavg_1min"])
+            v.update(commit=(meta["git_commit"] or "?")[:10], date=meta["date"], loadavg_1min=meta["loadavg_1min"],
+                     command=meta["command"])
         if name in all_results:
             all_results[name]["variants"].update(new["variants"])
             all_results[name]["variants"] = {k: all_results[name]["variants"][k]

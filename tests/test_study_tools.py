@@ -262,3 +262,25 @@ def test_speed_results_carry_the_command_and_each_update_its_commit(tmp_path, mo
     md = Path(out + ".md").read_text()
     assert f"Command: `{first['command']}`" in md
     assert "on commit bbbbbbbbbb, dirty tree (`" in md
+
+
+def test_long_range_records_the_command_and_merges_only_equal_settings(tmp_path, monkeypatch):
+    """long_range.py: the command is stamped; --merge refuses results made with other settings (it joined them
+    under the new header before); the report renders without a git commit (it raised TypeError on None)."""
+    from benchmarks import harness, long_range
+
+    fake = {"n_train": 1, "n_valid": 1, "n_test": 1,
+            "variants": {"none": {"epochs": 1, "groups": {"all": {"n": 1, "energy_mae_mev_per_atom": 1.0,
+                                                                  "forces_mae_mev_per_a": 2.0}}}}}
+    monkeypatch.setattr(long_range, "run_set", lambda name, args: json.loads(json.dumps(fake)))
+    out = str(tmp_path / "lr")
+    argv = ["--sets", "dimers", "--variants", "none", "--save-models", "", "--out", out]
+    long_range.main(argv)
+    saved = json.loads(Path(out + ".json").read_text())
+    assert saved["meta"]["command"] == harness.command_line("long_range.py", argv)
+    assert saved["meta"]["channels"] == 16 and saved["meta"]["batch_size"] == 8
+    long_range.main(argv + ["--merge"])  # the same settings: joined
+    with pytest.raises(SystemExit, match="channels: 16 before, 32 now"):
+        long_range.main(argv + ["--merge", "--channels", "32"])
+    md = long_range.to_markdown(saved["results"], dict(saved["meta"], git_commit=None))
+    assert md.startswith("# Long range vs short range (") and "commit ?" in md
