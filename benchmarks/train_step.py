@@ -16,7 +16,10 @@ sets (open-boundary molecules of 6–18 atoms), and breaks the time down:
 
 With ``--mace`` and the peers venv (``benchmarks/setup_peers.sh``), MACE at matched settings
 (same channels, correlation, cutoff, 2 interactions) is timed in the peer interpreter on the same
-batches and reported as another row.
+batches and reported as another row. Its steps are **not** interleaved with the others: MACE runs in its own
+process (another interpreter: the venvs cannot share one), after the cartlorem steps of the same set and C,
+so its ratios (``ratio_to_mace``, MACE's ``ratio_to_none``) compare steps timed at different moments and
+carry the load changes between them.
 
 Example (what benchmarks/results/train_step.md was made with)::
 
@@ -632,7 +635,7 @@ def _common_flags(args):
     return ["--data-dir", str(args.data_dir), "--device", args.device, "--correlation", str(args.correlation), "--batch-size",
             str(args.batch_size), "--n-batches", str(args.n_batches), "--threads", str(args.threads),
             "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--dtype", args.dtype,
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed), "--cutoff", str(args.cutoff)]
 
 
 def run_mace_child(args):
@@ -930,8 +933,11 @@ def _markdown(rows, meta):
              f"torch {meta['torch']}, {meta['settings']['threads']} thread(s), {meta['settings']['dtype']}, "
              f"batch {meta['settings']['batch_size']} structures, correlation {meta['settings']['correlation']}. "
              f"Load average {_load_start(meta)}, {meta['loadavg_end']} at end "
-             f"({meta['cpu_count']} cores, shared with other jobs: absolute times are pessimistic, the "
-             "interleaved ratios hold).", ""]
+             f"({meta['cpu_count']} cores, shared with other jobs: absolute times are pessimistic; the ratios "
+             "between cartlorem models are of interleaved steps and hold)."
+             + (" MACE is timed in its own process (the peers venv) after the cartlorem steps of the same set and "
+                "C, not interleaved with them: its ratios (÷ MACE) carry any change of load between the two."
+                if any(r["model"] == "mace" for r in rows) else ""), ""]
     if meta.get("gpu"):
         lines += [f"Device: {meta['gpu']} (CUDA {meta['cuda']}), synchronised before each clock read. On a GPU the "
                   "wall-time columns are the measure (the ÷ columns); the CPU columns count only the host's share "

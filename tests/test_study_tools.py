@@ -284,3 +284,31 @@ def test_long_range_records_the_command_and_merges_only_equal_settings(tmp_path,
         long_range.main(argv + ["--merge", "--channels", "32"])
     md = long_range.to_markdown(saved["results"], dict(saved["meta"], git_commit=None))
     assert md.startswith("# Long range vs short range (") and "commit ?" in md
+
+
+def test_train_step_mace_child_gets_the_cutoff_and_the_report_says_it_is_not_interleaved(monkeypatch):
+    """The MACE child was built at its default 5 Å whatever --cutoff said; and the report called the ÷ MACE
+    ratios interleaved while MACE is timed afterwards in its own process."""
+    import argparse
+    import subprocess
+    from types import SimpleNamespace
+
+    import train_step
+
+    calls = []
+    monkeypatch.setattr(train_step.harness, "peer_python", lambda: ("/peer/python", None))
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or SimpleNamespace(
+        returncode=0, stdout=json.dumps({"median_s": 1.0, "iqr_s": 0.1, "cpu_median_s": 1.0}), stderr=""))
+    args = argparse.Namespace(data_dir="/d", device="cpu", correlation=2, batch_size=8, n_batches=6, threads=1,
+                              repeats=12, warmup=3, dtype="float32", seed=0, cutoff=4.0)
+    assert train_step.mace_step_time("dimers", 16, args)[0]["median_s"] == 1.0
+    cmd = calls[0]
+    assert cmd[cmd.index("--cutoff") + 1] == "4.0"
+    meta = {"command": "c", "git_commit": "a" * 40, "git_dirty": False, "date": "d", "cpu_model": "x", "torch": "t",
+            "settings": {"threads": 1, "dtype": "float32", "batch_size": 8, "correlation": 2, "profile_steps": 0},
+            "loadavg_start": 1.0, "loadavg_end": 1.0, "cpu_count": 2}
+    rows = [{"set": "dimers", "channels": 16, "model": m, "atoms_per_batch": 10.0, "median_s": 0.1,
+             "cpu_median_s": 0.1} for m in ("none", "mace")]
+    md = train_step._markdown(rows, meta)
+    assert "interleaved ratios hold" not in md and "MACE is timed in its own process" in md
+    assert "MACE is timed" not in train_step._markdown(rows[:1], meta)
