@@ -28,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 
+STDERR_LINES = 20  # of a failing training command, shown
+
+
 def code_of(rev, workdir):
     """A folder holding the ``cartlorem`` package of git revision ``rev`` (to put first on PYTHONPATH)."""
     folder = Path(workdir) / f"code_{rev}"
@@ -59,7 +62,10 @@ def run_cli(data, model, args, workdir):
         cmd += ["--config", str(config)]
     if plus:
         cmd.append("--compile")
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=workdir)
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=workdir)
+    if r.returncode != 0:  # say why, with the end of the CLI's stderr (it went to /dev/null before)
+        tail = "\n".join(r.stderr.strip().splitlines()[-STDERR_LINES:])
+        raise SystemExit(f"train_epoch.py: training {model} failed (exit {r.returncode}): {' '.join(cmd)}\n{tail}")
     with open(out / "log.csv") as f:
         return [float(row["epoch_time_s"]) for row in csv.DictReader(f)]
 
@@ -89,6 +95,13 @@ def main(argv=None):
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train_epoch"))
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    # checked before any training: the first epoch of every run is dropped (warm-up), medians need an epoch left
+    if args.epochs < 2:
+        p.error(f"--epochs: at least 2 (the first epoch of each run is warm-up and not timed), got {args.epochs}")
+    if args.rounds < 1:
+        p.error(f"--rounds: at least 1, got {args.rounds}")
+    if not models:
+        p.error("--models: a comma list of models, got none")
     rows = []
     meta = harness.machine_info()
     with tempfile.TemporaryDirectory() as workdir:

@@ -312,3 +312,27 @@ def test_train_step_mace_child_gets_the_cutoff_and_the_report_says_it_is_not_int
     md = train_step._markdown(rows, meta)
     assert "interleaved ratios hold" not in md and "MACE is timed in its own process" in md
     assert "MACE is timed" not in train_step._markdown(rows[:1], meta)
+
+
+@pytest.mark.parametrize("bad, flag", [(["--epochs", "1"], "--epochs"), (["--rounds", "0"], "--rounds"),
+                                       (["--models", ","], "--models")])
+def test_train_epoch_refuses_settings_that_leave_nothing_to_time(bad, flag, tmp_path, capsys):
+    """--epochs 1 (the one epoch is dropped as warm-up) or --rounds 0 ended in a StatisticsError after all the
+    training; now a usage error before any."""
+    import train_epoch
+
+    with pytest.raises(SystemExit):
+        train_epoch.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "x"), *bad])
+    assert flag + ":" in capsys.readouterr().err
+
+
+def test_train_epoch_shows_why_a_training_command_failed(tmp_path):
+    """A failing `cartlorem train` raised CalledProcessError with its stderr sent to /dev/null."""
+    import argparse
+
+    import train_epoch
+
+    args = argparse.Namespace(channels=4, correlation=2, epochs=2, dtype="float32", batch_size=4)
+    with pytest.raises(SystemExit, match="training none failed") as err:
+        train_epoch.run_cli(tmp_path / "missing.xyz", "none", args, tmp_path)
+    assert "missing.xyz" in str(err.value).split("\n", 1)[1]  # the CLI's own message, from its stderr
