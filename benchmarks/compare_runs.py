@@ -46,6 +46,9 @@ def load(pattern, set_name, variant):
     out = {}
     for path in sorted(glob.glob(pattern)):
         d = json.loads(Path(path).read_text())
+        if set_name not in d.get("results", {}):
+            sets = ", ".join(d.get("results", {})) or "none"
+            raise SystemExit(f"{path} has no results on {set_name!r} (it has {sets}); choose it with --set")
         found = d["results"][set_name]["variants"]
         if variant not in found:
             raise SystemExit(f"{path} has no {variant!r} results on {set_name} (it has {', '.join(found)})")
@@ -73,6 +76,25 @@ def commits(runs, seeds) -> str:
     if len(by_commit) == 1:
         return f"commit {next(iter(by_commit))}"
     return "commits " + ", ".join(f"{c} (seeds {', '.join(map(str, sorted(v)))})" for c, v in by_commit.items())
+
+
+def budget_text(runs, seeds, first) -> str:
+    """The training budget of the paired runs: epochs, or the wall-clock cap and, where a run was spread over
+    sessions (accuracy.py --run-dir: the cap is per session), the training wall time of the sessions added up."""
+    if first.get("epochs"):
+        return f"{first['epochs']} epochs"
+    results = [r[s][0] for r in runs.values() for s in seeds]
+    walls = [x["train_seconds"] for x in results if x.get("train_seconds") is not None]
+    sessions = max((len(x.get("sessions") or ()) for x in results), default=0)
+    spread = f"{min(walls):.0f}–{max(walls):.0f} s" if walls and round(min(walls)) != round(max(walls)) \
+        else f"{walls[0]:.0f} s" if walls else "?"
+    if sessions > 1:
+        cap = f"a cap of {first['budget']:g} s per session" if first.get("budget") else "no wall-clock cap"
+        return (f"{cap}, up to {sessions} sessions: {spread} of training wall clock per run in all "
+                "(the sessions added up)")
+    if first.get("budget"):
+        return f"a cap of {first['budget']:g} s of training wall clock per run ({spread} used)"
+    return f"no wall-clock cap ({spread} of training wall clock per run)"
 
 
 def at_epoch(result, epoch):
@@ -138,6 +160,9 @@ def main(argv=None):
         variants[label] = tail if at and tail and "/" not in tail else args.variant
         runs[label] = load(pattern, args.set, variants[label])
     seeds = sorted(set.intersection(*(set(r) for r in runs.values())))
+    if not seeds:  # runs are compared seed by seed: nothing to pair
+        raise SystemExit("no seed is common to all the runs (" + "; ".join(
+            f"{label}: seeds {', '.join(map(str, sorted(r)))}" for label, r in runs.items()) + ")")
     summary, lines = {}, []
     first = next(iter(runs.values()))[seeds[0]][1]
     made_on = commits(runs, seeds)
@@ -147,8 +172,7 @@ def main(argv=None):
     lines += [f"# {args.set}, {title}", "",
               f"Command: `{harness.command_line('compare_runs.py', argv, prefix='python')}`", "",
               f"accuracy.py runs on {made_on} ({first.get('cpu_model')}), "
-              + (f"{first.get('epochs')} epochs" if first.get("epochs") else f"{first.get('budget'):g} s of training "
-                 "wall clock each") + f", C = {first.get('channels')}, {first.get('dtype')}, seeds "
+              + budget_text(runs, seeds, first) + f", C = {first.get('channels')}, {first.get('dtype')}, seeds "
               f"{', '.join(map(str, seeds))}; each seed has its own split and initial weights, paired across settings. "
               "Test-set MAE, mean ± standard deviation over seeds (per seed in brackets).", "",
               "| metric | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]

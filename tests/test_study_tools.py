@@ -336,3 +336,32 @@ def test_train_epoch_shows_why_a_training_command_failed(tmp_path):
     with pytest.raises(SystemExit, match="training none failed") as err:
         train_epoch.run_cli(tmp_path / "missing.xyz", "none", args, tmp_path)
     assert "missing.xyz" in str(err.value).split("\n", 1)[1]  # the CLI's own message, from its stderr
+
+
+def test_compare_runs_says_why_runs_cannot_be_compared(tmp_path):
+    """No seed in common (IndexError before) and a file without the --set (KeyError before): clear errors."""
+    _accuracy_json(tmp_path / "a_s0.json", 0, 1.0, 1.0, 1.0, 1.0)
+    _accuracy_json(tmp_path / "b_s1.json", 1, 1.0, 1.0, 1.0, 1.0)
+    out = str(tmp_path / "cmp")
+    with pytest.raises(SystemExit, match="no seed is common to all the runs .a: seeds 0; b: seeds 1"):
+        compare_runs.main(["--runs", f"a={tmp_path}/a_s*.json", f"b={tmp_path}/b_s*.json", "--out", out])
+    with pytest.raises(SystemExit, match="has no results on 'cumulene' .it has dimers"):
+        compare_runs.main(["--set", "cumulene", "--runs", f"a={tmp_path}/a_s*.json", "--out", out])
+
+
+def test_compare_runs_reports_the_training_time_of_runs_spread_over_sessions(tmp_path):
+    """A --run-dir study: --budget is per session; the header gave it as the runs' budget. It now says so and
+    adds the sessions' training wall time up (train_seconds)."""
+    for label, wall in (("a", 2900.0), ("b", 3100.0)):
+        path = tmp_path / f"{label}_s0.json"
+        _accuracy_json(path, 0, 1.0, 1.0, 1.0, 1.0)
+        d = json.loads(path.read_text())
+        d["meta"].update(epochs=0, budget=1200.0, run_dir="runs")
+        d["results"]["dimers"]["variants"]["multipole"].update(
+            train_seconds=wall, sessions=[{"wall_s": 1200.0}, {"wall_s": 1200.0}, {"wall_s": wall - 2400.0}])
+        path.write_text(json.dumps(d))
+    out = tmp_path / "cmp"
+    compare_runs.main(["--runs", f"a={tmp_path}/a_s*.json", f"b={tmp_path}/b_s*.json", "--out", str(out)])
+    md = Path(str(out) + ".md").read_text()
+    assert "a cap of 1200 s per session, up to 3 sessions: 2900–3100 s of training wall clock per run in all" in md
+    assert "1200 s of training wall clock each" not in md
