@@ -357,6 +357,21 @@ def still_improving(x) -> Optional[bool]:
     return x.get("stop_reason") != "early_stopping" and c["gain_over_window"] >= PLATEAU_GAIN
 
 
+def _column_settings_lines(m) -> list:
+    """--combine of runs made with different settings: each column's, after the header (which gives the first
+    run's)."""
+    cols = m.get("column_settings") or {}
+    if not cols:
+        return []
+    keys = sorted({k for by in cols.values() for x in by.values() for k in x})
+    out = [f"**The columns were trained with different settings** ({', '.join(keys)}; the sentence above gives the "
+           "first run's; placement and charge channels concern the long-range models only):", ""]
+    for name, by in cols.items():
+        for v, x in by.items():
+            out.append(f"- {name}, {LABEL.get(v, v)}: " + ", ".join(f"{k} {x[k]}" for k in keys if k in x))
+    return out + [""]
+
+
 def to_markdown(all_results, meta) -> str:
     m = meta
     title = "Accuracy towards convergence (early stopping)" if m.get("patience") else "Accuracy at equal budget"
@@ -376,6 +391,7 @@ def to_markdown(all_results, meta) -> str:
              + (f", charge channels {m['charge_channels']}" if m.get("charge_channels") else "")
              + (f", end_features {m['end_features']}" if m.get("end_features") else "")
              + ". Split as long_range.py. Test-set errors: energy meV/atom, forces meV/Å, as MAE / RMSE.", ""]
+    lines += _column_settings_lines(m)
     for name, r in all_results.items():
         ok = {v: x for v, x in r["variants"].items() if "groups" in x}
         any_ok = next(iter(ok.values()), None)
@@ -510,11 +526,37 @@ def write_report(all_results, meta, args, name) -> None:
     plots(name, all_results[name], args.out)
 
 
+#: settings that make the runs' test sets differ: --combine refuses to put such runs side by side
+SAME_TEST_SET = ("seed", "test_fraction", "max_frames")
+#: settings the header states once; where the combined runs differ in them, the report lists them per column
+COLUMN_SETTINGS = STUDY_SETTINGS + ("budget", "run_dir", "compile", "quick")
+
+
+def column_settings(parts) -> dict:
+    """{set: {variant: {setting: value}}} of the settings (COLUMN_SETTINGS) in which the runs differ, per column;
+    {} when they agree. Refuses (SystemExit) runs whose test sets differ (SAME_TEST_SET)."""
+    differ = [k for k in COLUMN_SETTINGS if len({json.dumps(part["meta"].get(k)) for part in parts}) > 1]
+    bad = [k for k in differ if k in SAME_TEST_SET]
+    if bad:
+        raise SystemExit("--combine: the runs were made on different test sets (" + "; ".join(
+            f"{k}: {', '.join(str(part['meta'].get(k)) for part in parts)}" for k in bad) + ")")
+    if not differ:
+        return {}
+    cols = {}
+    for part in parts:
+        for name, res in part["results"].items():
+            for v in res["variants"]:
+                cols.setdefault(name, {})[v] = {k: part["meta"].get(k) for k in differ}
+    return {name: {v: by[v] for v in VARIANTS if v in by} for name, by in cols.items()}
+
+
 def combine(files, args) -> None:
     """One report from the result files of runs made in parallel: the models of each set side by side (in
-    the order of VARIANTS), the first run's settings, every run's command, commit and load."""
+    the order of VARIANTS), the first run's settings and, where the runs differ in a setting, each column's
+    (``column_settings``; runs with different test sets are refused), every run's command, commit and load."""
     parts = [json.loads(Path(f).read_text()) for f in files]
     meta = dict(parts[0]["meta"])
+    meta["column_settings"] = column_settings(parts)
     meta["command"] = "; ".join(part["meta"]["command"] for part in parts)
     meta["out"] = args.out  # the plots' names
     meta["combined_from"] = [{k: part["meta"].get(k) for k in ("date", "git_commit", "git_dirty", "command",

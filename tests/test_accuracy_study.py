@@ -169,7 +169,20 @@ def test_combine_puts_runs_made_in_parallel_side_by_side(tmp_path):
     assert both["meta"]["command"].startswith("second run; ") and len(both["meta"]["combined_from"]) == 2
     header = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| group")][0]
     assert header.index("cartlorem none") < header.index("cartlorem multipole")
-    other["meta"]["git_commit"] = "0" * 40
+    assert "different settings" not in out.with_suffix(".md").read_text()
+    # runs with other settings: listed per column, not labelled with the first run's (budget 1200 for all)
+    other["meta"].update(budget=7.0, placement="end")
+    (tmp_path / "run_multipole.json").write_text(json.dumps(other))
+    accuracy.main(["--combine", *files, "--out", str(out)])
+    md = out.with_suffix(".md").read_text()
+    assert "**The columns were trained with different settings** (budget, placement;" in md
+    assert "- dimers, cartlorem multipole: budget 7.0, placement end" in md
+    assert "- dimers, cartlorem none: budget 2.0, placement None" in md
+    other["meta"]["seed"] = 7  # another split: not comparable at all
+    (tmp_path / "run_multipole.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different test sets .seed: 7, 0"):
+        accuracy.main(["--combine", *files, "--out", str(out)])
+    other["meta"].update(seed=0, git_commit="0" * 40)
     (tmp_path / "run_multipole.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="different commits"):
         accuracy.main(["--combine", *files, "--out", str(out)])
