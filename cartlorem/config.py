@@ -212,6 +212,7 @@ _MODEL_HELP = {
                     "(atoms.info total_charge, multiplicity)",
 }
 _POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 _MODEL_CHECKS = {"cutoff": _POSITIVE, "channels": (lambda v: v >= 1, ">= 1")}
 
 
@@ -270,13 +271,18 @@ def _options() -> list[Option]:
                "structures per validation batch on each process (default: 2 × the per-process training batch)", t,
                check=(lambda v: v is None or v >= 1, ">= 1")),
         Option("lr", parse_float, T["lr"], "initial learning rate", t, check=_POSITIVE),
-        Option("energy_weight", parse_float, DEFAULT_WEIGHTS["energy"], "loss weight of the energy per atom", t),
-        Option("forces_weight", parse_float, DEFAULT_WEIGHTS["forces"], "loss weight of the forces", t),
-        Option("stress_weight", parse_float, DEFAULT_WEIGHTS["stress"], "loss weight of the stress", t),
+        Option("energy_weight", parse_float, DEFAULT_WEIGHTS["energy"], "loss weight of the energy per atom", t,
+               check=_NON_NEGATIVE),
+        Option("forces_weight", parse_float, DEFAULT_WEIGHTS["forces"], "loss weight of the forces", t,
+               check=_NON_NEGATIVE),
+        Option("stress_weight", parse_float, DEFAULT_WEIGHTS["stress"], "loss weight of the stress", t,
+               check=_NON_NEGATIVE),
         Option("dipole_weight", parse_float, DEFAULT_WEIGHTS["dipole"],
-               "loss weight of the molecular dipole (e·Å; needs long range and dipole labels)", t),
+               "loss weight of the molecular dipole (e·Å; needs long range and dipole labels)", t,
+               check=_NON_NEGATIVE),
         Option("born_charges_weight", parse_float, DEFAULT_WEIGHTS["born_charges"],
-               "loss weight of the Born effective charges (e; needs long range and labels)", t),
+               "loss weight of the Born effective charges (e; needs long range and labels)", t,
+               check=_NON_NEGATIVE),
         Option("optimizer", choice("adam", "amsgrad"), T["optimizer"], "optimiser", t),
         Option("weight_decay", parse_float, T["weight_decay"], "weight decay", t, check=(lambda v: v >= 0, ">= 0")),
         Option("ema_decay", nullable(parse_float), T["ema_decay"], "decay of the weight average (0 or none: off)", t,

@@ -159,14 +159,17 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
     except ImportError as err:
         raise ValueError(f"long_range={cfg.long_range!r} is not available in this installation ({err})") from None
 
-    if cfg.resume:  # a resume refused for a model that does not match must leave the run's config.yaml as it was
+    if cfg.resume:  # a model that does not match is refused before the data statistics are computed
         folder = RunFolder(out, write=False)
         restore_model_settings(model, folder.load_checkpoint()["model"], folder.path)
 
     # the file records settings, not this call's actions; absolute paths work from any folder
     absolute = {n: str(Path(getattr(cfg, n)).resolve()) for n in ("train", "valid", "out") if getattr(cfg, n)}
-    if main:
-        header = "# cartlorem train: every option of this run (defaults included); reuse with --config\n"
-        cfg.replace(species=species, resume=False, overwrite=False, **absolute).to_yaml(out / "config.yaml", header)
-    result = train(model, train_graphs, valid_graphs, out_dir=out, **cfg.train_kwargs())
+
+    def write_config():  # once train() has accepted the start: a refused start leaves the run's config.yaml as it was
+        if main:
+            header = "# cartlorem train: every option of this run (defaults included); reuse with --config\n"
+            cfg.replace(species=species, resume=False, overwrite=False, **absolute).to_yaml(out / "config.yaml", header)
+
+    result = train(model, train_graphs, valid_graphs, out_dir=out, on_start=write_config, **cfg.train_kwargs())
     return model, result

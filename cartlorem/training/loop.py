@@ -145,6 +145,7 @@ def train(
     max_time: Optional[float] = None,
     workers: int = 0,
     compile: bool = False,
+    on_start=None,
 ) -> TrainResult:
     """Train ``model`` in place; on return it holds the best EMA weights (by validation loss).
 
@@ -195,6 +196,10 @@ def train(
             models on periodic batches beyond
             :func:`cartlorem.ewald.cells.plan_fits`, dipole / Born-charge terms) and a failed
             compilation run eagerly, with a warning that says why.
+        on_start: called with no arguments once every check of the settings and data has passed and the run
+            folder is this run's (statistics set or checkpoint read, old files of an ``overwrite`` removed), before
+            the first epoch; ``cartlorem train`` writes the run's config.yaml there. A refused start calls nothing
+            and leaves ``out_dir`` as it was.
 
     Several processes: when a default process group is initialised (``torchrun``, or
     ``torch.distributed.init_process_group`` in your script), every process calls ``train`` with
@@ -235,20 +240,21 @@ def train(
     say = log if ranks.is_main else _QUIET
     progress = progress and ranks.is_main
     folder = RunFolder(out_dir, write=ranks.is_main) if out_dir is not None else None
-    if folder is not None:
-        folder.open(resume=resume, overwrite=overwrite)
+    if folder is not None:  # refusals only: nothing in out_dir changes before every check below has passed
+        folder.check(resume=resume, overwrite=overwrite)
     valid_graphs = valid_graphs if valid_graphs is not None else []
+    w = loss_weights(weights)
     check_dataset(model, train_graphs, "training")
     check_dataset(model, valid_graphs, "validation")
-    check_loss_labels(model, train_graphs, loss_weights(weights))
+    check_loss_labels(model, train_graphs, w)
     if len(valid_graphs):
-        check_labels_to_fit(valid_graphs, loss_weights(weights), "validation")
+        check_labels_to_fit(valid_graphs, w, "validation")
     if len(valid_graphs) == 0:
         say.warning("no validation set; validating (and selecting the best model) on the training set")
         valid_graphs = train_graphs
 
     ranks.broadcast_module(model)  # every process starts from process 0's weights (a resume replaces them)
-    run = _Run(model, folder, loss_weights(weights), int(valid_batch_size or 2 * -(-batch_size // ranks.size)),
+    run = _Run(model, folder, w, int(valid_batch_size or 2 * -(-batch_size // ranks.size)),
                progress,
                dict(batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                     ema_decay=ema_decay, scheduler_factor=scheduler_factor,
@@ -261,6 +267,10 @@ def train(
         torch.manual_seed(seed)
         if statistics:
             fit_statistics(model, train_graphs, ranks=ranks)
+    if folder is not None:  # the start is accepted: from here on the folder is this run's
+        folder.open(resume=resume, overwrite=overwrite)
+    if on_start is not None:
+        on_start()
 
     result, state = run.result, run.state
     t_call = time.perf_counter()
@@ -389,7 +399,10 @@ class _Run:
         self.sched.load_state_dict(ckpt["scheduler"])
         if self.ema is not None:
             if ckpt.get("ema") is None:
-                raise ValueError("the checkpoint has no EMA state but ema_decay is set")
+                raise ValueError(
+                    f"the run in {folder.path} was trained without a weight average (its ema_decay was 0 / none), so "
+                    f"its checkpoint has no EMA state to continue with ema_decay {self.settings['ema_decay']}: resume "
+                    "with the run's value (--ema-decay 0, ema_decay=None), or start a new run to train with one")
             self.ema.load_state_dict(ckpt["ema"])
         self._apply_settings()
         set_rng_state(self.rng, ckpt["rng"])

@@ -105,13 +105,9 @@ class RunFolder:
         self.log_csv = self.path / LOG_CSV
         self.curve_png = self.path / CURVE_PNG
 
-    def open(self, *, resume: bool, overwrite: bool) -> None:
-        """Create the folder; refuse to resume without a checkpoint or to start over one silently.
-
-        A fresh run over an earlier one (``overwrite``) removes the files it left (checkpoint first, then model.pt,
-        log.csv and the plot), so that none of them passes for this run's: neither an old model.pt after a crash in
-        the first epoch nor an old checkpoint that a resume would continue under the new settings. Without
-        ``overwrite`` a model.pt there is refused like a checkpoint: the new run would replace it."""
+    def check(self, *, resume: bool, overwrite: bool) -> None:
+        """The refusals of :meth:`open`, without touching the disk: a folder that is a file, a resume without a
+        checkpoint, a fresh run over a checkpoint or a model.pt without ``overwrite``."""
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"output folder {str(self.path)!r} is a file, not a folder; choose another output folder")
         if resume and not self.checkpoint.is_file():
@@ -126,6 +122,15 @@ class RunFolder:
                 f"{self.path} already holds a model ({self.best_model.name}) that this run would replace; pass "
                 f"overwrite=True (--overwrite) or choose another output folder"
             )
+
+    def open(self, *, resume: bool, overwrite: bool) -> None:
+        """Create the folder after the checks of :meth:`check`; call it once every other check of the run has passed.
+
+        A fresh run over an earlier one (``overwrite``) removes the files it left (checkpoint first, then model.pt,
+        log.csv and the plot), so that none of them passes for this run's: neither an old model.pt after a crash in
+        the first epoch nor an old checkpoint that a resume would continue under the new settings. Without
+        ``overwrite`` a model.pt there is refused like a checkpoint: the new run would replace it."""
+        self.check(resume=resume, overwrite=overwrite)
         self.path.mkdir(parents=True, exist_ok=True)
         if not resume and overwrite and self.write:
             for old in (self.checkpoint, self.best_model, self.log_csv, self.curve_png):

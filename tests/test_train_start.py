@@ -1,0 +1,87 @@
+"""`cartlorem train` starts that are refused, contradictory or resumed: what is on disk must survive a refusal, and
+a resume must continue the run that is there (or say why it does not)."""
+
+import shutil
+
+import ase.io
+import pytest
+import yaml
+
+from conftest import emt_frames, run_cli as run  # noqa: E402  (tests/ is on sys.path under pytest)
+
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
+
+TINY = {"channels": 4, "num_layers": 1, "correlation": 1, "num_basis": 4, "radial_hidden": 4, "readout_hidden": 4,
+        "cutoff": 3.0, "long_range": "none", "epochs": 1, "batch_size": 4, "threads": 1, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    frames = emt_frames(8, seed=0)
+    ase.io.write(d / "train.xyz", frames)
+    bare = [a.copy() for a in frames[:2]]  # no calculator: no labels
+    ase.io.write(d / "unlabelled.xyz", bare)
+    ase.io.write(d / "clusters.xyz", [a for a in frames if not a.pbc.any()])  # no stress labels
+    (d / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(files, tmp_path_factory):
+    """A finished one-epoch run (no EMA, so that a resume can ask for one); copy it before changing it."""
+    from cartlorem import cli
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    code = cli.main(["train", "--train", str(files / "train.xyz"), "--config", str(files / "tiny.yaml"),
+                     "--out", str(run_dir), "--ema-decay", "0"])
+    assert code == 0
+    return run_dir
+
+
+def _copy(run_dir, tmp_path):
+    dest = tmp_path / "run"
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def _contents(run_dir):
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--dipole-weight", 1], "no long range"),
+    (["--energy-weight", -1], "energy_weight must be >= 0"),
+    (["--energy-weight", 0, "--forces-weight", 0, "--stress-weight", 0], "every loss weight is 0"),
+    (["--cutoff", 0.5], "no two atoms"),
+    (["--valid", "clusters.xyz", "--energy-weight", 0, "--forces-weight", 0], "validation structures carries"),
+])
+def test_a_refused_overwrite_leaves_the_previous_run_as_it_was(files, trained, tmp_path, capsys, flags, says):
+    """--overwrite removed the old run's checkpoint, model, log and plot (and rewrote config.yaml) before the checks
+    of the data and settings and the statistics had run: a refused start deleted the run it did not replace."""
+    run_dir = _copy(trained, tmp_path)
+    before = _contents(run_dir)
+    assert {"checkpoint.pt", "model.pt", "log.csv", "config.yaml"} <= set(before)
+    flags = [files / f if str(f).endswith(".xyz") else f for f in flags]
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", run_dir, "--overwrite", *flags)
+    assert code == 2 and says in err and "Traceback" not in err, err
+    assert _contents(run_dir) == before
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--ema-decay", 0.99], "--ema-decay 0"),
+    (["--dipole-weight", 1], "no long range"),
+    (["--valid", "unlabelled.xyz"], "another split"),
+])
+def test_a_refused_resume_leaves_the_run_config_as_it_was(files, trained, tmp_path, capsys, flags, says):
+    """config.yaml was rewritten with the new settings before train() refused them (EMA state, loss weights), so
+    a plain --resume then read those settings and was refused too."""
+    run_dir = _copy(trained, tmp_path)
+    before = _contents(run_dir)
+    flags = [files / f if str(f).endswith(".xyz") else f for f in flags]
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, *flags)
+    assert code == 2 and says in err and "Traceback" not in err, err
+    assert _contents(run_dir) == before
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
+    assert code == 0, err
