@@ -85,3 +85,42 @@ def test_a_refused_resume_leaves_the_run_config_as_it_was(files, trained, tmp_pa
     assert _contents(run_dir) == before
     code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
     assert code == 0, err
+
+
+def _all_copper(atoms):
+    """``atoms`` with every atom made Cu, relabelled with EMT."""
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    a = atoms.copy()
+    a.symbols[:] = "Cu"
+    a.calc = EMT()
+    res = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
+    if a.pbc.any():
+        res["stress"] = a.get_stress()
+    a.calc = SinglePointCalculator(a, **res)
+    return a
+
+
+def test_a_species_only_in_the_validation_set_is_refused(files, tmp_path, capsys):
+    """Species were taken from the training and validation sets together: an element only in the validation set
+    joined the model with a reference energy of 0 eV (fitted on the training set) and was never trained."""
+    frames = emt_frames(8, seed=0)
+    ase.io.write(tmp_path / "copper.xyz", [_all_copper(a) for a in frames])
+    code, _, err = run(capsys, "train", "--train", tmp_path / "copper.xyz", "--valid", files / "train.xyz",
+                       "--config", files / "tiny.yaml", "--out", tmp_path / "run")
+    assert code == 2 and "contains Ag" in err and "never be trained on Ag" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_split_that_puts_a_species_in_the_validation_set_alone_is_refused(files, tmp_path, capsys):
+    from cartlorem.data import split
+
+    frames = emt_frames(8, seed=0)
+    _, valid = split(len(frames), 0.25, seed=0)
+    silver = next(a for a in frames if "Ag" in a.get_chemical_symbols())
+    data = [silver if k == valid[0] else _all_copper(a) for k, a in enumerate(frames)]  # Ag only where it validates
+    ase.io.write(tmp_path / "data.xyz", data)
+    code, _, err = run(capsys, "train", "--train", tmp_path / "data.xyz", "--valid-fraction", 0.25,
+                       "--config", files / "tiny.yaml", "--out", tmp_path / "run")
+    assert code == 2 and "--valid-fraction 0.25 split" in err and "--seed" in err and "Ag" in err, err

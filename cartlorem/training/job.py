@@ -122,6 +122,30 @@ def _check_same_split(cfg: Config, out: Path) -> None:
             "run (--overwrite or another --out)")
 
 
+def _species_of(graphs) -> set:
+    return {int(z) for g in graphs for z in g.species.unique().tolist()}
+
+
+def _check_valid_species(cfg: Config, train_graphs, valid_graphs) -> None:
+    """ValueError naming the elements of the validation set that no training structure has: the model would
+    know them (with a reference energy fitted on the training set alone: 0 eV) but never be trained on them."""
+    only = sorted(_species_of(valid_graphs) - _species_of(train_graphs))
+    if not only:
+        return
+    names = ", ".join(_symbols(only))
+    if cfg.valid is not None:
+        where = (f"the validation set {cfg.valid!r} contains {names}, which no structure of the training set "
+                 f"{cfg.train!r} has")
+        fix = f"add structures with {names} to the training set, or leave them out of the validation set"
+    else:
+        where = (f"the random --valid-fraction {cfg.valid_fraction} split of {cfg.train!r} (seed {cfg.seed}) put "
+                 f"every structure with {names} into the validation set")
+        fix = ("pass another --seed or --valid-fraction, give a validation file with --valid, or add structures "
+               f"with {names} to the data")
+    raise ValueError(f"{where}: the model would never be trained on {names} (its reference energy, fitted on the "
+                     f"training set, would be 0 eV); {fix}")
+
+
 def _run(cfg: Config, out: Path, device: str, main: bool):
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -141,6 +165,7 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         train_graphs, valid_graphs = [graphs[k] for k in tr], [graphs[k] for k in va]
     else:
         train_graphs, valid_graphs = graphs, []
+    _check_valid_species(cfg, train_graphs, valid_graphs)
     present = sorted({int(z) for g in train_graphs + valid_graphs for z in g.species.unique().tolist()})
     species = cfg.species or present
     missing = sorted(set(present) - set(species))
