@@ -103,3 +103,19 @@ def test_resume_applies_the_settings_it_is_given(tmp_path, first, then):
     group = ckpt["optimizer"]["param_groups"][0]
     assert group["weight_decay"] == 1e-4 and group["amsgrad"] == (then == "amsgrad")
     assert group["lr"] == ckpt["history"][0]["lr"]  # the rate is state: the checkpoint's
+
+
+def test_a_run_that_stopped_early_stays_stopped_on_resume(tmp_path, caplog):
+    """The stop reason was not saved and patience was tested only after an epoch: resuming an early-stopped run
+    with the same settings trained further epochs. A larger patience still trains on."""
+    frames = emt_frames(8, seed=0)
+    graphs, valid = read_dataset(frames[:6], 3.0), read_dataset(frames[6:], 3.0)
+    first = train(tiny_model(), graphs, valid, epochs=40, patience=1, lr=0.2, out_dir=tmp_path, progress=False)
+    assert first.stop_reason == "early_stopping" and first.epochs_completed < 40
+    again = train(tiny_model(), graphs, valid, epochs=40, patience=1, lr=0.2, out_dir=tmp_path, resume=True,
+                  progress=False)
+    assert again.stop_reason == "early_stopping" and again.epochs_completed == first.epochs_completed
+    assert len(again.history) == len(first.history) and "had already stopped early" in caplog.text
+    more = train(tiny_model(), graphs, valid, epochs=first.epochs_completed + 1, patience=5, lr=0.2, out_dir=tmp_path,
+                 resume=True, progress=False)
+    assert more.epochs_completed == first.epochs_completed + 1

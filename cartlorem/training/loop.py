@@ -280,6 +280,12 @@ def train(
     last_plot = time.perf_counter()
     try:
         for epoch in range(state["epoch"] + 1, int(epochs) + 1):
+            if patience is not None and state["bad_epochs"] >= patience:  # a resumed run that had stopped early
+                result.stop_reason = "early_stopping"
+                say.warning("the run had already stopped early after epoch %d (no better validation loss for %d "
+                            "epochs, patience %d): no epoch trained; pass a larger patience (--patience) to train "
+                            "on", state["epoch"], state["bad_epochs"], patience)
+                break
             if max_time is not None and epoch_times:
                 if ranks.any(time.perf_counter() - t_call + float(np.mean(epoch_times)) > max_time):
                     result.stop_reason = "max_time"
