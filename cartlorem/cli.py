@@ -77,6 +77,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = str(previous) if previous.is_file() else None
     values = Config.from_yaml(config).as_dict() if config is not None else {}
     cfg = Config.from_dict({**values, **given}, where="options")
+    if "valid_fraction" in given and cfg.valid is not None:
+        raise ValueError(
+            f"--valid-fraction {cfg.valid_fraction} and the validation file {cfg.valid!r} contradict each other: with "
+            "--valid nothing is split off the training set; pass one of them"
+        )
     model, result = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 alone prints the summary
         _print_summary(result)

@@ -124,3 +124,36 @@ def test_a_split_that_puts_a_species_in_the_validation_set_alone_is_refused(file
     code, _, err = run(capsys, "train", "--train", tmp_path / "data.xyz", "--valid-fraction", 0.25,
                        "--config", files / "tiny.yaml", "--out", tmp_path / "run")
     assert code == 2 and "--valid-fraction 0.25 split" in err and "--seed" in err and "Ag" in err, err
+
+
+def test_contradictory_flags_are_refused(files, trained, tmp_path, capsys):
+    """--resume --overwrite resumed (overwrite ignored) and --valid with --valid-fraction ignored the fraction,
+    both without a word."""
+    run_dir = _copy(trained, tmp_path)
+    before = _contents(run_dir)
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--overwrite", "--epochs", 2)
+    assert code == 2 and "--resume and --overwrite contradict" in err, err
+    assert _contents(run_dir) == before
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--valid", files / "train.xyz",
+                       "--valid-fraction", 0.5, "--config", files / "tiny.yaml", "--out", tmp_path / "new")
+    assert code == 2 and "contradict" in err and "--valid-fraction" in err, err
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump({**TINY, "valid": str(files / "train.xyz"),
+                                                        "valid_fraction": 0.3}))
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", tmp_path / "both.yaml",
+                       "--out", tmp_path / "new")
+    assert code == 2 and "valid_fraction 0.3" in err and "contradict" in err, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_train_refuses_resume_with_overwrite(trained, tmp_path):
+    from cartlorem import load_model
+    from cartlorem.data import read_dataset
+    from cartlorem.training import train
+
+    run_dir = _copy(trained, tmp_path)
+    before = _contents(run_dir)
+    graphs = read_dataset(emt_frames(4, seed=0), 3.0)
+    with pytest.raises(ValueError, match="resume and overwrite contradict"):
+        train(load_model(run_dir / "model.pt"), graphs, out_dir=run_dir, resume=True, overwrite=True,
+              progress=False)
+    assert _contents(run_dir) == before

@@ -69,6 +69,7 @@ def run(cfg: Config):
         if not getattr(cfg, name):
             what = "training set" if name == "train" else "output folder"
             raise ValueError(f"no {what}: pass --{name} or set '{name}' in the config")
+    _check_no_contradiction(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {cfg.out!r} is a file, not a folder: pass another --out")
@@ -84,6 +85,22 @@ def run(cfg: Config):
         raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {out}")
     with process_group(cfg.device) as (ranks, device), _only_main_logs(ranks.is_main):
         return _run(cfg, out, select_device(device), ranks.is_main)
+
+
+def _check_no_contradiction(cfg: Config) -> None:
+    """ValueError for settings that contradict each other (one of them would be ignored without a word)."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError(
+            f"--resume and --overwrite contradict each other: --resume continues the run in {cfg.out}, --overwrite "
+            "deletes it and starts afresh; pass one of them"
+        )
+    default_fraction = Config().valid_fraction
+    if cfg.valid is not None and cfg.valid_fraction not in (0.0, default_fraction):
+        raise ValueError(
+            f"valid {cfg.valid!r} and valid_fraction {cfg.valid_fraction} contradict each other: with a validation "
+            "file nothing is split off the training set; leave valid_fraction out (--valid-fraction) or the "
+            "validation file (--valid)"
+        )
 
 
 @contextlib.contextmanager

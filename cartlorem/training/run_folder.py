@@ -107,7 +107,12 @@ class RunFolder:
 
     def check(self, *, resume: bool, overwrite: bool) -> None:
         """The refusals of :meth:`open`, without touching the disk: a folder that is a file, a resume without a
-        checkpoint, a fresh run over a checkpoint or a model.pt without ``overwrite``."""
+        checkpoint, a fresh run over a checkpoint or a model.pt without ``overwrite``, and both flags at once."""
+        if resume and overwrite:
+            raise ValueError(
+                "resume and overwrite contradict each other (resume continues the run in the folder, overwrite "
+                "deletes it and starts afresh): pass one of them"
+            )
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"output folder {str(self.path)!r} is a file, not a folder; choose another output folder")
         if resume and not self.checkpoint.is_file():
