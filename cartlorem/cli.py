@@ -77,6 +77,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = str(previous) if previous.is_file() else None
     values = Config.from_yaml(config).as_dict() if config is not None else {}
     cfg = Config.from_dict({**values, **given}, where="options")
+    args.run_dir = cfg.out  # where the run is, for main's messages (--out, or 'out' of the config file)
     if "valid_fraction" in given and cfg.valid is not None:
         raise ValueError(
             f"--valid-fraction {cfg.valid_fraction} and the validation file {cfg.valid!r} contradict each other: with "
@@ -291,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point of the ``cartlorem`` console script; returns the exit status."""
+    from .fileio import WriteError
     from .training import NonFiniteLossError
 
     parser = build_parser()
@@ -315,8 +317,18 @@ def main(argv=None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except WriteError as err:  # a full disk, a file-size limit, ...: the file being written kept its content
+        out = getattr(args, "run_dir", None) if args.command == "train" else None
+        print(f"error: could not write {err.filename}: {err.strerror}", file=sys.stderr)
+        if out is not None and (Path(out) / "checkpoint.pt").is_file():
+            print(f"the training run in {out} is kept as its last checkpoint left it: fix the cause (disk space, "
+                  "file-size limit) and continue it with --resume", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"error: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        out = getattr(args, "out", None) if args.command == "train" else None
+        out = getattr(args, "run_dir", None) if args.command == "train" else None
         if out is not None and (Path(out) / "checkpoint.pt").is_file():
             print(f"\ninterrupted; the training run in {out} continues with --resume", file=sys.stderr)
         elif out is not None:

@@ -16,7 +16,12 @@ import os
 import tempfile
 from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "default_file_mode"]
+__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "default_file_mode", "WriteError"]
+
+
+class WriteError(OSError):
+    """A write that failed (a full disk, a file-size limit, ...): ``errno``, ``strerror`` and, as ``filename``, the
+    file that was being written, which keeps its previous content."""
 
 
 def default_file_mode() -> int:
@@ -30,7 +35,8 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(f)`` on a temporary binary file next to ``path``, then rename it to ``path``.
 
     The folder is created if needed. On any exception the temporary file is removed and ``path``
-    keeps its previous content.
+    keeps its previous content; an operating-system error of the write (also one that a library wrapped in
+    another exception, as torch.save does) is raised as a :class:`WriteError` naming ``path``.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -43,11 +49,25 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _os_error_in(err) if isinstance(err, Exception) else None
+        if cause is not None and not isinstance(err, WriteError):
+            raise WriteError(cause.errno, cause.strerror, path) from err
         raise
     _sync_folder(folder)
+
+
+def _os_error_in(err: BaseException):
+    """The OSError with an errno that ``err`` is or that it was raised from (torch.save turns a failed write into a
+    RuntimeError raised while handling it); None if there is none."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def _sync_folder(folder: str) -> None:

@@ -157,3 +157,43 @@ def test_train_refuses_resume_with_overwrite(trained, tmp_path):
         train(load_model(run_dir / "model.pt"), graphs, out_dir=run_dir, resume=True, overwrite=True,
               progress=False)
     assert _contents(run_dir) == before
+
+
+def test_a_failed_write_is_a_clear_error_with_the_resume_hint(trained, tmp_path, capsys, monkeypatch):
+    """A full disk or a file-size limit ended `cartlorem train` in a chain of raw tracebacks (cli.main caught only
+    some OSError subclasses, and torch.save wraps the OSError in a RuntimeError)."""
+    import errno
+
+    import torch
+
+    run_dir = _copy(trained, tmp_path)
+    checkpoint = (run_dir / "checkpoint.pt").read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
+    assert code == 1 and "Traceback" not in err, err
+    assert f"error: could not write {run_dir}" in err and ".pt: No space left on device" in err, err
+    assert f"the training run in {run_dir}" in err and "--resume" in err, err
+    assert (run_dir / "checkpoint.pt").read_bytes() == checkpoint
+
+
+def test_an_interrupt_offers_the_resume_of_a_run_whose_folder_the_config_names(files, tmp_path, capsys, monkeypatch):
+    """After Ctrl-C main looked for the run folder in args.out, which only a --out flag sets: with 'out' in the
+    --config file it said "interrupted" and nothing of the checkpoint to resume from."""
+    import cartlorem.training.job as job
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "run", interrupted)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "out.yaml").write_text(yaml.safe_dump({**TINY, "out": str(tmp_path / "r")}))
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", tmp_path / "out.yaml")
+    assert code == 130 and "continues with --resume" in err and str(tmp_path / "r") in err, err
