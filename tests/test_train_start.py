@@ -197,3 +197,22 @@ def test_an_interrupt_offers_the_resume_of_a_run_whose_folder_the_config_names(f
     (tmp_path / "out.yaml").write_text(yaml.safe_dump({**TINY, "out": str(tmp_path / "r")}))
     code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", tmp_path / "out.yaml")
     assert code == 130 and "continues with --resume" in err and str(tmp_path / "r") in err, err
+
+
+def test_a_missing_model_file_is_written_again_on_resume(trained, tmp_path, capsys):
+    """model.pt missing next to checkpoint.pt (deleted, or not copied along): a resume never wrote it again though
+    the checkpoint holds the best weights (only a better epoch would), and the summary said no epoch was trained."""
+    import torch
+
+    from cartlorem import load_model
+
+    run_dir = _copy(trained, tmp_path)
+    (run_dir / "model.pt").unlink()
+    code, out, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 1)
+    assert code == 0, err
+    assert "no epoch was trained" not in out and f"model: {run_dir / 'model.pt'}" in out, out
+    assert "model.pt was missing" in err, err
+    best = torch.load(run_dir / "checkpoint.pt", weights_only=True)["best_state_dict"]
+    model = load_model(run_dir / "model.pt")
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+    assert torch.load(run_dir / "model.pt", weights_only=True)["training"]["epoch"] == 1

@@ -269,6 +269,8 @@ def train(
             fit_statistics(model, train_graphs, ranks=ranks)
     if folder is not None:  # the start is accepted: from here on the folder is this run's
         folder.open(resume=resume, overwrite=overwrite)
+        if resume:
+            run.write_missing_best_model()
     if on_start is not None:
         on_start()
 
@@ -428,6 +430,27 @@ class _Run:
             result.model_path = str(folder.best_model)
         self.say.info("resuming %s after epoch %d (best epoch %d)", folder.path, self.state["epoch"], result.best_epoch)
 
+    def write_missing_best_model(self) -> None:
+        """After a resume: write model.pt again from the checkpoint's best weights when the file is missing
+        (deleted, or not copied with checkpoint.pt), which would otherwise be written again only by a better epoch."""
+        folder, result, best = self.folder, self.result, self.state["best_state_dict"]
+        if not result.best_epoch or best is None or folder.best_model.is_file():
+            return
+        current = cpu_state_dict(self.model)
+        self.model.load_state_dict(best)
+        try:
+            folder.save_best(self.model, training=self._best_training(result.best_epoch, result.best_valid_loss,
+                                                                      result.best_metrics))
+        finally:
+            self.model.load_state_dict(current)
+        result.model_path = str(folder.best_model)
+        self.say.warning("%s was missing: written again from the checkpoint's best model (epoch %d)",
+                         folder.best_model, result.best_epoch)
+
+    def _best_training(self, epoch: int, loss: float, metrics: dict) -> dict:
+        """The "training" entry of model.pt: the best epoch and its validation loss and metrics."""
+        return {"epoch": epoch, "valid_loss": loss, "valid_metrics": metrics}
+
     def _apply_settings(self) -> None:
         """After loading a checkpoint: the settings of this call apply from here on (the load_state_dicts bring
         back the old scheduler factor and patience, EMA decay, weight decay and Adam / AMSGrad along with the
@@ -569,9 +592,7 @@ class _Run:
                 result.best_epoch, result.best_valid_loss, result.best_metrics = epoch, valid_loss, m
                 self.state["best_state_dict"] = cpu_state_dict(self.model)
                 if self.folder is not None:
-                    self.folder.save_best(
-                        self.model, training={"epoch": epoch, "valid_loss": valid_loss, "valid_metrics": m}
-                    )
+                    self.folder.save_best(self.model, training=self._best_training(epoch, valid_loss, m))
                     result.model_path = str(self.folder.best_model)
         return m, valid_loss, improved
 
