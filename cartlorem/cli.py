@@ -95,7 +95,8 @@ def _print_summary(result) -> None:
     print(
         f"stopped after epoch {result.epochs_completed} ({result.stop_reason.replace('_', ' ')}); best epoch "
         f"{result.best_epoch}: {metric_summary(result.best_metrics) or 'no validation yet'}"
-        + (" (validation)" if result.best_metrics else "")
+        + ((" (validation)" if result.best_metrics_on == "validation" else " (training set: no validation set)")
+           if result.best_metrics else "")
     )
     if result.model_path is not None:
         print(f"model: {result.model_path}   log: {Path(result.model_path).parent / 'log.csv'}")

@@ -216,3 +216,17 @@ def test_a_missing_model_file_is_written_again_on_resume(trained, tmp_path, caps
     model = load_model(run_dir / "model.pt")
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
     assert torch.load(run_dir / "model.pt", weights_only=True)["training"]["epoch"] == 1
+
+
+def test_without_a_validation_set_the_metrics_are_called_training_metrics(files, tmp_path, capsys):
+    """With no validation set the best model is selected on the training set, but the summary said "(validation)"
+    and model.pt stored the training-set metrics as valid_metrics."""
+    import torch
+
+    code, out, err = run(capsys, "train", "--train", files / "train.xyz", "--valid-fraction", 0,
+                         "--config", files / "tiny.yaml", "--out", tmp_path / "run")
+    assert code == 0, err
+    assert "(training set: no validation set)" in out and "(validation)" not in out, out
+    training = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["training"]
+    assert "valid_metrics" not in training and "valid_loss" not in training
+    assert training["epoch"] == 1 and training["training_set_metrics"]["n_structures"] == 8

@@ -75,7 +75,8 @@ class TrainResult:
     """What :func:`train` did: one ``history`` row per epoch (the columns of log.csv), the best
     epoch and its validation metrics, why it stopped ("epochs", "early_stopping", "max_time") and
     where the files are (``model_path`` None until a best model has been written; both None
-    without ``out_dir``)."""
+    without ``out_dir``). ``best_metrics_on``: "validation", or "training" when there was no
+    validation set and the best model was selected by its metrics on the training set."""
 
     history: list = field(default_factory=list)
     best_epoch: int = 0
@@ -85,6 +86,7 @@ class TrainResult:
     stop_reason: str = "epochs"
     model_path: Optional[str] = None
     checkpoint_path: Optional[str] = None
+    best_metrics_on: str = "validation"
 
 
 def epoch_loader(graphs, batch_size: int, rng: np.random.Generator, workers: int = 0, ranks: Ranks = SINGLE):
@@ -261,6 +263,8 @@ def train(
                     scheduler_patience=scheduler_patience, clip_grad=clip_grad, patience=patience, seed=seed,
                     compile=bool(compile)),
                ranks)
+    if valid_graphs is train_graphs:
+        run.result.best_metrics_on = "training"
     if resume:
         run.resume()
     else:
@@ -448,7 +452,11 @@ class _Run:
                          folder.best_model, result.best_epoch)
 
     def _best_training(self, epoch: int, loss: float, metrics: dict) -> dict:
-        """The "training" entry of model.pt: the best epoch and its validation loss and metrics."""
+        """The "training" entry of model.pt: the best epoch and its validation loss and metrics, or, without a
+        validation set, its loss and metrics on the training set under names that say so."""
+        if self.result.best_metrics_on == "training":
+            return {"epoch": epoch, "training_set_loss": loss, "training_set_metrics": metrics,
+                    "note": "no validation set: the best model was selected by its loss on the training set"}
         return {"epoch": epoch, "valid_loss": loss, "valid_metrics": metrics}
 
     def _apply_settings(self) -> None:
