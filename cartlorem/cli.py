@@ -92,8 +92,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _print_summary(result) -> None:
     from .training import metric_summary
 
+    why = result.stop_reason.replace("_", " ") + ("; it cut that epoch short: --resume continues it"
+                                                   if result.cut_short else "")
     print(
-        f"stopped after epoch {result.epochs_completed} ({result.stop_reason.replace('_', ' ')}); best epoch "
+        f"stopped after epoch {result.epochs_completed} ({why}); best epoch "
         f"{result.best_epoch}: {metric_summary(result.best_metrics) or 'no validation yet'}"
         + ((" (validation)" if result.best_metrics_on == "validation" else " (training set: no validation set)")
            if result.best_metrics else "")

@@ -119,3 +119,53 @@ def test_a_run_that_stopped_early_stays_stopped_on_resume(tmp_path, caplog):
     more = train(tiny_model(), graphs, valid, epochs=first.epochs_completed + 1, patience=5, lr=0.2, out_dir=tmp_path,
                  resume=True, progress=False)
     assert more.epochs_completed == first.epochs_completed + 1
+
+
+def test_an_epoch_cut_by_max_time_is_continued_on_resume(tmp_path, monkeypatch):
+    """A max_time cut in the middle of an epoch was checkpointed as a full epoch, so a resume went on with the next
+    one: fewer optimiser steps than the uninterrupted run, other results. The checkpoint now holds the epoch's
+    order and position, and the resumed run is the uninterrupted run."""
+    import types
+
+    import cartlorem.training.loop as loop
+    from cartlorem import load_model
+
+    frames = emt_frames(8, seed=0)
+    graphs, valid = read_dataset(frames[:6], 3.0), read_dataset(frames[6:], 3.0)
+    settings = dict(batch_size=1, progress=False, seed=0, epochs=2)
+    whole = train(tiny_model(), graphs, valid, out_dir=tmp_path / "whole", **settings)
+
+    # a clock that moves with the optimiser steps: 1 s each in epoch 1, then 10 s (a machine that got loaded), so
+    # that epoch 2 starts (6 s + 6 s expected <= 13 s) and is cut after its first batch
+    clock = {"t": 0.0, "steps": 0}
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))
+    step = loop._Run._step
+
+    def timed_step(self, *args, **kwargs):
+        clock["steps"] += 1
+        clock["t"] += 1.0 if clock["steps"] <= 6 else 10.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop._Run, "_step", timed_step)
+    cut = train(tiny_model(), graphs, valid, out_dir=tmp_path / "cut", max_time=13, **settings)
+    assert cut.stop_reason == "max_time" and cut.cut_short and len(cut.history) == 2  # validated and reported
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 7 and ckpt["partial"]["done"] == 1
+    if cut.best_epoch == 2:  # the cut epoch's model was better: model.pt says that epoch was cut short
+        assert "cut_short" in torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["training"]
+    monkeypatch.setattr(loop._Run, "_step", step)
+    with pytest.raises(ValueError, match="which max_time cut short, over 6 training structures, but this call has 5"):
+        train(tiny_model(), graphs[:5], valid, out_dir=tmp_path / "cut", resume=True, **settings)
+
+    resumed = train(tiny_model(), graphs, valid, out_dir=tmp_path / "cut", resume=True, **settings)
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert (b["epoch"], b["step"], b["partial"]) == (a["epoch"], a["step"], None) == (2, 12, None)
+    assert [r["valid_loss"] for r in resumed.history] == pytest.approx([r["valid_loss"] for r in whole.history],
+                                                                       rel=1e-12)
+    assert all(torch.allclose(v, b["train_state_dict"][k], rtol=1e-12, atol=0)
+               for k, v in a["train_state_dict"].items())
+    assert resumed.best_epoch == whole.best_epoch and not resumed.cut_short
+    best = load_model(tmp_path / "cut" / "model.pt").state_dict()
+    assert all(torch.allclose(v, best[k], rtol=1e-12, atol=0) for k, v in load_model(tmp_path / "whole" /
+                                                                                       "model.pt").state_dict().items())

@@ -76,7 +76,8 @@ class TrainResult:
     epoch and its validation metrics, why it stopped ("epochs", "early_stopping", "max_time") and
     where the files are (``model_path`` None until a best model has been written; both None
     without ``out_dir``). ``best_metrics_on``: "validation", or "training" when there was no
-    validation set and the best model was selected by its metrics on the training set."""
+    validation set and the best model was selected by its metrics on the training set. ``cut_short``:
+    the last epoch was cut short by ``max_time`` (a resume continues it)."""
 
     history: list = field(default_factory=list)
     best_epoch: int = 0
@@ -87,13 +88,16 @@ class TrainResult:
     model_path: Optional[str] = None
     checkpoint_path: Optional[str] = None
     best_metrics_on: str = "validation"
+    cut_short: bool = False
 
 
-def epoch_loader(graphs, batch_size: int, rng: np.random.Generator, workers: int = 0, ranks: Ranks = SINGLE):
+def epoch_loader(graphs, batch_size: int, rng: np.random.Generator, workers: int = 0, ranks: Ranks = SINGLE, *,
+                 order=None):
     """One epoch's batches: (index lists [[k, …], …], a DataLoader yielding their ``collate``d Graphs).
 
     The order is ``rng.permutation(len(graphs))`` cut into chunks of ``batch_size`` (the last one
-    may be smaller); pass the same generator every epoch so that epochs differ. ``workers``
+    may be smaller); pass the same generator every epoch so that epochs differ. ``order``: the
+    structures to take, in this order, instead (the rest of an epoch that was cut short). ``workers``
     processes collate ahead of the loop (0: in this process). With several processes (``ranks``)
     every process draws the same chunks (the global batches) and keeps its contiguous part of
     each (``ranks.part``); a part may be empty (a short last batch), and the loader yields None
@@ -101,7 +105,7 @@ def epoch_loader(graphs, batch_size: int, rng: np.random.Generator, workers: int
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    order = rng.permutation(len(graphs))
+    order = rng.permutation(len(graphs)) if order is None else np.asarray(order, dtype=np.int64)
     chunks = [order[b : b + batch_size].tolist() for b in range(0, len(order), int(batch_size))]
     if ranks.many:
         chunks = [[c[k] for k in ranks.part(len(c))] for c in chunks]
@@ -190,7 +194,10 @@ def train(
         progress: show progress bars on stderr. Per-epoch lines go to the ``cartlorem.training``
             logger (level INFO); the command line prints them.
         max_time: wall-clock budget in seconds for this call: no epoch is started that is expected
-            to end after it, and an epoch still running at the limit is cut short.
+            to end after it, and an epoch still running at the limit is cut short. A cut epoch is validated
+            and reported (``TrainResult.cut_short``; model.pt says so when it is the best), but its checkpoint
+            is written before that validation and holds the epoch's batch order and position: a resume
+            continues the same epoch where it stopped, so that cut + resume give the uninterrupted run.
         workers: DataLoader worker processes that collate training batches (0: in this process).
         compile: compute the loss gradient of each training step as one ``torch.compile``'d function
             (:mod:`cartlorem.training.compiled`): the same numbers, several times faster per step once
@@ -267,6 +274,13 @@ def train(
         run.result.best_metrics_on = "training"
     if resume:
         run.resume()
+        state_partial = run.state["partial"]
+        if state_partial is not None and len(state_partial["order"]) != len(train_graphs):
+            raise ValueError(
+                f"the checkpoint in {folder.path} continues epoch {state_partial['epoch']}, which max_time cut short, "
+                f"over {len(state_partial['order'])} training structures, but this call has {len(train_graphs)}: "
+                "resume with the run's training set"
+            )
     else:
         torch.manual_seed(seed)
         if statistics:
@@ -299,12 +313,20 @@ def train(
             t_epoch = time.perf_counter()
             deadline = None if max_time is None else t_call + max_time
             train_loss = run.train_epoch(train_graphs, epoch, epochs, int(workers), deadline)
-            m, valid_loss, improved = run.validate(valid_graphs, epoch)
-            dt = time.perf_counter() - t_epoch
-            epoch_times.append(dt)
-            row = run.end_epoch(epoch, train_loss, m, valid_loss, improved, dt)
-            if folder is not None:
+            cut = result.cut_short = state["partial"] is not None
+            if cut and folder is not None:
+                # the checkpoint of a cut epoch is written before its validation: a resume continues the epoch
+                # from the state of the cut, with the scheduler, early stopping and best model of the epochs
+                # before it (the run it continues then is the uninterrupted run)
                 run.save_checkpoint()
+            m, valid_loss, improved = run.validate(valid_graphs, epoch, cut=cut)
+            dt = time.perf_counter() - t_epoch
+            if not cut:
+                epoch_times.append(dt)
+            row = run.end_epoch(epoch, train_loss, m, valid_loss, improved, run.epoch_time_before + dt)
+            if folder is not None:
+                if not cut:
+                    run.save_checkpoint()
                 plot_now = time.perf_counter() - last_plot > 60
                 folder.write_log(result.history, plot=plot_now)
                 if plot_now:
@@ -390,7 +412,8 @@ class _Run:
         self.ema = ExponentialMovingAverage(self.params, decay) if decay else None
         self.rng = np.random.default_rng(settings["seed"])
         self.result = TrainResult(checkpoint_path=str(folder.checkpoint) if folder else None)
-        self.state = {"epoch": 0, "step": 0, "bad_epochs": 0, "elapsed_s": 0.0, "best_state_dict": None}
+        self.state = {"epoch": 0, "step": 0, "bad_epochs": 0, "elapsed_s": 0.0, "best_state_dict": None,
+                      "partial": None}
         self.compiled, self._eager_reasons, self._compile_announced = None, set(), False
         if settings.get("compile"):
             from .compiled import CompiledLossGradient
@@ -419,6 +442,7 @@ class _Run:
         self._apply_settings()
         set_rng_state(self.rng, ckpt["rng"])
         self.state.update({k: ckpt[k] for k in _STATE_KEYS})
+        self.state["partial"] = ckpt.get("partial")
         result.history = list(ckpt["history"])
         result.best_epoch, result.best_valid_loss = ckpt["best"]["epoch"], ckpt["best"]["loss"]
         result.best_metrics = dict(ckpt["best"]["metrics"])
@@ -436,10 +460,18 @@ class _Run:
 
     def write_missing_best_model(self) -> None:
         """After a resume: write model.pt again from the checkpoint's best weights when the file is missing
-        (deleted, or not copied with checkpoint.pt), which would otherwise be written again only by a better epoch."""
+        (deleted, or not copied with checkpoint.pt), which would otherwise be written again only by a better epoch,
+        or when it holds another epoch than the checkpoint's best (an epoch that max_time cut short, validated
+        after its checkpoint was written and continued by this resume; an epoch whose checkpoint a crash lost)."""
         folder, result, best = self.folder, self.result, self.state["best_state_dict"]
-        if not result.best_epoch or best is None or folder.best_model.is_file():
+        if not result.best_epoch or best is None:
             return
+        if folder.best_model.is_file():
+            if self._best_file_epoch() == result.best_epoch:
+                return
+            why = "holds another epoch than the checkpoint's best"
+        else:
+            why = "was missing"
         current = cpu_state_dict(self.model)
         self.model.load_state_dict(best)
         try:
@@ -448,8 +480,16 @@ class _Run:
         finally:
             self.model.load_state_dict(current)
         result.model_path = str(folder.best_model)
-        self.say.warning("%s was missing: written again from the checkpoint's best model (epoch %d)",
-                         folder.best_model, result.best_epoch)
+        self.say.warning("%s %s: written again from the checkpoint's best model (epoch %d)",
+                         folder.best_model, why, result.best_epoch)
+
+    def _best_file_epoch(self) -> Optional[int]:
+        """The epoch model.pt says it holds (None for a file without one, or one that cannot be read)."""
+        try:
+            saved = torch.load(self.folder.best_model, map_location="cpu", weights_only=True)
+            return int(saved["training"]["epoch"])
+        except Exception:  # noqa: BLE001 - a damaged or foreign file: written again
+            return None
 
     def _best_training(self, epoch: int, loss: float, metrics: dict) -> dict:
         """The "training" entry of model.pt: the best epoch and its validation loss and metrics, or, without a
@@ -477,20 +517,40 @@ class _Run:
 
     def train_epoch(self, graphs, epoch: int, epochs: int, workers: int, deadline: Optional[float]) -> float:
         """One pass over shuffled batches; returns the mean training loss. Past ``deadline``
-        (perf_counter seconds) the epoch is cut short and the stop reason set to "max_time"."""
+        (perf_counter seconds) the epoch is cut short, the stop reason set to "max_time" and
+        ``state["partial"]`` records where (the epoch's order, the structures done, the loss sums, the time),
+        so that a resume continues this epoch where it stopped; an epoch cut before continues from there."""
         model, w = self.model, self.w
         model.train()
-        batch_indices, loader = epoch_loader(graphs, self.batch_size, self.rng, workers, self.ranks)
-        n_batches = len(batch_indices)
-        sum_loss, n_seen = 0.0, 0
-        inner = tqdm(total=n_batches, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+        t0 = time.perf_counter()
+        partial = self.state["partial"]
+        if partial is not None and int(partial["epoch"]) == epoch:  # the rest of an epoch that was cut short
+            order = np.asarray(partial["order"], dtype=np.int64)
+            done, sum_loss, n_seen = int(partial["done"]), float(partial["sum_loss"]), int(partial["n_seen"])
+            time_before = float(partial["time_s"])
+            self.say.info("epoch %d continues after %d of its %d structures", epoch, done, len(order))
+        else:
+            order = self.rng.permutation(len(graphs))
+            done, sum_loss, n_seen, time_before = 0, 0.0, 0, 0.0
+        self.state["partial"], self.epoch_time_before = None, time_before
+        rest = order[done:]
+        batch_indices, loader = epoch_loader(graphs, self.batch_size, self.rng, workers, self.ranks, order=rest)
+        first = -(-done // self.batch_size)  # batches of the epoch before these (when the batch size is unchanged)
+        n_batches = first + len(batch_indices)
+        inner = tqdm(total=n_batches, initial=first, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
                      disable=not self.progress, dynamic_ncols=True)
-        for b, (idx, batch) in enumerate(zip(batch_indices, loader)):
-            if deadline is not None and b > 0 and self.ranks.any(time.perf_counter() > deadline):
-                self.say.info("epoch %d cut short after %d/%d batches (max_time)", epoch, b, n_batches)
+        for k, (idx, batch) in enumerate(zip(batch_indices, loader)):
+            b = first + k
+            if deadline is not None and k > 0 and self.ranks.any(time.perf_counter() > deadline):
+                at = done + k * self.batch_size  # structures of the epoch done
+                self.say.info("epoch %d cut short after %d/%d batches (max_time); a resume continues it there",
+                              epoch, b, n_batches)
                 self.result.stop_reason = "max_time"
+                self.state["partial"] = {"epoch": epoch, "order": torch.as_tensor(order), "done": at,
+                                         "sum_loss": sum_loss, "n_seen": n_seen,
+                                         "time_s": time_before + time.perf_counter() - t0}
                 break
-            n_global = min(self.batch_size, len(graphs) - b * self.batch_size)  # structures in this step
+            n_global = min(self.batch_size, len(rest) - k * self.batch_size)  # structures in this step
             if batch is None:  # this process's part of a short last batch is empty: it joins the sums only
                 loss_value = self._step(loss_share(None, None, w, self.ranks), {}, epoch, b, n_batches, idx)
                 sum_loss, n_seen = sum_loss + loss_value * n_global, n_seen + n_global
@@ -584,8 +644,9 @@ class _Run:
         self.state["step"] += 1
         return loss_value
 
-    def validate(self, graphs, epoch: int) -> tuple[dict, float, bool]:
-        """Metrics and loss of the averaged weights on ``graphs``; keeps (and writes) a new best."""
+    def validate(self, graphs, epoch: int, cut: bool = False) -> tuple[dict, float, bool]:
+        """Metrics and loss of the averaged weights on ``graphs``; keeps (and writes) a new best. ``cut``: the
+        epoch was cut short (max_time), which model.pt then says."""
         result = self.result
         with self.averaged():
             m = self._metrics(graphs)
@@ -600,7 +661,10 @@ class _Run:
                 result.best_epoch, result.best_valid_loss, result.best_metrics = epoch, valid_loss, m
                 self.state["best_state_dict"] = cpu_state_dict(self.model)
                 if self.folder is not None:
-                    self.folder.save_best(self.model, training=self._best_training(epoch, valid_loss, m))
+                    info = self._best_training(epoch, valid_loss, m)
+                    if cut:
+                        info["cut_short"] = "max_time ended this epoch early; a resume continues it"
+                    self.folder.save_best(self.model, training=info)
                     result.model_path = str(self.folder.best_model)
         return m, valid_loss, improved
 
@@ -657,6 +721,7 @@ class _Run:
                 "settings": {k: settings[k] for k in ("batch_size", "lr", "optimizer", "ema_decay", "clip_grad",
                                                       "patience", "seed")} | {"weights": self.w},
                 **{k: self.state[k] for k in _STATE_KEYS},
+                "partial": self.state["partial"],  # where an epoch cut short by max_time stopped (else None)
             }
         )
 
