@@ -286,7 +286,9 @@ def share_scales(batch, weights: Mapping[str, float], ranks: Ranks) -> dict:
 
 def loss_share(pred: Optional[dict], batch, weights: Mapping[str, float], ranks: Ranks,
                scales: Optional[dict] = None):
-    """This process's share of the global batch's loss (a scalar tensor, or None for an empty part).
+    """This process's share of the global batch's loss (a scalar tensor; None for an empty part, or one with no
+    labelled item of any weighted term, which then adds no gradient, not a zero one: as with one process, a
+    parameter that no process gives a gradient stays without one, and the optimiser leaves it alone).
 
     share = Σ_k w_k · (Σ over this part's labelled items of the squared error of term k) / n_k,
     with n_k the labelled items of term k in the whole global batch (summed over processes by
@@ -307,7 +309,7 @@ def loss_share(pred: Optional[dict], batch, weights: Mapping[str, float], ranks:
         term, _ = weighted_loss(pred, batch, {k: weights[k]})  # w_k · mean over this part
         term = term * scale
         share = term if share is None else share + term
-    return share if share is not None else pred["energy"].sum() * 0.0
+    return share
 
 
 # --------------------------------------------------------------------------------------------------
