@@ -99,6 +99,15 @@ def test_state_to_graph_equals_atoms_to_graph_and_calculator(model):
             assert np.abs(f).max() > 1e-2  # the forces checked are not trivially zero
 
 
+def test_a_state_dict_is_a_state(model):
+    """torch-sim's ModelInterface.forward takes a SimState or a StateDict (a dict of its tensors); a dict failed with
+    "'dict' object has no attribute 'cell'"."""
+    state = plain_state([nacl(seed=1), nacl(repeat=(2, 1, 1), seed=2)])
+    a, b = state_to_graph(state, model.cutoff), state_to_graph(dict(vars(state)), model.cutoff)
+    for name in ("positions", "species", "batch", "cell", "pbc", "edge_index", "edge_shift", "total_charge"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
 def test_state_to_graph_rejects_bad_states(model):
     good = plain_state([nacl(), nacl(seed=3)])
     with pytest.raises(ValueError, match="system_idx"):

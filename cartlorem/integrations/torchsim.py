@@ -21,6 +21,8 @@ common to these versions are read. :func:`state_to_graph` needs no torch-sim at 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Optional, Union
 
 import torch
@@ -39,13 +41,16 @@ __all__ = ["CartLoremModel", "state_to_graph"]
 
 
 def state_to_graph(state, cutoff: float, dtype: Optional[torch.dtype] = None) -> Graph:
-    """A torch-sim ``SimState`` (or any object with its attributes) → one :class:`Graph` batch.
+    """A torch-sim ``SimState`` (or any object with its attributes, or a mapping of them: torch-sim's ``StateDict``,
+    which ``ModelInterface.forward`` may be given) → one :class:`Graph` batch.
 
     Reads ``positions`` [N, 3] Å, ``atomic_numbers`` [N], ``system_idx`` [N], ``cell`` [B, 3, 3] Å
     with lattice vectors as *columns* (torch-sim's convention; ``row_vector_cell`` is used when the
     object has it), ``pbc`` (bool, [3] or [B, 3]) and, optionally, ``charge`` [B] e.
     The graph's positions are the state's tensor (same device), cast to ``dtype``.
     """
+    if isinstance(state, Mapping):
+        state = SimpleNamespace(**state)
     rows = getattr(state, "row_vector_cell", None)
     if rows is None:
         rows = state.cell.transpose(-1, -2)
