@@ -27,7 +27,9 @@ What the exported model computes, against the Python model:
   (same numbers to rounding); where it picks particle-mesh Ewald (large cells) the two agree to
   ``accuracy``. The cost is O(N × number of k-vectors), i.e. O(N × V): for cells of up to a few
   hundred atoms; larger periodic systems belong to the Python model (PME).
-* refused at call time with an error naming the structure or the atomic numbers: slabs
+* refused at call time with an error (ValueError; a torch.jit.Error from C++): NaN or inf in the positions or
+  cells, atoms closer than 0.1 Å (naming them), structure indices past the cells given, and, naming the structure
+  or the atomic numbers: slabs
   (pbc = [True, True, False]) and other mixed boundary conditions for long-range models (local models
   take any pbc), unknown species. Not exported: electric fields, dipole and Born-charge outputs
   (the Python model has them), ``compile_kernels`` (torch.compile; the script runs the eager kernel).
@@ -44,6 +46,7 @@ import torch
 from torch import nn
 
 from .ewald.fields import intra_pairs, pair_fields
+from .graph import _MIN_DISTANCE
 from .ewald.kernels import erf_series_downward
 from .tensors import stf
 from .tensors.products import product
@@ -357,6 +360,7 @@ class ExportedCartLorem(nn.Module):
         block = model.long_range_block
         self.species: List[int] = list(model.species)
         self.cutoff: float = float(model.cutoff)
+        self.min_distance: float = _MIN_DISTANCE  # Å: closer atoms are refused, as by cartlorem.graph
         self.long_range: Optional[str] = model.long_range
         self.lr_before_last: bool = model.placement == "before_last"  # where the block runs (CartLorem.energy)
         # buffers (not plain attributes), so that .to(device / dtype) of the exported module moves them
@@ -384,6 +388,12 @@ class ExportedCartLorem(nn.Module):
             raise ValueError(f"atomic numbers not known to the model: {unknown}; the model knows {self.species}")
         return idx
 
+    def _check_batch(self, batch: torch.Tensor, n_struct: int) -> None:
+        """ValueError for structure indices past the cells given (a bare IndexError inside otherwise)."""
+        if batch.numel() > 0 and bool((batch.min() < 0) | (batch.max() >= n_struct)):
+            raise ValueError(f"batch holds structure indices from {int(batch.min())} to {int(batch.max())}, outside "
+                             f"0..{n_struct - 1} (cells given)")
+
     @torch.jit.export
     def energy(self, positions: torch.Tensor, species: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
                edge_index: torch.Tensor, edge_shift: torch.Tensor, batch: torch.Tensor,
@@ -393,14 +403,21 @@ class ExportedCartLorem(nn.Module):
         in positions and cell (as CartLorem.energy). ``multiplicity`` [B] (2s + 1, None: singlets) is used by
         models with charge-state conditioning only."""
         z = self.species_index(species)
+        n_struct = cell.shape[0]
+        self._check_batch(batch, n_struct)
+        if not bool(torch.isfinite(positions).all() & torch.isfinite(cell).all() & torch.isfinite(edge_shift).all()):
+            raise ValueError("positions, cell or edge_shift contain NaN or inf")
         i, j = edge_index[0], edge_index[1]
         shifts = torch.einsum("ek,ekx->ex", edge_shift.to(positions.dtype), cell[batch[i]])
         vec = positions[j] - positions[i] + shifts  # r_ij [E, 3]
         r = torch.linalg.vector_norm(vec, dim=-1)
+        if r.numel() > 0:  # as cartlorem.graph and the calculator: overlapping atoms are an error, not a NaN energy
+            k = int(torch.argmin(r.detach()))
+            if float(r[k]) < self.min_distance:
+                raise ValueError(f"atoms {int(i[k])} and {int(j[k])} are {float(r[k])} Å apart (overlapping atoms)")
         unit = vec / r[:, None]
         radial = self.radial_basis(r)
         envelope = self.envelope(r)
-        n_struct = cell.shape[0]
 
         h: List[Optional[torch.Tensor]] = [self.embedding[z], None, None]
         conditioning = self.conditioning
@@ -450,6 +467,7 @@ class ExportedCartLorem(nn.Module):
                 multiplicity: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """:meth:`energy` plus "forces" [N, 3] (eV/Å) = −∂E/∂r and "stress" [B, 3, 3] (eV/Å³) = (1/V) ∂E/∂ε
         for fully periodic structures (zero rows for the others), as :mod:`cartlorem.forces`."""
+        self._check_batch(batch, cell.shape[0])
         positions = positions.detach().requires_grad_(compute_forces)
         cell = cell.detach()
         strain = torch.zeros_like(cell).requires_grad_(compute_stress)  # [B, 3, 3]

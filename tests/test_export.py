@@ -231,6 +231,27 @@ def test_unsupported_inputs_are_named():
         scripted(*_inputs(graph))
 
 
+@pytest.mark.parametrize("kind", [None, "multipole"])
+def test_bad_inputs_are_errors_not_nan(kind):
+    """The exported model gave NaN energies for overlapping atoms and NaN positions (the Python path refuses them in
+    atoms_to_graph and CartLorem._check_values), and a bare IndexError for structure indices past the cells."""
+    _, _, water = _structures()
+    scripted = export_model(_model(kind))
+    graph = _graph(water)
+    args = list(_inputs(graph))
+    assert torch.isfinite(scripted(*args)["energy"]).all()
+    close = graph.positions.clone()
+    close[1] = close[0] + torch.tensor([0.05, 0.0, 0.0], dtype=close.dtype)
+    with pytest.raises(Exception, match=r"atoms \d and \d are 0\.05\d* Å apart \(overlapping atoms\)"):
+        scripted(close, *args[1:])
+    bad = graph.positions.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(Exception, match="positions, cell or edge_shift contain NaN or inf"):
+        scripted(bad, *args[1:])
+    with pytest.raises(Exception, match=r"batch holds structure indices from 0 to 1, outside 0\.\.0"):
+        scripted(*args[:6], torch.tensor([0, 0, 1]), args[7])
+
+
 def test_export_shares_no_state_with_the_model(tmp_path):
     """export_model copies: training the Python model on afterwards does not change the exported one."""
     model = _model(None)
