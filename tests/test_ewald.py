@@ -670,11 +670,14 @@ def test_float32_matches_float64():
         assert rel(a.double(), b) < 1e-5
 
 
-def test_float32_far_from_origin():
-    """Unwrapped positions (MD never wraps): float32 forces of a periodic structure translated by ~3e4 Å
-    equal the untranslated ones to float32 accuracy. Positions lie on a 2^-9 Å grid so that the
-    translated float32 positions are exact (the float32 spacing at 3e4 Å is 2^-9 Å). Without wrapping
-    before the phases k.r the error was 2.9e-2 eV/Å here (max force 20 eV/Å)."""
+@pytest.mark.parametrize("method, smearing", [("ewald", 1.0), ("pme", 1.0), ("pme", None)])
+def test_float32_far_from_origin(method, smearing):
+    """Unwrapped positions (MD never wraps; method="auto" takes PME for large cells): float32 forces of a periodic
+    structure translated by ~3e4 Å equal float64 forces at the same positions to float32 accuracy, and the
+    untranslated float64 forces to the method's accuracy. Positions lie on a 2^-9 Å grid so that the translated
+    float32 positions are exact (the float32 spacing at 3e4 Å is 2^-9 Å). Without wrapping before the phases k.r the
+    Ewald error was 2.9e-2 eV/Å here (max force 20 eV/Å); before PME wrapped the positions into the cell, its float32
+    error was 1.3e-3 (smeared) and 1.8e-4 (point sources) of the largest force, against 1e-6 untranslated."""
     from cartlorem.units import COULOMB
 
     g = gen(50)
@@ -687,18 +690,17 @@ def test_float32_far_from_origin():
     def forces(p, dtype):
         x = p.to(dtype).requires_grad_(True)
         srcs = (t.to(dtype) for t in (q, mu, th))
-        U = ewald.electrostatic_energy(x, *srcs, cell.to(dtype), PBC, smearing=1.0, prefactor=COULOMB)
-        return -torch.autograd.grad(U, x)[0]
+        U = ewald.electrostatic_energy(x, *srcs, cell.to(dtype), PBC, smearing=smearing, prefactor=COULOMB,
+                                       accuracy=1e-5, method=method)
+        return -torch.autograd.grad(U, x)[0].double()
 
     shift = torch.tensor([30000.0, -29999.5, 29876.25], dtype=DT)
     assert torch.equal((pos + shift).float().double(), pos + shift)  # exact in float32
-    f64 = forces(pos, DT)
-    f32, f32_far = forces(pos, torch.float32), forces(pos + shift, torch.float32)
+    f64, f64_far, f32_far = forces(pos, DT), forces(pos + shift, DT), forces(pos + shift, torch.float32)
     scale = float(f64.abs().max())
     assert scale > 5.0
-    assert float((f32.double() - f64).abs().max()) < 1e-5 * scale  # float32 accuracy itself
-    assert float((f32_far - f32).abs().max()) < 1e-5 * scale
-    assert float((f32_far.double() - f64).abs().max()) < 1e-5 * scale
+    assert float((f32_far - f64_far).abs().max()) < 1e-5 * scale  # float32 accuracy itself
+    assert float((f32_far - f64).abs().max()) < 1e-5 * scale  # and the method's (accuracy 1e-5), translated
 
 
 @pytest.mark.parametrize("height", [1e-5, 1e-9, 0.05])

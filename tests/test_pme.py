@@ -145,38 +145,6 @@ def test_float32():
     assert channel_errors([g.double() for g in got], ref) < 1e-5
 
 
-@pytest.mark.parametrize("smearing", [1.0, None])
-def test_float32_far_from_origin(smearing):
-    """Unwrapped positions (MD never wraps; method="auto" takes PME for large cells): PME's float32 forces of a
-    structure translated by ~3e4 Å equal float64 forces at the same positions to float32 accuracy, and the
-    untranslated float64 forces to PME's. Positions on a 2^-9 Å grid, so that the translated float32 positions are
-    exact. Before PME wrapped the positions into the cell the float32 error was 1.3e-3 (smeared) and 1.8e-4 (point
-    sources) of the largest force, against 1e-6 untranslated."""
-    from cartlorem.units import COULOMB
-
-    g = gen(50)
-    cell = torch.tensor([[9.1, 0.0, 0.0], [1.3, 8.7, 0.0], [-0.9, 1.1, 9.4]], dtype=DT)
-    pos = torch.round(torch.rand(24, 3, generator=g, dtype=DT) @ cell * 512) / 512
-    q = torch.randn(24, 4, generator=g, dtype=DT)
-    mu = 0.5 * torch.randn(24, 4, 3, generator=g, dtype=DT)
-    th = 0.3 * random_traceless(g, 24, 4)
-
-    def forces(p, dtype):
-        x = p.to(dtype).requires_grad_(True)
-        srcs = (t.to(dtype) for t in (q, mu, th))
-        U = ewald.electrostatic_energy(x, *srcs, cell.to(dtype), PBC, smearing=smearing, prefactor=COULOMB,
-                                       accuracy=1e-5, method="pme")
-        return -torch.autograd.grad(U, x)[0].double()
-
-    shift = torch.tensor([30000.0, -29999.5, 29876.25], dtype=DT)
-    assert torch.equal((pos + shift).float().double(), pos + shift)  # exact in float32
-    f64, f64_far, f32_far = forces(pos, DT), forces(pos + shift, DT), forces(pos + shift, torch.float32)
-    scale = float(f64.abs().max())
-    assert scale > 5.0
-    assert float((f32_far - f64_far).abs().max()) < 1e-5 * scale  # float32 accuracy itself
-    assert float((f32_far - f64).abs().max()) < 1e-5 * scale  # and PME's (accuracy 1e-5), translated
-
-
 # ----------------------------------------------------------------------------- physics references
 
 
