@@ -7,6 +7,7 @@ compiling (fast), and once compiled through ``train`` (one compilation: about a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -302,6 +303,32 @@ def test_train_with_the_functional_gradient_equals_eager(eager_compiled_step):
         result = train(model, graphs, epochs=2, batch_size=4, progress=False, compile=flag)
         runs.append(([row["train_loss"] for row in result.history], model.state_dict()))
     assert eager_compiled_step  # the compiled step's function took the steps
+    _assert_same_runs(runs)
+
+
+def test_a_batch_without_labels_moves_no_weight(eager_compiled_step):
+    """A batch with no labelled item of any weighted term: the eager step takes no backward pass and Adam leaves every
+    weight alone; the compiled step gave the charge-state conditioning (whose gradient it always keeps) a gradient of
+    zeros, which Adam's momentum turned into a step. Charged structures, so that the conditioning learns; two of six
+    labelled in batches of two: every epoch has a batch without labels."""
+    from conftest import emt_frames
+
+    frames = emt_frames(6, seed=0)
+    for atoms in frames:
+        atoms.info["total_charge"] = 1.0
+    graphs = read_dataset(frames, cutoff=3.0)
+    graphs[2:] = [dataclasses.replace(g, has_energy=torch.zeros_like(g.has_energy),
+                                      has_forces=torch.zeros_like(g.has_forces),
+                                      has_stress=None if g.has_stress is None else torch.zeros_like(g.has_stress))
+                  for g in graphs[2:]]
+    runs = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = CartLorem([29, 47], cutoff=3.0, channels=4, num_layers=1, correlation=1, num_basis=4,
+                          radial_hidden=4, readout_hidden=4, charge_state=True).double()
+        result = train(model, graphs, epochs=3, batch_size=2, progress=False, compile=flag, ema_decay=None, seed=0)
+        runs.append(([row["train_loss"] for row in result.history], model.state_dict()))
+    assert eager_compiled_step
     _assert_same_runs(runs)
 
 

@@ -213,12 +213,16 @@ class CompiledLossGradient:
         # Those are the parameters whose gradient is exactly zero, but for the charge-state conditioning, which
         # the energy always depends on and whose gradient is exactly zero on a batch of neutral singlets (its
         # input is 0 there): autograd gives it zeros, and Adam moves it by its momentum, in the eager step too
+        # A batch (or this process's part of one) with no labelled item of any weighted term: no gradient at all, as
+        # the eager step takes no backward pass there (the conditioning's zeros would otherwise move it by Adam's
+        # momentum)
+        labelled = any(int(count) > 0 for _, count in terms.values())
         norms = torch.stack(torch._foreach_norm([grads[n] for n, _ in self.trainable])).tolist()
         for (n, p), norm in zip(self.trainable, norms):
             g = grads[n]
             if g.stride() != p.stride():  # e.g. a transposed GEMM result: the fused Adam walks grad and param
                 g = torch.empty_like(p).copy_(g)  # memory in step, so they must share the layout
-            p.grad = g if norm != 0.0 or n.startswith(_ALWAYS_USED) else None
+            p.grad = g if labelled and (norm != 0.0 or n.startswith(_ALWAYS_USED)) else None
         return loss, {k: float(mse) for k, (mse, count) in terms.items() if int(count) > 0}
 
     def _loss_and_grad(self, params: dict, frozen: dict, graph: Graph, species: torch.Tensor, pairs, stress: bool,
