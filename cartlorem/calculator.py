@@ -75,8 +75,8 @@ class CartLoremCalculator(Calculator):
 
         unknown = sorted(set(kwargs) - self._ASE_ARGUMENTS)
         if unknown:  # ASE would keep them as "parameters" and do nothing with them (a misspelled electric_field)
-            raise TypeError(f"CartLoremCalculator got unknown argument(s) {', '.join(unknown)}; it takes model_or_path, "
-                            "device, dtype, skin, trust_pickle, electric_field and ASE's "
+            raise TypeError(f"CartLoremCalculator got unknown argument(s) {', '.join(unknown)}; it takes "
+                            "model_or_path, device, dtype, skin, trust_pickle, electric_field and ASE's "
                             f"{', '.join(sorted(self._ASE_ARGUMENTS))}")
         super().__init__(**kwargs)
 

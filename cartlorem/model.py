@@ -183,6 +183,8 @@ class CartLorem(nn.Module):
                 raise ValueError(f"long_range must be one of {LONG_RANGE_CHOICES}, got {long_range!r}")
         # a number, not a string ("5": a TypeError of the comparison) or a bool; inf: a Bessel basis of zeros, a
         # model blind to geometry
+        if isinstance(cutoff, torch.Tensor) and cutoff.numel() == 1 and cutoff.is_floating_point():
+            cutoff = float(cutoff)  # a one-element tensor, as the Ewald functions take
         if isinstance(cutoff, bool) or not isinstance(cutoff, numbers.Real) or not 0 < cutoff < math.inf:
             raise ValueError(f"cutoff must be a finite positive length in Å (a number), got {cutoff!r}")
         if isinstance(lmax, bool) or not isinstance(lmax, numbers.Integral) or lmax not in (0, 1, 2):

@@ -137,6 +137,8 @@ def test_species_by_element_symbol_and_numpy_numbers(tmp_path):
     cartlorem.save_model(model, tmp_path / "m.pt")
     assert cartlorem.load_model(tmp_path / "m.pt").species == [1, 6, 8]
     assert _model(np.array([8, 1])).species == [1, 8] and _model(torch.tensor([8, 1])).species == [1, 8]
+    # a one-element tensor cutoff, which the constructor took before its type checks (and the Ewald functions take)
+    assert _model([1, 8], cutoff=torch.tensor(3.0)).config["cutoff"] == 3.0
 
 
 # --- long_range_options of a model without long range ----------------------------------------------------------

@@ -224,7 +224,7 @@ class CartLoremFix:
         cell = np.array([[lx, 0.0, 0.0], [xy, ly, 0.0], [xz, yz, lz]])  # rows: LAMMPS' restricted triclinic a, b, c
         pbc = np.array(periodicity, dtype=bool)
         # relative to the box's corner, in float64 before any cast to the model's dtype: a float32 model fed a box
-        # 4000 Å from the origin saw positions to 2.4e-4 Å (forces off by 4e-4 eV/Å); E, F and W do not change
+        # 4000 Å from the origin saw positions to 2.4e-4 Å (forces off by 7e-4 eV/Å); E, F and W do not change
         x = x - np.asarray(boxlo, dtype=np.float64)
         graph = structures_to_graph(torch.tensor(x[order]), numbers, cell, pbc, cutoff=self.model.cutoff,
                                     total_charge=[self.total_charge], dtype=self.model.dtype)
