@@ -58,10 +58,12 @@ _FIELDS_DOC = """
         which are exact. Known limit: in cells only a few smearing widths across (sigma = 1 Å in a 4-6 Å cell,
         tight groups of sources) the k-space cutoff, set from an integral over k, leaves the fields above
         ``accuracy``: measured up to 6.4x (dipoles' field gradient) and 3.5x (charges) in fcc-like cells, 4.2x /
-        2.2x / 1.1x in 4 / 5 / 6 Å cubes. A cutoff raised per cell from its own reciprocal lattice met
-        ``accuracy`` there but was not kept: it made a crystal's energy depend on the cell that describes it (a
-        supercell's finer lattice is not raised, so it keeps the error, and a 1 x 2 x 1 NaCl supercell's energy
-        differed from twice its cell's by 1.4e-8, relative, instead of rounding; benchmarks/README.md, session 30)
+        2.2x / 1.1x in 4 / 5 / 6 Å cubes; random smeared charges (sigma = 1 Å, accuracy 1e-4 to 1e-6) in triclinic
+        cells of 6 / 9 / 12 / 16 Å: field gradients up to 2.3x / 2.2x / 1.2x / 0.9x. A cutoff raised per cell from
+        its own reciprocal lattice met ``accuracy`` there but was not kept: it made a crystal's energy depend on the
+        cell that describes it (a supercell's finer lattice is not raised, so it keeps the error, and a 1 x 2 x 1
+        NaCl supercell's energy differed from twice its cell's by 1.4e-8, relative, instead of rounding;
+        benchmarks/README.md, sessions 30 and 31)
     prefactor : float, multiplies every output
     method : "auto" (default), "direct", "ewald" or "pme". "direct": exact pair sum, open boundaries
         only. "ewald": Ewald sum (O(N^2) for smeared sources, exact k-space sum). "pme": smooth
