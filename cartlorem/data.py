@@ -232,6 +232,18 @@ def attach_charge_labels(graph: Graph, atoms, dipole_key: Optional[str] = "dipol
 # reading
 
 
+def _is_blank(path: Path, chunk: int = 1 << 16) -> bool:
+    """True if the file holds nothing but whitespace. Reads it in chunks up to its first non-blank byte, so a
+    dataset file is never loaded whole (a blank file is read to its end, in constant memory)."""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return True
+            if block.strip():
+                return False
+
+
 def _load_frames(path_or_atoms_list) -> tuple[str, list]:
     """(name used in messages, list of ase.Atoms) from a file path, an Atoms or a list of Atoms."""
     import ase
@@ -243,7 +255,7 @@ def _load_frames(path_or_atoms_list) -> tuple[str, list]:
             raise ValueError(f"dataset file {str(path)!r} does not exist")
         if not path.is_file():
             raise ValueError(f"dataset path {str(path)!r} is not a file")
-        if path.stat().st_size == 0 or not path.read_bytes()[:4096].strip():
+        if _is_blank(path):
             raise ValueError(f"no structures in {str(path)!r} (the file is empty)")
         fmt = "extxyz" if path.suffix.lower() in (".xyz", ".extxyz") else None
         try:

@@ -139,6 +139,39 @@ def test_empty_and_missing_files(tmp_path):
         read_dataset(garbage, 4.0)
 
 
+def test_emptiness_check_reads_only_the_start_of_a_file(tmp_path, monkeypatch):
+    """The empty-file check reads up to the first non-blank byte, not the whole file (it read all of it into
+    memory: a 400 MiB dataset cost 400 MiB more), and a file with many leading blank lines is not empty."""
+    import tracemalloc
+
+    big = tmp_path / "big.xyz"
+    with open(big, "wb") as f:
+        f.write(b"3\nProperties=species:S:1:pos:R:3\n")
+        f.truncate(64 * 2**20)  # sparse: no disk used
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("reached ase.io.read")
+
+    with monkeypatch.context() as m:
+        m.setattr(ase.io, "read", stop)
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match="reached ase.io.read"):
+                read_dataset(big, 4.0)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB allocated before ase.io.read"
+
+    crystal = Atoms("Cu4", scaled_positions=[[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]],
+                    cell=np.eye(3) * 3.61, pbc=True)
+    cif = tmp_path / "cu.cif"
+    ase.io.write(cif, crystal)
+    cif.write_bytes(b"\n" * 5000 + cif.read_bytes())  # ase reads it; it is not empty
+    (g,) = read_dataset(cif, 3.0, require=())
+    assert g.species.tolist() == [29] * 4
+
+
 def test_bad_structures_name_file_and_frame(tmp_path, labelled):
     def frames():
         out = [a.copy() for a in labelled]
