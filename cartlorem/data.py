@@ -7,8 +7,8 @@ eV/Å, eV/Å³ (ASE stress sign convention: stress = (1/V) ∂E/∂ε). ``atoms.
 (e, default 0) and ``atoms.info["multiplicity"]`` (2s + 1, default 1; checked against the electron
 count where given, :func:`check_charge_states`) are carried into the graph. Charge labels
 (:func:`attach_charge_labels`): a molecular dipole (e·Å, ``atoms.info["dipole"]`` or the calculator's
-dipole; open structures only) and Born effective charges (e, ``atoms.arrays["born_charges"]`` [N, 9],
-row-major Z*_i,ab = ∂P_a/∂r_ib).
+dipole; open structures only: a calculator's dipole of a periodic structure or slab is ignored) and Born
+effective charges (e, ``atoms.arrays["born_charges"]`` [N, 9], row-major Z*_i,ab = ∂P_a/∂r_ib).
 
 Typical use::
 
@@ -157,16 +157,23 @@ def attach_labels(graph: Graph, atoms, keys: Mapping[str, Optional[str]]) -> Gra
     return graph.replace(**changes)
 
 
+_CALC_NAMES = {"dipole": "dipole", "born_charges": "born_charges"}  # where the "calc" key looks
+
+
 def _charge_label_value(atoms, name: str, key: str):
-    """Raw dipole / Born-charge label under ``key`` ("calc": the calculator's ``name``; else
-    ``atoms.info[key]`` for the dipole, ``atoms.arrays[key]`` for Born charges, falling back on the
-    calculator's results under ``key``), or None if absent."""
+    """(raw dipole / Born-charge label under ``key``, where it was found): "calc" looks at the calculator's
+    ``dipole`` / ``born_charges``; another key at ``atoms.info[key]`` for the dipole,
+    ``atoms.arrays[key]`` for Born charges, then the calculator's results under ``key``. (None, None) if absent."""
     if key == "calc":
-        return _calc_results(atoms).get(name)
-    store = atoms.info if name == "dipole" else atoms.arrays
-    if key in store:
-        return store[key]
-    return _calc_results(atoms).get(key)
+        key, results = _CALC_NAMES[name], _calc_results(atoms)
+    else:
+        store, store_name = (atoms.info, "info") if name == "dipole" else (atoms.arrays, "arrays")
+        if key in store:
+            return store[key], f"atoms.{store_name}['{key}']"
+        results = _calc_results(atoms)
+    if key in results and results[key] is not None:
+        return results[key], f"calculator results['{key}']"
+    return None, None
 
 
 def attach_charge_labels(graph: Graph, atoms, dipole_key: Optional[str] = "dipole",
@@ -175,51 +182,58 @@ def attach_charge_labels(graph: Graph, atoms, dipole_key: Optional[str] = "dipol
 
     dipole_key: ``atoms.info`` name of the molecular dipole P (3 numbers, e·Å, about the origin of the
     coordinates as given; ``ase.io.read`` puts an extxyz ``dipole`` among the calculator results,
-    which are looked at too), "calc" for the calculator's dipole, or None to ignore it.
+    which are looked at too), "calc" for the calculator's dipole, or None to ignore it. The dipole is
+    defined for open structures only: on a periodic structure or slab a dipole among the calculator results
+    (which DFT and xTB codes report, and ``ase.io.write`` stores in extxyz) is ignored, while one given in
+    ``atoms.info`` is an error.
     born_charges_key: ``atoms.arrays`` name of the Born effective charges, [N, 9] row-major
     Z*_i,ab = ∂P_a/∂r_ib (a the row; [N, 3, 3] accepted), e; or None.
 
     Sets dipole [1, 3], born_charges [N, 3, 3] and has_dipole / has_born_charges [1] (zeros and False
-    where absent). Raises ValueError for a dipole label on a periodic structure or slab (P is not
+    where absent). Raises ValueError for an ``atoms.info`` dipole on a periodic structure or slab (P is not
     defined there), a wrongly shaped label or a non-finite value.
     """
     n = int(graph.positions.shape[0])
     if len(atoms) != n:
         raise ValueError(f"graph has {n} atoms but the ase.Atoms has {len(atoms)}")
     dtype = graph.positions.dtype
-    dipole = _charge_label_value(atoms, "dipole", dipole_key) if dipole_key else None
-    bec = _charge_label_value(atoms, "born_charges", born_charges_key) if born_charges_key else None
-    where = lambda name, key: (f"{name} label " + (f"calculator results['{name}']" if key == "calc" else
-                               f"atoms.{'info' if name == 'dipole' else 'arrays'}['{key}']"))
+    dipole, dipole_at = _charge_label_value(atoms, "dipole", dipole_key) if dipole_key else (None, None)
+    bec, bec_at = _charge_label_value(atoms, "born_charges", born_charges_key) if born_charges_key else (None, None)
     if dipole is not None:
+        where = f"dipole label {dipole_at}"
         if bool(graph.pbc.any()):
-            raise ValueError(
-                f"{where('dipole', dipole_key)} on a structure with pbc = {graph.pbc[0].tolist()}: the dipole is "
-                "defined for open structures only (a periodic cell or slab has no unique P); remove it, or read "
-                "the data with dipole_key=None (--dipole-key none)"
-            )
+            if dipole_at.startswith("calculator"):
+                dipole = None  # a periodic code's (or a slab's) dipole: not a molecular P, so not a label
+            else:
+                raise ValueError(
+                    f"{where} on a structure with pbc = {graph.pbc[0].tolist()}: the dipole is defined for "
+                    "open structures only (a periodic cell or slab has no unique P); remove it, or read the data "
+                    "with dipole_key=None (--dipole-key none)"
+                )
+    if dipole is not None:
         try:
             dipole = _numbers(dipole)
         except ValueError as err:
-            raise ValueError(f"{where('dipole', dipole_key)} {err} (e·Å)") from None
+            raise ValueError(f"{where} {err} (e·Å)") from None
         if dipole.size != 3:
-            raise ValueError(f"{where('dipole', dipole_key)} has shape {list(dipole.shape)}, expected 3 numbers (e·Å)")
+            raise ValueError(f"{where} has shape {list(dipole.shape)}, expected 3 numbers (e·Å)")
         dipole = dipole.reshape(1, 3)
         if not np.all(np.isfinite(dipole)):
-            raise ValueError(f"{where('dipole', dipole_key)} contains NaN or inf")
+            raise ValueError(f"{where} contains NaN or inf")
     if bec is not None:
+        where = f"born_charges label {bec_at}"
         try:
             bec = _numbers(bec)
         except ValueError as err:
-            raise ValueError(f"{where('born_charges', born_charges_key)} {err} (e)") from None
+            raise ValueError(f"{where} {err} (e)") from None
         if bec.shape not in ((n, 9), (n, 3, 3)):
             raise ValueError(
-                f"{where('born_charges', born_charges_key)} has shape {list(bec.shape)}, expected [{n}, 9] "
+                f"{where} has shape {list(bec.shape)}, expected [{n}, 9] "
                 "(row-major Z*_i,ab = dP_a/dr_ib, e) or [N, 3, 3]"
             )
         bec = bec.reshape(n, 3, 3)
         if not np.all(np.isfinite(bec)):
-            raise ValueError(f"{where('born_charges', born_charges_key)} contains NaN or inf")
+            raise ValueError(f"{where} contains NaN or inf")
     return graph.replace(
         dipole=torch.tensor(np.zeros((1, 3)) if dipole is None else dipole, dtype=dtype),
         born_charges=torch.tensor(np.zeros((n, 3, 3)) if bec is None else bec, dtype=dtype),
@@ -297,8 +311,8 @@ def read_dataset(
     :func:`attach_charge_labels`); structures without them are flagged in has_dipole / has_born_charges.
 
     Raises ValueError, naming the file and frame index, for a missing file, an empty dataset, a
-    structure without a required label, NaN positions, overlapping atoms, a zero-volume cell or a
-    dipole label on a periodic structure.
+    structure without a required label, NaN positions, overlapping atoms, a zero-volume cell or an
+    ``atoms.info`` dipole on a periodic structure or slab (a calculator's dipole there is ignored).
     """
     keys = {"energy": energy_key, "forces": forces_key, "stress": stress_key}
     require = tuple(require)

@@ -103,7 +103,11 @@ def test_bad_labels_are_clear_errors():
     with pytest.raises(ValueError, match="frame 0: .*open structures only"):
         read_dataset([slab], 3.0)
     assert read_dataset([crystal], 3.0, dipole_key=None)[0].has_dipole.tolist() == [False]
+    mol.calc.results["dipole"] = [1.0, 2.0]  # a message names where the label came from
+    with pytest.raises(ValueError, match=r"dipole label calculator results\['dipole'\] has shape \[2\]"):
+        read_dataset([mol], 3.0)
 
+    mol.calc.results["dipole"] = [0.0, 0.0, 1.0]
     bad = mol.copy()
     bad.calc = mol.calc
     bad.arrays["born_charges"] = np.zeros((3, 6))
@@ -255,6 +259,32 @@ def test_training_on_born_charges_lowers_the_born_charge_error():
               weights={"energy": 0.1, "forces": 1.0, "born_charges": wz}, seed=0)
         after[wz] = evaluate(model, valid_g)["born_charges_mae_e"]
     assert after[10.0] < 0.6 * before and after[10.0] < 0.6 * after[0.0], (before, after)
+
+
+def test_a_calculator_dipole_of_a_periodic_structure_or_slab_is_ignored(tmp_path):
+    """DFT and xTB codes report a dipole for cells and slabs too, and ase.io.write stores it in extxyz, whence
+    ase.io.read puts it among the calculator results: such data is read (the dipole left out, it is not defined
+    there) rather than refused whole, for any dipole weight and model."""
+    crystal = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    crystal.calc = SinglePointCalculator(crystal, energy=-10.0, forces=np.zeros((8, 3)), stress=np.zeros(6),
+                                         dipole=np.array([0.1, 0.0, 0.0]))
+    slab = crystal.copy()
+    slab.pbc = [True, True, False]
+    slab.calc = SinglePointCalculator(slab, energy=-9.0, forces=np.zeros((8, 3)), dipole=np.array([0.0, 0.0, 0.3]))
+    mol = water_frames(1)[0]
+    mol.calc = SinglePointCalculator(mol, energy=0.0, forces=np.zeros((3, 3)), dipole=mol.info.pop("dipole"))
+    path = tmp_path / "mixed.xyz"
+    ase.io.write(path, [crystal, slab, mol])
+    assert all("dipole" in a.calc.results for a in ase.io.read(path, ":"))
+    for key in ("dipole", "calc"):
+        graphs = read_dataset(path, 3.0, dipole_key=key)
+        assert [g.has_dipole.item() for g in graphs] == [False, False, True]
+        assert graphs[0].dipole.abs().sum() == 0 and np.allclose(graphs[2].dipole.numpy(), mol.calc.results["dipole"])
+        assert [g.energy.item() for g in graphs] == [-10.0, -9.0, 0.0]
+    short = tiny(long_range=None, species=(1, 8, 11, 17))
+    train(short, graphs, epochs=1, progress=False)  # dipole weight 0, short-range model
+    assert evaluate(short, graphs)["n_dipole"] == 0
+    assert evaluate(tiny(species=(1, 8, 11, 17)), graphs)["n_dipole"] == 1  # the molecule's
 
 
 def test_impossible_dipole_or_born_charge_training_is_a_clear_error():
