@@ -254,8 +254,8 @@ def _options() -> list[Option]:
                "atoms.info key of the molecular dipole label (e·Å; open structures only), 'calc' for the "
                "calculator's dipole, or 'none' to ignore (used where present)", "data"),
         Option("born_charges_key", parse_label_key, "born_charges",
-               "atoms.arrays key of the Born effective charge labels ([N, 9] row-major dP_a/dr_ib, e), or 'none' "
-               "(used where present)", "data"),
+               "atoms.arrays key of the Born effective charge labels ([N, 9] row-major dP_a/dr_ib, e), 'calc' for "
+               "the calculator's born_effective_charges, or 'none' (used where present)", "data"),
         Option("species", nullable(parse_species), None,
                "elements the model knows, e.g. H,O,Na,Cl (default: all in the data)", "data"),
     ]

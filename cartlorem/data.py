@@ -8,7 +8,8 @@ eV/Å, eV/Å³ (ASE stress sign convention: stress = (1/V) ∂E/∂ε). ``atoms.
 count where given, :func:`check_charge_states`) are carried into the graph. Charge labels
 (:func:`attach_charge_labels`): a molecular dipole (e·Å, ``atoms.info["dipole"]`` or the calculator's
 dipole; open structures only: a calculator's dipole of a periodic structure or slab is ignored) and Born
-effective charges (e, ``atoms.arrays["born_charges"]`` [N, 9], row-major Z*_i,ab = ∂P_a/∂r_ib).
+effective charges (e, ``atoms.arrays["born_charges"]`` [N, 9], row-major Z*_i,ab = ∂P_a/∂r_ib, or the
+calculator's ``born_effective_charges``).
 
 Typical use::
 
@@ -157,12 +158,14 @@ def attach_labels(graph: Graph, atoms, keys: Mapping[str, Optional[str]]) -> Gra
     return graph.replace(**changes)
 
 
-_CALC_NAMES = {"dipole": "dipole", "born_charges": "born_charges"}  # where the "calc" key looks
+# where the "calc" key finds each charge label among the calculator results: ASE's property names (ase.io.read
+# puts an extxyz per-atom born_effective_charges [N, 9] there, and a dipole from the comment line)
+_CALC_NAMES = {"dipole": "dipole", "born_charges": "born_effective_charges"}
 
 
 def _charge_label_value(atoms, name: str, key: str):
     """(raw dipole / Born-charge label under ``key``, where it was found): "calc" looks at the calculator's
-    ``dipole`` / ``born_charges``; another key at ``atoms.info[key]`` for the dipole,
+    ``dipole`` / ``born_effective_charges``; another key at ``atoms.info[key]`` for the dipole,
     ``atoms.arrays[key]`` for Born charges, then the calculator's results under ``key``. (None, None) if absent."""
     if key == "calc":
         key, results = _CALC_NAMES[name], _calc_results(atoms)
@@ -187,7 +190,9 @@ def attach_charge_labels(graph: Graph, atoms, dipole_key: Optional[str] = "dipol
     (which DFT and xTB codes report, and ``ase.io.write`` stores in extxyz) is ignored, while one given in
     ``atoms.info`` is an error.
     born_charges_key: ``atoms.arrays`` name of the Born effective charges, [N, 9] row-major
-    Z*_i,ab = ∂P_a/∂r_ib (a the row; [N, 3, 3] accepted), e; or None.
+    Z*_i,ab = ∂P_a/∂r_ib (a the row; [N, 3, 3] accepted), e; "calc" for the calculator's
+    ``born_effective_charges`` (ASE's name and layout, e.g. from vasprun.xml, or an extxyz per-atom property of
+    that name, which ``ase.io.read`` puts among the calculator results); or None.
 
     Sets dipole [1, 3], born_charges [N, 3, 3] and has_dipole / has_born_charges [1] (zeros and False
     where absent). Raises ValueError for an ``atoms.info`` dipole on a periodic structure or slab (P is not

@@ -89,6 +89,29 @@ def test_labels_are_read_with_their_keys_and_layout(tmp_path):
     assert batch.has_born_charges.tolist() == [False, True] and batch.born_charges.shape == (6, 3, 3)
 
 
+def test_calc_key_reads_ases_born_effective_charges(tmp_path):
+    """born_charges_key="calc" reads ASE's born_effective_charges (it looked for results['born_charges'], a name
+    no ASE reader gives, and silently found nothing): from an extxyz per-atom property, [N, 9] row-major, and
+    from a calculator's [N, 3, 3] (as ase.io.read gives for vasprun.xml), Z*_i,ab in the same places."""
+    z = np.random.default_rng(1).normal(size=(3, 3, 3))
+    a = molecule("H2O")
+    a.calc = SinglePointCalculator(a, energy=-1.0, forces=np.zeros((3, 3)), born_effective_charges=z.reshape(3, 9))
+    path = tmp_path / "bec.xyz"
+    ase.io.write(path, [a])  # extxyz writes [N, 9] per-atom properties only
+    assert "born_effective_charges:R:9" in path.read_text().splitlines()[1]
+    assert ase.io.read(path).calc.results["born_effective_charges"].shape == (3, 9)
+    b = a.copy()
+    b.calc = SinglePointCalculator(b, energy=-1.0, forces=np.zeros((3, 3)), born_effective_charges=z)
+    for source in (path, [b]):
+        (g,) = read_dataset(source, 3.0, born_charges_key="calc")
+        assert g.has_born_charges.tolist() == [True]
+        assert np.allclose(g.born_charges.numpy(), z, rtol=0, atol=1e-7)  # z[i, a, b] = Z*_i,ab
+    b.calc.results["born_effective_charges"] = z[:, :2]
+    with pytest.raises(ValueError, match=r"born_charges label calculator results\['born_effective_charges'\] "
+                                         r"has shape \[3, 2, 3\]"):
+        read_dataset([b], 3.0, born_charges_key="calc")
+
+
 def test_bad_labels_are_clear_errors():
     mol = molecule("H2O")
     mol.calc = SinglePointCalculator(mol, energy=-1.0, forces=np.zeros((3, 3)))
