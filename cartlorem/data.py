@@ -527,7 +527,8 @@ def split(graphs_or_len: Union[Sequence, int], valid_fraction: float = 0.1, seed
 
     graphs_or_len: a sequence (its length is used) or a number of structures. valid_fraction in
     [0, 1): round(valid_fraction × n) structures go to validation, at least one when the
-    fraction is positive and n ≥ 2, never all of them. Same seed, same split.
+    fraction is positive and n ≥ 2, never all of them (a single structure is for training). Same seed,
+    same split.
     """
     n = int(graphs_or_len) if isinstance(graphs_or_len, (int, np.integer)) else len(graphs_or_len)
     if not 0.0 <= valid_fraction < 1.0:
@@ -536,8 +537,8 @@ def split(graphs_or_len: Union[Sequence, int], valid_fraction: float = 0.1, seed
         raise ValueError("cannot split an empty dataset")
     if int(seed) != seed or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed}")
-    n_valid = int(round(valid_fraction * n))
+    n_valid = min(int(round(valid_fraction * n)), n - 1)  # at least one training structure (n = 1: it)
     if valid_fraction > 0 and n >= 2:
-        n_valid = min(max(n_valid, 1), n - 1)
+        n_valid = max(n_valid, 1)
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_valid:]).astype(np.int64), np.sort(perm[:n_valid]).astype(np.int64)

@@ -269,6 +269,11 @@ def test_split_deterministic_and_disjoint():
     assert not np.array_equal(valid, split(100, valid_fraction=0.2, seed=4)[1])
     assert len(split(5, valid_fraction=0.01)[1]) == 1  # at least one validation structure
     assert len(split(5, valid_fraction=0.0)[1]) == 0
+    for n in (1, 2, 3):  # never all of them to validation (split(1, 0.6) gave an empty training set)
+        for fraction in (0.0, 0.3, 0.5, 0.6, 0.99):
+            train, valid = split(n, valid_fraction=fraction)
+            assert len(train) >= 1 and len(train) + len(valid) == n, (n, fraction)
+    assert split(1, valid_fraction=0.6)[0].tolist() == [0]
     with pytest.raises(ValueError, match="valid_fraction"):
         split(10, valid_fraction=1.0)
 
