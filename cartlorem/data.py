@@ -357,7 +357,8 @@ def check_charge_states(frames, source: str = "structures") -> None:
     frames: ase.Atoms. A given multiplicity must be an integer ≥ 1 whose parity matches the electron
     count Σ Z − Q (Q = ``info["total_charge"]``, checked when integer-valued; see
     :func:`cartlorem.graph.check_charge_state`). The message names the first bad frame of ``source``
-    and counts the others. Frames without a multiplicity are not checked (they are taken as singlets).
+    and counts the others. Frames without a multiplicity are not checked here (they are taken as singlets;
+    :func:`cartlorem.graph.atoms_to_graph` checks their total charge).
     """
     bad = []
     for k, atoms in enumerate(frames):

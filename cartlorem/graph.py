@@ -133,25 +133,31 @@ def check_structure(
             )
 
 
-def check_charge_state(numbers, total_charge: float, multiplicity: float, label: str = "structure") -> None:
+def check_charge_state(numbers, total_charge: float, multiplicity: Optional[float] = None,
+                       label: str = "structure") -> None:
     """Raise ValueError unless the charge and spin state can be that of the atoms ``numbers`` [N].
 
     total_charge Q (e) must be finite; multiplicity 2s + 1 an integer ≥ 1. When Q is an integer, the
     electron count n = Σ Z − Q must be ≥ 0, hold at least multiplicity − 1 unpaired electrons and
     have the parity of multiplicity − 1 (an even count pairs into singlets, triplets, …; an odd one
     into doublets, quartets, …). A fractional Q (a model charge) skips the electron-count checks.
+    multiplicity None (not given): only Q is checked (finite; n ≥ 0 when Q is an integer).
     """
-    q, m = float(total_charge), float(multiplicity)
+    q = float(total_charge)
     if not np.isfinite(q):
         raise ValueError(f"{label}: total_charge must be a finite number of e, got {total_charge!r}")
-    if not (np.isfinite(m) and m >= 1 and m == round(m)):
+    m = None if multiplicity is None else float(multiplicity)
+    if m is not None and not (np.isfinite(m) and m >= 1 and m == round(m)):
         raise ValueError(f"{label}: multiplicity (2S+1) must be an integer >= 1, got {multiplicity!r}")
     if abs(q - round(q)) > 1e-6:
         return
     electrons = int(np.sum(np.asarray(numbers, dtype=np.int64))) - int(round(q))
-    unpaired = int(round(m)) - 1
     if electrons < 0:
-        raise ValueError(f"{label}: total_charge {q:g} exceeds the nuclear charge {electrons + int(round(q))}")
+        raise ValueError(f"{label}: total_charge {q:g} exceeds the nuclear charge {electrons + int(round(q))} "
+                         "(a negative number of electrons); check atoms.info['total_charge']")
+    if m is None:
+        return
+    unpaired = int(round(m)) - 1
     if unpaired > electrons or (electrons - unpaired) % 2:
         parity = "even" if electrons % 2 == 0 else "odd"
         allowed = "1, 3, 5, …" if electrons % 2 == 0 else "2, 4, 6, …"
@@ -193,8 +199,9 @@ def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional
     messages (default: its chemical formula).
 
     Charge and spin state: ``atoms.info["total_charge"]`` (or ``"charge"``; e, default 0) and
-    ``atoms.info["multiplicity"]`` (2s + 1, default 1). A multiplicity that is given must match the
-    electron count (:func:`check_charge_state`; ValueError naming the structure otherwise).
+    ``atoms.info["multiplicity"]`` (2s + 1, default 1). An integer total charge may not exceed the nuclear
+    charge, and a multiplicity that is given must match the electron count (:func:`check_charge_state`;
+    ValueError naming the structure otherwise).
     """
     positions = np.asarray(atoms.get_positions(), dtype=np.float64)
     pbc = np.asarray(atoms.get_pbc(), dtype=bool)
@@ -212,10 +219,7 @@ def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional
     except (TypeError, ValueError):
         raise ValueError(f"{label}: total_charge and multiplicity must be numbers, got "
                          f"{charge!r} and {multiplicity!r}") from None
-    if not np.isfinite(charge):  # checked here too, since check_charge_state runs only with a multiplicity
-        raise ValueError(f"{label}: total_charge must be a finite number of e, got {charge!r}")
-    if multiplicity is not None:
-        check_charge_state(atoms.get_atomic_numbers(), charge, multiplicity, label=label)
+    check_charge_state(atoms.get_atomic_numbers(), charge, multiplicity, label=label)  # None: the charge only
     try:
         i, j, s = neighbour_list(positions, cell, pbc, cutoff)
     except ValueError as err:

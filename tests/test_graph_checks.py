@@ -12,9 +12,27 @@ from cartlorem.graph import atoms_to_graph, neighbour_list
 @pytest.mark.parametrize("charge", [float("nan"), float("inf"), True])
 def test_total_charge_must_be_a_finite_number(charge):
     a = Atoms("H2", positions=[[0, 0, 0], [0.8, 0, 0]])
-    a.info["total_charge"] = charge  # no multiplicity: the charge-state check of the electrons does not run
+    a.info["total_charge"] = charge  # no multiplicity
     with pytest.raises(ValueError, match=r"H2: total_charge (must be a finite|and multiplicity must be) number"):
         atoms_to_graph(a, 3.0)
+
+
+def test_a_total_charge_above_the_nuclear_charge_is_refused_without_a_multiplicity():
+    """H2 with total charge 3 has −1 electrons: refused whether or not a multiplicity is given (the electron
+    count was checked only with one); 2 (no electrons) and a fractional model charge are accepted."""
+    from cartlorem.data import read_dataset
+
+    a = Atoms("H2", positions=[[0, 0, 0], [0.8, 0, 0]])
+    a.info["total_charge"] = 3
+    with pytest.raises(ValueError, match=r"^H2: total_charge 3 exceeds the nuclear charge 2"):
+        atoms_to_graph(a, 3.0)
+    ok = a.copy()
+    ok.info["total_charge"] = 0
+    with pytest.raises(ValueError, match=r"^structures, frame 1: total_charge 3 exceeds the nuclear charge 2"):
+        read_dataset([ok, a], 3.0, require=())
+    for charge in (2, 2.5, -1):
+        ok.info["total_charge"] = charge
+        assert atoms_to_graph(ok, 3.0).total_charge.tolist() == [charge]
 
 
 def _brute_force_pairs(pos, cell, pbc, cutoff):
