@@ -2,8 +2,10 @@
 
 Every writer goes through :func:`atomic_write`: the content goes to a temporary file in the target's
 folder, is flushed to disk, gets the permissions an ordinary ``open(path, "w")`` would give it
-(0o666 minus the umask, usually 0644; ``tempfile.mkstemp`` alone gives 0600) and is renamed over
-the target in one step; the folder is then synced too, so that the rename survives a power cut.
+(an existing file's permission bits; for a new file 0o666 minus the umask, usually 0644;
+``tempfile.mkstemp`` alone gives 0600) and is renamed over the target in one step; the folder is
+then synced too, so that the rename survives a power cut. As with ``open``, a symbolic link is
+written through: its target gets the new content and the link stays.
 
     atomic_write(path, lambda f: f.write(b"..."))
     atomic_torch_save({"state_dict": ...}, "model.pt")
@@ -13,6 +15,7 @@ the target in one step; the folder is then synced too, so that the rename surviv
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from typing import BinaryIO, Callable
 
@@ -34,21 +37,29 @@ def default_file_mode() -> int:
 def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(f)`` on a temporary binary file next to ``path``, then rename it to ``path``.
 
-    The folder is created if needed. On any exception the temporary file is removed and ``path``
-    keeps its previous content; an operating-system error of the write (also one that a library wrapped in
-    another exception, as torch.save does) is raised as a :class:`WriteError` naming ``path``.
+    The folder is created if needed. As ``open(path, "w")``, a symbolic link is followed (the file it points to
+    is written, in that file's folder, and the link stays) and an existing file keeps its permission bits (a new
+    one gets :func:`default_file_mode`); unlike it, the file is a new one (another hard link to the old file
+    keeps the old content; the owner is whoever writes). On any exception the temporary file is removed and
+    ``path`` keeps its previous content; an operating-system error of the write (also one that a library wrapped
+    in another exception, as torch.save does) is raised as a :class:`WriteError` naming ``path``.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    target = os.path.realpath(path)  # through symbolic links, as open() writes
+    folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode) & 0o777  # kept, as open(path, "w") keeps them
+    except FileNotFoundError:
+        mode = default_file_mode()
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(target)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)

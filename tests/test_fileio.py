@@ -44,3 +44,34 @@ def test_a_failed_write_names_the_file_and_keeps_its_content(tmp_path):
     assert isinstance(info.value, OSError) and info.value.errno == errno.EFBIG
     assert info.value.filename == str(target) and info.value.strerror == "File too large"
     assert target.read_bytes() == b"the last good checkpoint" and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_atomic_write_writes_through_a_symbolic_link(tmp_path):
+    """The rename replaced the link itself with a regular file, and the file it pointed to kept its old content;
+    open(path, "w"), which the module promises to behave like, writes the file the link points to."""
+    real = tmp_path / "store" / "model.pt"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "model.pt"
+    link.symlink_to(real)
+    fileio.atomic_write(link, lambda f: f.write(b"new"))
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_bytes() == b"new"
+    assert os.listdir(tmp_path / "store") == ["model.pt"]  # no temporary file left
+    assert sorted(os.listdir(tmp_path)) == ["model.pt", "store"]
+
+
+def test_atomic_write_keeps_the_permissions_of_an_existing_file(tmp_path):
+    """An existing 0600 file (a private model or metrics file) came back 0644, readable by everyone; open(path, "w")
+    keeps the mode. A new file still gets 0666 minus the umask."""
+    private = tmp_path / "private.json"
+    private.write_text("{}")
+    os.chmod(private, 0o600)
+    fileio.atomic_write_text(private, '{"a": 1}')
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o600 and private.read_text() == '{"a": 1}'
+    os.chmod(private, 0o640)
+    fileio.atomic_write_text(private, "{}")
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o640
+    fresh = tmp_path / "fresh.json"
+    fileio.atomic_write_text(fresh, "{}")
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == fileio.default_file_mode()
