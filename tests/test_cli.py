@@ -335,6 +335,35 @@ def test_evaluate_writes_predictions_where_it_says(files, tmp_path, capsys):
         assert saved["energy_pred"].shape == (5,) and np.all(np.isfinite(saved["forces_pred"]))
 
 
+def test_outputs_do_not_overwrite_the_inputs(files, tmp_path, capsys):
+    """`cartlorem export m.pt m.pt` replaced the trained model with its TorchScript export, and `evaluate --json` (or
+    --predictions, --parity) named like the model or the data overwrote them, without a word. Each is refused up
+    front, also through a symbolic or hard link, and the inputs keep their bytes."""
+    import os
+    import shutil
+
+    model = _untrained_model_file(tmp_path)
+    data = tmp_path / "test.xyz"
+    shutil.copy(files / "test.xyz", data)
+    (tmp_path / "link.pt").symlink_to(model)
+    os.link(data, tmp_path / "hard.xyz")
+    before = {p: p.read_bytes() for p in (model, data)}
+    evaluate = ("evaluate", "--model", model, "--data", data, "--no-progress")
+    for flag, target, names in (("--json", model, ("--json", "model file")),
+                                ("--json", tmp_path / "link.pt", ("--json", "model file")),
+                                ("--predictions", data, ("--predictions", "data file")),
+                                ("--parity", tmp_path / "hard.xyz", ("--parity", "data file"))):
+        code, _, err = run(capsys, *evaluate, flag, target)
+        _assert_user_error(code, err, *names, "overwrite")
+    code, _, err = run(capsys, *evaluate, "--json", tmp_path / "out", "--predictions", tmp_path / "out")
+    _assert_user_error(code, err, "--json and --predictions")
+    for target in (model, tmp_path / "link.pt", f"{tmp_path}/./model.pt"):
+        code, _, err = run(capsys, "export", model, target)
+        _assert_user_error(code, err, "model file", "overwrite")
+    assert {p: p.read_bytes() for p in (model, data)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.xyz", "link.pt", "model.pt", "test.xyz"]
+
+
 def test_export_to_a_folder_or_a_new_folder(tmp_path, capsys):
     """A folder as the target left a temporary file beside it and said only "[Errno 21]"; a file in a folder
     that does not exist yet failed with a traceback (save_model makes the folder)."""
