@@ -17,7 +17,6 @@ User errors print ``error: …`` and exit with status 2; a diverged training exi
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -136,7 +135,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .data import read_dataset
-    from .evaluate import format_table, metrics, parity_plot, predict
+    from .evaluate import format_table, metrics, metrics_json, parity_plot, predict
     from .fileio import atomic_write_text
     from .model import load_model
     from .training.job import select_device
@@ -173,7 +172,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             "charges), so they are not scored"
         )
     if args.json:
-        atomic_write_text(args.json, json.dumps(m, indent=2) + "\n")
+        atomic_write_text(args.json, metrics_json(m))
         print(f"metrics written to {args.json}")
     if args.predictions:
         preds.save(args.predictions)
@@ -263,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--model", required=True, metavar="MODEL.pt", help="model file (save_model / cartlorem train)")
     e.add_argument("--data", required=True, metavar="TEST.xyz", help="labelled structures (extxyz)")
-    e.add_argument("--json", metavar="METRICS.json", help="also write the metrics as JSON")
+    e.add_argument("--json", metavar="METRICS.json",
+                   help="also write the metrics as JSON (a NaN or infinite one as null)")
     e.add_argument("--predictions", metavar="PRED.npz", help="also write per-structure predictions (npz)")
     e.add_argument("--parity", metavar="PARITY.png", help="also write energy/force parity plots")
     e.add_argument("--batch-size", type=parse_int, default=16, metavar="N", help="structures per batch")

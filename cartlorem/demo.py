@@ -10,7 +10,6 @@ test_metrics.json, parity.png and md.csv into ``out``.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -55,7 +54,7 @@ def run_demo(
 
     from .calculator import CartLoremCalculator
     from .data import read_dataset, split
-    from .evaluate import format_table, metrics, parity_plot, predict
+    from .evaluate import format_table, metrics, metrics_json, parity_plot, predict
     from .md import run_nve, write_md_csv
     from .model import CartLorem
     from .training import metric_summary, train
@@ -107,7 +106,7 @@ def run_demo(
     preds = predict(model, [graphs[k] for k in test_idx], batch_size=16)
     m = metrics(preds)
     say("      " + format_table(m).replace("\n", "\n      "))
-    atomic_write_text(out / "test_metrics.json", json.dumps(m, indent=2) + "\n")
+    atomic_write_text(out / "test_metrics.json", metrics_json(m))  # strict JSON: a NaN metric is null
     parity_plot(preds, out / "parity.png")
 
     # MD on the largest neutral test structure

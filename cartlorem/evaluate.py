@@ -4,6 +4,7 @@
     m = metrics(preds)                        # JSON-ready dict (meV units)
     m = evaluate(model, graphs)               # both in one call
     print(format_table(m))
+    text = metrics_json(m)                    # strict JSON: a NaN or infinite metric is null
 
 Metric keys: ``energy_mae_mev_per_atom``, ``energy_rmse_mev_per_atom`` (errors of E/N over
 structures with an energy label), ``forces_mae_mev_per_a``, ``forces_rmse_mev_per_a`` (over all
@@ -15,10 +16,14 @@ effective charges of atoms in labelled structures) when some structure has such 
 ``n_structures``, ``n_atoms``, and the labelled counts ``n_energy``, ``n_forces``, ``n_stress``
 (``n_dipole``, ``n_born_charges``: labelled and predicted). A metric with no labelled item is None;
 so are the dipole and Born-charge metrics of a model that cannot predict them (no long range).
+A model that gives NaN or infinite predictions (one that diverged) gives NaN or infinite metrics here,
+and null in :func:`metrics_json` (JSON has no NaN; ``cartlorem evaluate --json`` and the demo's
+test_metrics.json are written with it).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
@@ -30,7 +35,7 @@ from tqdm.auto import tqdm
 from .fileio import atomic_write
 from .graph import Graph, collate
 
-__all__ = ["Predictions", "predict", "metrics", "evaluate", "format_table", "parity_plot"]
+__all__ = ["Predictions", "predict", "metrics", "metrics_json", "evaluate", "format_table", "parity_plot"]
 
 
 @dataclass
@@ -226,6 +231,14 @@ def metrics(p: Predictions) -> dict:
         out["born_charges_mae_e"], out["born_charges_rmse_e"] = _mae_rmse(
             (p.born_charges_pred - p.born_charges_ref)[done].ravel())
     return out
+
+
+def metrics_json(m: dict) -> str:
+    """The metrics ``m`` as strict JSON text (indented, ending in a newline) that every JSON reader accepts: a
+    non-finite value (NaN or ±inf, from a model that diverged) is written as null, as a metric without labels is;
+    ``json.dumps`` alone would write ``NaN``, which is not JSON."""
+    finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
+    return json.dumps(finite, indent=2, allow_nan=False) + "\n"
 
 
 def evaluate(model, graphs: Sequence[Graph], *, batch_size: int = 16, progress: bool = False) -> dict:

@@ -335,6 +335,35 @@ def test_evaluate_writes_predictions_where_it_says(files, tmp_path, capsys):
         assert saved["energy_pred"].shape == (5,) and np.all(np.isfinite(saved["forces_pred"]))
 
 
+def test_evaluate_writes_a_nan_metric_as_null(files, tmp_path, capsys, monkeypatch):
+    """A model that diverged gives NaN metrics, which json.dumps wrote as `NaN`: not JSON (jq, JavaScript and
+    strict parsers reject the file). Non-finite metrics are now null."""
+    import math
+
+    from cartlorem import evaluate
+
+    real_metrics = evaluate.metrics
+
+    def diverged(preds):
+        m = real_metrics(preds)
+        m["energy_mae_mev_per_atom"], m["forces_rmse_mev_per_a"] = math.nan, math.inf
+        return m
+
+    monkeypatch.setattr(evaluate, "metrics", diverged)
+    target = tmp_path / "m.json"
+    code, out, err = run(capsys, "evaluate", "--model", _untrained_model_file(tmp_path), "--data", files / "test.xyz",
+                         "--json", target, "--no-progress")
+    assert code == 0, err
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    m = json.loads(target.read_text(), parse_constant=refuse)
+    assert m["energy_mae_mev_per_atom"] is None and m["forces_rmse_mev_per_a"] is None
+    assert m["n_structures"] == 5 and math.isfinite(m["forces_mae_mev_per_a"])
+    assert evaluate.metrics_json({"a": math.nan, "n": 3, "b": 1.5}) == '{\n  "a": null,\n  "n": 3,\n  "b": 1.5\n}\n'
+
+
 def test_outputs_do_not_overwrite_the_inputs(files, tmp_path, capsys):
     """`cartlorem export m.pt m.pt` replaced the trained model with its TorchScript export, and `evaluate --json` (or
     --predictions, --parity) named like the model or the data overwrote them, without a word. Each is refused up
