@@ -114,17 +114,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(result) -> None:
+def best_epoch_summary(result) -> str:
+    """"best epoch K: <its metrics> (validation)" for a TrainResult, "(training set: no validation set)" when the
+    best model was selected on the training set (``result.best_metrics_on``); also the demo's summary."""
     from .training import metric_summary
 
-    why = result.stop_reason.replace("_", " ") + ("; it cut that epoch short: --resume continues it"
-                                                   if result.cut_short else "")
-    print(
-        f"stopped after epoch {result.epochs_completed} ({why}); best epoch "
-        f"{result.best_epoch}: {metric_summary(result.best_metrics) or 'no validation yet'}"
+    return (
+        f"best epoch {result.best_epoch}: {metric_summary(result.best_metrics) or 'no validation yet'}"
         + ((" (validation)" if result.best_metrics_on == "validation" else " (training set: no validation set)")
            if result.best_metrics else "")
     )
+
+
+def _print_summary(result) -> None:
+    why = result.stop_reason.replace("_", " ") + ("; it cut that epoch short: --resume continues it"
+                                                   if result.cut_short else "")
+    print(f"stopped after epoch {result.epochs_completed} ({why}); {best_epoch_summary(result)}")
     if result.model_path is not None:
         print(f"model: {result.model_path}   log: {Path(result.model_path).parent / 'log.csv'}")
     else:

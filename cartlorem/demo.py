@@ -33,6 +33,13 @@ def demo_data(path: Optional[str] = None) -> Path:
     return demo_path()
 
 
+def md_structure(graphs, candidates) -> int:
+    """The index, among ``candidates``, of the largest neutral structure (the first of the largest), else of the
+    largest one: its charge as the graphs read it (``atoms.info["total_charge"]`` or ``"charge"``, see
+    :func:`cartlorem.graph.atoms_to_graph`)."""
+    return int(max(candidates, key=lambda k: (float(graphs[k].total_charge.sum()) == 0.0, len(graphs[k].species), -k)))
+
+
 def run_demo(
     out="cartlorem_demo_run",
     *,
@@ -53,11 +60,12 @@ def run_demo(
     import ase.io
 
     from .calculator import CartLoremCalculator
+    from .cli import best_epoch_summary
     from .data import read_dataset, split
     from .evaluate import format_table, metrics, metrics_json, parity_plot, predict
     from .md import run_nve, write_md_csv
     from .model import CartLorem
-    from .training import metric_summary, train
+    from .training import train
 
     if epochs < 1 or md_steps < 1 or not max_time > 0:
         raise ValueError("--epochs, --md-steps and --max-time must be positive")
@@ -72,6 +80,9 @@ def run_demo(
     frames = ase.io.read(str(path), index=":")
     graphs = read_dataset(frames, cutoff, dtype=dtype)
     rest, test_idx = split(graphs, 0.1, seed=seed)
+    if len(test_idx) == 0:  # refused before the training, not after it
+        raise ValueError(f"data file {str(path)!r} has {len(graphs)} structure; the demo needs at least 2 (one to "
+                         "test on, the others to train on)")
     tr, va = split(len(rest), 0.1, seed=seed + 1)
     train_idx, valid_idx = rest[tr], rest[va]
     species = sorted({int(z) for g in graphs for z in g.species.unique().tolist()})
@@ -96,10 +107,8 @@ def run_demo(
     result = train(model, [graphs[k] for k in train_idx], [graphs[k] for k in valid_idx], epochs=epochs,
                    batch_size=4, lr=1e-2, ema_decay=0.99, scheduler_patience=3, patience=None, out_dir=out,
                    overwrite=True, seed=seed, progress=progress, max_time=max_time)
-    say(
-        f"      stopped after epoch {result.epochs_completed} ({result.stop_reason.replace('_', ' ')}); best "
-        f"epoch {result.best_epoch}: {metric_summary(result.best_metrics)} (validation)"
-    )
+    say(f"      stopped after epoch {result.epochs_completed} ({result.stop_reason.replace('_', ' ')}); "
+        f"{best_epoch_summary(result)}")
     say(f"      training time {time.perf_counter() - t0:.0f} s")
 
     say(f"[3/4] accuracy on the {len(test_idx)} test structures")
@@ -109,8 +118,7 @@ def run_demo(
     atomic_write_text(out / "test_metrics.json", metrics_json(m))  # strict JSON: a NaN metric is null
     parity_plot(preds, out / "parity.png")
 
-    # MD on the largest neutral test structure
-    pick = max(test_idx, key=lambda k: (float(frames[k].info.get("total_charge", 0.0)) == 0.0, len(frames[k]), -k))
+    pick = md_structure(graphs, test_idx)
     atoms = frames[int(pick)].copy()
     atoms.calc = CartLoremCalculator(model, device=device, dtype="float64")
     say(

@@ -310,6 +310,50 @@ def test_demo_checks_its_arguments_before_training(files, tmp_path, capsys):
         assert not (out / "model.pt").exists()  # refused before the training
 
 
+def test_demo_refuses_one_structure_before_training(tmp_path, capsys):
+    """With one structure there is nothing to test on: the demo trained first and only then failed with "no
+    structures to evaluate"."""
+    ase.io.write(tmp_path / "one.xyz", emt_frames(1, seed=2))
+    out = tmp_path / "demo"
+    code, _, err = run(capsys, "demo", "--data", tmp_path / "one.xyz", "--out", out, "--epochs", 1, "--md-steps", 2,
+                       "--channels", 4, "--no-progress")
+    _assert_user_error(code, err, "one.xyz", "1 structure", "at least 2")
+    assert not (out / "model.pt").exists()
+
+
+def test_demo_without_validation_set_says_training_set(tmp_path, capsys):
+    """Two structures: one to test, one to train and no validation set; the summary called the training-set
+    metrics of the best epoch "(validation)" right after the note that there is no validation set."""
+    ase.io.write(tmp_path / "two.xyz", emt_frames(2, seed=2))
+    code, out, err = run(capsys, "demo", "--data", tmp_path / "two.xyz", "--out", tmp_path / "demo", "--epochs", 1,
+                         "--md-steps", 2, "--channels", 4, "--no-progress")
+    assert code == 0, err
+    summary = next(line for line in out.splitlines() if "best epoch" in line)
+    assert "(training set: no validation set)" in summary and "(validation)" not in summary
+
+
+def test_demo_md_skips_a_structure_charged_by_info_charge(tmp_path, capsys):
+    """The MD runs on the largest neutral test structure; it read only info["total_charge"], while the graphs (and
+    the calculator) also take info["charge"], so a structure charged that way counted as neutral."""
+    from cartlorem.data import read_dataset, split
+
+    frames = emt_frames(20, seed=3)
+    _, test_idx = split(len(frames), 0.1, seed=0)  # the demo's test split
+    assert len(test_idx) == 2
+    largest = max(test_idx, key=lambda k: (len(frames[k]), -k))
+    frames[largest].info["charge"] = 1
+    ase.io.write(tmp_path / "data.xyz", frames)
+    code, out, err = run(capsys, "demo", "--data", tmp_path / "data.xyz", "--out", tmp_path / "demo", "--epochs", 1,
+                         "--md-steps", 2, "--channels", 4, "--no-progress")
+    assert code == 0, err
+    other = int(test_idx[test_idx != largest][0])
+    assert f"test structure {other})" in out
+    from cartlorem.demo import md_structure
+
+    graphs = read_dataset(frames, 3.0)
+    assert md_structure(graphs, test_idx) == other
+
+
 def _untrained_model_file(tmp_path):
     from cartlorem import CartLorem, save_model
 
