@@ -33,7 +33,8 @@ class _TerminalHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm.auto import tqdm
 
-        prefix = "note: " if record.levelno == logging.WARNING else ("error: " if record.levelno > logging.WARNING else "")
+        level = record.levelno
+        prefix = "note: " if level == logging.WARNING else ("error: " if level > logging.WARNING else "")
         tqdm.write(prefix + record.getMessage(), file=sys.stderr)
 
 
