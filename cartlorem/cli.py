@@ -115,19 +115,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def best_epoch_summary(result) -> str:
-    """"best epoch K: <its metrics> (validation)" for a TrainResult, "(training set: no validation set)" when the
-    best model was selected on the training set (``result.best_metrics_on``); also the demo's summary."""
-    from .training import metric_summary
-
-    return (
-        f"best epoch {result.best_epoch}: {metric_summary(result.best_metrics) or 'no validation yet'}"
-        + ((" (validation)" if result.best_metrics_on == "validation" else " (training set: no validation set)")
-           if result.best_metrics else "")
-    )
-
 
 def _print_summary(result) -> None:
+    from .training import best_epoch_summary
+
     why = result.stop_reason.replace("_", " ") + ("; it cut that epoch short: --resume continues it"
                                                    if result.cut_short else "")
     print(f"stopped after epoch {result.epochs_completed} ({why}); {best_epoch_summary(result)}")
@@ -279,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dipole-key", type=parse_label_key, default="dipole", metavar="KEY",
                    help="molecular dipole label (e·Å): an info key, 'calc' (ASE results) or 'none'")
     e.add_argument("--born-charges-key", type=parse_label_key, default="born_charges", metavar="KEY",
-                   help="Born effective charge label ([N, 9], e): an arrays key or 'none'")
+                   help="Born effective charge label ([N, 9], e): an arrays key, 'calc' (ASE's "
+                        "born_effective_charges) or 'none'")
     e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.add_argument("--dtype", choices=["float32", "float64"], default=None, help="precision (default: the model's)")
     e.add_argument("--threads", type=parse_int, default=None, metavar="N",

@@ -60,7 +60,7 @@ def run_demo(
     import ase.io
 
     from .calculator import CartLoremCalculator
-    from .cli import best_epoch_summary
+    from .training import best_epoch_summary
     from .data import read_dataset, split
     from .evaluate import format_table, metrics, metrics_json, parity_plot, predict
     from .md import run_nve, write_md_csv

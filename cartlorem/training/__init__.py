@@ -17,7 +17,7 @@ Typical use::
 """
 
 from .averaging import ExponentialMovingAverage
-from .log import metric_summary, plot_learning_curve
+from .log import best_epoch_summary, metric_summary, plot_learning_curve
 from .loop import NonFiniteLossError, TrainResult, epoch_loader, train
 from .loss import DEFAULT_WEIGHTS, loss_weights, validation_loss, weighted_loss
 from .prepare import check_dataset, fit_statistics
@@ -38,6 +38,7 @@ __all__ = [
     "RunFolder",
     "CHECKPOINT",
     "BEST_MODEL",
+    "best_epoch_summary",
     "metric_summary",
     "plot_learning_curve",
 ]

@@ -88,3 +88,14 @@ def metric_summary(m: dict) -> str:
     if m.get("born_charges_mae_e") is not None:
         parts.append(f"Z* MAE {m['born_charges_mae_e']:.3f} e")
     return ", ".join(parts)
+
+
+def best_epoch_summary(result) -> str:
+    """"best epoch K: <its metrics> (validation)" for a :class:`~cartlorem.training.TrainResult`, "(training set: no
+    validation set)" when the best model was selected on the training set (``result.best_metrics_on``); the summary
+    of ``cartlorem train`` and of the demo."""
+    return (
+        f"best epoch {result.best_epoch}: {metric_summary(result.best_metrics) or 'no validation yet'}"
+        + ((" (validation)" if result.best_metrics_on == "validation" else " (training set: no validation set)")
+           if result.best_metrics else "")
+    )
