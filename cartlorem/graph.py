@@ -154,7 +154,8 @@ def check_charge_state(numbers, total_charge: float, multiplicity: Optional[floa
     electrons = int(np.sum(np.asarray(numbers, dtype=np.int64))) - int(round(q))
     if electrons < 0:
         raise ValueError(f"{label}: total_charge {q:g} exceeds the nuclear charge {electrons + int(round(q))} "
-                         "(a negative number of electrons); check atoms.info['total_charge']")
+                         "(a negative number of electrons); check the total charge (atoms.info['total_charge'] or "
+                         "['charge'])")
     if m is None:
         return
     unpaired = int(round(m)) - 1

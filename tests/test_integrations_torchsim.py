@@ -108,6 +108,16 @@ def test_a_state_dict_is_a_state(model):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
+def test_a_total_charge_above_the_nuclear_charge_is_refused(model):
+    """atoms_to_graph refuses a negative electron count; the engines' graphs (torch-sim, LAMMPS) took H2 at +3."""
+    state = plain_state([Atoms("H2", positions=[[0, 0, 0], [0.74, 0, 0]])])
+    state.charge = torch.tensor([3.0])
+    with pytest.raises(ValueError, match=r"structure 0: total_charge 3 exceeds the nuclear charge 2"):
+        state_to_graph(state, model.cutoff)
+    state.charge = torch.tensor([-1.0])  # an anion is fine
+    assert float(state_to_graph(state, model.cutoff).total_charge[0]) == -1.0
+
+
 def test_state_to_graph_rejects_bad_states(model):
     good = plain_state([nacl(), nacl(seed=3)])
     with pytest.raises(ValueError, match="system_idx"):

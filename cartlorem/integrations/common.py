@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..graph import Graph, check_structure, neighbour_list
+from ..graph import Graph, check_charge_state, check_structure, neighbour_list
 
 __all__ = ["structures_to_graph"]
 
@@ -90,6 +90,7 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
             cells_np[b] = 0.0
         label = f"structure {b}"
         check_structure(pos_np[atoms_b], cells_np[b], pbc_np[b], label=label)
+        check_charge_state(z[atoms_b], charge[b], None, label=label)  # as atoms_to_graph: finite, electrons >= 0
         try:
             i, j, s = neighbour_list(pos_np[atoms_b], cells_np[b], pbc_np[b], cutoff)
         except ValueError as err:
