@@ -23,6 +23,7 @@ Batches for training are made by ``cartlorem.training`` (a DataLoader with ``gra
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 from .graph import Graph, atoms_to_graph, check_charge_state
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "attach_labels",
@@ -317,7 +320,9 @@ def read_dataset(
 
     Raises ValueError, naming the file and frame index, for a missing file, an empty dataset, a
     structure without a required label, NaN positions, overlapping atoms, a zero-volume cell or an
-    ``atoms.info`` dipole on a periodic structure or slab (a calculator's dipole there is ignored).
+    ``atoms.info`` dipole on a periodic structure or slab. A dipole among the calculator results of such a
+    structure is ignored, with one note (logger ``cartlorem.data``, INFO) naming the frames; ``ase.io.read`` puts an
+    extxyz ``dipole`` there, so in a file a periodic structure's dipole is always ignored, not an error.
     """
     keys = {"energy": energy_key, "forces": forces_key, "stress": stress_key}
     require = tuple(require)
@@ -335,7 +340,7 @@ def read_dataset(
         raise ValueError(f"no structures in {source!r}")
     check_charge_states(frames, source)
 
-    graphs = []
+    graphs, ignored = [], []
     for k, atoms in enumerate(frames):
         where = f"{source}, frame {k}"
         g = atoms_to_graph(atoms, cutoff, dtype=dtype, label=where)
@@ -344,10 +349,16 @@ def read_dataset(
             g = attach_charge_labels(g, atoms, dipole_key, born_charges_key)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
+        if dipole_key and bool(g.pbc.any()) and _charge_label_value(atoms, "dipole", dipole_key)[0] is not None:
+            ignored.append(k)  # a calculator's dipole of a periodic structure or slab (an info one raised above)
         for name in require:
             if not bool(getattr(g, f"has_{name}")[0]):
                 raise ValueError(_missing_label_message(frames, k, source, name, keys[name]))
         graphs.append(g)
+    if ignored:
+        shown = ", ".join(map(str, ignored[:10])) + (", ..." if len(ignored) > 10 else "")
+        _log.info("%s: the dipole among the calculator results of %d periodic structure(s) or slab(s) (frames %s) "
+                  "is not a label: the dipole is defined for open structures only", source, len(ignored), shown)
     return graphs
 
 

@@ -7,6 +7,7 @@ MAEs in ``cartlorem evaluate``. No tblite: synthetic labels, or the shipped ``be
 """
 
 import json
+import logging
 from pathlib import Path
 
 import ase.io
@@ -284,7 +285,7 @@ def test_training_on_born_charges_lowers_the_born_charge_error():
     assert after[10.0] < 0.6 * before and after[10.0] < 0.6 * after[0.0], (before, after)
 
 
-def test_a_calculator_dipole_of_a_periodic_structure_or_slab_is_ignored(tmp_path):
+def test_a_calculator_dipole_of_a_periodic_structure_or_slab_is_ignored(tmp_path, caplog):
     """DFT and xTB codes report a dipole for cells and slabs too, and ase.io.write stores it in extxyz, whence
     ase.io.read puts it among the calculator results: such data is read (the dipole left out, it is not defined
     there) rather than refused whole, for any dipole weight and model."""
@@ -300,7 +301,10 @@ def test_a_calculator_dipole_of_a_periodic_structure_or_slab_is_ignored(tmp_path
     ase.io.write(path, [crystal, slab, mol])
     assert all("dipole" in a.calc.results for a in ase.io.read(path, ":"))
     for key in ("dipole", "calc"):
-        graphs = read_dataset(path, 3.0, dipole_key=key)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="cartlorem.data"):
+            graphs = read_dataset(path, 3.0, dipole_key=key)
+        assert "2 periodic structure(s) or slab(s) (frames 0, 1) is not a label" in caplog.text  # said, once
         assert [g.has_dipole.item() for g in graphs] == [False, False, True]
         assert graphs[0].dipole.abs().sum() == 0 and np.allclose(graphs[2].dipole.numpy(), mol.calc.results["dipole"])
         assert [g.energy.item() for g in graphs] == [-10.0, -9.0, 0.0]
