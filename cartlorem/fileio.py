@@ -47,12 +47,15 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     path = os.fspath(path)
     target = os.path.realpath(path)  # through symbolic links, as open() writes
     folder = os.path.dirname(target)
-    os.makedirs(folder, exist_ok=True)
     try:
-        mode = stat.S_IMODE(os.stat(target).st_mode) & 0o777  # kept, as open(path, "w") keeps them
-    except FileNotFoundError:
-        mode = default_file_mode()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(target)[1], dir=folder)
+        os.makedirs(folder, exist_ok=True)
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode) & 0o777  # kept, as open(path, "w") keeps them
+        except FileNotFoundError:
+            mode = default_file_mode()
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(target)[1], dir=folder)
+    except OSError as err:  # a link loop (ELOOP), a folder that cannot be made or written, ...: named as a write's
+        raise WriteError(err.errno, err.strerror, path) from err
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

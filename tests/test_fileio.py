@@ -3,6 +3,8 @@
 import os
 import stat
 
+import pytest
+
 from cartlorem import fileio
 
 
@@ -59,6 +61,17 @@ def test_atomic_write_writes_through_a_symbolic_link(tmp_path):
     assert real.read_bytes() == b"new"
     assert os.listdir(tmp_path / "store") == ["model.pt"]  # no temporary file left
     assert sorted(os.listdir(tmp_path)) == ["model.pt", "store"]
+
+
+def test_atomic_write_names_a_link_loop_as_a_write_error(tmp_path):
+    """A symbolic-link loop (or a folder that cannot be made) escaped as a bare OSError from the mode lookup, not the
+    WriteError naming the file that every other failed write raises."""
+    loop = tmp_path / "a.json"
+    loop.symlink_to(tmp_path / "b.json")
+    (tmp_path / "b.json").symlink_to(loop)
+    with pytest.raises(fileio.WriteError) as info:
+        fileio.atomic_write_text(loop, "{}")
+    assert info.value.filename == str(loop) and info.value.strerror
 
 
 def test_atomic_write_keeps_the_permissions_of_an_existing_file(tmp_path):
