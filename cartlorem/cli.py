@@ -115,7 +115,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _print_summary(result) -> None:
     from .training import best_epoch_summary
 

@@ -60,12 +60,11 @@ def run_demo(
     import ase.io
 
     from .calculator import CartLoremCalculator
-    from .training import best_epoch_summary
     from .data import read_dataset, split
     from .evaluate import format_table, metrics, metrics_json, parity_plot, predict
     from .md import run_nve, write_md_csv
     from .model import CartLorem
-    from .training import train
+    from .training import best_epoch_summary, train
 
     if epochs < 1 or md_steps < 1 or not max_time > 0:
         raise ValueError("--epochs, --md-steps and --max-time must be positive")

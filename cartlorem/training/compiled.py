@@ -212,7 +212,7 @@ class CompiledLossGradient:
         # None, as in the eager step, so that Adam skips it (a zero gradient would still move it by its momentum).
         # Those are the parameters whose gradient is exactly zero, but for the charge-state conditioning, which
         # the energy always depends on and whose gradient is exactly zero on a batch of neutral singlets (its
-        # input is 0 there): autograd gives it zeros, and Adam moves it by its momentum, in the eager step too
+        # input is 0 there): autograd gives it zeros, and Adam moves it by its momentum, in the eager step too.
         # A batch (or this process's part of one) with no labelled item of any weighted term: no gradient at all, as
         # the eager step takes no backward pass there (the conditioning's zeros would otherwise move it by Adam's
         # momentum)
