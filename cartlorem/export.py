@@ -402,19 +402,30 @@ class ExportedCartLorem(nn.Module):
         the learned multipoles, "charges" [N] (e), "dipoles" [N, 3], "quadrupoles" [N, 3, 3]. Differentiable
         in positions and cell (as CartLorem.energy). ``multiplicity`` [B] (2s + 1, None: singlets) is used by
         models with charge-state conditioning only."""
+        self._check_batch(batch, cell.shape[0])
+        return self._energy(positions, species, cell, pbc, edge_index, edge_shift, batch, total_charge, multiplicity)
+
+    def _energy(self, positions: torch.Tensor, species: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                edge_index: torch.Tensor, edge_shift: torch.Tensor, batch: torch.Tensor,
+                total_charge: torch.Tensor, multiplicity: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """:meth:`energy` of a ``batch`` already checked (:meth:`_check_batch`)."""
         z = self.species_index(species)
         n_struct = cell.shape[0]
-        self._check_batch(batch, n_struct)
-        if not bool(torch.isfinite(positions).all() & torch.isfinite(cell).all() & torch.isfinite(edge_shift).all()):
-            raise ValueError("positions, cell or edge_shift contain NaN or inf")
         i, j = edge_index[0], edge_index[1]
         shifts = torch.einsum("ek,ekx->ex", edge_shift.to(positions.dtype), cell[batch[i]])
         vec = positions[j] - positions[i] + shifts  # r_ij [E, 3]
         r = torch.linalg.vector_norm(vec, dim=-1)
-        if r.numel() > 0:  # as cartlorem.graph and the calculator: overlapping atoms are an error, not a NaN energy
+        # NaN or inf inputs, and (as cartlorem.graph and the calculator) overlapping atoms: errors, not a NaN energy;
+        # one host sync when all is well
+        finite = torch.isfinite(positions).all() & torch.isfinite(cell).all() & torch.isfinite(edge_shift).all()
+        bad = ~finite
+        if r.numel() > 0:
+            bad = bad | (r.detach().min() < self.min_distance)
+        if bool(bad):
+            if not bool(finite):
+                raise ValueError("positions, cell or edge_shift contain NaN or inf")
             k = int(torch.argmin(r.detach()))
-            if float(r[k]) < self.min_distance:
-                raise ValueError(f"atoms {int(i[k])} and {int(j[k])} are {float(r[k])} Å apart (overlapping atoms)")
+            raise ValueError(f"atoms {int(i[k])} and {int(j[k])} are {float(r[k])} Å apart (overlapping atoms)")
         unit = vec / r[:, None]
         radial = self.radial_basis(r)
         envelope = self.envelope(r)
@@ -476,7 +487,8 @@ class ExportedCartLorem(nn.Module):
             cell_s = cell + cell @ strain
         else:
             positions_s, cell_s = positions, cell
-        out = self.energy(positions_s, species, cell_s, pbc, edge_index, edge_shift, batch, total_charge, multiplicity)
+        out = self._energy(positions_s, species, cell_s, pbc, edge_index, edge_shift, batch, total_charge,
+                           multiplicity)
         wrt: List[torch.Tensor] = []
         if compute_forces:
             wrt.append(positions)
