@@ -50,6 +50,11 @@ from .graph import _MIN_DISTANCE, Graph, atoms_to_graph
 __all__ = ["CartLoremCalculator"]
 
 
+def _same_field(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
+    """Whether two electric fields (arrays, or None: no field) are the same."""
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
 class CartLoremCalculator(Calculator):
     """ASE calculator: energy, free_energy, energies, forces, stress (fully periodic cells); for long-range models
     also per-atom ``charges`` (e). Per-atom dipoles, quadrupoles and the long-range energy are in
@@ -150,8 +155,7 @@ class CartLoremCalculator(Calculator):
                 field = np.full(0, np.nan)
             if field.shape != (3,) or not np.all(np.isfinite(field)):
                 raise ValueError(f"electric_field must be 3 finite numbers (V/Å), got {value!r}")
-        same = (field is None and self._field is None) or (
-            field is not None and self._field is not None and np.array_equal(field, self._field))
+        same = _same_field(field, self._field)
         self._field = field
         if not same:
             self.reset()
@@ -166,7 +170,7 @@ class CartLoremCalculator(Calculator):
             return {}
         before = self._field
         self.electric_field = kwargs["electric_field"]
-        if (before is None) == (self._field is None) and (before is None or np.array_equal(before, self._field)):
+        if _same_field(before, self._field):
             return {}
         return {"electric_field": self.electric_field}
 
