@@ -143,10 +143,11 @@ def _species_of(graphs) -> set:
     return {int(z) for g in graphs for z in g.species.unique().tolist()}
 
 
-def _check_valid_species(cfg: Config, train_graphs, valid_graphs) -> None:
-    """ValueError naming the elements of the validation set that no training structure has: the model would
-    know them (with a reference energy fitted on the training set alone: 0 eV) but never be trained on them."""
-    only = sorted(_species_of(valid_graphs) - _species_of(train_graphs))
+def _check_valid_species(cfg: Config, trained: set, valid_graphs) -> None:
+    """ValueError naming the elements of the validation set that no training structure has (``trained``: the
+    training set's): the model would know them (with a reference energy fitted on the training set alone: 0 eV) but
+    never be trained on them."""
+    only = sorted(_species_of(valid_graphs) - trained)
     if not only:
         return
     names = ", ".join(_symbols(only))
@@ -182,8 +183,9 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         train_graphs, valid_graphs = [graphs[k] for k in tr], [graphs[k] for k in va]
     else:
         train_graphs, valid_graphs = graphs, []
-    _check_valid_species(cfg, train_graphs, valid_graphs)
-    present = sorted({int(z) for g in train_graphs + valid_graphs for z in g.species.unique().tolist()})
+    present = _species_of(train_graphs)
+    _check_valid_species(cfg, present, valid_graphs)
+    present = sorted(present)  # the validation set's too, checked above
     species = cfg.species or present
     missing = sorted(set(present) - set(species))
     if missing:
