@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from .graph import _MIN_DISTANCE, Graph, atoms_to_graph
+from .graph import _MIN_DISTANCE, Graph, atoms_to_graph, home_cell_offsets
 
 __all__ = ["CartLoremCalculator"]
 
@@ -215,11 +215,7 @@ class CartLoremCalculator(Calculator):
     def _offsets(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What to subtract from the positions: ([N, 3] Å, whole lattice vectors per atom along the periodic
         directions, to the home cell; [3] Å, when a direction is open the centroid of the rest, a global shift)."""
-        lattice_part, shift = np.zeros_like(positions), np.zeros(3)
-        if np.any(pbc):
-            lattice = cell[pbc]  # [P, 3] periodic lattice vectors
-            frac = positions @ np.linalg.pinv(lattice)  # [N, P]
-            lattice_part = np.floor(frac) @ lattice
+        lattice_part, shift = home_cell_offsets(positions, cell, pbc), np.zeros(3)
         if not np.all(pbc):
             shift = (positions - lattice_part).mean(axis=0)
         return lattice_part, shift
@@ -259,7 +255,7 @@ class CartLoremCalculator(Calculator):
         shifted = atoms.copy()
         shifted.arrays["positions"] = positions - lattice_part - shift
         g = atoms_to_graph(shifted, self.model.cutoff + self.skin, dtype=self.model.dtype,
-                           label=atoms.get_chemical_formula() or "structure")
+                           label=atoms.get_chemical_formula() or "structure", wrap=False)  # wrapped just above
         self._nl_key, self._nl_graph, self._nl_positions = key, g, positions.copy()
         self._nl_lattice, self._nl_shift = lattice_part, shift
         return g

@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Graph", "atoms_to_graph", "collate", "neighbour_list", "check_structure", "check_charge_state"]
+__all__ = ["Graph", "atoms_to_graph", "collate", "neighbour_list", "check_structure", "check_charge_state",
+           "home_cell_offsets"]
 
 _MIN_DISTANCE = 0.1  # Å: two atoms (or an atom and an image) closer than this are a user error
 
@@ -194,7 +195,22 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     return i.astype(np.int64), j.astype(np.int64), s.astype(np.int64)
 
 
-def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional[str] = None) -> Graph:
+def home_cell_offsets(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """Whole lattice vectors that take each atom into its home cell along the periodic cell rows: [N, 3] Å,
+    float64, zeros for open structures. Afterwards the position's fractional coordinates along those rows (of its
+    component in their span) are in [0, 1): ASE's ``wrap`` for a fully periodic cell, and for a slab whose open
+    row is normal to the plane.
+    Subtracting them changes no energy, force or stress, and fixes the lattice image of each position, which
+    the charge-transfer part of the Born charges depends on."""
+    positions, pbc = np.asarray(positions, dtype=np.float64), np.asarray(pbc, dtype=bool)
+    if not np.any(pbc):
+        return np.zeros_like(positions)
+    lattice = np.asarray(cell, dtype=np.float64)[pbc]  # [P, 3] periodic lattice vectors
+    return np.floor(positions @ np.linalg.pinv(lattice)) @ lattice
+
+
+def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional[str] = None,
+                   wrap: bool = True) -> Graph:
     """One ``ase.Atoms`` → :class:`Graph` (B = 1) with edges within ``cutoff`` Å, without labels
     (``cartlorem.data.read_dataset`` attaches those). ``label`` names the structure in error
     messages (default: its chemical formula).
@@ -203,6 +219,11 @@ def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional
     ``atoms.info["multiplicity"]`` (2s + 1, default 1). An integer total charge may not exceed the nuclear
     charge, and a multiplicity that is given must match the electron count (:func:`check_charge_state`;
     ValueError naming the structure otherwise).
+
+    Positions along periodic directions are taken in their home cell (:func:`home_cell_offsets`, in float64
+    before any cast), as the ASE calculator takes them: the same lattice images, so the same Born charges, in
+    training, evaluation and MD, and float32 graphs of unwrapped trajectories keep their resolution.
+    ``wrap=False`` keeps the positions as given (for callers that chose the images themselves).
     """
     positions = np.asarray(atoms.get_positions(), dtype=np.float64)
     pbc = np.asarray(atoms.get_pbc(), dtype=bool)
@@ -211,6 +232,8 @@ def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional
         cell = np.zeros((3, 3))
     label = label or atoms.get_chemical_formula() or "structure"
     check_structure(positions, cell, pbc, label=label)
+    if wrap:
+        positions = positions - home_cell_offsets(positions, cell, pbc)
     charge = atoms.info.get("total_charge", atoms.info.get("charge", 0.0))
     multiplicity = atoms.info.get("multiplicity", None)  # absent: 1, not checked against the electrons
     try:

@@ -299,6 +299,32 @@ def test_calculator_images_of_a_reused_list_are_those_of_a_new_one(ask):
     assert np.allclose(result(atoms, calc), fresh, atol=1e-10)
 
 
+def test_born_charges_of_a_dataset_are_those_of_the_calculator(tmp_path):
+    """Z* of a periodic cell depends on the lattice image each position is taken in. A structure read from a file
+    with atoms outside the cell (an unwrapped trajectory frame) gets, in training and evaluation, the Z* the ASE
+    calculator gives it (the home cell), and the same as its wrapped copy."""
+    from ase.io import write
+
+    from cartlorem.data import read_dataset
+
+    model = lr_model("multipole", (11, 17), long_range_options={"charge_correction": None})
+    atoms = nacl_crystal()
+    atoms.positions[[0, 3]] += atoms.cell.array[0] * 2 - atoms.cell.array[2]  # the same crystal, two atoms moved out
+    atoms.positions[5] -= atoms.cell.array[1]
+    write(tmp_path / "frame.xyz", atoms)
+    graph = read_dataset(tmp_path / "frame.xyz", model.cutoff, energy_key=None, forces_key=None, stress_key=None,
+                         require=())[0]
+    from_data = model(graph, compute_born_charges=True)["born_charges"].detach().numpy()
+    from_calc = cartlorem.CartLoremCalculator(model).get_extra("born_charges", atoms.copy())
+    wrapped = atoms.copy()
+    wrapped.wrap()
+    from_wrapped = model(atoms_to_graph(wrapped, model.cutoff), compute_born_charges=True)["born_charges"]
+    assert np.allclose(from_data, from_calc, atol=1e-6)  # extxyz keeps 8 decimals of the positions
+    assert np.allclose(from_data, from_wrapped.detach().numpy(), atol=1e-6)
+    raw = model(atoms_to_graph(atoms, model.cutoff, wrap=False), compute_born_charges=True)["born_charges"]
+    assert not np.allclose(from_data, raw.detach().numpy(), atol=1e-4)  # the images do matter
+
+
 def test_calculator_field_is_a_parameter():
     """``calc.set(electric_field=...)`` and assigning ``calc.electric_field`` change the field and drop the old
     results; an unknown argument (a misspelled electric_field) is an error, not an ASE parameter left unused."""

@@ -48,10 +48,18 @@ def test_neighbour_list_matches_ase(structure):
     i, j, s = neighbour_list(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
     assert i.dtype == j.dtype == s.dtype == np.int64
     ref = _ase_edges(atoms, cutoff)
-    g = atoms_to_graph(atoms, cutoff)
-    d = g.edge_vectors().norm(dim=1).numpy()
-    ours = _edges(g.edge_index[0], g.edge_index[1], g.edge_shift.numpy().round(), d)
+    d = np.linalg.norm(atoms.positions[j] - atoms.positions[i] + s @ atoms.cell.array, axis=1)
+    ours = _edges(i, j, s, d)
     assert len(ref) > 0
+    assert set(ours) == set(ref)
+    for key, r in ref.items():
+        assert ours[key] == pytest.approx(r, abs=1e-10)
+    # the graph takes the atoms in their home cell: ASE's list of those positions
+    g = atoms_to_graph(atoms, cutoff)
+    home = atoms.copy()
+    home.positions = g.positions.numpy()
+    ref = _ase_edges(home, cutoff)
+    ours = _edges(g.edge_index[0], g.edge_index[1], g.edge_shift.numpy().round(), g.edge_vectors().norm(dim=1).numpy())
     assert set(ours) == set(ref)
     for key, r in ref.items():
         assert ours[key] == pytest.approx(r, abs=1e-10)
@@ -69,7 +77,7 @@ def test_many_images_when_cutoff_exceeds_cell(make_crystal):
 @pytest.mark.parametrize("structure", ["triclinic-1", "slab-TTF", "open"], indirect=True)
 def test_edge_vectors_match_ase(structure):
     atoms, cutoff = structure
-    g = atoms_to_graph(atoms, cutoff)
+    g = atoms_to_graph(atoms, cutoff, wrap=False)  # the positions as given (wrapping: the test below)
     i, j, S, D = primitive_neighbor_list("ijSD", atoms.pbc, atoms.cell.array, atoms.positions, cutoff)
     ref = {(int(a), int(b), *map(int, s)): v for a, b, s, v in zip(i, j, S, D)}
     vec = g.edge_vectors().numpy()
@@ -115,6 +123,42 @@ def test_atoms_to_graph_fields(make_crystal):
     gm = atoms_to_graph(mol, 3.0)
     assert gm.cell.abs().sum() == 0 and gm.edge_shift.abs().sum() == 0
     assert gm.edge_index.shape[1] == 6
+
+
+@pytest.mark.parametrize("pbc", [True, (True, True, False), (False, True, True)])
+def test_periodic_positions_are_taken_in_their_home_cell(make_crystal, pbc):
+    """atoms_to_graph takes each atom into its home cell along the periodic rows (fractional coordinates in [0, 1)
+    there, as ASE's wrap for a fully periodic cell), whatever image it was given in; nothing moves along open
+    directions."""
+    atoms = make_crystal(seed=11, n_atoms=8, pbc=pbc)
+    g = atoms_to_graph(atoms, 4.0)
+    periodic = atoms.cell.array[atoms.pbc]
+    moved_by = np.linalg.lstsq(periodic.T, (atoms.positions - g.positions.numpy()).T, rcond=None)[0]
+    np.testing.assert_allclose(moved_by, moved_by.round(), atol=1e-9)  # whole periodic lattice vectors
+    assert np.abs(moved_by).max() >= 1  # make_crystal put some atoms in other images
+    frac = g.positions.numpy() @ np.linalg.pinv(periodic)
+    assert frac.min() >= 0.0 and frac.max() < 1.0
+    if all(atoms.pbc):
+        home = atoms.copy()
+        home.wrap(eps=0.0)
+        np.testing.assert_allclose(g.positions.numpy(), home.positions, atol=1e-12)
+    moved = atoms.copy()
+    moved.positions += (np.random.default_rng(0).integers(-3, 4, size=(len(atoms), 3)) * atoms.pbc) @ atoms.cell.array
+    gm = atoms_to_graph(moved, 4.0)
+    np.testing.assert_allclose(gm.positions.numpy(), g.positions.numpy(), atol=1e-10)
+    assert torch.equal(gm.edge_index, g.edge_index) and torch.equal(gm.edge_shift, g.edge_shift)
+    np.testing.assert_allclose(atoms_to_graph(atoms, 4.0, wrap=False).positions.numpy(), atoms.positions)
+
+
+def test_float32_graph_of_an_unwrapped_frame_keeps_its_resolution(make_crystal):
+    """A frame of an unwrapped trajectory 1000 cells from the origin: its float32 graph's edge vectors are those
+    of the float64 graph to float32 rounding of the home-cell positions, not of positions ~4000 Å out."""
+    atoms = make_crystal(seed=12)
+    ref = atoms_to_graph(atoms, 4.0).edge_vectors()
+    far = atoms.copy()
+    far.positions += 1000 * atoms.cell.array.sum(0)
+    vec = atoms_to_graph(far, 4.0, dtype=torch.float32).edge_vectors().double()
+    assert (vec - ref).abs().max() < 5e-6
 
 
 def test_collate_is_concatenation(make_crystal, make_molecule):
