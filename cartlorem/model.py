@@ -25,7 +25,7 @@ from torch import nn
 
 from .fileio import atomic_torch_save
 from .forces import with_derivatives
-from .graph import Graph
+from .graph import _MIN_DISTANCE, Graph
 from .nn.blocks import BodyOrderProduct, Interaction, SpeciesLinear
 from .nn.conditioning import ChargeStateConditioning
 from .nn.radial import BesselBasis, PolynomialEnvelope
@@ -511,9 +511,10 @@ class CartLorem(nn.Module):
     def _check_values(self, graph: Graph) -> None:
         """ValueError for NaN or inf in the positions, cells, edge shifts or total charges of ``graph`` (each of them
         makes every energy NaN: the cell enters every edge vector as shift @ cell), or, for a charge-state model, a
-        multiplicity that is not a finite number >= 1; before that, for tensors of the wrong shape or type, or edges
-        and atoms that point past the atoms and structures there are (otherwise an IndexError deep inside, or a wrong
-        result). One device synchronisation when all is well."""
+        multiplicity that is not a finite number >= 1, or atoms closer than 0.1 Å (an edge of length 0 makes its unit
+        vector NaN); before that, for tensors of the wrong shape or type, or edges and atoms that point past the atoms
+        and structures there are (otherwise an IndexError deep inside, or a wrong result). One device synchronisation
+        when all is well."""
         self._check_layout(graph)
         ok = torch.isfinite(graph.positions).all() & torch.isfinite(graph.cell).all()
         ok = ok & torch.isfinite(graph.total_charge).all() & torch.isfinite(graph.edge_shift).all()
@@ -523,8 +524,17 @@ class CartLorem(nn.Module):
         n_atoms, n_struct = graph.positions.shape[0], graph.cell.shape[0]
         if graph.batch.numel():
             ok = ok & (graph.batch.min() >= 0) & (graph.batch.max() < n_struct)
+        shortest = None
         if graph.edge_index.numel():
             ok = ok & (graph.edge_index.min() >= 0) & (graph.edge_index.max() < n_atoms)
+            # overlapping atoms (an edge of length ~0 is a 0/0 in the edge's direction: NaN, not an error), as
+            # atoms_to_graph, the calculator and the exported model refuse them; indices clamped, checked above
+            with torch.no_grad():
+                i, j = graph.edge_index.clamp(0, max(n_atoms - 1, 0))
+                k = graph.batch.clamp(0, max(n_struct - 1, 0))[i]
+                vec = graph.positions[j] - graph.positions[i] + (graph.edge_shift[:, :, None] * graph.cell[k]).sum(1)
+                shortest = (vec * vec).sum(-1).min()
+            ok = ok & ~(shortest < _MIN_DISTANCE**2)  # NaN: the checks below name it
         if bool(ok):
             return
         for name, index, size in (("batch", graph.batch, n_struct), ("edge_index", graph.edge_index, n_atoms)):
@@ -543,6 +553,13 @@ class CartLorem(nn.Module):
             k = int(bad.nonzero()[0])
             raise ValueError(f"graph.edge_shift contains NaN or inf ({int(bad.sum())} of {bad.numel()} edges; "
                              f"edge {k}, atoms {graph.edge_index[:, k].tolist()}: {graph.edge_shift[k].tolist()})")
+        if shortest is not None and bool(shortest < _MIN_DISTANCE**2):
+            d = (vec * vec).sum(-1)
+            e = int(d.argmin())
+            a, b = graph.edge_index[:, e].tolist()
+            what = (f"atoms {a} and {b} are" if a != b else
+                    f"edge {e} joins atom {a} to itself (edge_shift {graph.edge_shift[e].tolist()}),")
+            raise ValueError(f"{what} {float(d[e]) ** 0.5:.2e} Å apart (overlapping atoms)")
         assert multiplicity is not None
         k = int((~(torch.isfinite(multiplicity) & (multiplicity >= 1))).nonzero()[0])
         raise ValueError(f"the multiplicity (2S + 1) of structure {k} must be a finite number >= 1, "

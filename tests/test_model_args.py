@@ -51,6 +51,23 @@ def test_non_finite_edge_shift_is_refused(long_range, value):
         model(graph.replace(edge_shift=shift))
 
 
+@pytest.mark.parametrize("long_range", [None, "multipole"])
+def test_overlapping_atoms_of_a_graph_are_refused(long_range):
+    """A graph built by hand (or moved after atoms_to_graph) with two atoms on top of each other gave a NaN energy and
+    NaN forces without a word; atoms_to_graph, the calculator and the exported model refuse such atoms."""
+    model = _model(long_range=long_range)
+    graph = _methanol()
+    positions = graph.positions.clone()
+    positions[5] = positions[1] + 0.03  # an H 0.05 Å from the O
+    with pytest.raises(ValueError, match=r"atoms (1 and 5|5 and 1) are 5.20e-02 Å apart \(overlapping atoms\)"):
+        model(graph.replace(positions=positions))
+    self_edge = torch.cat([graph.edge_index, torch.tensor([[2], [2]])], dim=1)
+    shift = torch.cat([graph.edge_shift, graph.edge_shift.new_zeros(1, 3)])
+    with pytest.raises(ValueError, match=r"edge \d+ joins atom 2 to itself \(edge_shift \[0.0, 0.0, 0.0\]\), 0.00e\+00"):
+        model(graph.replace(edge_index=self_edge, edge_shift=shift))
+    model(graph.replace(positions=positions.detach().clone().index_fill_(0, torch.tensor([5]), 9.0)))  # far: fine
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])
 def test_small_integer_index_tensors_work(dtype):
     """int8/int16/uint8 species, batch and edge_index passed the layout check, then failed inside with an IndexError
