@@ -263,7 +263,7 @@ class BodyOrderProduct(nn.Module):
         Y: Features = [None, None, None]
         u = self.first[species]  # [N, R, C]
         for uk, l in zip(u.unbind(1), self.first_ranks):
-            Y[l] = uk.reshape([uk.shape[0], -1] + [1] * l) * _present(A[l])
+            Y[l] = uk.reshape(list(uk.shape) + [1] * l) * _present(A[l])
         stage = 0
         for path_weights, linear_weights in zip(self.path_weights, self.linear_weights):
             paths = self.stage_paths[stage]
@@ -274,11 +274,11 @@ class BodyOrderProduct(nn.Module):
             new: Features = [None, None, None]
             for wk, path in zip(w.unbind(1), paths):
                 l1, l2, l3 = path
-                term = wk.reshape([wk.shape[0], -1] + [1] * l3) * product(_present(Y[l1]), l1, _present(A[l2]), l2, l3)
+                term = wk.reshape(list(wk.shape) + [1] * l3) * product(_present(Y[l1]), l1, _present(A[l2]), l2, l3)
                 acc = new[l3]
                 new[l3] = term if acc is None else acc + term
             for lk, l in zip(lin.unbind(1), targets):
-                term = lk.reshape([lk.shape[0], -1] + [1] * l) * _present(A[l])
+                term = lk.reshape(list(lk.shape) + [1] * l) * _present(A[l])
                 acc = new[l]
                 new[l] = term if acc is None else acc + term
             Y = new
@@ -300,7 +300,7 @@ class BodyOrderProduct(nn.Module):
         Y: Features = [None, None, None]
         u = self.first.index_select(0, species)  # [N, R, C]
         for uk, l in zip(u.unbind(1), self.first_ranks):
-            Y[l] = uk.reshape([uk.shape[0], -1] + [1] * l) * _present(A[l])
+            Y[l] = uk.reshape(list(uk.shape) + [1] * l) * _present(A[l])
         for stage, (path_weights, linear_weights) in enumerate(zip(self.path_weights, self.linear_weights)):
             last = stage == len(self.stage_paths) - 1
             targets = self.l_out if last else self.l_in
@@ -409,9 +409,9 @@ class SpeciesLinear(nn.Module):
                 out[l] = mix_channels(x, weight[0], l)
                 continue
             N, C = x.shape[0], x.shape[1]
-            xm = x.reshape(N, C, -1).transpose(1, 2).reshape(1, -1, C)  # [1, N·3^l, C_in], components before channels
+            xm = x.reshape(N, C, 3**l).transpose(1, 2).reshape(1, N * 3**l, C)  # [1, N·3^l, C_in], components before channels
             y = torch.matmul(xm, weight)  # [S, N·3^l, C_out]
-            y = y.view(S, N, -1, self.out_channels)
+            y = y.view(S, N, 3**l, self.out_channels)
             y = (y * onehot.to(y.dtype)[:, :, None, None]).sum(0)  # [N, 3^l, C_out]: each node's own species
             out[l] = y.transpose(1, 2).reshape([N, self.out_channels] + list(x.shape[2:]))
         return out

@@ -15,8 +15,9 @@ its vector-Jacobian product and accumulates the input gradients. Peak memory is 
 
 The backward pass is itself differentiable: under ``create_graph=True`` (training on forces) the
 recomputation is recorded against the original inputs, so double backward works (checked with
-gradgradcheck in tests/test_memory.py). The sums are bit-identical to one unchunked ``index_add_``
-(the edges are added in the same order); gradients agree to rounding.
+gradgradcheck in tests/test_memory.py). The sums equal one unchunked ``index_add_`` to rounding
+(bit for bit when the message is elementwise in the edges: they are added in the same order, but a GEMM
+over a chunk may round differently from one over all edges); gradients agree to rounding.
 """
 
 from __future__ import annotations

@@ -385,11 +385,14 @@ def _compiled(kernel, h, n, weights, l_out):
     try:
         return fn(h, n, weights, l_out)
     except Exception as exc:  # compiler missing or failing: eager is always correct
-        import warnings
+        failure = exc
+    # bad inputs fail eagerly too: their error, and compilation stays on for the calls that follow
+    out = kernel(h, n, weights, l_out)
+    import warnings
 
-        warnings.warn(f"torch.compile of the message kernel failed ({type(exc).__name__}: {exc}); using eager")
-        _COMPILED[key] = kernel
-        return kernel(h, n, weights, l_out)
+    warnings.warn(f"torch.compile of the message kernel failed ({type(failure).__name__}: {failure}); using eager")
+    _COMPILED[key] = kernel
+    return out
 
 
 def compiled_weighted_edge_product(h, n, weights, l_out=(0, 1, 2)):
