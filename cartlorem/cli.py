@@ -45,7 +45,7 @@ class _HelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         if (
             "default" not in text
-            and action.default not in (None, argparse.SUPPRESS, True, False)
+            and not (action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool))
             and action.option_strings
         ):
             text += " (default: %(default)s)"

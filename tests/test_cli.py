@@ -253,6 +253,10 @@ def test_help_texts_say_what_flags_do(capsys):
         assert "(default: None)" not in text, command
         for option in text.split(" --"):  # one default per option's help
             assert option.count("(default:") <= 1, (command, option)
+    # defaults of 0 and 1 are shown too (they compared equal to False / True and were left out)
+    code, out, _ = run(capsys, "demo", "--help")
+    text = " ".join(out.split())
+    assert "--seed SEED random seed (default: 0)" in text and "model) (default: 1)" in text
 
 
 def test_config_python_yaml_and_flags_agree(files, tmp_path):
