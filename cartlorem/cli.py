@@ -149,8 +149,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else model.dtype
     model = model.to(device=device, dtype=dtype)
-    keys = dict(energy_key=args.energy_key, forces_key=args.forces_key, stress_key=args.stress_key,
-                dipole_key=args.dipole_key, born_charges_key=args.born_charges_key)
+    keys = _evaluate_label_keys(args)
     graphs = read_dataset(args.data, model.cutoff, **keys, require=(), dtype=dtype)
     preds = predict(model, graphs, batch_size=args.batch_size, progress=args.progress)
     m = metrics(preds)
@@ -179,6 +178,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             logging.getLogger(_LOGGER).warning("matplotlib is not installed; no parity plot")
     return 0
+
+
+_LABEL_KEYS = {"energy_key": "calc", "forces_key": "calc", "stress_key": "calc", "dipole_key": "dipole",
+               "born_charges_key": "born_charges"}
+
+
+def _evaluate_label_keys(args: argparse.Namespace) -> dict:
+    """The label keys of ``cartlorem evaluate``: each flag given, else the key the model's run trained with (the
+    config.yaml that ``cartlorem train`` writes beside model.pt), else the default; says which came from the run."""
+    from .config import parse_label_key
+
+    given = {name: getattr(args, name) for name in _LABEL_KEYS if getattr(args, name) is not None}
+    run_config, trained = Path(args.model).parent / "config.yaml", {}
+    if len(given) < len(_LABEL_KEYS) and run_config.is_file():
+        import yaml
+
+        try:
+            written = yaml.safe_load(run_config.read_text())
+            # a config of this model's run: it names the keys; anything else (no mapping, no keys) is not one
+            if isinstance(written, dict) and "energy_key" in written and "forces_key" in written:
+                trained = {name: parse_label_key(written[name]) for name in _LABEL_KEYS if name in written}
+        except (yaml.YAMLError, OSError, UnicodeDecodeError, ValueError):
+            trained = {}
+    keys = {name: parse_label_key(given[name]) if name in given else trained.get(name, default)
+            for name, default in _LABEL_KEYS.items()}
+    from_run = {name: keys[name] for name in _LABEL_KEYS if name not in given and name in trained
+                and trained[name] != _LABEL_KEYS[name]}
+    if from_run:
+        shown = ", ".join(f"--{name.replace('_', '-')} {value if value else 'none'}" for name, value in from_run.items())
+        print(f"label keys of the run that trained the model ({run_config}): {shown}")
+    return keys
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -229,7 +259,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import add_flags, parse_float, parse_int, parse_label_key
+    from .config import add_flags, parse_float, parse_int
 
     p = argparse.ArgumentParser(
         prog="cartlorem",
@@ -263,14 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--predictions", metavar="PRED.npz", help="also write per-structure predictions (npz)")
     e.add_argument("--parity", metavar="PARITY.png", help="also write energy/force parity plots")
     e.add_argument("--batch-size", type=parse_int, default=16, metavar="N", help="structures per batch")
+    trained = " (default: the key the model was trained with, read from the config.yaml of its run, else '{}')"
     for name, where in (("energy", "an info key"), ("forces", "an arrays key"), ("stress", "an info key")):
-        e.add_argument(f"--{name}-key", type=parse_label_key, default="calc", metavar="KEY",
-                       help=f"{name} label: 'calc' (ASE results), {where} or 'none'")
-    e.add_argument("--dipole-key", type=parse_label_key, default="dipole", metavar="KEY",
-                   help="molecular dipole label (e·Å): an info key, 'calc' (ASE results) or 'none'")
-    e.add_argument("--born-charges-key", type=parse_label_key, default="born_charges", metavar="KEY",
+        e.add_argument(f"--{name}-key", default=None, metavar="KEY",
+                       help=f"{name} label: 'calc' (ASE results), {where} or 'none'" + trained.format("calc"))
+    e.add_argument("--dipole-key", default=None, metavar="KEY",
+                   help="molecular dipole label (e·Å): an info key, 'calc' (ASE results) or 'none'"
+                   + trained.format("dipole"))
+    e.add_argument("--born-charges-key", default=None, metavar="KEY",
                    help="Born effective charge label ([N, 9], e): an arrays key, 'calc' (ASE's "
-                        "born_effective_charges) or 'none'")
+                        "born_effective_charges) or 'none'" + trained.format("born_charges"))
     e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.add_argument("--dtype", choices=["float32", "float64"], default=None, help="precision (default: the model's)")
     e.add_argument("--threads", type=parse_int, default=None, metavar="N",

@@ -455,3 +455,41 @@ def test_export_to_a_folder_or_a_new_folder(tmp_path, capsys):
     assert code == 0, err
     assert [p.name for p in nested.parent.iterdir()] == ["exported.pt"]
     assert torch.jit.load(str(nested)) is not None
+
+
+def test_evaluate_reads_labels_with_the_keys_the_model_was_trained_with(files, tmp_path, capsys):
+    """A model trained with --energy-key / --forces-key was evaluated with the default keys ('calc'), found no labels
+    and scored nothing; now evaluate takes the keys of the run's config.yaml unless flags say otherwise."""
+    def renamed(frames):
+        for a in frames:
+            a.info["REF_energy"] = a.get_potential_energy()
+            a.arrays["REF_forces"] = a.get_forces()
+            a.calc = None
+        return frames
+
+    ase.io.write(tmp_path / "train.xyz", renamed(emt_frames(12, seed=0, periodic_every=100)))
+    ase.io.write(tmp_path / "test.xyz", renamed(emt_frames(5, seed=1, periodic_every=100)))
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--train", tmp_path / "train.xyz", "--config", files / "tiny.yaml", "--out",
+                       run_dir, "--epochs", 1, "--energy-key", "REF_energy", "--forces-key", "REF_forces",
+                       "--no-progress")
+    assert code == 0, err
+    evaluate = ("evaluate", "--model", run_dir / "model.pt", "--data", tmp_path / "test.xyz", "--no-progress",
+                "--json")
+    code, out, err = run(capsys, *evaluate, tmp_path / "m.json")
+    assert code == 0, err
+    assert "label keys of the run that trained the model" in out and "--energy-key REF_energy" in out
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["n_energy"] == 5 and m["n_forces"] == 5 and m["energy_mae_mev_per_atom"] is not None
+    # a flag wins over the run's key; 'none' turns a label off
+    code, out, err = run(capsys, *evaluate, tmp_path / "m2.json", "--energy-key", "none")
+    assert code == 0, err
+    m = json.loads((tmp_path / "m2.json").read_text())
+    assert m["n_energy"] == 0 and m["n_forces"] == 5 and "--energy-key REF_energy" not in out
+    # a model file away from its run folder: the defaults, as before
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "model.pt").write_bytes((run_dir / "model.pt").read_bytes())
+    code, out, err = run(capsys, "evaluate", "--model", tmp_path / "alone" / "model.pt", "--data",
+                         tmp_path / "test.xyz", "--no-progress", "--json", tmp_path / "m3.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "m3.json").read_text())["n_energy"] == 0 and "no energy or force labels" in err
