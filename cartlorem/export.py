@@ -433,7 +433,7 @@ class ExportedCartLorem(nn.Module):
         h: List[Optional[torch.Tensor]] = [self.embedding[z], None, None]
         conditioning = self.conditioning
         if conditioning is not None:  # total charge and spin state → rank-0 features, as CartLorem.energy
-            h[0] = conditioning(self.embedding[z], z, batch, total_charge, multiplicity)
+            h[0] = conditioning(self.embedding[z], z, batch, total_charge, multiplicity, pbc)
         node_energy = torch.zeros_like(positions[:, 0])
         out: Dict[str, torch.Tensor] = {}
         lr = self.long_range_block

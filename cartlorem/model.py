@@ -370,7 +370,7 @@ class CartLorem(nn.Module):
 
         h = [self.embedding.index_select(0, species), None, None]
         if self.conditioning is not None:  # total charge and spin state → rank-0 features
-            h[0] = self.conditioning(h[0], species, graph.batch, graph.total_charge, graph.multiplicity)
+            h[0] = self.conditioning(h[0], species, graph.batch, graph.total_charge, graph.multiplicity, graph.pbc)
         node_energy = torch.zeros_like(positions[:, 0])
         out = {}
         last = len(self.layers) - 1
@@ -635,10 +635,15 @@ class CartLorem(nn.Module):
 #       split into the two; its a_0 (scale × a_0 for v1) is kept, so it predicts exactly what it did.
 #       If that a_0 is not 1 (training moved it, or the v1 scale), the model's charges are in the old
 #       units described above: physical only up to √a_0.
-_FORMAT = "cartlorem-model-v3"
+#   cartlorem-model-v4: charge-state conditioning gives structures with a periodic direction the per-atom
+#       inputs only (Q/N, (S − 1)/N), so that a supercell of a charged cell gets the cell's energy per cell
+#       (:mod:`cartlorem.nn.conditioning`); the buffer ``conditioning.cells_per_atom`` says so. Older files
+#       with conditioning get it False: they predict what they predicted.
+_FORMAT = "cartlorem-model-v4"
 _FORMAT_V1 = "cartlorem-model-v1"
 _FORMAT_V2 = "cartlorem-model-v2"
-_FORMATS = (_FORMAT_V1, _FORMAT_V2, _FORMAT)
+_FORMAT_V3 = "cartlorem-model-v3"
+_FORMATS = (_FORMAT_V1, _FORMAT_V2, _FORMAT_V3, _FORMAT)
 
 
 def upgrade_state_dict(state_dict: dict, config: dict, format: str) -> dict:
@@ -646,7 +651,8 @@ def upgrade_state_dict(state_dict: dict, config: dict, format: str) -> dict:
 
     v1 → v2: the long-range couplings absorb the energy scale (see the notes above), so that the model
     gives the numbers it gave in 0.1.0. v2 → v3: the couplings [C_lr] split into ``coupling_channel0``
-    (a_0, kept as stored) and ``coupling_others`` [C_lr − 1].
+    (a_0, kept as stored) and ``coupling_others`` [C_lr − 1]. v3 → v4: a charge-state model gets
+    ``conditioning.cells_per_atom`` False (periodic structures keep the inputs of molecules, as then).
     """
     if format not in _FORMATS:
         raise ValueError(f"unknown model format {format!r}; this cartlorem reads {', '.join(_FORMATS)}")
@@ -658,6 +664,9 @@ def upgrade_state_dict(state_dict: dict, config: dict, format: str) -> dict:
             coupling = coupling * float(config.get("scale", 1.0))
         state["long_range_block.coupling_channel0"] = coupling[0].clone()
         state["long_range_block.coupling_others"] = coupling[1:].clone()
+    key = "conditioning.cells_per_atom"
+    if format != _FORMAT and config.get("charge_state") and key not in state:
+        state[key] = torch.zeros((), dtype=torch.bool)
     return state
 
 

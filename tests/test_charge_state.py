@@ -253,3 +253,93 @@ def test_calculator_follows_a_changed_multiplicity_with_a_reused_neighbour_list(
     expected = float(predict(model, charged(molecule("O2"), 0, 3))[0])
     assert triplet == pytest.approx(expected, abs=1e-10)
     assert abs(triplet - singlet) > 1e-6
+
+
+# --- periodic structures: a supercell is the same system -------------------------------------------------------
+
+
+def _charged_cell():
+    from ase.build import bulk
+
+    a = bulk("NaCl", "rocksalt", a=5.64)  # 2 atoms, fcc primitive cell
+    a.rattle(0.05, seed=3)
+    return a
+
+
+@pytest.mark.parametrize("long_range", [None, "multipole"])
+@pytest.mark.parametrize("pbc", [True, (True, True, False)])
+def test_a_supercell_of_a_charged_cell_gets_the_cells_energy_per_cell(long_range, pbc, one_thread):
+    """The conditioning took each structure's total charge Q and S − 1 as inputs, so a 2 × 1 × 1 supercell of a
+    charged cell (2 Q, 2 (S − 1)) got another energy per cell than the cell itself (-55.23 / 2 against -33.21 eV in a
+    review's model), though both describe one infinite system. Periodic structures now take Q/N and (S − 1)/N."""
+    model = small_model(long_range)
+    with torch.no_grad():  # a conditioning far from zero
+        for p in model.conditioning.parameters():
+            p.normal_(0.0, 1.0)
+    cell = _charged_cell()
+    cell.pbc = pbc
+    if not all(cell.pbc):
+        cell.center(vacuum=6.0, axis=2)
+    for q, mult in ((1.0, 2), (-2.0, 3)):
+        one = charged(cell, q, mult)
+        two = charged(cell.repeat((2, 1, 1)), 2 * q, 2 * (mult - 1) + 1)
+        e1, f1 = predict(model, one)
+        e2, f2 = predict(model, two)
+        tol = 1e-9 if long_range is None else 1e-7  # the Ewald sums' accuracy in a 4 Å cell (3e-7 eV neutral)
+        assert float(e2) == pytest.approx(2 * float(e1), rel=tol, abs=tol)
+        np.testing.assert_allclose(f2[: len(one)].numpy(), f1.numpy(), atol=10 * tol)
+        assert abs(float(e1) - float(predict(model, charged(cell, 0.0, 1))[0])) > 1e-3  # the charge state matters
+    # molecules keep the total charge as an input: one more electron is not a share per atom
+    x = model.conditioning.inputs(torch.zeros(3, dtype=torch.long), torch.tensor([1.0]), torch.tensor([2.0]),
+                                  torch.float64, torch.zeros(1, 3, dtype=torch.bool))
+    assert x.tolist() == [[1.0, 1.0, 1 / 3, 1 / 3]]
+
+
+def test_files_written_before_keep_their_periodic_inputs(tmp_path, one_thread):
+    """A model file of format v3 (charge-state conditioning with Q and S − 1 for every structure) loads with
+    ``conditioning.cells_per_atom`` False and predicts what it predicted; its TorchScript export too."""
+    from cartlorem.export import export_model
+
+    model = small_model("multipole")
+    with torch.no_grad():
+        for p in model.conditioning.parameters():
+            p.normal_(0.0, 1.0)
+    payload = cartlorem.model.model_payload(model)
+    payload["format"] = "cartlorem-model-v3"
+    del payload["state_dict"]["conditioning.cells_per_atom"]
+    torch.save(payload, tmp_path / "v3.pt")
+    old = cartlorem.load_model(tmp_path / "v3.pt")
+    assert not bool(old.conditioning.cells_per_atom) and bool(model.conditioning.cells_per_atom)
+    a = charged(_charged_cell(), 1.0, 2)
+    with torch.no_grad():
+        model.conditioning.cells_per_atom.fill_(False)
+    then = predict(model, a)[0]
+    assert torch.equal(predict(old, a)[0], then)
+    with torch.no_grad():
+        model.conditioning.cells_per_atom.fill_(True)
+    now = predict(model, a)[0]
+    assert abs(float(now - then)) > 1e-3
+    cartlorem.save_model(model, tmp_path / "v4.pt")
+    assert torch.equal(predict(cartlorem.load_model(tmp_path / "v4.pt"), a)[0], now)
+    g = atoms_to_graph(a, model.cutoff)
+    for m, ref in ((model, now), (old, then)):
+        exported = export_model(m)
+        e = exported.energy(g.positions, g.species, g.cell, g.pbc, g.edge_index, g.edge_shift, g.batch,
+                            g.total_charge, g.multiplicity)["energy"]
+        assert float(e.detach()) == pytest.approx(float(ref), rel=1e-12)
+
+
+def test_a_checkpoint_written_before_resumes_with_its_inputs():
+    """--resume of a run whose checkpoint a v3 cartlorem wrote: its training weights get the buffer that its model
+    file gets from load_model (False: periodic structures keep the inputs they were trained with)."""
+    from cartlorem.training.run_folder import upgrade_train_state
+
+    model = small_model(None)
+    payload = cartlorem.model.model_payload(model)
+    state = {k: v for k, v in payload["state_dict"].items() if k != "conditioning.cells_per_atom"}
+    payload["format"] = "cartlorem-model-v3"
+    upgraded = upgrade_train_state({"train_state_dict": state, "model": payload})
+    assert upgraded["conditioning.cells_per_atom"].item() is False
+    model.load_state_dict(upgraded)  # complete: no missing key
+    current = cartlorem.model.model_payload(model)
+    assert upgrade_train_state({"train_state_dict": current["state_dict"], "model": current}) == current["state_dict"]

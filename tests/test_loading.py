@@ -70,7 +70,7 @@ def test_saved_file_is_plain_data(tmp_path):
     model = lr_model()
     cartlorem.save_model(model, tmp_path / "m.pt", training={"epoch": 3, "loss": 0.25, "curve": [1.0, 0.5]})
     obj = torch.load(tmp_path / "m.pt", weights_only=True)  # the strict reader accepts the whole file
-    assert obj["format"] == "cartlorem-model-v3" and obj["training"]["curve"] == [1.0, 0.5]
+    assert obj["format"] == "cartlorem-model-v4" and obj["training"]["curve"] == [1.0, 0.5]
     loaded = cartlorem.load_model(tmp_path / "m.pt")
     assert energy_forces(loaded, methanol())[0] == pytest.approx(energy_forces(model, methanol())[0], rel=1e-14)
 

@@ -47,6 +47,7 @@ from .run_folder import (
     restore_model_settings,
     rng_state,
     set_rng_state,
+    upgrade_train_state,
 )
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "epoch_loader"]
@@ -429,7 +430,7 @@ class _Run:
         folder, result = self.folder, self.result
         ckpt = folder.load_checkpoint()
         restore_model_settings(self.model, ckpt["model"], folder.path)
-        self.model.load_state_dict(ckpt["train_state_dict"])
+        self.model.load_state_dict(upgrade_train_state(ckpt))
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         if self.ema is not None:

@@ -76,6 +76,18 @@ def restore_model_settings(model: torch.nn.Module, saved: dict, where) -> None:
         raise ValueError(f"the checkpoint in {where} was written for a different model (parameters {diff} differ)")
 
 
+def upgrade_train_state(checkpoint: dict) -> dict:
+    """The checkpoint's training weights (``train_state_dict``) in the current model-file format: a checkpoint
+    written by an older cartlorem goes through :func:`cartlorem.model.upgrade_state_dict`, as its model file
+    does in ``load_model``."""
+    state, saved = checkpoint["train_state_dict"], checkpoint.get("model") or {}
+    if isinstance(saved.get("config"), dict) and str(saved.get("format", "")).startswith("cartlorem-model-"):
+        from ..model import upgrade_state_dict
+
+        return upgrade_state_dict(state, saved["config"], saved["format"])
+    return state
+
+
 def rng_state(rng: np.random.Generator) -> dict:
     state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
