@@ -332,6 +332,35 @@ def test_a_batch_without_labels_moves_no_weight(eager_compiled_step):
     _assert_same_runs(runs)
 
 
+@pytest.mark.parametrize("kind", [None, "multipole", "lorem"])
+@pytest.mark.parametrize("weights", [{}, {"energy": 0.0}])
+def test_a_batch_of_atoms_alone(kind, weights):
+    """A batch of one-atom structures (isolated-atom reference frames): a multipole model's traced field sum failed
+    on its zero pairs ("cannot reshape tensor of 0 elements into shape [0, 4, -1]"; compiled, the trainer then ran
+    eagerly for the rest of the run), and the compiled step gave the layers None where autograd gives zeros (their
+    edges are empty, but they are in the graph), so Adam moved them otherwise (1.6e-2 apart after two epochs)."""
+    from ase import Atoms
+
+    rng = np.random.default_rng(5)
+    atoms = [_labelled(rng, Atoms(s, positions=[[0.0, 0.0, 0.0]])) for s in ("O", "H", "N")]
+    model = _model(_structures() + atoms, long_range=kind).train()
+    batch = collate(read_dataset(atoms, cutoff=3.5, require=()))
+    assert batch.edge_index.shape[1] == 0
+    w = loss_weights(weights)
+    loss_ref, terms_ref, grads_ref = _eager_gradient(model, batch, w)
+    step = CompiledLossGradient(model, w)
+    step._fn = step._loss_and_grad  # eager: the same function without torch.compile
+    assert step.unsupported(batch) is None
+    model.zero_grad(set_to_none=True)
+    loss, terms = step(batch)
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-12, abs=1e-300) and terms.keys() == terms_ref.keys()
+    for n, p in model.named_parameters():
+        assert (p.grad is None) == (grads_ref[n] is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads_ref[n], rtol=1e-10, atol=1e-14)
+    assert any(g is not None and float(g.abs().max()) == 0 for g in grads_ref.values())  # the zeros that must stay
+
+
 def test_failed_compilation_falls_back(monkeypatch, caplog):
     """A compiler that fails (no C++ compiler, an unsupported operation) leaves the training eager, with a
     warning, and the same numbers."""

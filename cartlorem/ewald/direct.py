@@ -362,7 +362,8 @@ def _linearized_features(R: torch.Tensor, kernel, t) -> torch.Tensor:
                                                 dense=True), dim=1)  # [P, max_order + 2]
     mono = t.monomials(R0)
     features = B.index_select(1, t.orders) * mono.index_select(1, t.columns)  # [P, F]
-    G = (B.index_select(1, t.grad_orders) * mono.index_select(1, t.grad_columns)).view(R.shape[0], 4, -1) * t.grad_coef
+    F = t.grad_orders.shape[0] // 4  # the pair features; an explicit size, so that no pairs (atoms alone) is no error
+    G = (B.index_select(1, t.grad_orders) * mono.index_select(1, t.grad_columns)).view(R.shape[0], 4, F) * t.grad_coef
     slope = G[:, :3] + R0[:, :, None] * G[:, 3:]  # [P, 3, F]: d features / dR
     return features + ((R - R0)[:, :, None] * slope).sum(1)
 

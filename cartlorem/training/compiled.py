@@ -61,12 +61,6 @@ BACKEND = "inductor"
 TESTED_TORCH = (2, 13)
 
 
-#: Names (prefixes, as ``_Energy.named_parameters`` gives them) of the parameters that the energy always depends on
-#: even where their gradient is exactly zero: the FiLM conditioning has no biases, so on a batch of neutral singlets
-#: its input, and with it its gradient, is 0 (cartlorem.nn.conditioning)
-_ALWAYS_USED = ("model.conditioning.",)
-
-
 def version_note(version: Optional[str] = None) -> str:
     """'' with a tested torch release or newer, else a sentence saying which release the step is tested with."""
     version = torch.__version__ if version is None else version
@@ -127,6 +121,7 @@ class CompiledLossGradient:
         self.model, self.weights = model, dict(weights)
         self._energy = _Energy(model)
         self._plan = None  # (batch, its periodic plan): unsupported() builds it, __call__ uses it
+        self._off_forces = {}  # stress asked for → names of the parameters that forces and stress cannot reach
         named = list(self._energy.named_parameters())
         self.trainable = [(n, p) for n, p in named if p.requires_grad]
         # fullgraph: a graph break would leave most of the step eager; it raises instead, and the trainer says so.
@@ -208,22 +203,34 @@ class CompiledLossGradient:
             scales = {k: torch.tensor(float(v), dtype=batch.positions.dtype, device=batch.positions.device)
                       for k, v in scales.items()}
         grads, (loss, terms) = self._fn(params, frozen, batch, species, pairs, stress, scales)
-        # a parameter the loss does not depend on gets None from autograd and a zero tensor from torch.func;
-        # None, as in the eager step, so that Adam skips it (a zero gradient would still move it by its momentum).
-        # Those are the parameters whose gradient is exactly zero, but for the charge-state conditioning, which
-        # the energy always depends on and whose gradient is exactly zero on a batch of neutral singlets (its
-        # input is 0 there): autograd gives it zeros, and Adam moves it by its momentum, in the eager step too.
+        # A parameter the loss does not reach gets None from autograd and a zero tensor from torch.func: None, as in
+        # the eager step, so that Adam skips it (a zero gradient would still move it by its momentum). Every parameter
+        # reaches the energy; without an energy term in this batch, those that cannot reach forces and stress (the
+        # readouts' last biases: a constant energy) get None. A zero gradient of a parameter the loss reaches (the
+        # charge-state conditioning on neutral singlets, the layers on a batch of atoms alone) stays, as eagerly.
         # A batch (or this process's part of one) with no labelled item of any weighted term: no gradient at all, as
-        # the eager step takes no backward pass there (the conditioning's zeros would otherwise move it by Adam's
-        # momentum)
+        # the eager step takes no backward pass there.
         labelled = any(int(count) > 0 for _, count in terms.values())
-        norms = torch.stack(torch._foreach_norm([grads[n] for n, _ in self.trainable])).tolist()
-        for (n, p), norm in zip(self.trainable, norms):
+        energy = "energy" in terms and int(terms["energy"][1]) > 0
+        unreached = set() if energy or not labelled else self._unreached_by_forces(batch, stress)
+        for n, p in self.trainable:
             g = grads[n]
             if g.stride() != p.stride():  # e.g. a transposed GEMM result: the fused Adam walks grad and param
                 g = torch.empty_like(p).copy_(g)  # memory in step, so they must share the layout
-            p.grad = g if labelled and (norm != 0.0 or n.startswith(_ALWAYS_USED)) else None
+            p.grad = g if labelled and n not in unreached else None
         return loss, {k: float(mse) for k, (mse, count) in terms.items() if int(count) > 0}
+
+    def _unreached_by_forces(self, batch: Graph, stress: bool) -> set:
+        """Names of the trainable parameters that forces (and stress, when asked for) do not depend on, whatever the
+        batch: autograd's None, from one eager pass the first time it is needed."""
+        if stress not in self._off_forces:
+            names = [n for n, _ in self.trainable]
+            with torch.enable_grad():
+                out = self.model(batch, compute_forces=True, compute_stress=stress, create_graph=True)
+                target = out["forces"].sum() + (out["stress"].sum() if stress else 0.0)
+                grads = torch.autograd.grad(target, [p for _, p in self.trainable], allow_unused=True)
+            self._off_forces[stress] = {n for n, g in zip(names, grads) if g is None}
+        return self._off_forces[stress]
 
     def _loss_and_grad(self, params: dict, frozen: dict, graph: Graph, species: torch.Tensor, pairs, stress: bool,
                        scales: Optional[dict] = None):
