@@ -329,17 +329,41 @@ def test_files_written_before_keep_their_periodic_inputs(tmp_path, one_thread):
         assert float(e.detach()) == pytest.approx(float(ref), rel=1e-12)
 
 
-def test_a_checkpoint_written_before_resumes_with_its_inputs():
-    """--resume of a run whose checkpoint a v3 cartlorem wrote: its training weights get the buffer that its model
-    file gets from load_model (False: periodic structures keep the inputs they were trained with)."""
-    from cartlorem.training.run_folder import upgrade_train_state
+@pytest.mark.parametrize("missing_model", [False, True])
+def test_a_run_written_before_resumes_with_its_inputs(tmp_path, missing_model, one_thread):
+    """--resume of a run whose checkpoint and model.pt a v3 cartlorem wrote (no conditioning.cells_per_atom in any
+    of its weights): training and best weights get the buffer load_model gives the model file (False: periodic
+    structures keep the inputs they were trained with). The best weights were not upgraded at first: a resume
+    with no better epoch, or one that rewrote a missing model.pt, failed on the missing key."""
+    from cartlorem.training import train
+    from cartlorem.training.run_folder import CHECKPOINT
 
-    model = small_model(None)
-    payload = cartlorem.model.model_payload(model)
-    state = {k: v for k, v in payload["state_dict"].items() if k != "conditioning.cells_per_atom"}
-    payload["format"] = "cartlorem-model-v3"
-    upgraded = upgrade_train_state({"train_state_dict": state, "model": payload})
-    assert upgraded["conditioning.cells_per_atom"].item() is False
-    model.load_state_dict(upgraded)  # complete: no missing key
-    current = cartlorem.model.model_payload(model)
-    assert upgrade_train_state({"train_state_dict": current["state_dict"], "model": current}) == current["state_dict"]
+    frames = []
+    for k, q in enumerate((1.0, 0.0, -1.0, 1.0)):
+        a = _charged_cell()
+        a.rattle(0.05, seed=10 + k)
+        a.info["total_charge"] = q
+        a.info["multiplicity"] = 2 if q else 1
+        a.info["energy"] = float(k)  # any labels: the test is about the weights' format
+        a.arrays["forces"] = 0.1 * np.random.default_rng(k).normal(size=(len(a), 3))
+        frames.append(a)
+    graphs = read_dataset(frames, 4.0, energy_key="energy", forces_key="forces", stress_key=None)
+    run = tmp_path / "run"
+    train(small_model(None).float(), graphs[:3], graphs[3:], epochs=2, batch_size=2, out_dir=run, progress=False)
+    ckpt = torch.load(run / CHECKPOINT, weights_only=True)
+    key = "conditioning.cells_per_atom"
+    ckpt["model"]["format"] = "cartlorem-model-v3"
+    for state in (ckpt["model"]["state_dict"], ckpt["train_state_dict"], ckpt["best_state_dict"]):
+        del state[key]
+    torch.save(ckpt, run / CHECKPOINT)
+    saved = torch.load(run / "model.pt", weights_only=True)
+    saved["format"] = "cartlorem-model-v3"
+    del saved["state_dict"][key]
+    torch.save(saved, run / "model.pt")
+    if missing_model:
+        (run / "model.pt").unlink()
+    for epochs in (2, 3):  # nothing more to train (the best weights are loaded at the end), then one more epoch
+        model = small_model(None).float()
+        train(model, graphs[:3], graphs[3:], epochs=epochs, batch_size=2, out_dir=run, resume=True, progress=False)
+        assert model.conditioning.cells_per_atom.item() is False
+        assert cartlorem.load_model(run / "model.pt").conditioning.cells_per_atom.item() is False

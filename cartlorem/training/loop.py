@@ -443,6 +443,8 @@ class _Run:
         self._apply_settings()
         set_rng_state(self.rng, ckpt["rng"])
         self.state.update({k: ckpt[k] for k in _STATE_KEYS})
+        if self.state["best_state_dict"] is not None:  # loaded at the end, and by write_missing_best_model
+            self.state["best_state_dict"] = upgrade_train_state(ckpt, self.state["best_state_dict"])
         self.state["partial"] = ckpt.get("partial")
         result.history = list(ckpt["history"])
         result.best_epoch, result.best_valid_loss = ckpt["best"]["epoch"], ckpt["best"]["loss"]

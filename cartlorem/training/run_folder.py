@@ -76,11 +76,12 @@ def restore_model_settings(model: torch.nn.Module, saved: dict, where) -> None:
         raise ValueError(f"the checkpoint in {where} was written for a different model (parameters {diff} differ)")
 
 
-def upgrade_train_state(checkpoint: dict) -> dict:
-    """The checkpoint's training weights (``train_state_dict``) in the current model-file format: a checkpoint
-    written by an older cartlorem goes through :func:`cartlorem.model.upgrade_state_dict`, as its model file
-    does in ``load_model``."""
-    state, saved = checkpoint["train_state_dict"], checkpoint.get("model") or {}
+def upgrade_train_state(checkpoint: dict, state: Optional[dict] = None) -> dict:
+    """Weights of the checkpoint (``state``, default its ``train_state_dict``; also its ``best_state_dict``) in the
+    current model-file format: a checkpoint written by an older cartlorem goes through
+    :func:`cartlorem.model.upgrade_state_dict`, as its model file does in ``load_model``."""
+    state = checkpoint["train_state_dict"] if state is None else state
+    saved = checkpoint.get("model") or {}
     if isinstance(saved.get("config"), dict) and str(saved.get("format", "")).startswith("cartlorem-model-"):
         from ..model import upgrade_state_dict
 
