@@ -526,3 +526,28 @@ def test_influence_function_in_place_path_matches_differentiable_one(cell, mesh)
     torch.testing.assert_close(fast, ref.detach(), rtol=1e-13, atol=0)
     assert fast[0, 0, 0] == 0
 
+
+
+def test_a_given_mesh_takes_the_spline_orders_it_fits():
+    """A 6-point mesh without a spline order was refused ('smaller than the spline order 8': the automatic orders
+    ignored the mesh) though order 6 fits it; now it gets order 6, as when asked for."""
+    from cartlorem.ewald.fields import compute_fields
+
+    cell = torch.eye(3, dtype=DT) * 4.0
+    pos, q, mu, th = random_system(4, n=3, c=1, cell=cell, min_distance=0.5)
+    auto = compute_fields(pos, q, mu, th, cell=cell, pbc=PBC, accuracy=1e-3, method="pme", pme_options=dict(mesh=6))
+    given = compute_fields(pos, q, mu, th, cell=cell, pbc=PBC, accuracy=1e-3, method="pme",
+                           pme_options=dict(mesh=6, spline_order=6))
+    for a, b in zip(auto, given):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_mesh_too_large_for_memory_is_an_error():
+    """A 0.01 Å real-space cutoff asks for a 13824^3 mesh: the allocator failed deep inside ('you tried to allocate
+    21134460321792 bytes'); now a ValueError names the mesh and what to change."""
+    from cartlorem.ewald.fields import compute_fields
+
+    cell = torch.eye(3, dtype=DT) * 10.0
+    pos, q, _, _ = random_system(3, n=6, c=1, cell=cell)
+    with pytest.raises(ValueError, match=r"PME mesh \[13824, 13824, 13824\] \(2.64e\+12 points, limit .*real_cutoff"):
+        compute_fields(pos, q, cell=cell, pbc=PBC, method="pme", pme_options=dict(real_cutoff=0.01))

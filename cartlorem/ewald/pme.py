@@ -137,6 +137,10 @@ def _smooth_numbers(limit: int) -> np.ndarray:
 
 _SMOOTH = _smooth_numbers(1 << 20)
 
+#: Most mesh points a PME sum may use (2^28: 2 GiB per channel and mesh array in float64; a 10^6-atom water box at
+#: accuracy 1e-6 needs ~400^3 = 6.4e7)
+MAX_MESH_POINTS = 1 << 28
+
 
 def fft_size(n: int) -> int:
     """Smallest integer >= n whose prime factors are 2, 3 and 5."""
@@ -185,6 +189,7 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
     if mesh is not None:
         mesh = tuple(int(k) for k in mesh)
         coarsest = float(max(np.linalg.norm(cell, axis=1) / np.array(mesh)))  # largest spacing (Å)
+        orders = [n for n in orders if n <= min(mesh)] or orders  # a given mesh: the orders it takes (else refused)
     if alpha is not None:
         alphas = [min(float(alpha), beta_max)]
     elif real_cutoff is not None:
@@ -266,8 +271,10 @@ def choose_method(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout,
     (below, its meshes and spline orders grow without bound and Ewald is both exact and cheap enough).
     The models (:func:`ewald_cost`, :func:`pme_cost`) count real-space pair entries, k-vector terms,
     spline stencil points and mesh points (constants: COST_*, measured on one CPU thread); small systems
-    go to Ewald, large ones to PME (for water-density boxes with C = 4 channels of q, mu, Theta at
-    accuracy 1e-6 the switch is near 200 atoms; benchmarks/pme_cost.py reports the choice).
+    go to Ewald, large ones to PME (for water-density boxes with C = 4 channels of point q, mu, Theta at
+    accuracy 1e-6, PME from ~240 atoms on; the choice is not monotone below: a review saw PME picked for 32-64
+    atoms and Ewald for 81-200, where the Ewald model overestimates its cost 4-5x; benchmarks/pme_cost.py
+    reports the choice).
     """
     if accuracy < 1e-8:
         return "ewald"
@@ -327,6 +334,12 @@ def choose_parameters(cell: np.ndarray, n_atoms: int, accuracy: float, order: in
                      int(derivatives))
     if mesh is not None and min(mesh) < params.spline_order:
         raise ValueError(f"PME mesh {list(mesh)} is smaller than the spline order {params.spline_order}")
+    points = int(np.prod(params.mesh))
+    if points > MAX_MESH_POINTS:  # the mesh arrays alone would take gigabytes per channel: an error, not a crash
+        raise ValueError(
+            f"PME mesh {list(params.mesh)} ({points:.3g} points, limit {MAX_MESH_POINTS:.3g}) for alpha = "
+            f"{params.alpha:.4g} 1/Å, real_cutoff {params.real_cutoff:.4g} Å and accuracy {accuracy:g}: "
+            "ask for a lower accuracy, a larger real_cutoff (smaller alpha) or a coarser mesh")
     return params
 
 
