@@ -77,7 +77,16 @@ def run_demo(
 
     say(f"[1/4] data: {path}")
     frames = ase.io.read(str(path), index=":")
-    graphs = read_dataset(frames, cutoff, dtype=dtype)
+    try:
+        graphs = read_dataset(frames, cutoff, dtype=dtype)
+    except ValueError as err:
+        if "Choose another" not in str(err):
+            raise
+        # the advice names read_dataset's arguments, which the demo does not have
+        raise ValueError(f"{str(err).split(' Choose another')[0]} The demo reads the energies and forces of a "
+                         "calculator (ase.io.write of atoms with one attached: energy= and forces in the extxyz "
+                         "file); for other labels (REF_energy, ...) use cartlorem train with --energy-key and "
+                         "--forces-key.") from None
     rest, test_idx = split(graphs, 0.1, seed=seed)
     if len(test_idx) == 0:  # refused before the training, not after it
         raise ValueError(f"data file {str(path)!r} has {len(graphs)} structure; the demo needs at least 2 (one to "

@@ -69,6 +69,8 @@ def run_nve(atoms, *, steps: int, timestep_fs: float, temperature_K: float, seed
 
     def record():
         epot, ekin = atoms.get_potential_energy(), atoms.get_kinetic_energy()
+        if not (math.isfinite(epot) and math.isfinite(ekin)):  # a run that went NaN has stopped, not finished
+            raise ValueError(f"the energy is not finite (potential {epot}, kinetic {ekin} eV)")
         rec["time_fs"].append(dyn.nsteps * timestep_fs)
         rec["epot"].append(epot)
         rec["ekin"].append(ekin)
@@ -96,7 +98,7 @@ def run_nve(atoms, *, steps: int, timestep_fs: float, temperature_K: float, seed
     n = len(atoms)
     e = rec["etot"] / n
     t_ps = rec["time_fs"] / 1000.0
-    slope = float(np.polyfit(t_ps, e, 1)[0]) * 1000.0 if len(t_ps) > 2 else float("nan")
+    slope = float(np.polyfit(t_ps, e, 1)[0]) * 1000.0 if len(t_ps) >= 2 else float("nan")
     dev = np.abs(rec["etot"] - rec["etot"][0])
     rec.update(
         drift_mev_per_atom_per_ps=slope,
@@ -109,8 +111,9 @@ def run_nve(atoms, *, steps: int, timestep_fs: float, temperature_K: float, seed
 
 
 def write_md_csv(path, md: dict) -> None:
-    """time_fs, epot_ev, ekin_ev, etot_ev, temperature_k: one row per recorded step."""
+    """time_fs, epot_ev, ekin_ev, etot_ev, temperature_k: one row per recorded step, every number as the float64 it
+    is (8 digits left steps of 1e-5 eV in a total energy of -684 eV, too coarse to fit the drift the run reports)."""
     lines = ["time_fs,epot_ev,ekin_ev,etot_ev,temperature_k"]
     for row in zip(md["time_fs"], md["epot"], md["ekin"], md["etot"], md["temperature"]):
-        lines.append(",".join(f"{x:.8g}" for x in row))
+        lines.append(",".join(repr(float(x)) for x in row))
     atomic_write_text(path, "\n".join(lines) + "\n")

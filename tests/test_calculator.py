@@ -1,6 +1,8 @@
 """The ASE calculator against the model itself: same numbers, fresh state when the system changes,
 neighbour-list reuse with a skin, models loaded from a path."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -452,6 +454,58 @@ def test_md_that_cannot_start_names_the_problem(model):
     atoms.calc = CartLoremCalculator(model)
     with pytest.raises(ValueError, match="not known to the model: N"):
         run_nve(atoms, steps=3, timestep_fs=0.5, temperature_K=300.0)
+
+
+def _shifted_emt(shift=-684.0, nan_after=None):
+    """EMT with a constant added to the energy (the absolute energies of a real model, ~-684 eV for the demo's
+    14-atom clusters) and, after ``nan_after`` calls, NaN energies and forces (a run that blows up)."""
+    from ase.calculators.emt import EMT
+
+    class Shifted(EMT):
+        calls = 0
+
+        def calculate(self, *args, **kwargs):
+            super().calculate(*args, **kwargs)
+            self.calls += 1
+            self.results["energy"] += shift
+            self.results["free_energy"] = self.results["energy"]
+            if nan_after is not None and self.calls > nan_after:
+                self.results["energy"] = float("nan")
+                self.results["forces"] = np.full_like(self.results["forces"], np.nan)
+
+    return Shifted()
+
+
+def test_md_csv_holds_the_energies_the_drift_is_fitted_to(tmp_path):
+    """md.csv wrote 8 significant digits: in a total energy of -684 eV, steps of 1e-5 eV, and a fit to the file gave
+    -0.020 where the run reported -0.051 meV/atom/ps (20 steps). The file now holds the float64 values."""
+    from ase.cluster import Icosahedron
+
+    from cartlorem.md import run_nve, write_md_csv
+
+    atoms = Icosahedron("Cu", 2)
+    atoms.calc = _shifted_emt()
+    md = run_nve(atoms, steps=20, timestep_fs=1.0, temperature_K=300.0, seed=0)
+    write_md_csv(tmp_path / "md.csv", md)
+    table = np.loadtxt(tmp_path / "md.csv", delimiter=",", skiprows=1)
+    np.testing.assert_array_equal(table[:, 3], md["etot"])
+    fit = np.polyfit(table[:, 0] / 1000.0, table[:, 3] / len(atoms), 1)[0] * 1000.0
+    assert fit == pytest.approx(md["drift_mev_per_atom_per_ps"], rel=1e-9)
+
+
+def test_md_that_goes_nan_stops_with_an_error():
+    """A run whose energies turned NaN was reported as finished (error None, drift NaN); now it stops at the first
+    non-finite energy and the summary is of the steps before it."""
+    from ase.cluster import Icosahedron
+
+    from cartlorem.md import run_nve
+
+    atoms = Icosahedron("Cu", 2)
+    atoms.calc = _shifted_emt(nan_after=10)
+    md = run_nve(atoms, steps=50, timestep_fs=1.0, temperature_K=300.0, seed=0)
+    assert md["error"] is not None and "not finite" in md["error"]
+    assert 0 < md["steps_done"] < 50 and np.isfinite(md["etot"]).all()
+    assert math.isfinite(md["drift_mev_per_atom_per_ps"]) and math.isfinite(md["max_abs_de_mev"])
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -325,6 +325,19 @@ def test_demo_refuses_one_structure_before_training(tmp_path, capsys):
     assert not (out / "model.pt").exists()
 
 
+def test_demo_says_what_labels_it_reads(tmp_path, capsys):
+    """A file without force labels: the demo passed on read_dataset's advice, "Choose another forces_key, or leave
+    'forces' out of require", options the demo does not have."""
+    frames = emt_frames(4, seed=3)
+    for a in frames:
+        a.calc.results.pop("forces")
+    ase.io.write(tmp_path / "energies.xyz", frames)
+    code, _, err = run(capsys, "demo", "--data", tmp_path / "energies.xyz", "--out", tmp_path / "demo", "--epochs", 1,
+                       "--md-steps", 2, "--channels", 4, "--no-progress")
+    _assert_user_error(code, err, "no 'forces' label", "energies and forces of a calculator", "--forces-key")
+    assert "Choose another" not in err
+
+
 def test_demo_without_validation_set_says_training_set(tmp_path, capsys):
     """Two structures: one to test, one to train and no validation set; the summary called the training-set
     metrics of the best epoch "(validation)" right after the note that there is no validation set."""
