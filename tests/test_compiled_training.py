@@ -361,6 +361,24 @@ def test_a_batch_of_atoms_alone(kind, weights):
     assert any(g is not None and float(g.abs().max()) == 0 for g in grads_ref.values())  # the zeros that must stay
 
 
+def test_each_kind_of_batch_compiles_once_within_the_steps_own_limit(monkeypatch):
+    """Batches with and without stress labels, and a batch of one structure, are three graphs; molecules, cells and
+    slabs in their mixtures are more. Dynamo's recompile limit (8) made the ninth kind a hard failure, after which
+    the trainer ran eagerly for good. The step now holds up to RECOMPILE_LIMIT graphs: here the global limit is
+    set to 1 and the step's to 3 (dynamo's 'eager' backend, which traces without compiling: ~7 s per graph)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(compiled_mod, "RECOMPILE_LIMIT", 3)
+    cells = _cells()
+    model = _model(cells).train()
+    graphs = read_dataset(cells, cutoff=3.5, require=())
+    no_stress = [dataclasses.replace(g, has_stress=torch.zeros_like(g.has_stress)) for g in graphs]
+    step = CompiledLossGradient(model, loss_weights({"stress": 1.0}), backend="eager")
+    for batch in (collate(graphs[:2]), collate(no_stress[:2]), graphs[2]):
+        loss, _ = step(batch)
+        assert torch.isfinite(loss)
+    assert torch._dynamo.config.recompile_limit == 1  # the step's own limit applies while it runs only
+
+
 def test_failed_compilation_falls_back(monkeypatch, caplog):
     """A compiler that fails (no C++ compiler, an unsupported operation) leaves the training eager, with a
     warning, and the same numbers."""

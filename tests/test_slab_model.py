@@ -290,6 +290,22 @@ def test_compact_slab_cells(kind):
     assert compact_slab_cells(no_slab) is no_slab
 
 
+def test_compact_slab_cells_keeps_the_cell_of_a_slab_without_atoms():
+    """A batch with a slab that has no atoms (a hand-built graph: the model takes it, energy 0): its third cell row
+    became -inf * n (the extent of no atoms is -inf..inf), and the model then refused the batch."""
+    from cartlorem.nn.long_range import compact_slab_cells
+
+    model = lr_model("multipole")
+    g = atoms_to_graph(nacl_slab(20.0), model.cutoff)
+    two = g.replace(cell=g.cell.repeat(2, 1, 1), pbc=g.pbc.repeat(2, 1), total_charge=g.total_charge.repeat(2),
+                    multiplicity=None)
+    compact = compact_slab_cells(two)
+    assert torch.isfinite(compact.cell).all() and torch.equal(compact.cell[1], two.cell[1])
+    assert float(compact.cell[0, 2, 2]) < float(two.cell[0, 2, 2])
+    energy = model(compact, create_graph=False)["energy"].detach()
+    assert float(energy[1]) == 0.0 and torch.isfinite(energy).all()
+
+
 def test_training_batches_take_compact_slab_cells(monkeypatch):
     """train() hands the model each slab in its compact cell (fewer k-vectors for the same fields)."""
     from ase.calculators.singlepoint import SinglePointCalculator

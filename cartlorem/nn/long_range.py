@@ -189,7 +189,7 @@ def compact_slab_cells(graph, margin: float = 1.0):
     _, normal, height = _slab_cell(cell.detach(), slab)
     z_min, z_max = _span(graph.positions, graph.batch, normal)
     tight = torch.ceil(z_max - z_min) + margin
-    shorten = slab & (tight < height)
+    shorten = slab & (tight < height) & torch.isfinite(tight)  # a slab without atoms keeps its cell
     if not bool(shorten.any()):
         return graph
     third = torch.where(shorten[:, None], (tight[:, None] * normal).to(cell.dtype), cell[:, 2])

@@ -11,8 +11,12 @@ pass (``create_graph=True``), but it traces torch.func transforms: written as
 (the stress: a vjp in a zero strain too) the whole gradient is one function of the parameters and the
 batch, which dynamo captures in one graph and Inductor turns into fused C++ (CUDA: Triton) kernels.
 The batch's sizes (atoms, edges, structures, pairs) are symbolic, the parameters' fixed: one compilation
-serves every batch (two when some batches carry stress labels and others not). The numbers are those of
-the eager step to float rounding (tests/test_compiled_training.py).
+serves every batch of a kind. The kinds: with stress labels or without; for long-range models molecules alone
+(a pair list) or with periodic cells, with or without slabs (the plan's form); and a batch of one structure (its
+sizes of 1 are constants to dynamo). A data set that mixes molecules, cells and slabs, and ends its epochs on a
+batch of one structure, compiles a graph for each kind it meets, once: the step allows RECOMPILE_LIMIT of them
+(dynamo's default of 8 raised; a ninth kind ran the rest of the training eagerly). The numbers are those of the
+eager step to float rounding (tests/test_compiled_training.py).
 
 What the eager model decides from tensor values is decided here before the call, where the checks run:
 the species indices, and for long-range models the intra-molecular pair list, so that the block's field
@@ -59,6 +63,10 @@ BACKEND = "inductor"
 #: force vjp inside ``torch.func.grad`` ("isIntList() INTERNAL ASSERT FAILED ... Expected IntList but got
 #: GenericList", on CPU and CUDA alike; benchmarks/results/gpu.log), and the trainer then runs eagerly.
 TESTED_TORCH = (2, 13)
+
+
+#: Graphs one compiled step may hold (dynamo's recompile_limit while it runs): one per kind of batch (module docstring)
+RECOMPILE_LIMIT = 64
 
 
 def version_note(version: Optional[str] = None) -> str:
@@ -202,7 +210,8 @@ class CompiledLossGradient:
         if scales is not None:  # tensors, not Python floats: a float would be a constant of the graph
             scales = {k: torch.tensor(float(v), dtype=batch.positions.dtype, device=batch.positions.device)
                       for k, v in scales.items()}
-        grads, (loss, terms) = self._fn(params, frozen, batch, species, pairs, stress, scales)
+        with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+            grads, (loss, terms) = self._fn(params, frozen, batch, species, pairs, stress, scales)
         # A parameter the loss does not reach gets None from autograd and a zero tensor from torch.func: None, as in
         # the eager step, so that Adam skips it (a zero gradient would still move it by its momentum). Every parameter
         # reaches the energy; without an energy term in this batch, those that cannot reach forces and stress (the
