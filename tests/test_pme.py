@@ -551,3 +551,38 @@ def test_a_mesh_too_large_for_memory_is_an_error():
     pos, q, _, _ = random_system(3, n=6, c=1, cell=cell)
     with pytest.raises(ValueError, match=r"PME mesh \[13824, 13824, 13824\] \(2.64e\+12 points, limit .*real_cutoff"):
         compute_fields(pos, q, cell=cell, pbc=PBC, method="pme", pme_options=dict(real_cutoff=0.01))
+
+
+def test_the_automatic_choice_keeps_under_the_mesh_limit(monkeypatch):
+    """The model's own sum for 900 000 atoms at water density (1 Å Gaussians of q, mu, Theta, 4 channels, accuracy
+    1e-5) chose a 648^3 mesh, over the first limit of 2^28 points, and was refused, though a smaller splitting has a
+    576^3 mesh that fits. Candidates over the limit now lose to any that fits; the limit is 2^31 (a 10^6-atom box
+    needs up to 864^3), and here it is set back to 2^28 to see the choice step under it."""
+    from cartlorem.ewald import pme
+
+    n, length = 900_000, (900_000 / 0.1) ** (1 / 3)
+    cell = np.eye(3) * length
+    kw = dict(smearing=1.0, n_rows=10, n_cols=10, n_channels=4, derivatives=2)
+    assert pme.MAX_MESH_POINTS >= 864**3
+    free = pme.choose_parameters(cell, n, 1e-5, 4, **kw)
+    pme._choose.cache_clear()
+    monkeypatch.setattr(pme, "MAX_MESH_POINTS", 1 << 28)
+    try:
+        limited = pme.choose_parameters(cell, n, 1e-5, 4, **kw)
+    finally:
+        pme._choose.cache_clear()
+    assert np.prod(free.mesh) > 1 << 28 >= np.prod(limited.mesh) and limited.alpha < free.alpha
+
+
+def test_a_reduced_cell_keeps_its_basis():
+    """A cell that is reduced already, rows in any order, keeps its basis (results as before the reduction was
+    added: ASE's reduction also sorts the rows); the cached matrix of a reducible one is read-only (a caller that
+    changed it changed every later sum on that cell)."""
+    from cartlorem.ewald import pme
+
+    for cell in (np.diag([10.0, 5.0, 7.0]), np.diag([12.0, 7.0, 9.0]), CELLS["triclinic"].numpy()):
+        assert pme.reduced_basis(cell) is None
+    op = pme.reduced_basis(CELLS["reducible"].numpy())
+    assert op is not None and round(np.linalg.det(op)) == 1
+    with pytest.raises(ValueError, match="read-only"):
+        op[0, 0] = 2

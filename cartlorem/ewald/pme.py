@@ -137,9 +137,10 @@ def _smooth_numbers(limit: int) -> np.ndarray:
 
 _SMOOTH = _smooth_numbers(1 << 20)
 
-#: Most mesh points a PME sum may use (2^28: 2 GiB per channel and mesh array in float64; a 10^6-atom water box at
-#: accuracy 1e-6 needs ~400^3 = 6.4e7)
-MAX_MESH_POINTS = 1 << 28
+#: Most mesh points a PME sum may use (2^31, 8 GiB per channel and mesh array in float32): a guard against absurd
+#: settings (a 0.01 Å real cutoff asks for 2.6e12). A 10^6-atom water box at accuracy 1e-6 takes 625^3 (point
+#: sources) to 864^3 (the model's 1 Å Gaussians) = 2.4e8-6.4e8; the automatic choice skips meshes above it.
+MAX_MESH_POINTS = 1 << 31
 
 
 def fft_size(n: int) -> int:
@@ -216,6 +217,8 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
             else:
                 continue
             cost = pme_cost(n_atoms, volume, cutoff, m, n, n_rows, n_cols, n_channels, real_space=a < beta_max)
+            # a mesh above MAX_MESH_POINTS only where no candidate fits (choose_parameters then names it)
+            cost = (bool(np.prod(m, dtype=np.float64) > MAX_MESH_POINTS), cost)
             if best is None or cost < best[0]:
                 best = (cost, PMEParameters(float(a), cutoff, m, n))
     if best is None:  # only with a given mesh
@@ -244,7 +247,8 @@ def ewald_cost(cell: np.ndarray, n_atoms: int, accuracy: float, order: int, smea
 
 def reduced_basis(cell: np.ndarray) -> Optional[np.ndarray]:
     """The integer matrix ``op`` (det +1) that takes ``cell`` [3, 3] to a Minkowski-reduced basis of the same
-    lattice, ``op @ cell`` (ase.geometry.minkowski_reduce), or None when ``cell`` is reduced already. The PME
+    lattice, ``op @ cell`` (ase.geometry.minkowski_reduce), or None when ``cell`` is reduced already (up to the
+    order and signs of its rows: the input basis is kept, and with it the results of before). Read-only. The PME
     sum does not depend on the basis, but its mesh does: the error model (MESH_ERROR) was measured on cubic and
     mildly triclinic cells, and on a skewed basis (lattice vectors 35-40 degrees apart) the automatic mesh left
     point multipoles' fields at up to 3x the requested accuracy."""
@@ -260,7 +264,10 @@ def _reduced_basis(cell_key: bytes) -> Optional[np.ndarray]:
     op = np.asarray(op, dtype=np.int64)
     if np.linalg.det(op) < 0:
         op = -op  # the same lattice, right-handed as the input
-    return None if np.array_equal(op, np.eye(3, dtype=np.int64)) else op
+    if (np.abs(op).sum(axis=0) == 1).all() and (np.abs(op).sum(axis=1) == 1).all():
+        return None  # rows permuted or negated only: the input basis is as reduced
+    op.flags.writeable = False  # cached: shared by every caller
+    return op
 
 
 def choose_method(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout, cols: Layout,
