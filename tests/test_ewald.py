@@ -714,8 +714,9 @@ def test_thin_cells_are_refused(height):
 
 
 def test_skewed_cells_image_search():
-    """A skewed basis of the same lattice gives the same fields; one whose heights are tiny relative to
-    the real-space cutoff (0.1 Å planes, 1000 Å vectors, 4 atoms) is refused before any allocation."""
+    """A skewed basis of the same lattice gives the same fields; Ewald refuses one whose heights are tiny relative to
+    the real-space cutoff (0.1 Å planes, 1000 Å vectors, 4 atoms) before any allocation (method="auto" picks PME
+    there, which runs on the reduced basis: test_pme.py::test_a_thin_basis_of_an_ordinary_lattice_takes_pme)."""
     from cartlorem.ewald.ewald import _shift_counts, lattice_shifts
 
     pos, q, mu, th = random_system(61, n=4, c=1)
@@ -730,7 +731,7 @@ def test_skewed_cells_image_search():
     assert [len(lattice_shifts(skew.numpy(), float(c))) for c in cutoffs] == counts.tolist()
     thin = torch.tensor([[1000.0, 0, 0], [0, 1000.0, 0], [300.0, 200.0, 0.1]], dtype=DT)
     with pytest.raises(ValueError, match=r"cell height h_2 = 0.1 Å is too small relative to the Ewald"):
-        ewald.multipole_fields(random_system(62, n=4, c=1, cell=thin)[0], q, cell=thin, pbc=PBC)
+        ewald.multipole_fields(random_system(62, n=4, c=1, cell=thin)[0], q, cell=thin, pbc=PBC, method="ewald")
 
 
 @pytest.mark.parametrize("smearing", [30.0, 1e3, 1e6])
