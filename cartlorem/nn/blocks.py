@@ -409,7 +409,8 @@ class SpeciesLinear(nn.Module):
                 out[l] = mix_channels(x, weight[0], l)
                 continue
             N, C = x.shape[0], x.shape[1]
-            xm = x.reshape(N, C, 3**l).transpose(1, 2).reshape(1, N * 3**l, C)  # [1, N·3^l, C_in], components before channels
+            # [1, N·3^l, C_in], components before channels (sizes, not -1: zero nodes too)
+            xm = x.reshape(N, C, 3**l).transpose(1, 2).reshape(1, N * 3**l, C)
             y = torch.matmul(xm, weight)  # [S, N·3^l, C_out]
             y = y.view(S, N, 3**l, self.out_channels)
             y = (y * onehot.to(y.dtype)[:, :, None, None]).sum(0)  # [N, 3^l, C_out]: each node's own species

@@ -6,8 +6,8 @@ traceless X maps to five components
     (√2 X_xz, √2 X_xy, √(3/2) X_yy, √2 X_yz, (X_zz − X_xx)/√2),
 
 an isometry (Frobenius norm = Euclidean norm) onto e3nn's l = 2 basis: the image of T2(n) is
-Y2(n)/√(10/3) in e3nn's ``component`` normalisation (and T1(n) = n is Y1(n)/√3), and the map intertwines the Cartesian action
-Q X Qᵀ with e3nn's Wigner matrix D²(Q) (checked against e3nn in the tests).
+Y2(n)/√(10/3) in e3nn's ``component`` normalisation (and T1(n) = n is Y1(n)/√3), and the map intertwines
+the Cartesian action Q X Qᵀ with e3nn's Wigner matrix D²(Q) (checked against e3nn in the tests).
 """
 
 from __future__ import annotations
