@@ -4,7 +4,7 @@
 
 Steps: split the data (test 10 %, then validation 10 % of the rest), train a small CartLorem,
 report test accuracy and a parity plot, run NVE MD on the largest neutral test structure in
-float64 and report the energy drift. Writes model.pt, log.csv, learning_curve.png,
+float64 and report the energy drift. Writes model.pt, checkpoint.pt, log.csv, learning_curve.png,
 test_metrics.json, parity.png and md.csv into ``out``.
 """
 
@@ -23,8 +23,8 @@ __all__ = ["run_demo", "demo_data"]
 
 
 def demo_data(path: Optional[str] = None) -> Path:
-    """``path`` if given (must exist), else the bundled demo dataset."""
-    if path:
+    """``path`` if given (must exist), else (None) the bundled demo dataset."""
+    if path is not None:
         if not Path(path).is_file():
             raise ValueError(f"data file {path!r} does not exist")
         return Path(path)
@@ -131,7 +131,7 @@ def run_demo(
     atoms.calc = CartLoremCalculator(model, device=device, dtype="float64")
     say(
         f"[4/4] NVE MD: {md_steps} steps × {timestep:g} fs at {temperature:g} K on {atoms.get_chemical_formula()} "
-        f"({len(atoms)} atoms, test structure {int(pick)}), float64"
+        f"({len(atoms)} atoms, frame {int(pick)} of the data, a test structure), float64"
     )
     t0 = time.perf_counter()
     md = run_nve(atoms, steps=md_steps, timestep_fs=timestep, temperature_K=temperature, seed=seed,
@@ -149,7 +149,7 @@ def run_demo(
         f"{md['max_abs_de_mev_per_atom']:.3f} meV/atom ({md['max_abs_de_mev']:.2f} meV)"
     )
     say(
-        f"demo finished in {time.perf_counter() - t_start:.0f} s; files in {out}/ (model.pt, log.csv, "
+        f"demo finished in {time.perf_counter() - t_start:.0f} s; files in {out}/ (model.pt, checkpoint.pt, log.csv, "
         "learning_curve.png, test_metrics.json, parity.png, md.csv)"
     )
     return 0 if not md["error"] else 1

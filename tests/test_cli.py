@@ -325,6 +325,14 @@ def test_demo_refuses_one_structure_before_training(tmp_path, capsys):
     assert not (out / "model.pt").exists()
 
 
+def test_demo_with_an_empty_data_path_is_an_error(tmp_path, capsys):
+    """`--data ""` (an unset shell variable) trained on the bundled set without a word."""
+    code, _, err = run(capsys, "demo", "--data", "", "--out", tmp_path / "demo", "--epochs", 1, "--md-steps", 2,
+                       "--channels", 4, "--no-progress")
+    _assert_user_error(code, err, "data file '' does not exist")
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_says_what_labels_it_reads(tmp_path, capsys):
     """A file without force labels: the demo passed on read_dataset's advice, "Choose another forces_key, or leave
     'forces' out of require", options the demo does not have."""
@@ -364,7 +372,7 @@ def test_demo_md_skips_a_structure_charged_by_info_charge(tmp_path, capsys):
                          "--md-steps", 2, "--channels", 4, "--no-progress")
     assert code == 0, err
     other = int(test_idx[test_idx != largest][0])
-    assert f"test structure {other})" in out
+    assert f"frame {other} of the data, a test structure)" in out
     from cartlorem.demo import md_structure
 
     graphs = read_dataset(frames, 3.0)
