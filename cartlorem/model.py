@@ -530,10 +530,9 @@ class CartLorem(nn.Module):
             # overlapping atoms (an edge of length ~0 is a 0/0 in the edge's direction: NaN, not an error), as
             # atoms_to_graph, the calculator and the exported model refuse them; indices clamped, checked above
             with torch.no_grad():
-                i, j = graph.edge_index.clamp(0, max(n_atoms - 1, 0))
-                k = graph.batch.clamp(0, max(n_struct - 1, 0))[i]
-                vec = graph.positions[j] - graph.positions[i] + (graph.edge_shift[:, :, None] * graph.cell[k]).sum(1)
-                shortest = (vec * vec).sum(-1).min()
+                d = graph.replace(edge_index=graph.edge_index.clamp(0, max(n_atoms - 1, 0)),
+                                  batch=graph.batch.clamp(0, max(n_struct - 1, 0))).edge_vectors().square().sum(-1)
+                shortest = d.min()
             ok = ok & ~(shortest < _MIN_DISTANCE**2)  # NaN: the checks below name it
         if bool(ok):
             return
@@ -554,7 +553,6 @@ class CartLorem(nn.Module):
             raise ValueError(f"graph.edge_shift contains NaN or inf ({int(bad.sum())} of {bad.numel()} edges; "
                              f"edge {k}, atoms {graph.edge_index[:, k].tolist()}: {graph.edge_shift[k].tolist()})")
         if shortest is not None and bool(shortest < _MIN_DISTANCE**2):
-            d = (vec * vec).sum(-1)
             e = int(d.argmin())
             a, b = graph.edge_index[:, e].tolist()
             what = (f"atoms {a} and {b} are" if a != b else
