@@ -270,6 +270,14 @@ def _reduced_basis(cell_key: bytes) -> Optional[np.ndarray]:
     return op
 
 
+def mesh_basis(cell: np.ndarray, mesh=None) -> tuple:
+    """(op, the cell :func:`pme_sum` puts its mesh on): ``op @ cell`` on a Minkowski-reduced basis
+    (:func:`reduced_basis`), or (None, ``cell``) when it is reduced already or a ``mesh`` is given (its sizes are
+    along the rows of ``cell`` as given). Costs and parameters of a PME sum are those of this cell."""
+    op = reduced_basis(cell) if mesh is None else None
+    return op, (cell if op is None else op @ cell)
+
+
 def choose_method(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout, cols: Layout,
                   n_channels: int, smearing=None) -> str:
     """"ewald" or "pme", whichever the measured cost models say is cheaper for this periodic system.
@@ -302,8 +310,7 @@ def _choose_method(cell_key: bytes, n_atoms: int, accuracy: float, row_ranks: tu
     n_min = min(n for n in SPLINE_ORDERS if n >= derivatives + 4)
     if COST_PME_CALL + COST_STENCIL * n_atoms * n_min**3 * (n_rows + n_cols) * n_channels >= t_ewald:
         return "ewald"
-    op = reduced_basis(cell)  # the basis pme_sum puts its mesh on
-    params = choose_parameters(cell if op is None else op @ cell, n_atoms, accuracy, order, smearing, n_rows=n_rows,
+    params = choose_parameters(mesh_basis(cell)[1], n_atoms, accuracy, order, smearing, n_rows=n_rows,
                                n_cols=n_cols, n_channels=n_channels, derivatives=derivatives)
     beta_max = math.inf if smearing is None else smearing_beta(smearing)
     t_pme = pme_cost(n_atoms, abs(np.linalg.det(cell)), params.real_cutoff, params.mesh, params.spline_order,
@@ -867,15 +874,13 @@ def pme_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor, rows: 
     sources; cell [3, 3] (rows are lattice vectors); total_charge [C] (e) or None.
     Returns [N, n_rows, C] without the output signs ``c_l``. ``alpha``, ``mesh`` (three sizes or one),
     ``spline_order`` and ``real_cutoff`` override the automatic choice. The sum runs on a Minkowski-reduced basis
-    of the lattice (:func:`reduced_basis`; the same fields, differentiable in ``cell``), except with a given
+    of the lattice (:func:`mesh_basis`; the same fields, differentiable in ``cell``), except with a given
     ``mesh``, whose sizes are along the rows of ``cell`` as given.
     """
     tensors = InteractionTensors(rows, cols)
-    cell_np = cell.detach().cpu().double().numpy()
-    op = reduced_basis(cell_np) if mesh is None else None
+    op, cell_np = mesh_basis(cell.detach().cpu().double().numpy(), mesh)
     if op is not None:
         cell = torch.as_tensor(op, dtype=cell.dtype, device=cell.device) @ cell
-        cell_np = op @ cell_np
     # the mesh coordinates and pair vectors below see wrapped positions: float32 keeps its resolution far from the
     # origin (unwrapped MD), as in .ewald.ewald_sum
     positions = _ewald.wrap_positions(positions, cell)
