@@ -219,15 +219,17 @@ class CompiledLossGradient:
         # charge-state conditioning on neutral singlets, the layers on a batch of atoms alone) stays, as eagerly.
         # A batch (or this process's part of one) with no labelled item of any weighted term: no gradient at all, as
         # the eager step takes no backward pass there.
-        labelled = any(int(count) > 0 for _, count in terms.values())
-        energy = "energy" in terms and int(terms["energy"][1]) > 0
+        values = dict(zip(terms, torch.stack([torch.stack([mse.detach(), count.to(mse.dtype)])
+                                              for mse, count in terms.values()]).tolist())) if terms else {}
+        counted = {k: mse for k, (mse, count) in values.items() if count > 0}  # one host sync for all terms
+        labelled, energy = bool(counted), "energy" in counted
         unreached = set() if energy or not labelled else self._unreached_by_forces(batch, stress)
         for n, p in self.trainable:
             g = grads[n]
             if g.stride() != p.stride():  # e.g. a transposed GEMM result: the fused Adam walks grad and param
                 g = torch.empty_like(p).copy_(g)  # memory in step, so they must share the layout
             p.grad = g if labelled and n not in unreached else None
-        return loss, {k: float(mse) for k, (mse, count) in terms.items() if int(count) > 0}
+        return loss, counted
 
     def _unreached_by_forces(self, batch: Graph, stress: bool) -> set:
         """Names of the trainable parameters that forces (and stress, when asked for) do not depend on, whatever the
