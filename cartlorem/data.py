@@ -353,7 +353,7 @@ def read_dataset(
             ignored.append(k)  # a calculator's dipole of a periodic structure or slab (an info one raised above)
         for name in require:
             if not bool(getattr(g, f"has_{name}")[0]):
-                raise ValueError(_missing_label_message(frames, k, source, name, keys[name]))
+                raise _missing_label_error(frames, k, source, name, keys[name])
         graphs.append(g)
     if ignored:
         shown = ", ".join(map(str, ignored[:10])) + (", ..." if len(ignored) > 10 else "")
@@ -393,7 +393,16 @@ def check_charge_states(frames, source: str = "structures") -> None:
         raise ValueError(bad[0][1] + others)
 
 
-def _missing_label_message(frames, k: int, source: str, name: str, key: str) -> str:
+class MissingLabelError(ValueError):
+    """A frame lacks a label that ``require`` asks for. ``finding``: what is missing and where; ``advice``: the
+    arguments of :func:`read_dataset` that change it (callers with other options give their own)."""
+
+    def __init__(self, finding: str, advice: str):
+        super().__init__(f"{finding} {advice}")
+        self.finding, self.advice = finding, advice
+
+
+def _missing_label_error(frames, k: int, source: str, name: str, key: str) -> MissingLabelError:
     atoms = frames[k]
 
     def lacks(a) -> bool:
@@ -409,12 +418,11 @@ def _missing_label_message(frames, k: int, source: str, name: str, key: str) -> 
         reason = f"looked for {_describe_key(name, key)}"
     results = sorted(_calc_results(atoms))
     store = sorted(atoms.arrays) if name == "forces" else sorted(atoms.info)
-    return (
+    return MissingLabelError(
         f"{source}, frame {k}: no '{name}' label ({reason}); {len(missing)} of {len(frames)} frames lack it "
         f"(first: {missing[:5]}). This frame has calculator results {results} and "
-        f"atoms.{'arrays' if name == 'forces' else 'info'} keys {store}. "
-        f"Choose another {name}_key, or leave '{name}' out of require."
-    )
+        f"atoms.{'arrays' if name == 'forces' else 'info'} keys {store}.",
+        f"Choose another {name}_key, or leave '{name}' out of require.")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def run_demo(
     import ase.io
 
     from .calculator import CartLoremCalculator
-    from .data import read_dataset, split
+    from .data import MissingLabelError, read_dataset, split
     from .evaluate import format_table, metrics, metrics_json, parity_plot, predict
     from .md import run_nve, write_md_csv
     from .model import CartLorem
@@ -79,11 +79,8 @@ def run_demo(
     frames = ase.io.read(str(path), index=":")
     try:
         graphs = read_dataset(frames, cutoff, dtype=dtype)
-    except ValueError as err:
-        if "Choose another" not in str(err):
-            raise
-        # the advice names read_dataset's arguments, which the demo does not have
-        raise ValueError(f"{str(err).split(' Choose another')[0]} The demo reads the energies and forces of a "
+    except MissingLabelError as err:  # its advice names read_dataset's arguments, which the demo does not have
+        raise ValueError(f"{err.finding} The demo reads the energies and forces of a "
                          "calculator (ase.io.write of atoms with one attached: energy= and forces in the extxyz "
                          "file); for other labels (REF_energy, ...) use cartlorem train with --energy-key and "
                          "--forces-key.") from None
