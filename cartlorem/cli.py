@@ -180,14 +180,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-_LABEL_KEYS = {"energy_key": "calc", "forces_key": "calc", "stress_key": "calc", "dipole_key": "dipole",
-               "born_charges_key": "born_charges"}
+_LABEL_KEYS = ("energy_key", "forces_key", "stress_key", "dipole_key", "born_charges_key")
 
 
 def _evaluate_label_keys(args: argparse.Namespace) -> dict:
     """The label keys of ``cartlorem evaluate``: each flag given, else the key the model's run trained with (the
     config.yaml that ``cartlorem train`` writes beside model.pt), else the default; says which came from the run."""
-    from .config import parse_label_key
+    from .config import Config, parse_label_key
 
     given = {name: getattr(args, name) for name in _LABEL_KEYS if getattr(args, name) is not None}
     run_config, trained = Path(args.model).parent / "config.yaml", {}
@@ -201,10 +200,11 @@ def _evaluate_label_keys(args: argparse.Namespace) -> dict:
                 trained = {name: parse_label_key(written[name]) for name in _LABEL_KEYS if name in written}
         except (yaml.YAMLError, OSError, UnicodeDecodeError, ValueError):
             trained = {}
-    keys = {name: parse_label_key(given[name]) if name in given else trained.get(name, default)
-            for name, default in _LABEL_KEYS.items()}
+    default = Config()  # train's defaults, which evaluate shares
+    keys = {name: parse_label_key(given[name]) if name in given else trained.get(name, getattr(default, name))
+            for name in _LABEL_KEYS}
     from_run = {name: keys[name] for name in _LABEL_KEYS if name not in given and name in trained
-                and trained[name] != _LABEL_KEYS[name]}
+                and trained[name] != getattr(default, name)}
     if from_run:
         shown = ", ".join(f"--{name.replace('_', '-')} {value if value else 'none'}" for name, value in from_run.items())
         print(f"label keys of the run that trained the model ({run_config}): {shown}")
