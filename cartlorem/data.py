@@ -72,7 +72,7 @@ def _calc_results(atoms) -> dict:
 
 def _describe_key(name: str, key: str) -> str:
     if key == "calc":
-        return f"calculator results['{name}']"
+        return f"calculator results['{name}'] (or atoms.{'arrays' if name == 'forces' else 'info'}['{name}'])"
     where = "arrays" if name == "forces" else "info"
     return f"atoms.{where}['{key}'] (or calculator results['{key}'])"
 
@@ -81,9 +81,11 @@ def _lookup(atoms, name: str, key: Optional[str]):
     """Raw value of label ``name`` under ``key`` ("calc" or an info/arrays name), or None if absent."""
     if not key:
         return None
-    if key == "calc":
-        return _calc_results(atoms).get(name)
     store = atoms.arrays if name == "forces" else atoms.info
+    if key == "calc":
+        # ase.io.read moves the standard names into the calculator; Atoms built in memory keep them in info/arrays
+        value = _calc_results(atoms).get(name)
+        return store.get(name) if value is None else value
     if key in store:
         return store[key]
     # ase.io.read moves the standard names (energy, forces, stress, free_energy) into the calculator
@@ -116,7 +118,8 @@ def attach_labels(graph: Graph, atoms, keys: Mapping[str, Optional[str]]) -> Gra
 
     keys: {"energy" | "forces" | "stress": "calc" | NAME | None}. "calc" reads the results the
     attached ASE calculator already holds (single-point results from extxyz; no calculation is
-    run); NAME reads ``atoms.info[NAME]`` (energy, stress) or ``atoms.arrays[NAME]`` (forces),
+    run), or else the standard name in ``atoms.info`` / ``atoms.arrays`` (where Atoms built in memory
+    keep it; ``ase.io.read`` moves it into the results); NAME reads ``atoms.info[NAME]`` (energy, stress) or ``atoms.arrays[NAME]`` (forces),
     falling back on calculator results under that name. Labels that are absent, not asked for, or
     (stress) belong to a structure with no periodic direction are filled with zeros and flagged
     False in the masks.

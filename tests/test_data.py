@@ -99,6 +99,31 @@ def test_standard_names_as_keys_fall_back_on_calculator(tmp_path, labelled):
     assert g.energy.item() == pytest.approx(labelled[0].get_potential_energy())
 
 
+def test_standard_names_in_memory_read_as_from_a_file(tmp_path, labelled):
+    """Atoms built in memory keep energy / forces / stress in info / arrays, where ase.io.read would have moved them
+    into the calculator: the default keys read them the same (the stress was silently dropped before)."""
+    frames = []
+    for a in labelled:
+        b = a.copy()  # no calculator
+        b.info["energy"] = a.get_potential_energy()
+        b.arrays["forces"] = a.get_forces()
+        if a.pbc.all():
+            b.info["stress"] = a.get_stress()
+        frames.append(b)
+    path = tmp_path / "d.xyz"
+    ase.io.write(path, frames, format="extxyz")
+    from_file = read_dataset(path, 4.0)
+    in_memory = read_dataset(frames, 4.0)
+    for f, m in zip(from_file, in_memory):
+        assert m.has_stress.tolist() == f.has_stress.tolist()
+        for name in ("energy", "forces", "stress"):
+            np.testing.assert_allclose(getattr(m, name).numpy(), getattr(f, name).numpy(), rtol=1e-7, atol=1e-7)
+    assert [bool(g.has_stress) for g in in_memory] == [True, False, True, False]
+    # the calculator's results win over an info entry of the same name
+    frames[0].calc = SinglePointCalculator(frames[0], energy=-1.0)
+    assert read_dataset(frames[:1], 4.0, require=("energy",))[0].energy.item() == -1.0
+
+
 def test_missing_required_label_names_frame_and_label(tmp_path, labelled):
     frames = [a.copy() for a in labelled]
     for k, a in enumerate(labelled):
