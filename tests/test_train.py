@@ -71,6 +71,7 @@ def test_outputs_and_best_model_file(data, tmp_path):
         "epoch,lr,train_loss,valid_loss,valid_energy_mae_mev_per_atom,valid_forces_mae_mev_per_a"
     )
     assert len(rows) == 3
+    assert rows[0].endswith(",metrics_on") and all(r.endswith(",validation") for r in rows[1:])
     best = load_model(tmp_path / "model.pt").double()
     assert evaluate(best, valid_set) == pytest.approx(evaluate(model, valid_set), rel=1e-10)
     assert result.model_path == str(tmp_path / "model.pt")

@@ -230,3 +230,8 @@ def test_without_a_validation_set_the_metrics_are_called_training_metrics(files,
     training = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["training"]
     assert "valid_metrics" not in training and "valid_loss" not in training
     assert training["epoch"] == 1 and training["training_set_metrics"]["n_structures"] == 8
+    # log.csv's valid_* columns hold these training-set metrics, and say so
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert [r["metrics_on"] for r in rows] == ["training"] * len(rows) and rows

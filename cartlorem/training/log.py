@@ -22,7 +22,10 @@ LOG_COLUMNS = (
     "valid_born_charges_mae_e",
     "epoch_time_s",
     "elapsed_s",
+    "metrics_on",
 )
+"""The columns of log.csv. The ``valid_*`` columns hold the metrics of the set named in ``metrics_on``: "validation",
+or "training" for a run without a validation set (which then selects its best model on the training set)."""
 
 
 def write_csv(path, history: Sequence[dict]) -> None:
@@ -50,12 +53,14 @@ def plot_learning_curve(history: Sequence[dict], path) -> bool:
     except ImportError:
         return False
     epochs = [r["epoch"] for r in history]
+    on_training = any(r.get("metrics_on") == "training" for r in history)
     fig = Figure(figsize=(11, 3.4), layout="constrained")
     FigureCanvasAgg(fig)
+    seen = "training set, evaluated" if on_training else "valid"  # no validation set: the metrics are the training set's
     panels = [
-        ("loss", [("train_loss", "train"), ("valid_loss", "valid")], True),
-        ("energy MAE (meV/atom)", [("valid_energy_mae_mev_per_atom", "valid")], False),
-        ("force MAE (meV/Å)", [("valid_forces_mae_mev_per_a", "valid")], False),
+        ("loss", [("train_loss", "train"), ("valid_loss", seen)], True),
+        ("energy MAE (meV/atom)", [("valid_energy_mae_mev_per_atom", seen)], False),
+        ("force MAE (meV/Å)", [("valid_forces_mae_mev_per_a", seen)], False),
     ]
     for k, (title, series, log) in enumerate(panels):
         ax = fig.add_subplot(1, 3, k + 1)
@@ -66,6 +71,7 @@ def plot_learning_curve(history: Sequence[dict], path) -> bool:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=label)
         if log:
             ax.set_yscale("log")
+        if log or on_training:
             ax.legend()
         ax.set_xlabel("epoch")
         ax.set_title(title)

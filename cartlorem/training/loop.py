@@ -702,6 +702,7 @@ class _Run:
             "valid_born_charges_mae_e": m.get("born_charges_mae_e"),
             "epoch_time_s": dt,
             "elapsed_s": state["elapsed_s"],
+            "metrics_on": self.result.best_metrics_on,
         }
         self.result.history.append(row)
         self.result.epochs_completed = epoch
