@@ -57,6 +57,36 @@ def test_overwrite_removes_the_previous_runs_files(files, tmp_path, capsys):
     assert code == 2 and "no checkpoint.pt" in err
 
 
+def test_overwrite_removes_what_was_written_about_the_old_model(files, tmp_path, capsys):
+    """A run started over a `cartlorem train` folder through the library (or the demo, which overwrites) kept the
+    old run's config.yaml, and `cartlorem evaluate` then read the new model's labels with the old run's keys."""
+    import torch
+
+    from cartlorem import CartLorem
+    from cartlorem.data import read_dataset
+    from cartlorem.train import train
+
+    frames = emt_frames(8, seed=0)
+    for a in frames:
+        a.info["REF_energy"] = a.get_potential_energy() + 100.0
+    ase.io.write(files / "ref.xyz", frames)
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--train", files / "ref.xyz", "--config", files / "tiny.yaml",
+                       "--energy-key", "REF_energy", "--out", run_dir, "--no-progress")
+    assert code == 0, err
+    for name in ("test_metrics.json", "parity.png", "md.csv"):  # as a demo in this folder would have left them
+        (run_dir / name).write_text("about the old model")
+    graphs = read_dataset(files / "ref.xyz", 3.0)  # the calculator's energies
+    model = CartLorem(species=[29, 47], channels=4, num_layers=1, correlation=1, num_basis=4, radial_hidden=4,
+                      readout_hidden=4, cutoff=3.0, long_range=None).to(torch.float64)
+    train(model, graphs, epochs=1, batch_size=4, out_dir=run_dir, overwrite=True, progress=False)
+    for name in ("config.yaml", "test_metrics.json", "parity.png", "md.csv"):
+        assert not (run_dir / name).exists(), name
+    code, out, err = run(capsys, "evaluate", "--model", run_dir / "model.pt", "--data", files / "ref.xyz")
+    assert code == 0, err
+    assert "REF_energy" not in out + err
+
+
 def test_a_model_file_without_a_checkpoint_is_not_removed_without_overwrite(files, tmp_path, capsys):
     """A fresh run deleted a model.pt it found in its folder (one the user put there, or of a run whose checkpoint
     was removed) even without --overwrite; it is now refused like a checkpoint, and kept."""
