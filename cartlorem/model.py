@@ -735,9 +735,15 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     import pickle
     import re
 
+    from .fileio import damaged_record
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
+    damaged = damaged_record(path)
+    if damaged is not None:
+        raise ValueError(f"model file {path} is damaged: its record {damaged} does not match its checksum (the "
+                         "file changed after it was written); restore it or write it again")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -761,6 +767,10 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     fmt = obj.get("format") if isinstance(obj, dict) else None
+    newer = re.fullmatch(r"cartlorem-model-v(\d+)", fmt) if isinstance(fmt, str) else None
+    if fmt not in _FORMATS and newer and int(newer.group(1)) > int(_FORMAT.rsplit("v", 1)[1]):
+        raise ValueError(f"{path} was written by a newer cartlorem (format {fmt!r}; this one reads up to {_FORMAT!r}): "
+                         "upgrade cartlorem to load it")
     if fmt not in _FORMATS:
         raise ValueError(f"{path} is not a cartlorem model file (no '{_FORMAT}' header"
                          + (f"; found {fmt!r})" if isinstance(fmt, str) else ")"))
@@ -783,5 +793,10 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     if dtype not in ("float32", "float64"):
         raise ValueError(f"{path}: unsupported dtype {dtype!r} (float32 or float64)")
     model = model.to(getattr(torch, dtype))
-    model.load_state_dict(upgrade_state_dict(state, config, fmt))
+    try:
+        model.load_state_dict(upgrade_state_dict(state, config, fmt))
+    except RuntimeError as exc:  # missing / unexpected entries, or a shape the options do not give
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"{path}: the weights in the file do not fit the model its options describe ({detail[:600]})"
+                         ) from None
     return model

@@ -192,3 +192,45 @@ def test_unreadable_files(tmp_path):
     torch.save(payload, tmp_path / "future.pt")
     with pytest.raises(ValueError, match="frobnicate"):
         cartlorem.load_model(tmp_path / "future.pt")
+
+
+def _flip_a_bit_in(path, record_suffix):
+    """Flip one bit in the middle of the data of the zip record whose name ends with ``record_suffix`` (the
+    archive's structure stays intact: only that record's checksum no longer matches)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(record_suffix))
+    raw = bytearray(open(path, "rb").read())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    raw[start + info.compress_size // 2] ^= 0x04
+    open(path, "wb").write(bytes(raw))
+
+
+def test_a_file_damaged_on_disk_is_refused(tmp_path):
+    """torch.load does not check the checksums torch.save writes: a flipped bit in a stored weight loaded as a wrong
+    number, with no error."""
+    import zipfile
+
+    path = tmp_path / "model.pt"
+    model = lr_model()
+    cartlorem.save_model(model, path)
+    with zipfile.ZipFile(path) as archive:
+        biggest = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    _flip_a_bit_in(path, biggest.filename)
+    with pytest.raises(ValueError, match=r"damaged.*" + biggest.filename.split("/")[-1]):
+        cartlorem.load_model(path)
+
+
+def test_newer_format_and_mismatched_weights_are_named(tmp_path):
+    payload = cartlorem.model.model_payload(lr_model())
+    torch.save({**payload, "format": "cartlorem-model-v9"}, tmp_path / "newer.pt")
+    with pytest.raises(ValueError, match="newer cartlorem"):
+        cartlorem.load_model(tmp_path / "newer.pt")
+    state = dict(payload["state_dict"])
+    state.pop(next(iter(state)))
+    torch.save({**payload, "state_dict": state}, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="weights in the file do not fit"):
+        cartlorem.load_model(tmp_path / "missing.pt")

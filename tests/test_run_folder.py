@@ -128,14 +128,25 @@ def test_output_folder_that_is_a_file(files, tmp_path, capsys):
     assert taken.read_text() == "not a folder\n"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "text"])
+@pytest.mark.parametrize("damage", ["truncated", "text", "one bit"])
 def test_damaged_checkpoint_is_a_clear_error_on_resume(files, tmp_path, capsys, damage):
+    """"one bit": a flipped bit in a stored tensor, which torch.load reads without a word (its checksum is not
+    checked), and the run went on from the wrong number."""
+    import zipfile
+
+    from test_loading import _flip_a_bit_in
+
     run_dir = tmp_path / "run"
     code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
                        "--out", run_dir, "--no-progress")
     assert code == 0, err
     ckpt = run_dir / "checkpoint.pt"
-    ckpt.write_bytes(ckpt.read_bytes()[:1000] if damage == "truncated" else b"garbage\n")
+    if damage == "one bit":
+        with zipfile.ZipFile(ckpt) as archive:
+            record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        _flip_a_bit_in(ckpt, record.filename)
+    else:
+        ckpt.write_bytes(ckpt.read_bytes()[:1000] if damage == "truncated" else b"garbage\n")
     code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, "--no-progress")
     assert code == 2 and "Traceback" not in err, err
     assert "cannot read" in err and str(ckpt) in err and "--overwrite" in err

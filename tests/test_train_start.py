@@ -199,19 +199,29 @@ def test_an_interrupt_offers_the_resume_of_a_run_whose_folder_the_config_names(f
     assert code == 130 and "continues with --resume" in err and str(tmp_path / "r") in err, err
 
 
-def test_a_missing_model_file_is_written_again_on_resume(trained, tmp_path, capsys):
+@pytest.mark.parametrize("harm", ["missing", "damaged"])
+def test_a_missing_model_file_is_written_again_on_resume(trained, tmp_path, capsys, harm):
     """model.pt missing next to checkpoint.pt (deleted, or not copied along): a resume never wrote it again though
-    the checkpoint holds the best weights (only a better epoch would), and the summary said no epoch was trained."""
+    the checkpoint holds the best weights (only a better epoch would), and the summary said no epoch was trained.
+    A model.pt with a flipped bit in a weight (torch.load reads it without a word) was kept."""
+    import zipfile
+
     import torch
 
     from cartlorem import load_model
+    from test_loading import _flip_a_bit_in
 
     run_dir = _copy(trained, tmp_path)
-    (run_dir / "model.pt").unlink()
+    if harm == "missing":
+        (run_dir / "model.pt").unlink()
+    else:
+        with zipfile.ZipFile(run_dir / "model.pt") as archive:
+            record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        _flip_a_bit_in(run_dir / "model.pt", record.filename)
     code, out, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 1)
     assert code == 0, err
     assert "no epoch was trained" not in out and f"model: {run_dir / 'model.pt'}" in out, out
-    assert "model.pt was missing" in err, err
+    assert f"model.pt was {harm}" in err, err
     best = torch.load(run_dir / "checkpoint.pt", weights_only=True)["best_state_dict"]
     model = load_model(run_dir / "model.pt")
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..evaluate import metrics as compute_metrics
+from ..fileio import damaged_record
 from ..evaluate import predict
 from ..graph import Graph, collate
 from ..nn.long_range import compact_slab_cells
@@ -465,14 +466,18 @@ class _Run:
         """After a resume: write model.pt again from the checkpoint's best weights when the file is missing
         (deleted, or not copied with checkpoint.pt), which would otherwise be written again only by a better epoch,
         or when it holds another epoch than the checkpoint's best (an epoch that max_time cut short, validated
-        after its checkpoint was written and continued by this resume; an epoch whose checkpoint a crash lost)."""
+        after its checkpoint was written and continued by this resume; an epoch whose checkpoint a crash lost), or
+        when it is damaged."""
         folder, result, best = self.folder, self.result, self.state["best_state_dict"]
         if not result.best_epoch or best is None:
             return
         if folder.best_model.is_file():
-            if self._best_file_epoch() == result.best_epoch:
+            if damaged_record(folder.best_model) is not None:  # torch.load would read a flipped bit without a word
+                why = "was damaged (a record does not match its checksum)"
+            elif self._best_file_epoch() == result.best_epoch:
                 return
-            why = "holds another epoch than the checkpoint's best"
+            else:
+                why = "holds another epoch than the checkpoint's best"
         else:
             why = "was missing"
         current = cpu_state_dict(self.model)

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..fileio import atomic_torch_save
+from ..fileio import atomic_torch_save, damaged_record
 from .log import plot_learning_curve, write_csv
 
 __all__ = ["RunFolder", "model_payload_of", "CHECKPOINT", "BEST_MODEL", "LOG_CSV", "CURVE_PNG", "CONFIG_YAML"]
@@ -161,6 +161,11 @@ class RunFolder:
                 old.unlink(missing_ok=True)
 
     def load_checkpoint(self) -> dict:
+        damaged = damaged_record(self.checkpoint)
+        if damaged is not None:
+            raise ValueError(
+                f"cannot read {self.checkpoint}: it is damaged (its record {damaged} does not match its checksum); "
+                "start the run afresh (overwrite=True, --overwrite) or restore the file")
         try:
             ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, ... for a damaged file
