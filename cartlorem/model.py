@@ -718,6 +718,27 @@ def save_model(model: CartLorem, path, **extra) -> None:
     atomic_torch_save(payload, path)  # temp file + rename, mode 0644 like every other output
 
 
+def complete_config(config: dict) -> dict:
+    """The options of a model file (its "config") as this cartlorem reads them: an option the file's cartlorem did
+    not have yet gets the behaviour of then, which is the constructor's default except for the long-range block
+    (charges in every channel, the block at the end). ``load_model`` builds the model from these, and a resume
+    compares them with the new run's model."""
+    import inspect
+
+    config = dict(config)
+    if config.get("long_range") is None:
+        # none stored, or options of a block it has not that an older cartlorem let a short-range model store
+        config["long_range_options"] = {}
+    if config.get("long_range") is not None:
+        options = config.get("long_range_options") or {}
+        old = {"charge_channels": None, "placement": "end", "end_features": "full"}
+        config["long_range_options"] = {**{k: v for k, v in old.items() if k not in options}, **options}
+    for name, parameter in inspect.signature(CartLorem.__init__).parameters.items():
+        if name != "self" and name not in config and parameter.default is not inspect.Parameter.empty:
+            config[name] = parameter.default
+    return config
+
+
 def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartLorem:
     """Read a model written by :func:`save_model` (or a training checkpoint that holds one).
 
@@ -777,14 +798,7 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     config, state = obj.get("config"), obj.get("state_dict")
     if not isinstance(config, dict) or not isinstance(state, dict):
         raise ValueError(f"{path}: a cartlorem model file needs a 'config' dict and a 'state_dict' dict")
-    if config.get("long_range") is None and config.get("long_range_options"):
-        # a short-range model that an older cartlorem let store (and ignore) options of a block it has not
-        config = {**config, "long_range_options": {}}
-    if config.get("long_range") is not None:
-        # written before an option existed: the behaviour of then (charges in every channel, the block at the end)
-        options = config.get("long_range_options") or {}
-        old = {"charge_channels": None, "placement": "end", "end_features": "full"}
-        config = {**config, "long_range_options": {**{k: v for k, v in old.items() if k not in options}, **options}}
+    config = complete_config(config)
     try:
         model = CartLorem(**config)
     except TypeError as exc:

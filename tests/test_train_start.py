@@ -245,3 +245,52 @@ def test_without_a_validation_set_the_metrics_are_called_training_metrics(files,
 
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert [r["metrics_on"] for r in rows] == ["training"] * len(rows) and rows
+
+
+def _as_older_cartlorem(ckpt_path, model_format, drop=("charge_state", "long_range_options")):
+    """Rewrite a checkpoint as an older cartlorem wrote it: its model entry in ``model_format``, without the options
+    that did not exist then; long-range couplings in the one-parameter layout of formats v1 and v2."""
+    import torch
+
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    saved = ckpt["model"]
+    saved["format"] = model_format
+    saved["config"] = {k: v for k, v in saved["config"].items() if k not in drop}
+    torch.save(ckpt, ckpt_path)
+
+
+def test_a_checkpoint_of_an_older_cartlorem_resumes(trained, tmp_path, capsys):
+    """Its model file loaded, but the resume compared the file's options as stored: an option the older cartlorem
+    did not have (charge_state, long_range_options) was a "different model", and the run could not go on."""
+    import torch
+
+    from cartlorem import load_model
+
+    run_dir = _copy(trained, tmp_path)
+    _as_older_cartlorem(run_dir / "checkpoint.pt", "cartlorem-model-v2")
+    assert load_model(run_dir / "checkpoint.pt").config["charge_state"] is False
+    code, out, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
+    assert code == 0, err
+    assert "stopped after epoch 2" in out
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]["format"] == "cartlorem-model-v4"
+
+
+def test_a_long_range_checkpoint_of_format_v2_is_refused_with_the_reason(files, tmp_path, capsys):
+    """Its couplings were one parameter; the weights convert, the optimiser's moments do not: a clear refusal, not a
+    size mismatch from inside the optimiser."""
+    import torch
+
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--long-range", "multipole", "--out", run_dir, "--ema-decay", "0")
+    assert code == 0, err
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    for key in ("train_state_dict", "best_state_dict"):
+        state = ckpt[key]
+        a0 = state.pop("long_range_block.coupling_channel0")
+        state["long_range_block.coupling"] = torch.cat([a0.reshape(1), state.pop("long_range_block.coupling_others")])
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    _as_older_cartlorem(run_dir / "checkpoint.pt", "cartlorem-model-v2")
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
+    assert code == 2 and "Traceback" not in err, err
+    assert "older cartlorem" in err and "cartlorem-model-v2" in err and "optimiser" in err, err

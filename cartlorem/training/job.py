@@ -25,7 +25,7 @@ from ..config import Config
 from ..data import read_dataset, split
 from .distributed import process_group
 from .loop import train
-from .run_folder import CHECKPOINT, RunFolder, restore_model_settings
+from .run_folder import CHECKPOINT, RunFolder, check_resumable, restore_model_settings
 
 __all__ = ["run", "select_device"]
 
@@ -205,7 +205,9 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
 
     if cfg.resume:  # a model that does not match is refused before the data statistics are computed
         folder = RunFolder(out, write=False)
-        restore_model_settings(model, folder.load_checkpoint()["model"], folder.path)
+        checkpoint = folder.load_checkpoint()
+        check_resumable(checkpoint, folder.path)
+        restore_model_settings(model, checkpoint["model"], folder.path)
 
     # the file records settings, not this call's actions; absolute paths work from any folder
     absolute = {n: str(Path(getattr(cfg, n)).resolve()) for n in ("train", "valid", "out") if getattr(cfg, n)}

@@ -42,6 +42,7 @@ from .loss import charge_outputs, check_labels_to_fit, check_loss_labels, loss_w
 from .prepare import check_dataset, fit_statistics
 from .run_folder import (
     RunFolder,
+    check_resumable,
     cpu_state_dict,
     kept_message,
     model_payload_of,
@@ -430,6 +431,7 @@ class _Run:
         """Everything from the checkpoint: weights, optimiser, scheduler, EMA, random states, history."""
         folder, result = self.folder, self.result
         ckpt = folder.load_checkpoint()
+        check_resumable(ckpt, folder.path)
         restore_model_settings(self.model, ckpt["model"], folder.path)
         self.model.load_state_dict(upgrade_train_state(ckpt))
         self.opt.load_state_dict(ckpt["optimizer"])

@@ -61,7 +61,9 @@ def restore_model_settings(model: torch.nn.Module, saved: dict, where) -> None:
     """Check that the checkpoint's model ``saved`` is the same model as ``model`` and restore what
     the state_dict does not hold (a CartLorem's data statistics). ValueError on a mismatch."""
     if _is_cartlorem(model):
-        config = saved.get("config", {})
+        from ..model import complete_config
+
+        config = complete_config(saved.get("config", {}))  # options an older cartlorem did not have yet: as then
         mismatch = {
             k: (config.get(k), v) for k, v in model.config.items() if k not in STATISTICS_KEYS and config.get(k) != v
         }
@@ -90,6 +92,19 @@ def upgrade_train_state(checkpoint: dict, state: Optional[dict] = None) -> dict:
 
         return upgrade_state_dict(state, saved["config"], saved["format"])
     return state
+
+
+def check_resumable(checkpoint: dict, where) -> None:
+    """ValueError for a checkpoint whose optimiser and weight-average state this cartlorem cannot continue: those of
+    a long-range model written in model format v1 or v2, whose couplings were one parameter (now two, and rescaled;
+    :func:`cartlorem.model.upgrade_state_dict` converts the weights, not the moments of the optimiser)."""
+    saved = checkpoint.get("model") or {}
+    config = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+    if saved.get("format") in ("cartlorem-model-v1", "cartlorem-model-v2") and config.get("long_range") is not None:
+        raise ValueError(
+            f"the checkpoint in {where} was written by an older cartlorem (model format {saved['format']!r}), which "
+            "stored the long-range couplings as one parameter: its optimiser state cannot be continued. Its weights "
+            "still load (load_model on the checkpoint or its model.pt); start a new run to train further")
 
 
 def rng_state(rng: np.random.Generator) -> dict:
