@@ -151,6 +151,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model = model.to(device=device, dtype=dtype)
     keys = _evaluate_label_keys(args)
     graphs = read_dataset(args.data, model.cutoff, **keys, require=(), dtype=dtype)
+    if model.long_range is not None:  # named by frame, not by its place in a batch
+        from .nn.long_range import check_structures
+
+        check_structures(graphs, lambda k: f"{args.data}, frame {k}")
     preds = predict(model, graphs, batch_size=args.batch_size, progress=args.progress)
     m = metrics(preds)
     print(f"model {args.model} on {args.data}")

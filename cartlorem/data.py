@@ -398,11 +398,12 @@ def check_charge_states(frames, source: str = "structures") -> None:
 
 class MissingLabelError(ValueError):
     """A frame lacks a label that ``require`` asks for. ``finding``: what is missing and where; ``advice``: the
-    arguments of :func:`read_dataset` that change it (callers with other options give their own)."""
+    arguments of :func:`read_dataset` that change it (callers with other options give their own); ``label``: the
+    name of the missing label ("energy", "forces", ...)."""
 
-    def __init__(self, finding: str, advice: str):
+    def __init__(self, finding: str, advice: str, label: Optional[str] = None):
         super().__init__(f"{finding} {advice}")
-        self.finding, self.advice = finding, advice
+        self.finding, self.advice, self.label = finding, advice, label
 
 
 def _missing_label_error(frames, k: int, source: str, name: str, key: str) -> MissingLabelError:
@@ -425,7 +426,7 @@ def _missing_label_error(frames, k: int, source: str, name: str, key: str) -> Mi
         f"{source}, frame {k}: no '{name}' label ({reason}); {len(missing)} of {len(frames)} frames lack it "
         f"(first: {missing[:5]}). This frame has calculator results {results} and "
         f"atoms.{'arrays' if name == 'forces' else 'info'} keys {store}.",
-        f"Choose another {name}_key, or leave '{name}' out of require.")
+        f"Choose another {name}_key, or leave '{name}' out of require.", label=name)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -294,3 +294,51 @@ def test_a_long_range_checkpoint_of_format_v2_is_refused_with_the_reason(files, 
     code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
     assert code == 2 and "Traceback" not in err, err
     assert "older cartlorem" in err and "cartlorem-model-v2" in err and "optimiser" in err, err
+
+
+def test_structures_the_long_range_block_cannot_take_are_refused_before_anything_is_written(
+        files, trained, tmp_path, capsys):
+    """A wire (pbc T, F, F) or a slab thicker than its c was refused only inside the first training step: after
+    --overwrite had removed the previous run, and named by its place in the batch, not in the file."""
+    import torch
+
+    from cartlorem import CartLorem
+    from cartlorem.data import read_dataset
+    from cartlorem.train import train
+
+    frames = emt_frames(12, seed=3)
+    cells = [k for k, a in enumerate(frames) if a.pbc.all()]
+    wire = cells[-1]
+    frames[wire].pbc = [True, False, False]
+    ase.io.write(tmp_path / "wire.xyz", frames)
+    run_dir = _copy(trained, tmp_path)
+    before = _contents(run_dir)
+    code, _, err = run(capsys, "train", "--train", tmp_path / "wire.xyz", "--config", files / "tiny.yaml",
+                       "--long-range", "multipole", "--out", run_dir, "--overwrite")
+    assert code == 2 and "Traceback" not in err, err
+    assert f"wire.xyz, frame {wire} has pbc = [True, False, False]" in err, err
+    assert _contents(run_dir) == before
+    # evaluate names the frame too
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--long-range", "multipole", "--out", tmp_path / "lr")
+    assert code == 0, err
+    code, _, err = run(capsys, "evaluate", "--model", tmp_path / "lr" / "model.pt", "--data", tmp_path / "wire.xyz")
+    assert code == 2 and f"wire.xyz, frame {wire} has pbc" in err, err
+    # the library's train() checks before it writes, naming the structure of the list it was given
+    graphs = read_dataset(tmp_path / "wire.xyz", 3.0)
+    model = CartLorem(species=[29, 47], channels=4, num_layers=1, correlation=1, num_basis=4, radial_hidden=4,
+                      readout_hidden=4, cutoff=3.0, long_range="multipole").to(torch.float64)
+    with pytest.raises(ValueError, match=f"training structure {wire} has pbc"):
+        train(model, graphs, epochs=1, batch_size=4, out_dir=tmp_path / "lib", progress=False)
+    assert not (tmp_path / "lib").exists()
+
+
+def test_a_frame_without_forces_gets_advice_for_the_command_line(tmp_path, capsys):
+    """The CLI appended its hint to read_dataset's advice, which named a Python argument ("require") that no flag
+    sets."""
+    frames = emt_frames(6, seed=1)
+    del frames[2].calc.results["forces"]
+    ase.io.write(tmp_path / "part.xyz", frames)
+    code, _, err = run(capsys, "train", "--train", tmp_path / "part.xyz", "--out", tmp_path / "run", "--epochs", 1)
+    assert code == 2 and "frame 2: no 'forces' label" in err, err
+    assert "require" not in err.replace("require=", "") and "--forces-key none" in err, err

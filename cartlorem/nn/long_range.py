@@ -138,6 +138,22 @@ def check_boundaries(pbc: torch.Tensor) -> None:
             "row; reorder the cell rows so that the open direction comes last)")
 
 
+def check_structures(graphs, label_of) -> None:
+    """ValueError for the first one-structure graph of ``graphs`` that the long-range block cannot take (boundaries
+    other than open, periodic or a slab; a slab whose atoms do not fit in the height of its third cell row), named
+    ``label_of(k)`` (e.g. "train.xyz, frame 7"): the block would refuse it only inside the first batch that holds
+    it, with the structure's index in that batch."""
+    for k, g in enumerate(graphs):
+        try:
+            check_boundaries(g.pbc)
+            slab_frame(g.positions, g.batch, g.cell, g.pbc)
+        except ValueError as err:
+            message = str(err)
+            where = "structure 0" if g.num_graphs == 1 else ""
+            raise ValueError(label_of(k) + (message[len(where):] if where and message.startswith(where)
+                                            else f": {message}")) from None
+
+
 def slab_frame(positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor):
     """The frame in which the Ewald layer takes slabs (pbc = [True, True, False]); others are unchanged.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data import read_dataset, split
+from ..data import MissingLabelError, read_dataset, split
 from .distributed import process_group
 from .loop import train
 from .run_folder import CHECKPOINT, RunFolder, check_resumable, restore_model_settings
@@ -53,14 +53,18 @@ def _symbols(species) -> list[str]:
 
 def _read(path, cfg: Config, require, dtype):
     try:
-        return read_dataset(path, cfg.cutoff, **cfg.label_keys(), require=require, dtype=dtype)
-    except ValueError as err:
-        if "label" in str(err) and "require" in str(err):
-            raise ValueError(
-                f"{err} (on the command line: --energy-key / --forces-key KEY, or 'none' to train without "
-                "that label)"
-            ) from None
-        raise
+        graphs = read_dataset(path, cfg.cutoff, **cfg.label_keys(), require=require, dtype=dtype)
+    except MissingLabelError as err:  # read_dataset's advice names its own arguments
+        name = err.label
+        raise ValueError(
+            f"{err.finding} Pass the key that holds it (--{name}-key KEY), train without it (--{name}-key none), "
+            "or leave the frames without it out of the file (in Python, read_dataset(..., require=...) reads a "
+            "partly labelled set, which train() takes)") from None
+    if cfg.long_range != "none":  # named by file and frame now, not by batch in the first step
+        from ..nn.long_range import check_structures
+
+        check_structures(graphs, lambda k: f"{path}, frame {k}")
+    return graphs
 
 
 def run(cfg: Config):

@@ -20,7 +20,8 @@ _CUTOFF_CHECKS = 16  # structures of a set whose edges are compared with a fresh
 
 
 def check_dataset(model, graphs: Sequence[Graph], what: str) -> None:
-    """Every structure labelled; species and edge lengths within what ``model`` declares.
+    """Every structure labelled; species and edge lengths within what ``model`` declares; boundaries and slabs
+    that a model with a ``long_range`` block (not None) takes.
 
     The species check runs when the model has a ``species`` attribute (atomic numbers) and the
     edge checks when it has a ``cutoff`` (Å): no edge longer than the cutoff and, in the first
@@ -29,6 +30,10 @@ def check_dataset(model, graphs: Sequence[Graph], what: str) -> None:
     """
     known = set(getattr(model, "species", None) or ())
     cutoff = getattr(model, "cutoff", None)
+    if getattr(model, "long_range", None) is not None:  # before anything is written, not in the first batch
+        from ..nn.long_range import check_structures
+
+        check_structures(graphs, lambda k: f"{what} structure {k}")
     for k in range(len(graphs)):
         g = graphs[k]
         if g.energy is None and g.forces is None:
