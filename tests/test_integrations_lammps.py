@@ -336,3 +336,47 @@ def test_virial_of_a_slab_and_an_open_box(tmp_path, boundary):
     assert np.abs(want).max() > 0.05  # a sizeable virial
     virial = np.array(got["virial_pressure"]) * abs(np.linalg.det(cell)) / NKTV2P  # bar Å³ → eV
     np.testing.assert_allclose(virial, want, rtol=1e-5, atol=1e-6)
+
+
+def test_total_charge_and_multiplicity_reach_a_charge_state_model(tmp_path):
+    """CartLoremFix took a net charge but no spin: a charge-state model computed every system as a singlet."""
+    import json
+
+    from cartlorem.integrations.lammps import write_data
+
+    torch.manual_seed(1)
+    model = CartLorem([11, 17], cutoff=4.0, long_range=None, channels=8, num_layers=1, correlation=2, num_basis=4,
+                      radial_hidden=8, readout_hidden=8, charge_state=True).double()
+    with torch.no_grad():  # the modulation starts at zero; a trained model's is not
+        for name, p in model.named_parameters():
+            if name.startswith("conditioning"):
+                p.add_(0.3 * torch.randn_like(p))
+    save_model(model, tmp_path / "model.pt")
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)  # 112 electrons; with Q = -1, 113: even multiplicities
+    atoms.rattle(0.1, seed=3)
+    write_data(tmp_path / "nacl.data", atoms, ["Na", "Cl"])
+    script = textwrap.dedent("""\
+        import json
+        from cartlorem.integrations.lammps import load_lammps, CartLoremFix
+        out = {}
+        for m in (2, 4):
+            lmp = load_lammps()(cmdargs=["-log", "none", "-screen", "none"])
+            lmp.commands_string("units metal\\natom_style atomic\\nboundary p p p\\nread_data nacl.data")
+            CartLoremFix(lmp, "model.pt", ["Na", "Cl"], total_charge=-1.0, multiplicity=m)
+            lmp.command("run 0")
+            out[m] = lmp.get_thermo("pe")
+            lmp.close()
+        json.dump(out, open("pe.json", "w"))
+        """)
+    res = run([sys.executable, "-c", script], tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got = json.loads((tmp_path / "pe.json").read_text())
+    want = {}
+    for m in (2, 4):
+        a = atoms.copy()
+        a.info.update(total_charge=-1, multiplicity=m)
+        a.calc = CartLoremCalculator(model, skin=0.0)
+        want[str(m)] = a.get_potential_energy()
+    assert abs(want["4"] - want["2"]) > 1e-3
+    for m in ("2", "4"):
+        assert got[m] == pytest.approx(want[m], rel=1e-10, abs=1e-10), (m, got, want)

@@ -165,3 +165,43 @@ def test_torchsim_batched_nvt_matches_calculator(model):
         start += len(after)
         stress = ts_model(ts.io.atoms_to_state([after], torch.device("cpu"), torch.float64))["stress"][0]
         np.testing.assert_allclose(stress.numpy(), s, rtol=0, atol=TOL)
+
+
+def _charge_state_model():
+    torch.manual_seed(1)
+    m = CartLorem(SPECIES, cutoff=3.5, long_range=None, channels=8, num_layers=1, correlation=2, num_basis=4,
+                  radial_hidden=8, readout_hidden=8, charge_state=True).double()
+    with torch.no_grad():  # the modulation starts at zero; a trained model's is not
+        for name, p in m.named_parameters():
+            if name.startswith("conditioning"):
+                p.add_(0.3 * torch.randn_like(p))
+    return m.eval()
+
+
+def test_the_spin_of_a_state_reaches_a_charge_state_model(model):
+    """The adapter read state.charge but not state.spin: a charge-state model computed every open-shell structure
+    as a singlet, without a word."""
+    pytest.importorskip("torch_sim", reason=_skip_reason())
+    from cartlorem.integrations.torchsim import CartLoremModel
+
+    cs = _charge_state_model()
+    systems = [nacl(seed=1), nacl(seed=2)]  # 112 electrons each: odd multiplicities
+    state = plain_state(systems)
+    state.spin = torch.tensor([3.0, 1.0])
+    got = CartLoremModel(cs).forward(state)["energy"]
+    want = []
+    for atoms, m in zip(systems, (3, 1)):
+        a = atoms.copy()
+        a.info["multiplicity"] = m
+        want.append(calculator_reference(cs, a)[0])
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=TOL)
+    singlet = calculator_reference(cs, systems[0])[0]
+    assert abs(want[0] - singlet) > 1e-3  # the spin changes this model's energy
+    state.spin = torch.tensor([2.0, 1.0])  # an even multiplicity for an even electron count
+    with pytest.raises(ValueError, match="multiplicity 2 does not match the electron count"):
+        CartLoremModel(cs).forward(state)
+    # torch-sim's default (all zero) is singlets; a model without conditioning does not read the spin at all
+    state.spin = torch.zeros(2)
+    np.testing.assert_allclose(CartLoremModel(cs).forward(state)["energy"][0].item(), singlet, rtol=0, atol=TOL)
+    state.spin = torch.tensor([2.0, 1.0])
+    CartLoremModel(model).forward(state)

@@ -26,7 +26,7 @@ def _as_numpy(x, dtype) -> np.ndarray:
 
 
 def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cutoff: float,
-                        total_charge=None, dtype: Optional[torch.dtype] = None) -> Graph:
+                        total_charge=None, multiplicity=None, dtype: Optional[torch.dtype] = None) -> Graph:
     """B structures given as concatenated arrays → one :class:`Graph` with edges within ``cutoff``.
 
     Args:
@@ -41,11 +41,14 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
             Atoms of one structure need not be contiguous.
         cutoff: neighbour cutoff in Å (the model's ``cutoff``).
         total_charge: [B] e, or None for neutral structures.
+        multiplicity: [B] spin multiplicities 2S + 1 (checked against the electron count), or None for singlets;
+            models with charge-state conditioning use it.
         dtype: floating dtype of the graph (default: that of ``positions`` if a tensor, else float64).
 
     Returns:
         Graph with positions [N, 3], species [N], batch [N], cell [B, 3, 3], pbc [B, 3],
-        total_charge [B], edge_index [2, E], edge_shift [E, 3], all on the device of ``positions``.
+        total_charge [B], multiplicity [B] (None when not given), edge_index [2, E], edge_shift [E, 3], all on the
+        device of ``positions``.
     """
     device = positions.device if isinstance(positions, torch.Tensor) else torch.device("cpu")
     if dtype is None:
@@ -80,6 +83,9 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
     charge = np.zeros(n_struct) if total_charge is None else _as_numpy(total_charge, np.float64).reshape(-1)
     if charge.shape != (n_struct,):
         raise ValueError(f"total_charge must have shape [{n_struct}], got {list(charge.shape)}")
+    spin = None if multiplicity is None else _as_numpy(multiplicity, np.float64).reshape(-1)
+    if spin is not None and spin.shape != (n_struct,):
+        raise ValueError(f"multiplicity must have shape [{n_struct}], got {list(spin.shape)}")
 
     edges, shifts = [], []
     for b in range(n_struct):
@@ -90,7 +96,8 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
             cells_np[b] = 0.0
         label = f"structure {b}"
         check_structure(pos_np[atoms_b], cells_np[b], pbc_np[b], label=label)
-        check_charge_state(z[atoms_b], charge[b], None, label=label)  # as atoms_to_graph: finite, electrons >= 0
+        # as atoms_to_graph: Q finite, electrons >= 0; a multiplicity an integer >= 1 that the electrons allow
+        check_charge_state(z[atoms_b], charge[b], None if spin is None else spin[b], label=label)
         try:
             i, j, s = neighbour_list(pos_np[atoms_b], cells_np[b], pbc_np[b], cutoff)
         except ValueError as err:
@@ -107,6 +114,7 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
         cell=torch.tensor(cells_np, **as_float),
         pbc=torch.tensor(pbc_np, dtype=torch.bool, device=device),
         total_charge=torch.tensor(charge, **as_float),
+        multiplicity=None if spin is None else torch.tensor(spin, **as_float),
         edge_index=torch.tensor(np.concatenate(edges, axis=1), dtype=torch.long, device=device),
         edge_shift=torch.tensor(np.concatenate(shifts, axis=0), **as_float),
     )

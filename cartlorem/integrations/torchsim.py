@@ -40,13 +40,15 @@ except ImportError as exc:  # torch-sim is optional: state_to_graph still works 
 __all__ = ["CartLoremModel", "state_to_graph"]
 
 
-def state_to_graph(state, cutoff: float, dtype: Optional[torch.dtype] = None) -> Graph:
+def state_to_graph(state, cutoff: float, dtype: Optional[torch.dtype] = None, *, read_spin: bool = True) -> Graph:
     """A torch-sim ``SimState`` (or any object with its attributes, or a mapping of them: torch-sim's ``StateDict``,
     which ``ModelInterface.forward`` may be given) → one :class:`Graph` batch.
 
     Reads ``positions`` [N, 3] Å, ``atomic_numbers`` [N], ``system_idx`` [N], ``cell`` [B, 3, 3] Å
     with lattice vectors as *columns* (torch-sim's convention; ``row_vector_cell`` is used when the
-    object has it), ``pbc`` (bool, [3] or [B, 3]) and, optionally, ``charge`` [B] e.
+    object has it), ``pbc`` (bool, [3] or [B, 3]) and, optionally, ``charge`` [B] e and (``read_spin``) ``spin``
+    [B] (torch-sim >= 0.4), taken as the spin multiplicity 2S + 1, as torch-sim hands it to fairchem's models; all
+    zeros (torch-sim's default) means singlets. A multiplicity the electron count does not allow is refused.
     The graph's positions are the state's tensor (same device), cast to ``dtype``.
     """
     if isinstance(state, Mapping):
@@ -57,8 +59,12 @@ def state_to_graph(state, cutoff: float, dtype: Optional[torch.dtype] = None) ->
     system_idx = getattr(state, "system_idx", None)
     if system_idx is None:  # torch-sim < 0.3 called it "batch"
         system_idx = getattr(state, "batch", None)
+    spin = getattr(state, "spin", None) if read_spin else None
+    if spin is not None and not bool(torch.as_tensor(spin).ne(0).any()):
+        spin = None  # torch-sim's default: not given
     return structures_to_graph(state.positions, state.atomic_numbers, rows, state.pbc, system_idx,
-                               cutoff=cutoff, total_charge=getattr(state, "charge", None), dtype=dtype)
+                               cutoff=cutoff, total_charge=getattr(state, "charge", None), multiplicity=spin,
+                               dtype=dtype)
 
 
 class CartLoremModel(_Base):
@@ -118,7 +124,10 @@ class CartLoremModel(_Base):
 
     def forward(self, state, **kwargs) -> dict:
         """Energy [B], forces [N, 3] and stress [B, 3, 3] of a batched SimState (see the class)."""
-        graph = state_to_graph(state, self.model.cutoff, dtype=self._dtype)
+        # the spin only where the model uses it (charge-state conditioning): other models are not refused a state
+        # whose spin follows another convention
+        graph = state_to_graph(state, self.model.cutoff, dtype=self._dtype,
+                               read_spin=self.model.conditioning is not None)
         out = self.model(graph, compute_forces=self._compute_forces, compute_stress=self._compute_stress,
                          create_graph=False)
         result = {"energy": out["energy"].detach()}
