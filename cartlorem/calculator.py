@@ -22,7 +22,8 @@ and for long-range models the per-atom ``charges`` and, for molecules, the ``dip
 asked for, e.g. by ``atoms.get_dipole_moment()``), so that every ASE path (``get_properties``,
 SinglePointCalculator copies, extxyz output, socket clients) accepts them. The model's other outputs
 of the last calculation are in ``extra_results``: "dipoles" [N, 3] (e·Å, per atom), "quadrupoles"
-[N, 3, 3] (e·Å², per atom), "energy_lr" (eV) and, once asked for, "born_charges" [N, 3, 3] (e);
+[N, 3, 3] (e·Å², per atom), "energy_lr" (eV) and, once asked for, "born_charges" [N, 3, 3] (e) and "virial"
+[3, 3] (eV, −∂E/∂ε for any boundaries: −V σ for a periodic cell, also defined for slabs and molecules);
 :meth:`CartLoremCalculator.get_extra` computes them when needed.
 
 Electric field: ``CartLoremCalculator(model, electric_field=[Ex, Ey, Ez])`` (V/Å) applies a uniform
@@ -72,7 +73,7 @@ class CartLoremCalculator(Calculator):
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "charges", "dipole"]
-    extra_properties = ("dipoles", "quadrupoles", "energy_lr", "born_charges")
+    extra_properties = ("dipoles", "quadrupoles", "energy_lr", "born_charges", "virial")
 
     def __init__(self, model_or_path, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None,
                  skin: float = 0.5, trust_pickle: bool = False, electric_field=None, **kwargs):
@@ -194,7 +195,9 @@ class CartLoremCalculator(Calculator):
         """A model output outside ASE's property list, computed for ``atoms`` (default: the last ones)
         if needed: "dipoles" [N, 3] e·Å, "quadrupoles" [N, 3, 3] e·Å², "energy_lr" eV, "born_charges"
         [N, 3, 3] e (Z*_i,ab = ∂P_a/∂r_ib; three more backward passes, computed only when asked for)
-        (long-range models; dipoles need lmax ≥ 1, quadrupoles lmax 2)."""
+        (long-range models; dipoles need lmax ≥ 1, quadrupoles lmax 2); "virial" [3, 3] eV, −∂E/∂ε for any
+        boundaries (−V σ for a periodic cell; for a slab or a molecule, whose volume is mostly vacuum, the
+        strain derivative that the engines' barostats divide by their box volume; computed when asked for)."""
         from ase.calculators.calculator import PropertyNotImplementedError
 
         if name not in self.extra_properties:
@@ -204,8 +207,8 @@ class CartLoremCalculator(Calculator):
         self.get_property("energy", atoms)  # (re)computes when the structure changed
         if name == "born_charges" and self.model.long_range is None:
             raise ValueError("born_charges need learned charges: this model has no long range (long_range=None)")
-        if name == "born_charges" and name not in self.extra_results:
-            self.calculate(self.atoms, ["energy", "forces", "born_charges"], [])
+        if name in ("born_charges", "virial") and name not in self.extra_results:
+            self.calculate(self.atoms, ["energy", "forces", name], [])
         if name not in self.extra_results:
             raise PropertyNotImplementedError(f"{name} is not an output of this model")
         value = self.extra_results[name]
@@ -283,7 +286,8 @@ class CartLoremCalculator(Calculator):
                 f"{self.atoms.get_pbc().tolist()} (get_extra('born_charges') works for any cell)")
         # the model saw r − shift (and whole lattice vectors): P and the field's potential about ASE's origin
         origin = -self._nl_shift if charge_outputs and np.any(self._nl_shift) else None
-        out = self.model(graph, compute_forces=True, compute_stress=periodic and "stress" in properties or None,
+        want_stress = (periodic and "stress" in properties) or "virial" in properties
+        out = self.model(graph, compute_forces=True, compute_stress=want_stress or None,
                          create_graph=False, compute_dipole="dipole" in properties,
                          compute_born_charges="born_charges" in properties, electric_field=field,
                          dipole_origin=origin)
@@ -308,3 +312,5 @@ class CartLoremCalculator(Calculator):
             self.extra_results["energy_lr"] = float(out["energy_lr"].detach().sum())
         if "born_charges" in out:
             self.extra_results["born_charges"] = out["born_charges"].detach().cpu().numpy().astype(np.float64)
+        if "virial" in out:
+            self.extra_results["virial"] = out["virial"][0].detach().cpu().numpy().astype(np.float64)

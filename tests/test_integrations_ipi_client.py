@@ -56,7 +56,7 @@ def test_structure_written_by_ase_reaches_the_connection(tmp_path, model_file):
         _client(model_file, tmp_path / "init.xyz")
 
 
-def _serve_to_ase_server(model, client_atoms, server_atoms):
+def _serve_to_ase_server(model, client_atoms, server_atoms, stress=False):
     """Run :func:`ipi.serve` in a thread against ASE's i-PI server (SocketIOCalculator), which asks for the energy
     and forces of ``server_atoms``; returns (energy, forces) or the exception of each side."""
     import threading
@@ -79,7 +79,8 @@ def _serve_to_ase_server(model, client_atoms, server_atoms):
             atoms = server_atoms.copy()
             atoms.calc = calc
             try:
-                result = (atoms.get_potential_energy(), atoms.get_forces())
+                result = (atoms.get_potential_energy(), atoms.get_forces(),
+                          atoms.get_stress(voigt=False) if stress else None)
             except Exception as err:  # noqa: BLE001 -- the client hung up
                 result = err
         thread.join(30)
@@ -122,3 +123,33 @@ def test_client_names_an_atom_count_that_differs_from_the_servers():
     assert len(client_errors) == 1
     assert str(client_errors[0]).startswith("i-PI sent the positions of 16 atoms, but the structure given to the "
                                             "client has 8")
+
+
+def test_client_sends_the_virial_of_a_slab():
+    """A slab got no virial (zeros): the client sent −V σ, and the calculator has no stress for a slab. i-PI's box
+    pressure then lacked the model's part. It is −∂E/∂ε, as the LAMMPS adapter gives it (finite differences)."""
+    from cartlorem import CartLoremCalculator
+
+    model = _tiny_salt_model()
+    slab = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    slab.rattle(0.1, seed=1)
+    slab.center(vacuum=5.0, axis=2)
+    slab.pbc = [True, True, False]
+    result, client_errors = _serve_to_ase_server(model, slab, slab, stress=True)
+    assert not client_errors and not isinstance(result, Exception), (result, client_errors)
+    virial = -slab.get_volume() * result[2]  # what the server received, as ASE's server turns it into a stress
+
+    def energy(eps):
+        b = slab.copy()
+        b.set_cell(slab.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+        b.calc = CartLoremCalculator(model, skin=0.0)
+        return b.get_potential_energy()
+
+    h, want = 1e-5, np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            e = np.zeros((3, 3))
+            e[a, b] = h
+            want[a, b] = -(energy(e) - energy(-e)) / (2 * h)
+    assert np.abs(want).max() > 1e-2
+    np.testing.assert_allclose(virial, want, rtol=0, atol=1e-6)

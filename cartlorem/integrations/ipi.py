@@ -39,7 +39,9 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "loca
         device, dtype: passed to :class:`CartLoremCalculator`.
         connect_timeout: seconds to keep retrying while the server is not listening yet.
         timeout: seconds to wait for a message from the server before giving up (None: forever).
-        use_stress: send the virial (default: when the structure is periodic in all directions).
+        use_stress: send the virial −∂E/∂ε (default True, for every boundary: for a slab or a cluster in i-PI's
+            box, whose volume is mostly vacuum, it is the strain derivative i-PI divides by the box volume, as
+            the LAMMPS adapter gives it; False sends zeros).
         log: file object for ASE's protocol log.
     """
     from ase.calculators.socketio import SocketClient
@@ -48,14 +50,18 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "loca
 
     if unix is not None and port is not None:
         raise ValueError("give either a unix socket name or an inet port, not both")
+    class Client(SocketClient):
+        def calculate(self, atoms, use_stress):  # ASE's takes −V σ, which a slab or a cluster does not have
+            energy, forces, virial = super().calculate(atoms, False)
+            return energy, forces, atoms.calc.get_extra("virial") if use_stress else virial
+
     atoms = atoms.copy()
     atoms.calc = CartLoremCalculator(model_or_path, device=device, dtype=dtype)
-    if use_stress is None:
-        use_stress = bool(atoms.pbc.all())
+    use_stress = True if use_stress is None else bool(use_stress)
     deadline = time.monotonic() + connect_timeout
     while True:
         try:
-            client = SocketClient(host=host, port=port, unixsocket=unix, timeout=timeout, log=log)
+            client = Client(host=host, port=port, unixsocket=unix, timeout=timeout, log=log)
             break
         except (FileNotFoundError, ConnectionRefusedError) as exc:  # the server is not listening yet
             if time.monotonic() > deadline:
