@@ -85,7 +85,7 @@ def test_state_to_graph_equals_atoms_to_graph_and_calculator(model):
             rows = inverse[start:start + len(atoms)]
             start += len(atoms)
             # the same edges as the ASE path, as sets of (i, j, shift)
-            ref = atoms_to_graph(atoms, model.cutoff, wrap=False)  # the positions as the state holds them
+            ref = atoms_to_graph(atoms, model.cutoff)  # both take the atoms into their home cell first
             mine = g.edge_index[:, np.isin(g.edge_index[0].numpy(), rows)]
             to_local = {int(r): i for i, r in enumerate(rows)}
             shifts = g.edge_shift[np.isin(g.edge_index[0].numpy(), rows)]
@@ -205,3 +205,25 @@ def test_the_spin_of_a_state_reaches_a_charge_state_model(model):
     np.testing.assert_allclose(CartLoremModel(cs).forward(state)["energy"][0].item(), singlet, rtol=0, atol=TOL)
     state.spin = torch.tensor([2.0, 1.0])
     CartLoremModel(model).forward(state)
+
+
+def test_a_float32_model_keeps_its_resolution_far_from_the_origin(model):
+    """The state's positions were cast to the model's dtype as they came: a float32 model given a cell 1000 lattice
+    vectors out (an unwrapped trajectory) saw its atoms to ~5e-4 Å."""
+    atoms = nacl(seed=4)
+    m32 = CartLorem(SPECIES, cutoff=3.5, long_range=None, channels=8, num_layers=1, correlation=2, num_basis=4,
+                    radial_hidden=8, readout_hidden=8)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in m32.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    m32.set_statistics(atomic_energies={11: -1.0, 17: -2.0}, avg_num_neighbors=8.0, scale=30.0)  # forces ~ eV/Å
+    ref = m32.double()(state_to_graph(plain_state([atoms]), model.cutoff))["forces"].detach()
+    m32 = m32.float()
+    far = atoms.copy()
+    far.positions += 1000 * atoms.cell.array.sum(axis=0)
+    near = m32(state_to_graph(plain_state([atoms]), model.cutoff, dtype=torch.float32))["forces"].detach().double()
+    got = m32(state_to_graph(plain_state([far]), model.cutoff, dtype=torch.float32))["forces"].detach().double()
+    assert ref.abs().max() > 0.1
+    scale = float((near - ref).abs().max())  # float32 rounding near the origin
+    assert float((got - ref).abs().max()) <= 2 * scale + 1e-6, (float((got - ref).abs().max()), scale)

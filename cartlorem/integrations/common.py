@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..graph import Graph, check_charge_state, check_structure, neighbour_list
+from ..graph import Graph, check_charge_state, check_structure, home_cell_offsets, neighbour_list
 
 __all__ = ["structures_to_graph"]
 
@@ -30,8 +30,10 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
     """B structures given as concatenated arrays → one :class:`Graph` with edges within ``cutoff``.
 
     Args:
-        positions: [N, 3] Å (torch tensor or array). A tensor keeps its device; its values are
-            used as they are (atoms outside the cell are fine, the neighbour list wraps them).
+        positions: [N, 3] Å (torch tensor or array). A tensor keeps its device. Atoms outside the cell are
+            fine: as :func:`cartlorem.graph.atoms_to_graph`, each is taken into its home cell along the periodic
+            directions in float64 before any cast to ``dtype`` (no energy, force or stress changes; a float32
+            model keeps its resolution for atoms far from the origin, e.g. of unwrapped trajectories).
         numbers: [N] atomic numbers.
         cells: [B, 3, 3] or [3, 3] (B = 1) Å, rows are lattice vectors (ASE / torch-sim
             ``row_vector_cell`` convention). Ignored (set to zero) for a structure that is
@@ -87,7 +89,7 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
     if spin is not None and spin.shape != (n_struct,):
         raise ValueError(f"multiplicity must have shape [{n_struct}], got {list(spin.shape)}")
 
-    edges, shifts = [], []
+    edges, shifts, home = [], [], np.zeros_like(pos_np)
     for b in range(n_struct):
         atoms_b = np.flatnonzero(idx == b)  # global indices of structure b's atoms, in order
         if len(atoms_b) == 0:
@@ -96,17 +98,21 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
             cells_np[b] = 0.0
         label = f"structure {b}"
         check_structure(pos_np[atoms_b], cells_np[b], pbc_np[b], label=label)
+        home[atoms_b] = home_cell_offsets(pos_np[atoms_b], cells_np[b], pbc_np[b])  # whole lattice vectors
         # as atoms_to_graph: Q finite, electrons >= 0; a multiplicity an integer >= 1 that the electrons allow
         check_charge_state(z[atoms_b], charge[b], None if spin is None else spin[b], label=label)
         try:
-            i, j, s = neighbour_list(pos_np[atoms_b], cells_np[b], pbc_np[b], cutoff)
+            i, j, s = neighbour_list(pos_np[atoms_b] - home[atoms_b], cells_np[b], pbc_np[b], cutoff)
         except ValueError as err:
             raise ValueError(f"{label}: {err}") from None
         edges.append(np.stack([atoms_b[i], atoms_b[j]]))
         shifts.append(s)
 
     as_float = dict(dtype=dtype, device=device)
-    pos_t = positions.to(**as_float) if isinstance(positions, torch.Tensor) else torch.tensor(pos_np, **as_float)
+    if isinstance(positions, torch.Tensor):  # differentiable in the given tensor, shifted in float64
+        pos_t = (positions.to(torch.float64) - torch.as_tensor(home, device=device)).to(**as_float)
+    else:
+        pos_t = torch.tensor(pos_np - home, **as_float)
     return Graph(
         positions=pos_t,
         species=torch.tensor(z, dtype=torch.long, device=device),

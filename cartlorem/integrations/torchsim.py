@@ -49,7 +49,8 @@ def state_to_graph(state, cutoff: float, dtype: Optional[torch.dtype] = None, *,
     object has it), ``pbc`` (bool, [3] or [B, 3]) and, optionally, ``charge`` [B] e and (``read_spin``) ``spin``
     [B] (torch-sim >= 0.4), taken as the spin multiplicity 2S + 1, as torch-sim hands it to fairchem's models; all
     zeros (torch-sim's default) means singlets. A multiplicity the electron count does not allow is refused.
-    The graph's positions are the state's tensor (same device), cast to ``dtype``.
+    The graph's positions are the state's (same device, differentiable in them), taken into their home cell in
+    float64 and cast to ``dtype``.
     """
     if isinstance(state, Mapping):
         state = SimpleNamespace(**state)
