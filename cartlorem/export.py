@@ -401,9 +401,13 @@ class ExportedCartLorem(nn.Module):
         """"energy" [B] (eV), "node_energy" [N] (eV); long-range models also "energy_lr" [B] and channel 0 of
         the learned multipoles, "charges" [N] (e), "dipoles" [N, 3], "quadrupoles" [N, 3, 3]. Differentiable
         in positions and cell (as CartLorem.energy). ``multiplicity`` [B] (2s + 1, None: singlets) is used by
-        models with charge-state conditioning only."""
+        models with charge-state conditioning only. Floating inputs are taken in the model's dtype."""
         self._check_batch(batch, cell.shape[0])
-        return self._energy(positions, species, cell, pbc, edge_index, edge_shift, batch, total_charge, multiplicity)
+        dtype = self.embedding.dtype
+        if multiplicity is not None:
+            multiplicity = multiplicity.to(dtype)
+        return self._energy(positions.to(dtype), species, cell.to(dtype), pbc, edge_index, edge_shift.to(dtype), batch,
+                            total_charge.to(dtype), multiplicity)
 
     def _energy(self, positions: torch.Tensor, species: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
                 edge_index: torch.Tensor, edge_shift: torch.Tensor, batch: torch.Tensor,
@@ -477,10 +481,15 @@ class ExportedCartLorem(nn.Module):
                 compute_forces: bool = True, compute_stress: bool = True,
                 multiplicity: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """:meth:`energy` plus "forces" [N, 3] (eV/Å) = −∂E/∂r and "stress" [B, 3, 3] (eV/Å³) = (1/V) ∂E/∂ε
-        for fully periodic structures (zero rows for the others), as :mod:`cartlorem.forces`."""
+        for fully periodic structures (zero rows for the others), as :mod:`cartlorem.forces`. Floating inputs are
+        taken in the model's dtype (``atoms_to_graph`` gives float64 by default), and so are the outputs."""
         self._check_batch(batch, cell.shape[0])
-        positions = positions.detach().requires_grad_(compute_forces)
-        cell = cell.detach()
+        dtype = self.embedding.dtype
+        positions = positions.detach().to(dtype).requires_grad_(compute_forces)
+        cell = cell.detach().to(dtype)
+        edge_shift, total_charge = edge_shift.to(dtype), total_charge.to(dtype)
+        if multiplicity is not None:
+            multiplicity = multiplicity.to(dtype)
         strain = torch.zeros_like(cell).requires_grad_(compute_stress)  # [B, 3, 3]
         if compute_stress:
             positions_s = positions + torch.einsum("ni,nij->nj", positions, strain[batch])

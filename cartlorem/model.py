@@ -452,7 +452,9 @@ class CartLorem(nn.Module):
           whose Q depends on the positions (no charge correction), the forces and Born charges, by Q o and its
           derivatives. (The ASE calculator passes the origin of the positions ASE holds, since it shifts them.)
         """
-        if graph.positions.dtype != self.dtype or graph.positions.device != self.embedding.device:
+        if graph.positions.device != self.embedding.device or any(
+                isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != self.dtype
+                for v in vars(graph).values()):  # every floating field: a float64 cell beside float32 positions too
             graph = graph.to(device=self.embedding.device, dtype=self.dtype)
         graph = self._index_dtypes(graph)
         self._check_values(graph)

@@ -558,3 +558,33 @@ def test_md_of_one_atom(model):
     md = run_nve(atoms, steps=3, timestep_fs=0.5, temperature_K=300.0)
     assert md["error"] is None and md["steps_done"] == 3
     assert np.all(atoms.get_momenta() == 0.0) and np.all(np.isfinite(md["etot"]))
+
+
+def test_float32_energy_is_summed_in_float64():
+    """A float32 model's total energy is the sum of per-atom energies of ~ −2000 eV (all-electron-like references):
+    summed in float32 its steps are ~4e-3 eV, and it came out tens of meV from the float64 model of the same
+    weights. The calculator sums the per-atom energies in float64."""
+    from ase.build import molecule
+
+    torch.manual_seed(0)
+    model = CartLorem([1, 8], cutoff=3.0, long_range=None, channels=4, num_layers=1, correlation=2, num_basis=4,
+                      radial_hidden=8, readout_hidden=8)
+    model.set_statistics(atomic_energies={1: -13.6, 8: -2041.8}, avg_num_neighbors=4.0, scale=1.0)
+    water = molecule("H2O")
+    atoms = Atoms()
+    for x in range(4):
+        for y in range(4):
+            for z in range(4):
+                w = water.copy()
+                w.positions += 3.1 * np.array([x, y, z])
+                atoms += w
+    atoms.cell, atoms.pbc = 12.4 * np.eye(3), True
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(3):
+        atoms.positions += 0.05 * rng.standard_normal(atoms.positions.shape)
+        e64 = CartLoremCalculator(model.double()).get_potential_energy(atoms)
+        e32 = CartLoremCalculator(model.float()).get_potential_energy(atoms)
+        worst = max(worst, abs(e32 - e64))
+    assert abs(e64) > 1e5
+    assert worst < 3e-3, worst

@@ -217,6 +217,20 @@ def test_float32_model_exports():
         torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
 
 
+def test_float32_export_takes_the_float64_graph_of_atoms_to_graph():
+    """atoms_to_graph gives float64 by default; a float32 export given its fields crashed deep inside TorchScript
+    ("mat1 and mat2 must have the same dtype"), where CartLorem.forward casts."""
+    model = _model("multipole").float()
+    ethanol, salt, _ = _structures()
+    graph = collate([atoms_to_graph(a, CUTOFF) for a in (ethanol, salt)])  # float64
+    exported = export_model(model)
+    ref = model(graph, compute_stress=True)
+    for out in (exported(*_inputs(graph)), exported.energy(*_inputs(graph))):
+        assert out["energy"].dtype == torch.float32
+        torch.testing.assert_close(out["energy"], ref["energy"], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(exported(*_inputs(graph))["forces"], ref["forces"], rtol=1e-4, atol=1e-4)
+
+
 def test_unsupported_inputs_are_named():
     ethanol, salt, _ = _structures()
     scripted = export_model(_model("multipole"))

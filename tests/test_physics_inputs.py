@@ -144,3 +144,21 @@ def test_malformed_graph_is_a_clear_error(change, match):
     wrong shape or type, stopped with an IndexError or a shape error deep inside the model."""
     with pytest.raises(ValueError, match=match):
         _model(long_range="multipole")(change(_water()))
+
+
+@pytest.mark.parametrize("field", ["cell", "edge_shift", "positions"])
+def test_a_graph_with_mixed_float_dtypes_is_cast_whole(field):
+    """The model cast a graph only when its positions had another dtype: a float64 cell or edge_shift beside float32
+    positions (or float32 positions in a float64 graph) crashed inside einsum."""
+    torch.manual_seed(0)
+    model = cartlorem.CartLorem([1, 8], cutoff=3.0, long_range="multipole", channels=4).float().eval()
+    atoms = molecule("H2O")
+    atoms.center(vacuum=3.0)
+    atoms.pbc = True
+    g = atoms_to_graph(atoms, model.cutoff)  # float64
+    ref = model(g.to(dtype=torch.float32))
+    mixed = g.to(dtype=torch.float32).replace(**{field: getattr(g, field)}) if field != "positions" else \
+        g.replace(positions=g.positions.float())
+    out = model(mixed)
+    torch.testing.assert_close(out["energy"], ref["energy"])
+    torch.testing.assert_close(out["forces"], ref["forces"])
