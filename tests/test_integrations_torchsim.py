@@ -205,6 +205,9 @@ def test_the_spin_of_a_state_reaches_a_charge_state_model(model):
     np.testing.assert_allclose(CartLoremModel(cs).forward(state)["energy"][0].item(), singlet, rtol=0, atol=TOL)
     state.spin = torch.tensor([2.0, 1.0])
     CartLoremModel(model).forward(state)
+    # a batch that mixes a given spin with torch-sim's default 0 (not given: a singlet) was refused whole
+    state.spin = torch.tensor([3.0, 0.0])
+    np.testing.assert_allclose(CartLoremModel(cs).forward(state)["energy"].numpy(), want, rtol=0, atol=TOL)
 
 
 def test_a_float32_model_keeps_its_resolution_far_from_the_origin(model):

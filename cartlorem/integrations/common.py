@@ -43,8 +43,9 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
             Atoms of one structure need not be contiguous.
         cutoff: neighbour cutoff in Å (the model's ``cutoff``).
         total_charge: [B] e, or None for neutral structures.
-        multiplicity: [B] spin multiplicities 2S + 1 (checked against the electron count), or None for singlets;
-            models with charge-state conditioning use it.
+        multiplicity: [B] spin multiplicities 2S + 1, checked against the electron count; None (all) or a None
+            entry (a list) for a structure whose spin is not given: a singlet, not checked, as ``atoms_to_graph``
+            takes a structure without ``info["multiplicity"]``. Models with charge-state conditioning use it.
         dtype: floating dtype of the graph (default: that of ``positions`` if a tensor, else float64).
 
     Returns:
@@ -85,9 +86,12 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
     charge = np.zeros(n_struct) if total_charge is None else _as_numpy(total_charge, np.float64).reshape(-1)
     if charge.shape != (n_struct,):
         raise ValueError(f"total_charge must have shape [{n_struct}], got {list(charge.shape)}")
-    spin = None if multiplicity is None else _as_numpy(multiplicity, np.float64).reshape(-1)
-    if spin is not None and spin.shape != (n_struct,):
-        raise ValueError(f"multiplicity must have shape [{n_struct}], got {list(spin.shape)}")
+    spin = None
+    if multiplicity is not None:
+        spin = multiplicity.detach().cpu().reshape(-1).tolist() if isinstance(multiplicity, torch.Tensor) \
+            else list(np.asarray(multiplicity, dtype=object).reshape(-1))
+        if len(spin) != n_struct:
+            raise ValueError(f"multiplicity must have shape [{n_struct}], got [{len(spin)}]")
 
     edges, shifts, home = [], [], np.zeros_like(pos_np)
     for b in range(n_struct):
@@ -120,7 +124,7 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
         cell=torch.tensor(cells_np, **as_float),
         pbc=torch.tensor(pbc_np, dtype=torch.bool, device=device),
         total_charge=torch.tensor(charge, **as_float),
-        multiplicity=None if spin is None else torch.tensor(spin, **as_float),
+        multiplicity=None if spin is None else torch.tensor([1.0 if m is None else float(m) for m in spin], **as_float),
         edge_index=torch.tensor(np.concatenate(edges, axis=1), dtype=torch.long, device=device),
         edge_shift=torch.tensor(np.concatenate(shifts, axis=0), **as_float),
     )

@@ -126,8 +126,9 @@ class CartLoremFix:
         device, dtype: where and in which precision rank 0 evaluates the model (dtype default: the
             model's own).
         total_charge: net charge of the system in e (default 0).
-        multiplicity: its spin multiplicity 2S + 1 (default 1, a singlet), for models with charge-state
-            conditioning (``charge_state=True``); checked against the electron count.
+        multiplicity: its spin multiplicity 2S + 1, for models with charge-state conditioning
+            (``charge_state=True``), checked against the electron count; None (default): not given, a singlet
+            for such a model, and no check (as a structure without ``info["multiplicity"]`` in ASE).
 
     The fix contributes the model's energy to ``pe`` and its virial (−∂E/∂ε, eV: −V σ for a periodic box) to
     the pressure (``fix_modify energy yes virial yes``), for every boundary: a slab (``p p f``), whose lateral
@@ -137,7 +138,7 @@ class CartLoremFix:
 
     def __init__(self, lmp, model_or_path, elements: Sequence[Union[str, int]], *, fix_id: str = "cartlorem",
                  define: bool = True, device: str = "cpu", dtype=None, total_charge: float = 0.0,
-                 multiplicity: float = 1.0):
+                 multiplicity: Optional[float] = None):
         self.lmp, self.fix_id = lmp, str(fix_id)
         self.comm = lmp.get_mpi_comm() if getattr(lmp, "has_mpi4py", False) else None
         self.rank = self.comm.Get_rank() if self.comm is not None else 0
@@ -150,7 +151,8 @@ class CartLoremFix:
         if ntypes > len(self.numbers):
             raise ValueError(f"the LAMMPS system has {ntypes} atom types but elements names {len(self.numbers)}: "
                              f"give one element per type, in type order")
-        self.total_charge, self.multiplicity = float(total_charge), float(multiplicity)
+        self.total_charge = float(total_charge)
+        self.multiplicity = None if multiplicity is None else float(multiplicity)
         self.error: Optional[BaseException] = None
         self.model = None
         failure = None
@@ -230,7 +232,8 @@ class CartLoremFix:
         # 4000 Å from the origin saw positions to 2.4e-4 Å (forces off by 7e-4 eV/Å); E, F and W do not change
         x = x - np.asarray(boxlo, dtype=np.float64)
         graph = structures_to_graph(torch.tensor(x[order]), numbers, cell, pbc, cutoff=self.model.cutoff,
-                                    total_charge=[self.total_charge], multiplicity=[self.multiplicity],
+                                    total_charge=[self.total_charge],
+                                    multiplicity=None if self.multiplicity is None else [self.multiplicity],
                                     dtype=self.model.dtype)
         # the virial −∂E/∂ε for every boundary: LAMMPS divides it by its box volume for the pressure, also for a
         # slab (p p f, where a barostat in x and y needs the lateral virial) and an open box
@@ -333,8 +336,9 @@ def main(argv=None) -> int:
                    help="element of each atom type, in type order (chemical symbols or atomic numbers)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--total-charge", type=float, default=0.0, help="net charge of the system, e (default 0)")
-    p.add_argument("--multiplicity", type=float, default=1.0,
-                   help="spin multiplicity 2S + 1 of the system, for charge-state models (default 1)")
+    p.add_argument("--multiplicity", type=float, default=None,
+                   help="spin multiplicity 2S + 1 of the system, for charge-state models (default: not given, a "
+                   "singlet, not checked against the electron count)")
     p.add_argument("--log", default="log.lammps", help="LAMMPS log file ('none' for no log)")
     args = p.parse_args(argv)
     lmp = load_lammps()(cmdargs=["-log", args.log])

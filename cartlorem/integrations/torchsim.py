@@ -47,8 +47,9 @@ def state_to_graph(state, cutoff: float, dtype: Optional[torch.dtype] = None, *,
     Reads ``positions`` [N, 3] Å, ``atomic_numbers`` [N], ``system_idx`` [N], ``cell`` [B, 3, 3] Å
     with lattice vectors as *columns* (torch-sim's convention; ``row_vector_cell`` is used when the
     object has it), ``pbc`` (bool, [3] or [B, 3]) and, optionally, ``charge`` [B] e and (``read_spin``) ``spin``
-    [B] (torch-sim >= 0.4), taken as the spin multiplicity 2S + 1, as torch-sim hands it to fairchem's models; all
-    zeros (torch-sim's default) means singlets. A multiplicity the electron count does not allow is refused.
+    [B] (torch-sim >= 0.4), taken as the spin multiplicity 2S + 1, as torch-sim hands it to fairchem's models; a 0
+    (torch-sim's default, for a system whose spin was not given) is a singlet, not checked. A multiplicity the
+    electron count does not allow is refused.
     The graph's positions are the state's (same device, differentiable in them), taken into their home cell in
     float64 and cast to ``dtype``.
     """
@@ -61,8 +62,9 @@ def state_to_graph(state, cutoff: float, dtype: Optional[torch.dtype] = None, *,
     if system_idx is None:  # torch-sim < 0.3 called it "batch"
         system_idx = getattr(state, "batch", None)
     spin = getattr(state, "spin", None) if read_spin else None
-    if spin is not None and not bool(torch.as_tensor(spin).ne(0).any()):
-        spin = None  # torch-sim's default: not given
+    if spin is not None:  # torch-sim's 0: not given (per system: a batch may mix given spins and defaults)
+        spin = [None if m == 0 else m for m in torch.as_tensor(spin).detach().cpu().reshape(-1).tolist()]
+        spin = None if all(m is None for m in spin) else spin
     return structures_to_graph(state.positions, state.atomic_numbers, rows, state.pbc, system_idx,
                                cutoff=cutoff, total_charge=getattr(state, "charge", None), multiplicity=spin,
                                dtype=dtype)
