@@ -73,6 +73,8 @@ def test_a_refused_overwrite_leaves_the_previous_run_as_it_was(files, trained, t
     (["--ema-decay", 0.99], "--ema-decay 0"),
     (["--dipole-weight", 1], "no long range"),
     (["--valid", "unlabelled.xyz"], "another split"),
+    # the checkpoint's learning rate and random state go on: config.yaml recorded the new value, unused
+    (["--lr", 0.1], "lr 0.005 → 0.1"),
 ])
 def test_a_refused_resume_leaves_the_run_config_as_it_was(files, trained, tmp_path, capsys, flags, says):
     """config.yaml was rewritten with the new settings before train() refused them (EMA state, loss weights), so
@@ -342,3 +344,16 @@ def test_a_frame_without_forces_gets_advice_for_the_command_line(tmp_path, capsy
     code, _, err = run(capsys, "train", "--train", tmp_path / "part.xyz", "--out", tmp_path / "run", "--epochs", 1)
     assert code == 2 and "frame 2: no 'forces' label" in err, err
     assert "require" not in err.replace("require=", "") and "--forces-key none" in err, err
+
+
+def test_a_resume_with_another_seed_is_refused_where_the_split_does_not_use_it(files, tmp_path, capsys):
+    """With a validation file the seed does not split the data, and a resume takes the checkpoint's random state:
+    --seed was accepted, unused, and written to config.yaml."""
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--valid", files / "train.xyz",
+                       "--config", files / "tiny.yaml", "--out", run_dir)
+    assert code == 0, err
+    before = _contents(run_dir)
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, "--seed", 7)
+    assert code == 2 and "seed 0 → 7" in err and "Traceback" not in err, err
+    assert _contents(run_dir) == before

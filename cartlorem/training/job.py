@@ -123,7 +123,8 @@ def _only_main_logs(main: bool):
 def _check_same_split(cfg: Config, out: Path) -> None:
     """ValueError when a resume would split the data otherwise than the run did (its config.yaml): another
     training or validation file, validation fraction or, for a split of --train, seed. Validation structures
-    would then have been trained on, and the best model's loss would be on another set."""
+    would then have been trained on, and the best model's loss would be on another set. Also for another initial
+    learning rate or seed, which the checkpoint's state overrides (config.yaml would record a value not used)."""
     previous = out / "config.yaml"
     if not previous.is_file():
         return
@@ -141,6 +142,14 @@ def _check_same_split(cfg: Config, out: Path) -> None:
             f"resuming {out} with another split of the data ({detail}): structures the run validated on would be "
             "trained on, and its best model was chosen on another set; resume with the run's values, or start a new "
             "run (--overwrite or another --out)")
+    # what the checkpoint carries on: a new value would be written to config.yaml and not used
+    kept = [name for name in ("lr", "seed") if getattr(cfg, name) != getattr(old, name)]
+    if kept:
+        detail = ", ".join(f"{name} {getattr(old, name)!r} → {getattr(cfg, name)!r}" for name in kept)
+        raise ValueError(
+            f"resuming {out} with {detail}: a resume continues the checkpoint's learning rate (where the scheduler "
+            "left it) and random state, so the new value would not be used; resume with the run's values, or start "
+            "a new run (--overwrite or another --out)")
 
 
 def _species_of(graphs) -> set:
