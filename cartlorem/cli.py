@@ -202,7 +202,7 @@ def _evaluate_label_keys(args: argparse.Namespace) -> dict:
             # a config of this model's run: it names the keys; anything else (no mapping, no keys) is not one
             if isinstance(written, dict) and "energy_key" in written and "forces_key" in written:
                 trained = {name: parse_label_key(written[name]) for name in _LABEL_KEYS if name in written}
-        except (yaml.YAMLError, OSError, UnicodeDecodeError, ValueError):
+        except (yaml.YAMLError, OSError, UnicodeDecodeError, ValueError, argparse.ArgumentTypeError):
             trained = {}
     default = Config()  # train's defaults, which evaluate shares
     keys = {name: parse_label_key(given[name]) if name in given else trained.get(name, getattr(default, name))
@@ -263,7 +263,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import add_flags, parse_float, parse_int
+    from .config import add_flags, parse_float, parse_int, parse_label_key
 
     p = argparse.ArgumentParser(
         prog="cartlorem",
@@ -298,13 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--parity", metavar="PARITY.png", help="also write energy/force parity plots")
     e.add_argument("--batch-size", type=parse_int, default=16, metavar="N", help="structures per batch")
     trained = " (default: the key the model was trained with, read from the config.yaml of its run, else '{}')"
+
+    def key(v):  # checked as train's keys are, kept as given ('none' is a choice, not "not given")
+        parse_label_key(v)
+        return v
+
     for name, where in (("energy", "an info key"), ("forces", "an arrays key"), ("stress", "an info key")):
-        e.add_argument(f"--{name}-key", default=None, metavar="KEY",
+        e.add_argument(f"--{name}-key", type=key, default=None, metavar="KEY",
                        help=f"{name} label: 'calc' (ASE results), {where} or 'none'" + trained.format("calc"))
-    e.add_argument("--dipole-key", default=None, metavar="KEY",
+    e.add_argument("--dipole-key", type=key, default=None, metavar="KEY",
                    help="molecular dipole label (e·Å): an info key, 'calc' (ASE results) or 'none'"
                    + trained.format("dipole"))
-    e.add_argument("--born-charges-key", default=None, metavar="KEY",
+    e.add_argument("--born-charges-key", type=key, default=None, metavar="KEY",
                    help="Born effective charge label ([N, 9], e): an arrays key, 'calc' (ASE's "
                         "born_effective_charges) or 'none'" + trained.format("born_charges"))
     e.add_argument("--device", default="cpu", help="cpu or cuda")

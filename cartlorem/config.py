@@ -168,6 +168,8 @@ def choice(*choices: str) -> Callable:
 @_named("key")
 def parse_label_key(v) -> Optional[str]:
     s = parse_text(v) if v is not None else "none"
+    if not s.strip():  # an unset shell variable: "no label" must be said with 'none'
+        raise argparse.ArgumentTypeError("expected 'calc', an atoms.info / atoms.arrays key or 'none', got ''")
     return None if s.lower() == "none" else s
 
 

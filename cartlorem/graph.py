@@ -185,8 +185,11 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     pbc = np.asarray(pbc, dtype=bool)
     box = np.array(cell, dtype=np.float64) if np.any(pbc) else np.zeros((3, 3))
     # vesin wants an invertible box along periodic directions only; zero rows are fine when not periodic
-    nl = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
-    i, j, s, d = nl.compute(points=positions, box=box, periodic=pbc.tolist(), quantities="ijSd")
+    try:
+        nl = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
+        i, j, s, d = nl.compute(points=positions, box=box, periodic=pbc.tolist(), quantities="ijSd")
+    except RuntimeError as err:  # e.g. "cutoff is too small" below ~1e-5 Å
+        raise ValueError(f"cutoff {cutoff} Å: the neighbour list refuses it ({err})") from None
     if len(d) and d.min() < _MIN_DISTANCE:
         k = int(np.argmin(d))
         raise ValueError(

@@ -514,3 +514,28 @@ def test_evaluate_reads_labels_with_the_keys_the_model_was_trained_with(files, t
                          tmp_path / "test.xyz", "--no-progress", "--json", tmp_path / "m3.json")
     assert code == 0, err
     assert json.loads((tmp_path / "m3.json").read_text())["n_energy"] == 0 and "no energy or force labels" in err
+
+
+def test_an_empty_label_key_is_refused(files, tmp_path, capsys):
+    """--energy-key '' (an unset shell variable) trained without an energy term; evaluate --forces-key '' ended in a
+    traceback (argparse.ArgumentTypeError from inside the command)."""
+    from cartlorem import CartLorem, save_model
+
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", tmp_path / "run", "--energy-key", "")
+    _assert_user_error(code, err, "--energy-key", "'none'")
+    assert not (tmp_path / "run").exists()
+    save_model(CartLorem([29, 47], cutoff=3.0, channels=4, long_range=None), tmp_path / "m.pt")
+    for flag in ("--forces-key", "--dipole-key"):
+        code, _, err = run(capsys, "evaluate", "--model", tmp_path / "m.pt", "--data", files / "test.xyz", flag, "")
+        _assert_user_error(code, err, flag, "'none'")
+    code, out, err = run(capsys, "evaluate", "--model", tmp_path / "m.pt", "--data", files / "test.xyz",
+                         "--forces-key", "none")
+    assert code == 0, err
+
+
+def test_a_cutoff_the_neighbour_list_refuses_is_a_clear_error(files, tmp_path, capsys):
+    """--cutoff 1e-6 ended in a traceback from vesin ("RuntimeError: cutoff is too small")."""
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", tmp_path / "run", "--cutoff", 1e-6)
+    _assert_user_error(code, err, "cutoff 1e-06", "frame 0")
