@@ -456,8 +456,8 @@ _METAVARS = {"path": "FILE", "int": "N", "float": "X", "species": "ELEMENTS", "k
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per option (``--batch-size`` for ``batch_size``; ``--no-NAME`` for options that
-    default to true), in argument groups, plus ``--config``. Parse with
+    """One flag per option (``--batch-size`` for ``batch_size``; ``--NAME`` and ``--no-NAME`` for yes/no
+    options), in argument groups, plus ``--config``. Parse with
     ``argument_default=argparse.SUPPRESS`` so that only the flags given appear in the namespace."""
     groups = {g: parser.add_argument_group(g) for g in _GROUPS}
     groups["run"].add_argument("--config", type=parse_path, metavar="CONFIG.yaml",
@@ -466,11 +466,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         if not o.flag:
             continue
         flag, g = "--" + o.name.replace("_", "-"), groups[o.group]
-        if o.parse is parse_bool:
-            if o.default:
-                g.add_argument("--no-" + flag[2:], dest=o.name, action="store_false", help=f"turn off {o.help}")
-            else:
-                g.add_argument(flag, dest=o.name, action="store_true", help=o.help)
+        if o.parse is parse_bool:  # both --NAME and --no-NAME: a flag overrides the config (or a resumed run's) both ways
+            g.add_argument(flag, dest=o.name, action=argparse.BooleanOptionalAction,
+                           help=f"{o.help} (default: {'on' if o.default else 'off'})")
             continue
         shown = "none" if o.default is None else o.default
         text = o.help if ("[required]" in o.help or "(default" in o.help) else f"{o.help} (default: {shown})"

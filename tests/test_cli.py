@@ -249,7 +249,8 @@ def test_help_texts_say_what_flags_do(capsys):
     for command in ("train", "evaluate", "demo"):
         code, out, _ = run(capsys, command, "--help")
         text = " ".join(out.split())
-        assert "--no-progress turn off" in text, command
+        assert ("--progress, --no-progress progress bars" if command == "train" else "--no-progress turn off") \
+            in text, command
         assert "(default: None)" not in text, command
         for option in text.split(" --"):  # one default per option's help
             assert option.count("(default:") <= 1, (command, option)
@@ -539,3 +540,15 @@ def test_a_cutoff_the_neighbour_list_refuses_is_a_clear_error(files, tmp_path, c
     code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
                        "--out", tmp_path / "run", "--cutoff", 1e-6)
     _assert_user_error(code, err, "cutoff 1e-06", "frame 0")
+
+
+def test_yes_no_options_are_overridden_by_a_flag_both_ways(files, tmp_path, capsys):
+    """`compile: true` or `progress: false` in a config (or a resumed run's config.yaml) could not be undone by a
+    flag: --no-compile and --progress did not exist."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({**TINY_CONFIG, "compile": True, "progress": False, "epochs": 0}))
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", config, "--out", tmp_path / "r",
+                       "--no-compile", "--progress")
+    assert code == 0, err
+    written = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert written["compile"] is False and written["progress"] is True
