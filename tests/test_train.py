@@ -303,6 +303,14 @@ def test_epoch_batches_cover_each_graph_once(make_molecule):
     ("valid_batch_size", 0),  # taken as "the default" before
     ("weight_decay", -1.0),
     ("ema_decay", 1.0),
+    # the command line refused these; train() took them: inf failed later as a "non-finite loss", max_time 0
+    # trained one batch and NaN was ignored, 2.5 epochs or structures per batch were truncated
+    ("weight_decay", math.inf),
+    ("lr", math.inf),
+    ("max_time", 0.0),
+    ("max_time", math.nan),
+    ("epochs", 2.5),
+    ("batch_size", 2.5),
 ])
 def test_bad_optimiser_settings_are_refused_up_front(data, tmp_path, setting, value):
     """A ValueError naming the setting before anything is trained or written, not a deep torch error or a run
@@ -310,7 +318,7 @@ def test_bad_optimiser_settings_are_refused_up_front(data, tmp_path, setting, va
     train_set, valid_set = data
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=f"^{setting} must be|; {setting} must be"):
-        train(tiny_model(), train_set, valid_set, epochs=1, out_dir=out, **{**SETTINGS, setting: value})
+        train(tiny_model(), train_set, valid_set, out_dir=out, **{"epochs": 1, **SETTINGS, setting: value})
     assert not out.exists()
 
 

@@ -228,10 +228,13 @@ def train(
         raise TypeError(f"train expects a torch.nn.Module, got {type(model).__name__}")
     if len(train_graphs) == 0:
         raise ValueError("the training set is empty")
-    if int(epochs) < 0 or int(batch_size) < 1:
-        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
+    for name, value, least in (("epochs", epochs, 0), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or int(value) != value or value < least:  # 2.5 was truncated to 2
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a positive finite number, got {lr}")
+    if max_time is not None and not max_time > 0:  # 0 trained one batch; NaN was ignored
+        raise ValueError(f"max_time must be a positive number of seconds (None: no limit), got {max_time}")
     if optimizer.lower() not in ("adam", "amsgrad"):
         raise ValueError(f"optimizer must be 'adam' or 'amsgrad', got {optimizer!r}")
     _check_optimiser_settings(weight_decay=weight_decay, ema_decay=ema_decay, scheduler_factor=scheduler_factor,
@@ -364,8 +367,8 @@ def _check_optimiser_settings(*, weight_decay, ema_decay, scheduler_factor, sche
     """ValueError naming the setting for values that would otherwise fail deep inside torch or train silently
     wrong (a clip_grad <= 0 flips or zeroes every gradient, a scheduler_factor of 0 sets the rate to 0)."""
     problems = []
-    if not weight_decay >= 0:
-        problems.append(f"weight_decay must be >= 0, got {weight_decay}")
+    if not 0 <= weight_decay < math.inf:
+        problems.append(f"weight_decay must be a finite number >= 0, got {weight_decay}")
     if ema_decay is not None and not 0 <= ema_decay < 1:
         problems.append(f"ema_decay must be in [0, 1) (0 or None: off), got {ema_decay}")
     if not 0 < scheduler_factor < 1:
