@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -86,7 +87,7 @@ def parse_text(v) -> str:
 
 @_named("path")
 def parse_path(v) -> str:
-    return str(Path(parse_text(v)).expanduser())
+    return str(Path(v if isinstance(v, os.PathLike) else parse_text(v)).expanduser())
 
 
 @_named("species")
@@ -94,7 +95,7 @@ def parse_species(v) -> list[int]:
     """"H,O,Na" or ["H", 8, "11"] → sorted atomic numbers."""
     from ase.data import atomic_numbers
 
-    items = v.replace(",", " ").split() if isinstance(v, str) else v
+    items = v.replace(",", " ").split() if isinstance(v, str) else [v] if isinstance(v, int) else v
     if not isinstance(items, (list, tuple)) or not items:
         raise argparse.ArgumentTypeError(f"expected elements such as H,O,Na,Cl, got {v!r}")
     out = set()

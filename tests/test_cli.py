@@ -552,3 +552,18 @@ def test_yes_no_options_are_overridden_by_a_flag_both_ways(files, tmp_path, caps
     assert code == 0, err
     written = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert written["compile"] is False and written["progress"] is True
+
+
+def test_config_takes_what_the_flags_take():
+    """`species: 29` in YAML and a Path in Python were refused, while `--species 29` and read_dataset(Path) work;
+    a malformed CUDA device string passed the checks and failed inside torch."""
+    from pathlib import Path
+
+    from cartlorem.config import Config
+    from cartlorem.training.job import select_device
+
+    assert Config.from_dict({"species": 29}).species == [29]
+    assert Config(train=Path("data") / "train.xyz").train == str(Path("data") / "train.xyz")
+    for bad in ("cuda:abc", "cudax"):
+        with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N"):
+            select_device(bad)

@@ -36,6 +36,10 @@ def select_device(name: str) -> str:
     """"cpu" or "cuda[:k]"; CUDA falls back to the CPU (with a warning) where it is absent."""
     name = name.strip().lower()
     if name.startswith("cuda"):
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {name!r}") from None
         if not torch.cuda.is_available():
             log.warning("CUDA is not available on this machine; running on the CPU")
             return "cpu"
