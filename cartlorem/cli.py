@@ -163,6 +163,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         logging.getLogger(_LOGGER).warning(
             "the data carry no energy or force labels (check --energy-key / --forces-key)"
         )
+    else:  # a key given on the command line that no frame holds: a misspelt key, not an unlabelled set
+        for name in ("energy", "forces", "stress"):
+            flag = getattr(args, f"{name}_key")
+            if flag is not None and keys[f"{name}_key"] is not None and not m[f"n_{name}"]:
+                logging.getLogger(_LOGGER).warning(
+                    f"no structure of {args.data} carries a {name} label under --{name}-key {flag}"
+                    + (" (periodic cells only have a stress)" if name == "stress" else ""))
     unscored = [name for name, n in (("dipole", "n_dipole"), ("Born-charge", "n_born_charges"))
                 if n in m and not m[n]]
     if unscored:

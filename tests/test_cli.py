@@ -567,3 +567,16 @@ def test_config_takes_what_the_flags_take():
     for bad in ("cuda:abc", "cudax"):
         with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N"):
             select_device(bad)
+
+
+def test_evaluate_names_a_given_key_that_no_structure_holds(files, tmp_path, capsys):
+    """--forces-key REF_F (a misspelling) scored no forces and said nothing while the energies were labelled."""
+    from cartlorem import CartLorem, save_model
+
+    save_model(CartLorem([29, 47], cutoff=3.0, channels=4, long_range=None), tmp_path / "m.pt")
+    code, _, err = run(capsys, "evaluate", "--model", tmp_path / "m.pt", "--data", files / "test.xyz",
+                       "--forces-key", "REF_F")
+    assert code == 0, err
+    assert "forces label under --forces-key REF_F" in err, err
+    code, _, err = run(capsys, "evaluate", "--model", tmp_path / "m.pt", "--data", files / "test.xyz")
+    assert code == 0 and "label under" not in err, err
