@@ -137,23 +137,24 @@ def _check_same_split(cfg: Config, out: Path) -> None:
     def path(p):
         return None if p is None else str(Path(p).resolve())
 
+    def changes(names) -> str:
+        return ", ".join(f"{name} {getattr(old, name)!r} → {getattr(cfg, name)!r}" for name in names)
+
     changed = [name for name in ("train", "valid") if path(getattr(cfg, name)) != path(getattr(old, name))]
     if cfg.valid is None and old.valid is None:
         changed += [name for name in ("valid_fraction", "seed") if getattr(cfg, name) != getattr(old, name)]
-    if changed:
-        detail = ", ".join(f"{name} {getattr(old, name)!r} → {getattr(cfg, name)!r}" for name in changed)
-        raise ValueError(
-            f"resuming {out} with another split of the data ({detail}): structures the run validated on would be "
-            "trained on, and its best model was chosen on another set; resume with the run's values, or start a new "
-            "run (--overwrite or another --out)")
     # what the checkpoint carries on: a new value would be written to config.yaml and not used
     kept = [name for name in ("lr", "seed") if getattr(cfg, name) != getattr(old, name)]
-    if kept:
-        detail = ", ".join(f"{name} {getattr(old, name)!r} → {getattr(cfg, name)!r}" for name in kept)
+    if changed:
         raise ValueError(
-            f"resuming {out} with {detail}: a resume continues the checkpoint's learning rate (where the scheduler "
-            "left it) and random state, so the new value would not be used; resume with the run's values, or start "
-            "a new run (--overwrite or another --out)")
+            f"resuming {out} with another split of the data ({changes(changed)}): structures the run validated on "
+            "would be trained on, and its best model was chosen on another set; resume with the run's values, or "
+            "start a new run (--overwrite or another --out)")
+    if kept:
+        raise ValueError(
+            f"resuming {out} with {changes(kept)}: a resume continues the checkpoint's learning rate (where the "
+            "scheduler left it) and random state, so the new value would not be used; resume with the run's values, "
+            "or start a new run (--overwrite or another --out)")
 
 
 def _species_of(graphs) -> set:
