@@ -470,7 +470,8 @@ class ExportedCartLorem(nn.Module):
         if lr is not None:
             node_energy = node_energy + e_es
         zeros = torch.zeros(n_struct, dtype=node_energy.dtype, device=node_energy.device)
-        out["energy"] = zeros.index_add(0, batch, node_energy)
+        # summed in float64, as CartLorem.energy (a float32 total otherwise rounds at every addition)
+        out["energy"] = zeros.double().index_add(0, batch, node_energy.double()).to(node_energy.dtype)
         out["node_energy"] = node_energy
         if lr is not None:
             out["energy_lr"] = zeros.index_add(0, batch, self.scale * lr_readout + e_es)

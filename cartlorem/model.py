@@ -409,7 +409,9 @@ class CartLorem(nn.Module):
                 node_energy = node_energy + torch.where(molecule, node_field, torch.zeros_like(node_field))
                 out["force_only_energy"] = zeros.index_add(
                     0, graph.batch, torch.where(molecule, torch.zeros_like(node_field), node_field))
-        energy = zeros.index_add(0, graph.batch, node_energy)
+        # summed in float64: in float32 the total rounds at the scale of the reference energies' sum at every
+        # addition (0.16 eV off for 192 atoms of −2000 eV references); this leaves the final cast, ≤ 4 meV there
+        energy = zeros.double().index_add(0, graph.batch, node_energy.double()).to(node_energy.dtype)
         out.update(energy=energy, node_energy=node_energy)
         if self.long_range_block is not None:
             out["energy_lr"] = torch.zeros_like(energy).index_add(0, graph.batch, self.scale * lr_readout + e_es)

@@ -117,3 +117,40 @@ def test_float32_model_in_a_box_far_from_the_origin():
         fix, [(np.arange(1, len(atoms) + 1), kinds, atoms.positions + lo)])
     assert np.abs(chunks[0] - forces).max() < 2e-5
     assert energy == pytest.approx(e, abs=1e-4)
+
+
+def test_float32_energy_with_large_reference_energies():
+    """LAMMPS' pe of a float32 model was the float32 running sum of per-atom energies near −2000 eV: 0.16 eV off the
+    float64 model for a 192-atom water box. It is now summed in float64, as the ASE calculator sums it."""
+    import copy
+    import types
+
+    import torch
+    from ase import Atoms
+    from ase.build import molecule
+
+    from cartlorem import CartLorem, CartLoremCalculator
+
+    torch.manual_seed(0)
+    model = CartLorem([1, 8], cutoff=3.0, long_range=None, channels=4, num_layers=1, correlation=2, num_basis=4,
+                      radial_hidden=8, readout_hidden=8).double()
+    model.set_statistics(atomic_energies={1: -13.6, 8: -2041.8}, avg_num_neighbors=4.0, scale=1.0)
+    atoms = Atoms()
+    for x in range(4):
+        for y in range(4):
+            for z in range(4):
+                w = molecule("H2O")
+                w.positions += 3.1 * np.array([x, y, z])
+                atoms += w
+    atoms.cell, atoms.pbc = 12.4 * np.eye(3), True
+    atoms.rattle(0.05, seed=1)
+    atoms.wrap()
+    e64 = CartLoremCalculator(model).get_potential_energy(atoms)
+    fix = types.SimpleNamespace(model=copy.deepcopy(model).float(), numbers=np.array([1, 8]), total_charge=0.0,
+                                multiplicity=None,
+                                lmp=types.SimpleNamespace(extract_box=lambda: ([0.0] * 3, [12.4] * 3, 0.0, 0.0, 0.0,
+                                                                               [1, 1, 1], 0)))
+    kinds = np.where(atoms.numbers == 1, 1, 2)
+    _, energy, _ = lammps_adapter.CartLoremFix._evaluate(fix, [(np.arange(1, len(atoms) + 1), kinds, atoms.positions)])
+    assert abs(e64) > 1e5
+    assert abs(energy - e64) < 1e-2, energy - e64  # per-atom float32 rounding; the running sum: 0.15 eV

@@ -243,7 +243,7 @@ class CartLoremFix:
         forces[order] = forces_sorted  # back to the gathered order
         bounds = np.cumsum([0] + [len(p[0]) for p in parts])
         chunks = [forces[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        energy = float(out["energy"].detach().sum())
+        energy = float(out["node_energy"].detach().double().sum())  # in float64, as the ASE calculator
         w = out["virial"][0].detach().cpu().double().numpy()  # eV; −V σ for a periodic box
         virial = w[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]  # LAMMPS order: xx yy zz xy xz yz
         return chunks, energy, virial
