@@ -234,3 +234,31 @@ def test_newer_format_and_mismatched_weights_are_named(tmp_path):
     torch.save({**payload, "state_dict": state}, tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="weights in the file do not fit"):
         cartlorem.load_model(tmp_path / "missing.pt")
+
+
+def test_a_file_saved_without_checksums_loads(tmp_path):
+    """torch's compute_crc32 = False (faster saves of large checkpoints) writes CRC 0 for every record; the first
+    checksum check called such a file damaged though torch.load reads it."""
+    import torch.utils.serialization as serialization
+
+    path = tmp_path / "model.pt"
+    model = lr_model()
+    with _crc_off(serialization.config.save):
+        cartlorem.save_model(model, path)
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        assert all(i.CRC == 0 for i in archive.infolist() if i.file_size)
+    loaded = cartlorem.load_model(path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+class _crc_off:
+    def __init__(self, config):
+        self.config = config
+
+    def __enter__(self):
+        self.old, self.config.compute_crc32 = self.config.compute_crc32, False
+
+    def __exit__(self, *exc):
+        self.config.compute_crc32 = self.old
