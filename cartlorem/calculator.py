@@ -204,11 +204,14 @@ class CartLoremCalculator(Calculator):
             raise ValueError(f"unknown extra output {name!r}; choose from {', '.join(self.extra_properties)}")
         if atoms is None and self.atoms is None:
             raise ValueError("nothing calculated yet: pass the atoms")
-        self.get_property("energy", atoms)  # (re)computes when the structure changed
         if name == "born_charges" and self.model.long_range is None:
             raise ValueError("born_charges need learned charges: this model has no long range (long_range=None)")
-        if name in ("born_charges", "virial") and name not in self.extra_results:
-            self.calculate(self.atoms, ["energy", "forces", name], [])
+        changed = atoms is not None and bool(self.check_state(atoms))
+        if name in ("born_charges", "virial") and (changed or name not in self.extra_results):
+            # one evaluation with the extra output (energy and forces come with it), not one without and one with
+            self.calculate(self.atoms if atoms is None else atoms, ["energy", "forces", name], all_changes)
+        else:
+            self.get_property("energy", atoms)  # (re)computes when the structure changed
         if name not in self.extra_results:
             raise PropertyNotImplementedError(f"{name} is not an output of this model")
         value = self.extra_results[name]

@@ -135,8 +135,20 @@ def test_client_sends_the_virial_of_a_slab():
     slab.rattle(0.1, seed=1)
     slab.center(vacuum=5.0, axis=2)
     slab.pbc = [True, True, False]
-    result, client_errors = _serve_to_ase_server(model, slab, slab, stress=True)
+    calls = []
+    forward = model.forward
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("compute_stress"))
+        return forward(*args, **kwargs)
+
+    model.forward = counted
+    try:
+        result, client_errors = _serve_to_ase_server(model, slab, slab, stress=True)
+    finally:
+        del model.forward
     assert not client_errors and not isinstance(result, Exception), (result, client_errors)
+    assert len(calls) == 1, calls  # one evaluation per step gives energy, forces and virial (a first fix took two)
     virial = -slab.get_volume() * result[2]  # what the server received, as ASE's server turns it into a stress
 
     def energy(eps):

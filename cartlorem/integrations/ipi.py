@@ -52,8 +52,9 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "loca
         raise ValueError("give either a unix socket name or an inet port, not both")
     class Client(SocketClient):
         def calculate(self, atoms, use_stress):  # ASE's takes −V σ, which a slab or a cluster does not have
-            energy, forces, virial = super().calculate(atoms, False)
-            return energy, forces, atoms.calc.get_extra("virial") if use_stress else virial
+            virial = atoms.calc.get_extra("virial", atoms) if use_stress else None  # one evaluation, with E and F
+            energy, forces, zeros = super().calculate(atoms, False)  # those results, not computed again
+            return energy, forces, zeros if virial is None else virial
 
     atoms = atoms.copy()
     atoms.calc = CartLoremCalculator(model_or_path, device=device, dtype=dtype)
