@@ -84,6 +84,10 @@ def run_demo(
                          "calculator (ase.io.write of atoms with one attached: energy= and forces in the extxyz "
                          "file); for other labels (REF_energy, ...) use cartlorem train with --energy-key and "
                          "--forces-key.") from None
+    if long_range is not None:  # named by frame of the file, not by place in the training subset
+        from .nn.long_range import check_structures
+
+        check_structures(graphs, lambda k: f"{path}, frame {k}")
     rest, test_idx = split(graphs, 0.1, seed=seed)
     if len(test_idx) == 0:  # refused before the training, not after it
         raise ValueError(f"data file {str(path)!r} has {len(graphs)} structure; the demo needs at least 2 (one to "

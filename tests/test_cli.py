@@ -580,3 +580,14 @@ def test_evaluate_names_a_given_key_that_no_structure_holds(files, tmp_path, cap
     assert "forces label under --forces-key REF_F" in err, err
     code, _, err = run(capsys, "evaluate", "--model", tmp_path / "m.pt", "--data", files / "test.xyz")
     assert code == 0 and "label under" not in err, err
+
+
+def test_demo_names_a_structure_the_long_range_block_cannot_take_by_its_frame(tmp_path, capsys):
+    """A wire in the demo's data was named by its place in the training subset ("training structure 21")."""
+    frames = emt_frames(12, seed=3)
+    wire = [k for k, a in enumerate(frames) if a.pbc.all()][-1]
+    frames[wire].pbc = [True, False, False]
+    ase.io.write(tmp_path / "wire.xyz", frames)
+    code, _, err = run(capsys, "demo", "--data", tmp_path / "wire.xyz", "--out", tmp_path / "demo", "--epochs", 1,
+                       "--md-steps", 2, "--channels", 4, "--long-range", "multipole", "--no-progress")
+    _assert_user_error(code, err, f"wire.xyz, frame {wire} has pbc = [True, False, False]")

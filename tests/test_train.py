@@ -311,6 +311,9 @@ def test_epoch_batches_cover_each_graph_once(make_molecule):
     ("max_time", math.nan),
     ("epochs", 2.5),
     ("batch_size", 2.5),
+    ("epochs", math.inf),
+    ("epochs", math.nan),
+    ("batch_size", math.inf),
 ])
 def test_bad_optimiser_settings_are_refused_up_front(data, tmp_path, setting, value):
     """A ValueError naming the setting before anything is trained or written, not a deep torch error or a run

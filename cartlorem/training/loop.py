@@ -229,7 +229,7 @@ def train(
     if len(train_graphs) == 0:
         raise ValueError("the training set is empty")
     for name, value, least in (("epochs", epochs, 0), ("batch_size", batch_size, 1)):
-        if isinstance(value, bool) or int(value) != value or value < least:  # 2.5 was truncated to 2
+        if isinstance(value, bool) or not math.isfinite(value) or int(value) != value or value < least:  # 2.5 → 2
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if not 0 < lr < math.inf:
         raise ValueError(f"lr must be a positive finite number, got {lr}")
