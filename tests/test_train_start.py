@@ -357,3 +357,26 @@ def test_a_resume_with_another_seed_is_refused_where_the_split_does_not_use_it(f
     code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, "--seed", 7)
     assert code == 2 and "seed 0 → 7" in err and "Traceback" not in err, err
     assert _contents(run_dir) == before
+
+
+def test_a_python_run_resumed_from_the_command_line_records_the_rate_it_goes_on_with(files, tmp_path, capsys):
+    """A run started from Python has no config.yaml; resumed with --lr 0.5 it went on at the checkpoint's rate, and
+    the config.yaml written then said 0.5."""
+    import torch
+
+    from cartlorem import CartLorem
+    from cartlorem.data import read_dataset
+    from cartlorem.train import train
+
+    model = CartLorem(species=[29, 47], channels=4, num_layers=1, correlation=1, num_basis=4, radial_hidden=4,
+                      readout_hidden=4, cutoff=3.0, long_range=None).to(torch.float64)
+    run_dir = tmp_path / "run"
+    train(model, read_dataset(files / "train.xyz", 3.0), epochs=1, batch_size=4, lr=0.01, seed=3, out_dir=run_dir,
+          progress=False)
+    assert not (run_dir / "config.yaml").exists()
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", run_dir, "--resume", "--epochs", 2, "--lr", 0.5, "--valid-fraction", 0)
+    assert code == 0, err
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["lr"] == 0.01 and written["seed"] == 3, written
+    assert "go on from the checkpoint" in err, err

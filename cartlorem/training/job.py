@@ -157,6 +157,20 @@ def _check_same_split(cfg: Config, out: Path) -> None:
             "or start a new run (--overwrite or another --out)")
 
 
+def _without_config_yaml(cfg: Config, out: Path) -> Config:
+    """A resumed run without config.yaml (started from Python): its learning rate and seed are the checkpoint's,
+    which go on, and not the flags' or defaults' (config.yaml, written now, would record values not used)."""
+    if (out / "config.yaml").is_file():
+        return cfg
+    settings = RunFolder(out, write=False).load_checkpoint().get("settings") or {}
+    kept = {name: settings[name] for name in ("lr", "seed") if name in settings and settings[name] != getattr(cfg, name)}
+    if kept:
+        log.info("%s has no config.yaml (a run started from Python): its %s go on from the checkpoint", out,
+                 ", ".join(f"{name} {value!r}" for name, value in kept.items()))
+        cfg = cfg.replace(**kept)
+    return cfg
+
+
 def _species_of(graphs) -> set:
     return {int(z) for g in graphs for z in g.species.unique().tolist()}
 
@@ -192,6 +206,7 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
 
     if cfg.resume:
         _check_same_split(cfg, out)
+        cfg = _without_config_yaml(cfg, out)
     t0 = time.perf_counter()
     graphs = _read(cfg.train, cfg, require, dtype)
     if cfg.valid is not None:
