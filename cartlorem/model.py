@@ -734,9 +734,14 @@ def complete_config(config: dict) -> dict:
         # none stored, or options of a block it has not that an older cartlorem let a short-range model store
         config["long_range_options"] = {}
     if config.get("long_range") is not None:
+        from .nn.long_range import long_range_option_defaults
+
         options = config.get("long_range_options") or {}
         old = {"charge_channels": None, "placement": "end", "end_features": "full"}
-        config["long_range_options"] = {**{k: v for k, v in old.items() if k not in options}, **options}
+        options = {**{k: v for k, v in old.items() if k not in options}, **options}
+        if options["charge_channels"] is None:  # every channel, as the model now states it (a resume compares)
+            options["charge_channels"] = options.get("lr_channels", long_range_option_defaults()["lr_channels"])
+        config["long_range_options"] = options
     for name, parameter in inspect.signature(CartLorem.__init__).parameters.items():
         if name != "self" and name not in config and parameter.default is not inspect.Parameter.empty:
             config[name] = parameter.default

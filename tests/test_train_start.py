@@ -380,3 +380,26 @@ def test_a_python_run_resumed_from_the_command_line_records_the_rate_it_goes_on_
     written = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert written["lr"] == 0.01 and written["seed"] == 3, written
     assert "go on from the checkpoint" in err, err
+
+
+def test_a_long_range_checkpoint_of_format_v3_without_charge_channels_resumes(files, tmp_path, capsys):
+    """Format v3 files written before charge_channels was stored meant every channel; filled in as None, the resume
+    compared None with the model's number of channels and refused a "different model"."""
+    import torch
+
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--long-range", "multipole", "--out", run_dir, "--ema-decay", "0")
+    assert code == 0, err
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    ckpt["model"]["format"] = "cartlorem-model-v3"
+    options = ckpt["model"]["config"]["long_range_options"]
+    ckpt["model"]["config"]["long_range_options"] = {k: v for k, v in options.items() if k != "charge_channels"}
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    written["long_range_options"] = {k: v for k, v in (written.get("long_range_options") or {}).items()
+                                     if k != "charge_channels"}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(written))
+    code, out, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
+    assert code == 0, err
+    assert "stopped after epoch 2" in out
