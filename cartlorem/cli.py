@@ -208,8 +208,12 @@ def _evaluate_label_keys(args: argparse.Namespace) -> dict:
             written = yaml.safe_load(run_config.read_text())
             # a config of this model's run: it names the keys; anything else (no mapping, no keys) is not one
             if isinstance(written, dict) and "energy_key" in written and "forces_key" in written:
-                trained = {name: parse_label_key(written[name]) for name in _LABEL_KEYS if name in written}
-        except (yaml.YAMLError, OSError, UnicodeDecodeError, ValueError, argparse.ArgumentTypeError):
+                for name in _LABEL_KEYS:  # each on its own: one bad key does not drop the others
+                    try:  # '' meant no label before it was refused (622fdc5)
+                        trained[name] = None if written.get(name) == "" else parse_label_key(written[name])
+                    except (KeyError, ValueError, argparse.ArgumentTypeError):
+                        continue
+        except (yaml.YAMLError, OSError, UnicodeDecodeError, ValueError):
             trained = {}
     default = Config()  # train's defaults, which evaluate shares
     keys = {name: parse_label_key(given[name]) if name in given else trained.get(name, getattr(default, name))

@@ -591,3 +591,21 @@ def test_demo_names_a_structure_the_long_range_block_cannot_take_by_its_frame(tm
     code, _, err = run(capsys, "demo", "--data", tmp_path / "wire.xyz", "--out", tmp_path / "demo", "--epochs", 1,
                        "--md-steps", 2, "--channels", 4, "--long-range", "multipole", "--no-progress")
     _assert_user_error(code, err, f"wire.xyz, frame {wire} has pbc = [True, False, False]")
+
+
+def test_evaluate_reads_each_key_of_the_run_on_its_own(files, tmp_path, capsys):
+    """A config.yaml of an older run with energy_key '' (which meant no label) made evaluate drop every key of the
+    run, REF_forces too, and score other labels without a word."""
+    from cartlorem import CartLorem, save_model
+
+    frames = emt_frames(5, seed=1)
+    for a in frames:
+        a.arrays["REF_forces"] = a.get_forces() + 0.5
+    ase.io.write(tmp_path / "ref.xyz", frames)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_model(CartLorem([29, 47], cutoff=3.0, channels=4, long_range=None), run_dir / "model.pt")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**TINY_CONFIG, "energy_key": "", "forces_key": "REF_forces"}))
+    code, out, err = run(capsys, "evaluate", "--model", run_dir / "model.pt", "--data", tmp_path / "ref.xyz")
+    assert code == 0, err
+    assert "--forces-key REF_forces" in out + err and "--energy-key none" in out + err, out + err
