@@ -135,14 +135,17 @@ def check_structure(
 
 
 def check_charge_state(numbers, total_charge: float, multiplicity: Optional[float] = None,
-                       label: str = "structure") -> None:
+                       label: str = "structure",
+                       where: tuple = ("atoms.info['total_charge'] or ['charge']", "atoms.info['multiplicity']")
+                       ) -> None:
     """Raise ValueError unless the charge and spin state can be that of the atoms ``numbers`` [N].
 
     total_charge Q (e) must be finite; multiplicity 2s + 1 an integer ≥ 1. When Q is an integer, the
     electron count n = Σ Z − Q must be ≥ 0, hold at least multiplicity − 1 unpaired electrons and
     have the parity of multiplicity − 1 (an even count pairs into singlets, triplets, …; an odd one
     into doublets, quartets, …). A fractional Q (a model charge) skips the electron-count checks.
-    multiplicity None (not given): only Q is checked (finite; n ≥ 0 when Q is an integer).
+    multiplicity None (not given): only Q is checked (finite; n ≥ 0 when Q is an integer). ``where``: the inputs
+    that set Q and the multiplicity, which the messages name (default: ASE's atoms.info entries).
     """
     q = float(total_charge)
     if not np.isfinite(q):
@@ -155,8 +158,7 @@ def check_charge_state(numbers, total_charge: float, multiplicity: Optional[floa
     electrons = int(np.sum(np.asarray(numbers, dtype=np.int64))) - int(round(q))
     if electrons < 0:
         raise ValueError(f"{label}: total_charge {q:g} exceeds the nuclear charge {electrons + int(round(q))} "
-                         "(a negative number of electrons); check the total charge (atoms.info['total_charge'] or "
-                         "['charge'])")
+                         f"(a negative number of electrons); check the total charge ({where[0]})")
     if m is None:
         return
     unpaired = int(round(m)) - 1
@@ -166,7 +168,7 @@ def check_charge_state(numbers, total_charge: float, multiplicity: Optional[floa
         raise ValueError(
             f"{label}: multiplicity {int(round(m))} does not match the electron count: Σ Z − Q = "
             f"{electrons + int(round(q))} − ({q:g}) = {electrons} electrons ({parity}) allow multiplicity {allowed} "
-            f"(up to {electrons + 1}); check atoms.info['multiplicity'] and atoms.info['total_charge']")
+            f"(up to {electrons + 1}); check {where[1]} and {where[0]}")
 
 
 def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):

@@ -26,7 +26,8 @@ def _as_numpy(x, dtype) -> np.ndarray:
 
 
 def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cutoff: float,
-                        total_charge=None, multiplicity=None, dtype: Optional[torch.dtype] = None) -> Graph:
+                        total_charge=None, multiplicity=None, dtype: Optional[torch.dtype] = None,
+                        charge_inputs: tuple = ("total_charge", "multiplicity")) -> Graph:
     """B structures given as concatenated arrays → one :class:`Graph` with edges within ``cutoff``.
 
     Args:
@@ -47,6 +48,8 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
             entry (a list) for a structure whose spin is not given: a singlet, not checked, as ``atoms_to_graph``
             takes a structure without ``info["multiplicity"]``. Models with charge-state conditioning use it.
         dtype: floating dtype of the graph (default: that of ``positions`` if a tensor, else float64).
+        charge_inputs: how the caller's user sets the total charge and the multiplicity, named in the messages
+            of a charge state the atoms cannot have (e.g. torch-sim's "state.charge", "state.spin").
 
     Returns:
         Graph with positions [N, 3], species [N], batch [N], cell [B, 3, 3], pbc [B, 3],
@@ -104,7 +107,7 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
         check_structure(pos_np[atoms_b], cells_np[b], pbc_np[b], label=label)
         home[atoms_b] = home_cell_offsets(pos_np[atoms_b], cells_np[b], pbc_np[b])  # whole lattice vectors
         # as atoms_to_graph: Q finite, electrons >= 0; a multiplicity an integer >= 1 that the electrons allow
-        check_charge_state(z[atoms_b], charge[b], None if spin is None else spin[b], label=label)
+        check_charge_state(z[atoms_b], charge[b], None if spin is None else spin[b], label=label, where=charge_inputs)
         try:
             i, j, s = neighbour_list(pos_np[atoms_b] - home[atoms_b], cells_np[b], pbc_np[b], cutoff)
         except ValueError as err:

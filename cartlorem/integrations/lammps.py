@@ -234,7 +234,8 @@ class CartLoremFix:
         graph = structures_to_graph(torch.tensor(x[order]), numbers, cell, pbc, cutoff=self.model.cutoff,
                                     total_charge=[self.total_charge],
                                     multiplicity=None if self.multiplicity is None else [self.multiplicity],
-                                    dtype=self.model.dtype)
+                                    dtype=self.model.dtype, charge_inputs=("total_charge= (--total-charge)",
+                                                                           "multiplicity= (--multiplicity)"))
         # the virial −∂E/∂ε for every boundary: LAMMPS divides it by its box volume for the pressure, also for a
         # slab (p p f, where a barostat in x and y needs the lateral virial) and an open box
         out = self.model(graph, compute_forces=True, compute_stress=True, create_graph=False)

@@ -67,7 +67,7 @@ def state_to_graph(state, cutoff: float, dtype: Optional[torch.dtype] = None, *,
         spin = None if all(m is None for m in spin) else spin
     return structures_to_graph(state.positions, state.atomic_numbers, rows, state.pbc, system_idx,
                                cutoff=cutoff, total_charge=getattr(state, "charge", None), multiplicity=spin,
-                               dtype=dtype)
+                               dtype=dtype, charge_inputs=("state.charge", "state.spin (2S + 1)"))
 
 
 class CartLoremModel(_Base):
