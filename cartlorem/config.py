@@ -467,7 +467,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         if not o.flag:
             continue
         flag, g = "--" + o.name.replace("_", "-"), groups[o.group]
-        if o.parse is parse_bool:  # both --NAME and --no-NAME: a flag overrides the config (or a resumed run's) both ways
+        if o.parse is parse_bool:  # --NAME and --no-NAME: a flag overrides the config (or a resumed run's) both ways
             g.add_argument(flag, dest=o.name, action=argparse.BooleanOptionalAction,
                            help=f"{o.help} (default: {'on' if o.default else 'off'})")
             continue

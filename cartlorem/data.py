@@ -119,7 +119,8 @@ def attach_labels(graph: Graph, atoms, keys: Mapping[str, Optional[str]]) -> Gra
     keys: {"energy" | "forces" | "stress": "calc" | NAME | None}. "calc" reads the results the
     attached ASE calculator already holds (single-point results from extxyz; no calculation is
     run), or else the standard name in ``atoms.info`` / ``atoms.arrays`` (where Atoms built in memory
-    keep it; ``ase.io.read`` moves it into the results); NAME reads ``atoms.info[NAME]`` (energy, stress) or ``atoms.arrays[NAME]`` (forces),
+    keep it; ``ase.io.read`` moves it into the results); NAME reads ``atoms.info[NAME]`` (energy, stress) or
+    ``atoms.arrays[NAME]`` (forces),
     falling back on calculator results under that name. Labels that are absent, not asked for, or
     (stress) belong to a structure with no periodic direction are filled with zeros and flagged
     False in the masks.

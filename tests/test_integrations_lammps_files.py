@@ -109,7 +109,8 @@ def test_float32_model_in_a_box_far_from_the_origin():
     forces, e = reference.get_forces(), reference.get_potential_energy()
     lo = np.full(3, 4000.0)
     lengths = atoms.cell.lengths()
-    fix = types.SimpleNamespace(model=copy.deepcopy(model).float(), numbers=np.array([11, 17]), total_charge=0.0, multiplicity=None,
+    fix = types.SimpleNamespace(model=copy.deepcopy(model).float(), numbers=np.array([11, 17]), total_charge=0.0,
+                                multiplicity=None,
                                 lmp=types.SimpleNamespace(extract_box=lambda: (list(lo), list(lo + lengths),
                                                                                0.0, 0.0, 0.0, [1, 1, 1], 0)))
     kinds = np.where(atoms.numbers == 11, 1, 2)

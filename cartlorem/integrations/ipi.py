@@ -50,6 +50,7 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "loca
 
     if unix is not None and port is not None:
         raise ValueError("give either a unix socket name or an inet port, not both")
+
     class Client(SocketClient):
         def calculate(self, atoms, use_stress):  # ASE's takes −V σ, which a slab or a cluster does not have
             virial = atoms.calc.get_extra("virial", atoms) if use_stress else None  # one evaluation, with E and F

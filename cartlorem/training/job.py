@@ -163,7 +163,8 @@ def _without_config_yaml(cfg: Config, out: Path) -> Config:
     if (out / "config.yaml").is_file():
         return cfg
     settings = RunFolder(out, write=False).load_checkpoint().get("settings") or {}
-    kept = {name: settings[name] for name in ("lr", "seed") if name in settings and settings[name] != getattr(cfg, name)}
+    kept = {name: settings[name] for name in ("lr", "seed")
+            if name in settings and settings[name] != getattr(cfg, name)}
     if kept:
         log.info("%s has no config.yaml (a run started from Python): its %s go on from the checkpoint", out,
                  ", ".join(f"{name} {value!r}" for name, value in kept.items()))

@@ -56,7 +56,7 @@ def plot_learning_curve(history: Sequence[dict], path) -> bool:
     on_training = any(r.get("metrics_on") == "training" for r in history)
     fig = Figure(figsize=(11, 3.4), layout="constrained")
     FigureCanvasAgg(fig)
-    seen = "training set, evaluated" if on_training else "valid"  # no validation set: the metrics are the training set's
+    seen = "training set, evaluated" if on_training else "valid"  # no validation set: the training set's metrics
     panels = [
         ("loss", [("train_loss", "train"), ("valid_loss", seen)], True),
         ("energy MAE (meV/atom)", [("valid_energy_mae_mev_per_atom", seen)], False),
