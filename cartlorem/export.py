@@ -403,11 +403,17 @@ class ExportedCartLorem(nn.Module):
         in positions and cell (as CartLorem.energy). ``multiplicity`` [B] (2s + 1, None: singlets) is used by
         models with charge-state conditioning only. Floating inputs are taken in the model's dtype."""
         self._check_batch(batch, cell.shape[0])
+        positions, cell, edge_shift, total_charge, multiplicity = self._in_dtype(positions, cell, edge_shift,
+                                                                                 total_charge, multiplicity)
+        return self._energy(positions, species, cell, pbc, edge_index, edge_shift, batch, total_charge, multiplicity)
+
+    def _in_dtype(self, positions: torch.Tensor, cell: torch.Tensor, edge_shift: torch.Tensor,
+                  total_charge: torch.Tensor, multiplicity: Optional[torch.Tensor]
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The floating inputs in the model's dtype (``atoms_to_graph`` gives float64 by default)."""
         dtype = self.embedding.dtype
-        if multiplicity is not None:
-            multiplicity = multiplicity.to(dtype)
-        return self._energy(positions.to(dtype), species, cell.to(dtype), pbc, edge_index, edge_shift.to(dtype), batch,
-                            total_charge.to(dtype), multiplicity)
+        return (positions.to(dtype), cell.to(dtype), edge_shift.to(dtype), total_charge.to(dtype),
+                None if multiplicity is None else multiplicity.to(dtype))
 
     def _energy(self, positions: torch.Tensor, species: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
                 edge_index: torch.Tensor, edge_shift: torch.Tensor, batch: torch.Tensor,
@@ -485,12 +491,10 @@ class ExportedCartLorem(nn.Module):
         for fully periodic structures (zero rows for the others), as :mod:`cartlorem.forces`. Floating inputs are
         taken in the model's dtype (``atoms_to_graph`` gives float64 by default), and so are the outputs."""
         self._check_batch(batch, cell.shape[0])
-        dtype = self.embedding.dtype
-        positions = positions.detach().to(dtype).requires_grad_(compute_forces)
-        cell = cell.detach().to(dtype)
-        edge_shift, total_charge = edge_shift.to(dtype), total_charge.to(dtype)
-        if multiplicity is not None:
-            multiplicity = multiplicity.to(dtype)
+        positions, cell, edge_shift, total_charge, multiplicity = self._in_dtype(positions, cell, edge_shift,
+                                                                                 total_charge, multiplicity)
+        positions = positions.detach().requires_grad_(compute_forces)
+        cell = cell.detach()
         strain = torch.zeros_like(cell).requires_grad_(compute_stress)  # [B, 3, 3]
         if compute_stress:
             positions_s = positions + torch.einsum("ni,nij->nj", positions, strain[batch])

@@ -733,7 +733,7 @@ def complete_config(config: dict) -> dict:
     if config.get("long_range") is None:
         # none stored, or options of a block it has not that an older cartlorem let a short-range model store
         config["long_range_options"] = {}
-    if config.get("long_range") is not None:
+    else:
         from .nn.long_range import long_range_option_defaults
 
         options = config.get("long_range_options") or {}

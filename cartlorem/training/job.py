@@ -25,7 +25,7 @@ from ..config import Config
 from ..data import MissingLabelError, read_dataset, split
 from .distributed import process_group
 from .loop import train
-from .run_folder import CHECKPOINT, RunFolder, check_resumable, restore_model_settings
+from .run_folder import CHECKPOINT, RunFolder, restore_model_settings
 
 __all__ = ["run", "select_device"]
 
@@ -157,12 +157,12 @@ def _check_same_split(cfg: Config, out: Path) -> None:
             "or start a new run (--overwrite or another --out)")
 
 
-def _without_config_yaml(cfg: Config, out: Path) -> Config:
+def _without_config_yaml(cfg: Config, out: Path, checkpoint: dict) -> Config:
     """A resumed run without config.yaml (started from Python): its learning rate and seed are the checkpoint's,
     which go on, and not the flags' or defaults' (config.yaml, written now, would record values not used)."""
     if (out / "config.yaml").is_file():
         return cfg
-    settings = RunFolder(out, write=False).load_checkpoint().get("settings") or {}
+    settings = checkpoint.get("settings") or {}
     kept = {name: settings[name] for name in ("lr", "seed")
             if name in settings and settings[name] != getattr(cfg, name)}
     if kept:
@@ -205,9 +205,10 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
     if not require:
         raise ValueError("energy_key and forces_key are both 'none': there is nothing to train on")
 
+    checkpoint = RunFolder(out, write=False).load_checkpoint() if cfg.resume else None  # read once
     if cfg.resume:
         _check_same_split(cfg, out)
-        cfg = _without_config_yaml(cfg, out)
+        cfg = _without_config_yaml(cfg, out, checkpoint)
     t0 = time.perf_counter()
     graphs = _read(cfg.train, cfg, require, dtype)
     if cfg.valid is not None:
@@ -238,10 +239,7 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         raise ValueError(f"long_range={cfg.long_range!r} is not available in this installation ({err})") from None
 
     if cfg.resume:  # a model that does not match is refused before the data statistics are computed
-        folder = RunFolder(out, write=False)
-        checkpoint = folder.load_checkpoint()
-        check_resumable(checkpoint, folder.path)
-        restore_model_settings(model, checkpoint["model"], folder.path)
+        restore_model_settings(model, checkpoint["model"], out)
 
     # the file records settings, not this call's actions; absolute paths work from any folder
     absolute = {n: str(Path(getattr(cfg, n)).resolve()) for n in ("train", "valid", "out") if getattr(cfg, n)}

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..evaluate import metrics as compute_metrics
-from ..fileio import damaged_record
 from ..evaluate import predict
+from ..fileio import damaged_record
 from ..graph import Graph, collate
 from ..nn.long_range import compact_slab_cells
 from .averaging import ExponentialMovingAverage
@@ -42,7 +42,6 @@ from .loss import charge_outputs, check_labels_to_fit, check_loss_labels, loss_w
 from .prepare import check_dataset, fit_statistics
 from .run_folder import (
     RunFolder,
-    check_resumable,
     cpu_state_dict,
     kept_message,
     model_payload_of,
@@ -434,7 +433,6 @@ class _Run:
         """Everything from the checkpoint: weights, optimiser, scheduler, EMA, random states, history."""
         folder, result = self.folder, self.result
         ckpt = folder.load_checkpoint()
-        check_resumable(ckpt, folder.path)
         restore_model_settings(self.model, ckpt["model"], folder.path)
         self.model.load_state_dict(upgrade_train_state(ckpt))
         self.opt.load_state_dict(ckpt["optimizer"])

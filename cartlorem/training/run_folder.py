@@ -59,7 +59,9 @@ def model_payload_of(model: torch.nn.Module) -> dict:
 
 def restore_model_settings(model: torch.nn.Module, saved: dict, where) -> None:
     """Check that the checkpoint's model ``saved`` is the same model as ``model`` and restore what
-    the state_dict does not hold (a CartLorem's data statistics). ValueError on a mismatch."""
+    the state_dict does not hold (a CartLorem's data statistics). ValueError on a mismatch, or for a model whose
+    optimiser state cannot be continued (:func:`_check_resumable`)."""
+    _check_resumable(saved, where)
     if _is_cartlorem(model):
         from ..model import complete_config
 
@@ -94,11 +96,10 @@ def upgrade_train_state(checkpoint: dict, state: Optional[dict] = None) -> dict:
     return state
 
 
-def check_resumable(checkpoint: dict, where) -> None:
-    """ValueError for a checkpoint whose optimiser and weight-average state this cartlorem cannot continue: those of
-    a long-range model written in model format v1 or v2, whose couplings were one parameter (now two, and rescaled;
-    :func:`cartlorem.model.upgrade_state_dict` converts the weights, not the moments of the optimiser)."""
-    saved = checkpoint.get("model") or {}
+def _check_resumable(saved: dict, where) -> None:
+    """ValueError for a checkpoint's model ``saved`` whose optimiser and weight-average state this cartlorem cannot
+    continue: a long-range model written in model format v1 or v2, whose couplings were one parameter (now two, and
+    rescaled; :func:`cartlorem.model.upgrade_state_dict` converts the weights, not the moments of the optimiser)."""
     config = saved.get("config") if isinstance(saved.get("config"), dict) else {}
     if saved.get("format") in ("cartlorem-model-v1", "cartlorem-model-v2") and config.get("long_range") is not None:
         raise ValueError(
