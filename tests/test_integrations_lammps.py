@@ -381,3 +381,28 @@ def test_total_charge_and_multiplicity_reach_a_charge_state_model(tmp_path):
     assert abs(want["4"] - want["2"]) > 1e-3
     for m in ("2", "4", "None"):
         assert got[m] == pytest.approx(want[m], rel=1e-10, abs=1e-10), (m, got, want)
+
+
+def test_a_wrong_multiplicity_is_refused_when_the_fix_is_made(tmp_path):
+    """A multiplicity the electron count cannot have was refused only at the first run, from inside LAMMPS'
+    callback; the fix now refuses it when it is made, naming the input."""
+    from cartlorem.integrations.lammps import write_data
+
+    model = CartLorem([11, 17], cutoff=4.0, long_range=None, channels=8, num_layers=1, correlation=2, num_basis=4,
+                      radial_hidden=8, readout_hidden=8, charge_state=True).double()
+    save_model(model, tmp_path / "model.pt")
+    write_data(tmp_path / "nacl.data", bulk("NaCl", "rocksalt", a=5.64, cubic=True), ["Na", "Cl"])
+    script = textwrap.dedent("""\
+        from cartlorem.integrations.lammps import load_lammps, CartLoremFix
+        lmp = load_lammps()(cmdargs=["-log", "none", "-screen", "none"])
+        lmp.commands_string("units metal\\natom_style atomic\\nboundary p p p\\nread_data nacl.data")
+        try:
+            CartLoremFix(lmp, "model.pt", ["Na", "Cl"], total_charge=-1.0, multiplicity=3)
+        except ValueError as err:
+            print("REFUSED:", err)
+        lmp.close()
+        """)
+    res = run([sys.executable, "-c", script], tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "REFUSED: the LAMMPS system" in res.stdout, res.stdout
+    assert "multiplicity= (--multiplicity)" in res.stdout and "113" in res.stdout, res.stdout

@@ -127,8 +127,9 @@ class CartLoremFix:
             model's own).
         total_charge: net charge of the system in e (default 0).
         multiplicity: its spin multiplicity 2S + 1, for models with charge-state conditioning
-            (``charge_state=True``), checked against the electron count; None (default): not given, a singlet
-            for such a model, and no check (as a structure without ``info["multiplicity"]`` in ASE).
+            (``charge_state=True``), checked against the electron count when the fix is made; None (default): not
+            given, a singlet for such a model, and no check (as a structure without ``info["multiplicity"]`` in
+            ASE).
 
     The fix contributes the model's energy to ``pe`` and its virial (−∂E/∂ε, eV: −V σ for a periodic box) to
     the pressure (``fix_modify energy yes virial yes``), for every boundary: a slab (``p p f``), whose lateral
@@ -167,10 +168,23 @@ class CartLoremFix:
                 raise RuntimeError(f"rank 0 could not set up the model: {message}")
         if failure is not None:
             raise failure
+        self._check_charge_state()
         if define:
             lmp.command(f"fix {self.fix_id} all external pf/callback 1 1")
         lmp.command(f"fix_modify {self.fix_id} energy yes virial yes")
         lmp.set_fix_external_callback(self.fix_id, CartLoremFix._callback, self)
+
+    def _check_charge_state(self) -> None:
+        """Refuse a total charge and multiplicity that the atoms present now cannot have, at construction rather
+        than at the first ``run``. Every rank gathers the types (a collective call) and so raises alike."""
+        from ..graph import check_charge_state
+
+        natoms = int(self.lmp.get_natoms())
+        types = np.ctypeslib.as_array(self.lmp.gather_atoms("type", 0, 1), shape=(natoms,)).astype(np.int64)
+        if np.any(types < 1) or np.any(types > len(self.numbers)):
+            raise ValueError(f"atom types {sorted(set(types.tolist()))} outside 1..{len(self.numbers)}")
+        check_charge_state(self.numbers[types - 1], self.total_charge, self.multiplicity, label="the LAMMPS system",
+                           where=("total_charge= (--total-charge)", "multiplicity= (--multiplicity)"))
 
     # --- the callback: gather on rank 0, evaluate once, scatter back by atom ID -------------------
     @staticmethod
