@@ -586,3 +586,15 @@ def test_a_reduced_cell_keeps_its_basis():
     assert op is not None and round(np.linalg.det(op)) == 1
     with pytest.raises(ValueError, match="read-only"):
         op[0, 0] = 2
+
+
+def test_a_reducible_cell_gives_no_torch_warning():
+    """The read-only cached basis change went to torch.as_tensor, which warned 'The given NumPy array is not
+    writable' on every reducible cell's first PME sum (a user saw it through the calculator)."""
+    import warnings
+
+    cell = CELLS["reducible"]
+    pos, q, _, _ = random_system(5, n=6, c=1, cell=cell)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute_fields(pos, q, cell=cell, pbc=PBC, method="pme")

@@ -880,7 +880,7 @@ def pme_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor, rows: 
     tensors = InteractionTensors(rows, cols)
     op, cell_np = mesh_basis(cell.detach().cpu().double().numpy(), mesh)
     if op is not None:
-        cell = torch.as_tensor(op, dtype=cell.dtype, device=cell.device) @ cell
+        cell = torch.tensor(op, dtype=cell.dtype, device=cell.device) @ cell
     # the mesh coordinates and pair vectors below see wrapped positions: float32 keeps its resolution far from the
     # origin (unwrapped MD), as in .ewald.ewald_sum
     positions = _ewald.wrap_positions(positions, cell)
