@@ -598,3 +598,20 @@ def test_a_reducible_cell_gives_no_torch_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compute_fields(pos, q, cell=cell, pbc=PBC, method="pme")
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("ewald", dict(alpha=-1.0), "alpha must be a positive number"),  # gave finite wrong fields
+    ("ewald", dict(alpha=0.0), "alpha must be a positive number"),  # ZeroDivisionError in ewald.py
+    ("ewald", dict(alpha=float("nan")), "alpha must be a positive number"),  # ZeroDivisionError in direct.py
+    ("pme", dict(pme_options=dict(mesh=(8, 8))), r"PME mesh must be one size or three"),  # numpy's broadcast error
+    ("pme", dict(pme_options=dict(mesh=8.5)), r"PME mesh must be one size or three"),  # truncated to 8
+    ("pme", dict(pme_options=dict(bogus=1)), r"pme_options \['bogus'\] not known"),  # pme_sum's TypeError
+])
+def test_bad_overrides_of_the_periodic_sums_are_refused(method, options, message):
+    """compute_fields' test overrides: a given Ewald alpha was not checked, and a PME mesh of two sizes or an
+    unknown option failed deep inside."""
+    cell = CELLS["cubic"]
+    pos, q, _, _ = random_system(6, n=6, c=1, cell=cell)
+    with pytest.raises(ValueError, match=message):
+        compute_fields(pos, q, cell=cell, pbc=PBC, method=method, **options)

@@ -241,6 +241,8 @@ def choose_parameters(
     """
     p = tail_parameter(accuracy, order)
     beta_max = math.inf if smearing is None else smearing_beta(smearing)
+    if alpha is not None and not (math.isfinite(float(alpha)) and float(alpha) > 0):
+        raise ValueError(f"alpha must be a positive number (1/Å), got {alpha}")
     if alpha is None:
         alpha = _choose_alpha(np.ascontiguousarray(cell, dtype=np.float64).tobytes(), n_atoms, p, beta_max, order)
     alpha = min(float(alpha), beta_max)

@@ -17,6 +17,9 @@ from .kernels import InteractionTensors, Layout, RadialKernel, pack_sources, sme
 from .pme import METHODS, choose_method, pme_sum
 from .slab import slab_sum
 
+#: the keys of ``compute_fields``' ``pme_options`` (the overrides :func:`.pme.pme_sum` takes)
+PME_OPTIONS = frozenset({"alpha", "mesh", "spline_order", "real_cutoff"})
+
 _FIELDS_DOC = """
     Conventions (cartlorem DESIGN.md): ``T^(n)(R) = grad^n (1/R)``, ``R = r_i - r_j`` (+ lattice vector).
     A source with charge q, dipole mu and traceless quadrupole Theta (no 3/2 factor) creates
@@ -135,6 +138,9 @@ def compute_fields(
     if inputs.periodic and method == "auto":
         method = choose_method(inputs.cell.detach().cpu().double().numpy(), inputs.positions.shape[0],
                                float(accuracy), rows, cols, v.shape[2], inputs.smearing)
+    unknown = sorted(set(pme_options or {}) - PME_OPTIONS)
+    if unknown:
+        raise ValueError(f"pme_options {unknown} not known; the options are {sorted(PME_OPTIONS)}")
     if inputs.periodic and method == "pme":
         total = m[0].sum(0) if 0 in m else None
         out = pme_sum(inputs.positions, v, inputs.cell, rows, cols, smearing=inputs.smearing,

@@ -334,7 +334,12 @@ def choose_parameters(cell: np.ndarray, n_atoms: int, accuracy: float, order: in
         raise ValueError(f"spline_order must be one of {SPLINE_ORDERS} (even orders with a measured error "
                          f"model), got {spline_order}")
     if mesh is not None:
-        mesh = tuple(int(k) for k in np.broadcast_to(np.asarray(mesh), (3,)))
+        sizes = np.asarray(mesh).reshape(-1)
+        if sizes.size not in (1, 3) or not all(isinstance(k, (int, np.integer)) or float(k).is_integer()
+                                               for k in sizes.tolist()):
+            raise ValueError(f"PME mesh must be one size or three (whole points along each lattice vector), "
+                             f"got {mesh!r}")
+        mesh = tuple(int(k) for k in np.broadcast_to(sizes, (3,)))
         n = int(spline_order) if spline_order is not None else derivatives + 4
         if min(mesh) < n:
             raise ValueError(f"PME mesh {list(mesh)} is smaller than the spline order {n} along some axis: "
