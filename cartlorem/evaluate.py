@@ -99,12 +99,19 @@ def predict(
     compute_dipole / compute_born_charges: None predicts them for batches that carry such labels when
     the model has long range (``model.long_range`` not None); True asks every batch (a model without
     long range raises its ValueError). Dipoles are predicted for open structures only (NaN rows for
-    periodic cells and slabs; a batch that mixes both gets a second model call for its molecules).
+    periodic cells and slabs; a batch that mixes both gets a second model call for its molecules). ValueError
+    when the first graphs' edges do not match the model's cutoff (data read with another ``cutoff``).
     """
     if len(graphs) == 0:
         raise ValueError("no structures to evaluate")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    cutoff = getattr(model, "cutoff", None)
+    if cutoff is not None:  # graphs read with another cutoff predict on other neighbourhoods without a word
+        from .training.prepare import _CUTOFF_CHECKS, check_edges
+
+        for k in range(min(len(graphs), _CUTOFF_CHECKS)):
+            check_edges(graphs[k], float(cutoff), f"structure {k}")
     floats = [p for p in model.parameters() if p.is_floating_point()]
     device, dtype = (floats[0].device, floats[0].dtype) if floats else (torch.device("cpu"), None)
     was_training = model.training

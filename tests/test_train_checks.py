@@ -27,6 +27,22 @@ def test_graphs_read_with_a_smaller_cutoff_are_refused(dtype):
     check_dataset(model, read_dataset(frames, 3.0, dtype=dtype), "training")  # the model's own cutoff passes
 
 
+def test_predict_and_evaluate_refuse_graphs_of_another_cutoff():
+    """predict / evaluate took graphs read with a smaller (or larger) cutoff than the model's and gave other
+    energies without a word (1.5 meV/atom off on a model's own labels); train already refused them."""
+    from cartlorem.evaluate import evaluate, predict
+
+    frames = emt_frames(4, seed=0)
+    model = tiny_model(3.0)
+    for cutoff in (2.6, 4.0):
+        graphs = read_dataset(frames, cutoff)
+        with pytest.raises(ValueError, match=r"structure 0 .*cutoff=model\.cutoff"):
+            predict(model, graphs)
+        with pytest.raises(ValueError, match=r"structure 0 .*cutoff=model\.cutoff"):
+            evaluate(model, graphs)
+    assert len(predict(model, read_dataset(frames, 3.0)).energy_pred) == 4
+
+
 def test_training_set_without_edges_names_the_cutoff():
     model = tiny_model(0.5)  # a cutoff in nm by mistake: no two atoms are this close
     graphs = read_dataset(emt_frames(4, seed=0), 0.5)

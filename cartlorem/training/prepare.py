@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ..graph import Graph
 
-__all__ = ["check_dataset", "fit_statistics"]
+__all__ = ["check_dataset", "check_edges", "fit_statistics"]
 
 log = logging.getLogger(__name__)
 _CUTOFF_CHECKS = 16  # structures of a set whose edges are compared with a fresh neighbour list
@@ -46,15 +46,20 @@ def check_dataset(model, graphs: Sequence[Graph], what: str) -> None:
 
             names = ", ".join(chemical_symbols[z] for z in unknown)
             raise ValueError(f"{what} structure {k} contains species the model does not know: {names}")
-        if cutoff is not None and g.edge_index.shape[1]:
-            longest = float(g.edge_vectors().norm(dim=-1).max())
-            if longest > cutoff * (1 + 1e-6) + 1e-9:
-                raise ValueError(
-                    f"{what} structure {k} has edges up to {longest:.3f} Å, longer than the model cutoff "
-                    f"{cutoff} Å: read the data with cutoff=model.cutoff"
-                )
-        if cutoff is not None and k < _CUTOFF_CHECKS and g.num_graphs == 1:
-            _check_no_missing_edges(g, float(cutoff), f"{what} structure {k}")
+        if cutoff is not None:
+            check_edges(g, float(cutoff), f"{what} structure {k}", neighbours=k < _CUTOFF_CHECKS)
+
+
+def check_edges(g: Graph, cutoff: float, label: str, neighbours: bool = True) -> None:
+    """ValueError when ``g`` has an edge longer than the model's ``cutoff`` (Å) or, with ``neighbours`` and one
+    structure in ``g``, fewer edges than atom pairs within it (a graph built with another cutoff)."""
+    if g.edge_index.shape[1]:
+        longest = float(g.edge_vectors().norm(dim=-1).max())
+        if longest > cutoff * (1 + 1e-6) + 1e-9:
+            raise ValueError(f"{label} has edges up to {longest:.3f} Å, longer than the model cutoff {cutoff} Å: "
+                             "read the data with cutoff=model.cutoff")
+    if neighbours and g.num_graphs == 1:
+        _check_no_missing_edges(g, cutoff, label)
 
 
 def _check_no_missing_edges(g: Graph, cutoff: float, label: str) -> None:
