@@ -398,13 +398,24 @@ class CartLorem(nn.Module):
             node_energy = node_energy + e_es
         zeros = torch.zeros(graph.num_graphs, dtype=node_energy.dtype, device=node_energy.device)  # [B]
         if dipole or electric_field is not None:
-            arm = positions if dipole_origin is None else positions - dipole_origin.index_select(0, graph.batch)
-            site = out["charges"][:, None] * arm  # [N, 3] e·Å: q_i (r_i − o) + μ_i of channel 0
+            site = out["charges"][:, None] * positions  # [N, 3] e·Å: q_i r_i + μ_i of channel 0
             if "dipoles" in out:
                 site = site + out["dipoles"]
-            out["dipole"] = torch.zeros_like(cell[:, 0]).index_add(0, graph.batch, site)  # [B, 3]
+            out["dipole"] = torch.zeros_like(cell[:, 0]).index_add(0, graph.batch, site)  # [B, 3], about 0
+            node_field = -(site * electric_field[graph.batch]).sum(-1) if electric_field is not None else None
+            if dipole_origin is not None:
+                # P about o: Σ q_i r_i + μ_i − Q o. Q is the given total charge where the block corrects the charges
+                # to it (exactly Q, not its float32 rounding times a distant o), else Σ q_i
+                if self.long_range_block.charge_correction is not None:
+                    total = graph.total_charge.to(site.dtype)
+                else:
+                    total = zeros.index_add(0, graph.batch, out["charges"])
+                out["dipole"] = out["dipole"] - total[:, None] * dipole_origin
+                if node_field is not None:  # + Q o·E, shared evenly by the structure's atoms
+                    count = zeros.index_add(0, graph.batch, torch.ones_like(node_field))
+                    share = total * (dipole_origin * electric_field).sum(-1) / count  # [B] eV
+                    node_field = node_field + share.index_select(0, graph.batch)
             if electric_field is not None:
-                node_field = -(site * electric_field[graph.batch]).sum(-1)  # [N] eV (e·Å × V/Å)
                 molecule = ~graph.pbc.any(dim=1)[graph.batch]  # [N]
                 node_energy = node_energy + torch.where(molecule, node_field, torch.zeros_like(node_field))
                 out["force_only_energy"] = zeros.index_add(
@@ -453,6 +464,8 @@ class CartLorem(nn.Module):
           It matters where the total charge Q can differ from zero: P, the field energy −P·E and, for a model
           whose Q depends on the positions (no charge correction), the forces and Born charges, by Q o and its
           derivatives. (The ASE calculator passes the origin of the positions ASE holds, since it shifts them.)
+          With charge correction Q is the given total charge, so a distant o costs no precision; the field's −Q o·E
+          is shared evenly by a structure's atoms in ``node_energy``.
         """
         if graph.positions.device != self.embedding.device or any(
                 isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != self.dtype

@@ -373,3 +373,29 @@ def test_ion_pair_aligns_with_the_field_in_md():
         dyn.run(150)
         swing[ez] = max(cosines) - cosines[0]
     assert swing[1.0] > 0.5 and swing[0.0] < 0.35  # the dipole turns towards +z in the field only
+
+
+@pytest.mark.parametrize("charge", [0.0, 1.0])
+def test_float32_dipole_far_from_the_origin(charge):
+    """The calculator shifts a molecule to the origin and passes ASE's origin o; the model formed q_i (r_i − o) in
+    float32, so a neutral water's P at 3e4 Å was 4e-3 e·Å off (its float32 charge sum ~1e-7 times o). With charge
+    correction Q is the given total charge: P = Σ q_i r_i + μ_i − Q o is as accurate far away as at the origin, and so
+    is the field energy −P·E."""
+    model = lr_model("multipole")
+    field = np.array([0.05, -0.1, 0.2])
+    atoms = methanol(charge)
+    translation = np.array([3.0e4, -2.0e4, 2.5e4])
+    moved = atoms.copy()
+    moved.positions += translation
+    near = cartlorem.CartLoremCalculator(model, dtype="float32")
+    far = cartlorem.CartLoremCalculator(model, dtype="float32")
+    exact = cartlorem.CartLoremCalculator(model)  # float64
+    p_near, p_far = near.get_dipole_moment(atoms), far.get_dipole_moment(moved)
+    p_exact = exact.get_dipole_moment(atoms)
+    scale = np.abs(p_exact).max()
+    assert np.abs(p_near - p_exact).max() < 1e-5 * scale
+    assert np.abs(p_far - charge * translation - p_exact).max() < 1e-5 * scale + 1e-7 * charge * 3e4
+    on = [cartlorem.CartLoremCalculator(model, dtype="float32", electric_field=field) for _ in range(2)]
+    e_near, e_far = on[0].get_potential_energy(atoms), on[1].get_potential_energy(moved)
+    assert e_far == pytest.approx(e_near - charge * translation @ field, abs=2e-4 + 1e-6 * charge * 3e4)
+    assert np.abs(on[1].get_forces(moved) - on[0].get_forces(atoms)).max() < 1e-4
