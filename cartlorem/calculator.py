@@ -94,9 +94,11 @@ class CartLoremCalculator(Calculator):
             raise TypeError(f"model_or_path must be a CartLorem or a path, got {type(model_or_path).__name__}")
         device = str(device)
         try:
-            torch.device(device)
+            kind = torch.device(device).type
         except RuntimeError:
-            raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}") from None
+            kind = None
+        if kind not in ("cpu", "cuda"):  # mps, xpu, meta, ...: failed deep inside torch at the first call
+            raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             import warnings
 

@@ -429,6 +429,8 @@ def test_the_callers_model_keeps_its_mode(model):
     ({"dtype": "int64"}, "dtype must be None"),
     ({"dtype": torch.float16}, "dtype must be None"),
     ({"device": "gpu"}, "device must be 'cpu' or 'cuda'"),
+    ({"device": "meta"}, "device must be 'cpu' or 'cuda'"),  # built, then failed in torch's meta registrations
+    ({"device": "mps"}, "device must be 'cpu' or 'cuda'"),
 ])
 def test_bad_calculator_arguments_are_clear_errors(model, kwargs, message):
     """A negative skin shortened the neighbour list below the cutoff (a silently wrong energy); bad dtypes and
