@@ -194,6 +194,9 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
         raise ValueError(f"cutoff {cutoff} Å: the neighbour list refuses it ({err})") from None
     if len(d) and d.min() < _MIN_DISTANCE:
         k = int(np.argmin(d))
+        if i[k] == j[k]:  # an atom and its own periodic image: the cell is too short along a periodic direction
+            raise ValueError(f"atom {int(i[k])} is {float(d[k]):.2e} Å from its own periodic image (lattice shift "
+                             f"{s[k].tolist()}): the cell is too short along a periodic direction")
         raise ValueError(
             f"atoms {int(i[k])} and {int(j[k])} are {float(d[k]):.2e} Å apart (overlapping atoms)"
         )

@@ -332,7 +332,7 @@ class CartLorem(nn.Module):
         bad = bad | (idx < 0)
         if bool(bad.any()):
             unknown = sorted({int(z) for z in numbers[bad].tolist()})
-            names = ", ".join(f"{_symbol(z)} (Z={z})" for z in unknown)
+            names = ", ".join(f"{_symbol(z)} (Z={z})" if 0 < z < 119 else f"Z={z}" for z in unknown)
             known = ", ".join(_symbol(z) for z in self.species)
             raise ValueError(f"species not known to the model: {names}; the model knows {known}")
         return idx

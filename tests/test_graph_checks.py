@@ -64,3 +64,38 @@ def test_neighbour_list_matches_brute_force_in_small_skewed_cells(seed):
     i, j, s = neighbour_list(pos, cell, pbc, cutoff)
     got = {(int(a), int(b)) + tuple(int(x) for x in c) for a, b, c in zip(i, j, s)}
     assert got == _brute_force_pairs(pos, cell if pbc.any() else np.zeros((3, 3)), pbc, cutoff)
+
+
+def test_engine_graphs_refuse_no_structures_and_non_elements():
+    """structures_to_graph failed inside numpy for zero structures, and took atomic number −1 for a total charge
+    above the nuclear charge ("check the total charge")."""
+    import torch
+
+    from cartlorem.integrations.common import structures_to_graph
+
+    with pytest.raises(ValueError, match=r"no structures: cells has shape \[0, 3, 3\]"):
+        structures_to_graph(torch.zeros(0, 3), [], torch.zeros(0, 3, 3), False, cutoff=3.0)
+    for bad in (-1, 0, 119):
+        with pytest.raises(ValueError, match=rf"numbers must be atomic numbers 1\.\.118, got \[{bad}\]"):
+            structures_to_graph(torch.tensor([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0]]), [1, bad], torch.zeros(3, 3), False,
+                                cutoff=3.0)
+
+
+def test_an_atom_at_its_own_image_names_the_cell():
+    """An atom 0.05 Å from its own periodic image was reported as 'atoms 0 and 0 are ... apart (overlapping
+    atoms)'; the message now says the cell is too short."""
+    atoms = Atoms("H2", positions=[[0.0, 0.0, 0.0], [0.0, 2.0, 2.0]], cell=[0.05, 5.0, 5.0], pbc=True)
+    with pytest.raises(ValueError, match=r"atom 0 is 5\.00e-02 Å from its own periodic image .*cell is too short"):
+        atoms_to_graph(atoms, 3.0)
+
+
+def test_a_dummy_atom_is_named_once():
+    """ASE's dummy atom X (Z = 0) was named 'Z=0 (Z=0)'."""
+    import torch
+
+    from cartlorem import CartLorem
+
+    model = CartLorem([1, 8], cutoff=3.0, channels=4, num_layers=1, correlation=1, num_basis=4, radial_hidden=4,
+                      readout_hidden=4)
+    with pytest.raises(ValueError, match=r"species not known to the model: Z=0; the model knows H, O"):
+        model.species_index(torch.tensor([1, 0]))

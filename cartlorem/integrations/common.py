@@ -67,12 +67,17 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
     z = _as_numpy(numbers, np.int64).reshape(-1)
     if z.shape[0] != n:
         raise ValueError(f"numbers must have shape [{n}] like positions, got {list(z.shape)}")
+    if n and (z.min() < 1 or z.max() > 118):  # before the charge check counts electrons from them
+        bad = sorted(set(z[(z < 1) | (z > 118)].tolist()))
+        raise ValueError(f"numbers must be atomic numbers 1..118, got {bad[:10]}")
     cells_np = _as_numpy(cells, np.float64).copy()  # rows of open structures are zeroed below
     if cells_np.shape == (3, 3):
         cells_np = cells_np[None]
     if cells_np.ndim != 3 or cells_np.shape[1:] != (3, 3):
         raise ValueError(f"cells must have shape [B, 3, 3], got {list(cells_np.shape)}")
     n_struct = cells_np.shape[0]
+    if n_struct == 0:
+        raise ValueError("no structures: cells has shape [0, 3, 3]; give one cell per structure")
     idx = np.zeros(n, dtype=np.int64) if system_idx is None else _as_numpy(system_idx, np.int64).reshape(-1)
     if idx.shape[0] != n:
         raise ValueError(f"system_idx must have shape [{n}] like positions, got {list(idx.shape)}")
