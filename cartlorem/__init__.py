@@ -17,7 +17,7 @@ _LAZY = {
 }
 _SUBMODULES = {
     "tensors", "ewald", "units", "graph", "data", "testing", "nn", "model", "forces", "train", "training",
-    "config", "calculator", "evaluate", "md", "demo", "fileio", "cli", "datasets",
+    "config", "calculator", "evaluate", "md", "demo", "fileio", "cli", "datasets", "export", "integrations",
 }
 
 __all__ = ["tensors", "ewald", "units", "CartLorem", "CartLoremCalculator", "save_model", "load_model"]

@@ -300,3 +300,23 @@ def test_perfect_crystal_batched_with_a_molecule(kind):
     for k, g in enumerate(graphs):
         alone = model(g)
         assert torch.allclose(out["energy"][k], alone["energy"][0], rtol=1e-12, atol=1e-12)
+
+
+def test_every_submodule_is_reached_from_the_package():
+    """docs/engines.md names cartlorem.export.ExportedCartLorem and cartlorem.integrations, but after
+    `import cartlorem` both raised AttributeError: the lazy list missed them. Every module and package of
+    cartlorem/ is now reachable as an attribute, in a fresh interpreter."""
+    import pathlib
+    import subprocess
+    import sys
+
+    import cartlorem
+
+    root = pathlib.Path(cartlorem.__file__).parent
+    names = sorted({p.stem for p in root.glob("*.py") if not p.stem.startswith("_")}
+                   | {p.parent.name for p in root.glob("*/__init__.py")})
+    assert {"export", "integrations", "ewald", "training"} <= set(names)
+    code = "import cartlorem\n" + "".join(f"cartlorem.{n}\n" for n in names) + \
+        "cartlorem.export.ExportedCartLorem\n"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
