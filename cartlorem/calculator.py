@@ -70,6 +70,9 @@ class CartLoremCalculator(Calculator):
             pickled objects is refused).
         electric_field: uniform external field [Ex, Ey, Ez] in V/Å (long-range models; default None).
         **kwargs: ASE's own calculator arguments (``label``, ``directory``, ``atoms``, ...); any other is an error.
+
+    ``parameters`` / ``todict()`` (what trajectories and ase.db rows record): device, dtype, skin, electric_field
+    and the model file when one was given.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "charges", "dipole"]
@@ -125,6 +128,10 @@ class CartLoremCalculator(Calculator):
             self.model.eval()  # caller's model keeps its mode (a model in training keeps training on forces)
         self.device = device
         self.skin = skin
+        # ASE's record of the settings (todict(): trajectories, ase.db rows); the field is added by its setter
+        self.parameters.update(device=device, dtype=str(self.model.dtype).replace("torch.", ""), skin=skin)
+        if isinstance(model_or_path, (str, os.PathLike)):
+            self.parameters["model"] = os.fspath(model_or_path)
         # an instance attribute: only long-range models have charges and a dipole
         self.implemented_properties = [p for p in type(self).implemented_properties
                                        if p not in ("charges", "dipole") or self.model.long_range is not None]
@@ -160,6 +167,7 @@ class CartLoremCalculator(Calculator):
                 raise ValueError(f"electric_field must be 3 finite numbers (V/Å), got {value!r}")
         same = _same_field(field, self._field)
         self._field = field
+        self.parameters["electric_field"] = None if field is None else field.tolist()
         if not same:
             self.reset()
 
@@ -269,6 +277,9 @@ class CartLoremCalculator(Calculator):
         return g
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        if torch.is_inference_mode_enabled():  # the model's advice (ask for the energy only) is not ours to take
+            raise RuntimeError("CartLoremCalculator computes forces by autograd, which torch.inference_mode() "
+                               "switches off: call it outside inference_mode (torch.no_grad() is fine)")
         super().calculate(atoms, properties, system_changes)
         field = self._field
         charge_outputs = field is not None or "dipole" in properties or "born_charges" in properties

@@ -601,3 +601,36 @@ def test_float32_energy_is_summed_in_float64():
     inputs = (graph.positions, graph.species, graph.cell, graph.pbc, graph.edge_index, graph.edge_shift, graph.batch,
               graph.total_charge)
     assert abs(float(exported(*inputs)["energy"][0]) - e64) <= step
+
+
+def test_inference_mode_is_a_clear_error_for_the_calculator(model):
+    """Under torch.inference_mode() the calculator passed on the model's advice to 'ask for the energy only
+    (compute_forces=False)', which a calculator user cannot do; it now says what to do instead."""
+    atoms = crystal()
+    calc = CartLoremCalculator(model)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"CartLoremCalculator computes forces by autograd.*outside inference"):
+            calc.get_potential_energy(atoms)
+    with torch.no_grad():
+        assert np.isfinite(calc.get_potential_energy(atoms))
+
+
+def test_the_settings_are_recorded_for_ase(lr_model, tmp_path):
+    """todict() and parameters were empty, so an ase.db row of an energy that included a field's −P·E did not say
+    there was a field; the field, dtype, device, skin and a model file are recorded now."""
+    from ase.db import connect
+
+    calc = CartLoremCalculator(lr_model, electric_field=[0.0, 0.0, 0.1], skin=0.3)
+    assert calc.todict() == {"device": "cpu", "dtype": "float64", "skin": 0.3, "electric_field": [0.0, 0.0, 0.1]}
+    calc.set(electric_field=None)
+    assert calc.todict()["electric_field"] is None
+    calc.electric_field = [0.2, 0.0, 0.0]
+    atoms = nacl()
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    with connect(tmp_path / "rows.db") as db:
+        db.write(atoms)
+    row = connect(tmp_path / "rows.db").get(id=1)
+    assert row.calculator_parameters["electric_field"] == [0.2, 0.0, 0.0]
+    save_model(lr_model, tmp_path / "model.pt")
+    assert CartLoremCalculator(tmp_path / "model.pt").todict()["model"] == str(tmp_path / "model.pt")
