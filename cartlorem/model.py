@@ -442,7 +442,10 @@ class CartLorem(nn.Module):
         block's smearing, so the channel-0 term is the Coulomb energy (eV) of the reported multipoles; for
         "lorem" it is ½ Σ (qφ + μ·ψ + Θ:Ψ), every Cartesian component convolved with the scalar kernel as a
         charge (the LOREM paper's form; :mod:`cartlorem.nn.long_range`).
-        ``create_graph`` defaults to ``self.training`` (needed to train on forces).
+        ``create_graph`` defaults to ``self.training`` (needed to train on forces). The derivatives are taken in
+        detached copies of ``graph.positions`` and ``graph.cell``: with ``create_graph`` the outputs stay
+        differentiable in the parameters, not in a caller's position tensor (no Hessian through ``forces``; take
+        finite differences of the forces, as ``ase.vibrations`` does).
 
         Charge outputs of long-range models, computed when asked for (ValueError for a model without
         long range):
