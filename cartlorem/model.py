@@ -776,7 +776,9 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     otherwise hold plain data and load without it; they predict what they predicted in 0.1.0 (their
     long-range couplings are converted, see :func:`upgrade_state_dict`).
 
-    map_location: as in torch.load (default "cpu"). Returns the model in the dtype it was saved in.
+    map_location: as in torch.load (default "cpu"). Returns the model in the dtype it was saved in and in eval
+    mode (a model in training mode keeps a second-order graph of its forces; :func:`cartlorem.training.train`
+    sets the mode it needs).
     """
     import pickle
     import re
@@ -838,4 +840,4 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
         detail = " ".join(str(exc).split())
         raise ValueError(f"{path}: the weights in the file do not fit the model its options describe ({detail[:600]})"
                          ) from None
-    return model
+    return model.eval()

@@ -262,3 +262,14 @@ class _crc_off:
 
     def __exit__(self, *exc):
         self.config.compute_crc32 = self.old
+
+
+def test_a_loaded_model_is_in_eval_mode(tmp_path):
+    """load_model returned the model in training mode: a direct model(graph) kept a second-order graph of its
+    forces (create_graph defaults to the mode), forces with requires_grad and a slower call."""
+    model = lr_model()
+    cartlorem.save_model(model.train(), tmp_path / "m.pt")
+    loaded = cartlorem.load_model(tmp_path / "m.pt")
+    assert loaded.training is False
+    out = loaded(atoms_to_graph(methanol(), loaded.cutoff))
+    assert not out["forces"].requires_grad
