@@ -7,7 +7,8 @@ field, gradient) of C_lr = 4 channels of Gaussian (σ = 1 Å) charges, dipoles a
 and backward to the positions, in periodic water boxes and diamond supercells, as the model calls
 it (``batched_multipole_fields``, accuracy 1e-5). Process CPU time, median of ``--repeats`` after a
 warm-up. With the local model's energy + forces CPU time from ``results/speed.json`` (same
-structures, same thread count) it gives the block's share directly.
+structures, the same local-model C as ``--channels`` and the same thread count as ``--threads``) it gives
+the block's share directly.
 
     python benchmarks/ewald_cost.py            # results/ewald_cost.{json,md}
 """
@@ -26,7 +27,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
 
-from benchmarks.harness import ATOMS_PER, machine_info, make_structure, markdown_table, write_results  # noqa: E402
+from benchmarks.harness import (ATOMS_PER, command_line, machine_info, make_structure, markdown_table,  # noqa: E402
+                                write_results)
 
 
 def ewald_cpu_seconds(atoms, dtype, repeats: int, channels: int = 4) -> tuple[float, dict]:
@@ -62,30 +64,55 @@ def ewald_cpu_seconds(atoms, dtype, repeats: int, channels: int = 4) -> tuple[fl
     return float(np.median(times)), info
 
 
+def local_model_seconds(speed_rows, system: str, n_atoms: int, dtype: str, channels: int, threads: int):
+    """The local model's energy + forces CPU time of one structure in speed.py's rows: its short-range CPU row
+    of the same C and thread count. None where speed.json has no row of the structure at all; SystemExit where
+    it has some but none, or more than one, of this C and thread count (another model size or thread count
+    would give a wrong share)."""
+    same = [r for r in speed_rows if r.get("status") == "ok" and r.get("model") == "short" and r.get("device") == "cpu"
+            and (r.get("system"), r.get("n_atoms"), r.get("dtype")) == (system, n_atoms, dtype)]
+    match = [r for r in same if r.get("channels") == channels and r.get("threads") == threads]
+    if same and not match:
+        have = sorted({f"C = {r.get('channels')}, {r.get('threads')} thread(s)" for r in same}, key=str)
+        raise SystemExit(f"error: --speed has no local-model row of {system} {n_atoms} atoms {dtype} at "
+                         f"C = {channels}, {threads} thread(s) (it has: {'; '.join(have)}): pass --channels / "
+                         "--threads to match")
+    if len(match) > 1:
+        raise SystemExit(f"error: --speed has {len(match)} local-model rows of {system} {n_atoms} atoms {dtype} at "
+                         f"C = {channels}, {threads} thread(s): which one to compare with is ambiguous")
+    return match[0]["cpu_time_s"] if match else None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="water:3,4,6,8,10,12;diamond:3,5,7")
     p.add_argument("--dtype", default="float32,float64")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (the speed.json rows compared with must match)")
+    p.add_argument("--channels", type=int, default=64,
+                   help="C of the local model whose speed.json time is compared with (speed.py --channels)")
     p.add_argument("--speed", default=str(HERE / "results" / "speed.json"), help="local-model times to compare with")
     p.add_argument("--out", default=str(HERE / "results" / "ewald_cost"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    local = {}
-    if Path(args.speed).exists():
-        for r in json.loads(Path(args.speed).read_text()).get("rows", []):
-            if r.get("status") == "ok" and r.get("model") == "short" and r.get("device") == "cpu":
-                local[(r["system"], r["n_atoms"], r["dtype"])] = r["cpu_time_s"]
-    rows = []
+    speed_rows = json.loads(Path(args.speed).read_text()).get("rows", []) if Path(args.speed).exists() else []
+    points = []
     for part in args.sizes.split(";"):
         system, sizes = part.split(":")
-        for size in [int(s) for s in sizes.split(",")]:
+        points.append((system, [int(s) for s in sizes.split(",")]))
+    dtypes = args.dtype.split(",")
+    # every point's local-model time first: a mismatch stops the run before anything is timed
+    local = {(system, n, dt): local_model_seconds(speed_rows, system, n, dt, args.channels, args.threads)
+             for system, sizes in points for n in (ATOMS_PER[system](size) for size in sizes) for dt in dtypes}
+    rows = []
+    for system, sizes in points:
+        for size in sizes:
             atoms = make_structure(system, size)
-            for dt in args.dtype.split(","):
+            for dt in dtypes:
                 t, info = ewald_cpu_seconds(atoms, getattr(torch, dt), args.repeats)
                 n = ATOMS_PER[system](size)
-                t_local = local.get((system, n, dt))
+                t_local = local[(system, n, dt)]
                 rows.append({"system": system, "N": n, "dtype": dt, **info, "ewald_cpu_s": round(t, 3),
                              "local_model_cpu_s": None if t_local is None else round(t_local, 2),
                              "share": None if t_local is None else f"{100 * t / t_local:.1f}%"})
@@ -97,13 +124,14 @@ def main(argv=None):
             if len(sel) >= 2:
                 k = np.polyfit(np.log([r["N"] for r in sel]), np.log([r["ewald_cpu_s"] for r in sel]), 1)[0]
                 slopes.append(f"{system} {dt}: {k:.2f} (N ≥ 500)")
-    meta = machine_info()
+    meta = {**machine_info(), "command": command_line("ewald_cost.py", argv)}
     md = [f"# Cost of the Ewald fields in the long-range block ({meta['date']}, commit "
           f"{(meta.get('git_commit') or '?')[:10]})", "",
           f"Machine: {meta['cpu_model']}, {args.threads} thread(s), load average {meta['loadavg_1min']}. "
           "Fields of 4 channels of Gaussian (σ = 1 Å) q, μ, Θ, forward + backward to positions, process CPU "
           f"time, median of {args.repeats} after a warm-up; local model = cartlorem short-range energy + forces "
-          "CPU time from results/speed.json (C = 64). `python benchmarks/ewald_cost.py`.", "",
+          f"CPU time from {Path(args.speed).name} (C = {args.channels}, {args.threads} thread(s)). "
+          f"`{meta['command']}`.", "",
           markdown_table(rows, [("system", "system"), ("N", "N"), ("dtype", "dtype"), ("alpha (1/Å)", "alpha"),
                                 ("r_c (Å)", "real_cutoff"), ("k-vectors", "k_vectors"),
                                 ("Ewald CPU s", "ewald_cpu_s"), ("local model CPU s", "local_model_cpu_s"),

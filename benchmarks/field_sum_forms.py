@@ -224,7 +224,7 @@ def run_set(name, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=None)
+    harness.add_data_argument(p)
     p.add_argument("--sets", nargs="+", default=["cumulene", "dimers"])
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])

@@ -214,7 +214,7 @@ def probes() -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=None)
+    harness.add_data_argument(p)
     p.add_argument("--set", default="cumulene")
     p.add_argument("--batch-size", type=int, default=8, help="structures in the batch (the trainer's first)")
     p.add_argument("--repeats", type=int, default=50)

@@ -27,7 +27,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
 
-from benchmarks.harness import add_data_argument, load_split  # noqa: E402
+from benchmarks.harness import add_data_argument, command_line, load_split, machine_info  # noqa: E402
 
 BINS = [(0.0, 5.0, "sep<5"), (5.0, 8.0, "5<=sep<8"), (8.0, np.inf, "sep>=8")]
 
@@ -124,18 +124,21 @@ def main(argv=None):
     if not results:
         p.error("nothing to score: neither --accuracy nor --models has dimer results")
     groups = list(next(iter(results.values())))
-    command = " ".join(["python benchmarks/intermolecular.py", *(sys.argv[1:] if argv is None else argv)])
+    meta = {**machine_info(), "command": command_line("intermolecular.py", argv), "accuracy": args.accuracy,
+            "models": args.models, "models_seed": args.models_seed, "seeds": sorted(seeds), "data_dir": args.data_dir}
     lines = ["# Intermolecular force on the dimer test set", "",
              "MAE of the net force on monomer A (sum over its atoms = the force B exerts on A), per Cartesian "
              "component, meV/Å; in brackets the mean |reference| of that component (the signal). Test split of "
              f"long_range.py / accuracy.py, seed {', '.join(map(str, sorted(seeds)))} (395 dimers). "
-             f"`{command}`.", "",
+             f"`{meta['command']}` ({meta['date']}, commit {(meta.get('git_commit') or '?')[:10]}"
+             f"{', dirty tree' if meta.get('git_dirty') else ''}, {meta['cpu_model']}, load {meta['loadavg_1min']}).",
+             "",
              "| model | " + " | ".join(f"{g} (n={next(iter(results.values()))[g]['n']})" for g in groups) + " |",
              "|---|" + "---|" * len(groups)]
     for label, r in results.items():
         lines.append(f"| {label} | " + " | ".join(
             f"{r[g]['net_force_mae_mev_per_a']:.1f} ({r[g]['reference_mean_abs_mev_per_a']:.0f})" for g in groups) + " |")
-    Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -36,7 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
 
-from benchmarks.harness import add_data_argument, load_split  # noqa: E402
+from benchmarks.harness import add_data_argument, command_line, load_split, machine_info  # noqa: E402
 
 CLUSTERS = ("Na9Cl8+", "Na8Cl8+")
 GRID = np.linspace(-0.5, 2.4, 30)  # Å, inside the sampled -0.6 … 2.5
@@ -125,6 +125,9 @@ def main(argv=None):
         p.error("nothing to score: no nacl predictions in --accuracy and no nacl_*.pt in --models")
 
     d_ref = next(iter(results.values()))["D_ref_mev"]
+    meta = {**machine_info(), "command": command_line("nacl_profile.py", argv), "grid": GRID.tolist(),
+            "degree": DEGREE, "n_bootstrap": N_BOOTSTRAP, "sources": args.accuracy, "models": args.models,
+            "seed": args.seed, "data_dir": args.data_dir}
     marks = [0, 10, 20, 29]
     lines = ["# Na9Cl8+ vs Na8Cl8+: the far Na in the energy profile of the moving Na", "",
              f"D(d) = [E_Na9(d) − E_Na9(0)] − [E_Na8(d) − E_Na8(0)] from cubic fits of E(d) per cluster on the "
@@ -132,15 +135,15 @@ def main(argv=None):
              f"{int((cluster == CLUSTERS[1]).sum())} Na8Cl8+). Reference (xTB) D at d = "
              + ", ".join(f"{GRID[i]:.1f}" for i in marks) + " Å: "
              + ", ".join(f"{d_ref[i]:.1f}" for i in marks) + " meV. Errors in meV, ± the bootstrap standard "
-             "deviation (200 resamples of the test frames). `python benchmarks/nacl_profile.py`.", "",
+             f"deviation (200 resamples of the test frames). `{meta['command']}` ({meta['date']}, commit "
+             f"{(meta.get('git_commit') or '?')[:10]}{', dirty tree' if meta.get('git_dirty') else ''}, "
+             f"{meta['cpu_model']}, load {meta['loadavg_1min']}).", "",
              "| model | D predicted at " + ", ".join(f"{GRID[i]:.1f}" for i in marks)
              + " Å | RMS error of D | error of D at 2.4 Å |", "|---|---|---|---|"]
     for label, r in results.items():
         lines.append(f"| {label}{' (' + r['also'] + ')' if 'also' in r else ''} | " + ", ".join(f"{r['D_pred_mev'][i]:.1f}" for i in marks)
                      + f" | {r['rms_error_mev']:.1f} ± {r['rms_error_std_mev']:.1f}"
                      + f" | {r['end_error_mev']:+.1f} ± {r['end_error_std_mev']:.1f} |")
-    meta = {"grid": GRID.tolist(), "degree": DEGREE, "n_bootstrap": N_BOOTSTRAP, "sources": args.accuracy,
-            "models": args.models}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

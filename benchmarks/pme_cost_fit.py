@@ -101,11 +101,15 @@ def main(argv=None):
                     rows_out.append(row)
                     print(f"N={n} rc={rc} order={order} mesh={mesh}: {t:.3f} s", flush=True)
 
+    names = ["COST_PME_CALL", "COST_PAIR", "COST_STENCIL", "COST_MESH"]
+    if len(rows_out) < len(names):  # nnls of an empty (or underdetermined) system: scipy aborts on an empty one
+        p.error(f"{len(rows_out)} point(s) measured, fewer than the {len(names)} constants to fit (points whose "
+                "--cutoffs exceed half the box are skipped below --sizes 6): give more --sizes, --cutoffs, "
+                "--orders or --spacings")
     X = np.array([r["features"] for r in rows_out])
     y = np.array([r["cpu_s"] for r in rows_out])
     fitted, _ = nnls(X / y[:, None], np.ones_like(y))  # relative least squares
     current = np.array([pme.COST_PME_CALL, pme.COST_PAIR, pme.COST_STENCIL, pme.COST_MESH])
-    names = ["COST_PME_CALL", "COST_PAIR", "COST_STENCIL", "COST_MESH"]
     for r, x in zip(rows_out, X):
         r["model_current"] = float(x @ current)
         r["model_fitted"] = float(x @ fitted)
