@@ -57,6 +57,9 @@ def main(argv=None):
             energies.append(a.get_potential_energy())
         curves[variant] = np.array(energies)
         print(f"{variant:9s} E(12 Å) − E({seps[0]:.1f} Å) = {curves[variant][-1] - curves[variant][0]:+.3f} eV")
+    if not curves:  # a plot of the reference points alone would replace the committed one
+        raise SystemExit(f"no trained models in {args.models}: run `python benchmarks/long_range.py --sets dimers` "
+                         "first (it saves them there), or pass --models")
 
     ref_sep = np.array([a.info["separation"] for a in frames])
     ref_e = np.array([a.get_potential_energy() for a in frames])
