@@ -1,6 +1,6 @@
 """NVE molecular dynamics with the CartLorem ASE calculator; prints the energy drift (< 1 minute).
 
-    python examples/md_nve.py [--model RUN/model.pt] [--steps 400]
+    python examples/md_nve.py [--model RUN/model.pt] [--steps 200]
 
 Without ``--model`` the model of a previous ``cartlorem demo`` run (./cartlorem_demo_run/model.pt)
 is used if there is one; otherwise a small model is first trained for ~30 s on the bundled demo
