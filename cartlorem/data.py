@@ -23,6 +23,7 @@ Batches for training are made by ``cartlorem.training`` (a DataLoader with ``gra
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 from pathlib import Path
@@ -53,12 +54,20 @@ CHARGE_LABELS = ("dipole", "born_charges")
 # labels
 
 
+#: while read_dataset runs: {id(atoms): results} of the frames checked so far (ASE's check_state for every label
+#: of every frame was ~60% of the reading time); None outside it, where atoms may change between calls
+_CHECKED_RESULTS: contextvars.ContextVar = contextvars.ContextVar("cartlorem_checked_results", default=None)
+
+
 def _calc_results(atoms) -> dict:
     """The results an attached calculator already holds ({} if none); never triggers a calculation.
 
     Raises ValueError when the results belong to other positions/cell (the atoms were changed
     after the calculation), rather than returning stale numbers.
     """
+    checked = _CHECKED_RESULTS.get()
+    if checked is not None and id(atoms) in checked:
+        return dict(checked[id(atoms)])
     calc = getattr(atoms, "calc", None)
     results = dict(getattr(calc, "results", None) or {})
     if results and getattr(calc, "atoms", None) is not None:
@@ -67,7 +76,9 @@ def _calc_results(atoms) -> dict:
             raise ValueError(
                 f"the attached calculator's results are stale (atoms changed since: {', '.join(changes)})"
             )
-    return results
+    if checked is not None:
+        checked[id(atoms)] = results
+    return dict(results)
 
 
 def _describe_key(name: str, key: str) -> str:
@@ -270,6 +281,41 @@ def _is_blank(path: Path, chunk: int = 1 << 16) -> bool:
                 return False
 
 
+def _check_no_frames_after_a_blank_line(path: Path, fmt: Optional[str], n_read: int) -> None:
+    """ValueError when an (ext)xyz file goes on after a blank line where a frame's atom count belongs: ASE's reader
+    stops there without a word, so the frames after it were lost (``cat a.xyz b.xyz`` of files that end in a blank
+    line). Walks the frames' line counts only; other formats are not checked."""
+    import collections
+    import itertools
+
+    from ase.io.formats import filetype, open_with_compression
+
+    if fmt is None:
+        try:
+            fmt = filetype(str(path))
+        except Exception:  # noqa: BLE001 -- ASE read it; which reader it took is all that is asked here
+            return
+    if fmt not in ("extxyz", "xyz"):
+        return
+    blank = None
+    with open_with_compression(str(path), "rt") as f:
+        lines = enumerate(f, 1)
+        for number, line in lines:
+            text = line.strip()
+            if not text:
+                blank = blank or number
+                continue
+            if blank is not None:
+                raise ValueError(f"{str(path)!r}: line {number} follows a blank line (line {blank}) where the next "
+                                 f"frame's atom count belongs; ASE's reader stops at a blank line, so only the "
+                                 f"{n_read} frame(s) before it were read. Remove the blank line(s) between frames")
+            try:
+                count = int(text.split()[0])
+            except ValueError:
+                return  # not an atom count: ASE's reader judged this file; nothing more to say here
+            collections.deque(itertools.islice(lines, count + 1), maxlen=0)  # the comment line and the atoms
+
+
 def _load_frames(path_or_atoms_list) -> tuple[str, list]:
     """(name used in messages, list of ase.Atoms) from a file path, an Atoms or a list of Atoms."""
     import ase
@@ -290,6 +336,7 @@ def _load_frames(path_or_atoms_list) -> tuple[str, list]:
             raise ValueError(f"could not read {str(path)!r}: {type(err).__name__}: {err}") from err
         if isinstance(frames, ase.Atoms):
             frames = [frames]
+        _check_no_frames_after_a_blank_line(path, fmt, len(frames))
         return str(path), list(frames)
     if isinstance(path_or_atoms_list, ase.Atoms):
         return "structures", [path_or_atoms_list]
@@ -344,26 +391,66 @@ def read_dataset(
         raise ValueError(f"no structures in {source!r}")
     check_charge_states(frames, source)
 
+    if stress_key and "virial" in stress_key.lower():
+        raise ValueError(f"stress_key {stress_key!r} names a virial (eV, e.g. MACE's REF_virials = −V σ), but the stress "
+                         "label is the stress σ in eV/Å³ (ASE's sign): store σ = −W / V under another key")
     graphs, ignored = [], []
-    for k, atoms in enumerate(frames):
-        where = f"{source}, frame {k}"
-        g = atoms_to_graph(atoms, cutoff, dtype=dtype, label=where)
-        try:
-            g = attach_labels(g, atoms, keys)
-            g = attach_charge_labels(g, atoms, dipole_key, born_charges_key)
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-        if dipole_key and bool(g.pbc.any()) and _charge_label_value(atoms, "dipole", dipole_key)[0] is not None:
-            ignored.append(k)  # a calculator's dipole of a periodic structure or slab (an info one raised above)
-        for name in require:
-            if not bool(getattr(g, f"has_{name}")[0]):
-                raise _missing_label_error(frames, k, source, name, keys[name])
-        graphs.append(g)
+    token = _CHECKED_RESULTS.set({})
+    try:
+        for k, atoms in enumerate(frames):
+            where = f"{source}, frame {k}"
+            g = atoms_to_graph(atoms, cutoff, dtype=dtype, label=where)
+            try:
+                g = attach_labels(g, atoms, keys)
+                g = attach_charge_labels(g, atoms, dipole_key, born_charges_key)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            if dipole_key and bool(g.pbc.any()) and _charge_label_value(atoms, "dipole", dipole_key)[0] is not None:
+                ignored.append(k)  # a calculator's dipole of a periodic structure or slab (an info one raised above)
+            for name in require:
+                if not bool(getattr(g, f"has_{name}")[0]):
+                    raise _missing_label_error(frames, k, source, name, keys[name])
+            graphs.append(g)
+    finally:
+        _CHECKED_RESULTS.reset(token)
+    _check_stress_labels(frames, graphs, source, stress_key)
     if ignored:
         shown = ", ".join(map(str, ignored[:10])) + (", ..." if len(ignored) > 10 else "")
         _log.info("%s: the dipole among the calculator results of %d periodic structure(s) or slab(s) (frames %s) "
                   "is not a label: the dipole is defined for open structures only", source, len(ignored), shown)
     return graphs
+
+
+#: a stress label above this (eV/Å³; 160 GPa) is more likely another unit (GPa, kbar) or a virial than a stress
+IMPLAUSIBLE_STRESS = 1.0
+
+
+def _check_stress_labels(frames, graphs, source: str, stress_key: Optional[str]) -> None:
+    """Warnings (logger ``cartlorem.data``): a named stress key found in none of the fully periodic frames (a
+    misspelt key trains without stress; the command line refuses it for a training set); with the default "calc",
+    other stress-like info keys; stresses above IMPLAUSIBLE_STRESS (GPa or kbar read as eV/Å³)."""
+    periodic = [k for k, g in enumerate(graphs) if bool(g.pbc.all())]
+    if not stress_key or not periodic:
+        return
+    labelled = [k for k in periodic if bool(graphs[k].has_stress[0])]
+    if not labelled:
+        if stress_key != "calc":
+            _log.warning("%s: stress_key %r is in none of its %d fully periodic frames (frame %d has atoms.info keys "
+                         "%s): these frames have no stress label", source, stress_key, len(periodic), periodic[0],
+                         sorted(frames[periodic[0]].info))
+            return
+        others = sorted(key for key in frames[periodic[0]].info if "stress" in key.lower() or "virial" in key.lower())
+        if others:
+            _log.warning("%s: no stress among the calculator results of its periodic frames, but frame %d has "
+                         "atoms.info %s: pass stress_key (--stress-key) to train on a stress label", source,
+                         periodic[0], others)
+        return
+    largest = max(labelled, key=lambda k: float(graphs[k].stress.abs().max()))
+    value = float(graphs[largest].stress.abs().max())
+    if value > IMPLAUSIBLE_STRESS:
+        _log.warning("%s, frame %d: a stress component of %.3g eV/Å³ (%.3g GPa): stress labels are in eV/Å³ "
+                     "(1 eV/Å³ = 160.2 GPa); is %s in GPa or kbar, or a virial?", source, largest, value,
+                     value * 160.21766, _describe_key("stress", stress_key))
 
 
 def check_charge_states(frames, source: str = "structures") -> None:

@@ -189,6 +189,15 @@ def test_empty_dataset(tmp_path, capsys):
     _assert_user_error(code, err, "empty")
 
 
+def test_a_misspelt_stress_key_is_refused(files, tmp_path, capsys):
+    """Stress is used where present, so --stress-key REF_stres on a periodic set trained without stress and said
+    nothing; a named key that no periodic training frame has is refused, and nothing is written."""
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml", "--out",
+                       tmp_path / "r", "--stress-key", "REF_stres", "--epochs", 1)
+    _assert_user_error(code, err, "--stress-key REF_stres is in none of its 4 fully periodic frames")
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_config(files, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("chanels: 8\n")

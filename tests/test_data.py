@@ -359,3 +359,76 @@ def test_slab_stress_labels_are_ignored():
     assert g.has_stress.tolist() == [False] and g.stress.abs().sum() == 0
     with pytest.raises(ValueError, match="not periodic in all three directions"):
         read_dataset([slab], 4.0, require=("stress",))
+
+
+def test_frames_after_a_blank_line_are_not_lost(tmp_path):
+    """ASE's extxyz reader stops at a blank line between frames without a word: `cat a.xyz b.xyz` of files that end
+    in a blank line gave the first file's frames only, and training went ahead on them."""
+    import gzip
+
+    from conftest import emt_frames
+
+    frames = emt_frames(6, seed=1)
+    ase.io.write(tmp_path / "a.xyz", frames[:3])
+    (tmp_path / "a.xyz").write_text((tmp_path / "a.xyz").read_text() + "\n")  # reads alone: a trailing blank line
+    ase.io.write(tmp_path / "b.xyz", frames[3:])
+    assert len(read_dataset(tmp_path / "a.xyz", 3.0)) == 3
+    joined = (tmp_path / "a.xyz").read_text() + (tmp_path / "b.xyz").read_text()
+    (tmp_path / "ab.xyz").write_text(joined)
+    (tmp_path / "ab.xyz.gz").write_bytes(gzip.compress(joined.encode()))
+    for name in ("ab.xyz", "ab.xyz.gz"):
+        with pytest.raises(ValueError, match=r"line \d+ follows a blank line .* only the 3 frame\(s\) before it"):
+            read_dataset(tmp_path / name, 3.0)
+    (tmp_path / "lead.xyz").write_text("\n" + (tmp_path / "b.xyz").read_text())
+    with pytest.raises(ValueError, match=r"line 2 follows a blank line \(line 1\)"):
+        read_dataset(tmp_path / "lead.xyz", 3.0)
+    # an empty comment line is part of a frame, not a separator
+    (tmp_path / "plain.xyz").write_text("2\n\nH 0 0 0\nH 0 0 0.74\n2\n\nH 0 0 0\nH 0 0 0.76\n\n\n")
+    assert len(read_dataset(tmp_path / "plain.xyz", 3.0, require=())) == 2
+
+
+def test_stress_labels_that_cannot_be_stresses(tmp_path, caplog):
+    """A misspelt stress key trained without stress and said nothing; a virial key (MACE's REF_virials, eV) and a
+    stress in GPa were read as eV/Å³ without a word."""
+    import logging
+
+    from conftest import emt_frames
+
+    frames = [a for a in emt_frames(6, seed=2) if a.pbc.all()]
+    for a in frames:
+        a.info["REF_stress"] = a.get_stress()
+        a.info["REF_virials"] = -a.get_volume() * a.get_stress(voigt=False)
+        a.info["stress_GPa"] = a.get_stress() * 160.21766
+    with pytest.raises(ValueError, match="stress_key 'REF_virials' names a virial"):
+        read_dataset(frames, 3.0, stress_key="REF_virials")
+    with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
+        caplog.clear()
+        graphs = read_dataset(frames, 3.0, stress_key="REF_stres")
+        assert not any(bool(g.has_stress[0]) for g in graphs)
+        assert "stress_key 'REF_stres' is in none of its 2 fully periodic frames" in caplog.text
+        caplog.clear()
+        read_dataset(frames, 3.0, stress_key="stress_GPa")
+        assert "GPa" in caplog.text and "in eV/Å³" in caplog.text
+        caplog.clear()
+        read_dataset(frames, 3.0, stress_key="REF_stress")
+        assert caplog.text == ""
+
+
+def test_calculator_results_are_checked_once_per_frame(monkeypatch):
+    """ASE's check_state ran once per label and frame (five times), ~60% of the reading time of small molecules."""
+    from conftest import emt_frames
+
+    frames = emt_frames(6, seed=3)
+    calls = []
+    original = SinglePointCalculator.check_state
+
+    def counting(self, atoms, tol=1e-15):
+        calls.append(id(atoms))
+        return original(self, atoms, tol)
+
+    monkeypatch.setattr(SinglePointCalculator, "check_state", counting)
+    read_dataset(frames, 3.0)
+    assert len(calls) == len(frames)
+    frames[0].positions[0, 0] += 0.1  # stale results are still refused
+    with pytest.raises(ValueError, match="stale"):
+        read_dataset(frames, 3.0)

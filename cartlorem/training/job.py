@@ -55,7 +55,7 @@ def _symbols(species) -> list[str]:
     return [chemical_symbols[int(z)] for z in species]
 
 
-def _read(path, cfg: Config, require, dtype):
+def _read(path, cfg: Config, require, dtype, training: bool = False):
     try:
         graphs = read_dataset(path, cfg.cutoff, **cfg.label_keys(), require=require, dtype=dtype)
     except MissingLabelError as err:  # read_dataset's advice names its own arguments
@@ -64,6 +64,12 @@ def _read(path, cfg: Config, require, dtype):
             f"{err.finding} Pass the key that holds it (--{name}-key KEY), train without it (--{name}-key none), "
             "or leave the frames without it out of the file (in Python, read_dataset(..., require=...) reads a "
             "partly labelled set, which train() takes)") from None
+    periodic = [g for g in graphs if bool(g.pbc.all())]
+    if training and cfg.stress_key not in (None, "calc") and periodic and not any(bool(g.has_stress[0])
+                                                                                 for g in periodic):
+        raise ValueError(f"{path}: --stress-key {cfg.stress_key} is in none of its {len(periodic)} fully periodic "
+                         "frames (stress is used where present, so a misspelt key trains without it): name the key "
+                         "the frames have, or --stress-key none to train without stress")
     if cfg.long_range != "none":  # named by file and frame now, not by batch in the first step
         from ..nn.long_range import check_structures
 
@@ -210,7 +216,7 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         _check_same_split(cfg, out)
         cfg = _without_config_yaml(cfg, out, checkpoint)
     t0 = time.perf_counter()
-    graphs = _read(cfg.train, cfg, require, dtype)
+    graphs = _read(cfg.train, cfg, require, dtype, training=True)
     if cfg.valid is not None:
         train_graphs, valid_graphs = graphs, _read(cfg.valid, cfg, require, dtype)
     elif cfg.valid_fraction > 0 and len(graphs) >= 2:
