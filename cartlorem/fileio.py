@@ -67,11 +67,24 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        interrupt = _interrupt_in(err) if isinstance(err, Exception) else None
+        if interrupt is not None:  # Ctrl-C inside torch.save comes out as its zip writer's RuntimeError
+            raise interrupt
         cause = _os_error_in(err) if isinstance(err, Exception) else None
         if cause is not None and not isinstance(err, WriteError):
             raise WriteError(cause.errno, cause.strerror, path) from err
         raise
     _sync_folder(folder)
+
+
+def _interrupt_in(err: BaseException):
+    """The KeyboardInterrupt that ``err`` was raised while handling (torch.save's writer does so); None if none."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def _os_error_in(err: BaseException):

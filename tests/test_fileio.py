@@ -88,3 +88,29 @@ def test_atomic_write_keeps_the_permissions_of_an_existing_file(tmp_path):
     fresh = tmp_path / "fresh.json"
     fileio.atomic_write_text(fresh, "{}")
     assert stat.S_IMODE(os.stat(fresh).st_mode) == fileio.default_file_mode()
+
+
+def test_ctrl_c_inside_torch_save_stays_an_interrupt(tmp_path):
+    """A Ctrl-C while torch.save wrote a checkpoint came out as its zip writer's RuntimeError ('unexpected pos'):
+    the command line printed a traceback instead of its 'interrupted ... --resume' message. The old file stays."""
+    import torch
+
+    class InterruptedFile:  # a real file, with a Ctrl-C during its fifth write
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += 1
+            if self.n == 5:
+                raise KeyboardInterrupt
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"old")
+    obj = {k: torch.ones(1000) for k in "abcdef"}
+    with pytest.raises(KeyboardInterrupt):
+        fileio.atomic_write(path, lambda f: torch.save(obj, InterruptedFile(f)))
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["checkpoint.pt"]
