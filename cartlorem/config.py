@@ -293,7 +293,7 @@ def _options() -> list[Option]:
         Option("scheduler_factor", parse_float, T["scheduler_factor"], "learning-rate factor on a plateau", t,
                check=(lambda v: 0 < v < 1, "in (0, 1)")),
         Option("scheduler_patience", parse_int, T["scheduler_patience"],
-               "epochs without improvement before the learning rate drops", t,
+               "epochs without an improvement of more than 0.01%% after which the learning rate drops", t,
                check=(lambda v: v >= 0, ">= 0")),
         Option("clip_grad", nullable(parse_float), T["clip_grad"], "maximum gradient norm (none: no clipping)", t,
                check=(lambda v: v is None or v > 0, "> 0")),

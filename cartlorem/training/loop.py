@@ -175,7 +175,9 @@ def train(
             calls the model with compute_dipole / compute_born_charges on labelled batches.
         ema_decay: decay of the weight average used for validation and the saved model (None or 0: off).
         scheduler_factor, scheduler_patience: ReduceLROnPlateau on the validation loss: the rate is
-            multiplied by the factor after ``scheduler_patience`` epochs without a better loss. The
+            multiplied by the factor at the first epoch after ``scheduler_patience`` epochs in a row that did not
+            lower the loss by more than 1e-4 of it (torch's rule and relative threshold; early stopping counts
+            any lower loss as better, and stops after ``patience`` epochs without one). The
             defaults (0.8 after 20, early stopping after 50) come from the learning-rate study of
             benchmarks/README.md: long-range models can sit on a plateau for hundreds of epochs
             while the loss creeps down (cumulene: ~300 epochs near 5 meV/atom); with a patience of 5 the
@@ -411,8 +413,8 @@ class _Run:
         self.opt = make_optimizer(self.params, settings["lr"], settings["weight_decay"],
                                   settings["optimizer"].lower() == "amsgrad")
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.opt, mode="min", factor=settings["scheduler_factor"], patience=settings["scheduler_patience"]
-        )
+            self.opt, mode="min", factor=settings["scheduler_factor"], patience=settings["scheduler_patience"],
+            threshold=1e-4, threshold_mode="rel")  # torch's defaults, written out: the docstring states them
         decay = settings["ema_decay"]
         self.ema = ExponentialMovingAverage(self.params, decay) if decay else None
         self.rng = np.random.default_rng(settings["seed"])
