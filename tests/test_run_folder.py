@@ -236,3 +236,18 @@ def test_resume_refuses_another_split(files, tmp_path, capsys, flag, value):
     assert code == 2 and "another split of the data" in err and flag.lstrip("-").replace("-", "_") in err, err
     code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, "--no-progress")
     assert code == 0, err  # the run's own values resume as before
+
+
+def test_a_learning_curve_with_an_empty_panel_gives_no_warning(tmp_path):
+    """With no validation set and all forces zero, the force panel had nothing to plot and matplotlib warned 'No
+    artists with labels found to put in legend'."""
+    import warnings
+
+    from cartlorem.training.log import plot_learning_curve
+
+    history = [{"epoch": e, "train_loss": 1.0 / e, "valid_loss": 1.0 / e, "metrics_on": "training",
+                "valid_energy_mae_mev_per_atom": 2.0 / e, "valid_forces_mae_mev_per_a": 0.0} for e in (1, 2, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_learning_curve(history, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0

@@ -71,7 +71,7 @@ def plot_learning_curve(history: Sequence[dict], path) -> bool:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=label)
         if log:
             ax.set_yscale("log")
-        if log or on_training:
+        if (log or on_training) and ax.lines:  # a panel with nothing to plot (all-zero forces) has no legend
             ax.legend()
         ax.set_xlabel("epoch")
         ax.set_title(title)

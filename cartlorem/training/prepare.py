@@ -82,8 +82,8 @@ def fit_statistics(model, graphs: Sequence[Graph], *, ranks=None) -> dict:
 
     Returns ``cartlorem.data.dataset_statistics`` plus "reference_energies" {Z: eV}. scale is the
     force RMS (eV/Å; the residual-energy spread when there are no forces, else 1), shift the mean
-    residual energy per atom after the reference energies (eV/atom; ≈ 0 when every structure has
-    an energy, since the least-squares fit absorbs it).
+    residual energy per atom after the reference energies (eV/atom; the fit is of total energies, so it is ≈ 0
+    only where the structures have similar sizes).
 
     ranks: a ``cartlorem.training.distributed.Ranks`` of several processes (each holding the same
     ``graphs``): process 0 computes the statistics and sends them to the others, so every process
