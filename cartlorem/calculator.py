@@ -2,8 +2,9 @@
 
 Neighbour lists are reused between MD steps: the list is built with cutoff + skin and rebuilt only
 when an atom has moved more than skin/2, or when the number of atoms, the species, the cell or the
-boundary conditions change. Edges beyond the cutoff in a padded list are harmless: the envelope and
-the Bessel basis vanish there exactly, so results equal those of a fresh list.
+boundary conditions change. At every call the model gets only the list's edges within the cutoff: those
+beyond it would add nothing (the envelope and the Bessel basis vanish there exactly) but cost as much as any
+other edge, so results equal those of a fresh list at the cost of one fresh list's edges.
 
 Positions reach the model wrapped, in float64, before any cast to the model's dtype: when a list is
 built every atom gets a fixed whole number of lattice vectors (periodic directions) and the structure a
@@ -254,16 +255,15 @@ class CartLoremCalculator(Calculator):
             g = self._nl_graph
             g = g.replace(positions=torch.tensor(positions - self._nl_lattice - self._nl_shift,
                                                  dtype=g.positions.dtype))
+            d = g.edge_vectors().norm(dim=-1)
             # overlapping atoms inside a reused list still need catching: the same limit and message as a new list
-            vec = g.edge_vectors()
-            if len(vec):
-                d = vec.norm(dim=-1)
+            if len(d):
                 k = int(d.argmin())
                 if float(d[k]) < _MIN_DISTANCE:
                     i, j = (int(x) for x in g.edge_index[:, k])
                     raise ValueError(f"{atoms.get_chemical_formula() or 'structure'}: atoms {i} and {j} are "
                                      f"{float(d[k]):.2e} Å apart (overlapping atoms)")
-            return g
+            return self._within_cutoff(g, d)
         lattice_part, shift, cell = np.zeros_like(positions), np.zeros(3), atoms.get_cell().array
         # otherwise atoms_to_graph says what is bad (no atoms, NaN)
         if len(positions) and np.all(np.isfinite(positions)) and np.all(np.isfinite(cell)):
@@ -274,7 +274,18 @@ class CartLoremCalculator(Calculator):
                            label=atoms.get_chemical_formula() or "structure", wrap=False)  # wrapped just above
         self._nl_key, self._nl_graph, self._nl_positions = key, g, positions.copy()
         self._nl_lattice, self._nl_shift = lattice_part, shift
-        return g
+        return self._within_cutoff(g, g.edge_vectors().norm(dim=-1))
+
+    def _within_cutoff(self, g: Graph, lengths: torch.Tensor) -> Graph:
+        """``g`` with the edges of the list's skin left out (``lengths`` [E] Å): they add nothing to the results
+        (the envelope is zero beyond the cutoff), but a 0.5 Å skin gave a water box ~26% more edges to compute,
+        which cost more per step than building a new list."""
+        if self.skin == 0:
+            return g
+        keep = lengths <= self.model.cutoff
+        if bool(keep.all()):
+            return g
+        return g.replace(edge_index=g.edge_index[:, keep], edge_shift=g.edge_shift[keep])
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         if torch.is_inference_mode_enabled():  # the model's advice (ask for the energy only) is not ours to take
