@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project: cartlorem and benchmarks
 
-from benchmarks.harness import (ATOMS_PER, command_line, machine_info, make_structure, markdown_table,  # noqa: E402
-                                time_fns, write_results)
+from benchmarks.harness import (command_line, machine_info, make_structure, markdown_table, time_fns,  # noqa: E402
+                                write_results)
 
 
 def time_modes(system: str, size: int, channels: int, dtype: torch.dtype, repeats: int) -> dict:

@@ -280,3 +280,13 @@ def test_cuda_chunks_are_sized_by_the_free_gpu_memory(monkeypatch):
     assert layer._chunked_messages(False, 1, i, i, _Unit(), None, None, None) == "chunked"
     assert calls == [2 * floor]
     assert layer._chunked_messages(False, 1, i[:2 * floor], i[:2 * floor], _Unit(), None, None, None) is None
+
+
+def test_a_1029_atom_water_box_at_c32_is_chunked_on_the_cpu():
+    """Chunking started above 16 chunks, which left a 1029-atom water box at C = 32 (56944 edges, 13.9 chunks) on
+    the unchunked path, 1.35x slower there (benchmarks/results/chunk_threshold.md); it starts above 12 now, and
+    diamond at 11.1 chunks, where the chunked path is slower, stays unchunked."""
+    model = cartlorem.CartLorem([1, 8], cutoff=5.0, long_range=None, channels=32, num_layers=1, correlation=2)
+    layer = model.layers[0]
+    assert layer.chunk_edges("cpu") == 4096
+    assert layer.chunks(56944, "cpu") and not layer.chunks(45564, "cpu")

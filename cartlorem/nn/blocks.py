@@ -44,10 +44,13 @@ CUDA_MEMORY_FRACTION = 0.25
 #: Peak bytes per edge and channel of an unchunked energy + forces call (44.4 GB for 1.57 M edges at C = 64 on
 #: the H200 above).
 CUDA_BYTES_PER_EDGE_CHANNEL = 450
-#: By default, chunking starts above this many chunks of edges (32768 edges at C = 64: ~370 atoms of
-#: diamond, ~600 of water): where the unchunked path's memory is small (< 1 GB) and its large-tensor
-#: page faults, which the chunked path avoids, do not yet pay for the recomputation.
-MIN_CHUNKS = 16
+#: By default, chunking starts above this many chunks of edges (24576 edges at C = 64, 49152 at C = 32): below
+#: it the unchunked path's memory is small (< 1 GB) and its large-tensor page faults, which the chunked path
+#: avoids, do not always pay for the recomputation. benchmarks/results/chunk_threshold.md (energy + forces, one
+#: thread, three runs): chunked / unchunked 1.22-1.42 for diamond at 4.7-11.1 chunks, 0.72-0.76 for 1029 atoms of
+#: water at 13.9 chunks (C = 32), 0.49-0.62 from 17.5 chunks on; water at C = 64 gains from ~5 chunks on, but
+#: diamond does not. (It was 16, which left the 1029-atom water box at C = 32 on the slower path.)
+MIN_CHUNKS = 12
 
 
 def _cuda_free_bytes(device: torch.device) -> int:
