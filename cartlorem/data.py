@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -42,6 +43,8 @@ __all__ = [
     "attach_charge_labels",
     "read_dataset",
     "fit_reference_energies",
+    "isolated_atom_energies",
+    "is_isolated_atom",
     "dataset_statistics",
     "split",
 ]
@@ -554,8 +557,28 @@ def _composition(
     return torch.cat(counts).numpy(), torch.cat(energies).numpy(), torch.cat(has).numpy().astype(bool)
 
 
+def is_isolated_atom(g: Graph) -> bool:
+    """Whether ``g`` (one structure) is a single neutral atom with open boundaries and an energy label: an
+    isolated-atom reference (what MACE's data mark ``config_type=IsolatedAtom``)."""
+    return (g.num_graphs == 1 and int(g.positions.shape[0]) == 1 and not bool(g.pbc.any())
+            and g.energy is not None and g.has_energy is not None and bool(g.has_energy[0])
+            and abs(float(g.total_charge[0])) < 1e-9)
+
+
+def isolated_atom_energies(graphs: Sequence[Graph]) -> dict[int, float]:
+    """{Z: E_Z (eV)} from the isolated-atom structures among ``graphs`` (:func:`is_isolated_atom`): per
+    element the lowest such energy (its ground state, where several spin states are given)."""
+    out: dict[int, float] = {}
+    for g in graphs:
+        if is_isolated_atom(g):
+            z, e = int(g.species[0]), float(g.energy[0])
+            out[z] = min(e, out.get(z, math.inf))
+    return out
+
+
 def fit_reference_energies(
-    graphs: Sequence[Graph], species: Sequence[int], *, rcond: float = 1e-10
+    graphs: Sequence[Graph], species: Sequence[int], *, rcond: float = 1e-10,
+    fixed: Optional[Mapping[int, float]] = None,
 ) -> dict[int, float]:
     """Per-species reference energies E_Z (eV) from energy ≈ Σ_Z n_Z E_Z, by least squares.
 
@@ -565,18 +588,24 @@ def fit_reference_energies(
     least-squares solution (SVD, singular values below ``rcond`` × the largest treated as zero):
     exact and unbiased when the compositions determine every E_Z, while species absent from the
     data get 0 and species whose counts are collinear (e.g. O and H in a dataset of water
-    clusters) share the energy in the minimum-norm way, the λ → 0 limit of a ridge fit. Returns
-    {Z: E_Z} for every Z in ``species``; all zeros when no structure has an energy.
+    clusters) share the energy in the minimum-norm way, the λ → 0 limit of a ridge fit. ``fixed``:
+    {Z: E_Z} kept as given (e.g. :func:`isolated_atom_energies`); the others are fitted to what they leave.
+    Returns {Z: E_Z} for every Z in ``species``; all zeros (or ``fixed``) when no structure has an energy.
     """
     species = [int(z) for z in species]
     if not species:
         raise ValueError("species list is empty")
+    fixed = {int(z): float(e) for z, e in (fixed or {}).items() if int(z) in species}
     counts, energies, has = _composition(graphs, species)
     counts, energies = counts[has], energies[has]  # [M, S], [M]
-    if len(energies) == 0:
-        return {z: 0.0 for z in species}
-    coef, *_ = np.linalg.lstsq(counts, energies, rcond=rcond)
-    return {z: float(e) for z, e in zip(species, coef)}
+    out = {z: fixed.get(z, 0.0) for z in species}
+    free = [k for k, z in enumerate(species) if z not in fixed]
+    if len(energies) == 0 or not free:
+        return out
+    energies = energies - counts @ np.array([fixed.get(z, 0.0) for z in species])
+    coef, *_ = np.linalg.lstsq(counts[:, free], energies, rcond=rcond)
+    out.update({species[k]: float(e) for k, e in zip(free, coef)})
+    return out
 
 
 def dataset_statistics(

@@ -432,3 +432,32 @@ def test_calculator_results_are_checked_once_per_frame(monkeypatch):
     frames[0].positions[0, 0] += 0.1  # stale results are still refused
     with pytest.raises(ValueError, match="stale"):
         read_dataset(frames, 3.0)
+
+
+def test_isolated_atoms_give_their_elements_reference_energies(make_molecule):
+    """Isolated-atom structures (MACE's config_type=IsolatedAtom: one neutral atom, open boundaries) entered the
+    least-squares fit as ordinary frames, so the reference energy of Cu came out 0.11 eV against the file's
+    -0.5 eV; they now give their elements' references (the lowest of several, a ground state), the other elements
+    are fitted to what they leave, and the training statistics leave them out."""
+    from cartlorem import CartLorem
+    from cartlorem.data import isolated_atom_energies
+    from cartlorem.training import fit_statistics
+
+    refs = {1: -13.6, 6: -1029.5, 8: -2041.3, 29: -45000.25}
+    frames = _synthetic(make_molecule, refs)
+    for symbol, energy, charge in (("H", -13.1, 0), ("H", -13.3, 0), ("O", -2040.0, 0), ("O", -2030.0, 1)):
+        atom = Atoms(symbol, positions=[[0.0, 0.0, 0.0]])
+        atom.info["total_charge"] = charge
+        atom.calc = SinglePointCalculator(atom, energy=energy, forces=np.zeros((1, 3)))
+        frames.append(atom)
+    periodic_one = Atoms("C", positions=[[0.0, 0.0, 0.0]], cell=[3.0, 3.0, 3.0], pbc=True)  # a crystal, not an atom
+    periodic_one.calc = SinglePointCalculator(periodic_one, energy=-1000.0, forces=np.zeros((1, 3)))
+    graphs = read_dataset(frames, 3.0)
+    assert isolated_atom_energies(graphs) == {1: -13.3, 8: -2040.0}  # the lowest; the cation is no reference
+    assert isolated_atom_energies(read_dataset([periodic_one], 3.0)) == {}
+    fit = fit_reference_energies(graphs, species=[1, 6, 8, 29], fixed=isolated_atom_energies(graphs))
+    assert fit[1] == -13.3 and fit[8] == -2040.0
+    model = CartLorem([1, 6, 8, 29], cutoff=3.0, channels=4, num_layers=1, correlation=1).double()
+    stats = fit_statistics(model, graphs)
+    assert stats["reference_energies"] == fit and stats["n_structures"] == len(graphs) - 3  # the cation stays
+    assert float(model.atomic_energies[model.species_index(torch.tensor([8]))]) == -2040.0
