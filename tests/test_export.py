@@ -163,6 +163,26 @@ def test_long_range_model_on_periodic_cells(loaded, kind, placement):
     assert float(ref["stress"][1].abs().max()) > 1e-4
 
 
+def test_a_dilute_periodic_cell_agrees_to_the_accuracy():
+    """Above (2√2σ)³ per atom the Python model splits at a smaller α with a real-space part, so the export (α = β,
+    reciprocal only) agrees to the sum's accuracy there, not to rounding, as the docs now say (they claimed rounding
+    for every cell of up to a few hundred atoms)."""
+    from cartlorem.ewald.ewald import choose_parameters
+    from cartlorem.ewald.kernels import smearing_beta
+
+    model = _model("multipole")
+    salt = bulk("NaCl", "rocksalt", a=6.0, cubic=True)  # 27 Å³ per atom
+    salt.rattle(0.1, seed=1)
+    block = model.long_range_block
+    assert choose_parameters(salt.cell.array, len(salt), block.accuracy, 4, block.smearing).alpha < \
+        smearing_beta(block.smearing)
+    graph = _graph(salt)
+    out = export_model(model)(*_inputs(graph))
+    ref = model(graph, compute_stress=True)
+    _compare(ref, out, ("energy", "forces", "stress", "charges"), tol=1e-5)
+    assert float((ref["energy"].detach() - out["energy"]).abs().max()) > 1e-10  # not the same numbers
+
+
 def test_exported_periodic_sum_converges_with_its_k_cutoff():
     """The k-space cutoff matters (a smaller one changes the energy) and the model's is converged
     (a larger one changes nothing at the model's accuracy): the comparison above is not vacuous."""
