@@ -406,3 +406,36 @@ def test_a_wrong_multiplicity_is_refused_when_the_fix_is_made(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "REFUSED: the LAMMPS system" in res.stdout, res.stdout
     assert "multiplicity= (--multiplicity)" in res.stdout and "113" in res.stdout, res.stdout
+
+
+def test_atom_ids_with_gaps_are_taken(tmp_path):
+    """The first form of the check above gathered the types with gather_atoms, which needs the atom IDs to be
+    1..N: a data file with a gap in its IDs (valid in LAMMPS; the callback sorts by ID) was refused."""
+    from cartlorem.integrations.lammps import write_data
+
+    model = CartLorem([11, 17], cutoff=4.0, long_range=None, channels=8, num_layers=1, correlation=2, num_basis=4,
+                      radial_hidden=8, readout_hidden=8, charge_state=True).double()
+    save_model(model, tmp_path / "model.pt")
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    write_data(tmp_path / "nacl.data", atoms, ["Na", "Cl"])
+    lines = (tmp_path / "nacl.data").read_text().splitlines()
+    last = lines.index("Atoms # atomic") + 1 + len(atoms)
+    parts = lines[last].split()
+    parts[0] = "20"  # the last atom's ID: 1..7 and 20
+    lines[last] = " ".join(parts)
+    (tmp_path / "gap.data").write_text("\n".join(lines) + "\n")
+    script = textwrap.dedent("""\
+        from cartlorem.integrations.lammps import load_lammps, CartLoremFix
+        lmp = load_lammps()(cmdargs=["-log", "none", "-screen", "none"])
+        lmp.commands_string("units metal\\natom_style atomic\\nboundary p p p\\nread_data gap.data")
+        fix = CartLoremFix(lmp, "model.pt", ["Na", "Cl"], total_charge=-1.0, multiplicity=2)
+        lmp.command("run 0")
+        fix.check()
+        print("PE", lmp.get_thermo("pe"))
+        lmp.close()
+        """)
+    res = run([sys.executable, "-c", script], tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    atoms.info.update(total_charge=-1, multiplicity=2)
+    atoms.calc = CartLoremCalculator(model, skin=0.0)
+    assert float(res.stdout.split("PE")[1].split()[0]) == pytest.approx(atoms.get_potential_energy(), rel=1e-10)

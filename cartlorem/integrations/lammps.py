@@ -176,14 +176,19 @@ class CartLoremFix:
 
     def _check_charge_state(self) -> None:
         """Refuse a total charge and multiplicity that the atoms present now cannot have, at construction rather
-        than at the first ``run``. Every rank gathers the types (a collective call) and so raises alike."""
+        than at the first ``run``. Every rank counts its own atoms' types and all ranks sum the counts (gather_atoms
+        would need the atom IDs to be 1..N, which LAMMPS does not require), so every rank raises alike."""
         from ..graph import check_charge_state
 
-        natoms = int(self.lmp.get_natoms())
-        types = np.ctypeslib.as_array(self.lmp.gather_atoms("type", 0, 1), shape=(natoms,)).astype(np.int64)
+        nlocal = int(self.lmp.extract_global("nlocal"))
+        types = np.array(self.lmp.numpy.extract_atom("type")[:nlocal], dtype=np.int64)
         if np.any(types < 1) or np.any(types > len(self.numbers)):
             raise ValueError(f"atom types {sorted(set(types.tolist()))} outside 1..{len(self.numbers)}")
-        check_charge_state(self.numbers[types - 1], self.total_charge, self.multiplicity, label="the LAMMPS system",
+        counts = np.bincount(types - 1, minlength=len(self.numbers))
+        if self.size > 1:
+            counts = self.comm.allreduce(counts)
+        check_charge_state(np.repeat(self.numbers, counts), self.total_charge, self.multiplicity,
+                           label="the LAMMPS system",
                            where=("total_charge= (--total-charge)", "multiplicity= (--multiplicity)"))
 
     # --- the callback: gather on rank 0, evaluate once, scatter back by atom ID -------------------
