@@ -43,6 +43,26 @@ def test_predict_and_evaluate_refuse_graphs_of_another_cutoff():
     assert len(predict(model, read_dataset(frames, 3.0)).energy_pred) == 4
 
 
+def test_float32_lengths_at_the_cutoff_far_from_the_origin_are_not_longer_edges():
+    """Two atoms 1e-7 Å inside the cutoff near 110 Å from the origin measure 5.0000095 Å in float32; the check of
+    predict (and train) took that for an edge read with a longer cutoff and refused the model's own graph."""
+    import numpy as np
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from cartlorem.evaluate import predict
+
+    p1 = np.array([108.8341557171149, 100.65016505265203, 115.86488523954513])
+    atoms = Atoms("H2", positions=[p1, p1 + (5.0 - 1e-7) * np.ones(3) / np.sqrt(3)], cell=[130.0] * 3, pbc=True)
+    atoms.calc = SinglePointCalculator(atoms, energy=0.0, forces=np.zeros((2, 3)))
+    graphs = read_dataset([atoms], 5.0, dtype=torch.float32)
+    assert float(graphs[0].edge_vectors().norm(dim=-1).max()) > 5.0 * (1 + 1e-6) + 1e-9  # the case
+    model = CartLorem([1], cutoff=5.0, long_range=None, channels=4, num_layers=1, correlation=1, num_basis=4,
+                      radial_hidden=4, readout_hidden=4)
+    assert len(predict(model, graphs).energy_pred) == 1
+    check_dataset(model, graphs, "training")
+
+
 def test_training_set_without_edges_names_the_cutoff():
     model = tiny_model(0.5)  # a cutoff in nm by mistake: no two atoms are this close
     graphs = read_dataset(emt_frames(4, seed=0), 0.5)
