@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import tempfile
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Optional
 
 __all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "default_file_mode", "WriteError",
            "damaged_record"]
@@ -46,6 +47,7 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     in another exception, as torch.save does) is raised as a :class:`WriteError` naming ``path``.
     """
     path = os.fspath(path)
+    handling = sys.exc_info()[1]  # an exception being handled already (a save in an except: or finally: block)
     target = os.path.realpath(path)  # through symbolic links, as open() writes
     folder = os.path.dirname(target)
     try:
@@ -67,7 +69,7 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        interrupt = _interrupt_in(err) if isinstance(err, Exception) else None
+        interrupt = _interrupt_in(err, handling) if isinstance(err, Exception) else None
         if interrupt is not None:  # Ctrl-C inside torch.save comes out as its zip writer's RuntimeError
             raise interrupt
         cause = _os_error_in(err) if isinstance(err, Exception) else None
@@ -77,10 +79,12 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     _sync_folder(folder)
 
 
-def _interrupt_in(err: BaseException):
-    """The KeyboardInterrupt that ``err`` was raised while handling (torch.save's writer does so); None if none."""
+def _interrupt_in(err: BaseException, before: Optional[BaseException] = None):
+    """The KeyboardInterrupt that ``err`` was raised while handling (torch.save's writer does so); None if none.
+    The chain is followed back to ``before`` only: an exception handled when the write began (a save in an
+    ``except KeyboardInterrupt:`` block) is not the write's."""
     seen = 0
-    while err is not None and seen < 8:
+    while err is not None and err is not before and seen < 8:
         if isinstance(err, KeyboardInterrupt):
             return err
         err, seen = err.__cause__ or err.__context__, seen + 1

@@ -114,3 +114,17 @@ def test_ctrl_c_inside_torch_save_stays_an_interrupt(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fileio.atomic_write(path, lambda f: torch.save(obj, InterruptedFile(f)))
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_a_failed_write_inside_an_interrupt_handler_is_its_own_error(tmp_path):
+    """The Ctrl-C unwrapping followed the whole context chain: a write that failed inside an `except
+    KeyboardInterrupt:` block (a save on Ctrl-C) was reported as the old interrupt, not as its own error."""
+    def bad(f):
+        raise TypeError("not writable data")
+
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        with pytest.raises(TypeError, match="not writable data"):
+            fileio.atomic_write(tmp_path / "saved.pt", bad)
+    assert os.listdir(tmp_path) == []
