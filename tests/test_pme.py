@@ -610,8 +610,11 @@ def test_a_reducible_cell_gives_no_torch_warning():
 ])
 def test_bad_overrides_of_the_periodic_sums_are_refused(method, options, message):
     """compute_fields' test overrides: a given Ewald alpha was not checked, and a PME mesh of two sizes or an
-    unknown option failed deep inside."""
+    unknown option failed deep inside; an unknown option of a slab's sum was ignored."""
     cell = CELLS["cubic"]
     pos, q, _, _ = random_system(6, n=6, c=1, cell=cell)
     with pytest.raises(ValueError, match=message):
         compute_fields(pos, q, cell=cell, pbc=PBC, method=method, **options)
+    if "bogus" in options.get("pme_options", {}):
+        with pytest.raises(ValueError, match=message):
+            compute_fields(pos, q, cell=cell, pbc=[True, True, False], method="auto", **options)

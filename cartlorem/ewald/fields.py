@@ -115,6 +115,9 @@ def compute_fields(
     ``mesh``, ``spline_order``, ``real_cutoff``) for method "pme".
     """
     method = _check_method(method, pbc)
+    unknown = sorted(set(pme_options or {}) - PME_OPTIONS)
+    if unknown:
+        raise ValueError(f"pme_options {unknown} not known; the options are {sorted(PME_OPTIONS)}")
     prefactor = check_prefactor(prefactor)
     inputs = check_inputs(positions, charges, dipoles, quadrupoles, cell, pbc, smearing, accuracy)
     cols, rows = Layout(inputs.multipoles), Layout(ranks)
@@ -138,9 +141,6 @@ def compute_fields(
     if inputs.periodic and method == "auto":
         method = choose_method(inputs.cell.detach().cpu().double().numpy(), inputs.positions.shape[0],
                                float(accuracy), rows, cols, v.shape[2], inputs.smearing)
-    unknown = sorted(set(pme_options or {}) - PME_OPTIONS)
-    if unknown:
-        raise ValueError(f"pme_options {unknown} not known; the options are {sorted(PME_OPTIONS)}")
     if inputs.periodic and method == "pme":
         total = m[0].sum(0) if 0 in m else None
         out = pme_sum(inputs.positions, v, inputs.cell, rows, cols, smearing=inputs.smearing,
