@@ -2,7 +2,8 @@
 eager unchunked, and the compiled step unchunked (issue 12, item 2).
 
 On the CPU the interaction layers run their messages in chunks above ``MIN_CHUNKS × EDGE_CHUNK_ELEMENTS / C`` edges
-(32768 at C = 64, 65536 at C = 32; :mod:`cartlorem.nn.blocks`). The compiled training step cannot trace the chunked
+(MIN_CHUNKS was 16 when this was measured: 32768 at C = 64, 65536 at C = 32; 12 since session 34;
+:mod:`cartlorem.nn.blocks`). The compiled training step cannot trace the chunked
 path; until session 30 it left such batches to the eager step. This measured what its traced forward, unchunked,
 costs in memory and gains in time on them; on the CPU it now takes them
 (:meth:`cartlorem.training.compiled.CompiledLossGradient.unsupported`).

@@ -260,7 +260,7 @@ def test_compiled_step_takes_the_batches_the_layers_would_chunk_on_the_cpu(monke
     from cartlorem.nn import blocks
 
     monkeypatch.setattr(compiled_mod, "BACKEND", "aot_eager")  # the traced graph, without Inductor's kernels
-    monkeypatch.setattr(blocks, "EDGE_CHUNK_ELEMENTS", 4)  # C = 4: one edge per chunk, chunked above 16 edges
+    monkeypatch.setattr(blocks, "EDGE_CHUNK_ELEMENTS", 4)  # C = 4: one edge per chunk, chunked above MIN_CHUNKS edges
     chunked = []
     real = blocks.chunked_edge_sum
     monkeypatch.setattr(blocks, "chunked_edge_sum", lambda *a, **k: chunked.append(1) or real(*a, **k))

@@ -175,8 +175,8 @@ def train(
             calls the model with compute_dipole / compute_born_charges on labelled batches.
         ema_decay: decay of the weight average used for validation and the saved model (None or 0: off).
         scheduler_factor, scheduler_patience: ReduceLROnPlateau on the validation loss: the rate is
-            multiplied by the factor at the first epoch after ``scheduler_patience`` epochs in a row that did not
-            lower the loss by more than 1e-4 of it (torch's rule and relative threshold; early stopping counts
+            multiplied by the factor after ``scheduler_patience`` + 1 epochs in a row that did not lower the best
+            loss by more than 1e-4 of it, at the last of them (torch's rule and relative threshold; early stopping counts
             any lower loss as better, and stops after ``patience`` epochs without one). The
             defaults (0.8 after 20, early stopping after 50) come from the learning-rate study of
             benchmarks/README.md: long-range models can sit on a plateau for hundreds of epochs
