@@ -91,6 +91,7 @@ def predict(
     compute_stress: Optional[bool] = None,
     compute_dipole: Optional[bool] = None,
     compute_born_charges: Optional[bool] = None,
+    check_cutoff: bool = True,
 ) -> Predictions:
     """Run ``model`` on ``graphs`` in batches (eval mode, no graph kept) and collect predictions.
 
@@ -100,14 +101,15 @@ def predict(
     the model has long range (``model.long_range`` not None); True asks every batch (a model without
     long range raises its ValueError). Dipoles are predicted for open structures only (NaN rows for
     periodic cells and slabs; a batch that mixes both gets a second model call for its molecules). ValueError
-    when the first graphs' edges do not match the model's cutoff (data read with another ``cutoff``).
+    when the first graphs' edges do not match the model's cutoff (data read with another ``cutoff``), unless
+    ``check_cutoff`` is False (the trainer, which checked them before its first epoch).
     """
     if len(graphs) == 0:
         raise ValueError("no structures to evaluate")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     cutoff = getattr(model, "cutoff", None)
-    if cutoff is not None:  # graphs read with another cutoff predict on other neighbourhoods without a word
+    if cutoff is not None and check_cutoff:  # graphs of another cutoff predict other neighbourhoods without a word
         from .training.prepare import _CUTOFF_CHECKS, check_edges
 
         for k in range(min(len(graphs), _CUTOFF_CHECKS)):

@@ -686,9 +686,10 @@ class _Run:
         predicts its contiguous share, process 0 computes the metrics of all the predictions and
         sends them to the others (the numbers of one process, not an average of averages)."""
         if not self.ranks.many:
-            return compute_metrics(predict(self.model, graphs, batch_size=self.valid_batch_size))
+            return compute_metrics(predict(self.model, graphs, batch_size=self.valid_batch_size, check_cutoff=False))
         part = self.ranks.part(len(graphs))
-        mine = predict(self.model, Subset(graphs, part), batch_size=self.valid_batch_size) if len(part) else None
+        mine = predict(self.model, Subset(graphs, part), batch_size=self.valid_batch_size,
+                       check_cutoff=False) if len(part) else None  # checked before the first epoch
         parts = self.ranks.gather(mine)
         return self.ranks.broadcast(compute_metrics(gather_predictions(parts)) if self.ranks.is_main else None)
 
