@@ -558,16 +558,17 @@ def _composition(
 
 
 def is_isolated_atom(g: Graph) -> bool:
-    """Whether ``g`` (one structure) is a single neutral atom with open boundaries and an energy label: an
-    isolated-atom reference (what MACE's data mark ``config_type=IsolatedAtom``)."""
+    """Whether ``g`` is one structure that is a single neutral atom with open boundaries and an energy label: an
+    isolated-atom reference (what MACE's data mark ``config_type=IsolatedAtom``). A batch of structures is not."""
     return (g.num_graphs == 1 and int(g.positions.shape[0]) == 1 and not bool(g.pbc.any())
             and g.energy is not None and g.has_energy is not None and bool(g.has_energy[0])
             and abs(float(g.total_charge[0])) < 1e-9)
 
 
 def isolated_atom_energies(graphs: Sequence[Graph]) -> dict[int, float]:
-    """{Z: E_Z (eV)} from the isolated-atom structures among ``graphs`` (:func:`is_isolated_atom`): per
-    element the lowest such energy (its ground state, where several spin states are given)."""
+    """{Z: E_Z (eV)} from the isolated-atom structures among ``graphs`` (:func:`is_isolated_atom`; single-structure
+    graphs, as read_dataset gives them: batches are not looked into): per element the lowest such energy (its
+    ground state, where several spin states are given)."""
     out: dict[int, float] = {}
     for g in graphs:
         if is_isolated_atom(g):

@@ -72,7 +72,7 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
         interrupt = _interrupt_in(err, handling) if isinstance(err, Exception) else None
         if interrupt is not None:  # Ctrl-C inside torch.save comes out as its zip writer's RuntimeError
             raise interrupt
-        cause = _os_error_in(err) if isinstance(err, Exception) else None
+        cause = _os_error_in(err, handling) if isinstance(err, Exception) else None
         if cause is not None and not isinstance(err, WriteError):
             raise WriteError(cause.errno, cause.strerror, path) from err
         raise
@@ -91,11 +91,11 @@ def _interrupt_in(err: BaseException, before: Optional[BaseException] = None):
     return None
 
 
-def _os_error_in(err: BaseException):
+def _os_error_in(err: BaseException, before: Optional[BaseException] = None):
     """The OSError with an errno that ``err`` is or that it was raised from (torch.save turns a failed write into a
-    RuntimeError raised while handling it); None if there is none."""
+    RuntimeError raised while handling it), back to ``before`` (as :func:`_interrupt_in`); None if there is none."""
     seen = 0
-    while err is not None and seen < 8:
+    while err is not None and err is not before and seen < 8:
         if isinstance(err, OSError) and err.errno is not None:
             return err
         err, seen = err.__cause__ or err.__context__, seen + 1

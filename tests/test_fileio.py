@@ -128,3 +128,18 @@ def test_a_failed_write_inside_an_interrupt_handler_is_its_own_error(tmp_path):
         with pytest.raises(TypeError, match="not writable data"):
             fileio.atomic_write(tmp_path / "saved.pt", bad)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_write_inside_an_os_error_handler_is_its_own_error(tmp_path):
+    """The OSError lookup also followed the whole context chain: a write that failed with a TypeError inside an
+    `except OSError:` block was reported as that older OSError (its errno, the new path)."""
+    import errno
+
+    def bad(f):
+        raise TypeError("not writable data")
+
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device", "/elsewhere/log.csv")
+    except OSError:
+        with pytest.raises(TypeError, match="not writable data"):
+            fileio.atomic_write(tmp_path / "saved.pt", bad)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data import MissingLabelError, read_dataset, split
+from ..data import MissingLabelError, is_isolated_atom, read_dataset, split
 from .distributed import process_group
 from .loop import train
 from .run_folder import CHECKPOINT, RunFolder, restore_model_settings
@@ -75,6 +75,21 @@ def _read(path, cfg: Config, require, dtype, training: bool = False):
 
         check_structures(graphs, lambda k: f"{path}, frame {k}")
     return graphs
+
+
+def _split(graphs, cfg: Config) -> tuple:
+    """(training, validation) graphs by ``split``; isolated-atom structures (their elements' reference energies,
+    :func:`cartlorem.data.is_isolated_atom`) all stay in training, the others are split as before."""
+    isolated = [k for k, g in enumerate(graphs) if is_isolated_atom(g)]
+    rest = [k for k in range(len(graphs)) if k not in set(isolated)]
+    if not isolated or len(rest) < 2:
+        tr, va = split(graphs, cfg.valid_fraction, seed=cfg.seed)
+        return [graphs[k] for k in tr], [graphs[k] for k in va]
+    tr, va = split(len(rest), cfg.valid_fraction, seed=cfg.seed)
+    train = sorted(isolated + [rest[k] for k in tr])
+    log.info("%d isolated-atom structure(s) kept in the training set (their elements' reference energies)",
+             len(isolated))
+    return [graphs[k] for k in train], [graphs[rest[k]] for k in va]
 
 
 def run(cfg: Config):
@@ -220,8 +235,7 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
     if cfg.valid is not None:
         train_graphs, valid_graphs = graphs, _read(cfg.valid, cfg, require, dtype)
     elif cfg.valid_fraction > 0 and len(graphs) >= 2:
-        tr, va = split(graphs, cfg.valid_fraction, seed=cfg.seed)
-        train_graphs, valid_graphs = [graphs[k] for k in tr], [graphs[k] for k in va]
+        train_graphs, valid_graphs = _split(graphs, cfg)
     else:
         train_graphs, valid_graphs = graphs, []
     present = _species_of(train_graphs)
