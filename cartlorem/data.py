@@ -395,8 +395,8 @@ def read_dataset(
     check_charge_states(frames, source)
 
     if stress_key and "virial" in stress_key.lower():
-        raise ValueError(f"stress_key {stress_key!r} names a virial (eV, e.g. MACE's REF_virials = −V σ), but the stress "
-                         "label is the stress σ in eV/Å³ (ASE's sign): store σ = −W / V under another key")
+        raise ValueError(f"stress_key {stress_key!r} names a virial (eV, e.g. MACE's REF_virials = −V σ), but the "
+                         "stress label is the stress σ in eV/Å³ (ASE's sign): store σ = −W / V under another key")
     graphs, ignored = [], []
     token = _CHECKED_RESULTS.set({})
     try:

@@ -25,8 +25,9 @@ What the exported model computes, against the Python model:
   the neutralising background remain, with the k-space cutoff for the model's ``accuracy``. This is
   what the Python model's parameter rule picks for smeared sources in the cells it sums by Ewald with up to
   (2√2 σ)³ per atom (22.6 Å³ at σ = 1 Å; same numbers to rounding); in more dilute cells it splits at a smaller α
-  with a real-space part, and in large cells it picks particle-mesh Ewald: there the two agree to ``accuracy``. The cost is O(N × number of k-vectors), i.e. O(N × V): for cells of up to a few
-  hundred atoms; larger periodic systems belong to the Python model (PME).
+  with a real-space part, and in large cells it picks particle-mesh Ewald: there the two agree to ``accuracy``.
+  The cost is O(N × number of k-vectors), i.e. O(N × V): for cells of up to a few hundred atoms; larger periodic
+  systems belong to the Python model (PME).
 * refused at call time with an error (ValueError; a torch.jit.Error from C++): NaN or inf in the positions or
   cells, atoms closer than 0.1 Å (naming them), structure indices past the cells given, and, naming the structure
   or the atomic numbers: slabs

@@ -176,12 +176,12 @@ def train(
         ema_decay: decay of the weight average used for validation and the saved model (None or 0: off).
         scheduler_factor, scheduler_patience: ReduceLROnPlateau on the validation loss: the rate is
             multiplied by the factor after ``scheduler_patience`` + 1 epochs in a row that did not lower the best
-            loss by more than 1e-4 of it, at the last of them (torch's rule and relative threshold; early stopping counts
-            any lower loss as better, and stops after ``patience`` epochs without one). The
-            defaults (0.8 after 20, early stopping after 50) come from the learning-rate study of
-            benchmarks/README.md: long-range models can sit on a plateau for hundreds of epochs
-            while the loss creeps down (cumulene: ~300 epochs near 5 meV/atom); with a patience of 5 the
-            rate had been cut tenfold on it and early stopping ended the run there.
+            loss by more than 1e-4 of it, at the last of them (torch's rule and relative threshold; early stopping
+            counts any lower loss as better, and stops after ``patience`` epochs without one). The defaults (0.8
+            after 20, early stopping after 50) come from the learning-rate study of benchmarks/README.md:
+            long-range models can sit on a plateau for hundreds of epochs while the loss creeps down (cumulene:
+            ~300 epochs near 5 meV/atom); with a patience of 5 the rate had been cut tenfold on it and early
+            stopping ended the run there.
         clip_grad: maximum gradient norm (None: no clipping).
         patience: stop after this many epochs without a better validation loss (None: never).
         out_dir: folder for checkpoint.pt, model.pt, log.csv, learning_curve.png (None: nothing written).

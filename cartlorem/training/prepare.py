@@ -143,6 +143,7 @@ def fit_statistics(model, graphs: Sequence[Graph], *, ranks=None) -> dict:
 
         fitted = set(model.species) - set(stats["isolated_atom_energies"])
         log.info("reference energies of %s from isolated-atom structures (one neutral atom, open boundaries)%s",
-                 ", ".join(f"{chemical_symbols[z]} {e:.4f} eV" for z, e in sorted(stats["isolated_atom_energies"].items())),
+                 ", ".join(f"{chemical_symbols[z]} {e:.4f} eV"
+                           for z, e in sorted(stats["isolated_atom_energies"].items())),
                  "; the others fitted" if fitted else "")
     return stats
