@@ -69,34 +69,25 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        interrupt = _interrupt_in(err, handling) if isinstance(err, Exception) else None
-        if interrupt is not None:  # Ctrl-C inside torch.save comes out as its zip writer's RuntimeError
-            raise interrupt
-        cause = _os_error_in(err, handling) if isinstance(err, Exception) else None
-        if cause is not None and not isinstance(err, WriteError):
-            raise WriteError(cause.errno, cause.strerror, path) from err
+        if isinstance(err, Exception):
+            interrupt = _in_chain(err, lambda e: isinstance(e, KeyboardInterrupt), handling)
+            if interrupt is not None:  # Ctrl-C inside torch.save comes out as its zip writer's RuntimeError
+                raise interrupt
+            cause = _in_chain(err, lambda e: isinstance(e, OSError) and e.errno is not None, handling)
+            if cause is not None and not isinstance(err, WriteError):
+                raise WriteError(cause.errno, cause.strerror, path) from err
         raise
     _sync_folder(folder)
 
 
-def _interrupt_in(err: BaseException, before: Optional[BaseException] = None):
-    """The KeyboardInterrupt that ``err`` was raised while handling (torch.save's writer does so); None if none.
-    The chain is followed back to ``before`` only: an exception handled when the write began (a save in an
-    ``except KeyboardInterrupt:`` block) is not the write's."""
+def _in_chain(err: BaseException, wanted, before: Optional[BaseException] = None):
+    """The first exception in ``err``'s chain (itself, then what it was raised from or while handling: torch.save
+    turns a failed write, or a Ctrl-C inside it, into a RuntimeError raised while handling it) for which
+    ``wanted(exc)`` holds; None if there is none. The chain is followed back to ``before`` only: an exception being
+    handled when the write began (a save in an ``except`` block) is not the write's."""
     seen = 0
     while err is not None and err is not before and seen < 8:
-        if isinstance(err, KeyboardInterrupt):
-            return err
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return None
-
-
-def _os_error_in(err: BaseException, before: Optional[BaseException] = None):
-    """The OSError with an errno that ``err`` is or that it was raised from (torch.save turns a failed write into a
-    RuntimeError raised while handling it), back to ``before`` (as :func:`_interrupt_in`); None if there is none."""
-    seen = 0
-    while err is not None and err is not before and seen < 8:
-        if isinstance(err, OSError) and err.errno is not None:
+        if wanted(err):
             return err
         err, seen = err.__cause__ or err.__context__, seen + 1
     return None
