@@ -535,10 +535,10 @@ def mace_for_training_set(species, train_graphs, channels: int, cutoff: float, c
     """:func:`build_mace` as the accuracy studies train it: reference energies and scale / shift from the
     training graphs (cartlorem's own statistics), behind :class:`MaceModel`, in ``dtype`` (also made the
     default dtype, as MACE builds some of its buffers in it)."""
-    from cartlorem.data import dataset_statistics, fit_reference_energies, is_isolated_atom, isolated_atom_energies
+    from cartlorem.data import training_statistics
 
-    refs = fit_reference_energies(train_graphs, species, fixed=isolated_atom_energies(train_graphs))  # as cartlorem's
-    stats = dataset_statistics([g for g in train_graphs if not is_isolated_atom(g)] or train_graphs, refs)
+    stats = training_statistics(train_graphs, species)  # as cartlorem's
+    refs = stats["reference_energies"]
     torch.set_default_dtype(dtype)
     mace = build_mace(species, channels, cutoff, atomic_energies=refs, avg_num_neighbors=stats["avg_num_neighbors"],
                       scale=stats["forces_rms"] or stats["residual_energy_per_atom_std"] or 1.0,

@@ -45,6 +45,7 @@ __all__ = [
     "fit_reference_energies",
     "isolated_atom_energies",
     "is_isolated_atom",
+    "training_statistics",
     "dataset_statistics",
     "split",
 ]
@@ -607,6 +608,18 @@ def fit_reference_energies(
     coef, *_ = np.linalg.lstsq(counts[:, free], energies, rcond=rcond)
     out.update({species[k]: float(e) for k, e in zip(free, coef)})
     return out
+
+
+def training_statistics(graphs: Sequence[Graph], species: Sequence[int]) -> dict:
+    """:func:`dataset_statistics` of a training set with its reference energies: those of elements with an
+    isolated-atom structure are its energy (:func:`isolated_atom_energies`), the others fitted to what they leave
+    (:func:`fit_reference_energies`); the isolated atoms are references, not samples, and stay out of the
+    statistics. Adds "reference_energies" and "isolated_atom_energies" {Z: eV}."""
+    isolated = isolated_atom_energies(graphs)
+    refs = fit_reference_energies(graphs, species, fixed=isolated)
+    stats = dataset_statistics([g for g in graphs if not is_isolated_atom(g)] or graphs, refs)
+    stats["reference_energies"], stats["isolated_atom_energies"] = refs, isolated
+    return stats
 
 
 def dataset_statistics(

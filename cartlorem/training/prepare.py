@@ -84,10 +84,9 @@ def _check_no_missing_edges(g: Graph, cutoff: float, label: str) -> None:
 def fit_statistics(model, graphs: Sequence[Graph], *, ranks=None) -> dict:
     """Set a CartLorem's reference energies, ⟨neighbours⟩, scale and shift from ``graphs``.
 
-    Returns ``cartlorem.data.dataset_statistics`` plus "reference_energies" {Z: eV}: those of elements with an
-    isolated-atom structure in ``graphs`` (one neutral atom, open boundaries: :func:`cartlorem.data.is_isolated_atom`)
-    are its energy ("isolated_atom_energies"; the lowest of several), the others fitted by least squares; the
-    isolated atoms stay in the training data but not in these statistics. scale is the
+    Returns :func:`cartlorem.data.training_statistics`: reference energies {Z: eV} from isolated-atom structures
+    (one neutral atom, open boundaries) where there are some, the others fitted by least squares; the isolated
+    atoms stay in the training data but not in these statistics. scale is the
     force RMS (eV/Å; the residual-energy spread when there are no forces, else 1), shift the mean
     residual energy per atom after the reference energies (eV/atom; the fit is of total energies, so it is ≈ 0
     only where the structures have similar sizes).
@@ -96,7 +95,7 @@ def fit_statistics(model, graphs: Sequence[Graph], *, ranks=None) -> dict:
     ``graphs``): process 0 computes the statistics and sends them to the others, so every process
     sets exactly the same numbers (and only process 0 logs them).
     """
-    from ..data import dataset_statistics, fit_reference_energies, is_isolated_atom, isolated_atom_energies
+    from ..data import training_statistics
     from ..model import CartLorem
 
     if not isinstance(model, CartLorem):
@@ -108,11 +107,7 @@ def fit_statistics(model, graphs: Sequence[Graph], *, ranks=None) -> dict:
     stats = None
     if main:
         graphs = [graphs[k].to(dtype=model.dtype) for k in range(len(graphs))]  # labels as the model sees them
-        isolated = isolated_atom_energies(graphs)  # their elements' references, as given; the rest fitted
-        refs = fit_reference_energies(graphs, model.species, fixed=isolated)
-        samples = [g for g in graphs if not is_isolated_atom(g)] or graphs  # references, not samples of the data
-        stats = dataset_statistics(samples, refs)
-        stats["reference_energies"], stats["isolated_atom_energies"] = refs, isolated
+        stats = training_statistics(graphs, model.species)
     if ranks is not None:
         stats = ranks.broadcast(stats)
     if not stats["avg_num_neighbors"] > 0:
