@@ -46,6 +46,7 @@ __all__ = [
     "isolated_atom_energies",
     "is_isolated_atom",
     "training_statistics",
+    "stress_key_unused",
     "dataset_statistics",
     "split",
 ]
@@ -429,6 +430,15 @@ def read_dataset(
 IMPLAUSIBLE_STRESS = 1.0
 
 
+def stress_key_unused(graphs: Sequence[Graph], stress_key: Optional[str]) -> int:
+    """The number of fully periodic structures among ``graphs`` when a named ``stress_key`` (not "calc" or None)
+    labels none of them (a misspelt key: stress is used where present), else 0."""
+    if stress_key in (None, "calc"):
+        return 0
+    periodic = [g for g in graphs if bool(g.pbc.all())]
+    return 0 if any(bool(g.has_stress[0]) for g in periodic) else len(periodic)
+
+
 def _check_stress_labels(frames, graphs, source: str, stress_key: Optional[str]) -> None:
     """Warnings (logger ``cartlorem.data``): a named stress key found in none of the fully periodic frames (a
     misspelt key trains without stress; the command line refuses it for a training set); with the default "calc",
@@ -436,13 +446,13 @@ def _check_stress_labels(frames, graphs, source: str, stress_key: Optional[str])
     periodic = [k for k, g in enumerate(graphs) if bool(g.pbc.all())]
     if not stress_key or not periodic:
         return
+    if stress_key_unused(graphs, stress_key):
+        _log.warning("%s: stress_key %r is in none of its %d fully periodic frames (frame %d has atoms.info keys "
+                     "%s): these frames have no stress label", source, stress_key, len(periodic), periodic[0],
+                     sorted(frames[periodic[0]].info))
+        return
     labelled = [k for k in periodic if bool(graphs[k].has_stress[0])]
     if not labelled:
-        if stress_key != "calc":
-            _log.warning("%s: stress_key %r is in none of its %d fully periodic frames (frame %d has atoms.info keys "
-                         "%s): these frames have no stress label", source, stress_key, len(periodic), periodic[0],
-                         sorted(frames[periodic[0]].info))
-            return
         others = sorted(key for key in frames[periodic[0]].info if "stress" in key.lower() or "virial" in key.lower())
         if others:
             _log.warning("%s: no stress among the calculator results of its periodic frames, but frame %d has "

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data import MissingLabelError, is_isolated_atom, read_dataset, split
+from ..data import MissingLabelError, is_isolated_atom, read_dataset, split, stress_key_unused
 from .distributed import process_group
 from .loop import train
 from .run_folder import CHECKPOINT, RunFolder, restore_model_settings
@@ -64,10 +64,9 @@ def _read(path, cfg: Config, require, dtype, training: bool = False):
             f"{err.finding} Pass the key that holds it (--{name}-key KEY), train without it (--{name}-key none), "
             "or leave the frames without it out of the file (in Python, read_dataset(..., require=...) reads a "
             "partly labelled set, which train() takes)") from None
-    periodic = [g for g in graphs if bool(g.pbc.all())]
-    if training and cfg.stress_key not in (None, "calc") and periodic and not any(bool(g.has_stress[0])
-                                                                                 for g in periodic):
-        raise ValueError(f"{path}: --stress-key {cfg.stress_key} is in none of its {len(periodic)} fully periodic "
+    unused = stress_key_unused(graphs, cfg.stress_key) if training else 0
+    if unused:
+        raise ValueError(f"{path}: --stress-key {cfg.stress_key} is in none of its {unused} fully periodic "
                          "frames (stress is used where present, so a misspelt key trains without it): name the key "
                          "the frames have, or --stress-key none to train without stress")
     if cfg.long_range != "none":  # named by file and frame now, not by batch in the first step
