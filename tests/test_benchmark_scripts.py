@@ -163,6 +163,16 @@ def _assert_stamped(saved, md, script, argv):
     assert f"`{meta['command']}`" in md
 
 
+def _run_stamped(module, script: str, accuracy: dict, tmp_path):
+    """Run a scoring script's main on a fake accuracy.py result (no saved models); check its stamp, return its JSON."""
+    (tmp_path / "acc.json").write_text(json.dumps(accuracy))
+    argv = ["--accuracy", str(tmp_path / "acc.json"), "--models", str(tmp_path / "no_models"),
+            "--out", str(tmp_path / "out")]
+    module.main(argv)
+    saved = json.loads((tmp_path / "out.json").read_text())
+    _assert_stamped(saved, (tmp_path / "out.md").read_text(), script, argv)
+    return saved
+
 def test_intermolecular_stamps_machine_versions_commit_and_command(tmp_path, monkeypatch):
     from ase import Atoms
 
@@ -178,12 +188,7 @@ def test_intermolecular_stamps_machine_versions_commit_and_command(tmp_path, mon
     f = rng.normal(size=(16, 3))
     acc = {"meta": {"seed": 0, "test_fraction": 0.2}, "results": {"dimers": {"variants": {"none": {
         "epochs": 1, "parity": {"forces_pred": (f + 0.1).tolist(), "forces_ref": f.tolist()}}}}}}
-    (tmp_path / "acc.json").write_text(json.dumps(acc))
-    argv = ["--accuracy", str(tmp_path / "acc.json"), "--models", str(tmp_path / "no_models"),
-            "--out", str(tmp_path / "im")]
-    intermolecular.main(argv)
-    saved = json.loads((tmp_path / "im.json").read_text())
-    _assert_stamped(saved, (tmp_path / "im.md").read_text(), "intermolecular.py", argv)
+    saved = _run_stamped(intermolecular, "intermolecular.py", acc, tmp_path)
     assert saved["results"]["accuracy.py: cartlorem none (1 epochs)"]["all"]["n"] == 4
 
 
@@ -208,12 +213,7 @@ def test_nacl_profile_stamps_machine_versions_commit_and_command(tmp_path, monke
     per_atom = np.array(energies) / 2
     acc = {"meta": {}, "results": {"nacl": {"variants": {"none": {"epochs": 1, "parity": {
         "energy_ref": per_atom.tolist(), "energy_pred": (per_atom + 0.001).tolist()}}}}}}
-    (tmp_path / "acc.json").write_text(json.dumps(acc))
-    argv = ["--accuracy", str(tmp_path / "acc.json"), "--models", str(tmp_path / "no_models"),
-            "--out", str(tmp_path / "np")]
-    nacl_profile.main(argv)
-    saved = json.loads((tmp_path / "np.json").read_text())
-    _assert_stamped(saved, (tmp_path / "np.md").read_text(), "nacl_profile.py", argv)
+    saved = _run_stamped(nacl_profile, "nacl_profile.py", acc, tmp_path)
     assert saved["meta"]["degree"] == nacl_profile.DEGREE and len(saved["results"]) == 1
 
 
