@@ -47,6 +47,7 @@ __all__ = [
     "is_isolated_atom",
     "training_statistics",
     "stress_key_unused",
+    "duplicate_structures",
     "dataset_statistics",
     "split",
 ]
@@ -681,6 +682,37 @@ def dataset_statistics(
         "residual_energy_per_atom_mean": float(residual.mean()) if len(residual) else 0.0,
         "residual_energy_per_atom_std": float(residual.std()) if len(residual) else 0.0,
     }
+
+
+def _structure_key(g: Graph) -> bytes:
+    """A digest of what the model is given of one structure: elements, positions, cell, boundaries, charge and
+    multiplicity, as stored (the same text read twice gives the same bytes)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for t in (g.species, g.positions, g.cell, g.pbc, g.total_charge, g.multiplicity):
+        if t is not None:
+            digest.update(str((t.dtype, tuple(t.shape))).encode())
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.digest()
+
+
+def duplicate_structures(graphs: Sequence[Graph], others: Optional[Sequence[Graph]] = None) -> list[tuple[int, int]]:
+    """Structures given twice, exactly (the same elements, positions, cell, boundaries, charge and multiplicity;
+    the labels are not compared): without ``others``, pairs (k, j), j < k, where structure k of ``graphs`` repeats
+    its first copy j; with ``others``, pairs (k, j) where structure k of ``others`` is structure j of ``graphs``.
+    Single-structure graphs, as read_dataset gives them."""
+    first: dict[bytes, int] = {}
+    repeats = []
+    for k, g in enumerate(graphs):
+        key = _structure_key(g)
+        if key in first:
+            repeats.append((k, first[key]))
+        else:
+            first[key] = k
+    if others is None:
+        return repeats
+    return [(k, first[key]) for k, key in enumerate(map(_structure_key, others)) if key in first]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -461,3 +461,20 @@ def test_isolated_atoms_give_their_elements_reference_energies(make_molecule):
     stats = fit_statistics(model, graphs)
     assert stats["reference_energies"] == fit and stats["n_structures"] == len(graphs) - 3  # the cation stays
     assert float(model.atomic_energies[model.species_index(torch.tensor([8]))]) == -2040.0
+
+
+def test_duplicate_structures_compare_what_the_model_is_given(make_molecule):
+    """Exact repeats of elements, positions, cell, boundaries and charge state are duplicates; a structure that
+    differs in any of them (here the total charge, or one coordinate by 1e-9 Å) is not."""
+    from cartlorem.data import duplicate_structures
+
+    a, b = make_molecule(5, seed=1), make_molecule(5, seed=2)
+    charged = a.copy()
+    charged.info["total_charge"] = 1
+    moved = a.copy()
+    moved.positions[3, 2] += 1e-9
+    graphs = read_dataset([a, b, a.copy(), charged, moved, b.copy()], 3.0, require=())
+    assert duplicate_structures(graphs) == [(2, 0), (5, 1)]
+    others = read_dataset([moved, b, charged], 3.0, require=())
+    assert duplicate_structures(graphs, others) == [(0, 4), (1, 1), (2, 3)]
+    assert duplicate_structures(graphs[:2], graphs[3:5]) == []

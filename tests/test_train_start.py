@@ -432,3 +432,29 @@ def test_isolated_atoms_stay_in_the_training_split():
         tr, va = split(plain, 0.3, seed=seed)
         train, valid = _split(plain, cfg)
         assert [g.positions.tolist() for g in valid] == [plain[k].positions.tolist() for k in va]
+
+
+def test_structures_given_twice_are_warned_of(files, tmp_path, capsys):
+    """A training file concatenated with itself, or a validation file that holds training structures, trained
+    without a word: the copies count again in the loss, and a validation loss on trained structures picks the best
+    model and stops the run."""
+    frames = ase.io.read(files / "train.xyz", ":")
+    ase.io.write(tmp_path / "twice.xyz", frames + frames[:3])
+    ase.io.write(tmp_path / "valid.xyz", [frames[6], frames[2]])
+    code, _, err = run(capsys, "train", "--train", tmp_path / "twice.xyz", "--config", files / "tiny.yaml",
+                       "--out", tmp_path / "a", "--valid-fraction", 0.5)
+    assert code == 0, err
+    assert "repeats 3 structure(s) exactly (frame 8 = frame 0, frame 9 = frame 1, frame 10 = frame 2)" in err, err
+    assert "copies of training structures into validation" in err, err
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", tmp_path / "b", "--valid", tmp_path / "valid.xyz")
+    assert code == 0, err
+    assert "2 structure(s) of the validation set" in err and "frame 0 = training frame 6" in err, err
+    assert "repeats" not in err, err
+    # a structure moved by 1e-6 Å is another structure
+    frames[2].positions[0, 0] += 1e-6
+    ase.io.write(tmp_path / "valid.xyz", frames[2:3])
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", tmp_path / "c", "--valid", tmp_path / "valid.xyz")
+    assert code == 0, err
+    assert "validation set" not in err and "repeats" not in err, err

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data import MissingLabelError, is_isolated_atom, read_dataset, split, stress_key_unused
+from ..data import MissingLabelError, duplicate_structures, is_isolated_atom, read_dataset, split, stress_key_unused
 from .distributed import process_group
 from .loop import train
 from .run_folder import CHECKPOINT, RunFolder, restore_model_settings
@@ -217,6 +217,34 @@ def _check_valid_species(cfg: Config, trained: set, valid_graphs) -> None:
                      f"training set, would be 0 eV); {fix}")
 
 
+def _pairs(pairs, first: str, second: str, shown: int = 5) -> str:
+    text = ", ".join(f"{first} {k} = {second} {j}" for k, j in pairs[:shown])
+    return text + (", ..." if len(pairs) > shown else "")
+
+
+def _warn_duplicates(cfg: Config, graphs, train_graphs, valid_graphs) -> None:
+    """Warnings for structures given twice: repeats in the training file count again in the loss (a file
+    concatenated with itself, frames written twice), and validation structures that are also training structures
+    make the validation loss, which picks the best model and stops the run, partly a training loss."""
+    repeats = duplicate_structures(graphs)
+    if repeats:
+        log.warning("%s repeats %d structure(s) exactly (%s): each copy counts again in the training loss",
+                    cfg.train, len(repeats), _pairs(repeats, "frame", "frame"))
+    if not valid_graphs:
+        return
+    shared = duplicate_structures(train_graphs, valid_graphs)
+    if not shared:
+        return
+    if cfg.valid is not None:
+        where = (f"{len(shared)} structure(s) of the validation set {cfg.valid} are in the training set "
+                 f"({_pairs(shared, 'frame', 'training frame')})")
+    else:
+        where = (f"the --valid-fraction split of {cfg.train} put {len(shared)} copies of training structures into "
+                 "validation (its repeats, above)")
+    log.warning("%s: the validation loss, which picks the best model and stops the run, is then partly on structures "
+                "the model is trained on", where)
+
+
 def _run(cfg: Config, out: Path, device: str, main: bool):
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -237,6 +265,7 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         train_graphs, valid_graphs = _split(graphs, cfg)
     else:
         train_graphs, valid_graphs = graphs, []
+    _warn_duplicates(cfg, graphs, train_graphs, valid_graphs)
     present = _species_of(train_graphs)
     _check_valid_species(cfg, present, valid_graphs)
     present = sorted(present)  # the validation set's too, checked above
