@@ -420,6 +420,7 @@ def read_dataset(
     finally:
         _CHECKED_RESULTS.reset(token)
     _check_stress_labels(frames, graphs, source, stress_key)
+    _check_frame_weights(frames, source)
     if ignored:
         shown = ", ".join(map(str, ignored[:10])) + (", ..." if len(ignored) > 10 else "")
         _log.info("%s: the dipole among the calculator results of %d periodic structure(s) or slab(s) (frames %s) "
@@ -466,6 +467,30 @@ def _check_stress_labels(frames, graphs, source: str, stress_key: Optional[str])
         _log.warning("%s, frame %d: a stress component of %.3g eV/Å³ (%.3g GPa): stress labels are in eV/Å³ "
                      "(1 eV/Å³ = 160.2 GPa); is %s in GPa or kbar, or a virial?", source, largest, value,
                      value * 160.21766, _describe_key("stress", stress_key))
+
+
+def _check_frame_weights(frames, source: str) -> None:
+    """A warning (logger ``cartlorem.data``) for per-frame loss weights of MACE's data format (``config_weight``,
+    ``config_energy_weight``, ... in atoms.info) other than 1: every structure is trained with weight 1 here, so a
+    frame weighted 0 (left out of the fit) would be trained on as any other."""
+    weighted: dict[str, int] = {}
+    first = None
+    for k, atoms in enumerate(frames):
+        for key, value in atoms.info.items():
+            if not (key.startswith("config_") and key.endswith("weight")):
+                continue
+            try:
+                one = float(value) == 1.0
+            except (TypeError, ValueError):
+                one = False
+            if not one:
+                weighted[key] = weighted.get(key, 0) + 1
+                first = k if first is None else first
+    if weighted:
+        _log.warning("%s: %s: these per-frame loss weights are not used (every structure is trained with weight 1); "
+                     "leave out of the file the frames weighted 0", source,
+                     ", ".join(f"{key} other than 1 in {n} frame(s)" for key, n in sorted(weighted.items()))
+                     + f" (the first: frame {first})")
 
 
 def check_charge_states(frames, source: str = "structures") -> None:

@@ -478,3 +478,27 @@ def test_duplicate_structures_compare_what_the_model_is_given(make_molecule):
     others = read_dataset([moved, b, charged], 3.0, require=())
     assert duplicate_structures(graphs, others) == [(0, 4), (1, 1), (2, 3)]
     assert duplicate_structures(graphs[:2], graphs[3:5]) == []
+
+
+def test_per_frame_loss_weights_of_mace_files_are_warned_of(tmp_path, make_molecule, caplog):
+    """MACE's per-frame weights (config_weight 0 leaves a frame out of its fit) were ignored without a word: a
+    frame meant to be left out was trained on as any other."""
+    import logging
+
+    frames = []
+    for k in range(4):
+        atoms = make_molecule(4, seed=k)
+        atoms.calc = SinglePointCalculator(atoms, energy=-1.0 * k, forces=np.zeros((4, 3)))
+        frames.append(atoms)
+    frames[0].info["config_weight"] = 1.0
+    frames[2].info["config_weight"] = 0.0
+    frames[3].info["config_forces_weight"] = 10.0
+    ase.io.write(tmp_path / "w.xyz", frames)
+    with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
+        read_dataset(tmp_path / "w.xyz", 3.0)
+    assert "config_forces_weight other than 1 in 1 frame(s), config_weight other than 1 in 1 frame(s)" in caplog.text
+    assert "(the first: frame 2)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
+        read_dataset(frames[:2], 3.0)  # a weight of 1 changes nothing
+    assert "weight" not in caplog.text
