@@ -827,7 +827,8 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
         raise ValueError(f"{path}: a cartlorem model file needs a 'config' dict and a 'state_dict' dict")
     config = complete_config(config)
     try:
-        model = CartLorem(**config)
+        with torch.random.fork_rng(devices=[]):  # the random initial weights, replaced below: the caller's stream
+            model = CartLorem(**config)  # of random numbers is left where it was
     except TypeError as exc:
         raise ValueError(f"{path}: the model options in the file are not those of this cartlorem: {exc}") from exc
     dtype = obj.get("dtype", "float32")

@@ -419,3 +419,25 @@ def test_trainer_optimizer_is_fused_adam_and_matches_the_foreach_one():
         ref.step()
     for p, t in zip(params, twins):
         torch.testing.assert_close(p, t, rtol=1e-12, atol=1e-14)
+
+
+def test_train_and_load_model_leave_the_callers_random_state(data, tmp_path):
+    """train() left torch's generator at manual_seed(seed) after every fresh run, so models built in a loop of
+    train() calls (a committee for active learning) all started from the same weights and ended identical; and
+    load_model drew the random initial weights it then replaced from the caller's stream."""
+    import random
+
+    train_set, valid_set = data
+    torch.manual_seed(7)
+    random.seed(7)
+    members = []
+    for k in range(3):
+        model = CartLorem([29, 47], cutoff=CUTOFF, long_range=None, **TINY).double()
+        state, py = torch.get_rng_state(), random.getstate()
+        train(model, train_set, valid_set, epochs=1, out_dir=tmp_path / f"m{k}", **SETTINGS)
+        assert torch.equal(torch.get_rng_state(), state) and random.getstate() == py
+        members.append(predict(model, valid_set).energy_pred)
+    assert not np.array_equal(members[1], members[2]) and not np.array_equal(members[0], members[1])
+    state = torch.get_rng_state()
+    load_model(tmp_path / "m0" / "model.pt")
+    assert torch.equal(torch.get_rng_state(), state)

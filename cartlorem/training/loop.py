@@ -18,8 +18,10 @@ process alone writes files (``cartlorem.training.distributed`` says how and why)
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -127,6 +129,23 @@ def _model_place(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return floats[0].device, floats[0].dtype
 
 
+def _keeps_callers_random_state(fn):
+    """The call runs on its own copy of torch's and Python's global random states (seeded, or restored from a
+    checkpoint, inside it); the caller's are as they were on return. Before, a fresh run left torch's generator at
+    manual_seed(seed): models built in a loop of train() calls all started from the same weights."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        state = random.getstate()
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                return fn(*args, **kwargs)
+        finally:
+            random.setstate(state)
+    return wrapper
+
+
+@_keeps_callers_random_state
 def train(
     model: torch.nn.Module,
     train_graphs: Sequence[Graph],
@@ -194,7 +213,8 @@ def train(
         statistics: on a fresh run, set a CartLorem's reference energies, average neighbour count,
             scale and shift from the training set (``cartlorem.training.prepare.fit_statistics``);
             pass False for other models (TypeError otherwise) or to keep the model's own.
-        seed: seeds the batch order and torch's random generator (fresh runs).
+        seed: seeds the batch order and torch's random generator (fresh runs), within the call: the caller's
+            random states (torch's, Python's) are as they were on return.
         progress: show progress bars on stderr. Per-epoch lines go to the ``cartlorem.training``
             logger (level INFO); the command line prints them.
         max_time: wall-clock budget in seconds for this call: no epoch is started that is expected
