@@ -29,11 +29,24 @@ class WriteError(OSError):
     file that was being written, which keeps its previous content."""
 
 
-def default_file_mode() -> int:
-    """The mode ``open(path, "w")`` gives a new file: 0o666 without the process umask bits."""
+def _umask() -> int:
+    """The process umask, read where the system shows it (Linux: /proc/self/status); elsewhere by setting and
+    restoring it, which for an instant gives files that other threads create the mode 0o666."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 without the process umask bits."""
+    return 0o666 & ~_umask()
 
 
 def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:

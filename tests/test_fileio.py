@@ -143,3 +143,20 @@ def test_a_failed_write_inside_an_os_error_handler_is_its_own_error(tmp_path):
     except OSError:
         with pytest.raises(TypeError, match="not writable data"):
             fileio.atomic_write(tmp_path / "saved.pt", bad)
+
+
+def test_the_default_file_mode_is_read_without_changing_the_umask(monkeypatch):
+    """default_file_mode() set the process umask to 0 for an instant to read it: a file that another thread of
+    the program created in that instant was world-writable (5519 of 20000 in a review's threaded reproducer)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("the umask is read from /proc/self/status on Linux only")
+    old = os.umask(0o027)
+    try:
+        def changed(mask):
+            raise AssertionError(f"os.umask({mask:o}) called")
+
+        monkeypatch.setattr(os, "umask", changed)
+        assert fileio.default_file_mode() == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
