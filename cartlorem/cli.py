@@ -384,11 +384,15 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2
+    import torch
+
+    threads = torch.get_num_threads()  # --threads holds for this call: a program that calls main() keeps its own
     logger, handler = logging.getLogger("cartlorem"), _TerminalHandler()
     level = logging.INFO if getattr(args, "progress", True) else logging.WARNING
-    old_level = logger.level
+    old_level, old_propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(level)
+    logger.propagate = False  # printed once, by this handler, also in a program whose root logger has handlers
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
@@ -421,6 +425,8 @@ def main(argv=None) -> int:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+        logger.propagate = old_propagate
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

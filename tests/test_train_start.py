@@ -458,3 +458,46 @@ def test_structures_given_twice_are_warned_of(files, tmp_path, capsys):
                        "--out", tmp_path / "c", "--valid", tmp_path / "valid.xyz")
     assert code == 0, err
     assert "validation set" not in err and "repeats" not in err, err
+
+
+def test_the_command_line_in_a_program_with_logging_prints_each_line_once(files, tmp_path, capsys):
+    """cli.main() inside a program whose root logger has a handler printed every cartlorem line twice (its own
+    handler's, and the root's, which also broke the progress bar)."""
+    import logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    root = logging.getLogger()
+    keep = Keep(level=logging.DEBUG)
+    root.addHandler(keep)
+    try:
+        code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                           "--out", tmp_path / "run")
+    finally:
+        root.removeHandler(keep)
+    assert code == 0, err
+    assert "epoch" in err and not [r for r in records if r.name.startswith("cartlorem")], records[:3]
+    assert logging.getLogger("cartlorem").propagate
+
+
+def test_threads_hold_for_the_call_only(files, tmp_path, capsys):
+    """--threads (and Config.threads in Python) set torch's thread count for the rest of the process: a program
+    that called cli.main(["demo"]) or job.run(...) went on with one thread."""
+    import torch
+
+    from cartlorem.config import Config
+    from cartlorem.training.job import run as run_job
+
+    torch.set_num_threads(2)
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", tmp_path / "a", "--threads", 1)
+    assert code == 0, err
+    assert torch.get_num_threads() == 2
+    cfg = Config.from_yaml(files / "tiny.yaml").replace(train=str(files / "train.xyz"), out=str(tmp_path / "b"),
+                                                       threads=1)
+    run_job(cfg)
+    assert torch.get_num_threads() == 2

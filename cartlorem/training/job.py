@@ -111,8 +111,12 @@ def run(cfg: Config):
         )
     if cfg.resume and not (out / CHECKPOINT).exists():
         raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {out}")
-    with process_group(cfg.device) as (ranks, device), _only_main_logs(ranks.is_main):
-        return _run(cfg, out, select_device(device), ranks.is_main)
+    threads = torch.get_num_threads()  # cfg.threads holds for this call, not for the program that made it
+    try:
+        with process_group(cfg.device) as (ranks, device), _only_main_logs(ranks.is_main):
+            return _run(cfg, out, select_device(device), ranks.is_main)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_no_contradiction(cfg: Config) -> None:
