@@ -186,9 +186,14 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     positions = np.ascontiguousarray(positions, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool)
     box = np.array(cell, dtype=np.float64) if np.any(pbc) else np.zeros((3, 3))
+    search = float(cutoff)
+    if not np.any(pbc) and len(positions):
+        # every pair of an open structure is within its bounding box's diagonal: a larger cutoff finds the same
+        # pairs, but vesin's cell list grows as its cube (a 1e6 Å cutoff ran for days on a 17-atom molecule)
+        search = min(search, float(np.linalg.norm(np.ptp(positions, axis=0))) + 1.0)
     # vesin wants an invertible box along periodic directions only; zero rows are fine when not periodic
     try:
-        nl = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
+        nl = vesin.NeighborList(cutoff=search, full_list=True)
         i, j, s, d = nl.compute(points=positions, box=box, periodic=pbc.tolist(), quantities="ijSd")
     except RuntimeError as err:  # e.g. "cutoff is too small" below ~1e-5 Å
         raise ValueError(f"cutoff {cutoff} Å: the neighbour list refuses it ({err})") from None

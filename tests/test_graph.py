@@ -240,3 +240,28 @@ def test_check_structure_messages():
         check_structure(np.zeros((0, 3)), np.eye(3), np.ones(3, bool))
     with pytest.raises(ValueError, match="cutoff"):
         neighbour_list(np.zeros((2, 3)) + [[0, 0, 0], [1, 0, 0]], np.eye(3), np.zeros(3, bool), -1.0)
+
+
+def test_a_huge_cutoff_on_an_open_structure_searches_only_its_extent(make_molecule, monkeypatch):
+    """CartLorem(cutoff=1e6) on a 17-atom molecule ran for days inside vesin (its cell list grows as the cutoff
+    cubed); every pair of an open structure is within its bounding box's diagonal, so the search stops there and
+    finds the same pairs."""
+    import vesin
+
+    from cartlorem.graph import neighbour_list
+
+    atoms = make_molecule(17, seed=3)
+    asked = []
+    original = vesin.NeighborList
+
+    def recording(cutoff, **kw):
+        asked.append(cutoff)
+        return original(cutoff=cutoff, **kw)
+
+    monkeypatch.setattr(vesin, "NeighborList", recording)
+    i, j, s = neighbour_list(atoms.positions, np.zeros((3, 3)), np.zeros(3, bool), 1e6)
+    extent = float(np.linalg.norm(np.ptp(atoms.positions, axis=0)))
+    assert asked == [pytest.approx(extent + 1.0)]
+    assert len(i) == 17 * 16 and not s.any()
+    i2, j2, _ = neighbour_list(atoms.positions, np.zeros((3, 3)), np.zeros(3, bool), 3.0)
+    assert asked[-1] == 3.0 and 0 < len(i2) < len(i)
