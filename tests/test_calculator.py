@@ -659,3 +659,37 @@ def test_the_settings_are_recorded_for_ase(lr_model, tmp_path):
     assert row.calculator_parameters["electric_field"] == [0.2, 0.0, 0.0]
     save_model(lr_model, tmp_path / "model.pt")
     assert CartLoremCalculator(tmp_path / "model.pt").todict()["model"] == str(tmp_path / "model.pt")
+
+
+def test_a_left_handed_cell_has_the_stress_of_its_lattice(model):
+    """The same lattice given by left-handed rows (two swapped, or one negated: det(cell) < 0) must give the same
+    stress, the strain derivative of the energy over the volume; and the virial of a periodic cell is −V σ. (Taking
+    the volume without its absolute value made such a cell 'not periodic', with zero stress, and no test saw it.)"""
+    atoms = crystal(seed=2)
+    atoms.calc = CartLoremCalculator(model)
+    stress = atoms.get_stress(voigt=False)
+    energy = atoms.get_potential_energy()
+    assert np.abs(stress).max() > 1e-4
+    volume = atoms.get_volume()
+    assert np.allclose(atoms.calc.get_extra("virial"), -volume * stress, rtol=1e-10, atol=1e-12)
+    # the strain derivative by central differences, xy component (symmetric strain)
+    h, cell0, pos0 = 1e-5, atoms.cell.array.copy(), atoms.positions.copy()
+    energies = []
+    for sign in (1, -1):
+        eps = np.zeros((3, 3))
+        eps[0, 1] = eps[1, 0] = sign * h / 2
+        strained = atoms.copy()
+        strained.set_cell(cell0 @ (np.eye(3) + eps), scale_atoms=False)
+        strained.positions = pos0 @ (np.eye(3) + eps)
+        strained.calc = CartLoremCalculator(model)
+        energies.append(strained.get_potential_energy())
+    assert stress[0, 1] == pytest.approx((energies[0] - energies[1]) / (2 * h) / volume, rel=1e-5, abs=1e-10)
+    for rows in ([1, 0, 2], None):
+        left = atoms.copy()
+        cell = cell0[rows] if rows else cell0 * np.array([[1.0], [1.0], [-1.0]])
+        left.set_cell(cell, scale_atoms=False)
+        assert np.linalg.det(left.cell.array) < 0
+        left.calc = CartLoremCalculator(model)
+        assert left.get_potential_energy() == pytest.approx(energy, rel=1e-12, abs=1e-12)
+        assert np.allclose(left.get_stress(voigt=False), stress, rtol=1e-9, atol=1e-12)
+        assert np.allclose(left.calc.get_extra("virial"), -volume * stress, rtol=1e-9, atol=1e-12)

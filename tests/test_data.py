@@ -457,6 +457,11 @@ def test_isolated_atoms_give_their_elements_reference_energies(make_molecule):
     assert isolated_atom_energies(read_dataset([periodic_one], 3.0)) == {}
     fit = fit_reference_energies(graphs, species=[1, 6, 8, 29], fixed=isolated_atom_energies(graphs))
     assert fit[1] == -13.3 and fit[8] == -2040.0
+    # the other elements are fitted to what the fixed ones leave: with the fixed ones at the data's own values,
+    # exactly their E_Z (a sign slip in the subtraction gave C -2089 eV and Cu -46794 eV and passed the above)
+    exact = fit_reference_energies(read_dataset(_synthetic(make_molecule, refs), 3.0), species=[1, 6, 8, 29],
+                                   fixed={1: refs[1], 8: refs[8]})
+    assert all(exact[z] == pytest.approx(refs[z], abs=1e-6) for z in refs), exact
     model = CartLorem([1, 6, 8, 29], cutoff=3.0, channels=4, num_layers=1, correlation=1).double()
     stats = fit_statistics(model, graphs)
     assert stats["reference_energies"] == fit and stats["n_structures"] == len(graphs) - 3  # the cation stays

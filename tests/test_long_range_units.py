@@ -185,3 +185,14 @@ def test_training_steps_leave_channel_zero_coupling_at_one():
 def test_lr_channels_must_be_positive():
     with pytest.raises(ValueError, match="lr_channels"):
         cartlorem.CartLorem([1], long_range="multipole", channels=4, long_range_options={"lr_channels": 0})
+
+
+def test_the_coulomb_constant_is_codatas():
+    """COULOMB = e²/(4πε₀) in eV·Å, against CODATA (scipy) and ASE's Hartree·Bohr: every other test takes the
+    constant from cartlorem.units itself, so a wrong digit there passed them all."""
+    import scipy.constants as const
+    from ase import units
+
+    codata = const.e / (4 * np.pi * const.epsilon_0 * const.angstrom)  # V·e per e per Å: eV·Å/e²
+    assert COULOMB == pytest.approx(codata, rel=2e-7)
+    assert COULOMB == pytest.approx(units.Hartree * units.Bohr, rel=2e-7)
