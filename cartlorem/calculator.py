@@ -36,6 +36,10 @@ takes P about ASE's origin (``dipole_origin``), whatever the float64 shift. For 
 charge-transfer part of Z* depends on the lattice image each atom's position is taken in (the home cell,
 as ASE's ``wrap`` puts it); with a field, or when Born charges are asked for, a reused list is rebuilt when an
 atom crosses into another cell, so that results stay those of a fresh list.
+
+Charge state: ``atoms.info["total_charge"]`` (or ``"charge"``, e) and ``atoms.info["multiplicity"]`` are those of
+the whole structure. ASE's ``repeat`` and ``atoms * n`` copy ``info`` as it is, and so do the supercells of
+``ase.phonons.Phonons``: for the supercell of n cells of a cell with charge Q, set ``total_charge`` to n·Q.
 """
 
 from __future__ import annotations
