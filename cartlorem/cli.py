@@ -131,7 +131,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .data import read_dataset
-    from .evaluate import format_table, metrics, metrics_json, parity_plot, predict
+    from .evaluate import format_table, metrics, metrics_json, not_finite, parity_format, parity_plot, predict
     from .fileio import atomic_write_text
     from .model import load_model
     from .training.job import select_device
@@ -144,6 +144,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                {"model file": args.model, "data file": args.data})
     if args.batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {args.batch_size}")
+    if args.parity:
+        parity_format(args.parity)
+    predictions_as = _predictions_format(args.predictions) if args.predictions else None
     model = load_model(args.model)
     device = select_device(args.device)
     _threads(args.threads)
@@ -180,15 +183,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, metrics_json(m))
         print(f"metrics written to {args.json}")
-    if args.predictions:
+    if predictions_as == "npz":
         preds.save(args.predictions)
         print(f"predictions written to {args.predictions}")
+    elif predictions_as == "extxyz":
+        import io
+
+        import ase.io
+
+        from .data import _load_frames
+
+        text = io.StringIO()
+        ase.io.write(text, preds.annotate(_load_frames(args.data)[1]), format="extxyz")
+        atomic_write_text(args.predictions, text.getvalue())
+        print(f"predictions written to {args.predictions} (cartlorem_energy, cartlorem_forces, ... in each frame)")
     if args.parity:
         if parity_plot(preds, args.parity):
             print(f"parity plot written to {args.parity}")
         else:
             logging.getLogger(_LOGGER).warning("matplotlib is not installed; no parity plot")
+    diverged = not_finite(m)
+    if diverged:  # after the files, which show where
+        print(f"error: the model's {', '.join(diverged)} predictions are not finite (NaN or inf) for labelled "
+              "structures: the model diverged or its weights are damaged", file=sys.stderr)
+        return 1
     return 0
+
+
+def _predictions_format(path) -> str:
+    """"extxyz" for a ``--predictions`` file named .xyz or .extxyz (it held npz bytes, which no xyz reader reads),
+    else "npz" (under the name as given)."""
+    return "extxyz" if Path(path).suffix.lower() in (".xyz", ".extxyz") else "npz"
 
 
 _LABEL_KEYS = ("energy_key", "forces_key", "stress_key", "dipole_key", "born_charges_key")
@@ -305,8 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, metavar="TEST.xyz", help="labelled structures (extxyz)")
     e.add_argument("--json", metavar="METRICS.json",
                    help="also write the metrics as JSON (a NaN or infinite one as null)")
-    e.add_argument("--predictions", metavar="PRED.npz", help="also write per-structure predictions (npz)")
-    e.add_argument("--parity", metavar="PARITY.png", help="also write energy/force parity plots")
+    e.add_argument("--predictions", metavar="PRED.{npz,xyz}",
+                   help="also write the predictions: .xyz / .extxyz (the data's frames with cartlorem_energy, "
+                        "cartlorem_forces, ... beside their references), or any other name: numpy's npz (eV, Å)")
+    e.add_argument("--parity", metavar="PARITY.{png,pdf,svg}", help="also write energy/force parity plots")
     e.add_argument("--batch-size", type=parse_int, default=16, metavar="N", help="structures per batch")
     trained = " (default: the key the model was trained with, read from the config.yaml of its run, else '{}')"
 

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from .fileio import atomic_write
 from .graph import Graph, collate
 
-__all__ = ["Predictions", "predict", "metrics", "metrics_json", "evaluate", "format_table", "parity_plot"]
+__all__ = ["Predictions", "predict", "metrics", "metrics_json", "evaluate", "format_table", "parity_plot",
+           "not_finite"]
 
 
 @dataclass
@@ -77,6 +78,31 @@ class Predictions:
         arrays = {f.name: getattr(self, f.name) for f in fields(self)}
         atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
+    def annotate(self, frames) -> list:
+        """The ``ase.Atoms`` the predictions were made for (in order), with the predictions added under their own
+        names, beside whatever the frames hold (references included): ``info["cartlorem_energy"]`` (eV),
+        ``arrays["cartlorem_forces"]`` (eV/Å) and, where predicted, ``info["cartlorem_stress"]`` (3 × 3, eV/Å³),
+        ``info["cartlorem_dipole"]`` (e·Å), ``arrays["cartlorem_born_charges"]`` ([N, 9], e). Returns the frames
+        (changed in place); ValueError when they are not the structures predicted."""
+        frames = list(frames)
+        sizes = [len(a) for a in frames]
+        if sizes != self.n_atoms.tolist():
+            raise ValueError(f"{len(frames)} frames of {sum(sizes)} atoms are not the {len(self.n_atoms)} structures "
+                             f"of {int(self.n_atoms.sum())} atoms predicted")
+        start = np.concatenate([[0], np.cumsum(self.n_atoms)])
+        for k, atoms in enumerate(frames):
+            atoms_k = slice(int(start[k]), int(start[k + 1]))
+            atoms.info["cartlorem_energy"] = float(self.energy_pred[k])
+            atoms.arrays["cartlorem_forces"] = self.forces_pred[atoms_k].copy()
+            if np.isfinite(self.stress_pred[k]).all():
+                atoms.info["cartlorem_stress"] = self.stress_pred[k].copy()
+            if np.isfinite(self.dipole_pred[k]).all():
+                atoms.info["cartlorem_dipole"] = self.dipole_pred[k].copy()
+            born = self.born_charges_pred[atoms_k]
+            if born.size and np.isfinite(born).all():
+                atoms.arrays["cartlorem_born_charges"] = born.reshape(-1, 9).copy()
+        return frames
+
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().to(torch.float64).numpy()
@@ -96,7 +122,9 @@ def predict(
     """Run ``model`` on ``graphs`` in batches (eval mode, no graph kept) and collect predictions.
 
     graphs: a list (or any map-style dataset) of graphs; each batch is cast to the dtype and
-    device of the model's parameters. compute_stress: None predicts stresses only for batches that carry stress labels.
+    device of the model's parameters. compute_stress: None predicts the stresses of the periodic cells that carry
+    a stress label, True those of every periodic cell; other rows of ``stress_pred`` are NaN (molecules and slabs
+    have no stress), whatever the batch.
     compute_dipole / compute_born_charges: None predicts them for batches that carry such labels when
     the model has long range (``model.long_range`` not None); True asks every batch (a model without
     long range raises its ValueError). Dipoles are predicted for open structures only (NaN rows for
@@ -171,7 +199,10 @@ def predict(
             cols["n_atoms"].append(_numpy(batch.num_atoms).astype(np.int64))
             cols["energy_pred"].append(_numpy(out["energy"]))
             cols["forces_pred"].append(_numpy(out["forces"]))
-            cols["stress_pred"].append(_numpy(out["stress"]) if "stress" in out else nan(B, 3, 3))
+            stress_pred = _numpy(out["stress"]) if "stress" in out else nan(B, 3, 3)
+            asked = batch.pbc.all(dim=1) if compute_stress else batch.pbc.all(dim=1) & has_stress.to(batch.pbc.device)
+            stress_pred[~asked.cpu().numpy()] = np.nan  # rows not asked for: NaN in any batch, not the model's zeros
+            cols["stress_pred"].append(stress_pred)
             cols["structure"].append(_numpy(batch.batch).astype(np.int64) + offset)
             cols["species"].append(batch.species.cpu().numpy().astype(np.int64))
             offset += B
@@ -264,7 +295,7 @@ def format_table(m: dict) -> str:
         ("dipole", "dipole_mae_e_a", "dipole_rmse_e_a", "e·Å", "n_dipole"),
         ("Born Z*", "born_charges_mae_e", "born_charges_rmse_e", "e", "n_born_charges"),
     ]
-    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # n/a: nothing labelled; nan / inf: a model that diverged
     lines = [f"{'quantity':<10}{'MAE':>12}{'RMSE':>12}  {'unit':<10}{'labelled':>9}"]
     for name, mae, rmse, unit, n in rows:
         if mae not in m:
@@ -272,6 +303,15 @@ def format_table(m: dict) -> str:
         lines.append(f"{name:<10}{fmt(m[mae]):>12}{fmt(m[rmse]):>12}  {unit:<10}{m.get(n, ''):>9}")
     lines.append(f"{m['n_structures']} structures, {m['n_atoms']} atoms")
     return "\n".join(lines)
+
+
+def not_finite(m: dict) -> list[str]:
+    """The quantities of the metrics ``m`` whose MAE or RMSE is NaN or infinite: labelled, but the model's
+    predictions of them are not finite (a model that diverged)."""
+    keys = (("energy", "energy_%s_mev_per_atom"), ("forces", "forces_%s_mev_per_a"), ("stress", "stress_%s_mev_per_a3"),
+            ("dipole", "dipole_%s_e_a"), ("Born charges", "born_charges_%s_e"))
+    return [name for name, key in keys
+            if any(isinstance(m.get(key % s), float) and not math.isfinite(m[key % s]) for s in ("mae", "rmse"))]
 
 
 def _composition_fit(p: Predictions) -> np.ndarray:
@@ -285,12 +325,28 @@ def _composition_fit(p: Predictions) -> np.ndarray:
     return counts @ coef
 
 
+#: the file types of :func:`parity_plot`, by the path's suffix
+PARITY_FORMATS = ("png", "pdf", "svg")
+
+
+def parity_format(path) -> str:
+    """The file type of a parity plot at ``path`` (its suffix, one of PARITY_FORMATS); ValueError otherwise."""
+    from pathlib import Path
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PARITY_FORMATS:
+        raise ValueError(f"parity plot {str(path)!r}: name it .png, .pdf or .svg (the file type is the suffix's)")
+    return suffix
+
+
 def parity_plot(p: Predictions, path) -> bool:
-    """Energy and force-component parity plots → PNG. False if matplotlib is missing.
+    """Energy and force-component parity plots → a PNG, PDF or SVG file, by the suffix of ``path``
+    (ValueError for another). False if matplotlib is missing.
 
     Energies are shown per atom after subtracting a least-squares composition fit (the same for
     reference and prediction), so that structures of different composition share one scale.
     """
+    fmt = parity_format(path)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -316,5 +372,5 @@ def parity_plot(p: Predictions, path) -> bool:
         ax.set_xlabel("reference")
         ax.set_ylabel("predicted")
         ax.set_title(title)
-    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format=fmt))
     return True

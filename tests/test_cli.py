@@ -416,7 +416,8 @@ def test_evaluate_writes_predictions_where_it_says(files, tmp_path, capsys):
 
 def test_evaluate_writes_a_nan_metric_as_null(files, tmp_path, capsys, monkeypatch):
     """A model that diverged gives NaN metrics, which json.dumps wrote as `NaN`: not JSON (jq, JavaScript and
-    strict parsers reject the file). Non-finite metrics are now null."""
+    strict parsers reject the file). Non-finite metrics are now null. The table showed them as "n/a", as for a
+    quantity without labels, and the command ended with status 0: it shows nan / inf and ends with status 1."""
     import math
 
     from cartlorem import evaluate
@@ -432,7 +433,8 @@ def test_evaluate_writes_a_nan_metric_as_null(files, tmp_path, capsys, monkeypat
     target = tmp_path / "m.json"
     code, out, err = run(capsys, "evaluate", "--model", _untrained_model_file(tmp_path), "--data", files / "test.xyz",
                          "--json", target, "--no-progress")
-    assert code == 0, err
+    assert code == 1 and "energy, forces predictions are not finite" in err, err
+    assert "nan" in out and "inf" in out and "n/a" not in out, out
 
     def refuse(constant):
         raise ValueError(f"not JSON: {constant}")
@@ -618,3 +620,38 @@ def test_evaluate_reads_each_key_of_the_run_on_its_own(files, tmp_path, capsys):
     code, out, err = run(capsys, "evaluate", "--model", run_dir / "model.pt", "--data", tmp_path / "ref.xyz")
     assert code == 0, err
     assert "--forces-key REF_forces" in out + err and "--energy-key none" in out + err, out + err
+
+
+def test_evaluate_writes_the_file_types_its_names_say(files, tmp_path, capsys):
+    """--predictions pred.xyz wrote npz bytes (ase.io.read failed on it) and --parity par.pdf PNG bytes, with exit
+    status 0. A .xyz / .extxyz name now gets the data's frames with the predictions beside the references, a plot
+    the type of its suffix, and another plot suffix is refused before the model runs."""
+    import numpy as np
+
+    model = _untrained_model_file(tmp_path)
+    evaluate = ("evaluate", "--model", model, "--data", files / "test.xyz", "--no-progress")
+    code, out, err = run(capsys, *evaluate, "--predictions", tmp_path / "p.npz", "--parity", tmp_path / "p.pdf")
+    assert code == 0, err
+    assert (tmp_path / "p.pdf").read_bytes().startswith(b"%PDF")
+    code, out, err = run(capsys, *evaluate, "--predictions", tmp_path / "p.xyz", "--parity", tmp_path / "p.svg")
+    assert code == 0, err
+    assert b"<svg" in (tmp_path / "p.svg").read_bytes()
+    frames, given = ase.io.read(tmp_path / "p.xyz", ":"), ase.io.read(files / "test.xyz", ":")
+    with np.load(tmp_path / "p.npz") as saved:
+        start = np.concatenate([[0], np.cumsum(saved["n_atoms"])])
+        for k, (atoms, ref) in enumerate(zip(frames, given)):
+            assert atoms.info["cartlorem_energy"] == pytest.approx(saved["energy_pred"][k], rel=1e-12)
+            # (extxyz writes per-atom numbers with 8 decimals)
+            np.testing.assert_allclose(atoms.arrays["cartlorem_forces"], saved["forces_pred"][start[k]:start[k + 1]],
+                                       atol=1e-8)
+            assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(), rel=1e-12)  # kept
+            np.testing.assert_allclose(atoms.get_forces(), ref.get_forces(), atol=1e-8)
+            if np.isfinite(saved["stress_pred"][k]).all():
+                np.testing.assert_allclose(np.reshape(atoms.info["cartlorem_stress"], (3, 3)), saved["stress_pred"][k],
+                                           rtol=1e-8, atol=1e-12)
+            else:
+                assert "cartlorem_stress" not in atoms.info
+    assert any("cartlorem_stress" in a.info for a in frames)
+    code, _, err = run(capsys, *evaluate, "--parity", tmp_path / "p.jpg")
+    _assert_user_error(code, err, "p.jpg", ".png, .pdf or .svg")
+    assert not (tmp_path / "p.jpg").exists()

@@ -441,3 +441,21 @@ def test_train_and_load_model_leave_the_callers_random_state(data, tmp_path):
     state = torch.get_rng_state()
     load_model(tmp_path / "m0" / "model.pt")
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_stress_predictions_do_not_depend_on_the_batch(data):
+    """A molecule sharing a batch with a stress-labelled cell got the model's zero stress row, and NaN in a batch
+    of its own; a periodic cell without a stress label got a stress or NaN by its batch. Rows not asked for are
+    NaN in any batch now: molecules always, unlabelled cells unless compute_stress=True."""
+    train_set, _ = data
+    cell = next(g for g in train_set if bool(g.pbc.all()) and bool(g.has_stress[0]))
+    molecule = next(g for g in train_set if not bool(g.pbc.any()))
+    unlabelled = cell.replace(has_stress=torch.tensor([False]))
+    graphs = [molecule, cell, unlabelled]
+    model = tiny_model()
+    runs = [predict(model, graphs, batch_size=b).stress_pred for b in (1, 3)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert np.isnan(runs[0][0]).all() and np.isfinite(runs[0][1]).all() and np.isnan(runs[0][2]).all()
+    every = [predict(model, graphs, batch_size=b, compute_stress=True).stress_pred for b in (1, 3)]
+    np.testing.assert_allclose(every[0], every[1], rtol=1e-12, atol=1e-15)
+    assert np.isnan(every[0][0]).all() and np.allclose(every[0][2], every[0][1], rtol=1e-12)
