@@ -330,6 +330,11 @@ def test_impossible_dipole_or_born_charge_training_is_a_clear_error():
     mixed = graphs + read_dataset([crystal], 3.0)
     with pytest.raises(ValueError, match="1 of the training structures are periodic"):
         train(tiny(species=(1, 8, 11, 17)), mixed, epochs=1, progress=False, weights=w)
+    # periodic structures alone, their calculator's dipoles dropped as labels: the periodic message, not advice to
+    # put the dipole in atoms.info (which refuses it for a periodic structure)
+    crystal.calc = SinglePointCalculator(crystal, energy=-1.0, forces=np.zeros((2, 3)), dipole=np.ones(3))
+    with pytest.raises(ValueError, match="1 of the training structures are periodic"):
+        train(tiny(species=(11, 17)), read_dataset([crystal], 3.0), epochs=1, progress=False, weights=w)
     check_loss_labels(tiny(long_range=None), graphs, loss_weights())  # weights 0: nothing to check
 
 

@@ -138,6 +138,13 @@ def check_loss_labels(model, graphs, weights: Mapping[str, float], what: str = "
         for name in wanted:
             has = getattr(g, f"has_{name}", None)
             counts[name] += 0 if has is None else int(has.sum())
+    # first: the dipoles of periodic structures are no labels (read_dataset drops a calculator's), so the advice
+    # of the no-label message below would send the user to atoms.info, which refuses them
+    if "dipole" in wanted and periodic:
+        raise ValueError(
+            f"the dipole loss weight is > 0 but {periodic} of the {what} structures are periodic or slabs, whose "
+            "dipole the model does not define; train the dipole on a set of molecules only"
+        )
     for name in wanted:
         if counts[name] == 0:
             _, key, flag, store = _CHARGE_TERMS[name]
@@ -146,11 +153,6 @@ def check_loss_labels(model, graphs, weights: Mapping[str, float], what: str = "
                 f"a {name} label: name the {store} key that holds it ({key}, {flag} on the command line), or set "
                 "the weight to 0"
             )
-    if "dipole" in wanted and periodic:
-        raise ValueError(
-            f"the dipole loss weight is > 0 but {periodic} of the {what} structures are periodic or slabs, whose "
-            "dipole the model does not define; train the dipole on a set of molecules only"
-        )
 
 
 def check_labels_to_fit(graphs, weights: Mapping[str, float], what: str = "validation") -> None:
