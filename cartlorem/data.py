@@ -400,7 +400,7 @@ def read_dataset(
     if stress_key and "virial" in stress_key.lower():
         raise ValueError(f"stress_key {stress_key!r} names a virial (eV, e.g. MACE's REF_virials = −V σ), but the "
                          "stress label is the stress σ in eV/Å³ (ASE's sign): store σ = −W / V under another key")
-    graphs, ignored = [], []
+    graphs, ignored, no_stress = [], [], []
     token = _CHECKED_RESULTS.set({})
     try:
         for k, atoms in enumerate(frames):
@@ -413,6 +413,8 @@ def read_dataset(
                 raise ValueError(f"{where}: {err}") from None
             if dipole_key and bool(g.pbc.any()) and _charge_label_value(atoms, "dipole", dipole_key)[0] is not None:
                 ignored.append(k)  # a calculator's dipole of a periodic structure or slab (an info one raised above)
+            if stress_key and not bool(g.pbc.all()) and _lookup(atoms, "stress", stress_key) is not None:
+                no_stress.append(k)  # a slab's or molecule's stress (attach_labels left it out)
             for name in require:
                 if not bool(getattr(g, f"has_{name}")[0]):
                     raise _missing_label_error(frames, k, source, name, keys[name])
@@ -421,6 +423,10 @@ def read_dataset(
         _CHECKED_RESULTS.reset(token)
     _check_stress_labels(frames, graphs, source, stress_key)
     _check_frame_weights(frames, source)
+    if no_stress:
+        shown = ", ".join(map(str, no_stress[:10])) + (", ..." if len(no_stress) > 10 else "")
+        _log.info("%s: the stress of %d structure(s) that are not fully periodic (frames %s) is not a label: slabs "
+                  "and molecules have no volume, so no stress", source, len(no_stress), shown)
     if ignored:
         shown = ", ".join(map(str, ignored[:10])) + (", ..." if len(ignored) > 10 else "")
         _log.info("%s: the dipole among the calculator results of %d periodic structure(s) or slab(s) (frames %s) "

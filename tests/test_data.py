@@ -346,17 +346,26 @@ def test_bundled_demo_dataset():
     assert 0.3 < stats["forces_rms"] < 3.0 and stats["residual_energy_per_atom_std"] < 0.1
 
 
-def test_slab_stress_labels_are_ignored():
+def test_slab_stress_labels_are_ignored(caplog):
     """A slab (pbc [T, T, F]) has no volume, so a stress label on it is not trained against (the model
-    gives slabs no stress); before, only structures periodic in no direction were excluded."""
+    gives slabs no stress); before, only structures periodic in no direction were excluded. It is left out with a
+    note (it was without a word, unlike a periodic structure's dipole)."""
+    import logging
+
     from ase.build import fcc111
     from ase.calculators.emt import EMT
 
     slab = fcc111("Cu", (2, 2, 2), vacuum=6.0)
     slab.calc = EMT()
     slab.get_potential_energy(), slab.get_forces(), slab.get_stress()
-    (g,) = read_dataset([slab], 4.0)
+    with caplog.at_level(logging.INFO, logger="cartlorem.data"):
+        (g,) = read_dataset([slab], 4.0)
     assert g.has_stress.tolist() == [False] and g.stress.abs().sum() == 0
+    assert "the stress of 1 structure(s) that are not fully periodic (frames 0) is not a label" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cartlorem.data"):
+        read_dataset([slab], 4.0, stress_key=None)
+    assert "stress" not in caplog.text
     with pytest.raises(ValueError, match="not periodic in all three directions"):
         read_dataset([slab], 4.0, require=("stress",))
 
