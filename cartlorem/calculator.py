@@ -39,7 +39,8 @@ atom crosses into another cell, so that results stay those of a fresh list.
 
 Charge state: ``atoms.info["total_charge"]`` (or ``"charge"``, e) and ``atoms.info["multiplicity"]`` are those of
 the whole structure. ASE's ``repeat`` and ``atoms * n`` copy ``info`` as it is, and so do the supercells of
-``ase.phonons.Phonons``: for the supercell of n cells of a cell with charge Q, set ``total_charge`` to n·Q.
+``ase.phonons.Phonons``: for the supercell of n cells of a cell with charge Q, set ``total_charge`` to n·Q (and
+the multiplicity to the supercell's).
 """
 
 from __future__ import annotations
