@@ -153,6 +153,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else model.dtype
     model = model.to(device=device, dtype=dtype)
     keys = _evaluate_label_keys(args)
+    if predictions_as == "extxyz":
+        from .evaluate import PREDICTION_KEYS
+
+        taken = sorted({key for key in keys.values() if key in PREDICTION_KEYS})
+        if taken:
+            raise ValueError(f"--predictions {args.predictions}: the references are read from {', '.join(taken)}, "
+                             "the names under which the file gets this model's predictions; write an .npz file")
     graphs = read_dataset(args.data, model.cutoff, **keys, require=(), dtype=dtype)
     if model.long_range is not None:  # named by frame, not by its place in a batch
         from .nn.long_range import check_structures

@@ -92,6 +92,10 @@ class Predictions:
         start = np.concatenate([[0], np.cumsum(self.n_atoms)])
         for k, atoms in enumerate(frames):
             atoms_k = slice(int(start[k]), int(start[k + 1]))
+            for name in PREDICTION_KEYS:  # an earlier model's, in a file written before: not this one's
+                atoms.info.pop(name, None)
+                if name in atoms.arrays:
+                    del atoms.arrays[name]
             atoms.info["cartlorem_energy"] = float(self.energy_pred[k])
             atoms.arrays["cartlorem_forces"] = self.forces_pred[atoms_k].copy()
             if np.isfinite(self.stress_pred[k]).all():
@@ -102,6 +106,11 @@ class Predictions:
             if born.size and np.isfinite(born).all():
                 atoms.arrays["cartlorem_born_charges"] = born.reshape(-1, 9).copy()
         return frames
+
+
+#: the names :meth:`Predictions.annotate` gives the predictions in a frame's info / arrays
+PREDICTION_KEYS = ("cartlorem_energy", "cartlorem_forces", "cartlorem_stress", "cartlorem_dipole",
+                   "cartlorem_born_charges")
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:

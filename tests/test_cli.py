@@ -652,6 +652,14 @@ def test_evaluate_writes_the_file_types_its_names_say(files, tmp_path, capsys):
             else:
                 assert "cartlorem_stress" not in atoms.info
     assert any("cartlorem_stress" in a.info for a in frames)
+    # evaluated again on that file without stress: no stress of the first run is left under this run's name
+    code, _, err = run(capsys, "evaluate", "--model", model, "--data", tmp_path / "p.xyz", "--no-progress",
+                       "--stress-key", "none", "--predictions", tmp_path / "again.xyz")
+    assert code == 0, err
+    assert not any("cartlorem_stress" in a.info for a in ase.io.read(tmp_path / "again.xyz", ":"))
+    code, _, err = run(capsys, "evaluate", "--model", model, "--data", tmp_path / "p.xyz", "--no-progress",
+                       "--energy-key", "cartlorem_energy", "--predictions", tmp_path / "again2.xyz")
+    _assert_user_error(code, err, "references are read from cartlorem_energy")
     code, _, err = run(capsys, *evaluate, "--parity", tmp_path / "p.jpg")
     _assert_user_error(code, err, "p.jpg", ".png, .pdf or .svg")
     assert not (tmp_path / "p.jpg").exists()
