@@ -136,7 +136,11 @@ def _keeps_callers_random_state(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         state = random.getstate()
-        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        # the CUDA generators too where they are in use: CUDA already started, or the model on a GPU (which the
+        # seeding inside would start); a CPU run on a GPU machine does not start CUDA for this
+        model = args[0] if args else kwargs.get("model")
+        on_gpu = isinstance(model, torch.nn.Module) and any(p.is_cuda for p in model.parameters())
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() or on_gpu else []
         try:
             with torch.random.fork_rng(devices=cuda):
                 return fn(*args, **kwargs)
