@@ -493,8 +493,8 @@ def _check_frame_weights(frames, source: str) -> None:
                 weighted[key] = weighted.get(key, 0) + 1
                 first = k if first is None else first
     if weighted:
-        _log.warning("%s: %s: these per-frame loss weights are not used (every structure is trained with weight 1); "
-                     "leave out of the file the frames weighted 0", source,
+        _log.warning("%s: %s: cartlorem does not use these per-frame loss weights (cartlorem train weighs every "
+                     "structure alike: to leave a frame out, leave it out of the file)", source,
                      ", ".join(f"{key} other than 1 in {n} frame(s)" for key, n in sorted(weighted.items()))
                      + f" (the first: frame {first})")
 

@@ -501,3 +501,7 @@ def test_threads_hold_for_the_call_only(files, tmp_path, capsys):
                                                        threads=1)
     run_job(cfg)
     assert torch.get_num_threads() == 2
+    code, _, err = run(capsys, "evaluate", "--model", tmp_path / "a" / "model.pt", "--data", files / "train.xyz",
+                       "--threads", 1, "--no-progress")
+    assert code == 0, err
+    assert torch.get_num_threads() == 2
