@@ -418,9 +418,12 @@ def read_dataset(
             for name in require:
                 if not bool(getattr(g, f"has_{name}")[0]):
                     raise _missing_label_error(frames, k, source, name, keys[name])
-            graphs.append(g)
+            weight = _frame_weight(atoms, where)
+            graphs.append(g if weight is None else g.replace(weight=torch.tensor([weight], dtype=dtype)))
     finally:
         _CHECKED_RESULTS.reset(token)
+    if any(g.weight is not None for g in graphs):  # all or none: one kind of batch for the compiled step
+        graphs = [g if g.weight is not None else g.replace(weight=torch.ones(1, dtype=dtype)) for g in graphs]
     _check_stress_labels(frames, graphs, source, stress_key)
     _check_frame_weights(frames, source)
     if no_stress:
@@ -475,15 +478,37 @@ def _check_stress_labels(frames, graphs, source: str, stress_key: Optional[str])
                      value * 160.21766, _describe_key("stress", stress_key))
 
 
+#: MACE's per-frame weight of every loss term, which read_dataset reads into Graph.weight
+FRAME_WEIGHT_KEY = "config_weight"
+
+
+def _frame_weight(atoms, where: str) -> Optional[float]:
+    """``atoms.info["config_weight"]`` as a float (None where absent); ValueError naming the frame for a value that
+    is not a finite number >= 0."""
+    value = atoms.info.get(FRAME_WEIGHT_KEY)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (bool, np.bool_, str)):
+            raise TypeError
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = math.nan
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"{where}: {FRAME_WEIGHT_KEY} {value!r} must be a finite number >= 0 (the weight of the "
+                         "frame in the training loss; 0 leaves it out)")
+    return weight
+
+
 def _check_frame_weights(frames, source: str) -> None:
-    """A warning (logger ``cartlorem.data``) for per-frame loss weights of MACE's data format (``config_weight``,
-    ``config_energy_weight``, ... in atoms.info) other than 1: every structure is trained with weight 1 here, so a
-    frame weighted 0 (left out of the fit) would be trained on as any other."""
+    """A warning (logger ``cartlorem.data``) for MACE's per-property frame weights (``config_energy_weight``,
+    ``config_forces_weight``, ... in atoms.info) other than 1, which cartlorem does not use (``config_weight``, the
+    weight of every term, it does)."""
     weighted: dict[str, int] = {}
     first = None
     for k, atoms in enumerate(frames):
         for key, value in atoms.info.items():
-            if not (key.startswith("config_") and key.endswith("weight")):
+            if not (key.startswith("config_") and key.endswith("weight")) or key == FRAME_WEIGHT_KEY:
                 continue
             try:
                 one = float(value) == 1.0
@@ -493,8 +518,8 @@ def _check_frame_weights(frames, source: str) -> None:
                 weighted[key] = weighted.get(key, 0) + 1
                 first = k if first is None else first
     if weighted:
-        _log.warning("%s: %s: cartlorem does not use these per-frame loss weights (cartlorem train weighs every "
-                     "structure alike: to leave a frame out, leave it out of the file)", source,
+        _log.warning("%s: %s: cartlorem does not use these per-property frame weights (config_weight, the weight "
+                     "of all of a frame's terms, it does)", source,
                      ", ".join(f"{key} other than 1 in {n} frame(s)" for key, n in sorted(weighted.items()))
                      + f" (the first: frame {first})")
 
@@ -656,7 +681,9 @@ def training_statistics(graphs: Sequence[Graph], species: Sequence[int]) -> dict
     """:func:`dataset_statistics` of a training set with its reference energies: those of elements with an
     isolated-atom structure are its energy (:func:`isolated_atom_energies`), the others fitted to what they leave
     (:func:`fit_reference_energies`); the isolated atoms are references, not samples, and stay out of the
-    statistics. Adds "reference_energies" and "isolated_atom_energies" {Z: eV}."""
+    statistics. Structures weighted 0 (``Graph.weight``: MACE's config_weight) are left out of all of it, as out of
+    the loss. Adds "reference_energies" and "isolated_atom_energies" {Z: eV}."""
+    graphs = [g for g in graphs if g.weight is None or bool((g.weight > 0).any())] or list(graphs)
     isolated = isolated_atom_energies(graphs)
     refs = fit_reference_energies(graphs, species, fixed=isolated)
     stats = dataset_statistics([g for g in graphs if not is_isolated_atom(g)] or graphs, refs)

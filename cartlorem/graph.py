@@ -55,6 +55,9 @@ class Graph:
     # charge and spin state: multiplicity [B] = 2s + 1 (float; None: every structure a singlet), read from
     # atoms.info["multiplicity"] (default 1); with total_charge the input of charge-state conditioning
     multiplicity: Optional[torch.Tensor] = None
+    # per-structure weight of every training-loss term [B] (float; None: 1 for all), read from MACE's
+    # atoms.info["config_weight"] (cartlorem.data.read_dataset)
+    weight: Optional[torch.Tensor] = None
     # charge labels (cartlorem.data.attach_charge_labels)
     dipole: Optional[torch.Tensor] = None
     born_charges: Optional[torch.Tensor] = None
@@ -305,6 +308,9 @@ def collate(graphs: Sequence[Graph]) -> Graph:
     if any(g.multiplicity is not None for g in graphs):  # None: singlets
         out["multiplicity"] = torch.cat([g.total_charge.new_ones(g.num_graphs) if g.multiplicity is None
                                          else g.multiplicity.to(g.total_charge) for g in graphs])
+    if any(g.weight is not None for g in graphs):  # None: weight 1
+        out["weight"] = torch.cat([g.total_charge.new_ones(g.num_graphs) if g.weight is None
+                                   else g.weight.to(g.total_charge) for g in graphs])
     for name in ("dipole", "born_charges", "has_dipole", "has_born_charges"):  # charge labels
         vals = [getattr(g, name) for g in graphs]
         if all(v is not None for v in vals):

@@ -195,6 +195,44 @@ def test_loss_terms_count_labelled_items_only():
         assert int(items) == count, name
 
 
+def test_frame_weights_scale_each_structures_terms():
+    """MACE's config_weight (Graph.weight) multiplies each squared error of its structure; the means still divide by
+    the labelled items, as MACE's do. A structure weighted 0 changes nothing, whatever its labels; and the function
+    the compiled step runs gives autograd's gradient with the weights too."""
+    structures = _structures(1)
+    for atoms, weight in zip(structures, (2.0, 0.0, 0.5, 1.0, 3.0)):
+        atoms.info["config_weight"] = weight
+    batch = collate(read_dataset(structures, cutoff=3.5, require=()))
+    model = _model(structures).eval()
+    out = model(batch, compute_stress=True)
+    terms = loss_terms(out, batch, loss_weights())
+    n, w = batch.num_atoms.double(), batch.weight
+    per_atom = w[batch.batch][:, None]
+    e_ref = (w * ((out["energy"] - batch.energy) / n) ** 2)[batch.has_energy].sum() / batch.has_energy.sum()
+    has_f = batch.has_forces[batch.batch]
+    f_ref = (per_atom * (out["forces"] - batch.forces) ** 2)[has_f].sum() / (3 * has_f.sum())
+    s_err = w[:, None, None] * (out["stress"] - batch.stress) ** 2
+    s_ref = s_err[batch.has_stress].sum() / (9 * batch.has_stress.sum())
+    for name, ref in (("energy", e_ref), ("forces", f_ref), ("stress", s_ref)):
+        assert float(terms[name][0].detach()) == pytest.approx(float(ref.detach()), rel=1e-13), name
+    moved = batch.replace(energy=batch.energy + 100.0 * (w == 0), forces=batch.forces + 5.0 * (per_atom == 0))
+    for name, (mse, _) in loss_terms(model(moved, compute_stress=True), moved, loss_weights()).items():
+        assert float(mse.detach()) == pytest.approx(float(terms[name][0].detach()), rel=1e-13), name
+
+    model.train()
+    weights = loss_weights()
+    loss_ref, _, grads_ref = _eager_gradient(model, batch, weights)
+    step = CompiledLossGradient(model, weights)
+    step._fn = step._loss_and_grad  # eager: the same function without torch.compile
+    model.zero_grad(set_to_none=True)
+    loss, _ = step(batch)
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-12)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            scale = float(grads_ref[name].abs().max()) + 1e-300
+            assert float((p.grad - grads_ref[name]).abs().max()) <= 1e-10 * scale, name
+
+
 def _molecules(seed=3):
     """Two molecules (labels: energy, forces)."""
     rng = np.random.default_rng(seed)

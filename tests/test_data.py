@@ -494,9 +494,11 @@ def test_duplicate_structures_compare_what_the_model_is_given(make_molecule):
     assert duplicate_structures(graphs[:2], graphs[3:5]) == []
 
 
-def test_per_frame_loss_weights_of_mace_files_are_warned_of(tmp_path, make_molecule, caplog):
-    """MACE's per-frame weights (config_weight 0 leaves a frame out of its fit) were ignored without a word: a
-    frame meant to be left out was trained on as any other."""
+def test_per_frame_weights_of_mace_files(tmp_path, make_molecule, caplog):
+    """MACE's per-frame weights were ignored without a word: a frame weighted 0 (left out of MACE's fit) was trained
+    on as any other. config_weight, the weight of all of a frame's terms, is read into Graph.weight (1 for the
+    frames without one); the per-property weights, which cartlorem does not use, are warned of; a weight that is not
+    a number >= 0 is refused."""
     import logging
 
     frames = []
@@ -504,15 +506,21 @@ def test_per_frame_loss_weights_of_mace_files_are_warned_of(tmp_path, make_molec
         atoms = make_molecule(4, seed=k)
         atoms.calc = SinglePointCalculator(atoms, energy=-1.0 * k, forces=np.zeros((4, 3)))
         frames.append(atoms)
-    frames[0].info["config_weight"] = 1.0
+    frames[0].info["config_weight"] = 2.5
     frames[2].info["config_weight"] = 0.0
     frames[3].info["config_forces_weight"] = 10.0
+    frames[3].info["config_energy_weight"] = 1.0
     ase.io.write(tmp_path / "w.xyz", frames)
     with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
-        read_dataset(tmp_path / "w.xyz", 3.0)
-    assert "config_forces_weight other than 1 in 1 frame(s), config_weight other than 1 in 1 frame(s)" in caplog.text
-    assert "(the first: frame 2)" in caplog.text
+        graphs = read_dataset(tmp_path / "w.xyz", 3.0)
+    assert [float(g.weight[0]) for g in graphs] == [2.5, 1.0, 0.0, 1.0]
+    assert "config_forces_weight other than 1 in 1 frame(s) (the first: frame 3)" in caplog.text
+    assert "config_weight" not in caplog.text.split("(config_weight")[0] and "config_energy" not in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
-        read_dataset(frames[:2], 3.0)  # a weight of 1 changes nothing
-    assert "weight" not in caplog.text
+        plain = read_dataset(frames[1:2], 3.0)  # no weights: none stored
+    assert plain[0].weight is None and "weight" not in caplog.text
+    for bad in (-1.0, "heavy", True, float("nan")):
+        frames[1].info["config_weight"] = bad
+        with pytest.raises(ValueError, match=r"frame 1: config_weight .* must be a finite number >= 0"):
+            read_dataset(frames, 3.0)

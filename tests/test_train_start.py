@@ -505,3 +505,33 @@ def test_threads_hold_for_the_call_only(files, tmp_path, capsys):
                        "--threads", 1, "--no-progress")
     assert code == 0, err
     assert torch.get_num_threads() == 2
+
+
+def test_a_frame_weighted_0_is_left_out_of_training(files, tmp_path, capsys):
+    """MACE's config_weight 0 leaves a frame out of the fit; cartlorem trained on it as on any other. Its labels
+    now change nothing (loss and statistics; one epoch: the validation loss, here on the training set and
+    unweighted, picks no epoch), and a set weighted 0 throughout is refused."""
+    import torch
+
+    frames = ase.io.read(files / "train.xyz", ":")
+    frames[3].info["config_weight"] = 0.0
+    ase.io.write(tmp_path / "a.xyz", frames)
+    energy = frames[3].get_potential_energy() + 50.0
+    frames[3].calc.results["energy"] = energy
+    frames[3].calc.results["forces"] = frames[3].get_forces() + 3.0
+    ase.io.write(tmp_path / "b.xyz", frames)
+    states = []
+    for name in ("a", "b"):
+        code, _, err = run(capsys, "train", "--train", tmp_path / f"{name}.xyz", "--config", files / "tiny.yaml",
+                           "--out", tmp_path / f"run_{name}", "--valid-fraction", 0, "--epochs", 1)
+        assert code == 0, err
+        assert "config_weight" not in err, err
+        states.append(torch.load(tmp_path / f"run_{name}" / "model.pt", weights_only=True)["state_dict"])
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+    for atoms in frames:
+        atoms.info["config_weight"] = 0
+    ase.io.write(tmp_path / "c.xyz", frames)
+    code, _, err = run(capsys, "train", "--train", tmp_path / "c.xyz", "--config", files / "tiny.yaml",
+                       "--out", tmp_path / "run_c")
+    assert code == 2 and "has weight 0" in err and "Traceback" not in err, err

@@ -5,10 +5,12 @@
       + w_Z · mean_{i,αβ} (Z*_iαβ − Z*_iαβ^ref)²
 
 in eV/atom, eV/Å, eV/Å³, e·Å and e; every mean runs only over labelled items (the ``has_*`` masks
-of the batch). The dipole and Born-charge weights default to 0; with a weight > 0 the trainer asks
-the model for those outputs (:func:`charge_outputs`), which needs a long-range model and labelled
-data (:func:`check_loss_labels`). :func:`validation_loss` is the same expression over a whole set,
-from its RMSEs.
+of the batch). Each squared error is multiplied by its structure's weight (``Graph.weight``: MACE's
+``atoms.info["config_weight"]``, 1 where not given; 0 leaves a structure out), and the means still divide by the
+number of labelled items, as MACE does. Validation metrics and the validation loss are unweighted.
+The dipole and Born-charge weights default to 0; with a weight > 0 the trainer asks the model for those
+outputs (:func:`charge_outputs`), which needs a long-range model and labelled data (:func:`check_loss_labels`).
+:func:`validation_loss` is the same expression over a whole set, from its RMSEs.
 """
 
 from __future__ import annotations
@@ -74,25 +76,31 @@ def loss_terms(out: dict, batch: Graph, weights: Mapping[str, float]) -> dict:
     term that has a weight > 0, labels in ``batch`` and a prediction in ``out`` (0 and 0 when no item of the
     batch is labelled). Branches on which labels and outputs exist, never on values, so that
     ``torch.compile`` traces it whole (:mod:`cartlorem.training.compiled`)."""
-    def masked_mse(diff, mask):  # mean of diff² over every element of the labelled rows (mask [rows])
-        err = torch.where(mask.reshape(mask.shape + (1,) * (diff.dim() - 1)), diff, torch.zeros_like(diff))
+    def masked_mse(diff, mask, weight=None):  # mean of (weight ×) diff² over every element of the labelled rows
+        rows = mask.shape + (1,) * (diff.dim() - 1)  # mask [rows]; weight [rows] or None
+        err = torch.where(mask.reshape(rows), diff, torch.zeros_like(diff))
         items = mask.sum() * (diff[0].numel() if diff.dim() > 1 else 1)
-        return (err**2).sum() / items.clamp(min=1).to(diff.dtype), items
+        sq = err**2 if weight is None else err**2 * weight.reshape(rows).to(diff.dtype)
+        return sq.sum() / items.clamp(min=1).to(diff.dtype), items
+
+    w = getattr(batch, "weight", None)  # [B] or None
+    w_atoms = None if w is None else w.index_select(0, batch.batch)
 
     terms = {}
     if batch.energy is not None and weights.get("energy", 0.0) > 0:
         e = out["energy"]  # atoms per structure by index_add, not bincount (whose size depends on the values)
         atoms = torch.zeros_like(e).index_add(0, batch.batch, torch.ones_like(batch.batch, dtype=e.dtype))
-        terms["energy"] = masked_mse((e - batch.energy) / atoms, batch.has_energy)
+        terms["energy"] = masked_mse((e - batch.energy) / atoms, batch.has_energy, w)
     if batch.forces is not None and weights.get("forces", 0.0) > 0 and "forces" in out:
-        terms["forces"] = masked_mse(out["forces"] - batch.forces, batch.has_forces[batch.batch])
+        terms["forces"] = masked_mse(out["forces"] - batch.forces, batch.has_forces[batch.batch], w_atoms)
     if batch.stress is not None and weights.get("stress", 0.0) > 0 and "stress" in out:
-        terms["stress"] = masked_mse(out["stress"] - batch.stress, batch.has_stress)
+        terms["stress"] = masked_mse(out["stress"] - batch.stress, batch.has_stress, w)
     for name in _CHARGE_TERMS:  # dipole [B, 3] per structure, born_charges [N, 3, 3] per atom
         ref, has = getattr(batch, name, None), getattr(batch, f"has_{name}", None)
         if ref is None or has is None or not weights.get(name, 0.0) > 0 or name not in out:
             continue
-        terms[name] = masked_mse(out[name] - ref, has if name == "dipole" else has[batch.batch])
+        per_atom = name != "dipole"
+        terms[name] = masked_mse(out[name] - ref, has[batch.batch] if per_atom else has, w_atoms if per_atom else w)
     return terms
 
 
@@ -120,6 +128,10 @@ def check_loss_labels(model, graphs, weights: Mapping[str, float], what: str = "
     if not any(weights.get(name, 0.0) > 0 for name in DEFAULT_WEIGHTS):
         raise ValueError(f"every loss weight is 0 ({', '.join(DEFAULT_WEIGHTS)}): there is nothing to train; give "
                          "a labelled term a weight > 0")
+    frame_weights = [getattr(graphs[k], "weight", None) for k in range(len(graphs))]
+    if frame_weights and all(w is not None and not bool((w > 0).any()) for w in frame_weights):
+        raise ValueError(f"every one of the {len(graphs)} {what} structures has weight 0 (atoms.info['config_weight'])"
+                         ": there is nothing to train; give some a weight > 0")
     wanted = [name for name in _CHARGE_TERMS if weights.get(name, 0.0) > 0]
     if not wanted:  # (the charge terms get their own messages below)
         check_labels_to_fit(graphs, weights, what)
