@@ -681,10 +681,11 @@ def training_statistics(graphs: Sequence[Graph], species: Sequence[int]) -> dict
     """:func:`dataset_statistics` of a training set with its reference energies: those of elements with an
     isolated-atom structure are its energy (:func:`isolated_atom_energies`), the others fitted to what they leave
     (:func:`fit_reference_energies`); the isolated atoms are references, not samples, and stay out of the
-    statistics. Structures weighted 0 (``Graph.weight``: MACE's config_weight) are left out of all of it, as out of
-    the loss. Adds "reference_energies" and "isolated_atom_energies" {Z: eV}."""
-    graphs = [g for g in graphs if g.weight is None or bool((g.weight > 0).any())] or list(graphs)
+    statistics. Other structures weighted 0 (``Graph.weight``: MACE's config_weight) are left out of the fit and the
+    statistics, as out of the loss; isolated atoms give their references whatever their weight (as MACE's E0s). Adds
+    "reference_energies" and "isolated_atom_energies" {Z: eV}."""
     isolated = isolated_atom_energies(graphs)
+    graphs = [g for g in graphs if g.weight is None or bool((g.weight > 0).any())] or list(graphs)
     refs = fit_reference_energies(graphs, species, fixed=isolated)
     stats = dataset_statistics([g for g in graphs if not is_isolated_atom(g)] or graphs, refs)
     stats["reference_energies"], stats["isolated_atom_energies"] = refs, isolated

@@ -449,7 +449,7 @@ def test_isolated_atoms_give_their_elements_reference_energies(make_molecule):
     -0.5 eV; they now give their elements' references (the lowest of several, a ground state), the other elements
     are fitted to what they leave, and the training statistics leave them out."""
     from cartlorem import CartLorem
-    from cartlorem.data import isolated_atom_energies
+    from cartlorem.data import isolated_atom_energies, is_isolated_atom
     from cartlorem.training import fit_statistics
 
     refs = {1: -13.6, 6: -1029.5, 8: -2041.3, 29: -45000.25}
@@ -474,6 +474,15 @@ def test_isolated_atoms_give_their_elements_reference_energies(make_molecule):
     model = CartLorem([1, 6, 8, 29], cutoff=3.0, channels=4, num_layers=1, correlation=1).double()
     stats = fit_statistics(model, graphs)
     assert stats["reference_energies"] == fit and stats["n_structures"] == len(graphs) - 3  # the cation stays
+    # an isolated atom weighted 0 (config_weight: out of the loss) still gives its element's reference, as MACE's
+    # E0s; another structure weighted 0 leaves the fit
+    from cartlorem.data import training_statistics
+
+    weighted = [g.replace(weight=torch.zeros(1, dtype=g.positions.dtype) if is_isolated_atom(g) or k == 0
+                          else torch.ones(1, dtype=g.positions.dtype)) for k, g in enumerate(graphs)]
+    stats0 = training_statistics(weighted, [1, 6, 8, 29])
+    assert stats0["isolated_atom_energies"] == {1: -13.3, 8: -2040.0}
+    assert stats0["n_structures"] == len(graphs) - 4
     assert float(model.atomic_energies[model.species_index(torch.tensor([8]))]) == -2040.0
 
 

@@ -7,7 +7,8 @@
 in eV/atom, eV/Å, eV/Å³, e·Å and e; every mean runs only over labelled items (the ``has_*`` masks
 of the batch). Each squared error is multiplied by its structure's weight (``Graph.weight``: MACE's
 ``atoms.info["config_weight"]``, 1 where not given; 0 leaves a structure out), and the means still divide by the
-number of labelled items, as MACE does. Validation metrics and the validation loss are unweighted.
+number of labelled items (for a fully labelled set MACE's mean over the batch). Validation metrics and the
+validation loss, which picks the best model, are unweighted.
 The dipole and Born-charge weights default to 0; with a weight > 0 the trainer asks the model for those
 outputs (:func:`charge_outputs`), which needs a long-range model and labelled data (:func:`check_loss_labels`).
 :func:`validation_loss` is the same expression over a whole set, from its RMSEs.
@@ -51,8 +52,8 @@ def weighted_loss(out: dict, batch: Graph, weights: Mapping[str, float]) -> tupl
     out: model output with "energy" [B] eV, "forces" [N, 3] eV/Å and (when those terms are trained)
     "stress" [B, 3, 3] eV/Å³, "dipole" [B, 3] e·Å, "born_charges" [N, 3, 3] e. batch: a labelled
     :class:`Graph` (labels + has_* masks). weights: {"energy", "forces", "stress", "dipole",
-    "born_charges"} → weight. Returns (scalar loss, {term: float}) where the terms are the unweighted
-    mean squared errors (eV²/atom², eV²/Å², eV²/Å⁶, e²Å², e²) of labelled items only; a term with no
+    "born_charges"} → weight. Returns (scalar loss, {term: float}) where the terms are the mean squared
+    errors without the term weights (with the frame weights, ``batch.weight``) (eV²/atom², eV²/Å², eV²/Å⁶, e²Å², e²) of labelled items only; a term with no
     labelled item in the batch is absent. ValueError when a dipole / Born-charge term has a weight > 0
     and labels in the batch but ``out`` lacks the prediction (ask the model with :func:`charge_outputs`).
     """
@@ -80,7 +81,10 @@ def loss_terms(out: dict, batch: Graph, weights: Mapping[str, float]) -> dict:
         rows = mask.shape + (1,) * (diff.dim() - 1)  # mask [rows]; weight [rows] or None
         err = torch.where(mask.reshape(rows), diff, torch.zeros_like(diff))
         items = mask.sum() * (diff[0].numel() if diff.dim() > 1 else 1)
-        sq = err**2 if weight is None else err**2 * weight.reshape(rows).to(diff.dtype)
+        sq = err**2
+        if weight is not None:  # a row weighted 0 adds 0, also when its error overflows (inf × 0 would be NaN)
+            weight = weight.reshape(rows).to(diff.dtype)
+            sq = torch.where(weight > 0, sq * weight, torch.zeros_like(sq))
         return sq.sum() / items.clamp(min=1).to(diff.dtype), items
 
     w = getattr(batch, "weight", None)  # [B] or None
