@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import weakref
 from typing import Mapping, Optional
 
 import torch
@@ -118,7 +119,7 @@ class CompiledLossGradient:
     model's trainable parameters, compiled by ``torch.compile`` (one graph, dynamic shapes).
 
     Calling it on a batch (on the model's device and dtype) fills ``p.grad`` of every trainable parameter
-    and returns (loss tensor, {term: unweighted MSE}) as :func:`~cartlorem.training.loss.weighted_loss`
+    and returns (loss tensor, {term: MSE without the term weight}) as :func:`~cartlorem.training.loss.weighted_loss`
     does. With ``scales`` ({term: factor}, :func:`cartlorem.training.distributed.share_scales`) each term's
     mean is multiplied by its factor: the loss and gradient are then this process's share of a global batch
     shared by several processes (:func:`~cartlorem.training.distributed.loss_share`). ``unsupported(batch)``
@@ -140,6 +141,11 @@ class CompiledLossGradient:
         own = _own_code(type(self)._loss_and_grad)
         self._fn = torch.compile(types.MethodType(own, self), dynamic=False, fullgraph=True,
                                  backend=backend or BACKEND)
+        # the copy's compiled graphs go with this step: dynamo keeps them on the code object, which outlives the
+        # instance (36 MB a call for a small model with aot_eager: an active-learning loop of train(compile=True)
+        # calls grew without bound)
+        self._code = own.__code__
+        weakref.finalize(self, torch._dynamo.reset_code, own.__code__)
 
     def unsupported(self, batch: Graph) -> Optional[str]:
         """Why ``batch`` cannot take the compiled step with this model, or None."""
