@@ -295,18 +295,21 @@ def evaluate(model, graphs: Sequence[Graph], *, batch_size: int = 16, progress: 
     return metrics(predict(model, graphs, batch_size=batch_size, progress=progress))
 
 
+#: the metrics of each quantity: (name, MAE key, RMSE key, unit, labelled-count key)
+_ROWS = (
+    ("energy", "energy_mae_mev_per_atom", "energy_rmse_mev_per_atom", "meV/atom", "n_energy"),
+    ("forces", "forces_mae_mev_per_a", "forces_rmse_mev_per_a", "meV/Å", "n_forces"),
+    ("stress", "stress_mae_mev_per_a3", "stress_rmse_mev_per_a3", "meV/Å³", "n_stress"),
+    ("dipole", "dipole_mae_e_a", "dipole_rmse_e_a", "e·Å", "n_dipole"),
+    ("Born Z*", "born_charges_mae_e", "born_charges_rmse_e", "e", "n_born_charges"),
+)
+
+
 def format_table(m: dict) -> str:
     """A small text table of the metrics."""
-    rows = [
-        ("energy", "energy_mae_mev_per_atom", "energy_rmse_mev_per_atom", "meV/atom", "n_energy"),
-        ("forces", "forces_mae_mev_per_a", "forces_rmse_mev_per_a", "meV/Å", "n_forces"),
-        ("stress", "stress_mae_mev_per_a3", "stress_rmse_mev_per_a3", "meV/Å³", "n_stress"),
-        ("dipole", "dipole_mae_e_a", "dipole_rmse_e_a", "e·Å", "n_dipole"),
-        ("Born Z*", "born_charges_mae_e", "born_charges_rmse_e", "e", "n_born_charges"),
-    ]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # n/a: nothing labelled; nan / inf: a model that diverged
     lines = [f"{'quantity':<10}{'MAE':>12}{'RMSE':>12}  {'unit':<10}{'labelled':>9}"]
-    for name, mae, rmse, unit, n in rows:
+    for name, mae, rmse, unit, n in _ROWS:
         if mae not in m:
             continue
         lines.append(f"{name:<10}{fmt(m[mae]):>12}{fmt(m[rmse]):>12}  {unit:<10}{m.get(n, ''):>9}")
@@ -317,10 +320,8 @@ def format_table(m: dict) -> str:
 def not_finite(m: dict) -> list[str]:
     """The quantities of the metrics ``m`` whose MAE or RMSE is NaN or infinite: labelled, but the model's
     predictions of them are not finite (a model that diverged)."""
-    keys = (("energy", "energy_%s_mev_per_atom"), ("forces", "forces_%s_mev_per_a"), ("stress", "stress_%s_mev_per_a3"),
-            ("dipole", "dipole_%s_e_a"), ("Born charges", "born_charges_%s_e"))
-    return [name for name, key in keys
-            if any(isinstance(m.get(key % s), float) and not math.isfinite(m[key % s]) for s in ("mae", "rmse"))]
+    return [{"Born Z*": "Born charges"}.get(name, name) for name, mae, rmse, *_ in _ROWS
+            if any(isinstance(m.get(k), float) and not math.isfinite(m[k]) for k in (mae, rmse))]
 
 
 def _composition_fit(p: Predictions) -> np.ndarray:

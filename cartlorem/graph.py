@@ -305,12 +305,10 @@ def collate(graphs: Sequence[Graph]) -> Graph:
             out[name] = torch.cat(vals)
         elif any(v is not None for v in vals):
             raise ValueError(f"cannot collate graphs where only some carry '{name}'")
-    if any(g.multiplicity is not None for g in graphs):  # None: singlets
-        out["multiplicity"] = torch.cat([g.total_charge.new_ones(g.num_graphs) if g.multiplicity is None
-                                         else g.multiplicity.to(g.total_charge) for g in graphs])
-    if any(g.weight is not None for g in graphs):  # None: weight 1
-        out["weight"] = torch.cat([g.total_charge.new_ones(g.num_graphs) if g.weight is None
-                                   else g.weight.to(g.total_charge) for g in graphs])
+    for name in ("multiplicity", "weight"):  # per structure, None meaning 1 (singlets; weight 1)
+        if any(getattr(g, name) is not None for g in graphs):
+            out[name] = torch.cat([g.total_charge.new_ones(g.num_graphs) if getattr(g, name) is None
+                                   else getattr(g, name).to(g.total_charge) for g in graphs])
     for name in ("dipole", "born_charges", "has_dipole", "has_born_charges"):  # charge labels
         vals = [getattr(g, name) for g in graphs]
         if all(v is not None for v in vals):
