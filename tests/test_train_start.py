@@ -535,3 +535,56 @@ def test_a_frame_weighted_0_is_left_out_of_training(files, tmp_path, capsys):
     code, _, err = run(capsys, "train", "--train", tmp_path / "c.xyz", "--config", files / "tiny.yaml",
                        "--out", tmp_path / "run_c")
     assert code == 2 and "has weight 0" in err and "Traceback" not in err, err
+
+
+def test_the_run_records_its_validation_frames_and_a_resume_keeps_them(files, tmp_path, capsys, monkeypatch):
+    """Which frames a --valid-fraction split put into validation was nowhere on disk, and a resume drew the split
+    again: a cartlorem whose split rule had changed (as it did for isolated atoms) trained on structures the run
+    had validated on, without a word. split.json records them, a resume keeps them, and a training file with
+    another number of frames is refused."""
+    import json
+
+    import numpy as np
+
+    from cartlorem.data import read_dataset, split
+    from cartlorem.training import job
+
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--valid-fraction", 0.25, "--seed", 3, "--out", run_dir)
+    assert code == 0, err
+    record = json.loads((run_dir / "split.json").read_text())
+    assert record["frames"] == 8 and record["validation"] == split(8, 0.25, seed=3)[1].tolist() == [6, 7]
+
+    seen = {}
+    real_train = job.train
+
+    def spy(model, train_graphs, valid_graphs, **kwargs):
+        seen["valid"] = [g.positions.tolist() for g in valid_graphs]
+        seen["train"] = len(train_graphs)
+        return real_train(model, train_graphs, valid_graphs, **kwargs)
+
+    def another_rule(graphs_or_len, valid_fraction, seed):  # as a later cartlorem might draw it
+        return np.arange(2, 8), np.arange(2)
+
+    monkeypatch.setattr(job, "train", spy)
+    monkeypatch.setattr(job, "split", another_rule)
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
+    assert code == 0, err
+    assert "validation frames recorded in split.json" in err
+    graphs = read_dataset(str(files / "train.xyz"), 3.0)
+    assert seen == {"valid": [graphs[k].positions.tolist() for k in (6, 7)], "train": 6}
+    assert json.loads((run_dir / "split.json").read_text())["validation"] == [6, 7]
+
+    monkeypatch.setattr(job, "split", split)
+    longer = tmp_path / "longer"
+    shutil.copytree(run_dir, longer)
+    grown = tmp_path / "train.xyz"
+    ase.io.write(grown, ase.io.read(files / "train.xyz", ":") + emt_frames(1, seed=5))
+    config = yaml.safe_load((longer / "config.yaml").read_text())
+    config["train"] = str(grown)
+    (longer / "config.yaml").write_text(yaml.safe_dump(config))
+    before = _contents(longer)
+    code, _, err = run(capsys, "train", "--out", longer, "--resume", "--epochs", 3)
+    assert code == 2 and "has 9 frames, but the run split 8" in err and "Traceback" not in err, err
+    assert _contents(longer) == before

@@ -4,7 +4,8 @@
 
 Reads the training (and validation) set with the configured label keys, splits off a validation
 set when none is given, builds the model for the elements present (or the configured ones),
-writes every value used to ``out/config.yaml`` (which ``Config.from_yaml`` reads back) and trains.
+writes every value used to ``out/config.yaml`` (which ``Config.from_yaml`` reads back) and, for a split of the
+training file, the validation frames to ``out/split.json`` (a resume keeps them), and trains.
 
 Under ``torchrun --nproc_per_node N`` every process runs this job: the process group comes from
 torchrun's environment (gloo for ``device="cpu"``, nccl with one GPU per process for "cuda"),
@@ -15,6 +16,7 @@ every process reads the data, and process 0 alone logs and writes files
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -25,7 +27,8 @@ from ..config import Config
 from ..data import MissingLabelError, duplicate_structures, is_isolated_atom, read_dataset, split, stress_key_unused
 from .distributed import process_group
 from .loop import train
-from .run_folder import CHECKPOINT, RunFolder, restore_model_settings
+from ..fileio import atomic_write_text
+from .run_folder import CHECKPOINT, SPLIT_JSON, RunFolder, restore_model_settings
 
 __all__ = ["run", "select_device"]
 
@@ -76,19 +79,54 @@ def _read(path, cfg: Config, require, dtype, training: bool = False):
     return graphs
 
 
-def _split(graphs, cfg: Config) -> tuple:
-    """(training, validation) graphs by ``split``; isolated-atom structures (their elements' reference energies,
-    :func:`cartlorem.data.is_isolated_atom`) all stay in training, the others are split as before."""
+def _split_indices(graphs, cfg: Config) -> tuple[list[int], list[int]]:
+    """(training, validation) frame indices by ``split``; isolated-atom structures (their elements' reference
+    energies, :func:`cartlorem.data.is_isolated_atom`) all stay in training, the others are split as before."""
     isolated = [k for k, g in enumerate(graphs) if is_isolated_atom(g)]
     rest = [k for k in range(len(graphs)) if k not in set(isolated)]
     if not isolated or len(rest) < 2:
-        tr, va = split(graphs, cfg.valid_fraction, seed=cfg.seed)
-        return [graphs[k] for k in tr], [graphs[k] for k in va]
+        tr, va = split(len(graphs), cfg.valid_fraction, seed=cfg.seed)
+        return tr.tolist(), va.tolist()
     tr, va = split(len(rest), cfg.valid_fraction, seed=cfg.seed)
-    train = sorted(isolated + [rest[k] for k in tr])
     log.info("%d isolated-atom structure(s) kept in the training set (their elements' reference energies)",
              len(isolated))
-    return [graphs[k] for k in train], [graphs[rest[k]] for k in va]
+    return sorted(isolated + [rest[k] for k in tr]), [rest[k] for k in va]
+
+
+def _split(graphs, cfg: Config) -> tuple:
+    """(training, validation) graphs of :func:`_split_indices`."""
+    tr, va = _split_indices(graphs, cfg)
+    return [graphs[k] for k in tr], [graphs[k] for k in va]
+
+
+def _recorded_split(cfg: Config, out: Path, frames: int, train: list, valid: list) -> tuple[list, list]:
+    """A resumed run's split: the validation frames its split.json recorded. ValueError when the training file
+    no longer has the number of frames the run split (frame indices would name other structures); a recorded split
+    that this cartlorem would draw otherwise (an older version's rule) is kept, with a note."""
+    path = out / SPLIT_JSON
+    if not path.is_file():
+        return train, valid
+    try:
+        record = json.loads(path.read_text())
+        recorded = [int(k) for k in record["validation"]]
+        n = int(record["frames"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read {path} ({type(err).__name__}: {err}): it records which frames the run "
+                         "validated on; restore the file, or start a new run (--overwrite or another --out)") from None
+    if n != frames:
+        raise ValueError(
+            f"resuming {out}: {cfg.train} has {frames} frames, but the run split {n} ({SPLIT_JSON}): the file has "
+            "changed, and structures the run validated on would be trained on; resume with the run's file, or "
+            "start a new run (--overwrite or another --out)")
+    if len(set(recorded)) != len(recorded) or not all(0 <= k < frames for k in recorded):
+        raise ValueError(f"{path} names frames that {cfg.train} does not have once each: restore the file, or "
+                         "start a new run (--overwrite or another --out)")
+    if sorted(recorded) != valid:
+        log.warning("resuming %s with the validation frames recorded in %s (this cartlorem would split the file "
+                    "otherwise)", out, SPLIT_JSON)
+        chosen = set(recorded)
+        train, valid = [k for k in range(frames) if k not in chosen], sorted(recorded)
+    return train, valid
 
 
 def run(cfg: Config):
@@ -263,10 +301,16 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         cfg = _without_config_yaml(cfg, out, checkpoint)
     t0 = time.perf_counter()
     graphs = _read(cfg.train, cfg, require, dtype, training=True)
+    split_record = None  # the validation frames of a --valid-fraction split, for split.json
     if cfg.valid is not None:
         train_graphs, valid_graphs = graphs, _read(cfg.valid, cfg, require, dtype)
     elif cfg.valid_fraction > 0 and len(graphs) >= 2:
-        train_graphs, valid_graphs = _split(graphs, cfg)
+        train_idx, valid_idx = _split_indices(graphs, cfg)
+        if cfg.resume:
+            train_idx, valid_idx = _recorded_split(cfg, out, len(graphs), train_idx, valid_idx)
+        train_graphs, valid_graphs = [graphs[k] for k in train_idx], [graphs[k] for k in valid_idx]
+        split_record = {"train": str(Path(cfg.train).resolve()), "frames": len(graphs),
+                        "valid_fraction": cfg.valid_fraction, "seed": cfg.seed, "validation": valid_idx}
     else:
         train_graphs, valid_graphs = graphs, []
     _warn_duplicates(cfg, graphs, train_graphs, valid_graphs)
@@ -300,6 +344,8 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         if main:
             header = "# cartlorem train: every option of this run (defaults included); reuse with --config\n"
             cfg.replace(species=species, resume=False, overwrite=False, **absolute).to_yaml(out / "config.yaml", header)
+            if split_record is not None:  # frame indices (from 0, in file order); the other frames are training's
+                atomic_write_text(out / SPLIT_JSON, json.dumps(split_record, indent=1) + "\n")
 
     result = train(model, train_graphs, valid_graphs, out_dir=out, on_start=write_config, **cfg.train_kwargs())
     return model, result

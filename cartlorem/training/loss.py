@@ -53,9 +53,10 @@ def weighted_loss(out: dict, batch: Graph, weights: Mapping[str, float]) -> tupl
     "stress" [B, 3, 3] eV/Å³, "dipole" [B, 3] e·Å, "born_charges" [N, 3, 3] e. batch: a labelled
     :class:`Graph` (labels + has_* masks). weights: {"energy", "forces", "stress", "dipole",
     "born_charges"} → weight. Returns (scalar loss, {term: float}) where the terms are the mean squared
-    errors without the term weights (with the frame weights, ``batch.weight``) (eV²/atom², eV²/Å², eV²/Å⁶, e²Å², e²) of labelled items only; a term with no
-    labelled item in the batch is absent. ValueError when a dipole / Born-charge term has a weight > 0
-    and labels in the batch but ``out`` lacks the prediction (ask the model with :func:`charge_outputs`).
+    errors without the term weights (with the frame weights, ``batch.weight``) (eV²/atom², eV²/Å², eV²/Å⁶, e²Å²,
+    e²) of labelled items only; a term with no labelled item in the batch is absent. ValueError when a dipole /
+    Born-charge term has a weight > 0 and labels in the batch but ``out`` lacks the prediction (ask the model with
+    :func:`charge_outputs`).
     """
     for name in _CHARGE_TERMS:  # a charge term asked for by the weights and the labels needs the model's output
         has = getattr(batch, f"has_{name}", None)
