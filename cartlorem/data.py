@@ -45,6 +45,7 @@ __all__ = [
     "fit_reference_energies",
     "isolated_atom_energies",
     "is_isolated_atom",
+    "ISOLATED_ATOM_TYPE",
     "training_statistics",
     "stress_key_unused",
     "duplicate_structures",
@@ -380,6 +381,9 @@ def read_dataset(
     ``atoms.info`` dipole on a periodic structure or slab. A dipole among the calculator results of such a
     structure is ignored, with one note (logger ``cartlorem.data``, INFO) naming the frames; ``ase.io.read`` puts an
     extxyz ``dipole`` there, so in a file a periodic structure's dipole is always ignored, not an error.
+    A one-atom frame marked ``config_type=IsolatedAtom`` (MACE's E0 reference) in a periodic box with no image
+    within ``cutoff`` is read as the same atom with open boundaries (its stress is no label), so that it gives its
+    element's reference energy (:func:`is_isolated_atom`); a marked frame that cannot be one is warned of.
     """
     keys = {"energy": energy_key, "forces": forces_key, "stress": stress_key}
     require = tuple(require)
@@ -400,12 +404,18 @@ def read_dataset(
     if stress_key and "virial" in stress_key.lower():
         raise ValueError(f"stress_key {stress_key!r} names a virial (eV, e.g. MACE's REF_virials = −V σ), but the "
                          "stress label is the stress σ in eV/Å³ (ASE's sign): store σ = −W / V under another key")
-    graphs, ignored, no_stress = [], [], []
+    graphs, ignored, no_stress, boxed, not_references = [], [], [], [], []
     token = _CHECKED_RESULTS.set({})
     try:
         for k, atoms in enumerate(frames):
             where = f"{source}, frame {k}"
             g = atoms_to_graph(atoms, cutoff, dtype=dtype, label=where)
+            marked = atoms.info.get("config_type") == ISOLATED_ATOM_TYPE
+            if (marked and bool(g.pbc.any()) and int(g.positions.shape[0]) == 1 and int(g.edge_index.shape[1]) == 0
+                    and abs(float(g.total_charge[0])) < 1e-9):  # a charged one's box (Madelung, background) counts
+                # MACE's isolated atom in a DFT code's periodic box: no image within the cutoff, so the same atom open
+                g = g.replace(pbc=torch.zeros_like(g.pbc), cell=torch.zeros_like(g.cell))
+                boxed.append(k)
             try:
                 g = attach_labels(g, atoms, keys)
                 g = attach_charge_labels(g, atoms, dipole_key, born_charges_key)
@@ -413,11 +423,14 @@ def read_dataset(
                 raise ValueError(f"{where}: {err}") from None
             if dipole_key and bool(g.pbc.any()) and _charge_label_value(atoms, "dipole", dipole_key)[0] is not None:
                 ignored.append(k)  # a calculator's dipole of a periodic structure or slab (an info one raised above)
-            if stress_key and not bool(g.pbc.all()) and _lookup(atoms, "stress", stress_key) is not None:
+            if (stress_key and not bool(g.pbc.all()) and _lookup(atoms, "stress", stress_key) is not None
+                    and k not in boxed[-1:]):
                 no_stress.append(k)  # a slab's or molecule's stress (attach_labels left it out)
             for name in require:
                 if not bool(getattr(g, f"has_{name}")[0]):
                     raise _missing_label_error(frames, k, source, name, keys[name])
+            if marked and not is_isolated_atom(g):
+                not_references.append(k)
             weight = _frame_weight(atoms, where)
             graphs.append(g if weight is None else g.replace(weight=torch.tensor([weight], dtype=dtype)))
     finally:
@@ -426,6 +439,15 @@ def read_dataset(
         graphs = [g if g.weight is not None else g.replace(weight=torch.ones(1, dtype=dtype)) for g in graphs]
     _check_stress_labels(frames, graphs, source, stress_key)
     _check_frame_weights(frames, source)
+    if boxed:
+        _log.info("%s: %d isolated atom(s) in a periodic box (config_type=%s, no image within the %g Å cutoff; frames "
+                  "%s) are read as open atoms: their elements' reference energies", source, len(boxed),
+                  ISOLATED_ATOM_TYPE, cutoff, _shown(boxed))
+    if not_references:
+        _log.warning("%s: frame(s) %s are marked config_type=%s (MACE's E0 references) but are not one neutral atom, "
+                     "with an energy label, without a neighbour within the %g Å cutoff: they are trained on as "
+                     "structures and give no reference energy", source, _shown(not_references), ISOLATED_ATOM_TYPE,
+                     cutoff)
     if no_stress:
         shown = ", ".join(map(str, no_stress[:10])) + (", ..." if len(no_stress) > 10 else "")
         _log.info("%s: the stress of %d structure(s) that are not fully periodic (frames %s) is not a label: slabs "
@@ -625,9 +647,19 @@ def _composition(
     return torch.cat(counts).numpy(), torch.cat(energies).numpy(), torch.cat(has).numpy().astype(bool)
 
 
+#: MACE's ``config_type`` of an isolated-atom reference (its E0); read_dataset reads such an atom in a periodic box
+#: without an image within the cutoff as an open atom
+ISOLATED_ATOM_TYPE = "IsolatedAtom"
+
+
+def _shown(frames: Sequence[int], first: int = 10) -> str:
+    return ", ".join(map(str, frames[:first])) + (", ..." if len(frames) > first else "")
+
+
 def is_isolated_atom(g: Graph) -> bool:
     """Whether ``g`` is one structure that is a single neutral atom with open boundaries and an energy label: an
-    isolated-atom reference (what MACE's data mark ``config_type=IsolatedAtom``). A batch of structures is not."""
+    isolated-atom reference (what MACE's data mark ``config_type=IsolatedAtom``; :func:`read_dataset` reads such a
+    marked atom in a periodic box without an image within the cutoff as open). A batch of structures is not."""
     return (g.num_graphs == 1 and int(g.positions.shape[0]) == 1 and not bool(g.pbc.any())
             and g.energy is not None and g.has_energy is not None and bool(g.has_energy[0])
             and abs(float(g.total_charge[0])) < 1e-9)

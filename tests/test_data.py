@@ -533,3 +533,35 @@ def test_per_frame_weights_of_mace_files(tmp_path, make_molecule, caplog):
         frames[1].info["config_weight"] = bad
         with pytest.raises(ValueError, match=r"frame 1: config_weight .* must be a finite number >= 0"):
             read_dataset(frames, 3.0)
+
+
+def test_a_mace_isolated_atom_in_a_periodic_box_gives_its_reference(caplog):
+    """MACE marks its E0 references config_type=IsolatedAtom whatever the boundaries, and DFT codes compute them in
+    a periodic box; cartlorem took only open atoms, so such a file's atoms were trained on as crystals and the
+    reference energies came from the least-squares fit (H -17.45 eV against the file's -13.6 in a review), without
+    a word. A marked atom with no image within the cutoff is now read as open; a marked frame that cannot be a
+    reference is warned of, and an unmarked one-atom crystal stays a crystal."""
+    import logging
+
+    from cartlorem.data import isolated_atom_energies
+
+    def atom(symbol, energy, box, marked=True, charge=0):
+        a = Atoms(symbol, positions=[[1.0, 2.0, 3.0]], cell=[box] * 3, pbc=True)
+        if marked:
+            a.info["config_type"] = "IsolatedAtom"
+        a.info["total_charge"] = charge
+        a.calc = SinglePointCalculator(a, energy=energy, forces=np.zeros((1, 3)), stress=np.full(6, 0.01))
+        return a
+
+    frames = [atom("H", -13.6, 12.0), atom("O", -432.0, 12.0), atom("C", -150.0, 3.0), atom("N", -270.0, 12.0, False),
+              atom("O", -431.0, 12.0, charge=1)]
+    with caplog.at_level(logging.INFO, logger="cartlorem.data"):
+        graphs = read_dataset(frames, 5.0)
+    assert isolated_atom_energies(graphs) == {1: -13.6, 8: -432.0}
+    assert [bool(g.pbc.any()) for g in graphs] == [False, False, True, True, True]
+    assert not graphs[0].has_stress[0] and bool(graphs[2].has_stress[0])  # an atom has no volume
+    assert float(graphs[0].energy[0]) == -13.6 and float(graphs[0].cell.abs().sum()) == 0.0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "frame(s) 2, 4 are marked config_type=IsolatedAtom" in warned[0], warned
+    noted = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    assert "frames 0, 1) are read as open atoms" in noted and "not fully periodic" not in noted
