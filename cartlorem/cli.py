@@ -187,11 +187,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"the data carry {' and '.join(unscored)} labels but this model has no long range (no learned "
             "charges), so they are not scored"
         )
+    inputs = _evaluated_inputs(args, keys, dtype) if (args.json or predictions_as == "npz") else None
     if args.json:
-        atomic_write_text(args.json, metrics_json(m))
+        atomic_write_text(args.json, metrics_json({**m, "inputs": inputs}))
         print(f"metrics written to {args.json}")
     if predictions_as == "npz":
-        preds.save(args.predictions)
+        preds.save(args.predictions, inputs=inputs)
         print(f"predictions written to {args.predictions}")
     elif predictions_as == "extxyz":
         import io
@@ -215,6 +216,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
               "structures: the model diverged or its weights are damaged", file=sys.stderr)
         return 1
     return 0
+
+
+def _evaluated_inputs(args: argparse.Namespace, keys: dict, dtype) -> dict:
+    """What ``cartlorem evaluate`` scored, for its JSON and npz files: the model and data files (absolute paths and
+    SHA-256 of their bytes), the label keys read, the precision and the cartlorem version."""
+    from . import __version__
+    from .fileio import file_sha256
+
+    return {"model": str(Path(args.model).resolve()), "model_sha256": file_sha256(args.model),
+            "data": str(Path(args.data).resolve()), "data_sha256": file_sha256(args.data),
+            "label_keys": dict(keys), "dtype": str(dtype).removeprefix("torch."), "cartlorem": __version__}
 
 
 def _predictions_format(path) -> str:

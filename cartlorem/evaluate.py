@@ -70,12 +70,16 @@ class Predictions:
     born_charges_pred: np.ndarray
     has_born_charges: np.ndarray
 
-    def save(self, path) -> None:
+    def save(self, path, inputs: Optional[dict] = None) -> None:
         """Write all arrays to ``path`` in NumPy's ``.npz`` format (``numpy.load`` reads it), under that name as
-        given (numpy's own writer would add ``.npz`` to a name without it), atomically."""
+        given (numpy's own writer would add ``.npz`` to a name without it), atomically. ``inputs`` (what was
+        evaluated: model and data files, ...) is written as JSON text in a string array "inputs"
+        (``json.loads(str(np.load(path)["inputs"]))``)."""
         from .fileio import atomic_write
 
         arrays = {f.name: getattr(self, f.name) for f in fields(self)}
+        if inputs is not None:
+            arrays["inputs"] = np.array(json.dumps(inputs))
         atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
     def annotate(self, frames) -> list:

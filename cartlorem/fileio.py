@@ -20,7 +20,7 @@ import sys
 import tempfile
 from typing import BinaryIO, Callable, Optional
 
-__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "default_file_mode", "WriteError",
+__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "default_file_mode", "file_sha256", "WriteError",
            "damaged_record"]
 
 
@@ -126,6 +126,17 @@ def atomic_torch_save(obj, path) -> None:
     import torch
 
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def file_sha256(path, block: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes, as hex (read in blocks: any size)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_text(path, text: str) -> None:

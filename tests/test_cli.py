@@ -414,6 +414,30 @@ def test_evaluate_writes_predictions_where_it_says(files, tmp_path, capsys):
         assert saved["energy_pred"].shape == (5,) and np.all(np.isfinite(saved["forces_pred"]))
 
 
+def test_evaluate_files_say_which_model_and_data_they_score(files, tmp_path, capsys):
+    """evaluate's JSON and npz files held numbers only: which model scored which data was nowhere in them, so a
+    folder of results could not be traced back (or a result for a model retrained since told apart)."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    model = _untrained_model_file(tmp_path)
+    code, _, err = run(capsys, "evaluate", "--model", model, "--data", files / "test.xyz", "--json",
+                       tmp_path / "m.json", "--predictions", tmp_path / "p.npz", "--energy-key", "none",
+                       "--dtype", "float32", "--no-progress")
+    assert code == 0, err
+    m = json.loads((tmp_path / "m.json").read_text())
+    with np.load(tmp_path / "p.npz") as saved:
+        assert json.loads(str(saved["inputs"])) == m["inputs"]
+    inputs = m["inputs"]
+    assert inputs["model"] == str(model.resolve()) and inputs["data"] == str((files / "test.xyz").resolve())
+    assert inputs["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert inputs["data_sha256"] == hashlib.sha256((files / "test.xyz").read_bytes()).hexdigest()
+    assert inputs["label_keys"]["energy_key"] is None and inputs["label_keys"]["forces_key"] == "calc"
+    assert inputs["dtype"] == "float32" and m["n_energy"] == 0
+
+
 def test_evaluate_writes_a_nan_metric_as_null(files, tmp_path, capsys, monkeypatch):
     """A model that diverged gives NaN metrics, which json.dumps wrote as `NaN`: not JSON (jq, JavaScript and
     strict parsers reject the file). Non-finite metrics are now null. The table showed them as "n/a", as for a
