@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from .graph import _MIN_DISTANCE, Graph, atoms_to_graph, home_cell_offsets
+from .graph import _MIN_DISTANCE, Graph, atoms_to_graph, home_cell_offsets, wrapped_slab
 
 __all__ = ["CartLoremCalculator"]
 
@@ -297,6 +297,15 @@ class CartLoremCalculator(Calculator):
             raise RuntimeError("CartLoremCalculator computes forces by autograd, which torch.inference_mode() "
                                "switches off: call it outside inference_mode (torch.no_grad() is fine)")
         super().calculate(atoms, properties, system_changes)
+        if {"numbers", "cell", "pbc"} & set(system_changes):  # a new structure, not a step of one
+            wrapped = wrapped_slab(self.atoms.get_positions(), self.atoms.get_cell().array, self.atoms.get_pbc())
+            if wrapped:
+                import warnings
+
+                warnings.warn(f"{self.atoms.get_chemical_formula()}: this slab looks wrapped across its open cell "
+                              f"vector (a {wrapped[0]:.1f} Å empty layer between atoms near both faces of the cell, "
+                              f"{wrapped[1]:.1f} Å apart through them), so the model sees two half-slabs; shift the "
+                              "atoms near the top face down by the third cell vector if it is one slab", stacklevel=2)
         field = self._field
         charge_outputs = field is not None or "dipole" in properties or "born_charges" in properties
         graph = self._graph(self.atoms, same_images=field is not None or "born_charges" in properties)

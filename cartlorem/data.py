@@ -33,7 +33,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .graph import Graph, atoms_to_graph, check_charge_state
+from .graph import Graph, atoms_to_graph, check_charge_state, wrapped_slab
 
 _log = logging.getLogger(__name__)
 
@@ -404,12 +404,14 @@ def read_dataset(
     if stress_key and "virial" in stress_key.lower():
         raise ValueError(f"stress_key {stress_key!r} names a virial (eV, e.g. MACE's REF_virials = −V σ), but the "
                          "stress label is the stress σ in eV/Å³ (ASE's sign): store σ = −W / V under another key")
-    graphs, ignored, no_stress, boxed, not_references = [], [], [], [], []
+    graphs, ignored, no_stress, boxed, not_references, wrapped = [], [], [], [], [], []
     token = _CHECKED_RESULTS.set({})
     try:
         for k, atoms in enumerate(frames):
             where = f"{source}, frame {k}"
             g = atoms_to_graph(atoms, cutoff, dtype=dtype, label=where)
+            if bool(g.pbc.any()) and wrapped_slab(atoms.get_positions(), atoms.get_cell().array, atoms.get_pbc()):
+                wrapped.append(k)
             marked = atoms.info.get("config_type") == ISOLATED_ATOM_TYPE
             if (marked and bool(g.pbc.any()) and int(g.positions.shape[0]) == 1 and int(g.edge_index.shape[1]) == 0
                     and abs(float(g.total_charge[0])) < 1e-9):  # a charged one's box (Madelung, background) counts
@@ -439,6 +441,11 @@ def read_dataset(
         graphs = [g if g.weight is not None else g.replace(weight=torch.ones(1, dtype=dtype)) for g in graphs]
     _check_stress_labels(frames, graphs, source, stress_key)
     _check_frame_weights(frames, source)
+    if wrapped:
+        _log.warning("%s: %d slab(s) (frames %s) look wrapped across their open cell vector: atoms near both faces of "
+                     "the cell with the vacuum between them, so the model sees two half-slabs a vacuum apart. If each "
+                     "is one slab, shift the atoms near the top face down by the third cell vector (or centre the slab "
+                     "before setting pbc = [True, True, False])", source, len(wrapped), _shown(wrapped))
     if boxed:
         _log.info("%s: %d isolated atom(s) in a periodic box (config_type=%s, no image within the %g Å cutoff; frames "
                   "%s) are read as open atoms: their elements' reference energies", source, len(boxed),

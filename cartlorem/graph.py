@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ["Graph", "atoms_to_graph", "collate", "neighbour_list", "check_structure", "check_charge_state",
-           "home_cell_offsets"]
+           "home_cell_offsets", "wrapped_slab"]
 
 _MIN_DISTANCE = 0.1  # Å: two atoms (or an atom and an image) closer than this are a user error
 
@@ -135,6 +135,30 @@ def check_structure(
                 f"{label}: periodic cell has zero {what} along the periodic directions "
                 f"(pbc = {pbc.tolist()}, cell = {cell.tolist()})"
             )
+
+
+def wrapped_slab(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> Optional[tuple[float, float]]:
+    """(gap, across) in Å when a slab (one open direction) looks wrapped across its open cell vector, else None.
+
+    A periodic code wraps every coordinate into the cell, so a slab near a face of the cell comes in two parts:
+    atoms near the bottom face and atoms near the top one, the vacuum between them (``gap``, the widest empty
+    layer along the normal of the periodic plane) and only ``across`` (the distance through the faces) apart. With
+    the third direction open the model then sees two half-slabs, a vacuum apart. Flagged when the widest gap is
+    over 3 Å and more than twice the distance across the faces; a slab in one piece, or two slabs with vacuum on
+    both sides, is not."""
+    pbc = np.asarray(pbc, dtype=bool)
+    if int(pbc.sum()) != 2 or len(positions) < 2:
+        return None
+    cell = np.asarray(cell, dtype=np.float64)
+    a, b = cell[pbc]
+    normal = np.cross(a, b)
+    height = abs(float(cell[~pbc][0] @ normal)) / max(float(np.linalg.norm(normal)), 1e-300)
+    z = np.sort(np.asarray(positions, dtype=np.float64) @ (normal / max(float(np.linalg.norm(normal)), 1e-300)))
+    across = height - float(z[-1] - z[0])
+    gap = float(np.max(np.diff(z)))
+    if height < 1e-6 or across < 0:  # no cell height along the open direction, or atoms that span more: no period
+        return None
+    return (gap, across) if gap > 3.0 and gap > 2.0 * across else None
 
 
 def check_charge_state(numbers, total_charge: float, multiplicity: Optional[float] = None,

@@ -408,3 +408,56 @@ def test_batched_slab_with_atoms_on_the_plane(below):
     for got in (traced, tuple(eager)):
         for a, b in zip(got, ref):
             assert float((a[: len(pos)] - b).abs().max()) < 10 * accuracy * float(b.abs().max())
+
+
+def test_a_slab_wrapped_across_its_open_vector_is_warned_of(caplog):
+    """A periodic code wraps every coordinate into the cell, so a slab near a face comes in two parts; with
+    pbc = [T, T, F] the model then saw two half-slabs a vacuum apart (here a different energy) without a word. Such
+    a slab is now warned of, in a data file and by the calculator (once per structure, not at every step); a slab
+    in one piece, shifted or not, and two slabs with vacuum on both sides, are not."""
+    import logging
+    import warnings
+
+    import ase.build
+    import numpy as np
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from cartlorem import CartLorem, CartLoremCalculator
+    from cartlorem.data import read_dataset
+    from cartlorem.graph import wrapped_slab
+
+    slab = ase.build.fcc111("Cu", (2, 2, 4), vacuum=10.0)
+    slab.pbc = [True, True, False]
+    wrapped = slab.copy()
+    wrapped.positions[:, 2] -= 12.0
+    wrapped.wrap(pbc=True)
+    shifted = slab.copy()
+    shifted.positions[:, 2] -= 12.0
+    two = slab.copy()
+    two.positions[8:, 2] += 6.0  # two 2-layer slabs 8 Å apart, 7 Å of vacuum through the faces
+    assert [wrapped_slab(a.positions, a.cell.array, a.pbc) is None for a in (slab, shifted, two)] == [True] * 3
+    gap, across = wrapped_slab(wrapped.positions, wrapped.cell.array, wrapped.pbc)
+    assert gap == pytest.approx(20.0) and across == pytest.approx(2.08, abs=0.01)
+
+    model = CartLorem([29], cutoff=4.0, channels=4, num_layers=1, correlation=1).double()
+    energies = []
+    for atoms in (slab, wrapped):
+        atoms.calc = CartLoremCalculator(model)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            energies.append(atoms.get_potential_energy())
+            atoms.positions[0, 0] += 0.01  # a step: no second warning
+            atoms.get_forces()
+        said = [str(w.message) for w in seen if "looks wrapped" in str(w.message)]
+        assert len(said) == (atoms is wrapped), said
+    assert abs(energies[0] - energies[1]) > 1e-3  # two half-slabs are not the slab
+
+    frames = []
+    for atoms in (slab, wrapped, shifted):
+        frame = atoms.copy()
+        frame.calc = SinglePointCalculator(frame, energy=0.0, forces=np.zeros((len(frame), 3)))
+        frames.append(frame)
+    with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
+        read_dataset(frames, 4.0)
+    said = [r.getMessage() for r in caplog.records if "look wrapped" in r.getMessage()]
+    assert len(said) == 1 and "1 slab(s) (frames 1)" in said[0], said
