@@ -119,6 +119,29 @@ def parse_mapping(v) -> dict:
 
 
 @_named("mapping")
+def parse_config_type_weights(v) -> dict:
+    """{config_type: weight >= 0}, from a mapping or its text (JSON or a Python literal, as MACE's
+    ``--config_type_weights '{"Default": 1.0}'``)."""
+    if isinstance(v, str):
+        import ast
+
+        try:
+            v = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"expected a mapping such as '{{\"Default\": 1.0, \"bulk\": 2.0}}', "
+                                             f"got {v!r}") from None
+    out = {}
+    for key, value in parse_mapping(v).items():
+        if not isinstance(key, str):
+            raise argparse.ArgumentTypeError(f"config types are names (text), got {key!r}")
+        weight = parse_float(value)
+        if weight < 0:
+            raise argparse.ArgumentTypeError(f"the weight of config_type {key!r} must be >= 0, got {value!r}")
+        out[key] = weight
+    return out
+
+
+@_named("mapping")
 def parse_long_range_options(v) -> dict:
     """A mapping whose keys are options of ``cartlorem.nn.long_range.LongRangeBlock`` (besides those the
     model sets: channels, kind, lmax) or CartLorem's ``placement`` / ``end_features``."""
@@ -261,6 +284,10 @@ def _options() -> list[Option]:
                "the calculator's born_effective_charges, or 'none' (used where present)", "data"),
         Option("species", nullable(parse_species), None,
                "elements the model knows, e.g. H,O,Na,Cl (default: all in the data)", "data"),
+        Option("config_type_weights", nullable(parse_config_type_weights), None,
+               "weight in the training loss of the frames of each atoms.info config_type, as MACE's: e.g. "
+               "'{\"Default\": 1.0, \"bulk\": 2.0}' (a frame without config_type is 'Default'; other types 1; "
+               "multiplies a frame's config_weight)", "data"),
     ]
     t = "training"
     training = [

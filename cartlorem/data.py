@@ -365,6 +365,7 @@ def read_dataset(
     dtype: torch.dtype = torch.float64,
     dipole_key: Optional[str] = "dipole",
     born_charges_key: Optional[str] = "born_charges",
+    config_type_weights: Optional[Mapping[str, float]] = None,
 ) -> list[Graph]:
     """Read structures and their labels into one :class:`Graph` (B = 1) per structure.
 
@@ -375,6 +376,10 @@ def read_dataset(
     dtype: floating dtype of positions, cell and labels. dipole_key / born_charges_key: where the
     molecular dipole (e·Å) and the Born effective charges (e, [N, 9]) are, or None (see
     :func:`attach_charge_labels`); structures without them are flagged in has_dipole / has_born_charges.
+    Frame weights (``Graph.weight``, the weight of each of a frame's terms in the training loss): MACE's
+    ``atoms.info["config_weight"]`` times ``config_type_weights[config_type]`` ({atoms.info "config_type": weight};
+    "Default" for a frame without one, 1 for a type not named, as MACE's ``--config_type_weights``); none when
+    neither is given. A named type that no frame has is warned of.
 
     Raises ValueError, naming the file and frame index, for a missing file, an empty dataset, a
     structure without a required label, NaN positions, overlapping atoms, a zero-volume cell or an
@@ -396,6 +401,10 @@ def read_dataset(
     if not (np.isfinite(cutoff) and cutoff > 0):
         raise ValueError(f"cutoff must be a positive number of Å, got {cutoff}")
 
+    for kind, value in (config_type_weights or {}).items():
+        if isinstance(value, (bool, np.bool_)) or not (isinstance(value, (int, float, np.number))
+                                                        and math.isfinite(value) and value >= 0):
+            raise ValueError(f"config_type_weights[{kind!r}] must be a finite number >= 0, got {value!r}")
     source, frames = _load_frames(path_or_atoms_list)
     if not frames:
         raise ValueError(f"no structures in {source!r}")
@@ -404,7 +413,7 @@ def read_dataset(
     if stress_key and "virial" in stress_key.lower():
         raise ValueError(f"stress_key {stress_key!r} names a virial (eV, e.g. MACE's REF_virials = −V σ), but the "
                          "stress label is the stress σ in eV/Å³ (ASE's sign): store σ = −W / V under another key")
-    graphs, ignored, no_stress, boxed, not_references, wrapped = [], [], [], [], [], []
+    graphs, ignored, no_stress, boxed, not_references, wrapped, types = [], [], [], [], [], [], set()
     token = _CHECKED_RESULTS.set({})
     try:
         for k, atoms in enumerate(frames):
@@ -434,6 +443,10 @@ def read_dataset(
             if marked and not is_isolated_atom(g):
                 not_references.append(k)
             weight = _frame_weight(atoms, where)
+            if config_type_weights is not None:
+                kind = atoms.info.get("config_type", DEFAULT_CONFIG_TYPE)
+                types.add(str(kind))
+                weight = (1.0 if weight is None else weight) * float(config_type_weights.get(str(kind), 1.0))
             graphs.append(g if weight is None else g.replace(weight=torch.tensor([weight], dtype=dtype)))
     finally:
         _CHECKED_RESULTS.reset(token)
@@ -441,6 +454,10 @@ def read_dataset(
         graphs = [g if g.weight is not None else g.replace(weight=torch.ones(1, dtype=dtype)) for g in graphs]
     _check_stress_labels(frames, graphs, source, stress_key)
     _check_frame_weights(frames, source)
+    unknown = sorted(set(config_type_weights or ()) - types)
+    if unknown:
+        _log.warning("%s: config_type_weights names config type(s) %s that no frame has (the frames' types: %s)",
+                     source, ", ".join(map(repr, unknown)), ", ".join(map(repr, sorted(types))))
     if wrapped:
         _log.warning("%s: %d slab(s) (frames %s) look wrapped across their open cell vector: atoms near both faces of "
                      "the cell with the vacuum between them, so the model sees two half-slabs a vacuum apart. If each "
@@ -509,6 +526,8 @@ def _check_stress_labels(frames, graphs, source: str, stress_key: Optional[str])
 
 #: MACE's per-frame weight of every loss term, which read_dataset reads into Graph.weight
 FRAME_WEIGHT_KEY = "config_weight"
+#: the config_type of a frame without one, as in MACE's --config_type_weights
+DEFAULT_CONFIG_TYPE = "Default"
 
 
 def _frame_weight(atoms, where: str) -> Optional[float]:

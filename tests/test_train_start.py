@@ -588,3 +588,47 @@ def test_the_run_records_its_validation_frames_and_a_resume_keeps_them(files, tm
     code, _, err = run(capsys, "train", "--out", longer, "--resume", "--epochs", 3)
     assert code == 2 and "has 9 frames, but the run split 8" in err and "Traceback" not in err, err
     assert _contents(longer) == before
+
+
+def test_config_type_weights_weigh_the_frames_as_mace_does(files, tmp_path, capsys, caplog):
+    """MACE's --config_type_weights (a weight per atoms.info config_type, 'Default' for a frame without one) had no
+    counterpart: a MACE user's set trained its down-weighted frames at full weight. A type weighted 0 now changes
+    nothing (here: its labels), the weights multiply config_weight, and a type no frame has is warned of."""
+    import logging
+
+    import torch
+
+    from cartlorem.data import read_dataset
+
+    frames = ase.io.read(files / "train.xyz", ":")
+    for k in (2, 5):
+        frames[k].info["config_type"] = "noise"
+    frames[6].info["config_type"] = "bulk"
+    frames[6].info["config_weight"] = 3.0
+    with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
+        graphs = read_dataset(frames, 3.0, config_type_weights={"Default": 0.5, "noise": 0.0, "bulk": 2.0,
+                                                                "surface": 4.0})
+    assert [float(g.weight[0]) for g in graphs] == [0.5, 0.5, 0.0, 0.5, 0.5, 0.0, 6.0, 0.5]
+    assert "'surface' that no frame has" in caplog.text and "'Default', 'bulk', 'noise'" in caplog.text
+    assert all(g.weight is None for g in read_dataset(frames[:6], 3.0))  # neither given: unweighted
+    with pytest.raises(ValueError, match=r"config_type_weights\['bulk'\] must be a finite number >= 0"):
+        read_dataset(frames, 3.0, config_type_weights={"bulk": -1.0})
+
+    ase.io.write(tmp_path / "a.xyz", frames)
+    for k in (2, 5):
+        frames[k].calc.results["energy"] += 50.0
+        frames[k].calc.results["forces"] = frames[k].get_forces() + 3.0
+    ase.io.write(tmp_path / "b.xyz", frames)
+    states = []
+    for name in ("a", "b"):
+        code, _, err = run(capsys, "train", "--train", tmp_path / f"{name}.xyz", "--config", files / "tiny.yaml",
+                           "--out", tmp_path / f"run_{name}", "--valid-fraction", 0, "--epochs", 1,
+                           "--config-type-weights", '{"noise": 0.0, "bulk": 2.0}')
+        assert code == 0, err
+        states.append(torch.load(tmp_path / f"run_{name}" / "model.pt", weights_only=True)["state_dict"])
+    assert all(torch.equal(value, states[1][key]) for key, value in states[0].items())
+    written = yaml.safe_load((tmp_path / "run_a" / "config.yaml").read_text())
+    assert written["config_type_weights"] == {"noise": 0.0, "bulk": 2.0}
+    code, _, err = run(capsys, "train", "--train", tmp_path / "a.xyz", "--config", files / "tiny.yaml",
+                       "--out", tmp_path / "run_c", "--config-type-weights", "noise=0")
+    assert code == 2 and "expected a mapping" in err and "Traceback" not in err, err
