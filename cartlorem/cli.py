@@ -130,8 +130,9 @@ def _print_summary(result) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import read_dataset
-    from .evaluate import format_table, metrics, metrics_json, not_finite, parity_format, parity_plot, predict
+    from .data import DEFAULT_CONFIG_TYPE, _load_frames, read_dataset
+    from .evaluate import (format_table, metrics, metrics_by_group, metrics_json, not_finite, parity_format,
+                           parity_plot, predict)
     from .fileio import atomic_write_text
     from .model import load_model
     from .training.job import select_device
@@ -160,7 +161,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if taken:
             raise ValueError(f"--predictions {args.predictions}: the references are read from {', '.join(taken)}, "
                              "the names under which the file gets this model's predictions; write an .npz file")
-    graphs = read_dataset(args.data, model.cutoff, **keys, require=(), dtype=dtype)
+    frames = _load_frames(args.data)[1]  # once: for the graphs, the config types and an .xyz of predictions
+    graphs = read_dataset(frames, model.cutoff, **keys, require=(), dtype=dtype, name=args.data)
     if model.long_range is not None:  # named by frame, not by its place in a batch
         from .nn.long_range import check_structures
 
@@ -169,6 +171,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     m = metrics(preds)
     print(f"model {args.model} on {args.data}")
     print(format_table(m))
+    kinds = [str(a.info.get("config_type", DEFAULT_CONFIG_TYPE)) for a in frames]
+    if len(set(kinds)) > 1:  # as MACE's evaluation: a table per config_type
+        m["by_config_type"] = metrics_by_group(preds, kinds)
+        for kind, part in m["by_config_type"].items():
+            print(f"\nconfig_type {kind}:")
+            print(format_table(part))
     if not (m["n_energy"] or m["n_forces"]):
         logging.getLogger(_LOGGER).warning(
             "the data carry no energy or force labels (check --energy-key / --forces-key)"
@@ -199,10 +207,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         import ase.io
 
-        from .data import _load_frames
-
         text = io.StringIO()
-        ase.io.write(text, preds.annotate(_load_frames(args.data)[1]), format="extxyz")
+        ase.io.write(text, preds.annotate(frames), format="extxyz")
         atomic_write_text(args.predictions, text.getvalue())
         print(f"predictions written to {args.predictions} (cartlorem_energy, cartlorem_forces, ... in each frame)")
     if args.parity:

@@ -366,6 +366,7 @@ def read_dataset(
     dipole_key: Optional[str] = "dipole",
     born_charges_key: Optional[str] = "born_charges",
     config_type_weights: Optional[Mapping[str, float]] = None,
+    name: Optional[str] = None,
 ) -> list[Graph]:
     """Read structures and their labels into one :class:`Graph` (B = 1) per structure.
 
@@ -379,7 +380,8 @@ def read_dataset(
     Frame weights (``Graph.weight``, the weight of each of a frame's terms in the training loss): MACE's
     ``atoms.info["config_weight"]`` times ``config_type_weights[config_type]`` ({atoms.info "config_type": weight};
     "Default" for a frame without one, 1 for a type not named, as MACE's ``--config_type_weights``); none when
-    neither is given. A named type that no frame has is warned of.
+    neither is given. A named type that no frame has is warned of. ``name``: what messages call a list of frames
+    (default "structures"; a file's path names the file).
 
     Raises ValueError, naming the file and frame index, for a missing file, an empty dataset, a
     structure without a required label, NaN positions, overlapping atoms, a zero-volume cell or an
@@ -406,6 +408,8 @@ def read_dataset(
                                                         and math.isfinite(value) and value >= 0):
             raise ValueError(f"config_type_weights[{kind!r}] must be a finite number >= 0, got {value!r}")
     source, frames = _load_frames(path_or_atoms_list)
+    if name is not None and source == "structures":
+        source = str(name)
     if not frames:
         raise ValueError(f"no structures in {source!r}")
     check_charge_states(frames, source)

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from .fileio import atomic_write
 from .graph import Graph, collate
 
-__all__ = ["Predictions", "predict", "metrics", "metrics_json", "evaluate", "format_table", "parity_plot",
-           "not_finite"]
+__all__ = ["Predictions", "predict", "metrics", "metrics_by_group", "metrics_json", "evaluate", "format_table",
+           "parity_plot", "not_finite"]
 
 
 @dataclass
@@ -82,6 +82,17 @@ class Predictions:
             arrays["inputs"] = np.array(json.dumps(inputs))
         atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
+    def select(self, structures) -> "Predictions":
+        """The predictions of some of the structures: ``structures`` (indices or a boolean mask [M]), in that order,
+        renumbered from 0."""
+        index = np.arange(len(self.n_atoms))[np.asarray(structures)]
+        start = np.concatenate([[0], np.cumsum(self.n_atoms)]).astype(np.int64)
+        atoms = np.concatenate([np.arange(start[k], start[k + 1]) for k in index] + [np.zeros(0, np.int64)])
+        picked = {name: getattr(self, name)[index] for name in _PER_STRUCTURE}
+        picked.update({name: getattr(self, name)[atoms] for name in _PER_ATOM})
+        picked["structure"] = np.repeat(np.arange(len(index)), self.n_atoms[index])
+        return Predictions(**picked)
+
     def annotate(self, frames) -> list:
         """The ``ase.Atoms`` the predictions were made for (in order), with the predictions added under their own
         names, beside whatever the frames hold (references included): ``info["cartlorem_energy"]`` (eV),
@@ -110,6 +121,12 @@ class Predictions:
             if born.size and np.isfinite(born).all():
                 atoms.arrays["cartlorem_born_charges"] = born.reshape(-1, 9).copy()
         return frames
+
+
+_PER_STRUCTURE = ("n_atoms", "energy_ref", "energy_pred", "has_energy", "stress_ref", "stress_pred", "has_stress",
+                  "dipole_ref", "dipole_pred", "has_dipole")
+_PER_ATOM = ("forces_ref", "forces_pred", "has_forces", "species", "born_charges_ref", "born_charges_pred",
+             "has_born_charges")  # and "structure", renumbered by Predictions.select
 
 
 #: the names :meth:`Predictions.annotate` gives the predictions in a frame's info / arrays
@@ -286,12 +303,25 @@ def metrics(p: Predictions) -> dict:
     return out
 
 
+def metrics_by_group(p: Predictions, groups: Sequence[str]) -> dict[str, dict]:
+    """{group: :func:`metrics` of its structures}, for a name per structure (``groups`` [M], e.g. each frame's
+    ``config_type``, as MACE's evaluation reports them), in sorted order."""
+    groups = np.asarray([str(g) for g in groups], dtype=object)
+    if len(groups) != len(p.n_atoms):
+        raise ValueError(f"{len(groups)} group names for {len(p.n_atoms)} structures")
+    return {name: metrics(p.select(groups == name)) for name in sorted(set(groups))}
+
+
 def metrics_json(m: dict) -> str:
     """The metrics ``m`` as strict JSON text (indented, ending in a newline) that every JSON reader accepts: a
     non-finite value (NaN or ±inf, from a model that diverged) is written as null, as a metric without labels is;
-    ``json.dumps`` alone would write ``NaN``, which is not JSON."""
-    finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
-    return json.dumps(finite, indent=2, allow_nan=False) + "\n"
+    ``json.dumps`` alone would write ``NaN``, which is not JSON. Nested mappings (metrics by group) alike."""
+    def finite(v):
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    return json.dumps(finite(m), indent=2, allow_nan=False) + "\n"
 
 
 def evaluate(model, graphs: Sequence[Graph], *, batch_size: int = 16, progress: bool = False) -> dict:

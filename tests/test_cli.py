@@ -438,6 +438,39 @@ def test_evaluate_files_say_which_model_and_data_they_score(files, tmp_path, cap
     assert inputs["dtype"] == "float32" and m["n_energy"] == 0
 
 
+def test_evaluate_reports_each_config_type_as_mace_does(files, tmp_path, capsys):
+    """MACE's evaluation gives a table per config_type (bulk, surface, ...); cartlorem's gave one for the whole set,
+    so a class of structures the model fails on was averaged away. Each type's metrics are those of its frames
+    scored alone; a frame without a config_type is 'Default'; one type gives the one table."""
+    import json
+
+    from cartlorem.data import read_dataset
+    from cartlorem.evaluate import metrics, predict
+    from cartlorem.model import load_model
+
+    model = _untrained_model_file(tmp_path)
+    frames = ase.io.read(files / "test.xyz", ":")
+    for k, kind in ((0, "bulk"), (2, "bulk"), (3, "surface")):
+        frames[k].info["config_type"] = kind
+    ase.io.write(tmp_path / "typed.xyz", frames)
+    code, out, err = run(capsys, "evaluate", "--model", model, "--data", tmp_path / "typed.xyz", "--json",
+                         tmp_path / "m.json", "--no-progress")
+    assert code == 0, err
+    by_type = json.loads((tmp_path / "m.json").read_text())["by_config_type"]
+    assert list(by_type) == ["Default", "bulk", "surface"]
+    assert "config_type bulk:" in out and "config_type surface:" in out
+    loaded = load_model(model)
+    for kind, members in (("Default", (1, 4)), ("bulk", (0, 2)), ("surface", (3,))):
+        alone = metrics(predict(loaded, read_dataset([frames[k] for k in members], 3.0, require=())))
+        assert by_type[kind].keys() == alone.keys()
+        for key, value in alone.items():
+            assert by_type[kind][key] == pytest.approx(value, rel=1e-5, abs=1e-9), (kind, key)  # float32 batches
+    assert by_type["bulk"]["n_structures"] == 2 and by_type["surface"]["n_atoms"] == len(frames[3])
+    code, out, err = run(capsys, "evaluate", "--model", model, "--data", files / "test.xyz", "--json",
+                         tmp_path / "one.json", "--no-progress")
+    assert code == 0 and "config_type" not in out and "by_config_type" not in (tmp_path / "one.json").read_text()
+
+
 def test_evaluate_writes_a_nan_metric_as_null(files, tmp_path, capsys, monkeypatch):
     """A model that diverged gives NaN metrics, which json.dumps wrote as `NaN`: not JSON (jq, JavaScript and
     strict parsers reject the file). Non-finite metrics are now null. The table showed them as "n/a", as for a
