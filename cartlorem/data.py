@@ -451,11 +451,17 @@ def read_dataset(
                 kind = atoms.info.get("config_type", DEFAULT_CONFIG_TYPE)
                 types.add(str(kind))
                 weight = (1.0 if weight is None else weight) * float(config_type_weights.get(str(kind), 1.0))
-            graphs.append(g if weight is None else g.replace(weight=torch.tensor([weight], dtype=dtype)))
+            if weight is not None:
+                g = g.replace(weight=torch.tensor([weight], dtype=dtype))
+            per_term = _frame_term_weights(atoms, where)
+            graphs.append(g if per_term is None else g.replace(term_weight=torch.tensor([per_term], dtype=dtype)))
     finally:
         _CHECKED_RESULTS.reset(token)
     if any(g.weight is not None for g in graphs):  # all or none: one kind of batch for the compiled step
         graphs = [g if g.weight is not None else g.replace(weight=torch.ones(1, dtype=dtype)) for g in graphs]
+    if any(g.term_weight is not None for g in graphs):
+        graphs = [g if g.term_weight is not None else g.replace(term_weight=torch.ones(1, 3, dtype=dtype))
+                  for g in graphs]
     _check_stress_labels(frames, graphs, source, stress_key)
     _check_frame_weights(frames, source)
     unknown = sorted(set(config_type_weights or ()) - types)
@@ -530,14 +536,24 @@ def _check_stress_labels(frames, graphs, source: str, stress_key: Optional[str])
 
 #: MACE's per-frame weight of every loss term, which read_dataset reads into Graph.weight
 FRAME_WEIGHT_KEY = "config_weight"
+#: MACE's per-frame weights of the energy, forces and stress terms, which read_dataset reads into Graph.term_weight
+TERM_WEIGHT_KEYS = ("config_energy_weight", "config_forces_weight", "config_stress_weight")
 #: the config_type of a frame without one, as in MACE's --config_type_weights
 DEFAULT_CONFIG_TYPE = "Default"
 
 
-def _frame_weight(atoms, where: str) -> Optional[float]:
-    """``atoms.info["config_weight"]`` as a float (None where absent); ValueError naming the frame for a value that
-    is not a finite number >= 0."""
-    value = atoms.info.get(FRAME_WEIGHT_KEY)
+def _frame_term_weights(atoms, where: str) -> Optional[list[float]]:
+    """[energy, forces, stress] weights of MACE's TERM_WEIGHT_KEYS (1 for each absent one), or None when the frame
+    has none of them; ValueError naming the frame for a value that is not a finite number >= 0."""
+    if not any(key in atoms.info for key in TERM_WEIGHT_KEYS):
+        return None
+    return [1.0 if key not in atoms.info else _frame_weight(atoms, where, key) for key in TERM_WEIGHT_KEYS]
+
+
+def _frame_weight(atoms, where: str, key: str = FRAME_WEIGHT_KEY) -> Optional[float]:
+    """``atoms.info[key]`` (by default "config_weight") as a float (None where absent); ValueError naming the frame
+    for a value that is not a finite number >= 0."""
+    value = atoms.info.get(key)
     if value is None:
         return None
     try:
@@ -547,20 +563,21 @@ def _frame_weight(atoms, where: str) -> Optional[float]:
     except (TypeError, ValueError):
         weight = math.nan
     if not (math.isfinite(weight) and weight >= 0):
-        raise ValueError(f"{where}: {FRAME_WEIGHT_KEY} {value!r} must be a finite number >= 0 (the weight of the "
-                         "frame in the training loss; 0 leaves it out)")
+        raise ValueError(f"{where}: {key} {value!r} must be a finite number >= 0 (a weight of the frame in the "
+                         "training loss; 0 leaves it out)")
     return weight
 
 
 def _check_frame_weights(frames, source: str) -> None:
-    """A warning (logger ``cartlorem.data``) for MACE's per-property frame weights (``config_energy_weight``,
-    ``config_forces_weight``, ... in atoms.info) other than 1, which cartlorem does not use (``config_weight``, the
-    weight of every term, it does)."""
+    """A warning (logger ``cartlorem.data``) for MACE's other per-property frame weights (``config_virials_weight``,
+    ... in atoms.info) other than 1, which cartlorem does not use (``config_weight`` and the energy, forces and
+    stress weights, TERM_WEIGHT_KEYS, it does)."""
     weighted: dict[str, int] = {}
     first = None
     for k, atoms in enumerate(frames):
         for key, value in atoms.info.items():
-            if not (key.startswith("config_") and key.endswith("weight")) or key == FRAME_WEIGHT_KEY:
+            if not (key.startswith("config_") and key.endswith("weight")) or key in (FRAME_WEIGHT_KEY,
+                                                                                      *TERM_WEIGHT_KEYS):
                 continue
             try:
                 one = float(value) == 1.0
@@ -570,8 +587,8 @@ def _check_frame_weights(frames, source: str) -> None:
                 weighted[key] = weighted.get(key, 0) + 1
                 first = k if first is None else first
     if weighted:
-        _log.warning("%s: %s: cartlorem does not use these per-property frame weights (config_weight, the weight "
-                     "of all of a frame's terms, it does)", source,
+        _log.warning("%s: %s: cartlorem does not use these per-property frame weights (config_weight and "
+                     "config_{energy,forces,stress}_weight it does)", source,
                      ", ".join(f"{key} other than 1 in {n} frame(s)" for key, n in sorted(weighted.items()))
                      + f" (the first: frame {first})")
 
@@ -739,17 +756,33 @@ def fit_reference_energies(
     return out
 
 
+def _labels_the_loss_sees(g: Graph) -> Graph:
+    """``g`` without the energy / forces / stress labels its term weights (``Graph.term_weight``) set to 0."""
+    if g.term_weight is None:
+        return g
+    changes = {}
+    for k, name in enumerate(("energy", "forces", "stress")):
+        has = getattr(g, f"has_{name}")
+        if has is not None:
+            zero = g.term_weight[:, k] == 0
+            changes[f"has_{name}"] = has & ~zero  # [B], per structure for all three
+    return g.replace(**changes)
+
+
 def training_statistics(graphs: Sequence[Graph], species: Sequence[int]) -> dict:
     """:func:`dataset_statistics` of a training set with its reference energies: those of elements with an
     isolated-atom structure are its energy (:func:`isolated_atom_energies`), the others fitted to what they leave
     (:func:`fit_reference_energies`); the isolated atoms are references, not samples, and stay out of the
     statistics. Other structures weighted 0 (``Graph.weight``: MACE's config_weight) are left out of the fit and the
-    statistics, as out of the loss; isolated atoms give their references whatever their weight (as MACE's E0s). Adds
+    statistics, as out of the loss, and so are labels whose term weight is 0 (``Graph.term_weight``); isolated atoms
+    give their references whatever their weight (as MACE's E0s). Adds
     "reference_energies" and "isolated_atom_energies" {Z: eV}."""
     isolated = isolated_atom_energies(graphs)
     graphs = [g for g in graphs if g.weight is None or bool((g.weight > 0).any())] or list(graphs)
+    samples = [_labels_the_loss_sees(g) for g in graphs if not is_isolated_atom(g)]
+    graphs = [_labels_the_loss_sees(g) for g in graphs]
     refs = fit_reference_energies(graphs, species, fixed=isolated)
-    stats = dataset_statistics([g for g in graphs if not is_isolated_atom(g)] or graphs, refs)
+    stats = dataset_statistics(samples or graphs, refs)
     stats["reference_energies"], stats["isolated_atom_energies"] = refs, isolated
     return stats
 

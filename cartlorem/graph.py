@@ -58,6 +58,9 @@ class Graph:
     # per-structure weight of every training-loss term [B] (float; None: 1 for all), read from MACE's
     # atoms.info["config_weight"] (cartlorem.data.read_dataset)
     weight: Optional[torch.Tensor] = None
+    # per-structure weights of the energy, forces and stress terms [B, 3] (float; None: 1), MACE's
+    # atoms.info config_energy_weight, config_forces_weight, config_stress_weight; they multiply ``weight``
+    term_weight: Optional[torch.Tensor] = None
     # charge labels (cartlorem.data.attach_charge_labels)
     dipole: Optional[torch.Tensor] = None
     born_charges: Optional[torch.Tensor] = None
@@ -329,9 +332,9 @@ def collate(graphs: Sequence[Graph]) -> Graph:
             out[name] = torch.cat(vals)
         elif any(v is not None for v in vals):
             raise ValueError(f"cannot collate graphs where only some carry '{name}'")
-    for name in ("multiplicity", "weight"):  # per structure, None meaning 1 (singlets; weight 1)
+    for name, width in (("multiplicity", ()), ("weight", ()), ("term_weight", (3,))):  # per structure, None: 1
         if any(getattr(g, name) is not None for g in graphs):
-            out[name] = torch.cat([g.total_charge.new_ones(g.num_graphs) if getattr(g, name) is None
+            out[name] = torch.cat([g.total_charge.new_ones((g.num_graphs,) + width) if getattr(g, name) is None
                                    else getattr(g, name).to(g.total_charge) for g in graphs])
     for name in ("dipole", "born_charges", "has_dipole", "has_born_charges"):  # charge labels
         vals = [getattr(g, name) for g in graphs]

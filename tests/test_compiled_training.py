@@ -114,6 +114,45 @@ def _eager_gradient(model, batch, weights):
     return loss.detach(), terms, {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
+def test_term_weights_scale_each_structures_energy_forces_and_stress():
+    """MACE's config_energy_weight, config_forces_weight and config_stress_weight (Graph.term_weight) multiply the
+    structure's squared errors of that term, times config_weight; the means divide by the labelled items. The
+    function the compiled step runs gives autograd's gradient with them too."""
+    structures = _structures(1)
+    per_term = ((2.0, 0.0, 1.0), (1.0, 1.0, 0.0), (0.0, 3.0, 2.0), (1.0, 0.5, 1.0), (4.0, 1.0, 0.0))
+    for atoms, weight, (e, f, s) in zip(structures, (1.0, 2.0, 1.0, 0.5, 1.0), per_term):
+        atoms.info.update(config_weight=weight, config_energy_weight=e, config_forces_weight=f,
+                          config_stress_weight=s)
+    batch = collate(read_dataset(structures, cutoff=3.5, require=()))
+    assert batch.term_weight.tolist() == [list(t) for t in per_term]
+    model = _model(structures).eval()
+    out = model(batch, compute_stress=True)
+    terms = loss_terms(out, batch, loss_weights())
+    n, w, tw = batch.num_atoms.double(), batch.weight, batch.term_weight
+    e_ref = (w * tw[:, 0] * ((out["energy"] - batch.energy) / n) ** 2)[batch.has_energy].sum() / batch.has_energy.sum()
+    has_f = batch.has_forces[batch.batch]
+    f_err = (w * tw[:, 1])[batch.batch][:, None] * (out["forces"] - batch.forces) ** 2
+    f_ref = f_err[has_f].sum() / (3 * has_f.sum())
+    s_err = (w * tw[:, 2])[:, None, None] * (out["stress"] - batch.stress) ** 2
+    s_ref = s_err[batch.has_stress].sum() / (9 * batch.has_stress.sum())
+    assert bool(batch.has_stress.any()) and float(s_ref) > 0
+    for name, ref in (("energy", e_ref), ("forces", f_ref), ("stress", s_ref)):
+        assert float(terms[name][0].detach()) == pytest.approx(float(ref.detach()), rel=1e-13), name
+
+    model.train()
+    weights = loss_weights()
+    loss_ref, _, grads_ref = _eager_gradient(model, batch, weights)
+    step = CompiledLossGradient(model, weights)
+    step._fn = step._loss_and_grad  # eager: the same function without torch.compile
+    model.zero_grad(set_to_none=True)
+    loss, _ = step(batch)
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-12)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            scale = float(grads_ref[name].abs().max()) + 1e-300
+            assert float((p.grad - grads_ref[name]).abs().max()) <= 1e-10 * scale, name
+
+
 @pytest.mark.parametrize("kind, weights", [(None, {}), (None, {"stress": 0.0}), (None, {"energy": 0.0, "stress": 5.0}),
                                            ("multipole", {}), ("lorem", {}), ("multipole", {"energy": 0.0}),
                                            ("multipole/cells", {}), ("lorem/cells", {}),

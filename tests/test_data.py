@@ -519,20 +519,25 @@ def test_per_frame_weights_of_mace_files(tmp_path, make_molecule, caplog):
     frames[2].info["config_weight"] = 0.0
     frames[3].info["config_forces_weight"] = 10.0
     frames[3].info["config_energy_weight"] = 1.0
+    frames[3].info["config_virials_weight"] = 2.0
     ase.io.write(tmp_path / "w.xyz", frames)
     with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
         graphs = read_dataset(tmp_path / "w.xyz", 3.0)
     assert [float(g.weight[0]) for g in graphs] == [2.5, 1.0, 0.0, 1.0]
-    assert "config_forces_weight other than 1 in 1 frame(s) (the first: frame 3)" in caplog.text
-    assert "config_weight" not in caplog.text.split("(config_weight")[0] and "config_energy" not in caplog.text
+    # MACE's energy, forces and stress weights are Graph.term_weight (1 where absent); its virials weight is not used
+    assert [g.term_weight[0].tolist() for g in graphs] == [[1.0, 1.0, 1.0]] * 3 + [[1.0, 10.0, 1.0]]
+    assert "config_virials_weight other than 1 in 1 frame(s) (the first: frame 3)" in caplog.text
+    assert "config_forces_weight other" not in caplog.text and "config_energy_weight other" not in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
         plain = read_dataset(frames[1:2], 3.0)  # no weights: none stored
-    assert plain[0].weight is None and "weight" not in caplog.text
-    for bad in (-1.0, "heavy", True, float("nan")):
-        frames[1].info["config_weight"] = bad
-        with pytest.raises(ValueError, match=r"frame 1: config_weight .* must be a finite number >= 0"):
-            read_dataset(frames, 3.0)
+    assert plain[0].weight is None and plain[0].term_weight is None and "weight" not in caplog.text
+    for key in ("config_weight", "config_stress_weight"):
+        for bad in (-1.0, "heavy", True, float("nan")):
+            frames[1].info[key] = bad
+            with pytest.raises(ValueError, match=rf"frame 1: {key} .* must be a finite number >= 0"):
+                read_dataset(frames, 3.0)
+        frames[1].info[key] = 1.0
 
 
 def test_a_mace_isolated_atom_in_a_periodic_box_gives_its_reference(caplog):

@@ -632,3 +632,29 @@ def test_config_type_weights_weigh_the_frames_as_mace_does(files, tmp_path, caps
     code, _, err = run(capsys, "train", "--train", tmp_path / "a.xyz", "--config", files / "tiny.yaml",
                        "--out", tmp_path / "run_c", "--config-type-weights", "noise=0")
     assert code == 2 and "expected a mapping" in err and "Traceback" not in err, err
+
+
+
+def test_a_label_weighted_0_changes_nothing(files, tmp_path, capsys):
+    """MACE's config_energy_weight / config_forces_weight 0 leave that label of the frame out of the fit; cartlorem
+    warned and trained on it. Now such a label changes nothing: the loss, and the reference energies and statistics
+    (an energy 50 eV off, forces 3 eV/Å off)."""
+    import torch
+
+    frames = ase.io.read(files / "train.xyz", ":")
+    frames[2].info["config_energy_weight"] = 0.0
+    frames[5].info["config_forces_weight"] = 0.0
+    ase.io.write(tmp_path / "a.xyz", frames)
+    frames[2].calc.results["energy"] += 50.0
+    frames[5].calc.results["forces"] = frames[5].get_forces() + 3.0
+    ase.io.write(tmp_path / "b.xyz", frames)
+    states = []
+    for name in ("a", "b"):
+        code, _, err = run(capsys, "train", "--train", tmp_path / f"{name}.xyz", "--config", files / "tiny.yaml",
+                           "--out", tmp_path / f"run_{name}", "--valid-fraction", 0, "--epochs", 1)
+        assert code == 0, err
+        assert "does not use" not in err, err
+        states.append(torch.load(tmp_path / f"run_{name}" / "model.pt", weights_only=True))
+    for key, value in states[0]["state_dict"].items():
+        assert torch.equal(value, states[1]["state_dict"][key]), key
+    assert states[0]["config"] == states[1]["config"]  # the statistics (scale, shift, neighbours) too

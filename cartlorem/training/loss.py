@@ -6,8 +6,9 @@
 
 in eV/atom, eV/Å, eV/Å³, e·Å and e; every mean runs only over labelled items (the ``has_*`` masks
 of the batch). Each squared error is multiplied by its structure's weight (``Graph.weight``: MACE's
-``atoms.info["config_weight"]``, 1 where not given; 0 leaves a structure out), and the means still divide by the
-number of labelled items (for a fully labelled set MACE's mean over the batch). Validation metrics and the
+``atoms.info["config_weight"]``, 1 where not given; 0 leaves a structure out) and, for energy, forces and stress,
+by the term's weight of that structure (``Graph.term_weight``: MACE's ``config_energy_weight``,
+``config_forces_weight``, ``config_stress_weight``), and the means still divide by the number of labelled items (for a fully labelled set MACE's mean over the batch). Validation metrics and the
 validation loss, which picks the best model, are unweighted.
 The dipole and Born-charge weights default to 0; with a weight > 0 the trainer asks the model for those
 outputs (:func:`charge_outputs`), which needs a long-range model and labelled data (:func:`check_loss_labels`).
@@ -90,16 +91,24 @@ def loss_terms(out: dict, batch: Graph, weights: Mapping[str, float]) -> dict:
 
     w = getattr(batch, "weight", None)  # [B] or None
     w_atoms = None if w is None else w.index_select(0, batch.batch)
+    per_term = getattr(batch, "term_weight", None)  # [B, 3] (energy, forces, stress) or None
+
+    def term(k):  # structure weight × the term's weight [B], or None (1)
+        if per_term is None:
+            return w
+        return per_term[:, k] if w is None else w * per_term[:, k]
 
     terms = {}
     if batch.energy is not None and weights.get("energy", 0.0) > 0:
         e = out["energy"]  # atoms per structure by index_add, not bincount (whose size depends on the values)
         atoms = torch.zeros_like(e).index_add(0, batch.batch, torch.ones_like(batch.batch, dtype=e.dtype))
-        terms["energy"] = masked_mse((e - batch.energy) / atoms, batch.has_energy, w)
+        terms["energy"] = masked_mse((e - batch.energy) / atoms, batch.has_energy, term(0))
     if batch.forces is not None and weights.get("forces", 0.0) > 0 and "forces" in out:
-        terms["forces"] = masked_mse(out["forces"] - batch.forces, batch.has_forces[batch.batch], w_atoms)
+        forces_w = term(1)
+        terms["forces"] = masked_mse(out["forces"] - batch.forces, batch.has_forces[batch.batch],
+                                     None if forces_w is None else forces_w.index_select(0, batch.batch))
     if batch.stress is not None and weights.get("stress", 0.0) > 0 and "stress" in out:
-        terms["stress"] = masked_mse(out["stress"] - batch.stress, batch.has_stress, w)
+        terms["stress"] = masked_mse(out["stress"] - batch.stress, batch.has_stress, term(2))
     for name in _CHARGE_TERMS:  # dipole [B, 3] per structure, born_charges [N, 3, 3] per atom
         ref, has = getattr(batch, name, None), getattr(batch, f"has_{name}", None)
         if ref is None or has is None or not weights.get(name, 0.0) > 0 or name not in out:
@@ -121,6 +130,15 @@ def charge_outputs(weights: Mapping[str, float], batch: Graph) -> dict:
     return kw
 
 
+def _frame_weight(g) -> Optional[torch.Tensor]:
+    """[B] the largest weight of any of a structure's terms (``weight`` × its largest ``term_weight``), or None."""
+    w, per_term = getattr(g, "weight", None), getattr(g, "term_weight", None)
+    if per_term is None:
+        return w
+    largest = per_term.max(dim=1).values
+    return largest if w is None else w * largest
+
+
 def check_loss_labels(model, graphs, weights: Mapping[str, float], what: str = "training") -> None:
     """ValueError when the weights leave nothing to train or a dipole / Born-charge weight > 0 cannot be trained.
 
@@ -133,10 +151,11 @@ def check_loss_labels(model, graphs, weights: Mapping[str, float], what: str = "
     if not any(weights.get(name, 0.0) > 0 for name in DEFAULT_WEIGHTS):
         raise ValueError(f"every loss weight is 0 ({', '.join(DEFAULT_WEIGHTS)}): there is nothing to train; give "
                          "a labelled term a weight > 0")
-    frame_weights = [getattr(graphs[k], "weight", None) for k in range(len(graphs))]
+    frame_weights = [_frame_weight(graphs[k]) for k in range(len(graphs))]
     if frame_weights and all(w is not None and not bool((w > 0).any()) for w in frame_weights):
-        raise ValueError(f"every one of the {len(graphs)} {what} structures has weight 0 (atoms.info['config_weight'])"
-                         ": there is nothing to train; give some a weight > 0")
+        raise ValueError(f"every one of the {len(graphs)} {what} structures has weight 0 (atoms.info['config_weight']"
+                         ", or its config_energy_weight, config_forces_weight and config_stress_weight): there is "
+                         "nothing to train; give some a weight > 0")
     wanted = [name for name in _CHARGE_TERMS if weights.get(name, 0.0) > 0]
     if not wanted:  # (the charge terms get their own messages below)
         check_labels_to_fit(graphs, weights, what)
