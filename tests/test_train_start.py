@@ -540,8 +540,8 @@ def test_a_frame_weighted_0_is_left_out_of_training(files, tmp_path, capsys):
 def test_the_run_records_its_validation_frames_and_a_resume_keeps_them(files, tmp_path, capsys, monkeypatch):
     """Which frames a --valid-fraction split put into validation was nowhere on disk, and a resume drew the split
     again: a cartlorem whose split rule had changed (as it did for isolated atoms) trained on structures the run
-    had validated on, without a word. split.json records them, a resume keeps them, and a training file with
-    another number of frames is refused."""
+    had validated on, without a word. data.json records them, a resume keeps them, and a training file with
+    other contents (here a frame more) is refused."""
     import json
 
     import numpy as np
@@ -553,7 +553,7 @@ def test_the_run_records_its_validation_frames_and_a_resume_keeps_them(files, tm
     code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
                        "--valid-fraction", 0.25, "--seed", 3, "--out", run_dir)
     assert code == 0, err
-    record = json.loads((run_dir / "split.json").read_text())
+    record = json.loads((run_dir / "data.json").read_text())
     assert record["frames"] == 8 and record["validation"] == split(8, 0.25, seed=3)[1].tolist() == [6, 7]
 
     seen = {}
@@ -571,10 +571,10 @@ def test_the_run_records_its_validation_frames_and_a_resume_keeps_them(files, tm
     monkeypatch.setattr(job, "split", another_rule)
     code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
     assert code == 0, err
-    assert "validation frames recorded in split.json" in err
+    assert "validation frames recorded in data.json" in err
     graphs = read_dataset(str(files / "train.xyz"), 3.0)
     assert seen == {"valid": [graphs[k].positions.tolist() for k in (6, 7)], "train": 6}
-    assert json.loads((run_dir / "split.json").read_text())["validation"] == [6, 7]
+    assert json.loads((run_dir / "data.json").read_text())["validation"] == [6, 7]
 
     monkeypatch.setattr(job, "split", split)
     longer = tmp_path / "longer"
@@ -586,7 +586,7 @@ def test_the_run_records_its_validation_frames_and_a_resume_keeps_them(files, tm
     (longer / "config.yaml").write_text(yaml.safe_dump(config))
     before = _contents(longer)
     code, _, err = run(capsys, "train", "--out", longer, "--resume", "--epochs", 3)
-    assert code == 2 and "has 9 frames, but the run split 8" in err and "Traceback" not in err, err
+    assert code == 2 and "contents changed" in err and "Traceback" not in err, err
     assert _contents(longer) == before
 
 
@@ -634,7 +634,6 @@ def test_config_type_weights_weigh_the_frames_as_mace_does(files, tmp_path, caps
     assert code == 2 and "expected a mapping" in err and "Traceback" not in err, err
 
 
-
 def test_a_label_weighted_0_changes_nothing(files, tmp_path, capsys):
     """MACE's config_energy_weight / config_forces_weight 0 leave that label of the frame out of the fit; cartlorem
     warned and trained on it. Now such a label changes nothing: the loss, and the reference energies and statistics
@@ -658,3 +657,58 @@ def test_a_label_weighted_0_changes_nothing(files, tmp_path, capsys):
     for key, value in states[0]["state_dict"].items():
         assert torch.equal(value, states[1]["state_dict"][key]), key
     assert states[0]["config"] == states[1]["config"]  # the statistics (scale, shift, neighbours) too
+
+
+def test_a_resume_with_other_data_under_the_same_name_or_another_dtype_is_refused(files, tmp_path, capsys):
+    """A training or validation file rewritten under the same name was resumed without a word (a reviewer's
+    validation loss went from 0.81 to 915, and the best epoch, chosen on the old set, stayed for good); so was
+    --dtype float32 on a float64 run (config.yaml then recorded float32 for the whole run). Both are refused now;
+    the same file resumes."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, seed in (("train", 0), ("valid", 1)):
+        ase.io.write(data / f"{name}.xyz", emt_frames(8, seed=seed))
+    for flags in ([], ["--valid", data / "valid.xyz"]):
+        run_dir = tmp_path / f"run{len(flags)}"
+        code, _, err = run(capsys, "train", "--train", data / "train.xyz", "--config", files / "tiny.yaml", "--out",
+                           run_dir, *flags)
+        assert code == 0, err
+        record = json.loads((run_dir / "data.json").read_text())
+        assert (record["valid_sha256"] is None) == (not flags) and len(record["train_sha256"]) == 64
+        code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2, "--dtype", "float32")
+        assert code == 2 and "dtype 'float64' → 'float32'" in err and "Traceback" not in err, err
+        changed = "valid" if flags else "train"
+        original = (data / f"{changed}.xyz").read_bytes()
+        ase.io.write(data / f"{changed}.xyz", emt_frames(8, seed=7))  # as many frames, other structures
+        before = _contents(run_dir)
+        code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
+        what = "validation" if flags else "training"
+        assert code == 2 and f"the {what} file" in err and "contents changed" in err and "Traceback" not in err, err
+        assert _contents(run_dir) == before
+        (data / f"{changed}.xyz").write_bytes(original)
+        code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
+        assert code == 0, err
+
+
+def test_a_resume_repairs_what_a_killed_run_left(trained, tmp_path, capsys):
+    """A run killed (SIGKILL) between writing the checkpoint and log.csv left log.csv an epoch short for good, and
+    one killed inside a write left its half-written temporary file in the run folder, also after --resume and
+    --overwrite. A resume writes log.csv from the checkpoint, and opening the folder removes the temporaries."""
+    import torch
+
+    run_dir = _copy(trained, tmp_path)
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 3)
+    assert code == 0, err
+    rows = (run_dir / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 4  # a header and three epochs
+    (run_dir / "log.csv").write_text("\n".join(rows[:-1]) + "\n")  # as a kill after the checkpoint of epoch 3 left it
+    (run_dir / ".tmp-abc123.pt").write_bytes(b"half a checkpoint")
+    (run_dir / ".tmp-notes.txt").write_text("not ours")
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 3)  # nothing left to train
+    assert code == 0, err
+    assert (run_dir / "log.csv").read_text().strip().splitlines() == rows
+    history = torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"]
+    assert len(history) == 3
+    assert not (run_dir / ".tmp-abc123.pt").exists() and (run_dir / ".tmp-notes.txt").exists()

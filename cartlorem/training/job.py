@@ -5,7 +5,8 @@
 Reads the training (and validation) set with the configured label keys, splits off a validation
 set when none is given, builds the model for the elements present (or the configured ones),
 writes every value used to ``out/config.yaml`` (which ``Config.from_yaml`` reads back) and, for a split of the
-training file, the validation frames to ``out/split.json`` (a resume keeps them), and trains.
+training file, the files' SHA-256 and the validation frames of a split to ``out/data.json`` (a resume checks the
+files and keeps the split), and trains.
 
 Under ``torchrun --nproc_per_node N`` every process runs this job: the process group comes from
 torchrun's environment (gloo for ``device="cpu"``, nccl with one GPU per process for "cuda"),
@@ -20,6 +21,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,8 +29,8 @@ from ..config import Config
 from ..data import MissingLabelError, duplicate_structures, is_isolated_atom, read_dataset, split, stress_key_unused
 from .distributed import process_group
 from .loop import train
-from ..fileio import atomic_write_text
-from .run_folder import CHECKPOINT, SPLIT_JSON, RunFolder, restore_model_settings
+from ..fileio import atomic_write_text, file_sha256
+from .run_folder import CHECKPOINT, DATA_JSON, RunFolder, restore_model_settings
 
 __all__ = ["run", "select_device"]
 
@@ -100,31 +102,54 @@ def _split(graphs, cfg: Config) -> tuple:
     return [graphs[k] for k in tr], [graphs[k] for k in va]
 
 
-def _recorded_split(cfg: Config, out: Path, frames: int, train: list, valid: list) -> tuple[list, list]:
-    """A resumed run's split: the validation frames its split.json recorded. ValueError when the training file
-    no longer has the number of frames the run split (frame indices would name other structures); a recorded split
-    that this cartlorem would draw otherwise (an older version's rule) is kept, with a note."""
-    path = out / SPLIT_JSON
+def _read_data_record(out: Path) -> Optional[dict]:
+    """The run's data.json (None when it has none: a run of an older cartlorem, or started from Python)."""
+    path = out / DATA_JSON
     if not path.is_file():
-        return train, valid
+        return None
     try:
         record = json.loads(path.read_text())
-        recorded = [int(k) for k in record["validation"]]
-        n = int(record["frames"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"cannot read {path} ({type(err).__name__}: {err}): it records which frames the run "
-                         "validated on; restore the file, or start a new run (--overwrite or another --out)") from None
-    if n != frames:
-        raise ValueError(
-            f"resuming {out}: {cfg.train} has {frames} frames, but the run split {n} ({SPLIT_JSON}): the file has "
-            "changed, and structures the run validated on would be trained on; resume with the run's file, or "
-            "start a new run (--overwrite or another --out)")
+        if record.get("validation") is not None:
+            record["validation"] = [int(k) for k in record["validation"]]
+        record["frames"] = int(record["frames"])
+        return record
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"cannot read {path} ({type(err).__name__}: {err}): it records the data the run trained "
+                         "and validated on; restore the file, or start a new run (--overwrite or another --out)"
+                         ) from None
+
+
+def _check_same_data(cfg: Config, out: Path, record: Optional[dict]) -> None:
+    """ValueError when a resume's training or validation file is not the file the run started with (its SHA-256
+    in data.json): the best model, the scheduler and early stopping would compare losses of other structures, and a
+    split's validation frames would be others."""
+    if record is None:
+        return
+    for name in ("train", "valid"):
+        recorded = record.get(f"{name}_sha256")
+        if recorded is not None and getattr(cfg, name) is not None and file_sha256(getattr(cfg, name)) != recorded:
+            what = "training" if name == "train" else "validation"
+            raise ValueError(
+                f"resuming {out}: the {what} file {getattr(cfg, name)} is not the one the run started with (its "
+                f"contents changed: SHA-256 {recorded[:12]}... in {DATA_JSON}): the run's best model, learning-rate "
+                "schedule and early stopping were judged on other structures; resume with the run's file, or start "
+                "a new run (--overwrite or another --out)")
+
+
+def _recorded_split(cfg: Config, out: Path, record: Optional[dict], frames: int, train: list,
+                    valid: list) -> tuple[list, list]:
+    """A resumed run's split: the validation frames its data.json recorded (of the same training file:
+    :func:`_check_same_data`). A recorded split that this cartlorem would draw otherwise (an older version's rule)
+    is kept, with a note; ValueError for a record that names frames the file does not have."""
+    if record is None or record.get("validation") is None:
+        return train, valid
+    recorded = record["validation"]
     if len(set(recorded)) != len(recorded) or not all(0 <= k < frames for k in recorded):
-        raise ValueError(f"{path} names frames that {cfg.train} does not have once each: restore the file, or "
-                         "start a new run (--overwrite or another --out)")
+        raise ValueError(f"{out / DATA_JSON} names frames that {cfg.train} does not have once each: restore the file, "
+                         "or start a new run (--overwrite or another --out)")
     if sorted(recorded) != valid:
         log.warning("resuming %s with the validation frames recorded in %s (this cartlorem would split the file "
-                    "otherwise)", out, SPLIT_JSON)
+                    "otherwise)", out, DATA_JSON)
         chosen = set(recorded)
         train, valid = [k for k in range(frames) if k not in chosen], sorted(recorded)
     return train, valid
@@ -213,6 +238,11 @@ def _check_same_split(cfg: Config, out: Path) -> None:
             f"resuming {out} with another split of the data ({changes(changed)}): structures the run validated on "
             "would be trained on, and its best model was chosen on another set; resume with the run's values, or "
             "start a new run (--overwrite or another --out)")
+    if cfg.dtype != old.dtype:
+        raise ValueError(
+            f"resuming {out} with {changes(['dtype'])}: the run's weights, optimiser state and best model are "
+            f"{old.dtype}, and config.yaml would record the new one for the whole run; resume with the run's dtype, "
+            "or start a new run (--overwrite or another --out)")
     if kept:
         raise ValueError(
             f"resuming {out} with {changes(kept)}: a resume continues the checkpoint's learning rate (where the "
@@ -297,21 +327,25 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         raise ValueError("energy_key and forces_key are both 'none': there is nothing to train on")
 
     checkpoint = RunFolder(out, write=False).load_checkpoint() if cfg.resume else None  # read once
+    record = _read_data_record(out) if cfg.resume else None
     if cfg.resume:
         _check_same_split(cfg, out)
         cfg = _without_config_yaml(cfg, out, checkpoint)
+        _check_same_data(cfg, out, record)
     t0 = time.perf_counter()
     graphs = _read(cfg.train, cfg, require, dtype, training=True)
-    split_record = None  # the validation frames of a --valid-fraction split, for split.json
+    data_record = {"train": str(Path(cfg.train).resolve()), "train_sha256": file_sha256(cfg.train),
+                   "frames": len(graphs), "valid": None, "valid_sha256": None, "valid_fraction": None, "seed": None,
+                   "validation": None}  # for data.json
     if cfg.valid is not None:
         train_graphs, valid_graphs = graphs, _read(cfg.valid, cfg, require, dtype)
+        data_record.update(valid=str(Path(cfg.valid).resolve()), valid_sha256=file_sha256(cfg.valid))
     elif cfg.valid_fraction > 0 and len(graphs) >= 2:
         train_idx, valid_idx = _split_indices(graphs, cfg)
         if cfg.resume:
-            train_idx, valid_idx = _recorded_split(cfg, out, len(graphs), train_idx, valid_idx)
+            train_idx, valid_idx = _recorded_split(cfg, out, record, len(graphs), train_idx, valid_idx)
         train_graphs, valid_graphs = [graphs[k] for k in train_idx], [graphs[k] for k in valid_idx]
-        split_record = {"train": str(Path(cfg.train).resolve()), "frames": len(graphs),
-                        "valid_fraction": cfg.valid_fraction, "seed": cfg.seed, "validation": valid_idx}
+        data_record.update(valid_fraction=cfg.valid_fraction, seed=cfg.seed, validation=valid_idx)
     else:
         train_graphs, valid_graphs = graphs, []
     _warn_duplicates(cfg, graphs, train_graphs, valid_graphs)
@@ -345,8 +379,8 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         if main:
             header = "# cartlorem train: every option of this run (defaults included); reuse with --config\n"
             cfg.replace(species=species, resume=False, overwrite=False, **absolute).to_yaml(out / "config.yaml", header)
-            if split_record is not None:  # frame indices (from 0, in file order); the other frames are training's
-                atomic_write_text(out / SPLIT_JSON, json.dumps(split_record, indent=1) + "\n")
+            # a split's validation frame indices (from 0, in file order; the other frames are training's)
+            atomic_write_text(out / DATA_JSON, json.dumps(data_record, indent=1) + "\n")
 
     result = train(model, train_graphs, valid_graphs, out_dir=out, on_start=write_config, **cfg.train_kwargs())
     return model, result

@@ -320,6 +320,8 @@ def train(
         folder.open(resume=resume, overwrite=overwrite)
         if resume:
             run.write_missing_best_model()
+            # the checkpoint is written before log.csv: a run killed between the two left log.csv an epoch short
+            folder.write_log(run.result.history, plot=False)
     if on_start is not None:
         on_start()
 

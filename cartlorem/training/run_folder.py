@@ -24,16 +24,16 @@ from ..fileio import atomic_torch_save, damaged_record
 from .log import plot_learning_curve, write_csv
 
 __all__ = ["RunFolder", "model_payload_of", "CHECKPOINT", "BEST_MODEL", "LOG_CSV", "CURVE_PNG", "CONFIG_YAML",
-           "SPLIT_JSON"]
+           "DATA_JSON"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "model.pt"
 LOG_CSV = "log.csv"
 CURVE_PNG = "learning_curve.png"
 CONFIG_YAML = "config.yaml"  # written by cartlorem.training.job once the run starts
-SPLIT_JSON = "split.json"  # cartlorem.training.job: the validation frames of a split of the training file
+DATA_JSON = "data.json"  # cartlorem.training.job: the data files' SHA-256 and the validation frames of a split
 # what other commands write beside a run about its model (the demo); an overwritten run removes them with its own
-ABOUT_THE_MODEL = (CONFIG_YAML, SPLIT_JSON, "test_metrics.json", "parity.png", "md.csv")
+ABOUT_THE_MODEL = (CONFIG_YAML, DATA_JSON, "test_metrics.json", "parity.png", "md.csv")
 CHECKPOINT_FORMAT = "cartlorem-checkpoint-v1"
 STATE_DICT_FORMAT = "torch-state-dict-v1"
 # CartLorem config entries that training statistics change; everything else must match to resume
@@ -167,12 +167,17 @@ class RunFolder:
 
         A fresh run over an earlier one (``overwrite``) removes the files it left (checkpoint first, then model.pt,
         log.csv, the plot, and what was written about that model: config.yaml, which ``cartlorem evaluate`` reads
-        the label keys from, split.json, and the demo's test_metrics.json, parity.png and md.csv), so that none of
+        the label keys from, data.json, and the demo's test_metrics.json, parity.png and md.csv), so that none of
         them passes for this run's: neither an old model.pt after a crash in the first epoch nor an old checkpoint
         that a resume would continue under the new settings. Without ``overwrite`` a model.pt there is refused like
-        a checkpoint: the new run would replace it."""
+        a checkpoint: the new run would replace it. Temporary files of writes that a signal killed (``.tmp-*``,
+        which no exception handler could remove) are removed."""
         self.check(resume=resume, overwrite=overwrite)
         self.path.mkdir(parents=True, exist_ok=True)
+        if self.write:  # what a write killed by a signal (SIGKILL, SIGTERM) left: fileio.atomic_write's temporaries
+            for stale in self.path.glob(".tmp-*"):
+                if stale.is_file() and stale.suffix in (".pt", ".csv", ".png", ".yaml", ".json"):
+                    stale.unlink(missing_ok=True)
         if not resume and overwrite and self.write:
             for old in (self.checkpoint, self.best_model, self.log_csv, self.curve_png,
                         *(self.path / name for name in ABOUT_THE_MODEL)):
