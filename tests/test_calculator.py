@@ -163,6 +163,37 @@ def test_neighbour_list_reuse_along_md(model, monkeypatch):
     assert 1 <= reuse_builds < steps // 2  # the list was reused most of the time (and rebuilt when needed)
 
 
+def test_md_that_never_reads_the_stress_does_not_pay_for_it(model, monkeypatch):
+    """The calculator computed the stress of a periodic cell at every MD step (the model's default for periodic
+    cells) although NVE / NVT never read it (~5-10% of a long-range call). It now stops after a few unread steps;
+    a stress asked for then is right (against a fresh calculator), and a reader that keeps coming back (a logger
+    every 4 steps) gets it with the forces again after a few doublings of the patience."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    calls = []
+    forward = type(model).forward  # on the class: an instance attribute would outlive the test (module fixture)
+    monkeypatch.setattr(type(model), "forward",
+                        lambda self, *a, **k: calls.append(bool(k.get("compute_stress"))) or forward(self, *a, **k))
+    atoms = crystal(seed=3)
+    rng = np.random.default_rng(1)
+    atoms.set_momenta(rng.normal(size=(len(atoms), 3)) * np.sqrt(atoms.get_masses()[:, None] * units.kB * 600))
+    atoms.calc = CartLoremCalculator(model)
+    dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+    dyn.run(20)
+    assert len(calls) == 21 and calls[:2] == [True] * 2 and not any(calls[2:]), calls
+    probe = atoms.copy()
+    probe.calc = CartLoremCalculator(model)
+    assert np.allclose(atoms.get_stress(), probe.get_stress(), rtol=1e-10, atol=1e-12)
+    del calls[:]
+    for _ in range(40):
+        dyn.run(4)
+        atoms.get_stress()
+    # the stress asked for above, after it was left out, doubled the patience (3 → 6) past the logger's 4 steps: one
+    # calculation per step, each with the stress (with patience 3 every 4th step would take a second calculation)
+    assert len(calls) == 160 and all(calls), calls
+
+
 def test_the_model_gets_the_edges_of_a_fresh_list(model, monkeypatch):
     """The list built with cutoff + skin went to the model whole: a 0.5 Å skin gave a water box 26% more edges to
     compute, each as costly as one within the cutoff though it adds nothing, and MD steps took 1.2-1.55x the time
