@@ -39,8 +39,9 @@ charge-transfer part of Z* depends on the lattice image each atom's position is 
 as ASE's ``wrap`` puts it); with a field, or when Born charges are asked for, a reused list is rebuilt when an
 atom crosses into another cell, so that results stay those of a fresh list.
 
-Charge state: ``atoms.info["total_charge"]`` (or ``"charge"``, e) and ``atoms.info["multiplicity"]`` are those of
-the whole structure. ASE's ``repeat`` and ``atoms * n`` copy ``info`` as it is, and so do the supercells of
+Charge state: ``atoms.info["total_charge"]`` (or ``"charge"``, e) and ``atoms.info["multiplicity"]`` (or MACE's
+``"total_spin"`` or fairchem's ``"spin"``, all 2S + 1; two that disagree are refused) are those of the whole
+structure. ASE's ``repeat`` and ``atoms * n`` copy ``info`` as it is, and so do the supercells of
 ``ase.phonons.Phonons``: for the supercell of n cells of a cell with charge Q, set ``total_charge`` to n·Q (and
 the multiplicity to the supercell's).
 """
@@ -54,7 +55,8 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from .graph import _MIN_DISTANCE, Graph, atoms_to_graph, home_cell_offsets, wrapped_slab
+from .graph import (_MIN_DISTANCE, CHARGE_KEYS, MULTIPLICITY_KEYS, Graph, atoms_to_graph, home_cell_offsets,
+                    wrapped_slab)
 
 __all__ = ["CartLoremCalculator"]
 
@@ -200,7 +202,7 @@ class CartLoremCalculator(Calculator):
         self.extra_results = {}
 
     #: ``atoms.info`` keys the model reads (the structure's total charge and spin multiplicity)
-    INFO_KEYS = ("charge", "total_charge", "multiplicity")
+    INFO_KEYS = CHARGE_KEYS + MULTIPLICITY_KEYS
 
     def check_state(self, atoms, tol=1e-15):
         """ASE's changes (positions, numbers, cell, pbc, ...), and "info" when the total charge or multiplicity in
@@ -269,8 +271,7 @@ class CartLoremCalculator(Calculator):
         image of the positions are then those of a fresh list)."""
         positions = atoms.get_positions()
         key = (len(atoms), tuple(atoms.get_atomic_numbers()), tuple(np.round(atoms.get_cell().array, 12).ravel()),
-               tuple(atoms.get_pbc()), repr(atoms.info.get("total_charge", atoms.info.get("charge", 0.0))),
-               repr(atoms.info.get("multiplicity", 1)))  # repr: a bad value is reported by atoms_to_graph
+               tuple(atoms.get_pbc()), tuple(repr(atoms.info.get(k)) for k in self.INFO_KEYS))  # repr: any value
         reuse = (self.skin > 0 and self._nl_key == key and self._nl_positions is not None
                  and np.all(np.isfinite(positions))
                  and np.max(np.linalg.norm(positions - self._nl_positions, axis=1)) < 0.5 * self.skin)

@@ -130,7 +130,7 @@ def _print_summary(result) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import DEFAULT_CONFIG_TYPE, _load_frames, read_dataset
+    from .data import DEFAULT_CONFIG_TYPE, _load_frames, labels_the_loss_sees, read_dataset
     from .evaluate import (format_table, metrics, metrics_by_group, metrics_json, not_finite, parity_format,
                            parity_plot, predict)
     from .fileio import atomic_write_text
@@ -148,6 +148,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.parity:
         parity_format(args.parity)
     predictions_as = _predictions_format(args.predictions) if args.predictions else None
+    digests = None  # of the bytes about to be read (a run that saves a new best model meanwhile changes the file)
+    if args.json or predictions_as == "npz":
+        from .fileio import file_sha256
+
+        digests = {"model_sha256": file_sha256(args.model), "data_sha256": file_sha256(args.data)}
     model = load_model(args.model)
     device = select_device(args.device)
     _threads(args.threads)
@@ -168,6 +173,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         check_structures(graphs, lambda k: f"{args.data}, frame {k}")
     preds = predict(model, graphs, batch_size=args.batch_size, progress=args.progress)
+    unscored = sum(_has_labels(labels_the_loss_sees(g)) != _has_labels(g) for g in graphs)
+    if unscored:
+        logging.getLogger(_LOGGER).info(
+            "labels weighted 0 (atoms.info config_weight or config_energy/forces/stress_weight) in %d structure(s) "
+            "are not scored, as in MACE's metrics", unscored)
     m = metrics(preds)
     print(f"model {args.model} on {args.data}")
     print(format_table(m))
@@ -195,7 +205,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"the data carry {' and '.join(unscored)} labels but this model has no long range (no learned "
             "charges), so they are not scored"
         )
-    inputs = _evaluated_inputs(args, keys, dtype) if (args.json or predictions_as == "npz") else None
+    inputs = _evaluated_inputs(args, keys, dtype, digests) if digests is not None else None
     if args.json:
         atomic_write_text(args.json, metrics_json({**m, "inputs": inputs}))
         print(f"metrics written to {args.json}")
@@ -224,15 +234,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluated_inputs(args: argparse.Namespace, keys: dict, dtype) -> dict:
+def _evaluated_inputs(args: argparse.Namespace, keys: dict, dtype, digests: dict) -> dict:
     """What ``cartlorem evaluate`` scored, for its JSON and npz files: the model and data files (absolute paths and
-    SHA-256 of their bytes), the label keys read, the precision and the cartlorem version."""
+    the SHA-256 of their bytes, ``digests``, taken before they were read), the label keys read, the precision and
+    the cartlorem version."""
     from . import __version__
-    from .fileio import file_sha256
 
-    return {"model": str(Path(args.model).resolve()), "model_sha256": file_sha256(args.model),
-            "data": str(Path(args.data).resolve()), "data_sha256": file_sha256(args.data),
+    return {"model": str(Path(args.model).resolve()), "model_sha256": digests["model_sha256"],
+            "data": str(Path(args.data).resolve()), "data_sha256": digests["data_sha256"],
             "label_keys": dict(keys), "dtype": str(dtype).removeprefix("torch."), "cartlorem": __version__}
+
+
+def _has_labels(g) -> tuple:
+    return tuple(bool(getattr(g, f"has_{n}").any()) for n in ("energy", "forces", "stress", "dipole", "born_charges")
+                 if getattr(g, f"has_{n}", None) is not None)
 
 
 def _predictions_format(path) -> str:

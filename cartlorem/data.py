@@ -4,8 +4,9 @@ Labels are read either from ASE single-point results (``"calc"``, what ``ase.io.
 the standard extxyz keys ``energy``/``forces``/``stress``) or MACE-style from named entries in
 ``atoms.info`` / ``atoms.arrays`` (``REF_energy``, ``REF_forces``, ``REF_stress``). Units: eV, Å,
 eV/Å, eV/Å³ (ASE stress sign convention: stress = (1/V) ∂E/∂ε). ``atoms.info["total_charge"]``
-(e, default 0) and ``atoms.info["multiplicity"]`` (2s + 1, default 1; checked against the electron
-count where given, :func:`check_charge_states`) are carried into the graph. Charge labels
+(e, default 0; or fairchem's ``"charge"``) and ``atoms.info["multiplicity"]`` (2s + 1, default 1; or MACE's
+``"total_spin"`` or fairchem's ``"spin"``, also 2s + 1: cartlorem.graph.MULTIPLICITY_KEYS; checked against the
+electron count where given, :func:`check_charge_states`) are carried into the graph. Charge labels
 (:func:`attach_charge_labels`): a molecular dipole (e·Å, ``atoms.info["dipole"]`` or the calculator's
 dipole; open structures only: a calculator's dipole of a periodic structure or slab is ignored) and Born
 effective charges (e, ``atoms.arrays["born_charges"]`` [N, 9], row-major Z*_i,ab = ∂P_a/∂r_ib, or the
@@ -33,7 +34,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .graph import Graph, atoms_to_graph, check_charge_state, wrapped_slab
+from .graph import Graph, atoms_to_graph, check_charge_state, info_charge_state, wrapped_slab
 
 _log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ __all__ = [
     "fit_reference_energies",
     "isolated_atom_energies",
     "is_isolated_atom",
+    "labels_the_loss_sees",
     "ISOLATED_ATOM_TYPE",
     "training_statistics",
     "stress_key_unused",
@@ -604,14 +606,20 @@ def check_charge_states(frames, source: str = "structures") -> None:
     """
     bad = []
     for k, atoms in enumerate(frames):
-        if "multiplicity" not in atoms.info:
+        try:
+            charge, multiplicity = info_charge_state(atoms.info, f"{source}, frame {k}")
+        except ValueError as err:
+            bad.append((k, str(err)))
+            continue
+        if multiplicity is None:
             continue
         try:
-            charge = float(atoms.info.get("total_charge", atoms.info.get("charge", 0.0)))
-            multiplicity = float(atoms.info["multiplicity"])
+            if isinstance(charge, (bool, np.bool_)) or isinstance(multiplicity, (bool, np.bool_)):
+                raise TypeError
+            charge, multiplicity = float(charge), float(multiplicity)
         except (TypeError, ValueError):
-            bad.append((k, f"{source}, frame {k}: total_charge {atoms.info.get('total_charge')!r} and multiplicity "
-                           f"{atoms.info['multiplicity']!r} must be numbers"))
+            bad.append((k, f"{source}, frame {k}: total_charge {charge!r} and multiplicity {multiplicity!r} must be "
+                           "numbers"))
             continue
         try:
             check_charge_state(atoms.get_atomic_numbers(), charge, multiplicity,
@@ -756,16 +764,21 @@ def fit_reference_energies(
     return out
 
 
-def _labels_the_loss_sees(g: Graph) -> Graph:
-    """``g`` without the energy / forces / stress labels its term weights (``Graph.term_weight``) set to 0."""
-    if g.term_weight is None:
+def labels_the_loss_sees(g: Graph) -> Graph:
+    """``g`` without the labels that the training loss weighs 0: every label of a structure whose ``Graph.weight``
+    is 0, and the energy / forces / stress labels whose ``Graph.term_weight`` is 0 (MACE's config_weight and
+    config_energy/forces/stress_weight; MACE's fit and metrics leave them out too)."""
+    if g.weight is None and g.term_weight is None:
         return g
     changes = {}
-    for k, name in enumerate(("energy", "forces", "stress")):
-        has = getattr(g, f"has_{name}")
-        if has is not None:
-            zero = g.term_weight[:, k] == 0
-            changes[f"has_{name}"] = has & ~zero  # [B], per structure for all three
+    for k, name in enumerate(("energy", "forces", "stress", "dipole", "born_charges")):
+        has = getattr(g, f"has_{name}", None)
+        if has is None:
+            continue
+        keep = has if g.weight is None else has & (g.weight > 0)  # [B], per structure for all of them
+        if g.term_weight is not None and k < 3:
+            keep = keep & (g.term_weight[:, k] > 0)
+        changes[f"has_{name}"] = keep
     return g.replace(**changes)
 
 
@@ -779,8 +792,8 @@ def training_statistics(graphs: Sequence[Graph], species: Sequence[int]) -> dict
     "reference_energies" and "isolated_atom_energies" {Z: eV}."""
     isolated = isolated_atom_energies(graphs)
     graphs = [g for g in graphs if g.weight is None or bool((g.weight > 0).any())] or list(graphs)
-    samples = [_labels_the_loss_sees(g) for g in graphs if not is_isolated_atom(g)]
-    graphs = [_labels_the_loss_sees(g) for g in graphs]
+    samples = [labels_the_loss_sees(g) for g in graphs if not is_isolated_atom(g)]
+    graphs = [labels_the_loss_sees(g) for g in graphs]
     refs = fit_reference_energies(graphs, species, fixed=isolated)
     stats = dataset_statistics(samples or graphs, refs)
     stats["reference_energies"], stats["isolated_atom_energies"] = refs, isolated

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data import labels_the_loss_sees
 from .fileio import atomic_write
 from .graph import Graph, collate
 
@@ -161,6 +162,9 @@ def predict(
     periodic cells and slabs; a batch that mixes both gets a second model call for its molecules). ValueError
     when the first graphs' edges do not match the model's cutoff (data read with another ``cutoff``), unless
     ``check_cutoff`` is False (the trainer, which checked them before its first epoch).
+    Labels weighted 0 (a frame's ``Graph.weight`` or ``Graph.term_weight``: MACE's config_weight and
+    config_energy/forces/stress_weight, :func:`cartlorem.data.labels_the_loss_sees`) are no references here, as
+    in MACE's metrics: a label so marked is one its author did not trust.
     """
     if len(graphs) == 0:
         raise ValueError("no structures to evaluate")
@@ -205,7 +209,7 @@ def predict(
                  dynamic_ncols=True, disable=not progress)
     try:
         for start in steps:
-            chunk = [graphs[k] for k in range(start, min(start + batch_size, len(graphs)))]
+            chunk = [labels_the_loss_sees(graphs[k]) for k in range(start, min(start + batch_size, len(graphs)))]
             batch = collate(chunk).to(device=device, dtype=dtype)
             B, N = batch.num_graphs, int(batch.positions.shape[0])
             has_stress = (

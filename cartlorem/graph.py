@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ["Graph", "atoms_to_graph", "collate", "neighbour_list", "check_structure", "check_charge_state",
-           "home_cell_offsets", "wrapped_slab"]
+           "home_cell_offsets", "wrapped_slab", "info_charge_state", "CHARGE_KEYS", "MULTIPLICITY_KEYS"]
 
 _MIN_DISTANCE = 0.1  # Å: two atoms (or an atom and an image) closer than this are a user error
 
@@ -164,6 +164,37 @@ def wrapped_slab(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> Op
     return (gap, across) if gap > 3.0 and gap > 2.0 * across else None
 
 
+#: atoms.info keys of a structure's total charge (e), in order of precedence: cartlorem's and MACE's, fairchem's
+CHARGE_KEYS = ("total_charge", "charge")
+#: atoms.info keys of its spin multiplicity 2S + 1: cartlorem's, MACE's (mace-torch >= 0.3.14), fairchem's
+MULTIPLICITY_KEYS = ("multiplicity", "total_spin", "spin")
+
+
+def info_charge_state(info, label: str = "structure") -> tuple:
+    """(total charge, multiplicity) as ``info`` (an ``atoms.info``) gives them, unconverted: the first of
+    :data:`CHARGE_KEYS` (default 0.0) and of :data:`MULTIPLICITY_KEYS` (default None, not given; MACE's
+    ``total_spin`` and fairchem's ``spin`` are 2S + 1 as ``multiplicity``). ValueError naming ``label`` when two
+    keys of one quantity disagree (a file converted from one code to another: which one holds is not for us to
+    guess)."""
+    out = []
+    for keys, default in ((CHARGE_KEYS, 0.0), (MULTIPLICITY_KEYS, None)):
+        given = [(k, info[k]) for k in keys if info.get(k) is not None]
+        for k, v in given[1:]:
+            if not _same_number(v, given[0][1]):
+                raise ValueError(f"{label}: atoms.info {given[0][0]}={given[0][1]!r} and {k}={v!r} disagree (both "
+                                 f"give the {'total charge' if keys is CHARGE_KEYS else 'spin multiplicity 2S + 1'}); "
+                                 "keep one of them")
+        out.append(given[0][1] if given else default)
+    return tuple(out)
+
+
+def _same_number(a, b) -> bool:
+    try:
+        return float(a) == float(b) and isinstance(a, (bool, np.bool_)) == isinstance(b, (bool, np.bool_))
+    except (TypeError, ValueError):
+        return repr(a) == repr(b)
+
+
 def check_charge_state(numbers, total_charge: float, multiplicity: Optional[float] = None,
                        label: str = "structure",
                        where: tuple = ("atoms.info['total_charge'] or ['charge']", "atoms.info['multiplicity']")
@@ -280,8 +311,7 @@ def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional
     check_structure(positions, cell, pbc, label=label)
     if wrap:
         positions = positions - home_cell_offsets(positions, cell, pbc)
-    charge = atoms.info.get("total_charge", atoms.info.get("charge", 0.0))
-    multiplicity = atoms.info.get("multiplicity", None)  # absent: 1, not checked against the electrons
+    charge, multiplicity = info_charge_state(atoms.info, label)  # multiplicity absent: 1, not checked
     try:
         if isinstance(charge, (bool, np.bool_)) or isinstance(multiplicity, (bool, np.bool_)):
             raise TypeError  # extxyz reads T / F as booleans: not 1 e or a multiplicity of 1

@@ -255,6 +255,39 @@ def test_calculator_follows_a_changed_multiplicity_with_a_reused_neighbour_list(
     assert abs(triplet - singlet) > 1e-6
 
 
+def test_the_spin_keys_of_mace_and_fairchem_give_the_multiplicity(tmp_path):
+    """MACE (>= 0.3.14) keeps 2S + 1 in atoms.info["total_spin"] and fairchem in ["spin"]; cartlorem read only
+    "multiplicity", so a migrated triplet trained and ran as a singlet, unchecked, without a word. Both are read as
+    the multiplicity now (checked against the electrons; the calculator follows a change), and two keys that
+    disagree are refused."""
+    import ase.io
+
+    model = small_model(None)
+    expected = float(predict(model, charged(molecule("O2"), 0, 3))[0])
+    calc = cartlorem.CartLoremCalculator(model)
+    for key in ("total_spin", "spin"):
+        atoms = molecule("O2")
+        atoms.info[key] = 3
+        assert float(atoms_to_graph(atoms, 3.0).multiplicity[0]) == 3.0
+        ase.io.write(tmp_path / "o2.xyz", atoms)
+        assert float(read_dataset(str(tmp_path / "o2.xyz"), 3.0, require=())[0].multiplicity[0]) == 3.0
+        atoms.info[key] = 1
+        calc.calculate(atoms, ["energy"])
+        atoms.info[key] = 3
+        calc.calculate(atoms, ["energy"])
+        assert calc.results["energy"] == pytest.approx(expected, abs=1e-10)
+        atoms.info[key] = 2  # an even number of electrons has an odd multiplicity
+        with pytest.raises(ValueError, match="multiplicity"):
+            read_dataset([atoms], 3.0, require=())
+    both = molecule("O2")
+    both.info.update(multiplicity=3, total_spin=1)
+    with pytest.raises(ValueError, match=r"multiplicity=3 and total_spin=1 disagree"):
+        read_dataset([both], 3.0, require=())
+    both.info.update(total_spin=3, total_charge=0, charge=1)
+    with pytest.raises(ValueError, match=r"total_charge=0 and charge=1 disagree"):
+        atoms_to_graph(both, 3.0)
+
+
 # --- periodic structures: a supercell is the same system -------------------------------------------------------
 
 

@@ -414,7 +414,7 @@ def test_evaluate_writes_predictions_where_it_says(files, tmp_path, capsys):
         assert saved["energy_pred"].shape == (5,) and np.all(np.isfinite(saved["forces_pred"]))
 
 
-def test_evaluate_files_say_which_model_and_data_they_score(files, tmp_path, capsys):
+def test_evaluate_files_say_which_model_and_data_they_score(files, tmp_path, capsys, monkeypatch):
     """evaluate's JSON and npz files held numbers only: which model scored which data was nowhere in them, so a
     folder of results could not be traced back (or a result for a model retrained since told apart)."""
     import hashlib
@@ -436,6 +436,22 @@ def test_evaluate_files_say_which_model_and_data_they_score(files, tmp_path, cap
     assert inputs["data_sha256"] == hashlib.sha256((files / "test.xyz").read_bytes()).hexdigest()
     assert inputs["label_keys"]["energy_key"] is None and inputs["label_keys"]["forces_key"] == "calc"
     assert inputs["dtype"] == "float32" and m["n_energy"] == 0
+    # the bytes scored, not the file after scoring: a run that saves a new best model meanwhile replaces it
+    import cartlorem.model as model_module
+
+    original, load = model.read_bytes(), model_module.load_model
+
+    def load_then_replaced(path, *args, **kwargs):
+        loaded = load(path, *args, **kwargs)
+        model.write_bytes(original + b"\0")  # another file under the name, once it was read
+        return loaded
+
+    monkeypatch.setattr(model_module, "load_model", load_then_replaced)
+    code, _, err = run(capsys, "evaluate", "--model", model, "--data", files / "test.xyz", "--json",
+                       tmp_path / "m2.json", "--no-progress")
+    assert code == 0, err
+    recorded = json.loads((tmp_path / "m2.json").read_text())["inputs"]["model_sha256"]
+    assert recorded == hashlib.sha256(original).hexdigest()
 
 
 def test_evaluate_reports_each_config_type_as_mace_does(files, tmp_path, capsys):

@@ -91,6 +91,35 @@ def test_nothing_to_train_is_refused_up_front():
         train(tiny_model(), energy_only, epochs=1, weights={"energy": 0}, progress=False)
 
 
+def test_labels_all_weighted_0_are_nothing_to_train_and_no_validation_reference():
+    """Frames whose config_energy_weight and config_forces_weight were all 0 (and no stress labels) passed the
+    check (the absent stress's weight 1 counted) and trained on nothing: a loss of 0 every epoch and no reference
+    energies. They are refused now. And a label weighted 0 is no reference of the validation metrics (as in
+    MACE's): a placeholder energy weighted 0 changed the validation loss that picks the best model."""
+    from cartlorem.evaluate import metrics, predict
+
+    frames = [a for a in emt_frames(8, seed=0) if not a.pbc.any()][:4]  # molecules: no stress labels
+    for atoms in frames:
+        atoms.info.update(config_energy_weight=0.0, config_forces_weight=0.0)
+    with pytest.raises(ValueError, match=r"none of the 4 training structures carries a label .*do not count"):
+        train(tiny_model(), read_dataset(frames, 3.0), epochs=1, progress=False)
+
+    frames = emt_frames(6, seed=1)
+    model = tiny_model()
+    plain = metrics(predict(model, read_dataset(frames, 3.0)))
+    frames[0].info["config_energy_weight"] = 0.0
+    frames[0].calc.results["energy"] += 100.0  # a placeholder the author marked
+    frames[3].info["config_weight"] = 0.0
+    frames[3].calc.results["forces"] = frames[3].get_forces() + 5.0
+    m = metrics(predict(model, read_dataset(frames, 3.0)))
+    kept = read_dataset([frames[k] for k in (1, 2, 4, 5)], 3.0)
+    alone = metrics(predict(model, kept))
+    assert m["n_energy"] == 4 and m["n_forces"] == 5 and plain["n_energy"] == 6
+    assert m["energy_mae_mev_per_atom"] == pytest.approx(alone["energy_mae_mev_per_atom"], rel=1e-12)
+    forces_kept = metrics(predict(model, read_dataset([frames[k] for k in (0, 1, 2, 4, 5)], 3.0)))
+    assert m["forces_mae_mev_per_a"] == pytest.approx(forces_kept["forces_mae_mev_per_a"], rel=1e-12)
+
+
 def test_validation_set_without_the_trained_labels_is_refused():
     """A validation set read with the wrong keys has no labels: its loss would be 0 every epoch, the first
     epoch 'best' and early stopping would end the run there."""

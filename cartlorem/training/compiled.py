@@ -119,7 +119,7 @@ class CompiledLossGradient:
     model's trainable parameters, compiled by ``torch.compile`` (one graph, dynamic shapes).
 
     Calling it on a batch (on the model's device and dtype) fills ``p.grad`` of every trainable parameter
-    and returns (loss tensor, {term: MSE without the term weight}) as :func:`~cartlorem.training.loss.weighted_loss`
+    and returns (loss tensor, {term: MSE without the loss weight}) as :func:`~cartlorem.training.loss.weighted_loss`
     does. With ``scales`` ({term: factor}, :func:`cartlorem.training.distributed.share_scales`) each term's
     mean is multiplied by its factor: the loss and gradient are then this process's share of a global batch
     shared by several processes (:func:`~cartlorem.training.distributed.loss_share`). ``unsupported(batch)``

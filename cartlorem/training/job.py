@@ -63,7 +63,7 @@ def _symbols(species) -> list[str]:
 def _read(path, cfg: Config, require, dtype, training: bool = False):
     try:
         graphs = read_dataset(path, cfg.cutoff, **cfg.label_keys(), require=require, dtype=dtype,
-                              config_type_weights=cfg.config_type_weights if training else None)
+                              config_type_weights=cfg.config_type_weights)
     except MissingLabelError as err:  # read_dataset's advice names its own arguments
         name = err.label
         raise ValueError(

@@ -9,7 +9,8 @@ of the batch). Each squared error is multiplied by its structure's weight (``Gra
 ``atoms.info["config_weight"]``, 1 where not given; 0 leaves a structure out) and, for energy, forces and stress,
 by the term's weight of that structure (``Graph.term_weight``: MACE's ``config_energy_weight``,
 ``config_forces_weight``, ``config_stress_weight``), and the means still divide by the number of labelled items (for a fully labelled set MACE's mean over the batch). Validation metrics and the
-validation loss, which picks the best model, are unweighted.
+validation loss, which picks the best model, are unweighted, but leave the labels weighted 0 out
+(:func:`cartlorem.data.labels_the_loss_sees`, as MACE's metrics).
 The dipole and Born-charge weights default to 0; with a weight > 0 the trainer asks the model for those
 outputs (:func:`charge_outputs`), which needs a long-range model and labelled data (:func:`check_loss_labels`).
 :func:`validation_loss` is the same expression over a whole set, from its RMSEs.
@@ -22,6 +23,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from ..data import labels_the_loss_sees
 from ..graph import Graph
 
 __all__ = ["DEFAULT_WEIGHTS", "loss_weights", "weighted_loss", "loss_terms", "validation_loss", "charge_outputs",
@@ -54,8 +56,8 @@ def weighted_loss(out: dict, batch: Graph, weights: Mapping[str, float]) -> tupl
     "stress" [B, 3, 3] eV/Å³, "dipole" [B, 3] e·Å, "born_charges" [N, 3, 3] e. batch: a labelled
     :class:`Graph` (labels + has_* masks). weights: {"energy", "forces", "stress", "dipole",
     "born_charges"} → weight. Returns (scalar loss, {term: float}) where the terms are the mean squared
-    errors without the term weights (with the frame weights, ``batch.weight``) (eV²/atom², eV²/Å², eV²/Å⁶, e²Å²,
-    e²) of labelled items only; a term with no labelled item in the batch is absent. ValueError when a dipole /
+    errors without the loss weights, with the frame weights (``batch.weight`` × ``batch.term_weight``) (eV²/atom²,
+    eV²/Å², eV²/Å⁶, e²Å², e²) of labelled items only; a term with no labelled item in the batch is absent. ValueError when a dipole /
     Born-charge term has a weight > 0 and labels in the batch but ``out`` lacks the prediction (ask the model with
     :func:`charge_outputs`).
     """
@@ -130,15 +132,6 @@ def charge_outputs(weights: Mapping[str, float], batch: Graph) -> dict:
     return kw
 
 
-def _frame_weight(g) -> Optional[torch.Tensor]:
-    """[B] the largest weight of any of a structure's terms (``weight`` × its largest ``term_weight``), or None."""
-    w, per_term = getattr(g, "weight", None), getattr(g, "term_weight", None)
-    if per_term is None:
-        return w
-    largest = per_term.max(dim=1).values
-    return largest if w is None else w * largest
-
-
 def check_loss_labels(model, graphs, weights: Mapping[str, float], what: str = "training") -> None:
     """ValueError when the weights leave nothing to train or a dipole / Born-charge weight > 0 cannot be trained.
 
@@ -151,11 +144,11 @@ def check_loss_labels(model, graphs, weights: Mapping[str, float], what: str = "
     if not any(weights.get(name, 0.0) > 0 for name in DEFAULT_WEIGHTS):
         raise ValueError(f"every loss weight is 0 ({', '.join(DEFAULT_WEIGHTS)}): there is nothing to train; give "
                          "a labelled term a weight > 0")
-    frame_weights = [_frame_weight(graphs[k]) for k in range(len(graphs))]
+    frame_weights = [getattr(graphs[k], "weight", None) for k in range(len(graphs))]
     if frame_weights and all(w is not None and not bool((w > 0).any()) for w in frame_weights):
-        raise ValueError(f"every one of the {len(graphs)} {what} structures has weight 0 (atoms.info['config_weight']"
-                         ", or its config_energy_weight, config_forces_weight and config_stress_weight): there is "
-                         "nothing to train; give some a weight > 0")
+        raise ValueError(f"every one of the {len(graphs)} {what} structures has weight 0 (atoms.info['config_weight'])"
+                         ": there is nothing to train; give some a weight > 0")
+    graphs = [labels_the_loss_sees(graphs[k]) for k in range(len(graphs))]  # config_*_weight 0: no label
     wanted = [name for name in _CHARGE_TERMS if weights.get(name, 0.0) > 0]
     if not wanted:  # (the charge terms get their own messages below)
         check_labels_to_fit(graphs, weights, what)
@@ -205,7 +198,8 @@ def check_labels_to_fit(graphs, weights: Mapping[str, float], what: str = "valid
         f"none of the {len(graphs)} {what} structures carries a label of a loss term with a weight > 0 ("
         + ", ".join(f"{name} {weights[name]:g}" for name in positive) + "): there is "
         + ("nothing to train" if what == "training" else "no loss to select the best model by")
-        + "; read the labels (energy_key, forces_key, stress_key) or give a labelled term a weight > 0"
+        + "; read the labels (energy_key, forces_key, stress_key) or give a labelled term a weight > 0 (labels "
+        "whose frame weight, config_weight or config_energy/forces/stress_weight, is 0 do not count)"
     )
 
 
