@@ -390,6 +390,8 @@ def read_dataset(
     ``atoms.info`` dipole on a periodic structure or slab. A dipole among the calculator results of such a
     structure is ignored, with one note (logger ``cartlorem.data``, INFO) naming the frames; ``ase.io.read`` puts an
     extxyz ``dipole`` there, so in a file a periodic structure's dipole is always ignored, not an error.
+    With forces required, a single atom with open boundaries and no force label gets the force 0 (exact by symmetry;
+    MACE's isolated-atom frames often carry an energy only), with a note.
     A one-atom frame marked ``config_type=IsolatedAtom`` (MACE's E0 reference) in a periodic box with no image
     within ``cutoff`` is read as the same atom with open boundaries (its stress is no label), so that it gives its
     element's reference energy (:func:`is_isolated_atom`); a marked frame that cannot be one is warned of.
@@ -419,7 +421,8 @@ def read_dataset(
     if stress_key and "virial" in stress_key.lower():
         raise ValueError(f"stress_key {stress_key!r} names a virial (eV, e.g. MACE's REF_virials = −V σ), but the "
                          "stress label is the stress σ in eV/Å³ (ASE's sign): store σ = −W / V under another key")
-    graphs, ignored, no_stress, boxed, not_references, wrapped, types = [], [], [], [], [], [], set()
+    graphs, ignored, no_stress, boxed, not_references, wrapped, types, zero_forces = [], [], [], [], [], [], set(), []
+    other_labels: dict = {}  # {(label, key): [frames]}: other values than the calculator's, under another key
     token = _CHECKED_RESULTS.set({})
     try:
         for k, atoms in enumerate(frames):
@@ -443,6 +446,11 @@ def read_dataset(
             if (stress_key and not bool(g.pbc.all()) and _lookup(atoms, "stress", stress_key) is not None
                     and k not in boxed[-1:]):
                 no_stress.append(k)  # a slab's or molecule's stress (attach_labels left it out)
+            _note_other_labels(atoms, g, keys, k, other_labels)
+            if ("forces" in require and int(g.positions.shape[0]) == 1 and not bool(g.pbc.any())
+                    and not bool(g.has_forces[0])):  # one open atom: its force is 0 by symmetry, the model's too
+                g = g.replace(forces=torch.zeros_like(g.positions), has_forces=torch.ones_like(g.has_forces))
+                zero_forces.append(k)
             for name in require:
                 if not bool(getattr(g, f"has_{name}")[0]):
                     raise _missing_label_error(frames, k, source, name, keys[name])
@@ -475,6 +483,13 @@ def read_dataset(
                      "the cell with the vacuum between them, so the model sees two half-slabs a vacuum apart. If each "
                      "is one slab, shift the atoms near the top face down by the third cell vector (or centre the slab "
                      "before setting pbc = [True, True, False])", source, len(wrapped), _shown(wrapped))
+    for (name, key), where in sorted(other_labels.items()):
+        _log.warning("%s: frames %s hold %s %r with other values than the calculator's %s, which is read (%s_key "
+                     "'calc', the default): to train on %r pass %s_key=%r (--%s-key %s)", source, _shown(where),
+                     "atoms.info" if name == "energy" else "atoms.arrays", key, name, name, key, name, key, name, key)
+    if zero_forces:
+        _log.info("%s: %d single atom(s) with open boundaries and no force label (frames %s) get the force 0, which "
+                  "symmetry gives them", source, len(zero_forces), _shown(zero_forces))
     if boxed:
         _log.info("%s: %d isolated atom(s) in a periodic box (config_type=%s, no image within the %g Å cutoff; frames "
                   "%s) are read as open atoms: their elements' reference energies", source, len(boxed),
@@ -542,6 +557,26 @@ FRAME_WEIGHT_KEY = "config_weight"
 TERM_WEIGHT_KEYS = ("config_energy_weight", "config_forces_weight", "config_stress_weight")
 #: the config_type of a frame without one, as in MACE's --config_type_weights
 DEFAULT_CONFIG_TYPE = "Default"
+
+
+def _note_other_labels(atoms, g: Graph, keys: Mapping, k: int, found: dict) -> None:
+    """Record in ``found`` {(label, key): [frames]} the atoms.info energies / atoms.arrays forces under other keys
+    (MACE's REF_energy, REF_forces, ...) whose values differ from the calculator's that ``keys`` "calc" read: a file
+    written after another calculator was attached holds its results there, and the labels under their own keys."""
+    for name, store, size in (("energy", atoms.info, 1), ("forces", atoms.arrays, 3 * len(atoms))):
+        if keys[name] != "calc" or not bool(getattr(g, f"has_{name}")[0]):
+            continue
+        ours = getattr(g, name).detach().double().numpy().ravel()
+        for key, value in store.items():
+            if name not in key.lower() or key.lower().endswith("weight") or key == name:
+                continue
+            try:
+                theirs = np.asarray(value, dtype=np.float64).ravel()
+            except (TypeError, ValueError):
+                continue
+            if theirs.size == size and np.all(np.isfinite(theirs)) and not np.allclose(theirs, ours, rtol=1e-6,
+                                                                                         atol=1e-6):
+                found.setdefault((name, key), []).append(k)
 
 
 def _frame_term_weights(atoms, where: str) -> Optional[list[float]]:

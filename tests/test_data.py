@@ -570,3 +570,61 @@ def test_a_mace_isolated_atom_in_a_periodic_box_gives_its_reference(caplog):
     assert len(warned) == 1 and "frame(s) 2, 4 are marked config_type=IsolatedAtom" in warned[0], warned
     noted = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
     assert "frames 0, 1) are read as open atoms" in noted and "not fully periodic" not in noted
+
+
+def test_a_single_open_atom_without_forces_gets_the_force_0(caplog, make_molecule):
+    """MACE's isolated-atom frames often carry an energy only; with forces required (cartlorem train's default) a
+    file with them was refused, and both remedies it offered were harmful (no force training, or no references).
+    One atom with open boundaries has the force 0 by symmetry (the model's too), which it now gets; a molecule
+    without forces is still refused."""
+    import logging
+
+    from cartlorem.data import MissingLabelError, isolated_atom_energies
+
+    frames = []
+    for k in range(3):
+        atoms = make_molecule(4, seed=k)
+        atoms.calc = SinglePointCalculator(atoms, energy=-1.0 * k, forces=np.zeros((4, 3)))
+        frames.append(atoms)
+    for symbol, energy in (("H", -13.6), ("O", -432.0)):
+        atom = Atoms(symbol, positions=[[0.0, 0.0, 0.0]])
+        atom.info.update(REF_energy=energy, config_type="IsolatedAtom")
+        frames.append(atom)
+    for atoms in frames[:3]:
+        atoms.info["REF_energy"] = atoms.get_potential_energy()
+        atoms.arrays["REF_forces"] = atoms.get_forces()
+    with caplog.at_level(logging.INFO, logger="cartlorem.data"):
+        graphs = read_dataset(frames, 3.0, energy_key="REF_energy", forces_key="REF_forces")
+    assert isolated_atom_energies(graphs) == {1: -13.6, 8: -432.0}
+    assert all(bool(g.has_forces[0]) for g in graphs) and float(graphs[3].forces.abs().sum()) == 0.0
+    assert "2 single atom(s) with open boundaries and no force label (frames 3, 4)" in caplog.text
+    del frames[1].arrays["REF_forces"]
+    with pytest.raises(MissingLabelError, match="frame 1"):
+        read_dataset(frames, 3.0, energy_key="REF_energy", forces_key="REF_forces")
+
+
+def test_labels_under_other_keys_than_the_calculators_are_warned_of(caplog, make_molecule):
+    """A file written after a calculator was attached holds its results as the calculator's energy and forces, and
+    MACE's labels under REF_energy / REF_forces; with the default keys ('calc') cartlorem trained on the former
+    without a word (only the stress had such a hint). Other values under other keys are warned of, naming the flag;
+    equal ones (a copy) are not."""
+    import logging
+
+    frames = []
+    for k in range(3):
+        atoms = make_molecule(4, seed=k)
+        forces = np.full((4, 3), 0.1 * k)
+        atoms.calc = SinglePointCalculator(atoms, energy=-1.0 * k, forces=forces)
+        atoms.info.update(REF_energy=-1.0 * k, config_energy_weight=1.0)
+        atoms.arrays["REF_forces"] = forces.copy()
+        frames.append(atoms)
+    with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
+        read_dataset(frames, 3.0)
+    assert "other values" not in caplog.text
+    frames[1].info["REF_energy"] = 5.0
+    frames[2].arrays["REF_forces"] = np.zeros((4, 3))
+    with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
+        graphs = read_dataset(frames, 3.0)
+    assert float(graphs[1].energy[0]) == -1.0  # the calculator's, as asked
+    assert "frames 1 hold atoms.info 'REF_energy' with other values" in caplog.text
+    assert "--energy-key REF_energy" in caplog.text and "frames 2 hold atoms.arrays 'REF_forces'" in caplog.text
