@@ -16,9 +16,7 @@ Boundary conditions: open, fully periodic, and for long-range models also slabs 
 False], vacuum along the third cell row; the model puts the atoms in the middle of that row's height,
 see :func:`cartlorem.nn.long_range.slab_frame`, so the shift above never takes them out of the region
 the slab sum needs). Local models accept any pattern. Stress is reported for fully periodic cells only:
-asking for it otherwise raises ASE's PropertyNotImplementedError. It comes with the forces, except after a few
-calculations in a row whose stress nobody read (NVE and NVT runs then do not pay for it; it is computed again when
-asked for, and a reader that keeps coming back gets it with the forces again).
+asking for it otherwise raises ASE's PropertyNotImplementedError.
 
 Results: ``results`` holds only properties ASE knows (energy, free_energy, energies, forces, stress,
 and for long-range models the per-atom ``charges`` and, for molecules, the ``dipole`` moment when
@@ -149,8 +147,6 @@ class CartLoremCalculator(Calculator):
         self.electric_field = electric_field
         self.extra_results: dict = {}
         self._nl_key = None
-        # stress is left out after `patience` calculations whose stress nobody read (see calculate)
-        self._stress_patience, self._stress_unread, self._stress_read = 3, 0, False
         self._nl_graph: Optional[Graph] = None
         self._nl_positions: Optional[np.ndarray] = None
         self._nl_lattice: Optional[np.ndarray] = None  # [N, 3] whole lattice vectors subtracted per atom
@@ -212,23 +208,6 @@ class CartLoremCalculator(Calculator):
             if any(repr(self.atoms.info.get(k)) != repr(atoms.info.get(k)) for k in self.INFO_KEYS):
                 changes.append("info")
         return changes
-
-    def get_property(self, name, atoms=None, allow_calculation=True):
-        if name == "stress":  # read (also from the results of an earlier calculation): see _stress_wanted
-            self._stress_read = True
-        return super().get_property(name, atoms, allow_calculation)
-
-    def _stress_wanted(self, asked: bool) -> bool:
-        """Whether this calculation of a periodic cell computes the stress. The strain derivative costs ~5-10% of a
-        long-range call, and NVE / NVT runs never read it: it is left out once ``patience`` calculations in a row
-        went unread, and computed again when asked for. A reader that comes back after it was left out (a logger
-        every 10 steps) doubles the patience, so that a barostat or a regular reader soon gets it with the forces
-        from one call."""
-        if asked and self._stress_unread >= self._stress_patience:
-            self._stress_patience = min(2 * self._stress_patience, 1 << 20)
-        self._stress_unread = 0 if (asked or self._stress_read) else self._stress_unread + 1
-        self._stress_read = False
-        return asked or self._stress_unread < self._stress_patience
 
     def get_extra(self, name: str, atoms=None):
         """A model output outside ASE's property list, computed for ``atoms`` (default: the last ones)
@@ -349,8 +328,8 @@ class CartLoremCalculator(Calculator):
                 f"{self.atoms.get_pbc().tolist()} (get_extra('born_charges') works for any cell)")
         # the model saw r − shift (and whole lattice vectors): P and the field's potential about ASE's origin
         origin = -self._nl_shift if charge_outputs and np.any(self._nl_shift) else None
-        want_stress = (periodic and self._stress_wanted("stress" in properties)) or "virial" in properties
-        out = self.model(graph, compute_forces=True, compute_stress=want_stress,
+        want_stress = (periodic and "stress" in properties) or "virial" in properties
+        out = self.model(graph, compute_forces=True, compute_stress=want_stress or None,
                          create_graph=False, compute_dipole="dipole" in properties,
                          compute_born_charges="born_charges" in properties, electric_field=field,
                          dipole_origin=origin)

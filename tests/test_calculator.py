@@ -163,35 +163,28 @@ def test_neighbour_list_reuse_along_md(model, monkeypatch):
     assert 1 <= reuse_builds < steps // 2  # the list was reused most of the time (and rebuilt when needed)
 
 
-def test_md_that_never_reads_the_stress_does_not_pay_for_it(model, monkeypatch):
-    """The calculator computed the stress of a periodic cell at every MD step (the model's default for periodic
-    cells) although NVE / NVT never read it (~5-10% of a long-range call). It now stops after a few unread steps;
-    a stress asked for then is right (against a fresh calculator), and a reader that keeps coming back (a logger
-    every 4 steps) gets it with the forces again after a few doublings of the patience."""
+def test_a_trajectory_of_periodic_md_records_every_frames_stress(model, tmp_path):
+    """ASE's Trajectory (and loggers) read the stress with allow_calculation=False: a calculator that left the
+    stress out of steps nobody had asked it for (a 5-10% saving of a long-range call, tried in session 36) wrote
+    frames without it, and the pressure computed from the file was lost. Every frame has it."""
     from ase import units
+    from ase.io import Trajectory, read
     from ase.md.verlet import VelocityVerlet
 
-    calls = []
-    forward = type(model).forward  # on the class: an instance attribute would outlive the test (module fixture)
-    monkeypatch.setattr(type(model), "forward",
-                        lambda self, *a, **k: calls.append(bool(k.get("compute_stress"))) or forward(self, *a, **k))
-    atoms = crystal(seed=3)
-    rng = np.random.default_rng(1)
+    atoms = crystal(seed=4)
+    rng = np.random.default_rng(2)
     atoms.set_momenta(rng.normal(size=(len(atoms), 3)) * np.sqrt(atoms.get_masses()[:, None] * units.kB * 600))
     atoms.calc = CartLoremCalculator(model)
     dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
-    dyn.run(20)
-    assert len(calls) == 21 and calls[:2] == [True] * 2 and not any(calls[2:]), calls
-    probe = atoms.copy()
-    probe.calc = CartLoremCalculator(model)
-    assert np.allclose(atoms.get_stress(), probe.get_stress(), rtol=1e-10, atol=1e-12)
-    del calls[:]
-    for _ in range(40):
-        dyn.run(4)
-        atoms.get_stress()
-    # the stress asked for above, after it was left out, doubled the patience (3 → 6) past the logger's 4 steps: one
-    # calculation per step, each with the stress (with patience 3 every 4th step would take a second calculation)
-    assert len(calls) == 160 and all(calls), calls
+    with Trajectory(tmp_path / "md.traj", "w", atoms) as traj:
+        dyn.attach(traj.write, interval=5)
+        dyn.run(20)
+    frames = read(tmp_path / "md.traj", ":")
+    assert len(frames) == 5
+    for frame in frames:
+        probe = frame.copy()
+        probe.calc = CartLoremCalculator(model)
+        assert np.allclose(frame.get_stress(), probe.get_stress(), rtol=1e-8, atol=1e-10)
 
 
 def test_the_model_gets_the_edges_of_a_fresh_list(model, monkeypatch):
