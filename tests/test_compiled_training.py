@@ -482,6 +482,24 @@ def test_failed_compilation_falls_back(monkeypatch, caplog):
     assert "tested with torch" not in caplog.text  # this torch is a tested one
 
 
+def test_too_many_kinds_of_batch_name_the_cause(monkeypatch, caplog):
+    """Past the step's recompile limit torch raises FailOnRecompileLimitHit, whose words name dynamo's limit; the
+    warning named that exception. It now says what it means here: the batches came in too many kinds."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    structures = _structures()[:2]
+    graphs = read_dataset(structures, cutoff=3.5)
+
+    def full(self, batch, *rest):
+        raise FailOnRecompileLimitHit("recompile_limit reached with fullgraph=True")
+
+    monkeypatch.setattr(compiled_mod.CompiledLossGradient, "__call__", full)
+    with caplog.at_level(logging.WARNING, logger="cartlorem.training"):
+        train(_model(structures), graphs, epochs=1, batch_size=2, progress=False, compile=True)
+    assert f"more than {compiled_mod.RECOMPILE_LIMIT} kinds" in caplog.text and "eagerly" in caplog.text
+    assert "recompile_limit reached" not in caplog.text
+
+
 def test_failed_compilation_names_the_tested_torch(monkeypatch, caplog):
     """On a torch older than the tested one (2.11 fails inside dynamo), the fallback warning says which release
     the compiled step is tested with."""

@@ -643,6 +643,15 @@ class _Run:
         except Exception as err:  # noqa: BLE001 - no compiler, an unsupported operation, ...: train eagerly
             from .compiled import version_note
 
+            if type(err).__name__ == "FailOnRecompileLimitHit":  # torch's words name its limit, not the cause
+                from .compiled import RECOMPILE_LIMIT
+
+                self.say.warning(
+                    "compile: the batches came in more than %d kinds (each kind, e.g. with or without stress labels, "
+                    "molecules, periodic cells or slabs, batches of one structure, is a compiled graph of its own): "
+                    "training continues eagerly", RECOMPILE_LIMIT)
+                self.compiled = None
+                return None
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             note = version_note()
             self.say.warning("compile: the compiled step failed (%s: %s)%s; training continues eagerly",
