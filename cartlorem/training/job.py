@@ -4,9 +4,8 @@
 
 Reads the training (and validation) set with the configured label keys, splits off a validation
 set when none is given, builds the model for the elements present (or the configured ones),
-writes every value used to ``out/config.yaml`` (which ``Config.from_yaml`` reads back) and, for a split of the
-training file, the files' SHA-256 and the validation frames of a split to ``out/data.json`` (a resume checks the
-files and keeps the split), and trains.
+writes every value used to ``out/config.yaml`` (which ``Config.from_yaml`` reads back) and the data files' SHA-256,
+with a split's validation frames, to ``out/data.json`` (a resume checks the files and keeps the split), and trains.
 
 Under ``torchrun --nproc_per_node N`` every process runs this job: the process group comes from
 torchrun's environment (gloo for ``device="cpu"``, nccl with one GPU per process for "cuda"),
@@ -27,9 +26,9 @@ import torch
 
 from ..config import Config
 from ..data import MissingLabelError, duplicate_structures, is_isolated_atom, read_dataset, split, stress_key_unused
+from ..fileio import atomic_write_text, file_sha256
 from .distributed import process_group
 from .loop import train
-from ..fileio import atomic_write_text, file_sha256
 from .run_folder import CHECKPOINT, DATA_JSON, RunFolder, restore_model_settings
 
 __all__ = ["run", "select_device"]
