@@ -439,6 +439,7 @@ def test_a_slab_wrapped_across_its_open_vector_is_warned_of(caplog):
     gap, across = wrapped_slab(wrapped.positions, wrapped.cell.array, wrapped.pbc)
     assert gap == pytest.approx(20.0) and across == pytest.approx(2.08, abs=0.01)
 
+    torch.manual_seed(0)  # a random model: some seeds give the two geometries energies within 1e-3 eV
     model = CartLorem([29], cutoff=4.0, channels=4, num_layers=1, correlation=1).double()
     energies = []
     for atoms in (slab, wrapped):
