@@ -114,6 +114,22 @@ def _eager_gradient(model, batch, weights):
     return loss.detach(), terms, {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _check_step_function_equals_autograd(model, batch):
+    """The function the compiled step runs (without torch.compile) gives autograd's loss and gradient on ``batch``."""
+    model.train()
+    weights = loss_weights()
+    loss_ref, _, grads_ref = _eager_gradient(model, batch, weights)
+    step = CompiledLossGradient(model, weights)
+    step._fn = step._loss_and_grad  # eager: the same function without torch.compile
+    model.zero_grad(set_to_none=True)
+    loss, _ = step(batch)
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-12)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            scale = float(grads_ref[name].abs().max()) + 1e-300
+            assert float((p.grad - grads_ref[name]).abs().max()) <= 1e-10 * scale, name
+
+
 def test_term_weights_scale_each_structures_energy_forces_and_stress():
     """MACE's config_energy_weight, config_forces_weight and config_stress_weight (Graph.term_weight) multiply the
     structure's squared errors of that term, times config_weight; the means divide by the labelled items. The
@@ -139,18 +155,7 @@ def test_term_weights_scale_each_structures_energy_forces_and_stress():
     for name, ref in (("energy", e_ref), ("forces", f_ref), ("stress", s_ref)):
         assert float(terms[name][0].detach()) == pytest.approx(float(ref.detach()), rel=1e-13), name
 
-    model.train()
-    weights = loss_weights()
-    loss_ref, _, grads_ref = _eager_gradient(model, batch, weights)
-    step = CompiledLossGradient(model, weights)
-    step._fn = step._loss_and_grad  # eager: the same function without torch.compile
-    model.zero_grad(set_to_none=True)
-    loss, _ = step(batch)
-    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-12)
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            scale = float(grads_ref[name].abs().max()) + 1e-300
-            assert float((p.grad - grads_ref[name]).abs().max()) <= 1e-10 * scale, name
+    _check_step_function_equals_autograd(model, batch)
 
 
 @pytest.mark.parametrize("kind, weights", [(None, {}), (None, {"stress": 0.0}), (None, {"energy": 0.0, "stress": 5.0}),
@@ -263,18 +268,7 @@ def test_frame_weights_scale_each_structures_terms():
     for name, (mse, _) in loss_terms(model32(broken, compute_stress=True), broken, loss_weights()).items():
         assert torch.isfinite(mse), name
 
-    model.train()
-    weights = loss_weights()
-    loss_ref, _, grads_ref = _eager_gradient(model, batch, weights)
-    step = CompiledLossGradient(model, weights)
-    step._fn = step._loss_and_grad  # eager: the same function without torch.compile
-    model.zero_grad(set_to_none=True)
-    loss, _ = step(batch)
-    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-12)
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            scale = float(grads_ref[name].abs().max()) + 1e-300
-            assert float((p.grad - grads_ref[name]).abs().max()) <= 1e-10 * scale, name
+    _check_step_function_equals_autograd(model, batch)
 
 
 def _molecules(seed=3):

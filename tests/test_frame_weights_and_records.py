@@ -161,7 +161,8 @@ def test_an_npz_of_predictions_alone_says_which_model_and_data(tmp_path, capsys)
         assert json.loads(str(saved["inputs"]))["data"] == str(data.resolve())
 
 
-def test_a_data_json_naming_a_frame_past_the_end_is_a_clear_error(tmp_path, capsys):
+def _split_run(tmp_path, capsys):
+    """(run folder, its data.json) of a one-epoch run on 8 frames, a quarter split off for validation."""
     ase.io.write(tmp_path / "train.xyz", emt_frames(8, seed=0))
     cfg = {"cutoff": 3.0, "long_range": "none", "epochs": 1, "batch_size": 4, "threads": 1, "progress": False}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
@@ -169,7 +170,11 @@ def test_a_data_json_naming_a_frame_past_the_end_is_a_clear_error(tmp_path, caps
     code, _, err = run(capsys, "train", "--train", tmp_path / "train.xyz", "--config", tmp_path / "tiny.yaml",
                        "--valid-fraction", 0.25, "--out", run_dir)
     assert code == 0, err
-    record = json.loads((run_dir / "data.json").read_text())
+    return run_dir, json.loads((run_dir / "data.json").read_text())
+
+
+def test_a_data_json_naming_a_frame_past_the_end_is_a_clear_error(tmp_path, capsys):
+    run_dir, record = _split_run(tmp_path, capsys)
     record["validation"] = [record["validation"][0], 8]  # 8 frames: 0..7
     (run_dir / "data.json").write_text(json.dumps(record))
     code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
@@ -179,14 +184,7 @@ def test_a_data_json_naming_a_frame_past_the_end_is_a_clear_error(tmp_path, caps
 def test_a_recorded_split_keeps_every_other_frame_in_training(tmp_path, capsys, monkeypatch):
     from cartlorem.training import job
 
-    ase.io.write(tmp_path / "train.xyz", emt_frames(8, seed=0))
-    cfg = {"cutoff": 3.0, "long_range": "none", "epochs": 1, "batch_size": 4, "threads": 1, "progress": False}
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    run_dir = tmp_path / "run"
-    code, _, err = run(capsys, "train", "--train", tmp_path / "train.xyz", "--config", tmp_path / "tiny.yaml",
-                       "--valid-fraction", 0.25, "--out", run_dir)
-    assert code == 0, err
-    record = json.loads((run_dir / "data.json").read_text())
+    run_dir, record = _split_run(tmp_path, capsys)
     record["validation"] = [1, 3]  # as an older cartlorem's rule drew it (not the last frame)
     (run_dir / "data.json").write_text(json.dumps(record))
     seen, real_train = {}, job.train

@@ -507,6 +507,20 @@ def test_threads_hold_for_the_call_only(files, tmp_path, capsys):
     assert torch.get_num_threads() == 2
 
 
+def _models_of_a_and_b(files, tmp_path, capsys, *flags):
+    """([model file of a.xyz, of b.xyz], [stderr of each]): one-epoch runs, no validation split."""
+    import torch
+
+    states, errs = [], []
+    for name in ("a", "b"):
+        code, _, err = run(capsys, "train", "--train", tmp_path / f"{name}.xyz", "--config", files / "tiny.yaml",
+                           "--out", tmp_path / f"run_{name}", "--valid-fraction", 0, "--epochs", 1, *flags)
+        assert code == 0, err
+        states.append(torch.load(tmp_path / f"run_{name}" / "model.pt", weights_only=True))
+        errs.append(err)
+    return states, errs
+
+
 def test_a_frame_weighted_0_is_left_out_of_training(files, tmp_path, capsys):
     """MACE's config_weight 0 leaves a frame out of the fit; cartlorem trained on it as on any other. Its labels
     now change nothing (loss and statistics; one epoch: the validation loss, here on the training set and
@@ -520,15 +534,10 @@ def test_a_frame_weighted_0_is_left_out_of_training(files, tmp_path, capsys):
     frames[3].calc.results["energy"] = energy
     frames[3].calc.results["forces"] = frames[3].get_forces() + 3.0
     ase.io.write(tmp_path / "b.xyz", frames)
-    states = []
-    for name in ("a", "b"):
-        code, _, err = run(capsys, "train", "--train", tmp_path / f"{name}.xyz", "--config", files / "tiny.yaml",
-                           "--out", tmp_path / f"run_{name}", "--valid-fraction", 0, "--epochs", 1)
-        assert code == 0, err
-        assert "config_weight" not in err, err
-        states.append(torch.load(tmp_path / f"run_{name}" / "model.pt", weights_only=True)["state_dict"])
-    for key, value in states[0].items():
-        assert torch.equal(value, states[1][key]), key
+    states, errs = _models_of_a_and_b(files, tmp_path, capsys)
+    assert not any("config_weight" in err for err in errs), errs
+    for key, value in states[0]["state_dict"].items():
+        assert torch.equal(value, states[1]["state_dict"][key]), key
     for atoms in frames:
         atoms.info["config_weight"] = 0
     ase.io.write(tmp_path / "c.xyz", frames)
@@ -619,14 +628,8 @@ def test_config_type_weights_weigh_the_frames_as_mace_does(files, tmp_path, caps
         frames[k].calc.results["energy"] += 50.0
         frames[k].calc.results["forces"] = frames[k].get_forces() + 3.0
     ase.io.write(tmp_path / "b.xyz", frames)
-    states = []
-    for name in ("a", "b"):
-        code, _, err = run(capsys, "train", "--train", tmp_path / f"{name}.xyz", "--config", files / "tiny.yaml",
-                           "--out", tmp_path / f"run_{name}", "--valid-fraction", 0, "--epochs", 1,
-                           "--config-type-weights", '{"noise": 0.0, "bulk": 2.0}')
-        assert code == 0, err
-        states.append(torch.load(tmp_path / f"run_{name}" / "model.pt", weights_only=True)["state_dict"])
-    assert all(torch.equal(value, states[1][key]) for key, value in states[0].items())
+    states, _ = _models_of_a_and_b(files, tmp_path, capsys, "--config-type-weights", '{"noise": 0.0, "bulk": 2.0}')
+    assert all(torch.equal(value, states[1]["state_dict"][key]) for key, value in states[0]["state_dict"].items())
     written = yaml.safe_load((tmp_path / "run_a" / "config.yaml").read_text())
     assert written["config_type_weights"] == {"noise": 0.0, "bulk": 2.0}
     code, _, err = run(capsys, "train", "--train", tmp_path / "a.xyz", "--config", files / "tiny.yaml",
@@ -647,13 +650,8 @@ def test_a_label_weighted_0_changes_nothing(files, tmp_path, capsys):
     frames[2].calc.results["energy"] += 50.0
     frames[5].calc.results["forces"] = frames[5].get_forces() + 3.0
     ase.io.write(tmp_path / "b.xyz", frames)
-    states = []
-    for name in ("a", "b"):
-        code, _, err = run(capsys, "train", "--train", tmp_path / f"{name}.xyz", "--config", files / "tiny.yaml",
-                           "--out", tmp_path / f"run_{name}", "--valid-fraction", 0, "--epochs", 1)
-        assert code == 0, err
-        assert "does not use" not in err, err
-        states.append(torch.load(tmp_path / f"run_{name}" / "model.pt", weights_only=True))
+    states, errs = _models_of_a_and_b(files, tmp_path, capsys)
+    assert not any("does not use" in err for err in errs), errs
     for key, value in states[0]["state_dict"].items():
         assert torch.equal(value, states[1]["state_dict"][key]), key
     assert states[0]["config"] == states[1]["config"]  # the statistics (scale, shift, neighbours) too
