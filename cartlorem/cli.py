@@ -187,14 +187,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         for kind, part in m["by_config_type"].items():
             print(f"\nconfig_type {kind}:")
             print(format_table(part))
+    carried = {name: any(bool(getattr(g, f"has_{name}").any()) for g in graphs)  # before the weights
+               for name in ("energy", "forces", "stress")}
     if not (m["n_energy"] or m["n_forces"]):
         logging.getLogger(_LOGGER).warning(
-            "the data carry no energy or force labels (check --energy-key / --forces-key)"
-        )
+            "every energy and force label of the data is weighted 0 (config_weight, config_energy/forces_weight)"
+            if carried["energy"] or carried["forces"] else
+            "the data carry no energy or force labels (check --energy-key / --forces-key)")
     else:  # a key given on the command line that no frame holds: a misspelt key, not an unlabelled set
         for name in ("energy", "forces", "stress"):
             flag = getattr(args, f"{name}_key")
-            if flag is not None and keys[f"{name}_key"] is not None and not m[f"n_{name}"]:
+            if flag is not None and keys[f"{name}_key"] is not None and not carried[name]:
                 logging.getLogger(_LOGGER).warning(
                     f"no structure of {args.data} carries a {name} label under --{name}-key {flag}"
                     + (" (periodic cells only have a stress)" if name == "stress" else ""))

@@ -559,17 +559,22 @@ TERM_WEIGHT_KEYS = ("config_energy_weight", "config_forces_weight", "config_stre
 DEFAULT_CONFIG_TYPE = "Default"
 
 
+#: prefixes of atoms.info / arrays keys that hold labels (MACE's REF_energy, REF_forces, ...), lower case
+_LABEL_PREFIXES = ("ref_", "dft_", "qm_")
+
+
 def _note_other_labels(atoms, g: Graph, keys: Mapping, k: int, found: dict) -> None:
-    """Record in ``found`` {(label, key): [frames]} the atoms.info energies / atoms.arrays forces under other keys
-    (MACE's REF_energy, REF_forces, ...) whose values differ from the calculator's that ``keys`` "calc" read: a file
-    written after another calculator was attached holds its results there, and the labels under their own keys."""
+    """Record in ``found`` {(label, key): [frames]} the atoms.info energies / atoms.arrays forces under label keys
+    (REF_energy, REF_forces, DFT_energy, ...: _LABEL_PREFIXES) whose values differ from the calculator's that
+    ``keys`` "calc" read: a file written after another calculator was attached holds its results there, and the
+    labels under their own keys."""
     for name, store, size in (("energy", atoms.info, 1), ("forces", atoms.arrays, 3 * len(atoms))):
         if keys[name] != "calc" or not bool(getattr(g, f"has_{name}")[0]):
             continue
         ours = getattr(g, name).detach().double().numpy().ravel()
         for key, value in store.items():
-            if name not in key.lower() or key.lower().endswith("weight") or key == name:
-                continue
+            if not key.lower().startswith(_LABEL_PREFIXES) or not key.lower().endswith(name):
+                continue  # labels only (REF_energy, DFT_forces): not predictions (MACE_energy) or metadata
             try:
                 theirs = np.asarray(value, dtype=np.float64).ravel()
             except (TypeError, ValueError):

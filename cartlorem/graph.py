@@ -173,12 +173,15 @@ MULTIPLICITY_KEYS = ("multiplicity", "total_spin", "spin")
 def info_charge_state(info, label: str = "structure") -> tuple:
     """(total charge, multiplicity) as ``info`` (an ``atoms.info``) gives them, unconverted: the first of
     :data:`CHARGE_KEYS` (default 0.0) and of :data:`MULTIPLICITY_KEYS` (default None, not given; MACE's
-    ``total_spin`` and fairchem's ``spin`` are 2S + 1 as ``multiplicity``). ValueError naming ``label`` when two
+    ``total_spin`` and fairchem's ``spin`` are 2S + 1 as ``multiplicity``; fairchem's ``spin`` 0, its default, is
+    not given). ValueError naming ``label`` when two
     keys of one quantity disagree (a file converted from one code to another: which one holds is not for us to
     guess)."""
     out = []
     for keys, default in ((CHARGE_KEYS, 0.0), (MULTIPLICITY_KEYS, None)):
-        given = [(k, info[k]) for k in keys if info.get(k) is not None]
+        # fairchem's (and torch-sim's) spin 0 means "not given" (their default for data without a spin state)
+        given = [(k, info[k]) for k in keys if info.get(k) is not None
+                 and not (k == "spin" and _same_number(info[k], 0))]
         for k, v in given[1:]:
             if not _same_number(v, given[0][1]):
                 raise ValueError(f"{label}: atoms.info {given[0][0]}={given[0][1]!r} and {k}={v!r} disagree (both "

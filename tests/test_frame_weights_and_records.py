@@ -197,3 +197,46 @@ def test_a_recorded_split_keeps_every_other_frame_in_training(tmp_path, capsys, 
     code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
     assert code == 0, err
     assert seen["n"] == (6, 2)
+
+
+def test_fairchem_spin_0_is_not_given():
+    """fairchem's (and torch-sim's) spin 0 means "no spin state given"; read as the multiplicity it refused files
+    that loaded before (and that the torch-sim engine ran)."""
+    from cartlorem.graph import atoms_to_graph, info_charge_state
+
+    atoms = Atoms("Cu2", positions=[[0, 0, 0], [1.8, 1.8, 0]], cell=[3.6, 3.6, 3.6], pbc=True)
+    atoms.info.update(charge=0, spin=0)
+    assert float(atoms_to_graph(atoms, 3.0).multiplicity[0]) == 1.0
+    assert info_charge_state({"spin": 0, "multiplicity": 3}) == (0.0, 3)
+    assert info_charge_state({"spin": 0}) == (0.0, None)
+
+
+def test_predictions_and_metadata_are_not_taken_for_other_labels(caplog, make_molecule):
+    """The other-labels warning took any key with "energy" in it for a label: a model's predictions beside the
+    labels (cartlorem evaluate's cartlorem_energy, MACE's MACE_energy) and metadata (energy_cutoff) were pointed
+    out as labels to train on. Label keys only (REF_, DFT_, QM_) are."""
+    from cartlorem.data import read_dataset
+
+    atoms = _labelled(make_molecule(4, seed=0), energy=-10.0)
+    atoms.info.update(cartlorem_energy=-9.0, MACE_energy=-9.5, energy_cutoff=520.0)
+    atoms.arrays["MACE_forces"] = np.ones((4, 3))
+    with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
+        read_dataset([atoms], 3.0)
+    assert "other values" not in caplog.text
+    atoms.info["DFT_energy"] = -11.0
+    with caplog.at_level(logging.WARNING, logger="cartlorem.data"):
+        read_dataset([atoms], 3.0)
+    assert "'DFT_energy' with other values" in caplog.text and "MACE_energy" not in caplog.text
+
+
+def test_evaluate_of_labels_all_weighted_0_says_so(tmp_path, capsys):
+    """With every label weighted 0, evaluate said the data carry no labels and to check the keys, after saying
+    that the weighted labels are not scored."""
+    model, data = _model_and_data(tmp_path)
+    frames = ase.io.read(data, ":")
+    for atoms in frames:
+        atoms.info["config_weight"] = 0.0
+    ase.io.write(tmp_path / "w0.xyz", frames)
+    code, _, err = run(capsys, "evaluate", "--model", model, "--data", tmp_path / "w0.xyz", "--no-progress")
+    assert code == 0, err
+    assert "every energy and force label of the data is weighted 0" in err and "check --energy-key" not in err
