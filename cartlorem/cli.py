@@ -173,7 +173,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         check_structures(graphs, lambda k: f"{args.data}, frame {k}")
     preds = predict(model, graphs, batch_size=args.batch_size, progress=args.progress)
-    unscored = sum(_has_labels(labels_the_loss_sees(g)) != _has_labels(g) for g in graphs)
+    labelled = [_has_labels(g) for g in graphs]  # per structure {label: carried}, before the frame weights
+    unscored = sum(_has_labels(labels_the_loss_sees(g)) != c for g, c in zip(graphs, labelled))
     if unscored:
         logging.getLogger(_LOGGER).info(
             "labels weighted 0 (atoms.info config_weight or config_energy/forces/stress_weight) in %d structure(s) "
@@ -187,8 +188,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         for kind, part in m["by_config_type"].items():
             print(f"\nconfig_type {kind}:")
             print(format_table(part))
-    carried = {name: any(bool(getattr(g, f"has_{name}").any()) for g in graphs)  # before the weights
-               for name in ("energy", "forces", "stress")}
+    carried = {name: any(c.get(name, False) for c in labelled) for name in ("energy", "forces", "stress")}
     if not (m["n_energy"] or m["n_forces"]):
         logging.getLogger(_LOGGER).warning(
             "every energy and force label of the data is weighted 0 (config_weight, config_energy/forces_weight)"
@@ -248,9 +248,9 @@ def _evaluated_inputs(args: argparse.Namespace, keys: dict, dtype, digests: dict
             "label_keys": dict(keys), "dtype": str(dtype).removeprefix("torch."), "cartlorem": __version__}
 
 
-def _has_labels(g) -> tuple:
-    return tuple(bool(getattr(g, f"has_{n}").any()) for n in ("energy", "forces", "stress", "dipole", "born_charges")
-                 if getattr(g, f"has_{n}", None) is not None)
+def _has_labels(g) -> dict:
+    return {n: bool(getattr(g, f"has_{n}").any()) for n in ("energy", "forces", "stress", "dipole", "born_charges")
+            if getattr(g, f"has_{n}", None) is not None}
 
 
 def _predictions_format(path) -> str:

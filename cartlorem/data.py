@@ -500,13 +500,12 @@ def read_dataset(
                      "structures and give no reference energy", source, _shown(not_references), ISOLATED_ATOM_TYPE,
                      cutoff)
     if no_stress:
-        shown = ", ".join(map(str, no_stress[:10])) + (", ..." if len(no_stress) > 10 else "")
         _log.info("%s: the stress of %d structure(s) that are not fully periodic (frames %s) is not a label: slabs "
-                  "and molecules have no volume, so no stress", source, len(no_stress), shown)
+                  "and molecules have no volume, so no stress", source, len(no_stress), _shown(no_stress))
     if ignored:
-        shown = ", ".join(map(str, ignored[:10])) + (", ..." if len(ignored) > 10 else "")
         _log.info("%s: the dipole among the calculator results of %d periodic structure(s) or slab(s) (frames %s) "
-                  "is not a label: the dipole is defined for open structures only", source, len(ignored), shown)
+                  "is not a label: the dipole is defined for open structures only", source, len(ignored),
+                  _shown(ignored))
     return graphs
 
 
@@ -832,10 +831,10 @@ def training_statistics(graphs: Sequence[Graph], species: Sequence[int]) -> dict
     "reference_energies" and "isolated_atom_energies" {Z: eV}."""
     isolated = isolated_atom_energies(graphs)
     graphs = [g for g in graphs if g.weight is None or bool((g.weight > 0).any())] or list(graphs)
-    samples = [labels_the_loss_sees(g) for g in graphs if not is_isolated_atom(g)]
-    graphs = [labels_the_loss_sees(g) for g in graphs]
-    refs = fit_reference_energies(graphs, species, fixed=isolated)
-    stats = dataset_statistics(samples or graphs, refs)
+    seen = [labels_the_loss_sees(g) for g in graphs]
+    samples = [s for g, s in zip(graphs, seen) if not is_isolated_atom(g)]  # isolated as read, weights aside
+    refs = fit_reference_energies(seen, species, fixed=isolated)
+    stats = dataset_statistics(samples or seen, refs)
     stats["reference_energies"], stats["isolated_atom_energies"] = refs, isolated
     return stats
 

@@ -155,8 +155,9 @@ def wrapped_slab(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> Op
     cell = np.asarray(cell, dtype=np.float64)
     a, b = cell[pbc]
     normal = np.cross(a, b)
-    height = abs(float(cell[~pbc][0] @ normal)) / max(float(np.linalg.norm(normal)), 1e-300)
-    z = np.sort(np.asarray(positions, dtype=np.float64) @ (normal / max(float(np.linalg.norm(normal)), 1e-300)))
+    normal = normal / max(float(np.linalg.norm(normal)), 1e-300)  # unit normal of the periodic plane
+    height = abs(float(cell[~pbc][0] @ normal))
+    z = np.sort(np.asarray(positions, dtype=np.float64) @ normal)
     across = height - float(z[-1] - z[0])
     gap = float(np.max(np.diff(z)))
     if height < 1e-6 or across < 0:  # no cell height along the open direction, or atoms that span more: no period
@@ -174,9 +175,8 @@ def info_charge_state(info, label: str = "structure") -> tuple:
     """(total charge, multiplicity) as ``info`` (an ``atoms.info``) gives them, unconverted: the first of
     :data:`CHARGE_KEYS` (default 0.0) and of :data:`MULTIPLICITY_KEYS` (default None, not given; MACE's
     ``total_spin`` and fairchem's ``spin`` are 2S + 1 as ``multiplicity``; fairchem's ``spin`` 0, its default, is
-    not given). ValueError naming ``label`` when two
-    keys of one quantity disagree (a file converted from one code to another: which one holds is not for us to
-    guess)."""
+    not given). ValueError naming ``label`` when two keys of one quantity disagree (a file converted from one code
+    to another: which one holds is not for us to guess)."""
     out = []
     for keys, default in ((CHARGE_KEYS, 0.0), (MULTIPLICITY_KEYS, None)):
         # fairchem's (and torch-sim's) spin 0 means "not given" (their default for data without a spin state)

@@ -507,6 +507,17 @@ def test_threads_hold_for_the_call_only(files, tmp_path, capsys):
     assert torch.get_num_threads() == 2
 
 
+def _write_a_then_b_spoiled(frames, tmp_path, energies=(), forces=()):
+    """a.xyz: ``frames``; b.xyz: the same with the energies of frames ``energies`` 50 eV off and the forces of
+    frames ``forces`` 3 eV/Å off (labels that, weighted 0, must change nothing)."""
+    ase.io.write(tmp_path / "a.xyz", frames)
+    for k in energies:
+        frames[k].calc.results["energy"] = frames[k].get_potential_energy() + 50.0
+    for k in forces:
+        frames[k].calc.results["forces"] = frames[k].get_forces() + 3.0
+    ase.io.write(tmp_path / "b.xyz", frames)
+
+
 def _models_of_a_and_b(files, tmp_path, capsys, *flags):
     """([model file of a.xyz, of b.xyz], [stderr of each]): one-epoch runs, no validation split."""
     import torch
@@ -529,11 +540,7 @@ def test_a_frame_weighted_0_is_left_out_of_training(files, tmp_path, capsys):
 
     frames = ase.io.read(files / "train.xyz", ":")
     frames[3].info["config_weight"] = 0.0
-    ase.io.write(tmp_path / "a.xyz", frames)
-    energy = frames[3].get_potential_energy() + 50.0
-    frames[3].calc.results["energy"] = energy
-    frames[3].calc.results["forces"] = frames[3].get_forces() + 3.0
-    ase.io.write(tmp_path / "b.xyz", frames)
+    _write_a_then_b_spoiled(frames, tmp_path, energies=(3,), forces=(3,))
     states, errs = _models_of_a_and_b(files, tmp_path, capsys)
     assert not any("config_weight" in err for err in errs), errs
     for key, value in states[0]["state_dict"].items():
@@ -623,11 +630,7 @@ def test_config_type_weights_weigh_the_frames_as_mace_does(files, tmp_path, caps
     with pytest.raises(ValueError, match=r"config_type_weights\['bulk'\] must be a finite number >= 0"):
         read_dataset(frames, 3.0, config_type_weights={"bulk": -1.0})
 
-    ase.io.write(tmp_path / "a.xyz", frames)
-    for k in (2, 5):
-        frames[k].calc.results["energy"] += 50.0
-        frames[k].calc.results["forces"] = frames[k].get_forces() + 3.0
-    ase.io.write(tmp_path / "b.xyz", frames)
+    _write_a_then_b_spoiled(frames, tmp_path, energies=(2, 5), forces=(2, 5))
     states, _ = _models_of_a_and_b(files, tmp_path, capsys, "--config-type-weights", '{"noise": 0.0, "bulk": 2.0}')
     assert all(torch.equal(value, states[1]["state_dict"][key]) for key, value in states[0]["state_dict"].items())
     written = yaml.safe_load((tmp_path / "run_a" / "config.yaml").read_text())
@@ -646,10 +649,7 @@ def test_a_label_weighted_0_changes_nothing(files, tmp_path, capsys):
     frames = ase.io.read(files / "train.xyz", ":")
     frames[2].info["config_energy_weight"] = 0.0
     frames[5].info["config_forces_weight"] = 0.0
-    ase.io.write(tmp_path / "a.xyz", frames)
-    frames[2].calc.results["energy"] += 50.0
-    frames[5].calc.results["forces"] = frames[5].get_forces() + 3.0
-    ase.io.write(tmp_path / "b.xyz", frames)
+    _write_a_then_b_spoiled(frames, tmp_path, energies=(2,), forces=(5,))
     states, errs = _models_of_a_and_b(files, tmp_path, capsys)
     assert not any("does not use" in err for err in errs), errs
     for key, value in states[0]["state_dict"].items():

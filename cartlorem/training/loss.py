@@ -8,9 +8,10 @@ in eV/atom, eV/Å, eV/Å³, e·Å and e; every mean runs only over labelled item
 of the batch). Each squared error is multiplied by its structure's weight (``Graph.weight``: MACE's
 ``atoms.info["config_weight"]``, 1 where not given; 0 leaves a structure out) and, for energy, forces and stress,
 by the term's weight of that structure (``Graph.term_weight``: MACE's ``config_energy_weight``,
-``config_forces_weight``, ``config_stress_weight``), and the means still divide by the number of labelled items (for a fully labelled set MACE's mean over the batch). Validation metrics and the
-validation loss, which picks the best model, are unweighted, but leave the labels weighted 0 out
-(:func:`cartlorem.data.labels_the_loss_sees`, as MACE's metrics).
+``config_forces_weight``, ``config_stress_weight``), and the means still divide by the number of labelled items
+(for a fully labelled set MACE's mean over the batch). Validation metrics and the validation loss, which picks the
+best model, are unweighted, but leave the labels weighted 0 out (:func:`cartlorem.data.labels_the_loss_sees`, as
+MACE's metrics).
 The dipole and Born-charge weights default to 0; with a weight > 0 the trainer asks the model for those
 outputs (:func:`charge_outputs`), which needs a long-range model and labelled data (:func:`check_loss_labels`).
 :func:`validation_loss` is the same expression over a whole set, from its RMSEs.
@@ -57,9 +58,9 @@ def weighted_loss(out: dict, batch: Graph, weights: Mapping[str, float]) -> tupl
     :class:`Graph` (labels + has_* masks). weights: {"energy", "forces", "stress", "dipole",
     "born_charges"} → weight. Returns (scalar loss, {term: float}) where the terms are the mean squared
     errors without the loss weights, with the frame weights (``batch.weight`` × ``batch.term_weight``) (eV²/atom²,
-    eV²/Å², eV²/Å⁶, e²Å², e²) of labelled items only; a term with no labelled item in the batch is absent. ValueError when a dipole /
-    Born-charge term has a weight > 0 and labels in the batch but ``out`` lacks the prediction (ask the model with
-    :func:`charge_outputs`).
+    eV²/Å², eV²/Å⁶, e²Å², e²) of labelled items only; a term with no labelled item in the batch is absent.
+    ValueError when a dipole / Born-charge term has a weight > 0 and labels in the batch but ``out`` lacks the
+    prediction (ask the model with :func:`charge_outputs`).
     """
     for name in _CHARGE_TERMS:  # a charge term asked for by the weights and the labels needs the model's output
         has = getattr(batch, f"has_{name}", None)
