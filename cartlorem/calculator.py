@@ -42,11 +42,15 @@ Charge state: ``atoms.info["total_charge"]`` (or ``"charge"``, e) and ``atoms.in
 structure. ASE's ``repeat`` and ``atoms * n`` copy ``info`` as it is, and so do the supercells of
 ``ase.phonons.Phonons``: for the supercell of n cells of a cell with charge Q, set ``total_charge`` to n·Q (and
 the multiplicity to the supercell's).
+
+Threads: one calculator shared by several threads computes for one of them at a time (each gets its own
+structure's results); for calculations in parallel give each thread its own calculator (they may share the model).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Optional, Union
 
 import numpy as np
@@ -90,6 +94,7 @@ class CartLoremCalculator(Calculator):
                  skin: float = 0.5, trust_pickle: bool = False, electric_field=None, **kwargs):
         from .model import CartLorem, load_model
 
+        self._lock = threading.RLock()
         unknown = sorted(set(kwargs) - self._ASE_ARGUMENTS)
         if unknown:  # ASE would keep them as "parameters" and do nothing with them (a misspelled electric_field)
             raise TypeError(f"CartLoremCalculator got unknown argument(s) {', '.join(unknown)}; it takes "
@@ -152,6 +157,21 @@ class CartLoremCalculator(Calculator):
         self._nl_lattice: Optional[np.ndarray] = None  # [N, 3] whole lattice vectors subtracted per atom
         self._nl_shift: Optional[np.ndarray] = None  # [3] the global shift subtracted (open directions)
 
+    # One calculation at a time: ASE's get_property sets self.atoms, computes and then reads self.results, so two
+    # threads sharing a calculator got each other's results (wrong forces for a structure, with no error).
+    def __getstate__(self):  # pickles and deep copies (a lock is neither) get a new lock
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        with self._lock:
+            return super().get_property(name, atoms, allow_calculation)
+
     #: the arguments of ase.calculators.calculator.Calculator.__init__
     _ASE_ARGUMENTS = frozenset({"restart", "ignore_bad_restart_file", "label", "atoms", "directory"})
 
@@ -173,11 +193,12 @@ class CartLoremCalculator(Calculator):
                 field = np.full(0, np.nan)
             if field.shape != (3,) or not np.all(np.isfinite(field)):
                 raise ValueError(f"electric_field must be 3 finite numbers (V/Å), got {value!r}")
-        same = _same_field(field, self._field)
-        self._field = field
-        self.parameters["electric_field"] = None if field is None else field.tolist()
-        if not same:
-            self.reset()
+        with self._lock:
+            same = _same_field(field, self._field)
+            self._field = field
+            self.parameters["electric_field"] = None if field is None else field.tolist()
+            if not same:
+                self.reset()
 
     def set(self, **kwargs):
         """ASE's ``set``: ``electric_field`` (V/Å, or None) is the one parameter; it drops the results when it
@@ -187,11 +208,12 @@ class CartLoremCalculator(Calculator):
             raise TypeError(f"CartLoremCalculator.set takes electric_field only, got {', '.join(unknown)}")
         if "electric_field" not in kwargs:
             return {}
-        before = self._field
-        self.electric_field = kwargs["electric_field"]
-        if _same_field(before, self._field):
-            return {}
-        return {"electric_field": self.electric_field}
+        with self._lock:  # not in the middle of another thread's calculation
+            before = self._field
+            self.electric_field = kwargs["electric_field"]
+            if _same_field(before, self._field):
+                return {}
+            return {"electric_field": self.electric_field}
 
     def reset(self):
         super().reset()
@@ -216,6 +238,10 @@ class CartLoremCalculator(Calculator):
         (long-range models; dipoles need lmax ≥ 1, quadrupoles lmax 2); "virial" [3, 3] eV, −∂E/∂ε for any
         boundaries (−V σ for a periodic cell; for a slab or a molecule, whose volume is mostly vacuum, the
         strain derivative that the engines' barostats divide by their box volume; computed when asked for)."""
+        with self._lock:
+            return self._get_extra(name, atoms)
+
+    def _get_extra(self, name: str, atoms):
         from ase.calculators.calculator import PropertyNotImplementedError
 
         if name not in self.extra_properties:
@@ -294,6 +320,10 @@ class CartLoremCalculator(Calculator):
         return g.replace(edge_index=g.edge_index[:, keep], edge_shift=g.edge_shift[keep])
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        with self._lock:
+            self._calculate(atoms, properties, system_changes)
+
+    def _calculate(self, atoms, properties, system_changes):
         if torch.is_inference_mode_enabled():  # the model's advice (ask for the energy only) is not ours to take
             raise RuntimeError("CartLoremCalculator computes forces by autograd, which torch.inference_mode() "
                                "switches off: call it outside inference_mode (torch.no_grad() is fine)")

@@ -717,3 +717,37 @@ def test_a_left_handed_cell_has_the_stress_of_its_lattice(model):
         assert left.get_potential_energy() == pytest.approx(energy, rel=1e-12, abs=1e-12)
         assert np.allclose(left.get_stress(voigt=False), stress, rtol=1e-9, atol=1e-12)
         assert np.allclose(left.calc.get_extra("virial"), -volume * stress, rtol=1e-9, atol=1e-12)
+
+
+def test_threads_sharing_a_calculator_get_their_own_results(model):
+    """ASE's get_property sets the calculator's atoms, computes and reads its results: two threads sharing one
+    calculator (a thread pool scoring structures) got each other's forces, with no error, or a broadcast error from
+    the neighbour list. Each result is checked against a calculator of its own; a copy and a pickle still work."""
+    import copy
+    import pickle
+    import threading
+
+    structures = [crystal(seed=s, repeat=(2, 1, 1) if s % 2 else (1, 2, 2)) for s in range(4)]
+    expected = [CartLoremCalculator(model).get_forces(a) for a in structures]
+    shared = CartLoremCalculator(model)
+    wrong, errors = [], []
+
+    def score(first):
+        for step in range(24):
+            k = (first + step) % len(structures)
+            try:
+                forces = shared.get_forces(structures[k].copy())
+            except Exception as err:  # noqa: BLE001 (a thread's exception would otherwise be lost)
+                errors.append(repr(err))
+                continue
+            if forces.shape != expected[k].shape or not np.allclose(forces, expected[k], rtol=1e-12, atol=1e-12):
+                wrong.append((first, step))
+
+    threads = [threading.Thread(target=score, args=(first,)) for first in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not wrong, f"{len(wrong)} wrong results, errors {errors[:2]}"
+    for other in (copy.deepcopy(shared), pickle.loads(pickle.dumps(shared))):
+        assert np.allclose(other.get_forces(structures[1].copy()), expected[1], rtol=1e-12, atol=1e-12)
