@@ -527,6 +527,10 @@ def _check_stress_labels(frames, graphs, source: str, stress_key: Optional[str])
     misspelt key trains without stress; the command line refuses it for a training set); with the default "calc",
     other stress-like info keys; stresses above IMPLAUSIBLE_STRESS (GPa or kbar read as eV/Å³)."""
     periodic = [k for k, g in enumerate(graphs) if bool(g.pbc.all())]
+    if (not periodic and stress_key not in (None, "calc")
+            and not any(_lookup(atoms, "stress", stress_key) is not None for atoms in frames)):
+        _log.warning("%s: stress_key %r is in none of its %d frames, and none of them is fully periodic (a stress "
+                     "label needs a periodic cell): no stress is read", source, stress_key, len(graphs))
     if not stress_key or not periodic:
         return
     if stress_key_unused(graphs, stress_key):

@@ -418,6 +418,14 @@ def test_stress_labels_that_cannot_be_stresses(tmp_path, caplog):
         caplog.clear()
         read_dataset(frames, 3.0, stress_key="stress_GPa")
         assert "GPa" in caplog.text and "in eV/Å³" in caplog.text
+        # no fully periodic frame: a named key that no frame has was read in silence (and trains nothing)
+        molecules = [a for a in emt_frames(6, seed=2) if not a.pbc.any()]
+        caplog.clear()
+        read_dataset(molecules, 3.0, stress_key="REF_stress")
+        assert f"stress_key 'REF_stress' is in none of its {len(molecules)} frames, and none of them" in caplog.text
+        caplog.clear()
+        read_dataset(molecules, 3.0)  # the default 'calc' says nothing
+        assert "stress_key" not in caplog.text
         caplog.clear()
         read_dataset(frames, 3.0, stress_key="REF_stress")
         assert caplog.text == ""
