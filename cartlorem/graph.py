@@ -13,6 +13,8 @@ boundary conditions, triclinic cells and cutoffs larger than the cell (several i
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Optional, Sequence
 
@@ -235,6 +237,25 @@ def check_charge_state(numbers, total_charge: float, multiplicity: Optional[floa
             f"(up to {electrons + 1}); check {where[1]} and {where[0]}")
 
 
+#: the oldest vesin that takes ``periodic`` per direction: 0.3 reads a list of three bools as one True, so a slab was
+#: listed as a crystal (pairs through its vacuum, a changed energy) with no error
+VESIN_MIN = (0, 4)
+
+
+@functools.lru_cache(maxsize=1)
+def vesin_module():
+    """The vesin module, or ImportError when the installed one is older than VESIN_MIN."""
+    import vesin
+
+    version = getattr(vesin, "__version__", "0")
+    parts = [int(p) for p in re.findall(r"\d+", version)[:2]] + [0, 0]
+    if tuple(parts[:2]) < VESIN_MIN:
+        raise ImportError(f"cartlorem needs vesin >= {VESIN_MIN[0]}.{VESIN_MIN[1]} (installed: {version}, which takes "
+                          "the boundary conditions as one bool and lists slabs as crystals): "
+                          f"pip install -U 'vesin>={VESIN_MIN[0]}.{VESIN_MIN[1]}'")
+    return vesin
+
+
 def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
     """Full neighbour list of one structure: (i [E], j [E], shifts [E, 3] int), |r_ij| ≤ cutoff.
 
@@ -243,8 +264,7 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     larger than the cell give several images. Pairs are directed and both (i, j) and (j, i)
     appear; an atom is its own neighbour only through a non-zero lattice image.
     """
-    import vesin
-
+    vesin = vesin_module()
     if not (np.isfinite(cutoff) and cutoff > 0):
         raise ValueError(f"cutoff must be a positive number of Å, got {cutoff}")
     positions = np.ascontiguousarray(positions, dtype=np.float64)

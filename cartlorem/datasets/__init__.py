@@ -15,6 +15,19 @@ def demo_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"the demo dataset is missing from this installation ({path}); rebuild it with "
-            "`python -m cartlorem.datasets.generate_demo` (needs `pip install tblite`)"
+            f"`python -m cartlorem.datasets.generate_demo {path}` (needs the data extra: "
+            "pip install 'cartlorem[data]', i.e. tblite)"
         )
     return path
+
+
+def require_tblite(parser) -> None:
+    """The labelling scripts' check, before any work: without tblite (GFN2-xTB) ``parser`` exits with a one-line
+    message naming the install, not a ModuleNotFoundError traceback."""
+    import importlib
+
+    try:
+        importlib.import_module("tblite.ase")
+    except ImportError as err:
+        parser.error(f"labelling with GFN2-xTB needs tblite, the data extra ({err}): pip install 'cartlorem[data]' "
+                     "(or pip install tblite)")

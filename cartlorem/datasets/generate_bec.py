@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import require_tblite
+
 
 @dataclass(frozen=True)
 class System:
@@ -213,6 +215,7 @@ def main(argv=None):
     parser.add_argument("out", help="output extxyz file")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    require_tblite(parser)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per tiny xTB calculation
     start = time.perf_counter()
     frames = generate(args.seed)

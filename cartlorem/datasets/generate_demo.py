@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import require_tblite
+
 
 @dataclass(frozen=True)
 class System:
@@ -223,6 +225,7 @@ def main(argv=None):
     parser.add_argument("out", help="output extxyz file")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    require_tblite(parser)
 
     # one OpenMP thread per xTB calculation: 14 atoms are too few to share, and oversubscribed
     # threads on a busy machine are much slower than one

@@ -810,8 +810,9 @@ def half_neighbour_list(positions: torch.Tensor, cell: torch.Tensor, cutoff: flo
     ``r_j - r_i + shifts @ cell`` is the pair vector (vesin's convention); an atom pairs with its own
     images (i = j, non-zero shift), one of each +-shift.
     """
-    import vesin
+    from ..graph import vesin_module
 
+    vesin = vesin_module()
     pos = positions.detach().cpu().double().numpy()
     box = cell.detach().cpu().double().numpy()
     nl = vesin.NeighborList(cutoff=float(cutoff), full_list=False)

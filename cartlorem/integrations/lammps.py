@@ -361,7 +361,11 @@ def main(argv=None) -> int:
                    "singlet, not checked against the electron count)")
     p.add_argument("--log", default="log.lammps", help="LAMMPS log file ('none' for no log)")
     args = p.parse_args(argv)
-    lmp = load_lammps()(cmdargs=["-log", args.log])
+    try:
+        lammps = load_lammps()
+    except ImportError as err:  # one line naming the install, not a traceback
+        p.error(str(err))
+    lmp = lammps(cmdargs=["-log", args.log])
     try:
         run_input(lmp, args.input, args.model, args.elements, device=args.device, total_charge=args.total_charge,
                   multiplicity=args.multiplicity)
