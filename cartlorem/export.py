@@ -48,7 +48,7 @@ from torch import nn
 
 from .ewald.fields import intra_pairs, pair_fields
 from .graph import _MIN_DISTANCE
-from .ewald.kernels import erf_series_downward
+from .ewald.kernels import cell_volume, erf_series_downward
 from .tensors import stf
 from .tensors.products import product
 from .units import COULOMB
@@ -169,7 +169,7 @@ class _ExportedLongRange(nn.Module):
         r64, c64 = positions.double(), cell.double()
         shift = torch.floor(r64.detach() @ torch.linalg.inv(c64.detach()))
         positions = (r64 - shift @ c64).to(positions.dtype)
-        volume = torch.abs(torch.linalg.det(cell))
+        volume = cell_volume(cell)
         recip = 2.0 * math.pi * torch.linalg.inv(cell).transpose(0, 1)  # rows b_k, a_i·b_k = 2π δ_ik
         m = self._kvector_indices(c64.detach())
         k = m.to(positions.dtype) @ recip  # [K, 3] 1/Å, differentiable in the cell
@@ -519,7 +519,7 @@ class ExportedCartLorem(nn.Module):
             if compute_stress:
                 g = grads[k]
                 g = g if g is not None else torch.zeros_like(cell)
-                volume = torch.linalg.det(cell).abs()
+                volume = cell_volume(cell)
                 periodic = pbc.all(dim=1) & (volume > 0)
                 safe = torch.where(periodic, volume, torch.ones_like(volume))
                 out["stress"] = torch.where(periodic[:, None, None], g / safe[:, None, None], torch.zeros_like(g))

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .ewald.kernels import cell_volume
 from .graph import Graph
 
 __all__ = ["with_derivatives", "stress_from_strain_gradient"]
@@ -84,7 +85,7 @@ def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], di
 
 def stress_from_strain_gradient(graph: Graph, grad: torch.Tensor) -> torch.Tensor:
     """σ = (1/V) ∂E/∂ε [B, 3, 3] (eV/Å³) from ``grad`` = ∂E/∂ε [B, 3, 3]; zero rows for open structures and slabs."""
-    volume = torch.linalg.det(graph.cell).abs()  # [B]
+    volume = cell_volume(graph.cell)  # [B]
     periodic = graph.pbc.all(dim=1) & (volume > 0)
     safe = torch.where(periodic, volume, torch.ones_like(volume))
     return torch.where(periodic[:, None, None], grad / safe[:, None, None], 0.0)

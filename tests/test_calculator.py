@@ -751,3 +751,51 @@ def test_threads_sharing_a_calculator_get_their_own_results(model):
     assert not errors and not wrong, f"{len(wrong)} wrong results, errors {errors[:2]}"
     for other in (copy.deepcopy(shared), pickle.loads(pickle.dumps(shared))):
         assert np.allclose(other.get_forces(structures[1].copy()), expected[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("boundaries", ["periodic", "slab"])
+def test_a_float32_long_range_model_under_a_float64_default_dtype(lr_model, boundaries):
+    """MACE's calculator sets torch's default dtype to float64. torch 2.13's backward of det of a float32 cell builds
+    its LU in that dtype, so every periodic float32 long-range call with forces and stress (and a slab's virial, and
+    the training step's double backward) failed with a RuntimeError from linalg.lu_solve. The results must be
+    those of a float64 default."""
+    import copy
+
+    from cartlorem.ewald import electrostatic_energy
+
+    atoms = nacl(seed=3)
+    if boundaries == "slab":
+        atoms.pbc = (True, True, False)
+        atoms.center(vacuum=6.0, axis=2)
+    asked = ("stress",) if boundaries == "periodic" else ()
+
+    def results():
+        atoms.calc = CartLoremCalculator(lr_model, dtype="float32")
+        out = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
+               "virial": atoms.calc.get_extra("virial")}
+        for name in asked:
+            out[name] = atoms.get_stress()
+        model = copy.deepcopy(lr_model).float().train()  # the training step's double backward
+        pred = model(atoms_to_graph(atoms, CUTOFF, dtype=torch.float32), compute_forces=True, compute_stress=True,
+                     create_graph=True)
+        loss = (pred["forces"] ** 2).sum() + (pred["energy"] ** 2).sum() + (pred["stress"] ** 2).sum()
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        out["loss_grad"] = torch.cat([g.flatten() for g in grads if g is not None]).double().numpy()
+        cell = torch.tensor(atoms.cell.array, dtype=torch.float32, requires_grad=True)
+        rng = np.random.default_rng(0)
+        q = torch.tensor(rng.standard_normal((len(atoms), 1)), dtype=torch.float32)
+        for method in ("ewald", "pme"):
+            energy = electrostatic_energy(torch.tensor(atoms.positions, dtype=torch.float32), q - q.mean(),
+                                          cell=cell, pbc=[True] * 3, smearing=1.0, accuracy=1e-5, method=method)
+            out[method] = torch.autograd.grad(energy, cell)[0].double().numpy()
+        return out
+
+    expected = results()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = results()
+    finally:
+        torch.set_default_dtype(before)
+    for name, value in expected.items():
+        assert np.allclose(got[name], value, rtol=1e-5, atol=1e-6), name

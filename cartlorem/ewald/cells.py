@@ -48,6 +48,7 @@ from .slab import plane_kvector_indices, replica_correction, replica_k_cutoff, s
 from .kernels import (
     InteractionTensors,
     Layout,
+    cell_volume,
     erf_kernel_at_origin,
     pack_sources,
     reciprocal_kernel,
@@ -257,7 +258,7 @@ def traced_ewald_fields(positions: torch.Tensor, batch: torch.Tensor, cell: torc
 
     # inv_ex: inv's error check is an effectful op, which keeps Inductor from caching the compiled step on disk
     recip = 2.0 * math.pi * torch.linalg.inv_ex(cell).inverse.transpose(1, 2)  # [B, 3, 3], rows b_k
-    volume = torch.abs(torch.linalg.det(cell))  # [B]
+    volume = cell_volume(cell)  # [B]
     k = plan.m.to(positions.dtype) @ recip  # [B, K, 3]
     k2 = (k * k).sum(-1)
     k2 = torch.where(plan.k_mask, k2, torch.ones_like(k2))

@@ -38,6 +38,7 @@ from .kernels import (
     Layout,
     RadialKernel,
     background_potential,
+    cell_volume,
     reciprocal_kernel,
     self_matrix,
     smearing_beta,
@@ -266,7 +267,7 @@ def reciprocal_sum(
     -> [N, n_rows, C] without the output signs ``c_l``.
     """
     n_atoms, n_cols, n_channels = v.shape
-    volume = torch.abs(torch.linalg.det(cell))
+    volume = cell_volume(cell)
     recip = 2.0 * math.pi * torch.linalg.inv(cell).transpose(0, 1)  # rows b_k, a_i . b_k = 2 pi delta_ik
     flat = v.reshape(n_atoms, n_cols * n_channels)
     track = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, v, cell))
@@ -373,7 +374,7 @@ def ewald_sum(
     out = out + reciprocal_sum(positions, v, cell, m, params.alpha, rows, cols)
     out = out - torch.einsum("ab,nbc->nac", self_matrix(tensors, params.alpha, v.dtype, v.device), v)
     if total_charge is not None and 0 in rows.ranks:
-        volume = torch.abs(torch.linalg.det(cell))
+        volume = cell_volume(cell)
         phi = background_potential(total_charge, volume, params.alpha, smearing)  # [C]
         bg = torch.zeros_like(out[0])
         bg = bg.index_put((torch.tensor(rows.offset(0)),), phi)

@@ -473,6 +473,14 @@ class KernelDerivatives(torch.autograd.Function):
         return (None if grad is None else -0.5 * grad), None, None, None, None, None
 
 
+def cell_volume(cell: torch.Tensor) -> torch.Tensor:
+    """|a · (b × c)| of the cell rows [..., 3, 3] → [...] Å³, differentiable. The triple product, not
+    ``torch.linalg.det``: in torch 2.13 the backward of det of a float32 cell builds its LU in the default dtype and
+    fails when that is float64 (as after MACE's calculator set it), so every periodic float32 long-range call with
+    forces or stress failed in such a session."""
+    return (cell[..., 0, :] * torch.linalg.cross(cell[..., 1, :], cell[..., 2, :], dim=-1)).sum(-1).abs()
+
+
 def smearing_beta(smearing: float) -> float:
     """``1 / (sqrt 2 sigma)`` (1/Å): a Gaussian source of width sigma has the kernel erf(beta R)/R."""
     return 1.0 / (math.sqrt(2.0) * smearing)

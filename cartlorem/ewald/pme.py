@@ -53,6 +53,7 @@ from .ewald import tail_parameter
 from .kernels import (
     InteractionTensors,
     Layout,
+    cell_volume,
     RadialKernel,
     background_potential,
     self_matrix,
@@ -707,7 +708,7 @@ def influence_function(cell: torch.Tensor, mesh: tuple, order: int, alpha: float
     # k^2 = sum_ab m_a m_b (b_a . b_b), by broadcasting: no [K1, K2, K3/2, 3] grid of k-vectors
     metric = recip @ recip.transpose(0, 1)
     moduli = [torch.as_tensor(bspline_moduli(size, order), dtype=dtype, device=device) for size in mesh]
-    scale = float(np.prod(mesh)) / torch.abs(torch.linalg.det(cell))
+    scale = float(np.prod(mesh)) / cell_volume(cell)
     # pairwise products are planes, only their sum is a full mesh (accumulated in place)
     k2 = (2.0 * metric[0, 1]) * (m[0] * m[1]) + (2.0 * metric[0, 2]) * (m[0] * m[2])
     k2.add_((2.0 * metric[1, 2]) * (m[1] * m[2])).add_(metric[0, 0] * m[0] * m[0])
@@ -901,7 +902,7 @@ def pme_sum(positions: torch.Tensor, v: torch.Tensor, cell: torch.Tensor, rows: 
     out = out + reciprocal_sum(positions, v, cell, params, rows, cols)
     out = out - torch.einsum("ab,nbc->nac", self_matrix(tensors, params.alpha, v.dtype, v.device), v)
     if total_charge is not None and 0 in rows.ranks:
-        volume = torch.abs(torch.linalg.det(cell))
+        volume = cell_volume(cell)
         phi = background_potential(total_charge, volume, params.alpha, smearing)  # [C]
         bg = torch.zeros_like(out[0])
         bg = bg.index_put((torch.tensor(rows.offset(0), device=bg.device),), phi)

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from .ewald import ewald_sum, phase_sum, wrap_positions
-from .kernels import Layout
+from .kernels import Layout, cell_volume
 
 #: Extra e-foldings beyond ln(1/accuracy) in the cutoff of the replica correction.
 GAP_MARGIN = 3.0
@@ -216,7 +216,7 @@ def slab_correction(positions, batch, box, normal, length, slab, rows: Layout, c
     """
     sources = [x for x in (charges, dipoles, quadrupoles) if x is not None]
     n_channels = sources[0].shape[1]
-    volume = torch.abs(torch.linalg.det(box))  # [B]
+    volume = cell_volume(box)  # [B]
     n_at = normal[batch]  # [N, 3]
     z = (positions * n_at).sum(-1)[:, None]  # [N, 1] (Å)
     q = charges if charges is not None else positions.new_zeros(positions.shape[0], n_channels)
