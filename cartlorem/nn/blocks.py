@@ -45,11 +45,13 @@ CUDA_MEMORY_FRACTION = 0.25
 #: the H200 above).
 CUDA_BYTES_PER_EDGE_CHANNEL = 450
 #: By default, chunking starts above this many chunks of edges (24576 edges at C = 64, 49152 at C = 32): below
-#: it the unchunked path's memory is small (< 1 GB) and its large-tensor page faults, which the chunked path
-#: avoids, do not always pay for the recomputation. benchmarks/results/chunk_threshold.md (energy + forces, one
-#: thread, three runs): chunked / unchunked 1.22-1.42 for diamond at 4.7-11.1 chunks, 0.72-0.76 for 1029 atoms of
-#: water at 13.9 chunks (C = 32), 0.49-0.62 from 17.5 chunks on; water at C = 64 gains from ~5 chunks on, but
-#: diamond does not. (It was 16, which left the 1029-atom water box at C = 32 on the slower path.)
+#: it the unchunked path's large-tensor page faults, which the chunked path avoids, do not always pay for the
+#: recomputation. benchmarks/results/chunk_threshold.md (energy + forces, one thread, three runs): chunked /
+#: unchunked 1.22-1.42 for diamond at 4.7-11.1 chunks, 0.72-0.76 for 1029 atoms of water at 13.9 chunks (C = 32),
+#: 0.49-0.62 from 17.5 chunks on; water at C = 64 gains from ~5 chunks on, but diamond does not. (It was 16, which
+#: left the 1029-atom water box at C = 32 on the slower path.) The unchunked memory below the threshold is not small
+#: at every width and dtype: 3000 atoms of water at C = 8 (163k edges) took 1.1 GB in float32 and 2.2 GB in
+#: float64, against 0.08 and 0.29 GB chunked (a scale review, session 37); a layer's ``edge_chunk`` sets chunks.
 MIN_CHUNKS = 12
 
 
