@@ -319,6 +319,34 @@ class CartLorem(nn.Module):
             self.shift.fill_(float(shift))
             self.config["shift"] = float(shift)
 
+    # avg_num_neighbors is a Python float in every layer (the compiled step and TorchScript fold it), not a parameter
+    # or buffer: it travels in state_dict() as "_extra_state", so that torch.save(model.state_dict()) loaded into a
+    # new model brings it (before, such a model ran with the default 10: trained energies off by 0.18 eV)
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([float(self.config["avg_num_neighbors"])], dtype=torch.float64)
+
+    def set_extra_state(self, state) -> None:
+        if not (isinstance(state, torch.Tensor) and state.numel() == 1):
+            raise ValueError(f"the state_dict's _extra_state must be a one-element tensor (avg_num_neighbors), "
+                             f"got {type(state).__name__}")
+        self.set_statistics(avg_num_neighbors=float(state.reshape(-1)[0]))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # the config's copies of the statistics that are buffers follow them (save_model writes the config)
+        self.config["scale"], self.config["shift"] = float(self.scale), float(self.shift)
+        key = prefix + "_extra_state"
+        if key in missing_keys:  # a state_dict written before it held the statistic: loads, with a warning
+            import warnings
+
+            missing_keys.remove(key)
+            warnings.warn(f"this state_dict has no {key} (avg_num_neighbors; written by an older cartlorem): the model "
+                          f"keeps avg_num_neighbors = {self.config['avg_num_neighbors']:g}; set the trained value with "
+                          "set_statistics(avg_num_neighbors=...), or save and load with save_model / load_model, "
+                          "whose files hold it", stacklevel=2)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embedding.dtype
@@ -470,6 +498,12 @@ class CartLorem(nn.Module):
           With charge correction Q is the given total charge, so a distant o costs no precision; the field's −Q o·E
           is shared evenly by a structure's atoms in ``node_energy``.
         """
+        if not isinstance(graph, Graph):
+            raise TypeError(f"CartLorem takes a cartlorem Graph (cartlorem.graph.atoms_to_graph, collate), got "
+                            f"{type(graph).__name__}")
+        if self.dtype not in (torch.float32, torch.float64):  # float16/bfloat16 ran, 0.65 eV off at -4000 eV
+            raise ValueError(f"CartLorem runs in float32 or float64; this model is {str(self.dtype)[6:]} "
+                             "(model.float() or model.double())")
         if graph.positions.device != self.embedding.device or any(
                 isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != self.dtype
                 for v in vars(graph).values()):  # every floating field: a float64 cell beside float32 positions too
@@ -586,6 +620,9 @@ class CartLorem(nn.Module):
     @staticmethod
     def _check_layout(graph: Graph) -> None:
         """ValueError naming the first tensor of ``graph`` whose shape or dtype is not that of :class:`Graph`."""
+        for name in ("positions", "cell", "edge_index"):  # their shapes give the others'
+            if not isinstance(getattr(graph, name), torch.Tensor):
+                raise ValueError(f"graph.{name} must be a tensor, got {type(getattr(graph, name)).__name__}")
         n = graph.positions.shape[0] if graph.positions.dim() == 2 else -1
         b = graph.cell.shape[0] if graph.cell.dim() == 3 else -1
         e = graph.edge_index.shape[1] if graph.edge_index.dim() == 2 else -1
@@ -675,6 +712,8 @@ def upgrade_state_dict(state_dict: dict, config: dict, format: str) -> dict:
     if format not in _FORMATS:
         raise ValueError(f"unknown model format {format!r}; this cartlorem reads {', '.join(_FORMATS)}")
     state = dict(state_dict)
+    if "_extra_state" not in state and "avg_num_neighbors" in config:  # files written before it was in state_dict
+        state["_extra_state"] = torch.tensor([float(config["avg_num_neighbors"])], dtype=torch.float64)
     key = "long_range_block.coupling"
     if format in (_FORMAT_V1, _FORMAT_V2) and config.get("long_range") is not None and key in state:
         coupling = state.pop(key)
@@ -715,6 +754,9 @@ def model_payload(model: CartLorem) -> dict:
     """What :func:`save_model` writes: format header, hyperparameters, weights (CPU copies), dtype."""
     if not isinstance(model, CartLorem):
         raise TypeError(f"expected a CartLorem, got {type(model).__name__}")
+    if model.dtype not in (torch.float32, torch.float64):  # load_model reads these two only
+        raise ValueError(f"save_model writes float32 or float64 models; this one is {str(model.dtype)[6:]} "
+                         "(model.float() or model.double() first)")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {"format": _FORMAT, "config": dict(model.config), "state_dict": state,
             "dtype": str(model.dtype).replace("torch.", "")}

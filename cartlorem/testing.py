@@ -117,12 +117,12 @@ def _predict(model, atoms, cutoff=None, stress=None):
     return model(_graph(model, atoms, cutoff), compute_stress=stress)
 
 
-def check_o3_invariance(model, atoms, *, seed: int = 0) -> float:
+def check_o3_invariance(model, atoms, *, seed: int = 0, cutoff: Optional[float] = None) -> float:
     """Energy invariant, forces equivariant under random rotations, reflections and a translation.
 
     Returns the worst relative error (energy and forces)."""
     rng = torch.Generator().manual_seed(seed)
-    ref = _predict(model, atoms)
+    ref = _predict(model, atoms, cutoff)
     e0, f0 = ref["energy"].detach(), ref["forces"].detach()
     worst = 0.0
     for det in (1.0, -1.0):
@@ -131,7 +131,7 @@ def check_o3_invariance(model, atoms, *, seed: int = 0) -> float:
         moved.positions = atoms.positions @ q.T + torch.randn(3, generator=rng, dtype=torch.float64).numpy()
         if atoms.pbc.any():
             moved.set_cell(atoms.cell.array @ q.T, scale_atoms=False)
-        out = _predict(model, moved)
+        out = _predict(model, moved, cutoff)
         e_err = float((out["energy"].detach() - e0).abs().max() / e0.abs().clamp_min(1e-12).max())
         f_ref = f0 @ torch.as_tensor(q, dtype=f0.dtype).T
         f_err = float((out["forces"].detach() - f_ref).abs().max() / f0.abs().max().clamp_min(1e-12))
@@ -139,7 +139,8 @@ def check_o3_invariance(model, atoms, *, seed: int = 0) -> float:
     return worst
 
 
-def check_forces_fd(model, atoms, *, h: float = 1e-4, n: int = 6, seed: int = 0) -> float:
+def check_forces_fd(model, atoms, *, h: float = 1e-4, n: int = 6, seed: int = 0,
+                    cutoff: Optional[float] = None) -> float:
     """Forces against central finite differences of the energy; worst error relative to max |F|.
 
     A periodic long-range model's Ewald energy steps where a lattice image or k-vector crosses its cutoff, by far
@@ -147,7 +148,7 @@ def check_forces_fd(model, atoms, *, h: float = 1e-4, n: int = 6, seed: int = 0)
     worse result in a few cells in ten at h = 1e-4 is that step (check with a smaller or another h), not a wrong
     force. The same holds for :func:`check_stress_fd`."""
     rng = torch.Generator().manual_seed(seed)
-    f = _predict(model, atoms)["forces"].detach()
+    f = _predict(model, atoms, cutoff)["forces"].detach()
     worst = 0.0
     for _ in range(n):
         i = int(torch.randint(len(atoms), (1,), generator=rng))
@@ -156,17 +157,17 @@ def check_forces_fd(model, atoms, *, h: float = 1e-4, n: int = 6, seed: int = 0)
         for sgn in (1, -1):
             a = atoms.copy()
             a.positions[i, k] += sgn * h
-            es.append(float(_predict(model, a)["energy"].detach().sum()))
+            es.append(float(_predict(model, a, cutoff)["energy"].detach().sum()))
         fd = -(es[0] - es[1]) / (2 * h)
         worst = max(worst, abs(fd - float(f[i, k])) / float(f.abs().max().clamp_min(1e-12)))
     return worst
 
 
-def check_stress_fd(model, atoms, *, h: float = 1e-4) -> float:
+def check_stress_fd(model, atoms, *, h: float = 1e-4, cutoff: Optional[float] = None) -> float:
     """Stress against finite strain cell → cell (I + ε); worst error relative to max |σ|."""
     import numpy as np
 
-    s = _predict(model, atoms, stress=True)["stress"][0].detach()
+    s = _predict(model, atoms, cutoff, stress=True)["stress"][0].detach()
     vol = abs(float(np.linalg.det(atoms.cell.array)))
     worst = 0.0
     for x, y in [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]:
@@ -176,7 +177,7 @@ def check_stress_fd(model, atoms, *, h: float = 1e-4) -> float:
         for sgn in (1, -1):
             a = atoms.copy()
             a.set_cell(atoms.cell.array @ (np.eye(3) + sgn * eps), scale_atoms=True)
-            es.append(float(_predict(model, a)["energy"].detach().sum()))
+            es.append(float(_predict(model, a, cutoff)["energy"].detach().sum()))
         fd = (es[0] - es[1]) / (2 * h) / vol
         worst = max(worst, abs(fd - float(s[x, y])) / float(s.abs().max().clamp_min(1e-12)))
     return worst

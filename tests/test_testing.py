@@ -72,3 +72,24 @@ def test_checks_catch_a_broken_model():
         check_batch_equals_single(model, [rocksalt(), molecule("H2O")])
     with pytest.raises(ValueError, match="cutoff"):
         check_cutoff_smoothness(torch.nn.Linear(1, 1), "OH")
+
+
+def test_every_check_takes_the_cutoff_of_a_model_without_one():
+    """The module says "or pass cutoff=" for a model without a cutoff attribute (a user's wrapper), and so does the
+    error; check_o3_invariance, check_forces_fd and check_stress_fd raised TypeError for it."""
+
+    class Wrapped(torch.nn.Module):  # a CartLorem inside a user's module, which has no cutoff attribute
+        def __init__(self, model):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, graph, compute_stress=None):
+            return self.inner(graph, compute_stress=compute_stress)
+
+    model = tiny([11, 17])
+    wrapped, crystal = Wrapped(model), rocksalt()
+    with pytest.raises(ValueError, match="pass cutoff="):
+        check_o3_invariance(wrapped, crystal)
+    assert check_o3_invariance(wrapped, crystal, cutoff=3.0) == check_o3_invariance(model, crystal) < 1e-10
+    assert check_forces_fd(wrapped, crystal, cutoff=3.0) == check_forces_fd(model, crystal) < 1e-6
+    assert check_stress_fd(wrapped, crystal, cutoff=3.0) == check_stress_fd(model, crystal) < 1e-6
