@@ -172,6 +172,10 @@ class CartLoremCalculator(Calculator):
         with self._lock:
             return super().get_property(name, atoms, allow_calculation)
 
+    def calculate_properties(self, atoms, properties):  # Atoms.get_properties: calculate, then read the results
+        with self._lock:
+            return super().calculate_properties(atoms, properties)
+
     #: the arguments of ase.calculators.calculator.Calculator.__init__
     _ASE_ARGUMENTS = frozenset({"restart", "ignore_bad_restart_file", "label", "atoms", "directory"})
 

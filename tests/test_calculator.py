@@ -799,3 +799,39 @@ def test_a_float32_long_range_model_under_a_float64_default_dtype(lr_model, boun
         torch.set_default_dtype(before)
     for name, value in expected.items():
         assert np.allclose(got[name], value, rtol=1e-5, atol=1e-6), name
+
+
+def test_atoms_get_properties_under_threads_gets_its_own_results(model, monkeypatch):
+    """Atoms.get_properties runs ASE's calculate_properties: calculate, then export_properties reads the results. The
+    lock covered calculate only, so another thread's calculation in between gave this thread its results. Here the
+    first thread is held between the two until the second has started."""
+    import threading
+
+    first, second = crystal(seed=0, repeat=(2, 1, 1)), crystal(seed=1, repeat=(1, 2, 2))
+    expected = CartLoremCalculator(model).get_forces(first)
+    shared = CartLoremCalculator(model)
+    started, got = threading.Event(), {}
+    export = type(shared).export_properties
+
+    def held_export(self):
+        if threading.current_thread().name == "first":
+            started.set()
+            threading.Event().wait(0.3)  # the other thread's calculation would run now
+        return export(self)
+
+    monkeypatch.setattr(type(shared), "export_properties", held_export)
+
+    def run_first():
+        got["forces"] = first.get_properties(["energy", "forces"])["forces"]
+
+    def run_second():
+        started.wait(5.0)
+        shared.get_forces(second.copy())
+
+    first.calc = shared
+    threads = [threading.Thread(target=run_first, name="first"), threading.Thread(target=run_second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got["forces"].shape == expected.shape and np.allclose(got["forces"], expected, rtol=1e-12, atol=1e-12)
