@@ -694,11 +694,15 @@ class CartLorem(nn.Module):
 #       inputs only (Q/N, (S − 1)/N), so that a supercell of a charged cell gets the cell's energy per cell
 #       (:mod:`cartlorem.nn.conditioning`); the buffer ``conditioning.cells_per_atom`` says so. Older files
 #       with conditioning get it False: they predict what they predicted.
-_FORMAT = "cartlorem-model-v4"
+#   cartlorem-model-v5: the state dict holds ``_extra_state``, avg_num_neighbors (float64 [1]), as
+#       ``CartLorem.state_dict()`` does; older files get it from their config. (A v4 reader refuses the key; the
+#       new number makes it say that the file is newer.)
+_FORMAT = "cartlorem-model-v5"
 _FORMAT_V1 = "cartlorem-model-v1"
 _FORMAT_V2 = "cartlorem-model-v2"
 _FORMAT_V3 = "cartlorem-model-v3"
-_FORMATS = (_FORMAT_V1, _FORMAT_V2, _FORMAT_V3, _FORMAT)
+_FORMAT_V4 = "cartlorem-model-v4"
+_FORMATS = (_FORMAT_V1, _FORMAT_V2, _FORMAT_V3, _FORMAT_V4, _FORMAT)
 
 
 def upgrade_state_dict(state_dict: dict, config: dict, format: str) -> dict:

@@ -70,7 +70,7 @@ def test_saved_file_is_plain_data(tmp_path):
     model = lr_model()
     cartlorem.save_model(model, tmp_path / "m.pt", training={"epoch": 3, "loss": 0.25, "curve": [1.0, 0.5]})
     obj = torch.load(tmp_path / "m.pt", weights_only=True)  # the strict reader accepts the whole file
-    assert obj["format"] == "cartlorem-model-v4" and obj["training"]["curve"] == [1.0, 0.5]
+    assert obj["format"] == "cartlorem-model-v5" and obj["training"]["curve"] == [1.0, 0.5]
     loaded = cartlorem.load_model(tmp_path / "m.pt")
     assert energy_forces(loaded, methanol())[0] == pytest.approx(energy_forces(model, methanol())[0], rel=1e-14)
 
@@ -333,3 +333,15 @@ def test_what_is_not_a_graph_is_named():
     graph = atoms_to_graph(atoms, model.cutoff)
     with pytest.raises(ValueError, match="graph.positions must be a tensor, got ndarray"):
         model(graph.replace(positions=graph.positions.numpy()))
+
+
+def test_a_file_of_a_newer_format_says_so(tmp_path):
+    """Files hold "_extra_state" since v5; under the v4 number an older cartlorem called such a file's weights
+    unfit for the model instead of saying it was newer. A v6 file is named newer here."""
+    model = lr_model()
+    cartlorem.save_model(model, tmp_path / "m.pt")
+    obj = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert obj["format"] == "cartlorem-model-v5" and "_extra_state" in obj["state_dict"]
+    torch.save({**obj, "format": "cartlorem-model-v6"}, tmp_path / "newer.pt")
+    with pytest.raises(ValueError, match="written by a newer cartlorem"):
+        cartlorem.load_model(tmp_path / "newer.pt")

@@ -253,3 +253,26 @@ def test_a_learning_curve_with_an_empty_panel_gives_no_warning(tmp_path):
         warnings.simplefilter("error")
         assert plot_learning_curve(history, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_a_run_of_a_module_holding_a_cartlorem_written_before_its_extra_state_resumes():
+    """CartLorem.state_dict() holds "_extra_state" (avg_num_neighbors) since model format v5; the checkpoint of a
+    user's module around a CartLorem written before it was refused on resume as "a different model
+    (inner._extra_state differs)". A module that does differ is still refused."""
+    import torch
+
+    from cartlorem import CartLorem
+    from cartlorem.training.run_folder import STATE_DICT_FORMAT, cpu_state_dict, restore_model_settings
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, channels=4):
+            super().__init__()
+            self.inner = CartLorem([1, 8], cutoff=3.0, channels=channels, num_layers=1)
+
+    model = Wrapped()
+    old = {k: v for k, v in cpu_state_dict(model).items() if not k.endswith("_extra_state")}
+    assert len(old) == len(model.state_dict()) - 1
+    restore_model_settings(model, {"format": STATE_DICT_FORMAT, "class": "Wrapped", "state_dict": old}, "run")
+    other = {k: v for k, v in cpu_state_dict(Wrapped(channels=8)).items()}
+    with pytest.raises(ValueError, match="written for a different model"):
+        restore_model_settings(model, {"format": STATE_DICT_FORMAT, "class": "Wrapped", "state_dict": other}, "run")

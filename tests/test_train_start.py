@@ -274,7 +274,7 @@ def test_a_checkpoint_of_an_older_cartlorem_resumes(trained, tmp_path, capsys):
     code, out, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", 2)
     assert code == 0, err
     assert "stopped after epoch 2" in out
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]["format"] == "cartlorem-model-v4"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]["format"] == "cartlorem-model-v5"
 
 
 def test_a_long_range_checkpoint_of_format_v2_is_refused_with_the_reason(files, tmp_path, capsys):
