@@ -258,6 +258,34 @@ def test_dataloader_workers_give_the_same_run(data):
     assert [r["valid_loss"] for r in a.history] == pytest.approx([r["valid_loss"] for r in b.history], rel=1e-12)
 
 
+def test_dataloader_workers_start_under_forkserver(tmp_path):
+    """Under the forkserver start method (Python 3.14's default on Linux) starting a loader worker sent every tensor
+    of the data set as a file descriptor in one message: 100 structures failed with "too many fds". A process of its
+    own, whose default start method is forkserver, collates them with two workers."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import multiprocessing, sys
+        import numpy as np
+        from ase.build import molecule
+        from cartlorem.graph import atoms_to_graph
+        from cartlorem.training import epoch_loader
+
+        if __name__ == "__main__":
+            multiprocessing.set_start_method("forkserver")
+            graphs = [atoms_to_graph(molecule("H2O"), 3.0) for _ in range(100)]
+            _, loader = epoch_loader(graphs, 10, np.random.default_rng(0), workers=2)
+            print(sum(b.num_graphs for b in loader))
+    """)
+    (tmp_path / "run.py").write_text(script)
+    done = subprocess.run([sys.executable, str(tmp_path / "run.py")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "100"
+
+
 def test_epochs_zero_writes_no_model(data, tmp_path):
     train_set, valid_set = data
     result = train(tiny_model(), train_set, valid_set, epochs=0, out_dir=tmp_path, **SETTINGS)

@@ -114,8 +114,21 @@ def epoch_loader(graphs, batch_size: int, rng: np.random.Generator, workers: int
     if ranks.many:
         chunks = [[c[k] for k in ranks.part(len(c))] for c in chunks]
     loader = DataLoader(graphs, batch_sampler=chunks, collate_fn=_collate_or_none, num_workers=int(workers),
-                        generator=torch.Generator())  # a private generator: torch's global stream is untouched
+                        generator=torch.Generator(),  # a private generator: torch's global stream is untouched
+                        multiprocessing_context=_worker_context() if int(workers) > 0 else None)
     return chunks, loader
+
+
+def _worker_context():
+    """The loader workers' start method: fork on Linux. Under forkserver (Python 3.14's default there, or the
+    user's choice) starting a worker sends every tensor of the data set as a file descriptor in one message, and
+    more than 256 (~20 structures) failed with "too many fds"; spawn is slow to start. Elsewhere the default."""
+    import multiprocessing
+    import sys
+
+    if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return None
 
 
 def _collate_or_none(graphs):
