@@ -345,7 +345,7 @@ class CartLorem(nn.Module):
             warnings.warn(f"this state_dict has no {key} (avg_num_neighbors; written by an older cartlorem): the model "
                           f"keeps avg_num_neighbors = {self.config['avg_num_neighbors']:g}; set the trained value with "
                           "set_statistics(avg_num_neighbors=...), or save and load with save_model / load_model, "
-                          "whose files hold it", stacklevel=2)
+                          "whose files hold it", stacklevel=_first_frame_outside_torch())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -752,6 +752,18 @@ def _check_plain(obj, where: str) -> None:
             "(dicts, lists, tuples, strings, int/float/bool/None, torch tensors), so that load_model can read "
             "them without running pickled code; convert it (e.g. float(x), x.tolist(), torch.as_tensor(x))"
         )
+
+
+def _first_frame_outside_torch() -> int:
+    """The ``stacklevel`` of a warning raised in here that names the caller of torch's load_state_dict (which
+    reaches a module's _load_from_state_dict through its own frames, as many as the module is deep)."""
+    import sys
+
+    torch_dir, level, frame = os.path.dirname(torch.__file__), 1, sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_code.co_filename.startswith(torch_dir)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def model_payload(model: CartLorem) -> dict:

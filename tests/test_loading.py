@@ -303,8 +303,9 @@ def test_a_state_dict_carries_the_statistics_into_a_new_model(tmp_path):
 
     old = {k: v for k, v in trained.state_dict().items() if k != "_extra_state"}  # an older cartlorem's state dict
     model = fresh()
-    with pytest.warns(UserWarning, match="no _extra_state .avg_num_neighbors"):
+    with pytest.warns(UserWarning, match="no _extra_state .avg_num_neighbors") as record:
         model.load_state_dict(old)
+    assert [w.filename for w in record] == [__file__]  # the warning names the caller's line, not torch's
     # a file written before the key existed: load_model takes the value from its config
     torch.save({"format": "cartlorem-model-v4", "config": trained.config, "state_dict": old, "dtype": "float64"},
                tmp_path / "old.pt")
