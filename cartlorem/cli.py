@@ -342,7 +342,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import add_flags, parse_float, parse_int, parse_label_key
+    from .config import add_flags, parse_float, parse_int, parse_label_key, parse_path
 
     p = argparse.ArgumentParser(
         prog="cartlorem",
@@ -369,14 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Energy (meV/atom), force (meV/Å) and, where labelled, stress (meV/Å³), dipole (e·Å) and Born "
         "effective charge (e) MAE and RMSE of a model on a dataset.",
     )
-    e.add_argument("--model", required=True, metavar="MODEL.pt", help="model file (save_model / cartlorem train)")
-    e.add_argument("--data", required=True, metavar="TEST.xyz", help="labelled structures (extxyz)")
-    e.add_argument("--json", metavar="METRICS.json",
+    e.add_argument("--model", required=True, type=parse_path, metavar="MODEL.pt",
+                   help="model file (save_model / cartlorem train)")
+    e.add_argument("--data", required=True, type=parse_path, metavar="TEST.xyz", help="labelled structures (extxyz)")
+    e.add_argument("--json", type=parse_path, metavar="METRICS.json",
                    help="also write the metrics as JSON (a NaN or infinite one as null)")
-    e.add_argument("--predictions", metavar="PRED.{npz,xyz}",
+    e.add_argument("--predictions", type=parse_path, metavar="PRED.{npz,xyz}",
                    help="also write the predictions: .xyz / .extxyz (the data's frames with cartlorem_energy, "
                         "cartlorem_forces, ... beside their references), or any other name: numpy's npz (eV, Å)")
-    e.add_argument("--parity", metavar="PARITY.{png,pdf,svg}", help="also write energy/force parity plots")
+    e.add_argument("--parity", type=parse_path, metavar="PARITY.{png,pdf,svg}",
+                   help="also write energy/force parity plots")
     e.add_argument("--batch-size", type=parse_int, default=16, metavar="N", help="structures per batch")
     trained = " (default: the key the model was trained with, read from the config.yaml of its run, else '{}')"
 
@@ -407,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small model on the bundled GFN2-xTB clusters (train/validation/test split), report "
         "test accuracy, and run NVE molecular dynamics with the ASE calculator, printing the energy drift.",
     )
-    d.add_argument("--out", default="cartlorem_demo_run", metavar="DIR", help="output folder (overwritten)")
+    d.add_argument("--out", default="cartlorem_demo_run", type=parse_path, metavar="DIR",
+                   help="output folder (overwritten)")
     d.add_argument("--epochs", type=parse_int, default=20, metavar="N", help="training epochs")
     d.add_argument("--max-time", type=parse_float, default=110.0, metavar="SECONDS",
                    help="training time budget (a safety net on slow machines)")
@@ -420,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", help="cpu or cuda")
     d.add_argument("--threads", type=parse_int, default=1, metavar="N",
                    help="CPU threads for torch (one is fastest for this small model)")
-    d.add_argument("--data", metavar="FILE.xyz", help="use this dataset instead of the bundled one")
+    d.add_argument("--data", type=parse_path, metavar="FILE.xyz", help="use this dataset instead of the bundled one")
     d.add_argument("--no-progress", dest="progress", action="store_false",
                    help="turn off progress bars and per-epoch lines")
     d.set_defaults(func=_cmd_demo)
@@ -433,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
         "energy, forces and stress) or, with --metatomic, save it as a metatomic AtomisticModel (metatomic's ASE "
         "calculator, LAMMPS, i-PI, ...; needs pip install metatomic-torch).",
     )
-    x.add_argument("model", metavar="MODEL", help="model file (save_model / cartlorem train)")
-    x.add_argument("out", metavar="OUT", help="file to write")
+    x.add_argument("model", type=parse_path, metavar="MODEL", help="model file (save_model / cartlorem train)")
+    x.add_argument("out", type=parse_path, metavar="OUT", help="file to write")
     x.add_argument("--metatomic", action="store_true", help="write a metatomic model instead of plain TorchScript")
     x.add_argument("--dtype", choices=["float32", "float64"], default=None, help="precision (default: the model's)")
     x.set_defaults(func=_cmd_export)

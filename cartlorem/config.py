@@ -87,7 +87,12 @@ def parse_text(v) -> str:
 
 @_named("path")
 def parse_path(v) -> str:
-    return str(Path(v if isinstance(v, os.PathLike) else parse_text(v)).expanduser())
+    """A path with '~' expanded ("" stays "", not ".": the commands name it as given)."""
+    if not isinstance(v, os.PathLike):
+        v = parse_text(v)
+        if not v:
+            return v
+    return str(Path(v).expanduser())
 
 
 @_named("species")
@@ -127,9 +132,9 @@ def parse_config_type_weights(v) -> dict:
 
         try:
             v = ast.literal_eval(v.strip())
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError):  # the last two: text nested thousands deep
             raise argparse.ArgumentTypeError(f"expected a mapping such as '{{\"Default\": 1.0, \"bulk\": 2.0}}', "
-                                             f"got {v!r}") from None
+                                             f"got {v[:200]!r}") from None
     out = {}
     for key, value in parse_mapping(v).items():
         if not isinstance(key, str):

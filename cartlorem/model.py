@@ -854,16 +854,20 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if refused is None:
+        convert = ("load it with load_model(path, trust_pickle=True); for the command line, convert it once in "
+                   "Python: save_model(load_model(path, trust_pickle=True), new_path)")
+        if refused is None and not trust_pickle:  # e.g. torch.save(..., pickle_protocol=4): opcodes it lacks
             reason = [line for line in str(exc).splitlines() if line.strip() and "documentation" not in line]
-            raise ValueError(f"cannot read model file {path} (corrupt or not a cartlorem model): "
-                             f"{reason[-1].strip() if reason else exc}") from None
+            raise ValueError(f"cannot read model file {path} with the safe reader "
+                             f"({reason[-1].strip() if reason else exc}): it is damaged, not a cartlorem model, or "
+                             f"pickled with features that reader lacks (e.g. pickle_protocol=4). If you trust its "
+                             f"source, {convert}") from None
         if not trust_pickle:
             raise ValueError(
                 f"refusing to load {path}: it holds a pickled Python object ({refused.group(1)}), and unpickling "
                 "it could run arbitrary code. cartlorem model files hold plain data only. If you wrote this "
                 "file yourself or trust its source (e.g. a cartlorem 0.1.0 file saved with extra objects), "
-                "load it with load_model(path, trust_pickle=True)") from None
+                f"{convert}") from None
         try:
             obj = torch.load(path, map_location=map_location, weights_only=False)
         except Exception as err:

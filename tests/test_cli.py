@@ -414,6 +414,30 @@ def test_evaluate_writes_predictions_where_it_says(files, tmp_path, capsys):
         assert saved["energy_pred"].shape == (5,) and np.all(np.isfinite(saved["forces_pred"]))
 
 
+def test_every_path_of_evaluate_demo_and_export_expands_the_home_folder(files, tmp_path, capsys, monkeypatch):
+    """The shell leaves '~' in --json=~/m.json; train expanded it, but evaluate wrote a folder named '~' in the
+    current one (and said "written to ~/m.json"), and export did not find '~/model.pt'."""
+    import shutil
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(_untrained_model_file(tmp_path), home / "model.pt")
+    shutil.copy(files / "test.xyz", home / "test.xyz")
+    code, out, err = run(capsys, "evaluate", "--model=~/model.pt", "--data=~/test.xyz", "--json=~/m.json",
+                         "--predictions=~/p.npz", "--no-progress")
+    assert code == 0, err
+    assert (home / "m.json").is_file() and (home / "p.npz").is_file() and not (tmp_path / "~").exists()
+    code, out, err = run(capsys, "export", "~/model.pt", "~/model.ts")
+    assert code == 0, err
+    assert (home / "model.ts").is_file()
+    from cartlorem.cli import build_parser
+
+    demo = build_parser().parse_args(["demo", "--out=~/demo_run", "--data=~/test.xyz"])
+    assert (demo.out, demo.data) == (str(home / "demo_run"), str(home / "test.xyz"))
+
+
 def test_evaluate_files_say_which_model_and_data_they_score(files, tmp_path, capsys, monkeypatch):
     """evaluate's JSON and npz files held numbers only: which model scored which data was nowhere in them, so a
     folder of results could not be traced back (or a result for a model retrained since told apart)."""

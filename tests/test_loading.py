@@ -182,8 +182,10 @@ def test_old_file_with_pickled_objects_needs_the_opt_in(tmp_path):
 def test_unreadable_files(tmp_path):
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"not a model")
-    with pytest.raises(ValueError, match="corrupt or not a cartlorem model"):
+    with pytest.raises(ValueError, match="damaged, not a cartlorem model"):
         cartlorem.load_model(bad)
+    with pytest.raises(ValueError, match="corrupt or not a cartlorem model"):
+        cartlorem.load_model(bad, trust_pickle=True)
     torch.save({"format": "something-else", "weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a cartlorem model file"):
         cartlorem.load_model(tmp_path / "other.pt")
@@ -346,3 +348,14 @@ def test_a_file_of_a_newer_format_says_so(tmp_path):
     torch.save({**obj, "format": "cartlorem-model-v6"}, tmp_path / "newer.pt")
     with pytest.raises(ValueError, match="written by a newer cartlorem"):
         cartlorem.load_model(tmp_path / "newer.pt")
+
+
+def test_a_file_the_safe_reader_cannot_parse_loads_with_the_opt_in(tmp_path):
+    """torch.save(..., pickle_protocol=4) writes opcodes torch's weights-only reader lacks: such a file was called
+    corrupt, and trust_pickle=True did not read it either (only a refused GLOBAL led to the opt-in)."""
+    model, atoms = lr_model(), methanol()
+    torch.save(cartlorem.model.model_payload(model), tmp_path / "p4.pt", pickle_protocol=4)
+    with pytest.raises(ValueError, match="with the safe reader .* trust_pickle=True"):
+        cartlorem.load_model(tmp_path / "p4.pt")
+    loaded = cartlorem.load_model(tmp_path / "p4.pt", trust_pickle=True)
+    assert energy_forces(loaded, atoms)[0] == energy_forces(model, atoms)[0]
