@@ -68,6 +68,32 @@ def test_overlapping_atoms_of_a_graph_are_refused(long_range):
     model(graph.replace(positions=positions.detach().clone().index_fill_(0, torch.tensor([5]), 9.0)))  # far: fine
 
 
+@pytest.mark.parametrize("long_range", [None, "multipole"])
+def test_a_flat_periodic_cell_in_a_graph_is_refused(long_range):
+    """A hand-built graph of a crystal whose cell was zeroed (or one row of it) kept its edges' lattice shifts: a
+    short-range model collapsed them onto in-cell vectors and returned another energy, forces in a perfect crystal
+    and a stress of exactly 0 (read as a molecule's), with no error. A slab's open row may be zero."""
+    from ase.build import bulk
+
+    model = _model(species=(8,), long_range=long_range)
+    crystal = atoms_to_graph(bulk("Si", "diamond", a=5.43, cubic=True), 3.0)
+    crystal = crystal.replace(species=torch.full_like(crystal.species, 8))
+    model(crystal)  # fine
+    for cell in (torch.zeros_like(crystal.cell), crystal.cell * torch.tensor([1.0, 1.0, 0.0])[:, None]):
+        with pytest.raises(ValueError, match=r"structure 0: periodic cell has zero volume along the periodic"):
+            model(crystal.replace(cell=cell))
+    flat_plane = crystal.cell.clone()
+    flat_plane[0, 1] = flat_plane[0, 0]  # rows a and b parallel: no area
+    slab = crystal.replace(pbc=torch.tensor([[True, True, False]]), edge_index=crystal.edge_index[:, :0],
+                           edge_shift=crystal.edge_shift[:0])
+    with pytest.raises(ValueError, match=r"periodic cell has zero area along the periodic directions"):
+        model(slab.replace(cell=flat_plane))
+    open_row = crystal.cell.clone()
+    open_row[0, 2] = 0.0
+    if long_range is None:  # (the long-range block needs the open row's height)
+        model(slab.replace(cell=open_row))
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])
 def test_small_integer_index_tensors_work(dtype):
     """int8/int16/uint8 species, batch and edge_index passed the layout check, then failed inside with an IndexError

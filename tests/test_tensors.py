@@ -368,3 +368,19 @@ def test_blocks_take_zero_nodes(scripted):
         block = block.double()
         out = (torch.jit.script(block) if scripted else block)(h, species)
         assert [tuple(x.shape) for x in out] == [(0, 3), (0, 3, 3), (0, 3, 3, 3)]
+
+
+def test_the_fused_edge_products_without_rank_0_features_say_so():
+    """An assert guarded this public input: under python -O the calls ended in a KeyError or AttributeError from
+    deep inside. edge_paths((1,), ...) gives paths for features without rank 0, which the fused kernels cannot take."""
+    from cartlorem.tensors import compact_edge_product, edge_paths, weighted_edge_product
+    from cartlorem.tensors.fused import component_major_edge_product
+
+    n = torch.nn.functional.normalize(torch.randn(4, 3, dtype=torch.float64), dim=-1)
+    h1 = torch.randn(4, 2, 3, dtype=torch.float64)
+    paths = edge_paths((1,), (0, 1, 2))
+    w = torch.randn(4, len(paths), 2, dtype=torch.float64)
+    for f, h in ((weighted_edge_product, h1), (compact_edge_product, h1), (component_major_edge_product,
+                                                                            h1.transpose(1, 2))):
+        with pytest.raises(ValueError, match="need rank-0 features"):
+            f([None, h, None], n, w)

@@ -139,7 +139,8 @@ def _unpack(h: List[Optional[torch.Tensor]], weights: torch.Tensor, l_out: List[
     for key, wk in zip(paths, weights.unbind(1)):
         w[key] = wk
     h0 = h[0]
-    assert h0 is not None, "rank-0 features are required"
+    if h0 is None:  # a ValueError, not an assert: python -O dropped it, and a KeyError came from deep inside
+        raise ValueError("the fused edge products need rank-0 features (h[0] is None)")
     return w, h0, (h[1] if len(h) > 1 else None), (h[2] if len(h) > 2 else None)
 
 
