@@ -138,8 +138,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .training.job import select_device
 
     for what, path in (("model", args.model), ("data", args.data)):
-        if not Path(path).is_file():
-            problem = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+        if not path or not Path(path).is_file():  # (Path("") is ".", a folder)
+            problem = "is a folder, not a file" if path and Path(path).is_dir() else "does not exist"
             raise ValueError(f"{what} file {path!r} {problem}")
     _refuse_overwriting_inputs({"--json": args.json, "--predictions": args.predictions, "--parity": args.parity},
                                {"model file": args.model, "data file": args.data})

@@ -358,6 +358,9 @@ class ExportedCartLorem(nn.Module):
 
         if not isinstance(model, CartLorem):
             raise TypeError(f"expected a CartLorem, got {type(model).__name__}")
+        if model.dtype not in (torch.float32, torch.float64):  # float16 ran 0.12 eV off, bfloat16 12 eV
+            raise ValueError(f"exported models run in float32 or float64; this one is {str(model.dtype)[6:]} "
+                             "(model.float() or model.double() first)")
         block = model.long_range_block
         self.species: List[int] = list(model.species)
         self.cutoff: float = float(model.cutoff)

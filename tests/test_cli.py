@@ -343,6 +343,12 @@ def test_demo_with_an_empty_data_path_is_an_error(tmp_path, capsys):
     assert not (tmp_path / "demo").exists()
 
 
+def test_evaluate_with_an_empty_model_path_says_it_does_not_exist(files, tmp_path, capsys):
+    """--model= (an unset shell variable) was called 'a folder, not a file' (Path('') is '.')."""
+    code, _, err = run(capsys, "evaluate", "--model=", "--data", files / "test.xyz", "--no-progress")
+    _assert_user_error(code, err, "model file '' does not exist")
+
+
 def test_demo_says_what_labels_it_reads(tmp_path, capsys):
     """A file without force labels: the demo passed on read_dataset's advice, "Choose another forces_key, or leave
     'forces' out of require", options the demo does not have."""

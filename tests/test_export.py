@@ -310,3 +310,13 @@ def test_cli_export_errors(tmp_path, capsys):
     graph = atoms_to_graph(molecule("H2O"), CUTOFF).to(dtype=torch.float32)
     assert scripted(*_inputs(graph))["energy"].dtype == torch.float32
     assert np.isfinite(float(scripted(*_inputs(graph))["energy"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_not_exported(dtype):
+    """CartLorem's forward and save_model refuse float16/bfloat16, but the export ran them: 0.12 eV (float16) and
+    12 eV (bfloat16) off at -3140 eV, with no warning."""
+    model = _model("multipole").to(dtype)
+    for export in (ExportedCartLorem, export_model):
+        with pytest.raises(ValueError, match="exported models run in float32 or float64"):
+            export(model)

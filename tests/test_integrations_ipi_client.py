@@ -56,6 +56,32 @@ def test_structure_written_by_ase_reaches_the_connection(tmp_path, model_file):
         _client(model_file, tmp_path / "init.xyz")
 
 
+def test_the_client_and_the_lammps_runner_expand_the_home_folder(tmp_path, model_file, monkeypatch):
+    """The shell leaves '~' in --model=~/model.pt: the i-PI client ended in a FileNotFoundError traceback for
+    '~/init.xyz', and the LAMMPS runner's arguments were not expanded either."""
+    import shutil
+
+    from cartlorem.integrations import lammps
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    shutil.copy(model_file, home / "model.pt")
+    ase.io.write(home / "init.xyz", bulk("NaCl", "rocksalt", a=5.64, cubic=True))
+    with pytest.raises(TimeoutError, match="no i-PI server"):  # read both files: it got as far as the socket
+        ipi.main(["--model=~/model.pt", "--structure=~/init.xyz", "--unix", f"cartlorem-test-{secrets.token_hex(4)}",
+                  "--connect-timeout", "0"])
+    seen = {}
+
+    def run_input(lmp, path, model, elements, **kw):
+        seen.update(path=path, model=model)
+
+    monkeypatch.setattr(lammps, "load_lammps", lambda: (lambda cmdargs: type("L", (), {"close": lambda s: None})()))
+    monkeypatch.setattr(lammps, "run_input", run_input)
+    assert lammps.main(["~/in.lmp", "--model=~/model.pt", "--elements", "Na", "Cl", "--log", "none"]) == 0
+    assert seen == {"path": str(home / "in.lmp"), "model": str(home / "model.pt")}
+
+
 def _serve_to_ase_server(model, client_atoms, server_atoms, stress=False):
     """Run :func:`ipi.serve` in a thread against ASE's i-PI server (SocketIOCalculator), which asks for the energy
     and forces of ``server_atoms``; returns (energy, forces) or the exception of each side."""

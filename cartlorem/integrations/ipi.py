@@ -115,8 +115,11 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m cartlorem.integrations.ipi",
                                 description="Serve a CartLorem model to an i-PI server.")
-    p.add_argument("--model", required=True, help="model file written by cartlorem (save_model / train)")
-    p.add_argument("--structure", required=True,
+    from ..config import parse_path
+
+    p.add_argument("--model", required=True, type=parse_path,
+                   help="model file written by cartlorem (save_model / train)")
+    p.add_argument("--structure", required=True, type=parse_path,
                    help="structure file readable by ASE with the atoms in i-PI's order and its boundary conditions "
                    "(e.g. the extxyz file i-PI starts from with <file mode='ase'>)")
     where = p.add_mutually_exclusive_group(required=True)

@@ -350,8 +350,12 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m cartlorem.integrations.lammps",
                                 description="Run a LAMMPS input with a CartLorem model on its 'fix external'.")
-    p.add_argument("input", help="LAMMPS input file (units metal; defines 'fix ID all external pf/callback 1 1')")
-    p.add_argument("--model", required=True, help="model file written by cartlorem (save_model / train)")
+    from ..config import parse_path
+
+    p.add_argument("input", type=parse_path,
+                   help="LAMMPS input file (units metal; defines 'fix ID all external pf/callback 1 1')")
+    p.add_argument("--model", required=True, type=parse_path,
+                   help="model file written by cartlorem (save_model / train)")
     p.add_argument("--elements", nargs="+", required=True,
                    help="element of each atom type, in type order (chemical symbols or atomic numbers)")
     p.add_argument("--device", default="cpu")
