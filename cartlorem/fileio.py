@@ -14,6 +14,7 @@ written through: its target gets the new content and the link stays.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -52,6 +53,10 @@ def default_file_mode() -> int:
 def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(f)`` on a temporary binary file next to ``path``, then rename it to ``path``.
 
+    A device, FIFO or other file that is not a regular file (``/dev/null``, ``/dev/stdout``) is written into as
+    ``open`` does, not replaced (as root, ``--json /dev/null`` replaced the system's /dev/null by a file); a name
+    ending in a path separator is refused.
+
     The folder is created if needed. As ``open(path, "w")``, a symbolic link is followed (the file it points to
     is written, in that file's folder, and the link stays) and an existing file keeps its permission bits (a new
     one gets :func:`default_file_mode`); unlike it, the file is a new one (another hard link to the old file
@@ -61,6 +66,20 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     """
     path = os.fspath(path)
     handling = sys.exc_info()[1]  # an exception being handled already (a save in an except: or finally: block)
+    if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):  # realpath drops the slash: a file
+        raise WriteError(errno.EISDIR, "a file name ending in a path separator names a folder", path)
+    try:
+        kind = os.stat(path).st_mode
+        special = not stat.S_ISREG(kind) and not stat.S_ISDIR(kind)
+    except OSError:  # not there yet (or unreadable: the steps below say why)
+        special = False
+    if special:  # /dev/null, /dev/stdout, a FIFO, a device: written into, as open() does, never replaced by a file
+        try:
+            with open(path, "wb") as f:
+                write(f)
+        except OSError as err:
+            raise WriteError(err.errno, err.strerror, path) from err
+        return
     target = os.path.realpath(path)  # through symbolic links, as open() writes
     folder = os.path.dirname(target)
     try:

@@ -63,6 +63,29 @@ def test_atomic_write_writes_through_a_symbolic_link(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model.pt", "store"]
 
 
+def test_a_fifo_or_device_is_written_into_not_replaced(tmp_path):
+    """The temporary file was renamed over whatever the name was: as root, `cartlorem evaluate --json /dev/null`
+    replaced the system's /dev/null by a regular file, and a FIFO (or /dev/stdout into a pipe) became a file or
+    failed. open(path, "w") writes into them; so does atomic_write now. A name ending in a separator is refused
+    (realpath dropped the slash and a file was made)."""
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(data=fifo.read_bytes()), daemon=True)
+    reader.start()
+    fileio.atomic_write_text(fifo, "through the pipe")
+    reader.join(10)
+    assert got.get("data") == b"through the pipe" and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]  # no temporary file
+    fileio.atomic_write_text(os.devnull, "nothing")  # (only once the FIFO passed: before, this replaced /dev/null)
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    with pytest.raises(fileio.WriteError, match="ending in a path separator"):
+        fileio.atomic_write_text(str(tmp_path / "results") + os.sep, "{}")
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]
+
+
 def test_atomic_write_names_a_link_loop_as_a_write_error(tmp_path):
     """A symbolic-link loop (or a folder that cannot be made) escaped as a bare OSError from the mode lookup, not the
     WriteError naming the file that every other failed write raises."""
