@@ -141,8 +141,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if not path or not Path(path).is_file():  # (Path("") is ".", a folder)
             problem = "is a folder, not a file" if path and Path(path).is_dir() else "does not exist"
             raise ValueError(f"{what} file {path!r} {problem}")
-    _refuse_overwriting_inputs({"--json": args.json, "--predictions": args.predictions, "--parity": args.parity},
-                               {"model file": args.model, "data file": args.data})
+    outputs = {"--json": args.json, "--predictions": args.predictions, "--parity": args.parity}
+    for flag, name in outputs.items():
+        if name == "":  # an unset shell variable: the output was silently not written
+            raise ValueError(f"{flag} was given an empty file name")
+    _refuse_overwriting_inputs(outputs, {"model file": args.model, "data file": args.data})
     if args.batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {args.batch_size}")
     if args.parity:
@@ -313,8 +316,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     from .model import load_model
 
-    if not Path(args.model).is_file():
+    if not args.model or not Path(args.model).is_file():
         raise ValueError(f"model file {args.model!r} does not exist")
+    if not args.out:
+        raise ValueError("the output file was given an empty name")
     _refuse_overwriting_inputs({"the output file": args.out}, {"model file": args.model})
     model = load_model(args.model)
     if args.dtype is not None:

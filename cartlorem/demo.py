@@ -10,6 +10,8 @@ test_metrics.json, parity.png and md.csv into ``out``.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -66,10 +68,13 @@ def run_demo(
     from .model import CartLorem
     from .training import best_epoch_summary, train
 
-    if epochs < 1 or md_steps < 1 or not max_time > 0:
-        raise ValueError("--epochs, --md-steps and --max-time must be positive")
-    if not timestep > 0 or not temperature >= 0:  # checked before the training, not after it
-        raise ValueError(f"--timestep must be > 0 fs and --temperature >= 0 K, got {timestep!r} and {temperature!r}")
+    whole = [isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (epochs, md_steps)]
+    if not all(whole) or epochs < 1 or md_steps < 1 or not max_time > 0:
+        raise ValueError(f"--epochs and --md-steps must be whole numbers >= 1 and --max-time positive, got "
+                         f"{epochs!r}, {md_steps!r} and {max_time!r}")
+    if not (0 < timestep < math.inf and 0 <= temperature < math.inf):  # checked before the training, not after it
+        raise ValueError(f"--timestep must be a finite number > 0 fs and --temperature >= 0 K, got {timestep!r} and "
+                         f"{temperature!r}")
     long_range = None if long_range in (None, "none") else long_range
     t_start = time.perf_counter()
     path, out, cutoff = demo_data(data), Path(out), 5.0

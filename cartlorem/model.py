@@ -765,7 +765,8 @@ def _check_plain(obj, where: str) -> None:
 def _flat_periodic_cells(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
     """[B] bool: structures whose periodic cell rows span no length, area or volume (as graph.check_structure: the
     square root of their Gram determinant at most 1e-6 of the product of their lengths; NaN counts as flat)."""
-    with torch.no_grad():
+    with torch.no_grad():  # in float64: float32's rounding (1e-7 of the Gram determinant) let half of flat cells by
+        cell = cell.double()
         rows = cell * pbc[..., None].to(cell.dtype)  # the open directions' rows zero ...
         gram = rows @ rows.transpose(1, 2) + torch.diag_embed((~pbc).to(cell.dtype))  # ... and 1 on the diagonal
         lengths2 = torch.where(pbc, (rows * rows).sum(-1), torch.ones_like(cell[..., 0]))

@@ -322,6 +322,18 @@ def test_demo_checks_its_arguments_before_training(files, tmp_path, capsys):
         code, _, err = run(capsys, *args, "--out", out, "--channels", 8, flag, value)
         _assert_user_error(code, err, flag)
         assert not (out / "model.pt").exists()  # refused before the training
+    # run_demo in Python: an infinite temperature or timestep and a fractional step count passed these checks and
+    # failed in the MD after the training had run and written its files
+    import math
+
+    from cartlorem.demo import run_demo
+
+    for bad in ({"temperature": math.inf}, {"timestep": math.inf}, {"md_steps": 2.5}, {"epochs": math.nan}):
+        out = tmp_path / f"py{sorted(bad)[0]}"
+        with pytest.raises(ValueError, match=sorted(bad)[0].replace("_", "-")):
+            run_demo(str(out), data=str(files / "train.xyz"), channels=8, progress=False, say=lambda line: None,
+                     **{"epochs": 1, "md_steps": 2, **bad})
+        assert not out.exists()
 
 
 def test_demo_refuses_one_structure_before_training(tmp_path, capsys):
@@ -347,6 +359,13 @@ def test_evaluate_with_an_empty_model_path_says_it_does_not_exist(files, tmp_pat
     """--model= (an unset shell variable) was called 'a folder, not a file' (Path('') is '.')."""
     code, _, err = run(capsys, "evaluate", "--model=", "--data", files / "test.xyz", "--no-progress")
     _assert_user_error(code, err, "model file '' does not exist")
+    # empty output names: evaluate wrote nothing and said nothing, export said "could not write : Is a directory"
+    model = _untrained_model_file(tmp_path)
+    for flag in ("--json=", "--predictions=", "--parity="):
+        code, _, err = run(capsys, "evaluate", "--model", model, "--data", files / "test.xyz", flag, "--no-progress")
+        _assert_user_error(code, err, f"{flag[:-1]} was given an empty file name")
+    code, _, err = run(capsys, "export", model, "")
+    _assert_user_error(code, err, "the output file was given an empty name")
 
 
 def test_demo_says_what_labels_it_reads(tmp_path, capsys):

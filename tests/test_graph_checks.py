@@ -79,6 +79,15 @@ def test_engine_graphs_refuse_no_structures_and_non_elements():
         with pytest.raises(ValueError, match=rf"numbers must be atomic numbers 1\.\.118, got \[{bad}\]"):
             structures_to_graph(torch.tensor([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0]]), [1, bad], torch.zeros(3, 3), False,
                                 cutoff=3.0)
+    # non-integers were cast: 8.9 read as oxygen, and structure indices 0.7 and 0.2 as structure 0
+    two = torch.tensor([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"numbers must be whole numbers, got \[8.9\]"):
+        structures_to_graph(two, [8.9, 1.0], torch.zeros(3, 3), False, cutoff=3.0)
+    with pytest.raises(ValueError, match=r"system_idx must be whole numbers, got \[0.7\]"):
+        structures_to_graph(two, [8, 1], torch.zeros(2, 3, 3), False, system_idx=[0.7, 1.0], cutoff=3.0)
+    graph = structures_to_graph(two, torch.tensor([8.0, 1.0]), torch.zeros(2, 3, 3), False,
+                                system_idx=np.array([0, 1], dtype=np.int32), cutoff=3.0)  # whole floats, int32: fine
+    assert graph.species.tolist() == [8, 1] and graph.batch.tolist() == [0, 1]
 
 
 def test_an_atom_at_its_own_image_names_the_cell():

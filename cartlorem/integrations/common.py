@@ -25,6 +25,17 @@ def _as_numpy(x, dtype) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+def _as_integers(x, name: str) -> np.ndarray:
+    """``x`` as int64, ValueError for values that are not whole numbers (a cast truncated 8.9 to oxygen)."""
+    values = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if values.dtype.kind not in "iub":
+        values = np.asarray(values, dtype=np.float64)
+        if not np.all(np.isfinite(values) & (values == np.round(values))):
+            bad = values[~(np.isfinite(values) & (values == np.round(values)))]
+            raise ValueError(f"{name} must be whole numbers, got {bad[:5].tolist()}")
+    return values.astype(np.int64)
+
+
 def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cutoff: float,
                         total_charge=None, multiplicity=None, dtype: Optional[torch.dtype] = None,
                         charge_inputs: tuple = ("total_charge", "multiplicity")) -> Graph:
@@ -64,7 +75,7 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
     if pos_np.ndim != 2 or pos_np.shape[1] != 3:
         raise ValueError(f"positions must have shape [N, 3], got {list(pos_np.shape)}")
     n = pos_np.shape[0]
-    z = _as_numpy(numbers, np.int64).reshape(-1)
+    z = _as_integers(numbers, "numbers").reshape(-1)
     if z.shape[0] != n:
         raise ValueError(f"numbers must have shape [{n}] like positions, got {list(z.shape)}")
     if n and (z.min() < 1 or z.max() > 118):  # before the charge check counts electrons from them
@@ -78,7 +89,7 @@ def structures_to_graph(positions, numbers, cells, pbc, system_idx=None, *, cuto
     n_struct = cells_np.shape[0]
     if n_struct == 0:
         raise ValueError("no structures: cells has shape [0, 3, 3]; give one cell per structure")
-    idx = np.zeros(n, dtype=np.int64) if system_idx is None else _as_numpy(system_idx, np.int64).reshape(-1)
+    idx = np.zeros(n, dtype=np.int64) if system_idx is None else _as_integers(system_idx, "system_idx").reshape(-1)
     if idx.shape[0] != n:
         raise ValueError(f"system_idx must have shape [{n}] like positions, got {list(idx.shape)}")
     if n and (idx.min() < 0 or idx.max() >= n_struct):
