@@ -92,6 +92,8 @@ def parse_path(v) -> str:
         v = parse_text(v)
         if not v:
             return v
+        if v.endswith(("/", os.sep)):  # kept: a folder's name (Path drops it, and "results/" became a file)
+            return str(Path(v).expanduser()) + os.sep
     return str(Path(v).expanduser())
 
 

@@ -66,7 +66,8 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     """
     path = os.fspath(path)
     handling = sys.exc_info()[1]  # an exception being handled already (a save in an except: or finally: block)
-    if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):  # realpath drops the slash: a file
+    if (path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep))
+            or os.path.basename(path) in ("", ".", "..")):  # realpath drops the slash: a file
         raise WriteError(errno.EISDIR, "a file name ending in a path separator names a folder", path)
     try:
         kind = os.stat(path).st_mode
@@ -77,8 +78,9 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
         try:
             with open(path, "wb") as f:
                 write(f)
-        except OSError as err:
-            raise WriteError(err.errno, err.strerror, path) from err
+        except Exception as err:
+            _raise_as_write_error(err, path, handling)
+            raise
         return
     target = os.path.realpath(path)  # through symbolic links, as open() writes
     folder = os.path.dirname(target)
@@ -102,14 +104,21 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(err, Exception):
-            interrupt = _in_chain(err, lambda e: isinstance(e, KeyboardInterrupt), handling)
-            if interrupt is not None:  # Ctrl-C inside torch.save comes out as its zip writer's RuntimeError
-                raise interrupt
-            cause = _in_chain(err, lambda e: isinstance(e, OSError) and e.errno is not None, handling)
-            if cause is not None and not isinstance(err, WriteError):
-                raise WriteError(cause.errno, cause.strerror, path) from err
+            _raise_as_write_error(err, path, handling)
         raise
     _sync_folder(folder)
+
+
+def _raise_as_write_error(err: Exception, path: str, handling: Optional[BaseException]) -> None:
+    """Raise what a failed write should: a Ctrl-C inside torch.save (its zip writer's RuntimeError) as the
+    KeyboardInterrupt, an operating-system error anywhere in the chain (torch.save wraps them) as a WriteError
+    naming ``path``; return for anything else (the caller re-raises it)."""
+    interrupt = _in_chain(err, lambda e: isinstance(e, KeyboardInterrupt), handling)
+    if interrupt is not None:
+        raise interrupt
+    cause = _in_chain(err, lambda e: isinstance(e, OSError) and e.errno is not None, handling)
+    if cause is not None and not isinstance(err, WriteError):
+        raise WriteError(cause.errno, cause.strerror, path) from err
 
 
 def _in_chain(err: BaseException, wanted, before: Optional[BaseException] = None):

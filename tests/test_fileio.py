@@ -81,9 +81,36 @@ def test_a_fifo_or_device_is_written_into_not_replaced(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["pipe"]  # no temporary file
     fileio.atomic_write_text(os.devnull, "nothing")  # (only once the FIFO passed: before, this replaced /dev/null)
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
-    with pytest.raises(fileio.WriteError, match="ending in a path separator"):
-        fileio.atomic_write_text(str(tmp_path / "results") + os.sep, "{}")
+    for name in (str(tmp_path / "results") + os.sep, str(tmp_path / "results") + os.sep + "."):
+        with pytest.raises(fileio.WriteError, match="ending in a path separator"):
+            fileio.atomic_write_text(name, "{}")
     assert sorted(os.listdir(tmp_path)) == ["pipe"]
+    from cartlorem.config import parse_path
+
+    assert parse_path("~/results/").endswith(os.sep)  # the command line keeps the slash for the writer to refuse
+
+
+def test_a_broken_pipe_inside_torch_save_is_a_write_error(tmp_path):
+    """torch.save into a FIFO whose reader stopped (save_model(m, "/dev/stdout") | head -c 10) wrapped the
+    BrokenPipeError in its zip writer's RuntimeError, which the direct write for such files passed on: a traceback
+    from the command line instead of "could not write"."""
+    import threading
+
+    import torch
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def read_a_little():
+        with open(fifo, "rb") as f:
+            f.read(10)
+
+    reader = threading.Thread(target=read_a_little, daemon=True)
+    reader.start()
+    with pytest.raises(fileio.WriteError) as caught:
+        fileio.atomic_torch_save({"weights": torch.zeros(2_000_000)}, fifo)
+    assert caught.value.filename == str(fifo)
+    reader.join(10)
 
 
 def test_atomic_write_names_a_link_loop_as_a_write_error(tmp_path):
