@@ -131,9 +131,13 @@ def main(argv=None) -> int:
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the server to listen")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each server message")
     args = p.parse_args(argv)
-    atoms = _read_structure(args.structure)
-    serve(args.model, atoms, unix=args.unix, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-          connect_timeout=args.connect_timeout, timeout=args.timeout)
+    try:
+        atoms = _read_structure(args.structure)
+        serve(args.model, atoms, unix=args.unix, host=args.host, port=args.port, device=args.device,
+              dtype=args.dtype, connect_timeout=args.connect_timeout, timeout=args.timeout)
+    except (ValueError, FileNotFoundError) as err:  # a refused input: one line, as the cartlorem command gives
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -258,7 +258,7 @@ def _without_config_yaml(cfg: Config, out: Path, checkpoint: dict) -> Config:
     kept = {name: settings[name] for name in ("lr", "seed")
             if name in settings and settings[name] != getattr(cfg, name)}
     if kept:
-        log.info("%s has no config.yaml (a run started from Python): its %s go on from the checkpoint", out,
+        log.warning("%s has no config.yaml (a run started from Python): its %s go on from the checkpoint", out,
                  ", ".join(f"{name} {value!r}" for name, value in kept.items()))
         cfg = cfg.replace(**kept)
     return cfg
