@@ -347,7 +347,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import add_flags, parse_float, parse_int, parse_label_key, parse_path
+    from .config import add_flags, parse_float, parse_int, parse_label_key, parse_output_path, parse_path
 
     p = argparse.ArgumentParser(
         prog="cartlorem",
@@ -377,12 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, type=parse_path, metavar="MODEL.pt",
                    help="model file (save_model / cartlorem train)")
     e.add_argument("--data", required=True, type=parse_path, metavar="TEST.xyz", help="labelled structures (extxyz)")
-    e.add_argument("--json", type=parse_path, metavar="METRICS.json",
+    e.add_argument("--json", type=parse_output_path, metavar="METRICS.json",
                    help="also write the metrics as JSON (a NaN or infinite one as null)")
-    e.add_argument("--predictions", type=parse_path, metavar="PRED.{npz,xyz}",
+    e.add_argument("--predictions", type=parse_output_path, metavar="PRED.{npz,xyz}",
                    help="also write the predictions: .xyz / .extxyz (the data's frames with cartlorem_energy, "
                         "cartlorem_forces, ... beside their references), or any other name: numpy's npz (eV, Å)")
-    e.add_argument("--parity", type=parse_path, metavar="PARITY.{png,pdf,svg}",
+    e.add_argument("--parity", type=parse_output_path, metavar="PARITY.{png,pdf,svg}",
                    help="also write energy/force parity plots")
     e.add_argument("--batch-size", type=parse_int, default=16, metavar="N", help="structures per batch")
     trained = " (default: the key the model was trained with, read from the config.yaml of its run, else '{}')"
@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calculator, LAMMPS, i-PI, ...; needs pip install metatomic-torch).",
     )
     x.add_argument("model", type=parse_path, metavar="MODEL", help="model file (save_model / cartlorem train)")
-    x.add_argument("out", type=parse_path, metavar="OUT", help="file to write")
+    x.add_argument("out", type=parse_output_path, metavar="OUT", help="file to write")
     x.add_argument("--metatomic", action="store_true", help="write a metatomic model instead of plain TorchScript")
     x.add_argument("--dtype", choices=["float32", "float64"], default=None, help="precision (default: the model's)")
     x.set_defaults(func=_cmd_export)

@@ -92,9 +92,17 @@ def parse_path(v) -> str:
         v = parse_text(v)
         if not v:
             return v
-        if v.endswith(("/", os.sep)):  # kept: a folder's name (Path drops it, and "results/" became a file)
-            return str(Path(v).expanduser()) + os.sep
     return str(Path(v).expanduser())
+
+
+@_named("path")
+def parse_output_path(v) -> str:
+    """:func:`parse_path` for a file to write, keeping a trailing separator ("results/" names a folder: the writer
+    refuses it, where the path without it made a file named results)."""
+    path = parse_path(v)
+    if isinstance(v, str) and path and v.endswith(("/", os.sep)) and not path.endswith(os.sep):
+        path += os.sep
+    return path
 
 
 @_named("species")

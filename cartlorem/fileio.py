@@ -68,7 +68,8 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     handling = sys.exc_info()[1]  # an exception being handled already (a save in an except: or finally: block)
     if (path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep))
             or os.path.basename(path) in ("", ".", "..")):  # realpath drops the slash: a file
-        raise WriteError(errno.EISDIR, "a file name ending in a path separator names a folder", path)
+        raise WriteError(errno.EISDIR, "this name (empty, '.', '..' or ending in a path separator) names a folder, "
+                         "not a file", path)
     try:
         kind = os.stat(path).st_mode
         special = not stat.S_ISREG(kind) and not stat.S_ISDIR(kind)

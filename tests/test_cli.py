@@ -457,6 +457,9 @@ def test_every_path_of_evaluate_demo_and_export_expands_the_home_folder(files, t
     code, out, err = run(capsys, "export", "~/model.pt", "~/model.ts")
     assert code == 0, err
     assert (home / "model.ts").is_file()
+    code, out, err = run(capsys, "export", "~/model.pt/", "~/exported/")  # an input's slash is dropped, as before;
+    assert code != 0 and "names a folder, not a file" in err  # an output's names a folder (a file was made)
+    assert not (home / "exported").exists()
     from cartlorem.cli import build_parser
 
     demo = build_parser().parse_args(["demo", "--out=~/demo_run", "--data=~/test.xyz"])

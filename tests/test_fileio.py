@@ -82,12 +82,13 @@ def test_a_fifo_or_device_is_written_into_not_replaced(tmp_path):
     fileio.atomic_write_text(os.devnull, "nothing")  # (only once the FIFO passed: before, this replaced /dev/null)
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
     for name in (str(tmp_path / "results") + os.sep, str(tmp_path / "results") + os.sep + "."):
-        with pytest.raises(fileio.WriteError, match="ending in a path separator"):
+        with pytest.raises(fileio.WriteError, match="names a folder, not a file"):
             fileio.atomic_write_text(name, "{}")
     assert sorted(os.listdir(tmp_path)) == ["pipe"]
-    from cartlorem.config import parse_path
+    from cartlorem.config import parse_output_path, parse_path
 
-    assert parse_path("~/results/").endswith(os.sep)  # the command line keeps the slash for the writer to refuse
+    # the command line keeps an output's slash for the writer to refuse; an input's or a folder's is dropped
+    assert parse_output_path("~/results/").endswith(os.sep) and not parse_path("~/data.xyz/").endswith(os.sep)
 
 
 def test_a_broken_pipe_inside_torch_save_is_a_write_error(tmp_path):

@@ -47,6 +47,8 @@ def test_structure_in_ipi_xyz_format_is_refused(tmp_path, model_file, capsys):
     err = capsys.readouterr().err
     assert "init.xyz is in i-PI's xyz format, whose cell and boundary conditions ASE does not read" in err
     assert "Traceback" not in err
+    assert _client(model_file, tmp_path) == 2  # a folder as the structure: IsADirectoryError, in one line too
+    assert "error: [Errno 21] Is a directory" in capsys.readouterr().err
 
 
 def test_structure_written_by_ase_reaches_the_connection(tmp_path, model_file):

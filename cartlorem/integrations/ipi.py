@@ -135,7 +135,8 @@ def main(argv=None) -> int:
         atoms = _read_structure(args.structure)
         serve(args.model, atoms, unix=args.unix, host=args.host, port=args.port, device=args.device,
               dtype=args.dtype, connect_timeout=args.connect_timeout, timeout=args.timeout)
-    except (ValueError, FileNotFoundError) as err:  # a refused input: one line, as the cartlorem command gives
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as err:  # a refused input: one line, as the cartlorem command gives
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -373,7 +373,8 @@ def main(argv=None) -> int:
     try:
         run_input(lmp, args.input, args.model, args.elements, device=args.device, total_charge=args.total_charge,
                   multiplicity=args.multiplicity)
-    except (ValueError, FileNotFoundError) as err:  # a refused input: one line, as the cartlorem command gives
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as err:  # a refused input: one line, as the cartlorem command gives
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
