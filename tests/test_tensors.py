@@ -384,3 +384,19 @@ def test_the_fused_edge_products_without_rank_0_features_say_so():
                                                                             h1.transpose(1, 2))):
         with pytest.raises(ValueError, match="need rank-0 features"):
             f([None, h, None], n, w)
+
+
+def test_harmonics_and_product_name_what_is_not_a_float_tensor():
+    """A list, a numpy array or an integer tensor ended in an AttributeError or torch's dtype error from inside."""
+    import numpy as np
+
+    from cartlorem.tensors import harmonics, product
+
+    for bad in ([[1.0, 0.0, 0.0]], np.ones((1, 3)), torch.tensor([[1, 0, 0]])):
+        with pytest.raises(TypeError, match="floating-point torch tensor"):
+            harmonics(bad)
+    a = torch.randn(2, 4, 3, dtype=torch.float64)
+    for bad in (np.ones((2, 4, 3)), torch.ones(2, 4, 3, dtype=torch.int64)):
+        with pytest.raises(TypeError, match="b must be a floating-point torch tensor"):
+            product(a, 1, bad, 1, 0)
+    assert product(a, 1, a, 1, 0).shape == (2, 4)

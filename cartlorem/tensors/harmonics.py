@@ -31,6 +31,8 @@ def harmonics(vectors: torch.Tensor, lmax: int = 2) -> list[torch.Tensor]:
     T0 = 1, T1 = n, T2 = (3/2)(n nᵀ − I/3), n = r/|r|, normalised so that T_l(n) fully contracted
     with m^⊗l gives the Legendre polynomial P_l(n·m).
     """
+    if not isinstance(vectors, torch.Tensor) or not vectors.is_floating_point():
+        raise TypeError("harmonics expects a floating-point torch tensor of vectors [..., 3]")
     if vectors.shape[-1:] != (3,):
         raise ValueError(f"harmonics expects vectors [..., 3], got shape {tuple(vectors.shape)}")
     if not 0 <= lmax <= 2:

@@ -52,6 +52,8 @@ def paths_to(l1s, l2s, l3s, parity: str = "even") -> tuple[tuple[int, int, int],
 
 
 def _check(x: torch.Tensor, rank: int, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():  # not an AttributeError or torch's dtype error
+        raise TypeError(f"{name} must be a floating-point torch tensor")
     if rank < 0 or rank > 2:
         raise ValueError(f"ranks above 2 are not supported: {name} has rank {rank}")
     if rank > 0 and (x.dim() < rank or list(x.shape[-rank:]) != [3] * rank):
