@@ -10,7 +10,6 @@ test_metrics.json, parity.png and md.csv into ``out``.
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
 from pathlib import Path
@@ -64,17 +63,15 @@ def run_demo(
     from .calculator import CartLoremCalculator
     from .data import MissingLabelError, read_dataset, split
     from .evaluate import format_table, metrics, metrics_json, parity_plot, predict
-    from .md import run_nve, write_md_csv
+    from .md import check_nve_settings, run_nve, write_md_csv
     from .model import CartLorem
     from .training import best_epoch_summary, train
 
-    whole = [isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (epochs, md_steps)]
-    if not all(whole) or epochs < 1 or md_steps < 1 or not max_time > 0:
-        raise ValueError(f"--epochs and --md-steps must be whole numbers >= 1 and --max-time positive, got "
-                         f"{epochs!r}, {md_steps!r} and {max_time!r}")
-    if not (0 < timestep < math.inf and 0 <= temperature < math.inf):  # checked before the training, not after it
-        raise ValueError(f"--timestep must be a finite number > 0 fs and --temperature >= 0 K, got {timestep!r} and "
-                         f"{temperature!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1 or not max_time > 0:
+        raise ValueError(f"--epochs must be a whole number >= 1 and --max-time positive, got {epochs!r} and "
+                         f"{max_time!r}")
+    # the MD's settings as run_nve checks them, before the training rather than after it
+    check_nve_settings(md_steps, timestep, temperature, names=("--md-steps", "--timestep", "--temperature"))
     long_range = None if long_range in (None, "none") else long_range
     t_start = time.perf_counter()
     path, out, cutoff = demo_data(data), Path(out), 5.0

@@ -45,6 +45,18 @@ def initial_velocities(atoms, temperature_K: float, seed: int = 0) -> None:
         atoms.set_momenta(atoms.get_momenta() * np.sqrt(temperature_K / now))
 
 
+def check_nve_settings(steps, timestep_fs, temperature_K,
+                       names=("steps", "timestep_fs", "temperature_K")) -> None:
+    """ValueError unless ``steps`` is a whole number >= 1, ``timestep_fs`` a finite number > 0 and ``temperature_K``
+    one >= 0; ``names``: what the caller's user calls them (run_demo checks them before its training)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"{names[0]} must be a whole number >= 1, got {steps!r}")
+    for name, value, low in ((names[1], timestep_fs, "> 0"), (names[2], temperature_K, ">= 0")):
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or not (value > 0 if low == "> 0" else value >= 0)):
+            raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
+
+
 def run_nve(atoms, *, steps: int, timestep_fs: float, temperature_K: float, seed: int = 0,
             progress: bool = False) -> dict:
     """NVE velocity-Verlet MD with the calculator attached to ``atoms``; energy-conservation summary.
@@ -57,12 +69,7 @@ def run_nve(atoms, *, steps: int, timestep_fs: float, temperature_K: float, seed
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
-    for name, value, low in (("timestep_fs", timestep_fs, "> 0"), ("temperature_K", temperature_K, ">= 0")):
-        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-                or not (value > 0 if low == "> 0" else value >= 0)):
-            raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
+    check_nve_settings(steps, timestep_fs, temperature_K)
     initial_velocities(atoms, temperature_K, seed)
     dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
     rec = {"time_fs": [], "epot": [], "ekin": [], "etot": [], "temperature": []}
