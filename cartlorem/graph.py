@@ -128,18 +128,28 @@ def check_structure(
         )
     if not np.all(np.isfinite(cell)):
         raise ValueError(f"{label}: cell contains NaN or inf")
-    if np.any(pbc):
-        # volume (area, length) spanned by the periodic lattice vectors: sqrt(det of their Gram matrix),
-        # compared with the product of their lengths, so the test is scale free
-        vecs = cell[pbc]  # [P, 3]
-        measure = float(np.sqrt(max(np.linalg.det(vecs @ vecs.T), 0.0)))
-        scale = float(np.prod(np.linalg.norm(vecs, axis=1)))
-        if not (scale > 0 and measure > 1e-6 * scale):
-            what = {1: "length", 2: "area", 3: "volume"}[len(vecs)]
-            raise ValueError(
-                f"{label}: periodic cell has zero {what} along the periodic directions "
-                f"(pbc = {pbc.tolist()}, cell = {cell.tolist()})"
-            )
+    if np.any(pbc) and bool(flat_periodic_cells(torch.from_numpy(cell)[None], torch.from_numpy(pbc)[None])[0]):
+        raise flat_cell_error(label, cell.tolist(), pbc.tolist())
+
+
+def flat_periodic_cells(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+    """[B] bool: structures whose periodic cell rows (cell [B, 3, 3], pbc [B, 3]) span no length, area or volume:
+    the square root of their Gram determinant at most 1e-6 of the product of their lengths (scale free; NaN counts
+    as flat). In float64 whatever the cell's dtype: float32's rounding (1e-7 of the determinant) let half of flat
+    cells by."""
+    with torch.no_grad():
+        cell = cell.double()
+        rows = cell * pbc[..., None].to(cell.dtype)  # the open directions' rows zero ...
+        gram = rows @ rows.transpose(1, 2) + torch.diag_embed((~pbc).to(cell.dtype))  # ... and 1 on the diagonal
+        lengths2 = torch.where(pbc, (rows * rows).sum(-1), torch.ones_like(cell[..., 0]))
+        return pbc.any(dim=1) & ~(torch.linalg.det(gram) > 1e-12 * lengths2.prod(dim=1))
+
+
+def flat_cell_error(label: str, cell: list, pbc: list) -> ValueError:
+    """The error for a structure that :func:`flat_periodic_cells` finds flat (cell and pbc as lists)."""
+    what = {1: "length", 2: "area", 3: "volume"}[sum(bool(p) for p in pbc)]
+    return ValueError(f"{label}: periodic cell has zero {what} along the periodic directions (pbc = {pbc}, "
+                      f"cell = {cell})")
 
 
 def wrapped_slab(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> Optional[tuple[float, float]]:

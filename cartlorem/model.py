@@ -25,7 +25,7 @@ from torch import nn
 
 from .fileio import atomic_torch_save
 from .forces import with_derivatives
-from .graph import _MIN_DISTANCE, Graph
+from .graph import _MIN_DISTANCE, Graph, flat_cell_error, flat_periodic_cells
 from .nn.blocks import BodyOrderProduct, Interaction, SpeciesLinear
 from .nn.conditioning import ChargeStateConditioning
 from .nn.radial import BesselBasis, PolynomialEnvelope
@@ -575,7 +575,7 @@ class CartLorem(nn.Module):
         multiplicity = graph.multiplicity if self.conditioning is not None else None
         if multiplicity is not None:
             ok = ok & (torch.isfinite(multiplicity) & (multiplicity >= 1)).all()
-        flat = _flat_periodic_cells(graph.cell, graph.pbc)
+        flat = flat_periodic_cells(graph.cell, graph.pbc)
         ok = ok & ~flat.any()
         n_atoms, n_struct = graph.positions.shape[0], graph.cell.shape[0]
         if graph.batch.numel():
@@ -616,10 +616,7 @@ class CartLorem(nn.Module):
             raise ValueError(f"{what} {float(d[e]) ** 0.5:.2e} Å apart (overlapping atoms)")
         if bool(flat.any()):  # the edges across the boundary collapsed, and the stress came back 0 (a molecule's)
             k = int(flat.nonzero()[0])
-            pbc = graph.pbc[k].tolist()
-            what = {1: "length", 2: "area", 3: "volume"}[sum(pbc)]
-            raise ValueError(f"structure {k}: periodic cell has zero {what} along the periodic directions "
-                             f"(pbc = {pbc}, cell = {graph.cell[k].tolist()})")
+            raise flat_cell_error(f"structure {k}", graph.cell[k].tolist(), graph.pbc[k].tolist())
         assert multiplicity is not None
         k = int((~(torch.isfinite(multiplicity) & (multiplicity >= 1))).nonzero()[0])
         raise ValueError(f"the multiplicity (2S + 1) of structure {k} must be a finite number >= 1, "
@@ -760,17 +757,6 @@ def _check_plain(obj, where: str) -> None:
             "(dicts, lists, tuples, strings, int/float/bool/None, torch tensors), so that load_model can read "
             "them without running pickled code; convert it (e.g. float(x), x.tolist(), torch.as_tensor(x))"
         )
-
-
-def _flat_periodic_cells(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
-    """[B] bool: structures whose periodic cell rows span no length, area or volume (as graph.check_structure: the
-    square root of their Gram determinant at most 1e-6 of the product of their lengths; NaN counts as flat)."""
-    with torch.no_grad():  # in float64: float32's rounding (1e-7 of the Gram determinant) let half of flat cells by
-        cell = cell.double()
-        rows = cell * pbc[..., None].to(cell.dtype)  # the open directions' rows zero ...
-        gram = rows @ rows.transpose(1, 2) + torch.diag_embed((~pbc).to(cell.dtype))  # ... and 1 on the diagonal
-        lengths2 = torch.where(pbc, (rows * rows).sum(-1), torch.ones_like(cell[..., 0]))
-        return pbc.any(dim=1) & ~(torch.linalg.det(gram) > 1e-12 * lengths2.prod(dim=1))
 
 
 def _first_frame_outside_torch() -> int:
