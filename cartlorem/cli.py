@@ -449,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: what a command reports in one "error:" line with exit status 2 (a refused input), not a traceback; the engines'
+#: runners (python -m cartlorem.integrations.lammps / .ipi) do the same
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
 def main(argv=None) -> int:
     """Entry point of the ``cartlorem`` console script; returns the exit status."""
     from .fileio import WriteError
@@ -473,8 +478,7 @@ def main(argv=None) -> int:
     logger.propagate = False  # printed once, by this handler, also in a program whose root logger has handlers
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            PermissionError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

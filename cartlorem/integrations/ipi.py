@@ -115,6 +115,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m cartlorem.integrations.ipi",
                                 description="Serve a CartLorem model to an i-PI server.")
+    from ..cli import USER_ERRORS
     from ..config import parse_path
 
     p.add_argument("--model", required=True, type=parse_path,
@@ -135,8 +136,7 @@ def main(argv=None) -> int:
         atoms = _read_structure(args.structure)
         serve(args.model, atoms, unix=args.unix, host=args.host, port=args.port, device=args.device,
               dtype=args.dtype, connect_timeout=args.connect_timeout, timeout=args.timeout)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            PermissionError) as err:  # a refused input: one line, as the cartlorem command gives
+    except USER_ERRORS as err:  # a refused input: one line, as the cartlorem command gives
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

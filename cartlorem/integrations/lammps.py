@@ -350,6 +350,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m cartlorem.integrations.lammps",
                                 description="Run a LAMMPS input with a CartLorem model on its 'fix external'.")
+    from ..cli import USER_ERRORS
     from ..config import parse_path
 
     p.add_argument("input", type=parse_path,
@@ -373,8 +374,7 @@ def main(argv=None) -> int:
     try:
         run_input(lmp, args.input, args.model, args.elements, device=args.device, total_charge=args.total_charge,
                   multiplicity=args.multiplicity)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            PermissionError) as err:  # a refused input: one line, as the cartlorem command gives
+    except USER_ERRORS as err:  # a refused input: one line, as the cartlorem command gives
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
