@@ -51,12 +51,12 @@ def test_structure_in_ipi_xyz_format_is_refused(tmp_path, model_file, capsys):
     assert "error: [Errno 21] Is a directory" in capsys.readouterr().err
 
 
-def test_structure_written_by_ase_reaches_the_connection(tmp_path, model_file):
+def test_structure_written_by_ase_reaches_the_connection(tmp_path, model_file, capsys):
     salt = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
     ase.io.write(tmp_path / "init.xyz", salt)  # extxyz: cell and pbc in the comment line
     assert ase.io.read(tmp_path / "init.xyz").pbc.all()
-    with pytest.raises(TimeoutError, match="no i-PI server"):
-        _client(model_file, tmp_path / "init.xyz")
+    assert _client(model_file, tmp_path / "init.xyz") == 1
+    assert "error: no i-PI server" in capsys.readouterr().err
 
 
 def test_the_client_and_the_lammps_runner_expand_the_home_folder(tmp_path, model_file, monkeypatch, capsys):
@@ -71,9 +71,9 @@ def test_the_client_and_the_lammps_runner_expand_the_home_folder(tmp_path, model
     monkeypatch.setenv("HOME", str(home))
     shutil.copy(model_file, home / "model.pt")
     ase.io.write(home / "init.xyz", bulk("NaCl", "rocksalt", a=5.64, cubic=True))
-    with pytest.raises(TimeoutError, match="no i-PI server"):  # read both files: it got as far as the socket
-        ipi.main(["--model=~/model.pt", "--structure=~/init.xyz", "--unix", f"cartlorem-test-{secrets.token_hex(4)}",
-                  "--connect-timeout", "0"])
+    assert ipi.main(["--model=~/model.pt", "--structure=~/init.xyz", "--unix", f"cartlorem-test-{secrets.token_hex(4)}",
+                     "--connect-timeout", "0"]) == 1
+    assert "error: no i-PI server" in capsys.readouterr().err  # read both files: it got as far as the socket
     seen = {}
 
     def run_input(lmp, path, model, elements, **kw):
@@ -201,3 +201,55 @@ def test_client_sends_the_virial_of_a_slab():
             want[a, b] = -(energy(e) - energy(-e)) / (2 * h)
     assert np.abs(want).max() > 1e-2
     np.testing.assert_allclose(virial, want, rtol=0, atol=1e-6)
+
+
+def _fake_server(name, script):
+    """A unix socket where i-PI's would be (ASE's client connects to /tmp/ipi_<name>); ``script(connection)`` runs
+    on the one connection it accepts, in a thread."""
+    import socket
+    import threading
+
+    path = f"/tmp/ipi_{name}"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve():
+        connection, _ = server.accept()
+        try:
+            script(connection)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, path, thread
+
+
+@pytest.mark.parametrize("server", ["silent", "hangs up"])
+def test_a_silent_or_vanishing_server_is_one_line(tmp_path, model_file, capsys, server):
+    """No server, a server that sends nothing within --timeout, and one that drops the connection mid-exchange
+    ended in tracebacks (TimeoutError, 'timed out'; BrokenPipeError) instead of the command's one error line."""
+    import time
+
+    salt = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    ase.io.write(tmp_path / "init.xyz", salt)
+    assert _client(model_file, tmp_path / "init.xyz") == 1  # nobody listens
+    assert "error: no i-PI server at unix socket /tmp/ipi_cartlorem-test-" in capsys.readouterr().err
+    name = f"cartlorem-test-{os.getpid()}-{secrets.token_hex(4)}"
+    if server == "silent":
+        script = lambda connection: time.sleep(2.0)  # noqa: E731
+        expected = "error: no message from the i-PI server in 0.3 s (the client's timeout)"
+    else:
+        script = lambda connection: connection.sendall(b"STATUS".ljust(12))  # noqa: E731  then it closes
+        expected = "error: the i-PI server dropped the connection"
+    listener, path, thread = _fake_server(name, script)
+    try:
+        rc = ipi.main(["--model", str(model_file), "--structure", str(tmp_path / "init.xyz"), "--unix", name,
+                       "--connect-timeout", "5", "--timeout", "0.3"])
+    finally:
+        thread.join(5)
+        listener.close()
+        os.unlink(path)
+    err = capsys.readouterr().err
+    assert rc == 1 and expected in err and "Traceback" not in err, err

@@ -85,6 +85,12 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "loca
         protocol.recvposdata = recvposdata
     try:
         client.run(atoms, use_stress=use_stress)
+    except TimeoutError as exc:  # the socket's own message is only "timed out"
+        if timeout is None:
+            raise
+        raise TimeoutError(f"no message from the i-PI server in {timeout:g} s (the client's timeout)") from exc
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise ConnectionError(f"the i-PI server dropped the connection ({exc.strerror or exc})") from exc
     finally:
         client.close()
 
@@ -139,6 +145,9 @@ def main(argv=None) -> int:
     except USER_ERRORS as err:  # a refused input: one line, as the cartlorem command gives
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (TimeoutError, ConnectionError) as err:  # no server, a silent one, or one that went away
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
