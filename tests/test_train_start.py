@@ -555,6 +555,37 @@ def test_a_frame_weighted_0_is_left_out_of_training(files, tmp_path, capsys):
     assert code == 2 and "has weight 0" in err and "Traceback" not in err, err
 
 
+def test_a_validation_set_weighted_0_throughout_is_refused(files, tmp_path, capsys):
+    """check_labels_to_fit counted the labels of frames weighted 0, which the validation loss leaves out: a
+    validation set weighted 0 throughout (config_weight, or --config-type-weights giving its types 0) trained with a
+    validation loss of 0 every epoch, kept epoch 1 as the best model and early-stopped there, exit status 0."""
+    frames = ase.io.read(files / "train.xyz", ":")
+    for atoms in frames[6:]:
+        atoms.info["config_weight"] = 0.0
+    ase.io.write(tmp_path / "t.xyz", frames[:6])
+    ase.io.write(tmp_path / "v.xyz", frames[6:])
+    code, _, err = run(capsys, "train", "--train", tmp_path / "t.xyz", "--valid", tmp_path / "v.xyz",
+                       "--config", files / "tiny.yaml", "--out", tmp_path / "run_w0")
+    assert code == 2 and "no loss to select the best model by" in err and "Traceback" not in err, err
+    for atoms in frames:
+        atoms.info.pop("config_weight", None)
+        atoms.info["config_type"] = "bulk"
+    for atoms in frames[6:]:
+        atoms.info["config_type"] = "held_out"
+    ase.io.write(tmp_path / "t.xyz", frames[:6])
+    ase.io.write(tmp_path / "v.xyz", frames[6:])
+    code, _, err = run(capsys, "train", "--train", tmp_path / "t.xyz", "--valid", tmp_path / "v.xyz",
+                       "--config", files / "tiny.yaml", "--out", tmp_path / "run_types",
+                       "--config-type-weights", '{"bulk": 1.0, "held_out": 0.0}')
+    assert code == 2 and "no loss to select the best model by" in err and "Traceback" not in err, err
+    assert "config_weight times config_type_weights" in err
+    # the training set weighted 0 by its type: the message named only atoms.info['config_weight'], not in the file
+    code, _, err = run(capsys, "train", "--train", tmp_path / "t.xyz", "--valid", tmp_path / "v.xyz",
+                       "--config", files / "tiny.yaml", "--out", tmp_path / "run_types",
+                       "--config-type-weights", '{"bulk": 0.0, "held_out": 1.0}')
+    assert code == 2 and "training structures has weight 0" in err and "--config-type-weights" in err, err
+
+
 def test_the_run_records_its_validation_frames_and_a_resume_keeps_them(files, tmp_path, capsys, monkeypatch):
     """Which frames a --valid-fraction split put into validation was nowhere on disk, and a resume drew the split
     again: a cartlorem whose split rule had changed (as it did for isolated atoms) trained on structures the run

@@ -147,8 +147,9 @@ def check_loss_labels(model, graphs, weights: Mapping[str, float], what: str = "
                          "a labelled term a weight > 0")
     frame_weights = [getattr(graphs[k], "weight", None) for k in range(len(graphs))]
     if frame_weights and all(w is not None and not bool((w > 0).any()) for w in frame_weights):
-        raise ValueError(f"every one of the {len(graphs)} {what} structures has weight 0 (atoms.info['config_weight'])"
-                         ": there is nothing to train; give some a weight > 0")
+        raise ValueError(f"every one of the {len(graphs)} {what} structures has weight 0 (atoms.info['config_weight'] "
+                         "times config_type_weights / --config-type-weights for its config_type): there is nothing "
+                         "to train; give some a weight > 0")
     graphs = [labels_the_loss_sees(graphs[k]) for k in range(len(graphs))]  # config_*_weight 0: no label
     wanted = [name for name in _CHARGE_TERMS if weights.get(name, 0.0) > 0]
     if not wanted:  # (the charge terms get their own messages below)
@@ -191,7 +192,7 @@ def check_labels_to_fit(graphs, weights: Mapping[str, float], what: str = "valid
     as the best and early stopping would end the run there)."""
     positive = [name for name in DEFAULT_WEIGHTS if weights.get(name, 0.0) > 0]
     for k in range(len(graphs)):
-        g = graphs[k]
+        g = labels_the_loss_sees(graphs[k])  # labels of frames or terms weighted 0 do not count
         if any(getattr(g, f"has_{name}", None) is not None and bool(getattr(g, f"has_{name}").any())
                for name in positive):
             return
@@ -200,7 +201,8 @@ def check_labels_to_fit(graphs, weights: Mapping[str, float], what: str = "valid
         + ", ".join(f"{name} {weights[name]:g}" for name in positive) + "): there is "
         + ("nothing to train" if what == "training" else "no loss to select the best model by")
         + "; read the labels (energy_key, forces_key, stress_key) or give a labelled term a weight > 0 (labels "
-        "whose frame weight, config_weight or config_energy/forces/stress_weight, is 0 do not count)"
+        "whose frame weight, config_weight times config_type_weights, or config_energy/forces/stress_weight is 0 "
+        "do not count)"
     )
 
 
