@@ -24,6 +24,7 @@ Batches for training are made by ``cartlorem.training`` (a DataLoader with ``gra
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import math
@@ -66,6 +67,30 @@ CHARGE_LABELS = ("dipole", "born_charges")
 #: while read_dataset runs: {id(atoms): results} of the frames checked so far (ASE's check_state for every label
 #: of every frame was ~60% of the reading time); None outside it, where atoms may change between calls
 _CHECKED_RESULTS: contextvars.ContextVar = contextvars.ContextVar("cartlorem_checked_results", default=None)
+#: inside :func:`config_types_of_files`: the config types of the frames read so far (read_dataset adds its own and
+#: leaves the warning about named types that no frame has to it); None outside
+_CONFIG_TYPES_SEEN: contextvars.ContextVar = contextvars.ContextVar("cartlorem_config_types_seen", default=None)
+
+
+def _warn_unknown_config_types(config_type_weights, types, source) -> None:
+    unknown = sorted(set(config_type_weights or ()) - set(types))
+    if unknown:
+        _log.warning("%s: config_type_weights names config type(s) %s that no frame has (the frames' types: %s)",
+                     source, ", ".join(map(repr, unknown)), ", ".join(map(repr, sorted(types))))
+
+
+@contextlib.contextmanager
+def config_types_of_files(config_type_weights: Optional[Mapping[str, float]], source: str):
+    """Around the :func:`read_dataset` calls of one run's files (training and validation): a type that
+    ``config_type_weights`` names is warned of once, when none of the files has it (``source`` names them), not by
+    each file that lacks it."""
+    seen: set = set()
+    token = _CONFIG_TYPES_SEEN.set(seen)
+    try:
+        yield
+    finally:
+        _CONFIG_TYPES_SEEN.reset(token)
+    _warn_unknown_config_types(config_type_weights, seen, source)
 
 
 def _calc_results(atoms) -> dict:
@@ -474,10 +499,11 @@ def read_dataset(
                   for g in graphs]
     _check_stress_labels(frames, graphs, source, stress_key)
     _check_frame_weights(frames, source)
-    unknown = sorted(set(config_type_weights or ()) - types)
-    if unknown:
-        _log.warning("%s: config_type_weights names config type(s) %s that no frame has (the frames' types: %s)",
-                     source, ", ".join(map(repr, unknown)), ", ".join(map(repr, sorted(types))))
+    seen = _CONFIG_TYPES_SEEN.get()
+    if seen is None:
+        _warn_unknown_config_types(config_type_weights, types, source)
+    else:  # one warning for all of a run's files (config_types_of_files)
+        seen.update(types)
     if wrapped:
         _log.warning("%s: %d slab(s) (frames %s) look wrapped across their open cell vector: atoms near both faces of "
                      "the cell with the vacuum between them, so the model sees two half-slabs a vacuum apart. If each "

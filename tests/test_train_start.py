@@ -586,6 +586,24 @@ def test_a_validation_set_weighted_0_throughout_is_refused(files, tmp_path, caps
     assert code == 2 and "training structures has weight 0" in err and "--config-type-weights" in err, err
 
 
+def test_a_config_type_in_the_other_file_is_not_warned_of(files, tmp_path, capsys):
+    """read_dataset warned per file of the types --config-type-weights names that the file lacks: with training and
+    validation files of different types, each file's warning named the other's type as one that 'no frame has'.
+    A run now warns once, of the types neither file has."""
+    frames = ase.io.read(files / "train.xyz", ":")
+    for k, atoms in enumerate(frames):
+        atoms.info["config_type"] = "bulk" if k < 6 else "held_out"
+    ase.io.write(tmp_path / "t.xyz", frames[:6])
+    ase.io.write(tmp_path / "v.xyz", frames[6:])
+    code, _, err = run(capsys, "train", "--train", tmp_path / "t.xyz", "--valid", tmp_path / "v.xyz",
+                       "--config", files / "tiny.yaml", "--out", tmp_path / "run", "--epochs", 1,
+                       "--config-type-weights", '{"bulk": 1.0, "held_out": 2.0, "surface": 3.0}')
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "that no frame has" in line]
+    assert len(lines) == 1 and "t.xyz and " in lines[0] and "v.xyz" in lines[0], err
+    assert "names config type(s) 'surface' that no frame has (the frames' types: 'bulk', 'held_out')" in lines[0]
+
+
 def test_the_run_records_its_validation_frames_and_a_resume_keeps_them(files, tmp_path, capsys, monkeypatch):
     """Which frames a --valid-fraction split put into validation was nowhere on disk, and a resume drew the split
     again: a cartlorem whose split rule had changed (as it did for isolated atoms) trained on structures the run

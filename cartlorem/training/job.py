@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 
 from ..config import Config
-from ..data import MissingLabelError, duplicate_structures, is_isolated_atom, read_dataset, split, stress_key_unused
+from ..data import (MissingLabelError, config_types_of_files, duplicate_structures, is_isolated_atom, read_dataset,
+                    split, stress_key_unused)
 from ..fileio import atomic_write_text, file_sha256
 from .distributed import process_group
 from .loop import train
@@ -332,12 +333,17 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         cfg = _without_config_yaml(cfg, out, checkpoint)
         _check_same_data(cfg, out, record)
     t0 = time.perf_counter()
-    graphs = _read(cfg.train, cfg, require, dtype, training=True)
+    both = cfg.valid is not None and cfg.config_type_weights is not None  # a type in either file is no unknown type
+    reading = (config_types_of_files(cfg.config_type_weights, f"{cfg.train} and {cfg.valid}") if both
+               else contextlib.nullcontext())
+    with reading:
+        graphs = _read(cfg.train, cfg, require, dtype, training=True)
+        read_valid = _read(cfg.valid, cfg, require, dtype) if cfg.valid is not None else None
     data_record = {"train": str(Path(cfg.train).resolve()), "train_sha256": file_sha256(cfg.train),
                    "frames": len(graphs), "valid": None, "valid_sha256": None, "valid_fraction": None, "seed": None,
                    "validation": None}  # for data.json
     if cfg.valid is not None:
-        train_graphs, valid_graphs = graphs, _read(cfg.valid, cfg, require, dtype)
+        train_graphs, valid_graphs = graphs, read_valid
         data_record.update(valid=str(Path(cfg.valid).resolve()), valid_sha256=file_sha256(cfg.valid))
     elif cfg.valid_fraction > 0 and len(graphs) >= 2:
         train_idx, valid_idx = _split_indices(graphs, cfg)
