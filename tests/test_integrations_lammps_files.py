@@ -71,6 +71,36 @@ def test_run_input_refuses_a_fix_that_does_not_call_the_model_every_step(tmp_pat
     assert lmp.commands == []  # refused before LAMMPS ran anything
 
 
+def test_run_input_takes_a_fix_continued_with_an_ampersand(tmp_path, monkeypatch):
+    """LAMMPS continues a line that ends in '&' on the next; run_input read the lines one by one, so a valid
+    'fix ext all external &' + 'pf/callback 1 1' was refused with a message that it must be 'pf/callback 1 1', and
+    a continued 'pf/callback 2 1' was not seen as the model's fix at all."""
+    made = []
+
+    class Fix:
+        def __init__(self, lmp, model, elements, fix_id, define, **options):
+            made.append((fix_id, list(lmp.commands)))
+
+        def check(self):
+            pass
+
+    monkeypatch.setattr(lammps_adapter, "CartLoremFix", Fix)
+    path = tmp_path / "in.lmp"
+    path.write_text("units metal\nread_data nacl.data\nfix ext all external &\n    pf/callback 1 &\n 1  # the model\n"
+                    "fix nve all nve\nrun 10\n")
+    lmp = _RecordingLammps()
+    lammps_adapter.run_input(lmp, path, "model.pt", ["Na", "Cl"])
+    assert made == [("ext", ["units metal\nread_data nacl.data\nfix ext all external &\n    pf/callback 1 &\n"
+                             " 1  # the model"])]
+    assert lmp.commands[1] == "fix nve all nve\nrun 10"  # the rest, after the fix is attached
+    path.write_text("units metal\nfix ext all external &\npf/callback 2 1\nrun 10\n")
+    lmp = _RecordingLammps()
+    with pytest.raises(ValueError, match=r"line 2: the model's fix must be 'fix ext all external pf/callback 1 1'.*"
+                                         r"got 'fix ext all external pf/callback 2 1'"):
+        lammps_adapter.run_input(lmp, path, "model.pt", ["Na", "Cl"])
+    assert lmp.commands == []
+
+
 def test_elements_as_atomic_numbers_from_the_command_line(tmp_path):
     """Elements may be symbols or atomic numbers (CartLoremFix, write_data); from the command line
     (--elements 11 17) they arrive as strings, and "11" was refused with "must be chemical symbols or atomic

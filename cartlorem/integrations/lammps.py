@@ -312,6 +312,23 @@ def write_data(path, atoms, elements: Sequence[Union[str, int]], comm=None) -> N
 _FIX_EXTERNAL = re.compile(r"^\s*fix\s+(\S+)\s+\S+\s+external\b")
 
 
+def _commands(lines) -> list:
+    """(first line, last line, text) of each command of a LAMMPS input, lines counted from 0: a line whose last
+    printable character is '&' goes on on the next one (LAMMPS joins them without the '&' and the line break)."""
+    commands, first, parts = [], 0, []
+    for k, line in enumerate(lines):
+        if not parts:
+            first = k
+        if line.rstrip().endswith("&"):
+            parts.append(line.rstrip()[:-1])
+            continue
+        commands.append((first, k, "".join(parts) + line))
+        parts = []
+    if parts:
+        commands.append((first, len(lines) - 1, "".join(parts)))
+    return commands
+
+
 def run_input(lmp, path, model_or_path, elements, **fix_options) -> CartLoremFix:
     """Run a LAMMPS input file whose ``fix ID all external pf/callback 1 1`` line gets the model.
 
@@ -322,22 +339,22 @@ def run_input(lmp, path, model_or_path, elements, **fix_options) -> CartLoremFix
     """
     with open(path) as fh:
         lines = fh.read().splitlines()
-    hits = [k for k, line in enumerate(lines) if _FIX_EXTERNAL.match(line.split("#")[0])]
+    hits = [(first, last, text) for first, last, text in _commands(lines) if _FIX_EXTERNAL.match(text.split("#")[0])]
     if len(hits) != 1:
         raise ValueError(f"{path} must define exactly one 'fix ID all external pf/callback 1 1' for the "
                          f"model, found {len(hits)}")
-    k = hits[0]
-    fix_id = _FIX_EXTERNAL.match(lines[k]).group(1)
-    words = lines[k].split("#")[0].split()
+    first, last, text = hits[0]
+    fix_id = _FIX_EXTERNAL.match(text).group(1)
+    words = text.split("#")[0].split()
     if words[4:] != ["pf/callback", "1", "1"]:
-        raise ValueError(f"{path}, line {k + 1}: the model's fix must be 'fix {fix_id} {words[2]} external "
+        raise ValueError(f"{path}, line {first + 1}: the model's fix must be 'fix {fix_id} {words[2]} external "
                          f"pf/callback 1 1' (the model evaluated and its forces applied at every step), got "
-                         f"{lines[k].strip()!r}: 'pf/callback N M' calls it every N steps and applies its forces "
-                         f"every M steps, 'pf/array' never calls it")
-    lmp.commands_string("\n".join(lines[: k + 1]))
+                         f"{' '.join(text.split())!r}: 'pf/callback N M' calls it every N steps and applies its "
+                         f"forces every M steps, 'pf/array' never calls it")
+    lmp.commands_string("\n".join(lines[: last + 1]))
     fix = CartLoremFix(lmp, model_or_path, elements, fix_id=fix_id, define=False, **fix_options)
     try:
-        lmp.commands_string("\n".join(lines[k + 1:]))
+        lmp.commands_string("\n".join(lines[last + 1:]))
     except Exception:
         fix.check()  # the model's own error, when LAMMPS stopped because of it
         raise
