@@ -133,14 +133,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import DEFAULT_CONFIG_TYPE, _load_frames, labels_the_loss_sees, read_dataset
     from .evaluate import (format_table, metrics, metrics_by_group, metrics_json, not_finite, parity_format,
                            parity_plot, predict)
-    from .fileio import atomic_write_text
+    from .fileio import atomic_write_text, require_file
     from .model import load_model
     from .training.job import select_device
 
     for what, path in (("model", args.model), ("data", args.data)):
-        if not path or not Path(path).is_file():  # (Path("") is ".", a folder)
-            problem = "is a folder, not a file" if path and Path(path).is_dir() else "does not exist"
-            raise ValueError(f"{what} file {path!r} {problem}")
+        require_file(path, what)
     outputs = {"--json": args.json, "--predictions": args.predictions, "--parity": args.parity}
     for flag, name in outputs.items():
         if name == "":  # an unset shell variable: the output was silently not written
@@ -314,10 +312,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
+    from .fileio import require_file
     from .model import load_model
 
-    if not args.model or not Path(args.model).is_file():
-        raise ValueError(f"model file {args.model!r} does not exist")
+    require_file(args.model, "model")
     if not args.out:
         raise ValueError("the output file was given an empty name")
     _refuse_overwriting_inputs({"the output file": args.out}, {"model file": args.model})

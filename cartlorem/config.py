@@ -335,7 +335,8 @@ def _options() -> list[Option]:
         Option("scheduler_factor", parse_float, T["scheduler_factor"], "learning-rate factor on a plateau", t,
                check=(lambda v: 0 < v < 1, "in (0, 1)")),
         Option("scheduler_patience", parse_int, T["scheduler_patience"],
-               "epochs without an improvement of more than 0.01%% after which the learning rate drops", t,
+               "the learning rate drops after this many epochs + 1 in a row without an improvement of more than "
+               "0.01%%", t,
                check=(lambda v: v >= 0, ">= 0")),
         Option("clip_grad", nullable(parse_float), T["clip_grad"], "maximum gradient norm (none: no clipping)", t,
                check=(lambda v: v is None or v > 0, "> 0")),
@@ -427,9 +428,10 @@ class _ConfigMethods:
     def from_yaml(cls, path) -> "Config":
         import yaml
 
+        from .fileio import require_file
+
+        require_file(path, "config")
         p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:

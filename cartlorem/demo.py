@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, require_file
 
 __all__ = ["run_demo", "demo_data"]
 
@@ -26,8 +26,7 @@ __all__ = ["run_demo", "demo_data"]
 def demo_data(path: Optional[str] = None) -> Path:
     """``path`` if given (must exist), else (None) the bundled demo dataset."""
     if path is not None:
-        if not Path(path).is_file():
-            raise ValueError(f"data file {path!r} does not exist")
+        require_file(path, "data")
         return Path(path)
     from .datasets import demo_path
 

@@ -188,6 +188,15 @@ def test_a_folder_given_as_a_data_or_model_file_is_called_a_folder(files, tmp_pa
     assert code == 2 and "is a folder, not a file" in err and "does not exist" not in err, err
     code, _, err = run(capsys, "evaluate", "--model", tmp_path, "--data", files / "train.xyz")
     assert code == 2 and "is a folder, not a file" in err and "does not exist" not in err, err
+    # export, demo and --config said of an existing folder that it "does not exist"
+    for argv, what in ((["export", tmp_path, tmp_path / "x.pt"], "model file"),
+                       (["demo", "--data", tmp_path, "--out", tmp_path / "demo", "--no-progress"], "data file"),
+                       (["train", "--config", tmp_path, "--train", files / "train.xyz", "--out", tmp_path / "r"],
+                        "config file")):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and f"error: {what} '{tmp_path}' is a folder, not a file" in err, err
+    code, _, err = run(capsys, "evaluate", "--model", "/dev/null", "--data", files / "train.xyz")
+    assert code == 2 and "model file '/dev/null' is not a regular file" in err, err
 
 
 def test_interrupt_before_the_first_checkpoint_does_not_offer_a_resume(files, tmp_path, capsys, monkeypatch):

@@ -27,7 +27,7 @@ import torch
 from ..config import Config
 from ..data import (MissingLabelError, config_types_of_files, duplicate_structures, is_isolated_atom, read_dataset,
                     split, stress_key_unused)
-from ..fileio import atomic_write_text, file_sha256
+from ..fileio import atomic_write_text, file_sha256, require_file
 from .distributed import process_group
 from .loop import train
 from .run_folder import CHECKPOINT, DATA_JSON, RunFolder, restore_model_settings
@@ -166,9 +166,8 @@ def run(cfg: Config):
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {cfg.out!r} is a file, not a folder: pass another --out")
     for name in ("train", "valid"):
-        if getattr(cfg, name) is not None and not Path(getattr(cfg, name)).is_file():
-            what = "is a folder, not a file" if Path(getattr(cfg, name)).is_dir() else "does not exist"
-            raise ValueError(f"{name} file {getattr(cfg, name)!r} {what}")
+        if getattr(cfg, name) is not None:
+            require_file(getattr(cfg, name), name)
     if not cfg.resume and (out / CHECKPOINT).exists() and not cfg.overwrite:
         raise FileExistsError(
             f"{out} already holds a training run; pass --resume to continue it or --overwrite to start afresh"
