@@ -439,3 +439,23 @@ def test_atom_ids_with_gaps_are_taken(tmp_path):
     atoms.info.update(total_charge=-1, multiplicity=2)
     atoms.calc = CartLoremCalculator(model, skin=0.0)
     assert float(res.stdout.split("PE")[1].split()[0]) == pytest.approx(atoms.get_potential_energy(), rel=1e-10)
+
+
+def test_an_input_error_of_lammps_is_its_message_not_a_traceback(tmp_path):
+    """A misspelt command or a missing data file in the input ended the runner in a Python traceback around
+    LAMMPS' own message; it is now that message on one 'error:' line (and exit status 1), as the lmp
+    executable gives it. The model's refusals keep theirs (exit status 2)."""
+    from cartlorem.integrations.lammps import write_data
+
+    model = CartLorem([11, 17], cutoff=3.0, long_range=None, channels=4, num_layers=1, correlation=2, num_basis=4,
+                      radial_hidden=8, readout_hidden=8)
+    save_model(model, tmp_path / "model.pt")
+    write_data(tmp_path / "nacl.data", bulk("NaCl", "rocksalt", a=5.64, cubic=True), ["Na", "Cl"])
+    fix = "fix ext all external pf/callback 1 1"
+    (tmp_path / "in.lmp").write_text(f"units metal\natom_style atomic\nread_data nacl.data\n{fix}\nfix nve all nvee\n"
+                                     "run 2\n")
+    res = run([sys.executable, "-m", "cartlorem.integrations.lammps", "in.lmp", "--model", "model.pt",
+               "--elements", "Na", "Cl", "--log", "none"], tmp_path)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "error: LAMMPS stopped: ERROR: Unrecognized fix style 'nvee'" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr

@@ -394,9 +394,20 @@ def main(argv=None) -> int:
     except USER_ERRORS as err:  # a refused input: one line, as the cartlorem command gives
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 -- LAMMPS' own error (a bad input line), re-raised if it is not one
+        if not _is_lammps_error(err):
+            raise
+        print(f"error: LAMMPS stopped: {err}", file=sys.stderr)  # its message, as the lmp executable gives it
+        return 1
     finally:
         lmp.close()
     return 0
+
+
+def _is_lammps_error(err: BaseException) -> bool:
+    """An error LAMMPS raised (its Python module raises a plain Exception, or MPIAbortException, whose message
+    starts with "ERROR"), not one of the model's or a defect's."""
+    return (type(err) is Exception or type(err).__name__ == "MPIAbortException") and str(err).startswith("ERROR")
 
 
 if __name__ == "__main__":
