@@ -408,6 +408,29 @@ def test_a_batch_without_labels_moves_no_weight(eager_compiled_step):
     _assert_same_runs(runs)
 
 
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_a_batch_without_labels_leaves_the_weight_average_alone(eager_compiled_step, tmp_path, compile_step):
+    """On a batch without labels Adam took no step, but the weight average was updated all the same (pulled
+    towards weights that had not moved, and its warm-up counted on) and so was the trainer's step count."""
+    from conftest import emt_frames
+
+    graphs = read_dataset(emt_frames(6, seed=0), cutoff=3.0)
+    graphs[2:] = [dataclasses.replace(g, has_energy=torch.zeros_like(g.has_energy),
+                                      has_forces=torch.zeros_like(g.has_forces),
+                                      has_stress=None if g.has_stress is None else torch.zeros_like(g.has_stress))
+                  for g in graphs[2:]]
+    torch.manual_seed(0)
+    model = CartLorem([29, 47], cutoff=3.0, channels=4, num_layers=1, correlation=1, num_basis=4, radial_hidden=4,
+                      readout_hidden=4).double()
+    train(model, graphs, graphs[:2], epochs=3, batch_size=1, progress=False, compile=compile_step, ema_decay=0.99,
+          seed=0, out_dir=tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {6.0}  # two labelled structures, three epochs, batches of one
+    assert state["ema"]["num_updates"] == 6 and state["step"] == 6, (state["ema"]["num_updates"], state["step"])
+    assert bool(eager_compiled_step) == compile_step
+
+
 @pytest.mark.parametrize("kind", [None, "multipole", "lorem"])
 @pytest.mark.parametrize("weights", [{}, {"energy": 0.0}])
 def test_a_batch_of_atoms_alone(kind, weights):

@@ -692,6 +692,8 @@ class _Run:
             loss_value = self.ranks.sum_gradients(params, loss_value)  # the same on every process
             if not math.isfinite(loss_value):
                 raise self._nonfinite("loss", loss_value, terms, epoch, b + 1, n_batches, idx)
+        if all(p.grad is None for p in params):  # no labelled item in the batch (on any process): no step, and no
+            return loss_value  # EMA update either (it would pull the average towards weights that did not move)
         if self.clip_grad:
             gnorm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad, foreach=True)
         else:
