@@ -6,10 +6,10 @@
 
 in eV/atom, eV/Å, eV/Å³, e·Å and e; every mean runs only over labelled items (the ``has_*`` masks
 of the batch). Each squared error is multiplied by its structure's weight (``Graph.weight``: MACE's
-``atoms.info["config_weight"]``, 1 where not given; 0 leaves a structure out) and, for energy, forces and stress,
+``atoms.info["config_weight"]``, 1 where not given; 0 adds nothing) and, for energy, forces and stress,
 by the term's weight of that structure (``Graph.term_weight``: MACE's ``config_energy_weight``,
-``config_forces_weight``, ``config_stress_weight``), and the means still divide by the number of labelled items
-(for a fully labelled set MACE's mean over the batch). Validation metrics and the validation loss, which picks the
+``config_forces_weight``, ``config_stress_weight``), and the means still divide by the number of labelled items,
+those weighted 0 included (for a fully labelled set MACE's mean over the batch). Validation metrics and the validation loss, which picks the
 best model, are unweighted, but leave the labels weighted 0 out (:func:`cartlorem.data.labels_the_loss_sees`, as
 MACE's metrics).
 The dipole and Born-charge weights default to 0; with a weight > 0 the trainer asks the model for those
