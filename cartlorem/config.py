@@ -168,6 +168,9 @@ def parse_long_range_options(v) -> dict:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     defaults = long_range_option_defaults()
+    if isinstance(options.get("charge_correction"), str) and options["charge_correction"].strip().lower() in (
+            "none", "null", "false"):  # YAML's text for "off", as elsewhere in the config
+        options["charge_correction"] = None
     for key in options:
         # numbers by the type of the block's default (the block checks the ranges; other options it checks whole)
         default = defaults[key]
@@ -407,6 +410,10 @@ class _ConfigMethods:
             raise ValueError(f"long_range_options {self.long_range_options!r} are options of the long-range block, "
                              "and long_range is 'none' (no block): drop them, or set long_range to 'multipole' "
                              "or 'lorem'")
+        if self.long_range != "none" and self.long_range_options:  # as the model will, before the data are read
+            from .nn.long_range import check_block_options
+
+            check_block_options(self.long_range_options, self.long_range, self.num_layers, self.lmax)
 
     @classmethod
     def from_dict(cls, values: Mapping, where: str = "config") -> "Config":

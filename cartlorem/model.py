@@ -207,6 +207,11 @@ class CartLorem(nn.Module):
         _check_statistics(avg_num_neighbors, scale, shift, atomic_energies)
         if long_range_options is not None and not isinstance(long_range_options, Mapping):
             raise ValueError(f"long_range_options must be a mapping {{option: value}}, got {long_range_options!r}")
+        # numpy numbers → int / float: the config is saved as plain data (a np.float64 smearing was pickled into
+        # model.pt, which load_model then refused to read); anything else that is not plain data is refused
+        long_range_options = {key: value.item() if isinstance(value, np.generic) else value
+                              for key, value in dict(long_range_options or {}).items()}
+        _check_plain(long_range_options, "long_range_options")
         if long_range is None and long_range_options:  # neither checked nor used: a typo or a misplaced option
             raise ValueError(f"long_range_options {dict(long_range_options)!r} are options of the long-range block, "
                              "and this model has none (long_range=None): drop them, or choose long_range "
@@ -237,29 +242,14 @@ class CartLorem(nn.Module):
         self.envelope = PolynomialEnvelope(cutoff, envelope_p)
         self.embedding = nn.Parameter(torch.randn(S, channels))
         ranks = tuple(range(lmax + 1))
-        placement = None
+        placement = end_features = None
         if long_range is not None:
-            from .nn.long_range import check_placement
+            from .nn.long_range import block_layout
 
-            placement = self.config["long_range_options"].get("placement") or "end"
-            check_placement(placement)
-            if placement == "before_last" and num_layers < 2:
-                raise ValueError("long_range_options['placement'] = 'before_last' runs the long-range block between the "
-                                 "last two interaction layers and needs num_layers >= 2; use placement 'end' with one "
-                                 "layer")
+            placement, end_features = block_layout(self.config["long_range_options"], num_layers, lmax)
         self.placement = placement
         # with the block at the end, the last layer outputs rank 1 and 2 features for it; else scalars only
         keep_all = placement == "end"
-        end_features = None
-        if long_range is not None:
-            from .nn.long_range import check_end_features
-
-            end_features = self.config["long_range_options"].get("end_features") or "full"
-            check_end_features(end_features)
-            if end_features != "full" and placement != "end":
-                raise ValueError(f"long_range_options['end_features'] = {end_features!r} chooses how the last layer "
-                                 f"makes the rank-1/2 features of a block placed at the end; with placement "
-                                 f"{placement!r} the last layer outputs scalars only: leave it 'full'")
         light = end_features == "light"
         self.layers = nn.ModuleList()
         self.products = nn.ModuleList()
@@ -779,8 +769,10 @@ def model_payload(model: CartLorem) -> dict:
         raise ValueError(f"save_model writes float32 or float64 models; this one is {str(model.dtype)[6:]} "
                          "(model.float() or model.double() first)")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {"format": _FORMAT, "config": dict(model.config), "state_dict": state,
-            "dtype": str(model.dtype).replace("torch.", "")}
+    payload = {"format": _FORMAT, "config": dict(model.config), "state_dict": state,
+               "dtype": str(model.dtype).replace("torch.", "")}
+    _check_plain(payload["config"], "the model's config")  # for every writer (the trainer's too), not save_model's only
+    return payload
 
 
 #: the entries of a model file that load_model reads (an extra "model" cannot be passed: it is the first argument)
@@ -824,6 +816,12 @@ def complete_config(config: dict) -> dict:
     for name, parameter in inspect.signature(CartLorem.__init__).parameters.items():
         if name != "self" and name not in config and parameter.default is not inspect.Parameter.empty:
             config[name] = parameter.default
+    options = config["long_range_options"]
+    # values an older cartlorem took that changed nothing, which the model now refuses: the same model without them
+    if options.get("end_features") == "light" and config["lmax"] == 0:
+        config["long_range_options"] = options = {**options, "end_features": "full"}
+    if options.get("lr_channels") == 1 and "coupling" in options:
+        config["long_range_options"] = {k: v for k, v in options.items() if k != "coupling"}
     return config
 
 

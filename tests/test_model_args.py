@@ -218,3 +218,86 @@ def test_stored_long_range_options_of_a_short_range_file_are_dropped_on_load(tmp
     assert loaded.config["long_range_options"] == {}
     graph = _methanol()
     assert float(loaded(graph)["energy"].detach()) == float(model(graph)["energy"].detach())
+
+
+# --- long_range_options: plain data, whole numbers, no-ops, checked by the config ----------------------------
+
+def test_numpy_long_range_options_leave_a_model_file_load_model_reads(tmp_path):
+    """A np.float64 smearing (from np.linspace, say) was stored as given: the trainer pickled it into model.pt
+    and checkpoint.pt, which load_model (weights_only) then refused to read. Options are stored as plain numbers
+    now, and a value that is not plain data is refused when the model is made."""
+    from fractions import Fraction
+
+    from cartlorem.data import read_dataset
+    from cartlorem.training import train
+
+    options = {"smearing": np.linspace(0.5, 1.5, 3)[1], "lr_channels": np.int64(2), "accuracy": np.float32(1e-5)}
+    model = _model(long_range="multipole", long_range_options=options)
+    stored = model.config["long_range_options"]
+    assert type(stored["smearing"]) is float and type(stored["lr_channels"]) is int, stored
+    frames = [molecule("CH3OH") for _ in range(3)]
+    for k, atoms in enumerate(frames):
+        atoms.rattle(0.05, seed=k)
+        atoms.info["energy"], atoms.arrays["forces"] = -1.0 * k, np.zeros((len(atoms), 3))
+    graphs = read_dataset(frames, 3.0, energy_key="energy", forces_key="forces", stress_key=None)
+    train(model, graphs[:2], graphs[2:], epochs=1, batch_size=2, progress=False, out_dir=tmp_path / "run")
+    for name in ("model.pt", "checkpoint.pt"):
+        assert cartlorem.load_model(tmp_path / "run" / name).config["long_range_options"]["smearing"] == 1.0
+    with pytest.raises(ValueError, match=r"long_range_options\['smearing'\] is a fractions.Fraction: model files "
+                                         r"hold plain data only"):
+        _model(long_range="multipole", long_range_options={"smearing": Fraction(1, 2)})
+
+
+def test_a_whole_float_lr_channels_builds_the_block():
+    """lr_channels = 2.0 passed the block's check (a positive whole number) and then failed deep inside with
+    "randn(): argument 'size' ... got float"; hidden = 3.0 worked."""
+    a = _model(long_range="multipole", long_range_options={"lr_channels": 2.0})
+    b = _model(long_range="multipole", long_range_options={"lr_channels": 2})
+    graph = _methanol()
+    assert float(a(graph)["energy"].detach()) == float(b(graph)["energy"].detach())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lmax=0, long_range_options={"end_features": "light"}), r"with lmax = 0 it has none .* leave it 'full'"),
+    (dict(long_range_options={"lr_channels": 1, "coupling": 0.5}), r"coupling = 0.5 .* with lr_channels = 1 there "
+                                                                    r"are none"),
+])
+def test_long_range_options_that_change_nothing_are_refused_and_old_files_still_load(tmp_path, kw, match):
+    """'light' end features with lmax 0 built the 'full' model, and a coupling with one long-range channel set no
+    weight (channel 0's is 1), while the config recorded them. A file an older cartlorem wrote with them loads as
+    the model it was."""
+    with pytest.raises(ValueError, match=match):
+        _model(long_range="multipole", **kw)
+    options = dict(kw["long_range_options"])
+    plain = {k: v for k, v in options.items() if k not in ("end_features", "coupling")}
+    model = _model(long_range="multipole", **{**kw, "long_range_options": plain})
+    payload = cartlorem.model.model_payload(model)
+    payload["config"]["long_range_options"].update(options)  # as the older cartlorem stored them
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = cartlorem.load_model(tmp_path / "old.pt")
+    graph = _methanol()
+    assert float(loaded(graph)["energy"].detach()) == float(model(graph)["energy"].detach())
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"placement": "start"}, r"long_range_options\['placement'\] must be one of 'before_last', 'end'"),
+    ({"end_features": "x"}, r"long_range_options\['end_features'\] must be one of 'full', 'light'"),
+    ({"charge_channels": 1.5}, r"charge_channels must be an integer from 1 to lr_channels"),
+    ({"placement": "before_last"}, r"needs num_layers >= 2"),
+    ({"charge_correction": "sometimes"}, r"charge_correction must be 'weighted', 'uniform'"),
+])
+def test_the_config_checks_long_range_option_values_before_the_data_are_read(options, match):
+    """Only the numeric options were checked when the config was read; a misspelt placement (and three more) was
+    refused by the model, after `cartlorem train` had read the whole data set."""
+    with pytest.raises(ValueError, match=match):
+        Config(train="t.xyz", out="o", long_range="multipole", num_layers=1, long_range_options=options)
+
+
+def test_charge_correction_none_in_a_config_file_is_none(tmp_path):
+    """'charge_correction: none' was the text "none", which the model refused; none means None elsewhere in the
+    config."""
+    path = tmp_path / "c.yaml"
+    path.write_text("long_range: multipole\nlong_range_options:\n  charge_correction: none\n")
+    cfg = Config.from_yaml(path)
+    assert cfg.long_range_options == {"charge_correction": None}
+    assert cfg.build_model([1, 8]).long_range_block.charge_correction is None

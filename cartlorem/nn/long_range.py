@@ -62,7 +62,7 @@ from ..tensors import EquivariantLinear, product, stf
 
 __all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "compact_slab_cells", "check_boundaries", "PLACEMENTS",
            "check_placement", "END_FEATURES", "check_end_features", "long_range_option_defaults",
-           "check_long_range_keys"]
+           "check_long_range_keys", "block_layout", "check_block_options"]
 
 #: Where a model runs its long-range block (``long_range_options["placement"]``, an option of the model, not of
 #: the block): "before_last", between the last two interaction layers, on the features of the layer before the
@@ -102,6 +102,38 @@ def check_end_features(end_features) -> None:
     """ValueError unless ``end_features`` is one of :data:`END_FEATURES`."""
     _check_choice("end_features", end_features, END_FEATURES,
                   "how the last layer makes the rank-1/2 features of a block at the end")
+
+
+def block_layout(options, num_layers: int, lmax: int) -> tuple[str, str]:
+    """(placement, end_features) of a model's long-range block from its ``long_range_options`` (None or absent:
+    "end", "full"); ValueError for a value the model cannot build or that would change nothing: a choice not
+    in :data:`PLACEMENTS` / :data:`END_FEATURES`, "before_last" with one layer, "light" end features with the
+    block before the last layer or with ``lmax`` 0 (no rank-1/2 features for them to make)."""
+    placement = options.get("placement") or "end"
+    check_placement(placement)
+    if placement == "before_last" and num_layers < 2:
+        raise ValueError("long_range_options['placement'] = 'before_last' runs the long-range block between the "
+                         "last two interaction layers and needs num_layers >= 2; use placement 'end' with one layer")
+    end_features = options.get("end_features") or "full"
+    check_end_features(end_features)
+    if end_features != "full" and placement != "end":
+        raise ValueError(f"long_range_options['end_features'] = {end_features!r} chooses how the last layer makes the "
+                         f"rank-1/2 features of a block placed at the end; with placement {placement!r} the last "
+                         "layer outputs scalars only: leave it 'full'")
+    if end_features != "full" and lmax == 0:
+        raise ValueError(f"long_range_options['end_features'] = {end_features!r} chooses how the last layer makes the "
+                         "rank-1/2 features of the block, and with lmax = 0 it has none (the model would be the "
+                         "'full' one): leave it 'full'")
+    return placement, end_features
+
+
+def check_block_options(options, kind: str, num_layers: int, lmax: int) -> None:
+    """ValueError for ``long_range_options`` a model of these settings would refuse (:func:`block_layout`, and the
+    block's own checks, on a block of one channel), before a model or any data is made."""
+    check_long_range_keys(options)
+    block_layout(options, num_layers, lmax)
+    LongRangeBlock(1, kind=kind, lmax=lmax,
+                   **{k: v for k, v in options.items() if k not in ("placement", "end_features")})
 
 
 def long_range_option_defaults() -> dict:
@@ -327,6 +359,9 @@ class LongRangeBlock(nn.Module):
             raise ValueError(f"accuracy must be a number in (0, 1) (relative Ewald accuracy), got {accuracy!r}")
         if not math.isfinite(_number(coupling)):
             raise ValueError(f"coupling must be a finite number, got {coupling!r}")
+        if _number(coupling) != 1.0 and _real(lr_channels) and lr_channels == 1:
+            raise ValueError(f"coupling = {coupling!r} is the initial weight of the channels c >= 1, and with "
+                             "lr_channels = 1 there are none (channel 0's weight is 1): drop it, or use more channels")
         if lmax not in (0, 1, 2):
             raise ValueError(f"lmax of the long-range block must be 0, 1 or 2, got {lmax!r}")
         for name, value in (("lr_channels", lr_channels), ("hidden", hidden)):
@@ -352,8 +387,8 @@ class LongRangeBlock(nn.Module):
         # "multipole": sources of any rank make a potential, field and field gradient;
         # "lorem": the rank-l components of the charges give a rank-l potential only
         self.field_ranks = (0, 1, 2) if kind == "multipole" else source_ranks
-        self.to_multipoles = MultipoleMap(channels, lr_channels, source_ranks, self.charge_channels)
-        self.from_fields = EquivariantLinear(lr_channels, channels, self.field_ranks)
+        self.to_multipoles = MultipoleMap(channels, self.lr_channels, source_ranks, self.charge_channels)
+        self.from_fields = EquivariantLinear(self.lr_channels, channels, self.field_ranks)
         # invariants: F0 h0, F0, then per field rank l > 0: F_l·h_l (when the features have rank l), |F_l|²
         n_inv = channels * (2 + sum(1 + (l <= self.lmax) for l in self.field_ranks if l > 0))
         hidden = int(hidden)
