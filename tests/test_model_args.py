@@ -291,6 +291,9 @@ def test_the_config_checks_long_range_option_values_before_the_data_are_read(opt
     refused by the model, after `cartlorem train` had read the whole data set."""
     with pytest.raises(ValueError, match=match):
         Config(train="t.xyz", out="o", long_range="multipole", num_layers=1, long_range_options=options)
+    state = torch.random.get_rng_state()  # the check builds a block: the caller's random numbers stay as they were
+    Config(long_range="multipole", long_range_options={"lr_channels": 3})
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_charge_correction_none_in_a_config_file_is_none(tmp_path):
