@@ -463,7 +463,9 @@ class CartLorem(nn.Module):
         ``create_graph`` defaults to ``self.training`` (needed to train on forces). The derivatives are taken in
         detached copies of ``graph.positions`` and ``graph.cell``: with ``create_graph`` the outputs stay
         differentiable in the parameters, not in a caller's position tensor (no Hessian through ``forces``; take
-        finite differences of the forces, as ``ase.vibrations`` does).
+        finite differences of the forces, as ``ase.vibrations`` does, or the exact Hessian of :meth:`energy` with
+        torch.autograd, e.g. ``torch.autograd.functional.hessian``; torch.func's transforms take it for short-range
+        models only).
 
         Charge outputs of long-range models, computed when asked for (ValueError for a model without
         long range):
