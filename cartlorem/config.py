@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import difflib
 import inspect
+import logging
 import math
 import os
 from pathlib import Path
@@ -411,8 +412,12 @@ class _ConfigMethods:
                              "and long_range is 'none' (no block): drop them, or set long_range to 'multipole' "
                              "or 'lorem'")
         if self.long_range != "none" and self.long_range_options:  # as the model will, before the data are read
-            from .nn.long_range import check_block_options
+            from .nn.long_range import check_block_options, without_no_op_options
 
+            options, changed = without_no_op_options(self.long_range_options, self.lmax)
+            if changed:  # e.g. the config.yaml of an older run, which a resume reads: the same model without them
+                logging.getLogger(__name__).warning("long_range_options: %s; left out", "; ".join(changed))
+                object.__setattr__(self, "long_range_options", options)
             check_block_options(self.long_range_options, self.long_range, self.num_layers, self.lmax)
 
     @classmethod

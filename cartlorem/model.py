@@ -818,12 +818,10 @@ def complete_config(config: dict) -> dict:
     for name, parameter in inspect.signature(CartLorem.__init__).parameters.items():
         if name != "self" and name not in config and parameter.default is not inspect.Parameter.empty:
             config[name] = parameter.default
-    options = config["long_range_options"]
-    # values an older cartlorem took that changed nothing, which the model now refuses: the same model without them
-    if options.get("end_features") == "light" and config["lmax"] == 0:
-        config["long_range_options"] = options = {**options, "end_features": "full"}
-    if options.get("lr_channels") == 1 and "coupling" in options:
-        config["long_range_options"] = {k: v for k, v in options.items() if k != "coupling"}
+    if config["long_range_options"]:  # values an older cartlorem took that changed nothing: the same model
+        from .nn.long_range import without_no_op_options
+
+        config["long_range_options"] = without_no_op_options(config["long_range_options"], config["lmax"])[0]
     return config
 
 

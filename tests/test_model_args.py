@@ -262,10 +262,13 @@ def test_a_whole_float_lr_channels_builds_the_block():
     (dict(long_range_options={"lr_channels": 1, "coupling": 0.5}), r"coupling = 0.5 .* with lr_channels = 1 there "
                                                                     r"are none"),
 ])
-def test_long_range_options_that_change_nothing_are_refused_and_old_files_still_load(tmp_path, kw, match):
+def test_long_range_options_that_change_nothing_are_refused_and_old_files_still_load(tmp_path, kw, match, caplog):
     """'light' end features with lmax 0 built the 'full' model, and a coupling with one long-range channel set no
     weight (channel 0's is 1), while the config recorded them. A file an older cartlorem wrote with them loads as
-    the model it was."""
+    the model it was, and a config (an older run's config.yaml, which a resume reads) leaves them out, with a
+    warning."""
+    import logging
+
     with pytest.raises(ValueError, match=match):
         _model(long_range="multipole", **kw)
     options = dict(kw["long_range_options"])
@@ -277,6 +280,10 @@ def test_long_range_options_that_change_nothing_are_refused_and_old_files_still_
     loaded = cartlorem.load_model(tmp_path / "old.pt")
     graph = _methanol()
     assert float(loaded(graph)["energy"].detach()) == float(model(graph)["energy"].detach())
+    with caplog.at_level(logging.WARNING, logger="cartlorem.config"):
+        cfg = Config(long_range="multipole", lmax=kw.get("lmax", 2), long_range_options=options)
+    assert cfg.long_range_options == {**plain, **({"end_features": "full"} if "end_features" in options else {})}
+    assert "long_range_options: " in caplog.text and "left out" in caplog.text
 
 
 @pytest.mark.parametrize("options, match", [

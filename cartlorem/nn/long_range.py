@@ -62,7 +62,8 @@ from ..tensors import EquivariantLinear, product, stf
 
 __all__ = ["LongRangeBlock", "MultipoleMap", "slab_frame", "compact_slab_cells", "check_boundaries", "PLACEMENTS",
            "check_placement", "END_FEATURES", "check_end_features", "long_range_option_defaults",
-           "check_long_range_keys", "block_layout", "check_block_options"]
+           "check_long_range_keys", "block_layout", "check_block_options",
+           "without_no_op_options"]
 
 #: Where a model runs its long-range block (``long_range_options["placement"]``, an option of the model, not of
 #: the block): "before_last", between the last two interaction layers, on the features of the layer before the
@@ -125,6 +126,19 @@ def block_layout(options, num_layers: int, lmax: int) -> tuple[str, str]:
                          "rank-1/2 features of the block, and with lmax = 0 it has none (the model would be the "
                          "'full' one): leave it 'full'")
     return placement, end_features
+
+
+def without_no_op_options(options, lmax: int) -> tuple[dict, list]:
+    """(``options`` without the values that change nothing, which :func:`block_layout` and the block refuse, and
+    what was changed, as text): "light" end features with ``lmax`` 0 become "full", a coupling with lr_channels 1
+    is dropped. Older cartlorem versions stored them: their model files and run configs still load."""
+    options, changed = dict(options), []
+    if options.get("end_features") == "light" and lmax == 0:
+        options["end_features"] = "full"
+        changed.append("end_features 'light' is 'full' with lmax = 0")
+    if options.get("lr_channels") == 1 and "coupling" in options:
+        changed.append(f"coupling {options.pop('coupling')!r} sets nothing with lr_channels = 1")
+    return options, changed
 
 
 def check_block_options(options, kind: str, num_layers: int, lmax: int) -> None:
