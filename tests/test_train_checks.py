@@ -234,3 +234,25 @@ def test_an_epoch_cut_by_max_time_is_continued_on_resume(tmp_path, monkeypatch):
     best = load_model(tmp_path / "cut" / "model.pt").state_dict()
     assert all(torch.allclose(v, best[k], rtol=1e-12, atol=0) for k, v in load_model(tmp_path / "whole" /
                                                                                        "model.pt").state_dict().items())
+
+
+def test_numpy_settings_leave_a_checkpoint_a_resume_reads(tmp_path):
+    """checkpoint.pt recorded the settings as given: a learning rate from np.logspace (or any numpy number among
+    the settings) was pickled into it, and the resume's safe reader then called the checkpoint damaged (and
+    load_model refused it)."""
+    import numpy as np
+
+    import cartlorem
+
+    graphs = read_dataset(emt_frames(6, seed=0), cutoff=3.0)
+    settings = dict(lr=np.logspace(-3, -2, 3)[1], seed=np.int64(3), ema_decay=np.float64(0.99),
+                    weight_decay=np.float32(1e-6), scheduler_factor=np.float64(0.5), clip_grad=np.float64(10.0),
+                    batch_size=np.int64(2), patience=np.int64(5), scheduler_patience=np.int64(3),
+                    valid_batch_size=np.int64(2), max_time=np.float64(600.0), epochs=np.int64(1))
+    model = CartLorem([29, 47], cutoff=3.0, channels=4, num_layers=1, correlation=1, num_basis=4, radial_hidden=4,
+                      readout_hidden=4)
+    train(model, graphs[:4], graphs[4:], progress=False, out_dir=tmp_path / "run", **settings)
+    cartlorem.load_model(tmp_path / "run" / "checkpoint.pt")
+    result = train(model, graphs[:4], graphs[4:], progress=False, out_dir=tmp_path / "run", resume=True,
+                   **{**settings, "epochs": 2})
+    assert [row["epoch"] for row in result.history] == [1, 2]

@@ -284,6 +284,13 @@ def train(
         raise ValueError(f"seed must be an integer >= 0, got {seed}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where checkpoint.pt is)")
+    # numpy numbers (an lr from np.logspace) → int / float: checkpoint.pt records the settings, and the safe reader
+    # of a resume (and load_model) takes plain data only
+    epochs, batch_size, seed, workers, scheduler_patience = map(int, (epochs, batch_size, seed, workers,
+                                                                      scheduler_patience))
+    lr, weight_decay, scheduler_factor = map(float, (lr, weight_decay, scheduler_factor))
+    ema_decay, clip_grad, max_time = (None if v is None else float(v) for v in (ema_decay, clip_grad, max_time))
+    patience, valid_batch_size = (None if v is None else int(v) for v in (patience, valid_batch_size))
     ranks = current_ranks(_model_place(model)[0])
     if int(batch_size) < ranks.size:
         raise ValueError(
