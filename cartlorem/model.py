@@ -847,7 +847,11 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     from .fileio import damaged_record
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):  # (the exception types a caller may catch; fileio.require_file's words)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"model file {path!r} is a folder, not a file")
+        if os.path.exists(path):
+            raise ValueError(f"model file {path!r} is not a regular file")
         raise FileNotFoundError(f"model file not found: {path}")
     damaged = damaged_record(path)
     if damaged is not None:

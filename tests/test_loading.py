@@ -359,3 +359,16 @@ def test_a_file_the_safe_reader_cannot_parse_loads_with_the_opt_in(tmp_path):
         cartlorem.load_model(tmp_path / "p4.pt")
     loaded = cartlorem.load_model(tmp_path / "p4.pt", trust_pickle=True)
     assert energy_forces(loaded, atoms)[0] == energy_forces(model, atoms)[0]
+
+
+def test_load_model_calls_a_folder_a_folder(tmp_path):
+    """load_model (and with it the calculator, the i-PI client and the LAMMPS runner) said of a folder or a device
+    that the model file was "not found"; the cartlorem command said "is a folder, not a file"."""
+    import cartlorem
+
+    with pytest.raises(IsADirectoryError, match=r"model file '.*' is a folder, not a file"):
+        cartlorem.load_model(tmp_path)
+    with pytest.raises(ValueError, match=r"model file '/dev/null' is not a regular file"):
+        cartlorem.load_model("/dev/null")
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        cartlorem.load_model(tmp_path / "missing.pt")
