@@ -226,7 +226,7 @@ def _fake_server(name, script):
     return server, path, thread
 
 
-@pytest.mark.parametrize("server", ["silent", "hangs up"])
+@pytest.mark.parametrize("server", ["silent", "hangs up", "dies mid-message"])
 def test_a_silent_or_vanishing_server_is_one_line(tmp_path, model_file, capsys, server):
     """No server, a server that sends nothing within --timeout, and one that drops the connection mid-exchange
     ended in tracebacks (TimeoutError, 'timed out'; BrokenPipeError) instead of the command's one error line."""
@@ -240,9 +240,16 @@ def test_a_silent_or_vanishing_server_is_one_line(tmp_path, model_file, capsys, 
     if server == "silent":
         script = lambda connection: time.sleep(2.0)  # noqa: E731
         expected = "error: no message from the i-PI server in 0.3 s (the client's timeout)"
-    else:
+    elif server == "hangs up":
         script = lambda connection: connection.sendall(b"STATUS".ljust(12))  # noqa: E731  then it closes
         expected = "error: the i-PI server dropped the connection"
+    else:  # STATUS, the client's READY, then a POSDATA header and a part of the cell (ASE's SocketClosed)
+        def script(connection):
+            connection.sendall(b"STATUS".ljust(12))
+            connection.recv(12)
+            connection.sendall(b"POSDATA".ljust(12) + b"\0" * 20)
+
+        expected = "error: the i-PI server dropped the connection (closed in the middle of a message)"
     listener, path, thread = _fake_server(name, script)
     try:
         rc = ipi.main(["--model", str(model_file), "--structure", str(tmp_path / "init.xyz"), "--unix", name,

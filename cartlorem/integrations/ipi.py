@@ -44,7 +44,7 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "loca
             the LAMMPS adapter gives it; False sends zeros).
         log: file object for ASE's protocol log.
     """
-    from ase.calculators.socketio import SocketClient
+    from ase.calculators.socketio import SocketClient, SocketClosed
 
     from ..calculator import CartLoremCalculator
 
@@ -89,8 +89,9 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "loca
         if timeout is None:
             raise
         raise TimeoutError(f"no message from the i-PI server in {timeout:g} s (the client's timeout)") from exc
-    except (BrokenPipeError, ConnectionResetError) as exc:
-        raise ConnectionError(f"the i-PI server dropped the connection ({exc.strerror or exc})") from exc
+    except (BrokenPipeError, ConnectionResetError, SocketClosed) as exc:  # SocketClosed: in the middle of a message
+        reason = exc.strerror or str(exc) or "closed in the middle of a message"
+        raise ConnectionError(f"the i-PI server dropped the connection ({reason})") from exc
     finally:
         client.close()
 
