@@ -146,7 +146,7 @@ def check_block_options(options, kind: str, num_layers: int, lmax: int) -> None:
     block's own checks, on a block of one channel), before a model or any data is made."""
     check_long_range_keys(options)
     block_layout(options, num_layers, lmax)
-    with torch.random.fork_rng(devices=[]):  # its weights draw random numbers: the caller's stream stays as it was
+    with torch.device("meta"):  # weights without memory or random numbers: the caller's streams (any device) stay
         LongRangeBlock(1, kind=kind, lmax=lmax,
                        **{k: v for k, v in options.items() if k not in ("placement", "end_features")})
 
