@@ -260,3 +260,19 @@ def test_a_silent_or_vanishing_server_is_one_line(tmp_path, model_file, capsys, 
         os.unlink(path)
     err = capsys.readouterr().err
     assert rc == 1 and expected in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--timeout", "0"], "timeout must be a positive number of seconds"),
+    (["--timeout", "-1"], "timeout must be a positive number of seconds"),
+    (["--connect-timeout", "-1"], "connect_timeout must be a finite number of seconds >= 0"),
+    (["--host", "remote.invalid"], "give either a unix socket name or an inet host, not both"),
+])
+def test_timeouts_and_a_host_the_client_cannot_use_are_refused(tmp_path, model_file, capsys, flags, expected):
+    """--timeout 0 made ASE's socket non-blocking: a BlockingIOError traceback at the first read from a server
+    that had not sent yet; --host was ignored with --unix (the client connected to the local socket)."""
+    ase.io.write(tmp_path / "init.xyz", bulk("NaCl", "rocksalt", a=5.64, cubic=True))
+    rc = ipi.main(["--model", str(model_file), "--structure", str(tmp_path / "init.xyz"), "--unix",
+                   f"cartlorem-test-{secrets.token_hex(4)}", "--connect-timeout", "0", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {expected}" in err and "Traceback" not in err, err

@@ -17,6 +17,7 @@ clients may connect to one server (one per bead, in parallel). ASE places unix s
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import Optional
 __all__ = ["serve", "main"]
 
 
-def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "localhost", port: Optional[int] = None,
+def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: Optional[str] = None, port: Optional[int] = None,
           device: str = "cpu", dtype=None, connect_timeout: float = 60.0, timeout: Optional[float] = None,
           use_stress: Optional[bool] = None, log=None) -> None:
     """Connect to a running i-PI server and answer its force requests until it sends EXIT.
@@ -35,7 +36,7 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "loca
         atoms: ``ase.Atoms`` with the species in i-PI's atom order and the boundary conditions (pbc) of
             the simulation (positions and cell are overwritten by what i-PI sends).
         unix: name of a unix socket (ASE connects to ``/tmp/ipi_<unix>``); else ``host``/``port``
-            (inet, port default 31415).
+            (inet, host default "localhost", port default 31415).
         device, dtype: passed to :class:`CartLoremCalculator`.
         connect_timeout: seconds to keep retrying while the server is not listening yet.
         timeout: seconds to wait for a message from the server before giving up (None: forever).
@@ -48,8 +49,15 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: str = "loca
 
     from ..calculator import CartLoremCalculator
 
-    if unix is not None and port is not None:
-        raise ValueError("give either a unix socket name or an inet port, not both")
+    if unix is not None and (port is not None or host is not None):
+        raise ValueError(f"give either a unix socket name or an inet {'port' if port is not None else 'host'}, "
+                         "not both")
+    host = "localhost" if host is None else host
+    # 0 made ASE's socket non-blocking (BlockingIOError at the first read); NaN, inf or < 0: no wait that means
+    if timeout is not None and not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a positive number of seconds (None: wait forever), got {timeout!r}")
+    if not 0 <= connect_timeout < math.inf:
+        raise ValueError(f"connect_timeout must be a finite number of seconds >= 0, got {connect_timeout!r}")
 
     class Client(SocketClient):
         def calculate(self, atoms, use_stress):  # ASE's takes −V σ, which a slab or a cluster does not have
@@ -133,7 +141,7 @@ def main(argv=None) -> int:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--unix", help="unix socket name (the <address> of i-PI's <ffsocket mode='unix'>)")
     where.add_argument("--port", type=int, help="inet port of i-PI's <ffsocket mode='inet'>")
-    p.add_argument("--host", default="localhost")
+    p.add_argument("--host", default=None, help="host of i-PI's inet socket (default localhost; not with --unix)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "float64"])
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the server to listen")
