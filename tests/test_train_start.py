@@ -761,3 +761,16 @@ def test_a_resume_repairs_what_a_killed_run_left(trained, tmp_path, capsys):
     history = torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"]
     assert len(history) == 3
     assert not (run_dir / ".tmp-abc123.pt").exists() and (run_dir / ".tmp-notes.txt").exists()
+
+
+def test_the_statistics_line_names_where_the_scale_came_from(files, tmp_path, capsys):
+    """Without force labels the scale is the spread of the energy per atom (eV/atom), but the line called it the
+    force RMS in eV/Å."""
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", tmp_path / "run", "--epochs", 1, "--forces-key", "none")
+    assert code == 0, err
+    line = next(line for line in err.splitlines() if "statistics from" in line)
+    assert "(no forces: spread of the energy per atom, eV/atom)" in line and "force RMS" not in line, line
+    code, _, err = run(capsys, "train", "--train", files / "train.xyz", "--config", files / "tiny.yaml",
+                       "--out", tmp_path / "run_f", "--epochs", 1)
+    assert code == 0 and "(force RMS, eV/Å)" in err, err

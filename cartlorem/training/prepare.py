@@ -117,6 +117,8 @@ def fit_statistics(model, graphs: Sequence[Graph], *, ranks=None) -> dict:
         )
     refs = stats["reference_energies"]
     scale = stats["forces_rms"] or stats["residual_energy_per_atom_std"] or 1.0
+    scale_source = ("force RMS, eV/Å" if stats["forces_rms"] else "no forces: spread of the energy per atom, eV/atom"
+                    if stats["residual_energy_per_atom_std"] else "no force or energy spread: 1")
     model.set_statistics(
         atomic_energies=refs,
         avg_num_neighbors=stats["avg_num_neighbors"],
@@ -126,11 +128,12 @@ def fit_statistics(model, graphs: Sequence[Graph], *, ranks=None) -> dict:
     if not main:
         return stats
     log.info(
-        "statistics from %d training structures: ⟨neighbours⟩ %.2f, scale (force RMS) %.4g eV/Å, "
+        "statistics from %d training structures: ⟨neighbours⟩ %.2f, scale %.4g (%s), "
         "shift %.4f eV/atom",
         stats["n_structures"],
         stats["avg_num_neighbors"],
         float(model.scale),
+        scale_source,
         round(float(model.shift), 4) + 0.0,  # no "-0.0000" for a shift of -1e-15
     )
     if stats.get("isolated_atom_energies"):
