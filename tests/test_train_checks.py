@@ -186,10 +186,11 @@ def test_a_run_that_stopped_early_stays_stopped_on_resume(tmp_path, caplog):
     assert more.epochs_completed == first.epochs_completed + 1
 
 
-def test_an_epoch_cut_by_max_time_is_continued_on_resume(tmp_path, monkeypatch):
+def test_an_epoch_cut_by_max_time_is_continued_on_resume(tmp_path, monkeypatch, caplog):
     """A max_time cut in the middle of an epoch was checkpointed as a full epoch, so a resume went on with the next
     one: fewer optimiser steps than the uninterrupted run, other results. The checkpoint now holds the epoch's
     order and position, and the resumed run is the uninterrupted run."""
+    import logging
     import types
 
     import cartlorem.training.loop as loop
@@ -222,7 +223,12 @@ def test_an_epoch_cut_by_max_time_is_continued_on_resume(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="which max_time cut short, over 6 training structures, but this call has 5"):
         train(tiny_model(), graphs[:5], valid, out_dir=tmp_path / "cut", resume=True, **settings)
 
-    resumed = train(tiny_model(), graphs, valid, out_dir=tmp_path / "cut", resume=True, **settings)
+    with caplog.at_level(logging.INFO, logger="cartlorem"):
+        resumed = train(tiny_model(), graphs, valid, out_dir=tmp_path / "cut", resume=True, **settings)
+    # the epoch line gave the time of the part this call trained (0 s on the frozen clock), log.csv the whole epoch's
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch    2"))
+    whole_epoch = resumed.history[-1]["epoch_time_s"]
+    assert whole_epoch > 0 and line.rstrip(" *").endswith(f"{whole_epoch:.1f} s"), line
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (b["epoch"], b["step"], b["partial"]) == (a["epoch"], a["step"], None) == (2, 12, None)

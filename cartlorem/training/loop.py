@@ -388,7 +388,8 @@ def train(
             bar.set_postfix_str(metric_summary(m), refresh=True)
             say.info(
                 "epoch %4d  lr %.2e  train loss %.4g  valid loss %.4g  %s  %.1f s%s",
-                epoch, row["lr"], train_loss, valid_loss, metric_summary(m), dt, "  *" if improved else "",
+                epoch, row["lr"], train_loss, valid_loss, metric_summary(m), row["epoch_time_s"],  # (log.csv's: the
+                "  *" if improved else "",  # whole epoch, also when a resume finished one that max_time cut short)
             )
             if result.stop_reason == "max_time":
                 break
