@@ -316,8 +316,9 @@ def test_bad_input_is_rejected():
         ewald.electrostatic_energy(pos, q, cell=cell, pbc=[False] * 3, method="ewald")
     with pytest.raises(ValueError, match="open boundaries only"):
         ewald.multipole_fields(pos, q, cell=cell, pbc=PBC, method="direct")
-    with pytest.raises(ValueError, match="method='pme' supports fully periodic cells only"):
-        ewald.multipole_fields(pos, q, cell=cell, pbc=[True, True, False], method="pme")
+    with pytest.raises(ValueError, match=r"method='pme' supports fully periodic cells and slabs \(pbc \[True, True, "
+                                         r"False\]\) only, got pbc=\[True, False, True\]"):
+        ewald.multipole_fields(pos, q, cell=cell, pbc=[True, False, True], method="pme")
     with pytest.raises(ValueError, match="mixed periodic"):  # slabs have the open direction last
         ewald.multipole_fields(pos, q, cell=cell, pbc=[True, False, True])
     with pytest.raises(ValueError, match="smaller than the spline order"):

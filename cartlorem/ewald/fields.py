@@ -34,9 +34,9 @@ _FIELDS_DOC = """
     ``-pi Q / V (1/alpha^2 - 2 sigma^2)``, so that the potential has zero cell average; for point
     multipoles the trace of G at every atom is then ``-4 pi Q / V``). ``pbc = [True, True, False]``: a
     slab, periodic along a and b with vacuum along c (:mod:`.slab`: c orthogonal to a and b, atoms within
-    ``0 <= r.n <= |c|``; summed by Ewald in an elongated cell plus the slab correction). Other mixed pbc
+    ``0 <= r.n <= |c|``; summed by Ewald or PME in an elongated cell plus the slab corrections). Other mixed pbc
     raise ValueError. ``method``: "auto" (default) sums open boundaries directly and picks Ewald or PME
-    (:mod:`.pme`) for periodic cells from measured cost models; "direct", "ewald", "pme" force one.
+    (:mod:`.pme`) for periodic cells and slabs from measured cost models; "direct", "ewald", "pme" force one.
 
     Excluded self terms: the target's own source (same atom, same cell image) never contributes;
     its periodic images do. With ``smearing = sigma`` every source is a Gaussian of width sigma seen by
@@ -72,11 +72,12 @@ _FIELDS_DOC = """
     prefactor : float, multiplies every output
     method : "auto" (default), "direct", "ewald" or "pme". "direct": exact pair sum, open boundaries
         only. "ewald": Ewald sum (O(N^2) for smeared sources, exact k-space sum). "pme": smooth
-        particle-mesh Ewald (O(N log N), :mod:`cartlorem.ewald.pme`), periodic only. "auto": "direct" in
+        particle-mesh Ewald (O(N log N), :mod:`cartlorem.ewald.pme`), periodic cells and slabs. "auto": "direct" in
         open boundaries; in a periodic cell the cheaper of "ewald" and "pme" for this N, cell,
         smearing and accuracy by a measured cost model (:func:`cartlorem.ewald.pme.choose_method`).
-        Both periodic methods meet ``accuracy``. A method that does not fit the boundary conditions
-        raises ValueError.
+        Both periodic methods meet ``accuracy``. A slab's 3D sum in its elongated cell is chosen the same way
+        ("ewald" or "pme" force one; the in-plane replica correction is a sum over wave vectors either way).
+        A method that does not fit the boundary conditions raises ValueError.
 
     Differentiable with respect to positions, cell and multipoles (forces, stress, training).
 """
@@ -123,12 +124,12 @@ def compute_fields(
     cols, rows = Layout(inputs.multipoles), Layout(ranks)
     m = inputs.multipoles
     v = pack_sources(cols, m.get(0), m.get(1), m.get(2))  # [N, n_cols, C]
-    if inputs.slab and method not in ("auto", "ewald"):
-        raise ValueError(f"method={method!r} does not sum slabs (pbc = [True, True, False]); use 'auto' or 'ewald' "
-                         "(Ewald in an elongated cell with the slab correction)")
-    if inputs.slab:  # pbc = [True, True, False]: Ewald in an elongated cell + slab correction (.slab)
+    if inputs.slab and method not in ("auto", "ewald", "pme"):
+        raise ValueError(f"method={method!r} does not sum slabs (pbc = [True, True, False]); use 'auto', 'ewald' or "
+                         "'pme' (the 3D sum in an elongated cell, with the slab corrections)")
+    if inputs.slab:  # pbc = [True, True, False]: Ewald or PME in an elongated cell + slab corrections (.slab)
         out = slab_sum(inputs.positions, v, m, inputs.cell, rows, cols, smearing=inputs.smearing,
-                       accuracy=float(accuracy), alpha=alpha)
+                       accuracy=float(accuracy), alpha=alpha, method=method, pme_options=pme_options)
         out = out * (prefactor * rows.output_signs(out.dtype, out.device))[None, :, None]
         fields = {rank: unpack_rank(rows, out, rank) for rank in rows.ranks}
         return (fields, m) if return_sources else fields
@@ -167,13 +168,14 @@ def compute_fields(
 
 
 def _check_method(method, pbc) -> str:
-    """``method`` checked against :data:`.pme.METHODS`; PME refuses every pbc but all True by name."""
+    """``method`` checked against :data:`.pme.METHODS`; PME refuses every pbc but all True and slabs by name."""
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}")
     if method == "pme" and pbc is not None:
         flags = pbc_flags(pbc)
-        if any(flags) and not all(flags):
-            raise ValueError(f"method='pme' supports fully periodic cells only (pbc all True), got pbc={flags}")
+        if any(flags) and not all(flags) and flags != [True, True, False]:
+            raise ValueError(f"method='pme' supports fully periodic cells and slabs (pbc [True, True, False]) only, "
+                             f"got pbc={flags}")
     return method
 
 

@@ -3,9 +3,9 @@
 Method (Yeh & Berkowitz, J. Chem. Phys. 111, 3155 (1999), with the terms for net-charged slabs of
 Ballenegger, Arnold & Cerda, J. Chem. Phys. 131, 094107 (2009), and the layer correction of Arnold,
 de Joannis & Holm, J. Chem. Phys. 117, 2496 (2002), here for charges, dipoles and quadrupoles): the 3D Ewald
-sum (:func:`.ewald.ewald_sum`, tin foil, neutralising background) in a cell elongated along the normal,
-``(a, b, L n)``, plus two exact corrections: one for the plane-averaged part, one that removes the in-plane
-varying part of the replica layers. With both, the vacuum added to the cell can be small.
+sum (:func:`.ewald.ewald_sum`, tin foil, neutralising background; or its particle-mesh form, PME, by
+:func:`slab_sum`'s ``method``) in a cell elongated along the normal, ``(a, b, L n)``, plus two exact
+corrections: one for the plane-averaged part, one that removes the in-plane varying part of the replica layers. With both, the vacuum added to the cell can be small.
 
 Why the correction is exact. Seen from afar, a 2D-periodic layer is only its plane average, the
 1D density
@@ -174,14 +174,22 @@ def slab_sum(
     smearing: float | None,
     accuracy: float,
     alpha: float | None = None,
+    method: str = "auto",
+    pme_options: dict | None = None,
 ) -> torch.Tensor:
-    """Slab sum: Ewald in the elongated cell plus the plane-averaged correction (module docstring).
+    """Slab sum: the 3D sum in the elongated cell plus the replica and plane-averaged corrections (module
+    docstring).
 
     positions [N, 3] (Å), inside the slab region (checked by ``_validate.check_slab``); v [N, n_cols, C]
     packed sources; multipoles {rank: [N, C], [N, C, 3], [N, C, 3, 3]} the same sources unpacked;
     cell [3, 3] (Å), rows a, b in-plane, c along the normal; ``alpha`` (1/Å) overrides the Ewald splitting.
+    ``method``: the 3D sum, "ewald", "pme" or "auto" (the one :func:`.pme.choose_method` models as cheaper for
+    the elongated cell; Ewald when ``alpha`` is given): a large slab's 3D sum by Ewald grows like a large cell's.
+    ``pme_options``: :func:`.pme.pme_sum` overrides for the elongated cell (method "pme").
     Returns [N, n_rows, C] without the output signs ``c_l``, like :func:`.ewald.ewald_sum`.
     """
+    from .pme import choose_method, pme_sum
+
     c_len = torch.linalg.norm(cell[2])
     normal = cell[2] / c_len  # [3]
     gap = vacuum_gap(accuracy, smearing)
@@ -189,8 +197,15 @@ def slab_sum(
     box = torch.stack([cell[0], cell[1], length * normal])  # [3, 3] elongated cell
     q, mu, th = multipoles.get(0), multipoles.get(1), multipoles.get(2)
     total = q.sum(0) if q is not None else None
-    out = ewald_sum(positions, v, box, rows, cols, smearing=smearing, accuracy=accuracy, alpha=alpha,
-                    total_charge=total)
+    if method == "auto":
+        method = "ewald" if alpha is not None else choose_method(
+            box.detach().cpu().double().numpy(), positions.shape[0], float(accuracy), rows, cols, v.shape[2], smearing)
+    if method == "pme":
+        out = pme_sum(positions, v, box, rows, cols, smearing=smearing, accuracy=accuracy, total_charge=total,
+                      **(pme_options or {}))
+    else:
+        out = ewald_sum(positions, v, box, rows, cols, smearing=smearing, accuracy=accuracy, alpha=alpha,
+                        total_charge=total)
     order = max(rows.rank_of) + max(cols.rank_of)
     m = plane_kvector_indices(box.detach().cpu().double().numpy(), replica_k_cutoff(gap, accuracy, order))
     if len(m):
