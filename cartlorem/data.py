@@ -350,6 +350,36 @@ def _check_no_frames_after_a_blank_line(path: Path, fmt: Optional[str], n_read: 
             collections.deque(itertools.islice(lines, count + 1), maxlen=0)  # the comment line and the atoms
 
 
+def _ase_format(path: Path) -> Optional[str]:
+    """ASE's name for the format of the file at ``path`` (None where it cannot tell)."""
+    from ase.io.formats import filetype
+
+    try:
+        return filetype(str(path))
+    except Exception:  # noqa: BLE001 -- an unknown format: ase.io.read then says why
+        return None
+
+
+def _database_frames(path: Path) -> list:
+    """The rows of an ASE database file (.db, .json) as ase.Atoms, with each row's key-value pairs and data in
+    ``atoms.info`` (data arrays of one row per atom also in ``atoms.arrays``), where ``read_dataset`` looks for
+    labels, the charge state and frame weights: ``ase.io.read`` leaves both out, so a total charge, a
+    multiplicity, a config_weight or a REF_energy stored with the row were silently not seen."""
+    import ase.db
+
+    frames = []
+    for row in ase.db.connect(str(path)).select():
+        atoms = row.toatoms()
+        atoms.info.update(row.key_value_pairs)
+        for key, value in (row.data or {}).items():
+            atoms.info[key] = value
+            array = np.asarray(value) if isinstance(value, (np.ndarray, list)) else None
+            if array is not None and array.ndim >= 2 and array.shape[0] == len(atoms) and array.dtype.kind in "iuf":
+                atoms.arrays[key] = array
+        frames.append(atoms)
+    return frames
+
+
 def _load_frames(path_or_atoms_list) -> tuple[str, list]:
     """(name used in messages, list of ase.Atoms) from a file path, an Atoms or a list of Atoms."""
     import ase
@@ -365,7 +395,11 @@ def _load_frames(path_or_atoms_list) -> tuple[str, list]:
             raise ValueError(f"no structures in {str(path)!r} (the file is empty)")
         fmt = "extxyz" if path.suffix.lower() in (".xyz", ".extxyz") else None
         try:
-            frames = ase.io.read(str(path), index=":", format=fmt)
+            if fmt is None and _ase_format(path) in ("db", "json"):
+                fmt = "db"
+                frames = _database_frames(path)
+            else:
+                frames = ase.io.read(str(path), index=":", format=fmt)
         except Exception as err:  # ASE raises many types for malformed files
             raise ValueError(f"could not read {str(path)!r}: {type(err).__name__}: {err}") from err
         if isinstance(frames, ase.Atoms):

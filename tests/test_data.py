@@ -636,3 +636,26 @@ def test_labels_under_other_keys_than_the_calculators_are_warned_of(caplog, make
     assert float(graphs[1].energy[0]) == -1.0  # the calculator's, as asked
     assert "frames 1 hold atoms.info 'REF_energy' with other values" in caplog.text
     assert "--energy-key REF_energy" in caplog.text and "frames 2 hold atoms.arrays 'REF_forces'" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", ["db", "json"])
+def test_an_ase_database_gives_its_rows_key_value_pairs_and_data(tmp_path, suffix):
+    """ase.io.read builds a database row's Atoms without its key-value pairs and data: a total charge, multiplicity,
+    config_weight or REF_energy stored with the row (the usual way to keep them in a database) was silently not
+    seen, and the calculator's energy of another model was trained on instead."""
+    import ase.db
+    from ase.build import molecule
+
+    atoms = molecule("H2O")
+    atoms.center(vacuum=3.0)
+    n = len(atoms)
+    atoms.calc = SinglePointCalculator(atoms, energy=-10.0, forces=np.ones((n, 3)))
+    path = tmp_path / f"set.{suffix}"
+    with ase.db.connect(str(path)) as db:
+        db.write(atoms, REF_energy=-14.0, total_charge=-1, multiplicity=2, config_weight=0.5,
+                 data={"REF_forces": np.full((n, 3), 0.25), "REF_stress": np.zeros((3, 3))})
+    g = read_dataset(path, 3.0, energy_key="REF_energy", forces_key="REF_forces", stress_key=None)[0]
+    assert float(g.energy[0]) == -14.0 and torch.equal(g.forces, torch.full((n, 3), 0.25, dtype=g.forces.dtype))
+    assert float(g.total_charge[0]) == -1.0 and float(g.multiplicity[0]) == 2.0 and float(g.weight[0]) == 0.5
+    calc = read_dataset(path, 3.0, stress_key=None)[0]  # the calculator's results, as from any other file
+    assert float(calc.energy[0]) == -10.0 and float(calc.total_charge[0]) == -1.0
