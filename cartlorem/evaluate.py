@@ -160,7 +160,8 @@ def predict(
     the model has long range (``model.long_range`` not None); True asks every batch (a model without
     long range raises its ValueError). Dipoles are predicted for open structures only (NaN rows for
     periodic cells and slabs; a batch that mixes both gets a second model call for its molecules). ValueError
-    when the first graphs' edges do not match the model's cutoff (data read with another ``cutoff``), unless
+    when the first graphs' edges do not match the model's cutoff (data read with another ``cutoff``), or, for a
+    long-range model, a structure's boundaries are not ones it takes (named by its index in ``graphs``), unless
     ``check_cutoff`` is False (the trainer, which checked them before its first epoch).
     Labels weighted 0 (a frame's ``Graph.weight`` or ``Graph.term_weight``: MACE's config_weight and
     config_energy/forces/stress_weight, :func:`cartlorem.data.labels_the_loss_sees`) are no references here, as
@@ -176,6 +177,10 @@ def predict(
 
         for k in range(min(len(graphs), _CUTOFF_CHECKS)):
             check_edges(graphs[k], float(cutoff), f"structure {k}")
+    if check_cutoff and getattr(model, "long_range", None) is not None:  # named by its index in graphs, not in a batch
+        from .nn.long_range import check_structures
+
+        check_structures(graphs, lambda k: f"structure {k}")
     floats = [p for p in model.parameters() if p.is_floating_point()]
     device, dtype = (floats[0].device, floats[0].dtype) if floats else (torch.device("cpu"), None)
     was_training = model.training

@@ -162,3 +162,24 @@ def test_a_graph_with_mixed_float_dtypes_is_cast_whole(field):
     out = model(mixed)
     torch.testing.assert_close(out["energy"], ref["energy"])
     torch.testing.assert_close(out["forces"], ref["forces"])
+
+
+def test_predict_names_a_structure_the_long_range_block_refuses_by_its_index_in_the_set():
+    """predict() left the boundary check to the model's forward, whose message named the structure's index in its
+    batch: frame 5 with pbc [False, True, True] was 'structure 1' in batches of 4."""
+    import ase
+    from ase.build import bulk
+
+    from cartlorem import CartLorem
+    from cartlorem.data import read_dataset
+    from cartlorem.evaluate import predict
+
+    frames = [bulk("NaCl", "rocksalt", a=5.64, cubic=True) for _ in range(6)]
+    for k, atoms in enumerate(frames):
+        atoms.rattle(0.02, seed=k)
+        atoms.calc = None
+    frames[5].pbc = [False, True, True]
+    graphs = read_dataset([ase.Atoms(a) for a in frames], 3.0, require=())
+    model = CartLorem([11, 17], cutoff=3.0, channels=4, num_layers=1, correlation=1, long_range="multipole").double()
+    with pytest.raises(ValueError, match=r"^structure 5 has pbc = \[False, True, True\]"):
+        predict(model, graphs, batch_size=4)
