@@ -709,8 +709,18 @@ def test_thin_cells_are_refused(height):
     splitting's cost model into GiB allocations (MemoryError): a ValueError naming the height instead."""
     cell = torch.tensor([[10.0, 0, 0], [0, 10.0, 0], [0, 0, height]], dtype=DT)
     pos, q, _, _ = random_system(60, n=3, c=1, cell=cell)
-    with pytest.raises(ValueError, match=rf"cell height h_2 = {height:.3g} Å .* below 0.1 Å"):
+    with pytest.raises(ValueError, match=rf"cell height h_2 = {height:.3g} Å .* below 0.1 Å: not a physical"):
         ewald.multipole_fields(pos, q, cell=cell, pbc=PBC)
+
+
+def test_a_skewed_basis_of_a_fine_lattice_is_called_that():
+    """Rock salt in the basis U @ cell (det U = 1, its Minkowski-reduced form the cubic cell) was 'not a physical
+    periodic cell'; the lattice is physical, only its basis is too skewed."""
+    cell = 5.64 * torch.eye(3, dtype=DT)
+    skewed = torch.tensor([[1.0, 0, 0], [7, 1, 0], [7, -7, 1]], dtype=DT) @ cell
+    pos, q, _, _ = random_system(61, n=4, c=1, cell=cell)
+    with pytest.raises(ValueError, match=r"below 0.1 Å: the lattice is fine, this basis of it is too skewed"):
+        ewald.multipole_fields(pos, q, cell=skewed, pbc=PBC)
 
 
 def test_skewed_cells_image_search():

@@ -184,10 +184,17 @@ def check_cell_heights(cell: torch.Tensor, periodic=(True, True, True)) -> None:
     """
     for k, h in enumerate(cell_heights(cell)):
         if periodic[k] and not h >= MIN_CELL_HEIGHT:
+            what = "not a physical periodic cell"
+            if all(periodic):  # the same lattice in a reduced basis: is only this basis too skewed?
+                from ase.geometry import minkowski_reduce
+
+                reduced, _ = minkowski_reduce(cell.detach().cpu().double().numpy(), pbc=True)
+                if min(cell_heights(torch.as_tensor(reduced))) >= MIN_CELL_HEIGHT:
+                    what = "the lattice is fine, this basis of it is too skewed"
             raise ValueError(
                 f"cell height h_{k} = {h:.3g} Å (distance between the lattice planes spanned by cell rows "
-                f"{(k + 1) % 3} and {(k + 2) % 3}) is below {MIN_CELL_HEIGHT} Å: not a physical periodic cell "
-                "(a very skewed cell can be reduced first, e.g. with ase.geometry.minkowski_reduce)"
+                f"{(k + 1) % 3} and {(k + 2) % 3}) is below {MIN_CELL_HEIGHT} Å: {what} (a very skewed cell can "
+                "be reduced first, e.g. with ase.geometry.minkowski_reduce)"
             )
 
 
