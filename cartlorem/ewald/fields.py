@@ -330,13 +330,25 @@ def batched_multipole_fields(
     all_open = bool(open_struct.all())
     open_atoms = None if all_open else open_struct[batch].nonzero().flatten()
     if (all_open or open_atoms.numel()) and method in ("auto", "direct"):
-        # the atoms of the open structures (all of them, in place, when every structure is open)
-        pick = (lambda t: t) if all_open else (lambda t: t[open_atoms])
-        sub = [None if t is None else pick(t) for t in (charges, dipoles, quadrupoles)]
-        n_pairs = int((torch.bincount(pick(batch)) ** 2).sum())
-        n_channels = next(t for t in sub if t is not None).shape[1]
-        source_ranks = tuple(r for r, t in enumerate(sub) if t is not None)
-        if pair_list_fits(n_pairs, ranks, source_ranks, n_channels, traceless_gradient):
+        n_channels = next(t for t in (charges, dipoles, quadrupoles) if t is not None).shape[1]
+        source_ranks = tuple(r for r, t in enumerate((charges, dipoles, quadrupoles)) if t is not None)
+        counts = torch.bincount(batch, minlength=cell.shape[0]) * open_struct  # atoms of each open structure
+        if not pair_list_fits(int((counts ** 2).sum()), ranks, source_ranks, n_channels, traceless_gradient):
+            # the smallest open structures in the pair list, as many as fit; the others one by one below (a large
+            # cluster sent every small molecule of its batch through the slow per-structure sum)
+            sizes, by_size = torch.sort(counts)
+            pairs = torch.cumsum(sizes ** 2, 0).tolist()
+            n_fit = next((k for k, p in enumerate(pairs) if not pair_list_fits(int(p), ranks, source_ranks,
+                                                                                  n_channels, traceless_gradient)),
+                         len(pairs))
+            chosen = torch.zeros_like(open_struct)
+            chosen[by_size[:n_fit]] = True
+            open_struct, all_open = open_struct & chosen, False
+            open_atoms = open_struct[batch].nonzero().flatten()
+        if all_open or open_atoms.numel():
+            # the atoms of those open structures (all of them, in place, when every structure is open)
+            pick = (lambda t: t) if all_open else (lambda t: t[open_atoms])
+            sub = [None if t is None else pick(t) for t in (charges, dipoles, quadrupoles)]
             out = open_molecules_fields(pick(positions), pick(batch), *sub, smearing=smearing,
                                         accuracy=accuracy, prefactor=prefactor, ranks=ranks,
                                         traceless_gradient=traceless_gradient)
