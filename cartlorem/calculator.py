@@ -33,9 +33,8 @@ cells and slabs get the forces F_i += Z*_iᵀE and no energy term (see :meth:`ca
 ``calc.set(electric_field=...)`` or ``calc.electric_field = ...`` changes it (None: no field) and drops the
 results. Dipoles, Born charges, field energies and forces are those of the positions ASE holds: the model
 takes P about ASE's origin (``dipole_origin``), whatever the float64 shift. For periodic cells and slabs the
-charge-transfer part of Z* depends on the lattice image each atom's position is taken in (the home cell of
-the lattice's reduced basis, :func:`cartlorem.graph.home_cell_offsets`: the same for every basis of a lattice,
-as ASE's ``wrap`` puts it for a reduced cell; it jumps where an atom crosses a face of that cell); with a field, or when Born charges are asked for, a reused list is rebuilt when an
+charge-transfer part of Z* depends on the lattice image each atom's position is taken in (the home cell,
+as ASE's ``wrap`` puts it); with a field, or when Born charges are asked for, a reused list is rebuilt when an
 atom crosses into another cell, so that results stay those of a fresh list.
 
 Charge state: ``atoms.info["total_charge"]`` (or ``"charge"``, e) and ``atoms.info["multiplicity"]`` (or MACE's

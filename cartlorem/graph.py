@@ -303,36 +303,17 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
 
 
 def home_cell_offsets(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-    """Whole lattice vectors that take each atom into its home cell along the periodic lattice directions: [N, 3]
-    Å, float64, zeros for open structures. The home cell is that of the lattice's Minkowski-reduced basis
-    (``ase.geometry.minkowski_reduce`` of the periodic rows; the rows as given when they are reduced already):
-    afterwards the position's fractional coordinates along that basis (of its component in its span) are in
-    [0, 1), ASE's ``wrap`` for a reduced cell.
+    """Whole lattice vectors that take each atom into its home cell along the periodic cell rows: [N, 3] Å,
+    float64, zeros for open structures. Afterwards the position's fractional coordinates along those rows (of its
+    component in their span) are in [0, 1): ASE's ``wrap`` for a fully periodic cell, and for a slab whose open
+    row is normal to the plane.
     Subtracting them changes no energy, force or stress, and fixes the lattice image of each position, which
-    the charge-transfer part of the Born charges (and the forces of an electric field on a periodic cell) depends
-    on: the reduced basis makes that image, and so those outputs, the same for every basis of one lattice (up
-    to the order and signs of its rows, which move every atom by the same lattice vector)."""
+    the charge-transfer part of the Born charges depends on."""
     positions, pbc = np.asarray(positions, dtype=np.float64), np.asarray(pbc, dtype=bool)
     if not np.any(pbc):
         return np.zeros_like(positions)
-    lattice = _reduced_lattice(np.ascontiguousarray(cell, dtype=np.float64).tobytes(), tuple(bool(p) for p in pbc))
+    lattice = np.asarray(cell, dtype=np.float64)[pbc]  # [P, 3] periodic lattice vectors
     return np.floor(positions @ np.linalg.pinv(lattice)) @ lattice
-
-
-@functools.lru_cache(maxsize=256)
-def _reduced_lattice(cell_key: bytes, pbc: tuple) -> np.ndarray:
-    """The periodic rows [P, 3] of a Minkowski-reduced basis of the lattice of ``cell`` along ``pbc`` (read-only)."""
-    from ase.geometry import minkowski_reduce
-
-    cell = np.frombuffer(cell_key).reshape(3, 3)
-    mask = np.asarray(pbc)
-    try:
-        reduced = minkowski_reduce(cell, pbc=mask)[0][mask]
-    except Exception:  # noqa: BLE001 -- a degenerate cell (checked elsewhere): the rows as given
-        reduced = cell[mask]
-    reduced = np.array(reduced, dtype=np.float64)
-    reduced.flags.writeable = False
-    return reduced
 
 
 def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional[str] = None,

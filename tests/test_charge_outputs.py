@@ -399,25 +399,3 @@ def test_float32_dipole_far_from_the_origin(charge):
     e_near, e_far = on[0].get_potential_energy(atoms), on[1].get_potential_energy(moved)
     assert e_far == pytest.approx(e_near - charge * translation @ field, abs=2e-4 + 1e-6 * charge * 3e4)
     assert np.abs(on[1].get_forces(moved) - on[0].get_forces(atoms)).max() < 1e-4
-
-
-@pytest.mark.parametrize("make", [nacl_crystal, nacl_slab])
-def test_born_charges_and_field_forces_are_those_of_the_lattice_not_of_its_basis(make):
-    """Positions were taken in the home cell of the basis as given, and the charge-transfer part of Z* (and the
-    forces of a field, Z*ᵀE) depends on the lattice image of each atom: the same crystal in the basis U @ cell
-    (det U = 1) gave Z* 0.02 e apart (0.1 e in a slab whose in-plane basis was tilted). The home cell is now the
-    reduced basis's, for every basis of the lattice; energy, forces and stress were, and stay, the same."""
-    model = lr_model("multipole", species=(11, 17))
-    atoms = make()
-    other = atoms.copy()
-    u = np.array([[1, 0, 0], [3, 1, 0], [2, -4, 1]]) if all(atoms.pbc) else np.array([[1, 0, 0], [2, 1, 0],
-                                                                                     [0, 0, 1]])
-    other.set_cell(u @ atoms.cell.array, scale_atoms=False)
-    assert np.isclose(abs(np.linalg.det(other.cell.array)), abs(np.linalg.det(atoms.cell.array)))
-    field = torch.tensor([[0.05, 0.03, 0.02]], dtype=torch.float64)
-    out = [run(model, a, compute_born_charges=True, electric_field=field, compute_stress=all(a.pbc))
-           for a in (atoms, other)]
-    for key in ("energy", "forces", "born_charges"):
-        assert torch.allclose(out[0][key], out[1][key], rtol=0, atol=1e-6), key  # (the sums' accuracy)
-    zero = [run(model, a, compute_born_charges=True) for a in (atoms, other)]
-    assert float((zero[0]["born_charges"] - zero[1]["born_charges"]).abs().max()) < 1e-6
