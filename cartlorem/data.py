@@ -373,7 +373,10 @@ def _database_frames(path: Path) -> list:
         atoms.info.update(row.key_value_pairs)
         for key, value in (row.data or {}).items():
             atoms.info[key] = value
-            array = np.asarray(value) if isinstance(value, (np.ndarray, list)) else None
+            try:
+                array = np.asarray(value) if isinstance(value, (np.ndarray, list)) else None
+            except (ValueError, TypeError):  # a ragged list (e.g. of bonds): no array, kept in atoms.info only
+                array = None
             if array is not None and array.ndim >= 2 and array.shape[0] == len(atoms) and array.dtype.kind in "iuf":
                 atoms.arrays[key] = array
         frames.append(atoms)

@@ -653,7 +653,8 @@ def test_an_ase_database_gives_its_rows_key_value_pairs_and_data(tmp_path, suffi
     path = tmp_path / f"set.{suffix}"
     with ase.db.connect(str(path)) as db:
         db.write(atoms, REF_energy=-14.0, total_charge=-1, multiplicity=2, config_weight=0.5,
-                 data={"REF_forces": np.full((n, 3), 0.25), "REF_stress": np.zeros((3, 3))})
+                 data={"REF_forces": np.full((n, 3), 0.25), "REF_stress": np.zeros((3, 3)),
+                       "bonds": [[0, 1], [0, 2, 7]]})  # a ragged list: no array, and no refusal of the file
     g = read_dataset(path, 3.0, energy_key="REF_energy", forces_key="REF_forces", stress_key=None)[0]
     assert float(g.energy[0]) == -14.0 and torch.equal(g.forces, torch.full((n, 3), 0.25, dtype=g.forces.dtype))
     assert float(g.total_charge[0]) == -1.0 and float(g.multiplicity[0]) == 2.0 and float(g.weight[0]) == 0.5
