@@ -262,3 +262,10 @@ def test_numpy_settings_leave_a_checkpoint_a_resume_reads(tmp_path):
     result = train(model, graphs[:4], graphs[4:], progress=False, out_dir=tmp_path / "run", resume=True,
                    **{**settings, "epochs": 2})
     assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+def test_a_fractional_worker_count_is_refused():
+    """workers=1.5 ran one data-loading process without a word (the other counts refuse fractions)."""
+    graphs = read_dataset(emt_frames(2, seed=0), cutoff=3.0)
+    with pytest.raises(ValueError, match=r"workers must be an integer >= 0, got 1.5"):
+        train(tiny_model(), graphs, workers=1.5, epochs=1, progress=False)

@@ -278,8 +278,8 @@ def train(
     _check_optimiser_settings(weight_decay=weight_decay, ema_decay=ema_decay, scheduler_factor=scheduler_factor,
                               scheduler_patience=scheduler_patience, clip_grad=clip_grad, patience=patience,
                               valid_batch_size=valid_batch_size)
-    if int(workers) < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+    if isinstance(workers, bool) or int(workers) != workers or workers < 0:  # 1.5 ran 1 without a word
+        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
     if int(seed) != seed or seed < 0:  # numpy's generator takes no negative seed
         raise ValueError(f"seed must be an integer >= 0, got {seed}")
     if resume and out_dir is None:
