@@ -46,9 +46,10 @@ k != 0 a point source's copies add ``(2 pi / (A k)) cos(k . rho) sum_{n != 0} ex
 (structure factors by one GEMM, fields by another) with the derivative factors ``i k +- k n`` for the
 multipoles, the fields and their gradients, and the i = j copies included (a source's own copies are
 not part of the slab). The terms fall like ``exp(-k d)`` with ``d >= gap`` between a layer and its copies,
-so the cutoff is ``~ ln(1/accuracy) / gap`` (:func:`replica_k_cutoff`): ~0.65 in-plane vectors per Å² of area
-at accuracy 1e-5 and a 6 Å gap (1300 for a 45 Å square cell, 4000 for 79 Å), summed in blocks over the vectors
-like the 3D sum's k-vectors, which also grow with L. Gaussian sources act on a copy one gap
+so the cutoff is ``~ ln(1/accuracy) / gap`` (:func:`replica_k_cutoff`, growing with the sources' and fields'
+ranks): at accuracy 1e-5 and a 6 Å gap ~0.86 in-plane vectors per Å² of area for q, mu, Theta to potential, field
+and gradient (1750 for a 45 Å square cell, 5350 for 79 Å; ~0.65 for q and mu), summed in blocks over the vectors
+like the 3D sum's k-vectors. Gaussian sources act on a copy one gap
 away as points do, to within ``erfc(gap / (sqrt 2 sigma))``, which sets the gap.
 
 Cell. Rows a, b span the plane; row c gives the normal direction and must be orthogonal to a and b;
@@ -81,9 +82,10 @@ GAP_FLOOR = 5.0
 IN_PLANE = (True, True, False)
 #: Above this many (atom x in-plane vector) terms, the replica correction's blocks are checkpointed when gradients
 #: are tracked: each term keeps ~10 saved values (phases, growths and decays, their products), several times what a
-#: term of the 3D sum keeps (:data:`.ewald.CHECKPOINT_TERMS`, 16x this). A 1936-atom NaCl slab (2460 vectors, 4.8M
-#: terms) peaked at 2.9 GB unchecked, 1.8 GB checkpointed, in about the same time (benchmarks/slab_scale.py).
-CHECKPOINT_TERMS = 1 << 19
+#: term of the 3D sum keeps (:data:`.ewald.CHECKPOINT_TERMS`, 4x this). The slab sum of a 1936-atom NaCl slab
+#: (q, mu, Theta: 3286 vectors, 6.4M terms) peaked at 2.86 GB unchecked, 1.76 GB checkpointed, ~15% slower; a
+#: 1024-atom one (1.8M terms, not checkpointed) would save < 0.1 GB for 9-15% more time.
+CHECKPOINT_TERMS = 1 << 21
 
 
 def _erfc_inverse(y: float) -> float:
