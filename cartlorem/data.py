@@ -360,6 +360,27 @@ def _ase_format(path: Path) -> Optional[str]:
         return None
 
 
+def _lammps_dump_frames(path: Path, fmt: str, frames) -> None:
+    """A LAMMPS dump as ASE reads it, made fit for labels: ValueError for a text dump without an ``element`` column
+    (ASE takes atom type 1 for H, 2 for He, ...), and no energy in the frames' results (ASE puts 0.0 there, which a
+    dump does not hold: it would be trained on as the reference energy of every frame)."""
+    if fmt == "lammps-dump-text":
+        from ase.io.formats import open_with_compression
+
+        with open_with_compression(str(path), "rt") as f:
+            header = next((line for line in f if line.startswith("ITEM: ATOMS")), "")
+        if "element" not in header.split()[2:]:
+            raise ValueError(f"{str(path)!r} is a LAMMPS dump without an 'element' column ({header.strip()!r}): ASE "
+                             "reads its atom types as atomic numbers (type 1 as H, 2 as He); write the dump with the "
+                             "elements (dump_modify ID element Na Cl ... and an 'element' column), or convert it to "
+                             "extxyz with the right symbols")
+    for atoms in frames:
+        results = getattr(getattr(atoms, "calc", None), "results", None)
+        if results is not None:
+            results.pop("energy", None)
+            results.pop("free_energy", None)
+
+
 def _database_frames(path: Path) -> list:
     """The rows of an ASE database file (.db, .json) as ase.Atoms, with each row's key-value pairs and data in
     ``atoms.info`` (data arrays of one row per atom also in ``atoms.arrays``), where ``read_dataset`` looks for
@@ -397,9 +418,9 @@ def _load_frames(path_or_atoms_list) -> tuple[str, list]:
         if _is_blank(path):
             raise ValueError(f"no structures in {str(path)!r} (the file is empty)")
         fmt = "extxyz" if path.suffix.lower() in (".xyz", ".extxyz") else None
+        detected = _ase_format(path) if fmt is None else fmt
         try:
-            if fmt is None and _ase_format(path) in ("db", "json"):
-                fmt = "db"
+            if detected in ("db", "json"):
                 frames = _database_frames(path)
             else:
                 frames = ase.io.read(str(path), index=":", format=fmt)
@@ -407,6 +428,8 @@ def _load_frames(path_or_atoms_list) -> tuple[str, list]:
             raise ValueError(f"could not read {str(path)!r}: {type(err).__name__}: {err}") from err
         if isinstance(frames, ase.Atoms):
             frames = [frames]
+        if detected in ("lammps-dump-text", "lammps-dump-binary"):
+            _lammps_dump_frames(path, detected, frames)
         _check_no_frames_after_a_blank_line(path, fmt, len(frames))
         return str(path), list(frames)
     if isinstance(path_or_atoms_list, ase.Atoms):

@@ -660,3 +660,24 @@ def test_an_ase_database_gives_its_rows_key_value_pairs_and_data(tmp_path, suffi
     assert float(g.total_charge[0]) == -1.0 and float(g.multiplicity[0]) == 2.0 and float(g.weight[0]) == 0.5
     calc = read_dataset(path, 3.0, stress_key=None)[0]  # the calculator's results, as from any other file
     assert float(calc.energy[0]) == -10.0 and float(calc.total_charge[0]) == -1.0
+
+
+def test_a_lammps_dump_gives_its_elements_and_forces_and_no_energy(tmp_path):
+    """ASE reads a LAMMPS text dump with the energy 0.0 in every frame's results (a dump holds none), which was
+    trained on as the reference energy, and takes atom types for atomic numbers where the dump has no 'element'
+    column (Na and Cl read as H and He), silently."""
+    head = "ITEM: TIMESTEP\n0\nITEM: NUMBER OF ATOMS\n2\nITEM: BOX BOUNDS pp pp pp\n0 5.64\n0 5.64\n0 5.64\n"
+    rows = ["1 1 0.3 0.2 0.1 0.1 0 0", "2 2 2.82 0.1 0.2 -0.1 0 0"]
+    path = tmp_path / "no_elements.lammpstrj"
+    path.write_text(head + "ITEM: ATOMS id type x y z fx fy fz\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"no_elements.lammpstrj' is a LAMMPS dump without an 'element' column"):
+        read_dataset(path, 3.0)
+    path = tmp_path / "elements.lammpstrj"
+    named = [f"{r.split()[0]} {r.split()[1]} {'Na' if r.split()[1] == '1' else 'Cl'} {' '.join(r.split()[2:])}"
+             for r in rows]
+    path.write_text(head + "ITEM: ATOMS id type element x y z fx fy fz\n" + "\n".join(named) + "\n")
+    g = read_dataset(path, 3.0, require=("forces",))[0]
+    assert g.species.tolist() == [11, 17] and not bool(g.has_energy[0])  # forces read, no energy of 0.0
+    assert torch.allclose(g.forces[:, 0], torch.tensor([0.1, -0.1], dtype=g.forces.dtype))
+    with pytest.raises(ValueError, match="energy"):  # the default needs energies: a clear refusal, not zeros
+        read_dataset(path, 3.0)
