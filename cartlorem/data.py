@@ -318,17 +318,13 @@ def _is_blank(path: Path, chunk: int = 1 << 16) -> bool:
 def _check_no_frames_after_a_blank_line(path: Path, fmt: Optional[str], n_read: int) -> None:
     """ValueError when an (ext)xyz file goes on after a blank line where a frame's atom count belongs: ASE's reader
     stops there without a word, so the frames after it were lost (``cat a.xyz b.xyz`` of files that end in a blank
-    line). Walks the frames' line counts only; other formats are not checked."""
+    line). ``fmt``: the file's format as read (:func:`_ase_format`). Walks the frames' line counts only; other formats
+    are not checked."""
     import collections
     import itertools
 
-    from ase.io.formats import filetype, open_with_compression
+    from ase.io.formats import open_with_compression
 
-    if fmt is None:
-        try:
-            fmt = filetype(str(path))
-        except Exception:  # noqa: BLE001 -- ASE read it; which reader it took is all that is asked here
-            return
     if fmt not in ("extxyz", "xyz"):
         return
     blank = None
@@ -430,7 +426,7 @@ def _load_frames(path_or_atoms_list) -> tuple[str, list]:
             frames = [frames]
         if detected in ("lammps-dump-text", "lammps-dump-binary"):
             _lammps_dump_frames(path, detected, frames)
-        _check_no_frames_after_a_blank_line(path, fmt, len(frames))
+        _check_no_frames_after_a_blank_line(path, detected, len(frames))
         return str(path), list(frames)
     if isinstance(path_or_atoms_list, ase.Atoms):
         return "structures", [path_or_atoms_list]
