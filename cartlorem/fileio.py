@@ -22,7 +22,7 @@ import tempfile
 from typing import BinaryIO, Callable, Optional
 
 __all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "default_file_mode", "file_sha256", "WriteError",
-           "damaged_record", "require_file"]
+           "damaged_record", "file_problem", "require_file"]
 
 
 class WriteError(OSError):
@@ -157,18 +157,23 @@ def atomic_torch_save(obj, path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def require_file(path, what: str) -> None:
-    """ValueError ``"<what> file '<path>' <problem>"`` unless ``path`` names a regular file (an empty name is no
-    file: Path("") is the working folder): the problem says whether it does not exist or is a folder."""
+def file_problem(path) -> Optional[str]:
+    """None when ``path`` names a regular file, else what is wrong with it: "is a folder, not a file", "is not a
+    regular file" or "does not exist" (an empty name is no file: Path("") is the working folder)."""
     if path and os.path.isfile(path):
-        return
+        return None
     if path and os.path.isdir(path):
-        problem = "is a folder, not a file"
-    elif path and os.path.exists(path):
-        problem = "is not a regular file"
-    else:
-        problem = "does not exist"
-    raise ValueError(f"{what} file {path if path is None else os.fspath(path)!r} {problem}")
+        return "is a folder, not a file"
+    if path and os.path.exists(path):
+        return "is not a regular file"
+    return "does not exist"
+
+
+def require_file(path, what: str) -> None:
+    """ValueError ``"<what> file '<path>' <problem>"`` unless ``path`` names a regular file (:func:`file_problem`)."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise ValueError(f"{what} file {path if path is None else os.fspath(path)!r} {problem}")
 
 
 def file_sha256(path, block: int = 1 << 20) -> str:

@@ -844,15 +844,14 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     import pickle
     import re
 
-    from .fileio import damaged_record
+    from .fileio import damaged_record, file_problem
 
     path = os.fspath(path)
-    if not os.path.isfile(path):  # (the exception types a caller may catch; fileio.require_file's words)
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"model file {path!r} is a folder, not a file")
-        if os.path.exists(path):
-            raise ValueError(f"model file {path!r} is not a regular file")
-        raise FileNotFoundError(f"model file not found: {path}")
+    problem = file_problem(path)
+    if problem is not None:  # the exception types a caller may catch, fileio's words
+        if problem == "does not exist":
+            raise FileNotFoundError(f"model file not found: {path}")
+        raise (IsADirectoryError if os.path.isdir(path) else ValueError)(f"model file {path!r} {problem}")
     damaged = damaged_record(path)
     if damaged is not None:
         raise ValueError(f"model file {path} is damaged: its record {damaged} does not match its checksum (the "
