@@ -540,3 +540,26 @@ def test_slab_3d_sum_by_pme(smearing, monkeypatch):
     monkeypatch.setattr(pme_mod, "choose_method", lambda *a, **k: "pme")  # as for a large slab
     assert rel(run("auto")[3], by_pme[3]) == 0 and chosen
     assert slab_mod.vacuum_gap(accuracy, smearing) > 0
+
+
+@pytest.mark.parametrize("path", ["blocks", "pme"])
+def test_slab_in_blocks_and_by_pme_vs_2d_ewald(path, monkeypatch):
+    """This session's two slab paths against the 2D Ewald reference written above (not against the other path):
+    the replica correction in blocks of 3 wave vectors, checkpointed; and the 3D sum by PME."""
+    from cartlorem.ewald import slab as slab_mod
+
+    pos, q, mu, th = random_slab(1, n=3)
+    pts = probes(2)
+    kw = dict(cell=CELL, pbc=SLAB, accuracy=1e-10)
+    tol = 1e-8
+    if path == "blocks":
+        monkeypatch.setattr(slab_mod, "K_BLOCK", 3 * (len(pos) + len(pts)))
+        monkeypatch.setattr(slab_mod, "CHECKPOINT_TERMS", 0)
+    else:
+        kw.update(accuracy=1e-7, method="pme")
+        tol = 1e-5
+    x = with_probes(pos, (q, mu, th), pts)
+    got = ewald.multipole_fields(x[0].requires_grad_(True), *x[1:], **kw)  # gradients tracked: checkpointed
+    ref = fields_by_autograd(lambda r: parry_potential(r, pos, q[:, 0], mu[:, 0], th[:, 0], CELL), pts)
+    for k, name in enumerate(("potential", "field", "field_gradient")):
+        assert rel(got[k][3:, 0].detach(), ref[k]) < tol, (name, rel(got[k][3:, 0].detach(), ref[k]))
