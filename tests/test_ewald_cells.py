@@ -197,6 +197,39 @@ def test_eager_batched_fields_sum_all_cells_at_once(monkeypatch, traceless):
                 torch.testing.assert_close(x[idx], ref[r], rtol=1e-12, atol=1e-12 * float(ref[r].abs().max()))
 
 
+def test_eager_batched_fields_sum_large_cells_one_by_one(monkeypatch):
+    """The batched sum holds every cell's phases padded to the largest cell: beyond CELL_SUM_TERMS (k-vectors x
+    atom slots per cell) it was slower than the per-cell sum (one 648-atom water cell: 2.9x), and a batch with a
+    216-atom cell goes cell by cell; two 64-atom NaCl cells (the training data's) still take one sum."""
+    from cartlorem.ewald import cells as cells_mod
+    from cartlorem.ewald import fields as fields_mod
+    from cartlorem.ewald.fields import batched_multipole_fields
+
+    calls = []
+    monkeypatch.setattr(fields_mod, "traced_ewald_fields",
+                        lambda *a, **k: calls.append(1) or cells_mod.traced_ewald_fields(*a, **k))
+    rng = torch.Generator().manual_seed(7)
+    cubic = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    for structures, one_sum in (([cubic.repeat(2), cubic.repeat(2)], True),
+                                ([cubic.repeat(2), cubic.repeat(3)], False)):
+        pos = torch.cat([torch.tensor(a.positions, dtype=DT) + 0.1 * torch.randn(len(a), 3, generator=rng, dtype=DT)
+                         for a in structures])
+        bt = torch.cat([torch.full((len(a),), i) for i, a in enumerate(structures)])
+        c = torch.stack([torch.tensor(a.cell.array, dtype=DT) for a in structures])
+        n = len(bt)
+        src = (torch.randn(n, 2, generator=rng, dtype=DT), torch.randn(n, 2, 3, generator=rng, dtype=DT),
+               stf(torch.randn(n, 2, 3, 3, generator=rng, dtype=DT)))  # q, mu, Theta: alpha = beta for both cells
+        calls.clear()
+        got = batched_multipole_fields(pos, bt, c, torch.ones(len(structures), 3, dtype=torch.bool), *src,
+                                       smearing=1.0, accuracy=1e-6, method="ewald")
+        assert len(calls) == one_sum, [len(a) for a in structures]
+        for b in range(len(structures)):
+            idx = (bt == b).nonzero().flatten()
+            ref = compute_fields(pos[idx], *[x[idx] for x in src], c[b], PBC, smearing=1.0, accuracy=1e-6)
+            for r, x in enumerate(got):
+                torch.testing.assert_close(x[idx], ref[r], rtol=1e-12, atol=1e-12 * float(ref[r].abs().max()))
+
+
 def test_traced_sum_has_no_effectful_ops():
     """The traced sum, differentiated as the training step does, lowers to a graph without effectful operations:
     torch.linalg.inv adds an error check (_linalg_check_errors) that AOT autograd wraps in with_effects, and

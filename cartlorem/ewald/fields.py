@@ -384,13 +384,22 @@ def batched_multipole_fields(
     return MultipoleFields(*(None if x[0] is None else torch.cat(list(x))[inverse] for x in zip(*parts)))
 
 
+#: Largest (k-vector x atom slot) count per cell for which :func:`batched_multipole_fields` sums a batch of cells
+#: in one batched sum (:func:`.cells.traced_ewald_fields`): it is faster than the per-cell sum for training-size
+#: cells and slower for larger ones (benchmarks/README.md, "The eager cell sum and the cost models", session 39:
+#: 8 water cells of 24 / 81 / 192 atoms, q, mu, Theta: 0.5x / 1.0x / 1.4-1.9x the per-cell time; one cell of
+#: 648 atoms 2.9x). 81-atom water cells and the 64-atom NaCl cells of the training data take 0.6-1.3e5.
+CELL_SUM_TERMS = 1 << 18
+
+
 def _cells_in_one_sum(positions, batch, cell, charges, dipoles, quadrupoles, *, smearing, accuracy, prefactor, ranks,
                       method, traceless_gradient) -> Optional[MultipoleFields]:
     """The fields of a batch of periodic cells (smeared sources) by one batched Ewald sum over all of them
     (:func:`.cells.traced_ewald_fields`), when every cell on its own would get Ewald at alpha = 1/(sqrt 2 sigma),
     reciprocal space only (what the cost models choose for training-size cells): the same sum, to rounding,
-    without a pass per cell. None when some cell would get another splitting or PME, or the batch exceeds
-    :func:`.cells.plan_fits`: the caller then sums cell by cell. Checks the inputs as :func:`compute_fields` does."""
+    without a pass per cell. None when some cell would get another splitting or PME, the batch exceeds
+    :func:`.cells.plan_fits`, or its cells are larger than :data:`CELL_SUM_TERMS` admits: the caller then sums
+    cell by cell. Checks the inputs as :func:`compute_fields` does."""
     inputs = check_inputs(positions, charges, dipoles, quadrupoles, None, None, smearing, accuracy)
     m = inputs.multipoles
     cols, rows = Layout(m), Layout(ranks)
@@ -411,7 +420,7 @@ def _cells_in_one_sum(positions, batch, cell, charges, dipoles, quadrupoles, *, 
             return None
     plan = periodic_plan(batch, cell, smearing=inputs.smearing, accuracy=float(accuracy), ranks=rows.ranks,
                          source_ranks=cols.ranks)
-    if not plan_fits(plan):
+    if not plan_fits(plan) or plan.slots.shape[1] * plan.m.shape[1] > CELL_SUM_TERMS:
         return None
     return MultipoleFields(*traced_ewald_fields(inputs.positions, batch, cell, plan, m.get(0), m.get(1), m.get(2),
                                                 smearing=inputs.smearing, prefactor=prefactor, ranks=rows.ranks,
