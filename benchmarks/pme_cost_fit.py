@@ -1,16 +1,19 @@
-"""Refit the PME cost model of ``method="auto"`` (the COST_* constants of cartlorem/ewald/pme.py).
+"""Refit the cost models behind ``method="auto"`` (the COST_* constants of cartlorem/ewald/pme.py).
 
-``auto`` picks Ewald or PME, and PME's splitting, mesh and spline order, from a cost model: seconds of
-one call with gradients to the positions (one CPU thread, float64) =
-``COST_PME_CALL + COST_PAIR x pairs x rows x cols x C + COST_STENCIL x N x n^3 x (rows + cols) x C
-+ COST_MESH x K1 K2 K3 x log2(K1 K2 K3) x C``. This script times ``pme_sum`` (forward + backward to the
-positions) over water boxes and a grid of explicit settings (splitting alpha, hence the real-space pair
-count; mesh; spline order), point multipoles q, mu, Theta in C = 4 channels, fits the four constants by
-non-negative least squares on relative errors, and reports the model/measured ratio of the constants in
-the code and of the fitted ones. CPU times (process time), median of ``--repeats`` after a warm-up.
+``auto`` picks Ewald or PME, and PME's splitting, mesh and spline order, from two cost models: seconds of one
+call with gradients to the positions and the sources (one CPU thread, float64), a constant per term of
+``pme.pme_cost_terms`` and ``pme.ewald_cost_terms`` (real-space pairs and pair entries, spline stencil points,
+mesh points, k-vector terms; see their docstrings). This script times ``pme_sum`` over water boxes and a grid of
+explicit settings (splitting alpha, hence the real-space pair count; mesh; spline order), and ``ewald_sum`` at
+the parameters it chooses for a grid of accuracies, forward and backward to the positions and the sources (as
+the long-range block takes them), in the source layouts of both long-range kinds (``--layouts``:
+ranks:channels, "012:4" for q, mu, Theta in 4 channels as the ``multipole`` block sums them, "0:36" for the 36
+charge channels of ``lorem``), point and Gaussian sources (``--smearings``). It fits each model's constants by
+non-negative least squares on relative errors and reports the model/measured ratio of the constants in the code
+and of the fitted ones. CPU times (process time), median of ``--repeats`` after a warm-up.
 
     python benchmarks/pme_cost_fit.py                     # results/pme_cost_fit.{json,md}
-    python benchmarks/pme_cost_fit.py --sizes 3,4 --repeats 1 --out /tmp/fit   # quick look
+    python benchmarks/pme_cost_fit.py --methods pme --sizes 3,4 --repeats 1 --out /tmp/fit   # quick look
 """
 
 from __future__ import annotations
@@ -32,84 +35,76 @@ from harness import machine_info  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def features(n_atoms, volume, real_cutoff, mesh, order, n_rows, n_cols, n_channels):
-    """The four terms of the cost model (the same counts as ``pme.pme_cost``), without their constants."""
-    pairs = 0.5 * n_atoms * n_atoms / volume * 4.0 / 3.0 * math.pi * real_cutoff**3
-    n_mesh = float(math.prod(mesh))
-    return [1.0, pairs * n_rows * n_cols * n_channels, n_atoms * order**3 * (n_rows + n_cols) * n_channels,
-            n_mesh * max(1.0, math.log2(n_mesh)) * n_channels]
+def parse_layout(text: str) -> tuple:
+    """"012:4" -> ((0, 1, 2), 4): the source (and output) ranks and the channel count."""
+    ranks, _, channels = text.partition(":")
+    if not ranks or not set(ranks) <= set("012") or not channels.isdigit() or int(channels) < 1:
+        raise argparse.ArgumentTypeError(f"a layout is ranks:channels, e.g. 012:4 or 0:36; got {text!r}")
+    return tuple(sorted({int(r) for r in ranks})), int(channels)
 
 
-def time_point(atoms, alpha, real_cutoff, mesh, order, repeats, channels):
+def sources(n: int, ranks: tuple, channels: int, dtype):
+    """Random packed sources [N, len(Layout(ranks)), C] and their Layout (the sums take any values)."""
     import torch
 
-    from cartlorem.ewald import pme
     from cartlorem.ewald.kernels import Layout
 
-    rows = cols = Layout((0, 1, 2))
-    pos0 = torch.tensor(atoms.positions, dtype=torch.float64)
-    cell = torch.tensor(atoms.cell.array, dtype=torch.float64)
-    v = torch.randn(len(atoms), len(cols), channels, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    layout = Layout(ranks)
+    return torch.randn(n, len(layout), channels, dtype=dtype, generator=torch.Generator().manual_seed(0)), layout
 
-    def call():
-        pos = pos0.clone().requires_grad_(True)
-        out = pme.pme_sum(pos, v, cell, rows, cols, smearing=None, accuracy=0.5, alpha=alpha, mesh=mesh,
-                          spline_order=order, real_cutoff=real_cutoff)
-        (out * v).sum().backward()
 
+def median_seconds(call, repeats: int) -> float:
     call()
     times = []
     for _ in range(repeats):
         t0 = time.process_time()
         call()
         times.append(time.process_time() - t0)
-    return float(np.median(times)), len(rows), len(cols)
+    return float(np.median(times))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="3,4,6,8,10", help="water boxes of m^3 molecules, comma-separated m")
-    p.add_argument("--cutoffs", default="4,6,8", help="real-space cutoffs (Å); alpha = 3.2 / r_c")
-    p.add_argument("--orders", default="6,8,10")
-    p.add_argument("--spacings", default="0.9,0.5", help="mesh spacings (Å)")
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(RESULTS, "pme_cost_fit"))
-    args = p.parse_args(argv)
-
+def time_pme(atoms, layout, v, smearing, alpha, real_cutoff, mesh, order, repeats):
     import torch
+
+    from cartlorem.ewald import pme
+
+    pos0 = torch.tensor(atoms.positions, dtype=torch.float64)
+    cell = torch.tensor(atoms.cell.array, dtype=torch.float64)
+
+    def call():  # gradients to the positions and the sources, as the long-range block takes them
+        pos = pos0.clone().requires_grad_(True)
+        src = v.clone().requires_grad_(True)
+        out = pme.pme_sum(pos, src, cell, layout, layout, smearing=smearing, accuracy=0.5, alpha=alpha, mesh=mesh,
+                          spline_order=order, real_cutoff=real_cutoff)
+        (out * src).sum().backward()
+
+    return median_seconds(call, repeats)
+
+
+def time_ewald(atoms, layout, v, smearing, accuracy, repeats):
+    import torch
+
+    from cartlorem.ewald import ewald
+
+    pos0 = torch.tensor(atoms.positions, dtype=torch.float64)
+    cell = torch.tensor(atoms.cell.array, dtype=torch.float64)
+
+    def call():
+        pos = pos0.clone().requires_grad_(True)
+        src = v.clone().requires_grad_(True)
+        out = ewald.ewald_sum(pos, src, cell, layout, layout, smearing=smearing, accuracy=accuracy)
+        (out * src).sum().backward()
+
+    return median_seconds(call, repeats)
+
+
+def fit(rows_out, names, current):
+    """nnls on relative errors; the model/measured spread of the constants in the code and of the fit."""
     from scipy.optimize import nnls
 
-    torch.set_num_threads(1)
-    from cartlorem.ewald import pme
-    from scale import make_system
-
-    rows_out = []
-    for m in [int(x) for x in args.sizes.split(",")]:
-        atoms = make_system("water", m)
-        n, volume = len(atoms), float(abs(np.linalg.det(atoms.cell.array)))
-        lengths = np.linalg.norm(atoms.cell.array, axis=1)
-        for rc in [float(x) for x in args.cutoffs.split(",")]:
-            if rc > 0.5 * float(min(lengths)) + 1e-9 and m < 6:
-                continue  # many images: the pair count is no longer what the model counts
-            for order in [int(x) for x in args.orders.split(",")]:
-                for h in [float(x) for x in args.spacings.split(",")]:
-                    mesh = pme.mesh_for(atoms.cell.array, h, order)
-                    t, nr, nc = time_point(atoms, 3.2 / rc, rc, mesh, order, args.repeats, args.channels)
-                    row = {"N": n, "real_cutoff": rc, "alpha": 3.2 / rc, "mesh": list(mesh), "spline_order": order,
-                           "cpu_s": t, "features": features(n, volume, rc, mesh, order, nr, nc, args.channels)}
-                    rows_out.append(row)
-                    print(f"N={n} rc={rc} order={order} mesh={mesh}: {t:.3f} s", flush=True)
-
-    names = ["COST_PME_CALL", "COST_PAIR", "COST_STENCIL", "COST_MESH"]
-    if len(rows_out) < len(names):  # nnls of an empty (or underdetermined) system: scipy aborts on an empty one
-        p.error(f"{len(rows_out)} point(s) measured, fewer than the {len(names)} constants to fit (points whose "
-                "--cutoffs exceed half the box are skipped below --sizes 6): give more --sizes, --cutoffs, "
-                "--orders or --spacings")
     X = np.array([r["features"] for r in rows_out])
     y = np.array([r["cpu_s"] for r in rows_out])
-    fitted, _ = nnls(X / y[:, None], np.ones_like(y))  # relative least squares
-    current = np.array([pme.COST_PME_CALL, pme.COST_PAIR, pme.COST_STENCIL, pme.COST_MESH])
+    fitted, _ = nnls(X / y[:, None], np.ones_like(y))
     for r, x in zip(rows_out, X):
         r["model_current"] = float(x @ current)
         r["model_fitted"] = float(x @ fitted)
@@ -118,29 +113,128 @@ def main(argv=None):
         q = X @ c / y
         return float(q.min()), float(np.median(q)), float(q.max())
 
-    meta = {**machine_info(), "command": "python benchmarks/pme_cost_fit.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    result = {"meta": meta, "rows": rows_out, "current": dict(zip(names, current.tolist())),
-              "fitted": dict(zip(names, fitted.tolist())), "ratio_current": spread(current),
-              "ratio_fitted": spread(fitted)}
+    return {"current": dict(zip(names, current.tolist())), "fitted": dict(zip(names, fitted.tolist())),
+            "ratio_current": spread(current), "ratio_fitted": spread(fitted)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="pme,ewald", help="comma-separated: pme, ewald")
+    p.add_argument("--layouts", default="012:4,0:36,0:4", help="comma-separated ranks:channels")
+    p.add_argument("--smearings", default="none,1.0", help="Gaussian widths (Å) of the sources, none for points")
+    p.add_argument("--sizes", default="4,5,6,8,10", help="water boxes of m^3 molecules, comma-separated m")
+    p.add_argument("--cutoffs", default="5,8", help="PME real-space cutoffs (Å); alpha = 3.2 / r_c (at most the "
+                   "smeared sources' 1/(sqrt(2) sigma); then also a point without real space)")
+    p.add_argument("--orders", default="6,10", help="PME spline orders")
+    p.add_argument("--spacings", default="0.9,0.5", help="PME mesh spacings (Å)")
+    p.add_argument("--accuracies", default="1e-4,1e-5,1e-6", help="Ewald accuracies (its own parameters)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(RESULTS, "pme_cost_fit"))
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods or set(methods) - {"pme", "ewald"}:
+        p.error(f"--methods takes pme and/or ewald, got {args.methods!r}")
+    layouts = [parse_layout(x) for x in args.layouts.split(",")]
+    smearings = [None if x.lower() == "none" else float(x) for x in args.smearings.split(",")]
+
+    import torch
+
+    torch.set_num_threads(1)
+    from cartlorem.ewald import pme
+    from cartlorem.ewald.pme import smearing_beta
+    from scale import make_system
+
+    rows = {m: [] for m in methods}
+    for m in [int(x) for x in args.sizes.split(",")]:
+        atoms = make_system("water", m)
+        n, volume = len(atoms), float(abs(np.linalg.det(atoms.cell.array)))
+        lengths = np.linalg.norm(atoms.cell.array, axis=1)
+        for ranks, channels in layouts:
+            v, layout = sources(n, ranks, channels, torch.float64)
+            nr = nc = len(layout)
+            order_max = 2 * max(ranks)
+            for smearing in smearings:
+                beta = math.inf if smearing is None else smearing_beta(smearing)
+                base = {"N": n, "ranks": "".join(map(str, ranks)), "channels": channels, "smearing": smearing}
+                if "pme" in methods:
+                    # alpha = 3.2 / r_c, or the sources' own (no real space) where that is below; r_c beyond half
+                    # a small box: many images, not the model's pair count
+                    settings = {(3.2 / rc, rc) if 3.2 / rc < beta else (beta, 0.0)
+                                for rc in (float(x) for x in args.cutoffs.split(","))
+                                if not (rc > 0.5 * float(min(lengths)) + 1e-9 and m < 6)}
+                    if math.isfinite(beta):
+                        settings.add((beta, 0.0))
+                    for alpha, rc in sorted(settings):
+                        real_space = alpha < beta
+                        for order in [int(x) for x in args.orders.split(",")]:
+                            if order < max(ranks) + 4:
+                                continue
+                            for h in [float(x) for x in args.spacings.split(",")]:
+                                mesh = pme.mesh_for(atoms.cell.array, h, order)
+                                t = time_pme(atoms, layout, v, smearing, alpha, rc if real_space else None, mesh,
+                                             order, args.repeats)
+                                rows["pme"].append({**base, "real_cutoff": rc if real_space else None,
+                                                    "alpha": alpha, "mesh": list(mesh), "spline_order": order,
+                                                    "cpu_s": t,
+                                                    "features": list(pme.pme_cost_terms(
+                                                        n, volume, rc, mesh, order, nr, nc, channels, real_space))})
+                                print(f"pme N={n} {base['ranks']}:{channels} smearing={smearing} rc={rc} "
+                                      f"order={order} mesh={mesh}: {t:.3f} s", flush=True)
+                if "ewald" in methods:
+                    for accuracy in [float(x) for x in args.accuracies.split(",")]:
+                        t = time_ewald(atoms, layout, v, smearing, accuracy, args.repeats)
+                        rows["ewald"].append({**base, "accuracy": accuracy, "cpu_s": t,
+                                              "features": list(pme.ewald_cost_terms(
+                                                  atoms.cell.array, n, accuracy, order_max, smearing, nr, nc,
+                                                  channels))})
+                        print(f"ewald N={n} {base['ranks']}:{channels} smearing={smearing} accuracy={accuracy:g}: "
+                              f"{t:.3f} s", flush=True)
+
+    names = {"pme": pme.PME_COST_CONSTANTS, "ewald": pme.EWALD_COST_CONSTANTS}
+    for method in methods:
+        if len(rows[method]) < len(names[method]):  # nnls of an empty (or underdetermined) system: scipy aborts
+            p.error(f"{len(rows[method])} {method} point(s) measured, fewer than the {len(names[method])} constants "
+                    "to fit (PME points whose --cutoffs exceed half the box are skipped below --sizes 6): give more "
+                    "--sizes, --cutoffs, --orders, --spacings or --accuracies")
+    meta = {**machine_info(),
+            "command": "python benchmarks/pme_cost_fit.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    result = {"meta": meta}
+    for method in methods:
+        current = np.array([getattr(pme, name) for name in names[method]])
+        result[method] = {"rows": rows[method], **fit(rows[method], names[method], current)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    lines = [f"# PME cost model refit ({meta.get('date')}, commit {str(meta.get('git_commit'))[:10]}"
+    lines = [f"# Cost models of method=\"auto\", refit ({meta.get('date')}, commit {str(meta.get('git_commit'))[:10]}"
              f"{' (dirty tree)' if meta.get('git_dirty') else ''})", "",
              f"Command: `{meta['command']}`. Machine: {meta.get('cpu_model', '')}, 1 thread, load average "
-             f"{meta.get('loadavg_1min')} at the start. Water boxes, point q, mu, Theta in {args.channels} "
-             "channels, float64, `pme_sum` forward + backward to the positions with explicit alpha = 3.2/r_c, "
-             f"mesh and spline order; process time, median of {args.repeats} after a warm-up.", "",
-             "| constant | in the code | fitted |", "|---|---|---|"]
-    lines += [f"| {n} | {c:.3g} | {f:.3g} |" for n, c, f in zip(names, current, fitted)]
-    lines += ["", "Model / measured over the points (min / median / max): constants in the code "
-              "{:.2f} / {:.2f} / {:.2f}; fitted {:.2f} / {:.2f} / {:.2f}.".format(*spread(current), *spread(fitted)), "",
-              "| N | r_c Å | order | mesh | measured s | model (code) | model (fitted) |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['N']} | {r['real_cutoff']:g} | {r['spline_order']} | {'x'.join(map(str, r['mesh']))} | "
-              f"{r['cpu_s']:.3f} | {r['model_current']:.3f} | {r['model_fitted']:.3f} |" for r in rows_out]
+             f"{meta.get('loadavg_1min')} at the start. Water boxes, layouts (ranks:channels) {args.layouts}, "
+             f"smearing {args.smearings}, float64, forward + backward to the positions and sources: `pme_sum` with "
+             "explicit "
+             "alpha = 3.2/r_c (or the smeared sources' own, without real space), mesh and spline order; "
+             f"`ewald_sum` at its own parameters; process time, median of {args.repeats} after a warm-up.", ""]
+    for method in methods:
+        r = result[method]
+        lines += [f"## {method}", "", "| constant | in the code | fitted |", "|---|---|---|"]
+        lines += [f"| {k} | {r['current'][k]:.3g} | {r['fitted'][k]:.3g} |" for k in names[method]]
+        lines += ["", "Model / measured over the points (min / median / max): constants in the code "
+                  "{:.2f} / {:.2f} / {:.2f}; fitted {:.2f} / {:.2f} / {:.2f}.".format(*r["ratio_current"],
+                                                                                     *r["ratio_fitted"]), ""]
+        if method == "pme":
+            lines += ["| N | layout | smearing | r_c Å | order | mesh | measured s | model (code) | model (fitted) |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {x['N']} | {x['ranks']}:{x['channels']} | {x['smearing']} | {x['real_cutoff']} | "
+                      f"{x['spline_order']} | {'x'.join(map(str, x['mesh']))} | {x['cpu_s']:.3f} | "
+                      f"{x['model_current']:.3f} | {x['model_fitted']:.3f} |" for x in r["rows"]]
+        else:
+            lines += ["| N | layout | smearing | accuracy | measured s | model (code) | model (fitted) |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {x['N']} | {x['ranks']}:{x['channels']} | {x['smearing']} | {x['accuracy']:g} | "
+                      f"{x['cpu_s']:.3f} | {x['model_current']:.3f} | {x['model_fitted']:.3f} |" for x in r["rows"]]
+        lines.append("")
     with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[:12]))
+        f.write("\n".join(lines))
+    print("\n".join(lines[:40]))
 
 
 if __name__ == "__main__":

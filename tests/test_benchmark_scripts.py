@@ -63,10 +63,11 @@ def test_data_dir_defaults_to_the_shared_folder_and_a_missing_one_names_the_opti
 
 def test_pme_cost_fit_refuses_a_fit_with_fewer_points_than_constants(tmp_path):
     """Every point skipped (r_c beyond half of a small box): nnls of an empty matrix aborted the interpreter."""
-    r = run_script("pme_cost_fit.py", "--sizes", "3", "--cutoffs", "5", "--orders", "4", "--spacings", "1.0",
-                   "--channels", "1", "--repeats", "1", "--out", tmp_path / "fit")
+    r = run_script("pme_cost_fit.py", "--methods", "pme", "--sizes", "3", "--cutoffs", "5", "--orders", "4",
+                   "--spacings", "1.0", "--layouts", "0:1", "--smearings", "none", "--repeats", "1",
+                   "--out", tmp_path / "fit")
     assert r.returncode == 2, (r.returncode, r.stderr[-500:])
-    assert "0 point(s) measured, fewer than the 4 constants" in r.stderr
+    assert "0 pme point(s) measured, fewer than the 6 constants" in r.stderr
     assert not (tmp_path / "fit.json").exists()
 
 

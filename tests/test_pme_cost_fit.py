@@ -1,6 +1,7 @@
-"""benchmarks/pme_cost_fit.py fits the constants of the PME cost model of ``method="auto"``: its features
-must be the terms of ``pme.pme_cost`` (or the fitted constants mean something else than the code uses)."""
+"""benchmarks/pme_cost_fit.py fits the constants of the cost models of ``method="auto"``: the constants it
+reports must be those the code weighs each term with (or the fitted numbers mean something else in the code)."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -13,12 +14,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from cartlorem.ewald import pme  # noqa: E402
 
 
-@pytest.mark.parametrize("n_atoms,volume,rc,mesh,order", [(81, 750.0, 4.0, (12, 12, 12), 6),
-                                                          (3000, 29900.0, 8.0, (64, 48, 36), 10)])
-def test_fit_features_are_the_cost_model_terms(n_atoms, volume, rc, mesh, order):
+def test_pme_cost_terms_count_pairs_stencils_and_mesh_points():
+    n, volume, rc, mesh, order = 3000, 29900.0, 8.0, (64, 48, 36), 10
+    terms = pme.pme_cost_terms(n, volume, rc, mesh, order, 10, 10, 4)
+    pairs = n * (n / volume) * 4 / 3 * math.pi * rc**3 / 2
+    k = 64 * 48 * 36
+    expected = (1.0, pairs, pairs * 400, n * 1000 * 4, n * 1000 * 80, k * math.log2(k) * 4)
+    assert np.allclose(terms, expected, rtol=1e-12)
+    assert pme.pme_cost_terms(n, volume, rc, mesh, order, 10, 10, 4, real_space=False)[1:3] == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("method", ["pme", "ewald"])
+def test_fit_recovers_the_constants_the_code_weighs_each_term_with(method, monkeypatch, tmp_path):
+    """Times that are exactly a cost model with known constants come back as those constants, by name."""
     import pme_cost_fit
 
-    x = np.array(pme_cost_fit.features(n_atoms, volume, rc, mesh, order, 10, 10, 4))
-    constants = np.array([pme.COST_PME_CALL, pme.COST_PAIR, pme.COST_STENCIL, pme.COST_MESH])
-    modelled = pme.pme_cost(n_atoms, volume, rc, mesh, order, 10, 10, 4)
-    assert math.isclose(float(x @ constants), modelled, rel_tol=1e-12)
+    names = pme.PME_COST_CONSTANTS if method == "pme" else pme.EWALD_COST_CONSTANTS
+    truth = dict(zip(names, [0.01 * (i + 1) * 10.0 ** -(3 * i) for i in range(len(names))]))
+    for name, value in truth.items():
+        monkeypatch.setattr(pme, name, value)
+    cost = pme.pme_cost if method == "pme" else pme.ewald_cost
+
+    def fake_pme(atoms, layout, v, smearing, alpha, real_cutoff, mesh, order, repeats):
+        volume = abs(np.linalg.det(atoms.cell.array))
+        return cost(len(atoms), volume, real_cutoff or 0.0, mesh, order, len(layout), len(layout), v.shape[-1],
+                    real_space=real_cutoff is not None)
+
+    def fake_ewald(atoms, layout, v, smearing, accuracy, repeats):
+        return cost(atoms.cell.array, len(atoms), accuracy, 2 * max(layout.ranks), smearing, len(layout),
+                    len(layout), v.shape[-1])
+
+    monkeypatch.setattr(pme_cost_fit, "time_pme", fake_pme)
+    monkeypatch.setattr(pme_cost_fit, "time_ewald", fake_ewald)
+    pme_cost_fit.main(["--methods", method, "--sizes", "3,4,6", "--cutoffs", "4,5", "--orders", "6,8",
+                       "--spacings", "0.9,0.6", "--layouts", "012:2,0:5", "--out", str(tmp_path / "fit")])
+    fitted = json.loads((tmp_path / "fit.json").read_text())[method]["fitted"]
+    assert list(fitted) == list(names)
+    for name in names:
+        assert math.isclose(fitted[name], truth[name], rel_tol=1e-4), (name, fitted[name], truth[name])

@@ -83,22 +83,29 @@ MESH_ERROR = {
 #: point-multipole constants, applied to the model's smeared sources, gave errors up to 1.3x the requested
 #: accuracy (water box, q + mu + Theta, accuracy 1e-4; tests/test_pme.py::test_model_settings_water_box).
 MESH_ERROR_SMEARED = {4: (3.0, 2.06), 6: (1.78, 4.45), 8: (3.64, 7.20), 10: (10.2, 9.86)}
-#: Cost model of one call with gradients to the positions (seconds, one CPU thread, float64), fitted by
-#: benchmarks/pme_cost_fit.py (non-negative least squares on relative errors) to process times of water
-#: boxes of 81-3000 atoms, C = 4 channels of point q, mu, Theta, r_c 4-8 Å, spline orders 6-10, two mesh
-#: spacings (model within 0.74-1.26x of the measured times, median 0.97; results/pme_cost_fit.md).
-#: PME: per real-space pair and (row x column x channel) entry; per atom, stencil point and
-#: (row + column) x channel (spreading + interpolation); per mesh point x log2(mesh points) x channel
-#: (two FFTs); a fixed overhead per call.
-COST_PAIR = 2.4e-8
-COST_STENCIL = 6e-9
-COST_MESH = 1.15e-8
-COST_PME_CALL = 0.022
-#: Ewald (:mod:`.ewald`): per real-space pair (dense blocks over minimum-image pairs x lattice shifts) and
-#: (row x column x channel) entry; per (atom, k-vector) term x (row + column) x channel; fixed overhead.
-COST_EWALD_PAIR = 8.7e-9
-COST_EWALD_K = 2.4e-9
-COST_EWALD_CALL = 0.014
+#: Cost models of one call with gradients to the positions (seconds, one CPU thread, float64): a constant per
+#: term of :func:`pme_cost_terms` and :func:`ewald_cost_terms`, fitted by benchmarks/pme_cost_fit.py
+#: (non-negative least squares on relative errors) to process times of water boxes of 192-3000 atoms, point
+#: and smeared (1 Å) sources, in the layouts of both long-range kinds: q, mu, Theta in 4 channels
+#: ("multipole") and charges in 36 channels ("lorem"), and 4 channels of charges (results/pme_cost_fit.md).
+#: PME: a fixed overhead per call; per real-space pair, and per pair and (row x column x channel) entry; per
+#: atom, stencil point and channel (gathering and scattering the mesh), and per atom, stencil point and
+#: (row + column) x channel (the spline weights' products); per mesh point x log2(mesh points) x channel (two
+#: FFTs).
+COST_PME_CALL = 0.00334
+COST_PAIR_FIXED = 3.85e-07
+COST_PAIR = 9.57e-09
+COST_GATHER = 2.99e-08
+COST_STENCIL = 1.24e-09
+COST_MESH = 3.81e-09
+#: Ewald (:mod:`.ewald`): a fixed overhead per call; per real-space pair (dense blocks over minimum-image pairs x
+#: lattice shifts), and per pair and (row x column x channel) entry; per (atom, k-vector) term (its phase), and
+#: per term x (row + column) x channel.
+COST_EWALD_CALL = 0.00126
+COST_EWALD_PAIR_FIXED = 1.75e-07
+COST_EWALD_PAIR = 2.96e-09
+COST_EWALD_PHASE = 2.8e-08
+COST_EWALD_K = 1.66e-10
 #: Edges per real-space chunk; atoms per spreading/interpolation chunk (a chunk's stencil values: 4 bytes x C x
 #: n^3 per atom in float32, 33 MB at C = 4, n = 10).
 EDGE_BLOCK = 1 << 15
@@ -169,14 +176,25 @@ def mesh_for(cell: np.ndarray, spacing: float, spline_order: int) -> tuple:
     return tuple(fft_size(max(2 * spline_order, math.ceil(length / spacing))) for length in lengths)
 
 
+def pme_cost_terms(n_atoms: int, volume: float, real_cutoff: float, mesh: tuple, spline_order: int,
+                   n_rows: int, n_cols: int, n_channels: int, real_space: bool = True) -> tuple:
+    """The counts :func:`pme_cost` weighs by :data:`PME_COST_CONSTANTS` (one per constant, in that order)."""
+    pairs = 0.5 * n_atoms * n_atoms / volume * 4.0 / 3.0 * math.pi * real_cutoff**3 if real_space else 0.0
+    n_mesh = float(math.prod(mesh))
+    stencil = n_atoms * spline_order**3 * n_channels
+    return (1.0, pairs, pairs * n_rows * n_cols * n_channels, stencil, stencil * (n_rows + n_cols),
+            n_mesh * max(1.0, math.log2(n_mesh)) * n_channels)
+
+
+#: Names of the PME cost constants, in the order of :func:`pme_cost_terms`.
+PME_COST_CONSTANTS = ("COST_PME_CALL", "COST_PAIR_FIXED", "COST_PAIR", "COST_GATHER", "COST_STENCIL", "COST_MESH")
+
+
 def pme_cost(n_atoms: int, volume: float, real_cutoff: float, mesh: tuple, spline_order: int,
              n_rows: int, n_cols: int, n_channels: int, real_space: bool = True) -> float:
     """Modelled seconds of one PME evaluation with gradients (see the COST_* constants)."""
-    pairs = 0.5 * n_atoms * n_atoms / volume * 4.0 / 3.0 * math.pi * real_cutoff**3 if real_space else 0.0
-    n_mesh = float(math.prod(mesh))
-    return (COST_PME_CALL + COST_PAIR * pairs * n_rows * n_cols * n_channels
-            + COST_STENCIL * n_atoms * spline_order**3 * (n_rows + n_cols) * n_channels
-            + COST_MESH * n_mesh * max(1.0, math.log2(n_mesh)) * n_channels)
+    terms = pme_cost_terms(n_atoms, volume, real_cutoff, mesh, spline_order, n_rows, n_cols, n_channels, real_space)
+    return sum(globals()[name] * t for name, t in zip(PME_COST_CONSTANTS, terms))
 
 
 @lru_cache(maxsize=256)
@@ -232,18 +250,31 @@ def _choose(cell_key: bytes, n_atoms: int, accuracy: float, order: int, smearing
     return best[1]
 
 
-def ewald_cost(cell: np.ndarray, n_atoms: int, accuracy: float, order: int, smearing, n_rows: int,
-               n_cols: int, n_channels: int) -> float:
-    """Modelled seconds of one Ewald evaluation (:mod:`.ewald`) with gradients (COST_EWALD_*)."""
+def ewald_cost_terms(cell: np.ndarray, n_atoms: int, accuracy: float, order: int, smearing, n_rows: int,
+                     n_cols: int, n_channels: int) -> tuple:
+    """The counts :func:`ewald_cost` weighs by :data:`EWALD_COST_CONSTANTS` (one per constant, in that order),
+    for the parameters :func:`.ewald.choose_parameters` gives."""
     p = _ewald.choose_parameters(cell, n_atoms, accuracy, order, smearing)
     volume = abs(np.linalg.det(cell))
     beta_max = math.inf if smearing is None else smearing_beta(smearing)
     # lattice translations the dense real-space sum visits (the box of :func:`.ewald.lattice_shifts`)
     heights = volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
     shifts = float(np.prod(2 * np.floor(p.real_cutoff / heights + 0.5) + 1)) if p.alpha < beta_max else 0.0
-    n_k = volume * p.k_cutoff**3 / (12.0 * math.pi**2)  # half-space k-vectors
-    return (COST_EWALD_CALL + COST_EWALD_PAIR * 0.5 * n_atoms * n_atoms * shifts * n_rows * n_cols * n_channels
-            + COST_EWALD_K * n_atoms * n_k * (n_rows + n_cols) * n_channels)
+    pairs = 0.5 * n_atoms * n_atoms * shifts
+    terms = n_atoms * volume * p.k_cutoff**3 / (12.0 * math.pi**2)  # atoms x half-space k-vectors
+    return (1.0, pairs, pairs * n_rows * n_cols * n_channels, terms, terms * (n_rows + n_cols) * n_channels)
+
+
+#: Names of the Ewald cost constants, in the order of :func:`ewald_cost_terms`.
+EWALD_COST_CONSTANTS = ("COST_EWALD_CALL", "COST_EWALD_PAIR_FIXED", "COST_EWALD_PAIR", "COST_EWALD_PHASE",
+                        "COST_EWALD_K")
+
+
+def ewald_cost(cell: np.ndarray, n_atoms: int, accuracy: float, order: int, smearing, n_rows: int,
+               n_cols: int, n_channels: int) -> float:
+    """Modelled seconds of one Ewald evaluation (:mod:`.ewald`) with gradients (COST_EWALD_*)."""
+    terms = ewald_cost_terms(cell, n_atoms, accuracy, order, smearing, n_rows, n_cols, n_channels)
+    return sum(globals()[name] * t for name, t in zip(EWALD_COST_CONSTANTS, terms))
 
 
 def reduced_basis(cell: np.ndarray) -> Optional[np.ndarray]:
@@ -309,7 +340,8 @@ def _choose_method(cell_key: bytes, n_atoms: int, accuracy: float, row_ranks: tu
     t_ewald = ewald_cost(cell, n_atoms, accuracy, order, smearing, n_rows, n_cols, n_channels)
     # no PME call is cheaper than its overhead plus the lowest-order stencils: skip the parameter search
     n_min = min(n for n in SPLINE_ORDERS if n >= derivatives + 4)
-    if COST_PME_CALL + COST_STENCIL * n_atoms * n_min**3 * (n_rows + n_cols) * n_channels >= t_ewald:
+    floor = pme_cost(n_atoms, 1.0, 0.0, (1, 1, 1), n_min, n_rows, n_cols, n_channels, real_space=False)
+    if floor >= t_ewald:
         return "ewald"
     params = choose_parameters(mesh_basis(cell)[1], n_atoms, accuracy, order, smearing, n_rows=n_rows,
                                n_cols=n_cols, n_channels=n_channels, derivatives=derivatives)
