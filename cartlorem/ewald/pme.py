@@ -83,29 +83,30 @@ MESH_ERROR = {
 #: point-multipole constants, applied to the model's smeared sources, gave errors up to 1.3x the requested
 #: accuracy (water box, q + mu + Theta, accuracy 1e-4; tests/test_pme.py::test_model_settings_water_box).
 MESH_ERROR_SMEARED = {4: (3.0, 2.06), 6: (1.78, 4.45), 8: (3.64, 7.20), 10: (10.2, 9.86)}
-#: Cost models of one call with gradients to the positions (seconds, one CPU thread, float64): a constant per
-#: term of :func:`pme_cost_terms` and :func:`ewald_cost_terms`, fitted by benchmarks/pme_cost_fit.py
-#: (non-negative least squares on relative errors) to process times of water boxes of 192-3000 atoms, point
-#: and smeared (1 Å) sources, in the layouts of both long-range kinds: q, mu, Theta in 4 channels
-#: ("multipole") and charges in 36 channels ("lorem"), and 4 channels of charges (results/pme_cost_fit.md).
+#: Cost models of one call with gradients to the positions and the sources (seconds, one CPU thread, float64): a
+#: constant per term of :func:`pme_cost_terms` and :func:`ewald_cost_terms`, fitted by benchmarks/pme_cost_fit.py
+#: (non-negative least squares on relative errors) to process times of water boxes of 192-3000 atoms, point and
+#: smeared (1 Å) sources, in the layouts of both long-range kinds: q, mu, Theta in 4 channels ("multipole") and
+#: charges in 36 channels ("lorem"), and 4 channels of charges (results/pme_cost_fit.pme.md and .ewald.md: model
+#: within 0.56-1.41x of the measured PME times, 0.55-1.56x of the Ewald times, medians 0.98 and 0.97).
 #: PME: a fixed overhead per call; per real-space pair, and per pair and (row x column x channel) entry; per
 #: atom, stencil point and channel (gathering and scattering the mesh), and per atom, stencil point and
 #: (row + column) x channel (the spline weights' products); per mesh point x log2(mesh points) x channel (two
 #: FFTs).
-COST_PME_CALL = 0.00334
-COST_PAIR_FIXED = 3.85e-07
-COST_PAIR = 9.57e-09
-COST_GATHER = 2.99e-08
-COST_STENCIL = 1.24e-09
-COST_MESH = 3.81e-09
+COST_PME_CALL = 0.00649
+COST_PAIR_FIXED = 5.84e-07
+COST_PAIR = 1.11e-08
+COST_GATHER = 2.79e-08
+COST_STENCIL = 1.55e-09
+COST_MESH = 4.06e-09
 #: Ewald (:mod:`.ewald`): a fixed overhead per call; per real-space pair (dense blocks over minimum-image pairs x
 #: lattice shifts), and per pair and (row x column x channel) entry; per (atom, k-vector) term (its phase), and
 #: per term x (row + column) x channel.
-COST_EWALD_CALL = 0.00126
-COST_EWALD_PAIR_FIXED = 1.75e-07
-COST_EWALD_PAIR = 2.96e-09
-COST_EWALD_PHASE = 2.8e-08
-COST_EWALD_K = 1.66e-10
+COST_EWALD_CALL = 0.00196
+COST_EWALD_PAIR_FIXED = 1.83e-07
+COST_EWALD_PAIR = 4.82e-09
+COST_EWALD_PHASE = 4.16e-08
+COST_EWALD_K = 1.71e-10
 #: Edges per real-space chunk; atoms per spreading/interpolation chunk (a chunk's stencil values: 4 bytes x C x
 #: n^3 per atom in float32, 33 MB at C = 4, n = 10).
 EDGE_BLOCK = 1 << 15
@@ -316,12 +317,13 @@ def choose_method(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout,
 
     cell [3, 3] (Å, numpy). Both meet ``accuracy``; PME is only considered down to ``accuracy = 1e-8``
     (below, its meshes and spline orders grow without bound and Ewald is both exact and cheap enough).
-    The models (:func:`ewald_cost`, :func:`pme_cost`) count real-space pair entries, k-vector terms,
+    The models (:func:`ewald_cost`, :func:`pme_cost`) count real-space pairs and pair entries, k-vector terms,
     spline stencil points and mesh points (constants: COST_*, measured on one CPU thread); small systems
-    go to Ewald, large ones to PME (for water-density boxes with C = 4 channels of point q, mu, Theta at
-    accuracy 1e-6, PME from ~240 atoms on; the choice is not monotone below: a review saw PME picked for 32-64
-    atoms and Ewald for 81-200, where the Ewald model overestimates its cost 4-5x; benchmarks/pme_cost.py
-    reports the choice).
+    go to Ewald, large ones to PME. For water-density boxes and 1 Å Gaussians at accuracy 1e-5, the long-range
+    block's sources go to PME from ~420 atoms on for "multipole" (C = 4 channels of q, mu, Theta) and from
+    ~6,250 atoms on for "lorem" (36 charge channels); benchmarks/auto_check.py measures the choice against both
+    sums. Point q, mu, Theta at accuracy 1e-6 go to PME from ~280 atoms on; the choice is not monotone below
+    (PME for 40-80 atoms).
     """
     if accuracy < 1e-8:
         return "ewald"
