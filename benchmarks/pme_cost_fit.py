@@ -12,7 +12,7 @@ charge channels of ``lorem``), point and Gaussian sources (``--smearings``). It 
 non-negative least squares on relative errors and reports the model/measured ratio of the constants in the code
 and of the fitted ones. CPU times (process time), median of ``--repeats`` after a warm-up.
 
-    python benchmarks/pme_cost_fit.py                     # results/pme_cost_fit.{json,md}
+    python benchmarks/pme_cost_fit.py --methods pme       # results/pme_cost_fit.pme.{json,md}
     python benchmarks/pme_cost_fit.py --methods pme --sizes 3,4 --repeats 1 --out /tmp/fit   # quick look
 """
 
@@ -129,13 +129,20 @@ def main(argv=None):
     p.add_argument("--spacings", default="0.9,0.5", help="PME mesh spacings (Å)")
     p.add_argument("--accuracies", default="1e-4,1e-5,1e-6", help="Ewald accuracies (its own parameters)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(RESULTS, "pme_cost_fit"))
+    p.add_argument("--out", help="path stem of the .json and .md (default results/pme_cost_fit.<methods>, e.g. "
+                   "results/pme_cost_fit.pme; results/pme_cost_fit.{json,md} are the PME-only fit of 27cda9d)")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     if not methods or set(methods) - {"pme", "ewald"}:
         p.error(f"--methods takes pme and/or ewald, got {args.methods!r}")
-    layouts = [parse_layout(x) for x in args.layouts.split(",")]
-    smearings = [None if x.lower() == "none" else float(x) for x in args.smearings.split(",")]
+    try:
+        layouts = [parse_layout(x) for x in args.layouts.split(",")]
+        smearings = [None if x.strip().lower() == "none" else float(x) for x in args.smearings.split(",")]
+    except (argparse.ArgumentTypeError, ValueError) as err:
+        p.error(f"--layouts / --smearings: {err}")
+    if any(s is not None and not 0 < s < math.inf for s in smearings):
+        p.error(f"--smearings takes positive widths (Å) or none, got {args.smearings!r}")
+    out = args.out or os.path.join(RESULTS, "pme_cost_fit." + "_".join(methods))
 
     import torch
 
@@ -171,6 +178,16 @@ def main(argv=None):
                                 continue
                             for h in [float(x) for x in args.spacings.split(",")]:
                                 mesh = pme.mesh_for(atoms.cell.array, h, order)
+                                try:  # the sum's own check (a mesh too coarse for these sources at any accuracy)
+                                    pme.choose_parameters(atoms.cell.array, n, 0.5, order_max, smearing,
+                                                          n_rows=nr, n_cols=nc, n_channels=channels, alpha=alpha,
+                                                          mesh=mesh, spline_order=order,
+                                                          real_cutoff=rc if real_space else None,
+                                                          derivatives=max(ranks))
+                                except ValueError as err:
+                                    print(f"pme N={n} {base['ranks']}:{channels} smearing={smearing} rc={rc} "
+                                          f"order={order} mesh={mesh}: skipped ({err})", flush=True)
+                                    continue
                                 t = time_pme(atoms, layout, v, smearing, alpha, rc if real_space else None, mesh,
                                              order, args.repeats)
                                 rows["pme"].append({**base, "real_cutoff": rc if real_space else None,
@@ -194,7 +211,8 @@ def main(argv=None):
     for method in methods:
         if len(rows[method]) < len(names[method]):  # nnls of an empty (or underdetermined) system: scipy aborts
             p.error(f"{len(rows[method])} {method} point(s) measured, fewer than the {len(names[method])} constants "
-                    "to fit (PME points whose --cutoffs exceed half the box are skipped below --sizes 6): give more "
+                    "to fit (PME points whose --cutoffs exceed half the box are skipped below --sizes 6, and meshes too coarse "
+                    "for the sources): give more "
                     "--sizes, --cutoffs, --orders, --spacings or --accuracies")
     meta = {**machine_info(),
             "command": "python benchmarks/pme_cost_fit.py " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -202,8 +220,8 @@ def main(argv=None):
     for method in methods:
         current = np.array([getattr(pme, name) for name in names[method]])
         result[method] = {"rows": rows[method], **fit(rows[method], names[method], current)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     lines = [f"# Cost models of method=\"auto\", refit ({meta.get('date')}, commit {str(meta.get('git_commit'))[:10]}"
              f"{' (dirty tree)' if meta.get('git_dirty') else ''})", "",
@@ -232,7 +250,7 @@ def main(argv=None):
             lines += [f"| {x['N']} | {x['ranks']}:{x['channels']} | {x['smearing']} | {x['accuracy']:g} | "
                       f"{x['cpu_s']:.3f} | {x['model_current']:.3f} | {x['model_fitted']:.3f} |" for x in r["rows"]]
         lines.append("")
-    with open(args.out + ".md", "w") as f:
+    with open(out + ".md", "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines[:40]))
 

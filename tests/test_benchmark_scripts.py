@@ -71,6 +71,29 @@ def test_pme_cost_fit_refuses_a_fit_with_fewer_points_than_constants(tmp_path):
     assert not (tmp_path / "fit.json").exists()
 
 
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layouts", "012"], "a layout is ranks:channels"),
+    (["--layouts", "3:4"], "a layout is ranks:channels"),
+    (["--smearings", "abc"], "--smearings"),
+    (["--smearings", "-1"], "positive widths"),
+])
+def test_pme_cost_fit_names_a_bad_layout_or_smearing(argv, message, tmp_path):
+    """A bad --layouts / --smearings was parsed outside argparse: a traceback (ArgumentTypeError, ValueError)."""
+    r = run_script("pme_cost_fit.py", *argv, "--out", tmp_path / "fit")
+    assert r.returncode == 2, (r.returncode, r.stderr[-500:])
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pme_cost_fit_skips_a_mesh_too_coarse_for_the_sources(tmp_path):
+    """Spline order 4 on a 1.2 Å mesh cannot reach any accuracy for 1 Å Gaussians: pme_sum refuses it, which
+    stopped the whole run with a ValueError; the point is now skipped with the sum's reason."""
+    r = run_script("pme_cost_fit.py", "--methods", "pme", "--sizes", "3", "--cutoffs", "4", "--orders", "4",
+                   "--spacings", "1.2", "--layouts", "0:1", "--smearings", "1.0", "--repeats", "1",
+                   "--out", tmp_path / "fit")
+    assert "skipped (PME mesh" in r.stdout and "Traceback" not in r.stderr, r.stderr[-500:]
+    assert r.returncode == 2 and "0 pme point(s) measured" in r.stderr
+
 # --------------------------------------------------------------------------------------------------
 # memory.py
 

@@ -46,9 +46,12 @@ def test_fit_recovers_the_constants_the_code_weighs_each_term_with(method, monke
 
     monkeypatch.setattr(pme_cost_fit, "time_pme", fake_pme)
     monkeypatch.setattr(pme_cost_fit, "time_ewald", fake_ewald)
+    monkeypatch.setattr(pme_cost_fit, "RESULTS", str(tmp_path))
     pme_cost_fit.main(["--methods", method, "--sizes", "3,4,6", "--cutoffs", "4,5", "--orders", "6,8",
-                       "--spacings", "0.9,0.6", "--layouts", "012:2,0:5", "--out", str(tmp_path / "fit")])
-    fitted = json.loads((tmp_path / "fit.json").read_text())[method]["fitted"]
+                       "--spacings", "0.9,0.6", "--layouts", "012:2,0:5"])
+    # the default output names the method: results/pme_cost_fit.{json,md} (the PME-only fit of 27cda9d) is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"pme_cost_fit.{method}.json", f"pme_cost_fit.{method}.md"]
+    fitted = json.loads((tmp_path / f"pme_cost_fit.{method}.json").read_text())[method]["fitted"]
     assert list(fitted) == list(names)
     for name in names:
         assert math.isclose(fitted[name], truth[name], rel_tol=1e-4), (name, fitted[name], truth[name])
