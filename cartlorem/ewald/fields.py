@@ -386,9 +386,11 @@ def batched_multipole_fields(
 
 #: Largest (k-vector x atom slot) count per cell for which :func:`batched_multipole_fields` sums a batch of cells
 #: in one batched sum (:func:`.cells.traced_ewald_fields`): it is faster than the per-cell sum for training-size
-#: cells and slower for larger ones (benchmarks/README.md, "The eager cell sum and the cost models", session 39:
-#: 8 water cells of 24 / 81 / 192 atoms, q, mu, Theta: 0.5x / 1.0x / 1.4-1.9x the per-cell time; one cell of
-#: 648 atoms 2.9x). 81-atom water cells and the 64-atom NaCl cells of the training data take 0.6-1.3e5.
+#: cells and slower for larger ones (benchmarks/README.md, "Which periodic sum `auto` picks, and the eager cell
+#: sum", session 39: 8 water cells of 24 / 81 / 192 atoms, q, mu, Theta: 0.5x / 1.0x / 1.4-1.9x the per-cell
+#: time; one cell of 648 atoms 2.9x). 81-atom water cells and the 64-atom NaCl cells of the training data take
+#: 0.9-1.3e5. The count is the batch's padded one (its most atoms and k-vectors): one large cell sends the whole
+#: batch cell by cell.
 CELL_SUM_TERMS = 1 << 18
 
 

@@ -320,10 +320,10 @@ def choose_method(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout,
     The models (:func:`ewald_cost`, :func:`pme_cost`) count real-space pairs and pair entries, k-vector terms,
     spline stencil points and mesh points (constants: COST_*, measured on one CPU thread); small systems
     go to Ewald, large ones to PME. For water-density boxes and 1 Å Gaussians at accuracy 1e-5, the long-range
-    block's sources go to PME from ~420 atoms on for "multipole" (C = 4 channels of q, mu, Theta) and from
-    ~6,250 atoms on for "lorem" (36 charge channels); benchmarks/auto_check.py measures the choice against both
-    sums. Point q, mu, Theta at accuracy 1e-6 go to PME from ~280 atoms on; the choice is not monotone below
-    (PME for 40-80 atoms).
+    block's sources go to PME from ~440 atoms on for "multipole" (C = 4 channels of q, mu, Theta) and from
+    ~6,100 atoms on for "lorem" (36 charge channels); benchmarks/auto_check.py measures the choice against both
+    sums. Point q, mu, Theta at accuracy 1e-6 go to PME from ~270 atoms on; the choice is not monotone below
+    (PME for ~24-74 atoms, where the two sums are within ~1.4x of each other).
     """
     if accuracy < 1e-8:
         return "ewald"
