@@ -71,7 +71,6 @@ def test_pme_cost_fit_refuses_a_fit_with_fewer_points_than_constants(tmp_path):
     assert not (tmp_path / "fit.json").exists()
 
 
-
 @pytest.mark.parametrize("argv, message", [
     (["--layouts", "012"], "a layout is ranks:channels"),
     (["--layouts", "3:4"], "a layout is ranks:channels"),
@@ -93,6 +92,7 @@ def test_pme_cost_fit_skips_a_mesh_too_coarse_for_the_sources(tmp_path):
                    "--out", tmp_path / "fit")
     assert "skipped (PME mesh" in r.stdout and "Traceback" not in r.stderr, r.stderr[-500:]
     assert r.returncode == 2 and "0 pme point(s) measured" in r.stderr
+
 
 # --------------------------------------------------------------------------------------------------
 # memory.py

@@ -287,12 +287,12 @@ def test_spline_weights_and_moduli():
 # ----------------------------------------------------------------------------- method dispatch
 
 
-
 def test_auto_picks_the_measured_faster_sum_for_lorem_charges():
     """The 36 charge channels of a "lorem" block (C_lr = 4 x (1 + 3 + 5)), 1 Å Gaussians, accuracy 1e-5, water
-    density: measured on one thread (benchmarks/README.md, session 39), Ewald took 4.5 s and PME 10.4 s at 5184
-    atoms, where the cost models fitted on 4 channels of q, mu, Theta picked PME (they counted the mesh gathering
-    per row x channel, not per channel). At 12,288 atoms PME is the cheaper one (18.8 s against 28.9 s)."""
+    density, energy and forces on one thread (benchmarks/results/auto_check.9af7f74.md): Ewald took 5.1 s and PME
+    11.1 s at 5184 atoms, where the cost models fitted on 4 channels of q, mu, Theta picked PME (they counted the
+    mesh gathering per row x channel, not per channel). At 12,288 atoms PME is the cheaper one (auto_check.md:
+    18.3 s against Ewald's 28.5 s)."""
     charges = Layout((0,))
     for n, expected in ((5184, "ewald"), (12288, "pme")):
         cell = np.eye(3) * (n / 0.1) ** (1 / 3)
