@@ -23,14 +23,13 @@ import json
 import math
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness import machine_info  # noqa: E402
+from harness import machine_info, time_fn  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -53,16 +52,6 @@ def sources(n: int, ranks: tuple, channels: int, dtype):
     return torch.randn(n, len(layout), channels, dtype=dtype, generator=torch.Generator().manual_seed(0)), layout
 
 
-def median_seconds(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        call()
-        times.append(time.process_time() - t0)
-    return float(np.median(times))
-
-
 def time_pme(atoms, layout, v, smearing, alpha, real_cutoff, mesh, order, repeats):
     import torch
 
@@ -78,7 +67,7 @@ def time_pme(atoms, layout, v, smearing, alpha, real_cutoff, mesh, order, repeat
                           spline_order=order, real_cutoff=real_cutoff)
         (out * src).sum().backward()
 
-    return median_seconds(call, repeats)
+    return time_fn(call, warmup=1, repeats=repeats)["cpu_median"]
 
 
 def time_ewald(atoms, layout, v, smearing, accuracy, repeats):
@@ -95,7 +84,7 @@ def time_ewald(atoms, layout, v, smearing, accuracy, repeats):
         out = ewald.ewald_sum(pos, src, cell, layout, layout, smearing=smearing, accuracy=accuracy)
         (out * src).sum().backward()
 
-    return median_seconds(call, repeats)
+    return time_fn(call, warmup=1, repeats=repeats)["cpu_median"]
 
 
 def fit(rows_out, names, current):

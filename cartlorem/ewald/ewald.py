@@ -57,6 +57,13 @@ K_BLOCK = 1 << 20
 CHECKPOINT_TERMS = 1 << 23
 
 
+def kvector_blocks(n_atoms: int, n_k: int, terms: int) -> list:
+    """Slices of ``n_k`` wave vectors, at most ``terms`` (atom x vector) terms per block (one vector at least): the
+    blocks the sums over wave vectors run in (:data:`K_BLOCK` here and in the slab's replica correction)."""
+    size = max(1, terms // n_atoms)
+    return [slice(k0, k0 + size) for k0 in range(0, n_k, size)]
+
+
 class EwaldParameters(NamedTuple):
     """Splitting ``alpha`` (1/Å), real-space cutoff (Å), k-space cutoff (1/Å)."""
 
@@ -282,9 +289,8 @@ def reciprocal_sum(
         return phase_sum(phase, flat, k, weight, rows, cols, n_channels)
 
     out = positions.new_zeros(n_atoms, len(rows) * n_channels)
-    k_size = max(1, K_BLOCK // n_atoms)
-    for k0 in range(0, m.shape[0], k_size):
-        args = (m[k0 : k0 + k_size], positions, flat, recip, volume)
+    for part in kvector_blocks(n_atoms, m.shape[0], K_BLOCK):
+        args = (m[part], positions, flat, recip, volume)
         out = out + (checkpoint(chunk, *args, use_reentrant=False) if use_checkpoint else chunk(*args))
     return out.reshape(n_atoms, len(rows), n_channels)
 

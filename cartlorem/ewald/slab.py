@@ -5,7 +5,8 @@ Ballenegger, Arnold & Cerda, J. Chem. Phys. 131, 094107 (2009), and the layer co
 de Joannis & Holm, J. Chem. Phys. 117, 2496 (2002), here for charges, dipoles and quadrupoles): the 3D Ewald
 sum (:func:`.ewald.ewald_sum`, tin foil, neutralising background; or its particle-mesh form, PME, by
 :func:`slab_sum`'s ``method``) in a cell elongated along the normal, ``(a, b, L n)``, plus two exact
-corrections: one for the plane-averaged part, one that removes the in-plane varying part of the replica layers. With both, the vacuum added to the cell can be small.
+corrections: one for the plane-averaged part, one that removes the in-plane varying part of the replica
+layers. With both, the vacuum added to the cell can be small.
 
 Why the correction is exact. Seen from afar, a 2D-periodic layer is only its plane average, the
 1D density
@@ -68,7 +69,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .ewald import K_BLOCK, ewald_sum, phase_sum, wrap_positions
+from .ewald import K_BLOCK, ewald_sum, kvector_blocks, phase_sum, wrap_positions
 from .kernels import Layout, cell_volume
 
 #: Extra e-foldings beyond ln(1/accuracy) in the cutoff of the replica correction.
@@ -195,7 +196,7 @@ def slab_sum(
     ``pme_options``: :func:`.pme.pme_sum` overrides for the elongated cell (method "pme").
     Returns [N, n_rows, C] without the output signs ``c_l``, like :func:`.ewald.ewald_sum`.
     """
-    from .pme import choose_method, pme_sum
+    from .pme import choose_method, pme_sum  # looked up per call: the tests patch the choice in .pme
 
     c_len = torch.linalg.norm(cell[2])
     normal = cell[2] / c_len  # [3]
@@ -229,9 +230,8 @@ def slab_sum(
                                       normal[None], length.reshape(1), one, rows, cols, n_channels)
 
         args = (wrap_positions(positions, box, IN_PLANE)[None], v.flatten(1)[None], box, normal, length)
-        k_size = max(1, K_BLOCK // n)
-        for k0 in range(0, len(m), k_size):
-            part = k_index[:, k0:k0 + k_size]
+        for blk in kvector_blocks(n, len(m), K_BLOCK):
+            part = k_index[:, blk]
             add = checkpoint(block, part, *args, use_reentrant=False) if use_checkpoint else block(part, *args)
             out = out + add.reshape(n, len(rows), n_channels)
 
