@@ -1,4 +1,5 @@
-"""Refit the cost models behind ``method="auto"`` (the COST_* constants of cartlorem/ewald/pme.py).
+"""Refit the cost models behind ``method="auto"`` (the COST_* constants of cartlorem/ewald/pme.py) and a slab's
+vacuum gap (the COST_REPLICA_* constants of cartlorem/ewald/slab.py).
 
 ``auto`` picks Ewald or PME, and PME's splitting, mesh and spline order, from two cost models: seconds of one
 call with gradients to the positions and the sources (one CPU thread, float64), a constant per term of
@@ -12,7 +13,12 @@ charge channels of ``lorem``), point and Gaussian sources (``--smearings``). It 
 non-negative least squares on relative errors and reports the model/measured ratio of the constants in the code
 and of the fitted ones. CPU times (process time), median of ``--repeats`` after a warm-up.
 
+``--methods replica`` times the slab's replica correction (``slab.replica_sum``) on NaCl(100) slabs for a few
+vacuum gaps, the layouts above, and fits ``slab.replica_cost_terms`` (``slab.choose_gap`` weighs it against the 3D
+sum in the cell the gap elongates).
+
     python benchmarks/pme_cost_fit.py --methods pme       # results/pme_cost_fit.pme.{json,md}
+    python benchmarks/pme_cost_fit.py --methods replica   # results/pme_cost_fit.replica.{json,md}
     python benchmarks/pme_cost_fit.py --methods pme --sizes 3,4 --repeats 1 --out /tmp/fit   # quick look
 """
 
@@ -87,6 +93,26 @@ def time_ewald(atoms, layout, v, smearing, accuracy, repeats):
     return time_fn(call, warmup=1, repeats=repeats)["cpu_median"]
 
 
+def time_replica(atoms, layout, v, gap, accuracy, repeats):
+    """The replica correction of a slab (``slab.replica_sum``) for the vacuum ``gap``, with gradients."""
+    import torch
+
+    from cartlorem.ewald import slab
+
+    pos0 = torch.tensor(atoms.positions, dtype=torch.float64)
+    cell = torch.tensor(atoms.cell.array, dtype=torch.float64)
+    box = cell.clone()
+    box[2] = cell[2] * (1.0 + gap / float(cell[2].norm()))
+
+    def call():
+        pos = pos0.clone().requires_grad_(True)
+        src = v.clone().requires_grad_(True)
+        out = slab.replica_sum(pos, src, box, layout, layout, gap=gap, accuracy=accuracy)
+        (out * src).sum().backward()
+
+    return time_fn(call, warmup=1, repeats=repeats)["cpu_median"]
+
+
 def fit(rows_out, names, current):
     """nnls on relative errors; the model/measured spread of the constants in the code and of the fit."""
     from scipy.optimize import nnls
@@ -108,7 +134,8 @@ def fit(rows_out, names, current):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="pme,ewald", help="comma-separated: pme, ewald")
+    p.add_argument("--methods", default="pme,ewald", help="comma-separated: pme, ewald, replica (the slab's replica "
+                   "correction, slab.replica_sum)")
     p.add_argument("--layouts", default="012:4,0:36,0:4", help="comma-separated ranks:channels")
     p.add_argument("--smearings", default="none,1.0", help="Gaussian widths (Å) of the sources, none for points")
     p.add_argument("--sizes", default="4,5,6,8,10", help="water boxes of m^3 molecules, comma-separated m")
@@ -117,13 +144,16 @@ def main(argv=None):
     p.add_argument("--orders", default="6,10", help="PME spline orders")
     p.add_argument("--spacings", default="0.9,0.5", help="PME mesh spacings (Å)")
     p.add_argument("--accuracies", default="1e-4,1e-5,1e-6", help="Ewald accuracies (its own parameters)")
+    p.add_argument("--slab-sizes", default="4,6,8,11", help="replica: NaCl(100) slabs of r x r x 2 cubic cells "
+                   "(16 r^2 atoms, 20 Å of vacuum; benchmarks/slab_scale.py), comma-separated r")
+    p.add_argument("--gaps", default="6,10,16", help="replica: vacuum gaps (Å), at accuracy 1e-5")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="path stem of the .json and .md (default results/pme_cost_fit.<methods>, e.g. "
                    "results/pme_cost_fit.pme; results/pme_cost_fit.{json,md} are the PME-only fit of 27cda9d)")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    if not methods or set(methods) - {"pme", "ewald"}:
-        p.error(f"--methods takes pme and/or ewald, got {args.methods!r}")
+    if not methods or set(methods) - {"pme", "ewald", "replica"}:
+        p.error(f"--methods takes pme, ewald and/or replica, got {args.methods!r}")
     try:
         layouts = [parse_layout(x) for x in args.layouts.split(",")]
         smearings = [None if x.strip().lower() == "none" else float(x) for x in args.smearings.split(",")]
@@ -141,7 +171,33 @@ def main(argv=None):
     from scale import make_system
 
     rows = {m: [] for m in methods}
-    for m in [int(x) for x in args.sizes.split(",")]:
+    if "replica" in methods:
+        from cartlorem.ewald import slab
+        from slab_scale import structure
+
+        try:
+            slab_sizes = [int(x) for x in args.slab_sizes.split(",")]
+            gaps = [float(x) for x in args.gaps.split(",")]
+        except ValueError as err:
+            p.error(f"--slab-sizes / --gaps: {err}")
+        for r in slab_sizes:
+            atoms = structure(r, 20.0, True)
+            n = len(atoms)
+            for ranks, channels in layouts:
+                v, layout = sources(n, ranks, channels, torch.float64)
+                order = 2 * max(ranks)
+                for gap in gaps:
+                    box = atoms.cell.array.copy()
+                    box[2] *= 1.0 + gap / np.linalg.norm(box[2])
+                    n_k = len(slab.plane_kvector_indices(box, slab.replica_k_cutoff(gap, 1e-5, order)))
+                    t = time_replica(atoms, layout, v, gap, 1e-5, args.repeats)
+                    rows["replica"].append({"N": n, "ranks": "".join(map(str, ranks)), "channels": channels,
+                                            "gap": gap, "vectors": n_k, "cpu_s": t,
+                                            "features": list(slab.replica_cost_terms(n, n_k, len(layout),
+                                                                                     len(layout), channels))})
+                    print(f"replica N={n} {''.join(map(str, ranks))}:{channels} gap={gap:g} vectors={n_k}: "
+                          f"{t:.3f} s", flush=True)
+    for m in [int(x) for x in args.sizes.split(",")] if set(methods) & {"pme", "ewald"} else []:
         atoms = make_system("water", m)
         n, volume = len(atoms), float(abs(np.linalg.det(atoms.cell.array)))
         lengths = np.linalg.norm(atoms.cell.array, axis=1)
@@ -196,7 +252,10 @@ def main(argv=None):
                         print(f"ewald N={n} {base['ranks']}:{channels} smearing={smearing} accuracy={accuracy:g}: "
                               f"{t:.3f} s", flush=True)
 
-    names = {"pme": pme.PME_COST_CONSTANTS, "ewald": pme.EWALD_COST_CONSTANTS}
+    from cartlorem.ewald import slab
+
+    names = {"pme": pme.PME_COST_CONSTANTS, "ewald": pme.EWALD_COST_CONSTANTS, "replica": slab.REPLICA_COST_CONSTANTS}
+    modules = {"pme": pme, "ewald": pme, "replica": slab}
     for method in methods:
         if len(rows[method]) < len(names[method]):  # nnls of an empty (or underdetermined) system: scipy aborts
             p.error(f"{len(rows[method])} {method} point(s) measured, fewer than the {len(names[method])} constants "
@@ -207,7 +266,7 @@ def main(argv=None):
             "command": "python benchmarks/pme_cost_fit.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     result = {"meta": meta}
     for method in methods:
-        current = np.array([getattr(pme, name) for name in names[method]])
+        current = np.array([getattr(modules[method], name) for name in names[method]])
         result[method] = {"rows": rows[method], **fit(rows[method], names[method], current)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".json", "w") as f:
@@ -215,11 +274,14 @@ def main(argv=None):
     lines = [f"# Cost models of method=\"auto\", refit ({meta.get('date')}, commit {str(meta.get('git_commit'))[:10]}"
              f"{' (dirty tree)' if meta.get('git_dirty') else ''})", "",
              f"Command: `{meta['command']}`. Machine: {meta.get('cpu_model', '')}, 1 thread, load average "
-             f"{meta.get('loadavg_1min')} at the start. Water boxes, layouts (ranks:channels) {args.layouts}, "
-             f"smearing {args.smearings}, float64, forward + backward to the positions and sources: `pme_sum` with "
-             "explicit "
-             "alpha = 3.2/r_c (or the smeared sources' own, without real space), mesh and spline order; "
-             f"`ewald_sum` at its own parameters; process time, median of {args.repeats} after a warm-up.", ""]
+             f"{meta.get('loadavg_1min')} at the start. Float64, forward + backward to the positions and sources, "
+             f"layouts (ranks:channels) {args.layouts}"
+             + (f"; water boxes, smearing {args.smearings}: `pme_sum` with explicit alpha = 3.2/r_c (or the smeared "
+                "sources' own, without real space), mesh and spline order, `ewald_sum` at its own parameters"
+                if set(methods) & {"pme", "ewald"} else "")
+             + (f"; `slab.replica_sum` on NaCl slabs r = {args.slab_sizes} (16 r^2 atoms), gaps {args.gaps} Å, "
+                "accuracy 1e-5" if "replica" in methods else "")
+             + f"; process time, median of {args.repeats} after a warm-up.", ""]
     for method in methods:
         r = result[method]
         lines += [f"## {method}", "", "| constant | in the code | fitted |", "|---|---|---|"]
@@ -233,6 +295,11 @@ def main(argv=None):
             lines += [f"| {x['N']} | {x['ranks']}:{x['channels']} | {x['smearing']} | {x['real_cutoff']} | "
                       f"{x['spline_order']} | {'x'.join(map(str, x['mesh']))} | {x['cpu_s']:.3f} | "
                       f"{x['model_current']:.3f} | {x['model_fitted']:.3f} |" for x in r["rows"]]
+        elif method == "replica":
+            lines += ["| N | layout | gap Å | in-plane vectors | measured s | model (code) | model (fitted) |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {x['N']} | {x['ranks']}:{x['channels']} | {x['gap']:g} | {x['vectors']} | "
+                      f"{x['cpu_s']:.3f} | {x['model_current']:.3f} | {x['model_fitted']:.3f} |" for x in r["rows"]]
         else:
             lines += ["| N | layout | smearing | accuracy | measured s | model (code) | model (fitted) |",
                       "|---|---|---|---|---|---|---|"]

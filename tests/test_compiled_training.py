@@ -220,6 +220,56 @@ def test_functional_gradient_equals_autograd(monkeypatch, kind, weights):
         assert float((p.grad - grads_ref[n]).abs().max()) <= 1e-10 * scale, n
 
 
+@pytest.mark.parametrize("kind", ["multipole", "lorem"])
+def test_slab_gap_planned_as_the_eager_sum_chooses_it(monkeypatch, kind):
+    """A slab's vacuum gap depends on its sum's layout and channel count (slab.choose_gap): the compiled step's
+    plan must ask for it as the eager sum does, else the two sums run in differently elongated cells. With the
+    replica correction's cost raised so far that every slab takes a wider gap than vacuum_gap, the plan's gaps are
+    the eager sums' (spied), the question put to choose_gap is the same, and the loss gradient is autograd's to
+    1e-10."""
+    from cartlorem.ewald import cells as cells_mod
+    from cartlorem.ewald import slab as slab_mod
+
+    structures = _slabs()
+    batch = collate(read_dataset(structures, cutoff=3.5, require=()))
+    model = _model(structures, long_range=kind).train()
+    asked, real = [], slab_mod.choose_gap
+
+    def spy(cell, n_atoms, accuracy, smearing, rows, cols, n_channels):
+        gap = real(cell, n_atoms, accuracy, smearing, rows, cols, n_channels)
+        asked.append((n_atoms, accuracy, smearing, rows.ranks, cols.ranks, n_channels, gap))
+        return gap
+
+    monkeypatch.setattr(slab_mod, "COST_REPLICA_PHASE", 1.0)
+    slab_mod._choose_gap.cache_clear()
+    monkeypatch.setattr(slab_mod, "choose_gap", spy)
+    monkeypatch.setattr(cells_mod, "choose_gap", spy)
+    try:
+        plan = model.long_range_block.periodic_plan(batch)
+        planned, asked[:] = list(asked), []
+        from cartlorem.ewald import ewald
+
+        monkeypatch.setattr(ewald, "_choose_alpha", lambda *args: math.inf)  # capped at beta, as the plan's sum
+        w = loss_weights({})
+        loss_ref, _, grads_ref = _eager_gradient(model, batch, w)
+        eager = list(asked)
+        step = CompiledLossGradient(model, w)
+        step._fn = step._loss_and_grad
+        model.zero_grad(set_to_none=True)
+        loss, _ = step(batch)
+    finally:
+        slab_mod._choose_gap.cache_clear()
+    assert len(planned) == 3 and sorted(set(planned)) == sorted(set(eager))
+    floor = slab_mod.vacuum_gap(model.long_range_block.accuracy, model.long_range_block.smearing)
+    assert all(g > floor for g in plan.gap.tolist()), (plan.gap, floor)
+    assert sorted(plan.gap.tolist()) == sorted(x[-1] for x in planned)
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-12)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            scale = float(grads_ref[n].abs().max()) + 1e-300
+            assert float((p.grad - grads_ref[n]).abs().max()) <= 1e-10 * scale, n
+
+
 def test_loss_terms_count_labelled_items_only():
     """loss_terms' masked means are the means over labelled rows (reference: boolean indexing)."""
     structures = _structures(1)

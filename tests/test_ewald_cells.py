@@ -288,7 +288,8 @@ def test_slabs_equal_the_per_slab_sum():
     pos, batch, cell, pbc, shift, src = _slab_batch()
     accuracy = 1e-6
     slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
-    plan = periodic_plan(batch, cell, smearing=1.0, accuracy=accuracy, slab=slab, shift=shift)
+    plan = periodic_plan(batch, cell, smearing=1.0, accuracy=accuracy, slab=slab, shift=shift,
+                         n_channels=src[0].shape[1])
     assert torch.equal(plan.slab, slab) and float(plan.gap[1]) == 0.0 and bool((plan.gap[slab] >= 1.0).all())
     assert bool(plan.replica_mask[slab].any(1).all()) and not bool(plan.replica_mask[~slab].any())
     got = traced_ewald_fields(pos, batch, cell, plan, *src, smearing=1.0)
@@ -310,7 +311,7 @@ def test_slab_forces_equal_the_eager_sum():
     volume and normal), batched, equals autograd through the eager per-structure sum at the same splitting."""
     pos, batch, cell, pbc, shift, (q, mu, theta) = _slab_batch(7)
     slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
-    plan = periodic_plan(batch, cell, smearing=1.0, accuracy=1e-6, slab=slab, shift=shift)
+    plan = periodic_plan(batch, cell, smearing=1.0, accuracy=1e-6, slab=slab, shift=shift, n_channels=q.shape[1])
 
     def energy(fields):
         phi, field, grad = fields

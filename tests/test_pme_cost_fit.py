@@ -55,3 +55,35 @@ def test_fit_recovers_the_constants_the_code_weighs_each_term_with(method, monke
     assert list(fitted) == list(names)
     for name in names:
         assert math.isclose(fitted[name], truth[name], rel_tol=1e-4), (name, fitted[name], truth[name])
+
+
+def test_fit_recovers_the_replica_correction_constants(monkeypatch, tmp_path):
+    """--methods replica: times that are exactly slab.replica_cost with known constants come back as those
+    constants, by name, and the in-plane vectors it counts are those replica_sum sums."""
+    import pme_cost_fit
+
+    from cartlorem.ewald import slab
+
+    names = slab.REPLICA_COST_CONSTANTS
+    truth = dict(zip(names, [0.002, 3e-7, 4e-9, 5e-10]))
+    for name, value in truth.items():
+        monkeypatch.setattr(slab, name, value)
+    summed = []
+    real = slab.plane_kvector_indices
+
+    def fake_replica(atoms, layout, v, gap, accuracy, repeats):
+        box = atoms.cell.array.copy()
+        box[2] *= 1.0 + gap / np.linalg.norm(box[2])
+        n_k = len(real(box, slab.replica_k_cutoff(gap, accuracy, 2 * max(layout.ranks))))
+        summed.append(n_k)
+        return slab.replica_cost(len(atoms), n_k, len(layout), len(layout), v.shape[-1])
+
+    monkeypatch.setattr(pme_cost_fit, "time_replica", fake_replica)
+    monkeypatch.setattr(pme_cost_fit, "RESULTS", str(tmp_path))
+    pme_cost_fit.main(["--methods", "replica", "--slab-sizes", "2,3", "--gaps", "6,10",
+                       "--layouts", "012:2,0:5,0:1"])  # three layouts: the per-term constants apart
+    result = json.loads((tmp_path / "pme_cost_fit.replica.json").read_text())["replica"]
+    assert [r["vectors"] for r in result["rows"]] == summed and min(summed) > 0
+    assert list(result["fitted"]) == list(names)
+    for name in names:
+        assert math.isclose(result["fitted"][name], truth[name], rel_tol=1e-4), (name, result["fitted"][name])

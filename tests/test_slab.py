@@ -183,12 +183,12 @@ def test_vacuum_gap_and_length_of_c_do_not_matter(monkeypatch):
     for smearing, gaps in ((None, (2.0, 4.0, 8.0)), (0.8, (6.0, 9.0))):
         ref = ewald.multipole_fields(pos, q, mu, th, CELL, SLAB, smearing=smearing, accuracy=1e-10)
         for gap in gaps + (30.0,):
-            monkeypatch.setattr(slab, "vacuum_gap", lambda accuracy, smearing=None, gap=gap: gap)
+            monkeypatch.setattr(slab, "choose_gap", lambda *args, gap=gap: gap)
             got = ewald.multipole_fields(pos, q, mu, th, CELL, SLAB, smearing=smearing, accuracy=1e-10)
             assert max(rel(a, b) for a, b in zip(got, ref)) < 1e-9, (smearing, gap)
         monkeypatch.undo()
     ref = ewald.multipole_fields(pos, q, mu, th, CELL, SLAB, accuracy=1e-10)  # point sources, default gap
-    monkeypatch.setattr(slab, "vacuum_gap", lambda accuracy, smearing=None: 2.0)
+    monkeypatch.setattr(slab, "choose_gap", lambda *args: 2.0)
     monkeypatch.setattr(slab, "replica_correction", lambda r, flat, *args: flat.new_zeros(
         flat.shape[:2] + (len(args[-3]) * args[-1],)))
     got = ewald.multipole_fields(pos, q, mu, th, CELL, SLAB, accuracy=1e-10)
@@ -401,7 +401,8 @@ def test_batched_slab_with_atoms_on_the_plane(below):
     batch = torch.tensor([0] * len(pos) + [1] * 3)
     cells = torch.stack([CELL, CELL])
     src = [torch.cat(x) for x in ((q, q2), (mu, mu2), (th, th2))]
-    plan = periodic_plan(batch, cells, smearing=1.0, accuracy=accuracy, slab=torch.tensor([True, True]))
+    plan = periodic_plan(batch, cells, smearing=1.0, accuracy=accuracy, slab=torch.tensor([True, True]),
+                         n_channels=q.shape[1])
     traced = traced_ewald_fields(torch.cat([pos, pos2]), batch, cells, plan, *src, smearing=1.0)
     eager = ewald.batched_multipole_fields(torch.cat([pos, pos2]), batch, cells, torch.tensor([SLAB, SLAB]), *src,
                                            smearing=1.0, accuracy=accuracy)
@@ -481,6 +482,7 @@ def test_replica_correction_in_blocks_of_wave_vectors(monkeypatch):
         return real(r, flat, k_index, *args, **kwargs)
 
     monkeypatch.setattr(slab_mod, "replica_correction", spy)
+    monkeypatch.setattr(slab_mod, "choose_gap", lambda *args: 6.0)  # the smallest gap: the most vectors
 
     def run():
         x = pos.clone().requires_grad_(True)
@@ -563,3 +565,56 @@ def test_slab_in_blocks_and_by_pme_vs_2d_ewald(path, monkeypatch):
     ref = fields_by_autograd(lambda r: parry_potential(r, pos, q[:, 0], mu[:, 0], th[:, 0], CELL), pts)
     for k, name in enumerate(("potential", "field", "field_gradient")):
         assert rel(got[k][3:, 0].detach(), ref[k]) < tol, (name, rel(got[k][3:, 0].detach(), ref[k]))
+
+
+def _nacl_slab(r):
+    """A NaCl(100) slab of r x r x 2 cubic cells (16 r^2 atoms) with 20 Å of vacuum, as benchmarks/slab_scale.py."""
+    from ase.build import bulk
+
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((r, r, 2))
+    atoms.rattle(0.02, seed=r)
+    atoms.pbc = SLAB
+    atoms.center(vacuum=10.0, axis=2)
+    return atoms
+
+
+def test_large_slabs_take_a_wider_vacuum_gap(monkeypatch):
+    """The replica correction's in-plane vectors grow like area / gap^2, so at the smallest gap a slab's sum grew
+    like N^2 at fixed thickness (a 1024-atom NaCl slab, q, mu, Theta in 4 channels, sigma = 1 Å, accuracy 1e-5,
+    energy + forces: 1.33 s at 6 Å, 0.74 / 0.65 / 0.70 s at 12 / 18 / 36 Å, measured; 3136 atoms: 7.1 s at 6 Å,
+    2.2-2.5 s at 18-36 Å). The gap is now chosen by the cost models: small slabs keep vacuum_gap, this one takes
+    12-36 Å, the sum runs with that gap, and its energy and forces are those at the smallest gap to accuracy."""
+    from cartlorem.ewald import slab as slab_mod
+    from cartlorem.ewald.kernels import Layout
+
+    qmt, charges = Layout((0, 1, 2)), Layout((0,))
+    floor = slab_mod.vacuum_gap(1e-5, 1.0)
+    assert slab_mod.choose_gap(CELL.numpy(), 4, 1e-5, 1.0, qmt, qmt, 4) == floor
+    for r in (1, 2):  # training-size slabs: 16 and 64 atoms
+        atoms = _nacl_slab(r)
+        for layout, c in ((qmt, 4), (charges, 36)):
+            assert slab_mod.choose_gap(atoms.cell.array, len(atoms), 1e-5, 1.0, layout, layout, c) == floor
+    atoms = _nacl_slab(8)
+    assert 12.0 <= slab_mod.choose_gap(atoms.cell.array, len(atoms), 1e-5, 1.0, qmt, qmt, 4) <= 36.0
+
+    g = gen(3)
+    n = len(atoms)
+    pos = torch.tensor(atoms.positions, dtype=DT)
+    cell = torch.tensor(atoms.cell.array, dtype=DT)
+    q = torch.randn(n, 4, generator=g, dtype=DT)
+    mu, th = 0.1 * torch.randn(n, 4, 3, generator=g, dtype=DT), 0.1 * random_traceless(g, n, 4)
+    gaps, real = [], slab_mod.replica_sum
+    monkeypatch.setattr(slab_mod, "replica_sum", lambda *a, **k: gaps.append(k["gap"]) or real(*a, **k))
+
+    def run():
+        x = pos.clone().requires_grad_(True)
+        U = ewald.electrostatic_energy(x, q, mu, th, cell, SLAB, smearing=1.0, accuracy=1e-5)
+        (force,) = torch.autograd.grad(-U, x)
+        return U.detach(), force
+
+    U, F = run()
+    assert len(gaps) == 1 and 12.0 <= gaps[0] <= 36.0, gaps
+    monkeypatch.setattr(slab_mod, "choose_gap", lambda *args: floor)
+    U0, F0 = run()
+    assert gaps[1:] == [floor]
+    assert rel(U, U0) < 1e-5 and rel(F, F0) < 1e-5, (rel(U, U0), rel(F, F0))

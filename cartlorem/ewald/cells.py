@@ -28,7 +28,7 @@ volume), so the stress is the strain derivative as in the eager path.
 
 Slabs (pbc = [True, True, False]) take part as in :func:`.slab.slab_sum`: given in its frame (the third row
 orthogonal to the plane, the atoms inside; the long-range block's :func:`~cartlorem.nn.long_range.slab_frame`),
-a slab's cell is elongated along the normal by :func:`.slab.vacuum_gap` (its k-vectors are that cell's), the
+a slab's cell is elongated along the normal by :func:`.slab.choose_gap` (its k-vectors are that cell's), the
 plane-averaged correction of every slab is added from per-cell sums, and the replica layers' in-plane part is
 taken out by :func:`.slab.replica_correction` over the padded slots. Open structures are not summed here.
 """
@@ -44,7 +44,7 @@ import torch
 
 from ..tensors.harmonics import stf
 from .ewald import kvector_indices, phase_sum, tail_parameter, wrap_positions
-from .slab import plane_kvector_indices, replica_correction, replica_k_cutoff, slab_correction, vacuum_gap
+from .slab import choose_gap, plane_kvector_indices, replica_correction, replica_k_cutoff, slab_correction
 from .kernels import (
     InteractionTensors,
     Layout,
@@ -70,7 +70,7 @@ class PeriodicPlan(NamedTuple):
     atom_slot [N] long: the flat slot b M + s of every atom; m [B, K, 3]: every cell's integer k-vector indices
     (one of each pair k, -k), zero rows where a cell has fewer than K; k_mask [B, K] bool: the real rows.
     With slabs in the batch (else None): slab [B] bool, which cells are slabs; gap [B] float64, the vacuum (Å)
-    each slab's sum adds along its normal (:func:`.slab.vacuum_gap`; 0 for the others); shift [N, 3], the
+    each slab's sum adds along its normal (:func:`.slab.choose_gap`; 0 for the others); shift [N, 3], the
     caller's constant translation of every atom into its slab's frame (the long-range block's; zero rows
     elsewhere); replica_m [B, K', 2], the in-plane indices of :func:`.slab.replica_correction`'s wave vectors
     (:func:`.slab.plane_kvector_indices` of the elongated cell), zero rows past a cell's own, and replica_mask
@@ -114,15 +114,18 @@ def k_cutoff(smearing: float, accuracy: float, order: int) -> float:
 
 def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, accuracy: float, ranks=(0, 1, 2),
                   source_ranks=(0, 1, 2), slab: Optional[torch.Tensor] = None,
-                  shift: Optional[torch.Tensor] = None, open: Optional[torch.Tensor] = None) -> PeriodicPlan:
+                  shift: Optional[torch.Tensor] = None, open: Optional[torch.Tensor] = None,
+                  n_channels: Optional[int] = None) -> PeriodicPlan:
     """The padded atom slots and k-vectors of a batch of periodic cells (index bookkeeping, no gradient).
 
     batch [N] long, the cell index of every atom; cell [B, 3, 3] (Å, rows are lattice vectors). ``ranks`` and
     ``source_ranks`` (the field and source ranks of the sum) set the k-space cutoff as in the eager sum.
     ``slab`` [B] bool: the cells that are slabs, pbc = [True, True, False], given in the frame of
     :mod:`.slab` (third row orthogonal to the first two; the caller's ``shift`` [N, 3] moves each atom there):
-    their k-vectors are those of the cell elongated along the normal by :func:`.slab.vacuum_gap`. ``open`` [B]
-    bool: structures with open boundaries, left out of the sum (no k-vectors; their cells are not read).
+    their k-vectors are those of the cell elongated along the normal by the gap of :func:`.slab.choose_gap`, as the
+    eager :func:`.slab.slab_sum` takes it, which depends on the sum's channel count ``n_channels`` (needed with
+    slabs). ``open`` [B] bool: structures with open boundaries, left out of the sum (no k-vectors; their cells
+    are not read).
     """
     n = batch.shape[0]
     n_cells = cell.shape[0]
@@ -141,7 +144,12 @@ def periodic_plan(batch: torch.Tensor, cell: torch.Tensor, *, smearing: float, a
     cells = cell.detach().cpu().double()
     gap = None
     if slab is not None and bool(slab.any()):
-        gap = slab.cpu().double() * vacuum_gap(accuracy, smearing)  # [B]: the same gap for every slab, 0 elsewhere
+        if n_channels is None:
+            raise ValueError("periodic_plan needs n_channels (the sum's channel count) for slabs: it sets their "
+                             "vacuum gap (slab.choose_gap)")
+        rows, cols = Layout(ranks), Layout(source_ranks)
+        gap = torch.tensor([choose_gap(c, int(k), accuracy, smearing, rows, cols, n_channels) if bool(s) else 0.0
+                            for c, k, s in zip(cells.numpy(), counts.tolist(), slab)], dtype=torch.float64)  # [B]
         third = cells[:, 2]
         cells = torch.cat([cells[:, :2], (third * (1.0 + gap / third.norm(dim=1))[:, None])[:, None]], dim=1)
         shift = torch.zeros(n, 3, dtype=cell.dtype, device=device) if shift is None else shift.detach()

@@ -76,7 +76,9 @@ _FIELDS_DOC = """
         open boundaries; in a periodic cell the cheaper of "ewald" and "pme" for this N, cell,
         smearing and accuracy by a measured cost model (:func:`cartlorem.ewald.pme.choose_method`).
         Both periodic methods meet ``accuracy``. A slab's 3D sum in its elongated cell is chosen the same way
-        ("ewald" or "pme" force one; the in-plane replica correction is a sum over wave vectors either way).
+        ("ewald" or "pme" force one; the in-plane replica correction is a sum over wave vectors either way), and so
+        is the vacuum gap that elongates it (:func:`cartlorem.ewald.slab.choose_gap`: wider for large slabs; a
+        ``pme_options`` mesh for a slab is along that cell's rows).
         A method that does not fit the boundary conditions raises ValueError.
 
     Differentiable with respect to positions, cell and multipoles (forces, stress, training).

@@ -331,26 +331,44 @@ def choose_method(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout,
                           rows.ranks, cols.ranks, int(n_channels), smearing)
 
 
+def method_costs(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout, cols: Layout, n_channels: int,
+                 smearing=None) -> tuple:
+    """(Ewald, PME): the modelled seconds of one call of each (:func:`ewald_cost`, :func:`pme_cost` at the
+    parameters :func:`choose_parameters` picks), as :func:`choose_method` weighs them. PME is ``inf`` where it is not
+    considered: below ``accuracy = 1e-8``, and where its overhead alone exceeds Ewald's whole cost."""
+    return _method_costs(np.ascontiguousarray(cell, dtype=np.float64).tobytes(), int(n_atoms), float(accuracy),
+                         rows.ranks, cols.ranks, int(n_channels), smearing)
+
+
 @lru_cache(maxsize=1024)
 def _choose_method(cell_key: bytes, n_atoms: int, accuracy: float, row_ranks: tuple, col_ranks: tuple,
                    n_channels: int, smearing) -> str:
+    t_ewald, t_pme = _method_costs(cell_key, n_atoms, accuracy, row_ranks, col_ranks, n_channels, smearing)
+    return "pme" if t_pme < t_ewald else "ewald"
+
+
+@lru_cache(maxsize=1024)
+def _method_costs(cell_key: bytes, n_atoms: int, accuracy: float, row_ranks: tuple, col_ranks: tuple,
+                  n_channels: int, smearing) -> tuple:
     cell = np.frombuffer(cell_key).reshape(3, 3)
     rows, cols = Layout(row_ranks), Layout(col_ranks)
     order = max(rows.rank_of) + max(cols.rank_of)
     derivatives = max(max(rows.ranks), max(cols.ranks))
     n_rows, n_cols = len(rows), len(cols)
     t_ewald = ewald_cost(cell, n_atoms, accuracy, order, smearing, n_rows, n_cols, n_channels)
+    if accuracy < 1e-8:
+        return t_ewald, math.inf
     # no PME call is cheaper than its overhead plus the lowest-order stencils: skip the parameter search
     n_min = min(n for n in SPLINE_ORDERS if n >= derivatives + 4)
     floor = pme_cost(n_atoms, 1.0, 0.0, (1, 1, 1), n_min, n_rows, n_cols, n_channels, real_space=False)
     if floor >= t_ewald:
-        return "ewald"
+        return t_ewald, math.inf
     params = choose_parameters(mesh_basis(cell)[1], n_atoms, accuracy, order, smearing, n_rows=n_rows,
                                n_cols=n_cols, n_channels=n_channels, derivatives=derivatives)
     beta_max = math.inf if smearing is None else smearing_beta(smearing)
     t_pme = pme_cost(n_atoms, abs(np.linalg.det(cell)), params.real_cutoff, params.mesh, params.spline_order,
                      n_rows, n_cols, n_channels, real_space=params.alpha < beta_max)
-    return "pme" if t_pme < t_ewald else "ewald"
+    return t_ewald, t_pme
 
 
 def choose_parameters(cell: np.ndarray, n_atoms: int, accuracy: float, order: int, smearing=None, *,

@@ -49,21 +49,23 @@ multipoles, the fields and their gradients, and the i = j copies included (a sou
 not part of the slab). The terms fall like ``exp(-k d)`` with ``d >= gap`` between a layer and its copies,
 so the cutoff is ``~ ln(1/accuracy) / gap`` (:func:`replica_k_cutoff`, growing with the sources' and fields'
 ranks): at accuracy 1e-5 and a 6 Å gap ~0.86 in-plane vectors per Å² of area for q, mu, Theta to potential, field
-and gradient (1750 for a 45 Å square cell, 5350 for 79 Å; ~0.65 for q and mu), summed in blocks over the vectors
-like the 3D sum's k-vectors. Gaussian sources act on a copy one gap
+and gradient (1750 for a 45 Å square cell, 5350 for 79 Å; ~0.65 for q and mu; a quarter of that at twice the
+gap), summed in blocks over the vectors like the 3D sum's k-vectors. Gaussian sources act on a copy one gap
 away as points do, to within ``erfc(gap / (sqrt 2 sigma))``, which sets the gap.
 
 Cell. Rows a, b span the plane; row c gives the normal direction and must be orthogonal to a and b;
 every atom must lie within ``0 <= r . n <= |c|`` (the vacuum-padded region), else ValueError. The
 length of c does not change the results (beyond ``accuracy``): the sum itself uses the height
-``L = |c| + gap``, with the vacuum gap of :func:`vacuum_gap` (5 Å, or 6 Å for the long-range block's
+``L = |c| + gap``. The gap is at least :func:`vacuum_gap` (5 Å, or 6 Å for the long-range block's
 sigma = 1 Å at accuracy 1e-5; before the replica correction it was ``(ln(1/accuracy) + 3) / k_min``,
-27 Å for a 11 Å cell, and the 3D sum's k-vectors grew with it).
+27 Å for a 11 Å cell, and the 3D sum's k-vectors grew with it); :func:`choose_gap` widens it for large slabs,
+where the replica correction's ~area / gap^2 in-plane vectors would cost more than a taller 3D cell.
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -87,6 +89,26 @@ IN_PLANE = (True, True, False)
 #: (q, mu, Theta: 3286 vectors, 6.4M terms) peaked at 2.86 GB unchecked, 1.76 GB checkpointed, ~15% slower; a
 #: 1024-atom one (1.8M terms, not checkpointed) would save < 0.1 GB for 9-15% more time.
 CHECKPOINT_TERMS = 1 << 21
+#: Cost model of :func:`replica_sum` with gradients to the positions and the sources (seconds, one CPU thread,
+#: float64): a constant per term of :func:`replica_cost_terms`: per call; per (atom, in-plane vector) term (its
+#: phase, growth and decay factors); per term x (row + column) (the derivative factors); per term x (row + column)
+#: x channel (structure factors and fields). Fitted by benchmarks/pme_cost_fit.py --methods replica on NaCl slabs
+#: of 256-1936 atoms, gaps 6-16 Å, the layouts of both long-range kinds (results/pme_cost_fit.replica.md).
+COST_REPLICA_CALL = 1.46e-03
+COST_REPLICA_PHASE = 1.70e-07
+COST_REPLICA_FACTOR = 3.71e-09
+COST_REPLICA_K = 5.51e-10
+#: Names of the replica correction's cost constants, in the order of :func:`replica_cost_terms`.
+REPLICA_COST_CONSTANTS = ("COST_REPLICA_CALL", "COST_REPLICA_PHASE", "COST_REPLICA_FACTOR", "COST_REPLICA_K")
+#: The vacuum gaps :func:`choose_gap` weighs: these multiples of :func:`vacuum_gap`, rounded up to whole Å.
+GAP_FACTORS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+#: :func:`choose_gap` takes the smallest gap whose modelled cost is within this factor of the least, or within
+#: :data:`GAP_MIN_SAVING` seconds of it. The cost models are within ~0.5-1.6x of measured times, and flat in the
+#: gap once the replica correction is cheap, where they miss how PME's time grows with a taller cell (3136-atom
+#: NaCl slab: 2.2 s at 36 Å, 3.5 s at 48 and 96 Å, which the models put lowest); and a few milliseconds are
+#: within their error for small slabs (a 4-atom slab's Ewald sum modelled 2 ms cheaper at 36 Å than at 6 Å).
+GAP_TOLERANCE = 1.2
+GAP_MIN_SAVING = 0.01
 
 
 def _erfc_inverse(y: float) -> float:
@@ -120,6 +142,62 @@ def replica_k_cutoff(gap: float, accuracy: float, order: int) -> float:
     for _ in range(100):
         x = base + order * math.log(max(x, 1.0))
     return x / gap
+
+
+def replica_cost_terms(n_atoms: int, n_vectors: int, n_rows: int, n_cols: int, n_channels: int) -> tuple:
+    """The counts :func:`replica_cost` weighs by :data:`REPLICA_COST_CONSTANTS` (one per constant, in that order)."""
+    terms = float(n_atoms) * float(n_vectors)
+    return (1.0 if n_vectors else 0.0, terms, terms * (n_rows + n_cols), terms * (n_rows + n_cols) * n_channels)
+
+
+def replica_cost(n_atoms: int, n_vectors: int, n_rows: int, n_cols: int, n_channels: int) -> float:
+    """Modelled seconds of :func:`replica_sum` with gradients, over ``n_vectors`` in-plane wave vectors."""
+    terms = replica_cost_terms(n_atoms, n_vectors, n_rows, n_cols, n_channels)
+    return sum(globals()[name] * t for name, t in zip(REPLICA_COST_CONSTANTS, terms))
+
+
+def choose_gap(cell: np.ndarray, n_atoms: int, accuracy: float, smearing, rows: Layout, cols: Layout,
+               n_channels: int) -> float:
+    """The vacuum gap (Å) a slab's sum adds along the normal, for a slab of ``n_atoms`` in ``cell`` [3, 3] (Å, rows
+    a, b in the plane, c along the normal) with sources ``cols`` and outputs ``rows`` in ``n_channels`` channels.
+
+    A small gap keeps the 3D sum's cell short, but the replica correction's in-plane vectors grow like
+    ``area / gap^2`` (:func:`replica_k_cutoff`), and their work like N x area: O(N^2) at fixed thickness. Of the
+    gaps :data:`GAP_FACTORS` x :func:`vacuum_gap` (whole Å), this is the one whose modelled cost is least: the 3D
+    sum in the elongated cell (the cheaper of Ewald and PME, :func:`.pme.method_costs`) plus the replica
+    correction (:func:`replica_cost`, its vectors counted), or the smallest gap within :data:`GAP_TOLERANCE` /
+    :data:`GAP_MIN_SAVING` of it. Small slabs keep :func:`vacuum_gap` (for q, mu, Theta in 4 channels and 1 Å
+    Gaussians at accuracy 1e-5, NaCl slabs up to ~300 atoms); a 1024-atom NaCl slab takes 18 Å, a 3136-atom one
+    24 Å (benchmarks/README.md, "Slabs at a few thousand atoms"). The results do not depend on
+    the gap beyond ``accuracy`` (both corrections are exact). It depends on the cell only through the lengths of a,
+    b and c and the angle of a and b, is piecewise constant in them (whole Å), and is the same for the eager sum
+    (:func:`slab_sum`) and the batched one (:func:`.cells.periodic_plan`).
+    """
+    cell = np.asarray(cell, dtype=np.float64)
+    la, lb, lc = (float(np.linalg.norm(x)) for x in cell)
+    cos_ab = float(cell[0] @ cell[1]) / (la * lb)
+    # rounded: the two sums' frames of one slab may differ in the last bits
+    return _choose_gap(round(la, 9), round(lb, 9), round(cos_ab, 12), round(lc, 9), int(n_atoms), float(accuracy),
+                       None if smearing is None else float(smearing), vacuum_gap(accuracy, smearing), rows.ranks,
+                       cols.ranks, int(n_channels))
+
+
+@lru_cache(maxsize=256)
+def _choose_gap(la: float, lb: float, cos_ab: float, lc: float, n_atoms: int, accuracy: float, smearing,
+                floor: float, row_ranks: tuple, col_ranks: tuple, n_channels: int) -> float:
+    from .pme import method_costs  # .pme imports this module
+
+    rows, cols = Layout(row_ranks), Layout(col_ranks)
+    order = max(rows.rank_of) + max(cols.rank_of)
+    sin_ab = math.sqrt(max(0.0, 1.0 - cos_ab * cos_ab))
+    costs = {}
+    for gap in sorted({float(math.ceil(floor * f - 1e-9)) for f in GAP_FACTORS}):
+        box = np.array([[la, 0.0, 0.0], [lb * cos_ab, lb * sin_ab, 0.0], [0.0, 0.0, lc + gap]])
+        n_k = len(plane_kvector_indices(box, replica_k_cutoff(gap, accuracy, order)))
+        costs[gap] = (min(method_costs(box, n_atoms, accuracy, rows, cols, n_channels, smearing))
+                      + replica_cost(n_atoms, n_k, len(rows), len(cols), n_channels))
+    least = min(costs.values())
+    return min(gap for gap, cost in costs.items() if cost <= max(GAP_TOLERANCE * least, least + GAP_MIN_SAVING))
 
 
 def plane_kvector_indices(cell: np.ndarray, k_cutoff: float) -> np.ndarray:
@@ -200,7 +278,8 @@ def slab_sum(
 
     c_len = torch.linalg.norm(cell[2])
     normal = cell[2] / c_len  # [3]
-    gap = vacuum_gap(accuracy, smearing)
+    gap = choose_gap(cell.detach().cpu().double().numpy(), positions.shape[0], accuracy, smearing, rows, cols,
+                     v.shape[2])
     length = c_len + gap  # L (Å)
     box = torch.stack([cell[0], cell[1], length * normal])  # [3, 3] elongated cell
     q, mu, th = multipoles.get(0), multipoles.get(1), multipoles.get(2)
@@ -214,31 +293,44 @@ def slab_sum(
     else:
         out = ewald_sum(positions, v, box, rows, cols, smearing=smearing, accuracy=accuracy, alpha=alpha,
                         total_charge=total)
-    order = max(rows.rank_of) + max(cols.rank_of)
-    m = plane_kvector_indices(box.detach().cpu().double().numpy(), replica_k_cutoff(gap, accuracy, order))
-    if len(m):
-        n, n_channels = v.shape[0], v.shape[2]
-        one = torch.ones(1, dtype=torch.bool, device=positions.device)
-        k_index = torch.as_tensor(m, device=positions.device)[None]
-        # the in-plane vectors grow with the area (~0.65 per Å² at accuracy 1e-5), and each holds [2K, N] phases:
-        # blocks of them, checkpointed for large slabs, keep the memory bounded as the 3D sum's do
-        track = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, v, cell))
-        use_checkpoint = track and n * len(m) > CHECKPOINT_TERMS
-
-        def block(k_part, r, flat, box, normal, length):
-            return replica_correction(r, flat, k_part, one[:, None].expand(1, k_part.shape[1]), box[None],
-                                      normal[None], length.reshape(1), one, rows, cols, n_channels)
-
-        args = (wrap_positions(positions, box, IN_PLANE)[None], v.flatten(1)[None], box, normal, length)
-        for blk in kvector_blocks(n, len(m), K_BLOCK):
-            part = k_index[:, blk]
-            add = checkpoint(block, part, *args, use_reentrant=False) if use_checkpoint else block(part, *args)
-            out = out + add.reshape(n, len(rows), n_channels)
-
+    out = out + replica_sum(positions, v, box, rows, cols, gap=gap, accuracy=accuracy)
     zeros = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
     return out + slab_correction(positions, zeros, box[None], normal[None], length.reshape(1),
                                  torch.ones(1, dtype=torch.bool, device=positions.device), rows, q, mu, th,
                                  smearing=smearing)
+
+
+def replica_sum(positions: torch.Tensor, v: torch.Tensor, box: torch.Tensor, rows: Layout, cols: Layout, *,
+                gap: float, accuracy: float) -> torch.Tensor:
+    """:func:`replica_correction` of one slab over its in-plane vectors to ``accuracy`` (:func:`replica_k_cutoff`
+    for the vacuum ``gap``), in blocks of vectors, checkpointed from :data:`CHECKPOINT_TERMS` terms when gradients
+    are tracked. positions [N, 3] (Å, in the slab's frame); v [N, n_cols, C] packed sources; box [3, 3] the cell
+    elongated by ``gap`` along its third row, the normal. Returns [N, n_rows, C] without the output signs."""
+    n, n_channels = v.shape[0], v.shape[2]
+    length = torch.linalg.norm(box[2])
+    normal = box[2] / length
+    order = max(rows.rank_of) + max(cols.rank_of)
+    m = plane_kvector_indices(box.detach().cpu().double().numpy(), replica_k_cutoff(gap, accuracy, order))
+    out = v.new_zeros(n, len(rows), n_channels)
+    if not len(m):
+        return out
+    one = torch.ones(1, dtype=torch.bool, device=positions.device)
+    k_index = torch.as_tensor(m, device=positions.device)[None]
+    # the in-plane vectors grow with the area (~0.65 per Å² at accuracy 1e-5 and the smallest gap), and each holds
+    # [2K, N] phases: blocks of them, checkpointed for large slabs, keep the memory bounded as the 3D sum's do
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, v, box))
+    use_checkpoint = track and n * len(m) > CHECKPOINT_TERMS
+
+    def block(k_part, r, flat, box, normal, length):
+        return replica_correction(r, flat, k_part, one[:, None].expand(1, k_part.shape[1]), box[None],
+                                  normal[None], length.reshape(1), one, rows, cols, n_channels)
+
+    args = (wrap_positions(positions, box, IN_PLANE)[None], v.flatten(1)[None], box, normal, length)
+    for blk in kvector_blocks(n, len(m), K_BLOCK):
+        part = k_index[:, blk]
+        add = checkpoint(block, part, *args, use_reentrant=False) if use_checkpoint else block(part, *args)
+        out = out + add.reshape(n, len(rows), n_channels)
+    return out
 
 
 def slab_correction(positions, batch, box, normal, length, slab, rows: Layout, charges=None, dipoles=None,

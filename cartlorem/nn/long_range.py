@@ -445,6 +445,13 @@ class LongRangeBlock(nn.Module):
         """(field ranks, source ranks) of the sum :meth:`forward` runs."""
         return (self.field_ranks, tuple(range(self.lmax + 1))) if self.kind == "multipole" else ((0,), (0,))
 
+    def _sum_channels(self) -> int:
+        """Channels of the sum :meth:`forward` runs: q, mu, Theta in ``lr_channels`` ("multipole"), or every
+        component of them as a charge ("lorem": (1 + 3 + 5) x ``lr_channels`` up to ``lmax``)."""
+        if self.kind == "multipole":
+            return self.lr_channels
+        return self.lr_channels * sum(2 * l + 1 for l in range(self.lmax + 1))
+
     def periodic_plan(self, graph) -> Optional[PeriodicPlan]:
         """The plan of :func:`cartlorem.ewald.cells.traced_ewald_fields` for a batch of periodic cells and slabs,
         possibly with open structures beside them (what the compiled training step passes to :meth:`forward` as
@@ -466,7 +473,8 @@ class LongRangeBlock(nn.Module):
             shift = framed - positions
         ranks, source_ranks = self._sum_ranks()
         plan = periodic_plan(graph.batch, cell, smearing=self.smearing, accuracy=self.accuracy, ranks=ranks,
-                             source_ranks=source_ranks, slab=slab, shift=shift, open=open_)
+                             source_ranks=source_ranks, slab=slab, shift=shift, open=open_,
+                             n_channels=self._sum_channels())
         if plan.open is not None:  # the open structures' fields: their pair sum, over their own atoms only
             n_open = torch.bincount(graph.batch, minlength=open_.shape[0])[open_]
             if not self.pair_list_fits(int((n_open**2).sum())):
