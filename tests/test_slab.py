@@ -618,3 +618,34 @@ def test_large_slabs_take_a_wider_vacuum_gap(monkeypatch):
     U0, F0 = run()
     assert gaps[1:] == [floor]
     assert rel(U, U0) < 1e-5 and rel(F, F0) < 1e-5, (rel(U, U0), rel(F, F0))
+
+
+def test_gap_choice_skips_cells_the_3d_sum_refuses(monkeypatch):
+    """A taller cell whose 3D sum the cost models refuse (pme.choose_parameters: a mesh past MAX_MESH_POINTS) is not
+    a candidate gap, instead of an error where the smallest gap would be summed; when every gap is refused,
+    vacuum_gap, and the sum itself names the problem."""
+    from cartlorem.ewald import pme as pme_mod
+    from cartlorem.ewald import slab as slab_mod
+    from cartlorem.ewald.kernels import Layout
+
+    layout = Layout((0, 1, 2))
+    atoms = _nacl_slab(8)
+    free = slab_mod.choose_gap(atoms.cell.array, len(atoms), 1e-5, 1.0, layout, layout, 4)
+    real = pme_mod.method_costs
+
+    def refuse_tall(box, *args):
+        if box[2, 2] > atoms.cell.lengths()[2] + 12.5:
+            raise ValueError("PME mesh too large")
+        return real(box, *args)
+
+    monkeypatch.setattr(pme_mod, "method_costs", refuse_tall)
+    slab_mod._choose_gap.cache_clear()
+    floor = slab_mod.vacuum_gap(1e-5, 1.0)
+    try:
+        assert free > 12.0 and floor < slab_mod.choose_gap(atoms.cell.array, len(atoms), 1e-5, 1.0, layout, layout,
+                                                           4) <= 12.0
+        monkeypatch.setattr(pme_mod, "method_costs", lambda *args: (_ for _ in ()).throw(ValueError("refused")))
+        slab_mod._choose_gap.cache_clear()
+        assert slab_mod.choose_gap(atoms.cell.array, len(atoms), 1e-5, 1.0, layout, layout, 4) == floor
+    finally:
+        slab_mod._choose_gap.cache_clear()

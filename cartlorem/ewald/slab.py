@@ -193,9 +193,14 @@ def _choose_gap(la: float, lb: float, cos_ab: float, lc: float, n_atoms: int, ac
     costs = {}
     for gap in sorted({float(math.ceil(floor * f - 1e-9)) for f in GAP_FACTORS}):
         box = np.array([[la, 0.0, 0.0], [lb * cos_ab, lb * sin_ab, 0.0], [0.0, 0.0, lc + gap]])
+        try:  # a mesh past pme.MAX_MESH_POINTS for the taller cell: not a candidate (the sum would refuse it)
+            t_3d = min(method_costs(box, n_atoms, accuracy, rows, cols, n_channels, smearing))
+        except ValueError:
+            continue
         n_k = len(plane_kvector_indices(box, replica_k_cutoff(gap, accuracy, order)))
-        costs[gap] = (min(method_costs(box, n_atoms, accuracy, rows, cols, n_channels, smearing))
-                      + replica_cost(n_atoms, n_k, len(rows), len(cols), n_channels))
+        costs[gap] = t_3d + replica_cost(n_atoms, n_k, len(rows), len(cols), n_channels)
+    if not costs:  # the sum itself says what is wrong
+        return floor
     least = min(costs.values())
     return min(gap for gap, cost in costs.items() if cost <= max(GAP_TOLERANCE * least, least + GAP_MIN_SAVING))
 
