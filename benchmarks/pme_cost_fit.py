@@ -180,6 +180,11 @@ def main(argv=None):
             gaps = [float(x) for x in args.gaps.split(",")]
         except ValueError as err:
             p.error(f"--slab-sizes / --gaps: {err}")
+        if min(slab_sizes) < 1:
+            p.error(f"--slab-sizes takes whole numbers >= 1 of cubic cells along a and b, got {args.slab_sizes!r}")
+        if not all(slab.GAP_FLOOR <= g < math.inf for g in gaps):
+            p.error(f"--gaps takes vacuum gaps of at least {slab.GAP_FLOOR:g} Å (slab.GAP_FLOOR; the replica "
+                    f"correction is exact from there), got {args.gaps!r}")
         for r in slab_sizes:
             atoms = structure(r, 20.0, True)
             n = len(atoms)
@@ -258,10 +263,11 @@ def main(argv=None):
     modules = {"pme": pme, "ewald": pme, "replica": slab}
     for method in methods:
         if len(rows[method]) < len(names[method]):  # nnls of an empty (or underdetermined) system: scipy aborts
+            more = ("--slab-sizes, --gaps or --layouts" if method == "replica" else
+                    "--sizes, --cutoffs, --orders, --spacings or --accuracies (PME points whose --cutoffs exceed half "
+                    "the box are skipped below --sizes 6, and meshes too coarse for the sources)")
             p.error(f"{len(rows[method])} {method} point(s) measured, fewer than the {len(names[method])} constants "
-                    "to fit (PME points whose --cutoffs exceed half the box are skipped below --sizes 6, and meshes too coarse "
-                    "for the sources): give more "
-                    "--sizes, --cutoffs, --orders, --spacings or --accuracies")
+                    f"to fit: give more {more}")
     meta = {**machine_info(),
             "command": "python benchmarks/pme_cost_fit.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     result = {"meta": meta}

@@ -84,6 +84,21 @@ def test_pme_cost_fit_names_a_bad_layout_or_smearing(argv, message, tmp_path):
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--gaps", "0"], "--gaps takes vacuum gaps of at least"),
+    (["--gaps=-3,6"], "--gaps takes vacuum gaps of at least"),
+    (["--slab-sizes", "0"], "--slab-sizes takes whole numbers >= 1"),
+    (["--slab-sizes", "1", "--gaps", "6", "--layouts", "0:1"], "give more --slab-sizes, --gaps or --layouts"),
+])
+def test_pme_cost_fit_names_bad_replica_options(argv, message, tmp_path):
+    """--methods replica: a gap of 0 divided by zero, 0 cells gave a singular cell, a negative gap became a data row,
+    and too few points were blamed on the PME options."""
+    r = run_script("pme_cost_fit.py", "--methods", "replica", "--repeats", "1", *argv, "--out", tmp_path / "fit")
+    assert r.returncode == 2, (r.returncode, r.stderr[-500:])
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
+    assert not (tmp_path / "fit.json").exists()
+
+
 def test_pme_cost_fit_skips_a_mesh_too_coarse_for_the_sources(tmp_path):
     """Spline order 4 on a 1.2 Å mesh cannot reach any accuracy for 1 Å Gaussians: pme_sum refuses it, which
     stopped the whole run with a ValueError; the point is now skipped with the sum's reason."""

@@ -93,11 +93,12 @@ CHECKPOINT_TERMS = 1 << 21
 #: float64): a constant per term of :func:`replica_cost_terms`: per call; per (atom, in-plane vector) term (its
 #: phase, growth and decay factors); per term x (row + column) (the derivative factors); per term x (row + column)
 #: x channel (structure factors and fields). Fitted by benchmarks/pme_cost_fit.py --methods replica on NaCl slabs
-#: of 256-1936 atoms, gaps 6-16 Å, the layouts of both long-range kinds (results/pme_cost_fit.replica.md).
-COST_REPLICA_CALL = 1.46e-03
-COST_REPLICA_PHASE = 1.70e-07
-COST_REPLICA_FACTOR = 3.71e-09
-COST_REPLICA_K = 5.51e-10
+#: of 256-1936 atoms, gaps 6-16 Å, the layouts of both long-range kinds (results/pme_cost_fit.replica.md, its
+#: "fitted" column: within 0.58-1.24x of the 36 measured times).
+COST_REPLICA_CALL = 1.38e-03
+COST_REPLICA_PHASE = 1.90e-07
+COST_REPLICA_FACTOR = 2.64e-09
+COST_REPLICA_K = 7.12e-10
 #: Names of the replica correction's cost constants, in the order of :func:`replica_cost_terms`.
 REPLICA_COST_CONSTANTS = ("COST_REPLICA_CALL", "COST_REPLICA_PHASE", "COST_REPLICA_FACTOR", "COST_REPLICA_K")
 #: The vacuum gaps :func:`choose_gap` weighs: these multiples of :func:`vacuum_gap`, rounded up to whole Å.
@@ -167,8 +168,10 @@ def choose_gap(cell: np.ndarray, n_atoms: int, accuracy: float, smearing, rows: 
     sum in the elongated cell (the cheaper of Ewald and PME, :func:`.pme.method_costs`) plus the replica
     correction (:func:`replica_cost`, its vectors counted), or the smallest gap within :data:`GAP_TOLERANCE` /
     :data:`GAP_MIN_SAVING` of it. Small slabs keep :func:`vacuum_gap` (for q, mu, Theta in 4 channels and 1 Å
-    Gaussians at accuracy 1e-5, NaCl slabs up to ~300 atoms); a 1024-atom NaCl slab takes 18 Å, a 3136-atom one
-    24 Å (benchmarks/README.md, "Slabs at a few thousand atoms"). The results do not depend on
+    Gaussians at accuracy 1e-5, NaCl slabs up to ~300 atoms; small slabs without pricing a 3D sum, see below); a
+    1024-atom NaCl slab takes 12 Å, a 3136-atom one 24 Å (benchmarks/README.md, "The vacuum gap chosen by the cost
+    models"). The search stops early: a wider gap can save at most the correction's cost at the narrower one (a
+    taller cell costs the 3D sum more), so where that is below the tolerance it is not priced further. The results do not depend on
     the gap beyond ``accuracy`` (both corrections are exact). It depends on the cell only through the lengths of a,
     b and c and the angle of a and b, is piecewise constant in them (whole Å), and is the same for the eager sum
     (:func:`slab_sum`) and the batched one (:func:`.cells.periodic_plan`).
@@ -182,7 +185,7 @@ def choose_gap(cell: np.ndarray, n_atoms: int, accuracy: float, smearing, rows: 
                        cols.ranks, int(n_channels))
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=4096)
 def _choose_gap(la: float, lb: float, cos_ab: float, lc: float, n_atoms: int, accuracy: float, smearing,
                 floor: float, row_ranks: tuple, col_ranks: tuple, n_channels: int) -> float:
     from .pme import method_costs  # .pme imports this module
@@ -190,17 +193,38 @@ def _choose_gap(la: float, lb: float, cos_ab: float, lc: float, n_atoms: int, ac
     rows, cols = Layout(row_ranks), Layout(col_ranks)
     order = max(rows.rank_of) + max(cols.rank_of)
     sin_ab = math.sqrt(max(0.0, 1.0 - cos_ab * cos_ab))
-    costs = {}
-    for gap in sorted({float(math.ceil(floor * f - 1e-9)) for f in GAP_FACTORS}):
-        box = np.array([[la, 0.0, 0.0], [lb * cos_ab, lb * sin_ab, 0.0], [0.0, 0.0, lc + gap]])
+
+    def box(gap):
+        return np.array([[la, 0.0, 0.0], [lb * cos_ab, lb * sin_ab, 0.0], [0.0, 0.0, lc + gap]])
+
+    def replica(gap):
+        n_k = len(plane_kvector_indices(box(gap), replica_k_cutoff(gap, accuracy, order)))
+        return replica_cost(n_atoms, n_k, len(rows), len(cols), n_channels)
+
+    def sum_3d(gap):
+        return min(method_costs(box(gap), n_atoms, accuracy, rows, cols, n_channels, smearing))
+
+    # A wider gap saves at most the correction's cost at the smallest one (a taller cell costs the 3D sum more):
+    # where that is within the tolerance, the smallest gap, without pricing 3D sums (a parameter search each,
+    # ~10 ms; a small slab's whole sum costs a few ms).
+    r_floor = replica(floor)
+    if r_floor <= GAP_MIN_SAVING:
+        return floor
+    try:
+        t_floor = sum_3d(floor)
+    except ValueError:  # the sum itself says what is wrong
+        return floor
+    if r_floor <= (GAP_TOLERANCE - 1.0) * t_floor:
+        return floor
+    costs = {floor: t_floor + r_floor}
+    for gap in sorted({float(math.ceil(floor * f - 1e-9)) for f in GAP_FACTORS} - {floor}):
+        r = replica(gap)
         try:  # a mesh past pme.MAX_MESH_POINTS for the taller cell: not a candidate (the sum would refuse it)
-            t_3d = min(method_costs(box, n_atoms, accuracy, rows, cols, n_channels, smearing))
+            costs[gap] = sum_3d(gap) + r
         except ValueError:
             continue
-        n_k = len(plane_kvector_indices(box, replica_k_cutoff(gap, accuracy, order)))
-        costs[gap] = t_3d + replica_cost(n_atoms, n_k, len(rows), len(cols), n_channels)
-    if not costs:  # the sum itself says what is wrong
-        return floor
+        if r <= 0.25 * max((GAP_TOLERANCE - 1.0) * min(costs.values()), GAP_MIN_SAVING):
+            break  # the wider gaps save at most r more: a quarter of the tolerance
     least = min(costs.values())
     return min(gap for gap, cost in costs.items() if cost <= max(GAP_TOLERANCE * least, least + GAP_MIN_SAVING))
 
