@@ -171,10 +171,10 @@ def choose_gap(cell: np.ndarray, n_atoms: int, accuracy: float, smearing, rows: 
     Gaussians at accuracy 1e-5, NaCl slabs up to ~300 atoms; small slabs without pricing a 3D sum, see below); a
     1024-atom NaCl slab takes 12 Å, a 3136-atom one 24 Å (benchmarks/README.md, "The vacuum gap chosen by the cost
     models"). The search stops early: a wider gap can save at most the correction's cost at the narrower one (a
-    taller cell costs the 3D sum more), so where that is below the tolerance it is not priced further. The results do not depend on
-    the gap beyond ``accuracy`` (both corrections are exact). It depends on the cell only through the lengths of a,
-    b and c and the angle of a and b, is piecewise constant in them (whole Å), and is the same for the eager sum
-    (:func:`slab_sum`) and the batched one (:func:`.cells.periodic_plan`).
+    taller cell costs the 3D sum more), so where that is below the tolerance it is not priced further. The results
+    do not depend on the gap beyond ``accuracy`` (both corrections are exact). It depends on the cell only through
+    the lengths of a, b and c and the angle of a and b, is piecewise constant in them (whole Å), and is the same
+    for the eager sum (:func:`slab_sum`) and the batched one (:func:`.cells.periodic_plan`).
     """
     cell = np.asarray(cell, dtype=np.float64)
     la, lb, lc = (float(np.linalg.norm(x)) for x in cell)
