@@ -58,59 +58,47 @@ def sources(n: int, ranks: tuple, channels: int, dtype):
     return torch.randn(n, len(layout), channels, dtype=dtype, generator=torch.Generator().manual_seed(0)), layout
 
 
-def time_pme(atoms, layout, v, smearing, alpha, real_cutoff, mesh, order, repeats):
+def time_sum(atoms, v, repeats, fn):
+    """CPU time of ``fn(positions, sources, cell)`` with gradients to the positions and the sources, as the long-range
+    block takes them (float64)."""
     import torch
-
-    from cartlorem.ewald import pme
 
     pos0 = torch.tensor(atoms.positions, dtype=torch.float64)
     cell = torch.tensor(atoms.cell.array, dtype=torch.float64)
 
-    def call():  # gradients to the positions and the sources, as the long-range block takes them
+    def call():
         pos = pos0.clone().requires_grad_(True)
         src = v.clone().requires_grad_(True)
-        out = pme.pme_sum(pos, src, cell, layout, layout, smearing=smearing, accuracy=0.5, alpha=alpha, mesh=mesh,
-                          spline_order=order, real_cutoff=real_cutoff)
-        (out * src).sum().backward()
+        (fn(pos, src, cell) * src).sum().backward()
 
     return time_fn(call, warmup=1, repeats=repeats)["cpu_median"]
+
+
+def time_pme(atoms, layout, v, smearing, alpha, real_cutoff, mesh, order, repeats):
+    from cartlorem.ewald import pme
+
+    return time_sum(atoms, v, repeats, lambda pos, src, cell: pme.pme_sum(
+        pos, src, cell, layout, layout, smearing=smearing, accuracy=0.5, alpha=alpha, mesh=mesh, spline_order=order,
+        real_cutoff=real_cutoff))
 
 
 def time_ewald(atoms, layout, v, smearing, accuracy, repeats):
-    import torch
-
     from cartlorem.ewald import ewald
 
-    pos0 = torch.tensor(atoms.positions, dtype=torch.float64)
-    cell = torch.tensor(atoms.cell.array, dtype=torch.float64)
-
-    def call():
-        pos = pos0.clone().requires_grad_(True)
-        src = v.clone().requires_grad_(True)
-        out = ewald.ewald_sum(pos, src, cell, layout, layout, smearing=smearing, accuracy=accuracy)
-        (out * src).sum().backward()
-
-    return time_fn(call, warmup=1, repeats=repeats)["cpu_median"]
+    return time_sum(atoms, v, repeats, lambda pos, src, cell: ewald.ewald_sum(
+        pos, src, cell, layout, layout, smearing=smearing, accuracy=accuracy))
 
 
 def time_replica(atoms, layout, v, gap, accuracy, repeats):
-    """The replica correction of a slab (``slab.replica_sum``) for the vacuum ``gap``, with gradients."""
-    import torch
-
+    """The replica correction of a slab (``slab.replica_sum``) for the vacuum ``gap``."""
     from cartlorem.ewald import slab
 
-    pos0 = torch.tensor(atoms.positions, dtype=torch.float64)
-    cell = torch.tensor(atoms.cell.array, dtype=torch.float64)
-    box = cell.clone()
-    box[2] = cell[2] * (1.0 + gap / float(cell[2].norm()))
+    def replica(pos, src, cell):
+        box = cell.clone()
+        box[2] = cell[2] * (1.0 + gap / float(cell[2].norm()))
+        return slab.replica_sum(pos, src, box, layout, layout, gap=gap, accuracy=accuracy)
 
-    def call():
-        pos = pos0.clone().requires_grad_(True)
-        src = v.clone().requires_grad_(True)
-        out = slab.replica_sum(pos, src, box, layout, layout, gap=gap, accuracy=accuracy)
-        (out * src).sum().backward()
-
-    return time_fn(call, warmup=1, repeats=repeats)["cpu_median"]
+    return time_sum(atoms, v, repeats, replica)
 
 
 def fit(rows_out, names, current):
