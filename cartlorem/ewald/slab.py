@@ -206,7 +206,7 @@ def _choose_gap(la: float, lb: float, cos_ab: float, lc: float, n_atoms: int, ac
 
     # A wider gap saves at most the correction's cost at the smallest one (a taller cell costs the 3D sum more):
     # where that is within the tolerance, the smallest gap, without pricing 3D sums (a parameter search each,
-    # ~10 ms; a small slab's whole sum costs a few ms).
+    # ~6 ms; a small slab's whole sum costs a few ms).
     r_floor = replica(floor)
     if r_floor <= GAP_MIN_SAVING:
         return floor
