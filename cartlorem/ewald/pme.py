@@ -327,8 +327,8 @@ def choose_method(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout,
     """
     if accuracy < 1e-8:
         return "ewald"
-    return _choose_method(np.ascontiguousarray(cell, dtype=np.float64).tobytes(), int(n_atoms), float(accuracy),
-                          rows.ranks, cols.ranks, int(n_channels), smearing)
+    t_ewald, t_pme = method_costs(cell, n_atoms, accuracy, rows, cols, n_channels, smearing)
+    return "pme" if t_pme < t_ewald else "ewald"
 
 
 def method_costs(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout, cols: Layout, n_channels: int,
@@ -338,13 +338,6 @@ def method_costs(cell: np.ndarray, n_atoms: int, accuracy: float, rows: Layout, 
     considered: below ``accuracy = 1e-8``, and where its overhead alone exceeds Ewald's whole cost."""
     return _method_costs(np.ascontiguousarray(cell, dtype=np.float64).tobytes(), int(n_atoms), float(accuracy),
                          rows.ranks, cols.ranks, int(n_channels), smearing)
-
-
-@lru_cache(maxsize=1024)
-def _choose_method(cell_key: bytes, n_atoms: int, accuracy: float, row_ranks: tuple, col_ranks: tuple,
-                   n_channels: int, smearing) -> str:
-    t_ewald, t_pme = _method_costs(cell_key, n_atoms, accuracy, row_ranks, col_ranks, n_channels, smearing)
-    return "pme" if t_pme < t_ewald else "ewald"
 
 
 @lru_cache(maxsize=1024)
