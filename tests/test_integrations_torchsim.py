@@ -118,6 +118,37 @@ def test_a_total_charge_above_the_nuclear_charge_is_refused(model):
     assert float(state_to_graph(state, model.cutoff).total_charge[0]) == -1.0
 
 
+def test_torch_sim_06_total_charge_and_total_spin_are_read():
+    """torch-sim 0.6 keeps a system's charge and spin as extras named charge / total_charge and spin / total_spin.
+    The adapter read only state.charge and state.spin: a state built with system_extras_map={"total_charge": ...}
+    gave NaCl+ the energy of neutral NaCl (0.665 eV off in a reviewer's multipole model), without a word."""
+    cs = _charge_state_model()
+    systems = [nacl(seed=1), nacl(seed=2)]
+    want = []
+    for atoms, (q, m) in zip(systems, ((1.0, 2.0), (-1.0, 4.0))):
+        a = atoms.copy()
+        a.info.update(charge=q, multiplicity=m)
+        want.append(calculator_reference(cs, a)[0])
+    for names in (("total_charge", "total_spin"), ("charge", "spin")):
+        state = plain_state(systems)
+        setattr(state, names[0], torch.tensor([1.0, -1.0]))
+        setattr(state, names[1], torch.tensor([2.0, 4.0]))
+        graph = state_to_graph(state, cs.cutoff)
+        assert graph.total_charge.tolist() == [1.0, -1.0] and graph.multiplicity.tolist() == [2.0, 4.0], names
+        np.testing.assert_allclose(cs(graph)["energy"].detach().numpy(), want, rtol=0, atol=TOL)
+    state.total_charge = torch.tensor([1.0, -1.0])  # both names, the same values: fine
+    assert state_to_graph(state, cs.cutoff).total_charge.tolist() == [1.0, -1.0]
+    state.total_spin = torch.tensor([2.0, 2.0])  # both names, two values: which one was meant?
+    with pytest.raises(ValueError, match=r"state\.spin = \[2\.0, 4\.0\] and state\.total_spin = \[2\.0, 2\.0\]"):
+        state_to_graph(state, cs.cutoff)
+    state_to_graph(state, cs.cutoff, read_spin=False)  # a model that does not read the spin is not asked
+    del state.charge, state.spin
+    state.total_charge = torch.tensor([3.0, 0.0])
+    state.total_spin = torch.tensor([1.0, 1.0])  # a charge the electrons cannot have: named as the user set it
+    with pytest.raises(ValueError, match=r"multiplicity 1 does not match.*state\.total_spin"):
+        state_to_graph(state, cs.cutoff)
+
+
 def test_state_to_graph_rejects_bad_states(model):
     good = plain_state([nacl(), nacl(seed=3)])
     with pytest.raises(ValueError, match="system_idx"):

@@ -12,7 +12,10 @@ atomic numbers, pbc) becomes one cartlorem batch: the cells are transposed to ro
 (``state.row_vector_cell``), each structure gets its own neighbour list (vesin, on the CPU), and
 the model returns energy [B] eV, forces [N, 3] eV/Å and stress [B, 3, 3] eV/Å³ (ASE sign
 convention, which is torch-sim's). A per-system total charge is read from ``state.charge`` ([B] e,
-the SimState extra other charge-aware torch-sim models use) when present, else 0.
+the SimState extra other charge-aware torch-sim models use; torch-sim 0.6 also names it ``total_charge``) when
+present, else 0. torch-sim 0.6 takes no extras from ``ase.Atoms`` by itself (0.4-0.5 took ``atoms.info["charge"]``
+and ``["spin"]``): give a charged or open-shell structure as a state, ``ts.io.atoms_to_state(atoms, device, dtype,
+system_extras_map={"charge": "charge", "spin": "spin"})``, or it is computed neutral and a singlet.
 
 Works with torch-sim 0.3 (Python 3.11) to 0.6 (Python >= 3.12): only the SimState attributes
 common to these versions are read. :func:`state_to_graph` needs no torch-sim at all.
@@ -48,8 +51,10 @@ def state_to_graph(state, cutoff: float, dtype: Optional[torch.dtype] = None, *,
     with lattice vectors as *columns* (torch-sim's convention; ``row_vector_cell`` is used when the
     object has it), ``pbc`` (bool, [3] or [B, 3]) and, optionally, ``charge`` [B] e and (``read_spin``) ``spin``
     [B] (torch-sim >= 0.4), taken as the spin multiplicity 2S + 1, as torch-sim hands it to fairchem's models; a 0
-    (torch-sim's default, for a system whose spin was not given) is a singlet, not checked. A multiplicity the
-    electron count does not allow is refused.
+    (torch-sim 0.4-0.5's default, for a system whose spin was not given) is a singlet, not checked. torch-sim 0.6
+    keeps them as system extras named ``charge`` / ``total_charge`` and ``spin`` / ``total_spin``: either name is
+    read, and a state whose two names disagree is refused. A multiplicity the electron count does not allow is
+    refused.
     The graph's positions are the state's (same device, differentiable in them), taken into their home cell in
     float64 and cast to ``dtype``.
     """
@@ -61,13 +66,32 @@ def state_to_graph(state, cutoff: float, dtype: Optional[torch.dtype] = None, *,
     system_idx = getattr(state, "system_idx", None)
     if system_idx is None:  # torch-sim < 0.3 called it "batch"
         system_idx = getattr(state, "batch", None)
-    spin = getattr(state, "spin", None) if read_spin else None
+    charge, charge_name = _extra(state, "charge", "total_charge")
+    spin, spin_name = _extra(state, "spin", "total_spin") if read_spin else (None, "state.spin")
     if spin is not None:  # torch-sim's 0: not given (per system: a batch may mix given spins and defaults)
         spin = [None if m == 0 else m for m in torch.as_tensor(spin).detach().cpu().reshape(-1).tolist()]
         spin = None if all(m is None for m in spin) else spin
     return structures_to_graph(state.positions, state.atomic_numbers, rows, state.pbc, system_idx,
-                               cutoff=cutoff, total_charge=getattr(state, "charge", None), multiplicity=spin,
-                               dtype=dtype, charge_inputs=("state.charge", "state.spin (2S + 1)"))
+                               cutoff=cutoff, total_charge=charge, multiplicity=spin,
+                               dtype=dtype, charge_inputs=(charge_name, f"{spin_name} (2S + 1)"))
+
+
+def _extra(state, *names) -> tuple:
+    """(value, "state.<name>") of the first of ``names`` the state holds, or (None, "state.<first name>"): torch-sim
+    0.6 keeps a system's charge and spin as extras under either of two names. Where both are given they must
+    agree."""
+    found = [(name, getattr(state, name, None)) for name in names]
+    found = [(name, value) for name, value in found if value is not None]
+    if not found:
+        return None, f"state.{names[0]}"
+    name, value = found[0]
+    for other, x in found[1:]:
+        a = torch.as_tensor(value).detach().cpu().double().reshape(-1)
+        b = torch.as_tensor(x).detach().cpu().double().reshape(-1)
+        if a.shape != b.shape or not torch.equal(a, b):
+            raise ValueError(f"the state gives state.{name} = {a.tolist()} and state.{other} = {b.tolist()}: two "
+                             "values of one quantity (torch-sim 0.6 reads either name); give one of them")
+    return value, f"state.{name}"
 
 
 class CartLoremModel(_Base):
