@@ -209,6 +209,42 @@ def _charge_state_model():
     return m.eval()
 
 
+def test_an_external_field_in_the_state_is_applied(model):
+    """torch-sim 0.6 carries a uniform field as the system extra external_E_field [B, 3]; the adapter ran every
+    structure without it. Energies and forces must be the calculator's with that field: −P·E for a molecule,
+    the forces Z*ᵀE for a cell (whose energy the field leaves alone)."""
+    pytest.importorskip("torch_sim", reason=_skip_reason())
+    from cartlorem.integrations.torchsim import CartLoremModel
+
+    molecule = Atoms("NaCl2", positions=[[0, 0, 0], [2.4, 0.1, 0], [-2.3, 0.3, 0.2]])
+    systems = [nacl(seed=1), molecule]
+    fields = np.array([[0.3, -0.1, 0.2], [0.0, 0.5, -0.4]])  # V/Å
+    state = plain_state(systems)
+    state.charge = torch.tensor([0.0, -1.0])
+    state.external_E_field = torch.tensor(fields)
+    got = CartLoremModel(model).forward(state)
+    start = 0
+    for k, (atoms, q) in enumerate(zip(systems, (0.0, -1.0))):
+        a = atoms.copy()
+        a.info["charge"] = q
+        a.calc = CartLoremCalculator(model, skin=0.0, electric_field=fields[k])
+        n = len(a)
+        np.testing.assert_allclose(got["energy"][k].item(), a.get_potential_energy(), rtol=0, atol=TOL)
+        np.testing.assert_allclose(got["forces"][start:start + n].numpy(), a.get_forces(), rtol=0, atol=TOL)
+        a.calc = CartLoremCalculator(model, skin=0.0)
+        moved = np.abs(got["forces"][start:start + n].numpy() - a.get_forces()).max()
+        assert moved > 1e-3, k  # the field changes these forces
+        start += n
+    state.external_E_field = torch.zeros(2, 3)  # all zero: no field, and a local model takes it
+    local = CartLorem(SPECIES, cutoff=3.5, long_range=None, channels=8, num_layers=1, correlation=2, num_basis=4,
+                      radial_hidden=8, readout_hidden=8).double().eval()
+    np.testing.assert_allclose(CartLoremModel(local).forward(state)["energy"].numpy(),
+                               [calculator_reference(local, a)[0] for a in systems], rtol=0, atol=TOL)
+    state.external_E_field = torch.tensor(fields)  # a field a local model cannot answer: said, not ignored
+    with pytest.raises(ValueError, match="electric_field need"):
+        CartLoremModel(local).forward(state)
+
+
 def test_the_spin_of_a_state_reaches_a_charge_state_model(model):
     """The adapter read state.charge but not state.spin: a charge-state model computed every open-shell structure
     as a singlet, without a word."""

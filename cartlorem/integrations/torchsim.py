@@ -42,6 +42,9 @@ except ImportError as exc:  # torch-sim is optional: state_to_graph still works 
 
 __all__ = ["CartLoremModel", "state_to_graph"]
 
+#: The SimState extra of a uniform external electric field [B, 3] (V/Å), torch-sim >= 0.6's name for it.
+FIELD = "external_E_field"
+
 
 def state_to_graph(state, cutoff: float, dtype: Optional[torch.dtype] = None, *, read_spin: bool = True) -> Graph:
     """A torch-sim ``SimState`` (or any object with its attributes, or a mapping of them: torch-sim's ``StateDict``,
@@ -106,7 +109,11 @@ class CartLoremModel(_Base):
             True; both may be switched later, as torch-sim's validation does).
 
     ``forward(state)`` → {"energy": [B] eV, "forces": [N, 3] eV/Å, "stress": [B, 3, 3] eV/Å³},
-    detached (zeros as stress for structures that are not fully periodic: open structures and slabs).
+    detached (zeros as stress for structures that are not fully periodic: open structures and slabs). A state
+    with a uniform external field, ``state.external_E_field`` [B, 3] (V/Å; torch-sim 0.6's system extra), gets it
+    as :meth:`cartlorem.CartLorem.forward`'s ``electric_field`` (long-range models): open structures −P·E in the
+    energy and its gradient in the forces, periodic cells and slabs the forces Z*ᵀE. That is the whole response of
+    the model, not its linear part: torch-sim's ``UniformPolarizationModel`` is not added on top.
     """
 
     def __init__(self, model_or_path, *, device: Optional[Union[str, torch.device]] = None,
@@ -155,8 +162,13 @@ class CartLoremModel(_Base):
         # whose spin follows another convention
         graph = state_to_graph(state, self.model.cutoff, dtype=self._dtype,
                                read_spin=self.model.conditioning is not None)
+        field = state.get(FIELD) if isinstance(state, Mapping) else getattr(state, FIELD, None)
+        if field is not None and not bool((torch.as_tensor(field) == 0).all()):  # all zero: no field (a local model too)
+            field = torch.as_tensor(field).detach().to(device=graph.positions.device, dtype=graph.positions.dtype)
+        else:
+            field = None
         out = self.model(graph, compute_forces=self._compute_forces, compute_stress=self._compute_stress,
-                         create_graph=False)
+                         create_graph=False, electric_field=field)
         result = {"energy": out["energy"].detach()}
         if self._compute_forces:
             result["forces"] = out["forces"].detach()
