@@ -137,3 +137,80 @@ def test_ipi_nve_conserves_energy(ipi_run):
     conserved, potential = table[:, 1], table[:, 2]
     assert np.ptp(potential) > 0.1  # the atoms do move on the model's surface
     assert np.abs(conserved - conserved[0]).max() < 1e-2 * np.ptp(potential)
+
+
+EDA_INPUT = """\
+<simulation verbosity="low" safe_stride="1000">
+  <output prefix="sim">
+    <properties stride="1" filename="out"> [ step, potential{{electronvolt}} ] </properties>
+    <trajectory filename="pos" stride="{steps}" format="ase"> positions{{ase}} </trajectory>
+  </output>
+  <total_steps> {steps} </total_steps>
+  <prng><seed> 31415 </seed></prng>
+  <ffsocket name="cartlorem" mode="unix" pbc="false">
+    <address> {address} </address>
+    <latency> 1e-4 </latency>
+  </ffsocket>
+  <system>
+    <initialize nbeads="1"><file mode="ase"> init.xyz </file></initialize>
+    <forces><force forcefield="cartlorem"/></forces>
+    <motion mode="driven_dynamics">
+      <driven_dynamics mode="eda-nve">
+        <timestep units="femtosecond"> {dt} </timestep>
+        <efield><amp units="v/ang"> [ {ex}, {ey}, {ez} ] </amp></efield>
+        <bec mode="driver"/>
+      </driven_dynamics>
+    </motion>
+  </system>
+</simulation>
+"""
+
+
+def test_ipi_driven_dynamics_in_a_field_follows_the_calculators_field(tmp_path):
+    """i-PI's electric dipole approximation (eda-nve) adds the forces Z*ᵀE of the Born charges the client sends
+    with --born-charges. From rest, a neutral Na2Cl2 cluster in a 0.5 V/Å field must follow velocity Verlet on the
+    calculator with that electric_field (the forces of −P·E) step for step, and not the field-free path."""
+    from ase import Atoms
+    from ase.md.verlet import VelocityVerlet
+
+    steps, dt, field = 20, 1.0, np.array([0.5, -0.2, 0.1])
+    cluster = Atoms("NaClNaCl", positions=[[0, 0, 0], [2.5, 0.2, 0], [2.6, 2.4, 0.3], [0.1, 2.5, -0.2]],
+                    cell=[20.0, 20.0, 20.0], pbc=False)
+    cluster.positions += 8.0
+    address = f"cartlorem-{os.getpid()}-{secrets.token_hex(4)}"
+    save_model(nacl_model(), tmp_path / "model.pt")
+    ase.io.write(tmp_path / "init.xyz", cluster)
+    (tmp_path / "input.xml").write_text(EDA_INPUT.format(address=address, steps=steps, dt=dt, ex=field[0],
+                                                         ey=field[1], ez=field[2]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    ipi = shutil.which("i-pi", path=os.path.dirname(sys.executable)) or shutil.which("i-pi")
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen([sys.executable, ipi, "input.xml"], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            client = subprocess.run(
+                [sys.executable, "-m", "cartlorem.integrations.ipi", "--model", "model.pt", "--structure", "init.xyz",
+                 "--unix", address, "--connect-timeout", "60", "--timeout", "60", "--born-charges"],
+                cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
+            server_rc = server.wait(timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+            if os.path.exists(f"/tmp/ipi_{address}"):
+                os.unlink(f"/tmp/ipi_{address}")
+    server_log = (tmp_path / "server.log").read_text()
+    assert client.returncode == 0, client.stdout[-3000:] + client.stderr[-3000:] + server_log[-2000:]
+    assert server_rc == 0 and "I-PI reports success" in server_log, server_log[-3000:]
+    got = ase.io.read(tmp_path / "sim.pos_0.extxyz", index=-1).positions
+
+    def verlet(electric_field):
+        a = cluster.copy()
+        a.calc = CartLoremCalculator(nacl_model(), skin=0.0, electric_field=electric_field)
+        VelocityVerlet(a, timestep=dt * units.fs).run(steps)
+        return a.positions
+
+    with_field, without = verlet(field), verlet(None)
+    assert np.abs(with_field - without).max() > 1e-3  # the field moves the ions
+    np.testing.assert_allclose(got, with_field, rtol=0, atol=1e-6)  # 1e-8 Å here; the field alone moved 0.016 Å

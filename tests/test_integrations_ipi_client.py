@@ -276,3 +276,16 @@ def test_timeouts_and_a_host_the_client_cannot_use_are_refused(tmp_path, model_f
                    f"cartlorem-test-{secrets.token_hex(4)}", "--connect-timeout", "0", *flags])
     err = capsys.readouterr().err
     assert rc == 2 and f"error: {expected}" in err and "Traceback" not in err, err
+
+
+def test_born_charges_of_a_local_model_are_refused_before_connecting(tmp_path, model_file, capsys):
+    """--born-charges (i-PI's driven dynamics in a field) needs learned charges: a local model is refused in one
+    line before the client waits for a server, not at i-PI's first force request."""
+    salt = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    ase.io.write(tmp_path / "init.xyz", salt)
+    socket = f"cartlorem-test-{os.getpid()}-{secrets.token_hex(4)}"
+    code = ipi.main(["--model", str(model_file), "--structure", str(tmp_path / "init.xyz"), "--unix", socket,
+                     "--connect-timeout", "0", "--born-charges"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--born-charges needs learned charges: this model has no long range" in err and "Traceback" not in err

@@ -13,6 +13,13 @@ pbc from it. Two commands, in two shells::
 (``--port 31415 [--host HOST]`` for an inet socket, e.g. a client on another machine). Several
 clients may connect to one server (one per bead, in parallel). ASE places unix sockets at
 ``/tmp/ipi_<name>``, which is also i-PI's default. Needs ``pip install ipi`` for the server only.
+
+Driven dynamics in an electric field (i-PI's electric dipole approximation, ``<driven_dynamics mode="eda-nve">`` or
+``"eda-nvt"`` with ``<efield>`` and ``<bec mode="driver"/>``): with ``--born-charges`` (long-range models) every
+reply carries the model's Born effective charges in its extra string, ``{"BEC": [3N, 3]}`` (row 3i + b, column a:
+∂P_a/∂r_ib, e), and for a molecule its dipole, ``"dipole"`` (e·bohr); i-PI adds the forces Z*ᵀE(t) for its
+(time-dependent) field. Three more backward passes per step. For periodic cells Z* depends on the images the
+positions are taken in (:class:`cartlorem.CartLoremCalculator`).
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import sys
 import time
 from typing import Optional
 
+import numpy as np
+
 __all__ = ["serve", "main"]
 
 
 def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: Optional[str] = None, port: Optional[int] = None,
           device: str = "cpu", dtype=None, connect_timeout: float = 60.0, timeout: Optional[float] = None,
-          use_stress: Optional[bool] = None, log=None) -> None:
+          use_stress: Optional[bool] = None, born_charges: bool = False, log=None) -> None:
     """Connect to a running i-PI server and answer its force requests until it sends EXIT.
 
     Args:
@@ -43,9 +52,15 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: Optional[st
         use_stress: send the virial −∂E/∂ε (default True, for every boundary: for a slab or a cluster in i-PI's
             box, whose volume is mostly vacuum, it is the strain derivative i-PI divides by the box volume, as
             the LAMMPS adapter gives it; False sends zeros).
+        born_charges: send the Born effective charges (and a molecule's dipole) in each reply's extra string, for
+            i-PI's driven dynamics in an electric field (module docstring; long-range models only).
         log: file object for ASE's protocol log.
     """
+    import json
+
+    from ase.calculators.calculator import all_changes
     from ase.calculators.socketio import SocketClient, SocketClosed
+    from ase.units import Bohr
 
     from ..calculator import CartLoremCalculator
 
@@ -60,13 +75,26 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: Optional[st
         raise ValueError(f"connect_timeout must be a finite number of seconds >= 0, got {connect_timeout!r}")
 
     class Client(SocketClient):
+        extra = np.zeros(1, dtype=np.byte)  # the extra string of the next reply (ASE's default: one zero byte)
+
         def calculate(self, atoms, use_stress):  # ASE's takes −V σ, which a slab or a cluster does not have
+            if born_charges:  # one evaluation with every output (the virial below is then read, not computed)
+                molecule = not atoms.pbc.any()
+                names = ["energy", "forces", "born_charges"] + ["virial"] * use_stress + ["dipole"] * molecule
+                atoms.calc.calculate(atoms, names, all_changes)
+                z = atoms.calc.extra_results["born_charges"]  # [N, 3, 3]: [i, a, b] = dP_a / dr_ib
+                extra = {"BEC": z.transpose(0, 2, 1).reshape(-1, 3).tolist()}  # i-PI's [3N, 3]: row 3i + b, column a
+                if molecule:
+                    extra["dipole"] = (atoms.calc.results["dipole"] / Bohr).tolist()
+                self.extra = np.frombuffer(json.dumps(extra).encode(), dtype=np.byte)
             virial = atoms.calc.get_extra("virial", atoms) if use_stress else None  # one evaluation, with E and F
             energy, forces, zeros = super().calculate(atoms, False)  # those results, not computed again
             return energy, forces, zeros if virial is None else virial
 
     atoms = atoms.copy()
     atoms.calc = CartLoremCalculator(model_or_path, device=device, dtype=dtype)
+    if born_charges and atoms.calc.model.long_range is None:
+        raise ValueError("--born-charges needs learned charges: this model has no long range (long_range=None)")
     use_stress = True if use_stress is None else bool(use_stress)
     deadline = time.monotonic() + connect_timeout
     while True:
@@ -91,6 +119,13 @@ def serve(model_or_path, atoms, *, unix: Optional[str] = None, host: Optional[st
             return cell, icell, positions
 
         protocol.recvposdata = recvposdata
+    if born_charges:
+        send = client.protocol.sendforce
+
+        def sendforce(energy, forces, virial):  # ASE's client sends no extra string of its own
+            send(energy, forces, virial, morebytes=client.extra)
+
+        client.protocol.sendforce = sendforce
     try:
         client.run(atoms, use_stress=use_stress)
     except TimeoutError as exc:  # the socket's own message is only "timed out"
@@ -146,11 +181,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=["float32", "float64"])
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the server to listen")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each server message")
+    p.add_argument("--born-charges", action="store_true",
+                   help="send the Born effective charges (and a molecule's dipole) with every reply, for i-PI's "
+                   "driven dynamics in an electric field (eda-nve / eda-nvt with <bec mode='driver'/>)")
     args = p.parse_args(argv)
     try:
         atoms = _read_structure(args.structure)
         serve(args.model, atoms, unix=args.unix, host=args.host, port=args.port, device=args.device,
-              dtype=args.dtype, connect_timeout=args.connect_timeout, timeout=args.timeout)
+              dtype=args.dtype, connect_timeout=args.connect_timeout, timeout=args.timeout,
+              born_charges=args.born_charges)
     except USER_ERRORS as err:  # a refused input: one line, as the cartlorem command gives
         print(f"error: {err}", file=sys.stderr)
         return 2
