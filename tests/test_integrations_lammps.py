@@ -383,6 +383,98 @@ def test_total_charge_and_multiplicity_reach_a_charge_state_model(tmp_path):
         assert got[m] == pytest.approx(want[m], rel=1e-10, abs=1e-10), (m, got, want)
 
 
+@pytest.mark.parametrize("boundary", ["p p p", "f f f"])
+def test_an_electric_field_acts_through_the_models_charges(tmp_path, boundary):
+    """LAMMPS' fix efield pushes LAMMPS' per-atom charges, which a model's atoms do not carry: the fix took no field.
+    With electric_field the energy and forces are the calculator's with that field: −P·E about LAMMPS' origin for
+    an open box (a charged cluster in a box whose corner is 30 Å from the origin, where P depends on the origin),
+    the forces Z*ᵀE for a periodic one."""
+    import json
+
+    from ase import Atoms
+
+    from cartlorem.integrations.lammps import write_data
+
+    field = [0.3, -0.2, 0.4]
+    if boundary == "p p p":
+        atoms, charge = nacl_crystal(), 0.0
+    else:
+        atoms = Atoms("Na2Cl3", positions=[[0, 0, 0], [2.5, 0.2, 0], [2.6, 2.4, 0.3], [0.1, 2.5, -0.2],
+                                           [-2.3, 0.3, 0.2]], cell=[16.0, 16.0, 16.0], pbc=False)
+        atoms.positions += 8.0
+        charge = -1.0
+    save_model(nacl_model(), tmp_path / "model.pt")
+    write_data(tmp_path / "sys.data", atoms, ["Na", "Cl"])
+    move = "" if boundary == "p p p" else (
+        "\\nchange_box all x delta 30 30 y delta 30 30 z delta 30 30 units box"
+        "\\ndisplace_atoms all move 30 30 30 units box")
+    script = textwrap.dedent(f"""\
+        import json
+        import numpy as np
+        from cartlorem.integrations.lammps import load_lammps, CartLoremFix
+        out = {{}}
+        for field in ({field}, None):
+            lmp = load_lammps()(cmdargs=["-log", "none", "-screen", "none"])
+            lmp.commands_string("units metal\\natom_style atomic\\nboundary {boundary}\\nread_data sys.data{move}")
+            CartLoremFix(lmp, "model.pt", ["Na", "Cl"], total_charge={charge}, electric_field=field)
+            lmp.command("run 0")
+            order = np.argsort(lmp.numpy.extract_atom("id"))
+            out[str(field is not None)] = {{"pe": lmp.get_thermo("pe"),
+                                            "x": lmp.numpy.extract_atom("x")[order].tolist(),
+                                            "f": lmp.numpy.extract_atom("f")[order].tolist(),
+                                            "types": lmp.numpy.extract_atom("type")[order].tolist()}}
+            lmp.close()
+        json.dump(out, open("field.json", "w"))
+        """)
+    res = run([sys.executable, "-c", script], tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got = json.loads((tmp_path / "field.json").read_text())
+    model = nacl_model()
+    for on in ("True", "False"):
+        run_ = got[on]
+        a = Atoms(numbers=np.where(np.array(run_["types"]) == 1, 11, 17), positions=run_["x"], cell=atoms.cell,
+                  pbc=atoms.pbc)
+        if boundary == "f f f":
+            assert np.abs(a.positions).min() > 30.0  # far from the origin: P about it differs from P about the box
+        a.info["total_charge"] = charge
+        a.calc = CartLoremCalculator(model, skin=0.0, electric_field=field if on == "True" else None)
+        assert run_["pe"] == pytest.approx(a.get_potential_energy(), rel=1e-10, abs=1e-10), on
+        np.testing.assert_allclose(run_["f"], a.get_forces(), rtol=0, atol=1e-9)
+    assert np.abs(np.array(got["True"]["f"]) - np.array(got["False"]["f"])).max() > 1e-2  # the field pushes
+    if boundary == "f f f":
+        assert abs(got["True"]["pe"] - got["False"]["pe"]) > 1.0  # −P·E, with the −Q o·E of a charged cluster
+
+
+def test_a_bad_electric_field_is_refused_when_the_fix_is_made(tmp_path):
+    """A field that is not three finite numbers, or one given to a model without learned charges, is refused when
+    the fix is made, naming what is wrong."""
+    from cartlorem.integrations.lammps import write_data
+
+    save_model(nacl_model(), tmp_path / "model.pt")
+    local = CartLorem([11, 17], cutoff=4.0, long_range=None, channels=8, num_layers=1, correlation=2, num_basis=4,
+                      radial_hidden=8, readout_hidden=8).double()
+    save_model(local, tmp_path / "local.pt")
+    write_data(tmp_path / "nacl.data", bulk("NaCl", "rocksalt", a=5.64, cubic=True), ["Na", "Cl"])
+    script = textwrap.dedent("""\
+        from cartlorem.integrations.lammps import load_lammps, CartLoremFix
+        for path, field in (("model.pt", [0.1, 0.2]), ("model.pt", [0.1, float("nan"), 0]), ("local.pt", [0, 0, 1])):
+            lmp = load_lammps()(cmdargs=["-log", "none", "-screen", "none"])
+            lmp.commands_string("units metal\\natom_style atomic\\nboundary p p p\\nread_data nacl.data")
+            try:
+                CartLoremFix(lmp, path, ["Na", "Cl"], electric_field=field)
+            except ValueError as err:
+                print("REFUSED:", err)
+            lmp.close()
+        """)
+    res = run([sys.executable, "-c", script], tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    said = [line for line in res.stdout.splitlines() if line.startswith("REFUSED:")]
+    assert len(said) == 3, res.stdout
+    assert "three finite numbers [Ex, Ey, Ez] in V/Å, got [0.1, 0.2]" in said[0]
+    assert "got [0.1, nan, 0]" in said[1]
+    assert "needs learned charges: this model has no long range" in said[2]
+
+
 def test_a_wrong_multiplicity_is_refused_when_the_fix_is_made(tmp_path):
     """A multiplicity the electron count cannot have was refused only at the first run, from inside LAMMPS'
     callback; the fix now refuses it when it is made, naming the input."""

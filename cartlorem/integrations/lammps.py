@@ -92,6 +92,17 @@ def _atomic_numbers(elements: Sequence[Union[str, int]]) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
+def _field(value) -> list:
+    """An electric field given to the fix → [Ex, Ey, Ez] (V/Å), floats; ValueError naming what is wrong."""
+    try:
+        field = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"electric_field must be three numbers [Ex, Ey, Ez] in V/Å, got {value!r}: {err}") from None
+    if field.shape != (3,) or not np.isfinite(field).all():
+        raise ValueError(f"electric_field must be three finite numbers [Ex, Ey, Ez] in V/Å, got {value!r}")
+    return field.tolist()
+
+
 def _prepare_model(model_or_path, numbers: np.ndarray, device: str, dtype):
     """Load (or take) the model, check it knows every element in use, move it to device/dtype."""
     import torch
@@ -130,6 +141,10 @@ class CartLoremFix:
             (``charge_state=True``), checked against the electron count when the fix is made; None (default): not
             given, a singlet for such a model, and no check (as a structure without ``info["multiplicity"]`` in
             ASE).
+        electric_field: a uniform external field [Ex, Ey, Ez] in V/Å (long-range models; default None), applied
+            by the model as :class:`cartlorem.CartLoremCalculator` applies it: an open box gets −P·E (P about
+            LAMMPS' origin) in the energy and its gradient in the forces, a periodic box or a slab the forces Z*ᵀE.
+            (LAMMPS' own ``fix efield`` acts on LAMMPS' per-atom charges, which a model's atoms do not carry.)
 
     The fix contributes the model's energy to ``pe`` and its virial (−∂E/∂ε, eV: −V σ for a periodic box) to
     the pressure (``fix_modify energy yes virial yes``), for every boundary: a slab (``p p f``), whose lateral
@@ -139,7 +154,7 @@ class CartLoremFix:
 
     def __init__(self, lmp, model_or_path, elements: Sequence[Union[str, int]], *, fix_id: str = "cartlorem",
                  define: bool = True, device: str = "cpu", dtype=None, total_charge: float = 0.0,
-                 multiplicity: Optional[float] = None):
+                 multiplicity: Optional[float] = None, electric_field=None):
         self.lmp, self.fix_id = lmp, str(fix_id)
         self.comm = lmp.get_mpi_comm() if getattr(lmp, "has_mpi4py", False) else None
         self.rank = self.comm.Get_rank() if self.comm is not None else 0
@@ -154,12 +169,16 @@ class CartLoremFix:
                              f"give one element per type, in type order")
         self.total_charge = float(total_charge)
         self.multiplicity = None if multiplicity is None else float(multiplicity)
+        self.electric_field = None if electric_field is None else _field(electric_field)
         self.error: Optional[BaseException] = None
         self.model = None
         failure = None
         if self.rank == 0:  # only rank 0 holds the model; the others learn whether it could be set up
             try:
                 self.model = _prepare_model(model_or_path, self.numbers[:ntypes], device, dtype)
+                if self.electric_field is not None and self.model.long_range is None:
+                    raise ValueError("electric_field (--efield) needs learned charges: this model has no long range "
+                                     "(long_range=None)")
             except Exception as exc:  # noqa: BLE001 -- re-raised below, on every rank
                 failure = exc
         if self.size > 1:
@@ -249,7 +268,8 @@ class CartLoremFix:
         pbc = np.array(periodicity, dtype=bool)
         # relative to the box's corner, in float64 before any cast to the model's dtype: a float32 model fed a box
         # 4000 Å from the origin saw positions to 2.4e-4 Å (forces off by 7e-4 eV/Å); E, F and W do not change
-        x = x - np.asarray(boxlo, dtype=np.float64)
+        corner = np.asarray(boxlo, dtype=np.float64)
+        x = x - corner
         graph = structures_to_graph(torch.tensor(x[order]), numbers, cell, pbc, cutoff=self.model.cutoff,
                                     total_charge=[self.total_charge],
                                     multiplicity=None if self.multiplicity is None else [self.multiplicity],
@@ -257,7 +277,11 @@ class CartLoremFix:
                                                                            "multiplicity= (--multiplicity)"))
         # the virial −∂E/∂ε for every boundary: LAMMPS divides it by its box volume for the pressure, also for a
         # slab (p p f, where a barostat in x and y needs the lateral virial) and an open box
-        out = self.model(graph, compute_forces=True, compute_stress=True, create_graph=False)
+        field = {}
+        if self.electric_field is not None:  # P (and the field's potential) about LAMMPS' origin, not the box corner
+            field = {"electric_field": torch.tensor(self.electric_field, dtype=self.model.dtype),
+                     "dipole_origin": torch.tensor(-corner, dtype=self.model.dtype)}
+        out = self.model(graph, compute_forces=True, compute_stress=True, create_graph=False, **field)
         forces_sorted = out["forces"].detach().cpu().double().numpy()
         forces = np.empty_like(forces_sorted)
         forces[order] = forces_sorted  # back to the gathered order
@@ -381,6 +405,9 @@ def main(argv=None) -> int:
     p.add_argument("--multiplicity", type=float, default=None,
                    help="spin multiplicity 2S + 1 of the system, for charge-state models (default: not given, a "
                    "singlet, not checked against the electron count)")
+    p.add_argument("--efield", type=float, nargs=3, default=None, metavar=("EX", "EY", "EZ"),
+                   help="uniform external electric field in V/Å, applied through the model's learned charges "
+                   "(long-range models): -P.E for an open box, the forces Z*^T E for a periodic box or a slab")
     p.add_argument("--log", default="log.lammps", help="LAMMPS log file ('none' for no log)")
     args = p.parse_args(argv)
     try:
@@ -390,7 +417,7 @@ def main(argv=None) -> int:
     lmp = lammps(cmdargs=["-log", args.log])
     try:
         run_input(lmp, args.input, args.model, args.elements, device=args.device, total_charge=args.total_charge,
-                  multiplicity=args.multiplicity)
+                  multiplicity=args.multiplicity, electric_field=args.efield)
     except USER_ERRORS as err:  # a refused input: one line, as the cartlorem command gives
         print(f"error: {err}", file=sys.stderr)
         return 2
