@@ -452,6 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+def _peer_stopped(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another process of the group went away (gloo's
+    "Connection closed by peer", NCCL's remote errors): torch.distributed's own error types, or their messages."""
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return any(m in text for m in ("Connection closed by peer", "Connection reset by peer", "remote worker"))
+
+
 def main(argv=None) -> int:
     """Entry point of the ``cartlorem`` console script; returns the exit status."""
     from .fileio import WriteError
@@ -474,12 +485,20 @@ def main(argv=None) -> int:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False  # printed once, by this handler, also in a program whose root logger has handlers
+    # under torchrun every process meets the same refusals (the same options and data) and the same interrupt: process
+    # 0 alone says them, as it alone prints the summary
+    rank = int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+
+    def say(message: str) -> None:
+        if rank == 0:
+            print(message, file=sys.stderr)
+
     try:
         return args.func(args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}")
         return 2
-    except NonFiniteLossError as err:
+    except NonFiniteLossError as err:  # each process names the structures of its own part of the batch
         print(f"error: {err}", file=sys.stderr)
         return 1
     except WriteError as err:  # a full disk, a file-size limit, ...: the file being written kept its content
@@ -489,19 +508,24 @@ def main(argv=None) -> int:
             print(f"the training run in {out} is kept as its last checkpoint left it: fix the cause (disk space, "
                   "file-size limit) and continue it with --resume", file=sys.stderr)
         return 1
-    except OSError as err:
+    except OSError as err:  # may be one process's own (its files, its device): each says its own
         print(f"error: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         out = getattr(args, "run_dir", None) if args.command == "train" else None
         if out is not None and (Path(out) / "checkpoint.pt").is_file():
-            print(f"\ninterrupted; the training run in {out} continues with --resume", file=sys.stderr)
+            say(f"\ninterrupted; the training run in {out} continues with --resume")
         elif out is not None:
-            print(f"\ninterrupted before the first epoch ended: no checkpoint in {out} to resume from",
-                  file=sys.stderr)
+            say(f"\ninterrupted before the first epoch ended: no checkpoint in {out} to resume from")
         else:
-            print("\ninterrupted", file=sys.stderr)
+            say("\ninterrupted")
         return 130
+    except RuntimeError as err:
+        if rank and _peer_stopped(err):  # process 0 ended (a refused write, an error): it says why, above
+            print(f"error: process {rank} stopped: another process of the run ended first (process 0's message "
+                  "says why)", file=sys.stderr)
+            return 1
+        raise
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)

@@ -374,3 +374,45 @@ def test_command_line_under_torchrun(tmp_path):
     assert len(log) == 3
     model = load_model(tmp_path / "run" / "model.pt")
     assert model.config["channels"] == 4
+    # a refusal met by every process is said once, by process 0 (each process printed it: 8 lines for 8 processes)
+    again = subprocess.run(base + ["--epochs", "3"], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode != 0
+    assert again.stderr.count("already holds a training run") == 1, again.stderr
+
+
+def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
+    """Under torchrun, when process 0 stopped (a refused checkpoint write), process 1 died in its next collective with
+    gloo's 38-line "Connection closed by peer" traceback, burying process 0's one-line reason. It now says in one line
+    that another process ended first; process 0's own errors are untouched, and other errors still raise."""
+    from cartlorem import cli
+
+    def collective_fails(args):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:11151")
+
+    monkeypatch.setattr(cli, "_cmd_train", collective_fails)
+    argv = ["train", "--train", "x.xyz", "--out", "run"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: process 1 stopped: another process of the run ended first (process 0's message "
+                           "says why)"), err
+    monkeypatch.setenv("RANK", "0")  # process 0 has no peer to blame: the error is its own
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        cli.main(argv)
+
+    def own_failure(args):
+        raise RuntimeError("a defect of process 1's own")
+
+    monkeypatch.setattr(cli, "_cmd_train", own_failure)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match="own"):
+        cli.main(argv)
+
+    def refused(args):
+        raise ValueError("--lr must be positive")
+
+    monkeypatch.setattr(cli, "_cmd_train", refused)
+    assert cli.main(argv) == 2 and capsys.readouterr().err == ""  # said by process 0, not once per process
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(argv) == 2 and capsys.readouterr().err.strip() == "error: --lr must be positive"
