@@ -386,9 +386,9 @@ def test_total_charge_and_multiplicity_reach_a_charge_state_model(tmp_path):
 @pytest.mark.parametrize("boundary", ["p p p", "f f f"])
 def test_an_electric_field_acts_through_the_models_charges(tmp_path, boundary):
     """LAMMPS' fix efield pushes LAMMPS' per-atom charges, which a model's atoms do not carry: the fix took no field.
-    With electric_field the energy and forces are the calculator's with that field: −P·E about LAMMPS' origin for
-    an open box (a charged cluster in a box whose corner is 30 Å from the origin, where P depends on the origin),
-    the forces Z*ᵀE for a periodic one."""
+    With electric_field the energy and forces are the calculator's with that field, in a box whose corner is 40 Å
+    from the origin: −P·E about LAMMPS' origin for an open box (a charged cluster, whose P depends on the origin),
+    the forces Z*ᵀE for a periodic one (whose Z* depends on the images the atoms are taken in)."""
     import json
 
     from ase import Atoms
@@ -405,9 +405,10 @@ def test_an_electric_field_acts_through_the_models_charges(tmp_path, boundary):
         charge = -1.0
     save_model(nacl_model(), tmp_path / "model.pt")
     write_data(tmp_path / "sys.data", atoms, ["Na", "Cl"])
-    move = "" if boundary == "p p p" else (
-        "\\nchange_box all x delta 30 30 y delta 30 30 z delta 30 30 units box"
-        "\\ndisplace_atoms all move 30 30 30 units box")
+    # the box 40 Å from the origin: not a lattice point of the crystal (11.28 x 11.28 x 5.64 Å), so a fix that took
+    # the atoms' images from the box's corner gave another Z* (forces 1.5e-2 eV/Å off in a review)
+    move = ("\\nchange_box all x delta 40 40 y delta 40 40 z delta 40 40 units box"
+            "\\ndisplace_atoms all move 40 40 40 units box")
     script = textwrap.dedent(f"""\
         import json
         import numpy as np
@@ -434,8 +435,7 @@ def test_an_electric_field_acts_through_the_models_charges(tmp_path, boundary):
         run_ = got[on]
         a = Atoms(numbers=np.where(np.array(run_["types"]) == 1, 11, 17), positions=run_["x"], cell=atoms.cell,
                   pbc=atoms.pbc)
-        if boundary == "f f f":
-            assert np.abs(a.positions).min() > 30.0  # far from the origin: P about it differs from P about the box
+        assert a.positions.min() > 39.0  # far from the origin: P about it differs from P about the box's corner
         a.info["total_charge"] = charge
         a.calc = CartLoremCalculator(model, skin=0.0, electric_field=field if on == "True" else None)
         assert run_["pe"] == pytest.approx(a.get_potential_energy(), rel=1e-10, abs=1e-10), on
@@ -473,6 +473,30 @@ def test_a_bad_electric_field_is_refused_when_the_fix_is_made(tmp_path):
     assert "three finite numbers [Ex, Ey, Ez] in V/Å, got [0.1, 0.2]" in said[0]
     assert "got [0.1, nan, 0]" in said[1]
     assert "needs learned charges: this model has no long range" in said[2]
+
+
+def test_a_model_refused_under_two_ranks_is_said_once(tmp_path):
+    """Under mpiexec -n 2, a model rank 0 refused (here a field for a model without charges) was rank 0's one
+    `error:` line, then rank 1's RuntimeError traceback and exit status 3. Every rank now stops with the same
+    user error, said once."""
+    from cartlorem.integrations.lammps import write_data
+
+    local = CartLorem([11, 17], cutoff=4.0, long_range=None, channels=8, num_layers=1, correlation=2, num_basis=4,
+                      radial_hidden=8, readout_hidden=8).double()
+    save_model(local, tmp_path / "local.pt")
+    write_data(tmp_path / "nacl.data", nacl_crystal(), ["Na", "Cl"])
+    (tmp_path / "in.lmp").write_text(INPUT)
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.fail("mpiexec not found: 'lammps[mpi]' installs MPICH, whose mpiexec sits beside python")
+    res = run([mpiexec, "-n", "2", sys.executable, "-m", "cartlorem.integrations.lammps", "in.lmp", "--model",
+               "local.pt", "--elements", "Na", "Cl", "--efield", "0", "0", "0.1", "--log", "none"], tmp_path)
+    said = res.stdout + res.stderr
+    assert res.returncode == 2, said
+    assert "Traceback" not in said, said
+    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    assert errors == ["error: electric_field (--efield) needs learned charges: this model has no long range "
+                      "(long_range=None)"], said
 
 
 def test_a_wrong_multiplicity_is_refused_when_the_fix_is_made(tmp_path):

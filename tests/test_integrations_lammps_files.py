@@ -140,7 +140,7 @@ def test_float32_model_in_a_box_far_from_the_origin():
     lo = np.full(3, 4000.0)
     lengths = atoms.cell.lengths()
     fix = types.SimpleNamespace(model=copy.deepcopy(model).float(), numbers=np.array([11, 17]), total_charge=0.0,
-                                multiplicity=None,
+                                multiplicity=None, electric_field=None,
                                 lmp=types.SimpleNamespace(extract_box=lambda: (list(lo), list(lo + lengths),
                                                                                0.0, 0.0, 0.0, [1, 1, 1], 0)))
     kinds = np.where(atoms.numbers == 11, 1, 2)
@@ -178,7 +178,7 @@ def test_float32_energy_with_large_reference_energies():
     atoms.wrap()
     e64 = CartLoremCalculator(model).get_potential_energy(atoms)
     fix = types.SimpleNamespace(model=copy.deepcopy(model).float(), numbers=np.array([1, 8]), total_charge=0.0,
-                                multiplicity=None,
+                                multiplicity=None, electric_field=None,
                                 lmp=types.SimpleNamespace(extract_box=lambda: ([0.0] * 3, [12.4] * 3, 0.0, 0.0, 0.0,
                                                                                [1, 1, 1], 0)))
     kinds = np.where(atoms.numbers == 1, 1, 2)

@@ -92,6 +92,21 @@ def _atomic_numbers(elements: Sequence[Union[str, int]]) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
+class _RankZeroError:
+    """Marks an exception that a rank other than 0 raises because rank 0 met it (its message is rank 0's)."""
+
+
+def _mirrored(kind: str, message: str, what: str) -> BaseException:
+    """On a rank other than 0: rank 0's exception (class name ``kind``, ``message``) raised here too, as the same
+    class where it is a user's error (so that the runner says it in one line, as rank 0 does), else RuntimeError."""
+    from ..cli import USER_ERRORS
+
+    base = next((e for e in USER_ERRORS if e.__name__ == kind), None)
+    if base is None:
+        return RuntimeError(f"{what}: {kind}: {message}")
+    return type(base.__name__, (base, _RankZeroError), {})(message)
+
+
 def _field(value) -> list:
     """An electric field given to the fix → [Ex, Ey, Ez] (V/Å), floats; ValueError naming what is wrong."""
     try:
@@ -143,8 +158,10 @@ class CartLoremFix:
             ASE).
         electric_field: a uniform external field [Ex, Ey, Ez] in V/Å (long-range models; default None), applied
             by the model as :class:`cartlorem.CartLoremCalculator` applies it: an open box gets −P·E (P about
-            LAMMPS' origin) in the energy and its gradient in the forces, a periodic box or a slab the forces Z*ᵀE.
-            (LAMMPS' own ``fix efield`` acts on LAMMPS' per-atom charges, which a model's atoms do not carry.)
+            LAMMPS' origin) in the energy and its gradient in the forces, a periodic box or a slab the forces Z*ᵀE
+            with no energy term (``etotal`` is then not conserved: the field does work), Z* with the atoms in their
+            home cells from LAMMPS' origin (the forces change where LAMMPS wraps an atom). (LAMMPS' own ``fix
+            efield`` acts on LAMMPS' per-atom charges, which a model's atoms do not carry.)
 
     The fix contributes the model's energy to ``pe`` and its virial (−∂E/∂ε, eV: −V σ for a periodic box) to
     the pressure (``fix_modify energy yes virial yes``), for every boundary: a slab (``p p f``), whose lateral
@@ -182,9 +199,9 @@ class CartLoremFix:
             except Exception as exc:  # noqa: BLE001 -- re-raised below, on every rank
                 failure = exc
         if self.size > 1:
-            message = self.comm.bcast(None if failure is None else f"{type(failure).__name__}: {failure}", root=0)
+            message = self.comm.bcast(None if failure is None else (type(failure).__name__, str(failure)), root=0)
             if message is not None and failure is None:
-                raise RuntimeError(f"rank 0 could not set up the model: {message}")
+                raise _mirrored(*message, "rank 0 could not set up the model")
         if failure is not None:
             raise failure
         self._check_charge_state()
@@ -267,8 +284,13 @@ class CartLoremFix:
         cell = np.array([[lx, 0.0, 0.0], [xy, ly, 0.0], [xz, yz, lz]])  # rows: LAMMPS' restricted triclinic a, b, c
         pbc = np.array(periodicity, dtype=bool)
         # relative to the box's corner, in float64 before any cast to the model's dtype: a float32 model fed a box
-        # 4000 Å from the origin saw positions to 2.4e-4 Å (forces off by 7e-4 eV/Å); E, F and W do not change
-        corner = np.asarray(boxlo, dtype=np.float64)
+        # 4000 Å from the origin saw positions to 2.4e-4 Å (forces off by 7e-4 eV/Å); E, F and W do not change. Along
+        # the periodic directions the corner is rounded to a whole lattice translation: the atoms' home cells, and with
+        # them the charge-transfer part of Z* (a field's forces), are then those the calculator takes from the origin
+        # (with the exact corner, 40 Å from the origin, a field's forces differed from the calculator's by 1.5e-2 eV/Å)
+        frac = np.linalg.solve(cell.T, np.asarray(boxlo, dtype=np.float64))  # boxlo = frac @ cell
+        frac[pbc] = np.round(frac[pbc])
+        corner = frac @ cell
         x = x - corner
         graph = structures_to_graph(torch.tensor(x[order]), numbers, cell, pbc, cutoff=self.model.cutoff,
                                     total_charge=[self.total_charge],
@@ -418,8 +440,9 @@ def main(argv=None) -> int:
     try:
         run_input(lmp, args.input, args.model, args.elements, device=args.device, total_charge=args.total_charge,
                   multiplicity=args.multiplicity, electric_field=args.efield)
-    except USER_ERRORS as err:  # a refused input: one line, as the cartlorem command gives
-        print(f"error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:  # a refused input: one line, as the cartlorem command gives (rank 0's once)
+        if not isinstance(err, _RankZeroError):
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 -- LAMMPS' own error (a bad input line), re-raised if it is not one
         if not _is_lammps_error(err):
