@@ -241,8 +241,14 @@ def test_an_external_field_in_the_state_is_applied(model):
     np.testing.assert_allclose(CartLoremModel(local).forward(state)["energy"].numpy(),
                                [calculator_reference(local, a)[0] for a in systems], rtol=0, atol=TOL)
     state.external_E_field = torch.tensor(fields)  # a field a local model cannot answer: said, not ignored
-    with pytest.raises(ValueError, match="electric_field need"):
+    with pytest.raises(ValueError, match=r"state\.external_E_field needs learned charges"):
         CartLoremModel(local).forward(state)
+    for bad, shape in ((torch.zeros(2, 2), r"\[2, 2\]$"), (torch.zeros(1, 3), r"\[1, 3\]$"),
+                       (torch.tensor([[0.1, float("nan"), 0.0], [0.0, 0.0, 0.0]]), r"\[2, 3\] with NaN or inf")):
+        state.external_E_field = bad  # named as the state holds it, not as the model's argument
+        with pytest.raises(ValueError, match=r"state\.external_E_field must hold one finite field .* per system, "
+                                             r"\[2, 3\]; got shape " + shape):
+            CartLoremModel(model).forward(state)
 
 
 def test_the_spin_of_a_state_reaches_a_charge_state_model(model):

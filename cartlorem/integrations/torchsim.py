@@ -163,10 +163,17 @@ class CartLoremModel(_Base):
         graph = state_to_graph(state, self.model.cutoff, dtype=self._dtype,
                                read_spin=self.model.conditioning is not None)
         field = state.get(FIELD) if isinstance(state, Mapping) else getattr(state, FIELD, None)
-        if field is not None and not bool((torch.as_tensor(field) == 0).all()):  # all zero: no field (a local model too)
+        if field is not None:
             field = torch.as_tensor(field).detach().to(device=graph.positions.device, dtype=graph.positions.dtype)
-        else:
-            field = None
+            if field.shape != (graph.num_graphs, 3) or not bool(torch.isfinite(field).all()):
+                raise ValueError(f"state.{FIELD} must hold one finite field [Ex, Ey, Ez] (V/Å) per system, "
+                                 f"[{graph.num_graphs}, 3]; got shape {list(field.shape)}"
+                                 + ("" if bool(torch.isfinite(field).all()) else " with NaN or inf"))
+            if bool((field == 0).all()):  # no field (and a local model takes it)
+                field = None
+            elif self.model.long_range is None:
+                raise ValueError(f"state.{FIELD} needs learned charges: this model has no long range "
+                                 "(long_range=None)")
         out = self.model(graph, compute_forces=self._compute_forces, compute_stress=self._compute_stress,
                          create_graph=False, electric_field=field)
         result = {"energy": out["energy"].detach()}
