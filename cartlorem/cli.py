@@ -98,6 +98,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # defaults ← RUN_DIR/config.yaml (on --resume without --config) ← --config ← flags
     given = {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
     config = getattr(args, "config", None)
+    if getattr(args, "auto_resume", False):
+        _auto_resume(given, config)
     if config is None and given.get("resume") and given.get("out"):
         previous = Path(given["out"]) / "config.yaml"
         config = str(previous) if previous.is_file() else None
@@ -113,6 +115,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 alone prints the summary
         _print_summary(result)
     return 0
+
+
+def _auto_resume(given: dict, config) -> None:
+    """--auto-resume: ``given["resume"]`` is whether the run folder (--out, or 'out' of the --config file) holds a
+    checkpoint. Every process of a torchrun job decides alike: the first checkpoint is written after a whole epoch
+    of collectives, which every process has entered by then."""
+    from .config import Config
+    from .training.run_folder import CHECKPOINT
+
+    for name in ("resume", "overwrite"):
+        if name in given:
+            raise ValueError(f"--auto-resume decides whether to resume by itself: it does not go with --{name} / "
+                             f"--no-{name}")
+    out = given.get("out")
+    if out is None and config is not None:
+        out = Config.from_yaml(config).out
+    if out is None:
+        raise ValueError("--auto-resume needs the run folder: pass --out")
+    given["resume"] = (Path(out) / CHECKPOINT).is_file()
 
 
 def _print_summary(result) -> None:
@@ -363,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes RUN_DIR/model.pt (best EMA weights), checkpoint.pt, log.csv and learning_curve.png.",
     )
     add_flags(t)
+    t.add_argument("--auto-resume", action="store_true",
+                   help="continue the run in --out if it holds a checkpoint, else start it: one command line for the "
+                   "first start and every restart (torchrun --max-restarts, a scheduler's requeue)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser(

@@ -788,3 +788,21 @@ def test_evaluate_writes_the_file_types_its_names_say(files, tmp_path, capsys):
     code, _, err = run(capsys, *evaluate, "--parity", tmp_path / "p.jpg")
     _assert_user_error(code, err, "p.jpg", ".png, .pdf or .svg")
     assert not (tmp_path / "p.jpg").exists()
+
+
+def test_auto_resume_starts_a_run_then_continues_it(files, tmp_path, capsys):
+    """torchrun --max-restarts (or a scheduler's requeue) runs the same command line again: with --resume a first
+    start was refused (no checkpoint), without it every restart was ("already holds a training run").
+    --auto-resume starts the run, then continues it from its checkpoint."""
+    run_dir = tmp_path / "run"
+    argv = ["train", "--train", files / "train.xyz", "--config", files / "tiny.yaml", "--out", run_dir,
+            "--no-progress", "--auto-resume"]
+    code, _, err = run(capsys, *argv, "--epochs", 1)
+    assert code == 0, err
+    assert len((run_dir / "log.csv").read_text().strip().splitlines()) == 2
+    code, _, err = run(capsys, *argv, "--epochs", 2)  # the restart: the same command, a later epoch limit
+    assert code == 0, err
+    assert len((run_dir / "log.csv").read_text().strip().splitlines()) == 3  # epoch 1 kept, epoch 2 added
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    code, _, err = run(capsys, *argv, "--overwrite")
+    assert code == 2 and "--auto-resume decides whether to resume by itself: it does not go with --overwrite" in err
