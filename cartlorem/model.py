@@ -496,7 +496,7 @@ class CartLorem(nn.Module):
         if self.dtype not in (torch.float32, torch.float64):  # float16/bfloat16 ran, 0.65 eV off at -4000 eV
             raise ValueError(f"CartLorem runs in float32 or float64; this model is {str(self.dtype)[6:]} "
                              "(model.float() or model.double())")
-        if graph.positions.device != self.embedding.device or any(
+        if getattr(graph.positions, "device", None) != self.embedding.device or any(
                 isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != self.dtype
                 for v in vars(graph).values()):  # every floating field: a float64 cell beside float32 positions too
             graph = graph.to(device=self.embedding.device, dtype=self.dtype)
@@ -859,7 +859,7 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        refused = re.search(r"(?:GLOBAL|Unsupported class) ([\w.]+)", str(exc))  # torch >= 2.4 | 2.3
         convert = ("load it with load_model(path, trust_pickle=True); for the command line, convert it once in "
                    "Python: save_model(load_model(path, trust_pickle=True), new_path)")
         if refused is None and not trust_pickle:  # e.g. torch.save(..., pickle_protocol=4): opcodes it lacks

@@ -336,6 +336,26 @@ def test_what_is_not_a_graph_is_named():
     graph = atoms_to_graph(atoms, model.cutoff)
     with pytest.raises(ValueError, match="graph.positions must be a tensor, got ndarray"):
         model(graph.replace(positions=graph.positions.numpy()))
+    # positions without a .device (numpy < 2 arrays, which torch 2.3 needs, or a list): an AttributeError first
+    with pytest.raises(ValueError, match="graph.positions must be a tensor, got list"):
+        model(graph.replace(positions=graph.positions.tolist()))
+
+
+def test_a_pickled_object_is_named_in_torch_23s_wording_too(tmp_path, monkeypatch):
+    """torch 2.3's safe loader names a refused class "Unsupported class X", later releases "GLOBAL X": under 2.3 a
+    file holding a pickled object was called damaged, or one saved with another pickle protocol."""
+    import pickle
+
+    cartlorem.save_model(lr_model(), tmp_path / "m.pt")
+
+    def refuse(*args, **kwargs):
+        raise pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` set to "
+                                     "`False` will likely succeed, but it can result in arbitrary code execution. "
+                                     "Unsupported class mypackage.Hook")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(ValueError, match=r"pickled Python object .*mypackage\.Hook.*trust_pickle=True"):
+        cartlorem.load_model(tmp_path / "m.pt")
 
 
 def test_a_file_of_a_newer_format_says_so(tmp_path):
