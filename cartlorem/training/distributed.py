@@ -58,6 +58,9 @@ __all__ = ["Ranks", "SINGLE", "current", "process_group", "loss_share", "share_s
            "gather_predictions"]
 
 
+_LAST: list = []  # the latest all-reduced tensor, kept until destroy_process_group (Ranks.sum_)
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in the training job: ``rank`` of ``size`` processes; ``device`` is where
@@ -86,6 +89,9 @@ class Ranks:
         """Sum ``tensor`` over processes (in place, and returned)."""
         if self.many:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+            # torch < 2.8 (gloo): a worker thread that frees the last reference to this tensor needs the GIL, which
+            # destroy_process_group holds while it joins that thread (pytorch#154976): keep it until then
+            _LAST[:] = [tensor]
         return tensor
 
     def any(self, flag: bool) -> bool:
@@ -238,6 +244,7 @@ def process_group(device: str, backend: Optional[str] = None):
         yield current(device), device
     finally:
         dist.destroy_process_group()
+        _LAST.clear()
 
 
 # --------------------------------------------------------------------------------------------------
