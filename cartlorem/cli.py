@@ -476,21 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
-def _peer_stopped(err: BaseException) -> bool:
-    """Whether ``err`` is a collective that failed because another process of the group went away (gloo's
-    "Connection closed by peer", NCCL's remote errors): torch.distributed's own error types, or their messages."""
-    import torch.distributed as dist
-
-    if isinstance(err, getattr(dist, "DistError", ())):
-        return True
-    text = str(err)
-    return any(m in text for m in ("Connection closed by peer", "Connection reset by peer", "remote worker"))
-
-
 def main(argv=None) -> int:
     """Entry point of the ``cartlorem`` console script; returns the exit status."""
     from .fileio import WriteError
     from .training import NonFiniteLossError
+    from .training.distributed import LocalProcessError, PeerStoppedError
 
     parser = build_parser()
     try:
@@ -509,18 +499,19 @@ def main(argv=None) -> int:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False  # printed once, by this handler, also in a program whose root logger has handlers
-    # under torchrun every process meets the same refusals (the same options and data) and the same interrupt: process
-    # 0 alone says them, as it alone prints the summary
+    # a training run under torchrun: every process meets the same refusals (the same options and data) and the same
+    # interrupt, and process 0 alone says them, as it alone prints the summary (but a refusal of one process's own)
     rank = int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+    rank = rank if args.command == "train" else 0
 
-    def say(message: str) -> None:
-        if rank == 0:
+    def say(message: str, err=None) -> None:
+        if rank == 0 or isinstance(err, LocalProcessError):
             print(message, file=sys.stderr)
 
     try:
         return args.func(args)
     except USER_ERRORS as err:
-        say(f"error: {err}")
+        say(f"error: {err}", err)
         return 2
     except NonFiniteLossError as err:  # each process names the structures of its own part of the batch
         print(f"error: {err}", file=sys.stderr)
@@ -544,12 +535,9 @@ def main(argv=None) -> int:
         else:
             say("\ninterrupted")
         return 130
-    except RuntimeError as err:
-        if rank and _peer_stopped(err):  # process 0 ended (a refused write, an error): it says why, above
-            print(f"error: process {rank} stopped: another process of the run ended first (process 0's message "
-                  "says why)", file=sys.stderr)
-            return 1
-        raise
+    except PeerStoppedError as err:  # process 0 ended (a refused write, an error): it says why
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)

@@ -382,16 +382,25 @@ def test_command_line_under_torchrun(tmp_path):
 
 def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
     """Under torchrun, when process 0 stopped (a refused checkpoint write), process 1 died in its next collective with
-    gloo's 38-line "Connection closed by peer" traceback, burying process 0's one-line reason. It now says in one line
-    that another process ended first; process 0's own errors are untouched, and other errors still raise."""
+    gloo's 38-line "Connection closed by peer" traceback, burying process 0's one-line reason. A collective of a group
+    that was up now ends process 1 with one line; errors of the group's start-up (nobody at MASTER_ADDR), process 0's
+    own errors and other errors are left as they are."""
     from cartlorem import cli
+    from cartlorem.training import distributed
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: None)  # a group "up" at once
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:11151")
 
     def collective_fails(args):
-        raise RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:11151")
+        with distributed.process_group("cpu"):
+            raise gone
 
     monkeypatch.setattr(cli, "_cmd_train", collective_fails)
     argv = ["train", "--train", "x.xyz", "--out", "run"]
-    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
@@ -400,19 +409,40 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")  # process 0 has no peer to blame: the error is its own
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         cli.main(argv)
-
-    def own_failure(args):
-        raise RuntimeError("a defect of process 1's own")
-
-    monkeypatch.setattr(cli, "_cmd_train", own_failure)
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(RuntimeError, match="own"):
+
+    def start_fails(**kwargs):  # nobody listening at MASTER_ADDR: torch's own error names the address
+        raise RuntimeError("DistNetworkError: failed to connect to 127.0.0.1:29999 (Connection reset by peer)")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", start_fails)
+    with pytest.raises(RuntimeError, match="failed to connect"):
         cli.main(argv)
+
+
+def test_refusals_under_torchrun_are_said_once_but_a_process_s_own_by_it(monkeypatch, capsys):
+    """Every process of a training run meets the same refusals, so process 0 alone says them; a refusal of one
+    process's own (no GPU for its LOCAL_RANK) is said by that process, and other commands say their errors wherever
+    they run (a worker's subprocess inherits WORLD_SIZE and RANK)."""
+    from cartlorem import cli
+    from cartlorem.training import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
 
     def refused(args):
         raise ValueError("--lr must be positive")
 
     monkeypatch.setattr(cli, "_cmd_train", refused)
+    argv = ["train", "--train", "x.xyz", "--out", "run"]
     assert cli.main(argv) == 2 and capsys.readouterr().err == ""  # said by process 0, not once per process
     monkeypatch.setenv("RANK", "0")
     assert cli.main(argv) == 2 and capsys.readouterr().err.strip() == "error: --lr must be positive"
+    monkeypatch.setenv("RANK", "1")
+
+    def no_gpu(args):
+        raise distributed.LocalProcessError("process 1 (LOCAL_RANK 1) needs GPU 1")
+
+    monkeypatch.setattr(cli, "_cmd_train", no_gpu)
+    assert cli.main(argv) == 2 and "needs GPU 1" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", "missing.pt", "--data", "missing.xyz"]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -58,6 +58,24 @@ __all__ = ["Ranks", "SINGLE", "current", "process_group", "loss_share", "share_s
            "gather_predictions"]
 
 
+class PeerStoppedError(RuntimeError):
+    """A collective failed on this process (not process 0) because another process of the group went away, e.g.
+    process 0 stopped at a refused write: that process says why; this one says only that it stopped."""
+
+
+class LocalProcessError(ValueError):
+    """A refusal that concerns this process alone (its LOCAL_RANK's GPU): said by this process, whatever its rank."""
+
+
+def _peer_went_away(err: BaseException) -> bool:
+    """Whether ``err``, raised by a collective of a group that was up, says a peer of the group is gone (gloo's
+    "Connection closed by peer", torch.distributed's error types)."""
+    if isinstance(err, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(err)
+    return any(m in text for m in ("Connection closed by peer", "Connection reset by peer", "remote worker"))
+
+
 _LAST: list = []  # the latest all-reduced tensor, kept until destroy_process_group (Ranks.sum_)
 
 
@@ -222,7 +240,7 @@ def process_group(device: str, backend: Optional[str] = None):
             )
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if local >= have:
-            raise ValueError(
+            raise LocalProcessError(
                 f"--device cuda with torchrun: process {rank} (LOCAL_RANK {local}) needs GPU {local}, but this "
                 f"machine has {have} CUDA GPU{'s' if have != 1 else ''}; use --device cpu (gloo) or fewer processes "
                 "per node"
@@ -242,6 +260,11 @@ def process_group(device: str, backend: Optional[str] = None):
     dist.init_process_group(backend=backend, rank=rank, world_size=size)
     try:
         yield current(device), device
+    except RuntimeError as err:  # not errors of the group's start-up: those name their cause themselves
+        if rank != 0 and not isinstance(err, PeerStoppedError) and _peer_went_away(err):
+            raise PeerStoppedError(f"process {rank} stopped: another process of the run ended first (process 0's "
+                                   "message says why)") from err
+        raise
     finally:
         dist.destroy_process_group()
         _LAST.clear()
