@@ -119,8 +119,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _auto_resume(given: dict, config) -> None:
     """--auto-resume: ``given["resume"]`` is whether the run folder (--out, or 'out' of the --config file) holds a
-    checkpoint. Every process of a torchrun job decides alike: the first checkpoint is written after a whole epoch
-    of collectives, which every process has entered by then."""
+    checkpoint, and without one the run starts afresh over what an earlier start left (``overwrite``). Every process
+    of a torchrun job decides alike: the first checkpoint is written after a whole epoch of collectives, which every
+    process has entered by then."""
     from .config import Config
     from .training.run_folder import CHECKPOINT
 
@@ -133,7 +134,10 @@ def _auto_resume(given: dict, config) -> None:
         out = Config.from_yaml(config).out
     if out is None:
         raise ValueError("--auto-resume needs the run folder: pass --out")
+    # resuming, a config's 'overwrite: true' does not apply; starting, what a crash before the first checkpoint left
+    # (model.pt is written before it) is replaced, as --overwrite does
     given["resume"] = (Path(out) / CHECKPOINT).is_file()
+    given["overwrite"] = not given["resume"]
 
 
 def _print_summary(result) -> None:
@@ -385,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flags(t)
     t.add_argument("--auto-resume", action="store_true",
-                   help="continue the run in --out if it holds a checkpoint, else start it: one command line for the "
-                   "first start and every restart (torchrun --max-restarts, a scheduler's requeue)")
+                   help="continue the run in --out if it holds a checkpoint, else start it afresh (over what a "
+                   "start that ended before its first checkpoint left): one command line for the first start and "
+                   "every restart (torchrun --max-restarts, a scheduler's requeue)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser(

@@ -806,3 +806,16 @@ def test_auto_resume_starts_a_run_then_continues_it(files, tmp_path, capsys):
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 2
     code, _, err = run(capsys, *argv, "--overwrite")
     assert code == 2 and "--auto-resume decides whether to resume by itself: it does not go with --overwrite" in err
+    # a config file that says 'overwrite: true' (for the first start) does not stop a restart from resuming
+    config = tmp_path / "overwrite.yaml"
+    config.write_text(yaml.safe_dump({**TINY_CONFIG, "overwrite": True}))
+    argv[argv.index(files / "tiny.yaml")] = config
+    code, _, err = run(capsys, *argv, "--epochs", 3)
+    assert code == 0, err
+    assert len((run_dir / "log.csv").read_text().strip().splitlines()) == 4
+    # a crash in the first epoch between model.pt and checkpoint.pt: a restart starts afresh (it was refused for the
+    # model.pt, with advice to pass --overwrite, which --auto-resume refuses)
+    (run_dir / "checkpoint.pt").unlink()
+    code, _, err = run(capsys, *argv, "--epochs", 1)
+    assert code == 0, err
+    assert len((run_dir / "log.csv").read_text().strip().splitlines()) == 2
