@@ -32,6 +32,15 @@ pytestmark = [
 TIMEOUT = 180  # s for the whole run; it takes ~10 s here
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(cartlorem.__file__)))
 
+SOCKET = """\
+  <total_steps> {steps} </total_steps>
+  <prng><seed> 31415 </seed></prng>
+  <ffsocket name="cartlorem" mode="unix" pbc="false">
+    <address> {address} </address>
+    <latency> 1e-4 </latency>
+  </ffsocket>
+"""
+
 INPUT = """\
 <simulation verbosity="low" safe_stride="1000">
   <output prefix="sim">
@@ -39,13 +48,7 @@ INPUT = """\
     <trajectory filename="pos" stride="20" format="ase"> positions{{ase}} </trajectory>
     <trajectory filename="frc" stride="20" format="ase"> forces{{ase}} </trajectory>
   </output>
-  <total_steps> 20 </total_steps>
-  <prng><seed> 31415 </seed></prng>
-  <ffsocket name="cartlorem" mode="unix" pbc="false">
-    <address> {address} </address>
-    <latency> 1e-4 </latency>
-  </ffsocket>
-  <system>
+""" + SOCKET + """  <system>
     <initialize nbeads="1">
       <file mode="ase"> init.xyz </file>
       <velocities mode="thermal" units="kelvin"> 600 </velocities>
@@ -75,14 +78,9 @@ def nacl_crystal():
     return a
 
 
-@pytest.fixture(scope="module")
-def ipi_run(tmp_path_factory):
-    """Run i-PI and the cartlorem client; the run's folder."""
-    folder = tmp_path_factory.mktemp("ipi")
-    address = f"cartlorem-{os.getpid()}-{secrets.token_hex(4)}"  # ASE and i-PI use /tmp/ipi_<address>
-    save_model(nacl_model(), folder / "model.pt")
-    ase.io.write(folder / "init.xyz", nacl_crystal())
-    (folder / "input.xml").write_text(INPUT.format(address=address))
+def run_ipi(folder, address, client_args=()):
+    """Run i-PI on folder/input.xml and the cartlorem client on folder/model.pt and init.xyz, each with a time limit;
+    fails the test unless both end well."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     ipi = shutil.which("i-pi", path=os.path.dirname(sys.executable)) or shutil.which("i-pi")
@@ -93,7 +91,7 @@ def ipi_run(tmp_path_factory):
         try:
             client = subprocess.run(
                 [sys.executable, "-m", "cartlorem.integrations.ipi", "--model", "model.pt", "--structure", "init.xyz",
-                 "--unix", address, "--connect-timeout", "60", "--timeout", "60"],
+                 "--unix", address, "--connect-timeout", "60", "--timeout", "60", *client_args],
                 cwd=folder, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
             server_rc = server.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -107,6 +105,17 @@ def ipi_run(tmp_path_factory):
     server_log = (folder / "server.log").read_text()
     assert client.returncode == 0, client.stdout[-3000:] + client.stderr[-3000:] + server_log[-2000:]
     assert server_rc == 0 and "I-PI reports success" in server_log, server_log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ipi_run(tmp_path_factory):
+    """Run i-PI and the cartlorem client; the run's folder."""
+    folder = tmp_path_factory.mktemp("ipi")
+    address = f"cartlorem-{os.getpid()}-{secrets.token_hex(4)}"  # ASE and i-PI use /tmp/ipi_<address>
+    save_model(nacl_model(), folder / "model.pt")
+    ase.io.write(folder / "init.xyz", nacl_crystal())
+    (folder / "input.xml").write_text(INPUT.format(address=address, steps=20))
+    run_ipi(folder, address)
     return folder
 
 
@@ -145,13 +154,7 @@ EDA_INPUT = """\
     <properties stride="1" filename="out"> [ step, potential{{electronvolt}} ] </properties>
     <trajectory filename="pos" stride="{steps}" format="ase"> positions{{ase}} </trajectory>
   </output>
-  <total_steps> {steps} </total_steps>
-  <prng><seed> 31415 </seed></prng>
-  <ffsocket name="cartlorem" mode="unix" pbc="false">
-    <address> {address} </address>
-    <latency> 1e-4 </latency>
-  </ffsocket>
-  <system>
+""" + SOCKET + """  <system>
     <initialize nbeads="1"><file mode="ase"> init.xyz </file></initialize>
     <forces><force forcefield="cartlorem"/></forces>
     <motion mode="driven_dynamics">
@@ -182,27 +185,7 @@ def test_ipi_driven_dynamics_in_a_field_follows_the_calculators_field(tmp_path):
     ase.io.write(tmp_path / "init.xyz", cluster)
     (tmp_path / "input.xml").write_text(EDA_INPUT.format(address=address, steps=steps, dt=dt, ex=field[0],
                                                          ey=field[1], ez=field[2]))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    ipi = shutil.which("i-pi", path=os.path.dirname(sys.executable)) or shutil.which("i-pi")
-    with open(tmp_path / "server.log", "w") as log:
-        server = subprocess.Popen([sys.executable, ipi, "input.xml"], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=log, stderr=subprocess.STDOUT)
-        try:
-            client = subprocess.run(
-                [sys.executable, "-m", "cartlorem.integrations.ipi", "--model", "model.pt", "--structure", "init.xyz",
-                 "--unix", address, "--connect-timeout", "60", "--timeout", "60", "--born-charges"],
-                cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
-            server_rc = server.wait(timeout=60)
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
-            if os.path.exists(f"/tmp/ipi_{address}"):
-                os.unlink(f"/tmp/ipi_{address}")
-    server_log = (tmp_path / "server.log").read_text()
-    assert client.returncode == 0, client.stdout[-3000:] + client.stderr[-3000:] + server_log[-2000:]
-    assert server_rc == 0 and "I-PI reports success" in server_log, server_log[-3000:]
+    run_ipi(tmp_path, address, ["--born-charges"])
     got = ase.io.read(tmp_path / "sim.pos_0.extxyz", index=-1).positions
 
     def verlet(electric_field):
