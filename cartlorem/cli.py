@@ -481,6 +481,15 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+def _env_rank() -> int:
+    """This process's RANK in a torchrun job of several processes, else 0 (also for values that are not whole
+    numbers: the process group names those when it starts)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def main(argv=None) -> int:
     """Entry point of the ``cartlorem`` console script; returns the exit status."""
     from .fileio import WriteError
@@ -506,8 +515,7 @@ def main(argv=None) -> int:
     logger.propagate = False  # printed once, by this handler, also in a program whose root logger has handlers
     # a training run under torchrun: every process meets the same refusals (the same options and data) and the same
     # interrupt, and process 0 alone says them, as it alone prints the summary (but a refusal of one process's own)
-    rank = int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
-    rank = rank if args.command == "train" else 0
+    rank = _env_rank() if args.command == "train" else 0
 
     def say(message: str, err=None) -> None:
         if rank == 0 or isinstance(err, LocalProcessError):

@@ -446,3 +446,6 @@ def test_refusals_under_torchrun_are_said_once_but_a_process_s_own_by_it(monkeyp
     assert cli.main(argv) == 2 and "needs GPU 1" in capsys.readouterr().err
     assert cli.main(["evaluate", "--model", "missing.pt", "--data", "missing.xyz"]) == 2
     assert "error:" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "one")  # not a number: the process group's start-up names it; main does not crash
+    monkeypatch.setattr(cli, "_cmd_train", refused)
+    assert cli.main(argv) == 2 and "--lr must be positive" in capsys.readouterr().err
