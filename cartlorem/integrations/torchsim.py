@@ -165,10 +165,11 @@ class CartLoremModel(_Base):
         field = state.get(FIELD) if isinstance(state, Mapping) else getattr(state, FIELD, None)
         if field is not None:
             field = torch.as_tensor(field).detach().to(device=graph.positions.device, dtype=graph.positions.dtype)
-            if field.shape != (graph.num_graphs, 3) or not bool(torch.isfinite(field).all()):
+            finite = bool(torch.isfinite(field).all())
+            if field.shape != (graph.num_graphs, 3) or not finite:
                 raise ValueError(f"state.{FIELD} must hold one finite field [Ex, Ey, Ez] (V/Å) per system, "
                                  f"[{graph.num_graphs}, 3]; got shape {list(field.shape)}"
-                                 + ("" if bool(torch.isfinite(field).all()) else " with NaN or inf"))
+                                 + ("" if finite else " with NaN or inf"))
             if bool((field == 0).all()):  # no field (and a local model takes it)
                 field = None
             elif self.model.long_range is None:
