@@ -371,12 +371,26 @@ def _options() -> list[Option]:
         Option("overwrite", parse_bool, T["overwrite"], "start afresh even if --out holds a run", r),
         Option("progress", parse_bool, T["progress"], "progress bars and one line per epoch", r),
     ]
-    return data + _model_options() + training + run
+    return data + _init_options() + _model_options() + training + run
+
+
+def _init_options() -> list[Option]:
+    """Fine-tuning: the run starts from a trained model (its architecture, weights and statistics)."""
+    return [
+        Option("init_model", nullable(parse_path), None,
+               "start from this trained model (model.pt or checkpoint.pt): its architecture, species, weights, "
+               "reference energies and scale; the model options below are taken from it (fine-tuning)", "model"),
+        Option("refit_reference_energies", parse_bool, False,
+               "with --init-model: correct its per-element reference energies by a least-squares fit to what it "
+               "leaves of the training energies (data from another code or level of theory)", "model"),
+    ]
 
 
 OPTIONS: list[Option] = _options()
 _BY_NAME = {o.name: o for o in OPTIONS}
-MODEL_OPTIONS = tuple(o.name for o in OPTIONS if o.group == "model")
+INIT_OPTIONS = tuple(o.name for o in _init_options())
+# CartLorem arguments
+MODEL_OPTIONS = tuple(o.name for o in OPTIONS if o.group == "model" and o.name not in INIT_OPTIONS)
 # train() keywords that are options of the same name (weights and out_dir are assembled)
 _TRAIN_KEYS = tuple(
     o.name for o in OPTIONS if o.group == "training" and not o.name.endswith("_weight")
@@ -407,6 +421,10 @@ class _ConfigMethods:
     def __post_init__(self):
         for o in OPTIONS:
             object.__setattr__(self, o.name, parse_value(o.name, getattr(self, o.name)))
+        if self.refit_reference_energies and self.init_model is None:
+            raise ValueError("refit_reference_energies corrects the reference energies of the model in init_model, "
+                             "and there is none: a run from random weights fits them from the data anyway; pass "
+                             "--init-model or leave --refit-reference-energies out")
         if self.long_range == "none" and self.long_range_options:  # the model would refuse them, after the data
             raise ValueError(f"long_range_options {self.long_range_options!r} are options of the long-range block, "
                              "and long_range is 'none' (no block): drop them, or set long_range to 'multipole' "

@@ -20,7 +20,7 @@ from .averaging import ExponentialMovingAverage
 from .log import best_epoch_summary, metric_summary, plot_learning_curve
 from .loop import NonFiniteLossError, TrainResult, epoch_loader, train
 from .loss import DEFAULT_WEIGHTS, loss_weights, validation_loss, weighted_loss
-from .prepare import check_dataset, fit_statistics
+from .prepare import check_dataset, fit_statistics, refit_reference_energies
 from .run_folder import BEST_MODEL, CHECKPOINT, RunFolder
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "loss_weights",
     "DEFAULT_WEIGHTS",
     "fit_statistics",
+    "refit_reference_energies",
     "check_dataset",
     "RunFolder",
     "CHECKPOINT",

@@ -3,7 +3,8 @@
     model, result = run(Config(train="train.xyz", out="run", epochs=50))
 
 Reads the training (and validation) set with the configured label keys, splits off a validation
-set when none is given, builds the model for the elements present (or the configured ones),
+set when none is given, builds the model for the elements present (or the configured ones) or, with ``init_model``,
+starts from a trained model (fine-tuning: its architecture, weights and statistics; :func:`initial_model`),
 writes every value used to ``out/config.yaml`` (which ``Config.from_yaml`` reads back) and the data files' SHA-256,
 with a split's validation frames, to ``out/data.json`` (a resume checks the files and keeps the split), and trains.
 
@@ -24,15 +25,16 @@ from typing import Optional
 
 import torch
 
-from ..config import Config
+from ..config import MODEL_OPTIONS, Config
 from ..data import (MissingLabelError, config_types_of_files, duplicate_structures, is_isolated_atom, read_dataset,
                     split, stress_key_unused)
 from ..fileio import atomic_write_text, file_sha256, require_file
 from .distributed import process_group
 from .loop import train
-from .run_folder import CHECKPOINT, DATA_JSON, RunFolder, restore_model_settings
+from .prepare import refit_reference_energies
+from .run_folder import BEST_MODEL, CHECKPOINT, DATA_JSON, RunFolder, restore_model_settings
 
-__all__ = ["run", "select_device"]
+__all__ = ["run", "select_device", "initial_model"]
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +167,11 @@ def run(cfg: Config):
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {cfg.out!r} is a file, not a folder: pass another --out")
-    for name in ("train", "valid"):
+    for name in ("train", "valid") + (() if cfg.resume else ("init_model",)):  # a resume starts from its checkpoint
         if getattr(cfg, name) is not None:
             require_file(getattr(cfg, name), name)
+    if cfg.init_model is not None and not cfg.resume:
+        _check_not_replaced(cfg, out)
     if not cfg.resume and (out / CHECKPOINT).exists() and not cfg.overwrite:
         raise FileExistsError(
             f"{out} already holds a training run; pass --resume to continue it or --overwrite to start afresh"
@@ -180,6 +184,49 @@ def run(cfg: Config):
             return _run(cfg, out, select_device(device), ranks.is_main)
     finally:
         torch.set_num_threads(threads)
+
+
+def _check_not_replaced(cfg: Config, out: Path) -> None:
+    """ValueError when ``init_model`` is a file this run writes (the run folder's model.pt or checkpoint.pt): the
+    run would replace the model it starts from."""
+    for name in (BEST_MODEL, CHECKPOINT):
+        target = out / name
+        if Path(cfg.init_model).resolve() == target.resolve() or (
+                target.exists() and Path(cfg.init_model).exists() and Path(cfg.init_model).samefile(target)):
+            raise ValueError(f"init_model {cfg.init_model!r} is the {name} of the run folder {cfg.out!r}, which this "
+                             "run writes over: copy the model elsewhere, or choose another --out")
+
+
+def initial_model(cfg: Config):
+    """(model, cfg) for a run that starts from ``cfg.init_model`` (fine-tuning): the trained model as
+    :func:`cartlorem.model.load_model` reads it (weights, species, reference energies, scale and shift), and ``cfg``
+    with that model's architecture, which config.yaml records (so that a resume rebuilds it without the file).
+    ValueError when ``cfg`` sets a model option, or species, to something else than the model has (an option left
+    at its default takes the model's value)."""
+    from ..model import load_model
+
+    model = load_model(cfg.init_model)
+    arch = {name: model.config[name] for name in MODEL_OPTIONS}
+    arch["long_range"] = "none" if arch["long_range"] is None else arch["long_range"]
+    default = Config()
+    clash = [f"{name} {getattr(cfg, name)!r} (the model's: {arch[name]!r})" for name in MODEL_OPTIONS
+             if name != "long_range_options" and getattr(cfg, name) != getattr(default, name)
+             and getattr(cfg, name) != arch[name]]
+    given = cfg.long_range_options or {}
+    clash += [f"long_range_options {key}={value!r} (the model's: {arch['long_range_options'].get(key)!r})"
+              for key, value in given.items() if arch["long_range_options"].get(key) != value]
+    if cfg.species is not None and sorted(cfg.species) != sorted(model.species):
+        clash.append(f"species {', '.join(_symbols(cfg.species))} (the model's: {', '.join(_symbols(model.species))})")
+    if clash:
+        raise ValueError(f"init_model {cfg.init_model!r} fixes the architecture of this run, and the settings "
+                         f"{'; '.join(clash)} contradict it: leave them out to fine-tune that model, or leave "
+                         "--init-model out to train a new one")
+    arch["long_range_options"] = arch["long_range_options"] or None
+    log.info("starting from %s: %s, %d parameters, its reference energies, scale %.4g and shift %.4f eV/atom",
+             cfg.init_model, ", ".join(f"{k} {v}" for k, v in arch.items() if k in ("long_range", "channels",
+                                                                                     "num_layers", "cutoff")),
+             sum(p.numel() for p in model.parameters()), float(model.scale), float(model.shift))
+    return model, cfg.replace(species=list(model.species), **arch)
 
 
 def _check_no_contradiction(cfg: Config) -> None:
@@ -232,6 +279,9 @@ def _check_same_split(cfg: Config, out: Path) -> None:
         changed += [name for name in ("valid_fraction", "seed") if getattr(cfg, name) != getattr(old, name)]
     # what the checkpoint carries on: a new value would be written to config.yaml and not used
     kept = [name for name in ("lr", "seed") if getattr(cfg, name) != getattr(old, name)]
+    started = [name for name in ("init_model", "refit_reference_energies") if
+               (path(getattr(cfg, name)) if name == "init_model" else getattr(cfg, name))
+               != (path(getattr(old, name)) if name == "init_model" else getattr(old, name))]
     if changed:
         raise ValueError(
             f"resuming {out} with another split of the data ({changes(changed)}): structures the run validated on "
@@ -242,6 +292,11 @@ def _check_same_split(cfg: Config, out: Path) -> None:
             f"resuming {out} with {changes(['dtype'])}: the run's weights, optimiser state and best model are "
             f"{old.dtype}, and config.yaml would record the new one for the whole run; resume with the run's dtype, "
             "or start a new run (--overwrite or another --out)")
+    if started:
+        raise ValueError(
+            f"resuming {out} with {changes(started)}: the run started from its initial model once, and a resume "
+            "continues from its checkpoint; resume with the run's values, or start a new run (--overwrite or another "
+            "--out)")
     if kept:
         raise ValueError(
             f"resuming {out} with {changes(kept)}: a resume continues the checkpoint's learning rate (where the "
@@ -331,6 +386,9 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         _check_same_split(cfg, out)
         cfg = _without_config_yaml(cfg, out, checkpoint)
         _check_same_data(cfg, out, record)
+    init = None
+    if cfg.init_model is not None and not cfg.resume:  # before the data are read: the model's cutoff builds the graphs
+        init, cfg = initial_model(cfg)
     t0 = time.perf_counter()
     both = cfg.valid is not None and cfg.config_type_weights is not None  # a type in either file is no unknown type
     reading = (config_types_of_files(cfg.config_type_weights, f"{cfg.train} and {cfg.valid}") if both
@@ -358,6 +416,11 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
     present = sorted(present)  # the validation set's too, checked above
     species = cfg.species or present
     missing = sorted(set(present) - set(species))
+    if missing and init is not None:
+        raise ValueError(
+            f"the data contain {', '.join(_symbols(missing))}, which the model in init_model {cfg.init_model!r} does "
+            f"not know (its species: {', '.join(_symbols(species))}): fine-tuning cannot add elements; train a new "
+            "model, or leave the structures with those elements out")
     if missing:
         raise ValueError(
             f"the data contain {', '.join(_symbols(missing))}, which are not in species {', '.join(_symbols(species))}"
@@ -369,15 +432,21 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
 
     torch.manual_seed(cfg.seed)
     try:
-        model = cfg.build_model(species).to(device=device, dtype=dtype)
+        model = (cfg.build_model(species) if init is None else init).to(device=device, dtype=dtype)
     except ImportError as err:
         raise ValueError(f"long_range={cfg.long_range!r} is not available in this installation ({err})") from None
+    if init is not None:
+        data_record.update(init_model=str(Path(cfg.init_model).resolve()),
+                           init_model_sha256=file_sha256(cfg.init_model))
+        if cfg.refit_reference_energies:
+            refit_reference_energies(model, train_graphs)
 
     if cfg.resume:  # a model that does not match is refused before the data statistics are computed
         restore_model_settings(model, checkpoint["model"], out)
 
     # the file records settings, not this call's actions; absolute paths work from any folder
-    absolute = {n: str(Path(getattr(cfg, n)).resolve()) for n in ("train", "valid", "out") if getattr(cfg, n)}
+    absolute = {n: str(Path(getattr(cfg, n)).resolve()) for n in ("train", "valid", "out", "init_model")
+                if getattr(cfg, n)}
 
     def write_config():  # once train() has accepted the start: a refused start leaves the run's config.yaml as it was
         if main:
@@ -386,5 +455,8 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
             # a split's validation frame indices (from 0, in file order; the other frames are training's)
             atomic_write_text(out / DATA_JSON, json.dumps(data_record, indent=1) + "\n")
 
-    result = train(model, train_graphs, valid_graphs, out_dir=out, on_start=write_config, **cfg.train_kwargs())
+    # statistics: a fresh model's are set from the data; an initial model keeps its own (its weights were trained
+    # with them), and on resume the checkpoint's are restored
+    result = train(model, train_graphs, valid_graphs, out_dir=out, on_start=write_config,
+                   statistics=cfg.init_model is None, **cfg.train_kwargs())
     return model, result

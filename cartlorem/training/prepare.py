@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..graph import Graph
 
-__all__ = ["check_dataset", "check_edges", "fit_statistics"]
+__all__ = ["check_dataset", "check_edges", "fit_statistics", "refit_reference_energies"]
 
 log = logging.getLogger(__name__)
 _CUTOFF_CHECKS = 16  # structures of a set whose edges are compared with a fresh neighbour list
@@ -145,3 +146,42 @@ def fit_statistics(model, graphs: Sequence[Graph], *, ranks=None) -> dict:
                            for z, e in sorted(stats["isolated_atom_energies"].items())),
                  "; the others fitted" if fitted else "")
     return stats
+
+
+def refit_reference_energies(model, graphs: Sequence[Graph], *, batch_size: int = 16) -> dict:
+    """Correct a trained CartLorem's reference energies for ``graphs`` (fine-tuning on data of another code or level
+    of theory, whose energies differ by a constant per element). Returns the corrections {Z: eV}, which are added.
+
+    The corrections are the least-squares fit of energy label − prediction ≈ Σ_Z n_Z δ_Z over the structures with an
+    energy label (:func:`cartlorem.data.fit_reference_energies`: minimum norm, so elements absent from ``graphs``
+    keep theirs and elements whose counts are collinear share the correction). What the model predicts beyond the
+    reference energies is left as it was. Every process of a torchrun job computes the same numbers from the same
+    ``graphs``.
+    """
+    from ..data import fit_reference_energies
+    from ..evaluate import predict
+    from ..model import CartLorem
+
+    if not isinstance(model, CartLorem):
+        raise TypeError(f"reference energies are corrected for CartLorem models, not {type(model).__name__}")
+    p = predict(model, graphs, batch_size=batch_size, compute_stress=False, compute_dipole=False,
+                compute_born_charges=False, check_cutoff=False)
+    if not p.has_energy.any():
+        raise ValueError("no training structure has an energy label: there is nothing to correct the reference "
+                         "energies with; leave refit_reference_energies out")
+    resid = np.where(p.has_energy, p.energy_ref - p.energy_pred, 0.0)  # predict's structures are in graphs' order
+    residual, k = [], 0
+    for g in graphs:
+        b = int(g.num_graphs)
+        residual.append(g.replace(energy=torch.as_tensor(resid[k:k + b]),
+                                  has_energy=torch.as_tensor(p.has_energy[k:k + b])))
+        k += b
+    delta = fit_reference_energies(residual, model.species)
+    refs = {z: float(model.atomic_energies[i]) + delta[z] for i, z in enumerate(model.species)}
+    model.set_statistics(atomic_energies=refs)
+    from ase.data import chemical_symbols
+
+    log.info("reference energies corrected for the training set (least squares on what the initial model leaves of "
+             "its energies): %s", ", ".join(f"{chemical_symbols[z]} {delta[z]:+.4f} eV" for z in model.species))
+    return delta
+

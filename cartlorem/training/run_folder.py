@@ -108,7 +108,8 @@ def _check_resumable(saved: dict, where) -> None:
         raise ValueError(
             f"the checkpoint in {where} was written by an older cartlorem (model format {saved['format']!r}), which "
             "stored the long-range couplings as one parameter: its optimiser state cannot be continued. Its weights "
-            "still load (load_model on the checkpoint or its model.pt); start a new run to train further")
+            "still load (load_model on the checkpoint or its model.pt); start a new run from them to train further "
+            "(--init-model)")
 
 
 def rng_state(rng: np.random.Generator) -> dict:

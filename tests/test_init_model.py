@@ -1,0 +1,196 @@
+"""Fine-tuning: `cartlorem train --init-model MODEL` starts from a trained model (architecture, weights, statistics),
+and `--refit-reference-energies` corrects its per-element reference energies for data of another code."""
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from conftest import emt_frames, run_cli as run  # noqa: E402  (tests/ is on sys.path under pytest)
+
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
+
+TINY = {"channels": 4, "num_layers": 1, "correlation": 1, "num_basis": 4, "radial_hidden": 4, "readout_hidden": 4,
+        "cutoff": 3.0, "long_range": "none", "epochs": 1, "batch_size": 4, "threads": 1, "progress": False}
+SHIFT = {"Cu": 1.5, "Ag": -0.7}  # eV per atom: the same structures computed with "another code"
+
+
+def _shifted(frames, shift):
+    out = []
+    for a in frames:
+        b = a.copy()
+        res = {k: v for k, v in a.calc.results.items() if k in ("energy", "forces", "stress")}
+        res["energy"] = res["energy"] + sum(shift[s] for s in b.get_chemical_symbols())
+        b.calc = SinglePointCalculator(b, **res)
+        out.append(b)
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    first, second = emt_frames(12, seed=0), emt_frames(12, seed=1)
+    ase.io.write(d / "first.xyz", first)
+    ase.io.write(d / "second.xyz", second)
+    ase.io.write(d / "first_shifted.xyz", _shifted(first, SHIFT))
+    gold = [a.copy() for a in second[:4]]
+    for a in gold:
+        a.symbols[0] = "Au"
+        a.calc = SinglePointCalculator(a, energy=0.0, forces=np.zeros((len(a), 3)))
+    ase.io.write(d / "with_gold.xyz", gold)
+    (d / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    return d
+
+
+@pytest.fixture(scope="module")
+def pretrained(files, tmp_path_factory):
+    """A model trained one epoch on first.xyz."""
+    from cartlorem import cli
+
+    run_dir = tmp_path_factory.mktemp("pretrained") / "run"
+    assert cli.main(["train", "--train", str(files / "first.xyz"), "--config", str(files / "tiny.yaml"),
+                     "--out", str(run_dir)]) == 0
+    return run_dir / "model.pt"
+
+
+def _load(path):
+    from cartlorem import load_model
+
+    return load_model(path)
+
+
+def test_a_fine_tuning_run_starts_from_the_model_and_keeps_its_statistics(files, pretrained, tmp_path, capsys):
+    """Without --init-model there was no way to train a trained model further on new data from the command line:
+    every run started from random weights, with statistics fitted to its own data."""
+    from cartlorem.data import read_dataset
+    from cartlorem.training import fit_statistics
+
+    start = _load(pretrained)
+    out = tmp_path / "ft"
+    # a learning rate this small leaves the weights where they start, to float64 rounding
+    code, _, err = run(capsys, "train", "--train", files / "second.xyz", "--init-model", pretrained, "--out", out,
+                       "--lr", 1e-12, "--epochs", 1, "--batch-size", 4, "--threads", 1, "--no-progress")
+    assert code == 0, err
+    tuned = _load(out / "model.pt")
+    assert tuned.config == start.config  # architecture and statistics: the model's, not the new data's
+    before, after = start.state_dict(), tuned.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=1e-8, atol=1e-10, msg=k)
+    # the same data give a fresh run other statistics: the test would see them had they been refitted
+    fresh = _load(pretrained)
+    fit_statistics(fresh, read_dataset(files / "second.xyz", start.cutoff))
+    assert abs(float(fresh.scale) - float(start.scale)) > 1e-3 * float(start.scale)
+    assert not torch.equal(fresh.atomic_energies, start.atomic_energies)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["init_model"] == str(pretrained.resolve())
+    assert {k: config[k] for k in ("channels", "cutoff", "long_range")} == {"channels": 4, "cutoff": 3.0,
+                                                                            "long_range": "none"}
+    from cartlorem.fileio import file_sha256
+    import json
+
+    assert json.loads((out / "data.json").read_text())["init_model_sha256"] == file_sha256(pretrained)
+
+
+def test_refitted_reference_energies_take_up_a_shift_per_element(files, pretrained):
+    """The corrections are a least-squares fit of what the model leaves of the labels: energies shifted by a
+    constant per element shift the corrections by exactly those constants (the EMT clusters' Cu and Ag counts are
+    not collinear), and the model's other weights are untouched."""
+    from cartlorem.data import read_dataset
+    from cartlorem.training import refit_reference_energies
+
+    cutoff = _load(pretrained).cutoff
+    plain, shifted = _load(pretrained), _load(pretrained)
+    d_plain = refit_reference_energies(plain, read_dataset(files / "first.xyz", cutoff))
+    d_shifted = refit_reference_energies(shifted, read_dataset(files / "first_shifted.xyz", cutoff))
+    assert d_shifted[29] - d_plain[29] == pytest.approx(SHIFT["Cu"], abs=1e-8)
+    assert d_shifted[47] - d_plain[47] == pytest.approx(SHIFT["Ag"], abs=1e-8)
+    start = _load(pretrained)
+    for z, index in ((29, 0), (47, 1)):
+        assert float(shifted.atomic_energies[index]) == pytest.approx(float(start.atomic_energies[index])
+                                                                     + d_shifted[z], abs=1e-10)
+    kept = {k: v for k, v in start.state_dict().items() if k != "atomic_energies"}
+    for k, v in kept.items():
+        assert torch.equal(shifted.state_dict()[k], v), k
+    # after the correction the model's energy errors on the shifted set are those on the plain set
+    from cartlorem.evaluate import evaluate
+
+    e_plain = evaluate(plain, read_dataset(files / "first.xyz", cutoff))["energy_mae_mev_per_atom"]
+    e_shifted = evaluate(shifted, read_dataset(files / "first_shifted.xyz", cutoff))["energy_mae_mev_per_atom"]
+    assert e_shifted == pytest.approx(e_plain, rel=1e-6, abs=1e-9)
+
+
+def test_the_command_line_refit_changes_the_reference_energies_only(files, pretrained, tmp_path, capsys):
+    out = tmp_path / "ft"
+    code, _, err = run(capsys, "train", "--train", files / "first_shifted.xyz", "--init-model", pretrained,
+                       "--refit-reference-energies", "--out", out, "--lr", 1e-12, "--epochs", 1, "--threads", 1,
+                       "--no-progress")
+    assert code == 0, err
+    start, tuned = _load(pretrained), _load(out / "model.pt")
+    shift = tuned.atomic_energies - start.atomic_energies
+    assert shift.abs().max() > 0.1  # the shifts of first_shifted.xyz (plus the model's own error, fitted too)
+    assert float(tuned.scale) == float(start.scale) and float(tuned.shift) == float(start.shift)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--channels", 8], "channels 8 (the model's: 4)"),
+    (["--long-range", "lorem"], "long_range 'lorem' (the model's: 'none')"),
+    (["--species", "Cu,Ag,Au"], "species Cu, Ag, Au (the model's: Cu, Ag)"),
+    (["--train", "with_gold.xyz"], "fine-tuning cannot add elements"),
+])
+def test_settings_that_contradict_the_initial_model_are_refused(files, pretrained, tmp_path, capsys, flags, says):
+    flags = [files / f if str(f).endswith(".xyz") else f for f in flags]
+    train = [] if "--train" in flags else ["--train", files / "second.xyz"]
+    code, _, err = run(capsys, "train", *train, "--init-model", pretrained, "--out", tmp_path / "ft", "--threads", 1,
+                       "--epochs", 1, *flags)
+    assert code == 2 and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "ft" / "model.pt").exists()
+
+
+def test_options_left_at_their_defaults_take_the_models_values(files, pretrained):
+    from cartlorem.config import Config
+    from cartlorem.training.job import initial_model
+
+    model, cfg = initial_model(Config(train=str(files / "second.xyz"), init_model=str(pretrained), cutoff=3.0))
+    assert (cfg.channels, cfg.num_layers, cfg.long_range, cfg.cutoff) == (4, 1, "none", 3.0)
+    assert cfg.species == [29, 47] and model.config["channels"] == 4
+
+
+def test_refit_without_an_initial_model_is_refused(files, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--train", files / "second.xyz", "--config", files / "tiny.yaml",
+                       "--refit-reference-energies", "--out", tmp_path / "r")
+    assert code == 2 and "there is none" in err and "Traceback" not in err, err
+
+
+def test_the_run_folders_own_model_is_not_an_initial_model(files, pretrained, tmp_path, capsys):
+    """--overwrite of the folder the initial model is in would replace the model the run starts from."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(pretrained.parent, run_dir)
+    before = (run_dir / "model.pt").read_bytes()
+    code, _, err = run(capsys, "train", "--train", files / "second.xyz", "--init-model", run_dir / "model.pt",
+                       "--out", run_dir, "--overwrite", "--threads", 1)
+    assert code == 2 and "which this run writes over" in err, err
+    assert (run_dir / "model.pt").read_bytes() == before
+
+
+def test_a_fine_tuning_run_resumes_without_its_initial_model(files, pretrained, tmp_path, capsys):
+    """The architecture is in config.yaml and the weights in the checkpoint: the initial model file is not read
+    again, and another one is refused (the run started from the first)."""
+    import shutil
+
+    init = tmp_path / "init.pt"
+    shutil.copy(pretrained, init)
+    out = tmp_path / "ft"
+    code, _, err = run(capsys, "train", "--train", files / "second.xyz", "--init-model", init, "--out", out,
+                       "--epochs", 1, "--threads", 1, "--no-progress")
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", 2, "--init-model", pretrained)
+    assert code == 2 and "started from its initial model once" in err, err
+    init.unlink()
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", 2)
+    assert code == 0, err
+    assert _load(out / "model.pt").config["channels"] == 4
