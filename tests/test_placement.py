@@ -93,3 +93,10 @@ def test_bad_placement_is_a_clear_error():
         _model("middle")
     with pytest.raises(ValueError, match="needs num_layers >= 2"):
         _model("before_last", num_layers=1)
+
+
+@pytest.mark.parametrize("option", ["placement", "end_features"])
+def test_an_empty_choice_is_refused_not_read_as_the_default(option):
+    """An empty string (a YAML `placement: ''`, a blank template value) built the default layout without a word."""
+    with pytest.raises(ValueError, match=f"{option}.*got ''"):
+        cartlorem.CartLorem([1, 8], channels=4, long_range="multipole", long_range_options={option: ""})

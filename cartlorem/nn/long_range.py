@@ -110,12 +110,14 @@ def block_layout(options, num_layers: int, lmax: int) -> tuple[str, str]:
     "end", "full"); ValueError for a value the model cannot build or that would change nothing: a choice not
     in :data:`PLACEMENTS` / :data:`END_FEATURES`, "before_last" with one layer, "light" end features with the
     block before the last layer or with ``lmax`` 0 (no rank-1/2 features for them to make)."""
-    placement = options.get("placement") or "end"
+    placement = options.get("placement")
+    placement = "end" if placement is None else placement  # an empty string is no choice of the default
     check_placement(placement)
     if placement == "before_last" and num_layers < 2:
         raise ValueError("long_range_options['placement'] = 'before_last' runs the long-range block between the "
                          "last two interaction layers and needs num_layers >= 2; use placement 'end' with one layer")
-    end_features = options.get("end_features") or "full"
+    end_features = options.get("end_features")
+    end_features = "full" if end_features is None else end_features
     check_end_features(end_features)
     if end_features != "full" and placement != "end":
         raise ValueError(f"long_range_options['end_features'] = {end_features!r} chooses how the last layer makes the "
