@@ -111,10 +111,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"--valid-fraction {cfg.valid_fraction} and the validation file {cfg.valid!r} contradict each other: with "
             "--valid nothing is split off the training set; pass one of them"
         )
-    model, result = run(cfg)
+    model, result = run(cfg, given=set(given) | set(_config_keys(config)))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 alone prints the summary
         _print_summary(result)
     return 0
+
+
+def _config_keys(config) -> list:
+    """The option names a --config file sets (none without one; Config.from_yaml has checked it)."""
+    if config is None:
+        return []
+    import yaml
+
+    return [str(k).replace("-", "_") for k in (yaml.safe_load(Path(config).read_text()) or {})]
 
 
 def _auto_resume(given: dict, config) -> None:

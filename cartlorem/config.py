@@ -379,7 +379,8 @@ def _init_options() -> list[Option]:
     return [
         Option("init_model", nullable(parse_path), None,
                "start from this trained model (model.pt or checkpoint.pt): its architecture, species, weights, "
-               "reference energies and scale; the model options below are taken from it (fine-tuning)", "model"),
+               "reference energies and scale; the model options below come from it, and one given must agree "
+               "(fine-tuning)", "model"),
         Option("refit_reference_energies", parse_bool, False,
                "with --init-model: correct its per-element reference energies by a least-squares fit to what it "
                "leaves of the training energies (data from another code or level of theory)", "model"),

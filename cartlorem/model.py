@@ -825,6 +825,18 @@ def complete_config(config: dict) -> dict:
     return config
 
 
+def _is_torchscript(path) -> bool:
+    """Whether ``path`` is a TorchScript archive (torch.jit.save: a zip file with the model's code), which
+    ``torch.load`` cannot read, unlike a torch.save file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in name for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartLorem:
     """Read a model written by :func:`save_model` (or a training checkpoint that holds one).
 
@@ -856,6 +868,9 @@ def load_model(path, map_location="cpu", *, trust_pickle: bool = False) -> CartL
     if damaged is not None:
         raise ValueError(f"model file {path} is damaged: its record {damaged} does not match its checksum (the "
                          "file changed after it was written); restore it or write it again")
+    if _is_torchscript(path):  # torch.load's own advice (weights_only=False) would not read it either
+        raise ValueError(f"{path} is a TorchScript export (cartlorem export, plain or --metatomic), not a model file: "
+                         "pass the model.pt it was made from (exports run in the engines: torch.jit.load, metatomic)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

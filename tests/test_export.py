@@ -5,13 +5,14 @@ with an error naming it."""
 
 import math
 
+import ase.io
 import numpy as np
 import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk, molecule
 
-from cartlorem import CartLorem, cli, save_model
+from cartlorem import CartLorem, cli, load_model, save_model
 from cartlorem.export import ExportedCartLorem, export_model, save_exported
 from cartlorem.graph import atoms_to_graph, collate
 
@@ -310,6 +311,19 @@ def test_cli_export_errors(tmp_path, capsys):
     graph = atoms_to_graph(molecule("H2O"), CUTOFF).to(dtype=torch.float32)
     assert scripted(*_inputs(graph))["energy"].dtype == torch.float32
     assert np.isfinite(float(scripted(*_inputs(graph))["energy"]))
+
+
+def test_an_export_given_as_a_model_file_is_named(tmp_path, capsys):
+    """load_model (evaluate --model, train --init-model) passed an export gave torch.load's advice to retry with
+    weights_only=False, which would not read it either."""
+    save_model(_model(None), tmp_path / "m.pt")
+    assert cli.main(["export", str(tmp_path / "m.pt"), str(tmp_path / "ts.pt")]) == 0
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="is a TorchScript export .* pass the model.pt it was made from"):
+        load_model(tmp_path / "ts.pt")
+    ase.io.write(tmp_path / "water.xyz", molecule("H2O"))
+    assert cli.main(["evaluate", "--model", str(tmp_path / "ts.pt"), "--data", str(tmp_path / "water.xyz")]) == 2
+    assert "TorchScript export" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -194,3 +194,70 @@ def test_a_fine_tuning_run_resumes_without_its_initial_model(files, pretrained, 
     code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", 2)
     assert code == 0, err
     assert _load(out / "model.pt").config["channels"] == 4
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--long-range", "multipole"], "long_range 'multipole' (the model's: 'none')"),  # the default, asked for
+    (["--cutoff", 5.0], "cutoff 5.0 (the model's: 3.0)"),
+])
+def test_an_explicit_default_that_contradicts_the_model_is_refused(files, pretrained, tmp_path, capsys, flags, says):
+    """A flag set to the option's default was taken for "not given": `--long-range multipole` fine-tuned the
+    short-range model without a word."""
+    code, _, err = run(capsys, "train", "--train", files / "second.xyz", "--init-model", pretrained, "--out",
+                       tmp_path / "ft", "--threads", 1, "--epochs", 1, *flags)
+    assert code == 2 and says in err and "Traceback" not in err, err
+    config = tmp_path / "c.yaml"  # the same from a --config file
+    config.write_text(yaml.safe_dump({"long_range": "multipole"}))
+    code, _, err = run(capsys, "train", "--train", files / "second.xyz", "--init-model", pretrained, "--out",
+                       tmp_path / "ft", "--config", config, "--epochs", 1)
+    assert code == 2 and "long_range 'multipole' (the model's: 'none')" in err, err
+
+
+def test_a_validation_set_of_elements_the_model_knows_is_taken(files, pretrained, tmp_path, capsys):
+    """Fine-tuning on copper alone while validating on structures with silver (is the old domain forgotten?) was
+    refused as if the model had never been trained on silver."""
+    cu = [a for a in emt_frames(12, seed=3) if set(a.get_chemical_symbols()) == {"Cu"}]
+    mixed = [a for a in emt_frames(12, seed=4) if "Ag" in a.get_chemical_symbols()]
+    assert cu and mixed
+    ase.io.write(tmp_path / "cu.xyz", cu)
+    ase.io.write(tmp_path / "mixed.xyz", mixed)
+    code, _, err = run(capsys, "train", "--train", tmp_path / "cu.xyz", "--valid", tmp_path / "mixed.xyz",
+                       "--init-model", pretrained, "--out", tmp_path / "ft", "--epochs", 1, "--threads", 1,
+                       "--no-progress")
+    assert code == 0, err
+
+
+def test_long_range_options_at_the_blocks_defaults_agree_with_the_model(tmp_path):
+    """The model file stores the options that were set; one given at the block's default (smearing 1.0) was called
+    a contradiction ("the model's: None")."""
+    from cartlorem import CartLorem, save_model
+    from cartlorem.config import Config
+    from cartlorem.nn.long_range import long_range_option_defaults
+    from cartlorem.training.job import initial_model
+
+    save_model(CartLorem([29, 47], cutoff=3.0, channels=4, long_range="multipole"), tmp_path / "lr.pt")
+    smearing = long_range_option_defaults()["smearing"]
+    cfg = Config(init_model=str(tmp_path / "lr.pt"), long_range_options={"smearing": smearing})
+    assert initial_model(cfg, {"long_range_options"})[1].long_range == "multipole"
+    with pytest.raises(ValueError, match=r"smearing=2.5 \(the model's: " + str(smearing)):
+        initial_model(Config(init_model=str(tmp_path / "lr.pt"), long_range_options={"smearing": 2.5}),
+                      {"long_range_options"})
+
+
+def test_an_isolated_atom_fixes_its_elements_correction(files, pretrained):
+    """As a fresh run takes an element's reference energy from its isolated-atom structure, the refit makes the
+    model exact on it; the other element is fitted to what it leaves."""
+    from ase import Atoms
+    from cartlorem.data import read_dataset
+    from cartlorem.training import refit_reference_energies
+
+    atom = Atoms("Cu", positions=[[0.0, 0.0, 0.0]])
+    atom.calc = SinglePointCalculator(atom, energy=-3.25, forces=np.zeros((1, 3)))
+    frames = list(ase.io.read(files / "first_shifted.xyz", ":")) + [atom]
+    model = _load(pretrained)
+    graphs = read_dataset(frames, model.cutoff)
+    refit_reference_energies(model, graphs)
+    from cartlorem.evaluate import predict
+
+    p = predict(model, graphs[-1:])
+    assert p.energy_pred[0] == pytest.approx(-3.25, abs=1e-9)

@@ -157,8 +157,10 @@ def _recorded_split(cfg: Config, out: Path, record: Optional[dict], frames: int,
     return train, valid
 
 
-def run(cfg: Config):
-    """Train a CartLorem as ``cfg`` says; returns (model, TrainResult). ValueError for bad settings."""
+def run(cfg: Config, given: Optional[set] = None):
+    """Train a CartLorem as ``cfg`` says; returns (model, TrainResult). ValueError for bad settings. ``given``: the
+    names of the options the user set, where known (the command line): with ``init_model``, each model option among
+    them must be the model's (:func:`initial_model`)."""
     for name in ("train", "out"):
         if not getattr(cfg, name):
             what = "training set" if name == "train" else "output folder"
@@ -181,7 +183,7 @@ def run(cfg: Config):
     threads = torch.get_num_threads()  # cfg.threads holds for this call, not for the program that made it
     try:
         with process_group(cfg.device) as (ranks, device), _only_main_logs(ranks.is_main):
-            return _run(cfg, out, select_device(device), ranks.is_main)
+            return _run(cfg, out, select_device(device), ranks.is_main, given)
     finally:
         torch.set_num_threads(threads)
 
@@ -197,25 +199,31 @@ def _check_not_replaced(cfg: Config, out: Path) -> None:
                              "run writes over: copy the model elsewhere, or choose another --out")
 
 
-def initial_model(cfg: Config):
+def initial_model(cfg: Config, given: Optional[set] = None):
     """(model, cfg) for a run that starts from ``cfg.init_model`` (fine-tuning): the trained model as
     :func:`cartlorem.model.load_model` reads it (weights, species, reference energies, scale and shift), and ``cfg``
     with that model's architecture, which config.yaml records (so that a resume rebuilds it without the file).
-    ValueError when ``cfg`` sets a model option, or species, to something else than the model has (an option left
-    at its default takes the model's value)."""
+    ValueError when ``cfg`` sets a model option, or species, to something else than the model has. ``given``: the
+    names of the options the user set (the command line's flags and --config keys), each compared; None (a Config
+    made in Python) compares the options not at their defaults. The others take the model's values."""
     from ..model import load_model
 
     model = load_model(cfg.init_model)
     arch = {name: model.config[name] for name in MODEL_OPTIONS}
     arch["long_range"] = "none" if arch["long_range"] is None else arch["long_range"]
     default = Config()
-    clash = [f"{name} {getattr(cfg, name)!r} (the model's: {arch[name]!r})" for name in MODEL_OPTIONS
-             if name != "long_range_options" and getattr(cfg, name) != getattr(default, name)
-             and getattr(cfg, name) != arch[name]]
-    given = cfg.long_range_options or {}
-    clash += [f"long_range_options {key}={value!r} (the model's: {arch['long_range_options'].get(key)!r})"
-              for key, value in given.items() if arch["long_range_options"].get(key) != value]
-    if cfg.species is not None and sorted(cfg.species) != sorted(model.species):
+    chosen = [name for name in MODEL_OPTIONS + ("species",)
+              if (name in given if given is not None else getattr(cfg, name) != getattr(default, name))]
+    clash = [f"{name} {getattr(cfg, name)!r} (the model's: {arch[name]!r})" for name in chosen
+             if name not in ("long_range_options", "species") and getattr(cfg, name) != arch[name]]
+    if "long_range_options" in chosen and cfg.long_range_options:
+        from ..nn.long_range import long_range_option_defaults
+
+        # the model's options with the block's defaults for the keys it does not store
+        used = {**long_range_option_defaults(), **arch["long_range_options"]} if arch["long_range"] != "none" else {}
+        clash += [f"long_range_options {key}={value!r} (the model's: {used.get(key)!r})"
+                  for key, value in cfg.long_range_options.items() if used.get(key) != value]
+    if "species" in chosen and cfg.species is not None and sorted(cfg.species) != sorted(model.species):
         clash.append(f"species {', '.join(_symbols(cfg.species))} (the model's: {', '.join(_symbols(model.species))})")
     if clash:
         raise ValueError(f"init_model {cfg.init_model!r} fixes the architecture of this run, and the settings "
@@ -372,7 +380,7 @@ def _warn_duplicates(cfg: Config, graphs, train_graphs, valid_graphs) -> None:
                 "the model is trained on", where)
 
 
-def _run(cfg: Config, out: Path, device: str, main: bool):
+def _run(cfg: Config, out: Path, device: str, main: bool, given: Optional[set] = None):
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     dtype = getattr(torch, cfg.dtype)
@@ -388,7 +396,7 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         _check_same_data(cfg, out, record)
     init = None
     if cfg.init_model is not None and not cfg.resume:  # before the data are read: the model's cutoff builds the graphs
-        init, cfg = initial_model(cfg)
+        init, cfg = initial_model(cfg, given)
     t0 = time.perf_counter()
     both = cfg.valid is not None and cfg.config_type_weights is not None  # a type in either file is no unknown type
     reading = (config_types_of_files(cfg.config_type_weights, f"{cfg.train} and {cfg.valid}") if both
@@ -412,8 +420,11 @@ def _run(cfg: Config, out: Path, device: str, main: bool):
         train_graphs, valid_graphs = graphs, []
     _warn_duplicates(cfg, graphs, train_graphs, valid_graphs)
     present = _species_of(train_graphs)
-    _check_valid_species(cfg, present, valid_graphs)
-    present = sorted(present)  # the validation set's too, checked above
+    if init is None:  # an initial model was trained on its elements, and keeps their reference energies
+        _check_valid_species(cfg, present, valid_graphs)
+    else:
+        present |= _species_of(valid_graphs)
+    present = sorted(present)  # the validation set's too (checked above for a new model)
     species = cfg.species or present
     missing = sorted(set(present) - set(species))
     if missing and init is not None:

@@ -154,11 +154,12 @@ def refit_reference_energies(model, graphs: Sequence[Graph], *, batch_size: int 
 
     The corrections are the least-squares fit of energy label − prediction ≈ Σ_Z n_Z δ_Z over the structures with an
     energy label (:func:`cartlorem.data.fit_reference_energies`: minimum norm, so elements absent from ``graphs``
-    keep theirs and elements whose counts are collinear share the correction). What the model predicts beyond the
-    reference energies is left as it was. Every process of a torchrun job computes the same numbers from the same
-    ``graphs``.
+    keep theirs and elements whose counts are collinear share the correction); an element with an isolated-atom
+    structure (:func:`cartlorem.data.is_isolated_atom`) takes the correction that makes it exact (the lowest, of
+    several). What the model predicts beyond the reference energies is left as it was. Every process of a torchrun
+    job computes the same numbers from the same ``graphs``.
     """
-    from ..data import fit_reference_energies
+    from ..data import fit_reference_energies, isolated_atom_energies
     from ..evaluate import predict
     from ..model import CartLorem
 
@@ -176,7 +177,8 @@ def refit_reference_energies(model, graphs: Sequence[Graph], *, batch_size: int 
         residual.append(g.replace(energy=torch.as_tensor(resid[k:k + b]),
                                   has_energy=torch.as_tensor(p.has_energy[k:k + b])))
         k += b
-    delta = fit_reference_energies(residual, model.species)
+    # an isolated-atom structure gives its element's correction exactly, as it gives a new model's reference energy
+    delta = fit_reference_energies(residual, model.species, fixed=isolated_atom_energies(residual))
     refs = {z: float(model.atomic_energies[i]) + delta[z] for i, z in enumerate(model.species)}
     model.set_statistics(atomic_energies=refs)
     from ase.data import chemical_symbols
