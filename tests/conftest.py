@@ -123,6 +123,34 @@ def emt_frames(n, seed=0, periodic_every=3):
     return frames
 
 
+def needs_torch(available, what, release):
+    """A skip mark for a test of ``what``, which torch has from release ``release`` on: the test is skipped where
+    ``available`` (the capability itself, tested where that is simple) is false."""
+    import torch
+
+    return pytest.mark.skipif(not available, reason=f"{what} needs torch >= {release} (this is {torch.__version__})")
+
+
+def works(probe):
+    """Whether ``probe()`` runs: a torch capability that a call shows (an older torch raises TypeError for an
+    argument it does not know, RuntimeError for a case it does not support)."""
+    try:
+        probe()
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+def _compiled_step_mark():
+    from cartlorem.training.compiled import TESTED_TORCH, version_note
+
+    return needs_torch(not version_note(), "torch.compile of the training step", ".".join(map(str, TESTED_TORCH)))
+
+
+#: tests of the compiled training step (torch.compile, dynamo): the library's own rule for the torch it takes
+#: (cartlorem.training.compiled.version_note; an older torch trains eagerly, with a warning that says so)
+needs_compiled_step = _compiled_step_mark()
+
 
 @pytest.fixture
 def eager_compiled_step(monkeypatch):

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import accuracy, harness  # noqa: E402
+from conftest import needs_compiled_step  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def write_dimers(path, n=24, seed=0):
@@ -259,6 +260,7 @@ def test_charge_channels_reach_the_block_and_a_continued_study_keeps_them(tmp_pa
         accuracy.main(runs + ["--out", str(tmp_path / "fourth")])
 
 
+@needs_compiled_step
 def test_compile_flag_trains_cartlorem_models_compiled_and_is_recorded(tmp_path, eager_compiled_step):
     """--compile: the cartlorem models train through the compiled step (its function run eagerly here: compiling
     takes minutes) and each session records it; a session without the flag continues the same run."""

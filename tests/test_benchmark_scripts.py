@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmarks import harness  # noqa: E402
+from conftest import needs_torch  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +43,9 @@ def run_script(script, *args, timeout=120):
 @pytest.mark.parametrize("script, argv", [
     ("field_sum_forms", ["--sets", "dimers", "--forms", "pairs", "--repeats", "1", "--warmup", "0",
                          "--batch-size", "2"]),
-    ("hand_kernel", ["--set", "dimers", "--repeats", "1", "--warmup", "0", "--batch-size", "2"]),
+    pytest.param("hand_kernel", ["--set", "dimers", "--repeats", "1", "--warmup", "0", "--batch-size", "2"],
+                 marks=needs_torch(hasattr(torch.library, "custom_op"), "torch.library.custom_op (hand_kernel.py)",
+                                   "2.4")),
 ])
 def test_data_dir_defaults_to_the_shared_folder_and_a_missing_one_names_the_option(script, argv, tmp_path,
                                                                                    monkeypatch):

@@ -9,7 +9,7 @@ import yaml
 
 from cartlorem import load_model
 from cartlorem.config import option_names
-from conftest import emt_frames, run_cli as run  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import emt_frames, needs_compiled_step, run_cli as run  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
@@ -295,6 +295,7 @@ def test_config_python_yaml_and_flags_agree(files, tmp_path):
     assert Config(clip_grad=None, patience=None, ema_decay=None, valid_batch_size=None).clip_grad is None
 
 
+@needs_compiled_step
 def test_train_compile_flag_reaches_the_trainer(files, tmp_path, capsys, caplog, eager_compiled_step):
     """--compile trains through the compiled step (here its function run eagerly: compiling takes minutes;
     tests/test_compiled_training.py compiles it) and is recorded in config.yaml."""

@@ -24,6 +24,7 @@ from cartlorem.training import compiled as compiled_mod
 from cartlorem.training import train
 from cartlorem.training.compiled import CompiledLossGradient
 from cartlorem.training.loss import loss_terms, loss_weights, weighted_loss
+from conftest import needs_compiled_step  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def _labelled(rng, atoms, stress=True, energy=True, forces=True):
@@ -130,6 +131,7 @@ def _check_step_function_equals_autograd(model, batch):
             assert float((p.grad - grads_ref[name]).abs().max()) <= 1e-10 * scale, name
 
 
+@needs_compiled_step
 def test_term_weights_scale_each_structures_energy_forces_and_stress():
     """MACE's config_energy_weight, config_forces_weight and config_stress_weight (Graph.term_weight) multiply the
     structure's squared errors of that term, times config_weight; the means divide by the labelled items. The
@@ -164,6 +166,7 @@ def test_term_weights_scale_each_structures_energy_forces_and_stress():
                                            ("multipole/cells", {"energy": 0.0, "forces": 0.0, "stress": 5.0}),
                                            ("multipole/slabs", {}), ("lorem/slabs", {}), ("multipole/mixed", {}),
                                            ("lorem/mixed", {})])
+@needs_compiled_step
 def test_functional_gradient_equals_autograd(monkeypatch, kind, weights):
     """The function that is compiled, run eagerly: loss, terms and every parameter gradient as autograd's, with
     partly labelled structures (a molecule without energy, one without forces) and a periodic cell's stress
@@ -221,6 +224,7 @@ def test_functional_gradient_equals_autograd(monkeypatch, kind, weights):
 
 
 @pytest.mark.parametrize("kind", ["multipole", "lorem"])
+@needs_compiled_step
 def test_slab_gap_planned_as_the_eager_sum_chooses_it(monkeypatch, kind):
     """A slab's vacuum gap depends on its sum's layout and channel count (slab.choose_gap): the compiled step's
     plan must ask for it as the eager sum does, else the two sums run in differently elongated cells. With the
@@ -289,6 +293,7 @@ def test_loss_terms_count_labelled_items_only():
         assert int(items) == count, name
 
 
+@needs_compiled_step
 def test_frame_weights_scale_each_structures_terms():
     """MACE's config_weight (Graph.weight) multiplies each squared error of its structure; the means still divide by
     the labelled items, as MACE's do. A structure weighted 0 changes nothing, whatever its labels; and the function
@@ -345,6 +350,7 @@ def test_unsupported_batches_run_eagerly(monkeypatch, caplog):
     assert "too large for one reciprocal sum" in caplog.text and "run eagerly" in caplog.text
 
 
+@needs_compiled_step
 def test_batches_the_layers_would_chunk_run_eagerly(eager_compiled_step, caplog):
     """A batch with more edges than the interaction layers compute at once (they run it in chunks through an
     autograd.Function, which torch.func and so the compiled step cannot take) runs eagerly, and says why; the other
@@ -375,6 +381,7 @@ def test_batches_the_layers_would_chunk_run_eagerly(eager_compiled_step, caplog)
     assert step.unsupported(batch) is None
 
 
+@needs_compiled_step
 def test_compiled_step_takes_the_batches_the_layers_would_chunk_on_the_cpu(monkeypatch, caplog):
     """On the CPU, with the layers' default chunk size, a batch that the eager layers run in chunks takes the
     compiled step (its traced forward unchunked: benchmarks/compiled_memory.py measured 0.47× the step's memory and
@@ -417,6 +424,7 @@ def test_compiled_step_takes_the_batches_the_layers_would_chunk_on_the_cpu(monke
     assert "edges" in step.unsupported(batch)
 
 
+@needs_compiled_step
 def test_train_with_the_functional_gradient_equals_eager(eager_compiled_step):
     """train() fed by the functional gradient (run eagerly: seconds) takes the eager run's steps, the stress
     included: the gradients the compiled step hands to the optimiser (some of them transposed in memory, which
@@ -432,6 +440,7 @@ def test_train_with_the_functional_gradient_equals_eager(eager_compiled_step):
     _assert_same_runs(runs)
 
 
+@needs_compiled_step
 def test_a_batch_without_labels_moves_no_weight(eager_compiled_step):
     """A batch with no labelled item of any weighted term: the eager step takes no backward pass and Adam leaves every
     weight alone; the compiled step gave the charge-state conditioning (whose gradient it always keeps) a gradient of
@@ -458,7 +467,7 @@ def test_a_batch_without_labels_moves_no_weight(eager_compiled_step):
     _assert_same_runs(runs)
 
 
-@pytest.mark.parametrize("compile_step", [False, True])
+@pytest.mark.parametrize("compile_step", [False, pytest.param(True, marks=needs_compiled_step)])
 def test_a_batch_without_labels_leaves_the_weight_average_alone(eager_compiled_step, tmp_path, compile_step):
     """On a batch without labels Adam took no step, but the weight average was updated all the same (pulled
     towards weights that had not moved, and its warm-up counted on) and so was the trainer's step count."""
@@ -483,6 +492,7 @@ def test_a_batch_without_labels_leaves_the_weight_average_alone(eager_compiled_s
 
 @pytest.mark.parametrize("kind", [None, "multipole", "lorem"])
 @pytest.mark.parametrize("weights", [{}, {"energy": 0.0}])
+@needs_compiled_step
 def test_a_batch_of_atoms_alone(kind, weights):
     """A batch of one-atom structures (isolated-atom reference frames): a multipole model's traced field sum failed
     on its zero pairs ("cannot reshape tensor of 0 elements into shape [0, 4, -1]"; compiled, the trainer then ran
@@ -510,6 +520,7 @@ def test_a_batch_of_atoms_alone(kind, weights):
     assert any(g is not None and float(g.abs().max()) == 0 for g in grads_ref.values())  # the zeros that must stay
 
 
+@needs_compiled_step
 def test_each_kind_of_batch_compiles_once_within_the_steps_own_limit(monkeypatch):
     """Batches with and without stress labels, and a batch of one structure, are three graphs; molecules, cells and
     slabs in their mixtures are more. Dynamo's recompile limit (8) made the ninth kind a hard failure, after which
@@ -528,6 +539,7 @@ def test_each_kind_of_batch_compiles_once_within_the_steps_own_limit(monkeypatch
     assert torch._dynamo.config.recompile_limit == 1  # the step's own limit applies while it runs only
 
 
+@needs_compiled_step
 def test_failed_compilation_falls_back(monkeypatch, caplog):
     """A compiler that fails (no C++ compiler, an unsupported operation) leaves the training eager, with a
     warning, and the same numbers."""
@@ -549,6 +561,7 @@ def test_failed_compilation_falls_back(monkeypatch, caplog):
     assert "tested with torch" not in caplog.text  # this torch is a tested one
 
 
+@needs_compiled_step
 def test_too_many_kinds_of_batch_name_the_cause(monkeypatch, caplog):
     """Past the step's recompile limit torch raises FailOnRecompileLimitHit, whose words name dynamo's limit; the
     warning named that exception. It now says what it means here: the batches came in too many kinds."""
@@ -587,6 +600,7 @@ def test_failed_compilation_names_the_tested_torch(monkeypatch, caplog):
 
 @pytest.mark.parametrize("kind", [None, "multipole", "multipole/light", "multipole/cells", "multipole/slabs",
                                   "multipole/mixed"])
+@needs_compiled_step
 def test_compiled_training_equals_eager(monkeypatch, kind):
     """train(compile=True) gives the eager run's losses and weights to float64 rounding (a local model; a
     long-range one on molecules, its field sum traced over the pairs the step gives it). The step is compiled
@@ -670,6 +684,7 @@ def test_compiled_step_names_an_unsupported_periodic_batch(monkeypatch):
         step.unsupported(batch)
 
 
+@needs_compiled_step
 def test_many_compiled_steps_in_one_process(monkeypatch):
     """Dynamo keeps compiled graphs on the code object of the compiled function, and with fullgraph=True it fails
     once that holds recompile_limit graphs: models of other sizes trained one after the other in one process (a
@@ -693,6 +708,7 @@ def test_many_compiled_steps_in_one_process(monkeypatch):
                 torch.testing.assert_close(p.grad, grads_ref[n], rtol=1e-10, atol=1e-12)
 
 
+@needs_compiled_step
 def test_a_compiled_step_takes_its_graphs_with_it(monkeypatch):
     """Each step's copy of the code object kept its compiled graphs after the step (and its training run) were
     gone: an active-learning loop of train(compile=True) calls grew by ~36 MB a call with the aot_eager backend and

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cartlorem.ewald.kernels import KernelDerivatives, RadialKernel, erf_kernel_derivatives
+from conftest import needs_compiled_step, needs_torch, works  # noqa: E402  (tests/ is on sys.path under pytest)
 
 KERNELS = {
     "coulomb": RadialKernel.coulomb(),
@@ -414,6 +415,7 @@ def test_dense_kernel_derivatives_equal_the_gathered_ones(name):
         torch.testing.assert_close(hb, ha, rtol=1e-11, atol=0.0)
 
 
+@needs_compiled_step
 def test_traced_pair_fields_first_called_inside_torch_func(monkeypatch):
     """The coupling table that traced_pair_fields builds on its first call is a constant kept for later calls: built
     inside a torch.func transform it used to belong to that transform's level, and the next call failed with
@@ -451,6 +453,8 @@ def test_traced_pair_fields_first_called_inside_torch_func(monkeypatch):
 
 @pytest.mark.parametrize("linearized", [False, True])
 @pytest.mark.parametrize("smearing", [None, 0.8])
+@needs_torch(works(lambda: torch.randn_like(torch.zeros(1), generator=torch.Generator())),
+             "torch.randn_like(generator=)", "2.10")
 def test_traced_pair_fields_equal_open_molecules_fields_under_torch_func(smearing, linearized):
     """traced_pair_fields (the compiled training step's field sum) gives open_molecules_fields' fields, their
     derivatives in the positions, and under torch.func (grad of a force loss in the sources) the gradients autograd

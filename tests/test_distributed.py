@@ -26,7 +26,7 @@ from cartlorem import CartLorem, load_model
 from cartlorem.data import read_dataset
 from cartlorem.graph import collate
 from cartlorem.training import distributed, run_folder, train, weighted_loss
-from conftest import emt_frames  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import emt_frames, needs_compiled_step  # noqa: E402  (tests/ is on sys.path under pytest)
 
 CUTOFF = 3.0
 TINY = dict(channels=4, num_layers=1, correlation=2, num_basis=4, radial_hidden=8, readout_hidden=8)
@@ -269,6 +269,7 @@ def test_training_on_two_processes_equals_one(runs, name):
             _close(two["train_state_dict"][k], v)
 
 
+@needs_compiled_step
 def test_compiled_training_on_two_processes_equals_eager_on_one(runs):
     """train(compile=True) under two processes: each process's compiled step computes its share of the global
     batch (share_scales), the gradients are summed, and the weights are the one-process eager run's. Process 0

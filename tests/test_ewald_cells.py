@@ -18,6 +18,7 @@ from cartlorem.ewald.cells import (MAX_TERMS, PeriodicPlan, periodic_plan, plan_
 from cartlorem.ewald.fields import compute_fields
 from cartlorem.ewald.kernels import smearing_beta
 from cartlorem.tensors.harmonics import stf
+from conftest import needs_compiled_step  # noqa: E402  (tests/ is on sys.path under pytest)
 
 DT = torch.float64
 PBC = torch.ones(3, dtype=torch.bool)
@@ -231,6 +232,7 @@ def test_eager_batched_fields_sum_large_cells_one_by_one(monkeypatch):
                 torch.testing.assert_close(x[idx], ref[r], rtol=1e-12, atol=1e-12 * float(ref[r].abs().max()))
 
 
+@needs_compiled_step
 def test_traced_sum_has_no_effectful_ops():
     """The traced sum, differentiated as the training step does, lowers to a graph without effectful operations:
     torch.linalg.inv adds an error check (_linalg_check_errors) that AOT autograd wraps in with_effects, and

@@ -2,6 +2,8 @@
 caller opts in (trust_pickle=True); files written by cartlorem 0.1.0 keep their predictions."""
 
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from ase.build import molecule
 
 import cartlorem
 from cartlorem.graph import atoms_to_graph
+from conftest import needs_torch  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -238,6 +241,8 @@ def test_newer_format_and_mismatched_weights_are_named(tmp_path):
         cartlorem.load_model(tmp_path / "missing.pt")
 
 
+@needs_torch(importlib.util.find_spec("torch.utils.serialization") is not None,
+             "torch.utils.serialization.config (save.compute_crc32)", "2.7")
 def test_a_file_saved_without_checksums_loads(tmp_path):
     """torch's compute_crc32 = False (faster saves of large checkpoints) writes CRC 0 for every record; the first
     checksum check called such a file damaged though torch.load reads it."""

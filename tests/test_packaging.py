@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """(sdist names, wheel names), built with the installed setuptools from a copy of the source tree."""
-    pytest.importorskip("setuptools")
+    pytest.importorskip("setuptools", minversion="77")  # pyproject's SPDX licence string (its build-system)
     tmp = tmp_path_factory.mktemp("packaging")
     src = tmp / "src"
     skip = shutil.ignore_patterns(".git", "results", "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache",

@@ -11,6 +11,7 @@ from cartlorem.data import read_dataset
 from cartlorem.graph import collate
 from cartlorem.training.compiled import CompiledLossGradient
 from cartlorem.training.loss import loss_weights, weighted_loss
+from conftest import needs_compiled_step  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def _batch(rng, charges):
@@ -24,6 +25,7 @@ def _batch(rng, charges):
     return collate(read_dataset(structures, cutoff=3.5, require=()))
 
 
+@needs_compiled_step
 def test_charge_state_weights_move_on_neutral_batches_as_in_the_eager_step():
     """On a batch of neutral singlets the conditioning's input is 0 and so is its gradient, exactly: autograd gives
     zeros (the energy depends on it), and Adam moves it by its momentum. The functional step gave None there, as for

@@ -11,7 +11,7 @@ from cartlorem.data import dataset_statistics, fit_reference_energies, read_data
 from cartlorem.evaluate import evaluate, metrics, predict
 from cartlorem.train import NonFiniteLossError, train, validation_loss
 from cartlorem.training import DEFAULT_WEIGHTS
-from conftest import emt_frames  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import emt_frames, needs_torch, works  # noqa: E402  (tests/ is on sys.path under pytest)
 
 CUTOFF = 3.0
 TINY = dict(channels=8, num_layers=2, correlation=2, num_basis=4, radial_hidden=8, readout_hidden=8)
@@ -429,6 +429,8 @@ def test_run_folder_of_other_processes_writes_nothing(data, tmp_path):
     assert RunFolder(tmp_path / "run", write=False).load_checkpoint()["epoch"] == 1
 
 
+@needs_torch(works(lambda: torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)),
+             "the fused Adam on the CPU", "2.4")
 def test_trainer_optimizer_is_fused_adam_and_matches_the_foreach_one():
     """make_optimizer picks torch's fused Adam on CPU; its steps equal the foreach implementation's."""
     from cartlorem.training.loop import make_optimizer
