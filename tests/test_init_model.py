@@ -225,6 +225,14 @@ def test_a_validation_set_of_elements_the_model_knows_is_taken(files, pretrained
                        "--init-model", pretrained, "--out", tmp_path / "ft", "--epochs", 1, "--threads", 1,
                        "--no-progress")
     assert code == 0, err
+    # and it resumes (the check for a new model ran on resume), keeping data.json's record of the initial model
+    import json
+
+    record = json.loads((tmp_path / "ft" / "data.json").read_text())
+    assert record["init_model"] == str(pretrained.resolve())
+    code, _, err = run(capsys, "train", "--out", tmp_path / "ft", "--resume", "--epochs", 2)
+    assert code == 0, err
+    assert json.loads((tmp_path / "ft" / "data.json").read_text()) == record
 
 
 def test_long_range_options_at_the_blocks_defaults_agree_with_the_model(tmp_path):
@@ -239,6 +247,10 @@ def test_long_range_options_at_the_blocks_defaults_agree_with_the_model(tmp_path
     smearing = long_range_option_defaults()["smearing"]
     cfg = Config(init_model=str(tmp_path / "lr.pt"), long_range_options={"smearing": smearing})
     assert initial_model(cfg, {"long_range_options"})[1].long_range == "multipole"
+    # given as None, the options resolve as the model resolved them (every channel charged, the block at the end)
+    nones = {"charge_channels": None, "placement": None, "end_features": None}
+    assert initial_model(Config(init_model=str(tmp_path / "lr.pt"), long_range_options=nones),
+                         {"long_range_options"})[1].long_range == "multipole"
     with pytest.raises(ValueError, match=r"smearing=2.5 \(the model's: " + str(smearing)):
         initial_model(Config(init_model=str(tmp_path / "lr.pt"), long_range_options={"smearing": 2.5}),
                       {"long_range_options"})
@@ -261,3 +273,45 @@ def test_an_isolated_atom_fixes_its_elements_correction(files, pretrained):
 
     p = predict(model, graphs[-1:])
     assert p.energy_pred[0] == pytest.approx(-3.25, abs=1e-9)
+
+
+def test_an_isolated_atom_weighted_0_still_fixes_its_correction(files, pretrained):
+    """A fresh run takes an isolated atom's energy whatever its config_weight (as MACE's E0s); the refit read the
+    weighted labels, so an atom weighted 0 was no isolated atom and its element was fitted instead."""
+    from ase import Atoms
+    from cartlorem.data import read_dataset
+    from cartlorem.evaluate import predict
+    from cartlorem.training import refit_reference_energies
+
+    atom = Atoms("Cu", positions=[[0.0, 0.0, 0.0]])
+    atom.info["config_weight"] = 0.0
+    atom.calc = SinglePointCalculator(atom, energy=-3.25, forces=np.zeros((1, 3)))
+    model = _load(pretrained)
+    graphs = read_dataset(list(ase.io.read(files / "first_shifted.xyz", ":")) + [atom], model.cutoff)
+    refit_reference_energies(model, graphs)
+    assert predict(model, graphs[-1:]).energy_pred[0] == pytest.approx(-3.25, abs=1e-9)
+
+
+def test_the_ground_state_of_an_isolated_atom_fixes_its_correction():
+    """Two spin states of an isolated atom, for a model that tells them apart (charge_state): the correction made the
+    model exact on the higher one (the lowest residual), not on the ground state a fresh run takes."""
+    from ase import Atoms
+    from cartlorem import CartLorem
+    from cartlorem.data import read_dataset
+    from cartlorem.evaluate import predict
+    from cartlorem.training import refit_reference_energies
+
+    torch.manual_seed(0)
+    model = CartLorem([29], cutoff=3.0, channels=4, num_layers=1, correlation=1, long_range=None,
+                      charge_state=True).double()
+    frames = []
+    for multiplicity, energy in ((2, -5.00), (4, -4.99)):
+        a = Atoms("Cu", positions=[[0.0, 0.0, 0.0]])
+        a.info["multiplicity"] = multiplicity
+        a.calc = SinglePointCalculator(a, energy=energy, forces=np.zeros((1, 3)))
+        frames.append(a)
+    graphs = read_dataset(frames, 3.0)
+    first = predict(model, graphs).energy_pred
+    assert first[1] - first[0] > 0.01 + 1e-3  # so the quartet leaves the lower residual: the case that went wrong
+    refit_reference_energies(model, graphs)
+    assert predict(model, graphs[:1]).energy_pred[0] == pytest.approx(-5.00, abs=1e-9)

@@ -219,10 +219,16 @@ def initial_model(cfg: Config, given: Optional[set] = None):
     if "long_range_options" in chosen and cfg.long_range_options:
         from ..nn.long_range import long_range_option_defaults
 
-        # the model's options with the block's defaults for the keys it does not store
-        used = {**long_range_option_defaults(), **arch["long_range_options"]} if arch["long_range"] != "none" else {}
+        def resolved(options: dict) -> dict:  # as the model builds them: the block's defaults, None as they resolve
+            out = {**long_range_option_defaults(), **options}
+            out["charge_channels"] = out["lr_channels"] if out["charge_channels"] is None else out["charge_channels"]
+            out["placement"], out["end_features"] = out["placement"] or "end", out["end_features"] or "full"
+            return out
+
+        used = resolved(arch["long_range_options"]) if arch["long_range"] != "none" else {}
+        wanted = resolved(cfg.long_range_options)
         clash += [f"long_range_options {key}={value!r} (the model's: {used.get(key)!r})"
-                  for key, value in cfg.long_range_options.items() if used.get(key) != value]
+                  for key, value in cfg.long_range_options.items() if used.get(key) != wanted[key]]
     if "species" in chosen and cfg.species is not None and sorted(cfg.species) != sorted(model.species):
         clash.append(f"species {', '.join(_symbols(cfg.species))} (the model's: {', '.join(_symbols(model.species))})")
     if clash:
@@ -407,6 +413,8 @@ def _run(cfg: Config, out: Path, device: str, main: bool, given: Optional[set] =
     data_record = {"train": str(Path(cfg.train).resolve()), "train_sha256": file_sha256(cfg.train),
                    "frames": len(graphs), "valid": None, "valid_sha256": None, "valid_fraction": None, "seed": None,
                    "validation": None}  # for data.json
+    if cfg.resume and record is not None:  # a fine-tuning run's initial model, recorded when it started
+        data_record.update({k: record[k] for k in ("init_model", "init_model_sha256") if k in record})
     if cfg.valid is not None:
         train_graphs, valid_graphs = graphs, read_valid
         data_record.update(valid=str(Path(cfg.valid).resolve()), valid_sha256=file_sha256(cfg.valid))
@@ -420,14 +428,14 @@ def _run(cfg: Config, out: Path, device: str, main: bool, given: Optional[set] =
         train_graphs, valid_graphs = graphs, []
     _warn_duplicates(cfg, graphs, train_graphs, valid_graphs)
     present = _species_of(train_graphs)
-    if init is None:  # an initial model was trained on its elements, and keeps their reference energies
+    if cfg.init_model is None:  # an initial model was trained on its elements and keeps their reference energies
         _check_valid_species(cfg, present, valid_graphs)
     else:
         present |= _species_of(valid_graphs)
     present = sorted(present)  # the validation set's too (checked above for a new model)
     species = cfg.species or present
     missing = sorted(set(present) - set(species))
-    if missing and init is not None:
+    if missing and cfg.init_model is not None:
         raise ValueError(
             f"the data contain {', '.join(_symbols(missing))}, which the model in init_model {cfg.init_model!r} does "
             f"not know (its species: {', '.join(_symbols(species))}): fine-tuning cannot add elements; train a new "
