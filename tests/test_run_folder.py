@@ -202,7 +202,7 @@ def test_a_folder_given_as_a_data_or_model_file_is_called_a_folder(files, tmp_pa
 def test_interrupt_before_the_first_checkpoint_does_not_offer_a_resume(files, tmp_path, capsys, monkeypatch):
     import cartlorem.training.job as job
 
-    def interrupted(cfg):
+    def interrupted(cfg, given=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(job, "run", interrupted)

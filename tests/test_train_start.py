@@ -190,7 +190,7 @@ def test_an_interrupt_offers_the_resume_of_a_run_whose_folder_the_config_names(f
     --config file it said "interrupted" and nothing of the checkpoint to resume from."""
     import cartlorem.training.job as job
 
-    def interrupted(cfg):
+    def interrupted(cfg, given=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(job, "run", interrupted)

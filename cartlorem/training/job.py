@@ -293,9 +293,10 @@ def _check_same_split(cfg: Config, out: Path) -> None:
         changed += [name for name in ("valid_fraction", "seed") if getattr(cfg, name) != getattr(old, name)]
     # what the checkpoint carries on: a new value would be written to config.yaml and not used
     kept = [name for name in ("lr", "seed") if getattr(cfg, name) != getattr(old, name)]
-    started = [name for name in ("init_model", "refit_reference_energies") if
-               (path(getattr(cfg, name)) if name == "init_model" else getattr(cfg, name))
-               != (path(getattr(old, name)) if name == "init_model" else getattr(old, name))]
+    def start(c: Config) -> tuple:  # how the run started: its initial model (by path) and the refit
+        return path(c.init_model), c.refit_reference_energies
+
+    started = [name for name, a, b in zip(("init_model", "refit_reference_energies"), start(cfg), start(old)) if a != b]
     if changed:
         raise ValueError(
             f"resuming {out} with another split of the data ({changes(changed)}): structures the run validated on "
