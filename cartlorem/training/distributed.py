@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from dataclasses import dataclass, fields
 from typing import Mapping, Optional
 
@@ -77,6 +78,9 @@ def _peer_went_away(err: BaseException) -> bool:
 
 
 _LAST: list = []  # the latest all-reduced tensor, kept until destroy_process_group (Ranks.sum_)
+# torch < 2.8 with gloo: destroy_process_group can deadlock with a worker thread that frees a finished collective's
+# tensor (pytorch#154976); _LAST covers the last all-reduce, a pause before destroy the other collectives (process_group)
+_GLOO_EXIT_RACE = torch.__version__ < (2, 8)
 
 
 @dataclass(frozen=True)
@@ -266,6 +270,13 @@ def process_group(device: str, backend: Optional[str] = None):
                                    "message says why)") from err
         raise
     finally:
+        if backend == "gloo" and _GLOO_EXIT_RACE:
+            # a gloo worker thread may still be destroying a finished collective (a broadcast_object_list's, a
+            # gather_object's, an earlier all-reduce's: gloo has two) and need the GIL to free its tensor, which
+            # destroy_process_group holds while it joins the thread: give it the moment it needs. torch 2.3.1,
+            # helper's reproducer (destroy right after the collective): broadcast_object_list 8/12 hangs, 0/12 so;
+            # cartlorem train paths 1 stall in 16 NaN-loss exits before, 0/28 exits after
+            time.sleep(0.1)
         dist.destroy_process_group()
         _LAST.clear()
 
