@@ -61,28 +61,19 @@ def _threads(n) -> None:
         torch.set_num_threads(n)
 
 
-def _same_file(a, b) -> bool:
-    """Whether paths ``a`` and ``b`` name one file: the same path through symbolic links, or (both existing) the
-    same file by another name (a hard link, another mount of the folder)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return False
-
-
 def _refuse_overwriting_inputs(outputs: dict, inputs: dict) -> None:
     """ValueError if an output file (name → path, None: not asked for) is one of the input files or another output:
     writing it would destroy the input (a model replaced by its TorchScript export, a dataset by predictions)."""
+    from .fileio import same_file
+
     outputs = {name: path for name, path in outputs.items() if path is not None}
     for k, (name, path) in enumerate(outputs.items()):
         for other, source in inputs.items():
-            if _same_file(path, source):
+            if same_file(path, source):
                 raise ValueError(f"{name} {str(path)!r} is the {other} {str(source)!r}: writing it would overwrite "
                                  "that input; choose another file name")
         for other, elsewhere in list(outputs.items())[:k]:
-            if _same_file(path, elsewhere):
+            if same_file(path, elsewhere):
                 raise ValueError(f"{other} and {name} are both {str(path)!r}: one would overwrite the other; "
                                  "choose two file names")
 

@@ -22,7 +22,7 @@ import tempfile
 from typing import BinaryIO, Callable, Optional
 
 __all__ = ["atomic_write", "atomic_torch_save", "atomic_write_text", "default_file_mode", "file_sha256", "WriteError",
-           "damaged_record", "file_problem", "require_file"]
+           "damaged_record", "file_problem", "require_file", "same_file"]
 
 
 class WriteError(OSError):
@@ -167,6 +167,17 @@ def file_problem(path) -> Optional[str]:
     if path and os.path.exists(path):
         return "is not a regular file"
     return "does not exist"
+
+
+def same_file(a, b) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: the same path through symbolic links, or (both existing) the
+    same file by another name (a hard link, another mount of the folder)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def require_file(path, what: str) -> None:

@@ -28,7 +28,7 @@ import torch
 from ..config import MODEL_OPTIONS, Config
 from ..data import (MissingLabelError, config_types_of_files, duplicate_structures, is_isolated_atom, read_dataset,
                     split, stress_key_unused)
-from ..fileio import atomic_write_text, file_sha256, require_file
+from ..fileio import atomic_write_text, file_sha256, require_file, same_file
 from .distributed import process_group
 from .loop import train
 from .prepare import refit_reference_energies
@@ -192,9 +192,7 @@ def _check_not_replaced(cfg: Config, out: Path) -> None:
     """ValueError when ``init_model`` is a file this run writes (the run folder's model.pt or checkpoint.pt): the
     run would replace the model it starts from."""
     for name in (BEST_MODEL, CHECKPOINT):
-        target = out / name
-        if Path(cfg.init_model).resolve() == target.resolve() or (
-                target.exists() and Path(cfg.init_model).exists() and Path(cfg.init_model).samefile(target)):
+        if same_file(cfg.init_model, out / name):
             raise ValueError(f"init_model {cfg.init_model!r} is the {name} of the run folder {cfg.out!r}, which this "
                              "run writes over: copy the model elsewhere, or choose another --out")
 

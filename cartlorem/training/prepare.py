@@ -9,7 +9,6 @@ per atom).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Sequence
 
 import numpy as np
@@ -160,7 +159,7 @@ def refit_reference_energies(model, graphs: Sequence[Graph], *, batch_size: int 
     several). What the model predicts beyond the reference energies is left as it was. Every process of a torchrun
     job computes the same numbers from the same ``graphs``.
     """
-    from ..data import fit_reference_energies, is_isolated_atom
+    from ..data import fit_reference_energies, is_isolated_atom, isolated_atom_energies
     from ..evaluate import predict
     from ..model import CartLorem
 
@@ -172,16 +171,14 @@ def refit_reference_energies(model, graphs: Sequence[Graph], *, batch_size: int 
         raise ValueError("no training structure has an energy label: there is nothing to correct the reference "
                          "energies with; leave refit_reference_energies out")
     resid = np.where(p.has_energy, p.energy_ref - p.energy_pred, 0.0)  # predict's structures are in graphs' order
-    residual, k = [], 0
-    fixed, lowest = {}, {}  # an isolated atom's element: label − prediction of its lowest-energy (ground) state
+    ground = isolated_atom_energies(graphs)  # {Z: lowest isolated-atom energy}, whatever its weight, as a new run's
+    residual, fixed, k = [], {}, 0
     for g in graphs:
         b = int(g.num_graphs)
         residual.append(g.replace(energy=torch.as_tensor(resid[k:k + b]),
                                   has_energy=torch.as_tensor(p.has_energy[k:k + b])))
-        if is_isolated_atom(g):  # whatever its weight, as a new model's reference energy
-            z, e = int(g.species[0]), float(g.energy[0])
-            if e < lowest.get(z, math.inf):
-                lowest[z], fixed[z] = e, e - float(p.energy_pred[k])
+        if is_isolated_atom(g) and float(g.energy[0]) == ground[int(g.species[0])]:  # the ground state: made exact
+            fixed[int(g.species[0])] = ground[int(g.species[0])] - float(p.energy_pred[k])
         k += b
     # an isolated-atom structure gives its element's correction exactly, as it gives a new model's reference energy
     delta = fit_reference_energies(residual, model.species, fixed=fixed)
