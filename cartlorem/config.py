@@ -384,6 +384,10 @@ def _init_options() -> list[Option]:
         Option("refit_reference_energies", parse_bool, False,
                "with --init-model: correct its per-element reference energies by a least-squares fit to what it "
                "leaves of the training energies (data from another code or level of theory)", "model"),
+        Option("add_elements", parse_bool, False,
+               "with --init-model: add the elements of the training data that the model does not know (their "
+               "embedding and per-element weights start as a new model's, their reference energies are fitted to "
+               "the training energies; the model's elements predict as before)", "model"),
     ]
 
 
@@ -426,6 +430,10 @@ class _ConfigMethods:
             raise ValueError("refit_reference_energies corrects the reference energies of the model in init_model, "
                              "and there is none: a run from random weights fits them from the data anyway; pass "
                              "--init-model or leave --refit-reference-energies out")
+        if self.add_elements and self.init_model is None:
+            raise ValueError("add_elements adds elements to the model in init_model, and there is none: a run from "
+                             "random weights takes every element of its data anyway; pass --init-model or leave "
+                             "--add-elements out")
         if self.long_range == "none" and self.long_range_options:  # the model would refuse them, after the data
             raise ValueError(f"long_range_options {self.long_range_options!r} are options of the long-range block, "
                              "and long_range is 'none' (no block): drop them, or set long_range to 'multipole' "

@@ -309,6 +309,41 @@ class CartLorem(nn.Module):
             self.shift.fill_(float(shift))
             self.config["shift"] = float(shift)
 
+    def with_species(self, species: Sequence[int]) -> "CartLorem":
+        """A new model that knows ``species`` (atomic numbers or symbols; every species of this model among them), for
+        fine-tuning on data with elements the model has not seen. It has this model's architecture, statistics and
+        weights; a new element's embedding row and per-species weights (products, skips, charge-state FiLM) are drawn
+        from torch's random number generator as a new model's would be, and its reference energy is 0 eV
+        (:func:`cartlorem.training.refit_reference_energies` fits it to data). On structures of the old elements the
+        new model predicts what this one does, to rounding. This model is left as it was."""
+        species = _species_list(species)
+        dropped = sorted(set(self.species) - set(species))
+        if dropped:
+            raise ValueError(f"with_species adds elements and keeps the model's: species "
+                             f"{', '.join(map(_symbol, species))} lack {', '.join(map(_symbol, dropped))}, which the "
+                             "model knows")
+        new = type(self)(**{**self.config, "species": species})
+        new = new.to(device=self.embedding.device, dtype=self.dtype)
+        rows = torch.tensor([species.index(z) for z in self.species], device=self.embedding.device)
+        old_state, new_state = self.state_dict(), new.state_dict()
+        S, T = len(self.species), len(species)
+        with torch.no_grad():
+            for name, value in old_state.items():
+                target = new_state[name]
+                if name.endswith("_extra_state"):  # avg_num_neighbors: in the config the new model was built with
+                    continue
+                if value.shape == target.shape:  # no species dimension (or no new species)
+                    target.copy_(value)
+                    continue
+                # a leading species dimension, [S·m, ...] → [T·m, ...] (the FiLM output: m = 2C rows per species)
+                if value.shape[1:] != target.shape[1:] or value.shape[0] % S or target.shape[0] % T \
+                        or value.shape[0] // S != target.shape[0] // T:
+                    raise RuntimeError(f"with_species: {name} {tuple(value.shape)} → {tuple(target.shape)} has no "
+                                       "leading species dimension")
+                target.reshape(T, -1)[rows] = value.reshape(S, -1)
+        new.train(self.training)
+        return new
+
     # avg_num_neighbors is a Python float in every layer (the compiled step and TorchScript fold it), not a parameter
     # or buffer: it travels in state_dict() as "_extra_state", so that torch.save(model.state_dict()) loaded into a
     # new model brings it (before, such a model ran with the default 10: trained energies off by 0.18 eV)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from conftest import emt_frames, run_cli as run  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -28,6 +29,26 @@ def _shifted(frames, shift):
     return out
 
 
+def _with_gold(frames, fraction=0.4, seed=0):
+    """``frames`` with a share of the atoms turned into gold, labelled by EMT (stress for periodic cells)."""
+    from ase.calculators.emt import EMT
+
+    rng, out = np.random.default_rng(seed), []
+    for a in frames:
+        a = a.copy()
+        if len(a) > 1:
+            a.symbols[rng.random(len(a)) < fraction] = "Au"
+        else:
+            a.symbols[0] = "Au"
+        a.calc = EMT()
+        res = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
+        if a.pbc.all():
+            res["stress"] = a.get_stress()
+        a.calc = SinglePointCalculator(a, **res)
+        out.append(a)
+    return out
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
@@ -40,6 +61,8 @@ def files(tmp_path_factory):
         a.symbols[0] = "Au"
         a.calc = SinglePointCalculator(a, energy=0.0, forces=np.zeros((len(a), 3)))
     ase.io.write(d / "with_gold.xyz", gold)
+    ase.io.write(d / "gold_emt.xyz", _with_gold(emt_frames(12, seed=5)))
+    ase.io.write(d / "gold_atom.xyz", _with_gold([Atoms("Au", positions=[[0.0, 0.0, 0.0]])]))
     (d / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     return d
 
@@ -137,8 +160,10 @@ def test_the_command_line_refit_changes_the_reference_energies_only(files, pretr
 @pytest.mark.parametrize("flags, says", [
     (["--channels", 8], "channels 8 (the model's: 4)"),
     (["--long-range", "lorem"], "long_range 'lorem' (the model's: 'none')"),
-    (["--species", "Cu,Ag,Au"], "species Cu, Ag, Au (the model's: Cu, Ag)"),
-    (["--train", "with_gold.xyz"], "fine-tuning cannot add elements"),
+    (["--species", "Cu,Ag,Au"], "species Cu, Ag, Au (the model's: Cu, Ag; --add-elements adds elements)"),
+    (["--train", "with_gold.xyz"], "which the model in init_model"),
+    (["--train", "with_gold.xyz"], "pass --add-elements to add them"),
+    (["--add-elements", "--species", "Cu,Au"], "species Cu, Au (the model's: Cu, Ag)"),
 ])
 def test_settings_that_contradict_the_initial_model_are_refused(files, pretrained, tmp_path, capsys, flags, says):
     flags = [files / f if str(f).endswith(".xyz") else f for f in flags]
@@ -315,3 +340,122 @@ def test_the_ground_state_of_an_isolated_atom_fixes_its_correction():
     assert first[1] - first[0] > 0.01 + 1e-3  # so the quartet leaves the lower residual: the case that went wrong
     refit_reference_energies(model, graphs)
     assert predict(model, graphs[:1]).energy_pred[0] == pytest.approx(-5.00, abs=1e-9)
+
+
+# --- adding elements (--add-elements, CartLorem.with_species) ---------------------------------------------------------
+
+def _perturbed(model, seed=0):
+    """``model`` with every weight and the reference energies moved off their initial values (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    model = model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    model.set_statistics(atomic_energies={z: -1.0 - 0.5 * k for k, z in enumerate(model.species)}, scale=0.8,
+                         shift=0.05)
+    return model
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("none", {}),
+    ("multipole", {}),
+    ("lorem", {"long_range_options": {"end_features": "light"}}),  # a skip shared by the species
+    ("multipole", {"charge_state": True, "lmax": 1}),  # the FiLM output holds 2C rows per species
+])
+def test_a_model_with_added_elements_predicts_as_before_on_the_old_ones(kind, options):
+    """Every species-indexed weight moves to the element's new index (nickel sorts before copper and silver, gold
+    after them): on copper/silver structures, open and periodic and charged, the extended model gives the energies,
+    forces, stress and charges of the model it came from, and the new element's weights are a new model's."""
+    from cartlorem import CartLorem
+    from cartlorem.graph import collate
+    from cartlorem.data import read_dataset
+
+    torch.manual_seed(1)
+    old = _perturbed(CartLorem(["Cu", "Ag"], cutoff=3.0, channels=4, long_range=None if kind == "none" else kind,
+                               **options))
+    torch.manual_seed(7)
+    new = old.with_species(["Au", "Cu", "Ni", "Ag"])
+    assert new.species == [28, 29, 47, 79]
+    frames = emt_frames(6, seed=2)
+    for k, a in enumerate(frames):
+        a.info["charge"] = float(k % 3 - 1) if not a.pbc.any() else 0.0
+    batch = collate(read_dataset(frames, 3.0, dtype=torch.float64))
+    before, after = old(batch), new(batch)
+    assert set(before) == set(after)
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=1e-12, atol=1e-12, msg=key)
+    assert {float(e) for e in new.atomic_energies[[0, 3]]} == {0.0}
+    torch.manual_seed(7)  # the same draws: the new elements' rows are those of a model built with all four
+    fresh = CartLorem(**{**old.config, "species": [28, 29, 47, 79]}).double()
+    torch.testing.assert_close(new.embedding[[0, 3]], fresh.embedding[[0, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(new.products[0].first[[0, 3]], fresh.products[0].first[[0, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(new.embedding[[1, 2]], old.embedding, rtol=0, atol=0)
+    gold = collate(read_dataset(_with_gold(emt_frames(3, seed=3)), 3.0, dtype=torch.float64))
+    assert torch.isfinite(new(gold)["forces"]).all()
+
+
+def test_with_species_keeps_the_models_elements():
+    from cartlorem import CartLorem
+
+    with pytest.raises(ValueError, match="lack Ag, which the model knows"):
+        CartLorem(["Cu", "Ag"], cutoff=3.0, channels=4).with_species(["Cu", "Au"])
+
+
+def test_the_refit_of_some_elements_keeps_the_others(files, pretrained):
+    from cartlorem.data import read_dataset
+    from cartlorem.training import refit_reference_energies
+
+    model = _load(pretrained)
+    before = model.atomic_energies.clone()
+    delta = refit_reference_energies(model, read_dataset(files / "first_shifted.xyz", model.cutoff), elements=["Ag"])
+    assert delta[29] == 0.0 and abs(delta[47]) > 0.1
+    assert float(model.atomic_energies[0]) == float(before[0])
+    assert float(model.atomic_energies[1]) == pytest.approx(float(before[1]) + delta[47], abs=1e-12)
+    with pytest.raises(ValueError, match="not species of the model"):
+        refit_reference_energies(model, read_dataset(files / "first.xyz", model.cutoff), elements=["Au"])
+
+
+def test_a_fine_tune_adds_the_elements_of_its_data(files, pretrained, tmp_path, capsys):
+    """Data with an element the model does not know were refused, whatever the user wanted. With --add-elements
+    the model learns gold: its copper and silver predictions start where the model's were, gold's reference energy is
+    fitted (an isolated gold atom makes it exact), and the run resumes from its folder alone."""
+    import shutil
+
+    from cartlorem.data import read_dataset
+    from cartlorem.evaluate import predict
+
+    init = tmp_path / "init.pt"
+    shutil.copy(pretrained, init)
+    out = tmp_path / "ft"
+    train = tmp_path / "train.xyz"
+    ase.io.write(train, list(ase.io.read(files / "gold_emt.xyz", ":")) + list(ase.io.read(files / "gold_atom.xyz",
+                                                                                           ":")))
+    code, _, err = run(capsys, "train", "--train", train, "--valid", files / "first.xyz", "--init-model", init,
+                       "--add-elements", "--out", out, "--lr", 1e-12, "--epochs", 1, "--threads", 1, "--no-progress")
+    assert code == 0, err
+    start, tuned = _load(init), _load(out / "model.pt")
+    assert tuned.species == [29, 47, 79]
+    assert yaml.safe_load((out / "config.yaml").read_text())["species"] == ["Cu", "Ag", "Au"]
+    old_frames = read_dataset(files / "first.xyz", start.cutoff)
+    np.testing.assert_allclose(predict(tuned, old_frames).energy_pred, predict(start, old_frames).energy_pred,
+                               rtol=0, atol=1e-8)
+    atom = read_dataset(files / "gold_atom.xyz", start.cutoff)
+    assert predict(tuned, atom).energy_pred[0] == pytest.approx(float(atom[0].energy[0]), abs=1e-8)
+    torch.testing.assert_close(tuned.atomic_energies[:2], start.atomic_energies, rtol=0, atol=0)
+    init.unlink()
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", 2)
+    assert code == 0, err
+    assert _load(out / "model.pt").species == [29, 47, 79]
+
+
+def test_an_element_new_to_the_model_only_in_the_validation_set_is_refused(files, pretrained, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--train", files / "second.xyz", "--valid", files / "gold_emt.xyz",
+                       "--init-model", pretrained, "--add-elements", "--out", tmp_path / "ft", "--epochs", 1,
+                       "--threads", 1)
+    assert code == 2 and "appear(s) in the validation set only" in err and "Traceback" not in err, err
+
+
+def test_add_elements_without_an_initial_model_is_refused(files, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--train", files / "second.xyz", "--config", files / "tiny.yaml",
+                       "--add-elements", "--out", tmp_path / "r")
+    assert code == 2 and "add_elements adds elements to the model in init_model" in err, err

@@ -227,8 +227,14 @@ def initial_model(cfg: Config, given: Optional[set] = None):
         wanted = resolved(cfg.long_range_options)
         clash += [f"long_range_options {key}={value!r} (the model's: {used.get(key)!r})"
                   for key, value in cfg.long_range_options.items() if used.get(key) != wanted[key]]
-    if "species" in chosen and cfg.species is not None and sorted(cfg.species) != sorted(model.species):
-        clash.append(f"species {', '.join(_symbols(cfg.species))} (the model's: {', '.join(_symbols(model.species))})")
+    species = list(model.species)
+    if "species" in chosen and cfg.species is not None:
+        if cfg.add_elements and set(cfg.species) >= set(model.species):  # the model's elements and more
+            species = sorted(set(cfg.species))
+        elif sorted(cfg.species) != sorted(model.species):
+            hint = "" if cfg.add_elements else "; --add-elements adds elements"
+            clash.append(f"species {', '.join(_symbols(cfg.species))} (the model's: "
+                         f"{', '.join(_symbols(model.species))}{hint})")
     if clash:
         raise ValueError(f"init_model {cfg.init_model!r} fixes the architecture of this run, and the settings "
                          f"{'; '.join(clash)} contradict it: leave them out to fine-tune that model, or leave "
@@ -238,7 +244,7 @@ def initial_model(cfg: Config, given: Optional[set] = None):
              cfg.init_model, ", ".join(f"{k} {v}" for k, v in arch.items() if k in ("long_range", "channels",
                                                                                      "num_layers", "cutoff")),
              sum(p.numel() for p in model.parameters()), float(model.scale), float(model.shift))
-    return model, cfg.replace(species=list(model.species), **arch)
+    return model, cfg.replace(species=species, **arch)
 
 
 def _check_no_contradiction(cfg: Config) -> None:
@@ -291,10 +297,11 @@ def _check_same_split(cfg: Config, out: Path) -> None:
         changed += [name for name in ("valid_fraction", "seed") if getattr(cfg, name) != getattr(old, name)]
     # what the checkpoint carries on: a new value would be written to config.yaml and not used
     kept = [name for name in ("lr", "seed") if getattr(cfg, name) != getattr(old, name)]
-    def start(c: Config) -> tuple:  # how the run started: its initial model (by path) and the refit
-        return path(c.init_model), c.refit_reference_energies
+    def start(c: Config) -> tuple:  # how the run started: its initial model (by path), the refit, the added elements
+        return path(c.init_model), c.refit_reference_energies, c.add_elements
 
-    started = [name for name, a, b in zip(("init_model", "refit_reference_energies"), start(cfg), start(old)) if a != b]
+    started = [name for name, a, b in zip(("init_model", "refit_reference_energies", "add_elements"), start(cfg),
+                                          start(old)) if a != b]
     if changed:
         raise ValueError(
             f"resuming {out} with another split of the data ({changes(changed)}): structures the run validated on "
@@ -434,11 +441,19 @@ def _run(cfg: Config, out: Path, device: str, main: bool, given: Optional[set] =
     present = sorted(present)  # the validation set's too (checked above for a new model)
     species = cfg.species or present
     missing = sorted(set(present) - set(species))
+    if init is not None and cfg.add_elements:  # the model's elements, those given with --species, the data's
+        untrained = sorted(set(missing) - _species_of(train_graphs))
+        if untrained:
+            raise ValueError(
+                f"{', '.join(_symbols(untrained))}, new to the model in init_model {cfg.init_model!r}, appear(s) in "
+                "the validation set only: --add-elements learns an element from the training set; add structures with "
+                "it to --train, or leave it out of --valid")
+        species, missing = sorted(set(species) | set(missing)), []
     if missing and cfg.init_model is not None:
         raise ValueError(
             f"the data contain {', '.join(_symbols(missing))}, which the model in init_model {cfg.init_model!r} does "
-            f"not know (its species: {', '.join(_symbols(species))}): fine-tuning cannot add elements; train a new "
-            "model, or leave the structures with those elements out")
+            f"not know (its species: {', '.join(_symbols(species))}): pass --add-elements to add them to the model "
+            "(trained from the new data), train a new model, or leave the structures with those elements out")
     if missing:
         raise ValueError(
             f"the data contain {', '.join(_symbols(missing))}, which are not in species {', '.join(_symbols(species))}"
@@ -449,6 +464,11 @@ def _run(cfg: Config, out: Path, device: str, main: bool, given: Optional[set] =
     )
 
     torch.manual_seed(cfg.seed)
+    added = sorted(set(species) - set(init.species)) if init is not None else []
+    if added:  # drawn after the seed, as a new model's weights
+        init = init.with_species(species)
+        log.info("added %s to the model: new embedding rows and per-element weights, initialised as a new model's",
+                 ", ".join(_symbols(added)))
     try:
         model = (cfg.build_model(species) if init is None else init).to(device=device, dtype=dtype)
     except ImportError as err:
@@ -458,6 +478,11 @@ def _run(cfg: Config, out: Path, device: str, main: bool, given: Optional[set] =
                            init_model_sha256=file_sha256(cfg.init_model))
         if cfg.refit_reference_energies:
             refit_reference_energies(model, train_graphs)
+        elif added and any(bool(g.has_energy.any()) for g in train_graphs):  # an added element's, fitted to the data
+            refit_reference_energies(model, train_graphs, elements=added)
+        elif added:
+            log.warning("no training structure has an energy label: the reference energies of %s stay 0 eV",
+                        ", ".join(_symbols(added)))
 
     if cfg.resume:  # a model that does not match is refused before the data statistics are computed
         restore_model_settings(model, checkpoint["model"], out)

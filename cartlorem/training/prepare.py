@@ -9,7 +9,7 @@ per atom).
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -148,7 +148,8 @@ def fit_statistics(model, graphs: Sequence[Graph], *, ranks=None) -> dict:
     return stats
 
 
-def refit_reference_energies(model, graphs: Sequence[Graph], *, batch_size: int = 16) -> dict:
+def refit_reference_energies(model, graphs: Sequence[Graph], *, batch_size: int = 16,
+                             elements: Optional[Sequence[int]] = None) -> dict:
     """Correct a trained CartLorem's reference energies for ``graphs`` (fine-tuning on data of another code or level
     of theory, whose energies differ by a constant per element). Returns the corrections {Z: eV}, which are added.
 
@@ -156,8 +157,10 @@ def refit_reference_energies(model, graphs: Sequence[Graph], *, batch_size: int 
     energy label (:func:`cartlorem.data.fit_reference_energies`: minimum norm, so elements absent from ``graphs``
     keep theirs and elements whose counts are collinear share the correction); an element with an isolated-atom
     structure (:func:`cartlorem.data.is_isolated_atom`) takes the correction that makes it exact (the lowest, of
-    several). What the model predicts beyond the reference energies is left as it was. Every process of a torchrun
-    job computes the same numbers from the same ``graphs``.
+    several). What the model predicts beyond the reference energies is left as it was. ``elements``: the atomic
+    numbers whose reference energies are corrected (default: all the model's); the others keep theirs (correction
+    0), e.g. the elements :meth:`cartlorem.CartLorem.with_species` added. Every process of a torchrun job computes
+    the same numbers from the same ``graphs``.
     """
     from ..data import fit_reference_energies, is_isolated_atom, isolated_atom_energies
     from ..evaluate import predict
@@ -165,6 +168,13 @@ def refit_reference_energies(model, graphs: Sequence[Graph], *, batch_size: int 
 
     if not isinstance(model, CartLorem):
         raise TypeError(f"reference energies are corrected for CartLorem models, not {type(model).__name__}")
+    from ..model import _species_list
+
+    elements = model.species if elements is None else _species_list(elements)
+    unknown = sorted(set(elements) - set(model.species))
+    if unknown:
+        raise ValueError(f"elements {unknown} are not species of the model ({model.species}): their reference "
+                         "energies cannot be corrected")
     p = predict(model, graphs, batch_size=batch_size, compute_stress=False, compute_dipole=False,
                 compute_born_charges=False, check_cutoff=False)
     if not p.has_energy.any():
@@ -172,12 +182,13 @@ def refit_reference_energies(model, graphs: Sequence[Graph], *, batch_size: int 
                          "energies with; leave refit_reference_energies out")
     resid = np.where(p.has_energy, p.energy_ref - p.energy_pred, 0.0)  # predict's structures are in graphs' order
     ground = isolated_atom_energies(graphs)  # {Z: lowest isolated-atom energy}, whatever its weight, as a new run's
-    residual, fixed, k = [], {}, 0
+    residual, fixed, k = [], {z: 0.0 for z in model.species if z not in elements}, 0
     for g in graphs:
         b = int(g.num_graphs)
         residual.append(g.replace(energy=torch.as_tensor(resid[k:k + b]),
                                   has_energy=torch.as_tensor(p.has_energy[k:k + b])))
-        if is_isolated_atom(g) and float(g.energy[0]) == ground[int(g.species[0])]:  # the ground state: made exact
+        if is_isolated_atom(g) and int(g.species[0]) in elements \
+                and float(g.energy[0]) == ground[int(g.species[0])]:  # the ground state: made exact
             fixed[int(g.species[0])] = ground[int(g.species[0])] - float(p.energy_pred[k])
         k += b
     # an isolated-atom structure gives its element's correction exactly, as it gives a new model's reference energy
@@ -187,6 +198,6 @@ def refit_reference_energies(model, graphs: Sequence[Graph], *, batch_size: int 
     from ase.data import chemical_symbols
 
     log.info("reference energies corrected for the training set (least squares on what the initial model leaves of "
-             "its energies): %s", ", ".join(f"{chemical_symbols[z]} {delta[z]:+.4f} eV" for z in model.species))
+             "its energies): %s", ", ".join(f"{chemical_symbols[z]} {delta[z]:+.4f} eV" for z in elements))
     return delta
 
