@@ -32,10 +32,9 @@ field (long-range models): molecules get −P·E in the energy and its gradient 
 cells and slabs get the forces F_i += Z*_iᵀE and no energy term (see :meth:`cartlorem.CartLorem.forward`).
 ``calc.set(electric_field=...)`` or ``calc.electric_field = ...`` changes it (None: no field) and drops the
 results. Dipoles, Born charges, field energies and forces are those of the positions ASE holds: the model
-takes P about ASE's origin (``dipole_origin``), whatever the float64 shift. For periodic cells and slabs the
-charge-transfer part of Z* depends on the lattice image each atom's position is taken in (the home cell,
-as ASE's ``wrap`` puts it); with a field, or when Born charges are asked for, a reused list is rebuilt when an
-atom crosses into another cell, so that results stay those of a fresh list.
+takes P about ASE's origin (``dipole_origin``), whatever the float64 shift. For periodic cells and slabs Z*
+and the field forces do not depend on the lattice image each atom's position is taken in
+(:func:`cartlorem.forces.born_charges`).
 
 Charge state: ``atoms.info["total_charge"]`` (or ``"charge"``, e) and ``atoms.info["multiplicity"]`` (or MACE's
 ``"total_spin"`` or fairchem's ``"spin"``, all 2S + 1; two that disagree are refused) are those of the whole
@@ -274,19 +273,15 @@ class CartLoremCalculator(Calculator):
             shift = (positions - lattice_part).mean(axis=0)
         return lattice_part, shift
 
-    def _graph(self, atoms, same_images: bool = False) -> Graph:
-        """The graph of ``atoms``, from the reused list where it holds. ``same_images``: rebuild it also when an
-        atom's home cell is no longer the one it had when the list was built (results that depend on the lattice
-        image of the positions are then those of a fresh list)."""
+    def _graph(self, atoms) -> Graph:
+        """The graph of ``atoms``, from the reused list where it holds (no result depends on the lattice image an
+        atom is taken in, so an atom that crossed a cell face within the skin keeps the list's image)."""
         positions = atoms.get_positions()
         key = (len(atoms), tuple(atoms.get_atomic_numbers()), tuple(np.round(atoms.get_cell().array, 12).ravel()),
                tuple(atoms.get_pbc()), tuple(repr(atoms.info.get(k)) for k in self.INFO_KEYS))  # repr: any value
         reuse = (self.skin > 0 and self._nl_key == key and self._nl_positions is not None
                  and np.all(np.isfinite(positions))
                  and np.max(np.linalg.norm(positions - self._nl_positions, axis=1)) < 0.5 * self.skin)
-        if reuse and same_images and np.any(atoms.get_pbc()):
-            lattice_part, _ = self._offsets(positions, atoms.get_cell().array, atoms.get_pbc())
-            reuse = np.array_equal(lattice_part, self._nl_lattice)
         if reuse:
             g = self._nl_graph
             g = g.replace(positions=torch.tensor(positions - self._nl_lattice - self._nl_shift,
@@ -343,7 +338,7 @@ class CartLoremCalculator(Calculator):
                               "atoms near the top face down by the third cell vector if it is one slab", stacklevel=2)
         field = self._field
         charge_outputs = field is not None or "dipole" in properties or "born_charges" in properties
-        graph = self._graph(self.atoms, same_images=field is not None or "born_charges" in properties)
+        graph = self._graph(self.atoms)
         graph = graph.to(device=self.device, dtype=self.model.dtype)
         periodic = bool(np.all(self.atoms.get_pbc()))
         if "stress" in properties and not periodic:

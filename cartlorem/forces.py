@@ -11,28 +11,29 @@ pressure under a barostat in x and y).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from .ewald.kernels import cell_volume
 from .graph import Graph
 
-__all__ = ["with_derivatives", "stress_from_strain_gradient"]
+__all__ = ["with_derivatives", "born_charges", "born_forces", "stress_from_strain_gradient"]
 
 
 def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], dict], graph: Graph, *,
                      compute_forces: bool = True, compute_stress: bool = False, create_graph: bool = False,
-                     compute_born_charges: bool = False) -> dict:
+                     compute_born_charges: bool = False, electric_field: Optional[torch.Tensor] = None,
+                     dipole_origin: Optional[torch.Tensor] = None) -> dict:
     """Call ``energy_fn(graph, positions, cell)`` (→ dict with "energy" [B]) and add forces/stress.
 
     positions [N, 3] and cell [B, 3, 3] passed to energy_fn carry the graph for the derivatives.
-    Optional entries of energy_fn's dict that this function reads:
-
-    * "force_only_energy" [B] (eV): a term whose −∂/∂r is added to the forces but which is neither part
-      of "energy" nor of the stress (the field force Z*ᵀE of a periodic cell); removed from the result.
-    * "dipole" [B, 3] (e·Å): with ``compute_born_charges``, "born_charges" [N, 3, 3] (e),
-      Z*_i,ab = ∂P_a/∂r_ib (one backward pass per component a).
+    Optional entries of energy_fn's dict that this function reads, for the Born charges
+    (:func:`born_charges`): "dipole" [B, 3] (e·Å), and "charges" [N] (e) with "dipoles" [N, 3] (e·Å) where absent
+    for lmax 0. With ``compute_born_charges``, "born_charges" [N, 3, 3] (e). ``electric_field`` [B, 3] (V/Å):
+    periodic cells and slabs get the forces F_i += Z*_iᵀE (their energy has no field term: P is not defined);
+    an open structure's field term −P·E is energy_fn's to put in its energy. ``dipole_origin`` [B, 3] (Å): the
+    origin o of P for open structures (default 0).
     """
     if (compute_forces or compute_stress or compute_born_charges) and torch.is_inference_mode_enabled():
         # enable_grad cannot lift inference mode: autograd would fail deep inside with "element 0 of tensors does
@@ -54,33 +55,136 @@ def with_derivatives(energy_fn: Callable[[Graph, torch.Tensor, torch.Tensor], di
         else:
             positions_s = positions
         out = energy_fn(graph, positions_s, cell)
-        extra = out.pop("force_only_energy", None)
-        if compute_born_charges and "dipole" not in out:
+        extended = graph.pbc.any(dim=1)  # [B] periodic cells and slabs
+        field_force = compute_forces and electric_field is not None and bool(extended.any())
+        want_z = compute_born_charges or field_force
+        if want_z and "dipole" not in out:
             raise ValueError("born charges need a model that returns a dipole (a long-range model)")
         wrt = ([positions] if compute_forces else []) + ([strain] if compute_stress else [])
-        later = compute_born_charges or (extra is not None and compute_forces)  # more backward passes follow
         if wrt:
             grads = torch.autograd.grad(out["energy"].sum(), wrt, create_graph=create_graph, allow_unused=True,
-                                        retain_graph=True if later else None)
+                                        retain_graph=True if want_z else None)
             grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
             if compute_forces:
                 out["forces"] = -grads[0]
-                if extra is not None:
-                    (g,) = torch.autograd.grad(extra.sum(), positions, create_graph=create_graph,
-                                               allow_unused=True, retain_graph=True if compute_born_charges else None)
-                    if g is not None:
-                        out["forces"] = out["forces"] - g
             if compute_stress:
                 out["stress"] = stress_from_strain_gradient(graph, grads[-1])
                 out["virial"] = -grads[-1]  # [B, 3, 3] eV, every structure
         if compute_born_charges:
-            rows = []
-            for a in range(3):  # Z*[:, a, :] = ∂P_a/∂r (P_a summed over structures: each atom is in one)
-                (g,) = torch.autograd.grad(out["dipole"][:, a].sum(), positions, create_graph=create_graph,
-                                           allow_unused=True, retain_graph=True if (a < 2 or create_graph) else None)
-                rows.append(torch.zeros_like(positions) if g is None else g)
-            out["born_charges"] = torch.stack(rows, dim=1)  # [N, 3, 3]
+            z = born_charges(graph, positions, out, dipole_origin=dipole_origin, create_graph=create_graph)
+            out["born_charges"] = z
+            if field_force:  # F_i += Z*_iᵀE on the atoms of periodic cells and slabs
+                f = torch.einsum("nab,na->nb", z, electric_field.to(z.dtype).index_select(0, graph.batch))
+                out["forces"] = out["forces"] + torch.where(extended[graph.batch][:, None], f, torch.zeros_like(f))
+        elif field_force:
+            out["forces"] = out["forces"] + born_forces(graph, positions, out, electric_field,
+                                                        create_graph=create_graph)
     return out
+
+
+def _grad(objective: torch.Tensor, positions: torch.Tensor, create_graph: bool, retain: bool) -> torch.Tensor:
+    (g,) = torch.autograd.grad(objective, positions, create_graph=create_graph, allow_unused=True,
+                               retain_graph=True if (retain or create_graph) else None)
+    return torch.zeros_like(positions) if g is None else g
+
+
+def born_charges(graph: Graph, positions: torch.Tensor, out: dict, *, dipole_origin: Optional[torch.Tensor] = None,
+                 create_graph: bool = False) -> torch.Tensor:
+    """Born effective charges Z*_i,ab = q_i δ_ab + ∂(Σ_j μ_j,a)/∂r_ib + Σ_j d_a(i → j) ∂q_j/∂r_ib [N, 3, 3] (e)
+    of the charges q ("charges" [N]) and dipoles μ ("dipoles" [N, 3]) in ``out``, functions of ``positions``.
+
+    Open structures: d(i → j) = r_j − o, so that Z* = ∂P/∂r of P = Σ_j q_j (r_j − o) + μ_j (o
+    ``dipole_origin`` [B, 3], default 0; from "dipole" [B, 3], three backward passes when no structure is
+    periodic).
+
+    Periodic cells and slabs, where P is not defined: the charge that flows to atom j when atom i moves is counted
+    at its displacement from i, d(i → j) = Σ_m a_m sin(2π Δs_m) / 2π over the periodic cell rows a_m (Δs_m = s_j,m −
+    s_i,m, fractional coordinates; linear, a_m Δs_m, along a slab's open row), the smooth periodic form of r_j −
+    r_i, equal to it but for a relative O((|r_j − r_i| / L)²) (the form of the latent-Ewald Born charges, Zhong et
+    al. 2025). Z* then depends neither on the lattice image each position is taken in nor on a rigid translation
+    (r_j itself, as in the open formula, made Z* jump by R ∂q_j/∂r_i where an atom crossed a cell face, and move
+    with the distance to the cell's centre under charge correction). Its third-order error would break the acoustic
+    sum rule Σ_i Z*_i = Q I by as much; the rule is imposed per structure by taking the excess out evenly (the
+    standard correction of computed Born charges). Nine backward passes.
+    """
+    batch = graph.batch
+    extended = graph.pbc.any(dim=1)  # [B]
+    if not bool(extended.any()):
+        rows = [_grad(out["dipole"][:, a].sum(), positions, create_graph, a < 2) for a in range(3)]
+        return torch.stack(rows, dim=1)  # Z*[:, a, :] = ∂P_a/∂r (P_a summed over structures: each atom is in one)
+    q, mu = out["charges"], out.get("dipoles")
+    eye = torch.eye(3, dtype=positions.dtype, device=positions.device)
+    basis, alpha, beta, u, v = _transfer_terms(graph, positions, dipole_origin)
+    x = []
+    for m in range(3):
+        gu = _grad((u[:, m] * q).sum(), positions, create_graph, True)  # [N, 3]
+        gv = _grad((v[:, m] * q).sum(), positions, create_graph, True)
+        x.append(alpha[:, m, None] * gu - beta[:, m, None] * gv)  # [N, 3 (b)]
+    transfer = torch.einsum("nma,nmb->nab", basis.index_select(0, batch), torch.stack(x, dim=1))  # [N, a, b]
+    z = q[:, None, None] * eye + transfer
+    if mu is not None:
+        z = z + torch.stack([_grad(mu[:, a].sum(), positions, create_graph, a < 2) for a in range(3)], dim=1)
+    # the acoustic sum rule on periodic cells and slabs: Σ_i Z*_i = Q I, the excess shared evenly
+    return z - _excess(graph, z, q[:, None, None] * eye)
+
+
+def born_forces(graph: Graph, positions: torch.Tensor, out: dict, electric_field: torch.Tensor, *,
+                create_graph: bool = False) -> torch.Tensor:
+    """Z*_iᵀE [N, 3] (eV/Å) of :func:`born_charges` for the field ``electric_field`` [B, 3] (V/Å), without the
+    full tensors: one backward pass for the dipoles and two for each cell row with a_m·E ≠ 0 (three for a field
+    along a cell vector, seven at most), where Z* takes nine. Rows of open structures are zero (their field
+    force is the gradient of −P·E, in the energy)."""
+    batch = graph.batch
+    extended = graph.pbc.any(dim=1)[batch]  # [N]
+    field = torch.where(extended[:, None], electric_field.to(positions.dtype).index_select(0, batch), 0.0)  # [N, 3]
+    q, mu = out["charges"], out.get("dipoles")
+    basis, alpha, beta, u, v = _transfer_terms(graph, positions, None)
+    along = torch.einsum("nma,na->nm", basis.index_select(0, batch), field)  # [N, 3]: a_m·E
+    f = q[:, None] * field
+    rows = [m for m in range(3) if bool((along[:, m] != 0).any())]
+    if mu is not None:
+        f = f + _grad((mu * field).sum(), positions, create_graph, bool(rows))
+    for k, m in enumerate(rows):
+        gu = _grad((u[:, m] * q).sum(), positions, create_graph, True)
+        gv = _grad((v[:, m] * q).sum(), positions, create_graph, k < len(rows) - 1)
+        f = f + along[:, m, None] * (alpha[:, m, None] * gu - beta[:, m, None] * gv)
+    f = f - _excess(graph, f, q[:, None] * field)  # Σ_i Z*_iᵀE = Q E
+    return torch.where(extended[:, None], f, torch.zeros_like(f))
+
+
+def _transfer_terms(graph: Graph, positions: torch.Tensor, dipole_origin: Optional[torch.Tensor]) -> tuple:
+    """(basis [B, 3, 3], α, β, u, v [N, 3]) of the charge transfer Σ_j d(i → j) ∂q_j/∂r_i = Σ_m a_m (α_i,m ∂U_m/∂r_i −
+    β_i,m ∂V_m/∂r_i), U_m = Σ_j u_j,m q_j, V_m = Σ_j v_j,m q_j: along periodic rows sin(θ_j − θ_i)/2π =
+    (sin θ_j cos θ_i − cos θ_j sin θ_i)/2π, θ = 2π s; along linear rows s_j − s_i (a slab's open row) or r_j − o
+    (open structures, whose rows are the Cartesian axes)."""
+    batch = graph.batch
+    extended = graph.pbc.any(dim=1)  # [B]
+    dtype = positions.dtype
+    eye = torch.eye(3, dtype=dtype, device=positions.device)
+    basis = torch.where(extended[:, None, None], graph.cell.to(dtype).detach(), eye)  # [B, 3, 3]
+    s = torch.einsum("na,nam->nm", positions.detach(), torch.linalg.inv(basis).index_select(0, batch))  # fractional
+    periodic = graph.pbc[batch]  # [N, 3]: the periodic rows of each atom's structure (open: none)
+    theta = 2 * torch.pi * s
+    ref = torch.where(extended[batch][:, None], s, torch.zeros_like(s) if dipole_origin is None else
+                      dipole_origin.to(dtype).index_select(0, batch))
+    u = torch.where(periodic, torch.sin(theta), s)
+    v = torch.where(periodic, torch.cos(theta), torch.ones_like(s))
+    alpha = torch.where(periodic, torch.cos(theta) / (2 * torch.pi), torch.ones_like(s))
+    beta = torch.where(periodic, torch.sin(theta) / (2 * torch.pi), ref)
+    return basis, alpha, beta, u, v
+
+
+def _excess(graph: Graph, value: torch.Tensor, ideal: torch.Tensor) -> torch.Tensor:
+    """Per atom, (Σ_i value_i − Σ_i ideal_i) / N of its structure for periodic cells and slabs, 0 for open ones."""
+    batch = graph.batch
+    shape = (graph.num_graphs,) + tuple(value.shape[1:])
+    total = torch.zeros(shape, dtype=value.dtype, device=value.device).index_add(0, batch, value - ideal)
+    count = torch.zeros(graph.num_graphs, dtype=value.dtype, device=value.device).index_add(
+        0, batch, torch.ones(len(value), dtype=value.dtype, device=value.device))
+    per_structure = (-1,) + (1,) * (value.dim() - 1)
+    excess = torch.where(graph.pbc.any(dim=1).reshape(per_structure), total / count.clamp(min=1).reshape(per_structure),
+                         0.0)
+    return excess.index_select(0, batch)
 
 
 def stress_from_strain_gradient(graph: Graph, grad: torch.Tensor) -> torch.Tensor:

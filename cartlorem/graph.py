@@ -327,12 +327,11 @@ def atoms_to_graph(atoms, cutoff: float, *, dtype=torch.float64, label: Optional
     charge, and a multiplicity that is given must match the electron count (:func:`check_charge_state`;
     ValueError naming the structure otherwise).
 
-    Positions along periodic directions are taken in their home cell (:func:`home_cell_offsets`, in float64
-    before any cast), as the ASE calculator takes them: the same lattice images, so the same Born charges, in
-    training, evaluation and MD, and float32 graphs of unwrapped trajectories keep their resolution along periodic
-    directions. Open directions keep the positions as given (the dipole labels are about their origin), so a
-    float32 graph of a molecule or slab 1e4 Å from the origin holds its atoms to ~1e-3 Å: keep such structures
-    near the origin, or use float64 (the calculator shifts them itself).
+    Positions along periodic directions are taken in their home cell (:func:`home_cell_offsets`, in float64 before
+    any cast), as the ASE calculator takes them: float32 graphs of unwrapped trajectories keep their resolution
+    along periodic directions (no result depends on the image). Open directions keep the positions as given (the
+    dipole labels are about their origin), so a float32 graph of a molecule or slab 1e4 Å from the origin holds its
+    atoms to ~1e-3 Å: keep such structures near the origin, or use float64 (the calculator shifts them itself).
     ``wrap=False`` keeps the positions as given (for callers that chose the images themselves).
     """
     positions = np.asarray(atoms.get_positions(), dtype=np.float64)

@@ -398,9 +398,9 @@ class CartLorem(nn.Module):
 
         Long-range models also: with ``dipole`` (or a field), "dipole" [B, 3] (e·Å), P = Σ_i q_i (r_i − o) + μ_i
         of channel 0 with r the positions as given and o ``dipole_origin`` [B, 3] (Å; default 0, the origin of
-        the positions); with ``electric_field`` [B, 3] (V/Å), the term −P·E
-        (eV): in the energy of open structures, and as "force_only_energy" [B] for periodic cells and
-        slabs, whose P is not defined: only its gradient, the force Z*ᵀE, is used (cartlorem.forces).
+        the positions); with ``electric_field`` [B, 3] (V/Å), the term −P·E (eV) in the energy of open
+        structures (periodic cells and slabs, whose P is not defined, get the force Z*ᵀE from
+        :func:`cartlorem.forces.with_derivatives`, and no energy term).
 
         ``species``: the model's species indices of the atoms, ``self.species_index(graph.species)``, when the
         caller has them (checked) already; ``pairs``: for a long-range model on a batch of open structures only,
@@ -468,11 +468,9 @@ class CartLorem(nn.Module):
                     count = zeros.index_add(0, graph.batch, torch.ones_like(node_field))
                     share = total * (dipole_origin * electric_field).sum(-1) / count  # [B] eV
                     node_field = node_field + share.index_select(0, graph.batch)
-            if electric_field is not None:
+            if electric_field is not None:  # periodic cells and slabs: the force Z*ᵀE only (cartlorem.forces)
                 molecule = ~graph.pbc.any(dim=1)[graph.batch]  # [N]
                 node_energy = node_energy + torch.where(molecule, node_field, torch.zeros_like(node_field))
-                out["force_only_energy"] = zeros.index_add(
-                    0, graph.batch, torch.where(molecule, torch.zeros_like(node_field), node_field))
         # summed in float64: in float32 the total rounds at the scale of the reference energies' sum at every
         # addition (0.16 eV off for 192 atoms of −2000 eV references); this leaves the final cast, ≤ 4 meV there
         energy = zeros.double().index_add(0, graph.batch, node_energy.double()).to(node_energy.dtype)
@@ -510,9 +508,10 @@ class CartLorem(nn.Module):
           Open structures only (ValueError for periodic cells and slabs, where P is not defined).
         * ``compute_born_charges``: "born_charges" [N, 3, 3] (e), Z*_i,ab = ∂P_a/∂r_ib by autograd (three
           more backward passes). Σ_i Z*_i = Q I, Q = Σ_i q_i (the total charge with charge correction).
-          For periodic cells and slabs: the same local derivative of Σ_i q_i r_i + μ_i with the positions
-          as given; its charge-transfer part Σ_j r_j ∂q_j/∂r_i depends on the periodic images the
-          positions hold when the charges of atoms in different home-cell images depend on each other.
+          For periodic cells and slabs (nine more backward passes): q_i δ_ab + ∂Σ_j μ_j,a/∂r_ib + the charge
+          transfer Σ_j d_a(i → j) ∂q_j/∂r_ib, with d the smooth periodic form of r_j − r_i
+          (:func:`cartlorem.forces.born_charges`): independent of the lattice image each position is taken
+          in and of rigid translations, the sum rule imposed.
         * ``electric_field``: uniform external field E (V/Å), [3] or [B, 3]. Open structures: the energy
           gets −P·E (eV) and the forces its gradient, Z*_iᵀE. Periodic cells and slabs: the forces get
           F_i += Z*_iᵀE (the standard practice, P not being defined) and the energy and stress do not
@@ -569,7 +568,8 @@ class CartLorem(nn.Module):
 
         try:
             out = with_derivatives(energy_fn, graph, compute_forces=compute_forces, compute_stress=compute_stress,
-                                   create_graph=create_graph, compute_born_charges=compute_born_charges)
+                                   create_graph=create_graph, compute_born_charges=compute_born_charges,
+                                   electric_field=electric_field, dipole_origin=dipole_origin)
         finally:
             self._compiled_now = False
         if not compute_dipole:

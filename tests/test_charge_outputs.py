@@ -175,9 +175,10 @@ def test_field_on_a_molecule_is_minus_p_dot_e(kind):
 
 
 @pytest.mark.parametrize("make", [nacl_crystal, nacl_slab])
-def test_field_on_a_periodic_cell_is_the_born_force(make):
+@pytest.mark.parametrize("direction", [(0.2, 0.1, -0.4), (0.3, 0.0, 0.0)])  # along a cell vector: fewer passes
+def test_field_on_a_periodic_cell_is_the_born_force(make, direction):
     """Periodic cells and slabs: F_i += Z*_iᵀE; energy and stress do not change."""
-    field = torch.tensor([[0.2, 0.1, -0.4]], dtype=torch.float64)
+    field = torch.tensor([direction], dtype=torch.float64)
     model = lr_model("multipole", (11, 17))
     atoms = make()
     periodic = bool(atoms.pbc.all())
@@ -280,9 +281,8 @@ def test_dipole_origin(kind):
 
 @pytest.mark.parametrize("ask", ["field", "born_charges"])
 def test_calculator_images_of_a_reused_list_are_those_of_a_new_one(ask):
-    """In a periodic cell the field force Z*ᵀE and Z* have a charge-transfer part that depends on the lattice image
-    each position is taken in; an atom that crossed into the next cell within the skin gives what a new
-    calculator (a new list, every atom in its home cell) gives, not what the list's old image gave."""
+    """An atom that crossed into the next cell within the skin gives the field force Z*ᵀE and Z* of a new
+    calculator (a new list, every atom in its home cell)."""
     field = [0.2, 0.0, 0.0] if ask == "field" else None
     model = lr_model("multipole", (11, 17), long_range_options={"charge_correction": None})
     atoms = nacl_crystal()
@@ -300,9 +300,9 @@ def test_calculator_images_of_a_reused_list_are_those_of_a_new_one(ask):
 
 
 def test_born_charges_of_a_dataset_are_those_of_the_calculator(tmp_path):
-    """Z* of a periodic cell depends on the lattice image each position is taken in. A structure read from a file
-    with atoms outside the cell (an unwrapped trajectory frame) gets, in training and evaluation, the Z* the ASE
-    calculator gives it (the home cell), and the same as its wrapped copy."""
+    """A structure read from a file with atoms outside the cell (an unwrapped trajectory frame) gets, in training
+    and evaluation, the Z* the ASE calculator gives it, that of its wrapped copy, and that of its positions as
+    they are (Z* took the charge transfer at the positions' images, so those differed)."""
     from ase.io import write
 
     from cartlorem.data import read_dataset
@@ -322,7 +322,64 @@ def test_born_charges_of_a_dataset_are_those_of_the_calculator(tmp_path):
     assert np.allclose(from_data, from_calc, atol=1e-6)  # extxyz keeps 8 decimals of the positions
     assert np.allclose(from_data, from_wrapped.detach().numpy(), atol=1e-6)
     raw = model(atoms_to_graph(atoms, model.cutoff, wrap=False), compute_born_charges=True)["born_charges"]
-    assert not np.allclose(from_data, raw.detach().numpy(), atol=1e-4)  # the images do matter
+    assert np.allclose(from_data, raw.detach().numpy(), rtol=0, atol=1e-10)  # the images do not matter
+    assert np.abs(from_data - model(graph)["charges"].detach().numpy()[:, None, None] * np.eye(3)).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("make", [nacl_crystal, nacl_slab])
+@pytest.mark.parametrize("correction", ["uniform", None])
+def test_periodic_born_charges_and_field_forces_do_not_depend_on_images_or_translations(kind, make, correction):
+    """A rigid translation of a crystal, and atoms taken in other lattice images, are the same physical system:
+    Z* and the field forces Z*ᵀE must not change. Z* counted the charge that flows to atom j at r_j in its home
+    cell, which made it change by more than its own size under a translation of 0.3 Å (and jump where an atom
+    crossed a cell face, in MD under a field)."""
+    model = lr_model(kind, (11, 17), long_range_options={"charge_correction": correction})
+    atoms = make().repeat((2, 1, 1))
+    field = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+
+    def born_and_forces(a, wrap=True):
+        out = model(atoms_to_graph(a, model.cutoff, wrap=wrap), create_graph=False, compute_born_charges=True,
+                    electric_field=field)
+        plain = model(atoms_to_graph(a, model.cutoff, wrap=wrap), create_graph=False)["forces"]
+        return out["born_charges"].detach().numpy(), (out["forces"] - plain).detach().numpy()
+
+    z0, f0 = born_and_forces(atoms)
+    q = run(model, atoms)["charges"].detach().numpy()
+    assert np.abs(z0 - q[:, None, None] * np.eye(3)).max() > 1e-2  # a charge transfer to see
+    np.testing.assert_allclose(f0, np.einsum("nab,a->nb", z0, field.numpy()), rtol=0, atol=1e-12)
+    moved = atoms.copy()
+    moved.translate([0.3, 1.1, 0.0 if make is nacl_slab else 2.5])
+    moved.wrap()
+    others = atoms.copy()
+    others.positions[[0, 5]] += atoms.cell.array[0] - 2 * atoms.cell.array[1]
+    for a, wrap in ((moved, True), (others, False)):
+        z1, f1 = born_and_forces(a, wrap)
+        np.testing.assert_allclose(z1, z0, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(f1, f0, rtol=0, atol=1e-10)
+    assert np.allclose(z0.sum(0), q.sum() * np.eye(3), rtol=0, atol=1e-12)  # the acoustic sum rule
+
+
+@pytest.mark.parametrize("pbc", [(True, True, True), (True, True, False)])
+def test_a_molecule_in_a_large_box_has_the_born_charges_of_the_open_molecule(pbc):
+    """Reference: the open molecule's Z* = ∂P/∂r. The same molecule across a face of a periodic box (or a slab's
+    cell) whose images are beyond the cutoff has the same charges, and its Z* must converge to the open one as
+    the box grows: the periodic form of the charge-transfer displacement is exact to O((r/L)²)."""
+    model = lr_model("multipole")
+    mol = methanol(0.0)
+    open_out = run(model, mol, compute_born_charges=True)
+    z_open, q = open_out["born_charges"].detach().numpy(), open_out["charges"].detach().numpy()
+    transfer = np.abs(z_open - q[:, None, None] * np.eye(3)).max()
+    errors = []
+    for length in (15.0, 30.0):
+        a = mol.copy()
+        a.set_cell([length, 1.1 * length, 0.9 * length])
+        a.pbc = pbc
+        a.positions += [length - 2.0, 0.5, 0.45 * length - 1.0]  # across the face x = L
+        z = run(model, a, compute_born_charges=True)["born_charges"].detach().numpy()
+        errors.append(np.abs(z - z_open).max())
+    assert transfer > 0.03
+    assert errors[1] < 2e-3 * transfer and 3.5 < errors[0] / errors[1] < 4.5, errors
 
 
 def test_calculator_field_is_a_parameter():
@@ -399,3 +456,26 @@ def test_float32_dipole_far_from_the_origin(charge):
     e_near, e_far = on[0].get_potential_energy(atoms), on[1].get_potential_energy(moved)
     assert e_far == pytest.approx(e_near - charge * translation @ field, abs=2e-4 + 1e-6 * charge * 3e4)
     assert np.abs(on[1].get_forces(moved) - on[0].get_forces(atoms)).max() < 1e-4
+
+
+@pytest.mark.parametrize("correction", ["uniform", None])  # None: Q depends on the positions, o matters
+def test_a_batch_of_open_and_periodic_structures_gives_each_its_own_born_charges_and_field_forces(correction):
+    """In a batch with a periodic cell the open structures go through the periodic cells' form of Z* (the
+    Cartesian axes, d = r_j − o): each structure gets what it gets alone, with and without a field."""
+    from cartlorem.graph import collate
+
+    model = lr_model("multipole", (1, 6, 8, 11, 17), long_range_options={"charge_correction": correction})
+    frames = [methanol(1.0), nacl_crystal(), nacl_slab(), methanol(0.0)]
+    field = torch.tensor([0.1, -0.3, 0.2], dtype=torch.float64)
+    origin = torch.tensor([0.4, 0.1, -0.2], dtype=torch.float64)
+    batch = collate([atoms_to_graph(a, model.cutoff) for a in frames])
+    together = model(batch, create_graph=False, compute_born_charges=True, dipole_origin=origin)["born_charges"]
+    forces = model(batch, create_graph=False, electric_field=field, dipole_origin=origin)["forces"]
+    start = 0
+    for a in frames:
+        alone = run(model, a, compute_born_charges=True, dipole_origin=origin)["born_charges"]
+        alone_forces = run(model, a, electric_field=field, dipole_origin=origin)["forces"]
+        n = len(a)
+        torch.testing.assert_close(together[start:start + n], alone, rtol=0, atol=1e-11)
+        torch.testing.assert_close(forces[start:start + n], alone_forces, rtol=0, atol=1e-11)
+        start += n

@@ -388,7 +388,7 @@ def test_an_electric_field_acts_through_the_models_charges(tmp_path, boundary):
     """LAMMPS' fix efield pushes LAMMPS' per-atom charges, which a model's atoms do not carry: the fix took no field.
     With electric_field the energy and forces are the calculator's with that field, in a box whose corner is 40 Å
     from the origin: −P·E about LAMMPS' origin for an open box (a charged cluster, whose P depends on the origin),
-    the forces Z*ᵀE for a periodic one (whose Z* depends on the images the atoms are taken in)."""
+    the forces Z*ᵀE for a periodic one."""
     import json
 
     from ase import Atoms

@@ -153,8 +153,8 @@ class CartLoremFix:
         electric_field: a uniform external field [Ex, Ey, Ez] in V/Å (long-range models; default None), applied
             by the model as :class:`cartlorem.CartLoremCalculator` applies it: an open box gets −P·E (P about
             LAMMPS' origin) in the energy and its gradient in the forces, a periodic box or a slab the forces Z*ᵀE
-            with no energy term (``etotal`` is then not conserved: the field does work), Z* with the atoms in their
-            home cells from LAMMPS' origin (the forces change where LAMMPS wraps an atom). (LAMMPS' own ``fix
+            with no energy term (``etotal`` is then not conserved: the field does work), Z* independent of the
+            images LAMMPS wraps the atoms into (:func:`cartlorem.forces.born_charges`). (LAMMPS' own ``fix
             efield`` acts on LAMMPS' per-atom charges, which a model's atoms do not carry.)
 
     The fix contributes the model's energy to ``pe`` and its virial (−∂E/∂ε, eV: −V σ for a periodic box) to
