@@ -459,3 +459,47 @@ def test_add_elements_without_an_initial_model_is_refused(files, tmp_path, capsy
     code, _, err = run(capsys, "train", "--train", files / "second.xyz", "--config", files / "tiny.yaml",
                        "--add-elements", "--out", tmp_path / "r")
     assert code == 2 and "add_elements adds elements to the model in init_model" in err, err
+
+
+def test_a_fine_tune_resumes_with_the_config_file_that_started_it(files, pretrained, tmp_path, capsys):
+    """`cartlorem train --config ft.yaml --auto-resume`, run again (after a preemption, under torchrun), rebuilt the
+    model from the config's options and defaults, not the initial model's: "the checkpoint was written for a
+    different model (cutoff: checkpoint 3.0, model 5.0; ...)". The same with a config that restates the model's
+    elements while the data lack one of them."""
+    cu = [a for a in emt_frames(16, seed=3) if set(a.get_chemical_symbols()) == {"Cu"}]
+    ase.io.write(tmp_path / "cu.xyz", cu)
+    for name, extra in (("plain", {}), ("species", {"species": ["Cu", "Ag"], "cutoff": 3.0})):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({"train": str(tmp_path / "cu.xyz"), "init_model": str(pretrained),
+                                          "out": str(tmp_path / name), "epochs": 1, "batch_size": 4, "threads": 1,
+                                          "progress": False, **extra}))
+        code, _, err = run(capsys, "train", "--config", config, "--auto-resume")
+        assert code == 0, err
+        code, _, err = run(capsys, "train", "--config", config, "--auto-resume", "--epochs", 2)
+        assert code == 0, err
+        code, _, err = run(capsys, "train", "--config", config, "--resume", "--epochs", 3)
+        assert code == 0, err
+        assert len((tmp_path / name / "log.csv").read_text().splitlines()) == 4  # a header and three epochs
+        assert _load(tmp_path / name / "model.pt").config["channels"] == 4
+    code, _, err = run(capsys, "train", "--config", config, "--resume", "--epochs", 4, "--channels", 8)
+    assert code == 2 and "channels 8 (the model's: 4)" in err and "resume" in err, err
+
+
+def test_a_float32_initial_model_is_fine_tuned_in_float32(files, pretrained, tmp_path, capsys):
+    """Without --dtype a float32 model was fine-tuned and saved as float64 (twice the file, slower MD), without a
+    word; --dtype still chooses."""
+    from cartlorem import save_model
+
+    single = tmp_path / "single.pt"
+    save_model(_load(pretrained).float(), single)
+    code, _, err = run(capsys, "train", "--train", files / "second.xyz", "--init-model", single, "--out",
+                       tmp_path / "ft", "--epochs", 1, "--threads", 1, "--no-progress")
+    assert code == 0, err
+    assert _load(tmp_path / "ft" / "model.pt").dtype == torch.float32
+    assert yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())["dtype"] == "float32"
+    code, _, err = run(capsys, "train", "--out", tmp_path / "ft", "--resume", "--epochs", 2)
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "--train", files / "second.xyz", "--init-model", single, "--out",
+                       tmp_path / "ft64", "--epochs", 1, "--threads", 1, "--no-progress", "--dtype", "float64")
+    assert code == 0, err
+    assert _load(tmp_path / "ft64" / "model.pt").dtype == torch.float64

@@ -200,21 +200,51 @@ def _check_not_replaced(cfg: Config, out: Path) -> None:
 def initial_model(cfg: Config, given: Optional[set] = None):
     """(model, cfg) for a run that starts from ``cfg.init_model`` (fine-tuning): the trained model as
     :func:`cartlorem.model.load_model` reads it (weights, species, reference energies, scale and shift), and ``cfg``
-    with that model's architecture, which config.yaml records (so that a resume rebuilds it without the file).
-    ValueError when ``cfg`` sets a model option, or species, to something else than the model has. ``given``: the
-    names of the options the user set (the command line's flags and --config keys), each compared; None (a Config
-    made in Python) compares the options not at their defaults. The others take the model's values."""
+    with that model's architecture and, unless given, its dtype, which config.yaml records (so that a resume
+    rebuilds it without the file). ValueError when ``cfg`` sets a model option, or species, to something else than
+    the model has. ``given``: the names of the options the user set (the command line's flags and --config keys),
+    each compared; None (a Config made in Python) compares the options not at their defaults. The others take the
+    model's values."""
     from ..model import load_model
 
     model = load_model(cfg.init_model)
-    arch = {name: model.config[name] for name in MODEL_OPTIONS}
+    cfg = _adopt(cfg, given, model.config, model.dtype, f"init_model {cfg.init_model!r}", "leave --init-model out "
+                 "to train a new one")
+    log.info("starting from %s: %s, %d parameters, its reference energies, scale %.4g and shift %.4f eV/atom",
+             cfg.init_model, ", ".join(f"{k} {getattr(cfg, k)}" for k in ("long_range", "channels", "num_layers",
+                                                                          "cutoff", "dtype")),
+             sum(p.numel() for p in model.parameters()), float(model.scale), float(model.shift))
+    return model, cfg
+
+
+def _resumed_fine_tune(cfg: Config, given: Optional[set], checkpoint: dict, out: Path) -> Config:
+    """``cfg`` of a fine-tuning run that resumes, with the architecture, species and (unless given) dtype of the
+    model in its checkpoint: they came from the initial model, which a --config file or flags need not restate."""
+    from ..model import complete_config
+
+    saved = checkpoint.get("model") or {}
+    embedding = (saved.get("state_dict") or {}).get("embedding")  # a weight, in the run's precision
+    dtype = embedding.dtype if isinstance(embedding, torch.Tensor) else getattr(torch, cfg.dtype)
+    return _adopt(cfg, given, complete_config(saved.get("config") or {}), dtype, f"the run in {out}",
+                  "resume with the run's settings, or start a new run (--overwrite or another --out)", resume=True)
+
+
+def _adopt(cfg: Config, given: Optional[set], config: dict, dtype: torch.dtype, source: str, advice: str,
+           resume: bool = False) -> Config:
+    """``cfg`` with the architecture and species of the model config ``config`` (a CartLorem's), and its ``dtype``
+    unless the user set one; ValueError naming the model options given that contradict it (``source`` is the
+    model's, ``advice`` what to do)."""
+    arch = {name: config[name] for name in MODEL_OPTIONS}
     arch["long_range"] = "none" if arch["long_range"] is None else arch["long_range"]
     default = Config()
-    chosen = [name for name in MODEL_OPTIONS + ("species",)
-              if (name in given if given is not None else getattr(cfg, name) != getattr(default, name))]
-    clash = [f"{name} {getattr(cfg, name)!r} (the model's: {arch[name]!r})" for name in chosen
+
+    def chosen(name: str) -> bool:
+        return name in given if given is not None else getattr(cfg, name) != getattr(default, name)
+
+    names = [name for name in MODEL_OPTIONS + ("species",) if chosen(name)]
+    clash = [f"{name} {getattr(cfg, name)!r} (the model's: {arch[name]!r})" for name in names
              if name not in ("long_range_options", "species") and getattr(cfg, name) != arch[name]]
-    if "long_range_options" in chosen and cfg.long_range_options:
+    if "long_range_options" in names and cfg.long_range_options:
         from ..nn.long_range import long_range_option_defaults
 
         def resolved(options: dict) -> dict:  # as the model builds them: the block's defaults, None as they resolve
@@ -227,24 +257,24 @@ def initial_model(cfg: Config, given: Optional[set] = None):
         wanted = resolved(cfg.long_range_options)
         clash += [f"long_range_options {key}={value!r} (the model's: {used.get(key)!r})"
                   for key, value in cfg.long_range_options.items() if used.get(key) != wanted[key]]
-    species = list(model.species)
-    if "species" in chosen and cfg.species is not None:
-        if cfg.add_elements and set(cfg.species) >= set(model.species):  # the model's elements and more
+    known = list(config["species"])
+    species = known
+    if "species" in names and cfg.species is not None:
+        if cfg.add_elements and not resume and set(cfg.species) >= set(known):  # the model's elements and more
             species = sorted(set(cfg.species))
-        elif sorted(cfg.species) != sorted(model.species):
-            hint = "" if cfg.add_elements else "; --add-elements adds elements"
-            clash.append(f"species {', '.join(_symbols(cfg.species))} (the model's: "
-                         f"{', '.join(_symbols(model.species))}{hint})")
+        elif cfg.add_elements and resume and set(cfg.species) <= set(known):  # the run added the others
+            pass
+        elif sorted(cfg.species) != sorted(known):
+            hint = "" if cfg.add_elements or resume else "; --add-elements adds elements"
+            clash.append(f"species {', '.join(_symbols(cfg.species))} (the model's: {', '.join(_symbols(known))}"
+                         f"{hint})")
     if clash:
-        raise ValueError(f"init_model {cfg.init_model!r} fixes the architecture of this run, and the settings "
-                         f"{'; '.join(clash)} contradict it: leave them out to fine-tune that model, or leave "
-                         "--init-model out to train a new one")
+        raise ValueError(f"{source} fixes the architecture of this run, and the settings {'; '.join(clash)} "
+                         f"contradict it: leave them out to {'resume' if resume else 'fine-tune'} that model, or "
+                         f"{advice}")
     arch["long_range_options"] = arch["long_range_options"] or None
-    log.info("starting from %s: %s, %d parameters, its reference energies, scale %.4g and shift %.4f eV/atom",
-             cfg.init_model, ", ".join(f"{k} {v}" for k, v in arch.items() if k in ("long_range", "channels",
-                                                                                     "num_layers", "cutoff")),
-             sum(p.numel() for p in model.parameters()), float(model.scale), float(model.shift))
-    return model, cfg.replace(species=species, **arch)
+    precision = {} if chosen("dtype") else {"dtype": str(dtype).replace("torch.", "")}
+    return cfg.replace(species=species, **arch, **precision)
 
 
 def _check_no_contradiction(cfg: Config) -> None:
@@ -395,7 +425,6 @@ def _warn_duplicates(cfg: Config, graphs, train_graphs, valid_graphs) -> None:
 def _run(cfg: Config, out: Path, device: str, main: bool, given: Optional[set] = None):
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    dtype = getattr(torch, cfg.dtype)
     require = tuple(n for n in ("energy", "forces") if getattr(cfg, f"{n}_key"))
     if not require:
         raise ValueError("energy_key and forces_key are both 'none': there is nothing to train on")
@@ -403,12 +432,15 @@ def _run(cfg: Config, out: Path, device: str, main: bool, given: Optional[set] =
     checkpoint = RunFolder(out, write=False).load_checkpoint() if cfg.resume else None  # read once
     record = _read_data_record(out) if cfg.resume else None
     if cfg.resume:
+        if cfg.init_model is not None:  # a fine-tuning run: its model options came from the initial model
+            cfg = _resumed_fine_tune(cfg, given, checkpoint, out)
         _check_same_split(cfg, out)
         cfg = _without_config_yaml(cfg, out, checkpoint)
         _check_same_data(cfg, out, record)
     init = None
     if cfg.init_model is not None and not cfg.resume:  # before the data are read: the model's cutoff builds the graphs
         init, cfg = initial_model(cfg, given)
+    dtype = getattr(torch, cfg.dtype)  # a fine-tuning run's: its initial model's unless given
     t0 = time.perf_counter()
     both = cfg.valid is not None and cfg.config_type_weights is not None  # a type in either file is no unknown type
     reading = (config_types_of_files(cfg.config_type_weights, f"{cfg.train} and {cfg.valid}") if both
