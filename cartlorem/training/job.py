@@ -223,9 +223,11 @@ def _resumed_fine_tune(cfg: Config, given: Optional[set], checkpoint: dict, out:
     from ..model import complete_config
 
     saved = checkpoint.get("model") or {}
+    if not isinstance(saved.get("config"), dict):  # not a CartLorem's checkpoint: restore_model_settings says so
+        return cfg
     embedding = (saved.get("state_dict") or {}).get("embedding")  # a weight, in the run's precision
     dtype = embedding.dtype if isinstance(embedding, torch.Tensor) else getattr(torch, cfg.dtype)
-    return _adopt(cfg, given, complete_config(saved.get("config") or {}), dtype, f"the run in {out}",
+    return _adopt(cfg, given, complete_config(saved["config"]), dtype, f"the run in {out}",
                   "resume with the run's settings, or start a new run (--overwrite or another --out)", resume=True)
 
 
