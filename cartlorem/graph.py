@@ -307,8 +307,7 @@ def home_cell_offsets(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) 
     float64, zeros for open structures. Afterwards the position's fractional coordinates along those rows (of its
     component in their span) are in [0, 1): ASE's ``wrap`` for a fully periodic cell, and for a slab whose open
     row is normal to the plane.
-    Subtracting them changes no energy, force or stress, and fixes the lattice image of each position, which
-    the charge-transfer part of the Born charges depends on."""
+    Subtracting them changes no result (energy, forces, stress, Born charges)."""
     positions, pbc = np.asarray(positions, dtype=np.float64), np.asarray(pbc, dtype=bool)
     if not np.any(pbc):
         return np.zeros_like(positions)

@@ -508,7 +508,7 @@ class CartLorem(nn.Module):
           Open structures only (ValueError for periodic cells and slabs, where P is not defined).
         * ``compute_born_charges``: "born_charges" [N, 3, 3] (e), Z*_i,ab = ∂P_a/∂r_ib by autograd (three
           more backward passes). Σ_i Z*_i = Q I, Q = Σ_i q_i (the total charge with charge correction).
-          For periodic cells and slabs (nine more backward passes): q_i δ_ab + ∂Σ_j μ_j,a/∂r_ib + the charge
+          For periodic cells and slabs (21 more backward passes): q_i δ_ab + ∂Σ_j μ_j,a/∂r_ib + the charge
           transfer Σ_j d_a(i → j) ∂q_j/∂r_ib, with d the smooth periodic form of r_j − r_i
           (:func:`cartlorem.forces.born_charges`): independent of the lattice image each position is taken
           in and of rigid translations, the sum rule imposed.
@@ -556,6 +556,8 @@ class CartLorem(nn.Module):
                 raise ValueError("dipole_origin is the origin of the dipole P and of the field's potential: it needs "
                                  "compute_dipole, compute_born_charges or electric_field")
             dipole_origin = self._field(dipole_origin, graph.num_graphs, "dipole_origin", "Å")
+        if (compute_born_charges or (electric_field is not None and compute_forces)) and bool(graph.pbc.any()):
+            self._warn_small_cells(graph)
         if compute_stress is None:
             compute_stress = bool(graph.pbc.all(dim=1).any())
         create_graph = self.training if create_graph is None else create_graph
@@ -575,6 +577,27 @@ class CartLorem(nn.Module):
         if not compute_dipole:
             out.pop("dipole", None)
         return out
+
+    def _warn_small_cells(self, graph: Graph) -> None:
+        """A warning when a periodic cell or slab is too small for its Born charges (and field forces): the charge
+        transfer between atoms up to the model's reach R apart is counted at the periodic form of their displacement
+        (:func:`cartlorem.forces.born_charges`), which is off where atoms r apart are a sizeable fraction of the
+        lattice plane spacing h apart (a relative ~(2π r / h)⁶ / 140) and loses atoms half a cell apart."""
+        from .forces import periodic_plane_spacings
+
+        reach = self.cutoff * len(self.layers)
+        spacing = periodic_plane_spacings(graph).min(dim=1).values  # [B]
+        small = (spacing < 2 * reach) & graph.pbc.any(dim=1)
+        if bool(small.any()):
+            import warnings
+
+            k = int(small.nonzero()[0])
+            warnings.warn(f"structure {k}: Born charges and field forces of a periodic cell with lattice planes "
+                          f"{float(spacing[k]):.1f} Å apart, less than twice the model's reach ({len(self.layers)} "
+                          f"layers × {self.cutoff:g} Å): the charge transfer between atoms r apart is counted at the "
+                          "periodic form of their displacement, off by a relative ~(2π r / spacing)⁶ / 140 and lost "
+                          "for atoms half a cell apart; compute them in a supercell (ase's atoms.repeat) whose planes "
+                          f"are ≥ {2 * reach:g} Å apart", stacklevel=_first_frame_outside_torch())
 
     @staticmethod
     def _index_dtypes(graph: Graph) -> Graph:

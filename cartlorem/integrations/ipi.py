@@ -18,7 +18,7 @@ Driven dynamics in an electric field (i-PI's electric dipole approximation, ``<d
 ``"eda-nvt"`` with ``<efield>`` and ``<bec mode="driver"/>``): with ``--born-charges`` (long-range models) every
 reply carries the model's Born effective charges in its extra string, ``{"BEC": [3N, 3]}`` (row 3i + b, column a:
 ∂P_a/∂r_ib, e), and for a molecule its dipole, ``"dipole"`` (e·bohr); i-PI adds the forces Z*ᵀE(t) for its
-(time-dependent) field. Three more backward passes per step for a molecule, nine for a periodic cell or a slab
+(time-dependent) field. Three more backward passes per step for a molecule, 21 for a periodic cell or a slab
 (whose Z* does not depend on the images the positions are taken in: :func:`cartlorem.forces.born_charges`).
 """
 

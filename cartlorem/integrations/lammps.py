@@ -279,9 +279,8 @@ class CartLoremFix:
         pbc = np.array(periodicity, dtype=bool)
         # relative to the box's corner, in float64 before any cast to the model's dtype: a float32 model fed a box
         # 4000 Å from the origin saw positions to 2.4e-4 Å (forces off by 7e-4 eV/Å); E, F and W do not change. Along
-        # the periodic directions the corner is rounded to a whole lattice translation: the atoms' home cells, and with
-        # them the charge-transfer part of Z* (a field's forces), are then those the calculator takes from the origin
-        # (with the exact corner, 40 Å from the origin, a field's forces differed from the calculator's by 1.5e-2 eV/Å)
+        # the periodic directions the corner is rounded to a whole lattice translation: the atoms' home cells are then
+        # those the calculator takes from the origin (no result depends on them, to rounding)
         frac = np.linalg.solve(cell.T, np.asarray(boxlo, dtype=np.float64))  # boxlo = frac @ cell
         frac[pbc] = np.round(frac[pbc])
         corner = frac @ cell
