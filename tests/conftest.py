@@ -96,8 +96,6 @@ def emt_frames(n, seed=0, periodic_every=3):
     """
     from ase import Atoms
     from ase.build import bulk
-    from ase.calculators.emt import EMT
-    from ase.calculators.singlepoint import SinglePointCalculator
 
     rng = np.random.default_rng(seed)
     lattice = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
@@ -114,13 +112,21 @@ def emt_frames(n, seed=0, periodic_every=3):
             a = Atoms("Cu" * len(pick), positions=lattice.positions[pick])
         a.symbols[rng.random(len(a)) < 0.3] = "Ag"
         a.positions += 0.1 * rng.standard_normal(a.positions.shape)
-        a.calc = EMT()
-        res = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
-        if a.pbc.any():
-            res["stress"] = a.get_stress()
-        a.calc = SinglePointCalculator(a, **res)
-        frames.append(a)
+        frames.append(emt_labelled(a))
     return frames
+
+
+def emt_labelled(a):
+    """``a`` with its EMT energy and forces (and stress, when periodic) as single-point results."""
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    a.calc = EMT()
+    res = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
+    if a.pbc.any():
+        res["stress"] = a.get_stress()
+    a.calc = SinglePointCalculator(a, **res)
+    return a
 
 
 def needs_torch(available, what, release):

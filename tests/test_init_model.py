@@ -9,7 +9,7 @@ import yaml
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from conftest import emt_frames, run_cli as run  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import emt_frames, emt_labelled, run_cli as run  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
@@ -31,8 +31,6 @@ def _shifted(frames, shift):
 
 def _with_gold(frames, fraction=0.4, seed=0):
     """``frames`` with a share of the atoms turned into gold, labelled by EMT (stress for periodic cells)."""
-    from ase.calculators.emt import EMT
-
     rng, out = np.random.default_rng(seed), []
     for a in frames:
         a = a.copy()
@@ -40,12 +38,7 @@ def _with_gold(frames, fraction=0.4, seed=0):
             a.symbols[rng.random(len(a)) < fraction] = "Au"
         else:
             a.symbols[0] = "Au"
-        a.calc = EMT()
-        res = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
-        if a.pbc.all():
-            res["stress"] = a.get_stress()
-        a.calc = SinglePointCalculator(a, **res)
-        out.append(a)
+        out.append(emt_labelled(a))
     return out
 
 

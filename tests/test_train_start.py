@@ -91,17 +91,11 @@ def test_a_refused_resume_leaves_the_run_config_as_it_was(files, trained, tmp_pa
 
 def _all_copper(atoms):
     """``atoms`` with every atom made Cu, relabelled with EMT."""
-    from ase.calculators.emt import EMT
-    from ase.calculators.singlepoint import SinglePointCalculator
+    from conftest import emt_labelled
 
     a = atoms.copy()
     a.symbols[:] = "Cu"
-    a.calc = EMT()
-    res = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
-    if a.pbc.any():
-        res["stress"] = a.get_stress()
-    a.calc = SinglePointCalculator(a, **res)
-    return a
+    return emt_labelled(a)
 
 
 def test_a_species_only_in_the_validation_set_is_refused(files, tmp_path, capsys):
