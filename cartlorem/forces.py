@@ -123,12 +123,12 @@ def born_charges(graph: Graph, positions: torch.Tensor, out: dict, *, dipole_ori
     q, mu = out["charges"], out.get("dipoles")
     eye = torch.eye(3, dtype=positions.dtype, device=positions.device)
     basis, terms = _transfer_terms(graph, positions, dipole_origin)
-    x = torch.zeros(len(q), 3, 3, dtype=positions.dtype, device=positions.device)  # [N, m, b]
+    x = [torch.zeros_like(positions) for _ in range(3)]  # per cell row m: [N, 3 (b)]
     for m, alpha, beta, u, v in terms:
         gu = _grad((u * q).sum(), positions, create_graph, True)  # [N, 3]
         gv = _grad((v * q).sum(), positions, create_graph, True)
-        x = x.index_add(1, torch.tensor([m], device=x.device), (alpha[:, None] * gu - beta[:, None] * gv)[:, None])
-    transfer = torch.einsum("nma,nmb->nab", basis.index_select(0, batch), x)  # [N, a, b]
+        x[m] = x[m] + alpha[:, None] * gu - beta[:, None] * gv
+    transfer = torch.einsum("nma,nmb->nab", basis.index_select(0, batch), torch.stack(x, dim=1))  # [N, a, b]
     z = q[:, None, None] * eye + transfer
     if mu is not None:
         z = z + torch.stack([_grad(mu[:, a].sum(), positions, create_graph, a < 2) for a in range(3)], dim=1)
@@ -221,8 +221,7 @@ def _excess(graph: Graph, value: torch.Tensor, ideal: torch.Tensor) -> torch.Ten
     batch = graph.batch
     shape = (graph.num_graphs,) + tuple(value.shape[1:])
     total = torch.zeros(shape, dtype=value.dtype, device=value.device).index_add(0, batch, value - ideal)
-    count = torch.zeros(graph.num_graphs, dtype=value.dtype, device=value.device).index_add(
-        0, batch, torch.ones(len(value), dtype=value.dtype, device=value.device))
+    count = graph.num_atoms.to(value.dtype)
     per_structure = (-1,) + (1,) * (value.dim() - 1)
     excess = torch.where(graph.pbc.any(dim=1).reshape(per_structure), total / count.clamp(min=1).reshape(per_structure),
                          0.0)
