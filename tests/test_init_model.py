@@ -441,11 +441,29 @@ def test_a_fine_tune_adds_the_elements_of_its_data(files, pretrained, tmp_path, 
     assert _load(out / "model.pt").species == [29, 47, 79]
 
 
-def test_an_element_new_to_the_model_only_in_the_validation_set_is_refused(files, pretrained, tmp_path, capsys):
+@pytest.mark.parametrize("flags", [["--add-elements"], ["--add-elements", "--species", "Cu,Ag,Au"], []])
+def test_an_element_new_to_the_model_only_in_the_validation_set_is_refused(files, pretrained, tmp_path, capsys,
+                                                                          flags):
+    """Gold only in --valid would be added untrained (0 eV reference energy) and scored: --species Cu,Ag,Au got it
+    past the check, and without --add-elements the message advised that flag, which then refused it."""
     code, _, err = run(capsys, "train", "--train", files / "second.xyz", "--valid", files / "gold_emt.xyz",
-                       "--init-model", pretrained, "--add-elements", "--out", tmp_path / "ft", "--epochs", 1,
-                       "--threads", 1)
-    assert code == 2 and "appear(s) in the validation set only" in err and "Traceback" not in err, err
+                       "--init-model", pretrained, *flags, "--out", tmp_path / "ft", "--epochs", 1, "--threads", 1)
+    assert code == 2 and "the model would never be trained on Au" in err and "Traceback" not in err, err
+    assert "--add-elements" not in err and not (tmp_path / "ft" / "model.pt").exists()
+
+
+def test_a_split_that_puts_a_new_element_in_validation_says_so(files, pretrained, tmp_path, capsys):
+    """The refusal told the user to leave the element out of --valid, which had not been given."""
+    gold = [a for a in ase.io.read(files / "gold_emt.xyz", ":") if "Au" in a.get_chemical_symbols()][:1]
+    frames = list(ase.io.read(files / "second.xyz", ":")) + gold
+    ase.io.write(tmp_path / "mixed.xyz", frames)
+    for seed in range(20):  # a seed whose split puts the one gold frame into validation
+        code, _, err = run(capsys, "train", "--train", tmp_path / "mixed.xyz", "--init-model", pretrained,
+                           "--add-elements", "--out", tmp_path / f"ft{seed}", "--epochs", 1, "--threads", 1,
+                           "--seed", seed, "--valid-fraction", 0.5, "--no-progress")
+        if code == 2:
+            break
+    assert code == 2 and "--valid-fraction 0.5 split" in err and "--valid " not in err.split("give a")[0], err
 
 
 def test_add_elements_without_an_initial_model_is_refused(files, tmp_path, capsys):

@@ -475,13 +475,9 @@ def _run(cfg: Config, out: Path, device: str, main: bool, given: Optional[set] =
     present = sorted(present)  # the validation set's too (checked above for a new model)
     species = cfg.species or present
     missing = sorted(set(present) - set(species))
+    if init is not None:  # an element new to the model is learnt from the training set, whatever --species says
+        _check_valid_species(cfg, _species_of(train_graphs) | set(init.species), valid_graphs)
     if init is not None and cfg.add_elements:  # the model's elements, those given with --species, the data's
-        untrained = sorted(set(missing) - _species_of(train_graphs))
-        if untrained:
-            raise ValueError(
-                f"{', '.join(_symbols(untrained))}, new to the model in init_model {cfg.init_model!r}, appear(s) in "
-                "the validation set only: --add-elements learns an element from the training set; add structures with "
-                "it to --train, or leave it out of --valid")
         species, missing = sorted(set(species) | set(missing)), []
     if missing and cfg.init_model is not None:
         raise ValueError(
